@@ -1,0 +1,323 @@
+"""Typed configs: one dataclass per stage, YAML in, dotted overrides on top.
+
+Every field carries a one-line description (`help`). That single source feeds
+`posttrain sft --help`, validation of YAML files and the README's config reference.
+Unknown keys are rejected before any work starts, with the closest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+from posttrain.errors import ConfigError
+
+
+def option(default: Any, help: str, **kwargs: Any) -> Any:
+    """A config field with a default and its one-line description."""
+    if isinstance(default, (list, dict)):
+        value = default
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata={"help": help, **kwargs})
+    return dataclasses.field(default=default, metadata={"help": help, **kwargs})
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class ModelConfig:
+    path: str = option("tiny", "built-in preset name (tiny) or a local Hugging Face model directory")
+    dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "dtype the weights are loaded in")
+    trust_remote_code: bool = option(False, "run Python code shipped inside the model directory (only if you trust it)")
+    gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = option(False, "train a LoRA adapter instead of all weights")
+    r: int = option(8, "LoRA rank")
+    alpha: float = option(16.0, "LoRA scaling numerator (scale = alpha / r)")
+    dropout: float = option(0.0, "dropout on the LoRA input")
+    target_modules: list[str] = option(["all-linear"], "module names to adapt, or all-linear")
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = option(["synthetic"], "training files (jsonl, json, parquet, csv, datasets dir) or 'synthetic'")
+    eval_files: list[str] = option([], "held-out files; empty = split eval_fraction off the training data")
+    eval_fraction: float = option(0.05, "fraction of training rows held out when eval_files is empty")
+    format: Literal["auto", "alpaca", "messages", "text"] = option("auto", "row format; auto-detected from the first rows")
+    template: Literal["auto", "tokenizer", "chatml", "alpaca"] = option(
+        "auto", "chat template: the tokenizer's own (auto falls back to chatml when it has none) or a built-in one"
+    )
+    max_length: int = option(512, "maximum tokens per example (and per packed row)")
+    overlength: Literal["truncate", "drop"] = option("truncate", "what to do with examples longer than max_length (always counted)")
+    bad_rows: Literal["error", "skip"] = option("error", "malformed rows: stop before training, or skip them into rejects.jsonl")
+    max_bad_fraction: float = option(0.01, "with bad_rows=skip, fail the run if more than this fraction is malformed")
+    packing: bool = option(False, "pack several examples per row (no attention across them)")
+    group_by_length: bool = option(True, "batch examples of similar length together to cut padding")
+    streaming: bool = option(False, "read training files lazily (for files larger than memory)")
+    synthetic_tasks: list[str] = option(["smallest", "copy", "reverse"], "tasks of the bundled synthetic generator")
+    synthetic_size: int = option(4000, "number of synthetic training examples")
+
+
+@dataclass
+class TrainConfig:
+    seed: int = option(0, "seed for weights init, data order and dropout")
+    epochs: float = option(1.0, "passes over the training data (ignored when max_steps > 0)")
+    max_steps: int = option(0, "optimizer steps; 0 = derive from epochs")
+    batch_size: int = option(8, "examples per micro-batch per process")
+    grad_accum: int = option(1, "micro-batches accumulated per optimizer step")
+    lr: float = option(2e-5, "peak learning rate")
+    weight_decay: float = option(0.0, "AdamW decoupled weight decay")
+    adam_betas: list[float] = option([0.9, 0.999], "AdamW betas")
+    adam_eps: float = option(1e-8, "AdamW epsilon")
+    max_grad_norm: float = option(1.0, "clip the global gradient norm to this (0 = no clipping)")
+    schedule: Literal["constant", "linear", "cosine"] = option("cosine", "learning-rate schedule after warmup")
+    warmup_steps: int = option(0, "linear warmup steps")
+    warmup_ratio: float = option(0.0, "warmup as a fraction of max steps (used when warmup_steps is 0)")
+    min_lr_ratio: float = option(0.0, "final learning rate as a fraction of the peak (linear, cosine)")
+    mixed_precision: Literal["no", "bf16", "fp16"] = option("no", "autocast precision (accelerate)")
+    layer_lr_decay: float = option(1.0, "layer i of L trains at lr * decay^(L - i); embeddings at decay^(L+1)")
+    freeze: list[str] = option([], "glob patterns of parameter names to freeze (e.g. '*embed_tokens*')")
+    loss: Literal["auto", "chunked", "plain"] = option("auto", "chunked linear+cross-entropy never builds [B,T,V] logits")
+    loss_chunk_size: int = option(1024, "tokens per chunk of the chunked loss")
+    eval_every: int = option(0, "evaluate every N steps (0 = only at the end)")
+    early_stopping_patience: int = option(0, "stop after N evaluations without improvement (0 = never)")
+    save_every: int = option(0, "checkpoint every N steps (0 = only at the end)")
+    keep_last: int = option(2, "complete checkpoints to keep")
+    resume: str = option("auto", "auto (newest complete checkpoint in output_dir), never, or a checkpoint path")
+    log_every: int = option(1, "write metrics every N steps")
+    max_consecutive_nonfinite: int = option(5, "stop after this many non-finite steps in a row")
+    report_to: list[str] = option([], "extra trackers through accelerate: tensorboard, wandb")
+    progress_bar: bool = option(True, "show a progress bar with ETA")
+
+
+@dataclass
+class EvalConfig:
+    exact_match_prompts: int = option(0, "held-out synthetic prompts scored by exact match before and after (0 = off)")
+    max_new_tokens: int = option(32, "generation budget for exact-match scoring")
+
+
+class _StageConfig:
+    """Shared loading, validation and help for all stage configs."""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None, *, source: str = "config") -> "_StageConfig":
+        return _build(cls, data or {}, prefix="", source=source, root=cls)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: list[str] = ()) -> "_StageConfig":
+        data: dict[str, Any] = {}
+        source = "overrides"
+        if path is not None:
+            data = read_yaml(path)
+            source = str(path)
+        for item in overrides:
+            apply_override(data, item)
+        return cls.from_dict(data, source=source)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def help_lines(cls) -> list[str]:
+        return list(_help_lines(cls, ""))
+
+
+@dataclass
+class SFTConfig(_StageConfig):
+    output_dir: str = option("runs/sft", "run directory: checkpoints, metrics.jsonl, final model")
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig, metadata={"help": "model to train"})
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig, metadata={"help": "LoRA adapter"})
+    data: DataConfig = dataclasses.field(default_factory=DataConfig, metadata={"help": "training data"})
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig, metadata={"help": "optimisation"})
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig, metadata={"help": "evaluation"})
+
+
+# --------------------------------------------------------------------------- YAML and overrides
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Apply `a.b.c=value` to a nested dict; the value is parsed as YAML (so 1e-5, true, [a, b] work)."""
+    import yaml
+
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _leaf_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += _leaf_keys(hints[f.name], prefix + f.name + ".")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _suggest(key: str, root: type) -> str | None:
+    """The valid dotted key closest to `key`: same last part first, then spelling."""
+    keys = _leaf_keys(root)
+    last = key.rsplit(".", 1)[-1]
+    same_name = [k for k in keys if k.rsplit(".", 1)[-1] == last]
+    if same_name:
+        return same_name[0]
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    if not close:
+        by_last = {k.rsplit(".", 1)[-1]: k for k in keys}
+        close = [by_last[c] for c in difflib.get_close_matches(last, list(by_last), n=1, cutoff=0.6)]
+    return close[0] if close else None
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, source: str, root: type) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in data:
+        if key not in fields:
+            close = _suggest(prefix + str(key), root)
+            valid = ", ".join(prefix + name for name in fields)
+            hint = f"; did you mean {close}?" if close else f"; valid keys here: {valid}"
+            raise ConfigError(f"{source}: unknown key {prefix}{key}{hint}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, prefix + name, source, root)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, key: str, source: str, root: type) -> Any:
+    origin = get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".", source, root)
+    if origin is Literal:
+        choices = get_args(hint)
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            hint_txt = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"{source}: {key}={value!r} is not one of {', '.join(map(str, choices))}{hint_txt}")
+        return value
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, key, source, root)
+    if origin is list:
+        (item_type,) = get_args(hint)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # a single value where a list is expected
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {key} must be a list, got {value!r}")
+        return [_coerce(item_type, v, key, source, root) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{source}: {key} must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 1e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{source}: {key} must be a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{source}: {key} must be a string, got {value!r}")
+    return value
+
+
+def _type_name(hint: Any) -> str:
+    origin = get_origin(hint)
+    if origin is Literal:
+        return "|".join(map(str, get_args(hint)))
+    if origin is list:
+        return f"list[{_type_name(get_args(hint)[0])}]"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _help_lines(cls: type, prefix: str):
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            yield f"{prefix}{f.name}:  ({f.metadata.get('help', '')})"
+            yield from _help_lines(hint, prefix + f.name + ".")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        yield f"  {prefix}{f.name} ({_type_name(hint)}, default {default!r}): {f.metadata.get('help', '')}"
+
+
+def validate_sft(cfg: SFTConfig) -> None:
+    """Cross-field checks that types alone cannot express. Raises ConfigError."""
+    t, d = cfg.train, cfg.data
+    checks = [
+        (t.batch_size >= 1, "train.batch_size must be at least 1"),
+        (t.grad_accum >= 1, "train.grad_accum must be at least 1"),
+        (t.lr > 0, "train.lr must be positive"),
+        (t.max_steps >= 0, "train.max_steps must be 0 (use epochs) or positive"),
+        (t.max_steps > 0 or t.epochs > 0, "set train.max_steps or train.epochs above 0"),
+        (0.0 <= t.warmup_ratio < 1.0, "train.warmup_ratio must be in [0, 1)"),
+        (0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio must be in [0, 1]"),
+        (0.0 < t.layer_lr_decay <= 1.0, "train.layer_lr_decay must be in (0, 1]"),
+        (len(t.adam_betas) == 2, "train.adam_betas must have two numbers"),
+        (t.keep_last >= 1, "train.keep_last must be at least 1"),
+        (t.loss_chunk_size >= 1, "train.loss_chunk_size must be at least 1"),
+        (t.max_consecutive_nonfinite >= 1, "train.max_consecutive_nonfinite must be at least 1"),
+        (d.max_length >= 8, "data.max_length must be at least 8"),
+        (0.0 <= d.eval_fraction < 1.0, "data.eval_fraction must be in [0, 1)"),
+        (0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction must be in [0, 1]"),
+        (bool(d.train_files), "data.train_files is empty"),
+        (cfg.lora.r >= 1, "lora.r must be at least 1"),
+        (all(r in ("tensorboard", "wandb") for r in t.report_to), "train.report_to accepts tensorboard and wandb"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)

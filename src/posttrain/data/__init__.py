@@ -1,0 +1,1 @@
+"""Data path: files → rows (readers) → records (formats) → token ids + labels (templates) → batches."""

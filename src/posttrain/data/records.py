@@ -1,0 +1,43 @@
+"""The two shapes data takes between modules.
+
+A `Record` is one training example after format detection, before tokenisation.
+An `Example` is the same example as token ids with its label mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+IGNORE_INDEX = -100  # label value that carries no loss (prompt, padding, system text)
+
+
+@dataclass
+class Record:
+    """One example. Exactly one of `messages` / `text` is set.
+
+    messages: OpenAI-style turns, [{"role": "system"|"user"|"assistant", "content": str}, ...];
+              loss goes on every assistant turn.
+    text:     plain text for continued pre-training; loss on every token.
+    source:   where it came from, "file:line", for error messages.
+    """
+
+    messages: list[dict[str, str]] | None = None
+    text: str | None = None
+    source: str = "<memory>"
+
+
+@dataclass
+class Example:
+    """A tokenised record. labels[i] is the target for input_ids[i] (the shift happens in the loss)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    source: str = "<memory>"
+    position_ids: list[int] | None = field(default=None)  # set only for packed rows
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_label_tokens(self) -> int:
+        return sum(1 for t in self.labels if t != IGNORE_INDEX)
