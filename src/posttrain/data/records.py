@@ -28,7 +28,11 @@ class Record:
 
 @dataclass
 class Example:
-    """A tokenised record. labels[i] is the target for input_ids[i] (the shift happens in the loss)."""
+    """A tokenised record, Hugging Face label convention.
+
+    labels[i] == input_ids[i] where that token is trained on, IGNORE_INDEX elsewhere; the
+    loss shifts by one (hidden state i predicts labels[i + 1]).
+    """
 
     input_ids: list[int]
     labels: list[int]
