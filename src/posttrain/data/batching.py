@@ -1,0 +1,170 @@
+"""Examples → tensors: dynamic padding, packing, and the per-epoch batch plan.
+
+Packing relies on transformers (>= 4.56) building a block-diagonal causal mask by
+itself when it is given `position_ids` and no `attention_mask`: it starts a new
+sequence wherever the position ids do not go up by exactly one
+(`find_packed_sequence_indices` in transformers/masking_utils.py), for the sdpa, eager
+and flex attention paths, and flash-attention reads the same position ids. So a packed
+row carries position ids that restart at 0 for every sequence, and no attention mask.
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+
+import torch
+
+from posttrain.data.records import IGNORE_INDEX, Example
+
+
+def _padded_length(length: int, pad_to_multiple_of: int | None) -> int:
+    if pad_to_multiple_of:
+        return -(-length // pad_to_multiple_of) * pad_to_multiple_of
+    return length
+
+
+def collate(examples: list[Example], pad_id: int, pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad unpacked examples to the longest one (rounded up to a multiple if asked).
+
+    Returns input_ids, labels (IGNORE_INDEX at pads) and attention_mask (1 real, 0 pad),
+    each (B, T) int64. Every key but `labels` goes straight to `model(**batch)`.
+    """
+    if any(example.position_ids is not None for example in examples):
+        raise ValueError("collate got packed examples; use collate_packed for the output of pack()")
+    width = _padded_length(max(len(example) for example in examples), pad_to_multiple_of)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example)
+        input_ids[row, :n] = torch.tensor(example.input_ids, dtype=torch.long)
+        labels[row, :n] = torch.tensor(example.labels, dtype=torch.long)
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def pack(examples: list[Example], max_length: int) -> list[Example]:
+    """Pack examples into rows of at most `max_length` tokens (best-fit decreasing).
+
+    Deterministic: the same examples in the same order give the same rows. In each row,
+    position ids restart at 0 for every sequence, and the first token of every sequence
+    carries no label, so no token is trained to follow the previous sequence's last one.
+    Examples must already fit (`templates.fit_length`).
+    """
+    too_long = [example.source for example in examples if len(example) > max_length]
+    if too_long:
+        raise ValueError(f"{len(too_long)} examples exceed max_length={max_length} (first: {too_long[0]}); run fit_length first")
+    # Longest first; ties keep input order (sort is stable) so the result is deterministic.
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]))
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (tokens left, row index), kept sorted
+    for i in order:
+        need = len(examples[i])
+        slot = bisect.bisect_left(free, (need, -1))  # the fullest row that still fits
+        if slot < len(free):
+            space, row = free.pop(slot)
+        else:
+            space, row = max_length, len(rows)
+            rows.append([])
+        rows[row].append(i)
+        bisect.insort(free, (space - need, row))
+    return [_join([examples[i] for i in row]) for row in rows]
+
+
+def _join(parts: list[Example]) -> Example:
+    input_ids, labels, position_ids = [], [], []
+    for part in parts:
+        input_ids += part.input_ids
+        labels += [IGNORE_INDEX] + part.labels[1:]
+        position_ids += range(len(part))
+    source = parts[0].source if len(parts) == 1 else f"{parts[0].source} (+{len(parts) - 1} packed)"
+    return Example(input_ids=input_ids, labels=labels, source=source, position_ids=position_ids)
+
+
+def collate_packed(examples: list[Example], pad_id: int, pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad packed rows. Returns input_ids, labels and position_ids, (B, T) int64,
+    and deliberately no attention_mask: its absence is what makes transformers read the
+    sequence boundaries from position_ids.
+
+    The pad tail gets position ids restarting at 0, so it is a sequence of its own: real
+    tokens never attend to it (nor could they, being earlier), and its labels are ignored.
+    """
+    width = _padded_length(max(len(example) for example in examples), pad_to_multiple_of)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example)
+        positions = example.position_ids if example.position_ids is not None else list(range(n))
+        input_ids[row, :n] = torch.tensor(example.input_ids, dtype=torch.long)
+        labels[row, :n] = torch.tensor(example.labels, dtype=torch.long)
+        position_ids[row, :n] = torch.tensor(positions, dtype=torch.long)
+        position_ids[row, n:] = torch.arange(width - n)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+
+
+def plan_batches(
+    lengths: list[int],
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    shuffle: bool = True,
+    group_by_length: bool = True,
+    drop_last: bool = False,
+) -> list[list[int]]:
+    """The micro-batches of example indices for one epoch; a pure function of its
+    arguments, so a resumed run recomputes the same plan and skips the steps it has done.
+
+    group_by_length: shuffle, cut into mega-batches of 50 × batch_size, sort each by
+    length, split into batches and shuffle the batch order, so padding inside a batch is
+    small while lengths still vary from step to step. The batch holding the longest
+    example goes first, so a run that will run out of memory does so at step 1.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    # A private generator seeded by (seed, epoch): the global RNG is never touched.
+    # (str seeds are hashed with SHA-512, stable across processes and Python versions.)
+    rng = random.Random(f"posttrain-batches:{seed}:{epoch}")
+    indices = list(range(len(lengths)))
+    if shuffle:
+        rng.shuffle(indices)
+    if not group_by_length:
+        batches = _split(indices, batch_size)
+        return batches[:-1] if drop_last and batches and len(batches[-1]) < batch_size else batches
+
+    mega = 50 * batch_size
+    batches = []
+    for start in range(0, len(indices), mega):
+        chunk = sorted(indices[start : start + mega], key=lambda i: -lengths[i])
+        batches += _split(chunk, batch_size)
+    # Only the last mega-batch can be short, so at most one batch is incomplete.
+    if drop_last:
+        batches = [batch for batch in batches if len(batch) == batch_size]
+    if shuffle:
+        rng.shuffle(batches)
+    if batches:
+        longest = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]))
+        batches.insert(0, batches.pop(longest))
+    return batches
+
+
+def _split(indices: list[int], batch_size: int) -> list[list[int]]:
+    return [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+
+
+def shard_batches(batches: list[list[int]], rank: int, world_size: int) -> list[list[int]]:
+    """This process's micro-batches: every `world_size`-th one, starting at `rank`.
+
+    With the trainer taking `world_size * grad_accum` consecutive micro-batches of the
+    plan per optimizer step, step s uses plan[s*W*A : (s+1)*W*A] whatever W is; rank r
+    holds the r-th, (r+W)-th, ... of those. So 1 process × accumulation 8 and 2 processes
+    × accumulation 4 see the same global batches. The plan is first trimmed to a multiple
+    of `world_size` so every rank runs the same number of steps (an uneven count would
+    hang the collective ops); the loop should also stop at the last whole optimizer step.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    usable = len(batches) - len(batches) % world_size
+    return batches[rank:usable:world_size]

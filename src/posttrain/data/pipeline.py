@@ -1,0 +1,119 @@
+"""From a DataConfig to token examples: read, format, split, template, fit to length.
+
+Every count that changes the data (bad rows, over-long examples, examples that lost
+their labels) is reported here, in one place, and written to the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from posttrain.data.records import Example, Record
+from posttrain.errors import ConfigError
+
+SYNTHETIC = "synthetic"
+
+
+@dataclass
+class PreparedData:
+    train: list[Example]
+    eval: list[Example]
+    eval_records: list[Record]  # held-out records (for generation-based metrics)
+    report: dict = field(default_factory=dict)
+
+
+def _read(files: list[str], cfg, run_dir: Path, log: Callable[[str], None], seed: int, name: str):
+    from posttrain.data import formats, synthetic
+
+    if files == [SYNTHETIC]:
+        records = synthetic.make_records(cfg.synthetic_tasks, cfg.synthetic_size, seed=seed)
+        return records, {"rows": len(records), "bad_rows": 0, "source": "synthetic"}
+    if SYNTHETIC in files:
+        raise ConfigError(f"data.{name}: 'synthetic' cannot be mixed with files")
+    records, report = formats.load_records(
+        files, fmt=cfg.format, bad_rows=cfg.bad_rows, max_bad_fraction=cfg.max_bad_fraction,
+        rejects_path=str(run_dir / f"rejects-{name}.jsonl"), log=log,
+    )
+    return records, _report_dict(report)
+
+
+def _report_dict(report) -> dict:
+    if hasattr(report, "to_dict"):
+        return report.to_dict()
+    if hasattr(report, "__dataclass_fields__"):
+        import dataclasses
+
+        return dataclasses.asdict(report)
+    return dict(report)
+
+
+def split_eval(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+    """Hold out round(fraction * n) records chosen by seed (at least 1 when fraction > 0)."""
+    if fraction <= 0 or len(records) < 2:
+        return records, []
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(len(records) - 1, max(1, round(fraction * len(records))))
+    held = set(order[:n_eval])
+    return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
+
+
+def encode_all(records: list[Record], tokenizer, template: str, cfg, log, name: str) -> tuple[list[Example], dict]:
+    from posttrain.data.templates import encode_record, fit_length
+
+    examples = [encode_record(r, tokenizer, template) for r in records]
+    examples, length_report = fit_length(examples, cfg.max_length, cfg.overlength)
+    log(f"{name}: {length_report.summary()}")
+    return examples, _report_dict(length_report)
+
+
+def prepare_sft_data(cfg, tokenizer, run_dir: Path, seed: int, log: Callable[[str], None] = print) -> PreparedData:
+    """Load train (and eval) data per `cfg` (a DataConfig) into examples; write data_report.json."""
+    from posttrain.data.templates import check_label_mask, resolve_template
+
+    template = resolve_template(tokenizer, cfg.template)
+    records, read_report = _read(cfg.train_files, cfg, run_dir, log, seed, "train")
+    if cfg.eval_files:
+        train_records = records
+        eval_records, eval_read = _read(cfg.eval_files, cfg, run_dir, log, seed + 1, "eval")
+    else:
+        train_records, eval_records = split_eval(records, cfg.eval_fraction, seed)
+        eval_read = {"rows": len(eval_records), "split_from_train": True}
+    train, train_len = encode_all(train_records, tokenizer, template, cfg, log, "train")
+    check_label_mask(train)
+    evaluation, eval_len = encode_all(eval_records, tokenizer, template, cfg, log, "eval") if eval_records else ([], {})
+    report = {"train_read": read_report, "eval_read": eval_read, "train_length": train_len, "eval_length": eval_len,
+              "train_examples": len(train), "eval_examples": len(evaluation),
+              "train_label_tokens": sum(e.num_label_tokens for e in train)}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "data_report.json").write_text(json.dumps(report, indent=1, default=str))
+    return PreparedData(train, evaluation, eval_records, report)
+
+
+def stream_sft_examples(cfg, tokenizer, run_dir: Path, log: Callable[[str], None] = print) -> Iterator[Example]:
+    """Lazily read, template and fit examples one by one (data.streaming=true)."""
+    from posttrain.data import formats
+    from posttrain.data.templates import encode_record, resolve_template
+
+    template = resolve_template(tokenizer, cfg.template)
+    over = unlabelled = 0
+    for record in formats.iter_records(cfg.train_files, fmt=cfg.format, bad_rows=cfg.bad_rows,
+                                       max_bad_fraction=cfg.max_bad_fraction,
+                                       rejects_path=str(run_dir / "rejects-train.jsonl"), log=log):
+        example = encode_record(record, tokenizer, template)
+        if len(example) > cfg.max_length:
+            over += 1
+            if cfg.overlength == "drop":
+                continue
+            example = Example(example.input_ids[: cfg.max_length], example.labels[: cfg.max_length], example.source)
+        if example.num_label_tokens == 0:
+            unlabelled += 1
+            continue
+        yield example
+    if over or unlabelled:
+        log(f"train (streamed): {over} examples longer than {cfg.max_length} tokens ({cfg.overlength}); "
+            f"{unlabelled} dropped with no label tokens left")

@@ -1,0 +1,345 @@
+"""Readers: data files → rows, each with the place it came from.
+
+`iter_rows(path)` yields `(location, row)` pairs, lazily where the file type allows:
+
+    JSON Lines  .jsonl .ndjson (+ .gz)   "file:LINE"   streamed line by line
+    JSON        .json (+ .gz)            "file:LINE"   loaded whole (JSON cannot stream cheaply)
+    CSV / TSV   .csv .tsv (+ .gz)        "file:LINE"   streamed; header row required
+    Parquet     .parquet                 "file:row N"  streamed by record batch
+    datasets    a save_to_disk directory "file:row N"  memory-mapped, iterated in batches
+
+Line numbers are 1-based physical lines (for CSV, the line where the record starts;
+the header is line 1). A row that cannot be parsed does not stop iteration: it comes
+out as a `Malformed(reason, raw)` in place of the dict, so the caller can apply its
+bad-row policy. A problem with the file as a whole (missing, unknown type, not valid
+JSON at all, unreadable) raises `DataError`.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Union
+
+from posttrain.errors import DataError
+
+ACCEPTED = ".jsonl, .ndjson, .json (each optionally .gz), .parquet, .csv, .tsv, or a datasets save_to_disk directory"
+
+_JSON_WS = " \t\n\r"
+_BATCH_SIZE = 1024
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """A row that could not be parsed: why, and its raw source text (or value) as found."""
+
+    reason: str
+    raw: Any = None
+
+
+Row = Union[dict, Malformed]
+
+
+def iter_rows(path: str) -> Iterator[tuple[str, Row]]:
+    """Yield `(location, row)` for every row of `path`; see the module docstring.
+
+    Raises DataError up front for a missing path or an unknown file type, and during
+    iteration for a file that is unreadable as a whole.
+    """
+    path = os.fspath(path)
+    kind = check_path(path)
+    if kind == "datasets":
+        return _dataset_dir_rows(path)
+    if kind == "jsonl":
+        return _jsonl_rows(path)
+    if kind == "json":
+        return _json_rows(path)
+    if kind == "parquet":
+        return _parquet_rows(path)
+    return _csv_rows(path, delimiter="\t" if kind == "tsv" else ",")
+
+
+def check_path(path: str) -> str:
+    """The kind of data at `path` (jsonl, json, csv, tsv, parquet, datasets), without reading
+    it; DataError if it is missing or of a type no reader takes."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        _check_dataset_dir(path)
+        return "datasets"
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such file (expected {ACCEPTED})")
+    kind = _file_kind(path)
+    if kind == "unknown":
+        raise DataError(f"{path}: unknown file type (expected {ACCEPTED})")
+    return kind
+
+
+def _file_kind(path: str) -> str:
+    name = os.path.basename(path).lower()
+    compressed = name.endswith(".gz")
+    if compressed:
+        name = name[: -len(".gz")]
+    ext = os.path.splitext(name)[1]
+    kinds = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv"}
+    if ext in kinds:
+        return kinds[ext]
+    if ext == ".parquet" and not compressed:
+        return "parquet"
+    return "unknown"
+
+
+def _open_binary(path: str):
+    try:
+        if path.lower().endswith(".gz"):
+            return gzip.open(path, "rb")
+        return open(path, "rb")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the file ({e.strerror or e})") from None
+
+
+# --------------------------------------------------------------------------- JSON Lines
+
+
+def _jsonl_rows(path: str) -> Iterator[tuple[str, Row]]:
+    with _open_binary(path) as f:
+        line_no = 0
+        try:
+            for raw in f:
+                line_no += 1
+                if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]  # UTF-8 byte-order mark
+                if not raw.strip():
+                    continue  # blank lines are not rows
+                yield f"{path}:{line_no}", _parse_json_line(raw)
+        except (OSError, EOFError) as e:  # truncated or corrupt .gz, disk errors
+            raise DataError(f"{path}:{line_no + 1}: cannot read past this line ({e})") from None
+
+
+def _parse_json_line(raw: bytes) -> Row:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return Malformed(f"not valid UTF-8 (byte {e.start} of the line)", raw.decode("utf-8", "replace").rstrip("\r\n"))
+    text = text.rstrip("\r\n")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        return Malformed(f"invalid JSON: {e.msg} at column {e.colno}", text)
+    if not isinstance(value, dict):
+        return Malformed(f"expected a JSON object, got {_json_type(value)}", text)
+    return value
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
+
+
+# --------------------------------------------------------------------------- JSON
+
+
+def _json_rows(path: str) -> Iterator[tuple[str, Row]]:
+    """A top-level array of objects, or an object with exactly one list-valued key
+    (`{"data": [...]}`). A .json file that holds one object per line is read as JSON Lines."""
+    text = _read_text(path)
+    pos = _skip_ws(text, 0)
+    if pos == len(text):
+        return
+    try:
+        if text[pos] == "[":
+            items, end = _scan_array(text, pos)
+        elif text[pos] == "{":
+            if _is_json_lines(text, pos):
+                yield from _jsonl_rows(path)
+                return
+            items, end = _scan_wrapper(path, text, pos)
+        else:
+            raise DataError(f"{path}: expected a JSON array of objects or an object like {{\"data\": [...]}}")
+        if _skip_ws(text, end) != len(text):
+            raise json.JSONDecodeError("Extra data", text, _skip_ws(text, end))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid JSON at column {e.colno}: {e.msg}") from None
+    line, last = 1, 0
+    for offset, value in items:
+        line += text.count("\n", last, offset)
+        last = offset
+        row = value if isinstance(value, dict) else Malformed(f"expected a JSON object, got {_json_type(value)}", value)
+        yield f"{path}:{line}", row
+
+
+def _read_text(path: str) -> str:
+    with _open_binary(path) as f:
+        try:
+            data = f.read()
+        except (OSError, EOFError) as e:
+            raise DataError(f"{path}: cannot read the file ({e})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from None
+
+
+def _skip_ws(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in _JSON_WS:
+        pos += 1
+    return pos
+
+
+_DECODER = json.JSONDecoder()
+
+
+def _scan_array(text: str, pos: int) -> tuple[list[tuple[int, Any]], int]:
+    """Parse the array starting at text[pos] == "[", keeping each element's offset."""
+    items: list[tuple[int, Any]] = []
+    pos = _skip_ws(text, pos + 1)
+    if text.startswith("]", pos):
+        return items, pos + 1
+    while True:
+        value, end = _DECODER.raw_decode(text, pos)
+        items.append((pos, value))
+        pos = _skip_ws(text, end)
+        if text.startswith(",", pos):
+            pos = _skip_ws(text, pos + 1)
+        elif text.startswith("]", pos):
+            return items, pos + 1
+        else:
+            raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
+
+
+def _is_json_lines(text: str, pos: int) -> bool:
+    """True when the first object ends its line and another value follows."""
+    _, end = _DECODER.raw_decode(text, pos)
+    rest = _skip_ws(text, end)
+    return rest < len(text) and "\n" in text[end:rest]
+
+
+def _scan_wrapper(path: str, text: str, pos: int) -> tuple[list[tuple[int, Any]], int]:
+    """`{"data": [...], "other": ...}`: the elements of the single list-valued key."""
+    whole, end = _DECODER.raw_decode(text, pos)  # validates the syntax first
+    list_keys = [k for k, v in whole.items() if isinstance(v, list)]
+    if len(list_keys) != 1:
+        found = ", ".join(repr(k) for k in list(whole)[:10]) or "none"
+        raise DataError(
+            f"{path}: a top-level JSON object must have exactly one list-valued key holding the rows "
+            f"(like {{\"data\": [...]}}); found keys: {found}"
+        )
+    wanted, items = list_keys[0], []
+    pos = _skip_ws(text, pos + 1)
+    while not text.startswith("}", pos):
+        key, pos = _DECODER.raw_decode(text, pos)
+        pos = _skip_ws(text, _skip_ws(text, pos) + 1)  # past the ':'
+        if key == wanted and text.startswith("[", pos):
+            items, pos = _scan_array(text, pos)  # a duplicate key: the last one wins, as in json
+        else:
+            _, pos = _DECODER.raw_decode(text, pos)
+        pos = _skip_ws(text, pos)
+        if text.startswith(",", pos):
+            pos = _skip_ws(text, pos + 1)
+    return items, end
+
+
+# --------------------------------------------------------------------------- CSV
+
+
+def _csv_rows(path: str, delimiter: str) -> Iterator[tuple[str, Row]]:
+    # Long text fields are normal in training data; the csv default caps a field at 128 KiB.
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
+    with io.TextIOWrapper(_open_binary(path), encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f, delimiter=delimiter)
+        start = 1
+        try:
+            header = next((fields for fields in reader if fields), None)
+            if header is None:
+                return
+            _check_header(path, header)
+            start = reader.line_num + 1
+            for fields in reader:
+                location, start = f"{path}:{start}", reader.line_num + 1
+                if not fields:
+                    continue  # blank line
+                if len(fields) != len(header):
+                    reason = f"has {len(fields)} field(s) but the header has {len(header)}"
+                    yield location, Malformed(reason, fields)
+                    continue
+                yield location, dict(zip(header, fields))
+        except (csv.Error, UnicodeDecodeError, OSError, EOFError) as e:
+            raise DataError(f"{path}:{start}: cannot parse CSV here ({e})") from None
+
+
+def _check_header(path: str, header: list[str]) -> None:
+    seen: set[str] = set()
+    for name in header:
+        if name in seen:
+            raise DataError(f"{path}:1: the header names column {name!r} twice; column names must be unique")
+        seen.add(name)
+
+
+# --------------------------------------------------------------------------- Parquet
+
+
+def _parquet_rows(path: str) -> Iterator[tuple[str, Row]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+    row_no = 0
+    try:
+        for batch in parquet.iter_batches(batch_size=_BATCH_SIZE):
+            for row in batch.to_pylist():
+                row_no += 1
+                yield f"{path}:row {row_no}", row
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}:row {row_no + 1}: cannot read the Parquet data ({e})") from None
+    finally:
+        parquet.close()
+
+
+# --------------------------------------------------------------------------- datasets directory
+
+
+def _dataset_dir_rows(path: str) -> Iterator[tuple[str, Row]]:
+    """A directory written by `datasets`' `save_to_disk`.
+
+    A `DatasetDict` directory is read through its "train" split; any other split is
+    ignored (pass the split's own subdirectory to read it instead).
+    """
+    dataset = _load_dataset_dir(path)
+    row_no = 0
+    for batch in dataset.iter(batch_size=_BATCH_SIZE):
+        columns = list(batch)
+        size = len(batch[columns[0]]) if columns else 0
+        for i in range(size):
+            row_no += 1
+            yield f"{path}:row {row_no}", {name: batch[name][i] for name in columns}
+
+
+def _check_dataset_dir(path: str) -> None:
+    markers = ("state.json", "dataset_dict.json")
+    if not any(os.path.exists(os.path.join(path, m)) for m in markers):
+        raise DataError(
+            f"{path}: a directory, but not one written by datasets' save_to_disk (no state.json or "
+            f"dataset_dict.json); expected {ACCEPTED}"
+        )
+
+
+def _load_dataset_dir(path: str):
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(path)
+    except (OSError, ValueError, FileNotFoundError) as e:
+        raise DataError(f"{path}: cannot load the datasets directory ({e})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded:
+            splits = ", ".join(loaded) or "none"
+            raise DataError(f"{path}: a DatasetDict without a 'train' split (has: {splits}); pass a split's directory")
+        loaded = loaded["train"]
+    return loaded.with_format(None)  # plain Python values, whatever format it was saved with

@@ -1,0 +1,173 @@
+"""Language-modelling losses: the fused chunked head + cross-entropy, and plain references.
+
+The LM head's logits are the largest tensor in post-training: N tokens x V vocabulary
+(e.g. 16k tokens x 128k vocab x 4 bytes = 8 GiB in float32, plus the same again for
+their gradient). `chunked_linear_cross_entropy` never builds them: it walks the tokens
+in chunks and, while each chunk's logits are alive, computes both the loss and the
+gradients, so peak extra memory is one (chunk, V) block.
+
+All losses here return SUMS over labelled tokens. The caller divides by the token
+count it chooses (e.g. labelled tokens in the whole accumulated batch), which is what
+makes gradient accumulation exact rather than a mean of means.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100
+
+
+def shift_for_causal_lm(
+    hidden: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX
+) -> tuple[Tensor, Tensor]:
+    """Apply the causal shift and keep only labelled positions.
+
+    Position t predicts token t+1 (the Hugging Face convention: `labels` are aligned
+    with `input_ids`, the shift happens here):
+
+        hidden_sel = hidden[:, :-1][mask],  targets = labels[:, 1:][mask],
+        mask = labels[:, 1:] != ignore_index
+
+    Padding and prompt positions are dropped *before* the LM head, so they cost no
+    head matmul at all (in SFT most tokens are often prompt or padding).
+
+    hidden: (B, T, H), labels: (B, T) -> hidden_sel: (M, H), targets: (M,)
+    """
+    targets = labels[:, 1:]
+    keep = targets != ignore_index  # (B, T-1)
+    return hidden[:, :-1][keep], targets[keep]
+
+
+def cross_entropy_sum(logits: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Plain summed cross-entropy from materialised logits (the `plain` loss option).
+
+    L = Σ_{i: y_i != ignore} [logsumexp_v(z_i) - z_{i, y_i}]
+
+    logits: (..., V), targets: (...) -> 0-dim float32 (float64 for float64 logits).
+    bf16/fp16 logits are upcast so the softmax does not lose the tail.
+    """
+    vocab = logits.shape[-1]
+    logits = logits.reshape(-1, vocab).to(torch.promote_types(logits.dtype, torch.float32))
+    return torch.nn.functional.cross_entropy(
+        logits, targets.reshape(-1), reduction="sum", ignore_index=ignore_index
+    )
+
+
+def chunked_linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    *,
+    bias: Tensor | None = None,
+    chunk_size: int = 1024,
+    ignore_index: int = IGNORE_INDEX,
+) -> Tensor:
+    """Summed cross-entropy of a linear head, without materialising the (N, V) logits.
+
+    z_i = W h_i + b
+    L   = Σ_{i: y_i != ignore} [logsumexp_v(z_i) - z_{i, y_i}]
+
+    hidden: (N, H), weight: (V, H), targets: (N,) long, bias: (V,) or None
+    -> 0-dim float32 tensor (float64 for float64 inputs); the SUM, divide by your
+    token count.
+
+    Gradients are computed during the forward pass, chunk by chunk, in float32
+    (dL/dz_i = softmax(z_i) - onehot(y_i), zero for ignored rows), and returned
+    scaled by grad_output in backward. Peak extra memory is O(chunk_size * V).
+    Work for a gradient is skipped when its input does not require grad (a frozen
+    LoRA head needs no grad_weight). Ignored targets contribute exactly zero loss
+    and gradient; all-ignored or N == 0 gives a loss of 0.
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"expected hidden (N, H) and weight (V, H), got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if targets.shape != hidden.shape[:1]:
+        raise ValueError(f"targets must be (N,) = {tuple(hidden.shape[:1])}, got {tuple(targets.shape)}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    grad_on = torch.is_grad_enabled()
+    needs = (
+        grad_on and hidden.requires_grad,
+        grad_on and weight.requires_grad,
+        grad_on and bias is not None and bias.requires_grad,
+    )
+    if not any(needs):
+        # Inference / evaluation: no graph, no saved gradients.
+        loss, _, _, _ = _loss_and_grads(hidden, weight, bias, targets, chunk_size, ignore_index, needs)
+        return loss
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_size, ignore_index, needs)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Autograd wrapper: gradients are produced in forward; backward only rescales them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, ignore_index, needs):
+        loss, grad_hidden, grad_weight, grad_bias = _loss_and_grads(
+            hidden, weight, bias, targets, chunk_size, ignore_index, needs
+        )
+        # save_for_backward (not a ctx attribute) so autograd frees them after backward
+        # even while the caller still holds the loss tensor.
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grads = ctx.saved_tensors
+        # grad_output is 1 for `loss.backward()` and for `(loss / n).backward()` it is
+        # 1/n: scale only when needed so the common case costs no extra (N, H) copy.
+        scaled = [g if g is None or bool(grad_output == 1) else g * grad_output.to(g.dtype) for g in grads]
+        return scaled[0], scaled[1], scaled[2], None, None, None, None
+
+
+def _loss_and_grads(hidden, weight, bias, targets, chunk_size, ignore_index, needs):
+    """Chunked loop shared by the autograd and the no-grad paths (see the public docstring)."""
+    need_hidden, need_weight, need_bias = needs
+    num_tokens = hidden.shape[0]
+    # At least float32 (bf16/fp16 are upcast; float64 stays float64, which gradcheck needs).
+    compute = torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), torch.float32)
+    # One upcast copy of the head (a no-op when it already has the compute dtype); the
+    # chunks of hidden are upcast one at a time so bf16 activations are never upcast in full.
+    weight32 = weight.to(compute)
+    bias32 = None if bias is None else bias.to(compute)
+    loss = torch.zeros((), dtype=compute, device=hidden.device)
+    grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+    grad_weight = torch.zeros_like(weight32) if need_weight else None
+    grad_bias = torch.zeros_like(bias32) if need_bias else None
+    any_grad = need_hidden or need_weight or need_bias
+
+    for start in range(0, num_tokens, chunk_size):
+        end = min(start + chunk_size, num_tokens)
+        hidden_chunk = hidden[start:end].to(compute)  # (C, H)
+        target_chunk = targets[start:end]  # (C,)
+        # No `if not labelled.any(): continue` shortcut: it would force a device sync per
+        # chunk, and the masked arithmetic below already gives exact zeros.
+        labelled = target_chunk != ignore_index  # (C,)
+        safe_targets = torch.where(labelled, target_chunk, 0)
+
+        logits = hidden_chunk @ weight32.T  # (C, V) in the compute dtype
+        if bias32 is not None:
+            logits += bias32
+        log_norm = torch.logsumexp(logits, dim=-1)  # (C,)
+        target_logits = logits.gather(1, safe_targets[:, None]).squeeze(1)  # (C,)
+        loss += ((log_norm - target_logits) * labelled).sum()
+        if not any_grad:
+            continue
+
+        # dL/dz = softmax(z) - onehot(y), zeroed on ignored rows; reuse the logits buffer.
+        grad_logits = logits.sub_(log_norm[:, None]).exp_()
+        grad_logits[torch.arange(end - start, device=logits.device), safe_targets] -= 1.0
+        grad_logits *= labelled[:, None]
+        if need_hidden:
+            grad_hidden[start:end] = grad_logits @ weight32  # (C, H), cast to hidden dtype
+        if need_weight:
+            grad_weight.addmm_(grad_logits.T, hidden_chunk)  # (V, H) += (V, C) @ (C, H)
+        if need_bias:
+            grad_bias += grad_logits.sum(0)
+
+    if grad_weight is not None:
+        grad_weight = grad_weight.to(weight.dtype)
+    if grad_bias is not None:
+        grad_bias = grad_bias.to(bias.dtype)
+    return loss, grad_hidden, grad_weight, grad_bias

@@ -1,0 +1,237 @@
+"""Load and save causal language models and tokenizers from local directories.
+
+A model path is either a preset name (`tiny`, `tiny-2l`; see `presets.py`) or a local
+Hugging Face model directory. Write `./tiny` for a local directory that happens to be
+called like a preset. Weights are read from safetensors only: posttrain never unpickles
+`.bin` files, which can run arbitrary code.
+
+The trainer computes logits itself from the final hidden state (so a chunked loss never
+builds the full [B, T, V] logits tensor): `final_hidden_and_head` returns that hidden state
+and the output projection. It is only valid when the model's logits are exactly
+`hidden @ W.T (+ b)`; `supports_hidden_path` says whether that holds.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from posttrain.errors import ConfigError, UserError
+from posttrain.models.presets import is_preset, preset_path
+
+if TYPE_CHECKING:
+    import torch
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+# Config fields whose presence (non-empty) means logits != lm_head(hidden):
+# Gemma 2/3 soft-cap, Cohere multiplies by logit_scale, Granite divides by logits_scaling.
+_LOGIT_TRANSFORM_FIELDS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_logits_scale")
+
+
+class HiddenPathUnsupported(RuntimeError):
+    """The model's logits are not a plain linear map of its final hidden state."""
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def resolve_model_path(path: str | os.PathLike) -> Path:
+    """A preset name → its built directory; a directory → itself, after checking it is usable."""
+    if is_preset(path):
+        return preset_path(str(path))
+    directory = Path(path).expanduser()
+    if not directory.exists():
+        raise UserError(f"model path {directory} does not exist; give a local Hugging Face model directory or a preset name (tiny, tiny-2l)")
+    if not directory.is_dir():
+        raise UserError(f"model path {directory} is a file; give the directory that holds config.json and the weights")
+    if not (directory / "config.json").is_file():
+        raise UserError(f"{directory} has no config.json; point model.path at a Hugging Face model directory (the one save_pretrained wrote)")
+    return directory
+
+
+def _check_weights(directory: Path) -> None:
+    if any(directory.glob("*.safetensors")) or (directory / "model.safetensors.index.json").is_file():
+        return
+    if any(directory.glob("*.bin")) or any(directory.glob("*.pt")) or any(directory.glob("*.pth")):
+        raise UserError(
+            f"{directory} has only pickle weights (.bin/.pt); posttrain loads safetensors only and does not unpickle. "
+            "Convert once in a trusted environment: AutoModelForCausalLM.from_pretrained(dir).save_pretrained(new_dir)"
+        )
+    if (directory / "adapter_config.json").is_file():
+        raise UserError(f"{directory} is a PEFT adapter, not a full model; load its base model and the adapter with peft.PeftModel.from_pretrained")
+    raise UserError(f"{directory} has no model weights (*.safetensors); save the model with save_pretrained into that directory")
+
+
+def _torch_dtype(dtype: Any) -> "torch.dtype":
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ConfigError(f"model.dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    return getattr(torch, dtype)
+
+
+def _model_args(config_or_path: Any, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Merge a ModelConfig (or anything with the same attributes), a path, and keyword overrides."""
+    args = {"path": "tiny", "dtype": "float32", "trust_remote_code": False, "gradient_checkpointing": False}
+    if isinstance(config_or_path, (str, os.PathLike)):
+        args["path"] = config_or_path
+    elif config_or_path is not None:
+        for key in args:
+            if hasattr(config_or_path, key):
+                args[key] = getattr(config_or_path, key)
+    unknown = set(overrides) - set(args)
+    if unknown:
+        raise TypeError(f"load_model got unexpected arguments: {sorted(unknown)}")
+    args.update(overrides)
+    return args
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_model(config_or_path: Any = None, **overrides: Any):
+    """Load a causal LM for training.
+
+    config_or_path: a `ModelConfig`, a path / preset name, or None (the `tiny` preset).
+    overrides: path, dtype ("float32" | "bfloat16" | "float16" or a torch.dtype),
+               trust_remote_code (passed to transformers only when True),
+               gradient_checkpointing (also sets use_cache=False).
+    """
+    from transformers import AutoModelForCausalLM
+
+    args = _model_args(config_or_path, overrides)
+    directory = resolve_model_path(args["path"])
+    _check_weights(directory)
+    kwargs: dict[str, Any] = {"dtype": _torch_dtype(args["dtype"]), "use_safetensors": True}
+    if args["trust_remote_code"] is True:
+        kwargs["trust_remote_code"] = True
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = "" if args["trust_remote_code"] else " (if it ships its own modelling code and you trust it, set model.trust_remote_code=true)"
+        raise UserError(f"could not load a causal LM from {directory}: {first_line}{hint}") from None
+    if args["gradient_checkpointing"]:
+        enable_gradient_checkpointing(model)
+    return model
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute activations in backward; the KV cache is useless (and wasteful) while training."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise UserError(f"{type(model).__name__} does not support gradient checkpointing; set model.gradient_checkpointing=false")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+
+def load_tokenizer(path: str | os.PathLike = "tiny", trust_remote_code: bool = False):
+    """Load the tokenizer of a preset or model directory.
+
+    A tokenizer without a pad token gets one: the eos token if it has one, else the unk
+    token (padding positions never carry loss, so reusing a token is harmless). A tokenizer
+    with neither raises UserError.
+    """
+    from transformers import AutoTokenizer
+
+    directory = resolve_model_path(path)
+    kwargs = {"trust_remote_code": True} if trust_remote_code is True else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"could not load a tokenizer from {directory}: {first_line}") from None
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None:
+            raise UserError(f"the tokenizer in {directory} has no pad, eos or unk token; add a pad token to tokenizer_config.json")
+        tokenizer.pad_token = fallback
+    return tokenizer
+
+
+# --------------------------------------------------------------------------- hidden-state path
+
+
+def _causal_lm(model):
+    """The transformers *ForCausalLM module inside a plain or PEFT-wrapped model."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        return model.get_base_model()  # LoRA layers are injected in place, so this still applies them
+    return model
+
+
+def _plain_head(lm):
+    import torch.nn as nn
+
+    head = lm.get_output_embeddings()
+    # exact type check: a PEFT LoRA layer or ModulesToSaveWrapper would not be a plain projection
+    return head if type(head) is nn.Linear else None
+
+
+def _unsupported_reason(model) -> str | None:
+    lm = _causal_lm(model)
+    for field in _LOGIT_TRANSFORM_FIELDS:
+        value = getattr(lm.config, field, None)
+        if value not in (None, 0, 1, 1.0, False):
+            return f"{type(lm).__name__} transforms its logits ({field}={value})"
+    if lm.base_model is lm:
+        return f"{type(lm).__name__} has no separate decoder module"
+    if _plain_head(lm) is None:
+        return f"{type(lm).__name__}'s output layer is not a plain nn.Linear ({type(lm.get_output_embeddings()).__name__})"
+    return None
+
+
+def supports_hidden_path(model) -> bool:
+    """True when logits == final_hidden @ head_weight.T (+ head_bias) for this model."""
+    return _unsupported_reason(model) is None
+
+
+def final_hidden_and_head(model, **batch: Any):
+    """Run the decoder only; return (hidden (B, T, H), head_weight (V, H), head_bias (V,) or None).
+
+    logits == hidden @ head_weight.T (+ head_bias) exactly as the model's own forward would
+    compute them. `labels` in the batch are ignored. Raises HiddenPathUnsupported for models
+    whose logits are scaled or soft-capped; check `supports_hidden_path` and fall back to
+    `model(**batch).logits` there.
+    """
+    reason = _unsupported_reason(model)
+    if reason is not None:
+        raise HiddenPathUnsupported(f"{reason}; compute logits with model(**batch).logits instead")
+    lm = _causal_lm(model)
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "logits_to_keep", "num_items_in_batch")}
+    outputs = lm.base_model(**inputs, use_cache=False, return_dict=True)
+    head = _plain_head(lm)
+    return outputs.last_hidden_state, head.weight, head.bias
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def save_model(model, tokenizer, out_dir: str | os.PathLike, *, base_model_path: str | os.PathLike | None = None) -> Path:
+    """Save in Hugging Face formats, with the tokenizer alongside.
+
+    Full model → safetensors model directory (loads with AutoModelForCausalLM.from_pretrained).
+    PEFT model → adapter directory (adapter_config.json + adapter_model.safetensors, loads with
+    peft.PeftModel.from_pretrained(base, dir)). The adapter config records the base model's
+    directory (for presets, the built preset directory) unless `base_model_path` overrides it.
+    """
+    from peft import PeftModel
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if isinstance(model, PeftModel):
+        base = base_model_path or model.get_base_model().config._name_or_path
+        if base:
+            base = str(preset_path(str(base))) if is_preset(base) else str(base)
+            for peft_config in model.peft_config.values():
+                peft_config.base_model_name_or_path = base
+        model.save_pretrained(out)
+    else:
+        model.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out

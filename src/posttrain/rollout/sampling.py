@@ -1,0 +1,127 @@
+"""Sampling settings and pure logit processors for the rollout engine.
+
+Every processor takes logits (B, V) and returns new logits (B, V); none mutates its
+input. Filtered-out tokens get -inf, so a softmax afterwards gives them probability 0.
+Order used by `generate`: penalties on the raw logits, then temperature, top-k,
+top-p, sample (the order Hugging Face and vLLM use, so settings mean the same thing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class SamplingSettings:
+    """How to decode a completion."""
+
+    max_new_tokens: int = 128  # upper bound on generated tokens per prompt
+    temperature: float = 1.0  # softmax temperature; 0 means greedy (argmax)
+    top_k: int = 0  # keep the k most likely tokens; 0 = off
+    top_p: float = 1.0  # nucleus: smallest set with cumulative probability >= top_p; 1 = off
+    repetition_penalty: float = 1.0  # CTRL-style, over prompt + generated tokens; 1 = off
+    frequency_penalty: float = 0.0  # OpenAI-style, subtract penalty * count (generated tokens only)
+    presence_penalty: float = 0.0  # OpenAI-style, subtract penalty once per generated token seen
+    stop: list[str] = field(default_factory=list)  # stop strings; the completion is cut before them
+    seed: int | None = None  # seed for sampling; None = nondeterministic
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+
+
+def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
+    """CTRL repetition penalty (Keskar et al. 2019, Sec. 4.1), sign-aware as in HF.
+
+    For every token v with seen[b, v] (present in the prompt or generated so far):
+        z'[b, v] = z[b, v] / penalty   if z[b, v] > 0
+        z'[b, v] = z[b, v] * penalty   otherwise
+    so penalty > 1 always makes a seen token less likely. Unseen tokens are unchanged.
+
+    logits: (B, V) float, seen: (B, V) bool -> (B, V)
+    """
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def apply_frequency_presence_penalty(
+    logits: Tensor, counts: Tensor, frequency_penalty: float, presence_penalty: float
+) -> Tensor:
+    """OpenAI frequency and presence penalties, over generated tokens only.
+
+        z'[b, v] = z[b, v] - frequency_penalty * c[b, v] - presence_penalty * 1[c[b, v] > 0]
+
+    where c[b, v] is how many times token v was generated so far in row b.
+
+    logits: (B, V) float, counts: (B, V) int or float -> (B, V)
+    """
+    if frequency_penalty == 0.0 and presence_penalty == 0.0:
+        return logits
+    counts = counts.to(logits.dtype)
+    return logits - frequency_penalty * counts - presence_penalty * (counts > 0).to(logits.dtype)
+
+
+def apply_top_k(logits: Tensor, k: int) -> Tensor:
+    """Keep the k largest logits per row, set the rest to -inf; k <= 0 or k >= V is a no-op.
+
+        z'[b, v] = z[b, v] if z[b, v] >= (k-th largest of z[b, :]) else -inf
+
+    Ties with the k-th value are all kept. logits: (B, V) -> (B, V)
+    """
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def apply_top_p(logits: Tensor, p: float) -> Tensor:
+    """Nucleus filtering (Holtzman et al. 2020): keep the smallest set of most likely
+    tokens whose cumulative probability is >= p; the top token is always kept.
+
+    With probabilities sorted descending, π_(1) >= π_(2) >= ..., token (j) is kept iff
+        Σ_{i<j} π_(i) < p        (the mass before it has not reached p yet)
+    p >= 1 is a no-op. logits: (B, V) -> (B, V)
+    """
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits.float(), dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs  # Σ_{i<j} π_(i)
+    drop_sorted = mass_before >= p
+    drop_sorted[..., 0] = False
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_next(
+    logits: Tensor,
+    temperature: float,
+    *,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Pick the next token per row.
+
+    temperature == 0: argmax_v z[b, v] (greedy; top_k/top_p are irrelevant).
+    otherwise:        v ~ Categorical(softmax(top_p(top_k(z / T))))  using `generator`.
+
+    logits: (B, V) -> token ids (B,) long
+    """
+    if temperature == 0:
+        return torch.argmax(logits, dim=-1)
+    scaled = logits.float() / temperature
+    scaled = apply_top_p(apply_top_k(scaled, top_k), top_p)
+    probs = torch.softmax(scaled, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)

@@ -1,0 +1,184 @@
+"""Crash-safe checkpoints: safetensors + JSON only (no pickle), committed by rename.
+
+A checkpoint is written into `checkpoints/.tmp-step-N/`, completed with `manifest.json`
+(listing every file and its size), then renamed to `checkpoints/step-N/`. A directory
+without a manifest whose sizes match is incomplete and never resumed from. Old
+checkpoints are pruned only after the new one is committed.
+
+Contents: trainable weights, AdamW state, loop state (step, data position, counters)
+and every process's RNG states — enough for a resumed run to end bitwise equal to an
+uninterrupted one on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+MANIFEST = "manifest.json"
+PREFIX = "step-"
+
+
+# --------------------------------------------------------------------------- state <-> files
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in tensors]
+    if missing:
+        raise RuntimeError(f"checkpoint lacks trainable parameters, e.g. {missing[:3]}")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value)
+
+
+def _split_optimizer_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, plain = {}, {"param_groups": state["param_groups"], "scalars": {}}
+    for index, per_param in state["state"].items():
+        for key, value in per_param.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}/{key}"] = value.detach().contiguous().cpu()
+            else:
+                plain["scalars"][f"{index}/{key}"] = value
+    return tensors, plain
+
+
+def _join_optimizer_state(tensors: dict[str, torch.Tensor], plain: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for flat, value in list(tensors.items()) + list(plain["scalars"].items()):
+        index, key = flat.split("/", 1)
+        state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": plain["param_groups"]}
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda{i}"] = s
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors["numpy_keys"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
+    version, internal, gauss = random.getstate()
+    plain = {
+        "numpy": [kind, int(pos), int(has_gauss), float(cached)],
+        "python": [version, list(internal), gauss],
+    }
+    return tensors, plain
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], plain: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    if torch.cuda.is_available():
+        cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda"))]
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
+    kind, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = plain["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+# --------------------------------------------------------------------------- directories
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"{PREFIX}{step:07d}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_manifest(directory: Path, meta: dict) -> None:
+    files = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.name != MANIFEST}
+    for name in files:
+        with open(directory / name, "rb") as handle:
+            os.fsync(handle.fileno())
+    with open(directory / MANIFEST, "w") as handle:
+        json.dump({"files": files, **meta}, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def is_complete(directory: Path) -> bool:
+    manifest = directory / MANIFEST
+    if not manifest.is_file():
+        return False
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError):
+        return False
+    return all((directory / n).is_file() and (directory / n).stat().st_size == size for n, size in files.items())
+
+
+def latest_complete(root: Path) -> Path | None:
+    if not root.is_dir():
+        return None
+    candidates = sorted((p for p in root.glob(f"{PREFIX}*") if p.is_dir()), reverse=True)
+    return next((p for p in candidates if is_complete(p)), None)
+
+
+def prune(root: Path, keep_last: int) -> None:
+    complete = sorted(p for p in root.glob(f"{PREFIX}*") if is_complete(p))
+    for old in complete[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".tmp-*"):  # left by a killed writer
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- save / load
+
+
+def save(root: Path, step: int, *, model, optimizer, loop_state: dict, rank: int, world_size: int,
+         barrier, keep_last: int) -> Path:
+    """Write checkpoint `step` from every rank (rank 0 writes weights and optimizer)."""
+    tmp = root / f".tmp-{PREFIX}{step:07d}"
+    final = step_dir(root, step)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    tensors, plain = rng_state()
+    save_file(tensors, str(tmp / f"rng-rank{rank}.safetensors"))
+    (tmp / f"rng-rank{rank}.json").write_text(json.dumps(plain))
+    if rank == 0:
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        opt_tensors, opt_plain = _split_optimizer_state(optimizer.state_dict())
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "optimizer.json").write_text(json.dumps(opt_plain))
+        (tmp / "loop_state.json").write_text(json.dumps(loop_state, indent=1))
+    barrier()
+    if rank == 0:
+        write_manifest(tmp, {"step": step, "world_size": world_size})
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        prune(root, keep_last)
+    barrier()
+    return final
+
+
+def load(directory: Path, *, model, optimizer, rank: int) -> dict:
+    """Restore weights, optimizer and this rank's RNG; return the loop state."""
+    load_trainable_state(model, load_file(str(directory / "trainable.safetensors")))
+    opt_plain = json.loads((directory / "optimizer.json").read_text())
+    optimizer.load_state_dict(_join_optimizer_state(load_file(str(directory / "optimizer.safetensors")), opt_plain))
+    rng_file = directory / f"rng-rank{rank}.safetensors"
+    if rng_file.is_file():  # a different world size resumes without this rank's RNG
+        restore_rng(load_file(str(rng_file)), json.loads((directory / f"rng-rank{rank}.json").read_text()))
+    return json.loads((directory / "loop_state.json").read_text())

@@ -1,0 +1,260 @@
+"""THE training loop. Every stage (SFT, reward, DPO, ...) runs through `train()`.
+
+A stage supplies a `Stage`: its micro-batches and a module mapping a batch to a summed
+loss. Everything else lives here, once: gradient accumulation with exact normalisation,
+data-parallel sharding, clipping, AdamW with per-layer learning rates, schedules, mixed
+precision, the non-finite guard, evaluation with early stopping, crash-safe checkpoints
+with bitwise resume, and logging.
+
+Normalisation: a global step covers `world_size * grad_accum` micro-batches. Each
+micro-batch's summed loss is divided by the summed weight (label tokens for SFT, pairs
+for DPO) of the WHOLE global step, so batch 8 × accumulation 1, batch 1 × accumulation 8
+and 2 processes × batch 4 all take the same gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from posttrain.errors import ConfigError, TrainingAborted
+from posttrain.train import checkpoint
+from posttrain.train.metrics import RunLogger, peak_memory_mb
+from posttrain.train.optim import lr_factor, make_optimizer, set_lr
+
+Batch = dict[str, torch.Tensor]
+
+
+class Stage(Protocol):
+    """What a training stage gives the loop."""
+
+    module: torch.nn.Module  # forward(**batch) -> summed loss (0-dim tensor)
+
+    def micro_batches(self, epoch: int) -> Iterator[Batch]:
+        """All micro-batches of one epoch in order, the same on every process."""
+
+    def micro_batches_per_epoch(self) -> int | None:
+        """Length of `micro_batches(epoch)`, or None when unknown (streaming)."""
+
+    def weight(self, batch: Batch) -> float:
+        """The loss normaliser this batch contributes (label tokens, pairs, ...)."""
+
+    def tokens(self, batch: Batch) -> int:
+        """Real (non-padding) tokens in the batch, for throughput."""
+
+    def eval_micro_batches(self) -> list[Batch]:
+        """Held-out micro-batches (may be empty)."""
+
+
+@dataclass
+class LoopResult:
+    step: int
+    stopped_early: bool
+    eval_loss: float | None
+    skipped_steps: int
+    module: torch.nn.Module  # unwrapped
+
+
+def _steps(stage: Stage, group: int, epoch: int, start: int) -> Iterator[tuple[int, int, list[Batch]]]:
+    """Yield (epoch, step_in_epoch_after, the step's micro-batches) forever.
+
+    An epoch whose length is not a multiple of `group` tops its last step up from the
+    start of the same epoch's order, so no example is skipped and every step is full.
+    """
+    while True:
+        source = stage.micro_batches(epoch)
+        for _ in range(start * group):  # resume: skip what earlier steps consumed
+            next(source, None)
+        step_in_epoch = start
+        while True:
+            batches = [b for _, b in zip(range(group), source)]
+            if not batches and step_in_epoch == 0:
+                raise ConfigError("the training data produced no batches: is the dataset empty?")
+            if not batches:
+                break
+            if len(batches) < group:
+                refill = stage.micro_batches(epoch)
+                while len(batches) < group:
+                    batches.append(next(refill))
+                yield epoch + 1, 0, batches
+                break
+            step_in_epoch += 1
+            yield epoch, step_in_epoch, batches
+        epoch, start = epoch + 1, 0
+
+
+def _plan_total_steps(stage: Stage, cfg, group: int) -> int:
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    per_epoch = stage.micro_batches_per_epoch()
+    if per_epoch is None:
+        raise ConfigError("streaming data has no known length: set train.max_steps")
+    return max(1, math.ceil(cfg.epochs * math.ceil(per_epoch / group)))
+
+
+def _evaluate(module, stage: Stage, accelerator) -> float | None:
+    batches = stage.eval_micro_batches()
+    if not batches:
+        return None
+    mine = batches[accelerator.process_index :: accelerator.num_processes]
+    loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    weight = sum(stage.weight(b) for b in batches)
+    module.eval()
+    with torch.no_grad():
+        for batch in mine:
+            loss += module(**_to(batch, accelerator.device)).double()
+    module.train()
+    return float(accelerator.reduce(loss, "sum")) / max(weight, 1e-12)
+
+
+def _to(batch: Batch, device) -> Batch:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _train_step(module, optimizer, stage: Stage, micro: list[Batch], accelerator, cfg) -> tuple[float, float]:
+    """Forward/backward over this process's share of one global step; returns (loss, grad norm)."""
+    world = accelerator.num_processes
+    weights = [stage.weight(b) for b in micro]
+    if min(weights) <= 0:
+        raise TrainingAborted(
+            "a batch has no label tokens (every label is masked): the run would train on nothing; "
+            "check the chat template and data.format"
+        )
+    total_weight = sum(weights)
+    mine = micro[accelerator.process_index :: world]
+    local = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    for i, batch in enumerate(mine):
+        last = i == len(mine) - 1
+        sync = contextlib.nullcontext() if last else accelerator.no_sync(module)
+        with sync:
+            loss_sum = module(**_to(batch, accelerator.device))
+            # DDP averages gradients over processes; multiplying by world makes that a sum.
+            accelerator.backward(loss_sum * (world / total_weight))
+        local += loss_sum.detach().double()
+    loss = float(accelerator.reduce(local, "sum")) / total_weight
+    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+    grad_norm = accelerator.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], max_norm)
+    return loss, float(grad_norm)
+
+
+def train(stage: Stage, cfg, run_dir: Path, accelerator, logger_trackers: list[str] = ()) -> LoopResult:
+    """Run the optimisation described by `cfg` (a TrainConfig) on `stage`; checkpoints in run_dir."""
+    optimizer = make_optimizer(stage.module, cfg)
+    module, optimizer = accelerator.prepare(stage.module, optimizer)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    group = world * cfg.grad_accum
+    total_steps = _plan_total_steps(stage, cfg, group)
+    warmup = cfg.warmup_steps or round(cfg.warmup_ratio * total_steps)
+    ckpt_root = run_dir / "checkpoints"
+    state: dict[str, Any] = {"step": 0, "epoch": 0, "step_in_epoch": 0, "skipped_steps": 0,
+                             "consecutive_nonfinite": 0, "best_eval": None, "evals_without_improvement": 0}
+    resume_from = _resume_path(cfg.resume, ckpt_root)
+    if resume_from is not None:
+        state = checkpoint.load(resume_from, model=accelerator.unwrap_model(module), optimizer=optimizer, rank=rank)
+    log = RunLogger(run_dir, enabled=accelerator.is_main_process, accelerator=accelerator,
+                    trackers=logger_trackers, total_steps=total_steps, initial_step=state["step"],
+                    progress_bar=cfg.progress_bar)
+    if resume_from is not None:
+        log.truncate_after(state["step"])
+        log.message(f"resumed from {resume_from} at step {state['step']}")
+
+    def save() -> None:
+        checkpoint.save(ckpt_root, state["step"], model=accelerator.unwrap_model(module), optimizer=optimizer,
+                        loop_state=state, rank=rank, world_size=world, barrier=accelerator.wait_for_everyone,
+                        keep_last=cfg.keep_last)
+
+    stopped_early, eval_loss = False, None
+    module.train()
+    steps = _steps(stage, group, state["epoch"], state["step_in_epoch"])
+    try:
+        while state["step"] < total_steps and not stopped_early:
+            started = time.perf_counter()
+            epoch, step_in_epoch, micro = next(steps)
+            lr = cfg.lr * lr_factor(state["step"], total_steps, cfg.schedule, warmup, cfg.min_lr_ratio)
+            set_lr(optimizer, lr / cfg.lr)
+            loss, grad_norm = _train_step(module, optimizer, stage, micro, accelerator, cfg)
+            finite = math.isfinite(loss) and math.isfinite(grad_norm)
+            if finite:
+                optimizer.step()
+                state["consecutive_nonfinite"] = 0
+            else:
+                state["skipped_steps"] += 1
+                state["consecutive_nonfinite"] += 1
+            optimizer.zero_grad(set_to_none=True)
+            state.update(step=state["step"] + 1, epoch=epoch, step_in_epoch=step_in_epoch)
+            elapsed = time.perf_counter() - started
+            tokens = sum(stage.tokens(b) for b in micro)
+            record = {"step": state["step"], "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                      "tokens": tokens, "tokens_per_s": tokens / elapsed, "step_time_s": elapsed,
+                      "peak_mem_mb": peak_memory_mb(), "skipped_steps": state["skipped_steps"]}
+            if not finite:
+                log.message(f"step {state['step']}: non-finite loss {loss} or grad norm {grad_norm}; step skipped")
+                if state["consecutive_nonfinite"] >= cfg.max_consecutive_nonfinite:
+                    raise TrainingAborted(
+                        f"{state['consecutive_nonfinite']} non-finite steps in a row (last at step {state['step']}): "
+                        "lower train.lr, keep train.max_grad_norm > 0, or check the data for extreme rows"
+                    )
+            if state["step"] % cfg.log_every == 0 or state["step"] == total_steps:
+                log.log(record)
+            log.advance(record)
+            at_end = state["step"] == total_steps
+            if (cfg.eval_every and state["step"] % cfg.eval_every == 0) or at_end:
+                eval_loss = _evaluate(module, stage, accelerator)
+                if eval_loss is not None:
+                    stopped_early = _early_stop(state, eval_loss, cfg.early_stopping_patience)
+                    log.log({"step": state["step"], "eval_loss": eval_loss})
+                    log.message(f"step {state['step']}: eval loss {eval_loss:.4f}")
+            if (cfg.save_every and state["step"] % cfg.save_every == 0) or at_end or stopped_early:
+                save()
+    finally:
+        log.close()
+    if stopped_early:
+        log.message(f"early stop at step {state['step']}: no eval improvement in {cfg.early_stopping_patience} evals")
+    return LoopResult(state["step"], stopped_early, eval_loss, state["skipped_steps"], accelerator.unwrap_model(module))
+
+
+def _early_stop(state: dict, eval_loss: float, patience: int) -> bool:
+    best = state["best_eval"]
+    if best is None or eval_loss < best:
+        state["best_eval"], state["evals_without_improvement"] = eval_loss, 0
+        return False
+    state["evals_without_improvement"] += 1
+    return patience > 0 and state["evals_without_improvement"] >= patience
+
+
+def make_accelerator(cfg, run_dir: Path):
+    """An Accelerator for this run: mixed precision and trackers from `cfg` (a TrainConfig)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    for tracker in cfg.report_to:
+        try:
+            __import__(tracker)
+        except ImportError:
+            raise ConfigError(f"train.report_to: {tracker} is not installed (pip install 'posttrain[{tracker}]')") from None
+    # accelerate keeps its settings in a process-wide singleton; a second run in the same
+    # process (notebooks, tests) may ask for different mixed precision.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    try:
+        return Accelerator(mixed_precision=cfg.mixed_precision, log_with=cfg.report_to or None,
+                           project_dir=str(run_dir))
+    except ValueError as exc:  # e.g. fp16 on a CPU
+        raise ConfigError(f"train.mixed_precision={cfg.mixed_precision}: {exc}") from None
+
+
+def _resume_path(resume: str, ckpt_root: Path) -> Path | None:
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return checkpoint.latest_complete(ckpt_root)
+    path = Path(resume)
+    if not checkpoint.is_complete(path):
+        raise ConfigError(f"train.resume={resume}: not a complete checkpoint directory (no valid manifest.json)")
+    return path

@@ -1,0 +1,199 @@
+"""Supervised / instruction fine-tuning: batch → summed next-token loss. The loop does the rest.
+
+Loss: Σ over trained tokens of −log p(y_t | y_<t, x), divided by the global step's token
+count inside the loop. By default the head and cross-entropy run chunk by chunk on the
+labelled positions only (`losses.language_modeling`), so [batch, seq, vocab] logits are
+never built and prompt/padding positions never reach the head.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from posttrain.config import SFTConfig, validate_sft
+from posttrain.data.records import IGNORE_INDEX, Example
+from posttrain.errors import ConfigError
+
+
+class CausalLMLoss(torch.nn.Module):
+    """Wraps a causal LM so that forward(batch) returns the summed token loss.
+
+    Wrapping (rather than calling submodules from outside) keeps DDP and autocast working:
+    accelerate prepares this module, so its forward is the one they hook.
+    """
+
+    def __init__(self, model: torch.nn.Module, loss: str = "auto", chunk_size: int = 1024):
+        super().__init__()
+        from posttrain.models.loading import supports_hidden_path
+
+        self.model = model
+        if loss == "auto":
+            loss = "chunked" if supports_hidden_path(model) else "plain"
+        elif loss == "chunked" and not supports_hidden_path(model):
+            raise ConfigError("train.loss=chunked is not supported by this model's head (logit scaling); use plain")
+        self.loss_kind = loss
+        self.chunk_size = chunk_size
+
+    def forward(self, input_ids, labels, attention_mask=None, position_ids=None) -> torch.Tensor:
+        from posttrain.losses.language_modeling import (
+            chunked_linear_cross_entropy,
+            cross_entropy_sum,
+            shift_for_causal_lm,
+        )
+        from posttrain.models.loading import final_hidden_and_head
+
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        if self.loss_kind == "plain":
+            logits = self.model(**inputs, use_cache=False).logits
+            return cross_entropy_sum(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+        hidden, weight, bias = final_hidden_and_head(self.model, **inputs)
+        selected, targets = shift_for_causal_lm(hidden, labels)
+        return chunked_linear_cross_entropy(selected, weight, targets, bias=bias, chunk_size=self.chunk_size)
+
+
+class SFTStage:
+    """Micro-batches of token examples for the loop (in memory or streamed)."""
+
+    def __init__(self, module, train: list[Example] | None, eval_examples: list[Example], cfg: SFTConfig,
+                 pad_id: int, stream=None):
+        self.module = module
+        self.train_examples = train
+        self.eval_examples = eval_examples
+        self.cfg = cfg
+        self.pad_id = pad_id
+        self.stream = stream  # callable returning a fresh example iterator, when streaming
+
+    def _collate(self, examples: list[Example]):
+        from posttrain.data.batching import collate, collate_packed
+
+        if self.cfg.data.packing:
+            return collate_packed(examples, self.pad_id)
+        return collate(examples, self.pad_id)
+
+    def micro_batches(self, epoch: int) -> Iterator[dict]:
+        from posttrain.data.batching import plan_batches
+
+        size = self.cfg.train.batch_size
+        if self.stream is not None:
+            yield from self._streamed(size)
+            return
+        lengths = [len(e) for e in self.train_examples]
+        plan = plan_batches(lengths, size, seed=self.cfg.train.seed, epoch=epoch, shuffle=True,
+                            group_by_length=self.cfg.data.group_by_length)
+        for indices in plan:
+            yield self._collate([self.train_examples[i] for i in indices])
+
+    def _streamed(self, size: int) -> Iterator[dict]:
+        from posttrain.data.batching import pack
+
+        buffer: list[Example] = []
+        for example in self.stream():
+            buffer.append(example)
+            if len(buffer) == size:
+                rows = pack(buffer, self.cfg.data.max_length) if self.cfg.data.packing else buffer
+                yield self._collate(rows)
+                buffer = []
+        if buffer:
+            yield self._collate(pack(buffer, self.cfg.data.max_length) if self.cfg.data.packing else buffer)
+
+    def micro_batches_per_epoch(self) -> int | None:
+        if self.stream is not None:
+            return None
+        return -(-len(self.train_examples) // self.cfg.train.batch_size)
+
+    def weight(self, batch) -> float:
+        return float((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+    def tokens(self, batch) -> int:
+        if "attention_mask" in batch:
+            return int(batch["attention_mask"].sum())
+        return int((batch["input_ids"] != self.pad_id).sum())
+
+    def eval_micro_batches(self) -> list[dict]:
+        size = self.cfg.train.batch_size
+        return [self._collate(self.eval_examples[i : i + size]) for i in range(0, len(self.eval_examples), size)]
+
+
+def build_model(cfg: SFTConfig, log):
+    """Tokenizer and trainable model (full or LoRA) per config."""
+    from posttrain.models.adapters import apply_lora, trainable_summary
+    from posttrain.models.loading import load_model, load_tokenizer
+    from posttrain.train.optim import freeze_by_pattern
+
+    tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    model = load_model(cfg.model)
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg.lora)
+    if cfg.train.freeze:
+        freeze_by_pattern(model, cfg.train.freeze)
+    log(trainable_summary(model))
+    return tokenizer, model
+
+
+def run_sft(cfg: SFTConfig) -> Path:
+    """Fine-tune per `cfg`; returns the run directory (final model in run_dir/final)."""
+    import yaml
+    from accelerate.utils import set_seed
+
+    from posttrain.data.batching import pack
+    from posttrain.data.pipeline import prepare_sft_data, stream_sft_examples
+    from posttrain.models.loading import save_model
+    from posttrain.train.loop import make_accelerator, train
+
+    validate_sft(cfg)
+    run_dir = Path(cfg.output_dir)
+    accelerator = make_accelerator(cfg.train, run_dir)
+    log = print if accelerator.is_main_process else (lambda *_: None)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    set_seed(cfg.train.seed)
+    tokenizer, model = build_model(cfg, log)
+    pad_id = tokenizer.pad_token_id
+    if cfg.data.streaming:
+        if cfg.train.max_steps <= 0:
+            raise ConfigError("data.streaming=true needs train.max_steps (the data length is unknown)")
+        data, train_examples = None, None
+        stream = lambda: stream_sft_examples(cfg.data, tokenizer, run_dir, log)  # noqa: E731
+        eval_examples = []
+    else:
+        data = prepare_sft_data(cfg.data, tokenizer, run_dir, cfg.train.seed, log)
+        train_examples, eval_examples, stream = data.train, data.eval, None
+        if cfg.data.packing:
+            train_examples = pack(train_examples, cfg.data.max_length)
+            log(f"packing: {len(data.train)} examples into {len(train_examples)} rows of ≤{cfg.data.max_length} tokens")
+    module = CausalLMLoss(model, cfg.train.loss, cfg.train.loss_chunk_size)
+    stage = SFTStage(module, train_examples, eval_examples, cfg, pad_id, stream)
+    summary = {"loss_impl": module.loss_kind}
+    main = accelerator.is_main_process
+    summary.update(_exact_match(cfg, model, tokenizer, data, "before") if main else {})
+    result = train(stage, cfg.train, run_dir, accelerator, logger_trackers=cfg.train.report_to)
+    summary.update(steps=result.step, stopped_early=result.stopped_early, eval_loss=result.eval_loss,
+                   skipped_steps=result.skipped_steps)
+    trained = result.module.model
+    summary.update(_exact_match(cfg, trained, tokenizer, data, "after") if main else {})
+    if main:
+        save_model(trained, tokenizer, run_dir / "final")
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return run_dir
+
+
+def _exact_match(cfg: SFTConfig, model, tokenizer, data, when: str) -> dict:
+    """Exact match on held-out synthetic prompts (the demo's before/after figure)."""
+    n = cfg.eval.exact_match_prompts
+    if n <= 0 or data is None or not data.eval_records:
+        return {}
+    from posttrain.data.templates import resolve_template
+    from posttrain.eval.exact_match import exact_match
+
+    records = data.eval_records[:n]
+    score = exact_match(model, tokenizer, resolve_template(tokenizer, cfg.data.template), records,
+                        max_new_tokens=cfg.eval.max_new_tokens)
+    print(f"exact match {when} training: {score:.1%} on {len(records)} held-out prompts")
+    return {f"exact_match_{when}": score, "exact_match_prompts": len(records)}
