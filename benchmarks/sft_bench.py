@@ -32,6 +32,11 @@ from pathlib import Path
 T_PROCESS_START = time.perf_counter()
 
 
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
@@ -61,12 +66,15 @@ def reference_loss(model_dir: str, batch: dict) -> float:
 
     ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64)
     ref.eval()
+    total, count = 0.0, 0
     with torch.no_grad():
         hidden = ref.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        logits = hidden[:, :-1] @ ref.lm_head.weight.T
-        targets = batch["labels"][:, 1:]
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
-    return float(loss)
+        for row in range(hidden.shape[0]):  # one row's logits at a time keeps this process small
+            targets = batch["labels"][row, 1:]
+            logits = hidden[row, :-1] @ ref.lm_head.weight.T
+            total += float(torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="sum"))
+            count += int((targets != -100).sum())
+    return total / count
 
 
 # --------------------------------------------------------------------------- TRL
@@ -126,9 +134,12 @@ def train_trl(args) -> dict:
 
         def on_train_begin(self, *a, **k):
             self.train_begin = time.perf_counter()
+            self.cpu_begin = cpu_seconds()
+            self.cpu_ends: list[float] = []
 
         def on_step_end(self, *a, **k):
             self.step_ends.append(time.perf_counter())
+            self.cpu_ends.append(cpu_seconds())
 
         def on_log(self, _args, state, control, logs=None, **k):
             if logs and "loss" in logs:
@@ -152,6 +163,8 @@ def train_trl(args) -> dict:
     trainer.train()
     ends = clock.step_ends
     step_times = [ends[0] - clock.train_begin] + [b - a for a, b in zip(ends, ends[1:])]
+    cpu = clock.cpu_ends
+    step_cpu = [cpu[0] - clock.cpu_begin] + [b - a for a, b in zip(cpu, cpu[1:])]
     # TRL logs a running total of attention-mask tokens; its per-step differences are the batch sizes.
     totals = [int(log["num_tokens"]) for log in clock.logs if "num_tokens" in log]
     trl_tokens = [b - a for a, b in zip([0] + totals, totals)]
@@ -163,6 +176,7 @@ def train_trl(args) -> dict:
         "sampler": getattr(config, "train_sampling_strategy", "random"),
         "optimizer": str(config.optim),
         "step_times_s": step_times,
+        "step_cpu_s": step_cpu,
         "tokens": collated_tokens[: len(step_times)],
         "tokens_tool_reported": trl_tokens,
         "losses": [log["loss"] for log in clock.logs],
@@ -211,10 +225,12 @@ def train_posttrain(args) -> dict:
     # Time steps exactly as on the TRL side: a clock read at the end of every optimizer step
     # (RunLogger.advance runs once per step, after the step's metrics are logged).
     step_ends: list[float] = []
+    cpu_ends: list[float] = []
     original_advance = pt_metrics.RunLogger.advance
 
     def timed_advance(self, record):
         step_ends.append(time.perf_counter())
+        cpu_ends.append(cpu_seconds())
         return original_advance(self, record)
 
     pt_metrics.RunLogger.advance = timed_advance
@@ -228,6 +244,7 @@ def train_posttrain(args) -> dict:
     own = [r["step_time_s"] for r in steps]
     # Step 1 has no previous step end: take posttrain's own figure for it (it is discarded anyway).
     step_times = [own[0]] + [b - a for a, b in zip(step_ends, step_ends[1:])]
+    step_cpu = [float("nan")] + [b - a for a, b in zip(cpu_ends, cpu_ends[1:])]
     return {
         "tool": "posttrain",
         "variant": args.variant,
@@ -238,6 +255,7 @@ def train_posttrain(args) -> dict:
         "loss_impl": cfg.train.loss,
         "step_times_s": step_times,
         "step_times_tool_reported_s": own,
+        "step_cpu_s": step_cpu,
         "tokens": [int(r["tokens"]) for r in steps],
         "losses": [r["loss"] for r in steps],
         "run_sft_total_s": total_s,
@@ -292,8 +310,11 @@ def main() -> None:
 
     runner = {("train", "trl"): train_trl, ("train", "posttrain"): train_posttrain,
               ("fixed", "trl"): fixed_trl, ("fixed", "posttrain"): fixed_posttrain}[(args.mode, args.tool)]
+    load_before = os.getloadavg()[0]
     result = runner(args)
     result.update(
+        loadavg_1min_before=load_before,
+        loadavg_1min_after=os.getloadavg()[0],
         mode=args.mode,
         peak_rss_mib=peak_rss_mib(),
         torch_threads=torch.get_num_threads(),

@@ -100,21 +100,22 @@ def test_packed_loss_equals_unpacked_loss(model):
 
 
 def test_each_packed_sequence_sees_only_itself(model):
-    """Per-token losses of every sequence inside a pack equal its unpacked ones, which
+    """Every sequence inside a pack gets the same logits (hence losses) as alone, which
     holds only if transformers built a block-diagonal mask from position_ids."""
     examples = _random_examples([6, 9, 4, 12], seed=2)
     rows = pack(examples, max_length=32)
     assert len(rows) == 1
-    packed_ce, _ = _per_token_ce(model, collate_packed(rows, PAD_ID))
-    by_tokens = {tuple(e.input_ids): e for e in examples}
-    start, row = 0, rows[0]
-    starts = [i for i, p in enumerate(row.position_ids) if p == 0] + [len(row)]
+    packed_batch = collate_packed(rows, PAD_ID)
+    unpacked_batch = collate(examples, PAD_ID)
+    with torch.no_grad():
+        packed = model(**{k: v for k, v in packed_batch.items() if k != "labels"}, use_cache=False).logits[0]
+        alone = model(**{k: v for k, v in unpacked_batch.items() if k != "labels"}, use_cache=False).logits
+    row_of = {tuple(e.input_ids): n for n, e in enumerate(examples)}
+    starts = [i for i, p in enumerate(rows[0].position_ids) if p == 0] + [len(rows[0])]
+    assert len(starts) == len(examples) + 1
     for start, end in zip(starts, starts[1:]):
-        example = by_tokens[tuple(row.input_ids[start:end])]
-        alone_ce, mask = _per_token_ce(model, collate([example], PAD_ID))
-        # packed_ce[start + j] scores token start+j+1, i.e. token j+1 of this sequence.
-        inside = packed_ce[0, start : end - 1]
-        assert torch.allclose(inside[mask[0]], alone_ce[0][mask[0]], atol=1e-5)
+        n = row_of[tuple(rows[0].input_ids[start:end])]
+        assert torch.allclose(packed[start:end], alone[n, : end - start], atol=1e-5)
 
 
 def test_packing_without_the_mask_would_leak(model):

@@ -95,6 +95,9 @@ def test_json_pretty_printed_and_wrapped_in_a_single_list_key(tmp_path):
 def test_json_file_holding_json_lines_is_read_as_json_lines(tmp_path):
     path = _write_jsonl(tmp_path / "d.json", ROWS)
     assert _rows(path) == [(f"{path}:{i}", r) for i, r in enumerate(ROWS, 1)]
+    one_line = tmp_path / "one.json"  # a wrapper on one line is not JSON Lines
+    one_line.write_text(json.dumps({"rows": ROWS}) + "\n\n")
+    assert _rows(one_line) == [(f"{one_line}:1", r) for r in ROWS]
 
 
 @pytest.mark.parametrize(
@@ -104,6 +107,11 @@ def test_json_file_holding_json_lines_is_read_as_json_lines(tmp_path):
         ('{"a": [], "b": []}', r"exactly one list-valued key.*'a', 'b'"),
         ('"just a string"', r"expected a JSON array of objects"),
         ("[{}] []", r"d\.json:1: invalid JSON at column 6: Extra data"),
+        ('{"data": [{}],\n}', r"d\.json:2: invalid JSON at column 1: Expecting property name"),
+        ('{"data" [{}]}', r"d\.json:1: invalid JSON at column 9: Expecting ':' delimiter"),
+        ('{"data": [{}] "x": 1}', r"d\.json:1: invalid JSON at column 15: Expecting ',' delimiter"),
+        ("{}", r"exactly one list-valued key .*found keys: none"),
+        ('{"data": [1], "data": 2}', r"exactly one list-valued key"),  # the last value of a repeated key wins
     ],
 )
 def test_json_file_level_errors(tmp_path, text, match):

@@ -187,6 +187,22 @@ def test_greedy_matches_transformers_generate(model, tokenizer):
         model.generation_config.eos_token_id = saved
 
 
+def test_greedy_matches_transformers_generate_absolute_positions(tokenizer):
+    """GPT-2 has learned absolute positions. RoPE (Llama) is invariant to shifting all of a
+    row's positions, so only a model like this catches wrong position ids under left padding."""
+    torch.manual_seed(1)
+    config = transformers.GPT2Config(
+        vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=256, initializer_range=0.1,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+    )
+    gpt2 = transformers.GPT2LMHeadModel(config).eval()
+    gpt2.generation_config.eos_token_id = tokenizer.eos_token_id
+    gpt2.generation_config.pad_token_id = tokenizer.pad_token_id
+    ours = _ours_greedy(gpt2, tokenizer, PROMPTS, 10)
+    assert ours == _hf_greedy(gpt2, tokenizer, PROMPTS, 10)
+    assert ours == [_ours_greedy(gpt2, tokenizer, [p], 10)[0] for p in PROMPTS]
+
+
 def test_alone_equals_in_padded_batch(model, tokenizer):
     settings = SamplingSettings(max_new_tokens=10, temperature=0.0)
     alone = [generate(model, tokenizer, [p], settings)[0] for p in PROMPTS]

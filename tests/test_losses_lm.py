@@ -108,6 +108,21 @@ def test_all_ignored_and_empty():
         assert gh.shape == hidden.shape and gw.shape == weight.shape
 
 
+def test_garbage_in_ignored_rows_does_not_leak():
+    """Pad positions can hold NaN/inf hidden states; ignored rows must contribute exact zeros."""
+    hidden, weight, bias, targets = _inputs()
+    hidden[3] = float("nan")  # targets[3] is ignored
+    hidden[10] = float("inf")  # targets[10] is ignored
+    keep = targets != -100
+    ref = _reference(hidden[keep], weight, bias, targets[keep], torch.float64)
+    loss, gh, gw, gb = _ours(hidden, weight, bias, targets, chunk_size=4)
+    torch.testing.assert_close(loss.double(), ref[0], atol=1e-5, rtol=1e-5)
+    assert (gh[~keep] == 0).all()
+    torch.testing.assert_close(gh[keep].double(), ref[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gw.double(), ref[2], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gb.double(), ref[3], atol=1e-5, rtol=1e-5)
+
+
 def test_no_bias_and_no_grad_path():
     hidden, weight, _, targets = _inputs()
     want = F.cross_entropy(hidden.double() @ weight.double().T, targets, reduction="sum")

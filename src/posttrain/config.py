@@ -194,10 +194,22 @@ def _leaf_keys(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
+# Names users bring from transformers / TRL / LLaMA-Factory configs.
+_FAMILIAR_NAMES = {
+    "learning_rate": "lr", "per_device_train_batch_size": "batch_size", "train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum", "num_train_epochs": "epochs", "lr_scheduler_type": "schedule",
+    "max_seq_length": "max_length", "cutoff_len": "max_length", "model_name_or_path": "path",
+    "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "save_steps": "save_every",
+    "eval_steps": "eval_every", "logging_steps": "log_every", "save_total_limit": "keep_last",
+    "torch_dtype": "dtype", "bf16": "mixed_precision", "fp16": "mixed_precision",
+}
+
+
 def _suggest(key: str, root: type) -> str | None:
-    """The valid dotted key closest to `key`: same last part first, then spelling."""
+    """The valid dotted key closest to `key`: familiar aliases, same last part, then spelling."""
     keys = _leaf_keys(root)
     last = key.rsplit(".", 1)[-1]
+    last = _FAMILIAR_NAMES.get(last, last)
     same_name = [k for k in keys if k.rsplit(".", 1)[-1] == last]
     if same_name:
         return same_name[0]

@@ -6,6 +6,11 @@ sequence wherever the position ids do not go up by exactly one
 (`find_packed_sequence_indices` in transformers/masking_utils.py), for the sdpa, eager
 and flex attention paths, and flash-attention reads the same position ids. So a packed
 row carries position ids that restart at 0 for every sequence, and no attention mask.
+
+The model must be called with `use_cache=False`: transformers skips that detection
+whenever a cache exists, and with `config.use_cache=True` (the default) the model makes
+one even in training, so the sequences of a row would silently attend to each other
+(tests/test_batching.py checks both sides). Training never needs a cache anyway.
 """
 
 from __future__ import annotations
@@ -84,11 +89,12 @@ def _join(parts: list[Example]) -> Example:
 
 def collate_packed(examples: list[Example], pad_id: int, pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
     """Right-pad packed rows. Returns input_ids, labels and position_ids, (B, T) int64,
-    and deliberately no attention_mask: its absence is what makes transformers read the
-    sequence boundaries from position_ids.
+    and deliberately no attention_mask: its absence (with use_cache=False, see above) is
+    what makes transformers read the sequence boundaries from position_ids.
 
-    The pad tail gets position ids restarting at 0, so it is a sequence of its own: real
-    tokens never attend to it (nor could they, being earlier), and its labels are ignored.
+    The pad tail gets position ids restarting at 0, so it is a segment of its own: it
+    comes after every real token, so causality already hides it from them, and its
+    labels are ignored.
     """
     width = _padded_length(max(len(example) for example in examples), pad_to_multiple_of)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)

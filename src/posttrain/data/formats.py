@@ -108,7 +108,7 @@ def _type_name(value: Any) -> str:
 def _string(value: Any, what: str) -> str:
     if not isinstance(value, str):
         raise BadRowError(f"{what} is {_type_name(value)}, expected a string")
-    if not value.strip():
+    if not value or value.isspace():  # isspace: no copy of a long string
         raise BadRowError(f"{what} is empty")
     return value
 
@@ -122,7 +122,7 @@ def _required_string(row: dict, key: str, fmt: str) -> str:
 def _optional_string(row: dict, key: str) -> str | None:
     """None for an absent, null or blank value (CSV and Parquet spell "absent" that way)."""
     value = row.get(key)
-    if value is None or (isinstance(value, str) and not value.strip()):
+    if value is None or (isinstance(value, str) and (not value or value.isspace())):
         return None
     return _string(value, repr(key))
 
@@ -152,10 +152,11 @@ def _chat_messages(row: dict) -> list[dict[str, str]]:
     if not turns:
         raise BadRowError(f"{key!r} is an empty list")
     messages = [_turn(turn, number) for number, turn in enumerate(turns, 1)]
-    for number, message in enumerate(messages, 1):
-        if message["role"] == "system" and number > 1:
-            raise BadRowError(f"turn {number} is a system turn; a system message may only come first")
-    if not any(message["role"] == "assistant" for message in messages):
+    roles = [message["role"] for message in messages]
+    if "system" in roles[1:]:
+        number = roles.index("system", 1) + 1
+        raise BadRowError(f"turn {number} is a system turn; a system message may only come first")
+    if "assistant" not in roles:
         raise BadRowError("no assistant turn, so nothing to train on")
     return messages
 

@@ -212,35 +212,47 @@ def _scan_array(text: str, pos: int) -> tuple[list[tuple[int, Any]], int]:
 
 
 def _is_json_lines(text: str, pos: int) -> bool:
-    """True when the first object ends its line and another value follows."""
-    _, end = _DECODER.raw_decode(text, pos)
-    rest = _skip_ws(text, end)
-    return rest < len(text) and "\n" in text[end:rest]
+    """True when the first line is a whole JSON object and more follows (JSON Lines)."""
+    newline = text.find("\n", pos)
+    if newline < 0 or _skip_ws(text, newline) == len(text):
+        return False
+    try:
+        return isinstance(json.loads(text[pos:newline]), dict)
+    except json.JSONDecodeError:
+        return False
 
 
 def _scan_wrapper(path: str, text: str, pos: int) -> tuple[list[tuple[int, Any]], int]:
     """`{"data": [...], "other": ...}`: the elements of the single list-valued key."""
-    whole, end = _DECODER.raw_decode(text, pos)  # validates the syntax first
-    list_keys = [k for k, v in whole.items() if isinstance(v, list)]
-    if len(list_keys) != 1:
-        found = ", ".join(repr(k) for k in list(whole)[:10]) or "none"
-        raise DataError(
-            f"{path}: a top-level JSON object must have exactly one list-valued key holding the rows "
-            f"(like {{\"data\": [...]}}); found keys: {found}"
-        )
-    wanted, items = list_keys[0], []
+    keys: list[str] = []
+    lists: dict[str, list[tuple[int, Any]]] = {}
     pos = _skip_ws(text, pos + 1)
-    while not text.startswith("}", pos):
+    while not text.startswith("}", pos) or keys:
+        if not text.startswith('"', pos):
+            raise json.JSONDecodeError("Expecting property name enclosed in double quotes", text, pos)
         key, pos = _DECODER.raw_decode(text, pos)
-        pos = _skip_ws(text, _skip_ws(text, pos) + 1)  # past the ':'
-        if key == wanted and text.startswith("[", pos):
-            items, pos = _scan_array(text, pos)  # a duplicate key: the last one wins, as in json
+        pos = _skip_ws(text, pos)
+        if not text.startswith(":", pos):
+            raise json.JSONDecodeError("Expecting ':' delimiter", text, pos)
+        pos = _skip_ws(text, pos + 1)
+        keys.append(key)
+        if text.startswith("[", pos):
+            lists[key], pos = _scan_array(text, pos)
         else:
+            lists.pop(key, None)  # a duplicate key: the last value wins, as in json
             _, pos = _DECODER.raw_decode(text, pos)
         pos = _skip_ws(text, pos)
-        if text.startswith(",", pos):
-            pos = _skip_ws(text, pos + 1)
-    return items, end
+        if text.startswith("}", pos):
+            break
+        if not text.startswith(",", pos):
+            raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
+        pos = _skip_ws(text, pos + 1)
+    if len(lists) != 1:
+        raise DataError(
+            f"{path}: a top-level JSON object must have exactly one list-valued key holding the rows "
+            f"(like {{\"data\": [...]}}); found keys: {', '.join(repr(k) for k in keys[:10]) or 'none'}"
+        )
+    return next(iter(lists.values())), pos + 1
 
 
 # --------------------------------------------------------------------------- CSV

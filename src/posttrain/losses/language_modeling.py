@@ -117,7 +117,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grads = ctx.saved_tensors
         # grad_output is 1 for `loss.backward()` and for `(loss / n).backward()` it is
         # 1/n: scale only when needed so the common case costs no extra (N, H) copy.
-        scaled = [g if g is None or bool(grad_output == 1) else g * grad_output.to(g.dtype) for g in grads]
+        if bool(grad_output == 1):
+            return grads[0], grads[1], grads[2], None, None, None, None
+        scaled = [None if g is None else g * grad_output.to(g.dtype) for g in grads]
         return scaled[0], scaled[1], scaled[2], None, None, None, None
 
 
@@ -145,20 +147,23 @@ def _loss_and_grads(hidden, weight, bias, targets, chunk_size, ignore_index, nee
         # chunk, and the masked arithmetic below already gives exact zeros.
         labelled = target_chunk != ignore_index  # (C,)
         safe_targets = torch.where(labelled, target_chunk, 0)
+        # Ignored rows may hold garbage (NaN at fully masked pad positions in some attention
+        # kernels); zero them so 0 * NaN cannot reach grad_weight.
+        hidden_chunk = hidden_chunk.masked_fill(~labelled[:, None], 0.0)
 
         logits = hidden_chunk @ weight32.T  # (C, V) in the compute dtype
         if bias32 is not None:
             logits += bias32
         log_norm = torch.logsumexp(logits, dim=-1)  # (C,)
         target_logits = logits.gather(1, safe_targets[:, None]).squeeze(1)  # (C,)
-        loss += ((log_norm - target_logits) * labelled).sum()
+        loss += torch.where(labelled, log_norm - target_logits, 0.0).sum()
         if not any_grad:
             continue
 
         # dL/dz = softmax(z) - onehot(y), zeroed on ignored rows; reuse the logits buffer.
         grad_logits = logits.sub_(log_norm[:, None]).exp_()
         grad_logits[torch.arange(end - start, device=logits.device), safe_targets] -= 1.0
-        grad_logits *= labelled[:, None]
+        grad_logits.masked_fill_(~labelled[:, None], 0.0)
         if need_hidden:
             grad_hidden[start:end] = grad_logits @ weight32  # (C, H), cast to hidden dtype
         if need_weight:

@@ -124,7 +124,11 @@ def enable_gradient_checkpointing(model) -> None:
     """Recompute activations in backward; the KV cache is useless (and wasteful) while training."""
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise UserError(f"{type(model).__name__} does not support gradient checkpointing; set model.gradient_checkpointing=false")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpoint_kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # the transformers >= 5 name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
     model.config.use_cache = False
 
 

@@ -95,15 +95,13 @@ def _spec(name: str) -> PresetSpec:
 # --------------------------------------------------------------------------- tokenizer
 
 
-def build_tokenizer() -> "PreTrainedTokenizerFast":
-    """Byte-level BPE trained on the bundled corpus; deterministic.
+def train_bpe():
+    """The raw `tokenizers.Tokenizer`: byte-level BPE on the bundled corpus (needs only `tokenizers`).
 
     Digits are split off one by one before BPE, so every digit is a single token. The
     corpus carries lines of space-separated letters, so " a" ... " z" are single tokens.
-    eos is <|im_end|> (generation stops at the end of an assistant turn), pad is <|pad|>.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
@@ -120,7 +118,18 @@ def build_tokenizer() -> "PreTrainedTokenizerFast":
     )
     lines = corpus_path().read_text(encoding="utf-8").splitlines()
     tokenizer.train_from_iterator(lines, trainer=trainer)
+    return tokenizer
 
+
+def build_tokenizer() -> "PreTrainedTokenizerFast":
+    """The preset tokenizer: `train_bpe()` wrapped for transformers, with a ChatML template.
+
+    eos is <|im_end|> (generation stops at the end of an assistant turn), pad is <|pad|>,
+    no bos is added.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = train_bpe()
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         eos_token=IM_END,

@@ -95,7 +95,7 @@ def _generate_batch(model, prompt_ids, settings, device, pad_id, eos_ids, stop_c
     """Prefill the left-padded batch, then decode one token per step with the KV cache."""
     input_ids, attention_mask = left_pad(prompt_ids, pad_id, device)
     # Position of a token = number of real tokens before it; pads get 0 (masked anyway).
-    position_ids = torch.arange(attention_mask.shape[1]).expand_as(attention_mask)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     num_rows = len(prompt_ids)
     generated: list[list[int]] = [[] for _ in range(num_rows)]
     if settings.max_new_tokens == 0:

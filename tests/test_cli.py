@@ -1,0 +1,124 @@
+"""The CLI end to end: every example YAML, errors for people, generate/chat/env,
+kill -9 and resume (bitwise), and two processes versus one."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+
+
+def posttrain(*args, check=True, **kwargs):
+    result = subprocess.run([sys.executable, "-m", "posttrain", *map(str, args)], cwd=ROOT, capture_output=True,
+                            text=True, **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_every_example_runs(example, tmp_path):
+    posttrain("sft", example, f"output_dir={tmp_path}", "train.max_steps=2", "train.epochs=1",
+              "train.progress_bar=false", "eval.exact_match_prompts=4", "data.synthetic_size=64")
+    assert (tmp_path / "final").is_dir() and (tmp_path / "metrics.jsonl").is_file()
+
+
+def test_unknown_key_exits_2_with_one_line(tmp_path):
+    result = posttrain("sft", ROOT / "examples" / "sft_full.yaml", "train.learning_rate=1", check=False)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "did you mean train.lr?" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_yaml_typo_names_the_file(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("model:\n  path: tiny\ntrain:\n  bach_size: 4\n")
+    result = posttrain("sft", config, check=False)
+    assert result.returncode == 2 and str(config) in result.stderr and "train.batch_size" in result.stderr
+
+
+def test_help_lists_fields_with_descriptions():
+    out = posttrain("sft", "--help").stdout
+    assert "train.lr (float, default 2e-05): peak learning rate" in out
+    assert "data.packing" in out and "lora.r" in out
+
+
+def test_env():
+    out = posttrain("env").stdout
+    assert "torch" in out and "transformers" in out and "threads" in out
+
+
+def test_generate_and_chat(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Copy: a b c\nSmallest letter: q m t\n")
+    out = tmp_path / "out.jsonl"
+    posttrain("generate", "--model", "tiny", "--prompts", prompts, "--output", out, "--max-new-tokens", 5)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["Copy: a b c", "Smallest letter: q m t"]
+    assert all(isinstance(r["completion"], str) for r in rows)
+    result = posttrain("chat", "--model", "tiny", "--max-new-tokens", 4, input="hello\nhow are you\n/exit\n")
+    assert result.returncode == 0
+
+
+def _sft_args(run_dir, *extra):
+    return ["sft", f"output_dir={run_dir}", "model.path=tiny", "data.synthetic_size=400", "data.max_length=64",
+            "data.eval_fraction=0", "train.max_steps=14", "train.batch_size=8", "train.lr=2e-3",
+            "train.save_every=2", "train.keep_last=2", "train.progress_bar=false", *extra]
+
+
+def _steps_logged(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    return max((json.loads(l).get("step", 0) for l in path.read_text().splitlines() if l.strip()), default=0)
+
+
+@pytest.mark.slow
+def test_kill_9_and_resume_is_bitwise_equal(tmp_path):
+    """A run SIGKILLed twice at random steps and resumed ends with the same weights, bit for bit."""
+    posttrain(*_sft_args(tmp_path / "straight"))
+    rng = random.Random(int(os.environ.get("POSTTRAIN_KILL_SEED", time.time())))
+    cut = tmp_path / "cut"
+    for kill_after in sorted(rng.sample(range(2, 13), 2)):
+        proc = subprocess.Popen([sys.executable, "-m", "posttrain", *_sft_args(cut)], cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 300
+        while _steps_logged(cut) < kill_after and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    posttrain(*_sft_args(cut))
+    a = load_file(str(tmp_path / "straight" / "final" / "model.safetensors"))
+    b = load_file(str(cut / "final" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert (a[name] == b[name]).all(), name
+    steps = [json.loads(l)["step"] for l in (cut / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert steps == list(range(1, 15))
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path):
+    """accelerate launch --num_processes 2 --cpu: same losses as 1 process at the same global batch."""
+    common = ["data.synthetic_size=64", "train.max_steps=4", "train.batch_size=4", "train.save_every=0"]
+    one = tmp_path / "one"
+    posttrain(*_sft_args(one, *common, "train.grad_accum=2"))
+    two = tmp_path / "two"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "-m", "posttrain", *_sft_args(two, *common, "train.grad_accum=1")]
+    result = subprocess.run(launch, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    loss = lambda d: [json.loads(l)["loss"] for l in (d / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert loss(two) == pytest.approx(loss(one), rel=1e-4)
