@@ -193,7 +193,8 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator, logger_trackers: list[s
             tokens = sum(stage.tokens(b) for b in micro)
             record = {"step": state["step"], "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                       "tokens": tokens, "tokens_per_s": tokens / elapsed, "step_time_s": elapsed,
-                      "peak_mem_mb": peak_memory_mb(), "skipped_steps": state["skipped_steps"]}
+                      "peak_mem_mb": peak_memory_mb(), "skipped_steps": state["skipped_steps"],
+                      "world_size": world}
             if not finite:
                 log.message(f"step {state['step']}: non-finite loss {loss} or grad norm {grad_norm}; step skipped")
                 if state["consecutive_nonfinite"] >= cfg.max_consecutive_nonfinite:
@@ -233,6 +234,7 @@ def make_accelerator(cfg, run_dir: Path):
     """An Accelerator for this run: mixed precision and trackers from `cfg` (a TrainConfig)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+    from accelerate.utils import is_cuda_available
 
     for tracker in cfg.report_to:
         try:
@@ -243,8 +245,10 @@ def make_accelerator(cfg, run_dir: Path):
     # process (notebooks, tests) may ask for different mixed precision.
     AcceleratorState._reset_state(reset_partial_state=False)
     try:
+        # cpu=True on CPU-only hosts: without it accelerate ignores torchrun's WORLD_SIZE
+        # and every process trains alone.
         return Accelerator(mixed_precision=cfg.mixed_precision, log_with=cfg.report_to or None,
-                           project_dir=str(run_dir))
+                           project_dir=str(run_dir), cpu=not is_cuda_available())
     except ValueError as exc:  # e.g. fp16 on a CPU
         raise ConfigError(f"train.mixed_precision={cfg.mixed_precision}: {exc}") from None
 
