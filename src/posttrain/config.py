@@ -183,15 +183,22 @@ def apply_override(data: dict[str, Any], item: str) -> None:
     node[parts[-1]] = value
 
 
-def _leaf_keys(cls: type, prefix: str = "") -> list[str]:
-    keys = []
+def _walk(cls: type, prefix: str = ""):
+    """Yield (dotted key, type hint, default, help) for every leaf field, and
+    (section key, None, None, help) before each section's fields."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
-            keys += _leaf_keys(hints[f.name], prefix + f.name + ".")
-        else:
-            keys.append(prefix + f.name)
-    return keys
+        hint, help_text = hints[f.name], f.metadata.get("help", "")
+        if dataclasses.is_dataclass(hint):
+            yield prefix + f.name, None, None, help_text
+            yield from _walk(hint, prefix + f.name + ".")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        yield prefix + f.name, hint, default, help_text
+
+
+def _leaf_keys(cls: type) -> list[str]:
+    return [key for key, hint, _, _ in _walk(cls) if hint is not None]
 
 
 # Names users bring from transformers / TRL / LLaMA-Factory configs.
@@ -295,16 +302,12 @@ def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", str(hint))
 
 
-def _help_lines(cls: type, prefix: str):
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        hint = hints[f.name]
-        if dataclasses.is_dataclass(hint):
-            yield f"{prefix}{f.name}:  ({f.metadata.get('help', '')})"
-            yield from _help_lines(hint, prefix + f.name + ".")
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        yield f"  {prefix}{f.name} ({_type_name(hint)}, default {default!r}): {f.metadata.get('help', '')}"
+def _help_lines(cls: type, prefix: str = ""):
+    for key, hint, default, help_text in _walk(cls, prefix):
+        if hint is None:
+            yield f"{key}:  ({help_text})"
+        else:
+            yield f"  {key} ({_type_name(hint)}, default {default!r}): {help_text}"
 
 
 def validate_sft(cfg: SFTConfig) -> None:
@@ -333,3 +336,17 @@ def validate_sft(cfg: SFTConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+
+
+def markdown_reference(cls: type | None = None) -> str:
+    """The config reference table for the README (kept in sync by a test)."""
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, hint, default, help_text in _walk(cls or SFTConfig):
+        if hint is not None:
+            type_name = _type_name(hint).replace("|", "\\|")
+            rows.append(f"| `{key}` | {type_name} | `{default!r}` | {help_text} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_reference())

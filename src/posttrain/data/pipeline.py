@@ -6,6 +6,7 @@ their labels) is reported here, in one place, and written to the run directory.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from collections.abc import Callable, Iterator
@@ -26,29 +27,25 @@ class PreparedData:
     report: dict = field(default_factory=dict)
 
 
-def _read(files: list[str], cfg, run_dir: Path, log: Callable[[str], None], seed: int, name: str):
-    from posttrain.data import formats, synthetic
+def _read(files: list[str], cfg, run_dir: Path, log: Callable[[str], None], name: str):
+    from posttrain.data import formats
 
-    if files == [SYNTHETIC]:
-        records = synthetic.make_records(cfg.synthetic_tasks, cfg.synthetic_size, seed=seed)
-        return records, {"rows": len(records), "bad_rows": 0, "source": "synthetic"}
     if SYNTHETIC in files:
         raise ConfigError(f"data.{name}: 'synthetic' cannot be mixed with files")
     records, report = formats.load_records(
         files, fmt=cfg.format, bad_rows=cfg.bad_rows, max_bad_fraction=cfg.max_bad_fraction,
         rejects_path=str(run_dir / f"rejects-{name}.jsonl"), log=log,
     )
-    return records, _report_dict(report)
+    return records, report.to_dict()
 
 
-def _report_dict(report) -> dict:
-    if hasattr(report, "to_dict"):
-        return report.to_dict()
-    if hasattr(report, "__dataclass_fields__"):
-        import dataclasses
+def _synthetic(cfg, seed: int) -> tuple[list[Record], list[Record]]:
+    """Bundled verifiable tasks; held-out prompts never appear in training."""
+    from posttrain.data import synthetic
 
-        return dataclasses.asdict(report)
-    return dict(report)
+    n_eval = round(cfg.eval_fraction * cfg.synthetic_size)
+    train, held_out = synthetic.make_split(cfg.synthetic_tasks, cfg.synthetic_size - n_eval, n_eval, seed=seed)
+    return [e.to_record(i) for i, e in enumerate(train)], [e.to_record(i) for i, e in enumerate(held_out)]
 
 
 def split_eval(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
@@ -68,7 +65,7 @@ def encode_all(records: list[Record], tokenizer, template: str, cfg, log, name: 
     examples = [encode_record(r, tokenizer, template) for r in records]
     examples, length_report = fit_length(examples, cfg.max_length, cfg.overlength)
     log(f"{name}: {length_report.summary()}")
-    return examples, _report_dict(length_report)
+    return examples, dataclasses.asdict(length_report)
 
 
 def prepare_sft_data(cfg, tokenizer, run_dir: Path, seed: int, log: Callable[[str], None] = print) -> PreparedData:
@@ -76,11 +73,15 @@ def prepare_sft_data(cfg, tokenizer, run_dir: Path, seed: int, log: Callable[[st
     from posttrain.data.templates import check_label_mask, resolve_template
 
     template = resolve_template(tokenizer, cfg.template)
-    records, read_report = _read(cfg.train_files, cfg, run_dir, log, seed, "train")
-    if cfg.eval_files:
-        train_records = records
-        eval_records, eval_read = _read(cfg.eval_files, cfg, run_dir, log, seed + 1, "eval")
+    if cfg.train_files == [SYNTHETIC]:
+        train_records, eval_records = _synthetic(cfg, seed)
+        read_report = {"source": "synthetic", "rows": len(train_records) + len(eval_records), "bad": 0}
+        eval_read = {"rows": len(eval_records), "held_out_prompts_unique": True}
+    elif cfg.eval_files:
+        train_records, read_report = _read(cfg.train_files, cfg, run_dir, log, "train")
+        eval_records, eval_read = _read(cfg.eval_files, cfg, run_dir, log, "eval")
     else:
+        records, read_report = _read(cfg.train_files, cfg, run_dir, log, "train")
         train_records, eval_records = split_eval(records, cfg.eval_fraction, seed)
         eval_read = {"rows": len(eval_records), "split_from_train": True}
     train, train_len = encode_all(train_records, tokenizer, template, cfg, log, "train")
