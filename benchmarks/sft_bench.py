@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -235,6 +236,8 @@ def train_posttrain(args) -> dict:
 
     pt_metrics.RunLogger.advance = timed_advance
     run_dir = Path(args.workdir) / "posttrain_out"
+    # A leftover run directory would make run_sft resume from its final checkpoint (resume=auto).
+    shutil.rmtree(run_dir, ignore_errors=True)
     cfg = _posttrain_config(args, str(run_dir))
     t_start = time.perf_counter()
     run_sft(cfg)

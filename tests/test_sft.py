@@ -62,6 +62,12 @@ def test_lora_sft_saves_a_peft_adapter(tmp_path):
     base_logits = base(ids).logits
     model = PeftModel.from_pretrained(base, final)
     assert not torch.allclose(model(ids).logits, base_logits)  # the adapter trained and loaded
+    # `posttrain generate/chat --model RUN_DIR` finds the adapter and its base by itself.
+    from posttrain.inference import load_for_inference
+
+    loaded, _ = load_for_inference(str(run_dir))
+    assert isinstance(loaded, PeftModel)
+    assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-6)
 
 
 def test_chunked_and_plain_losses_agree_on_the_tiny_model(tmp_path):
@@ -131,3 +137,19 @@ def test_sft_raises_exact_match(tmp_path):
     summary = json.loads((run_sft(cfg) / "summary.json").read_text())
     assert summary["exact_match_before"] <= 0.1
     assert summary["exact_match_after"] >= 0.6
+
+
+def test_bf16_autocast_and_gradient_checkpointing_run(tmp_path):
+    run_dir = run_sft(_cfg(tmp_path, model={"path": "tiny", "gradient_checkpointing": True},
+                           train={"mixed_precision": "bf16", "max_steps": 2}))
+    losses = [m["loss"] for m in _metrics(run_dir) if "loss" in m]
+    assert len(losses) == 2 and all(l == l and l < 20 for l in losses)  # finite, sane
+
+
+def test_missing_tracker_package_is_a_config_error(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is not None:
+        pytest.skip("tensorboard is installed here")
+    with pytest.raises(ConfigError, match="pip install 'posttrain\\[tensorboard\\]'"):
+        run_sft(_cfg(tmp_path, train={"report_to": ["tensorboard"]}))

@@ -62,7 +62,11 @@ def run_demo(output_dir: str = "runs/demo", overrides: list[str] = ()) -> int:
     summary = json.loads((run_dir / "summary.json").read_text())
     minutes = (time.time() - started) / 60
     before, after = summary.get("exact_match_before", 0.0), summary.get("exact_match_after", 0.0)
+    by_task = summary.get("exact_match_after_by_task", {})
+    per_task = ", ".join(f"{name} {value:.0%}" for name, value in by_task.items() if name != "all")
     print(f"\nposttrain demo: exact match on {summary.get('exact_match_prompts', 0)} held-out prompts "
           f"{before:.1%} → {after:.1%} after {summary['steps']} SFT steps ({minutes:.1f} min)")
+    if per_task:
+        print(f"after, by task: {per_task}")
     print(f"run directory: {run_dir}  (final model: {run_dir / 'final'}; try `posttrain chat --model {run_dir}`)")
     return 0

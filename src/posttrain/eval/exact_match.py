@@ -20,17 +20,26 @@ def prompts_and_answers(records: list[Record], template: str, tokenizer) -> tupl
 
 
 def exact_match(model, tokenizer, template: str, records: list[Record], *, max_new_tokens: int = 32,
-                batch_size: int = 64) -> float:
-    """Fraction of records whose greedy completion equals the reference (whitespace-trimmed)."""
+                batch_size: int = 64) -> dict[str, float]:
+    """Fraction of records whose greedy completion equals the reference (whitespace-trimmed).
+
+    Returns {"all": score} plus one score per synthetic task ("synthetic:<task>:<i>" sources).
+    """
     from posttrain.data.synthetic import answer_matches
     from posttrain.rollout.generate import generate
     from posttrain.rollout.sampling import SamplingSettings
 
+    records = [r for r in records if any(m["role"] == "assistant" for m in r.messages or [])]
     prompts, answers = prompts_and_answers(records, template, tokenizer)
     if not prompts:
-        return 0.0
+        return {"all": 0.0}
     was_training = model.training
     completions = generate(model, tokenizer, prompts, SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0),
                            batch_size=batch_size)
     model.train(was_training)
-    return sum(answer_matches(c, a) for c, a in zip(completions, answers)) / len(prompts)
+    hits = [answer_matches(c, a) for c, a in zip(completions, answers)]
+    groups: dict[str, list[bool]] = {"all": hits}
+    for record, hit in zip(records, hits):
+        if record.source.startswith("synthetic:"):
+            groups.setdefault(record.source.split(":")[1], []).append(hit)
+    return {name: sum(values) / len(values) for name, values in groups.items()}

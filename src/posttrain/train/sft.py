@@ -193,7 +193,10 @@ def _exact_match(cfg: SFTConfig, model, tokenizer, data, when: str) -> dict:
     from posttrain.eval.exact_match import exact_match
 
     records = data.eval_records[:n]
-    score = exact_match(model, tokenizer, resolve_template(tokenizer, cfg.data.template), records,
-                        max_new_tokens=cfg.eval.max_new_tokens)
-    print(f"exact match {when} training: {score:.1%} on {len(records)} held-out prompts")
-    return {f"exact_match_{when}": score, "exact_match_prompts": len(records)}
+    scores = exact_match(model, tokenizer, resolve_template(tokenizer, cfg.data.template), records,
+                         max_new_tokens=cfg.eval.max_new_tokens)
+    per_task = ", ".join(f"{name} {value:.0%}" for name, value in scores.items() if name != "all")
+    print(f"exact match {when} training: {scores['all']:.1%} on {len(records)} held-out prompts"
+          + (f" ({per_task})" if per_task else ""))
+    return {f"exact_match_{when}": scores["all"], f"exact_match_{when}_by_task": scores,
+            "exact_match_prompts": len(records)}
