@@ -212,8 +212,8 @@ def _posttrain_config(args, out_dir: str):
     train = {"batch_size": args.batch_size, "max_steps": args.steps, "lr": args.lr, "schedule": "constant",
              "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0, "seed": args.seed,
              "progress_bar": False, "save_every": 0}
-    if args.variant == "no_group_by_length":
-        data["group_by_length"] = False
+    if args.variant == "group_by_length":
+        data["group_by_length"] = True
     return SFTConfig.from_dict({"output_dir": out_dir, "model": {"path": args.model}, "data": data, "train": train})
 
 

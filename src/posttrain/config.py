@@ -60,7 +60,9 @@ class DataConfig:
     bad_rows: Literal["error", "skip"] = option("error", "malformed rows: stop before training, or skip them into rejects.jsonl")
     max_bad_fraction: float = option(0.01, "with bad_rows=skip, fail the run if more than this fraction is malformed")
     packing: bool = option(False, "pack several examples per row (no attention across them)")
-    group_by_length: bool = option(True, "batch examples of similar length together to cut padding")
+    group_by_length: bool = option(
+        False, "batch examples of similar length together: less padding, but can hurt multi-task learning"
+    )
     streaming: bool = option(False, "read training files lazily (for files larger than memory)")
     synthetic_tasks: list[str] = option(["smallest", "copy", "reverse"], "tasks of the bundled synthetic generator")
     synthetic_size: int = option(4000, "number of synthetic training examples")
