@@ -183,28 +183,15 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator, logger_trackers: list[s
             finite = math.isfinite(loss) and math.isfinite(grad_norm)
             if finite:
                 optimizer.step()
-                state["consecutive_nonfinite"] = 0
-            else:
-                state["skipped_steps"] += 1
-                state["consecutive_nonfinite"] += 1
             optimizer.zero_grad(set_to_none=True)
             state.update(step=state["step"] + 1, epoch=epoch, step_in_epoch=step_in_epoch)
-            elapsed = time.perf_counter() - started
-            tokens = sum(stage.tokens(b) for b in micro)
-            record = {"step": state["step"], "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                      "tokens": tokens, "tokens_per_s": tokens / elapsed, "step_time_s": elapsed,
-                      "peak_mem_mb": peak_memory_mb(), "skipped_steps": state["skipped_steps"],
-                      "world_size": world}
-            if not finite:
-                log.message(f"step {state['step']}: non-finite loss {loss} or grad norm {grad_norm}; step skipped")
-                if state["consecutive_nonfinite"] >= cfg.max_consecutive_nonfinite:
-                    raise TrainingAborted(
-                        f"{state['consecutive_nonfinite']} non-finite steps in a row (last at step {state['step']}): "
-                        "lower train.lr, keep train.max_grad_norm > 0, or check the data for extreme rows"
-                    )
-            if state["step"] % cfg.log_every == 0 or state["step"] == total_steps:
+            abort = _count_nonfinite(state, finite, cfg, log)
+            record = _step_record(state, loss, lr, grad_norm, stage, micro, started, world)
+            if state["step"] % cfg.log_every == 0 or state["step"] == total_steps or not finite:
                 log.log(record)
             log.advance(record)
+            if abort:
+                raise TrainingAborted(abort)
             at_end = state["step"] == total_steps
             if (cfg.eval_every and state["step"] % cfg.eval_every == 0) or at_end:
                 eval_loss = _evaluate(module, stage, accelerator)
@@ -219,6 +206,30 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator, logger_trackers: list[s
     if stopped_early:
         log.message(f"early stop at step {state['step']}: no eval improvement in {cfg.early_stopping_patience} evals")
     return LoopResult(state["step"], stopped_early, eval_loss, state["skipped_steps"], accelerator.unwrap_model(module))
+
+
+def _step_record(state: dict, loss: float, lr: float, grad_norm: float, stage: Stage, micro: list[Batch],
+                 started: float, world: int) -> dict:
+    elapsed = time.perf_counter() - started
+    tokens = sum(stage.tokens(b) for b in micro)
+    return {"step": state["step"], "epoch": state["epoch"], "loss": loss, "lr": lr, "grad_norm": grad_norm,
+            "tokens": tokens, "tokens_per_s": tokens / elapsed, "step_time_s": elapsed,
+            "peak_mem_mb": peak_memory_mb(), "skipped_steps": state["skipped_steps"],
+            "world_size": world}
+
+
+def _count_nonfinite(state: dict, finite: bool, cfg, log: RunLogger) -> str | None:
+    """Count a skipped (non-finite) step, never hidden; after too many in a row, return why to stop."""
+    if finite:
+        state["consecutive_nonfinite"] = 0
+        return None
+    state["skipped_steps"] += 1
+    state["consecutive_nonfinite"] += 1
+    log.message(f"step {state['step']}: non-finite loss or gradient norm; the update was skipped")
+    if state["consecutive_nonfinite"] < cfg.max_consecutive_nonfinite:
+        return None
+    return (f"{state['consecutive_nonfinite']} non-finite steps in a row (last at step {state['step']}): "
+            "lower train.lr, keep train.max_grad_norm > 0, or check the data for extreme rows")
 
 
 def _early_stop(state: dict, eval_loss: float, patience: int) -> bool:
