@@ -164,7 +164,7 @@ def test_padded_batch_loss_equals_sum_of_single_example_losses():
     from posttrain.train.sft import CausalLMLoss
 
     torch.manual_seed(0)
-    module = CausalLMLoss(load_model("tiny").eval())
+    module = CausalLMLoss(load_model("tiny").eval()).requires_grad_(False)
     examples = []
     for n in (5, 11, 8):
         ids = torch.randint(4, 1000, (n,)).tolist()

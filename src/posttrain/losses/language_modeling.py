@@ -124,7 +124,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def _loss_and_grads(hidden, weight, bias, targets, chunk_size, ignore_index, needs):
-    """Chunked loop shared by the autograd and the no-grad paths (see the public docstring)."""
+    """Chunked loop shared by the autograd and the no-grad paths (see the public docstring).
+
+    Autocast is switched off inside: the chunks are upcast explicitly, and under a bf16
+    autocast the matmuls would otherwise run in bf16 and clash with the float32 buffers.
+    """
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        return _loss_and_grads_fp32(hidden, weight, bias, targets, chunk_size, ignore_index, needs)
+
+
+def _loss_and_grads_fp32(hidden, weight, bias, targets, chunk_size, ignore_index, needs):
     need_hidden, need_weight, need_bias = needs
     num_tokens = hidden.shape[0]
     # At least float32 (bf16/fp16 are upcast; float64 stays float64, which gradcheck needs).

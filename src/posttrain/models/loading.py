@@ -141,7 +141,11 @@ def load_tokenizer(path: str | os.PathLike = "tiny", trust_remote_code: bool = F
     """
     from transformers import AutoTokenizer
 
-    directory = resolve_model_path(path)
+    directory = Path(path).expanduser()
+    # A LoRA adapter directory carries the tokenizer but no config.json of a full model.
+    has_tokenizer = directory.is_dir() and any((directory / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json"))
+    if is_preset(path) or not has_tokenizer:
+        directory = resolve_model_path(path)
     kwargs = {"trust_remote_code": True} if trust_remote_code is True else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
