@@ -22,7 +22,7 @@ DEMO_CONFIG = {
     },
     "train": {
         "seed": 0,
-        "max_steps": 1200,
+        "max_steps": 1600,
         "batch_size": 64,
         "lr": 3e-3,
         "weight_decay": 0.01,

@@ -32,7 +32,8 @@ class RunLogger:
         if enabled and progress_bar:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step", dynamic_ncols=True,
+                            mininterval=1.0)
 
     def log(self, record: dict) -> None:
         if not self.enabled:
