@@ -88,7 +88,9 @@ def _steps_logged(run_dir: Path) -> int:
 def test_kill_9_and_resume_is_bitwise_equal(tmp_path):
     """A run SIGKILLed twice at random steps and resumed ends with the same weights, bit for bit."""
     posttrain(*_sft_args(tmp_path / "straight"))
-    rng = random.Random(int(os.environ.get("POSTTRAIN_KILL_SEED", time.time())))
+    seed = int(os.environ.get("POSTTRAIN_KILL_SEED", time.time()))
+    print(f"kill points drawn with POSTTRAIN_KILL_SEED={seed}")  # shown by pytest on failure
+    rng = random.Random(seed)
     cut = tmp_path / "cut"
     for kill_after in sorted(rng.sample(range(2, 13), 2)):
         proc = subprocess.Popen([sys.executable, "-m", "posttrain", *_sft_args(cut)], cwd=ROOT,

@@ -161,8 +161,8 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator, logger_trackers: list[s
     log = RunLogger(run_dir, enabled=accelerator.is_main_process, accelerator=accelerator,
                     trackers=logger_trackers, total_steps=total_steps, initial_step=state["step"],
                     progress_bar=cfg.progress_bar)
+    log.truncate_after(state["step"])  # a fresh start (step 0) or a resume forgets steps after it
     if resume_from is not None:
-        log.truncate_after(state["step"])
         log.message(f"resumed from {resume_from} at step {state['step']}")
 
     def save() -> None:
