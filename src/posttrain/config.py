@@ -340,6 +340,21 @@ def validate_sft(cfg: SFTConfig) -> None:
             raise ConfigError(message)
 
 
+def section_values(section_cls: type, config: Any = None, overrides: dict[str, Any] | None = None,
+                   caller: str = "") -> dict[str, Any]:
+    """A section's fields as a dict: `config`'s values (defaults when None), then keyword overrides.
+
+    Lets library functions take a config section or plain keywords without restating defaults.
+    """
+    defaults = dataclasses.asdict(section_cls())
+    values = {name: getattr(config, name, default) for name, default in defaults.items()}
+    unknown = set(overrides or {}) - set(values)
+    if unknown:
+        raise TypeError(f"{caller} got unexpected arguments: {sorted(unknown)}")
+    values.update(overrides or {})
+    return values
+
+
 def markdown_reference(cls: type | None = None) -> str:
     """The config reference table for the README (kept in sync by a test)."""
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]

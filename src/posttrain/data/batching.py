@@ -37,9 +37,7 @@ def collate(examples: list[Example], pad_id: int, pad_to_multiple_of: int | None
     """
     if any(example.position_ids is not None for example in examples):
         raise ValueError("collate got packed examples; use collate_packed for the output of pack()")
-    width = _padded_length(max(len(example) for example in examples), pad_to_multiple_of)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    width, input_ids, labels = _blank_rows(examples, pad_id, pad_to_multiple_of)
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
     for row, example in enumerate(examples):
         n = len(example)
@@ -87,6 +85,14 @@ def _join(parts: list[Example]) -> Example:
     return Example(input_ids=input_ids, labels=labels, source=source, position_ids=position_ids)
 
 
+def _blank_rows(examples: list[Example], pad_id: int, pad_to_multiple_of: int | None):
+    """(width, input_ids full of pad_id, labels full of IGNORE_INDEX), both (B, width)."""
+    width = _padded_length(max(len(example) for example in examples), pad_to_multiple_of)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    return width, input_ids, labels
+
+
 def collate_packed(examples: list[Example], pad_id: int, pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
     """Right-pad packed rows. Returns input_ids, labels and position_ids, (B, T) int64,
     and deliberately no attention_mask: its absence (with use_cache=False, see above) is
@@ -96,9 +102,7 @@ def collate_packed(examples: list[Example], pad_id: int, pad_to_multiple_of: int
     comes after every real token, so causality already hides it from them, and its
     labels are ignored.
     """
-    width = _padded_length(max(len(example) for example in examples), pad_to_multiple_of)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    width, input_ids, labels = _blank_rows(examples, pad_id, pad_to_multiple_of)
     position_ids = torch.zeros((len(examples), width), dtype=torch.long)
     for row, example in enumerate(examples):
         n = len(example)

@@ -12,15 +12,10 @@ from posttrain.errors import ConfigError
 
 
 def _lora_args(lora_cfg: Any, overrides: dict[str, Any]) -> dict[str, Any]:
-    args = {"r": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": ["all-linear"]}
-    if lora_cfg is not None:
-        for key in args:
-            if hasattr(lora_cfg, key):
-                args[key] = getattr(lora_cfg, key)
-    unknown = set(overrides) - set(args)
-    if unknown:
-        raise TypeError(f"apply_lora got unexpected arguments: {sorted(unknown)}")
-    args.update(overrides)
+    from posttrain.config import LoraConfig, section_values
+
+    args = section_values(LoraConfig, lora_cfg, overrides, caller="apply_lora")
+    args.pop("enabled")
     if not isinstance(args["r"], int) or args["r"] < 1:
         raise ConfigError(f"lora.r must be a positive integer, got {args['r']!r}")
     if not 0.0 <= float(args["dropout"]) < 1.0:

@@ -76,18 +76,11 @@ def _torch_dtype(dtype: Any) -> "torch.dtype":
 
 def _model_args(config_or_path: Any, overrides: dict[str, Any]) -> dict[str, Any]:
     """Merge a ModelConfig (or anything with the same attributes), a path, and keyword overrides."""
-    args = {"path": "tiny", "dtype": "float32", "trust_remote_code": False, "gradient_checkpointing": False}
+    from posttrain.config import ModelConfig, section_values
+
     if isinstance(config_or_path, (str, os.PathLike)):
-        args["path"] = config_or_path
-    elif config_or_path is not None:
-        for key in args:
-            if hasattr(config_or_path, key):
-                args[key] = getattr(config_or_path, key)
-    unknown = set(overrides) - set(args)
-    if unknown:
-        raise TypeError(f"load_model got unexpected arguments: {sorted(unknown)}")
-    args.update(overrides)
-    return args
+        config_or_path = ModelConfig(path=str(config_or_path))
+    return section_values(ModelConfig, config_or_path, overrides, caller="load_model")
 
 
 # --------------------------------------------------------------------------- loading
