@@ -118,7 +118,7 @@ def _to(batch: Batch, device) -> Batch:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def _train_step(module, optimizer, stage: Stage, micro: list[Batch], accelerator, cfg) -> tuple[float, float]:
+def _train_step(module, stage: Stage, micro: list[Batch], accelerator, cfg) -> tuple[float, float]:
     """Forward/backward over this process's share of one global step; returns (loss, grad norm)."""
     world = accelerator.num_processes
     weights = [stage.weight(b) for b in micro]
@@ -144,7 +144,7 @@ def _train_step(module, optimizer, stage: Stage, micro: list[Batch], accelerator
     return loss, float(grad_norm)
 
 
-def train(stage: Stage, cfg, run_dir: Path, accelerator, logger_trackers: list[str] = ()) -> LoopResult:
+def train(stage: Stage, cfg, run_dir: Path, accelerator) -> LoopResult:
     """Run the optimisation described by `cfg` (a TrainConfig) on `stage`; checkpoints in run_dir."""
     optimizer = make_optimizer(stage.module, cfg)
     module, optimizer = accelerator.prepare(stage.module, optimizer)
@@ -159,7 +159,7 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator, logger_trackers: list[s
     if resume_from is not None:
         state = checkpoint.load(resume_from, model=accelerator.unwrap_model(module), optimizer=optimizer, rank=rank)
     log = RunLogger(run_dir, enabled=accelerator.is_main_process, accelerator=accelerator,
-                    trackers=logger_trackers, total_steps=total_steps, initial_step=state["step"],
+                    trackers=cfg.report_to, total_steps=total_steps, initial_step=state["step"],
                     progress_bar=cfg.progress_bar)
     log.truncate_after(state["step"])  # a fresh start (step 0) or a resume forgets steps after it
     if resume_from is not None:
@@ -179,7 +179,7 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator, logger_trackers: list[s
             epoch, step_in_epoch, micro = next(steps)
             lr = cfg.lr * lr_factor(state["step"], total_steps, cfg.schedule, warmup, cfg.min_lr_ratio)
             set_lr(optimizer, lr / cfg.lr)
-            loss, grad_norm = _train_step(module, optimizer, stage, micro, accelerator, cfg)
+            loss, grad_norm = _train_step(module, stage, micro, accelerator, cfg)
             finite = math.isfinite(loss) and math.isfinite(grad_norm)
             if finite:
                 optimizer.step()

@@ -103,7 +103,7 @@ def lr_factor(step: int, total_steps: int, schedule: str, warmup_steps: int, min
     return min_lr_ratio + (1.0 - min_lr_ratio) * shape
 
 
-def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> float:
+def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    """Every group at its own base rate (layer-wise decay included) times the schedule factor."""
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * factor
-    return optimizer.param_groups[-1]["lr"]  # the top group trains at the peak rate

@@ -181,7 +181,7 @@ def run_sft(cfg: SFTConfig) -> Path:
     summary = {"loss_impl": module.loss_kind}
     main = accelerator.is_main_process
     summary.update(_exact_match(cfg, model, tokenizer, data, "before") if main else {})
-    result = train(stage, cfg.train, run_dir, accelerator, logger_trackers=cfg.train.report_to)
+    result = train(stage, cfg.train, run_dir, accelerator)
     summary.update(steps=result.step, stopped_early=result.stopped_early, eval_loss=result.eval_loss,
                    skipped_steps=result.skipped_steps)
     trained = result.module.model
