@@ -15,10 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_yaml_and_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model:\n  path: tiny\ntrain:\n  lr: 1e-4\n  freeze: '*embed*'\n")
-    cfg = SFTConfig.load(path, ["train.lr=3e-5", "data.packing=true", "lora.target_modules=[q_proj, v_proj]"])
+    cfg = SFTConfig.load(path, ["train.lr=3e-5", "data.packing=true", "adapter.lora.target_modules=[q_proj, v_proj]"])
     assert cfg.train.lr == 3e-5 and isinstance(cfg.train.lr, float)
     assert cfg.data.packing is True
-    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.adapter.lora.target_modules == ["q_proj", "v_proj"]
     assert cfg.train.freeze == ["*embed*"]  # a single value where a list is expected
     assert SFTConfig.from_dict(cfg.to_dict()) == cfg  # round trip
 

@@ -1,5 +1,5 @@
-"""Presets, tokenizer, loading, the hidden-state path, LoRA and saving — checked against
-transformers and peft themselves."""
+"""Presets, tokenizer, loading, the hidden-state path and saving — checked against
+transformers and peft themselves. Adapters: test_adapters.py."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from posttrain.config import LoraConfig, ModelConfig
+from posttrain.config import AdapterConfig, ModelConfig
 from posttrain.errors import ConfigError, UserError
 from posttrain.models import presets
-from posttrain.models.adapters import apply_lora, count_parameters, merge_lora, trainable_summary
+from posttrain.models.adapters import apply_adapters, count_parameters
 from posttrain.models.loading import (
     HiddenPathUnsupported,
     final_hidden_and_head,
@@ -220,7 +220,7 @@ def test_families_load_and_hidden_path_matches_logits(family, tokenizer, batch, 
     plain_logits = _logits(model, batch)
     torch.testing.assert_close(logits, plain_logits, rtol=0, atol=1e-6)
 
-    peft_model = apply_lora(model, LoraConfig(r=4))
+    peft_model = apply_adapters(model, AdapterConfig(method=["lora"]))
     for name, param in peft_model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.1)
@@ -241,65 +241,7 @@ def test_softcapped_logits_refuse_the_hidden_path(tokenizer, batch, tmp_path):
         final_hidden_and_head(model, **batch)
 
 
-# --------------------------------------------------------------------------- LoRA and saving
-
-
-def _perturbed_lora(model_path: str = "tiny-2l", **lora):
-    model = apply_lora(load_model(model_path), LoraConfig(r=4, alpha=8.0), **lora)
-    torch.manual_seed(1)
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.05)  # lora_B starts at zero: make the adapter do something
-    return model.eval()
-
-
-def test_trainable_summary_counts_lora_parameters():
-    model = apply_lora(load_model("tiny-2l"), LoraConfig(r=4))
-    trainable, total = count_parameters(model)
-    # all-linear on 2 layers: q,k,v,o (64→64) and gate,up (64→172), down (172→64); A is r×in, B is out×r
-    per_layer = 4 * 4 * (64 + 64) + 2 * 4 * (64 + 172) + 4 * (172 + 64)
-    assert trainable == 2 * per_layer
-    assert total == 164_672 + trainable
-    assert trainable_summary(model) == f"trainable {trainable:,} / {total:,} params ({100 * trainable / total:.2f}%)"
-    assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
-
-
-def test_bad_lora_settings_are_config_errors():
-    with pytest.raises(ConfigError, match="matches no layer"):
-        apply_lora(load_model("tiny-2l"), target_modules=["no_such_proj"])
-    with pytest.raises(ConfigError, match="lora.r"):
-        apply_lora(load_model("tiny-2l"), r=0)
-
-
-def test_saved_adapter_reloads_with_peft_and_identical_logits(tmp_path, batch):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    model = _perturbed_lora(target_modules=["q_proj", "v_proj"])
-    out = save_model(model, load_tokenizer("tiny-2l"), tmp_path / "adapter")
-    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
-    assert (out / "tokenizer.json").is_file()
-    adapter_config = json.loads((out / "adapter_config.json").read_text())
-    assert adapter_config["base_model_name_or_path"] == str(presets.preset_path("tiny-2l"))
-
-    base = AutoModelForCausalLM.from_pretrained(adapter_config["base_model_name_or_path"])
-    reloaded = PeftModel.from_pretrained(base, out).eval()
-    torch.testing.assert_close(_logits(reloaded, batch), _logits(model, batch), rtol=0, atol=0)
-
-
-def test_merged_lora_matches_unmerged(batch):
-    model = _perturbed_lora()
-    unmerged = _logits(model, batch)
-    merged = merge_lora(model)
-    assert type(merged).__name__ == "LlamaForCausalLM"
-    assert not any("lora_" in name for name, _ in merged.named_parameters())
-    torch.testing.assert_close(_logits(merged, batch), unmerged, rtol=0, atol=1e-5)
-    assert merge_lora(merged) is merged  # a plain model passes through
-
-
-def test_lora_is_not_a_no_op_after_perturbation(batch):
-    base = _logits(load_model("tiny-2l"), batch)
-    assert (base - _logits(_perturbed_lora(), batch)).abs().max() > 1e-3
+# --------------------------------------------------------------------------- saving
 
 
 def test_full_model_save_reloads_with_identical_logits(tmp_path, batch):

@@ -3,6 +3,7 @@
     posttrain sft CONFIG.yaml [section.key=value ...]
     posttrain generate --model DIR --prompts FILE [--output out.jsonl] [sampling flags]
     posttrain chat --model DIR
+    posttrain merge ADAPTER_DIR OUT_DIR
     posttrain demo
     posttrain env
 """
@@ -38,6 +39,12 @@ def _sampling_args(parser) -> None:
     parser.add_argument("--template", default="auto", help="auto|tokenizer|chatml|alpaca|none (raw prompts)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                        help="load a LoRA/IA3 adapter by name onto --model (repeatable); JSONL rows pick one with "
+                             "\"adapter\": NAME, chat switches with /adapter NAME")
+    parser.add_argument("--use", default=None, metavar="NAME", help="adapter active at start (default: the first)")
+    parser.add_argument("--mix", action="append", default=[], metavar="NAME=WEIGHT",
+                        help="add adapter 'mix' = weighted sum of loaded adapters (repeatable) and use it")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="posttrain", description="Post-training for language models.")
     sub = parser.add_subparsers(dest="command", required=True)
-    _stage_parser(sub, "sft", SFTConfig, "supervised / instruction fine-tuning (full or LoRA)")
+    _stage_parser(sub, "sft", SFTConfig, "supervised / instruction fine-tuning (full, freeze or any PEFT method)")
     gen = sub.add_parser("generate", help="batched generation from a prompts file to JSONL")
     _sampling_args(gen)
     gen.add_argument("--prompts", required=True, help="text file (one prompt a line) or JSONL with prompt/messages")
@@ -54,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="interactive multi-turn chat with the chat template")
     _sampling_args(chat)
     chat.add_argument("--system", default=None, help="system message")
+    merge = sub.add_parser("merge", help="fold LoRA / DoRA / IA3 adapters into the base and save a plain HF model")
+    merge.add_argument("adapter", help="adapter dir or run dir (uses its final/)")
+    merge.add_argument("output", help="directory for the merged model")
+    merge.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    merge.add_argument("--trust-remote-code", action="store_true")
     demo = sub.add_parser("demo", help="build the tiny model and fine-tune it on synthetic tasks, before/after")
     demo.add_argument("--output-dir", default="runs/demo")
     demo.add_argument("overrides", nargs="*", help="dotted overrides on the demo config")
@@ -76,6 +88,10 @@ def _run(args) -> int:
         from posttrain import inference
 
         return inference.main(args)
+    if args.command == "merge":
+        from posttrain.inference import merge_main
+
+        return merge_main(args)
     if args.command == "demo":
         from posttrain.demo import run_demo
 

@@ -39,11 +39,71 @@ class ModelConfig:
 
 @dataclass
 class LoraConfig:
-    enabled: bool = option(False, "train a LoRA adapter instead of all weights")
     r: int = option(8, "LoRA rank")
-    alpha: float = option(16.0, "LoRA scaling numerator (scale = alpha / r)")
+    alpha: float = option(16.0, "LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rslora)")
     dropout: float = option(0.0, "dropout on the LoRA input")
-    target_modules: list[str] = option(["all-linear"], "module names to adapt, or all-linear")
+    target_modules: list[str] = option(
+        ["all-linear"], "module names to adapt, all-linear, or one 're:<regex>' matched against full module paths"
+    )
+    rslora: bool = option(False, "rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023)")
+    dora: bool = option(False, "weight-decomposed LoRA (DoRA, Liu et al. 2024); method dora sets it")
+    lr_ratio_b: float = option(1.0, "LoRA+: the B matrices learn at lr x this (Hayou et al. 2024 suggest 16)")
+
+
+@dataclass
+class QuantizationConfig:
+    quant_type: Literal["nf4", "fp4"] = option("nf4", "4-bit data type of the frozen base (QLoRA uses NF4)")
+    double_quant: bool = option(True, "quantise the quantisation constants too (~0.4 bits/param saved)")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = option("bfloat16", "dtype of the 4-bit matmuls")
+
+
+@dataclass
+class IA3Config:
+    target_modules: list[str] = option([], "modules whose output IA3 rescales; empty = peft's default for the model type")
+    feedforward_modules: list[str] = option([], "the subset of targets that rescale their input (FFN); empty = default")
+
+
+@dataclass
+class VirtualTokensConfig:
+    num_virtual_tokens: int = option(16, "number of trained virtual tokens")
+    init: Literal["random", "text"] = option("random", "prompt tuning init: random, or the embeddings of init_text")
+    init_text: str = option("", "text whose token embeddings initialise the soft prompt (init=text)")
+    projection: bool = option(False, "prefix tuning: reparameterise the prefix through an MLP (Li & Liang 2021)")
+    projection_hidden: int = option(256, "hidden size of that MLP")
+
+
+@dataclass
+class BottleneckConfig:
+    size: int = option(32, "bottleneck width (hidden -> size -> hidden)")
+    activation: Literal["relu", "gelu", "silu", "tanh"] = option("relu", "nonlinearity inside the bottleneck")
+    where: list[Literal["attention", "ffn"]] = option(["attention", "ffn"], "after attention and/or after the FFN")
+    init_std: float = option(1e-3, "std of the near-identity init (down-projection random, up-projection zero)")
+
+
+@dataclass
+class FreezeTuningConfig:
+    top_layers: int = option(0, "freeze tuning: train the top N transformer layers")
+    modules: list[str] = option([], "freeze tuning: also train parameters whose name matches these globs")
+
+
+@dataclass
+class AdapterConfig:
+    method: list[str] = option(
+        ["full"], "one or more of: full, freeze, lora, dora, qlora, ia3, prefix, prompt, bottleneck (a list mixes them)"
+    )
+    schedule: list[str] = option(
+        [], "staged training 'STEP:method+method' (or STEP:all), e.g. [0:prompt, 200:prompt+lora, 400:all]"
+    )
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig, metadata={"help": "LoRA / DoRA / QLoRA"})
+    quantization: QuantizationConfig = dataclasses.field(
+        default_factory=QuantizationConfig, metadata={"help": "QLoRA's 4-bit base (CUDA + bitsandbytes)"})
+    ia3: IA3Config = dataclasses.field(default_factory=IA3Config, metadata={"help": "IA3 rescaling vectors"})
+    virtual_tokens: VirtualTokensConfig = dataclasses.field(
+        default_factory=VirtualTokensConfig, metadata={"help": "prompt and prefix tuning"})
+    bottleneck: BottleneckConfig = dataclasses.field(
+        default_factory=BottleneckConfig, metadata={"help": "Houlsby bottleneck adapters"})
+    freeze: FreezeTuningConfig = dataclasses.field(
+        default_factory=FreezeTuningConfig, metadata={"help": "freeze tuning"})
 
 
 @dataclass
@@ -79,6 +139,8 @@ class TrainConfig:
     weight_decay: float = option(0.0, "AdamW decoupled weight decay")
     adam_betas: list[float] = option([0.9, 0.999], "AdamW betas")
     adam_eps: float = option(1e-8, "AdamW epsilon")
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = option(
+        "adamw", "adamw (torch), or bitsandbytes' 8-bit / paged 8-bit AdamW (CUDA only)")
     max_grad_norm: float = option(1.0, "clip the global gradient norm to this (0 = no clipping)")
     schedule: Literal["constant", "linear", "cosine"] = option("cosine", "learning-rate schedule after warmup")
     warmup_steps: int = option(0, "linear warmup steps")
@@ -136,7 +198,7 @@ class _StageConfig:
 class SFTConfig(_StageConfig):
     output_dir: str = option("runs/sft", "run directory: checkpoints, metrics.jsonl, final model")
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig, metadata={"help": "model to train"})
-    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig, metadata={"help": "LoRA adapter"})
+    adapter: AdapterConfig = dataclasses.field(default_factory=AdapterConfig, metadata={"help": "what is trained: full, freeze or PEFT methods"})
     data: DataConfig = dataclasses.field(default_factory=DataConfig, metadata={"help": "training data"})
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig, metadata={"help": "optimisation"})
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig, metadata={"help": "evaluation"})
@@ -211,6 +273,9 @@ _FAMILIAR_NAMES = {
     "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "save_steps": "save_every",
     "eval_steps": "eval_every", "logging_steps": "log_every", "save_total_limit": "keep_last",
     "torch_dtype": "dtype", "bf16": "mixed_precision", "fp16": "mixed_precision",
+    "finetuning_type": "method", "peft_type": "method", "enabled": "method", "use_dora": "dora",
+    "use_rslora": "rslora", "lora_target": "target_modules", "num_virtual_tokens": "num_virtual_tokens",
+    "freeze_trainable_layers": "top_layers", "optim": "optimizer",
 }
 
 
@@ -236,6 +301,9 @@ def _build(cls: type, data: dict[str, Any], prefix: str, source: str, root: type
     hints = typing.get_type_hints(cls)
     for key in data:
         if key not in fields:
+            value = data[key]
+            if isinstance(value, dict) and value:  # an unknown section: judge it by its first key
+                key = f"{key}.{next(iter(value))}"
             close = _suggest(prefix + str(key), root)
             valid = ", ".join(prefix + name for name in fields)
             hint = f"; did you mean {close}?" if close else f"; valid keys here: {valid}"
@@ -332,12 +400,15 @@ def validate_sft(cfg: SFTConfig) -> None:
         (0.0 <= d.eval_fraction < 1.0, "data.eval_fraction must be in [0, 1)"),
         (0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction must be in [0, 1]"),
         (bool(d.train_files), "data.train_files is empty"),
-        (cfg.lora.r >= 1, "lora.r must be at least 1"),
         (all(r in ("tensorboard", "wandb") for r in t.report_to), "train.report_to accepts tensorboard and wandb"),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    from posttrain.models.adapters import validate_adapter
+
+    validate_adapter(cfg.adapter, packing=d.packing, gradient_checkpointing=cfg.model.gradient_checkpointing,
+                     optimizer=t.optimizer)
 
 
 def section_values(section_cls: type, config: Any = None, overrides: dict[str, Any] | None = None,

@@ -15,21 +15,26 @@ def resolve_model_dir(path: str) -> str:
     return str(candidate) if candidate.is_dir() else path
 
 
-def load_for_inference(path: str, dtype: str = "float32", trust_remote_code: bool = False):
-    """(model, tokenizer) from a preset, a full model dir or a LoRA adapter dir (base read from its config)."""
+def load_for_inference(path: str, dtype: str = "float32", trust_remote_code: bool = False,
+                       adapters: dict[str, str] | None = None):
+    """(model, tokenizer) from a preset, a full model dir, a run dir or an adapter dir (base read from it).
+
+    `adapters` ({name: adapter dir}) loads several LoRA / IA3 adapters onto the base `path`;
+    the first is active, `model.use_adapter(name)` switches.
+    """
     from posttrain.config import ModelConfig
+    from posttrain.models.adapters import is_adapter_dir, load_adapted
     from posttrain.models.loading import load_model, load_tokenizer
 
     path = resolve_model_dir(path)
-    adapter_config = Path(path) / "adapter_config.json"
-    if adapter_config.is_file():
-        from peft import PeftModel
-
-        base = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
-        if not base:
-            raise UserError(f"{adapter_config}: no base_model_name_or_path; cannot find the base model")
-        model = load_model(ModelConfig(path=base, dtype=dtype, trust_remote_code=trust_remote_code))
-        model = PeftModel.from_pretrained(model, path)
+    if adapters:
+        base = None if is_adapter_dir(path) else path
+        named = {name: resolve_model_dir(p) for name, p in adapters.items()}
+        if base is None:
+            named = {"default": path, **named}
+        model = load_adapted(named, dtype=dtype, trust_remote_code=trust_remote_code, base=base)
+    elif is_adapter_dir(path):
+        model = load_adapted(path, dtype=dtype, trust_remote_code=trust_remote_code)
     else:
         model = load_model(ModelConfig(path=path, dtype=dtype, trust_remote_code=trust_remote_code))
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
@@ -77,21 +82,73 @@ def _settings(args):
                             stop=list(args.stop), seed=args.seed)
 
 
+def _pairs(items: list[str], flag: str) -> dict[str, str]:
+    pairs = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise UserError(f"{flag} {item!r} must look like NAME=VALUE")
+        pairs[name] = value
+    return pairs
+
+
+def _load(args):
+    """Model and tokenizer for generate/chat, with named adapters, a mix and the active one set."""
+    from posttrain.models.adapters import combine_adapters
+
+    adapters = _pairs(args.adapter, "--adapter")
+    model, tokenizer = load_for_inference(args.model, args.dtype, args.trust_remote_code, adapters=adapters)
+    if args.mix:
+        try:
+            weights = {name: float(w) for name, w in _pairs(args.mix, "--mix").items()}
+        except ValueError:
+            raise UserError(f"--mix weights must be numbers: {args.mix}") from None
+        if not hasattr(model, "adapter_names"):
+            raise UserError("--mix needs adapters (--adapter NAME=DIR)")
+        combine_adapters(model, weights, "mix")
+    if args.use:
+        if not hasattr(model, "use_adapter"):
+            raise UserError("--use needs adapters (--adapter NAME=DIR)")
+        model.use_adapter(args.use)
+    return model, tokenizer
+
+
+def _generate_per_adapter(model, tokenizer, items, texts, settings, batch_size) -> list[str]:
+    """Requests that name an adapter ("adapter": NAME) run with it; the rest with the active one."""
+    from posttrain.rollout.generate import generate
+
+    wanted = [item.get("adapter") for item in items]
+    if not any(wanted):
+        return generate(model, tokenizer, texts, settings, batch_size=batch_size)
+    if not hasattr(model, "use_adapter"):
+        raise UserError("a prompt names an adapter but none is loaded; pass --adapter NAME=DIR")
+    active = model.weight_peft.active_adapter
+    completions: list[str] = [""] * len(items)
+    for name in dict.fromkeys(w or active for w in wanted):
+        rows = [i for i, w in enumerate(wanted) if (w or active) == name]
+        model.use_adapter(name)
+        for i, text in zip(rows, generate(model, tokenizer, [texts[i] for i in rows], settings, batch_size=batch_size)):
+            completions[i] = text
+    model.use_adapter(active)
+    return completions
+
+
 def main(args) -> int:
     from posttrain.data.templates import resolve_template
-    from posttrain.rollout.generate import chat_session, generate
+    from posttrain.rollout.generate import chat_session
 
-    model, tokenizer = load_for_inference(args.model, args.dtype, args.trust_remote_code)
+    model, tokenizer = _load(args)
     template = None if args.template == "none" else resolve_template(tokenizer, args.template)
     settings = _settings(args)
     if args.command == "chat":
         if template is None:
             raise UserError("chat needs a chat template (--template auto|chatml|alpaca)")
-        chat_session(model, tokenizer, template, settings, system=args.system)
+        switch = getattr(model, "use_adapter", None)
+        chat_session(model, tokenizer, template, settings, system=args.system, switch_adapter=switch)
         return 0
     items = read_prompts(args.prompts)
-    completions = generate(model, tokenizer, [render(i, tokenizer, template) for i in items], settings,
-                           batch_size=args.batch_size)
+    completions = _generate_per_adapter(model, tokenizer, items, [render(i, tokenizer, template) for i in items],
+                                        settings, args.batch_size)
     out = sys.stdout if args.output == "-" else open(args.output, "w")
     try:
         for item, completion in zip(items, completions):
@@ -101,4 +158,20 @@ def main(args) -> int:
             out.close()
     if args.output != "-":
         print(f"wrote {len(completions)} completions to {args.output}", file=sys.stderr)
+    return 0
+
+
+def merge_main(args) -> int:
+    """`posttrain merge`: adapters folded into the base, saved as a plain transformers model."""
+    from posttrain.models.adapters import is_adapter_dir, merge_adapted
+
+    path = resolve_model_dir(args.adapter)
+    if not is_adapter_dir(path):
+        raise UserError(f"{path} holds no adapter (a full model needs no merging)")
+    model, tokenizer = load_for_inference(path, args.dtype, args.trust_remote_code)
+    merged = merge_adapted(model)
+    out = Path(args.output)
+    merged.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    print(f"merged {'+'.join(model.methods)} into the base: {out}")
     return 0

@@ -86,13 +86,15 @@ def _model_args(config_or_path: Any, overrides: dict[str, Any]) -> dict[str, Any
 # --------------------------------------------------------------------------- loading
 
 
-def load_model(config_or_path: Any = None, **overrides: Any):
+def load_model(config_or_path: Any = None, *, quantization: Any = None, **overrides: Any):
     """Load a causal LM for training.
 
     config_or_path: a `ModelConfig`, a path / preset name, or None (the `tiny` preset).
     overrides: path, dtype ("float32" | "bfloat16" | "float16" or a torch.dtype),
                trust_remote_code (passed to transformers only when True),
                gradient_checkpointing (also sets use_cache=False).
+    quantization: a `posttrain.config.QuantizationConfig` loads the weights in 4 bits
+               (bitsandbytes NF4/FP4, QLoRA; CUDA only).
     """
     from transformers import AutoModelForCausalLM
 
@@ -102,6 +104,8 @@ def load_model(config_or_path: Any = None, **overrides: Any):
     kwargs: dict[str, Any] = {"dtype": _torch_dtype(args["dtype"]), "use_safetensors": True}
     if args["trust_remote_code"] is True:
         kwargs["trust_remote_code"] = True
+    if quantization is not None:
+        kwargs.update(_four_bit(quantization))
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
@@ -111,6 +115,20 @@ def load_model(config_or_path: Any = None, **overrides: Any):
     if args["gradient_checkpointing"]:
         enable_gradient_checkpointing(model)
     return model
+
+
+def _four_bit(quantization: Any) -> dict[str, Any]:
+    """from_pretrained arguments for a 4-bit base (QLoRA, Dettmers et al. 2023)."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    from posttrain.models.adapters.spec import require_cuda_bitsandbytes
+
+    require_cuda_bitsandbytes("adapter.method=qlora")
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantization.quant_type,
+                             bnb_4bit_use_double_quant=quantization.double_quant,
+                             bnb_4bit_compute_dtype=getattr(torch, quantization.compute_dtype))
+    return {"quantization_config": bnb, "device_map": {"": torch.cuda.current_device()}}
 
 
 def enable_gradient_checkpointing(model) -> None:
@@ -157,9 +175,13 @@ def load_tokenizer(path: str | os.PathLike = "tiny", trust_remote_code: bool = F
 
 
 def _causal_lm(model):
-    """The transformers *ForCausalLM module inside a plain or PEFT-wrapped model."""
+    """The transformers *ForCausalLM module inside a plain, PEFT-wrapped or adapted model."""
     from peft import PeftModel
 
+    from posttrain.models.adapters.model import AdaptedModel
+
+    if isinstance(model, AdaptedModel):
+        return model.lm  # adapters are injected into it in place
     if isinstance(model, PeftModel):
         return model.get_base_model()  # LoRA layers are injected in place, so this still applies them
     return model
@@ -204,8 +226,10 @@ def final_hidden_and_head(model, **batch: Any):
         raise HiddenPathUnsupported(f"{reason}; compute logits with model(**batch).logits instead")
     lm = _causal_lm(model)
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "logits_to_keep", "num_items_in_batch")}
-    outputs = lm.base_model(**inputs, use_cache=False, return_dict=True)
     head = _plain_head(lm)
+    if hasattr(model, "final_hidden"):  # AdaptedModel: virtual tokens go in front, come off the output
+        return model.final_hidden(**inputs), head.weight, head.bias
+    outputs = lm.base_model(**inputs, use_cache=False, return_dict=True)
     return outputs.last_hidden_state, head.weight, head.bias
 
 
@@ -216,21 +240,20 @@ def save_model(model, tokenizer, out_dir: str | os.PathLike, *, base_model_path:
     """Save in Hugging Face formats, with the tokenizer alongside.
 
     Full model → safetensors model directory (loads with AutoModelForCausalLM.from_pretrained).
-    PEFT model → adapter directory (adapter_config.json + adapter_model.safetensors, loads with
-    peft.PeftModel.from_pretrained(base, dir)). The adapter config records the base model's
-    directory (for presets, the built preset directory) unless `base_model_path` overrides it.
+    Adapted model → adapter directory (`models.adapters.io`): a single peft method is a plain
+    peft directory that `peft.PeftModel.from_pretrained(base, dir)` loads. The base model's
+    directory is recorded (for presets, the built preset directory) unless `base_model_path`
+    overrides it.
     """
-    from peft import PeftModel
+    from posttrain.models.adapters.io import save_adapted
+    from posttrain.models.adapters.model import AdaptedModel
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if isinstance(model, PeftModel):
-        base = base_model_path or model.get_base_model().config._name_or_path
-        if base:
-            base = str(preset_path(str(base))) if is_preset(base) else str(base)
-            for peft_config in model.peft_config.values():
-                peft_config.base_model_name_or_path = base
-        model.save_pretrained(out)
+    if isinstance(model, AdaptedModel):
+        base = str(base_model_path or model.lm.config._name_or_path)
+        base = str(preset_path(base)) if is_preset(base) else base
+        save_adapted(model, out, base)
     else:
         model.save_pretrained(out)
     if tokenizer is not None:

@@ -238,12 +238,14 @@ def chat_session(
     read: Callable[[str], str] = input,
     write: Callable[[str], object] = print,
     system: str | None = None,
+    switch_adapter: Callable[[str], None] | None = None,
 ) -> list[dict[str, str]]:
     """Interactive multi-turn chat. Returns the final message history.
 
     Each turn: read a user line (`read` is called with a prompt string, like input());
     EOF or `/exit` ends, `/reset` clears the history (the system message stays), an
-    empty line is skipped. The history plus the new user message is rendered with
+    empty line is skipped, `/adapter NAME` switches adapters (when `switch_adapter` is
+    given; the history stays). The history plus the new user message is rendered with
     `template` (adding the generation prompt), one completion is generated and
     written, and both messages are appended to the history.
     """
@@ -261,6 +263,19 @@ def chat_session(
             messages = list(start)
             continue
         if not line:
+            continue
+        if line.startswith("/adapter"):
+            name = line[len("/adapter"):].strip()
+            if switch_adapter is None or not name:
+                write("usage: /adapter NAME (start chat with --adapter NAME=DIR)")
+                continue
+            from posttrain.errors import UserError
+
+            try:
+                switch_adapter(name)
+                write(f"[adapter {name}]")
+            except UserError as exc:  # a wrong name must not end the session
+                write(f"[{exc}]")
             continue
         messages.append({"role": "user", "content": line})
         prompt = tokenizer.apply_chat_template(

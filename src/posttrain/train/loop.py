@@ -52,6 +52,9 @@ class Stage(Protocol):
     def eval_micro_batches(self) -> list[Batch]:
         """Held-out micro-batches (may be empty)."""
 
+    # Optional: lr_scale(param_name) -> float multiplies a parameter's learning rate (LoRA+);
+    # inactive_parameters(step) -> parameters not updated at that step (staged unfreezing).
+
 
 @dataclass
 class LoopResult:
@@ -118,8 +121,10 @@ def _to(batch: Batch, device) -> Batch:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def _train_step(module, stage: Stage, micro: list[Batch], accelerator, cfg) -> tuple[float, float]:
-    """Forward/backward over this process's share of one global step; returns (loss, grad norm)."""
+def _train_step(module, stage: Stage, micro: list[Batch], accelerator, cfg, inactive=()) -> tuple[float, float]:
+    """Forward/backward over this process's share of one global step; returns (loss, grad norm).
+
+    Gradients of `inactive` parameters are dropped, so the optimizer leaves them alone."""
     world = accelerator.num_processes
     weights = [stage.weight(b) for b in micro]
     if min(weights) <= 0:
@@ -138,6 +143,8 @@ def _train_step(module, stage: Stage, micro: list[Batch], accelerator, cfg) -> t
             # DDP averages gradients over processes; multiplying by world makes that a sum.
             accelerator.backward(loss_sum * (world / total_weight))
         local += loss_sum.detach().double()
+    for param in inactive:
+        param.grad = None
     loss = float(accelerator.reduce(local, "sum")) / total_weight
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
     grad_norm = accelerator.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], max_norm)
@@ -146,7 +153,8 @@ def _train_step(module, stage: Stage, micro: list[Batch], accelerator, cfg) -> t
 
 def train(stage: Stage, cfg, run_dir: Path, accelerator) -> LoopResult:
     """Run the optimisation described by `cfg` (a TrainConfig) on `stage`; checkpoints in run_dir."""
-    optimizer = make_optimizer(stage.module, cfg)
+    optimizer = make_optimizer(stage.module, cfg, getattr(stage, "lr_scale", None))
+    inactive_at = getattr(stage, "inactive_parameters", lambda step: [])
     module, optimizer = accelerator.prepare(stage.module, optimizer)
     rank, world = accelerator.process_index, accelerator.num_processes
     group = world * cfg.grad_accum
@@ -179,7 +187,7 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator) -> LoopResult:
             epoch, step_in_epoch, micro = next(steps)
             lr = cfg.lr * lr_factor(state["step"], total_steps, cfg.schedule, warmup, cfg.min_lr_ratio)
             set_lr(optimizer, lr / cfg.lr)
-            loss, grad_norm = _train_step(module, stage, micro, accelerator, cfg)
+            loss, grad_norm = _train_step(module, stage, micro, accelerator, cfg, inactive_at(state["step"]))
             finite = math.isfinite(loss) and math.isfinite(grad_norm)
             if finite:
                 optimizer.step()

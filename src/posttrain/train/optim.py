@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
+from typing import Callable
 
 import torch
 
@@ -54,35 +55,48 @@ def count_layers(model: torch.nn.Module) -> int:
     return max(indices) + 1 if indices else 0
 
 
-def param_groups(model: torch.nn.Module, lr: float, weight_decay: float, layer_lr_decay: float) -> list[dict]:
-    """AdamW groups: no decay on biases and norms; lr * decay^(depth below the top) per layer."""
+def param_groups(model: torch.nn.Module, lr: float, weight_decay: float, layer_lr_decay: float,
+                 lr_scale: Callable[[str], float] | None = None) -> list[dict]:
+    """AdamW groups: no decay on biases and norms; lr * decay^(depth below the top) per layer,
+    times `lr_scale(name)` when given (LoRA+ gives the B matrices a higher rate)."""
     num_layers = count_layers(model)
-    groups: dict[tuple[int, bool], dict] = {}
+    groups: dict[tuple[int, bool, float], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         depth = layer_depth(name, num_layers)
-        scale = layer_lr_decay ** (num_layers + 1 - depth)
+        scale = layer_lr_decay ** (num_layers + 1 - depth) * (lr_scale(name) if lr_scale else 1.0)
         decay = param.ndim >= 2 and "norm" not in name.lower()
         group = groups.setdefault(
-            (depth, decay),
+            (depth, decay, scale),
             {"params": [], "names": [], "lr": lr * scale, "weight_decay": weight_decay if decay else 0.0},
         )
         group["params"].append(param)
         group["names"].append(name)
     if not groups:
-        raise ConfigError("no trainable parameters: check train.freeze and lora settings")
+        raise ConfigError("no trainable parameters: check train.freeze and the adapter settings")
     ordered = [groups[key] for key in sorted(groups)]
     for group in ordered:
         group["base_lr"] = group["lr"]
     return ordered
 
 
-def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.lr, cfg.weight_decay, cfg.layer_lr_decay)
+def make_optimizer(model: torch.nn.Module, cfg, lr_scale: Callable[[str], float] | None = None) -> torch.optim.Optimizer:
+    """AdamW over `param_groups`; cfg.optimizer picks torch's or bitsandbytes' (paged) 8-bit one."""
+    groups = param_groups(model, cfg.lr, cfg.weight_decay, cfg.layer_lr_decay, lr_scale)
     for group in groups:
         del group["names"]  # optimizer state dicts must stay plain
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
+    kwargs = {"lr": cfg.lr, "betas": tuple(cfg.adam_betas), "eps": cfg.adam_eps}
+    optimizer = getattr(cfg, "optimizer", "adamw")
+    if optimizer == "adamw":
+        return torch.optim.AdamW(groups, **kwargs)
+    from posttrain.models.adapters.spec import require_cuda_bitsandbytes
+
+    require_cuda_bitsandbytes(f"train.optimizer={optimizer}")
+    import bitsandbytes as bnb
+
+    cls = bnb.optim.PagedAdamW8bit if optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+    return cls(groups, **kwargs)
 
 
 def lr_factor(step: int, total_steps: int, schedule: str, warmup_steps: int, min_lr_ratio: float) -> float:

@@ -69,8 +69,11 @@ class SFTStage:
     """Micro-batches of token examples for the loop (in memory or streamed)."""
 
     def __init__(self, module, train: list[Example] | None, eval_examples: list[Example], cfg: SFTConfig,
-                 pad_id: int, stream=None):
+                 pad_id: int, stream=None, adapter_training=None):
         self.module = module
+        if adapter_training is not None:  # LoRA+ rates and staged unfreezing (models.adapters.schedule)
+            self.lr_scale = adapter_training.lr_scale
+            self.inactive_parameters = adapter_training.inactive_parameters
         self.train_examples = train
         self.eval_examples = eval_examples
         self.cfg = cfg
@@ -128,20 +131,24 @@ class SFTStage:
         return [self._collate(self.eval_examples[i : i + size]) for i in range(0, len(self.eval_examples), size)]
 
 
-def build_model(cfg: SFTConfig, log):
-    """Tokenizer and trainable model (full or LoRA) per config."""
-    from posttrain.models.adapters import apply_lora, trainable_summary
+def build_model(cfg: SFTConfig, log, run_dir: Path | None = None):
+    """Tokenizer, trainable model (full, freeze tuning or adapters) and its AdapterTraining."""
+    from posttrain.models.adapters import apply_adapters, format_report, parameter_report, plan_adapters
+    from posttrain.models.adapters.schedule import AdapterTraining
     from posttrain.models.loading import load_model, load_tokenizer
     from posttrain.train.optim import freeze_by_pattern
 
+    plan = plan_adapters(cfg.adapter)
     tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    model = load_model(cfg.model)
-    if cfg.lora.enabled:
-        model = apply_lora(model, cfg.lora)
+    model = load_model(cfg.model, quantization=cfg.adapter.quantization if plan.quantized else None)
+    model = apply_adapters(model, cfg.adapter, plan=plan)
     if cfg.train.freeze:
         freeze_by_pattern(model, cfg.train.freeze)
-    log(trainable_summary(model))
-    return tokenizer, model
+    report = parameter_report(model, cfg.train.optimizer)
+    log(format_report(report))
+    if run_dir is not None:
+        (run_dir / "params.json").write_text(json.dumps(report, indent=1))
+    return tokenizer, model, AdapterTraining(model, plan, cfg.adapter.lora.lr_ratio_b, log)
 
 
 def run_sft(cfg: SFTConfig) -> Path:
@@ -162,7 +169,7 @@ def run_sft(cfg: SFTConfig) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     set_seed(cfg.train.seed)
-    tokenizer, model = build_model(cfg, log)
+    tokenizer, model, adapter_training = build_model(cfg, log, run_dir if accelerator.is_main_process else None)
     pad_id = tokenizer.pad_token_id
     if cfg.data.streaming:
         if cfg.train.max_steps <= 0:
@@ -177,7 +184,7 @@ def run_sft(cfg: SFTConfig) -> Path:
             train_examples = pack(train_examples, cfg.data.max_length)
             log(f"packing: {len(data.train)} examples into {len(train_examples)} rows of ≤{cfg.data.max_length} tokens")
     module = CausalLMLoss(model, cfg.train.loss, cfg.train.loss_chunk_size)
-    stage = SFTStage(module, train_examples, eval_examples, cfg, pad_id, stream)
+    stage = SFTStage(module, train_examples, eval_examples, cfg, pad_id, stream, adapter_training)
     summary = {"loss_impl": module.loss_kind}
     main = accelerator.is_main_process
     summary.update(_exact_match(cfg, model, tokenizer, data, "before") if main else {})

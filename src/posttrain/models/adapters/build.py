@@ -1,0 +1,178 @@
+"""Fresh adapters from the `adapter:` config: full, freeze tuning, or an `AdaptedModel`.
+
+LoRA (Hu et al. 2021, Eq. 3): h = W0 x + (alpha / r) · B A x; A random, B zero, so the
+adapted model starts equal to the base. rsLoRA scales by alpha / sqrt(r); DoRA splits W
+into magnitude and direction and applies LoRA to the direction. IA3 (Liu et al. 2022)
+rescales activations by trained vectors initialised to one. Prompt tuning (Lester et al.
+2021) trains n input embeddings; prefix tuning (Li & Liang 2021) trains n keys and values
+per layer. All of these come from peft; bottleneck adapters are ours (`bottleneck.py`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import warnings
+from typing import Any
+
+from torch import nn
+
+from posttrain.errors import ConfigError
+from posttrain.models.adapters.bottleneck import BottleneckSet, bottleneck_targets
+from posttrain.models.adapters.model import AdaptedModel
+from posttrain.models.adapters.spec import AdapterPlan, plan_adapters
+
+
+def apply_adapters(lm: nn.Module, adapter_cfg: Any = None, *, plan: AdapterPlan | None = None) -> nn.Module:
+    """Make `lm` trainable per `adapter_cfg` (a `posttrain.config.AdapterConfig`).
+
+    full → `lm` unchanged; freeze → `lm` with all but the chosen layers frozen;
+    anything else → an `AdaptedModel` whose adapters train and whose base is frozen.
+    """
+    from posttrain.config import AdapterConfig
+
+    adapter_cfg = adapter_cfg or AdapterConfig()
+    plan = plan or plan_adapters(adapter_cfg)
+    if plan.methods == ("full",):
+        return lm
+    if "freeze" in plan.methods:
+        if len(plan.methods) > 1:
+            raise ConfigError("adapter.method: freeze tuning trains base layers and is not combined with adapters; "
+                              "use it alone")
+        apply_freeze_tuning(lm, adapter_cfg.freeze.top_layers, adapter_cfg.freeze.modules)
+        return lm
+    weight_peft = virtual_peft = bottlenecks = None
+    if plan.quantized:
+        from peft import prepare_model_for_kbit_training
+
+        lm = prepare_model_for_kbit_training(lm, use_gradient_checkpointing=_checkpointing(lm))
+    if "lora" in plan.methods:
+        weight_peft = _inject(lm, _lora_config(adapter_cfg.lora, plan.dora), "adapter.lora.target_modules")
+    elif "ia3" in plan.methods:
+        weight_peft = _inject(lm, _ia3_config(adapter_cfg.ia3), "adapter.ia3.target_modules")
+    virtual = [m for m in plan.methods if m in ("prompt", "prefix")]
+    if virtual:
+        virtual_peft = _virtual_tokens(lm, virtual[0], adapter_cfg.virtual_tokens)
+    if "bottleneck" in plan.methods:
+        bottlenecks = _bottlenecks(lm, adapter_cfg.bottleneck)
+    model = AdaptedModel(lm, plan.methods, weight_peft=weight_peft, virtual_peft=virtual_peft, bottlenecks=bottlenecks)
+    model.mark_trainable()
+    if _checkpointing(lm):
+        # frozen embeddings: checkpointed blocks would otherwise see inputs without grad
+        lm.enable_input_require_grads()
+    return model
+
+
+def _checkpointing(lm) -> bool:
+    flag = getattr(lm, "is_activation_checkpointing", None)  # transformers 5 name
+    return bool(flag if flag is not None else getattr(lm, "is_gradient_checkpointing", False))
+
+
+def _targets(names: list[str]) -> Any:
+    """peft's target_modules: 'all-linear', a regex string ('re:...'), or a list of names."""
+    names = list(names)
+    if names == ["all-linear"]:
+        return "all-linear"
+    if len(names) == 1 and names[0].startswith("re:"):
+        return names[0][3:]
+    if any(n.startswith("re:") for n in names):
+        raise ConfigError("a 're:<regex>' target must be the only entry of target_modules")
+    return names
+
+
+def _lora_config(lora: Any, dora: bool):
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora.r, lora_alpha=float(lora.alpha), lora_dropout=float(lora.dropout),
+                      target_modules=_targets(lora.target_modules), use_rslora=bool(lora.rslora),
+                      use_dora=dora, task_type="CAUSAL_LM")
+
+
+def _ia3_config(ia3: Any):
+    from peft import IA3Config
+
+    kwargs: dict[str, Any] = {}
+    if ia3.target_modules:
+        kwargs["target_modules"] = _targets(ia3.target_modules)
+        kwargs["feedforward_modules"] = list(ia3.feedforward_modules)
+    elif ia3.feedforward_modules:
+        raise ConfigError("adapter.ia3.feedforward_modules needs adapter.ia3.target_modules too")
+    return IA3Config(task_type="CAUSAL_LM", **kwargs)
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if isinstance(module, nn.Linear) or type(module).__name__ in ("Conv1D", "Linear4bit", "Linear8bitLt")})
+
+
+@contextlib.contextmanager
+def quiet_peft():
+    """Silence two peft warnings that say nothing to our users: a second peft wrapper on one
+    model is deliberate here (it only supplies the prompt encoder), and peft still calls
+    transformers' deprecated `is_gradient_checkpointing`."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*modify a model with PEFT for a second time.*")
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        yield
+
+
+def _inject(lm: nn.Module, peft_config, key: str):
+    from peft import get_peft_model
+
+    try:
+        with quiet_peft():
+            return get_peft_model(lm, peft_config)
+    except ValueError as exc:
+        text = str(exc)
+        if "not found" not in text and "Target module" not in text and "target_modules" not in text:
+            raise
+        names = ", ".join(linear_module_names(lm))
+        raise ConfigError(f"{key} {peft_config.target_modules!r} matches no layer of {type(lm).__name__}; "
+                          f"its linear layers are: {names}") from None
+
+
+def _virtual_tokens(lm: nn.Module, kind: str, vt: Any):
+    from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
+
+    if kind == "prefix":
+        config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=vt.num_virtual_tokens,
+                                    prefix_projection=vt.projection, encoder_hidden_size=vt.projection_hidden)
+    elif vt.init == "text":
+        config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=vt.num_virtual_tokens,
+                                    prompt_tuning_init="TEXT", prompt_tuning_init_text=vt.init_text,
+                                    tokenizer_name_or_path=lm.config._name_or_path)
+    else:
+        config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=vt.num_virtual_tokens)
+    with quiet_peft():
+        return get_peft_model(lm, config)
+
+
+def _bottlenecks(lm: nn.Module, bn: Any) -> BottleneckSet:
+    targets = bottleneck_targets(lm, list(bn.where))
+    if not targets:
+        raise ConfigError(f"adapter.bottleneck.where={list(bn.where)}: found no attention output projection / MLP block "
+                          f"in {type(lm).__name__}")
+    adapters = BottleneckSet(lm.config.hidden_size, targets, bn.size, bn.activation, bn.init_std)
+    adapters.to(next(lm.parameters()).device)  # stays fp32 next to a bf16 base; it casts in forward
+    adapters.attach(lm)
+    return adapters
+
+
+def apply_freeze_tuning(model: nn.Module, top_layers: int, modules: list[str]) -> int:
+    """Train only the top `top_layers` transformer layers and parameters matching `modules` globs."""
+    from posttrain.train.optim import count_layers, layer_depth
+
+    num_layers = count_layers(model)
+    if top_layers > num_layers:
+        raise ConfigError(f"adapter.freeze.top_layers={top_layers} but the model has {num_layers} layers")
+    names = [n for n, _ in model.named_parameters()]
+    for pattern in modules:
+        if not any(fnmatch.fnmatch(n, pattern) for n in names):
+            raise ConfigError(f"adapter.freeze.modules pattern {pattern!r} matches no parameter (names look like {names[0]!r})")
+    trained = 0
+    for name, param in model.named_parameters():
+        depth = layer_depth(name, num_layers)  # layer i -> i + 1
+        keep = (0 < depth <= num_layers and depth > num_layers - top_layers) or any(fnmatch.fnmatch(name, p) for p in modules)
+        param.requires_grad_(keep)
+        trained += param.numel() if keep else 0
+    return trained

@@ -1,0 +1,187 @@
+"""Save, load, merge and combine adapters.
+
+Directory layout written by `save_adapted`:
+
+    one peft method (lora, dora, ia3, prompt, prefix) → a plain peft adapter directory
+        (adapter_config.json + adapter_model.safetensors): `peft.PeftModel.from_pretrained`
+        loads it as it is
+    several methods, or a bottleneck → one subdirectory per method (lora/, prompt/,
+        bottleneck/); the peft ones are each a plain peft directory
+
+plus `posttrain_adapters.json` naming the methods, their subdirectories and the base model.
+`load_adapted` reads both layouts and also plain peft directories that peft itself wrote.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from posttrain.errors import UserError
+from posttrain.models.adapters.bottleneck import BottleneckSet
+from posttrain.models.adapters.build import quiet_peft
+from posttrain.models.adapters.model import AdaptedModel
+from posttrain.models.adapters.spec import MERGEABLE
+
+MANIFEST = "posttrain_adapters.json"
+_BOTTLENECK_CONFIG = "bottleneck_config.json"
+_BOTTLENECK_WEIGHTS = "bottleneck.safetensors"
+_PEFT_KINDS = {"PROMPT_TUNING": "prompt", "PREFIX_TUNING": "prefix", "LORA": "lora", "IA3": "ia3"}
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / MANIFEST).is_file() or (path / "adapter_config.json").is_file()
+
+
+def _components(model: AdaptedModel) -> dict[str, Any]:
+    parts: dict[str, Any] = {}
+    if model.weight_peft is not None:
+        parts[next(m for m in model.methods if m in ("lora", "ia3"))] = model.weight_peft
+    if model.virtual_peft is not None:
+        parts[next(m for m in model.methods if m in ("prompt", "prefix"))] = model.virtual_peft
+    if model.bottlenecks is not None:
+        parts["bottleneck"] = model.bottlenecks
+    return parts
+
+
+def save_adapted(model: AdaptedModel, out_dir: str | Path, base_model_path: str) -> Path:
+    """Write every adapter of `model` under `out_dir`; `base_model_path` is recorded for loading."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    parts = _components(model)
+    flat = len(parts) == 1 and "bottleneck" not in parts
+    layout = {}
+    for name, part in parts.items():
+        sub = out if flat else out / name
+        layout[name] = "." if flat else name
+        if isinstance(part, BottleneckSet):
+            sub.mkdir(parents=True, exist_ok=True)
+            (sub / _BOTTLENECK_CONFIG).write_text(json.dumps(
+                {"method": "bottleneck", "targets": part.targets, **part.settings,
+                 "base_model_name_or_path": base_model_path}, indent=1))
+            save_file(part.state(), str(sub / _BOTTLENECK_WEIGHTS))
+            continue
+        for peft_config in part.peft_config.values():
+            peft_config.base_model_name_or_path = base_model_path
+        part.save_pretrained(sub)
+    (out / MANIFEST).write_text(json.dumps(
+        {"methods": list(model.methods), "components": layout, "base_model_name_or_path": base_model_path}, indent=1))
+    return out
+
+
+def read_layout(path: str | Path) -> tuple[str, dict[str, Path]]:
+    """(base model path, {method: directory}) of an adapter directory."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        manifest = json.loads((path / MANIFEST).read_text())
+        parts = {name: (path / sub).resolve() for name, sub in manifest["components"].items()}
+        return manifest["base_model_name_or_path"], parts
+    config_file = path / "adapter_config.json"
+    if not config_file.is_file():
+        raise UserError(f"{path} is not an adapter directory (no {MANIFEST} or adapter_config.json)")
+    config = json.loads(config_file.read_text())
+    base = config.get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{config_file}: no base_model_name_or_path; cannot find the base model")
+    kind = _PEFT_KINDS.get(str(config.get("peft_type", "")).upper(), "lora")  # other in-place peft tuners load as weights
+    return base, {kind: path}
+
+
+def load_adapted(adapters: str | Path | dict[str, str | Path], *, dtype: str = "float32", trust_remote_code: bool = False,
+                 base: str | None = None, is_trainable: bool = False):
+    """Load the base model and attach saved adapters; returns an `AdaptedModel`.
+
+    `adapters`: one directory, or {name: directory} for several LoRA / IA3 adapters on one
+    base (switch with `model.use_adapter(name)`; the first is active).
+    """
+    from posttrain.config import ModelConfig
+    from posttrain.models.loading import load_model
+
+    named = {"default": adapters} if isinstance(adapters, (str, Path)) else dict(adapters)
+    layouts = {name: read_layout(path) for name, path in named.items()}
+    bases = {b for b, _ in layouts.values()}
+    if base is None and len(bases) > 1:
+        raise UserError(f"the adapters were trained on different base models: {sorted(bases)}")
+    lm = load_model(ModelConfig(path=base or bases.pop(), dtype=dtype, trust_remote_code=trust_remote_code))
+    first_name, (_, parts) = next(iter(layouts.items()))
+    if len(named) > 1:
+        for name, (_, other) in layouts.items():
+            if set(other) - {"lora", "ia3"}:
+                raise UserError(f"adapter {name!r} has {', '.join(other)}: only LoRA / IA3 adapters can share a base "
+                                "and be switched by name")
+    weight_peft = virtual_peft = bottlenecks = None
+    weight = [m for m in parts if m in ("lora", "ia3")]
+    if weight:
+        from peft import PeftModel
+
+        with quiet_peft():
+            weight_peft = PeftModel.from_pretrained(lm, str(parts[weight[0]]), adapter_name=first_name,
+                                                    is_trainable=is_trainable)
+        for name, (_, other) in list(layouts.items())[1:]:
+            weight_peft.load_adapter(str(next(iter(other.values()))), adapter_name=name, is_trainable=is_trainable)
+        weight_peft.set_adapter(first_name)
+    virtual = [m for m in parts if m in ("prompt", "prefix")]
+    if virtual:
+        from peft import PeftModel
+
+        with quiet_peft():
+            virtual_peft = PeftModel.from_pretrained(lm, str(parts[virtual[0]]), is_trainable=is_trainable)
+    if "bottleneck" in parts:
+        bottlenecks = _load_bottlenecks(lm, parts["bottleneck"])
+    model = AdaptedModel(lm, tuple(parts), weight_peft=weight_peft, virtual_peft=virtual_peft, bottlenecks=bottlenecks)
+    if is_trainable:
+        model.mark_trainable()
+    return model
+
+
+def _load_bottlenecks(lm, directory: Path) -> BottleneckSet:
+    from safetensors.torch import load_file
+
+    settings = json.loads((directory / _BOTTLENECK_CONFIG).read_text())
+    adapters = BottleneckSet(settings["hidden"], settings["targets"], settings["size"], settings["activation"],
+                             settings["init_std"])
+    known = {name for name, _ in lm.named_modules()}
+    missing = [t for t in adapters.targets if t not in known]
+    if missing:
+        raise UserError(f"{directory}: the base model has no module {missing[0]}; was it trained on another base?")
+    adapters.load_state(load_file(str(directory / _BOTTLENECK_WEIGHTS)))
+    adapters.to(next(lm.parameters()).device)
+    adapters.attach(lm)
+    return adapters
+
+
+def merge_adapted(model):
+    """Fold LoRA / DoRA / IA3 into the base weights; return the plain transformers model.
+
+    Bottleneck adapters and virtual tokens add computation that no weight of the base
+    can express, so a model holding them is refused with UserError. A model without
+    adapters passes through unchanged.
+    """
+    if not isinstance(model, AdaptedModel):
+        return model
+    rest = [m for m in model.methods if m not in MERGEABLE]
+    if rest:
+        raise UserError(f"{', '.join(rest)} adapters cannot be merged into the base weights (they add layers or tokens "
+                        "the base has no weights for); use the adapter directory with posttrain generate/chat instead")
+    return model.weight_peft.merge_and_unload()
+
+
+def combine_adapters(model: AdaptedModel, weights: dict[str, float], name: str) -> None:
+    """Add adapter `name` = weighted combination of loaded LoRA / IA3 adapters; switch to it.
+
+    Uses peft's `add_weighted_adapter`: LoRA adapters of equal rank with its 'linear' rule,
+    different ranks with 'cat' (which concatenates A and B, i.e. sums the weighted updates)."""
+    missing = [n for n in weights if n not in model.adapter_names()]
+    if missing:
+        raise UserError(f"cannot combine: no adapter named {missing[0]!r}; loaded: {', '.join(model.adapter_names())}")
+    peft_model = model.weight_peft
+    configs = [peft_model.peft_config[n] for n in weights]
+    kwargs: dict[str, Any] = {}
+    if configs[0].peft_type.value == "LORA":
+        kwargs["combination_type"] = "linear" if len({c.r for c in configs}) == 1 else "cat"
+    peft_model.add_weighted_adapter(list(weights), list(weights.values()), adapter_name=name, **kwargs)
+    peft_model.set_adapter(name)

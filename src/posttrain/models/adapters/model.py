@@ -1,0 +1,165 @@
+"""`AdaptedModel`: one causal LM carrying any mix of posttrain's PEFT methods.
+
+    weight adapters  LoRA / DoRA / rsLoRA / QLoRA / IA3 — a `peft.PeftModel`, layers injected in place
+    virtual tokens   prompt or prefix tuning — peft's prompt encoder, driven from here
+    bottlenecks      Houlsby adapters after attention / FFN — `bottleneck.py`, forward hooks
+
+It behaves like a transformers causal LM towards the rest of posttrain: `forward` takes
+input_ids / attention_mask / position_ids / past_key_values and returns logits for the real
+tokens only, so the trainer, the chunked loss and the generation engine need no special
+cases. Virtual tokens occupy positions 0..n-1 and real tokens are shifted to n.., as in
+peft's own `PeftModelForCausalLM` (a test checks the outputs agree).
+
+`adapters_disabled()` runs the bare base model without a second copy of it (the
+reference model of DPO/PPO).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import nn
+
+from posttrain.models.adapters.bottleneck import BottleneckSet
+
+
+class AdaptedModel(nn.Module):
+    def __init__(self, lm: nn.Module, methods: tuple[str, ...], *, weight_peft=None, virtual_peft=None,
+                 bottlenecks: BottleneckSet | None = None):
+        super().__init__()
+        self.methods = tuple(methods)
+        # Exactly one registered path to the base weights, so parameter names are stable.
+        self.base = weight_peft if weight_peft is not None else lm
+        self.virtual_encoder = virtual_peft.prompt_encoder if virtual_peft is not None else None
+        self.bottlenecks = bottlenecks
+        object.__setattr__(self, "lm", lm)  # the transformers model (adapters injected), not re-registered
+        object.__setattr__(self, "weight_peft", weight_peft)
+        object.__setattr__(self, "virtual_peft", virtual_peft)
+        self.config = lm.config
+        self.generation_config = getattr(lm, "generation_config", None)
+        self._virtual_on = True
+
+    # ------------------------------------------------------------------ virtual tokens
+
+    @property
+    def virtual_kind(self) -> str | None:
+        """'prompt', 'prefix' or None."""
+        if self.virtual_peft is None or not self._virtual_on:
+            return None
+        return "prefix" if self.virtual_peft.active_peft_config.peft_type.value == "PREFIX_TUNING" else "prompt"
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.virtual_peft.active_peft_config.num_virtual_tokens if self.virtual_kind else 0
+
+    def decoder_inputs(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                       inputs_embeds=None, labels=None) -> dict[str, Any]:
+        """Model inputs with the virtual tokens put in front (prefill) or accounted for (decoding)."""
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+                  "past_key_values": past_key_values, "inputs_embeds": inputs_embeds}
+        kind, n = self.virtual_kind, self.num_virtual_tokens
+        if kind is None:
+            return {**inputs, "labels": labels} if labels is not None else inputs
+        reference = input_ids if input_ids is not None else inputs_embeds
+        batch, device = reference.shape[0], reference.device
+        if attention_mask is not None:
+            ones = attention_mask.new_ones(batch, n)
+            inputs["attention_mask"] = torch.cat([ones, attention_mask], dim=1)
+        if position_ids is not None:
+            position_ids = position_ids + n
+        prefill = past_key_values is None or past_key_values.get_seq_length() == 0
+        if prefill and kind == "prefix":
+            inputs["past_key_values"] = self.virtual_peft.get_prompt(batch_size=batch)
+        elif prefill:  # prompt tuning: prepend the soft prompt to the input embeddings
+            embeds = inputs_embeds if inputs_embeds is not None else self.lm.get_input_embeddings()(input_ids)
+            prompt = self.virtual_peft.get_prompt(batch_size=batch).to(embeds.dtype)
+            inputs.update(input_ids=None, inputs_embeds=torch.cat([prompt, embeds], dim=1))
+            if position_ids is not None:
+                virtual = torch.arange(n, device=device).expand(batch, n)
+                position_ids = torch.cat([virtual, position_ids], dim=1)
+            if labels is not None:
+                labels = torch.cat([labels.new_full((batch, n), -100), labels], dim=1)
+        inputs["position_ids"] = position_ids
+        return {**inputs, "labels": labels} if labels is not None else inputs
+
+    def _strip(self, tensor: torch.Tensor, length: int) -> torch.Tensor:
+        """Drop the soft-prompt positions from a (B, n + T, ...) output."""
+        return tensor[:, -length:] if tensor.shape[1] > length else tensor
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep: int = 0, **kwargs):
+        length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        inputs = self.decoder_inputs(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, labels)
+        out = self.lm(**inputs, use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+        if logits_to_keep == 0:
+            out.logits = self._strip(out.logits, length)
+        return out
+
+    def final_hidden(self, input_ids=None, attention_mask=None, position_ids=None, **_) -> torch.Tensor:
+        """Last hidden states (B, T, H) of the real tokens; the head is applied by the caller."""
+        inputs = self.decoder_inputs(input_ids, attention_mask, position_ids)
+        # use_cache=False stops the decoder from creating a cache; a prefix cache passed in is still read
+        hidden = self.lm.base_model(**inputs, use_cache=False, return_dict=True).last_hidden_state
+        return self._strip(hidden, input_ids.shape[1])
+
+    def get_input_embeddings(self):
+        return self.lm.get_input_embeddings()
+
+    def get_output_embeddings(self):
+        return self.lm.get_output_embeddings()
+
+    # ------------------------------------------------------------------ switches
+
+    @contextlib.contextmanager
+    def adapters_disabled(self):
+        """Run the plain base model inside this block (no adapter, no virtual token)."""
+        weight = self.weight_peft.disable_adapter() if self.weight_peft is not None else contextlib.nullcontext()
+        self._virtual_on = False
+        if self.bottlenecks is not None:
+            self.bottlenecks.enabled = False
+        try:
+            with weight:
+                yield self
+        finally:
+            self._virtual_on = True
+            if self.bottlenecks is not None:
+                self.bottlenecks.enabled = True
+
+    def adapter_names(self) -> list[str]:
+        return list(self.weight_peft.peft_config) if self.weight_peft is not None else []
+
+    def use_adapter(self, name: str) -> None:
+        """Switch the active weight adapter (several LoRA/IA3 adapters loaded by name)."""
+        from posttrain.errors import UserError
+
+        if name not in self.adapter_names():
+            raise UserError(f"no adapter named {name!r}; loaded: {', '.join(self.adapter_names()) or 'none'}")
+        self.weight_peft.set_adapter(name)
+
+    # ------------------------------------------------------------------ parameters by method
+
+    def method_of(self, param_name: str) -> str:
+        if param_name.startswith("virtual_encoder."):
+            return self.virtual_peft.active_peft_config.peft_type.value.split("_")[0].lower()  # prompt | prefix
+        if param_name.startswith("bottlenecks."):
+            return "bottleneck"
+        if "lora_" in param_name:
+            return "lora"
+        if "ia3_" in param_name:
+            return "ia3"
+        return "base"
+
+    def mark_trainable(self) -> None:
+        """Adapters train, the base stays frozen (peft unfreezes only its own layers)."""
+        for name, param in self.named_parameters():
+            if self.method_of(name) == "base":
+                param.requires_grad_(False)
+            elif param.is_floating_point():
+                param.requires_grad_(True)
+
+    def parameters_of(self, methods) -> list[nn.Parameter]:
+        return [p for n, p in self.named_parameters() if self.method_of(n) in methods]
