@@ -2,9 +2,10 @@
 
 The base is the tiny preset fully fine-tuned on two synthetic tasks (copy, smallest); it
 has never seen "Largest letter: …" and scores ~0% on it. Each method then trains on the
-largest-letter task alone, with the base frozen, and must raise held-out exact match by
-the fixed margin below. Margins sit well under the figures measured on this 2-core
-machine (see the comment per row), so they catch a method that stopped learning, not noise.
+largest-letter task alone, with the base frozen (freeze tuning: all but its top layer),
+and must raise held-out exact match by the fixed margin below. Margins sit well under
+the figures measured on this 2-core machine (comment per row; runs are deterministic),
+so they catch a method that stopped learning, not noise.
 """
 
 from __future__ import annotations
