@@ -226,3 +226,12 @@ def test_incomplete_checkpoints_are_ignored(tmp_path):
 def test_keep_last_prunes_old_checkpoints(tmp_path):
     _run(ToyStage(8), _cfg(max_steps=6, save_every=1, keep_last=2), tmp_path)
     assert [p.name for p in sorted((tmp_path / "checkpoints").iterdir())] == ["step-0000005", "step-0000006"]
+
+
+def test_a_fresh_start_replaces_an_earlier_runs_checkpoints(tmp_path):
+    _run(ToyStage(8), _cfg(max_steps=6, save_every=2, keep_last=3), tmp_path)
+    # resume=never over a finished run: same final step, fewer steps; neither crashes nor mixes runs
+    _run(ToyStage(8), _cfg(max_steps=6, save_every=3, keep_last=3), tmp_path)
+    assert [p.name for p in sorted((tmp_path / "checkpoints").iterdir())] == ["step-0000003", "step-0000006"]
+    _run(ToyStage(8), _cfg(max_steps=2, keep_last=3), tmp_path)
+    assert [p.name for p in sorted((tmp_path / "checkpoints").iterdir())] == ["step-0000002"]

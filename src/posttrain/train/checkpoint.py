@@ -142,6 +142,16 @@ def prune(root: Path, keep_last: int) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+def clear(root: Path) -> int:
+    """Remove every checkpoint under `root` (a fresh start must not later resume from, or be
+    pruned around, an earlier run's checkpoints); returns how many complete ones were removed."""
+    if not root.is_dir():
+        return 0
+    removed = sum(1 for p in root.glob(f"{PREFIX}*") if is_complete(p))
+    shutil.rmtree(root)
+    return removed
+
+
 # --------------------------------------------------------------------------- save / load
 
 

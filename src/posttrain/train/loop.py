@@ -164,14 +164,20 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator) -> LoopResult:
     state: dict[str, Any] = {"step": 0, "epoch": 0, "step_in_epoch": 0, "skipped_steps": 0,
                              "consecutive_nonfinite": 0, "best_eval": None, "evals_without_improvement": 0}
     resume_from = _resume_path(cfg.resume, ckpt_root)
+    cleared = 0
     if resume_from is not None:
         state = checkpoint.load(resume_from, model=accelerator.unwrap_model(module), optimizer=optimizer, rank=rank)
+    elif accelerator.is_main_process:
+        cleared = checkpoint.clear(ckpt_root)
+    accelerator.wait_for_everyone()
     log = RunLogger(run_dir, enabled=accelerator.is_main_process, accelerator=accelerator,
                     trackers=cfg.report_to, total_steps=total_steps, initial_step=state["step"],
                     progress_bar=cfg.progress_bar)
     log.truncate_after(state["step"])  # a fresh start (step 0) or a resume forgets steps after it
     if resume_from is not None:
         log.message(f"resumed from {resume_from} at step {state['step']}")
+    if cleared:
+        log.message(f"fresh start: removed {cleared} checkpoint(s) of an earlier run from {ckpt_root}")
 
     def save() -> None:
         checkpoint.save(ckpt_root, state["step"], model=accelerator.unwrap_model(module), optimizer=optimizer,
