@@ -315,6 +315,7 @@ def test_lora_plus_gives_b_matrices_a_higher_learning_rate():
     (["adapter.method=[prompt, prefix]"], "both add virtual tokens"),
     (["adapter.method=[lora, dora]"], "one method in three spellings"),
     (["adapter.method=freeze"], "needs adapter.freeze.top_layers"),
+    (["adapter.method=[freeze, lora]"], "use it alone"),
     (["adapter.method=prompt", "data.packing=true"], "cannot be used with data.packing"),
     (["adapter.method=prefix", "model.gradient_checkpointing=true"], "gradient_checkpointing=false"),
     (["adapter.method=[lora, prompt]", "adapter.schedule=[5:prompt]"], "must start at step 0"),

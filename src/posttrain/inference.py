@@ -120,8 +120,8 @@ def _generate_per_adapter(model, tokenizer, items, texts, settings, batch_size) 
     wanted = [item.get("adapter") for item in items]
     if not any(wanted):
         return generate(model, tokenizer, texts, settings, batch_size=batch_size)
-    if not hasattr(model, "use_adapter"):
-        raise UserError("a prompt names an adapter but none is loaded; pass --adapter NAME=DIR")
+    if not getattr(model, "adapter_names", list)():
+        raise UserError("a prompt names an adapter but no LoRA / IA3 adapter is loaded; pass --adapter NAME=DIR")
     active = model.weight_peft.active_adapter
     completions: list[str] = [""] * len(items)
     for name in dict.fromkeys(w or active for w in wanted):

@@ -35,10 +35,7 @@ def apply_adapters(lm: nn.Module, adapter_cfg: Any = None, *, plan: AdapterPlan 
     plan = plan or plan_adapters(adapter_cfg)
     if plan.methods == ("full",):
         return lm
-    if "freeze" in plan.methods:
-        if len(plan.methods) > 1:
-            raise ConfigError("adapter.method: freeze tuning trains base layers and is not combined with adapters; "
-                              "use it alone")
+    if plan.methods == ("freeze",):
         apply_freeze_tuning(lm, adapter_cfg.freeze.top_layers, adapter_cfg.freeze.modules)
         return lm
     weight_peft = virtual_peft = bottlenecks = None

@@ -2,8 +2,8 @@
 
 `adapter.method` names one or more methods. Two are spelled as LoRA variants for the
 user's convenience and normalised here: `dora` is LoRA with weight decomposition and
-`qlora` is LoRA on a 4-bit NF4 base. `full` trains every weight and stands alone;
-`freeze` trains only the top layers / named modules and may be added to adapters.
+`qlora` is LoRA on a 4-bit NF4 base. `full` (every weight) and `freeze` (only the top
+layers / named modules) change the base itself and each stand alone.
 """
 
 from __future__ import annotations
@@ -68,6 +68,8 @@ def plan_adapters(adapter_cfg: Any) -> AdapterPlan:
         raise ConfigError(f"adapter.method: lora, dora and qlora are one method in three spellings; pick one of {raw}")
     if "full" in methods and len(methods) > 1:
         raise ConfigError("adapter.method: full trains every weight already; it cannot be combined with other methods")
+    if "freeze" in methods and len(methods) > 1:
+        raise ConfigError("adapter.method: freeze tuning trains base layers and saves a full model; use it alone")
     if sum(m in WEIGHT_METHODS for m in methods) > 1:
         raise ConfigError("adapter.method: lora and ia3 both rewrite the linear layers; use one of them")
     if sum(m in VIRTUAL_METHODS for m in methods) > 1:
