@@ -161,13 +161,16 @@ def test_kill_9_and_resume_is_bitwise_equal(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(tmp_path):
-    """Two CPU processes (gloo) give the same losses as 1 process at the same global batch.
+@pytest.mark.parametrize("adapter", [[], ["adapter.method=[lora, prefix]", "adapter.schedule=[0:prefix, 2:all]"]],
+                         ids=["full", "staged-adapters"])
+def test_two_processes_match_one(adapter, tmp_path):
+    """Two CPU processes (gloo) give the same losses as 1 process at the same global batch,
+    with full fine-tuning and with a staged adapter mix (gradients dropped after DDP's sum).
 
     Launched with torchrun: `accelerate launch --cpu --num_processes 2` starts ONE process
     unless given an MPI hostfile (accelerate 1.x), so it cannot be what this test uses.
     """
-    common = ["data.synthetic_size=64", "train.max_steps=4", "train.batch_size=4", "train.save_every=0"]
+    common = ["data.synthetic_size=64", "train.max_steps=4", "train.batch_size=4", "train.save_every=0", *adapter]
     one = tmp_path / "one"
     posttrain(*_sft_args(one, *common, "train.grad_accum=2"))
     two = tmp_path / "two"
