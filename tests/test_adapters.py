@@ -134,11 +134,15 @@ def test_hidden_path_disable_and_reload_agree(method, batch, tmp_path):
     torch.testing.assert_close(_logits(reloaded, batch), adapted, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "prompt", "prefix"])
-def test_saved_adapters_load_in_peft_with_identical_outputs(method, batch, tmp_path):
+@pytest.mark.parametrize("method, sections", [
+    ("lora", {}), ("dora", {}), ("ia3", {}), ("prompt", {}), ("prefix", {}),
+    ("prompt", {"virtual_tokens": {"init": "text", "init_text": "Answer exactly."}}),
+    ("prefix", {"virtual_tokens": {"projection": True, "projection_hidden": 16}}),
+], ids=["lora", "dora", "ia3", "prompt", "prefix", "prompt-text-init", "prefix-projection"])
+def test_saved_adapters_load_in_peft_with_identical_outputs(method, sections, batch, tmp_path):
     from peft import PeftModel
 
-    model = _adapted(method)
+    model = _adapted(method, **sections)
     out = save_model(model, load_tokenizer("tiny-2l"), tmp_path / "adapter")
     config = json.loads((out / "adapter_config.json").read_text())
     reloaded = PeftModel.from_pretrained(load_model(config["base_model_name_or_path"]), out).eval()
@@ -347,3 +351,12 @@ def test_old_lora_section_points_to_the_adapter_section():
 def test_adapted_model_is_what_apply_returns_for_peft_methods():
     assert isinstance(apply_adapters(load_model("tiny-2l"), _adapter("prompt")), AdaptedModel)
     assert type(apply_adapters(load_model("tiny-2l"), _adapter("full"))).__name__ == "LlamaForCausalLM"
+
+
+def test_text_initialised_soft_prompt_starts_from_the_texts_token_embeddings():
+    lm = load_model("tiny-2l")
+    ids = load_tokenizer("tiny-2l")("Answer the instruction exactly.")["input_ids"][:4]
+    model = apply_adapters(lm, _adapter("prompt", virtual_tokens={"num_virtual_tokens": 4, "init": "text",
+                                                                   "init_text": "Answer the instruction exactly."}))
+    prompt = model.virtual_peft.get_prompt(batch_size=1)[0]
+    torch.testing.assert_close(prompt, lm.get_input_embeddings().weight[ids].detach(), rtol=0, atol=0)
