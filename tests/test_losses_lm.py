@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from posttrain.data.records import IGNORE_INDEX
 from posttrain.losses.language_modeling import (
     chunked_linear_cross_entropy,
     cross_entropy_sum,
@@ -243,3 +244,73 @@ def test_matches_transformers_llama_loss_and_grads():
     torch.testing.assert_close(loss, out.loss, atol=1e-5, rtol=1e-5)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, hf_grads[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+# --------------------------------------------------------------------------- per-sequence log-probs
+
+
+def _reference_logps(hidden, weight, labels):
+    logp = torch.log_softmax(hidden[:, :-1] @ weight.T, dim=-1)  # the full [B, T, V] the chunked path avoids
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    picked = logp.gather(2, targets.clamp(min=0)[..., None]).squeeze(-1)
+    return (picked * mask).sum(1), mask.sum(1)
+
+
+def test_sequence_logps_match_the_full_log_softmax_in_values_and_gradients():
+    from posttrain.losses.language_modeling import sequence_logps
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 9, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 50, (3, 9), generator=g)
+    labels[0, :4] = IGNORE_INDEX  # prompt
+    labels[2, 6:] = IGNORE_INDEX  # padding
+    upstream = torch.randn(3, generator=g, dtype=torch.float64)  # per-sequence gradients, as DPO produces
+    logps, counts = sequence_logps(hidden, weight, labels, chunk_size=5)
+    expected, expected_counts = _reference_logps(hidden, weight, labels)
+    torch.testing.assert_close(logps, expected, rtol=1e-12, atol=1e-12)
+    assert counts.tolist() == expected_counts.tolist() == [5, 8, 5]  # tokens 4..8, 1..8, 1..5
+    grads = torch.autograd.grad((logps * upstream).sum(), (hidden, weight))
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), (hidden, weight))
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_sequence_logps_are_the_same_with_left_or_right_padding():
+    from posttrain.losses.language_modeling import sequence_logps
+    from posttrain.models.loading import final_hidden_and_head, load_model
+
+    model = load_model("tiny-2l").eval()
+    short, long = [5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15]
+    pad = 3
+
+    def logps(side):
+        rows, masks = [], []
+        for ids in (short, long):
+            fill = [pad] * (len(long) - len(ids))
+            rows.append(fill + ids if side == "left" else ids + fill)
+            masks.append([0] * len(fill) + [1] * len(ids) if side == "left" else [1] * len(ids) + [0] * len(fill))
+        input_ids, mask = torch.tensor(rows), torch.tensor(masks)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        # padding and the first real token (the "prompt": nothing before it to predict it from) carry no label
+        labels = input_ids.masked_fill((mask == 0) | (positions == 0), IGNORE_INDEX)
+        with torch.no_grad():
+            hidden, weight, bias = final_hidden_and_head(model, input_ids=input_ids, attention_mask=mask,
+                                                         position_ids=positions)
+            return sequence_logps(hidden, weight, labels, bias)[0]
+
+    torch.testing.assert_close(logps("left"), logps("right"), rtol=0, atol=1e-5)
+
+
+def test_sequence_logps_never_materialise_more_than_one_chunk_of_logits():
+    from posttrain.losses.language_modeling import sequence_logps
+
+    batch, length, vocab, chunk = 4, 64, 1000, 16
+    hidden = torch.randn(batch, length, 8, requires_grad=True)
+    weight = torch.randn(vocab, 8, requires_grad=True)
+    labels = torch.randint(0, vocab, (batch, length))
+    with _RecordOps() as rec:
+        logps, _ = sequence_logps(hidden, weight, labels, chunk_size=chunk)
+        logps.sum().backward()
+    assert rec.max_numel <= chunk * vocab < batch * (length - 1) * vocab // 10

@@ -185,3 +185,47 @@ def _loss_and_grads_fp32(hidden, weight, bias, targets, chunk_size, ignore_index
     if grad_bias is not None:
         grad_bias = grad_bias.to(bias.dtype)
     return loss, grad_hidden, grad_weight, grad_bias
+
+
+def sequence_logps(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = None,
+                   chunk_size: int = 256, ignore_index: int = IGNORE_INDEX) -> tuple[Tensor, Tensor]:
+    """Per-sequence summed log-probabilities of the labelled tokens, never holding [B, T, V].
+
+    log π(y|x) = Σ_{t: labels_t != ignore} log softmax(W h_{t−1} + b)[labels_t]
+
+    hidden (B, T, H) final hidden states, weight (V, H) the output head, labels (B, T) in the
+    Hugging Face convention (position t is predicted from t−1; the shift happens here).
+    Returns (logps (B,), token counts (B,)); average log-probs are logps / counts.
+
+    Unlike the SFT loss, preference losses weight every token's log-prob by a gradient known
+    only in backward, so gradients cannot be formed in forward. Instead each chunk of
+    positions is activation-checkpointed: forward keeps one chunk's logits at a time and
+    backward recomputes them, which costs one extra head matmul per chunk.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    batch = hidden.shape[0]
+    selected, targets = shift_for_causal_lm(hidden, labels, ignore_index)  # (N, H), (N,)
+    mask = labels[:, 1:] != ignore_index
+    rows = torch.arange(batch, device=hidden.device)[:, None].expand_as(mask)[mask]  # (N,) sequence of each token
+    token_logps = []
+    for start in range(0, selected.shape[0], chunk_size):
+        end = start + chunk_size
+        args = (selected[start:end], weight, bias, targets[start:end])
+        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+            token_logps.append(checkpoint(_token_logps, *args, use_reentrant=False))
+        else:
+            token_logps.append(_token_logps(*args))
+    per_token = torch.cat(token_logps) if token_logps else selected.new_zeros(0, dtype=torch.float32)
+    logps = per_token.new_zeros(batch).index_add(0, rows, per_token)
+    return logps, mask.sum(dim=1)
+
+
+def _token_logps(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor) -> Tensor:
+    """log softmax(W h + b)[y] for one chunk, in at least float32."""
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        logits = hidden.to(dtype) @ weight.to(dtype).T  # (C, V)
+        if bias is not None:
+            logits = logits + bias.to(dtype)
+        return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
