@@ -274,7 +274,7 @@ _FAMILIAR_NAMES = {
     "eval_steps": "eval_every", "logging_steps": "log_every", "save_total_limit": "keep_last",
     "torch_dtype": "dtype", "bf16": "mixed_precision", "fp16": "mixed_precision",
     "finetuning_type": "method", "peft_type": "method", "enabled": "method", "use_dora": "dora",
-    "use_rslora": "rslora", "lora_target": "target_modules", "num_virtual_tokens": "num_virtual_tokens",
+    "use_rslora": "rslora", "lora_target": "target_modules",
     "freeze_trainable_layers": "top_layers", "optim": "optimizer",
 }
 

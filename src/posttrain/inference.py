@@ -122,7 +122,7 @@ def _generate_per_adapter(model, tokenizer, items, texts, settings, batch_size) 
         return generate(model, tokenizer, texts, settings, batch_size=batch_size)
     if not getattr(model, "adapter_names", list)():
         raise UserError("a prompt names an adapter but no LoRA / IA3 adapter is loaded; pass --adapter NAME=DIR")
-    active = model.weight_peft.active_adapter
+    active = model.active_adapter
     completions: list[str] = [""] * len(items)
     for name in dict.fromkeys(w or active for w in wanted):
         rows = [i for i, w in enumerate(wanted) if (w or active) == name]

@@ -129,6 +129,11 @@ class AdaptedModel(nn.Module):
             if self.bottlenecks is not None:
                 self.bottlenecks.enabled = True
 
+    @property
+    def active_adapter(self) -> str | None:
+        """Name of the active weight adapter (None without LoRA / IA3)."""
+        return self.weight_peft.active_adapter if self.weight_peft is not None else None
+
     def adapter_names(self) -> list[str]:
         return list(self.weight_peft.peft_config) if self.weight_peft is not None else []
 

@@ -70,8 +70,12 @@ def parameter_report(model: nn.Module, optimizer: str = "adamw") -> dict:
     }
 
 
+def _summary_line(report: dict) -> str:
+    return f"trainable {report['trainable']:,} / {report['total']:,} params ({report['percent']:.3f}%)"
+
+
 def format_report(report: dict) -> str:
-    lines = [f"trainable {report['trainable']:,} / {report['total']:,} params ({report['percent']:.3f}%)"]
+    lines = [_summary_line(report)]
     methods = [(k, v) for k, v in report["by_method"].items() if v["trainable"] or k != "base"]
     lines.append("  by method: " + ", ".join(f"{k} {v['trainable']:,}" for k, v in methods))
     modules = [(k, v) for k, v in report["by_module"].items() if v["trainable"]]
@@ -89,7 +93,5 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def trainable_summary(model: nn.Module) -> str:
-    """E.g. "trainable 12,288 / 1,034,752 params (1.19%)"."""
-    trainable, total = count_parameters(model)
-    percent = 100.0 * trainable / total if total else 0.0
-    return f"trainable {trainable:,} / {total:,} params ({percent:.2f}%)"
+    """E.g. "trainable 12,288 / 1,034,752 params (1.188%)": the report's first line."""
+    return _summary_line(parameter_report(model))
