@@ -268,15 +268,18 @@ class _BadRows:
 # --------------------------------------------------------------------------- files
 
 
-def _file_records(path: str, fmt: str, counts: FileReport, bad_rows: _BadRows) -> Iterator[Record]:
-    """The records of one file, counting every row and handing bad ones to `bad_rows`."""
+def _file_records(path: str, fmt: str, counts: FileReport, bad_rows: _BadRows,
+                  convert_row: Callable = to_record, detect: Callable = detect_format) -> Iterator[Any]:
+    """The records of one file, counting every row and handing bad ones to `bad_rows`.
+    `convert_row(row, fmt, location)` and `detect(rows, where=...)` default to this module's
+    formats; the preference formats (data/preferences.py) pass their own."""
 
-    def convert(location: str, row: Any) -> Record | None:
+    def convert(location: str, row: Any) -> Any:
         counts.total += 1
         try:
             if isinstance(row, Malformed):
                 raise BadRowError(row.reason)
-            record = to_record(row, counts.format, location)
+            record = convert_row(row, counts.format, location)
         except BadRowError as e:
             counts.bad += 1
             bad_rows.add(Reject(location, e.reason, row.raw if isinstance(row, Malformed) else row))
@@ -291,7 +294,7 @@ def _file_records(path: str, fmt: str, counts: FileReport, bad_rows: _BadRows) -
         for location, row in rows:  # bad rows before the first good one are bad in any format
             if not isinstance(row, Malformed):
                 head = _read_ahead(rows, [(location, row)])
-                counts.format = detect_format([r for _, r in head if not isinstance(r, Malformed)], where=path)
+                counts.format = detect([r for _, r in head if not isinstance(r, Malformed)], where=path)
                 rows = itertools.chain(head, rows)
                 break
             convert(location, row)
@@ -323,13 +326,14 @@ def _check_has_good_rows(counts: FileReport) -> None:
 # --------------------------------------------------------------------------- policy
 
 
-def _check_arguments(paths: list[str], fmt: str, bad_rows: str, max_bad_fraction: float) -> None:
+def _check_arguments(paths: list[str], fmt: str, bad_rows: str, max_bad_fraction: float,
+                     known: tuple[str, ...] = FORMATS) -> None:
     if isinstance(paths, (str, os.PathLike)):
         raise TypeError("paths must be a list of paths, not a single path")
     if not paths:
         raise DataError("no data files given; list at least one file")
-    if fmt != "auto" and fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; expected auto or one of {', '.join(FORMATS)}")
+    if fmt != "auto" and fmt not in known:
+        raise ValueError(f"unknown format {fmt!r}; expected auto or one of {', '.join(known)}")
     if bad_rows not in ("error", "skip"):
         raise ValueError(f"bad_rows must be 'error' or 'skip', got {bad_rows!r}")
     if not 0.0 <= max_bad_fraction <= 1.0:
@@ -375,13 +379,19 @@ def load_records(
     when `fmt="auto"`. With bad_rows="error" every file is read first and one DataError lists
     how many rows are bad and where; with "skip" bad rows go to `rejects_path` (JSONL) and
     the run fails only if their fraction exceeds `max_bad_fraction`."""
-    _check_arguments(paths, fmt, bad_rows, max_bad_fraction)
+    return _load(paths, fmt, bad_rows, max_bad_fraction, rejects_path, log, to_record, detect_format, FORMATS)
+
+
+def _load(paths, fmt, bad_rows, max_bad_fraction, rejects_path, log, convert_row, detect,
+          known) -> tuple[list, DataReport]:
+    """`load_records` with the row converter, detector and format names as parameters."""
+    _check_arguments(paths, fmt, bad_rows, max_bad_fraction, known)
     report = DataReport()
     with _BadRows(bad_rows, rejects_path, report, raise_at_once=False) as sink:
         records = []
         for path in paths:
             report.files.append(FileReport(os.fspath(path)))
-            records.extend(_file_records(os.fspath(path), fmt, report.files[-1], sink))
+            records.extend(_file_records(os.fspath(path), fmt, report.files[-1], sink, convert_row, detect))
     _finish(report, bad_rows, max_bad_fraction, log)
     return records, report
 

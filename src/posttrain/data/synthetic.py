@@ -13,6 +13,9 @@ prompt token costs training time.
     addition  "Add: 23 + 48"            → "71"      (two-digit operands; hard for tiny models)
 
 Rows use alpaca keys ({"instruction", "output"}); records are [user, assistant] messages.
+`make_preference_rows` gives the same prompts as preference rows (data/preferences.py
+formats): the correct answer preferred to plausible wrong ones, e.g. for count "3" over
+"4" (off by one), for reverse "t m q" over "q m t" (left unreversed).
 Everything is deterministic given the seed.
 """
 
@@ -160,3 +163,128 @@ def exact_match(predictions: Sequence[str], expected: Sequence[str]) -> float:
     if not predictions:
         return 0.0
     return sum(answer_matches(p, e) for p, e in zip(predictions, expected)) / len(predictions)
+
+
+# --------------------------------------------------------------------------- preferences
+#
+# Verifiable preferences: the correct answer is preferred to plausible wrong ones. Each
+# task's `_WRONG` function draws one wrong answer; `_distance` says how wrong it is (0 only
+# for the correct answer), which orders the responses of a ranking, equal distances tied.
+
+PREFERENCE_KINDS = ("pairs", "ranking", "unpaired")
+
+
+def _operands(instruction: str) -> list[str]:
+    """The letters (or "23", "+", "48") after the instruction's colon."""
+    return instruction.split(": ", 1)[1].split(" ")
+
+
+def _wrong_letter(letters: list[str], correct: str, rng: random.Random) -> str:
+    others = sorted(set(letters) - {correct})  # mostly a letter from the list: the plausible mistake
+    if others and rng.random() < 0.8:
+        return rng.choice(others)
+    return rng.choice([c for c in string.ascii_lowercase if c != correct])
+
+
+def _wrong_sequence(letters: list[str], correct: str, rng: random.Random, unreversed: bool) -> str:
+    """One letter changed, two positions swapped, or (reverse) the letters left in order."""
+    out = correct.split(" ")
+    move = rng.choice(("change", "swap", "unreversed") if unreversed else ("change", "swap"))
+    if move == "unreversed":
+        return " ".join(letters)
+    i, j = rng.sample(range(len(out)), 2)
+    if move == "swap":
+        out[i], out[j] = out[j], out[i]
+    else:
+        out[i] = rng.choice([c for c in string.ascii_lowercase if c != out[i]])
+    return " ".join(out)
+
+
+def _wrong_number(correct: str, rng: random.Random, offsets: tuple[int, ...]) -> str:
+    return str(int(correct) + rng.choice(offsets))  # counts are >= 3 and sums >= 20: never below 1
+
+
+_WRONG: dict[str, Callable[[list[str], str, random.Random], str]] = {
+    "smallest": _wrong_letter,
+    "largest": _wrong_letter,
+    "copy": lambda letters, correct, rng: _wrong_sequence(letters, correct, rng, unreversed=False),
+    "reverse": lambda letters, correct, rng: _wrong_sequence(letters, correct, rng, unreversed=True),
+    "count": lambda letters, correct, rng: _wrong_number(correct, rng, (-2, -1, 1, 2, 3)),  # +3: room for K=6
+    "addition": lambda operands, correct, rng: _wrong_number(correct, rng, (-10, -2, -1, 1, 2, 10)),
+}
+
+
+def _distance(task: str, letters: list[str], answer: str, correct: str) -> int:
+    """How wrong `answer` is: alphabetical distance (+26 for a letter not in the list),
+    wrong positions, or numeric difference."""
+    if task in ("smallest", "largest"):
+        return abs(ord(answer) - ord(correct)) + (0 if answer in letters else 26)
+    if task in ("copy", "reverse"):
+        return sum(a != b for a, b in zip(answer.split(" "), correct.split(" ")))
+    return abs(int(answer) - int(correct))
+
+
+def _wrong_answers(example: SyntheticExample, k: int, rng: random.Random) -> list[str]:
+    """`k` distinct wrong answers to `example` (never the correct one)."""
+    letters = _operands(example.instruction)
+    wrong: list[str] = []
+    for _attempt in range(1_000):
+        if len(wrong) == k:
+            return wrong
+        answer = _WRONG[example.task](letters, example.output, rng)
+        if answer != example.output and answer not in wrong:
+            wrong.append(answer)
+    raise ConfigError(f"synthetic task {example.task!r} has fewer than {k} plausible wrong answers for "
+                      f"{example.instruction!r}; ask for fewer responses")
+
+
+def _preference_row(example: SyntheticExample, index: int, n_tasks: int, kind: str, num_responses: int,
+                    rng: random.Random) -> dict:
+    prompt, correct = example.instruction, example.output
+    if kind == "pairs":
+        return {"prompt": prompt, "chosen": correct, "rejected": _wrong_answers(example, 1, rng)[0]}
+    if kind == "unpaired":
+        # Alternate within each task, offset by the task's position: every task and the
+        # whole set are balanced to within one row, for any number of tasks.
+        desirable = (index // n_tasks + index % n_tasks) % 2 == 0
+        return {"prompt": prompt, "completion": correct if desirable else _wrong_answers(example, 1, rng)[0],
+                "label": desirable}
+    responses = [correct, *_wrong_answers(example, num_responses - 1, rng)]
+    rng.shuffle(responses)  # position says nothing: only the ranks do
+    letters = _operands(prompt)
+    distances = [_distance(example.task, letters, r, correct) for r in responses]
+    order = sorted(set(distances))
+    return {"prompt": prompt, "responses": responses, "ranks": [order.index(d) for d in distances]}
+
+
+def make_preference_rows(
+    tasks: str | Sequence[str], n: int, seed: int = 0, *, kind: str = "pairs", num_responses: int = 4,
+    exclude: Iterable[str] = (), unique: bool = False,
+) -> list[dict]:
+    """`n` preference rows over `tasks` (cycled, as in make_examples), chosen = correct:
+
+    pairs     {"prompt", "chosen", "rejected"}           one plausible wrong answer
+    ranking   {"prompt", "responses", "ranks"}           correct + num_responses-1 wrong,
+              shuffled; ranks by distance from correct (0 = correct, equal distances tied)
+    unpaired  {"prompt", "completion", "label"}          alternately correct / wrong per task
+    """
+    if kind not in PREFERENCE_KINDS:
+        raise ConfigError(f"unknown synthetic preference kind {kind!r}; choose from {', '.join(PREFERENCE_KINDS)}")
+    if kind == "ranking" and num_responses < 2:
+        raise ConfigError(f"a ranking needs at least 2 responses, got num_responses={num_responses}")
+    names = _check_tasks(tasks)
+    examples = make_examples(names, n, seed, exclude=exclude, unique=unique)
+    rng = random.Random(f"posttrain-preference-{seed}")  # its own stream: prompts match make_examples'
+    return [_preference_row(e, i, len(names), kind, num_responses, rng) for i, e in enumerate(examples)]
+
+
+def make_preference_split(
+    tasks: str | Sequence[str], n_train: int, n_eval: int, seed: int = 0, *, kind: str = "pairs",
+    num_responses: int = 4,
+) -> tuple[list[dict], list[dict]]:
+    """(train, eval) preference rows where no eval prompt ever appears in train (see make_split)."""
+    held_out = make_preference_rows(tasks, n_eval, seed + 1_000_003, kind=kind, num_responses=num_responses,
+                                    unique=True)
+    train = make_preference_rows(tasks, n_train, seed, kind=kind, num_responses=num_responses,
+                                 exclude={row["prompt"] for row in held_out})
+    return train, held_out

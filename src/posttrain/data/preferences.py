@@ -1,0 +1,470 @@
+"""Preference data: rows → `PreferenceRecord`s → token sequences, for reward models,
+DPO-family methods and KTO.
+
+Three row formats are understood (detected per file, like formats.py's, or set):
+
+    pairs     {"prompt", "chosen", "rejected", "margin"?}
+    ranking   {"prompt", "responses": [K], "ranks"?: [K ints, 0 = best, ties equal]
+               | "scores"?: [K numbers, higher = better]}; neither: best first
+    unpaired  {"prompt", "completion", "label": true/false}   (KTO; or "desirable")
+
+A prompt is a string (one user turn; an optional "system" key puts a system turn
+first) or a list of turns as formats.py accepts them (OpenAI or ShareGPT keys). It must
+end with a user turn; assistant turns before that are context. A response is a string
+or a list of turns: the assistant's message alone, or the whole conversation repeating
+the prompt's turns (checked, then stripped). A pair without "prompt" gives whole
+conversations on both sides; the turns before their last assistant turns are the
+prompt, and must be the same on both sides. CSV and Parquet cells may hold any of the
+lists JSON-encoded.
+
+Reading, per-file detection, the bad-row policy, rejects file and `DataReport` are
+formats.py's, run with this module's row converter: a row that cannot be trained on
+(identical sides, every response tied, ...) is a bad row with its file:line, never
+dropped silently. Rankings are stored as dense ranks (0, 1, 2, ...; ties equal).
+
+Encoding renders prompt + response with the chat template and labels only that final
+assistant turn (content and end-of-turn marker), so every response to a prompt gets
+the same prompt tokens and the same template treatment; assistant turns inside the
+prompt are context and never trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from posttrain.data import formats
+from posttrain.data.formats import BadRowError, DataReport, _list, _string, _type_name
+from posttrain.data.pipeline import SYNTHETIC, split_eval
+from posttrain.data.records import Example
+from posttrain.errors import ConfigError, DataError
+
+PREFERENCE_FORMATS = ("pairs", "ranking", "unpaired")
+_NEEDS = {
+    "pairs": "'chosen' and 'rejected', and 'prompt' unless both are whole conversations",
+    "ranking": "'prompt' and 'responses' (optional 'ranks' or 'scores')",
+    "unpaired": "'prompt', 'completion' and 'label' (or 'desirable')",
+}
+
+
+@dataclass
+class PreferenceRecord:
+    """One prompt with its responses, before tokenisation.
+
+    prompt:    chat turns before the response (optional system first, ends with a user turn).
+    responses: pairs [chosen, rejected]; ranking K of them; unpaired [completion].
+    ranks:     per response, 0 = best, equal = tie (pairs [0, 1]); None for unpaired.
+    desirable: unpaired (KTO) only.  margin: a pair's optional margin.  source: "file:line".
+    """
+
+    prompt: list[dict[str, str]]
+    responses: list[str]
+    ranks: list[int] | None = None
+    desirable: bool | None = None
+    margin: float | None = None
+    source: str = "<memory>"
+
+
+@dataclass
+class PreferenceExample:
+    """A tokenised record: one sequence (prompt + response) per response, same order."""
+
+    sequences: list[Example]
+    ranks: list[int] | None
+    desirable: bool | None
+    margin: float | None
+    source: str
+
+
+# --------------------------------------------------------------------------- detection
+
+
+_KEYS = {"pairs": ("chosen", "rejected"), "ranking": ("responses",), "unpaired": ("completion",)}  # to detect by
+
+
+def detect_preference_format(rows: list[dict], *, where: str = "the data") -> str:
+    """The format most of the first few rows fit; ties go to pairs, then ranking."""
+    sample = [row for row in rows if isinstance(row, dict)][: formats._DETECT_ROWS]
+    if not sample:
+        raise DataError(f"{where}: no readable rows to detect the preference format from")
+    counts = {fmt: sum(all(key in row for key in _KEYS[fmt]) for row in sample) for fmt in PREFERENCE_FORMATS}
+    best = max(counts, key=lambda fmt: counts[fmt])
+    if counts[best] == 0:
+        seen = sorted({str(key) for row in sample for key in row})
+        needs = "; ".join(f"{fmt} needs {keys}" for fmt, keys in _NEEDS.items())
+        raise DataError(f"{where}: cannot tell the preference format from the keys {_list(seen)}; {needs}")
+    return best
+
+
+# --------------------------------------------------------------------------- one row
+
+
+def to_preference_record(row: dict, fmt: str, location: str = "<memory>") -> PreferenceRecord:
+    """Convert one row of format `fmt`; raises `BadRowError` saying what is wrong with it."""
+    if not isinstance(row, dict):
+        raise BadRowError(f"expected an object, got {_type_name(row)}")
+    if fmt in _CONVERTERS:
+        return _CONVERTERS[fmt](row, location)
+    raise ValueError(f"unknown preference format {fmt!r}; expected one of {', '.join(PREFERENCE_FORMATS)}")
+
+
+def _absent(row: dict, key: str) -> bool:
+    """Missing, null or blank (CSV and Parquet spell "absent" that way)."""
+    value = row.get(key)
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def _required(row: dict, key: str, fmt: str) -> Any:
+    if key not in row:
+        raise BadRowError(f"missing key {key!r} ({fmt} rows need {_NEEDS[fmt]}; this row has {_list(list(row))})")
+    return row[key]
+
+
+def _decoded(value: Any, any_list: bool = False) -> Any:
+    """A JSON-encoded list from a CSV/Parquet cell, decoded. Text responses stay text unless
+    they decode to a list of turns (or to any list, with any_list, where text is never valid)."""
+    if not isinstance(value, str) or not value.lstrip().startswith("["):
+        return value
+    try:
+        decoded = json.loads(value)
+    except json.JSONDecodeError:
+        return value
+    if not isinstance(decoded, list):
+        return value
+    is_turns = decoded and all(isinstance(t, dict) and ("role" in t or "from" in t) for t in decoded)
+    return decoded if any_list or is_turns else value
+
+
+def _turns(value: list, what: str) -> list[dict[str, str]]:
+    if not value:
+        raise BadRowError(f"{what} is an empty list")
+    try:
+        turns = [formats._turn(turn, number) for number, turn in enumerate(value, 1)]
+    except BadRowError as e:
+        raise BadRowError(f"{what} {e.reason}") from None
+    roles = [turn["role"] for turn in turns]
+    if "system" in roles[1:]:
+        number = roles.index("system", 1) + 1
+        raise BadRowError(f"{what} turn {number} is a system turn; a system message may only come first")
+    return turns
+
+
+def _first_difference(a: list, b: list) -> int:
+    """1-based number of the first turn where `a` and `b` differ."""
+    return next((i for i, (x, y) in enumerate(zip(a, b), 1) if x != y), min(len(a), len(b)) + 1)
+
+
+def _check_prompt(turns: list[dict[str, str]], what: str) -> list[dict[str, str]]:
+    if not turns:
+        raise BadRowError(f"{what} has no turns")
+    role = turns[-1]["role"]
+    if role != "user":
+        article = "an" if role == "assistant" else "a"
+        raise BadRowError(f"{what} ends with {article} {role} turn; a prompt must end with a user turn")
+    return turns
+
+
+def _prompt(row: dict, fmt: str) -> list[dict[str, str]]:
+    value = _decoded(_required(row, "prompt", fmt))
+    system = formats._optional_string(row, "system")
+    if isinstance(value, str):
+        turns = [{"role": "user", "content": _string(value, "'prompt'")}]
+    elif isinstance(value, list):
+        turns = _turns(value, "'prompt'")
+        if system is not None and turns[0]["role"] == "system":
+            raise BadRowError("both a 'system' key and a system turn opening 'prompt'; give one")
+    else:
+        raise BadRowError(f"'prompt' is {_type_name(value)}, expected a string or a list of turns")
+    if system is not None:
+        turns = [{"role": "system", "content": system}, *turns]
+    return _check_prompt(turns, "'prompt'")
+
+
+def _response(value: Any, what: str, prompt: list[dict[str, str]]) -> str:
+    """A response's text: a string, [assistant message], or prompt turns + assistant message."""
+    value = _decoded(value)
+    if isinstance(value, str):
+        return _string(value, what)
+    if not isinstance(value, list):
+        raise BadRowError(f"{what} is {_type_name(value)}, expected a string or a list of turns")
+    turns = _turns(value, what)
+    if len(turns) > 1:
+        # A conversation may leave out the system turn that a 'system' key added.
+        context = prompt[1:] if prompt[0]["role"] == "system" and turns[0]["role"] != "system" else prompt
+        if turns[:-1] != context:
+            n = _first_difference(turns[:-1], context)
+            raise BadRowError(f"{what} does not continue the prompt: it differs from it at turn {n}")
+    if turns[-1]["role"] != "assistant":
+        raise BadRowError(f"{what} ends with a {turns[-1]['role']} turn, expected the assistant's reply")
+    return turns[-1]["content"]
+
+
+def _pair(row: dict, location: str) -> PreferenceRecord:
+    for key in ("chosen", "rejected"):
+        _required(row, key, "pairs")
+    if _absent(row, "prompt"):
+        prompt, chosen, rejected = _implicit_prompt(row)
+    else:
+        prompt = _prompt(row, "pairs")
+        chosen, rejected = (_response(row[key], repr(key), prompt) for key in ("chosen", "rejected"))
+    if chosen == rejected:
+        raise BadRowError("'chosen' and 'rejected' are the same text, so there is no preference")
+    return PreferenceRecord(prompt, [chosen, rejected], ranks=[0, 1], margin=_margin(row), source=location)
+
+
+def _implicit_prompt(row: dict) -> tuple[list[dict[str, str]], str, str]:
+    """No 'prompt': both sides are whole conversations sharing every turn but the last."""
+    sides = []
+    for key in ("chosen", "rejected"):
+        value = _decoded(row[key])
+        if not isinstance(value, list):
+            raise BadRowError(f"no 'prompt', and {key!r} is {_type_name(value)}; without a prompt, 'chosen' "
+                              "and 'rejected' must be whole conversations (lists of turns)")
+        turns = _turns(value, repr(key))
+        if turns[-1]["role"] != "assistant":
+            raise BadRowError(f"{key!r} ends with a {turns[-1]['role']} turn, expected the assistant's reply")
+        sides.append(turns)
+    chosen, rejected = sides
+    if chosen[:-1] != rejected[:-1]:
+        n = _first_difference(chosen[:-1], rejected[:-1])
+        raise BadRowError(f"chosen and rejected do not share the prompt turns: they differ at turn {n}")
+    prompt = _check_prompt(chosen[:-1], "the prompt (the turns before the last of 'chosen')")
+    system = formats._optional_string(row, "system")
+    if system is not None and prompt[0]["role"] == "system":
+        raise BadRowError("both a 'system' key and a system turn opening the conversations; give one")
+    prompt = prompt if system is None else [{"role": "system", "content": system}, *prompt]
+    return prompt, chosen[-1]["content"], rejected[-1]["content"]
+
+
+def _number(value: Any, what: str) -> float:
+    if isinstance(value, str):  # a CSV cell
+        try:
+            value = float(value)
+        except ValueError:
+            raise BadRowError(f"{what} is {value!r}, expected a number") from None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise BadRowError(f"{what} is {value!r}, expected a finite number")
+    return float(value)
+
+
+def _margin(row: dict) -> float | None:
+    return None if _absent(row, "margin") else _number(row["margin"], "'margin'")
+
+
+def _ranking(row: dict, location: str) -> PreferenceRecord:
+    prompt = _prompt(row, "ranking")
+    items = _decoded(_required(row, "responses", "ranking"), any_list=True)
+    if not isinstance(items, list):
+        raise BadRowError(f"'responses' is {_type_name(items)}, expected a list of responses")
+    if len(items) < 2:
+        raise BadRowError(f"'responses' has {len(items)} response(s); a ranking needs at least 2")
+    responses = [_response(item, f"response {i}", prompt) for i, item in enumerate(items, 1)]
+    return PreferenceRecord(prompt, responses, ranks=_ranks(row, responses), source=location)
+
+
+def _ranks(row: dict, responses: list[str]) -> list[int]:
+    """Dense ranks (0 = best) from 'ranks', 'scores', or the order of the responses."""
+    given = [key for key in ("ranks", "scores") if not _absent(row, key)]
+    if len(given) == 2:
+        raise BadRowError("both 'ranks' and 'scores' are given; give one (ranks: 0 = best; scores: higher = better)")
+    values: list[float] = [float(i) for i in range(len(responses))]  # neither: best first
+    for key in given:
+        cell = _decoded(row[key], any_list=True)
+        if not isinstance(cell, list):
+            raise BadRowError(f"{key!r} is {_type_name(cell)}, expected a list of numbers")
+        if len(cell) != len(responses):
+            raise BadRowError(f"{key!r} has {len(cell)} entries for {len(responses)} responses")
+        values = [_number(v, f"{key!r} entry {i}") for i, v in enumerate(cell, 1)]
+    if given == ["ranks"]:
+        for i, value in enumerate(values, 1):
+            if value < 0 or not value.is_integer():
+                raise BadRowError(f"'ranks' entry {i} is {value:g}; ranks are whole numbers >= 0 (0 = best)")
+    order = sorted(set(values), reverse=given == ["scores"])
+    if len(order) == 1:
+        raise BadRowError(f"all {len(responses)} responses are tied, so there is no preference")
+    ranks = [order.index(v) for v in values]
+    first: dict[str, int] = {}
+    for i, text in enumerate(responses):
+        j = first.setdefault(text, i)
+        if ranks[j] != ranks[i]:
+            raise BadRowError(f"responses {j + 1} and {i + 1} are the same text but ranked differently")
+    return ranks
+
+
+def _unpaired(row: dict, location: str) -> PreferenceRecord:
+    prompt = _prompt(row, "unpaired")
+    completion = _response(_required(row, "completion", "unpaired"), "'completion'", prompt)
+    key = "desirable" if "label" not in row and "desirable" in row else "label"
+    value = _required(row, key, "unpaired")
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):  # a CSV cell
+        value = value.strip().lower() in ("true", "1")
+    if not isinstance(value, bool):
+        raise BadRowError(f"{key!r} is {'null' if value is None else repr(value)}, expected true or false")
+    return PreferenceRecord(prompt, [completion], desirable=value, source=location)
+
+
+_CONVERTERS = {"pairs": _pair, "ranking": _ranking, "unpaired": _unpaired}
+
+
+# --------------------------------------------------------------------------- files
+
+
+def load_preference_records(
+    paths: list[str],
+    *,
+    fmt: str = "auto",
+    bad_rows: str = "error",
+    max_bad_fraction: float = 0.01,
+    rejects_path: str | None = None,
+    log: Callable[[str], Any] = print,
+) -> tuple[list[PreferenceRecord], DataReport]:
+    """Read preference files with `formats.load_records`' policy (per-file detection, bad
+    rows listed with file:line or skipped into `rejects_path`, `max_bad_fraction`)."""
+    return formats._load(paths, fmt, bad_rows, max_bad_fraction, rejects_path, log,
+                         to_preference_record, detect_preference_format, PREFERENCE_FORMATS)
+
+
+# --------------------------------------------------------------------------- tokens
+
+
+def encode_response(prompt: list[dict[str, str]], response: str, tokenizer: Any, template: str,
+                    source: str = "<memory>") -> Example:
+    """prompt + response as token ids, labelled on the response's turn only (content and
+    end-of-turn marker); earlier assistant turns are context."""
+    from posttrain.data.templates import _labels_from_spans, assistant_spans
+
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError(f"{type(tokenizer).__name__} is a slow (Python) tokenizer; exact label masks need "
+                        "character offsets, which only fast tokenizers give (load it with use_fast=True)")
+    messages = [*prompt, {"role": "assistant", "content": response}]
+    text, spans = assistant_spans(messages, tokenizer, template, source)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)  # the template has BOS
+    input_ids = list(encoded["input_ids"])
+    return Example(input_ids, _labels_from_spans(input_ids, encoded["offset_mapping"], spans[-1:]), source)
+
+
+def encode_preference(record: PreferenceRecord, tokenizer: Any, template: str) -> PreferenceExample:
+    sequences = [encode_response(record.prompt, r, tokenizer, template, record.source) for r in record.responses]
+    return PreferenceExample(sequences, record.ranks, record.desirable, record.margin, record.source)
+
+
+def fit_preference_length(examples: list[PreferenceExample], max_length: int,
+                          policy: str = "truncate") -> tuple[list[PreferenceExample], dict]:
+    """Apply the length policy to whole records. "truncate" cuts each over-long sequence's
+    end (the prompt is kept); "drop" drops a record with any over-long sequence. Either way
+    a record with a sequence left without label tokens (prompt too long) is dropped, since
+    its responses can no longer be compared. Every drop is counted in the report."""
+    if policy not in ("truncate", "drop"):
+        raise ConfigError(f"unknown length policy {policy!r}; choose truncate or drop")
+    if max_length < 1:
+        raise ConfigError(f"max_length must be at least 1, got {max_length}")
+    report = {"records": len(examples), "max_length": max_length, "policy": policy, "too_long_records": 0,
+              "truncated_sequences": 0, "dropped_too_long": 0, "dropped_no_labels": 0}
+    kept = []
+    for example in examples:
+        over = [len(s) > max_length for s in example.sequences]
+        report["too_long_records"] += any(over)
+        if any(over) and policy == "drop":
+            report["dropped_too_long"] += 1
+            continue
+        sequences = [Example(s.input_ids[:max_length], s.labels[:max_length], s.source) if o else s
+                     for s, o in zip(example.sequences, over)]
+        if any(s.num_label_tokens == 0 for s in sequences):
+            report["dropped_no_labels"] += 1
+            continue
+        report["truncated_sequences"] += sum(over)  # of the records kept
+        kept.append(PreferenceExample(sequences, example.ranks, example.desirable, example.margin, example.source))
+    report["dropped_records"] = report["dropped_too_long"] + report["dropped_no_labels"]
+    report["summary"] = _length_summary(report)
+    return kept, report
+
+
+def _length_summary(r: dict) -> str:
+    line = f"{r['too_long_records']} of {r['records']} records have a sequence longer than {r['max_length']} tokens"
+    if r["policy"] == "truncate" and r["truncated_sequences"]:
+        line += f": {r['truncated_sequences']} sequences truncated"
+    elif r["dropped_too_long"]:
+        line += ": dropped"
+    if r["dropped_no_labels"]:
+        line += f"; {r['dropped_no_labels']} dropped with a response left without label tokens (prompt too long)"
+    return line
+
+
+# --------------------------------------------------------------------------- config → examples
+
+
+@dataclass
+class PreparedPreferences:
+    train: list[PreferenceExample]
+    eval: list[PreferenceExample]
+    eval_records: list[PreferenceRecord]  # held-out records (for generation-based metrics)
+    report: dict = field(default_factory=dict)
+
+
+def _read(files: list[str], cfg, run_dir: Path, log: Callable[[str], None], name: str):
+    if SYNTHETIC in files:
+        raise ConfigError(f"data.{name}_files: 'synthetic' cannot be mixed with files")
+    records, report = load_preference_records(
+        files, fmt=cfg.format, bad_rows=cfg.bad_rows, max_bad_fraction=cfg.max_bad_fraction,
+        rejects_path=str(run_dir / f"rejects-{name}.jsonl"), log=log,
+    )
+    return records, report.to_dict()
+
+
+def _synthetic(cfg, seed: int) -> tuple[list[PreferenceRecord], list[PreferenceRecord]]:
+    """Bundled verifiable preferences; held-out prompts never appear in training."""
+    from posttrain.data import synthetic
+
+    n_eval = round(cfg.eval_fraction * cfg.synthetic_size)
+    kind = cfg.synthetic_kind
+    train, held_out = synthetic.make_preference_split(cfg.synthetic_tasks, cfg.synthetic_size - n_eval, n_eval,
+                                                      seed=seed, kind=kind, num_responses=cfg.synthetic_responses)
+    return ([to_preference_record(row, kind, f"synthetic-train:{i}") for i, row in enumerate(train)],
+            [to_preference_record(row, kind, f"synthetic-eval:{i}") for i, row in enumerate(held_out)])
+
+
+def _encode_split(records, tokenizer, template: str, cfg, log, name: str) -> tuple[list[PreferenceExample], dict]:
+    examples = [encode_preference(r, tokenizer, template) for r in records]
+    examples, length = fit_preference_length(examples, cfg.max_length, cfg.overlength)
+    kinds = sorted({"unpaired" if r.ranks is None else f"{len(r.responses)} responses" for r in records})
+    log(f"{name}: {len(examples)} preference records ({', '.join(kinds)}); {length['summary']}")
+    return examples, length
+
+
+def prepare_preference_data(cfg, tokenizer, run_dir: Path, seed: int,
+                            log: Callable[[str], None] = print) -> PreparedPreferences:
+    """Load train (and eval) preference data per `cfg` (a PreferenceDataConfig) into
+    examples, as `pipeline.prepare_sft_data` does for SFT; write data_report.json."""
+    from posttrain.data.templates import resolve_template
+
+    template = resolve_template(tokenizer, cfg.template)
+    if cfg.train_files == [SYNTHETIC]:
+        train_records, eval_records = _synthetic(cfg, seed)
+        read_report = {"source": "synthetic", "kind": cfg.synthetic_kind, "tasks": list(cfg.synthetic_tasks),
+                       "rows": len(train_records) + len(eval_records), "bad": 0}
+        eval_read = {"rows": len(eval_records), "held_out_prompts_unique": True}
+    elif cfg.eval_files:
+        train_records, read_report = _read(cfg.train_files, cfg, run_dir, log, "train")
+        eval_records, eval_read = _read(cfg.eval_files, cfg, run_dir, log, "eval")
+    else:
+        records, read_report = _read(cfg.train_files, cfg, run_dir, log, "train")
+        train_records, eval_records = split_eval(records, cfg.eval_fraction, seed)
+        eval_read = {"rows": len(eval_records), "split_from_train": True}
+    train, train_len = _encode_split(train_records, tokenizer, template, cfg, log, "train")
+    if not train:
+        raise DataError(f"none of the {len(train_records)} training records is left after the length policy "
+                        f"({train_len['summary']}); raise data.max_length or shorten the prompts")
+    evaluation, eval_len = (_encode_split(eval_records, tokenizer, template, cfg, log, "eval")
+                            if eval_records else ([], {}))
+    report = {"train_read": read_report, "eval_read": eval_read, "train_length": train_len, "eval_length": eval_len,
+              "train_records": len(train), "eval_records": len(evaluation),
+              "train_sequences": sum(len(e.sequences) for e in train),
+              "train_label_tokens": sum(s.num_label_tokens for e in train for s in e.sequences)}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "data_report.json").write_text(json.dumps(report, indent=1, default=str))
+    return PreparedPreferences(train, evaluation, eval_records, report)
