@@ -1,6 +1,10 @@
 """Command line: parse argv, build a config, call the stage. No logic of its own.
 
     posttrain sft CONFIG.yaml [section.key=value ...]
+    posttrain rm CONFIG.yaml [...]            reward model
+    posttrain dpo CONFIG.yaml [...]           DPO, cDPO, IPO, hinge, SimPO, ORPO, KTO (dpo.loss)
+    posttrain kto | orpo CONFIG.yaml [...]    dpo with dpo.loss set
+    posttrain score --model RM_DIR --input rows.jsonl --output scored.jsonl
     posttrain generate --model DIR --prompts FILE [--output out.jsonl] [sampling flags]
     posttrain chat --model DIR
     posttrain merge ADAPTER_DIR OUT_DIR
@@ -48,11 +52,29 @@ def _sampling_args(parser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from posttrain.config import SFTConfig
+    from posttrain.config import DPOConfig, RMConfig, SFTConfig
 
     parser = argparse.ArgumentParser(prog="posttrain", description="Post-training for language models.")
     sub = parser.add_subparsers(dest="command", required=True)
     _stage_parser(sub, "sft", SFTConfig, "supervised / instruction fine-tuning (full, freeze or any PEFT method)")
+    _stage_parser(sub, "rm", RMConfig, "reward model from pairs or K-way rankings (Bradley-Terry / ranking loss)")
+    _stage_parser(sub, "dpo", DPOConfig, "direct preference optimisation: dpo, cdpo, ipo, hinge, simpo, orpo, kto")
+    _stage_parser(sub, "kto", DPOConfig, "posttrain dpo with dpo.loss=kto (unpaired feedback)")
+    _stage_parser(sub, "orpo", DPOConfig, "posttrain dpo with dpo.loss=orpo (SFT + odds ratio, no reference)")
+    score = sub.add_parser("score", help="score prompt/response rows with reward models and functions")
+    score.add_argument("--model", action="append", default=[], metavar="[NAME=]DIR",
+                       help="reward model directory (repeatable; several are combined)")
+    score.add_argument("--function", action="append", default=[], metavar="NAME=module:fn",
+                       help="Python reward fn(prompt_turns, response) -> float (repeatable)")
+    score.add_argument("--weight", action="append", default=[], metavar="NAME=W", help="weight of a component (default 1)")
+    score.add_argument("--floor", action="append", default=[], metavar="NAME=X",
+                       help="soft constraint: penalise a component's raw score below X")
+    score.add_argument("--calibrate", action="store_true", help="z-normalise each component on the file before weighting")
+    score.add_argument("--input", required=True, help="rows with prompt (text or turns) and response")
+    score.add_argument("--output", default="-", help="JSONL output (- = stdout)")
+    score.add_argument("--column", default="reward", help="name of the new column")
+    score.add_argument("--template", default="auto", help="chat template: auto|tokenizer|chatml|alpaca")
+    score.add_argument("--batch-size", type=int, default=32)
     gen = sub.add_parser("generate", help="batched generation from a prompts file to JSONL")
     _sampling_args(gen)
     gen.add_argument("--prompts", required=True, help="text file (one prompt a line) or JSONL with prompt/messages")
@@ -73,17 +95,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run(args) -> int:
-    if args.command == "sft":
-        from posttrain.config import SFTConfig
-        from posttrain.train.sft import run_sft
+def _sft():
+    from posttrain.config import SFTConfig
+    from posttrain.train.sft import run_sft
 
+    return SFTConfig, run_sft
+
+
+def _rm():
+    from posttrain.config import RMConfig
+    from posttrain.train.reward import run_rm
+
+    return RMConfig, run_rm
+
+
+def _dpo():
+    from posttrain.config import DPOConfig
+    from posttrain.train.preference import run_dpo
+
+    return DPOConfig, run_dpo
+
+
+_STAGES = {"sft": _sft, "rm": _rm, "dpo": _dpo, "kto": _dpo, "orpo": _dpo}
+
+
+def _run(args) -> int:
+    if args.command in _STAGES:
+        config_cls, run = _STAGES[args.command]()
         config, overrides = args.config, list(args.overrides)
         if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
             config, overrides = None, [config, *overrides]  # only overrides were given
-        run_dir = run_sft(SFTConfig.load(config, overrides))
+        if args.command in ("kto", "orpo"):
+            overrides.append(f"dpo.loss={args.command}")  # last, so neither the file nor an override undoes it
+        run_dir = run(config_cls.load(config, overrides))
         print(f"run directory: {run_dir}")
         return 0
+    if args.command == "score":
+        from posttrain.rewards import score_main
+
+        return score_main(args)
     if args.command in ("generate", "chat"):
         from posttrain import inference
 

@@ -33,7 +33,7 @@ def bradley_terry_loss(chosen_rewards: Tensor, rejected_rewards: Tensor, margin:
     return losses
 
 
-def ranking_loss(rewards: Tensor, ranks: Tensor, valid: Tensor | None = None) -> Tensor:
+def ranking_loss(rewards: Tensor, ranks: Tensor, valid: Tensor | None = None, centering: float = 0.0) -> Tensor:
     """K-way ranking loss, every prompt weighted equally (InstructGPT, Ouyang et al. 2022, Eq. 1).
 
     rewards (P, K): scores of the K responses to each of P prompts; ranks (P, K): 0 = best,
@@ -43,7 +43,9 @@ def ranking_loss(rewards: Tensor, ranks: Tensor, valid: Tensor | None = None) ->
         L_prompt = −1/|pairs| · Σ log σ(r_i − r_j)
 
     so a prompt with 9 responses (36 pairs) weighs as much as one with 2 (1 pair).
-    Returns (P,); a prompt without any ordered pair (all tied) gets 0.
+    centering c adds c · (2/K' · Σ_k r_k)² over the K' valid responses, which is
+    Bradley-Terry's c · (r_w + r_l)² when K' = 2. Returns (P,); a prompt without any
+    ordered pair (all tied) gets only the centering term.
     """
     if valid is None:
         valid = torch.ones_like(rewards, dtype=torch.bool)
@@ -51,7 +53,12 @@ def ranking_loss(rewards: Tensor, ranks: Tensor, valid: Tensor | None = None) ->
     pair_losses = -F.logsigmoid(rewards[:, :, None] - rewards[:, None, :])
     counts = better.sum(dim=(1, 2))
     total = torch.where(better, pair_losses, torch.zeros_like(pair_losses)).sum(dim=(1, 2))
-    return total / counts.clamp(min=1)
+    losses = total / counts.clamp(min=1)
+    if centering:
+        present = valid.to(rewards.dtype)
+        mean = (rewards * present).sum(dim=1) / present.sum(dim=1).clamp(min=1)
+        losses = losses + centering * (2 * mean) ** 2
+    return losses
 
 
 # --------------------------------------------------------------------------- direct preference methods

@@ -18,7 +18,7 @@ import contextlib
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -35,7 +35,9 @@ Batch = dict[str, torch.Tensor]
 class Stage(Protocol):
     """What a training stage gives the loop."""
 
-    module: torch.nn.Module  # forward(**batch) -> summed loss (0-dim tensor)
+    # forward(**batch) -> summed loss (0-dim tensor), or (summed loss, {name: summed metric}):
+    # metrics are sums over the batch, normalised by the loop like the loss (÷ step weight).
+    module: torch.nn.Module
 
     def micro_batches(self, epoch: int) -> Iterator[Batch]:
         """All micro-batches of one epoch in order, the same on every process."""
@@ -53,7 +55,8 @@ class Stage(Protocol):
         """Held-out micro-batches (may be empty)."""
 
     # Optional: lr_scale(param_name) -> float multiplies a parameter's learning rate (LoRA+);
-    # inactive_parameters(step) -> parameters not updated at that step (staged unfreezing).
+    # inactive_parameters(step) -> parameters not updated at that step (staged unfreezing);
+    # finish_metrics(averaged metrics) -> metrics to log (e.g. a std from a mean square).
 
 
 @dataclass
@@ -63,6 +66,7 @@ class LoopResult:
     eval_loss: float | None
     skipped_steps: int
     module: torch.nn.Module  # unwrapped
+    eval_metrics: dict[str, float] = field(default_factory=dict)  # the stage's, at the last evaluation
 
 
 def _steps(stage: Stage, group: int, epoch: int, start: int) -> Iterator[tuple[int, int, list[Batch]]]:
@@ -102,27 +106,54 @@ def _plan_total_steps(stage: Stage, cfg, group: int) -> int:
     return max(1, math.ceil(cfg.epochs * math.ceil(per_epoch / group)))
 
 
-def _evaluate(module, stage: Stage, accelerator) -> float | None:
+def evaluate(module, stage: Stage, accelerator) -> tuple[float, dict[str, float]] | None:
+    """(held-out loss, the stage's held-out metrics), in eval mode without gradients; None
+    when there is no eval data. The module must already be on `accelerator.device`."""
     batches = stage.eval_micro_batches()
     if not batches:
         return None
     mine = batches[accelerator.process_index :: accelerator.num_processes]
-    loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    sums = _Sums(accelerator)
     weight = sum(stage.weight(b) for b in batches)
     module.eval()
     with torch.no_grad():
         for batch in mine:
-            loss += module(**_to(batch, accelerator.device)).double()
+            sums.add(module(**_to(batch, accelerator.device)))
     module.train()
-    return float(accelerator.reduce(loss, "sum")) / max(weight, 1e-12)
+    loss, metrics = sums.reduce(weight)
+    return loss, getattr(stage, "finish_metrics", dict)(metrics)
+
+
+class _Sums:
+    """This process's running sums of the loss and of a stage's metrics over micro-batches."""
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        self.loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+        self.metrics: dict[str, torch.Tensor] = {}
+
+    def add(self, output) -> torch.Tensor:
+        """Record one forward's output; returns its summed loss (still attached to the graph)."""
+        loss_sum, metrics = output if isinstance(output, tuple) else (output, {})
+        self.loss += loss_sum.detach().double()
+        for name, value in metrics.items():
+            self.metrics[name] = self.metrics.get(name, 0.0) + value.detach().double()
+        return loss_sum
+
+    def reduce(self, weight: float) -> tuple[float, dict[str, float]]:
+        """Sums over all processes, divided by the step's (or eval set's) total weight."""
+        names = sorted(self.metrics)  # every process has the same names: same stage, same code
+        packed = torch.stack([self.loss] + [torch.as_tensor(self.metrics[n], device=self.loss.device) for n in names])
+        totals = self.accelerator.reduce(packed, "sum") / max(weight, 1e-12)
+        return float(totals[0]), {name: float(v) for name, v in zip(names, totals[1:])}
 
 
 def _to(batch: Batch, device) -> Batch:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def _train_step(module, stage: Stage, micro: list[Batch], accelerator, cfg, inactive=()) -> tuple[float, float]:
-    """Forward/backward over this process's share of one global step; returns (loss, grad norm).
+def _train_step(module, stage: Stage, micro: list[Batch], accelerator, cfg, inactive=()) -> tuple[float, float, dict]:
+    """Forward/backward over this process's share of one global step; returns (loss, grad norm, metrics).
 
     Gradients of `inactive` parameters are dropped, so the optimizer leaves them alone."""
     world = accelerator.num_processes
@@ -134,21 +165,21 @@ def _train_step(module, stage: Stage, micro: list[Batch], accelerator, cfg, inac
         )
     total_weight = sum(weights)
     mine = micro[accelerator.process_index :: world]
-    local = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    sums = _Sums(accelerator)
     for i, batch in enumerate(mine):
         last = i == len(mine) - 1
         sync = contextlib.nullcontext() if last else accelerator.no_sync(module)
         with sync:
-            loss_sum = module(**_to(batch, accelerator.device))
+            loss_sum = sums.add(module(**_to(batch, accelerator.device)))
             # DDP averages gradients over processes; multiplying by world makes that a sum.
             accelerator.backward(loss_sum * (world / total_weight))
-        local += loss_sum.detach().double()
     for param in inactive:
         param.grad = None
-    loss = float(accelerator.reduce(local, "sum")) / total_weight
+    loss, metrics = sums.reduce(total_weight)
+    metrics = getattr(stage, "finish_metrics", dict)(metrics)
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
     grad_norm = accelerator.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], max_norm)
-    return loss, float(grad_norm)
+    return loss, float(grad_norm), metrics
 
 
 def train(stage: Stage, cfg, run_dir: Path, accelerator) -> LoopResult:
@@ -184,7 +215,7 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator) -> LoopResult:
                         loop_state=state, rank=rank, world_size=world, barrier=accelerator.wait_for_everyone,
                         keep_last=cfg.keep_last)
 
-    stopped_early, eval_loss = False, None
+    stopped_early, eval_loss, eval_metrics = False, None, {}
     module.train()
     steps = _steps(stage, group, state["epoch"], state["step_in_epoch"])
     try:
@@ -193,14 +224,14 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator) -> LoopResult:
             epoch, step_in_epoch, micro = next(steps)
             lr = cfg.lr * lr_factor(state["step"], total_steps, cfg.schedule, warmup, cfg.min_lr_ratio)
             set_lr(optimizer, lr / cfg.lr)
-            loss, grad_norm = _train_step(module, stage, micro, accelerator, cfg, inactive_at(state["step"]))
+            loss, grad_norm, metrics = _train_step(module, stage, micro, accelerator, cfg, inactive_at(state["step"]))
             finite = math.isfinite(loss) and math.isfinite(grad_norm)
             if finite:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state.update(step=state["step"] + 1, epoch=epoch, step_in_epoch=step_in_epoch)
             abort = _count_nonfinite(state, finite, cfg, log)
-            record = _step_record(state, loss, lr, grad_norm, stage, micro, started, world)
+            record = _step_record(state, loss, lr, grad_norm, stage, micro, started, world) | metrics
             if state["step"] % cfg.log_every == 0 or state["step"] == total_steps or not finite:
                 log.log(record)
             log.advance(record)
@@ -208,18 +239,22 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator) -> LoopResult:
                 raise TrainingAborted(abort)
             at_end = state["step"] == total_steps
             if (cfg.eval_every and state["step"] % cfg.eval_every == 0) or at_end:
-                eval_loss = _evaluate(module, stage, accelerator)
-                if eval_loss is not None:
+                evaluated = evaluate(module, stage, accelerator)
+                if evaluated is not None:
+                    eval_loss, eval_metrics = evaluated
                     stopped_early = _early_stop(state, eval_loss, cfg.early_stopping_patience)
-                    log.log({"step": state["step"], "eval_loss": eval_loss})
-                    log.message(f"step {state['step']}: eval loss {eval_loss:.4f}")
+                    log.log({"step": state["step"], "eval_loss": eval_loss}
+                            | {f"eval_{name}": value for name, value in eval_metrics.items()})
+                    shown = "".join(f", {name} {value:.4g}" for name, value in list(eval_metrics.items())[:4])
+                    log.message(f"step {state['step']}: eval loss {eval_loss:.4f}{shown}")
             if (cfg.save_every and state["step"] % cfg.save_every == 0) or at_end or stopped_early:
                 save()
     finally:
         log.close()
     if stopped_early:
         log.message(f"early stop at step {state['step']}: no eval improvement in {cfg.early_stopping_patience} evals")
-    return LoopResult(state["step"], stopped_early, eval_loss, state["skipped_steps"], accelerator.unwrap_model(module))
+    return LoopResult(state["step"], stopped_early, eval_loss, state["skipped_steps"], accelerator.unwrap_model(module),
+                      eval_metrics)
 
 
 def _step_record(state: dict, loss: float, lr: float, grad_norm: float, stage: Stage, micro: list[Batch],

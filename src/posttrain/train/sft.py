@@ -203,15 +203,20 @@ def run_sft(cfg: SFTConfig) -> Path:
 
 def _exact_match(cfg: SFTConfig, model, tokenizer, data, when: str) -> dict:
     """Exact match on held-out synthetic prompts (the demo's before/after figure)."""
-    n = cfg.eval.exact_match_prompts
-    if n <= 0 or data is None or not data.eval_records:
+    records = data.eval_records if data is not None else []
+    return exact_match_report(model, tokenizer, records, cfg.eval.exact_match_prompts, cfg.data.template,
+                              cfg.eval.max_new_tokens, when)
+
+
+def exact_match_report(model, tokenizer, records, n: int, template: str, max_new_tokens: int, when: str) -> dict:
+    """Greedy answers to the first `n` records' prompts scored against their last assistant turn; prints one line."""
+    if n <= 0 or not records:
         return {}
     from posttrain.data.templates import resolve_template
     from posttrain.eval.exact_match import exact_match
 
-    records = data.eval_records[:n]
-    scores = exact_match(model, tokenizer, resolve_template(tokenizer, cfg.data.template), records,
-                         max_new_tokens=cfg.eval.max_new_tokens)
+    records = records[:n]
+    scores = exact_match(model, tokenizer, resolve_template(tokenizer, template), records, max_new_tokens=max_new_tokens)
     per_task = ", ".join(f"{name} {value:.0%}" for name, value in scores.items() if name != "all")
     print(f"exact match {when} training: {scores['all']:.1%} on {len(records)} held-out prompts"
           + (f" ({per_task})" if per_task else ""))

@@ -1,0 +1,114 @@
+"""Reward models: a backbone with a one-output head that scores a whole (prompt, response).
+
+The model is Hugging Face's `AutoModelForSequenceClassification` with `num_labels=1`, so a
+trained reward model is a plain HF directory any tool can load. Loading a causal-LM
+directory (an SFT model) that way keeps its decoder and adds a fresh linear `score` head
+on the final hidden state — an LM backbone with a value head.
+
+Which position is scored:
+  decoder backbones (Llama, Qwen2, GPT-2, ...): the last non-padding token, found from the
+      attention mask, so left and right padding score alike and a pad token that equals
+      eos cannot move it (transformers' own pooling searches for pad_token_id);
+  encoder backbones (BERT-like): the model's own pooling (the [CLS] head), as trained.
+
+`load_reward_model(path)` also reads a LoRA reward model (a peft adapter directory whose
+`modules_to_save` holds the head) on top of its base.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from posttrain.errors import UserError
+
+
+def load_reward_model(path: str | os.PathLike, dtype: str = "float32", trust_remote_code: bool = False,
+                      pad_token_id: int | None = None):
+    """A sequence-classification model with one output from a model, preset or adapter directory."""
+    from transformers import AutoModelForSequenceClassification
+
+    from posttrain.models.loading import _check_weights, _torch_dtype, resolve_model_path
+
+    adapter = Path(path) / "adapter_config.json"
+    if adapter.is_file():
+        return _load_lora_reward_model(Path(path), dtype, trust_remote_code)
+    directory = resolve_model_path(path)
+    _check_weights(directory)
+    kwargs: dict[str, Any] = {"dtype": _torch_dtype(dtype), "use_safetensors": True, "num_labels": 1}
+    if trust_remote_code:
+        kwargs["trust_remote_code"] = True
+    try:
+        model = _quiet_from_pretrained(AutoModelForSequenceClassification, directory, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"could not load a reward model (sequence classification) from {directory}: {first_line}") from None
+    if pad_token_id is not None and model.config.pad_token_id is None:
+        model.config.pad_token_id = pad_token_id
+    return model
+
+
+def _quiet_from_pretrained(cls, directory, **kwargs):
+    """from_pretrained without the "newly initialized score head" warning: a fresh head is the point."""
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        return cls.from_pretrained(directory, **kwargs)
+    finally:
+        logging.set_verbosity(level)
+
+
+def _load_lora_reward_model(directory: Path, dtype: str, trust_remote_code: bool):
+    import json
+
+    from peft import PeftModel
+
+    base = json.loads((directory / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{directory}/adapter_config.json names no base model (base_model_name_or_path)")
+    model = load_reward_model(base, dtype, trust_remote_code)
+    return PeftModel.from_pretrained(model, directory)
+
+
+def add_lora(model, lora_cfg):
+    """Wrap a reward model with LoRA (peft, task SEQ_CLS: the new head trains in full and is saved)."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    from posttrain.models.adapters.build import quiet_peft
+
+    targets = lora_cfg.target_modules
+    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=lora_cfg.r, lora_alpha=lora_cfg.alpha,
+                        lora_dropout=lora_cfg.dropout, use_rslora=lora_cfg.rslora, use_dora=lora_cfg.dora,
+                        target_modules=targets[0] if targets == ["all-linear"] else targets)
+    with quiet_peft():
+        return get_peft_model(model, config)
+
+
+def _classifier(model):
+    """The transformers *ForSequenceClassification module inside a plain or PEFT-wrapped model."""
+    from peft import PeftModel
+
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def is_decoder_scorer(model) -> bool:
+    """True when the head is a linear `score` on a decoder's hidden states (pooled by us)."""
+    return hasattr(_classifier(model), "score")
+
+
+def score(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Rewards (B,) for a batch of full (prompt + response) sequences."""
+    classifier = _classifier(model)
+    if not hasattr(classifier, "score"):  # encoder: its own pooling and classifier
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
+    hidden = classifier.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                   return_dict=True).last_hidden_state  # (B, T, H)
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    last = (attention_mask.long() * positions).argmax(dim=1)  # index of the last real token, any padding side
+    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
+    return classifier.score(pooled)[:, 0].float()

@@ -1,0 +1,217 @@
+"""Rewards for (prompt, response) pairs: trained reward models, Python functions, and weighted mixes.
+
+A reward is any callable `reward(prompts, responses) -> list[float]`, prompts being chat
+turn lists. `RewardModelScorer` wraps a trained reward model (`posttrain rm`);
+`function_reward("pkg.module:fn")` imports a plain function `fn(prompt, response) -> float`
+(e.g. a format check or an exact-match verifier).
+
+Several objectives (helpfulness, harmlessness, length, ...) combine into one score the RL
+stage can maximise, the weighted-sum scalarisation of the multi-objective problem
+min_θ [L₁(θ), ..., L_k(θ)]:
+
+    total = Σ_i w_i · (r_i − shift_i) / scale_i − Σ_i penalty · max(0, floor_i − r_i)
+
+`calibrate` sets shift/scale to each component's mean/std on sample data so weights
+compare objectives on one scale; a `floor` turns an objective into a soft constraint
+(maximise the rest subject to r_i ≥ floor_i). `pareto_front` finds the candidates no other
+candidate beats on every objective, to see the trade-off before choosing weights.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from posttrain.errors import ConfigError
+
+Reward = Callable[[Sequence[list[dict]], Sequence[str]], list[float]]
+
+
+class RewardModelScorer:
+    """Scores with a reward model directory (full model or LoRA adapter) and its tokenizer."""
+
+    def __init__(self, path: str, template: str = "auto", batch_size: int = 32, dtype: str = "float32",
+                 trust_remote_code: bool = False, max_length: int = 1024):
+        from posttrain.data.templates import resolve_template
+        from posttrain.models.loading import load_tokenizer
+        from posttrain.models.reward_model import load_reward_model
+
+        self.tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+        self.model = load_reward_model(path, dtype, trust_remote_code, pad_token_id=self.tokenizer.pad_token_id).eval()
+        self.template = resolve_template(self.tokenizer, template)
+        self.batch_size, self.max_length = batch_size, max_length
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[list[dict]], responses: Sequence[str]) -> list[float]:
+        from posttrain.data.batching import collate
+        from posttrain.data.preferences import encode_response
+        from posttrain.models.reward_model import score
+
+        examples = [encode_response(p, r, self.tokenizer, self.template) for p, r in zip(prompts, responses)]
+        for e in examples:  # keep the end: the scored position is the last token
+            del e.input_ids[: max(0, len(e.input_ids) - self.max_length)]
+            del e.labels[: max(0, len(e.labels) - self.max_length)]
+        device = next(self.model.parameters()).device
+        out: list[float] = []
+        for start in range(0, len(examples), self.batch_size):
+            batch = collate(examples[start : start + self.batch_size], self.tokenizer.pad_token_id)
+            out += score(self.model, batch["input_ids"].to(device), batch["attention_mask"].to(device)).tolist()
+        return out
+
+
+def function_reward(spec: str) -> Reward:
+    """'package.module:function' → a batch reward from `function(prompt_turns, response) -> float`."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"reward function {spec!r} must look like package.module:function")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"reward function {spec!r} cannot be imported: {exc}") from None
+    return lambda prompts, responses: [float(fn(p, r)) for p, r in zip(prompts, responses)]
+
+
+@dataclass
+class RewardComponent:
+    name: str
+    reward: Reward
+    weight: float = 1.0
+    shift: float = 0.0  # subtracted before weighting (set by calibrate: the mean)
+    scale: float = 1.0  # divided by before weighting (set by calibrate: the std)
+    floor: float | None = None  # soft constraint on the raw reward: r >= floor
+
+
+class CombinedReward:
+    """One score from several rewards; returns the total and every component's raw score."""
+
+    def __init__(self, components: list[RewardComponent], penalty: float = 10.0):
+        names = [c.name for c in components]
+        if not components or len(set(names)) != len(names):
+            raise ConfigError(f"reward components need distinct names, got {names}")
+        self.components, self.penalty = components, penalty
+
+    def calibrate(self, prompts: Sequence[list[dict]], responses: Sequence[str]) -> dict[str, tuple[float, float]]:
+        """Set each component's shift/scale to its mean/std on these samples (std 0 → 1)."""
+        stats = {}
+        for c in self.components:
+            values = torch.tensor(c.reward(prompts, responses), dtype=torch.float64)
+            std = float(values.std()) if len(values) > 1 else 0.0
+            c.shift, c.scale = float(values.mean()), std if std > 0 else 1.0
+            stats[c.name] = (c.shift, c.scale)
+        return stats
+
+    def score(self, prompts: Sequence[list[dict]], responses: Sequence[str]) -> tuple[list[float], dict[str, list[float]]]:
+        raw = {c.name: c.reward(prompts, responses) for c in self.components}
+        totals = []
+        for i in range(len(responses)):
+            total = 0.0
+            for c in self.components:
+                r = raw[c.name][i]
+                total += c.weight * (r - c.shift) / c.scale
+                if c.floor is not None:
+                    total -= self.penalty * max(0.0, c.floor - r)
+            totals.append(total)
+        return totals, raw
+
+    def __call__(self, prompts, responses) -> list[float]:
+        return self.score(prompts, responses)[0]
+
+
+def pareto_front(points: torch.Tensor) -> list[int]:
+    """Indices of the rows of `points` (N, k), higher = better on every column, that no other
+    row dominates (≥ on all objectives and > on one)."""
+    n = points.shape[0]
+    ge = (points[:, None, :] >= points[None, :, :]).all(-1)  # (N, N): j ≥ i everywhere, read as ge[j, i]
+    gt = (points[:, None, :] > points[None, :, :]).any(-1)
+    dominated = (ge & gt).any(0)  # some j dominates i
+    return [i for i in range(n) if not bool(dominated[i])]
+
+
+# --------------------------------------------------------------------------- posttrain score
+
+
+def _pairs_option(values: list[str], what: str) -> dict[str, str]:
+    out = {}
+    for item in values:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise ConfigError(f"{what} {item!r} must look like NAME=VALUE")
+        out[name] = value
+    return out
+
+
+def build_combined(models: list[str], functions: list[str], weights: list[str], floors: list[str],
+                   template: str = "auto", batch_size: int = 32) -> CombinedReward:
+    """The reward of `posttrain score`: models 'DIR' or 'NAME=DIR', functions 'NAME=module:fn'."""
+    components = []
+    for i, item in enumerate(models):
+        name, sep, path = item.partition("=")
+        name, path = (name, path) if sep else (f"rm{i}" if len(models) > 1 else "reward_model", item)
+        components.append(RewardComponent(name, RewardModelScorer(path, template, batch_size)))
+    for name, spec in _pairs_option(functions, "--function").items():
+        components.append(RewardComponent(name, function_reward(spec)))
+    by_name = {c.name: c for c in components}
+    for option, field in (("--weight", "weight"), ("--floor", "floor")):
+        for name, value in _pairs_option(weights if field == "weight" else floors, option).items():
+            if name not in by_name:
+                raise ConfigError(f"{option} {name}=...: no reward named {name} (have {', '.join(by_name)})")
+            try:
+                setattr(by_name[name], field, float(value))
+            except ValueError:
+                raise ConfigError(f"{option} {name}={value}: not a number") from None
+    return CombinedReward(components)
+
+
+def _read_scoring_rows(path: str) -> tuple[list[dict], list[list[dict]], list[str]]:
+    """Rows with 'prompt' (text or turns) and 'response' (or 'completion'); file:line on a bad one."""
+    from posttrain.data.formats import BadRowError
+    from posttrain.data.preferences import to_preference_record
+    from posttrain.data.readers import Malformed, iter_rows
+    from posttrain.errors import DataError
+
+    rows, prompts, responses = [], [], []
+    for location, row in iter_rows(path):
+        try:
+            if isinstance(row, Malformed):
+                raise BadRowError(row.reason)
+            if not isinstance(row, dict) or ("response" not in row and "completion" not in row):
+                raise BadRowError("needs 'prompt' and 'response' (or 'completion')")
+            completion = row.get("response", row.get("completion"))
+            record = to_preference_record({"prompt": row.get("prompt"), "completion": completion, "label": True},
+                                          "unpaired", location)
+        except BadRowError as exc:
+            raise DataError(f"{location}: {exc.reason}") from None
+        rows.append(row)
+        prompts.append(record.prompt)
+        responses.append(record.responses[0])
+    return rows, prompts, responses
+
+
+def score_main(args) -> int:
+    """`posttrain score`: add a reward column (and one per component when several) to a file of rows."""
+    import json
+    import sys
+
+    if not args.model and not args.function:
+        raise ConfigError("give at least one --model reward model or --function reward")
+    combined = build_combined(args.model, args.function, args.weight, args.floor, args.template, args.batch_size)
+    rows, prompts, responses = _read_scoring_rows(args.input)
+    if args.calibrate:
+        for name, (mean, std) in combined.calibrate(prompts, responses).items():
+            print(f"calibrated {name}: mean {mean:.4g}, std {std:.4g}", file=sys.stderr)
+    totals, raw = combined.score(prompts, responses)
+    several = len(combined.components) > 1
+    out = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
+    try:
+        for i, row in enumerate(rows):
+            extra = {f"{args.column}_{name}": values[i] for name, values in raw.items()} if several else {}
+            out.write(json.dumps(row | extra | {args.column: totals[i]}, ensure_ascii=False) + "\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    if args.output != "-":
+        print(f"scored {len(rows)} rows into {args.output} (column {args.column!r})", file=sys.stderr)
+    return 0

@@ -1,0 +1,111 @@
+"""What reward-model and preference stages share: items that are groups of sequences.
+
+An item is one prompt with its responses (a pair, a K-way ranking, or one KTO completion
+plus its mismatched partner), each response a full prompt+response token `Example`. A
+micro-batch is `batch_size` items: all their sequences go through the model in ONE
+forward (chosen and rejected concatenated), right-padded, and the stage scatters the
+per-sequence results back to its items. The loss normaliser is the number of items, so
+a prompt counts once however many responses it has.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from posttrain.data.records import Example
+
+
+@dataclass
+class Item:
+    """One prompt's sequences and what is known about them."""
+
+    sequences: list[Example]
+    ranks: list[int] | None = None  # 0 = best, equal = tie; None for unpaired
+    desirable: bool | None = None  # KTO
+    margin: float | None = None
+    reference_logps: list[float] = field(default_factory=list)  # per sequence, when precomputed
+    source: str = "<memory>"
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s) for s in self.sequences)
+
+    def ordered_pairs(self) -> list[tuple[int, int]]:
+        """(better, worse) sequence indices for every strictly ordered pair."""
+        if self.ranks is None:
+            return []
+        k = len(self.ranks)
+        return [(i, j) for i in range(k) for j in range(k) if self.ranks[i] < self.ranks[j]]
+
+
+def collate_items(items: list[Item], pad_id: int) -> dict[str, torch.Tensor]:
+    """All sequences of `items`, right-padded into one (R, T) batch, plus where each came from.
+
+    group (R,): the item of each row; slot (R,): its position in the item.
+    """
+    from posttrain.data.batching import collate
+
+    rows = [seq for item in items for seq in item.sequences]
+    batch = collate(rows, pad_id)
+    batch["group"] = torch.tensor([g for g, item in enumerate(items) for _ in item.sequences], dtype=torch.long)
+    batch["slot"] = torch.tensor([k for item in items for k in range(len(item.sequences))], dtype=torch.long)
+    if items and all(len(item.reference_logps) == len(item.sequences) for item in items):
+        batch["reference_logps"] = torch.tensor([v for item in items for v in item.reference_logps],
+                                                dtype=torch.float32)
+    return batch
+
+
+class GroupedStage:
+    """The loop's Stage for items: batch plan, collation, weight (= items) and tokens."""
+
+    def __init__(self, module: torch.nn.Module, train: list[Item], eval_items: list[Item], train_cfg, pad_id: int,
+                 collate_extra: Callable[[list[Item]], dict[str, torch.Tensor]], adapter_training=None):
+        self.module = module
+        self.train_items, self.eval_items = train, eval_items
+        self.cfg, self.pad_id = train_cfg, pad_id
+        self.collate_extra = collate_extra  # the stage's own per-item tensors (ranks, pair indices, ...)
+        if adapter_training is not None:  # LoRA+ rates and staged unfreezing (models.adapters.schedule)
+            self.lr_scale = adapter_training.lr_scale
+            self.inactive_parameters = adapter_training.inactive_parameters
+
+    def collate(self, items: list[Item]) -> dict[str, torch.Tensor]:
+        batch = collate_items(items, self.pad_id)
+        batch.update(self.collate_extra(items))
+        batch["num_items"] = torch.tensor(float(len(items)))
+        return batch
+
+    def micro_batches(self, epoch: int) -> Iterator[dict]:
+        from posttrain.data.batching import plan_batches
+
+        lengths = [item.num_tokens for item in self.train_items]
+        for indices in plan_batches(lengths, self.cfg.batch_size, seed=self.cfg.seed, epoch=epoch, shuffle=True,
+                                    group_by_length=False):
+            yield self.collate([self.train_items[i] for i in indices])
+
+    def micro_batches_per_epoch(self) -> int:
+        return -(-len(self.train_items) // self.cfg.batch_size)
+
+    def weight(self, batch) -> float:
+        return float(batch["num_items"])
+
+    def tokens(self, batch) -> int:
+        return int(batch["attention_mask"].sum())
+
+    def eval_micro_batches(self) -> list[dict]:
+        size = self.cfg.batch_size
+        return [self.collate(self.eval_items[i : i + size]) for i in range(0, len(self.eval_items), size)]
+
+
+def items_from_examples(examples) -> list[Item]:
+    """`data.preferences.PreferenceExample`s → Items."""
+    return [Item(list(e.sequences), e.ranks, e.desirable, e.margin, source=e.source) for e in examples]
+
+
+def first_label(example: Example) -> int:
+    """Index of the first trained token (where the response starts)."""
+    from posttrain.data.records import IGNORE_INDEX
+
+    return next(i for i, t in enumerate(example.labels) if t != IGNORE_INDEX)

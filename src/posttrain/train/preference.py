@@ -1,0 +1,371 @@
+"""Direct preference optimisation — DPO and its relatives: batch of response groups → loss.
+
+Per micro-batch, every response of every prompt (chosen and rejected alike) goes through
+the policy in ONE forward; `losses.language_modeling.sequence_logps` turns the final
+hidden states into per-sequence log π(y|x) chunk by chunk, so [batch, seq, vocab] logits
+are never held. The loss itself is a pure function in `losses.preference`, picked by
+`dpo.loss` from `PAIR_LOSSES` (or KTO).
+
+Reference model π_ref (dpo, cdpo, ipo, hinge, kto; simpo and orpo need none):
+  precompute  one pass before training over train + eval, cached in the run directory as
+              reference_logps.safetensors (reused on resume while data and model match);
+              during training no reference forward runs at all.
+  live        every step, without gradients: the same weights with adapters disabled
+              (no second copy) or, for full / freeze tuning, a frozen copy.
+Either way π_ref is the starting model, so at step 0 every implicit reward is 0.
+
+K-way rankings train on every ordered pair of a prompt, each weighted 1/#pairs, so a
+prompt counts once. KTO takes unpaired rows, or pairs/rankings split into a desirable
+best response and undesirable others; its KL estimate z₀ is the batch mean of
+log π/π_ref over mismatched (prompt, other prompt's completion) sequences, built once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from posttrain.config import DPOConfig, DPOLossConfig, validate_dpo
+from posttrain.errors import DataError
+from posttrain.train.grouped import GroupedStage, Item, collate_items, first_label, items_from_examples
+
+REFERENCE_FREE = ("simpo", "orpo")
+
+
+# --------------------------------------------------------------------------- log-probs
+
+
+def policy_logps(model, input_ids, labels, attention_mask=None, chunk_size: int = 256):
+    """Per-sequence (summed log-probs (R,), response token counts (R,)) under `model`."""
+    from posttrain.losses.language_modeling import sequence_logps
+    from posttrain.models.loading import final_hidden_and_head, supports_hidden_path
+
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if attention_mask is not None:
+        if bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
+            inputs["attention_mask"] = None  # right padding: causality already hides the tail (see sft.py)
+        else:  # left padding: positions count real tokens only (absolute-position models need it)
+            inputs["position_ids"] = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+    if supports_hidden_path(model):
+        hidden, weight, bias = final_hidden_and_head(model, **inputs)
+        return sequence_logps(hidden, weight, labels, bias, chunk_size)
+    logits = model(**inputs, use_cache=False).logits.float()  # heads with logit scaling: the plain path
+    mask = labels[:, 1:] != -100
+    token_logps = logits[:, :-1].log_softmax(-1).gather(2, labels[:, 1:].clamp(min=0)[..., None])[..., 0]
+    return (token_logps * mask).sum(1), mask.sum(1)
+
+
+@contextlib.contextmanager
+def reference_weights(model, frozen_copy=None):
+    """The reference policy: `frozen_copy` if given, else `model` with its adapters off, in eval mode."""
+    target = frozen_copy if frozen_copy is not None else model
+    disable = getattr(model, "adapters_disabled", None)
+    context = disable() if frozen_copy is None and disable is not None else contextlib.nullcontext()
+    was_training = target.training
+    target.eval()
+    try:
+        with context, torch.no_grad():
+            yield target
+    finally:
+        target.train(was_training)
+
+
+# --------------------------------------------------------------------------- the losses
+
+
+def _pair_inputs(logps, counts, ref, chosen, rejected):
+    avg = logps / counts.clamp(min=1)
+    zero = torch.zeros_like(logps)
+    ref = zero if ref is None else ref
+    return logps[chosen], logps[rejected], ref[chosen], ref[rejected], avg[chosen], avg[rejected]
+
+
+def _dpo(c: DPOLossConfig, pc, pr, rc, rr, ac, ar):
+    from posttrain.losses.preference import dpo_loss
+
+    return *dpo_loss(pc, pr, rc, rr, c.beta), {}
+
+
+def _cdpo(c, pc, pr, rc, rr, ac, ar):
+    from posttrain.losses.preference import dpo_loss
+
+    return *dpo_loss(pc, pr, rc, rr, c.beta, label_smoothing=c.label_smoothing), {}
+
+
+def _ipo(c, pc, pr, rc, rr, ac, ar):
+    from posttrain.losses.preference import ipo_loss
+
+    return *ipo_loss(pc, pr, rc, rr, c.beta), {}
+
+
+def _hinge(c, pc, pr, rc, rr, ac, ar):
+    from posttrain.losses.preference import hinge_loss
+
+    return *hinge_loss(pc, pr, rc, rr, c.beta), {}
+
+
+def _simpo(c, pc, pr, rc, rr, ac, ar):
+    from posttrain.losses.preference import simpo_loss
+
+    return *simpo_loss(ac, ar, c.beta, c.simpo_gamma), {}
+
+
+def _orpo(c, pc, pr, rc, rr, ac, ar):
+    from posttrain.losses.preference import orpo_loss
+
+    losses, ratio = orpo_loss(ac, ar, -ac, c.orpo_lambda)
+    rewards_c, rewards_r = (c.beta * ac).detach(), (c.beta * ar).detach()
+    return losses, rewards_c, rewards_r, {"log_odds_ratio": ratio, "nll": (-ac).detach()}
+
+
+# name → f(config, policy chosen/rejected logps, reference chosen/rejected logps, average logps)
+#        → (per-pair losses, chosen rewards, rejected rewards, extra per-pair metrics)
+PAIR_LOSSES = {"dpo": _dpo, "cdpo": _cdpo, "ipo": _ipo, "hinge": _hinge, "simpo": _simpo, "orpo": _orpo}
+
+
+class PreferenceLoss(torch.nn.Module):
+    """forward(batch) → (Σ weighted losses, Σ weighted metrics) for any `dpo.loss`."""
+
+    def __init__(self, model: torch.nn.Module, cfg: DPOLossConfig, chunk_size: int = 256, live_reference: bool = False):
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+        self.chunk_size = chunk_size
+        self.live_reference = live_reference and cfg.loss not in REFERENCE_FREE
+        # Full / freeze tuning has no adapters to switch off: keep a frozen copy, out of the
+        # module tree so neither the optimizer nor DDP sees it.
+        needs_copy = self.live_reference and not hasattr(model, "adapters_disabled")
+        self._frozen = [copy.deepcopy(model).requires_grad_(False)] if needs_copy else []
+
+    def _reference(self, input_ids, labels, attention_mask, reference_logps):
+        if self.cfg.loss in REFERENCE_FREE:
+            return None
+        if not self.live_reference:
+            if reference_logps is None:
+                raise RuntimeError("reference log-probs were not precomputed for this batch")
+            return reference_logps
+        frozen = self._frozen[0].to(input_ids.device) if self._frozen else None
+        with reference_weights(self.model, frozen) as reference:
+            return policy_logps(reference, input_ids, labels, attention_mask, self.chunk_size)[0]
+
+    def forward(self, input_ids, labels, attention_mask, reference_logps=None, chosen_row=None, rejected_row=None,
+                pair_weight=None, completion_row=None, kl_row=None, desirable=None, **_unused):
+        if self.cfg.loss == "kto":
+            return self._kto(input_ids, labels, attention_mask, reference_logps, completion_row, kl_row, desirable)
+        logps, counts = policy_logps(self.model, input_ids, labels, attention_mask, self.chunk_size)
+        ref = self._reference(input_ids, labels, attention_mask, reference_logps)
+        pc, pr, rc, rr, ac, ar = _pair_inputs(logps, counts, ref, chosen_row, rejected_row)
+        losses, rewards_c, rewards_r, extra = PAIR_LOSSES[self.cfg.loss](self.cfg, pc, pr, rc, rr, ac, ar)
+        if self.cfg.nll_weight and self.cfg.loss != "orpo":  # RPO: keep the chosen answers likely
+            losses = losses - self.cfg.nll_weight * ac
+            extra = extra | {"nll": (-ac).detach()}
+        margins = rewards_c - rewards_r
+        per_pair = {"rewards/chosen": rewards_c, "rewards/rejected": rewards_r, "rewards/margins": margins,
+                    "rewards/accuracy": (margins > 0).float() + 0.5 * (margins == 0).float(),
+                    "logps/chosen": pc.detach(), "logps/rejected": pr.detach()} | extra
+        return (losses * pair_weight).sum(), {k: (v * pair_weight).sum() for k, v in per_pair.items()}
+
+    def _kto(self, input_ids, labels, attention_mask, reference_logps, completion_row, kl_row, desirable):
+        from posttrain.losses.preference import kto_loss
+
+        def rows(index):
+            mask = None if attention_mask is None else attention_mask[index]
+            return input_ids[index], labels[index], mask
+
+        logps = policy_logps(self.model, *rows(completion_row), self.chunk_size)[0]
+        with torch.no_grad():  # z0 carries no gradient: no activations kept for the mismatched rows
+            kl_logps = policy_logps(self.model, *rows(kl_row), self.chunk_size)[0]
+        if self.live_reference:
+            ref_all = self._reference(input_ids, labels, attention_mask, None)
+        else:
+            ref_all = reference_logps
+        kl = (kl_logps - ref_all[kl_row]).mean()
+        c = self.cfg
+        losses, rewards = kto_loss(logps, ref_all[completion_row], desirable, kl, c.beta, c.kto_desirable_weight,
+                                   c.kto_undesirable_weight)
+        signed = torch.where(desirable, rewards, -rewards)
+        metrics = {"kl": kl.detach().clamp(min=0) * len(logps), "rewards/signed": signed.sum(),
+                   "logps": logps.detach().sum()}
+        return losses.sum(), metrics
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def pair_extras(items: list[Item]) -> dict[str, torch.Tensor]:
+    """Row indices of every ordered (chosen, rejected) pair in the batch, each weighted 1/#pairs of its prompt."""
+    chosen, rejected, weights, offset = [], [], [], 0
+    for item in items:
+        pairs = item.ordered_pairs()
+        for better, worse in pairs:
+            chosen.append(offset + better)
+            rejected.append(offset + worse)
+            weights.append(1.0 / len(pairs))
+        offset += len(item.sequences)
+    return {"chosen_row": torch.tensor(chosen, dtype=torch.long), "rejected_row": torch.tensor(rejected, dtype=torch.long),
+            "pair_weight": torch.tensor(weights, dtype=torch.float32)}
+
+
+def kto_extras(items: list[Item]) -> dict[str, torch.Tensor]:
+    """Each KTO item is [completion, mismatched sequence]: their rows and the labels."""
+    return {"completion_row": torch.arange(0, 2 * len(items), 2), "kl_row": torch.arange(1, 2 * len(items), 2),
+            "desirable": torch.tensor([bool(item.desirable) for item in items])}
+
+
+def kto_items(items: list[Item], max_length: int) -> list[Item]:
+    """Unpaired items, each with its mismatched partner: its prompt + the next item's response.
+
+    Pairs and rankings are split first: the best response desirable, every other one not.
+    """
+    from posttrain.data.records import Example
+
+    single = []
+    for item in items:
+        if item.ranks is None:
+            single.append(Item([item.sequences[0]], desirable=item.desirable, source=item.source))
+            continue
+        best = min(item.ranks)
+        single += [Item([seq], desirable=rank == best, source=item.source) for seq, rank in zip(item.sequences, item.ranks)]
+    out = []
+    for i, item in enumerate(single):
+        own, other = item.sequences[0], single[(i + 1) % len(single)].sequences[0]
+        cut, start = first_label(own), first_label(other)
+        mismatched = Example(input_ids=(own.input_ids[:cut] + other.input_ids[start:])[:max_length],
+                             labels=([-100] * cut + other.labels[start:])[:max_length], source=own.source)
+        out.append(Item([own, mismatched], desirable=item.desirable, source=item.source))
+    return out
+
+
+# --------------------------------------------------------------------------- reference log-probs
+
+
+def _fingerprint(cfg: DPOConfig, items: list[Item]) -> str:
+    digest = hashlib.sha256(json.dumps([cfg.model.path, cfg.model.dtype, cfg.adapter.method]).encode())
+    for item in items:
+        for seq in item.sequences:
+            digest.update(torch.tensor(seq.input_ids + [-1] + seq.labels, dtype=torch.int64).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def precompute_reference(model, items: list[Item], cfg: DPOConfig, pad_id: int, cache: Path | None, log) -> None:
+    """Fill `item.reference_logps` for every item: from the cache when it matches, else one pass."""
+    from safetensors.torch import load_file, save_file
+
+    fingerprint = _fingerprint(cfg, items)
+    if cache is not None and cache.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(cache), framework="pt") as handle:
+            matches = (handle.metadata() or {}).get("fingerprint") == fingerprint
+        if matches:
+            _assign(items, load_file(str(cache))["logps"].tolist())
+            log(f"reference log-probs: reused {cache}")
+            return
+    values: list[float] = []
+    device = next(model.parameters()).device
+    size = max(1, 2 * cfg.train.batch_size)
+    with reference_weights(model) as reference:
+        for start in range(0, len(items), size):
+            batch = collate_items(items[start : start + size], pad_id)
+            logps, _ = policy_logps(reference, batch["input_ids"].to(device), batch["labels"].to(device),
+                                    batch["attention_mask"].to(device), cfg.train.loss_chunk_size)
+            values += logps.float().cpu().tolist()
+    _assign(items, values)
+    if cache is not None:
+        save_file({"logps": torch.tensor(values, dtype=torch.float32)}, str(cache), metadata={"fingerprint": fingerprint})
+    log(f"reference log-probs: computed for {len(values)} sequences once (cached in {cache})")
+
+
+def _assign(items: list[Item], values: list[float]) -> None:
+    position = 0
+    for item in items:
+        item.reference_logps = values[position : position + len(item.sequences)]
+        position += len(item.sequences)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _items(data, cfg: DPOConfig) -> tuple[list[Item], list[Item]]:
+    train, evaluation = items_from_examples(data.train), items_from_examples(data.eval)
+    if cfg.dpo.loss == "kto":
+        return kto_items(train, cfg.data.max_length), (kto_items(evaluation, cfg.data.max_length) if evaluation else [])
+    unpaired = [item.source for item in train + evaluation if item.ranks is None]
+    if unpaired:
+        raise DataError(f"dpo.loss={cfg.dpo.loss} needs pairs or rankings; {len(unpaired)} rows are unpaired "
+                        f"(first: {unpaired[0]}); use dpo.loss=kto for unpaired feedback")
+    return train, evaluation
+
+
+def run_dpo(cfg: DPOConfig) -> Path:
+    """Optimise the policy on preferences per `cfg`; returns the run directory (policy in run_dir/final)."""
+    import yaml
+    from accelerate.utils import set_seed
+
+    from posttrain.data.preferences import prepare_preference_data
+    from posttrain.models.loading import save_model
+    from posttrain.train.loop import evaluate, make_accelerator, train
+    from posttrain.train.sft import build_model
+
+    validate_dpo(cfg)
+    run_dir = Path(cfg.output_dir)
+    accelerator = make_accelerator(cfg.train, run_dir)
+    main = accelerator.is_main_process
+    log = print if main else (lambda *_: None)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    set_seed(cfg.train.seed)
+    tokenizer, model, adapter_training = build_model(cfg, log, run_dir if main else None)
+    data = prepare_preference_data(cfg.data, tokenizer, run_dir, cfg.train.seed, log)
+    train_items, eval_items = _items(data, cfg)
+    live = cfg.dpo.reference == "live"
+    if cfg.dpo.loss not in REFERENCE_FREE and not live:
+        model.to(accelerator.device)
+        precompute_reference(model, train_items + eval_items, cfg, tokenizer.pad_token_id,
+                             run_dir / "reference_logps.safetensors" if main else None, log)
+    module = PreferenceLoss(model, cfg.dpo, cfg.train.loss_chunk_size, live_reference=live)
+    extras = kto_extras if cfg.dpo.loss == "kto" else pair_extras
+    stage = GroupedStage(module, train_items, eval_items, cfg.train, tokenizer.pad_token_id, extras, adapter_training)
+    summary: dict = {"loss": cfg.dpo.loss, "reference": "none" if cfg.dpo.loss in REFERENCE_FREE else cfg.dpo.reference,
+                     "train_items": len(train_items), "eval_items": len(eval_items)}
+    summary.update(_exact_match(cfg, model, tokenizer, data, "before") if main else {})
+    before = evaluate(module.to(accelerator.device), stage, accelerator)
+    result = train(stage, cfg.train, run_dir, accelerator)
+    summary.update(steps=result.step, eval_before=before[1] if before else {}, eval_after=result.eval_metrics)
+    _log_accuracy(summary, log)
+    trained = result.module.model
+    summary.update(_exact_match(cfg, trained, tokenizer, data, "after") if main else {})
+    if main:
+        save_model(trained, tokenizer, run_dir / "final")
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return run_dir
+
+
+def _log_accuracy(summary: dict, log) -> None:
+    before, after = summary["eval_before"], summary["eval_after"]
+    if "rewards/accuracy" in before:
+        log(f"held-out implicit-reward accuracy: {before['rewards/accuracy']:.1%} before → "
+            f"{after.get('rewards/accuracy', float('nan')):.1%} after ({summary['eval_items']} prompts)")
+
+
+def _exact_match(cfg: DPOConfig, model, tokenizer, data, when: str) -> dict:
+    """Exact match of greedy answers against each held-out prompt's best response."""
+    from posttrain.data.records import Record
+    from posttrain.train.sft import exact_match_report
+
+    records = [Record(messages=r.prompt + [{"role": "assistant", "content": r.responses[_best(r)]}], source=r.source)
+               for r in data.eval_records if r.ranks is not None or r.desirable]
+    return exact_match_report(model, tokenizer, records, cfg.eval.exact_match_prompts, cfg.data.template,
+                              cfg.eval.max_new_tokens, when)
+
+
+def _best(record) -> int:
+    return 0 if record.ranks is None else record.ranks.index(min(record.ranks))

@@ -1,0 +1,159 @@
+"""Reward models (RLHF stage 2): batch of ranked responses → Bradley-Terry / ranking loss.
+
+Every response of a micro-batch is scored in one forward (`models.reward_model.score`:
+the last real token of a decoder, or an encoder's own pooling). Pairs train with the
+Bradley-Terry loss, with the row's margin (Llama 2) and reward centering when asked; data
+with K-way rankings train with the InstructGPT ranking loss over all ordered pairs of a
+prompt, each prompt weighted once (`losses.preference`).
+
+Metrics, per prompt then averaged: accuracy (fraction of ordered pairs the model orders
+right; a tie counts one half), margin (mean r_better − r_worse), reward mean and std.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from posttrain.config import RMConfig, validate_rm
+from posttrain.train.grouped import GroupedStage, Item, items_from_examples
+
+
+def reward_table(rewards: torch.Tensor, group: torch.Tensor, slot: torch.Tensor, shape) -> torch.Tensor:
+    """Per-row rewards (R,) → (P, K) by item and slot (zeros where an item has fewer responses)."""
+    return rewards.new_zeros(shape).index_put((group, slot), rewards)
+
+
+def ranking_metrics(table: torch.Tensor, ranks: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Sums over prompts of per-prompt accuracy, margin, reward mean and mean square. table: (P, K)."""
+    better = (ranks[:, :, None] < ranks[:, None, :]) & valid[:, :, None] & valid[:, None, :]  # (P, K, K)
+    diff = table[:, :, None] - table[:, None, :]
+    correct = (diff > 0).to(table.dtype) + 0.5 * (diff == 0).to(table.dtype)
+    pairs = better.sum(dim=(1, 2)).clamp(min=1)
+    present = valid.to(table.dtype)
+    count = present.sum(dim=1).clamp(min=1)
+    return {
+        "accuracy": ((correct * better).sum(dim=(1, 2)) / pairs).sum(),
+        "margin": ((diff * better).sum(dim=(1, 2)) / pairs).sum(),
+        "reward_mean": ((table * present).sum(dim=1) / count).sum(),
+        "reward_sq_mean": ((table**2 * present).sum(dim=1) / count).sum(),
+    }
+
+
+def finish_reward_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """Mean square → std, once the loop has averaged over prompts."""
+    out = dict(metrics)
+    if "reward_sq_mean" in out:
+        sq = out.pop("reward_sq_mean")
+        out["reward_std"] = math.sqrt(max(sq - out.get("reward_mean", 0.0) ** 2, 0.0))
+    return out
+
+
+class RewardModelLoss(torch.nn.Module):
+    """forward(batch) → (summed loss over prompts, summed metrics)."""
+
+    def __init__(self, model: torch.nn.Module, centering: float = 0.0, use_margins: bool = True):
+        super().__init__()
+        self.model = model
+        self.centering = centering
+        self.use_margins = use_margins
+
+    def forward(self, input_ids, attention_mask, group, slot, ranks, valid, margins=None, **_unused):
+        from posttrain.losses.preference import bradley_terry_loss, ranking_loss
+        from posttrain.models.reward_model import score
+
+        rewards = score(self.model, input_ids, attention_mask)  # (R,)
+        table = reward_table(rewards, group, slot, ranks.shape)  # (P, K)
+        if ranks.shape[1] == 2 and bool(valid.all()):  # pairs: Bradley-Terry with margin and centering
+            first_better = ranks[:, 0] < ranks[:, 1]
+            chosen = torch.where(first_better, table[:, 0], table[:, 1])
+            rejected = torch.where(first_better, table[:, 1], table[:, 0])
+            margin = margins if (margins is not None and self.use_margins) else 0.0
+            losses = bradley_terry_loss(chosen, rejected, margin, self.centering)
+        else:
+            losses = ranking_loss(table, ranks, valid, self.centering)
+        return losses.sum(), ranking_metrics(table.detach(), ranks, valid)
+
+
+def reward_extras(items: list[Item]) -> dict[str, torch.Tensor]:
+    """ranks / valid (P, K) padded to the largest K in the batch, and margins (P,)."""
+    k = max(len(item.sequences) for item in items)
+    ranks = torch.zeros((len(items), k), dtype=torch.long)
+    valid = torch.zeros((len(items), k), dtype=torch.bool)
+    for p, item in enumerate(items):
+        ranks[p, : len(item.ranks)] = torch.tensor(item.ranks)
+        valid[p, : len(item.ranks)] = True
+    margins = torch.tensor([item.margin or 0.0 for item in items], dtype=torch.float32)
+    return {"ranks": ranks, "valid": valid, "margins": margins}
+
+
+def build_reward_model(cfg: RMConfig, tokenizer, log):
+    from posttrain.models.adapters import count_parameters
+    from posttrain.models.reward_model import add_lora, load_reward_model
+
+    model = load_reward_model(cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code,
+                              pad_token_id=tokenizer.pad_token_id)
+    if cfg.model.gradient_checkpointing:
+        from posttrain.models.loading import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(model)
+    if cfg.adapter.method == ["lora"]:
+        model = add_lora(model, cfg.adapter.lora)
+    trainable, total = count_parameters(model)
+    log(f"reward model {type(model).__name__}: {trainable:,} of {total:,} parameters trained")
+    return model
+
+
+def run_rm(cfg: RMConfig) -> Path:
+    """Train a reward model per `cfg`; returns the run directory (model in run_dir/final)."""
+    import yaml
+    from accelerate.utils import set_seed
+
+    from posttrain.data.preferences import prepare_preference_data
+    from posttrain.models.loading import load_tokenizer
+    from posttrain.train.loop import evaluate, make_accelerator, train
+
+    validate_rm(cfg)
+    run_dir = Path(cfg.output_dir)
+    accelerator = make_accelerator(cfg.train, run_dir)
+    main = accelerator.is_main_process
+    log = print if main else (lambda *_: None)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    set_seed(cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    data = prepare_preference_data(cfg.data, tokenizer, run_dir, cfg.train.seed, log)
+    train_items, eval_items = items_from_examples(data.train), items_from_examples(data.eval)
+    _check_comparisons(train_items + eval_items, cfg, log)
+    model = build_reward_model(cfg, tokenizer, log)
+    module = RewardModelLoss(model, cfg.reward.centering, cfg.reward.use_margins)
+    stage = GroupedStage(module, train_items, eval_items, cfg.train, tokenizer.pad_token_id, reward_extras)
+    stage.finish_metrics = finish_reward_metrics
+    before = evaluate(module.to(accelerator.device), stage, accelerator)
+    result = train(stage, cfg.train, run_dir, accelerator)
+    summary = {"steps": result.step, "train_items": len(train_items), "eval_items": len(eval_items),
+               "eval_before": before[1] if before else {}, "eval_after": result.eval_metrics}
+    if before:
+        log(f"held-out pairwise accuracy: {before[1]['accuracy']:.1%} before → "
+            f"{result.eval_metrics.get('accuracy', float('nan')):.1%} after ({len(eval_items)} prompts)")
+    if main:
+        final = run_dir / "final"
+        result.module.model.save_pretrained(final)
+        tokenizer.save_pretrained(final)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return run_dir
+
+
+def _check_comparisons(items: list[Item], cfg: RMConfig, log) -> None:
+    from posttrain.errors import DataError
+
+    if any(item.ranks is None for item in items):
+        raise DataError("a reward model learns from comparisons; the data holds unpaired (KTO) rows")
+    if any(item.margin for item in items) and any(len(item.sequences) != 2 for item in items):
+        log("note: row margins apply to pairs only; batches that contain rankings use the ranking loss")
