@@ -29,9 +29,32 @@ def posttrain(*args, check=True, **kwargs):
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=[p.stem for p in EXAMPLES])
 def test_every_example_runs(example, tmp_path):
-    posttrain("sft", example, f"output_dir={tmp_path}", "train.max_steps=2", "train.epochs=1",
-              "train.progress_bar=false", "eval.exact_match_prompts=4", "data.synthetic_size=64")
+    stage = example.stem.split("_")[0]  # sft_*, rm_*, dpo_*, kto
+    extra = [] if stage == "rm" else ["eval.exact_match_prompts=4"]
+    posttrain(stage, example, f"output_dir={tmp_path}", "train.max_steps=2", "train.epochs=1",
+              "train.progress_bar=false", "data.synthetic_size=64", *extra)
     assert (tmp_path / "final").is_dir() and (tmp_path / "metrics.jsonl").is_file()
+
+
+def test_kto_alias_sets_the_loss_and_score_adds_columns(tmp_path):
+    posttrain("orpo", "examples/dpo.yaml", f"output_dir={tmp_path / 'orpo'}", "train.max_steps=1",
+              "train.progress_bar=false", "data.synthetic_size=16", "eval.exact_match_prompts=0")
+    assert json.loads((tmp_path / "orpo" / "summary.json").read_text())["loss"] == "orpo"
+    posttrain("rm", "examples/rm_pairs.yaml", f"output_dir={tmp_path / 'rm'}", "train.max_steps=1",
+              "train.progress_bar=false")
+    rows = [{"prompt": "Smallest letter: q m t", "response": "m"},
+            {"prompt": [{"role": "user", "content": "Copy: a b"}], "response": "a b", "id": 7}]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    posttrain("score", "--model", f"helpful={tmp_path / 'rm' / 'final'}", "--function", "short=tests.rewards_fixture:short",
+              "--weight", "short=0.5", "--input", tmp_path / "rows.jsonl", "--output", tmp_path / "scored.jsonl")
+    scored = [json.loads(line) for line in (tmp_path / "scored.jsonl").read_text().splitlines()]
+    assert [r["reward_short"] for r in scored] == [-1.0, -3.0] and scored[1]["id"] == 7
+    for r in scored:
+        assert r["reward"] == pytest.approx(r["reward_helpful"] + 0.5 * r["reward_short"])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"prompt": "x"}) + "\n")
+    result = posttrain("score", "--model", tmp_path / "rm" / "final", "--input", bad, check=False)
+    assert result.returncode == 2 and f"{bad}:2:" in result.stderr
 
 
 def test_unknown_key_exits_2_with_one_line(tmp_path):

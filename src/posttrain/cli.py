@@ -121,6 +121,9 @@ _STAGES = {"sft": _sft, "rm": _rm, "dpo": _dpo, "kto": _dpo, "orpo": _dpo}
 
 def _run(args) -> int:
     if args.command in _STAGES:
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()  # "Loading weights" bars per load; our own bar shows training
         config_cls, run = _STAGES[args.command]()
         config, overrides = args.config, list(args.overrides)
         if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):

@@ -533,15 +533,24 @@ def section_values(section_cls: type, config: Any = None, overrides: dict[str, A
     return values
 
 
-def markdown_reference(cls: type | None = None) -> str:
-    """The config reference table for the README (kept in sync by a test)."""
+def markdown_reference(cls: type | None = None, sections: tuple[str, ...] = ()) -> str:
+    """The config reference table for the README (kept in sync by a test); `sections`
+    limits it to keys under those sections."""
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for key, hint, default, help_text in _walk(cls or SFTConfig):
-        if hint is not None:
+        if hint is not None and (not sections or key.split(".")[0] in sections):
             type_name = _type_name(hint).replace("|", "\\|")
             rows.append(f"| `{key}` | {type_name} | `{default!r}` | {help_text} |")
     return "\n".join(rows)
 
 
+def preference_reference() -> str:
+    """The sections rm and dpo add to (or change from) SFT's."""
+    return (markdown_reference(DPOConfig, ("data",)) + "\n" + markdown_reference(RMConfig, ("reward",)).split("\n", 2)[2]
+            + "\n" + markdown_reference(DPOConfig, ("dpo",)).split("\n", 2)[2])
+
+
 if __name__ == "__main__":
     print(markdown_reference())
+    print("\n## Config reference (rm and dpo: the sections that differ from SFT)\n")
+    print(preference_reference())

@@ -109,3 +109,11 @@ def first_label(example: Example) -> int:
     from posttrain.data.records import IGNORE_INDEX
 
     return next(i for i, t in enumerate(example.labels) if t != IGNORE_INDEX)
+
+
+def on_device(module: torch.nn.Module, device) -> torch.nn.Module:
+    """Move `module` to `device` unless it is already there (a 4-bit model placed by
+    device_map refuses `.to`). Used before the evaluations and passes that precede the loop."""
+    if next(module.parameters()).device != torch.device(device):
+        module.to(device)
+    return module

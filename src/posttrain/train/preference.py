@@ -32,7 +32,7 @@ import torch
 
 from posttrain.config import DPOConfig, DPOLossConfig, validate_dpo
 from posttrain.errors import DataError
-from posttrain.train.grouped import GroupedStage, Item, collate_items, first_label, items_from_examples
+from posttrain.train.grouped import GroupedStage, Item, collate_items, first_label, items_from_examples, on_device
 
 REFERENCE_FREE = ("simpo", "orpo")
 
@@ -326,7 +326,7 @@ def run_dpo(cfg: DPOConfig) -> Path:
     train_items, eval_items = _items(data, cfg)
     live = cfg.dpo.reference == "live"
     if cfg.dpo.loss not in REFERENCE_FREE and not live:
-        model.to(accelerator.device)
+        on_device(model, accelerator.device)
         precompute_reference(model, train_items + eval_items, cfg, tokenizer.pad_token_id,
                              run_dir / "reference_logps.safetensors" if main else None, log)
     module = PreferenceLoss(model, cfg.dpo, cfg.train.loss_chunk_size, live_reference=live)
@@ -335,7 +335,7 @@ def run_dpo(cfg: DPOConfig) -> Path:
     summary: dict = {"loss": cfg.dpo.loss, "reference": "none" if cfg.dpo.loss in REFERENCE_FREE else cfg.dpo.reference,
                      "train_items": len(train_items), "eval_items": len(eval_items)}
     summary.update(_exact_match(cfg, model, tokenizer, data, "before") if main else {})
-    before = evaluate(module.to(accelerator.device), stage, accelerator)
+    before = evaluate(on_device(module, accelerator.device), stage, accelerator)
     result = train(stage, cfg.train, run_dir, accelerator)
     summary.update(steps=result.step, eval_before=before[1] if before else {}, eval_after=result.eval_metrics)
     _log_accuracy(summary, log)

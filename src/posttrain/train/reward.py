@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from posttrain.config import RMConfig, validate_rm
-from posttrain.train.grouped import GroupedStage, Item, items_from_examples
+from posttrain.train.grouped import GroupedStage, Item, items_from_examples, on_device
 
 
 def reward_table(rewards: torch.Tensor, group: torch.Tensor, slot: torch.Tensor, shape) -> torch.Tensor:
@@ -133,7 +133,7 @@ def run_rm(cfg: RMConfig) -> Path:
     module = RewardModelLoss(model, cfg.reward.centering, cfg.reward.use_margins)
     stage = GroupedStage(module, train_items, eval_items, cfg.train, tokenizer.pad_token_id, reward_extras)
     stage.finish_metrics = finish_reward_metrics
-    before = evaluate(module.to(accelerator.device), stage, accelerator)
+    before = evaluate(on_device(module, accelerator.device), stage, accelerator)
     result = train(stage, cfg.train, run_dir, accelerator)
     summary = {"steps": result.step, "train_items": len(train_items), "eval_items": len(eval_items),
                "eval_before": before[1] if before else {}, "eval_after": result.eval_metrics}

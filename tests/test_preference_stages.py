@@ -1,0 +1,251 @@
+"""Reward-model and DPO stages on the tiny preset: log-probs, batching, reference, invariants, runs.
+
+The losses themselves are checked in test_losses_preference.py; here the question is
+whether the stages feed them the right numbers: concatenated forward == separate forwards,
+left == right padding, precomputed == live reference, K-way weights, KTO's mismatched
+rows, accumulation invariance, and short end-to-end runs of every loss.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from posttrain.config import DPOConfig, DPOLossConfig, RMConfig
+from posttrain.data.preferences import PreferenceRecord, encode_preference
+from posttrain.data.templates import CHATML
+from posttrain.errors import ConfigError, DataError
+from posttrain.models.loading import load_model, load_tokenizer
+from posttrain.train.grouped import Item, collate_items, items_from_examples
+from posttrain.train.preference import PreferenceLoss, kto_extras, kto_items, pair_extras, policy_logps
+from posttrain.train.reward import RewardModelLoss, ranking_metrics, reward_extras
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("tiny")
+
+
+def _items(tokenizer, rows):
+    records = [PreferenceRecord(prompt=[{"role": "user", "content": p}], responses=list(r), ranks=list(k), source=f"t:{i}")
+               for i, (p, r, k) in enumerate(rows)]
+    return items_from_examples([encode_preference(rec, tokenizer, CHATML) for rec in records])
+
+
+PAIRS = [("Smallest letter: q m t", ("m", "t"), (0, 1)), ("Copy: a b", ("a b", "b a b a"), (0, 1)),
+         ("Reverse: x y z w", ("w z y x", "x y z w"), (0, 1))]
+
+
+def _naive_logps(model, example) -> float:
+    """Σ log softmax over the full logits of one unpadded sequence: the plain definition."""
+    ids = torch.tensor([example.input_ids])
+    with torch.no_grad():
+        logprobs = model(input_ids=ids).logits[0].double().log_softmax(-1)
+    return sum(float(logprobs[t - 1, tok]) for t, tok in enumerate(example.labels) if tok != -100)
+
+
+def test_batched_logps_equal_one_sequence_at_a_time_and_left_padding_equals_right(tokenizer):
+    model = load_model("tiny").eval()
+    items = _items(tokenizer, PAIRS)
+    batch = collate_items(items, tokenizer.pad_token_id)  # right padded, one forward for all 6
+    with torch.no_grad():
+        right, counts = policy_logps(model, batch["input_ids"], batch["labels"], batch["attention_mask"], chunk_size=7)
+    naive = [_naive_logps(model, seq) for item in items for seq in item.sequences]
+    assert right.tolist() == pytest.approx(naive, abs=1e-4)
+    assert counts.tolist() == [sum(t != -100 for t in s.labels) for item in items for s in item.sequences]
+    # left padding: shift every row's tokens to the end
+    ids, labels, mask = (batch[k].clone() for k in ("input_ids", "labels", "attention_mask"))
+    for row in range(ids.shape[0]):
+        n = int(mask[row].sum())
+        for t in (ids, labels, mask):
+            t[row] = torch.roll(t[row], ids.shape[1] - n)
+    with torch.no_grad():
+        left, _ = policy_logps(model, ids, labels, mask)
+    assert left.tolist() == pytest.approx(right.tolist(), abs=1e-4)
+
+
+def test_dpo_batch_loss_matches_the_formula_on_separately_computed_logps(tokenizer):
+    torch.manual_seed(0)
+    model = load_model("tiny")
+    items = _items(tokenizer, PAIRS)
+    ref = [[-3.0, -5.5], [-7.0, -6.0], [-4.0, -4.25]]
+    for item, r in zip(items, ref):
+        item.reference_logps = r
+    batch = collate_items(items, tokenizer.pad_token_id) | pair_extras(items)
+    module = PreferenceLoss(model.eval(), DPOLossConfig(loss="dpo", beta=0.3))
+    with torch.no_grad():
+        loss, metrics = module(**batch)
+    expected, accuracy = 0.0, 0.0
+    for item, (rc, rr) in zip(items, ref):
+        pc, pr = (_naive_logps(model, s) for s in item.sequences)
+        h = 0.3 * ((pc - rc) - (pr - rr))
+        expected += -math.log(1 / (1 + math.exp(-h)))
+        accuracy += h > 0
+    assert float(loss) == pytest.approx(expected, abs=1e-4)
+    assert float(metrics["rewards/accuracy"]) == accuracy
+
+
+def test_kway_rankings_expand_to_ordered_pairs_weighted_per_prompt(tokenizer):
+    items = _items(tokenizer, [("Count letters: a b c", ("3", "4", "2", "5"), (0, 1, 1, 2)), PAIRS[0]])
+    extras = pair_extras(items)
+    # 4 responses with one tie: 1+1+1 (best over the rest) + 1+1 (the two middle over the worst) = 5 pairs
+    assert extras["chosen_row"].tolist() == [0, 0, 0, 1, 2, 4]
+    assert extras["rejected_row"].tolist() == [1, 2, 3, 3, 3, 5]
+    assert extras["pair_weight"].tolist() == pytest.approx([0.2] * 5 + [1.0])
+    assert float(extras["pair_weight"].sum()) == pytest.approx(2.0)  # each prompt counts once
+
+
+def test_kto_items_split_pairs_and_pair_each_prompt_with_the_next_response(tokenizer):
+    items = kto_items(_items(tokenizer, PAIRS[:2]), max_length=512)
+    assert [item.desirable for item in items] == [True, False, True, False]
+    first, second = items[0].sequences[0], items[1].sequences[0]
+    mismatched = items[0].sequences[1]
+    cut = next(i for i, t in enumerate(first.labels) if t != -100)
+    start = next(i for i, t in enumerate(second.labels) if t != -100)
+    assert mismatched.input_ids == first.input_ids[:cut] + second.input_ids[start:]
+    assert [t for t in mismatched.labels if t != -100] == [t for t in second.labels if t != -100]
+    extras = kto_extras(items)
+    assert extras["completion_row"].tolist() == [0, 2, 4, 6] and extras["kl_row"].tolist() == [1, 3, 5, 7]
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_live_reference_equals_precomputed_and_starts_at_log2(tokenizer, method, tmp_path):
+    from posttrain.train.preference import precompute_reference
+    from posttrain.train.sft import build_model
+
+    cfg = DPOConfig.load(None, [f"adapter.method={method}", f"output_dir={tmp_path}"])
+    _, model, _ = build_model(cfg, lambda *_: None)
+    items = _items(tokenizer, PAIRS)
+    precompute_reference(model, items, cfg, tokenizer.pad_token_id, tmp_path / "ref.safetensors", print)
+    batch = collate_items(items, tokenizer.pad_token_id) | pair_extras(items)
+    live = PreferenceLoss(model, cfg.dpo, live_reference=True)
+    cached = PreferenceLoss(model, cfg.dpo, live_reference=False)
+    assert bool(live._frozen) == (method == "full")  # a weight copy only where adapters cannot be disabled
+    live_loss, _ = live(**{k: v for k, v in batch.items() if k != "reference_logps"})
+    cached_loss, metrics = cached(**batch)
+    assert float(live_loss.detach()) == pytest.approx(float(cached_loss.detach()), abs=1e-5)
+    assert float(cached_loss) == pytest.approx(3 * math.log(2), abs=1e-4)  # π = π_ref: every pair at log 2
+    assert float(metrics["rewards/accuracy"]) == 1.5  # ties count one half
+
+
+def test_reference_cache_is_reused_only_while_data_match(tokenizer, tmp_path):
+    from posttrain.train.preference import precompute_reference
+
+    cfg = DPOConfig.load(None, [])
+    model = load_model("tiny")
+    lines = []
+    items = _items(tokenizer, PAIRS)
+    precompute_reference(model, items, cfg, tokenizer.pad_token_id, tmp_path / "ref.safetensors", lines.append)
+    again = _items(tokenizer, PAIRS)
+    precompute_reference(model, again, cfg, tokenizer.pad_token_id, tmp_path / "ref.safetensors", lines.append)
+    assert "reused" in lines[-1] and [i.reference_logps for i in again] == [i.reference_logps for i in items]
+    changed = _items(tokenizer, PAIRS[:2])
+    precompute_reference(model, changed, cfg, tokenizer.pad_token_id, tmp_path / "ref.safetensors", lines.append)
+    assert "computed" in lines[-1]
+
+
+def test_reward_ranking_metrics_by_hand():
+    table = torch.tensor([[2.0, 1.0, 1.0], [0.0, 3.0, 0.0]])
+    ranks = torch.tensor([[0, 1, 2], [0, 1, 0]])
+    valid = torch.tensor([[True, True, True], [True, True, False]])
+    m = ranking_metrics(table, ranks, valid)
+    # prompt 1: pairs (0>1) right, (0>2) right, (1>2) tie = 2.5/3; prompt 2: (0>1) wrong = 0
+    assert float(m["accuracy"]) == pytest.approx(2.5 / 3)
+    assert float(m["margin"]) == pytest.approx((1 + 1 + 0) / 3 + (-3.0))
+    assert float(m["reward_mean"]) == pytest.approx(4 / 3 + 1.5)
+
+
+def test_reward_model_scores_the_last_real_token_and_pairs_use_bradley_terry(tokenizer):
+    from posttrain.losses.preference import bradley_terry_loss
+    from posttrain.models.reward_model import load_reward_model, score
+
+    model = load_reward_model("tiny", pad_token_id=tokenizer.pad_token_id).eval()
+    items = _items(tokenizer, PAIRS)
+    for item, m in zip(items, (0.5, 0.0, 1.0)):
+        item.margin = m
+    batch = collate_items(items, tokenizer.pad_token_id) | reward_extras(items)
+    with torch.no_grad():
+        rewards = score(model, batch["input_ids"], batch["attention_mask"])
+        singles = [float(model(input_ids=torch.tensor([s.input_ids])).logits[0, 0]) for i in items for s in i.sequences]
+        loss, _ = RewardModelLoss(model, centering=0.01)(**batch)
+    assert rewards.tolist() == pytest.approx(singles, abs=1e-5)
+    chosen, rejected = rewards[0::2], rewards[1::2]
+    expected = bradley_terry_loss(chosen, rejected, torch.tensor([0.5, 0.0, 1.0]), 0.01).sum()
+    assert float(loss) == pytest.approx(float(expected), abs=1e-6)
+
+
+def _dpo_cfg(tmp_path, *extra):
+    return DPOConfig.load(None, [f"output_dir={tmp_path}", "data.synthetic_size=48", "data.eval_fraction=0.2",
+                                 "data.max_length=64", "train.batch_size=4", "train.lr=1e-3", "train.progress_bar=false",
+                                 "train.resume=never", *extra])
+
+
+def test_accumulation_gives_the_same_step_as_a_bigger_batch(tmp_path):
+    """batch 4 × accumulation 1 == batch 1 × accumulation 4 (the loop divides by the step's pairs)."""
+    from posttrain.train.preference import run_dpo
+
+    runs = []
+    for name, size, accum in (("a", 4, 1), ("b", 1, 4)):
+        cfg = _dpo_cfg(tmp_path / name, "train.max_steps=1", f"train.batch_size={size}", f"train.grad_accum={accum}",
+                       "data.synthetic_kind=ranking", "data.synthetic_responses=3")
+        runs.append(json.loads((run_dpo(cfg) / "metrics.jsonl").read_text().splitlines()[0]))
+    assert runs[0]["loss"] == pytest.approx(runs[1]["loss"], abs=1e-6)
+    assert runs[0]["grad_norm"] == pytest.approx(runs[1]["grad_norm"], rel=1e-4)
+
+
+@pytest.mark.parametrize("extra", [["dpo.loss=ipo"], ["dpo.loss=cdpo"], ["dpo.loss=hinge"], ["dpo.loss=simpo", "dpo.beta=2"],
+                                   ["dpo.loss=orpo"], ["dpo.loss=kto", "data.synthetic_kind=unpaired"],
+                                   ["adapter.method=lora", "dpo.reference=live", "dpo.nll_weight=0.5"],
+                                   ["data.synthetic_kind=ranking", "adapter.method=prompt", "train.lr=3e-2"]],
+                         ids=["ipo", "cdpo", "hinge", "simpo", "orpo", "kto", "lora-live-rpo", "ranking-prompt"])
+def test_every_loss_trains_end_to_end(extra, tmp_path):
+    from posttrain.train.preference import run_dpo
+
+    run_dir = run_dpo(_dpo_cfg(tmp_path, "train.max_steps=3", *extra))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert summary["steps"] == 3 and all(math.isfinite(r.get("loss", 0.0)) for r in records)
+    assert (run_dir / "final").is_dir()
+    expected = {"kto": "kl", "orpo": "log_odds_ratio"}.get(summary["loss"], "rewards/margins")
+    assert expected in records[0] and f"eval_{expected}" in records[-1]
+
+
+def test_reward_model_run_with_rankings_and_lora(tmp_path):
+    from posttrain.train.reward import run_rm
+
+    cfg = RMConfig.load(None, [f"output_dir={tmp_path}", "data.synthetic_size=40", "data.synthetic_kind=ranking",
+                               "data.max_length=64", "train.max_steps=3", "train.batch_size=4", "train.lr=1e-3",
+                               "adapter.method=lora", "train.progress_bar=false"])
+    run_dir = run_rm(cfg)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert set(summary["eval_after"]) == {"accuracy", "margin", "reward_mean", "reward_std"}
+    assert (run_dir / "final" / "adapter_config.json").is_file()
+
+
+def test_configs_are_checked_before_any_work(tmp_path):
+    from posttrain.train.preference import run_dpo
+    from posttrain.train.reward import run_rm
+
+    with pytest.raises(ConfigError, match="pairs or rankings, not unpaired"):
+        run_rm(RMConfig.load(None, ["data.synthetic_kind=unpaired", f"output_dir={tmp_path}"]))
+    with pytest.raises(ConfigError, match="full or lora"):
+        run_rm(RMConfig.load(None, ["adapter.method=ia3", f"output_dir={tmp_path}"]))
+    with pytest.raises(ConfigError, match="dpo.beta must be positive"):
+        run_dpo(DPOConfig.load(None, ["dpo.beta=0", f"output_dir={tmp_path}"]))
+    with pytest.raises(ConfigError, match="did you mean dpo.beta"):
+        DPOConfig.load(None, ["dpo.bta=0.1"])
+    with pytest.raises(DataError, match="use dpo.loss=kto"):
+        run_dpo(_dpo_cfg(tmp_path, "data.synthetic_kind=unpaired", "train.max_steps=1"))
+
+
+def test_items_of_unequal_size_collate_with_their_reference(tokenizer):
+    items = _items(tokenizer, [PAIRS[0], ("Count letters: a b c", ("3", "4", "2"), (0, 1, 2))])
+    for item in items:
+        item.reference_logps = [-1.0] * len(item.sequences)
+    batch = collate_items(items, tokenizer.pad_token_id)
+    assert batch["group"].tolist() == [0, 0, 1, 1, 1] and batch["slot"].tolist() == [0, 1, 0, 1, 2]
+    assert batch["reference_logps"].shape == (5,)
+    assert isinstance(items[0], Item)
