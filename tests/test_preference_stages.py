@@ -127,7 +127,7 @@ def test_live_reference_equals_precomputed_and_starts_at_log2(tokenizer, method,
     live_loss, _ = live(**{k: v for k, v in batch.items() if k != "reference_logps"})
     cached_loss, metrics = cached(**batch)
     assert float(live_loss.detach()) == pytest.approx(float(cached_loss.detach()), abs=1e-5)
-    assert float(cached_loss) == pytest.approx(3 * math.log(2), abs=1e-4)  # π = π_ref: every pair at log 2
+    assert float(cached_loss.detach()) == pytest.approx(3 * math.log(2), abs=1e-4)  # π = π_ref: every pair at log 2
     assert float(metrics["rewards/accuracy"]) == 1.5  # ties count one half
 
 
@@ -249,3 +249,28 @@ def test_items_of_unequal_size_collate_with_their_reference(tokenizer):
     assert batch["group"].tolist() == [0, 0, 1, 1, 1] and batch["slot"].tolist() == [0, 1, 0, 1, 2]
     assert batch["reference_logps"].shape == (5,)
     assert isinstance(items[0], Item)
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_shared_prompt_rows_give_the_same_logps_and_gradients_as_separate_rows(tokenizer, method):
+    """Prompt once + each response under a 4-D mask == every prompt+response sequence on its own."""
+    from posttrain.train.grouped import collate_shared_prompt, shares_prompt
+    from posttrain.train.preference import batch_logps
+    from posttrain.train.sft import build_model
+
+    _, model, _ = build_model(DPOConfig.load(None, [f"adapter.method={method}"]), lambda *_: None)
+    items = _items(tokenizer, PAIRS + [("Count letters: a b c", ("3", "4", "2"), (0, 1, 2))])
+    assert all(shares_prompt(item) for item in items)
+    separate, shared = collate_items(items, tokenizer.pad_token_id), collate_shared_prompt(items, tokenizer.pad_token_id)
+    assert shared["input_ids"].numel() < separate["input_ids"].numel()
+    results = []
+    for batch in (separate, shared):
+        model.zero_grad()
+        logps, counts = batch_logps(model, batch, chunk_size=5)
+        (logps * torch.linspace(1, 2, len(logps))).sum().backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        results.append((logps.detach(), counts, grads))
+    assert results[1][0].tolist() == pytest.approx(results[0][0].tolist(), abs=1e-4)
+    assert results[1][1].tolist() == results[0][1].tolist()
+    for a, b in zip(results[0][2], results[1][2]):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)

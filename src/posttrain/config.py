@@ -241,6 +241,8 @@ class DPOLossConfig:
     kto_desirable_weight: float = option(1.0, "kto: λ_D, weight of desirable examples")
     kto_undesirable_weight: float = option(1.0, "kto: λ_U, weight of undesirable examples")
     nll_weight: float = option(0.0, "add this × the chosen responses' mean token NLL (RPO); orpo has its own")
+    share_prompt: bool = option(
+        True, "compute a prompt once for all its responses (one row, 4-D attention mask); off for KTO and virtual tokens")
     reference: Literal["precompute", "live"] = option(
         "precompute", "reference log-probs: computed once before training and cached in the run, "
         "or every step (adapters disabled, or a frozen copy for full fine-tuning)")

@@ -202,23 +202,31 @@ def sequence_logps(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor 
     positions is activation-checkpointed: forward keeps one chunk's logits at a time and
     backward recomputes them, which costs one extra head matmul per chunk.
     """
-    from torch.utils.checkpoint import checkpoint
-
     batch = hidden.shape[0]
     selected, targets = shift_for_causal_lm(hidden, labels, ignore_index)  # (N, H), (N,)
     mask = labels[:, 1:] != ignore_index
     rows = torch.arange(batch, device=hidden.device)[:, None].expand_as(mask)[mask]  # (N,) sequence of each token
-    token_logps = []
+    per_token = token_logps(selected, weight, targets, bias, chunk_size)
+    logps = per_token.new_zeros(batch).index_add(0, rows, per_token)
+    return logps, mask.sum(dim=1)
+
+
+def token_logps(selected: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None,
+                chunk_size: int = 256) -> Tensor:
+    """log softmax(W h + b)[y] for N (hidden state, target) pairs: selected (N, H), targets (N,).
+
+    Chunks of `chunk_size` rows are activation-checkpointed (see `sequence_logps`)."""
+    from torch.utils.checkpoint import checkpoint
+
+    out = []
     for start in range(0, selected.shape[0], chunk_size):
         end = start + chunk_size
         args = (selected[start:end], weight, bias, targets[start:end])
-        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-            token_logps.append(checkpoint(_token_logps, *args, use_reentrant=False))
+        if torch.is_grad_enabled() and (selected.requires_grad or weight.requires_grad):
+            out.append(checkpoint(_token_logps, *args, use_reentrant=False))
         else:
-            token_logps.append(_token_logps(*args))
-    per_token = torch.cat(token_logps) if token_logps else selected.new_zeros(0, dtype=torch.float32)
-    logps = per_token.new_zeros(batch).index_add(0, rows, per_token)
-    return logps, mask.sum(dim=1)
+            out.append(_token_logps(*args))
+    return torch.cat(out) if out else selected.new_zeros(0, dtype=torch.float32)
 
 
 def _token_logps(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor) -> Tensor:

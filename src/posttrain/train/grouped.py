@@ -41,6 +41,62 @@ class Item:
         return [(i, j) for i in range(k) for j in range(k) if self.ranks[i] < self.ranks[j]]
 
 
+def shares_prompt(item: Item) -> bool:
+    """True when every sequence of `item` has the same tokens before its first label."""
+    cut = first_label(item.sequences[0])
+    prompt = item.sequences[0].input_ids[:cut]
+    return all(first_label(s) == cut and s.input_ids[:cut] == prompt for s in item.sequences[1:])
+
+
+def collate_shared_prompt(items: list[Item], pad_id: int) -> dict[str, torch.Tensor]:
+    """One row per item: its prompt once, then each response, with a 4-D mask so a response
+    sees the prompt and itself but no other response, and positions that restart after the
+    prompt for every response. Equal to encoding each sequence alone (tested), with the
+    prompt's tokens computed once instead of K times.
+
+    Besides input_ids / attention_mask (B, 1, T, T) bool / position_ids, it returns where each
+    trained token is predicted from: predictor (N,) flat index into the (B·T) hidden states,
+    targets (N,), sequence (N,) the global sequence index (item offset + response), and
+    num_sequences — the same sequence numbering as `collate_items`.
+    """
+    rows, positions, segments, predictor, targets, sequence = [], [], [], [], [], []
+    number = 0
+    for item in items:
+        cut = first_label(item.sequences[0])
+        ids, pos, seg = list(item.sequences[0].input_ids[:cut]), list(range(cut)), [0] * cut
+        for k, seq in enumerate(item.sequences):
+            start = len(ids)
+            ids += seq.input_ids[cut:]
+            pos += range(cut, len(seq))
+            seg += [k + 1] * (len(seq) - cut)
+            for t in range(cut, len(seq)):
+                if seq.labels[t] != -100:  # predicted from t-1: the prompt's last token or this response's previous
+                    predictor.append((len(rows), cut - 1 if t == cut else start + t - 1 - cut))
+                    targets.append(seq.labels[t])
+                    sequence.append(number)
+            number += 1
+        rows.append(ids)
+        positions.append(pos)
+        segments.append(seg)
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    segment = torch.full((len(rows), width), -1, dtype=torch.long)  # -1 = padding
+    for b, (ids, pos, seg) in enumerate(zip(rows, positions, segments)):
+        input_ids[b, : len(ids)] = torch.tensor(ids)
+        position_ids[b, : len(ids)] = torch.tensor(pos)
+        segment[b, : len(ids)] = torch.tensor(seg)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    query, key = segment[:, :, None], segment[:, None, :]
+    mask = causal & (key >= 0) & ((key == 0) | (key == query))
+    mask |= torch.eye(width, dtype=torch.bool) & (query < 0)  # padding sees itself: no empty softmax row (NaN)
+    flat = torch.tensor([b * width + t for b, t in predictor], dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": mask[:, None], "position_ids": position_ids,
+            "predictor": flat, "targets": torch.tensor(targets, dtype=torch.long),
+            "sequence": torch.tensor(sequence, dtype=torch.long), "num_sequences": torch.tensor(number),
+            "real_tokens": torch.tensor(int((segment >= 0).sum()))}
+
+
 def collate_items(items: list[Item], pad_id: int) -> dict[str, torch.Tensor]:
     """All sequences of `items`, right-padded into one (R, T) batch, plus where each came from.
 
@@ -52,18 +108,23 @@ def collate_items(items: list[Item], pad_id: int) -> dict[str, torch.Tensor]:
     batch = collate(rows, pad_id)
     batch["group"] = torch.tensor([g for g, item in enumerate(items) for _ in item.sequences], dtype=torch.long)
     batch["slot"] = torch.tensor([k for item in items for k in range(len(item.sequences))], dtype=torch.long)
-    if items and all(len(item.reference_logps) == len(item.sequences) for item in items):
-        batch["reference_logps"] = torch.tensor([v for item in items for v in item.reference_logps],
-                                                dtype=torch.float32)
-    return batch
+    return batch | _reference_tensor(items)
+
+
+def _reference_tensor(items: list[Item]) -> dict[str, torch.Tensor]:
+    if not items or any(len(item.reference_logps) != len(item.sequences) for item in items):
+        return {}
+    return {"reference_logps": torch.tensor([v for item in items for v in item.reference_logps], dtype=torch.float32)}
 
 
 class GroupedStage:
     """The loop's Stage for items: batch plan, collation, weight (= items) and tokens."""
 
     def __init__(self, module: torch.nn.Module, train: list[Item], eval_items: list[Item], train_cfg, pad_id: int,
-                 collate_extra: Callable[[list[Item]], dict[str, torch.Tensor]], adapter_training=None):
+                 collate_extra: Callable[[list[Item]], dict[str, torch.Tensor]], adapter_training=None,
+                 share_prompt: bool = False):
         self.module = module
+        self.share_prompt = share_prompt  # one row per item, prompt computed once (collate_shared_prompt)
         self.train_items, self.eval_items = train, eval_items
         self.cfg, self.pad_id = train_cfg, pad_id
         self.collate_extra = collate_extra  # the stage's own per-item tensors (ranks, pair indices, ...)
@@ -72,7 +133,11 @@ class GroupedStage:
             self.inactive_parameters = adapter_training.inactive_parameters
 
     def collate(self, items: list[Item]) -> dict[str, torch.Tensor]:
-        batch = collate_items(items, self.pad_id)
+        if self.share_prompt and all(shares_prompt(item) for item in items):
+            batch = collate_shared_prompt(items, self.pad_id)
+            batch.update(_reference_tensor(items))
+        else:
+            batch = collate_items(items, self.pad_id)
         batch.update(self.collate_extra(items))
         batch["num_items"] = torch.tensor(float(len(items)))
         return batch
@@ -92,6 +157,8 @@ class GroupedStage:
         return float(batch["num_items"])
 
     def tokens(self, batch) -> int:
+        if "real_tokens" in batch:  # shared-prompt rows: the mask is 4-D
+            return int(batch["real_tokens"])
         return int(batch["attention_mask"].sum())
 
     def eval_micro_batches(self) -> list[dict]:

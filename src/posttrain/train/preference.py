@@ -60,6 +60,33 @@ def policy_logps(model, input_ids, labels, attention_mask=None, chunk_size: int 
     return (token_logps * mask).sum(1), mask.sum(1)
 
 
+def shared_prompt_logps(model, input_ids, attention_mask, position_ids, predictor, targets, sequence, num_sequences,
+                        chunk_size: int = 256):
+    """Per-sequence (log-probs, token counts) from `grouped.collate_shared_prompt` rows."""
+    from posttrain.losses.language_modeling import token_logps
+    from posttrain.models.loading import final_hidden_and_head, supports_hidden_path
+
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+    n = int(num_sequences)
+    if supports_hidden_path(model):
+        hidden, weight, bias = final_hidden_and_head(model, **inputs)
+        per_token = token_logps(hidden.flatten(0, 1)[predictor], weight, targets, bias, chunk_size)
+    else:
+        logits = model(**inputs, use_cache=False).logits.float().flatten(0, 1)[predictor]
+        per_token = logits.log_softmax(-1).gather(1, targets[:, None])[:, 0]
+    logps = per_token.new_zeros(n).index_add(0, sequence, per_token)
+    counts = torch.zeros(n, dtype=torch.long, device=sequence.device).index_add(0, sequence, torch.ones_like(sequence))
+    return logps, counts
+
+
+def batch_logps(model, batch: dict, chunk_size: int = 256):
+    """Per-sequence (log-probs, token counts) for either batch layout."""
+    if "predictor" in batch:
+        keys = ("input_ids", "attention_mask", "position_ids", "predictor", "targets", "sequence", "num_sequences")
+        return shared_prompt_logps(model, *(batch[k] for k in keys), chunk_size=chunk_size)
+    return policy_logps(model, batch["input_ids"], batch["labels"], batch["attention_mask"], chunk_size)
+
+
 @contextlib.contextmanager
 def reference_weights(model, frozen_copy=None):
     """The reference policy: `frozen_copy` if given, else `model` with its adapters off, in eval mode."""
@@ -142,23 +169,23 @@ class PreferenceLoss(torch.nn.Module):
         needs_copy = self.live_reference and not hasattr(model, "adapters_disabled")
         self._frozen = [copy.deepcopy(model).requires_grad_(False)] if needs_copy else []
 
-    def _reference(self, input_ids, labels, attention_mask, reference_logps):
+    def _reference(self, batch: dict):
         if self.cfg.loss in REFERENCE_FREE:
             return None
         if not self.live_reference:
-            if reference_logps is None:
+            if batch.get("reference_logps") is None:
                 raise RuntimeError("reference log-probs were not precomputed for this batch")
-            return reference_logps
-        frozen = self._frozen[0].to(input_ids.device) if self._frozen else None
+            return batch["reference_logps"]
+        frozen = self._frozen[0].to(batch["input_ids"].device) if self._frozen else None
         with reference_weights(self.model, frozen) as reference:
-            return policy_logps(reference, input_ids, labels, attention_mask, self.chunk_size)[0]
+            return batch_logps(reference, batch, self.chunk_size)[0]
 
-    def forward(self, input_ids, labels, attention_mask, reference_logps=None, chosen_row=None, rejected_row=None,
-                pair_weight=None, completion_row=None, kl_row=None, desirable=None, **_unused):
+    def forward(self, chosen_row=None, rejected_row=None, pair_weight=None, completion_row=None, kl_row=None,
+                desirable=None, **batch):
         if self.cfg.loss == "kto":
-            return self._kto(input_ids, labels, attention_mask, reference_logps, completion_row, kl_row, desirable)
-        logps, counts = policy_logps(self.model, input_ids, labels, attention_mask, self.chunk_size)
-        ref = self._reference(input_ids, labels, attention_mask, reference_logps)
+            return self._kto(batch, completion_row, kl_row, desirable)
+        logps, counts = batch_logps(self.model, batch, self.chunk_size)
+        ref = self._reference(batch)
         pc, pr, rc, rr, ac, ar = _pair_inputs(logps, counts, ref, chosen_row, rejected_row)
         losses, rewards_c, rewards_r, extra = PAIR_LOSSES[self.cfg.loss](self.cfg, pc, pr, rc, rr, ac, ar)
         if self.cfg.nll_weight and self.cfg.loss != "orpo":  # RPO: keep the chosen answers likely
@@ -170,20 +197,16 @@ class PreferenceLoss(torch.nn.Module):
                     "logps/chosen": pc.detach(), "logps/rejected": pr.detach()} | extra
         return (losses * pair_weight).sum(), {k: (v * pair_weight).sum() for k, v in per_pair.items()}
 
-    def _kto(self, input_ids, labels, attention_mask, reference_logps, completion_row, kl_row, desirable):
+    def _kto(self, batch: dict, completion_row, kl_row, desirable):
         from posttrain.losses.preference import kto_loss
 
         def rows(index):
-            mask = None if attention_mask is None else attention_mask[index]
-            return input_ids[index], labels[index], mask
+            return batch["input_ids"][index], batch["labels"][index], batch["attention_mask"][index]
 
         logps = policy_logps(self.model, *rows(completion_row), self.chunk_size)[0]
         with torch.no_grad():  # z0 carries no gradient: no activations kept for the mismatched rows
             kl_logps = policy_logps(self.model, *rows(kl_row), self.chunk_size)[0]
-        if self.live_reference:
-            ref_all = self._reference(input_ids, labels, attention_mask, None)
-        else:
-            ref_all = reference_logps
+        ref_all = self._reference(batch)
         kl = (kl_logps - ref_all[kl_row]).mean()
         c = self.cfg
         losses, rewards = kto_loss(logps, ref_all[completion_row], desirable, kl, c.beta, c.kto_desirable_weight,
@@ -331,7 +354,9 @@ def run_dpo(cfg: DPOConfig) -> Path:
                              run_dir / "reference_logps.safetensors" if main else None, log)
     module = PreferenceLoss(model, cfg.dpo, cfg.train.loss_chunk_size, live_reference=live)
     extras = kto_extras if cfg.dpo.loss == "kto" else pair_extras
-    stage = GroupedStage(module, train_items, eval_items, cfg.train, tokenizer.pad_token_id, extras, adapter_training)
+    share = cfg.dpo.share_prompt and cfg.dpo.loss != "kto" and getattr(model, "virtual_peft", None) is None
+    stage = GroupedStage(module, train_items, eval_items, cfg.train, tokenizer.pad_token_id, extras, adapter_training,
+                         share_prompt=share)
     summary: dict = {"loss": cfg.dpo.loss, "reference": "none" if cfg.dpo.loss in REFERENCE_FREE else cfg.dpo.reference,
                      "train_items": len(train_items), "eval_items": len(eval_items)}
     summary.update(_exact_match(cfg, model, tokenizer, data, "before") if main else {})
