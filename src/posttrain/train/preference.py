@@ -32,7 +32,16 @@ import torch
 
 from posttrain.config import DPOConfig, DPOLossConfig, validate_dpo
 from posttrain.errors import DataError
-from posttrain.train.grouped import GroupedStage, Item, collate_items, first_label, items_from_examples, on_device
+from posttrain.train.grouped import (
+    GroupedStage,
+    Item,
+    collate_items,
+    collate_shared_prompt,
+    first_label,
+    items_from_examples,
+    on_device,
+    shares_prompt,
+)
 
 REFERENCE_FREE = ("simpo", "orpo")
 
@@ -275,7 +284,8 @@ def _fingerprint(cfg: DPOConfig, items: list[Item]) -> str:
     return digest.hexdigest()
 
 
-def precompute_reference(model, items: list[Item], cfg: DPOConfig, pad_id: int, cache: Path | None, log) -> None:
+def precompute_reference(model, items: list[Item], cfg: DPOConfig, pad_id: int, cache: Path | None, log,
+                         share_prompt: bool = False) -> None:
     """Fill `item.reference_logps` for every item: from the cache when it matches, else one pass."""
     from safetensors.torch import load_file, save_file
 
@@ -294,10 +304,11 @@ def precompute_reference(model, items: list[Item], cfg: DPOConfig, pad_id: int, 
     size = max(1, 2 * cfg.train.batch_size)
     with reference_weights(model) as reference:
         for start in range(0, len(items), size):
-            batch = collate_items(items[start : start + size], pad_id)
-            logps, _ = policy_logps(reference, batch["input_ids"].to(device), batch["labels"].to(device),
-                                    batch["attention_mask"].to(device), cfg.train.loss_chunk_size)
-            values += logps.float().cpu().tolist()
+            chunk = items[start : start + size]
+            shared = share_prompt and all(shares_prompt(item) for item in chunk)
+            batch = (collate_shared_prompt if shared else collate_items)(chunk, pad_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            values += batch_logps(reference, batch, cfg.train.loss_chunk_size)[0].float().cpu().tolist()
     _assign(items, values)
     if cache is not None:
         save_file({"logps": torch.tensor(values, dtype=torch.float32)}, str(cache), metadata={"fingerprint": fingerprint})
@@ -348,13 +359,13 @@ def run_dpo(cfg: DPOConfig) -> Path:
     data = prepare_preference_data(cfg.data, tokenizer, run_dir, cfg.train.seed, log)
     train_items, eval_items = _items(data, cfg)
     live = cfg.dpo.reference == "live"
+    share = cfg.dpo.share_prompt and cfg.dpo.loss != "kto" and getattr(model, "virtual_peft", None) is None
     if cfg.dpo.loss not in REFERENCE_FREE and not live:
         on_device(model, accelerator.device)
         precompute_reference(model, train_items + eval_items, cfg, tokenizer.pad_token_id,
-                             run_dir / "reference_logps.safetensors" if main else None, log)
+                             run_dir / "reference_logps.safetensors" if main else None, log, share_prompt=share)
     module = PreferenceLoss(model, cfg.dpo, cfg.train.loss_chunk_size, live_reference=live)
     extras = kto_extras if cfg.dpo.loss == "kto" else pair_extras
-    share = cfg.dpo.share_prompt and cfg.dpo.loss != "kto" and getattr(model, "virtual_peft", None) is None
     stage = GroupedStage(module, train_items, eval_items, cfg.train, tokenizer.pad_token_id, extras, adapter_training,
                          share_prompt=share)
     summary: dict = {"loss": cfg.dpo.loss, "reference": "none" if cfg.dpo.loss in REFERENCE_FREE else cfg.dpo.reference,
