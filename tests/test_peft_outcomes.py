@@ -4,8 +4,7 @@ The base is the tiny preset fully fine-tuned on two synthetic tasks (copy, small
 has never seen "Largest letter: …" and scores ~0% on it. Each method then trains on the
 largest-letter task alone, with the base frozen (freeze tuning: all but its top layer),
 and must raise held-out exact match by the fixed margin below. Margins sit well under
-the figures measured on this 2-core machine (comment per row; runs are deterministic),
-so they catch a method that stopped learning, not noise.
+the figures measured (comment per row), so they catch a method that stopped learning, not noise.
 """
 
 from __future__ import annotations
@@ -19,17 +18,18 @@ from posttrain import SFTConfig, run_sft
 pytestmark = pytest.mark.slow
 
 STEPS = 200
-# method, adapter section, lr, minimum gain in exact match (fraction of 100 prompts)
+# method, adapter section, lr, minimum gain in exact match (fraction of 100 prompts); measured gains on two
+# machines in the comments (deterministic on one machine; another CPU's kernels shift the base a little).
 CASES = [
-    ("lora", {"method": "lora"}, 3e-3, 0.08),  # measured +17 points
-    ("ia3", {"method": "ia3"}, 3e-2, 0.08),  # measured +19
-    ("prompt", {"method": "prompt"}, 3e-2, 0.03),  # measured +7
-    ("prefix", {"method": "prefix"}, 1e-2, 0.04),  # measured +9
-    ("bottleneck", {"method": "bottleneck"}, 3e-3, 0.08),  # measured +19
+    ("lora", {"method": "lora"}, 3e-3, 0.08),  # measured +17, +16
+    ("ia3", {"method": "ia3"}, 3e-2, 0.08),  # measured +19, +14
+    ("prompt", {"method": "prompt"}, 1e-1, 0.04),  # measured +11 (lr 3e-2 gave +7 on one machine, +0 on the other)
+    ("prefix", {"method": "prefix"}, 1e-2, 0.04),  # measured +9, +10
+    ("bottleneck", {"method": "bottleneck"}, 3e-3, 0.08),  # measured +19, +17
     ("mixed", {"method": ["lora", "bottleneck", "prompt"], "schedule": ["0:prompt", "50:prompt+lora", "100:all"],
                "lora": {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}, "bottleneck": {"where": ["ffn"]}},
-     3e-3, 0.08),  # measured +19
-    ("freeze", {"method": "freeze", "freeze": {"top_layers": 1}}, 3e-3, 0.08),  # measured +23
+     3e-3, 0.08),  # measured +19, +17
+    ("freeze", {"method": "freeze", "freeze": {"top_layers": 1}}, 3e-3, 0.08),  # measured +23, +17
 ]
 
 
