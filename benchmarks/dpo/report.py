@@ -1,0 +1,398 @@
+"""Drive the DPO / reward-model benchmark: interleaved child runs, parity checks, results table.
+
+    python benchmarks/dpo/report.py --cache benchmarks/.cache/dpo_cpu --results benchmarks/results
+
+Every measured run is a fresh child process (`bench.py`), so imports, model load and
+allocator state never carry over between tools or cases. Runs are interleaved round by
+round (every case and tool once, then again) so slow drift of the machine hits every row
+alike. Writes RESULTS/dpo_cpu.json (every raw number) and RESULTS/dpo_cpu.md.
+Standard library only; it runs in the benchmark venv only to read package versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CASES = {
+    "dpo_full": "DPO, full fine-tuning (sigmoid loss, β 0.1)",
+    "dpo_lora": "DPO, LoRA (r 8, α 16, all linear layers)",
+    "rm": "Reward model, full fine-tuning (Bradley-Terry)",
+}
+SHORT = {"dpo_full": "DPO full", "dpo_lora": "DPO LoRA", "rm": "reward model"}
+DEFAULT_RUNS = ",".join([
+    *(f"{case}:{tv}" for case in ("dpo_full", "dpo_lora")
+      for tv in ("trl:default", "posttrain:precompute", "trl:gc_off", "posttrain:live", "trl:gc_off+precompute",
+                 "posttrain:precompute+separate_rows")),
+    "rm:trl:default", "rm:posttrain:default", "rm:trl:gc_off",
+])
+NOTES = {
+    ("rm", "trl", "default"): "TRL defaults: gradient checkpointing on",
+    ("rm", "trl", "gc_off"): "gradient_checkpointing=False",
+    ("trl", "default"): "TRL defaults: gradient checkpointing on, live reference",
+    ("trl", "gc_off"): "gradient_checkpointing=False, live reference",
+    ("trl", "gc_off+precompute"): "gradient_checkpointing=False, precompute_ref_log_probs=True",
+    ("posttrain", "precompute"): "posttrain default: dpo.reference=precompute",
+    ("posttrain", "live"): "dpo.reference=live",
+    ("posttrain", "precompute+separate_rows"): "dpo.reference=precompute, dpo.share_prompt=false (a row per response)",
+    ("posttrain", "default"): "posttrain defaults",
+}
+DEFAULT_ROW = {"trl": "default", "posttrain": {"dpo_full": "precompute", "dpo_lora": "precompute", "rm": "default"}}
+SPREAD_WARNING = 1.15  # repeats of one row whose mean step times differ more than this are reported as disturbed
+TARGET = 0.5  # the issue's target: posttrain ≤ 0.5× TRL's step time and ≤ 0.5× its peak memory
+
+
+def child(case: str, tool: str, variant: str, args, out: Path, log: Path) -> dict:
+    cmd = [sys.executable, str(HERE / "bench.py"), "--tool", tool, "--case", case, "--variant", variant,
+           "--model", str(args.cache / "model"), "--rm-model", str(args.cache / "rm_init"),
+           "--data", str(args.cache / "prefs.jsonl"), "--workdir", str(args.work / out.stem), "--out", str(out),
+           "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
+           "--lr", str(args.lr), "--seed", "0", "--device", getattr(args, "device", "cpu")]
+    started = time.time()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    with log.open("w") as fh:
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0:
+        tail = log.read_text().splitlines()[-20:]
+        raise SystemExit(f"{case} {tool}:{variant} failed (exit {proc.returncode}); log {log}:\n" + "\n".join(tail))
+    result = json.loads(out.read_text())
+    result["child_wall_s"] = time.time() - started
+    return result
+
+
+def summarize(runs: list[dict], warmup: int, steps: int) -> dict:
+    """Timed steps are those after `warmup`. Means pool every timed step of every repeat."""
+    per_run = []
+    for r in runs:
+        times, cpu = r["step_times_s"][warmup:], r["step_cpu_s"][warmup:]
+        per_run.append({
+            "step_ms_mean": 1000 * statistics.fmean(times),
+            "step_ms_median": 1000 * statistics.median(times),
+            "step_cpu_ms_mean": 1000 * statistics.fmean(cpu),
+            "precompute_s": r.get("precompute_s"),
+            "peak_rss_mib": r["peak_rss_mib"],
+            "peak_rss_before_train_mib": r.get("peak_rss_before_train_mib"),
+            "rss_after_import_mib": r.get("rss_after_import_mib"),
+            "step0_loss": r["losses"][0],
+            "loadavg": (r["loadavg_1min_before"] + r["loadavg_1min_after"]) / 2,
+            "child_wall_s": r["child_wall_s"],
+        })
+    all_times = [t for r in runs for t in r["step_times_s"][warmup:]]
+    all_cpu = [t for r in runs for t in r["step_cpu_s"][warmup:]]
+    pre = [p["precompute_s"] for p in per_run if p["precompute_s"] is not None]
+    step_ms = 1000 * statistics.fmean(all_times)
+    precompute_s = statistics.median(pre) if pre else None
+    return {
+        "repeats": len(runs), "per_run": per_run,
+        "step_ms_mean": step_ms,
+        "step_ms_median": 1000 * statistics.median(all_times),
+        "step_cpu_ms_mean": 1000 * statistics.fmean(all_cpu),
+        "precompute_s": precompute_s,
+        # the reference pass spread over the run's steps (one epoch here): the whole cost per step
+        "step_ms_with_precompute": step_ms + (1000 * precompute_s / steps if precompute_s else 0.0),
+        "peak_rss_mib": statistics.median(p["peak_rss_mib"] for p in per_run),
+        "peak_rss_before_train_mib": statistics.median(p["peak_rss_before_train_mib"] or 0 for p in per_run),
+        "rss_after_import_mib": statistics.median(p["rss_after_import_mib"] or 0 for p in per_run),
+        "step0_losses": [p["step0_loss"] for p in per_run],
+        "tokens_per_step_mean": statistics.fmean(t for r in runs for t in r["tokens"]),
+        "tokens_processed_per_step_mean": statistics.fmean(t for r in runs for t in r.get("tokens_processed", r["tokens"])),
+        "repeat_spread": (max(p["step_ms_mean"] for p in per_run) / min(p["step_ms_mean"] for p in per_run)
+                          if len(per_run) > 1 else 1.0),
+        "loadavg": max(p["loadavg"] for p in per_run),
+    }
+
+
+def git_describe() -> str:
+    """The posttrain commit measured (read-only git calls), with '+dirty' when src/ has local changes."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=HERE.parent.parent,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+           "posttrain_commit": git_describe()}
+    for name in ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "posttrain"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def logps_check(runs: list[dict], reference: dict) -> list[dict]:
+    """Each DPO run's step-0 logps/chosen|rejected (pair means, as logged) against the float64
+    reference over the label set that tool uses."""
+    labels = {"posttrain": "assistant_turn", "trl": "completion"}
+    out = []
+    for run in runs:
+        logged = run["logs_first_steps"][0]
+        for side in ("chosen", "rejected"):
+            want = reference[f"logps/{side}[{labels[run['tool']]}]"]
+            got = logged.get(f"logps/{side}")
+            out.append({"tool": run["tool"], "variant": run["variant"], "side": side, "labels": labels[run["tool"]],
+                        "logged": got, "reference": want,
+                        "rel_diff": None if got is None else abs(got - want) / abs(want)})
+    return out
+
+
+def parity(case: str, rows: list[dict], reference: dict) -> dict:
+    """Step-0 loss, first-batch ids and per-step token counts of every run of a case, compared."""
+    runs = [run for row in rows for run in row["runs"]]
+    digests = {run["first_batch_digest"] for run in runs}
+    token_lists = {json.dumps(run["tokens"]) for run in runs}
+    orders = {run["order_sha256"] for run in runs}
+
+    def first(tool):
+        return [run["losses"][0] for run in runs if run["tool"] == tool]
+
+    pt, trl = first("posttrain"), first("trl")
+    diff = max(abs(a - b) for a in pt for b in trl) if pt and trl else None
+    labels = {tool: sorted({run["first_batch_label_tokens"] for run in runs if run["tool"] == tool}) for tool in
+              ("posttrain", "trl")}
+    step2 = {tool: sorted({round(run["losses"][1], 6) for run in runs if run["tool"] == tool and len(run["losses"]) > 1})
+             for tool in ("posttrain", "trl")}
+    checks = logps_check(runs, reference) if case != "rm" else []
+    logps_ok = all(c["rel_diff"] is not None and c["rel_diff"] < 1e-5 for c in checks)
+    return {"case": case, "posttrain_step0": pt, "trl_step0": trl, "max_abs_diff": diff,
+            "logps_checks": checks, "logps_agree": logps_ok,
+            "agree": diff is not None and diff < 1e-5, "same_first_batch_ids": len(digests) == 1,
+            "same_tokens_every_step": len(token_lists) == 1, "same_order": len(orders) == 1,
+            "tokens_per_step": json.loads(next(iter(token_lists))) if len(token_lists) == 1 else None,
+            "first_batch_label_tokens": labels, "step2_losses": step2}
+
+
+def ratios(case: str, rows: list[dict]) -> list[dict]:
+    out = []
+    for mine in (row for row in rows if row["tool"] == "posttrain"):
+        a = mine["summary"]
+        for theirs in (row for row in rows if row["tool"] == "trl"):
+            b = theirs["summary"]
+            out.append({"case": case, "ours": mine["variant"], "vs": theirs["variant"],
+                        "step_time": a["step_ms_mean"] / b["step_ms_mean"],
+                        "step_cpu": a["step_cpu_ms_mean"] / b["step_cpu_ms_mean"],
+                        "step_time_with_precompute": a["step_ms_with_precompute"] / b["step_ms_with_precompute"],
+                        "peak_rss": a["peak_rss_mib"] / b["peak_rss_mib"]})
+    return out
+
+
+def verdict(case: str, rows: list[dict], rs: list[dict]) -> dict:
+    """posttrain's default row against TRL's default row and against TRL's best row per metric."""
+    ours = DEFAULT_ROW["posttrain"][case]
+    trl_rows = [row for row in rows if row["tool"] == "trl"]
+    mine = [r for r in rs if r["ours"] == ours]
+    if not mine or not trl_rows:
+        return {}
+    fastest = min(trl_rows, key=lambda row: row["summary"]["step_ms_with_precompute"])["variant"]
+    smallest = min(trl_rows, key=lambda row: row["summary"]["peak_rss_mib"])["variant"]
+    vs_default = next((r for r in mine if r["vs"] == "default"), None)
+    time_best = next(r for r in mine if r["vs"] == fastest)["step_time_with_precompute"]
+    rss_best = next(r for r in mine if r["vs"] == smallest)["peak_rss"]
+    return {"case": case, "posttrain_row": ours,
+            "vs_trl_default": vs_default and {"step_time_with_precompute": vs_default["step_time_with_precompute"],
+                                              "peak_rss": vs_default["peak_rss"]},
+            "trl_fastest": fastest, "time_ratio_vs_fastest": time_best,
+            "trl_smallest": smallest, "rss_ratio_vs_smallest": rss_best,
+            "time_target_met": time_best <= TARGET, "rss_target_met": rss_best <= TARGET}
+
+
+def fmt(x, digits=1):
+    return "—" if x is None else f"{x:,.{digits}f}"
+
+
+def fmt_e(x):
+    return "—" if x is None else f"{x:.1e}"
+
+
+def write_markdown(report: dict, path: Path) -> None:
+    v, s = report["versions"], report["settings"]
+    a = report["assets"]
+    lines = [
+        "# DPO and reward models on CPU: posttrain vs TRL DPOTrainer / RewardTrainer",
+        "",
+        f"Generated by `{report['command']}` on {report['date']} in {report['total_wall_s'] / 60:.1f} min.",
+        "",
+        f"Versions: torch {v['torch']}, transformers {v['transformers']}, trl {v['trl']}, peft {v['peft']}, "
+        f"accelerate {v['accelerate']}, datasets {v['datasets']}, posttrain {v['posttrain']} ({v['posttrain_commit']}), "
+        f"Python {v['python']}; {v['machine']}.",
+        "",
+        f"Setup: small Llama ({a.get('params', 0) / 1e6:.2f}M params: hidden 256, 4 layers, vocab 1024, tied "
+        f"embeddings) over the `tiny` preset's tokenizer and ChatML template, float32; {a.get('rows')} synthetic "
+        f"preference pairs (smallest/copy/reverse; {a.get('sequence_tokens_min')}–{a.get('sequence_tokens_max')} "
+        f"tokens per prompt+response); batch {s['batch_size']} pairs, max_length {s['max_length']}, "
+        f"lr {s['lr']:g} constant, AdamW, clip 1.0, {s['steps']} steps per run = one epoch, same batches in the same "
+        f"order in both tools; first {s['warmup']} steps not timed; {s['rounds']} interleaved repeats, every run a "
+        "fresh process. ms/step: mean over the timed steps of all repeats (per-repeat means in brackets); peak RSS: "
+        "median over repeats of the process's ru_maxrss.",
+        "",
+    ]
+    for case, title in CASES.items():
+        rows = [row for row in report["rows"] if row["case"] == case]
+        if not rows:
+            continue
+        lines += [f"## {title}", "",
+                  "| tool | configuration | reference | tokens through the model / step | ms/step (per repeat) | "
+                  "CPU-ms/step | reference pass s | ms/step incl. reference pass | peak RSS MiB (per repeat) | "
+                  "RSS after imports | step-0 loss | load avg |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for row in rows:
+            m = row["summary"]
+            reps = " / ".join(fmt(p["step_ms_mean"], 0) for p in m["per_run"])
+            rss = " / ".join(fmt(p["peak_rss_mib"], 0) for p in m["per_run"])
+            losses = ", ".join(f"{x:.6f}" for x in m["step0_losses"])
+            lines.append(f"| {row['tool']} | {row['note']} | {row['runs'][0]['reference']} | "
+                         f"{fmt(m['tokens_processed_per_step_mean'], 0)} | {fmt(m['step_ms_mean'], 0)} ({reps}) | {fmt(m['step_cpu_ms_mean'], 0)} | "
+                         f"{fmt(m['precompute_s'], 2)} | {fmt(m['step_ms_with_precompute'], 0)} | "
+                         f"{fmt(m['peak_rss_mib'], 0)} ({rss}) | {fmt(m['rss_after_import_mib'], 0)} | {losses} | "
+                         f"{fmt(m['loadavg'], 1)} |")
+        lines += ["", "Ratios posttrain / TRL (target ≤ 0.5 for both step time and peak RSS):", "",
+                  "| posttrain | TRL | step time | CPU time/step | step time incl. reference pass | peak RSS |",
+                  "|---|---|---|---|---|---|"]
+        for r in (r for r in report["ratios"] if r["case"] == case):
+            lines.append(f"| {r['ours']} | {r['vs']} | {fmt(r['step_time'], 2)}× | {fmt(r['step_cpu'], 2)}× | "
+                         f"{fmt(r['step_time_with_precompute'], 2)}× | {fmt(r['peak_rss'], 2)}× |")
+        p = next(p for p in report["parity"] if p["case"] == case)
+        diff = "—" if p["max_abs_diff"] is None else f"{p['max_abs_diff']:.1e}"
+        lines += ["", f"Parity: step-0 loss posttrain {', '.join(f'{x:.6f}' for x in p['posttrain_step0'])}; "
+                  f"TRL {', '.join(f'{x:.6f}' for x in p['trl_step0'])}; max |difference| {diff} "
+                  f"({'OK' if p['agree'] else 'MISMATCH'}, tolerance 1e-5). Same first-batch token ids in every run: "
+                  f"{p['same_first_batch_ids']}; same prompt+response tokens at every step: {p['same_tokens_every_step']} "
+                  f"({', '.join(map(str, (p['tokens_per_step'] or [])[:6]))}, … per step). Loss after one update: "
+                  f"posttrain {p['step2_losses']['posttrain']}, TRL {p['step2_losses']['trl']}.", ""]
+        if case != "rm":
+            labels = p["first_batch_label_tokens"]
+            ref = report["reference_logps_first_batch"]
+            worst = {tool: max((c["rel_diff"] for c in p["logps_checks"] if c["tool"] == tool), default=None)
+                     for tool in ("posttrain", "trl")}
+            lines += [
+                "At step 0 the DPO loss is log 2 whatever the log-probs are, so the log-probs themselves are checked "
+                "too: each run's logged step-0 `logps/chosen` and `logps/rejected` (means over the 16 pairs) against "
+                "a float64 forward of the same batch with no tool code, summed over the tokens each tool labels. "
+                f"posttrain labels the response and `<|im_end|>` ({labels['posttrain'][0] if labels['posttrain'] else '—'} "
+                f"label tokens in the first batch; reference {ref['logps/chosen[assistant_turn]']:.4f} / "
+                f"{ref['logps/rejected[assistant_turn]']:.4f}); TRL also labels the newline the template writes after "
+                f"`<|im_end|>` ({labels['trl'][0] if labels['trl'] else '—'} label tokens, one more per sequence; "
+                f"reference {ref['logps/chosen[completion]']:.4f} / {ref['logps/rejected[completion]']:.4f}). Largest "
+                f"relative difference to the reference: posttrain {fmt_e(worst['posttrain'])}, TRL "
+                f"{fmt_e(worst['trl'])} ({'OK' if p['logps_agree'] else 'MISMATCH'}, tolerance 1e-5).", ""]
+    lines += ["## Verdict against the target (≤ 0.5× TRL's step time and ≤ 0.5× its peak RSS)", "",
+              "posttrain's default row against TRL's fastest row (step time including any reference pass) and "
+              "TRL's smallest row (peak RSS); TRL's own default in brackets.", "",
+              "| case | posttrain row | step time vs TRL fastest | peak RSS vs TRL smallest | met? |",
+              "|---|---|---|---|---|"]
+    for vd in report["verdicts"]:
+        d = vd.get("vs_trl_default") or {}
+        missed = [name for name, ok in (("time", vd["time_target_met"]), ("memory", vd["rss_target_met"])) if not ok]
+        met = "yes" if not missed else f"no ({', '.join(missed)})"
+        lines.append(f"| {SHORT[vd['case']]} | "
+                     f"{vd['posttrain_row']} | {fmt(vd['time_ratio_vs_fastest'], 2)}× ({vd['trl_fastest']}; vs TRL "
+                     f"default {fmt(d.get('step_time_with_precompute'), 2)}×) | {fmt(vd['rss_ratio_vs_smallest'], 2)}× "
+                     f"({vd['trl_smallest']}; vs TRL default {fmt(d.get('peak_rss'), 2)}×) | {met} |")
+    lines.append("")
+    if report.get("warnings"):
+        lines += ["Warnings:", ""] + [f"- {w}" for w in report["warnings"]] + [""]
+    lines += ["How it is measured and what differs between the tools: `benchmarks/README.md`. Raw numbers: "
+              "`dpo_cpu.json`.", ""]
+    path.write_text("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", type=Path, default=HERE.parent / ".cache" / "dpo_cpu")
+    parser.add_argument("--results", type=Path, default=HERE.parent / "results")
+    parser.add_argument("--runs", default=os.environ.get("BENCH_RUNS", DEFAULT_RUNS),
+                        help="comma-separated case:tool:variant, run in this order each round")
+    parser.add_argument("--rounds", type=int, default=int(os.environ.get("BENCH_ROUNDS", 2)))
+    parser.add_argument("--steps", type=int, default=int(os.environ.get("BENCH_STEPS", 20)))
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=5e-5)
+    args = parser.parse_args()
+    args.work = args.cache.parent / "dpo_work"  # scratch, gitignored; results/ keeps only the report
+    args.work.mkdir(parents=True, exist_ok=True)
+    assets = json.loads((args.cache / "assets.json").read_text())
+    if assets["rows"] != args.steps * args.batch_size:
+        print(f"note: {assets['rows']} rows but {args.steps} steps × batch {args.batch_size}: the reference pass "
+              "covers the whole file, the steps one epoch only if these agree", flush=True)
+    t0 = time.time()
+    print("[reference] float64 log-probs of the first batch, no tool code", flush=True)
+    reference = child("dpo_full", "reference", "-", args, args.work / "reference.json", args.work / "reference.log")
+    plan = [tuple(item.split(":", 2)) for item in args.runs.split(",") if item]
+    results: dict[tuple[str, str, str], list[dict]] = {key: [] for key in plan}
+    for round_index in range(args.rounds):
+        for case, tool, variant in plan:
+            name = f"{case}-{tool}-{variant}-r{round_index}"
+            print(f"[round {round_index + 1}/{args.rounds}] {case} {tool}:{variant} ...", end=" ", flush=True)
+            r = child(case, tool, variant, args, args.work / f"{name}.json", args.work / f"{name}.log")
+            timed = r["step_times_s"][args.warmup:]
+            pre = f", reference pass {r['precompute_s']:.1f} s" if r.get("precompute_s") else ""
+            print(f"{1000 * statistics.fmean(timed):.0f} ms/step{pre}, peak RSS {r['peak_rss_mib']:.0f} MiB, "
+                  f"step-0 loss {r['losses'][0]:.6f}, tokens {r['tokens'][:4]}…, load {r['loadavg_1min_before']:.1f} "
+                  f"({r['child_wall_s']:.0f} s)", flush=True)
+            results[(case, tool, variant)].append(r)
+
+    rows = [{"case": case, "tool": tool, "variant": variant,
+             "note": NOTES.get((case, tool, variant), NOTES.get((tool, variant), variant)),
+             "summary": summarize(runs, args.warmup, args.steps), "runs": runs}
+            for (case, tool, variant), runs in results.items()]
+    cases = [c for c in CASES if any(row["case"] == c for row in rows)]
+    parities = [parity(c, [row for row in rows if row["case"] == c], reference) for c in cases]
+    all_ratios = [r for c in cases for r in ratios(c, [row for row in rows if row["case"] == c])]
+    verdicts = [v for c in cases
+                if (v := verdict(c, [row for row in rows if row["case"] == c], [r for r in all_ratios if r["case"] == c]))]
+    warnings = []
+    loads = [p["loadavg"] for row in rows for p in row["summary"]["per_run"]]
+    busy = 1.5 * (os.cpu_count() or 2) / 2 + 0.5
+    if loads and max(loads) > busy:
+        warnings.append(f"the machine was busy during some runs (1-min load average up to {max(loads):.1f} on "
+                        f"{os.cpu_count()} CPUs; each run's own 2 threads give ~2): wall-clock numbers of those runs "
+                        "are inflated by other processes; compare the per-repeat numbers and CPU-ms/step")
+    for row in rows:
+        if row["summary"]["repeat_spread"] > SPREAD_WARNING:
+            warnings.append(f"{row['case']} {row['tool']}:{row['variant']}: the repeats' mean step times differ by "
+                            f"{row['summary']['repeat_spread']:.2f}× (disturbed timing)")
+    for p in parities:
+        if not (p["agree"] and p["logps_agree"] and p["same_first_batch_ids"] and p["same_tokens_every_step"]):
+            warnings.append(f"{p['case']}: parity check failed (step-0 losses agree: {p['agree']}, step-0 log-probs "
+                            f"match the float64 reference: {p['logps_agree']}, same first batch: "
+                            f"{p['same_first_batch_ids']}, same tokens every step: {p['same_tokens_every_step']})")
+    report = {
+        "command": os.environ.get("DPO_BENCH_CMD", "bash benchmarks/run_dpo_bench.sh"),
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "total_wall_s": time.time() - t0,
+        "versions": versions(),
+        "assets": assets,
+        "settings": {"steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "batch_size": args.batch_size,
+                     "max_length": args.max_length, "lr": args.lr, "schedule": "constant", "max_grad_norm": 1.0,
+                     "beta": 0.1, "order": args.runs},
+        "rows": rows,
+        "reference_logps_first_batch": reference,
+        "ratios": all_ratios,
+        "parity": parities,
+        "verdicts": verdicts,
+        "warnings": warnings,
+    }
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "dpo_cpu.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_markdown(report, args.results / "dpo_cpu.md")
+    print((args.results / "dpo_cpu.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
