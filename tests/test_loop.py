@@ -235,3 +235,19 @@ def test_a_fresh_start_replaces_an_earlier_runs_checkpoints(tmp_path):
     assert [p.name for p in sorted((tmp_path / "checkpoints").iterdir())] == ["step-0000003", "step-0000006"]
     _run(ToyStage(8), _cfg(max_steps=2, keep_last=3), tmp_path)
     assert [p.name for p in sorted((tmp_path / "checkpoints").iterdir())] == ["step-0000002"]
+
+
+def test_nested_optimizer_state_round_trips_through_a_checkpoint():
+    """bitsandbytes' 8-bit optimizers nest their quantisation tensors in a sub-dict of each
+    parameter's state; a checkpoint must keep that nesting (found on a GPU: json.dumps failed)."""
+    state = {"state": {0: {"step": 3, "state1": torch.randn(2, 3),
+                           "quant": {"absmax1": torch.rand(4), "qmap1": torch.arange(5.0), "blocksize": 256}},
+                       1: {"step": 3, "state1": torch.randn(6)}},
+             "param_groups": [{"lr": 0.1, "params": [0, 1]}]}
+    tensors, plain = checkpoint._split_optimizer_state(state)
+    json.dumps(plain)  # everything that is not a tensor is plain JSON
+    back = checkpoint._join_optimizer_state(tensors, json.loads(json.dumps(plain)))
+    assert back["param_groups"] == state["param_groups"]
+    assert back["state"][0]["quant"]["blocksize"] == 256 and back["state"][1]["step"] == 3
+    assert torch.equal(back["state"][0]["quant"]["absmax1"], state["state"][0]["quant"]["absmax1"])
+    assert torch.equal(back["state"][0]["state1"], state["state"][0]["state1"])

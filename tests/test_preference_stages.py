@@ -213,6 +213,18 @@ def test_every_loss_trains_end_to_end(extra, tmp_path):
     assert expected in records[0] and f"eval_{expected}" in records[-1]
 
 
+def test_under_bf16_autocast_the_precomputed_reference_still_starts_at_log2(tmp_path):
+    """The reference pass runs in training's precision: computed in fp32 while the policy runs
+    under bf16 autocast, step 0 gave 0.6993 instead of log 2 on a GPU."""
+    from posttrain.train.preference import run_dpo
+
+    run_dir = run_dpo(_dpo_cfg(tmp_path, "train.max_steps=1", "train.mixed_precision=bf16", "train.log_every=1"))
+    first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert summary["eval_before"]["rewards/accuracy"] == pytest.approx(0.5)  # every held-out margin exactly 0
+
+
 def test_reward_model_run_with_rankings_and_lora(tmp_path):
     from posttrain.train.reward import run_rm
 

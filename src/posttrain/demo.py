@@ -53,25 +53,29 @@ def demo_config(output_dir: str, overrides: list[str] = ()):
     return SFTConfig.from_dict(data, source="demo")
 
 
-def _preference_stages(run_dir: Path, seed: int, tasks: list[str]) -> str:
-    """Reward model and DPO on the SFT model; returns the lines to print."""
+def _preference_stages(run_dir: Path, seed: int) -> str:
+    """Reward model and DPO on the SFT model, for the smallest-letter task; returns the lines to print.
+
+    One task: a fresh reward head learns "is this the smallest letter" in 150 steps (0.97
+    held-out), while judging copy/reverse answers (one letter changed or swapped) takes a
+    tiny model far longer (0.63 after 300 steps, measured)."""
     from posttrain.config import DPOConfig, RMConfig
     from posttrain.train.preference import run_dpo
     from posttrain.train.reward import run_rm
 
-    common = [f"model.path={run_dir / 'final'}", f"data.synthetic_tasks=[{','.join(tasks)}]", "data.max_length=64",
+    common = [f"model.path={run_dir / 'final'}", "data.synthetic_tasks=[smallest]", "data.max_length=64",
               "data.synthetic_size=3200", "data.eval_fraction=0.0625", "train.batch_size=16", f"train.seed={seed}",
               "train.resume=never", "train.log_every=10"]
-    rm = json.loads((run_rm(RMConfig.load(None, [f"output_dir={run_dir / 'rm'}", "train.max_steps=100",
+    rm = json.loads((run_rm(RMConfig.load(None, [f"output_dir={run_dir / 'rm'}", "train.max_steps=150",
                                                    "train.lr=1e-3", "reward.centering=0.01", *common]))
                      / "summary.json").read_text())
     dpo = json.loads((run_dpo(DPOConfig.load(None, [f"output_dir={run_dir / 'dpo'}", "train.max_steps=150",
                                                       "train.lr=3e-4", "dpo.nll_weight=1.0", "eval.exact_match_prompts=200",
-                                                      "eval.max_new_tokens=16", *common]))
+                                                      "eval.max_new_tokens=4", *common]))
                       / "summary.json").read_text())
-    return (f"reward model: held-out pairwise accuracy {rm['eval_before']['accuracy']:.1%} → "
+    return (f"smallest letter — reward model: held-out pairwise accuracy {rm['eval_before']['accuracy']:.1%} → "
             f"{rm['eval_after']['accuracy']:.1%} after {rm['steps']} steps ({rm['eval_items']} prompts)\n"
-            f"DPO (+NLL): held-out implicit-reward accuracy {dpo['eval_before']['rewards/accuracy']:.1%} → "
+            f"smallest letter — DPO (+NLL): held-out implicit-reward accuracy {dpo['eval_before']['rewards/accuracy']:.1%} → "
             f"{dpo['eval_after']['rewards/accuracy']:.1%}; exact match {dpo.get('exact_match_before', 0):.1%} → "
             f"{dpo.get('exact_match_after', 0):.1%} after {dpo['steps']} steps")
 
@@ -99,7 +103,7 @@ def run_demo(output_dir: str = "runs/demo", overrides: list[str] = ()) -> int:
           f"{before:.1%} → {after:.1%} after {summary['steps']} SFT steps ({minutes:.1f} min)")
     if per_task:
         print(f"after, by task: {per_task}")
-    preference = _preference_stages(run_dir, cfg.train.seed, cfg.data.synthetic_tasks)
+    preference = _preference_stages(run_dir, cfg.train.seed)
     print(f"\n{preference}\n(total {(time.time() - started) / 60:.1f} min)")
     print(f"run directory: {run_dir}  (final model: {run_dir / 'final'}; try `posttrain chat --model {run_dir}`)")
     return 0

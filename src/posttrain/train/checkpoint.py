@@ -45,21 +45,34 @@ def load_trainable_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor
 
 
 def _split_optimizer_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors (to safetensors) and everything else (to JSON), keyed "param/key[/subkey…]".
+
+    Per-parameter states may nest: bitsandbytes' 8-bit optimizers keep their quantisation
+    tensors in a sub-dict of each parameter's state."""
     tensors, plain = {}, {"param_groups": state["param_groups"], "scalars": {}}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{prefix}/{key}", inner)
+        elif torch.is_tensor(value):
+            tensors[prefix] = value.detach().contiguous().cpu()
+        else:
+            plain["scalars"][prefix] = value
+
     for index, per_param in state["state"].items():
-        for key, value in per_param.items():
-            if torch.is_tensor(value):
-                tensors[f"{index}/{key}"] = value.detach().contiguous().cpu()
-            else:
-                plain["scalars"][f"{index}/{key}"] = value
+        walk(str(index), per_param)
     return tensors, plain
 
 
 def _join_optimizer_state(tensors: dict[str, torch.Tensor], plain: dict) -> dict:
     state: dict[int, dict[str, Any]] = {}
     for flat, value in list(tensors.items()) + list(plain["scalars"].items()):
-        index, key = flat.split("/", 1)
-        state.setdefault(int(index), {})[key] = value
+        index, *path = flat.split("/")
+        node = state.setdefault(int(index), {})
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
     return {"state": state, "param_groups": plain["param_groups"]}
 
 

@@ -116,7 +116,9 @@ def evaluate(module, stage: Stage, accelerator) -> tuple[float, dict[str, float]
     sums = _Sums(accelerator)
     weight = sum(stage.weight(b) for b in batches)
     module.eval()
-    with torch.no_grad():
+    # autocast here too: before training the module is not yet wrapped by accelerate, and
+    # held-out figures must be computed in the precision training uses.
+    with torch.no_grad(), accelerator.autocast():
         for batch in mine:
             sums.add(module(**_to(batch, accelerator.device)))
     module.train()

@@ -277,7 +277,8 @@ def kto_items(items: list[Item], max_length: int) -> list[Item]:
 
 
 def _fingerprint(cfg: DPOConfig, items: list[Item]) -> str:
-    digest = hashlib.sha256(json.dumps([cfg.model.path, cfg.model.dtype, cfg.adapter.method]).encode())
+    digest = hashlib.sha256(json.dumps([cfg.model.path, cfg.model.dtype, cfg.adapter.method,
+                                         cfg.train.mixed_precision]).encode())
     for item in items:
         for seq in item.sequences:
             digest.update(torch.tensor(seq.input_ids + [-1] + seq.labels, dtype=torch.int64).numpy().tobytes())
@@ -362,8 +363,9 @@ def run_dpo(cfg: DPOConfig) -> Path:
     share = cfg.dpo.share_prompt and cfg.dpo.loss != "kto" and getattr(model, "virtual_peft", None) is None
     if cfg.dpo.loss not in REFERENCE_FREE and not live:
         on_device(model, accelerator.device)
-        precompute_reference(model, train_items + eval_items, cfg, tokenizer.pad_token_id,
-                             run_dir / "reference_logps.safetensors" if main else None, log, share_prompt=share)
+        with accelerator.autocast():  # in training's precision, so π = π_ref exactly at step 0
+            precompute_reference(model, train_items + eval_items, cfg, tokenizer.pad_token_id,
+                                 run_dir / "reference_logps.safetensors" if main else None, log, share_prompt=share)
     module = PreferenceLoss(model, cfg.dpo, cfg.train.loss_chunk_size, live_reference=live)
     extras = kto_extras if cfg.dpo.loss == "kto" else pair_extras
     stage = GroupedStage(module, train_items, eval_items, cfg.train, tokenizer.pad_token_id, extras, adapter_training,
