@@ -29,8 +29,8 @@ def posttrain(*args, check=True, **kwargs):
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=[p.stem for p in EXAMPLES])
 def test_every_example_runs(example, tmp_path):
-    stage = example.stem.split("_")[0]  # sft_*, rm_*, dpo_*, kto
-    extra = [] if stage == "rm" else ["eval.exact_match_prompts=4"]
+    stage = example.stem.split("_")[0]  # sft_*, rm_*, dpo_*, kto, grpo_*
+    extra = {"rm": [], "grpo": ["eval.prompts=4", "train.batch_size=16"]}.get(stage, ["eval.exact_match_prompts=4"])
     posttrain(stage, example, f"output_dir={tmp_path}", "train.max_steps=2", "train.epochs=1",
               "train.progress_bar=false", "data.synthetic_size=64", *extra)
     assert (tmp_path / "final").is_dir() and (tmp_path / "metrics.jsonl").is_file()
@@ -204,3 +204,9 @@ def test_two_processes_match_one(adapter, tmp_path):
     loss = lambda d: [json.loads(l)["loss"] for l in (d / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
     assert loss(two) == pytest.approx(loss(one), rel=1e-4)
     assert json.loads((two / "metrics.jsonl").read_text().splitlines()[0])["world_size"] == 2
+
+
+def test_rloo_alias_sets_the_advantage(tmp_path):
+    posttrain("rloo", "examples/grpo.yaml", f"output_dir={tmp_path}", "train.max_steps=1", "train.batch_size=16",
+              "train.progress_bar=false", "data.synthetic_size=64", "eval.prompts=0")
+    assert json.loads((tmp_path / "summary.json").read_text())["advantage"] == "rloo"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.config import SFTConfig, markdown_reference, preference_reference, validate_sft
+from posttrain.config import SFTConfig, markdown_reference, preference_reference, rl_reference, validate_sft
 from posttrain.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,3 +57,4 @@ def test_bad_yaml_gives_file_and_line(tmp_path):
 def test_readme_config_reference_is_current():
     assert markdown_reference() in (ROOT / "README.md").read_text(), "regenerate: python -m posttrain.config"
     assert preference_reference() in (ROOT / "README.md").read_text(), "regenerate: python -m posttrain.config"
+    assert rl_reference() in (ROOT / "README.md").read_text(), "regenerate: python -m posttrain.config"

@@ -237,6 +237,33 @@ def test_reward_model_run_with_rankings_and_lora(tmp_path):
     assert (run_dir / "final" / "adapter_config.json").is_file()
 
 
+def test_an_encoder_backbone_trains_as_a_reward_model_and_scores(tmp_path):
+    """A BERT-like encoder (its own [CLS] pooling and classifier) as the reward backbone."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from posttrain.models.loading import load_tokenizer
+    from posttrain.rewards import RewardModelScorer
+    from posttrain.train.reward import run_rm
+
+    tokenizer = load_tokenizer("tiny")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=128, max_position_embeddings=128, num_labels=1,
+                        pad_token_id=tokenizer.pad_token_id)
+    BertForSequenceClassification(config).save_pretrained(tmp_path / "bert")
+    tokenizer.save_pretrained(tmp_path / "bert")
+    cfg = RMConfig.load(None, [f"output_dir={tmp_path / 'rm'}", f"model.path={tmp_path / 'bert'}",
+                               "data.synthetic_size=40", "data.max_length=64", "train.max_steps=3", "train.batch_size=4",
+                               "train.lr=1e-3", "train.progress_bar=false"])
+    run_dir = run_rm(cfg)
+    losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    turns = [{"role": "user", "content": "Smallest letter: q m t"}]
+    scores = RewardModelScorer(str(run_dir / "final"))([turns, turns], ["m", "q"])
+    assert len(scores) == 2 and scores[0] != scores[1]
+
+
 def test_configs_are_checked_before_any_work(tmp_path):
     from posttrain.train.preference import run_dpo
     from posttrain.train.reward import run_rm

@@ -4,6 +4,8 @@
     posttrain rm CONFIG.yaml [...]            reward model
     posttrain dpo CONFIG.yaml [...]           DPO, cDPO, IPO, hinge, SimPO, ORPO, KTO (dpo.loss)
     posttrain kto | orpo CONFIG.yaml [...]    dpo with dpo.loss set
+    posttrain grpo CONFIG.yaml [...]          GRPO / RLOO: sampled completions, verifiable or learned rewards
+    posttrain rloo CONFIG.yaml [...]          grpo with grpo.advantage=rloo
     posttrain score --model RM_DIR --input rows.jsonl --output scored.jsonl
     posttrain generate --model DIR --prompts FILE [--output out.jsonl] [sampling flags]
     posttrain chat --model DIR
@@ -52,7 +54,7 @@ def _sampling_args(parser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from posttrain.config import DPOConfig, RMConfig, SFTConfig
+    from posttrain.config import DPOConfig, GRPOConfig, RMConfig, SFTConfig
 
     parser = argparse.ArgumentParser(prog="posttrain", description="Post-training for language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -61,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     _stage_parser(sub, "dpo", DPOConfig, "direct preference optimisation: dpo, cdpo, ipo, hinge, simpo, orpo, kto")
     _stage_parser(sub, "kto", DPOConfig, "posttrain dpo with dpo.loss=kto (unpaired feedback)")
     _stage_parser(sub, "orpo", DPOConfig, "posttrain dpo with dpo.loss=orpo (SFT + odds ratio, no reference)")
+    _stage_parser(sub, "grpo", GRPOConfig, "online RL with group-relative advantages (GRPO; RLOO with grpo.advantage)")
+    _stage_parser(sub, "rloo", GRPOConfig, "posttrain grpo with grpo.advantage=rloo (leave-one-out baseline)")
     score = sub.add_parser("score", help="score prompt/response rows with reward models and functions")
     score.add_argument("--model", action="append", default=[], metavar="[NAME=]DIR",
                        help="reward model directory (repeatable; several are combined)")
@@ -116,7 +120,14 @@ def _dpo():
     return DPOConfig, run_dpo
 
 
-_STAGES = {"sft": _sft, "rm": _rm, "dpo": _dpo, "kto": _dpo, "orpo": _dpo}
+def _grpo():
+    from posttrain.config import GRPOConfig
+    from posttrain.train.grpo import run_grpo
+
+    return GRPOConfig, run_grpo
+
+
+_STAGES = {"sft": _sft, "rm": _rm, "dpo": _dpo, "kto": _dpo, "orpo": _dpo, "grpo": _grpo, "rloo": _grpo}
 
 
 def _run(args) -> int:
@@ -130,6 +141,8 @@ def _run(args) -> int:
             config, overrides = None, [config, *overrides]  # only overrides were given
         if args.command in ("kto", "orpo"):
             overrides.append(f"dpo.loss={args.command}")  # last, so neither the file nor an override undoes it
+        if args.command == "rloo":
+            overrides.append("grpo.advantage=rloo")
         run_dir = run(config_cls.load(config, overrides))
         print(f"run directory: {run_dir}")
         return 0

@@ -1,9 +1,11 @@
 """Rewards for (prompt, response) pairs: trained reward models, Python functions, and weighted mixes.
 
 A reward is any callable `reward(prompts, responses) -> list[float]`, prompts being chat
-turn lists. `RewardModelScorer` wraps a trained reward model (`posttrain rm`);
-`function_reward("pkg.module:fn")` imports a plain function `fn(prompt, response) -> float`
-(e.g. a format check or an exact-match verifier).
+turn lists; one that also takes `rows=` gets each prompt's row (its reference `answer` and
+other fields) for verification. `RewardModelScorer` wraps a trained reward model
+(`posttrain rm`); `function_reward("pkg.module:fn")` imports a plain function
+`fn(prompt, response) -> float` or `fn(prompt, response, row) -> float` (a format check, an
+exact-match verifier). Built in: `exact_match` (against the row's answer) and `format_reward`.
 
 Several objectives (helpfulness, harmlessness, length, ...) combine into one score the RL
 stage can maximise, the weighted-sum scalarisation of the multi-objective problem
@@ -20,6 +22,8 @@ candidate beats on every objective, to see the trade-off before choosing weights
 from __future__ import annotations
 
 import importlib
+import inspect
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -45,7 +49,7 @@ class RewardModelScorer:
         self.batch_size, self.max_length = batch_size, max_length
 
     @torch.no_grad()
-    def __call__(self, prompts: Sequence[list[dict]], responses: Sequence[str]) -> list[float]:
+    def __call__(self, prompts: Sequence[list[dict]], responses: Sequence[str], rows=None) -> list[float]:
         from posttrain.data.batching import collate
         from posttrain.data.preferences import encode_response
         from posttrain.models.reward_model import score
@@ -63,7 +67,8 @@ class RewardModelScorer:
 
 
 def function_reward(spec: str) -> Reward:
-    """'package.module:function' → a batch reward from `function(prompt_turns, response) -> float`."""
+    """'package.module:function' → a batch reward from `function(prompt_turns, response) -> float`
+    or, when the function takes a third argument, `function(prompt_turns, response, row)`."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ConfigError(f"reward function {spec!r} must look like package.module:function")
@@ -71,7 +76,50 @@ def function_reward(spec: str) -> Reward:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"reward function {spec!r} cannot be imported: {exc}") from None
-    return lambda prompts, responses: [float(fn(p, r)) for p, r in zip(prompts, responses)]
+    if _positional_arity(fn) >= 3:
+        def with_rows(prompts, responses, rows=None):
+            rows = rows if rows is not None else [{}] * len(responses)
+            return [float(fn(p, r, row)) for p, r, row in zip(prompts, responses, rows)]
+        return with_rows
+    return lambda prompts, responses, rows=None: [float(fn(p, r)) for p, r in zip(prompts, responses)]
+
+
+def _positional_arity(fn) -> int:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return 2
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(p.kind in kinds for p in params) + (3 if any(p.kind is p.VAR_POSITIONAL for p in params) else 0)
+
+
+def _call(reward: Reward, prompts, responses, rows) -> list[float]:
+    """Call a reward, passing the prompt rows only to rewards that take them."""
+    if rows is not None and "rows" in inspect.signature(reward).parameters:
+        return reward(prompts, responses, rows=rows)
+    return reward(prompts, responses)
+
+
+# --------------------------------------------------------------------------- verifiable rewards
+
+
+def exact_match(prompt: list[dict], response: str, row: dict) -> float:
+    """1.0 when the response equals the row's reference 'answer' (whitespace-trimmed), else 0.0."""
+    answer = row.get("answer")
+    if answer is None:
+        from posttrain.errors import DataError
+
+        raise DataError("the exact_match reward needs an 'answer' in every prompt row")
+    return float(response.strip() == str(answer).strip())
+
+
+def format_reward(pattern: str) -> Reward:
+    """1.0 for responses that match `pattern` in full (Python regex), else 0.0."""
+    try:
+        compiled = re.compile(pattern, re.DOTALL)
+    except re.error as exc:
+        raise ConfigError(f"format regex {pattern!r} is not valid: {exc}") from None
+    return lambda prompts, responses, rows=None: [float(compiled.fullmatch(r.strip()) is not None) for r in responses]
 
 
 @dataclass
@@ -93,18 +141,20 @@ class CombinedReward:
             raise ConfigError(f"reward components need distinct names, got {names}")
         self.components, self.penalty = components, penalty
 
-    def calibrate(self, prompts: Sequence[list[dict]], responses: Sequence[str]) -> dict[str, tuple[float, float]]:
+    def calibrate(self, prompts: Sequence[list[dict]], responses: Sequence[str],
+                  rows=None) -> dict[str, tuple[float, float]]:
         """Set each component's shift/scale to its mean/std on these samples (std 0 → 1)."""
         stats = {}
         for c in self.components:
-            values = torch.tensor(c.reward(prompts, responses), dtype=torch.float64)
+            values = torch.tensor(_call(c.reward, prompts, responses, rows), dtype=torch.float64)
             std = float(values.std()) if len(values) > 1 else 0.0
             c.shift, c.scale = float(values.mean()), std if std > 0 else 1.0
             stats[c.name] = (c.shift, c.scale)
         return stats
 
-    def score(self, prompts: Sequence[list[dict]], responses: Sequence[str]) -> tuple[list[float], dict[str, list[float]]]:
-        raw = {c.name: c.reward(prompts, responses) for c in self.components}
+    def score(self, prompts: Sequence[list[dict]], responses: Sequence[str],
+              rows=None) -> tuple[list[float], dict[str, list[float]]]:
+        raw = {c.name: _call(c.reward, prompts, responses, rows) for c in self.components}
         totals = []
         for i in range(len(responses)):
             total = 0.0
@@ -116,8 +166,8 @@ class CombinedReward:
             totals.append(total)
         return totals, raw
 
-    def __call__(self, prompts, responses) -> list[float]:
-        return self.score(prompts, responses)[0]
+    def __call__(self, prompts, responses, rows=None) -> list[float]:
+        return self.score(prompts, responses, rows)[0]
 
 
 def pareto_front(points: torch.Tensor) -> list[int]:

@@ -54,7 +54,9 @@ class Stage(Protocol):
     def eval_micro_batches(self) -> list[Batch]:
         """Held-out micro-batches (may be empty)."""
 
-    # Optional: lr_scale(param_name) -> float multiplies a parameter's learning rate (LoRA+);
+    # Optional: micro_batches_after(epoch, skip) -> the epoch's micro-batches from the skip-th on, for
+    # stages whose batches are costly to produce (RL rollouts): resume then skips without producing;
+    # lr_scale(param_name) -> float multiplies a parameter's learning rate (LoRA+);
     # inactive_parameters(step) -> parameters not updated at that step (staged unfreezing);
     # finish_metrics(averaged metrics) -> metrics to log (e.g. a std from a mean square).
 
@@ -76,9 +78,13 @@ def _steps(stage: Stage, group: int, epoch: int, start: int) -> Iterator[tuple[i
     start of the same epoch's order, so no example is skipped and every step is full.
     """
     while True:
-        source = stage.micro_batches(epoch)
-        for _ in range(start * group):  # resume: skip what earlier steps consumed
-            next(source, None)
+        skip_to = getattr(stage, "micro_batches_after", None)  # a stage that can skip without producing (RL)
+        if skip_to is not None:
+            source = skip_to(epoch, start * group)
+        else:
+            source = stage.micro_batches(epoch)
+            for _ in range(start * group):  # resume: skip what earlier steps consumed
+                next(source, None)
         step_in_epoch = start
         while True:
             batches = [b for _, b in zip(range(group), source)]
@@ -290,6 +296,38 @@ def _early_stop(state: dict, eval_loss: float, patience: int) -> bool:
         return False
     state["evals_without_improvement"] += 1
     return patience > 0 and state["evals_without_improvement"] >= patience
+
+
+def start_run(cfg) -> tuple[Path, Any, bool, Any]:
+    """What every stage does first: (run_dir, accelerator, is_main_process, log). Writes the
+    resolved config to run_dir/config.yaml and seeds everything; `log` prints on the main
+    process only."""
+    import yaml
+    from accelerate.utils import set_seed
+
+    run_dir = Path(cfg.output_dir)
+    accelerator = make_accelerator(cfg.train, run_dir)
+    main = accelerator.is_main_process
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    set_seed(cfg.train.seed)
+    return run_dir, accelerator, main, print if main else (lambda *_: None)
+
+
+def finish_run(run_dir: Path, accelerator, main: bool, model, tokenizer, summary: dict) -> Path:
+    """What every stage does last: the final model in run_dir/final and summary.json (main
+    process), then wait for every process and close the trackers."""
+    import json
+
+    from posttrain.models.loading import save_model
+
+    if main:
+        save_model(model, tokenizer, run_dir / "final")
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return run_dir
 
 
 def make_accelerator(cfg, run_dir: Path):

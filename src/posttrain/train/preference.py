@@ -339,23 +339,12 @@ def _items(data, cfg: DPOConfig) -> tuple[list[Item], list[Item]]:
 
 def run_dpo(cfg: DPOConfig) -> Path:
     """Optimise the policy on preferences per `cfg`; returns the run directory (policy in run_dir/final)."""
-    import yaml
-    from accelerate.utils import set_seed
-
     from posttrain.data.preferences import prepare_preference_data
-    from posttrain.models.loading import save_model
-    from posttrain.train.loop import evaluate, make_accelerator, train
+    from posttrain.train.loop import evaluate, finish_run, start_run, train
     from posttrain.train.sft import build_model
 
     validate_dpo(cfg)
-    run_dir = Path(cfg.output_dir)
-    accelerator = make_accelerator(cfg.train, run_dir)
-    main = accelerator.is_main_process
-    log = print if main else (lambda *_: None)
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    set_seed(cfg.train.seed)
+    run_dir, accelerator, main, log = start_run(cfg)
     tokenizer, model, adapter_training = build_model(cfg, log, run_dir if main else None)
     data = prepare_preference_data(cfg.data, tokenizer, run_dir, cfg.train.seed, log)
     train_items, eval_items = _items(data, cfg)
@@ -379,12 +368,7 @@ def run_dpo(cfg: DPOConfig) -> Path:
     _log_accuracy(summary, log)
     trained = result.module.model
     summary.update(_exact_match(cfg, trained, tokenizer, data, "after") if main else {})
-    if main:
-        save_model(trained, tokenizer, run_dir / "final")
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return run_dir
+    return finish_run(run_dir, accelerator, main, trained, tokenizer, summary)
 
 
 def _log_accuracy(summary: dict, log) -> None:

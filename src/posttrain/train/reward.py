@@ -109,22 +109,12 @@ def build_reward_model(cfg: RMConfig, tokenizer, log):
 
 def run_rm(cfg: RMConfig) -> Path:
     """Train a reward model per `cfg`; returns the run directory (model in run_dir/final)."""
-    import yaml
-    from accelerate.utils import set_seed
-
     from posttrain.data.preferences import prepare_preference_data
     from posttrain.models.loading import load_tokenizer
-    from posttrain.train.loop import evaluate, make_accelerator, train
+    from posttrain.train.loop import evaluate, start_run, train
 
     validate_rm(cfg)
-    run_dir = Path(cfg.output_dir)
-    accelerator = make_accelerator(cfg.train, run_dir)
-    main = accelerator.is_main_process
-    log = print if main else (lambda *_: None)
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    set_seed(cfg.train.seed)
+    run_dir, accelerator, main, log = start_run(cfg)
     tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     data = prepare_preference_data(cfg.data, tokenizer, run_dir, cfg.train.seed, log)
     train_items, eval_items = items_from_examples(data.train), items_from_examples(data.eval)

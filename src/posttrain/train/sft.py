@@ -153,23 +153,13 @@ def build_model(cfg: SFTConfig, log, run_dir: Path | None = None):
 
 def run_sft(cfg: SFTConfig) -> Path:
     """Fine-tune per `cfg`; returns the run directory (final model in run_dir/final)."""
-    import yaml
-    from accelerate.utils import set_seed
-
     from posttrain.data.batching import pack
     from posttrain.data.pipeline import prepare_sft_data, stream_sft_examples
-    from posttrain.models.loading import save_model
-    from posttrain.train.loop import make_accelerator, train
+    from posttrain.train.loop import finish_run, start_run, train
 
     validate_sft(cfg)
-    run_dir = Path(cfg.output_dir)
-    accelerator = make_accelerator(cfg.train, run_dir)
-    log = print if accelerator.is_main_process else (lambda *_: None)
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    set_seed(cfg.train.seed)
-    tokenizer, model, adapter_training = build_model(cfg, log, run_dir if accelerator.is_main_process else None)
+    run_dir, accelerator, main, log = start_run(cfg)
+    tokenizer, model, adapter_training = build_model(cfg, log, run_dir if main else None)
     pad_id = tokenizer.pad_token_id
     if cfg.data.streaming:
         if cfg.train.max_steps <= 0:
@@ -186,19 +176,13 @@ def run_sft(cfg: SFTConfig) -> Path:
     module = CausalLMLoss(model, cfg.train.loss, cfg.train.loss_chunk_size)
     stage = SFTStage(module, train_examples, eval_examples, cfg, pad_id, stream, adapter_training)
     summary = {"loss_impl": module.loss_kind}
-    main = accelerator.is_main_process
     summary.update(_exact_match(cfg, model, tokenizer, data, "before") if main else {})
     result = train(stage, cfg.train, run_dir, accelerator)
     summary.update(steps=result.step, stopped_early=result.stopped_early, eval_loss=result.eval_loss,
                    skipped_steps=result.skipped_steps)
     trained = result.module.model
     summary.update(_exact_match(cfg, trained, tokenizer, data, "after") if main else {})
-    if main:
-        save_model(trained, tokenizer, run_dir / "final")
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return run_dir
+    return finish_run(run_dir, accelerator, main, trained, tokenizer, summary)
 
 
 def _exact_match(cfg: SFTConfig, model, tokenizer, data, when: str) -> dict:

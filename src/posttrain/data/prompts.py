@@ -1,0 +1,144 @@
+"""Prompt data for online RL: rows → `PromptRecord`s (the turns to complete, an optional
+reference answer for verifiers, and any other fields reward functions may read).
+
+Accepted rows, detected per file like formats.py's:
+
+    prompt    {"prompt": str | turns, "system"?, "answer"?, ...}   the turns must end with a user turn
+    messages  {"messages": [...]} (or ShareGPT "conversations")    prompt = every turn before the
+                                                                   last assistant turn; that turn
+                                                                   is the answer
+    alpaca    {"instruction", "input"?, "output"?}                 prompt = the instruction (+ input),
+                                                                   answer = the output
+
+so SFT files double as RL prompt sets. Reading, the bad-row policy (file:line, skip into a
+rejects file, `max_bad_fraction`) and the report are formats.py's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from posttrain.data import formats
+from posttrain.data.formats import BadRowError
+from posttrain.data.pipeline import SYNTHETIC, split_eval
+from posttrain.errors import ConfigError, DataError
+
+PROMPT_FORMATS = ("prompt", "messages", "alpaca")
+_RESERVED = {"prompt", "system", "answer", "messages", "conversations", "instruction", "input", "output"}
+
+
+@dataclass
+class PromptRecord:
+    prompt: list[dict[str, str]]  # chat turns, ending with a user turn
+    answer: str | None = None  # reference answer, for verifiable rewards
+    fields: dict[str, Any] = field(default_factory=dict)  # the row's other keys, passed to reward functions
+    source: str = "<memory>"
+
+    def reward_row(self) -> dict[str, Any]:
+        """What a reward function sees of the row besides the prompt: answer and extra fields."""
+        return {**self.fields, "answer": self.answer}
+
+
+def detect_prompt_format(rows: list[dict], *, where: str = "the data") -> str:
+    if rows and all(isinstance(r, dict) and "prompt" in r for r in rows):
+        return "prompt"
+    try:
+        fmt = formats.detect_format(rows, where=where)
+    except DataError:
+        fmt = "text"
+    if fmt == "text":  # plain text has no question to answer
+        raise DataError(f"{where}: cannot tell the prompt format; rows need 'prompt' (with an optional 'answer'), "
+                        "'messages', or alpaca's 'instruction'")
+    return fmt
+
+
+def to_prompt_record(row: dict, fmt: str, location: str = "<memory>") -> PromptRecord:
+    if fmt not in PROMPT_FORMATS:
+        raise BadRowError(f"format {fmt!r} cannot give prompts; use one of {', '.join(PROMPT_FORMATS)}")
+    extra = {k: v for k, v in row.items() if k not in _RESERVED}
+    if fmt == "prompt":
+        from posttrain.data.preferences import _prompt
+
+        if "prompt" not in row:
+            raise BadRowError(f"missing key 'prompt' (prompt rows need 'prompt' and may have 'answer'; this row has "
+                              f"{', '.join(map(str, row)) or 'no keys'})")
+        turns = _prompt(row, "pairs")
+        answer = row.get("answer")
+        if answer is not None and not isinstance(answer, (str, int, float)):
+            raise BadRowError(f"'answer' is a {type(answer).__name__}, expected a string")
+        return PromptRecord(turns, None if answer is None else str(answer), extra, location)
+    messages = formats.to_record(row, fmt, location).messages or []
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    turns = messages if last is None else messages[:last]
+    if not turns or turns[-1]["role"] != "user":
+        raise BadRowError("the conversation has no user turn before its last assistant turn to use as a prompt")
+    return PromptRecord(turns, None if last is None else messages[last]["content"], extra, location)
+
+
+def load_prompt_records(paths: list[str], *, fmt: str = "auto", bad_rows: str = "error",
+                        max_bad_fraction: float = 0.01, rejects_path: str | None = None,
+                        log: Callable[[str], Any] = print) -> tuple[list[PromptRecord], formats.DataReport]:
+    return formats._load(paths, fmt, bad_rows, max_bad_fraction, rejects_path, log, to_prompt_record,
+                         detect_prompt_format, PROMPT_FORMATS)
+
+
+def _synthetic(cfg, seed: int) -> tuple[list[PromptRecord], list[PromptRecord]]:
+    """The bundled verifiable tasks as prompts with their answers; held-out prompts never train."""
+    from posttrain.data import synthetic
+
+    n_eval = round(cfg.eval_fraction * cfg.synthetic_size)
+    train, held_out = synthetic.make_split(cfg.synthetic_tasks, cfg.synthetic_size - n_eval, n_eval, seed=seed)
+
+    def record(example, i, split):
+        return PromptRecord([{"role": "user", "content": example.instruction}], example.output,
+                            {"task": example.task}, f"synthetic:{example.task}:{split}{i}")
+
+    return [record(e, i, "") for i, e in enumerate(train)], [record(e, i, "eval") for i, e in enumerate(held_out)]
+
+
+def prepare_prompts(cfg, run_dir: Path, seed: int, log: Callable[[str], None] = print
+                    ) -> tuple[list[PromptRecord], list[PromptRecord], dict]:
+    """Train and held-out prompts per `cfg` (a PromptDataConfig); the report as a dict."""
+    def read(files: list[str], name: str):
+        if SYNTHETIC in files:
+            raise ConfigError(f"data.{name}_files: 'synthetic' cannot be mixed with files")
+        records, report = load_prompt_records(files, fmt=cfg.format, bad_rows=cfg.bad_rows,
+                                              max_bad_fraction=cfg.max_bad_fraction,
+                                              rejects_path=str(run_dir / f"rejects-{name}.jsonl"), log=log)
+        return records, report.to_dict()
+
+    if cfg.train_files == [SYNTHETIC]:
+        train, held_out = _synthetic(cfg, seed)
+        report = {"source": "synthetic", "tasks": list(cfg.synthetic_tasks), "train": len(train), "eval": len(held_out)}
+    elif cfg.eval_files:
+        (train, train_report), (held_out, eval_report) = read(cfg.train_files, "train"), read(cfg.eval_files, "eval")
+        report = {"train_read": train_report, "eval_read": eval_report}
+    else:
+        records, report = read(cfg.train_files, "train")
+        train, held_out = split_eval(records, cfg.eval_fraction, seed)
+        report = {"train_read": report, "eval_split_from_train": len(held_out)}
+    if not train:
+        raise DataError("no training prompts: check data.train_files")
+    return train, held_out, report
+
+
+def encode_prompts(records: list[PromptRecord], tokenizer, template: str, max_length: int,
+                   log: Callable[[str], None] = print, name: str = "train") -> tuple[list[list[int]], list[PromptRecord]]:
+    """Token ids of each prompt with the generation prompt appended. Prompts longer than
+    `max_length` are dropped — never cut, which would change the question — and counted."""
+    ids, kept = [], []
+    for record in records:
+        text = tokenizer.apply_chat_template(record.prompt, chat_template=template, tokenize=False,
+                                             add_generation_prompt=True)
+        tokens = tokenizer(text, add_special_tokens=False)["input_ids"]  # the template has BOS
+        if len(tokens) <= max_length:
+            ids.append(tokens)
+            kept.append(record)
+    dropped = len(records) - len(kept)
+    log(f"{name}: {len(kept)} prompts" + (f"; {dropped} longer than {max_length} tokens dropped" if dropped else ""))
+    if records and not kept:
+        raise DataError(f"every {name} prompt is longer than data.max_prompt_length={max_length} tokens")
+    return ids, kept
