@@ -65,16 +65,10 @@ def collate_completions(prompt_ids: list[list[int]], completion_ids: list[list[i
 
 def completion_logps(model, batch: dict, chunk_size: int = 256) -> torch.Tensor:
     """log π(token) of every completion token, laid out (B, T) like `response_mask` (0 on padding)."""
-    from posttrain.losses.language_modeling import token_logps
-    from posttrain.models.loading import final_hidden_and_head, supports_hidden_path
+    from posttrain.train.preference import selected_token_logps
 
     inputs = {"input_ids": batch["input_ids"], "attention_mask": None}  # right padding: causality hides the tail
-    if supports_hidden_path(model):
-        hidden, weight, bias = final_hidden_and_head(model, **inputs)
-        flat = token_logps(hidden.flatten(0, 1)[batch["predictor"]], weight, batch["targets"], bias, chunk_size)
-    else:
-        logits = model(**inputs, use_cache=False).logits.float().flatten(0, 1)[batch["predictor"]]
-        flat = logits.log_softmax(-1).gather(1, batch["targets"][:, None])[:, 0]
+    flat = selected_token_logps(model, inputs, batch["predictor"], batch["targets"], chunk_size)
     grid = flat.new_zeros(batch["response_mask"].shape)
     return grid.index_put((batch["token_row"], batch["token_col"]), flat)
 
@@ -101,7 +95,7 @@ class GroupPolicyLoss(torch.nn.Module):
         logps = completion_logps(self.model, batch, self.chunk_size)
         old = logps.detach() if old_logps is None else old_logps  # μ = 1: the rollout policy is this one
         per_token, clip_metrics = pg.clipped_policy_loss(logps, old, advantages[:, None], mask, self.cfg.clip_eps)
-        metrics = {"clip_fraction": self._sum(torch.full_like(mask, float(clip_metrics["clip_fraction"])), mask)}
+        metrics = {"clip_fraction": clip_metrics["clip_fraction"] * self._sum(torch.ones_like(mask), mask)}
         if self.cfg.beta > 0:
             kl = pg.KL_ESTIMATORS[self.cfg.kl_estimator](logps, ref_logps)
             per_token = per_token + self.cfg.beta * kl * mask
@@ -233,6 +227,8 @@ class GRPOStage:
 
     def _batches(self, prompt_ids, completions, advantages) -> list[dict]:
         """Split the rollout into micro-batches; add rollout-time log-probs where the loss needs them."""
+        from posttrain.train.preference import reference_weights
+
         size, out = self.cfg.train.batch_size, []
         model = self._policy()
         device = next(model.parameters()).device
@@ -244,8 +240,6 @@ class GRPOStage:
             if self.cfg.grpo.updates_per_rollout > 1:
                 batch["old_logps"] = self._logps(model, on_device).cpu()
             if self.cfg.grpo.beta > 0:
-                from posttrain.train.preference import reference_weights
-
                 with reference_weights(model, self.frozen_reference) as reference:
                     batch["ref_logps"] = self._logps(reference, on_device).cpu()
             out.append(batch)
@@ -317,7 +311,7 @@ def held_out_reward(model, tokenizer, prompts: list[list[int]], records: list[Pr
                                      eos_token_ids=eos, batch_size=r.batch_size)
         return [c if c else [next(iter(eos))] for c in out]
 
-    def rewards(ids, completions, recs) -> list[float]:
+    def rewards(completions, recs) -> list[float]:
         texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
         return score([x.prompt for x in recs], texts, [x.reward_row() for x in recs])
 
@@ -326,8 +320,8 @@ def held_out_reward(model, tokenizer, prompts: list[list[int]], records: list[Pr
     sampled_recs = [x for x in records[:n] for _ in range(k)]
     sampled = answer(sampled_ids, SamplingSettings(max_new_tokens=r.max_new_tokens, temperature=r.temperature,
                                                    top_p=r.top_p, top_k=r.top_k, seed=cfg.train.seed + 7919))
-    out = {"reward": sum(rewards(sampled_ids, sampled, sampled_recs)) / len(sampled),
-           "greedy_reward": sum(rewards(prompts[:n], greedy, records[:n])) / n, "prompts": n, "samples": k,
+    out = {"reward": sum(rewards(sampled, sampled_recs)) / len(sampled),
+           "greedy_reward": sum(rewards(greedy, records[:n])) / n, "prompts": n, "samples": k,
            "response_tokens": sum(map(len, sampled)) / len(sampled), "kl_to_reference": None}
     if frozen_reference is not None or hasattr(model, "adapters_disabled"):
         out["kl_to_reference"] = _sequence_kl(model, tokenizer, sampled_ids, sampled, autocast, frozen_reference)

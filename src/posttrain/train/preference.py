@@ -69,20 +69,25 @@ def policy_logps(model, input_ids, labels, attention_mask=None, chunk_size: int 
     return (token_logps * mask).sum(1), mask.sum(1)
 
 
-def shared_prompt_logps(model, input_ids, attention_mask, position_ids, predictor, targets, sequence, num_sequences,
-                        chunk_size: int = 256):
-    """Per-sequence (log-probs, token counts) from `grouped.collate_shared_prompt` rows."""
+def selected_token_logps(model, inputs: dict, predictor, targets, chunk_size: int = 256):
+    """log π(targets) (N,) predicted from the hidden states at flat positions `predictor` (N,)
+    of the (B·T) batch `inputs`; chunked, never the whole [B, T, V] log-softmax."""
     from posttrain.losses.language_modeling import token_logps
     from posttrain.models.loading import final_hidden_and_head, supports_hidden_path
 
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-    n = int(num_sequences)
     if supports_hidden_path(model):
         hidden, weight, bias = final_hidden_and_head(model, **inputs)
-        per_token = token_logps(hidden.flatten(0, 1)[predictor], weight, targets, bias, chunk_size)
-    else:
-        logits = model(**inputs, use_cache=False).logits.float().flatten(0, 1)[predictor]
-        per_token = logits.log_softmax(-1).gather(1, targets[:, None])[:, 0]
+        return token_logps(hidden.flatten(0, 1)[predictor], weight, targets, bias, chunk_size)
+    logits = model(**inputs, use_cache=False).logits.float().flatten(0, 1)[predictor]
+    return logits.log_softmax(-1).gather(1, targets[:, None])[:, 0]
+
+
+def shared_prompt_logps(model, input_ids, attention_mask, position_ids, predictor, targets, sequence, num_sequences,
+                        chunk_size: int = 256):
+    """Per-sequence (log-probs, token counts) from `grouped.collate_shared_prompt` rows."""
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+    n = int(num_sequences)
+    per_token = selected_token_logps(model, inputs, predictor, targets, chunk_size)
     logps = per_token.new_zeros(n).index_add(0, sequence, per_token)
     counts = torch.zeros(n, dtype=torch.long, device=sequence.device).index_add(0, sequence, torch.ones_like(sequence))
     return logps, counts
