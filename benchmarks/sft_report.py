@@ -14,15 +14,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import fmt, versions  # noqa: E402  (a sibling script, not a package)
+
+SFT_PACKAGES = ("torch", "transformers", "trl", "accelerate", "datasets", "tokenizers", "posttrain")
 DEFAULT_RUNS = "trl:default,posttrain:default,trl:group_by_length,posttrain:group_by_length,trl:gc_off+group_by_length"
 
 VARIANT_NOTES = {
@@ -80,31 +82,10 @@ def summarize(runs: list[dict], warmup: int) -> dict:
     return summary
 
 
-def git_describe() -> str:
-    """The posttrain commit measured (read-only git calls), with '+dirty' when src/ has local changes."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=HERE.parent, capture_output=True,
-                               text=True, check=True).stdout.strip()
-        return head + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
-def versions() -> dict:
-    out = {"python": platform.python_version(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-           "posttrain_commit": git_describe()}
-    for name in ("torch", "transformers", "trl", "accelerate", "datasets", "tokenizers", "posttrain"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
 
 
-def fmt(x, digits=1):
-    return "—" if x is None else f"{x:,.{digits}f}"
 
 
 def write_markdown(report: dict, path: Path) -> None:
@@ -226,7 +207,7 @@ def main() -> None:
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "total_wall_s": time.time() - t0,
-        "versions": versions(),
+        "versions": versions(SFT_PACKAGES),
         "assets": json.loads(assets_path.read_text()) if assets_path.is_file() else {},
         "settings": {"steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "batch_size": args.batch_size,
                      "max_length": args.max_length, "lr": 1e-4, "schedule": "constant", "max_grad_norm": 1.0,

@@ -28,13 +28,15 @@ import argparse
 import hashlib
 import json
 import os
-import resource
 import shutil
 import sys
 import time
 from pathlib import Path
 
 T_PROCESS_START = time.perf_counter()
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from common import cpu_seconds, current_rss_mib, peak_rss_mib, read_rows  # noqa: E402  (a sibling script)
 ON_CUDA = False  # set by main() from --device
 
 VARIANTS = {
@@ -50,18 +52,10 @@ VARIANTS = {
 }
 
 
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def current_rss_mib() -> float:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 # Everything each tool imports during a run, imported up front so that "RSS after imports"
@@ -86,9 +80,6 @@ def import_tool(tool: str) -> float:
     return current_rss_mib()
 
 
-def read_rows(path: str) -> list[dict]:
-    with open(path) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
 
 
 def pairs_digest(chosen: list[list[int]], rejected: list[list[int]]) -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from report import CASES, NOTES, TARGET, child, versions  # noqa: E402  (a sibling script, not a package)
+from report import CASES, NOTES, PACKAGES, TARGET, child, versions  # noqa: E402  (a sibling script, not a package)
 
 RUNS = [f"{case}:{tv}" for case in ("dpo_full", "dpo_lora")
         for tv in ("trl:default", "trl:gc_off", "trl:gc_off+precompute", "posttrain:precompute", "posttrain:live")]
@@ -145,7 +145,7 @@ def main() -> None:
                      "note": NOTES.get((case, tool, variant), NOTES.get((tool, variant), variant)),
                      "summary": summary, "run": r})
     report = {"command": "bash benchmarks/run_dpo_bench_gpu.sh", "date": time.strftime("%Y-%m-%d %H:%M %Z"),
-              "total_wall_s": time.time() - t0, "gpu": gpu, "versions": versions(),
+              "total_wall_s": time.time() - t0, "gpu": gpu, "versions": versions(PACKAGES),
               "assets": json.loads((args.cache / "assets.json").read_text()),
               "settings": {"steps": args.steps, "warmup": args.warmup, "batch_size": args.batch_size,
                            "max_length": args.max_length, "lr": args.lr},

@@ -14,15 +14,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from common import fmt, versions  # noqa: E402  (a sibling script, not a package)
+
+PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "posttrain")
 CASES = {
     "dpo_full": "DPO, full fine-tuning (sigmoid loss, β 0.1)",
     "dpo_lora": "DPO, LoRA (r 8, α 16, all linear layers)",
@@ -112,27 +114,8 @@ def summarize(runs: list[dict], warmup: int, steps: int) -> dict:
     }
 
 
-def git_describe() -> str:
-    """The posttrain commit measured (read-only git calls), with '+dirty' when src/ has local changes."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=HERE.parent.parent,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return head + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
-def versions() -> dict:
-    out = {"python": platform.python_version(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-           "posttrain_commit": git_describe()}
-    for name in ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "posttrain"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
 
 
 def logps_check(runs: list[dict], reference: dict) -> list[dict]:
@@ -211,8 +194,6 @@ def verdict(case: str, rows: list[dict], rs: list[dict]) -> dict:
             "time_target_met": time_best <= TARGET, "rss_target_met": rss_best <= TARGET}
 
 
-def fmt(x, digits=1):
-    return "—" if x is None else f"{x:,.{digits}f}"
 
 
 def fmt_e(x):
@@ -376,7 +357,7 @@ def main() -> None:
         "command": os.environ.get("DPO_BENCH_CMD", "bash benchmarks/run_dpo_bench.sh"),
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "total_wall_s": time.time() - t0,
-        "versions": versions(),
+        "versions": versions(PACKAGES),
         "assets": assets,
         "settings": {"steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "batch_size": args.batch_size,
                      "max_length": args.max_length, "lr": args.lr, "schedule": "constant", "max_grad_norm": 1.0,
