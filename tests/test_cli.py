@@ -29,8 +29,9 @@ def posttrain(*args, check=True, **kwargs):
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=[p.stem for p in EXAMPLES])
 def test_every_example_runs(example, tmp_path):
-    stage = example.stem.split("_")[0]  # sft_*, rm_*, dpo_*, kto, grpo_*
-    extra = {"rm": [], "grpo": ["eval.prompts=4", "train.batch_size=16"]}.get(stage, ["eval.exact_match_prompts=4"])
+    stage = example.stem.split("_")[0]  # sft_*, rm_*, dpo_*, kto, grpo_*, ppo
+    rl = ["eval.prompts=4", "train.batch_size=16"]
+    extra = {"rm": [], "grpo": rl, "ppo": rl}.get(stage, ["eval.exact_match_prompts=4"])
     posttrain(stage, example, f"output_dir={tmp_path}", "train.max_steps=2", "train.epochs=1",
               "train.progress_bar=false", "data.synthetic_size=64", *extra)
     assert (tmp_path / "final").is_dir() and (tmp_path / "metrics.jsonl").is_file()

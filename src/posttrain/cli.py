@@ -6,6 +6,7 @@
     posttrain kto | orpo CONFIG.yaml [...]    dpo with dpo.loss set
     posttrain grpo CONFIG.yaml [...]          GRPO / RLOO: sampled completions, verifiable or learned rewards
     posttrain rloo CONFIG.yaml [...]          grpo with grpo.advantage=rloo
+    posttrain ppo CONFIG.yaml [...]           PPO: value model, GAE, KL penalty (fixed or adaptive), clipped losses
     posttrain score --model RM_DIR --input rows.jsonl --output scored.jsonl
     posttrain generate --model DIR --prompts FILE [--output out.jsonl] [sampling flags]
     posttrain chat --model DIR
@@ -54,7 +55,7 @@ def _sampling_args(parser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from posttrain.config import DPOConfig, GRPOConfig, RMConfig, SFTConfig
+    from posttrain.config import DPOConfig, GRPOConfig, PPOConfig, RMConfig, SFTConfig
 
     parser = argparse.ArgumentParser(prog="posttrain", description="Post-training for language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     _stage_parser(sub, "orpo", DPOConfig, "posttrain dpo with dpo.loss=orpo (SFT + odds ratio, no reference)")
     _stage_parser(sub, "grpo", GRPOConfig, "online RL with group-relative advantages (GRPO; RLOO with grpo.advantage)")
     _stage_parser(sub, "rloo", GRPOConfig, "posttrain grpo with grpo.advantage=rloo (leave-one-out baseline)")
+    _stage_parser(sub, "ppo", PPOConfig, "online RL with PPO: a value model, GAE and a KL penalty to the reference")
     score = sub.add_parser("score", help="score prompt/response rows with reward models and functions")
     score.add_argument("--model", action="append", default=[], metavar="[NAME=]DIR",
                        help="reward model directory (repeatable; several are combined)")
@@ -127,7 +129,14 @@ def _grpo():
     return GRPOConfig, run_grpo
 
 
-_STAGES = {"sft": _sft, "rm": _rm, "dpo": _dpo, "kto": _dpo, "orpo": _dpo, "grpo": _grpo, "rloo": _grpo}
+def _ppo():
+    from posttrain.config import PPOConfig
+    from posttrain.train.ppo import run_ppo
+
+    return PPOConfig, run_ppo
+
+
+_STAGES = {"sft": _sft, "rm": _rm, "dpo": _dpo, "kto": _dpo, "orpo": _dpo, "grpo": _grpo, "rloo": _grpo, "ppo": _ppo}
 
 
 def _run(args) -> int:

@@ -343,6 +343,50 @@ class GRPOConfig(_StageConfig):
     eval: RLEvalConfig = dataclasses.field(default_factory=RLEvalConfig, metadata={"help": "held-out reward"})
 
 
+@dataclass
+class PPORolloutConfig(RolloutConfig):
+    num_generations: int = option(1, "completions sampled per prompt (PPO's critic is the baseline, so 1 suffices)")
+
+
+@dataclass
+class PPOLossConfig:
+    value_model: Literal["head", "separate"] = option(
+        "head", "head: a linear value head on the policy's last hidden state (shared trunk); separate: its own critic")
+    value_model_path: str = option("", "separate critic's starting weights: a model or reward-model dir (default: model.path)")
+    value_lr_ratio: float = option(1.0, "the value head / critic learns at train.lr x this")
+    kl_coef: float = option(0.05, "β of the per-token KL penalty folded into the rewards (initial value when adaptive)")
+    kl_estimator: Literal["k1", "k2", "k3"] = option("k1", "per-token KL estimator in the reward (k1: log pi - log pi_ref)")
+    kl_control: Literal["fixed", "adaptive"] = option("fixed", "fixed β, or the adaptive controller (Ziegler et al. 2019)")
+    kl_target: float = option(6.0, "adaptive: the KL per response (nats) the controller steers towards")
+    kl_horizon: float = option(10000.0, "adaptive: responses over which β moves by at most 20%")
+    gamma: float = option(1.0, "GAE discount γ")
+    lam: float = option(0.95, "GAE λ")
+    whiten_advantages: bool = option(True, "normalise advantages to mean 0, std 1 over each rollout")
+    clip_eps: float = option(0.2, "policy ratio clip ε")
+    value_clip: float = option(0.2, "clip of the value change per update (PPO2's clipped value loss)")
+    vf_coef: float = option(0.1, "weight of the value loss")
+    entropy_coef: float = option(0.0, "weight of the entropy bonus (0 = off)")
+    epochs: int = option(4, "PPO epochs: passes over each rollout")
+    minibatches: int = option(1, "optimizer steps per PPO epoch; a rollout is minibatches x batch_size x grad_accum completions")
+    early_stop_kl: float = option(0.0, "skip the rest of a rollout's updates once approx KL(old||new) > this (0 = never)")
+    aggregation: Literal["token", "sequence"] = option("token", "token: every response token weighs the same; sequence: every response")
+
+
+@dataclass
+class PPOConfig(_StageConfig):
+    output_dir: str = option("runs/ppo", "run directory: checkpoints, metrics.jsonl, samples.jsonl, final policy")
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig, metadata={"help": "policy to start from (the SFT model)"})
+    adapter: AdapterConfig = dataclasses.field(default_factory=AdapterConfig, metadata={"help": "what is trained: full, freeze or PEFT methods"})
+    data: PromptDataConfig = dataclasses.field(default_factory=PromptDataConfig, metadata={"help": "prompts"})
+    rollout: PPORolloutConfig = dataclasses.field(default_factory=PPORolloutConfig, metadata={"help": "sampling the completions"})
+    reward: RLRewardConfig = dataclasses.field(default_factory=RLRewardConfig, metadata={"help": "scoring the completions"})
+    ppo: PPOLossConfig = dataclasses.field(default_factory=PPOLossConfig, metadata={"help": "value model, KL control, GAE and the clipped losses"})
+    train: TrainConfig = dataclasses.field(
+        default_factory=TrainConfig,
+        metadata={"help": "optimisation; one optimizer step per minibatch of batch_size x grad_accum (x processes) completions"})
+    eval: RLEvalConfig = dataclasses.field(default_factory=RLEvalConfig, metadata={"help": "held-out reward"})
+
+
 # --------------------------------------------------------------------------- YAML and overrides
 
 
@@ -598,22 +642,51 @@ def validate_grpo(cfg: GRPOConfig) -> None:
     """Cross-field checks of a GRPO / RLOO config. Raises ConfigError."""
     g, r, t = cfg.grpo, cfg.rollout, cfg.train
     per_rollout = t.batch_size * t.grad_accum
-    _raise_first(_train_checks(t) + [
-        (r.engine == "transformers", "rollout.engine=vllm is not built yet in this version; use rollout.engine=transformers"),
+    _raise_first(_train_checks(t) + _rollout_checks(cfg) + [
         (r.num_generations >= 2, "rollout.num_generations must be at least 2 (advantages compare a prompt's samples)"),
         (per_rollout % r.num_generations == 0,
          f"train.batch_size x train.grad_accum = {per_rollout} completions per step must be a multiple of "
          f"rollout.num_generations = {r.num_generations} (whole groups per rollout)"),
-        (r.max_new_tokens >= 1 and r.batch_size >= 1, "rollout.max_new_tokens and rollout.batch_size must be >= 1"),
-        (r.temperature > 0, "rollout.temperature must be > 0: greedy samples of a prompt are all equal"),
         (g.beta >= 0 and g.clip_eps > 0, "grpo.beta must be >= 0 and grpo.clip_eps > 0"),
         (g.updates_per_rollout >= 1, "grpo.updates_per_rollout must be >= 1"),
         (t.save_every % g.updates_per_rollout == 0,
          "train.save_every must be a multiple of grpo.updates_per_rollout (checkpoints fall between rollouts)"),
+    ])
+    from posttrain.models.adapters import validate_adapter
+
+    validate_adapter(cfg.adapter, packing=False, gradient_checkpointing=cfg.model.gradient_checkpointing,
+                     optimizer=cfg.train.optimizer)
+
+
+def _rollout_checks(cfg: GRPOConfig | PPOConfig) -> list[tuple[bool, str]]:
+    r = cfg.rollout
+    return [
+        (r.engine == "transformers", "rollout.engine=vllm is not built yet in this version; use rollout.engine=transformers"),
+        (r.max_new_tokens >= 1 and r.batch_size >= 1, "rollout.max_new_tokens and rollout.batch_size must be >= 1"),
+        (r.temperature > 0, "rollout.temperature must be > 0: online RL learns from sampled completions"),
         (cfg.data.max_prompt_length >= 1, "data.max_prompt_length must be >= 1"),
         (0 <= cfg.data.eval_fraction < 1, "data.eval_fraction must be in [0, 1)"),
         (bool(cfg.reward.functions or cfg.reward.models or cfg.reward.format_regex),
          "no reward: set reward.functions, reward.models or reward.format_regex"),
+    ]
+
+
+def validate_ppo(cfg: PPOConfig) -> None:
+    """Cross-field checks of a PPO config. Raises ConfigError."""
+    p, t, r = cfg.ppo, cfg.train, cfg.rollout
+    per_rollout = t.batch_size * t.grad_accum * p.minibatches
+    _raise_first(_train_checks(t) + _rollout_checks(cfg) + [
+        (r.num_generations >= 1, "rollout.num_generations must be at least 1"),
+        (per_rollout % r.num_generations == 0,
+         f"train.batch_size x train.grad_accum x ppo.minibatches = {per_rollout} completions per rollout must be a "
+         f"multiple of rollout.num_generations = {r.num_generations}"),
+        (p.epochs >= 1 and p.minibatches >= 1, "ppo.epochs and ppo.minibatches must be >= 1"),
+        (p.kl_coef >= 0 and p.kl_target > 0 and p.kl_horizon > 0, "ppo.kl_coef must be >= 0, kl_target and kl_horizon > 0"),
+        (not (p.kl_control == "adaptive" and p.kl_coef == 0), "ppo.kl_control=adaptive needs ppo.kl_coef > 0 to adapt"),
+        (0 <= p.gamma <= 1 and 0 <= p.lam <= 1, "ppo.gamma and ppo.lam must be in [0, 1]"),
+        (p.clip_eps > 0 and p.value_clip > 0, "ppo.clip_eps and ppo.value_clip must be > 0"),
+        (p.vf_coef > 0 and p.value_lr_ratio > 0, "ppo.vf_coef and ppo.value_lr_ratio must be > 0"),
+        (p.entropy_coef >= 0 and p.early_stop_kl >= 0, "ppo.entropy_coef and ppo.early_stop_kl must be >= 0"),
     ])
     from posttrain.models.adapters import validate_adapter
 
@@ -654,8 +727,9 @@ def preference_reference() -> str:
 
 
 def rl_reference() -> str:
-    """The sections grpo adds to (or changes from) SFT's."""
+    """The sections grpo and ppo add to (or change from) SFT's."""
     tables = [markdown_reference(GRPOConfig, (name,)) for name in ("data", "rollout", "reward", "grpo", "eval")]
+    tables.append(markdown_reference(PPOConfig, ("ppo",)))
     return "\n".join([tables[0]] + [t.split("\n", 2)[2] for t in tables[1:]])
 
 
@@ -663,5 +737,5 @@ if __name__ == "__main__":
     print(markdown_reference())
     print("\n## Config reference (rm and dpo: the sections that differ from SFT)\n")
     print(preference_reference())
-    print("\n## Config reference (grpo and rloo: the sections that differ from SFT)\n")
+    print("\n## Config reference (grpo, rloo and ppo: the sections that differ from SFT)\n")
     print(rl_reference())

@@ -229,6 +229,40 @@ def token_logps(selected: Tensor, weight: Tensor, targets: Tensor, bias: Tensor 
     return torch.cat(out) if out else selected.new_zeros(0, dtype=torch.float32)
 
 
+def token_logps_and_entropy(selected: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None,
+                            chunk_size: int = 256) -> tuple[Tensor, Tensor]:
+    """(log softmax(z)[y], H(softmax(z))) for N (hidden state, target) pairs, z = W h + b:
+
+        H = −Σ_v p_v log p_v = logsumexp(z) − Σ_v p_v z_v
+
+    Chunked and activation-checkpointed like `token_logps`; the entropy costs one more pass
+    over each chunk's logits. Both outputs carry gradients (an entropy bonus needs them)."""
+    from torch.utils.checkpoint import checkpoint
+
+    out = []
+    for start in range(0, selected.shape[0], chunk_size):
+        end = start + chunk_size
+        args = (selected[start:end], weight, bias, targets[start:end])
+        if torch.is_grad_enabled() and (selected.requires_grad or weight.requires_grad):
+            out.append(checkpoint(_token_logps_entropy, *args, use_reentrant=False))
+        else:
+            out.append(_token_logps_entropy(*args))
+    both = torch.cat(out, dim=1) if out else selected.new_zeros(2, 0, dtype=torch.float32)
+    return both[0], both[1]
+
+
+def _token_logps_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor) -> Tensor:
+    """(2, C): the chunk's target log-probs and entropies, in at least float32."""
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        logits = hidden.to(dtype) @ weight.to(dtype).T  # (C, V)
+        if bias is not None:
+            logits = logits + bias.to(dtype)
+        log_norm = torch.logsumexp(logits, dim=-1)
+        entropy = log_norm - (logits.softmax(-1) * logits).sum(-1)
+        return torch.stack([logits.gather(1, targets[:, None]).squeeze(1) - log_norm, entropy])
+
+
 def _token_logps(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor) -> Tensor:
     """log softmax(W h + b)[y] for one chunk, in at least float32."""
     dtype = torch.promote_types(hidden.dtype, torch.float32)

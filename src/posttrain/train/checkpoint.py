@@ -169,8 +169,11 @@ def clear(root: Path) -> int:
 
 
 def save(root: Path, step: int, *, model, optimizer, loop_state: dict, rank: int, world_size: int,
-         barrier, keep_last: int) -> Path:
-    """Write checkpoint `step` from every rank (rank 0 writes weights and optimizer)."""
+         barrier, keep_last: int, stage_state: tuple[dict, dict[str, torch.Tensor]] | None = None) -> Path:
+    """Write checkpoint `step` from every rank (rank 0 writes weights and optimizer).
+
+    `stage_state` (plain values, tensors) is what a stage needs beyond the weights to resume
+    exactly (PPO: the KL coefficient, the rollout being trained on); rank 0 writes it."""
     tmp = root / f".tmp-{PREFIX}{step:07d}"
     final = step_dir(root, step)
     if rank == 0:
@@ -186,6 +189,9 @@ def save(root: Path, step: int, *, model, optimizer, loop_state: dict, rank: int
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "optimizer.json").write_text(json.dumps(opt_plain))
         (tmp / "loop_state.json").write_text(json.dumps(loop_state, indent=1))
+        if stage_state is not None:
+            (tmp / "stage_state.json").write_text(json.dumps(stage_state[0], indent=1))
+            save_file(stage_state[1], str(tmp / "stage_state.safetensors"))
     barrier()
     if rank == 0:
         write_manifest(tmp, {"step": step, "world_size": world_size})
@@ -205,3 +211,10 @@ def load(directory: Path, *, model, optimizer, rank: int) -> dict:
     if rng_file.is_file():  # a different world size resumes without this rank's RNG
         restore_rng(load_file(str(rng_file)), json.loads((directory / f"rng-rank{rank}.json").read_text()))
     return json.loads((directory / "loop_state.json").read_text())
+
+
+def load_stage_state(directory: Path) -> tuple[dict, dict[str, torch.Tensor]] | None:
+    """The stage's own state saved beside the weights, or None when the stage saved none."""
+    if not (directory / "stage_state.json").is_file():
+        return None
+    return json.loads((directory / "stage_state.json").read_text()), load_file(str(directory / "stage_state.safetensors"))

@@ -58,7 +58,10 @@ class Stage(Protocol):
     # stages whose batches are costly to produce (RL rollouts): resume then skips without producing;
     # lr_scale(param_name) -> float multiplies a parameter's learning rate (LoRA+);
     # inactive_parameters(step) -> parameters not updated at that step (staged unfreezing);
-    # finish_metrics(averaged metrics) -> metrics to log (e.g. a std from a mean square).
+    # finish_metrics(averaged metrics) -> metrics to log (e.g. a std from a mean square);
+    # state_dict() -> (plain values, tensors) saved in every checkpoint, and load_state_dict(plain,
+    # tensors) called on resume before the first micro-batch is asked for (PPO's KL coefficient and
+    # the rollout it is part-way through).
 
 
 @dataclass
@@ -206,6 +209,9 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator) -> LoopResult:
     cleared = 0
     if resume_from is not None:
         state = checkpoint.load(resume_from, model=accelerator.unwrap_model(module), optimizer=optimizer, rank=rank)
+        stage_state = checkpoint.load_stage_state(resume_from)
+        if stage_state is not None and hasattr(stage, "load_state_dict"):
+            stage.load_state_dict(*stage_state)
     elif accelerator.is_main_process:
         cleared = checkpoint.clear(ckpt_root)
     accelerator.wait_for_everyone()
@@ -221,7 +227,7 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator) -> LoopResult:
     def save() -> None:
         checkpoint.save(ckpt_root, state["step"], model=accelerator.unwrap_model(module), optimizer=optimizer,
                         loop_state=state, rank=rank, world_size=world, barrier=accelerator.wait_for_everyone,
-                        keep_last=cfg.keep_last)
+                        keep_last=cfg.keep_last, stage_state=stage.state_dict() if hasattr(stage, "state_dict") else None)
 
     stopped_early, eval_loss, eval_metrics = False, None, {}
     module.train()

@@ -1,0 +1,311 @@
+"""PPO for language models — RLHF stage 3 (Schulman et al. 2017; Ziegler et al. 2019;
+InstructGPT, Ouyang et al. 2022).
+
+One rollout: P prompts, `rollout.num_generations` completions each, sampled from the policy
+and scored once per completion. Then, per response token t, with the rollout-time policy
+π_old, the frozen reference π_ref and the value model V:
+
+    r_t = −β · KL_t(π_old ‖ π_ref)   (+ the completion's score on its last token)
+    A_t = GAE(γ, λ) over r and V,    R_t = A_t + V_old(s_t),   A whitened over the rollout
+
+and `ppo.epochs` passes over the rollout, each split into `ppo.minibatches` optimizer steps,
+minimise the clipped surrogate + vf_coef · clipped value loss − entropy_coef · entropy
+(`losses.policy_gradient`). A pass stops early once the approximate KL between π_old and
+the policy being trained exceeds `ppo.early_stop_kl`. With `ppo.kl_control=adaptive`, β
+follows the controller of Ziegler et al. after every rollout, towards `ppo.kl_target` nats
+per response.
+
+The value model is either a linear head on the policy's final hidden state (one trunk, one
+forward: `ppo.value_model=head`) or a separate critic — a decoder with a linear head,
+started from `ppo.value_model_path` (a reward model's directory, as InstructGPT does, or
+by default the policy's own weights). The reference is the policy with its adapters
+switched off, or a frozen copy for full fine-tuning; with β = 0 and fixed control there is
+none.
+
+Resume is exact: a checkpoint carries β, the position inside the current rollout and the
+rollout itself (`state_dict`), besides the weights, optimizer and RNG the loop saves.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from posttrain.config import PPOConfig, PPOLossConfig, validate_ppo
+from posttrain.losses import policy_gradient as pg
+from posttrain.train.rollouts import (RolloutStage, build_reward, collate_completions, completion_forward,
+                                      held_out_reward, log_held_out, no_grad_eval, prepare_prompt_data, summed,
+                                      to_grid)
+
+# --------------------------------------------------------------------------- value models
+
+
+class ValueHead(torch.nn.Module):
+    """V(s_t) = w·h_t + b on the policy's final hidden state h_t (the state before token t)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear = torch.nn.Linear(hidden_size, 1)
+        torch.nn.init.normal_(self.linear.weight, std=1.0 / (hidden_size + 1))
+        torch.nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden.to(self.linear.weight.dtype))
+
+
+class Critic(torch.nn.Module):
+    """A separate value model: a decoder backbone and a linear `score` head read at every
+    completion position (an `AutoModelForSequenceClassification` with one label, as
+    `posttrain rm` saves them)."""
+
+    def __init__(self, classifier):
+        super().__init__()
+        from posttrain.models.reward_model import is_decoder_scorer
+
+        if not is_decoder_scorer(classifier):
+            raise ValueError("ppo.value_model=separate needs a decoder backbone (per-token values); "
+                             "an encoder reward model cannot be the critic")
+        self.classifier = classifier
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        from posttrain.models.reward_model import _classifier
+
+        inner = _classifier(self.classifier)
+        hidden = inner.base_model(input_ids=batch["input_ids"], use_cache=False, return_dict=True).last_hidden_state
+        values = inner.score(hidden.flatten(0, 1)[batch["predictor"]]).squeeze(-1).float()
+        return to_grid(values, batch)
+
+
+# --------------------------------------------------------------------------- the loss
+
+
+class PPOLoss(torch.nn.Module):
+    """forward(batch) → (summed PPO loss, summed metrics); the loop normalises by the weight."""
+
+    def __init__(self, model: torch.nn.Module, cfg: PPOLossConfig, value_head: ValueHead | None = None,
+                 critic: Critic | None = None, chunk_size: int = 256):
+        super().__init__()
+        if (value_head is None) == (critic is None):
+            raise ValueError("PPOLoss needs exactly one of value_head and critic")
+        self.model, self.cfg, self.chunk_size = model, cfg, chunk_size
+        self.value_head, self.critic = value_head, critic
+
+    def evaluate(self, batch: dict) -> dict:
+        """Log-probs, entropies and values of the batch's completion tokens, (B, T) each."""
+        out = completion_forward(self.model, batch, self.chunk_size, self.value_head)
+        if self.critic is not None:
+            out["values"] = self.critic(batch)
+        return out
+
+    def forward(self, advantages, returns, old_logps, old_values, **batch):
+        mask, c = batch["response_mask"], self.cfg
+        out = self.evaluate(batch)
+        policy, policy_metrics = pg.clipped_policy_loss(out["logps"], old_logps, advantages, mask, c.clip_eps)
+        value, value_metrics = pg.clipped_value_loss(out["values"], old_values, returns, mask, c.value_clip)
+        per_token = policy + c.vf_coef * value - c.entropy_coef * out["entropy"] * mask
+        weight = summed(torch.ones_like(mask), mask, c.aggregation)  # this batch's share of the step weight
+        metrics = {"policy_loss": summed(policy.detach(), mask, c.aggregation),
+                   "value_loss": summed(value.detach(), mask, c.aggregation),
+                   "entropy": summed(out["entropy"].detach(), mask, c.aggregation),
+                   "clip_fraction": policy_metrics["clip_fraction"] * weight,
+                   "approx_kl": policy_metrics["approx_kl"] * weight,
+                   "value_clip_fraction": value_metrics["value_clip_fraction"] * weight}
+        return summed(per_token, mask, c.aggregation), metrics
+
+
+# --------------------------------------------------------------------------- rollouts and updates
+
+
+class PPOStage(RolloutStage):
+    """The loop's Stage: a rollout, then ppo.epochs × ppo.minibatches optimizer steps on it."""
+
+    def __init__(self, module: PPOLoss, *args, **kwargs):
+        super().__init__(module, *args, **kwargs)
+        p = self.cfg.ppo
+        self.aggregation = p.aggregation
+        self.updates_per_rollout = p.epochs * p.minibatches
+        self.prompts_per_rollout = self.cfg.train.batch_size * self.batches_per_update * p.minibatches // self.group
+        self.kl_coef = p.kl_coef
+        self.uses_reference = p.kl_coef > 0
+        self.batches: list[dict] = []  # the current rollout's micro-batches
+        self.position = (0, 0, 0)  # (epoch, rollout, next update) of the batches handed out so far
+        self.stop_rollout = False  # set by finish_metrics once approx KL passes ppo.early_stop_kl
+        self._resumed = False
+
+    def rollouts_per_epoch(self) -> int:
+        return len(self.prompts) // self.prompts_per_rollout
+
+    def micro_batches_per_epoch(self) -> int:
+        """At most this many; early stopping on approximate KL makes epochs shorter."""
+        return self.rollouts_per_epoch() * self.updates_per_rollout * self.batches_per_update
+
+    def micro_batches_after(self, epoch: int, skip: int) -> Iterator[dict]:
+        order = list(range(len(self.prompts)))
+        random.Random(f"posttrain-ppo-{self.cfg.train.seed}-{epoch}").shuffle(order)
+        first, update = 0, 0
+        if self._resumed and self.position[0] == epoch:  # continue the checkpoint's rollout
+            first, update = self.position[1], self.position[2]
+        elif skip:  # no stage state: assume no early stop
+            first, rest = divmod(skip, self.updates_per_rollout * self.batches_per_update)
+            update = rest // self.batches_per_update
+        for index in range(first, self.rollouts_per_epoch()):
+            if not (self._resumed and index == first):
+                chosen = order[index * self.prompts_per_rollout : (index + 1) * self.prompts_per_rollout]
+                self.batches, self.stop_rollout = self._batches(self._sample(chosen, epoch, index)), False
+            self._resumed = False
+            while update < self.updates_per_rollout and not self.stop_rollout:
+                ppo_epoch, minibatch = divmod(update, self.cfg.ppo.minibatches)
+                shuffled = list(range(len(self.batches)))
+                random.Random(f"posttrain-ppo-{self.cfg.train.seed}-{epoch}-{index}-{ppo_epoch}").shuffle(shuffled)
+                update += 1
+                self.position = (epoch, index, update)
+                for i in shuffled[minibatch * self.batches_per_update : (minibatch + 1) * self.batches_per_update]:
+                    yield self.batches[i]
+            update = 0
+
+    def finish_metrics(self, metrics: dict) -> dict:
+        limit = self.cfg.ppo.early_stop_kl
+        if limit > 0 and metrics.get("approx_kl", 0.0) > limit:
+            self.stop_rollout = True  # the rollout's remaining updates are skipped
+        return super().finish_metrics(metrics) | {"ppo_update": self.position[2]}
+
+    # -- checkpoint
+
+    def state_dict(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        tensors = {f"{i}.{key}": value.contiguous() for i, batch in enumerate(self.batches) for key, value in batch.items()}
+        return {"kl_coef": self.kl_coef, "position": list(self.position), "stop_rollout": self.stop_rollout,
+                "rollouts_done": self.rollouts_done, "micro_batches": len(self.batches),
+                "rollout_metrics": self.rollout_metrics}, tensors
+
+    def load_state_dict(self, plain: dict, tensors: dict[str, torch.Tensor]) -> None:
+        self.kl_coef, self.position = plain["kl_coef"], tuple(plain["position"])
+        self.stop_rollout, self.rollouts_done = plain["stop_rollout"], plain["rollouts_done"]
+        self.rollout_metrics = plain["rollout_metrics"]
+        self.batches = [{} for _ in range(plain["micro_batches"])]
+        for name, value in tensors.items():
+            i, key = name.split(".", 1)
+            self.batches[int(i)][key] = value
+        self._resumed = True
+
+    # -- one rollout → micro-batches with advantages and returns
+
+    def _batches(self, rollout) -> list[dict]:
+        from posttrain.train.preference import reference_weights
+
+        p, size = self.cfg.ppo, self.cfg.train.batch_size
+        model = self._policy()
+        device = next(model.parameters()).device
+        batches, kl_per_response = [], []
+        for start in range(0, len(rollout.completions), size):
+            batch = collate_completions(rollout.prompt_ids[start : start + size], rollout.completions[start : start + size],
+                                        self.tokenizer.pad_token_id)
+            on_device = {k: v.to(device) for k, v in batch.items()}
+            old = no_grad_eval(self.module, self.autocast, PPOLoss.evaluate, on_device)  # policy and critic in eval mode
+            old_logps, old_values = old["logps"].float().cpu(), old["values"].float().cpu()
+            mask = batch["response_mask"]
+            kl = torch.zeros_like(mask)
+            if self.uses_reference:
+                with reference_weights(model, self.frozen_reference) as reference:
+                    ref_logps = self._logps(reference, on_device).cpu()
+                kl = pg.KL_ESTIMATORS[p.kl_estimator](old_logps, ref_logps) * mask
+            rewards = pg.shaped_rewards(rollout.rewards[start : start + size], kl, mask, self.kl_coef)
+            advantages, returns = pg.gae(rewards, old_values, mask, p.gamma, p.lam)
+            batch.update(advantages=advantages, returns=returns, old_logps=old_logps, old_values=old_values)
+            batches.append(batch)
+            kl_per_response.append(kl.sum(1))
+        self._finish_rollout(batches, torch.cat(kl_per_response))
+        return batches
+
+    def _finish_rollout(self, batches: list[dict], kl_per_response: torch.Tensor) -> None:
+        """Whiten the advantages over the whole rollout, record its figures, adapt β."""
+        p = self.cfg.ppo
+        masks = [b["response_mask"].bool() for b in batches]
+        advantages = torch.cat([b["advantages"][m] for b, m in zip(batches, masks)])
+        values = torch.cat([b["old_values"][m] for b, m in zip(batches, masks)])
+        returns = torch.cat([b["returns"][m] for b, m in zip(batches, masks)])
+        if p.whiten_advantages:
+            mean, std = advantages.mean(), advantages.std(unbiased=False)
+            for b in batches:
+                b["advantages"] = (b["advantages"] - mean) / (std + 1e-8) * b["response_mask"]
+        observed = float(kl_per_response.mean())
+        self.rollout_metrics.update(kl=observed, kl_coef=self.kl_coef, value_mean=float(values.mean()),
+                                    return_mean=float(returns.mean()), advantage_std=float(advantages.std()),
+                                    explained_variance=pg.explained_variance(values, returns, torch.ones_like(values)))
+        if p.kl_control == "adaptive":
+            self.kl_coef = pg.adaptive_kl_coef(self.kl_coef, observed, p.kl_target, p.kl_horizon, len(kl_per_response))
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def build_value_model(cfg: PPOConfig, model, tokenizer, log) -> tuple[ValueHead | None, Critic | None]:
+    """A value head sized to the policy, or a separate critic loaded from ppo.value_model_path."""
+    if cfg.ppo.value_model == "head":
+        lm = getattr(model, "lm", model)  # AdaptedModel keeps the Hugging Face model in .lm
+        return ValueHead(lm.config.hidden_size), None
+    from posttrain.models.reward_model import load_reward_model
+
+    path = cfg.ppo.value_model_path or cfg.model.path
+    log(f"critic: a separate value model from {path}")
+    classifier = load_reward_model(path, cfg.model.dtype, cfg.model.trust_remote_code, tokenizer.pad_token_id)
+    try:
+        return None, Critic(classifier)
+    except ValueError as exc:
+        from posttrain.errors import ConfigError
+
+        raise ConfigError(str(exc)) from None
+
+
+def _value_lr(adapter_training, ratio: float):
+    """lr scale per parameter name: the value model's at `ratio`, the policy's as its adapters say."""
+    policy = adapter_training.lr_scale if adapter_training is not None else (lambda name: 1.0)
+    return lambda name: ratio if name.startswith(("value_head.", "critic.")) else policy(name)
+
+
+def run_ppo(cfg: PPOConfig) -> Path:
+    """Optimise the policy with PPO on sampled, scored completions per `cfg`; returns the run directory."""
+    from posttrain.train.grouped import on_device
+    from posttrain.train.loop import finish_run, start_run, train
+    from posttrain.train.sft import build_model
+
+    validate_ppo(cfg)
+    run_dir, accelerator, main, log = start_run(cfg)
+    tokenizer, model, adapter_training = build_model(cfg, log, run_dir if main else None)
+    train_ids, train_records, eval_ids, eval_records, data_report = prepare_prompt_data(cfg, tokenizer, run_dir, main, log)
+    score = build_reward(cfg)
+    value_head, critic = build_value_model(cfg, model, tokenizer, log)
+    # Full / freeze tuning has no adapters to switch off: the reference is a frozen copy.
+    needs_copy = not hasattr(model, "adapters_disabled") and cfg.ppo.kl_coef > 0
+    frozen = copy.deepcopy(model).requires_grad_(False).eval() if needs_copy else None
+    for part in (model, value_head, critic, frozen):  # one by one: a 4-bit base placed by device_map refuses .to
+        if part is not None:
+            on_device(part, accelerator.device)
+    module = PPOLoss(model, cfg.ppo, value_head, critic, cfg.train.loss_chunk_size)
+    stage = PPOStage(module, train_ids, train_records, cfg, tokenizer, score, run_dir if main else None,
+                     accelerator.autocast, adapter_training, frozen, accelerator.num_processes)
+    stage.lr_scale = _value_lr(adapter_training, cfg.ppo.value_lr_ratio)
+    if stage.rollouts_per_epoch() == 0:
+        from posttrain.errors import DataError
+
+        raise DataError(f"{len(train_ids)} training prompts are fewer than the {stage.prompts_per_rollout} one rollout needs")
+    evaluate = lambda m: held_out_reward(m, tokenizer, eval_ids, eval_records, score, cfg,  # noqa: E731
+                                         accelerator.autocast, frozen) if main else {}
+    summary: dict = {"value_model": cfg.ppo.value_model, "train_prompts": len(train_ids), "eval_prompts": len(eval_ids),
+                     "data": data_report, "held_out_before": evaluate(model)}
+    log_held_out(summary["held_out_before"], "before", log)
+    result = train(stage, cfg.train, run_dir, accelerator)
+    trained = result.module.model
+    summary.update(steps=result.step, rollouts=stage.rollouts_done, final_kl_coef=stage.kl_coef,
+                   held_out_after=evaluate(trained))
+    log_held_out(summary["held_out_after"], "after", log)
+    if main:  # the value model too, to continue training later
+        from safetensors.torch import save_file
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        values = result.module.value_head if result.module.value_head is not None else result.module.critic
+        save_file({k: v.detach().contiguous() for k, v in values.state_dict().items()}, str(run_dir / "value_model.safetensors"))
+    return finish_run(run_dir, accelerator, main, trained, tokenizer, summary)

@@ -1,0 +1,331 @@
+"""What every online-RL stage (GRPO, RLOO, PPO) shares: sampling and scoring rollouts, the
+batches of completions they train on, and the held-out reward before and after.
+
+A rollout is P prompts × G completions sampled from the current policy, decoded and
+scored by the configured reward (`build_reward`). `RolloutStage` holds the loop hooks the
+stages have in common; each stage turns a `Rollout` into micro-batches its own way
+(group-relative advantages for GRPO, a critic and GAE for PPO).
+
+Positions: in a (prompt + completion) row, completion token t is predicted by the hidden
+state just before it. `collate_completions` records those positions (`predictor`) so log-
+probs, entropies and values are read from them only, laid out (B, T) like `response_mask`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from posttrain.data.prompts import PromptRecord
+
+# --------------------------------------------------------------------------- batches of completions
+
+
+def collate_completions(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int) -> dict:
+    """Right-padded prompt + completion rows, and where each completion token is predicted:
+    predictor (N,) flat index into the (B·L) hidden states, targets (N,), and its (row, col)
+    in the (B, T) grid of completion tokens whose mask is `response_mask`."""
+    rows = [p + c for p, c in zip(prompt_ids, completion_ids)]
+    length, width = max(map(len, rows)), max(map(len, completion_ids))
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    predictor, targets, token_row, token_col = [], [], [], []
+    for b, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+        input_ids[b, : len(p) + len(c)] = torch.tensor(p + c)
+        attention_mask[b, : len(p) + len(c)] = 1
+        for j, token in enumerate(c):
+            predictor.append(b * length + len(p) + j - 1)  # the hidden state before the token predicts it
+            targets.append(token)
+            token_row.append(b)
+            token_col.append(j)
+    response_mask = torch.zeros((len(rows), width))
+    response_mask[token_row, token_col] = 1.0
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "predictor": torch.tensor(predictor),
+            "targets": torch.tensor(targets), "token_row": torch.tensor(token_row), "token_col": torch.tensor(token_col),
+            "response_mask": response_mask}
+
+
+def to_grid(flat: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Per-token values (N,) → (B, T) like `response_mask`, 0 on padding."""
+    grid = flat.new_zeros(batch["response_mask"].shape)
+    return grid.index_put((batch["token_row"], batch["token_col"]), flat)
+
+
+def completion_logps(model, batch: dict, chunk_size: int = 256) -> torch.Tensor:
+    """log π(token) of every completion token, laid out (B, T) like `response_mask` (0 on padding)."""
+    from posttrain.train.preference import selected_token_logps
+
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": None}  # right padding: causality hides the tail
+    return to_grid(selected_token_logps(model, inputs, batch["predictor"], batch["targets"], chunk_size), batch)
+
+
+def completion_forward(model, batch: dict, chunk_size: int = 256, value_head: torch.nn.Module | None = None) -> dict:
+    """One forward of the policy over the completions: {"logps", "entropy"} and, with a
+    `value_head` on the final hidden states, "values" — each (B, T) like `response_mask`.
+    The logits are formed a chunk of tokens at a time, never as [B, L, V]."""
+    from posttrain.losses.language_modeling import token_logps_and_entropy
+    from posttrain.models.loading import final_hidden_and_head, supports_hidden_path
+
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": None}
+    predictor, targets = batch["predictor"], batch["targets"]
+    if supports_hidden_path(model):
+        hidden, weight, bias = final_hidden_and_head(model, **inputs)
+        selected = hidden.flatten(0, 1)[predictor]
+        logps, entropy = token_logps_and_entropy(selected, weight, targets, bias, chunk_size)
+    else:  # heads with logit scaling: the model's own logits
+        out = model(**inputs, use_cache=False, output_hidden_states=value_head is not None)
+        log_probs = out.logits.float().flatten(0, 1)[predictor].log_softmax(-1)
+        logps = log_probs.gather(1, targets[:, None])[:, 0]
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
+        selected = out.hidden_states[-1].flatten(0, 1)[predictor] if value_head is not None else None
+    out = {"logps": to_grid(logps, batch), "entropy": to_grid(entropy, batch)}
+    if value_head is not None:
+        out["values"] = to_grid(value_head(selected).squeeze(-1).float(), batch)
+    return out
+
+
+def summed(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str) -> torch.Tensor:
+    """The numerator of a micro-batch's loss, which the loop divides by the step's weight
+    (`RolloutStage.weight`): Σ over tokens (token aggregation, weight = tokens), or Σ over
+    responses of each one's token mean (sequence aggregation, weight = responses)."""
+    if aggregation == "token":
+        return (per_token * mask).sum()
+    return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum()
+
+
+def no_grad_eval(model, autocast, fn, *args):
+    """fn(model, *args) in eval mode, without gradients, under `autocast`; the training mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), autocast():
+            return fn(model, *args)
+    finally:
+        model.train(was_training)
+
+
+# --------------------------------------------------------------------------- sampling and scoring
+
+
+@dataclass
+class RolloutStats:
+    reward_mean: float
+    reward_std: float
+    response_tokens_mean: float
+    ended_fraction: float
+    rollout_s: float
+    reward_s: float
+    rollout_tokens_per_s: float
+    solved_groups: float  # fraction of prompts whose G samples all got the same reward (no signal)
+
+
+@dataclass
+class Rollout:
+    """P prompts × G completions, prompt by prompt (sample k of prompt i at i·G + k)."""
+    prompt_ids: list[list[int]]
+    completions: list[list[int]]  # token ids, ending with EOS when the model ended
+    texts: list[str]
+    records: list[PromptRecord]
+    rewards: torch.Tensor  # (P·G,) after the no-EOS penalty and clipping
+    stats: RolloutStats
+
+
+def sample_and_score(model, tokenizer, prompts: list[list[int]], records: list[PromptRecord], chosen: list[int],
+                     cfg, score: Callable, seed: int, autocast=contextlib.nullcontext) -> Rollout:
+    """Sample `cfg.rollout.num_generations` completions for each chosen prompt and score them."""
+    from posttrain.rollout.generate import (_make_stop_check, eos_token_ids, generate_token_ids, pad_token_id,
+                                            truncate_at_stop)
+    from posttrain.rollout.sampling import SamplingSettings
+
+    r, group = cfg.rollout, cfg.rollout.num_generations
+    settings = SamplingSettings(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+                                top_k=r.top_k, stop=list(r.stop), seed=seed)
+    prompt_ids = [prompts[i] for i in chosen for _ in range(group)]
+    eos = eos_token_ids(model, tokenizer)
+    started = time.perf_counter()
+    with autocast():
+        completions = generate_token_ids(model, prompt_ids, settings, pad_token_id=pad_token_id(tokenizer, eos),
+                                         eos_token_ids=eos, batch_size=r.batch_size,
+                                         stop_check=_make_stop_check(tokenizer, r.stop) if r.stop else None)
+    rollout_s = time.perf_counter() - started
+    ended = torch.tensor([bool(c) and c[-1] in eos for c in completions])
+    completions = [c if c else [next(iter(eos))] for c in completions]  # a completion has at least one token
+    texts = [truncate_at_stop(tokenizer.decode(c, skip_special_tokens=True), r.stop) for c in completions]
+    chosen_records = [records[i] for i in chosen for _ in range(group)]
+    started = time.perf_counter()
+    rewards = torch.tensor(score([rec.prompt for rec in chosen_records], texts,
+                                 [rec.reward_row() for rec in chosen_records]), dtype=torch.float32)
+    rewards = rewards - cfg.reward.no_eos_penalty * (~ended).float()
+    if cfg.reward.clip > 0:
+        rewards = rewards.clamp(-cfg.reward.clip, cfg.reward.clip)
+    reward_s = time.perf_counter() - started
+    grouped = rewards.view(-1, group)
+    generated = sum(len(c) for c in completions)
+    stats = RolloutStats(
+        reward_mean=float(rewards.mean()), reward_std=float(rewards.std()) if len(rewards) > 1 else 0.0,
+        response_tokens_mean=generated / len(completions), ended_fraction=float(ended.float().mean()),
+        rollout_s=rollout_s, reward_s=reward_s, rollout_tokens_per_s=generated / max(rollout_s, 1e-9),
+        solved_groups=float((grouped.max(1).values == grouped.min(1).values).float().mean()))
+    return Rollout(prompt_ids, completions, texts, chosen_records, rewards, stats)
+
+
+class RolloutStage:
+    """Loop hooks shared by the online-RL stages; subclasses sample rollouts in `micro_batches_after`."""
+
+    def __init__(self, module: torch.nn.Module, prompts: list[list[int]], records: list[PromptRecord], cfg,
+                 tokenizer, score: Callable, run_dir: Path | None, autocast=contextlib.nullcontext,
+                 adapter_training=None, frozen_reference=None, world: int = 1):
+        self.module, self.prompts, self.records, self.cfg = module, prompts, records, cfg
+        self.tokenizer, self.score, self.run_dir, self.autocast = tokenizer, score, run_dir, autocast
+        self.frozen_reference = frozen_reference
+        self.group = cfg.rollout.num_generations
+        self.batches_per_update = cfg.train.grad_accum * world  # micro-batches of one optimizer step, all processes
+        self.rollout_metrics: dict[str, float] = {}
+        self.rollouts_done = 0
+        if adapter_training is not None:
+            self.lr_scale = adapter_training.lr_scale
+            self.inactive_parameters = adapter_training.inactive_parameters
+
+    def micro_batches(self, epoch: int):
+        return self.micro_batches_after(epoch, 0)
+
+    def weight(self, batch) -> float:
+        if self.aggregation == "token":
+            return float(batch["response_mask"].sum())
+        return float(batch["response_mask"].shape[0])
+
+    def tokens(self, batch) -> int:
+        return int(batch["attention_mask"].sum())
+
+    def eval_micro_batches(self) -> list[dict]:
+        return []  # held-out figures come from generation (`held_out_reward`), not from a loss
+
+    def finish_metrics(self, metrics: dict) -> dict:
+        return metrics | {f"rollout/{k}": v for k, v in self.rollout_metrics.items()}
+
+    def _policy(self):
+        return self.module.model
+
+    def _sample(self, chosen: list[int], epoch: int, index: int) -> Rollout:
+        seed = (self.cfg.train.seed * 1_000_003 + epoch * 10_007 + index) % (2**31)
+        rollout = sample_and_score(self._policy(), self.tokenizer, self.prompts, self.records, chosen, self.cfg,
+                                   self.score, seed, self.autocast)
+        self.rollout_metrics = dict(rollout.stats.__dict__)
+        self._write_samples(epoch, index, rollout)
+        self.rollouts_done += 1
+        return rollout
+
+    def _write_samples(self, epoch: int, index: int, rollout: Rollout) -> None:
+        every = self.cfg.eval.sample_every
+        if self.run_dir is None or not every or self.rollouts_done % every:
+            return
+        with (self.run_dir / "samples.jsonl").open("a") as fh:
+            for i in range(min(2 * self.group, len(rollout.texts))):  # two prompts, all their samples
+                fh.write(json.dumps({"epoch": epoch, "rollout": index, "prompt": rollout.records[i].prompt[-1]["content"],
+                                     "completion": rollout.texts[i], "reward": float(rollout.rewards[i])}) + "\n")
+
+    def _logps(self, model, batch) -> torch.Tensor:
+        return no_grad_eval(model, self.autocast, completion_logps, batch, self.cfg.train.loss_chunk_size).float()
+
+
+# --------------------------------------------------------------------------- rewards and held-out evaluation
+
+
+def build_reward(cfg):
+    """The configured reward: functions, reward models and a format check, combined with weights."""
+    from posttrain.errors import ConfigError
+    from posttrain.rewards import CombinedReward, RewardComponent, _pairs_option, build_combined, format_reward
+
+    combined = build_combined(cfg.reward.models, cfg.reward.functions, [], [], template=cfg.data.template)
+    if cfg.reward.format_regex:
+        combined.components.append(RewardComponent("format", format_reward(cfg.reward.format_regex)))
+    by_name = {c.name: c for c in combined.components}
+    for name, value in _pairs_option(cfg.reward.weights, "reward.weights").items():
+        if name not in by_name:
+            raise ConfigError(f"reward.weights {name}=...: no reward named {name} (have {', '.join(by_name)})")
+        by_name[name].weight = float(value)
+    return CombinedReward(combined.components)
+
+
+def held_out_reward(model, tokenizer, prompts: list[list[int]], records: list[PromptRecord], score, cfg,
+                    autocast=contextlib.nullcontext, frozen_reference=None) -> dict:
+    """The policy on held-out prompts:
+
+    reward            mean reward of `eval.samples` completions per prompt, sampled as in the
+                      rollouts (the quantity RL maximises: E_{y~π}[r(x, y)]), with a fixed seed
+    greedy_reward     mean reward of the greedy answer (sharpening alone does not move it)
+    kl_to_reference   mean over the sampled completions of Σ_t (log π − log π_ref), a sampled
+                      estimate of KL(π‖π_ref) per response; None when no reference is kept
+                      (full fine-tuning without a KL term)"""
+    from posttrain.rollout.generate import eos_token_ids, generate_token_ids, pad_token_id
+    from posttrain.rollout.sampling import SamplingSettings
+
+    n = min(cfg.eval.prompts, len(prompts))
+    if n <= 0:
+        return {}
+    r, k = cfg.rollout, cfg.eval.samples
+    eos = eos_token_ids(model, tokenizer)
+
+    def answer(ids: list[list[int]], settings) -> list[list[int]]:
+        with autocast():
+            out = generate_token_ids(model, ids, settings, pad_token_id=pad_token_id(tokenizer, eos),
+                                     eos_token_ids=eos, batch_size=r.batch_size)
+        return [c if c else [next(iter(eos))] for c in out]
+
+    def rewards(completions, recs) -> list[float]:
+        texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
+        return score([x.prompt for x in recs], texts, [x.reward_row() for x in recs])
+
+    greedy = answer(prompts[:n], SamplingSettings(max_new_tokens=r.max_new_tokens, temperature=0.0))
+    sampled_ids = [p for p in prompts[:n] for _ in range(k)]
+    sampled_recs = [x for x in records[:n] for _ in range(k)]
+    sampled = answer(sampled_ids, SamplingSettings(max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+                                                   top_p=r.top_p, top_k=r.top_k, seed=cfg.train.seed + 7919))
+    out = {"reward": sum(rewards(sampled, sampled_recs)) / len(sampled),
+           "greedy_reward": sum(rewards(greedy, records[:n])) / n, "prompts": n, "samples": k,
+           "response_tokens": sum(map(len, sampled)) / len(sampled), "kl_to_reference": None}
+    if frozen_reference is not None or hasattr(model, "adapters_disabled"):
+        out["kl_to_reference"] = _sequence_kl(model, tokenizer, sampled_ids, sampled, autocast, frozen_reference)
+    return out
+
+
+def _sequence_kl(model, tokenizer, prompt_ids, completions, autocast, frozen_reference) -> float:
+    from posttrain.train.preference import reference_weights
+
+    total, device = 0.0, next(model.parameters()).device
+    for start in range(0, len(completions), 64):
+        batch = collate_completions(prompt_ids[start : start + 64], completions[start : start + 64],
+                                    tokenizer.pad_token_id)
+        batch = {key: v.to(device) for key, v in batch.items()}
+        logps = no_grad_eval(model, autocast, completion_logps, batch)
+        with reference_weights(model, frozen_reference) as reference:
+            ref = no_grad_eval(reference, autocast, completion_logps, batch)
+        total += float(((logps.float() - ref.float()) * batch["response_mask"]).sum())
+    return total / len(completions)
+
+
+def log_held_out(figures: dict, when: str, log) -> None:
+    if figures:
+        kl = figures["kl_to_reference"]
+        log(f"held-out reward {when} training: {figures['reward']:.3f} sampled ({figures['samples']} per prompt), "
+            f"{figures['greedy_reward']:.3f} greedy, on {figures['prompts']} prompts"
+            + ("" if kl is None else f"; KL to reference {kl:.3f} per response"))
+
+
+def prepare_prompt_data(cfg, tokenizer, run_dir: Path, main: bool, log):
+    """Read, split and encode the configured prompts: (train ids, train records, eval ids,
+    eval records, the data report)."""
+    from posttrain.data.prompts import encode_prompts, prepare_prompts
+    from posttrain.data.templates import resolve_template
+
+    train_records, eval_records, data_report = prepare_prompts(cfg.data, run_dir, cfg.train.seed, log)
+    template = resolve_template(tokenizer, cfg.data.template)
+    train_ids, train_records = encode_prompts(train_records, tokenizer, template, cfg.data.max_prompt_length, log)
+    eval_ids, eval_records = encode_prompts(eval_records, tokenizer, template, cfg.data.max_prompt_length, log, "eval")
+    return train_ids, train_records, eval_ids, eval_records, data_report
