@@ -55,6 +55,6 @@ def test_bad_yaml_gives_file_and_line(tmp_path):
 
 
 def test_readme_config_reference_is_current():
-    assert markdown_reference() in (ROOT / "README.md").read_text(), "regenerate: python -m posttrain.config"
+    assert markdown_reference(SFTConfig) in (ROOT / "README.md").read_text(), "regenerate: python -m posttrain.config"
     assert preference_reference() in (ROOT / "README.md").read_text(), "regenerate: python -m posttrain.config"
     assert rl_reference() in (ROOT / "README.md").read_text(), "regenerate: python -m posttrain.config"

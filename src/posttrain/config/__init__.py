@@ -1,0 +1,31 @@
+"""Typed configs: one dataclass per stage, YAML in, dotted overrides on top.
+
+Every field carries a one-line description (`help`). That single source feeds
+`posttrain sft --help`, validation of YAML files and the README's config reference
+(`python -m posttrain.config` prints it). Unknown keys are rejected before any work
+starts, with the closest valid key.
+
+    schema.py       the machinery: option(), loading, overrides, type checks, reference tables
+    sections.py     model, adapter, data, train, eval; SFTConfig
+    preference.py   RMConfig, DPOConfig
+    rl.py           GRPOConfig, PPOConfig
+"""
+
+from posttrain.config.preference import (DPOConfig, DPOLossConfig, PreferenceDataConfig, RewardConfig, RMConfig,
+                                         preference_reference, validate_dpo, validate_rm)
+from posttrain.config.rl import (GRPOConfig, GRPOLossConfig, PPOConfig, PPOLossConfig, PPORolloutConfig,
+                                 PromptDataConfig, RLEvalConfig, RLRewardConfig, RolloutConfig, rl_reference,
+                                 validate_grpo, validate_ppo)
+from posttrain.config.schema import apply_override, markdown_reference, option, read_yaml, section_values
+from posttrain.config.sections import (AdapterConfig, BottleneckConfig, DataConfig, EvalConfig, FreezeTuningConfig,
+                                       IA3Config, LoraConfig, ModelConfig, QuantizationConfig, SFTConfig, TrainConfig,
+                                       VirtualTokensConfig, validate_sft)
+
+__all__ = [
+    "AdapterConfig", "BottleneckConfig", "DPOConfig", "DPOLossConfig", "DataConfig", "EvalConfig", "FreezeTuningConfig",
+    "GRPOConfig", "GRPOLossConfig", "IA3Config", "LoraConfig", "ModelConfig", "PPOConfig", "PPOLossConfig",
+    "PPORolloutConfig", "PreferenceDataConfig", "PromptDataConfig", "QuantizationConfig", "RLEvalConfig",
+    "RLRewardConfig", "RMConfig", "RewardConfig", "RolloutConfig", "SFTConfig", "TrainConfig", "VirtualTokensConfig",
+    "apply_override", "markdown_reference", "option", "preference_reference", "read_yaml", "rl_reference",
+    "section_values", "validate_dpo", "validate_grpo", "validate_ppo", "validate_rm", "validate_sft",
+]

@@ -1,0 +1,9 @@
+"""python -m posttrain.config: print the README's config reference tables."""
+
+from posttrain.config import SFTConfig, markdown_reference, preference_reference, rl_reference
+
+print(markdown_reference(SFTConfig))
+print("\n## Config reference (rm and dpo: the sections that differ from SFT)\n")
+print(preference_reference())
+print("\n## Config reference (grpo, rloo and ppo: the sections that differ from SFT)\n")
+print(rl_reference())

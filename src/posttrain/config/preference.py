@@ -1,0 +1,115 @@
+"""Configs of the preference stages: reward models (`posttrain rm`) and the DPO family."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+from posttrain.config.schema import _raise_first, _StageConfig, markdown_reference, option
+from posttrain.config.sections import (AdapterConfig, EvalConfig, ModelConfig, TrainConfig, _data_checks,
+                                       _train_checks)
+
+
+@dataclass
+class PreferenceDataConfig:
+    train_files: list[str] = option(["synthetic"], "preference files (jsonl, json, parquet, csv, datasets dir) or 'synthetic'")
+    eval_files: list[str] = option([], "held-out files; empty = split eval_fraction off the training data")
+    eval_fraction: float = option(0.05, "fraction of training rows held out when eval_files is empty")
+    format: Literal["auto", "pairs", "ranking", "unpaired"] = option(
+        "auto", "pairs (prompt/chosen/rejected), ranking (prompt/responses/ranks), unpaired (prompt/completion/label)")
+    template: Literal["auto", "tokenizer", "chatml", "alpaca"] = option(
+        "auto", "chat template, applied the same way to every response of a prompt")
+    max_length: int = option(512, "maximum tokens per prompt + response")
+    overlength: Literal["truncate", "drop"] = option(
+        "truncate", "over-long responses: cut their end, or drop the whole row (always counted)")
+    bad_rows: Literal["error", "skip"] = option("error", "malformed rows: stop before training, or skip them into rejects.jsonl")
+    max_bad_fraction: float = option(0.01, "with bad_rows=skip, fail the run if more than this fraction is malformed")
+    synthetic_tasks: list[str] = option(["smallest"], "tasks of the bundled generator (chosen = the correct answer)")
+    synthetic_size: int = option(2000, "number of synthetic preference rows")
+    synthetic_kind: Literal["pairs", "ranking", "unpaired"] = option("pairs", "shape of the synthetic rows")
+    synthetic_responses: int = option(4, "responses per prompt for synthetic rankings")
+
+
+@dataclass
+class RewardConfig:
+    centering: float = option(0.0, "reward-centering coefficient c: adds c·(r_w + r_l)² (Eisenstein et al. 2023)")
+    use_margins: bool = option(True, "subtract a row's 'margin' inside the Bradley-Terry loss (Llama 2)")
+
+
+@dataclass
+class DPOLossConfig:
+    loss: Literal["dpo", "cdpo", "ipo", "hinge", "simpo", "orpo", "kto"] = option(
+        "dpo", "dpo (sigmoid), cdpo, ipo, hinge, simpo, orpo, kto")
+    beta: float = option(0.1, "β: strength of the KL anchor (dpo/cdpo/ipo/hinge/kto) or reward scale (simpo)")
+    label_smoothing: float = option(0.1, "cdpo: probability ε that a pair's label is flipped")
+    simpo_gamma: float = option(0.5, "simpo: target reward margin γ")
+    orpo_lambda: float = option(0.1, "orpo: weight λ of the odds-ratio term")
+    kto_desirable_weight: float = option(1.0, "kto: λ_D, weight of desirable examples")
+    kto_undesirable_weight: float = option(1.0, "kto: λ_U, weight of undesirable examples")
+    nll_weight: float = option(0.0, "add this × the chosen responses' mean token NLL (RPO); orpo has its own")
+    share_prompt: bool = option(
+        True, "compute a prompt once for all its responses (one row, 4-D attention mask); off for KTO and virtual tokens")
+    reference: Literal["precompute", "live"] = option(
+        "precompute", "reference log-probs: computed once before training and cached in the run, "
+        "or every step (adapters disabled, or a frozen copy for full fine-tuning)")
+
+
+@dataclass
+class RMConfig(_StageConfig):
+    output_dir: str = option("runs/rm", "run directory: checkpoints, metrics.jsonl, final reward model")
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig, metadata={"help": "backbone to score with"})
+    adapter: AdapterConfig = dataclasses.field(default_factory=AdapterConfig, metadata={"help": "full or lora"})
+    data: PreferenceDataConfig = dataclasses.field(default_factory=PreferenceDataConfig, metadata={"help": "preference data"})
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig, metadata={"help": "optimisation"})
+    reward: RewardConfig = dataclasses.field(default_factory=RewardConfig, metadata={"help": "reward-model loss"})
+
+
+@dataclass
+class DPOConfig(_StageConfig):
+    output_dir: str = option("runs/dpo", "run directory: checkpoints, metrics.jsonl, final policy")
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig, metadata={"help": "policy to start from (the SFT model)"})
+    adapter: AdapterConfig = dataclasses.field(default_factory=AdapterConfig, metadata={"help": "what is trained: full, freeze or PEFT methods"})
+    data: PreferenceDataConfig = dataclasses.field(default_factory=PreferenceDataConfig, metadata={"help": "preference data"})
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig, metadata={"help": "optimisation"})
+    dpo: DPOLossConfig = dataclasses.field(default_factory=DPOLossConfig, metadata={"help": "the preference loss"})
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig, metadata={"help": "evaluation"})
+
+
+def _preference_data_checks(d: PreferenceDataConfig) -> list[tuple[bool, str]]:
+    return _data_checks(d) + [
+        (d.synthetic_size >= 2, "data.synthetic_size must be at least 2"),
+        (d.synthetic_responses >= 2, "data.synthetic_responses must be at least 2"),
+    ]
+
+
+def validate_rm(cfg: RMConfig) -> None:
+    """Cross-field checks of a reward-model config. Raises ConfigError."""
+    _raise_first(_train_checks(cfg.train) + _preference_data_checks(cfg.data) + [
+        (cfg.reward.centering >= 0, "reward.centering must be >= 0"),
+        (cfg.data.format != "unpaired" and not (cfg.data.train_files == ["synthetic"]
+                                                 and cfg.data.synthetic_kind == "unpaired"),
+         "a reward model learns from comparisons: data must be pairs or rankings, not unpaired"),
+        (cfg.adapter.method in (["full"], ["lora"]), "reward models train with adapter.method full or lora"),
+    ])
+
+
+def validate_dpo(cfg: DPOConfig) -> None:
+    """Cross-field checks of a preference-optimisation config. Raises ConfigError."""
+    p = cfg.dpo
+    _raise_first(_train_checks(cfg.train) + _preference_data_checks(cfg.data) + [
+        (p.beta > 0, "dpo.beta must be positive"),
+        (0.0 <= p.label_smoothing < 0.5, "dpo.label_smoothing must be in [0, 0.5)"),
+        (p.orpo_lambda >= 0 and p.nll_weight >= 0, "dpo.orpo_lambda and dpo.nll_weight must be >= 0"),
+        (p.kto_desirable_weight > 0 and p.kto_undesirable_weight > 0, "dpo.kto_*_weight must be positive"),
+    ])
+    from posttrain.models.adapters import validate_adapter
+
+    validate_adapter(cfg.adapter, packing=False, gradient_checkpointing=cfg.model.gradient_checkpointing,
+                     optimizer=cfg.train.optimizer)
+
+
+def preference_reference() -> str:
+    """The sections rm and dpo add to (or change from) SFT's."""
+    return (markdown_reference(DPOConfig, ("data",)) + "\n" + markdown_reference(RMConfig, ("reward",)).split("\n", 2)[2]
+            + "\n" + markdown_reference(DPOConfig, ("dpo",)).split("\n", 2)[2])

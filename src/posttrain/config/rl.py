@@ -1,0 +1,191 @@
+"""Configs of the online-RL stages: GRPO / RLOO (`posttrain grpo`) and PPO (`posttrain ppo`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+from posttrain.config.schema import _raise_first, _StageConfig, markdown_reference, option
+from posttrain.config.sections import AdapterConfig, ModelConfig, TrainConfig, _train_checks
+
+
+@dataclass
+class PromptDataConfig:
+    train_files: list[str] = option(["synthetic"], "prompt files (jsonl, json, parquet, csv, datasets dir) or 'synthetic'")
+    eval_files: list[str] = option([], "held-out prompt files; empty = split eval_fraction off the training prompts")
+    eval_fraction: float = option(0.05, "fraction of training prompts held out when eval_files is empty")
+    format: Literal["auto", "prompt", "messages", "alpaca"] = option(
+        "auto", "prompt ('prompt' + optional 'answer'), messages or alpaca (their last answer is the reference)")
+    template: Literal["auto", "tokenizer", "chatml", "alpaca"] = option("auto", "chat template for the prompts")
+    max_prompt_length: int = option(256, "prompts longer than this many tokens are dropped (counted, never cut)")
+    bad_rows: Literal["error", "skip"] = option("error", "malformed rows: stop before training, or skip them into rejects.jsonl")
+    max_bad_fraction: float = option(0.01, "with bad_rows=skip, fail the run if more than this fraction is malformed")
+    synthetic_tasks: list[str] = option(["smallest"], "tasks of the bundled generator (each prompt carries its answer)")
+    synthetic_size: int = option(2000, "number of synthetic prompts")
+
+
+@dataclass
+class RolloutConfig:
+    engine: Literal["transformers", "vllm"] = option(
+        "transformers", "generation backend: transformers (the policy itself, any device); vllm is not built yet")
+    num_generations: int = option(4, "G: completions sampled per prompt")
+    max_new_tokens: int = option(32, "generation budget per completion")
+    temperature: float = option(1.0, "sampling temperature")
+    top_p: float = option(1.0, "nucleus sampling threshold (1 = off)")
+    top_k: int = option(0, "keep the k most likely tokens (0 = off)")
+    stop: list[str] = option([], "stop strings: a completion ends at the first one")
+    batch_size: int = option(64, "sequences generated at once")
+
+
+@dataclass
+class RLRewardConfig:
+    functions: list[str] = option(["exact_match=posttrain.rewards:exact_match"],
+                                  "NAME=module:function rewards, fn(prompt_turns, response[, row]) -> float")
+    models: list[str] = option([], "reward models trained by posttrain rm: DIR or NAME=DIR")
+    weights: list[str] = option([], "NAME=W weight per component (default 1)")
+    format_regex: str = option("", "adds a 'format' component: 1 when the whole response matches this regex")
+    no_eos_penalty: float = option(0.0, "subtracted from the reward of a response that never ends (hits max_new_tokens)")
+    clip: float = option(0.0, "clip total rewards to [-clip, clip] (0 = off)")
+
+
+@dataclass
+class GRPOLossConfig:
+    advantage: Literal["grpo", "rloo"] = option(
+        "grpo", "grpo: (r - group mean) / group std; rloo: r - mean of the other G-1 samples")
+    scale_rewards: bool = option(True, "grpo: divide by the group's std (false: Dr. GRPO, Liu et al. 2025)")
+    beta: float = option(0.0, "coefficient of the per-token KL to the reference (0 = no reference model at all)")
+    kl_estimator: Literal["k1", "k2", "k3"] = option("k3", "per-token KL estimator (Schulman 2020; GRPO uses k3)")
+    clip_eps: float = option(0.2, "PPO ratio clip ε (acts when updates_per_rollout > 1)")
+    aggregation: Literal["token", "sequence"] = option(
+        "token", "token: every response token weighs the same (DAPO); sequence: every response does (GRPO paper)")
+    updates_per_rollout: int = option(1, "μ: optimizer steps taken on each batch of rollouts")
+
+
+@dataclass
+class RLEvalConfig:
+    prompts: int = option(100, "held-out prompts scored before and after training (0 = off)")
+    samples: int = option(4, "completions sampled per held-out prompt (as in the rollouts) besides the greedy one")
+    sample_every: int = option(10, "write a few completions of every Nth rollout to samples.jsonl (0 = never)")
+
+
+@dataclass
+class GRPOConfig(_StageConfig):
+    output_dir: str = option("runs/grpo", "run directory: checkpoints, metrics.jsonl, samples.jsonl, final policy")
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig, metadata={"help": "policy to start from (the SFT model)"})
+    adapter: AdapterConfig = dataclasses.field(default_factory=AdapterConfig, metadata={"help": "what is trained: full, freeze or PEFT methods"})
+    data: PromptDataConfig = dataclasses.field(default_factory=PromptDataConfig, metadata={"help": "prompts"})
+    rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig, metadata={"help": "sampling the completions"})
+    reward: RLRewardConfig = dataclasses.field(default_factory=RLRewardConfig, metadata={"help": "scoring the completions"})
+    grpo: GRPOLossConfig = dataclasses.field(default_factory=GRPOLossConfig, metadata={"help": "advantages and the loss"})
+    train: TrainConfig = dataclasses.field(
+        default_factory=TrainConfig,
+        metadata={"help": "optimisation; batch_size counts completions: batch_size x grad_accum (x processes) per rollout"})
+    eval: RLEvalConfig = dataclasses.field(default_factory=RLEvalConfig, metadata={"help": "held-out reward"})
+
+
+@dataclass
+class PPORolloutConfig(RolloutConfig):
+    num_generations: int = option(1, "completions sampled per prompt (PPO's critic is the baseline, so 1 suffices)")
+
+
+@dataclass
+class PPOLossConfig:
+    value_model: Literal["head", "separate"] = option(
+        "head", "head: a linear value head on the policy's last hidden state (shared trunk); separate: its own critic")
+    value_model_path: str = option("", "separate critic's starting weights: a model or reward-model dir (default: model.path)")
+    value_lr_ratio: float = option(1.0, "the value head / critic learns at train.lr x this")
+    kl_coef: float = option(0.05, "β of the per-token KL penalty folded into the rewards (initial value when adaptive)")
+    kl_estimator: Literal["k1", "k2", "k3"] = option("k1", "per-token KL estimator in the reward (k1: log pi - log pi_ref)")
+    kl_control: Literal["fixed", "adaptive"] = option("fixed", "fixed β, or the adaptive controller (Ziegler et al. 2019)")
+    kl_target: float = option(6.0, "adaptive: the KL per response (nats) the controller steers towards")
+    kl_horizon: float = option(10000.0, "adaptive: responses over which β moves by at most 20%")
+    gamma: float = option(1.0, "GAE discount γ")
+    lam: float = option(0.95, "GAE λ")
+    whiten_advantages: bool = option(True, "normalise advantages to mean 0, std 1 over each rollout")
+    clip_eps: float = option(0.2, "policy ratio clip ε")
+    value_clip: float = option(0.2, "clip of the value change per update (PPO2's clipped value loss)")
+    vf_coef: float = option(0.1, "weight of the value loss")
+    entropy_coef: float = option(0.0, "weight of the entropy bonus (0 = off)")
+    epochs: int = option(4, "PPO epochs: passes over each rollout")
+    minibatches: int = option(1, "optimizer steps per PPO epoch; a rollout is minibatches x batch_size x grad_accum completions")
+    early_stop_kl: float = option(0.0, "skip the rest of a rollout's updates once approx KL(old||new) > this (0 = never)")
+    aggregation: Literal["token", "sequence"] = option("token", "token: every response token weighs the same; sequence: every response")
+
+
+@dataclass
+class PPOConfig(_StageConfig):
+    output_dir: str = option("runs/ppo", "run directory: checkpoints, metrics.jsonl, samples.jsonl, final policy")
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig, metadata={"help": "policy to start from (the SFT model)"})
+    adapter: AdapterConfig = dataclasses.field(default_factory=AdapterConfig, metadata={"help": "what is trained: full, freeze or PEFT methods"})
+    data: PromptDataConfig = dataclasses.field(default_factory=PromptDataConfig, metadata={"help": "prompts"})
+    rollout: PPORolloutConfig = dataclasses.field(default_factory=PPORolloutConfig, metadata={"help": "sampling the completions"})
+    reward: RLRewardConfig = dataclasses.field(default_factory=RLRewardConfig, metadata={"help": "scoring the completions"})
+    ppo: PPOLossConfig = dataclasses.field(default_factory=PPOLossConfig, metadata={"help": "value model, KL control, GAE and the clipped losses"})
+    train: TrainConfig = dataclasses.field(
+        default_factory=TrainConfig,
+        metadata={"help": "optimisation; one optimizer step per minibatch of batch_size x grad_accum (x processes) completions"})
+    eval: RLEvalConfig = dataclasses.field(default_factory=RLEvalConfig, metadata={"help": "held-out reward"})
+
+
+def validate_grpo(cfg: GRPOConfig) -> None:
+    """Cross-field checks of a GRPO / RLOO config. Raises ConfigError."""
+    g, r, t = cfg.grpo, cfg.rollout, cfg.train
+    per_rollout = t.batch_size * t.grad_accum
+    _raise_first(_train_checks(t) + _rollout_checks(cfg) + [
+        (r.num_generations >= 2, "rollout.num_generations must be at least 2 (advantages compare a prompt's samples)"),
+        (per_rollout % r.num_generations == 0,
+         f"train.batch_size x train.grad_accum = {per_rollout} completions per step must be a multiple of "
+         f"rollout.num_generations = {r.num_generations} (whole groups per rollout)"),
+        (g.beta >= 0 and g.clip_eps > 0, "grpo.beta must be >= 0 and grpo.clip_eps > 0"),
+        (g.updates_per_rollout >= 1, "grpo.updates_per_rollout must be >= 1"),
+        (t.save_every % g.updates_per_rollout == 0,
+         "train.save_every must be a multiple of grpo.updates_per_rollout (checkpoints fall between rollouts)"),
+    ])
+    from posttrain.models.adapters import validate_adapter
+
+    validate_adapter(cfg.adapter, packing=False, gradient_checkpointing=cfg.model.gradient_checkpointing,
+                     optimizer=cfg.train.optimizer)
+
+
+def _rollout_checks(cfg: GRPOConfig | PPOConfig) -> list[tuple[bool, str]]:
+    r = cfg.rollout
+    return [
+        (r.engine == "transformers", "rollout.engine=vllm is not built yet in this version; use rollout.engine=transformers"),
+        (r.max_new_tokens >= 1 and r.batch_size >= 1, "rollout.max_new_tokens and rollout.batch_size must be >= 1"),
+        (r.temperature > 0, "rollout.temperature must be > 0: online RL learns from sampled completions"),
+        (cfg.data.max_prompt_length >= 1, "data.max_prompt_length must be >= 1"),
+        (0 <= cfg.data.eval_fraction < 1, "data.eval_fraction must be in [0, 1)"),
+        (bool(cfg.reward.functions or cfg.reward.models or cfg.reward.format_regex),
+         "no reward: set reward.functions, reward.models or reward.format_regex"),
+    ]
+
+
+def validate_ppo(cfg: PPOConfig) -> None:
+    """Cross-field checks of a PPO config. Raises ConfigError."""
+    p, t, r = cfg.ppo, cfg.train, cfg.rollout
+    per_rollout = t.batch_size * t.grad_accum * p.minibatches
+    _raise_first(_train_checks(t) + _rollout_checks(cfg) + [
+        (r.num_generations >= 1, "rollout.num_generations must be at least 1"),
+        (per_rollout % r.num_generations == 0,
+         f"train.batch_size x train.grad_accum x ppo.minibatches = {per_rollout} completions per rollout must be a "
+         f"multiple of rollout.num_generations = {r.num_generations}"),
+        (p.epochs >= 1 and p.minibatches >= 1, "ppo.epochs and ppo.minibatches must be >= 1"),
+        (p.kl_coef >= 0 and p.kl_target > 0 and p.kl_horizon > 0, "ppo.kl_coef must be >= 0, kl_target and kl_horizon > 0"),
+        (not (p.kl_control == "adaptive" and p.kl_coef == 0), "ppo.kl_control=adaptive needs ppo.kl_coef > 0 to adapt"),
+        (0 <= p.gamma <= 1 and 0 <= p.lam <= 1, "ppo.gamma and ppo.lam must be in [0, 1]"),
+        (p.clip_eps > 0 and p.value_clip > 0, "ppo.clip_eps and ppo.value_clip must be > 0"),
+        (p.vf_coef > 0 and p.value_lr_ratio > 0, "ppo.vf_coef and ppo.value_lr_ratio must be > 0"),
+        (p.entropy_coef >= 0 and p.early_stop_kl >= 0, "ppo.entropy_coef and ppo.early_stop_kl must be >= 0"),
+    ])
+    from posttrain.models.adapters import validate_adapter
+
+    validate_adapter(cfg.adapter, packing=False, gradient_checkpointing=cfg.model.gradient_checkpointing,
+                     optimizer=cfg.train.optimizer)
+
+
+def rl_reference() -> str:
+    """The sections grpo and ppo add to (or change from) SFT's."""
+    tables = [markdown_reference(GRPOConfig, (name,)) for name in ("data", "rollout", "reward", "grpo", "eval")]
+    tables.append(markdown_reference(PPOConfig, ("ppo",)))
+    return "\n".join([tables[0]] + [t.split("\n", 2)[2] for t in tables[1:]])

@@ -1,0 +1,256 @@
+"""The config machinery every stage's config shares: fields with their help text, loading
+YAML with dotted overrides on top, strict checking of keys (with the closest valid key) and
+types, --help lines and the README's reference tables."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+from posttrain.errors import ConfigError
+
+
+def option(default: Any, help: str, **kwargs: Any) -> Any:
+    """A config field with a default and its one-line description."""
+    if isinstance(default, (list, dict)):
+        value = default
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata={"help": help, **kwargs})
+    return dataclasses.field(default=default, metadata={"help": help, **kwargs})
+
+
+class _StageConfig:
+    """Shared loading, validation and help for all stage configs."""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None, *, source: str = "config") -> "_StageConfig":
+        return _build(cls, data or {}, prefix="", source=source, root=cls)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: list[str] = ()) -> "_StageConfig":
+        data: dict[str, Any] = {}
+        source = "overrides"
+        if path is not None:
+            data = read_yaml(path)
+            source = str(path)
+        for item in overrides:
+            apply_override(data, item)
+        return cls.from_dict(data, source=source)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def help_lines(cls) -> list[str]:
+        return list(_help_lines(cls, ""))
+
+
+# --------------------------------------------------------------------------- YAML and overrides
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Apply `a.b.c=value` to a nested dict; the value is parsed as YAML (so 1e-5, true, [a, b] work)."""
+    import yaml
+
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _walk(cls: type, prefix: str = ""):
+    """Yield (dotted key, type hint, default, help) for every leaf field, and
+    (section key, None, None, help) before each section's fields."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint, help_text = hints[f.name], f.metadata.get("help", "")
+        if dataclasses.is_dataclass(hint):
+            yield prefix + f.name, None, None, help_text
+            yield from _walk(hint, prefix + f.name + ".")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        yield prefix + f.name, hint, default, help_text
+
+
+def _leaf_keys(cls: type) -> list[str]:
+    return [key for key, hint, _, _ in _walk(cls) if hint is not None]
+
+
+# Names users bring from transformers / TRL / LLaMA-Factory configs.
+_FAMILIAR_NAMES = {
+    "learning_rate": "lr", "per_device_train_batch_size": "batch_size", "train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum", "num_train_epochs": "epochs", "lr_scheduler_type": "schedule",
+    "max_seq_length": "max_length", "cutoff_len": "max_length", "model_name_or_path": "path",
+    "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "save_steps": "save_every",
+    "eval_steps": "eval_every", "logging_steps": "log_every", "save_total_limit": "keep_last",
+    "torch_dtype": "dtype", "bf16": "mixed_precision", "fp16": "mixed_precision",
+    "finetuning_type": "method", "peft_type": "method", "enabled": "method", "use_dora": "dora",
+    "use_rslora": "rslora", "lora_target": "target_modules",
+    "freeze_trainable_layers": "top_layers", "optim": "optimizer",
+}
+
+
+def _suggest(key: str, root: type) -> str | None:
+    """The valid dotted key closest to `key`: familiar aliases, same last part, then spelling."""
+    keys = _leaf_keys(root)
+    last = key.rsplit(".", 1)[-1]
+    last = _FAMILIAR_NAMES.get(last, last)
+    same_name = [k for k in keys if k.rsplit(".", 1)[-1] == last]
+    if same_name:
+        return same_name[0]
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    if not close:
+        by_last = {k.rsplit(".", 1)[-1]: k for k in keys}
+        close = [by_last[c] for c in difflib.get_close_matches(last, list(by_last), n=1, cutoff=0.6)]
+    return close[0] if close else None
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, source: str, root: type) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in data:
+        if key not in fields:
+            value = data[key]
+            if isinstance(value, dict) and value:  # an unknown section: judge it by its first key
+                key = f"{key}.{next(iter(value))}"
+            close = _suggest(prefix + str(key), root)
+            valid = ", ".join(prefix + name for name in fields)
+            hint = f"; did you mean {close}?" if close else f"; valid keys here: {valid}"
+            raise ConfigError(f"{source}: unknown key {prefix}{key}{hint}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, prefix + name, source, root)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, key: str, source: str, root: type) -> Any:
+    origin = get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".", source, root)
+    if origin is Literal:
+        choices = get_args(hint)
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            hint_txt = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"{source}: {key}={value!r} is not one of {', '.join(map(str, choices))}{hint_txt}")
+        return value
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, key, source, root)
+    if origin is list:
+        (item_type,) = get_args(hint)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # a single value where a list is expected
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {key} must be a list, got {value!r}")
+        return [_coerce(item_type, v, key, source, root) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{source}: {key} must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 1e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{source}: {key} must be a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{source}: {key} must be a string, got {value!r}")
+    return value
+
+
+def _type_name(hint: Any) -> str:
+    origin = get_origin(hint)
+    if origin is Literal:
+        return "|".join(map(str, get_args(hint)))
+    if origin is list:
+        return f"list[{_type_name(get_args(hint)[0])}]"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _help_lines(cls: type, prefix: str = ""):
+    for key, hint, default, help_text in _walk(cls, prefix):
+        if hint is None:
+            yield f"{key}:  ({help_text})"
+        else:
+            yield f"  {key} ({_type_name(hint)}, default {default!r}): {help_text}"
+
+
+def _raise_first(checks: list[tuple[bool, str]]) -> None:
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def section_values(section_cls: type, config: Any = None, overrides: dict[str, Any] | None = None,
+                   caller: str = "") -> dict[str, Any]:
+    """A section's fields as a dict: `config`'s values (defaults when None), then keyword overrides.
+
+    Lets library functions take a config section or plain keywords without restating defaults.
+    """
+    defaults = dataclasses.asdict(section_cls())
+    values = {name: getattr(config, name, default) for name, default in defaults.items()}
+    unknown = set(overrides or {}) - set(values)
+    if unknown:
+        raise TypeError(f"{caller} got unexpected arguments: {sorted(unknown)}")
+    values.update(overrides or {})
+    return values
+
+
+def markdown_reference(cls: type, sections: tuple[str, ...] = ()) -> str:
+    """The config reference table for the README (kept in sync by a test); `sections`
+    limits it to keys under those sections."""
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, hint, default, help_text in _walk(cls):
+        if hint is not None and (not sections or key.split(".")[0] in sections):
+            type_name = _type_name(hint).replace("|", "\\|")
+            rows.append(f"| `{key}` | {type_name} | `{default!r}` | {help_text} |")
+    return "\n".join(rows)

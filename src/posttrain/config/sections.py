@@ -1,0 +1,194 @@
+"""The sections every stage shares (model, adapter, data, train, eval) and the SFT config."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+from posttrain.config.schema import _raise_first, _StageConfig, option
+
+
+@dataclass
+class ModelConfig:
+    path: str = option("tiny", "built-in preset name (tiny) or a local Hugging Face model directory")
+    dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "dtype the weights are loaded in")
+    trust_remote_code: bool = option(False, "run Python code shipped inside the model directory (only if you trust it)")
+    gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
+
+
+@dataclass
+class LoraConfig:
+    r: int = option(8, "LoRA rank")
+    alpha: float = option(16.0, "LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rslora)")
+    dropout: float = option(0.0, "dropout on the LoRA input")
+    target_modules: list[str] = option(
+        ["all-linear"], "module names to adapt, all-linear, or one 're:<regex>' matched against full module paths"
+    )
+    rslora: bool = option(False, "rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023)")
+    dora: bool = option(False, "weight-decomposed LoRA (DoRA, Liu et al. 2024); method dora sets it")
+    lr_ratio_b: float = option(1.0, "LoRA+: the B matrices learn at lr x this (Hayou et al. 2024 suggest 16)")
+
+
+@dataclass
+class QuantizationConfig:
+    quant_type: Literal["nf4", "fp4"] = option("nf4", "4-bit data type of the frozen base (QLoRA uses NF4)")
+    double_quant: bool = option(True, "quantise the quantisation constants too (~0.4 bits/param saved)")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = option("bfloat16", "dtype of the 4-bit matmuls")
+
+
+@dataclass
+class IA3Config:
+    target_modules: list[str] = option([], "modules whose output IA3 rescales; empty = peft's default for the model type")
+    feedforward_modules: list[str] = option([], "the subset of targets that rescale their input (FFN); empty = default")
+
+
+@dataclass
+class VirtualTokensConfig:
+    num_virtual_tokens: int = option(16, "number of trained virtual tokens")
+    init: Literal["random", "text"] = option("random", "prompt tuning init: random, or the embeddings of init_text")
+    init_text: str = option("", "text whose token embeddings initialise the soft prompt (init=text)")
+    projection: bool = option(False, "prefix tuning: reparameterise the prefix through an MLP (Li & Liang 2021)")
+    projection_hidden: int = option(256, "hidden size of that MLP")
+
+
+@dataclass
+class BottleneckConfig:
+    size: int = option(32, "bottleneck width (hidden -> size -> hidden)")
+    activation: Literal["relu", "gelu", "silu", "tanh"] = option("relu", "nonlinearity inside the bottleneck")
+    where: list[Literal["attention", "ffn"]] = option(["attention", "ffn"], "after attention and/or after the FFN")
+    init_std: float = option(1e-3, "std of the near-identity init (down-projection random, up-projection zero)")
+
+
+@dataclass
+class FreezeTuningConfig:
+    top_layers: int = option(0, "freeze tuning: train the top N transformer layers")
+    modules: list[str] = option([], "freeze tuning: also train parameters whose name matches these globs")
+
+
+@dataclass
+class AdapterConfig:
+    method: list[str] = option(
+        ["full"], "one or more of: full, freeze, lora, dora, qlora, ia3, prefix, prompt, bottleneck (a list mixes them)"
+    )
+    schedule: list[str] = option(
+        [], "staged training 'STEP:method+method' (or STEP:all), e.g. [0:prompt, 200:prompt+lora, 400:all]"
+    )
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig, metadata={"help": "LoRA / DoRA / QLoRA"})
+    quantization: QuantizationConfig = dataclasses.field(
+        default_factory=QuantizationConfig, metadata={"help": "QLoRA's 4-bit base (CUDA + bitsandbytes)"})
+    ia3: IA3Config = dataclasses.field(default_factory=IA3Config, metadata={"help": "IA3 rescaling vectors"})
+    virtual_tokens: VirtualTokensConfig = dataclasses.field(
+        default_factory=VirtualTokensConfig, metadata={"help": "prompt and prefix tuning"})
+    bottleneck: BottleneckConfig = dataclasses.field(
+        default_factory=BottleneckConfig, metadata={"help": "Houlsby bottleneck adapters"})
+    freeze: FreezeTuningConfig = dataclasses.field(
+        default_factory=FreezeTuningConfig, metadata={"help": "freeze tuning"})
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = option(["synthetic"], "training files (jsonl, json, parquet, csv, datasets dir) or 'synthetic'")
+    eval_files: list[str] = option([], "held-out files; empty = split eval_fraction off the training data")
+    eval_fraction: float = option(0.05, "fraction of training rows held out when eval_files is empty")
+    format: Literal["auto", "alpaca", "messages", "text"] = option("auto", "row format; auto-detected from the first rows")
+    template: Literal["auto", "tokenizer", "chatml", "alpaca"] = option(
+        "auto", "chat template: the tokenizer's own (auto falls back to chatml when it has none) or a built-in one"
+    )
+    max_length: int = option(512, "maximum tokens per example (and per packed row)")
+    overlength: Literal["truncate", "drop"] = option("truncate", "what to do with examples longer than max_length (always counted)")
+    bad_rows: Literal["error", "skip"] = option("error", "malformed rows: stop before training, or skip them into rejects.jsonl")
+    max_bad_fraction: float = option(0.01, "with bad_rows=skip, fail the run if more than this fraction is malformed")
+    packing: bool = option(False, "pack several examples per row (no attention across them)")
+    group_by_length: bool = option(
+        False, "batch examples of similar length together: less padding, but can hurt multi-task learning"
+    )
+    streaming: bool = option(False, "read training files lazily (for files larger than memory)")
+    synthetic_tasks: list[str] = option(["smallest", "copy", "reverse"], "tasks of the bundled synthetic generator")
+    synthetic_size: int = option(4000, "number of synthetic training examples")
+
+
+@dataclass
+class TrainConfig:
+    seed: int = option(0, "seed for weights init, data order and dropout")
+    epochs: float = option(1.0, "passes over the training data (ignored when max_steps > 0)")
+    max_steps: int = option(0, "optimizer steps; 0 = derive from epochs")
+    batch_size: int = option(8, "examples per micro-batch per process")
+    grad_accum: int = option(1, "micro-batches accumulated per optimizer step")
+    lr: float = option(2e-5, "peak learning rate")
+    weight_decay: float = option(0.0, "AdamW decoupled weight decay")
+    adam_betas: list[float] = option([0.9, 0.999], "AdamW betas")
+    adam_eps: float = option(1e-8, "AdamW epsilon")
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = option(
+        "adamw", "adamw (torch), or bitsandbytes' 8-bit / paged 8-bit AdamW (CUDA only)")
+    max_grad_norm: float = option(1.0, "clip the global gradient norm to this (0 = no clipping)")
+    schedule: Literal["constant", "linear", "cosine"] = option("cosine", "learning-rate schedule after warmup")
+    warmup_steps: int = option(0, "linear warmup steps")
+    warmup_ratio: float = option(0.0, "warmup as a fraction of max steps (used when warmup_steps is 0)")
+    min_lr_ratio: float = option(0.0, "final learning rate as a fraction of the peak (linear, cosine)")
+    mixed_precision: Literal["no", "bf16", "fp16"] = option("no", "autocast precision (accelerate)")
+    layer_lr_decay: float = option(1.0, "layer i of L trains at lr * decay^(L - i); embeddings at decay^(L+1)")
+    freeze: list[str] = option([], "glob patterns of parameter names to freeze (e.g. '*embed_tokens*')")
+    loss: Literal["auto", "chunked", "plain"] = option("auto", "chunked linear+cross-entropy never builds [B,T,V] logits")
+    loss_chunk_size: int = option(256, "tokens per chunk of the chunked loss (peak extra memory ~ chunk × vocab × 8 bytes)")
+    eval_every: int = option(0, "evaluate every N steps (0 = only at the end)")
+    early_stopping_patience: int = option(0, "stop after N evaluations without improvement (0 = never)")
+    save_every: int = option(0, "checkpoint every N steps (0 = only at the end)")
+    keep_last: int = option(2, "complete checkpoints to keep")
+    resume: str = option("auto", "auto (newest complete checkpoint in output_dir), never, or a checkpoint path")
+    log_every: int = option(1, "write metrics every N steps")
+    max_consecutive_nonfinite: int = option(5, "stop after this many non-finite steps in a row")
+    report_to: list[str] = option([], "extra trackers through accelerate: tensorboard, wandb")
+    progress_bar: bool = option(True, "show a progress bar with ETA")
+
+
+@dataclass
+class EvalConfig:
+    exact_match_prompts: int = option(0, "held-out synthetic prompts scored by exact match before and after (0 = off)")
+    max_new_tokens: int = option(32, "generation budget for exact-match scoring")
+
+
+@dataclass
+class SFTConfig(_StageConfig):
+    output_dir: str = option("runs/sft", "run directory: checkpoints, metrics.jsonl, final model")
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig, metadata={"help": "model to train"})
+    adapter: AdapterConfig = dataclasses.field(default_factory=AdapterConfig, metadata={"help": "what is trained: full, freeze or PEFT methods"})
+    data: DataConfig = dataclasses.field(default_factory=DataConfig, metadata={"help": "training data"})
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig, metadata={"help": "optimisation"})
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig, metadata={"help": "evaluation"})
+
+
+def _train_checks(t: TrainConfig) -> list[tuple[bool, str]]:
+    return [
+        (t.batch_size >= 1, "train.batch_size must be at least 1"),
+        (t.grad_accum >= 1, "train.grad_accum must be at least 1"),
+        (t.lr > 0, "train.lr must be positive"),
+        (t.max_steps >= 0, "train.max_steps must be 0 (use epochs) or positive"),
+        (t.max_steps > 0 or t.epochs > 0, "set train.max_steps or train.epochs above 0"),
+        (0.0 <= t.warmup_ratio < 1.0, "train.warmup_ratio must be in [0, 1)"),
+        (0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio must be in [0, 1]"),
+        (0.0 < t.layer_lr_decay <= 1.0, "train.layer_lr_decay must be in (0, 1]"),
+        (len(t.adam_betas) == 2, "train.adam_betas must have two numbers"),
+        (t.keep_last >= 1, "train.keep_last must be at least 1"),
+        (t.loss_chunk_size >= 1, "train.loss_chunk_size must be at least 1"),
+        (t.max_consecutive_nonfinite >= 1, "train.max_consecutive_nonfinite must be at least 1"),
+        (all(r in ("tensorboard", "wandb") for r in t.report_to), "train.report_to accepts tensorboard and wandb"),
+    ]
+
+
+def _data_checks(d) -> list[tuple[bool, str]]:  # DataConfig or PreferenceDataConfig
+    return [
+        (d.max_length >= 8, "data.max_length must be at least 8"),
+        (0.0 <= d.eval_fraction < 1.0, "data.eval_fraction must be in [0, 1)"),
+        (0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction must be in [0, 1]"),
+        (bool(d.train_files), "data.train_files is empty"),
+    ]
+
+
+def validate_sft(cfg: SFTConfig) -> None:
+    """Cross-field checks that types alone cannot express. Raises ConfigError."""
+    _raise_first(_train_checks(cfg.train) + _data_checks(cfg.data))
+    from posttrain.models.adapters import validate_adapter
+
+    validate_adapter(cfg.adapter, packing=cfg.data.packing, gradient_checkpointing=cfg.model.gradient_checkpointing,
+                     optimizer=cfg.train.optimizer)
