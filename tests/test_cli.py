@@ -211,3 +211,14 @@ def test_rloo_alias_sets_the_advantage(tmp_path):
     posttrain("rloo", "examples/grpo.yaml", f"output_dir={tmp_path}", "train.max_steps=1", "train.batch_size=16",
               "train.progress_bar=false", "data.synthetic_size=64", "eval.prompts=0")
     assert json.loads((tmp_path / "summary.json").read_text())["advantage"] == "rloo"
+
+
+@pytest.mark.parametrize("launch_config", sorted((ROOT / "examples" / "accelerate").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_accelerate_configs_load_and_leave_precision_to_posttrain(launch_config):
+    """What `accelerate launch --config_file` reads (DDP across GPUs / machines); the GPU runs
+    themselves are not exercised here. Precision must come from train.mixed_precision."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(launch_config))
+    assert config.distributed_type == "MULTI_GPU" and config.mixed_precision == "no"
+    assert config.num_processes % config.num_machines == 0
