@@ -21,7 +21,6 @@ copy for full fine-tuning (`preference.reference_weights`).
 
 from __future__ import annotations
 
-import copy
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch
 from posttrain.config import GRPOConfig, GRPOLossConfig, validate_grpo
 from posttrain.losses import policy_gradient as pg
 from posttrain.train.rollouts import (RolloutStage, build_reward, collate_completions, completion_forward,  # noqa: F401
-                                      completion_logps, held_out_reward, log_held_out, prepare_prompt_data, summed)
+                                      completion_logps, held_out_reward, start_rl_run, summed)
 
 
 # --------------------------------------------------------------------------- the loss
@@ -125,35 +124,16 @@ class GRPOStage(RolloutStage):
 
 def run_grpo(cfg: GRPOConfig) -> Path:
     """Optimise the policy on sampled, scored completions per `cfg`; returns the run directory."""
-    from posttrain.train.grouped import on_device
-    from posttrain.train.loop import finish_run, start_run, train
-    from posttrain.train.sft import build_model
+    from posttrain.train.loop import finish_run, train
 
     validate_grpo(cfg)
-    run_dir, accelerator, main, log = start_run(cfg)
-    tokenizer, model, adapter_training = build_model(cfg, log, run_dir if main else None)
-    train_ids, train_records, eval_ids, eval_records, data_report = prepare_prompt_data(cfg, tokenizer, run_dir, main, log)
-    score = build_reward(cfg)
-    # Full / freeze tuning has no adapters to switch off: the reference is a frozen copy.
-    needs_copy = not hasattr(model, "adapters_disabled") and cfg.grpo.beta > 0
-    frozen = copy.deepcopy(model).requires_grad_(False).eval() if needs_copy else None
-    on_device(model, accelerator.device)
-    if frozen is not None:
-        on_device(frozen, accelerator.device)
-    module = GroupPolicyLoss(model, cfg.grpo, cfg.train.loss_chunk_size)
-    stage = GRPOStage(module, train_ids, train_records, cfg, tokenizer, score, run_dir if main else None,
-                      accelerator.autocast, adapter_training, frozen, accelerator.num_processes)
-    if stage.rollouts_per_epoch() == 0:
-        from posttrain.errors import DataError
-
-        raise DataError(f"{len(train_ids)} training prompts are fewer than the {stage.prompts_per_rollout} one rollout needs")
-    evaluate = lambda m: held_out_reward(m, tokenizer, eval_ids, eval_records, score, cfg,  # noqa: E731
-                                         accelerator.autocast, frozen) if main else {}
-    summary: dict = {"advantage": cfg.grpo.advantage, "train_prompts": len(train_ids), "eval_prompts": len(eval_ids),
-                     "data": data_report, "held_out_before": evaluate(model)}
-    log_held_out(summary["held_out_before"], "before", log)
-    result = train(stage, cfg.train, run_dir, accelerator)
+    run = start_rl_run(cfg, needs_reference=cfg.grpo.beta > 0)
+    stage = GRPOStage(GroupPolicyLoss(run.model, cfg.grpo, cfg.train.loss_chunk_size), *run.stage_args())
+    run.check_enough_prompts(stage)
+    summary: dict = {"advantage": cfg.grpo.advantage, "train_prompts": len(run.train_ids),
+                     "eval_prompts": len(run.eval_ids), "data": run.data_report,
+                     "held_out_before": run.held_out(run.model, "before")}
+    result = train(stage, cfg.train, run.run_dir, run.accelerator)
     trained = result.module.model
-    summary.update(steps=result.step, rollouts=stage.rollouts_done, held_out_after=evaluate(trained))
-    log_held_out(summary["held_out_after"], "after", log)
-    return finish_run(run_dir, accelerator, main, trained, tokenizer, summary)
+    summary.update(steps=result.step, rollouts=stage.rollouts_done, held_out_after=run.held_out(trained, "after"))
+    return finish_run(run.run_dir, run.accelerator, run.main, trained, run.tokenizer, summary)

@@ -28,7 +28,6 @@ rollout itself (`state_dict`), besides the weights, optimizer and RNG the loop s
 
 from __future__ import annotations
 
-import copy
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,9 +36,8 @@ import torch
 
 from posttrain.config import PPOConfig, PPOLossConfig, validate_ppo
 from posttrain.losses import policy_gradient as pg
-from posttrain.train.rollouts import (RolloutStage, build_reward, collate_completions, completion_forward,
-                                      held_out_reward, log_held_out, no_grad_eval, prepare_prompt_data, summed,
-                                      to_grid)
+from posttrain.train.rollouts import (RolloutStage, collate_completions, completion_forward, no_grad_eval,
+                                      start_rl_run, summed, to_grid)
 
 # --------------------------------------------------------------------------- value models
 
@@ -269,43 +267,26 @@ def _value_lr(adapter_training, ratio: float):
 def run_ppo(cfg: PPOConfig) -> Path:
     """Optimise the policy with PPO on sampled, scored completions per `cfg`; returns the run directory."""
     from posttrain.train.grouped import on_device
-    from posttrain.train.loop import finish_run, start_run, train
-    from posttrain.train.sft import build_model
+    from posttrain.train.loop import finish_run, train
 
     validate_ppo(cfg)
-    run_dir, accelerator, main, log = start_run(cfg)
-    tokenizer, model, adapter_training = build_model(cfg, log, run_dir if main else None)
-    train_ids, train_records, eval_ids, eval_records, data_report = prepare_prompt_data(cfg, tokenizer, run_dir, main, log)
-    score = build_reward(cfg)
-    value_head, critic = build_value_model(cfg, model, tokenizer, log)
-    # Full / freeze tuning has no adapters to switch off: the reference is a frozen copy.
-    needs_copy = not hasattr(model, "adapters_disabled") and cfg.ppo.kl_coef > 0
-    frozen = copy.deepcopy(model).requires_grad_(False).eval() if needs_copy else None
-    for part in (model, value_head, critic, frozen):  # one by one: a 4-bit base placed by device_map refuses .to
-        if part is not None:
-            on_device(part, accelerator.device)
-    module = PPOLoss(model, cfg.ppo, value_head, critic, cfg.train.loss_chunk_size)
-    stage = PPOStage(module, train_ids, train_records, cfg, tokenizer, score, run_dir if main else None,
-                     accelerator.autocast, adapter_training, frozen, accelerator.num_processes)
-    stage.lr_scale = _value_lr(adapter_training, cfg.ppo.value_lr_ratio)
-    if stage.rollouts_per_epoch() == 0:
-        from posttrain.errors import DataError
-
-        raise DataError(f"{len(train_ids)} training prompts are fewer than the {stage.prompts_per_rollout} one rollout needs")
-    evaluate = lambda m: held_out_reward(m, tokenizer, eval_ids, eval_records, score, cfg,  # noqa: E731
-                                         accelerator.autocast, frozen) if main else {}
-    summary: dict = {"value_model": cfg.ppo.value_model, "train_prompts": len(train_ids), "eval_prompts": len(eval_ids),
-                     "data": data_report, "held_out_before": evaluate(model)}
-    log_held_out(summary["held_out_before"], "before", log)
-    result = train(stage, cfg.train, run_dir, accelerator)
+    run = start_rl_run(cfg, needs_reference=cfg.ppo.kl_coef > 0)
+    value_head, critic = build_value_model(cfg, run.model, run.tokenizer, run.log)
+    on_device(value_head if value_head is not None else critic, run.accelerator.device)
+    stage = PPOStage(PPOLoss(run.model, cfg.ppo, value_head, critic, cfg.train.loss_chunk_size), *run.stage_args())
+    stage.lr_scale = _value_lr(run.adapter_training, cfg.ppo.value_lr_ratio)
+    run.check_enough_prompts(stage)
+    summary: dict = {"value_model": cfg.ppo.value_model, "train_prompts": len(run.train_ids),
+                     "eval_prompts": len(run.eval_ids), "data": run.data_report,
+                     "held_out_before": run.held_out(run.model, "before")}
+    result = train(stage, cfg.train, run.run_dir, run.accelerator)
     trained = result.module.model
     summary.update(steps=result.step, rollouts=stage.rollouts_done, final_kl_coef=stage.kl_coef,
-                   held_out_after=evaluate(trained))
-    log_held_out(summary["held_out_after"], "after", log)
-    if main:  # the value model too, to continue training later
+                   held_out_after=run.held_out(trained, "after"))
+    if run.main:  # the value model too, to continue training later
         from safetensors.torch import save_file
 
-        run_dir.mkdir(parents=True, exist_ok=True)
         values = result.module.value_head if result.module.value_head is not None else result.module.critic
-        save_file({k: v.detach().contiguous() for k, v in values.state_dict().items()}, str(run_dir / "value_model.safetensors"))
-    return finish_run(run_dir, accelerator, main, trained, tokenizer, summary)
+        save_file({k: v.detach().contiguous() for k, v in values.state_dict().items()},
+                  str(run.run_dir / "value_model.safetensors"))
+    return finish_run(run.run_dir, run.accelerator, run.main, trained, run.tokenizer, summary)

@@ -14,6 +14,7 @@ probs, entropies and values are read from them only, laid out (B, T) like `respo
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import time
 from collections.abc import Callable
@@ -316,6 +317,69 @@ def log_held_out(figures: dict, when: str, log) -> None:
         log(f"held-out reward {when} training: {figures['reward']:.3f} sampled ({figures['samples']} per prompt), "
             f"{figures['greedy_reward']:.3f} greedy, on {figures['prompts']} prompts"
             + ("" if kl is None else f"; KL to reference {kl:.3f} per response"))
+
+
+@dataclass
+class RLRun:
+    """What an online-RL run sets up before its stage: the run directory and accelerator, the
+    policy, prompts, reward and (when a KL term needs one) the reference copy."""
+    cfg: object
+    run_dir: Path
+    accelerator: object
+    main: bool
+    log: Callable
+    tokenizer: object
+    model: torch.nn.Module
+    adapter_training: object
+    train_ids: list[list[int]]
+    train_records: list[PromptRecord]
+    eval_ids: list[list[int]]
+    eval_records: list[PromptRecord]
+    data_report: dict
+    score: Callable
+    frozen_reference: torch.nn.Module | None
+
+    def stage_args(self) -> tuple:
+        """The arguments every RolloutStage takes after its module."""
+        return (self.train_ids, self.train_records, self.cfg, self.tokenizer, self.score,
+                self.run_dir if self.main else None, self.accelerator.autocast, self.adapter_training,
+                self.frozen_reference, self.accelerator.num_processes)
+
+    def check_enough_prompts(self, stage) -> None:
+        if stage.rollouts_per_epoch() == 0:
+            from posttrain.errors import DataError
+
+            raise DataError(f"{len(self.train_ids)} training prompts are fewer than the {stage.prompts_per_rollout} "
+                            "one rollout needs")
+
+    def held_out(self, model, when: str) -> dict:
+        """`held_out_reward` on the eval prompts (main process only), logged."""
+        if not self.main:
+            return {}
+        figures = held_out_reward(model, self.tokenizer, self.eval_ids, self.eval_records, self.score, self.cfg,
+                                  self.accelerator.autocast, self.frozen_reference)
+        log_held_out(figures, when, self.log)
+        return figures
+
+
+def start_rl_run(cfg, needs_reference: bool, extra_parts=()) -> RLRun:
+    """start_run, the policy (with its adapters), prompts and reward; a frozen reference copy
+    when `needs_reference` and the policy has no adapters to switch off. The policy, the
+    reference and `extra_parts` (e.g. a value model) go to the accelerator's device."""
+    from posttrain.train.grouped import on_device
+    from posttrain.train.loop import start_run
+    from posttrain.train.sft import build_model
+
+    run_dir, accelerator, main, log = start_run(cfg)
+    tokenizer, model, adapter_training = build_model(cfg, log, run_dir if main else None)
+    data = prepare_prompt_data(cfg, tokenizer, run_dir, main, log)
+    score = build_reward(cfg)
+    needs_copy = needs_reference and not hasattr(model, "adapters_disabled")
+    frozen = copy.deepcopy(model).requires_grad_(False).eval() if needs_copy else None
+    for part in (model, frozen):  # one by one: a 4-bit base placed by device_map refuses .to
+        if part is not None:
+            on_device(part, accelerator.device)
+    return RLRun(cfg, run_dir, accelerator, main, log, tokenizer, model, adapter_training, *data, score, frozen)
 
 
 def prepare_prompt_data(cfg, tokenizer, run_dir: Path, main: bool, log):
