@@ -7,9 +7,11 @@
     posttrain grpo CONFIG.yaml [...]          GRPO / RLOO: sampled completions, verifiable or learned rewards
     posttrain rloo CONFIG.yaml [...]          grpo with grpo.advantage=rloo
     posttrain ppo CONFIG.yaml [...]           PPO: value model, GAE, KL penalty (fixed or adaptive), clipped losses
+    posttrain pipeline PIPELINE.yaml [NAME.key=value ...] [--only NAME | --from NAME] [--restart] [--dry-run]
     posttrain score --model RM_DIR --input rows.jsonl --output scored.jsonl
     posttrain generate --model DIR --prompts FILE [--output out.jsonl] [sampling flags]
     posttrain chat --model DIR
+    posttrain serve MODEL [--adapter NAME=DIR ...] [--port 8000] [--api-key-env VAR]   OpenAI-compatible HTTP server
     posttrain merge ADAPTER_DIR OUT_DIR
     posttrain demo
     posttrain env
@@ -56,6 +58,7 @@ def _sampling_args(parser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from posttrain.config import DPOConfig, GRPOConfig, PPOConfig, RMConfig, SFTConfig
+    from posttrain.pipeline import add_parser as add_pipeline_parser
 
     parser = argparse.ArgumentParser(prog="posttrain", description="Post-training for language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -67,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     _stage_parser(sub, "grpo", GRPOConfig, "online RL with group-relative advantages (GRPO; RLOO with grpo.advantage)")
     _stage_parser(sub, "rloo", GRPOConfig, "posttrain grpo with grpo.advantage=rloo (leave-one-out baseline)")
     _stage_parser(sub, "ppo", PPOConfig, "online RL with PPO: a value model, GAE and a KL penalty to the reference")
+    add_pipeline_parser(sub)
     score = sub.add_parser("score", help="score prompt/response rows with reward models and functions")
     score.add_argument("--model", action="append", default=[], metavar="[NAME=]DIR",
                        help="reward model directory (repeatable; several are combined)")
@@ -89,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="interactive multi-turn chat with the chat template")
     _sampling_args(chat)
     chat.add_argument("--system", default=None, help="system message")
+    from posttrain.serve import add_arguments as add_serve_arguments
+
+    add_serve_arguments(sub.add_parser("serve", help="OpenAI-compatible HTTP server for a model and its adapters"))
     merge = sub.add_parser("merge", help="fold LoRA / DoRA / IA3 adapters into the base and save a plain HF model")
     merge.add_argument("adapter", help="adapter dir or run dir (uses its final/)")
     merge.add_argument("output", help="directory for the merged model")
@@ -136,6 +143,9 @@ def _ppo():
     return PPOConfig, run_ppo
 
 
+# Commands that are another stage with a setting fixed (also used by `posttrain pipeline`).
+ALIAS_OVERRIDES = {"kto": ["dpo.loss=kto"], "orpo": ["dpo.loss=orpo"], "rloo": ["grpo.advantage=rloo"]}
+
 _STAGES = {"sft": _sft, "rm": _rm, "dpo": _dpo, "kto": _dpo, "orpo": _dpo, "grpo": _grpo, "rloo": _grpo, "ppo": _ppo}
 
 
@@ -148,13 +158,14 @@ def _run(args) -> int:
         config, overrides = args.config, list(args.overrides)
         if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
             config, overrides = None, [config, *overrides]  # only overrides were given
-        if args.command in ("kto", "orpo"):
-            overrides.append(f"dpo.loss={args.command}")  # last, so neither the file nor an override undoes it
-        if args.command == "rloo":
-            overrides.append("grpo.advantage=rloo")
+        overrides += ALIAS_OVERRIDES.get(args.command, [])  # last, so neither the file nor an override undoes them
         run_dir = run(config_cls.load(config, overrides))
         print(f"run directory: {run_dir}")
         return 0
+    if args.command == "pipeline":
+        from posttrain.pipeline import main as pipeline_main
+
+        return pipeline_main(args)
     if args.command == "score":
         from posttrain.rewards import score_main
 
@@ -163,6 +174,10 @@ def _run(args) -> int:
         from posttrain import inference
 
         return inference.main(args)
+    if args.command == "serve":
+        from posttrain.serve import main as serve_main
+
+        return serve_main(args)
     if args.command == "merge":
         from posttrain.inference import merge_main
 

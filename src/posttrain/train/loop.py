@@ -122,17 +122,31 @@ def evaluate(module, stage: Stage, accelerator) -> tuple[float, dict[str, float]
     if not batches:
         return None
     mine = batches[accelerator.process_index :: accelerator.num_processes]
+    # A process left without a batch (fewer batches than processes) still computes one and
+    # adds it times 0: every process must bring the same metric names to the reduction.
+    idle = not mine
+    mine = mine or batches[:1]
     sums = _Sums(accelerator)
     weight = sum(stage.weight(b) for b in batches)
-    module.eval()
+    model = accelerator.unwrap_model(module)  # no DDP forward: its buffer broadcast would wait for idle ranks
+    model.eval()
     # autocast here too: before training the module is not yet wrapped by accelerate, and
     # held-out figures must be computed in the precision training uses.
     with torch.no_grad(), accelerator.autocast():
         for batch in mine:
-            sums.add(module(**_to(batch, accelerator.device)))
-    module.train()
+            output = model(**_to(batch, accelerator.device))
+            sums.add(_times(output, 0.0) if idle else output)
+    model.train()
     loss, metrics = sums.reduce(weight)
     return loss, getattr(stage, "finish_metrics", dict)(metrics)
+
+
+def _times(output, factor: float):
+    """A forward's output (summed loss, or (summed loss, metrics)) scaled by `factor`."""
+    if isinstance(output, tuple):
+        loss, metrics = output
+        return loss * factor, {name: value * factor for name, value in metrics.items()}
+    return output * factor
 
 
 class _Sums:
