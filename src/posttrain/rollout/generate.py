@@ -56,9 +56,13 @@ def generate_token_ids(
     eos_token_ids: set[int],
     batch_size: int = 8,
     stop_check: Callable[[list[int]], bool] | None = None,
+    on_token: Callable[[int, list[int]], bool] | None = None,
 ) -> list[list[int]]:
     """Token-level generation: completion ids per prompt (ending with the EOS id if one
     was produced, no padding). `stop_check(ids)` may end a row early (stop strings).
+    `on_token(i, ids)` is called after every token generated for prompt i, with that
+    prompt's completion ids so far (EOS included); True ends the row. It serves
+    per-prompt limits, streaming and cancellation (`posttrain serve`).
 
     Prompts are batched by length (longest first) to minimise padding; results come
     back in the original order. The model is put in eval mode and restored after.
@@ -80,9 +84,10 @@ def generate_token_ids(
         with torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 rows = order[start : start + batch_size]
+                on_row = None if on_token is None else (lambda row, ids, rows=rows: on_token(rows[row], ids))
                 batch = _generate_batch(
                     model, [prompt_ids[i] for i in rows], settings, device,
-                    pad_token_id, eos_token_ids, stop_check, generator,
+                    pad_token_id, eos_token_ids, stop_check, generator, on_row,
                 )
                 for i, ids in zip(rows, batch):
                     results[i] = ids
@@ -91,7 +96,7 @@ def generate_token_ids(
     return results
 
 
-def _generate_batch(model, prompt_ids, settings, device, pad_id, eos_ids, stop_check, generator):
+def _generate_batch(model, prompt_ids, settings, device, pad_id, eos_ids, stop_check, generator, on_row=None):
     """Prefill the left-padded batch, then decode one token per step with the KV cache."""
     input_ids, attention_mask = left_pad(prompt_ids, pad_id, device)
     # Position of a token = number of real tokens before it; pads get 0 (masked anyway).
@@ -116,7 +121,10 @@ def _generate_batch(model, prompt_ids, settings, device, pad_id, eos_ids, stop_c
             if was_done:
                 continue
             generated[row].append(token)
-            if token in eos_ids or (stop_check is not None and stop_check(generated[row])):
+            ended = token in eos_ids or (stop_check is not None and stop_check(generated[row]))
+            if on_row is not None and on_row(row, generated[row]):
+                ended = True
+            if ended:
                 done_now.append(row)
         finished[done_now] = True
         if bool(finished.all()) or step == settings.max_new_tokens - 1:

@@ -1,0 +1,308 @@
+"""The batching worker: one thread owns the model; HTTP threads hand it jobs through a queue.
+
+    HTTP thread: validate ─▶ render + tokenize ─▶ check lengths ─▶ Job ─▶ queue ─┐
+    worker:      take the first job, wait up to batch_wait_s for more (≤ max_batch_size rows),
+                 group jobs that can share one forward (same model/adapter and sampling),
+                 generate each group with rollout.generate_token_ids ─▶ events per choice
+    HTTP thread: ◀─ events ("delta" while streaming, "end" per choice, "error") ─┘
+
+Rows of one group may differ in prompt, max_tokens and stop strings: the generator runs to
+the largest max_tokens and each row is ended by the per-token callback. Sampling settings
+shared by a whole batch (temperature, top_p, top_k, penalties) are part of the group key. A
+sampled request with a seed runs in a group of its own, so its seed alone decides its tokens.
+Greedy rows give the same text alone or batched: the generator left-pads and masks, so a
+row never sees its neighbours.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+
+from posttrain.rollout.generate import (
+    eos_token_ids,
+    generate_token_ids,
+    pad_token_id,
+    truncate_at_stop,
+)
+from posttrain.rollout.sampling import SamplingSettings
+from posttrain.serve.protocol import APIError, Limits, Request
+
+AS_LOADED = ""  # target: run the model as loaded (a plain model, or an adapter dir given as MODEL)
+BASE = None  # target: the base model with every adapter switched off
+# any other target string is the name of a loaded LoRA / IA3 adapter
+
+
+@dataclass
+class Choice:
+    """One generated answer of a job: its prompt, its limits and what was sent so far."""
+
+    job: Job
+    index: int
+    prompt_ids: list[int]
+    max_tokens: int
+    sent: str = ""  # text already streamed
+    ended: bool = False
+
+
+@dataclass
+class Job:
+    """One HTTP request's work. The worker puts events on `events`; the HTTP thread reads them."""
+
+    request: Request
+    target: str | None
+    prompt_tokens: int
+    choices: list[Choice] = field(default_factory=list)
+    events: queue.Queue = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def group_key(self) -> tuple:
+        r = self.request
+        if r.temperature == 0:  # greedy: top_p, top_k and the seed change nothing
+            sampling: tuple = (0.0,)
+        else:
+            sampling = (r.temperature, r.top_p, r.top_k, id(self) if r.seed is not None else None)
+        return (self.target, sampling, r.presence_penalty, r.frequency_penalty, r.repetition_penalty)
+
+
+class Engine:
+    """Owns the model, the tokenizer and the worker thread."""
+
+    def __init__(self, model, tokenizer, targets: dict[str, str | None], template: str, limits: Limits, *,
+                 max_batch_size: int = 16, batch_wait_s: float = 0.005):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.model, self.tokenizer, self.targets = model, tokenizer, dict(targets)
+        self.template, self.limits = template, limits
+        self.max_batch_size, self.batch_wait_s = max_batch_size, batch_wait_s
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        self.pad_id = pad_token_id(tokenizer, self.eos_ids)
+        context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        self.context = None if context is None else context - getattr(model, "num_virtual_tokens", 0)
+        # A fast tokenizer may not be used from two threads at once ("Already borrowed").
+        self._tokenizer_lock = threading.Lock()
+        self._queue: queue.Queue[Job] = queue.Queue()
+        self._lock = threading.Lock()
+        self._pending = 0
+        self.stats = {"requests": 0, "refused_busy": 0, "batches": 0, "rows": 0, "largest_batch": 0,
+                      "completion_tokens": 0, "generation_errors": 0}
+        self._closing = threading.Event()
+        self._worker = threading.Thread(target=self._work, name="posttrain-serve-worker", daemon=True)
+        self._worker.start()
+
+    # ---------------------------------------------------------------- HTTP side
+
+    def submit(self, request: Request) -> Job:
+        """Check the request against the model and the limits, queue it; APIError if refused."""
+        if request.model not in self.targets:
+            raise APIError(404, f"the model {request.model!r} does not exist; served: {', '.join(self.targets)}",
+                           param="model", code="model_not_found")
+        self._reserve(dry_run=True)  # refuse early, before any tokenizing, when the queue is full
+        texts = [self._render(request)] if request.kind == "chat" else request.prompts
+        job = Job(request=request, target=self.targets[request.model], prompt_tokens=0)
+        for text in texts:
+            ids = self._encode(text, special=request.kind == "completion")
+            max_tokens = self._check_lengths(request, len(ids))
+            job.prompt_tokens += len(ids)
+            for _ in range(request.n):
+                job.choices.append(Choice(job, len(job.choices), ids, max_tokens))
+        self._reserve()
+        self._queue.put(job)
+        return job
+
+    def _reserve(self, dry_run: bool = False) -> None:
+        """Count one more pending request, or raise 503 when the server is full or closing."""
+        with self._lock:
+            if self._closing.is_set():
+                raise APIError(503, "the server is shutting down", kind="server_error")
+            if self._pending >= self.limits.max_pending:
+                self.stats["refused_busy"] += 1
+                raise APIError(503, f"the server is busy ({self._pending} requests pending); retry shortly",
+                               kind="server_error", code="server_busy")
+            if not dry_run:
+                self._pending += 1
+                self.stats["requests"] += 1
+
+    def _render(self, request: Request) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(request.messages, chat_template=self.template, tokenize=False,
+                                                      add_generation_prompt=True)
+        except Exception as exc:  # noqa: BLE001 - a template may raise on an order of roles it does not support
+            raise APIError(400, f"the chat template cannot render these messages: {exc}", param="messages") from None
+
+    def _encode(self, text: str, special: bool) -> list[int]:
+        # Chat text is rendered by the template, BOS and all; a raw completion prompt gets the
+        # tokenizer's special tokens, as the OpenAI API and vLLM treat it as the whole input.
+        with self._tokenizer_lock:
+            return self.tokenizer(text, add_special_tokens=special, verbose=False)["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        with self._tokenizer_lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _check_lengths(self, request: Request, prompt_tokens: int) -> int:
+        """The max_tokens this prompt may use; APIError when the prompt or the total is too long."""
+        param = "messages" if request.kind == "chat" else "prompt"
+        if prompt_tokens == 0:
+            raise APIError(400, "the prompt is empty after tokenization", param=param)
+        limit = self.limits.max_prompt_tokens if self.context is None else min(self.limits.max_prompt_tokens,
+                                                                               self.context - 1)
+        if prompt_tokens > limit:
+            raise APIError(400, f"the prompt has {prompt_tokens} tokens; the limit is {limit}", param=param,
+                           code="context_length_exceeded")
+        if request.max_tokens is None:  # chat without max_tokens: what the limit and the context allow
+            room = self.limits.max_tokens if self.context is None else self.context - prompt_tokens
+            return min(self.limits.max_tokens, room)
+        if self.context is not None and prompt_tokens + request.max_tokens > self.context:
+            raise APIError(400, f"this model's context is {self.context} tokens; the prompt has {prompt_tokens} and "
+                           f"max_tokens asks for {request.max_tokens}; lower max_tokens or shorten the prompt",
+                           param="max_tokens", code="context_length_exceeded")
+        return request.max_tokens
+
+    def snapshot(self) -> dict:
+        """Counters since start: requests, batches (generator calls), rows, tokens, refusals."""
+        with self._lock:
+            return dict(self.stats)
+
+    def pending(self) -> int:
+        with self._lock:
+            return self._pending
+
+    def alive(self) -> bool:
+        return self._worker.is_alive()
+
+    def close(self) -> None:
+        """Stop the worker; queued jobs are refused with 503."""
+        self._closing.set()
+        self._worker.join(timeout=30)
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            self._fail(job, APIError(503, "the server is shutting down", kind="server_error"))
+
+    # ---------------------------------------------------------------- worker side
+
+    def _work(self) -> None:
+        while not self._closing.is_set():
+            try:
+                jobs = [self._queue.get(timeout=0.1)]
+            except queue.Empty:
+                continue
+            rows = len(jobs[0].choices)
+            deadline = time.monotonic() + self.batch_wait_s
+            while rows < self.max_batch_size:
+                try:
+                    job = self._queue.get(timeout=max(deadline - time.monotonic(), 1e-4))
+                except queue.Empty:
+                    break
+                jobs.append(job)
+                rows += len(job.choices)
+            groups: dict[tuple, list[Job]] = {}
+            for job in jobs:
+                if job.cancelled.is_set():
+                    self._release(job)
+                else:
+                    groups.setdefault(job.group_key(), []).append(job)
+            for group in groups.values():
+                self._generate(group)
+
+    def _generate(self, group: list[Job]) -> None:
+        choices = [c for job in group for c in job.choices]
+        first = group[0].request
+        settings = SamplingSettings(
+            max_new_tokens=max(c.max_tokens for c in choices), temperature=first.temperature, top_k=first.top_k,
+            top_p=first.top_p, repetition_penalty=first.repetition_penalty,
+            frequency_penalty=first.frequency_penalty, presence_penalty=first.presence_penalty,
+            seed=first.seed if first.temperature > 0 else None)
+        try:
+            with self._activate(group[0].target):
+                results = generate_token_ids(
+                    self.model, [c.prompt_ids for c in choices], settings, pad_token_id=self.pad_id,
+                    eos_token_ids=self.eos_ids, batch_size=self.max_batch_size,
+                    on_token=lambda i, ids: self._on_token(choices[i], ids))
+            for choice, ids in zip(choices, results):
+                if not choice.ended:  # cannot happen unless the generator changes; never leave a client waiting
+                    self._end(choice, ids, "length")
+            with self._lock:
+                self.stats["batches"] += 1
+                self.stats["rows"] += len(choices)
+                self.stats["largest_batch"] = max(self.stats["largest_batch"], len(choices))
+                self.stats["completion_tokens"] += sum(len(ids) for ids in results)
+        except Exception as exc:  # noqa: BLE001 - the worker must outlive any one failed batch
+            traceback.print_exc(file=sys.stderr)
+            with self._lock:
+                self.stats["generation_errors"] += 1
+            for job in group:
+                self._fail(job, APIError(500, f"generation failed: {type(exc).__name__}: {exc}", kind="server_error"))
+        finally:
+            for job in group:
+                self._release(job)
+
+    @contextlib.contextmanager
+    def _activate(self, target: str | None):
+        if target == AS_LOADED:
+            yield
+        elif target is BASE:
+            disabled = getattr(self.model, "adapters_disabled", None)
+            with disabled() if disabled is not None else contextlib.nullcontext():
+                yield
+        else:
+            self.model.use_adapter(target)
+            yield
+
+    def _on_token(self, choice: Choice, ids: list[int]) -> bool:
+        """Called by the generator after each token of `choice`; True ends the row."""
+        if choice.ended:
+            return True
+        if choice.job.cancelled.is_set():  # the client went away: free the row
+            choice.ended = True
+            return True
+        stop, stream = choice.job.request.stop, choice.job.request.stream
+        text = self.decode(ids) if stop or stream else ""
+        reason = "stop" if ids[-1] in self.eos_ids else None
+        if reason is None and stop and truncate_at_stop(text, stop) != text:
+            reason = "stop"
+        if reason is None and len(ids) >= choice.max_tokens:
+            reason = "length"
+        if reason is not None:
+            self._end(choice, ids, reason)
+            return True
+        if stream:
+            self._stream_delta(choice, text)
+        return False
+
+    def _stream_delta(self, choice: Choice, text: str) -> None:
+        """Send the part of `text` that can no longer change. Held back: a trailing incomplete
+        UTF-8 character (decoded as U+FFFD) and a tail that may be the start of a stop string,
+        so the streamed pieces add up to exactly the non-streamed text."""
+        body = text.rstrip("\ufffd")
+        hold = 0
+        for s in choice.job.request.stop:
+            for k in range(min(len(s) - 1, len(body)), 0, -1):
+                if body.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        new = body[: len(body) - hold]
+        if len(new) > len(choice.sent) and new.startswith(choice.sent):
+            choice.job.events.put(("delta", choice.index, new[len(choice.sent):]))
+            choice.sent = new
+
+    def _end(self, choice: Choice, ids: list[int], reason: str) -> None:
+        final = truncate_at_stop(self.decode(ids), choice.job.request.stop)
+        rest = final[len(choice.sent):] if final.startswith(choice.sent) else ""
+        choice.ended = True
+        choice.job.events.put(("end", choice.index, rest, reason, len(ids)))
+
+    def _fail(self, job: Job, error: APIError) -> None:
+        job.events.put(("error", error))
+
+    def _release(self, job: Job) -> None:
+        with self._lock:
+            self._pending -= 1

@@ -1,0 +1,267 @@
+"""The OpenAI wire format: request validation, response bodies and stream chunks.
+
+Pure Python, no torch: a request body (already JSON-decoded) becomes a `Request`, or an
+`APIError` that the HTTP layer sends as OpenAI's error object
+
+    {"error": {"message": ..., "type": "invalid_request_error", "param": "max_tokens", "code": null}}
+
+Validation follows the OpenAI API reference: the same field names, ranges and defaults
+(temperature 1, top_p 1, n 1, max_tokens 16 for completions). Fields this server cannot
+honour (logprobs, tools, echo, ...) are refused rather than silently ignored, and unknown
+fields are refused as OpenAI does, so a caller never gets something other than it asked for.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; over a limit is a 4xx, never a crash."""
+
+    max_body_bytes: int = 1 << 20  # request body size (413 above it)
+    max_prompt_tokens: int = 2048  # tokens in one rendered prompt (also capped by the model's context)
+    max_tokens: int = 512  # upper bound on max_tokens; also chat's default when max_tokens is absent
+    max_n: int = 8  # choices per prompt
+    max_prompts: int = 32  # prompts in one /v1/completions request (a list of strings)
+    max_pending: int = 256  # requests queued or generating; more are refused with 503
+
+
+class APIError(Exception):
+    """A request the server refuses; `status` is the HTTP status."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class Request:
+    """One validated request: chat (`messages`) or text completion (`prompts`)."""
+
+    kind: str  # "chat" | "completion"
+    model: str
+    messages: list[dict] | None = None  # chat: [{"role", "content"}] with text content
+    prompts: list[str] | None = None  # completion: one or more raw prompts
+    max_tokens: int | None = None  # None: as many as the limit and the context allow
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # extension (vLLM has it too); 0 = off
+    n: int = 1
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # extension; 1 = off
+    stream: bool = False
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with the token counts
+
+
+_COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed", "presence_penalty",
+           "frequency_penalty", "repetition_penalty", "stream", "stream_options", "user"}
+_CHAT_ONLY = {"messages", "max_completion_tokens", "metadata", "store", "service_tier"}
+_COMPLETION_ONLY = {"prompt"}
+# Known OpenAI fields we cannot honour: allowed only at their "off" value.
+_UNSUPPORTED_OFF = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "logit_bias": (None, {}),
+                    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
+                    "function_call": (None, "none"), "echo": (None, False), "best_of": (None, 1),
+                    "suffix": (None, ""), "parallel_tool_calls": (None, True, False),
+                    "response_format": (None, {"type": "text"})}
+_ROLES = {"system", "user", "assistant", "developer"}
+
+
+def parse_request(kind: str, body: object, limits: Limits) -> Request:
+    """Validate a decoded JSON body for /v1/chat/completions ("chat") or /v1/completions."""
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    known = _COMMON | (_CHAT_ONLY if kind == "chat" else _COMPLETION_ONLY)
+    for name, value in body.items():
+        if name in _UNSUPPORTED_OFF:
+            if not any(value == off and type(value) is type(off) for off in _UNSUPPORTED_OFF[name]):
+                raise APIError(400, f"{name} is not supported by this server; leave it out", param=name)
+        elif name not in known:
+            raise APIError(400, f"unrecognized request argument: {name}", param=name)
+    request = Request(kind=kind, model=_string(body, "model", required=True))
+    if kind == "chat":
+        request.messages = _messages(body.get("messages"))
+        max_tokens = _integer(body, "max_completion_tokens", 1, limits.max_tokens)
+        request.max_tokens = max_tokens if max_tokens is not None else _integer(body, "max_tokens", 1, limits.max_tokens)
+    else:
+        request.prompts = _prompts(body.get("prompt"), limits)
+        max_tokens = _integer(body, "max_tokens", 1, limits.max_tokens)
+        request.max_tokens = 16 if max_tokens is None else max_tokens  # OpenAI's default for completions
+    _sampling(request, body, limits)
+    return request
+
+
+def _sampling(request: Request, body: dict, limits: Limits) -> None:
+    for name, low, high in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0), ("presence_penalty", -2.0, 2.0),
+                            ("frequency_penalty", -2.0, 2.0), ("repetition_penalty", 0.0, 10.0)):
+        value = _number(body, name, low, high)
+        if value is not None:
+            setattr(request, name, value)
+    if request.top_p == 0 or request.repetition_penalty == 0:
+        param = "top_p" if request.top_p == 0 else "repetition_penalty"
+        raise APIError(400, f"{param} must be greater than 0", param=param)
+    request.top_k = _integer(body, "top_k", 0, 1 << 20) or 0
+    request.n = _integer(body, "n", 1, limits.max_n) or 1
+    request.seed = _integer(body, "seed", -(1 << 63), (1 << 63) - 1)
+    request.stop = _stop(body.get("stop"))
+    request.stream = _boolean(body, "stream")
+    options = body.get("stream_options")
+    if options is not None:
+        if not isinstance(options, dict) or set(options) - {"include_usage"}:
+            raise APIError(400, "stream_options must be an object with only include_usage", param="stream_options")
+        if not request.stream:
+            raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
+        request.include_usage = _boolean(options, "include_usage")
+    if "user" in body:
+        _string(body, "user")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _integer(body: dict, name: str, low: int, high: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not _is_int(value):
+        raise APIError(400, f"{name} must be an integer, got {type(value).__name__}", param=name)
+    if not low <= value <= high:
+        raise APIError(400, f"{name} must be between {low} and {high}, got {value}", param=name)
+    return value
+
+
+def _number(body: dict, name: str, low: float, high: float) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        raise APIError(400, f"{name} must be a number, got {type(value).__name__}", param=name)
+    if not low <= value <= high:  # also refuses NaN
+        raise APIError(400, f"{name} must be between {low:g} and {high:g}, got {value}", param=name)
+    return float(value)
+
+
+def _string(body: dict, name: str, required: bool = False) -> str | None:
+    value = body.get(name)
+    if value is None and required:
+        raise APIError(400, f"missing required field: {name}", param=name)
+    if value is not None and not isinstance(value, str):
+        raise APIError(400, f"{name} must be a string, got {type(value).__name__}", param=name)
+    return value
+
+
+def _boolean(body: dict, name: str) -> bool:
+    value = body.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise APIError(400, f"{name} must be true or false, got {type(value).__name__}", param=name)
+    return value
+
+
+def _stop(value: object) -> list[str]:
+    if value is None:
+        return []
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise APIError(400, "stop must be a string or a list of strings", param="stop")
+    if len(stops) > 4 or any(not s or len(s) > 256 for s in stops):
+        raise APIError(400, "stop takes up to 4 non-empty strings of at most 256 characters", param="stop")
+    return stops
+
+
+def _messages(value: object) -> list[dict]:
+    if value is None:
+        raise APIError(400, "missing required field: messages", param="messages")
+    if not isinstance(value, list) or not value:
+        raise APIError(400, "messages must be a non-empty list of {role, content} objects", param="messages")
+    messages = []
+    for i, message in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise APIError(400, f"{where} must be an object with role and content", param=where)
+        role = message.get("role")
+        if role not in _ROLES:
+            raise APIError(400, f"{where}.role must be one of {', '.join(sorted(_ROLES))}, got {role!r}",
+                           param=f"{where}.role")
+        messages.append({"role": "system" if role == "developer" else role,
+                         "content": _text_content(message.get("content"), f"{where}.content")})
+    return messages
+
+
+def _text_content(content: object, where: str) -> str:
+    """A string, or a list of {"type": "text", "text": ...} parts joined."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and
+                                         isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    raise APIError(400, f"{where} must be a string or a list of text parts (no images or audio)", param=where)
+
+
+def _prompts(value: object, limits: Limits) -> list[str]:
+    if value is None:
+        raise APIError(400, "missing required field: prompt", param="prompt")
+    prompts = [value] if isinstance(value, str) else value
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise APIError(400, "prompt must be a string or a non-empty list of strings (token ids are not supported)",
+                       param="prompt")
+    if len(prompts) > limits.max_prompts:
+        raise APIError(400, f"at most {limits.max_prompts} prompts per request, got {len(prompts)}", param="prompt")
+    return prompts
+
+
+# ---------------------------------------------------------------- responses
+
+
+def new_id(kind: str) -> str:
+    return ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_body(kind: str, request_id: str, model: str, choices: list[tuple[str, str]], counts: dict) -> dict:
+    """The non-streaming response; `choices` is [(text, finish_reason)] in choice order."""
+    if kind == "chat":
+        items = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                  "finish_reason": reason} for i, (text, reason) in enumerate(choices)]
+        obj = "chat.completion"
+    else:
+        items = [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}
+                 for i, (text, reason) in enumerate(choices)]
+        obj = "text_completion"
+    return {"id": request_id, "object": obj, "created": int(time.time()), "model": model, "choices": items,
+            "usage": counts}
+
+
+def chunk_body(kind: str, request_id: str, model: str, index: int, *, text: str | None = None, role: bool = False,
+               finish_reason: str | None = None) -> dict:
+    """One streamed chunk for choice `index`: a role opener (chat), a text delta, or the finish."""
+    if kind == "chat":
+        delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text is not None else {})
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        obj = "chat.completion.chunk"
+    else:
+        choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        obj = "text_completion"
+    return {"id": request_id, "object": obj, "created": int(time.time()), "model": model, "choices": [choice]}
+
+
+def usage_chunk(kind: str, request_id: str, model: str, counts: dict) -> dict:
+    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+    return {"id": request_id, "object": obj, "created": int(time.time()), "model": model, "choices": [],
+            "usage": counts}
