@@ -36,7 +36,9 @@ from pathlib import Path
 T_PROCESS_START = time.perf_counter()
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from common import cpu_seconds, current_rss_mib, peak_rss_mib, read_rows  # noqa: E402  (a sibling script)
+from common import (  # noqa: E402  (a sibling script)
+    StepClock, clock_posttrain_steps, current_rss_mib, import_modules, peak_rss_mib, posttrain_step_records,
+    process_facts, read_rows, trainer_hooks, write_result)
 ON_CUDA = False  # set by main() from --device
 
 VARIANTS = {
@@ -50,13 +52,6 @@ VARIANTS = {
                   "precompute+separate_rows": {"dpo.reference": "precompute", "dpo.share_prompt": "false"},
                   "default": {}},
 }
-
-
-
-
-
-
-
 
 # Everything each tool imports during a run, imported up front so that "RSS after imports"
 # is the libraries' share of the peak for both tools alike (both import lazily; posttrain
@@ -73,13 +68,17 @@ COMMON_IMPORTS = ["transformers.models.llama.modeling_llama", "transformers.trai
 
 def import_tool(tool: str) -> float:
     """Import the tool's whole run-time module set; returns the RSS afterwards (MiB)."""
-    import importlib
-
-    for name in IMPORTS[tool] + COMMON_IMPORTS:
-        importlib.import_module(name)
-    return current_rss_mib()
+    return import_modules(IMPORTS[tool] + COMMON_IMPORTS)
 
 
+def step_clock() -> StepClock:
+    """The step clock; on a GPU it synchronises before each reading (GPU work is asynchronous:
+    the step ends when its kernels have)."""
+    if ON_CUDA:
+        import torch
+
+        return StepClock(sync=torch.cuda.synchronize)
+    return StepClock()
 
 
 def pairs_digest(chosen: list[list[int]], rejected: list[list[int]]) -> str:
@@ -89,31 +88,6 @@ def pairs_digest(chosen: list[list[int]], rejected: list[list[int]]) -> str:
 
 def unpadded(input_ids, attention_mask) -> list[list[int]]:
     return [[t for t, m in zip(ids, mask) if m] for ids, mask in zip(input_ids.tolist(), attention_mask.tolist())]
-
-
-class StepClock:
-    """Wall and CPU clock read once at the end of every optimizer step."""
-
-    def __init__(self):
-        self.begin = self.cpu_begin = None
-        self.ends: list[float] = []
-        self.cpu_ends: list[float] = []
-
-    def start(self):
-        self.begin, self.cpu_begin = time.perf_counter(), cpu_seconds()
-
-    def tick(self):
-        if ON_CUDA:  # GPU work is asynchronous: the step ends when its kernels have
-            import torch
-
-            torch.cuda.synchronize()
-        self.ends.append(time.perf_counter())
-        self.cpu_ends.append(cpu_seconds())
-
-    def step_times(self) -> tuple[list[float], list[float]]:
-        walls = [self.begin, *self.ends]
-        cpus = [self.cpu_begin, *self.cpu_ends]
-        return [b - a for a, b in zip(walls, walls[1:])], [b - a for a, b in zip(cpus, cpus[1:])]
 
 
 # --------------------------------------------------------------------------- TRL
@@ -141,22 +115,11 @@ def trl_dataset(args):
 def train_trl(args) -> dict:
     import torch
     import trl
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer
 
     rss_after_import = import_tool("trl")
-    clock = StepClock()
+    clock = step_clock()
     logged: list[dict] = []  # TRL's log records that carry a training loss
-
-    class Hooks(TrainerCallback):
-        def on_train_begin(self, *a, **k):
-            clock.start()
-
-        def on_step_end(self, *a, **k):
-            clock.tick()
-
-        def on_log(self, _args, state, control, logs=None, **k):
-            if logs and "loss" in logs:
-                logged.append({"step": state.global_step, **logs})
 
     t_setup = time.perf_counter()
     dataset, order = trl_dataset(args)
@@ -176,7 +139,7 @@ def train_trl(args) -> dict:
         tokenizer = AutoTokenizer.from_pretrained(args.rm_model)
         config = RewardConfig(**common, **extra)
         trainer = RewardTrainer(model=args.rm_model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                                callbacks=[Hooks()])
+                                callbacks=[trainer_hooks(clock, logged)])
     else:
         from trl import DPOConfig, DPOTrainer
 
@@ -201,7 +164,7 @@ def train_trl(args) -> dict:
 
         DPOTrainer._precompute_ref_logps = timed_precompute
         trainer = DPOTrainer(model=args.model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                             peft_config=peft_config, callbacks=[Hooks()])
+                             peft_config=peft_config, callbacks=[trainer_hooks(clock, logged)])
         precompute_s = sum(spent) if spent else None
 
     # Count the real tokens of every batch the collator builds for training (the k-th call is step k's).
@@ -278,31 +241,11 @@ def train_posttrain(args) -> dict:
     import torch
 
     import posttrain
-    from posttrain.train import grouped, loop
-    from posttrain.train import metrics as pt_metrics
+    from posttrain.train import grouped
 
     rss_after_import = import_tool("posttrain")
-    clock = StepClock()
-    # Same clock as on the TRL side: read at the end of every optimizer step (RunLogger.advance
-    # runs once per step, after the step's metrics are logged); the first step starts when
-    # train() begins, the moment TRL's on_train_begin fires.
-    original_advance = pt_metrics.RunLogger.advance
-    original_train = loop.train
-
-    def timed_advance(self, record):
-        clock.tick()
-        return original_advance(self, record)
-
-    pt_metrics.RunLogger.advance = timed_advance
-    state = {}
-
-    def timed_train(*a, **k):
-        state["rss_before_train"] = current_rss_mib()
-        state["peak_before_train"] = peak_rss_mib()
-        clock.start()
-        return original_train(*a, **k)
-
-    loop.train = timed_train  # run_dpo / run_rm import it from the module at call time
+    clock = step_clock()
+    state = clock_posttrain_steps(clock)  # the same clock as on the TRL side (run_dpo / run_rm)
     batches: list[dict] = []
     original_collate = grouped.GroupedStage.collate
 
@@ -349,8 +292,7 @@ def train_posttrain(args) -> dict:
         preference.run_dpo(cfg)
         precompute_s = sum(spent) if spent else None
     total_s = time.perf_counter() - t_setup
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    steps = [r for r in records if "loss" in r and "step_time_s" in r]
+    steps = posttrain_step_records(run_dir)
     step_times, step_cpu = clock.step_times()
     trainable = json.loads((run_dir / "params.json").read_text()) if (run_dir / "params.json").is_file() else None
     return {
@@ -454,22 +396,13 @@ def main() -> None:
 
     load_before = os.getloadavg()[0]
     result = (train_trl if args.tool == "trl" else train_posttrain)(args)
-    result.update(
-        tool=args.tool, case=args.case, variant=args.variant,
-        loadavg_1min_before=load_before,
-        loadavg_1min_after=os.getloadavg()[0],
-        peak_rss_mib=peak_rss_mib(),
-        torch_threads=torch.get_num_threads(),
-        process_wall_s=time.perf_counter() - T_PROCESS_START,
-        python=sys.version.split()[0],
-        device=args.device,
-    )
+    result.update(tool=args.tool, case=args.case, variant=args.variant,
+                  **process_facts(load_before, T_PROCESS_START), device=args.device)
     if ON_CUDA:
         result.update(peak_cuda_mib=torch.cuda.max_memory_allocated() / 2**20,
                       peak_cuda_reserved_mib=torch.cuda.max_memory_reserved() / 2**20,
                       gpu=torch.cuda.get_device_name())
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if not isinstance(v, (list, dict))}))
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from report import CASES, NOTES, PACKAGES, TARGET, child, versions  # noqa: E402  (a sibling script, not a package)
+sys.path.insert(0, str(HERE.parent))
+from common import save_report, versions  # noqa: E402  (a sibling script, not a package)
+from report import CASES, NOTES, PACKAGES, TARGET, child  # noqa: E402  (a sibling script, not a package)
 
 RUNS = [f"{case}:{tv}" for case in ("dpo_full", "dpo_lora")
         for tv in ("trl:default", "trl:gc_off", "trl:gc_off+precompute", "posttrain:precompute", "posttrain:live")]
@@ -150,10 +152,7 @@ def main() -> None:
               "settings": {"steps": args.steps, "warmup": args.warmup, "batch_size": args.batch_size,
                            "max_length": args.max_length, "lr": args.lr},
               "rows": rows, "verdicts": verdicts(rows), "failed": failed}
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "dpo_gpu.json").write_text(json.dumps(report, indent=1) + "\n")
-    write_markdown(report, args.results / "dpo_gpu.md")
-    print((args.results / "dpo_gpu.md").read_text())
+    save_report(report, args.results, "dpo_gpu", write_markdown)
 
 
 if __name__ == "__main__":
