@@ -11,7 +11,8 @@ import torch
 from posttrain.config import GRPOConfig, GRPOLossConfig
 from posttrain.data.prompts import load_prompt_records, to_prompt_record
 from posttrain.errors import ConfigError
-from posttrain.train.grpo import GroupPolicyLoss, collate_completions, completion_logps
+from posttrain.train.grpo import GroupPolicyLoss
+from posttrain.train.rollouts import collate_completions, completion_logps
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +141,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one_bitwise(tmp_path, extra):
 
 
 def test_a_verifier_and_a_format_check_combine_into_the_reward():
-    from posttrain.train.grpo import build_reward
+    from posttrain.train.rollouts import build_reward
 
     cfg = GRPOConfig.load(None, ["reward.functions=[exact=posttrain.rewards:exact_match]", "reward.format_regex='[a-z]'",
                                  "reward.weights=[format=0.5]"])

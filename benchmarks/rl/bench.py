@@ -335,11 +335,8 @@ def same_batch(args) -> dict:
     from posttrain.config import GRPOLossConfig, TrainConfig
     from posttrain.rollout.generate import eos_token_ids, generate_token_ids
     from posttrain.rollout.sampling import SamplingSettings
-    from posttrain.train.grpo import (
-        GroupPolicyLoss,
-        collate_completions,
-        completion_logps,
-    )
+    from posttrain.train.grpo import GroupPolicyLoss
+    from posttrain.train.rollouts import collate_completions, completion_logps
     from posttrain.train.optim import make_optimizer, param_groups
 
     torch.set_num_threads(1)
