@@ -114,7 +114,7 @@ def _stage(tiny, tmp_path, **ppo):
     cfg = PPOConfig.load(None, ["train.batch_size=2", "eval.sample_every=0",
                                 *[f"ppo.{key}={value}" for key, value in ppo.items()]])
     module = PPOLoss(model, cfg.ppo, value_head=ValueHead(model.config.hidden_size))
-    records = [PromptRecord([{"role": "user", "content": "x"}], "y", "test:1")] * 3
+    records = [PromptRecord([{"role": "user", "content": "x"}], "y", source="test:1")] * 3
     stage = PPOStage(module, PROMPTS, records, cfg, tokenizer, score=None, run_dir=None, frozen_reference=reference)
     return stage, model, reference, module
 
@@ -314,3 +314,23 @@ def test_two_processes_match_one(stage, extra, tmp_path):
     assert [r["loss"] for r in records["two"]] == pytest.approx([r["loss"] for r in records["one"]], rel=1e-4, abs=1e-6)
     assert [r["rollout/reward_mean"] for r in records["two"]] == [r["rollout/reward_mean"] for r in records["one"]]
     assert records["two"][0]["world_size"] == 2
+
+
+def test_rewards_are_penalised_normalised_and_clipped_per_rollout(tiny):
+    """sample_and_score: −no_eos_penalty for completions that never end, then z-normalised
+    over the rollout, then clipped, in that order."""
+    from posttrain.data.prompts import PromptRecord
+    from posttrain.train.rollouts import sample_and_score
+
+    tokenizer, model = tiny
+    cfg = PPOConfig.load(None, ["rollout.max_new_tokens=2", "reward.no_eos_penalty=1.0", "reward.normalize=true",
+                                "reward.clip=1.0"])
+    records = [PromptRecord([{"role": "user", "content": "x"}], "y", source=f"test:{i}") for i in range(3)]
+    raw = [3.0, 0.0, -1.0]
+    rollout = sample_and_score(model, tokenizer, PROMPTS, records, [0, 1, 2], cfg,
+                               lambda prompts, texts, rows: raw, seed=0)
+    ended = torch.tensor([bool(c) and c[-1] == tokenizer.eos_token_id for c in rollout.completions])
+    penalised = torch.tensor(raw) - 1.0 * (~ended).float()
+    expected = ((penalised - penalised.mean()) / (penalised.std() + 1e-6)).clamp(-1.0, 1.0)
+    assert torch.allclose(rollout.rewards, expected, atol=1e-6)
+    assert float(rollout.rewards.max()) == 1.0  # the largest z-score (1.12) is clipped

@@ -47,6 +47,7 @@ class RLRewardConfig:
     format_regex: str = option("", "adds a 'format' component: 1 when the whole response matches this regex")
     no_eos_penalty: float = option(0.0, "subtracted from the reward of a response that never ends (hits max_new_tokens)")
     clip: float = option(0.0, "clip total rewards to [-clip, clip] (0 = off)")
+    normalize: bool = option(False, "z-normalise each rollout's rewards (mean 0, std 1), after the penalty, before clipping")
 
 
 @dataclass

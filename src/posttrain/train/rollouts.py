@@ -163,6 +163,8 @@ def sample_and_score(model, tokenizer, prompts: list[list[int]], records: list[P
     rewards = torch.tensor(score([rec.prompt for rec in chosen_records], texts,
                                  [rec.reward_row() for rec in chosen_records]), dtype=torch.float32)
     rewards = rewards - cfg.reward.no_eos_penalty * (~ended).float()
+    if cfg.reward.normalize and len(rewards) > 1:  # a reward model's scale means nothing to the step size
+        rewards = (rewards - rewards.mean()) / (rewards.std() + 1e-6)
     if cfg.reward.clip > 0:
         rewards = rewards.clamp(-cfg.reward.clip, cfg.reward.clip)
     reward_s = time.perf_counter() - started
