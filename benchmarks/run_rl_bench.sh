@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One command: online RL (GRPO, β = 0 and β > 0) on CPU, posttrain vs TRL's GRPOTrainer.
+# One command: online RL on CPU, posttrain vs TRL: GRPO (β = 0 and β > 0) against GRPOTrainer,
+# RLOO (β = 0) against RLOOTrainer.
 #
 #   bash benchmarks/run_rl_bench.sh
 #
@@ -11,7 +12,8 @@
 # Knobs (environment): BENCH_ROUNDS (2), BENCH_STEPS (6; the first is warm-up, not timed),
 # BENCH_PROMPTS (4 prompts per step), BENCH_G (8 completions per prompt), BENCH_NEW_TOKENS
 # (32), BENCH_BETA (0.04, the grpo_kl case), BENCH_RUNS (case:tool:variant list, see
-# benchmarks/rl/report.py), PYTHON (python3), TRL_SPEC (trl).
+# benchmarks/rl/report.py; cases grpo, grpo_kl, rloo), PYTHON (python3), TRL_SPEC (trl).
+# About 20 minutes with the defaults on 2 idle cores.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

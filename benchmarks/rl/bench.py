@@ -1,21 +1,24 @@
 """Online RL, posttrain vs TRL: one child process per measured run.
 
-    python benchmarks/rl/bench.py --tool trl|posttrain --case grpo|grpo_kl --variant V --out result.json ...
+    python benchmarks/rl/bench.py --tool trl|posttrain --case grpo|grpo_kl|rloo --variant V --out result.json ...
 
-Trains --steps optimizer steps of GRPO, each step one rollout of P prompts × G completions
+Trains --steps optimizer steps of GRPO or RLOO (`CASES`: TRL's `GRPOTrainer` / `RLOOTrainer`,
+posttrain's `run_grpo` with `grpo.advantage=grpo` / `rloo`, which is what `posttrain rloo`
+runs), each step one rollout of P prompts × G completions
 sampled from the current policy (μ = 1, no gradient accumulation), on CPU in float32, and
 writes as JSON, per step:
 
     step_times_s        wall time from the end of step k-1 to the end of step k, read by the
                         same kind of hook in both tools (see `StepClock`)
     generate_s          the generation call alone (see `Timers`): TRL's
-                        `GRPOTrainer._generate_single_turn` (left-pad, `model.generate`, cut at
-                        EOS), posttrain's `rollout.generate.generate_token_ids` (left-pad,
+                        `GRPOTrainer._generate_single_turn` / `RLOOTrainer._generate_single_turn`
+                        (left-pad, `model.generate`, cut at EOS), posttrain's `rollout.generate.generate_token_ids` (left-pad,
                         prefill and KV-cache decode, cut at EOS)
     rollout_phase_s     the whole rollout phase, i.e. producing the step's training batch
-                        from its prompts: TRL's `GRPOTrainer._prepare_inputs` (chat template,
-                        generation, decode, reference log-probs, rewards, advantages,
-                        padding, splitting); on the posttrain side, the time spent inside
+                        from its prompts: TRL's `_prepare_inputs` (chat template, generation,
+                        decode, reference log-probs, rewards, advantages, padding, splitting;
+                        `RLOOTrainer` also runs a no-grad forward of the policy for the
+                        rollout log-probs its sequence ratio needs, even at μ = 1, β = 0); on the posttrain side, the time spent inside
                         the stage's micro-batch generator (`GRPOStage.micro_batches_after`:
                         generation, decode, rewards, advantages, collation, reference
                         log-probs), which the loop draws from inside the step
@@ -57,8 +60,23 @@ from common import (  # noqa: E402  (a sibling script)
     StepClock, clock_posttrain_steps, current_rss_mib, import_modules, peak_rss_mib, posttrain_step_records,
     process_facts, read_rows, trainer_hooks, write_result)
 
-# case -> what it sets. β is the KL coefficient; --beta overrides grpo_kl's.
-CASES = {"grpo": {"beta": 0.0}, "grpo_kl": {"beta": 0.04}}  # room for "ppo" later
+# case -> algorithm and β (the KL coefficient); --beta overrides the β of a case whose β > 0.
+# No rloo_kl: TRL's RLOOTrainer subtracts β·Σ_t (log π_old − log π_ref) from the reward,
+# before the leave-one-out baseline, while posttrain adds β·KL to the per-token loss; no
+# posttrain option moves the KL into the reward, so the two objectives cannot be matched.
+CASES = {"grpo": {"algo": "grpo", "beta": 0.0}, "grpo_kl": {"algo": "grpo", "beta": 0.04},
+         "rloo": {"algo": "rloo", "beta": 0.0}}  # room for "ppo" later
+# TRL's trainer per algorithm, the config arguments that match it to posttrain's loss, and how to
+# read the completion ids from its `_generate_single_turn` (GRPO's returns (ids, logprobs)).
+TRL_ALGOS = {
+    "grpo": {"trainer": "GRPOTrainer", "config": "GRPOConfig", "first_of_output": True,
+             "kwargs": {"loss_type": "dapo", "scale_rewards": "group",
+                        # TRL 1.16's default True weights the KL by the (value-1) ratio: another gradient
+                        "use_bias_correction_kl": False}},
+    # RLOO has one loss (sequence-level ratio, mean over sequences) and no KL options to set.
+    "rloo": {"trainer": "RLOOTrainer", "config": "RLOOConfig", "first_of_output": False,
+             "kwargs": {"normalize_advantages": False}},  # TRL's default; posttrain does not normalise
+}
 VARIANTS = {
     # TRL: its defaults (gradient checkpointing on), then the closer match to posttrain.
     "trl": {"default": {}, "gc_off": {"gradient_checkpointing": False}},
@@ -71,14 +89,14 @@ IMPORTS = {
     "posttrain": ["posttrain.train.grpo", "posttrain.train.loop", "posttrain.train.sft", "posttrain.train.preference",
                   "posttrain.train.grouped", "posttrain.rollout.generate", "posttrain.data.prompts",
                   "posttrain.models.loading", "posttrain.rewards", "accelerate", "peft", "safetensors.torch"],
-    "trl": ["trl.trainer.grpo_trainer", "datasets", "accelerate", "peft", "posttrain.rewards"],
+    "trl": ["datasets", "accelerate", "peft", "posttrain.rewards"],  # + the case's trainer module (import_tool)
 }
 COMMON_IMPORTS = ["transformers.models.llama.modeling_llama", "transformers.trainer_callback"]
 
 
-def import_tool(tool: str) -> float:
-    """Import the tool's whole run-time module set; returns the RSS afterwards (MiB)."""
-    return import_modules(IMPORTS[tool] + COMMON_IMPORTS)
+def import_tool(tool: str, algo: str) -> float:
+    """Import the tool's whole run-time module set for the algorithm; returns the RSS afterwards (MiB)."""
+    return import_modules(IMPORTS[tool] + COMMON_IMPORTS + ([f"trl.trainer.{algo}_trainer"] if tool == "trl" else []))
 
 
 def top_level_modules() -> set[str]:
@@ -167,22 +185,32 @@ def exact_match_reward(prompts, completions, answer, **kwargs) -> list[float]:
             for p, c, a in zip(prompts, completions, answer)]
 
 
+def trl_classes(algo: str):
+    """(trainer class, config class, config kwargs matching posttrain) of TRL for the algorithm."""
+    import trl
+
+    spec = TRL_ALGOS[algo]
+    return getattr(trl, spec["trainer"]), getattr(trl, spec["config"]), spec["kwargs"]
+
+
 def train_trl(args) -> dict:
     import torch
     import trl
     from datasets import Dataset
     from transformers import AutoTokenizer
-    from trl import GRPOConfig, GRPOTrainer
 
-    rss_after_import = import_tool("trl")
+    rss_after_import = import_tool("trl", args.algo)
     modules_before = top_level_modules()
     clock, timers = StepClock(), Timers()
     logged: list[dict] = []  # TRL's log records that carry a training loss
+    Trainer, Config, matched = trl_classes(args.algo)
 
-    # _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations) -> (completion_ids, logprobs)
-    GRPOTrainer._generate_single_turn = timers.wrap_generate(
-        GRPOTrainer._generate_single_turn, lambda a, k: a[1] if len(a) > 1 else k["prompt_ids"], lambda out: out[0])
-    GRPOTrainer._prepare_inputs = timers.wrap_phase(GRPOTrainer._prepare_inputs)  # once per step: no accumulation
+    # GRPO: _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations) -> (ids, logprobs);
+    # RLOO: _generate_single_turn(self, prompt_ids, images, multimodal_fields) -> ids
+    Trainer._generate_single_turn = timers.wrap_generate(
+        Trainer._generate_single_turn, lambda a, k: a[1] if len(a) > 1 else k["prompt_ids"],
+        (lambda out: out[0]) if TRL_ALGOS[args.algo]["first_of_output"] else (lambda out: out))
+    Trainer._prepare_inputs = timers.wrap_phase(Trainer._prepare_inputs)  # once per step: no accumulation
 
     t_setup = time.perf_counter()
     rows = read_rows(args.data)
@@ -190,26 +218,25 @@ def train_trl(args) -> dict:
     dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": rows[i]["prompt"]}],
                                   "answer": rows[i]["answer"]} for i in order])
     batch = args.prompts_per_step * args.num_generations
-    config = GRPOConfig(
+    config = Config(
         output_dir=str(Path(args.workdir) / "trl_out"), per_device_train_batch_size=batch,
         gradient_accumulation_steps=1, num_generations=args.num_generations,
         max_completion_length=args.max_new_tokens, temperature=args.temperature, top_p=1.0, top_k=0,
-        beta=args.beta, num_iterations=1, epsilon=0.2, loss_type="dapo", scale_rewards="group",
-        use_bias_correction_kl=False,  # TRL 1.16's default True weights the KL by the (value-1) ratio: another gradient
+        beta=args.beta, num_iterations=1, epsilon=0.2, **matched,
         learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
         max_steps=args.steps, logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, bf16=False,
         fp16=False, seed=args.seed, data_seed=args.seed, disable_tqdm=True, shuffle_dataset=False,
         dataloader_num_workers=0, log_completions=False, model_init_kwargs={"dtype": "float32"},
         **VARIANTS["trl"][args.variant])
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    trainer = GRPOTrainer(model=args.model, reward_funcs=exact_match_reward, args=config, train_dataset=dataset,
-                          processing_class=tokenizer, callbacks=[trainer_hooks(clock, logged)])
+    trainer = Trainer(model=args.model, reward_funcs=exact_match_reward, args=config, train_dataset=dataset,
+                      processing_class=tokenizer, callbacks=[trainer_hooks(clock, logged)])
     setup_s = time.perf_counter() - t_setup
     rss_before_train, peak_before_train = current_rss_mib(), peak_rss_mib()
     trainer.train()
     step_times, step_cpu = clock.step_times()
     return {
-        "versions": {"trl": trl.__version__, "torch": torch.__version__},
+        "versions": {"trl": trl.__version__, "torch": torch.__version__}, "trainer": type(trainer).__name__,
         "gradient_checkpointing": bool(config.gradient_checkpointing),
         "reference": ("none (β = 0)" if args.beta == 0 else
                       "second model loaded from the path" if trainer.ref_model is not None else "adapters disabled"),
@@ -240,7 +267,7 @@ def posttrain_overrides(args, run_dir: Path) -> list[str]:
             f"rollout.max_new_tokens={args.max_new_tokens}", f"rollout.temperature={args.temperature}",
             "rollout.top_p=1.0", "rollout.top_k=0", f"rollout.batch_size={batch}",
             "reward.functions=[exact_match=posttrain.rewards:exact_match]", f"grpo.beta={args.beta}",
-            "grpo.advantage=grpo", "grpo.scale_rewards=true", "grpo.kl_estimator=k3", "grpo.clip_eps=0.2",
+            f"grpo.advantage={args.algo}", "grpo.scale_rewards=true", "grpo.kl_estimator=k3", "grpo.clip_eps=0.2",
             "grpo.aggregation=token", "grpo.updates_per_rollout=1", "eval.prompts=0", "eval.sample_every=0",
             f"train.max_steps={args.steps}", f"train.batch_size={batch}", "train.grad_accum=1", f"train.lr={args.lr}",
             "train.schedule=constant", "train.warmup_steps=0", "train.weight_decay=0", "train.max_grad_norm=1.0",
@@ -256,7 +283,7 @@ def train_posttrain(args) -> dict:
     from posttrain.rollout import generate as pt_generate
     from posttrain.train import grpo
 
-    rss_after_import = import_tool("posttrain")
+    rss_after_import = import_tool("posttrain", args.algo)
     modules_before = top_level_modules()
     clock, timers = StepClock(), Timers()
     # The same clock as on the TRL side (run_grpo). The rollout is sampled inside the step
@@ -302,72 +329,191 @@ def train_posttrain(args) -> dict:
 # --------------------------------------------------------------------------- same batch: parity and cost breakdown
 
 
-def same_batch(args) -> dict:
-    """Both tools on ONE fixed batch, in one process, one thread: loss parity, then where
-    the time goes. Nothing here is part of the timed runs.
-
-    The measured runs sample with different random streams, so their losses cannot be
-    compared. Here both tools get the same P × G (prompt, completion) pairs: the first P
-    prompts in the run's order, templated as TRL templates them; completions of random
-    tokens with random lengths 1..max_new_tokens (the shorter ones ending in EOS, so padding
-    and masking are exercised); the same advantages (standard normal, seeded); β = --beta;
-    and a policy whose weights are moved off the reference by the same seeded noise, so the
-    KL term and its gradient are not zero. Each tool computes the reference log-probs, the
-    loss and its gradient with its own code: TRL's `GRPOTrainer._get_per_token_logps_and_entropies`
-    and `_compute_loss` (loss_type "dapo"), posttrain's `completion_logps` and
-    `GroupPolicyLoss` divided by the response tokens, as its loop does for token
-    aggregation. TRL runs with `use_bias_correction_kl=False` (posttrain's KL gradient)
-    and, for information, with its default True.
-
-    The breakdown then times, alternately and on the same inputs, each tool's generation
-    call (posttrain's `generate_token_ids`, TRL's `_generate_single_turn`: P × G
-    completions of the same prompts), the loss forward and backward on the fixed batch, and
-    one optimizer step (posttrain's `make_optimizer`, TRL's `create_optimizer`, and
-    torch's fused AdamW over posttrain's parameter groups), as process CPU time with
-    torch on one thread, so other load on the machine disturbs it little; and it counts
-    the aten ops each runs (torch.profiler), which no load changes."""
+def fixed_batch(args, tokenizer):
+    """The P × G (prompt, completion) pairs of `same_batch`, and the seeded generator that drew
+    them (the caller draws its advantages or rewards from it next)."""
     import torch
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import GRPOConfig as TRLConfig
-    from trl import GRPOTrainer
 
-    from posttrain.config import GRPOLossConfig, TrainConfig
-    from posttrain.rollout.generate import eos_token_ids, generate_token_ids
-    from posttrain.rollout.sampling import SamplingSettings
-    from posttrain.train.grpo import GroupPolicyLoss
-    from posttrain.train.rollouts import collate_completions, completion_logps
-    from posttrain.train.optim import make_optimizer, param_groups
-
-    torch.set_num_threads(1)
-    torch.manual_seed(args.seed)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
     rows = read_rows(args.data)
     first = [rows[i] for i in prompt_order(len(rows), args.seed)[: args.prompts_per_step]]
     turns = [[{"role": "user", "content": r["prompt"]}] for r in first]
     prompts = [tokenizer.apply_chat_template(t, add_generation_prompt=True, tokenize=True)["input_ids"] for t in turns]
     prompt_ids = [p for p in prompts for _ in range(args.num_generations)]
     g = torch.Generator().manual_seed(args.seed + 1)
-    eos, pad, n, T = tokenizer.eos_token_id, tokenizer.pad_token_id, len(prompt_ids), args.max_new_tokens
-    lengths = torch.randint(1, T + 1, (n,), generator=g).tolist()
+    eos, T = tokenizer.eos_token_id, args.max_new_tokens
+    lengths = torch.randint(1, T + 1, (len(prompt_ids),), generator=g).tolist()
     completions = []
     for length in lengths:
         ids = torch.randint(4, len(tokenizer), (length,), generator=g).tolist()  # ids 0-3 are the special tokens
         completions.append(ids[:-1] + [eos] if length < T else ids)
-    advantages = torch.randn(n, generator=g)
+    return first, turns, prompt_ids, completions, g
 
-    def perturbed(model):
-        noise = torch.Generator().manual_seed(args.seed + 2)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.02 * torch.randn(p.shape, generator=noise))
-        return model.train()
 
-    # posttrain
-    policy = perturbed(AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32))
+def perturbed(model, seed: int):
+    """The model's weights moved off the reference by the same seeded noise in both tools."""
+    import torch
+
+    noise = torch.Generator().manual_seed(seed + 2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=noise))
+    return model.train()
+
+
+def grad_agreement(names, ours, theirs, scale: float = 1.0) -> dict:
+    """posttrain's gradients (× scale) against TRL's, parameter by parameter."""
+    import torch
+
+    pairs = [(scale * a, b) for a, b in zip(ours, theirs)]
+    flat_a, flat_b = (torch.cat([x.flatten().double() for x in xs]) for xs in zip(*pairs))
+    return {"grad_scale": scale,
+            "grad_max_abs_diff": max(float((a - b).abs().max()) for a, b in pairs),
+            "grad_rel_diff": float((flat_a - flat_b).norm() / flat_b.norm()),
+            "grad_cosine": float(torch.nn.functional.cosine_similarity(flat_a, flat_b, dim=0)),
+            "worst_param": max(zip(names, pairs), key=lambda x: float((x[1][0] - x[1][1]).abs().max()))[0]}
+
+
+def same_batch(args) -> dict:
+    """Both tools on ONE fixed batch, in one process, one thread: loss parity, then (GRPO only)
+    where the time goes. Nothing here is part of the timed runs.
+
+    The measured runs sample with different random streams, so their losses cannot be
+    compared. Here both tools get the same P × G (prompt, completion) pairs: the first P
+    prompts in the run's order, templated as TRL templates them; completions of random
+    tokens with random lengths 1..max_new_tokens (the shorter ones ending in EOS, so padding
+    and masking are exercised); and a policy whose weights are moved off the reference by
+    the same seeded noise, so the KL term and its gradient are not zero. Then per algorithm:
+
+    GRPO (`grpo_same_batch`): the same advantages (standard normal, seeded) and β = --beta.
+    Each tool computes the reference log-probs, the loss and its gradient with its own code:
+    TRL's `GRPOTrainer._get_per_token_logps_and_entropies` and `_compute_loss` (loss_type
+    "dapo"), posttrain's `completion_logps` and `GroupPolicyLoss` divided by the response
+    tokens, as its loop does for token aggregation. TRL runs with
+    `use_bias_correction_kl=False` (posttrain's KL gradient) and, for information, with its
+    default True.
+
+    RLOO (`rloo_same_batch`, β = 0): the same rewards (standard normal, seeded). TRL's side
+    runs its whole `RLOOTrainer._generate_and_score_completions` (chat template, rollout
+    log-probs, leave-one-out advantages) with the fixed completions handed in for its
+    generation call and the fixed rewards as its reward function, then its `_compute_loss`;
+    posttrain's side computes `rloo_advantages` and `GroupPolicyLoss` as its loop does, with
+    token and, for information, sequence aggregation. See `rloo_same_batch` for what is
+    expected to agree."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from posttrain.config import GRPOLossConfig
+    from posttrain.train.grpo import GroupPolicyLoss
+    from posttrain.train.rollouts import collate_completions
+
+    torch.set_num_threads(1)
+    torch.manual_seed(args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    first, turns, prompt_ids, completions, g = fixed_batch(args, tokenizer)
+    policy = perturbed(AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32), args.seed)
+    batch = collate_completions(prompt_ids, completions, tokenizer.pad_token_id)
+    fixed = {"tokenizer": tokenizer, "first": first, "turns": turns, "prompt_ids": prompt_ids,
+             "completions": completions, "g": g, "policy": policy, "batch": batch,
+             "loss": lambda aggregation: GroupPolicyLoss(policy, GRPOLossConfig(
+                 advantage=args.algo, beta=args.beta, aggregation=aggregation))}
+    out = {"algo": args.algo, "pairs": len(prompt_ids), "beta": args.beta,
+           "response_tokens": sum(map(len, completions))}
+    out.update((rloo_same_batch if args.algo == "rloo" else grpo_same_batch)(args, **fixed))
+    return out
+
+
+def trl_same_batch_config(args, n: int, **kwargs):
+    """TRL's config for the fixed batch: the timed runs' matched settings, one batch of n, no checkpointing."""
+    _, Config, matched = trl_classes(args.algo)
+    return Config(output_dir=str(Path(args.workdir) / "trl_same_batch"), per_device_train_batch_size=n,
+                  num_generations=args.num_generations, max_completion_length=args.max_new_tokens,
+                  temperature=args.temperature, top_p=1.0, top_k=0, beta=args.beta, epsilon=0.2,
+                  **{**matched, **kwargs}, use_cpu=True, bf16=False, report_to="none", gradient_checkpointing=False,
+                  learning_rate=args.lr, model_init_kwargs={"dtype": "float32"}, disable_tqdm=True)
+
+
+def rloo_same_batch(args, tokenizer, first, turns, prompt_ids, completions, g, policy, batch, loss) -> dict:
+    """RLOO parity on the fixed batch (see `same_batch`). What agrees and what cannot, by definition:
+
+    - advantages: posttrain's `rloo_advantages` and TRL's leave-one-out baseline (β = 0, no
+      normalisation) are the same formula, so they must agree to float precision;
+    - gradient: TRL's loss is a sequence-level ratio exp(Σ_t log π − Σ_t log π_old), clipped,
+      −min(ρA, clip(ρ)A) averaged over sequences; posttrain's is the per-token ratio, summed
+      over tokens, divided by the response tokens (token aggregation). At μ = 1 every ratio is
+      1 in value and its gradient is ∇(Σ_t log π) either way, so TRL's gradient is
+      −(1/B) Σ_i A_i Σ_t ∇log π_it and posttrain's is the same × B / tokens: the same
+      direction, scaled by the batch's 1 / mean completion length. posttrain's gradient ×
+      tokens / B must equal TRL's. Sequence aggregation (mean over each completion's tokens
+      first) weighs completion i by 1/L_i: another direction, reported for information;
+    - loss value: TRL's is −mean_i A_i, which is 0 for leave-one-out advantages (they sum to
+      zero within each group); posttrain's is −Σ_i A_i L_i / tokens. Neither is compared; each
+      is checked against its closed form instead."""
+    import torch
+
+    from posttrain.losses.policy_gradient import rloo_advantages
+
+    n = len(prompt_ids)
+    rewards = torch.randn(n, generator=g)
+    advantages = rloo_advantages(rewards, args.num_generations)
+    tokens = batch["response_mask"].sum()
+    lengths = torch.tensor([len(c) for c in completions], dtype=torch.float32)
+    names = [name for name, _ in policy.named_parameters()]
+    posttrain = {}
+    for aggregation, weight in (("token", tokens), ("sequence", n)):  # the loop's divisor for each aggregation
+        policy.zero_grad(set_to_none=True)
+        loss_sum, _ = loss(aggregation)(advantages=advantages, **batch)
+        (loss_sum / weight).backward()
+        posttrain[aggregation] = (float(loss_sum.detach() / weight), [p.grad.clone() for p in policy.parameters()])
+
+    handed = {}
+
+    def fixed_rewards(completion_ids, **kwargs) -> list[float]:
+        handed["completion_ids"] = completion_ids
+        return rewards.tolist()
+
+    def fixed_completions(prompt_ids_seen, images, multimodal_fields):
+        handed["prompt_ids"] = prompt_ids_seen
+        return [list(c) for c in completions]
+
+    from datasets import Dataset
+
+    Trainer, _, _ = trl_classes(args.algo)
+    dataset = Dataset.from_list([{"prompt": t, "answer": r["answer"]} for t, r in zip(turns, first)])
+    trainer = Trainer(model=args.model, reward_funcs=fixed_rewards, args=trl_same_batch_config(args, n),
+                      train_dataset=dataset, processing_class=tokenizer)
+    perturbed(trainer.model, args.seed)
+    trainer._generate_single_turn = fixed_completions  # the instance's generation call: hand in the fixed batch
+    inputs = trainer._generate_and_score_completions(
+        [{"prompt": t, "answer": r["answer"]} for t, r in zip(turns, first) for _ in range(args.num_generations)])
+    trl_loss = trainer._compute_loss(trainer.model, inputs)
+    trl_loss.backward()
+    trl_grads = [p.grad for p in trainer.model.parameters()]
+    return {
+        "same_inputs": handed["prompt_ids"] == prompt_ids and list(map(list, handed["completion_ids"])) == completions,
+        "advantages_max_abs_diff": float((inputs["advantages"] - advantages).abs().max()),
+        "posttrain_loss": posttrain["token"][0], "posttrain_loss_closed_form": float(-(advantages * lengths).sum() / tokens),
+        "posttrain_sequence_loss": posttrain["sequence"][0],
+        "trl": {"loss": float(trl_loss.detach()), "loss_closed_form": float(-inputs["advantages"].mean()),
+                **grad_agreement(names, posttrain["token"][1], trl_grads, float(tokens) / n)},
+        "trl_vs_sequence_aggregation": grad_agreement(names, posttrain["sequence"][1], trl_grads),
+    }
+
+
+def grpo_same_batch(args, tokenizer, first, turns, prompt_ids, completions, g, policy, batch, loss) -> dict:
+    """GRPO parity on the fixed batch, then the cost breakdown (see `same_batch`)."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.config import TrainConfig
+    from posttrain.rollout.generate import eos_token_ids, generate_token_ids
+    from posttrain.rollout.sampling import SamplingSettings
+    from posttrain.train.optim import make_optimizer, param_groups
+    from posttrain.train.rollouts import completion_logps
+
+    advantages = torch.randn(len(prompt_ids), generator=g)
     reference = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    module = GroupPolicyLoss(policy, GRPOLossConfig(beta=args.beta))
-    batch = collate_completions(prompt_ids, completions, pad)
+    module = loss("token")
     with torch.no_grad():
         pt_ref = completion_logps(reference, batch) if args.beta > 0 else None
 
@@ -378,27 +524,23 @@ def same_batch(args) -> dict:
     pt_loss = pt_loss_fn()
     pt_loss.backward()
     # TRL's batch layout: left-padded prompts, right-padded completions
+    pad, n, T = tokenizer.pad_token_id, len(prompt_ids), args.max_new_tokens
     width = max(map(len, prompt_ids))
     p_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompt_ids])
     p_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids])
     c_ids = torch.tensor([c + [pad] * (T - len(c)) for c in completions])
     c_mask = torch.tensor([[1] * len(c) + [0] * (T - len(c)) for c in completions])
     names = [name for name, _ in policy.named_parameters()]
-    out = {"pairs": n, "beta": args.beta, "response_tokens": sum(map(len, completions)),
-           "posttrain_loss": float(pt_loss.detach())}
+    out = {"posttrain_loss": float(pt_loss.detach())}
     trainers = {}
+    Trainer, _, _ = trl_classes(args.algo)
     for correction in (False, True):
-        config = TRLConfig(output_dir=str(Path(args.workdir) / "trl_same_batch"), per_device_train_batch_size=n,
-                           num_generations=args.num_generations, max_completion_length=T,
-                           temperature=args.temperature, top_p=1.0, top_k=0, beta=args.beta, loss_type="dapo",
-                           use_bias_correction_kl=correction, use_cpu=True, bf16=False, report_to="none",
-                           gradient_checkpointing=False, learning_rate=args.lr, model_init_kwargs={"dtype": "float32"},
-                           disable_tqdm=True)
         dataset = Dataset.from_list([{"prompt": t, "answer": r["answer"]} for t, r in zip(turns, first)])
-        trainer = GRPOTrainer(model=args.model, reward_funcs=exact_match_reward, args=config, train_dataset=dataset,
-                              processing_class=tokenizer)
+        trainer = Trainer(model=args.model, reward_funcs=exact_match_reward, train_dataset=dataset,
+                          args=trl_same_batch_config(args, n, use_bias_correction_kl=correction),
+                          processing_class=tokenizer)
         trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train(); the loss normaliser reads it
-        perturbed(trainer.model)
+        perturbed(trainer.model, args.seed)
         trl_ref = None
         if args.beta > 0:
             with torch.no_grad():
@@ -409,16 +551,13 @@ def same_batch(args) -> dict:
                   "num_items_in_batch": c_mask.sum()}
         trl_loss = trainer._compute_loss(trainer.model, inputs)
         trl_loss.backward()
-        grads = [(a.grad, b.grad) for a, b in zip(policy.parameters(), trainer.model.parameters())]
         out["trl_bias_corrected_kl" if correction else "trl"] = {
             "use_bias_correction_kl": correction, "loss": float(trl_loss.detach()),
             "loss_abs_diff": abs(float(pt_loss.detach()) - float(trl_loss.detach())),
             "ref_logps_max_abs_diff": (None if trl_ref is None else
                                        float((pt_ref[c_mask.bool()] - trl_ref[c_mask.bool()]).abs().max())),
-            "grad_max_abs_diff": max(float((a - b).abs().max()) for a, b in grads),
-            "grad_rel_diff": float(torch.linalg.vector_norm(torch.stack([(a - b).norm() for a, b in grads]))
-                                   / torch.linalg.vector_norm(torch.stack([b.norm() for _, b in grads]))),
-            "worst_param": max(zip(names, grads), key=lambda x: float((x[1][0] - x[1][1]).abs().max()))[0]}
+            **grad_agreement(names, [p.grad for p in policy.parameters()],
+                             [p.grad for p in trainer.model.parameters()])}
         trainers[correction] = (trainer, inputs)
         if args.beta == 0:
             break  # no KL term: the correction changes nothing
@@ -513,11 +652,12 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--lr", type=float, default=1e-5)
-    parser.add_argument("--beta", type=float, default=None, help="KL coefficient for grpo_kl (default 0.04)")
+    parser.add_argument("--beta", type=float, default=None, help="KL coefficient of the cases with β > 0 (grpo_kl: 0.04)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--breakdown-reps", type=int, default=5, help="same_batch: timed repeats of each piece")
     args = parser.parse_args()
-    args.beta = CASES[args.case]["beta"] if args.beta is None or args.case == "grpo" else args.beta
+    args.algo = CASES[args.case]["algo"]
+    args.beta = CASES[args.case]["beta"] if args.beta is None or CASES[args.case]["beta"] == 0 else args.beta
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     if args.tool == "same_batch":
         Path(args.out).write_text(json.dumps(same_batch(args), indent=1) + "\n")

@@ -28,10 +28,16 @@ from common import (  # noqa: E402  (a sibling script, not a package)
     save_report, timing_warnings, versions, warning_lines)
 
 PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "posttrain")
-CASES = {"grpo": "GRPO without a reference model", "grpo_kl": "GRPO with a KL penalty to a reference model"}
+CASES = {"grpo": "GRPO without a reference model", "grpo_kl": "GRPO with a KL penalty to a reference model",
+         "rloo": "RLOO (leave-one-out baseline) without a reference model"}
 # Per case: TRL's default, posttrain, TRL's closer match, so the tools alternate within a round.
-# A row named twice in --runs runs twice per round (more repeats of it), still one row.
-DEFAULT_RUNS = ",".join(f"{case}:{tv}" for case in CASES for tv in ("trl:default", "posttrain:default", "trl:gc_off"))
+# RLOO gets only TRL's closer match and posttrain, to keep the default run short (TRL's default
+# row can be added with BENCH_RUNS). A row named twice in --runs runs twice per round (more
+# repeats of it), still one row.
+CASE_ROWS = {"grpo": ("trl:default", "posttrain:default", "trl:gc_off"),
+             "grpo_kl": ("trl:default", "posttrain:default", "trl:gc_off"),
+             "rloo": ("trl:gc_off", "posttrain:default")}
+DEFAULT_RUNS = ",".join(f"{case}:{tv}" for case, rows in CASE_ROWS.items() for tv in rows)
 NOTES = {
     ("trl", "default"): "TRL defaults: gradient checkpointing on",
     ("trl", "gc_off"): "gradient_checkpointing=False",
@@ -136,11 +142,67 @@ def times(x):
     return "—" if x is None else f"{x:.2f}×"
 
 
+def rloo_header(report: dict) -> list[str]:
+    """What the RLOO case matches and what it cannot (only when the run has an RLOO row)."""
+    if not any(row["case"] == "rloo" for row in report["rows"]):
+        return []
+    return [
+        "RLOO (`rloo`): TRL's `RLOOTrainer` (β = 0, `normalize_advantages=False`, its default) against `posttrain "
+        "rloo` (`posttrain grpo` with `grpo.advantage=rloo`; `grpo.aggregation=token`, β = 0). The advantages are the "
+        "same (r_i minus the mean of the other G−1 rewards, no scaling). **The losses are not the same, and no "
+        "setting of either tool makes them so:** TRL's RLOO loss has no aggregation option; its ratio is per "
+        "sequence, exp(Σ_t log π − Σ_t log π_old), clipped, averaged over completions, while posttrain's ratio is "
+        "per token, averaged over all completion tokens (token aggregation, the closest option; sequence "
+        "aggregation would weigh each completion by 1/length). At μ = 1 every ratio is 1, so the two gradients "
+        "point the same way and TRL's is larger by the batch's mean completion length (checked on a fixed batch "
+        "below); AdamW's step is nearly scale-free, but gradient clipping at 1.0 acts on the larger norm sooner. "
+        "The work differs too: TRL's `RLOOTrainer` runs one extra no-grad forward of the policy per rollout for "
+        "the rollout log-probs its sequence ratio uses, even at μ = 1 and β = 0 (it is inside its rollout phase); "
+        "posttrain does not need them at μ = 1. No `rloo_kl` case: TRL puts the KL into the reward "
+        "(r − β·Σ_t (log π_old − log π_ref), before the baseline), posttrain adds β·KL to the per-token loss; no "
+        "posttrain option moves it into the reward, so a β > 0 comparison would time two different objectives. "
+        "To keep the default run short, RLOO runs only TRL's closer match (`gradient_checkpointing=False`) and "
+        "posttrain's default; add `rloo:trl:default` to `BENCH_RUNS` for TRL's defaults.",
+        "",
+    ]
+
+
+def rloo_parity_lines(lp: dict | None) -> list[str]:
+    """The RLOO fixed-batch check (bench.py `rloo_same_batch`)."""
+    if not lp:
+        return []
+    trl, seq = lp["trl"], lp["trl_vs_sequence_aggregation"]
+    return [
+        "## RLOO parity on one fixed batch", "",
+        f"`bench.py --tool same_batch --case rloo`: the same {lp['pairs']} (prompt, completion) pairs "
+        f"({lp['response_tokens']} completion tokens) and policy perturbation as above, and the same seeded rewards. "
+        "TRL runs its own `RLOOTrainer._generate_and_score_completions` (chat template, rollout log-probs, "
+        "advantages) with the fixed completions handed to its generation call and the fixed rewards as its reward "
+        f"function, then `_compute_loss`; posttrain runs `rloo_advantages` and `GroupPolicyLoss` as its loop does. "
+        f"Same prompt and completion ids reached TRL: {lp['same_inputs']}.", "",
+        "| quantity | posttrain | TRL | comparison | agree? |", "|---|---|---|---|---|",
+        f"| leave-one-out advantages | `rloo_advantages` | inline in `_generate_and_score_completions` | "
+        f"max abs. difference {fmt_e(lp['advantages_max_abs_diff'])} | {'yes' if lp['advantages_agree'] else 'NO'} |",
+        f"| gradient, posttrain token aggregation × tokens / completions (× {trl['grad_scale']:.2f}) | | | "
+        f"‖Δgrad‖ / ‖grad‖ {fmt_e(trl['grad_rel_diff'])}, cosine {trl['grad_cosine']:.7f} | "
+        f"{'yes' if lp['agree'] else 'NO'} (tolerance {GRAD_TOLERANCE:g}) |",
+        f"| gradient, posttrain sequence aggregation (for information) | | | ‖Δgrad‖ / ‖grad‖ "
+        f"{fmt_e(seq['grad_rel_diff'])}, cosine {seq['grad_cosine']:.4f} | differs by definition (weights 1/length) |",
+        f"| loss value | {lp['posttrain_loss']:.9f} (−Σ A_i L_i / tokens = {lp['posttrain_loss_closed_form']:.9f}) | "
+        f"{trl['loss']:.2e} (−mean A_i = {trl['loss_closed_form']:.2e}) | not comparable | differs by definition |",
+        "",
+        "Why the loss values differ while the gradients agree: at μ = 1 TRL's sequence ratio and posttrain's token "
+        "ratios are all 1 in value, so TRL's loss is −mean_i A_i, which is 0 for leave-one-out advantages (they "
+        "sum to zero within each group), and posttrain's is −Σ_i A_i L_i / tokens (L_i: completion length). Their "
+        "gradients are both Σ_i A_i ∇Σ_t log π_it, divided by the number of completions (TRL) or of completion "
+        "tokens (posttrain).", ""]
+
+
 def write_markdown(report: dict, path: Path) -> None:
     s, a = report["settings"], report["assets"]
     per_step = s["prompts_per_step"] * s["num_generations"]
-    lines = report_header("Online RL on CPU: posttrain GRPO vs TRL GRPOTrainer", report["command"], report,
-                          PACKAGES[:-1]) + [
+    lines = report_header("Online RL on CPU: posttrain GRPO / RLOO vs TRL GRPOTrainer / RLOOTrainer", report["command"],
+                          report, PACKAGES[:-1]) + [
         f"Setup: small Llama ({a['params'] / 1e6:.2f}M params: hidden 256, 4 layers, vocab {a['vocab']}, tied "
         f"embeddings, random init) over the `tiny` preset's tokenizer and ChatML template, float32; prompts from "
         f"posttrain's synthetic `{a['task']}` task ({a['prompt_tokens_min']}–{a['prompt_tokens_max']} tokens once "
@@ -148,8 +210,8 @@ def write_markdown(report: dict, path: Path) -> None:
         f"{s['prompts_per_step']} prompts × G {s['num_generations']} = {per_step} completions of at most "
         f"{s['max_new_tokens']} new tokens, temperature {s['temperature']:g}, top-p 1, top-k off, all generated in "
         f"one batch; μ = 1 (one update per rollout), no gradient accumulation; reward = exact match "
-        f"(`posttrain.rewards.exact_match` on both sides); token-level loss aggregation (TRL `loss_type=\"dapo\"`, "
-        f"posttrain `grpo.aggregation=token`), group std scaling, k3 KL; AdamW lr {s['lr']:g} constant, clip 1.0; "
+        f"(`posttrain.rewards.exact_match` on both sides); GRPO: token-level loss aggregation (TRL "
+        f"`loss_type=\"dapo\"`, posttrain `grpo.aggregation=token`), group std scaling, k3 KL; RLOO: see below; AdamW lr {s['lr']:g} constant, clip 1.0; "
         f"{s['steps']} steps per run, the first {s['warmup']} not timed; {s['rounds']} interleaved repeats, every "
         "run a fresh process. Step figures are medians over the timed steps of all repeats; peak RSS is the median "
         "over repeats of the process's ru_maxrss.",
@@ -159,6 +221,7 @@ def write_markdown(report: dict, path: Path) -> None:
         "reward is 0, and so is every advantage. That changes none of the work: both tools still sample, score, run "
         "the reference forward when β > 0, and run the forward and backward over every completion token.",
         "",
+        *rloo_header(report),
         "Columns: *generation* is the generation call alone. *rollout phase* is everything that turns the step's "
         "prompts into its training batch: generation, decoding, rewards, advantages, reference log-probs and "
         "collation. *update* is the step minus the rollout phase: the policy forward, backward and optimizer step. "
@@ -205,7 +268,7 @@ def write_markdown(report: dict, path: Path) -> None:
                   "number and lengths are matched.", ""]
     lp = report["loss_parity"]
     same, default = lp["trl"], lp.get("trl_bias_corrected_kl") or {}
-    lines += ["## Loss parity on one fixed batch", "",
+    lines += ["## GRPO loss parity on one fixed batch", "",
               f"`bench.py --tool same_batch`: both tools' own code computes the reference log-probs, the GRPO loss "
               f"(β = {lp['beta']:g}) and its gradient on the same {lp['pairs']} (prompt, completion) pairs "
               f"({lp['response_tokens']} completion tokens of random length, the shorter ones ending in EOS, so padding "
@@ -223,6 +286,7 @@ def write_markdown(report: dict, path: Path) -> None:
               "value, so the loss does not change, but it is differentiable, so the KL gradient does (DeepSeek-V3.2's "
               "unbiased KL gradient). posttrain uses the plain k3 gradient of the GRPO paper, so the timed TRL runs "
               "set `use_bias_correction_kl=False`; the compute is the same either way (one elementwise product).", ""]
+    lines += rloo_parity_lines(report.get("rloo_loss_parity"))
     bd = lp["breakdown"]
     impl = bd["optimizer_implementations"]
     lines += ["## Where the time goes: each piece alone, same inputs, one thread", "",
@@ -288,6 +352,17 @@ def main() -> None:
             plan.append(key)
     order = [tuple(item.split(":", 2)) for item in filter(None, args.runs.split(","))]
     t0 = time.time()
+    rloo_parity = None
+    if any(case == "rloo" for case, _, _ in plan):
+        print("[same batch] RLOO: both tools' advantages and gradient on one fixed batch", flush=True)
+        rloo_parity = child("rloo", "same_batch", "-", args, args.work / "same_batch_rloo.json",
+                            args.work / "same_batch_rloo.log")
+        rloo_parity["advantages_agree"] = rloo_parity["advantages_max_abs_diff"] < LOSS_TOLERANCE
+        rloo_parity["agree"] = (rloo_parity["same_inputs"] and rloo_parity["advantages_agree"]
+                                and rloo_parity["trl"]["grad_rel_diff"] < GRAD_TOLERANCE)
+        print(f"  advantages max |diff| {rloo_parity['advantages_max_abs_diff']:.1e}, gradient relative difference "
+              f"{rloo_parity['trl']['grad_rel_diff']:.1e} (posttrain × {rloo_parity['trl']['grad_scale']:.2f})",
+              flush=True)
     print("[same batch] both tools' loss and gradient on one fixed batch, then a one-thread cost breakdown", flush=True)
     loss_parity = child("grpo_kl", "same_batch", "-", args, args.work / "same_batch.json", args.work / "same_batch.log")
     loss_parity["agree"] = (loss_parity["trl"]["loss_abs_diff"] < LOSS_TOLERANCE
@@ -321,6 +396,9 @@ def main() -> None:
     warnings = timing_warnings(rows, SPREAD_WARNING, "median")
     if not loss_parity["agree"]:
         warnings.append("loss parity failed: posttrain's and TRL's GRPO loss or gradient differ on the same batch")
+    if rloo_parity and not rloo_parity["agree"]:
+        warnings.append("RLOO parity failed: posttrain's and TRL's RLOO advantages or (rescaled) gradient differ on the "
+                        "same batch")
     for p in parities:
         if not (p["same_prompts_every_rollout"] and p["completions_ok"] and p["step1_kl_zero"]):
             warnings.append(f"{p['case']}: parity check failed (same prompts: {p['same_prompts_every_rollout']}, "
@@ -342,6 +420,7 @@ def main() -> None:
         "ratios": all_ratios,
         "parity": parities,
         "loss_parity": loss_parity,
+        "rloo_loss_parity": rloo_parity,
         "verdicts": verdicts,
         "warnings": warnings,
     }
