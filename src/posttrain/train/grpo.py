@@ -29,8 +29,7 @@ import torch
 
 from posttrain.config import GRPOConfig, GRPOLossConfig, validate_grpo
 from posttrain.losses import policy_gradient as pg
-from posttrain.train.rollouts import (RolloutStage, build_reward, collate_completions, completion_forward,  # noqa: F401
-                                      completion_logps, held_out_reward, start_rl_run, summed)
+from posttrain.train.rollouts import RolloutStage, collate_completions, completion_forward, start_rl_run, summed
 
 
 # --------------------------------------------------------------------------- the loss
