@@ -89,7 +89,7 @@ def make_optimizer(model: torch.nn.Module, cfg, lr_scale: Callable[[str], float]
     kwargs = {"lr": cfg.lr, "betas": tuple(cfg.adam_betas), "eps": cfg.adam_eps}
     optimizer = getattr(cfg, "optimizer", "adamw")
     if optimizer == "adamw":
-        return torch.optim.AdamW(groups, **kwargs, fused=_can_fuse(groups) or None)
+        return torch.optim.AdamW(groups, **kwargs)
     from posttrain.models.adapters.spec import require_cuda_bitsandbytes
 
     require_cuda_bitsandbytes(f"train.optimizer={optimizer}")
@@ -97,14 +97,6 @@ def make_optimizer(model: torch.nn.Module, cfg, lr_scale: Callable[[str], float]
 
     cls = bnb.optim.PagedAdamW8bit if optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
     return cls(groups, **kwargs)
-
-
-def _can_fuse(groups: list[dict]) -> bool:
-    """torch's fused AdamW (one kernel for all parameters) applies when every parameter is a
-    floating-point tensor on CPU or CUDA. On CPU the default per-tensor loop costs ~20× more
-    time per step (measured: 5.9 vs 110 ms for 40 tensors of 256×256 on 2 busy cores)."""
-    params = [p for g in groups for p in g["params"]]
-    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
 
 
 def lr_factor(step: int, total_steps: int, schedule: str, warmup_steps: int, min_lr_ratio: float) -> float:
