@@ -145,16 +145,17 @@ class PPOStage(RolloutStage):
         order = list(range(len(self.prompts)))
         random.Random(f"posttrain-ppo-{self.cfg.train.seed}-{epoch}").shuffle(order)
         first, update = 0, 0
-        if self._resumed and self.position[0] == epoch:  # continue the checkpoint's rollout
+        continuing = self._resumed and self.position[0] == epoch  # the checkpoint's rollout, restored
+        self._resumed = False
+        if continuing:
             first, update = self.position[1], self.position[2]
         elif skip:  # no stage state: assume no early stop
             first, rest = divmod(skip, self.updates_per_rollout * self.batches_per_update)
             update = rest // self.batches_per_update
         for index in range(first, self.rollouts_per_epoch()):
-            if not (self._resumed and index == first):
+            if not (continuing and index == first):
                 chosen = order[index * self.prompts_per_rollout : (index + 1) * self.prompts_per_rollout]
                 self.batches, self.stop_rollout = self._batches(self._sample(chosen, epoch, index)), False
-            self._resumed = False
             while update < self.updates_per_rollout and not self.stop_rollout:
                 ppo_epoch, minibatch = divmod(update, self.cfg.ppo.minibatches)
                 shuffled = list(range(len(self.batches)))
