@@ -7,6 +7,9 @@
     posttrain grpo CONFIG.yaml [...]          GRPO / RLOO: sampled completions, verifiable or learned rewards
     posttrain rloo CONFIG.yaml [...]          grpo with grpo.advantage=rloo
     posttrain ppo CONFIG.yaml [...]           PPO: value model, GAE, KL penalty (fixed or adaptive), clipped losses
+    posttrain constitutional | cai CONFIG.yaml [...]  Constitutional AI: critique -> revision -> SFT rows, pairs
+    posttrain self-instruct CONFIG.yaml [...]  Self-Instruct: seed tasks -> new tasks, filtered -> SFT rows
+    posttrain rlaif CONFIG.yaml [...]         RLAIF: N responses a prompt, pairs judged in both orders -> preferences
     posttrain pipeline PIPELINE.yaml [NAME.key=value ...] [--only NAME | --from NAME] [--restart] [--dry-run]
     posttrain score --model RM_DIR --input rows.jsonl --output scored.jsonl
     posttrain generate --model DIR --prompts FILE [--output out.jsonl] [sampling flags]
@@ -57,7 +60,8 @@ def _sampling_args(parser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from posttrain.config import DPOConfig, GRPOConfig, PPOConfig, RMConfig, SFTConfig
+    from posttrain.config import DPOConfig, GRPOConfig, PPOConfig, RLAIFConfig, RMConfig, SFTConfig
+    from posttrain.config.synthesis import ConstitutionalConfig, SelfInstructConfig
     from posttrain.pipeline import add_parser as add_pipeline_parser
 
     parser = argparse.ArgumentParser(prog="posttrain", description="Post-training for language models.")
@@ -70,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     _stage_parser(sub, "grpo", GRPOConfig, "online RL with group-relative advantages (GRPO; RLOO with grpo.advantage)")
     _stage_parser(sub, "rloo", GRPOConfig, "posttrain grpo with grpo.advantage=rloo (leave-one-out baseline)")
     _stage_parser(sub, "ppo", PPOConfig, "online RL with PPO: a value model, GAE and a KL penalty to the reference")
+    _stage_parser(sub, "constitutional", ConstitutionalConfig,
+                  "Constitutional AI: answers critiqued and revised under principles -> SFT rows and pairs (RL-CAI)")
+    _stage_parser(sub, "cai", ConstitutionalConfig, "posttrain constitutional")
+    _stage_parser(sub, "self-instruct", SelfInstructConfig,
+                  "Self-Instruct: new instructions, inputs and outputs grown from seed tasks, filtered -> SFT rows")
+    _stage_parser(sub, "rlaif", RLAIFConfig,
+                  "RLAIF: a policy's responses judged pairwise by a model, in both orders -> preferences for dpo/rm")
     add_pipeline_parser(sub)
     score = sub.add_parser("score", help="score prompt/response rows with reward models and functions")
     score.add_argument("--model", action="append", default=[], metavar="[NAME=]DIR",
@@ -149,12 +160,39 @@ ALIAS_OVERRIDES = {"kto": ["dpo.loss=kto"], "orpo": ["dpo.loss=orpo"], "rloo": [
 _STAGES = {"sft": _sft, "rm": _rm, "dpo": _dpo, "kto": _dpo, "orpo": _dpo, "grpo": _grpo, "rloo": _grpo, "ppo": _ppo}
 
 
+def _constitutional():
+    from posttrain.config.synthesis import ConstitutionalConfig
+    from posttrain.feedback.constitutional import run_constitutional
+
+    return ConstitutionalConfig, run_constitutional
+
+
+def _self_instruct():
+    from posttrain.config.synthesis import SelfInstructConfig
+    from posttrain.feedback.self_instruct import run_self_instruct
+
+    return SelfInstructConfig, run_self_instruct
+
+
+def _rlaif():
+    from posttrain.config import RLAIFConfig
+    from posttrain.feedback.rlaif import run_rlaif
+
+    return RLAIFConfig, run_rlaif
+
+
+# Commands that write training data from a model's outputs (a config and overrides, like a stage,
+# but no model to train, so not pipeline stages).
+_DATA_COMMANDS = {"constitutional": _constitutional, "cai": _constitutional, "self-instruct": _self_instruct,
+                  "rlaif": _rlaif}
+
+
 def _run(args) -> int:
-    if args.command in _STAGES:
+    if args.command in _STAGES or args.command in _DATA_COMMANDS:
         from transformers.utils import logging
 
         logging.disable_progress_bar()  # "Loading weights" bars per load; our own bar shows training
-        config_cls, run = _STAGES[args.command]()
+        config_cls, run = {**_STAGES, **_DATA_COMMANDS}[args.command]()
         config, overrides = args.config, list(args.overrides)
         if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
             config, overrides = None, [config, *overrides]  # only overrides were given

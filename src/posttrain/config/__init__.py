@@ -9,8 +9,12 @@ starts, with the closest valid key.
     sections.py     model, adapter, data, train, eval; SFTConfig
     preference.py   RMConfig, DPOConfig
     rl.py           GRPOConfig, PPOConfig
+    feedback.py     BackendConfig, JudgeConfig, RLAIFConfig (AI feedback)
+    synthesis.py    ConstitutionalConfig, SelfInstructConfig (training data from a model's outputs)
 """
 
+from posttrain.config.feedback import (BackendConfig, JudgeConfig, RLAIFConfig, RLAIFDataConfig, RLAIFLoopConfig,
+                                       rlaif_reference, validate_rlaif)
 from posttrain.config.preference import (DPOConfig, DPOLossConfig, PreferenceDataConfig, RewardConfig, RMConfig,
                                          preference_reference, validate_dpo, validate_rm)
 from posttrain.config.rl import (GRPOConfig, GRPOLossConfig, PPOConfig, PPOLossConfig, PPORolloutConfig,
@@ -20,12 +24,17 @@ from posttrain.config.schema import apply_override, markdown_reference, option, 
 from posttrain.config.sections import (AdapterConfig, BottleneckConfig, DataConfig, EvalConfig, FreezeTuningConfig,
                                        IA3Config, LoraConfig, ModelConfig, QuantizationConfig, SFTConfig, TrainConfig,
                                        VirtualTokensConfig, validate_sft)
+from posttrain.config.synthesis import (ConstitutionalConfig, SelfInstructConfig, synthesis_reference,
+                                        validate_constitutional, validate_self_instruct)
 
 __all__ = [
-    "AdapterConfig", "BottleneckConfig", "DPOConfig", "DPOLossConfig", "DataConfig", "EvalConfig", "FreezeTuningConfig",
-    "GRPOConfig", "GRPOLossConfig", "IA3Config", "LoraConfig", "ModelConfig", "PPOConfig", "PPOLossConfig",
-    "PPORolloutConfig", "PreferenceDataConfig", "PromptDataConfig", "QuantizationConfig", "RLEvalConfig",
-    "RLRewardConfig", "RMConfig", "RewardConfig", "RolloutConfig", "SFTConfig", "TrainConfig", "VirtualTokensConfig",
-    "apply_override", "markdown_reference", "option", "preference_reference", "read_yaml", "rl_reference",
-    "section_values", "validate_dpo", "validate_grpo", "validate_ppo", "validate_rm", "validate_sft",
+    "ConstitutionalConfig", "SelfInstructConfig", "synthesis_reference", "validate_constitutional",
+    "validate_self_instruct",
+    "AdapterConfig", "BackendConfig", "BottleneckConfig", "DPOConfig", "DPOLossConfig", "DataConfig", "EvalConfig",
+    "FreezeTuningConfig", "GRPOConfig", "GRPOLossConfig", "IA3Config", "JudgeConfig", "LoraConfig", "ModelConfig",
+    "PPOConfig", "PPOLossConfig", "PPORolloutConfig", "PreferenceDataConfig", "PromptDataConfig", "QuantizationConfig",
+    "RLAIFConfig", "RLAIFDataConfig", "RLAIFLoopConfig", "RLEvalConfig", "RLRewardConfig", "RMConfig", "RewardConfig",
+    "RolloutConfig", "SFTConfig", "TrainConfig", "VirtualTokensConfig", "apply_override", "markdown_reference",
+    "option", "preference_reference", "read_yaml", "rl_reference", "rlaif_reference", "section_values", "validate_dpo",
+    "validate_grpo", "validate_ppo", "validate_rlaif", "validate_rm", "validate_sft",
 ]

@@ -1,9 +1,14 @@
 """python -m posttrain.config: print the README's config reference tables."""
 
-from posttrain.config import SFTConfig, markdown_reference, preference_reference, rl_reference
+from posttrain.config import (SFTConfig, markdown_reference, preference_reference, rl_reference, rlaif_reference,
+                              synthesis_reference)
 
 print(markdown_reference(SFTConfig))
 print("\n## Config reference (rm and dpo: the sections that differ from SFT)\n")
 print(preference_reference())
 print("\n## Config reference (grpo, rloo and ppo: the sections that differ from SFT)\n")
 print(rl_reference())
+print("\n## Config reference (rlaif)\n")
+print(rlaif_reference())
+print("\n## Config reference (constitutional and self-instruct)\n")
+print(synthesis_reference())

@@ -1,0 +1,320 @@
+"""Chat backends for AI feedback: a model that answers a list of messages with one reply.
+
+    ChatBackend        the protocol judges and pipelines use: model_name, usage, chat(messages) -> Reply
+    OpenAICompatible   any OpenAI-compatible HTTP endpoint (posttrain serve, vLLM, Ollama, a hosted
+                       API): stdlib urllib, retries with exponential backoff and jitter on 429 / 5xx /
+                       timeouts / dropped connections (Retry-After honoured), a shared client-side
+                       rate limit, token counts from the response's `usage` (estimated when absent)
+    LocalModel         a model loaded in this process (preset, model dir, run dir or adapter dir),
+                       the chat template applied, exact token counts; a lock lets threads share it
+    make_backend(cfg)  a BackendConfig -> the backend it describes
+
+Backends are thread-safe: pipelines call one backend from several worker threads.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import http.client
+import json
+import os
+import random
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+from posttrain.errors import UserError
+
+MAX_BACKOFF_S = 60.0  # longest wait between retries that we choose ourselves
+MAX_RETRY_AFTER_S = 600.0  # longest Retry-After we honour; a larger one is capped
+RETRYABLE_STATUS = {408, 409, 425, 429}  # besides every 5xx
+
+
+class BackendError(UserError):
+    """A request that failed for good: a 4xx other than 429, or retries exhausted."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Reply:
+    text: str
+    finish_reason: str  # "stop" (the model ended its turn) or "length" (hit max_tokens), as the server says
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Usage:
+    """Counters of one backend since it was made; safe to update from several threads."""
+
+    requests: int = 0  # successful replies
+    retries: int = 0  # attempts repeated after a retryable failure
+    failures: int = 0  # requests that failed for good
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    estimated: int = 0  # replies whose token counts were estimated (the server sent no usage)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **counts: int) -> None:
+        with self._lock:
+            for name, value in counts.items():
+                setattr(self, name, getattr(self, name) + value)
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return {"requests": self.requests, "retries": self.retries, "failures": self.failures,
+                    "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                    "estimated": self.estimated}
+
+
+class ChatBackend(Protocol):
+    model_name: str  # recorded in provenance
+    usage: Usage
+
+    def chat(self, messages: list[dict[str, str]], *, max_tokens: int | None = None,
+             temperature: float | None = None, seed: int | None = None) -> Reply: ...
+
+
+def estimate_tokens(text: str) -> int:
+    """A rough token count for servers that report none: about 4 characters per token."""
+    return max(1, round(len(text) / 4)) if text else 0
+
+
+class RateLimiter:
+    """Token bucket shared by all threads: on average `rate` acquisitions per second, at most
+    `burst` at once. A caller that finds the bucket empty reserves the next token and sleeps
+    until it is due, so waiting threads are served in arrival order."""
+
+    def __init__(self, rate: float, burst: int = 1, *, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep):
+        if rate <= 0 or burst < 1:
+            raise ValueError(f"rate must be > 0 and burst >= 1, got {rate}, {burst}")
+        self.rate, self.burst, self._clock, self._sleep = rate, burst, clock, sleep
+        self._tokens = float(burst)
+        self._updated = clock()
+        self._lock = threading.Lock()
+
+    def acquire(self) -> float:
+        """Take one token, sleeping if none is left; returns the seconds waited."""
+        with self._lock:
+            now = self._clock()
+            self._tokens = min(self.burst, self._tokens + (now - self._updated) * self.rate)
+            self._updated = now
+            self._tokens -= 1  # below zero = tokens reserved by waiting callers
+            wait = -self._tokens / self.rate if self._tokens < 0 else 0.0
+        if wait > 0:
+            self._sleep(wait)
+        return wait
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date); None if absent/invalid."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def backoff_delay(attempt: int, base_s: float, rng: random.Random) -> float:
+    """Exponential backoff with jitter: base · 2^attempt · U(0.5, 1.5), capped at MAX_BACKOFF_S."""
+    return min(MAX_BACKOFF_S, base_s * (2 ** attempt) * rng.uniform(0.5, 1.5))
+
+
+class _Retryable(Exception):
+    def __init__(self, reason: str, retry_after: float | None = None):
+        super().__init__(reason)
+        self.reason, self.retry_after = reason, retry_after
+
+
+class OpenAICompatible:
+    """POST {base_url}/chat/completions with the standard OpenAI body, standard library only."""
+
+    def __init__(self, base_url: str, model: str, *, api_key: str | None = None, timeout_s: float = 120.0,
+                 max_retries: int = 5, backoff_s: float = 1.0, requests_per_second: float = 0.0,
+                 max_tokens: int = 128, temperature: float = 1.0, seed: int | None = None,
+                 sleep: Callable[[float], None] = time.sleep, rng: random.Random | None = None):
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model_name = model
+        self._api_key = api_key  # kept out of repr, records and error messages
+        self.timeout_s, self.max_retries, self.backoff_s = timeout_s, max_retries, backoff_s
+        self.defaults = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed}
+        self.usage = Usage()
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        self._limiter = RateLimiter(requests_per_second, sleep=sleep) if requests_per_second > 0 else None
+
+    def __repr__(self) -> str:
+        return f"OpenAICompatible(url={self.url!r}, model={self.model_name!r})"
+
+    def chat(self, messages: list[dict[str, str]], *, max_tokens: int | None = None,
+             temperature: float | None = None, seed: int | None = None) -> Reply:
+        body = {"model": self.model_name, "messages": messages, **self._settings(max_tokens, temperature, seed)}
+        data = self._post(json.dumps(body).encode())
+        try:
+            choice = data["choices"][0]
+            text = choice["message"]["content"] or ""
+            finish = choice.get("finish_reason") or "stop"
+        except (KeyError, IndexError, TypeError):
+            self.usage.add(failures=1)
+            raise BackendError(f"POST {self.url}: the response has no choices[0].message.content: "
+                               f"{json.dumps(data)[:200]}") from None
+        usage = data.get("usage") or {}
+        prompt_tokens, completion_tokens = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        estimated = not (isinstance(prompt_tokens, int) and isinstance(completion_tokens, int))
+        if estimated:
+            prompt_tokens = estimate_tokens("".join(m.get("content", "") for m in messages))
+            completion_tokens = estimate_tokens(text)
+        self.usage.add(requests=1, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                       estimated=int(estimated))
+        return Reply(text, finish, prompt_tokens, completion_tokens)
+
+    def _settings(self, max_tokens, temperature, seed) -> dict[str, Any]:
+        given = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed}
+        chosen = {k: self.defaults[k] if v is None else v for k, v in given.items()}
+        return {k: v for k, v in chosen.items() if v is not None}
+
+    def _post(self, payload: bytes) -> dict:
+        """One request with retries; returns the decoded JSON body or raises BackendError."""
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        for attempt in range(self.max_retries + 1):
+            if self._limiter is not None:
+                self._limiter.acquire()
+            try:
+                return self._attempt(urllib.request.Request(self.url, data=payload, headers=headers, method="POST"))
+            except _Retryable as exc:
+                if attempt == self.max_retries:
+                    self.usage.add(failures=1)
+                    raise BackendError(f"POST {self.url}: gave up after {self.max_retries} retries; last error: "
+                                       f"{exc.reason}") from None
+                self.usage.add(retries=1)
+                delay = backoff_delay(attempt, self.backoff_s, self._rng)
+                if exc.retry_after is not None:
+                    delay = min(exc.retry_after, MAX_RETRY_AFTER_S)
+                self._sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _attempt(self, request: urllib.request.Request) -> dict:
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as exc:
+            message = _error_message(exc)
+            if exc.code in RETRYABLE_STATUS or exc.code >= 500:
+                raise _Retryable(f"HTTP {exc.code}: {message}", parse_retry_after(exc.headers.get("Retry-After")))
+            self.usage.add(failures=1)
+            hint = " (check the API key variable, *.api_key_env)" if exc.code in (401, 403) else ""
+            raise BackendError(f"POST {self.url}: HTTP {exc.code}: {message}{hint}", exc.code) from None
+        except urllib.error.URLError as exc:
+            raise _Retryable(f"cannot connect: {exc.reason}") from None
+        except (TimeoutError, socket.timeout):
+            raise _Retryable(f"no response within {self.timeout_s:g}s") from None
+        except (ConnectionError, http.client.HTTPException) as exc:
+            raise _Retryable(f"connection dropped: {type(exc).__name__}: {exc}") from None
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise _Retryable(f"the response is not JSON: {raw[:120]!r}") from None
+
+
+def _error_message(exc: urllib.error.HTTPError) -> str:
+    """The server's own message (OpenAI's {"error": {"message"}} or any text), on one line."""
+    try:
+        raw = exc.read().decode("utf-8", "replace")
+    except Exception:  # noqa: BLE001 - a broken body must not hide the status
+        raw = ""
+    try:
+        data = json.loads(raw)
+        error = data.get("error", data) if isinstance(data, dict) else data
+        message = error.get("message", raw) if isinstance(error, dict) else str(error)
+    except json.JSONDecodeError:
+        message = raw
+    message = " ".join(str(message).split()) or exc.reason or "no message"
+    return message[:300]
+
+
+class LocalModel:
+    """A model in this process. Generation holds a lock, so threads take turns."""
+
+    def __init__(self, model, tokenizer, *, name: str, template: str = "auto", max_tokens: int = 128,
+                 temperature: float = 1.0, seed: int | None = None):
+        from posttrain.data.templates import resolve_template
+        from posttrain.rollout.generate import eos_token_ids, pad_token_id
+
+        self.model, self.tokenizer, self.model_name = model, tokenizer, name
+        self.template = resolve_template(tokenizer, template)
+        self.defaults = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed}
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        self.pad_id = pad_token_id(tokenizer, self.eos_ids)
+        self.context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        self.usage = Usage()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, path: str, *, dtype: str = "float32", template: str = "auto", **defaults: Any) -> "LocalModel":
+        from posttrain.inference import load_for_inference
+
+        model, tokenizer = load_for_inference(path, dtype)
+        return cls(model, tokenizer, name=path, template=template, **defaults)
+
+    def __repr__(self) -> str:
+        return f"LocalModel({self.model_name!r})"
+
+    def chat(self, messages: list[dict[str, str]], *, max_tokens: int | None = None,
+             temperature: float | None = None, seed: int | None = None) -> Reply:
+        from posttrain.rollout.generate import generate_token_ids
+        from posttrain.rollout.sampling import SamplingSettings
+
+        max_tokens = self.defaults["max_tokens"] if max_tokens is None else max_tokens
+        temperature = self.defaults["temperature"] if temperature is None else temperature
+        seed = self.defaults["seed"] if seed is None else seed
+        with self._lock:
+            text = self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
+                                                      add_generation_prompt=True)
+            prompt_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]  # the template has BOS
+            if self.context is not None:
+                if len(prompt_ids) >= self.context:
+                    self.usage.add(failures=1)
+                    raise BackendError(f"{self.model_name}: the prompt has {len(prompt_ids)} tokens; the model's "
+                                       f"context is {self.context}")
+                max_tokens = min(max_tokens, self.context - len(prompt_ids))
+            settings = SamplingSettings(max_new_tokens=max_tokens, temperature=temperature,
+                                        seed=seed if temperature > 0 else None)
+            ids = generate_token_ids(self.model, [prompt_ids], settings, pad_token_id=self.pad_id,
+                                     eos_token_ids=self.eos_ids, batch_size=1)[0]
+            reply_text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        finish = "stop" if ids and ids[-1] in self.eos_ids else "length"
+        self.usage.add(requests=1, prompt_tokens=len(prompt_ids), completion_tokens=len(ids))
+        return Reply(reply_text, finish, len(prompt_ids), len(ids))
+
+
+def make_backend(cfg) -> ChatBackend:
+    """The backend a BackendConfig describes. The API key is read from the environment here."""
+    if cfg.kind == "local":
+        return LocalModel.load(cfg.model, dtype=cfg.dtype, template=cfg.template, max_tokens=cfg.max_tokens,
+                               temperature=cfg.temperature, seed=cfg.seed)
+    if cfg.kind == "openai":
+        api_key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
+        return OpenAICompatible(cfg.base_url, cfg.model, api_key=api_key or None, timeout_s=cfg.timeout_s,
+                                max_retries=cfg.max_retries, backoff_s=cfg.backoff_s,
+                                requests_per_second=cfg.requests_per_second, max_tokens=cfg.max_tokens,
+                                temperature=cfg.temperature, seed=cfg.seed)
+    raise ValueError(f"unknown backend kind {cfg.kind!r}")

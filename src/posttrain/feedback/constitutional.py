@@ -1,0 +1,401 @@
+"""Constitutional AI (Bai et al. 2022): a model improves its own answers under written principles.
+
+For each prompt:
+
+    initial response ──▶ for round 1..n: sample a principle (seeded per prompt)
+                                         ──▶ critique the current response against it
+                                         ──▶ revise the response to address the critique
+                     ──▶ final revision
+
+    chains.jsonl        one record per prompt, every step with its principle (the resumable log)
+    sft.jsonl           prompt + final revision, `messages` rows (posttrain sft)       SL-CAI
+    preferences.jsonl   chosen = final revision, rejected = original, `pairs` rows (posttrain dpo / rm)
+
+RL-CAI (`constitutional.rl_cai`): instead of assuming the revision is better, a judge compares
+original and revision under the constitution's principles, in both orders (position swap);
+only a consistent verdict becomes a pair, its preferred side chosen, and the verdicts are kept.
+
+A critique or revision that comes back empty (or cut off by max_tokens, with drop_truncated)
+is dropped and counted by reason; the round leaves the response as it was. A prompt whose
+every round was dropped gives no SFT row and no pair, and is counted too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import sys
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from posttrain.errors import ConfigError, DataError, UserError
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+_PRINCIPLE_KEYS = ("name", "critique", "revision")
+_REVISION_SUFFIX = "\n\nReply with the rewritten response only."
+# "Revised response:", "Here is the rewritten reply:", "Revision:" ... at the start of a revision.
+_REVISION_LABEL = re.compile(
+    r"^\s*(?:(?:here is|here's)\s+)?(?:(?:the|a|my)\s+)?(?:revision|(?:revised|rewritten|improved)"
+    r"(?:\s+(?:response|reply|answer|version))?)\s*:\s*", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Principle:
+    name: str
+    critique: str  # what to look for in the assistant's last reply
+    revision: str  # how to rewrite it
+
+
+# --------------------------------------------------------------------------- the constitution file
+
+
+def constitution_path(name: str) -> Path:
+    """'default' -> the bundled constitution; anything else is a path."""
+    return ASSETS / "constitution.yaml" if name == "default" else Path(name)
+
+
+def load_constitution(name: str) -> list[Principle]:
+    """Principles from a YAML file (a list, or a mapping with `principles:`) or a JSONL file
+    (one principle a line). Each needs a unique `name`, a `critique` and a `revision` request."""
+    path = constitution_path(name)
+    if not path.is_file():
+        raise DataError(f"constitution file {path} does not exist (constitutional.constitution; 'default' = bundled)")
+    if path.suffix in (".yaml", ".yml"):
+        entries = _yaml_entries(path)
+    elif path.suffix == ".jsonl":
+        entries = _jsonl_entries(path)
+    else:
+        raise DataError(f"{path}: a constitution must be a .yaml, .yml or .jsonl file")
+    principles, seen = [], {}
+    for where, entry in entries:
+        principle = _principle(entry, where)
+        if principle.name in seen:
+            raise DataError(f"{where}: principle name {principle.name!r} is already used by {seen[principle.name]}")
+        seen[principle.name] = where
+        principles.append(principle)
+    if not principles:
+        raise DataError(f"{path}: the constitution has no principles")
+    return principles
+
+
+def _yaml_entries(path: Path) -> list[tuple[str, Any]]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise DataError(f"{path}:{mark.line + 1 if mark else 1}: not valid YAML "
+                        f"({getattr(exc, 'problem', None) or exc})") from None
+    if isinstance(data, dict):
+        if set(data) != {"principles"}:
+            raise DataError(f"{path}: expected a list of principles or one key 'principles:', got keys "
+                            f"{', '.join(map(str, data))}")
+        data = data["principles"]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a list of principles, got {type(data).__name__}")
+    return [(f"{path}: principle {i}", entry) for i, entry in enumerate(data, 1)]
+
+
+def _jsonl_entries(path: Path) -> list[tuple[str, Any]]:
+    from posttrain.data.readers import Malformed, iter_rows
+
+    entries = []
+    for location, row in iter_rows(str(path)):
+        if isinstance(row, Malformed):
+            raise DataError(f"{location}: {row.reason}")
+        entries.append((location, row))
+    return entries
+
+
+def _principle(entry: Any, where: str) -> Principle:
+    if not isinstance(entry, dict):
+        raise DataError(f"{where}: expected a mapping with {', '.join(_PRINCIPLE_KEYS)}, got {type(entry).__name__}")
+    unknown = [str(k) for k in entry if k not in _PRINCIPLE_KEYS]
+    if unknown:
+        raise DataError(f"{where}: unknown key {unknown[0]!r}; a principle has {', '.join(_PRINCIPLE_KEYS)}")
+    for key in _PRINCIPLE_KEYS:
+        value = entry.get(key)
+        if not isinstance(value, str) or not value.strip():
+            name = f" ({entry['name']!r})" if isinstance(entry.get("name"), str) else ""
+            raise DataError(f"{where}{name}: {key!r} must be a non-empty string, got {value!r}")
+    return Principle(entry["name"].strip(), entry["critique"].strip(), entry["revision"].strip())
+
+
+def constitution_rubric(principles: list[Principle]) -> str:
+    """The principles as a judge's rubric: each one's revision request says what a better response does."""
+    return "\n".join(f"- {p.name}: {p.revision}" for p in principles)
+
+
+# --------------------------------------------------------------------------- one prompt's chain
+
+
+def sample_principles(principles: list[Principle], rounds: int, seed: int, prompt_id: str) -> list[Principle]:
+    """The principle of each round, drawn with replacement from an RNG seeded by (seed, prompt id):
+    the same prompt gets the same principles in every run, whatever order prompts finish in."""
+    rng = random.Random(f"{seed}/{prompt_id}")
+    return [rng.choice(principles) for _ in range(rounds)]
+
+
+def request_seed(seed: int, prompt_id: str, step: str) -> int:
+    """A sampling seed per request, stable across runs and resumes."""
+    return zlib.crc32(f"{seed}/{prompt_id}/{step}".encode())
+
+
+def critique_messages(turns: list[dict[str, str]], response: str, principle: Principle) -> list[dict[str, str]]:
+    return [*turns, {"role": "assistant", "content": response}, {"role": "user", "content": principle.critique}]
+
+
+def revision_messages(turns: list[dict[str, str]], response: str, principle: Principle,
+                      critique: str) -> list[dict[str, str]]:
+    return [*critique_messages(turns, response, principle), {"role": "assistant", "content": critique},
+            {"role": "user", "content": principle.revision + _REVISION_SUFFIX}]
+
+
+def clean_revision(text: str) -> str:
+    """The revision without surrounding space, a leading "Revised response:"-style label, or
+    quotes wrapped around the whole of it."""
+    text = _REVISION_LABEL.sub("", text.strip(), count=1).strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'" and text.count(text[0]) == 2:
+        text = text[1:-1].strip()
+    return text
+
+
+def _drop_reason(text: str, finish_reason: str, what: str, drop_truncated: bool) -> str | None:
+    if not text:
+        return f"empty_{what}"
+    if drop_truncated and finish_reason == "length":
+        return f"truncated_{what}"
+    return None
+
+
+@dataclass(frozen=True)
+class ChainSettings:
+    rounds: int = 1
+    seed: int = 0
+    system: str = ""  # used when generating; not written to the outputs
+    drop_truncated: bool = True
+
+
+def run_chain(backend, prompt_id: str, prompt: list[dict[str, str]], principles: list[Principle],
+              settings: ChainSettings) -> dict[str, Any]:
+    """Initial response, then `rounds` x (critique, revision), each under a sampled principle.
+
+    Returns the record logged for this prompt: every step, the principle it used, why a
+    step was dropped, the final response and a status (revised, unchanged, no_revision,
+    empty_response). A failed request raises (the prompt is retried on the next run).
+    """
+    own_system = settings.system and prompt[0]["role"] != "system"
+    turns = [{"role": "system", "content": settings.system}, *prompt] if own_system else prompt
+    first = backend.chat(turns, seed=request_seed(settings.seed, prompt_id, "initial"))
+    initial = first.text.strip()
+    record: dict[str, Any] = {"id": prompt_id, "prompt": prompt, "model": backend.model_name,
+                              "system": settings.system or None, "initial": initial,
+                              "initial_finish_reason": first.finish_reason, "rounds": []}
+    if not initial:
+        return {**record, "final": initial, "status": "empty_response", "revisions": 0}
+    current, kept = initial, 0
+    for number, principle in enumerate(sample_principles(principles, settings.rounds, settings.seed, prompt_id), 1):
+        step: dict[str, Any] = {"round": number, "principle": principle.name}
+        reply = backend.chat(critique_messages(turns, current, principle),
+                             seed=request_seed(settings.seed, prompt_id, f"critique{number}"))
+        step.update(critique=reply.text.strip(), critique_finish_reason=reply.finish_reason)
+        dropped = _drop_reason(step["critique"], reply.finish_reason, "critique", settings.drop_truncated)
+        if dropped is None:
+            reply = backend.chat(revision_messages(turns, current, principle, step["critique"]),
+                                 seed=request_seed(settings.seed, prompt_id, f"revision{number}"))
+            step.update(revision=clean_revision(reply.text), revision_finish_reason=reply.finish_reason)
+            dropped = _drop_reason(step["revision"], reply.finish_reason, "revision", settings.drop_truncated)
+        step["dropped"] = dropped
+        if dropped is None:
+            current, kept = step["revision"], kept + 1
+        record["rounds"].append(step)
+    status = "no_revision" if kept == 0 else "unchanged" if current == initial else "revised"
+    return {**record, "final": current, "status": status, "revisions": kept}
+
+
+def judge_chain(judge, record: dict[str, Any]) -> dict[str, Any]:
+    """RL-CAI: the judge's verdicts on original vs final revision, in both orders, added to the
+    record. `preferred` is "revision" or "original" when both orders name it, else None."""
+    judgement = judge.judge(record["prompt"], record["initial"], record["final"])
+    preferred = {"first": "original", "second": "revision"}.get(judgement.outcome)
+    return {**record, "judge": {"preferred": preferred, **judgement.to_dict()}}
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def sft_row(record: dict[str, Any]) -> dict[str, Any] | None:
+    """prompt + final revision as a `messages` row, when a revision survived."""
+    if record["status"] not in ("revised", "unchanged"):
+        return None
+    return {"id": record["id"], "messages": [*record["prompt"], {"role": "assistant", "content": record["final"]}]}
+
+
+def preference_row(record: dict[str, Any]) -> dict[str, Any] | None:
+    """A `pairs` row: chosen = final revision, rejected = original; with RL-CAI, the side the judge
+    preferred in both orders is chosen, and inconsistent verdicts give no row."""
+    if record["status"] != "revised":
+        return None
+    chosen, rejected = record["final"], record["initial"]
+    if "judge" in record:
+        preferred = record["judge"]["preferred"]
+        if preferred is None:
+            return None
+        if preferred == "original":
+            chosen, rejected = rejected, chosen
+    return {"id": record["id"], "prompt": record["prompt"], "chosen": chosen, "rejected": rejected}
+
+
+def count_outcomes(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Statuses, rounds dropped by reason, principles used and RL-CAI verdicts, over all records."""
+    rounds = [step for record in records for step in record["rounds"]]
+    judged = Counter(record["judge"]["preferred"] or record["judge"]["outcome"] for record in records
+                     if "judge" in record)
+    return {
+        "prompts": len(records),
+        "status": dict(sorted(Counter(record["status"] for record in records).items())),
+        "rounds": len(rounds),
+        "rounds_kept": sum(step["dropped"] is None for step in rounds),
+        "rounds_dropped": dict(sorted(Counter(step["dropped"] for step in rounds if step["dropped"]).items())),
+        "principles": dict(sorted(Counter(step["principle"] for step in rounds).items())),
+        **({"judge": {name: judged[name] for name in ("revision", "original", "tie", "inconsistent", "unparsed")}}
+           if judged else {}),
+    }
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Write rows to `path` atomically (a finished file or the previous one, never half of one)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    tmp.replace(path)
+
+
+def check_resume_settings(out_dir: Path, settings: dict[str, Any]) -> None:
+    """Refuse to resume into a run directory whose records were made with other settings."""
+    path = out_dir / "settings.json"
+    if path.is_file():
+        before = json.loads(path.read_text())
+        changed = [key for key in sorted(set(before) | set(settings)) if before.get(key) != settings.get(key)]
+        if changed:
+            key = changed[0]
+            raise ConfigError(f"{out_dir} holds a run made with {key}={before.get(key)!r}, now {settings.get(key)!r}; "
+                              "use a new output_dir, or restore the setting to resume")
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def load_prompts(cfg) -> list[tuple[str, list[dict[str, str]]]]:
+    """(id, prompt turns) per prompt row; the id is the row's "id" or its position."""
+    from posttrain.data.prompts import load_prompt_records
+
+    records, _ = load_prompt_records(cfg.prompt_files, fmt=cfg.format, log=lambda _: None)
+    if cfg.limit:
+        records = records[:cfg.limit]
+    prompts, seen = [], {}
+    for i, record in enumerate(records):
+        prompt_id = str(record.fields["id"]) if record.fields.get("id") is not None else f"p{i}"
+        if prompt_id in seen:
+            raise DataError(f"{record.source}: prompt id {prompt_id!r} is also used at {seen[prompt_id]}; ids must "
+                            "be unique")
+        seen[prompt_id] = record.source
+        prompts.append((prompt_id, record.prompt))
+    if not prompts:
+        raise DataError(f"no prompts in {', '.join(cfg.prompt_files)}")
+    return prompts
+
+
+def run_constitutional(cfg, *, policy=None, judge_backend=None, stream: TextIO | None = sys.stderr) -> Path:
+    """`posttrain constitutional`: chains for every prompt (resumable), then sft.jsonl,
+    preferences.jsonl and summary.json from all chains logged so far. `policy` / `judge_backend`
+    replace the backends the config describes (tests, notebooks)."""
+    from posttrain.config.synthesis import validate_constitutional
+    from posttrain.feedback.client import make_backend
+    from posttrain.feedback.jobs import JsonlLog, run_items
+
+    validate_constitutional(cfg)
+    c = cfg.constitutional
+    principles = load_constitution(c.constitution)
+    prompts = load_prompts(cfg.data)
+    out = Path(cfg.output_dir)
+    policy = policy or make_backend(cfg.policy)
+    settings = ChainSettings(rounds=c.rounds, seed=c.seed, system=c.system, drop_truncated=c.drop_truncated)
+    check_resume_settings(out, {
+        "policy": policy.model_name, "constitution": file_digest(constitution_path(c.constitution)),
+        "rounds": c.rounds, "seed": c.seed, "system": c.system, "drop_truncated": c.drop_truncated,
+        "rl_cai": c.rl_cai, **({"judge": cfg.judge.model, "judge.rubric": cfg.judge.rubric + cfg.judge.rubric_file}
+                               if c.rl_cai else {})})
+    judge = _make_judge(cfg, principles, judge_backend) if c.rl_cai else None
+
+    def work(prompt_id: str, prompt: list[dict[str, str]]) -> dict[str, Any]:
+        record = run_chain(policy, prompt_id, prompt, principles, settings)
+        return judge_chain(judge, record) if judge is not None and record["status"] == "revised" else record
+
+    with JsonlLog(out / "chains.jsonl") as log:
+        _check_logged_prompts(log, prompts)
+        summary = run_items(prompts, work, log, concurrency=c.concurrency, desc="constitutional", stream=stream)
+        by_id = {record["id"]: record for record in log.records}
+    records = [by_id[prompt_id] for prompt_id, _ in prompts if prompt_id in by_id]  # input order, however resumed
+    sft = [row for row in map(sft_row, records) if row is not None]
+    pairs = [row for row in map(preference_row, records) if row is not None]
+    write_jsonl(out / "sft.jsonl", sft)
+    write_jsonl(out / "preferences.jsonl", pairs)
+    usage = {"policy": policy.usage.snapshot(), **({"judge": judge.backend.usage.snapshot()} if judge else {})}
+    outcome = {**count_outcomes(records), "sft_rows": len(sft), "preference_rows": len(pairs),
+               "failed": summary.failed, "errors": summary.errors, "usage": usage, "config": cfg.to_dict()}
+    (out / "summary.json").write_text(json.dumps(outcome, indent=2) + "\n")
+    for line in summary.lines() + summary_lines(outcome):
+        print(line, file=stream or sys.stderr)
+    if summary.failed:
+        raise UserError(f"constitutional: {summary.failed} of {len(prompts)} prompts failed (first: "
+                        f"{summary.errors[0]}); the outputs hold the others; rerun the same command to retry them")
+    return out
+
+
+def summary_lines(outcome: dict[str, Any]) -> list[str]:
+    status = ", ".join(f"{n} {name}" for name, n in outcome["status"].items()) or "none"
+    dropped = ", ".join(f"{n} {name}" for name, n in outcome["rounds_dropped"].items()) or "none"
+    lines = [f"constitutional: {outcome['prompts']} prompts: {status}",
+             f"constitutional: {outcome['rounds_kept']}/{outcome['rounds']} rounds kept; dropped: {dropped}"]
+    if "judge" in outcome:
+        j = outcome["judge"]
+        lines.append(f"constitutional: the judge preferred the revision {j['revision']} times, the original "
+                     f"{j['original']}; {j['tie']} ties, {j['inconsistent']} inconsistent across orders, "
+                     f"{j['unparsed']} unparsed (no pair from these)")
+    lines.append(f"constitutional: wrote {outcome['sft_rows']} SFT rows and {outcome['preference_rows']} pairs")
+    return lines
+
+
+def _check_logged_prompts(log, prompts: list[tuple[str, list[dict[str, str]]]]) -> None:
+    """A logged chain must belong to the same prompt it has the id of (the prompt file may have changed)."""
+    given = dict(prompts)
+    for record in log.records:
+        if record["id"] in given and record["prompt"] != given[record["id"]]:
+            raise DataError(f"{log.path}: the chain logged for prompt {record['id']!r} was made for a different prompt "
+                            "text; the prompt files changed since; use a new output_dir")
+
+
+def _make_judge(cfg, principles: list[Principle], backend=None):
+    from posttrain.feedback.client import make_backend
+    from posttrain.feedback.judge import PairwiseJudge
+
+    rubric = cfg.judge.rubric
+    if cfg.judge.rubric_file:
+        if not Path(cfg.judge.rubric_file).is_file():
+            raise DataError(f"judge.rubric_file {cfg.judge.rubric_file} does not exist")
+        rubric = Path(cfg.judge.rubric_file).read_text(encoding="utf-8")
+    return PairwiseJudge(backend or make_backend(cfg.judge), rubric or constitution_rubric(principles),
+                         parse_retries=cfg.judge.parse_retries)

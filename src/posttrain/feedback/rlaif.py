@@ -1,0 +1,332 @@
+"""RLAIF: preference data from AI feedback (Bai et al. 2022, "Constitutional AI", Sec. 4;
+Lee et al. 2023, "RLAIF: Scaling Reinforcement Learning from Human Feedback with AI Feedback").
+
+    prompts ──policy: N samples each──▶ responses ──judge: every pair, both orders──▶ outcomes
+            ──pairs both orders agree on──▶ preferences.jsonl ──▶ posttrain dpo / posttrain rm
+
+Files in output_dir:
+
+    raw.jsonl          the resumable log: one record per prompt with its N responses and every
+                       pair's judgement (both orders' verdicts and the judge's replies)
+    preferences.jsonl  pairs rows (prompt / chosen / rejected) plus a provenance object; written
+                       from raw.jsonl at the end of every run, so resuming never duplicates a row
+    summary.json       counts, agreement between the orders, position bias, tokens
+    run.json           the settings that shape the results; a resumed run must use the same ones
+    config.yaml        the full config of the latest run (the API key variable's name, never its value)
+
+Pairs of identical or empty responses are not judged. Ties, inconsistent pairs (the verdict
+changed when the order was swapped) and unparsed ones stay in raw.jsonl and are never emitted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections import Counter
+from collections.abc import Callable
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+from posttrain.errors import ConfigError
+from posttrain.feedback.client import ChatBackend, LocalModel, make_backend
+from posttrain.feedback.jobs import JsonlLog, run_items
+from posttrain.feedback.judge import PairwiseJudge, cohen_kappa, to_original
+
+SKIPPED = ("identical", "empty")  # pair outcomes that were never sent to the judge
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def prompt_id(turns: list[dict[str, str]]) -> str:
+    """A stable id from the prompt's content (the same prompt gets the same id in every run)."""
+    return hashlib.sha256(json.dumps(turns, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def _to_prompt_record(row: Any, fmt: str, location: str):
+    """data.prompts' converter, plus "messages" rows that end with the user's turn: for RLAIF
+    the whole conversation is the prompt (SFT-style rows keep their last assistant turn out)."""
+    from posttrain.data.prompts import to_prompt_record
+
+    turns = row.get("messages") if isinstance(row, dict) else None
+    if fmt == "messages" and isinstance(turns, list) and turns and isinstance(turns[-1], dict) \
+            and turns[-1].get("role") == "user":
+        row, fmt = {**{k: v for k, v in row.items() if k != "messages"}, "prompt": turns}, "prompt"
+    return to_prompt_record(row, fmt, location)
+
+
+def load_prompts(files: list[str], fmt: str = "auto", limit: int = 0,
+                 log: Callable[[str], Any] = print) -> list[tuple[str, Any]]:
+    """(id, PromptRecord) per prompt, read as data.prompts reads RL prompts (format detected per
+    file: prompt, messages or alpaca); a malformed row stops the run with its file:line.
+    A prompt repeated in the data gets "<id>-2", "<id>-3", ... so every occurrence is kept."""
+    from posttrain.data import formats
+    from posttrain.data.prompts import PROMPT_FORMATS, detect_prompt_format
+
+    records, _ = formats._load(files, fmt, "error", 0.0, None, log, _to_prompt_record, detect_prompt_format,
+                               PROMPT_FORMATS)
+    if limit:
+        records = records[:limit]
+    seen: Counter[str] = Counter()
+    items = []
+    for record in records:
+        base = prompt_id(record.prompt)
+        seen[base] += 1
+        items.append((base if seen[base] == 1 else f"{base}-{seen[base]}", record))
+    return items
+
+
+# --------------------------------------------------------------------------- one prompt
+
+
+def sample_responses(policy: ChatBackend, turns: list[dict[str, str]], n: int, *, seed: int,
+                     max_tokens: int | None = None, temperature: float | None = None) -> list[dict]:
+    """N replies of the policy; response i is sampled with seed + i."""
+    responses = []
+    for i in range(n):
+        reply = policy.chat(turns, max_tokens=max_tokens, temperature=temperature, seed=seed + i)
+        responses.append({"text": reply.text, "finish_reason": reply.finish_reason, "seed": seed + i,
+                          "prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens})
+    return responses
+
+
+def judge_pairs(judge: PairwiseJudge, turns: list[dict[str, str]], texts: list[str]) -> list[dict]:
+    """Every pair (i < j) judged in both orders; "ab" shows response i as A, "ba" shows j as A."""
+    pairs = []
+    for i, j in combinations(range(len(texts)), 2):
+        if not texts[i].strip() or not texts[j].strip():
+            pairs.append({"pair": [i, j], "outcome": "empty"})
+        elif texts[i] == texts[j]:
+            pairs.append({"pair": [i, j], "outcome": "identical"})
+        else:
+            judgement = judge.judge(turns, texts[i], texts[j]).to_dict()
+            pairs.append({"pair": [i, j], "outcome": judgement["outcome"], "ab": judgement["ab"],
+                          "ba": judgement["ba"]})
+    return pairs
+
+
+def rlaif_record(item_id: str, record, *, policy: ChatBackend, judge: PairwiseJudge, num_responses: int,
+                 seed: int, max_tokens: int | None = None, temperature: float | None = None) -> dict:
+    """The raw-log record of one prompt: its responses and every pair's judgement."""
+    responses = sample_responses(policy, record.prompt, num_responses, seed=seed, max_tokens=max_tokens,
+                                 temperature=temperature)
+    pairs = judge_pairs(judge, record.prompt, [r["text"] for r in responses])
+    judged = [p for p in pairs if p["outcome"] not in SKIPPED]
+    tokens = {
+        "policy_prompt": sum(r["prompt_tokens"] for r in responses),
+        "policy_completion": sum(r["completion_tokens"] for r in responses),
+        "judge_prompt": sum(p[o]["prompt_tokens"] for p in judged for o in ("ab", "ba")),
+        "judge_completion": sum(p[o]["completion_tokens"] for p in judged for o in ("ab", "ba")),
+    }
+    return {"id": item_id, "source": record.source, "prompt": record.prompt, "policy": policy.model_name,
+            "judge": judge.backend.model_name, "responses": responses, "pairs": pairs, "tokens": tokens}
+
+
+def preference_rows(record: dict) -> list[dict]:
+    """The pairs rows of one raw record: one per pair both orders agree on, in pair order.
+
+    The prompt is a string when it is a single user turn, else the list of turns; `posttrain
+    dpo` and `posttrain rm` read both, and ignore `id` and `provenance`.
+    """
+    turns = record["prompt"]
+    prompt = turns[0]["content"] if len(turns) == 1 and turns[0]["role"] == "user" else turns
+    rows = []
+    for pair in record["pairs"]:
+        if pair["outcome"] not in ("first", "second"):
+            continue
+        i, j = pair["pair"]
+        chosen, rejected = (i, j) if pair["outcome"] == "first" else (j, i)
+        rows.append({
+            "id": f"{record['id']}/{i}-{j}",
+            "prompt": prompt,
+            "chosen": record["responses"][chosen]["text"],
+            "rejected": record["responses"][rejected]["text"],
+            "provenance": {"prompt_id": record["id"], "source": record["source"], "policy": record["policy"],
+                           "judge": record["judge"], "pair": [i, j], "chosen_index": chosen,
+                           "outcome": pair["outcome"], "ab": pair["ab"], "ba": pair["ba"]},
+        })
+    return rows
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def summarize(records: list[dict]) -> dict:
+    """Counts and agreement statistics over raw records (pure; the same numbers after a resume)."""
+    pairs = [p for r in records for p in r["pairs"]]
+    outcomes = Counter(p["outcome"] for p in pairs)
+    judged = [p for p in pairs if p["outcome"] not in SKIPPED]
+    parsed = [p for p in judged if p["outcome"] != "unparsed"]
+    slots = [p[o]["verdict"] for p in judged for o in ("ab", "ba")]
+    a_wins, b_wins = slots.count("A"), slots.count("B")
+    inconsistent = [p for p in judged if p["outcome"] == "inconsistent"]
+    consistent = outcomes["first"] + outcomes["second"] + outcomes["tie"]
+    tokens = Counter()
+    for r in records:
+        tokens.update(r["tokens"])
+    return {
+        "prompts": len(records),
+        "responses": sum(len(r["responses"]) for r in records),
+        "pairs": len(pairs),
+        "not_judged": {"identical": outcomes["identical"], "empty": outcomes["empty"]},
+        "judged": len(judged),
+        "outcomes": {name: outcomes[name] for name in ("first", "second", "tie", "inconsistent", "unparsed")},
+        "preferences": outcomes["first"] + outcomes["second"],
+        "consistent_rate": _ratio(consistent, len(parsed)),
+        "inconsistent_rate": _ratio(len(inconsistent), len(parsed)),
+        "same_slot_twice": {slot: sum(p["ab"]["verdict"] == p["ba"]["verdict"] == slot for p in inconsistent)
+                            for slot in ("A", "B")},
+        "first_slot_win_rate": _ratio(a_wins, a_wins + b_wins),
+        "order_agreement_kappa": cohen_kappa([to_original(p["ab"]["verdict"], "ab") for p in parsed],
+                                             [to_original(p["ba"]["verdict"], "ba") for p in parsed]),
+        "unparsed_replies": slots.count(None),
+        "judge_retries": sum(len(p[o]["replies"]) - 1 for p in judged for o in ("ab", "ba")),
+        "tokens": dict(tokens),
+    }
+
+
+def _ratio(part: int, whole: int) -> float | None:
+    return part / whole if whole else None
+
+
+def _rate(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def summary_lines(stats: dict) -> list[str]:
+    o, skipped = stats["outcomes"], stats["not_judged"]
+    kappa = stats["order_agreement_kappa"]
+    t = stats["tokens"]
+    lines = [
+        f"rlaif: {stats['prompts']} prompts, {stats['responses']} responses, {stats['pairs']} pairs "
+        f"({skipped['identical']} identical and {skipped['empty']} empty, not judged)",
+        f"judge: {stats['judged']} pairs asked in both orders: {o['first'] + o['second']} preferences, {o['tie']} "
+        f"ties, {o['inconsistent']} inconsistent, {o['unparsed']} unparsed",
+        f"judge: consistent {_rate(stats['consistent_rate'])}, inconsistent (position bias) "
+        f"{_rate(stats['inconsistent_rate'])} (same slot both times: A {stats['same_slot_twice']['A']}, "
+        f"B {stats['same_slot_twice']['B']}); first-slot win rate {_rate(stats['first_slot_win_rate'])}; "
+        f"order agreement kappa {'n/a' if kappa is None else f'{kappa:.2f}'}",
+        f"judge: {stats['unparsed_replies']} replies without a verdict line after {stats['judge_retries']} "
+        "follow-up requests",
+        f"tokens: policy {t.get('policy_prompt', 0)} prompt + {t.get('policy_completion', 0)} completion, "
+        f"judge {t.get('judge_prompt', 0)} prompt + {t.get('judge_completion', 0)} completion",
+    ]
+    if stats["judged"] and o["unparsed"] > stats["judged"] / 2:
+        lines.append("judge: most pairs have no verdict; can judge.model follow the format? Its replies are in "
+                     "raw.jsonl (pairs[].ab.replies)")
+    return lines
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def read_rubric(cfg) -> str:
+    """The judge's rubric: judge.rubric, the text of judge.rubric_file, or "" for the default."""
+    if not cfg.rubric_file:
+        return cfg.rubric
+    path = Path(cfg.rubric_file)
+    if not path.is_file():
+        raise ConfigError(f"judge.rubric_file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise ConfigError(f"judge.rubric_file {path} is empty")
+    return text
+
+
+_RESULT_FIELDS = ("kind", "model", "max_tokens", "temperature", "seed", "template", "dtype")
+
+
+def result_settings(cfg, rubric: str) -> dict:
+    """What decides the records' content: resuming with other values would mix two datasets.
+    (Timeouts, retries, rate limits, concurrency, URLs and keys may change between runs.)"""
+    backend = {name: {f: getattr(getattr(cfg, name), f) for f in _RESULT_FIELDS} for name in ("policy", "judge")}
+    backend["judge"].update(rubric=rubric, parse_retries=cfg.judge.parse_retries)
+    return {**backend, "num_responses": cfg.rlaif.num_responses}
+
+
+def check_resume(path: Path, settings: dict, resuming: bool) -> None:
+    """When `resuming` (records exist), refuse settings that differ from those saved in `path`;
+    otherwise (a fresh run, or one that wrote nothing yet) save them there."""
+    if resuming and path.exists():
+        before = json.loads(path.read_text())
+        for key, old, new in _differences(before, settings):
+            raise ConfigError(f"{path.parent} holds records made with {key}={old!r}, now {new!r}; resume with the "
+                              "same setting, or use a new output_dir")
+    path.write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def _differences(old: dict, new: dict, prefix: str = ""):
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            yield from _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            yield f"{prefix}{key}", a, b
+
+
+def _backends(cfg) -> tuple[ChatBackend, ChatBackend]:
+    """The policy and judge backends; one local model serves both when they name the same one."""
+    policy = make_backend(cfg.policy)
+    same = all(getattr(cfg.policy, f) == getattr(cfg.judge, f) for f in ("kind", "model", "dtype", "template"))
+    if isinstance(policy, LocalModel) and same:
+        return policy, policy
+    return policy, make_backend(cfg.judge)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """Replace `path` with `rows` all at once (a kill leaves the old file or the new one)."""
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, path)
+
+
+def run_rlaif(cfg, log: Callable[[str], Any] = print) -> Path:
+    """`posttrain rlaif`: sample, judge, write preferences; resumable. Returns the output dir."""
+    import yaml
+
+    from posttrain.config.feedback import validate_rlaif
+
+    validate_rlaif(cfg)
+    out = Path(cfg.output_dir)
+    rubric = read_rubric(cfg.judge)
+    items = load_prompts(cfg.data.prompt_files, cfg.data.format, cfg.data.limit, log)
+    out.mkdir(parents=True, exist_ok=True)
+    raw_path = out / "raw.jsonl"
+    resuming = raw_path.exists() and raw_path.stat().st_size > 0
+    check_resume(out / "run.json", result_settings(cfg, rubric), resuming)
+    (out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    policy, judge_backend = _backends(cfg)
+    j = cfg.judge
+    judge = PairwiseJudge(judge_backend, rubric, parse_retries=j.parse_retries, max_tokens=j.max_tokens,
+                          temperature=j.temperature, seed=j.seed)
+    p = cfg.policy
+
+    def work(item_id: str, record) -> dict:
+        return rlaif_record(item_id, record, policy=policy, judge=judge, num_responses=cfg.rlaif.num_responses,
+                            seed=p.seed, max_tokens=p.max_tokens, temperature=p.temperature)
+
+    with JsonlLog(raw_path) as raw:
+        run = run_items(items, work, raw, concurrency=cfg.rlaif.concurrency, desc="rlaif")
+        by_id = {r["id"]: r for r in raw.records}
+    records = [by_id[item_id] for item_id, _ in items if item_id in by_id]
+    rows = [row for record in records for row in preference_rows(record)]
+    write_jsonl(out / "preferences.jsonl", rows)
+    stats = summarize(records)
+    stats["run"] = {**dataclasses.asdict(run), "other_prompts_in_log": len(by_id) - len(records)}
+    stats["usage_this_run"] = {"policy": policy.usage.snapshot(), "judge": judge_backend.usage.snapshot()}
+    (out / "summary.json").write_text(json.dumps(stats, indent=2) + "\n")
+    for line in run.lines() + summary_lines(stats):
+        log(line)
+    if stats["run"]["other_prompts_in_log"]:
+        log(f"rlaif: {stats['run']['other_prompts_in_log']} records in raw.jsonl are for prompts not in the data "
+            "now; they are left out of preferences.jsonl")
+    log(f"rlaif: wrote {len(rows)} preference rows to {out / 'preferences.jsonl'} (ties, inconsistent and "
+        "unparsed pairs stay in raw.jsonl only)")
+    return out

@@ -1,0 +1,436 @@
+"""Self-Instruct (Wang et al. 2022): a model grows a task set from a few seed tasks.
+
+Each round, every candidate k (id "r{round}-{k}") is made from the pool as it stood when the
+round began:
+
+    sample in-context tasks (seeded: seed_examples seed tasks + generated_examples earlier ones)
+      ──▶ ask for one new instruction
+      ──▶ classification or generation? (the model is asked, or the type was fixed first and the
+          examples were all of it)
+      ──▶ an instance: classification writes the label first, then an input with that label
+          (output-first, so labels do not all come out the same); generation writes the input first
+
+then the round's candidates are judged in k order and the accepted ones join the pool:
+
+    empty_instruction / truncated_instruction / too_short / too_long (words) / banned_word (whole words)
+    duplicate (same words after normalising)  ──  similar (ROUGE-L F >= threshold against any pool task)
+    truncated_instance / unparseable_instance / empty_input / empty_output
+
+candidates.jsonl, the append-only log, holds every candidate, accepted or not. The judging is a
+pure function of the logged candidates in id order, so a resumed run rebuilds the pool and the
+counters from it and continues exactly where the interrupted one stopped: no duplicates, no
+gaps, and the same tasks as a run that was never stopped. At the end: tasks.jsonl (accepted,
+with provenance), rejected.jsonl (with reasons), sft.jsonl (alpaca rows for posttrain sft) and
+summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from posttrain.errors import DataError, UserError
+from posttrain.feedback.constitutional import ASSETS, check_resume_settings, file_digest, request_seed, write_jsonl
+from posttrain.feedback.rouge import RougePool, tokenize
+
+_ANSWER_TOKENS = 16  # the yes/no question needs only its first word
+_NO_INPUT = {"", "none", "n/a", "na", "<noinput>", "no input", "-", "(none)", "null"}
+_FIELD = re.compile(r"^[ \t]*(input|output|label|class label|task)[ \t]*:[ \t]*", re.IGNORECASE | re.MULTILINE)
+_ENUMERATION = re.compile(r"^\s*(?:\d+\s*[.):]|[-*\u2022]|(?:new\s+)?(?:task|instruction)\s*\d*\s*[:.)])\s*",
+                          re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Task:
+    id: str
+    instruction: str
+    input: str
+    output: str
+    is_classification: bool
+    is_seed: bool = True
+
+
+# --------------------------------------------------------------------------- seed tasks
+
+
+def seed_path(name: str) -> Path:
+    return ASSETS / "self_instruct_seeds.jsonl" if name == "default" else Path(name)
+
+
+def load_seed_tasks(name: str) -> list[Task]:
+    """Seed tasks from JSONL (or any row file): instruction, output, optional input,
+    is_classification and id; the original Self-Instruct layout (instances: [{input, output}])
+    is read too, its first instance used."""
+    from posttrain.data.readers import Malformed, iter_rows
+
+    path = seed_path(name)
+    if not path.exists():
+        raise DataError(f"seed task file {path} does not exist (data.seed_file; 'default' = the bundled seeds)")
+    tasks, seen = [], {}
+    for i, (location, row) in enumerate(iter_rows(str(path))):
+        if isinstance(row, Malformed):
+            raise DataError(f"{location}: {row.reason}")
+        task = _seed_task(row, location, i)
+        if task.id in seen:
+            raise DataError(f"{location}: seed id {task.id!r} is already used at {seen[task.id]}")
+        seen[task.id] = location
+        tasks.append(task)
+    if not tasks:
+        raise DataError(f"{path}: no seed tasks")
+    return tasks
+
+
+def _seed_task(row: Any, location: str, index: int) -> Task:
+    if not isinstance(row, dict):
+        raise DataError(f"{location}: expected an object with 'instruction' and 'output'")
+    if isinstance(row.get("instances"), list) and row["instances"] and "output" not in row:
+        row = {**row, **row["instances"][0]}
+    for key in ("instruction", "output"):
+        if not isinstance(row.get(key), str) or not row[key].strip():
+            raise DataError(f"{location}: {key!r} must be a non-empty string (seed tasks need 'instruction' and "
+                            "'output'; 'input', 'is_classification' and 'id' are optional)")
+    extra = row.get("input") or ""
+    if not isinstance(extra, str):
+        raise DataError(f"{location}: 'input' must be a string")
+    flag = row.get("is_classification", False)
+    if not isinstance(flag, bool):
+        raise DataError(f"{location}: 'is_classification' must be true or false, got {flag!r}")
+    task_id = str(row["id"]) if row.get("id") is not None else f"seed-{index}"
+    return Task(task_id, row["instruction"].strip(), extra.strip(), row["output"].strip(), flag)
+
+
+# --------------------------------------------------------------------------- prompts and parsing
+
+
+def instruction_messages(examples: list[Task]) -> list[dict[str, str]]:
+    listed = "\n".join(f"{i}. {task.instruction}" for i, task in enumerate(examples, 1))
+    return [{"role": "user", "content": (
+        "Come up with a new task for an AI assistant. Here are some existing tasks:\n\n" + listed + "\n\n"
+        "Write one new task instruction that differs from all of these in topic and wording, and that a "
+        "text-only assistant can carry out. Reply with the instruction only, on a single line.")}]
+
+
+def clean_instruction(reply: str) -> str:
+    """The first non-empty line of a reply, without numbering, a "Task:" label or wrapping quotes."""
+    line = next((line for line in reply.splitlines() if line.strip()), "")
+    line = _ENUMERATION.sub("", line, count=1).strip()
+    if len(line) >= 2 and line[0] == line[-1] and line[0] in "\"'":
+        line = line[1:-1].strip()
+    return " ".join(line.split())
+
+
+def type_messages(instruction: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": (
+        "Is the following a classification task, that is, is its answer one label out of a small, fixed set "
+        f"of possible labels?\n\nTask: {instruction}\n\nAnswer yes or no.")}]
+
+
+def parse_yes_no(reply: str) -> bool | None:
+    words = tokenize(reply)
+    return {"yes": True, "no": False}.get(words[0]) if words else None
+
+
+def _example_block(task: Task) -> str:
+    if task.is_classification:
+        return f"Task: {task.instruction}\nLabel: {task.output}\nInput: {task.input or 'None'}"
+    return f"Task: {task.instruction}\nInput: {task.input or 'None'}\nOutput: {task.output}"
+
+
+def instance_messages(instruction: str, is_classification: bool, examples: list[Task]) -> list[dict[str, str]]:
+    if is_classification:  # output-first: choosing the label first keeps the labels varied
+        ask = ("For the last task below, first pick one of its possible labels, then write an input that has "
+               "that label. Use the format of the examples: a 'Label:' line, then an 'Input:' line.")
+    else:
+        ask = ("For the last task below, write an input for it (None if the task needs no input), then the "
+               "correct output. Use the format of the examples: an 'Input:' line, then an 'Output:' line.")
+    blocks = [_example_block(task) for task in examples] + [f"Task: {instruction}"]
+    return [{"role": "user", "content": ask + "\n\n" + "\n\n".join(blocks)}]
+
+
+def parse_instance(reply: str, is_classification: bool) -> tuple[str, str, str | None]:
+    """(input, output, error) from an 'Input:' / 'Output:' (or 'Label:') reply; error is None
+    or a rejection reason: unparseable_instance, empty_input, empty_output."""
+    found = list(_FIELD.finditer(reply))
+    fields: dict[str, str] = {}
+    for match, following in zip(found, found[1:] + [None]):
+        name = "label" if "label" in match.group(1).lower() else match.group(1).lower()
+        end = following.start() if following is not None else len(reply)
+        fields.setdefault(name, reply[match.end():end].strip())
+    given_input = fields.get("input", "")
+    given_input = "" if given_input.lower() in _NO_INPUT else given_input
+    if is_classification:
+        label = fields.get("label", fields.get("output"))
+        if label is None or "input" not in fields:
+            return "", "", "unparseable_instance"
+        if not label:
+            return given_input, "", "empty_output"
+        return (given_input, label, None) if given_input else ("", label, "empty_input")
+    if "output" not in fields:
+        return "", "", "unparseable_instance"
+    output = fields["output"]
+    return given_input, output, None if output else "empty_output"
+
+
+# --------------------------------------------------------------------------- filters and the pool
+
+
+def normalise(text: str) -> str:
+    """The text's words, lowercased, single-spaced: what counts as the same instruction."""
+    return " ".join(tokenize(text))
+
+
+def instruction_cut_off(reply: str, finish_reason: str) -> bool:
+    """Whether max_tokens cut the reply inside its first non-empty line (the instruction)."""
+    return finish_reason == "length" and "\n" not in reply.strip()
+
+
+def instruction_rejection(candidate: dict[str, Any], filters) -> str | None:
+    """The first filter a candidate's instruction fails on its own (no pool needed), or None."""
+    instruction = candidate["instruction"]
+    words = tokenize(instruction)
+    if not words:
+        return "empty_instruction"
+    if filters.drop_truncated and instruction_cut_off(candidate["raw_instruction"],
+                                                      candidate["instruction_finish_reason"]):
+        return "truncated_instruction"
+    if len(words) < filters.min_words:
+        return "too_short"
+    if len(words) > filters.max_words:
+        return "too_long"
+    padded = f" {' '.join(words)} "
+    if any(f" {normalise(banned)} " in padded for banned in filters.banned_words if normalise(banned)):
+        return "banned_word"
+    return None
+
+
+class TaskPool:
+    """Seed tasks plus the accepted ones, with what judging a candidate needs; and the counters."""
+
+    def __init__(self, seeds: list[Task], filters, target: int):
+        self.filters, self.target = filters, target
+        self.tasks: list[Task] = []
+        self.rouge = RougePool()
+        self.normalised: set[str] = set()
+        self.accepted: list[dict[str, Any]] = []
+        self.rejected: list[dict[str, Any]] = []
+        self.surplus = 0
+        for task in seeds:
+            self._add(task)
+
+    def _add(self, task: Task) -> None:
+        self.tasks.append(task)
+        self.rouge.add(task.instruction)
+        self.normalised.add(normalise(task.instruction))
+
+    @property
+    def full(self) -> bool:
+        return len(self.accepted) >= self.target
+
+    def seeds(self) -> list[Task]:
+        return [task for task in self.tasks if task.is_seed]
+
+    def generated(self) -> list[Task]:
+        return [task for task in self.tasks if not task.is_seed]
+
+    def similar(self, instruction: str) -> tuple[float, str | None]:
+        """(highest ROUGE-L F against the pool, id of that pool task)."""
+        score, index = self.rouge.most_similar(instruction)
+        return score, self.tasks[index].id if index >= 0 else None
+
+    def rejection(self, candidate: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+        """Why `candidate` may not join the pool (None: it may), and the similarity found."""
+        instruction = candidate["instruction"]
+        reason = instruction_rejection(candidate, self.filters)
+        if reason:
+            return reason, {}
+        if normalise(instruction) in self.normalised:
+            return "duplicate", {}
+        score, nearest = self.similar(instruction)
+        detail = {"rouge_l": round(score, 4), "most_similar": nearest}
+        if score >= self.filters.rouge_threshold:
+            return "similar", detail
+        if self.filters.drop_truncated and candidate.get("instance_finish_reason") == "length":
+            return "truncated_instance", detail
+        return candidate.get("instance_error"), detail
+
+    def apply(self, candidate: dict[str, Any]) -> str | None:
+        """Judge one candidate (in id order) and add it to the pool if accepted; returns the reason if not."""
+        reason, detail = self.rejection(candidate)
+        if reason is not None:
+            self.rejected.append({"id": candidate["id"], "instruction": candidate["instruction"], "reason": reason,
+                                  **detail})
+            return reason
+        if self.full:  # the last round made more good tasks than were still wanted
+            self.surplus += 1
+            return None
+        task = Task(candidate["id"], instruction=candidate["instruction"], input=candidate["input"],
+                    output=candidate["output"], is_classification=candidate["is_classification"], is_seed=False)
+        self._add(task)
+        self.accepted.append({"id": task.id, "instruction": task.instruction, "input": task.input,
+                              "output": task.output, "is_classification": task.is_classification,
+                              "round": candidate["round"], "examples": candidate["examples"],
+                              "type_source": candidate["type_source"], "model": candidate["model"], **detail})
+        return None
+
+    def counters(self) -> dict[str, Any]:
+        types = Counter("classification" if t["is_classification"] else "generation" for t in self.accepted)
+        return {"accepted": len(self.accepted), "target": self.target, "surplus": self.surplus,
+                "rejected": dict(sorted(Counter(r["reason"] for r in self.rejected).items())),
+                "accepted_types": dict(sorted(types.items()))}
+
+
+# --------------------------------------------------------------------------- one candidate
+
+
+def plan_candidate(pool: TaskPool, round_number: int, k: int, loop) -> dict[str, Any]:
+    """The in-context examples (and, with task_type=examples, the type) of candidate k of a
+    round: drawn from the pool at the round's start with an RNG seeded by (seed, id)."""
+    rng = random.Random(f"{loop.seed}/r{round_number}-{k}")
+    wanted_type = None
+    seeds, generated = pool.seeds(), pool.generated()
+    if loop.task_type == "examples":
+        wanted_type = rng.random() < loop.classification_fraction
+        seeds = [t for t in seeds if t.is_classification == wanted_type]
+        generated = [t for t in generated if t.is_classification == wanted_type]
+    picked_generated = rng.sample(generated, min(loop.generated_examples, len(generated)))
+    count = min(loop.seed_examples + loop.generated_examples - len(picked_generated), len(seeds))
+    examples = rng.sample(seeds, count) + picked_generated  # seed tasks fill in for missing generated ones
+    rng.shuffle(examples)
+    return {"round": round_number, "k": k, "examples": [t.id for t in examples],
+            "type": None if wanted_type is None else ("classification" if wanted_type else "generation")}
+
+
+def make_candidate(backend, candidate_id: str, plan: dict[str, Any], pool: TaskPool, loop) -> dict[str, Any]:
+    """Ask for the instruction, its type and an instance. Calls that cannot change the verdict
+    are skipped: no instance for an instruction the round's starting pool already rejects."""
+    by_id = {task.id: task for task in pool.tasks}
+    examples = [by_id[task_id] for task_id in plan["examples"]]
+    record: dict[str, Any] = {"id": candidate_id, **plan, "model": backend.model_name}
+    reply = backend.chat(instruction_messages(examples), seed=request_seed(loop.seed, candidate_id, "instruction"))
+    instruction = clean_instruction(reply.text)
+    record.update(instruction=instruction, raw_instruction=reply.text,
+                  instruction_finish_reason=reply.finish_reason)
+    early = instruction_rejection(record, pool.filters)
+    if early is None and (normalise(instruction) in pool.normalised
+                          or pool.similar(instruction)[0] >= pool.filters.rouge_threshold):
+        early = "duplicate_or_similar"
+    if early is not None:  # rejected whatever the rest of the round does: spare the other requests
+        return {**record, "is_classification": plan["type"] == "classification", "type_source": "skipped",
+                "input": "", "output": "", "instance_error": None, "skipped_after": early}
+    if plan["type"] is not None:
+        is_classification, source = plan["type"] == "classification", "examples"
+    else:
+        reply = backend.chat(type_messages(instruction), max_tokens=_ANSWER_TOKENS,
+                             seed=request_seed(loop.seed, candidate_id, "type"))
+        answer = parse_yes_no(reply.text)
+        is_classification, source = bool(answer), "model" if answer is not None else "model_unclear"
+        record["type_answer"] = reply.text
+    rng = random.Random(f"{loop.seed}/{candidate_id}/instance")
+    same_type = [t for t in pool.seeds() if t.is_classification == is_classification] or pool.seeds()
+    shown = rng.sample(same_type, min(loop.instance_examples, len(same_type)))
+    reply = backend.chat(instance_messages(instruction, is_classification, shown),
+                         seed=request_seed(loop.seed, candidate_id, "instance"))
+    given_input, output, error = parse_instance(reply.text, is_classification)
+    return {**record, "is_classification": is_classification, "type_source": source, "instance_examples":
+            [t.id for t in shown], "raw_instance": reply.text, "instance_finish_reason": reply.finish_reason,
+            "input": given_input, "output": output, "instance_error": error}
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def run_self_instruct(cfg, *, generator=None, stream: TextIO | None = sys.stderr) -> Path:
+    """`posttrain self-instruct`: rounds of candidates until num_tasks are accepted (or
+    max_rounds), resumable from candidates.jsonl; then the output files. `generator`
+    replaces the backend the config describes (tests, notebooks)."""
+    from posttrain.config.synthesis import validate_self_instruct
+    from posttrain.feedback.client import make_backend
+    from posttrain.feedback.jobs import JsonlLog, run_items
+
+    validate_self_instruct(cfg)
+    loop, filters = cfg.self_instruct, cfg.filters
+    seeds = load_seed_tasks(cfg.data.seed_file)
+    _check_seed_types(seeds, loop, cfg.data.seed_file)
+    out = Path(cfg.output_dir)
+    backend = generator or make_backend(cfg.generator)
+    check_resume_settings(out, {
+        "generator": backend.model_name, "seed_file": file_digest(seed_path(cfg.data.seed_file)),
+        "per_round": loop.per_round, "seed_examples": loop.seed_examples,
+        "generated_examples": loop.generated_examples, "task_type": loop.task_type,
+        "classification_fraction": loop.classification_fraction, "instance_examples": loop.instance_examples,
+        "seed": loop.seed, "min_words": filters.min_words, "max_words": filters.max_words,
+        "banned_words": sorted(filters.banned_words), "rouge_threshold": filters.rouge_threshold,
+        "drop_truncated": filters.drop_truncated})
+    pool = TaskPool(seeds, filters, loop.num_tasks)
+    show = stream or sys.stderr
+    failure = None
+    with JsonlLog(out / "candidates.jsonl") as log:
+        logged = {record["id"]: record for record in log.records}
+        round_number = 0
+        while not pool.full and round_number < loop.max_rounds:
+            items = [(f"r{round_number}-{k}", plan_candidate(pool, round_number, k, loop))
+                     for k in range(loop.per_round)]
+            if any(item_id not in logged for item_id, _ in items):
+                summary = run_items(items, lambda item_id, plan: make_candidate(backend, item_id, plan, pool, loop),
+                                    log, concurrency=loop.concurrency, desc=f"self-instruct round {round_number}",
+                                    stream=stream)
+                logged = {record["id"]: record for record in log.records}
+                if summary.failed:  # the next round's examples depend on this whole round: stop here
+                    failure = (f"self-instruct: {summary.failed} candidates of round {round_number} failed (first: "
+                               f"{summary.errors[0]}); rerun the same command to retry them (finished candidates "
+                               "are kept)")
+                    break
+            before = Counter(r["reason"] for r in pool.rejected)
+            for item_id, _ in items:
+                pool.apply(logged[item_id])
+            print(_round_line(round_number, pool, Counter(r["reason"] for r in pool.rejected) - before), file=show)
+            round_number += 1
+    _write_outputs(out, pool, round_number, loop, backend, cfg, show)
+    if failure:
+        raise UserError(failure)
+    return out
+
+
+def _check_seed_types(seeds: list[Task], loop, name: str) -> None:
+    """task_type=examples shows examples of one type only, so the seeds must have each type it asks for."""
+    if loop.task_type != "examples":
+        return
+    kinds = {task.is_classification for task in seeds}
+    for flag, needed, what in ((True, loop.classification_fraction > 0, "classification"),
+                               (False, loop.classification_fraction < 1, "generation")):
+        if needed and flag not in kinds:
+            raise DataError(f"{seed_path(name)}: no {what} seed tasks (is_classification: {str(flag).lower()}), but "
+                            f"self_instruct.task_type=examples with classification_fraction="
+                            f"{loop.classification_fraction} asks for {what} tasks")
+
+
+def _round_line(round_number: int, pool: TaskPool, rejected: Counter) -> str:
+    reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(rejected.items())) or "none"
+    return f"self-instruct round {round_number}: {len(pool.accepted)}/{pool.target} tasks; rejected {reasons}"
+
+
+def _write_outputs(out: Path, pool: TaskPool, rounds: int, loop, backend, cfg, show: TextIO) -> None:
+    sft = [{"id": t["id"], "instruction": t["instruction"], "input": t["input"], "output": t["output"]}
+           for t in pool.accepted]
+    write_jsonl(out / "tasks.jsonl", pool.accepted)
+    write_jsonl(out / "rejected.jsonl", pool.rejected)
+    write_jsonl(out / "sft.jsonl", sft)
+    counters = pool.counters()
+    candidates = rounds * loop.per_round
+    summary = {**counters, "rounds": rounds, "candidates": candidates, "reached_target": pool.full,
+               "usage": backend.usage.snapshot(), "config": cfg.to_dict()}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    reasons = ", ".join(f"{n} {reason}" for reason, n in counters["rejected"].items()) or "none"
+    print(f"self-instruct: {counters['accepted']}/{pool.target} tasks from {candidates} candidates in {rounds} rounds "
+          f"({', '.join(f'{n} {k}' for k, n in counters['accepted_types'].items()) or 'none'}); rejected: {reasons}"
+          + (f"; {pool.surplus} good ones beyond the target left out" if pool.surplus else ""), file=show)
+    if not pool.full and rounds >= loop.max_rounds:
+        print(f"self-instruct: stopped at max_rounds={loop.max_rounds} before reaching num_tasks={pool.target}; "
+              "see the rejection counts (raise max_rounds to go on: the run resumes)", file=show)
+    print(f"self-instruct: wrote {len(sft)} SFT rows to {out / 'sft.jsonl'}", file=show)
