@@ -320,6 +320,7 @@ def test_rewards_are_penalised_normalised_and_clipped_per_rollout(tiny):
     """sample_and_score: −no_eos_penalty for completions that never end, then z-normalised
     over the rollout, then clipped, in that order."""
     from posttrain.data.prompts import PromptRecord
+    from posttrain.rollout.engines import TransformersEngine
     from posttrain.train.rollouts import sample_and_score
 
     tokenizer, model = tiny
@@ -327,8 +328,9 @@ def test_rewards_are_penalised_normalised_and_clipped_per_rollout(tiny):
                                 "reward.clip=1.0"])
     records = [PromptRecord([{"role": "user", "content": "x"}], "y", source=f"test:{i}") for i in range(3)]
     raw = [3.0, 0.0, -1.0]
-    rollout = sample_and_score(model, tokenizer, PROMPTS, records, [0, 1, 2], cfg,
-                               lambda prompts, texts, rows: raw, seed=0)
+    engine = TransformersEngine(model, cfg.rollout.batch_size)
+    rollout = sample_and_score(engine, tokenizer, PROMPTS, records, [0, 1, 2], cfg, lambda prompts, texts, rows: raw,
+                               seed=0)
     ended = torch.tensor([bool(c) and c[-1] == tokenizer.eos_token_id for c in rollout.completions])
     penalised = torch.tensor(raw) - 1.0 * (~ended).float()
     expected = ((penalised - penalised.mean()) / (penalised.std() + 1e-6)).clamp(-1.0, 1.0)

@@ -28,14 +28,20 @@ class PromptDataConfig:
 @dataclass
 class RolloutConfig:
     engine: Literal["transformers", "vllm"] = option(
-        "transformers", "generation backend: transformers (the policy itself, any device); vllm is not built yet")
+        "transformers", "generation backend: transformers (the policy itself, any device) or vllm (a vLLM engine "
+        "beside the policy on one CUDA GPU; the policy's weights are pushed into it before each rollout)")
     num_generations: int = option(4, "G: completions sampled per prompt")
     max_new_tokens: int = option(32, "generation budget per completion")
     temperature: float = option(1.0, "sampling temperature")
     top_p: float = option(1.0, "nucleus sampling threshold (1 = off)")
     top_k: int = option(0, "keep the k most likely tokens (0 = off)")
     stop: list[str] = option([], "stop strings: a completion ends at the first one")
-    batch_size: int = option(64, "sequences generated at once")
+    batch_size: int = option(64, "sequences generated at once (transformers; vLLM schedules its own batches)")
+    vllm_gpu_memory_utilization: float = option(
+        0.3, "vllm: fraction of the GPU's memory vLLM takes for its weights and KV cache; the rest is left to training")
+    vllm_dtype: Literal["auto", "bfloat16", "float16", "float32"] = option(
+        "auto", "vllm: dtype of vLLM's copy of the weights (auto: vLLM's choice from the checkpoint's dtype)")
+    vllm_enforce_eager: bool = option(False, "vllm: no CUDA graphs (less memory and start-up time, slower decoding)")
 
 
 @dataclass
@@ -151,14 +157,37 @@ def validate_grpo(cfg: GRPOConfig) -> None:
 
 def _rollout_checks(cfg: GRPOConfig | PPOConfig) -> list[tuple[bool, str]]:
     r = cfg.rollout
-    return [
-        (r.engine == "transformers", "rollout.engine=vllm is not built yet in this version; use rollout.engine=transformers"),
+    return (_vllm_checks(cfg) if r.engine == "vllm" else []) + [
         (r.max_new_tokens >= 1 and r.batch_size >= 1, "rollout.max_new_tokens and rollout.batch_size must be >= 1"),
         (r.temperature > 0, "rollout.temperature must be > 0: online RL learns from sampled completions"),
         (cfg.data.max_prompt_length >= 1, "data.max_prompt_length must be >= 1"),
         (0 <= cfg.data.eval_fraction < 1, "data.eval_fraction must be in [0, 1)"),
         (bool(cfg.reward.functions or cfg.reward.models or cfg.reward.format_regex),
          "no reward: set reward.functions, reward.models or reward.format_regex"),
+    ]
+
+
+def _vllm_checks(cfg: GRPOConfig | PPOConfig) -> list[tuple[bool, str]]:
+    """rollout.engine=vllm: the package, a GPU, one process, and a policy whose weights vLLM can hold."""
+    import os
+
+    from posttrain.models.adapters import plan_adapters
+    from posttrain.models.adapters.spec import MERGEABLE
+    from posttrain.rollout.engines import NO_CUDA, VLLM_MISSING, cuda_available, vllm_installed
+
+    plan = plan_adapters(cfg.adapter)
+    unmergeable = [m for m in plan.methods if m not in ("full", "freeze", *MERGEABLE)]
+    return [
+        (0 < cfg.rollout.vllm_gpu_memory_utilization <= 1, "rollout.vllm_gpu_memory_utilization must be in (0, 1]"),
+        (vllm_installed(), VLLM_MISSING),
+        (cuda_available(), NO_CUDA),
+        (int(os.environ.get("WORLD_SIZE", "1")) == 1,
+         "rollout.engine=vllm runs one vLLM engine inside a single training process (one GPU); launch without "
+         "torchrun / accelerate --num_processes, or use rollout.engine=transformers"),
+        (not unmergeable, f"rollout.engine=vllm samples with merged weights, and {', '.join(unmergeable)} adapters do "
+                          "not merge into them; use lora, dora, ia3, freeze or full, or rollout.engine=transformers"),
+        (not plan.quantized, "rollout.engine=vllm does not support adapter.method=qlora (the 4-bit base would need "
+                             "dequantising at every weight push); use lora, or rollout.engine=transformers"),
     ]
 
 

@@ -61,7 +61,9 @@ class Stage(Protocol):
     # finish_metrics(averaged metrics) -> metrics to log (e.g. a std from a mean square);
     # state_dict() -> (plain values, tensors) saved in every checkpoint, and load_state_dict(plain,
     # tensors) called on resume before the first micro-batch is asked for (PPO's KL coefficient and
-    # the rollout it is part-way through).
+    # the rollout it is part-way through);
+    # after_optimizer_step(step) -> called after each optimizer step that updated the weights (not
+    # after a skipped non-finite one): a separate rollout engine then knows its copy is stale.
 
 
 @dataclass
@@ -211,6 +213,7 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator) -> LoopResult:
     """Run the optimisation described by `cfg` (a TrainConfig) on `stage`; checkpoints in run_dir."""
     optimizer = make_optimizer(stage.module, cfg, getattr(stage, "lr_scale", None))
     inactive_at = getattr(stage, "inactive_parameters", lambda step: [])
+    after_optimizer_step = getattr(stage, "after_optimizer_step", lambda step: None)
     module, optimizer = accelerator.prepare(stage.module, optimizer)
     rank, world = accelerator.process_index, accelerator.num_processes
     group = world * cfg.grad_accum
@@ -256,6 +259,7 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator) -> LoopResult:
             finite = math.isfinite(loss) and math.isfinite(grad_norm)
             if finite:
                 optimizer.step()
+                after_optimizer_step(state["step"] + 1)
             optimizer.zero_grad(set_to_none=True)
             state.update(step=state["step"] + 1, epoch=epoch, step_in_epoch=step_in_epoch)
             abort = _count_nonfinite(state, finite, cfg, log)

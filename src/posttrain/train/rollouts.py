@@ -1,10 +1,12 @@
 """What every online-RL stage (GRPO, RLOO, PPO) shares: sampling and scoring rollouts, the
 batches of completions they train on, and the held-out reward before and after.
 
-A rollout is P prompts × G completions sampled from the current policy, decoded and
-scored by the configured reward (`build_reward`). `RolloutStage` holds the loop hooks the
-stages have in common; each stage turns a `Rollout` into micro-batches its own way
-(group-relative advantages for GRPO, a critic and GAE for PPO).
+A rollout is P prompts × G completions sampled from the current policy by a rollout engine
+(`rollout.engines`: the policy itself through transformers, or vLLM with the policy's weights
+pushed into it before each rollout), decoded and scored by the configured reward
+(`build_reward`). `RolloutStage` holds the loop hooks the stages have in common; each stage
+turns a `Rollout` into micro-batches its own way (group-relative advantages for GRPO, a critic
+and GAE for PPO).
 
 Positions: in a (prompt + completion) row, completion token t is predicted by the hidden
 state just before it. `collate_completions` records those positions (`predictor`) so log-
@@ -137,23 +139,21 @@ class Rollout:
     stats: RolloutStats
 
 
-def sample_and_score(model, tokenizer, prompts: list[list[int]], records: list[PromptRecord], chosen: list[int],
-                     cfg, score: Callable, seed: int, autocast=contextlib.nullcontext) -> Rollout:
-    """Sample `cfg.rollout.num_generations` completions for each chosen prompt and score them."""
-    from posttrain.rollout.generate import (_make_stop_check, eos_token_ids, generate_token_ids, pad_token_id,
-                                            truncate_at_stop)
+def sample_and_score(engine, tokenizer, prompts: list[list[int]], records: list[PromptRecord], chosen: list[int],
+                     cfg, score: Callable, seed: int) -> Rollout:
+    """Sample `cfg.rollout.num_generations` completions for each chosen prompt with `engine` (a
+    `rollout.engines.RolloutEngine`) and score them."""
+    from posttrain.rollout.generate import _make_stop_check, eos_token_ids, pad_token_id, truncate_at_stop
     from posttrain.rollout.sampling import SamplingSettings
 
     r, group = cfg.rollout, cfg.rollout.num_generations
     settings = SamplingSettings(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                                 top_k=r.top_k, stop=list(r.stop), seed=seed)
     prompt_ids = [prompts[i] for i in chosen for _ in range(group)]
-    eos = eos_token_ids(model, tokenizer)
+    eos = eos_token_ids(engine, tokenizer)  # the tokenizer's and the policy's generation_config's
     started = time.perf_counter()
-    with autocast():
-        completions = generate_token_ids(model, prompt_ids, settings, pad_token_id=pad_token_id(tokenizer, eos),
-                                         eos_token_ids=eos, batch_size=r.batch_size,
-                                         stop_check=_make_stop_check(tokenizer, r.stop) if r.stop else None)
+    completions = engine.generate(prompt_ids, settings, eos_token_ids=eos, pad_token_id=pad_token_id(tokenizer, eos),
+                                  stop_check=_make_stop_check(tokenizer, r.stop) if r.stop else None)
     rollout_s = time.perf_counter() - started
     ended = torch.tensor([bool(c) and c[-1] in eos for c in completions])
     completions = [c if c else [next(iter(eos))] for c in completions]  # a completion has at least one token
@@ -179,11 +179,19 @@ def sample_and_score(model, tokenizer, prompts: list[list[int]], records: list[P
 
 
 class RolloutStage:
-    """Loop hooks shared by the online-RL stages; subclasses sample rollouts in `micro_batches_after`."""
+    """Loop hooks shared by the online-RL stages; subclasses sample rollouts in `micro_batches_after`.
+
+    `engine` samples the rollouts (default: the policy itself through transformers). An engine
+    with its own copy of the weights (vLLM) is synced lazily: the loop's `after_optimizer_step`
+    marks the copy stale, and the next rollout pushes the policy's weights first. That is once
+    per rollout however many steps it feeds (PPO's epochs x minibatches, GRPO's μ), and once
+    before the first rollout, which also covers a resumed run's restored weights."""
 
     def __init__(self, module: torch.nn.Module, prompts: list[list[int]], records: list[PromptRecord], cfg,
                  tokenizer, score: Callable, run_dir: Path | None, autocast=contextlib.nullcontext,
-                 adapter_training=None, frozen_reference=None, world: int = 1):
+                 adapter_training=None, frozen_reference=None, world: int = 1, engine=None):
+        from posttrain.rollout.engines import TransformersEngine
+
         self.module, self.prompts, self.records, self.cfg = module, prompts, records, cfg
         self.tokenizer, self.score, self.run_dir, self.autocast = tokenizer, score, run_dir, autocast
         self.frozen_reference = frozen_reference
@@ -191,9 +199,16 @@ class RolloutStage:
         self.batches_per_update = cfg.train.grad_accum * world  # micro-batches of one optimizer step, all processes
         self.rollout_metrics: dict[str, float] = {}
         self.rollouts_done = 0
+        self.engine = engine if engine is not None else TransformersEngine(self._policy(), cfg.rollout.batch_size,
+                                                                           autocast)
+        self.engine_stale = not self.engine.is_policy  # built from the checkpoint; the policy may differ already
         if adapter_training is not None:
             self.lr_scale = adapter_training.lr_scale
             self.inactive_parameters = adapter_training.inactive_parameters
+
+    def after_optimizer_step(self, step: int) -> None:
+        if not self.engine.is_policy:
+            self.engine_stale = True
 
     def micro_batches(self, epoch: int):
         return self.micro_batches_after(epoch, 0)
@@ -216,13 +231,26 @@ class RolloutStage:
         return self.module.model
 
     def _sample(self, chosen: list[int], epoch: int, index: int) -> Rollout:
+        sync_s = self._sync_engine()
         seed = (self.cfg.train.seed * 1_000_003 + epoch * 10_007 + index) % (2**31)
-        rollout = sample_and_score(self._policy(), self.tokenizer, self.prompts, self.records, chosen, self.cfg,
-                                   self.score, seed, self.autocast)
+        rollout = sample_and_score(self.engine, self.tokenizer, self.prompts, self.records, chosen, self.cfg,
+                                   self.score, seed)
         self.rollout_metrics = dict(rollout.stats.__dict__)
+        if not self.engine.is_policy:
+            self.rollout_metrics["weight_sync_s"] = sync_s
         self._write_samples(epoch, index, rollout)
         self.rollouts_done += 1
         return rollout
+
+    def _sync_engine(self) -> float:
+        """Push the policy's weights into a separate engine if they changed since the last push;
+        returns the seconds it took."""
+        if not self.engine_stale:
+            return 0.0
+        started = time.perf_counter()
+        self.engine.sync(self._policy())
+        self.engine_stale = False
+        return time.perf_counter() - started
 
     def _write_samples(self, epoch: int, index: int, rollout: Rollout) -> None:
         every = self.cfg.eval.sample_every
@@ -340,12 +368,13 @@ class RLRun:
     data_report: dict
     score: Callable
     frozen_reference: torch.nn.Module | None
+    engine: object  # the rollout engine (`rollout.engines`)
 
     def stage_args(self) -> tuple:
         """The arguments every RolloutStage takes after its module."""
         return (self.train_ids, self.train_records, self.cfg, self.tokenizer, self.score,
                 self.run_dir if self.main else None, self.accelerator.autocast, self.adapter_training,
-                self.frozen_reference, self.accelerator.num_processes)
+                self.frozen_reference, self.accelerator.num_processes, self.engine)
 
     def check_enough_prompts(self, stage) -> None:
         if stage.rollouts_per_epoch() == 0:
@@ -368,6 +397,7 @@ def start_rl_run(cfg, needs_reference: bool, extra_parts=()) -> RLRun:
     """start_run, the policy (with its adapters), prompts and reward; a frozen reference copy
     when `needs_reference` and the policy has no adapters to switch off. The policy, the
     reference and `extra_parts` (e.g. a value model) go to the accelerator's device."""
+    from posttrain.rollout.engines import build_engine
     from posttrain.train.grouped import on_device
     from posttrain.train.loop import start_run
     from posttrain.train.sft import build_model
@@ -381,7 +411,9 @@ def start_rl_run(cfg, needs_reference: bool, extra_parts=()) -> RLRun:
     for part in (model, frozen):  # one by one: a 4-bit base placed by device_map refuses .to
         if part is not None:
             on_device(part, accelerator.device)
-    return RLRun(cfg, run_dir, accelerator, main, log, tokenizer, model, adapter_training, *data, score, frozen)
+    engine = build_engine(cfg, model, accelerator, log)
+    return RLRun(cfg, run_dir, accelerator, main, log, tokenizer, model, adapter_training, *data, score, frozen,
+                 engine)
 
 
 def prepare_prompt_data(cfg, tokenizer, run_dir: Path, main: bool, log):

@@ -4,7 +4,7 @@
     build.py       fresh adapters on a loaded model (peft for LoRA/DoRA/IA3/prompt/prefix)
     bottleneck.py  Houlsby bottleneck adapters (ours; peft has none)
     model.py       AdaptedModel: a causal LM carrying any mix of them
-    io.py          save / load / merge / combine
+    io.py          save / load / merge (or stream the merged weights) / combine
     report.py      trainable parameters and memory estimate
 """
 
@@ -14,6 +14,7 @@ from posttrain.models.adapters.io import (
     is_adapter_dir,
     load_adapted,
     merge_adapted,
+    merged_weights,
     read_layout,
     save_adapted,
 )
@@ -23,6 +24,6 @@ from posttrain.models.adapters.spec import AdapterPlan, plan_adapters, validate_
 
 __all__ = [
     "AdaptedModel", "AdapterPlan", "apply_adapters", "apply_freeze_tuning", "combine_adapters", "count_parameters",
-    "format_report", "is_adapter_dir", "linear_module_names", "load_adapted", "merge_adapted", "parameter_report",
-    "plan_adapters", "read_layout", "save_adapted", "trainable_summary", "validate_adapter",
+    "format_report", "is_adapter_dir", "linear_module_names", "load_adapted", "merge_adapted", "merged_weights",
+    "parameter_report", "plan_adapters", "read_layout", "save_adapted", "trainable_summary", "validate_adapter",
 ]

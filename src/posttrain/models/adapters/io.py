@@ -15,8 +15,12 @@ plus `posttrain_adapters.json` naming the methods, their subdirectories and the 
 from __future__ import annotations
 
 import json
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from posttrain.errors import UserError
 from posttrain.models.adapters.bottleneck import BottleneckSet
@@ -163,11 +167,67 @@ def merge_adapted(model):
     """
     if not isinstance(model, AdaptedModel):
         return model
+    _check_mergeable(model, "use the adapter directory with posttrain generate/chat instead")
+    return model.weight_peft.merge_and_unload()
+
+
+def _check_mergeable(model: AdaptedModel, fix: str) -> None:
     rest = [m for m in model.methods if m not in MERGEABLE]
     if rest:
         raise UserError(f"{', '.join(rest)} adapters cannot be merged into the base weights (they add layers or tokens "
-                        "the base has no weights for); use the adapter directory with posttrain generate/chat instead")
-    return model.weight_peft.merge_and_unload()
+                        f"the base has no weights for); {fix}")
+
+
+def merged_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every weight `merge_adapted(model)` would hold, named as in the plain
+    transformers model (the checkpoint's names), without changing `model`.
+
+    An adapted layer is merged by peft, its merged weights copied, then unmerged and its base
+    weights restored from a copy taken before, bit for bit (unmerging alone subtracts the update
+    again, which is not exact in low precision). Every other weight is the model's own tensor,
+    detached, not a copy; a tied weight comes once, under its first name, as save_pretrained
+    writes it. Layer by layer, so at most one layer's merged copy exists at a time when the
+    caller consumes the generator as it goes. Refuses what `merge_adapted` refuses.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    lm = model
+    if isinstance(model, AdaptedModel):
+        _check_mergeable(model, "train with lora, dora or ia3 to use the merged weights")
+        lm = model.lm
+    inside_adapted, seen = set(), set()
+    for name, module in lm.named_modules():
+        if id(module) in inside_adapted:
+            continue
+        prefix = f"{name}." if name else ""
+        if isinstance(module, BaseTunerLayer):
+            inside_adapted.update(id(sub) for sub in module.modules())
+            for param_name, tensor in _merged_layer(module).items():
+                yield prefix + param_name, tensor
+            continue
+        for param_name, param in module.named_parameters(recurse=False):
+            if id(param) not in seen:
+                seen.add(id(param))
+                yield prefix + param_name, param.detach()
+
+
+def _merged_layer(layer) -> dict[str, torch.Tensor]:
+    """Copies of `layer`'s base parameters with its active adapters merged in; the layer is left
+    exactly as it was."""
+    base = layer.get_base_layer()
+    if layer.merged:  # already merged by someone else: its weights are the merged ones
+        return {n: p.detach().clone() for n, p in base.named_parameters(recurse=False)}
+    original = {n: p.detach().clone() for n, p in base.named_parameters(recurse=False)}
+    layer.merge()
+    try:
+        return {n: p.detach().clone() for n, p in base.named_parameters(recurse=False)}
+    finally:
+        with warnings.catch_warnings():  # peft warns that unmerging IA3 is inexact; the copy below makes it exact
+            warnings.simplefilter("ignore", UserWarning)
+            layer.unmerge()
+        with torch.no_grad():
+            for n, p in base.named_parameters(recurse=False):
+                p.copy_(original[n])
 
 
 def combine_adapters(model: AdaptedModel, weights: dict[str, float], name: str) -> None:
