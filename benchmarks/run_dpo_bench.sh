@@ -12,12 +12,14 @@
 #
 # Knobs (environment): BENCH_ROUNDS (2), BENCH_STEPS (20; the data holds 16 x steps pairs,
 # one epoch), BENCH_RUNS (case:tool:variant list, see benchmarks/dpo/report.py),
-# PYTHON (python3), TRL_SPEC (trl).
+# BENCH_PROFILE (cpu, or cpu32k: the same model with a 32,768-token vocabulary), PYTHON (python3),
+# TRL_SPEC (trl).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
-CACHE="$HERE/.cache/dpo_cpu"
+PROFILE="${BENCH_PROFILE:-cpu}"  # cpu: vocab 1,024 (the tiny preset's); cpu32k: the same model with 32,768
+CACHE="$HERE/.cache/dpo_$PROFILE"
 STEPS="${BENCH_STEPS:-20}"
 BATCH=16
 # shellcheck source=benchmarks/venv.sh
@@ -28,12 +30,13 @@ rows=$(( STEPS * BATCH ))
 if [ ! -f "$CACHE/model/model.safetensors" ] || [ ! -f "$CACHE/rm_init/model.safetensors" ] \
    || [ "$(wc -l < "$CACHE/prefs.jsonl" 2>/dev/null || echo 0)" -ne "$rows" ]; then
   echo "[setup] building model, reward-model start and $rows preference pairs in $CACHE"
-  HF_HUB_OFFLINE=1 "$PY" "$HERE/dpo/make_assets.py" --out "$CACHE" --rows "$rows"
+  HF_HUB_OFFLINE=1 "$PY" "$HERE/dpo/make_assets.py" --out "$CACHE" --rows "$rows" --profile "$PROFILE"
 fi
 
 mkdir -p "$HERE/results"
 rm -rf "$HERE/.cache/dpo_work"
 start=$(date +%s)
-DPO_BENCH_CMD="bash benchmarks/run_dpo_bench.sh" HF_HUB_OFFLINE=1 "$PY" "$HERE/dpo/report.py" \
-  --cache "$CACHE" --results "$HERE/results" --steps "$STEPS" --batch-size "$BATCH"
-echo "[done] $(( $(date +%s) - start )) s; see benchmarks/results/dpo_cpu.md"
+DPO_BENCH_CMD="${BENCH_PROFILE:+BENCH_PROFILE=$PROFILE }bash benchmarks/run_dpo_bench.sh" HF_HUB_OFFLINE=1 \
+  "$PY" "$HERE/dpo/report.py" --cache "$CACHE" --results "$HERE/results" --steps "$STEPS" --batch-size "$BATCH" \
+  --name "dpo_$PROFILE"
+echo "[done] $(( $(date +%s) - start )) s; see benchmarks/results/dpo_$PROFILE.md"

@@ -12,13 +12,15 @@
 # Knobs (environment): BENCH_ROUNDS (2), BENCH_STEPS (6; the first is warm-up, not timed),
 # BENCH_PROMPTS (4 prompts per step), BENCH_G (8 completions per prompt), BENCH_NEW_TOKENS
 # (32), BENCH_BETA (0.04, the grpo_kl case), BENCH_RUNS (case:tool:variant list, see
-# benchmarks/rl/report.py; cases grpo, grpo_kl, rloo), PYTHON (python3), TRL_SPEC (trl).
+# benchmarks/rl/report.py; cases grpo, grpo_kl, rloo), BENCH_PROFILE (cpu, or cpu32k: the same
+# model with a 32,768-token vocabulary), PYTHON (python3), TRL_SPEC (trl).
 # About 20 minutes with the defaults on 2 idle cores.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
-CACHE="$HERE/.cache/rl_cpu"
+PROFILE="${BENCH_PROFILE:-cpu}"  # cpu: vocab 1,024 (the tiny preset's); cpu32k: the same model with 32,768
+CACHE="$HERE/.cache/rl_$PROFILE"
 PROMPTS=256
 # shellcheck source=benchmarks/venv.sh
 source "$HERE/venv.sh"
@@ -26,12 +28,12 @@ bench_venv "torch, trl, peft, datasets, posttrain" peft
 
 if [ ! -f "$CACHE/model/model.safetensors" ] || [ "$(wc -l < "$CACHE/prompts.jsonl" 2>/dev/null || echo 0)" -ne "$PROMPTS" ]; then
   echo "[setup] building the policy and $PROMPTS prompts in $CACHE"
-  HF_HUB_OFFLINE=1 "$PY" "$HERE/rl/make_assets.py" --out "$CACHE" --prompts "$PROMPTS"
+  HF_HUB_OFFLINE=1 "$PY" "$HERE/rl/make_assets.py" --out "$CACHE" --prompts "$PROMPTS" --profile "$PROFILE"
 fi
 
 mkdir -p "$HERE/results"
 rm -rf "$HERE/.cache/rl_work"
 start=$(date +%s)
-RL_BENCH_CMD="bash benchmarks/run_rl_bench.sh" HF_HUB_OFFLINE=1 "$PY" "$HERE/rl/report.py" \
-  --cache "$CACHE" --results "$HERE/results"
-echo "[done] $(( $(date +%s) - start )) s; see benchmarks/results/rl_cpu.md"
+RL_BENCH_CMD="${BENCH_PROFILE:+BENCH_PROFILE=$PROFILE }bash benchmarks/run_rl_bench.sh" HF_HUB_OFFLINE=1 \
+  "$PY" "$HERE/rl/report.py" --cache "$CACHE" --results "$HERE/results" --name "rl_$PROFILE"
+echo "[done] $(( $(date +%s) - start )) s; see benchmarks/results/rl_$PROFILE.md"

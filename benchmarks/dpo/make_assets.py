@@ -1,6 +1,6 @@
 """Build the DPO / reward-model benchmark's model, reward-model start and data offline.
 
-    python benchmarks/dpo/make_assets.py --out benchmarks/.cache/dpo_cpu [--rows 320] [--profile cpu|gpu]
+    python benchmarks/dpo/make_assets.py --out benchmarks/.cache/dpo_cpu [--rows 320] [--profile cpu|cpu32k|gpu]
 
 writes
     OUT/model/      a small Llama (hidden 256, 4 layers, 4 heads, intermediate 688, tied
@@ -16,6 +16,9 @@ writes
 The model is the `tiny` preset's shape scaled up (hidden 128 -> 256, intermediate 344 ->
 688), so a step is not all framework overhead, while both tools still tokenise with the
 very tokenizer and chat template the preset ships.
+
+--profile cpu32k is the CPU model with a 32,768-row vocabulary, untied (the tokenizer still uses
+its first 1,024 ids): the logits then weigh what they do in real models.
 
 --profile gpu builds the GPU case instead: a 0.22B-parameter Llama (hidden 1024, 12
 layers, 16 heads, intermediate 2816, untied embeddings) with a 32,768-row vocabulary, the
@@ -38,6 +41,10 @@ TASKS = ["smallest", "copy", "reverse"]
 PROFILES = {
     "cpu": {"vocab_size": None, "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
             "num_attention_heads": 4, "tie_word_embeddings": True},
+    # The CPU model with a real model's vocabulary (untied, like the GPU profile): the [batch,
+    # seq, vocab] logits then cost what they cost in practice (ANCHORS.md: ~384 KB a token).
+    "cpu32k": {"vocab_size": 32768, "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
+               "num_attention_heads": 4, "tie_word_embeddings": False},
     "gpu": {"vocab_size": 32768, "hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 12,
             "num_attention_heads": 16, "tie_word_embeddings": False},
 }
@@ -107,7 +114,8 @@ def build_data(path: Path, model_dir: Path, rows: int, seed: int, profile: str =
 
     from posttrain.data.synthetic import make_preference_rows
 
-    data = make_preference_rows(TASKS, rows, seed=seed, kind="pairs") if profile == "cpu" else passage_rows(rows, seed)
+    synthetic = profile.startswith("cpu")
+    data = make_preference_rows(TASKS, rows, seed=seed, kind="pairs") if synthetic else passage_rows(rows, seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     lengths = []
     with path.open("w") as fh:
@@ -117,7 +125,9 @@ def build_data(path: Path, model_dir: Path, rows: int, seed: int, profile: str =
                 messages = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row[side]}]
                 lengths.append(len(tokenizer.apply_chat_template(messages, tokenize=True)["input_ids"]))
     lengths.sort()
-    return {"rows": len(data), "tasks": TASKS if profile == "cpu" else "corpus passages", "profile": profile, "sequence_tokens_min": lengths[0],
+    return {"rows": len(data), "tasks": TASKS if synthetic else "corpus passages", "profile": profile,
+            "vocab_size": PROFILES[profile]["vocab_size"] or len(tokenizer),
+            "tied_embeddings": PROFILES[profile]["tie_word_embeddings"], "sequence_tokens_min": lengths[0],
             "sequence_tokens_median": lengths[len(lengths) // 2], "sequence_tokens_max": lengths[-1],
             "sequence_tokens_mean": sum(lengths) / len(lengths)}
 

@@ -174,8 +174,9 @@ def write_markdown(report: dict, path: Path) -> None:
     s, a = report["settings"], report["assets"]
     lines = report_header("DPO and reward models on CPU: posttrain vs TRL DPOTrainer / RewardTrainer",
                           report["command"], report, PACKAGES[:-1]) + [
-        f"Setup: small Llama ({a.get('params', 0) / 1e6:.2f}M params: hidden 256, 4 layers, vocab 1024, tied "
-        f"embeddings) over the `tiny` preset's tokenizer and ChatML template, float32; {a.get('rows')} synthetic "
+        f"Setup: small Llama ({a.get('params', 0) / 1e6:.2f}M params: hidden 256, 4 layers, vocab "
+        f"{a.get('vocab_size', 1024):,}, {'tied' if a.get('tied_embeddings', True) else 'untied'} embeddings) over "
+        f"the `tiny` preset's tokenizer and ChatML template, float32; {a.get('rows')} synthetic "
         f"preference pairs (smallest/copy/reverse; {a.get('sequence_tokens_min')}–{a.get('sequence_tokens_max')} "
         f"tokens per prompt+response); batch {s['batch_size']} pairs, max_length {s['max_length']}, "
         f"lr {s['lr']:g} constant, AdamW, clip 1.0, {s['steps']} steps per run = one epoch, same batches in the same "
@@ -249,7 +250,7 @@ def write_markdown(report: dict, path: Path) -> None:
     lines.append("")
     lines += warning_lines(report)
     lines += ["How it is measured and what differs between the tools: `benchmarks/README.md`. Raw numbers: "
-              "`dpo_cpu.json`.", ""]
+              f"`{path.with_suffix('.json').name}`.", ""]
     path.write_text("\n".join(lines))
 
 
@@ -260,6 +261,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--name", default="dpo_cpu", help="results/NAME.md and NAME.json")
     args = parser.parse_args()
     args.work = args.cache.parent / "dpo_work"  # scratch, gitignored; results/ keeps only the report
     args.work.mkdir(parents=True, exist_ok=True)
@@ -315,7 +317,7 @@ def main() -> None:
         "verdicts": verdicts,
         "warnings": warnings,
     }
-    save_report(report, args.results, "dpo_cpu", write_markdown)
+    save_report(report, args.results, args.name, write_markdown)
 
 
 if __name__ == "__main__":

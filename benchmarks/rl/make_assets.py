@@ -33,7 +33,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "dpo"))
-from make_assets import build_model  # noqa: E402  (the DPO benchmark's model, reused as is)
+from make_assets import PROFILES, build_model  # noqa: E402  (the DPO benchmark's model, reused as is)
 
 TASK = "smallest"
 
@@ -65,7 +65,7 @@ def build_prompts(path: Path, model_dir: Path, n: int, seed: int) -> dict:
     return {"prompts": n, "task": TASK, "prompt_tokens_min": lengths[0], "prompt_tokens_max": lengths[-1],
             "prompt_tokens_mean": sum(lengths) / n, "eos_token": tokenizer.eos_token,
             "p_eos_after_prompt_mean": sum(probs) / len(probs), "p_eos_after_prompt_max": max(probs),
-            "vocab": len(tokenizer)}
+            "tokenizer_vocab": len(tokenizer)}
 
 
 def main() -> None:
@@ -73,12 +73,16 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/.cache/rl_cpu")
     parser.add_argument("--prompts", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", choices=["cpu", "cpu32k"], default="cpu",
+                        help="cpu: vocab 1,024 (the tiny tokenizer's), tied; cpu32k: vocab 32,768, untied")
     args = parser.parse_args()
     out = Path(args.out)
     shutil.rmtree(out / "model", ignore_errors=True)
     (out / "model").mkdir(parents=True)
-    info = {"params": build_model(out / "model", args.seed, "cpu"), "seed": args.seed}
+    info = {"params": build_model(out / "model", args.seed, args.profile), "seed": args.seed, "profile": args.profile}
     info.update(build_prompts(out / "prompts.jsonl", out / "model", args.prompts, args.seed))
+    info["vocab"] = PROFILES[args.profile]["vocab_size"] or info["tokenizer_vocab"]
+    info["tied_embeddings"] = PROFILES[args.profile]["tie_word_embeddings"]
     (out / "assets.json").write_text(json.dumps(info, indent=2) + "\n")
     print(json.dumps(info))
 

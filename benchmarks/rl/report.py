@@ -203,8 +203,8 @@ def write_markdown(report: dict, path: Path) -> None:
     per_step = s["prompts_per_step"] * s["num_generations"]
     lines = report_header("Online RL on CPU: posttrain GRPO / RLOO vs TRL GRPOTrainer / RLOOTrainer", report["command"],
                           report, PACKAGES[:-1]) + [
-        f"Setup: small Llama ({a['params'] / 1e6:.2f}M params: hidden 256, 4 layers, vocab {a['vocab']}, tied "
-        f"embeddings, random init) over the `tiny` preset's tokenizer and ChatML template, float32; prompts from "
+        f"Setup: small Llama ({a['params'] / 1e6:.2f}M params: hidden 256, 4 layers, vocab {a['vocab']:,}, "
+        f"{'tied' if a.get('tied_embeddings', True) else 'untied'} embeddings, random init) over the `tiny` preset's tokenizer and ChatML template, float32; prompts from "
         f"posttrain's synthetic `{a['task']}` task ({a['prompt_tokens_min']}–{a['prompt_tokens_max']} tokens once "
         f"templated), the same prompts in the same order in both tools; per step one rollout of "
         f"{s['prompts_per_step']} prompts × G {s['num_generations']} = {per_step} completions of at most "
@@ -322,7 +322,7 @@ def write_markdown(report: dict, path: Path) -> None:
     lines.append("")
     lines += warning_lines(report)
     lines += ["How it is measured and what differs between the tools: `benchmarks/README.md`. Raw numbers, every step: "
-              "`rl_cpu.json`.", ""]
+              f"`{path.with_suffix('.json').name}`.", ""]
     path.write_text("\n".join(lines))
 
 
@@ -337,6 +337,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--beta", type=float, default=float(os.environ.get("BENCH_BETA", "0.04")),
                         help="β of the grpo_kl case")
+    parser.add_argument("--name", default="rl_cpu", help="results/NAME.md and NAME.json")
     args = parser.parse_args()
     if args.steps <= args.warmup:
         raise SystemExit(f"--steps {args.steps} leaves no timed step after {args.warmup} warm-up step(s)")
@@ -424,7 +425,7 @@ def main() -> None:
         "verdicts": verdicts,
         "warnings": warnings,
     }
-    save_report(report, args.results, "rl_cpu", write_markdown)
+    save_report(report, args.results, args.name, write_markdown)
 
 
 if __name__ == "__main__":
