@@ -119,8 +119,9 @@ class TrainConfig:
     weight_decay: float = option(0.0, "AdamW decoupled weight decay")
     adam_betas: list[float] = option([0.9, 0.999], "AdamW betas")
     adam_eps: float = option(1e-8, "AdamW epsilon")
-    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = option(
-        "adamw", "adamw (torch), or bitsandbytes' 8-bit / paged 8-bit AdamW (CUDA only)")
+    optimizer: Literal["adamw", "adamw_fused", "adamw_8bit", "paged_adamw_8bit"] = option(
+        "adamw", "adamw (torch's per-tensor loop), adamw_fused (torch's fused kernel: the same update, several "
+                 "times faster, differs in the last bits), or bitsandbytes' 8-bit / paged 8-bit AdamW (CUDA only)")
     max_grad_norm: float = option(1.0, "clip the global gradient norm to this (0 = no clipping)")
     schedule: Literal["constant", "linear", "cosine"] = option("cosine", "learning-rate schedule after warmup")
     warmup_steps: int = option(0, "linear warmup steps")

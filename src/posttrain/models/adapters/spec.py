@@ -143,7 +143,7 @@ def validate_adapter(adapter_cfg: Any, *, packing: bool = False, gradient_checkp
     if "prefix" in plan.methods and gradient_checkpointing:
         raise ConfigError("prefix tuning feeds its prefix through the KV cache, which activation checkpointing "
                           "recomputes; set model.gradient_checkpointing=false")
-    if plan.quantized or optimizer != "adamw":
+    if plan.quantized or optimizer not in ("adamw", "adamw_fused"):
         require_cuda_bitsandbytes("adapter.method=qlora" if plan.quantized else f"train.optimizer={optimizer}")
     return plan
 
