@@ -22,7 +22,6 @@ every round was dropped gives no SFT row and no pair, and is counted too.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import re
@@ -33,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from posttrain.errors import ConfigError, DataError, UserError
+from posttrain.errors import DataError, UserError
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 _PRINCIPLE_KEYS = ("name", "critique", "revision")
@@ -269,32 +268,6 @@ def count_outcomes(records: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Write rows to `path` atomically (a finished file or the previous one, never half of one)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
-    tmp.replace(path)
-
-
-def check_resume_settings(out_dir: Path, settings: dict[str, Any]) -> None:
-    """Refuse to resume into a run directory whose records were made with other settings."""
-    path = out_dir / "settings.json"
-    if path.is_file():
-        before = json.loads(path.read_text())
-        changed = [key for key in sorted(set(before) | set(settings)) if before.get(key) != settings.get(key)]
-        if changed:
-            key = changed[0]
-            raise ConfigError(f"{out_dir} holds a run made with {key}={before.get(key)!r}, now {settings.get(key)!r}; "
-                              "use a new output_dir, or restore the setting to resume")
-    else:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(settings, indent=2) + "\n")
-
-
-def file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-
-
 # --------------------------------------------------------------------------- the command
 
 
@@ -324,7 +297,7 @@ def run_constitutional(cfg, *, policy=None, judge_backend=None, stream: TextIO |
     replace the backends the config describes (tests, notebooks)."""
     from posttrain.config.synthesis import validate_constitutional
     from posttrain.feedback.client import make_backend
-    from posttrain.feedback.jobs import JsonlLog, run_items
+    from posttrain.feedback.jobs import JsonlLog, check_resume_settings, file_digest, run_items, write_jsonl
 
     validate_constitutional(cfg)
     c = cfg.constitutional

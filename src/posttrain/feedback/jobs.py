@@ -7,6 +7,8 @@
                 pool, appends each result the moment it is ready, shows a progress line, and
                 returns a RunSummary. Rerunning the same command after a kill therefore gives
                 every id exactly once: no duplicates, no gaps.
+    write_jsonl  a finished output file, written whole (a kill leaves the old one or the new one)
+    check_resume_settings, file_digest   refuse to resume a run with settings or inputs that changed
 
 Item ids must be deterministic functions of the input (an index or a hash of the item),
 never of time or chance, or a resumed run could not recognise what it already did.
@@ -19,6 +21,7 @@ a torn line is), or None (nothing to write; the item is tried again on the next 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import queue
@@ -30,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from posttrain.errors import DataError, UserError
+from posttrain.errors import ConfigError, DataError, UserError
 
 MAX_ERRORS_KEPT = 5
 
@@ -332,3 +335,37 @@ class _Progress:
         if self.tty and self.text:
             self.stream.write("\n")
             self.stream.flush()
+
+# --------------------------------------------------------------------------- finished outputs and settings
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """Replace `path` with `rows` all at once (a kill leaves the old file or the new one)."""
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, path)
+
+
+def check_resume_settings(out_dir: Path, settings: dict[str, Any]) -> None:
+    """Refuse to resume into a run directory whose records were made with other settings
+    (kept in out_dir/settings.json by the first run)."""
+    path = out_dir / "settings.json"
+    if path.is_file():
+        before = json.loads(path.read_text())
+        changed = [key for key in sorted(set(before) | set(settings)) if before.get(key) != settings.get(key)]
+        if changed:
+            key = changed[0]
+            raise ConfigError(f"{out_dir} holds a run made with {key}={before.get(key)!r}, now {settings.get(key)!r}; "
+                              "use a new output_dir, or restore the setting to resume")
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def file_digest(path: Path) -> str:
+    """A short content hash, to notice an input file that changed between a run and its resume."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from collections import Counter
 from collections.abc import Callable
 from itertools import combinations
@@ -32,7 +31,7 @@ from typing import Any
 
 from posttrain.errors import ConfigError
 from posttrain.feedback.client import ChatBackend, LocalModel, make_backend
-from posttrain.feedback.jobs import JsonlLog, run_items
+from posttrain.feedback.jobs import JsonlLog, run_items, write_jsonl
 from posttrain.feedback.judge import PairwiseJudge, cohen_kappa, to_original
 
 SKIPPED = ("identical", "empty")  # pair outcomes that were never sent to the judge
@@ -274,17 +273,6 @@ def _backends(cfg) -> tuple[ChatBackend, ChatBackend]:
     if isinstance(policy, LocalModel) and same:
         return policy, policy
     return policy, make_backend(cfg.judge)
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    """Replace `path` with `rows` all at once (a kill leaves the old file or the new one)."""
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, path)
 
 
 def run_rlaif(cfg, log: Callable[[str], Any] = print) -> Path:

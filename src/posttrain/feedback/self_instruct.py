@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from posttrain.errors import DataError, UserError
-from posttrain.feedback.constitutional import ASSETS, check_resume_settings, file_digest, request_seed, write_jsonl
+from posttrain.feedback.constitutional import ASSETS, request_seed
+from posttrain.feedback.jobs import check_resume_settings, file_digest, write_jsonl
 from posttrain.feedback.rouge import RougePool, tokenize
 
 _ANSWER_TOKENS = 16  # the yes/no question needs only its first word
