@@ -273,3 +273,10 @@ def test_fused_adamw_is_the_same_update_up_to_rounding(tmp_path):
     resumed = _run(ToyStage(8), _cfg(optimizer="adamw_fused", save_every=4, resume="auto"), tmp_path / "cut")
     c = _params(resumed.module)
     assert all(torch.equal(b[k], c[k]) for k in b)
+
+
+def test_resuming_a_finished_run_still_reports_its_final_evaluation(tmp_path):
+    finished = _run(ToyStage(8, n_eval=8), _cfg(), tmp_path)
+    again = _run(ToyStage(8, n_eval=8), _cfg(resume="auto"), tmp_path)
+    assert again.step == finished.step == 8
+    assert finished.eval_loss is not None and again.eval_loss == pytest.approx(finished.eval_loss, rel=1e-6)

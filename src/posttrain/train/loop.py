@@ -283,6 +283,12 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator) -> LoopResult:
                 save()
     finally:
         log.close()
+    if resume_from is not None and eval_loss is None and state["step"] >= total_steps:
+        # A resumed run that was already finished trains nothing, but its caller still reports the
+        # final evaluation (a pipeline rerun, say): evaluate the restored weights once.
+        evaluated = evaluate(module, stage, accelerator)
+        if evaluated is not None:
+            eval_loss, eval_metrics = evaluated
     if stopped_early:
         log.message(f"early stop at step {state['step']}: no eval improvement in {cfg.early_stopping_patience} evals")
     return LoopResult(state["step"], stopped_early, eval_loss, state["skipped_steps"], accelerator.unwrap_model(module),
