@@ -87,6 +87,9 @@ def test_prompt_rows_in_every_format_and_bad_rows_with_their_line(tmp_path):
                                             {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]},
                               "messages")
     assert [t["content"] for t in record.prompt] == ["a", "b", "c"] and record.answer == "d"
+    open_turn = to_prompt_record({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]},
+                                 "messages")  # ends with the user's turn: all of it is the prompt, no answer
+    assert [t["role"] for t in open_turn.prompt] == ["system", "user"] and open_turn.answer is None
     assert to_prompt_record({"instruction": "Copy: x", "output": "x"}, "alpaca").answer == "x"
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "ok", "answer": "1"}\n{"prompt": []}\n{"prompt": [{"role": "assistant", "content": "x"}]}\n')

@@ -6,7 +6,9 @@ Accepted rows, detected per file like formats.py's:
     prompt    {"prompt": str | turns, "system"?, "answer"?, ...}   the turns must end with a user turn
     messages  {"messages": [...]} (or ShareGPT "conversations")    prompt = every turn before the
                                                                    last assistant turn; that turn
-                                                                   is the answer
+                                                                   is the answer (a conversation
+                                                                   ending with the user's turn is
+                                                                   all prompt, with no answer)
     alpaca    {"instruction", "input"?, "output"?}                 prompt = the instruction (+ input),
                                                                    answer = the output
 
@@ -58,6 +60,10 @@ def detect_prompt_format(rows: list[dict], *, where: str = "the data") -> str:
 def to_prompt_record(row: dict, fmt: str, location: str = "<memory>") -> PromptRecord:
     if fmt not in PROMPT_FORMATS:
         raise BadRowError(f"format {fmt!r} cannot give prompts; use one of {', '.join(PROMPT_FORMATS)}")
+    turns = row.get("messages") if fmt == "messages" else None
+    if isinstance(turns, list) and turns and isinstance(turns[-1], dict) and turns[-1].get("role") == "user":
+        # A conversation that ends with the user's turn is all prompt, with no reference answer.
+        row, fmt = {**{k: v for k, v in row.items() if k != "messages"}, "prompt": turns}, "prompt"
     extra = {k: v for k, v in row.items() if k not in _RESERVED}
     if fmt == "prompt":
         from posttrain.data.preferences import _prompt

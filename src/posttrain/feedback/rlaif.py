@@ -45,28 +45,14 @@ def prompt_id(turns: list[dict[str, str]]) -> str:
     return hashlib.sha256(json.dumps(turns, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
-def _to_prompt_record(row: Any, fmt: str, location: str):
-    """data.prompts' converter, plus "messages" rows that end with the user's turn: for RLAIF
-    the whole conversation is the prompt (SFT-style rows keep their last assistant turn out)."""
-    from posttrain.data.prompts import to_prompt_record
-
-    turns = row.get("messages") if isinstance(row, dict) else None
-    if fmt == "messages" and isinstance(turns, list) and turns and isinstance(turns[-1], dict) \
-            and turns[-1].get("role") == "user":
-        row, fmt = {**{k: v for k, v in row.items() if k != "messages"}, "prompt": turns}, "prompt"
-    return to_prompt_record(row, fmt, location)
-
-
 def load_prompts(files: list[str], fmt: str = "auto", limit: int = 0,
                  log: Callable[[str], Any] = print) -> list[tuple[str, Any]]:
     """(id, PromptRecord) per prompt, read as data.prompts reads RL prompts (format detected per
     file: prompt, messages or alpaca); a malformed row stops the run with its file:line.
     A prompt repeated in the data gets "<id>-2", "<id>-3", ... so every occurrence is kept."""
-    from posttrain.data import formats
-    from posttrain.data.prompts import PROMPT_FORMATS, detect_prompt_format
+    from posttrain.data.prompts import load_prompt_records
 
-    records, _ = formats._load(files, fmt, "error", 0.0, None, log, _to_prompt_record, detect_prompt_format,
-                               PROMPT_FORMATS)
+    records, _ = load_prompt_records(files, fmt=fmt, log=log)
     if limit:
         records = records[:limit]
     seen: Counter[str] = Counter()
