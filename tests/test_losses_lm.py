@@ -314,3 +314,40 @@ def test_sequence_logps_never_materialise_more_than_one_chunk_of_logits():
         logps, _ = sequence_logps(hidden, weight, labels, chunk_size=chunk)
         logps.sum().backward()
     assert rec.max_numel <= chunk * vocab < batch * (length - 1) * vocab // 10
+
+
+@pytest.mark.parametrize("chunk_size", [1, 10, 64])
+def test_logps_with_a_value_only_entropy_match_a_float64_log_softmax(chunk_size):
+    """token_logps_with_entropy_value: log-probs and their gradients (hidden, weight, bias) as
+    autograd gives them through a plain float64 log_softmax; entropies equal, without gradient."""
+    from posttrain.losses.language_modeling import token_logps_and_entropy, token_logps_with_entropy_value
+
+    g = torch.Generator().manual_seed(0)
+    n, h, v = 37, 8, 50
+    hidden = torch.randn(n, h, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(v, h, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(v, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, v, (n,), generator=g)
+    upstream = torch.randn(n, generator=g, dtype=torch.float64)
+
+    logps, entropy = token_logps_with_entropy_value(hidden, weight, targets, bias, chunk_size)
+    assert not entropy.requires_grad
+    (logps * upstream).sum().backward()
+    ours = [t.grad.clone() for t in (hidden, weight, bias)]
+    for t in (hidden, weight, bias):
+        t.grad = None
+    log_probs = (hidden @ weight.T + bias).log_softmax(-1)
+    reference = log_probs.gather(1, targets[:, None])[:, 0]
+    (reference * upstream).sum().backward()
+    torch.testing.assert_close(logps, reference.detach(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(entropy, -(log_probs.exp() * log_probs).sum(-1).detach(), rtol=0, atol=1e-12)
+    for mine, t in zip(ours, (hidden, weight, bias)):
+        torch.testing.assert_close(mine, t.grad, rtol=0, atol=1e-12)
+    # the same log-prob values as the checkpointed function GRPO used before (bitwise, float32)
+    h32, w32 = hidden.detach().float(), weight.detach().float()
+    assert torch.equal(token_logps_with_entropy_value(h32, w32, targets, None, chunk_size)[0],
+                       token_logps_and_entropy(h32, w32, targets, None, chunk_size)[0])
+    # no grad anywhere: the same values, no graph
+    with torch.no_grad():
+        values = token_logps_with_entropy_value(hidden, weight, targets, bias, chunk_size)
+    assert torch.equal(values[0], logps.detach()) and not values[0].requires_grad

@@ -251,6 +251,82 @@ def token_logps_and_entropy(selected: Tensor, weight: Tensor, targets: Tensor, b
     return both[0], both[1]
 
 
+def token_logps_with_entropy_value(selected: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None,
+                                   chunk_size: int = 256) -> tuple[Tensor, Tensor]:
+    """`token_logps_and_entropy` for when the entropy is only reported (GRPO, PPO without an
+    entropy bonus): the log-probs carry gradients, the entropies (N,) carry none.
+
+    Forward keeps no logits. Backward recomputes each chunk's logits z = W h + b once and uses
+
+        d log softmax(z)[y] / dz = onehot(y) − softmax(z)
+
+    so neither the entropy nor a second pass through autograd's log-softmax is recomputed,
+    which the checkpointed `token_logps_and_entropy` has to do."""
+    if not torch.is_grad_enabled() or not (selected.requires_grad or weight.requires_grad
+                                           or (bias is not None and bias.requires_grad)):
+        with torch.no_grad():
+            return _LogpsEntropyValue.compute(selected, weight, bias, targets, chunk_size)
+    return _LogpsEntropyValue.apply(selected, weight, bias, targets, chunk_size)
+
+
+class _LogpsEntropyValue(torch.autograd.Function):
+    """(log-probs with gradients, entropies without), chunk by chunk (see the public function)."""
+
+    @staticmethod
+    def compute(hidden, weight, bias, targets, chunk_size):
+        logps, entropies = [], []
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            for start in range(0, hidden.shape[0], chunk_size):
+                z = _chunk_logits(hidden[start:start + chunk_size], weight, bias)
+                log_norm = torch.logsumexp(z, dim=-1)
+                logps.append(z.gather(1, targets[start:start + chunk_size, None]).squeeze(1) - log_norm)
+                entropies.append(log_norm - (torch.softmax(z, dim=-1) * z).sum(-1))
+        if not logps:
+            empty = hidden.new_zeros(0, dtype=torch.promote_types(hidden.dtype, torch.float32))
+            return empty, empty.clone()
+        return torch.cat(logps), torch.cat(entropies)
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size):
+        logps, entropies = _LogpsEntropyValue.compute(hidden, weight, bias, targets, chunk_size)
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.chunk_size = chunk_size
+        ctx.mark_non_differentiable(entropies)
+        return logps, entropies
+
+    @staticmethod
+    def backward(ctx, grad_logps, _grad_entropies):
+        hidden, weight, bias, targets = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        compute = torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), torch.float32)
+        grad_weight = torch.zeros(weight.shape, dtype=compute, device=weight.device) if need_weight else None
+        grad_bias = torch.zeros(bias.shape, dtype=compute, device=bias.device) if need_bias else None
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            w = weight.to(compute)
+            for start in range(0, hidden.shape[0], ctx.chunk_size):
+                end = start + ctx.chunk_size
+                h = hidden[start:end].to(compute)
+                g = grad_logps[start:end].to(compute)
+                grad_z = torch.softmax(_chunk_logits(h, w, bias), dim=-1).mul_(-g[:, None])  # (C, V)
+                grad_z[torch.arange(len(g), device=g.device), targets[start:end]] += g
+                if need_hidden:
+                    grad_hidden[start:end] = (grad_z @ w).to(hidden.dtype)
+                if need_weight:
+                    grad_weight.addmm_(grad_z.T, h)
+                if need_bias:
+                    grad_bias += grad_z.sum(0)
+        return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
+                None if grad_bias is None else grad_bias.to(bias.dtype), None, None)
+
+
+def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """W h + b for one chunk, in at least float32."""
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    logits = hidden.to(dtype) @ weight.to(dtype).T
+    return logits if bias is None else logits + bias.to(dtype)
+
+
 def _token_logps_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor) -> Tensor:
     """(2, C): the chunk's target log-probs and entropies, in at least float32."""
     dtype = torch.promote_types(hidden.dtype, torch.float32)

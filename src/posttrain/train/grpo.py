@@ -48,7 +48,7 @@ class GroupPolicyLoss(torch.nn.Module):
 
     def forward(self, advantages, old_logps=None, ref_logps=None, **batch):
         mask = batch["response_mask"]
-        forward = completion_forward(self.model, batch, self.chunk_size)
+        forward = completion_forward(self.model, batch, self.chunk_size, entropy_grad=False)  # entropy: a metric
         logps = forward["logps"]
         old = logps.detach() if old_logps is None else old_logps  # μ = 1: the rollout policy is this one
         per_token, clip_metrics = pg.clipped_policy_loss(logps, old, advantages[:, None], mask, self.cfg.clip_eps)

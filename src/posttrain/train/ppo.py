@@ -94,7 +94,8 @@ class PPOLoss(torch.nn.Module):
 
     def evaluate(self, batch: dict) -> dict:
         """Log-probs, entropies and values of the batch's completion tokens, (B, T) each."""
-        out = completion_forward(self.model, batch, self.chunk_size, self.value_head)
+        out = completion_forward(self.model, batch, self.chunk_size, self.value_head,
+                                 entropy_grad=self.cfg.entropy_coef != 0)  # else the entropy is a metric only
         if self.critic is not None:
             out["values"] = self.critic(batch)
         return out

@@ -68,11 +68,14 @@ def completion_logps(model, batch: dict, chunk_size: int = 256) -> torch.Tensor:
     return to_grid(selected_token_logps(model, inputs, batch["predictor"], batch["targets"], chunk_size), batch)
 
 
-def completion_forward(model, batch: dict, chunk_size: int = 256, value_head: torch.nn.Module | None = None) -> dict:
+def completion_forward(model, batch: dict, chunk_size: int = 256, value_head: torch.nn.Module | None = None,
+                       entropy_grad: bool = True) -> dict:
     """One forward of the policy over the completions: {"logps", "entropy"} and, with a
     `value_head` on the final hidden states, "values" — each (B, T) like `response_mask`.
-    The logits are formed a chunk of tokens at a time, never as [B, L, V]."""
-    from posttrain.losses.language_modeling import token_logps_and_entropy
+    The logits are formed a chunk of tokens at a time, never as [B, L, V]. With
+    `entropy_grad=False` the entropy is a value only (a metric), which makes the backward
+    cheaper (`token_logps_with_entropy_value`)."""
+    from posttrain.losses.language_modeling import token_logps_and_entropy, token_logps_with_entropy_value
     from posttrain.models.loading import final_hidden_and_head, supports_hidden_path
 
     inputs = {"input_ids": batch["input_ids"], "attention_mask": None}
@@ -80,7 +83,8 @@ def completion_forward(model, batch: dict, chunk_size: int = 256, value_head: to
     if supports_hidden_path(model):
         hidden, weight, bias = final_hidden_and_head(model, **inputs)
         selected = hidden.flatten(0, 1)[predictor]
-        logps, entropy = token_logps_and_entropy(selected, weight, targets, bias, chunk_size)
+        both = token_logps_and_entropy if entropy_grad else token_logps_with_entropy_value
+        logps, entropy = both(selected, weight, targets, bias, chunk_size)
     else:  # heads with logit scaling: the model's own logits
         out = model(**inputs, use_cache=False, output_hidden_states=value_head is not None)
         log_probs = out.logits.float().flatten(0, 1)[predictor].log_softmax(-1)
