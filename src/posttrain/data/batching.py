@@ -23,6 +23,13 @@ import torch
 from posttrain.data.records import IGNORE_INDEX, Example
 
 
+def is_right_padded(attention_mask: torch.Tensor) -> bool:
+    """True when every row is ones then zeros (padding only at the end). Causal attention then
+    already hides the padding from every real token, so callers can drop the mask and let
+    attention take its causal-only path."""
+    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+
+
 def _padded_length(length: int, pad_to_multiple_of: int | None) -> int:
     if pad_to_multiple_of:
         return -(-length // pad_to_multiple_of) * pad_to_multiple_of

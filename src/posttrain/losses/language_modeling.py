@@ -329,11 +329,8 @@ def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor
 
 def _token_logps_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor) -> Tensor:
     """(2, C): the chunk's target log-probs and entropies, in at least float32."""
-    dtype = torch.promote_types(hidden.dtype, torch.float32)
     with torch.autocast(device_type=hidden.device.type, enabled=False):
-        logits = hidden.to(dtype) @ weight.to(dtype).T  # (C, V)
-        if bias is not None:
-            logits = logits + bias.to(dtype)
+        logits = _chunk_logits(hidden, weight, bias)  # (C, V)
         log_norm = torch.logsumexp(logits, dim=-1)
         entropy = log_norm - (logits.softmax(-1) * logits).sum(-1)
         return torch.stack([logits.gather(1, targets[:, None]).squeeze(1) - log_norm, entropy])
@@ -341,9 +338,6 @@ def _token_logps_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, ta
 
 def _token_logps(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor) -> Tensor:
     """log softmax(W h + b)[y] for one chunk, in at least float32."""
-    dtype = torch.promote_types(hidden.dtype, torch.float32)
     with torch.autocast(device_type=hidden.device.type, enabled=False):
-        logits = hidden.to(dtype) @ weight.to(dtype).T  # (C, V)
-        if bias is not None:
-            logits = logits + bias.to(dtype)
+        logits = _chunk_logits(hidden, weight, bias)  # (C, V)
         return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)

@@ -106,10 +106,10 @@ def score(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch
     classifier = _classifier(model)
     if not hasattr(classifier, "score"):  # encoder: its own pooling and classifier
         return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
-    # Right padding: causality already keeps each real token from seeing the padding after it, so
-    # the mask is left out and attention takes its causal-only path (as `preference.policy_logps`).
-    right_padded = bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
-    hidden = classifier.base_model(input_ids=input_ids, attention_mask=None if right_padded else attention_mask,
+    from posttrain.data.batching import is_right_padded
+
+    hidden = classifier.base_model(input_ids=input_ids,
+                                   attention_mask=None if is_right_padded(attention_mask) else attention_mask,
                                    use_cache=False, return_dict=True).last_hidden_state  # (B, T, H)
     positions = torch.arange(input_ids.shape[1], device=input_ids.device)
     last = (attention_mask.long() * positions).argmax(dim=1)  # index of the last real token, any padding side

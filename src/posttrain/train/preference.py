@@ -51,12 +51,13 @@ REFERENCE_FREE = ("simpo", "orpo")
 
 def policy_logps(model, input_ids, labels, attention_mask=None, chunk_size: int = 256):
     """Per-sequence (summed log-probs (R,), response token counts (R,)) under `model`."""
+    from posttrain.data.batching import is_right_padded
     from posttrain.losses.language_modeling import sequence_logps
     from posttrain.models.loading import final_hidden_and_head, supports_hidden_path
 
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
     if attention_mask is not None:
-        if bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
+        if is_right_padded(attention_mask):
             inputs["attention_mask"] = None  # right padding: causality already hides the tail (see sft.py)
         else:  # left padding: positions count real tokens only (absolute-position models need it)
             inputs["position_ids"] = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
