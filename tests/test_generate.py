@@ -24,6 +24,8 @@ from posttrain.rollout.sampling import (  # noqa: E402
     apply_repetition_penalty,
     apply_top_k,
     apply_top_p,
+    inverse_cdf,
+    sample_categorical,
     sample_next,
 )
 
@@ -144,6 +146,49 @@ def test_sample_next_greedy_and_seeded():
     assert sample_next(logits, 1.0, top_k=1, generator=torch.Generator().manual_seed(0)).tolist() == [1, 0]
     # top_p tiny keeps only the argmax, so sampling is greedy too.
     assert sample_next(logits, 5.0, top_p=1e-6).tolist() == [1, 0]
+
+
+def test_sample_categorical_frequencies_match_probs():
+    """40,000 draws over V = 517 (two full blocks of 256 plus a 5-token tail): tokens of
+    probability 0 are never drawn; the named tokens' frequencies are within 5 standard errors."""
+    vocab, draws = 517, 40_000
+    probs = torch.zeros(vocab, dtype=torch.float64)
+    probs[3], probs[300], probs[516] = 0.4, 0.25, 0.2  # 516 lies in the tail block
+    spread = torch.randperm(vocab, generator=torch.Generator().manual_seed(1))[:60]
+    spread = spread[~torch.isin(spread, torch.tensor([3, 300, 516]))]
+    probs[spread] = 0.15 / len(spread)
+    tokens = sample_categorical(probs.float().expand(draws, vocab), generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(tokens, minlength=vocab).double()
+    assert counts[probs == 0].sum() == 0
+    for v in (3, 300, 516):
+        p = float(probs[v])
+        assert abs(counts[v] / draws - p) < 5 * math.sqrt(p * (1 - p) / draws), v
+    assert abs(counts[spread].sum() / draws - 0.15) < 5 * math.sqrt(0.15 * 0.85 / draws)
+    # Seeded: the same generator state gives the same draws.
+    again = sample_categorical(probs.float().expand(draws, vocab), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(tokens, again)
+
+
+def test_inverse_cdf_against_numpy_and_at_the_edges():
+    """The draw is the smallest v with cumsum(π)[v] > u·Σπ (numpy float64, written out), and the
+    extreme uniforms land on the first and last tokens of positive probability."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(2)
+    probs = torch.softmax(torch.randn(64, 700, generator=g) * 3, dim=-1)
+    probs[:, ::7] = 0.0  # unnormalised rows with holes
+    uniforms = torch.rand(64, 1, dtype=torch.float64, generator=g)
+    expected = [int(np.searchsorted(np.cumsum(row), u * row.sum(), side="right"))
+                for row, u in zip(probs.double().numpy(), uniforms[:, 0].numpy())]
+    assert inverse_cdf(probs, uniforms).tolist() == expected
+
+    probs = torch.zeros(2, 600)
+    probs[:, 10], probs[:, 255], probs[:, 256], probs[:, 590] = 0.1, 0.2, 0.3, 0.4  # 591.. are 0
+    lowest, highest = 0.0, 1.0 - 2.0 ** -53
+    picks = inverse_cdf(probs, torch.tensor([[lowest], [highest]], dtype=torch.float64))
+    assert picks.tolist() == [10, 590]
+    with pytest.raises(ValueError, match="nan"):
+        inverse_cdf(torch.full((1, 5), float("nan")), torch.zeros(1, 1, dtype=torch.float64))
 
 
 # ---------------------------------------------------------------- generation
