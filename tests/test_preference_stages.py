@@ -313,3 +313,57 @@ def test_shared_prompt_rows_give_the_same_logps_and_gradients_as_separate_rows(t
     assert results[1][1].tolist() == results[0][1].tolist()
     for a, b in zip(results[0][2], results[1][2]):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_reward_model_on_shared_prompt_rows_equals_separate_rows(tokenizer, method):
+    """Prompt once + each response (pairs and a 3-way ranking) under a 4-D mask: the same
+    rewards, loss and gradients as every prompt+response row on its own."""
+    from posttrain.config import LoraConfig
+    from posttrain.models.reward_model import add_lora, load_reward_model
+    from posttrain.train.grouped import collate_shared_prompt
+
+    torch.manual_seed(0)
+    model = load_reward_model("tiny", pad_token_id=tokenizer.pad_token_id)
+    if method == "lora":
+        model = add_lora(model, LoraConfig())
+    items = _items(tokenizer, PAIRS + [("Count letters: a b c", ("3", "4", "2"), (0, 1, 2))])
+    separate = collate_items(items, tokenizer.pad_token_id) | reward_extras(items)
+    shared = collate_shared_prompt(items, tokenizer.pad_token_id) | reward_extras(items)
+    assert shared["input_ids"].numel() < separate["input_ids"].numel()
+    assert shared["group"].tolist() == separate["group"].tolist() and shared["slot"].tolist() == separate["slot"].tolist()
+    loss_module = RewardModelLoss(model, centering=0.01)
+    results = []
+    for batch in (separate, shared):
+        model.zero_grad()
+        loss, metrics = loss_module(**batch)
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        results.append((float(loss.detach()), {k: float(v) for k, v in metrics.items()}, grads))
+    assert results[1][0] == pytest.approx(results[0][0], abs=1e-6)
+    assert results[1][1] == pytest.approx(results[0][1], abs=1e-5)
+    for a, b in zip(results[0][2], results[1][2]):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():  # and each reward is the model's own score of the sequence alone
+        from posttrain.models.reward_model import score, score_shared_prompt
+
+        rewards = score_shared_prompt(model, shared["input_ids"], shared["attention_mask"], shared["position_ids"],
+                                      shared["last_token"])
+        singles = [float(score(model, torch.tensor([s.input_ids]), torch.ones(1, len(s), dtype=torch.long)))
+                   for item in items for s in item.sequences]
+    assert rewards.tolist() == pytest.approx(singles, abs=1e-5)
+
+
+def test_reward_model_runs_alike_with_and_without_shared_prompts(tmp_path):
+    from posttrain.train.reward import run_rm
+
+    runs = []
+    for share in ("true", "false"):
+        cfg = RMConfig.load(None, [f"output_dir={tmp_path / share}", "data.synthetic_size=40", "data.max_length=64",
+                                   "train.max_steps=3", "train.batch_size=4", "train.lr=1e-3",
+                                   "train.progress_bar=false", f"reward.share_prompt={share}"])
+        run_dir = run_rm(cfg)
+        runs.append([json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()])
+    losses = [[r["loss"] for r in run if "loss" in r] for run in runs]
+    assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], abs=1e-5)
+    assert runs[0][-1]["eval_accuracy"] == pytest.approx(runs[1][-1]["eval_accuracy"])

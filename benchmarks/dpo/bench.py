@@ -46,11 +46,11 @@ VARIANTS = {
     # fine-tuning, the adapters switched off for LoRA), then the closer matches to posttrain.
     "trl": {"default": {}, "gc_off": {"gradient_checkpointing": False},
             "gc_off+precompute": {"gradient_checkpointing": False, "precompute_ref_log_probs": True}},
-    # posttrain: its defaults (dpo.share_prompt on: one row per prompt, the prompt computed once),
-    # the live reference, and the default with separate rows per response, as TRL lays them out.
+    # posttrain: its defaults (dpo.share_prompt / reward.share_prompt on: one row per prompt, the
+    # prompt computed once), the live reference, and separate rows per response, as TRL lays them out.
     "posttrain": {"precompute": {"dpo.reference": "precompute"}, "live": {"dpo.reference": "live"},
                   "precompute+separate_rows": {"dpo.reference": "precompute", "dpo.share_prompt": "false"},
-                  "default": {}},
+                  "default": {}, "separate_rows": {"reward.share_prompt": "false"}},
 }
 
 # Everything each tool imports during a run, imported up front so that "RSS after imports"
@@ -229,8 +229,9 @@ def posttrain_overrides(args, run_dir: Path) -> list[str]:
            "train.max_grad_norm=1.0", f"train.seed={args.seed}", "train.progress_bar=false", "train.log_every=1",
            "train.resume=never", "train.save_every=0"] + (["train.mixed_precision=bf16"] if ON_CUDA else [])
     if args.case == "rm":
-        return out + ["reward.centering=0"]
-    out += ["dpo.loss=dpo", "dpo.beta=0.1", "dpo.nll_weight=0"]
+        out += ["reward.centering=0"]
+    else:
+        out += ["dpo.loss=dpo", "dpo.beta=0.1", "dpo.nll_weight=0"]
     if args.case == "dpo_lora":
         out += ["adapter.method=[lora]", "adapter.lora.r=8", "adapter.lora.alpha=16", "adapter.lora.dropout=0",
                 "adapter.lora.target_modules=[all-linear]"]

@@ -35,6 +35,8 @@ class PreferenceDataConfig:
 class RewardConfig:
     centering: float = option(0.0, "reward-centering coefficient c: adds c·(r_w + r_l)² (Eisenstein et al. 2023)")
     use_margins: bool = option(True, "subtract a row's 'margin' inside the Bradley-Terry loss (Llama 2)")
+    share_prompt: bool = option(
+        True, "compute a prompt once for all its responses (one row, 4-D attention mask); decoder backbones only")
 
 
 @dataclass

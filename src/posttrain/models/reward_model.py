@@ -115,3 +115,16 @@ def score(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch
     last = (attention_mask.long() * positions).argmax(dim=1)  # index of the last real token, any padding side
     pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
     return classifier.score(pooled)[:, 0].float()
+
+
+def score_shared_prompt(model, input_ids, attention_mask, position_ids, last_token) -> torch.Tensor:
+    """Rewards (S,) from `train.grouped.collate_shared_prompt` rows: each item's prompt once,
+    its responses behind a 4-D mask; the score is read at each response's last token
+    (`last_token`, flat indices into the (B·T) hidden states). Decoder scorers only."""
+    from posttrain.train.preference import masked_attention_kernels
+
+    classifier = _classifier(model)
+    with masked_attention_kernels(input_ids.device):
+        hidden = classifier.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                       use_cache=False, return_dict=True).last_hidden_state  # (B, T, H)
+    return classifier.score(hidden.flatten(0, 1)[last_token])[:, 0].float()

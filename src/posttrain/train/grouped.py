@@ -57,9 +57,11 @@ def collate_shared_prompt(items: list[Item], pad_id: int) -> dict[str, torch.Ten
     Besides input_ids / attention_mask (B, 1, T, T) bool / position_ids, it returns where each
     trained token is predicted from: predictor (N,) flat index into the (B·T) hidden states,
     targets (N,), sequence (N,) the global sequence index (item offset + response), and
-    num_sequences — the same sequence numbering as `collate_items`.
+    num_sequences — the same sequence numbering as `collate_items`, whose group and slot (S,)
+    it returns too — and last_token (S,), the flat index of each sequence's last token (where a
+    reward model reads its score).
     """
-    rows, positions, segments, predictor, targets, sequence = [], [], [], [], [], []
+    rows, positions, segments, predictor, targets, sequence, last = [], [], [], [], [], [], []
     number = 0
     for item in items:
         cut = first_label(item.sequences[0])
@@ -67,6 +69,7 @@ def collate_shared_prompt(items: list[Item], pad_id: int) -> dict[str, torch.Ten
         for k, seq in enumerate(item.sequences):
             start = len(ids)
             ids += seq.input_ids[cut:]
+            last.append((len(rows), len(ids) - 1 if len(seq) > cut else cut - 1))
             pos += range(cut, len(seq))
             seg += [k + 1] * (len(seq) - cut)
             for t in range(cut, len(seq)):
@@ -94,7 +97,8 @@ def collate_shared_prompt(items: list[Item], pad_id: int) -> dict[str, torch.Ten
     return {"input_ids": input_ids, "attention_mask": mask[:, None], "position_ids": position_ids,
             "predictor": flat, "targets": torch.tensor(targets, dtype=torch.long),
             "sequence": torch.tensor(sequence, dtype=torch.long), "num_sequences": torch.tensor(number),
-            "real_tokens": torch.tensor(int((segment >= 0).sum()))}
+            "real_tokens": torch.tensor(int((segment >= 0).sum())),
+            "last_token": torch.tensor([b * width + t for b, t in last], dtype=torch.long)} | _origins(items)
 
 
 def collate_items(items: list[Item], pad_id: int) -> dict[str, torch.Tensor]:
@@ -105,10 +109,13 @@ def collate_items(items: list[Item], pad_id: int) -> dict[str, torch.Tensor]:
     from posttrain.data.batching import collate
 
     rows = [seq for item in items for seq in item.sequences]
-    batch = collate(rows, pad_id)
-    batch["group"] = torch.tensor([g for g, item in enumerate(items) for _ in item.sequences], dtype=torch.long)
-    batch["slot"] = torch.tensor([k for item in items for k in range(len(item.sequences))], dtype=torch.long)
-    return batch | _reference_tensor(items)
+    return collate(rows, pad_id) | _origins(items) | _reference_tensor(items)
+
+
+def _origins(items: list[Item]) -> dict[str, torch.Tensor]:
+    """group (S,): the item of each sequence; slot (S,): its position in the item."""
+    return {"group": torch.tensor([g for g, item in enumerate(items) for _ in item.sequences], dtype=torch.long),
+            "slot": torch.tensor([k for item in items for k in range(len(item.sequences))], dtype=torch.long)}
 
 
 def _reference_tensor(items: list[Item]) -> dict[str, torch.Tensor]:

@@ -1,7 +1,9 @@
 """Reward models (RLHF stage 2): batch of ranked responses → Bradley-Terry / ranking loss.
 
 Every response of a micro-batch is scored in one forward (`models.reward_model.score`:
-the last real token of a decoder, or an encoder's own pooling). Pairs train with the
+the last real token of a decoder, or an encoder's own pooling). With a decoder and
+`reward.share_prompt` (the default) an item is one row, its prompt computed once for all its
+responses (`grouped.collate_shared_prompt`, as DPO does). Pairs train with the
 Bradley-Terry loss, with the row's margin (Llama 2) and reward centering when asked; data
 with K-way rankings train with the InstructGPT ranking loss over all ordered pairs of a
 prompt, each prompt weighted once (`losses.preference`).
@@ -61,11 +63,15 @@ class RewardModelLoss(torch.nn.Module):
         self.centering = centering
         self.use_margins = use_margins
 
-    def forward(self, input_ids, attention_mask, group, slot, ranks, valid, margins=None, **_unused):
+    def forward(self, input_ids, attention_mask, group, slot, ranks, valid, margins=None, position_ids=None,
+                last_token=None, **_unused):
         from posttrain.losses.preference import bradley_terry_loss, ranking_loss
-        from posttrain.models.reward_model import score
+        from posttrain.models.reward_model import score, score_shared_prompt
 
-        rewards = score(self.model, input_ids, attention_mask)  # (R,)
+        if last_token is not None:  # shared-prompt rows (grouped.collate_shared_prompt)
+            rewards = score_shared_prompt(self.model, input_ids, attention_mask, position_ids, last_token)
+        else:
+            rewards = score(self.model, input_ids, attention_mask)  # (R,)
         table = reward_table(rewards, group, slot, ranks.shape)  # (P, K)
         if ranks.shape[1] == 2 and bool(valid.all()):  # pairs: Bradley-Terry with margin and centering
             first_better = ranks[:, 0] < ranks[:, 1]
@@ -111,6 +117,7 @@ def run_rm(cfg: RMConfig) -> Path:
     """Train a reward model per `cfg`; returns the run directory (model in run_dir/final)."""
     from posttrain.data.preferences import prepare_preference_data
     from posttrain.models.loading import load_tokenizer
+    from posttrain.models.reward_model import is_decoder_scorer
     from posttrain.train.loop import evaluate, start_run, train
 
     validate_rm(cfg)
@@ -121,7 +128,11 @@ def run_rm(cfg: RMConfig) -> Path:
     _check_comparisons(train_items + eval_items, cfg, log)
     model = build_reward_model(cfg, tokenizer, log)
     module = RewardModelLoss(model, cfg.reward.centering, cfg.reward.use_margins)
-    stage = GroupedStage(module, train_items, eval_items, cfg.train, tokenizer.pad_token_id, reward_extras)
+    share = cfg.reward.share_prompt and is_decoder_scorer(model)
+    if cfg.reward.share_prompt and not share:
+        log("note: reward.share_prompt is off for an encoder backbone (its attention is bidirectional)")
+    stage = GroupedStage(module, train_items, eval_items, cfg.train, tokenizer.pad_token_id, reward_extras,
+                         share_prompt=share)
     stage.finish_metrics = finish_reward_metrics
     before = evaluate(on_device(module, accelerator.device), stage, accelerator)
     result = train(stage, cfg.train, run_dir, accelerator)
