@@ -50,7 +50,8 @@ VARIANTS = {
     # prompt computed once), the live reference, and separate rows per response, as TRL lays them out.
     "posttrain": {"precompute": {"dpo.reference": "precompute"}, "live": {"dpo.reference": "live"},
                   "precompute+separate_rows": {"dpo.reference": "precompute", "dpo.share_prompt": "false"},
-                  "default": {}, "separate_rows": {"reward.share_prompt": "false"}},
+                  "default": {}, "separate_rows": {"reward.share_prompt": "false"},
+                  "fused": {"train.optimizer": "adamw_fused"}},
 }
 
 # Everything each tool imports during a run, imported up front so that "RSS after imports"

@@ -36,7 +36,7 @@ DEFAULT_RUNS = ",".join([
     *(f"{case}:{tv}" for case in ("dpo_full", "dpo_lora")
       for tv in ("trl:default", "posttrain:precompute", "trl:gc_off", "posttrain:live", "trl:gc_off+precompute",
                  "posttrain:precompute+separate_rows")),
-    "rm:trl:default", "rm:posttrain:default", "rm:trl:gc_off", "rm:posttrain:separate_rows",
+    "rm:trl:default", "rm:posttrain:default", "rm:trl:gc_off", "rm:posttrain:separate_rows", "rm:posttrain:fused",
 ])
 NOTES = {
     ("rm", "trl", "default"): "TRL defaults: gradient checkpointing on",
@@ -49,6 +49,7 @@ NOTES = {
     ("posttrain", "precompute+separate_rows"): "dpo.reference=precompute, dpo.share_prompt=false (a row per response)",
     ("posttrain", "default"): "posttrain defaults (reward.share_prompt: one row per prompt)",
     ("rm", "posttrain", "separate_rows"): "reward.share_prompt=false (a row per response)",
+    ("rm", "posttrain", "fused"): "train.optimizer=adamw_fused (torch's fused AdamW, as TRL uses by default)",
 }
 DEFAULT_ROW = {"trl": "default", "posttrain": {"dpo_full": "precompute", "dpo_lora": "precompute", "rm": "default"}}
 SPREAD_WARNING = 1.15  # repeats of one row whose mean step times differ more than this are reported as disturbed
