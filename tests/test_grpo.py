@@ -161,8 +161,8 @@ def test_a_verifier_and_a_format_check_combine_into_the_reward():
 def test_grpo_raises_held_out_reward_with_bounded_kl(tmp_path):
     """From a weak SFT model (50 steps on "smallest letter", ~63% greedy), 150 GRPO steps with
     the exact-match reward raise the held-out reward, sampled and greedy, while the KL to the
-    starting model stays small. Measured (train.seed 0 / 1): sampled 0.494 → 0.611 / 0.515 → 0.639,
-    greedy 0.63 → 0.775 / 0.64 → 0.78, KL 0.30 / 0.21 nats per response."""
+    starting model stays small. Measured (train.seed 0 / 1): sampled 0.505 → 0.620 / 0.507 → 0.637,
+    greedy 0.63 → 0.71 / 0.64 → 0.78, KL 0.32 / 0.27 nats per response."""
     from posttrain.config import SFTConfig
     from posttrain.train.grpo import run_grpo
     from posttrain.train.sft import run_sft
@@ -183,6 +183,6 @@ def test_grpo_raises_held_out_reward_with_bounded_kl(tmp_path):
     print(f"grpo: sampled reward {before['reward']:.3f} -> {after['reward']:.3f}, greedy {before['greedy_reward']:.3f} "
           f"-> {after['greedy_reward']:.3f}, KL {after['kl_to_reference']:.3f}")
     assert before["kl_to_reference"] == pytest.approx(0.0, abs=1e-6)  # π = π_ref before any update
-    assert after["reward"] >= before["reward"] + 0.06  # measured +0.117, +0.124
-    assert after["greedy_reward"] >= before["greedy_reward"] + 0.06  # measured +0.145, +0.14
-    assert 0 < after["kl_to_reference"] < 0.5  # measured 0.30, 0.21
+    assert after["reward"] >= before["reward"] + 0.06  # measured +0.115, +0.130
+    assert after["greedy_reward"] >= before["greedy_reward"] + 0.06  # measured +0.08, +0.14
+    assert 0 < after["kl_to_reference"] < 0.5  # measured 0.32, 0.27

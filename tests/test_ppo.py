@@ -258,8 +258,8 @@ def test_ppo_raises_held_out_reward_with_kl_under_the_target(tmp_path):
     """From the weak SFT model of the GRPO outcome test (50 steps on "smallest letter"), PPO
     with the exact-match reward, a value head and the adaptive KL controller raises the
     held-out reward, sampled and greedy, while the KL to the starting model stays under the
-    controller's target. Measured (train.seed 0 / 1): sampled 0.494 → 0.674 / 0.515 → 0.666, greedy
-    0.63 → 0.71 / 0.64 → 0.78, KL 0.47 / 0.33 nats per response (target 1.0)."""
+    controller's target. Measured (train.seed 0 / 1): sampled 0.505 → 0.679 / 0.507 → 0.666, greedy
+    0.63 → 0.71 / 0.64 → 0.70, KL 0.32 / 0.30 nats per response (target 1.0)."""
     from posttrain.config import SFTConfig
     from posttrain.train.ppo import run_ppo
     from posttrain.train.sft import run_sft
@@ -282,8 +282,8 @@ def test_ppo_raises_held_out_reward_with_kl_under_the_target(tmp_path):
     print(f"ppo: sampled reward {before['reward']:.3f} -> {after['reward']:.3f}, greedy {before['greedy_reward']:.3f} "
           f"-> {after['greedy_reward']:.3f}, KL {after['kl_to_reference']:.3f}, final beta {summary['final_kl_coef']:.4f}")
     assert before["kl_to_reference"] == pytest.approx(0.0, abs=1e-6)
-    assert after["reward"] >= before["reward"] + 0.10  # measured +0.180, +0.151
-    assert after["greedy_reward"] >= before["greedy_reward"] + 0.04  # measured +0.08, +0.14
+    assert after["reward"] >= before["reward"] + 0.10  # measured +0.174, +0.159
+    assert after["greedy_reward"] >= before["greedy_reward"] + 0.04  # measured +0.08, +0.06
     assert 0 < after["kl_to_reference"] < target
 
 

@@ -54,8 +54,8 @@ def test_reward_model_orders_held_out_pairs(sft_model, tmp_path):
                                "reward.centering=0.01"])
     summary = json.loads((run_rm(cfg) / "summary.json").read_text())
     assert summary["eval_items"] == HELD_OUT
-    # A fresh random head on the SFT model's features already orders some pairs (measured 0.725).
-    assert summary["eval_after"]["accuracy"] >= 0.9  # measured 0.97
+    # A fresh random head on the SFT model's features orders about half the pairs (measured 0.525).
+    assert summary["eval_after"]["accuracy"] >= 0.9  # measured 0.955 (0.94 with reward.share_prompt=false)
     assert summary["eval_after"]["accuracy"] >= summary["eval_before"]["accuracy"] + 0.15
 
 
@@ -130,8 +130,8 @@ def test_dpo_with_nll_lifts_the_exact_match_of_a_model_that_learned_a_shortcut(s
                                 "dpo.nll_weight=1.0", f"eval.exact_match_prompts={2 * HELD_OUT}",
                                 "eval.max_new_tokens=4"])
     summary = json.loads((run_dpo(cfg) / "summary.json").read_text())
-    assert summary["eval_after"]["rewards/accuracy"] >= 0.9  # measured 0.94-0.95
-    # Measured 52.25% -> 74.75% / 71.25% / 73.75% (train.seed 0 / 1 / 2). Without the NLL term DPO LOWERS it
-    # (52.25% -> 32.25% at lr 3e-4, 45.75% at 1e-3), and continued SFT on the chosen answers alone reaches 79.25%:
+    assert summary["eval_after"]["rewards/accuracy"] >= 0.9  # measured 0.94-0.96
+    # Measured 52.25% -> 78.75% / 77.0% / 77.0% (train.seed 0 / 1 / 2). Without the NLL term DPO LOWERS it
+    # (52.25% -> 39.75% at lr 3e-4, 47.25% at 1e-3), and the NLL on the chosen answers alone reaches 78.5%:
     # the README reports all three.
     assert summary["exact_match_after"] >= summary["exact_match_before"] + 0.12
