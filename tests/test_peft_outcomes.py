@@ -23,8 +23,13 @@ STEPS = 200
 CASES = [
     ("lora", {"method": "lora"}, 3e-3, 0.08),  # measured +17, +16
     ("ia3", {"method": "ia3"}, 3e-2, 0.08),  # measured +19, +14
-    ("prompt", {"method": "prompt"}, 1e-1, 0.04),  # measured +11 (lr 3e-2 gave +7 on one machine, +0 on the other)
-    ("prefix", {"method": "prefix"}, 1e-2, 0.04),  # measured +9, +10
+    # Prompt tuning learns this task on some bases only: +11 on this one, +11 on train.seed 2's, but +0 on
+    # train.seed 1's and +1 on a base trained with fused AdamW (16 or 32 virtual tokens alike; lr 3e-2 gave +7
+    # on one machine, +0 on another). The margin guards this base; the README says how narrow it is.
+    ("prompt", {"method": "prompt"}, 1e-1, 0.04),
+    # Prefix tuning at lr 3e-2: +13 here; +4, +13 and +10 on the train.seed 1, seed 2 and fused-AdamW bases
+    # (lr 1e-2 gave +9 / +10 here but 0 on the fused-AdamW base).
+    ("prefix", {"method": "prefix"}, 3e-2, 0.04),
     ("bottleneck", {"method": "bottleneck"}, 3e-3, 0.08),  # measured +19, +17
     ("mixed", {"method": ["lora", "bottleneck", "prompt"], "schedule": ["0:prompt", "50:prompt+lora", "100:all"],
                "lora": {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}, "bottleneck": {"where": ["ffn"]}},
