@@ -367,3 +367,42 @@ def test_reward_model_runs_alike_with_and_without_shared_prompts(tmp_path):
     losses = [[r["loss"] for r in run if "loss" in r] for run in runs]
     assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], abs=1e-5)
     assert runs[0][-1]["eval_accuracy"] == pytest.approx(runs[1][-1]["eval_accuracy"])
+
+
+@pytest.mark.parametrize("stage", ["dpo", "dpo-lora", "rm"])
+def test_gradient_checkpointing_changes_no_loss(stage, tmp_path, monkeypatch):
+    """model.gradient_checkpointing recomputes the forward in the backward: the same losses, step
+    for step, on shared-prompt rows (DPO, full and LoRA; the reward model). Counting calls to
+    torch's checkpoint (transformers imports the name, so both are patched) shows it was on; the
+    chunked log-probs checkpoint too, so "on" means more calls."""
+    import torch.utils.checkpoint
+
+    from posttrain.train.preference import run_dpo
+    from posttrain.train.reward import run_rm
+
+    calls = {"n": 0}
+    original = torch.utils.checkpoint.checkpoint
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    import transformers.modeling_utils
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting)
+    monkeypatch.setattr(transformers.modeling_utils, "checkpoint", counting)  # it imported the name
+    losses, counts = [], []
+    for gc in ("false", "true"):
+        calls["n"] = 0
+        overrides = [f"output_dir={tmp_path / gc}", "data.synthetic_size=48", "data.eval_fraction=0.2",
+                     "data.max_length=64", "train.batch_size=4", "train.lr=1e-3", "train.progress_bar=false",
+                     "train.resume=never", "train.max_steps=3", f"model.gradient_checkpointing={gc}"]
+        if stage == "rm":
+            run_dir = run_rm(RMConfig.load(None, overrides))
+        else:
+            run_dir = run_dpo(DPOConfig.load(None, overrides + (["adapter.method=lora"] if stage == "dpo-lora" else [])))
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        losses.append([r["loss"] for r in records if "loss" in r])
+        counts.append(calls["n"])
+    assert counts[1] > counts[0]
+    assert len(losses[0]) == 3 and losses[1] == pytest.approx(losses[0], abs=1e-6)

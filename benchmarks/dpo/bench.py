@@ -51,7 +51,10 @@ VARIANTS = {
     "posttrain": {"precompute": {"dpo.reference": "precompute"}, "live": {"dpo.reference": "live"},
                   "precompute+separate_rows": {"dpo.reference": "precompute", "dpo.share_prompt": "false"},
                   "default": {}, "separate_rows": {"reward.share_prompt": "false"},
-                  "fused": {"train.optimizer": "adamw_fused"}},
+                  "fused": {"train.optimizer": "adamw_fused"},
+                  # gradient checkpointing on, as in TRL's default rows (the GPU table's memory rows)
+                  "precompute+gc": {"dpo.reference": "precompute", "model.gradient_checkpointing": "true"},
+                  "gc": {"model.gradient_checkpointing": "true"}},
 }
 
 # Everything each tool imports during a run, imported up front so that "RSS after imports"

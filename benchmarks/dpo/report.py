@@ -50,6 +50,8 @@ NOTES = {
     ("posttrain", "default"): "posttrain defaults (reward.share_prompt: one row per prompt)",
     ("rm", "posttrain", "separate_rows"): "reward.share_prompt=false (a row per response)",
     ("rm", "posttrain", "fused"): "train.optimizer=adamw_fused (torch's fused AdamW, as TRL uses by default)",
+    ("rm", "posttrain", "gc"): "model.gradient_checkpointing=true (as TRL's default)",
+    ("posttrain", "precompute+gc"): "dpo.reference=precompute, model.gradient_checkpointing=true (as TRL's default)",
 }
 DEFAULT_ROW = {"trl": "default", "posttrain": {"dpo_full": "precompute", "dpo_lora": "precompute", "rm": "default"}}
 SPREAD_WARNING = 1.15  # repeats of one row whose mean step times differ more than this are reported as disturbed
