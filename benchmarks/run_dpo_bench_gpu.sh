@@ -5,8 +5,9 @@
 #
 # Uses the Python it is given (PYTHON, default python3), which must already hold torch with
 # CUDA, transformers, peft, accelerate, trl and datasets; posttrain is taken from src/.
-# Builds the GPU assets under benchmarks/.cache/dpo_gpu/ if missing, runs every row once,
-# writes benchmarks/results/dpo_gpu.md and dpo_gpu.json.
+# Builds the GPU assets under benchmarks/.cache/dpo_gpu/ if missing, runs every row once (or
+# the case:tool:variant rows listed in BENCH_RUNS, comma-separated), writes
+# benchmarks/results/dpo_gpu.md and dpo_gpu.json.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
@@ -19,4 +20,4 @@ rows=$(( STEPS * 16 ))
 if [ ! -f "$CACHE/assets.json" ] || [ "$(wc -l < "$CACHE/prefs.jsonl")" -ne "$rows" ]; then
   "$PY" "$HERE/dpo/make_assets.py" --out "$CACHE" --rows "$rows" --profile gpu
 fi
-"$PY" "$HERE/dpo/gpu.py" --cache "$CACHE" --results "$HERE/results" --steps "$STEPS"
+"$PY" "$HERE/dpo/gpu.py" --cache "$CACHE" --results "$HERE/results" --steps "$STEPS" ${BENCH_RUNS:+--runs "$BENCH_RUNS"}
