@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from posttrain.data.readers import Malformed, check_path, iter_rows
+from posttrain.data.readers import Malformed, check_path, iter_rows, strict_rows
 from posttrain.errors import DataError, UserError
 
 ROWS = [
@@ -224,3 +224,13 @@ def test_unreadable_file_is_a_data_error(tmp_path):
             _rows(path)
     finally:
         path.chmod(0o644)
+
+
+def test_strict_rows_stop_at_the_first_malformed_row_with_its_line(tmp_path):
+    path = tmp_path / "seeds.jsonl"
+    path.write_text('{"a": 1}\n\n{"a": 2}\n{not json\n{"a": 3}\n')
+    rows = strict_rows(str(path))
+    assert next(rows) == (f"{path}:1", {"a": 1})
+    assert next(rows) == (f"{path}:3", {"a": 2})
+    with pytest.raises(DataError, match=f"{path}:4: "):
+        next(rows)

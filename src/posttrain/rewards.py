@@ -219,14 +219,12 @@ def _read_scoring_rows(path: str) -> tuple[list[dict], list[list[dict]], list[st
     """Rows with 'prompt' (text or turns) and 'response' (or 'completion'); file:line on a bad one."""
     from posttrain.data.formats import BadRowError
     from posttrain.data.preferences import to_preference_record
-    from posttrain.data.readers import Malformed, iter_rows
+    from posttrain.data.readers import strict_rows
     from posttrain.errors import DataError
 
     rows, prompts, responses = [], [], []
-    for location, row in iter_rows(path):
+    for location, row in strict_rows(path):
         try:
-            if isinstance(row, Malformed):
-                raise BadRowError(row.reason)
             if not isinstance(row, dict) or ("response" not in row and "completion" not in row):
                 raise BadRowError("needs 'prompt' and 'response' (or 'completion')")
             completion = row.get("response", row.get("completion"))

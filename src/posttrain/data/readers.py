@@ -64,6 +64,15 @@ def iter_rows(path: str) -> Iterator[tuple[str, Row]]:
     return _csv_rows(path, delimiter="\t" if kind == "tsv" else ",")
 
 
+def strict_rows(path: str) -> Iterator[tuple[str, Any]]:
+    """`iter_rows` for files where every row must parse (constitutions, seed tasks, files to
+    score): a malformed row raises DataError with its file:line instead of being yielded."""
+    for location, row in iter_rows(path):
+        if isinstance(row, Malformed):
+            raise DataError(f"{location}: {row.reason}")
+        yield location, row
+
+
 def check_path(path: str) -> str:
     """The kind of data at `path` (jsonl, json, csv, tsv, parquet, datasets), without reading
     it; DataError if it is missing or of a type no reader takes."""

@@ -102,14 +102,9 @@ def _yaml_entries(path: Path) -> list[tuple[str, Any]]:
 
 
 def _jsonl_entries(path: Path) -> list[tuple[str, Any]]:
-    from posttrain.data.readers import Malformed, iter_rows
+    from posttrain.data.readers import strict_rows
 
-    entries = []
-    for location, row in iter_rows(str(path)):
-        if isinstance(row, Malformed):
-            raise DataError(f"{location}: {row.reason}")
-        entries.append((location, row))
-    return entries
+    return list(strict_rows(str(path)))
 
 
 def _principle(entry: Any, where: str) -> Principle:

@@ -68,15 +68,13 @@ def load_seed_tasks(name: str) -> list[Task]:
     """Seed tasks from JSONL (or any row file): instruction, output, optional input,
     is_classification and id; the original Self-Instruct layout (instances: [{input, output}])
     is read too, its first instance used."""
-    from posttrain.data.readers import Malformed, iter_rows
+    from posttrain.data.readers import strict_rows
 
     path = seed_path(name)
     if not path.exists():
         raise DataError(f"seed task file {path} does not exist (data.seed_file; 'default' = the bundled seeds)")
     tasks, seen = [], {}
-    for i, (location, row) in enumerate(iter_rows(str(path))):
-        if isinstance(row, Malformed):
-            raise DataError(f"{location}: {row.reason}")
+    for i, (location, row) in enumerate(strict_rows(str(path))):
         task = _seed_task(row, location, i)
         if task.id in seen:
             raise DataError(f"{location}: seed id {task.id!r} is already used at {seen[task.id]}")

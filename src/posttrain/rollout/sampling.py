@@ -149,7 +149,7 @@ def sample_categorical(probs: Tensor, *, generator: torch.Generator | None = Non
 
 def inverse_cdf(probs: Tensor, uniforms: Tensor) -> Tensor:
     """`sample_categorical` with its uniforms given: uniforms (B, 1) float64 in [0, 1)."""
-    rows, vocab = probs.shape
+    vocab = probs.shape[1]
     full_blocks, tail = divmod(vocab, SAMPLE_BLOCK)
     block_sums = probs[:, : full_blocks * SAMPLE_BLOCK].unflatten(-1, (full_blocks, SAMPLE_BLOCK)).sum(-1)
     if tail:
