@@ -12,6 +12,7 @@ import re
 from typing import Callable
 
 import torch
+from torch.optim.adam import adam as adam_update
 
 from posttrain.errors import ConfigError
 
@@ -81,9 +82,87 @@ def param_groups(model: torch.nn.Module, lr: float, weight_decay: float, layer_l
     return ordered
 
 
+def untied_embedding_weights(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Trainable nn.Embedding matrices that no other module shares (a tied output head gives
+    every row a gradient, so a tied matrix is not row-sparse)."""
+    embedding = {id(m.weight): m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    shared = {id(p) for m in model.modules() if not isinstance(m, torch.nn.Embedding)
+              for p in m.parameters(recurse=False)}
+    return [w for key, w in embedding.items() if key not in shared and w.requires_grad and w.dim() == 2]
+
+
+class AdamW(torch.optim.AdamW):
+    """torch's AdamW, except that an embedding matrix is updated on the rows that have ever had a
+    gradient, not on all of them.
+
+    A token absent from every batch so far has a zero gradient row and zero moments, and AdamW
+    leaves such a row at p·(1 − lr·wd): the moment update is 0 and m̂/(√v̂ + ε) is 0. So the
+    update below is AdamW's, row for row, while a 32k-token vocabulary of which a data set uses a
+    few thousand tokens costs the optimizer a few thousand rows, not 32k. The rows ever reached
+    are kept in `self._reached` (rebuilt from the moments after a resume); once they are over half
+    the matrix, the matrix goes back to torch's update of every row.
+    """
+
+    def __init__(self, params, row_sparse: list[torch.Tensor] = (), **kwargs) -> None:
+        super().__init__(params, **kwargs)
+        in_groups = {id(p) for group in self.param_groups for p in group["params"]}
+        self._row_sparse = [p for p in row_sparse if id(p) in in_groups]
+        self._reached: dict[int, torch.Tensor] = {}
+
+    def step(self, closure=None):
+        if getattr(self, "grad_scale", None) is not None:  # a GradScaler drives the fused kernel: plain AdamW
+            return super().step(closure)
+        held = [(p, p.grad) for p in self._row_sparse if p.grad is not None]
+        for p, _ in held:
+            p.grad = None  # torch's step skips a parameter without a gradient
+        try:
+            loss = super().step(closure)
+        finally:
+            for p, grad in held:
+                p.grad = grad
+        group_of = {id(p): group for group in self.param_groups for p in group["params"]}
+        with torch.no_grad():
+            for p, grad in held:
+                self._row_step(p, grad, group_of[id(p)])
+        return loss
+
+    def _row_step(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
+        state = self.state[p]
+        if not state:  # the state torch's AdamW would create, so checkpoints stay interchangeable
+            scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+            state["step"] = (torch.zeros((), dtype=torch.float32, device=p.device) if group["fused"] or group["capturable"]
+                             else torch.tensor(0.0, dtype=scalar))
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        moments = [state["exp_avg"], state["exp_avg_sq"]]
+        reached = self._reached.get(id(p))
+        if reached is None:
+            reached = moments[0].any(dim=1) | moments[1].any(dim=1)
+        reached |= grad.any(dim=1)  # one pass over the gradient; no [rows, width] temporary
+        self._reached[id(p)] = reached
+        rows = reached.nonzero().squeeze(1)
+        dense = rows.numel() * 2 > p.shape[0]
+        tensors = [p, grad, *moments] if dense else [t.index_select(0, rows) for t in (p, grad, *moments)]
+        adam_update(
+            tensors[:1], tensors[1:2], tensors[2:3], tensors[3:4], [], [state["step"]],
+            amsgrad=False, has_complex=False, beta1=group["betas"][0], beta2=group["betas"][1], lr=group["lr"],
+            weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
+            foreach=False, capturable=group["capturable"], differentiable=False, fused=group["fused"],
+            decoupled_weight_decay=True)
+        if dense:
+            self._row_sparse = [q for q in self._row_sparse if q is not p]  # from now on torch's step updates it
+            return
+        for full, part in zip((p, *moments), (tensors[0], *tensors[2:])):
+            full.index_copy_(0, rows, part)
+        if group["weight_decay"] != 0:  # the rows never reached: p·(1 − lr·wd), as AdamW does
+            idle = (~reached).nonzero().squeeze(1)
+            p.index_copy_(0, idle, p.index_select(0, idle).mul_(1 - group["lr"] * group["weight_decay"]))
+
+
 def make_optimizer(model: torch.nn.Module, cfg, lr_scale: Callable[[str], float] | None = None) -> torch.optim.Optimizer:
-    """AdamW over `param_groups`; cfg.optimizer picks torch's (its per-tensor loop, or its fused
-    kernel) or bitsandbytes' (paged) 8-bit one."""
+    """AdamW over `param_groups`; cfg.optimizer picks torch's (its fused kernel, or its per-tensor
+    loop), with untied embeddings updated on their reached rows only (`AdamW` above), or
+    bitsandbytes' (paged) 8-bit one."""
     groups = param_groups(model, cfg.lr, cfg.weight_decay, cfg.layer_lr_decay, lr_scale)
     for group in groups:
         del group["names"]  # optimizer state dicts must stay plain
@@ -91,10 +170,9 @@ def make_optimizer(model: torch.nn.Module, cfg, lr_scale: Callable[[str], float]
     optimizer = getattr(cfg, "optimizer", "adamw")
     if optimizer in ("adamw", "adamw_fused"):
         # The fused kernel updates every tensor of a group in one pass: the same AdamW, 3-5x faster
-        # a step on CPU (benchmarks/results/rl_cpu32k.md), but rounded differently in the last bits,
-        # so a run's trajectory differs from the per-tensor loop's. Not the default for that reason:
-        # the measured outcomes in this repository were made with the loop.
-        return torch.optim.AdamW(groups, fused=optimizer == "adamw_fused" or None, **kwargs)
+        # a step on CPU (benchmarks/results/rl_cpu32k.md), rounded differently in the last bits.
+        return AdamW(groups, row_sparse=untied_embedding_weights(model), fused=optimizer == "adamw_fused" or None,
+                     **kwargs)
     from posttrain.models.adapters.spec import require_cuda_bitsandbytes
 
     require_cuda_bitsandbytes(f"train.optimizer={optimizer}")

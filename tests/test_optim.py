@@ -1,0 +1,105 @@
+"""posttrain's AdamW: torch's update, with an untied embedding updated on the rows a gradient has
+reached. It must equal torch.optim.AdamW bit for bit, with either kernel, with weight decay, across
+a resume, and when the reached rows grow past half the matrix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from posttrain.config import TrainConfig
+from posttrain.train.optim import AdamW, make_optimizer, untied_embedding_weights
+
+V, H = 2048, 32
+
+
+class TinyLM(torch.nn.Module):
+    def __init__(self, tied: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(V, H)
+        self.mix = torch.nn.Linear(H, H)
+        self.head = torch.nn.Linear(H, V, bias=False)
+        if tied:
+            self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.mix(self.embed(ids))))
+
+
+def _batches(steps: int, widen: int = 40):
+    """Token ids from a vocabulary prefix that widens every step: new rows keep being reached
+    while earlier ones keep decaying, and a few rows are never reached."""
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 200 + widen * s, (4, 6), generator=g) for s in range(steps)]
+
+
+def _train(optimizer: torch.optim.Optimizer, model: TinyLM, batches) -> None:
+    for ids in batches:
+        logits = model(ids)
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.roll(1, dims=1).flatten()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def _groups(model: TinyLM, wd: float) -> list[dict]:
+    return [{"params": [model.embed.weight, model.mix.weight, model.head.weight], "weight_decay": wd},
+            {"params": [model.mix.bias], "weight_decay": 0.0}]
+
+
+@pytest.mark.parametrize("fused", [None, True], ids=["loop", "fused"])
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_reached_rows_update_equals_torch_adamw_bitwise(fused, wd):
+    batches = _batches(8)
+    ours, theirs = TinyLM(), TinyLM()
+    opt = AdamW(_groups(ours, wd), row_sparse=[ours.embed.weight], lr=1e-2, fused=fused)
+    _train(opt, ours, batches)
+    _train(torch.optim.AdamW(_groups(theirs, wd), lr=1e-2, fused=fused), theirs, batches)
+    for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
+        assert torch.equal(a, b), name
+    seen = torch.unique(torch.cat([b.flatten() for b in batches]))
+    assert opt._reached[id(ours.embed.weight)].sum() == len(seen) < V / 2  # the rows it updated
+    assert opt._row_sparse == [ours.embed.weight]
+    if wd:  # a row never reached only decays, as in AdamW
+        never = sorted(set(range(V)) - set(seen.tolist()))[0]
+        assert not torch.equal(ours.embed.weight[never], TinyLM().embed.weight[never])
+
+
+def test_past_half_the_rows_it_hands_the_matrix_back_to_torch():
+    batches = [torch.arange(400 * s, 400 * s + 400).view(20, 20) for s in range(5)]  # 1,200 rows after 3 steps
+    ours, theirs = TinyLM(), TinyLM()
+    opt = AdamW(_groups(ours, 0.1), row_sparse=[ours.embed.weight], lr=1e-2)
+    _train(opt, ours, batches)
+    _train(torch.optim.AdamW(_groups(theirs, 0.1), lr=1e-2), theirs, batches)
+    assert opt._row_sparse == []  # reached rows 400, 800, 1,200 > V/2: handed back at step 3
+    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), theirs.parameters()))
+
+
+@pytest.mark.parametrize("fused", [None, True], ids=["loop", "fused"])
+def test_resume_rebuilds_the_reached_rows_from_the_moments(fused):
+    """The state dict is torch's (no extra entries), so a checkpoint of either optimizer resumes the
+    other; after a load the reached rows come back from the moments."""
+    batches = _batches(8)
+    whole = TinyLM()
+    _train(AdamW(_groups(whole, 0.1), row_sparse=[whole.embed.weight], lr=1e-2, fused=fused), whole, batches)
+
+    first = TinyLM()
+    torch_opt = torch.optim.AdamW(_groups(first, 0.1), lr=1e-2, fused=fused)
+    _train(torch_opt, first, batches[:4])
+    resumed = TinyLM()
+    resumed.load_state_dict(first.state_dict())
+    opt = AdamW(_groups(resumed, 0.1), row_sparse=[resumed.embed.weight], lr=1e-2, fused=fused)
+    opt.load_state_dict(torch_opt.state_dict())
+    _train(opt, resumed, batches[4:])
+    assert all(torch.equal(a, b) for a, b in zip(whole.parameters(), resumed.parameters()))
+    assert set(opt.state_dict()["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
+
+
+def test_only_untied_trainable_embeddings_are_row_sparse():
+    untied, tied = TinyLM(), TinyLM(tied=True)
+    assert untied_embedding_weights(untied) == [untied.embed.weight]
+    assert untied_embedding_weights(tied) == []  # the tied head gives every row a gradient
+    untied.embed.weight.requires_grad_(False)
+    assert untied_embedding_weights(untied) == []
+    opt = make_optimizer(TinyLM(), TrainConfig(lr=1e-3))
+    assert isinstance(opt, AdamW) and len(opt._row_sparse) == 1
