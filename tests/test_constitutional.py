@@ -279,7 +279,7 @@ def test_failed_prompts_are_retried_on_rerun(tmp_path):
 def test_resume_refuses_changed_settings_or_prompts(tmp_path):
     prompts = write_prompts(tmp_path / "p.jsonl", ["one", "two"])
     run_constitutional(config(tmp_path / "run", prompts), policy=FakePolicy(), stream=None)
-    with pytest.raises(ConfigError, match="rounds=2, now 3; use a new output_dir"):
+    with pytest.raises(ConfigError, match="rounds=2, now 3; resume with the same setting, or use a new output_dir"):
         run_constitutional(config(tmp_path / "run", prompts, constitutional={"rounds": 3}), policy=FakePolicy(),
                            stream=None)
     write_prompts(prompts, ["one", "changed"])

@@ -19,7 +19,8 @@ import pytest
 
 from posttrain.config import RLAIFConfig, validate_rlaif
 from posttrain.errors import ConfigError, DataError
-from posttrain.feedback.rlaif import (check_resume, load_prompts, preference_rows, prompt_id, result_settings,
+from posttrain.feedback.jobs import check_resume_settings
+from posttrain.feedback.rlaif import (load_prompts, preference_rows, prompt_id, result_settings,
                                       run_rlaif, summarize)
 from tests.feedback_fixture import Scripted, is_biased, preference_judge
 
@@ -129,15 +130,19 @@ def test_config_checks_and_resume_settings(tmp_path):
             validate_rlaif(RLAIFConfig.from_dict(data))
     cfg = RLAIFConfig.from_dict({})
     run_json = tmp_path / "run.json"
-    check_resume(run_json, result_settings(cfg, "rubric one"), resuming=False)
+
+    def check(cfg, rubric, resuming):
+        check_resume_settings(tmp_path, result_settings(cfg, rubric), resuming, name="run.json")
+
+    check(cfg, "rubric one", resuming=False)
     cfg.rlaif.concurrency, cfg.judge.timeout_s, cfg.policy.base_url = 9, 5.0, "http://elsewhere:1/v1"
-    check_resume(run_json, result_settings(cfg, "rubric one"), resuming=True)  # these may change
+    check(cfg, "rubric one", resuming=True)  # these may change
     cfg.policy.temperature = 0.7
     with pytest.raises(ConfigError, match=r"records made with policy.temperature=1.0, now 0.7"):
-        check_resume(run_json, result_settings(cfg, "rubric one"), resuming=True)
+        check(cfg, "rubric one", resuming=True)
     with pytest.raises(ConfigError, match=r"judge.rubric='rubric one', now 'other'"):
-        check_resume(run_json, result_settings(RLAIFConfig.from_dict({}), "other"), resuming=True)
-    check_resume(run_json, result_settings(cfg, "rubric one"), resuming=False)  # nothing written yet: start over
+        check(RLAIFConfig.from_dict({}), "other", resuming=True)
+    check(cfg, "rubric one", resuming=False)  # nothing written yet: start over
     assert json.loads(run_json.read_text())["policy"]["temperature"] == 0.7
 
 

@@ -8,7 +8,7 @@ script times the part that differs, the policy log-probs of a 16-pair batch and 
 backward (no optimizer, no reference), in one process, for:
 
     shared, any SDPA kernel   the 4-D mask with PyTorch's own kernel choice (cuDNN on Hopper)
-    shared, cuDNN kept off    what `preference.masked_attention_kernels` does now
+    shared, cuDNN kept off    what `models.attention.masked_attention_kernels` does now
     + TF32 head matmul        the same with TF32 allowed for the float32 vocabulary projection
     separate rows             one row per response, causal mask only (TRL's layout)
 

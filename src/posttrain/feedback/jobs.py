@@ -350,20 +350,27 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     os.replace(partial, path)
 
 
-def check_resume_settings(out_dir: Path, settings: dict[str, Any]) -> None:
-    """Refuse to resume into a run directory whose records were made with other settings
-    (kept in out_dir/settings.json by the first run)."""
-    path = out_dir / "settings.json"
-    if path.is_file():
-        before = json.loads(path.read_text())
-        changed = [key for key in sorted(set(before) | set(settings)) if before.get(key) != settings.get(key)]
-        if changed:
-            key = changed[0]
-            raise ConfigError(f"{out_dir} holds a run made with {key}={before.get(key)!r}, now {settings.get(key)!r}; "
-                              "use a new output_dir, or restore the setting to resume")
-    else:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(settings, indent=2) + "\n")
+def check_resume_settings(out_dir: Path, settings: dict[str, Any], resuming: bool = True,
+                          name: str = "settings.json") -> None:
+    """Refuse to resume into a run directory whose records were made with other settings (kept in
+    out_dir/`name` by the first run; nested dicts compared key by key). A run that is not
+    `resuming` (no records yet) saves its settings there, replacing any earlier ones."""
+    path = out_dir / name
+    if resuming and path.is_file():
+        for key, old, new in _differences(json.loads(path.read_text()), settings):
+            raise ConfigError(f"{out_dir} holds records made with {key}={old!r}, now {new!r}; resume with the "
+                              "same setting, or use a new output_dir")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def _differences(old: dict, new: dict, prefix: str = ""):
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            yield from _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            yield f"{prefix}{key}", a, b
 
 
 def file_digest(path: Path) -> str:

@@ -31,7 +31,7 @@ from typing import Any
 
 from posttrain.errors import ConfigError
 from posttrain.feedback.client import ChatBackend, LocalModel, make_backend
-from posttrain.feedback.jobs import JsonlLog, run_items, write_jsonl
+from posttrain.feedback.jobs import JsonlLog, check_resume_settings, run_items, write_jsonl
 from posttrain.feedback.judge import PairwiseJudge, cohen_kappa, to_original
 
 SKIPPED = ("identical", "empty")  # pair outcomes that were never sent to the judge
@@ -232,26 +232,6 @@ def result_settings(cfg, rubric: str) -> dict:
     return {**backend, "num_responses": cfg.rlaif.num_responses}
 
 
-def check_resume(path: Path, settings: dict, resuming: bool) -> None:
-    """When `resuming` (records exist), refuse settings that differ from those saved in `path`;
-    otherwise (a fresh run, or one that wrote nothing yet) save them there."""
-    if resuming and path.exists():
-        before = json.loads(path.read_text())
-        for key, old, new in _differences(before, settings):
-            raise ConfigError(f"{path.parent} holds records made with {key}={old!r}, now {new!r}; resume with the "
-                              "same setting, or use a new output_dir")
-    path.write_text(json.dumps(settings, indent=2) + "\n")
-
-
-def _differences(old: dict, new: dict, prefix: str = ""):
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            yield from _differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            yield f"{prefix}{key}", a, b
-
-
 def _backends(cfg) -> tuple[ChatBackend, ChatBackend]:
     """The policy and judge backends; one local model serves both when they name the same one."""
     policy = make_backend(cfg.policy)
@@ -274,7 +254,7 @@ def run_rlaif(cfg, log: Callable[[str], Any] = print) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     raw_path = out / "raw.jsonl"
     resuming = raw_path.exists() and raw_path.stat().st_size > 0
-    check_resume(out / "run.json", result_settings(cfg, rubric), resuming)
+    check_resume_settings(out, result_settings(cfg, rubric), resuming, name="run.json")
     (out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
     policy, judge_backend = _backends(cfg)
     j = cfg.judge

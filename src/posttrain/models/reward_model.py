@@ -121,7 +121,7 @@ def score_shared_prompt(model, input_ids, attention_mask, position_ids, last_tok
     """Rewards (S,) from `train.grouped.collate_shared_prompt` rows: each item's prompt once,
     its responses behind a 4-D mask; the score is read at each response's last token
     (`last_token`, flat indices into the (B·T) hidden states). Decoder scorers only."""
-    from posttrain.train.preference import masked_attention_kernels
+    from posttrain.models.attention import masked_attention_kernels
 
     classifier = _classifier(model)
     with masked_attention_kernels(input_ids.device):
