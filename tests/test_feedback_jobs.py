@@ -221,8 +221,11 @@ def test_ctrl_c_stops_at_once_without_waiting_for_items_in_flight(tmp_path):
             run_items([(str(n), n) for n in range(4)], work, log, concurrency=2, stream=None)
     """))
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    # SIGINT back to its default in the child: a suite started in the background (`cmd &`) ignores it,
+    # and a child that inherits the ignore never raises KeyboardInterrupt.
     process = subprocess.Popen([sys.executable, str(script), str(tmp_path / "out.jsonl")], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     out = tmp_path / "out.jsonl"
     while not (out.exists() and out.stat().st_size) and time.monotonic() < deadline:  # item 0 is written

@@ -103,3 +103,25 @@ def test_only_untied_trainable_embeddings_are_row_sparse():
     assert untied_embedding_weights(untied) == []
     opt = make_optimizer(TinyLM(), TrainConfig(lr=1e-3))
     assert isinstance(opt, AdamW) and len(opt._row_sparse) == 1
+
+
+def test_a_step_on_every_row_in_between_keeps_it_exact():
+    """A closure step (or a GradScaler's) goes through torch's update of every row; the reached
+    rows are then rebuilt from the moments, so the next row-sparse step still equals AdamW."""
+    batches = _batches(6)
+    ours, theirs = TinyLM(), TinyLM()
+    opt = AdamW(_groups(ours, 0.1), row_sparse=[ours.embed.weight], lr=1e-2)
+    ref = torch.optim.AdamW(_groups(theirs, 0.1), lr=1e-2)
+    for i, ids in enumerate(batches):
+        for model, optimizer in ((ours, opt), (theirs, ref)):
+            def closure(model=model, ids=ids):
+                loss = torch.nn.functional.cross_entropy(model(ids).flatten(0, 1), ids.roll(1, dims=1).flatten())
+                loss.backward()
+                return loss
+            if i == 2:
+                optimizer.step(closure)
+            else:
+                closure()
+                optimizer.step()
+            optimizer.zero_grad()
+    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), theirs.parameters()))

@@ -532,7 +532,8 @@ def test_cli_serves_with_a_key_from_the_environment_and_stops_on_ctrl_c(model_di
     process = subprocess.Popen(
         [sys.executable, "-m", "posttrain", "serve", str(base), "--served-model-name", "m", "--port", "0",
          "--threads", "1", "--api-key-env", "POSTTRAIN_TEST_KEY"],
-        env={**os.environ, **env_key, "PYTHONUNBUFFERED": "1"}, text=True, stderr=subprocess.PIPE)
+        env={**os.environ, **env_key, "PYTHONUNBUFFERED": "1"}, text=True, stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # even when the suite runs as `cmd &`
     try:
         url = None
         deadline = time.monotonic() + 120

@@ -109,10 +109,18 @@ class AdamW(torch.optim.AdamW):
         self._row_sparse = [p for p in row_sparse if id(p) in in_groups]
         self._reached: dict[int, torch.Tensor] = {}
 
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)
+        self._reached.clear()  # rebuilt from the loaded moments
+
     def step(self, closure=None):
-        if getattr(self, "grad_scale", None) is not None:  # a GradScaler drives the fused kernel: plain AdamW
+        if closure is not None or getattr(self, "grad_scale", None) is not None:
+            # A closure recomputes gradients; a GradScaler drives the fused kernel: torch's AdamW, every row.
+            self._reached.clear()  # that step may reach rows: rebuild from the moments next time
             return super().step(closure)
-        held = [(p, p.grad) for p in self._row_sparse if p.grad is not None]
+        # A plain dense 2-D gradient only: a sharded (FSDP, DTensor) or sparse one takes torch's path.
+        held = [(p, p.grad) for p in self._row_sparse if type(p.grad) is torch.Tensor
+                and p.grad.layout == torch.strided and p.grad.dim() == 2 and p.grad.shape == p.shape]
         for p, _ in held:
             p.grad = None  # torch's step skips a parameter without a gradient
         try:
