@@ -125,3 +125,22 @@ def test_a_step_on_every_row_in_between_keeps_it_exact():
                 optimizer.step()
             optimizer.zero_grad()
     assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), theirs.parameters()))
+
+
+class _Marked(torch.Tensor):
+    """A Tensor subclass, as a sharded (DTensor) gradient is: the row-sparse path leaves it to torch."""
+
+
+def test_a_gradient_it_cannot_take_goes_to_torch_and_the_rows_are_rebuilt():
+    batches = _batches(6)
+    ours, theirs = TinyLM(), TinyLM()
+    opt = AdamW(_groups(ours, 0.1), row_sparse=[ours.embed.weight], lr=1e-2)
+    ref = torch.optim.AdamW(_groups(theirs, 0.1), lr=1e-2)
+    for i, ids in enumerate(batches):
+        for model, optimizer in ((ours, opt), (theirs, ref)):
+            torch.nn.functional.cross_entropy(model(ids).flatten(0, 1), ids.roll(1, dims=1).flatten()).backward()
+            if i == 2 and optimizer is opt:
+                model.embed.weight.grad = model.embed.weight.grad.as_subclass(_Marked)
+            optimizer.step()
+            optimizer.zero_grad()
+    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), theirs.parameters()))

@@ -121,6 +121,10 @@ class AdamW(torch.optim.AdamW):
         # A plain dense 2-D gradient only: a sharded (FSDP, DTensor) or sparse one takes torch's path.
         held = [(p, p.grad) for p in self._row_sparse if type(p.grad) is torch.Tensor
                 and p.grad.layout == torch.strided and p.grad.dim() == 2 and p.grad.shape == p.shape]
+        held_ids = {id(p) for p, _ in held}
+        for p in self._row_sparse:
+            if p.grad is not None and id(p) not in held_ids:
+                self._reached.pop(id(p), None)  # torch's step below may reach rows: rebuild next time
         for p, _ in held:
             p.grad = None  # torch's step skips a parameter without a gradient
         try:
