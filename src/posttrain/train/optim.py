@@ -132,10 +132,11 @@ class AdamW(torch.optim.AdamW):
         finally:
             for p, grad in held:
                 p.grad = grad
-        group_of = {id(p): group for group in self.param_groups for p in group["params"]}
-        with torch.no_grad():
-            for p, grad in held:
-                self._row_step(p, grad, group_of[id(p)])
+        if held:  # groups looked up each step: load_state_dict replaces the group dicts
+            group_of = {id(p): group for group in self.param_groups for p in group["params"]}
+            with torch.no_grad():
+                for p, grad in held:
+                    self._row_step(p, grad, group_of[id(p)])
         return loss
 
     def _row_step(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
