@@ -280,3 +280,60 @@ def test_resuming_a_finished_run_still_reports_its_final_evaluation(tmp_path):
     again = _run(ToyStage(8, n_eval=8), _cfg(resume="auto"), tmp_path)
     assert again.step == finished.step == 8
     assert finished.eval_loss is not None and again.eval_loss == pytest.approx(finished.eval_loss, rel=1e-6)
+
+
+class EmbeddingToyModule(torch.nn.Module):
+    """An untied embedding (most rows never used) under a linear read-out: the loop gives it a
+    sparse gradient on one process."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(512, 8)
+        self.out = torch.nn.Linear(8, 1)
+        self.sparse_seen: list[bool] = []
+
+    def forward(self, x, y):
+        self.sparse_seen.append(self.embed.sparse)
+        ids = (x.abs() * 20).long()  # 4 ids per row, from the first ~60 rows of 512
+        return ((self.out(self.embed(ids).mean(1)).squeeze(-1) - y) ** 2).sum()
+
+
+def _embedding_stage(batch_size: int) -> ToyStage:
+    stage = ToyStage(batch_size)
+    stage.module = EmbeddingToyModule()
+    return stage
+
+
+def test_untied_embeddings_train_on_sparse_gradients_as_on_dense_ones(tmp_path, monkeypatch):
+    """On one process the loop switches untied embeddings to sparse gradients (clipped by
+    clip_grad_norm, stepped by AdamW's reached rows) and back afterwards: the same training as
+    the dense gradient, up to the order of float sums, with accumulation and a resume intact."""
+    import posttrain.train.loop as loop
+
+    cfg = _cfg(weight_decay=0.1, max_grad_norm=0.05)  # a tight clip, so the clipping counts
+    sparse = _run(_embedding_stage(8), cfg, tmp_path / "sparse")
+    assert all(sparse.module.sparse_seen) and not sparse.module.embed.sparse
+    accumulated = _run(_embedding_stage(2), _cfg(weight_decay=0.1, max_grad_norm=0.05, batch_size=2, grad_accum=4),
+                       tmp_path / "accumulated")
+    real = loop.sparse_embedding_gradients
+    monkeypatch.setattr(loop, "sparse_embedding_gradients", lambda module, enabled: real(module, enabled=False))
+    dense = _run(_embedding_stage(8), cfg, tmp_path / "dense")
+    assert not any(dense.module.sparse_seen)
+    monkeypatch.setattr(loop, "sparse_embedding_gradients", real)
+    norms = {run: [json.loads(l)["grad_norm"] for l in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+                   if '"grad_norm"' in l] for run in ("sparse", "dense", "accumulated")}
+    assert max(norms["dense"]) > 0.05 and norms["sparse"] == pytest.approx(norms["dense"], rel=1e-5)
+    assert norms["accumulated"] == pytest.approx(norms["dense"], rel=1e-5)
+    for other in (dense, accumulated):
+        for (name, pa), pb in zip(_params(sparse.module).items(), _params(other.module).values()):
+            assert torch.allclose(pa, pb, rtol=1e-5, atol=1e-6), name
+    # a run that dies after its step-4 checkpoint resumes to the uninterrupted run's weights, bit for bit
+    crashing = _embedding_stage(8)
+    crashing.module.forward = _crash_on_call(crashing.module.forward, 6)
+    with pytest.raises(Crash):
+        _run(crashing, _cfg(weight_decay=0.1, max_grad_norm=0.05, save_every=4), tmp_path / "cut")
+    resumed = _run(_embedding_stage(8), _cfg(weight_decay=0.1, max_grad_norm=0.05, save_every=4, resume="auto"),
+                   tmp_path / "cut")
+    for (name, pa), pb in zip(_params(sparse.module).items(), _params(resumed.module).values()):
+        assert torch.equal(pa, pb), name

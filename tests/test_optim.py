@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from posttrain.config import TrainConfig
-from posttrain.train.optim import AdamW, make_optimizer, untied_embedding_weights
+from posttrain.train.optim import (
+    AdamW, clip_grad_norm, make_optimizer, sparse_embedding_gradients, untied_embedding_weights)
 
 V, H = 2048, 32
 
@@ -136,3 +137,59 @@ def test_a_step_torch_takes_in_between_keeps_it_exact(odd_step):
                 optimizer.step()
             optimizer.zero_grad()
     assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), theirs.parameters()))
+
+
+def _sparse_train(optimizer, model: TinyLM, batches, densify: bool) -> list[torch.Tensor]:
+    """Steps with a sparse embedding gradient, clipped by clip_grad_norm; `densify` hands the
+    optimizer that gradient made dense (torch's AdamW takes no other). Returns the norms."""
+    norms = []
+    for ids in batches:
+        _loss(model, ids).backward()
+        norms.append(clip_grad_norm(list(model.parameters()), 0.5))
+        if densify:
+            model.embed.weight.grad = model.embed.weight.grad.to_dense()
+        optimizer.step()
+        optimizer.zero_grad()
+    return norms
+
+
+@pytest.mark.parametrize("fused", [None, True], ids=["loop", "fused"])
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+@pytest.mark.parametrize("handed_back", [False, True], ids=["row_sparse", "handed_back"])
+def test_sparse_embedding_gradient_steps_equal_torch_adamw_on_the_dense_gradient(fused, wd, handed_back):
+    """Given the same sparse gradient, the reached-rows update equals torch's AdamW on its dense
+    form bit for bit. With handed_back the reached rows pass half the matrix at step 3 and torch's
+    step takes over, still fed sparse gradients."""
+    batches = [torch.arange(400 * s, 400 * s + 400).view(20, 20) for s in range(5)] if handed_back else _batches(8)
+    ours, theirs = TinyLM(), TinyLM()
+    with sparse_embedding_gradients(ours) as switched, sparse_embedding_gradients(theirs):
+        assert switched == [ours.embed] and ours.embed.sparse
+        opt = AdamW(_groups(ours, wd), row_sparse=[ours.embed.weight], lr=1e-2, fused=fused)
+        ours_norms = _sparse_train(opt, ours, batches, densify=False)
+        theirs_norms = _sparse_train(torch.optim.AdamW(_groups(theirs, wd), lr=1e-2, fused=fused), theirs, batches,
+                                     densify=True)
+    assert not ours.embed.sparse  # switched back on exit
+    assert ours_norms == theirs_norms
+    for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
+        assert torch.equal(a, b), name
+    assert opt._row_sparse == ([] if handed_back else [ours.embed.weight])
+
+
+def test_clip_grad_norm_over_a_sparse_gradient_equals_torch_on_the_dense_one():
+    model = TinyLM()
+    ids = _batches(1)[0]
+    _loss(model, ids).backward()
+    dense = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    with sparse_embedding_gradients(model):
+        _loss(model, ids).backward()
+    assert model.embed.weight.grad.is_sparse
+    norm = clip_grad_norm(list(model.parameters()), 0.5)
+    reference = TinyLM()
+    for name, p in reference.named_parameters():
+        p.grad = dense[name]
+    expected = torch.nn.utils.clip_grad_norm_(list(reference.parameters()), 0.5)
+    assert expected > 0.5  # so the clipping scaled
+    torch.testing.assert_close(norm, expected, rtol=1e-6, atol=0)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad.to_dense(), q.grad, rtol=1e-6, atol=1e-9, msg=name)

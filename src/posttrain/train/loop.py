@@ -27,7 +27,7 @@ import torch
 from posttrain.errors import ConfigError, TrainingAborted
 from posttrain.train import checkpoint
 from posttrain.train.metrics import RunLogger, peak_memory_mb
-from posttrain.train.optim import lr_factor, make_optimizer, set_lr
+from posttrain.train.optim import clip_grad_norm, lr_factor, make_optimizer, set_lr, sparse_embedding_gradients
 
 Batch = dict[str, torch.Tensor]
 
@@ -205,7 +205,11 @@ def _train_step(module, stage: Stage, micro: list[Batch], accelerator, cfg, inac
     loss, metrics = sums.reduce(total_weight)
     metrics = getattr(stage, "finish_metrics", dict)(metrics)
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-    grad_norm = accelerator.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], max_norm)
+    trained = [p for p in module.parameters() if p.requires_grad]
+    if any(p.grad is not None and p.grad.is_sparse for p in trained):  # see sparse_embedding_gradients
+        grad_norm = clip_grad_norm(trained, max_norm)
+    else:
+        grad_norm = accelerator.clip_grad_norm_(trained, max_norm)
     return loss, float(grad_norm), metrics
 
 
@@ -249,40 +253,45 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator) -> LoopResult:
     stopped_early, eval_loss, eval_metrics = False, None, {}
     module.train()
     steps = _steps(stage, group, state["epoch"], state["step_in_epoch"])
-    try:
-        while state["step"] < total_steps and not stopped_early:
-            started = time.perf_counter()
-            epoch, step_in_epoch, micro = next(steps)
-            lr = cfg.lr * lr_factor(state["step"], total_steps, cfg.schedule, warmup, cfg.min_lr_ratio)
-            set_lr(optimizer, lr / cfg.lr)
-            loss, grad_norm, metrics = _train_step(module, stage, micro, accelerator, cfg, inactive_at(state["step"]))
-            finite = math.isfinite(loss) and math.isfinite(grad_norm)
-            if finite:
-                optimizer.step()
-                after_optimizer_step(state["step"] + 1)
-            optimizer.zero_grad(set_to_none=True)
-            state.update(step=state["step"] + 1, epoch=epoch, step_in_epoch=step_in_epoch)
-            abort = _count_nonfinite(state, finite, cfg, log)
-            record = _step_record(state, loss, lr, grad_norm, stage, micro, started, world) | metrics
-            if state["step"] % cfg.log_every == 0 or state["step"] == total_steps or not finite:
-                log.log(record)
-            log.advance(record)
-            if abort:
-                raise TrainingAborted(abort)
-            at_end = state["step"] == total_steps
-            if (cfg.eval_every and state["step"] % cfg.eval_every == 0) or at_end:
-                evaluated = evaluate(module, stage, accelerator)
-                if evaluated is not None:
-                    eval_loss, eval_metrics = evaluated
-                    stopped_early = _early_stop(state, eval_loss, cfg.early_stopping_patience)
-                    log.log({"step": state["step"], "eval_loss": eval_loss}
-                            | {f"eval_{name}": value for name, value in eval_metrics.items()})
-                    shown = "".join(f", {name} {value:.4g}" for name, value in list(eval_metrics.items())[:4])
-                    log.message(f"step {state['step']}: eval loss {eval_loss:.4f}{shown}")
-            if (cfg.save_every and state["step"] % cfg.save_every == 0) or at_end or stopped_early:
-                save()
-    finally:
-        log.close()
+    # One process without a GradScaler: untied embeddings take sparse gradients (see optim.py).
+    sparse_ok = (world == 1 and accelerator.distributed_type == "NO" and accelerator.scaler is None
+                 and getattr(cfg, "optimizer", "adamw") in ("adamw", "adamw_fused"))
+    with sparse_embedding_gradients(accelerator.unwrap_model(module), enabled=sparse_ok):
+        try:
+            while state["step"] < total_steps and not stopped_early:
+                started = time.perf_counter()
+                epoch, step_in_epoch, micro = next(steps)
+                lr = cfg.lr * lr_factor(state["step"], total_steps, cfg.schedule, warmup, cfg.min_lr_ratio)
+                set_lr(optimizer, lr / cfg.lr)
+                inactive = inactive_at(state["step"])
+                loss, grad_norm, metrics = _train_step(module, stage, micro, accelerator, cfg, inactive)
+                finite = math.isfinite(loss) and math.isfinite(grad_norm)
+                if finite:
+                    optimizer.step()
+                    after_optimizer_step(state["step"] + 1)
+                optimizer.zero_grad(set_to_none=True)
+                state.update(step=state["step"] + 1, epoch=epoch, step_in_epoch=step_in_epoch)
+                abort = _count_nonfinite(state, finite, cfg, log)
+                record = _step_record(state, loss, lr, grad_norm, stage, micro, started, world) | metrics
+                if state["step"] % cfg.log_every == 0 or state["step"] == total_steps or not finite:
+                    log.log(record)
+                log.advance(record)
+                if abort:
+                    raise TrainingAborted(abort)
+                at_end = state["step"] == total_steps
+                if (cfg.eval_every and state["step"] % cfg.eval_every == 0) or at_end:
+                    evaluated = evaluate(module, stage, accelerator)
+                    if evaluated is not None:
+                        eval_loss, eval_metrics = evaluated
+                        stopped_early = _early_stop(state, eval_loss, cfg.early_stopping_patience)
+                        log.log({"step": state["step"], "eval_loss": eval_loss}
+                                | {f"eval_{name}": value for name, value in eval_metrics.items()})
+                        shown = "".join(f", {name} {value:.4g}" for name, value in list(eval_metrics.items())[:4])
+                        log.message(f"step {state['step']}: eval loss {eval_loss:.4f}{shown}")
+                if (cfg.save_every and state["step"] % cfg.save_every == 0) or at_end or stopped_early:
+                    save()
+        finally:
+            log.close()
     if resume_from is not None and eval_loss is None and state["step"] >= total_steps:
         # A resumed run that was already finished trains nothing, but its caller still reports the
         # final evaluation (a pipeline rerun, say): evaluate the restored weights once.

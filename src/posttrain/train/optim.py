@@ -6,6 +6,7 @@ selection by name pattern live here; the loop only asks for groups and a factor.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
 import re
@@ -82,13 +83,57 @@ def param_groups(model: torch.nn.Module, lr: float, weight_decay: float, layer_l
     return ordered
 
 
-def untied_embedding_weights(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """Trainable nn.Embedding matrices that no other module shares (a tied output head gives
-    every row a gradient, so a tied matrix is not row-sparse)."""
-    embedding = {id(m.weight): m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+def untied_embeddings(model: torch.nn.Module) -> list[torch.nn.Embedding]:
+    """Trainable nn.Embedding modules whose matrix no other module shares (a tied output head
+    gives every row a gradient, so a tied matrix is not row-sparse)."""
+    embedding = {id(m.weight): m for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     shared = {id(p) for m in model.modules() if not isinstance(m, torch.nn.Embedding)
               for p in m.parameters(recurse=False)}
-    return [w for key, w in embedding.items() if key not in shared and w.requires_grad and w.dim() == 2]
+    return [m for key, m in embedding.items() if key not in shared and m.weight.requires_grad and m.weight.dim() == 2]
+
+
+def untied_embedding_weights(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [m.weight for m in untied_embeddings(model)]
+
+
+@contextlib.contextmanager
+def sparse_embedding_gradients(model: torch.nn.Module, enabled: bool = True):
+    """Within the block, untied embeddings produce a sparse gradient: the rows of the batch's
+    tokens, not a [vocab, width] matrix that is zero almost everywhere.
+
+    At a 32k vocabulary the dense gradient is allocated, zero-filled, scanned, clipped and freed
+    at every step, for the few hundred rows a batch touches. The sparse one goes straight to
+    `AdamW`'s reached-rows update; `clip_grad_norm` reads it. Torch's own clipping, optimizers
+    and DDP/FSDP reducers take dense gradients only, so the caller enables this for a single
+    process without a GradScaler. The modules are switched back on exit.
+    """
+    switched = [m for m in untied_embeddings(model) if not m.sparse] if enabled else []
+    for module in switched:
+        module.sparse = True
+    try:
+        yield switched
+    finally:
+        for module in switched:
+            module.sparse = False
+
+
+def clip_grad_norm(parameters: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """torch's clip_grad_norm_ (2-norm over every gradient, scaled by min(1, max_norm / (norm + 1e-6))),
+    also over sparse gradients, which torch's refuses: a coalesced sparse gradient's norm is its
+    values' norm. Returns the norm before clipping."""
+    grads = []
+    for p in parameters:
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
+            p.grad = p.grad.coalesce()  # duplicate rows summed once, here, for the norm and the optimizer
+            grads.append(p.grad._values())
+        else:
+            grads.append(p.grad)
+    total = torch.nn.utils.get_total_norm(grads, 2.0)
+    if grads:
+        torch._foreach_mul_(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0))
+    return total
 
 
 class AdamW(torch.optim.AdamW):
@@ -100,13 +145,15 @@ class AdamW(torch.optim.AdamW):
     update below is AdamW's, row for row, while a 32k-token vocabulary of which a data set uses a
     few thousand tokens costs the optimizer a few thousand rows, not 32k. The rows ever reached
     are kept in `self._reached` (rebuilt from the moments after a resume); once they are over half
-    the matrix, the matrix goes back to torch's update of every row.
+    the matrix, the matrix goes back to torch's update of every row. The embedding's gradient may be
+    dense or sparse (`sparse_embedding_gradients`); torch's step gets a sparse one made dense.
     """
 
     def __init__(self, params, row_sparse: list[torch.Tensor] = (), **kwargs) -> None:
         super().__init__(params, **kwargs)
         in_groups = {id(p) for group in self.param_groups for p in group["params"]}
-        self._row_sparse = [p for p in row_sparse if id(p) in in_groups]
+        self._embeddings = [p for p in row_sparse if id(p) in in_groups]
+        self._row_sparse = list(self._embeddings)  # those not yet handed back to torch's step
         self._reached: dict[int, torch.Tensor] = {}
 
     def load_state_dict(self, state_dict) -> None:
@@ -114,21 +161,29 @@ class AdamW(torch.optim.AdamW):
         self._reached.clear()  # rebuilt from the loaded moments
 
     def step(self, closure=None):
-        if closure is not None or getattr(self, "grad_scale", None) is not None:
-            # A closure recomputes gradients; a GradScaler drives the fused kernel: torch's AdamW, every row.
+        loss = None
+        if closure is not None:  # evaluated first, as torch does; then its gradients are stepped on
+            with torch.enable_grad():
+                loss = closure()
+        if getattr(self, "grad_scale", None) is not None:
+            # A GradScaler drives the fused kernel (unscaling, skipping on inf): torch's AdamW, every row.
+            self._densify(self._embeddings)
             self._reached.clear()  # that step may reach rows: rebuild from the moments next time
-            return super().step(closure)
-        # A plain dense 2-D gradient only: a sharded (FSDP, DTensor) or sparse one takes torch's path.
-        held = [(p, p.grad) for p in self._row_sparse if type(p.grad) is torch.Tensor
-                and p.grad.layout == torch.strided and p.grad.dim() == 2 and p.grad.shape == p.shape]
+            super().step()
+            return loss
+        # A plain dense 2-D gradient or a sparse one (`sparse_embedding_gradients`); a sharded one
+        # (FSDP, DTensor) takes torch's path.
+        held = [(p, p.grad) for p in self._row_sparse if p.grad is not None and p.grad.shape == p.shape
+                and (p.grad.is_sparse or (type(p.grad) is torch.Tensor and p.grad.layout == torch.strided))]
         held_ids = {id(p) for p, _ in held}
+        self._densify([p for p in self._embeddings if id(p) not in held_ids])
         for p in self._row_sparse:
             if p.grad is not None and id(p) not in held_ids:
                 self._reached.pop(id(p), None)  # torch's step below may reach rows: rebuild next time
         for p, _ in held:
             p.grad = None  # torch's step skips a parameter without a gradient
         try:
-            loss = super().step(closure)
+            super().step()
         finally:
             for p, grad in held:
                 p.grad = grad
@@ -138,6 +193,13 @@ class AdamW(torch.optim.AdamW):
                 for p, grad in held:
                     self._row_step(p, grad, group_of[id(p)])
         return loss
+
+    @staticmethod
+    def _densify(params: list[torch.Tensor]) -> None:
+        """torch's AdamW refuses sparse gradients: give it the dense matrix."""
+        for p in params:
+            if p.grad is not None and p.grad.is_sparse:
+                p.grad = p.grad.to_dense()
 
     def _row_step(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
         state = self.state[p]
@@ -151,11 +213,24 @@ class AdamW(torch.optim.AdamW):
         reached = self._reached.get(id(p))
         if reached is None:
             reached = moments[0].any(dim=1) | moments[1].any(dim=1)
-        reached |= grad.any(dim=1)  # one pass over the gradient; no [rows, width] temporary
+        if grad.is_sparse:
+            grad = grad.coalesce()  # a no-op after clip_grad_norm
+            reached[grad._indices()[0]] = True
+        else:
+            reached |= grad.any(dim=1)  # one pass over the gradient; no [rows, width] temporary
         self._reached[id(p)] = reached
         rows = reached.nonzero().squeeze(1)
         dense = rows.numel() * 2 > p.shape[0]
-        tensors = [p, grad, *moments] if dense else [t.index_select(0, rows) for t in (p, grad, *moments)]
+        if dense:
+            tensors = [p, grad.to_dense() if grad.is_sparse else grad, *moments]
+        else:
+            tensors = [t.index_select(0, rows) for t in (p, *moments)]
+            if grad.is_sparse:  # the batch's rows, placed among the reached rows (both sorted)
+                gathered = grad._values().new_zeros((rows.numel(), p.shape[1]))
+                gathered.index_copy_(0, torch.searchsorted(rows, grad._indices()[0]), grad._values())
+            else:
+                gathered = grad.index_select(0, rows)
+            tensors.insert(1, gathered)
         adam_update(
             tensors[:1], tensors[1:2], tensors[2:3], tensors[3:4], [], [state["step"]],
             amsgrad=False, has_complex=False, beta1=group["betas"][0], beta2=group["betas"][1], lr=group["lr"],
