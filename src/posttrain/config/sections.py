@@ -122,8 +122,8 @@ class TrainConfig:
     optimizer: Literal["adamw", "adamw_fused", "adamw_8bit", "paged_adamw_8bit"] = option(
         "adamw", "adamw (torch's per-tensor loop), adamw_fused (torch's fused kernel: the same update, several "
                  "times faster, differs in the last bits), or bitsandbytes' 8-bit / paged 8-bit AdamW (CUDA only); "
-                 "adamw and adamw_fused update an untied input embedding on the rows a gradient has reached, bit "
-                 "for bit the same update")
+                 "adamw and adamw_fused update an untied input embedding on the rows a gradient has reached (from a "
+                 "sparse gradient on one process), bit for bit the same update")
     max_grad_norm: float = option(1.0, "clip the global gradient norm to this (0 = no clipping)")
     schedule: Literal["constant", "linear", "cosine"] = option("cosine", "learning-rate schedule after warmup")
     warmup_steps: int = option(0, "linear warmup steps")
