@@ -160,8 +160,20 @@ def test_sparse_embedding_gradient_steps_equal_torch_adamw_on_the_dense_gradient
     """Given the same sparse gradient, the reached-rows update equals torch's AdamW on its dense
     form bit for bit. With handed_back the reached rows pass half the matrix at step 3 and torch's
     step takes over, still fed sparse gradients."""
+    _check_sparse_steps(fused, wd, handed_back, "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sparse_embedding_gradient_steps_on_cuda():
+    for fused in (None, True):
+        for handed_back in (False, True):
+            _check_sparse_steps(fused, 0.1, handed_back, "cuda")
+
+
+def _check_sparse_steps(fused, wd: float, handed_back: bool, device: str) -> None:
     batches = [torch.arange(400 * s, 400 * s + 400).view(20, 20) for s in range(5)] if handed_back else _batches(8)
-    ours, theirs = TinyLM(), TinyLM()
+    batches = [ids.to(device) for ids in batches]
+    ours, theirs = TinyLM().to(device), TinyLM().to(device)
     with sparse_embedding_gradients(ours) as switched, sparse_embedding_gradients(theirs):
         assert switched == [ours.embed] and ours.embed.sparse
         opt = AdamW(_groups(ours, wd), row_sparse=[ours.embed.weight], lr=1e-2, fused=fused)
