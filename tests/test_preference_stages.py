@@ -291,8 +291,10 @@ def test_items_of_unequal_size_collate_with_their_reference(tokenizer):
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
-def test_shared_prompt_rows_give_the_same_logps_and_gradients_as_separate_rows(tokenizer, method):
-    """Prompt once + each response under a 4-D mask == every prompt+response sequence on its own."""
+@pytest.mark.parametrize("row_width", [0, 64, 1000], ids=["row_per_item", "two_rows", "one_row"])
+def test_shared_prompt_rows_give_the_same_logps_and_gradients_as_separate_rows(tokenizer, method, row_width):
+    """Prompt once + each response under a 4-D mask == every prompt+response sequence on its own,
+    with the items (26, 27, 32 and 27 tokens) each in its own row, packed two to a row, or all in one."""
     from posttrain.train.grouped import collate_shared_prompt, shares_prompt
     from posttrain.train.preference import batch_logps
     from posttrain.train.sft import build_model
@@ -300,7 +302,9 @@ def test_shared_prompt_rows_give_the_same_logps_and_gradients_as_separate_rows(t
     _, model, _ = build_model(DPOConfig.load(None, [f"adapter.method={method}"]), lambda *_: None)
     items = _items(tokenizer, PAIRS + [("Count letters: a b c", ("3", "4", "2"), (0, 1, 2))])
     assert all(shares_prompt(item) for item in items)
-    separate, shared = collate_items(items, tokenizer.pad_token_id), collate_shared_prompt(items, tokenizer.pad_token_id)
+    separate = collate_items(items, tokenizer.pad_token_id)
+    shared = collate_shared_prompt(items, tokenizer.pad_token_id, row_width)
+    assert len(shared["input_ids"]) == {0: 4, 64: 2, 1000: 1}[row_width]
     assert shared["input_ids"].numel() < separate["input_ids"].numel()
     results = []
     for batch in (separate, shared):
@@ -316,9 +320,11 @@ def test_shared_prompt_rows_give_the_same_logps_and_gradients_as_separate_rows(t
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
-def test_reward_model_on_shared_prompt_rows_equals_separate_rows(tokenizer, method):
-    """Prompt once + each response (pairs and a 3-way ranking) under a 4-D mask: the same
-    rewards, loss and gradients as every prompt+response row on its own."""
+@pytest.mark.parametrize("row_width", [0, 1000], ids=["row_per_item", "one_row"])
+def test_reward_model_on_shared_prompt_rows_equals_separate_rows(tokenizer, method, row_width):
+    """Prompt once + each response (pairs and a 3-way ranking) under a 4-D mask, each item in its
+    own row or all packed in one: the same rewards, loss and gradients as every prompt+response
+    row on its own."""
     from posttrain.config import LoraConfig
     from posttrain.models.reward_model import add_lora, load_reward_model
     from posttrain.train.grouped import collate_shared_prompt
@@ -329,7 +335,7 @@ def test_reward_model_on_shared_prompt_rows_equals_separate_rows(tokenizer, meth
         model = add_lora(model, LoraConfig())
     items = _items(tokenizer, PAIRS + [("Count letters: a b c", ("3", "4", "2"), (0, 1, 2))])
     separate = collate_items(items, tokenizer.pad_token_id) | reward_extras(items)
-    shared = collate_shared_prompt(items, tokenizer.pad_token_id) | reward_extras(items)
+    shared = collate_shared_prompt(items, tokenizer.pad_token_id, row_width) | reward_extras(items)
     assert shared["input_ids"].numel() < separate["input_ids"].numel()
     assert shared["group"].tolist() == separate["group"].tolist() and shared["slot"].tolist() == separate["slot"].tolist()
     loss_module = RewardModelLoss(model, centering=0.01)

@@ -36,7 +36,8 @@ class RewardConfig:
     centering: float = option(0.0, "reward-centering coefficient c: adds c·(r_w + r_l)² (Eisenstein et al. 2023)")
     use_margins: bool = option(True, "subtract a row's 'margin' inside the Bradley-Terry loss (Llama 2)")
     share_prompt: bool = option(
-        True, "compute a prompt once for all its responses (one row, 4-D attention mask); decoder backbones only")
+        True, "compute a prompt once for all its responses (one block, 4-D attention mask; short blocks packed into "
+              "a row); decoder backbones only")
 
 
 @dataclass
@@ -51,7 +52,8 @@ class DPOLossConfig:
     kto_undesirable_weight: float = option(1.0, "kto: λ_U, weight of undesirable examples")
     nll_weight: float = option(0.0, "add this × the chosen responses' mean token NLL (RPO); orpo has its own")
     share_prompt: bool = option(
-        True, "compute a prompt once for all its responses (one row, 4-D attention mask); off for KTO and virtual tokens")
+        True, "compute a prompt once for all its responses (one block, 4-D attention mask; short blocks packed into "
+              "a row); off for KTO and virtual tokens")
     reference: Literal["precompute", "live"] = option(
         "precompute", "reference log-probs: computed once before training and cached in the run, "
         "or every step (adapters disabled, or a frozen copy for full fine-tuning)")

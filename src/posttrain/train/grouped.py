@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -48,11 +49,16 @@ def shares_prompt(item: Item) -> bool:
     return all(first_label(s) == cut and s.input_ids[:cut] == prompt for s in item.sequences[1:])
 
 
-def collate_shared_prompt(items: list[Item], pad_id: int) -> dict[str, torch.Tensor]:
-    """One row per item: its prompt once, then each response, with a 4-D mask so a response
-    sees the prompt and itself but no other response, and positions that restart after the
-    prompt for every response. Equal to encoding each sequence alone (tested), with the
+def collate_shared_prompt(items: list[Item], pad_id: int, row_width: int = 0) -> dict[str, torch.Tensor]:
+    """Each item as one block: its prompt once, then each response, with a 4-D mask so a
+    response sees its prompt and itself but no other response, and positions that restart after
+    the prompt for every response. Equal to encoding each sequence alone (tested), with the
     prompt's tokens computed once instead of K times.
+
+    Blocks are packed into rows, first fit by decreasing length, up to max(row_width, the longest
+    block) tokens a row; the mask keeps every block to itself. With the default (0) no row is
+    wider than the longest block, so packing only removes rows: short items share a row instead
+    of each being padded to the longest.
 
     Besides input_ids / attention_mask (B, 1, T, T) bool / position_ids, it returns where each
     trained token is predicted from: predictor (N,) flat index into the (B·T) hidden states,
@@ -61,44 +67,85 @@ def collate_shared_prompt(items: list[Item], pad_id: int) -> dict[str, torch.Ten
     it returns too — and last_token (S,), the flat index of each sequence's last token (where a
     reward model reads its score).
     """
-    rows, positions, segments, predictor, targets, sequence, last = [], [], [], [], [], [], []
-    number = 0
-    for item in items:
-        cut = first_label(item.sequences[0])
-        ids, pos, seg = list(item.sequences[0].input_ids[:cut]), list(range(cut)), [0] * cut
-        for k, seq in enumerate(item.sequences):
-            start = len(ids)
-            ids += seq.input_ids[cut:]
-            last.append((len(rows), len(ids) - 1 if len(seq) > cut else cut - 1))
-            pos += range(cut, len(seq))
-            seg += [k + 1] * (len(seq) - cut)
-            for t in range(cut, len(seq)):
-                if seq.labels[t] != -100:  # predicted from t-1: the prompt's last token or this response's previous
-                    predictor.append((len(rows), cut - 1 if t == cut else start + t - 1 - cut))
-                    targets.append(seq.labels[t])
-                    sequence.append(number)
-            number += 1
-        rows.append(ids)
-        positions.append(pos)
-        segments.append(seg)
-    width = max(len(r) for r in rows)
+    blocks = [_shared_prompt_block(item) for item in items]
+    longest = max(len(block.ids) for block in blocks)
+    rows = _first_fit([len(block.ids) for block in blocks], max(row_width, longest))
+    width = max(sum(len(blocks[i].ids) for i in row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
-    segment = torch.full((len(rows), width), -1, dtype=torch.long)  # -1 = padding
-    for b, (ids, pos, seg) in enumerate(zip(rows, positions, segments)):
-        input_ids[b, : len(ids)] = torch.tensor(ids)
-        position_ids[b, : len(ids)] = torch.tensor(pos)
-        segment[b, : len(ids)] = torch.tensor(seg)
+    owner = torch.full((len(rows), width), -1, dtype=torch.long)  # the block of each token; -1 = padding
+    segment = torch.zeros((len(rows), width), dtype=torch.long)  # 0 = prompt, k + 1 = response k
+    start_of = [0] * len(blocks)  # each block's first flat index into the (B·T) positions
+    for r, row in enumerate(rows):
+        offset = 0
+        for i in row:
+            block, span = blocks[i], slice(offset, offset + len(blocks[i].ids))
+            input_ids[r, span] = torch.tensor(block.ids)
+            position_ids[r, span] = torch.tensor(block.positions)
+            segment[r, span] = torch.tensor(block.segments)
+            owner[r, span] = i
+            start_of[i] = r * width + offset
+            offset = span.stop
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     query, key = segment[:, :, None], segment[:, None, :]
-    mask = causal & (key >= 0) & ((key == 0) | (key == query))
-    mask |= torch.eye(width, dtype=torch.bool) & (query < 0)  # padding sees itself: no empty softmax row (NaN)
-    flat = torch.tensor([b * width + t for b, t in predictor], dtype=torch.long)
+    same_block = (owner[:, :, None] == owner[:, None, :]) & (owner[:, None, :] >= 0)
+    mask = causal & same_block & ((key == 0) | (key == query))
+    mask |= torch.eye(width, dtype=torch.bool) & (owner[:, :, None] < 0)  # padding sees itself: no empty softmax row
+    predictor, targets, sequence, last = [], [], [], []
+    for i, block in enumerate(blocks):
+        first_sequence = len(last)
+        predictor += [start_of[i] + t for t in block.predictor]
+        targets += block.targets
+        sequence += [first_sequence + k for k in block.response]
+        last += [start_of[i] + t for t in block.last]
     return {"input_ids": input_ids, "attention_mask": mask[:, None], "position_ids": position_ids,
-            "predictor": flat, "targets": torch.tensor(targets, dtype=torch.long),
-            "sequence": torch.tensor(sequence, dtype=torch.long), "num_sequences": torch.tensor(number),
-            "real_tokens": torch.tensor(int((segment >= 0).sum())),
-            "last_token": torch.tensor([b * width + t for b, t in last], dtype=torch.long)} | _origins(items)
+            "predictor": torch.tensor(predictor, dtype=torch.long), "targets": torch.tensor(targets, dtype=torch.long),
+            "sequence": torch.tensor(sequence, dtype=torch.long), "num_sequences": torch.tensor(len(last)),
+            "real_tokens": torch.tensor(int((owner >= 0).sum())),
+            "last_token": torch.tensor(last, dtype=torch.long)} | _origins(items)
+
+
+class _Block(NamedTuple):
+    """One item laid out for `collate_shared_prompt`; offsets are within the block."""
+
+    ids: list[int]
+    positions: list[int]
+    segments: list[int]  # 0 = prompt, k + 1 = response k
+    predictor: list[int]  # for each trained token, the offset it is predicted from
+    targets: list[int]
+    response: list[int]  # for each trained token, its response k
+    last: list[int]  # for each response, the offset of its last token
+
+
+def _shared_prompt_block(item: Item) -> _Block:
+    cut = first_label(item.sequences[0])
+    block = _Block(list(item.sequences[0].input_ids[:cut]), list(range(cut)), [0] * cut, [], [], [], [])
+    for k, seq in enumerate(item.sequences):
+        start = len(block.ids)
+        block.ids.extend(seq.input_ids[cut:])
+        block.positions.extend(range(cut, len(seq)))
+        block.segments.extend([k + 1] * (len(seq) - cut))
+        block.last.append(len(block.ids) - 1 if len(seq) > cut else cut - 1)
+        for t in range(cut, len(seq)):
+            if seq.labels[t] != -100:  # predicted from t-1: the prompt's last token or this response's previous
+                block.predictor.append(cut - 1 if t == cut else start + t - 1 - cut)
+                block.targets.append(seq.labels[t])
+                block.response.append(k)
+    return block
+
+
+def _first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Rows of indices whose lengths sum to at most `capacity`: first fit, longest first."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        r = next((r for r, free in enumerate(room) if lengths[i] <= free), len(rows))
+        if r == len(rows):
+            rows.append([])
+            room.append(capacity)
+        rows[r].append(i)
+        room[r] -= lengths[i]
+    return rows
 
 
 def collate_items(items: list[Item], pad_id: int) -> dict[str, torch.Tensor]:
