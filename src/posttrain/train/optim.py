@@ -131,8 +131,12 @@ def clip_grad_norm(parameters: list[torch.nn.Parameter], max_norm: float) -> tor
         else:
             grads.append(p.grad)
     total = torch.nn.utils.get_total_norm(grads, 2.0)
-    if grads:
-        torch._foreach_mul_(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0))
+    scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for grad in grads:
+        by_device.setdefault(grad.device, []).append(grad)
+    for device, same_device in by_device.items():
+        torch._foreach_mul_(same_device, scale.to(device))
     return total
 
 
