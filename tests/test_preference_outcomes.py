@@ -55,7 +55,9 @@ def test_reward_model_orders_held_out_pairs(sft_model, tmp_path):
     summary = json.loads((run_rm(cfg) / "summary.json").read_text())
     assert summary["eval_items"] == HELD_OUT
     # A fresh random head on the SFT model's features orders about half the pairs (measured 0.525).
-    assert summary["eval_after"]["accuracy"] >= 0.9  # measured 0.955 (0.94 with reward.share_prompt=false)
+    # measured 0.945 at d34a043; 0.955 before the sparse embedding gradient and the packing of short items
+    # changed the rounding (0.94 then with reward.share_prompt=false)
+    assert summary["eval_after"]["accuracy"] >= 0.9
     assert summary["eval_after"]["accuracy"] >= summary["eval_before"]["accuracy"] + 0.15
 
 
@@ -70,7 +72,7 @@ def test_dpo_raises_held_out_implicit_reward_accuracy_without_losing_exact_match
     summary = json.loads((run_dpo(cfg) / "summary.json").read_text())
     assert summary["eval_items"] == HELD_OUT
     assert summary["eval_before"]["rewards/accuracy"] == pytest.approx(0.5)  # π = π_ref: every margin is 0
-    assert summary["eval_after"]["rewards/accuracy"] >= 0.9  # measured 0.95
+    assert summary["eval_after"]["rewards/accuracy"] >= 0.9  # measured 0.935 at d34a043, 0.95 before packing
     # Exact match barely moves on this tiny model: measured 79.0% → 80.5% on one machine and 80.0% → 79.5% on
     # another. Plain DPO without the NLL term gives 79% → 74%. This test holds the line against regression, and the
     # README says so.
@@ -130,8 +132,8 @@ def test_dpo_with_nll_lifts_the_exact_match_of_a_model_that_learned_a_shortcut(s
                                 "dpo.nll_weight=1.0", f"eval.exact_match_prompts={2 * HELD_OUT}",
                                 "eval.max_new_tokens=4"])
     summary = json.loads((run_dpo(cfg) / "summary.json").read_text())
-    assert summary["eval_after"]["rewards/accuracy"] >= 0.9  # measured 0.94-0.96
-    # Measured 52.25% -> 78.75% / 77.0% / 77.0% (train.seed 0 / 1 / 2). Without the NLL term DPO LOWERS it
-    # (52.25% -> 39.75% at lr 3e-4, 47.25% at 1e-3), and the NLL on the chosen answers alone reaches 78.5%:
+    assert summary["eval_after"]["rewards/accuracy"] >= 0.9  # measured 0.95-0.955
+    # Measured 52.25% -> 78.0% / 77.25% / 76.5% (train.seed 0 / 1 / 2, d34a043). Without the NLL term DPO LOWERS
+    # it (52.25% -> 39.75% at lr 3e-4, 47.5% at 1e-3), and the NLL on the chosen answers alone reaches 78.75%:
     # the README reports all three.
     assert summary["exact_match_after"] >= summary["exact_match_before"] + 0.12
