@@ -178,7 +178,7 @@ class GroupedStage:
                  collate_extra: Callable[[list[Item]], dict[str, torch.Tensor]], adapter_training=None,
                  share_prompt: bool = False):
         self.module = module
-        self.share_prompt = share_prompt  # one row per item, prompt computed once (collate_shared_prompt)
+        self.share_prompt = share_prompt  # one block per item, prompt computed once (collate_shared_prompt)
         self.train_items, self.eval_items = train, eval_items
         self.cfg, self.pad_id = train_cfg, pad_id
         self.collate_extra = collate_extra  # the stage's own per-item tensors (ranks, pair indices, ...)
