@@ -3,7 +3,8 @@
 An item is one prompt with its responses (a pair, a K-way ranking, or one KTO completion
 plus its mismatched partner), each response a full prompt+response token `Example`. A
 micro-batch is `batch_size` items: all their sequences go through the model in ONE
-forward (chosen and rejected concatenated), right-padded, and the stage scatters the
+forward (chosen and rejected concatenated), right-padded — or, with a shared prompt, each
+item one block and short blocks packed into a row — and the stage scatters the
 per-sequence results back to its items. The loss normaliser is the number of items, so
 a prompt counts once however many responses it has.
 """

@@ -2,8 +2,8 @@
 
 Every response of a micro-batch is scored in one forward (`models.reward_model.score`:
 the last real token of a decoder, or an encoder's own pooling). With a decoder and
-`reward.share_prompt` (the default) an item is one row, its prompt computed once for all its
-responses (`grouped.collate_shared_prompt`, as DPO does). Pairs train with the
+`reward.share_prompt` (the default) an item is one block, its prompt computed once for all its
+responses, short blocks sharing a row (`grouped.collate_shared_prompt`, as DPO does). Pairs train with the
 Bradley-Terry loss, with the row's margin (Llama 2) and reward centering when asked; data
 with K-way rankings train with the InstructGPT ranking loss over all ordered pairs of a
 prompt, each prompt weighted once (`losses.preference`).
