@@ -205,6 +205,14 @@ class AdamW(torch.optim.AdamW):
             if p.grad is not None and p.grad.is_sparse:
                 p.grad = p.grad.to_dense()
 
+    @staticmethod
+    def _gradient_rows(grad: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The gradient's `rows` (sorted); a coalesced sparse gradient's rows are placed among them."""
+        if not grad.is_sparse:
+            return grad.index_select(0, rows)
+        gathered = grad._values().new_zeros((rows.numel(), grad.shape[1]))
+        return gathered.index_copy_(0, torch.searchsorted(rows, grad._indices()[0]), grad._values())
+
     def _row_step(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
         state = self.state[p]
         if not state:  # the state torch's AdamW would create, so checkpoints stay interchangeable
@@ -228,13 +236,8 @@ class AdamW(torch.optim.AdamW):
         if dense:
             tensors = [p, grad.to_dense() if grad.is_sparse else grad, *moments]
         else:
-            tensors = [t.index_select(0, rows) for t in (p, *moments)]
-            if grad.is_sparse:  # the batch's rows, placed among the reached rows (both sorted)
-                gathered = grad._values().new_zeros((rows.numel(), p.shape[1]))
-                gathered.index_copy_(0, torch.searchsorted(rows, grad._indices()[0]), grad._values())
-            else:
-                gathered = grad.index_select(0, rows)
-            tensors.insert(1, gathered)
+            tensors = [p.index_select(0, rows), self._gradient_rows(grad, rows),
+                       *(m.index_select(0, rows) for m in moments)]
         adam_update(
             tensors[:1], tensors[1:2], tensors[2:3], tensors[3:4], [], [state["step"]],
             amsgrad=False, has_complex=False, beta1=group["betas"][0], beta2=group["betas"][1], lr=group["lr"],
