@@ -92,7 +92,8 @@ def load_model(config_or_path: Any = None, *, quantization: Any = None, **overri
     config_or_path: a `ModelConfig`, a path / preset name, or None (the `tiny` preset).
     overrides: path, dtype ("float32" | "bfloat16" | "float16" or a torch.dtype),
                trust_remote_code (passed to transformers only when True),
-               gradient_checkpointing (also sets use_cache=False).
+               gradient_checkpointing (also sets use_cache=False),
+               lean_activations (`posttrain.models.lean`).
     quantization: a `posttrain.config.QuantizationConfig` loads the weights in 4 bits
                (bitsandbytes NF4/FP4, QLoRA; CUDA only).
     """
@@ -112,6 +113,10 @@ def load_model(config_or_path: Any = None, *, quantization: Any = None, **overri
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         hint = "" if args["trust_remote_code"] else " (if it ships its own modelling code and you trust it, set model.trust_remote_code=true)"
         raise UserError(f"could not load a causal LM from {directory}: {first_line}{hint}") from None
+    if args["lean_activations"]:
+        from posttrain.models.lean import lean_activations
+
+        lean_activations(model)
     if args["gradient_checkpointing"]:
         enable_gradient_checkpointing(model)
     return model

@@ -102,6 +102,10 @@ def build_reward_model(cfg: RMConfig, tokenizer, log):
 
     model = load_reward_model(cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code,
                               pad_token_id=tokenizer.pad_token_id)
+    if cfg.model.lean_activations:
+        from posttrain.models.lean import lean_activations
+
+        lean_activations(model)
     if cfg.model.gradient_checkpointing:
         from posttrain.models.loading import enable_gradient_checkpointing
 
