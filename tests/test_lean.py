@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from posttrain.models.lean import _RMSNorm, _SiluMul, lean_activations
+from posttrain.models.lean import _RMSNorm, _SiluMul, _SwiGLUDown, lean_activations
 
 HIDDEN, INTERMEDIATE, LAYERS = 64, 176, 2
 
@@ -37,6 +37,12 @@ def _grads(model, ids, autocast=False):
         logits = model(input_ids=ids).logits
     logits.float().pow(2).mean().backward()
     return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _error_to_float64(grads, exact):
+    """Mean over parameters of |g - g64| / |g64|."""
+    errs = [((grads[n].double() - exact[n]).norm() / exact[n].norm()).item() for n in exact]
+    return sum(errs) / len(errs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -83,6 +89,24 @@ def test_silu_mul_matches_autograd_bit_for_bit(dtype):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_swiglu_down_matches_autograd_bit_for_bit(bias, autocast):
+    torch.manual_seed(0)
+    gate = torch.randn(3, 5, 96, requires_grad=True)
+    up = torch.randn(3, 5, 96, requires_grad=True)
+    down = torch.nn.Linear(96, 32, bias=bias)
+    grad = torch.randn(3, 5, 32)
+    inputs = (gate, up, *down.parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        want = down(F.silu(gate) * up)
+        got = _SwiGLUDown.apply(gate, up, down.weight, down.bias, torch.bfloat16 if autocast else None)
+    assert want.dtype == got.dtype and torch.equal(want, got)
+    grad = grad.to(want.dtype)
+    for a, b in zip(torch.autograd.grad(want, inputs, grad), torch.autograd.grad(got, inputs, grad)):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
 def test_model_float32_same_logits_and_gradients():
     ref = _model()
     lean = copy.deepcopy(ref)
@@ -106,13 +130,8 @@ def test_model_bf16_autocast_same_logits_and_gradients_as_accurate():
     (l0, g0), (l1, g1) = _grads(ref, ids, autocast=True), _grads(lean, ids, autocast=True)
     assert torch.equal(l0, l1)
     _, exact = _grads(copy.deepcopy(ref).double(), ids)
-
-    def error(grads):
-        errs = [((grads[n].double() - exact[n]).norm() / exact[n].norm()).item() for n in exact]
-        return sum(errs) / len(errs)
-
-    assert error(g0) > 1e-3  # bf16 is really in play
-    assert error(g1) < 1.1 * error(g0), (error(g1), error(g0))
+    assert _error_to_float64(g0, exact) > 1e-3  # bf16 is really in play
+    assert _error_to_float64(g1, exact) < 1.1 * _error_to_float64(g0, exact)
 
 
 def _saved_bytes(model, ids, autocast):
@@ -142,14 +161,21 @@ def test_fewer_saved_activations():
     i = INTERMEDIATE / HIDDEN
     # bf16 autocast, per token per hidden unit per layer: each norm keeps x (4 bytes) and not
     # the normalised x (4); q/k/v share one bf16 copy (2, not 6), gate/up too (2, not 4);
-    # SwiGLU keeps gate and up (2i + 2i), not silu(gate) (2i). The final norm, once per
-    # model, drops its normalised x (4 / LAYERS) and keeps its float32 output.
+    # SwiGLU + down_proj keep gate and up (2i + 2i), not silu(gate) and down's input (2i + 2i).
+    # The final norm, once per model, drops its normalised x (4 / LAYERS) and keeps float32.
     default, leaner = _saved_bytes(ref, ids, True), _saved_bytes(lean, ids, True)
-    assert default - leaner == pytest.approx(4 + 4 + 4 + 2 + 2 * i + 4 / LAYERS, abs=0.05)
-    assert leaner < 0.7 * default
-    # float32: the norms drop the normalised x (4 + 4), SwiGLU drops silu(gate) (4i).
+    assert default - leaner == pytest.approx(4 + 4 + 4 + 2 + 4 * i + 4 / LAYERS, abs=0.05)
+    assert leaner < 0.6 * default
+    # float32: the norms drop the normalised x (4 + 4), the MLP silu(gate) and the product (8i).
     default32, leaner32 = _saved_bytes(ref, ids, False), _saved_bytes(lean, ids, False)
-    assert default32 - leaner32 == pytest.approx(4 + 4 + 4 * i + 4 / LAYERS, abs=0.05)
+    assert default32 - leaner32 == pytest.approx(4 + 4 + 8 * i + 4 / LAYERS, abs=0.05)
+    # A hook on down_proj (peft, IA3 and ZeRO-3 wrap or hook it) keeps down's own call, and
+    # with it down's input.
+    calls = []
+    for layer in lean.model.layers:
+        layer.mlp.down_proj.register_forward_hook(lambda *args: calls.append(1))
+    hooked = _saved_bytes(lean, ids, True)
+    assert len(calls) == LAYERS and hooked - leaner == pytest.approx(2 * i, abs=0.05)
 
 
 def test_only_known_formulas_are_changed():
@@ -185,25 +211,50 @@ def test_deepcopy_binds_to_the_copy():
     assert twin.model.layers[0].input_layernorm.forward.__self__ is twin.model.layers[0].input_layernorm
 
 
-def test_lora_and_checkpointing_on_top():
+def _lora(lean: bool, dropout: float = 0.0, checkpointing: bool = False):
     from peft import LoraConfig, get_peft_model
 
     from posttrain.models.loading import enable_gradient_checkpointing
 
-    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
-    results = []
-    for lean in (False, True):
-        model = _model()
-        if lean:
-            lean_activations(model)
+    model = _model()
+    if lean:
+        lean_activations(model)
+    if checkpointing:
         enable_gradient_checkpointing(model)
-        model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
-        model.train()
-        results.append(_grads(model, ids))
-    (l0, g0), (l1, g1) = results
+    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False,
+                                             lora_dropout=dropout))
+    if lean:
+        lean_activations(model)  # again, for the LoRA linears
+    return model.train()
+
+
+def test_lora_and_checkpointing_on_top():
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    (l0, g0), (l1, g1) = (_grads(_lora(lean, checkpointing=True), ids) for lean in (False, True))
     assert torch.equal(l0, l1) and g0.keys() == g1.keys() and len(g0) > 0
-    for name in g0:
+    for name in g0:  # the LoRA matrices
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-5, atol=1e-7, msg=name)
+    # bf16 autocast: same logits, gradients as close to float64 as peft's own path
+    (l0, g0), (l1, g1) = (_grads(_lora(lean, checkpointing=True), ids, True) for lean in (False, True))
+    assert torch.equal(l0, l1)
+    _, exact = _grads(_lora(False).double(), ids)
+    assert _error_to_float64(g0, exact) > 1e-3
+    assert _error_to_float64(g1, exact) < 1.1 * _error_to_float64(g0, exact)
+
+
+def test_lora_layers_share_the_bf16_input():
+    """Under autocast a plain LoRA layer's lora_A reads the bf16 input the base layer reads
+    (peft would cast it to float32 and autocast back to a bf16 copy of its own)."""
+    ids = torch.randint(0, 128, (4, 64), generator=torch.Generator().manual_seed(0))
+    i = INTERMEDIATE / HIDDEN
+    default, leaner = _saved_bytes(_lora(False), ids, True), _saved_bytes(_lora(True), ids, True)
+    # lora_A of k and v share q's copy (4), up shares gate's (2), o reads attention's output (2);
+    # SwiGLU drops silu(gate) (2i); down is wrapped, so its input stays; the final norm's
+    # weight is frozen, so it kept x only already.
+    assert default - leaner == pytest.approx(4 + 2 + 2 + 2 * i, abs=0.05)
+    # LoRA dropout draws on lora_A's input in its own dtype: there peft's cast stays.
+    dropout = _saved_bytes(_lora(True, dropout=0.1), ids, True)
+    assert dropout > leaner + 4
 
 
 def test_load_model_option(tmp_path):

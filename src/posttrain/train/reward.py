@@ -98,13 +98,12 @@ def reward_extras(items: list[Item]) -> dict[str, torch.Tensor]:
 
 def build_reward_model(cfg: RMConfig, tokenizer, log):
     from posttrain.models.adapters import count_parameters
+    from posttrain.models.lean import lean_activations
     from posttrain.models.reward_model import add_lora, load_reward_model
 
     model = load_reward_model(cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code,
                               pad_token_id=tokenizer.pad_token_id)
     if cfg.model.lean_activations:
-        from posttrain.models.lean import lean_activations
-
         lean_activations(model)
     if cfg.model.gradient_checkpointing:
         from posttrain.models.loading import enable_gradient_checkpointing
@@ -112,6 +111,8 @@ def build_reward_model(cfg: RMConfig, tokenizer, log):
         enable_gradient_checkpointing(model)
     if cfg.adapter.method == ["lora"]:
         model = add_lora(model, cfg.adapter.lora)
+        if cfg.model.lean_activations:  # again: the LoRA linears
+            lean_activations(model)
     trainable, total = count_parameters(model)
     log(f"reward model {type(model).__name__}: {trainable:,} of {total:,} parameters trained")
     return model

@@ -138,6 +138,10 @@ def build_model(cfg: SFTConfig, log, run_dir: Path | None = None):
     tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     model = load_model(cfg.model, quantization=cfg.adapter.quantization if plan.quantized else None)
     model = apply_adapters(model, cfg.adapter, plan=plan)
+    if cfg.model.lean_activations:  # again: the adapters' LoRA linears
+        from posttrain.models.lean import lean_activations
+
+        lean_activations(model)
     if cfg.train.freeze:
         freeze_by_pattern(model, cfg.train.freeze)
     report = parameter_report(model, cfg.train.optimizer)
