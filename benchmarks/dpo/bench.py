@@ -54,7 +54,10 @@ VARIANTS = {
                   "fused": {"train.optimizer": "adamw_fused"},
                   # gradient checkpointing on, as in TRL's default rows (the GPU table's memory rows)
                   "precompute+gc": {"dpo.reference": "precompute", "model.gradient_checkpointing": "true"},
-                  "gc": {"model.gradient_checkpointing": "true"}},
+                  "gc": {"model.gradient_checkpointing": "true"},
+                  # the stock transformers layers, without posttrain's lean RMSNorm / SwiGLU
+                  "precompute+not_lean": {"dpo.reference": "precompute", "model.lean_activations": "false"},
+                  "not_lean": {"model.lean_activations": "false"}},
 }
 
 # Everything each tool imports during a run, imported up front so that "RSS after imports"
