@@ -257,11 +257,40 @@ def test_lora_layers_share_the_bf16_input():
     assert dropout > leaner + 4
 
 
-def test_load_model_option(tmp_path):
+def test_load_model_option():
     from posttrain.config import ModelConfig
     from posttrain.models.loading import load_model
 
-    lean = load_model(ModelConfig(path="tiny"))
+    auto, forced = load_model(ModelConfig(path="tiny")), load_model(ModelConfig(path="tiny", lean_activations=True))
     plain = load_model(ModelConfig(path="tiny", lean_activations=False))
-    assert "forward" in vars(lean.model.layers[0].mlp)
     assert not any("forward" in vars(m) for m in plain.modules())
+    assert "forward" in vars(auto.model.layers[0].mlp) and "forward" in vars(forced.model.layers[0].mlp)
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    saved = {name: _saved_bytes_any(model, ids) for name, model in (("auto", auto), ("forced", forced), ("plain", plain))}
+    assert saved["auto"] == saved["plain"] > saved["forced"]  # auto: the stock layers on CPU
+
+
+def _saved_bytes_any(model, ids):
+    total = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: total.append(t.untyped_storage().nbytes()) or t, lambda t: t):
+        model(input_ids=ids)
+    return sum(total)
+
+
+def test_auto_is_lean_off_the_cpu(monkeypatch):
+    """on_cpu=False dispatches per call on the input's device (a meta tensor stands in for a GPU)."""
+    import posttrain.models.lean as lean
+
+    calls = []
+    for fn in ("_RMSNorm", "_SwiGLUDown"):
+        cls = getattr(lean, fn)
+        monkeypatch.setattr(lean, fn, type(fn, (cls,), {"apply": classmethod(
+            lambda c, *a, _cls=cls, _fn=fn: calls.append(_fn) or _cls.apply(*a))}))
+    model = _model()
+    lean_activations(model, on_cpu=False)
+    calls.clear()  # the first check of a class runs the lean forward on a probe
+    ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids)
+    assert calls == []
+    model.to("meta")(input_ids=ids.to("meta"))
+    assert calls.count("_RMSNorm") == 2 * LAYERS + 1 and calls.count("_SwiGLUDown") == LAYERS

@@ -55,9 +55,12 @@ VARIANTS = {
                   # gradient checkpointing on, as in TRL's default rows (the GPU table's memory rows)
                   "precompute+gc": {"dpo.reference": "precompute", "model.gradient_checkpointing": "true"},
                   "gc": {"model.gradient_checkpointing": "true"},
-                  # the stock transformers layers, without posttrain's lean RMSNorm / SwiGLU
+                  # posttrain's lean RMSNorm / SwiGLU forced off (the GPU default is on) or on (the
+                  # CPU default, model.lean_activations=auto, is off)
                   "precompute+not_lean": {"dpo.reference": "precompute", "model.lean_activations": "false"},
-                  "not_lean": {"model.lean_activations": "false"}},
+                  "not_lean": {"model.lean_activations": "false"},
+                  "precompute+lean": {"dpo.reference": "precompute", "model.lean_activations": "true"},
+                  "lean": {"model.lean_activations": "true"}},
 }
 
 # Everything each tool imports during a run, imported up front so that "RSS after imports"

@@ -36,9 +36,9 @@ DEFAULT_RUNS = ",".join([
     *(f"{case}:{tv}" for case in ("dpo_full", "dpo_lora")
       for tv in ("trl:default", "posttrain:precompute", "trl:gc_off", "posttrain:live", "trl:gc_off+precompute",
                  "posttrain:precompute+separate_rows")),
-    "dpo_full:posttrain:precompute+not_lean",
+    "dpo_full:posttrain:precompute+lean",
     "rm:trl:default", "rm:posttrain:default", "rm:trl:gc_off", "rm:posttrain:separate_rows", "rm:posttrain:fused",
-    "rm:posttrain:not_lean",
+    "rm:posttrain:lean",
 ])
 NOTES = {
     ("rm", "trl", "default"): "TRL defaults: gradient checkpointing on",
@@ -56,6 +56,8 @@ NOTES = {
     ("posttrain", "precompute+gc"): "dpo.reference=precompute, model.gradient_checkpointing=true (as TRL's default)",
     ("posttrain", "precompute+not_lean"): "dpo.reference=precompute, model.lean_activations=false (stock layers)",
     ("rm", "posttrain", "not_lean"): "model.lean_activations=false (stock transformers layers)",
+    ("posttrain", "precompute+lean"): "dpo.reference=precompute, model.lean_activations=true (lean layers on CPU too)",
+    ("rm", "posttrain", "lean"): "model.lean_activations=true (lean layers on CPU too)",
 }
 DEFAULT_ROW = {"trl": "default", "posttrain": {"dpo_full": "precompute", "dpo_lora": "precompute", "rm": "default"}}
 SPREAD_WARNING = 1.15  # repeats of one row whose mean step times differ more than this are reported as disturbed

@@ -26,7 +26,10 @@ that keep less and recompute the rest with an elementwise op or two in the backw
 Measured with `saved_tensors_hooks` on hidden-1024, intermediate-2816 layers under bf16
 autocast: 56 -> 31 bytes kept per token per hidden unit per layer for full fine-tuning,
 48 -> 35 with LoRA on every linear (`tests/test_lean.py` checks the arithmetic on a small
-model). Time is about even on CPU (a 4-layer model, float32 and bf16 autocast).
+model). Time is about even on CPU (a 4-layer model, float32 and bf16 autocast), and so are
+the CPU benchmarks' step time and peak RSS, where activations are a small share of memory:
+`model.lean_activations: auto` (`on_cpu=False`) therefore uses the lean forwards only on
+tensors off the CPU, where activation memory is what limits the batch.
 
 Each Function's forward and gradients are bit for bit those of the ops it replaces (the
 same ops in the same order; the bf16 cast is the one autocast's linear would make). Across
@@ -123,11 +126,13 @@ class _SwiGLUDown(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up, weight, bias, compute_dtype):
         product = F.silu(gate) * up
-        if compute_dtype is not None:
+        if compute_dtype is None:
+            out = F.linear(product, weight, bias)
+        else:
             weight = weight.to(compute_dtype)
             bias = None if bias is None else bias.to(compute_dtype)
-        with torch.autocast(gate.device.type, enabled=False):
-            out = F.linear(product.to(weight.dtype), weight, bias)
+            with torch.autocast(gate.device.type, enabled=False):
+                out = F.linear(product.to(compute_dtype), weight, bias)
         ctx.save_for_backward(gate, up, weight)
         ctx.has_bias = bias is not None
         return out
@@ -161,24 +166,34 @@ def _fusable(linear) -> bool:
             and not nn_module._global_forward_hooks and not nn_module._global_forward_pre_hooks)
 
 
-def _bf16_autocast(device_type: str) -> bool:
-    return torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.bfloat16
+def _autocast_dtype(device_type: str):
+    """The autocast dtype in force on this device type, or None."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _stock_here(module, x) -> bool:
+    """lean_activations(on_cpu=False) and a CPU tensor: the module's own forward."""
+    return not module._lean_on_cpu and x.device.type == "cpu"
 
 
 def _norm_forward(self, hidden_states):
+    if _stock_here(self, hidden_states):
+        return type(self).forward(self, hidden_states)
     out_dtype = None
-    if self._lean_cast and _bf16_autocast(hidden_states.device.type):
+    if self._lean_cast and _autocast_dtype(hidden_states.device.type) == torch.bfloat16:
         out_dtype = torch.bfloat16
     return _RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon, out_dtype)
 
 
 def _mlp_forward(self, x):
+    if _stock_here(self, x):
+        return type(self).forward(self, x)
     gate, up = self.gate_proj(x), self.up_proj(x)
     down = self.down_proj
     if torch.is_grad_enabled() and _fusable(down):
-        device = gate.device.type
-        compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-        return _SwiGLUDown.apply(gate, up, down.weight, down.bias, compute_dtype)
+        return _SwiGLUDown.apply(gate, up, down.weight, down.bias, _autocast_dtype(gate.device.type))
     return down(_SiluMul.apply(gate, up))
 
 
@@ -198,6 +213,7 @@ def _eligible(module, kind: str) -> bool:
     """Whether the module computes the formula here: its class's forward is checked once per
     process on a probe; an MLP's activation (an attribute of the instance) every time."""
     cls = type(module)
+    module._lean_on_cpu = True  # the check runs the lean forward on a CPU probe
     try:
         if kind == "mlp":
             probe = _probe(8, module.gate_proj.weight, torch.float32)
@@ -230,7 +246,8 @@ def _lora_cast_input(self, x, dtype):
     autocast then casts it back to bf16 and keeps that copy. Under autocast, for plain LoRA,
     lora_A gets the input as it is: the same bf16 values reach the matmul, and lora_A keeps
     the tensor the base layer and its siblings read, not a copy of its own."""
-    if x is not None and x.is_floating_point() and torch.is_autocast_enabled(x.device.type) and _plain_lora(self):
+    if (x is not None and x.is_floating_point() and not _stock_here(self, x)
+            and _autocast_dtype(x.device.type) is not None and _plain_lora(self)):
         return x
     return type(self)._cast_input_dtype(self, x, dtype)
 
@@ -243,10 +260,12 @@ def _lora_linear_class():
     return Linear
 
 
-def lean_activations(model: torch.nn.Module) -> int:
+def lean_activations(model: torch.nn.Module, on_cpu: bool = True) -> int:
     """Give the model's known RMSNorm and SwiGLU modules the lean forward, and its peft LoRA
     linears the input pass-through under autocast; returns how many modules changed.
 
+    on_cpu=False keeps the modules' own forward for CPU tensors (decided per call, as the
+    model moves to its device after loading): `model.lean_activations: auto`.
     Call it again after adapters are added (modules already changed are skipped). Norms
     inside decoder layers (`input_layernorm`, `post_attention_layernorm`) return bf16 under
     bf16 autocast; any other norm keeps its own output dtype.
@@ -260,11 +279,13 @@ def lean_activations(model: torch.nn.Module) -> int:
         if getattr(module, "_lean", False):
             continue
         if lora_linear is not None and isinstance(module, lora_linear):
+            module._lean_on_cpu = on_cpu
             module._cast_input_dtype = types.MethodType(_lora_cast_input, module)
         elif name in _NORMS and _eligible(module, "norm"):
-            module._lean_cast = id(module) in layer_norms
+            module._lean_cast, module._lean_on_cpu = id(module) in layer_norms, on_cpu
             module.forward = types.MethodType(_norm_forward, module)
         elif name in _MLPS and _eligible(module, "mlp"):  # the check rejects an act_fn other than silu
+            module._lean_on_cpu = on_cpu
             module.forward = types.MethodType(_mlp_forward, module)
         else:
             continue

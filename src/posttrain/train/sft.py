@@ -141,7 +141,7 @@ def build_model(cfg: SFTConfig, log, run_dir: Path | None = None):
     if cfg.model.lean_activations:  # again: the adapters' LoRA linears
         from posttrain.models.lean import lean_activations
 
-        lean_activations(model)
+        lean_activations(model, on_cpu=cfg.model.lean_activations is True)
     if cfg.train.freeze:
         freeze_by_pattern(model, cfg.train.freeze)
     report = parameter_report(model, cfg.train.optimizer)
