@@ -294,3 +294,48 @@ def test_auto_is_lean_off_the_cpu(monkeypatch):
     assert calls == []
     model.to("meta")(input_ids=ids.to("meta"))
     assert calls.count("_RMSNorm") == 2 * LAYERS + 1 and calls.count("_SwiGLUDown") == LAYERS
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_auto_uses_the_lean_layers_and_keeps_the_gradients():
+    """On a GPU `auto` is on: same logits, gradients as close to float64 as the stock layers,
+    and fewer bytes kept (bf16 autocast, full fine-tuning and LoRA)."""
+    ids = torch.randint(0, 128, (4, 64), generator=torch.Generator().manual_seed(0))
+    for build in (lambda lean: _on_cuda(_model(), lean), lambda lean: _on_cuda(_lora(False), lean)):
+        ref, lean = build(False), build(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            saved = [_cuda_saved_bytes(m, ids.cuda()) for m in (ref, lean)]
+        assert saved[1] < 0.8 * saved[0], saved
+        (l0, g0), (l1, g1) = (_grads_cuda(m, ids) for m in (ref, lean))
+        assert torch.equal(l0, l1)
+        _, exact = _grads(copy.deepcopy(ref).cpu().double(), ids)
+        assert _error_to_float64(g1, exact) < 1.1 * _error_to_float64(g0, exact)
+
+
+def _on_cuda(model, lean):
+    model = model.cuda()
+    if lean:
+        lean_activations(model, on_cpu=False)
+    return model
+
+
+def _cuda_saved_bytes(model, ids):
+    seen = {}
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids)
+    return sum(seen.values())
+
+
+def _grads_cuda(model, ids):
+    model.zero_grad()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logits = model(input_ids=ids.cuda()).logits
+    logits.float().pow(2).mean().backward()
+    return logits.detach().cpu(), {n: p.grad.detach().cpu() for n, p in model.named_parameters() if p.grad is not None}
