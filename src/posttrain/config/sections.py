@@ -17,7 +17,7 @@ class ModelConfig:
     gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
     lean_activations: Literal["auto", True, False] = option(
         "auto", "RMSNorm and SwiGLU of Llama-style layers keep fewer tensors for the backward (same forward "
-                "values; ~45% less activation memory under bf16 autocast); auto: on a GPU or other "
+                "values; 28-45% less activation memory under bf16 autocast); auto: on a GPU or other "
                 "accelerator, not on CPU, where it measured no gain")
 
 
