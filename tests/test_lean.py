@@ -278,7 +278,7 @@ def _saved_bytes_any(model, ids):
 
 
 def test_auto_is_lean_off_the_cpu(monkeypatch):
-    """on_cpu=False dispatches per call on the input's device (a meta tensor stands in for a GPU)."""
+    """mode "auto" dispatches per call on the input's device (a meta tensor stands in for a GPU)."""
     import posttrain.models.lean as lean
 
     calls = []
@@ -287,7 +287,7 @@ def test_auto_is_lean_off_the_cpu(monkeypatch):
         monkeypatch.setattr(lean, fn, type(fn, (cls,), {"apply": classmethod(
             lambda c, *a, _cls=cls, _fn=fn: calls.append(_fn) or _cls.apply(*a))}))
     model = _model()
-    lean_activations(model, on_cpu=False)
+    lean_activations(model, "auto")
     calls.clear()  # the first check of a class runs the lean forward on a probe
     ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(0))
     model(input_ids=ids)
@@ -315,7 +315,7 @@ def test_cuda_auto_uses_the_lean_layers_and_keeps_the_gradients():
 def _on_cuda(model, lean):
     model = model.cuda()
     if lean:
-        lean_activations(model, on_cpu=False)
+        lean_activations(model, "auto")
     return model
 
 

@@ -51,6 +51,7 @@ import types
 
 import torch
 import torch.nn.functional as F
+from torch.nn.modules import module as nn_module
 
 # Classes whose forward is HF Llama's RMSNorm / SwiGLU MLP, formula for formula.
 _NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
@@ -160,8 +161,6 @@ class _SwiGLUDown(torch.autograd.Function):
 def _fusable(linear) -> bool:
     """A plain nn.Linear that no hook watches (peft, IA3, DeepSpeed ZeRO-3 and user hooks
     replace or wrap it), so computing it inside `_SwiGLUDown` skips nothing."""
-    from torch.nn.modules import module as nn_module
-
     return (type(linear) is torch.nn.Linear and not linear._forward_hooks and not linear._forward_pre_hooks
             and not nn_module._global_forward_hooks and not nn_module._global_forward_pre_hooks)
 
@@ -174,7 +173,7 @@ def _autocast_dtype(device_type: str):
 
 
 def _stock_here(module, x) -> bool:
-    """lean_activations(on_cpu=False) and a CPU tensor: the module's own forward."""
+    """lean_activations(mode="auto") and a CPU tensor: the module's own forward."""
     return not module._lean_on_cpu and x.device.type == "cpu"
 
 
@@ -260,16 +259,20 @@ def _lora_linear_class():
     return Linear
 
 
-def lean_activations(model: torch.nn.Module, on_cpu: bool = True) -> int:
+def lean_activations(model: torch.nn.Module, mode: bool | str = True) -> int:
     """Give the model's known RMSNorm and SwiGLU modules the lean forward, and its peft LoRA
     linears the input pass-through under autocast; returns how many modules changed.
 
-    on_cpu=False keeps the modules' own forward for CPU tensors (decided per call, as the
-    model moves to its device after loading): `model.lean_activations: auto`.
+    mode is `model.lean_activations`: True, False (nothing changes) or "auto", which keeps the
+    modules' own forward for CPU tensors (decided per call, as the model moves to its device
+    after loading).
     Call it again after adapters are added (modules already changed are skipped). Norms
     inside decoder layers (`input_layernorm`, `post_attention_layernorm`) return bf16 under
     bf16 autocast; any other norm keeps its own output dtype.
     """
+    if mode is False:
+        return 0
+    on_cpu = mode is True
     layer_norms = {id(getattr(m, name)) for m in model.modules() for name in _LAYER_NORMS
                    if isinstance(getattr(m, name, None), torch.nn.Module)}
     lora_linear = _lora_linear_class()

@@ -113,10 +113,9 @@ def load_model(config_or_path: Any = None, *, quantization: Any = None, **overri
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         hint = "" if args["trust_remote_code"] else " (if it ships its own modelling code and you trust it, set model.trust_remote_code=true)"
         raise UserError(f"could not load a causal LM from {directory}: {first_line}{hint}") from None
-    if args["lean_activations"]:  # True or "auto"
-        from posttrain.models.lean import lean_activations
+    from posttrain.models.lean import lean_activations
 
-        lean_activations(model, on_cpu=args["lean_activations"] is True)
+    lean_activations(model, args["lean_activations"])
     if args["gradient_checkpointing"]:
         enable_gradient_checkpointing(model)
     return model

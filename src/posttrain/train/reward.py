@@ -103,16 +103,14 @@ def build_reward_model(cfg: RMConfig, tokenizer, log):
 
     model = load_reward_model(cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code,
                               pad_token_id=tokenizer.pad_token_id)
-    if cfg.model.lean_activations:  # True or "auto"
-        lean_activations(model, on_cpu=cfg.model.lean_activations is True)
+    lean_activations(model, cfg.model.lean_activations)
     if cfg.model.gradient_checkpointing:
         from posttrain.models.loading import enable_gradient_checkpointing
 
         enable_gradient_checkpointing(model)
     if cfg.adapter.method == ["lora"]:
         model = add_lora(model, cfg.adapter.lora)
-        if cfg.model.lean_activations:  # again: the LoRA linears
-            lean_activations(model, on_cpu=cfg.model.lean_activations is True)
+        lean_activations(model, cfg.model.lean_activations)  # again: the LoRA linears
     trainable, total = count_parameters(model)
     log(f"reward model {type(model).__name__}: {trainable:,} of {total:,} parameters trained")
     return model

@@ -131,6 +131,7 @@ def build_model(cfg: SFTConfig, log, run_dir: Path | None = None):
     """Tokenizer, trainable model (full, freeze tuning or adapters) and its AdapterTraining."""
     from posttrain.models.adapters import apply_adapters, format_report, parameter_report, plan_adapters
     from posttrain.models.adapters.schedule import AdapterTraining
+    from posttrain.models.lean import lean_activations
     from posttrain.models.loading import load_model, load_tokenizer
     from posttrain.train.optim import freeze_by_pattern
 
@@ -138,10 +139,7 @@ def build_model(cfg: SFTConfig, log, run_dir: Path | None = None):
     tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     model = load_model(cfg.model, quantization=cfg.adapter.quantization if plan.quantized else None)
     model = apply_adapters(model, cfg.adapter, plan=plan)
-    if cfg.model.lean_activations:  # again: the adapters' LoRA linears
-        from posttrain.models.lean import lean_activations
-
-        lean_activations(model, on_cpu=cfg.model.lean_activations is True)
+    lean_activations(model, cfg.model.lean_activations)  # again: the adapters' LoRA linears
     if cfg.train.freeze:
         freeze_by_pattern(model, cfg.train.freeze)
     report = parameter_report(model, cfg.train.optimizer)
