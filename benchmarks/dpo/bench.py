@@ -60,7 +60,10 @@ VARIANTS = {
                   "precompute+not_lean": {"dpo.reference": "precompute", "model.lean_activations": "false"},
                   "not_lean": {"model.lean_activations": "false"},
                   "precompute+lean": {"dpo.reference": "precompute", "model.lean_activations": "true"},
-                  "lean": {"model.lean_activations": "true"}},
+                  "lean": {"model.lean_activations": "true"},
+                  # shared-prompt batches with their padding, as before model.padding_free
+                  "precompute+padded": {"dpo.reference": "precompute", "model.padding_free": "false"},
+                  "padded": {"model.padding_free": "false"}},
 }
 
 # Everything each tool imports during a run, imported up front so that "RSS after imports"

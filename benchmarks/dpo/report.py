@@ -36,9 +36,9 @@ DEFAULT_RUNS = ",".join([
     *(f"{case}:{tv}" for case in ("dpo_full", "dpo_lora")
       for tv in ("trl:default", "posttrain:precompute", "trl:gc_off", "posttrain:live", "trl:gc_off+precompute",
                  "posttrain:precompute+separate_rows")),
-    "dpo_full:posttrain:precompute+lean",
+    "dpo_full:posttrain:precompute+padded", "dpo_lora:posttrain:precompute+padded",
     "rm:trl:default", "rm:posttrain:default", "rm:trl:gc_off", "rm:posttrain:separate_rows", "rm:posttrain:fused",
-    "rm:posttrain:lean",
+    "rm:posttrain:padded",
 ])
 NOTES = {
     ("rm", "trl", "default"): "TRL defaults: gradient checkpointing on",
@@ -58,6 +58,8 @@ NOTES = {
     ("rm", "posttrain", "not_lean"): "model.lean_activations=false (stock transformers layers)",
     ("posttrain", "precompute+lean"): "dpo.reference=precompute, model.lean_activations=true (lean layers on CPU too)",
     ("rm", "posttrain", "lean"): "model.lean_activations=true (lean layers on CPU too)",
+    ("posttrain", "precompute+padded"): "dpo.reference=precompute, model.padding_free=false (batches keep their padding)",
+    ("rm", "posttrain", "padded"): "model.padding_free=false (batches keep their padding)",
 }
 DEFAULT_ROW = {"trl": "default", "posttrain": {"dpo_full": "precompute", "dpo_lora": "precompute", "rm": "default"}}
 SPREAD_WARNING = 1.15  # repeats of one row whose mean step times differ more than this are reported as disturbed

@@ -21,3 +21,79 @@ def masked_attention_kernels(device: torch.device):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+# --------------------------------------------------------------------------- padding-free rows
+#
+# A batch of rows of unequal length is padded to its widest row, and every linear, norm and
+# MLP of every layer runs on the padding too. Only attention needs the (row, position) layout;
+# everything else in a decoder layer works token by token. So a padding-free batch hands the
+# model its real tokens as one row (1, N) — input_ids, position_ids — with the attention
+# layout beside it: the (B, 1, T, T) mask and `packed_slots` (N,), where each token sits in
+# the flattened (B·T) grid. Attention scatters q, k, v into that grid, runs transformers' sdpa
+# attention function with the mask, and gathers the output back (`_packed`).
+# Results equal the padded batch's (tested); the padding's share of the work is saved.
+
+# Model types whose decoder mixes positions only inside attention, through transformers'
+# attention interface, and places them by position_ids (RoPE).
+PACKED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+_NAME = "posttrain_padding_free_sdpa"  # the attention implementation padding_free() installs
+
+
+def _packed(original):
+    """An attention-interface function: `original` on the padded grid when the model is handed
+    `packed_slots`, else `original` itself."""
+
+    def attention(module, query, key, value, attention_mask, packed_slots=None, **kwargs):
+        if packed_slots is None:
+            return original(module, query, key, value, attention_mask, **kwargs)
+        rows, width = attention_mask.shape[0], attention_mask.shape[-1]
+        grid = [_to_grid(x, packed_slots, rows, width) for x in (query, key, value)]
+        output, _ = original(module, *grid, attention_mask, **kwargs)  # (B, T, heads, head_dim)
+        return output.reshape(rows * width, *output.shape[2:]).index_select(0, packed_slots)[None], None
+
+    return attention
+
+
+def _to_grid(states: torch.Tensor, slots: torch.Tensor, rows: int, width: int) -> torch.Tensor:
+    """(1, heads, N, head_dim) → (B, heads, T, head_dim), zeros where the grid has padding."""
+    flat = states[0].transpose(0, 1)  # (N, heads, head_dim)
+    grid = flat.new_zeros(rows * width, *flat.shape[1:]).index_copy(0, slots, flat)
+    return grid.view(rows, width, *flat.shape[1:]).transpose(1, 2)
+
+
+def padding_free(model, enabled: bool = True, log=None) -> bool:
+    """Let `model` take padding-free batches (see above); returns whether it now does.
+
+    Only for PACKED_MODEL_TYPES with sdpa attention (transformers' default) and no virtual
+    tokens (prefix or prompt tuning put theirs in front of every row). The model keeps working on ordinary
+    padded batches: without `packed_slots` its attention is the original one. The change is
+    the config's `_attn_implementation` (shared by every layer, kept by deepcopy, not saved in
+    config.json), so it holds under gradient checkpointing's recompute as well. `log` hears why
+    a model that was asked cannot.
+    """
+    config = getattr(model, "config", None)
+    if not enabled or config is None:
+        return False
+    if config._attn_implementation == _NAME:
+        return True
+    kind, attention = getattr(config, "model_type", None), config._attn_implementation
+    if kind not in PACKED_MODEL_TYPES or attention != "sdpa" or getattr(model, "virtual_peft", None) is not None:
+        if log is not None:
+            why = "virtual tokens" if getattr(model, "virtual_peft", None) is not None else f"{kind}, {attention} attention"
+            log(f"note: model.padding_free does not apply to this model ({why}); batches keep their padding")
+        return False
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if _NAME not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(_NAME, _packed(ALL_ATTENTION_FUNCTIONS["sdpa"]))
+        AttentionMaskInterface.register(_NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])  # the same masks
+    config._attn_implementation = _NAME
+    return True
+
+
+def takes_padding_free(model) -> bool:
+    config = getattr(model, "config", None)
+    return config is not None and config._attn_implementation == _NAME

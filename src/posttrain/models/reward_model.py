@@ -117,14 +117,16 @@ def score(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch
     return classifier.score(pooled)[:, 0].float()
 
 
-def score_shared_prompt(model, input_ids, attention_mask, position_ids, last_token) -> torch.Tensor:
+def score_shared_prompt(model, input_ids, attention_mask, position_ids, last_token, packed_slots=None) -> torch.Tensor:
     """Rewards (S,) from `train.grouped.collate_shared_prompt` rows: each item's prompt once,
     its responses behind a 4-D mask; the score is read at each response's last token
-    (`last_token`, flat indices into the (B·T) hidden states). Decoder scorers only."""
+    (`last_token`, flat indices into the (B·T) hidden states, or into the N tokens of a
+    padding-free batch, which carries `packed_slots`). Decoder scorers only."""
     from posttrain.models.attention import masked_attention_kernels
 
     classifier = _classifier(model)
+    extra = {} if packed_slots is None else {"packed_slots": packed_slots}
     with masked_attention_kernels(input_ids.device):
         hidden = classifier.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                       use_cache=False, return_dict=True).last_hidden_state  # (B, T, H)
+                                       use_cache=False, return_dict=True, **extra).last_hidden_state  # (B, T, H)
     return classifier.score(hidden.flatten(0, 1)[last_token])[:, 0].float()

@@ -50,7 +50,8 @@ def shares_prompt(item: Item) -> bool:
     return all(first_label(s) == cut and s.input_ids[:cut] == prompt for s in item.sequences[1:])
 
 
-def collate_shared_prompt(items: list[Item], pad_id: int, row_width: int = 0) -> dict[str, torch.Tensor]:
+def collate_shared_prompt(items: list[Item], pad_id: int, row_width: int = 0,
+                          padding_free: bool = False) -> dict[str, torch.Tensor]:
     """Each item as one block: its prompt once, then each response, with a 4-D mask so a
     response sees its prompt and itself but no other response, and positions that restart after
     the prompt for every response. Equal to encoding each sequence alone (tested), with the
@@ -67,6 +68,11 @@ def collate_shared_prompt(items: list[Item], pad_id: int, row_width: int = 0) ->
     num_sequences — the same sequence numbering as `collate_items`, whose group and slot (S,)
     it returns too — and last_token (S,), the flat index of each sequence's last token (where a
     reward model reads its score).
+
+    padding_free: input_ids / position_ids are (1, N), the N real tokens only, and
+    `packed_slots` (N,) places each in the flattened (B·T) grid the mask describes; predictor
+    and last_token then index the N tokens. For a model `models.attention.padding_free` has
+    switched on: the same results without the padding's share of the work.
     """
     blocks = [_shared_prompt_block(item) for item in items]
     longest = max(len(block.ids) for block in blocks)
@@ -99,11 +105,21 @@ def collate_shared_prompt(items: list[Item], pad_id: int, row_width: int = 0) ->
         targets += block.targets
         sequence += [first_sequence + k for k in block.response]
         last += [start_of[i] + t for t in block.last]
-    return {"input_ids": input_ids, "attention_mask": mask[:, None], "position_ids": position_ids,
-            "predictor": torch.tensor(predictor, dtype=torch.long), "targets": torch.tensor(targets, dtype=torch.long),
-            "sequence": torch.tensor(sequence, dtype=torch.long), "num_sequences": torch.tensor(len(last)),
-            "real_tokens": torch.tensor(int((owner >= 0).sum())),
-            "last_token": torch.tensor(last, dtype=torch.long)} | _origins(items)
+    batch = {"input_ids": input_ids, "attention_mask": mask[:, None], "position_ids": position_ids,
+             "predictor": torch.tensor(predictor, dtype=torch.long), "targets": torch.tensor(targets, dtype=torch.long),
+             "sequence": torch.tensor(sequence, dtype=torch.long), "num_sequences": torch.tensor(len(last)),
+             "real_tokens": torch.tensor(int((owner >= 0).sum())),
+             "last_token": torch.tensor(last, dtype=torch.long)} | _origins(items)
+    return _without_padding(batch, owner.flatten() >= 0) if padding_free else batch
+
+
+def _without_padding(batch: dict[str, torch.Tensor], real: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The padding-free form of a shared-prompt batch: real tokens as one row, their slots beside."""
+    slots = real.nonzero().squeeze(1)
+    index = torch.full_like(real, -1, dtype=torch.long).index_copy_(0, slots, torch.arange(len(slots)))
+    return batch | {"input_ids": batch["input_ids"].flatten()[slots][None],
+                    "position_ids": batch["position_ids"].flatten()[slots][None], "packed_slots": slots,
+                    "predictor": index[batch["predictor"]], "last_token": index[batch["last_token"]]}
 
 
 class _Block(NamedTuple):
@@ -177,9 +193,10 @@ class GroupedStage:
 
     def __init__(self, module: torch.nn.Module, train: list[Item], eval_items: list[Item], train_cfg, pad_id: int,
                  collate_extra: Callable[[list[Item]], dict[str, torch.Tensor]], adapter_training=None,
-                 share_prompt: bool = False):
+                 share_prompt: bool = False, padding_free: bool = False):
         self.module = module
         self.share_prompt = share_prompt  # one block per item, prompt computed once (collate_shared_prompt)
+        self.padding_free = padding_free  # those blocks without their padding (models.attention.padding_free)
         self.train_items, self.eval_items = train, eval_items
         self.cfg, self.pad_id = train_cfg, pad_id
         self.collate_extra = collate_extra  # the stage's own per-item tensors (ranks, pair indices, ...)
@@ -189,7 +206,7 @@ class GroupedStage:
 
     def collate(self, items: list[Item]) -> dict[str, torch.Tensor]:
         if self.share_prompt and all(shares_prompt(item) for item in items):
-            batch = collate_shared_prompt(items, self.pad_id)
+            batch = collate_shared_prompt(items, self.pad_id, padding_free=self.padding_free)
             batch.update(_reference_tensor(items))
         else:
             batch = collate_items(items, self.pad_id)

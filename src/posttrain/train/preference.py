@@ -32,7 +32,7 @@ import torch
 
 from posttrain.config import DPOConfig, DPOLossConfig, validate_dpo
 from posttrain.errors import DataError
-from posttrain.models.attention import masked_attention_kernels
+from posttrain.models.attention import masked_attention_kernels, padding_free
 from posttrain.train.grouped import (
     GroupedStage,
     Item,
@@ -86,9 +86,12 @@ def selected_token_logps(model, inputs: dict, predictor, targets, chunk_size: in
 
 
 def shared_prompt_logps(model, input_ids, attention_mask, position_ids, predictor, targets, sequence, num_sequences,
-                        chunk_size: int = 256):
-    """Per-sequence (log-probs, token counts) from `grouped.collate_shared_prompt` rows."""
+                        chunk_size: int = 256, packed_slots=None):
+    """Per-sequence (log-probs, token counts) from `grouped.collate_shared_prompt` rows
+    (padding-free ones carry `packed_slots`)."""
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+    if packed_slots is not None:
+        inputs["packed_slots"] = packed_slots
     n = int(num_sequences)
     per_token = selected_token_logps(model, inputs, predictor, targets, chunk_size)
     logps = per_token.new_zeros(n).index_add(0, sequence, per_token)
@@ -100,7 +103,8 @@ def batch_logps(model, batch: dict, chunk_size: int = 256):
     """Per-sequence (log-probs, token counts) for either batch layout."""
     if "predictor" in batch:
         keys = ("input_ids", "attention_mask", "position_ids", "predictor", "targets", "sequence", "num_sequences")
-        return shared_prompt_logps(model, *(batch[k] for k in keys), chunk_size=chunk_size)
+        return shared_prompt_logps(model, *(batch[k] for k in keys), chunk_size=chunk_size,
+                                   packed_slots=batch.get("packed_slots"))
     return policy_logps(model, batch["input_ids"], batch["labels"], batch["attention_mask"], chunk_size)
 
 
@@ -294,7 +298,7 @@ def _fingerprint(cfg: DPOConfig, items: list[Item]) -> str:
 
 
 def precompute_reference(model, items: list[Item], cfg: DPOConfig, pad_id: int, cache: Path | None, log,
-                         share_prompt: bool = False) -> None:
+                         share_prompt: bool = False, padding_free: bool = False) -> None:
     """Fill `item.reference_logps` for every item: from the cache when it matches, else one pass."""
     from safetensors.torch import load_file, save_file
 
@@ -315,7 +319,7 @@ def precompute_reference(model, items: list[Item], cfg: DPOConfig, pad_id: int, 
         for start in range(0, len(items), size):
             chunk = items[start : start + size]
             shared = share_prompt and all(shares_prompt(item) for item in chunk)
-            batch = (collate_shared_prompt if shared else collate_items)(chunk, pad_id)
+            batch = collate_shared_prompt(chunk, pad_id, padding_free=padding_free) if shared else collate_items(chunk, pad_id)
             batch = {k: v.to(device) for k, v in batch.items()}
             values += batch_logps(reference, batch, cfg.train.loss_chunk_size)[0].float().cpu().tolist()
     _assign(items, values)
@@ -358,15 +362,17 @@ def run_dpo(cfg: DPOConfig) -> Path:
     train_items, eval_items = _items(data, cfg)
     live = cfg.dpo.reference == "live"
     share = cfg.dpo.share_prompt and cfg.dpo.loss != "kto" and getattr(model, "virtual_peft", None) is None
+    unpadded = share and padding_free(model, cfg.model.padding_free, log)
     if cfg.dpo.loss not in REFERENCE_FREE and not live:
         on_device(model, accelerator.device)
         with accelerator.autocast():  # in training's precision, so π = π_ref exactly at step 0
             precompute_reference(model, train_items + eval_items, cfg, tokenizer.pad_token_id,
-                                 run_dir / "reference_logps.safetensors" if main else None, log, share_prompt=share)
+                                 run_dir / "reference_logps.safetensors" if main else None, log, share_prompt=share,
+                                 padding_free=unpadded)
     module = PreferenceLoss(model, cfg.dpo, cfg.train.loss_chunk_size, live_reference=live)
     extras = kto_extras if cfg.dpo.loss == "kto" else pair_extras
     stage = GroupedStage(module, train_items, eval_items, cfg.train, tokenizer.pad_token_id, extras, adapter_training,
-                         share_prompt=share)
+                         share_prompt=share, padding_free=unpadded)
     summary: dict = {"loss": cfg.dpo.loss, "reference": "none" if cfg.dpo.loss in REFERENCE_FREE else cfg.dpo.reference,
                      "train_items": len(train_items), "eval_items": len(eval_items)}
     summary.update(_exact_match(cfg, model, tokenizer, data, "before") if main else {})

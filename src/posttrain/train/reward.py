@@ -64,12 +64,12 @@ class RewardModelLoss(torch.nn.Module):
         self.use_margins = use_margins
 
     def forward(self, input_ids, attention_mask, group, slot, ranks, valid, margins=None, position_ids=None,
-                last_token=None, **_unused):
+                last_token=None, packed_slots=None, **_unused):
         from posttrain.losses.preference import bradley_terry_loss, ranking_loss
         from posttrain.models.reward_model import score, score_shared_prompt
 
         if last_token is not None:  # shared-prompt rows (grouped.collate_shared_prompt)
-            rewards = score_shared_prompt(self.model, input_ids, attention_mask, position_ids, last_token)
+            rewards = score_shared_prompt(self.model, input_ids, attention_mask, position_ids, last_token, packed_slots)
         else:
             rewards = score(self.model, input_ids, attention_mask)  # (R,)
         table = reward_table(rewards, group, slot, ranks.shape)  # (P, K)
@@ -119,6 +119,7 @@ def build_reward_model(cfg: RMConfig, tokenizer, log):
 def run_rm(cfg: RMConfig) -> Path:
     """Train a reward model per `cfg`; returns the run directory (model in run_dir/final)."""
     from posttrain.data.preferences import prepare_preference_data
+    from posttrain.models.attention import padding_free
     from posttrain.models.loading import load_tokenizer
     from posttrain.models.reward_model import is_decoder_scorer
     from posttrain.train.loop import evaluate, start_run, train
@@ -135,7 +136,7 @@ def run_rm(cfg: RMConfig) -> Path:
     if cfg.reward.share_prompt and not share:
         log("note: reward.share_prompt is off for an encoder backbone (its attention is bidirectional)")
     stage = GroupedStage(module, train_items, eval_items, cfg.train, tokenizer.pad_token_id, reward_extras,
-                         share_prompt=share)
+                         share_prompt=share, padding_free=share and padding_free(model, cfg.model.padding_free, log))
     stage.finish_metrics = finish_reward_metrics
     before = evaluate(on_device(module, accelerator.device), stage, accelerator)
     result = train(stage, cfg.train, run_dir, accelerator)

@@ -99,9 +99,13 @@ class AdaptedModel(nn.Module):
             out.logits = self._strip(out.logits, length)
         return out
 
-    def final_hidden(self, input_ids=None, attention_mask=None, position_ids=None, **_) -> torch.Tensor:
-        """Last hidden states (B, T, H) of the real tokens; the head is applied by the caller."""
+    def final_hidden(self, input_ids=None, attention_mask=None, position_ids=None, packed_slots=None,
+                     **_) -> torch.Tensor:
+        """Last hidden states (B, T, H) of the real tokens; the head is applied by the caller.
+        `packed_slots`: a padding-free batch (`models.attention.padding_free`; no virtual tokens)."""
         inputs = self.decoder_inputs(input_ids, attention_mask, position_ids)
+        if packed_slots is not None:
+            inputs["packed_slots"] = packed_slots
         # use_cache=False stops the decoder from creating a cache; a prefix cache passed in is still read
         hidden = self.lm.base_model(**inputs, use_cache=False, return_dict=True).last_hidden_state
         return self._strip(hidden, input_ids.shape[1])

@@ -1,0 +1,207 @@
+"""Padding-free shared-prompt batches (`models.attention.padding_free`): the model sees only the
+real tokens as one row; attention alone works on the padded (B, T) grid. Everything here is
+checked against the padded batch of the same items, which `test_preference_stages.py` checks
+against every sequence on its own."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from posttrain.config import DPOConfig, LoraConfig, RMConfig
+from posttrain.data.preferences import PreferenceRecord, encode_preference
+from posttrain.data.templates import CHATML
+from posttrain.models.attention import padding_free, takes_padding_free
+from posttrain.models.loading import load_tokenizer
+from posttrain.train.grouped import collate_shared_prompt, items_from_examples
+from posttrain.train.preference import batch_logps
+from posttrain.train.reward import RewardModelLoss, reward_extras
+
+ROWS = [("Smallest letter: q m t", ("m", "t"), (0, 1)), ("Copy: a b", ("a b", "b a b a"), (0, 1)),
+        ("Reverse: x y z w", ("w z y x", "x y z w"), (0, 1)), ("Count letters: a b c", ("3", "4", "2"), (0, 1, 2))]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("tiny")
+
+
+@pytest.fixture(scope="module")
+def items(tokenizer):
+    records = [PreferenceRecord(prompt=[{"role": "user", "content": p}], responses=list(r), ranks=list(k), source=f"t:{i}")
+               for i, (p, r, k) in enumerate(ROWS)]
+    return items_from_examples([encode_preference(rec, tokenizer, CHATML) for rec in records])
+
+
+def _small_lm(kind: str, vocab: int):
+    """A float64 two-layer causal LM of `kind` with grouped-query attention (2 KV heads for 4)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    extra = {"head_dim": 8} if kind == "qwen3" else {}
+    config = AutoConfig.for_model(kind, vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **extra)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").double()
+
+
+def _logps_and_grads(model, batch):
+    model.zero_grad()
+    logps, counts = batch_logps(model, batch, chunk_size=7)
+    (logps * torch.linspace(1, 2, len(logps), dtype=logps.dtype)).sum().backward()
+    return logps.detach(), counts, [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+def test_the_padding_free_batch_holds_the_real_tokens_of_the_padded_one(tokenizer, items):
+    padded = collate_shared_prompt(items, tokenizer.pad_token_id)
+    packed = collate_shared_prompt(items, tokenizer.pad_token_id, padding_free=True)
+    rows, width = padded["input_ids"].shape
+    n = int(padded["real_tokens"])
+    assert rows == 4 and n < rows * width  # items of 26-32 tokens: there is padding to drop
+    assert packed["input_ids"].shape == packed["position_ids"].shape == (1, n)
+    slots = packed["packed_slots"]
+    assert slots.shape == (n,) and bool((slots[1:] > slots[:-1]).all())
+    assert packed["input_ids"][0].tolist() == padded["input_ids"].flatten()[slots].tolist()
+    assert packed["position_ids"][0].tolist() == padded["position_ids"].flatten()[slots].tolist()
+    assert torch.equal(packed["attention_mask"], padded["attention_mask"])  # attention keeps the grid
+    # the trained tokens and the scored tokens are the same tokens, indexed in N instead of B·T
+    for key in ("predictor", "last_token"):
+        assert packed["input_ids"][0][packed[key]].tolist() == padded["input_ids"].flatten()[padded[key]].tolist()
+    dropped = torch.ones(rows * width, dtype=torch.bool).index_fill_(0, slots, False)
+    assert set(padded["input_ids"].flatten()[dropped].tolist()) == {tokenizer.pad_token_id}
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("row_width", [0, 1000], ids=["row_per_item", "one_row"])
+def test_log_probs_and_gradients_equal_the_padded_batch_in_float64(tokenizer, items, kind, row_width):
+    """Llama, Mistral, Qwen2 (q/k/v biases), Qwen3 (q/k norms), all with grouped-query attention."""
+    model = _small_lm(kind, len(tokenizer))
+    padded = collate_shared_prompt(items, tokenizer.pad_token_id, row_width)
+    expected = _logps_and_grads(model, padded)
+    assert padding_free(model) and takes_padding_free(model)
+    packed = collate_shared_prompt(items, tokenizer.pad_token_id, row_width, padding_free=True)
+    got = _logps_and_grads(model, packed)
+    assert torch.allclose(got[0], expected[0], rtol=0, atol=1e-12)
+    assert got[1].tolist() == expected[1].tolist()
+    for a, b in zip(got[2], expected[2]):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-13)
+    assert torch.allclose(batch_logps(model, padded, chunk_size=7)[0].detach(), expected[0], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_dpo_model_with_adapters_and_checkpointing_gives_the_padded_results(tokenizer, items, method):
+    """The policy as DPO builds it (the tiny preset; LoRA through AdaptedModel), with gradient
+    checkpointing: its recompute in the backward must take the padding-free path too."""
+    from posttrain.train.sft import build_model
+
+    cfg = DPOConfig.load(None, [f"adapter.method={method}", "model.gradient_checkpointing=true"])
+    _, model, _ = build_model(cfg, lambda *_: None)
+    model.train()
+    padded = collate_shared_prompt(items, tokenizer.pad_token_id)
+    expected = _logps_and_grads(model, padded)
+    assert padding_free(model)
+    got = _logps_and_grads(model, collate_shared_prompt(items, tokenizer.pad_token_id, padding_free=True))
+    assert torch.allclose(got[0], expected[0], rtol=0, atol=1e-4)
+    for a, b in zip(got[2], expected[2]):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_reward_model_loss_metrics_and_gradients_equal_the_padded_batch(tokenizer, items, method):
+    from posttrain.models.reward_model import add_lora, load_reward_model
+
+    torch.manual_seed(0)
+    model = load_reward_model("tiny", pad_token_id=tokenizer.pad_token_id)
+    if method == "lora":
+        model = add_lora(model, LoraConfig())
+    loss_module = RewardModelLoss(model, centering=0.01)
+    results = []
+    for unpadded in (False, True):
+        assert padding_free(model, unpadded) == unpadded
+        batch = collate_shared_prompt(items, tokenizer.pad_token_id, padding_free=unpadded) | reward_extras(items)
+        model.zero_grad()
+        loss, metrics = loss_module(**batch)
+        loss.backward()
+        results.append((float(loss.detach()), {k: float(v) for k, v in metrics.items()},
+                        [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    assert results[1][0] == pytest.approx(results[0][0], abs=1e-6)
+    assert results[1][1] == pytest.approx(results[0][1], abs=1e-6)
+    for a, b in zip(results[0][2], results[1][2]):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_the_switched_model_saves_plain_configs_and_generates_as_before(tokenizer, tmp_path):
+    """Outside padding-free batches nothing changes: generation with its KV cache and 2-D masks
+    gives the same tokens, and the saved config.json names no posttrain attention."""
+    from transformers import AutoModelForCausalLM
+
+    model = _small_lm("llama", len(tokenizer)).eval()
+    prompts = tokenizer(["Copy: a b", "Smallest letter: q m t w"], return_tensors="pt", padding=True, padding_side="left")
+    kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
+    before = model.generate(**prompts, **kwargs)
+    assert padding_free(model)
+    assert torch.equal(model.generate(**prompts, **kwargs), before)
+    model.save_pretrained(tmp_path / "saved")
+    assert "posttrain" not in (tmp_path / "saved" / "config.json").read_text()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", attn_implementation="sdpa")
+    assert reloaded.config._attn_implementation == "sdpa"
+
+
+def test_models_it_cannot_serve_keep_padded_batches_and_say_why(tokenizer, items):
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    heard = []
+    gpt2 = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2))
+    assert not padding_free(gpt2, log=heard.append) and not takes_padding_free(gpt2)
+    eager = _small_lm("llama", len(tokenizer))
+    eager.config._attn_implementation = "eager"
+    assert not padding_free(eager, log=heard.append)
+    assert not padding_free(_small_lm("llama", len(tokenizer)), enabled=False, log=heard.append)
+    assert heard == ["note: model.padding_free does not apply to this model (gpt2, sdpa attention); batches keep their padding",
+                     "note: model.padding_free does not apply to this model (llama, eager attention); batches keep their padding"]
+    # a padding-free batch given to a model that was not switched fails loudly, not silently wrong
+    plain = _small_lm("llama", len(tokenizer))
+    with pytest.raises(RuntimeError):
+        batch_logps(plain, collate_shared_prompt(items, tokenizer.pad_token_id, padding_free=True))
+
+
+def test_prefix_tuning_keeps_padded_batches(tokenizer):
+    from posttrain.train.sft import build_model
+
+    _, model, _ = build_model(DPOConfig.load(None, ["adapter.method=[prefix]"]), lambda *_: None)
+    heard = []
+    assert not padding_free(model, log=heard.append)
+    assert heard and "virtual tokens" in heard[0]
+
+
+@pytest.mark.parametrize("stage", ["dpo", "rm"])
+def test_runs_alike_with_and_without_padding(stage, tmp_path, monkeypatch):
+    """Three steps of DPO (reference precomputed, also padding-free) and of a reward model: the
+    same losses and held-out metrics either way; the padding-free run did see packed batches."""
+    from posttrain.train import grouped
+    from posttrain.train.preference import run_dpo
+    from posttrain.train.reward import run_rm
+
+    seen = []
+    original = grouped.collate_shared_prompt
+
+    def recording(items, pad_id, row_width=0, padding_free=False):
+        batch = original(items, pad_id, row_width, padding_free)
+        seen.append(("packed_slots" in batch, batch["input_ids"].shape[0]))
+        return batch
+
+    monkeypatch.setattr(grouped, "collate_shared_prompt", recording)
+    runs = []
+    for flag in ("true", "false"):
+        overrides = [f"output_dir={tmp_path / flag}", "data.synthetic_size=40", "data.max_length=64", "train.max_steps=3",
+                     "train.batch_size=4", "train.lr=1e-3", "train.progress_bar=false", f"model.padding_free={flag}"]
+        seen.clear()
+        run_dir = run_dpo(DPOConfig.load(None, overrides)) if stage == "dpo" else run_rm(RMConfig.load(None, overrides))
+        assert seen and all(packed == (flag == "true") for packed, _ in seen)
+        assert all(rows == 1 for packed, rows in seen if packed)
+        runs.append([json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()])
+    losses = [[r["loss"] for r in run if "loss" in r] for run in runs]
+    assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], abs=1e-5)
+    evals = [{k: v for k, v in run[-1].items() if k.startswith("eval_")} for run in runs]
+    assert evals[0] and evals[0] == pytest.approx(evals[1], abs=1e-5)
