@@ -12,13 +12,14 @@
 #
 # Knobs (environment): BENCH_ROUNDS (2), BENCH_STEPS (20; the data holds 16 x steps pairs,
 # one epoch), BENCH_RUNS (case:tool:variant list, see benchmarks/dpo/report.py),
-# BENCH_PROFILE (cpu, or cpu32k: the same model with a 32,768-token vocabulary), PYTHON (python3),
-# TRL_SPEC (trl).
+# BENCH_PROFILE (cpu, or cpu32k: the same model with a 32,768-token vocabulary), BENCH_NAME
+# (results/NAME.md; dpo_PROFILE), PYTHON (python3), TRL_SPEC (trl).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
 PROFILE="${BENCH_PROFILE:-cpu}"  # cpu: vocab 1,024 (the tiny preset's); cpu32k: the same model with 32,768
+NAME="${BENCH_NAME:-dpo_$PROFILE}"
 CACHE="$HERE/.cache/dpo_$PROFILE"
 STEPS="${BENCH_STEPS:-20}"
 BATCH=16
@@ -36,7 +37,7 @@ fi
 mkdir -p "$HERE/results"
 rm -rf "$HERE/.cache/dpo_work"
 start=$(date +%s)
-DPO_BENCH_CMD="${BENCH_PROFILE:+BENCH_PROFILE=$PROFILE }bash benchmarks/run_dpo_bench.sh" HF_HUB_OFFLINE=1 \
+DPO_BENCH_CMD="${BENCH_PROFILE:+BENCH_PROFILE=$PROFILE }${BENCH_NAME:+BENCH_NAME=$NAME }${BENCH_ROUNDS:+BENCH_ROUNDS=$BENCH_ROUNDS }${BENCH_RUNS:+BENCH_RUNS=$BENCH_RUNS }bash benchmarks/run_dpo_bench.sh" HF_HUB_OFFLINE=1 \
   "$PY" "$HERE/dpo/report.py" --cache "$CACHE" --results "$HERE/results" --steps "$STEPS" --batch-size "$BATCH" \
-  --name "dpo_$PROFILE"
-echo "[done] $(( $(date +%s) - start )) s; see benchmarks/results/dpo_$PROFILE.md"
+  --name "$NAME"
+echo "[done] $(( $(date +%s) - start )) s; see benchmarks/results/$NAME.md"

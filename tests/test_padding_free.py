@@ -205,3 +205,31 @@ def test_runs_alike_with_and_without_padding(stage, tmp_path, monkeypatch):
     assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], abs=1e-5)
     evals = [{k: v for k, v in run[-1].items() if k.startswith("eval_")} for run in runs]
     assert evals[0] and evals[0] == pytest.approx(evals[1], abs=1e-5)
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_under_bf16_autocast_padding_free_is_as_close_to_float64_as_the_padded_batch(tokenizer, items, device):
+    """In bf16 the two layouts round differently (other matrix shapes); each is compared with a
+    float64 run of the same weights, and padding-free must be no further from it than padded (on
+    CUDA through the masked attention kernels of `masked_attention_kernels`)."""
+    model = _small_lm("llama", len(tokenizer)).to(device)
+    padded = {k: v.to(device) for k, v in collate_shared_prompt(items, tokenizer.pad_token_id).items()}
+    packed = {k: v.to(device) for k, v in collate_shared_prompt(items, tokenizer.pad_token_id,
+                                                                 padding_free=True).items()}
+    exact = _logps_and_grads(model, padded)
+    model.float()
+    assert padding_free(model)  # a padded batch (no packed_slots) still takes sdpa as it is
+    results = []
+    for batch in (padded, packed):
+        with torch.autocast(device, dtype=torch.bfloat16):
+            results.append(_logps_and_grads(model, batch))
+    (padded_logps, _, padded_grads), (free_logps, _, free_grads) = results
+    errors = [(_relative_error(got.double(), want), _relative_error(ref.double(), want))
+              for got, ref, want in zip([free_logps, *free_grads], [padded_logps, *padded_grads], [exact[0], *exact[2]])]
+    for free, padded_error in errors:
+        assert free < 0.05 and free <= 1.5 * padded_error + 1e-3

@@ -10,11 +10,14 @@ one row. This script writes 320 rows cut from the bundled corpus, prompts of log
 V=32k reward-model start and the V=32k model of `run_dpo_bench.sh` (`BENCH_PROFILE=cpu32k`
 builds them) for 20 steps of 16 items, each in a fresh process, alternating:
 
-    packed       posttrain as it is
     row per item the packing switched off (one block per row, the layout before packing)
+    packed       blocks packed into rows, padded (model.padding_free=false)
+    padding-free the default since model.padding_free: the packed rows' real tokens only go
+                 through the model, attention alone sees the rows (models.attention)
 
-and prints ms/step (mean over steps 3-20), the positions each batch pads to, the step-0 and
-last losses (equal up to float rounding: packing changes no result) and the peak RSS.
+and prints ms/step (mean over steps 3-20), the positions each batch sends through the model's
+linears (the padded rows, or the real tokens), the step-0 and last losses (equal up to float
+rounding: neither layout changes a result) and the peak RSS.
 Nothing here is imported by posttrain.
 """
 
@@ -51,17 +54,20 @@ def write_rows(path: Path, rows: int = 320, seed: int = 0) -> None:
                                 "rejected": passage(rng.randint(20, 200))}) + "\n")
 
 
-def child(stage: str, model: Path, data: Path, out: Path, packed: bool) -> dict:
+MODES = {"rows": "row per item", "packed": "packed", "free": "padding-free"}
+
+
+def child(stage: str, model: Path, data: Path, out: Path, mode: str) -> dict:
     """One run in this process; returns its figures."""
     import posttrain.train.grouped as grouped
 
-    if not packed:
+    if mode == "rows":
         grouped._first_fit = lambda lengths, capacity: [[i] for i in range(len(lengths))]
     slots = []
     collate = grouped.collate_shared_prompt
 
-    def counting(items, pad_id, row_width=0):
-        batch = collate(items, pad_id, row_width)
+    def counting(items, pad_id, row_width=0, **kwargs):
+        batch = collate(items, pad_id, row_width, **kwargs)
         slots.append(batch["input_ids"].numel())
         return batch
 
@@ -69,7 +75,7 @@ def child(stage: str, model: Path, data: Path, out: Path, packed: bool) -> dict:
     overrides = [f"output_dir={out}", f"model.path={model}", f"data.train_files=[{data}]", "data.eval_fraction=0",
                  "data.max_length=512", "train.max_steps=20", "train.batch_size=16", "train.lr=5e-5",
                  "train.schedule=constant", "train.warmup_steps=0", "train.progress_bar=false", "train.log_every=1",
-                 "train.resume=never", "train.save_every=0"]
+                 "train.resume=never", "train.save_every=0", f"model.padding_free={mode == 'free'}"]
     shutil.rmtree(out, ignore_errors=True)
     if stage == "rm":
         from posttrain.config import RMConfig
@@ -94,12 +100,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", type=Path, default=HERE.parent / ".cache" / "dpo_cpu32k")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--child", nargs=4, metavar=("STAGE", "PACKED", "DATA", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=4, metavar=("STAGE", "MODE", "DATA", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     models = {"rm": args.cache / "rm_init", "dpo": args.cache / "model"}
     if args.child:
-        stage, packed, data, out = args.child
-        print(json.dumps(child(stage, models[stage], Path(data), Path(out), packed == "1")))
+        stage, mode, data, out = args.child
+        print(json.dumps(child(stage, models[stage], Path(data), Path(out), mode)))
         return
     if not all((m / "model.safetensors").is_file() for m in models.values()):
         sys.exit(f"missing models under {args.cache}: run `BENCH_PROFILE=cpu32k bash benchmarks/run_dpo_bench.sh` once")
@@ -108,12 +114,11 @@ def main() -> None:
     write_rows(work / "prefs.jsonl")
     for stage in ("rm", "dpo"):
         for round_ in range(args.rounds):
-            for packed in ("0", "1"):
-                done = subprocess.run([sys.executable, __file__, "--cache", str(args.cache), "--child", stage, packed,
+            for mode, label in MODES.items():
+                done = subprocess.run([sys.executable, __file__, "--cache", str(args.cache), "--child", stage, mode,
                                        str(work / "prefs.jsonl"), str(work / "run")],
                                       check=True, capture_output=True, text=True)
                 figures = json.loads(done.stdout.strip().splitlines()[-1])
-                label = "packed" if packed == "1" else "row per item"
                 print(f"{stage} round {round_ + 1} {label:>12}: {figures['ms_per_step']:7.1f} ms/step, "
                       f"{figures['positions_per_batch']:6.0f} positions/batch, loss {figures['loss_first']:.6f} → "
                       f"{figures['loss_last']:.6f}, peak RSS {figures['peak_rss_mib']:.0f} MiB", flush=True)
