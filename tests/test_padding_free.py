@@ -157,7 +157,9 @@ def test_models_it_cannot_serve_keep_padded_batches_and_say_why(tokenizer, items
     eager = _small_lm("llama", len(tokenizer))
     eager.config._attn_implementation = "eager"
     assert not padding_free(eager, log=heard.append)
-    assert not padding_free(_small_lm("llama", len(tokenizer)), enabled=False, log=heard.append)
+    switched = _small_lm("llama", len(tokenizer))
+    assert padding_free(switched) and not padding_free(switched, enabled=False, log=heard.append)
+    assert not takes_padding_free(switched) and switched.config._attn_implementation == "sdpa"
     assert heard == ["note: model.padding_free does not apply to this model (gpt2, sdpa attention); batches keep their padding",
                      "note: model.padding_free does not apply to this model (llama, eager attention); batches keep their padding"]
     # a padding-free batch given to a model that was not switched fails loudly, not silently wrong

@@ -28,6 +28,7 @@ from report import CASES, NOTES, PACKAGES, TARGET, child  # noqa: E402  (a sibli
 RUNS = [f"{case}:{tv}" for case in ("dpo_full", "dpo_lora")
         for tv in ("trl:default", "trl:gc_off", "trl:gc_off+precompute", "posttrain:precompute", "posttrain:live",
                    "posttrain:precompute+gc", "posttrain:precompute+not_lean")]
+RUNS += ["dpo_full:posttrain:precompute+padded"]  # what model.padding_free saves on the GPU
 RUNS += ["rm:trl:default", "rm:trl:gc_off", "rm:posttrain:default", "rm:posttrain:gc"]
 DEFAULT_ROW = {"dpo_full": "precompute", "dpo_lora": "precompute", "rm": "default"}
 

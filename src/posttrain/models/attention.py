@@ -63,17 +63,22 @@ def _to_grid(states: torch.Tensor, slots: torch.Tensor, rows: int, width: int) -
 
 
 def padding_free(model, enabled: bool = True, log=None) -> bool:
-    """Let `model` take padding-free batches (see above); returns whether it now does.
+    """Let `model` take padding-free batches (see above), or with enabled=False no longer;
+    returns whether it now does.
 
     Only for PACKED_MODEL_TYPES with sdpa attention (transformers' default) and no virtual
-    tokens (prefix or prompt tuning put theirs in front of every row). The model keeps working on ordinary
-    padded batches: without `packed_slots` its attention is the original one. The change is
-    the config's `_attn_implementation` (shared by every layer, kept by deepcopy, not saved in
-    config.json), so it holds under gradient checkpointing's recompute as well. `log` hears why
-    a model that was asked cannot.
+    tokens (prefix or prompt tuning put theirs in front of every row). The model keeps working
+    on ordinary padded batches: without `packed_slots` its attention is the original one. The
+    change is the config's `_attn_implementation` (shared by every layer, kept by deepcopy, not
+    saved in config.json), so it holds under gradient checkpointing's recompute as well. `log`
+    hears why a model that was asked cannot.
     """
     config = getattr(model, "config", None)
-    if not enabled or config is None:
+    if config is None:
+        return False
+    if not enabled:
+        if config._attn_implementation == _NAME:
+            config._attn_implementation = "sdpa"
         return False
     if config._attn_implementation == _NAME:
         return True
