@@ -107,6 +107,57 @@ def test_dpo_model_with_adapters_and_checkpointing_gives_the_padded_results(toke
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_plain_padded_rows_give_the_padded_log_probs_and_gradients(tokenizer, items, kind, side):
+    """A row per response (`collate_items`: KTO, dpo.share_prompt=false, the reference pass of
+    such data), right- or left-padded: `policy_logps` sends the real tokens only."""
+    from posttrain.models import attention
+    from posttrain.train.grouped import collate_items
+    from posttrain.train.preference import policy_logps
+
+    model = _small_lm(kind, len(tokenizer))
+    batch = collate_items(items, tokenizer.pad_token_id)
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    if side == "left":  # the same rows, padding moved to the front
+        shift = (mask == 0).sum(1)
+        ids, mask, labels = (torch.stack([row.roll(int(k)) for row, k in zip(t, shift)]) for t in (ids, mask, labels))
+    assert not bool(mask.all())
+
+    def run():
+        model.zero_grad()
+        logps, counts = policy_logps(model, ids, labels, mask, chunk_size=7)
+        (logps * torch.linspace(1, 2, len(logps), dtype=logps.dtype)).sum().backward()
+        return logps.detach(), counts, [p.grad.clone() for p in model.parameters()]
+
+    expected = run()
+    packed_calls = []
+    original = attention.pack_rows
+    attention.pack_rows = lambda *a: packed_calls.append(1) or original(*a)
+    try:
+        assert padding_free(model)
+        got = run()
+    finally:
+        attention.pack_rows = original
+    assert packed_calls == [1]
+    assert torch.allclose(got[0], expected[0], rtol=0, atol=1e-12) and torch.equal(got[1], expected[1])
+    for a, b in zip(got[2], expected[2]):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-13)
+
+
+def test_reward_model_on_plain_rows_scores_the_same_last_tokens(tokenizer, items):
+    from posttrain.models.reward_model import load_reward_model, score
+    from posttrain.train.grouped import collate_items
+
+    torch.manual_seed(0)
+    model = load_reward_model("tiny", pad_token_id=tokenizer.pad_token_id).double()
+    batch = collate_items(items, tokenizer.pad_token_id)
+    padded = score(model, batch["input_ids"], batch["attention_mask"])
+    assert padding_free(model)
+    free = score(model, batch["input_ids"], batch["attention_mask"])
+    assert torch.allclose(free, padded, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_reward_model_loss_metrics_and_gradients_equal_the_padded_batch(tokenizer, items, method):
     from posttrain.models.reward_model import add_lora, load_reward_model
@@ -177,30 +228,43 @@ def test_prefix_tuning_keeps_padded_batches(tokenizer):
     assert heard and "virtual tokens" in heard[0]
 
 
-@pytest.mark.parametrize("stage", ["dpo", "rm"])
+@pytest.mark.parametrize("stage", ["dpo", "rm", "kto", "dpo_rows", "rm_rows"])
 def test_runs_alike_with_and_without_padding(stage, tmp_path, monkeypatch):
-    """Three steps of DPO (reference precomputed, also padding-free) and of a reward model: the
-    same losses and held-out metrics either way; the padding-free run did see packed batches."""
+    """Three steps of DPO (reference precomputed, also padding-free), of a reward model, of KTO
+    and of DPO and a reward model with a row per response: the same losses and held-out metrics
+    either way; the padding-free runs did send packed batches."""
+    from posttrain.models import attention
     from posttrain.train import grouped
     from posttrain.train.preference import run_dpo
     from posttrain.train.reward import run_rm
 
     seen = []
-    original = grouped.collate_shared_prompt
+    original, original_rows = grouped.collate_shared_prompt, attention.pack_rows
 
     def recording(items, pad_id, row_width=0, padding_free=False):
         batch = original(items, pad_id, row_width, padding_free)
         seen.append(("packed_slots" in batch, batch["input_ids"].shape[0]))
         return batch
 
+    def recording_rows(input_ids, attention_mask):
+        seen.append((True, 1))
+        return original_rows(input_ids, attention_mask)
+
     monkeypatch.setattr(grouped, "collate_shared_prompt", recording)
+    monkeypatch.setattr(attention, "pack_rows", recording_rows)
+    extra = {"kto": ["dpo.loss=kto"], "dpo_rows": ["dpo.share_prompt=false"], "rm_rows": ["reward.share_prompt=false"]}
     runs = []
     for flag in ("true", "false"):
         overrides = [f"output_dir={tmp_path / flag}", "data.synthetic_size=40", "data.max_length=64", "train.max_steps=3",
                      "train.batch_size=4", "train.lr=1e-3", "train.progress_bar=false", f"model.padding_free={flag}"]
+        overrides += extra.get(stage, [])
         seen.clear()
-        run_dir = run_dpo(DPOConfig.load(None, overrides)) if stage == "dpo" else run_rm(RMConfig.load(None, overrides))
-        assert seen and all(packed == (flag == "true") for packed, _ in seen)
+        if stage.startswith("rm"):
+            run_dir = run_rm(RMConfig.load(None, overrides))
+        else:
+            run_dir = run_dpo(DPOConfig.load(None, overrides))
+        assert seen if flag == "true" else True
+        assert all(packed == (flag == "true") for packed, _ in seen)
         assert all(rows == 1 for packed, rows in seen if packed)
         runs.append([json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()])
     losses = [[r["loss"] for r in run if "loss" in r] for run in runs]

@@ -63,7 +63,10 @@ VARIANTS = {
                   "lean": {"model.lean_activations": "true"},
                   # shared-prompt batches with their padding, as before model.padding_free
                   "precompute+padded": {"dpo.reference": "precompute", "model.padding_free": "false"},
-                  "padded": {"model.padding_free": "false"}},
+                  "padded": {"model.padding_free": "false"},
+                  "precompute+separate_rows+padded": {"dpo.reference": "precompute", "dpo.share_prompt": "false",
+                                                      "model.padding_free": "false"},
+                  "separate_rows+padded": {"reward.share_prompt": "false", "model.padding_free": "false"}},
 }
 
 # Everything each tool imports during a run, imported up front so that "RSS after imports"

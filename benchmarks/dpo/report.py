@@ -60,6 +60,9 @@ NOTES = {
     ("rm", "posttrain", "lean"): "model.lean_activations=true (lean layers on CPU too)",
     ("posttrain", "precompute+padded"): "dpo.reference=precompute, model.padding_free=false (batches keep their padding)",
     ("rm", "posttrain", "padded"): "model.padding_free=false (batches keep their padding)",
+    ("posttrain", "precompute+separate_rows+padded"): "dpo.reference=precompute, dpo.share_prompt=false, "
+                                                      "model.padding_free=false",
+    ("rm", "posttrain", "separate_rows+padded"): "reward.share_prompt=false, model.padding_free=false",
 }
 DEFAULT_ROW = {"trl": "default", "posttrain": {"dpo_full": "precompute", "dpo_lora": "precompute", "rm": "default"}}
 SPREAD_WARNING = 1.15  # repeats of one row whose mean step times differ more than this are reported as disturbed

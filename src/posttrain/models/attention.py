@@ -102,3 +102,25 @@ def padding_free(model, enabled: bool = True, log=None) -> bool:
 def takes_padding_free(model) -> bool:
     config = getattr(model, "config", None)
     return config is not None and config._attn_implementation == _NAME
+
+
+def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Padded rows (B, T) with their 2-D mask (either padding side) → the inputs of a padding-free
+    batch: the real tokens as one row, their positions within their own row, the causal (B, 1, T, T)
+    mask over each row's real tokens and `packed_slots`. `unpack_hidden` puts the model's
+    output back in the (B, T) grid."""
+    real = attention_mask.bool()
+    slots = real.flatten().nonzero().squeeze(1)
+    positions = (real.long().cumsum(1) - 1).clamp(min=0)
+    width = real.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=real.device).tril()
+    mask = causal & real[:, None, :]
+    mask |= torch.eye(width, dtype=torch.bool, device=real.device) & ~real[:, :, None]  # padding sees itself
+    return {"input_ids": input_ids.flatten()[slots][None], "position_ids": positions.flatten()[slots][None],
+            "attention_mask": mask[:, None], "packed_slots": slots}
+
+
+def unpack_hidden(hidden: torch.Tensor, packed_slots: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """(1, N, H) → (B, T, H), zeros at the padding."""
+    flat = hidden[0]
+    return flat.new_zeros(shape[0] * shape[1], flat.shape[-1]).index_copy(0, packed_slots, flat).view(*shape, -1)

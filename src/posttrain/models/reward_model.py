@@ -107,13 +107,21 @@ def score(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch
     if not hasattr(classifier, "score"):  # encoder: its own pooling and classifier
         return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
     from posttrain.data.batching import is_right_padded
+    from posttrain.models.attention import masked_attention_kernels, pack_rows, takes_padding_free
 
+    rows, width = input_ids.shape
+    positions = torch.arange(width, device=input_ids.device)
+    last = (attention_mask.long() * positions).argmax(dim=1)  # index of the last real token, any padding side
+    if takes_padding_free(classifier) and not bool(attention_mask.all()):  # the real tokens only
+        packed = pack_rows(input_ids, attention_mask)
+        with masked_attention_kernels(input_ids.device):
+            hidden = classifier.base_model(**packed, use_cache=False, return_dict=True).last_hidden_state[0]  # (N, H)
+        flat_last = torch.arange(rows, device=input_ids.device) * width + last
+        return classifier.score(hidden[torch.searchsorted(packed["packed_slots"], flat_last)])[:, 0].float()
     hidden = classifier.base_model(input_ids=input_ids,
                                    attention_mask=None if is_right_padded(attention_mask) else attention_mask,
                                    use_cache=False, return_dict=True).last_hidden_state  # (B, T, H)
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-    last = (attention_mask.long() * positions).argmax(dim=1)  # index of the last real token, any padding side
-    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
+    pooled = hidden[torch.arange(rows, device=hidden.device), last]  # (B, H)
     return classifier.score(pooled)[:, 0].float()
 
 

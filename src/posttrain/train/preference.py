@@ -51,11 +51,20 @@ REFERENCE_FREE = ("simpo", "orpo")
 
 
 def policy_logps(model, input_ids, labels, attention_mask=None, chunk_size: int = 256):
-    """Per-sequence (summed log-probs (R,), response token counts (R,)) under `model`."""
+    """Per-sequence (summed log-probs (R,), response token counts (R,)) under `model`; padded
+    rows go through a model that takes padding-free batches without their padding."""
     from posttrain.data.batching import is_right_padded
     from posttrain.losses.language_modeling import sequence_logps
+    from posttrain.models.attention import pack_rows, takes_padding_free, unpack_hidden
     from posttrain.models.loading import final_hidden_and_head, supports_hidden_path
 
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    if padded and takes_padding_free(model) and supports_hidden_path(model):
+        packed = pack_rows(input_ids, attention_mask)
+        with masked_attention_kernels(input_ids.device):
+            hidden, weight, bias = final_hidden_and_head(model, **packed)
+        hidden = unpack_hidden(hidden, packed["packed_slots"], input_ids.shape)
+        return sequence_logps(hidden, weight, labels, bias, chunk_size)
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
     if attention_mask is not None:
         if is_right_padded(attention_mask):
@@ -362,17 +371,17 @@ def run_dpo(cfg: DPOConfig) -> Path:
     train_items, eval_items = _items(data, cfg)
     live = cfg.dpo.reference == "live"
     share = cfg.dpo.share_prompt and cfg.dpo.loss != "kto" and getattr(model, "virtual_peft", None) is None
-    unpadded = share and padding_free(model, cfg.model.padding_free, log)
+    unpadded = padding_free(model, cfg.model.padding_free, log)  # shared-prompt and plain padded rows alike
     if cfg.dpo.loss not in REFERENCE_FREE and not live:
         on_device(model, accelerator.device)
         with accelerator.autocast():  # in training's precision, so π = π_ref exactly at step 0
             precompute_reference(model, train_items + eval_items, cfg, tokenizer.pad_token_id,
                                  run_dir / "reference_logps.safetensors" if main else None, log, share_prompt=share,
-                                 padding_free=unpadded)
+                                 padding_free=share and unpadded)
     module = PreferenceLoss(model, cfg.dpo, cfg.train.loss_chunk_size, live_reference=live)
     extras = kto_extras if cfg.dpo.loss == "kto" else pair_extras
     stage = GroupedStage(module, train_items, eval_items, cfg.train, tokenizer.pad_token_id, extras, adapter_training,
-                         share_prompt=share, padding_free=unpadded)
+                         share_prompt=share, padding_free=share and unpadded)
     summary: dict = {"loss": cfg.dpo.loss, "reference": "none" if cfg.dpo.loss in REFERENCE_FREE else cfg.dpo.reference,
                      "train_items": len(train_items), "eval_items": len(eval_items)}
     summary.update(_exact_match(cfg, model, tokenizer, data, "before") if main else {})

@@ -135,8 +135,9 @@ def run_rm(cfg: RMConfig) -> Path:
     share = cfg.reward.share_prompt and is_decoder_scorer(model)
     if cfg.reward.share_prompt and not share:
         log("note: reward.share_prompt is off for an encoder backbone (its attention is bidirectional)")
+    unpadded = is_decoder_scorer(model) and padding_free(model, cfg.model.padding_free, log)  # any padded rows
     stage = GroupedStage(module, train_items, eval_items, cfg.train, tokenizer.pad_token_id, reward_extras,
-                         share_prompt=share, padding_free=share and padding_free(model, cfg.model.padding_free, log))
+                         share_prompt=share, padding_free=share and unpadded)
     stage.finish_metrics = finish_reward_metrics
     before = evaluate(on_device(module, accelerator.device), stage, accelerator)
     result = train(stage, cfg.train, run_dir, accelerator)
