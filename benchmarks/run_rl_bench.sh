@@ -13,7 +13,8 @@
 # BENCH_PROMPTS (4 prompts per step), BENCH_G (8 completions per prompt), BENCH_NEW_TOKENS
 # (32), BENCH_BETA (0.04, the grpo_kl case), BENCH_RUNS (case:tool:variant list, see
 # benchmarks/rl/report.py; cases grpo, grpo_kl, rloo), BENCH_PROFILE (cpu, or cpu32k: the same
-# model with a 32,768-token vocabulary), PYTHON (python3), TRL_SPEC (trl).
+# model with a 32,768-token vocabulary), BENCH_NAME (results/NAME.md; rl_PROFILE), PYTHON
+# (python3), TRL_SPEC (trl).
 # About 20 minutes with the defaults on 2 idle cores.
 set -euo pipefail
 
@@ -21,6 +22,7 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
 PROFILE="${BENCH_PROFILE:-cpu}"  # cpu: vocab 1,024 (the tiny preset's); cpu32k: the same model with 32,768
 CACHE="$HERE/.cache/rl_$PROFILE"
+NAME="${BENCH_NAME:-rl_$PROFILE}"
 PROMPTS=256
 # shellcheck source=benchmarks/venv.sh
 source "$HERE/venv.sh"
@@ -34,6 +36,6 @@ fi
 mkdir -p "$HERE/results"
 rm -rf "$HERE/.cache/rl_work"
 start=$(date +%s)
-RL_BENCH_CMD="${BENCH_PROFILE:+BENCH_PROFILE=$PROFILE }bash benchmarks/run_rl_bench.sh" HF_HUB_OFFLINE=1 \
-  "$PY" "$HERE/rl/report.py" --cache "$CACHE" --results "$HERE/results" --name "rl_$PROFILE"
-echo "[done] $(( $(date +%s) - start )) s; see benchmarks/results/rl_$PROFILE.md"
+RL_BENCH_CMD="${BENCH_PROFILE:+BENCH_PROFILE=$PROFILE }${BENCH_NAME:+BENCH_NAME=$NAME }${BENCH_ROUNDS:+BENCH_ROUNDS=$BENCH_ROUNDS }${BENCH_RUNS:+BENCH_RUNS=$BENCH_RUNS }bash benchmarks/run_rl_bench.sh" HF_HUB_OFFLINE=1 \
+  "$PY" "$HERE/rl/report.py" --cache "$CACHE" --results "$HERE/results" --name "$NAME"
+echo "[done] $(( $(date +%s) - start )) s; see benchmarks/results/$NAME.md"

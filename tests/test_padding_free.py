@@ -299,3 +299,68 @@ def test_under_bf16_autocast_padding_free_is_as_close_to_float64_as_the_padded_b
               for got, ref, want in zip([free_logps, *free_grads], [padded_logps, *padded_grads], [exact[0], *exact[2]])]
     for free, padded_error in errors:
         assert free < 0.05 and free <= 1.5 * padded_error + 1e-3
+
+
+# --------------------------------------------------------------------------- online RL
+
+
+PROMPTS = [[1, 5, 9, 2], [1, 7], [1, 4, 4, 4, 3]]
+COMPLETIONS = [[11, 12, 2], [13], [14, 15, 16, 17]]
+
+
+def test_rl_completion_forward_gives_the_padded_log_probs_entropies_values_and_gradients(tokenizer):
+    """GRPO / RLOO / PPO score prompt + completion rows; padding-free, the same per-token log-probs,
+    entropies and values (PPO's head on the final hidden state), and gradients, in float64."""
+    from posttrain.train.ppo import ValueHead
+    from posttrain.train.rollouts import collate_completions, completion_forward, completion_logps
+
+    model = _small_lm("qwen2", len(tokenizer))
+    torch.manual_seed(1)
+    head = ValueHead(model.config.hidden_size).double()
+    batch = collate_completions(PROMPTS, COMPLETIONS, pad_id=tokenizer.pad_token_id)
+    weights = torch.linspace(1, 2, batch["response_mask"].numel(), dtype=torch.float64).view_as(batch["response_mask"])
+
+    def run():
+        model.zero_grad()
+        head.zero_grad()
+        out = completion_forward(model, batch, chunk_size=3, value_head=head)
+        (sum(out[k] * weights for k in ("logps", "entropy", "values")) * batch["response_mask"]).sum().backward()
+        grads = [p.grad.clone() for p in [*model.parameters(), *head.parameters()]]
+        return {k: v.detach() for k, v in out.items()}, grads, completion_logps(model, batch, chunk_size=3).detach()
+
+    expected = run()
+    assert padding_free(model)
+    got = run()
+    for key in ("logps", "entropy", "values"):
+        assert torch.allclose(got[0][key], expected[0][key], rtol=0, atol=1e-12), key
+    assert torch.allclose(got[2], expected[2], rtol=0, atol=1e-12)
+    for a, b in zip(got[1], expected[1]):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("stage", ["grpo", "ppo"])
+def test_rl_runs_alike_with_and_without_padding(stage, tmp_path, monkeypatch):
+    """Two rollouts of GRPO (β > 0: the reference copy scores padding-free too) and of PPO: the
+    same losses either way, and the padding-free run packed its batches."""
+    from posttrain.config import GRPOConfig, PPOConfig
+    from posttrain.models import attention
+    from posttrain.train.grpo import run_grpo
+    from posttrain.train.ppo import run_ppo
+
+    calls = []
+    original = attention.pack_rows
+    monkeypatch.setattr(attention, "pack_rows", lambda *a: calls.append(1) or original(*a))
+    losses = []
+    for flag in ("true", "false"):
+        calls.clear()
+        common = [f"output_dir={tmp_path / flag}", "data.synthetic_size=60", "rollout.max_new_tokens=4",
+                  "train.batch_size=8", "train.max_steps=2", "train.lr=1e-3", "train.progress_bar=false",
+                  "eval.prompts=0", "reward.functions=[short=tests.rewards_fixture:short]", f"model.padding_free={flag}"]
+        if stage == "grpo":
+            run_dir = run_grpo(GRPOConfig.load(None, common + ["rollout.num_generations=4", "grpo.beta=0.05"]))
+        else:
+            run_dir = run_ppo(PPOConfig.load(None, common))
+        assert bool(calls) == (flag == "true")
+        losses.append([json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+                       if '"loss"' in line])
+    assert len(losses[0]) == 2 and losses[0] == pytest.approx(losses[1], abs=1e-5)

@@ -80,7 +80,8 @@ TRL_ALGOS = {
 VARIANTS = {
     # TRL: its defaults (gradient checkpointing on), then the closer match to posttrain.
     "trl": {"default": {}, "gc_off": {"gradient_checkpointing": False}},
-    "posttrain": {"default": []},
+    # padded: the prompt + completion rows keep their padding (model.padding_free=false), the layout before it
+    "posttrain": {"default": [], "padded": ["model.padding_free=false"]},
 }
 # Everything each tool imports during a run, imported up front so that "RSS after imports" is
 # the libraries' share of the peak for both tools alike. The JSON lists what was imported

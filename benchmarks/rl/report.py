@@ -42,6 +42,7 @@ NOTES = {
     ("trl", "default"): "TRL defaults: gradient checkpointing on",
     ("trl", "gc_off"): "gradient_checkpointing=False",
     ("posttrain", "default"): "posttrain defaults",
+    ("posttrain", "padded"): "model.padding_free=false (rows keep their padding)",
 }
 SPREAD_WARNING = 1.15  # repeats of one row whose median step times differ more than this are reported
 TARGET = 0.5  # the target: posttrain ≤ 0.5× TRL's step time

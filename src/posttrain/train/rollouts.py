@@ -60,12 +60,24 @@ def to_grid(flat: torch.Tensor, batch: dict) -> torch.Tensor:
     return grid.index_put((batch["token_row"], batch["token_col"]), flat)
 
 
+def decoder_inputs(model, batch: dict) -> tuple[dict, torch.Tensor]:
+    """(model inputs, predictor) for a `collate_completions` batch: the rows as they are (right
+    padding: causality hides the tail), or, for a model that takes padding-free batches
+    (`models.attention.padding_free`), their real tokens only, `predictor` then indexing those."""
+    from posttrain.models.attention import pack_rows, takes_padding_free
+
+    if takes_padding_free(model) and not bool(batch["attention_mask"].all()):
+        packed = pack_rows(batch["input_ids"], batch["attention_mask"])
+        return packed, torch.searchsorted(packed["packed_slots"], batch["predictor"])
+    return {"input_ids": batch["input_ids"], "attention_mask": None}, batch["predictor"]
+
+
 def completion_logps(model, batch: dict, chunk_size: int = 256) -> torch.Tensor:
     """log π(token) of every completion token, laid out (B, T) like `response_mask` (0 on padding)."""
     from posttrain.train.preference import selected_token_logps
 
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": None}  # right padding: causality hides the tail
-    return to_grid(selected_token_logps(model, inputs, batch["predictor"], batch["targets"], chunk_size), batch)
+    inputs, predictor = decoder_inputs(model, batch)
+    return to_grid(selected_token_logps(model, inputs, predictor, batch["targets"], chunk_size), batch)
 
 
 def completion_forward(model, batch: dict, chunk_size: int = 256, value_head: torch.nn.Module | None = None,
@@ -76,17 +88,22 @@ def completion_forward(model, batch: dict, chunk_size: int = 256, value_head: to
     `entropy_grad=False` the entropy is a value only (a metric), which makes the backward
     cheaper (`token_logps_with_entropy_value`)."""
     from posttrain.losses.language_modeling import token_logps_and_entropy, token_logps_with_entropy_value
+    from posttrain.models.attention import masked_attention_kernels
     from posttrain.models.loading import final_hidden_and_head, supports_hidden_path
 
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": None}
-    predictor, targets = batch["predictor"], batch["targets"]
+    inputs, predictor = decoder_inputs(model, batch)
+    targets = batch["targets"]
+    # a padding-free batch's attention has a 4-D mask: on CUDA, not cuDNN's kernel (see there)
+    kernels = masked_attention_kernels(predictor.device) if "packed_slots" in inputs else contextlib.nullcontext()
     if supports_hidden_path(model):
-        hidden, weight, bias = final_hidden_and_head(model, **inputs)
+        with kernels:
+            hidden, weight, bias = final_hidden_and_head(model, **inputs)
         selected = hidden.flatten(0, 1)[predictor]
         both = token_logps_and_entropy if entropy_grad else token_logps_with_entropy_value
         logps, entropy = both(selected, weight, targets, bias, chunk_size)
     else:  # heads with logit scaling: the model's own logits
-        out = model(**inputs, use_cache=False, output_hidden_states=value_head is not None)
+        with kernels:
+            out = model(**inputs, use_cache=False, output_hidden_states=value_head is not None)
         log_probs = out.logits.float().flatten(0, 1)[predictor].log_softmax(-1)
         logps = log_probs.gather(1, targets[:, None])[:, 0]
         entropy = -(log_probs.exp() * log_probs).sum(-1)
@@ -401,6 +418,7 @@ def start_rl_run(cfg, needs_reference: bool, extra_parts=()) -> RLRun:
     """start_run, the policy (with its adapters), prompts and reward; a frozen reference copy
     when `needs_reference` and the policy has no adapters to switch off. The policy, the
     reference and `extra_parts` (e.g. a value model) go to the accelerator's device."""
+    from posttrain.models.attention import padding_free
     from posttrain.rollout.engines import build_engine
     from posttrain.train.grouped import on_device
     from posttrain.train.loop import start_run
@@ -408,6 +426,7 @@ def start_rl_run(cfg, needs_reference: bool, extra_parts=()) -> RLRun:
 
     run_dir, accelerator, main, log = start_run(cfg)
     tokenizer, model, adapter_training = build_model(cfg, log, run_dir if main else None)
+    padding_free(model, cfg.model.padding_free, log)  # before the reference copy: it takes them too
     data = prepare_prompt_data(cfg, tokenizer, run_dir, main, log)
     score = build_reward(cfg)
     needs_copy = needs_reference and not hasattr(model, "adapters_disabled")
