@@ -29,8 +29,9 @@ def masked_attention_kernels(device: torch.device):
 # MLP of every layer runs on the padding too. Only attention needs the (row, position) layout;
 # everything else in a decoder layer works token by token. So a padding-free batch hands the
 # model its real tokens as one row (1, N) — input_ids, position_ids — with the attention
-# layout beside it: the (B, 1, T, T) mask and `packed_slots` (N,), where each token sits in
-# the flattened (B·T) grid. Attention scatters q, k, v into that grid, runs transformers' sdpa
+# layout beside it: the (B, 1, T, T) mask (or, for right-padded rows, a (B, 1, 1, T) one that
+# says causal attention suffices) and `packed_slots` (N,), where each token sits in the
+# flattened (B·T) grid. Attention scatters q, k, v into that grid, runs transformers' sdpa
 # attention function with the mask, and gathers the output back (`_packed`).
 # Results equal the padded batch's (tested); the padding's share of the work is saved.
 
@@ -49,7 +50,9 @@ def _packed(original):
             return original(module, query, key, value, attention_mask, **kwargs)
         rows, width = attention_mask.shape[0], attention_mask.shape[-1]
         grid = [_to_grid(x, packed_slots, rows, width) for x in (query, key, value)]
-        output, _ = original(module, *grid, attention_mask, **kwargs)  # (B, T, heads, head_dim)
+        # a (B, 1, 1, T) mask marks right-padded rows: causal attention alone is exact for their real tokens
+        mask = None if attention_mask.shape[-2] == 1 else attention_mask
+        output, _ = original(module, *grid, mask, **kwargs)  # (B, T, heads, head_dim)
         return output.reshape(rows * width, *output.shape[2:]).index_select(0, packed_slots)[None], None
 
     return attention
@@ -106,18 +109,26 @@ def takes_padding_free(model) -> bool:
 
 def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
     """Padded rows (B, T) with their 2-D mask (either padding side) → the inputs of a padding-free
-    batch: the real tokens as one row, their positions within their own row, the causal (B, 1, T, T)
-    mask over each row's real tokens and `packed_slots`. `unpack_hidden` puts the model's
-    output back in the (B, T) grid."""
+    batch: the real tokens as one row, their positions within their own row, `packed_slots` and
+    the attention layout. Right-padded rows need only causal attention on the grid, which the
+    (B, 1, 1, T) mask passed for them says (no T × T mask is built, and sdpa keeps its causal
+    kernel); other rows get the causal (B, 1, T, T) mask over their real tokens.
+    `unpack_hidden` puts the model's output back in the (B, T) grid."""
+    from posttrain.data.batching import is_right_padded
+
     real = attention_mask.bool()
     slots = real.flatten().nonzero().squeeze(1)
     positions = (real.long().cumsum(1) - 1).clamp(min=0)
     width = real.shape[1]
-    causal = torch.ones(width, width, dtype=torch.bool, device=real.device).tril()
-    mask = causal & real[:, None, :]
-    mask |= torch.eye(width, dtype=torch.bool, device=real.device) & ~real[:, :, None]  # padding sees itself
+    if is_right_padded(real):
+        mask = real[:, None, None, :]
+    else:
+        causal = torch.ones(width, width, dtype=torch.bool, device=real.device).tril()
+        mask = causal & real[:, None, :]
+        mask |= torch.eye(width, dtype=torch.bool, device=real.device) & ~real[:, :, None]  # padding sees itself
+        mask = mask[:, None]
     return {"input_ids": input_ids.flatten()[slots][None], "position_ids": positions.flatten()[slots][None],
-            "attention_mask": mask[:, None], "packed_slots": slots}
+            "attention_mask": mask, "packed_slots": slots}
 
 
 def unpack_hidden(hidden: torch.Tensor, packed_slots: torch.Tensor, shape: torch.Size) -> torch.Tensor:
