@@ -162,7 +162,9 @@ def test_grpo_raises_held_out_reward_with_bounded_kl(tmp_path, weak_sft_model):
     """From a weak SFT model (50 steps on "smallest letter", ~63% greedy), 150 GRPO steps with
     the exact-match reward raise the held-out reward, sampled and greedy, while the KL to the
     starting model stays small. Measured (train.seed 0 / 1): sampled 0.505 → 0.620 / 0.507 → 0.637,
-    greedy 0.63 → 0.71 / 0.64 → 0.78, KL 0.32 / 0.27 nats per response."""
+    greedy 0.63 → 0.71 / 0.64 → 0.78, KL 0.32 / 0.27 nats per response with padded rows; with
+    padding-free rows (the default since 0341e15) 0.620 / 0.656, 0.71 / 0.78, KL 0.48 / 0.28 —
+    rounding differences that grow over the run, the KL moving most."""
     from posttrain.train.grpo import run_grpo
 
     cfg = GRPOConfig.load(None, [f"output_dir={tmp_path / 'grpo'}", f"model.path={weak_sft_model}",
@@ -177,4 +179,4 @@ def test_grpo_raises_held_out_reward_with_bounded_kl(tmp_path, weak_sft_model):
     assert before["kl_to_reference"] == pytest.approx(0.0, abs=1e-6)  # π = π_ref before any update
     assert after["reward"] >= before["reward"] + 0.06  # measured +0.115, +0.130
     assert after["greedy_reward"] >= before["greedy_reward"] + 0.06  # measured +0.08, +0.14
-    assert 0 < after["kl_to_reference"] < 0.5  # measured 0.32, 0.27
+    assert 0 < after["kl_to_reference"] < 0.5  # measured 0.32, 0.27 (padded); 0.48, 0.28 (padding-free)
