@@ -60,7 +60,7 @@ def to_grid(flat: torch.Tensor, batch: dict) -> torch.Tensor:
     return grid.index_put((batch["token_row"], batch["token_col"]), flat)
 
 
-def decoder_inputs(model, batch: dict) -> tuple[dict, torch.Tensor]:
+def completion_inputs(model, batch: dict) -> tuple[dict, torch.Tensor]:
     """(model inputs, predictor) for a `collate_completions` batch: the rows as they are (right
     padding: causality hides the tail), or, for a model that takes padding-free batches
     (`models.attention.padding_free`), their real tokens only, `predictor` then indexing those."""
@@ -76,7 +76,7 @@ def completion_logps(model, batch: dict, chunk_size: int = 256) -> torch.Tensor:
     """log π(token) of every completion token, laid out (B, T) like `response_mask` (0 on padding)."""
     from posttrain.train.preference import selected_token_logps
 
-    inputs, predictor = decoder_inputs(model, batch)
+    inputs, predictor = completion_inputs(model, batch)
     return to_grid(selected_token_logps(model, inputs, predictor, batch["targets"], chunk_size), batch)
 
 
@@ -91,7 +91,7 @@ def completion_forward(model, batch: dict, chunk_size: int = 256, value_head: to
     from posttrain.models.attention import masked_attention_kernels
     from posttrain.models.loading import final_hidden_and_head, supports_hidden_path
 
-    inputs, predictor = decoder_inputs(model, batch)
+    inputs, predictor = completion_inputs(model, batch)
     targets = batch["targets"]
     # a padding-free batch's attention has a 4-D mask: on CUDA, not cuDNN's kernel (see there)
     kernels = masked_attention_kernels(predictor.device) if "packed_slots" in inputs else contextlib.nullcontext()
