@@ -131,6 +131,14 @@ def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str
             "attention_mask": mask, "packed_slots": slots}
 
 
+def pack_if_padded(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> dict | None:
+    """`pack_rows` of the batch when `model` takes padding-free batches and the rows hold padding;
+    None when they go as they are."""
+    if attention_mask is None or not takes_padding_free(model) or bool(attention_mask.all()):
+        return None
+    return pack_rows(input_ids, attention_mask)
+
+
 def unpack_hidden(hidden: torch.Tensor, packed_slots: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """(1, N, H) → (B, T, H), zeros at the padding."""
     flat = hidden[0]

@@ -107,13 +107,13 @@ def score(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch
     if not hasattr(classifier, "score"):  # encoder: its own pooling and classifier
         return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
     from posttrain.data.batching import is_right_padded
-    from posttrain.models.attention import masked_attention_kernels, pack_rows, takes_padding_free
+    from posttrain.models.attention import masked_attention_kernels, pack_if_padded
 
     rows, width = input_ids.shape
     positions = torch.arange(width, device=input_ids.device)
     last = (attention_mask.long() * positions).argmax(dim=1)  # index of the last real token, any padding side
-    if takes_padding_free(classifier) and not bool(attention_mask.all()):  # the real tokens only
-        packed = pack_rows(input_ids, attention_mask)
+    packed = pack_if_padded(classifier, input_ids, attention_mask)
+    if packed is not None:  # the real tokens only
         with masked_attention_kernels(input_ids.device):
             hidden = classifier.base_model(**packed, use_cache=False, return_dict=True).last_hidden_state[0]  # (N, H)
         flat_last = torch.arange(rows, device=input_ids.device) * width + last

@@ -55,12 +55,11 @@ def policy_logps(model, input_ids, labels, attention_mask=None, chunk_size: int 
     rows go through a model that takes padding-free batches without their padding."""
     from posttrain.data.batching import is_right_padded
     from posttrain.losses.language_modeling import sequence_logps
-    from posttrain.models.attention import pack_rows, takes_padding_free, unpack_hidden
+    from posttrain.models.attention import pack_if_padded, unpack_hidden
     from posttrain.models.loading import final_hidden_and_head, supports_hidden_path
 
-    padded = attention_mask is not None and not bool(attention_mask.all())
-    if padded and takes_padding_free(model) and supports_hidden_path(model):
-        packed = pack_rows(input_ids, attention_mask)
+    packed = pack_if_padded(model, input_ids, attention_mask) if supports_hidden_path(model) else None
+    if packed is not None:
         with masked_attention_kernels(input_ids.device):
             hidden, weight, bias = final_hidden_and_head(model, **packed)
         hidden = unpack_hidden(hidden, packed["packed_slots"], input_ids.shape)
@@ -307,7 +306,7 @@ def _fingerprint(cfg: DPOConfig, items: list[Item]) -> str:
 
 
 def precompute_reference(model, items: list[Item], cfg: DPOConfig, pad_id: int, cache: Path | None, log,
-                         share_prompt: bool = False, padding_free: bool = False) -> None:
+                         share_prompt: bool = False, unpadded: bool = False) -> None:
     """Fill `item.reference_logps` for every item: from the cache when it matches, else one pass."""
     from safetensors.torch import load_file, save_file
 
@@ -328,7 +327,7 @@ def precompute_reference(model, items: list[Item], cfg: DPOConfig, pad_id: int, 
         for start in range(0, len(items), size):
             chunk = items[start : start + size]
             shared = share_prompt and all(shares_prompt(item) for item in chunk)
-            batch = collate_shared_prompt(chunk, pad_id, padding_free=padding_free) if shared else collate_items(chunk, pad_id)
+            batch = collate_shared_prompt(chunk, pad_id, padding_free=unpadded) if shared else collate_items(chunk, pad_id)
             batch = {k: v.to(device) for k, v in batch.items()}
             values += batch_logps(reference, batch, cfg.train.loss_chunk_size)[0].float().cpu().tolist()
     _assign(items, values)
@@ -377,7 +376,7 @@ def run_dpo(cfg: DPOConfig) -> Path:
         with accelerator.autocast():  # in training's precision, so π = π_ref exactly at step 0
             precompute_reference(model, train_items + eval_items, cfg, tokenizer.pad_token_id,
                                  run_dir / "reference_logps.safetensors" if main else None, log, share_prompt=share,
-                                 padding_free=share and unpadded)
+                                 unpadded=share and unpadded)
     module = PreferenceLoss(model, cfg.dpo, cfg.train.loss_chunk_size, live_reference=live)
     extras = kto_extras if cfg.dpo.loss == "kto" else pair_extras
     stage = GroupedStage(module, train_items, eval_items, cfg.train, tokenizer.pad_token_id, extras, adapter_training,

@@ -64,10 +64,10 @@ def completion_inputs(model, batch: dict) -> tuple[dict, torch.Tensor]:
     """(model inputs, predictor) for a `collate_completions` batch: the rows as they are (right
     padding: causality hides the tail), or, for a model that takes padding-free batches
     (`models.attention.padding_free`), their real tokens only, `predictor` then indexing those."""
-    from posttrain.models.attention import pack_rows, takes_padding_free
+    from posttrain.models.attention import pack_if_padded
 
-    if takes_padding_free(model) and not bool(batch["attention_mask"].all()):
-        packed = pack_rows(batch["input_ids"], batch["attention_mask"])
+    packed = pack_if_padded(model, batch["input_ids"], batch["attention_mask"])
+    if packed is not None:
         return packed, torch.searchsorted(packed["packed_slots"], batch["predictor"])
     return {"input_ids": batch["input_ids"], "attention_mask": None}, batch["predictor"]
 
