@@ -89,10 +89,11 @@ def test_log_probs_and_gradients_equal_the_padded_batch_in_float64(tokenizer, it
     assert torch.allclose(batch_logps(model, padded, chunk_size=7)[0].detach(), expected[0], rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("method", ["full", "lora", "bottleneck"])
 def test_dpo_model_with_adapters_and_checkpointing_gives_the_padded_results(tokenizer, items, method):
-    """The policy as DPO builds it (the tiny preset; LoRA through AdaptedModel), with gradient
-    checkpointing: its recompute in the backward must take the padding-free path too."""
+    """The policy as DPO builds it (the tiny preset; LoRA through AdaptedModel; bottleneck
+    adapters on forward hooks, which the last layer read at some tokens must still run), with
+    gradient checkpointing: its recompute in the backward must take the padding-free path too."""
     from posttrain.train.sft import build_model
 
     cfg = DPOConfig.load(None, [f"adapter.method={method}", "model.gradient_checkpointing=true"])
@@ -364,3 +365,82 @@ def test_rl_runs_alike_with_and_without_padding(stage, tmp_path, monkeypatch):
         losses.append([json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
                        if '"loss"' in line])
     assert len(losses[0]) == 2 and losses[0] == pytest.approx(losses[1], abs=1e-5)
+
+
+def _windowed_lm(vocab: int, window: int | None):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("mistral", vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=256, sliding_window=window)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").double()
+
+
+def test_attention_window_reads_each_family_s_setting():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from posttrain.models.attention import attention_window
+
+    def window(kind, **settings):
+        config = AutoConfig.for_model(kind, vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, **settings)
+        return attention_window(AutoModelForCausalLM.from_config(config))
+
+    assert window("mistral", sliding_window=16) == 16 and window("mistral", sliding_window=None) is None
+    assert window("qwen2") is None and window("qwen2", sliding_window=16) is None  # use_sliding_window off
+    assert window("qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=1) == 16
+    assert window("llama") is None
+    assert window("gemma2", sliding_window=16, head_dim=8) == 16
+
+
+def test_a_window_shorter_than_the_sequences_turns_the_shared_and_padding_free_layouts_off(tokenizer, items):
+    """Shared-prompt rows and padding-free attention attend over the whole sequence. Under a
+    sliding window narrower than the sequences that differs from the model's own masked attention
+    (shown on plain rows with the model's masks), so neither layout is used there."""
+    from posttrain.models.attention import window_allows
+    from posttrain.train.grouped import collate_items
+
+    longest = max(len(seq.input_ids) for item in items for seq in item.sequences)
+    for window, equal in ((longest, True), (8, False)):
+        model = _windowed_lm(len(tokenizer), window)
+        own = batch_logps(model, collate_items(items, tokenizer.pad_token_id))[0]
+        shared = batch_logps(model, collate_shared_prompt(items, tokenizer.pad_token_id))[0]
+        assert torch.allclose(own, shared, rtol=0, atol=1e-10) == equal
+        heard = []
+        assert window_allows(model, longest, "dpo.share_prompt", heard.append) == equal
+        assert padding_free(model, log=heard.append, longest=longest) == equal
+        if equal:
+            packed = collate_shared_prompt(items, tokenizer.pad_token_id, padding_free=True)
+            assert torch.allclose(own, batch_logps(model, packed)[0], rtol=0, atol=1e-10)
+            assert heard == []
+        else:
+            assert heard == [f"note: {option} is off: the model attends within a 8-token window and sequences may hold "
+                             f"{longest} tokens; batches use the model's own masks"
+                             for option in ("dpo.share_prompt", "model.padding_free")]
+            assert not takes_padding_free(model)
+
+
+@pytest.mark.parametrize("stage", ["dpo", "rm"])
+def test_runs_on_a_windowed_model_use_its_own_masks(tokenizer, stage, tmp_path, capsys, monkeypatch):
+    from posttrain.models import attention
+    from posttrain.train import grouped
+    from posttrain.train.preference import run_dpo
+    from posttrain.train.reward import run_rm
+
+    _windowed_lm(len(tokenizer), 16).float().save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    used = []
+    original, original_rows = grouped.collate_shared_prompt, attention.pack_rows
+    monkeypatch.setattr(grouped, "collate_shared_prompt", lambda *a, **k: used.append("shared") or original(*a, **k))
+    monkeypatch.setattr(attention, "pack_rows", lambda *a, **k: used.append("packed") or original_rows(*a, **k))
+    overrides = [f"output_dir={tmp_path / 'run'}", f"model.path={tmp_path / 'model'}", "data.synthetic_size=16",
+                 "data.max_length=64", "train.max_steps=1", "train.batch_size=4", "train.progress_bar=false"]
+    if stage == "rm":
+        run_rm(RMConfig.load(None, overrides))
+    else:
+        run_dpo(DPOConfig.load(None, overrides))
+    out = capsys.readouterr().out
+    assert f"note: {stage if stage == 'dpo' else 'reward'}.share_prompt is off: the model attends within a 16-token window" in out
+    assert "note: model.padding_free is off: the model attends within a 16-token window" in out
+    assert used == []

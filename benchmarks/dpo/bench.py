@@ -41,6 +41,7 @@ from common import (  # noqa: E402  (a sibling script)
     process_facts, read_rows, trainer_hooks, write_result)
 ON_CUDA = False  # set by main() from --device
 
+WHOLE_LAST_LAYER = "_whole_last_layer"  # posttrain variants: keep models.readout from trimming the last layer
 VARIANTS = {
     # TRL: its defaults (gradient checkpointing on; reference = a second model for full
     # fine-tuning, the adapters switched off for LoRA), then the closer matches to posttrain.
@@ -66,7 +67,11 @@ VARIANTS = {
                   "padded": {"model.padding_free": "false"},
                   "precompute+separate_rows+padded": {"dpo.reference": "precompute", "dpo.share_prompt": "false",
                                                       "model.padding_free": "false"},
-                  "separate_rows+padded": {"reward.share_prompt": "false", "model.padding_free": "false"}},
+                  "separate_rows+padded": {"reward.share_prompt": "false", "model.padding_free": "false"},
+                  # padding-free batches with the last layer computed at every token (models/readout.py off;
+                  # a switch of this harness, not a posttrain option)
+                  "precompute+whole_last_layer": {"dpo.reference": "precompute", WHOLE_LAST_LAYER: "true"},
+                  "whole_last_layer": {WHOLE_LAST_LAYER: "true"}},
 }
 
 # Everything each tool imports during a run, imported up front so that "RSS after imports"
@@ -251,7 +256,7 @@ def posttrain_overrides(args, run_dir: Path) -> list[str]:
     if args.case == "dpo_lora":
         out += ["adapter.method=[lora]", "adapter.lora.r=8", "adapter.lora.alpha=16", "adapter.lora.dropout=0",
                 "adapter.lora.target_modules=[all-linear]"]
-    return out + [f"{k}={v}" for k, v in VARIANTS["posttrain"][args.variant].items()]
+    return out + [f"{k}={v}" for k, v in VARIANTS["posttrain"][args.variant].items() if k != WHOLE_LAST_LAYER]
 
 
 def train_posttrain(args) -> dict:
@@ -280,6 +285,10 @@ def train_posttrain(args) -> dict:
         return batch
 
     grouped.GroupedStage.collate = recording_collate
+    if WHOLE_LAST_LAYER in VARIANTS["posttrain"][args.variant]:
+        from posttrain.models import readout
+
+        readout.trim_last_layer = lambda model, enabled=True: False
     precompute_s = None
     run_dir = Path(args.workdir) / "posttrain_out"
     shutil.rmtree(run_dir, ignore_errors=True)  # never reuse an earlier run's cached reference log-probs

@@ -37,8 +37,9 @@ DEFAULT_RUNS = ",".join([
       for tv in ("trl:default", "posttrain:precompute", "trl:gc_off", "posttrain:live", "trl:gc_off+precompute",
                  "posttrain:precompute+separate_rows")),
     "dpo_full:posttrain:precompute+padded", "dpo_lora:posttrain:precompute+padded",
+    "dpo_full:posttrain:precompute+whole_last_layer", "dpo_lora:posttrain:precompute+whole_last_layer",
     "rm:trl:default", "rm:posttrain:default", "rm:trl:gc_off", "rm:posttrain:separate_rows", "rm:posttrain:fused",
-    "rm:posttrain:padded",
+    "rm:posttrain:padded", "rm:posttrain:whole_last_layer",
 ])
 NOTES = {
     ("rm", "trl", "default"): "TRL defaults: gradient checkpointing on",
@@ -63,6 +64,9 @@ NOTES = {
     ("posttrain", "precompute+separate_rows+padded"): "dpo.reference=precompute, dpo.share_prompt=false, "
                                                       "model.padding_free=false",
     ("rm", "posttrain", "separate_rows+padded"): "reward.share_prompt=false, model.padding_free=false",
+    ("posttrain", "precompute+whole_last_layer"): "dpo.reference=precompute, last layer at every token "
+                                                  "(models/readout.py off by the harness)",
+    ("rm", "posttrain", "whole_last_layer"): "last layer at every token (models/readout.py off by the harness)",
 }
 DEFAULT_ROW = {"trl": "default", "posttrain": {"dpo_full": "precompute", "dpo_lora": "precompute", "rm": "default"}}
 SPREAD_WARNING = 1.15  # repeats of one row whose mean step times differ more than this are reported as disturbed

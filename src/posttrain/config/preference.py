@@ -37,7 +37,7 @@ class RewardConfig:
     use_margins: bool = option(True, "subtract a row's 'margin' inside the Bradley-Terry loss (Llama 2)")
     share_prompt: bool = option(
         True, "compute a prompt once for all its responses (one block, 4-D attention mask; short blocks packed into "
-              "a row); decoder backbones only")
+              "a row); decoder backbones only, not under a sliding window narrower than data.max_length")
 
 
 @dataclass
@@ -53,7 +53,7 @@ class DPOLossConfig:
     nll_weight: float = option(0.0, "add this × the chosen responses' mean token NLL (RPO); orpo has its own")
     share_prompt: bool = option(
         True, "compute a prompt once for all its responses (one block, 4-D attention mask; short blocks packed into "
-              "a row); off for KTO and virtual tokens")
+              "a row); off for KTO, virtual tokens and a sliding window narrower than data.max_length")
     reference: Literal["precompute", "live"] = option(
         "precompute", "reference log-probs: computed once before training and cached in the run, "
         "or every step (adapters disabled, or a frozen copy for full fine-tuning)")

@@ -22,7 +22,8 @@ class ModelConfig:
     padding_free: bool = option(
         True, "reward models, the DPO family and online RL (GRPO, RLOO, PPO) hand their batches to the "
               "model without the padding: only attention sees rows, everything else runs on the real "
-              "tokens (Llama, Mistral, Qwen2, Qwen3 with sdpa attention; other models take padded batches)")
+              "tokens (Llama, Mistral, Qwen2, Qwen3 with sdpa attention and no sliding window narrower than the "
+              "longest sequence; other models take padded batches)")
 
 
 @dataclass

@@ -45,7 +45,8 @@ def _packed(original):
     """An attention-interface function: `original` on the padded grid when the model is handed
     `packed_slots`, else `original` itself."""
 
-    def attention(module, query, key, value, attention_mask, packed_slots=None, **kwargs):
+    def attention(module, query, key, value, attention_mask, packed_slots=None, read_at=None, **kwargs):
+        # read_at is the last layer's (`models.readout`); the layers below see it go by
         if packed_slots is None:
             return original(module, query, key, value, attention_mask, **kwargs)
         rows, width = attention_mask.shape[0], attention_mask.shape[-1]
@@ -65,23 +66,60 @@ def _to_grid(states: torch.Tensor, slots: torch.Tensor, rows: int, width: int) -
     return grid.view(rows, width, *flat.shape[1:]).transpose(1, 2)
 
 
-def padding_free(model, enabled: bool = True, log=None) -> bool:
+def attention_window(model) -> int | None:
+    """The model's sliding attention window in tokens (Mistral's `sliding_window`, Qwen2 with
+    `use_sliding_window`, the local layers of Gemma 2 / 3), or None when every layer attends to
+    the whole sequence. A query at position p then sees keys at positions p - window + 1 .. p."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    window = getattr(config, "sliding_window", None)
+    kinds = getattr(config, "layer_types", None)
+    if not window or getattr(config, "use_sliding_window", True) is False or (
+            kinds is not None and "sliding_attention" not in kinds):
+        return None
+    return int(window)
+
+
+def window_allows(model, longest: int, option: str, log=None) -> bool:
+    """Whether sequences of up to `longest` tokens fit the model's attention window, so that a
+    layout which brings its own attention — shared-prompt rows' 4-D mask, padding-free
+    attention — equals the model's own masked attention; both attend causally over the whole
+    sequence and know nothing of a window. When they do not fit, `log` hears that `option` is
+    off and why."""
+    window = attention_window(model)
+    if window is None or longest <= window:
+        return True
+    if log is not None:
+        log(f"note: {option} is off: the model attends within a {window}-token window and sequences may hold "
+            f"{longest} tokens; batches use the model's own masks")
+    return False
+
+
+def padding_free(model, enabled: bool = True, log=None, longest: int | None = None) -> bool:
     """Let `model` take padding-free batches (see above), or with enabled=False no longer;
     returns whether it now does.
 
     Only for PACKED_MODEL_TYPES with sdpa attention (transformers' default) and no virtual
-    tokens (prefix or prompt tuning put theirs in front of every row). The model keeps working
-    on ordinary padded batches: without `packed_slots` its attention is the original one. The
-    change is the config's `_attn_implementation` (shared by every layer, kept by deepcopy, not
-    saved in config.json), so it holds under gradient checkpointing's recompute as well. `log`
-    hears why a model that was asked cannot.
+    tokens (prefix or prompt tuning put theirs in front of every row), and only when sequences
+    of up to `longest` tokens (if given) fit the model's sliding attention window, if it has one
+    (`window_allows`). The model keeps working on ordinary padded batches: without
+    `packed_slots` its attention is the original one. The change is the config's
+    `_attn_implementation` (shared by every layer, kept by deepcopy, not saved in config.json),
+    so it holds under gradient checkpointing's recompute as well. `log` hears why a model that
+    was asked cannot.
     """
     config = getattr(model, "config", None)
     if config is None:
         return False
-    if not enabled:
+    from posttrain.models.readout import trim_last_layer
+
+    if not enabled or (longest is not None and not window_allows(model, longest, "model.padding_free", log)):
         if config._attn_implementation == _NAME:
             config._attn_implementation = "sdpa"
+        trim_last_layer(model, enabled=False)
         return False
     if config._attn_implementation == _NAME:
         return True
@@ -99,6 +137,7 @@ def padding_free(model, enabled: bool = True, log=None) -> bool:
         AttentionInterface.register(_NAME, _packed(ALL_ATTENTION_FUNCTIONS["sdpa"]))
         AttentionMaskInterface.register(_NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])  # the same masks
     config._attn_implementation = _NAME
+    trim_last_layer(model)  # and the last layer computed only where its output is read
     return True
 
 
@@ -131,10 +170,16 @@ def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str
             "attention_mask": mask, "packed_slots": slots}
 
 
-def pack_if_padded(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> dict | None:
-    """`pack_rows` of the batch when `model` takes padding-free batches and the rows hold padding;
-    None when they go as they are."""
-    if attention_mask is None or not takes_padding_free(model) or bool(attention_mask.all()):
+def pack_for(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> dict | None:
+    """`pack_rows` of the batch when `model` takes padding-free batches and the rows hold padding,
+    or hold none but the model computes its last layer only where it is read
+    (`models.readout`; a padding-free batch is what carries those positions); None when the rows
+    go as they are."""
+    from posttrain.models.readout import trims_last_layer
+
+    if attention_mask is None or not takes_padding_free(model):
+        return None
+    if bool(attention_mask.all()) and not trims_last_layer(model):
         return None
     return pack_rows(input_ids, attention_mask)
 

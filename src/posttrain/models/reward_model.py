@@ -107,17 +107,19 @@ def score(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch
     if not hasattr(classifier, "score"):  # encoder: its own pooling and classifier
         return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
     from posttrain.data.batching import is_right_padded
-    from posttrain.models.attention import masked_attention_kernels, pack_if_padded
+    from posttrain.models.attention import masked_attention_kernels, pack_for
+    from posttrain.models.readout import reading
 
     rows, width = input_ids.shape
     positions = torch.arange(width, device=input_ids.device)
     last = (attention_mask.long() * positions).argmax(dim=1)  # index of the last real token, any padding side
-    packed = pack_if_padded(classifier, input_ids, attention_mask)
+    packed = pack_for(classifier, input_ids, attention_mask)
     if packed is not None:  # the real tokens only
-        with masked_attention_kernels(input_ids.device):
-            hidden = classifier.base_model(**packed, use_cache=False, return_dict=True).last_hidden_state[0]  # (N, H)
         flat_last = torch.arange(rows, device=input_ids.device) * width + last
-        return classifier.score(hidden[torch.searchsorted(packed["packed_slots"], flat_last)])[:, 0].float()
+        inputs, pick = reading(classifier, packed, torch.searchsorted(packed["packed_slots"], flat_last))
+        with masked_attention_kernels(input_ids.device):
+            hidden = classifier.base_model(**inputs, use_cache=False, return_dict=True).last_hidden_state
+        return classifier.score(pick(hidden))[:, 0].float()
     hidden = classifier.base_model(input_ids=input_ids,
                                    attention_mask=None if is_right_padded(attention_mask) else attention_mask,
                                    use_cache=False, return_dict=True).last_hidden_state  # (B, T, H)
@@ -131,10 +133,13 @@ def score_shared_prompt(model, input_ids, attention_mask, position_ids, last_tok
     (`last_token`, flat indices into the (B·T) hidden states, or into the N tokens of a
     padding-free batch, which carries `packed_slots`). Decoder scorers only."""
     from posttrain.models.attention import masked_attention_kernels
+    from posttrain.models.readout import reading
 
     classifier = _classifier(model)
-    extra = {} if packed_slots is None else {"packed_slots": packed_slots}
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+    if packed_slots is not None:
+        inputs["packed_slots"] = packed_slots
+    inputs, pick = reading(classifier, inputs, last_token)
     with masked_attention_kernels(input_ids.device):
-        hidden = classifier.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                       use_cache=False, return_dict=True, **extra).last_hidden_state  # (B, T, H)
-    return classifier.score(hidden.flatten(0, 1)[last_token])[:, 0].float()
+        hidden = classifier.base_model(**inputs, use_cache=False, return_dict=True).last_hidden_state
+    return classifier.score(pick(hidden))[:, 0].float()

@@ -32,7 +32,7 @@ import torch
 
 from posttrain.config import DPOConfig, DPOLossConfig, validate_dpo
 from posttrain.errors import DataError
-from posttrain.models.attention import masked_attention_kernels, padding_free
+from posttrain.models.attention import masked_attention_kernels, padding_free, window_allows
 from posttrain.train.grouped import (
     GroupedStage,
     Item,
@@ -52,17 +52,23 @@ REFERENCE_FREE = ("simpo", "orpo")
 
 def policy_logps(model, input_ids, labels, attention_mask=None, chunk_size: int = 256):
     """Per-sequence (summed log-probs (R,), response token counts (R,)) under `model`; padded
-    rows go through a model that takes padding-free batches without their padding."""
+    rows go to a model that takes padding-free batches as one row of their real tokens."""
     from posttrain.data.batching import is_right_padded
     from posttrain.losses.language_modeling import sequence_logps
-    from posttrain.models.attention import pack_if_padded, unpack_hidden
+    from posttrain.models.attention import pack_for, unpack_hidden
     from posttrain.models.loading import final_hidden_and_head, supports_hidden_path
+    from posttrain.models.readout import reading
 
-    packed = pack_if_padded(model, input_ids, attention_mask) if supports_hidden_path(model) else None
-    if packed is not None:
+    packed = pack_for(model, input_ids, attention_mask) if supports_hidden_path(model) else None
+    if packed is not None:  # the hidden states that predict a label, back in the (B, T) grid
+        rows, width = input_ids.shape
+        predicts = (labels[:, 1:] != -100) & attention_mask[:, :-1].bool()
+        row, col = predicts.nonzero(as_tuple=True)
+        at = torch.searchsorted(packed["packed_slots"], row * width + col)
+        inputs, pick = reading(model, packed, at)
         with masked_attention_kernels(input_ids.device):
-            hidden, weight, bias = final_hidden_and_head(model, **packed)
-        hidden = unpack_hidden(hidden, packed["packed_slots"], input_ids.shape)
+            hidden, weight, bias = final_hidden_and_head(model, **inputs)
+        hidden = unpack_hidden(pick(hidden)[None], packed["packed_slots"][at], input_ids.shape)
         return sequence_logps(hidden, weight, labels, bias, chunk_size)
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
     if attention_mask is not None:
@@ -84,11 +90,13 @@ def selected_token_logps(model, inputs: dict, predictor, targets, chunk_size: in
     of the (B·T) batch `inputs`; chunked, never the whole [B, T, V] log-softmax."""
     from posttrain.losses.language_modeling import token_logps
     from posttrain.models.loading import final_hidden_and_head, supports_hidden_path
+    from posttrain.models.readout import reading
 
     with masked_attention_kernels(inputs["input_ids"].device):
         if supports_hidden_path(model):
+            inputs, pick = reading(model, inputs, predictor)
             hidden, weight, bias = final_hidden_and_head(model, **inputs)
-            return token_logps(hidden.flatten(0, 1)[predictor], weight, targets, bias, chunk_size)
+            return token_logps(pick(hidden), weight, targets, bias, chunk_size)
         logits = model(**inputs, use_cache=False).logits.float().flatten(0, 1)[predictor]
         return logits.log_softmax(-1).gather(1, targets[:, None])[:, 0]
 
@@ -369,8 +377,10 @@ def run_dpo(cfg: DPOConfig) -> Path:
     data = prepare_preference_data(cfg.data, tokenizer, run_dir, cfg.train.seed, log)
     train_items, eval_items = _items(data, cfg)
     live = cfg.dpo.reference == "live"
-    share = cfg.dpo.share_prompt and cfg.dpo.loss != "kto" and getattr(model, "virtual_peft", None) is None
-    unpadded = padding_free(model, cfg.model.padding_free, log)  # shared-prompt and plain padded rows alike
+    share = (cfg.dpo.share_prompt and cfg.dpo.loss != "kto" and getattr(model, "virtual_peft", None) is None
+             and window_allows(model, cfg.data.max_length, "dpo.share_prompt", log))
+    # shared-prompt and plain padded rows alike
+    unpadded = padding_free(model, cfg.model.padding_free, log, cfg.data.max_length)
     if cfg.dpo.loss not in REFERENCE_FREE and not live:
         on_device(model, accelerator.device)
         with accelerator.autocast():  # in training's precision, so π = π_ref exactly at step 0

@@ -64,9 +64,9 @@ def completion_inputs(model, batch: dict) -> tuple[dict, torch.Tensor]:
     """(model inputs, predictor) for a `collate_completions` batch: the rows as they are (right
     padding: causality hides the tail), or, for a model that takes padding-free batches
     (`models.attention.padding_free`), their real tokens only, `predictor` then indexing those."""
-    from posttrain.models.attention import pack_if_padded
+    from posttrain.models.attention import pack_for
 
-    packed = pack_if_padded(model, batch["input_ids"], batch["attention_mask"])
+    packed = pack_for(model, batch["input_ids"], batch["attention_mask"])
     if packed is not None:
         return packed, torch.searchsorted(packed["packed_slots"], batch["predictor"])
     return {"input_ids": batch["input_ids"], "attention_mask": None}, batch["predictor"]
@@ -90,15 +90,17 @@ def completion_forward(model, batch: dict, chunk_size: int = 256, value_head: to
     from posttrain.losses.language_modeling import token_logps_and_entropy, token_logps_with_entropy_value
     from posttrain.models.attention import masked_attention_kernels
     from posttrain.models.loading import final_hidden_and_head, supports_hidden_path
+    from posttrain.models.readout import reading
 
     inputs, predictor = completion_inputs(model, batch)
     targets = batch["targets"]
     # a padding-free batch's attention has a 4-D mask: on CUDA, not cuDNN's kernel (see there)
     kernels = masked_attention_kernels(predictor.device) if "packed_slots" in inputs else contextlib.nullcontext()
     if supports_hidden_path(model):
+        hidden_inputs, pick = reading(model, inputs, predictor)
         with kernels:
-            hidden, weight, bias = final_hidden_and_head(model, **inputs)
-        selected = hidden.flatten(0, 1)[predictor]
+            hidden, weight, bias = final_hidden_and_head(model, **hidden_inputs)
+        selected = pick(hidden)
         both = token_logps_and_entropy if entropy_grad else token_logps_with_entropy_value
         logps, entropy = both(selected, weight, targets, bias, chunk_size)
     else:  # heads with logit scaling: the model's own logits
@@ -426,7 +428,8 @@ def start_rl_run(cfg, needs_reference: bool, extra_parts=()) -> RLRun:
 
     run_dir, accelerator, main, log = start_run(cfg)
     tokenizer, model, adapter_training = build_model(cfg, log, run_dir if main else None)
-    padding_free(model, cfg.model.padding_free, log)  # before the reference copy: it takes them too
+    # before the reference copy: it takes them too
+    padding_free(model, cfg.model.padding_free, log, cfg.data.max_prompt_length + cfg.rollout.max_new_tokens)
     data = prepare_prompt_data(cfg, tokenizer, run_dir, main, log)
     score = build_reward(cfg)
     needs_copy = needs_reference and not hasattr(model, "adapters_disabled")
