@@ -339,10 +339,62 @@ def test_rl_completion_forward_gives_the_padded_log_probs_entropies_values_and_g
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-13)
 
 
-@pytest.mark.parametrize("stage", ["grpo", "ppo"])
+def test_ppo_critic_gives_the_padded_values_and_gradients(tokenizer):
+    """PPO's separate value model (`ppo.value_model=separate`): padding-free and read at the
+    completion tokens only, the same values and gradients as the padded rows, in float64."""
+    from posttrain.models import readout
+    from posttrain.models.reward_model import load_reward_model
+    from posttrain.train.ppo import Critic
+    from posttrain.train.rollouts import collate_completions
+
+    torch.manual_seed(0)
+    critic = Critic(load_reward_model("tiny", pad_token_id=tokenizer.pad_token_id).double())
+    batch = collate_completions(PROMPTS, COMPLETIONS, pad_id=tokenizer.pad_token_id)
+    weights = torch.linspace(1, 2, batch["response_mask"].numel(), dtype=torch.float64).view_as(batch["response_mask"])
+
+    def run():
+        critic.zero_grad()
+        values = critic(batch)
+        (values * weights * batch["response_mask"]).sum().backward()
+        return values.detach(), [p.grad.clone() for p in critic.parameters()]
+
+    expected = run()
+    calls = []
+    original = readout._layer_at
+    readout._layer_at = lambda layer, hidden, at, **kw: calls.append(len(at)) or original(layer, hidden, at, **kw)
+    try:
+        assert padding_free(critic.classifier)
+        got = run()
+    finally:
+        readout._layer_at = original
+    assert calls == [len(batch["predictor"])]  # the last layer ran at the completion tokens only
+    assert torch.allclose(got[0] * batch["response_mask"], expected[0] * batch["response_mask"], rtol=0, atol=1e-12)
+    for a, b in zip(got[1], expected[1]):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-13)
+
+
+def test_the_reward_model_scorer_scores_padding_free(tokenizer, tmp_path):
+    """`posttrain score` and RL's reward-model reward: the real tokens only, the same scores."""
+    from posttrain.models.reward_model import load_reward_model
+    from posttrain.rewards import RewardModelScorer
+
+    torch.manual_seed(0)
+    load_reward_model("tiny", pad_token_id=tokenizer.pad_token_id).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    prompts = [[{"role": "user", "content": p}] for p in ("Copy: a b", "Reverse: x y z w", "Count letters: a b c")]
+    responses = ["a b", "w z y x w z", "3"]
+    scorer = RewardModelScorer(str(tmp_path), template="chatml")
+    assert takes_padding_free(scorer.model)
+    free = scorer(prompts, responses)
+    padding_free(scorer.model, enabled=False)
+    assert free == pytest.approx(scorer(prompts, responses), abs=1e-5)
+
+
+@pytest.mark.parametrize("stage", ["grpo", "ppo", "ppo_critic"])
 def test_rl_runs_alike_with_and_without_padding(stage, tmp_path, monkeypatch):
-    """Two rollouts of GRPO (β > 0: the reference copy scores padding-free too) and of PPO: the
-    same losses either way, and the padding-free run packed its batches."""
+    """Two rollouts of GRPO (β > 0: the reference copy scores padding-free too), of PPO and of PPO
+    with a separate critic: the same losses either way, and the padding-free run packed its
+    batches."""
     from posttrain.config import GRPOConfig, PPOConfig
     from posttrain.models import attention
     from posttrain.train.grpo import run_grpo
@@ -360,7 +412,8 @@ def test_rl_runs_alike_with_and_without_padding(stage, tmp_path, monkeypatch):
         if stage == "grpo":
             run_dir = run_grpo(GRPOConfig.load(None, common + ["rollout.num_generations=4", "grpo.beta=0.05"]))
         else:
-            run_dir = run_ppo(PPOConfig.load(None, common))
+            critic = ["ppo.value_model=separate"] if stage == "ppo_critic" else []
+            run_dir = run_ppo(PPOConfig.load(None, common + critic))
         assert bool(calls) == (flag == "true")
         losses.append([json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
                        if '"loss"' in line])

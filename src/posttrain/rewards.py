@@ -41,12 +41,15 @@ class RewardModelScorer:
                  trust_remote_code: bool = False, max_length: int = 1024):
         from posttrain.data.templates import resolve_template
         from posttrain.models.loading import load_tokenizer
-        from posttrain.models.reward_model import load_reward_model
+        from posttrain.models.attention import padding_free
+        from posttrain.models.reward_model import _classifier, is_decoder_scorer, load_reward_model
 
         self.tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
         self.model = load_reward_model(path, dtype, trust_remote_code, pad_token_id=self.tokenizer.pad_token_id).eval()
         self.template = resolve_template(self.tokenizer, template)
         self.batch_size, self.max_length = batch_size, max_length
+        if is_decoder_scorer(self.model):  # the real tokens only, the last layer at the last one (exact)
+            padding_free(_classifier(self.model), longest=max_length)
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[list[dict]], responses: Sequence[str], rows=None) -> list[float]:

@@ -20,9 +20,9 @@ class ModelConfig:
                 "values; 28-45% less activation memory under bf16 autocast); auto: on a GPU or other "
                 "accelerator, not on CPU, where it measured no gain")
     padding_free: bool = option(
-        True, "reward models, the DPO family and online RL (GRPO, RLOO, PPO) hand their batches to the "
-              "model without the padding: only attention sees rows, everything else runs on the real "
-              "tokens (Llama, Mistral, Qwen2, Qwen3 with sdpa attention and no sliding window narrower than the "
+        True, "reward models, the DPO family and online RL (GRPO, RLOO, PPO and its critic) hand their batches "
+              "to the model without the padding: only attention sees rows, everything else runs on the real "
+              "tokens, and the last layer only where the loss reads it (Llama, Mistral, Qwen2, Qwen3 with sdpa attention and no sliding window narrower than the "
               "longest sequence; other models take padded batches)")
 
 

@@ -28,6 +28,7 @@ rollout itself (`state_dict`), besides the weights, optimizer and RNG the loop s
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,8 +37,8 @@ import torch
 
 from posttrain.config import PPOConfig, PPOLossConfig, validate_ppo
 from posttrain.losses import policy_gradient as pg
-from posttrain.train.rollouts import (RolloutStage, collate_completions, completion_forward, no_grad_eval,
-                                      start_rl_run, summed, to_grid)
+from posttrain.train.rollouts import (RolloutStage, collate_completions, completion_forward, completion_inputs,
+                                      no_grad_eval, start_rl_run, summed, to_grid)
 
 # --------------------------------------------------------------------------- value models
 
@@ -70,12 +71,19 @@ class Critic(torch.nn.Module):
         self.classifier = classifier
 
     def forward(self, batch: dict) -> torch.Tensor:
+        """Values (B, T) like `response_mask`; padding-free (and read at the completion tokens
+        only) when the critic takes such batches, as the policy's forward is."""
+        from posttrain.models.attention import masked_attention_kernels
+        from posttrain.models.readout import reading
         from posttrain.models.reward_model import _classifier
 
         inner = _classifier(self.classifier)
-        hidden = inner.base_model(input_ids=batch["input_ids"], use_cache=False, return_dict=True).last_hidden_state
-        values = inner.score(hidden.flatten(0, 1)[batch["predictor"]]).squeeze(-1).float()
-        return to_grid(values, batch)
+        inputs, predictor = completion_inputs(inner, batch)
+        inputs, pick = reading(inner, inputs, predictor)
+        kernels = masked_attention_kernels(predictor.device) if "packed_slots" in inputs else contextlib.nullcontext()
+        with kernels:
+            hidden = inner.base_model(**inputs, use_cache=False, return_dict=True).last_hidden_state
+        return to_grid(inner.score(pick(hidden)).squeeze(-1).float(), batch)
 
 
 # --------------------------------------------------------------------------- the loss
@@ -247,11 +255,15 @@ def build_value_model(cfg: PPOConfig, model, tokenizer, log) -> tuple[ValueHead 
     if cfg.ppo.value_model == "head":
         lm = getattr(model, "lm", model)  # AdaptedModel keeps the Hugging Face model in .lm
         return ValueHead(lm.config.hidden_size), None
-    from posttrain.models.reward_model import load_reward_model
+    from posttrain.models.attention import padding_free
+    from posttrain.models.reward_model import _classifier, is_decoder_scorer, load_reward_model
 
     path = cfg.ppo.value_model_path or cfg.model.path
     log(f"critic: a separate value model from {path}")
     classifier = load_reward_model(path, cfg.model.dtype, cfg.model.trust_remote_code, tokenizer.pad_token_id)
+    if is_decoder_scorer(classifier):  # padding-free batches as for the policy (models/attention.py)
+        padding_free(_classifier(classifier), cfg.model.padding_free, log,
+                     cfg.data.max_prompt_length + cfg.rollout.max_new_tokens)
     try:
         return None, Critic(classifier)
     except ValueError as exc:
