@@ -122,6 +122,7 @@ def padding_free(model, enabled: bool = True, log=None, longest: int | None = No
         trim_last_layer(model, enabled=False)
         return False
     if config._attn_implementation == _NAME:
+        trim_last_layer(model)
         return True
     kind, attention = getattr(config, "model_type", None), config._attn_implementation
     if kind not in PACKED_MODEL_TYPES or attention != "sdpa" or getattr(model, "virtual_peft", None) is not None:
