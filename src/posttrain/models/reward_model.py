@@ -101,30 +101,36 @@ def is_decoder_scorer(model) -> bool:
     return hasattr(_classifier(model), "score")
 
 
+def scores_at(classifier, inputs: dict, at: torch.Tensor) -> torch.Tensor:
+    """The score head (float32, (len(at),)) on the final hidden states at flat positions `at` of
+    the batch `inputs` — plain, shared-prompt or padding-free rows; with the last layer computed
+    only there when the model trims it (`models.readout`). `classifier`: a decoder scorer."""
+    from posttrain.models.attention import masked_attention_kernels
+    from posttrain.models.readout import reading
+
+    inputs, pick = reading(classifier, inputs, at)
+    with masked_attention_kernels(inputs["input_ids"].device):
+        hidden = classifier.base_model(**inputs, use_cache=False, return_dict=True).last_hidden_state
+    return classifier.score(pick(hidden))[:, 0].float()
+
+
 def score(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Rewards (B,) for a batch of full (prompt + response) sequences."""
     classifier = _classifier(model)
     if not hasattr(classifier, "score"):  # encoder: its own pooling and classifier
         return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
     from posttrain.data.batching import is_right_padded
-    from posttrain.models.attention import masked_attention_kernels, pack_for
-    from posttrain.models.readout import reading
+    from posttrain.models.attention import pack_for
 
     rows, width = input_ids.shape
     positions = torch.arange(width, device=input_ids.device)
     last = (attention_mask.long() * positions).argmax(dim=1)  # index of the last real token, any padding side
+    flat_last = torch.arange(rows, device=input_ids.device) * width + last
     packed = pack_for(classifier, input_ids, attention_mask)
     if packed is not None:  # the real tokens only
-        flat_last = torch.arange(rows, device=input_ids.device) * width + last
-        inputs, pick = reading(classifier, packed, torch.searchsorted(packed["packed_slots"], flat_last))
-        with masked_attention_kernels(input_ids.device):
-            hidden = classifier.base_model(**inputs, use_cache=False, return_dict=True).last_hidden_state
-        return classifier.score(pick(hidden))[:, 0].float()
-    hidden = classifier.base_model(input_ids=input_ids,
-                                   attention_mask=None if is_right_padded(attention_mask) else attention_mask,
-                                   use_cache=False, return_dict=True).last_hidden_state  # (B, T, H)
-    pooled = hidden[torch.arange(rows, device=hidden.device), last]  # (B, H)
-    return classifier.score(pooled)[:, 0].float()
+        return scores_at(classifier, packed, torch.searchsorted(packed["packed_slots"], flat_last))
+    mask = None if is_right_padded(attention_mask) else attention_mask  # right padding: causality hides it
+    return scores_at(classifier, {"input_ids": input_ids, "attention_mask": mask}, flat_last)
 
 
 def score_shared_prompt(model, input_ids, attention_mask, position_ids, last_token, packed_slots=None) -> torch.Tensor:
@@ -132,14 +138,7 @@ def score_shared_prompt(model, input_ids, attention_mask, position_ids, last_tok
     its responses behind a 4-D mask; the score is read at each response's last token
     (`last_token`, flat indices into the (B·T) hidden states, or into the N tokens of a
     padding-free batch, which carries `packed_slots`). Decoder scorers only."""
-    from posttrain.models.attention import masked_attention_kernels
-    from posttrain.models.readout import reading
-
-    classifier = _classifier(model)
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
     if packed_slots is not None:
         inputs["packed_slots"] = packed_slots
-    inputs, pick = reading(classifier, inputs, last_token)
-    with masked_attention_kernels(input_ids.device):
-        hidden = classifier.base_model(**inputs, use_cache=False, return_dict=True).last_hidden_state
-    return classifier.score(pick(hidden))[:, 0].float()
+    return scores_at(_classifier(model), inputs, last_token)

@@ -28,7 +28,6 @@ rollout itself (`state_dict`), besides the weights, optimizer and RNG the loop s
 
 from __future__ import annotations
 
-import contextlib
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,17 +72,10 @@ class Critic(torch.nn.Module):
     def forward(self, batch: dict) -> torch.Tensor:
         """Values (B, T) like `response_mask`; padding-free (and read at the completion tokens
         only) when the critic takes such batches, as the policy's forward is."""
-        from posttrain.models.attention import masked_attention_kernels
-        from posttrain.models.readout import reading
-        from posttrain.models.reward_model import _classifier
+        from posttrain.models.reward_model import _classifier, scores_at
 
         inner = _classifier(self.classifier)
-        inputs, predictor = completion_inputs(inner, batch)
-        inputs, pick = reading(inner, inputs, predictor)
-        kernels = masked_attention_kernels(predictor.device) if "packed_slots" in inputs else contextlib.nullcontext()
-        with kernels:
-            hidden = inner.base_model(**inputs, use_cache=False, return_dict=True).last_hidden_state
-        return to_grid(inner.score(pick(hidden)).squeeze(-1).float(), batch)
+        return to_grid(scores_at(inner, *completion_inputs(inner, batch)), batch)
 
 
 # --------------------------------------------------------------------------- the loss
