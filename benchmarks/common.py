@@ -55,15 +55,18 @@ def import_modules(names: list[str]) -> float:
 class StepClock:
     """Wall and CPU clock read once at the end of every optimizer step. `sync`, when given,
     runs before each reading (torch.cuda.synchronize: GPU work is asynchronous, the step ends
-    when its kernels have)."""
+    when its kernels have); `on_start` / `on_tick`, when given, run when the clock starts / after
+    each reading."""
 
-    def __init__(self, sync=None):
-        self.sync = sync
+    def __init__(self, sync=None, on_start=None, on_tick=None):
+        self.sync, self.on_start, self.on_tick = sync, on_start, on_tick
         self.begin = self.cpu_begin = None
         self.ends: list[float] = []
         self.cpu_ends: list[float] = []
 
     def start(self):
+        if self.on_start is not None:
+            self.on_start()
         self.begin, self.cpu_begin = time.perf_counter(), cpu_seconds()
 
     def tick(self):
@@ -71,10 +74,78 @@ class StepClock:
             self.sync()
         self.ends.append(time.perf_counter())
         self.cpu_ends.append(cpu_seconds())
+        if self.on_tick is not None:
+            self.on_tick()
 
     def step_times(self) -> tuple[list[float], list[float]]:
         walls, cpus = [self.begin, *self.ends], [self.cpu_begin, *self.cpu_ends]
         return [b - a for a, b in pairwise(walls)], [b - a for a, b in pairwise(cpus)]
+
+
+class TensorMemory:
+    """The bytes of live CPU tensors, tracked from `start()` on: torch's profiler with
+    `profile_memory=True` reports every allocation and free of torch's CPU allocator (the
+    allocator of every CPU tensor: weights, gradients, optimizer state, activations, logits,
+    a reference copy), and `result()` replays them in time order. The CPU analogue of
+    `torch.cuda.max_memory_allocated`: it counts tensors only, so the libraries, the Python
+    heap and the allocator's own slack that dominate peak RSS on a small model are left out.
+    Deterministic for a given run, unlike RSS and timings. The profiler slows the run, so a
+    run that tracks this is not a timed run. `mark(name)` records a named moment whose live
+    bytes `result()` reports too; the marks `train_begin` and `step_end` (each optimizer step's
+    end) split the peak into the set-up (model loading, any reference pass) and the steps, and
+    leave out what follows the last step (a final save: its copies are CPU tensors that a GPU
+    run would not count either)."""
+
+    MARK = "bench-mark:"
+
+    def __init__(self):
+        self.profiler = None
+
+    def start(self):
+        from torch.profiler import ProfilerActivity, profile
+
+        # Started before any tensor the run keeps exists: a block allocated before profiling
+        # starts would never be counted, and its free would be dropped.
+        self.profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self.profiler.__enter__()
+
+    def mark(self, name: str):
+        if self.profiler is not None:
+            from torch.profiler import record_function
+
+            with record_function(self.MARK + name):
+                pass
+
+    def result(self) -> dict:
+        """MiB of live tensors: `peak_tensor_mib` (from the start to the end of the last step),
+        `peak_setup_tensor_mib` (before training begins), `peak_steps_tensor_mib` (during the
+        steps), `peak_process_tensor_mib` (to the end, a final save included), `end_tensor_mib`;
+        `tensor_mib_at` {mark: live MiB at its last occurrence}; `allocations` (a count)."""
+        self.profiler.__exit__(None, None, None)
+        events = self.profiler.profiler.kineto_results.events()
+        timeline = sorted((e.start_ns(), e.name(), e.nbytes() if e.name() == "[memory]" else 0)
+                          for e in events if e.name() == "[memory]" or e.name().startswith(self.MARK))
+        live = allocations = 0
+        peak = {"setup": 0, "steps": 0, "after": 0}
+        phase, at = "setup", {}
+        for _, name, nbytes in timeline:
+            if name == "[memory]":
+                live += nbytes
+                allocations += nbytes > 0
+                peak[phase] = max(peak[phase], live)
+                continue
+            mark = name[len(self.MARK):]
+            at[mark] = live / 2**20
+            if mark == "train_begin":
+                phase = "steps"
+            elif mark == "step_end":
+                # what follows a step belongs to the steps only if another step ends after it
+                peak["steps"], peak["after"] = max(peak["steps"], peak["after"]), 0
+                phase = "after"
+        mib = {key: value / 2**20 for key, value in peak.items()}
+        return {"peak_tensor_mib": max(mib["setup"], mib["steps"]), "peak_setup_tensor_mib": mib["setup"],
+                "peak_steps_tensor_mib": mib["steps"], "peak_process_tensor_mib": max(mib.values()),
+                "end_tensor_mib": live / 2**20, "tensor_mib_at": at, "allocations": allocations}
 
 
 def trainer_hooks(clock: StepClock, logged: list[dict]):

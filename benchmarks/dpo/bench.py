@@ -37,9 +37,10 @@ T_PROCESS_START = time.perf_counter()
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from common import (  # noqa: E402  (a sibling script)
-    StepClock, clock_posttrain_steps, current_rss_mib, import_modules, peak_rss_mib, posttrain_step_records,
-    process_facts, read_rows, trainer_hooks, write_result)
+    StepClock, TensorMemory, clock_posttrain_steps, current_rss_mib, import_modules, peak_rss_mib,
+    posttrain_step_records, process_facts, read_rows, trainer_hooks, write_result)
 ON_CUDA = False  # set by main() from --device
+TENSORS = TensorMemory()  # started by main() with --tensor-memory; inert otherwise
 
 WHOLE_LAST_LAYER = "_whole_last_layer"  # posttrain variants: keep models.readout from trimming the last layer
 VARIANTS = {
@@ -95,11 +96,12 @@ def import_tool(tool: str) -> float:
 def step_clock() -> StepClock:
     """The step clock; on a GPU it synchronises before each reading (GPU work is asynchronous:
     the step ends when its kernels have)."""
+    marks = {"on_start": lambda: TENSORS.mark("train_begin"), "on_tick": lambda: TENSORS.mark("step_end")}
     if ON_CUDA:
         import torch
 
-        return StepClock(sync=torch.cuda.synchronize)
-    return StepClock()
+        return StepClock(sync=torch.cuda.synchronize, **marks)
+    return StepClock(**marks)
 
 
 def pairs_digest(chosen: list[list[int]], rejected: list[list[int]]) -> str:
@@ -408,6 +410,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--tensor-memory", action="store_true",
+                        help="track the bytes of live CPU tensors from before the model loads to the end "
+                             "(common.TensorMemory; slows the run: its times are not step times to report)")
     args = parser.parse_args()
     global ON_CUDA
     ON_CUDA = args.device == "cuda"
@@ -421,9 +426,15 @@ def main() -> None:
     import torch
 
     load_before = os.getloadavg()[0]
+    if args.tensor_memory:
+        if ON_CUDA:
+            raise SystemExit("--tensor-memory tracks CPU tensors; on a GPU peak_cuda_mib is the measure")
+        TENSORS.start()
     result = (train_trl if args.tool == "trl" else train_posttrain)(args)
     result.update(tool=args.tool, case=args.case, variant=args.variant,
                   **process_facts(load_before, T_PROCESS_START), device=args.device)
+    if args.tensor_memory:
+        result.update(TENSORS.result())
     if ON_CUDA:
         result.update(peak_cuda_mib=torch.cuda.max_memory_allocated() / 2**20,
                       peak_cuda_reserved_mib=torch.cuda.max_memory_reserved() / 2**20,

@@ -73,17 +73,18 @@ SPREAD_WARNING = 1.15  # repeats of one row whose mean step times differ more th
 TARGET = 0.5  # the issue's target: posttrain ≤ 0.5× TRL's step time and ≤ 0.5× its peak memory
 
 
-def child(case: str, tool: str, variant: str, args, out: Path, log: Path) -> dict:
+def child(case: str, tool: str, variant: str, args, out: Path, log: Path, extra: tuple[str, ...] = ()) -> dict:
     cmd = [sys.executable, str(HERE / "bench.py"), "--tool", tool, "--case", case, "--variant", variant,
            "--model", str(args.cache / "model"), "--rm-model", str(args.cache / "rm_init"),
            "--data", str(args.cache / "prefs.jsonl"), "--workdir", str(args.work / out.stem), "--out", str(out),
            "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
-           "--lr", str(args.lr), "--seed", "0", "--device", getattr(args, "device", "cpu")]
+           "--lr", str(args.lr), "--seed", "0", "--device", getattr(args, "device", "cpu"), *extra]
     return run_child(cmd, f"{case} {tool}:{variant}", out, log, CHILD_ENV)
 
 
-def summarize(runs: list[dict], warmup: int, steps: int) -> dict:
-    """Timed steps are those after `warmup`. Means pool every timed step of every repeat."""
+def summarize(runs: list[dict], warmup: int, steps: int, tensors: dict | None = None) -> dict:
+    """Timed steps are those after `warmup`. Means pool every timed step of every repeat.
+    `tensors`: the row's --tensor-memory run (untimed), if there was one."""
     per_run = []
     for r in runs:
         times, cpu = r["step_times_s"][warmup:], r["step_cpu_s"][warmup:]
@@ -120,6 +121,11 @@ def summarize(runs: list[dict], warmup: int, steps: int) -> dict:
         "tokens_processed_per_step_mean": statistics.fmean(t for r in runs for t in r.get("tokens_processed", r["tokens"])),
         "repeat_spread": repeat_spread(per_run, "step_ms_mean"),
         "loadavg": max(p["loadavg"] for p in per_run),
+        "peak_tensor_mib": tensors and tensors["peak_tensor_mib"],
+        "peak_process_tensor_mib": tensors and tensors["peak_process_tensor_mib"],
+        "tensor_mib_train_begin": tensors and tensors["tensor_mib_at"].get("train_begin"),
+        # the tracked run computes what the timed runs did: its losses must be theirs
+        "tensor_run_losses_match": tensors and all(abs(a - b) < 1e-6 for a, b in zip(tensors["losses"], runs[0]["losses"])),
     }
 
 
@@ -168,6 +174,7 @@ def parity(case: str, rows: list[dict], reference: dict) -> dict:
 
 RATIOS = {"step_time": "step_ms_mean", "step_cpu": "step_cpu_ms_mean",
           "step_time_with_precompute": "step_ms_with_precompute", "peak_rss": "peak_rss_mib"}  # name: summary key
+TENSOR_RATIO = {"peak_tensors": "peak_tensor_mib"}  # with BENCH_TENSOR_MEMORY (the default)
 
 
 def verdict(case: str, rows: list[dict], rs: list[dict]) -> dict:
@@ -182,16 +189,22 @@ def verdict(case: str, rows: list[dict], rs: list[dict]) -> dict:
     vs_default = next((r for r in mine if r["vs"] == "default"), None)
     time_best = next(r for r in mine if r["vs"] == fastest)["step_time_with_precompute"]
     rss_best = next(r for r in mine if r["vs"] == smallest)["peak_rss"]
-    return {"case": case, "posttrain_row": ours,
-            "vs_trl_default": vs_default and {"step_time_with_precompute": vs_default["step_time_with_precompute"],
-                                              "peak_rss": vs_default["peak_rss"]},
-            "trl_fastest": fastest, "time_ratio_vs_fastest": time_best,
-            "trl_smallest": smallest, "rss_ratio_vs_smallest": rss_best,
-            "time_target_met": time_best <= TARGET, "rss_target_met": rss_best <= TARGET}
+    out = {"case": case, "posttrain_row": ours,
+           "vs_trl_default": vs_default and {key: vs_default.get(key) for key in
+                                             ("step_time_with_precompute", "peak_rss", "peak_tensors")},
+           "trl_fastest": fastest, "time_ratio_vs_fastest": time_best,
+           "trl_smallest": smallest, "rss_ratio_vs_smallest": rss_best,
+           "time_target_met": time_best <= TARGET, "rss_target_met": rss_best <= TARGET}
+    if all(row["summary"]["peak_tensor_mib"] for row in trl_rows) and "peak_tensors" in mine[0]:
+        least = min(trl_rows, key=lambda row: row["summary"]["peak_tensor_mib"])["variant"]
+        tensors = next(r for r in mine if r["vs"] == least)["peak_tensors"]
+        out.update(trl_least_tensors=least, tensor_ratio_vs_least=tensors, tensor_target_met=tensors <= TARGET)
+    return out
 
 
 def write_markdown(report: dict, path: Path) -> None:
     s, a = report["settings"], report["assets"]
+    tensors = s.get("tensor_memory", False)
     lines = report_header("DPO and reward models on CPU: posttrain vs TRL DPOTrainer / RewardTrainer",
                           report["command"], report, PACKAGES[:-1]) + [
         f"Setup: small Llama ({a.get('params', 0) / 1e6:.2f}M params: hidden 256, 4 layers, vocab "
@@ -202,7 +215,14 @@ def write_markdown(report: dict, path: Path) -> None:
         f"lr {s['lr']:g} constant, AdamW, clip 1.0, {s['steps']} steps per run = one epoch, same batches in the same "
         f"order in both tools; first {s['warmup']} steps not timed; {s['rounds']} interleaved repeats, every run a "
         "fresh process. ms/step: mean over the timed steps of all repeats (per-repeat means in brackets); peak RSS: "
-        "median over repeats of the process's ru_maxrss.",
+        "median over repeats of the process's ru_maxrss."
+        + (" Peak tensors: one more, untimed run per row whose process tracks the bytes of live CPU tensors from "
+           "before the model loads to its end (torch's profiler reporting every allocation and free of torch's CPU "
+           "allocator: weights, gradients, optimizer state, activations, logits, any reference copy; the CPU "
+           "analogue of `torch.cuda.max_memory_allocated`, without the libraries and heap that dominate RSS here), "
+           "up to the end of the last step (posttrain's final save copies tensors to write them; a GPU run would "
+           "not count those); in brackets the bytes live when training begins. Deterministic: it does not depend on the machine's "
+           "load." if tensors else ""),
         "",
     ]
     for case, title in CASES.items():
@@ -212,8 +232,9 @@ def write_markdown(report: dict, path: Path) -> None:
         lines += [f"## {title}", "",
                   "| tool | configuration | reference | tokens through the model / step | ms/step (per repeat) | "
                   "CPU-ms/step | reference pass s | ms/step incl. reference pass | peak RSS MiB (per repeat) | "
-                  "RSS after imports | step-0 loss | load avg |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "RSS after imports | " + ("peak tensors MiB (at training start) | " if tensors else "")
+                  + "step-0 loss | load avg |",
+                  "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if tensors else "") + "---|---|"]
         for row in rows:
             m = row["summary"]
             reps = " / ".join(fmt(p["step_ms_mean"], 0) for p in m["per_run"])
@@ -222,14 +243,17 @@ def write_markdown(report: dict, path: Path) -> None:
             lines.append(f"| {row['tool']} | {row['note']} | {row['runs'][0]['reference']} | "
                          f"{fmt(m['tokens_processed_per_step_mean'], 0)} | {fmt(m['step_ms_mean'], 0)} ({reps}) | {fmt(m['step_cpu_ms_mean'], 0)} | "
                          f"{fmt(m['precompute_s'], 2)} | {fmt(m['step_ms_with_precompute'], 0)} | "
-                         f"{fmt(m['peak_rss_mib'], 0)} ({rss}) | {fmt(m['rss_after_import_mib'], 0)} | {losses} | "
-                         f"{fmt(m['loadavg'], 1)} |")
-        lines += ["", "Ratios posttrain / TRL (target ≤ 0.5 for both step time and peak RSS):", "",
-                  "| posttrain | TRL | step time | CPU time/step | step time incl. reference pass | peak RSS |",
-                  "|---|---|---|---|---|---|"]
+                         f"{fmt(m['peak_rss_mib'], 0)} ({rss}) | {fmt(m['rss_after_import_mib'], 0)} | "
+                         + (f"{fmt(m['peak_tensor_mib'], 0)} ({fmt(m['tensor_mib_train_begin'], 0)}) | " if tensors else "")
+                         + f"{losses} | {fmt(m['loadavg'], 1)} |")
+        lines += ["", "Ratios posttrain / TRL (target ≤ 0.5 for both step time and peak memory):", "",
+                  "| posttrain | TRL | step time | CPU time/step | step time incl. reference pass | peak RSS |"
+                  + (" peak tensors |" if tensors else ""),
+                  "|---|---|---|---|---|---|" + ("---|" if tensors else "")]
         for r in (r for r in report["ratios"] if r["case"] == case):
             lines.append(f"| {r['ours']} | {r['vs']} | {fmt(r['step_time'], 2)}× | {fmt(r['step_cpu'], 2)}× | "
-                         f"{fmt(r['step_time_with_precompute'], 2)}× | {fmt(r['peak_rss'], 2)}× |")
+                         f"{fmt(r['step_time_with_precompute'], 2)}× | {fmt(r['peak_rss'], 2)}× |"
+                         + (f" {fmt(r['peak_tensors'], 2)}× |" if tensors else ""))
         p = next(p for p in report["parity"] if p["case"] == case)
         diff = "—" if p["max_abs_diff"] is None else f"{p['max_abs_diff']:.1e}"
         lines += ["", f"Parity: step-0 loss posttrain {', '.join(f'{x:.6f}' for x in p['posttrain_step0'])}; "
@@ -254,19 +278,26 @@ def write_markdown(report: dict, path: Path) -> None:
                 f"reference {ref['logps/chosen[completion]']:.4f} / {ref['logps/rejected[completion]']:.4f}). Largest "
                 f"relative difference to the reference: posttrain {fmt_e(worst['posttrain'])}, TRL "
                 f"{fmt_e(worst['trl'])} ({'OK' if p['logps_agree'] else 'MISMATCH'}, tolerance 1e-5).", ""]
-    lines += ["## Verdict against the target (≤ 0.5× TRL's step time and ≤ 0.5× its peak RSS)", "",
+    lines += ["## Verdict against the target (≤ 0.5× TRL's step time and ≤ 0.5× its peak memory)", "",
               "posttrain's default row against TRL's fastest row (step time including any reference pass) and "
-              "TRL's smallest row (peak RSS); TRL's own default in brackets.", "",
-              "| case | posttrain row | step time vs TRL fastest | peak RSS vs TRL smallest | met? |",
-              "|---|---|---|---|---|"]
+              "TRL's smallest row (peak RSS" + (", peak tensors" if tensors else "") + "); TRL's own default in "
+              "brackets.", "",
+              "| case | posttrain row | step time vs TRL fastest | peak RSS vs TRL smallest | "
+              + ("peak tensors vs TRL smallest | " if tensors else "") + "met? |",
+              "|---|---|---|---|" + ("---|" if tensors else "") + "---|"]
     for vd in report["verdicts"]:
         d = vd.get("vs_trl_default") or {}
-        missed = [name for name, ok in (("time", vd["time_target_met"]), ("memory", vd["rss_target_met"])) if not ok]
+        checks = [("time", vd["time_target_met"]), ("RSS", vd["rss_target_met"])]
+        if "tensor_target_met" in vd:
+            checks.append(("tensors", vd["tensor_target_met"]))
+        missed = [name for name, ok in checks if not ok]
         met = "yes" if not missed else f"no ({', '.join(missed)})"
         lines.append(f"| {SHORT[vd['case']]} | "
                      f"{vd['posttrain_row']} | {fmt(vd['time_ratio_vs_fastest'], 2)}× ({vd['trl_fastest']}; vs TRL "
                      f"default {fmt(d.get('step_time_with_precompute'), 2)}×) | {fmt(vd['rss_ratio_vs_smallest'], 2)}× "
-                     f"({vd['trl_smallest']}; vs TRL default {fmt(d.get('peak_rss'), 2)}×) | {met} |")
+                     f"({vd['trl_smallest']}; vs TRL default {fmt(d.get('peak_rss'), 2)}×) | "
+                     + (f"{fmt(vd['tensor_ratio_vs_least'], 2)}× ({vd['trl_least_tensors']}; vs TRL default "
+                        f"{fmt(d.get('peak_tensors'), 2)}×) | " if "tensor_target_met" in vd else "") + f"{met} |")
     lines.append("")
     lines += warning_lines(report)
     lines += ["How it is measured and what differs between the tools: `benchmarks/README.md`. Raw numbers: "
@@ -282,6 +313,9 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--name", default="dpo_cpu", help="results/NAME.md and NAME.json")
+    parser.add_argument("--tensor-memory", type=int, choices=[0, 1],
+                        default=int(os.environ.get("BENCH_TENSOR_MEMORY", "1")),
+                        help="after the timed rounds, one untimed run per row that tracks live CPU tensor bytes")
     args = parser.parse_args()
     args.work = args.cache.parent / "dpo_work"  # scratch, gitignored; results/ keeps only the report
     args.work.mkdir(parents=True, exist_ok=True)
@@ -305,17 +339,33 @@ def main() -> None:
                   f"step-0 loss {r['losses'][0]:.6f}, tokens {r['tokens'][:4]}…, load {r['loadavg_1min_before']:.1f} "
                   f"({r['child_wall_s']:.0f} s)", flush=True)
             results[(case, tool, variant)].append(r)
+    tracked: dict[tuple[str, str, str], dict] = {}
+    for case, tool, variant in plan if args.tensor_memory else []:
+        name = f"{case}-{tool}-{variant}-tensors"
+        print(f"[tensors] {case} {tool}:{variant} ...", end=" ", flush=True)
+        r = child(case, tool, variant, args, args.work / f"{name}.json", args.work / f"{name}.log", ("--tensor-memory",))
+        print(f"peak {r['peak_tensor_mib']:.0f} MiB of live tensors (set-up {r['peak_setup_tensor_mib']:.0f}, steps "
+              f"{r['peak_steps_tensor_mib']:.0f}, {r['tensor_mib_at'].get('train_begin', 0):.0f} when training begins, "
+              f"{r['peak_process_tensor_mib']:.0f} with what follows the last step), step-0 loss {r['losses'][0]:.6f} "
+              f"({r['child_wall_s']:.0f} s)", flush=True)
+        tracked[(case, tool, variant)] = {key: r[key] for key in (
+            "peak_tensor_mib", "peak_setup_tensor_mib", "peak_steps_tensor_mib", "peak_process_tensor_mib",
+            "end_tensor_mib", "tensor_mib_at", "allocations", "losses")}
 
     rows = [{"case": case, "tool": tool, "variant": variant,
              "note": NOTES.get((case, tool, variant), NOTES.get((tool, variant), variant)),
-             "summary": summarize(runs, args.warmup, args.steps), "runs": runs}
+             "summary": summarize(runs, args.warmup, args.steps, tracked.get((case, tool, variant))), "runs": runs,
+             "tensor_run": tracked.get((case, tool, variant))}
             for (case, tool, variant), runs in results.items()]
     cases = [c for c in CASES if any(row["case"] == c for row in rows)]
     parities = [parity(c, [row for row in rows if row["case"] == c], reference) for c in cases]
-    all_ratios = [r for c in cases for r in ratio_rows(c, [row for row in rows if row["case"] == c], RATIOS)]
+    ratios = {**RATIOS, **(TENSOR_RATIO if args.tensor_memory else {})}
+    all_ratios = [r for c in cases for r in ratio_rows(c, [row for row in rows if row["case"] == c], ratios)]
     verdicts = [v for c in cases
                 if (v := verdict(c, [row for row in rows if row["case"] == c], [r for r in all_ratios if r["case"] == c]))]
     warnings = timing_warnings(rows, SPREAD_WARNING, "mean")
+    warnings += [f"{row['case']} {row['tool']}:{row['variant']}: the tensor-tracking run's losses differ from the timed "
+                 "runs'" for row in rows if row["summary"]["tensor_run_losses_match"] is False]
     for p in parities:
         if not (p["agree"] and p["logps_agree"] and p["same_first_batch_ids"] and p["same_tokens_every_step"]):
             warnings.append(f"{p['case']}: parity check failed (step-0 losses agree: {p['agree']}, step-0 log-probs "
@@ -329,7 +379,7 @@ def main() -> None:
         "assets": assets,
         "settings": {"steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "batch_size": args.batch_size,
                      "max_length": args.max_length, "lr": args.lr, "schedule": "constant", "max_grad_norm": 1.0,
-                     "beta": 0.1, "order": args.runs},
+                     "beta": 0.1, "order": args.runs, "tensor_memory": bool(args.tensor_memory)},
         "rows": rows,
         "reference_logps_first_batch": reference,
         "ratios": all_ratios,
