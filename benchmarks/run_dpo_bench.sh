@@ -12,8 +12,10 @@
 #
 # Knobs (environment): BENCH_ROUNDS (2), BENCH_STEPS (20; the data holds 16 x steps pairs,
 # one epoch), BENCH_RUNS (case:tool:variant list, see benchmarks/dpo/report.py),
-# BENCH_PROFILE (cpu, or cpu32k: the same model with a 32,768-token vocabulary), BENCH_NAME
-# (results/NAME.md; dpo_PROFILE), PYTHON (python3), TRL_SPEC (trl).
+# BENCH_PROFILE (cpu; cpu32k: the same model with a 32,768-token vocabulary; cpulong: the cpu32k
+# model on the GPU profile's ~650-token rows, batch 8, max_length 1024), BENCH_NAME
+# (results/NAME.md; dpo_PROFILE), BENCH_TENSOR_MEMORY (1: one untimed peak-tensor run per row;
+# 0: none), PYTHON (python3), TRL_SPEC (trl).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -23,6 +25,8 @@ NAME="${BENCH_NAME:-dpo_$PROFILE}"
 CACHE="$HERE/.cache/dpo_$PROFILE"
 STEPS="${BENCH_STEPS:-20}"
 BATCH=16
+MAX_LENGTH=128
+if [ "$PROFILE" = cpulong ]; then BATCH=8; MAX_LENGTH=1024; fi
 # shellcheck source=benchmarks/venv.sh
 source "$HERE/venv.sh"
 bench_venv "torch, trl, peft, posttrain" peft
@@ -37,7 +41,7 @@ fi
 mkdir -p "$HERE/results"
 rm -rf "$HERE/.cache/dpo_work"
 start=$(date +%s)
-DPO_BENCH_CMD="${BENCH_PROFILE:+BENCH_PROFILE=$PROFILE }${BENCH_NAME:+BENCH_NAME=$NAME }${BENCH_ROUNDS:+BENCH_ROUNDS=$BENCH_ROUNDS }${BENCH_RUNS:+BENCH_RUNS=$BENCH_RUNS }bash benchmarks/run_dpo_bench.sh" HF_HUB_OFFLINE=1 \
+DPO_BENCH_CMD="${BENCH_PROFILE:+BENCH_PROFILE=$PROFILE }${BENCH_NAME:+BENCH_NAME=$NAME }${BENCH_ROUNDS:+BENCH_ROUNDS=$BENCH_ROUNDS }${BENCH_STEPS:+BENCH_STEPS=$BENCH_STEPS }${BENCH_TENSOR_MEMORY:+BENCH_TENSOR_MEMORY=$BENCH_TENSOR_MEMORY }${BENCH_RUNS:+BENCH_RUNS=$BENCH_RUNS }bash benchmarks/run_dpo_bench.sh" HF_HUB_OFFLINE=1 \
   "$PY" "$HERE/dpo/report.py" --cache "$CACHE" --results "$HERE/results" --steps "$STEPS" --batch-size "$BATCH" \
-  --name "$NAME"
+  --max-length "$MAX_LENGTH" --name "$NAME"
 echo "[done] $(( $(date +%s) - start )) s; see benchmarks/results/$NAME.md"

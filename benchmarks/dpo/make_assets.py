@@ -20,6 +20,9 @@ very tokenizer and chat template the preset ships.
 --profile cpu32k is the CPU model with a 32,768-row vocabulary, untied (the tokenizer still uses
 its first 1,024 ids): the logits then weigh what they do in real models.
 
+--profile cpulong is the cpu32k model with the GPU profile's long rows (below): what the GPU
+table measures, at a size a 2-core CPU can step through, for the peak-tensor comparison.
+
 --profile gpu builds the GPU case instead: a 0.22B-parameter Llama (hidden 1024, 12
 layers, 16 heads, intermediate 2816, untied embeddings) with a 32,768-row vocabulary, the
 size of real models' (the tokenizer still uses its first 1,024 ids), and long rows cut
@@ -48,6 +51,8 @@ PROFILES = {
     "gpu": {"vocab_size": 32768, "hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 12,
             "num_attention_heads": 16, "tie_word_embeddings": False},
 }
+PROFILES["cpulong"] = PROFILES["cpu32k"]
+LONG_ROWS = {"gpu", "cpulong"}  # corpus passages (~650 tokens a sequence), not the synthetic tasks
 
 
 def build_model(model_dir: Path, seed: int, profile: str = "cpu") -> int:
@@ -114,7 +119,7 @@ def build_data(path: Path, model_dir: Path, rows: int, seed: int, profile: str =
 
     from posttrain.data.synthetic import make_preference_rows
 
-    synthetic = profile.startswith("cpu")
+    synthetic = profile not in LONG_ROWS
     data = make_preference_rows(TASKS, rows, seed=seed, kind="pairs") if synthetic else passage_rows(rows, seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     lengths = []

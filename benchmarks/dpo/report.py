@@ -209,8 +209,10 @@ def write_markdown(report: dict, path: Path) -> None:
                           report["command"], report, PACKAGES[:-1]) + [
         f"Setup: small Llama ({a.get('params', 0) / 1e6:.2f}M params: hidden 256, 4 layers, vocab "
         f"{a.get('vocab_size', 1024):,}, {'tied' if a.get('tied_embeddings', True) else 'untied'} embeddings) over "
-        f"the `tiny` preset's tokenizer and ChatML template, float32; {a.get('rows')} synthetic "
-        f"preference pairs (smallest/copy/reverse; {a.get('sequence_tokens_min')}–{a.get('sequence_tokens_max')} "
+        f"the `tiny` preset's tokenizer and ChatML template, float32; {a.get('rows')} "
+        + ("preference pairs cut from the bundled corpus (the GPU profile's rows: " if a.get("tasks") == "corpus passages"
+           else "synthetic preference pairs (smallest/copy/reverse; ")
+        + f"{a.get('sequence_tokens_min')}–{a.get('sequence_tokens_max')} "
         f"tokens per prompt+response); batch {s['batch_size']} pairs, max_length {s['max_length']}, "
         f"lr {s['lr']:g} constant, AdamW, clip 1.0, {s['steps']} steps per run = one epoch, same batches in the same "
         f"order in both tools; first {s['warmup']} steps not timed; {s['rounds']} interleaved repeats, every run a "
