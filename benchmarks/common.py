@@ -123,8 +123,10 @@ class TensorMemory:
         `tensor_mib_at` {mark: live MiB at its last occurrence}; `allocations` (a count)."""
         self.profiler.__exit__(None, None, None)
         events = self.profiler.profiler.kineto_results.events()
-        timeline = sorted((e.start_ns(), e.name(), e.nbytes() if e.name() == "[memory]" else 0)
-                          for e in events if e.name() == "[memory]" or e.name().startswith(self.MARK))
+        # by time only: events of one nanosecond keep the order they were recorded in
+        timeline = sorted(((e.start_ns(), e.name(), e.nbytes() if e.name() == "[memory]" else 0)
+                           for e in events if e.name() == "[memory]" or e.name().startswith(self.MARK)),
+                          key=lambda item: item[0])
         live = allocations = 0
         peak = {"setup": 0, "steps": 0, "after": 0}
         phase, at = "setup", {}
