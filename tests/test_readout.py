@@ -107,7 +107,7 @@ def test_the_trimmed_layer_follows_deepcopy_and_leaves_weights_and_other_batches
     before = {k: v.clone() for k, v in model.state_dict().items()}
     assert padding_free(model)
     twin = copy.deepcopy(model)  # the frozen reference copy of DPO and RL is made this way
-    assert trims_last_layer(twin) and twin.model.layers[-1].forward.__self__ is twin.model.layers[-1]
+    assert trims_last_layer(twin) and twin.model.layers[-1].forward.args[0] is twin.model.layers[-1]
     ids, mask = _rows("right")
     with torch.no_grad():  # a padded batch, and generation, go through the layer's own forward
         assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, twin(input_ids=ids, attention_mask=mask).logits)

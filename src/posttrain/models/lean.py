@@ -47,7 +47,7 @@ float32 vocabulary projection) keeps its own output dtype.
 
 from __future__ import annotations
 
-import types
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -283,13 +283,13 @@ def lean_activations(model: torch.nn.Module, mode: bool | str = True) -> int:
             continue
         if lora_linear is not None and isinstance(module, lora_linear):
             module._lean_on_cpu = on_cpu
-            module._cast_input_dtype = types.MethodType(_lora_cast_input, module)
+            module._cast_input_dtype = functools.partial(_lora_cast_input, module)
         elif name in _NORMS and _eligible(module, "norm"):
             module._lean_cast, module._lean_on_cpu = id(module) in layer_norms, on_cpu
-            module.forward = types.MethodType(_norm_forward, module)
+            module.forward = functools.partial(_norm_forward, module)
         elif name in _MLPS and _eligible(module, "mlp"):  # the check rejects an act_fn other than silu
             module._lean_on_cpu = on_cpu
-            module.forward = types.MethodType(_mlp_forward, module)
+            module.forward = functools.partial(_mlp_forward, module)
         else:
             continue
         module._lean = True

@@ -19,8 +19,8 @@ at those positions (tested to 1e-12 in float64).
 
 from __future__ import annotations
 
+import functools
 import sys
-import types
 from typing import Callable
 
 import torch
@@ -46,7 +46,7 @@ def trim_last_layer(model, enabled: bool = True) -> bool:
     if layers is None:
         return False
     layer = layers[-1]
-    installed = getattr(layer.__dict__.get("forward"), "__func__", None) is _forward
+    installed = _installed(layer)
     if not enabled:
         if installed:
             del layer.forward
@@ -55,29 +55,42 @@ def trim_last_layer(model, enabled: bool = True) -> bool:
         return True
     if type(layer).__module__ not in _LAYER_MODULES or "forward" in layer.__dict__:
         return False
-    layer.forward = types.MethodType(_forward, layer)  # a bound method: deepcopy binds it to the copy
+    # bound with a partial, not a bound method: deepcopy and pickle both rebind it to the copy
+    # (a pickled bound method is looked up by name on the layer, which has no `_forward`)
+    layer.forward = functools.partial(_forward, layer)
     return True
+
+
+def _installed(layer) -> bool:
+    forward = layer.__dict__.get("forward")
+    return isinstance(forward, functools.partial) and forward.func is _forward
 
 
 def trims_last_layer(model) -> bool:
     layers = _decoder_layers(model)
-    return layers is not None and getattr(layers[-1].__dict__.get("forward"), "__func__", None) is _forward
+    return layers is not None and _installed(layers[-1])
 
 
 def reading(model, inputs: dict, at: torch.Tensor) -> tuple[dict, Callable[[torch.Tensor], torch.Tensor]]:
     """(inputs, pick) to read the final hidden states at flat positions `at` (any order, repeats
     allowed) of the batch `inputs`: pick(the model's last hidden states) → (len(at), H). A
-    padding-free batch for a model that trims asks for those positions only (`read_at`)."""
-    if "packed_slots" not in inputs or not trims_last_layer(model):
+    padding-free batch for a model that trims asks for those positions only (`read_at`); with no
+    positions at all, the whole last layer runs and none of it is read."""
+    if "packed_slots" not in inputs or not at.numel() or not trims_last_layer(model):
         return inputs, lambda hidden: hidden.flatten(0, 1)[at]
     unique, inverse = torch.unique(at, return_inverse=True)
     return {**inputs, "read_at": unique}, lambda hidden: hidden[0][inverse]
 
 
 def _forward(self, hidden_states, *args, read_at=None, **kwargs):
-    """The layer's own forward, or with `read_at` its output at those tokens only."""
+    """The layer's own forward, or with `read_at` its output at those tokens only. Under gradient
+    checkpointing (transformers puts it on the class's forward, which `_layer_at` bypasses) the
+    trimmed layer is checkpointed as the whole one would be: its input kept, the rest recomputed."""
     if read_at is None:
         return type(self).forward(self, hidden_states, *args, **kwargs)
+    if getattr(self, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled():
+        return self._gradient_checkpointing_func(functools.partial(_layer_at, self, read_at=read_at, **kwargs),
+                                                 hidden_states)
     return _layer_at(self, hidden_states, read_at, **kwargs)
 
 
