@@ -354,7 +354,7 @@ def _examples():
         PreferenceExample([_seq(3, 2), _seq(3, 4)], [0, 1], None, None, "a"),  # rejected 7 long: cut to 6, 3 labels
         PreferenceExample([_seq(6, 2), _seq(6, 1)], [0, 1], None, None, "b"),  # prompt fills max_length
         PreferenceExample([_seq(2, 2)], None, True, None, "c"),  # fits
-        PreferenceExample([_seq(5, 3), _seq(2, 1), _seq(5, 1)], [0, 1, 2], None, None, "d"),  # one too long
+        PreferenceExample([_seq(5, 3), _seq(2, 1), _seq(4, 2)], [0, 1, 2], None, None, "d"),  # one too long
     ]
 
 
@@ -364,7 +364,8 @@ def test_fit_preference_length_truncate():
     assert [len(s) for s in kept[0].sequences] == [5, 6] and kept[0].sequences[1].num_label_tokens == 3
     assert [len(s) for s in kept[2].sequences] == [6, 3, 6] and kept[2].ranks == [0, 1, 2]
     assert report == {"records": 4, "max_length": 6, "policy": "truncate", "too_long_records": 3,
-                      "truncated_sequences": 2, "dropped_too_long": 0, "dropped_no_labels": 1, "dropped_records": 1,
+                      "truncated_sequences": 2, "dropped_too_long": 0, "dropped_no_labels": 1, "dropped_identical": 0,
+                      "identical_sources": [], "dropped_records": 1,
                       "summary": "3 of 4 records have a sequence longer than 6 tokens: 2 sequences truncated; "
                                  "1 dropped with a response left without label tokens (prompt too long)"}
 

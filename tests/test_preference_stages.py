@@ -98,10 +98,11 @@ def test_kway_rankings_expand_to_ordered_pairs_weighted_per_prompt(tokenizer):
     assert float(extras["pair_weight"].sum()) == pytest.approx(2.0)  # each prompt counts once
 
 
-def test_kto_items_split_pairs_and_pair_each_prompt_with_the_next_response(tokenizer):
+def test_kto_items_split_pairs_and_pair_each_prompt_with_another_prompts_response(tokenizer):
     items = kto_items(_items(tokenizer, PAIRS[:2]), max_length=512)
     assert [item.desirable for item in items] == [True, False, True, False]
-    first, second = items[0].sequences[0], items[1].sequences[0]
+    # the two sides of a pair share a prompt: each item's partner is the other pair's item in its place
+    first, second = items[0].sequences[0], items[2].sequences[0]
     mismatched = items[0].sequences[1]
     cut = next(i for i, t in enumerate(first.labels) if t != -100)
     start = next(i for i, t in enumerate(second.labels) if t != -100)

@@ -358,13 +358,18 @@ def fit_preference_length(examples: list[PreferenceExample], max_length: int,
     """Apply the length policy to whole records. "truncate" cuts each over-long sequence's
     end (the prompt is kept); "drop" drops a record with any over-long sequence. Either way
     a record with a sequence left without label tokens (prompt too long) is dropped, since
-    its responses can no longer be compared. Every drop is counted in the report."""
+    its responses can no longer be compared, and so is a record in which two responses ranked
+    differently are the same tokens — the text differed, but only in what the cut removed or
+    in what the chat template normalises (many templates trim each message): a preference
+    between identical inputs teaches nothing (a pair) or the impossible (a ranking). Every drop
+    is counted in the report; the identical ones are named by file:line."""
     if policy not in ("truncate", "drop"):
         raise ConfigError(f"unknown length policy {policy!r}; choose truncate or drop")
     if max_length < 1:
         raise ConfigError(f"max_length must be at least 1, got {max_length}")
     report = {"records": len(examples), "max_length": max_length, "policy": policy, "too_long_records": 0,
-              "truncated_sequences": 0, "dropped_too_long": 0, "dropped_no_labels": 0}
+              "truncated_sequences": 0, "dropped_too_long": 0, "dropped_no_labels": 0, "dropped_identical": 0,
+              "identical_sources": []}
     kept = []
     for example in examples:
         over = [len(s) > max_length for s in example.sequences]
@@ -377,11 +382,24 @@ def fit_preference_length(examples: list[PreferenceExample], max_length: int,
         if any(s.num_label_tokens == 0 for s in sequences):
             report["dropped_no_labels"] += 1
             continue
+        if example.ranks is not None and _identical_but_ranked_apart(sequences, example.ranks):
+            report["dropped_identical"] += 1
+            report["identical_sources"].append(example.source)
+            continue
         report["truncated_sequences"] += sum(over)  # of the records kept
         kept.append(PreferenceExample(sequences, example.ranks, example.desirable, example.margin, example.source))
-    report["dropped_records"] = report["dropped_too_long"] + report["dropped_no_labels"]
+    report["dropped_records"] = report["dropped_too_long"] + report["dropped_no_labels"] + report["dropped_identical"]
     report["summary"] = _length_summary(report)
     return kept, report
+
+
+def _identical_but_ranked_apart(sequences: list[Example], ranks: list[int]) -> bool:
+    seen: dict[tuple, int] = {}
+    for seq, rank in zip(sequences, ranks):
+        key = (tuple(seq.input_ids), tuple(seq.labels))
+        if seen.setdefault(key, rank) != rank:
+            return True
+    return False
 
 
 def _length_summary(r: dict) -> str:
@@ -392,6 +410,10 @@ def _length_summary(r: dict) -> str:
         line += ": dropped"
     if r["dropped_no_labels"]:
         line += f"; {r['dropped_no_labels']} dropped with a response left without label tokens (prompt too long)"
+    if r["dropped_identical"]:
+        shown = ", ".join(r["identical_sources"][:5]) + (", …" if r["dropped_identical"] > 5 else "")
+        line += (f"; {r['dropped_identical']} dropped whose differently ranked responses are the same tokens after "
+                 f"the chat template and the cut ({shown})")
     return line
 
 

@@ -122,8 +122,14 @@ def simpo_loss(policy_chosen_avg_logps: Tensor, policy_rejected_avg_logps: Tenso
 
 
 def log_odds(avg_logps: Tensor) -> Tensor:
-    """log(p / (1 − p)) for p = exp(avg_logps) < 1, computed stably as x − log(−expm1(x))."""
-    return avg_logps - torch.log(-torch.expm1(avg_logps))
+    """log(p / (1 − p)) for p = exp(avg_logps) < 1, computed stably as x − log(−expm1(x)).
+
+    x is capped at −ε (the dtype's machine epsilon): a float32 log-softmax returns exactly 0 once
+    the target's logit leads the rest by ~17 + log V, where p = 1 makes the odds infinite and
+    ORPO's ratio inf − inf. Capped, such a sequence's odds saturate (log odds ≈ −log ε, ~16 in
+    float32) and pass no gradient, as a probability already at 1 should."""
+    x = avg_logps.clamp(max=-torch.finfo(avg_logps.dtype).eps)
+    return x - torch.log(-torch.expm1(x))
 
 
 def orpo_loss(chosen_avg_logps: Tensor, rejected_avg_logps: Tensor, chosen_nll: Tensor,

@@ -202,11 +202,22 @@ def save(root: Path, step: int, *, model, optimizer, loop_state: dict, rank: int
     return final
 
 
+def load_optimizer_state(optimizer, state_dict: dict) -> None:
+    """The checkpoint's moments and step counts, the run's own hyperparameters: torch's
+    load_state_dict also restores each group's lr / base_lr / weight decay / betas from the
+    checkpoint, so a run resumed with another `train.lr` would keep the old rate while logging
+    the new one. The groups are those the current config built."""
+    settings = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state_dict)
+    for group, values in zip(optimizer.param_groups, settings):
+        group.update(values)
+
+
 def load(directory: Path, *, model, optimizer, rank: int) -> dict:
     """Restore weights, optimizer and this rank's RNG; return the loop state."""
     load_trainable_state(model, load_file(str(directory / "trainable.safetensors")))
     opt_plain = json.loads((directory / "optimizer.json").read_text())
-    optimizer.load_state_dict(_join_optimizer_state(load_file(str(directory / "optimizer.safetensors")), opt_plain))
+    load_optimizer_state(optimizer, _join_optimizer_state(load_file(str(directory / "optimizer.safetensors")), opt_plain))
     rng_file = directory / f"rng-rank{rank}.safetensors"
     if rng_file.is_file():  # a different world size resumes without this rank's RNG
         restore_rng(load_file(str(rng_file)), json.loads((directory / f"rng-rank{rank}.json").read_text()))

@@ -269,6 +269,8 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator) -> LoopResult:
                 if finite:
                     optimizer.step()
                     after_optimizer_step(state["step"] + 1)
+                else:
+                    _skipped_step(accelerator)
                 optimizer.zero_grad(set_to_none=True)
                 state.update(step=state["step"] + 1, epoch=epoch, step_in_epoch=step_in_epoch)
                 abort = _count_nonfinite(state, finite, cfg, log)
@@ -312,6 +314,15 @@ def _step_record(state: dict, loss: float, lr: float, grad_norm: float, stage: S
             "tokens": tokens, "tokens_per_s": tokens / elapsed, "step_time_s": elapsed,
             "peak_mem_mb": peak_memory_mb(), "skipped_steps": state["skipped_steps"],
             "world_size": world}
+
+
+def _skipped_step(accelerator) -> None:
+    """A step not taken (non-finite loss or gradient norm). A GradScaler (fp16) must still close
+    it: clipping has unscaled the gradients, and until `update()` the next step's unscaling
+    raises; an overflow should also lower the scale, as the scaler's own skipped step would."""
+    scaler = accelerator.scaler
+    if scaler is not None:
+        scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
 
 
 def _count_nonfinite(state: dict, finite: bool, cfg, log: RunLogger) -> str | None:

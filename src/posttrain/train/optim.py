@@ -154,6 +154,8 @@ class AdamW(torch.optim.AdamW):
     """
 
     def __init__(self, params, row_sparse: list[torch.Tensor] = (), **kwargs) -> None:
+        if kwargs.get("amsgrad") and row_sparse:
+            raise ConfigError("AdamW with amsgrad has no reached-rows update; pass no row_sparse matrices")
         super().__init__(params, **kwargs)
         in_groups = {id(p) for group in self.param_groups for p in group["params"]}
         self._embeddings = [p for p in row_sparse if id(p) in in_groups]
@@ -169,11 +171,12 @@ class AdamW(torch.optim.AdamW):
         if closure is not None:  # evaluated first, as torch does; then its gradients are stepped on
             with torch.enable_grad():
                 loss = closure()
-        if getattr(self, "grad_scale", None) is not None:
-            # A GradScaler drives the fused kernel (unscaling, skipping on inf): torch's AdamW, every row.
+        if getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
+            # A GradScaler drives the fused kernel (unscaling, skipping on inf — found_inf alone once
+            # the gradients were unscaled for clipping): torch's AdamW, every row.
             self._densify(self._embeddings)
             self._reached.clear()  # that step may reach rows: rebuild from the moments next time
-            super().step()
+            _torch_step(self)
             return loss
         # A plain dense 2-D gradient or a sparse one (`sparse_embedding_gradients`); a sharded one
         # (FSDP, DTensor) takes torch's path.
@@ -187,7 +190,7 @@ class AdamW(torch.optim.AdamW):
         for p, _ in held:
             p.grad = None  # torch's step skips a parameter without a gradient
         try:
-            super().step()
+            _torch_step(self)
         finally:
             for p, grad in held:
                 p.grad = grad
@@ -252,6 +255,13 @@ class AdamW(torch.optim.AdamW):
         if group["weight_decay"] != 0:  # the rows never reached: p·(1 − lr·wd), as AdamW does
             idle = (~reached).nonzero().squeeze(1)
             p.index_copy_(0, idle, p.index_select(0, idle).mul_(1 - group["lr"] * group["weight_decay"]))
+
+
+def _torch_step(optimizer: AdamW) -> None:
+    """torch's AdamW.step without its hook wrapper: once torch has built any AdamW it wraps the
+    class's step to run the optimizer's step hooks, which our own (wrapped) step already ran."""
+    step = torch.optim.AdamW.step
+    getattr(step, "__wrapped__", step)(optimizer)
 
 
 def make_optimizer(model: torch.nn.Module, cfg, lr_scale: Callable[[str], float] | None = None) -> torch.optim.Optimizer:

@@ -27,6 +27,7 @@ import copy
 import hashlib
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -277,10 +278,15 @@ def kto_extras(items: list[Item]) -> dict[str, torch.Tensor]:
             "desirable": torch.tensor([bool(item.desirable) for item in items])}
 
 
-def kto_items(items: list[Item], max_length: int) -> list[Item]:
-    """Unpaired items, each with its mismatched partner: its prompt + the next item's response.
+def kto_items(items: list[Item], max_length: int, log: Callable[[str], None] = print) -> list[Item]:
+    """Unpaired items, each with its mismatched partner: its prompt + a response to another prompt.
 
-    Pairs and rankings are split first: the best response desirable, every other one not.
+    Pairs and rankings are split first: the best response desirable, every other one not. The
+    items then come in runs that share a prompt (a pair's two sides, a ranking's K responses,
+    repeated prompts), so the partner is taken from the next run whose prompt differs — the
+    k-th item of a run gets that run's k-th response (cyclically) — never from its own prompt,
+    whose log-ratio would pull KTO's KL estimate z₀ toward the matched one. With one prompt in
+    the whole set there is no other: the next item's response is used and the log says so.
     """
     from posttrain.data.records import Example
 
@@ -291,14 +297,40 @@ def kto_items(items: list[Item], max_length: int) -> list[Item]:
             continue
         best = min(item.ranks)
         single += [Item([seq], desirable=rank == best, source=item.source) for seq, rank in zip(item.sequences, item.ranks)]
+    partners = _mismatched_partners([item.sequences[0] for item in single], log)
     out = []
-    for i, item in enumerate(single):
-        own, other = item.sequences[0], single[(i + 1) % len(single)].sequences[0]
+    for item, partner in zip(single, partners):
+        own, other = item.sequences[0], single[partner].sequences[0]
         cut, start = first_label(own), first_label(other)
         mismatched = Example(input_ids=(own.input_ids[:cut] + other.input_ids[start:])[:max_length],
                              labels=([-100] * cut + other.labels[start:])[:max_length], source=own.source)
         out.append(Item([own, mismatched], desirable=item.desirable, source=item.source))
     return out
+
+
+def _mismatched_partners(sequences: list, log: Callable[[str], None]) -> list[int]:
+    """For each sequence, the index of one whose prompt (the tokens before its first label)
+    differs: the next run of equal prompts, wrapping around, k-th item to k-th item."""
+    prompts = [tuple(seq.input_ids[:first_label(seq)]) for seq in sequences]
+    runs: list[list[int]] = []
+    for i, prompt in enumerate(prompts):
+        if runs and prompts[runs[-1][0]] == prompt:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    if len({prompts[run[0]] for run in runs}) < 2:
+        log("kto: every item has the same prompt, so the KL estimate z0 pairs each prompt with another item's "
+            "response to that same prompt (there is no other prompt to mismatch with)")
+        return [(i + 1) % len(sequences) for i in range(len(sequences))]
+    partners = [0] * len(sequences)
+    for r, run in enumerate(runs):
+        step = 1  # consecutive runs differ; only the wrap from the last run to the first may not
+        while prompts[runs[(r + step) % len(runs)][0]] == prompts[run[0]]:
+            step += 1
+        other = runs[(r + step) % len(runs)]
+        for k, i in enumerate(run):
+            partners[i] = other[k % len(other)]
+    return partners
 
 
 # --------------------------------------------------------------------------- reference log-probs
@@ -354,10 +386,11 @@ def _assign(items: list[Item], values: list[float]) -> None:
 # --------------------------------------------------------------------------- the run
 
 
-def _items(data, cfg: DPOConfig) -> tuple[list[Item], list[Item]]:
+def _items(data, cfg: DPOConfig, log: Callable[[str], None] = print) -> tuple[list[Item], list[Item]]:
     train, evaluation = items_from_examples(data.train), items_from_examples(data.eval)
     if cfg.dpo.loss == "kto":
-        return kto_items(train, cfg.data.max_length), (kto_items(evaluation, cfg.data.max_length) if evaluation else [])
+        return (kto_items(train, cfg.data.max_length, log),
+                kto_items(evaluation, cfg.data.max_length, log) if evaluation else [])
     unpaired = [item.source for item in train + evaluation if item.ranks is None]
     if unpaired:
         raise DataError(f"dpo.loss={cfg.dpo.loss} needs pairs or rankings; {len(unpaired)} rows are unpaired "
@@ -375,7 +408,7 @@ def run_dpo(cfg: DPOConfig) -> Path:
     run_dir, accelerator, main, log = start_run(cfg)
     tokenizer, model, adapter_training = build_model(cfg, log, run_dir if main else None)
     data = prepare_preference_data(cfg.data, tokenizer, run_dir, cfg.train.seed, log)
-    train_items, eval_items = _items(data, cfg)
+    train_items, eval_items = _items(data, cfg, log)
     live = cfg.dpo.reference == "live"
     share = (cfg.dpo.share_prompt and cfg.dpo.loss != "kto" and getattr(model, "virtual_peft", None) is None
              and window_allows(model, cfg.data.max_length, "dpo.share_prompt", log))
