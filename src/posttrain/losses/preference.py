@@ -90,7 +90,9 @@ def ipo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
     """Identity Preference Optimisation (Azar et al. 2023, Eq. 17).
 
     L = (h − 1/(2β))²   with h the log-ratio difference (not multiplied by β)
-    Regresses h to a fixed target instead of pushing it to infinity; β is the paper's τ.
+    Regresses h to a fixed target instead of pushing it to infinity; β is the paper's τ. The
+    log-probs are sums over each response's tokens, as in the paper (TRL's IPO averages them
+    per token, which moves the target 1/(2β) relative to long responses).
     """
     chosen, rejected = _implicit_rewards(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                                          ref_rejected_logps, beta)
