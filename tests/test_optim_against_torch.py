@@ -353,3 +353,26 @@ def test_lr_factor_boundaries(schedule):
     assert all(0.2 <= f <= 1.0 for f in factors)
     assert lr_factor(0, total, schedule, 0, 0.2) == 1.0  # no warmup: the first step at the peak
     assert lr_factor(5, total, schedule, 0, 1.0) == 1.0  # min_lr_ratio 1: flat
+
+
+def test_a_step_in_a_fresh_process_before_any_torch_adamw():
+    """BUG (introduced by the hook fix, caught by the demo): torch wraps AdamW.step with its hook
+    wrapper only once a plain torch AdamW is built; before that, AdamW.step.__wrapped__ is the
+    step without its no-grad decorator, and the first step of every run raised "a leaf Variable
+    that requires grad is being used in an in-place operation". A fresh interpreter, as a run."""
+    import subprocess
+
+    script = (
+        "import torch\n"
+        "from posttrain.train.optim import AdamW\n"
+        "m = torch.nn.Linear(3, 2)\n"
+        "opt = AdamW(m.parameters(), lr=0.1, weight_decay=0.1)\n"
+        "calls = []\n"
+        "opt.register_step_post_hook(lambda *a: calls.append(1))\n"
+        "m(torch.randn(4, 3)).sum().backward(); opt.step()\n"
+        "torch.optim.AdamW(torch.nn.Linear(2, 2).parameters())\n"
+        "m(torch.randn(4, 3)).sum().backward(); opt.step()\n"
+        "assert len(calls) == 2, calls\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -261,7 +261,9 @@ def _torch_step(optimizer: AdamW) -> None:
     """torch's AdamW.step without its hook wrapper: once torch has built any AdamW it wraps the
     class's step to run the optimizer's step hooks, which our own (wrapped) step already ran."""
     step = torch.optim.AdamW.step
-    getattr(step, "__wrapped__", step)(optimizer)
+    if getattr(step, "hooked", False):  # torch's hook wrapper; beneath it, the no-grad step itself
+        step = step.__wrapped__
+    step(optimizer)
 
 
 def make_optimizer(model: torch.nn.Module, cfg, lr_scale: Callable[[str], float] | None = None) -> torch.optim.Optimizer:
