@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
+import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -96,6 +98,22 @@ def _positional_arity(fn) -> int:
     return sum(p.kind in kinds for p in params) + (3 if any(p.kind is p.VAR_POSITIONAL for p in params) else 0)
 
 
+def _checked(component: RewardComponent, prompts, responses, rows) -> list[float]:
+    """A component's values: one finite number per response, or an error naming it (a NaN would
+    turn a total, a calibration mean and every row's score into NaN; a short or long list would
+    shift every row's score)."""
+    from posttrain.errors import DataError
+
+    values = [float(v) for v in _call(component.reward, prompts, responses, rows)]
+    if len(values) != len(responses):
+        raise DataError(f"reward {component.name!r} returned {len(values)} values for {len(responses)} responses")
+    bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+    if bad is not None:
+        raise DataError(f"reward {component.name!r} returned {values[bad]} for response {bad + 1} "
+                        f"(of {len(responses)}); rewards must be finite")
+    return values
+
+
 def _call(reward: Reward, prompts, responses, rows) -> list[float]:
     """Call a reward, passing the prompt rows only to rewards that take them."""
     if rows is not None and "rows" in inspect.signature(reward).parameters:
@@ -149,7 +167,7 @@ class CombinedReward:
         """Set each component's shift/scale to its mean/std on these samples (std 0 → 1)."""
         stats = {}
         for c in self.components:
-            values = torch.tensor(_call(c.reward, prompts, responses, rows), dtype=torch.float64)
+            values = torch.tensor(_checked(c, prompts, responses, rows), dtype=torch.float64)
             std = float(values.std()) if len(values) > 1 else 0.0
             c.shift, c.scale = float(values.mean()), std if std > 0 else 1.0
             stats[c.name] = (c.shift, c.scale)
@@ -157,7 +175,7 @@ class CombinedReward:
 
     def score(self, prompts: Sequence[list[dict]], responses: Sequence[str],
               rows=None) -> tuple[list[float], dict[str, list[float]]]:
-        raw = {c.name: _call(c.reward, prompts, responses, rows) for c in self.components}
+        raw = {c.name: _checked(c, prompts, responses, rows) for c in self.components}
         totals = []
         for i in range(len(responses)):
             total = 0.0
@@ -202,7 +220,8 @@ def build_combined(models: list[str], functions: list[str], weights: list[str], 
     components = []
     for i, item in enumerate(models):
         name, sep, path = item.partition("=")
-        name, path = (name, path) if sep else (f"rm{i}" if len(models) > 1 else "reward_model", item)
+        if not sep or os.sep in name or os.path.exists(item):  # a directory whose path holds '=' is a path
+            name, path = f"rm{i}" if len(models) > 1 else "reward_model", item
         components.append(RewardComponent(name, RewardModelScorer(path, template, batch_size)))
     for name, spec in _pairs_option(functions, "--function").items():
         components.append(RewardComponent(name, function_reward(spec)))
@@ -218,14 +237,14 @@ def build_combined(models: list[str], functions: list[str], weights: list[str], 
     return CombinedReward(components)
 
 
-def _read_scoring_rows(path: str) -> tuple[list[dict], list[list[dict]], list[str]]:
+def _read_scoring_rows(path: str) -> tuple[list[dict], list[list[dict]], list[str], list[str]]:
     """Rows with 'prompt' (text or turns) and 'response' (or 'completion'); file:line on a bad one."""
     from posttrain.data.formats import BadRowError
     from posttrain.data.preferences import to_preference_record
     from posttrain.data.readers import strict_rows
     from posttrain.errors import DataError
 
-    rows, prompts, responses = [], [], []
+    rows, prompts, responses, locations = [], [], [], []
     for location, row in strict_rows(path):
         try:
             if not isinstance(row, dict) or ("response" not in row and "completion" not in row):
@@ -238,7 +257,8 @@ def _read_scoring_rows(path: str) -> tuple[list[dict], list[list[dict]], list[st
         rows.append(row)
         prompts.append(record.prompt)
         responses.append(record.responses[0])
-    return rows, prompts, responses
+        locations.append(location)
+    return rows, prompts, responses, locations
 
 
 def score_main(args) -> int:
@@ -249,7 +269,14 @@ def score_main(args) -> int:
     if not args.model and not args.function:
         raise ConfigError("give at least one --model reward model or --function reward")
     combined = build_combined(args.model, args.function, args.weight, args.floor, args.template, args.batch_size)
-    rows, prompts, responses = _read_scoring_rows(args.input)
+    rows, prompts, responses, locations = _read_scoring_rows(args.input)
+    written = [args.column] + ([f"{args.column}_{c.name}" for c in combined.components]
+                               if len(combined.components) > 1 else [])
+    for row, location in zip(rows, locations):
+        taken = [column for column in written if column in row]
+        if taken:
+            raise ConfigError(f"{location}: the row already has a {taken[0]!r} column, which scoring would overwrite; "
+                              "name the new column with --column")
     if args.calibrate:
         for name, (mean, std) in combined.calibrate(prompts, responses).items():
             print(f"calibrated {name}: mean {mean:.4g}, std {std:.4g}", file=sys.stderr)

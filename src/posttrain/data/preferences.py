@@ -470,6 +470,8 @@ def prepare_preference_data(cfg, tokenizer, run_dir: Path, seed: int,
         read_report = {"source": "synthetic", "kind": cfg.synthetic_kind, "tasks": list(cfg.synthetic_tasks),
                        "rows": len(train_records) + len(eval_records), "bad": 0}
         eval_read = {"rows": len(eval_records), "held_out_prompts_unique": True}
+        if cfg.eval_files:  # held-out files given: they, not the synthetic split, are the held-out set
+            eval_records, eval_read = _read(cfg.eval_files, cfg, run_dir, log, "eval")
     elif cfg.eval_files:
         train_records, read_report = _read(cfg.train_files, cfg, run_dir, log, "train")
         eval_records, eval_read = _read(cfg.eval_files, cfg, run_dir, log, "eval")

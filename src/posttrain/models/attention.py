@@ -98,6 +98,23 @@ def window_allows(model, longest: int, option: str, log=None) -> bool:
     return False
 
 
+def block_masks_allowed(model, option: str, log=None) -> bool:
+    """Whether `model`'s attention reads a boolean 4-D mask as one (True = may attend):
+    shared-prompt rows hand it one (`train.grouped.collate_shared_prompt`), and transformers
+    passes a 4-D mask through unchanged. sdpa (and the padding-free attention built on it)
+    does; eager attention adds the mask to the scores, so True / False would become +1 / +0
+    and every block would see every other; flash attention drops it. Other implementations
+    turn `option` off, and `log` hears why."""
+    config = getattr(model, "config", None)
+    attention = getattr(config, "_attn_implementation", None)
+    if attention in ("sdpa", _NAME):
+        return True
+    if log is not None:
+        log(f"note: {option} is off: the model runs {attention} attention, which does not read a block mask; "
+            "each response gets its own row")
+    return False
+
+
 def padding_free(model, enabled: bool = True, log=None, longest: int | None = None) -> bool:
     """Let `model` take padding-free batches (see above), or with enabled=False no longer;
     returns whether it now does.

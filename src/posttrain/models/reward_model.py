@@ -42,12 +42,16 @@ def load_reward_model(path: str | os.PathLike, dtype: str = "float32", trust_rem
     if trust_remote_code:
         kwargs["trust_remote_code"] = True
     try:
-        model = _quiet_from_pretrained(AutoModelForSequenceClassification, directory, **kwargs)
+        model, info = _quiet_from_pretrained(AutoModelForSequenceClassification, directory, output_loading_info=True,
+                                             **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"could not load a reward model (sequence classification) from {directory}: {first_line}") from None
     if pad_token_id is not None and model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id
+    # modules the checkpoint did not hold, drawn at random here (the head; an encoder's pooler when
+    # the checkpoint was a masked LM): LoRA must train and save them too (`add_lora`)
+    model.newly_initialized = sorted({key.rsplit(".", 1)[0] for key in info.get("missing_keys", [])})
     return model
 
 
@@ -82,9 +86,13 @@ def add_lora(model, lora_cfg):
     from posttrain.models.adapters.build import quiet_peft
 
     targets = lora_cfg.target_modules
+    # the head (peft's SEQ_CLS default) and any other module the checkpoint lacked, which would
+    # otherwise stay at its random draw, untrained and unsaved: a new draw at every reload
+    fresh = [name for name in getattr(model, "newly_initialized", []) if name not in ("score", "classifier")]
     config = LoraConfig(task_type=TaskType.SEQ_CLS, r=lora_cfg.r, lora_alpha=lora_cfg.alpha,
                         lora_dropout=lora_cfg.dropout, use_rslora=lora_cfg.rslora, use_dora=lora_cfg.dora,
-                        target_modules=targets[0] if targets == ["all-linear"] else targets)
+                        target_modules=targets[0] if targets == ["all-linear"] else targets,
+                        modules_to_save=["classifier", "score", *fresh] if fresh else None)
     with quiet_peft():
         return get_peft_model(model, config)
 
@@ -129,8 +137,12 @@ def score(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch
     packed = pack_for(classifier, input_ids, attention_mask)
     if packed is not None:  # the real tokens only
         return scores_at(classifier, packed, torch.searchsorted(packed["packed_slots"], flat_last))
-    mask = None if is_right_padded(attention_mask) else attention_mask  # right padding: causality hides it
-    return scores_at(classifier, {"input_ids": input_ids, "attention_mask": mask}, flat_last)
+    if is_right_padded(attention_mask):  # causality hides the padding
+        return scores_at(classifier, {"input_ids": input_ids, "attention_mask": None}, flat_last)
+    # left padding: positions count real tokens only (absolute-position models, GPT-2, need it)
+    positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+    return scores_at(classifier, {"input_ids": input_ids, "attention_mask": attention_mask,
+                                  "position_ids": positions}, flat_last)
 
 
 def score_shared_prompt(model, input_ids, attention_mask, position_ids, last_token, packed_slots=None) -> torch.Tensor:

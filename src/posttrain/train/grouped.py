@@ -44,10 +44,11 @@ class Item:
 
 
 def shares_prompt(item: Item) -> bool:
-    """True when every sequence of `item` has the same tokens before its first label."""
+    """True when every sequence of `item` has the same, non-empty tokens before its first label
+    (a label on a block's first token has nothing in the block to predict it from)."""
     cut = first_label(item.sequences[0])
     prompt = item.sequences[0].input_ids[:cut]
-    return all(first_label(s) == cut and s.input_ids[:cut] == prompt for s in item.sequences[1:])
+    return cut > 0 and all(first_label(s) == cut and s.input_ids[:cut] == prompt for s in item.sequences[1:])
 
 
 def collate_shared_prompt(items: list[Item], pad_id: int, row_width: int = 0,

@@ -33,7 +33,7 @@ import torch
 
 from posttrain.config import DPOConfig, DPOLossConfig, validate_dpo
 from posttrain.errors import DataError
-from posttrain.models.attention import masked_attention_kernels, padding_free, window_allows
+from posttrain.models.attention import block_masks_allowed, masked_attention_kernels, padding_free, window_allows
 from posttrain.train.grouped import (
     GroupedStage,
     Item,
@@ -60,6 +60,10 @@ def policy_logps(model, input_ids, labels, attention_mask=None, chunk_size: int 
     from posttrain.models.loading import final_hidden_and_head, supports_hidden_path
     from posttrain.models.readout import reading
 
+    if attention_mask is not None:  # a label right after padding (left-padded, no prompt) has no predictor
+        after_padding = torch.zeros_like(attention_mask, dtype=torch.bool)
+        after_padding[:, 1:] = ~attention_mask[:, :-1].bool()
+        labels = labels.masked_fill(after_padding, -100)
     packed = pack_for(model, input_ids, attention_mask) if supports_hidden_path(model) else None
     if packed is not None:  # the hidden states that predict a label, back in the (B, T) grid
         rows, width = input_ids.shape
@@ -411,7 +415,8 @@ def run_dpo(cfg: DPOConfig) -> Path:
     train_items, eval_items = _items(data, cfg, log)
     live = cfg.dpo.reference == "live"
     share = (cfg.dpo.share_prompt and cfg.dpo.loss != "kto" and getattr(model, "virtual_peft", None) is None
-             and window_allows(model, cfg.data.max_length, "dpo.share_prompt", log))
+             and window_allows(model, cfg.data.max_length, "dpo.share_prompt", log)
+             and block_masks_allowed(model, "dpo.share_prompt", log))
     # shared-prompt and plain padded rows alike
     unpadded = padding_free(model, cfg.model.padding_free, log, cfg.data.max_length)
     if cfg.dpo.loss not in REFERENCE_FREE and not live:

@@ -119,7 +119,7 @@ def build_reward_model(cfg: RMConfig, tokenizer, log):
 def run_rm(cfg: RMConfig) -> Path:
     """Train a reward model per `cfg`; returns the run directory (model in run_dir/final)."""
     from posttrain.data.preferences import prepare_preference_data
-    from posttrain.models.attention import padding_free, window_allows
+    from posttrain.models.attention import block_masks_allowed, padding_free, window_allows
     from posttrain.models.loading import load_tokenizer
     from posttrain.models.reward_model import is_decoder_scorer
     from posttrain.train.loop import evaluate, start_run, train
@@ -135,7 +135,8 @@ def run_rm(cfg: RMConfig) -> Path:
     share = cfg.reward.share_prompt and is_decoder_scorer(model)
     if cfg.reward.share_prompt and not share:
         log("note: reward.share_prompt is off for an encoder backbone (its attention is bidirectional)")
-    share = share and window_allows(model, cfg.data.max_length, "reward.share_prompt", log)
+    share = (share and window_allows(model, cfg.data.max_length, "reward.share_prompt", log)
+             and block_masks_allowed(model, "reward.share_prompt", log))
     unpadded = is_decoder_scorer(model) and padding_free(model, cfg.model.padding_free, log,
                                                          cfg.data.max_length)  # any padded rows
     stage = GroupedStage(module, train_items, eval_items, cfg.train, tokenizer.pad_token_id, reward_extras,
