@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -341,27 +343,57 @@ def _mismatched_partners(sequences: list, log: Callable[[str], None]) -> list[in
 
 
 def _fingerprint(cfg: DPOConfig, items: list[Item]) -> str:
-    digest = hashlib.sha256(json.dumps([cfg.model.path, cfg.model.dtype, cfg.adapter.method,
-                                         cfg.train.mixed_precision]).encode())
+    """What the reference log-probs depend on: the model — its path and what is at it (each file's
+    name, size and modification time: an SFT stage that rewrites the directory changes it) —,
+    its dtype, precision, adapter method and quantization (QLoRA's reference is the quantized
+    base), and every sequence's tokens and labels in order."""
+    digest = hashlib.sha256(json.dumps([cfg.model.path, _files_at(cfg.model.path), cfg.model.dtype, cfg.adapter.method,
+                                        dataclasses.asdict(cfg.adapter.quantization),
+                                        cfg.train.mixed_precision]).encode())
     for item in items:
         for seq in item.sequences:
             digest.update(torch.tensor(seq.input_ids + [-1] + seq.labels, dtype=torch.int64).numpy().tobytes())
     return digest.hexdigest()
 
 
+def _files_at(path: str) -> list:
+    from posttrain.models.loading import resolve_model_path
+
+    directory = resolve_model_path(path)
+    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(directory.iterdir()) if f.is_file()]
+
+
+def _cached(cache: Path, fingerprint: str, count: int, log) -> list[float] | None:
+    """The cached log-probs if the file is readable, matches and holds `count` values; an
+    unreadable file (a crash mid-write before writes were atomic, a copy gone wrong) is said and
+    recomputed."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(cache), framework="pt") as handle:
+            if (handle.metadata() or {}).get("fingerprint") != fingerprint:
+                return None
+            values = handle.get_tensor("logps").tolist()
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        log(f"reference log-probs: {cache} is unreadable ({type(exc).__name__}: {exc}); computing them again")
+        return None
+    if len(values) != count:
+        log(f"reference log-probs: {cache} holds {len(values)} values for {count} sequences; computing them again")
+        return None
+    return values
+
+
 def precompute_reference(model, items: list[Item], cfg: DPOConfig, pad_id: int, cache: Path | None, log,
                          share_prompt: bool = False, unpadded: bool = False) -> None:
     """Fill `item.reference_logps` for every item: from the cache when it matches, else one pass."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     fingerprint = _fingerprint(cfg, items)
+    count = sum(len(item.sequences) for item in items)
     if cache is not None and cache.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(cache), framework="pt") as handle:
-            matches = (handle.metadata() or {}).get("fingerprint") == fingerprint
-        if matches:
-            _assign(items, load_file(str(cache))["logps"].tolist())
+        cached = _cached(cache, fingerprint, count, log)
+        if cached is not None:
+            _assign(items, cached)
             log(f"reference log-probs: reused {cache}")
             return
     values: list[float] = []
@@ -375,8 +407,10 @@ def precompute_reference(model, items: list[Item], cfg: DPOConfig, pad_id: int, 
             batch = {k: v.to(device) for k, v in batch.items()}
             values += batch_logps(reference, batch, cfg.train.loss_chunk_size)[0].float().cpu().tolist()
     _assign(items, values)
-    if cache is not None:
-        save_file({"logps": torch.tensor(values, dtype=torch.float32)}, str(cache), metadata={"fingerprint": fingerprint})
+    if cache is not None:  # written beside, then renamed: a crash never leaves a partial cache
+        partial = cache.with_name(cache.name + ".partial")
+        save_file({"logps": torch.tensor(values, dtype=torch.float32)}, str(partial), metadata={"fingerprint": fingerprint})
+        os.replace(partial, cache)
     log(f"reference log-probs: computed for {len(values)} sequences once (cached in {cache})")
 
 
