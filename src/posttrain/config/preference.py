@@ -14,7 +14,8 @@ from posttrain.config.sections import (AdapterConfig, EvalConfig, ModelConfig, T
 @dataclass
 class PreferenceDataConfig:
     train_files: list[str] = option(["synthetic"], "preference files (jsonl, json, parquet, csv, datasets dir) or 'synthetic'")
-    eval_files: list[str] = option([], "held-out files; empty = split eval_fraction off the training data")
+    eval_files: list[str] = option([], "held-out files (also with `train_files: [synthetic]`, in place of its held-out "
+                                       "split); empty = split eval_fraction off the training data")
     eval_fraction: float = option(0.05, "fraction of training rows held out when eval_files is empty")
     format: Literal["auto", "pairs", "ranking", "unpaired"] = option(
         "auto", "pairs (prompt/chosen/rejected), ranking (prompt/responses/ranks), unpaired (prompt/completion/label)")
@@ -37,7 +38,8 @@ class RewardConfig:
     use_margins: bool = option(True, "subtract a row's 'margin' inside the Bradley-Terry loss (Llama 2)")
     share_prompt: bool = option(
         True, "compute a prompt once for all its responses (one block, 4-D attention mask; short blocks packed into "
-              "a row); decoder backbones only, not under a sliding window narrower than data.max_length")
+              "a row); decoder backbones only, not under a sliding window narrower than data.max_length, nor under "
+              "attention other than sdpa (eager attention would add the boolean block mask to the scores)")
 
 
 @dataclass
@@ -53,7 +55,8 @@ class DPOLossConfig:
     nll_weight: float = option(0.0, "add this × the chosen responses' mean token NLL (RPO); orpo has its own")
     share_prompt: bool = option(
         True, "compute a prompt once for all its responses (one block, 4-D attention mask; short blocks packed into "
-              "a row); off for KTO, virtual tokens and a sliding window narrower than data.max_length")
+              "a row); off for KTO, virtual tokens, a sliding window narrower than data.max_length and attention "
+              "other than sdpa (eager attention would add the boolean block mask to the scores)")
     reference: Literal["precompute", "live"] = option(
         "precompute", "reference log-probs: computed once before training and cached in the run, "
         "or every step (adapters disabled, or a frozen copy for full fine-tuning)")
