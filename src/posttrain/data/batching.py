@@ -30,6 +30,22 @@ def is_right_padded(attention_mask: torch.Tensor) -> bool:
     return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
 
 
+def real_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each token's position among its row's real tokens (padding gets 0, masked anyway): what
+    left-padded rows pass as `position_ids`, so that absolute-position models (GPT-2) and RoPE
+    alike see the positions an unpadded row would have."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def padded_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
+    """Model inputs for a padded batch: right-padded rows drop the mask (causality already hides
+    the tail, and attention keeps its causal-only path); other rows keep it and count positions
+    over real tokens only (`real_positions`)."""
+    if attention_mask is None or is_right_padded(attention_mask):
+        return {"input_ids": input_ids, "attention_mask": None}
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": real_positions(attention_mask)}
+
+
 def _padded_length(length: int, pad_to_multiple_of: int | None) -> int:
     if pad_to_multiple_of:
         return -(-length // pad_to_multiple_of) * pad_to_multiple_of

@@ -171,11 +171,11 @@ def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str
     (B, 1, 1, T) mask passed for them says (no T × T mask is built, and sdpa keeps its causal
     kernel); other rows get the causal (B, 1, T, T) mask over their real tokens.
     `unpack_hidden` puts the model's output back in the (B, T) grid."""
-    from posttrain.data.batching import is_right_padded
+    from posttrain.data.batching import is_right_padded, real_positions
 
     real = attention_mask.bool()
     slots = real.flatten().nonzero().squeeze(1)
-    positions = (real.long().cumsum(1) - 1).clamp(min=0)
+    positions = real_positions(real)
     width = real.shape[1]
     if is_right_padded(real):
         mask = real[:, None, None, :]

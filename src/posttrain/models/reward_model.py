@@ -127,7 +127,7 @@ def score(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch
     classifier = _classifier(model)
     if not hasattr(classifier, "score"):  # encoder: its own pooling and classifier
         return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
-    from posttrain.data.batching import is_right_padded
+    from posttrain.data.batching import padded_inputs
     from posttrain.models.attention import pack_for
 
     rows, width = input_ids.shape
@@ -137,12 +137,7 @@ def score(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch
     packed = pack_for(classifier, input_ids, attention_mask)
     if packed is not None:  # the real tokens only
         return scores_at(classifier, packed, torch.searchsorted(packed["packed_slots"], flat_last))
-    if is_right_padded(attention_mask):  # causality hides the padding
-        return scores_at(classifier, {"input_ids": input_ids, "attention_mask": None}, flat_last)
-    # left padding: positions count real tokens only (absolute-position models, GPT-2, need it)
-    positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
-    return scores_at(classifier, {"input_ids": input_ids, "attention_mask": attention_mask,
-                                  "position_ids": positions}, flat_last)
+    return scores_at(classifier, padded_inputs(input_ids, attention_mask), flat_last)
 
 
 def score_shared_prompt(model, input_ids, attention_mask, position_ids, last_token, packed_slots=None) -> torch.Tensor:

@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from posttrain.data.batching import real_positions
 from posttrain.rollout.sampling import (
     SamplingSettings,
     apply_frequency_presence_penalty,
@@ -99,8 +100,7 @@ def generate_token_ids(
 def _generate_batch(model, prompt_ids, settings, device, pad_id, eos_ids, stop_check, generator, on_row=None):
     """Prefill the left-padded batch, then decode one token per step with the KV cache."""
     input_ids, attention_mask = left_pad(prompt_ids, pad_id, device)
-    # Position of a token = number of real tokens before it; pads get 0 (masked anyway).
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    position_ids = real_positions(attention_mask)
     num_rows = len(prompt_ids)
     generated: list[list[int]] = [[] for _ in range(num_rows)]
     if settings.max_new_tokens == 0:

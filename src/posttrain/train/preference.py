@@ -56,7 +56,7 @@ REFERENCE_FREE = ("simpo", "orpo")
 def policy_logps(model, input_ids, labels, attention_mask=None, chunk_size: int = 256):
     """Per-sequence (summed log-probs (R,), response token counts (R,)) under `model`; padded
     rows go to a model that takes padding-free batches as one row of their real tokens."""
-    from posttrain.data.batching import is_right_padded
+    from posttrain.data.batching import padded_inputs
     from posttrain.losses.language_modeling import sequence_logps
     from posttrain.models.attention import pack_for, unpack_hidden
     from posttrain.models.loading import final_hidden_and_head, supports_hidden_path
@@ -77,12 +77,7 @@ def policy_logps(model, input_ids, labels, attention_mask=None, chunk_size: int 
             hidden, weight, bias = final_hidden_and_head(model, **inputs)
         hidden = unpack_hidden(pick(hidden)[None], packed["packed_slots"][at], input_ids.shape)
         return sequence_logps(hidden, weight, labels, bias, chunk_size)
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if attention_mask is not None:
-        if is_right_padded(attention_mask):
-            inputs["attention_mask"] = None  # right padding: causality already hides the tail (see sft.py)
-        else:  # left padding: positions count real tokens only (absolute-position models need it)
-            inputs["position_ids"] = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+    inputs = padded_inputs(input_ids, attention_mask)
     if supports_hidden_path(model):
         hidden, weight, bias = final_hidden_and_head(model, **inputs)
         return sequence_logps(hidden, weight, labels, bias, chunk_size)
@@ -360,7 +355,8 @@ def _files_at(path: str) -> list:
     from posttrain.models.loading import resolve_model_path
 
     directory = resolve_model_path(path)
-    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(directory.iterdir()) if f.is_file()]
+    return [[f.name, stat.st_size, stat.st_mtime_ns] for f in sorted(directory.iterdir())
+            if f.is_file() and (stat := f.stat())]
 
 
 def _cached(cache: Path, fingerprint: str, count: int, log) -> list[float] | None:
