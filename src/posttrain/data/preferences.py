@@ -25,7 +25,9 @@ dropped silently. Rankings are stored as dense ranks (0, 1, 2, ...; ties equal).
 Encoding renders prompt + response with the chat template and labels only that final
 assistant turn (content and end-of-turn marker), so every response to a prompt gets
 the same prompt tokens and the same template treatment; assistant turns inside the
-prompt are context and never trained on.
+prompt are context and never trained on. Where the tokenizer would merge the prompt's last
+characters with the response's first into one token, the prompt is tokenised on its own,
+as generation tokenises it (`_split_at_prompt`).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from typing import Any
 from posttrain.data import formats
 from posttrain.data.formats import BadRowError, DataReport, _list, _string, _type_name
 from posttrain.data.pipeline import SYNTHETIC, split_eval
-from posttrain.data.records import Example
+from posttrain.data.records import IGNORE_INDEX, Example
 from posttrain.errors import ConfigError, DataError
 
 PREFERENCE_FORMATS = ("pairs", "ranking", "unpaired")
@@ -299,7 +301,9 @@ def _ranks(row: dict, responses: list[str]) -> list[int]:
 def _unpaired(row: dict, location: str) -> PreferenceRecord:
     prompt = _prompt(row, "unpaired")
     completion = _response(_required(row, "completion", "unpaired"), "'completion'", prompt)
-    key = "desirable" if "label" not in row and "desirable" in row else "label"
+    # the key that holds a value (a table has both columns, one blank per row), else the one given
+    filled = [key for key in ("label", "desirable") if not _absent(row, key)]
+    key = filled[0] if filled else "desirable" if "label" not in row and "desirable" in row else "label"
     value = _required(row, key, "unpaired")
     if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):  # a CSV cell
         value = value.strip().lower() in ("true", "1")
@@ -345,7 +349,38 @@ def encode_response(prompt: list[dict[str, str]], response: str, tokenizer: Any,
     text, spans = assistant_spans(messages, tokenizer, template, source)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)  # the template has BOS
     input_ids = list(encoded["input_ids"])
+    start = spans[-1][0]  # text[:start] is the prompt with the generation prompt
+    if any(lo < start < hi for lo, hi in encoded["offset_mapping"]):
+        split = _split_at_prompt(tokenizer, text, start, spans[-1], input_ids)
+        if split is not None:
+            return Example(*split, source)
     return Example(input_ids, _labels_from_spans(input_ids, encoded["offset_mapping"], spans[-1:]), source)
+
+
+def _split_at_prompt(tokenizer: Any, text: str, start: int, span: tuple[int, int],
+                     joint: list[int]) -> tuple[list[int], list[int]] | None:
+    """(input ids, labels) with the prompt text[:start] tokenised on its own, then the rest.
+
+    Called when one token of the whole text straddles the end of the prompt — a response that
+    begins with a newline, after a template's newline, under a tokenizer that merges runs of
+    newlines (Llama 3's, Qwen2's). Tokenised as one string, that merged token would be
+    context, and the response's prompt tokens would differ from its siblings'. A model asked
+    the prompt sees it tokenised alone (generation does that), so that is what its responses
+    follow. None — keep the joint tokens — when the two halves do not decode to the same text
+    (a tokenizer that prefixes a space to each string it tokenises)."""
+    from posttrain.data.templates import _labels_from_spans
+
+    prompt = tokenizer(text[:start], add_special_tokens=False)["input_ids"]
+    rest = tokenizer(text[start:], add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(prompt) + list(rest["input_ids"])
+
+    def decoded(tokens):
+        return tokenizer.decode(tokens, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    if decoded(ids) != decoded(joint):
+        return None
+    labels = _labels_from_spans(list(rest["input_ids"]), rest["offset_mapping"], [(span[0] - start, span[1] - start)])
+    return ids, [IGNORE_INDEX] * len(prompt) + labels
 
 
 def encode_preference(record: PreferenceRecord, tokenizer: Any, template: str) -> PreferenceExample:
