@@ -277,8 +277,13 @@ def test_configs_are_checked_before_any_work(tmp_path):
         run_dpo(DPOConfig.load(None, ["dpo.beta=0", f"output_dir={tmp_path}"]))
     with pytest.raises(ConfigError, match="did you mean dpo.beta"):
         DPOConfig.load(None, ["dpo.bta=0.1"])
+    with pytest.raises(ConfigError, match="use dpo.loss=kto"):
+        run_dpo(DPOConfig.load(None, ["data.synthetic_kind=unpaired", f"output_dir={tmp_path}"]))
+    unpaired = tmp_path / "unpaired.jsonl"  # detected from the file: known only once read
+    unpaired.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": "a", "label": i % 2 == 0}) + "\n"
+                                for i in range(8)))
     with pytest.raises(DataError, match="use dpo.loss=kto"):
-        run_dpo(_dpo_cfg(tmp_path, "data.synthetic_kind=unpaired", "train.max_steps=1"))
+        run_dpo(_dpo_cfg(tmp_path, f"data.train_files=[{unpaired}]", "train.max_steps=1"))
 
 
 def test_items_of_unequal_size_collate_with_their_reference(tokenizer):

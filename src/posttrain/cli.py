@@ -157,6 +157,26 @@ def _ppo():
 # Commands that are another stage with a setting fixed (also used by `posttrain pipeline`).
 ALIAS_OVERRIDES = {"kto": ["dpo.loss=kto"], "orpo": ["dpo.loss=orpo"], "rloo": ["grpo.advantage=rloo"]}
 
+def _check_alias(command: str, overrides: list[str]) -> None:
+    """An alias command (kto, orpo, rloo) sets its option itself, over the config file's (so
+    `posttrain orpo examples/dpo.yaml` runs ORPO); an override on the same command line that sets
+    that option to something else contradicts the command, and is refused."""
+    from posttrain.config.schema import apply_override
+    from posttrain.errors import ConfigError
+
+    given: dict = {}
+    for item in overrides:
+        apply_override(given, item)
+    for override in ALIAS_OVERRIDES.get(command, []):
+        key, wanted = override.split("=", 1)
+        value = given
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is not None and str(value) != wanted:
+            raise ConfigError(f"`posttrain {command}` runs with {key}={wanted}, but an override sets {key}={value}; "
+                              f"drop it, or run `posttrain {key.split('.')[0]}`")
+
+
 _STAGES = {"sft": _sft, "rm": _rm, "dpo": _dpo, "kto": _dpo, "orpo": _dpo, "grpo": _grpo, "rloo": _grpo, "ppo": _ppo}
 
 
@@ -196,7 +216,8 @@ def _run(args) -> int:
         config, overrides = args.config, list(args.overrides)
         if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
             config, overrides = None, [config, *overrides]  # only overrides were given
-        overrides += ALIAS_OVERRIDES.get(args.command, [])  # last, so neither the file nor an override undoes them
+        _check_alias(args.command, overrides)
+        overrides += ALIAS_OVERRIDES.get(args.command, [])  # last: over the file's setting
         run_dir = run(config_cls.load(config, overrides))
         print(f"run directory: {run_dir}")
         return 0

@@ -104,7 +104,12 @@ def _checked(component: RewardComponent, prompts, responses, rows) -> list[float
     shift every row's score)."""
     from posttrain.errors import DataError
 
-    values = [float(v) for v in _call(component.reward, prompts, responses, rows)]
+    returned = _call(component.reward, prompts, responses, rows)
+    try:
+        values = [float(v) for v in returned]
+    except (TypeError, ValueError):
+        raise DataError(f"reward {component.name!r} returned {_shown(returned)}; a reward returns one number per "
+                        "response") from None
     if len(values) != len(responses):
         raise DataError(f"reward {component.name!r} returned {len(values)} values for {len(responses)} responses")
     bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
@@ -112,6 +117,11 @@ def _checked(component: RewardComponent, prompts, responses, rows) -> list[float
         raise DataError(f"reward {component.name!r} returned {values[bad]} for response {bad + 1} "
                         f"(of {len(responses)}); rewards must be finite")
     return values
+
+
+def _shown(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _call(reward: Reward, prompts, responses, rows) -> list[float]:
@@ -204,12 +214,15 @@ def pareto_front(points: torch.Tensor) -> list[int]:
 # --------------------------------------------------------------------------- posttrain score
 
 
-def _pairs_option(values: list[str], what: str) -> dict[str, str]:
+def _pairs_option(values: list[str], what: str, repeat: bool = True) -> dict[str, str]:
+    """NAME=VALUE options; a repeated NAME keeps its last value, or with repeat=False is refused."""
     out = {}
     for item in values:
         name, sep, value = item.partition("=")
         if not sep or not name or not value:
             raise ConfigError(f"{what} {item!r} must look like NAME=VALUE")
+        if not repeat and name in out:
+            raise ConfigError(f"{what}: two components named {name!r}; give each its own name")
         out[name] = value
     return out
 
@@ -223,7 +236,7 @@ def build_combined(models: list[str], functions: list[str], weights: list[str], 
         if not sep or os.sep in name or os.path.exists(item):  # a directory whose path holds '=' is a path
             name, path = f"rm{i}" if len(models) > 1 else "reward_model", item
         components.append(RewardComponent(name, RewardModelScorer(path, template, batch_size)))
-    for name, spec in _pairs_option(functions, "--function").items():
+    for name, spec in _pairs_option(functions, "--function", repeat=False).items():
         components.append(RewardComponent(name, function_reward(spec)))
     by_name = {c.name: c for c in components}
     for option, field in (("--weight", "weight"), ("--floor", "floor")):
@@ -231,9 +244,12 @@ def build_combined(models: list[str], functions: list[str], weights: list[str], 
             if name not in by_name:
                 raise ConfigError(f"{option} {name}=...: no reward named {name} (have {', '.join(by_name)})")
             try:
-                setattr(by_name[name], field, float(value))
+                number = float(value)
             except ValueError:
                 raise ConfigError(f"{option} {name}={value}: not a number") from None
+            if not math.isfinite(number):
+                raise ConfigError(f"{option} {name}={value}: must be a finite number")
+            setattr(by_name[name], field, number)
     return CombinedReward(components)
 
 
@@ -246,14 +262,14 @@ def _read_scoring_rows(path: str) -> tuple[list[dict], list[list[dict]], list[st
 
     rows, prompts, responses, locations = [], [], [], []
     for location, row in strict_rows(path):
+        if not isinstance(row, dict) or ("response" not in row and "completion" not in row):
+            raise DataError(f"{location}: needs 'prompt' and 'response' (or 'completion')")
+        field = "response" if "response" in row else "completion"
         try:
-            if not isinstance(row, dict) or ("response" not in row and "completion" not in row):
-                raise BadRowError("needs 'prompt' and 'response' (or 'completion')")
-            completion = row.get("response", row.get("completion"))
-            record = to_preference_record({"prompt": row.get("prompt"), "completion": completion, "label": True},
+            record = to_preference_record({"prompt": row.get("prompt"), "completion": row[field], "label": True},
                                           "unpaired", location)
-        except BadRowError as exc:
-            raise DataError(f"{location}: {exc.reason}") from None
+        except BadRowError as exc:  # the reader calls the response 'completion': say the row's own name
+            raise DataError(f"{location}: {exc.reason.replace(repr('completion'), repr(field))}") from None
         rows.append(row)
         prompts.append(record.prompt)
         responses.append(record.responses[0])
@@ -268,6 +284,8 @@ def score_main(args) -> int:
 
     if not args.model and not args.function:
         raise ConfigError("give at least one --model reward model or --function reward")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
     combined = build_combined(args.model, args.function, args.weight, args.floor, args.template, args.batch_size)
     rows, prompts, responses, locations = _read_scoring_rows(args.input)
     written = [args.column] + ([f"{args.column}_{c.name}" for c in combined.components]
@@ -278,9 +296,9 @@ def score_main(args) -> int:
             raise ConfigError(f"{location}: the row already has a {taken[0]!r} column, which scoring would overwrite; "
                               "name the new column with --column")
     if args.calibrate:
-        for name, (mean, std) in combined.calibrate(prompts, responses).items():
+        for name, (mean, std) in combined.calibrate(prompts, responses, rows).items():
             print(f"calibrated {name}: mean {mean:.4g}, std {std:.4g}", file=sys.stderr)
-    totals, raw = combined.score(prompts, responses)
+    totals, raw = combined.score(prompts, responses, rows)
     several = len(combined.components) > 1
     out = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
     try:

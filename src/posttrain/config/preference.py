@@ -52,7 +52,8 @@ class DPOLossConfig:
     orpo_lambda: float = option(0.1, "orpo: weight λ of the odds-ratio term")
     kto_desirable_weight: float = option(1.0, "kto: λ_D, weight of desirable examples")
     kto_undesirable_weight: float = option(1.0, "kto: λ_U, weight of undesirable examples")
-    nll_weight: float = option(0.0, "add this × the chosen responses' mean token NLL (RPO); orpo has its own")
+    nll_weight: float = option(0.0, "add this × the chosen responses' mean token NLL (RPO); not with orpo (it has "
+                                    "its own) nor kto")
     share_prompt: bool = option(
         True, "compute a prompt once for all its responses (one block, 4-D attention mask; short blocks packed into "
               "a row); off for KTO, virtual tokens, a sliding window narrower than data.max_length and attention "
@@ -90,15 +91,44 @@ def _preference_data_checks(d: PreferenceDataConfig) -> list[tuple[bool, str]]:
     ]
 
 
+def _unpaired_data(d: PreferenceDataConfig) -> bool:
+    return d.format == "unpaired" or (d.train_files == ["synthetic"] and d.synthetic_kind == "unpaired")
+
+
 def validate_rm(cfg: RMConfig) -> None:
     """Cross-field checks of a reward-model config. Raises ConfigError."""
     _raise_first(_train_checks(cfg.train) + _preference_data_checks(cfg.data) + [
         (cfg.reward.centering >= 0, "reward.centering must be >= 0"),
-        (cfg.data.format != "unpaired" and not (cfg.data.train_files == ["synthetic"]
-                                                 and cfg.data.synthetic_kind == "unpaired"),
+        (not _unpaired_data(cfg.data),
          "a reward model learns from comparisons: data must be pairs or rankings, not unpaired"),
         (cfg.adapter.method in (["full"], ["lora"]), "reward models train with adapter.method full or lora"),
+        (not cfg.adapter.schedule, "adapter.schedule stages several adapter methods; a reward model has one"),
     ])
+    from posttrain.models.adapters import validate_adapter
+
+    validate_adapter(cfg.adapter, packing=False, gradient_checkpointing=cfg.model.gradient_checkpointing,
+                     optimizer=cfg.train.optimizer)
+
+
+# the losses that read each loss-specific option of the dpo section
+_READ_BY = {
+    "label_smoothing": ("cdpo",),
+    "simpo_gamma": ("simpo",),
+    "orpo_lambda": ("orpo",),
+    "kto_desirable_weight": ("kto",),
+    "kto_undesirable_weight": ("kto",),
+    "nll_weight": ("dpo", "cdpo", "ipo", "hinge", "simpo"),  # orpo has its own NLL term; kto none
+    "reference": ("dpo", "cdpo", "ipo", "hinge", "kto"),  # simpo and orpo are reference-free
+}
+
+
+def _loss_option_checks(p: DPOLossConfig) -> list[tuple[bool, str]]:
+    """An option set away from its default that the chosen loss never reads is refused: the run
+    would silently ignore it."""
+    default = DPOLossConfig()
+    return [(p.loss in losses or getattr(p, name) == getattr(default, name),
+             f"dpo.{name}={getattr(p, name)} does nothing with dpo.loss={p.loss} (read by {', '.join(losses)}); "
+             f"remove it or change dpo.loss") for name, losses in _READ_BY.items()]
 
 
 def validate_dpo(cfg: DPOConfig) -> None:
@@ -109,7 +139,9 @@ def validate_dpo(cfg: DPOConfig) -> None:
         (0.0 <= p.label_smoothing < 0.5, "dpo.label_smoothing must be in [0, 0.5)"),
         (p.orpo_lambda >= 0 and p.nll_weight >= 0, "dpo.orpo_lambda and dpo.nll_weight must be >= 0"),
         (p.kto_desirable_weight > 0 and p.kto_undesirable_weight > 0, "dpo.kto_*_weight must be positive"),
-    ])
+        (p.loss == "kto" or not _unpaired_data(cfg.data),
+         f"dpo.loss={p.loss} needs pairs or rankings, not unpaired data; use dpo.loss=kto for unpaired feedback"),
+    ] + _loss_option_checks(p))
     from posttrain.models.adapters import validate_adapter
 
     validate_adapter(cfg.adapter, packing=False, gradient_checkpointing=cfg.model.gradient_checkpointing,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -192,14 +193,19 @@ def _coerce(hint: Any, value: Any, key: str, source: str, root: type) -> Any:
             return int(value)
         raise ConfigError(f"{source}: {key} must be an integer, got {value!r}")
     if hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads 1e-5 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML reads 1e-5 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{source}: {key} must be a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{source}: {key} must be a number, got {value!r}")
+        if not math.isfinite(number):  # no option means anything by nan or inf; each says what 0 means
+            raise ConfigError(f"{source}: {key} must be a finite number, got {value!r}")
+        return number
     if hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

@@ -83,15 +83,14 @@ def add_lora(model, lora_cfg):
     """Wrap a reward model with LoRA (peft, task SEQ_CLS: the new head trains in full and is saved)."""
     from peft import LoraConfig, TaskType, get_peft_model
 
-    from posttrain.models.adapters.build import quiet_peft
+    from posttrain.models.adapters.build import peft_targets, quiet_peft
 
-    targets = lora_cfg.target_modules
     # the head (peft's SEQ_CLS default) and any other module the checkpoint lacked, which would
     # otherwise stay at its random draw, untrained and unsaved: a new draw at every reload
     fresh = [name for name in getattr(model, "newly_initialized", []) if name not in ("score", "classifier")]
     config = LoraConfig(task_type=TaskType.SEQ_CLS, r=lora_cfg.r, lora_alpha=lora_cfg.alpha,
                         lora_dropout=lora_cfg.dropout, use_rslora=lora_cfg.rslora, use_dora=lora_cfg.dora,
-                        target_modules=targets[0] if targets == ["all-linear"] else targets,
+                        target_modules=peft_targets(lora_cfg.target_modules),
                         modules_to_save=["classifier", "score", *fresh] if fresh else None)
     with quiet_peft():
         return get_peft_model(model, config)

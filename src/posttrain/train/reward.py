@@ -119,6 +119,8 @@ def build_reward_model(cfg: RMConfig, tokenizer, log):
 def run_rm(cfg: RMConfig) -> Path:
     """Train a reward model per `cfg`; returns the run directory (model in run_dir/final)."""
     from posttrain.data.preferences import prepare_preference_data
+    from posttrain.models.adapters import plan_adapters
+    from posttrain.models.adapters.schedule import AdapterTraining
     from posttrain.models.attention import block_masks_allowed, padding_free, window_allows
     from posttrain.models.loading import load_tokenizer
     from posttrain.models.reward_model import is_decoder_scorer
@@ -140,7 +142,8 @@ def run_rm(cfg: RMConfig) -> Path:
     unpadded = is_decoder_scorer(model) and padding_free(model, cfg.model.padding_free, log,
                                                          cfg.data.max_length)  # any padded rows
     stage = GroupedStage(module, train_items, eval_items, cfg.train, tokenizer.pad_token_id, reward_extras,
-                         share_prompt=share, padding_free=share and unpadded)
+                         AdapterTraining(model, plan_adapters(cfg.adapter), cfg.adapter.lora.lr_ratio_b, log),
+                         share_prompt=share, padding_free=share and unpadded)  # LoRA+'s rate for lora_B
     stage.finish_metrics = finish_reward_metrics
     before = evaluate(on_device(module, accelerator.device), stage, accelerator)
     result = train(stage, cfg.train, run_dir, accelerator)

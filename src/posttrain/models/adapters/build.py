@@ -65,7 +65,7 @@ def _checkpointing(lm) -> bool:
     return bool(flag if flag is not None else getattr(lm, "is_gradient_checkpointing", False))
 
 
-def _targets(names: list[str]) -> Any:
+def peft_targets(names: list[str]) -> Any:
     """peft's target_modules: 'all-linear', a regex string ('re:...'), or a list of names."""
     names = list(names)
     if names == ["all-linear"]:
@@ -81,7 +81,7 @@ def _lora_config(lora: Any, dora: bool):
     from peft import LoraConfig
 
     return LoraConfig(r=lora.r, lora_alpha=float(lora.alpha), lora_dropout=float(lora.dropout),
-                      target_modules=_targets(lora.target_modules), use_rslora=bool(lora.rslora),
+                      target_modules=peft_targets(lora.target_modules), use_rslora=bool(lora.rslora),
                       use_dora=dora, task_type="CAUSAL_LM")
 
 
@@ -90,7 +90,7 @@ def _ia3_config(ia3: Any):
 
     kwargs: dict[str, Any] = {}
     if ia3.target_modules:
-        kwargs["target_modules"] = _targets(ia3.target_modules)
+        kwargs["target_modules"] = peft_targets(ia3.target_modules)
         kwargs["feedforward_modules"] = list(ia3.feedforward_modules)
     elif ia3.feedforward_modules:
         raise ConfigError("adapter.ia3.feedforward_modules needs adapter.ia3.target_modules too")
