@@ -368,9 +368,9 @@ def test_kto_mismatched_rows_pair_a_prompt_with_another_prompts_response(tokeniz
                              f"(items {same_prompt})")
 
 
-def test_reward_model_mixed_batch_uses_the_ranking_loss_and_ignores_margins(tokenizer):
-    """Documented ("row margins apply to pairs only; batches that contain rankings use the
-    ranking loss"): a pair in a batch with a K-way ranking loses its margin."""
+def test_reward_model_mixed_batch_keeps_the_pairs_margins(tokenizer):
+    """A pair in a batch with a K-way ranking keeps its margin (−log σ(r_w − r_l − m)); the
+    ranking's prompts use the ranking loss."""
     from posttrain.models.reward_model import load_reward_model, score
     from posttrain.train.grouped import collate_items
     from posttrain.train.reward import RewardModelLoss, reward_extras
@@ -389,7 +389,10 @@ def test_reward_model_mixed_batch_uses_the_ranking_loss_and_ignores_margins(toke
         offset += len(item.sequences)
         pairs = item.ordered_pairs()
         mean = sum(rewards) / len(rewards)
-        per_item.append(sum(-_logsig(rewards[i] - rewards[j]) for i, j in pairs) / len(pairs) + 0.01 * (2 * mean) ** 2)
+        margin = (item.margin or 0.0) if len(rewards) == 2 else 0.0
+        per_item.append(sum(-_logsig(rewards[i] - rewards[j] - margin) for i, j in pairs) / len(pairs)
+                        + 0.01 * (2 * mean) ** 2)
+    assert len(items[0].sequences) == 2 and any(len(item.sequences) > 2 for item in items)
     assert float(loss) == pytest.approx(sum(per_item), rel=1e-5)
 
 

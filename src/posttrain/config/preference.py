@@ -8,7 +8,7 @@ from typing import Literal
 
 from posttrain.config.schema import _raise_first, _StageConfig, markdown_reference, option
 from posttrain.config.sections import (AdapterConfig, EvalConfig, ModelConfig, TrainConfig, _data_checks,
-                                       _train_checks)
+                                       _train_checks, _weight_checks)
 
 
 @dataclass
@@ -97,7 +97,7 @@ def _unpaired_data(d: PreferenceDataConfig) -> bool:
 
 def validate_rm(cfg: RMConfig) -> None:
     """Cross-field checks of a reward-model config. Raises ConfigError."""
-    _raise_first(_train_checks(cfg.train) + _preference_data_checks(cfg.data) + [
+    _raise_first(_train_checks(cfg.train) + _weight_checks(cfg.model, cfg.adapter) + _preference_data_checks(cfg.data) + [
         (cfg.reward.centering >= 0, "reward.centering must be >= 0"),
         (not _unpaired_data(cfg.data),
          "a reward model learns from comparisons: data must be pairs or rankings, not unpaired"),
@@ -134,7 +134,7 @@ def _loss_option_checks(p: DPOLossConfig) -> list[tuple[bool, str]]:
 def validate_dpo(cfg: DPOConfig) -> None:
     """Cross-field checks of a preference-optimisation config. Raises ConfigError."""
     p = cfg.dpo
-    _raise_first(_train_checks(cfg.train) + _preference_data_checks(cfg.data) + [
+    _raise_first(_train_checks(cfg.train) + _weight_checks(cfg.model, cfg.adapter) + _preference_data_checks(cfg.data) + [
         (p.beta > 0, "dpo.beta must be positive"),
         (0.0 <= p.label_smoothing < 0.5, "dpo.label_smoothing must be in [0, 0.5)"),
         (p.orpo_lambda >= 0 and p.nll_weight >= 0, "dpo.orpo_lambda and dpo.nll_weight must be >= 0"),
@@ -142,10 +142,16 @@ def validate_dpo(cfg: DPOConfig) -> None:
         (p.loss == "kto" or not _unpaired_data(cfg.data),
          f"dpo.loss={p.loss} needs pairs or rankings, not unpaired data; use dpo.loss=kto for unpaired feedback"),
     ] + _loss_option_checks(p))
+    from posttrain.errors import ConfigError
     from posttrain.models.adapters import validate_adapter
 
-    validate_adapter(cfg.adapter, packing=False, gradient_checkpointing=cfg.model.gradient_checkpointing,
-                     optimizer=cfg.train.optimizer)
+    plan = validate_adapter(cfg.adapter, packing=False, gradient_checkpointing=cfg.model.gradient_checkpointing,
+                            optimizer=cfg.train.optimizer)
+    virtual = [m for m in plan.methods if m in ("prompt", "prefix")]
+    if virtual and p.reference == "live" and p.loss not in ("simpo", "orpo"):
+        raise ConfigError(f"dpo.reference=live with adapter.method {virtual[0]}: the live reference switches the "
+                          "adapters off, but the starting policy holds the randomly drawn virtual tokens, so it "
+                          "would not be the starting model; use dpo.reference=precompute")
 
 
 def preference_reference() -> str:

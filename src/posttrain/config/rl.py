@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from posttrain.config.schema import _raise_first, _StageConfig, markdown_reference, option
-from posttrain.config.sections import AdapterConfig, ModelConfig, TrainConfig, _train_checks
+from posttrain.config.sections import AdapterConfig, ModelConfig, TrainConfig, _train_checks, _weight_checks
 
 
 @dataclass
@@ -139,7 +139,7 @@ def validate_grpo(cfg: GRPOConfig) -> None:
     """Cross-field checks of a GRPO / RLOO config. Raises ConfigError."""
     g, r, t = cfg.grpo, cfg.rollout, cfg.train
     per_rollout = t.batch_size * t.grad_accum
-    _raise_first(_train_checks(t) + _rollout_checks(cfg) + [
+    _raise_first(_train_checks(t) + _weight_checks(cfg.model, cfg.adapter) + _rollout_checks(cfg) + [
         (r.num_generations >= 2, "rollout.num_generations must be at least 2 (advantages compare a prompt's samples)"),
         (per_rollout % r.num_generations == 0,
          f"train.batch_size x train.grad_accum = {per_rollout} completions per step must be a multiple of "
@@ -195,7 +195,7 @@ def validate_ppo(cfg: PPOConfig) -> None:
     """Cross-field checks of a PPO config. Raises ConfigError."""
     p, t, r = cfg.ppo, cfg.train, cfg.rollout
     per_rollout = t.batch_size * t.grad_accum * p.minibatches
-    _raise_first(_train_checks(t) + _rollout_checks(cfg) + [
+    _raise_first(_train_checks(t) + _weight_checks(cfg.model, cfg.adapter) + _rollout_checks(cfg) + [
         (r.num_generations >= 1, "rollout.num_generations must be at least 1"),
         (per_rollout % r.num_generations == 0,
          f"train.batch_size x train.grad_accum x ppo.minibatches = {per_rollout} completions per rollout must be a "

@@ -197,6 +197,14 @@ def _train_checks(t: TrainConfig) -> list[tuple[bool, str]]:
     ]
 
 
+def _weight_checks(model: ModelConfig, adapter: AdapterConfig) -> list[tuple[bool, str]]:
+    trains_weights = any(m in ("full", "freeze") for m in adapter.method)
+    return [(not (model.dtype == "float16" and trains_weights),
+             "model.dtype=float16 cannot train the weights themselves (adapter.method full / freeze): AdamW's second "
+             "moment underflows in float16 and its eps (1e-8) rounds to 0, so the first update is 0/0 = NaN; load "
+             "float32 or bfloat16 weights (train.mixed_precision=fp16 computes in float16)")]
+
+
 def _data_checks(d) -> list[tuple[bool, str]]:  # DataConfig or PreferenceDataConfig
     return [
         (d.max_length >= 8, "data.max_length must be at least 8"),
@@ -208,7 +216,7 @@ def _data_checks(d) -> list[tuple[bool, str]]:  # DataConfig or PreferenceDataCo
 
 def validate_sft(cfg: SFTConfig) -> None:
     """Cross-field checks that types alone cannot express. Raises ConfigError."""
-    _raise_first(_train_checks(cfg.train) + _data_checks(cfg.data))
+    _raise_first(_train_checks(cfg.train) + _weight_checks(cfg.model, cfg.adapter) + _data_checks(cfg.data))
     from posttrain.models.adapters import validate_adapter
 
     validate_adapter(cfg.adapter, packing=cfg.data.packing, gradient_checkpointing=cfg.model.gradient_checkpointing,

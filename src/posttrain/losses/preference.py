@@ -33,7 +33,8 @@ def bradley_terry_loss(chosen_rewards: Tensor, rejected_rewards: Tensor, margin:
     return losses
 
 
-def ranking_loss(rewards: Tensor, ranks: Tensor, valid: Tensor | None = None, centering: float = 0.0) -> Tensor:
+def ranking_loss(rewards: Tensor, ranks: Tensor, valid: Tensor | None = None, centering: float = 0.0,
+                 margins: Tensor | None = None) -> Tensor:
     """K-way ranking loss, every prompt weighted equally (InstructGPT, Ouyang et al. 2022, Eq. 1).
 
     rewards (P, K): scores of the K responses to each of P prompts; ranks (P, K): 0 = best,
@@ -44,13 +45,18 @@ def ranking_loss(rewards: Tensor, ranks: Tensor, valid: Tensor | None = None, ce
 
     so a prompt with 9 responses (36 pairs) weighs as much as one with 2 (1 pair).
     centering c adds c · (2/K' · Σ_k r_k)² over the K' valid responses, which is
-    Bradley-Terry's c · (r_w + r_l)² when K' = 2. Returns (P,); a prompt without any
-    ordered pair (all tied) gets only the centering term.
+    Bradley-Terry's c · (r_w + r_l)² when K' = 2. margins (P,): a pair's margin m, as in
+    Bradley-Terry (−log σ(r_w − r_l − m)), for prompts with K' = 2 (ignored for rankings), so
+    pairs keep their margins in a batch that also holds rankings. Returns (P,); a prompt
+    without any ordered pair (all tied) gets only the centering term.
     """
     if valid is None:
         valid = torch.ones_like(rewards, dtype=torch.bool)
     better = (ranks[:, :, None] < ranks[:, None, :]) & valid[:, :, None] & valid[:, None, :]  # (P, K, K): i beats j
-    pair_losses = -F.logsigmoid(rewards[:, :, None] - rewards[:, None, :])
+    differences = rewards[:, :, None] - rewards[:, None, :]
+    if margins is not None:
+        differences = differences - torch.where(valid.sum(dim=1) == 2, margins, 0.0).to(differences.dtype)[:, None, None]
+    pair_losses = -F.logsigmoid(differences)
     counts = better.sum(dim=(1, 2))
     total = torch.where(better, pair_losses, torch.zeros_like(pair_losses)).sum(dim=(1, 2))
     losses = total / counts.clamp(min=1)

@@ -11,6 +11,8 @@ a prompt counts once however many responses it has.
 
 from __future__ import annotations
 
+import contextlib
+
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -215,13 +217,23 @@ class GroupedStage:
         batch["num_items"] = torch.tensor(float(len(items)))
         return batch
 
-    def micro_batches(self, epoch: int) -> Iterator[dict]:
+    def prepare_forwards(self, batches: list[dict], accelerator, count: bool = True):
+        """The module's context around a step's forwards, if it has one (KTO's z₀; `train.loop`)."""
+        prepare = getattr(self.module, "prepare_forwards", None)
+        return contextlib.nullcontext() if prepare is None else prepare(batches, accelerator, count)
+
+    def item_batches(self, epoch: int) -> list[list[Item]]:
+        """The items of each training micro-batch of `epoch`, in order."""
         from posttrain.data.batching import plan_batches
 
         lengths = [item.num_tokens for item in self.train_items]
-        for indices in plan_batches(lengths, self.cfg.batch_size, seed=self.cfg.seed, epoch=epoch, shuffle=True,
-                                    group_by_length=False):
-            yield self.collate([self.train_items[i] for i in indices])
+        return [[self.train_items[i] for i in indices]
+                for indices in plan_batches(lengths, self.cfg.batch_size, seed=self.cfg.seed, epoch=epoch,
+                                            shuffle=True, group_by_length=False)]
+
+    def micro_batches(self, epoch: int) -> Iterator[dict]:
+        for items in self.item_batches(epoch):
+            yield self.collate(items)
 
     def micro_batches_per_epoch(self) -> int:
         return -(-len(self.train_items) // self.cfg.batch_size)
@@ -234,9 +246,12 @@ class GroupedStage:
             return int(batch["real_tokens"])
         return int(batch["attention_mask"].sum())
 
-    def eval_micro_batches(self) -> list[dict]:
+    def eval_item_batches(self) -> list[list[Item]]:
         size = self.cfg.batch_size
-        return [self.collate(self.eval_items[i : i + size]) for i in range(0, len(self.eval_items), size)]
+        return [self.eval_items[i : i + size] for i in range(0, len(self.eval_items), size)]
+
+    def eval_micro_batches(self) -> list[dict]:
+        return [self.collate(items) for items in self.eval_item_batches()]
 
 
 def items_from_examples(examples) -> list[Item]:

@@ -62,6 +62,8 @@ class Stage(Protocol):
     # state_dict() -> (plain values, tensors) saved in every checkpoint, and load_state_dict(plain,
     # tensors) called on resume before the first micro-batch is asked for (PPO's KL coefficient and
     # the rollout it is part-way through);
+    # prepare_forwards(batches, accelerator, count) -> a context entered around the forwards of this
+    # process's micro-batches of a step, or of the held-out set, on every process (KTO's z₀);
     # after_optimizer_step(step) -> called after each optimizer step that updated the weights (not
     # after a skipped non-finite one): a separate rollout engine then knows its copy is stale.
 
@@ -80,7 +82,8 @@ def _steps(stage: Stage, group: int, epoch: int, start: int) -> Iterator[tuple[i
     """Yield (epoch, step_in_epoch_after, the step's micro-batches) forever.
 
     An epoch whose length is not a multiple of `group` tops its last step up from the
-    start of the same epoch's order, so no example is skipped and every step is full.
+    start of the same epoch's order (round again if the epoch is shorter than a step), so no
+    example is skipped and every step is full.
     """
     while True:
         skip_to = getattr(stage, "micro_batches_after", None)  # a stage that can skip without producing (RL)
@@ -99,8 +102,10 @@ def _steps(stage: Stage, group: int, epoch: int, start: int) -> Iterator[tuple[i
                 break
             if len(batches) < group:
                 refill = stage.micro_batches(epoch)
-                while len(batches) < group:
-                    batches.append(next(refill))
+                while len(batches) < group:  # an epoch shorter than a step goes round again
+                    batch = next(refill, None)
+                    refill = stage.micro_batches(epoch) if batch is None else refill
+                    batches += [] if batch is None else [batch]
                 yield epoch + 1, 0, batches
                 break
             step_in_epoch += 1
@@ -134,13 +139,21 @@ def evaluate(module, stage: Stage, accelerator) -> tuple[float, dict[str, float]
     model.eval()
     # autocast here too: before training the module is not yet wrapped by accelerate, and
     # held-out figures must be computed in the precision training uses.
-    with torch.no_grad(), accelerator.autocast():
+    with torch.no_grad(), accelerator.autocast(), _prepared(stage, mine, accelerator, count=not idle):
         for batch in mine:
             output = model(**_to(batch, accelerator.device))
             sums.add(_times(output, 0.0) if idle else output)
     model.train()
     loss, metrics = sums.reduce(weight)
     return loss, getattr(stage, "finish_metrics", dict)(metrics)
+
+
+def _prepared(stage: Stage, batches: list[Batch], accelerator, count: bool = True):
+    """The context of the forwards of this process's micro-batches of a step (or of the held-out
+    set): the stage's `prepare_forwards` if it has one (KTO's z₀ over the whole step). Every
+    process enters it: it may reduce across them."""
+    prepare = getattr(stage, "prepare_forwards", None)
+    return contextlib.nullcontext() if prepare is None else prepare(batches, accelerator, count)
 
 
 def _times(output, factor: float):
@@ -193,13 +206,14 @@ def _train_step(module, stage: Stage, micro: list[Batch], accelerator, cfg, inac
     total_weight = sum(weights)
     mine = micro[accelerator.process_index :: world]
     sums = _Sums(accelerator)
-    for i, batch in enumerate(mine):
-        last = i == len(mine) - 1
-        sync = contextlib.nullcontext() if last else accelerator.no_sync(module)
-        with sync:
-            loss_sum = sums.add(module(**_to(batch, accelerator.device)))
-            # DDP averages gradients over processes; multiplying by world makes that a sum.
-            accelerator.backward(loss_sum * (world / total_weight))
+    with _prepared(stage, mine, accelerator):
+        for i, batch in enumerate(mine):
+            last = i == len(mine) - 1
+            sync = contextlib.nullcontext() if last else accelerator.no_sync(module)
+            with sync:
+                loss_sum = sums.add(module(**_to(batch, accelerator.device)))
+                # DDP averages gradients over processes; multiplying by world makes that a sum.
+                accelerator.backward(loss_sum * (world / total_weight))
     for param in inactive:
         param.grad = None
     loss, metrics = sums.reduce(total_weight)

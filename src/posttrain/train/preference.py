@@ -7,17 +7,21 @@ are never held. The loss itself is a pure function in `losses.preference`, picke
 `dpo.loss` from `PAIR_LOSSES` (or KTO).
 
 Reference model π_ref (dpo, cdpo, ipo, hinge, kto; simpo and orpo need none):
-  precompute  one pass before training over train + eval, cached in the run directory as
+  precompute  one pass of the starting model before training over train + eval, in the
+              batches training and evaluation use, cached in the run directory as
               reference_logps.safetensors (reused on resume while data and model match);
               during training no reference forward runs at all.
   live        every step, without gradients: the same weights with adapters disabled
-              (no second copy) or, for full / freeze tuning, a frozen copy.
+              (no second copy) or, for full / freeze tuning, a frozen copy. Not with prompt
+              or prefix tuning, whose starting policy holds its randomly drawn virtual tokens.
 Either way π_ref is the starting model, so at step 0 every implicit reward is 0.
 
 K-way rankings train on every ordered pair of a prompt, each weighted 1/#pairs, so a
 prompt counts once. KTO takes unpaired rows, or pairs/rankings split into a desirable
-best response and undesirable others; its KL estimate z₀ is the batch mean of
-log π/π_ref over mismatched (prompt, other prompt's completion) sequences, built once.
+best response and undesirable others; its KL estimate z₀ is the mean of log π/π_ref
+over the mismatched (prompt, other prompt's completion) sequences — built once — of the whole
+optimizer step (every micro-batch and process; `PreferenceLoss.estimate_kl`), or of the
+held-out set when evaluating.
 """
 
 from __future__ import annotations
@@ -127,10 +131,14 @@ def batch_logps(model, batch: dict, chunk_size: int = 256):
 
 
 @contextlib.contextmanager
-def reference_weights(model, frozen_copy=None):
-    """The reference policy: `frozen_copy` if given, else `model` with its adapters off, in eval mode."""
+def reference_weights(model, frozen_copy=None, starting: bool = False):
+    """The reference policy, in eval mode without gradients: `frozen_copy` if given; `model` as it
+    is when it is still the `starting` model (the precomputed pass, before any step: adapters
+    included, which is the starting policy exactly — a soft prompt or prefix starts at a random
+    draw, not at the base); else `model` with its adapters off (LoRA, DoRA, IA3 and bottleneck
+    adapters start as the identity, so that is the starting model)."""
     target = frozen_copy if frozen_copy is not None else model
-    disable = getattr(model, "adapters_disabled", None)
+    disable = None if starting else getattr(model, "adapters_disabled", None)
     context = disable() if frozen_copy is None and disable is not None else contextlib.nullcontext()
     was_training = target.training
     target.eval()
@@ -207,6 +215,7 @@ class PreferenceLoss(torch.nn.Module):
         # module tree so neither the optimizer nor DDP sees it.
         needs_copy = self.live_reference and not hasattr(model, "adapters_disabled")
         self._frozen = [copy.deepcopy(model).requires_grad_(False)] if needs_copy else []
+        self.z0: torch.Tensor | None = None  # KTO: the KL estimate of the step being taken (estimate_kl)
 
     def _reference(self, batch: dict):
         if self.cfg.loss in REFERENCE_FREE:
@@ -236,24 +245,60 @@ class PreferenceLoss(torch.nn.Module):
                     "logps/chosen": pc.detach(), "logps/rejected": pr.detach()} | extra
         return (losses * pair_weight).sum(), {k: (v * pair_weight).sum() for k, v in per_pair.items()}
 
+    def _row_reference(self, batch: dict, index: torch.Tensor) -> torch.Tensor:
+        """log π_ref of the rows `index` of a plain (KTO) batch: looked up, or a live pass over them alone."""
+        if not self.live_reference:
+            return self._reference(batch)[index]
+        frozen = self._frozen[0].to(batch["input_ids"].device) if self._frozen else None
+        with reference_weights(self.model, frozen) as reference:
+            return policy_logps(reference, *_rows(batch, index), self.chunk_size)[0]
+
+    def _kl_ratios(self, batch: dict, kl_row) -> torch.Tensor:
+        """log π − log π_ref of a KTO batch's mismatched rows, without gradient."""
+        with torch.no_grad():  # z0 carries no gradient: no activations kept for the mismatched rows
+            return policy_logps(self.model, *_rows(batch, kl_row), self.chunk_size)[0] - self._row_reference(batch, kl_row)
+
+    def prepare_forwards(self, batches: list[dict], accelerator, count: bool = True):
+        """The context of a step's (or the held-out set's) forwards (`train.loop`): KTO's z₀."""
+        return self.estimate_kl(batches, accelerator, count) if self.cfg.loss == "kto" else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def estimate_kl(self, batches: list[dict], accelerator, count: bool = True):
+        """Within: KTO's z₀ over all `batches` — this process's share of an optimizer step, or of
+        the held-out set — and over every process, for each of their forwards. Estimated per
+        micro-batch instead, z₀ would change with how a step is split (batch 8 vs 1 × 8
+        accumulated; one mismatched row at batch size 1). `count=False`: this process only joins
+        the reduction (it holds no batch of its own)."""
+        totals = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+        with accelerator.autocast():  # in training's precision
+            for batch in batches if count else []:
+                batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                ratios = self._kl_ratios(batch, batch["kl_row"]).double()
+                totals += torch.stack([ratios.sum(), torch.full_like(ratios[0], len(ratios))])
+        totals = accelerator.reduce(totals, "sum")
+        self.z0 = (totals[0] / totals[1].clamp(min=1)).float()
+        try:
+            yield
+        finally:
+            self.z0 = None
+
     def _kto(self, batch: dict, completion_row, kl_row, desirable):
         from posttrain.losses.preference import kto_loss
 
-        def rows(index):
-            return batch["input_ids"][index], batch["labels"][index], batch["attention_mask"][index]
-
-        logps = policy_logps(self.model, *rows(completion_row), self.chunk_size)[0]
-        with torch.no_grad():  # z0 carries no gradient: no activations kept for the mismatched rows
-            kl_logps = policy_logps(self.model, *rows(kl_row), self.chunk_size)[0]
-        ref_all = self._reference(batch)
-        kl = (kl_logps - ref_all[kl_row]).mean()
+        logps = policy_logps(self.model, *_rows(batch, completion_row), self.chunk_size)[0]
+        ref = self._row_reference(batch, completion_row)
+        # the step's z₀ (estimate_kl), else this batch's own
+        kl = self._kl_ratios(batch, kl_row).mean() if self.z0 is None else self.z0.to(logps.device)
         c = self.cfg
-        losses, rewards = kto_loss(logps, ref_all[completion_row], desirable, kl, c.beta, c.kto_desirable_weight,
-                                   c.kto_undesirable_weight)
+        losses, rewards = kto_loss(logps, ref, desirable, kl, c.beta, c.kto_desirable_weight, c.kto_undesirable_weight)
         signed = torch.where(desirable, rewards, -rewards)
         metrics = {"kl": kl.detach().clamp(min=0) * len(logps), "rewards/signed": signed.sum(),
                    "logps": logps.detach().sum()}
         return losses.sum(), metrics
+
+
+def _rows(batch: dict, index: torch.Tensor) -> list[torch.Tensor]:
+    return [batch[k][index] for k in ("input_ids", "labels", "attention_mask")]
 
 
 # --------------------------------------------------------------------------- batches
@@ -380,8 +425,16 @@ def _cached(cache: Path, fingerprint: str, count: int, log) -> list[float] | Non
 
 
 def precompute_reference(model, items: list[Item], cfg: DPOConfig, pad_id: int, cache: Path | None, log,
-                         share_prompt: bool = False, unpadded: bool = False) -> None:
-    """Fill `item.reference_logps` for every item: from the cache when it matches, else one pass."""
+                         share_prompt: bool = False, unpadded: bool = False,
+                         plan: list[list[Item]] | None = None) -> None:
+    """Fill `item.reference_logps` for every item: from the cache when it matches, else one pass.
+
+    `plan`: the micro-batches (lists of `items`) to compute them in — the stage's first epoch and
+    its held-out batches (`GroupedStage.item_batches`). A sequence's log-probs differ in the last
+    bits with the batch around it (padding-free rows change width, and the kernels with it); in
+    the very batches training starts from and evaluation uses, π = π_ref exactly at step 0 and
+    before training, so every implicit reward is 0 and accuracy is exactly one half, not the sign
+    of rounding noise. Without a plan, `items` in order, 2 × batch_size at a time."""
     from safetensors.torch import save_file
 
     fingerprint = _fingerprint(cfg, items)
@@ -392,17 +445,19 @@ def precompute_reference(model, items: list[Item], cfg: DPOConfig, pad_id: int, 
             _assign(items, cached)
             log(f"reference log-probs: reused {cache}")
             return
-    values: list[float] = []
+    if plan is None:
+        size = max(1, 2 * cfg.train.batch_size)
+        plan = [items[start : start + size] for start in range(0, len(items), size)]
     device = next(model.parameters()).device
-    size = max(1, 2 * cfg.train.batch_size)
-    with reference_weights(model) as reference:
-        for start in range(0, len(items), size):
-            chunk = items[start : start + size]
+    with reference_weights(model, starting=True) as reference:
+        for chunk in plan:
             shared = share_prompt and all(shares_prompt(item) for item in chunk)
             batch = collate_shared_prompt(chunk, pad_id, padding_free=unpadded) if shared else collate_items(chunk, pad_id)
             batch = {k: v.to(device) for k, v in batch.items()}
-            values += batch_logps(reference, batch, cfg.train.loss_chunk_size)[0].float().cpu().tolist()
-    _assign(items, values)
+            _assign(chunk, batch_logps(reference, batch, cfg.train.loss_chunk_size)[0].float().cpu().tolist())
+    values = [v for item in items for v in item.reference_logps]
+    if len(values) != count:
+        raise RuntimeError(f"the reference plan covered {len(values)} of {count} sequences")
     if cache is not None:  # written beside, then renamed: a crash never leaves a partial cache
         partial = cache.with_name(cache.name + ".partial")
         save_file({"logps": torch.tensor(values, dtype=torch.float32)}, str(partial), metadata={"fingerprint": fingerprint})
@@ -449,16 +504,16 @@ def run_dpo(cfg: DPOConfig) -> Path:
              and block_masks_allowed(model, "dpo.share_prompt", log))
     # shared-prompt and plain padded rows alike
     unpadded = padding_free(model, cfg.model.padding_free, log, cfg.data.max_length)
-    if cfg.dpo.loss not in REFERENCE_FREE and not live:
-        on_device(model, accelerator.device)
-        with accelerator.autocast():  # in training's precision, so π = π_ref exactly at step 0
-            precompute_reference(model, train_items + eval_items, cfg, tokenizer.pad_token_id,
-                                 run_dir / "reference_logps.safetensors" if main else None, log, share_prompt=share,
-                                 unpadded=share and unpadded)
     module = PreferenceLoss(model, cfg.dpo, cfg.train.loss_chunk_size, live_reference=live)
     extras = kto_extras if cfg.dpo.loss == "kto" else pair_extras
     stage = GroupedStage(module, train_items, eval_items, cfg.train, tokenizer.pad_token_id, extras, adapter_training,
                          share_prompt=share, padding_free=share and unpadded)
+    if cfg.dpo.loss not in REFERENCE_FREE and not live:
+        on_device(model, accelerator.device)
+        with accelerator.autocast():  # in training's precision and batches, so π = π_ref exactly at step 0
+            precompute_reference(model, train_items + eval_items, cfg, tokenizer.pad_token_id,
+                                 run_dir / "reference_logps.safetensors" if main else None, log, share_prompt=share,
+                                 unpadded=share and unpadded, plan=stage.item_batches(0) + stage.eval_item_batches())
     summary: dict = {"loss": cfg.dpo.loss, "reference": "none" if cfg.dpo.loss in REFERENCE_FREE else cfg.dpo.reference,
                      "train_items": len(train_items), "eval_items": len(eval_items)}
     summary.update(_exact_match(cfg, model, tokenizer, data, "before") if main else {})

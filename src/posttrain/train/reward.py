@@ -73,14 +73,14 @@ class RewardModelLoss(torch.nn.Module):
         else:
             rewards = score(self.model, input_ids, attention_mask)  # (R,)
         table = reward_table(rewards, group, slot, ranks.shape)  # (P, K)
+        margins = margins if self.use_margins else None
         if ranks.shape[1] == 2 and bool(valid.all()):  # pairs: Bradley-Terry with margin and centering
             first_better = ranks[:, 0] < ranks[:, 1]
             chosen = torch.where(first_better, table[:, 0], table[:, 1])
             rejected = torch.where(first_better, table[:, 1], table[:, 0])
-            margin = margins if (margins is not None and self.use_margins) else 0.0
-            losses = bradley_terry_loss(chosen, rejected, margin, self.centering)
-        else:
-            losses = ranking_loss(table, ranks, valid, self.centering)
+            losses = bradley_terry_loss(chosen, rejected, 0.0 if margins is None else margins, self.centering)
+        else:  # the same for the pairs among them, margins included
+            losses = ranking_loss(table, ranks, valid, self.centering, margins)
         return losses.sum(), ranking_metrics(table.detach(), ranks, valid)
 
 
@@ -167,5 +167,3 @@ def _check_comparisons(items: list[Item], cfg: RMConfig, log) -> None:
 
     if any(item.ranks is None for item in items):
         raise DataError("a reward model learns from comparisons; the data holds unpaired (KTO) rows")
-    if any(item.margin for item in items) and any(len(item.sequences) != 2 for item in items):
-        log("note: row margins apply to pairs only; batches that contain rankings use the ranking loss")
