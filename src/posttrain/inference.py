@@ -168,10 +168,32 @@ def merge_main(args) -> int:
     path = resolve_model_dir(args.adapter)
     if not is_adapter_dir(path):
         raise UserError(f"{path} holds no adapter (a full model needs no merging)")
+    if _is_reward_adapter(path):  # LoRA on a reward model: its trained score head comes along
+        return _merge_reward_model(Path(path), Path(args.output), args.dtype, args.trust_remote_code)
     model, tokenizer = load_for_inference(path, args.dtype, args.trust_remote_code)
     merged = merge_adapted(model)
     out = Path(args.output)
     merged.save_pretrained(out)
     tokenizer.save_pretrained(out)
     print(f"merged {'+'.join(model.methods)} into the base: {out}")
+    return 0
+
+
+def _is_reward_adapter(path: Path) -> bool:
+    import json
+
+    config = Path(path) / "adapter_config.json"
+    return config.is_file() and json.loads(config.read_text()).get("task_type") == "SEQ_CLS"
+
+
+def _merge_reward_model(path: Path, out: Path, dtype: str, trust_remote_code: bool) -> int:
+    """A LoRA reward model (`posttrain rm adapter.method=lora`) merged into its base: a plain
+    sequence-classification model with the trained head, scoring as the adapter did."""
+    from posttrain.models.loading import load_tokenizer
+    from posttrain.models.reward_model import load_reward_model
+
+    merged = load_reward_model(path, dtype, trust_remote_code).merge_and_unload()
+    merged.save_pretrained(out)
+    load_tokenizer(str(path), trust_remote_code=trust_remote_code).save_pretrained(out)
+    print(f"merged lora into the reward model's base: {out}")
     return 0

@@ -70,9 +70,9 @@ def encode_all(records: list[Record], tokenizer, template: str, cfg, log, name: 
 
 def prepare_sft_data(cfg, tokenizer, run_dir: Path, seed: int, log: Callable[[str], None] = print) -> PreparedData:
     """Load train (and eval) data per `cfg` (a DataConfig) into examples; write data_report.json."""
-    from posttrain.data.templates import check_label_mask, resolve_template
+    from posttrain.data.templates import adopt_template, check_label_mask
 
-    template = resolve_template(tokenizer, cfg.template)
+    template = adopt_template(tokenizer, cfg.template)
     if cfg.train_files == [SYNTHETIC]:
         train_records, eval_records = _synthetic(cfg, seed)
         read_report = {"source": "synthetic", "rows": len(train_records) + len(eval_records), "bad": 0}
@@ -98,9 +98,9 @@ def prepare_sft_data(cfg, tokenizer, run_dir: Path, seed: int, log: Callable[[st
 def stream_sft_examples(cfg, tokenizer, run_dir: Path, log: Callable[[str], None] = print) -> Iterator[Example]:
     """Lazily read, template and fit examples one by one (data.streaming=true)."""
     from posttrain.data import formats
-    from posttrain.data.templates import encode_record, resolve_template
+    from posttrain.data.templates import adopt_template, encode_record
 
-    template = resolve_template(tokenizer, cfg.template)
+    template = adopt_template(tokenizer, cfg.template)
     over = unlabelled = 0
     for record in formats.iter_records(cfg.train_files, fmt=cfg.format, bad_rows=cfg.bad_rows,
                                        max_bad_fraction=cfg.max_bad_fraction,

@@ -497,9 +497,9 @@ def prepare_preference_data(cfg, tokenizer, run_dir: Path, seed: int,
                             log: Callable[[str], None] = print) -> PreparedPreferences:
     """Load train (and eval) preference data per `cfg` (a PreferenceDataConfig) into
     examples, as `pipeline.prepare_sft_data` does for SFT; write data_report.json."""
-    from posttrain.data.templates import resolve_template
+    from posttrain.data.templates import adopt_template
 
-    template = resolve_template(tokenizer, cfg.template)
+    template = adopt_template(tokenizer, cfg.template)
     if cfg.train_files == [SYNTHETIC]:
         train_records, eval_records = _synthetic(cfg, seed)
         read_report = {"source": "synthetic", "kind": cfg.synthetic_kind, "tasks": list(cfg.synthetic_tasks),

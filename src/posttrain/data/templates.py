@@ -72,6 +72,17 @@ def resolve_template(tokenizer: Any, name: str = "auto") -> str:
     raise ConfigError(f"unknown data.template {name!r}; choose one of {', '.join(TEMPLATE_NAMES)}")
 
 
+def adopt_template(tokenizer: Any, name: str = "auto") -> str:
+    """`resolve_template`, and the tokenizer takes that template as its own when it differs, so
+    the model a stage saves carries the template it was trained with (a later stage, `chat` and
+    `serve` on `data.template: auto` then render prompts the way it learned them)."""
+    template = resolve_template(tokenizer, name)
+    own = getattr(tokenizer, "chat_template", None)
+    if template != (own.get("default") if isinstance(own, dict) else own):
+        tokenizer.chat_template = template
+    return template
+
+
 def encode_record(record: Record, tokenizer: Any, template: str) -> Example:
     """Tokenise one record. Chat records are trained on every assistant turn (content and
     end-of-turn marker) and nothing else; text records on every token, with eos appended.

@@ -38,7 +38,7 @@ class HiddenPathUnsupported(RuntimeError):
 
 
 def resolve_model_path(path: str | os.PathLike) -> Path:
-    """A preset name → its built directory; a directory → itself, after checking it is usable."""
+    """A preset name → its built directory; a directory → itself (absolute), after checking it is usable."""
     if is_preset(path):
         return preset_path(str(path))
     directory = Path(path).expanduser()
@@ -48,7 +48,7 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
         raise UserError(f"model path {directory} is a file; give the directory that holds config.json and the weights")
     if not (directory / "config.json").is_file():
         raise UserError(f"{directory} has no config.json; point model.path at a Hugging Face model directory (the one save_pretrained wrote)")
-    return directory
+    return directory.resolve()  # absolute: it is recorded in saved adapters and configs
 
 
 def _check_weights(directory: Path) -> None:
@@ -256,7 +256,9 @@ def save_model(model, tokenizer, out_dir: str | os.PathLike, *, base_model_path:
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(model, AdaptedModel):
         base = str(base_model_path or model.lm.config._name_or_path)
-        base = str(preset_path(base)) if is_preset(base) else base
+        # a preset's built directory; a local directory as an absolute path, so the adapter
+        # loads from any working directory
+        base = str(preset_path(base)) if is_preset(base) else str(Path(base).resolve()) if Path(base).is_dir() else base
         save_adapted(model, out, base)
     else:
         model.save_pretrained(out)

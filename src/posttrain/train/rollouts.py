@@ -446,10 +446,10 @@ def prepare_prompt_data(cfg, tokenizer, run_dir: Path, main: bool, log):
     """Read, split and encode the configured prompts: (train ids, train records, eval ids,
     eval records, the data report)."""
     from posttrain.data.prompts import encode_prompts, prepare_prompts
-    from posttrain.data.templates import resolve_template
+    from posttrain.data.templates import adopt_template
 
     train_records, eval_records, data_report = prepare_prompts(cfg.data, run_dir, cfg.train.seed, log)
-    template = resolve_template(tokenizer, cfg.data.template)
+    template = adopt_template(tokenizer, cfg.data.template)
     train_ids, train_records = encode_prompts(train_records, tokenizer, template, cfg.data.max_prompt_length, log)
     eval_ids, eval_records = encode_prompts(eval_records, tokenizer, template, cfg.data.max_prompt_length, log, "eval")
     return train_ids, train_records, eval_ids, eval_records, data_report
