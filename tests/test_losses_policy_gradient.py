@@ -180,7 +180,8 @@ def test_clipped_policy_loss_against_the_formula_and_per_sequence_advantages():
             expected = -min(ratio * a, min(max(ratio, 0.8), 1.2) * a) * float(MASK[b, i])
             assert float(losses[b, i]) == pytest.approx(expected, abs=1e-12)
     log_ratio = logps - old
-    assert float(metrics["approx_kl"]) == pytest.approx(float(masked_mean(torch.exp(-log_ratio) - 1 + log_ratio, MASK)))
+    # k3 of KL(π_old‖π) from tokens π_old sampled: ρ − 1 − log ρ
+    assert float(metrics["approx_kl"]) == pytest.approx(float(masked_mean(torch.exp(log_ratio) - 1 - log_ratio, MASK)))
     same, metrics = clipped_policy_loss(old, old, adv, MASK, clip_eps=0.2)
     assert float(metrics["approx_kl"]) == 0 and float(metrics["clip_fraction"]) == 0
     assert torch.allclose(same, -adv.expand(3, 4) * MASK)  # ρ = 1: the plain policy-gradient surrogate

@@ -32,7 +32,8 @@ class RolloutConfig:
         "beside the policy on one CUDA GPU; the policy's weights are pushed into it before each rollout)")
     num_generations: int = option(4, "G: completions sampled per prompt")
     max_new_tokens: int = option(32, "generation budget per completion")
-    temperature: float = option(1.0, "sampling temperature")
+    temperature: float = option(1.0, "sampling temperature; the loss's log-probs and KL are those of the same "
+                                     "tempered distribution")
     top_p: float = option(1.0, "nucleus sampling threshold (1 = off)")
     top_k: int = option(0, "keep the k most likely tokens (0 = off)")
     stop: list[str] = option([], "stop strings: a completion ends at the first one")
@@ -160,6 +161,7 @@ def _rollout_checks(cfg: GRPOConfig | PPOConfig) -> list[tuple[bool, str]]:
     return (_vllm_checks(cfg) if r.engine == "vllm" else []) + [
         (r.max_new_tokens >= 1 and r.batch_size >= 1, "rollout.max_new_tokens and rollout.batch_size must be >= 1"),
         (r.temperature > 0, "rollout.temperature must be > 0: online RL learns from sampled completions"),
+        (all(r.stop), "rollout.stop holds an empty string, which would end every completion at its first token"),
         (cfg.data.max_prompt_length >= 1, "data.max_prompt_length must be >= 1"),
         (0 <= cfg.data.eval_fraction < 1, "data.eval_fraction must be in [0, 1)"),
         (bool(cfg.reward.functions or cfg.reward.models or cfg.reward.format_regex),

@@ -158,7 +158,7 @@ def clipped_policy_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, ma
 
     advantages broadcast: (B, T) per token, or (B, 1) per sequence (GRPO / RLOO). Returns
     per-token losses (B, T) and detached metrics: clip fraction and the approximate KL
-    k3(π_old → π) over the masked tokens (PPO's early-stopping signal)."""
+    k3 estimate of KL(π_old‖π) over the masked tokens (PPO's early-stopping signal)."""
     log_ratio = logps - old_logps
     ratio = torch.exp(log_ratio)
     unclipped = ratio * advantages
@@ -166,7 +166,8 @@ def clipped_policy_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, ma
     losses = -torch.minimum(unclipped, clipped)
     with torch.no_grad():
         metrics = {"clip_fraction": masked_mean((clipped < unclipped).to(logps.dtype), mask),
-                   "approx_kl": masked_mean(torch.expm1(-log_ratio) + log_ratio, mask)}
+                   # k3 of KL(π_old‖π) from tokens π_old sampled: (ρ − 1) − log ρ, ρ = π/π_old
+                   "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask)}
     return losses * mask, metrics
 
 

@@ -39,16 +39,18 @@ class GroupPolicyLoss(torch.nn.Module):
     """forward(batch) → (summed clipped-surrogate (+ β·KL) loss, summed metrics), normalised
     by the loop with the batch's weight: response tokens (token aggregation) or responses."""
 
-    def __init__(self, model: torch.nn.Module, cfg: GRPOLossConfig, chunk_size: int = 256):
+    def __init__(self, model: torch.nn.Module, cfg: GRPOLossConfig, chunk_size: int = 256, temperature: float = 1.0):
         super().__init__()
         self.model, self.cfg, self.chunk_size = model, cfg, chunk_size
+        self.temperature = temperature  # the rollouts': log-probs of the distribution they sampled from
 
     def _sum(self, per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return summed(per_token, mask, self.cfg.aggregation)
 
     def forward(self, advantages, old_logps=None, ref_logps=None, **batch):
         mask = batch["response_mask"]
-        forward = completion_forward(self.model, batch, self.chunk_size, entropy_grad=False)  # entropy: a metric
+        forward = completion_forward(self.model, batch, self.chunk_size, entropy_grad=False,  # entropy: a metric
+                                     temperature=self.temperature)
         logps = forward["logps"]
         old = logps.detach() if old_logps is None else old_logps  # μ = 1: the rollout policy is this one
         per_token, clip_metrics = pg.clipped_policy_loss(logps, old, advantages[:, None], mask, self.cfg.clip_eps)
@@ -127,7 +129,7 @@ def run_grpo(cfg: GRPOConfig) -> Path:
 
     validate_grpo(cfg)
     run = start_rl_run(cfg, needs_reference=cfg.grpo.beta > 0)
-    stage = GRPOStage(GroupPolicyLoss(run.model, cfg.grpo, cfg.train.loss_chunk_size), *run.stage_args())
+    stage = GRPOStage(GroupPolicyLoss(run.model, cfg.grpo, cfg.train.loss_chunk_size, cfg.rollout.temperature), *run.stage_args())
     run.check_enough_prompts(stage)
     summary: dict = {"advantage": cfg.grpo.advantage, "train_prompts": len(run.train_ids),
                      "eval_prompts": len(run.eval_ids), "data": run.data_report,

@@ -85,17 +85,19 @@ class PPOLoss(torch.nn.Module):
     """forward(batch) → (summed PPO loss, summed metrics); the loop normalises by the weight."""
 
     def __init__(self, model: torch.nn.Module, cfg: PPOLossConfig, value_head: ValueHead | None = None,
-                 critic: Critic | None = None, chunk_size: int = 256):
+                 critic: Critic | None = None, chunk_size: int = 256, temperature: float = 1.0):
         super().__init__()
         if (value_head is None) == (critic is None):
             raise ValueError("PPOLoss needs exactly one of value_head and critic")
         self.model, self.cfg, self.chunk_size = model, cfg, chunk_size
         self.value_head, self.critic = value_head, critic
+        self.temperature = temperature  # the rollouts': log-probs of the distribution they sampled from
 
     def evaluate(self, batch: dict) -> dict:
         """Log-probs, entropies and values of the batch's completion tokens, (B, T) each."""
         out = completion_forward(self.model, batch, self.chunk_size, self.value_head,
-                                 entropy_grad=self.cfg.entropy_coef != 0)  # else the entropy is a metric only
+                                 entropy_grad=self.cfg.entropy_coef != 0,  # else the entropy is a metric only
+                                 temperature=self.temperature)
         if self.critic is not None:
             out["values"] = self.critic(batch)
         return out
@@ -279,7 +281,7 @@ def run_ppo(cfg: PPOConfig) -> Path:
     run = start_rl_run(cfg, needs_reference=cfg.ppo.kl_coef > 0)
     value_head, critic = build_value_model(cfg, run.model, run.tokenizer, run.log)
     on_device(value_head if value_head is not None else critic, run.accelerator.device)
-    stage = PPOStage(PPOLoss(run.model, cfg.ppo, value_head, critic, cfg.train.loss_chunk_size), *run.stage_args())
+    stage = PPOStage(PPOLoss(run.model, cfg.ppo, value_head, critic, cfg.train.loss_chunk_size, cfg.rollout.temperature), *run.stage_args())
     stage.lr_scale = _value_lr(run.adapter_training, cfg.ppo.value_lr_ratio)
     run.check_enough_prompts(stage)
     summary: dict = {"value_model": cfg.ppo.value_model, "train_prompts": len(run.train_ids),

@@ -72,21 +72,26 @@ def completion_inputs(model, batch: dict) -> tuple[dict, torch.Tensor]:
     return {"input_ids": batch["input_ids"], "attention_mask": None}, batch["predictor"]
 
 
-def completion_logps(model, batch: dict, chunk_size: int = 256) -> torch.Tensor:
-    """log π(token) of every completion token, laid out (B, T) like `response_mask` (0 on padding)."""
+def completion_logps(model, batch: dict, chunk_size: int = 256, temperature: float = 1.0) -> torch.Tensor:
+    """log π(token) of every completion token, laid out (B, T) like `response_mask` (0 on padding),
+    at the sampling `temperature` (see `completion_forward`)."""
     from posttrain.train.preference import selected_token_logps
 
     inputs, predictor = completion_inputs(model, batch)
-    return to_grid(selected_token_logps(model, inputs, predictor, batch["targets"], chunk_size), batch)
+    return to_grid(selected_token_logps(model, inputs, predictor, batch["targets"], chunk_size, temperature), batch)
 
 
 def completion_forward(model, batch: dict, chunk_size: int = 256, value_head: torch.nn.Module | None = None,
-                       entropy_grad: bool = True) -> dict:
+                       entropy_grad: bool = True, temperature: float = 1.0) -> dict:
     """One forward of the policy over the completions: {"logps", "entropy"} and, with a
     `value_head` on the final hidden states, "values" — each (B, T) like `response_mask`.
     The logits are formed a chunk of tokens at a time, never as [B, L, V]. With
     `entropy_grad=False` the entropy is a value only (a metric), which makes the backward
-    cheaper (`token_logps_with_entropy_value`)."""
+    cheaper (`token_logps_with_entropy_value`). Log-probs and entropy are those of
+    softmax(logits / `temperature`), the distribution the rollouts sampled from (so the
+    importance ratio and the KL estimators are taken against the policy that drew the tokens;
+    the reference is read at the same temperature)."""
+    from posttrain.train.preference import _tempered
     from posttrain.losses.language_modeling import token_logps_and_entropy, token_logps_with_entropy_value
     from posttrain.models.attention import masked_attention_kernels
     from posttrain.models.loading import final_hidden_and_head, supports_hidden_path
@@ -102,11 +107,12 @@ def completion_forward(model, batch: dict, chunk_size: int = 256, value_head: to
             hidden, weight, bias = final_hidden_and_head(model, **hidden_inputs)
         selected = pick(hidden)
         both = token_logps_and_entropy if entropy_grad else token_logps_with_entropy_value
-        logps, entropy = both(selected, weight, targets, bias, chunk_size)
+        scaled, scaled_bias = _tempered(selected, bias, temperature)  # the value head reads `selected` itself
+        logps, entropy = both(scaled, weight, targets, scaled_bias, chunk_size)
     else:  # heads with logit scaling: the model's own logits
         with kernels:
             out = model(**inputs, use_cache=False, output_hidden_states=value_head is not None)
-        log_probs = out.logits.float().flatten(0, 1)[predictor].log_softmax(-1)
+        log_probs = (out.logits.float().flatten(0, 1)[predictor] / temperature).log_softmax(-1)
         logps = log_probs.gather(1, targets[:, None])[:, 0]
         entropy = -(log_probs.exp() * log_probs).sum(-1)
         selected = out.hidden_states[-1].flatten(0, 1)[predictor] if value_head is not None else None
@@ -178,9 +184,11 @@ def sample_and_score(engine, tokenizer, prompts: list[list[int]], records: list[
     completions = engine.generate(prompt_ids, settings, eos_token_ids=eos, pad_token_id=pad_token_id(tokenizer, eos),
                                   stop_check=_make_stop_check(tokenizer, r.stop) if r.stop else None)
     rollout_s = time.perf_counter() - started
-    ended = torch.tensor([bool(c) and c[-1] in eos for c in completions])
-    completions = [c if c else [next(iter(eos))] for c in completions]  # a completion has at least one token
-    texts = [truncate_at_stop(tokenizer.decode(c, skip_special_tokens=True), r.stop) for c in completions]
+    raw, completions = completions, [c if c else [next(iter(eos))] for c in completions]  # at least one token
+    full = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
+    texts = [truncate_at_stop(text, r.stop) for text in full]
+    # ended: by an EOS token or at a stop string (cut off by max_new_tokens otherwise)
+    ended = torch.tensor([bool(c) and (c[-1] in eos or len(cut) < len(text)) for c, cut, text in zip(raw, texts, full)])
     chosen_records = [records[i] for i in chosen for _ in range(group)]
     started = time.perf_counter()
     rewards = torch.tensor(score([rec.prompt for rec in chosen_records], texts,
@@ -285,7 +293,8 @@ class RolloutStage:
                                      "completion": rollout.texts[i], "reward": float(rollout.rewards[i])}) + "\n")
 
     def _logps(self, model, batch) -> torch.Tensor:
-        return no_grad_eval(model, self.autocast, completion_logps, batch, self.cfg.train.loss_chunk_size).float()
+        return no_grad_eval(model, self.autocast, completion_logps, batch, self.cfg.train.loss_chunk_size,
+                            self.cfg.rollout.temperature).float()
 
 
 # --------------------------------------------------------------------------- rewards and held-out evaluation
@@ -317,7 +326,8 @@ def held_out_reward(model, tokenizer, prompts: list[list[int]], records: list[Pr
     kl_to_reference   mean over the sampled completions of Σ_t (log π − log π_ref), a sampled
                       estimate of KL(π‖π_ref) per response; None when no reference is kept
                       (full fine-tuning without a KL term)"""
-    from posttrain.rollout.generate import eos_token_ids, generate_token_ids, pad_token_id
+    from posttrain.rollout.generate import (_make_stop_check, eos_token_ids, generate_token_ids, pad_token_id,
+                                            truncate_at_stop)
     from posttrain.rollout.sampling import SamplingSettings
 
     n = min(cfg.eval.prompts, len(prompts))
@@ -329,11 +339,12 @@ def held_out_reward(model, tokenizer, prompts: list[list[int]], records: list[Pr
     def answer(ids: list[list[int]], settings) -> list[list[int]]:
         with autocast():
             out = generate_token_ids(model, ids, settings, pad_token_id=pad_token_id(tokenizer, eos),
-                                     eos_token_ids=eos, batch_size=r.batch_size)
+                                     eos_token_ids=eos, batch_size=r.batch_size,
+                                     stop_check=_make_stop_check(tokenizer, r.stop) if r.stop else None)
         return [c if c else [next(iter(eos))] for c in out]
 
-    def rewards(completions, recs) -> list[float]:
-        texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
+    def rewards(completions, recs) -> list[float]:  # cut at the stop strings, as the rollouts' are
+        texts = [truncate_at_stop(tokenizer.decode(c, skip_special_tokens=True), r.stop) for c in completions]
         return score([x.prompt for x in recs], texts, [x.reward_row() for x in recs])
 
     greedy = answer(prompts[:n], SamplingSettings(max_new_tokens=r.max_new_tokens, temperature=0.0))
@@ -345,11 +356,13 @@ def held_out_reward(model, tokenizer, prompts: list[list[int]], records: list[Pr
            "greedy_reward": sum(rewards(greedy, records[:n])) / n, "prompts": n, "samples": k,
            "response_tokens": sum(map(len, sampled)) / len(sampled), "kl_to_reference": None}
     if frozen_reference is not None or hasattr(model, "adapters_disabled"):
-        out["kl_to_reference"] = _sequence_kl(model, tokenizer, sampled_ids, sampled, autocast, frozen_reference)
+        out["kl_to_reference"] = _sequence_kl(model, tokenizer, sampled_ids, sampled, autocast, frozen_reference,
+                                              r.temperature)
     return out
 
 
-def _sequence_kl(model, tokenizer, prompt_ids, completions, autocast, frozen_reference) -> float:
+def _sequence_kl(model, tokenizer, prompt_ids, completions, autocast, frozen_reference,
+                 temperature: float = 1.0) -> float:
     from posttrain.train.preference import reference_weights
 
     total, device = 0.0, next(model.parameters()).device
@@ -357,9 +370,9 @@ def _sequence_kl(model, tokenizer, prompt_ids, completions, autocast, frozen_ref
         batch = collate_completions(prompt_ids[start : start + 64], completions[start : start + 64],
                                     tokenizer.pad_token_id)
         batch = {key: v.to(device) for key, v in batch.items()}
-        logps = no_grad_eval(model, autocast, completion_logps, batch)
+        logps = no_grad_eval(model, autocast, completion_logps, batch, 256, temperature)
         with reference_weights(model, frozen_reference) as reference:
-            ref = no_grad_eval(reference, autocast, completion_logps, batch)
+            ref = no_grad_eval(reference, autocast, completion_logps, batch, 256, temperature)
         total += float(((logps.float() - ref.float()) * batch["response_mask"]).sum())
     return total / len(completions)
 
