@@ -138,7 +138,9 @@ def _alpaca_messages(row: dict) -> list[dict[str, str]]:
 
 
 def _chat_messages(row: dict) -> list[dict[str, str]]:
-    key = "messages" if "messages" in row else "conversations"
+    # a table holds both columns when it mixes the two, one null or blank per row
+    filled = [key for key in ("messages", "conversations") if row.get(key) not in (None, "")]
+    key = filled[0] if filled else "messages" if "messages" in row else "conversations"
     if key not in row:
         raise BadRowError(f"missing key 'messages' (messages rows need {_NEEDS['messages']}; this row has {_list(list(row))})")
     turns = row[key]
@@ -158,6 +160,8 @@ def _chat_messages(row: dict) -> list[dict[str, str]]:
         raise BadRowError(f"turn {number} is a system turn; a system message may only come first")
     if "assistant" not in roles:
         raise BadRowError("no assistant turn, so nothing to train on")
+    if roles[0] == "assistant":
+        raise BadRowError("the first turn is the assistant's: it answers no prompt; start with a system or user turn")
     return messages
 
 

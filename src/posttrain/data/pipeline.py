@@ -118,3 +118,31 @@ def stream_sft_examples(cfg, tokenizer, run_dir: Path, log: Callable[[str], None
     if over or unlabelled:
         log(f"train (streamed): {over} examples longer than {cfg.max_length} tokens ({cfg.overlength}); "
             f"{unlabelled} dropped with no label tokens left")
+    _update_report(run_dir, {"train_stream": {"complete_pass": True, "too_long": over, "policy": cfg.overlength,
+                                              "dropped_no_labels": unlabelled}})
+
+
+def prepare_streamed_eval(cfg, tokenizer, run_dir: Path, log: Callable[[str], None] = print) -> list[Example]:
+    """With data.streaming: the held-out examples of `data.eval_files` (read whole: held-out sets
+    are small), and data_report.json begun (the streamed training counts join it after each full
+    pass). A stream has no split to take `eval_fraction` from; without eval files, none."""
+    from posttrain.data.templates import adopt_template
+
+    report: dict = {"train_read": {"source": "streamed", "train_stream": "counts written after each full pass"}}
+    evaluation: list[Example] = []
+    if cfg.eval_files:
+        eval_records, report["eval_read"] = _read(cfg.eval_files, cfg, run_dir, log, "eval")
+        template = adopt_template(tokenizer, cfg.template)
+        evaluation, report["eval_length"] = encode_all(eval_records, tokenizer, template, cfg, log, "eval")
+    elif cfg.eval_fraction > 0:
+        log("note: data.streaming takes no held-out split from the stream (data.eval_fraction); set data.eval_files")
+    report["eval_examples"] = len(evaluation)
+    _update_report(run_dir, report)
+    return evaluation
+
+
+def _update_report(run_dir: Path, entries: dict) -> None:
+    path = run_dir / "data_report.json"
+    report = json.loads(path.read_text()) if path.is_file() else {}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report | entries, indent=1, default=str))

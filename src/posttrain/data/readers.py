@@ -22,6 +22,7 @@ import gzip
 import io
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Union
@@ -270,7 +271,9 @@ def _scan_wrapper(path: str, text: str, pos: int) -> tuple[list[tuple[int, Any]]
 def _csv_rows(path: str, delimiter: str) -> Iterator[tuple[str, Row]]:
     # Long text fields are normal in training data; the csv default caps a field at 128 KiB.
     csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
-    with io.TextIOWrapper(_open_binary(path), encoding="utf-8-sig", newline="") as f:
+    # surrogateescape: a byte that is not UTF-8 becomes a lone surrogate in its own row's text
+    # (a strict decoder fails a whole chunk ahead of the row being parsed, at no useful line)
+    with io.TextIOWrapper(_open_binary(path), encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         reader = csv.reader(f, delimiter=delimiter)
         start = 1
         try:
@@ -287,9 +290,15 @@ def _csv_rows(path: str, delimiter: str) -> Iterator[tuple[str, Row]]:
                     reason = f"has {len(fields)} field(s) but the header has {len(header)}"
                     yield location, Malformed(reason, fields)
                     continue
+                if any(_UNDECODED.search(field) for field in fields):
+                    yield location, Malformed("not valid UTF-8", [_UNDECODED.sub("\ufffd", f) for f in fields])
+                    continue
                 yield location, dict(zip(header, fields))
         except (csv.Error, UnicodeDecodeError, OSError, EOFError) as e:
             raise DataError(f"{path}:{start}: cannot parse CSV here ({e})") from None
+
+
+_UNDECODED = re.compile("[\udc80-\udcff]")  # the bytes surrogateescape could not decode
 
 
 def _check_header(path: str, header: list[str]) -> None:

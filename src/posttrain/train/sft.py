@@ -152,7 +152,7 @@ def build_model(cfg: SFTConfig, log, run_dir: Path | None = None):
 def run_sft(cfg: SFTConfig) -> Path:
     """Fine-tune per `cfg`; returns the run directory (final model in run_dir/final)."""
     from posttrain.data.batching import pack
-    from posttrain.data.pipeline import prepare_sft_data, stream_sft_examples
+    from posttrain.data.pipeline import prepare_sft_data, prepare_streamed_eval, stream_sft_examples
     from posttrain.train.loop import finish_run, start_run, train
 
     validate_sft(cfg)
@@ -164,7 +164,7 @@ def run_sft(cfg: SFTConfig) -> Path:
             raise ConfigError("data.streaming=true needs train.max_steps (the data length is unknown)")
         data, train_examples = None, None
         stream = lambda: stream_sft_examples(cfg.data, tokenizer, run_dir, log)  # noqa: E731
-        eval_examples = []
+        eval_examples = prepare_streamed_eval(cfg.data, tokenizer, run_dir, log)
     else:
         data = prepare_sft_data(cfg.data, tokenizer, run_dir, cfg.train.seed, log)
         train_examples, eval_examples, stream = data.train, data.eval, None
