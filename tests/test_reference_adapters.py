@@ -138,20 +138,25 @@ def _policy_logps(model, batch):
 # --------------------------------------------------------------------------- unit level: step 0
 
 
-@pytest.mark.parametrize("mode", ["live", "precompute"])
-@pytest.mark.parametrize("method", AT_BASE)
-def test_step0_reference_equals_independent_base_forward(method, mode, tokenizer, base_dir, base64, tmp_path):
+def _step0(method, mode, tokenizer, base_dir, tmp_path):
+    """(items, the loss module, its batch) of a fresh model, reference precomputed or live."""
     cfg = _cfg(tmp_path, base_dir, *METHODS[method], f"dpo.reference={mode}")
     model = _build(cfg)
     items = _items(tokenizer)
-    expected = independent_logps(base64, _sequences(items))
     if mode == "precompute":
         precompute_reference(model, items, cfg, tokenizer.pad_token_id, None, lambda *_: None)
     batch = collate_items(items, tokenizer.pad_token_id) | pair_extras(items)
     if mode == "live":
         batch.pop("reference_logps", None)
     model.train()
-    module = PreferenceLoss(model, cfg.dpo, live_reference=mode == "live")
+    return items, PreferenceLoss(model, cfg.dpo, live_reference=mode == "live"), batch
+
+
+@pytest.mark.parametrize("mode", ["live", "precompute"])
+@pytest.mark.parametrize("method", AT_BASE)
+def test_step0_reference_equals_independent_base_forward(method, mode, tokenizer, base_dir, base64, tmp_path):
+    items, module, batch = _step0(method, mode, tokenizer, base_dir, tmp_path)
+    expected = independent_logps(base64, _sequences(items))
     assert bool(module._frozen) == (mode == "live" and method in ("full", "freeze"))
     ref = module._reference(batch)
     assert ref.tolist() == pytest.approx(expected, abs=2e-4)
@@ -159,16 +164,7 @@ def test_step0_reference_equals_independent_base_forward(method, mode, tokenizer
 
 @pytest.mark.parametrize("method,mode", [(m, "live") for m in AT_BASE] + [(m, "precompute") for m in METHODS])
 def test_step0_policy_equals_reference_loss_is_log2(method, mode, tokenizer, base_dir, tmp_path):
-    cfg = _cfg(tmp_path, base_dir, *METHODS[method], f"dpo.reference={mode}")
-    model = _build(cfg)
-    items = _items(tokenizer)
-    if mode == "precompute":
-        precompute_reference(model, items, cfg, tokenizer.pad_token_id, None, lambda *_: None)
-    batch = collate_items(items, tokenizer.pad_token_id) | pair_extras(items)
-    if mode == "live":
-        batch.pop("reference_logps", None)
-    model.train()
-    module = PreferenceLoss(model, cfg.dpo, live_reference=mode == "live")
+    _, module, batch = _step0(method, mode, tokenizer, base_dir, tmp_path)
     with torch.no_grad():
         loss, metrics = module(**batch)
     assert float(metrics["rewards/chosen"]) == 0.0 and float(metrics["rewards/rejected"]) == 0.0
