@@ -169,15 +169,16 @@ class OpenAICompatible:
         data = self._post(json.dumps(body).encode())
         try:
             choice = data["choices"][0]
-            text = choice["message"]["content"] or ""
+            text = _reply_text(choice["message"]["content"])
             finish = choice.get("finish_reason") or "stop"
         except (KeyError, IndexError, TypeError):
             self.usage.add(failures=1)
-            raise BackendError(f"POST {self.url}: the response has no choices[0].message.content: "
+            raise BackendError(f"POST {self.url}: the response has no choices[0].message.content text: "
                                f"{json.dumps(data)[:200]}") from None
-        usage = data.get("usage") or {}
+        usage = data.get("usage")
+        usage = usage if isinstance(usage, dict) else {}  # absent or malformed: estimated below
         prompt_tokens, completion_tokens = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        estimated = not (isinstance(prompt_tokens, int) and isinstance(completion_tokens, int))
+        estimated = not (_is_count(prompt_tokens) and _is_count(completion_tokens))
         if estimated:
             prompt_tokens = estimate_tokens("".join(m.get("content", "") for m in messages))
             completion_tokens = estimate_tokens(text)
@@ -233,6 +234,24 @@ class OpenAICompatible:
             return json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise _Retryable(f"the response is not JSON: {raw[:120]!r}") from None
+
+
+def _reply_text(content: Any) -> str:
+    """A reply's message.content as text: a string, null (""), or the text parts of a list of
+    parts joined (as some OpenAI-compatible servers send it); anything else raises TypeError."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
+        texts = [p.get("text") for p in content if p.get("type", "text") == "text"]
+        if all(isinstance(t, str) for t in texts):
+            return "".join(texts)
+    raise TypeError(f"content is {type(content).__name__}")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _error_message(exc: urllib.error.HTTPError) -> str:

@@ -293,6 +293,7 @@ def run_constitutional(cfg, *, policy=None, judge_backend=None, stream: TextIO |
     from posttrain.config.synthesis import validate_constitutional
     from posttrain.feedback.client import make_backend
     from posttrain.feedback.jobs import JsonlLog, check_resume_settings, file_digest, run_items, write_jsonl
+    from posttrain.feedback.rlaif import backend_settings
 
     validate_constitutional(cfg)
     c = cfg.constitutional
@@ -301,18 +302,25 @@ def run_constitutional(cfg, *, policy=None, judge_backend=None, stream: TextIO |
     out = Path(cfg.output_dir)
     policy = policy or make_backend(cfg.policy)
     settings = ChainSettings(rounds=c.rounds, seed=c.seed, system=c.system, drop_truncated=c.drop_truncated)
+    rubric = _judge_rubric(cfg, principles) if c.rl_cai else ""
+    # Everything that decides the chains (policy.seed is not: each request's seed comes from
+    # constitutional.seed); a resume with other values is refused, a run with no chains yet is not.
+    chains = out / "chains.jsonl"
     check_resume_settings(out, {
-        "policy": policy.model_name, "constitution": file_digest(constitution_path(c.constitution)),
+        "policy": {**{k: v for k, v in backend_settings(cfg.policy).items() if k != "seed"},
+                   "model": policy.model_name},
+        "constitution": file_digest(constitution_path(c.constitution)),
         "rounds": c.rounds, "seed": c.seed, "system": c.system, "drop_truncated": c.drop_truncated,
-        "rl_cai": c.rl_cai, **({"judge": cfg.judge.model, "judge.rubric": cfg.judge.rubric + cfg.judge.rubric_file}
-                               if c.rl_cai else {})})
-    judge = _make_judge(cfg, principles, judge_backend) if c.rl_cai else None
+        "rl_cai": c.rl_cai,
+        **({"judge": {**backend_settings(cfg.judge), "rubric": rubric, "parse_retries": cfg.judge.parse_retries}}
+           if c.rl_cai else {})}, chains.is_file() and chains.stat().st_size > 0)
+    judge = _make_judge(cfg, rubric, judge_backend) if c.rl_cai else None
 
     def work(prompt_id: str, prompt: list[dict[str, str]]) -> dict[str, Any]:
         record = run_chain(policy, prompt_id, prompt, principles, settings)
         return judge_chain(judge, record) if judge is not None and record["status"] == "revised" else record
 
-    with JsonlLog(out / "chains.jsonl") as log:
+    with JsonlLog(chains) as log:
         _check_logged_prompts(log, prompts)
         summary = run_items(prompts, work, log, concurrency=c.concurrency, desc="constitutional", stream=stream)
         by_id = {record["id"]: record for record in log.records}
@@ -356,14 +364,18 @@ def _check_logged_prompts(log, prompts: list[tuple[str, list[dict[str, str]]]]) 
                             "text; the prompt files changed since; use a new output_dir")
 
 
-def _make_judge(cfg, principles: list[Principle], backend=None):
-    from posttrain.feedback.client import make_backend
-    from posttrain.feedback.judge import PairwiseJudge
-
+def _judge_rubric(cfg, principles: list[Principle]) -> str:
+    """The RL-CAI judge's rubric: judge.rubric, the text of judge.rubric_file, or the constitution's."""
     rubric = cfg.judge.rubric
     if cfg.judge.rubric_file:
         if not Path(cfg.judge.rubric_file).is_file():
             raise DataError(f"judge.rubric_file {cfg.judge.rubric_file} does not exist")
         rubric = Path(cfg.judge.rubric_file).read_text(encoding="utf-8")
-    return PairwiseJudge(backend or make_backend(cfg.judge), rubric or constitution_rubric(principles),
-                         parse_retries=cfg.judge.parse_retries)
+    return rubric or constitution_rubric(principles)
+
+
+def _make_judge(cfg, rubric: str, backend=None):
+    from posttrain.feedback.client import make_backend
+    from posttrain.feedback.judge import PairwiseJudge
+
+    return PairwiseJudge(backend or make_backend(cfg.judge), rubric, parse_retries=cfg.judge.parse_retries)

@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import queue
+import re
 import sys
 import threading
 import time
@@ -103,13 +104,20 @@ class JsonlLog:
         self.append_group([record])
 
     def append_group(self, records: list[dict]) -> None:
-        """Write several records with one write call and one fsync."""
+        """Write several records with one write call and one fsync. A lone surrogate in their text
+        (a server's JSON "\\ud83d", half an emoji) cannot be written as UTF-8: it becomes U+FFFD,
+        in the file and in `records` alike, so a resumed run reads what an uninterrupted one kept."""
         ids = [record.get(self.key) for record in records]
         if not all(isinstance(i, str) for i in ids):
             raise ValueError(f"every record needs a string {self.key!r}, got {ids}")
         if len(set(ids)) != len(ids):
             raise ValueError(f"duplicate {self.key} within one group: {ids}")
         text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            records = _without_lone_surrogates(records)
+            text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
         with self._lock:
             repeated = [i for i in ids if i in self.done]
             if repeated:
@@ -134,6 +142,20 @@ class JsonlLog:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")  # in a str, always lone: json.loads joins the pairs
+
+
+def _without_lone_surrogates(value: Any) -> Any:
+    """`value` (JSON-like) with every lone surrogate in its strings (keys too) replaced by U+FFFD."""
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {_without_lone_surrogates(k): _without_lone_surrogates(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_without_lone_surrogates(v) for v in value]
+    return value
 
 
 def _lock_exclusively(file: TextIO, path: Path) -> None:

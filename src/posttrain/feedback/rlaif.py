@@ -224,10 +224,16 @@ def read_rubric(cfg) -> str:
 _RESULT_FIELDS = ("kind", "model", "max_tokens", "temperature", "seed", "template", "dtype")
 
 
+def backend_settings(cfg) -> dict:
+    """The fields of a BackendConfig that decide its replies (model, sampling, template, dtype);
+    the pipelines record them so that a resume with other values is refused."""
+    return {f: getattr(cfg, f) for f in _RESULT_FIELDS}
+
+
 def result_settings(cfg, rubric: str) -> dict:
     """What decides the records' content: resuming with other values would mix two datasets.
     (Timeouts, retries, rate limits, concurrency, URLs and keys may change between runs.)"""
-    backend = {name: {f: getattr(getattr(cfg, name), f) for f in _RESULT_FIELDS} for name in ("policy", "judge")}
+    backend = {name: backend_settings(getattr(cfg, name)) for name in ("policy", "judge")}
     backend["judge"].update(rubric=rubric, parse_retries=cfg.judge.parse_retries)
     return {**backend, "num_responses": cfg.rlaif.num_responses}
 

@@ -43,8 +43,11 @@ from posttrain.feedback.rouge import RougePool, tokenize
 _ANSWER_TOKENS = 16  # the yes/no question needs only its first word
 _NO_INPUT = {"", "none", "n/a", "na", "<noinput>", "no input", "-", "(none)", "null"}
 _FIELD = re.compile(r"^[ \t]*(input|output|label|class label|task)[ \t]*:[ \t]*", re.IGNORECASE | re.MULTILINE)
-_ENUMERATION = re.compile(r"^\s*(?:\d+\s*[.):]|[-*\u2022]|(?:new\s+)?(?:task|instruction)\s*\d*\s*[:.)])\s*",
-                          re.IGNORECASE)
+# "9." / "9)" / "9:" (not the "1." of "1.5") or a bullet ("-", "*", "•"; not the "-" of "-5" nor "**" of bold)
+_ENUMERATION = re.compile(r"^\s*(?:\d+\s*[.):](?!\d)|-(?!\d)|\u2022|\*(?!\*))\s*")
+# "Task:", "New instruction 3.", "**Task:**", "**Task**:" after any numbering
+_LABEL = re.compile(r"^(?:\*\*|__)?\s*(?:new\s+)?(?:task|instruction)\s*\d*\s*(?:\*\*|__)?\s*[:.)]\s*(?:\*\*|__)?\s*",
+                    re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -116,10 +119,13 @@ def instruction_messages(examples: list[Task]) -> list[dict[str, str]]:
 
 
 def clean_instruction(reply: str) -> str:
-    """The first non-empty line of a reply, without numbering, a "Task:" label or wrapping quotes."""
+    """The first non-empty line of a reply, without numbering or a bullet, then without a "Task:"
+    label (markdown bold "**Task:**" too), and without quotes wrapped around the whole of it
+    (a line with quotes inside as well is kept as it is)."""
     line = next((line for line in reply.splitlines() if line.strip()), "")
-    line = _ENUMERATION.sub("", line, count=1).strip()
-    if len(line) >= 2 and line[0] == line[-1] and line[0] in "\"'":
+    line = _ENUMERATION.sub("", line, count=1)
+    line = _LABEL.sub("", line, count=1).strip()
+    if len(line) >= 2 and line[0] == line[-1] and line[0] in "\"'" and line.count(line[0]) == 2:
         line = line[1:-1].strip()
     return " ".join(line.split())
 
@@ -351,6 +357,7 @@ def run_self_instruct(cfg, *, generator=None, stream: TextIO | None = sys.stderr
     from posttrain.config.synthesis import validate_self_instruct
     from posttrain.feedback.client import make_backend
     from posttrain.feedback.jobs import JsonlLog, run_items
+    from posttrain.feedback.rlaif import backend_settings
 
     validate_self_instruct(cfg)
     loop, filters = cfg.self_instruct, cfg.filters
@@ -358,18 +365,23 @@ def run_self_instruct(cfg, *, generator=None, stream: TextIO | None = sys.stderr
     _check_seed_types(seeds, loop, cfg.data.seed_file)
     out = Path(cfg.output_dir)
     backend = generator or make_backend(cfg.generator)
+    # Everything that decides the candidates (generator.seed is not: each request's seed comes from
+    # self_instruct.seed); a resume with other values is refused, a run with no candidates yet is not.
+    candidates = out / "candidates.jsonl"
+    generator_settings = {k: v for k, v in backend_settings(cfg.generator).items() if k != "seed"}
     check_resume_settings(out, {
-        "generator": backend.model_name, "seed_file": file_digest(seed_path(cfg.data.seed_file)),
+        "generator": {**generator_settings, "model": backend.model_name},
+        "seed_file": file_digest(seed_path(cfg.data.seed_file)),
         "per_round": loop.per_round, "seed_examples": loop.seed_examples,
         "generated_examples": loop.generated_examples, "task_type": loop.task_type,
         "classification_fraction": loop.classification_fraction, "instance_examples": loop.instance_examples,
         "seed": loop.seed, "min_words": filters.min_words, "max_words": filters.max_words,
         "banned_words": sorted(filters.banned_words), "rouge_threshold": filters.rouge_threshold,
-        "drop_truncated": filters.drop_truncated})
+        "drop_truncated": filters.drop_truncated}, candidates.is_file() and candidates.stat().st_size > 0)
     pool = TaskPool(seeds, filters, loop.num_tasks)
     show = stream or sys.stderr
     failure = None
-    with JsonlLog(out / "candidates.jsonl") as log:
+    with JsonlLog(candidates) as log:
         logged = {record["id"]: record for record in log.records}
         round_number = 0
         while not pool.full and round_number < loop.max_rounds:

@@ -7,8 +7,10 @@ Pure Python, no torch: a request body (already JSON-decoded) becomes a `Request`
 
 Validation follows the OpenAI API reference: the same field names, ranges and defaults
 (temperature 1, top_p 1, n 1, max_tokens 16 for completions). Fields this server cannot
-honour (logprobs, tools, echo, ...) are refused rather than silently ignored, and unknown
-fields are refused as OpenAI does, so a caller never gets something other than it asked for.
+honour (logprobs, tools, echo, ...; in a message: name, tool_calls, ...) are refused rather
+than silently ignored, and unknown fields are refused as OpenAI does, so a caller never gets
+something other than it asked for. Fields accepted and ignored (store, metadata,
+service_tier) are still type-checked.
 """
 
 from __future__ import annotations
@@ -75,6 +77,10 @@ _UNSUPPORTED_OFF = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "lo
                     "suffix": (None, ""), "parallel_tool_calls": (None, True, False),
                     "response_format": (None, {"type": "text"})}
 _ROLES = {"system", "user", "assistant", "developer"}
+# Message fields other than role and content: allowed only at their "off" value (clients often send
+# back an earlier reply's message whole, with tool_calls: null, refusal: null, ...).
+_MESSAGE_OFF = {"name": (None,), "tool_calls": (None, []), "tool_call_id": (None,), "function_call": (None,),
+                "refusal": (None,), "audio": (None,), "annotations": (None, [])}
 
 
 def parse_request(kind: str, body: object, limits: Limits) -> Request:
@@ -91,8 +97,11 @@ def parse_request(kind: str, body: object, limits: Limits) -> Request:
     request = Request(kind=kind, model=_string(body, "model", required=True))
     if kind == "chat":
         request.messages = _messages(body.get("messages"))
-        max_tokens = _integer(body, "max_completion_tokens", 1, limits.max_tokens)
-        request.max_tokens = max_tokens if max_tokens is not None else _integer(body, "max_tokens", 1, limits.max_tokens)
+        # both are checked; max_completion_tokens (the newer name) wins when both are given
+        newer = _integer(body, "max_completion_tokens", 1, limits.max_tokens)
+        older = _integer(body, "max_tokens", 1, limits.max_tokens)
+        request.max_tokens = newer if newer is not None else older
+        _ignored_chat_fields(body)
     else:
         request.prompts = _prompts(body.get("prompt"), limits)
         max_tokens = _integer(body, "max_tokens", 1, limits.max_tokens)
@@ -124,6 +133,19 @@ def _sampling(request: Request, body: dict, limits: Limits) -> None:
         request.include_usage = _boolean(options, "include_usage")
     if "user" in body:
         _string(body, "user")
+
+
+def _ignored_chat_fields(body: dict) -> None:
+    """store, metadata and service_tier change nothing here, but are type-checked as OpenAI does:
+    store a boolean, metadata up to 16 string keys (64 characters) with string values (512),
+    service_tier a string."""
+    _boolean(body, "store")
+    _string(body, "service_tier")
+    metadata = body.get("metadata")
+    if metadata is not None and not (isinstance(metadata, dict) and len(metadata) <= 16 and all(
+            isinstance(v, str) and len(k) <= 64 and len(v) <= 512 for k, v in metadata.items())):
+        raise APIError(400, "metadata must be an object of at most 16 string values (keys up to 64 characters, "
+                       "values up to 512)", param="metadata")
 
 
 def _is_int(value: object) -> bool:
@@ -195,6 +217,14 @@ def _messages(value: object) -> list[dict]:
         if role not in _ROLES:
             raise APIError(400, f"{where}.role must be one of {', '.join(sorted(_ROLES))}, got {role!r}",
                            param=f"{where}.role")
+        for key, given in message.items():  # nothing is silently dropped: a field we cannot honour is a 400
+            if key in ("role", "content"):
+                continue
+            if key not in _MESSAGE_OFF:
+                raise APIError(400, f"unrecognized field in {where}: {key}", param=f"{where}.{key}")
+            if not any(given == off and type(given) is type(off) for off in _MESSAGE_OFF[key]):
+                raise APIError(400, f"{where}.{key} is not supported by this server; leave it out",
+                               param=f"{where}.{key}")
         messages.append({"role": "system" if role == "developer" else role,
                          "content": _text_content(message.get("content"), f"{where}.content")})
     return messages
