@@ -91,7 +91,11 @@ def _ia3_config(ia3: Any):
     kwargs: dict[str, Any] = {}
     if ia3.target_modules:
         kwargs["target_modules"] = peft_targets(ia3.target_modules)
-        kwargs["feedforward_modules"] = list(ia3.feedforward_modules)
+        kwargs["feedforward_modules"] = list(ia3.feedforward_modules) or None  # empty: peft's default for the model
+        outside = [m for m in ia3.feedforward_modules if m not in ia3.target_modules]
+        if outside and not isinstance(kwargs["target_modules"], str):  # (a regex or all-linear: peft checks)
+            raise ConfigError(f"adapter.ia3.feedforward_modules: {outside[0]!r} is not in adapter.ia3.target_modules; "
+                              "feedforward modules are a subset of the targets")
     elif ia3.feedforward_modules:
         raise ConfigError("adapter.ia3.feedforward_modules needs adapter.ia3.target_modules too")
     return IA3Config(task_type="CAUSAL_LM", **kwargs)
@@ -116,6 +120,13 @@ def quiet_peft():
 def _inject(lm: nn.Module, peft_config, key: str):
     from peft import get_peft_model
 
+    targets = peft_config.target_modules
+    if isinstance(targets, (list, set, tuple)):  # peft stops only when no name matches: check each
+        modules = [name for name, _ in lm.named_modules()]
+        unmatched = [t for t in targets if not any(m == t or m.endswith("." + t) for m in modules)]
+        if unmatched:
+            raise ConfigError(f"{key}: {unmatched[0]!r} matches no layer of {type(lm).__name__}; "
+                              f"its linear layers are: {', '.join(linear_module_names(lm))}")
     try:
         with quiet_peft():
             return get_peft_model(lm, peft_config)

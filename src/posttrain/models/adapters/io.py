@@ -233,8 +233,9 @@ def _merged_layer(layer) -> dict[str, torch.Tensor]:
 def combine_adapters(model: AdaptedModel, weights: dict[str, float], name: str) -> None:
     """Add adapter `name` = weighted combination of loaded LoRA / IA3 adapters; switch to it.
 
-    Uses peft's `add_weighted_adapter`: LoRA adapters of equal rank with its 'linear' rule,
-    different ranks with 'cat' (which concatenates A and B, i.e. sums the weighted updates)."""
+    Uses peft's `add_weighted_adapter`; LoRA adapters with its 'cat' rule, which concatenates
+    A and B, so the update is exactly Σ wᵢ·ΔWᵢ whatever the ranks (its 'linear' rule, for equal
+    ranks, would mix the A of one adapter with the B of another: cross terms)."""
     missing = [n for n in weights if n not in model.adapter_names()]
     if missing:
         raise UserError(f"cannot combine: no adapter named {missing[0]!r}; loaded: {', '.join(model.adapter_names())}")
@@ -242,6 +243,6 @@ def combine_adapters(model: AdaptedModel, weights: dict[str, float], name: str) 
     configs = [peft_model.peft_config[n] for n in weights]
     kwargs: dict[str, Any] = {}
     if configs[0].peft_type.value == "LORA":
-        kwargs["combination_type"] = "linear" if len({c.r for c in configs}) == 1 else "cat"
+        kwargs["combination_type"] = "cat"
     peft_model.add_weighted_adapter(list(weights), list(weights.values()), adapter_name=name, **kwargs)
     peft_model.set_adapter(name)
