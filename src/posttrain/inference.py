@@ -58,10 +58,29 @@ def read_prompts(path: str) -> list[dict]:
                 raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
             if not isinstance(row, dict) or not ("prompt" in row or "messages" in row):
                 raise DataError(f"{path}:{number}: expected an object with 'prompt' or 'messages'")
+            problem = _prompt_problem(row)
+            if problem:
+                raise DataError(f"{path}:{number}: {problem}")
             items.append(row)
         else:
             items.append({"prompt": line})
     return items
+
+
+def _prompt_problem(row: dict) -> str | None:
+    """What is wrong with a prompt row's `messages` (non-empty list of turns with a text role and
+    content) or `prompt` (non-empty text), or None."""
+    if "messages" in row:
+        turns = row["messages"]
+        if not isinstance(turns, list) or not turns:
+            return "'messages' must be a non-empty list of turns"
+        for i, turn in enumerate(turns, 1):
+            if not (isinstance(turn, dict) and isinstance(turn.get("role"), str) and isinstance(turn.get("content"), str)):
+                return f"turn {i} of 'messages' needs a text 'role' and a text 'content'"
+        return None
+    if not isinstance(row["prompt"], str) or not row["prompt"].strip():
+        return "'prompt' must be non-empty text"
+    return None
 
 
 def render(item: dict, tokenizer, template: str | None) -> str:

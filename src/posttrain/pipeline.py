@@ -245,12 +245,13 @@ def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def _reads(flat: dict[str, Any], run_dir: Path) -> bool:
-    """Whether any path in a config (also NAME=PATH items) lies inside `run_dir`."""
-    root = os.path.normpath(run_dir)
+    """Whether any path in a config (also NAME=PATH items) lies inside `run_dir` (compared as
+    absolute paths: a relative output_dir and an absolute path into it are the same place)."""
+    root = os.path.abspath(run_dir)
     values = [v for value in flat.values() for v in (value if isinstance(value, list) else [value])]
     for value in values:
         if isinstance(value, str) and value:
-            candidate = os.path.normpath(value.rpartition("=")[2])
+            candidate = os.path.abspath(os.path.expanduser(value.rpartition("=")[2]))
             if candidate == root or candidate.startswith(root + os.sep):
                 return True
     return False
