@@ -211,6 +211,14 @@ def sequence_logps(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor 
     return logps, mask.sum(dim=1)
 
 
+def tempered(hidden: Tensor, bias: Tensor | None, temperature: float) -> tuple[Tensor, Tensor | None]:
+    """(hidden, bias) whose head gives logits / temperature: (hidden / T) · Wᵀ + b / T — the
+    distribution sampling at temperature T draws from, without forming the logits."""
+    if temperature == 1.0:
+        return hidden, bias
+    return hidden / temperature, None if bias is None else bias / temperature
+
+
 def token_logps(selected: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None,
                 chunk_size: int = 256) -> Tensor:
     """log softmax(W h + b)[y] for N (hidden state, target) pairs: selected (N, H), targets (N,).

@@ -15,6 +15,7 @@ and 2 processes × batch 4 all take the same gradient.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
 from collections.abc import Iterator
@@ -100,12 +101,9 @@ def _steps(stage: Stage, group: int, epoch: int, start: int) -> Iterator[tuple[i
                 raise ConfigError("the training data produced no batches: is the dataset empty?")
             if not batches:
                 break
-            if len(batches) < group:
-                refill = stage.micro_batches(epoch)
-                while len(batches) < group:  # an epoch shorter than a step goes round again
-                    batch = next(refill, None)
-                    refill = stage.micro_batches(epoch) if batch is None else refill
-                    batches += [] if batch is None else [batch]
+            if len(batches) < group:  # an epoch shorter than a step goes round again
+                refill = itertools.chain.from_iterable(stage.micro_batches(epoch) for _ in itertools.count())
+                batches += itertools.islice(refill, group - len(batches))
                 yield epoch + 1, 0, batches
                 break
             step_in_epoch += 1

@@ -95,7 +95,7 @@ def selected_token_logps(model, inputs: dict, predictor, targets, chunk_size: in
     """log π(targets) (N,) predicted from the hidden states at flat positions `predictor` (N,)
     of the (B·T) batch `inputs`; chunked, never the whole [B, T, V] log-softmax. With a
     `temperature`, of softmax(logits / temperature): the distribution sampling drew from."""
-    from posttrain.losses.language_modeling import token_logps
+    from posttrain.losses.language_modeling import tempered, token_logps
     from posttrain.models.loading import final_hidden_and_head, supports_hidden_path
     from posttrain.models.readout import reading
 
@@ -103,17 +103,10 @@ def selected_token_logps(model, inputs: dict, predictor, targets, chunk_size: in
         if supports_hidden_path(model):
             inputs, pick = reading(model, inputs, predictor)
             hidden, weight, bias = final_hidden_and_head(model, **inputs)
-            hidden, bias = _tempered(pick(hidden), bias, temperature)
+            hidden, bias = tempered(pick(hidden), bias, temperature)
             return token_logps(hidden, weight, targets, bias, chunk_size)
         logits = model(**inputs, use_cache=False).logits.float().flatten(0, 1)[predictor] / temperature
         return logits.log_softmax(-1).gather(1, targets[:, None])[:, 0]
-
-
-def _tempered(hidden: torch.Tensor, bias, temperature: float):
-    """hidden · Wᵀ + b at a temperature: (hidden / T) · Wᵀ + b / T."""
-    if temperature == 1.0:
-        return hidden, bias
-    return hidden / temperature, None if bias is None else bias / temperature
 
 
 def shared_prompt_logps(model, input_ids, attention_mask, position_ids, predictor, targets, sequence, num_sequences,

@@ -91,8 +91,7 @@ def completion_forward(model, batch: dict, chunk_size: int = 256, value_head: to
     softmax(logits / `temperature`), the distribution the rollouts sampled from (so the
     importance ratio and the KL estimators are taken against the policy that drew the tokens;
     the reference is read at the same temperature)."""
-    from posttrain.train.preference import _tempered
-    from posttrain.losses.language_modeling import token_logps_and_entropy, token_logps_with_entropy_value
+    from posttrain.losses.language_modeling import tempered, token_logps_and_entropy, token_logps_with_entropy_value
     from posttrain.models.attention import masked_attention_kernels
     from posttrain.models.loading import final_hidden_and_head, supports_hidden_path
     from posttrain.models.readout import reading
@@ -107,7 +106,7 @@ def completion_forward(model, batch: dict, chunk_size: int = 256, value_head: to
             hidden, weight, bias = final_hidden_and_head(model, **hidden_inputs)
         selected = pick(hidden)
         both = token_logps_and_entropy if entropy_grad else token_logps_with_entropy_value
-        scaled, scaled_bias = _tempered(selected, bias, temperature)  # the value head reads `selected` itself
+        scaled, scaled_bias = tempered(selected, bias, temperature)  # the value head reads `selected` itself
         logps, entropy = both(scaled, weight, targets, scaled_bias, chunk_size)
     else:  # heads with logit scaling: the model's own logits
         with kernels:
