@@ -346,7 +346,28 @@ def _write_rows(path: Path, rows) -> Path:
 
 
 def _score(tmp: Path, *args: str) -> subprocess.CompletedProcess:
-    return _cli("score", *args, cwd=tmp, extra_path=tmp)
+    """`posttrain score ARGS` run in-process through the CLI's own `main` (a subprocess costs ~2 s):
+    the working directory and import path a user's shell would give, stdout / stderr captured."""
+    import contextlib
+    import io
+
+    from posttrain.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    old_cwd, old_path = Path.cwd(), list(sys.path)
+    os.chdir(tmp)
+    sys.path.insert(0, str(tmp))
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(["score", *args])
+            except SystemExit as exc:  # argparse's own errors
+                code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        os.chdir(old_cwd)
+        sys.path[:] = old_path
+        sys.modules.pop("review_rewards", None)
+    return subprocess.CompletedProcess(["posttrain", "score", *args], code, out.getvalue(), err.getvalue())
 
 
 def _read_jsonl_strict(path: Path) -> list[dict]:
