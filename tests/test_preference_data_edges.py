@@ -362,7 +362,7 @@ def test_a_response_starting_with_a_newline_keeps_its_newline_and_the_shared_pro
 
 
 def test_a_tokenizer_that_prefixes_each_string_keeps_the_joint_tokens():
-    """_split_at_prompt tokenises the prompt alone only when the two halves decode to the
+    """tokenize_with_labels tokenises the prompt alone only when the two halves decode to the
     whole text; a tokenizer that prefixes a space to every string it is given (SentencePiece's
     dummy prefix) would add one inside the sequence, so the joint tokens stay."""
     real = _newline_merging_tokenizer()

@@ -68,6 +68,16 @@ def encode_all(records: list[Record], tokenizer, template: str, cfg, log, name: 
     return examples, dataclasses.asdict(length_report)
 
 
+def _labelled_only(examples: list[Example], log: Callable[[str], None], name: str) -> tuple[list[Example], int]:
+    """Drop, count and name the examples with no token to train on (a template that renders an
+    assistant turn as nothing), as streaming does: they would add nothing but padding."""
+    kept = [e for e in examples if e.num_label_tokens > 0]
+    dropped = [e.source for e in examples if e.num_label_tokens == 0]
+    if dropped:
+        log(f"{name}: {len(dropped)} examples dropped with no token to train on (first: {', '.join(dropped[:3])})")
+    return kept, len(dropped)
+
+
 def prepare_sft_data(cfg, tokenizer, run_dir: Path, seed: int, log: Callable[[str], None] = print) -> PreparedData:
     """Load train (and eval) data per `cfg` (a DataConfig) into examples; write data_report.json."""
     from posttrain.data.templates import adopt_template, check_label_mask
@@ -86,7 +96,10 @@ def prepare_sft_data(cfg, tokenizer, run_dir: Path, seed: int, log: Callable[[st
         eval_read = {"rows": len(eval_records), "split_from_train": True}
     train, train_len = encode_all(train_records, tokenizer, template, cfg, log, "train")
     check_label_mask(train)
+    train, train_len["dropped_no_labels"] = _labelled_only(train, log, "train")
     evaluation, eval_len = encode_all(eval_records, tokenizer, template, cfg, log, "eval") if eval_records else ([], {})
+    if evaluation:
+        evaluation, eval_len["dropped_no_labels"] = _labelled_only(evaluation, log, "eval")
     report = {"train_read": read_report, "eval_read": eval_read, "train_length": train_len, "eval_length": eval_len,
               "train_examples": len(train), "eval_examples": len(evaluation),
               "train_label_tokens": sum(e.num_label_tokens for e in train)}

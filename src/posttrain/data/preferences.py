@@ -27,7 +27,7 @@ assistant turn (content and end-of-turn marker), so every response to a prompt g
 the same prompt tokens and the same template treatment; assistant turns inside the
 prompt are context and never trained on. Where the tokenizer would merge the prompt's last
 characters with the response's first into one token, the prompt is tokenised on its own,
-as generation tokenises it (`_split_at_prompt`).
+as generation tokenises it (`templates.tokenize_with_labels`).
 """
 
 from __future__ import annotations
@@ -339,48 +339,16 @@ def load_preference_records(
 def encode_response(prompt: list[dict[str, str]], response: str, tokenizer: Any, template: str,
                     source: str = "<memory>") -> Example:
     """prompt + response as token ids, labelled on the response's turn only (content and
-    end-of-turn marker); earlier assistant turns are context."""
-    from posttrain.data.templates import _labels_from_spans, assistant_spans
+    end-of-turn marker); earlier assistant turns are context. A token straddling the prompt's
+    end is split there, as generation tokenises the prompt alone (`tokenize_with_labels`)."""
+    from posttrain.data.templates import assistant_spans, tokenize_with_labels
 
     if not getattr(tokenizer, "is_fast", False):
         raise DataError(f"{type(tokenizer).__name__} is a slow (Python) tokenizer; exact label masks need "
                         "character offsets, which only fast tokenizers give (load it with use_fast=True)")
     messages = [*prompt, {"role": "assistant", "content": response}]
     text, spans = assistant_spans(messages, tokenizer, template, source)
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)  # the template has BOS
-    input_ids = list(encoded["input_ids"])
-    start = spans[-1][0]  # text[:start] is the prompt with the generation prompt
-    if any(lo < start < hi for lo, hi in encoded["offset_mapping"]):
-        split = _split_at_prompt(tokenizer, text, start, spans[-1], input_ids)
-        if split is not None:
-            return Example(*split, source)
-    return Example(input_ids, _labels_from_spans(input_ids, encoded["offset_mapping"], spans[-1:]), source)
-
-
-def _split_at_prompt(tokenizer: Any, text: str, start: int, span: tuple[int, int],
-                     joint: list[int]) -> tuple[list[int], list[int]] | None:
-    """(input ids, labels) with the prompt text[:start] tokenised on its own, then the rest.
-
-    Called when one token of the whole text straddles the end of the prompt — a response that
-    begins with a newline, after a template's newline, under a tokenizer that merges runs of
-    newlines (Llama 3's, Qwen2's). Tokenised as one string, that merged token would be
-    context, and the response's prompt tokens would differ from its siblings'. A model asked
-    the prompt sees it tokenised alone (generation does that), so that is what its responses
-    follow. None — keep the joint tokens — when the two halves do not decode to the same text
-    (a tokenizer that prefixes a space to each string it tokenises)."""
-    from posttrain.data.templates import _labels_from_spans
-
-    prompt = tokenizer(text[:start], add_special_tokens=False)["input_ids"]
-    rest = tokenizer(text[start:], add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(prompt) + list(rest["input_ids"])
-
-    def decoded(tokens):
-        return tokenizer.decode(tokens, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-
-    if decoded(ids) != decoded(joint):
-        return None
-    labels = _labels_from_spans(list(rest["input_ids"]), rest["offset_mapping"], [(span[0] - start, span[1] - start)])
-    return ids, [IGNORE_INDEX] * len(prompt) + labels
+    return Example(*tokenize_with_labels(tokenizer, text, spans[-1:]), source)
 
 
 def encode_preference(record: PreferenceRecord, tokenizer: Any, template: str) -> PreferenceExample:

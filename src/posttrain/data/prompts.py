@@ -60,10 +60,12 @@ def detect_prompt_format(rows: list[dict], *, where: str = "the data") -> str:
 def to_prompt_record(row: dict, fmt: str, location: str = "<memory>") -> PromptRecord:
     if fmt not in PROMPT_FORMATS:
         raise BadRowError(f"format {fmt!r} cannot give prompts; use one of {', '.join(PROMPT_FORMATS)}")
-    turns = row.get("messages") if fmt == "messages" else None
-    if isinstance(turns, list) and turns and isinstance(turns[-1], dict) and turns[-1].get("role") == "user":
+    key = "messages" if "messages" in row else "conversations"
+    turns = row.get(key) if fmt == "messages" else None
+    if isinstance(turns, list) and turns and _role(turns[-1], len(turns)) == "user":
         # A conversation that ends with the user's turn is all prompt, with no reference answer.
-        row, fmt = {**{k: v for k, v in row.items() if k != "messages"}, "prompt": turns}, "prompt"
+        turns = [formats._turn(turn, i) for i, turn in enumerate(turns, 1)]  # ShareGPT's from / value too
+        row, fmt = {**{k: v for k, v in row.items() if k != key}, "prompt": turns}, "prompt"
     extra = {k: v for k, v in row.items() if k not in _RESERVED}
     if fmt == "prompt":
         from posttrain.data.preferences import _prompt
@@ -82,6 +84,13 @@ def to_prompt_record(row: dict, fmt: str, location: str = "<memory>") -> PromptR
     if not turns or turns[-1]["role"] != "user":
         raise BadRowError("the conversation has no user turn before its last assistant turn to use as a prompt")
     return PromptRecord(turns, None if last is None else messages[last]["content"], extra, location)
+
+
+def _role(turn: Any, number: int) -> str | None:
+    try:
+        return formats._turn(turn, number)["role"]
+    except BadRowError:
+        return None  # reported, with the row's file:line, when the whole conversation is read
 
 
 def load_prompt_records(paths: list[str], *, fmt: str = "auto", bad_rows: str = "error",

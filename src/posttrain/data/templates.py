@@ -115,10 +115,7 @@ def _encode_messages(record: Record, tokenizer: Any, template: str) -> Example:
         )
     _check_messages(record)
     text, spans = assistant_spans(record.messages, tokenizer, template, record.source)
-    # The template carries BOS (or not) itself, so the tokenizer must add nothing.
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    input_ids = list(encoded["input_ids"])
-    labels = _labels_from_spans(input_ids, encoded["offset_mapping"], spans)
+    input_ids, labels = tokenize_with_labels(tokenizer, text, spans)
     return Example(input_ids=input_ids, labels=labels, source=record.source)
 
 
@@ -171,15 +168,52 @@ def _render(tokenizer: Any, template: str, messages: list, add_generation_prompt
         ) from None
 
 
-def _labels_from_spans(input_ids: list[int], offsets: list, spans: list[tuple[int, int]]) -> list[int]:
-    labels = [IGNORE_INDEX] * len(input_ids)
-    previous_end = 0
-    for k, (token_id, (start, end)) in enumerate(zip(input_ids, offsets)):
-        # GPT-2-style tokenizers (ByteLevel trim_offsets=True) move a token's start past its
-        # leading spaces, so a lone " " just before an answer would appear to start inside
-        # it. Tokens tile the text, so the previous token's end is the true start.
-        true_start = min(start, previous_end) if k > 0 else start
+def tokenize_with_labels(tokenizer: Any, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    """Token ids of the rendered `text`, labelled on the characters of `spans` (assistant turns).
+
+    The text is tokenised as one string (the template carries BOS, so the tokenizer adds
+    nothing) unless a token straddles the start of an answer — "\n\n" merged under Llama 3's or
+    Qwen2's pre-tokenizer after a template's newline, " the" after a generation prompt ending
+    in a space. Such a token would be context, so the answer's first characters would never be
+    trained, and a model asked the prompt (which generation tokenises alone) would see a token
+    it never saw in training. The text is then cut at those answer starts and each piece
+    tokenised alone, as generation does — unless the pieces do not decode to the same text (a
+    tokenizer that prefixes a space to every string it tokenises): then the joint tokens stay.
+    """
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(encoded["input_ids"]), list(encoded["offset_mapping"])
+    starts = _true_starts(offsets)
+    cuts = [lo for lo, _ in spans if any(start < lo < end for start, (_, end) in zip(starts, offsets))]
+    if cuts:
+        pieces_ids, pieces_offsets = [], []
+        for lo, hi in zip([0, *cuts], [*cuts, len(text)]):
+            piece = tokenizer(text[lo:hi], add_special_tokens=False, return_offsets_mapping=True)
+            pieces_ids += piece["input_ids"]
+            pieces_offsets += [(a + lo, b + lo) for a, b in piece["offset_mapping"]]
+
+        def decoded(tokens):
+            return tokenizer.decode(tokens, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+        if decoded(pieces_ids) == decoded(ids):
+            ids, offsets = pieces_ids, pieces_offsets
+    return ids, _labels_from_spans(ids, offsets, spans)
+
+
+def _true_starts(offsets: list) -> list[int]:
+    """Where each token really starts. GPT-2-style tokenizers (ByteLevel trim_offsets=True) move
+    a token's start past its leading spaces, so " the" after "ASSISTANT:" would appear to start
+    inside the answer. Tokens tile the text, so the previous token's end is the true start."""
+    starts, previous_end = [], None
+    for start, end in offsets:
+        starts.append(start if previous_end is None else min(start, previous_end))
         previous_end = end
+    return starts
+
+
+def _labels_from_spans(input_ids: list[int], offsets: list, spans: list[tuple[int, int]]) -> list[int]:
+    """A token is labelled when it starts inside a span (its true start, see `_true_starts`)."""
+    labels = [IGNORE_INDEX] * len(input_ids)
+    for k, (token_id, true_start) in enumerate(zip(input_ids, _true_starts(offsets))):
         if any(lo <= true_start < hi for lo, hi in spans):
             labels[k] = token_id
     return labels
