@@ -44,13 +44,15 @@ class RewardModelScorer:
         from posttrain.data.templates import resolve_template
         from posttrain.models.loading import load_tokenizer
         from posttrain.models.attention import padding_free
-        from posttrain.models.reward_model import _classifier, is_decoder_scorer, load_reward_model
+        from posttrain.models.reward_model import _classifier, encoder_positions, is_decoder_scorer, load_reward_model
 
         self.tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
         self.model = load_reward_model(path, dtype, trust_remote_code, pad_token_id=self.tokenizer.pad_token_id).eval()
         self.template = resolve_template(self.tokenizer, template)
-        self.batch_size, self.max_length = batch_size, max_length
-        if is_decoder_scorer(self.model):  # the real tokens only, the last layer at the last one (exact)
+        self.decoder = is_decoder_scorer(self.model)
+        limit = encoder_positions(self.model)  # an encoder reads no further than its position table
+        self.batch_size, self.max_length = batch_size, max_length if limit is None else min(max_length, limit)
+        if self.decoder:  # the real tokens only, the last layer at the last one (exact)
             padding_free(_classifier(self.model), longest=max_length)
 
     @torch.no_grad()
@@ -59,10 +61,14 @@ class RewardModelScorer:
         from posttrain.data.preferences import encode_response
         from posttrain.models.reward_model import score
 
-        examples = [encode_response(p, r, self.tokenizer, self.template) for p, r in zip(prompts, responses)]
-        for e in examples:  # keep the end: the scored position is the last token
-            del e.input_ids[: max(0, len(e.input_ids) - self.max_length)]
-            del e.labels[: max(0, len(e.labels) - self.max_length)]
+        examples = [encode_response(p, r, self.tokenizer, self.template, special_tokens=not self.decoder)
+                    for p, r in zip(prompts, responses)]
+        for e in examples:
+            if self.decoder:  # keep the end: the scored position is the last token
+                del e.input_ids[: max(0, len(e.input_ids) - self.max_length)]
+                del e.labels[: max(0, len(e.labels) - self.max_length)]
+            else:  # keep the start: an encoder pools at its first token ([CLS])
+                del e.input_ids[self.max_length :], e.labels[self.max_length :]
         device = next(self.model.parameters()).device
         out: list[float] = []
         for start in range(0, len(examples), self.batch_size):
@@ -81,12 +87,12 @@ def function_reward(spec: str) -> Reward:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"reward function {spec!r} cannot be imported: {exc}") from None
-    if _positional_arity(fn) >= 3:
+    if _positional_arity(fn) >= 3:  # values checked, with the component's name, by `_checked`
         def with_rows(prompts, responses, rows=None):
             rows = rows if rows is not None else [{}] * len(responses)
-            return [float(fn(p, r, row)) for p, r, row in zip(prompts, responses, rows)]
+            return [fn(p, r, row) for p, r, row in zip(prompts, responses, rows)]
         return with_rows
-    return lambda prompts, responses, rows=None: [float(fn(p, r)) for p, r in zip(prompts, responses)]
+    return lambda prompts, responses, rows=None: [fn(p, r) for p, r in zip(prompts, responses)]
 
 
 def _positional_arity(fn) -> int:
@@ -106,6 +112,8 @@ def _checked(component: RewardComponent, prompts, responses, rows) -> list[float
 
     returned = _call(component.reward, prompts, responses, rows)
     try:
+        if isinstance(returned, (str, bytes)) or any(isinstance(v, (str, bytes)) for v in returned):
+            raise TypeError("text is not a reward")
         values = [float(v) for v in returned]
     except (TypeError, ValueError):
         raise DataError(f"reward {component.name!r} returned {_shown(returned)}; a reward returns one number per "
@@ -238,19 +246,25 @@ def build_combined(models: list[str], functions: list[str], weights: list[str], 
         components.append(RewardComponent(name, RewardModelScorer(path, template, batch_size)))
     for name, spec in _pairs_option(functions, "--function", repeat=False).items():
         components.append(RewardComponent(name, function_reward(spec)))
-    by_name = {c.name: c for c in components}
-    for option, field in (("--weight", "weight"), ("--floor", "floor")):
-        for name, value in _pairs_option(weights if field == "weight" else floors, option).items():
-            if name not in by_name:
-                raise ConfigError(f"{option} {name}=...: no reward named {name} (have {', '.join(by_name)})")
-            try:
-                number = float(value)
-            except ValueError:
-                raise ConfigError(f"{option} {name}={value}: not a number") from None
-            if not math.isfinite(number):
-                raise ConfigError(f"{option} {name}={value}: must be a finite number")
-            setattr(by_name[name], field, number)
+    set_by_name(components, weights, "--weight", "weight")
+    set_by_name(components, floors, "--floor", "floor")
     return CombinedReward(components)
+
+
+def set_by_name(components: list[RewardComponent], items: list[str], option: str, field: str) -> None:
+    """Apply 'NAME=number' items to the named components' `field` (weight or floor); an unknown
+    name or a value that is not a finite number is a ConfigError naming `option`."""
+    by_name = {c.name: c for c in components}
+    for name, value in _pairs_option(items, option).items():
+        if name not in by_name:
+            raise ConfigError(f"{option} {name}=...: no reward named {name} (have {', '.join(by_name)})")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{option} {name}={value}: not a number") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{option} {name}={value}: must be a finite number")
+        setattr(by_name[name], field, number)
 
 
 def _read_scoring_rows(path: str) -> tuple[list[dict], list[list[dict]], list[str], list[str]]:

@@ -166,6 +166,7 @@ def _rollout_checks(cfg: GRPOConfig | PPOConfig) -> list[tuple[bool, str]]:
         (0 <= cfg.data.eval_fraction < 1, "data.eval_fraction must be in [0, 1)"),
         (bool(cfg.reward.functions or cfg.reward.models or cfg.reward.format_regex),
          "no reward: set reward.functions, reward.models or reward.format_regex"),
+        (cfg.reward.clip >= 0, "reward.clip must be >= 0 (0 = off; rewards are clipped to [-clip, clip])"),
     ]
 
 

@@ -337,10 +337,13 @@ def load_preference_records(
 
 
 def encode_response(prompt: list[dict[str, str]], response: str, tokenizer: Any, template: str,
-                    source: str = "<memory>") -> Example:
+                    source: str = "<memory>", special_tokens: bool = False) -> Example:
     """prompt + response as token ids, labelled on the response's turn only (content and
     end-of-turn marker); earlier assistant turns are context. A token straddling the prompt's
-    end is split there, as generation tokenises the prompt alone (`tokenize_with_labels`)."""
+    end is split there, as generation tokenises the prompt alone (`tokenize_with_labels`).
+
+    special_tokens: wrap the sequence in the tokenizer's own special tokens ([CLS] ... [SEP]),
+    as an encoder reward model reads it; a decoder's template writes its own BOS."""
     from posttrain.data.templates import assistant_spans, tokenize_with_labels
 
     if not getattr(tokenizer, "is_fast", False):
@@ -348,11 +351,26 @@ def encode_response(prompt: list[dict[str, str]], response: str, tokenizer: Any,
                         "character offsets, which only fast tokenizers give (load it with use_fast=True)")
     messages = [*prompt, {"role": "assistant", "content": response}]
     text, spans = assistant_spans(messages, tokenizer, template, source)
-    return Example(*tokenize_with_labels(tokenizer, text, spans[-1:]), source)
+    ids, labels = tokenize_with_labels(tokenizer, text, spans[-1:])
+    if special_tokens:
+        lead, trail = special_tokens_around(tokenizer)
+        ids, labels = lead + ids + trail, [IGNORE_INDEX] * len(lead) + labels + [IGNORE_INDEX] * len(trail)
+    return Example(ids, labels, source)
 
 
-def encode_preference(record: PreferenceRecord, tokenizer: Any, template: str) -> PreferenceExample:
-    sequences = [encode_response(record.prompt, r, tokenizer, template, record.source) for r in record.responses]
+def special_tokens_around(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The ids a tokenizer puts before and after a single sequence of its own ([CLS] / [SEP]
+    for BERT): found by encoding one word with and without them."""
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    at = next((k for k in range(len(full) - len(bare) + 1) if full[k : k + len(bare)] == bare), 0)
+    return list(full[:at]), list(full[at + len(bare) :])
+
+
+def encode_preference(record: PreferenceRecord, tokenizer: Any, template: str,
+                      special_tokens: bool = False) -> PreferenceExample:
+    sequences = [encode_response(record.prompt, r, tokenizer, template, record.source, special_tokens)
+                 for r in record.responses]
     return PreferenceExample(sequences, record.ranks, record.desirable, record.margin, record.source)
 
 
@@ -453,18 +471,20 @@ def _synthetic(cfg, seed: int) -> tuple[list[PreferenceRecord], list[PreferenceR
             [to_preference_record(row, kind, f"synthetic-eval:{i}") for i, row in enumerate(held_out)])
 
 
-def _encode_split(records, tokenizer, template: str, cfg, log, name: str) -> tuple[list[PreferenceExample], dict]:
-    examples = [encode_preference(r, tokenizer, template) for r in records]
+def _encode_split(records, tokenizer, template: str, cfg, log, name: str,
+                  special_tokens: bool = False) -> tuple[list[PreferenceExample], dict]:
+    examples = [encode_preference(r, tokenizer, template, special_tokens) for r in records]
     examples, length = fit_preference_length(examples, cfg.max_length, cfg.overlength)
     kinds = sorted({"unpaired" if r.ranks is None else f"{len(r.responses)} responses" for r in records})
     log(f"{name}: {len(examples)} preference records ({', '.join(kinds)}); {length['summary']}")
     return examples, length
 
 
-def prepare_preference_data(cfg, tokenizer, run_dir: Path, seed: int,
-                            log: Callable[[str], None] = print) -> PreparedPreferences:
+def prepare_preference_data(cfg, tokenizer, run_dir: Path, seed: int, log: Callable[[str], None] = print,
+                            special_tokens: bool = False) -> PreparedPreferences:
     """Load train (and eval) preference data per `cfg` (a PreferenceDataConfig) into
-    examples, as `pipeline.prepare_sft_data` does for SFT; write data_report.json."""
+    examples, as `pipeline.prepare_sft_data` does for SFT; write data_report.json.
+    special_tokens: for an encoder reward model (see `encode_response`)."""
     from posttrain.data.templates import adopt_template
 
     template = adopt_template(tokenizer, cfg.template)
@@ -482,11 +502,11 @@ def prepare_preference_data(cfg, tokenizer, run_dir: Path, seed: int,
         records, read_report = _read(cfg.train_files, cfg, run_dir, log, "train")
         train_records, eval_records = split_eval(records, cfg.eval_fraction, seed)
         eval_read = {"rows": len(eval_records), "split_from_train": True}
-    train, train_len = _encode_split(train_records, tokenizer, template, cfg, log, "train")
+    train, train_len = _encode_split(train_records, tokenizer, template, cfg, log, "train", special_tokens)
     if not train:
         raise DataError(f"none of the {len(train_records)} training records is left after the length policy "
                         f"({train_len['summary']}); raise data.max_length or shorten the prompts")
-    evaluation, eval_len = (_encode_split(eval_records, tokenizer, template, cfg, log, "eval")
+    evaluation, eval_len = (_encode_split(eval_records, tokenizer, template, cfg, log, "eval", special_tokens)
                             if eval_records else ([], {}))
     report = {"train_read": read_report, "eval_read": eval_read, "train_length": train_len, "eval_length": eval_len,
               "train_records": len(train), "eval_records": len(evaluation),

@@ -108,6 +108,20 @@ def is_decoder_scorer(model) -> bool:
     return hasattr(_classifier(model), "score")
 
 
+def encoder_positions(model) -> int | None:
+    """How many tokens an encoder reward model can read (its absolute position table, less
+    RoBERTa's offset past the padding index); None for a decoder scorer, which we do not cut."""
+    classifier = _classifier(model)
+    if is_decoder_scorer(classifier):
+        return None
+    table = getattr(classifier.config, "max_position_embeddings", None)
+    if table is None:
+        return None
+    embeddings = getattr(getattr(classifier, classifier.base_model_prefix, classifier), "embeddings", None)
+    offset = getattr(embeddings, "padding_idx", None)
+    return table - (offset + 1 if isinstance(offset, int) else 0)
+
+
 def scores_at(classifier, inputs: dict, at: torch.Tensor) -> torch.Tensor:
     """The score head (float32, (len(at),)) on the final hidden states at flat positions `at` of
     the batch `inputs` — plain, shared-prompt or padding-free rows; with the last layer computed

@@ -14,6 +14,7 @@ right; a tie counts one half), margin (mean r_better − r_worse), reward mean a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -30,7 +31,9 @@ def reward_table(rewards: torch.Tensor, group: torch.Tensor, slot: torch.Tensor,
 
 
 def ranking_metrics(table: torch.Tensor, ranks: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Sums over prompts of per-prompt accuracy, margin, reward mean and mean square. table: (P, K)."""
+    """Sums over prompts of per-prompt accuracy, margin, reward mean and mean square. table: (P, K).
+    In float64: the std is later sqrt(E[r²] − E[r]²), which float32 loses for rewards far from 0."""
+    table = table.double()
     better = (ranks[:, :, None] < ranks[:, None, :]) & valid[:, :, None] & valid[:, None, :]  # (P, K, K)
     diff = table[:, :, None] - table[:, None, :]
     correct = (diff > 0).to(table.dtype) + 0.5 * (diff == 0).to(table.dtype)
@@ -123,16 +126,22 @@ def run_rm(cfg: RMConfig) -> Path:
     from posttrain.models.adapters.schedule import AdapterTraining
     from posttrain.models.attention import block_masks_allowed, padding_free, window_allows
     from posttrain.models.loading import load_tokenizer
-    from posttrain.models.reward_model import is_decoder_scorer
+    from posttrain.models.reward_model import encoder_positions, is_decoder_scorer
     from posttrain.train.loop import evaluate, start_run, train
 
     validate_rm(cfg)
     run_dir, accelerator, main, log = start_run(cfg)
     tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    data = prepare_preference_data(cfg.data, tokenizer, run_dir, cfg.train.seed, log)
+    model = build_reward_model(cfg, tokenizer, log)
+    data_cfg, limit = cfg.data, encoder_positions(model)
+    if limit is not None and data_cfg.max_length > limit:
+        log(f"note: data.max_length {data_cfg.max_length} → {limit}, the encoder's position table")
+        data_cfg = dataclasses.replace(data_cfg, max_length=limit)
+    # an encoder reads its own [CLS] ... [SEP] around the text; a decoder's template has its BOS
+    data = prepare_preference_data(data_cfg, tokenizer, run_dir, cfg.train.seed, log,
+                                   special_tokens=not is_decoder_scorer(model))
     train_items, eval_items = items_from_examples(data.train), items_from_examples(data.eval)
     _check_comparisons(train_items + eval_items, cfg, log)
-    model = build_reward_model(cfg, tokenizer, log)
     module = RewardModelLoss(model, cfg.reward.centering, cfg.reward.use_margins)
     share = cfg.reward.share_prompt and is_decoder_scorer(model)
     if cfg.reward.share_prompt and not share:

@@ -301,17 +301,12 @@ class RolloutStage:
 
 def build_reward(cfg):
     """The configured reward: functions, reward models and a format check, combined with weights."""
-    from posttrain.errors import ConfigError
-    from posttrain.rewards import CombinedReward, RewardComponent, _pairs_option, build_combined, format_reward
+    from posttrain.rewards import CombinedReward, RewardComponent, build_combined, format_reward, set_by_name
 
     combined = build_combined(cfg.reward.models, cfg.reward.functions, [], [], template=cfg.data.template)
     if cfg.reward.format_regex:
         combined.components.append(RewardComponent("format", format_reward(cfg.reward.format_regex)))
-    by_name = {c.name: c for c in combined.components}
-    for name, value in _pairs_option(cfg.reward.weights, "reward.weights").items():
-        if name not in by_name:
-            raise ConfigError(f"reward.weights {name}=...: no reward named {name} (have {', '.join(by_name)})")
-        by_name[name].weight = float(value)
+    set_by_name(combined.components, cfg.reward.weights, "reward.weights", "weight")
     return CombinedReward(combined.components)
 
 
