@@ -211,8 +211,9 @@ def _merge_reward_model(path: Path, out: Path, dtype: str, trust_remote_code: bo
     from posttrain.models.loading import load_tokenizer
     from posttrain.models.reward_model import load_reward_model
 
-    merged = load_reward_model(path, dtype, trust_remote_code).merge_and_unload()
-    merged.save_pretrained(out)
-    load_tokenizer(str(path), trust_remote_code=trust_remote_code).save_pretrained(out)
+    tokenizer = load_tokenizer(str(path), trust_remote_code=trust_remote_code)
+    merged = load_reward_model(path, dtype, trust_remote_code, pad_token_id=tokenizer.pad_token_id).merge_and_unload()
+    merged.save_pretrained(out)  # with a pad id: transformers refuses batches of more than one without it
+    tokenizer.save_pretrained(out)
     print(f"merged lora into the reward model's base: {out}")
     return 0

@@ -13,6 +13,7 @@ and the output projection. It is only valid when the model's logits are exactly
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,7 +53,18 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
 
 
 def _check_weights(directory: Path) -> None:
-    if any(directory.glob("*.safetensors")) or (directory / "model.safetensors.index.json").is_file():
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():  # every shard it names must be a safetensors file (transformers would unpickle a .bin)
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise UserError(f"{index} is not a safetensors index (no weight_map)") from None
+        pickled = sorted(str(s) for s in shards if not str(s).endswith(".safetensors"))
+        if pickled:
+            raise UserError(f"{index} names {', '.join(pickled[:3])}: posttrain loads safetensors only and does not "
+                            "unpickle; convert the shards with save_pretrained in a trusted environment")
+        return
+    if any(directory.glob("*.safetensors")):
         return
     if any(directory.glob("*.bin")) or any(directory.glob("*.pt")) or any(directory.glob("*.pth")):
         raise UserError(
@@ -62,6 +74,34 @@ def _check_weights(directory: Path) -> None:
     if (directory / "adapter_config.json").is_file():
         raise UserError(f"{directory} is a PEFT adapter, not a full model; load its base model and the adapter with peft.PeftModel.from_pretrained")
     raise UserError(f"{directory} has no model weights (*.safetensors); save the model with save_pretrained into that directory")
+
+
+def check_adapter_weights(directory: Path) -> None:
+    """A peft adapter directory must hold adapter_model.safetensors: peft would unpickle a .bin."""
+    directory = Path(directory)
+    if (directory / "adapter_config.json").is_file() and not (directory / "adapter_model.safetensors").is_file():
+        found = " (it has adapter_model.bin, a pickle, which posttrain does not load)" if (
+            directory / "adapter_model.bin").is_file() else ""
+        raise UserError(f"{directory} has no adapter_model.safetensors{found}; save the adapter with "
+                        "save_pretrained(..., safe_serialization=True)")
+
+
+def load_failure(exc: BaseException, what: str, directory: Path, hint: str = "") -> UserError | None:
+    """The one-line error for a from_pretrained failure caused by the user's files — unreadable or
+    truncated weights, a config.json that does not match them — or None for anything else."""
+    from safetensors import SafetensorError
+
+    message = str(exc).strip()
+    first_line = message.splitlines()[0] if message else type(exc).__name__
+    if isinstance(exc, SafetensorError):
+        return UserError(f"could not load {what} from {directory}: a weights file is truncated or not safetensors "
+                         f"({first_line})")
+    if isinstance(exc, RuntimeError) and ("ignore_mismatched_sizes" in message or "size mismatch" in message):
+        mismatch = next((line.strip() for line in message.splitlines() if "shape" in line.lower()), first_line)
+        return UserError(f"could not load {what} from {directory}: config.json does not match the weights ({mismatch})")
+    if isinstance(exc, (OSError, ValueError, KeyError)):
+        return UserError(f"could not load {what} from {directory}: {first_line}{hint}")
+    return None
 
 
 def _torch_dtype(dtype: Any) -> "torch.dtype":
@@ -102,17 +142,19 @@ def load_model(config_or_path: Any = None, *, quantization: Any = None, **overri
     args = _model_args(config_or_path, overrides)
     directory = resolve_model_path(args["path"])
     _check_weights(directory)
-    kwargs: dict[str, Any] = {"dtype": _torch_dtype(args["dtype"]), "use_safetensors": True}
-    if args["trust_remote_code"] is True:
-        kwargs["trust_remote_code"] = True
+    # trust_remote_code always given: left out, transformers would ask on stdin and run the code on a "y"
+    kwargs: dict[str, Any] = {"dtype": _torch_dtype(args["dtype"]), "use_safetensors": True,
+                              "trust_remote_code": args["trust_remote_code"] is True}
     if quantization is not None:
         kwargs.update(_four_bit(quantization))
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except Exception as exc:
         hint = "" if args["trust_remote_code"] else " (if it ships its own modelling code and you trust it, set model.trust_remote_code=true)"
-        raise UserError(f"could not load a causal LM from {directory}: {first_line}{hint}") from None
+        error = load_failure(exc, "a causal LM", directory, hint)
+        if error is None:
+            raise
+        raise error from None
     from posttrain.models.lean import lean_activations
 
     lean_activations(model, args["lean_activations"])
@@ -161,9 +203,8 @@ def load_tokenizer(path: str | os.PathLike = "tiny", trust_remote_code: bool = F
     has_tokenizer = directory.is_dir() and any((directory / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json"))
     if is_preset(path) or not has_tokenizer:
         directory = resolve_model_path(path)
-    kwargs = {"trust_remote_code": True} if trust_remote_code is True else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code is True)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"could not load a tokenizer from {directory}: {first_line}") from None

@@ -179,9 +179,14 @@ def build_preset(name: str, out_dir: str | os.PathLike) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     config = _model_config(spec, tokenizer)
+    default_dtype = torch.get_default_dtype()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
-        model = LlamaForCausalLM(config)
+        torch.set_default_dtype(torch.float32)  # the same bytes whatever the caller's default
+        try:
+            model = LlamaForCausalLM(config)
+        finally:
+            torch.set_default_dtype(default_dtype)
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
     )

@@ -31,22 +31,23 @@ def load_reward_model(path: str | os.PathLike, dtype: str = "float32", trust_rem
     """A sequence-classification model with one output from a model, preset or adapter directory."""
     from transformers import AutoModelForSequenceClassification
 
-    from posttrain.models.loading import _check_weights, _torch_dtype, resolve_model_path
+    from posttrain.models.loading import _check_weights, _torch_dtype, load_failure, resolve_model_path
 
     adapter = Path(path) / "adapter_config.json"
     if adapter.is_file():
-        return _load_lora_reward_model(Path(path), dtype, trust_remote_code)
+        return _load_lora_reward_model(Path(path), dtype, trust_remote_code, pad_token_id)
     directory = resolve_model_path(path)
     _check_weights(directory)
-    kwargs: dict[str, Any] = {"dtype": _torch_dtype(dtype), "use_safetensors": True, "num_labels": 1}
-    if trust_remote_code:
-        kwargs["trust_remote_code"] = True
+    kwargs: dict[str, Any] = {"dtype": _torch_dtype(dtype), "use_safetensors": True, "num_labels": 1,
+                              "trust_remote_code": trust_remote_code is True}  # never asked on stdin
     try:
         model, info = _quiet_from_pretrained(AutoModelForSequenceClassification, directory, output_loading_info=True,
                                              **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"could not load a reward model (sequence classification) from {directory}: {first_line}") from None
+    except Exception as exc:
+        error = load_failure(exc, "a reward model (sequence classification)", directory)
+        if error is None:
+            raise
+        raise error from None
     if pad_token_id is not None and model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id
     # modules the checkpoint did not hold, drawn at random here (the head; an encoder's pooler when
@@ -67,15 +68,18 @@ def _quiet_from_pretrained(cls, directory, **kwargs):
         logging.set_verbosity(level)
 
 
-def _load_lora_reward_model(directory: Path, dtype: str, trust_remote_code: bool):
+def _load_lora_reward_model(directory: Path, dtype: str, trust_remote_code: bool, pad_token_id: int | None):
     import json
 
     from peft import PeftModel
 
+    from posttrain.models.loading import check_adapter_weights
+
     base = json.loads((directory / "adapter_config.json").read_text()).get("base_model_name_or_path")
     if not base:
         raise UserError(f"{directory}/adapter_config.json names no base model (base_model_name_or_path)")
-    model = load_reward_model(base, dtype, trust_remote_code)
+    check_adapter_weights(directory)
+    model = load_reward_model(base, dtype, trust_remote_code, pad_token_id)
     return PeftModel.from_pretrained(model, directory)
 
 

@@ -80,9 +80,13 @@ def save_adapted(model: AdaptedModel, out_dir: str | Path, base_model_path: str)
 def read_layout(path: str | Path) -> tuple[str, dict[str, Path]]:
     """(base model path, {method: directory}) of an adapter directory."""
     path = Path(path)
+    from posttrain.models.loading import check_adapter_weights
+
     if (path / MANIFEST).is_file():
         manifest = json.loads((path / MANIFEST).read_text())
         parts = {name: (path / sub).resolve() for name, sub in manifest["components"].items()}
+        for part in parts.values():
+            check_adapter_weights(part)
         return manifest["base_model_name_or_path"], parts
     config_file = path / "adapter_config.json"
     if not config_file.is_file():
@@ -92,6 +96,7 @@ def read_layout(path: str | Path) -> tuple[str, dict[str, Path]]:
     if not base:
         raise UserError(f"{config_file}: no base_model_name_or_path; cannot find the base model")
     kind = _PEFT_KINDS.get(str(config.get("peft_type", "")).upper(), "lora")  # other in-place peft tuners load as weights
+    check_adapter_weights(path)
     return base, {kind: path}
 
 
