@@ -190,6 +190,9 @@ def _train_checks(t: TrainConfig) -> list[tuple[bool, str]]:
         (t.log_every >= 1, "train.log_every must be at least 1"),
         (t.eval_every >= 0 and t.save_every >= 0 and t.early_stopping_patience >= 0,
          "train.eval_every, train.save_every and train.early_stopping_patience must be >= 0 (0 = off)"),
+        (t.early_stopping_patience == 0 or t.eval_every > 0,
+         "train.early_stopping_patience counts evaluations during training: set train.eval_every too "
+         "(0 evaluates only at the end, where there is nothing left to stop)"),
         (t.keep_last >= 1, "train.keep_last must be at least 1"),
         (t.loss_chunk_size >= 1, "train.loss_chunk_size must be at least 1"),
         (t.max_consecutive_nonfinite >= 1, "train.max_consecutive_nonfinite must be at least 1"),

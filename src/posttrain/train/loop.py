@@ -237,7 +237,8 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator) -> LoopResult:
     warmup = cfg.warmup_steps or round(cfg.warmup_ratio * total_steps)
     ckpt_root = run_dir / "checkpoints"
     state: dict[str, Any] = {"step": 0, "epoch": 0, "step_in_epoch": 0, "skipped_steps": 0,
-                             "consecutive_nonfinite": 0, "best_eval": None, "evals_without_improvement": 0}
+                             "consecutive_nonfinite": 0, "best_eval": None, "evals_without_improvement": 0,
+                             "stopped_early": False}
     resume_from = _resume_path(cfg.resume, ckpt_root)
     cleared = 0
     if resume_from is not None:
@@ -262,7 +263,11 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator) -> LoopResult:
                         loop_state=state, rank=rank, world_size=world, barrier=accelerator.wait_for_everyone,
                         keep_last=cfg.keep_last, stage_state=stage.state_dict() if hasattr(stage, "state_dict") else None)
 
-    stopped_early, eval_loss, eval_metrics = False, None, {}
+    # a run that stopped early is finished: its rerun trains no further (checkpoints before this
+    # field was saved read as not stopped)
+    stopped_early, eval_loss, eval_metrics = state.get("stopped_early", False), None, {}
+    if cfg.early_stopping_patience and not stage.eval_micro_batches():
+        log.message("note: train.early_stopping_patience has no held-out data to evaluate, so it cannot stop the run")
     module.train()
     steps = _steps(stage, group, state["epoch"], state["step_in_epoch"])
     # One process without a GradScaler: untied embeddings take sparse gradients (see optim.py).
@@ -297,7 +302,9 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator) -> LoopResult:
                     evaluated = evaluate(module, stage, accelerator)
                     if evaluated is not None:
                         eval_loss, eval_metrics = evaluated
-                        stopped_early = _early_stop(state, eval_loss, cfg.early_stopping_patience)
+                        # after the last step there is nothing left to stop
+                        stopped_early = _early_stop(state, eval_loss, cfg.early_stopping_patience) and not at_end
+                        state["stopped_early"] = stopped_early
                         log.log({"step": state["step"], "eval_loss": eval_loss}
                                 | {f"eval_{name}": value for name, value in eval_metrics.items()})
                         shown = "".join(f", {name} {value:.4g}" for name, value in list(eval_metrics.items())[:4])
@@ -306,7 +313,7 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator) -> LoopResult:
                     save()
         finally:
             log.close()
-    if resume_from is not None and eval_loss is None and state["step"] >= total_steps:
+    if resume_from is not None and eval_loss is None and (state["step"] >= total_steps or stopped_early):
         # A resumed run that was already finished trains nothing, but its caller still reports the
         # final evaluation (a pipeline rerun, say): evaluate the restored weights once.
         evaluated = evaluate(module, stage, accelerator)
