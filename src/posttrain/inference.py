@@ -47,8 +47,16 @@ def read_prompts(path: str) -> list[dict]:
     file = Path(path)
     if not file.is_file():
         raise UserError(f"prompts file {path} does not exist")
+    data = file.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]  # UTF-8 byte-order mark
     items = []
-    for number, line in enumerate(file.read_text().splitlines(), start=1):
+    # one prompt per "\n"-ended line: str.splitlines would also split at form feeds, U+2028, ...
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            line = raw.decode("utf-8").removesuffix("\r")
+        except UnicodeDecodeError:
+            raise DataError(f"{path}:{number}: not UTF-8 text") from None
         if not line.strip():
             continue
         if path.endswith(".jsonl"):
@@ -93,12 +101,20 @@ def render(item: dict, tokenizer, template: str | None) -> str:
 
 
 def _settings(args):
+    """The sampling flags, checked (a UserError, before any model loads)."""
     from posttrain.rollout.sampling import SamplingSettings
 
-    return SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                            frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
-                            stop=list(args.stop), seed=args.seed)
+    if getattr(args, "batch_size", 1) < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if any(not stop for stop in args.stop):
+        raise UserError("--stop '' would end every completion at its first token")
+    try:
+        return SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                                frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
+                                stop=list(args.stop), seed=args.seed)
+    except ValueError as exc:
+        raise UserError(f"{exc} (a sampling flag)") from None
 
 
 def _pairs(items: list[str], flag: str) -> dict[str, str]:
@@ -156,16 +172,16 @@ def main(args) -> int:
     from posttrain.data.templates import resolve_template
     from posttrain.rollout.generate import chat_session
 
+    settings = _settings(args)  # flags and prompts checked before the model loads
+    if args.command == "chat" and args.template == "none":
+        raise UserError("chat needs a chat template (--template auto|chatml|alpaca)")
+    items = read_prompts(args.prompts) if args.command != "chat" else []
     model, tokenizer = _load(args)
     template = None if args.template == "none" else resolve_template(tokenizer, args.template)
-    settings = _settings(args)
     if args.command == "chat":
-        if template is None:
-            raise UserError("chat needs a chat template (--template auto|chatml|alpaca)")
         switch = getattr(model, "use_adapter", None)
         chat_session(model, tokenizer, template, settings, system=args.system, switch_adapter=switch)
         return 0
-    items = read_prompts(args.prompts)
     completions = _generate_per_adapter(model, tokenizer, items, [render(i, tokenizer, template) for i in items],
                                         settings, args.batch_size)
     out = sys.stdout if args.output == "-" else open(args.output, "w")
