@@ -207,6 +207,16 @@ _DATA_COMMANDS = {"constitutional": _constitutional, "cai": _constitutional, "se
                   "rlaif": _rlaif}
 
 
+def _is_override(argument: str) -> bool:
+    """`section.key=value` rather than a config file: the part before "=" is a dotted name and no
+    such file exists (constitutional.constitution=mine.yaml is an override)."""
+    import os
+    import re
+
+    key = argument.split("=", 1)[0]
+    return "=" in argument and not os.path.isfile(argument) and re.fullmatch(r"[A-Za-z_][\w.]*", key) is not None
+
+
 def _run(args) -> int:
     if args.command in _STAGES or args.command in _DATA_COMMANDS:
         from transformers.utils import logging
@@ -214,7 +224,7 @@ def _run(args) -> int:
         logging.disable_progress_bar()  # "Loading weights" bars per load; our own bar shows training
         config_cls, run = {**_STAGES, **_DATA_COMMANDS}[args.command]()
         config, overrides = args.config, list(args.overrides)
-        if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
+        if config is not None and _is_override(config):
             config, overrides = None, [config, *overrides]  # only overrides were given
         _check_alias(args.command, overrides)
         overrides += ALIAS_OVERRIDES.get(args.command, [])  # last: over the file's setting

@@ -88,10 +88,10 @@ def run_demo(output_dir: str = "runs/demo", overrides: list[str] = ()) -> int:
     logging.disable_progress_bar()  # one "Loading weights" bar per stage otherwise
 
     cfg = demo_config(output_dir, overrides)
-    if Path(output_dir).exists() and cfg.train.resume == "never":
-        import shutil
+    if Path(cfg.output_dir).exists() and cfg.train.resume == "never":  # the run directory itself,
+        import shutil                                                  # output_dir=... included
 
-        shutil.rmtree(output_dir)  # the demo always starts from scratch
+        shutil.rmtree(cfg.output_dir)  # the demo always starts from scratch
     started = time.time()
     run_dir = run_sft(cfg)
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -38,6 +38,7 @@ class _StageConfig:
             data = read_yaml(path)
             source = str(path)
         for item in overrides:
+            _check_override_key(cls, item)  # named as the command line's, not the file's
             apply_override(data, item)
         return cls.from_dict(data, source=source)
 
@@ -59,7 +60,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {exc.object[exc.start]:#04x}); save the file as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -69,6 +75,18 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
     return data
+
+
+@dataclasses.dataclass(frozen=True)
+class _Typed:
+    """An override's scalar as YAML reads it, and as typed: a text setting takes the text
+    (output_dir=010 is "010", not 8; "#" does not start a comment), any other the value."""
+
+    value: Any
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:
@@ -82,6 +100,10 @@ def apply_override(data: dict[str, Any], item: str) -> None:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
+    text = raw.strip()
+    if (value is not None and not isinstance(value, (list, dict)) and not text.startswith(("'", '"'))
+            and (not isinstance(value, str) or value != text)):
+        value = _Typed(value, text)  # quoted text is YAML's to read
     parts = key.strip().split(".")
     node = data
     for part in parts[:-1]:
@@ -90,6 +112,26 @@ def apply_override(data: dict[str, Any], item: str) -> None:
             raise ConfigError(f"override {item!r}: {part} is not a section")
         node = child
     node[parts[-1]] = value
+
+
+def _check_override_key(root: type, item: str) -> None:
+    """An override's key must name a setting or a section of `root` (errors name the command
+    line, where the key was typed, not the config file)."""
+    if "=" not in item:
+        return  # apply_override says what an override looks like
+    key = item.split("=", 1)[0].strip()
+    cls, prefix, parts = root, "", key.split(".")
+    for i, part in enumerate(parts):
+        if cls is None:
+            raise ConfigError(f"overrides: {prefix.rstrip('.')} is a setting, not a section ({key})")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in fields:  # judged by the whole rest, as a file's unknown section is by its first key
+            unknown = prefix + ".".join(parts[i:])
+            close = _suggest(unknown, root)
+            hint = f"; did you mean {close}?" if close else f"; valid keys here: {', '.join(prefix + n for n in fields)}"
+            raise ConfigError(f"overrides: unknown key {unknown}{hint}")
+        hint = typing.get_type_hints(cls)[part]
+        cls, prefix = (hint if dataclasses.is_dataclass(hint) else None), prefix + part + "."
 
 
 def _walk(cls: type, prefix: str = ""):
@@ -159,13 +201,30 @@ def _build(cls: type, data: dict[str, Any], prefix: str, source: str, root: type
     return cls(**kwargs)
 
 
+def _takes_text(hint: Any, text: str) -> bool:
+    """Whether a setting of type `hint` reads an override's text as typed."""
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType, list):
+        return any(_takes_text(a, text) for a in get_args(hint) if a is not type(None))
+    if origin is Literal:
+        return text in get_args(hint)
+    return hint is str
+
+
 def _coerce(hint: Any, value: Any, key: str, source: str, root: type) -> Any:
+    if isinstance(value, _Typed):
+        value, source = (value.text if _takes_text(hint, value.text) else value.value), "overrides"
     origin = get_origin(hint)
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, key + ".", source, root)
     if origin is Literal:
         choices = get_args(hint)
-        if value not in choices:
+        if isinstance(value, bool) and not any(isinstance(c, bool) for c in choices):
+            # YAML 1.1 reads a file's `mixed_precision: no` as false: back to the word it was
+            words = ("yes", "on", "true") if value else ("no", "off", "false")
+            value = next((w for w in words if w in choices), value)
+        # by type too: 0 == False and 1 == True, but model.lean_activations=0 is not `false`
+        if not any(type(value) is type(choice) and value == choice for choice in choices):
             close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
             hint_txt = f"; did you mean {close[0]}?" if close else ""
             raise ConfigError(f"{source}: {key}={value!r} is not one of {', '.join(map(str, choices))}{hint_txt}")
