@@ -346,7 +346,7 @@ def test_first_override_with_a_yaml_value_is_an_override(monkeypatch, capsys):
         code, _, err = _run_main(["cai", "constitutional.constitution=my_principles.yaml", "policy.kind=local"],
                                  capsys)
     except _Stop:
-        code, err = None, ""
+        err = ""
     assert "cfg" in seen, err  # observed: exit 2, "config file constitutional.constitution=... does not exist"
     assert seen["cfg"].constitutional.constitution == "my_principles.yaml"
 

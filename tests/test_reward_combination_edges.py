@@ -18,7 +18,6 @@ import math
 import re
 import statistics
 import string
-from pathlib import Path
 
 import pytest
 import torch
