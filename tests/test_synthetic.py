@@ -109,3 +109,17 @@ def test_every_letter_and_digit_of_a_task_is_one_token():
         assert len(answer_ids) == len(example.output.replace(" ", "")), example
         instruction_ids = tokenizer.encode(example.instruction, add_special_tokens=False)
         assert len(instruction_ids) <= 18  # short prompts: wording + one token per letter/digit/symbol
+
+
+def test_no_stage_trains_on_another_stages_held_out_prompts():
+    """The demo's chain: SFT on three tasks, then RM / DPO on one, with other seeds and split
+    sizes. Their held-out prompts (exact match, pairwise accuracy) must not be in any training
+    split — the splits once drew held-out prompts per call, so SFT saw 3 of DPO's 200."""
+    from posttrain.data.synthetic import make_preference_split, make_split
+
+    sft_train, sft_eval = make_split(["smallest", "copy", "reverse"], 22_800, 1_200, seed=0)
+    trained = {e.instruction for e in sft_train}
+    for seed in (0, 1, 2):
+        pref_train, pref_eval = make_preference_split(["smallest"], 3_000, 200, seed=seed)
+        assert not trained & {row["prompt"] for row in pref_eval}
+        assert not {e.instruction for e in sft_eval} & {row["prompt"] for row in pref_train}

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import random
 import string
+import zlib
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
@@ -100,13 +101,25 @@ def _check_tasks(tasks: str | Sequence[str]) -> list[str]:
     return names
 
 
+HELD_OUT_SHARE = 8  # one prompt in 8 is reserved for evaluation, in every split and every stage
+
+
+def is_held_out(instruction: str) -> bool:
+    """Whether a prompt belongs to the evaluation side of the fixed partition (by a stable hash
+    of its text): training never draws one, whatever the seed, the task mix or the stage, so an
+    SFT model has not seen the held-out prompts its RM / DPO / RL stages are measured on."""
+    return zlib.crc32(instruction.encode()) % HELD_OUT_SHARE == 0
+
+
 def make_examples(
-    tasks: str | Sequence[str], n: int, seed: int = 0, *, exclude: Iterable[str] = (), unique: bool = False
+    tasks: str | Sequence[str], n: int, seed: int = 0, *, exclude: Iterable[str] = (), unique: bool = False,
+    side: str | None = None,
 ) -> list[SyntheticExample]:
     """`n` examples cycling through `tasks` in order (so the mix is balanced).
 
-    exclude: instructions that must not be produced (e.g. held-out prompts).
+    exclude: instructions that must not be produced.
     unique:  no instruction is repeated within the result.
+    side:    "train" or "held_out": draw only from that side of the fixed partition (`is_held_out`).
     """
     names = _check_tasks(tasks)
     if n < 0:
@@ -116,9 +129,9 @@ def make_examples(
     examples: list[SyntheticExample] = []
     for i in range(n):
         task = names[i % len(names)]
-        for _attempt in range(10_000):
+        for _attempt in range(100_000):
             instruction, output = TASKS[task](rng)
-            if instruction not in banned:
+            if instruction not in banned and (side is None or is_held_out(instruction) == (side == "held_out")):
                 break
         else:
             raise ConfigError(f"synthetic task {task!r} ran out of distinct prompts; ask for fewer examples")
@@ -141,13 +154,11 @@ def make_records(tasks: str | Sequence[str], n: int, seed: int = 0, **kwargs) ->
 def make_split(
     tasks: str | Sequence[str], n_train: int, n_eval: int, seed: int = 0
 ) -> tuple[list[SyntheticExample], list[SyntheticExample]]:
-    """(train, eval) examples where no eval instruction ever appears in train.
-
-    The eval set is drawn first with distinct prompts (from a stream separate from
-    the training stream), then training examples that would repeat one are redrawn.
-    """
-    held_out = make_examples(tasks, n_eval, seed=seed + 1_000_003, unique=True)
-    train = make_examples(tasks, n_train, seed=seed, exclude={e.instruction for e in held_out})
+    """(train, eval) examples from the two sides of the fixed partition (`is_held_out`): no eval
+    instruction ever appears in this train set or in any other split's. Eval prompts are
+    distinct, from a stream separate from the training stream."""
+    held_out = make_examples(tasks, n_eval, seed=seed + 1_000_003, unique=True, side="held_out")
+    train = make_examples(tasks, n_train, seed=seed, side="train")
     return train, held_out
 
 
@@ -259,7 +270,7 @@ def _preference_row(example: SyntheticExample, index: int, n_tasks: int, kind: s
 
 def make_preference_rows(
     tasks: str | Sequence[str], n: int, seed: int = 0, *, kind: str = "pairs", num_responses: int = 4,
-    exclude: Iterable[str] = (), unique: bool = False,
+    exclude: Iterable[str] = (), unique: bool = False, side: str | None = None,
 ) -> list[dict]:
     """`n` preference rows over `tasks` (cycled, as in make_examples), chosen = correct:
 
@@ -273,7 +284,7 @@ def make_preference_rows(
     if kind == "ranking" and num_responses < 2:
         raise ConfigError(f"a ranking needs at least 2 responses, got num_responses={num_responses}")
     names = _check_tasks(tasks)
-    examples = make_examples(names, n, seed, exclude=exclude, unique=unique)
+    examples = make_examples(names, n, seed, exclude=exclude, unique=unique, side=side)
     rng = random.Random(f"posttrain-preference-{seed}")  # its own stream: prompts match make_examples'
     return [_preference_row(e, i, len(names), kind, num_responses, rng) for i, e in enumerate(examples)]
 
@@ -282,9 +293,8 @@ def make_preference_split(
     tasks: str | Sequence[str], n_train: int, n_eval: int, seed: int = 0, *, kind: str = "pairs",
     num_responses: int = 4,
 ) -> tuple[list[dict], list[dict]]:
-    """(train, eval) preference rows where no eval prompt ever appears in train (see make_split)."""
+    """(train, eval) preference rows from the two sides of the fixed partition (see make_split)."""
     held_out = make_preference_rows(tasks, n_eval, seed + 1_000_003, kind=kind, num_responses=num_responses,
-                                    unique=True)
-    train = make_preference_rows(tasks, n_train, seed, kind=kind, num_responses=num_responses,
-                                 exclude={row["prompt"] for row in held_out})
+                                    unique=True, side="held_out")
+    train = make_preference_rows(tasks, n_train, seed, kind=kind, num_responses=num_responses, side="train")
     return train, held_out
