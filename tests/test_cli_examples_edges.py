@@ -205,6 +205,7 @@ def test_pipeline_dry_run_validates_and_trains_nothing(tmp_path, capsys):
     ("data.synthetic_tasks=copy", lambda c: c.data.synthetic_tasks, ["copy"]),
     ("train.adam_betas=[0.9, 1e-1]", lambda c: c.train.adam_betas, [0.9, 0.1]),
     ("train.freeze=[]", lambda c: c.train.freeze, []),
+    ("train.freeze=", lambda c: c.train.freeze, []),  # empty: nothing (was [''])
     ("train.freeze=*embed_tokens*", lambda c: c.train.freeze, ["*embed_tokens*"]),
     ("output_dir=runs/lr=1e-4", lambda c: c.output_dir, "runs/lr=1e-4"),  # '=' inside the value
     (" train.lr = 3e-4", lambda c: c.train.lr, 3e-4),

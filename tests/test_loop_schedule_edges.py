@@ -142,6 +142,7 @@ def _factor(s: int, total: int, kind: str, warmup: int, floor: float) -> float:
 @pytest.mark.parametrize("kind, max_steps, warmup_steps, warmup_ratio, floor, expected_warmup", [
     ("cosine", 9, 3, 0.0, 0.1, 3),
     ("linear", 8, 0, 0.25, 0.2, 2),   # warmup_ratio × max_steps
+    ("linear", 5, 0, 0.1, 0.0, 1),    # 0.5 steps: rounded up (round() gave 0, the setting ignored)
     ("constant", 5, 2, 0.0, 0.0, 2),
     ("cosine", 4, 10, 0.0, 0.0, 10),  # warmup longer than the run: never reaches the peak, no crash
     ("linear", 6, 0, 0.0, 1.0, 0),    # min_lr_ratio 1: flat

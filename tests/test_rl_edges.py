@@ -370,6 +370,45 @@ def test_a_reward_returning_nan_stops_the_rollout_with_a_named_error(tiny):
         sample_and_score(_FakeEngine([enc("a"), enc("b")]), tokenizer, [[1, 5]], _records(1), [0], cfg, score, 0)
 
 
+def test_each_rewards_raw_mean_is_reported_beside_the_total(tiny):
+    """README: with several rewards, each one's raw mean is logged as rollout/reward/<name>,
+    before weights and the no-EOS penalty; the total is the weighted sum."""
+    from posttrain.rewards import CombinedReward, RewardComponent
+    from posttrain.train.rollouts import sample_and_score
+
+    tokenizer, _ = tiny
+    eos = tokenizer.eos_token_id
+    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]
+    cfg = GRPOConfig.load(None, ["rollout.num_generations=2", "rollout.max_new_tokens=8"])
+    score = CombinedReward([RewardComponent("length", lambda p, r: [float(len(x)) for x in r], weight=0.5),
+                            RewardComponent("has_b", lambda p, r: [float("b" in x) for x in r], weight=2.0)])
+    rollout = sample_and_score(_FakeEngine([enc("a") + [eos], enc("bbb") + [eos]]), tokenizer, [[1, 5]],
+                               _records(1), [0], cfg, score, 0)
+    assert rollout.components == pytest.approx({"length": 2.0, "has_b": 0.5})
+    assert rollout.rewards.tolist() == pytest.approx([0.5 * 1, 0.5 * 3 + 2.0])
+
+
+def test_reward_models_in_rl_read_with_their_own_saved_template(tmp_path, monkeypatch):
+    """An RL run whose policy renders alpaca scores with a reward model trained on (and saved
+    with) ChatML in ChatML: the RM reads conversations as it learned them."""
+    from posttrain import rewards
+    from posttrain.train.rollouts import build_reward
+
+    seen = {}
+
+    class Scorer:
+        def __init__(self, path, template="auto", batch_size=32, device=None, **_):
+            seen.update(template=template, device=device)
+
+        def __call__(self, prompts, responses, rows=None):
+            return [0.0] * len(responses)
+
+    monkeypatch.setattr(rewards, "RewardModelScorer", Scorer)
+    cfg = GRPOConfig.load(None, ["reward.models=[rm_dir]", "data.template=alpaca"])
+    build_reward(cfg, device="cpu")
+    assert seen == {"template": "auto", "device": "cpu"}
+
+
 # --------------------------------------------------------------------------- sampling
 
 

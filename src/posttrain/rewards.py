@@ -40,7 +40,7 @@ class RewardModelScorer:
     """Scores with a reward model directory (full model or LoRA adapter) and its tokenizer."""
 
     def __init__(self, path: str, template: str = "auto", batch_size: int = 32, dtype: str = "float32",
-                 trust_remote_code: bool = False, max_length: int = 1024):
+                 trust_remote_code: bool = False, max_length: int = 1024, device=None):
         from posttrain.data.templates import resolve_template
         from posttrain.models.loading import load_tokenizer
         from posttrain.models.attention import padding_free
@@ -48,6 +48,8 @@ class RewardModelScorer:
 
         self.tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
         self.model = load_reward_model(path, dtype, trust_remote_code, pad_token_id=self.tokenizer.pad_token_id).eval()
+        if device is not None:
+            self.model.to(device)
         self.template = resolve_template(self.tokenizer, template)
         self.decoder = is_decoder_scorer(self.model)
         limit = encoder_positions(self.model)  # an encoder reads no further than its position table
@@ -236,14 +238,15 @@ def _pairs_option(values: list[str], what: str, repeat: bool = True) -> dict[str
 
 
 def build_combined(models: list[str], functions: list[str], weights: list[str], floors: list[str],
-                   template: str = "auto", batch_size: int = 32) -> CombinedReward:
-    """The reward of `posttrain score`: models 'DIR' or 'NAME=DIR', functions 'NAME=module:fn'."""
+                   template: str = "auto", batch_size: int = 32, device=None) -> CombinedReward:
+    """The reward of `posttrain score`: models 'DIR' or 'NAME=DIR', functions 'NAME=module:fn'.
+    template: how reward models render a conversation ("auto": each one's own saved template)."""
     components = []
     for i, item in enumerate(models):
         name, sep, path = item.partition("=")
         if not sep or os.sep in name or os.path.exists(item):  # a directory whose path holds '=' is a path
             name, path = f"rm{i}" if len(models) > 1 else "reward_model", item
-        components.append(RewardComponent(name, RewardModelScorer(path, template, batch_size)))
+        components.append(RewardComponent(name, RewardModelScorer(path, template, batch_size, device=device)))
     for name, spec in _pairs_option(functions, "--function", repeat=False).items():
         components.append(RewardComponent(name, function_reward(spec)))
     set_by_name(components, weights, "--weight", "weight")

@@ -236,6 +236,8 @@ def _coerce(hint: Any, value: Any, key: str, source: str, root: type) -> Any:
         return _coerce(args[0], value, key, source, root)
     if origin is list:
         (item_type,) = get_args(hint)
+        if value == "":
+            return []  # train.freeze= : nothing
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             value = [value]  # a single value where a list is expected
         if not isinstance(value, list):

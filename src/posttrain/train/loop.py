@@ -234,7 +234,7 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator) -> LoopResult:
     rank, world = accelerator.process_index, accelerator.num_processes
     group = world * cfg.grad_accum
     total_steps = _plan_total_steps(stage, cfg, group)
-    warmup = cfg.warmup_steps or round(cfg.warmup_ratio * total_steps)
+    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)  # rounded up, as transformers does
     ckpt_root = run_dir / "checkpoints"
     state: dict[str, Any] = {"step": 0, "epoch": 0, "step_in_epoch": 0, "skipped_steps": 0,
                              "consecutive_nonfinite": 0, "best_eval": None, "evals_without_improvement": 0,

@@ -20,7 +20,7 @@ import copy
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -165,6 +165,7 @@ class Rollout:
     records: list[PromptRecord]
     rewards: torch.Tensor  # (P·G,) after the no-EOS penalty and clipping
     stats: RolloutStats
+    components: dict[str, float] = field(default_factory=dict)  # each reward's raw mean, when several
 
 
 def sample_and_score(engine, tokenizer, prompts: list[list[int]], records: list[PromptRecord], chosen: list[int],
@@ -190,8 +191,15 @@ def sample_and_score(engine, tokenizer, prompts: list[list[int]], records: list[
     ended = torch.tensor([bool(c) and (c[-1] in eos or len(cut) < len(text)) for c, cut, text in zip(raw, texts, full)])
     chosen_records = [records[i] for i in chosen for _ in range(group)]
     started = time.perf_counter()
-    rewards = torch.tensor(score([rec.prompt for rec in chosen_records], texts,
-                                 [rec.reward_row() for rec in chosen_records]), dtype=torch.float32)
+    prompts_, rows = [rec.prompt for rec in chosen_records], [rec.reward_row() for rec in chosen_records]
+    components = {}
+    if hasattr(score, "score"):  # a CombinedReward: its components' raw values are logged too
+        totals, raw = score.score(prompts_, texts, rows)
+        if len(raw) > 1:
+            components = {name: sum(values) / len(values) for name, values in raw.items()}
+    else:
+        totals = score(prompts_, texts, rows)
+    rewards = torch.tensor(totals, dtype=torch.float32)
     rewards = rewards - cfg.reward.no_eos_penalty * (~ended).float()
     if cfg.reward.normalize and len(rewards) > 1:  # a reward model's scale means nothing to the step size
         rewards = (rewards - rewards.mean()) / (rewards.std() + 1e-6)
@@ -205,7 +213,7 @@ def sample_and_score(engine, tokenizer, prompts: list[list[int]], records: list[
         response_tokens_mean=generated / len(completions), ended_fraction=float(ended.float().mean()),
         rollout_s=rollout_s, reward_s=reward_s, rollout_tokens_per_s=generated / max(rollout_s, 1e-9),
         solved_groups=float((grouped.max(1).values == grouped.min(1).values).float().mean()))
-    return Rollout(prompt_ids, completions, texts, chosen_records, rewards, stats)
+    return Rollout(prompt_ids, completions, texts, chosen_records, rewards, stats, components)
 
 
 class RolloutStage:
@@ -265,7 +273,7 @@ class RolloutStage:
         seed = (self.cfg.train.seed * 1_000_003 + epoch * 10_007 + index) % (2**31)
         rollout = sample_and_score(self.engine, self.tokenizer, self.prompts, self.records, chosen, self.cfg,
                                    self.score, seed)
-        self.rollout_metrics = dict(rollout.stats.__dict__)
+        self.rollout_metrics = dict(rollout.stats.__dict__) | {f"reward/{n}": v for n, v in rollout.components.items()}
         if not self.engine.is_policy:
             self.rollout_metrics["weight_sync_s"] = sync_s
         self._write_samples(epoch, index, rollout)
@@ -299,11 +307,13 @@ class RolloutStage:
 # --------------------------------------------------------------------------- rewards and held-out evaluation
 
 
-def build_reward(cfg):
-    """The configured reward: functions, reward models and a format check, combined with weights."""
+def build_reward(cfg, device=None):
+    """The configured reward: functions, reward models and a format check, combined with weights.
+    Reward models run on `device` and read each conversation with their own saved template (the
+    one they trained with), whatever the policy's `data.template`."""
     from posttrain.rewards import CombinedReward, RewardComponent, build_combined, format_reward, set_by_name
 
-    combined = build_combined(cfg.reward.models, cfg.reward.functions, [], [], template=cfg.data.template)
+    combined = build_combined(cfg.reward.models, cfg.reward.functions, [], [], device=device)
     if cfg.reward.format_regex:
         combined.components.append(RewardComponent("format", format_reward(cfg.reward.format_regex)))
     set_by_name(combined.components, cfg.reward.weights, "reward.weights", "weight")
@@ -438,7 +448,7 @@ def start_rl_run(cfg, needs_reference: bool, extra_parts=()) -> RLRun:
     # before the reference copy: it takes them too
     padding_free(model, cfg.model.padding_free, log, cfg.data.max_prompt_length + cfg.rollout.max_new_tokens)
     data = prepare_prompt_data(cfg, tokenizer, run_dir, main, log)
-    score = build_reward(cfg)
+    score = build_reward(cfg, accelerator.device)
     needs_copy = needs_reference and not hasattr(model, "adapters_disabled")
     frozen = copy.deepcopy(model).requires_grad_(False).eval() if needs_copy else None
     for part in (model, frozen):  # one by one: a 4-bit base placed by device_map refuses .to
