@@ -78,14 +78,15 @@ _MARKDOWN = re.compile(r"[*_`]")
 # "Verdict: A", "Final verdict - B.", "My verdict is a tie", "verdict: [[A]]", "Verdict: Response B"
 _VERDICT_LINE = re.compile(
     r"^(?:(?:my|the|our)\s+)?(?:final\s+)?verdict\s*(?:is\s*)?[:=\-–—]?\s*(?:\[\[\s*)?"
-    r"(?:(?:response|assistant|output)\s+)?(?P<value>a\s+tie|tie|draw|a|b)\b(?:\s*\]\])?(?P<rest>.*)$",
+    r"(?:(?:response|assistant|output)\s+)?(?P<value>a\s+tie|a\s+draw|tie|draw|a|b)\b(?:\s*\]\])?(?P<rest>.*)$",
     re.IGNORECASE)
 # MT-bench's form: [[A]], [[B]], [[C]] (tie); also [[tie]]
 _BRACKETS = re.compile(r"\[\[\s*(a|b|c|tie)\s*\]\]", re.IGNORECASE)
-# options named after the verdict: a line naming two ("Verdict: A or B", "A, not B") is skipped;
-# "Verdict: A (Response A is correct)" names one
-_CANDIDATES = re.compile(r"\b([AB])\b|(?i:\b(tie|draw)\b)"
-                         r"|(?i:\b(?:or|and|vs\.?|versus|not)\s+(?:response\s+)?([ab])\b)")
+# options named after the verdict: a line naming two ("Verdict: A or B", "A, not B", "verdict: a is
+# worse than b") is skipped; "Verdict: A (Response A is correct)" names one. A lowercase "b" alone is
+# always the option; a lowercase "a" only after words that compare (elsewhere it is the article).
+_CANDIDATES = re.compile(r"\b([AB])\b|(?i:\b(tie|draw)\b)|\b(b)\b"
+                         r"|(?i:\b(?:or|and|vs\.?|versus|not|than|over|response)\s+(?:response\s+)?([ab])\b)")
 
 
 def _value(raw: str) -> str:
