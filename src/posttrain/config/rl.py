@@ -51,7 +51,7 @@ class RLRewardConfig:
                                   "NAME=module:function rewards, fn(prompt_turns, response[, row]) -> float")
     models: list[str] = option([], "reward models trained by posttrain rm: DIR or NAME=DIR")
     weights: list[str] = option([], "NAME=W weight per component (default 1)")
-    format_regex: str = option("", "adds a 'format' component: 1 when the whole response matches this regex")
+    format_regex: str = option("", "adds a 'format' component: 1 when the whole response (whitespace-trimmed) matches this regex")
     no_eos_penalty: float = option(0.0, "subtracted from the reward of a response that never ends (hits max_new_tokens)")
     clip: float = option(0.0, "clip total rewards to [-clip, clip] (0 = off)")
     normalize: bool = option(False, "z-normalise each rollout's rewards (mean 0, std 1), after the penalty, before clipping")
@@ -219,6 +219,16 @@ def validate_ppo(cfg: PPOConfig) -> None:
 
 def rl_reference() -> str:
     """The sections grpo and ppo add to (or change from) SFT's."""
-    tables = [markdown_reference(GRPOConfig, (name,)) for name in ("data", "rollout", "reward", "grpo", "eval")]
+    tables = []
+    for name in ("data", "rollout", "reward", "grpo", "eval"):
+        grpo = markdown_reference(GRPOConfig, (name,)).split("\n")
+        ppo = {row.split(" | ")[0]: row for row in markdown_reference(PPOConfig, (name,)).split("\n")}
+        for i, row in enumerate(grpo[2:], 2):  # a shared setting whose default PPO changes: both
+            other = ppo.get(row.split(" | ")[0])
+            if other is not None and other != row:
+                cells, ppo_cells = row.split(" | "), other.split(" | ")
+                cells[2] = f"{cells[2]} (ppo {ppo_cells[2]})"
+                grpo[i] = " | ".join(cells)
+        tables.append("\n".join(grpo))
     tables.append(markdown_reference(PPOConfig, ("ppo",)))
     return "\n".join([tables[0]] + [t.split("\n", 2)[2] for t in tables[1:]])

@@ -325,7 +325,8 @@ def held_out_reward(model, tokenizer, prompts: list[list[int]], records: list[Pr
     """The policy on held-out prompts:
 
     reward            mean reward of `eval.samples` completions per prompt, sampled as in the
-                      rollouts (the quantity RL maximises: E_{y~π}[r(x, y)]), with a fixed seed
+                      rollouts (E_{y~π}[r(x, y)]), with a fixed seed: the combined reward, before
+                      the rollouts' no-EOS penalty, normalising and clipping
     greedy_reward     mean reward of the greedy answer (sharpening alone does not move it)
     kl_to_reference   mean over the sampled completions of Σ_t (log π − log π_ref), a sampled
                       estimate of KL(π‖π_ref) per response; None when no reference is kept
