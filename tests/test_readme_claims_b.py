@@ -111,7 +111,7 @@ def test_ppo_samples_one_completion_per_prompt_by_default():
     from posttrain.config import GRPOConfig, PPOConfig
 
     assert PPOConfig().rollout.num_generations == 1
-    assert _reference_default("rollout.num_generations") == "4` (ppo `1"
+    assert _reference_default("rollout.num_generations") == "4` (ppo `1`)"
     assert GRPOConfig().rollout.num_generations == 4
 
 
