@@ -24,7 +24,7 @@ class PreferenceDataConfig:
     max_length: int = option(512, "maximum tokens per prompt + response")
     overlength: Literal["truncate", "drop"] = option(
         "truncate", "over-long responses: cut their end, or drop the whole row (always counted)")
-    bad_rows: Literal["error", "skip"] = option("error", "malformed rows: stop before training, or skip them into rejects.jsonl")
+    bad_rows: Literal["error", "skip"] = option("error", "malformed rows: stop before training, or skip them into the run's rejects-train.jsonl / rejects-eval.jsonl")
     max_bad_fraction: float = option(0.01, "with bad_rows=skip, fail the run if more than this fraction is malformed")
     synthetic_tasks: list[str] = option(["smallest"], "tasks of the bundled generator (chosen = the correct answer)")
     synthetic_size: int = option(2000, "number of synthetic preference rows")

@@ -19,7 +19,7 @@ class PromptDataConfig:
         "auto", "prompt ('prompt' + optional 'answer'), messages or alpaca (their last answer is the reference)")
     template: Literal["auto", "tokenizer", "chatml", "alpaca"] = option("auto", "chat template for the prompts")
     max_prompt_length: int = option(256, "prompts longer than this many tokens are dropped (counted, never cut)")
-    bad_rows: Literal["error", "skip"] = option("error", "malformed rows: stop before training, or skip them into rejects.jsonl")
+    bad_rows: Literal["error", "skip"] = option("error", "malformed rows: stop before training, or skip them into the run's rejects-train.jsonl / rejects-eval.jsonl")
     max_bad_fraction: float = option(0.01, "with bad_rows=skip, fail the run if more than this fraction is malformed")
     synthetic_tasks: list[str] = option(["smallest"], "tasks of the bundled generator (each prompt carries its answer)")
     synthetic_size: int = option(2000, "number of synthetic prompts")

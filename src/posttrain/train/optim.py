@@ -17,8 +17,9 @@ from torch.optim.adam import adam as adam_update
 
 from posttrain.errors import ConfigError
 
-# `model.layers.3.` (Llama, Qwen2, Mistral), `transformer.h.3.` (GPT-2)
-_LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
+# `model.layers.3.` (Llama, Qwen2, Mistral), `transformer.h.3.` (GPT-2); a bottleneck adapter's
+# own name spells its layer's path with "__" (`bottlenecks.adapters.model__layers__3__mlp...`)
+_LAYER_INDEX = re.compile(r"(?:\.|__)(?:layers|h|blocks)(?:\.|__)(\d+)(?:\.|__)")
 _EMBEDDING_NAMES = ("embed_tokens", "wte", "wpe", "embed_positions")
 
 

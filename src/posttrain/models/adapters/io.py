@@ -246,8 +246,20 @@ def combine_adapters(model: AdaptedModel, weights: dict[str, float], name: str) 
         raise UserError(f"cannot combine: no adapter named {missing[0]!r}; loaded: {', '.join(model.adapter_names())}")
     peft_model = model.weight_peft
     configs = [peft_model.peft_config[n] for n in weights]
+    dora = [n for n, c in zip(weights, configs) if getattr(c, "use_dora", False)]
+    if dora:  # the magnitude vector of a sum is not a sum of magnitudes: peft would keep a fresh one
+        raise UserError(f"cannot combine DoRA adapters ({', '.join(dora)}): a weighted mix is exact for LoRA and IA3 only")
     kwargs: dict[str, Any] = {}
-    if configs[0].peft_type.value == "LORA":
+    lora = configs[0].peft_type.value == "LORA"
+    if lora:
         kwargs["combination_type"] = "cat"
     peft_model.add_weighted_adapter(list(weights), list(weights.values()), adapter_name=name, **kwargs)
+    if lora:
+        # 'cat' folds each adapter's scaling into its A and gives the mix alpha = r (scaling 1), but
+        # keeps the first config's use_rslora, whose alpha / sqrt(r) would scale the sum by sqrt(r)
+        peft_model.peft_config[name].use_rslora = False
+        for module in peft_model.modules():
+            scaling = getattr(module, "scaling", None)
+            if isinstance(scaling, dict) and name in scaling:
+                scaling[name] = 1.0
     peft_model.set_adapter(name)
