@@ -274,13 +274,14 @@ def _csv_rows(path: str, delimiter: str) -> Iterator[tuple[str, Row]]:
     # surrogateescape: a byte that is not UTF-8 becomes a lone surrogate in its own row's text
     # (a strict decoder fails a whole chunk ahead of the row being parsed, at no useful line)
     with io.TextIOWrapper(_open_binary(path), encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
-        reader = csv.reader(f, delimiter=delimiter)
+        # strict: a quote left open is an error at its row, not a cell swallowing the rest of the file
+        reader = csv.reader(f, delimiter=delimiter, strict=True)
         start = 1
         try:
             header = next((fields for fields in reader if fields), None)
             if header is None:
                 return
-            _check_header(path, header)
+            _check_header(f"{path}:{reader.line_num}", header)
             start = reader.line_num + 1
             for fields in reader:
                 location, start = f"{path}:{start}", reader.line_num + 1
@@ -301,11 +302,11 @@ def _csv_rows(path: str, delimiter: str) -> Iterator[tuple[str, Row]]:
 _UNDECODED = re.compile("[\udc80-\udcff]")  # the bytes surrogateescape could not decode
 
 
-def _check_header(path: str, header: list[str]) -> None:
+def _check_header(location: str, header: list[str]) -> None:
     seen: set[str] = set()
     for name in header:
         if name in seen:
-            raise DataError(f"{path}:1: the header names column {name!r} twice; column names must be unique")
+            raise DataError(f"{location}: the header names column {name!r} twice; column names must be unique")
         seen.add(name)
 
 

@@ -149,6 +149,34 @@ def build_model(cfg: SFTConfig, log, run_dir: Path | None = None):
     return tokenizer, model, AdapterTraining(model, plan, cfg.adapter.lora.lr_ratio_b, log)
 
 
+def check_packing(model) -> None:
+    """Refuse `data.packing` for a model that attends across packed sequences.
+
+    Packed rows carry no attention mask; transformers reads the boundaries from the position
+    ids that restart at each sequence — but only models built on its shared mask functions do
+    (Llama, Qwen, Mistral, Gemma, GPT-2, ...); OPT, Bloom, MPT and BioGPT make their own masks
+    and would let every example see the ones before it. Test it: one sequence after two
+    different ones of the same length must come out bitwise the same (masked scores add exact
+    zeros), whatever the dtype; any leak moves it."""
+    device = next(model.parameters()).device
+    second = [9, 10, 11, 12]
+    outputs = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for first in ([5, 6, 7], [8, 3, 4]):
+                ids = torch.tensor([first + second], device=device)
+                positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3]], device=device)
+                outputs.append(model(input_ids=ids, position_ids=positions, use_cache=False).logits[0, 3:].float())
+    finally:
+        model.train(was_training)
+    if not torch.allclose(outputs[0], outputs[1], rtol=1e-5, atol=1e-5):
+        kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        raise ConfigError(f"data.packing: this model ({kind}) attends across packed sequences (it does not read "
+                          "their boundaries from position ids); set data.packing=false")
+
+
 def run_sft(cfg: SFTConfig) -> Path:
     """Fine-tune per `cfg`; returns the run directory (final model in run_dir/final)."""
     from posttrain.data.batching import pack
@@ -159,6 +187,8 @@ def run_sft(cfg: SFTConfig) -> Path:
     run_dir, accelerator, main, log = start_run(cfg)
     tokenizer, model, adapter_training = build_model(cfg, log, run_dir if main else None)
     pad_id = tokenizer.pad_token_id
+    if cfg.data.packing:
+        check_packing(model)
     if cfg.data.streaming:
         if cfg.train.max_steps <= 0:
             raise ConfigError("data.streaming=true needs train.max_steps (the data length is unknown)")
