@@ -233,11 +233,57 @@ def _causal_lm(model):
 
 
 def _plain_head(lm):
+    """The output layer as a linear map: an object with `.weight` (V, H) and `.bias`, or None.
+
+    A plain nn.Linear (exact type: a ModulesToSaveWrapper is not one), or a peft LoRA layer on
+    it (LoRA targeting lm_head) with plain LoRA adapters and no dropout, whose map is
+    W + Σ s·B·A — formed here so the chunked log-probs still never hold whole logits."""
     import torch.nn as nn
 
     head = lm.get_output_embeddings()
-    # exact type check: a PEFT LoRA layer or ModulesToSaveWrapper would not be a plain projection
-    return head if type(head) is nn.Linear else None
+    if type(head) is nn.Linear:
+        return head
+    return _LoraHead.of(head)
+
+
+class _LoraHead:
+    """W + Σ scaling·B·A of a peft lora.Linear (as its forward computes, without dropout)."""
+
+    def __init__(self, layer):
+        self.layer = layer
+
+    @classmethod
+    def of(cls, head):
+        import torch.nn as nn
+
+        base = getattr(head, "base_layer", None)
+        if type(base) is not nn.Linear or not isinstance(getattr(head, "lora_A", None), nn.ModuleDict):
+            return None
+        if getattr(head, "merged", False) or getattr(head, "disable_adapters", False):
+            return cls(head)  # the base layer's map (merged: the sum is in it)
+        for name in head.active_adapters:
+            if name not in head.lora_A:
+                continue
+            if (name in getattr(head, "lora_variant", {}) or type(head.lora_dropout[name]) is not nn.Identity
+                    or head.lora_B[name].bias is not None):
+                return None  # DoRA and other variants, dropout, a LoRA bias: the layer's own forward
+        return cls(head)
+
+    @property
+    def weight(self):
+        layer = self.layer
+        weight = layer.base_layer.weight
+        if layer.merged or layer.disable_adapters:
+            return weight
+        for name in layer.active_adapters:
+            if name in layer.lora_A:
+                update = (layer.lora_B[name].weight @ layer.lora_A[name].weight) * layer.scaling[name]
+                weight = weight + update.to(weight.dtype)
+        return weight
+
+    @property
+    def bias(self):
+        return self.layer.base_layer.bias
 
 
 def _unsupported_reason(model) -> str | None:
@@ -249,13 +295,23 @@ def _unsupported_reason(model) -> str | None:
     if lm.base_model is lm:
         return f"{type(lm).__name__} has no separate decoder module"
     if _plain_head(lm) is None:
-        return f"{type(lm).__name__}'s output layer is not a plain nn.Linear ({type(lm.get_output_embeddings()).__name__})"
+        return f"{type(lm).__name__}'s output layer is neither a plain nn.Linear nor LoRA on one without dropout ({type(lm.get_output_embeddings()).__name__})"
     return None
 
 
 def supports_hidden_path(model) -> bool:
     """True when logits == final_hidden @ head_weight.T (+ head_bias) for this model."""
     return _unsupported_reason(model) is None
+
+
+def note_full_logits(model, log) -> None:
+    """Say so when log-probs must come from the model's whole [rows, sequence, vocabulary] logits
+    (a head that scales or soft-caps its logits, or one with an adapter on it, such as LoRA
+    targeting lm_head), so the memory this costs is not a surprise."""
+    reason = _unsupported_reason(model)
+    if reason is not None:
+        log(f"note: {reason}, so log-probs come from its full [rows, sequence, vocabulary] logits, "
+            "not the chunked path (more memory at large vocabularies)")
 
 
 def final_hidden_and_head(model, **batch: Any):

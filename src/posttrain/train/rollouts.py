@@ -362,12 +362,12 @@ def held_out_reward(model, tokenizer, prompts: list[list[int]], records: list[Pr
            "response_tokens": sum(map(len, sampled)) / len(sampled), "kl_to_reference": None}
     if frozen_reference is not None or hasattr(model, "adapters_disabled"):
         out["kl_to_reference"] = _sequence_kl(model, tokenizer, sampled_ids, sampled, autocast, frozen_reference,
-                                              r.temperature)
+                                              r.temperature, cfg.train.loss_chunk_size)
     return out
 
 
 def _sequence_kl(model, tokenizer, prompt_ids, completions, autocast, frozen_reference,
-                 temperature: float = 1.0) -> float:
+                 temperature: float = 1.0, chunk_size: int = 256) -> float:
     from posttrain.train.preference import reference_weights
 
     total, device = 0.0, next(model.parameters()).device
@@ -375,9 +375,9 @@ def _sequence_kl(model, tokenizer, prompt_ids, completions, autocast, frozen_ref
         batch = collate_completions(prompt_ids[start : start + 64], completions[start : start + 64],
                                     tokenizer.pad_token_id)
         batch = {key: v.to(device) for key, v in batch.items()}
-        logps = no_grad_eval(model, autocast, completion_logps, batch, 256, temperature)
+        logps = no_grad_eval(model, autocast, completion_logps, batch, chunk_size, temperature)
         with reference_weights(model, frozen_reference) as reference:
-            ref = no_grad_eval(reference, autocast, completion_logps, batch, 256, temperature)
+            ref = no_grad_eval(reference, autocast, completion_logps, batch, chunk_size, temperature)
         total += float(((logps.float() - ref.float()) * batch["response_mask"]).sum())
     return total / len(completions)
 
@@ -439,6 +439,7 @@ def start_rl_run(cfg, needs_reference: bool, extra_parts=()) -> RLRun:
     when `needs_reference` and the policy has no adapters to switch off. The policy, the
     reference and `extra_parts` (e.g. a value model) go to the accelerator's device."""
     from posttrain.models.attention import padding_free
+    from posttrain.models.loading import note_full_logits
     from posttrain.rollout.engines import build_engine
     from posttrain.train.grouped import on_device
     from posttrain.train.loop import start_run
@@ -446,6 +447,7 @@ def start_rl_run(cfg, needs_reference: bool, extra_parts=()) -> RLRun:
 
     run_dir, accelerator, main, log = start_run(cfg)
     tokenizer, model, adapter_training = build_model(cfg, log, run_dir if main else None)
+    note_full_logits(model, log)
     # before the reference copy: it takes them too
     padding_free(model, cfg.model.padding_free, log, cfg.data.max_prompt_length + cfg.rollout.max_new_tokens)
     data = prepare_prompt_data(cfg, tokenizer, run_dir, main, log)

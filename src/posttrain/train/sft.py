@@ -28,13 +28,14 @@ class CausalLMLoss(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, loss: str = "auto", chunk_size: int = 256):
         super().__init__()
-        from posttrain.models.loading import supports_hidden_path
+        from posttrain.models.loading import _unsupported_reason
 
         self.model = model
+        reason = _unsupported_reason(model)
         if loss == "auto":
-            loss = "chunked" if supports_hidden_path(model) else "plain"
-        elif loss == "chunked" and not supports_hidden_path(model):
-            raise ConfigError("train.loss=chunked is not supported by this model's head (logit scaling); use plain")
+            loss = "chunked" if reason is None else "plain"
+        elif loss == "chunked" and reason is not None:
+            raise ConfigError(f"train.loss=chunked needs a plain linear output layer: {reason}; use train.loss=plain")
         self.loss_kind = loss
         self.chunk_size = chunk_size
 
@@ -181,6 +182,7 @@ def run_sft(cfg: SFTConfig) -> Path:
     """Fine-tune per `cfg`; returns the run directory (final model in run_dir/final)."""
     from posttrain.data.batching import pack
     from posttrain.data.pipeline import prepare_sft_data, prepare_streamed_eval, stream_sft_examples
+    from posttrain.models.loading import note_full_logits
     from posttrain.train.loop import finish_run, start_run, train
 
     validate_sft(cfg)
@@ -189,6 +191,7 @@ def run_sft(cfg: SFTConfig) -> Path:
     pad_id = tokenizer.pad_token_id
     if cfg.data.packing:
         check_packing(model)
+    note_full_logits(model, log)
     if cfg.data.streaming:
         if cfg.train.max_steps <= 0:
             raise ConfigError("data.streaming=true needs train.max_steps (the data length is unknown)")
