@@ -382,9 +382,11 @@ def test_truncation_multi_turn_and_eval_counts_in_data_report(tmp_path):
     assert [(e.input_ids, e.labels) for e in data.eval] == [c for c, s in zip(cut[:3], survives[:3]) if s]
     report = json.loads((tmp_path / "run" / "data_report.json").read_text())
     assert report["train_length"] == {"num_examples": 4, "max_length": L, "policy": "truncate",
-                                      "num_too_long": 3, "num_lost_labels": 1, "dropped_no_labels": 0}
+                                      "num_too_long": 3, "num_lost_labels": 1, "dropped_no_labels": 0,
+                                      "unrendered": 0, "unrendered_first": []}
     assert report["eval_length"] == {"num_examples": 3, "max_length": L, "policy": "truncate",
-                                     "num_too_long": 2, "num_lost_labels": 1, "dropped_no_labels": 0}
+                                     "num_too_long": 2, "num_lost_labels": 1, "dropped_no_labels": 0,
+                                     "unrendered": 0, "unrendered_first": []}
     assert report["train_examples"] == 3 and report["eval_examples"] == 2
     assert report["train_label_tokens"] == sum(sum(x != IGNORE_INDEX for x in lab) for (_, lab), s
                                                in zip(cut, survives) if s)
@@ -497,3 +499,43 @@ def test_row_with_no_label_tokens_is_dropped_and_counted_like_streaming(tmp_path
     report = json.loads((tmp_path / "m" / "data_report.json").read_text())
     assert report["train_length"]["dropped_no_labels"] == 1 and report["train_examples"] == 1
     assert any("t.jsonl:1" in line and "no token to train on" in line for line in lines), lines
+
+GEMMA_LIKE = (  # no system role: a system turn raises, as Gemma's template does
+    "{%- for m in messages -%}{%- if m['role'] == 'system' -%}{{ raise_exception('System role not supported') }}"
+    "{%- endif -%}{{- '<' + m['role'] + '>' + m['content'] + '</' + m['role'] + '>\n' -}}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<assistant>' -}}{%- endif -%}"
+)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_row_the_template_cannot_render_is_a_bad_row_under_skip(tmp_path, streaming):
+    """A system turn under a template without a system role: with data.bad_rows=skip the row is
+    skipped, named and counted (it aborted the whole run); with error it stops the run."""
+    from posttrain.config.sections import DataConfig
+    from posttrain.data.pipeline import prepare_sft_data, stream_sft_examples
+    from posttrain.errors import DataError
+
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(199)]
+    rows.insert(7, {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
+                                 {"role": "assistant", "content": "a"}]})
+    path = _write_jsonl(tmp_path / "t.jsonl", rows)
+
+    def run(policy):
+        tok = _fresh_tiny()
+        tok.chat_template = GEMMA_LIKE
+        cfg = DataConfig(train_files=[path], eval_fraction=0.0, max_length=64, bad_rows=policy, streaming=streaming)
+        lines = []
+        if streaming:
+            kept = list(stream_sft_examples(cfg, tok, tmp_path / policy, log=lines.append))
+            counted = json.loads((tmp_path / policy / "data_report.json").read_text())["train_stream"]["unrendered"]
+        else:
+            kept = prepare_sft_data(cfg, tok, tmp_path / policy, seed=0, log=lines.append).train
+            counted = json.loads((tmp_path / policy / "data_report.json").read_text())["train_length"]["unrendered"]
+        return kept, counted, lines
+
+    kept, counted, lines = run("skip")
+    assert len(kept) == 199 and counted == 1
+    assert any("t.jsonl:8" in line and "cannot render" in line for line in lines), lines
+    with pytest.raises(DataError, match="t.jsonl:8"):
+        run("error")

@@ -60,12 +60,46 @@ def split_eval(records: list[Record], fraction: float, seed: int) -> tuple[list[
 
 
 def encode_all(records: list[Record], tokenizer, template: str, cfg, log, name: str) -> tuple[list[Example], dict]:
-    from posttrain.data.templates import encode_record, fit_length
+    from posttrain.data.templates import fit_length
 
-    examples = [encode_record(r, tokenizer, template) for r in records]
+    examples, unrendered = [], []
+    for record in records:
+        example = _encoded(record, tokenizer, template, cfg, unrendered)
+        if example is not None:
+            examples.append(example)
+    _check_unrendered(unrendered, len(records), cfg, log, name)
     examples, length_report = fit_length(examples, cfg.max_length, cfg.overlength)
     log(f"{name}: {length_report.summary()}")
-    return examples, dataclasses.asdict(length_report)
+    return examples, dataclasses.asdict(length_report) | {"unrendered": len(unrendered),
+                                                          "unrendered_first": unrendered[:3]}
+
+
+def _encoded(record: Record, tokenizer, template: str, cfg, unrendered: list[str]) -> Example | None:
+    """`encode_record`, or — under data.bad_rows=skip — None for a row the chat template cannot
+    render (a system turn on a template without a system role, say), its error kept in
+    `unrendered`: the bad-row policy of reading, applied to templating."""
+    from posttrain.data.templates import encode_record
+    from posttrain.errors import DataError
+
+    try:
+        return encode_record(record, tokenizer, template)
+    except DataError as exc:
+        if cfg.bad_rows != "skip":
+            raise
+        unrendered.append(str(exc))
+        return None
+
+
+def _check_unrendered(unrendered: list[str], total: int, cfg, log, name: str) -> None:
+    from posttrain.errors import DataError
+
+    if not unrendered:
+        return
+    log(f"{name}: skipped {len(unrendered)} of {total} rows the chat template cannot render (bad_rows=skip); "
+        f"first: {unrendered[0]}")
+    if len(unrendered) > cfg.max_bad_fraction * total:
+        raise DataError(f"{len(unrendered)} of {total} {name} rows cannot be rendered by the chat template, more "
+                        f"than max_bad_fraction={cfg.max_bad_fraction}; first: {unrendered[0]}")
 
 
 def _labelled_only(examples: list[Example], log: Callable[[str], None], name: str) -> tuple[list[Example], int]:
@@ -111,14 +145,18 @@ def prepare_sft_data(cfg, tokenizer, run_dir: Path, seed: int, log: Callable[[st
 def stream_sft_examples(cfg, tokenizer, run_dir: Path, log: Callable[[str], None] = print) -> Iterator[Example]:
     """Lazily read, template and fit examples one by one (data.streaming=true)."""
     from posttrain.data import formats
-    from posttrain.data.templates import adopt_template, encode_record
+    from posttrain.data.templates import adopt_template
 
     template = adopt_template(tokenizer, cfg.template)
-    over = unlabelled = 0
+    over = unlabelled = seen = 0
+    unrendered: list[str] = []
     for record in formats.iter_records(cfg.train_files, fmt=cfg.format, bad_rows=cfg.bad_rows,
                                        max_bad_fraction=cfg.max_bad_fraction,
                                        rejects_path=str(run_dir / "rejects-train.jsonl"), log=log):
-        example = encode_record(record, tokenizer, template)
+        seen += 1
+        example = _encoded(record, tokenizer, template, cfg, unrendered)
+        if example is None:
+            continue
         if len(example) > cfg.max_length:
             over += 1
             if cfg.overlength == "drop":
@@ -131,8 +169,9 @@ def stream_sft_examples(cfg, tokenizer, run_dir: Path, log: Callable[[str], None
     if over or unlabelled:
         log(f"train (streamed): {over} examples longer than {cfg.max_length} tokens ({cfg.overlength}); "
             f"{unlabelled} dropped with no label tokens left")
+    _check_unrendered(unrendered, seen, cfg, log, "train (streamed)")
     _update_report(run_dir, {"train_stream": {"complete_pass": True, "too_long": over, "policy": cfg.overlength,
-                                              "dropped_no_labels": unlabelled}})
+                                              "dropped_no_labels": unlabelled, "unrendered": len(unrendered)}})
 
 
 def prepare_streamed_eval(cfg, tokenizer, run_dir: Path, log: Callable[[str], None] = print) -> list[Example]:
