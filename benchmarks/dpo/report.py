@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -156,8 +157,10 @@ def parity(case: str, rows: list[dict], reference: dict) -> dict:
         return [run["losses"][0] for run in runs if run["tool"] == tool]
 
     pt, trl = first("posttrain"), first("trl")
-    # without TRL rows (posttrain against itself, e.g. results/dpo_padding_free.md) its rows must agree
-    diff = max(abs(a - b) for a in pt for b in (trl or pt)) if pt else None
+    # without TRL rows (posttrain against itself, e.g. results/dpo_padding_free.md) its rows must agree;
+    # a non-finite loss anywhere is a mismatch (max() would pass over a NaN that is not first)
+    finite = all(math.isfinite(x) for x in pt + trl)
+    diff = max(abs(a - b) for a in pt for b in (trl or pt)) if pt and finite else None
     labels = {tool: sorted({run["first_batch_label_tokens"] for run in runs if run["tool"] == tool}) for tool in
               ("posttrain", "trl")}
     step2 = {tool: sorted({round(run["losses"][1], 6) for run in runs if run["tool"] == tool and len(run["losses"]) > 1})
@@ -271,7 +274,7 @@ def write_markdown(report: dict, path: Path) -> None:
                      for tool in ("posttrain", "trl")}
             lines += [
                 "At step 0 the DPO loss is log 2 whatever the log-probs are, so the log-probs themselves are checked "
-                "too: each run's logged step-0 `logps/chosen` and `logps/rejected` (means over the 16 pairs) against "
+                f"too: each run's logged step-0 `logps/chosen` and `logps/rejected` (means over the {s['batch_size']} pairs) against "
                 "a float64 forward of the same batch with no tool code, summed over the tokens each tool labels. "
                 f"posttrain labels the response and `<|im_end|>` ({labels['posttrain'][0] if labels['posttrain'] else '—'} "
                 f"label tokens in the first batch; reference {ref['logps/chosen[assistant_turn]']:.4f} / "

@@ -79,8 +79,10 @@ class LoopResult:
     eval_metrics: dict[str, float] = field(default_factory=dict)  # the stage's, at the last evaluation
 
 
-def _steps(stage: Stage, group: int, epoch: int, start: int) -> Iterator[tuple[int, int, list[Batch]]]:
-    """Yield (epoch, step_in_epoch_after, the step's micro-batches) forever.
+def _steps(stage: Stage, group: int, epoch: int, consumed: int) -> Iterator[tuple[int, int, list[Batch]]]:
+    """Yield (epoch, micro-batches of that epoch used so far, the step's micro-batches) forever,
+    starting `consumed` micro-batches into `epoch` (a resume: counted in micro-batches, so a run
+    resumed with other processes × grad_accum neither repeats nor skips data).
 
     An epoch whose length is not a multiple of `group` tops its last step up from the
     start of the same epoch's order (round again if the epoch is shorter than a step), so no
@@ -89,15 +91,14 @@ def _steps(stage: Stage, group: int, epoch: int, start: int) -> Iterator[tuple[i
     while True:
         skip_to = getattr(stage, "micro_batches_after", None)  # a stage that can skip without producing (RL)
         if skip_to is not None:
-            source = skip_to(epoch, start * group)
+            source = skip_to(epoch, consumed)
         else:
             source = stage.micro_batches(epoch)
-            for _ in range(start * group):  # resume: skip what earlier steps consumed
+            for _ in range(consumed):  # resume: skip what earlier steps consumed
                 next(source, None)
-        step_in_epoch = start
         while True:
             batches = [b for _, b in zip(range(group), source)]
-            if not batches and step_in_epoch == 0:
+            if not batches and consumed == 0:
                 raise ConfigError("the training data produced no batches: is the dataset empty?")
             if not batches:
                 break
@@ -106,9 +107,9 @@ def _steps(stage: Stage, group: int, epoch: int, start: int) -> Iterator[tuple[i
                 batches += itertools.islice(refill, group - len(batches))
                 yield epoch + 1, 0, batches
                 break
-            step_in_epoch += 1
-            yield epoch, step_in_epoch, batches
-        epoch, start = epoch + 1, 0
+            consumed += len(batches)
+            yield epoch, consumed, batches
+        epoch, consumed = epoch + 1, 0
 
 
 def _plan_total_steps(stage: Stage, cfg, group: int) -> int:
@@ -236,7 +237,7 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator) -> LoopResult:
     total_steps = _plan_total_steps(stage, cfg, group)
     warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)  # rounded up, as transformers does
     ckpt_root = run_dir / "checkpoints"
-    state: dict[str, Any] = {"step": 0, "epoch": 0, "step_in_epoch": 0, "skipped_steps": 0,
+    state: dict[str, Any] = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "skipped_steps": 0,
                              "consecutive_nonfinite": 0, "best_eval": None, "evals_without_improvement": 0,
                              "stopped_early": False}
     resume_from = _resume_path(cfg.resume, ckpt_root)
@@ -269,7 +270,9 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator) -> LoopResult:
     if cfg.early_stopping_patience and not stage.eval_micro_batches():
         log.message("note: train.early_stopping_patience has no held-out data to evaluate, so it cannot stop the run")
     module.train()
-    steps = _steps(stage, group, state["epoch"], state["step_in_epoch"])
+    # a checkpoint before micro_in_epoch was saved counted steps of this run's size
+    consumed = state.get("micro_in_epoch", state.get("step_in_epoch", 0) * group)
+    steps = _steps(stage, group, state["epoch"], consumed)
     # One process without a GradScaler: untied embeddings take sparse gradients (see optim.py).
     sparse_ok = (world == 1 and accelerator.distributed_type == "NO" and accelerator.scaler is None
                  and getattr(cfg, "optimizer", "adamw") in ("adamw", "adamw_fused"))
@@ -277,7 +280,7 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator) -> LoopResult:
         try:
             while state["step"] < total_steps and not stopped_early:
                 started = time.perf_counter()
-                epoch, step_in_epoch, micro = next(steps)
+                epoch, micro_in_epoch, micro = next(steps)
                 lr = cfg.lr * lr_factor(state["step"], total_steps, cfg.schedule, warmup, cfg.min_lr_ratio)
                 set_lr(optimizer, lr / cfg.lr)
                 inactive = inactive_at(state["step"])
@@ -289,7 +292,8 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator) -> LoopResult:
                 else:
                     _skipped_step(accelerator)
                 optimizer.zero_grad(set_to_none=True)
-                state.update(step=state["step"] + 1, epoch=epoch, step_in_epoch=step_in_epoch)
+                state.update(step=state["step"] + 1, epoch=epoch, micro_in_epoch=micro_in_epoch)
+                state.pop("step_in_epoch", None)
                 abort = _count_nonfinite(state, finite, cfg, log)
                 record = _step_record(state, loss, lr, grad_norm, stage, micro, started, world) | metrics
                 if state["step"] % cfg.log_every == 0 or state["step"] == total_steps or not finite:
