@@ -217,7 +217,7 @@ def rl_figures(report: dict) -> dict:
     for row in report["rows"]:
         runs = row["runs"]
 
-        def pooled(f):
+        def pooled(f, runs=runs):
             return [f(r, k) for r in runs for k in range(w, len(r["step_times_s"]))]
 
         per = [1000 * median(r["step_times_s"][w:]) for r in runs]
@@ -419,7 +419,7 @@ def _readme_claims() -> list[tuple[str, str]]:
         rl = results(name)
         fig = rl_figures(rl)
         for case, label in (("grpo", "GRPO β = 0"), ("grpo_kl", "GRPO β = 0.04")):
-            ours, d, g = fig[(case, "posttrain", "default")], fig[(case, "trl", "default")], fig[(case, "trl", "gc_off")]
+            ours, d = fig[(case, "posttrain", "default")], fig[(case, "trl", "default")]
             claims.append((f"{name} {case}", f"| {label} | " + ("**" if name == "rl_cpu32k" else "")
                            + f"{ours['step_ms'] / d['step_ms']:.2f}×" + ("**" if name == "rl_cpu32k" else "")
                            + f" ({f0(ours['step_ms'])} vs {f0(d['step_ms'])} ms)"))
