@@ -103,6 +103,8 @@ def validate_rm(cfg: RMConfig) -> None:
          "a reward model learns from comparisons: data must be pairs or rankings, not unpaired"),
         (cfg.adapter.method in (["full"], ["lora"]), "reward models train with adapter.method full or lora"),
         (not cfg.adapter.schedule, "adapter.schedule stages several adapter methods; a reward model has one"),
+        (cfg.model.dtype != "float16", "model.dtype=float16: a reward model's score head trains in full even with "
+                                       "LoRA, and AdamW goes NaN on float16 weights; use bfloat16 or float32"),
     ])
     from posttrain.models.adapters import validate_adapter
 

@@ -304,6 +304,39 @@ def supports_hidden_path(model) -> bool:
     return _unsupported_reason(model) is None
 
 
+def disable_dropout(model, log, why: str) -> None:
+    """Switch every dropout in `model` off — nn.Dropout modules, LoRA's dropout (made an identity,
+    as peft builds it for p = 0), attention's functional dropout — and say so if any was on.
+
+    The DPO family and online RL compare the policy with itself: π with π_ref at step 0, π with
+    π_old at a rollout's first update. Reference and old log-probs are taken in eval mode, the
+    updates in train mode, so with dropout on the two differ by the dropout noise alone (TRL
+    turns dropout off in these trainers too)."""
+    import torch.nn as nn
+
+    changed = 0
+    for module in model.modules():
+        lora_dropout = getattr(module, "lora_dropout", None)
+        if isinstance(lora_dropout, nn.ModuleDict):
+            for name, layer in list(lora_dropout.items()):
+                if not isinstance(layer, nn.Identity):
+                    lora_dropout[name] = nn.Identity()
+                    changed += 1
+        elif isinstance(module, nn.Dropout) and module.p > 0:
+            module.p = 0.0
+            changed += 1
+        rate = getattr(module, "attention_dropout", None)
+        if isinstance(rate, float) and rate > 0:
+            module.attention_dropout = 0.0
+            changed += 1
+    for config in {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}.values():
+        for field in ("attention_dropout", "hidden_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "dropout"):
+            if isinstance(getattr(config, field, None), float) and getattr(config, field) > 0:
+                setattr(config, field, 0.0)
+    if changed:
+        log(f"note: dropout switched off in {changed} places ({why})")
+
+
 def note_full_logits(model, log) -> None:
     """Say so when log-probs must come from the model's whole [rows, sequence, vocabulary] logits
     (a head that scales or soft-caps its logits, or one with an adapter on it, such as LoRA

@@ -420,10 +420,15 @@ def make_accelerator(cfg, run_dir: Path):
     try:
         # cpu=True on CPU-only hosts: without it accelerate ignores torchrun's WORLD_SIZE
         # and every process trains alone.
-        return Accelerator(mixed_precision=cfg.mixed_precision, log_with=cfg.report_to or None,
-                           project_dir=str(run_dir), cpu=not is_cuda_available())
-    except ValueError as exc:  # e.g. fp16 on a CPU
+        accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=cfg.report_to or None,
+                                  project_dir=str(run_dir), cpu=not is_cuda_available())
+    except ValueError as exc:  # e.g. fp16 on a CPU, in older accelerate
         raise ConfigError(f"train.mixed_precision={cfg.mixed_precision}: {exc}") from None
+    if cfg.mixed_precision != "no" and not accelerator.native_amp:
+        # accelerate ≥ 1.x accepts fp16 on a CPU and then runs in float32, without a word
+        raise ConfigError(f"train.mixed_precision={cfg.mixed_precision} is not available on "
+                          f"{accelerator.device.type} (accelerate would run in float32); use bf16 or no")
+    return accelerator
 
 
 def _resume_path(resume: str, ckpt_root: Path) -> Path | None:

@@ -250,11 +250,15 @@ def build_value_model(cfg: PPOConfig, model, tokenizer, log) -> tuple[ValueHead 
         lm = getattr(model, "lm", model)  # AdaptedModel keeps the Hugging Face model in .lm
         return ValueHead(lm.config.hidden_size), None
     from posttrain.models.attention import padding_free
+    from posttrain.models.loading import disable_dropout
     from posttrain.models.reward_model import _classifier, is_decoder_scorer, load_reward_model
 
     path = cfg.ppo.value_model_path or cfg.model.path
     log(f"critic: a separate value model from {path}")
-    classifier = load_reward_model(path, cfg.model.dtype, cfg.model.trust_remote_code, tokenizer.pad_token_id)
+    # trained in full: float16 weights would go NaN under AdamW (see config's float16 check)
+    dtype = "float32" if cfg.model.dtype == "float16" else cfg.model.dtype
+    classifier = load_reward_model(path, dtype, cfg.model.trust_remote_code, tokenizer.pad_token_id)
+    disable_dropout(classifier, log, "its values must match those the rollout took")
     if is_decoder_scorer(classifier):  # padding-free batches as for the policy (models/attention.py)
         padding_free(_classifier(classifier), cfg.model.padding_free, log,
                      cfg.data.max_prompt_length + cfg.rollout.max_new_tokens)

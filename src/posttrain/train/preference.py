@@ -493,12 +493,13 @@ def run_dpo(cfg: DPOConfig) -> Path:
     """Optimise the policy on preferences per `cfg`; returns the run directory (policy in run_dir/final)."""
     from posttrain.data.preferences import prepare_preference_data
     from posttrain.train.loop import evaluate, finish_run, start_run, train
-    from posttrain.models.loading import note_full_logits
+    from posttrain.models.loading import disable_dropout, note_full_logits
     from posttrain.train.sft import build_model
 
     validate_dpo(cfg)
     run_dir, accelerator, main, log = start_run(cfg)
     tokenizer, model, adapter_training = build_model(cfg, log, run_dir if main else None)
+    disable_dropout(model, log, "the policy is compared with its reference, which runs without it")
     note_full_logits(model, log)
     data = prepare_preference_data(cfg.data, tokenizer, run_dir, cfg.train.seed, log)
     train_items, eval_items = _items(data, cfg, log)

@@ -439,7 +439,7 @@ def start_rl_run(cfg, needs_reference: bool, extra_parts=()) -> RLRun:
     when `needs_reference` and the policy has no adapters to switch off. The policy, the
     reference and `extra_parts` (e.g. a value model) go to the accelerator's device."""
     from posttrain.models.attention import padding_free
-    from posttrain.models.loading import note_full_logits
+    from posttrain.models.loading import disable_dropout, note_full_logits
     from posttrain.rollout.engines import build_engine
     from posttrain.train.grouped import on_device
     from posttrain.train.loop import start_run
@@ -447,6 +447,7 @@ def start_rl_run(cfg, needs_reference: bool, extra_parts=()) -> RLRun:
 
     run_dir, accelerator, main, log = start_run(cfg)
     tokenizer, model, adapter_training = build_model(cfg, log, run_dir if main else None)
+    disable_dropout(model, log, "a rollout's first update must see the policy that sampled it")
     note_full_logits(model, log)
     # before the reference copy: it takes them too
     padding_free(model, cfg.model.padding_free, log, cfg.data.max_prompt_length + cfg.rollout.max_new_tokens)
