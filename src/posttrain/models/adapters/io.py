@@ -173,7 +173,29 @@ def merge_adapted(model):
     if not isinstance(model, AdaptedModel):
         return model
     _check_mergeable(model, "use the adapter directory with posttrain generate/chat instead")
+    _untie_adapted_embeddings(model)
     return model.weight_peft.merge_and_unload()
+
+
+def _untie_adapted_embeddings(model: AdaptedModel) -> None:
+    """Give the output layer its own copy of a tied embedding when an adapter sits on either:
+    merging folds the update into the one shared tensor, which would move the other layer too
+    (LoRA on lm_head would change the input embedding, and the saved model would stay tied)."""
+    lm = model.lm
+    inputs, outputs = lm.get_input_embeddings(), lm.get_output_embeddings()
+    if inputs is None or outputs is None or not getattr(lm.config, "tie_word_embeddings", False):
+        return
+    adapted = {id(m) for m in lm.modules() if hasattr(m, "base_layer")}
+    if id(inputs) not in adapted and id(outputs) not in adapted:
+        return
+    base_in = getattr(inputs, "base_layer", inputs)
+    base_out = getattr(outputs, "base_layer", outputs)
+    if base_in.weight is base_out.weight:
+        base_out.weight = torch.nn.Parameter(base_in.weight.detach().clone(), requires_grad=False)
+    lm.config.tie_word_embeddings = False
+    text_config = getattr(lm.config, "get_text_config", lambda: None)()
+    if text_config is not None and text_config is not lm.config:
+        text_config.tie_word_embeddings = False
 
 
 def _check_mergeable(model: AdaptedModel, fix: str) -> None:
