@@ -419,7 +419,9 @@ def _barrier() -> None:
 
 def _run_stage(stage: Stage, action: str, state: dict[str, dict], output_dir: Path) -> None:
     if action == "fresh":  # a previous run's outputs must not survive into (or be mistaken for) this one's
-        for stale in ("final", "merged", "summary.json"):
+        # checkpoints too, before the state says "running" with the new settings: a fresh rerun
+        # interrupted before its loop cleared them would otherwise be resumed from them next time
+        for stale in ("final", "merged", "summary.json", "checkpoints", "metrics.jsonl"):
             target = stage.run_dir / stale
             if _first_process() and target.exists():
                 shutil.rmtree(target) if target.is_dir() else target.unlink()

@@ -148,11 +148,23 @@ def latest_complete(root: Path) -> Path | None:
 
 
 def prune(root: Path, keep_last: int) -> None:
-    complete = sorted(p for p in root.glob(f"{PREFIX}*") if is_complete(p))
+    steps = [p for p in root.glob(f"{PREFIX}*") if p.is_dir()]
+    complete = sorted(p for p in steps if is_complete(p))
     for old in complete[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".tmp-*"):  # left by a killed writer
+    for stale in [p for p in steps if p not in complete] + list(root.glob(".tmp-*")):  # left by a killed writer
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def drop_after(root: Path, step: int) -> int:
+    """On resume from `step`: remove the checkpoints of later steps (an abandoned continuation,
+    or a damaged newest one). Left there, a later save would meet its own step's directory, and
+    pruning would keep the abandoned run's newer steps over the resumed run's. Returns how many."""
+    later = [p for p in root.glob(f"{PREFIX}*")
+             if p.is_dir() and p.name[len(PREFIX):].isdigit() and int(p.name[len(PREFIX):]) > step]
+    for directory in later:
+        shutil.rmtree(directory, ignore_errors=True)
+    return len(later)
 
 
 def clear(root: Path) -> int:
@@ -195,6 +207,8 @@ def save(root: Path, step: int, *, model, optimizer, loop_state: dict, rank: int
     barrier()
     if rank == 0:
         write_manifest(tmp, {"step": step, "world_size": world_size})
+        if final.exists():  # a damaged or abandoned checkpoint of this step: os.replace cannot replace a directory
+            shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
         prune(root, keep_last)

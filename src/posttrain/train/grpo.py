@@ -125,7 +125,7 @@ class GRPOStage(RolloutStage):
 
 def run_grpo(cfg: GRPOConfig) -> Path:
     """Optimise the policy on sampled, scored completions per `cfg`; returns the run directory."""
-    from posttrain.train.loop import finish_run, train
+    from posttrain.train.loop import finish_run, run_fingerprint, train
 
     validate_grpo(cfg)
     run = start_rl_run(cfg, needs_reference=cfg.grpo.beta > 0)
@@ -134,7 +134,7 @@ def run_grpo(cfg: GRPOConfig) -> Path:
     summary: dict = {"advantage": cfg.grpo.advantage, "train_prompts": len(run.train_ids),
                      "eval_prompts": len(run.eval_ids), "data": run.data_report,
                      "held_out_before": run.held_out(run.model, "before")}
-    result = train(stage, cfg.train, run.run_dir, run.accelerator)
+    result = train(stage, cfg.train, run.run_dir, run.accelerator, run_fingerprint(cfg))
     trained = result.module.model
     summary.update(steps=result.step, rollouts=stage.rollouts_done, held_out_after=run.held_out(trained, "after"))
     return finish_run(run.run_dir, run.accelerator, run.main, trained, run.tokenizer, summary)

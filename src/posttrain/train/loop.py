@@ -226,8 +226,11 @@ def _train_step(module, stage: Stage, micro: list[Batch], accelerator, cfg, inac
     return loss, float(grad_norm), metrics
 
 
-def train(stage: Stage, cfg, run_dir: Path, accelerator) -> LoopResult:
-    """Run the optimisation described by `cfg` (a TrainConfig) on `stage`; checkpoints in run_dir."""
+def train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: str | None = None) -> LoopResult:
+    """Run the optimisation described by `cfg` (a TrainConfig) on `stage`; checkpoints in run_dir.
+
+    fingerprint: what the run's results depend on beyond `train` (`run_fingerprint`): kept in
+    every checkpoint, and a resume from a checkpoint of other settings is refused."""
     optimizer = make_optimizer(stage.module, cfg, getattr(stage, "lr_scale", None))
     inactive_at = getattr(stage, "inactive_parameters", lambda step: [])
     after_optimizer_step = getattr(stage, "after_optimizer_step", lambda step: None)
@@ -239,14 +242,17 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator) -> LoopResult:
     ckpt_root = run_dir / "checkpoints"
     state: dict[str, Any] = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "skipped_steps": 0,
                              "consecutive_nonfinite": 0, "best_eval": None, "evals_without_improvement": 0,
-                             "stopped_early": False}
+                             "stopped_early": False, "fingerprint": fingerprint}
     resume_from = _resume_path(cfg.resume, ckpt_root)
     cleared = 0
     if resume_from is not None:
+        _check_same_run(resume_from, fingerprint)
         state = checkpoint.load(resume_from, model=accelerator.unwrap_model(module), optimizer=optimizer, rank=rank)
         stage_state = checkpoint.load_stage_state(resume_from)
         if stage_state is not None and hasattr(stage, "load_state_dict"):
             stage.load_state_dict(*stage_state)
+        if accelerator.is_main_process:
+            checkpoint.drop_after(ckpt_root, state["step"])  # the continuation this resume replaces
     elif accelerator.is_main_process:
         cleared = checkpoint.clear(ckpt_root)
     accelerator.wait_for_everyone()
@@ -429,6 +435,34 @@ def make_accelerator(cfg, run_dir: Path):
         raise ConfigError(f"train.mixed_precision={cfg.mixed_precision} is not available on "
                           f"{accelerator.device.type} (accelerate would run in float32); use bf16 or no")
     return accelerator
+
+
+def run_fingerprint(cfg) -> str:
+    """A digest of a stage config's settings that decide what a checkpoint holds — model, data,
+    adapters, the stage's own loss sections — leaving out what a resume may change (`train`:
+    the README lets a resumed run take a new lr, steps, cadences; `eval`; `output_dir`)."""
+    import hashlib
+    import json
+
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in ("train", "eval", "output_dir")}
+    for section, key in _RESUME_MAY_CHANGE:  # how, not what: memory and speed knobs, the rollout engine
+        if isinstance(settings.get(section), dict):
+            settings[section] = {k: v for k, v in settings[section].items() if k != key and not k.startswith("vllm_")}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+_RESUME_MAY_CHANGE = (("model", "gradient_checkpointing"), ("model", "lean_activations"), ("model", "padding_free"),
+                      ("dpo", "share_prompt"), ("reward", "share_prompt"), ("rollout", "engine"),
+                      ("rollout", "batch_size"))
+
+
+def _check_same_run(resume_from: Path, fingerprint: str | None) -> None:
+    import json
+
+    saved = json.loads((resume_from / "loop_state.json").read_text()).get("fingerprint")
+    if fingerprint is not None and saved is not None and saved != fingerprint:
+        raise ConfigError(f"{resume_from} was written by a run with other settings (model, data, adapter or loss); "
+                          "resuming would mix the two. Set train.resume=never to start afresh, or another output_dir")
 
 
 def _resume_path(resume: str, ckpt_root: Path) -> Path | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 from pathlib import Path
@@ -48,8 +49,17 @@ class RunLogger:
         """On resume: drop records of steps that the restored checkpoint had not reached."""
         if not self.enabled or not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line torn by a crash mid-write
+            if isinstance(record, dict) and record.get("step", 0) <= step:
+                kept.append(line)
+        partial = self.path.with_name(self.path.name + ".tmp")  # replaced whole: an interrupt loses nothing
+        partial.write_text("".join(line + "\n" for line in kept))
+        os.replace(partial, self.path)
 
     def advance(self, record: dict) -> None:
         if self.bar is not None:

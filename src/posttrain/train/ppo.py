@@ -279,7 +279,7 @@ def _value_lr(adapter_training, ratio: float):
 def run_ppo(cfg: PPOConfig) -> Path:
     """Optimise the policy with PPO on sampled, scored completions per `cfg`; returns the run directory."""
     from posttrain.train.grouped import on_device
-    from posttrain.train.loop import finish_run, train
+    from posttrain.train.loop import finish_run, run_fingerprint, train
 
     validate_ppo(cfg)
     run = start_rl_run(cfg, needs_reference=cfg.ppo.kl_coef > 0)
@@ -291,7 +291,7 @@ def run_ppo(cfg: PPOConfig) -> Path:
     summary: dict = {"value_model": cfg.ppo.value_model, "train_prompts": len(run.train_ids),
                      "eval_prompts": len(run.eval_ids), "data": run.data_report,
                      "held_out_before": run.held_out(run.model, "before")}
-    result = train(stage, cfg.train, run.run_dir, run.accelerator)
+    result = train(stage, cfg.train, run.run_dir, run.accelerator, run_fingerprint(cfg))
     trained = result.module.model
     summary.update(steps=result.step, rollouts=stage.rollouts_done, final_kl_coef=stage.kl_coef,
                    held_out_after=run.held_out(trained, "after"))

@@ -492,7 +492,7 @@ def _items(data, cfg: DPOConfig, log: Callable[[str], None] = print) -> tuple[li
 def run_dpo(cfg: DPOConfig) -> Path:
     """Optimise the policy on preferences per `cfg`; returns the run directory (policy in run_dir/final)."""
     from posttrain.data.preferences import prepare_preference_data
-    from posttrain.train.loop import evaluate, finish_run, start_run, train
+    from posttrain.train.loop import evaluate, finish_run, run_fingerprint, start_run, train
     from posttrain.models.loading import disable_dropout, note_full_logits
     from posttrain.train.sft import build_model
 
@@ -523,7 +523,7 @@ def run_dpo(cfg: DPOConfig) -> Path:
                      "train_items": len(train_items), "eval_items": len(eval_items)}
     summary.update(_exact_match(cfg, model, tokenizer, data, "before") if main else {})
     before = evaluate(on_device(module, accelerator.device), stage, accelerator)
-    result = train(stage, cfg.train, run_dir, accelerator)
+    result = train(stage, cfg.train, run_dir, accelerator, run_fingerprint(cfg))
     summary.update(steps=result.step, eval_before=before[1] if before else {}, eval_after=result.eval_metrics)
     _log_accuracy(summary, log)
     trained = result.module.model

@@ -127,7 +127,7 @@ def run_rm(cfg: RMConfig) -> Path:
     from posttrain.models.attention import block_masks_allowed, padding_free, window_allows
     from posttrain.models.loading import load_tokenizer
     from posttrain.models.reward_model import encoder_positions, is_decoder_scorer
-    from posttrain.train.loop import evaluate, start_run, train
+    from posttrain.train.loop import evaluate, run_fingerprint, start_run, train
 
     validate_rm(cfg)
     run_dir, accelerator, main, log = start_run(cfg)
@@ -155,7 +155,7 @@ def run_rm(cfg: RMConfig) -> Path:
                          share_prompt=share, padding_free=share and unpadded)  # LoRA+'s rate for lora_B
     stage.finish_metrics = finish_reward_metrics
     before = evaluate(on_device(module, accelerator.device), stage, accelerator)
-    result = train(stage, cfg.train, run_dir, accelerator)
+    result = train(stage, cfg.train, run_dir, accelerator, run_fingerprint(cfg))
     summary = {"steps": result.step, "train_items": len(train_items), "eval_items": len(eval_items),
                "eval_before": before[1] if before else {}, "eval_after": result.eval_metrics}
     if before:

@@ -183,7 +183,7 @@ def run_sft(cfg: SFTConfig) -> Path:
     from posttrain.data.batching import pack
     from posttrain.data.pipeline import prepare_sft_data, prepare_streamed_eval, stream_sft_examples
     from posttrain.models.loading import note_full_logits
-    from posttrain.train.loop import finish_run, start_run, train
+    from posttrain.train.loop import finish_run, run_fingerprint, start_run, train
 
     validate_sft(cfg)
     run_dir, accelerator, main, log = start_run(cfg)
@@ -208,7 +208,7 @@ def run_sft(cfg: SFTConfig) -> Path:
     stage = SFTStage(module, train_examples, eval_examples, cfg, pad_id, stream, adapter_training)
     summary = {"loss_impl": module.loss_kind}
     summary.update(_exact_match(cfg, model, tokenizer, data, "before") if main else {})
-    result = train(stage, cfg.train, run_dir, accelerator)
+    result = train(stage, cfg.train, run_dir, accelerator, run_fingerprint(cfg))
     summary.update(steps=result.step, stopped_early=result.stopped_early, eval_loss=result.eval_loss,
                    skipped_steps=result.skipped_steps)
     trained = result.module.model
