@@ -369,3 +369,15 @@ def test_demo_with_output_dir_override_deletes_only_its_own_run(tmp_path, monkey
         cli.main(["demo", "output_dir=runs/mine"])
     assert seen["output_dir"] == "runs/mine"
     assert (tmp_path / "runs" / "demo" / "keep.txt").is_file()  # observed: runs/demo was rmtree'd
+
+
+def test_flags_are_never_abbreviated():
+    """`posttrain serve --api-key SECRET` was read as --api-key-env SECRET (argparse's prefix
+    matching): a flag must be spelt out."""
+    from posttrain.cli import build_parser
+
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["serve", "tiny", "--api-key", "secret"])
+    assert info.value.code == 2
+    args = build_parser().parse_args(["serve", "tiny", "--api-key-env", "KEY"])
+    assert args.api_key_env == "KEY"

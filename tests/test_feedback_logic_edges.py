@@ -117,6 +117,7 @@ def test_a_draw_is_a_tie():
 # --------------------------------------------------------------------------- RLAIF over loopback
 
 # Response i of every prompt (sampled with seed i): two identical texts and one blank one.
+# Response 3 repeats response 0: its pairs with 1 and 2 repeat (0, 1) and (0, 2) and are not asked.
 TEXTS = ["w1", "w22", "w333", "w1", "   "]
 
 
@@ -174,10 +175,12 @@ def test_rlaif_pairs_orders_rows_and_summary_against_a_scripted_judge(tmp_path):
     rows = read_jsonl(out / "preferences.jsonl")
     stats = json.loads((out / "summary.json").read_text())
 
-    # Which pairs are asked: all i < j except identical texts and blank ones; ab shows i as A, then ba.
+    # Which pairs are asked: all i < j except identical texts, blank ones and a later copy of a
+    # response (its pairs would ask the same question again); ab shows i as A, then ba.
     asked = [(i, j) for i, j in combinations(range(5), 2)
-             if TEXTS[i].strip() and TEXTS[j].strip() and TEXTS[i] != TEXTS[j]]
-    assert asked == [(0, 1), (0, 2), (1, 2), (1, 3), (2, 3)]
+             if TEXTS[i].strip() and TEXTS[j].strip() and TEXTS[i] != TEXTS[j]
+             and TEXTS.index(TEXTS[i]) == i and TEXTS.index(TEXTS[j]) == j]
+    assert asked == [(0, 1), (0, 2), (1, 2)]
     shown = [shown_responses(body) for _, body, _ in judge.requests]
     expected_shown = []
     for prompt in prompts:  # concurrency 1: prompt by prompt, pair by pair, ab then ba (+ a retry if unparsed)
@@ -199,7 +202,7 @@ def test_rlaif_pairs_orders_rows_and_summary_against_a_scripted_judge(tmp_path):
     for prompt in prompts:
         got = {tuple(p["pair"]): p["outcome"] for p in by_prompt[prompt]["pairs"]}
         want = {(i, j): outcome(prompt, i, j) for i, j in asked}
-        want.update({(0, 3): "identical", **{(i, 4): "empty" for i in range(4)}})
+        want.update({(0, 3): "identical", (1, 3): "repeated", (2, 3): "repeated", **{(i, 4): "empty" for i in range(4)}})
         assert got == want
 
     # Rows: one per consistent win, the longer text chosen, with its provenance.
@@ -218,10 +221,10 @@ def test_rlaif_pairs_orders_rows_and_summary_against_a_scripted_judge(tmp_path):
     outcomes = Counter(outcome(p, i, j) for p in prompts for i, j in asked)
     parsed = [(p, i, j) for p in prompts for i, j in asked if outcome(p, i, j) != "unparsed"]
     assert stats["outcomes"] == {k: outcomes[k] for k in ("first", "second", "tie", "inconsistent", "unparsed")}
-    assert stats["preferences"] == len(rows) == 4
-    assert stats["pairs"] == 2 * 10 and stats["not_judged"] == {"identical": 2, "empty": 8}
+    assert stats["preferences"] == len(rows) == 2  # one per prompt: no row written twice
+    assert stats["pairs"] == 2 * 10 and stats["not_judged"] == {"identical": 2, "empty": 8, "repeated": 4}
     consistent = outcomes["first"] + outcomes["second"] + outcomes["tie"]
-    assert (consistent, len(parsed)) == (5, 9) and stats["consistent_rate"] == pytest.approx(consistent / len(parsed))
+    assert (consistent, len(parsed)) == (3, 5) and stats["consistent_rate"] == pytest.approx(consistent / len(parsed))
     assert stats["inconsistent_rate"] == pytest.approx(outcomes["inconsistent"] / len(parsed))
 
     def labels(order: str) -> list[str]:

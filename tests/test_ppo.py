@@ -255,11 +255,11 @@ def test_lora_ppo_uses_the_base_as_reference_without_a_copy(tmp_path):
 
 @pytest.mark.slow
 def test_ppo_raises_held_out_reward_with_kl_under_the_target(tmp_path, weak_sft_model):
-    """From the weak SFT model of the GRPO outcome test (50 steps on "smallest letter"), PPO
+    """From the weak SFT model of the GRPO outcome test (33 steps on "smallest letter"), PPO
     with the exact-match reward, a value head and the adaptive KL controller raises the
     held-out reward, sampled and greedy, while the KL to the starting model stays under the
-    controller's target. Measured (train.seed 0 / 1): sampled 0.505 → 0.679 / 0.507 → 0.666, greedy
-    0.63 → 0.71 / 0.64 → 0.70, KL 0.32 / 0.30 nats per response (target 1.0)."""
+    controller's target. Measured (train.seed 0 / 1, 2026-11-29): sampled 0.284 → 0.614 /
+    0.259 → 0.573, greedy 0.66 → 0.715 / 0.55 → 0.68, KL 0.52 / 0.70 nats per response (target 1.0)."""
     from posttrain.train.ppo import run_ppo
 
     target = 1.0
@@ -274,8 +274,8 @@ def test_ppo_raises_held_out_reward_with_kl_under_the_target(tmp_path, weak_sft_
     print(f"ppo: sampled reward {before['reward']:.3f} -> {after['reward']:.3f}, greedy {before['greedy_reward']:.3f} "
           f"-> {after['greedy_reward']:.3f}, KL {after['kl_to_reference']:.3f}, final beta {summary['final_kl_coef']:.4f}")
     assert before["kl_to_reference"] == pytest.approx(0.0, abs=1e-6)
-    assert after["reward"] >= before["reward"] + 0.10  # measured +0.174, +0.159
-    assert after["greedy_reward"] >= before["greedy_reward"] + 0.04  # measured +0.08, +0.06
+    assert after["reward"] >= before["reward"] + 0.10  # measured +0.330, +0.314
+    assert after["greedy_reward"] >= before["greedy_reward"] + 0.04  # measured +0.055, +0.13
     assert 0 < after["kl_to_reference"] < target
 
 

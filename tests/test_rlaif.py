@@ -102,7 +102,7 @@ def test_preference_rows_keep_only_agreed_pairs_with_provenance():
 
 def test_summary_statistics_by_hand():
     stats = summarize([RECORD])
-    assert stats["pairs"] == 8 and stats["judged"] == 6 and stats["not_judged"] == {"identical": 1, "empty": 1}
+    assert stats["pairs"] == 8 and stats["judged"] == 6 and stats["not_judged"] == {"identical": 1, "empty": 1, "repeated": 0}
     assert stats["outcomes"] == {"first": 1, "second": 1, "tie": 1, "inconsistent": 2, "unparsed": 1}
     assert stats["preferences"] == 2
     # 5 pairs with both verdicts: 3 consistent (first, second, tie), 2 inconsistent

@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 from posttrain.errors import UserError
@@ -64,8 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     from posttrain.config.synthesis import ConstitutionalConfig, SelfInstructConfig
     from posttrain.pipeline import add_parser as add_pipeline_parser
 
-    parser = argparse.ArgumentParser(prog="posttrain", description="Post-training for language models.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="posttrain", description="Post-training for language models.",
+                                     allow_abbrev=False)
+    # no abbreviated flags: `serve --api-key X` would be read as --api-key-env X
+    sub = parser.add_subparsers(dest="command", required=True,
+                                parser_class=functools.partial(argparse.ArgumentParser, allow_abbrev=False))
     _stage_parser(sub, "sft", SFTConfig, "supervised / instruction fine-tuning (full, freeze or any PEFT method)")
     _stage_parser(sub, "rm", RMConfig, "reward model from pairs or K-way rankings (Bradley-Terry / ranking loss)")
     _stage_parser(sub, "dpo", DPOConfig, "direct preference optimisation: dpo, cdpo, ipo, hinge, simpo, orpo, kto")

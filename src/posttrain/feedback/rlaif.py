@@ -14,7 +14,8 @@ Files in output_dir:
     run.json           the settings that shape the results; a resumed run must use the same ones
     config.yaml        the full config of the latest run (the API key variable's name, never its value)
 
-Pairs of identical or empty responses are not judged. Ties, inconsistent pairs (the verdict
+Pairs of identical or empty responses, and pairs repeating an earlier one's texts (a response
+sampled twice), are not judged. Ties, inconsistent pairs (the verdict
 changed when the order was swapped) and unparsed ones stay in raw.jsonl and are never emitted.
 """
 
@@ -34,7 +35,7 @@ from posttrain.feedback.client import ChatBackend, LocalModel, make_backend
 from posttrain.feedback.jobs import JsonlLog, check_resume_settings, run_items, write_jsonl
 from posttrain.feedback.judge import PairwiseJudge, cohen_kappa, to_original
 
-SKIPPED = ("identical", "empty")  # pair outcomes that were never sent to the judge
+SKIPPED = ("identical", "empty", "repeated")  # pair outcomes that were never sent to the judge
 
 
 # --------------------------------------------------------------------------- prompts
@@ -79,13 +80,21 @@ def sample_responses(policy: ChatBackend, turns: list[dict[str, str]], n: int, *
 
 
 def judge_pairs(judge: PairwiseJudge, turns: list[dict[str, str]], texts: list[str]) -> list[dict]:
-    """Every pair (i < j) judged in both orders; "ab" shows response i as A, "ba" shows j as A."""
+    """Every pair (i < j) judged in both orders; "ab" shows response i as A, "ba" shows j as A.
+
+    A response sampled twice is judged once: a pair holding a later copy ("repeated") would
+    ask the judge the same question again and write the same row twice."""
+    first = {}
+    for k, text in enumerate(texts):
+        first.setdefault(text, k)
     pairs = []
     for i, j in combinations(range(len(texts)), 2):
         if not texts[i].strip() or not texts[j].strip():
             pairs.append({"pair": [i, j], "outcome": "empty"})
         elif texts[i] == texts[j]:
             pairs.append({"pair": [i, j], "outcome": "identical"})
+        elif first[texts[i]] != i or first[texts[j]] != j:
+            pairs.append({"pair": [i, j], "outcome": "repeated"})
         else:
             judgement = judge.judge(turns, texts[i], texts[j]).to_dict()
             pairs.append({"pair": [i, j], "outcome": judgement["outcome"], "ab": judgement["ab"],
@@ -156,7 +165,8 @@ def summarize(records: list[dict]) -> dict:
         "prompts": len(records),
         "responses": sum(len(r["responses"]) for r in records),
         "pairs": len(pairs),
-        "not_judged": {"identical": outcomes["identical"], "empty": outcomes["empty"]},
+        "not_judged": {"identical": outcomes["identical"], "empty": outcomes["empty"],
+                       "repeated": outcomes["repeated"]},
         "judged": len(judged),
         "outcomes": {name: outcomes[name] for name in ("first", "second", "tie", "inconsistent", "unparsed")},
         "preferences": outcomes["first"] + outcomes["second"],
@@ -187,7 +197,8 @@ def summary_lines(stats: dict) -> list[str]:
     t = stats["tokens"]
     lines = [
         f"rlaif: {stats['prompts']} prompts, {stats['responses']} responses, {stats['pairs']} pairs "
-        f"({skipped['identical']} identical and {skipped['empty']} empty, not judged)",
+        f"({skipped['identical']} identical, {skipped['empty']} empty and {skipped.get('repeated', 0)} repeating "
+        "an earlier response's pair, not judged)",
         f"judge: {stats['judged']} pairs asked in both orders: {o['first'] + o['second']} preferences, {o['tie']} "
         f"ties, {o['inconsistent']} inconsistent, {o['unparsed']} unparsed",
         f"judge: consistent {_rate(stats['consistent_rate'])}, inconsistent (position bias) "
