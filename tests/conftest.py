@@ -8,8 +8,8 @@ import pytest
 @pytest.fixture(scope="session")
 def weak_sft_model(tmp_path_factory):
     """The RL outcome tests' start: the tiny preset after 33 SFT steps on "smallest letter"
-    (66% greedy exact match on 200 held-out prompts; 50 steps gave ~63% until the SFT data's
-    held-out partition and answer-start tokenisation changed, then 81.5%). Trained once per session."""
+    (66% greedy exact match on 200 held-out prompts; 50 steps gave ~63% until the synthetic
+    data's held-out partition changed which examples train, then 81.5%). Trained once per session."""
     from posttrain.config import SFTConfig
     from posttrain.train.sft import run_sft
 

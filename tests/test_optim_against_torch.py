@@ -140,8 +140,9 @@ def test_loop_fp16_skipped_step_keeps_the_grad_scaler_usable(tmp_path):
 
     from posttrain.train.loop import make_accelerator, train
 
+    # fp16 is refused on a CPU (accelerate would run float32): build without it, then attach the scaler
+    accelerator = make_accelerator(_cfg(max_steps=3, warmup_steps=0, optimizer="adamw_fused"), tmp_path)
     cfg = _cfg(max_steps=3, warmup_steps=0, mixed_precision="fp16", optimizer="adamw_fused")
-    accelerator = make_accelerator(cfg, tmp_path)
     accelerator.scaler, accelerator.native_amp = torch.amp.GradScaler("cpu"), True
     stage = ToyStage(8)
     stage.module.nan_at_calls = {1}  # step 1 overflows

@@ -271,7 +271,8 @@ def test_runs_alike_with_and_without_padding(stage, tmp_path, monkeypatch):
     losses = [[r["loss"] for r in run if "loss" in r] for run in runs]
     assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], abs=1e-5)
     evals = [{k: v for k, v in run[-1].items() if k.startswith("eval_")} for run in runs]
-    assert evals[0] and evals[0] == pytest.approx(evals[1], abs=1e-5)
+    # float32 scores: after 3 steps the two layouts' rounding reaches ~1e-5 on a held-out mean
+    assert evals[0] and evals[0] == pytest.approx(evals[1], abs=5e-5)
 
 
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:

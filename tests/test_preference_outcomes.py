@@ -79,7 +79,7 @@ def test_dpo_raises_held_out_implicit_reward_accuracy_without_losing_exact_match
     assert summary["exact_match_after"] >= summary["exact_match_before"] - 0.04
 
 
-SHORTCUT = 0.6  # share of demonstrations (among those whose first letter is not the smallest) that answer the first
+SHORTCUT = 0.7  # share of demonstrations (among those whose first letter is not the smallest) that answer the first
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,7 @@ def test_dpo_with_nll_lifts_the_exact_match_of_a_model_that_learned_a_shortcut(s
                                 "eval.max_new_tokens=4"])
     summary = json.loads((run_dpo(cfg) / "summary.json").read_text())
     assert summary["eval_after"]["rewards/accuracy"] >= 0.9  # measured 0.95-0.955
-    # Measured 52.25% -> 78.0% / 77.25% / 76.5% (train.seed 0 / 1 / 2, d34a043). Without the NLL term DPO LOWERS
-    # it (52.25% -> 39.75% at lr 3e-4, 47.5% at 1e-3), and the NLL on the chosen answers alone reaches 78.75%:
-    # the README reports all three.
-    assert summary["exact_match_after"] >= summary["exact_match_before"] + 0.12
+    # Measured 55.75% -> 70.75% / 71.75% / 64.75% (train.seed 0 / 1 / 2, 2026-11-29, shortcut share 0.7 after the
+    # synthetic held-out partition); DPO alone 58.5% / 60.75% (lr 3e-4 / 1e-3), the NLL on the chosen answers alone
+    # 63.5% / 73.5%: the README reports all three (and the earlier data's figures).
+    assert summary["exact_match_after"] >= summary["exact_match_before"] + 0.08
