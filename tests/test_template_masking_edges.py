@@ -539,3 +539,29 @@ def test_a_row_the_template_cannot_render_is_a_bad_row_under_skip(tmp_path, stre
     assert any("t.jsonl:8" in line and "cannot render" in line for line in lines), lines
     with pytest.raises(DataError, match="t.jsonl:8"):
         run("error")
+
+
+def test_a_preference_row_the_template_cannot_render_is_a_bad_row_under_skip(tmp_path):
+    """The same policy for rm / dpo data: skipped, named, counted under skip; stops under error."""
+    from posttrain.config import DPOConfig
+    from posttrain.data.preferences import prepare_preference_data
+    from posttrain.errors import DataError
+
+    rows = [{"prompt": f"q{i}", "chosen": f"a{i}", "rejected": f"b{i}"} for i in range(199)]
+    rows.insert(4, {"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}],
+                    "chosen": "a", "rejected": "b"})
+    path = _write_jsonl(tmp_path / "p.jsonl", rows)
+
+    def run(policy):
+        tok = _fresh_tiny()
+        tok.chat_template = GEMMA_LIKE
+        cfg = DPOConfig.load(None, [f"data.train_files=[{path}]", "data.eval_fraction=0", f"data.bad_rows={policy}"])
+        lines = []
+        data = prepare_preference_data(cfg.data, tok, tmp_path / policy, 0, log=lines.append)
+        return data, lines
+
+    data, lines = run("skip")
+    assert len(data.train) == 199 and data.report["train_length"]["unrendered"] == 1
+    assert any("p.jsonl:5" in line and "cannot render" in line for line in lines), lines
+    with pytest.raises(DataError, match="p.jsonl:5"):
+        run("error")

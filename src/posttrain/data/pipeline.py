@@ -67,7 +67,7 @@ def encode_all(records: list[Record], tokenizer, template: str, cfg, log, name: 
         example = _encoded(record, tokenizer, template, cfg, unrendered)
         if example is not None:
             examples.append(example)
-    _check_unrendered(unrendered, len(records), cfg, log, name)
+    check_unrendered(unrendered, len(records), cfg, log, name)
     examples, length_report = fit_length(examples, cfg.max_length, cfg.overlength)
     log(f"{name}: {length_report.summary()}")
     return examples, dataclasses.asdict(length_report) | {"unrendered": len(unrendered),
@@ -75,14 +75,19 @@ def encode_all(records: list[Record], tokenizer, template: str, cfg, log, name: 
 
 
 def _encoded(record: Record, tokenizer, template: str, cfg, unrendered: list[str]) -> Example | None:
-    """`encode_record`, or — under data.bad_rows=skip — None for a row the chat template cannot
+    from posttrain.data.templates import encode_record
+
+    return encoded_or_skipped(lambda r: encode_record(r, tokenizer, template), record, cfg, unrendered)
+
+
+def encoded_or_skipped(encode: Callable, record, cfg, unrendered: list[str]):
+    """`encode(record)`, or — under data.bad_rows=skip — None for a row the chat template cannot
     render (a system turn on a template without a system role, say), its error kept in
     `unrendered`: the bad-row policy of reading, applied to templating."""
-    from posttrain.data.templates import encode_record
     from posttrain.errors import DataError
 
     try:
-        return encode_record(record, tokenizer, template)
+        return encode(record)
     except DataError as exc:
         if cfg.bad_rows != "skip":
             raise
@@ -90,7 +95,7 @@ def _encoded(record: Record, tokenizer, template: str, cfg, unrendered: list[str
         return None
 
 
-def _check_unrendered(unrendered: list[str], total: int, cfg, log, name: str) -> None:
+def check_unrendered(unrendered: list[str], total: int, cfg, log, name: str) -> None:
     from posttrain.errors import DataError
 
     if not unrendered:
@@ -169,7 +174,7 @@ def stream_sft_examples(cfg, tokenizer, run_dir: Path, log: Callable[[str], None
     if over or unlabelled:
         log(f"train (streamed): {over} examples longer than {cfg.max_length} tokens ({cfg.overlength}); "
             f"{unlabelled} dropped with no label tokens left")
-    _check_unrendered(unrendered, seen, cfg, log, "train (streamed)")
+    check_unrendered(unrendered, seen, cfg, log, "train (streamed)")
     _update_report(run_dir, {"train_stream": {"complete_pass": True, "too_long": over, "policy": cfg.overlength,
                                               "dropped_no_labels": unlabelled, "unrendered": len(unrendered)}})
 

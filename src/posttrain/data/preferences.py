@@ -473,8 +473,14 @@ def _synthetic(cfg, seed: int) -> tuple[list[PreferenceRecord], list[PreferenceR
 
 def _encode_split(records, tokenizer, template: str, cfg, log, name: str,
                   special_tokens: bool = False) -> tuple[list[PreferenceExample], dict]:
-    examples = [encode_preference(r, tokenizer, template, special_tokens) for r in records]
+    from posttrain.data.pipeline import check_unrendered, encoded_or_skipped
+
+    unrendered: list[str] = []  # rows the chat template cannot render: bad rows under bad_rows=skip
+    examples = [e for e in (encoded_or_skipped(lambda r: encode_preference(r, tokenizer, template, special_tokens),
+                                               record, cfg, unrendered) for record in records) if e is not None]
+    check_unrendered(unrendered, len(records), cfg, log, name)
     examples, length = fit_preference_length(examples, cfg.max_length, cfg.overlength)
+    length["unrendered"] = len(unrendered)
     kinds = sorted({"unpaired" if r.ranks is None else f"{len(r.responses)} responses" for r in records})
     log(f"{name}: {len(examples)} preference records ({', '.join(kinds)}); {length['summary']}")
     return examples, length
