@@ -388,3 +388,27 @@ def test_the_first_update_sees_ratio_one_with_dropout_in_the_policy(tmp_path):
     firsts = [r for r in records if r["ppo_update"] == 1]
     assert len(firsts) == 3 and any(r["ppo_update"] == 2 and r["approx_kl"] != 0 for r in records)
     assert [(r["approx_kl"], r["clip_fraction"]) for r in firsts] == [(0.0, 0.0)] * 3
+
+
+def test_disable_dropout_makes_train_mode_deterministic_and_keeps_the_config():
+    """Attention dropout (a module attribute) and LoRA dropout are switched off; the config a full
+    model is saved with keeps the checkpoint's rate."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from posttrain.models.loading import disable_dropout
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, attention_dropout=0.3))
+    model = get_peft_model(model, LoraConfig(r=2, lora_dropout=0.5, target_modules=["q_proj"]))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param)
+    model.train()
+    ids = torch.randint(0, 100, (2, 8))
+    assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+    notes = []
+    disable_dropout(model, notes.append, "test")
+    assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits) and len(notes) == 1
+    assert model.config.attention_dropout == 0.3

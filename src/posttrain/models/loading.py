@@ -329,10 +329,7 @@ def disable_dropout(model, log, why: str) -> None:
         if isinstance(rate, float) and rate > 0:
             module.attention_dropout = 0.0
             changed += 1
-    for config in {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}.values():
-        for field in ("attention_dropout", "hidden_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "dropout"):
-            if isinstance(getattr(config, field, None), float) and getattr(config, field) > 0:
-                setattr(config, field, 0.0)
+    # the modules only: the config (saved with a fully trained model) keeps the checkpoint's rates
     if changed:
         log(f"note: dropout switched off in {changed} places ({why})")
 
