@@ -37,22 +37,9 @@ def load_for_inference(path: str, dtype: str = "float32", trust_remote_code: boo
         model = load_adapted(path, dtype=dtype, trust_remote_code=trust_remote_code)
     else:
         model = load_model(ModelConfig(path=path, dtype=dtype, trust_remote_code=trust_remote_code))
-    tokenizer = load_tokenizer(_tokenizer_dir(path), trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     model.eval()
     return model, tokenizer
-
-
-def _tokenizer_dir(path: str) -> str:
-    """Where a model's tokenizer is: the directory itself, or for an adapter that plain peft
-    saved (peft writes no tokenizer) the base model it records."""
-    from posttrain.models.adapters import is_adapter_dir
-    from posttrain.models.adapters.io import read_layout
-
-    directory = Path(path)
-    has_tokenizer = any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
-    if directory.is_dir() and not has_tokenizer and is_adapter_dir(path):
-        return read_layout(path)[0]
-    return path
 
 
 def read_prompts(path: str) -> list[dict]:

@@ -184,18 +184,19 @@ def tokenize_with_labels(tokenizer: Any, text: str, spans: list[tuple[int, int]]
     ids, offsets = list(encoded["input_ids"]), list(encoded["offset_mapping"])
     starts = _true_starts(offsets)
     cuts = [lo for lo, _ in spans if any(start < lo < end for start, (_, end) in zip(starts, offsets))]
-    if cuts:
-        pieces_ids, pieces_offsets = [], []
-        for lo, hi in zip([0, *cuts], [*cuts, len(text)]):
-            piece = tokenizer(text[lo:hi], add_special_tokens=False, return_offsets_mapping=True)
-            pieces_ids += piece["input_ids"]
-            pieces_offsets += [(a + lo, b + lo) for a, b in piece["offset_mapping"]]
+    if not cuts:
+        return ids, _labels_from_spans(ids, offsets, spans, starts)
+    pieces_ids, pieces_offsets = [], []
+    for lo, hi in zip([0, *cuts], [*cuts, len(text)]):
+        piece = tokenizer(text[lo:hi], add_special_tokens=False, return_offsets_mapping=True)
+        pieces_ids += piece["input_ids"]
+        pieces_offsets += [(a + lo, b + lo) for a, b in piece["offset_mapping"]]
 
-        def decoded(tokens):
-            return tokenizer.decode(tokens, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    def decoded(tokens):
+        return tokenizer.decode(tokens, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
-        if decoded(pieces_ids) == decoded(ids):
-            ids, offsets = pieces_ids, pieces_offsets
+    if decoded(pieces_ids) == decoded(ids):
+        ids, offsets = pieces_ids, pieces_offsets
     return ids, _labels_from_spans(ids, offsets, spans)
 
 
@@ -210,10 +211,11 @@ def _true_starts(offsets: list) -> list[int]:
     return starts
 
 
-def _labels_from_spans(input_ids: list[int], offsets: list, spans: list[tuple[int, int]]) -> list[int]:
+def _labels_from_spans(input_ids: list[int], offsets: list, spans: list[tuple[int, int]],
+                       starts: list[int] | None = None) -> list[int]:
     """A token is labelled when it starts inside a span (its true start, see `_true_starts`)."""
     labels = [IGNORE_INDEX] * len(input_ids)
-    for k, (token_id, true_start) in enumerate(zip(input_ids, _true_starts(offsets))):
+    for k, (token_id, true_start) in enumerate(zip(input_ids, starts or _true_starts(offsets))):
         if any(lo <= true_start < hi for lo, hi in spans):
             labels[k] = token_id
     return labels

@@ -199,8 +199,13 @@ def load_tokenizer(path: str | os.PathLike = "tiny", trust_remote_code: bool = F
     from transformers import AutoTokenizer
 
     directory = Path(path).expanduser()
-    # A LoRA adapter directory carries the tokenizer but no config.json of a full model.
+    # A LoRA adapter directory carries the tokenizer but no config.json of a full model; one that
+    # plain peft saved carries none, and its recorded base has it.
     has_tokenizer = directory.is_dir() and any((directory / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json"))
+    if not has_tokenizer and (directory / "adapter_config.json").is_file():
+        base = json.loads((directory / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if base:
+            return load_tokenizer(base, trust_remote_code)
     if is_preset(path) or not has_tokenizer:
         directory = resolve_model_path(path)
     try:
@@ -259,14 +264,13 @@ class _LoraHead:
         base = getattr(head, "base_layer", None)
         if type(base) is not nn.Linear or not isinstance(getattr(head, "lora_A", None), nn.ModuleDict):
             return None
+        from posttrain.models.lean import _plain_lora
+
         if getattr(head, "merged", False) or getattr(head, "disable_adapters", False):
             return cls(head)  # the base layer's map (merged: the sum is in it)
-        for name in head.active_adapters:
-            if name not in head.lora_A:
-                continue
-            if (name in getattr(head, "lora_variant", {}) or type(head.lora_dropout[name]) is not nn.Identity
-                    or head.lora_B[name].bias is not None):
-                return None  # DoRA and other variants, dropout, a LoRA bias: the layer's own forward
+        if not _plain_lora(head) or any(head.lora_B[name].bias is not None
+                                        for name in head.active_adapters if name in head.lora_A):
+            return None  # DoRA and other variants, dropout, a LoRA bias: the layer's own forward
         return cls(head)
 
     @property
