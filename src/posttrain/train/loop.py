@@ -248,6 +248,8 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: str | None
     if resume_from is not None:
         _check_same_run(resume_from, fingerprint)
         state = checkpoint.load(resume_from, model=accelerator.unwrap_model(module), optimizer=optimizer, rank=rank)
+        if accelerator.scaler is not None and state.get("grad_scaler"):
+            accelerator.scaler.load_state_dict(state["grad_scaler"])  # else it starts again at 2^16
         stage_state = checkpoint.load_stage_state(resume_from)
         if stage_state is not None and hasattr(stage, "load_state_dict"):
             stage.load_state_dict(*stage_state)
@@ -266,6 +268,8 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: str | None
         log.message(f"fresh start: removed {cleared} checkpoint(s) of an earlier run from {ckpt_root}")
 
     def save() -> None:
+        if accelerator.scaler is not None:  # fp16: the loss scale found so far, and its growth count
+            state["grad_scaler"] = accelerator.scaler.state_dict()
         checkpoint.save(ckpt_root, state["step"], model=accelerator.unwrap_model(module), optimizer=optimizer,
                         loop_state=state, rank=rank, world_size=world, barrier=accelerator.wait_for_everyone,
                         keep_last=cfg.keep_last, stage_state=stage.state_dict() if hasattr(stage, "state_dict") else None)
@@ -292,15 +296,16 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: str | None
                 inactive = inactive_at(state["step"])
                 loss, grad_norm, metrics = _train_step(module, stage, micro, accelerator, cfg, inactive)
                 finite = math.isfinite(loss) and math.isfinite(grad_norm)
+                overflow_scale = None
                 if finite:
                     optimizer.step()
                     after_optimizer_step(state["step"] + 1)
                 else:
-                    _skipped_step(accelerator)
+                    overflow_scale = _skipped_step(accelerator, loss)
                 optimizer.zero_grad(set_to_none=True)
                 state.update(step=state["step"] + 1, epoch=epoch, micro_in_epoch=micro_in_epoch)
                 state.pop("step_in_epoch", None)
-                abort = _count_nonfinite(state, finite, cfg, log)
+                abort = _count_nonfinite(state, finite, cfg, log, overflow_scale)
                 record = _step_record(state, loss, lr, grad_norm, stage, micro, started, world) | metrics
                 if state["step"] % cfg.log_every == 0 or state["step"] == total_steps or not finite:
                     log.log(record)
@@ -345,21 +350,40 @@ def _step_record(state: dict, loss: float, lr: float, grad_norm: float, stage: S
             "world_size": world}
 
 
-def _skipped_step(accelerator) -> None:
+def _skipped_step(accelerator, loss: float) -> float | None:
     """A step not taken (non-finite loss or gradient norm). A GradScaler (fp16) must still close
     it: clipping has unscaled the gradients, and until `update()` the next step's unscaling
-    raises; an overflow should also lower the scale, as the scaler's own skipped step would."""
+    raises; an overflow should also lower the scale, as the scaler's own skipped step would.
+
+    Returns the loss scale the gradients overflowed at when this is the scaler's own business
+    (a finite loss, non-finite gradients, a scale above 1): fp16 training starts at a scale of
+    2^16 and halves it on each overflow until the gradients fit, so a run's first steps are
+    often skipped by design. None otherwise."""
     scaler = accelerator.scaler
-    if scaler is not None:
-        scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+    if scaler is None:
+        return None
+    scale = scaler.get_scale()
+    scaler.update(scale * scaler.get_backoff_factor())
+    return scale if math.isfinite(loss) and scale > 1.0 else None
 
 
-def _count_nonfinite(state: dict, finite: bool, cfg, log: RunLogger) -> str | None:
-    """Count a skipped (non-finite) step, never hidden; after too many in a row, return why to stop."""
+def _count_nonfinite(state: dict, finite: bool, cfg, log: RunLogger, overflow_scale: float | None = None) -> str | None:
+    """Count a skipped (non-finite) step, never hidden; after too many in a row, return why to stop.
+
+    An fp16 overflow at a loss scale above 1 (`overflow_scale`) is counted as skipped and logged,
+    but not toward `max_consecutive_nonfinite`: lowering the scale is how the GradScaler finds a
+    scale that fits, and a model needing a scale of 2^10 overflows six times in a row at the
+    start. Gradients that stay non-finite reach a scale of 1 within 16 halvings and count from
+    there."""
     if finite:
         state["consecutive_nonfinite"] = 0
         return None
     state["skipped_steps"] += 1
+    if overflow_scale is not None:
+        state["scaler_overflows"] = state.get("scaler_overflows", 0) + 1
+        log.message(f"step {state['step']}: fp16 gradient overflow at loss scale {overflow_scale:g}; the update "
+                    f"was skipped and the scale lowered")
+        return None
     state["consecutive_nonfinite"] += 1
     log.message(f"step {state['step']}: non-finite loss or gradient norm; the update was skipped")
     if state["consecutive_nonfinite"] < cfg.max_consecutive_nonfinite:
