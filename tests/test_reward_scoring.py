@@ -86,6 +86,31 @@ def _left_pad(input_ids, attention_mask, pad_id):
 # --------------------------------------------------------------------------- score(): the last real token
 
 
+def test_the_head_runs_in_float32_under_bf16_autocast(tokenizer):
+    """Under bf16 autocast the body runs in bf16, but the one-output head is read in its float32
+    weights: the reward is the float32 dot product of the (bf16) last hidden state with the head.
+    Before, the head's matmul ran in bf16 too and the rewards kept ~3 significant digits."""
+    from posttrain.data.batching import collate
+    from posttrain.models.reward_model import score
+
+    model = _reward_model(tokenizer).float()
+    examples = [encode_response(TURNS, r, tokenizer, CHATML) for r in ("m", "a longer response " * 4, "x y z")]
+    batch = collate(examples, tokenizer.pad_token_id)
+    captured = []
+    hook = model.model.norm.register_forward_hook(lambda module, args, out: captured.append(out.detach()))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        rewards = score(model, batch["input_ids"], batch["attention_mask"])
+    hook.remove()
+    hidden = captured[0].double()  # the final norm's output: (1, N) real tokens (padding-free) or (B, T)
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    ends = torch.tensor([len(e.input_ids) for e in examples]).cumsum(0) - 1
+    if hidden.shape[0] != int(ends[-1]) + 1:  # padded rows: the last real token of each row
+        ends = torch.arange(len(examples)) * batch["input_ids"].shape[1] + batch["attention_mask"].sum(1) - 1
+    expected = (hidden[ends] @ model.score.weight.double().T)[:, 0]
+    assert rewards.dtype == torch.float32
+    assert rewards.tolist() == pytest.approx(expected.tolist(), rel=1e-5, abs=1e-5)
+
+
 @pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "padding_free"])
 def test_score_equals_a_plain_forward_of_each_row_any_padding_any_batch(tokenizer, padding_free):
     """Rows of 8..~130 tokens; one whose last real token is the pad id, which is also made the

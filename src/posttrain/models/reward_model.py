@@ -134,9 +134,14 @@ def scores_at(classifier, inputs: dict, at: torch.Tensor) -> torch.Tensor:
     from posttrain.models.readout import reading
 
     inputs, pick = reading(classifier, inputs, at)
-    with masked_attention_kernels(inputs["input_ids"].device):
+    device = inputs["input_ids"].device
+    with masked_attention_kernels(device):
         hidden = classifier.base_model(**inputs, use_cache=False, return_dict=True).last_hidden_state
-    return classifier.score(pick(hidden))[:, 0].float()
+    # The head in its weights' precision, not autocast's: under bf16 autocast it ran in bf16, and
+    # rewards kept ~3 significant digits (ties between close responses, coarse margins).
+    head = classifier.score
+    with torch.autocast(device_type=device.type, enabled=False):
+        return head(pick(hidden).to(next(head.parameters()).dtype))[:, 0].float()
 
 
 def score(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
