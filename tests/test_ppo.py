@@ -59,6 +59,20 @@ def test_one_forward_gives_log_probs_entropies_and_values_of_every_completion_to
         assert bool((out["logps"][b, n:] == 0).all() and (out["values"][b, n:] == 0).all())
 
 
+def test_the_value_head_runs_in_float32_under_bf16_autocast():
+    """Values are the float32 dot product of the (bf16) hidden state with the head; a bf16 matmul
+    (autocast's choice for a Linear) kept ~3 significant digits of them."""
+    torch.manual_seed(3)
+    head = ValueHead(64)
+    torch.nn.init.normal_(head.linear.weight)
+    hidden = torch.randn(5, 64).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        values = head(hidden)
+    expected = hidden.double() @ head.linear.weight.double().T + head.linear.bias.double()
+    assert values.dtype == torch.float32
+    assert torch.allclose(values.double(), expected, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("aggregation", ["token", "sequence"])
 def test_the_loss_is_the_clipped_surrogate_plus_value_loss_minus_entropy_bonus(tiny, aggregation):
     """Against the PPO formulas written out element by element, value and gradient."""

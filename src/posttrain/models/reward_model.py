@@ -134,14 +134,17 @@ def scores_at(classifier, inputs: dict, at: torch.Tensor) -> torch.Tensor:
     from posttrain.models.readout import reading
 
     inputs, pick = reading(classifier, inputs, at)
-    device = inputs["input_ids"].device
-    with masked_attention_kernels(device):
+    with masked_attention_kernels(inputs["input_ids"].device):
         hidden = classifier.base_model(**inputs, use_cache=False, return_dict=True).last_hidden_state
-    # The head in its weights' precision, not autocast's: under bf16 autocast it ran in bf16, and
-    # rewards kept ~3 significant digits (ties between close responses, coarse margins).
-    head = classifier.score
-    with torch.autocast(device_type=device.type, enabled=False):
-        return head(pick(hidden).to(next(head.parameters()).dtype))[:, 0].float()
+    return head_in_own_precision(classifier.score, pick(hidden))[:, 0].float()
+
+
+def head_in_own_precision(head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """A one-output head (a reward model's score, PPO's value head) in its weights' precision,
+    not autocast's: under bf16 autocast it ran in bf16, and rewards and values kept ~3
+    significant digits (ties between close responses, coarse margins and advantages)."""
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        return head(hidden.to(next(head.parameters()).dtype))
 
 
 def score(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

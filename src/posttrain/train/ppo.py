@@ -52,7 +52,9 @@ class ValueHead(torch.nn.Module):
         torch.nn.init.zeros_(self.linear.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.linear(hidden.to(self.linear.weight.dtype))
+        from posttrain.models.reward_model import head_in_own_precision
+
+        return head_in_own_precision(self.linear, hidden)
 
 
 class Critic(torch.nn.Module):
