@@ -7,9 +7,9 @@ precision, the non-finite guard, evaluation with early stopping, crash-safe chec
 with bitwise resume, and logging.
 
 Normalisation: a global step covers `world_size * grad_accum` micro-batches. Each
-micro-batch's summed loss is divided by the summed weight (label tokens for SFT, pairs
-for DPO) of the WHOLE global step, so batch 8 × accumulation 1, batch 1 × accumulation 8
-and 2 processes × batch 4 all take the same gradient.
+micro-batch's summed loss is divided by the summed weight (label tokens for SFT, prompts
+for reward models and the DPO family) of the WHOLE global step, so batch 8 × accumulation
+1, batch 1 × accumulation 8 and 2 processes × batch 4 all take the same gradient.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class Stage(Protocol):
         """Length of `micro_batches(epoch)`, or None when unknown (streaming)."""
 
     def weight(self, batch: Batch) -> float:
-        """The loss normaliser this batch contributes (label tokens, pairs, ...)."""
+        """The loss normaliser this batch contributes (label tokens, prompts, ...)."""
 
     def tokens(self, batch: Batch) -> int:
         """Real (non-padding) tokens in the batch, for throughput."""
@@ -238,7 +238,8 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: str | None
     rank, world = accelerator.process_index, accelerator.num_processes
     group = world * cfg.grad_accum
     total_steps = _plan_total_steps(stage, cfg, group)
-    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)  # rounded up, as transformers does
+    # rounded up, as transformers does, but not for a float product's last bit (0.07 × 100 = 7.000000000000001)
+    warmup = cfg.warmup_steps or math.ceil(round(cfg.warmup_ratio * total_steps, 9))
     ckpt_root = run_dir / "checkpoints"
     state: dict[str, Any] = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "skipped_steps": 0,
                              "consecutive_nonfinite": 0, "best_eval": None, "evals_without_improvement": 0,

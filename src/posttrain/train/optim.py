@@ -53,6 +53,23 @@ def layer_depth(name: str, num_layers: int) -> int:
     return num_layers + 1
 
 
+def input_embedding_parameters(model: torch.nn.Module) -> set[int]:
+    """ids of the input embedding's parameters (and of an adapter on it), found by the model's
+    own `get_input_embeddings` wherever the transformers model sits in `model`: GPT-NeoX's
+    `embed_in` or Bloom's `word_embeddings` are embeddings whatever `_EMBEDDING_NAMES` lists."""
+    for module in model.modules():
+        getter = getattr(module, "get_input_embeddings", None)
+        if getter is None:
+            continue
+        try:
+            embedding = getter()
+        except (NotImplementedError, AttributeError):
+            continue
+        if isinstance(embedding, torch.nn.Module):
+            return {id(p) for p in embedding.parameters()}
+    return set()
+
+
 def count_layers(model: torch.nn.Module) -> int:
     indices = {int(m.group(1)) for name, _ in model.named_parameters() if (m := _LAYER_INDEX.search(name))}
     return max(indices) + 1 if indices else 0
@@ -63,11 +80,12 @@ def param_groups(model: torch.nn.Module, lr: float, weight_decay: float, layer_l
     """AdamW groups: no decay on biases and norms; lr * decay^(depth below the top) per layer,
     times `lr_scale(name)` when given (LoRA+ gives the B matrices a higher rate)."""
     num_layers = count_layers(model)
+    embedding = input_embedding_parameters(model)
     groups: dict[tuple[int, bool, float], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        depth = layer_depth(name, num_layers)
+        depth = 0 if id(param) in embedding else layer_depth(name, num_layers)
         scale = layer_lr_decay ** (num_layers + 1 - depth) * (lr_scale(name) if lr_scale else 1.0)
         decay = param.ndim >= 2 and "norm" not in name.lower()
         group = groups.setdefault(
@@ -155,8 +173,6 @@ class AdamW(torch.optim.AdamW):
     """
 
     def __init__(self, params, row_sparse: list[torch.Tensor] = (), **kwargs) -> None:
-        if kwargs.get("amsgrad") and row_sparse:
-            raise ConfigError("AdamW with amsgrad has no reached-rows update; pass no row_sparse matrices")
         super().__init__(params, **kwargs)
         in_groups = {id(p) for group in self.param_groups for p in group["params"]}
         self._embeddings = [p for p in row_sparse if id(p) in in_groups]
@@ -180,8 +196,12 @@ class AdamW(torch.optim.AdamW):
             _torch_step(self)
             return loss
         # A plain dense 2-D gradient or a sparse one (`sparse_embedding_gradients`); a sharded one
-        # (FSDP, DTensor) takes torch's path.
+        # (FSDP, DTensor) takes torch's path, and so does a group with amsgrad (its running max of
+        # v̂ has no reached-rows form here), set at construction or restored by load_state_dict.
+        # (Groups looked up each step: load_state_dict replaces the group dicts.)
+        group_of = {id(p): group for group in self.param_groups for p in group["params"]}
         held = [(p, p.grad) for p in self._row_sparse if p.grad is not None and p.grad.shape == p.shape
+                and not group_of[id(p)]["amsgrad"]
                 and (p.grad.is_sparse or (type(p.grad) is torch.Tensor and p.grad.layout == torch.strided))]
         held_ids = {id(p) for p, _ in held}
         self._densify([p for p in self._embeddings if id(p) not in held_ids])
@@ -195,8 +215,7 @@ class AdamW(torch.optim.AdamW):
         finally:
             for p, grad in held:
                 p.grad = grad
-        if held:  # groups looked up each step: load_state_dict replaces the group dicts
-            group_of = {id(p): group for group in self.param_groups for p in group["params"]}
+        if held:
             with torch.no_grad():
                 for p, grad in held:
                     self._row_step(p, grad, group_of[id(p)])

@@ -34,7 +34,9 @@ class AdapterTraining:
         self._current: frozenset[str] | None = None
 
     def lr_scale(self, param_name: str) -> float:
-        return self.ratio_b if self.ratio_b != 1.0 and "lora_B" in param_name else 1.0
+        # peft names a LoRA's B `lora_B`, and `lora_embedding_B` on an embedding
+        is_b = "lora_B" in param_name or "lora_embedding_B" in param_name
+        return self.ratio_b if self.ratio_b != 1.0 and is_b else 1.0
 
     def inactive_parameters(self, step: int) -> list[nn.Parameter]:
         """Parameters whose gradients are dropped at optimizer step `step` (0-based)."""
