@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from posttrain.data.batching import collate, collate_packed, pack, plan_batches, shard_batches
+from posttrain.data.batching import collate, collate_packed, pack, packed_real_tokens, plan_batches, shard_batches
 from posttrain.data.records import IGNORE_INDEX, Example
 
 PAD_ID = 0
@@ -204,3 +204,17 @@ def test_shard_batches_keeps_the_global_batch_whatever_the_world_size():
     assert [len(shard_batches(plan[:7], r, 2)) for r in range(2)] == [3, 3]
     with pytest.raises(ValueError):
         shard_batches(plan, 2, 2)
+
+
+def test_packed_real_tokens_counts_a_real_pad_id_and_a_full_row():
+    """Examples ending in the pad id (pad = EOS), one row filled exactly, one with a pad tail, and a
+    row of one example: every real token counts, the tail's do not."""
+    examples = _random_examples([5, 7, 4, 6, 10], seed=3)
+    for example in examples:
+        example.input_ids[-1] = PAD_ID  # each ends in the EOS that is also the pad
+        example.labels[-1] = PAD_ID
+    rows = pack(examples[:4], max_length=12)  # 5 + 7 fill one row exactly; 4 + 6 leave a tail
+    rows.append(examples[4])
+    batch = collate_packed(rows, PAD_ID)
+    assert batch["input_ids"].shape[1] == 12 and (batch["input_ids"] == PAD_ID).sum() > len(examples)
+    assert packed_real_tokens(batch, PAD_ID) == sum(len(e) for e in examples) == 32

@@ -137,6 +137,19 @@ def collate_packed(examples: list[Example], pad_id: int, pad_to_multiple_of: int
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
 
 
+def packed_real_tokens(batch: dict[str, torch.Tensor], pad_id: int) -> int:
+    """The real tokens of `collate_packed` rows: each row less its pad tail, the last segment when
+    it is what collate_packed writes there (pad ids, ignored labels, positions from 0). Counting
+    `input_ids != pad_id` instead drops every real EOS when the pad is the EOS token, the
+    fallback for tokenizers without a pad (Llama 3, Mistral, GPT-2)."""
+    total = 0
+    for ids, labels, positions in zip(batch["input_ids"], batch["labels"], batch["position_ids"]):
+        tail = int((positions == 0).nonzero()[-1])  # the last segment's start
+        is_pad = tail > 0 and bool((ids[tail:] == pad_id).all()) and bool((labels[tail:] == IGNORE_INDEX).all())
+        total += tail if is_pad else len(ids)
+    return total
+
+
 def plan_batches(
     lengths: list[int],
     batch_size: int,

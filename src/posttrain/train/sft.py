@@ -121,7 +121,9 @@ class SFTStage:
     def tokens(self, batch) -> int:
         if "attention_mask" in batch:
             return int(batch["attention_mask"].sum())
-        return int((batch["input_ids"] != self.pad_id).sum())
+        from posttrain.data.batching import packed_real_tokens
+
+        return packed_real_tokens(batch, self.pad_id)
 
     def eval_micro_batches(self) -> list[dict]:
         size = self.cfg.train.batch_size
