@@ -188,8 +188,9 @@ def run_chain(backend, prompt_id: str, prompt: list[dict[str, str]], principles:
     turns = [{"role": "system", "content": settings.system}, *prompt] if own_system else prompt
     first = backend.chat(turns, seed=request_seed(settings.seed, prompt_id, "initial"))
     initial = first.text.strip()
+    # the system message sent, if any: a prompt's own system turn wins over settings.system
     record: dict[str, Any] = {"id": prompt_id, "prompt": prompt, "model": backend.model_name,
-                              "system": settings.system or None, "initial": initial,
+                              "system": settings.system if own_system else None, "initial": initial,
                               "initial_finish_reason": first.finish_reason, "rounds": []}
     if not initial:
         return {**record, "final": initial, "status": "empty_response", "revisions": 0}
@@ -292,7 +293,8 @@ def run_constitutional(cfg, *, policy=None, judge_backend=None, stream: TextIO |
     replace the backends the config describes (tests, notebooks)."""
     from posttrain.config.synthesis import validate_constitutional
     from posttrain.feedback.client import make_backend
-    from posttrain.feedback.jobs import JsonlLog, check_resume_settings, file_digest, run_items, write_jsonl
+    from posttrain.feedback.jobs import (JsonlLog, RunAborted, check_resume_settings, file_digest, run_items,
+                                         write_jsonl)
     from posttrain.feedback.rlaif import backend_settings
 
     validate_constitutional(cfg)
@@ -320,9 +322,13 @@ def run_constitutional(cfg, *, policy=None, judge_backend=None, stream: TextIO |
         record = run_chain(policy, prompt_id, prompt, principles, settings)
         return judge_chain(judge, record) if judge is not None and record["status"] == "revised" else record
 
+    failure = None
     with JsonlLog(chains) as log:
         _check_logged_prompts(log, prompts)
-        summary = run_items(prompts, work, log, concurrency=c.concurrency, desc="constitutional", stream=stream)
+        try:
+            summary = run_items(prompts, work, log, concurrency=c.concurrency, desc="constitutional", stream=stream)
+        except RunAborted as exc:  # every prompt tried failed: the chains logged earlier still give the outputs
+            summary, failure = exc.summary, exc
         by_id = {record["id"]: record for record in log.records}
     records = [by_id[prompt_id] for prompt_id, _ in prompts if prompt_id in by_id]  # input order, however resumed
     sft = [row for row in map(sft_row, records) if row is not None]
@@ -335,6 +341,8 @@ def run_constitutional(cfg, *, policy=None, judge_backend=None, stream: TextIO |
     (out / "summary.json").write_text(json.dumps(outcome, indent=2) + "\n")
     for line in summary.lines() + summary_lines(outcome):
         print(line, file=stream or sys.stderr)
+    if failure is not None:
+        raise failure
     if summary.failed:
         raise UserError(f"constitutional: {summary.failed} of {len(prompts)} prompts failed (first: "
                         f"{summary.errors[0]}); the outputs hold the others; rerun the same command to retry them")

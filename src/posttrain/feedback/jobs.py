@@ -208,6 +208,14 @@ class RunSummary:
         return out
 
 
+class RunAborted(UserError):
+    """run_items stopped because the items all failed; `summary` counts what was done before."""
+
+    def __init__(self, message: str, summary: RunSummary):
+        super().__init__(message)
+        self.summary = summary
+
+
 def run_items(items: list[tuple[str, Any]], work: Callable[[str, Any], dict | list[dict] | None], log: JsonlLog,
               *, concurrency: int = 4, desc: str = "", stream: TextIO | None = sys.stderr,
               abort_after: int | None = None) -> RunSummary:
@@ -218,6 +226,7 @@ def run_items(items: list[tuple[str, Any]], work: Callable[[str, Any], dict | li
     kept) and the run goes on; but if the first `abort_after` items to finish (default
     max(5, 2 x concurrency)) all fail, or every item fails, the run stops with a UserError
     naming the first error: the cause (a wrong URL, model or key) is almost surely shared.
+    That error is a RunAborted, which carries the summary (callers write what the log holds).
     The workers are daemon threads: on Ctrl-C or an error nothing waits for the items in
     flight. `stream=None` shows no progress.
     """
@@ -244,14 +253,14 @@ def run_items(items: list[tuple[str, Any]], work: Callable[[str, Any], dict | li
             _record(item_id, result, error, log, summary)
             progress.update(summary.written + summary.failed + summary.empty, summary.failed)
             if summary.failed >= abort_after and summary.written == 0:
-                raise UserError(f"{desc or 'run'}: the first {summary.failed} items all failed; stopping. "
-                                f"First error: {summary.errors[0]}")
+                raise RunAborted(f"{desc or 'run'}: the first {summary.failed} items all failed; stopping. "
+                                 f"First error: {summary.errors[0]}", summary)
     finally:
         stop.set()  # on an error or Ctrl-C: no new items start
         progress.close()
-    summary.seconds = time.monotonic() - start
+        summary.seconds = time.monotonic() - start
     if todo and summary.failed == len(todo):
-        raise UserError(f"{desc or 'run'}: every item failed. First error: {summary.errors[0]}")
+        raise RunAborted(f"{desc or 'run'}: every item failed. First error: {summary.errors[0]}", summary)
     return summary
 
 

@@ -1,6 +1,6 @@
 """ROUGE-L (Lin 2004): similarity of two texts by their longest common subsequence of words.
 
-    tokens      lowercase runs of letters and digits ("Don't panic!" -> don, t, panic)
+    tokens      runs of letters and digits, each lowercased ("Don't panic!" -> don, t, panic)
     P = LCS / len(candidate),  R = LCS / len(reference),  F = 2PR / (P + R) = 2 LCS / (len(c) + len(r))
 
 F is the balanced F-measure (β = 1), the score Self-Instruct thresholds at 0.7. It is symmetric,
@@ -21,8 +21,9 @@ _WORD = re.compile(r"[^\W_]+")
 
 
 def tokenize(text: str) -> list[str]:
-    """Lowercase words: maximal runs of letters or digits (punctuation and underscores split)."""
-    return _WORD.findall(text.lower())
+    """Words: maximal runs of letters or digits (punctuation and underscores split), each lowercased.
+    Split first: lowercasing can add a combining mark ("İ" -> "i" + U+0307) that would split a word."""
+    return [word.lower() for word in _WORD.findall(text)]
 
 
 def lcs_length(a: list[str], b: list[str]) -> int:

@@ -41,8 +41,11 @@ from posttrain.feedback.jobs import check_resume_settings, file_digest, write_js
 from posttrain.feedback.rouge import RougePool, tokenize
 
 _ANSWER_TOKENS = 16  # the yes/no question needs only its first word
+_GENERATED_ID = re.compile(r"r\d+-\d+")  # "r{round}-{k}", a candidate's id
 _NO_INPUT = {"", "none", "n/a", "na", "<noinput>", "no input", "-", "(none)", "null"}
-_FIELD = re.compile(r"^[ \t]*(input|output|label|class label|task)[ \t]*:[ \t]*", re.IGNORECASE | re.MULTILINE)
+# "Input:", or in markdown bold "**Input:**", "**Input**:", "__Input:__" (closing marks only after opening ones)
+_FIELD = re.compile(r"^[ \t]*(?P<bold>\*\*|__)?[ \t]*(?P<name>input|output|label|class label|task)[ \t]*"
+                    r"(?(bold)(?:(?P=bold)[ \t]*:|:[ \t]*(?P=bold))|:)[ \t]*", re.IGNORECASE | re.MULTILINE)
 # "9." / "9)" / "9:" (not the "1." of "1.5") or a bullet ("-", "*", "•"; not the "-" of "-5" nor "**" of bold)
 _ENUMERATION = re.compile(r"^\s*(?:\d+\s*[.):](?!\d)|-(?!\d)|\u2022|\*(?!\*))\s*")
 # "Task:", "New instruction 3.", "**Task:**", "**Task**:" after any numbering
@@ -70,7 +73,8 @@ def seed_path(name: str) -> Path:
 def load_seed_tasks(name: str) -> list[Task]:
     """Seed tasks from JSONL (or any row file): instruction, output, optional input,
     is_classification and id; the original Self-Instruct layout (instances: [{input, output}])
-    is read too, its first instance used."""
+    is read too, its first instance used. An id of the form this run's candidates take
+    ("r0-3": an earlier run's tasks.jsonl used as seeds) becomes "seed:r0-3"."""
     from posttrain.data.readers import strict_rows
 
     path = seed_path(name)
@@ -104,6 +108,8 @@ def _seed_task(row: Any, location: str, index: int) -> Task:
     if not isinstance(flag, bool):
         raise DataError(f"{location}: 'is_classification' must be true or false, got {flag!r}")
     task_id = str(row["id"]) if row.get("id") is not None else f"seed-{index}"
+    if _GENERATED_ID.fullmatch(task_id):  # kept apart from the generated task this run gives the same id
+        task_id = f"seed:{task_id}"
     return Task(task_id, row["instruction"].strip(), extra.strip(), row["output"].strip(), flag)
 
 
@@ -164,11 +170,11 @@ def parse_instance(reply: str, is_classification: bool) -> tuple[str, str, str |
     found = list(_FIELD.finditer(reply))
     fields: dict[str, str] = {}
     for match, following in zip(found, found[1:] + [None]):
-        name = "label" if "label" in match.group(1).lower() else match.group(1).lower()
+        name = "label" if "label" in match["name"].lower() else match["name"].lower()
         end = following.start() if following is not None else len(reply)
         fields.setdefault(name, reply[match.end():end].strip())
     given_input = fields.get("input", "")
-    given_input = "" if given_input.lower() in _NO_INPUT else given_input
+    given_input = "" if given_input.lower().rstrip(".") in _NO_INPUT else given_input  # "None." too
     if is_classification:
         label = fields.get("label", fields.get("output"))
         if label is None or "input" not in fields:
@@ -356,7 +362,7 @@ def run_self_instruct(cfg, *, generator=None, stream: TextIO | None = sys.stderr
     replaces the backend the config describes (tests, notebooks)."""
     from posttrain.config.synthesis import validate_self_instruct
     from posttrain.feedback.client import make_backend
-    from posttrain.feedback.jobs import JsonlLog, run_items
+    from posttrain.feedback.jobs import JsonlLog, RunAborted, run_items
     from posttrain.feedback.rlaif import backend_settings
 
     validate_self_instruct(cfg)
@@ -388,14 +394,19 @@ def run_self_instruct(cfg, *, generator=None, stream: TextIO | None = sys.stderr
             items = [(f"r{round_number}-{k}", plan_candidate(pool, round_number, k, loop))
                      for k in range(loop.per_round)]
             if any(item_id not in logged for item_id, _ in items):
-                summary = run_items(items, lambda item_id, plan: make_candidate(backend, item_id, plan, pool, loop),
-                                    log, concurrency=loop.concurrency, desc=f"self-instruct round {round_number}",
-                                    stream=stream)
+                try:
+                    summary = run_items(items,
+                                        lambda item_id, plan: make_candidate(backend, item_id, plan, pool, loop),
+                                        log, concurrency=loop.concurrency, desc=f"self-instruct round {round_number}",
+                                        stream=stream)
+                except RunAborted as exc:  # the whole round failed: the finished rounds are still written
+                    failure = exc
+                    break
                 logged = {record["id"]: record for record in log.records}
                 if summary.failed:  # the next round's examples depend on this whole round: stop here
-                    failure = (f"self-instruct: {summary.failed} candidates of round {round_number} failed (first: "
-                               f"{summary.errors[0]}); rerun the same command to retry them (finished candidates "
-                               "are kept)")
+                    failure = UserError(f"self-instruct: {summary.failed} candidates of round {round_number} failed "
+                                        f"(first: {summary.errors[0]}); rerun the same command to retry them "
+                                        "(finished candidates are kept)")
                     break
             before = Counter(r["reason"] for r in pool.rejected)
             for item_id, _ in items:
@@ -403,8 +414,8 @@ def run_self_instruct(cfg, *, generator=None, stream: TextIO | None = sys.stderr
             print(_round_line(round_number, pool, Counter(r["reason"] for r in pool.rejected) - before), file=show)
             round_number += 1
     _write_outputs(out, pool, round_number, loop, backend, cfg, show)
-    if failure:
-        raise UserError(failure)
+    if failure is not None:
+        raise failure
     return out
 
 
