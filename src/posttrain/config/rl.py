@@ -147,8 +147,6 @@ def validate_grpo(cfg: GRPOConfig) -> None:
          f"rollout.num_generations = {r.num_generations} (whole groups per rollout)"),
         (g.beta >= 0 and g.clip_eps > 0, "grpo.beta must be >= 0 and grpo.clip_eps > 0"),
         (g.updates_per_rollout >= 1, "grpo.updates_per_rollout must be >= 1"),
-        (t.save_every % g.updates_per_rollout == 0,
-         "train.save_every must be a multiple of grpo.updates_per_rollout (checkpoints fall between rollouts)"),
     ])
     from posttrain.models.adapters import validate_adapter
 

@@ -126,12 +126,15 @@ def group_advantages(rewards: Tensor, group_size: int, scale_by_std: bool = True
                                                 scaling favours prompts that are almost
                                                 always right or wrong).
 
-    rewards (N·G,) laid out prompt by prompt → (N·G,). std is the population std (ddof 0)."""
-    grouped = rewards.view(-1, group_size)
+    rewards (N·G,) laid out prompt by prompt → (N·G,). std is the population std (ddof 0).
+    Computed in float64: a group of equal float32 rewards then has a mean equal to each of
+    them and advantage 0, where float32's round-off in the mean and the std, divided by
+    that std + ε, gave every sample the same sizeable advantage."""
+    grouped = rewards.double().view(-1, group_size)
     centred = grouped - grouped.mean(1, keepdim=True)
     if scale_by_std:
         centred = centred / (grouped.std(1, unbiased=False, keepdim=True) + eps)
-    return centred.reshape(-1)
+    return centred.reshape(-1).to(rewards.dtype)
 
 
 def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
@@ -142,9 +145,9 @@ def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
     rewards (N·G,) prompt by prompt → (N·G,). Needs G ≥ 2."""
     if group_size < 2:
         raise ValueError("RLOO needs at least 2 samples per prompt")
-    grouped = rewards.view(-1, group_size)
+    grouped = rewards.double().view(-1, group_size)  # float64, as group_advantages
     others = (grouped.sum(1, keepdim=True) - grouped) / (group_size - 1)
-    return (grouped - others).reshape(-1)
+    return (grouped - others).reshape(-1).to(rewards.dtype)
 
 
 # --------------------------------------------------------------------------- the clipped objectives

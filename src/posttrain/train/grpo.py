@@ -29,7 +29,8 @@ import torch
 
 from posttrain.config import GRPOConfig, GRPOLossConfig, validate_grpo
 from posttrain.losses import policy_gradient as pg
-from posttrain.train.rollouts import RolloutStage, collate_completions, completion_forward, start_rl_run, summed
+from posttrain.train.rollouts import (RolloutStage, batches_state, collate_completions, completion_forward,
+                                      restore_batches, start_rl_run, summed)
 
 
 # --------------------------------------------------------------------------- the loss
@@ -74,6 +75,11 @@ class GRPOStage(RolloutStage):
         self.aggregation = self.cfg.grpo.aggregation
         # One rollout feeds one step on every process: batch_size × grad_accum × processes completions.
         self.prompts_per_rollout = self.cfg.train.batch_size * self.batches_per_update // self.group
+        # The rollout being trained on and its (epoch, index): a checkpoint inside it (μ > 1) resumes
+        # on these batches, as sampled then, not on a new sample from the later weights.
+        self.batches: list[dict] = []
+        self.position = (-1, -1)
+        self._restored = False
 
     def rollouts_per_epoch(self) -> int:
         return len(self.prompts) // self.prompts_per_rollout
@@ -86,15 +92,28 @@ class GRPOStage(RolloutStage):
         order = list(range(len(self.prompts)))
         random.Random(f"posttrain-grpo-{self.cfg.train.seed}-{epoch}").shuffle(order)
         first, offset = divmod(skip, self.cfg.grpo.updates_per_rollout * self.batches_per_update)
+        restored, self._restored = self._restored and offset and self.position == (epoch, first), False
         for index in range(first, self.rollouts_per_epoch()):
-            chosen = order[index * self.prompts_per_rollout : (index + 1) * self.prompts_per_rollout]
-            batches = self._batches(self._sample(chosen, epoch, index))
+            if not (restored and index == first):
+                chosen = order[index * self.prompts_per_rollout : (index + 1) * self.prompts_per_rollout]
+                self.batches, self.position = self._batches(self._sample(chosen, epoch, index)), (epoch, index)
+            batches = self.batches
             for _ in range(self.cfg.grpo.updates_per_rollout):
                 for batch in batches:
                     if offset:
                         offset -= 1
                         continue
                     yield batch
+
+    def state_dict(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        return {"position": list(self.position), "rollouts_done": self.rollouts_done,
+                "micro_batches": len(self.batches), "rollout_metrics": self.rollout_metrics}, batches_state(self.batches)
+
+    def load_state_dict(self, plain: dict, tensors: dict[str, torch.Tensor]) -> None:
+        self.position, self.rollouts_done = tuple(plain["position"]), plain["rollouts_done"]
+        self.rollout_metrics = plain["rollout_metrics"]
+        self.batches = restore_batches(plain["micro_batches"], tensors)
+        self._restored = True
 
     def _batches(self, rollout) -> list[dict]:
         """Group advantages, then the rollout in micro-batches with the rollout-time and

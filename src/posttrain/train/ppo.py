@@ -36,8 +36,8 @@ import torch
 
 from posttrain.config import PPOConfig, PPOLossConfig, validate_ppo
 from posttrain.losses import policy_gradient as pg
-from posttrain.train.rollouts import (RolloutStage, collate_completions, completion_forward, completion_inputs,
-                                      no_grad_eval, start_rl_run, summed, to_grid)
+from posttrain.train.rollouts import (RolloutStage, batches_state, collate_completions, completion_forward,
+                                      completion_inputs, no_grad_eval, restore_batches, start_rl_run, summed, to_grid)
 
 # --------------------------------------------------------------------------- value models
 
@@ -180,7 +180,7 @@ class PPOStage(RolloutStage):
     # -- checkpoint
 
     def state_dict(self) -> tuple[dict, dict[str, torch.Tensor]]:
-        tensors = {f"{i}.{key}": value.contiguous() for i, batch in enumerate(self.batches) for key, value in batch.items()}
+        tensors = batches_state(self.batches)
         return {"kl_coef": self.kl_coef, "position": list(self.position), "stop_rollout": self.stop_rollout,
                 "rollouts_done": self.rollouts_done, "micro_batches": len(self.batches),
                 "rollout_metrics": self.rollout_metrics}, tensors
@@ -189,10 +189,7 @@ class PPOStage(RolloutStage):
         self.kl_coef, self.position = plain["kl_coef"], tuple(plain["position"])
         self.stop_rollout, self.rollouts_done = plain["stop_rollout"], plain["rollouts_done"]
         self.rollout_metrics = plain["rollout_metrics"]
-        self.batches = [{} for _ in range(plain["micro_batches"])]
-        for name, value in tensors.items():
-            i, key = name.split(".", 1)
-            self.batches[int(i)][key] = value
+        self.batches = restore_batches(plain["micro_batches"], tensors)
         self._resumed = True
 
     # -- one rollout → micro-batches with advantages and returns

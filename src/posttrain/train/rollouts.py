@@ -199,12 +199,15 @@ def sample_and_score(engine, tokenizer, prompts: list[list[int]], records: list[
             components = {name: sum(values) / len(values) for name, values in raw.items()}
     else:
         totals = score(prompts_, texts, rows)
-    rewards = torch.tensor(totals, dtype=torch.float32)
-    rewards = rewards - cfg.reward.no_eos_penalty * (~ended).float()
+    # float64 until the rewards are final: float32's round-off in a mean and a std of equal
+    # rewards, divided by that std, gave them non-zero z-scores
+    rewards = torch.tensor(totals, dtype=torch.float64)
+    rewards = rewards - cfg.reward.no_eos_penalty * (~ended).double()
     if cfg.reward.normalize and len(rewards) > 1:  # a reward model's scale means nothing to the step size
         rewards = (rewards - rewards.mean()) / (rewards.std() + 1e-6)
     if cfg.reward.clip > 0:
         rewards = rewards.clamp(-cfg.reward.clip, cfg.reward.clip)
+    rewards = rewards.float()
     reward_s = time.perf_counter() - started
     grouped = rewards.view(-1, group)
     generated = sum(len(c) for c in completions)
@@ -214,6 +217,19 @@ def sample_and_score(engine, tokenizer, prompts: list[list[int]], records: list[
         rollout_s=rollout_s, reward_s=reward_s, rollout_tokens_per_s=generated / max(rollout_s, 1e-9),
         solved_groups=float((grouped.max(1).values == grouped.min(1).values).float().mean()))
     return Rollout(prompt_ids, completions, texts, chosen_records, rewards, stats, components)
+
+
+def batches_state(batches: list[dict]) -> dict[str, torch.Tensor]:
+    """A rollout's micro-batches as flat tensors for a checkpoint (`restore_batches` reads them)."""
+    return {f"{i}.{key}": value.contiguous() for i, batch in enumerate(batches) for key, value in batch.items()}
+
+
+def restore_batches(count: int, tensors: dict[str, torch.Tensor]) -> list[dict]:
+    batches: list[dict] = [{} for _ in range(count)]
+    for name, value in tensors.items():
+        i, key = name.split(".", 1)
+        batches[int(i)][key] = value
+    return batches
 
 
 class RolloutStage:
