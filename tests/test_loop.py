@@ -337,3 +337,14 @@ def test_untied_embeddings_train_on_sparse_gradients_as_on_dense_ones(tmp_path, 
                    tmp_path / "cut")
     for (name, pa), pb in zip(_params(sparse.module).items(), _params(resumed.module).values()):
         assert torch.equal(pa, pb), name
+
+
+def test_bfloat16_trained_weights_are_named_in_the_log(tmp_path, capsys):
+    """Without a float32 master copy, AdamW's small updates round away in bfloat16 weights: the run says so."""
+    stage = ToyStage(8)
+    stage.module.to(torch.bfloat16)
+    stage.x, stage.y = stage.x.bfloat16(), stage.y.bfloat16()
+    _run(stage, _cfg(max_steps=1), tmp_path / "bf16")
+    assert "49 trained parameters are bfloat16" in capsys.readouterr().out
+    _run(ToyStage(8), _cfg(max_steps=1), tmp_path / "fp32")
+    assert "bfloat16" not in capsys.readouterr().out

@@ -267,6 +267,11 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: str | None
         log.message(f"resumed from {resume_from} at step {state['step']}")
     if cleared:
         log.message(f"fresh start: removed {cleared} checkpoint(s) of an earlier run from {ckpt_root}")
+    coarse = sum(p.numel() for p in stage.module.parameters() if p.requires_grad and p.dtype == torch.bfloat16)
+    if coarse:  # AdamW steps these weights in place, with no float32 master copy
+        log.message(f"note: {coarse:,} trained parameters are bfloat16: an update below ~1/256 of a weight rounds "
+                    "away (at lr 2e-5 most do). For bf16 speed with float32 updates, load model.dtype=float32 and "
+                    "set train.mixed_precision=bf16")
 
     def save() -> None:
         if accelerator.scaler is not None:  # fp16: the loss scale found so far, and its growth count
