@@ -24,9 +24,10 @@ ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tan
 
 # Submodules (full dotted path) whose output an adapter follows. Attention: the output
 # projection (Llama/Qwen2/Mistral o_proj, GPT-2 attn.c_proj, OPT/BART out_proj, GPT-NeoX dense).
-# FFN: the whole MLP block.
+# FFN: the whole MLP block, or where the layer holds fc1 / fc2 itself (OPT, XGLM), its output
+# projection fc2.
 _ATTENTION_OUTPUT = re.compile(r".*\.(self_attn\.o_proj|attn\.c_proj|self_attn\.out_proj|attention\.dense)$")
-_FFN = re.compile(r".*\.(layers|h|blocks)\.\d+\.(mlp|feed_forward|ffn)$")
+_FFN = re.compile(r".*\.(layers|h|blocks)\.\d+\.(mlp|feed_forward|ffn|fc2)$")
 
 
 class Bottleneck(nn.Module):

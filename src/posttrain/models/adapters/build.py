@@ -156,10 +156,13 @@ def _virtual_tokens(lm: nn.Module, kind: str, vt: Any):
 
 
 def _bottlenecks(lm: nn.Module, bn: Any) -> BottleneckSet:
+    # each entry on its own: one that matches nothing must not leave the others to train silently
+    for where in bn.where:
+        if not bottleneck_targets(lm, [where]):
+            found = "attention output projection" if where == "attention" else "MLP block / fc2"
+            raise ConfigError(f"adapter.bottleneck.where: {where!r} finds no {found} in {type(lm).__name__} "
+                              f"(model type {getattr(lm.config, 'model_type', '?')!r})")
     targets = bottleneck_targets(lm, list(bn.where))
-    if not targets:
-        raise ConfigError(f"adapter.bottleneck.where={list(bn.where)}: found no attention output projection / MLP block "
-                          f"in {type(lm).__name__}")
     adapters = BottleneckSet(lm.config.hidden_size, targets, bn.size, bn.activation, bn.init_std)
     adapters.to(next(lm.parameters()).device)  # stays fp32 next to a bf16 base; it casts in forward
     adapters.attach(lm)

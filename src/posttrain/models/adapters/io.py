@@ -106,6 +106,9 @@ def load_adapted(adapters: str | Path | dict[str, str | Path], *, dtype: str = "
 
     `adapters`: one directory, or {name: directory} for several LoRA / IA3 adapters on one
     base (switch with `model.use_adapter(name)`; the first is active).
+    `is_trainable`: the adapters train and the base stays frozen, as after `apply_adapters`; a
+    prefix trained with projection comes back as its projected keys and values (peft saves no
+    MLP), which then train directly.
     """
     from posttrain.config import ModelConfig
     from posttrain.models.loading import load_model
@@ -137,8 +140,9 @@ def load_adapted(adapters: str | Path | dict[str, str | Path], *, dtype: str = "
     if virtual:
         from peft import PeftModel
 
+        # peft refuses to load virtual tokens as trainable; mark_trainable below unfreezes them
         with quiet_peft():
-            virtual_peft = PeftModel.from_pretrained(lm, str(parts[virtual[0]]), is_trainable=is_trainable)
+            virtual_peft = PeftModel.from_pretrained(lm, str(parts[virtual[0]]))
     if "bottleneck" in parts:
         bottlenecks = _load_bottlenecks(lm, parts["bottleneck"])
     model = AdaptedModel(lm, tuple(parts), weight_peft=weight_peft, virtual_peft=virtual_peft, bottlenecks=bottlenecks)

@@ -26,7 +26,7 @@ def _module_type(name: str, method: str) -> str:
     parts = [p for p in name.split(".") if not p.isdigit() and p not in ("default", "weight", "bias", "base_layer")]
     if method == "bottleneck":  # bottlenecks.adapters.model__layers__0__mlp.down.weight
         return "bottleneck_after_" + parts[2].split("__")[-1]
-    for marker in ("lora_A", "lora_B", "lora_magnitude_vector", "ia3_l"):
+    for marker in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", "ia3_l"):
         if marker in parts:
             return parts[parts.index(marker) - 1]
     return parts[-1] if parts else name
