@@ -41,7 +41,7 @@ def _load_like_cli(argv: list[str]):
         config, overrides = args.config, list(args.overrides)
         if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
             config, overrides = None, [config, *overrides]
-        cli._check_alias(args.command, overrides)
+        cli.check_alias(args.command, overrides)
         overrides += cli.ALIAS_OVERRIDES.get(args.command, [])
         cfg = config_cls.load(config, overrides)
         # the validator each run_X calls first (self-instruct's name has an underscore)

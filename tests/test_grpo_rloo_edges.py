@@ -410,3 +410,26 @@ def test_a_resumed_run_reports_the_rollouts_and_samples_of_the_uninterrupted_one
     samples = lambda d: [(s["epoch"], s["rollout"]) for s in map(json.loads, (d / "samples.jsonl").read_text().splitlines())]
     assert sorted(set(samples(whole))) == [(0, 0), (0, 2)]
     assert summary(parts)["rollouts"] == 3 and samples(parts) == samples(whole)
+
+
+def test_samples_of_a_rerun_and_of_a_resume_after_a_kill_are_not_written_twice(tmp_path):
+    """samples.jsonl was opened for appending: a fresh rerun in the same directory doubled it, and a
+    run killed after its last checkpoint wrote the rollouts it sampled after it twice once resumed."""
+    import shutil
+
+    from posttrain.train.grpo import run_grpo
+
+    extra = ["train.max_steps=3", "train.save_every=1", "eval.sample_every=1"]
+    whole = run_grpo(_cfg(tmp_path, "whole", *extra))
+    expected = (whole / "samples.jsonl").read_text()
+    assert len({(r["epoch"], r["rollout"]) for r in map(json.loads, expected.splitlines())}) == 3
+
+    cut = run_grpo(_cfg(tmp_path, "cut", *extra))
+    # as if killed after step 3's rollout was sampled and written, before its checkpoint
+    shutil.rmtree(cut / "checkpoints" / "step-0000003")
+    shutil.rmtree(cut / "final")
+    run_grpo(_cfg(tmp_path, "cut", *extra, "train.resume=auto"))
+    assert (cut / "samples.jsonl").read_text() == expected
+
+    run_grpo(_cfg(tmp_path, "cut", *extra, "train.resume=never"))  # a fresh rerun in the same directory
+    assert (cut / "samples.jsonl").read_text() == expected

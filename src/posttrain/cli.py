@@ -161,7 +161,7 @@ def _ppo():
 # Commands that are another stage with a setting fixed (also used by `posttrain pipeline`).
 ALIAS_OVERRIDES = {"kto": ["dpo.loss=kto"], "orpo": ["dpo.loss=orpo"], "rloo": ["grpo.advantage=rloo"]}
 
-def _check_alias(command: str, overrides: list[str]) -> None:
+def check_alias(command: str, overrides: list[str]) -> None:
     """An alias command (kto, orpo, rloo) sets its option itself, over the config file's (so
     `posttrain orpo examples/dpo.yaml` runs ORPO); an override on the same command line that sets
     that option to something else contradicts the command, and is refused."""
@@ -230,7 +230,7 @@ def _run(args) -> int:
         config, overrides = args.config, list(args.overrides)
         if config is not None and _is_override(config):
             config, overrides = None, [config, *overrides]  # only overrides were given
-        _check_alias(args.command, overrides)
+        check_alias(args.command, overrides)
         overrides += ALIAS_OVERRIDES.get(args.command, [])  # last: over the file's setting
         run_dir = run(config_cls.load(config, overrides))
         print(f"run directory: {run_dir}")

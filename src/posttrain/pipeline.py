@@ -76,9 +76,12 @@ def _registry() -> dict:
     return _STAGES
 
 
-def _alias_overrides(kind: str) -> list[str]:
-    from posttrain.cli import ALIAS_OVERRIDES  # kto, orpo, rloo: another stage with a setting fixed
+def _alias_overrides(kind: str, items: list[str]) -> list[str]:
+    """kto, orpo, rloo: another stage with a setting fixed, appended after `items`; an item that
+    contradicts it (a kto stage with dpo.loss=ipo) is refused, as `posttrain kto dpo.loss=ipo` is."""
+    from posttrain.cli import ALIAS_OVERRIDES, check_alias
 
+    check_alias(kind, items)
     return ALIAS_OVERRIDES.get(kind, [])
 
 
@@ -121,7 +124,11 @@ def _split_cli(overrides: list[str], names: set[str]) -> tuple[str | None, list[
         if key == "output_dir":
             output_dir = item.split("=", 1)[1]
         elif key.split(".")[0] in names:
-            per_stage.setdefault(key.split(".")[0], []).append(item.split(".", 1)[1])
+            name, rest = key.split(".", 1) if "." in key else (key, "")
+            if "." not in rest:  # every stage key is section.key: `dpo.beta` with a stage called dpo
+                raise ConfigError(f"override {item!r} reads as stage {name!r}, key {rest!r}, which is not a key; "
+                                  f"for that stage's {key}, write {name}.{item}")
+            per_stage.setdefault(name, []).append(item.split(".", 1)[1])
         else:
             common.append(item)
     return output_dir, common, per_stage
@@ -174,7 +181,7 @@ def _load_stage(spec: dict, name: str, earlier: list[Stage], path: Path, output_
     config_cls, run = registry[kind]()
     config_file = path.parent / spec["config"] if spec.get("config") else None
     items = [*common, *own_file, *cli_stage[None], *own_cli] + [f"{k}={json.dumps(v)}" for k, v in wiring.items()]
-    items += _alias_overrides(kind) + [f"output_dir={json.dumps(str(output_dir / name))}"]
+    items += _alias_overrides(kind, items) + [f"output_dir={json.dumps(str(output_dir / name))}"]
     cfg = config_cls.load(config_file, items)
     validate = _validator(config_cls, run)
     if validate is not None:
@@ -201,6 +208,9 @@ def _wire(inputs: Any, earlier: list[Stage], own: list[str]) -> tuple[dict[str, 
         if stage_name not in by_name:
             later = "is not an earlier stage (a stage reads only what ran before it)"
             raise ConfigError(f"inputs.{key}: {stage_name!r} {later}; earlier stages: {', '.join(by_name) or 'none'}")
+        if key == "reward.models" and by_name[stage_name].kind not in REWARD_MODEL_KINDS:
+            raise ConfigError(f"inputs.{key}: {stage_name!r} is a {by_name[stage_name].kind} stage, not a reward model "
+                              "(its directory would score with a freshly drawn head); name an rm stage")
         deps.append(stage_name)
         return (f"{label}=" if label else "") + str(_output_path(by_name[stage_name], key))
 
@@ -421,7 +431,7 @@ def _run_stage(stage: Stage, action: str, state: dict[str, dict], output_dir: Pa
     if action == "fresh":  # a previous run's outputs must not survive into (or be mistaken for) this one's
         # checkpoints too, before the state says "running" with the new settings: a fresh rerun
         # interrupted before its loop cleared them would otherwise be resumed from them next time
-        for stale in ("final", "merged", "summary.json", "checkpoints", "metrics.jsonl"):
+        for stale in ("final", "merged", "summary.json", "checkpoints", "metrics.jsonl", "samples.jsonl"):
             target = stage.run_dir / stale
             if _first_process() and target.exists():
                 shutil.rmtree(target) if target.is_dir() else target.unlink()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -219,6 +220,15 @@ def sample_and_score(engine, tokenizer, prompts: list[list[int]], records: list[
     return Rollout(prompt_ids, completions, texts, chosen_records, rewards, stats, components)
 
 
+def _sample_position(line: str) -> tuple[int, int]:
+    """(epoch, rollout) of a samples.jsonl row; a torn or foreign line sorts last (dropped)."""
+    try:
+        row = json.loads(line)
+        return int(row["epoch"]), int(row["rollout"])
+    except (ValueError, KeyError, TypeError):
+        return (2**62, 0)
+
+
 def batches_state(batches: list[dict]) -> dict[str, torch.Tensor]:
     """A rollout's micro-batches as flat tensors for a checkpoint (`restore_batches` reads them)."""
     return {f"{i}.{key}": value.contiguous() for i, batch in enumerate(batches) for key, value in batch.items()}
@@ -253,6 +263,7 @@ class RolloutStage:
         self.batches_per_update = cfg.train.grad_accum * world  # micro-batches of one optimizer step, all processes
         self.rollout_metrics: dict[str, float] = {}
         self.rollouts_done = 0
+        self._samples_trimmed = False
         self.engine = engine if engine is not None else TransformersEngine(self._policy(), cfg.rollout.batch_size,
                                                                            autocast)
         self.engine_stale = not self.engine.is_policy  # built from the checkpoint; the policy may differ already
@@ -308,9 +319,22 @@ class RolloutStage:
 
     def _write_samples(self, epoch: int, index: int, rollout: Rollout) -> None:
         every = self.cfg.eval.sample_every
-        if self.run_dir is None or not every or self.rollouts_done % every:
+        if self.run_dir is None:
             return
-        with (self.run_dir / "samples.jsonl").open("a") as fh:
+        path = self.run_dir / "samples.jsonl"
+        if not self._samples_trimmed:
+            # This run's first rollout: rows of this rollout or later are an earlier run's (a fresh
+            # start, or what a killed run sampled after its last checkpoint), and are dropped.
+            self._samples_trimmed = True
+            if path.is_file():
+                kept = [line for line in path.read_text().splitlines(keepends=True)
+                        if _sample_position(line) < (epoch, index)]
+                tmp = path.with_name(path.name + ".tmp")
+                tmp.write_text("".join(kept))
+                os.replace(tmp, path)
+        if not every or self.rollouts_done % every:
+            return
+        with path.open("a") as fh:
             for i in range(min(2 * self.group, len(rollout.texts))):  # two prompts, all their samples
                 fh.write(json.dumps({"epoch": epoch, "rollout": index, "prompt": rollout.records[i].prompt[-1]["content"],
                                      "completion": rollout.texts[i], "reward": float(rollout.rewards[i])}) + "\n")
