@@ -27,8 +27,10 @@ if TYPE_CHECKING:
 _DTYPES = ("float32", "bfloat16", "float16")
 
 # Config fields whose presence (non-empty) means logits != lm_head(hidden):
-# Gemma 2/3 soft-cap, Cohere multiplies by logit_scale, Granite divides by logits_scaling.
-_LOGIT_TRANSFORM_FIELDS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_logits_scale")
+# Gemma 2/3 soft-cap, Cohere multiplies by logit_scale, Granite divides by logits_scaling,
+# Falcon-H1 multiplies by lm_head_multiplier, RecurrentGemma caps with logits_soft_cap.
+_LOGIT_TRANSFORM_FIELDS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_logits_scale",
+                           "lm_head_multiplier", "logits_soft_cap")
 
 
 class HiddenPathUnsupported(RuntimeError):
@@ -300,6 +302,10 @@ def _unsupported_reason(model) -> str | None:
         return f"{type(lm).__name__} has no separate decoder module"
     if _plain_head(lm) is None:
         return f"{type(lm).__name__}'s output layer is neither a plain nn.Linear nor LoRA on one without dropout ({type(lm.get_output_embeddings()).__name__})"
+    head = lm.get_output_embeddings()
+    name = next((n for n, m in lm.named_modules() if m is head), "")
+    if "." in name:  # BERT-like LM heads: a dense + norm transform before it
+        return f"{type(lm).__name__}'s output layer sits inside {name.rsplit('.', 1)[0]}, which may transform the hidden state first"
     return None
 
 

@@ -45,15 +45,16 @@ class CausalLMLoss(torch.nn.Module):
             cross_entropy_sum,
             shift_for_causal_lm,
         )
-        from posttrain.data.batching import is_right_padded
+        from posttrain.data.batching import padded_inputs
         from posttrain.models.loading import final_hidden_and_head
 
-        if attention_mask is not None and is_right_padded(attention_mask):
-            # Causal attention already hides a right-padded tail from every real token, so
-            # the mask changes nothing we train on; without it SDPA takes its causal kernel
-            # instead of materialising a [B, 1, T, T] mask (faster, ~20% less peak memory).
-            attention_mask = None
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        if position_ids is not None:  # packed rows: their positions mark the sequences
+            inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        else:
+            # A right-padded batch drops its mask: causal attention already hides the tail from every
+            # real token, and SDPA takes its causal kernel instead of materialising a [B, 1, T, T]
+            # mask (faster, ~20% less peak memory). Other rows count positions over real tokens.
+            inputs = padded_inputs(input_ids, attention_mask)
         if self.loss_kind == "plain":
             logits = self.model(**inputs, use_cache=False).logits
             return cross_entropy_sum(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
@@ -198,10 +199,11 @@ def run_sft(cfg: SFTConfig) -> Path:
         if cfg.train.max_steps <= 0:
             raise ConfigError("data.streaming=true needs train.max_steps (the data length is unknown)")
         data, train_examples = None, None
-        stream = lambda: stream_sft_examples(cfg.data, tokenizer, run_dir, log)  # noqa: E731
-        eval_examples = prepare_streamed_eval(cfg.data, tokenizer, run_dir, log)
+        writes = run_dir if main else None  # every process reads the data; the main one writes its reports
+        stream = lambda: stream_sft_examples(cfg.data, tokenizer, writes, log)  # noqa: E731
+        eval_examples = prepare_streamed_eval(cfg.data, tokenizer, writes, log)
     else:
-        data = prepare_sft_data(cfg.data, tokenizer, run_dir, cfg.train.seed, log)
+        data = prepare_sft_data(cfg.data, tokenizer, run_dir if main else None, cfg.train.seed, log)
         train_examples, eval_examples, stream = data.train, data.eval, None
         if cfg.data.packing:
             train_examples = pack(train_examples, cfg.data.max_length)
