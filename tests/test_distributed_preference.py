@@ -334,3 +334,13 @@ def test_resume_in_another_world_size_neither_repeats_nor_skips_data(runs):
     assert [r["world_size"] for r in resumed] == [2, 2] + [1] * 6
     assert [r["epoch"] for r in resumed[2:]] == [0, 0, 0, 0, 1, 1]
     assert sum(r["tokens"] for r in resumed if r["epoch"] == 0) == epoch0_tokens
+
+
+@pytest.mark.parametrize("stage", ["dpo", "kto"])
+def test_two_processes_split_the_reference_pass_and_cache_what_one_process_computes(runs, stage):
+    """Each process computes every other micro-batch of the reference pass and they exchange the
+    values: the cached log-probs are the one-process run's, in the same order (to float32 rounding:
+    torchrun gives each process one thread, and matmuls sum in another order than with two)."""
+    one, two = (load_file(str(runs["root"] / kind / stage / "reference_logps.safetensors"))["logps"]
+                for kind in ("one", "two"))
+    assert one.shape == two.shape and torch.allclose(one, two, rtol=1e-5, atol=1e-5)

@@ -433,3 +433,14 @@ def test_samples_of_a_rerun_and_of_a_resume_after_a_kill_are_not_written_twice(t
 
     run_grpo(_cfg(tmp_path, "cut", *extra, "train.resume=never"))  # a fresh rerun in the same directory
     assert (cut / "samples.jsonl").read_text() == expected
+
+
+def test_resuming_with_another_rollout_size_is_refused_with_the_sizes(tmp_path):
+    """A checkpoint's position counts rollouts of its own size; train.grad_accum 1 -> 2 doubles the
+    prompts a rollout holds, so the resume is refused (it re-drew prompts of the checkpoint's rollout)."""
+    from posttrain.errors import ConfigError
+    from posttrain.train.grpo import run_grpo
+
+    run_grpo(_cfg(tmp_path, "run", "train.max_steps=1"))
+    with pytest.raises(ConfigError, match="rollouts hold 2 prompts, this run's 4"):
+        run_grpo(_cfg(tmp_path, "run", "train.max_steps=2", "train.grad_accum=2", "train.resume=auto"))

@@ -217,3 +217,37 @@ def test_run_dpo_reuses_a_stale_cache_after_the_model_directory_is_overwritten(t
     run_dpo(DPOConfig.load(None, args))
     out = capsys.readouterr().out
     assert "reference log-probs: reused" not in out
+
+
+def test_several_processes_each_compute_every_worlds_micro_batch_and_share_them(model, tokenizer, tmp_path, monkeypatch):
+    """Process 1 of 2 computes micro-batches 1, 3, ... of the plan, receives the others from process
+    0 (accelerate's gather_object, here standing in for the exchange), and ends with every value a
+    single process computes, bitwise; only process 0 writes the cache."""
+    import accelerate.utils
+
+    import posttrain.train.preference as pref
+
+    cfg = DPOConfig.load(None, ["model.path=tiny", f"output_dir={tmp_path / 'run'}"])
+    rows = PAIRS * 3
+    plan_of = lambda items: [items[i : i + 2] for i in range(0, len(items), 2)]  # 5 micro-batches of 9 items
+    alone = _items(tokenizer, rows)
+    precompute_reference(model, alone, cfg, tokenizer.pad_token_id, None, lambda *_: None, plan=plan_of(alone))
+    expected = [item.reference_logps for item in alone]
+
+    computed_batches = []
+    real = pref.batch_logps
+    monkeypatch.setattr(pref, "batch_logps", lambda m, batch, *a: computed_batches.append(1) or real(m, batch, *a))
+
+    def exchange(objects):  # what process 0 sends: its micro-batches 0, 2, 4, as a single process computed them
+        if objects[0] is True or objects[0] is False:
+            return [False, objects[0]]
+        return [{i: [v for item in plan_of(alone)[i] for v in item.reference_logps] for i in (0, 2, 4)}, objects[0]]
+
+    monkeypatch.setattr(accelerate.utils, "gather_object", exchange)
+    mine = _items(tokenizer, rows)
+    cache = tmp_path / "ref.safetensors"
+    precompute_reference(model, mine, cfg, tokenizer.pad_token_id, cache, lambda *_: None, plan=plan_of(mine),
+                         rank=1, world=2)
+    assert len(computed_batches) == 2  # micro-batches 1 and 3
+    assert [item.reference_logps for item in mine] == expected
+    assert not cache.exists()

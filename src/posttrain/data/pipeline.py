@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,14 +28,31 @@ class PreparedData:
     report: dict = field(default_factory=dict)
 
 
-def _read(files: list[str], cfg, run_dir: Path, log: Callable[[str], None], name: str):
+def rejects_file(run_dir: Path | None, name: str) -> str | None:
+    """Where the bad rows of split `name` go: run_dir/rejects-NAME.jsonl. `run_dir` None means this
+    process writes nothing (with several processes every one reads the data, the main one writes)."""
+    return str(run_dir / f"rejects-{name}.jsonl") if run_dir is not None else None
+
+
+def write_report(run_dir: Path | None, report: dict) -> None:
+    """run_dir/data_report.json, written beside and renamed (a reader never sees half of it); nothing
+    when `run_dir` is None (a process other than the main one)."""
+    if run_dir is None:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    partial = run_dir / "data_report.json.partial"
+    partial.write_text(json.dumps(report, indent=1, default=str))
+    os.replace(partial, run_dir / "data_report.json")
+
+
+def _read(files: list[str], cfg, run_dir: Path | None, log: Callable[[str], None], name: str):
     from posttrain.data import formats
 
     if SYNTHETIC in files:
         raise ConfigError(f"data.{name}: 'synthetic' cannot be mixed with files")
     records, report = formats.load_records(
         files, fmt=cfg.format, bad_rows=cfg.bad_rows, max_bad_fraction=cfg.max_bad_fraction,
-        rejects_path=str(run_dir / f"rejects-{name}.jsonl"), log=log,
+        rejects_path=rejects_file(run_dir, name), log=log,
     )
     return records, report.to_dict()
 
@@ -117,7 +135,7 @@ def _labelled_only(examples: list[Example], log: Callable[[str], None], name: st
     return kept, len(dropped)
 
 
-def prepare_sft_data(cfg, tokenizer, run_dir: Path, seed: int, log: Callable[[str], None] = print) -> PreparedData:
+def prepare_sft_data(cfg, tokenizer, run_dir: Path | None, seed: int, log: Callable[[str], None] = print) -> PreparedData:
     """Load train (and eval) data per `cfg` (a DataConfig) into examples; write data_report.json."""
     from posttrain.data.templates import adopt_template, check_label_mask
 
@@ -142,12 +160,11 @@ def prepare_sft_data(cfg, tokenizer, run_dir: Path, seed: int, log: Callable[[st
     report = {"train_read": read_report, "eval_read": eval_read, "train_length": train_len, "eval_length": eval_len,
               "train_examples": len(train), "eval_examples": len(evaluation),
               "train_label_tokens": sum(e.num_label_tokens for e in train)}
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "data_report.json").write_text(json.dumps(report, indent=1, default=str))
+    write_report(run_dir, report)
     return PreparedData(train, evaluation, eval_records, report)
 
 
-def stream_sft_examples(cfg, tokenizer, run_dir: Path, log: Callable[[str], None] = print) -> Iterator[Example]:
+def stream_sft_examples(cfg, tokenizer, run_dir: Path | None, log: Callable[[str], None] = print) -> Iterator[Example]:
     """Lazily read, template and fit examples one by one (data.streaming=true)."""
     from posttrain.data import formats
     from posttrain.data.templates import adopt_template
@@ -157,7 +174,7 @@ def stream_sft_examples(cfg, tokenizer, run_dir: Path, log: Callable[[str], None
     unrendered: list[str] = []
     for record in formats.iter_records(cfg.train_files, fmt=cfg.format, bad_rows=cfg.bad_rows,
                                        max_bad_fraction=cfg.max_bad_fraction,
-                                       rejects_path=str(run_dir / "rejects-train.jsonl"), log=log):
+                                       rejects_path=rejects_file(run_dir, "train"), log=log):
         seen += 1
         example = _encoded(record, tokenizer, template, cfg, unrendered)
         if example is None:
@@ -179,7 +196,7 @@ def stream_sft_examples(cfg, tokenizer, run_dir: Path, log: Callable[[str], None
                                               "dropped_no_labels": unlabelled, "unrendered": len(unrendered)}})
 
 
-def prepare_streamed_eval(cfg, tokenizer, run_dir: Path, log: Callable[[str], None] = print) -> list[Example]:
+def prepare_streamed_eval(cfg, tokenizer, run_dir: Path | None, log: Callable[[str], None] = print) -> list[Example]:
     """With data.streaming: the held-out examples of `data.eval_files` (read whole: held-out sets
     are small), and data_report.json begun (the streamed training counts join it after each full
     pass). A stream has no split to take `eval_fraction` from; without eval files, none."""
@@ -198,8 +215,8 @@ def prepare_streamed_eval(cfg, tokenizer, run_dir: Path, log: Callable[[str], No
     return evaluation
 
 
-def _update_report(run_dir: Path, entries: dict) -> None:
+def _update_report(run_dir: Path | None, entries: dict) -> None:
+    if run_dir is None:
+        return
     path = run_dir / "data_report.json"
-    report = json.loads(path.read_text()) if path.is_file() else {}
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report | entries, indent=1, default=str))
+    write_report(run_dir, (json.loads(path.read_text()) if path.is_file() else {}) | entries)

@@ -42,7 +42,7 @@ from typing import Any
 
 from posttrain.data import formats
 from posttrain.data.formats import BadRowError, DataReport, _list, _string, _type_name
-from posttrain.data.pipeline import SYNTHETIC, split_eval
+from posttrain.data.pipeline import SYNTHETIC, rejects_file, split_eval, write_report
 from posttrain.data.records import IGNORE_INDEX, Example
 from posttrain.errors import ConfigError, DataError
 
@@ -449,12 +449,12 @@ class PreparedPreferences:
     report: dict = field(default_factory=dict)
 
 
-def _read(files: list[str], cfg, run_dir: Path, log: Callable[[str], None], name: str):
+def _read(files: list[str], cfg, run_dir: Path | None, log: Callable[[str], None], name: str):
     if SYNTHETIC in files:
         raise ConfigError(f"data.{name}_files: 'synthetic' cannot be mixed with files")
     records, report = load_preference_records(
         files, fmt=cfg.format, bad_rows=cfg.bad_rows, max_bad_fraction=cfg.max_bad_fraction,
-        rejects_path=str(run_dir / f"rejects-{name}.jsonl"), log=log,
+        rejects_path=rejects_file(run_dir, name), log=log,
     )
     return records, report.to_dict()
 
@@ -486,7 +486,7 @@ def _encode_split(records, tokenizer, template: str, cfg, log, name: str,
     return examples, length
 
 
-def prepare_preference_data(cfg, tokenizer, run_dir: Path, seed: int, log: Callable[[str], None] = print,
+def prepare_preference_data(cfg, tokenizer, run_dir: Path | None, seed: int, log: Callable[[str], None] = print,
                             special_tokens: bool = False) -> PreparedPreferences:
     """Load train (and eval) preference data per `cfg` (a PreferenceDataConfig) into
     examples, as `pipeline.prepare_sft_data` does for SFT; write data_report.json.
@@ -518,6 +518,5 @@ def prepare_preference_data(cfg, tokenizer, run_dir: Path, seed: int, log: Calla
               "train_records": len(train), "eval_records": len(evaluation),
               "train_sequences": sum(len(e.sequences) for e in train),
               "train_label_tokens": sum(s.num_label_tokens for e in train for s in e.sequences)}
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "data_report.json").write_text(json.dumps(report, indent=1, default=str))
+    write_report(run_dir, report)
     return PreparedPreferences(train, evaluation, eval_records, report)

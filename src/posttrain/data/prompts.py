@@ -25,7 +25,7 @@ from typing import Any
 
 from posttrain.data import formats
 from posttrain.data.formats import BadRowError
-from posttrain.data.pipeline import SYNTHETIC, split_eval
+from posttrain.data.pipeline import SYNTHETIC, rejects_file, split_eval
 from posttrain.errors import ConfigError, DataError
 
 PROMPT_FORMATS = ("prompt", "messages", "alpaca")
@@ -114,7 +114,7 @@ def _synthetic(cfg, seed: int) -> tuple[list[PromptRecord], list[PromptRecord]]:
     return [record(e, i, "") for i, e in enumerate(train)], [record(e, i, "eval") for i, e in enumerate(held_out)]
 
 
-def prepare_prompts(cfg, run_dir: Path, seed: int, log: Callable[[str], None] = print
+def prepare_prompts(cfg, run_dir: Path | None, seed: int, log: Callable[[str], None] = print
                     ) -> tuple[list[PromptRecord], list[PromptRecord], dict]:
     """Train and held-out prompts per `cfg` (a PromptDataConfig); the report as a dict."""
     def read(files: list[str], name: str):
@@ -122,7 +122,7 @@ def prepare_prompts(cfg, run_dir: Path, seed: int, log: Callable[[str], None] = 
             raise ConfigError(f"data.{name}_files: 'synthetic' cannot be mixed with files")
         records, report = load_prompt_records(files, fmt=cfg.format, bad_rows=cfg.bad_rows,
                                               max_bad_fraction=cfg.max_bad_fraction,
-                                              rejects_path=str(run_dir / f"rejects-{name}.jsonl"), log=log)
+                                              rejects_path=rejects_file(run_dir, name), log=log)
         return records, report.to_dict()
 
     if cfg.train_files == [SYNTHETIC]:

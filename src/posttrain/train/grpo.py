@@ -107,9 +107,11 @@ class GRPOStage(RolloutStage):
 
     def state_dict(self) -> tuple[dict, dict[str, torch.Tensor]]:
         return {"position": list(self.position), "rollouts_done": self.rollouts_done,
+                "prompts_per_rollout": self.prompts_per_rollout,
                 "micro_batches": len(self.batches), "rollout_metrics": self.rollout_metrics}, batches_state(self.batches)
 
     def load_state_dict(self, plain: dict, tensors: dict[str, torch.Tensor]) -> None:
+        self.check_rollout_size(plain)
         self.position, self.rollouts_done = tuple(plain["position"]), plain["rollouts_done"]
         self.rollout_metrics = plain["rollout_metrics"]
         self.batches = restore_batches(plain["micro_batches"], tensors)

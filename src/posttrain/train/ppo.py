@@ -183,9 +183,11 @@ class PPOStage(RolloutStage):
         tensors = batches_state(self.batches)
         return {"kl_coef": self.kl_coef, "position": list(self.position), "stop_rollout": self.stop_rollout,
                 "rollouts_done": self.rollouts_done, "micro_batches": len(self.batches),
+                "prompts_per_rollout": self.prompts_per_rollout,
                 "rollout_metrics": self.rollout_metrics}, tensors
 
     def load_state_dict(self, plain: dict, tensors: dict[str, torch.Tensor]) -> None:
+        self.check_rollout_size(plain)
         self.kl_coef, self.position = plain["kl_coef"], tuple(plain["position"])
         self.stop_rollout, self.rollouts_done = plain["stop_rollout"], plain["rollouts_done"]
         self.rollout_metrics = plain["rollout_metrics"]

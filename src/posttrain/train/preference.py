@@ -428,8 +428,12 @@ def _cached(cache: Path, fingerprint: str, count: int, log) -> list[float] | Non
 
 def precompute_reference(model, items: list[Item], cfg: DPOConfig, pad_id: int, cache: Path | None, log,
                          share_prompt: bool = False, unpadded: bool = False,
-                         plan: list[list[Item]] | None = None) -> None:
+                         plan: list[list[Item]] | None = None, rank: int = 0, world: int = 1) -> None:
     """Fill `item.reference_logps` for every item: from the cache when it matches, else one pass.
+
+    With several processes (`rank` of `world`, every one calling this) each computes every
+    world-th micro-batch of the plan and they exchange the results, so the pass takes 1/world of
+    the time; all of them read the cache, process 0 alone writes it.
 
     `plan`: the micro-batches (lists of `items`) to compute them in — the stage's first epoch and
     its held-out batches (`GroupedStage.item_batches`). A sequence's log-probs differ in the last
@@ -441,26 +445,36 @@ def precompute_reference(model, items: list[Item], cfg: DPOConfig, pad_id: int, 
 
     fingerprint = _fingerprint(cfg, items)
     count = sum(len(item.sequences) for item in items)
-    if cache is not None and cache.is_file():
-        cached = _cached(cache, fingerprint, count, log)
-        if cached is not None:
-            _assign(items, cached)
-            log(f"reference log-probs: reused {cache}")
-            return
+    cached = _cached(cache, fingerprint, count, log) if cache is not None and cache.is_file() else None
+    if world > 1:  # every process takes the same branch: the exchange below is collective
+        from accelerate.utils import gather_object
+
+        cached = cached if all(gather_object([cached is not None])) else None
+    if cached is not None:
+        _assign(items, cached)
+        log(f"reference log-probs: reused {cache}")
+        return
     if plan is None:
         size = max(1, 2 * cfg.train.batch_size)
         plan = [items[start : start + size] for start in range(0, len(items), size)]
     device = next(model.parameters()).device
+    computed: dict[int, list[float]] = {}  # plan index -> its sequences' log-probs
     with reference_weights(model, starting=True) as reference:
-        for chunk in plan:
+        for index in range(rank, len(plan), world):
+            chunk = plan[index]
             shared = share_prompt and all(shares_prompt(item) for item in chunk)
             batch = collate_shared_prompt(chunk, pad_id, padding_free=unpadded) if shared else collate_items(chunk, pad_id)
             batch = {k: v.to(device) for k, v in batch.items()}
-            _assign(chunk, batch_logps(reference, batch, cfg.train.loss_chunk_size)[0].float().cpu().tolist())
+            computed[index] = batch_logps(reference, batch, cfg.train.loss_chunk_size)[0].float().cpu().tolist()
+    if world > 1:
+        for part in gather_object([computed]):
+            computed.update(part)
+    for index, chunk in enumerate(plan):
+        _assign(chunk, computed[index])
     values = [v for item in items for v in item.reference_logps]
     if len(values) != count:
         raise RuntimeError(f"the reference plan covered {len(values)} of {count} sequences")
-    if cache is not None:  # written beside, then renamed: a crash never leaves a partial cache
+    if cache is not None and rank == 0:  # written beside, then renamed: a crash never leaves a partial cache
         partial = cache.with_name(cache.name + ".partial")
         save_file({"logps": torch.tensor(values, dtype=torch.float32)}, str(partial), metadata={"fingerprint": fingerprint})
         os.replace(partial, cache)
@@ -501,7 +515,7 @@ def run_dpo(cfg: DPOConfig) -> Path:
     tokenizer, model, adapter_training = build_model(cfg, log, run_dir if main else None)
     disable_dropout(model, log, "the policy is compared with its reference, which runs without it")
     note_full_logits(model, log)
-    data = prepare_preference_data(cfg.data, tokenizer, run_dir, cfg.train.seed, log)
+    data = prepare_preference_data(cfg.data, tokenizer, run_dir if main else None, cfg.train.seed, log)
     train_items, eval_items = _items(data, cfg, log)
     live = cfg.dpo.reference == "live"
     share = (cfg.dpo.share_prompt and cfg.dpo.loss != "kto" and getattr(model, "virtual_peft", None) is None
@@ -517,8 +531,9 @@ def run_dpo(cfg: DPOConfig) -> Path:
         on_device(model, accelerator.device)
         with accelerator.autocast():  # in training's precision and batches, so π = π_ref exactly at step 0
             precompute_reference(model, train_items + eval_items, cfg, tokenizer.pad_token_id,
-                                 run_dir / "reference_logps.safetensors" if main else None, log, share_prompt=share,
-                                 unpadded=share and unpadded, plan=stage.item_batches(0) + stage.eval_item_batches())
+                                 run_dir / "reference_logps.safetensors", log, share_prompt=share,
+                                 unpadded=share and unpadded, plan=stage.item_batches(0) + stage.eval_item_batches(),
+                                 rank=accelerator.process_index, world=accelerator.num_processes)
     summary: dict = {"loss": cfg.dpo.loss, "reference": "none" if cfg.dpo.loss in REFERENCE_FREE else cfg.dpo.reference,
                      "train_items": len(train_items), "eval_items": len(eval_items)}
     summary.update(_exact_match(cfg, model, tokenizer, data, "before") if main else {})

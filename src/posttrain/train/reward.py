@@ -138,7 +138,7 @@ def run_rm(cfg: RMConfig) -> Path:
         log(f"note: data.max_length {data_cfg.max_length} → {limit}, the encoder's position table")
         data_cfg = dataclasses.replace(data_cfg, max_length=limit)
     # an encoder reads its own [CLS] ... [SEP] around the text; a decoder's template has its BOS
-    data = prepare_preference_data(data_cfg, tokenizer, run_dir, cfg.train.seed, log,
+    data = prepare_preference_data(data_cfg, tokenizer, run_dir if main else None, cfg.train.seed, log,
                                    special_tokens=not is_decoder_scorer(model))
     train_items, eval_items = items_from_examples(data.train), items_from_examples(data.eval)
     _check_comparisons(train_items + eval_items, cfg, log)

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from posttrain.data.prompts import PromptRecord
+from posttrain.errors import ConfigError
 
 # --------------------------------------------------------------------------- batches of completions
 
@@ -271,6 +272,15 @@ class RolloutStage:
             self.lr_scale = adapter_training.lr_scale
             self.inactive_parameters = adapter_training.inactive_parameters
 
+    def check_rollout_size(self, plain: dict) -> None:
+        """A checkpoint's rollouts must hold as many prompts as this run's: its position (which
+        rollout, which update) counts them, and a rollout is the algorithm's batch. Processes ×
+        train.grad_accum (and PPO's minibatches) set the size; resuming with another is refused."""
+        saved = plain.get("prompts_per_rollout", self.prompts_per_rollout)
+        if saved != self.prompts_per_rollout:
+            raise ConfigError(f"this checkpoint's rollouts hold {saved} prompts, this run's {self.prompts_per_rollout}: "
+                              "resume with the processes x train.grad_accum x train.batch_size it was written with")
+
     def after_optimizer_step(self, step: int) -> None:
         if not self.engine.is_policy:
             self.engine_stale = True
@@ -509,7 +519,7 @@ def prepare_prompt_data(cfg, tokenizer, run_dir: Path, main: bool, log):
     from posttrain.data.prompts import encode_prompts, prepare_prompts
     from posttrain.data.templates import adopt_template
 
-    train_records, eval_records, data_report = prepare_prompts(cfg.data, run_dir, cfg.train.seed, log)
+    train_records, eval_records, data_report = prepare_prompts(cfg.data, run_dir if main else None, cfg.train.seed, log)
     template = adopt_template(tokenizer, cfg.data.template)
     train_ids, train_records = encode_prompts(train_records, tokenizer, template, cfg.data.max_prompt_length, log)
     eval_ids, eval_records = encode_prompts(eval_records, tokenizer, template, cfg.data.max_prompt_length, log, "eval")
