@@ -103,7 +103,6 @@ def test_prompt_rows_in_every_format_and_bad_rows_with_their_line(tmp_path):
 @pytest.mark.parametrize("override, message", [
     (["rollout.num_generations=3"], "multiple of rollout.num_generations"),
     (["rollout.num_generations=1", "train.batch_size=4"], "at least 2"),
-    (["grpo.updates_per_rollout=2", "train.save_every=3"], "multiple of grpo.updates_per_rollout"),
     (["reward.functions=[]"], "no reward"),
 ])
 def test_configs_are_checked_before_any_work(override, message, tmp_path):
