@@ -247,3 +247,19 @@ def test_a_fresh_rerun_of_an_rl_stage_keeps_none_of_the_old_samples(tmp_path, ca
     assert "g (grpo): running: its config changed" in capsys.readouterr().out
     second = (out / "g" / "samples.jsonl").read_text().splitlines()
     assert len(second) == len(first)  # measured: twice as many, the old run's rows first
+
+
+def test_a_policy_stage_wired_to_start_from_a_reward_model_is_refused(tmp_path):
+    """`inputs: {model.path: rm}` would start a DPO stage from a sequence-classification directory
+    (no language-model head): refused at load, naming the stage and the key."""
+    path = write(tmp_path, [SFT, RM, {"name": "d", "kind": "dpo", "inputs": {"model.path": "rm"}}])
+    with pytest.raises(ConfigError, match=r"inputs\.model\.path: 'rm' is a reward model"):
+        load_pipeline(path)
+
+
+def test_output_dir_in_the_files_overrides_is_refused_not_ignored(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"overrides": {**COMMON, "output_dir": str(tmp_path / "elsewhere")},
+                                    "stages": [SFT]}))
+    with pytest.raises(ConfigError, match="output_dir is the pipeline's own key"):
+        load_pipeline(path)

@@ -148,6 +148,9 @@ def load_pipeline(path: str | Path, overrides: list[str] = ()) -> tuple[Path, li
     cli_dir, cli_common, cli_stage = _split_cli(list(overrides), set(names))
     output_dir = Path(cli_dir or data.get("output_dir") or f"runs/{path.stem}")
     common = _override_list(data.get("overrides"), f"{path}: overrides")
+    if "output_dir" in _keys(common):
+        raise ConfigError(f"{path}: overrides: output_dir is the pipeline's own key (each stage runs in "
+                          "OUTPUT_DIR/NAME); set it at the top of the file")
     cli_stage[None] = cli_common  # precedence: file (every stage, then the stage's), then command line (same)
     stages: list[Stage] = []
     for index, spec in enumerate(specs):
@@ -177,7 +180,7 @@ def _load_stage(spec: dict, name: str, earlier: list[Stage], path: Path, output_
     own = own_file + own_cli
     if "output_dir" in _keys(own):
         raise ConfigError("output_dir is the pipeline's (each stage runs in OUTPUT_DIR/NAME); set it at the top")
-    wiring, deps = _wire(spec.get("inputs") or {}, earlier, own)
+    wiring, deps = _wire(spec.get("inputs") or {}, earlier, own, kind)
     config_cls, run = registry[kind]()
     config_file = path.parent / spec["config"] if spec.get("config") else None
     items = [*common, *own_file, *cli_stage[None], *own_cli] + [f"{k}={json.dumps(v)}" for k, v in wiring.items()]
@@ -193,7 +196,7 @@ def _load_stage(spec: dict, name: str, earlier: list[Stage], path: Path, output_
     return stage
 
 
-def _wire(inputs: Any, earlier: list[Stage], own: list[str]) -> tuple[dict[str, Any], list[str]]:
+def _wire(inputs: Any, earlier: list[Stage], own: list[str], kind: str) -> tuple[dict[str, Any], list[str]]:
     """Config key -> path(s) of earlier stages' outputs, with the default model.path; and the stages used."""
     if not isinstance(inputs, dict):
         raise ConfigError("inputs must map config keys to earlier stage names, e.g. {reward.models: [rm]}")
@@ -208,9 +211,13 @@ def _wire(inputs: Any, earlier: list[Stage], own: list[str]) -> tuple[dict[str, 
         if stage_name not in by_name:
             later = "is not an earlier stage (a stage reads only what ran before it)"
             raise ConfigError(f"inputs.{key}: {stage_name!r} {later}; earlier stages: {', '.join(by_name) or 'none'}")
-        if key == "reward.models" and by_name[stage_name].kind not in REWARD_MODEL_KINDS:
-            raise ConfigError(f"inputs.{key}: {stage_name!r} is a {by_name[stage_name].kind} stage, not a reward model "
+        source = by_name[stage_name].kind
+        if key == "reward.models" and source not in REWARD_MODEL_KINDS:
+            raise ConfigError(f"inputs.{key}: {stage_name!r} is a {source} stage, not a reward model "
                               "(its directory would score with a freshly drawn head); name an rm stage")
+        if key == "model.path" and source in REWARD_MODEL_KINDS and kind not in REWARD_MODEL_KINDS:
+            raise ConfigError(f"inputs.{key}: {stage_name!r} is a reward model (a score head, no language-model "
+                              f"head); a {kind} stage starts from a policy stage")
         deps.append(stage_name)
         return (f"{label}=" if label else "") + str(_output_path(by_name[stage_name], key))
 
