@@ -271,8 +271,17 @@ def test_an_interrupt_while_metrics_are_rewritten_on_resume_loses_no_step(tmp_pa
             raise KeyboardInterrupt
         return real_write_text(self, data, *args, **kwargs)
 
+    def open_for_writing(file, mode="r", *args, **kwargs):  # posttrain.files writes through open()
+        if "w" in mode and Path(file).name.startswith("metrics.jsonl"):
+            open(file, "w").close()
+            raise KeyboardInterrupt
+        return open(file, mode, *args, **kwargs)
+
+    import posttrain.files
+
     with monkeypatch.context() as patch:
         patch.setattr(Path, "write_text", write_text)
+        patch.setattr(posttrain.files, "open", open_for_writing, raising=False)
         with pytest.raises(KeyboardInterrupt):
             _toy_run(tmp_path, resume="auto")
     resumed = _toy_run(tmp_path, resume="auto")

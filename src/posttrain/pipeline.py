@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.errors import ConfigError, UserError
+from posttrain.files import write_atomically
 
 STATE_FILE = "pipeline_state.json"
 REWARD_MODEL_KINDS = {"rm"}  # every other kind produces a policy
@@ -291,9 +292,7 @@ def _write_state(output_dir: Path, state: dict[str, dict]) -> None:
     if not _first_process():  # several processes run the pipeline: the first keeps the record
         return
     output_dir.mkdir(parents=True, exist_ok=True)
-    tmp = output_dir / f".{STATE_FILE}.tmp"
-    tmp.write_text(json.dumps({"version": 1, "stages": state}, indent=1))
-    os.replace(tmp, output_dir / STATE_FILE)
+    write_atomically(output_dir / STATE_FILE, json.dumps({"version": 1, "stages": state}, indent=1))
 
 
 def is_complete(run_dir: Path) -> bool:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -39,10 +38,10 @@ def write_report(run_dir: Path | None, report: dict) -> None:
     when `run_dir` is None (a process other than the main one)."""
     if run_dir is None:
         return
+    from posttrain.files import write_atomically
+
     run_dir.mkdir(parents=True, exist_ok=True)
-    partial = run_dir / "data_report.json.partial"
-    partial.write_text(json.dumps(report, indent=1, default=str))
-    os.replace(partial, run_dir / "data_report.json")
+    write_atomically(run_dir / "data_report.json", json.dumps(report, indent=1, default=str))
 
 
 def _read(files: list[str], cfg, run_dir: Path | None, log: Callable[[str], None], name: str):

@@ -372,13 +372,9 @@ class _Progress:
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     """Replace `path` with `rows` all at once (a kill leaves the old file or the new one)."""
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, path)
+    from posttrain.files import write_atomically
+
+    write_atomically(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def check_resume_settings(out_dir: Path, settings: dict[str, Any], resuming: bool = True,

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import resource
 import sys
 from pathlib import Path
 
 import torch
+
+from posttrain.files import write_atomically
 
 
 def peak_memory_mb() -> float:
@@ -57,9 +58,7 @@ class RunLogger:
                 continue  # a line torn by a crash mid-write
             if isinstance(record, dict) and record.get("step", 0) <= step:
                 kept.append(line)
-        partial = self.path.with_name(self.path.name + ".tmp")  # replaced whole: an interrupt loses nothing
-        partial.write_text("".join(line + "\n" for line in kept))
-        os.replace(partial, self.path)
+        write_atomically(self.path, "".join(line + "\n" for line in kept))  # an interrupt loses nothing
 
     def advance(self, record: dict) -> None:
         if self.bar is not None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ import torch
 
 from posttrain.data.prompts import PromptRecord
 from posttrain.errors import ConfigError
+from posttrain.files import write_atomically
 
 # --------------------------------------------------------------------------- batches of completions
 
@@ -337,11 +337,8 @@ class RolloutStage:
             # start, or what a killed run sampled after its last checkpoint), and are dropped.
             self._samples_trimmed = True
             if path.is_file():
-                kept = [line for line in path.read_text().splitlines(keepends=True)
-                        if _sample_position(line) < (epoch, index)]
-                tmp = path.with_name(path.name + ".tmp")
-                tmp.write_text("".join(kept))
-                os.replace(tmp, path)
+                write_atomically(path, "".join(line for line in path.read_text().splitlines(keepends=True)
+                                               if _sample_position(line) < (epoch, index)))
         if not every or self.rollouts_done % every:
             return
         with path.open("a") as fh:
