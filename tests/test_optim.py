@@ -62,7 +62,9 @@ def test_reached_rows_update_equals_torch_adamw_bitwise(fused, wd):
     for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
         assert torch.equal(a, b), name
     seen = torch.unique(torch.cat([b.flatten() for b in batches]))
-    assert opt._reached[id(ours.embed.weight)].sum() == len(seen) < V / 2  # the rows it updated
+    state = opt.state[ours.embed.weight]
+    assert torch.equal(state["reached"], seen) and len(seen) < V / 2  # the rows it updated
+    assert state["exp_avg_reached"].shape == state["exp_avg_sq_reached"].shape == (len(seen), H)  # all it holds
     assert opt._row_sparse == [ours.embed.weight]
     if wd:  # a row never reached only decays, as in AdamW
         never = sorted(set(range(V)) - set(seen.tolist()))[0]
@@ -94,9 +96,32 @@ def test_resume_rebuilds_the_reached_rows_from_the_moments(fused):
     resumed.load_state_dict(first.state_dict())
     opt = AdamW(_groups(resumed, 0.1), row_sparse=[resumed.embed.weight], lr=1e-2, fused=fused)
     opt.load_state_dict(torch_opt.state_dict())
+    assert "exp_avg" not in opt.state[resumed.embed.weight]  # the loaded moments kept on their reached rows
     _train(opt, resumed, batches[4:])
     assert all(torch.equal(a, b) for a, b in zip(whole.parameters(), resumed.parameters()))
     assert set(opt.state_dict()["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
+
+
+@pytest.mark.parametrize("fused", [None, True], ids=["loop", "fused"])
+def test_state_dict_is_torch_adamws_while_only_reached_rows_are_held(fused):
+    """The embedding's moments live on its reached rows only (the memory AdamW's zeros would take);
+    the state dict spells them out as torch's [vocab, width] matrices, equal to torch's own."""
+    batches = _batches(5)
+    ours, theirs = TinyLM(), TinyLM()
+    opt = AdamW(_groups(ours, 0.1), row_sparse=[ours.embed.weight], lr=1e-2, fused=fused)
+    ref = torch.optim.AdamW(_groups(theirs, 0.1), lr=1e-2, fused=fused)
+    _train(opt, ours, batches)
+    _train(ref, theirs, batches)
+    held = opt.state[ours.embed.weight]
+    assert held["exp_avg_reached"].numel() * 4 < V * H  # under a quarter of torch's matrix
+    mine, torchs = opt.state_dict(), ref.state_dict()
+    assert mine["param_groups"] == torchs["param_groups"]
+    assert mine["state"].keys() == torchs["state"].keys()
+    for index, state in torchs["state"].items():
+        assert mine["state"][index].keys() == state.keys()
+        for key, value in state.items():
+            assert torch.equal(mine["state"][index][key], value), (index, key)
+    assert "exp_avg" not in held  # writing the state dict did not expand the held state
 
 
 def test_only_untied_trainable_embeddings_are_row_sparse():

@@ -337,7 +337,7 @@ def train_posttrain(args) -> dict:
         "step_cpu_s": step_cpu,
         "tokens": [b["tokens"] for b in batches[: len(steps)]],
         "tokens_processed": [int(r["tokens"]) for r in steps],  # posttrain's own count: a shared prompt once
-        "share_prompt": bool(getattr(getattr(cfg, "dpo", None), "share_prompt", False)),
+        "share_prompt": bool(getattr(getattr(cfg, "reward" if args.case == "rm" else "dpo", None), "share_prompt", False)),
         "first_batch_digest": batches[0]["digest"],
         "first_batch_label_tokens": batches[0]["label_tokens"],
         "losses": [r["loss"] for r in steps],

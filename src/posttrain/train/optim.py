@@ -160,16 +160,20 @@ def clip_grad_norm(parameters: list[torch.nn.Parameter], max_norm: float) -> tor
 
 
 class AdamW(torch.optim.AdamW):
-    """torch's AdamW, except that an embedding matrix is updated on the rows that have ever had a
-    gradient, not on all of them.
+    """torch's AdamW, except that an untied embedding matrix keeps moments only for the rows a
+    gradient has reached, and is updated on those rows only.
 
     A token absent from every batch so far has a zero gradient row and zero moments, and AdamW
     leaves such a row at p·(1 − lr·wd): the moment update is 0 and m̂/(√v̂ + ε) is 0. So the
     update below is AdamW's, row for row, while a 32k-token vocabulary of which a data set uses a
-    few thousand tokens costs the optimizer a few thousand rows, not 32k. The rows ever reached
-    are kept in `self._reached` (rebuilt from the moments after a resume); once they are over half
-    the matrix, the matrix goes back to torch's update of every row. The embedding's gradient may be
-    dense or sparse (`sparse_embedding_gradients`); torch's step gets a sparse one made dense.
+    few thousand tokens costs the optimizer a few thousand rows, in time and in memory: its state
+    holds `reached` (the sorted row ids) and the moments of those rows (`exp_avg_reached`,
+    `exp_avg_sq_reached`), not two [vocab, width] matrices of zeros. `state_dict()` writes torch's
+    full moments (built on the CPU), so checkpoints stay interchangeable with torch's AdamW, and
+    `load_state_dict` keeps the reached rows of what it loads. Once the reached rows are over half
+    the matrix, the matrix goes back to torch's state and update of every row. The embedding's
+    gradient may be dense or sparse (`sparse_embedding_gradients`); torch's step gets a sparse one
+    made dense.
     """
 
     def __init__(self, params, row_sparse: list[torch.Tensor] = (), **kwargs) -> None:
@@ -177,11 +181,22 @@ class AdamW(torch.optim.AdamW):
         in_groups = {id(p) for group in self.param_groups for p in group["params"]}
         self._embeddings = [p for p in row_sparse if id(p) in in_groups]
         self._row_sparse = list(self._embeddings)  # those not yet handed back to torch's step
-        self._reached: dict[int, torch.Tensor] = {}
+
+    def state_dict(self) -> dict:
+        state_dict = super().state_dict()
+        index = {id(p): i for i, p in enumerate(p for group in self.param_groups for p in group["params"])}
+        for p in self._embeddings:
+            state = self.state.get(p, {})
+            if "reached" in state:
+                state_dict["state"][index[id(p)]] = {"step": state["step"], **self._full_moments(p, torch.device("cpu"))}
+        return state_dict
 
     def load_state_dict(self, state_dict) -> None:
-        super().load_state_dict(state_dict)
-        self._reached.clear()  # rebuilt from the loaded moments
+        super().load_state_dict(state_dict)  # torch's full moments, on the parameters' devices
+        group_of = {id(p): group for group in self.param_groups for p in group["params"]}
+        for p in list(self._row_sparse):
+            if "exp_avg" in self.state.get(p, {}) and not group_of[id(p)]["amsgrad"] and type(p.detach()) is torch.Tensor:
+                self._keep_reached_rows(p)  # a sharded (DTensor) matrix stays torch's
 
     def step(self, closure=None):
         loss = None
@@ -192,7 +207,8 @@ class AdamW(torch.optim.AdamW):
             # A GradScaler drives the fused kernel (unscaling, skipping on inf — found_inf alone once
             # the gradients were unscaled for clipping): torch's AdamW, every row.
             self._densify(self._embeddings)
-            self._reached.clear()  # that step may reach rows: rebuild from the moments next time
+            for p in self._embeddings:
+                self._to_torch_state(p)
             _torch_step(self)
             return loss
         # A plain dense 2-D gradient or a sparse one (`sparse_embedding_gradients`); a sharded one
@@ -205,9 +221,9 @@ class AdamW(torch.optim.AdamW):
                 and (p.grad.is_sparse or (type(p.grad) is torch.Tensor and p.grad.layout == torch.strided))]
         held_ids = {id(p) for p, _ in held}
         self._densify([p for p in self._embeddings if id(p) not in held_ids])
-        for p in self._row_sparse:
+        for p in self._embeddings:
             if p.grad is not None and id(p) not in held_ids:
-                self._reached.pop(id(p), None)  # torch's step below may reach rows: rebuild next time
+                self._to_torch_state(p)  # torch's step below updates it
         for p, _ in held:
             p.grad = None  # torch's step skips a parameter without a gradient
         try:
@@ -236,45 +252,90 @@ class AdamW(torch.optim.AdamW):
         gathered = grad._values().new_zeros((rows.numel(), grad.shape[1]))
         return gathered.index_copy_(0, torch.searchsorted(rows, grad._indices()[0]), grad._values())
 
+    def _full_moments(self, p: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+        """torch's [vocab, width] moments of a reached-rows state: zero on the rows never reached."""
+        state = self.state[p]
+        rows = state["reached"].to(device)
+        full = {}
+        for key in ("exp_avg", "exp_avg_sq"):
+            part = state[f"{key}_reached"]
+            full[key] = torch.zeros(p.shape, dtype=part.dtype, device=device).index_copy_(0, rows, part.to(device))
+        return full
+
+    def _to_torch_state(self, p: torch.Tensor) -> None:
+        """Give a reached-rows state back torch's form, for a step or a load of torch's."""
+        state = self.state.get(p, {})
+        if "reached" in state:
+            full = self._full_moments(p, p.device)
+            for key in ("reached", "exp_avg_reached", "exp_avg_sq_reached"):
+                del state[key]
+            state.update(full)
+
+    def _keep_reached_rows(self, p: torch.Tensor) -> bool:
+        """torch's full moments → the reached rows' (rows with a nonzero moment; any other row's
+        moments are zero); False, and torch's state and step from now on, when over half are reached."""
+        state = self.state[p]
+        moments = state["exp_avg"], state["exp_avg_sq"]
+        rows = (moments[0].any(dim=1) | moments[1].any(dim=1)).nonzero().squeeze(1)
+        if rows.numel() * 2 > p.shape[0]:
+            self._row_sparse = [q for q in self._row_sparse if q is not p]
+            return False
+        state["reached"] = rows
+        state["exp_avg_reached"], state["exp_avg_sq_reached"] = (m.index_select(0, rows) for m in moments)
+        del state["exp_avg"], state["exp_avg_sq"]
+        return True
+
     def _row_step(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
         state = self.state[p]
-        if not state:  # the state torch's AdamW would create, so checkpoints stay interchangeable
+        if not state:  # torch's step counter; moments for no row yet
             scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
             state["step"] = (torch.zeros((), dtype=torch.float32, device=p.device) if group["fused"] or group["capturable"]
                              else torch.tensor(0.0, dtype=scalar))
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        moments = [state["exp_avg"], state["exp_avg_sq"]]
-        reached = self._reached.get(id(p))
-        if reached is None:
-            reached = moments[0].any(dim=1) | moments[1].any(dim=1)
+            state["reached"] = torch.zeros(0, dtype=torch.long, device=p.device)
+            state["exp_avg_reached"] = p.new_zeros((0, *p.shape[1:]))
+            state["exp_avg_sq_reached"] = p.new_zeros((0, *p.shape[1:]))
+        elif "exp_avg" in state and not self._keep_reached_rows(p):  # full moments from torch's step
+            self._adam([p], [grad.to_dense() if grad.is_sparse else grad],
+                       [state["exp_avg"], state["exp_avg_sq"]], state, group)
+            return
         if grad.is_sparse:
             grad = grad.coalesce()  # a no-op after clip_grad_norm
-            reached[grad._indices()[0]] = True
+            new = grad._indices()[0]
         else:
-            reached |= grad.any(dim=1)  # one pass over the gradient; no [rows, width] temporary
-        self._reached[id(p)] = reached
-        rows = reached.nonzero().squeeze(1)
-        dense = rows.numel() * 2 > p.shape[0]
-        if dense:
-            tensors = [p, grad.to_dense() if grad.is_sparse else grad, *moments]
-        else:
-            tensors = [p.index_select(0, rows), self._gradient_rows(grad, rows),
-                       *(m.index_select(0, rows) for m in moments)]
+            new = grad.any(dim=1).nonzero().squeeze(1)  # one pass over the gradient; no [rows, width] temporary
+        rows = state["reached"]
+        merged = torch.unique(torch.cat([rows, new]))
+        if merged.numel() > rows.numel():  # new rows reached: their moments start at zero
+            at = torch.searchsorted(merged, rows)
+            for key in ("exp_avg_reached", "exp_avg_sq_reached"):
+                grown = state[key].new_zeros((merged.numel(), *p.shape[1:]))
+                state[key] = grown.index_copy_(0, at, state[key])
+            state["reached"] = rows = merged
+        if rows.numel() * 2 > p.shape[0]:  # over half the matrix: torch's state and step from now on
+            self._to_torch_state(p)
+            self._row_sparse = [q for q in self._row_sparse if q is not p]
+            self._adam([p], [grad.to_dense() if grad.is_sparse else grad],
+                       [state["exp_avg"], state["exp_avg_sq"]], state, group)
+            return
+        part = p.index_select(0, rows)
+        self._adam([part], [self._gradient_rows(grad, rows)],
+                   [state["exp_avg_reached"], state["exp_avg_sq_reached"]], state, group)
+        p.index_copy_(0, rows, part)
+        if group["weight_decay"] != 0:  # the rows never reached: p·(1 − lr·wd), as AdamW does
+            idle = torch.ones(p.shape[0], dtype=torch.bool, device=p.device)
+            idle[rows] = False
+            idle = idle.nonzero().squeeze(1)
+            p.index_copy_(0, idle, p.index_select(0, idle).mul_(1 - group["lr"] * group["weight_decay"]))
+
+    @staticmethod
+    def _adam(params, grads, moments, state, group) -> None:
+        """torch's single-tensor (or fused) Adam update with decoupled weight decay, in place."""
         adam_update(
-            tensors[:1], tensors[1:2], tensors[2:3], tensors[3:4], [], [state["step"]],
+            params, grads, moments[:1], moments[1:], [], [state["step"]],
             amsgrad=False, has_complex=False, beta1=group["betas"][0], beta2=group["betas"][1], lr=group["lr"],
             weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
             foreach=False, capturable=group["capturable"], differentiable=False, fused=group["fused"],
             decoupled_weight_decay=True)
-        if dense:
-            self._row_sparse = [q for q in self._row_sparse if q is not p]  # from now on torch's step updates it
-            return
-        for full, part in zip((p, *moments), (tensors[0], *tensors[2:])):
-            full.index_copy_(0, rows, part)
-        if group["weight_decay"] != 0:  # the rows never reached: p·(1 − lr·wd), as AdamW does
-            idle = (~reached).nonzero().squeeze(1)
-            p.index_copy_(0, idle, p.index_select(0, idle).mul_(1 - group["lr"] * group["weight_decay"]))
 
 
 def _torch_step(optimizer: AdamW) -> None:
