@@ -181,8 +181,8 @@ def _load_stage(spec: dict, name: str, earlier: list[Stage], path: Path, output_
     own = own_file + own_cli
     if "output_dir" in _keys(own):
         raise ConfigError("output_dir is the pipeline's (each stage runs in OUTPUT_DIR/NAME); set it at the top")
-    wiring, deps = _wire(spec.get("inputs") or {}, earlier, own, kind)
     config_cls, run = registry[kind]()
+    wiring, deps = _wire(spec.get("inputs") or {}, earlier, own, kind, config_cls)
     config_file = path.parent / spec["config"] if spec.get("config") else None
     items = [*common, *own_file, *cli_stage[None], *own_cli] + [f"{k}={json.dumps(v)}" for k, v in wiring.items()]
     items += _alias_overrides(kind, items) + [f"output_dir={json.dumps(str(output_dir / name))}"]
@@ -197,10 +197,15 @@ def _load_stage(spec: dict, name: str, earlier: list[Stage], path: Path, output_
     return stage
 
 
-def _wire(inputs: Any, earlier: list[Stage], own: list[str], kind: str) -> tuple[dict[str, Any], list[str]]:
+def _wire(inputs: Any, earlier: list[Stage], own: list[str], kind: str,
+          config_cls: type) -> tuple[dict[str, Any], list[str]]:
     """Config key -> path(s) of earlier stages' outputs, with the default model.path; and the stages used."""
+    from posttrain.config.schema import check_override_key
+
     if not isinstance(inputs, dict):
         raise ConfigError("inputs must map config keys to earlier stage names, e.g. {reward.models: [rm]}")
+    for key in inputs:  # else a misspelt key surfaces as one of the stage's overrides
+        check_override_key(config_cls, f"{key}=", where="inputs")
     by_name = {s.name: s for s in earlier}
     clash = sorted(set(inputs) & _keys(own))
     if clash:

@@ -40,7 +40,7 @@ class RewardModelScorer:
     """Scores with a reward model directory (full model or LoRA adapter) and its tokenizer."""
 
     def __init__(self, path: str, template: str = "auto", batch_size: int = 32, dtype: str = "float32",
-                 trust_remote_code: bool = False, max_length: int = 1024, device=None):
+                 trust_remote_code: bool = False, max_length: int = 1024, device=None, log=None):
         from posttrain.data.templates import resolve_template
         from posttrain.models.loading import load_tokenizer
         from posttrain.models.attention import padding_free
@@ -54,8 +54,9 @@ class RewardModelScorer:
         self.decoder = is_decoder_scorer(self.model)
         limit = encoder_positions(self.model)  # an encoder reads no further than its position table
         self.batch_size, self.max_length = batch_size, max_length if limit is None else min(max_length, limit)
-        if self.decoder:  # the real tokens only, the last layer at the last one (exact)
-            padding_free(_classifier(self.model), longest=max_length)
+        if self.decoder:  # the real tokens only, the last layer at the last one (exact); `log` hears why not
+            padding_free(_classifier(self.model), log=log, longest=max_length,
+                         option=f"padding-free scoring with the reward model {path}")
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[list[dict]], responses: Sequence[str], rows=None) -> list[float]:
@@ -238,15 +239,16 @@ def _pairs_option(values: list[str], what: str, repeat: bool = True) -> dict[str
 
 
 def build_combined(models: list[str], functions: list[str], weights: list[str], floors: list[str],
-                   template: str = "auto", batch_size: int = 32, device=None) -> CombinedReward:
+                   template: str = "auto", batch_size: int = 32, device=None, log=None) -> CombinedReward:
     """The reward of `posttrain score`: models 'DIR' or 'NAME=DIR', functions 'NAME=module:fn'.
-    template: how reward models render a conversation ("auto": each one's own saved template)."""
+    template: how reward models render a conversation ("auto": each one's own saved template);
+    log: hears a reward model's notes (one that cannot score padding-free says why)."""
     components = []
     for i, item in enumerate(models):
         name, sep, path = item.partition("=")
         if not sep or os.sep in name or os.path.exists(item):  # a directory whose path holds '=' is a path
             name, path = f"rm{i}" if len(models) > 1 else "reward_model", item
-        components.append(RewardComponent(name, RewardModelScorer(path, template, batch_size, device=device)))
+        components.append(RewardComponent(name, RewardModelScorer(path, template, batch_size, device=device, log=log)))
     for name, spec in _pairs_option(functions, "--function", repeat=False).items():
         components.append(RewardComponent(name, function_reward(spec)))
     set_by_name(components, weights, "--weight", "weight")
@@ -303,7 +305,8 @@ def score_main(args) -> int:
         raise ConfigError("give at least one --model reward model or --function reward")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
-    combined = build_combined(args.model, args.function, args.weight, args.floor, args.template, args.batch_size)
+    combined = build_combined(args.model, args.function, args.weight, args.floor, args.template, args.batch_size,
+                              log=lambda line: print(line, file=sys.stderr))  # stdout may be the output
     rows, prompts, responses, locations = _read_scoring_rows(args.input)
     written = [args.column] + ([f"{args.column}_{c.name}" for c in combined.components]
                                if len(combined.components) > 1 else [])

@@ -38,7 +38,7 @@ class _StageConfig:
             data = read_yaml(path)
             source = str(path)
         for item in overrides:
-            _check_override_key(cls, item)  # named as the command line's, not the file's
+            check_override_key(cls, item)  # named as the command line's, not the file's
             apply_override(data, item)
         return cls.from_dict(data, source=source)
 
@@ -114,22 +114,22 @@ def apply_override(data: dict[str, Any], item: str) -> None:
     node[parts[-1]] = value
 
 
-def _check_override_key(root: type, item: str) -> None:
-    """An override's key must name a setting or a section of `root` (errors name the command
-    line, where the key was typed, not the config file)."""
+def check_override_key(root: type, item: str, where: str = "overrides") -> None:
+    """An override's key must name a setting or a section of `root` (errors name `where` the key
+    was typed — the command line's overrides, a pipeline stage's inputs — not the config file)."""
     if "=" not in item:
         return  # apply_override says what an override looks like
     key = item.split("=", 1)[0].strip()
     cls, prefix, parts = root, "", key.split(".")
     for i, part in enumerate(parts):
         if cls is None:
-            raise ConfigError(f"overrides: {prefix.rstrip('.')} is a setting, not a section ({key})")
+            raise ConfigError(f"{where}: {prefix.rstrip('.')} is a setting, not a section ({key})")
         fields = {f.name: f for f in dataclasses.fields(cls)}
         if part not in fields:  # judged by the whole rest, as a file's unknown section is by its first key
             unknown = prefix + ".".join(parts[i:])
             close = _suggest(unknown, root)
             hint = f"; did you mean {close}?" if close else f"; valid keys here: {', '.join(prefix + n for n in fields)}"
-            raise ConfigError(f"overrides: unknown key {unknown}{hint}")
+            raise ConfigError(f"{where}: unknown key {unknown}{hint}")
         hint = typing.get_type_hints(cls)[part]
         cls, prefix = (hint if dataclasses.is_dataclass(hint) else None), prefix + part + "."
 

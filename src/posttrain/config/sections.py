@@ -148,7 +148,9 @@ class TrainConfig:
     save_every: int = option(0, "checkpoint every N steps (0 = only at the end)")
     keep_last: int = option(2, "complete checkpoints to keep")
     resume: str = option("auto", "auto (newest complete checkpoint in output_dir), never, or a checkpoint path")
-    log_every: int = option(1, "write metrics every N steps")
+    log_every: int = option(1, "write metrics every N steps: loss, grad norm, tokens and stage metrics are "
+                                "means over them (a skipped non-finite step is logged alone); lr, epoch and "
+                                "counters are the last step's")
     max_consecutive_nonfinite: int = option(5, "stop after this many non-finite steps in a row")
     report_to: list[str] = option([], "extra trackers through accelerate: tensorboard, wandb")
     progress_bar: bool = option(True, "show a progress bar with ETA")

@@ -44,4 +44,6 @@ class Example:
 
     @property
     def num_label_tokens(self) -> int:
-        return sum(1 for t in self.labels if t != IGNORE_INDEX)
+        """Tokens the loss trains on. The first never is (no position before it predicts it), so a
+        one-token text example has none."""
+        return sum(1 for t in self.labels[1:] if t != IGNORE_INDEX)

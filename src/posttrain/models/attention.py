@@ -115,7 +115,8 @@ def block_masks_allowed(model, option: str, log=None) -> bool:
     return False
 
 
-def padding_free(model, enabled: bool = True, log=None, longest: int | None = None) -> bool:
+def padding_free(model, enabled: bool = True, log=None, longest: int | None = None,
+                 option: str = "model.padding_free") -> bool:
     """Let `model` take padding-free batches (see above), or with enabled=False no longer;
     returns whether it now does.
 
@@ -126,14 +127,14 @@ def padding_free(model, enabled: bool = True, log=None, longest: int | None = No
     `packed_slots` its attention is the original one. The change is the config's
     `_attn_implementation` (shared by every layer, kept by deepcopy, not saved in config.json),
     so it holds under gradient checkpointing's recompute as well. `log` hears why a model that
-    was asked cannot.
+    was asked cannot, in a note naming `option`.
     """
     config = getattr(model, "config", None)
     if config is None:
         return False
     from posttrain.models.readout import trim_last_layer
 
-    if not enabled or (longest is not None and not window_allows(model, longest, "model.padding_free", log)):
+    if not enabled or (longest is not None and not window_allows(model, longest, option, log)):
         if config._attn_implementation == _NAME:
             config._attn_implementation = "sdpa"
         trim_last_layer(model, enabled=False)
@@ -145,7 +146,7 @@ def padding_free(model, enabled: bool = True, log=None, longest: int | None = No
     if kind not in PACKED_MODEL_TYPES or attention != "sdpa" or getattr(model, "virtual_peft", None) is not None:
         if log is not None:
             why = "virtual tokens" if getattr(model, "virtual_peft", None) is not None else f"{kind}, {attention} attention"
-            log(f"note: model.padding_free does not apply to this model ({why}); batches keep their padding")
+            log(f"note: {option} does not apply to this model ({why}); batches keep their padding")
         return False
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface

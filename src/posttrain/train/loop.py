@@ -27,7 +27,7 @@ import torch
 
 from posttrain.errors import ConfigError, TrainingAborted
 from posttrain.train import checkpoint
-from posttrain.train.metrics import RunLogger, peak_memory_mb
+from posttrain.train.metrics import AT_STEP, RunLogger, add_to_interval, close_interval, peak_memory_mb
 from posttrain.train.optim import clip_grad_norm, lr_factor, make_optimizer, set_lr, sparse_embedding_gradients
 
 Batch = dict[str, torch.Tensor]
@@ -60,6 +60,8 @@ class Stage(Protocol):
     # lr_scale(param_name) -> float multiplies a parameter's learning rate (LoRA+);
     # inactive_parameters(step) -> parameters not updated at that step (staged unfreezing);
     # finish_metrics(averaged metrics) -> metrics to log (e.g. a std from a mean square);
+    # metrics_at_step: names of those metrics a log line takes from its own step rather than
+    # averaging over train.log_every steps (a position or a setting: PPO's ppo_update);
     # state_dict() -> (plain values, tensors) saved in every checkpoint, and load_state_dict(plain,
     # tensors) called on resume before the first micro-batch is asked for (PPO's KL coefficient and
     # the rollout it is part-way through);
@@ -194,15 +196,16 @@ def _to(batch: Batch, device) -> Batch:
 def _train_step(module, stage: Stage, micro: list[Batch], accelerator, cfg, inactive=()) -> tuple[float, float, dict]:
     """Forward/backward over this process's share of one global step; returns (loss, grad norm, metrics).
 
-    Gradients of `inactive` parameters are dropped, so the optimizer leaves them alone."""
+    Gradients of `inactive` parameters are dropped, so the optimizer leaves them alone. A
+    micro-batch without labels (a summed loss of 0) still runs its forward and backward, as every
+    process must take part in DDP's reduction; only a step with no label at all stops the run."""
     world = accelerator.num_processes
-    weights = [stage.weight(b) for b in micro]
-    if min(weights) <= 0:
+    total_weight = sum(stage.weight(b) for b in micro)
+    if total_weight <= 0:
         raise TrainingAborted(
-            "a batch has no label tokens (every label is masked): the run would train on nothing; "
+            "a step has no label tokens (every label of its batches is masked): the run would train on nothing; "
             "check the chat template and data.format"
         )
-    total_weight = sum(weights)
     mine = micro[accelerator.process_index :: world]
     sums = _Sums(accelerator)
     with _prepared(stage, mine, accelerator):
@@ -234,6 +237,7 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: str | None
     optimizer = make_optimizer(stage.module, cfg, getattr(stage, "lr_scale", None))
     inactive_at = getattr(stage, "inactive_parameters", lambda step: [])
     after_optimizer_step = getattr(stage, "after_optimizer_step", lambda step: None)
+    at_step = AT_STEP | frozenset(getattr(stage, "metrics_at_step", ()))
     module, optimizer = accelerator.prepare(stage.module, optimizer)
     rank, world = accelerator.process_index, accelerator.num_processes
     group = world * cfg.grad_accum
@@ -313,8 +317,13 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: str | None
                 state.pop("step_in_epoch", None)
                 abort = _count_nonfinite(state, finite, cfg, log, overflow_scale)
                 record = _step_record(state, loss, lr, grad_norm, stage, micro, started, world) | metrics
-                if state["step"] % cfg.log_every == 0 or state["step"] == total_steps or not finite:
-                    log.log(record)
+                interval = state.setdefault("log_interval", {})  # see metrics.py: lines hold interval means
+                if finite:
+                    add_to_interval(interval, record, at_step)
+                if (state["step"] % cfg.log_every == 0 or state["step"] == total_steps or not finite) and interval:
+                    log.log(close_interval(interval))
+                if not finite:
+                    log.log(record | {"steps_averaged": 1})
                 log.advance(record)
                 if abort:
                     raise TrainingAborted(abort)

@@ -1,4 +1,13 @@
-"""Run logging: metrics.jsonl (always), a progress bar with ETA, optional accelerate trackers."""
+"""Run logging: metrics.jsonl (always), a progress bar with ETA, optional accelerate trackers.
+
+With train.log_every = N, a training line holds the mean of each per-step figure (loss, grad
+norm, the stage's metrics, tokens and step time) over the steps since the previous line, as
+HF Trainer averages its loss over logging_steps; `steps_averaged` says how many. tokens_per_s
+is the interval's tokens over its time. What describes a moment rather than a step — step,
+epoch, lr, the running totals and peaks (`AT_STEP`, and a stage's `metrics_at_step`) — is the
+line's own step's. A non-finite (skipped) step is never averaged: it is logged at once with its
+own values, after a line for the steps before it.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +27,33 @@ def peak_memory_mb() -> float:
         return torch.cuda.max_memory_allocated() / 2**20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
+
+
+AT_STEP = frozenset({"step", "epoch", "lr", "skipped_steps", "peak_mem_mb", "world_size"})
+
+
+def add_to_interval(interval: dict, record: dict, at_step: frozenset = AT_STEP) -> None:
+    """Add a finite step's record to `interval`: plain sums and counts, kept in the loop state so
+    that a checkpoint holds them and a resumed run logs the lines an uninterrupted one does."""
+    sums = interval.setdefault("sums", {})
+    for key, value in record.items():
+        if key not in at_step and isinstance(value, (int, float)):
+            total, count = sums.get(key, (0.0, 0))
+            sums[key] = (total + value, count + 1)
+    interval["steps"] = interval.get("steps", 0) + 1
+    interval["last"] = record
+
+
+def close_interval(interval: dict) -> dict:
+    """The line for the steps in `interval` (its last step's record with the per-step figures
+    replaced by their means), which is emptied. One step's line is its record as it was."""
+    sums, last, steps = interval.pop("sums"), interval.pop("last"), interval.pop("steps")
+    if steps == 1:
+        return last | {"steps_averaged": 1}
+    line = {key: sums[key][0] / sums[key][1] if key in sums else value for key, value in last.items()}
+    if sums.get("step_time_s", (0.0,))[0] > 0 and "tokens" in sums:
+        line["tokens_per_s"] = sums["tokens"][0] / sums["step_time_s"][0]
+    return line | {"steps_averaged": steps}
 
 
 class RunLogger:

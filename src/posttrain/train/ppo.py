@@ -126,6 +126,8 @@ class PPOLoss(torch.nn.Module):
 class PPOStage(RolloutStage):
     """The loop's Stage: a rollout, then ppo.epochs × ppo.minibatches optimizer steps on it."""
 
+    metrics_at_step = ("ppo_update", "rollout/kl_coef")  # a position and a setting: no mean over log_every
+
     def __init__(self, module: PPOLoss, *args, **kwargs):
         super().__init__(module, *args, **kwargs)
         p = self.cfg.ppo

@@ -354,13 +354,13 @@ class RolloutStage:
 # --------------------------------------------------------------------------- rewards and held-out evaluation
 
 
-def build_reward(cfg, device=None):
+def build_reward(cfg, device=None, log=None):
     """The configured reward: functions, reward models and a format check, combined with weights.
     Reward models run on `device` and read each conversation with their own saved template (the
-    one they trained with), whatever the policy's `data.template`."""
+    one they trained with), whatever the policy's `data.template`; `log` hears their notes."""
     from posttrain.rewards import CombinedReward, RewardComponent, build_combined, format_reward, set_by_name
 
-    combined = build_combined(cfg.reward.models, cfg.reward.functions, [], [], device=device)
+    combined = build_combined(cfg.reward.models, cfg.reward.functions, [], [], device=device, log=log)
     if cfg.reward.format_regex:
         combined.components.append(RewardComponent("format", format_reward(cfg.reward.format_regex)))
     set_by_name(combined.components, cfg.reward.weights, "reward.weights", "weight")
@@ -499,7 +499,7 @@ def start_rl_run(cfg, needs_reference: bool, extra_parts=()) -> RLRun:
     # before the reference copy: it takes them too
     padding_free(model, cfg.model.padding_free, log, cfg.data.max_prompt_length + cfg.rollout.max_new_tokens)
     data = prepare_prompt_data(cfg, tokenizer, run_dir, main, log)
-    score = build_reward(cfg, accelerator.device)
+    score = build_reward(cfg, accelerator.device, log)
     needs_copy = needs_reference and not hasattr(model, "adapters_disabled")
     frozen = copy.deepcopy(model).requires_grad_(False).eval() if needs_copy else None
     for part in (model, frozen):  # one by one: a 4-bit base placed by device_map refuses .to

@@ -145,12 +145,33 @@ def build_model(cfg: SFTConfig, log, run_dir: Path | None = None):
     model = apply_adapters(model, cfg.adapter, plan=plan)
     lean_activations(model, cfg.model.lean_activations)  # again: the adapters' LoRA linears
     if cfg.train.freeze:
+        _check_tied_names(model, cfg.train.freeze)
         freeze_by_pattern(model, cfg.train.freeze)
     report = parameter_report(model, cfg.train.optimizer)
     log(format_report(report))
     if run_dir is not None:
         (run_dir / "params.json").write_text(json.dumps(report, indent=1))
     return tokenizer, model, AdapterTraining(model, plan, cfg.adapter.lora.lr_ratio_b, log)
+
+
+def _check_tied_names(model, patterns: list[str]) -> None:
+    """A train.freeze pattern that names only the second name of a shared tensor (a tied
+    lm_head.weight, which named_parameters lists under the input embedding's name) matches no
+    parameter; say what it is tied to, rather than that it matches nothing."""
+    import fnmatch
+
+    from posttrain.train.optim import input_embedding_parameters
+
+    first = {id(p): name for name, p in model.named_parameters()}
+    embedding = input_embedding_parameters(model)
+    for pattern in patterns:
+        if any(fnmatch.fnmatch(name, pattern) for name in first.values()):
+            continue
+        for name, param in model.named_parameters(remove_duplicate=False):
+            if fnmatch.fnmatch(name, pattern) and first.get(id(param), name) != name:
+                owner = ("the input embedding " if id(param) in embedding else "") + first[id(param)]
+                raise ConfigError(f"train.freeze pattern {pattern!r}: {name} is tied to {owner} (one tensor); "
+                                  f"freezing {first[id(param)]!r} freezes both")
 
 
 def check_packing(model) -> None:
