@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from posttrain.data.batching import collate, collate_packed, pack, packed_real_tokens, plan_batches, shard_batches
+from posttrain.data.batching import collate, collate_packed, pack, packed_real_tokens, plan_batches
 from posttrain.data.records import IGNORE_INDEX, Example
 
 PAD_ID = 0
@@ -185,25 +185,6 @@ def test_grouped_plan_puts_longest_first_and_varies_lengths():
     assert max(lengths) in [lengths[i] for i in plan[0]]
     batch_max = [max(lengths[i] for i in b) for b in plan[1:]]
     assert batch_max != sorted(batch_max) and batch_max != sorted(batch_max, reverse=True)
-
-
-def test_shard_batches_keeps_the_global_batch_whatever_the_world_size():
-    plan = [[i] for i in range(48)]
-    micro_per_step = 8  # world_size × grad_accum, held fixed
-
-    def global_steps(world_size):
-        shards = [shard_batches(plan, rank, world_size) for rank in range(world_size)]
-        accum = micro_per_step // world_size
-        steps = []
-        for s in range(len(plan) // micro_per_step):
-            step = [b for shard in shards for b in shard[s * accum : (s + 1) * accum]]
-            steps.append(sorted(i for b in step for i in b))
-        return steps
-
-    assert global_steps(1) == global_steps(2) == global_steps(4) == global_steps(8)
-    assert [len(shard_batches(plan[:7], r, 2)) for r in range(2)] == [3, 3]
-    with pytest.raises(ValueError):
-        shard_batches(plan, 2, 2)
 
 
 def test_packed_real_tokens_counts_a_real_pad_id_and_a_full_row():

@@ -206,9 +206,16 @@ def _check_sparse_steps(fused, wd: float, handed_back: bool, device: str) -> Non
         theirs_norms = _sparse_train(torch.optim.AdamW(_groups(theirs, wd), lr=1e-2, fused=fused), theirs, batches,
                                      densify=True)
     assert not ours.embed.sparse  # switched back on exit
-    assert ours_norms == theirs_norms
-    for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
-        assert torch.equal(a, b), name
+    if device == "cuda":
+        # CUDA sums the sparse gradient's values and the dense matrix in other orders: the clipping
+        # norms, and so every update after, agree to rounding (the CPU sums them alike: bitwise)
+        torch.testing.assert_close(torch.stack(ours_norms), torch.stack(theirs_norms), rtol=1e-6, atol=0)
+        for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+    else:
+        assert ours_norms == theirs_norms
+        for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
+            assert torch.equal(a, b), name
     assert opt._row_sparse == ([] if handed_back else [ours.embed.weight])
 
 

@@ -49,7 +49,7 @@ def _small_lm(kind: str, vocab: int):
 def _logps_and_grads(model, batch):
     model.zero_grad()
     logps, counts = batch_logps(model, batch, chunk_size=7)
-    (logps * torch.linspace(1, 2, len(logps), dtype=logps.dtype)).sum().backward()
+    (logps * torch.linspace(1, 2, len(logps), dtype=logps.dtype, device=logps.device)).sum().backward()
     return logps.detach(), counts, [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
 
@@ -128,7 +128,7 @@ def test_plain_padded_rows_give_the_padded_log_probs_and_gradients(tokenizer, it
     def run():
         model.zero_grad()
         logps, counts = policy_logps(model, ids, labels, mask, chunk_size=7)
-        (logps * torch.linspace(1, 2, len(logps), dtype=logps.dtype)).sum().backward()
+        (logps * torch.linspace(1, 2, len(logps), dtype=logps.dtype, device=logps.device)).sum().backward()
         return logps.detach(), counts, [p.grad.clone() for p in model.parameters()]
 
     expected = run()

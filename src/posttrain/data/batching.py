@@ -198,19 +198,3 @@ def plan_batches(
 
 def _split(indices: list[int], batch_size: int) -> list[list[int]]:
     return [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
-
-
-def shard_batches(batches: list[list[int]], rank: int, world_size: int) -> list[list[int]]:
-    """This process's micro-batches: every `world_size`-th one, starting at `rank`.
-
-    With the trainer taking `world_size * grad_accum` consecutive micro-batches of the
-    plan per optimizer step, step s uses plan[s*W*A : (s+1)*W*A] whatever W is; rank r
-    holds the r-th, (r+W)-th, ... of those. So 1 process × accumulation 8 and 2 processes
-    × accumulation 4 see the same global batches. The plan is first trimmed to a multiple
-    of `world_size` so every rank runs the same number of steps (an uneven count would
-    hang the collective ops); the loop should also stop at the last whole optimizer step.
-    """
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
-    usable = len(batches) - len(batches) % world_size
-    return batches[rank:usable:world_size]

@@ -23,6 +23,26 @@ def masked_attention_kernels(device: torch.device):
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
+@contextlib.contextmanager
+def training_attention_kernels(device: torch.device):
+    """A training run's attention on CUDA: cuDNN's sdpa kernel off for the whole run, so that
+    a layer's gradient-checkpointing recompute, which runs in the backward outside any forward's
+    `masked_attention_kernels`, picks the kernel its forward picked. Otherwise the recompute of
+    a masked layer took cuDNN's kernel where the forward had taken the memory-efficient one,
+    and torch's checkpoint refused the differently shaped saved tensors (a reward model with
+    `model.gradient_checkpointing` on an H200). cuDNN's kernel is also the one that plans per
+    batch width (above). The setting is restored on exit."""
+    if device.type != "cuda":
+        yield
+        return
+    enabled = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(enabled)
+
+
 # --------------------------------------------------------------------------- padding-free rows
 #
 # A batch of rows of unequal length is padded to its widest row, and every linear, norm and

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import torch
 
 from posttrain.errors import ConfigError, TrainingAborted
+from posttrain.models.attention import training_attention_kernels
 from posttrain.train import checkpoint
 from posttrain.train.metrics import AT_STEP, RunLogger, add_to_interval, close_interval, peak_memory_mb
 from posttrain.train.optim import clip_grad_norm, lr_factor, make_optimizer, set_lr, sparse_embedding_gradients
@@ -296,7 +297,8 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: str | None
     # One process without a GradScaler: untied embeddings take sparse gradients (see optim.py).
     sparse_ok = (world == 1 and accelerator.distributed_type == "NO" and accelerator.scaler is None
                  and getattr(cfg, "optimizer", "adamw") in ("adamw", "adamw_fused"))
-    with sparse_embedding_gradients(accelerator.unwrap_model(module), enabled=sparse_ok):
+    with sparse_embedding_gradients(accelerator.unwrap_model(module), enabled=sparse_ok), \
+            training_attention_kernels(accelerator.device):
         try:
             while state["step"] < total_steps and not stopped_early:
                 started = time.perf_counter()

@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 from torch.optim.adam import adam as adam_update
+from torch.optim.optimizer import _default_to_fused_or_foreach
 
 from posttrain.errors import ConfigError
 
@@ -173,7 +174,9 @@ class AdamW(torch.optim.AdamW):
     `load_state_dict` keeps the reached rows of what it loads. Once the reached rows are over half
     the matrix, the matrix goes back to torch's state and update of every row. The embedding's
     gradient may be dense or sparse (`sparse_embedding_gradients`); torch's step gets a sparse one
-    made dense.
+    made dense. The rows go through the kernel torch would use (single-tensor loop, foreach) and
+    equal its update bit for bit; with the fused kernel (`adamw_fused`) they equal it to the last
+    bit of rounding only, since that kernel rounds an element by where it sits in the tensor.
     """
 
     def __init__(self, params, row_sparse: list[torch.Tensor] = (), **kwargs) -> None:
@@ -181,22 +184,37 @@ class AdamW(torch.optim.AdamW):
         in_groups = {id(p) for group in self.param_groups for p in group["params"]}
         self._embeddings = [p for p in row_sparse if id(p) in in_groups]
         self._row_sparse = list(self._embeddings)  # those not yet handed back to torch's step
+        # first of the post hooks, so that any other one sees torch's format
+        self.register_state_dict_post_hook(AdamW._torch_format, prepend=True)
 
-    def state_dict(self) -> dict:
-        state_dict = super().state_dict()
-        index = {id(p): i for i, p in enumerate(p for group in self.param_groups for p in group["params"])}
-        for p in self._embeddings:
-            state = self.state.get(p, {})
+    def __getstate__(self) -> dict:  # torch's keeps defaults, state and param_groups only (deepcopy, pickle)
+        return super().__getstate__() | {"_embeddings": self._embeddings, "_row_sparse": self._row_sparse}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.register_state_dict_post_hook(AdamW._torch_format, prepend=True)
+
+    @staticmethod
+    def _torch_format(optimizer: "AdamW", state_dict: dict) -> dict:
+        """torch's state dict: the reached rows' moments written out as [vocab, width] matrices (on the CPU)."""
+        index = {id(p): i for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])}
+        for p in optimizer._embeddings:
+            state = optimizer.state.get(p, {})
             if "reached" in state:
-                state_dict["state"][index[id(p)]] = {"step": state["step"], **self._full_moments(p, torch.device("cpu"))}
+                full = optimizer._full_moments(p, torch.device("cpu"))
+                state_dict["state"][index[id(p)]] = {"step": state["step"], **full}
         return state_dict
 
     def load_state_dict(self, state_dict) -> None:
         super().load_state_dict(state_dict)  # torch's full moments, on the parameters' devices
         group_of = {id(p): group for group in self.param_groups for p in group["params"]}
+        # every plain matrix outside an amsgrad group starts again from its reached rows (a sharded,
+        # DTensor, one stays torch's)
+        self._row_sparse = [p for p in self._embeddings
+                            if not group_of[id(p)]["amsgrad"] and type(p.detach()) is torch.Tensor]
         for p in list(self._row_sparse):
-            if "exp_avg" in self.state.get(p, {}) and not group_of[id(p)]["amsgrad"] and type(p.detach()) is torch.Tensor:
-                self._keep_reached_rows(p)  # a sharded (DTensor) matrix stays torch's
+            if "exp_avg" in self.state.get(p, {}):
+                self._keep_reached_rows(p)
 
     def step(self, closure=None):
         loss = None
@@ -218,7 +236,8 @@ class AdamW(torch.optim.AdamW):
         group_of = {id(p): group for group in self.param_groups for p in group["params"]}
         held = [(p, p.grad) for p in self._row_sparse if p.grad is not None and p.grad.shape == p.shape
                 and not group_of[id(p)]["amsgrad"]
-                and (p.grad.is_sparse or (type(p.grad) is torch.Tensor and p.grad.layout == torch.strided))]
+                and ((p.grad.is_sparse and p.grad.sparse_dim() == 1)
+                     or (type(p.grad) is torch.Tensor and p.grad.layout == torch.strided))]
         held_ids = {id(p) for p, _ in held}
         self._densify([p for p in self._embeddings if id(p) not in held_ids])
         for p in self._embeddings:
@@ -325,17 +344,34 @@ class AdamW(torch.optim.AdamW):
             idle = torch.ones(p.shape[0], dtype=torch.bool, device=p.device)
             idle[rows] = False
             idle = idle.nonzero().squeeze(1)
-            p.index_copy_(0, idle, p.index_select(0, idle).mul_(1 - group["lr"] * group["weight_decay"]))
+            decayed = p.index_select(0, idle)
+            if _foreach(group, p):  # rounded as torch's foreach kernel rounds it
+                torch._foreach_mul_([decayed], 1 - group["lr"] * group["weight_decay"])
+            else:
+                decayed.mul_(1 - group["lr"] * group["weight_decay"])
+            p.index_copy_(0, idle, decayed)
 
     @staticmethod
     def _adam(params, grads, moments, state, group) -> None:
-        """torch's single-tensor (or fused) Adam update with decoupled weight decay, in place."""
+        """torch's Adam update with decoupled weight decay, in place, by the kernel torch's AdamW
+        would pick for the parameter: fused if asked, else foreach if asked or by torch's default
+        (on CUDA), else the single-tensor loop."""
         adam_update(
             params, grads, moments[:1], moments[1:], [], [state["step"]],
             amsgrad=False, has_complex=False, beta1=group["betas"][0], beta2=group["betas"][1], lr=group["lr"],
             weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
-            foreach=False, capturable=group["capturable"], differentiable=False, fused=group["fused"],
-            decoupled_weight_decay=True)
+            foreach=_foreach(group, params[0]), capturable=group["capturable"], differentiable=False,
+            fused=group["fused"], decoupled_weight_decay=True)
+
+
+def _foreach(group: dict, p: torch.Tensor) -> bool:
+    """Whether torch's AdamW steps `p` with its foreach kernel: as the group says, or by torch's
+    default (CUDA tensors), and never next to the fused kernel."""
+    if group["fused"]:
+        return False
+    if group["foreach"] is not None:
+        return bool(group["foreach"])
+    return _default_to_fused_or_foreach([p], differentiable=False, use_fused=False)[1]
 
 
 def _torch_step(optimizer: AdamW) -> None:
