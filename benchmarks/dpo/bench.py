@@ -57,6 +57,7 @@ VARIANTS = {
                   # gradient checkpointing on, as in TRL's default rows (the GPU table's memory rows)
                   "precompute+gc": {"dpo.reference": "precompute", "model.gradient_checkpointing": "true"},
                   "gc": {"model.gradient_checkpointing": "true"},
+                  "gc+lean": {"model.gradient_checkpointing": "true", "model.lean_activations": "true"},
                   # posttrain's lean RMSNorm / SwiGLU forced off (the GPU default is on) or on (the
                   # CPU default, model.lean_activations=auto, is off)
                   "precompute+not_lean": {"dpo.reference": "precompute", "model.lean_activations": "false"},

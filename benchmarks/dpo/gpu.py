@@ -105,11 +105,14 @@ def write_markdown(report: dict, path: Path) -> None:
               "pass) and TRL's smallest row (peak GPU memory); against TRL's own default in brackets.", "",
               "| case | posttrain row | step time vs TRL fastest | peak memory vs TRL smallest | met? |",
               "|---|---|---|---|---|"]
+    def vs_default(ratio):
+        return "TRL's default not run" if ratio is None else f"default {ratio:.2f}×"
+
     for vd in report["verdicts"]:
         d = vd.get("vs_default", {})
         lines.append(f"| {vd['case']} | {vd['posttrain_row']} | {vd['time_ratio_vs_fastest']:.2f}× ({vd['trl_fastest']}; "
-                     f"default {d.get('time', float('nan')):.2f}×) | {vd['memory_ratio_vs_smallest']:.2f}× "
-                     f"({vd['trl_smallest']}; default {d.get('memory', float('nan')):.2f}×) | "
+                     f"{vs_default(d.get('time'))}) | {vd['memory_ratio_vs_smallest']:.2f}× "
+                     f"({vd['trl_smallest']}; {vs_default(d.get('memory'))}) | "
                      f"{'yes' if vd['met'] else 'no'} |")
     if report["failed"]:
         lines += ["", "Rows that failed to run:", ""] + [f"- {f}" for f in report["failed"]]

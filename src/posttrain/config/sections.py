@@ -129,10 +129,11 @@ class TrainConfig:
     adam_betas: list[float] = option([0.9, 0.999], "AdamW betas")
     adam_eps: float = option(1e-8, "AdamW epsilon")
     optimizer: Literal["adamw", "adamw_fused", "adamw_8bit", "paged_adamw_8bit"] = option(
-        "adamw", "adamw (torch's per-tensor loop), adamw_fused (torch's fused kernel: the same update, several "
+        "adamw", "adamw (torch's per-tensor loop, or its foreach kernel on CUDA), adamw_fused (torch's fused kernel: the same update, several "
                  "times faster, differs in the last bits), or bitsandbytes' 8-bit / paged 8-bit AdamW (CUDA only); "
                  "adamw and adamw_fused update an untied input embedding on the rows a gradient has reached (from a "
-                 "sparse gradient on one process), bit for bit the same update")
+                 "sparse gradient on one process) and keep its moments for those rows only; checkpoints hold torch's "
+                 "full state; the same update bit for bit with adamw, to rounding with adamw_fused")
     max_grad_norm: float = option(1.0, "clip the global gradient norm to this (0 = no clipping)")
     schedule: Literal["constant", "linear", "cosine"] = option("cosine", "learning-rate schedule after warmup")
     warmup_steps: int = option(0, "linear warmup steps")
