@@ -206,12 +206,14 @@ def _check_sparse_steps(fused, wd: float, handed_back: bool, device: str) -> Non
         theirs_norms = _sparse_train(torch.optim.AdamW(_groups(theirs, wd), lr=1e-2, fused=fused), theirs, batches,
                                      densify=True)
     assert not ours.embed.sparse  # switched back on exit
-    if device == "cuda":
-        # CUDA sums the sparse gradient's values and the dense matrix in other orders: the clipping
-        # norms, and so every update after, agree to rounding (the CPU sums them alike: bitwise)
-        torch.testing.assert_close(torch.stack(ours_norms), torch.stack(theirs_norms), rtol=1e-6, atol=0)
+    if fused and device == "cuda":
+        # CUDA's fused kernel rounds the decay of the rows never reached differently, in the last bit,
+        # from the row path's p·(1 − lr·wd) (see AdamW; measured on an H200: at most 4e-6 apart), so
+        # the embedding, and the clipping norms and updates after it, agree to rounding. The default
+        # (foreach) kernel is bitwise on CUDA too.
+        torch.testing.assert_close(torch.stack(ours_norms), torch.stack(theirs_norms), rtol=1e-4, atol=0)
         for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
     else:
         assert ours_norms == theirs_norms
         for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):

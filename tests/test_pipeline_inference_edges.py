@@ -383,9 +383,12 @@ def test_pipeline_file_overrides_read_like_yaml_config_values(tmp_path):
     ({"output_dir": "o", "stages": [{"name": "a", "kind": "stf"}]}, ["'stf'", "sft"]),
     ({"output_dir": "o", "stages": [{"name": "a", "kind": "sft", "overrides": {"train.lrr": 1}}]},
      ["train.lrr", "train.lr"]),
-    ({"output_dir": "o", "stages": [{"name": "a", "kind": "sft"}, {"name": "b", "kind": "rm",
+    ({"output_dir": "o", "stages": [{"name": "a", "kind": "sft"}, {"name": "b", "kind": "grpo",
                                                                     "inputs": {"reward.models": ["c"]}}]},
      ["'c'"]),
+    ({"output_dir": "o", "stages": [{"name": "a", "kind": "sft"}, {"name": "b", "kind": "rm",
+                                                                    "inputs": {"reward.models": ["a"]}}]},
+     ["inputs", "reward.models"]),  # not a reward model's setting
 ])
 def test_pipeline_unknown_keys_stop_with_exit_code_2_naming_them(tmp_path, capsys, doc, words):
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(doc))

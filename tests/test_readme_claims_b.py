@@ -78,7 +78,11 @@ FIGURES = [  # (results file, text the README quotes from it)
     ("rl_cpu.md", "| 338.3 | 371.6 | 0.91× |"),             # generation 0.91× (338 vs 372 CPU-ms)
     ("rl_cpu.md", "| 14.5 | 5.4 | 2.69× |"),                 # optimizer step 2.69×
     ("sft_cpu.md", "| 3.98× |"), ("sft_cpu.md", "5,339"), ("sft_cpu.md", "1,818"),
-    ("dpo_gpu.md", "199 / 568 = **0.35×**"), ("dpo_gpu.md", "16,126 / 26,111 = 0.62×"),
+    ("dpo_gpu.md", "| 12,769 | 184 | 1.72 | 327 | 10,559 |"),   # DPO full: 184 vs 921 ms, 10.3 vs 25.5 GiB
+    ("dpo_gpu.md", "| 20,374 | 921 | 6.35 | 1,450 | 26,111 |"),
+    ("dpo_gpu.md", "| 12,769 | 197 | 1.47 | 320 | 14,301 |"),    # the stock layers: 14.0 GiB
+    ("dpo_gpu_gc.md", "| 12,769 | 196 | — | 196 | 3,691 |"),      # reward model, gc: 3.6 GiB
+    ("dpo_gpu_gc.md", "| 12,769 | 236 | 1.55 | 365 | 4,197 |"),    # DPO full, gc: 4.1 GiB at 236 ms
     ("dpo_cpu32k.md", "| fused | default | 0.40×"),
     ("dpo_cpu32k.md", "| default | gc_off | 0.53×"),
     ("dpo_cpu32k.md", "| fused | gc_off | 0.52×"),  # the fused-AdamW reward model vs TRL without checkpointing
