@@ -297,7 +297,7 @@ class AdamW(torch.optim.AdamW):
         moments = state["exp_avg"], state["exp_avg_sq"]
         rows = (moments[0].any(dim=1) | moments[1].any(dim=1)).nonzero().squeeze(1)
         if rows.numel() * 2 > p.shape[0]:
-            self._row_sparse = [q for q in self._row_sparse if q is not p]
+            self._hand_back(p)
             return False
         state["reached"] = rows
         state["exp_avg_reached"], state["exp_avg_sq_reached"] = (m.index_select(0, rows) for m in moments)
@@ -314,8 +314,7 @@ class AdamW(torch.optim.AdamW):
             state["exp_avg_reached"] = p.new_zeros((0, *p.shape[1:]))
             state["exp_avg_sq_reached"] = p.new_zeros((0, *p.shape[1:]))
         elif "exp_avg" in state and not self._keep_reached_rows(p):  # full moments from torch's step
-            self._adam([p], [grad.to_dense() if grad.is_sparse else grad],
-                       [state["exp_avg"], state["exp_avg_sq"]], state, group)
+            self._whole_matrix_step(p, grad, group)
             return
         if grad.is_sparse:
             grad = grad.coalesce()  # a no-op after clip_grad_norm
@@ -331,10 +330,8 @@ class AdamW(torch.optim.AdamW):
                 state[key] = grown.index_copy_(0, at, state[key])
             state["reached"] = rows = merged
         if rows.numel() * 2 > p.shape[0]:  # over half the matrix: torch's state and step from now on
-            self._to_torch_state(p)
-            self._row_sparse = [q for q in self._row_sparse if q is not p]
-            self._adam([p], [grad.to_dense() if grad.is_sparse else grad],
-                       [state["exp_avg"], state["exp_avg_sq"]], state, group)
+            self._hand_back(p)
+            self._whole_matrix_step(p, grad, group)
             return
         part = p.index_select(0, rows)
         self._adam([part], [self._gradient_rows(grad, rows)],
@@ -344,12 +341,23 @@ class AdamW(torch.optim.AdamW):
             idle = torch.ones(p.shape[0], dtype=torch.bool, device=p.device)
             idle[rows] = False
             idle = idle.nonzero().squeeze(1)
-            decayed = p.index_select(0, idle)
+            decayed, factor = p.index_select(0, idle), 1 - group["lr"] * group["weight_decay"]
             if _foreach(group, p):  # rounded as torch's foreach kernel rounds it
-                torch._foreach_mul_([decayed], 1 - group["lr"] * group["weight_decay"])
+                torch._foreach_mul_([decayed], factor)
             else:
-                decayed.mul_(1 - group["lr"] * group["weight_decay"])
+                decayed.mul_(factor)
             p.index_copy_(0, idle, decayed)
+
+    def _whole_matrix_step(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
+        """AdamW on every row of a matrix handed back to torch's state."""
+        state = self.state[p]
+        self._adam([p], [grad.to_dense() if grad.is_sparse else grad], [state["exp_avg"], state["exp_avg_sq"]],
+                   state, group)
+
+    def _hand_back(self, p: torch.Tensor) -> None:
+        """torch's full state and step for `p` from now on (until a load starts it again)."""
+        self._to_torch_state(p)
+        self._row_sparse = [q for q in self._row_sparse if q is not p]
 
     @staticmethod
     def _adam(params, grads, moments, state, group) -> None:
