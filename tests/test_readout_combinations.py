@@ -185,7 +185,7 @@ def test_attention_dropout_is_off_in_eval_and_on_in_training(monkeypatch):
         model.train(training)
         seen.clear()
         model.model(**sent, use_cache=False)
-        assert seen == [expected, expected]
+        assert len(seen) >= 2 and set(seen) == {expected}  # on the CPU, a call per row (`attention.Blocks`)
 
 
 # --------------------------------------------------------------------------- adapters

@@ -51,8 +51,11 @@ def training_attention_kernels(device: torch.device):
 # model its real tokens as one row (1, N) — input_ids, position_ids — with the attention
 # layout beside it: the (B, 1, T, T) mask (or, for right-padded rows, a (B, 1, 1, T) one that
 # says causal attention suffices) and `packed_slots` (N,), where each token sits in the
-# flattened (B·T) grid. Attention scatters q, k, v into that grid, runs transformers' sdpa
-# attention function with the mask, and gathers the output back (`_packed`).
+# flattened (B·T) grid. On CUDA, attention scatters q, k, v into that grid, runs transformers'
+# sdpa attention function with the mask (one kernel call for the batch), and gathers the output
+# back (`_packed`). The batch also carries `packed_blocks` (`Blocks`): where each independent
+# block of tokens lies in the N. On the CPU attention runs block by block on views of q, k, v,
+# with no grid and no (B, 1, T, T) mask (`_by_blocks`, below).
 # Results equal the padded batch's (tested); the padding's share of the work is saved.
 
 # Model types whose decoder mixes positions only inside attention, through transformers'
@@ -65,10 +68,13 @@ def _packed(original):
     """An attention-interface function: `original` on the padded grid when the model is handed
     `packed_slots`, else `original` itself."""
 
-    def attention(module, query, key, value, attention_mask, packed_slots=None, read_at=None, **kwargs):
+    def attention(module, query, key, value, attention_mask, packed_slots=None, packed_blocks=None, read_at=None,
+                  **kwargs):
         # read_at is the last layer's (`models.readout`); the layers below see it go by
         if packed_slots is None:
             return original(module, query, key, value, attention_mask, **kwargs)
+        if by_blocks(packed_blocks, query):
+            return _by_blocks(original, module, query, key, value, packed_blocks, **kwargs)
         rows, width = attention_mask.shape[0], attention_mask.shape[-1]
         grid = [_to_grid(x, packed_slots, rows, width) for x in (query, key, value)]
         # a (B, 1, 1, T) mask marks right-padded rows: causal attention alone is exact for their real tokens
@@ -84,6 +90,117 @@ def _to_grid(states: torch.Tensor, slots: torch.Tensor, rows: int, width: int) -
     flat = states[0].transpose(0, 1)  # (N, heads, head_dim)
     grid = flat.new_zeros(rows * width, *flat.shape[1:]).index_copy(0, slots, flat)
     return grid.view(rows, width, *flat.shape[1:]).transpose(1, 2)
+
+
+# --------------------------------------------------------------------------- attention by blocks
+#
+# On the CPU the grid costs more than it saves. sdpa turns the boolean (B, 1, T, T) mask into a
+# float one, 4 B a cell, and keeps it for the backward, beside q, k, v scattered into the grid with
+# their padding: at the cpulong benchmark's rows (8 × ~950) that was 30 + 23 MiB a layer. A
+# padding-free batch's tokens fall into blocks that attend only within themselves: a plain row,
+# or a shared-prompt item (its prompt, then responses that each see the prompt and their own
+# earlier tokens). Attention block by block needs no grid: a block's keys and values are a view
+# of the N, its prompt (or a plain row, or a prompt with a single response) is plain causal
+# attention with no mask, and its responses take one call with a mask of their queries × the
+# block's keys. On CUDA one masked kernel call over the grid is kept: the block path's many small
+# calls have not been measured there.
+
+BLOCK_DEVICES = frozenset({"cpu"})  # device types whose padding-free attention runs by blocks
+
+
+class Blocks:
+    """The attention blocks of a padding-free batch, in the order of its N tokens: a block
+    attends within itself only; it is a causal prefix (a shared prompt, or a whole plain row)
+    followed by responses, each of which sees the prefix and its own earlier tokens.
+    `spans`: per block, (prefix length, response lengths...). Not a tensor, so a batch's move
+    to the device leaves it as it is; masks are built on first use and kept."""
+
+    def __init__(self, spans):
+        self.spans = tuple(tuple(int(n) for n in span) for span in spans)
+        self.sizes = [sum(span) for span in self.spans]
+        self._masks: dict[tuple[int, str], torch.Tensor] = {}
+
+    def __repr__(self) -> str:
+        return f"Blocks({len(self.spans)} blocks, {sum(self.sizes)} tokens)"
+
+    def to(self, *_, **__) -> "Blocks":
+        """Itself: code that moves every value of a batch (accelerate's `send_to_device`, a
+        `{k: v.to(device)}`) may move this one too; its masks are made on the device of use."""
+        return self
+
+    def causal_part(self, block: int) -> int:
+        """How many of the block's first tokens plain causal attention serves: all of it when it
+        holds at most one response (prefix + response is one causal sequence), else the prefix
+        (or, with none, the first response)."""
+        span = self.spans[block]
+        if len(span) <= 2:
+            return self.sizes[block]
+        return span[0] or span[1]  # no prefix: the first response alone
+
+    def query_pieces(self) -> list[int]:
+        """The lengths the N queries split into: per block its causal part, then its other responses."""
+        pieces = []
+        for block, size in enumerate(self.sizes):
+            causal = self.causal_part(block)
+            pieces += [] if size == 0 else [causal] if causal == size else [causal, size - causal]
+        return pieces
+
+    def visible(self, block: int, offsets: torch.Tensor) -> torch.Tensor:
+        """(len(offsets), block size) bool: the keys each query at `offsets` in the block sees."""
+        span = self.spans[block]
+        device = offsets.device
+        segment = torch.repeat_interleave(torch.arange(len(span), device=device), torch.tensor(span, device=device))
+        keys = torch.arange(self.sizes[block], device=device)
+        own = segment[offsets][:, None]
+        return (keys[None] <= offsets[:, None]) & ((segment[None] == 0) | (segment[None] == own))
+
+    def response_mask(self, block: int, device: torch.device) -> torch.Tensor:
+        """(1, 1, responses' tokens, block size): `visible` for the queries after the causal part."""
+        key = (block, str(device))
+        if key not in self._masks:
+            offsets = torch.arange(self.causal_part(block), self.sizes[block], device=device)
+            self._masks[key] = self.visible(block, offsets)[None, None]
+        return self._masks[key]
+
+
+def by_blocks(blocks: Blocks | None, query: torch.Tensor) -> bool:
+    return blocks is not None and query.device.type in BLOCK_DEVICES
+
+
+def _by_blocks(original, module, query, key, value, blocks: Blocks, **kwargs):
+    """`original` (transformers' sdpa attention) block by block over a padding-free batch's
+    q, k, v (1, heads, N, d): causal calls without a mask, and one masked call for a block's
+    responses. Returns ((1, N, heads, d), None) as `original` does."""
+    queries = iter(query.split(blocks.query_pieces(), dim=2))
+    outputs = []
+    for block, (k, v) in enumerate(zip(key.split(blocks.sizes, dim=2), value.split(blocks.sizes, dim=2))):
+        size, causal = blocks.sizes[block], blocks.causal_part(block)
+        if size == 0:  # a row with no real token (pack_rows)
+            continue
+        prefix_k, prefix_v = (k, v) if causal == size else (k[:, :, :causal], v[:, :, :causal])
+        outputs.append(original(module, next(queries), prefix_k, prefix_v, None, **kwargs)[0])
+        if causal < size:
+            outputs.append(original(module, next(queries), k, v, blocks.response_mask(block, query.device),
+                                    **kwargs)[0])
+    return torch.cat(outputs, dim=1), None
+
+
+def attend_at_by_blocks(attention, module, query, key, value, blocks: Blocks, read_at: torch.Tensor, **kwargs):
+    """Attention of M queries (1, heads, M, d), those of the tokens `read_at` (sorted indices into
+    the N), over a padding-free batch's keys and values (1, heads, N, d), block by block: one
+    masked call per block that holds a query. Returns (1, M, heads, d)."""
+    ends = torch.tensor(blocks.sizes).cumsum(0)
+    at = read_at.cpu()
+    block_of = torch.searchsorted(ends, at, right=True)
+    counts = torch.bincount(block_of, minlength=len(blocks.sizes)).tolist()
+    starts = (ends - torch.tensor(blocks.sizes)).to(read_at.device)
+    outputs = []
+    for block, (q, k, v) in enumerate(zip(query.split(counts, dim=2), key.split(blocks.sizes, dim=2),
+                                          value.split(blocks.sizes, dim=2))):
+        if counts[block]:
+            offsets = read_at[sum(counts[:block]): sum(counts[: block + 1])] - starts[block]
+            outputs.append(attention(module, q, k, v, blocks.visible(block, offsets)[None, None], **kwargs)[0])
+    return torch.cat(outputs, dim=1)
 
 
 def attention_window(model) -> int | None:
@@ -187,10 +304,11 @@ def takes_padding_free(model) -> bool:
 
 def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
     """Padded rows (B, T) with their 2-D mask (either padding side) → the inputs of a padding-free
-    batch: the real tokens as one row, their positions within their own row, `packed_slots` and
-    the attention layout. Right-padded rows need only causal attention on the grid, which the
-    (B, 1, 1, T) mask passed for them says (no T × T mask is built, and sdpa keeps its causal
-    kernel); other rows get the causal (B, 1, T, T) mask over their real tokens.
+    batch: the real tokens as one row, their positions within their own row, `packed_slots`,
+    `packed_blocks` (each row one causal block) and the attention layout. Right-padded rows need
+    only causal attention on the grid, which the (B, 1, 1, T) mask passed for them says (no T × T
+    mask is built, and sdpa keeps its causal kernel); other rows get the causal (B, 1, T, T) mask
+    over their real tokens.
     `unpack_hidden` puts the model's output back in the (B, T) grid."""
     from posttrain.data.batching import is_right_padded, real_positions
 
@@ -198,6 +316,7 @@ def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str
     slots = real.flatten().nonzero().squeeze(1)
     positions = real_positions(real)
     width = real.shape[1]
+    blocks = Blocks([(length,) for length in real.sum(1).tolist()])  # each row: one causal block
     if is_right_padded(real):
         mask = real[:, None, None, :]
     else:
@@ -206,7 +325,7 @@ def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str
         mask |= torch.eye(width, dtype=torch.bool, device=real.device) & ~real[:, :, None]  # padding sees itself
         mask = mask[:, None]
     return {"input_ids": input_ids.flatten()[slots][None], "position_ids": positions.flatten()[slots][None],
-            "attention_mask": mask, "packed_slots": slots}
+            "attention_mask": mask, "packed_slots": slots, "packed_blocks": blocks}
 
 
 def pack_for(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> dict | None:

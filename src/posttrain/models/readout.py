@@ -94,7 +94,8 @@ def _forward(self, hidden_states, *args, read_at=None, **kwargs):
     return _layer_at(self, hidden_states, read_at, **kwargs)
 
 
-def _layer_at(layer, hidden_states, read_at, attention_mask, position_embeddings, packed_slots, **_):
+def _layer_at(layer, hidden_states, read_at, attention_mask, position_embeddings, packed_slots, packed_blocks=None,
+              **_):
     """A pre-norm decoder layer (RMSNorm, attention with RoPE, optional q/k norms, MLP) of a
     padding-free batch (1, N, H), computed at tokens `read_at` (M,) only: (1, M, H)."""
     attn = layer.self_attn
@@ -113,20 +114,25 @@ def _layer_at(layer, hidden_states, read_at, attention_mask, position_embeddings
     cos, sin = position_embeddings
     query, _ = rotary(query, query, cos[:, read_at], sin[:, read_at])
     _, key = rotary(key, key, cos, sin)
-    output = _attention_at(attn, query, key, value, attention_mask, packed_slots, read_at)
+    output = _attention_at(attn, query, key, value, attention_mask, packed_slots, packed_blocks, read_at)
     hidden = residual + attn.o_proj(output)
     return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
 
-def _attention_at(attn, query, key, value, attention_mask, packed_slots, read_at):
+def _attention_at(attn, query, key, value, attention_mask, packed_slots, packed_blocks, read_at):
     """Attention of M queries (1, heads, M, d) over the N keys and values of a padding-free
-    batch, on the padded grid as `models.attention` does it: keys and values in their (B, T)
-    slots, the queries in (B, Q) slots (Q: the most read in a row), each query's mask row that of
-    its token. Returns (1, M, heads·d)."""
+    batch, as `models.attention` does it: block by block where it does (on the CPU), else on the
+    padded grid: keys and values in their (B, T) slots, the queries in (B, Q) slots (Q: the most
+    read in a row), each query's mask row that of its token. Returns (1, M, heads·d)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    from posttrain.models.attention import _to_grid
+    from posttrain.models.attention import _to_grid, attend_at_by_blocks, by_blocks
 
+    dropout = attn.attention_dropout if attn.training else 0.0
+    if by_blocks(packed_blocks, query):
+        output = attend_at_by_blocks(ALL_ATTENTION_FUNCTIONS["sdpa"], attn, query, key, value, packed_blocks, read_at,
+                                     dropout=dropout, scaling=attn.scaling)  # (1, M, heads, d)
+        return output.reshape(1, len(read_at), -1)
     rows, width = attention_mask.shape[0], attention_mask.shape[-1]
     slots = packed_slots[read_at]  # increasing: read_at is sorted, packed_slots too
     row, col = slots // width, slots % width
@@ -144,6 +150,5 @@ def _attention_at(attn, query, key, value, attention_mask, packed_slots, read_at
     grid_query = _to_grid(query, query_slots, rows, queries)
     grid_key, grid_value = (_to_grid(x, packed_slots, rows, width) for x in (key, value))
     output, _ = ALL_ATTENTION_FUNCTIONS["sdpa"](
-        attn, grid_query, grid_key, grid_value, mask, dropout=attn.attention_dropout if attn.training else 0.0,
-        scaling=attn.scaling)  # (B, Q, heads, d)
+        attn, grid_query, grid_key, grid_value, mask, dropout=dropout, scaling=attn.scaling)  # (B, Q, heads, d)
     return output.reshape(rows * queries, -1).index_select(0, query_slots)[None]

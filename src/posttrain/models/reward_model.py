@@ -155,6 +155,8 @@ def score(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch
     from posttrain.data.batching import padded_inputs
     from posttrain.models.attention import pack_for
 
+    if not bool(attention_mask.bool().any(1).all()):  # it would read padding, or past the end of the real tokens
+        raise ValueError("score: a row holds no real token; an empty sequence has no last token to score")
     rows, width = input_ids.shape
     positions = torch.arange(width, device=input_ids.device)
     last = (attention_mask.long() * positions).argmax(dim=1)  # index of the last real token, any padding side
@@ -165,12 +167,13 @@ def score(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch
     return scores_at(classifier, padded_inputs(input_ids, attention_mask), flat_last)
 
 
-def score_shared_prompt(model, input_ids, attention_mask, position_ids, last_token, packed_slots=None) -> torch.Tensor:
+def score_shared_prompt(model, input_ids, attention_mask, position_ids, last_token, packed_slots=None,
+                        packed_blocks=None) -> torch.Tensor:
     """Rewards (S,) from `train.grouped.collate_shared_prompt` rows: each item's prompt once,
     its responses behind a 4-D mask; the score is read at each response's last token
     (`last_token`, flat indices into the (B·T) hidden states, or into the N tokens of a
-    padding-free batch, which carries `packed_slots`). Decoder scorers only."""
+    padding-free batch, which carries `packed_slots` and `packed_blocks`). Decoder scorers only."""
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
     if packed_slots is not None:
-        inputs["packed_slots"] = packed_slots
+        inputs |= {"packed_slots": packed_slots, "packed_blocks": packed_blocks}
     return scores_at(_classifier(model), inputs, last_token)

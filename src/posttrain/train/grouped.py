@@ -20,6 +20,7 @@ from typing import NamedTuple
 import torch
 
 from posttrain.data.records import Example
+from posttrain.models.attention import Blocks
 
 
 @dataclass
@@ -72,9 +73,10 @@ def collate_shared_prompt(items: list[Item], pad_id: int, row_width: int = 0,
     it returns too — and last_token (S,), the flat index of each sequence's last token (where a
     reward model reads its score).
 
-    padding_free: input_ids / position_ids are (1, N), the N real tokens only, and
-    `packed_slots` (N,) places each in the flattened (B·T) grid the mask describes; predictor
-    and last_token then index the N tokens. For a model `models.attention.padding_free` has
+    padding_free: input_ids / position_ids are (1, N), the N real tokens only,
+    `packed_slots` (N,) places each in the flattened (B·T) grid the mask describes, and
+    `packed_blocks` says where each item's block lies among the N; predictor and last_token then
+    index the N tokens. For a model `models.attention.padding_free` has
     switched on: the same results without the padding's share of the work.
     """
     blocks = [_shared_prompt_block(item) for item in items]
@@ -113,16 +115,22 @@ def collate_shared_prompt(items: list[Item], pad_id: int, row_width: int = 0,
              "sequence": torch.tensor(sequence, dtype=torch.long), "num_sequences": torch.tensor(len(last)),
              "real_tokens": torch.tensor(int((owner >= 0).sum())),
              "last_token": torch.tensor(last, dtype=torch.long)} | _origins(items)
-    return _without_padding(batch, owner.flatten() >= 0) if padding_free else batch
+    if not padding_free:
+        return batch
+    # the blocks in the order of the real tokens: row by row, each row's blocks by offset
+    blocks = Blocks([blocks[i].span for row in rows for i in row])
+    return _without_padding(batch, owner.flatten() >= 0, blocks)
 
 
-def _without_padding(batch: dict[str, torch.Tensor], real: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The padding-free form of a shared-prompt batch: real tokens as one row, their slots beside."""
+def _without_padding(batch: dict[str, torch.Tensor], real: torch.Tensor, blocks: Blocks) -> dict[str, torch.Tensor]:
+    """The padding-free form of a shared-prompt batch: real tokens as one row, their slots and
+    attention blocks beside."""
     slots = real.nonzero().squeeze(1)
     index = torch.full_like(real, -1, dtype=torch.long).index_copy_(0, slots, torch.arange(len(slots)))
     return batch | {"input_ids": batch["input_ids"].flatten()[slots][None],
                     "position_ids": batch["position_ids"].flatten()[slots][None], "packed_slots": slots,
-                    "predictor": index[batch["predictor"]], "last_token": index[batch["last_token"]]}
+                    "packed_blocks": blocks, "predictor": index[batch["predictor"]],
+                    "last_token": index[batch["last_token"]]}
 
 
 class _Block(NamedTuple):
@@ -135,6 +143,11 @@ class _Block(NamedTuple):
     targets: list[int]
     response: list[int]  # for each trained token, its response k
     last: list[int]  # for each response, the offset of its last token
+
+    @property
+    def span(self) -> tuple[int, ...]:
+        """(prompt length, each response's length): the block's `models.attention.Blocks` span."""
+        return tuple(self.segments.count(k) for k in range(max(self.segments) + 1))
 
 
 def _shared_prompt_block(item: Item) -> _Block:

@@ -143,7 +143,7 @@ def evaluate(module, stage: Stage, accelerator) -> tuple[float, dict[str, float]
     # held-out figures must be computed in the precision training uses.
     with torch.no_grad(), accelerator.autocast(), _prepared(stage, mine, accelerator, count=not idle):
         for batch in mine:
-            output = model(**_to(batch, accelerator.device))
+            output = model(**to_device(batch, accelerator.device))
             sums.add(_times(output, 0.0) if idle else output)
     model.train()
     loss, metrics = sums.reduce(weight)
@@ -190,7 +190,8 @@ class _Sums:
         return float(totals[0]), {name: float(v) for name, v in zip(names, totals[1:])}
 
 
-def _to(batch: Batch, device) -> Batch:
+def to_device(batch: Batch, device) -> Batch:
+    """The batch's tensors on `device`; the rest (a padding-free batch's `packed_blocks`) as it is."""
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
@@ -214,7 +215,7 @@ def _train_step(module, stage: Stage, micro: list[Batch], accelerator, cfg, inac
             last = i == len(mine) - 1
             sync = contextlib.nullcontext() if last else accelerator.no_sync(module)
             with sync:
-                loss_sum = sums.add(module(**_to(batch, accelerator.device)))
+                loss_sum = sums.add(module(**to_device(batch, accelerator.device)))
                 # DDP averages gradients over processes; multiplying by world makes that a sum.
                 accelerator.backward(loss_sum * (world / total_weight))
     for param in inactive:

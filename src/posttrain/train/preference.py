@@ -50,6 +50,7 @@ from posttrain.train.grouped import (
     on_device,
     shares_prompt,
 )
+from posttrain.train.loop import to_device
 
 REFERENCE_FREE = ("simpo", "orpo")
 
@@ -110,12 +111,12 @@ def selected_token_logps(model, inputs: dict, predictor, targets, chunk_size: in
 
 
 def shared_prompt_logps(model, input_ids, attention_mask, position_ids, predictor, targets, sequence, num_sequences,
-                        chunk_size: int = 256, packed_slots=None):
+                        chunk_size: int = 256, packed_slots=None, packed_blocks=None):
     """Per-sequence (log-probs, token counts) from `grouped.collate_shared_prompt` rows
-    (padding-free ones carry `packed_slots`)."""
+    (padding-free ones carry `packed_slots` and `packed_blocks`)."""
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
     if packed_slots is not None:
-        inputs["packed_slots"] = packed_slots
+        inputs |= {"packed_slots": packed_slots, "packed_blocks": packed_blocks}
     n = int(num_sequences)
     per_token = selected_token_logps(model, inputs, predictor, targets, chunk_size)
     logps = per_token.new_zeros(n).index_add(0, sequence, per_token)
@@ -128,7 +129,7 @@ def batch_logps(model, batch: dict, chunk_size: int = 256):
     if "predictor" in batch:
         keys = ("input_ids", "attention_mask", "position_ids", "predictor", "targets", "sequence", "num_sequences")
         return shared_prompt_logps(model, *(batch[k] for k in keys), chunk_size=chunk_size,
-                                   packed_slots=batch.get("packed_slots"))
+                                   packed_slots=batch.get("packed_slots"), packed_blocks=batch.get("packed_blocks"))
     return policy_logps(model, batch["input_ids"], batch["labels"], batch["attention_mask"], chunk_size)
 
 
@@ -274,7 +275,7 @@ class PreferenceLoss(torch.nn.Module):
         totals = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
         with accelerator.autocast():  # in training's precision
             for batch in batches if count else []:
-                batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                batch = to_device(batch, accelerator.device)
                 ratios = self._kl_ratios(batch, batch["kl_row"]).double()
                 totals += torch.stack([ratios.sum(), torch.full_like(ratios[0], len(ratios))])
         totals = accelerator.reduce(totals, "sum")
@@ -464,7 +465,7 @@ def precompute_reference(model, items: list[Item], cfg: DPOConfig, pad_id: int, 
             chunk = plan[index]
             shared = share_prompt and all(shares_prompt(item) for item in chunk)
             batch = collate_shared_prompt(chunk, pad_id, padding_free=unpadded) if shared else collate_items(chunk, pad_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = to_device(batch, device)
             computed[index] = batch_logps(reference, batch, cfg.train.loss_chunk_size)[0].float().cpu().tolist()
     if world > 1:
         for part in gather_object([computed]):

@@ -67,12 +67,13 @@ class RewardModelLoss(torch.nn.Module):
         self.use_margins = use_margins
 
     def forward(self, input_ids, attention_mask, group, slot, ranks, valid, margins=None, position_ids=None,
-                last_token=None, packed_slots=None, **_unused):
+                last_token=None, packed_slots=None, packed_blocks=None, **_unused):
         from posttrain.losses.preference import bradley_terry_loss, ranking_loss
         from posttrain.models.reward_model import score, score_shared_prompt
 
         if last_token is not None:  # shared-prompt rows (grouped.collate_shared_prompt)
-            rewards = score_shared_prompt(self.model, input_ids, attention_mask, position_ids, last_token, packed_slots)
+            rewards = score_shared_prompt(self.model, input_ids, attention_mask, position_ids, last_token, packed_slots,
+                                          packed_blocks)
         else:
             rewards = score(self.model, input_ids, attention_mask)  # (R,)
         table = reward_table(rewards, group, slot, ranks.shape)  # (P, K)

@@ -100,13 +100,14 @@ class AdaptedModel(nn.Module):
         return out
 
     def final_hidden(self, input_ids=None, attention_mask=None, position_ids=None, packed_slots=None,
-                     read_at=None, **_) -> torch.Tensor:
+                     packed_blocks=None, read_at=None, **_) -> torch.Tensor:
         """Last hidden states (B, T, H) of the real tokens; the head is applied by the caller.
-        `packed_slots`: a padding-free batch (`models.attention.padding_free`; no virtual tokens),
+        `packed_slots`, `packed_blocks`: a padding-free batch (`models.attention.padding_free`; no virtual tokens),
         `read_at`: of its tokens, those to compute the last layer at (`models.readout`)."""
         inputs = self.decoder_inputs(input_ids, attention_mask, position_ids)
         if packed_slots is not None:
             inputs["packed_slots"] = packed_slots
+            inputs["packed_blocks"] = packed_blocks
         if read_at is not None:
             inputs["read_at"] = read_at
         # use_cache=False stops the decoder from creating a cache; a prefix cache passed in is still read
