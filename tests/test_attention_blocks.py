@@ -17,10 +17,18 @@ from posttrain.models.attention import Blocks, pack_rows, padding_free
 from posttrain.models.loading import load_tokenizer
 from posttrain.train.grouped import collate_shared_prompt, first_label, items_from_examples
 from posttrain.train.preference import batch_logps
+from tests.test_padding_free import _small_lm  # float64, two layers, grouped-query attention
 
 ROWS = [("Smallest letter: q m t", ("m", "t")), ("Copy: a b", ("a b", "b a b a")),
         ("Reverse: x y z w", ("w z y x", "x y z w", "z")), ("Count letters: a b c", ("3",)),
         ("Say hi", ("hi there friend", "hi", "hello", "hey"))]
+
+
+@pytest.fixture(autouse=True)
+def blocks_of_any_length(monkeypatch):
+    """The block path for these tests' short blocks too (by default a batch's blocks must hold
+    `BLOCK_MIN_TOKENS` on average, below which the grid is faster)."""
+    monkeypatch.setattr(attention, "BLOCK_MIN_TOKENS", 0)
 
 
 @pytest.fixture(scope="module")
@@ -34,16 +42,6 @@ def items(tokenizer):
     records = [PreferenceRecord(prompt=[{"role": "user", "content": p}], responses=list(r), ranks=list(range(len(r))),
                                 source=f"t:{i}") for i, (p, r) in enumerate(ROWS)]
     return items_from_examples([encode_preference(rec, tokenizer, CHATML) for rec in records])
-
-
-def _small_lm(kind: str, vocab: int):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    extra = {"head_dim": 8} if kind == "qwen3" else {}
-    config = AutoConfig.for_model(kind, vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **extra)
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").double()
 
 
 def _packed_mask(batch) -> torch.Tensor:
@@ -155,3 +153,27 @@ def test_blocks_travel_with_a_batch_unchanged():
                                    [True, True, True, True, True, False, False],
                                    [True, True, True, False, False, True, False],
                                    [True, True, True, False, False, True, True]]
+
+
+def test_short_blocks_stay_on_the_grid(tokenizer, items, monkeypatch):
+    """Below `BLOCK_MIN_TOKENS` a block on average, one call over the grid is faster than a call
+    per block (measured in models/attention.py): the batch takes the grid, one sdpa call a layer."""
+    batch = collate_shared_prompt(items, tokenizer.pad_token_id, padding_free=True)
+    blocks, query = batch["packed_blocks"], torch.zeros(1)
+    mean = sum(blocks.sizes) / len(blocks.sizes)
+    assert mean < 64  # these items are short
+    for threshold, expected in ((int(mean), True), (int(mean) + 1, False), (64, False)):  # 64: the default
+        monkeypatch.setattr(attention, "BLOCK_MIN_TOKENS", threshold)
+        assert attention.by_blocks(blocks, query) is expected
+        assert attention.by_blocks(blocks, torch.zeros(1, device="meta")) is False  # not a block device
+    assert attention.by_blocks(None, query) is False
+    model = _small_lm("llama", len(tokenizer))
+    assert padding_free(model)
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(a[0].shape) or sdpa(*a, **k))
+    with torch.no_grad():
+        batch_logps(model, batch)
+    assert len(calls) == model.config.num_hidden_layers and all(shape[0] == batch["attention_mask"].shape[0]
+                                                               for shape in calls)

@@ -38,6 +38,13 @@ EDGE_ITEMS = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def blocks_of_any_length(monkeypatch):
+    """The block path for these tests' short blocks too (by default a batch's blocks must hold
+    `BLOCK_MIN_TOKENS` on average, below which the grid is faster)."""
+    monkeypatch.setattr(attention, "BLOCK_MIN_TOKENS", 0)
+
+
 def _items(rows=EDGE_ITEMS) -> list[Item]:
     items = []
     for prompt, responses in rows:

@@ -39,7 +39,7 @@ rl_report = _load(BENCH / "rl" / "report.py", "bench_rl_report")
 sft_report = _load(BENCH / "sft_report.py", "bench_sft_report")
 rh_report = _load(BENCH / "reward_hacking" / "report.py", "bench_rh_report")
 
-DPO_FILES = ["dpo_cpu", "dpo_cpu32k", "dpo_cpulong", "dpo_padding_free", "dpo_readout"]
+DPO_FILES = ["dpo_cpu", "dpo_cpu32k", "dpo_cpulong", "dpo_cpulong_blocks", "dpo_padding_free", "dpo_readout"]
 RL_FILES = ["rl_cpu", "rl_cpu32k", "rl_padding_free"]
 
 
@@ -417,6 +417,10 @@ def _readme_claims() -> list[tuple[str, str]]:
     moments = results("dpo_cpulong_moments")
     M = {(r["case"], r["tool"], r["variant"]): r["summary"]["peak_tensor_mib"] for r in moments["rows"]}
     assert M[("rm", "trl", "default")] == T[("rm", "trl", "default")]  # deterministic: the same TRL peak
+    # and again after attention by blocks on the CPU (c86cfbd)
+    blocks = results("dpo_cpulong_blocks")
+    B = {(r["case"], r["tool"], r["variant"]): r["summary"]["peak_tensor_mib"] for r in blocks["rows"]}
+    assert all(B[key] == T[key] for key in B if key[1] == "trl")
     for case, label in (("dpo_full", "DPO, full"), ("dpo_lora", "DPO, LoRA"), ("rm", "reward model")):
         default = "default" if case == "rm" else "precompute"
         base = T[(case, "trl", "default")]
@@ -424,10 +428,20 @@ def _readme_claims() -> list[tuple[str, str]]:
         claims.append((f"cpulong {case}", f"| {label} | {f0(T[(case, 'posttrain', default)])}: "
                                           f"{bold}{T[(case, 'posttrain', default)] / base:.2f}×{bold} ("))
         again = M[(case, "posttrain", default)]
-        claims.append((f"cpulong moments {case}", f"({f0(again)}: {bold}{again / base:.2f}×{bold})"
-                       if case != "dpo_lora" else f"({f0(again)})"))
-    gc = M[("rm", "posttrain", "gc")]
-    claims.append(("cpulong moments rm gc", f"({f0(gc)}: **{gc / T[('rm', 'trl', 'default')]:.2f}×**)"))
+        claims.append((f"cpulong moments {case}", f"({f0(again)}: {bold}{again / base:.2f}×{bold}; "
+                       if case != "dpo_lora" else f"({f0(again)}; "))
+        last = B[(case, "posttrain", default)]
+        claims.append((f"cpulong blocks {case}", f"; {f0(last)}: {bold}{last / base:.2f}×{bold})"))
+    for case, variant, bold in (("dpo_full", "precompute+gc", ""), ("rm", "gc", "**")):
+        base = T[(case, "trl", "default")]
+        before, after = M[(case, "posttrain", variant)], B[(case, "posttrain", variant)]
+        claims.append((f"cpulong {case} gc", f"({f0(before)}: {before / base:.2f}×; {f0(after)}: {bold}{after / base:.2f}×{bold})"))
+    claims.append(("cpulong blocks wall/commit", f"at {blocks['versions']['posttrain_commit']} (2026-11-30, "
+                                                 f"`benchmarks/results/dpo_cpulong_blocks.md`, 8 rows, "
+                                                 f"{blocks['total_wall_s'] / 60:.1f} minutes"))
+    rm_gc = B[("rm", "posttrain", "gc")]
+    claims.append(("cpulong rm gc bullet", f"posttrain is at **{rm_gc / T[('rm', 'trl', 'default')]:.2f}×** ({f0(rm_gc)} "
+                                           f"against {f0(T[('rm', 'trl', 'default')])}"))
     claims.append(("cpulong wall/commit", f"{long['total_wall_s'] / 60:.1f} minutes at {long['versions']['posttrain_commit']}"))
 
     k32 = results("dpo_cpu32k")

@@ -102,10 +102,14 @@ def _to_grid(states: torch.Tensor, slots: torch.Tensor, rows: int, width: int) -
 # earlier tokens). Attention block by block needs no grid: a block's keys and values are a view
 # of the N, its prompt (or a plain row, or a prompt with a single response) is plain causal
 # attention with no mask, and its responses take one call with a mask of their queries × the
-# block's keys. On CUDA one masked kernel call over the grid is kept: the block path's many small
-# calls have not been measured there.
+# block's keys. Each call has a fixed cost, so short blocks stay on the grid, where their mask is
+# small anyway: forward + backward of the cpu32k model on 16 shared-prompt items (c86cfbd), blocks
+# against grid, 70 vs 58 ms at 30 tokens a block, 94 vs 84 at 46, 126 vs 132 at 64, 367 vs 394 at
+# 391, 1,415 vs 1,799 at 1,215. On CUDA one masked kernel call over the grid is kept: the block
+# path's many small calls have not been measured there.
 
 BLOCK_DEVICES = frozenset({"cpu"})  # device types whose padding-free attention runs by blocks
+BLOCK_MIN_TOKENS = 64  # ... when the batch's blocks hold at least this many tokens on average
 
 
 class Blocks:
@@ -164,7 +168,9 @@ class Blocks:
 
 
 def by_blocks(blocks: Blocks | None, query: torch.Tensor) -> bool:
-    return blocks is not None and query.device.type in BLOCK_DEVICES
+    """Whether attention over `query` runs block by block (else on the grid)."""
+    return (blocks is not None and query.device.type in BLOCK_DEVICES
+            and sum(blocks.sizes) >= BLOCK_MIN_TOKENS * len(blocks.sizes))
 
 
 def _by_blocks(original, module, query, key, value, blocks: Blocks, **kwargs):
