@@ -54,8 +54,9 @@ def training_attention_kernels(device: torch.device):
 # flattened (B·T) grid. On CUDA, attention scatters q, k, v into that grid, runs transformers'
 # sdpa attention function with the mask (one kernel call for the batch), and gathers the output
 # back (`_packed`). The batch also carries `packed_blocks` (`Blocks`): where each independent
-# block of tokens lies in the N. On the CPU attention runs block by block on views of q, k, v,
-# with no grid and no (B, 1, T, T) mask (`_by_blocks`, below).
+# block of tokens lies in the N. On the CPU, when the blocks average 64 tokens or more, attention
+# runs block by block on views of q, k, v, with no grid and no (B, 1, T, T) mask (`_by_blocks`,
+# below).
 # Results equal the padded batch's (tested); the padding's share of the work is saved.
 
 # Model types whose decoder mixes positions only inside attention, through transformers'
@@ -65,8 +66,8 @@ _NAME = "posttrain_padding_free_sdpa"  # the attention implementation padding_fr
 
 
 def _packed(original):
-    """An attention-interface function: `original` on the padded grid when the model is handed
-    `packed_slots`, else `original` itself."""
+    """An attention-interface function: `original` on the padded grid, or block by block
+    (`by_blocks`), when the model is handed `packed_slots`; else `original` itself."""
 
     def attention(module, query, key, value, attention_mask, packed_slots=None, packed_blocks=None, read_at=None,
                   **kwargs):
