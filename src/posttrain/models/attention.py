@@ -197,16 +197,14 @@ def attend_at_by_blocks(attention, module, query, key, value, blocks: Blocks, re
     the N), over a padding-free batch's keys and values (1, heads, N, d), block by block: one
     masked call per block that holds a query. Returns (1, M, heads, d)."""
     ends = torch.tensor(blocks.sizes).cumsum(0)
-    at = read_at.cpu()
-    block_of = torch.searchsorted(ends, at, right=True)
-    counts = torch.bincount(block_of, minlength=len(blocks.sizes)).tolist()
-    starts = (ends - torch.tensor(blocks.sizes)).to(read_at.device)
+    counts = torch.bincount(torch.searchsorted(ends, read_at.cpu(), right=True), minlength=len(blocks.sizes)).tolist()
+    starts = (ends - torch.tensor(blocks.sizes)).tolist()
     outputs = []
-    for block, (q, k, v) in enumerate(zip(query.split(counts, dim=2), key.split(blocks.sizes, dim=2),
-                                          value.split(blocks.sizes, dim=2))):
+    for block, (q, at, k, v) in enumerate(zip(query.split(counts, dim=2), read_at.split(counts),
+                                              key.split(blocks.sizes, dim=2), value.split(blocks.sizes, dim=2))):
         if counts[block]:
-            offsets = read_at[sum(counts[:block]): sum(counts[: block + 1])] - starts[block]
-            outputs.append(attention(module, q, k, v, blocks.visible(block, offsets)[None, None], **kwargs)[0])
+            mask = blocks.visible(block, at - starts[block])[None, None]
+            outputs.append(attention(module, q, k, v, mask, **kwargs)[0])
     return torch.cat(outputs, dim=1)
 
 
