@@ -21,7 +21,8 @@ from posttrain.config.rl import (GRPOConfig, GRPOLossConfig, PPOConfig, PPOLossC
                                  PromptDataConfig, RLEvalConfig, RLRewardConfig, RolloutConfig, rl_reference,
                                  validate_grpo, validate_ppo)
 from posttrain.config.schema import apply_override, markdown_reference, option, read_yaml, section_values
-from posttrain.config.sections import (AdapterConfig, BottleneckConfig, DataConfig, EvalConfig, FreezeTuningConfig,
+from posttrain.config.sections import (AdapterConfig, BottleneckConfig, DataConfig, EvalConfig, ForgettingConfig,
+                                       FreezeTuningConfig,
                                        IA3Config, LoraConfig, ModelConfig, QuantizationConfig, SFTConfig, TrainConfig,
                                        VirtualTokensConfig, validate_sft)
 from posttrain.config.synthesis import (ConstitutionalConfig, SelfInstructConfig, synthesis_reference,
@@ -31,7 +32,7 @@ __all__ = [
     "ConstitutionalConfig", "SelfInstructConfig", "synthesis_reference", "validate_constitutional",
     "validate_self_instruct",
     "AdapterConfig", "BackendConfig", "BottleneckConfig", "DPOConfig", "DPOLossConfig", "DataConfig", "EvalConfig",
-    "FreezeTuningConfig", "GRPOConfig", "GRPOLossConfig", "IA3Config", "JudgeConfig", "LoraConfig", "ModelConfig",
+    "ForgettingConfig", "FreezeTuningConfig", "GRPOConfig", "GRPOLossConfig", "IA3Config", "JudgeConfig", "LoraConfig", "ModelConfig",
     "PPOConfig", "PPOLossConfig", "PPORolloutConfig", "PreferenceDataConfig", "PromptDataConfig", "QuantizationConfig",
     "RLAIFConfig", "RLAIFDataConfig", "RLAIFLoopConfig", "RLEvalConfig", "RLRewardConfig", "RMConfig", "RewardConfig",
     "RolloutConfig", "SFTConfig", "TrainConfig", "VirtualTokensConfig", "apply_override", "markdown_reference",

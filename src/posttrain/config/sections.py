@@ -164,6 +164,24 @@ class EvalConfig:
 
 
 @dataclass
+class ForgettingConfig:
+    retain_files: list[str] = option(
+        [], "data the model must not forget (the formats of data.train_files): measured at every evaluation, and "
+            "the source of replay and of EWC's Fisher; empty = off")
+    retain_eval_fraction: float = option(
+        0.2, "share of the retain rows held out to measure forgetting: never replayed, never in the Fisher")
+    replay_ratio: float = option(0.0, "share of the training examples drawn from the retain rows (replay); 0 = none")
+    l2sp: float = option(0.0, "L2-SP strength α: a penalty α/2·Σ(θ−θ₀)² toward the weights the run starts from; 0 = off")
+    ewc: float = option(0.0, "EWC strength λ: a penalty λ/2·Σ F·(θ−θ₀)², F the diagonal Fisher on retain rows scaled "
+                             "to mean 1 (so λ reads like α); 0 = off")
+    fisher_examples: int = option(64, "retain examples whose gradients estimate EWC's Fisher (one backward each)")
+    max_retain_increase: float = option(
+        0.0, "stop the run at an evaluation where the retain loss is this much above its value at the start "
+             "(nats per token; 0 = never)")
+    retain_exact_match: int = option(0, "held-out retain prompts scored by greedy exact match before and after (0 = off)")
+
+
+@dataclass
 class SFTConfig(_StageConfig):
     output_dir: str = option("runs/sft", "run directory: checkpoints, metrics.jsonl, final model")
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig, metadata={"help": "model to train"})
@@ -171,6 +189,25 @@ class SFTConfig(_StageConfig):
     data: DataConfig = dataclasses.field(default_factory=DataConfig, metadata={"help": "training data"})
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig, metadata={"help": "optimisation"})
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig, metadata={"help": "evaluation"})
+    forgetting: ForgettingConfig = dataclasses.field(
+        default_factory=ForgettingConfig, metadata={"help": "catastrophic-forgetting control: measure, replay, L2-SP, EWC"})
+
+
+def _forgetting_checks(f: ForgettingConfig, d: DataConfig) -> list[tuple[bool, str]]:
+    uses = [name for name, on in (("replay_ratio", f.replay_ratio > 0), ("ewc", f.ewc > 0),
+                                  ("max_retain_increase", f.max_retain_increase > 0),
+                                  ("retain_exact_match", f.retain_exact_match > 0)) if on]
+    return [
+        (0.0 <= f.replay_ratio < 1.0, "forgetting.replay_ratio must be in [0, 1)"),
+        (0.0 < f.retain_eval_fraction < 1.0, "forgetting.retain_eval_fraction must be in (0, 1)"),
+        (f.l2sp >= 0 and f.ewc >= 0 and f.max_retain_increase >= 0 and f.retain_exact_match >= 0,
+         "forgetting.l2sp, ewc, max_retain_increase and retain_exact_match must be >= 0"),
+        (f.fisher_examples >= 1, "forgetting.fisher_examples must be at least 1"),
+        (bool(f.retain_files) or not uses,
+         f"forgetting.{uses[0] if uses else ''} needs forgetting.retain_files (the data not to forget)"),
+        ("synthetic" not in f.retain_files, "forgetting.retain_files takes files; write synthetic rows to a file first"),
+        (not (d.streaming and f.replay_ratio > 0), "forgetting.replay_ratio needs data in memory (data.streaming=false)"),
+    ]
 
 
 def _train_checks(t: TrainConfig) -> list[tuple[bool, str]]:
@@ -222,7 +259,8 @@ def _data_checks(d) -> list[tuple[bool, str]]:  # DataConfig or PreferenceDataCo
 
 def validate_sft(cfg: SFTConfig) -> None:
     """Cross-field checks that types alone cannot express. Raises ConfigError."""
-    _raise_first(_train_checks(cfg.train) + _weight_checks(cfg.model, cfg.adapter) + _data_checks(cfg.data))
+    _raise_first(_train_checks(cfg.train) + _weight_checks(cfg.model, cfg.adapter) + _data_checks(cfg.data)
+                 + _forgetting_checks(cfg.forgetting, cfg.data))
     from posttrain.models.adapters import validate_adapter
 
     validate_adapter(cfg.adapter, packing=cfg.data.packing, gradient_checkpointing=cfg.model.gradient_checkpointing,

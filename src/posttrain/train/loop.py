@@ -69,7 +69,14 @@ class Stage(Protocol):
     # prepare_forwards(batches, accelerator, count) -> a context entered around the forwards of this
     # process's micro-batches of a step, or of the held-out set, on every process (KTO's z₀);
     # after_optimizer_step(step) -> called after each optimizer step that updated the weights (not
-    # after a skipped non-finite one): a separate rollout engine then knows its copy is stale.
+    # after a skipped non-finite one): a separate rollout engine then knows its copy is stale;
+    # begin(module, accelerator) -> {name: figure} logged at step 0, called once before the first
+    # step of a fresh run (not on resume: load_state_dict restores what it set up);
+    # regularize(module, grad_scale) -> {name: figure}: adds a penalty's gradient to the trained
+    # parameters' gradients after each step's backward, before clipping (`grad_scale`: the fp16
+    # GradScaler's scale, which the gradients carry until clipping unscales them);
+    # dense_gradients: True when `regularize` needs dense gradients (no sparse embedding gradients);
+    # monitor(module, accelerator) -> ({name: figure}, reason to stop or None), at each evaluation.
 
 
 @dataclass
@@ -222,6 +229,10 @@ def _train_step(module, stage: Stage, micro: list[Batch], accelerator, cfg, inac
         param.grad = None
     loss, metrics = sums.reduce(total_weight)
     metrics = getattr(stage, "finish_metrics", dict)(metrics)
+    regularize = getattr(stage, "regularize", None)
+    if regularize is not None:  # a penalty on the weights: its gradient, once per step, before clipping
+        grad_scale = accelerator.scaler.get_scale() if accelerator.scaler is not None else 1.0
+        metrics = metrics | regularize(module, grad_scale)
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
     trained = [p for p in module.parameters() if p.requires_grad]
     if any(p.grad is not None and p.grad.is_sparse for p in trained):  # see sparse_embedding_gradients
@@ -297,7 +308,14 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: str | None
     steps = _steps(stage, group, state["epoch"], consumed)
     # One process without a GradScaler: untied embeddings take sparse gradients (see optim.py).
     sparse_ok = (world == 1 and accelerator.distributed_type == "NO" and accelerator.scaler is None
-                 and getattr(cfg, "optimizer", "adamw") in ("adamw", "adamw_fused"))
+                 and getattr(cfg, "optimizer", "adamw") in ("adamw", "adamw_fused")
+                 and not getattr(stage, "dense_gradients", False))
+    begin = getattr(stage, "begin", None)
+    if begin is not None and resume_from is None:
+        figures = begin(module, accelerator)
+        if figures:
+            log.log({"step": 0} | figures)
+            log.message("step 0: " + ", ".join(f"{name} {value:.4g}" for name, value in figures.items()))
     with sparse_embedding_gradients(accelerator.unwrap_model(module), enabled=sparse_ok), \
             training_attention_kernels(accelerator.device):
         try:
@@ -342,6 +360,14 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: str | None
                                 | {f"eval_{name}": value for name, value in eval_metrics.items()})
                         shown = "".join(f", {name} {value:.4g}" for name, value in list(eval_metrics.items())[:4])
                         log.message(f"step {state['step']}: eval loss {eval_loss:.4f}{shown}")
+                    monitor = getattr(stage, "monitor", None)
+                    if monitor is not None:  # a stage's own held-out figures, and whether they stop the run
+                        figures, stop_reason = monitor(module, accelerator)
+                        log.log({"step": state["step"]} | figures)
+                        log.message(f"step {state['step']}: " + ", ".join(f"{k} {v:.4g}" for k, v in figures.items()))
+                        if stop_reason is not None and not at_end:
+                            stopped_early = state["stopped_early"] = True
+                            state["stop_reason"] = stop_reason
                 if (cfg.save_every and state["step"] % cfg.save_every == 0) or at_end or stopped_early:
                     save()
         finally:
@@ -353,7 +379,8 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: str | None
         if evaluated is not None:
             eval_loss, eval_metrics = evaluated
     if stopped_early:
-        log.message(f"early stop at step {state['step']}: no eval improvement in {cfg.early_stopping_patience} evals")
+        reason = state.get("stop_reason") or f"no eval improvement in {cfg.early_stopping_patience} evals"
+        log.message(f"early stop at step {state['step']}: {reason}")
     return LoopResult(state["step"], stopped_early, eval_loss, state["skipped_steps"], accelerator.unwrap_model(module),
                       eval_metrics)
 

@@ -1,0 +1,235 @@
+"""Catastrophic-forgetting control for SFT: measure what the model keeps, replay it, anchor the weights.
+
+`forgetting.retain_files` names data the model already handles and must keep handling. Its rows
+are split once (by `train.seed`) into
+  - a held-out share (`forgetting.retain_eval_fraction`), only ever measured: the token-mean loss
+    on it (`retain_loss`, nats per token) is logged at step 0 and at every evaluation, and the run
+    can stop when it rises too far (`forgetting.max_retain_increase`);
+  - the pool, which is replayed (`forgetting.replay_ratio` of the training examples are drawn
+    from it) and on which EWC's Fisher is estimated.
+Measuring on rows that are also replayed would flatter replay, hence the split.
+
+Two penalties anchor the trained parameters at θ₀, their values when the run starts
+(`losses.regularization.anchored_penalty`): L2-SP (`forgetting.l2sp`, every weight alike) and EWC
+(`forgetting.ewc`, each weight by its diagonal Fisher on the pool). Their gradient is added once
+per optimizer step, before clipping; θ₀ (and F) cost one more copy (two) of the trained
+parameters, on their device, and travel in every checkpoint so that a resumed run keeps the
+original anchor.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from posttrain.data.records import Example, Record
+from posttrain.errors import ConfigError
+
+
+@dataclass
+class RetainData:
+    pool: list[Example]  # replayed, and EWC's Fisher
+    held_out: list[Example]  # measured only
+    held_out_records: list[Record] = field(default_factory=list)  # for exact match
+
+
+def prepare_retain_data(cfg, tokenizer, run_dir: Path | None, seed: int, log) -> RetainData:
+    """Read `cfg.forgetting.retain_files` with the training data's format, template, length and
+    bad-row rules (bad rows go to run_dir/rejects-retain.jsonl), and split off the held-out share."""
+    from posttrain.data import formats
+    from posttrain.data.pipeline import encode_all, rejects_file, split_eval
+    from posttrain.data.templates import adopt_template
+
+    f, d = cfg.forgetting, cfg.data
+    records, _ = formats.load_records(f.retain_files, fmt=d.format, bad_rows=d.bad_rows,
+                                      max_bad_fraction=d.max_bad_fraction, rejects_path=rejects_file(run_dir, "retain"),
+                                      log=log)
+    if len(records) < 2:
+        raise ConfigError(f"forgetting.retain_files: {len(records)} row(s); at least 2 are needed, one to measure "
+                          "forgetting on and one to replay or estimate the Fisher from")
+    pool_records, held_records = split_eval(records, f.retain_eval_fraction, seed)
+    template = adopt_template(tokenizer, d.template)
+    pool, _ = encode_all(pool_records, tokenizer, template, d, log, "retain pool")
+    held, _ = encode_all(held_records, tokenizer, template, d, log, "retain held-out")
+    pool, held = _labelled(pool, log, "retain pool"), _labelled(held, log, "retain held-out")
+    if not pool or not held:
+        raise ConfigError("forgetting.retain_files: no retain example with a token to train on is left in the "
+                          + ("pool" if not pool else "held-out share"))
+    log(f"retain: {len(records)} rows, {len(pool)} in the pool (replay, Fisher), {len(held)} held out to measure")
+    return RetainData(pool, held, held_records)
+
+
+def _labelled(examples: list[Example], log, name: str) -> list[Example]:
+    kept = [e for e in examples if e.num_label_tokens > 0]
+    if len(kept) < len(examples):
+        log(f"{name}: {len(examples) - len(kept)} examples dropped with no token to train on")
+    return kept
+
+
+def mix_replay(train: list[Example], pool: list[Example], ratio: float, seed: int, log) -> list[Example]:
+    """`train` plus m = round(n·ratio/(1−ratio)) pool examples, so that they are `ratio` of the mix;
+    drawn in a seeded order, going round the pool again (and saying so) when m exceeds it. The
+    same examples are replayed every epoch; the batch plan shuffles the mix."""
+    if ratio <= 0:
+        return train
+    m = round(len(train) * ratio / (1.0 - ratio))
+    order = list(range(len(pool)))
+    random.Random(seed + 7_919).shuffle(order)
+    replayed = [pool[order[i % len(pool)]] for i in range(m)]
+    repeats = f"; the pool holds {len(pool)}, so some are repeated" if m > len(pool) else ""
+    log(f"replay: {m} retain examples mixed into {len(train)} training examples "
+        f"({m / max(1, len(train) + m):.1%} of the mix){repeats}")
+    return train + replayed
+
+
+def trained_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters the loop clips and the optimizer steps, in the same order."""
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def fisher_diagonal(model: torch.nn.Module, examples: list[Example], params: list[torch.Tensor], pad_id: int,
+                    accelerator) -> list[torch.Tensor]:
+    """The empirical Fisher's diagonal, F_i = mean over examples e of (∂ℓ_e/∂θ_i)², with ℓ_e the
+    token-mean loss of e under its own labels: one example per backward (squaring a batch's summed
+    gradient would count cross terms). Float32, without autocast; the processes split the examples
+    and sum. Then scaled to mean 1 over all trained elements, so that `forgetting.ewc` reads
+    on L2-SP's scale."""
+    from posttrain.data.batching import collate
+
+    sums = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    mine = examples[accelerator.process_index :: accelerator.num_processes]
+    was_training = model.training
+    model.eval()  # no dropout: the Fisher of the model as it predicts
+    try:
+        for example in mine:
+            batch = {k: v.to(accelerator.device) for k, v in collate([example], pad_id).items()}
+            loss = model(**batch) / example.num_label_tokens
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            for total, grad in zip(sums, grads):
+                if grad is not None:
+                    total += grad.float().to_dense() ** 2
+    finally:
+        model.train(was_training)
+    sums = [accelerator.reduce(s, "sum") / len(examples) for s in sums]
+    mean = sum(float(s.double().sum()) for s in sums) / max(1, sum(s.numel() for s in sums))
+    if not mean > 0:
+        raise ConfigError("forgetting.ewc: the Fisher is zero on every trained parameter (the retain examples give "
+                          "no gradient); use forgetting.l2sp instead")
+    return [(s / mean).to(p.dtype) for s, p in zip(sums, params)]
+
+
+class ForgettingControl:
+    """What the loop calls for `forgetting.*` (see loop.Stage): begin, regularize, monitor, and the
+    checkpointed anchor."""
+
+    def __init__(self, cfg, retain: RetainData, collate, weight, pad_id: int, batch_size: int):
+        self.cfg = cfg  # ForgettingConfig
+        self.retain = retain
+        self.weight = weight
+        self.pad_id = pad_id
+        self.held_out = [collate(retain.held_out[i : i + batch_size]) for i in range(0, len(retain.held_out), batch_size)]
+        self.anchored = cfg.l2sp > 0 or cfg.ewc > 0
+        self.params: list[torch.nn.Parameter] | None = None
+        self.anchors: list[torch.Tensor] = []
+        self.fisher: list[torch.Tensor] | None = None
+        self.start_loss: float | None = None
+        self.last_loss: float | None = None
+
+    # -- the loop's hooks
+
+    def begin(self, module, accelerator) -> dict[str, float]:
+        """θ₀ (and F) from the weights as training starts; the retain loss at step 0."""
+        if self.anchored and accelerator.distributed_type not in ("NO", "MULTI_GPU", "MULTI_CPU", "MULTI_XPU"):
+            raise ConfigError(f"forgetting.l2sp / forgetting.ewc need whole parameters on every process; "
+                              f"{accelerator.distributed_type} shards them")
+        if self.anchored:
+            self.params = trained_parameters(module)
+            self.anchors = [p.detach().clone() for p in self.params]
+        if self.cfg.ewc > 0:
+            pool = self.retain.pool[: self.cfg.fisher_examples]
+            self.fisher = fisher_diagonal(accelerator.unwrap_model(module), pool, self.params, self.pad_id, accelerator)
+        self.start_loss = self._retain_loss(module, accelerator)
+        self.last_loss = self.start_loss
+        return {"retain_loss": self.start_loss}
+
+    def regularize(self, module, grad_scale: float) -> dict[str, float]:
+        """Add ∂Ω/∂θ (times the fp16 loss scale the gradients still carry) to each gradient; a
+        parameter without a gradient this step (staged unfreezing's inactive ones) is left alone."""
+        from posttrain.losses.regularization import anchored_penalty
+
+        if not self.anchored:
+            return {}
+        if self.params is None:  # resumed: the anchor came from the checkpoint
+            self._place(trained_parameters(module))
+        live = [i for i, p in enumerate(self.params) if p.grad is not None]
+        params = [self.params[i] for i in live]
+        anchors = [self.anchors[i] for i in live]
+        figures = {}
+        for name, strength, importance in (("l2sp", self.cfg.l2sp, None), ("ewc", self.cfg.ewc, self.fisher)):
+            if strength <= 0:
+                continue
+            weights = None if importance is None else [importance[i] for i in live]
+            value, grads = anchored_penalty(params, anchors, strength, weights)
+            for p, g in zip(params, grads):
+                p.grad.add_(g, alpha=grad_scale)
+            figures[f"{name}_penalty"] = float(value)
+        return figures
+
+    def monitor(self, module, accelerator) -> tuple[dict[str, float], str | None]:
+        self.last_loss = self._retain_loss(module, accelerator)
+        increase = self.last_loss - self.start_loss if self.start_loss is not None else 0.0
+        limit = self.cfg.max_retain_increase
+        reason = None
+        if limit > 0 and increase > limit:
+            reason = (f"the retain loss rose {increase:.4f} above its start ({self.start_loss:.4f} -> "
+                      f"{self.last_loss:.4f}), more than forgetting.max_retain_increase={limit}")
+        return {"retain_loss": self.last_loss, "retain_loss_increase": increase}, reason
+
+    def state_dict(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        tensors = {f"anchor.{i}": t.cpu() for i, t in enumerate(self.anchors)}
+        tensors |= {f"fisher.{i}": t.cpu() for i, t in enumerate(self.fisher or [])}
+        return {"start_loss": self.start_loss, "anchors": len(self.anchors),
+                "fisher": len(self.fisher or [])}, tensors
+
+    def load_state_dict(self, plain: dict, tensors: dict[str, torch.Tensor]) -> None:
+        self.start_loss = self.last_loss = plain["start_loss"]
+        self.anchors = [tensors[f"anchor.{i}"] for i in range(plain["anchors"])]
+        self.fisher = [tensors[f"fisher.{i}"] for i in range(plain["fisher"])] or None
+        if self.anchored and not self.anchors:
+            raise ConfigError("this checkpoint holds no forgetting anchor (it was written without forgetting.l2sp / "
+                              "forgetting.ewc); start afresh with train.resume=never")
+
+    # -- helpers
+
+    def _place(self, params: list[torch.nn.Parameter]) -> None:
+        if len(params) != len(self.anchors) or any(p.shape != a.shape for p, a in zip(params, self.anchors)):
+            raise ConfigError("the checkpoint's forgetting anchor does not match the trained parameters")
+        self.params = params
+        self.anchors = [a.to(p.device, p.dtype) for p, a in zip(params, self.anchors)]
+        if self.fisher is not None:
+            self.fisher = [f.to(p.device, p.dtype) for p, f in zip(params, self.fisher)]
+
+    def _retain_loss(self, module, accelerator) -> float:
+        from posttrain.train.loop import evaluate
+
+        loss, _ = evaluate(module, _HeldOut(self.held_out, self.weight), accelerator)
+        return loss
+
+    def summary(self) -> dict:
+        if self.start_loss is None:
+            return {}
+        return {"retain_loss_before": self.start_loss, "retain_loss_after": self.last_loss,
+                "retain_loss_increase": self.last_loss - self.start_loss}
+
+
+class _HeldOut:
+    """The retain held-out batches in the shape `loop.evaluate` reads a stage's held-out set."""
+
+    def __init__(self, batches: list[dict], weight):
+        self.batches, self.weight = batches, weight
+
+    def eval_micro_batches(self) -> list[dict]:
+        return self.batches
