@@ -20,7 +20,7 @@ def _retain_file(tmp_path, n=40, task="copy", seed=5):
     from posttrain.data.synthetic import make_rows
 
     path = tmp_path / f"retain_{task}.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in make_rows([task], n, seed=seed)))
+    path.write_text("".join(json.dumps(row) + "\n" for row in make_rows([task], n, seed=seed, side="train", unique=True)))
     return path
 
 
