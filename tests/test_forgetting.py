@@ -181,8 +181,11 @@ def test_the_loop_adds_the_penalty_gradient_once_per_step(tmp_path, monkeypatch)
         cfg.train.batch_size, cfg.train.grad_accum = batch, accum
         runs.append(run_sft(cfg))
     a, b = (_final(r) for r in runs)
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=1e-5)  # Adam on float32 rounding
+    for name in a:  # Adam divides by √v: a near-zero gradient's float32 rounding moves its weight by ~1e-5
+        torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=1e-4)
+    penalties = [[(line["l2sp_penalty"], line["ewc_penalty"]) for line in _lines(r) if "loss" in line] for r in runs]
+    for pa, pb in zip(*penalties):
+        assert pa == pytest.approx(pb, rel=1e-3, abs=1e-9)
     lines = [line for line in _lines(runs[0]) if "loss" in line]
     assert all(line["l2sp_penalty"] >= 0 and line["ewc_penalty"] >= 0 for line in lines)
     assert lines[0]["l2sp_penalty"] == 0.0  # step 1 starts at the anchor
@@ -264,9 +267,22 @@ def test_retain_loss_is_logged_at_step_zero_and_each_evaluation(tmp_path):
     assert summary["retain_loss_before"] == retain[0]["retain_loss"]
     assert summary["retain_loss_after"] == retain[-1]["retain_loss"]
     assert summary["retain_loss_increase"] == pytest.approx(retain[-1]["retain_loss"] - retain[0]["retain_loss"])
-    # no penalty asked for: no anchor kept, sparse embedding gradients stay on, nothing in the checkpoint
+    # no penalty asked for: no anchor kept (the checkpoint holds the start loss only), no penalty logged
     assert not any("l2sp_penalty" in line for line in _lines(run_dir))
-    assert not list((run_dir / "checkpoints").glob("*/stage_state.json"))
+    (saved,) = (run_dir / "checkpoints").glob("*/stage_state.json")
+    assert json.loads(saved.read_text()) == {"start_loss": retain[0]["retain_loss"], "anchors": 0, "fisher": 0}
+
+
+def test_a_resumed_measuring_run_keeps_its_start_loss(tmp_path):
+    cut = _cfg(tmp_path, "cut")
+    cut.train.max_steps = 2
+    before = json.loads((run_sft(cut) / "summary.json").read_text())["retain_loss_before"]
+    resumed = _cfg(tmp_path, "cut")
+    resumed.train.max_steps, resumed.train.resume = 4, "auto"
+    summary = json.loads((run_sft(resumed) / "summary.json").read_text())
+    assert summary["retain_loss_before"] == before
+    assert summary["retain_loss_after"] != before
+    assert summary["retain_loss_increase"] == pytest.approx(summary["retain_loss_after"] - before)
 
 
 def test_a_rising_retain_loss_stops_the_run(tmp_path, capsys):

@@ -378,6 +378,8 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: str | None
         evaluated = evaluate(module, stage, accelerator)
         if evaluated is not None:
             eval_loss, eval_metrics = evaluated
+        if hasattr(stage, "monitor"):
+            stage.monitor(module, accelerator)  # its figures of the restored weights; nothing left to stop
     if stopped_early:
         reason = state.get("stop_reason") or f"no eval improvement in {cfg.early_stopping_patience} evals"
         log.message(f"early stop at step {state['step']}: {reason}")

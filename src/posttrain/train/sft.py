@@ -84,9 +84,9 @@ class SFTStage:
             self.forgetting = control = ForgettingControl(cfg.forgetting, retain, self._collate, self.weight, pad_id,
                                                           cfg.train.batch_size)
             self.begin, self.monitor = control.begin, control.monitor
+            self.state_dict, self.load_state_dict = control.state_dict, control.load_state_dict  # θ₀, F, start loss
             if control.anchored:
                 self.regularize, self.dense_gradients = control.regularize, True
-                self.state_dict, self.load_state_dict = control.state_dict, control.load_state_dict
 
     def _collate(self, examples: list[Example]):
         from posttrain.data.batching import collate, collate_packed
