@@ -373,3 +373,29 @@ def test_forgetting_settings_are_part_of_the_run_fingerprint(tmp_path):
     from posttrain.train.loop import run_fingerprint
 
     assert run_fingerprint(_cfg(tmp_path)) != run_fingerprint(_cfg(tmp_path, l2sp=0.1))
+
+
+def test_the_stop_and_the_exact_match_count_may_change_on_resume(tmp_path):
+    """How a run is watched, not what it trains: like train.* cadences, they may change on resume."""
+    from posttrain.train.loop import run_fingerprint
+
+    plain = run_fingerprint(_cfg(tmp_path, l2sp=0.1))
+    assert run_fingerprint(_cfg(tmp_path, l2sp=0.1, max_retain_increase=0.5, retain_exact_match=7)) == plain
+    assert run_fingerprint(_cfg(tmp_path, l2sp=0.1, replay_ratio=0.1)) != plain
+
+
+@pytest.mark.parametrize("kind, refused", [("NO", False), ("MULTI_GPU", False), ("MULTI_CPU", False), ("FSDP", True),
+                                           ("DEEPSPEED", True)])
+def test_anchors_are_refused_for_sharded_parameters(kind, refused):
+    from posttrain.config import ForgettingConfig
+    from posttrain.train.forgetting import check_anchoring
+
+    class Accelerator:
+        distributed_type = kind
+
+    check_anchoring(ForgettingConfig(), Accelerator())  # measuring alone works anywhere
+    if refused:
+        with pytest.raises(ConfigError, match=kind):
+            check_anchoring(ForgettingConfig(ewc=1.0), Accelerator())
+    else:
+        check_anchoring(ForgettingConfig(l2sp=1.0), Accelerator())

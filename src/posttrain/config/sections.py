@@ -193,7 +193,7 @@ class SFTConfig(_StageConfig):
         default_factory=ForgettingConfig, metadata={"help": "catastrophic-forgetting control: measure, replay, L2-SP, EWC"})
 
 
-def _forgetting_checks(f: ForgettingConfig, d: DataConfig) -> list[tuple[bool, str]]:
+def _forgetting_checks(f: ForgettingConfig, d: DataConfig, t: TrainConfig) -> list[tuple[bool, str]]:
     uses = [name for name, on in (("replay_ratio", f.replay_ratio > 0), ("ewc", f.ewc > 0),
                                   ("max_retain_increase", f.max_retain_increase > 0),
                                   ("retain_exact_match", f.retain_exact_match > 0)) if on]
@@ -207,6 +207,9 @@ def _forgetting_checks(f: ForgettingConfig, d: DataConfig) -> list[tuple[bool, s
          f"forgetting.{uses[0] if uses else ''} needs forgetting.retain_files (the data not to forget)"),
         ("synthetic" not in f.retain_files, "forgetting.retain_files takes files; write synthetic rows to a file first"),
         (not (d.streaming and f.replay_ratio > 0), "forgetting.replay_ratio needs data in memory (data.streaming=false)"),
+        (f.max_retain_increase == 0 or t.eval_every > 0,
+         "forgetting.max_retain_increase is checked at evaluations during training: set train.eval_every too "
+         "(0 evaluates only at the end, where there is nothing left to stop)"),
     ]
 
 
@@ -260,7 +263,7 @@ def _data_checks(d) -> list[tuple[bool, str]]:  # DataConfig or PreferenceDataCo
 def validate_sft(cfg: SFTConfig) -> None:
     """Cross-field checks that types alone cannot express. Raises ConfigError."""
     _raise_first(_train_checks(cfg.train) + _weight_checks(cfg.model, cfg.adapter) + _data_checks(cfg.data)
-                 + _forgetting_checks(cfg.forgetting, cfg.data))
+                 + _forgetting_checks(cfg.forgetting, cfg.data, cfg.train))
     from posttrain.models.adapters import validate_adapter
 
     validate_adapter(cfg.adapter, packing=cfg.data.packing, gradient_checkpointing=cfg.model.gradient_checkpointing,

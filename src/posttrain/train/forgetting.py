@@ -57,7 +57,13 @@ def prepare_retain_data(cfg, tokenizer, run_dir: Path | None, seed: int, log) ->
     pool, held = _labelled(pool, log, "retain pool"), _labelled(held, log, "retain held-out")
     if not pool or not held:
         raise ConfigError("forgetting.retain_files: no retain example with a token to train on is left in the "
-                          + ("pool" if not pool else "held-out share"))
+                          + ("pool" if not pool else "held-out share")
+                          + f" (after data.max_length={d.max_length}, data.overlength={d.overlength} and empty answers)")
+    answered = [r for r in held_records if any(m["role"] == "assistant" for m in r.messages or [])]
+    if f.retain_exact_match > 0 and not answered:
+        raise ConfigError("forgetting.retain_exact_match scores answers, and the held-out retain rows have none "
+                          "(text rows); set it to 0 and read retain_loss")
+    held_records = answered
     log(f"retain: {len(records)} rows, {len(pool)} in the pool (replay, Fisher), {len(held)} held out to measure")
     return RetainData(pool, held, held_records)
 
@@ -103,10 +109,12 @@ def fisher_diagonal(model: torch.nn.Module, examples: list[Example], params: lis
     mine = examples[accelerator.process_index :: accelerator.num_processes]
     was_training = model.training
     model.eval()  # no dropout: the Fisher of the model as it predicts
+    # the class's forward: accelerate wraps the instance's in autocast under mixed precision
+    forward = type(model).forward
     try:
         for example in mine:
             batch = {k: v.to(accelerator.device) for k, v in collate([example], pad_id).items()}
-            loss = model(**batch) / example.num_label_tokens
+            loss = forward(model, **batch) / example.num_label_tokens
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             for total, grad in zip(sums, grads):
                 if grad is not None:
@@ -119,6 +127,15 @@ def fisher_diagonal(model: torch.nn.Module, examples: list[Example], params: lis
         raise ConfigError("forgetting.ewc: the Fisher is zero on every trained parameter (the retain examples give "
                           "no gradient); use forgetting.l2sp instead")
     return [(s / mean).to(p.dtype) for s, p in zip(sums, params)]
+
+
+def check_anchoring(cfg, accelerator) -> None:
+    """L2-SP and EWC hold θ₀ (and F) beside whole parameters: refuse sharded ones (FSDP, DeepSpeed),
+    on a fresh start and on a resume alike."""
+    if (cfg.l2sp > 0 or cfg.ewc > 0) and accelerator.distributed_type not in ("NO", "MULTI_GPU", "MULTI_CPU",
+                                                                            "MULTI_XPU"):
+        raise ConfigError(f"forgetting.l2sp / forgetting.ewc need whole parameters on every process; "
+                          f"{accelerator.distributed_type} shards them")
 
 
 class ForgettingControl:
@@ -142,9 +159,6 @@ class ForgettingControl:
 
     def begin(self, module, accelerator) -> dict[str, float]:
         """θ₀ (and F) from the weights as training starts; the retain loss at step 0."""
-        if self.anchored and accelerator.distributed_type not in ("NO", "MULTI_GPU", "MULTI_CPU", "MULTI_XPU"):
-            raise ConfigError(f"forgetting.l2sp / forgetting.ewc need whole parameters on every process; "
-                              f"{accelerator.distributed_type} shards them")
         if self.anchored:
             self.params = trained_parameters(module)
             self.anchors = [p.detach().clone() for p in self.params]

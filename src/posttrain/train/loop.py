@@ -279,7 +279,8 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: str | None
     log = RunLogger(run_dir, enabled=accelerator.is_main_process, accelerator=accelerator,
                     trackers=cfg.report_to, total_steps=total_steps, initial_step=state["step"],
                     progress_bar=cfg.progress_bar)
-    log.truncate_after(state["step"])  # a fresh start (step 0) or a resume forgets steps after it
+    # a resume forgets the steps after its checkpoint; a fresh start, every line of an earlier run
+    log.truncate_after(state["step"] if resume_from is not None else -1)
     if resume_from is not None:
         log.message(f"resumed from {resume_from} at step {state['step']}")
     if cleared:
@@ -524,7 +525,8 @@ def run_fingerprint(cfg) -> str:
 
 _RESUME_MAY_CHANGE = (("model", "gradient_checkpointing"), ("model", "lean_activations"), ("model", "padding_free"),
                       ("dpo", "share_prompt"), ("reward", "share_prompt"), ("rollout", "engine"),
-                      ("rollout", "batch_size"))
+                      ("rollout", "batch_size"), ("forgetting", "max_retain_increase"),
+                      ("forgetting", "retain_exact_match"))
 
 
 def _check_same_run(resume_from: Path, fingerprint: str | None) -> None:
@@ -532,7 +534,8 @@ def _check_same_run(resume_from: Path, fingerprint: str | None) -> None:
 
     saved = json.loads((resume_from / "loop_state.json").read_text()).get("fingerprint")
     if fingerprint is not None and saved is not None and saved != fingerprint:
-        raise ConfigError(f"{resume_from} was written by a run with other settings (model, data, adapter or loss); "
+        raise ConfigError(f"{resume_from} was written by a run with other settings (model, data, adapter, loss or "
+                          "forgetting); "
                           "resuming would mix the two. Set train.resume=never to start afresh, or another output_dir")
 
 

@@ -238,8 +238,9 @@ def run_sft(cfg: SFTConfig) -> Path:
         train_examples, eval_examples, stream = data.train, data.eval, None
     retain = None
     if cfg.forgetting.retain_files:
-        from posttrain.train.forgetting import mix_replay, prepare_retain_data
+        from posttrain.train.forgetting import check_anchoring, mix_replay, prepare_retain_data
 
+        check_anchoring(cfg.forgetting, accelerator)
         retain = prepare_retain_data(cfg, tokenizer, run_dir if main else None, cfg.train.seed, log)
         if cfg.forgetting.replay_ratio > 0:
             train_examples = mix_replay(train_examples, retain.pool, cfg.forgetting.replay_ratio, cfg.train.seed, log)
@@ -271,7 +272,7 @@ def _retain_exact_match(cfg: SFTConfig, model, tokenizer, retain, when: str) -> 
     from posttrain.data.templates import resolve_template
     from posttrain.eval.exact_match import exact_match
 
-    records = retain.held_out_records[:n]
+    records = retain.held_out_records[:n]  # rows with an answer (prepare_retain_data)
     score = exact_match(model, tokenizer, resolve_template(tokenizer, cfg.data.template), records,
                         max_new_tokens=cfg.eval.max_new_tokens)["all"]
     print(f"retain exact match {when} training: {score:.1%} on {len(records)} held-out retain prompts")
