@@ -24,6 +24,7 @@ from posttrain.config import SFTConfig
 from posttrain.errors import ConfigError
 from posttrain.train import forgetting as fg
 from posttrain.train.sft import run_sft
+from tests.test_forgetting import _Acc
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -410,14 +411,6 @@ def test_fisher_examples_beyond_the_pool_use_the_whole_pool_and_the_saved_fisher
     assert mean == pytest.approx(1.0, rel=1e-6)
 
 
-class _OneProcess:
-    process_index, num_processes, device = 0, 1, torch.device("cpu")
-
-    @staticmethod
-    def reduce(tensor, op):
-        return tensor
-
-
 def test_a_fisher_of_zero_gradients_is_refused():
     from posttrain.data.records import IGNORE_INDEX, Example
 
@@ -432,7 +425,7 @@ def test_a_fisher_of_zero_gradients_is_refused():
     module = Flat()
     examples = [Example([1, 2, 3], [IGNORE_INDEX, 2, 3]), Example([4, 5], [IGNORE_INDEX, 5])]
     with pytest.raises(ConfigError, match="the Fisher is zero"):
-        fg.fisher_diagonal(module, examples, [module.w], pad_id=0, accelerator=_OneProcess())
+        fg.fisher_diagonal(module, examples, [module.w], pad_id=0, accelerator=_Acc())
 
 
 # --------------------------------------------------------------------------- replay's arithmetic
