@@ -40,7 +40,7 @@ def prepare_retain_data(cfg, tokenizer, run_dir: Path | None, seed: int, log) ->
     """Read `cfg.forgetting.retain_files` with the training data's format, template, length and
     bad-row rules (bad rows go to run_dir/rejects-retain.jsonl), and split off the held-out share."""
     from posttrain.data import formats
-    from posttrain.data.pipeline import encode_all, rejects_file, split_eval
+    from posttrain.data.pipeline import _labelled_only, encode_all, rejects_file, split_eval
     from posttrain.data.templates import adopt_template
 
     f, d = cfg.forgetting, cfg.data
@@ -54,7 +54,7 @@ def prepare_retain_data(cfg, tokenizer, run_dir: Path | None, seed: int, log) ->
     template = adopt_template(tokenizer, d.template)
     pool, _ = encode_all(pool_records, tokenizer, template, d, log, "retain pool")
     held, _ = encode_all(held_records, tokenizer, template, d, log, "retain held-out")
-    pool, held = _labelled(pool, log, "retain pool"), _labelled(held, log, "retain held-out")
+    (pool, _), (held, _) = _labelled_only(pool, log, "retain pool"), _labelled_only(held, log, "retain held-out")
     if not pool or not held:
         raise ConfigError("forgetting.retain_files: no retain example with a token to train on is left in the "
                           + ("pool" if not pool else "held-out share")
@@ -66,13 +66,6 @@ def prepare_retain_data(cfg, tokenizer, run_dir: Path | None, seed: int, log) ->
     held_records = answered
     log(f"retain: {len(records)} rows, {len(pool)} in the pool (replay, Fisher), {len(held)} held out to measure")
     return RetainData(pool, held, held_records)
-
-
-def _labelled(examples: list[Example], log, name: str) -> list[Example]:
-    kept = [e for e in examples if e.num_label_tokens > 0]
-    if len(kept) < len(examples):
-        log(f"{name}: {len(examples) - len(kept)} examples dropped with no token to train on")
-    return kept
 
 
 def mix_replay(train: list[Example], pool: list[Example], ratio: float, seed: int, log) -> list[Example]:

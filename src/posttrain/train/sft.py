@@ -265,18 +265,13 @@ def run_sft(cfg: SFTConfig) -> Path:
 
 
 def _retain_exact_match(cfg: SFTConfig, model, tokenizer, retain, when: str) -> dict:
-    """Exact match on held-out retain prompts (forgetting.retain_exact_match), before and after."""
-    n = cfg.forgetting.retain_exact_match
-    if retain is None or n <= 0:
+    """Exact match on held-out retain prompts (forgetting.retain_exact_match; rows with an answer,
+    see prepare_retain_data), before and after."""
+    if retain is None:
         return {}
-    from posttrain.data.templates import resolve_template
-    from posttrain.eval.exact_match import exact_match
-
-    records = retain.held_out_records[:n]  # rows with an answer (prepare_retain_data)
-    score = exact_match(model, tokenizer, resolve_template(tokenizer, cfg.data.template), records,
-                        max_new_tokens=cfg.eval.max_new_tokens)["all"]
-    print(f"retain exact match {when} training: {score:.1%} on {len(records)} held-out retain prompts")
-    return {f"retain_exact_match_{when}": score}
+    return exact_match_report(model, tokenizer, retain.held_out_records, cfg.forgetting.retain_exact_match,
+                              cfg.data.template, cfg.eval.max_new_tokens, when, name="retain_exact_match",
+                              prompts="held-out retain prompts")
 
 
 def _exact_match(cfg: SFTConfig, model, tokenizer, data, when: str) -> dict:
@@ -286,8 +281,10 @@ def _exact_match(cfg: SFTConfig, model, tokenizer, data, when: str) -> dict:
                               cfg.eval.max_new_tokens, when)
 
 
-def exact_match_report(model, tokenizer, records, n: int, template: str, max_new_tokens: int, when: str) -> dict:
-    """Greedy answers to the first `n` records' prompts scored against their last assistant turn; prints one line."""
+def exact_match_report(model, tokenizer, records, n: int, template: str, max_new_tokens: int, when: str,
+                       name: str = "exact_match", prompts: str = "held-out prompts") -> dict:
+    """Greedy answers to the first `n` records' prompts scored against their last assistant turn; prints one line.
+    Summary keys NAME_WHEN, NAME_WHEN_by_task, NAME_prompts."""
     if n <= 0 or not records:
         return {}
     from posttrain.data.templates import resolve_template
@@ -295,8 +292,7 @@ def exact_match_report(model, tokenizer, records, n: int, template: str, max_new
 
     records = records[:n]
     scores = exact_match(model, tokenizer, resolve_template(tokenizer, template), records, max_new_tokens=max_new_tokens)
-    per_task = ", ".join(f"{name} {value:.0%}" for name, value in scores.items() if name != "all")
-    print(f"exact match {when} training: {scores['all']:.1%} on {len(records)} held-out prompts"
+    per_task = ", ".join(f"{task} {value:.0%}" for task, value in scores.items() if task != "all")
+    print(f"{name.replace('_', ' ')} {when} training: {scores['all']:.1%} on {len(records)} {prompts}"
           + (f" ({per_task})" if per_task else ""))
-    return {f"exact_match_{when}": scores["all"], f"exact_match_{when}_by_task": scores,
-            "exact_match_prompts": len(records)}
+    return {f"{name}_{when}": scores["all"], f"{name}_{when}_by_task": scores, f"{name}_prompts": len(records)}
