@@ -10,6 +10,7 @@
     posttrain constitutional | cai CONFIG.yaml [...]  Constitutional AI: critique -> revision -> SFT rows, pairs
     posttrain self-instruct CONFIG.yaml [...]  Self-Instruct: seed tasks -> new tasks, filtered -> SFT rows
     posttrain rlaif CONFIG.yaml [...]         RLAIF: N responses a prompt, pairs judged in both orders -> preferences
+    posttrain quality CONFIG.yaml [...]       data quality: filters, PII, dedup, decontamination, balance -> kept rows, report
     posttrain pipeline PIPELINE.yaml [NAME.key=value ...] [--only NAME | --from NAME] [--restart] [--dry-run]
     posttrain score --model RM_DIR --input rows.jsonl --output scored.jsonl
     posttrain generate --model DIR --prompts FILE [--output out.jsonl] [sampling flags]
@@ -62,6 +63,7 @@ def _sampling_args(parser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from posttrain.config import DPOConfig, GRPOConfig, PPOConfig, RLAIFConfig, RMConfig, SFTConfig
+    from posttrain.config.quality import QualityConfig
     from posttrain.config.synthesis import ConstitutionalConfig, SelfInstructConfig
     from posttrain.pipeline import add_parser as add_pipeline_parser
 
@@ -85,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                   "Self-Instruct: new instructions, inputs and outputs grown from seed tasks, filtered -> SFT rows")
     _stage_parser(sub, "rlaif", RLAIFConfig,
                   "RLAIF: a policy's responses judged pairwise by a model, in both orders -> preferences for dpo/rm")
+    _stage_parser(sub, "quality", QualityConfig,
+                  "training-data quality: filters, PII, exact/near dedup, decontamination, balance -> kept rows, "
+                  "every dropped row with its reason, a report")
     add_pipeline_parser(sub)
     score = sub.add_parser("score", help="score prompt/response rows with reward models and functions")
     score.add_argument("--model", action="append", default=[], metavar="[NAME=]DIR",
@@ -205,10 +210,17 @@ def _rlaif():
     return RLAIFConfig, run_rlaif
 
 
-# Commands that write training data from a model's outputs (a config and overrides, like a stage,
+def _quality():
+    from posttrain.config.quality import QualityConfig
+    from posttrain.data.quality.run import run_quality
+
+    return QualityConfig, run_quality
+
+
+# Commands that write training data (from a model's outputs, or by cleaning rows) (a config and overrides, like a stage,
 # but no model to train, so not pipeline stages).
 _DATA_COMMANDS = {"constitutional": _constitutional, "cai": _constitutional, "self-instruct": _self_instruct,
-                  "rlaif": _rlaif}
+                  "rlaif": _rlaif, "quality": _quality}
 
 
 def _is_override(argument: str) -> bool:

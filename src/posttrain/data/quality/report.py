@@ -1,0 +1,81 @@
+"""report.json as Markdown: what a reader checks before training on the kept rows."""
+
+from __future__ import annotations
+
+
+def markdown(report: dict) -> str:
+    s = report["summary"]
+    lines = ["# Data quality report", "",
+             f"{s['rows']} rows read: **{s['kept']} kept**, {s['dropped']} dropped, {s['malformed']} malformed "
+             f"({s['removed_fraction']:.2%} removed). Every dropped row is in dropped.jsonl with its file:line "
+             "and reason; malformed rows are in rejects.jsonl.", ""]
+    if s["dropped_by_reason"]:
+        lines += ["| reason | rows |", "|---|---|", *(f"| {k} | {v} |" for k, v in s["dropped_by_reason"].items()), ""]
+    lines += _pii(report.get("pii", {})) + _dedup(report.get("dedup", {})) + _contamination(report["decontaminate"])
+    lines += _tokens(report.get("tokens")) + _stats(report["input"], report["kept_stats"])
+    return "\n".join(lines) + "\n"
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
+def _pii(p: dict) -> list[str]:
+    if p.get("action", "off") == "off":
+        return ["## Personal information", "", "Not scanned (pii.action=off).", ""]
+    kinds = ", ".join(f"{k} {v}" for k, v in sorted(p["matches"].items())) or "none"
+    return ["## Personal information", "", f"{_n(p['rows_with_pii'], 'row')} with matches ({kinds}); action: "
+            f"**{p['action']}**. Values are not copied into this report.", ""]
+
+
+def _dedup(d: dict) -> list[str]:
+    lines = ["## Duplicates", "", f"Compared on: {d.get('on', 'full')} text."]
+    if "exact" in d:
+        lines.append(f"- exact (normalised text): {d['exact']['duplicates']} dropped")
+    if "near" in d:
+        n = d["near"]
+        lines.append(f"- near (MinHash-LSH, {n['bands']} bands × {n['rows']} rows, exact Jaccard re-check): "
+                     f"{n['duplicates']} dropped in {_n(n['clusters'], 'cluster')}; {_n(n['candidate_pairs'], 'candidate pair')}, "
+                     f"{n['verified_pairs']} verified")
+    return lines + [""]
+
+
+def _contamination(c: dict) -> list[str]:
+    if not c.get("eval_rows"):
+        return ["## Evaluation leakage", "", "No evaluation files given (decontaminate.files).", ""]
+    return ["## Evaluation leakage", "",
+            f"Dropped {_n(c['contaminated_rows'], 'training row')} sharing a {c['ngram']}-word sequence (or a whole shorter prompt) "
+            f"with {c['eval_rows_leaked']} of {_n(c['eval_rows'], 'evaluation row')} ({c['on']} text).", ""]
+
+
+def _tokens(t: dict | None) -> list[str]:
+    if not t:
+        return ["## Tokens", "", "Not checked (tokens.tokenizer is empty).", ""]
+    lengths = t["sequence_tokens"]
+    lines = ["## Tokens", "", f"Template {t['template']}; tokens per sequence p50 {lengths['p50']}, p99 "
+             f"{lengths['p99']}, max {lengths['max']}; {t['label_token_share']:.1%} of tokens carry loss.", "",
+             "| problem | rows | first |", "|---|---|---|"]
+    for name in ("unrenderable", "no_label_tokens", "over_max_length", "labels_past_max_length"):
+        first = "; ".join(t["first"].get(name, [])[:3])
+        lines.append(f"| {name}{' (' + str(t['max_length']) + ')' if 'max' in name else ''} | {t[name]} | {first} |")
+    return lines + [""]
+
+
+def _stats(before: dict, after: dict) -> list[str]:
+    def row(name: str, get) -> str:
+        return f"| {name} | {get(before)} | {get(after)} |"
+
+    lines = ["## Statistics", "", "| | input | kept |", "|---|---|---|",
+             row("rows", lambda x: x["rows"]),
+             row("prompt words p50 / p99", lambda x: f"{x['prompt_words']['p50']} / {x['prompt_words']['p99']}"),
+             row("response words p50 / p99", lambda x: f"{x['response_words']['p50']} / {x['response_words']['p99']}"),
+             row("distinct-1 / distinct-2 (responses)", lambda x: f"{x['distinct_1']} / {x['distinct_2']}"),
+             row("prompt first words: distinct, evenness",
+                 lambda x: f"{x['prompt_first_word']['distinct']}, {x['prompt_first_word']['evenness']}")]
+    if "category" in before:
+        lines.append(row("category: distinct, evenness",
+                         lambda x: f"{x['category']['distinct']}, {x['category']['evenness']}"))
+        top = ", ".join(f"{k} {v}" for k, v in after["category"]["top"])
+        lines += ["", f"Kept rows per category: {top}"]
+    top_words = ", ".join(f"{k} {v}" for k, v in after["prompt_first_word"]["top"])
+    return lines + ["", f"Most common first words of the kept prompts: {top_words or 'none'}"]

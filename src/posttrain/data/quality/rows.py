@@ -1,0 +1,83 @@
+"""Rows for the quality pass: read with the training stages' readers and bad-row rules, kept
+with the row exactly as read (so the kept rows are written back unchanged), and seen through
+three texts every check agrees on.
+
+    prompt     the turns before the response (system and user turns; a preference row's prompt)
+    response   what the model is trained to produce: assistant turns; a pair's chosen response,
+               a ranking's best (all tied best); a KTO row's completion when desirable, else ""
+    full       every text of the row, responses rejected or not included
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from posttrain.data import formats
+from posttrain.data.formats import FORMATS, DataReport, detect_format, to_record
+from posttrain.data.preferences import (PREFERENCE_FORMATS, PreferenceRecord, detect_preference_format,
+                                        to_preference_record)
+from posttrain.data.records import Record
+
+ALL_FORMATS = FORMATS + PREFERENCE_FORMATS
+_PREFERENCE_KEYS = ("chosen", "rejected", "responses", "completion")
+
+
+@dataclass
+class Row:
+    raw: Any  # the row as read (a dict), rewritten only by PII redaction
+    record: Record | PreferenceRecord
+    format: str
+    source: str  # "file:line"
+    prompt: str = ""
+    response: str = ""
+    full: str = ""
+    turns: int = 1
+
+    def __post_init__(self) -> None:
+        self.prompt, self.response, self.full, self.turns = texts(self.record)
+
+
+def texts(record: Record | PreferenceRecord) -> tuple[str, str, str, int]:
+    """(prompt, response, full, turns) of a record; see the module docstring."""
+    if isinstance(record, PreferenceRecord):
+        prompt = "\n".join(turn["content"] for turn in record.prompt)
+        if record.ranks is None:
+            trained = record.responses if record.desirable else []
+        else:
+            trained = [r for r, rank in zip(record.responses, record.ranks) if rank == min(record.ranks)]
+        return prompt, "\n".join(trained), "\n".join([prompt, *record.responses]), len(record.prompt) + 1
+    if record.text is not None:
+        return "", record.text, record.text, 1
+    prompt = "\n".join(m["content"] for m in record.messages if m["role"] != "assistant")
+    response = "\n".join(m["content"] for m in record.messages if m["role"] == "assistant")
+    return prompt, response, "\n".join(m["content"] for m in record.messages), len(record.messages)
+
+
+def detect_any_format(rows: list[dict], *, where: str = "the data") -> str:
+    """A preference format when the first rows have preference keys, else an SFT format."""
+    sample = [row for row in rows if isinstance(row, dict)][: formats._DETECT_ROWS]
+    if any(key in row for row in sample for key in _PREFERENCE_KEYS):
+        return detect_preference_format(rows, where=where)
+    return detect_format(rows, where=where)
+
+
+def convert(row: Any, fmt: str, location: str = "<memory>") -> Row:
+    """One row of any format as a `Row`; raises formats.BadRowError when it is malformed."""
+    record = to_preference_record(row, fmt, location) if fmt in PREFERENCE_FORMATS else to_record(row, fmt, location)
+    return Row(raw=row, record=record, format=fmt, source=location)
+
+
+def load_rows(paths: list[str], *, fmt: str, bad_rows: str, max_bad_fraction: float,
+              rejects_path: str | None, log: Callable[[str], Any]) -> tuple[list[Row], DataReport]:
+    """Every well-formed row of the files, in order; malformed ones are handled by the training
+    stages' policy (formats.load_records): stop, or skip into `rejects_path` with file:line."""
+    return formats._load(paths, fmt, bad_rows, max_bad_fraction, rejects_path, log, convert, detect_any_format,
+                         ALL_FORMATS)
+
+
+def reconvert(row: Row, raw: Any) -> Row:
+    """The same row with new raw content (after redaction)."""
+    return convert(raw, row.format, row.source)
+

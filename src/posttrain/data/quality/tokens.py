@@ -1,0 +1,59 @@
+"""Template and label-mask checks: render every row as training would, and count what goes
+wrong before a run does.
+
+The silent failures this catches (ANCHORS: "chat-template / loss-mask mismatches that silently
+train on nothing or on the wrong tokens"): rows the chat template cannot render, rows with no
+token to train on, rows longer than max_length and those whose every label token lies past it
+(truncation would leave nothing to learn). Each count comes with the first rows' file:line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from posttrain.data.quality.stats import percentiles
+from posttrain.data.records import Example
+from posttrain.errors import DataError
+
+_FIRST = 5  # locations listed per problem
+
+
+def encode_row(row, tokenizer, template: str) -> list[Example]:
+    """The token sequences training would build from a row: one for an SFT row, one per
+    response for a preference row. Raises DataError when the template cannot render it."""
+    from posttrain.data.preferences import PreferenceRecord, encode_preference
+    from posttrain.data.templates import encode_record
+
+    if isinstance(row.record, PreferenceRecord):
+        return encode_preference(row.record, tokenizer, template).sequences
+    return [encode_record(row.record, tokenizer, template)]
+
+
+def check_tokens(rows: Sequence, tokenizer, template: str, max_length: int) -> dict:
+    """Counts and first locations of each problem, and the token length distribution."""
+    problems: dict[str, list[str]] = {"unrenderable": [], "no_label_tokens": [], "over_max_length": [],
+                                      "labels_past_max_length": []}
+    lengths: list[int] = []
+    label_tokens = total_tokens = 0
+    for row in rows:
+        try:
+            sequences = encode_row(row, tokenizer, template)
+        except DataError as exc:
+            problems["unrenderable"].append(f"{row.source}: {exc}")
+            continue
+        for example in sequences:
+            lengths.append(len(example))
+            total_tokens += len(example)
+            label_tokens += example.num_label_tokens
+        if any(e.num_label_tokens == 0 for e in sequences):
+            problems["no_label_tokens"].append(row.source)
+        if any(len(e) > max_length for e in sequences):
+            problems["over_max_length"].append(row.source)
+            if any(e.num_label_tokens and Example(e.input_ids[:max_length], e.labels[:max_length]).num_label_tokens == 0
+                   for e in sequences):
+                problems["labels_past_max_length"].append(row.source)
+    report = {name: len(where) for name, where in problems.items()}
+    report["first"] = {name: where[:_FIRST] for name, where in problems.items() if where}
+    report.update(max_length=max_length, sequence_tokens=percentiles(lengths),
+                  label_token_share=round(label_tokens / total_tokens, 4) if total_tokens else 0.0)
+    return report
