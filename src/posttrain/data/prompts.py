@@ -45,7 +45,8 @@ class PromptRecord:
 
 
 def detect_prompt_format(rows: list[dict], *, where: str = "the data") -> str:
-    if rows and all(isinstance(r, dict) and "prompt" in r for r in rows):
+    objects = [r for r in rows if isinstance(r, dict)]
+    if objects and 2 * sum("prompt" in r for r in objects) > len(objects):  # most: a stray row is a bad row
         return "prompt"
     try:
         fmt = formats.detect_format(rows, where=where)

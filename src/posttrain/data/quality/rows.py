@@ -6,6 +6,8 @@ three texts every check agrees on.
     response   what the model is trained to produce: assistant turns; a pair's chosen response,
                a ranking's best (all tied best); a KTO row's completion when desirable, else ""
     full       every text of the row, responses rejected or not included
+    instruction  the first user turn (what the statistics of prompts describe: a system prompt
+               shared by every row would hide the instructions' variety); "" for text rows
 """
 
 from __future__ import annotations
@@ -34,9 +36,12 @@ class Row:
     response: str = ""
     full: str = ""
     turns: int = 1
+    instruction: str = ""
 
     def __post_init__(self) -> None:
         self.prompt, self.response, self.full, self.turns = texts(self.record)
+        turns = self.record.prompt if isinstance(self.record, PreferenceRecord) else self.record.messages or []
+        self.instruction = next((t["content"] for t in turns if t["role"] == "user"), "")
 
 
 def texts(record: Record | PreferenceRecord) -> tuple[str, str, str, int]:

@@ -1,14 +1,16 @@
 """`posttrain quality`: one pass over training rows, every decision written down.
 
-    read ─▶ filters ─▶ decontaminate ─▶ PII ─▶ exact dedup ─▶ near dedup ─▶ balance ─▶ kept.jsonl
-      │        └────────────┴─────────────┴──────────┴─────────────┴───────────┴──▶ dropped.jsonl
-      └──▶ rejects.jsonl (malformed, file:line)                      token checks ─▶ report.json / .md
+    read ─▶ PII ─▶ filters ─▶ decontaminate ─▶ exact dedup ─▶ near dedup ─▶ balance ─▶ kept.jsonl
+      │      └────────┴────────────┴──────────────┴─────────────┴───────────┴──▶ dropped.jsonl
+      └──▶ rejects.jsonl (malformed, file:line)                  token checks ─▶ report.json / .md
 
 A row leaves at the first step that drops it, and dropped.jsonl holds it with its file:line,
 the step's reason and a detail (the duplicate's file:line and Jaccard, the evaluation row it
 leaked from, the rule it broke), so every decision can be audited (as datatrove keeps its
-exclusions). Kept rows are written as read, except that PII redaction rewrites their strings.
-Nothing is dropped unannounced: rows in = kept + dropped + malformed, checked before writing.
+exclusions). PII comes first so that, under redaction, no later output holds a value it found:
+kept and dropped rows are the redacted ones (a row dropped for PII is kept as read, as the
+evidence). Kept rows are otherwise written as read. Nothing is dropped unannounced: rows in =
+kept + dropped + malformed, checked before the outputs are written.
 """
 
 from __future__ import annotations
@@ -45,14 +47,16 @@ def run_quality(cfg, *, log: Callable[[str], Any] = print) -> Path:
     validate_quality(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob("kept*.jsonl"), *(out / name for name in _OUTPUTS)]:
+        stale.unlink(missing_ok=True)  # an earlier run's files never pass for this run's
     d = cfg.data
     rows, read = load_rows(d.files, fmt=d.format, bad_rows=d.bad_rows, max_bad_fraction=d.max_bad_fraction,
                            rejects_path=str(out / "rejects.jsonl"), log=log)
     work = _Pass(rows)
     report: dict[str, Any] = {"read": read.to_dict(), "input": _describe(rows, cfg.balance.field)}
+    report["pii"] = _pii(work, cfg.pii)
     _filter(work, cfg.filters)
     report["decontaminate"] = _decontaminate(work, cfg.decontaminate, log)
-    report["pii"] = _pii(work, cfg.pii)
     report["dedup"] = _dedup(work, cfg.dedup)
     report["balance"] = _balance(work, cfg.balance)
     kept = [work.rows[i] for i in work.alive()]
@@ -60,22 +64,37 @@ def run_quality(cfg, *, log: Callable[[str], Any] = print) -> Path:
         report["tokens"] = _tokens(kept, cfg.tokens)
     report["kept_stats"] = _describe(kept, cfg.balance.field)
     report["summary"] = _summary(work, read)
-    _write(out, work, kept, report)
-    log(_summary_line(report["summary"], out))
+    report["kept_files"] = _write(out, work, kept, report)
+    log(_summary_line(report["summary"], out, report["kept_files"]))
     if report["summary"]["removed_fraction"] > cfg.max_drop_fraction:
         raise DataError(f"{report['summary']['removed_fraction']:.2%} of the rows were dropped or malformed, more "
                         f"than max_drop_fraction={cfg.max_drop_fraction}; see {out / 'report.md'}")
     return out
 
 
+_OUTPUTS = ("dropped.jsonl", "rejects.jsonl", "report.json", "report.md")
+
+
+def _clean(text: str) -> str:
+    """Redaction for the texts statistics quote (the prompts' first words), whatever pii.action
+    does to the rows (off included): the report never holds a value the scan finds."""
+    from posttrain.data.quality.pii import find_pii, redact
+
+    return redact(text, find_pii(text))
+
+
 def _describe(rows: list[Row], field: str) -> dict:
     categories = [_field(row, field) for row in rows] if field else None
-    return stats.describe([r.prompt for r in rows], [r.response for r in rows], [r.turns for r in rows], categories)
+    return stats.describe([_clean(r.instruction) for r in rows], [r.response for r in rows], [r.turns for r in rows],
+                          categories)
 
 
 def _field(row: Row, field: str) -> str | None:
+    """The row's value of a column as text; absent, null or blank (CSV's absent) is None."""
     value = row.raw.get(field) if isinstance(row.raw, dict) else None
-    return None if value is None else str(value)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    return str(value)
 
 
 def _filter(work: _Pass, cfg) -> None:
@@ -89,35 +108,58 @@ def _filter(work: _Pass, cfg) -> None:
 
 
 def _decontaminate(work: _Pass, cfg, log) -> dict:
-    from posttrain.data.prompts import load_prompt_records
     from posttrain.data.quality.contamination import ContaminationIndex
 
     if not cfg.files:
         return {"eval_rows": 0}
-    records, _ = load_prompt_records(cfg.files, bad_rows="skip", max_bad_fraction=1.0, log=log)
-    texts = ["\n".join(t["content"] for t in r.prompt) + (f"\n{r.answer}" if cfg.on == "full" and r.answer else "")
-             for r in records]
-    index = ContaminationIndex(texts, [r.source for r in records], cfg.ngram)
+    texts, sources, malformed = [], [], 0
+    for path in cfg.files:
+        file_texts, file_sources, bad = _eval_texts(path, cfg.on, log)
+        texts, sources, malformed = texts + file_texts, sources + file_sources, malformed + bad
+    index = ContaminationIndex(texts, sources, cfg.ngram)
     hits: Counter = Counter()
     for i in work.alive():
         found = index.find(work.rows[i].full)
         if found:
             hits[found[0]] += 1
             work.drop(i, "contaminated", f"shares {found[1]!r} with {found[0]}")
-    return {"eval_rows": len(records), "ngram": cfg.ngram, "on": cfg.on, "contaminated_rows": sum(hits.values()),
-            "eval_rows_leaked": len(hits), "most_leaked": hits.most_common(5)}
+    return {"eval_rows": len(texts), "eval_rows_malformed": malformed, "ngram": cfg.ngram, "on": cfg.on,
+            "contaminated_rows": sum(hits.values()), "eval_rows_leaked": len(hits), "most_leaked": hits.most_common(5)}
+
+
+def _eval_texts(path: str, on: str, log) -> tuple[list[str], list[str], int]:
+    """(texts, sources, malformed rows) of one evaluation file. A file in a training format (SFT or
+    preference rows) is read as such: its prompts, or with on=full every text of the row; any
+    other is read as prompt rows ({"prompt", "answer"?}, as RL prompt sets are)."""
+    import itertools
+
+    from posttrain.data.prompts import load_prompt_records
+    from posttrain.data.quality.rows import detect_any_format
+    from posttrain.data.readers import Malformed, iter_rows
+
+    head = [row for _, row in itertools.islice(iter_rows(path), 100) if not isinstance(row, Malformed)]
+    try:
+        detect_any_format(head, where=path)
+    except DataError:
+        records, read = load_prompt_records([path], bad_rows="skip", max_bad_fraction=1.0, log=log)
+        texts = ["\n".join(t["content"] for t in r.prompt) + (f"\n{r.answer}" if on == "full" and r.answer else "")
+                 for r in records]
+        return texts, [r.source for r in records], read.bad
+    rows, read = load_rows([path], fmt="auto", bad_rows="skip", max_bad_fraction=1.0, rejects_path=None, log=log)
+    return [r.full if on == "full" else r.prompt or r.full for r in rows], [r.source for r in rows], read.bad
 
 
 def _pii(work: _Pass, cfg) -> dict:
-    from posttrain.data.quality.pii import find_pii, redact
+    from posttrain.data.formats import BadRowError
 
     if cfg.action == "off":
         return {"action": "off"}
     kinds: Counter = Counter()
     located: list[dict] = []
+    unusable = 0
     for i in work.alive():
         found: list[str] = []
-        raw = _map_strings(work.rows[i].raw, lambda s, found=found: _redacted(s, cfg.kinds, found, find_pii, redact))
+        raw = _map_strings(work.rows[i].raw, lambda s, found=found: _redacted(s, cfg.kinds, found))
         if not found:
             continue
         kinds.update(found)
@@ -125,26 +167,54 @@ def _pii(work: _Pass, cfg) -> dict:
         if cfg.action == "drop":
             work.drop(i, "pii", "contains " + ", ".join(sorted(set(found))))
         elif cfg.action == "redact":
-            work.rows[i] = reconvert(work.rows[i], raw)
+            try:
+                work.rows[i] = reconvert(work.rows[i], raw)
+            except BadRowError as exc:  # e.g. chosen and rejected differed only in an email
+                unusable += 1
+                work.drop(i, "pii", f"redaction left the row unusable: {exc.reason}")
     # the values themselves are never written to the report: it would copy what redaction removes
-    return {"action": cfg.action, "rows_with_pii": len(located), "matches": dict(kinds), "first": located[:20]}
+    return {"action": cfg.action, "rows_with_pii": len(located), "matches": dict(kinds),
+            "unusable_after_redaction": unusable, "first": located[:20]}
 
 
-def _redacted(text: str, kinds, found: list[str], find_pii, redact) -> str:
+def _redacted(text: str, kinds, found: list[str]) -> str:
+    from posttrain.data.quality.pii import find_pii, redact
+
     matches = find_pii(text, kinds)
     found.extend(m.kind for m in matches)
     return redact(text, matches) if matches else text
 
 
-def _map_strings(value: Any, fn: Callable[[str], str]) -> Any:
-    """`value` with `fn` applied to every string in it, keys and turn roles left alone."""
+# Keys whose string value may be a JSON-encoded list of turns (a CSV or Parquet cell).
+_TURN_KEYS = ("messages", "conversations", "prompt", "chosen", "rejected", "responses", "completion")
+
+
+def _map_strings(value: Any, fn: Callable[[str], str], key: str = "") -> Any:
+    """`value` with `fn` applied to every string in it. A turn's role ("role" / ShareGPT "from")
+    is left alone; a cell holding JSON-encoded turns is decoded, mapped and encoded again, so
+    redaction reaches the turns' text and never breaks the JSON."""
     if isinstance(value, str):
-        return fn(value)
+        decoded = _decoded_turns(value) if key in _TURN_KEYS else None
+        if decoded is None:
+            return fn(value)
+        mapped = _map_strings(decoded, fn)
+        return value if mapped == decoded else json.dumps(mapped, ensure_ascii=False)
     if isinstance(value, dict):
-        return {k: v if k in ("role", "from") else _map_strings(v, fn) for k, v in value.items()}
+        is_turn = "content" in value or "value" in value
+        return {k: v if is_turn and k in ("role", "from") else _map_strings(v, fn, k) for k, v in value.items()}
     if isinstance(value, list):
-        return [_map_strings(v, fn) for v in value]
+        return [_map_strings(v, fn, key) for v in value]
     return value
+
+
+def _decoded_turns(text: str) -> list | None:
+    if not text.lstrip().startswith("["):
+        return None
+    try:
+        decoded = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return decoded if isinstance(decoded, list) else None
 
 
 def _dedup(work: _Pass, cfg) -> dict:
@@ -155,7 +225,9 @@ def _dedup(work: _Pass, cfg) -> dict:
         if not enabled:
             continue
         alive = work.alive()
-        texts = [work.rows[i].prompt if cfg.on == "prompt" else work.rows[i].full for i in alive]
+        # a text row has no prompt: compared whole, or every text row would repeat the first's ""
+        texts = [(work.rows[i].prompt or work.rows[i].full) if cfg.on == "prompt" else work.rows[i].full
+                 for i in alive]
         if kind == "exact":
             found, info = exact_duplicates(texts), {}
         else:
@@ -206,22 +278,34 @@ def _summary(work: _Pass, read) -> dict:
             "removed_fraction": round(removed / read.total, 6) if read.total else 0.0}
 
 
-def _write(out: Path, work: _Pass, kept: list[Row], report: dict) -> None:
+def _write(out: Path, work: _Pass, kept: list[Row], report: dict) -> list[str]:
+    """The outputs; returns the kept files' names. Rows of one format go to kept.jsonl; with
+    several formats, kept-FORMAT.jsonl each, since a training file is read in one format."""
     from posttrain.data.quality.report import markdown
     from posttrain.files import write_atomically
 
     def jsonl(items) -> str:
         return "".join(json.dumps(item, ensure_ascii=False, default=str) + "\n" for item in items)
 
-    write_atomically(out / "kept.jsonl", jsonl(row.raw for row in kept))
+    by_format: dict[str, list[Row]] = {}
+    for row in kept:
+        by_format.setdefault(row.format, []).append(row)
+    names = {fmt: "kept.jsonl" if len(by_format) <= 1 else f"kept-{fmt}.jsonl" for fmt in by_format}
+    for fmt, rows in by_format.items():
+        write_atomically(out / names[fmt], jsonl(row.raw for row in rows))
+    if not by_format:
+        write_atomically(out / "kept.jsonl", "")
     write_atomically(out / "dropped.jsonl", jsonl(
         {"location": work.rows[i].source, "reason": reason, "detail": detail, "row": work.rows[i].raw}
         for i, (reason, detail) in sorted(work.dropped.items())))
+    files = sorted(names.values()) or ["kept.jsonl"]
+    report["kept_files"] = files
     write_atomically(out / "report.json", json.dumps(report, indent=1, ensure_ascii=False, default=str))
     write_atomically(out / "report.md", markdown(report))
+    return files
 
 
-def _summary_line(summary: dict, out: Path) -> str:
+def _summary_line(summary: dict, out: Path, kept_files: list[str]) -> str:
     reasons = ", ".join(f"{name} {count}" for name, count in summary["dropped_by_reason"].items()) or "none"
-    return (f"{summary['rows']} rows: {summary['kept']} kept, {summary['dropped']} dropped ({reasons}), "
-            f"{summary['malformed']} malformed; report: {out / 'report.md'}")
+    return (f"{summary['rows']} rows: {summary['kept']} kept ({', '.join(str(out / f) for f in kept_files)}), "
+            f"{summary['dropped']} dropped ({reasons}), {summary['malformed']} malformed; report: {out / 'report.md'}")

@@ -39,7 +39,7 @@ def check_tokens(rows: Sequence, tokenizer, template: str, max_length: int) -> d
         try:
             sequences = encode_row(row, tokenizer, template)
         except DataError as exc:
-            problems["unrenderable"].append(f"{row.source}: {exc}")
+            problems["unrenderable"].append(str(exc) if row.source in str(exc) else f"{row.source}: {exc}")
             continue
         for example in sequences:
             lengths.append(len(example))
