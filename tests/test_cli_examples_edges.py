@@ -22,7 +22,8 @@ from posttrain.errors import ConfigError
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 COMMAND_OF = {"sft": "sft", "rm": "rm", "dpo": "dpo", "kto": "kto", "grpo": "grpo", "ppo": "ppo",
-              "constitutional": "constitutional", "rlaif": "rlaif", "self": "self-instruct", "quality": "quality"}
+              "constitutional": "constitutional", "rlaif": "rlaif", "self": "self-instruct", "quality": "quality",
+              "redteam": "redteam"}
 
 
 class _Stop(Exception):

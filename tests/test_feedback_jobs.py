@@ -234,3 +234,25 @@ def test_ctrl_c_stops_at_once_without_waiting_for_items_in_flight(tmp_path):
     _, stderr = process.communicate(timeout=60)  # would hang for 300 s if exit waited for the workers
     assert process.returncode != 0 and "KeyboardInterrupt" in stderr
     assert [r["id"] for r in lines(tmp_path / "out.jsonl")] == ["0"]
+
+
+def test_an_aborted_run_lets_the_items_in_flight_end(tmp_path):
+    """After an abort, no worker is still inside `work`: a thread left inside torch when the
+    interpreter exits aborts the process (exit 134 instead of 2)."""
+    import threading
+    import time as _time
+
+    from posttrain.feedback.jobs import JsonlLog, RunAborted, run_items
+
+    inside = threading.Event()
+
+    def work(item_id, item):
+        inside.set()
+        _time.sleep(0.05)
+        raise RuntimeError("down")
+
+    with JsonlLog(tmp_path / "log.jsonl") as log:
+        with pytest.raises(RunAborted):
+            run_items([(str(i), i) for i in range(40)], work, log, concurrency=4, stream=None)
+    assert inside.is_set()
+    assert not [t for t in threading.enumerate() if t.name.startswith("posttrain-job-") and t.is_alive()]

@@ -11,6 +11,7 @@
     posttrain self-instruct CONFIG.yaml [...]  Self-Instruct: seed tasks -> new tasks, filtered -> SFT rows
     posttrain rlaif CONFIG.yaml [...]         RLAIF: N responses a prompt, pairs judged in both orders -> preferences
     posttrain quality CONFIG.yaml [...]       data quality: filters, PII, dedup, decontamination, balance -> kept rows, report
+    posttrain redteam CONFIG.yaml [...]       attack success under jailbreaks and over-refusal of a chat model, with intervals
     posttrain pipeline PIPELINE.yaml [NAME.key=value ...] [--only NAME | --from NAME] [--restart] [--dry-run]
     posttrain score --model RM_DIR --input rows.jsonl --output scored.jsonl
     posttrain generate --model DIR --prompts FILE [--output out.jsonl] [sampling flags]
@@ -64,6 +65,7 @@ def _sampling_args(parser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from posttrain.config import DPOConfig, GRPOConfig, PPOConfig, RLAIFConfig, RMConfig, SFTConfig
     from posttrain.config.quality import QualityConfig
+    from posttrain.config.safety import RedTeamConfig
     from posttrain.config.synthesis import ConstitutionalConfig, SelfInstructConfig
     from posttrain.pipeline import add_parser as add_pipeline_parser
 
@@ -90,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     _stage_parser(sub, "quality", QualityConfig,
                   "training-data quality: filters, PII, exact/near dedup, decontamination, balance -> kept rows, "
                   "every dropped row with its reason, a report")
+    _stage_parser(sub, "redteam", RedTeamConfig,
+                  "red-team evaluation: harmful requests under jailbreak attacks and safe prompts that look unsafe "
+                  "-> attack success and over-refusal rates with 95% intervals")
     add_pipeline_parser(sub)
     score = sub.add_parser("score", help="score prompt/response rows with reward models and functions")
     score.add_argument("--model", action="append", default=[], metavar="[NAME=]DIR",
@@ -217,10 +222,17 @@ def _quality():
     return QualityConfig, run_quality
 
 
-# Commands that write training data (from a model's outputs, or by cleaning rows) (a config and overrides, like a stage,
+def _redteam():
+    from posttrain.config.safety import RedTeamConfig
+    from posttrain.safety.run import run_redteam
+
+    return RedTeamConfig, run_redteam
+
+
+# Commands that write training data (from a model's outputs, or by cleaning rows) or evaluate a model (a config and overrides, like a stage,
 # but no model to train, so not pipeline stages).
 _DATA_COMMANDS = {"constitutional": _constitutional, "cai": _constitutional, "self-instruct": _self_instruct,
-                  "rlaif": _rlaif, "quality": _quality}
+                  "rlaif": _rlaif, "quality": _quality, "redteam": _redteam}
 
 
 def _is_override(argument: str) -> bool:

@@ -37,6 +37,7 @@ from typing import Any, TextIO
 from posttrain.errors import ConfigError, DataError, UserError
 
 MAX_ERRORS_KEPT = 5
+JOIN_TIMEOUT_S = 30.0  # after an error, how long the items in flight may take to end
 
 
 class JsonlLog:
@@ -227,8 +228,9 @@ def run_items(items: list[tuple[str, Any]], work: Callable[[str, Any], dict | li
     max(5, 2 x concurrency)) all fail, or every item fails, the run stops with a UserError
     naming the first error: the cause (a wrong URL, model or key) is almost surely shared.
     That error is a RunAborted, which carries the summary (callers write what the log holds).
-    The workers are daemon threads: on Ctrl-C or an error nothing waits for the items in
-    flight. `stream=None` shows no progress.
+    After an error the items in flight may end (up to JOIN_TIMEOUT_S; their results are not
+    written): a worker thread still inside torch when the interpreter exits aborts the process.
+    On Ctrl-C nothing waits; the workers are daemon threads. `stream=None` shows no progress.
     """
     ids = [item_id for item_id, _ in items]
     if len(set(ids)) != len(ids):
@@ -243,7 +245,8 @@ def run_items(items: list[tuple[str, Any]], work: Callable[[str, Any], dict | li
     start = time.monotonic()
     results: queue.Queue = queue.Queue()
     slots = threading.Semaphore(concurrency)  # items started but not yet recorded here
-    stop = _start_workers(todo, work, concurrency, results, slots)
+    stop, workers = _start_workers(todo, work, concurrency, results, slots)
+    interrupted = False
     try:
         for _ in range(len(todo)):
             item_id, result, error = _next_result(results)
@@ -255,8 +258,13 @@ def run_items(items: list[tuple[str, Any]], work: Callable[[str, Any], dict | li
             if summary.failed >= abort_after and summary.written == 0:
                 raise RunAborted(f"{desc or 'run'}: the first {summary.failed} items all failed; stopping. "
                                  f"First error: {summary.errors[0]}", summary)
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
     finally:
         stop.set()  # on an error or Ctrl-C: no new items start
+        if not interrupted:  # let the items in flight end: a thread inside torch at exit aborts the process
+            _join(workers, JOIN_TIMEOUT_S)
         progress.close()
         summary.seconds = time.monotonic() - start
     if todo and summary.failed == len(todo):
@@ -265,7 +273,7 @@ def run_items(items: list[tuple[str, Any]], work: Callable[[str, Any], dict | li
 
 
 def _start_workers(todo: list[tuple[str, Any]], work: Callable, concurrency: int, results: queue.Queue,
-                   slots: threading.Semaphore) -> threading.Event:
+                   slots: threading.Semaphore) -> tuple[threading.Event, list[threading.Thread]]:
     """Daemon threads taking items in order and putting (id, result, error) on `results`. A
     worker starts an item only with a free slot (the main thread frees one per result it
     records), so a stop leaves at most `concurrency` items started and unrecorded."""
@@ -288,9 +296,18 @@ def _start_workers(todo: list[tuple[str, Any]], work: Callable, concurrency: int
             except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which decides
                 results.put((item_id, None, exc))
 
-    for number in range(min(concurrency, len(todo))):
-        threading.Thread(target=loop, name=f"posttrain-job-{number}", daemon=True).start()
-    return stop
+    workers = [threading.Thread(target=loop, name=f"posttrain-job-{number}", daemon=True)
+               for number in range(min(concurrency, len(todo)))]
+    for worker in workers:
+        worker.start()
+    return stop, workers
+
+
+def _join(workers: list[threading.Thread], timeout_s: float) -> None:
+    """Wait up to `timeout_s` in all for the workers to finish their current items."""
+    deadline = time.monotonic() + timeout_s
+    for worker in workers:
+        worker.join(max(0.0, deadline - time.monotonic()))
 
 
 def _next_result(results: queue.Queue) -> tuple[str, Any, BaseException | None]:

@@ -1,0 +1,82 @@
+"""Config of `posttrain redteam`: a chat model under red-team attacks and an over-refusal
+suite, its responses labelled, attack success and over-refusal rates reported."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+from posttrain.config.feedback import BackendConfig, backend_checks
+from posttrain.config.schema import _raise_first, _StageConfig, markdown_reference, option
+
+DEFAULT_ATTACKS = ["direct", "prefix_injection", "refusal_suppression", "role_play", "hypothetical",
+                   "instruction_override", "style_injection", "base64", "combination"]
+
+
+@dataclass
+class TargetConfig(BackendConfig):
+    temperature: float = option(0.0, "sampling temperature of the model under test (0 = greedy: one response "
+                                "per prompt is then the model's answer, not a draw)")
+
+
+@dataclass
+class SafetyJudgeConfig(BackendConfig):
+    max_tokens: int = option(256, "generation budget per verdict (reasoning plus the LABEL line)")
+    temperature: float = option(0.0, "sampling temperature of the judge (0 = greedy)")
+    parse_retries: int = option(1, "when a verdict has no LABEL line, ask this many more times")
+
+
+@dataclass
+class ProbesConfig:
+    harmful: str = option("default", "harmful requests (JSONL/JSON/CSV/parquet rows: prompt, category?, id?); "
+                          "'default' = the bundled suite (10 hazard categories)")
+    overrefusal: str = option("default", "safe prompts that look unsafe, sent as they are; a refusal is "
+                              "over-refusal; 'default' = the bundled suite; empty = none")
+    limit: int = option(0, "use the first N probes of each suite (0 = all)")
+
+
+@dataclass
+class AttackConfig:
+    names: list[str] = option(DEFAULT_ATTACKS, "built-in attacks applied to every harmful request (direct = the "
+                              "request as it is)")
+    file: str = option("", "more attacks (YAML or JSONL rows: name, template with {prompt}, system?, description?)")
+
+
+@dataclass
+class RedTeamConfig(_StageConfig):
+    output_dir: str = option("runs/redteam", "run directory: responses.jsonl (resumable log), report.json, "
+                             "report.md")
+    target: TargetConfig = dataclasses.field(default_factory=TargetConfig,
+                                             metadata={"help": "the model under test"})
+    probes: ProbesConfig = dataclasses.field(default_factory=ProbesConfig, metadata={"help": "what is asked"})
+    attacks: AttackConfig = dataclasses.field(default_factory=AttackConfig,
+                                              metadata={"help": "how harmful requests are wrapped"})
+    classifier: Literal["patterns", "judge"] = option(
+        "patterns", "how responses are labelled full_compliance / partial_refusal / full_refusal: refusal "
+        "patterns (fast, no model; cannot tell harmful compliance from harmless nonsense) or an LLM judge")
+    judge: SafetyJudgeConfig = dataclasses.field(default_factory=SafetyJudgeConfig,
+                                                 metadata={"help": "classifier=judge: the labelling model"})
+    concurrency: int = option(4, "requests in flight at once")
+    compare_to: str = option("", "an earlier redteam output_dir: its rates are shown beside these, with the change")
+
+
+def validate_redteam(cfg: RedTeamConfig) -> None:
+    """Checks of a red-team config before any model is called. Raises ConfigError."""
+    checks = backend_checks(cfg.target, "target")
+    if cfg.classifier == "judge":
+        checks += backend_checks(cfg.judge, "judge") + [(cfg.judge.parse_retries >= 0,
+                                                        "judge.parse_retries must be >= 0")]
+    _raise_first(checks + [
+        (bool(cfg.probes.harmful.strip()), "probes.harmful is empty; give a file or 'default'"),
+        (cfg.probes.limit >= 0, "probes.limit must be >= 0 (0 = all)"),
+        (bool(cfg.attacks.names) or bool(cfg.attacks.file), "attacks.names is empty and attacks.file unset; "
+                                                            "name at least one attack (direct = none)"),
+        (len(set(cfg.attacks.names)) == len(cfg.attacks.names), "attacks.names lists an attack twice"),
+        (cfg.concurrency >= 1, "concurrency must be >= 1"),
+    ])
+
+
+def redteam_reference() -> str:
+    """The README's config reference table for `posttrain redteam`."""
+    return markdown_reference(RedTeamConfig)

@@ -1,0 +1,57 @@
+"""report.json of `posttrain redteam` as Markdown, with an earlier run's rates beside when given."""
+
+from __future__ import annotations
+
+
+def _rate(r: dict | None) -> str:
+    if not r or not r.get("n"):
+        return "–"
+    return f"{r['rate']:.1%} [{r['ci95'][0]:.1%}, {r['ci95'][1]:.1%}] ({r['successes']}/{r['n']})"
+
+
+def _change(now: dict | None, before: dict | None) -> str:
+    if not now or not before or not now.get("n") or not before.get("n"):
+        return "–"
+    return f"{100 * (now['rate'] - before['rate']):+.1f} pts"
+
+
+def _table(title: str, rows: dict, earlier: dict | None) -> list[str]:
+    header = f"| {title} | rate [95% CI] (count/n) |" + (" earlier | change |" if earlier is not None else "")
+    rule = "|---|---|" + ("---|---|" if earlier is not None else "")
+    lines = [header, rule]
+    for name, now in rows.items():
+        line = f"| {name} | {_rate(now)} |"
+        if earlier is not None:
+            before = earlier.get(name)
+            line += f" {_rate(before)} | {_change(now, before)} |"
+        lines.append(line)
+    return lines + [""]
+
+
+def markdown(report: dict) -> str:
+    earlier = (report.get("compare_to") or {}).get("report")
+    lines = ["# Red-team report", "",
+             f"Model under test: `{report['target']}`. Classifier: **{report['classifier']}**"
+             + (" (refusal patterns: a success means the model did not refuse, harmful or not)."
+                if report["classifier"] == "patterns" else " (an LLM judge)."),
+             f"{report['answered']} of {report['requests']} requests answered and labelled; {report['failed']} "
+             f"failed this run (left out of every n; rerun to retry them); "
+             f"{report['truncated_responses']} responses cut off by max_tokens.", ""]
+    if earlier is not None:
+        lines += [f"Compared with `{report['compare_to']['path']}` (model `{earlier.get('target')}`).", ""]
+    if "attack_success" in report:
+        a, before = report["attack_success"], (earlier or {}).get("attack_success", {})
+        lines += ["## Attack success (harmful requests; lower is safer)", ""]
+        lines += _table("overall", {"all attacks": a["overall"]},
+                        None if earlier is None else {"all attacks": before.get("overall")})
+        lines += _table("attack", a["by_attack"], None if earlier is None else before.get("by_attack", {}))
+        lines += _table("category", a["by_category"], None if earlier is None else before.get("by_category", {}))
+    if "over_refusal" in report:
+        o, before = report["over_refusal"], (earlier or {}).get("over_refusal", {})
+        lines += ["## Over-refusal (safe prompts that look unsafe; lower is more helpful)", ""]
+        lines += _table("overall", {"refused (full or partial)": o["overall"], "refused fully": o["full_refusal"]},
+                        None if earlier is None else {"refused (full or partial)": before.get("overall"),
+                                                      "refused fully": before.get("full_refusal")})
+        lines += _table("category", o["by_category"], None if earlier is None else before.get("by_category", {}))
+    labels = ", ".join(f"{k} {v}" for k, v in report["labels"].items())
+    return "\n".join(lines + [f"Labels: {labels}.", ""])
