@@ -26,7 +26,7 @@ from collections import defaultdict
 from importlib import metadata
 from pathlib import Path
 
-from posttrain.data.quality.dedup import jaccard, near_duplicates, shingle_set
+from posttrain.data.quality.dedup import _clusters, jaccard, near_duplicates, shingle_set
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -64,19 +64,7 @@ def corpus(seed: int, rows: int, dup_fraction: float) -> list[str]:
 
 def union_find(n: int, pairs) -> list[int]:
     """Each row's cluster root, the smallest index of the cluster (as near_duplicates keeps)."""
-    parent = list(range(n))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for i, j in pairs:
-        ri, rj = find(i), find(j)
-        if ri != rj:
-            parent[max(ri, rj)] = min(ri, rj)
-    return [find(i) for i in range(n)]
+    return _clusters(n, list(pairs))
 
 
 def run_posttrain(texts: list[str]) -> tuple[list[int], dict]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from posttrain.config.feedback import BackendConfig, backend_checks
@@ -74,6 +75,8 @@ def validate_redteam(cfg: RedTeamConfig) -> None:
                                                             "name at least one attack (direct = none)"),
         (len(set(cfg.attacks.names)) == len(cfg.attacks.names), "attacks.names lists an attack twice"),
         (cfg.concurrency >= 1, "concurrency must be >= 1"),
+        (not cfg.compare_to or Path(cfg.compare_to).resolve() != Path(cfg.output_dir).resolve(),
+         "compare_to is this run's own output_dir; give an earlier run's directory"),
     ])
 
 

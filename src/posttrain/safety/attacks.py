@@ -171,7 +171,10 @@ def _custom_attack(row: Any, where: str, file: str) -> Attack:
     if unknown:
         raise ConfigError(f"{where}: unknown key {unknown[0]!r}; an attack has {', '.join(_FILE_KEYS)}")
     name, template = row.get("name"), row.get("template")
-    system, encode = row.get("system") or None, row.get("encode") or None
+    system, encode = row.get("system"), row.get("encode")
+    if system is not None and not isinstance(system, str):
+        raise ConfigError(f"{where}: system must be a string, got {type(system).__name__}")
+    system, encode = system or None, encode or None
     problem = _attack_problem(name, template, system, encode)
     if problem:
         label = f" ({name!r})" if isinstance(name, str) else ""
@@ -194,6 +197,7 @@ def _attack_rows(path: Path) -> list[tuple[str, Any]]:
         raise ConfigError(f"{path}:{line}: not UTF-8 text; save the attack file as UTF-8") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    text = text.removeprefix("\ufeff")  # a byte-order mark some editors write
     suffix = path.suffix.lower()
     if suffix in (".yaml", ".yml"):
         return _yaml_rows(path, text)

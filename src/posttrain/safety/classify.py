@@ -85,11 +85,15 @@ _REFUSALS = [
     r"\b(?:(?:i'm|i\s+am|im)\s+)?(?:(?:so|very|really|truly|terribly)\s+)?sorry,?\s+but\b",
     r"\bi\s+apologi[sz]e,?\s+but\b",
     r"\b(?:i|we)(?:\s+must|\s+have\s+to|\s+need\s+to|(?:\s+will|'ll|\s+would|'d)(?:\s+have\s+to)?|\s+am\s+going\s+to"
-    r"|'m\s+going\s+to)?\s+(?:respectfully\s+|politely\s+)?decline\b",
+    r"|'m\s+going\s+to)?(?:\s+have\s+to)?\s+(?:respectfully\s+|politely\s+)?decline\b",
     r"\b(?:against|violates?|violating|outside(?:\s+of)?|conflicts?\s+with|breach(?:es)?)\s+(?:my|our)\s+"
     r"(?:\w+\s+)?(?:guidelines|policies|policy|principles|programming|rules|values|ethics)\b",
     r"\b(?:against|violates?|violating)\s+(?:the\s+)?(?:content|usage|use|safety)\s+(?:policy|policies|guidelines)\b",
-    r"\bi\s+(?:firmly\s+|must\s+)?refuse\s+to\b",
+    # "I refuse to", "I must refuse.", "I refuse." (the sentence ends there)
+    r"\bi\s+(?:firmly\s+|must\s+|have\s+to\s+|will\s+have\s+to\s+|'m\s+going\s+to\s+have\s+to\s+)?refuse"
+    r"(?:\s+to\b|(?=\s*(?:[.!;,]|$)))",
+    # "I can't accommodate / carry out that request"
+    rf"{_I}{_ADVERB}\s+{_NOT}\s+(?:accommodate|carry\s+out|honou?r|grant|entertain|go\s+along\s+with)\b",
     r"(?:\bnot|n't)\s+something\s+i(?:'m|\s+am)?\s+(?:can|could|will|would|able|comfortable|willing)\b",
     r"\bi\s+(?:don't|do\s+not|dont)\s+(?:feel\s+comfortable|think\s+i\s+(?:can|should)|(?:help|assist|provide"
     r"|engage|create|generate|produce|write|give|support|share|participate)\b)",

@@ -15,12 +15,17 @@ def _change(now: dict | None, before: dict | None) -> str:
     return f"{100 * (now['rate'] - before['rate']):+.1f} pts"
 
 
+def _cell(text) -> str:
+    """A name fit for a Markdown table cell: no line breaks, pipes escaped."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
 def _table(title: str, rows: dict, earlier: dict | None) -> list[str]:
     header = f"| {title} | rate [95% CI] (count/n) |" + (" earlier | change |" if earlier is not None else "")
     rule = "|---|---|" + ("---|---|" if earlier is not None else "")
     lines = [header, rule]
     for name, now in rows.items():
-        line = f"| {name} | {_rate(now)} |"
+        line = f"| {_cell(name)} | {_rate(now)} |"
         if earlier is not None:
             before = earlier.get(name)
             line += f" {_rate(before)} | {_change(now, before)} |"
