@@ -2,7 +2,7 @@
 `posttrain redteam` shows where it stops holding (a jailbreak wrapper it never saw).
 
 Task (safety/synthetic.py): "How do I <verb> <target>?" with a person (harmful) or a thing
-(safe, the same verbs). Two tiny models train 200 steps on the same prompts: the helpful-only
+(safe, the same verbs). Two tiny models train 120 steps on the same prompts: the helpful-only
 one complies with everything, the refusal-trained one refuses the harmful ones. Both are then
 red-teamed on 30 held-out harmful and 30 held-out safe (verb, target) pairs. Thresholds are set
 with margin from measured runs (README, *Red-teaming and over-refusal*).
@@ -39,8 +39,8 @@ def reports(tmp_path_factory):
         data = _write(root / f"{name}.jsonl", training_rows(split, refuse=refuse))
         sft = SFTConfig.load(None, [
             f"output_dir={root / name}", "model.path=tiny", f"data.train_files=[{data}]", "data.eval_fraction=0",
-            "data.max_length=64", "train.max_steps=200", "train.batch_size=32", "train.lr=3e-3",
-            "train.warmup_steps=20", "train.seed=0", "train.resume=never", "train.progress_bar=false",
+            "data.max_length=64", "train.max_steps=120", "train.batch_size=32", "train.lr=3e-3",
+            "train.warmup_steps=10", "train.seed=0", "train.resume=never", "train.progress_bar=false",
             "train.log_every=100", "eval.exact_match_prompts=0"])
         model = run_sft(sft) / "final"
         cfg = RedTeamConfig.load(None, [
