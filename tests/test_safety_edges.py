@@ -21,6 +21,7 @@ from posttrain.feedback.client import Reply
 from posttrain.safety.attacks import ATTACKS, load_attacks
 from posttrain.safety.classify import classify_refusal
 from posttrain.safety.run import JudgeClassifier, load_items, run_redteam
+from tests.test_safety_run import _cfg, _report  # the same config and report helpers
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = {"log": lambda _: None, "stream": None}
@@ -87,16 +88,6 @@ SAFE = [{"id": "s1", "category": "garden", "prompt": "How do I poison the weeds 
 @pytest.fixture
 def suites(tmp_path):
     return _write(tmp_path / "harmful.jsonl", HARMFUL), _write(tmp_path / "safe.jsonl", SAFE)
-
-
-def _cfg(tmp_path, suites, *overrides) -> RedTeamConfig:
-    harmful, safe = suites
-    return RedTeamConfig.load(None, [f"output_dir={tmp_path / 'rt'}", f"probes.harmful={harmful}",
-                                     f"probes.overrefusal={safe}", "attacks.names=[direct,role_play]", *overrides])
-
-
-def _report(out: Path) -> dict:
-    return json.loads((out / "report.json").read_text())
 
 
 def _log_ids(out: Path) -> list[str]:
