@@ -16,7 +16,7 @@ import pytest
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA_COMMANDS = {"rlaif", "constitutional", "self_instruct", "quality", "redteam"}  # own tests (a model server; no training)
+DATA_COMMANDS = {"rlaif", "constitutional", "self_instruct", "quality", "redteam", "evaluate"}  # own tests (a model server; no training)
 EXAMPLES = sorted(p for p in (ROOT / "examples").glob("*.yaml")
                   if not p.name.startswith("pipeline_") and p.stem not in DATA_COMMANDS)  # pipelines: test_pipeline
 

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 COMMAND_OF = {"sft": "sft", "rm": "rm", "dpo": "dpo", "kto": "kto", "grpo": "grpo", "ppo": "ppo",
               "constitutional": "constitutional", "rlaif": "rlaif", "self": "self-instruct", "quality": "quality",
-              "redteam": "redteam"}
+              "redteam": "redteam", "evaluate": "evaluate"}
 
 
 class _Stop(Exception):

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.config import (SFTConfig, markdown_reference, preference_reference, quality_reference,
-                              redteam_reference, rl_reference, rlaif_reference, synthesis_reference, validate_sft)
+from posttrain.config import (SFTConfig, evaluate_reference, markdown_reference, preference_reference,
+                              quality_reference, redteam_reference, rl_reference, rlaif_reference, synthesis_reference,
+                              validate_sft)
 from posttrain.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,3 +64,4 @@ def test_readme_config_reference_is_current():
     assert synthesis_reference() in (ROOT / "README.md").read_text(), "regenerate: python -m posttrain.config"
     assert quality_reference() in (ROOT / "README.md").read_text(), "regenerate: python -m posttrain.config"
     assert redteam_reference() in (ROOT / "README.md").read_text(), "regenerate: python -m posttrain.config"
+    assert evaluate_reference() in (ROOT / "README.md").read_text(), "regenerate: python -m posttrain.config"

@@ -12,6 +12,7 @@
     posttrain rlaif CONFIG.yaml [...]         RLAIF: N responses a prompt, pairs judged in both orders -> preferences
     posttrain quality CONFIG.yaml [...]       data quality: filters, PII, dedup, decontamination, balance -> kept rows, report
     posttrain redteam CONFIG.yaml [...]       attack success under jailbreaks and over-refusal of a chat model, with intervals
+    posttrain evaluate CONFIG.yaml [...]      alignment report: exact match, answer NLL, reward, KL and win rates vs a reference, red team
     posttrain pipeline PIPELINE.yaml [NAME.key=value ...] [--only NAME | --from NAME] [--restart] [--dry-run]
     posttrain score --model RM_DIR --input rows.jsonl --output scored.jsonl
     posttrain generate --model DIR --prompts FILE [--output out.jsonl] [sampling flags]
@@ -64,6 +65,7 @@ def _sampling_args(parser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from posttrain.config import DPOConfig, GRPOConfig, PPOConfig, RLAIFConfig, RMConfig, SFTConfig
+    from posttrain.config.evaluate import EvaluateConfig
     from posttrain.config.quality import QualityConfig
     from posttrain.config.safety import RedTeamConfig
     from posttrain.config.synthesis import ConstitutionalConfig, SelfInstructConfig
@@ -95,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     _stage_parser(sub, "redteam", RedTeamConfig,
                   "red-team evaluation: harmful requests under jailbreak attacks and safe prompts that look unsafe "
                   "-> attack success and over-refusal rates with 95% intervals")
+    _stage_parser(sub, "evaluate", EvaluateConfig,
+                  "alignment report of a policy beside its reference: exact match, reference-answer NLL, rewards, "
+                  "KL to the reference, reward and judge win rates, red-team rates")
     add_pipeline_parser(sub)
     score = sub.add_parser("score", help="score prompt/response rows with reward models and functions")
     score.add_argument("--model", action="append", default=[], metavar="[NAME=]DIR",
@@ -229,10 +234,18 @@ def _redteam():
     return RedTeamConfig, run_redteam
 
 
+def _evaluate():
+    from posttrain.config.evaluate import EvaluateConfig
+    from posttrain.eval.alignment import run_evaluate
+
+    return EvaluateConfig, run_evaluate
+
+
 # Commands that write training data (from a model's outputs, or by cleaning rows) or evaluate a model (a config and overrides, like a stage,
 # but no model to train, so not pipeline stages).
 _DATA_COMMANDS = {"constitutional": _constitutional, "cai": _constitutional, "self-instruct": _self_instruct,
-                  "rlaif": _rlaif, "quality": _quality, "redteam": _redteam}
+                  "rlaif": _rlaif, "quality": _quality, "redteam": _redteam,
+                  "evaluate": _evaluate}
 
 
 def _is_override(argument: str) -> bool:

@@ -13,6 +13,7 @@ starts, with the closest valid key.
     synthesis.py    ConstitutionalConfig, SelfInstructConfig (training data from a model's outputs)
     quality.py      QualityConfig (the training-data quality pass)
     safety.py       RedTeamConfig (red-team and over-refusal evaluation)
+    evaluate.py     EvaluateConfig (the alignment report)
 """
 
 from posttrain.config.feedback import (BackendConfig, JudgeConfig, RLAIFConfig, RLAIFDataConfig, RLAIFLoopConfig,
@@ -22,6 +23,7 @@ from posttrain.config.preference import (DPOConfig, DPOLossConfig, PreferenceDat
 from posttrain.config.rl import (GRPOConfig, GRPOLossConfig, PPOConfig, PPOLossConfig, PPORolloutConfig,
                                  PromptDataConfig, RLEvalConfig, RLRewardConfig, RolloutConfig, rl_reference,
                                  validate_grpo, validate_ppo)
+from posttrain.config.evaluate import EvaluateConfig, evaluate_reference, validate_evaluate
 from posttrain.config.quality import QualityConfig, quality_reference, validate_quality
 from posttrain.config.safety import RedTeamConfig, redteam_reference, validate_redteam
 from posttrain.config.schema import apply_override, markdown_reference, option, read_yaml, section_values
@@ -39,7 +41,7 @@ __all__ = [
     "ForgettingConfig", "FreezeTuningConfig", "GRPOConfig", "GRPOLossConfig", "IA3Config", "JudgeConfig", "LoraConfig", "ModelConfig",
     "PPOConfig", "PPOLossConfig", "PPORolloutConfig", "PreferenceDataConfig", "PromptDataConfig", "QualityConfig",
     "QuantizationConfig", "quality_reference", "validate_quality", "RedTeamConfig", "redteam_reference",
-    "validate_redteam",
+    "validate_redteam", "EvaluateConfig", "evaluate_reference", "validate_evaluate",
     "RLAIFConfig", "RLAIFDataConfig", "RLAIFLoopConfig", "RLEvalConfig", "RLRewardConfig", "RMConfig", "RewardConfig",
     "RolloutConfig", "SFTConfig", "TrainConfig", "VirtualTokensConfig", "apply_override", "markdown_reference",
     "option", "preference_reference", "read_yaml", "rl_reference", "rlaif_reference", "section_values", "validate_dpo",

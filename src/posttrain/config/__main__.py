@@ -1,7 +1,8 @@
 """python -m posttrain.config: print the README's config reference tables."""
 
-from posttrain.config import (SFTConfig, markdown_reference, preference_reference, quality_reference, redteam_reference,
-                              rl_reference, rlaif_reference, synthesis_reference)
+from posttrain.config import (SFTConfig, evaluate_reference, markdown_reference, preference_reference,
+                              quality_reference, redteam_reference, rl_reference, rlaif_reference,
+                              synthesis_reference)
 
 print(markdown_reference(SFTConfig))
 print("\n## Config reference (rm and dpo: the sections that differ from SFT)\n")
@@ -16,3 +17,5 @@ print("\n## Config reference (quality)\n")
 print(quality_reference())
 print("\n## Config reference (redteam)\n")
 print(redteam_reference())
+print("\n## Config reference (evaluate)\n")
+print(evaluate_reference())

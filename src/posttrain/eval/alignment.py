@@ -1,0 +1,260 @@
+"""`posttrain evaluate`: one alignment report for a policy, side by side with its reference.
+
+For every held-out prompt both models answer greedily; the report then gives, per model:
+
+    exact_match      the greedy answer equals the prompt's reference answer (prompts with one)
+    answer_nll       mean negative log-likelihood per token of the reference answers, and its
+                     perplexity exp(nll): how well the model predicts the known-good answer
+    reward           the configured rewards of the greedy answers: mean and standard error
+    response_tokens  mean greedy response length (length is the usual way a reward is gamed)
+    redteam          attack success and over-refusal (safety.redteam, posttrain redteam's figures)
+
+and, between them:
+
+    kl_to_reference  E_{y~π}[Σ_t log π(y_t) − log π_ref(y_t)] over `samples` sampled responses per
+                     prompt: a sampled estimate of KL(π‖π_ref) per response, at the sampling
+                     temperature (the KL that RLHF's penalty bounds); needs one shared tokenizer
+    reward_win_rate  share of prompts where the policy's reward beats the reference's (ties half),
+                     with the Wilson interval of wins / (wins + losses)
+    judge_win_rate   the same from a pairwise LLM judge asked in both orders; a pair whose two
+                     verdicts disagree is "inconsistent" and counted apart (feedback/judge.py)
+
+A combined report of this kind is built into none of the peer tools (ANCHORS.md).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from posttrain.safety.metrics import wilson_interval
+
+
+@dataclass
+class Side:
+    """One model and what it did on the prompts."""
+
+    name: str
+    path: str
+    model: Any
+    tokenizer: Any
+    template: str
+    prompt_ids: list[list[int]] = field(default_factory=list)
+    responses: list[str] = field(default_factory=list)
+    figures: dict = field(default_factory=dict)
+
+
+def mean_and_se(values: list[float]) -> dict:
+    """Mean and its standard error s / sqrt(n) (s with n − 1); se is None below two values."""
+    n = len(values)
+    if not n:
+        return {"mean": None, "se": None, "n": 0}
+    mean = sum(values) / n
+    se = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n) if n > 1 else None
+    return {"mean": mean, "se": se, "n": n}
+
+
+def win_rate(outcomes: list[str]) -> dict:
+    """From per-prompt outcomes "win" / "loss" / "tie" (others counted apart): the win rate with
+    ties as half, and the Wilson interval of wins / (wins + losses)."""
+    counts = Counter(outcomes)
+    wins, losses, ties = counts["win"], counts["loss"], counts["tie"]
+    decided = wins + losses + ties
+    low, high = wilson_interval(wins, wins + losses)
+    return {"win_rate": (wins + 0.5 * ties) / decided if decided else None, "wins": wins, "losses": losses,
+            "ties": ties, "other": sum(counts.values()) - decided, "ci95_decisive": [low, high]}
+
+
+def _load_side(name: str, path: str, cfg, records, log) -> tuple[Side, list]:
+    from posttrain.data.prompts import encode_prompts
+    from posttrain.data.templates import resolve_template
+    from posttrain.inference import load_for_inference
+
+    model, tokenizer = load_for_inference(path, cfg.dtype)
+    side = Side(name, path, model, tokenizer, resolve_template(tokenizer, cfg.template))
+    side.prompt_ids, kept = encode_prompts(records, tokenizer, side.template, cfg.prompts.max_prompt_length, log,
+                                           name)
+    return side, kept
+
+
+def _generate(side: Side, prompt_ids: list[list[int]], settings, batch_size: int) -> list[list[int]]:
+    from posttrain.rollout.generate import eos_token_ids, generate_token_ids, pad_token_id
+
+    eos = eos_token_ids(side.model, side.tokenizer)
+    return generate_token_ids(side.model, prompt_ids, settings, pad_token_id=pad_token_id(side.tokenizer, eos),
+                              eos_token_ids=eos, batch_size=batch_size)
+
+
+def _answer(side: Side, cfg) -> None:
+    from posttrain.rollout.sampling import SamplingSettings
+
+    ids = _generate(side, side.prompt_ids, SamplingSettings(max_new_tokens=cfg.generation.max_new_tokens,
+                                                            temperature=0.0), cfg.generation.batch_size)
+    side.responses = [side.tokenizer.decode(c, skip_special_tokens=True) for c in ids]
+    side.figures["response_tokens"] = sum(map(len, ids)) / len(ids) if ids else 0.0
+
+
+def _answer_figures(side: Side, records) -> None:
+    """Exact match of the greedy answers, and the NLL per token of the reference answers."""
+    import torch
+
+    from posttrain.train.rollouts import collate_completions, completion_logps
+
+    with_answer = [i for i, r in enumerate(records) if r.answer is not None]
+    if not with_answer:
+        return
+    hits = [float(side.responses[i].strip() == str(records[i].answer).strip()) for i in with_answer]
+    side.figures["exact_match"] = sum(hits) / len(hits)
+    total, tokens = 0.0, 0
+    for start in range(0, len(with_answer), 32):
+        chunk = with_answer[start:start + 32]
+        answers = [side.tokenizer(str(records[i].answer), add_special_tokens=False)["input_ids"] or
+                   [side.tokenizer.eos_token_id] for i in chunk]
+        batch = collate_completions([side.prompt_ids[i] for i in chunk], answers, side.tokenizer.pad_token_id)
+        with torch.no_grad():
+            logps = completion_logps(side.model, batch)
+        total -= float((logps * batch["response_mask"]).sum())
+        tokens += int(batch["response_mask"].sum())
+    side.figures["answer_nll"] = total / tokens
+    side.figures["answer_perplexity"] = math.exp(total / tokens)
+
+
+def _rewards(sides: list[Side], records, cfg, log) -> list[list[float]] | None:
+    from posttrain.rewards import CombinedReward, build_combined, set_by_name
+
+    r = cfg.reward
+    if not (r.functions or r.models):
+        return None
+    combined = build_combined(r.models, r.functions, [], [], log=log)
+    set_by_name(combined.components, r.weights, "reward.weights", "weight")
+    score = CombinedReward(combined.components)
+    totals = []
+    for side in sides:
+        values = score([x.prompt for x in records], side.responses, [x.reward_row() for x in records])
+        side.figures["reward"] = mean_and_se(values)
+        totals.append(values)
+    return totals
+
+
+def _kl(policy: Side, reference: Side, cfg) -> float | None:
+    from posttrain.rollout.sampling import SamplingSettings
+    from posttrain.train.rollouts import _sequence_kl
+
+    g = cfg.generation
+    if not g.samples or policy.tokenizer.get_vocab() != reference.tokenizer.get_vocab():
+        return None
+    prompt_ids = [p for p in policy.prompt_ids for _ in range(g.samples)]
+    settings = SamplingSettings(max_new_tokens=g.max_new_tokens, temperature=g.temperature, seed=g.seed)
+    completions = [c or [policy.tokenizer.eos_token_id] for c in _generate(policy, prompt_ids, settings,
+                                                                           g.batch_size)]
+    return _sequence_kl(policy.model, policy.tokenizer, prompt_ids, completions, nullcontext, reference.model,
+                        g.temperature)
+
+
+def _judge(policy: Side, reference: Side, records, cfg, judge_backend) -> list[str]:
+    from posttrain.feedback.client import make_backend
+    from posttrain.feedback.judge import PairwiseJudge
+    from posttrain.feedback.rlaif import read_rubric
+
+    j = cfg.judge
+    judge = PairwiseJudge(judge_backend or make_backend(j), read_rubric(j), parse_retries=j.parse_retries,
+                          max_tokens=j.max_tokens, temperature=j.temperature, seed=j.seed)
+    names = {"first": "win", "second": "loss", "tie": "tie"}
+    return [names.get(judge.judge(r.prompt, a, b).outcome, "other")
+            for r, a, b in zip(records, policy.responses, reference.responses)]
+
+
+def _redteam(side: Side, cfg, out: Path, log) -> dict:
+    from posttrain.config.safety import RedTeamConfig
+    from posttrain.feedback.client import LocalModel
+    from posttrain.safety.run import run_redteam
+
+    s = cfg.safety
+    rt = RedTeamConfig.load(None, [f"output_dir={out / ('redteam_' + side.name)}", f"target.model={side.path}",
+                                   "target.kind=local", f"target.max_tokens={s.max_tokens}",
+                                   f"probes.limit={s.limit}", f"attacks.names=[{','.join(s.attacks)}]"])
+    target = LocalModel(side.model, side.tokenizer, name=side.path, template=cfg.template, max_tokens=s.max_tokens,
+                        temperature=0.0)
+    report = json.loads((run_redteam(rt, target=target, log=log, stream=None) / "report.json").read_text())
+    return {"attack_success": report["attack_success"]["overall"],
+            "over_refusal": report["over_refusal"]["overall"], "classifier": report["classifier"]}
+
+
+def run_evaluate(cfg, *, judge=None, log: Callable[[str], Any] = print) -> Path:
+    """Answer, score and compare; write responses.jsonl, report.json and report.md. `judge`
+    replaces the judge backend the config describes (tests)."""
+    from posttrain.config.evaluate import validate_evaluate
+    from posttrain.eval.report import markdown
+
+    validate_evaluate(cfg)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    records = _prompts(cfg, log)
+    policy, records = _load_side("policy", cfg.policy, cfg, records, log)
+    sides = [policy]
+    if cfg.reference.strip():
+        reference, kept = _load_side("reference", cfg.reference, cfg, records, log)
+        if len(kept) != len(records):
+            _refuse_prompt_mismatch(len(records), len(kept))
+        sides.append(reference)
+    for side in sides:
+        _answer(side, cfg)
+        _answer_figures(side, records)
+    rewards = _rewards(sides, records, cfg, log)
+    report: dict[str, Any] = {"policy": cfg.policy, "reference": cfg.reference or None, "prompts": len(records)}
+    if len(sides) == 2:
+        policy, reference = sides
+        report["kl_to_reference"] = _kl(policy, reference, cfg)
+        if rewards is not None:
+            report["reward_win_rate"] = win_rate(["win" if a > b else "loss" if a < b else "tie"
+                                                  for a, b in zip(*rewards)])
+        if cfg.judge.enabled:
+            report["judge_win_rate"] = win_rate(_judge(policy, reference, records, cfg, judge))
+    if cfg.safety.redteam:
+        for side in sides:
+            side.figures["redteam"] = _redteam(side, cfg, out, log)
+    report["models"] = {side.name: side.figures for side in sides}
+    _write(out, report, sides, records, rewards)
+    (out / "report.md").write_text(markdown(report))
+    log(f"evaluate: report in {out / 'report.md'}")
+    return out
+
+
+def _refuse_prompt_mismatch(policy_count: int, reference_count: int) -> None:
+    from posttrain.errors import DataError
+
+    raise DataError(f"the reference's tokenizer leaves {reference_count} of the policy's {policy_count} prompts "
+                    "within prompts.max_prompt_length; raise it so both models answer the same prompts")
+
+
+def _prompts(cfg, log) -> list:
+    from posttrain.data.prompts import PromptRecord, load_prompt_records
+    from posttrain.data.synthetic import make_split
+
+    p = cfg.prompts
+    if p.files == ["synthetic"]:
+        _, held_out = make_split(p.synthetic_tasks, 0, p.limit or 300, seed=0)
+        records = [PromptRecord([{"role": "user", "content": e.instruction}], e.output, {"task": e.task},
+                                f"synthetic:{e.task}:eval{i}") for i, e in enumerate(held_out)]
+    else:
+        records, _ = load_prompt_records(p.files, bad_rows="skip", max_bad_fraction=0.01, log=log)
+    return records[: p.limit or None]
+
+
+def _write(out: Path, report: dict, sides: list[Side], records, rewards) -> None:
+    rows = []
+    for i, record in enumerate(records):
+        row = {"source": record.source, "prompt": record.prompt, "answer": record.answer}
+        for k, side in enumerate(sides):
+            row[side.name] = side.responses[i]
+            if rewards is not None:
+                row[f"{side.name}_reward"] = rewards[k][i]
+        rows.append(row)
+    (out / "responses.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")

@@ -1,0 +1,62 @@
+"""report.json of `posttrain evaluate` as Markdown: the policy and its reference side by side."""
+
+from __future__ import annotations
+
+
+def _number(value, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _pct(value) -> str:
+    return "–" if value is None else f"{value:.1%}"
+
+
+def _reward(r: dict | None) -> str:
+    if not r or r.get("mean") is None:
+        return "–"
+    return f"{r['mean']:.3f}" + ("" if r.get("se") is None else f" ± {r['se']:.3f}")
+
+
+def _rate(r: dict | None) -> str:
+    if not r or not r.get("n"):
+        return "–"
+    return f"{r['rate']:.1%} [{r['ci95'][0]:.1%}, {r['ci95'][1]:.1%}]"
+
+
+ROWS = [
+    ("exact match (greedy)", lambda f: _pct(f.get("exact_match"))),
+    ("reference-answer NLL / token", lambda f: _number(f.get("answer_nll"))),
+    ("reference-answer perplexity", lambda f: _number(f.get("answer_perplexity"), 2)),
+    ("reward (greedy; mean ± se)", lambda f: _reward(f.get("reward"))),
+    ("response tokens (greedy)", lambda f: _number(f.get("response_tokens"), 1)),
+    ("attack success (red team)", lambda f: _rate((f.get("redteam") or {}).get("attack_success"))),
+    ("over-refusal (red team)", lambda f: _rate((f.get("redteam") or {}).get("over_refusal"))),
+]
+
+
+def _win(w: dict) -> str:
+    low, high = w["ci95_decisive"]
+    return (f"{_pct(w['win_rate'])} (wins {w['wins']}, losses {w['losses']}, ties {w['ties']}, other {w['other']}; "
+            f"wins of decisive {low:.1%}–{high:.1%})")
+
+
+def markdown(report: dict) -> str:
+    models = report["models"]
+    names = list(models)
+    lines = ["# Alignment report", "",
+             f"Policy `{report['policy']}`" + (f", reference `{report['reference']}`" if report["reference"] else "")
+             + f"; {report['prompts']} prompts.", "",
+             "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for label, get in ROWS:
+        cells = [get(models[name]) for name in names]
+        if any(c != "–" for c in cells):
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append("")
+    if "kl_to_reference" in report:
+        kl = report["kl_to_reference"]
+        lines.append("- KL(policy ‖ reference) per response, sampled: "
+                     + ("not measured (no samples, or the two tokenizers differ)" if kl is None else f"{kl:.3f} nats"))
+    for key, label in (("reward_win_rate", "reward win rate"), ("judge_win_rate", "judge win rate")):
+        if key in report:
+            lines.append(f"- {label} of the policy over the reference: {_win(report[key])}")
+    return "\n".join(lines) + "\n"
