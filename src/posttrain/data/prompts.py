@@ -48,6 +48,8 @@ def detect_prompt_format(rows: list[dict], *, where: str = "the data") -> str:
     objects = [r for r in rows if isinstance(r, dict)]
     if objects and 2 * sum("prompt" in r for r in objects) > len(objects):  # most: a stray row is a bad row
         return "prompt"
+    if objects and 2 * sum("instruction" in r and "messages" not in r for r in objects) > len(objects):
+        return "alpaca"  # "output" is optional in a prompt set: formats.detect_format would want it
     try:
         fmt = formats.detect_format(rows, where=where)
     except DataError:
@@ -79,6 +81,9 @@ def to_prompt_record(row: dict, fmt: str, location: str = "<memory>") -> PromptR
         if answer is not None and not isinstance(answer, (str, int, float)):
             raise BadRowError(f"'answer' is a {type(answer).__name__}, expected a string")
         return PromptRecord(turns, None if answer is None else str(answer), extra, location)
+    if fmt == "alpaca" and formats._optional_string(row, "output") is None:  # a question without an answer
+        messages = formats.to_record({**row, "output": "-"}, fmt, location).messages or []
+        return PromptRecord(messages[:-1], None, extra, location)
     messages = formats.to_record(row, fmt, location).messages or []
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
     turns = messages if last is None else messages[:last]

@@ -74,12 +74,19 @@ def win_rate(outcomes: list[str]) -> dict:
 def _load_side(name: str, path: str, cfg, records, log) -> tuple[Side, list]:
     from posttrain.data.prompts import encode_prompts
     from posttrain.data.templates import resolve_template
+    from posttrain.errors import DataError
     from posttrain.inference import load_for_inference
 
     model, tokenizer = load_for_inference(path, cfg.dtype)
     side = Side(name, path, model, tokenizer, resolve_template(tokenizer, cfg.template))
-    side.prompt_ids, kept = encode_prompts(records, tokenizer, side.template, cfg.prompts.max_prompt_length, log,
-                                           name)
+    try:
+        side.prompt_ids, kept = encode_prompts(records, tokenizer, side.template, cfg.prompts.max_prompt_length,
+                                               log, name)
+    except DataError:  # every prompt too long: say it with this command's option
+        if name == "reference":
+            _refuse_prompt_mismatch(len(records), 0)
+        raise DataError(f"every prompt is longer than prompts.max_prompt_length={cfg.prompts.max_prompt_length} "
+                        f"tokens with the {name}'s chat template; raise it") from None
     return side, kept
 
 
@@ -125,7 +132,8 @@ def _answer_figures(side: Side, records) -> None:
     side.figures["answer_perplexity"] = math.exp(total / tokens)
 
 
-def _rewards(sides: list[Side], records, cfg, log) -> list[list[float]] | None:
+def _reward_scorer(cfg, log):
+    """The configured reward, built before any policy loads (a wrong name fails first), or None."""
     from posttrain.rewards import CombinedReward, build_combined, set_by_name
 
     r = cfg.reward
@@ -133,7 +141,12 @@ def _rewards(sides: list[Side], records, cfg, log) -> list[list[float]] | None:
         return None
     combined = build_combined(r.models, r.functions, [], [], log=log)
     set_by_name(combined.components, r.weights, "reward.weights", "weight")
-    score = CombinedReward(combined.components)
+    return CombinedReward(combined.components)
+
+
+def _rewards(sides: list[Side], records, score) -> list[list[float]] | None:
+    if score is None:
+        return None
     totals = []
     for side in sides:
         values = score([x.prompt for x in records], side.responses, [x.reward_row() for x in records])
@@ -157,13 +170,12 @@ def _kl(policy: Side, reference: Side, cfg) -> float | None:
                         g.temperature)
 
 
-def _judge(policy: Side, reference: Side, records, cfg, judge_backend) -> list[str]:
+def _judge(policy: Side, reference: Side, records, cfg, judge_backend, rubric: str = "") -> list[str]:
     from posttrain.feedback.client import make_backend
     from posttrain.feedback.judge import PairwiseJudge
-    from posttrain.feedback.rlaif import read_rubric
 
     j = cfg.judge
-    judge = PairwiseJudge(judge_backend or make_backend(j), read_rubric(j), parse_retries=j.parse_retries,
+    judge = PairwiseJudge(judge_backend or make_backend(j), rubric, parse_retries=j.parse_retries,
                           max_tokens=j.max_tokens, temperature=j.temperature, seed=j.seed)
     names = {"first": "win", "second": "loss", "tie": "tie"}
     return [names.get(judge.judge(r.prompt, a, b).outcome, "other")
@@ -175,10 +187,15 @@ def _redteam(side: Side, cfg, out: Path, log) -> dict:
     from posttrain.feedback.client import LocalModel
     from posttrain.safety.run import run_redteam
 
+    import shutil
+
     s = cfg.safety
-    rt = RedTeamConfig.load(None, [f"output_dir={out / ('redteam_' + side.name)}", f"target.model={side.path}",
-                                   "target.kind=local", f"target.max_tokens={s.max_tokens}",
-                                   f"probes.limit={s.limit}", f"attacks.names=[{','.join(s.attacks)}]"])
+    directory = out / ("redteam_" + side.name)
+    shutil.rmtree(directory, ignore_errors=True)  # evaluate answers afresh each run, red team included
+    rt = RedTeamConfig.load(None, [f"output_dir={directory}", f"target.model={side.path}", "target.kind=local",
+                                   f"target.max_tokens={s.max_tokens}", f"target.template={cfg.template}",
+                                   f"target.dtype={cfg.dtype}", f"probes.limit={s.limit}",
+                                   f"attacks.names=[{','.join(s.attacks)}]"])
     target = LocalModel(side.model, side.tokenizer, name=side.path, template=cfg.template, max_tokens=s.max_tokens,
                         temperature=0.0)
     report = json.loads((run_redteam(rt, target=target, log=log, stream=None) / "report.json").read_text())
@@ -193,6 +210,7 @@ def run_evaluate(cfg, *, judge=None, log: Callable[[str], Any] = print) -> Path:
     from posttrain.eval.report import markdown
 
     validate_evaluate(cfg)
+    score, rubric = _checked_inputs(cfg, log)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     records = _prompts(cfg, log)
@@ -206,7 +224,7 @@ def run_evaluate(cfg, *, judge=None, log: Callable[[str], Any] = print) -> Path:
     for side in sides:
         _answer(side, cfg)
         _answer_figures(side, records)
-    rewards = _rewards(sides, records, cfg, log)
+    rewards = _rewards(sides, records, score)
     report: dict[str, Any] = {"policy": cfg.policy, "reference": cfg.reference or None, "prompts": len(records)}
     if len(sides) == 2:
         policy, reference = sides
@@ -215,7 +233,7 @@ def run_evaluate(cfg, *, judge=None, log: Callable[[str], Any] = print) -> Path:
             report["reward_win_rate"] = win_rate(["win" if a > b else "loss" if a < b else "tie"
                                                   for a, b in zip(*rewards)])
         if cfg.judge.enabled:
-            report["judge_win_rate"] = win_rate(_judge(policy, reference, records, cfg, judge))
+            report["judge_win_rate"] = win_rate(_judge(policy, reference, records, cfg, judge, rubric))
     if cfg.safety.redteam:
         for side in sides:
             side.figures["redteam"] = _redteam(side, cfg, out, log)
@@ -233,6 +251,27 @@ def _refuse_prompt_mismatch(policy_count: int, reference_count: int) -> None:
                     "within prompts.max_prompt_length; raise it so both models answer the same prompts")
 
 
+def _checked_inputs(cfg, log):
+    """What can be wrong besides the models, found before they load: the reward (functions import,
+    reward models load, weight names), the judge's rubric file, the red team's attack names."""
+    from posttrain.errors import ConfigError
+
+    score = _reward_scorer(cfg, log)
+    rubric = ""
+    if cfg.judge.enabled:
+        from posttrain.feedback.rlaif import read_rubric
+
+        rubric = read_rubric(cfg.judge)
+    if cfg.safety.redteam:
+        from posttrain.safety.attacks import load_attacks
+
+        try:
+            load_attacks(cfg.safety.attacks)
+        except ConfigError as exc:
+            raise ConfigError(f"safety.attacks: {exc}") from None
+    return score, rubric
+
+
 def _prompts(cfg, log) -> list:
     from posttrain.data.prompts import PromptRecord, load_prompt_records
     from posttrain.data.synthetic import make_split
@@ -243,7 +282,7 @@ def _prompts(cfg, log) -> list:
         records = [PromptRecord([{"role": "user", "content": e.instruction}], e.output, {"task": e.task},
                                 f"synthetic:{e.task}:eval{i}") for i, e in enumerate(held_out)]
     else:
-        records, _ = load_prompt_records(p.files, bad_rows="skip", max_bad_fraction=0.01, log=log)
+        records, _ = load_prompt_records(p.files, bad_rows="skip", max_bad_fraction=p.max_bad_fraction, log=log)
     return records[: p.limit or None]
 
 
