@@ -112,12 +112,14 @@ def _synthetic(cfg, seed: int) -> tuple[list[PromptRecord], list[PromptRecord]]:
 
     n_eval = round(cfg.eval_fraction * cfg.synthetic_size)
     train, held_out = synthetic.make_split(cfg.synthetic_tasks, cfg.synthetic_size - n_eval, n_eval, seed=seed)
+    return ([synthetic_record(e, i, "") for i, e in enumerate(train)],
+            [synthetic_record(e, i, "eval") for i, e in enumerate(held_out)])
 
-    def record(example, i, split):
-        return PromptRecord([{"role": "user", "content": example.instruction}], example.output,
-                            {"task": example.task}, f"synthetic:{example.task}:{split}{i}")
 
-    return [record(e, i, "") for i, e in enumerate(train)], [record(e, i, "eval") for i, e in enumerate(held_out)]
+def synthetic_record(example, index: int, split: str = "eval") -> PromptRecord:
+    """A synthetic task example as a prompt with its answer (and its task, for rewards)."""
+    return PromptRecord([{"role": "user", "content": example.instruction}], example.output,
+                        {"task": example.task}, f"synthetic:{example.task}:{split}{index}")
 
 
 def prepare_prompts(cfg, run_dir: Path | None, seed: int, log: Callable[[str], None] = print

@@ -111,12 +111,13 @@ def _answer_figures(side: Side, records) -> None:
     """Exact match of the greedy answers, and the NLL per token of the reference answers."""
     import torch
 
+    from posttrain.data.synthetic import answer_matches
     from posttrain.train.rollouts import collate_completions, completion_logps
 
     with_answer = [i for i, r in enumerate(records) if r.answer is not None]
     if not with_answer:
         return
-    hits = [float(side.responses[i].strip() == str(records[i].answer).strip()) for i in with_answer]
+    hits = [float(answer_matches(side.responses[i], str(records[i].answer))) for i in with_answer]
     side.figures["exact_match"] = sum(hits) / len(hits)
     total, tokens = 0.0, 0
     for start in range(0, len(with_answer), 32):
@@ -273,14 +274,13 @@ def _checked_inputs(cfg, log):
 
 
 def _prompts(cfg, log) -> list:
-    from posttrain.data.prompts import PromptRecord, load_prompt_records
+    from posttrain.data.prompts import load_prompt_records, synthetic_record
     from posttrain.data.synthetic import make_split
 
     p = cfg.prompts
     if p.files == ["synthetic"]:
         _, held_out = make_split(p.synthetic_tasks, 0, p.limit or 300, seed=0)
-        records = [PromptRecord([{"role": "user", "content": e.instruction}], e.output, {"task": e.task},
-                                f"synthetic:{e.task}:eval{i}") for i, e in enumerate(held_out)]
+        records = [synthetic_record(e, i) for i, e in enumerate(held_out)]
     else:
         records, _ = load_prompt_records(p.files, bad_rows="skip", max_bad_fraction=p.max_bad_fraction, log=log)
     return records[: p.limit or None]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from posttrain.safety.report import _rate  # a rate with its Wilson interval, as the red-team report shows it
+
 
 def _number(value, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
@@ -15,12 +17,6 @@ def _reward(r: dict | None) -> str:
     if not r or r.get("mean") is None:
         return "–"
     return f"{r['mean']:.3f}" + ("" if r.get("se") is None else f" ± {r['se']:.3f}")
-
-
-def _rate(r: dict | None) -> str:
-    if not r or not r.get("n"):
-        return "–"
-    return f"{r['rate']:.1%} [{r['ci95'][0]:.1%}, {r['ci95'][1]:.1%}]"
 
 
 ROWS = [

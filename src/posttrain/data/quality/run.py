@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.data.quality import filters, stats
+from posttrain.data.preferences import _decoded
 from posttrain.data.quality.rows import Row, load_rows, reconvert
 from posttrain.errors import DataError
 
@@ -185,7 +186,8 @@ def _redacted(text: str, kinds, found: list[str]) -> str:
     return redact(text, matches) if matches else text
 
 
-# Keys whose string value may be a JSON-encoded list of turns (a CSV or Parquet cell).
+# Keys whose string value may be a JSON-encoded list (turns, responses) in a CSV or Parquet cell, decoded as
+# the preference reader decodes them.
 _TURN_KEYS = ("messages", "conversations", "prompt", "chosen", "rejected", "responses", "completion")
 
 
@@ -194,8 +196,8 @@ def _map_strings(value: Any, fn: Callable[[str], str], key: str = "") -> Any:
     is left alone; a cell holding JSON-encoded turns is decoded, mapped and encoded again, so
     redaction reaches the turns' text and never breaks the JSON."""
     if isinstance(value, str):
-        decoded = _decoded_turns(value) if key in _TURN_KEYS else None
-        if decoded is None:
+        decoded = _decoded(value, any_list=True) if key in _TURN_KEYS else value
+        if isinstance(decoded, str):
             return fn(value)
         mapped = _map_strings(decoded, fn)
         return value if mapped == decoded else json.dumps(mapped, ensure_ascii=False)
@@ -205,16 +207,6 @@ def _map_strings(value: Any, fn: Callable[[str], str], key: str = "") -> Any:
     if isinstance(value, list):
         return [_map_strings(v, fn, key) for v in value]
     return value
-
-
-def _decoded_turns(text: str) -> list | None:
-    if not text.lstrip().startswith("["):
-        return None
-    try:
-        decoded = json.loads(text)
-    except json.JSONDecodeError:
-        return None
-    return decoded if isinstance(decoded, list) else None
 
 
 def _dedup(work: _Pass, cfg) -> dict:
