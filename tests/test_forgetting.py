@@ -154,9 +154,9 @@ def test_replayed_examples_come_from_the_pool_never_from_the_held_out_rows(tmp_p
     seen = {}
     original = sft.SFTStage.__init__
 
-    def spy(self, module, train, eval_examples, cfg, pad_id, stream=None, adapter_training=None, retain=None):
-        seen.update(train=train, retain=retain)
-        original(self, module, train, eval_examples, cfg, pad_id, stream, adapter_training, retain)
+    def spy(self, module, train, eval_examples, cfg, pad_id, stream=None, adapter_training=None, forgetting=None):
+        seen.update(train=train, retain=forgetting.retain)
+        original(self, module, train, eval_examples, cfg, pad_id, stream, adapter_training, forgetting)
 
     monkeypatch.setattr(sft.SFTStage, "__init__", spy)
     run_sft(_cfg(tmp_path, replay_ratio=0.5))
@@ -198,9 +198,9 @@ def test_regularize_adds_the_scaled_pull_to_each_gradient_and_skips_parameters_w
     from posttrain.config import ForgettingConfig
     from posttrain.train.forgetting import ForgettingControl, RetainData
 
-    control = ForgettingControl(ForgettingConfig(l2sp=0.5, ewc=2.0), RetainData([], []), collate=None, weight=None,
-                                pad_id=0, batch_size=1)
     module = torch.nn.Linear(3, 2)
+    control = ForgettingControl(ForgettingConfig(l2sp=0.5, ewc=2.0), RetainData([], []), module, pad_id=0,
+                                batch_size=1, seed=0)
     theta0 = [p.detach().clone() for p in module.parameters()]
     fisher = [torch.rand_like(p) for p in module.parameters()]
     control.load_state_dict({"start_loss": 1.0, "anchors": 2, "fisher": 2},
@@ -210,7 +210,7 @@ def test_regularize_adds_the_scaled_pull_to_each_gradient_and_skips_parameters_w
             p.add_(torch.randn_like(p))
     data_grad = torch.randn_like(module.weight)
     module.weight.grad = data_grad.clone()
-    figures = control.regularize(module, grad_scale=4.0)
+    figures = control.regularize(module, 4.0, None, 0)
     delta = module.weight.detach() - theta0[0]
     torch.testing.assert_close(module.weight.grad, data_grad + 4.0 * (0.5 * delta + 2.0 * fisher[0] * delta))
     assert module.bias.grad is None
@@ -224,15 +224,15 @@ def test_the_loop_regularizes_once_per_optimizer_step(tmp_path, monkeypatch):
     calls = []
     original = ForgettingControl.regularize
 
-    def spy(self, module, grad_scale):
-        calls.append(grad_scale)
-        return original(self, module, grad_scale)
+    def spy(self, module, grad_scale, accelerator, step):
+        calls.append((grad_scale, step))
+        return original(self, module, grad_scale, accelerator, step)
 
     monkeypatch.setattr(ForgettingControl, "regularize", spy)
     cfg = _cfg(tmp_path, l2sp=0.1)
     cfg.train.grad_accum = 3
     run_sft(cfg)
-    assert calls == [1.0] * 4
+    assert calls == [(1.0, step) for step in range(4)]
 
 
 def test_resumed_run_keeps_the_first_anchor_and_equals_an_uninterrupted_one(tmp_path):

@@ -281,7 +281,8 @@ def test_the_penalty_carries_the_loss_scale_so_a_grad_scaler_changes_no_update(t
     regularize = fg.ForgettingControl.regularize
     monkeypatch.setattr(loop, "make_accelerator", with_scaler)
     monkeypatch.setattr(fg.ForgettingControl, "regularize",
-                        lambda self, module, grad_scale: scales.append(grad_scale) or regularize(self, module, grad_scale))
+                        lambda self, module, grad_scale, *rest: scales.append(grad_scale)
+                        or regularize(self, module, grad_scale, *rest))
     scaled = _final(run_sft(_cfg(tmp_path, "scaled", **settings)))
     assert scales == [2.0**12] * 3
     for name in reference:

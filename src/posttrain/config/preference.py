@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from posttrain.config.schema import _raise_first, _StageConfig, markdown_reference, option
-from posttrain.config.sections import (AdapterConfig, EvalConfig, ModelConfig, TrainConfig, _data_checks,
-                                       _train_checks, _weight_checks)
+from posttrain.config.sections import (FORGETTING_HELP, AdapterConfig, EvalConfig, ForgettingConfig, ModelConfig,
+                                       TrainConfig, _data_checks, _train_checks, _weight_checks,
+                                       other_stage_forgetting_checks)
 
 
 @dataclass
@@ -82,6 +83,8 @@ class DPOConfig(_StageConfig):
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig, metadata={"help": "optimisation"})
     dpo: DPOLossConfig = dataclasses.field(default_factory=DPOLossConfig, metadata={"help": "the preference loss"})
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig, metadata={"help": "evaluation"})
+    forgetting: ForgettingConfig = dataclasses.field(default_factory=ForgettingConfig,
+                                                     metadata={"help": FORGETTING_HELP})
 
 
 def _preference_data_checks(d: PreferenceDataConfig) -> list[tuple[bool, str]]:
@@ -143,7 +146,7 @@ def validate_dpo(cfg: DPOConfig) -> None:
         (p.kto_desirable_weight > 0 and p.kto_undesirable_weight > 0, "dpo.kto_*_weight must be positive"),
         (p.loss == "kto" or not _unpaired_data(cfg.data),
          f"dpo.loss={p.loss} needs pairs or rankings, not unpaired data; use dpo.loss=kto for unpaired feedback"),
-    ] + _loss_option_checks(p))
+    ] + _loss_option_checks(p) + other_stage_forgetting_checks(cfg.forgetting, cfg.data, cfg.train))
     from posttrain.errors import ConfigError
     from posttrain.models.adapters import validate_adapter
 

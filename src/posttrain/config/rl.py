@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from posttrain.config.schema import _raise_first, _StageConfig, markdown_reference, option
-from posttrain.config.sections import AdapterConfig, ModelConfig, TrainConfig, _train_checks, _weight_checks
+from posttrain.config.sections import (FORGETTING_HELP, AdapterConfig, ForgettingConfig, ModelConfig, TrainConfig,
+                                       _train_checks, _weight_checks, other_stage_forgetting_checks)
 
 
 @dataclass
@@ -90,6 +91,8 @@ class GRPOConfig(_StageConfig):
         default_factory=TrainConfig,
         metadata={"help": "optimisation; batch_size counts completions: batch_size x grad_accum (x processes) per rollout"})
     eval: RLEvalConfig = dataclasses.field(default_factory=RLEvalConfig, metadata={"help": "held-out reward"})
+    forgetting: ForgettingConfig = dataclasses.field(default_factory=ForgettingConfig,
+                                                     metadata={"help": FORGETTING_HELP})
 
 
 @dataclass
@@ -134,13 +137,16 @@ class PPOConfig(_StageConfig):
         default_factory=TrainConfig,
         metadata={"help": "optimisation; one optimizer step per minibatch of batch_size x grad_accum (x processes) completions"})
     eval: RLEvalConfig = dataclasses.field(default_factory=RLEvalConfig, metadata={"help": "held-out reward"})
+    forgetting: ForgettingConfig = dataclasses.field(default_factory=ForgettingConfig,
+                                                     metadata={"help": FORGETTING_HELP})
 
 
 def validate_grpo(cfg: GRPOConfig) -> None:
     """Cross-field checks of a GRPO / RLOO config. Raises ConfigError."""
     g, r, t = cfg.grpo, cfg.rollout, cfg.train
     per_rollout = t.batch_size * t.grad_accum
-    _raise_first(_train_checks(t) + _weight_checks(cfg.model, cfg.adapter) + _rollout_checks(cfg) + [
+    _raise_first(_train_checks(t) + _weight_checks(cfg.model, cfg.adapter) + _rollout_checks(cfg)
+                 + other_stage_forgetting_checks(cfg.forgetting, cfg.data, t) + [
         (r.num_generations >= 2, "rollout.num_generations must be at least 2 (advantages compare a prompt's samples)"),
         (per_rollout % r.num_generations == 0,
          f"train.batch_size x train.grad_accum = {per_rollout} completions per step must be a multiple of "
@@ -196,7 +202,8 @@ def validate_ppo(cfg: PPOConfig) -> None:
     """Cross-field checks of a PPO config. Raises ConfigError."""
     p, t, r = cfg.ppo, cfg.train, cfg.rollout
     per_rollout = t.batch_size * t.grad_accum * p.minibatches
-    _raise_first(_train_checks(t) + _weight_checks(cfg.model, cfg.adapter) + _rollout_checks(cfg) + [
+    _raise_first(_train_checks(t) + _weight_checks(cfg.model, cfg.adapter) + _rollout_checks(cfg)
+                 + other_stage_forgetting_checks(cfg.forgetting, cfg.data, t) + [
         (r.num_generations >= 1, "rollout.num_generations must be at least 1"),
         (per_rollout % r.num_generations == 0,
          f"train.batch_size x train.grad_accum x ppo.minibatches = {per_rollout} completions per rollout must be a "

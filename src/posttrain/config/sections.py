@@ -163,6 +163,10 @@ class EvalConfig:
     max_new_tokens: int = option(32, "generation budget for exact-match scoring")
 
 
+FORGETTING_HELP = ("catastrophic-forgetting control: measure, replay, L2-SP, EWC, an LM loss or distillation on retain "
+                   "rows, A-GEM projection, gradual unfreezing")
+
+
 @dataclass
 class ForgettingConfig:
     retain_files: list[str] = option(
@@ -179,6 +183,21 @@ class ForgettingConfig:
         0.0, "stop the run at an evaluation where the retain loss is this much above its value at the start "
              "(nats per token; 0 = never)")
     retain_exact_match: int = option(0, "held-out retain prompts scored by greedy exact match before and after (0 = off)")
+    lm_coef: float = option(
+        0.0, "γ of a language-modelling loss on a batch of retain rows added every step (InstructGPT's PPO-ptx; "
+             "replay for the stages whose rows are not text: dpo, grpo, rloo, ppo); 0 = off")
+    distill: float = option(
+        0.0, "λ of a distillation term on a batch of retain rows every step (LwF): KL(p_θ₀ ‖ p_θ) per label "
+             "token, p_θ₀ the model as the run starts, over its top distill_top_k tokens and the rest; 0 = off")
+    distill_top_k: int = option(32, "tokens of the starting model's distribution kept per position for distill "
+                                    "(computed once over the pool; the rest is one bucket)")
+    project: bool = option(
+        False, "A-GEM: when a step's gradient would raise the loss on a batch of retain rows (negative dot "
+               "product), remove its component along that batch's gradient")
+    retain_batch_size: int = option(0, "retain rows per step for lm_coef, distill and project (0 = train.batch_size)")
+    unfreeze_every: int = option(
+        0, "gradual unfreezing (ULMFiT): the top layer (and the head) train from step 0 and one more layer "
+           "below joins every N steps, the embeddings last; 0 = off; needs no retain data")
 
 
 @dataclass
@@ -190,26 +209,39 @@ class SFTConfig(_StageConfig):
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig, metadata={"help": "optimisation"})
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig, metadata={"help": "evaluation"})
     forgetting: ForgettingConfig = dataclasses.field(
-        default_factory=ForgettingConfig, metadata={"help": "catastrophic-forgetting control: measure, replay, L2-SP, EWC"})
+        default_factory=ForgettingConfig, metadata={"help": FORGETTING_HELP})
 
 
 def _forgetting_checks(f: ForgettingConfig, d: DataConfig, t: TrainConfig) -> list[tuple[bool, str]]:
     uses = [name for name, on in (("replay_ratio", f.replay_ratio > 0), ("ewc", f.ewc > 0),
                                   ("max_retain_increase", f.max_retain_increase > 0),
-                                  ("retain_exact_match", f.retain_exact_match > 0)) if on]
+                                  ("retain_exact_match", f.retain_exact_match > 0), ("lm_coef", f.lm_coef > 0),
+                                  ("distill", f.distill > 0), ("project", f.project)) if on]
     return [
         (0.0 <= f.replay_ratio < 1.0, "forgetting.replay_ratio must be in [0, 1)"),
         (0.0 < f.retain_eval_fraction < 1.0, "forgetting.retain_eval_fraction must be in (0, 1)"),
-        (f.l2sp >= 0 and f.ewc >= 0 and f.max_retain_increase >= 0 and f.retain_exact_match >= 0,
-         "forgetting.l2sp, ewc, max_retain_increase and retain_exact_match must be >= 0"),
+        (min(f.l2sp, f.ewc, f.max_retain_increase, f.retain_exact_match, f.lm_coef, f.distill,
+             f.retain_batch_size, f.unfreeze_every) >= 0,
+         "forgetting.l2sp, ewc, max_retain_increase, retain_exact_match, lm_coef, distill, retain_batch_size and "
+         "unfreeze_every must be >= 0"),
         (f.fisher_examples >= 1, "forgetting.fisher_examples must be at least 1"),
+        (f.distill_top_k >= 1, "forgetting.distill_top_k must be at least 1"),
         (bool(f.retain_files) or not uses,
          f"forgetting.{uses[0] if uses else ''} needs forgetting.retain_files (the data not to forget)"),
         ("synthetic" not in f.retain_files, "forgetting.retain_files takes files; write synthetic rows to a file first"),
-        (not (d.streaming and f.replay_ratio > 0), "forgetting.replay_ratio needs data in memory (data.streaming=false)"),
+        (not (getattr(d, "streaming", False) and f.replay_ratio > 0),
+         "forgetting.replay_ratio needs data in memory (data.streaming=false)"),
         (f.max_retain_increase == 0 or t.eval_every > 0,
          "forgetting.max_retain_increase is checked at evaluations during training: set train.eval_every too "
          "(0 evaluates only at the end, where there is nothing left to stop)"),
+    ]
+
+
+def other_stage_forgetting_checks(f: ForgettingConfig, d, t: TrainConfig) -> list[tuple[bool, str]]:
+    """`forgetting` in dpo, grpo, rloo and ppo, whose rows are not text the model can be trained on."""
+    return _forgetting_checks(f, d, t) + [
+        (f.replay_ratio == 0, "forgetting.replay_ratio mixes retain rows into the training rows, which only sft "
+                              "can; use forgetting.lm_coef (a language-modelling loss on retain rows every step)"),
     ]
 
 

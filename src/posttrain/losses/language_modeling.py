@@ -237,6 +237,42 @@ def token_logps(selected: Tensor, weight: Tensor, targets: Tensor, bias: Tensor 
     return torch.cat(out) if out else selected.new_zeros(0, dtype=torch.float32)
 
 
+def token_logps_at(selected: Tensor, weight: Tensor, indices: Tensor, bias: Tensor | None = None,
+                   chunk_size: int = 256) -> Tensor:
+    """log softmax(W h + b)[v] at M tokens v per position: selected (N, H), indices (N, M) → (N, M).
+
+    `token_logps` with several targets per position (a label and a teacher's top-k tokens, for
+    distillation); chunked and activation-checkpointed the same way."""
+    from torch.utils.checkpoint import checkpoint
+
+    out = []
+    for start in range(0, selected.shape[0], chunk_size):
+        end = start + chunk_size
+        args = (selected[start:end], weight, bias, indices[start:end])
+        if torch.is_grad_enabled() and (selected.requires_grad or weight.requires_grad):
+            out.append(checkpoint(_logps_at, *args, use_reentrant=False))
+        else:
+            out.append(_logps_at(*args))
+    return torch.cat(out) if out else selected.new_zeros(0, indices.shape[1], dtype=torch.float32)
+
+
+@torch.no_grad()
+def top_k_logps(selected: Tensor, weight: Tensor, k: int, bias: Tensor | None = None,
+                chunk_size: int = 256) -> tuple[Tensor, Tensor]:
+    """The k most likely tokens of softmax(W h + b) per position and their log-probs, chunk by
+    chunk without gradient: selected (N, H) → (log-probs (N, k) float32, token ids (N, k) int64)."""
+    logps, ids = [], []
+    for start in range(0, selected.shape[0], chunk_size):
+        with torch.autocast(device_type=selected.device.type, enabled=False):
+            logits = _chunk_logits(selected[start : start + chunk_size], weight, bias)
+            top = (logits - torch.logsumexp(logits, dim=-1, keepdim=True)).topk(min(k, logits.shape[-1]), dim=-1)
+        logps.append(top.values.float())
+        ids.append(top.indices)
+    if not logps:
+        return selected.new_zeros(0, k, dtype=torch.float32), torch.zeros(0, k, dtype=torch.long, device=selected.device)
+    return torch.cat(logps), torch.cat(ids)
+
+
 def token_logps_and_entropy(selected: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None,
                             chunk_size: int = 256) -> tuple[Tensor, Tensor]:
     """(log softmax(z)[y], H(softmax(z))) for N (hidden state, target) pairs, z = W h + b:
@@ -349,3 +385,10 @@ def _token_logps(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: T
     with torch.autocast(device_type=hidden.device.type, enabled=False):
         logits = _chunk_logits(hidden, weight, bias)  # (C, V)
         return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+
+
+def _logps_at(hidden: Tensor, weight: Tensor, bias: Tensor | None, indices: Tensor) -> Tensor:
+    """log softmax(W h + b) at (C, M) token ids for one chunk, in at least float32."""
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        logits = _chunk_logits(hidden, weight, bias)  # (C, V)
+        return logits.gather(1, indices) - torch.logsumexp(logits, dim=-1, keepdim=True)

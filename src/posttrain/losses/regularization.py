@@ -1,6 +1,8 @@
-"""Penalties that hold trained weights near where they started (catastrophic-forgetting control).
+"""What holds a model near what it could do before (catastrophic-forgetting control).
 
-Both are one quadratic, anchored at the weights θ₀ the run starts from:
+Two penalties on the weights, a distillation loss on the outputs and a gradient projection.
+
+The penalties are one quadratic, anchored at the weights θ₀ the run starts from:
 
     L2-SP (Li, Grandvalet & Davoine 2018, "Explicit Inductive Bias for Transfer Learning with
     Convolutional Networks", Eq. 3 without its term on new layers):
@@ -34,3 +36,47 @@ def anchored_penalty(params: list[torch.Tensor], anchors: list[torch.Tensor], st
         total += (weighted.double() * delta.double()).sum().to(total.device)
         grads.append((strength * weighted).to(theta.dtype))
     return 0.5 * strength * total, grads
+
+
+def topk_distillation_kl(student_logps: torch.Tensor, teacher_logps: torch.Tensor) -> torch.Tensor:
+    """KL(q ‖ p) of the teacher q and the student p, each read as k + 1 outcomes: the teacher's
+    top-k tokens S and one bucket R for every other token (Learning without Forgetting, Li & Hoiem
+    2017, Eq. 2 at temperature 1, with the teacher kept as its top k):
+
+        KL = Σ_{v∈S} q_v (log q_v − log p_v) + q_R (log q_R − log p_R),
+        q_R = 1 − Σ_{v∈S} q_v,   p_R = 1 − Σ_{v∈S} p_v
+
+    student_logps, teacher_logps: (N, k) log-probabilities of the same k tokens per position
+    (the student's over the whole vocabulary). Returns (N,). It is the full-vocabulary KL when S
+    holds every token (q_R = 0), and never above it: merging outcomes cannot raise a KL
+    divergence (the data-processing inequality), so a small k under-counts, never over-counts.
+    Storing k instead of V values per position is what makes keeping the teacher affordable.
+    Worked example: q = (0.5, 0.3 | R 0.2), p = (0.4, 0.4 | R 0.2) gives
+    0.5 ln(5/4) + 0.3 ln(3/4) + 0 = 0.11157 − 0.08630 = 0.02527 nats.
+    """
+    q = teacher_logps.exp()
+    head = (q * (teacher_logps - student_logps)).sum(-1)  # Σ_S q (log q − log p)
+    q_rest = (1.0 - q.sum(-1)).clamp(min=0.0)
+    p_rest = (1.0 - student_logps.exp().sum(-1)).clamp(min=torch.finfo(student_logps.dtype).tiny)
+    rest = torch.where(q_rest > 0, q_rest * (q_rest.clamp(min=torch.finfo(q.dtype).tiny).log() - p_rest.log()),
+                       torch.zeros_like(q_rest))
+    return head + rest
+
+
+@torch.no_grad()
+def agem_project(grads: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    """A-GEM (Chaudhry et al. 2019, "Efficient Lifelong Learning with A-GEM", Eq. 11), in place:
+
+        g ← g − (gᵀg_ref / g_refᵀg_ref) · g_ref   when gᵀg_ref < 0,   else g unchanged
+
+    g is the step's gradient over all tensors in `grads`, g_ref the gradient of the loss on
+    retain data (`reference`, parallel, same shapes). After it gᵀg_ref ≥ 0: to first order the
+    step no longer raises the retain loss. Returns gᵀg_ref before the projection (float)."""
+    dot = sum(float((g.double() * r.double()).sum()) for g, r in zip(grads, reference, strict=True))
+    if dot >= 0:
+        return dot
+    norm = sum(float(r.double().pow(2).sum()) for r in reference)
+    if norm > 0:
+        for g, r in zip(grads, reference):
+            g.sub_(r.to(g.dtype), alpha=dot / norm)
+    return dot

@@ -1,12 +1,14 @@
-"""Catastrophic-forgetting control for SFT: measure what the model keeps, replay it, anchor the weights.
+"""Catastrophic-forgetting control for every training stage: measure what the model keeps, replay
+it, anchor the weights, distil, project, unfreeze gradually.
 
-`forgetting.retain_files` names data the model already handles and must keep handling. Its rows
-are split once (by `train.seed`) into
+`forgetting.retain_files` names data the model already handles and must keep handling (rows in
+sft's formats, whatever the stage trains on). Its rows are split once (by `train.seed`) into
   - a held-out share (`forgetting.retain_eval_fraction`), only ever measured: the token-mean loss
     on it (`retain_loss`, nats per token) is logged at step 0 and at every evaluation, and the run
     can stop when it rises too far (`forgetting.max_retain_increase`);
-  - the pool, which is replayed (`forgetting.replay_ratio` of the training examples are drawn
-    from it) and on which EWC's Fisher is estimated.
+  - the pool, which is replayed (sft's `replay_ratio` mixes pool rows into the training rows;
+    `lm_coef` adds an LM loss on a pool batch every step, in any stage), on which EWC's Fisher is
+    estimated, and from which distillation and A-GEM take their batches (`train.retain_terms`).
 Measuring on rows that are also replayed would flatter replay, hence the split.
 
 Two penalties anchor the trained parameters at θ₀, their values when the run starts
@@ -14,7 +16,10 @@ Two penalties anchor the trained parameters at θ₀, their values when the run 
 (`forgetting.ewc`, each weight by its diagonal Fisher on the pool). Their gradient is added once
 per optimizer step, before clipping; θ₀ (and F) cost one more copy (two) of the trained
 parameters, on their device, and travel in every checkpoint so that a resumed run keeps the
-original anchor.
+original anchor. Only the policy's parameters are anchored (not PPO's value head).
+
+`forgetting.unfreeze_every` (gradual unfreezing, `train.unfreezing`) needs no retain data.
+`attach` gives a stage these hooks of the loop, keeping the stage's own.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from posttrain.data.records import Example, Record
+from posttrain.data.records import IGNORE_INDEX, Example, Record
 from posttrain.errors import ConfigError
 
 
@@ -36,14 +41,30 @@ class RetainData:
     held_out_records: list[Record] = field(default_factory=list)  # for exact match
 
 
+def retain_data_config(cfg):
+    """The sft data settings retain rows are read with: sft's own `data`; for the other stages,
+    their template, bad-row rules and length (dpo's max_length; the RL stages' longest prompt
+    plus the longest completion), in any sft format."""
+    from posttrain.config.sections import DataConfig
+
+    d = cfg.data
+    if isinstance(d, DataConfig):
+        return d
+    max_length = getattr(d, "max_length", 0) or d.max_prompt_length + cfg.rollout.max_new_tokens
+    return DataConfig(train_files=list(cfg.forgetting.retain_files), format="auto", template=d.template,
+                      max_length=max_length, overlength=getattr(d, "overlength", "truncate"), bad_rows=d.bad_rows,
+                      max_bad_fraction=d.max_bad_fraction)
+
+
 def prepare_retain_data(cfg, tokenizer, run_dir: Path | None, seed: int, log) -> RetainData:
     """Read `cfg.forgetting.retain_files` with the training data's format, template, length and
-    bad-row rules (bad rows go to run_dir/rejects-retain.jsonl), and split off the held-out share."""
+    bad-row rules (`retain_data_config`; bad rows go to run_dir/rejects-retain.jsonl), and split
+    off the held-out share."""
     from posttrain.data import formats
     from posttrain.data.pipeline import _labelled_only, encode_all, rejects_file, split_eval
     from posttrain.data.templates import adopt_template
 
-    f, d = cfg.forgetting, cfg.data
+    f, d = cfg.forgetting, retain_data_config(cfg)
     records, _ = formats.load_records(f.retain_files, fmt=d.format, bad_rows=d.bad_rows,
                                       max_bad_fraction=d.max_bad_fraction, rejects_path=rejects_file(run_dir, "retain"),
                                       log=log)
@@ -132,49 +153,80 @@ def check_anchoring(cfg, accelerator) -> None:
 
 
 class ForgettingControl:
-    """What the loop calls for `forgetting.*` (see loop.Stage): begin, regularize, monitor, and the
-    checkpointed anchor."""
+    """What the loop calls for `forgetting.*` (see loop.Stage and `attach`): begin, regularize,
+    monitor, inactive_parameters, and the checkpointed anchor and distillation targets."""
 
-    def __init__(self, cfg, retain: RetainData, collate, weight, pad_id: int, batch_size: int):
+    def __init__(self, cfg, retain: RetainData | None, policy: torch.nn.Module, pad_id: int, batch_size: int,
+                 seed: int, loss: str = "auto", chunk_size: int = 256, log=print):
+        from posttrain.data.batching import collate
+        from posttrain.train.retain_terms import RetainTerms
+
         self.cfg = cfg  # ForgettingConfig
-        self.retain = retain
-        self.weight = weight
-        self.pad_id = pad_id
-        self.held_out = [collate(retain.held_out[i : i + batch_size]) for i in range(0, len(retain.held_out), batch_size)]
+        self.retain, self.policy, self.pad_id = retain, policy, pad_id
+        self.measures = retain is not None
+        self._lm_args = (loss, chunk_size)
+        self._lm: torch.nn.Module | None = None
+        held = retain.held_out if retain is not None else []
+        self.held_out = [collate(held[i : i + batch_size], pad_id) for i in range(0, len(held), batch_size)]
         self.anchored = cfg.l2sp > 0 or cfg.ewc > 0
+        self.terms = RetainTerms(cfg, retain.pool, policy, pad_id, batch_size, seed, chunk_size) if retain else None
+        self.unfreezing = None
+        if cfg.unfreeze_every > 0:
+            from posttrain.train.unfreezing import GradualUnfreezing
+
+            self.unfreezing = GradualUnfreezing(policy, cfg.unfreeze_every, log)
         self.params: list[torch.nn.Parameter] | None = None
         self.anchors: list[torch.Tensor] = []
         self.fisher: list[torch.Tensor] | None = None
         self.start_loss: float | None = None
         self.last_loss: float | None = None
 
+    @property
+    def lm(self) -> torch.nn.Module:
+        """The policy behind sft's loss module: the retain loss and EWC's Fisher, in whatever stage."""
+        if self._lm is None:
+            from posttrain.train.sft import CausalLMLoss
+
+            self._lm = CausalLMLoss(self.policy, *self._lm_args)
+        return self._lm
+
+    @property
+    def regularizes(self) -> bool:
+        return self.anchored or (self.terms is not None and self.terms.active)
+
     # -- the loop's hooks
 
     def begin(self, module, accelerator) -> dict[str, float]:
-        """θ₀ (and F) from the weights as training starts; the retain loss at step 0."""
+        """θ₀ (and F, and the distillation targets) from the weights as training starts; the
+        retain loss at step 0."""
+        self.params = trained_parameters(self.policy)
         if self.anchored:
-            self.params = trained_parameters(module)
             self.anchors = [p.detach().clone() for p in self.params]
         if self.cfg.ewc > 0:
             pool = self.retain.pool[: self.cfg.fisher_examples]
-            self.fisher = fisher_diagonal(accelerator.unwrap_model(module), pool, self.params, self.pad_id, accelerator)
-        self.start_loss = self._retain_loss(module, accelerator)
+            self.fisher = fisher_diagonal(self.lm, pool, self.params, self.pad_id, accelerator)
+        if self.cfg.distill > 0:
+            self.terms.compute_teacher(accelerator)
+        self.start_loss = self._retain_loss(accelerator)
         self.last_loss = self.start_loss
         return {"retain_loss": self.start_loss}
 
-    def regularize(self, module, grad_scale: float) -> dict[str, float]:
-        """Add ∂Ω/∂θ (times the fp16 loss scale the gradients still carry) to each gradient; a
-        parameter without a gradient this step (staged unfreezing's inactive ones) is left alone."""
+    def regularize(self, module, grad_scale: float, accelerator, step: int) -> dict[str, float]:
+        """A-GEM's projection, then ∂Ω/∂θ of the penalties and the LM / distillation gradients
+        (times the fp16 loss scale the gradients still carry) added to each gradient; a parameter
+        without a gradient this step (staged or gradual unfreezing's inactive ones) is left alone."""
         from posttrain.losses.regularization import anchored_penalty
 
-        if not self.anchored:
-            return {}
         if self.params is None:  # resumed: the anchor came from the checkpoint
-            self._place(trained_parameters(module))
+            self._place(trained_parameters(self.policy))
+        figures = {}
+        if self.terms is not None and self.terms.active:
+            figures |= self.terms.apply(self.params, grad_scale, accelerator, step)
+        if not self.anchored:
+            return figures
         live = [i for i, p in enumerate(self.params) if p.grad is not None]
         params = [self.params[i] for i in live]
         anchors = [self.anchors[i] for i in live]
-        figures = {}
         for name, strength, importance in (("l2sp", self.cfg.l2sp, None), ("ewc", self.cfg.ewc, self.fisher)):
             if strength <= 0:
                 continue
@@ -186,7 +238,7 @@ class ForgettingControl:
         return figures
 
     def monitor(self, module, accelerator) -> tuple[dict[str, float], str | None]:
-        self.last_loss = self._retain_loss(module, accelerator)
+        self.last_loss = self._retain_loss(accelerator)
         increase = self.last_loss - self.start_loss if self.start_loss is not None else 0.0
         limit = self.cfg.max_retain_increase
         reason = None
@@ -198,6 +250,7 @@ class ForgettingControl:
     def state_dict(self) -> tuple[dict, dict[str, torch.Tensor]]:
         tensors = {f"anchor.{i}": t.cpu() for i, t in enumerate(self.anchors)}
         tensors |= {f"fisher.{i}": t.cpu() for i, t in enumerate(self.fisher or [])}
+        tensors |= self.terms.teacher_tensors() if self.terms is not None else {}
         return {"start_loss": self.start_loss, "anchors": len(self.anchors),
                 "fisher": len(self.fisher or [])}, tensors
 
@@ -208,21 +261,24 @@ class ForgettingControl:
         if self.anchored and not self.anchors:
             raise ConfigError("this checkpoint holds no forgetting anchor (it was written without forgetting.l2sp / "
                               "forgetting.ewc); start afresh with train.resume=never")
+        if self.terms is not None:
+            self.terms.load_teacher(tensors)
 
     # -- helpers
 
     def _place(self, params: list[torch.nn.Parameter]) -> None:
-        if len(params) != len(self.anchors) or any(p.shape != a.shape for p, a in zip(params, self.anchors)):
+        if self.anchored and (len(params) != len(self.anchors)
+                              or any(p.shape != a.shape for p, a in zip(params, self.anchors))):
             raise ConfigError("the checkpoint's forgetting anchor does not match the trained parameters")
         self.params = params
         self.anchors = [a.to(p.device, p.dtype) for p, a in zip(params, self.anchors)]
         if self.fisher is not None:
             self.fisher = [f.to(p.device, p.dtype) for p, f in zip(params, self.fisher)]
 
-    def _retain_loss(self, module, accelerator) -> float:
+    def _retain_loss(self, accelerator) -> float:
         from posttrain.train.loop import evaluate
 
-        loss, _ = evaluate(module, _HeldOut(self.held_out, self.weight), accelerator)
+        loss, _ = evaluate(self.lm, _HeldOut(self.held_out), accelerator)
         return loss
 
     def summary(self) -> dict:
@@ -235,8 +291,81 @@ class ForgettingControl:
 class _HeldOut:
     """The retain held-out batches in the shape `loop.evaluate` reads a stage's held-out set."""
 
-    def __init__(self, batches: list[dict], weight):
-        self.batches, self.weight = batches, weight
+    def __init__(self, batches: list[dict]):
+        self.batches = batches
 
     def eval_micro_batches(self) -> list[dict]:
         return self.batches
+
+    @staticmethod
+    def weight(batch) -> float:
+        return float((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def build_control(cfg, tokenizer, policy: torch.nn.Module, accelerator, run_dir: Path | None, log,
+                  loss: str = "auto") -> ForgettingControl | None:
+    """The run's ForgettingControl from `cfg.forgetting` (any stage's config), or None when the
+    section is off. Reads the retain rows (`prepare_retain_data`) when it names any."""
+    f = cfg.forgetting
+    if not f.retain_files and f.unfreeze_every <= 0:
+        return None
+    retain = None
+    if f.retain_files:
+        check_anchoring(f, accelerator)
+        retain = prepare_retain_data(cfg, tokenizer, run_dir, cfg.train.seed, log)
+    return ForgettingControl(f, retain, policy, tokenizer.pad_token_id, cfg.train.batch_size, cfg.train.seed, loss,
+                             cfg.train.loss_chunk_size, log)
+
+
+def retain_exact_match(cfg, model, tokenizer, control: ForgettingControl | None, when: str,
+                       max_new_tokens: int) -> dict:
+    """Exact match on held-out retain prompts (`forgetting.retain_exact_match`; rows with an
+    answer, see prepare_retain_data), before or after training; {} when off."""
+    if control is None or control.retain is None:
+        return {}
+    from posttrain.train.sft import exact_match_report
+
+    return exact_match_report(model, tokenizer, control.retain.held_out_records, cfg.forgetting.retain_exact_match,
+                              retain_data_config(cfg).template, max_new_tokens, when, name="retain_exact_match",
+                              prompts="held-out retain prompts")
+
+
+def attach(stage, control: ForgettingControl | None) -> None:
+    """Give `stage` the loop hooks of `control` (see loop.Stage), composed with any it has of its
+    own: the stage's checkpoint state and inactive parameters (an adapter schedule) stay."""
+    if control is None:
+        return
+    stage.forgetting = control
+    if control.unfreezing is not None:
+        own = getattr(stage, "inactive_parameters", None)
+        gradual = control.unfreezing.inactive_parameters
+        stage.inactive_parameters = gradual if own is None else (lambda step: _union(own(step), gradual(step)))
+    if not control.measures:
+        return
+    stage.begin, stage.monitor = control.begin, control.monitor
+    if control.regularizes:
+        stage.regularize, stage.dense_gradients = control.regularize, True
+    own_state, own_load = getattr(stage, "state_dict", None), getattr(stage, "load_state_dict", None)
+    if own_state is None:
+        stage.state_dict, stage.load_state_dict = control.state_dict, control.load_state_dict
+        return
+
+    def state_dict():
+        (plain, tensors), (mine, my_tensors) = own_state(), control.state_dict()
+        return plain | {"forgetting": mine}, tensors | {f"forgetting.{k}": v for k, v in my_tensors.items()}
+
+    def load_state_dict(plain: dict, tensors: dict) -> None:
+        if "forgetting" not in plain:
+            raise ConfigError("this checkpoint was written without forgetting.retain_files; start afresh with "
+                              "train.resume=never")
+        own_load({k: v for k, v in plain.items() if k != "forgetting"},
+                 {k: v for k, v in tensors.items() if not k.startswith("forgetting.")})
+        control.load_state_dict(plain["forgetting"], {k[len("forgetting."):]: v for k, v in tensors.items()
+                                                      if k.startswith("forgetting.")})
+
+    stage.state_dict, stage.load_state_dict = state_dict, load_state_dict
+
+
+def _union(first: list, second: list) -> list:
+    seen = {id(p) for p in first}
+    return first + [p for p in second if id(p) not in seen]

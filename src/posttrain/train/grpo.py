@@ -152,10 +152,13 @@ def run_grpo(cfg: GRPOConfig) -> Path:
     run = start_rl_run(cfg, needs_reference=cfg.grpo.beta > 0)
     stage = GRPOStage(GroupPolicyLoss(run.model, cfg.grpo, cfg.train.loss_chunk_size, cfg.rollout.temperature), *run.stage_args())
     run.check_enough_prompts(stage)
+    control = run.attach_forgetting(stage)
     summary: dict = {"advantage": cfg.grpo.advantage, "train_prompts": len(run.train_ids),
                      "eval_prompts": len(run.eval_ids), "data": run.data_report,
                      "held_out_before": run.held_out(run.model, "before")}
+    summary.update(run.forgetting_report(control, run.model, "before"))
     result = train(stage, cfg.train, run.run_dir, run.accelerator, run_fingerprint(cfg))
     trained = result.module.model
     summary.update(steps=result.step, rollouts=stage.rollouts_done, held_out_after=run.held_out(trained, "after"))
+    summary.update(run.forgetting_report(control, trained, "after"))
     return finish_run(run.run_dir, run.accelerator, run.main, trained, run.tokenizer, summary)

@@ -72,9 +72,10 @@ class Stage(Protocol):
     # after a skipped non-finite one): a separate rollout engine then knows its copy is stale;
     # begin(module, accelerator) -> {name: figure} logged at step 0, called once before the first
     # step of a fresh run (not on resume: load_state_dict restores what it set up);
-    # regularize(module, grad_scale) -> {name: figure}: adds a penalty's gradient to the trained
-    # parameters' gradients after each step's backward, before clipping (`grad_scale`: the fp16
-    # GradScaler's scale, which the gradients carry until clipping unscales them);
+    # regularize(module, grad_scale, accelerator, step) -> {name: figure}: changes the trained
+    # parameters' gradients after each step's backward, before clipping (a penalty's gradient added,
+    # A-GEM's projection; `grad_scale`: the fp16 GradScaler's scale, which the gradients carry until
+    # clipping unscales them; `step`: the 0-based optimizer step);
     # dense_gradients: True when `regularize` needs dense gradients (no sparse embedding gradients);
     # monitor(module, accelerator) -> ({name: figure}, reason to stop or None), at each evaluation.
 
@@ -202,7 +203,8 @@ def to_device(batch: Batch, device) -> Batch:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def _train_step(module, stage: Stage, micro: list[Batch], accelerator, cfg, inactive=()) -> tuple[float, float, dict]:
+def _train_step(module, stage: Stage, micro: list[Batch], accelerator, cfg, inactive=(), step: int = 0
+                ) -> tuple[float, float, dict]:
     """Forward/backward over this process's share of one global step; returns (loss, grad norm, metrics).
 
     Gradients of `inactive` parameters are dropped, so the optimizer leaves them alone. A
@@ -232,7 +234,7 @@ def _train_step(module, stage: Stage, micro: list[Batch], accelerator, cfg, inac
     regularize = getattr(stage, "regularize", None)
     if regularize is not None:  # a penalty on the weights: its gradient, once per step, before clipping
         grad_scale = accelerator.scaler.get_scale() if accelerator.scaler is not None else 1.0
-        metrics = metrics | regularize(module, grad_scale)
+        metrics = metrics | regularize(module, grad_scale, accelerator, step)
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
     trained = [p for p in module.parameters() if p.requires_grad]
     if any(p.grad is not None and p.grad.is_sparse for p in trained):  # see sparse_embedding_gradients
@@ -326,7 +328,7 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: str | None
                 lr = cfg.lr * lr_factor(state["step"], total_steps, cfg.schedule, warmup, cfg.min_lr_ratio)
                 set_lr(optimizer, lr / cfg.lr)
                 inactive = inactive_at(state["step"])
-                loss, grad_norm, metrics = _train_step(module, stage, micro, accelerator, cfg, inactive)
+                loss, grad_norm, metrics = _train_step(module, stage, micro, accelerator, cfg, inactive, state["step"])
                 finite = math.isfinite(loss) and math.isfinite(grad_norm)
                 overflow_scale = None
                 if finite:

@@ -291,13 +291,16 @@ def run_ppo(cfg: PPOConfig) -> Path:
     stage = PPOStage(PPOLoss(run.model, cfg.ppo, value_head, critic, cfg.train.loss_chunk_size, cfg.rollout.temperature), *run.stage_args())
     stage.lr_scale = _value_lr(run.adapter_training, cfg.ppo.value_lr_ratio)
     run.check_enough_prompts(stage)
+    control = run.attach_forgetting(stage)
     summary: dict = {"value_model": cfg.ppo.value_model, "train_prompts": len(run.train_ids),
                      "eval_prompts": len(run.eval_ids), "data": run.data_report,
                      "held_out_before": run.held_out(run.model, "before")}
+    summary.update(run.forgetting_report(control, run.model, "before"))
     result = train(stage, cfg.train, run.run_dir, run.accelerator, run_fingerprint(cfg))
     trained = result.module.model
     summary.update(steps=result.step, rollouts=stage.rollouts_done, final_kl_coef=stage.kl_coef,
                    held_out_after=run.held_out(trained, "after"))
+    summary.update(run.forgetting_report(control, trained, "after"))
     if run.main:  # the value model too, to continue training later
         from safetensors.torch import save_file
 

@@ -509,6 +509,7 @@ def run_dpo(cfg: DPOConfig) -> Path:
     from posttrain.data.preferences import prepare_preference_data
     from posttrain.train.loop import evaluate, finish_run, run_fingerprint, start_run, train
     from posttrain.models.loading import disable_dropout, note_full_logits
+    from posttrain.train.forgetting import attach, build_control, retain_exact_match
     from posttrain.train.sft import build_model
 
     validate_dpo(cfg)
@@ -528,6 +529,8 @@ def run_dpo(cfg: DPOConfig) -> Path:
     extras = kto_extras if cfg.dpo.loss == "kto" else pair_extras
     stage = GroupedStage(module, train_items, eval_items, cfg.train, tokenizer.pad_token_id, extras, adapter_training,
                          share_prompt=share, padding_free=share and unpadded)
+    control = build_control(cfg, tokenizer, model, accelerator, run_dir if main else None, log)
+    attach(stage, control)  # forgetting.*
     if cfg.dpo.loss not in REFERENCE_FREE and not live:
         on_device(model, accelerator.device)
         with accelerator.autocast():  # in training's precision and batches, so π = π_ref exactly at step 0
@@ -538,12 +541,17 @@ def run_dpo(cfg: DPOConfig) -> Path:
     summary: dict = {"loss": cfg.dpo.loss, "reference": "none" if cfg.dpo.loss in REFERENCE_FREE else cfg.dpo.reference,
                      "train_items": len(train_items), "eval_items": len(eval_items)}
     summary.update(_exact_match(cfg, model, tokenizer, data, "before") if main else {})
+    summary.update(retain_exact_match(cfg, model, tokenizer, control, "before", cfg.eval.max_new_tokens) if main else {})
     before = evaluate(on_device(module, accelerator.device), stage, accelerator)
     result = train(stage, cfg.train, run_dir, accelerator, run_fingerprint(cfg))
     summary.update(steps=result.step, eval_before=before[1] if before else {}, eval_after=result.eval_metrics)
     _log_accuracy(summary, log)
     trained = result.module.model
     summary.update(_exact_match(cfg, trained, tokenizer, data, "after") if main else {})
+    if control is not None:
+        summary.update(control.summary())
+        summary.update(retain_exact_match(cfg, trained, tokenizer, control, "after", cfg.eval.max_new_tokens)
+                       if main else {})
     return finish_run(run_dir, accelerator, main, trained, tokenizer, summary)
 
 

@@ -464,6 +464,26 @@ class RLRun:
                 self.run_dir if self.main else None, self.accelerator.autocast, self.adapter_training,
                 self.frozen_reference, self.accelerator.num_processes, self.engine)
 
+    def attach_forgetting(self, stage):
+        """`forgetting.*` on the policy (train.forgetting): returns the control, or None when off."""
+        from posttrain.train.forgetting import attach, build_control
+
+        control = build_control(self.cfg, self.tokenizer, self.model, self.accelerator,
+                                self.run_dir if self.main else None, self.log)
+        attach(stage, control)
+        return control
+
+    def forgetting_report(self, control, model, when: str) -> dict:
+        """The retain figures for summary.json: exact match before / after, and the retain loss after."""
+        from posttrain.train.forgetting import retain_exact_match
+
+        if control is None:
+            return {}
+        figures = control.summary() if when == "after" else {}
+        if self.main:
+            figures |= retain_exact_match(self.cfg, model, self.tokenizer, control, when, self.cfg.rollout.max_new_tokens)
+        return figures
+
     def check_enough_prompts(self, stage) -> None:
         if stage.rollouts_per_epoch() == 0:
             from posttrain.errors import DataError

@@ -67,7 +67,7 @@ class SFTStage:
     """Micro-batches of token examples for the loop (in memory or streamed)."""
 
     def __init__(self, module, train: list[Example] | None, eval_examples: list[Example], cfg: SFTConfig,
-                 pad_id: int, stream=None, adapter_training=None, retain=None):
+                 pad_id: int, stream=None, adapter_training=None, forgetting=None):
         self.module = module
         if adapter_training is not None:  # LoRA+ rates and staged unfreezing (models.adapters.schedule)
             self.lr_scale = adapter_training.lr_scale
@@ -78,15 +78,9 @@ class SFTStage:
         self.pad_id = pad_id
         self.stream = stream  # callable returning a fresh example iterator, when streaming
         self.forgetting = None
-        if retain is not None:  # forgetting.*: the retain loss measured; L2-SP / EWC (train.forgetting)
-            from posttrain.train.forgetting import ForgettingControl
+        from posttrain.train.forgetting import attach
 
-            self.forgetting = control = ForgettingControl(cfg.forgetting, retain, self._collate, self.weight, pad_id,
-                                                          cfg.train.batch_size)
-            self.begin, self.monitor = control.begin, control.monitor
-            self.state_dict, self.load_state_dict = control.state_dict, control.load_state_dict  # θ₀, F, start loss
-            if control.anchored:
-                self.regularize, self.dense_gradients = control.regularize, True
+        attach(self, forgetting)  # forgetting.*: retain loss, penalties, retain terms, gradual unfreezing
 
     def _collate(self, examples: list[Example]):
         from posttrain.data.batching import collate, collate_packed
@@ -236,42 +230,31 @@ def run_sft(cfg: SFTConfig) -> Path:
     else:
         data = prepare_sft_data(cfg.data, tokenizer, run_dir if main else None, cfg.train.seed, log)
         train_examples, eval_examples, stream = data.train, data.eval, None
-    retain = None
-    if cfg.forgetting.retain_files:
-        from posttrain.train.forgetting import check_anchoring, mix_replay, prepare_retain_data
+    from posttrain.train.forgetting import build_control, mix_replay, retain_exact_match
 
-        check_anchoring(cfg.forgetting, accelerator)
-        retain = prepare_retain_data(cfg, tokenizer, run_dir if main else None, cfg.train.seed, log)
-        if cfg.forgetting.replay_ratio > 0:
-            train_examples = mix_replay(train_examples, retain.pool, cfg.forgetting.replay_ratio, cfg.train.seed, log)
+    control = build_control(cfg, tokenizer, model, accelerator, run_dir if main else None, log, cfg.train.loss)
+    retain = control.retain if control is not None else None
+    if retain is not None and cfg.forgetting.replay_ratio > 0:
+        train_examples = mix_replay(train_examples, retain.pool, cfg.forgetting.replay_ratio, cfg.train.seed, log)
     if data is not None and cfg.data.packing:
         examples = len(train_examples)
         train_examples = pack(train_examples, cfg.data.max_length)
         log(f"packing: {examples} examples into {len(train_examples)} rows of ≤{cfg.data.max_length} tokens")
     module = CausalLMLoss(model, cfg.train.loss, cfg.train.loss_chunk_size)
-    stage = SFTStage(module, train_examples, eval_examples, cfg, pad_id, stream, adapter_training, retain)
+    stage = SFTStage(module, train_examples, eval_examples, cfg, pad_id, stream, adapter_training, control)
     summary = {"loss_impl": module.loss_kind}
     summary.update(_exact_match(cfg, model, tokenizer, data, "before") if main else {})
-    summary.update(_retain_exact_match(cfg, model, tokenizer, retain, "before") if main else {})
+    summary.update(retain_exact_match(cfg, model, tokenizer, control, "before", cfg.eval.max_new_tokens) if main else {})
     result = train(stage, cfg.train, run_dir, accelerator, run_fingerprint(cfg))
     summary.update(steps=result.step, stopped_early=result.stopped_early, eval_loss=result.eval_loss,
                    skipped_steps=result.skipped_steps)
     trained = result.module.model
     summary.update(_exact_match(cfg, trained, tokenizer, data, "after") if main else {})
-    if stage.forgetting is not None:
+    if retain is not None:
         summary.update(stage.forgetting.summary())
-        summary.update(_retain_exact_match(cfg, trained, tokenizer, retain, "after") if main else {})
+        summary.update(retain_exact_match(cfg, trained, tokenizer, control, "after", cfg.eval.max_new_tokens)
+                       if main else {})
     return finish_run(run_dir, accelerator, main, trained, tokenizer, summary)
-
-
-def _retain_exact_match(cfg: SFTConfig, model, tokenizer, retain, when: str) -> dict:
-    """Exact match on held-out retain prompts (forgetting.retain_exact_match; rows with an answer,
-    see prepare_retain_data), before and after."""
-    if retain is None:
-        return {}
-    return exact_match_report(model, tokenizer, retain.held_out_records, cfg.forgetting.retain_exact_match,
-                              cfg.data.template, cfg.eval.max_new_tokens, when, name="retain_exact_match",
-                              prompts="held-out retain prompts")
 
 
 def _exact_match(cfg: SFTConfig, model, tokenizer, data, when: str) -> dict:

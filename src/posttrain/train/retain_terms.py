@@ -1,0 +1,190 @@
+"""Forgetting control that needs a forward pass on retain rows every step (`forgetting.*`).
+
+Each optimizer step takes one batch of rows from the retain pool (`forgetting.retain_batch_size`,
+drawn in a seeded order that is a pure function of the step, so a resumed run takes the same
+batches) and, on the policy as it stands after the step's backward:
+
+  - `lm_coef` γ: adds γ·∇ of the token-mean LM loss on it. InstructGPT's PPO-ptx (Ouyang et al.
+    2022, Eq. 2) mixes pretraining gradients into PPO this way; here it works in every stage, and
+    is how DPO and the RL stages replay (their rows are not text to train on).
+  - `distill` λ: adds λ·∇ of the token-mean KL(p_θ₀ ‖ p_θ) on it (Learning without Forgetting, Li &
+    Hoiem 2017): the model is held to the outputs it gave as the run started, not to the labels.
+    p_θ₀ is kept as its top-k tokens per label position of every pool row, computed once in one
+    pass before step 0 (8·k bytes per position, saved in checkpoints), so no second model stays
+    in memory (`losses.regularization.topk_distillation_kl`).
+  - `project`: A-GEM (`losses.regularization.agem_project`): where the step's gradient points
+    against the gradient of that batch's LM loss, the conflicting component is removed.
+
+Projection acts on the data gradient first; the LM and distillation gradients are added after it.
+The extra forward and backward cost about one micro-batch of retain rows per step. With several
+processes each takes its share of the batch and the gradients are summed across them.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from posttrain.data.records import IGNORE_INDEX, Example
+from posttrain.errors import ConfigError
+
+
+class RetainTerms:
+    """lm_coef, distill and project on the retain pool (see the module docstring)."""
+
+    def __init__(self, cfg, pool: list[Example], policy: torch.nn.Module, pad_id: int, batch_size: int,
+                 seed: int, chunk_size: int = 256):
+        self.cfg = cfg  # ForgettingConfig
+        self.pool, self.policy, self.pad_id = pool, policy, pad_id
+        self.batch_size = min(cfg.retain_batch_size or batch_size, len(pool))
+        self.seed, self.chunk_size = seed, chunk_size
+        # per pool example: (teacher log-probs (n, k) float32, token ids (n, k) int64) at its label positions
+        self.teacher: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.cfg.lm_coef > 0 or self.cfg.distill > 0 or self.cfg.project
+
+    def batch_at(self, step: int) -> list[int]:
+        """Pool indices of step `step`'s retain batch: consecutive slices of a seeded permutation,
+        a new permutation each pass over the pool."""
+        per_pass = max(1, len(self.pool) // self.batch_size)
+        cycle, slot = divmod(step, per_pass)
+        order = list(range(len(self.pool)))
+        random.Random(self.seed * 1_000_003 + 7_907 + cycle).shuffle(order)
+        return order[slot * self.batch_size : (slot + 1) * self.batch_size]
+
+    # -- the teacher (distill)
+
+    @torch.no_grad()
+    def compute_teacher(self, accelerator) -> None:
+        """p_θ₀'s top-k at every label position of every pool row, from the policy as it is now."""
+        from posttrain.data.batching import collate
+
+        was_training = self.policy.training
+        self.policy.eval()
+        teacher = []
+        try:
+            with accelerator.autocast():
+                for start in range(0, len(self.pool), self.batch_size):
+                    examples = self.pool[start : start + self.batch_size]
+                    batch = {k: v.to(accelerator.device) for k, v in collate(examples, self.pad_id).items()}
+                    logps, ids = _top_k(self.policy, batch, self.cfg.distill_top_k, self.chunk_size)
+                    counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).tolist()
+                    teacher += list(zip(logps.split(counts), ids.split(counts)))
+        finally:
+            self.policy.train(was_training)
+        self.teacher = teacher
+
+    def teacher_tensors(self) -> dict[str, torch.Tensor]:
+        if self.teacher is None:
+            return {}
+        return {"teacher.logps": torch.cat([t[0] for t in self.teacher]).cpu(),
+                "teacher.ids": torch.cat([t[1] for t in self.teacher]).to(torch.int32).cpu(),
+                "teacher.counts": torch.tensor([len(t[0]) for t in self.teacher], dtype=torch.int64)}
+
+    def load_teacher(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self.cfg.distill <= 0:
+            return
+        if "teacher.logps" not in tensors:
+            raise ConfigError("this checkpoint holds no distillation targets (it was written without "
+                              "forgetting.distill); start afresh with train.resume=never")
+        counts = tensors["teacher.counts"].tolist()
+        if len(counts) != len(self.pool):
+            raise ConfigError("the checkpoint's distillation targets do not match the retain pool")
+        self.teacher = list(zip(tensors["teacher.logps"].split(counts), tensors["teacher.ids"].long().split(counts)))
+
+    # -- every step
+
+    def apply(self, params: list[torch.nn.Parameter], grad_scale: float, accelerator, step: int) -> dict[str, float]:
+        """Project the step's gradients (A-GEM), then add γ·∇LM and λ·∇KL of the step's retain batch
+        to `params`' gradients (those with a gradient this step: the others are not being trained)."""
+        from posttrain.data.batching import collate
+        from posttrain.losses.regularization import agem_project, topk_distillation_kl
+
+        live = [p for p in params if p.grad is not None]
+        if not live:
+            return {}
+        indices = self.batch_at(step)
+        mine = indices[accelerator.process_index :: accelerator.num_processes]
+        total = sum(self.pool[i].num_label_tokens for i in indices)
+        distill = self.cfg.distill > 0
+        nll = kl = torch.zeros((), device=accelerator.device)
+        if mine:
+            batch = {k: v.to(accelerator.device) for k, v in collate([self.pool[i] for i in mine], self.pad_id).items()}
+            extra = torch.cat([self.teacher[i][1] for i in mine]).to(accelerator.device) if distill else None
+            with accelerator.autocast():
+                logps = _position_logps(self.policy, batch, extra, self.chunk_size)  # (N, 1 + k)
+            nll = -logps[:, 0].sum() / total
+            if distill:
+                teacher = torch.cat([self.teacher[i][0] for i in mine]).to(logps.device)
+                kl = topk_distillation_kl(logps[:, 1:], teacher).sum() / total
+        g_lm = self._gradient(nll, live, accelerator, keep=distill)
+        figures = {"retain_lm_loss": self._reduced(nll, accelerator)}
+        if self.cfg.project:
+            dot = agem_project([p.grad for p in live], [g * grad_scale for g in g_lm])
+            figures["agem_projected"] = float(dot < 0)
+        if self.cfg.lm_coef > 0:
+            for p, g in zip(live, g_lm):
+                p.grad.add_(g.to(p.grad.dtype), alpha=self.cfg.lm_coef * grad_scale)
+        if distill:
+            for p, g in zip(live, self._gradient(kl, live, accelerator)):
+                p.grad.add_(g.to(p.grad.dtype), alpha=self.cfg.distill * grad_scale)
+            figures["distill_kl"] = self._reduced(kl, accelerator)
+        return figures
+
+    @staticmethod
+    def _gradient(loss: torch.Tensor, params: list[torch.Tensor], accelerator, keep: bool = False) -> list[torch.Tensor]:
+        """∂loss/∂params, summed over the processes (each holds its share of the batch's sum)."""
+        if loss.requires_grad:
+            grads = torch.autograd.grad(loss, params, retain_graph=keep, allow_unused=True)
+        else:  # this process had no row of the batch
+            grads = [None] * len(params)
+        grads = [torch.zeros_like(p, dtype=torch.float32) if g is None else g.float() for g, p in zip(grads, params)]
+        if accelerator.num_processes > 1:
+            flat = accelerator.reduce(torch.cat([g.flatten() for g in grads]), "sum")
+            grads = [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)]
+        return grads
+
+    @staticmethod
+    def _reduced(value: torch.Tensor, accelerator) -> float:
+        return float(accelerator.reduce(value.detach().double().reshape(1), "sum")[0])
+
+
+def _selected(model, batch: dict, chunk_size: int):
+    """(hidden states at label positions (N, H), head weight, bias, targets (N,)), or, for a model
+    whose logits are not a plain linear head, (log-probs (N, V), None, None, targets)."""
+    from posttrain.data.batching import padded_inputs
+    from posttrain.losses.language_modeling import shift_for_causal_lm
+    from posttrain.models.loading import final_hidden_and_head, supports_hidden_path
+
+    inputs = padded_inputs(batch["input_ids"], batch["attention_mask"])
+    if supports_hidden_path(model):
+        hidden, weight, bias = final_hidden_and_head(model, **inputs)
+        selected, targets = shift_for_causal_lm(hidden, batch["labels"])
+        return selected, weight, bias, targets
+    logits = model(**inputs, use_cache=False).logits
+    selected, targets = shift_for_causal_lm(logits, batch["labels"])
+    return selected.float().log_softmax(-1), None, None, targets
+
+
+def _position_logps(model, batch: dict, extra: torch.Tensor | None, chunk_size: int) -> torch.Tensor:
+    """log p_θ of each label token and of `extra` (N, k) tokens at its position: (N, 1 + k)."""
+    from posttrain.losses.language_modeling import token_logps_at
+
+    selected, weight, bias, targets = _selected(model, batch, chunk_size)
+    indices = targets[:, None] if extra is None else torch.cat([targets[:, None], extra], dim=1)
+    if weight is None:
+        return selected.gather(1, indices)
+    return token_logps_at(selected, weight, indices, bias, chunk_size)
+
+
+def _top_k(model, batch: dict, k: int, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from posttrain.losses.language_modeling import top_k_logps
+
+    selected, weight, bias, _ = _selected(model, batch, chunk_size)
+    if weight is None:
+        top = selected.topk(min(k, selected.shape[-1]), dim=-1)
+        return top.values, top.indices
+    return top_k_logps(selected, weight, k, bias, chunk_size)
