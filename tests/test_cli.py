@@ -203,7 +203,7 @@ def test_two_processes_match_one(adapter, tmp_path):
     one = tmp_path / "one"
     posttrain(*_sft_args(one, *common, "train.grad_accum=2"))
     two = tmp_path / "two"
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
               "-m", "posttrain", *_sft_args(two, *common, "train.grad_accum=1")]
     result = subprocess.run(launch, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

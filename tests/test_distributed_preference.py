@@ -129,7 +129,7 @@ def _launch(runs: list[list[str]], workdir: Path, processes: int) -> dict:
     plan.write_text(json.dumps(runs))
     driver.write_text(DRIVER)
     report.unlink(missing_ok=True)
-    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes)] if processes > 1 else []
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] if processes > 1 else []
     result = subprocess.run([sys.executable, *launcher, str(driver), str(plan), str(report)], cwd=ROOT,
                             capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0 and report.is_file(), result.stderr[-4000:]

@@ -163,7 +163,7 @@ def _launch(runs: list[list[str]], workdir: Path, processes: int) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     plan.write_text(json.dumps(runs))
     driver.write_text(DRIVER)
-    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes)] if processes > 1 else []
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] if processes > 1 else []
     result = subprocess.run([sys.executable, *launcher, str(driver), str(plan), str(report)], cwd=ROOT,
                             capture_output=True, text=True, timeout=900, check=False)
     assert result.returncode == 0 and report.is_file(), result.stderr[-4000:]
@@ -379,7 +379,7 @@ def test_streamed_rows_are_trained_once_per_pass_across_the_two_processes(runs):
 def test_streaming_sft_in_two_processes_survives_the_end_of_a_pass(runs, tmp_path):
     """The plain command line, 2 processes, streaming, 12 steps (several ends of the 19-row stream)."""
     out = tmp_path / "stream"
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "posttrain", "sft",
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "posttrain", "sft",
               f"output_dir={out}", "model.path=tiny", f"data.train_files=[{runs['files']['train']}]",
               "data.streaming=true", "data.max_length=64", "train.batch_size=3", "train.max_steps=12",
               "train.save_every=0", "train.progress_bar=false"]

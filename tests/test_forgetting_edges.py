@@ -486,7 +486,7 @@ def test_two_processes_estimate_the_same_fisher_and_penalties_as_one(tmp_path):
     one = subprocess.run([sys.executable, "-m", "posttrain", *args, f"output_dir={tmp_path / 'one'}",
                           "train.grad_accum=2"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300, check=False)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "posttrain",
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "posttrain",
                           *args, f"output_dir={tmp_path / 'two'}", "train.grad_accum=1"],
                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=300, check=False)
     assert two.returncode == 0, two.stderr[-3000:]
@@ -498,3 +498,31 @@ def test_two_processes_estimate_the_same_fisher_and_penalties_as_one(tmp_path):
     assert pen(tmp_path / "two") == pytest.approx(pen(tmp_path / "one"), rel=1e-3) and pen(tmp_path / "one")[-1] > 0
     assert _lines(tmp_path / "two")[0]["retain_loss"] == pytest.approx(_lines(tmp_path / "one")[0]["retain_loss"],
                                                                        rel=1e-5)
+
+
+def test_two_processes_take_the_retain_terms_of_one(tmp_path):
+    """lm_coef, distill and project with 2 CPU processes (gloo): each takes its share of a step's
+    retain batch and the retain gradients are summed across them, so the figures logged and the
+    final weights are one process's at the same global batch."""
+    from safetensors.torch import load_file
+
+    retain = _write(tmp_path / "retain.jsonl", _rows(16))
+    args = ["sft", "model.path=tiny", "data.synthetic_size=16", "data.synthetic_tasks=[reverse]", "data.max_length=64",
+            "data.eval_fraction=0", "train.max_steps=3", "train.batch_size=4", "train.lr=3e-3", "train.schedule=constant",
+            "train.progress_bar=false", "train.resume=never", f"forgetting.retain_files=[{retain}]",
+            "forgetting.lm_coef=0.5", "forgetting.distill=1.0", "forgetting.distill_top_k=8", "forgetting.project=true",
+            "forgetting.retain_batch_size=5"]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "posttrain", *args, f"output_dir={tmp_path / 'one'}",
+                          "train.grad_accum=2"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+                          "posttrain", *args, f"output_dir={tmp_path / 'two'}", "train.grad_accum=1"],
+                         cwd=ROOT, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert two.returncode == 0, two.stderr[-3000:]
+    figures = lambda d: [x[k] for x in _lines(d) if "loss" in x for k in ("retain_lm_loss", "distill_kl")]  # noqa: E731
+    assert figures(tmp_path / "two") == pytest.approx(figures(tmp_path / "one"), rel=1e-3, abs=1e-6)
+    assert figures(tmp_path / "one")[-1] > 0  # distillation has something to hold by the last step
+    w1, w2 = (load_file(str(tmp_path / d / "final" / "model.safetensors")) for d in ("one", "two"))
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], rtol=1e-4, atol=1e-5)

@@ -272,7 +272,7 @@ def test_two_processes_run_a_pipeline_of_several_stages(tmp_path):
     lora_dpo = {**DPO, "overrides": [*DPO["overrides"], "adapter.method=lora", "data.eval_fraction=0"]}
     stages = [{**SFT, "overrides": {**SFT["overrides"], "data.eval_fraction": 0}}, lora_dpo,
               {**DPO, "name": "dpo2", "overrides": [*DPO["overrides"], "data.eval_fraction=0"]}]
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "posttrain", "pipeline",
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "posttrain", "pipeline",
               str(write_pipeline(tmp_path, stages))]
     result = subprocess.run(launch, check=False, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -310,7 +310,7 @@ def test_two_processes_match_one(stage, extra, tmp_path):
               "train.max_steps=4", "train.save_every=0", "train.lr=1e-3", "train.progress_bar=false", "eval.prompts=0",
               "reward.functions=[short=tests.rewards_fixture:short]", *extra]
     runs = {}
-    for name, launcher, accum in (("one", [], 2), ("two", ["-m", "torch.distributed.run", "--nproc_per_node", "2"], 1)):
+    for name, launcher, accum in (("one", [], 2), ("two", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], 1)):
         runs[name] = tmp_path / name
         command = [sys.executable, *launcher, "-m", "posttrain", stage, f"output_dir={runs[name]}", *common,
                    f"train.grad_accum={accum}"]

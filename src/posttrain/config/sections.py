@@ -170,8 +170,8 @@ FORGETTING_HELP = ("catastrophic-forgetting control: measure, replay, L2-SP, EWC
 @dataclass
 class ForgettingConfig:
     retain_files: list[str] = option(
-        [], "data the model must not forget (the formats of data.train_files): measured at every evaluation, and "
-            "the source of replay and of EWC's Fisher; empty = off")
+        [], "data the model must not forget (rows in sft's formats, in every stage): measured at every evaluation, "
+            "and the pool of replay, EWC's Fisher, lm_coef, distill and project; empty = off")
     retain_eval_fraction: float = option(
         0.2, "share of the retain rows held out to measure forgetting: never replayed, never in the Fisher")
     replay_ratio: float = option(0.0, "share of the training examples drawn from the retain rows (replay); 0 = none")

@@ -224,17 +224,7 @@ def token_logps(selected: Tensor, weight: Tensor, targets: Tensor, bias: Tensor 
     """log softmax(W h + b)[y] for N (hidden state, target) pairs: selected (N, H), targets (N,).
 
     Chunks of `chunk_size` rows are activation-checkpointed (see `sequence_logps`)."""
-    from torch.utils.checkpoint import checkpoint
-
-    out = []
-    for start in range(0, selected.shape[0], chunk_size):
-        end = start + chunk_size
-        args = (selected[start:end], weight, bias, targets[start:end])
-        if torch.is_grad_enabled() and (selected.requires_grad or weight.requires_grad):
-            out.append(checkpoint(_token_logps, *args, use_reentrant=False))
-        else:
-            out.append(_token_logps(*args))
-    return torch.cat(out) if out else selected.new_zeros(0, dtype=torch.float32)
+    return token_logps_at(selected, weight, targets[:, None], bias, chunk_size)[:, 0]
 
 
 def token_logps_at(selected: Tensor, weight: Tensor, indices: Tensor, bias: Tensor | None = None,
@@ -378,13 +368,6 @@ def _token_logps_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, ta
         log_norm = torch.logsumexp(logits, dim=-1)
         entropy = log_norm - (logits.softmax(-1) * logits).sum(-1)
         return torch.stack([logits.gather(1, targets[:, None]).squeeze(1) - log_norm, entropy])
-
-
-def _token_logps(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor) -> Tensor:
-    """log softmax(W h + b)[y] for one chunk, in at least float32."""
-    with torch.autocast(device_type=hidden.device.type, enabled=False):
-        logits = _chunk_logits(hidden, weight, bias)  # (C, V)
-        return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
 
 
 def _logps_at(hidden: Tensor, weight: Tensor, bias: Tensor | None, indices: Tensor) -> Tensor:

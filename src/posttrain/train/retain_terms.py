@@ -120,18 +120,16 @@ class RetainTerms:
             if distill:
                 teacher = torch.cat([self.teacher[i][0] for i in mine]).to(logps.device)
                 kl = topk_distillation_kl(logps[:, 1:], teacher).sum() / total
-        g_lm = self._gradient(nll, live, accelerator, keep=distill)
+        added = self.cfg.lm_coef * nll + self.cfg.distill * kl  # what joins the data loss
         figures = {"retain_lm_loss": self._reduced(nll, accelerator)}
-        if self.cfg.project:
-            dot = agem_project([p.grad for p in live], [g * grad_scale for g in g_lm])
-            figures["agem_projected"] = float(dot < 0)
-        if self.cfg.lm_coef > 0:
-            for p, g in zip(live, g_lm):
-                p.grad.add_(g.to(p.grad.dtype), alpha=self.cfg.lm_coef * grad_scale)
         if distill:
-            for p, g in zip(live, self._gradient(kl, live, accelerator)):
-                p.grad.add_(g.to(p.grad.dtype), alpha=self.cfg.distill * grad_scale)
             figures["distill_kl"] = self._reduced(kl, accelerator)
+        if self.cfg.project:  # against ∇ of the retain LM loss alone, before anything is added
+            reference = self._gradient(nll, live, accelerator, keep=self.cfg.lm_coef > 0 or distill)
+            figures["agem_projected"] = float(agem_project([p.grad for p in live], reference) < 0)
+        if self.cfg.lm_coef > 0 or distill:  # one backward for both terms
+            for p, g in zip(live, self._gradient(added, live, accelerator)):
+                p.grad.add_(g.to(p.grad.dtype), alpha=grad_scale)
         return figures
 
     @staticmethod
