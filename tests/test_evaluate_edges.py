@@ -385,8 +385,10 @@ RT = ["safety.redteam=true", "safety.limit=1", "safety.max_tokens=4", "prompts.l
 
 
 def _redteam_responses(out, side="policy") -> list[str]:
-    return [json.loads(line)["response"] for line in (Path(out) / f"redteam_{side}" / "responses.jsonl")
-            .read_text().splitlines()]
+    """The answers by (suite, attack, probe): the log holds them in the order the worker threads
+    finished, which the machine's load decides."""
+    rows = [json.loads(line) for line in (Path(out) / f"redteam_{side}" / "responses.jsonl").read_text().splitlines()]
+    return [row["response"] for row in sorted(rows, key=lambda r: (r["suite"], r["attack"], r["probe"]))]
 
 
 def test_red_team_dirs_figures_and_a_same_settings_rerun(tmp_path):

@@ -175,7 +175,8 @@ class ForgettingConfig:
     retain_eval_fraction: float = option(
         0.2, "share of the retain rows held out to measure forgetting: never replayed, never in the Fisher")
     replay_ratio: float = option(0.0, "share of the training examples drawn from the retain rows (replay); 0 = none")
-    l2sp: float = option(0.0, "L2-SP strength α: a penalty α/2·Σ(θ−θ₀)² toward the weights the run starts from; 0 = off")
+    l2sp: float = option(0.0, "L2-SP strength α: a penalty α/2·Σ(θ−θ₀)² toward the weights the run starts from "
+                              "(needs no retain rows); 0 = off")
     ewc: float = option(0.0, "EWC strength λ: a penalty λ/2·Σ F·(θ−θ₀)², F the diagonal Fisher on retain rows scaled "
                              "to mean 1 (so λ reads like α); 0 = off")
     fisher_examples: int = option(64, "retain examples whose gradients estimate EWC's Fisher (one backward each)")
@@ -194,7 +195,9 @@ class ForgettingConfig:
     project: bool = option(
         False, "A-GEM: when a step's gradient would raise the loss on a batch of retain rows (negative dot "
                "product), remove its component along that batch's gradient")
-    retain_batch_size: int = option(0, "retain rows per step for lm_coef, distill and project (0 = train.batch_size)")
+    retain_batch_size: int = option(
+        0, "retain rows per optimizer step for lm_coef, distill and project, run train.batch_size at a time "
+           "(0 = the step's global batch: train.batch_size x grad_accum x processes)")
     unfreeze_every: int = option(
         0, "gradual unfreezing (ULMFiT): the top layer (and the head) train from step 0 and one more layer "
            "below joins every N steps, the embeddings last; 0 = off; needs no retain data")

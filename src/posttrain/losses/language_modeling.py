@@ -228,22 +228,25 @@ def token_logps(selected: Tensor, weight: Tensor, targets: Tensor, bias: Tensor 
 
 
 def token_logps_at(selected: Tensor, weight: Tensor, indices: Tensor, bias: Tensor | None = None,
-                   chunk_size: int = 256) -> Tensor:
+                   chunk_size: int = 256, rest_from: int | None = None) -> Tensor:
     """log softmax(W h + b)[v] at M tokens v per position: selected (N, H), indices (N, M) → (N, M).
 
     `token_logps` with several targets per position (a label and a teacher's top-k tokens, for
-    distillation); chunked and activation-checkpointed the same way."""
+    distillation); chunked and activation-checkpointed the same way. With `rest_from = j` one more
+    column holds log Σ_{v ∉ indices[:, j:]} p_v, the mass outside those tokens, from the logits:
+    logsumexp over the other tokens − logsumexp over all (precise where 1 − Σ p_v would round)."""
     from torch.utils.checkpoint import checkpoint
 
     out = []
     for start in range(0, selected.shape[0], chunk_size):
         end = start + chunk_size
-        args = (selected[start:end], weight, bias, indices[start:end])
+        args = (selected[start:end], weight, bias, indices[start:end], rest_from)
         if torch.is_grad_enabled() and (selected.requires_grad or weight.requires_grad):
             out.append(checkpoint(_logps_at, *args, use_reentrant=False))
         else:
             out.append(_logps_at(*args))
-    return torch.cat(out) if out else selected.new_zeros(0, indices.shape[1], dtype=torch.float32)
+    width = indices.shape[1] + (rest_from is not None)
+    return torch.cat(out) if out else selected.new_zeros(0, width, dtype=torch.float32)
 
 
 @torch.no_grad()
@@ -370,8 +373,15 @@ def _token_logps_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, ta
         return torch.stack([logits.gather(1, targets[:, None]).squeeze(1) - log_norm, entropy])
 
 
-def _logps_at(hidden: Tensor, weight: Tensor, bias: Tensor | None, indices: Tensor) -> Tensor:
-    """log softmax(W h + b) at (C, M) token ids for one chunk, in at least float32."""
+def _logps_at(hidden: Tensor, weight: Tensor, bias: Tensor | None, indices: Tensor,
+              rest_from: int | None = None) -> Tensor:
+    """log softmax(W h + b) at (C, M) token ids for one chunk (and the log-mass outside
+    indices[:, rest_from:] as one more column), in at least float32."""
     with torch.autocast(device_type=hidden.device.type, enabled=False):
         logits = _chunk_logits(hidden, weight, bias)  # (C, V)
-        return logits.gather(1, indices) - torch.logsumexp(logits, dim=-1, keepdim=True)
+        log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
+        out = logits.gather(1, indices) - log_norm
+        if rest_from is None:
+            return out
+        others = logits.scatter(1, indices[:, rest_from:], float("-inf"))
+        return torch.cat([out, torch.logsumexp(others, dim=-1, keepdim=True) - log_norm], dim=1)

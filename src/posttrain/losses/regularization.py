@@ -38,7 +38,8 @@ def anchored_penalty(params: list[torch.Tensor], anchors: list[torch.Tensor], st
     return 0.5 * strength * total, grads
 
 
-def topk_distillation_kl(student_logps: torch.Tensor, teacher_logps: torch.Tensor) -> torch.Tensor:
+def topk_distillation_kl(student_logps: torch.Tensor, teacher_logps: torch.Tensor,
+                         student_log_rest: torch.Tensor | None = None) -> torch.Tensor:
     """KL(q ‖ p) of the teacher q and the student p, each read as k + 1 outcomes: the teacher's
     top-k tokens S and one bucket R for every other token (Learning without Forgetting, Li & Hoiem
     2017, Eq. 2 at temperature 1, with the teacher kept as its top k):
@@ -47,7 +48,10 @@ def topk_distillation_kl(student_logps: torch.Tensor, teacher_logps: torch.Tenso
         q_R = 1 − Σ_{v∈S} q_v,   p_R = 1 − Σ_{v∈S} p_v
 
     student_logps, teacher_logps: (N, k) log-probabilities of the same k tokens per position
-    (the student's over the whole vocabulary). Returns (N,). It is the full-vocabulary KL when S
+    (the student's over the whole vocabulary); student_log_rest: (N,) log p_R computed from the
+    logits (`losses.language_modeling.token_logps_at(rest_from=...)`): 1 − Σ p_v rounds to 0 in
+    float32 once the student puts all but ~1e-8 of its mass on S, and would then be clamped; without
+    it, p_R is formed from the sum. Returns (N,). It is the full-vocabulary KL when S
     holds every token (q_R = 0), and never above it: merging outcomes cannot raise a KL
     divergence (the data-processing inequality), so a small k under-counts, never over-counts.
     Storing k instead of V values per position is what makes keeping the teacher affordable.
@@ -57,8 +61,11 @@ def topk_distillation_kl(student_logps: torch.Tensor, teacher_logps: torch.Tenso
     q = teacher_logps.exp()
     head = (q * (teacher_logps - student_logps)).sum(-1)  # Σ_S q (log q − log p)
     q_rest = (1.0 - q.sum(-1)).clamp(min=0.0)
-    p_rest = (1.0 - student_logps.exp().sum(-1)).clamp(min=torch.finfo(student_logps.dtype).tiny)
-    rest = torch.where(q_rest > 0, q_rest * (q_rest.clamp(min=torch.finfo(q.dtype).tiny).log() - p_rest.log()),
+    if student_log_rest is None:
+        student_log_rest = (1.0 - student_logps.exp().sum(-1)).clamp(min=torch.finfo(student_logps.dtype).tiny).log()
+    # −inf when S is the whole vocabulary (q_R = 0 there): clamped so the untaken branch's gradient is not NaN
+    log_p_rest = student_log_rest.clamp(min=-1e4)
+    rest = torch.where(q_rest > 0, q_rest * (q_rest.clamp(min=torch.finfo(q.dtype).tiny).log() - log_p_rest),
                        torch.zeros_like(q_rest))
     return head + rest
 

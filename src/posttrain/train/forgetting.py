@@ -144,11 +144,13 @@ def fisher_diagonal(model: torch.nn.Module, examples: list[Example], params: lis
 
 
 def check_anchoring(cfg, accelerator) -> None:
-    """L2-SP and EWC hold θ₀ (and F) beside whole parameters: refuse sharded ones (FSDP, DeepSpeed),
-    on a fresh start and on a resume alike."""
-    if (cfg.l2sp > 0 or cfg.ewc > 0) and accelerator.distributed_type not in ("NO", "MULTI_GPU", "MULTI_CPU",
-                                                                            "MULTI_XPU"):
-        raise ConfigError(f"forgetting.l2sp / forgetting.ewc need whole parameters on every process; "
+    """L2-SP and EWC hold θ₀ (and F) beside whole parameters, and lm_coef, distill and project take
+    gradients of the unwrapped policy: refuse sharded parameters (FSDP, DeepSpeed), on a fresh
+    start and on a resume alike."""
+    uses = [name for name, on in (("l2sp", cfg.l2sp > 0), ("ewc", cfg.ewc > 0), ("lm_coef", cfg.lm_coef > 0),
+                                  ("distill", cfg.distill > 0), ("project", cfg.project)) if on]
+    if uses and accelerator.distributed_type not in ("NO", "MULTI_GPU", "MULTI_CPU", "MULTI_XPU"):
+        raise ConfigError(f"forgetting.{uses[0]} needs whole parameters on every process; "
                           f"{accelerator.distributed_type} shards them")
 
 
@@ -157,7 +159,7 @@ class ForgettingControl:
     monitor, inactive_parameters, and the checkpointed anchor and distillation targets."""
 
     def __init__(self, cfg, retain: RetainData | None, policy: torch.nn.Module, pad_id: int, batch_size: int,
-                 seed: int, loss: str = "auto", chunk_size: int = 256, log=print):
+                 seed: int, loss: str = "auto", chunk_size: int = 256, log=print, step_batch_size: int | None = None):
         from posttrain.data.batching import collate
         from posttrain.train.retain_terms import RetainTerms
 
@@ -169,7 +171,8 @@ class ForgettingControl:
         held = retain.held_out if retain is not None else []
         self.held_out = [collate(held[i : i + batch_size], pad_id) for i in range(0, len(held), batch_size)]
         self.anchored = cfg.l2sp > 0 or cfg.ewc > 0
-        self.terms = RetainTerms(cfg, retain.pool, policy, pad_id, batch_size, seed, chunk_size) if retain else None
+        self.terms = (RetainTerms(cfg, retain.pool, policy, pad_id, batch_size, seed, chunk_size, step_batch_size)
+                      if retain else None)
         self.unfreezing = None
         if cfg.unfreeze_every > 0:
             from posttrain.train.unfreezing import GradualUnfreezing
@@ -207,6 +210,8 @@ class ForgettingControl:
             self.fisher = fisher_diagonal(self.lm, pool, self.params, self.pad_id, accelerator)
         if self.cfg.distill > 0:
             self.terms.compute_teacher(accelerator)
+        if not self.measures:  # L2-SP alone needs no retain rows
+            return {}
         self.start_loss = self._retain_loss(accelerator)
         self.last_loss = self.start_loss
         return {"retain_loss": self.start_loss}
@@ -306,15 +311,15 @@ def build_control(cfg, tokenizer, policy: torch.nn.Module, accelerator, run_dir:
                   loss: str = "auto") -> ForgettingControl | None:
     """The run's ForgettingControl from `cfg.forgetting` (any stage's config), or None when the
     section is off. Reads the retain rows (`prepare_retain_data`) when it names any."""
-    f = cfg.forgetting
-    if not f.retain_files and f.unfreeze_every <= 0:
+    f, t = cfg.forgetting, cfg.train
+    if not f.retain_files and f.unfreeze_every <= 0 and f.l2sp <= 0:
         return None
-    retain = None
-    if f.retain_files:
-        check_anchoring(f, accelerator)
-        retain = prepare_retain_data(cfg, tokenizer, run_dir, cfg.train.seed, log)
-    return ForgettingControl(f, retain, policy, tokenizer.pad_token_id, cfg.train.batch_size, cfg.train.seed, loss,
-                             cfg.train.loss_chunk_size, log)
+    check_anchoring(f, accelerator)
+    retain = prepare_retain_data(cfg, tokenizer, run_dir, t.seed, log) if f.retain_files else None
+    # the retain batch of a step: by default the step's global batch, however it is split
+    step_batch = t.batch_size * t.grad_accum * accelerator.num_processes
+    return ForgettingControl(f, retain, policy, tokenizer.pad_token_id, t.batch_size, t.seed, loss,
+                             t.loss_chunk_size, log, step_batch)
 
 
 def retain_exact_match(cfg, model, tokenizer, control: ForgettingControl | None, when: str,
@@ -340,9 +345,11 @@ def attach(stage, control: ForgettingControl | None) -> None:
         own = getattr(stage, "inactive_parameters", None)
         gradual = control.unfreezing.inactive_parameters
         stage.inactive_parameters = gradual if own is None else (lambda step: _union(own(step), gradual(step)))
-    if not control.measures:
+    if not control.measures and not control.anchored:
         return
-    stage.begin, stage.monitor = control.begin, control.monitor
+    stage.begin = control.begin
+    if control.measures:
+        stage.monitor = control.monitor
     if control.regularizes:
         stage.regularize, stage.dense_gradients = control.regularize, True
     own_state, own_load = getattr(stage, "state_dict", None), getattr(stage, "load_state_dict", None)
@@ -356,8 +363,8 @@ def attach(stage, control: ForgettingControl | None) -> None:
 
     def load_state_dict(plain: dict, tensors: dict) -> None:
         if "forgetting" not in plain:
-            raise ConfigError("this checkpoint was written without forgetting.retain_files; start afresh with "
-                              "train.resume=never")
+            raise ConfigError("this checkpoint was written without forgetting.retain_files or forgetting.l2sp; "
+                              "start afresh with train.resume=never")
         own_load({k: v for k, v in plain.items() if k != "forgetting"},
                  {k: v for k, v in tensors.items() if not k.startswith("forgetting.")})
         control.load_state_dict(plain["forgetting"], {k[len("forgetting."):]: v for k, v in tensors.items()

@@ -1,8 +1,10 @@
 """Forgetting control that needs a forward pass on retain rows every step (`forgetting.*`).
 
 Each optimizer step takes one batch of rows from the retain pool (`forgetting.retain_batch_size`,
-drawn in a seeded order that is a pure function of the step, so a resumed run takes the same
-batches) and, on the policy as it stands after the step's backward:
+by default the step's global batch: train.batch_size × grad_accum × processes, so how a step is
+split changes nothing; drawn in a seeded order that is a pure function of the step, so a resumed
+run takes the same batches; run through the model train.batch_size rows at a time) and, on the
+policy as it stands after the step's backward:
 
   - `lm_coef` γ: adds γ·∇ of the token-mean LM loss on it. InstructGPT's PPO-ptx (Ouyang et al.
     2022, Eq. 2) mixes pretraining gradients into PPO this way; here it works in every stage, and
@@ -10,7 +12,7 @@ batches) and, on the policy as it stands after the step's backward:
   - `distill` λ: adds λ·∇ of the token-mean KL(p_θ₀ ‖ p_θ) on it (Learning without Forgetting, Li &
     Hoiem 2017): the model is held to the outputs it gave as the run started, not to the labels.
     p_θ₀ is kept as its top-k tokens per label position of every pool row, computed once in one
-    pass before step 0 (8·k bytes per position, saved in checkpoints), so no second model stays
+    pass before step 0 (8·k bytes per position, on every process and in checkpoints), so no second model stays
     in memory (`losses.regularization.topk_distillation_kl`).
   - `project`: A-GEM (`losses.regularization.agem_project`): where the step's gradient points
     against the gradient of that batch's LM loss, the conflicting component is removed.
@@ -33,11 +35,13 @@ from posttrain.errors import ConfigError
 class RetainTerms:
     """lm_coef, distill and project on the retain pool (see the module docstring)."""
 
-    def __init__(self, cfg, pool: list[Example], policy: torch.nn.Module, pad_id: int, batch_size: int,
-                 seed: int, chunk_size: int = 256):
+    def __init__(self, cfg, pool: list[Example], policy: torch.nn.Module, pad_id: int, batch_size: int, seed: int,
+                 chunk_size: int = 256, step_batch_size: int | None = None):
         self.cfg = cfg  # ForgettingConfig
         self.pool, self.policy, self.pad_id = pool, policy, pad_id
-        self.batch_size = min(cfg.retain_batch_size or batch_size, len(pool))
+        self.micro_batch_size = batch_size  # rows per forward (train.batch_size)
+        # rows per step: retain_batch_size, else `step_batch_size` (the step's global batch), else batch_size
+        self.batch_size = min(cfg.retain_batch_size or step_batch_size or batch_size, len(pool))
         self.seed, self.chunk_size = seed, chunk_size
         # per pool example: (teacher log-probs (n, k) float32, token ids (n, k) int64) at its label positions
         self.teacher: list[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -67,12 +71,12 @@ class RetainTerms:
         teacher = []
         try:
             with accelerator.autocast():
-                for start in range(0, len(self.pool), self.batch_size):
-                    examples = self.pool[start : start + self.batch_size]
+                for start in range(0, len(self.pool), self.micro_batch_size):
+                    examples = self.pool[start : start + self.micro_batch_size]
                     batch = {k: v.to(accelerator.device) for k, v in collate(examples, self.pad_id).items()}
                     logps, ids = _top_k(self.policy, batch, self.cfg.distill_top_k, self.chunk_size)
                     counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).tolist()
-                    teacher += list(zip(logps.split(counts), ids.split(counts)))
+                    teacher += list(zip(logps.split(counts), ids.to(torch.int32).split(counts)))
         finally:
             self.policy.train(was_training)
         self.teacher = teacher
@@ -81,7 +85,7 @@ class RetainTerms:
         if self.teacher is None:
             return {}
         return {"teacher.logps": torch.cat([t[0] for t in self.teacher]).cpu(),
-                "teacher.ids": torch.cat([t[1] for t in self.teacher]).to(torch.int32).cpu(),
+                "teacher.ids": torch.cat([t[1] for t in self.teacher]).cpu(),
                 "teacher.counts": torch.tensor([len(t[0]) for t in self.teacher], dtype=torch.int64)}
 
     def load_teacher(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -93,15 +97,14 @@ class RetainTerms:
         counts = tensors["teacher.counts"].tolist()
         if len(counts) != len(self.pool):
             raise ConfigError("the checkpoint's distillation targets do not match the retain pool")
-        self.teacher = list(zip(tensors["teacher.logps"].split(counts), tensors["teacher.ids"].long().split(counts)))
+        self.teacher = list(zip(tensors["teacher.logps"].split(counts), tensors["teacher.ids"].to(torch.int32).split(counts)))
 
     # -- every step
 
     def apply(self, params: list[torch.nn.Parameter], grad_scale: float, accelerator, step: int) -> dict[str, float]:
         """Project the step's gradients (A-GEM), then add γ·∇LM and λ·∇KL of the step's retain batch
         to `params`' gradients (those with a gradient this step: the others are not being trained)."""
-        from posttrain.data.batching import collate
-        from posttrain.losses.regularization import agem_project, topk_distillation_kl
+        from posttrain.losses.regularization import agem_project
 
         live = [p for p in params if p.grad is not None]
         if not live:
@@ -109,45 +112,61 @@ class RetainTerms:
         indices = self.batch_at(step)
         mine = indices[accelerator.process_index :: accelerator.num_processes]
         total = sum(self.pool[i].num_label_tokens for i in indices)
-        distill = self.cfg.distill > 0
-        nll = kl = torch.zeros((), device=accelerator.device)
-        if mine:
-            batch = {k: v.to(accelerator.device) for k, v in collate([self.pool[i] for i in mine], self.pad_id).items()}
-            extra = torch.cat([self.teacher[i][1] for i in mine]).to(accelerator.device) if distill else None
-            with accelerator.autocast():
-                logps = _position_logps(self.policy, batch, extra, self.chunk_size)  # (N, 1 + k)
-            nll = -logps[:, 0].sum() / total
-            if distill:
-                teacher = torch.cat([self.teacher[i][0] for i in mine]).to(logps.device)
-                kl = topk_distillation_kl(logps[:, 1:], teacher).sum() / total
-        added = self.cfg.lm_coef * nll + self.cfg.distill * kl  # what joins the data loss
-        figures = {"retain_lm_loss": self._reduced(nll, accelerator)}
-        if distill:
-            figures["distill_kl"] = self._reduced(kl, accelerator)
-        if self.cfg.project:  # against ∇ of the retain LM loss alone, before anything is added
-            reference = self._gradient(nll, live, accelerator, keep=self.cfg.lm_coef > 0 or distill)
+        # γ·LM + λ·KL (what joins the data loss), and the LM loss alone (A-GEM's reference)
+        added = [torch.zeros_like(p, dtype=torch.float32) for p in live]
+        reference = [torch.zeros_like(p, dtype=torch.float32) for p in live] if self.cfg.project else None
+        sums = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # Σ NLL, Σ KL over my rows
+        for start in range(0, len(mine), self.micro_batch_size):
+            nll, kl = self._losses(mine[start : start + self.micro_batch_size], accelerator.device, accelerator)
+            sums += torch.stack([nll.detach().double(), kl.detach().double()])
+            if reference is not None:
+                _accumulate(reference, nll / total, live, keep=True)
+            if self.cfg.lm_coef > 0 or self.cfg.distill > 0:
+                _accumulate(added, (self.cfg.lm_coef * nll + self.cfg.distill * kl) / total, live)
+        if accelerator.num_processes > 1:
+            sums = accelerator.reduce(sums, "sum")
+            added = _summed(added, accelerator)
+            reference = _summed(reference, accelerator) if reference is not None else None
+        figures = {"retain_lm_loss": float(sums[0]) / total}
+        if self.cfg.distill > 0:
+            figures["distill_kl"] = float(sums[1]) / total
+        if reference is not None:  # against ∇ of the retain LM loss alone, before anything is added
             figures["agem_projected"] = float(agem_project([p.grad for p in live], reference) < 0)
-        if self.cfg.lm_coef > 0 or distill:  # one backward for both terms
-            for p, g in zip(live, self._gradient(added, live, accelerator)):
+        if self.cfg.lm_coef > 0 or self.cfg.distill > 0:
+            for p, g in zip(live, added):
                 p.grad.add_(g.to(p.grad.dtype), alpha=grad_scale)
         return figures
 
-    @staticmethod
-    def _gradient(loss: torch.Tensor, params: list[torch.Tensor], accelerator, keep: bool = False) -> list[torch.Tensor]:
-        """∂loss/∂params, summed over the processes (each holds its share of the batch's sum)."""
-        if loss.requires_grad:
-            grads = torch.autograd.grad(loss, params, retain_graph=keep, allow_unused=True)
-        else:  # this process had no row of the batch
-            grads = [None] * len(params)
-        grads = [torch.zeros_like(p, dtype=torch.float32) if g is None else g.float() for g, p in zip(grads, params)]
-        if accelerator.num_processes > 1:
-            flat = accelerator.reduce(torch.cat([g.flatten() for g in grads]), "sum")
-            grads = [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)]
-        return grads
+    def _losses(self, rows: list[int], device, accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Σ NLL, Σ KL(teacher ‖ policy)) over the label tokens of pool rows `rows`, with their graph."""
+        from posttrain.data.batching import collate
+        from posttrain.losses.regularization import topk_distillation_kl
 
-    @staticmethod
-    def _reduced(value: torch.Tensor, accelerator) -> float:
-        return float(accelerator.reduce(value.detach().double().reshape(1), "sum")[0])
+        batch = {k: v.to(device) for k, v in collate([self.pool[i] for i in rows], self.pad_id).items()}
+        distill = self.cfg.distill > 0
+        extra = torch.cat([self.teacher[i][1] for i in rows]).to(device).long() if distill else None
+        with accelerator.autocast():
+            logps = _position_logps(self.policy, batch, extra, self.chunk_size)  # (N, 1 [+ k + 1])
+        nll = -logps[:, 0].sum()
+        if not distill:
+            return nll, torch.zeros((), device=device)
+        teacher = torch.cat([self.teacher[i][0] for i in rows]).to(device)
+        return nll, topk_distillation_kl(logps[:, 1:-1], teacher, logps[:, -1]).sum()
+
+
+def _accumulate(totals: list[torch.Tensor], loss: torch.Tensor, params: list[torch.Tensor], keep: bool = False) -> None:
+    """totals += ∂loss/∂params (float32; a parameter the loss does not reach adds nothing)."""
+    if not loss.requires_grad:
+        return
+    for total, grad in zip(totals, torch.autograd.grad(loss, params, retain_graph=keep, allow_unused=True)):
+        if grad is not None:
+            total += grad.float()
+
+
+def _summed(grads: list[torch.Tensor], accelerator) -> list[torch.Tensor]:
+    """Each process's share summed across processes (one reduction for all tensors)."""
+    flat = accelerator.reduce(torch.cat([g.flatten() for g in grads]), "sum")
+    return [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)]
 
 
 def _selected(model, batch: dict, chunk_size: int):
@@ -168,14 +187,20 @@ def _selected(model, batch: dict, chunk_size: int):
 
 
 def _position_logps(model, batch: dict, extra: torch.Tensor | None, chunk_size: int) -> torch.Tensor:
-    """log p_θ of each label token and of `extra` (N, k) tokens at its position: (N, 1 + k)."""
+    """log p_θ of each label token: (N, 1); with `extra` (N, k) tokens at its position, also their
+    log-probs and the log-mass of every other token: (N, 1 + k + 1)."""
     from posttrain.losses.language_modeling import token_logps_at
 
     selected, weight, bias, targets = _selected(model, batch, chunk_size)
     indices = targets[:, None] if extra is None else torch.cat([targets[:, None], extra], dim=1)
-    if weight is None:
-        return selected.gather(1, indices)
-    return token_logps_at(selected, weight, indices, bias, chunk_size)
+    rest_from = None if extra is None else 1
+    if weight is not None:
+        return token_logps_at(selected, weight, indices, bias, chunk_size, rest_from)
+    out = selected.gather(1, indices)  # `selected` holds full log-probs here
+    if rest_from is None:
+        return out
+    rest = torch.logsumexp(selected.scatter(1, extra, float("-inf")), dim=-1, keepdim=True)
+    return torch.cat([out, rest], dim=1)
 
 
 def _top_k(model, batch: dict, k: int, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
