@@ -817,3 +817,26 @@ def test_unfreeze_every_with_an_adapters_staged_schedule_trains_only_what_both_a
     moved = {n for n, before in seen["start"].items() if not torch.equal(now[n], before)}
     assert moved and all("lora_" in n and ".layers.1." in n for n in moved), moved
     assert any(".layers.0." in n for n in seen["start"]) and any("lora_" not in n for n in seen["start"])
+
+
+def test_retain_exact_match_gets_a_budget_that_fits_the_longest_retain_answer(monkeypatch):
+    """An RL stage passes its own task's budget (rollout.max_new_tokens, 4 say): a longer retain
+    answer cut short would count as forgotten. The budget is the larger of it and the longest
+    held-out retain answer + 1."""
+    from types import SimpleNamespace
+
+    from posttrain.train import forgetting, sft
+
+    seen = {}
+    monkeypatch.setattr(sft, "exact_match_report", lambda *args, **kw: seen.update(budget=args[5]) or {})
+    held = [SimpleNamespace(num_label_tokens=n) for n in (3, 9, 5)]
+    control = SimpleNamespace(retain=SimpleNamespace(held_out=held, held_out_records=[]))
+    cfg = SimpleNamespace(forgetting=SimpleNamespace(retain_exact_match=4),
+                          data=SimpleNamespace(template="chatml", max_prompt_length=8, bad_rows="error",
+                                               max_bad_fraction=0.0),
+                          rollout=SimpleNamespace(max_new_tokens=4))
+    monkeypatch.setattr(forgetting, "retain_data_config", lambda c: SimpleNamespace(template="chatml"))
+    forgetting.retain_exact_match(cfg, None, None, control, "before", 4)
+    assert seen["budget"] == 10
+    forgetting.retain_exact_match(cfg, None, None, control, "before", 32)
+    assert seen["budget"] == 32

@@ -77,8 +77,10 @@ def agem_project(grads: list[torch.Tensor], reference: list[torch.Tensor]) -> fl
         g ← g − (gᵀg_ref / g_refᵀg_ref) · g_ref   when gᵀg_ref < 0,   else g unchanged
 
     g is the step's gradient over all tensors in `grads`, g_ref the gradient of the loss on
-    retain data (`reference`, parallel, same shapes). After it gᵀg_ref ≥ 0: to first order the
-    step no longer raises the retain loss. Returns gᵀg_ref before the projection (float)."""
+    retain data (`reference`, parallel, same shapes). After it gᵀg_ref ≥ 0: a plain gradient step
+    no longer raises the retain loss, to first order. An AdamW step is not along g (per-weight
+    scaling, momentum), so there it is a weaker guarantee: measured, it lowers forgetting without
+    stopping it (benchmarks/results/forgetting_stages.md). Returns gᵀg_ref before the projection."""
     dot = sum(float((g.double() * r.double()).sum()) for g, r in zip(grads, reference, strict=True))
     if dot >= 0:
         return dot

@@ -325,14 +325,17 @@ def build_control(cfg, tokenizer, policy: torch.nn.Module, accelerator, run_dir:
 def retain_exact_match(cfg, model, tokenizer, control: ForgettingControl | None, when: str,
                        max_new_tokens: int) -> dict:
     """Exact match on held-out retain prompts (`forgetting.retain_exact_match`; rows with an
-    answer, see prepare_retain_data), before or after training; {} when off."""
+    answer, see prepare_retain_data), before or after training; {} when off. The generation budget
+    is `max_new_tokens` or the longest held-out retain answer (+1), whichever is larger: an RL
+    stage's budget is its own task's, and a cut answer would count as forgotten."""
     if control is None or control.retain is None:
         return {}
     from posttrain.train.sft import exact_match_report
 
+    longest = max((e.num_label_tokens for e in control.retain.held_out), default=0)
     return exact_match_report(model, tokenizer, control.retain.held_out_records, cfg.forgetting.retain_exact_match,
-                              retain_data_config(cfg).template, max_new_tokens, when, name="retain_exact_match",
-                              prompts="held-out retain prompts")
+                              retain_data_config(cfg).template, max(max_new_tokens, longest + 1), when,
+                              name="retain_exact_match", prompts="held-out retain prompts")
 
 
 def attach(stage, control: ForgettingControl | None) -> None:

@@ -15,7 +15,8 @@ policy as it stands after the step's backward:
     pass before step 0 (8·k bytes per position, on every process and in checkpoints), so no second model stays
     in memory (`losses.regularization.topk_distillation_kl`).
   - `project`: A-GEM (`losses.regularization.agem_project`): where the step's gradient points
-    against the gradient of that batch's LM loss, the conflicting component is removed.
+    against the gradient of that batch's LM loss, the conflicting component is removed (from the
+    gradient: AdamW's update is not along it, so the retain loss can still rise).
 
 Projection acts on the data gradient first; the LM and distillation gradients are added after it.
 The extra forward and backward cost about one micro-batch of retain rows per step. With several
