@@ -199,8 +199,9 @@ class ForgettingConfig:
         0, "retain rows per optimizer step for lm_coef, distill and project, run train.batch_size at a time "
            "(0 = the step's global batch: train.batch_size x grad_accum x processes)")
     unfreeze_every: int = option(
-        0, "gradual unfreezing (ULMFiT): the top layer (and the head) train from step 0 and one more layer "
-           "below joins every N steps, the embeddings last; 0 = off; needs no retain data")
+        0, "gradual unfreezing (ULMFiT): the topmost group of trained parameters (final norm and head, or the "
+           "top layer's adapters) trains from step 0 and the next layer below joins every N steps, the "
+           "embeddings last; 0 = off; needs no retain data")
 
 
 @dataclass
