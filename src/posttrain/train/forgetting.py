@@ -56,6 +56,14 @@ def retain_data_config(cfg):
                       max_bad_fraction=d.max_bad_fraction)
 
 
+def _length_settings(cfg, d) -> str:
+    """The settings that bound a retain row's length, as the user wrote them."""
+    if hasattr(cfg.data, "max_length"):  # sft, dpo
+        return f"data.max_length={d.max_length}, data.overlength={d.overlength}"
+    return (f"data.max_prompt_length + rollout.max_new_tokens = {cfg.data.max_prompt_length} + "
+            f"{cfg.rollout.max_new_tokens} tokens, longer rows cut at the end")
+
+
 def prepare_retain_data(cfg, tokenizer, run_dir: Path | None, seed: int, log) -> RetainData:
     """Read `cfg.forgetting.retain_files` with the training data's format, template, length and
     bad-row rules (`retain_data_config`; bad rows go to run_dir/rejects-retain.jsonl), and split
@@ -79,13 +87,14 @@ def prepare_retain_data(cfg, tokenizer, run_dir: Path | None, seed: int, log) ->
     if not pool or not held:
         raise ConfigError("forgetting.retain_files: no retain example with a token to train on is left in the "
                           + ("pool" if not pool else "held-out share")
-                          + f" (after data.max_length={d.max_length}, data.overlength={d.overlength} and empty answers)")
+                          + f" (after {_length_settings(cfg, d)} and empty answers)")
     answered = [r for r in held_records if any(m["role"] == "assistant" for m in r.messages or [])]
     if f.retain_exact_match > 0 and not answered:
         raise ConfigError("forgetting.retain_exact_match scores answers, and the held-out retain rows have none "
                           "(text rows); set it to 0 and read retain_loss")
     held_records = answered
-    log(f"retain: {len(records)} rows, {len(pool)} in the pool (replay, Fisher), {len(held)} held out to measure")
+    log(f"retain: {len(records)} rows, {len(pool)} in the pool (replay, Fisher), {len(held)} held out to measure "
+        f"(longer than {d.max_length} tokens: {_length_settings(cfg, d)})")
     return RetainData(pool, held, held_records)
 
 
@@ -257,9 +266,15 @@ class ForgettingControl:
         tensors |= {f"fisher.{i}": t.cpu() for i, t in enumerate(self.fisher or [])}
         tensors |= self.terms.teacher_tensors() if self.terms is not None else {}
         return {"start_loss": self.start_loss, "anchors": len(self.anchors),
-                "fisher": len(self.fisher or [])}, tensors
+                "fisher": len(self.fisher or []), "retain_rows": self._retain_digest()}, tensors
 
     def load_state_dict(self, plain: dict, tensors: dict[str, torch.Tensor]) -> None:
+        saved = plain.get("retain_rows")
+        if saved is not None and saved != self._retain_digest():
+            # the start loss, the Fisher and the distillation targets belong to the checkpoint's rows
+            raise ConfigError("the retain rows, or their split into pool and held-out share (train.seed), differ from "
+                              "the checkpoint's; resume with the same forgetting.retain_files and train.seed, or start "
+                              "afresh with train.resume=never")
         self.start_loss = self.last_loss = plain["start_loss"]
         self.anchors = [tensors[f"anchor.{i}"] for i in range(plain["anchors"])]
         self.fisher = [tensors[f"fisher.{i}"] for i in range(plain["fisher"])] or None
@@ -279,6 +294,19 @@ class ForgettingControl:
         self.anchors = [a.to(p.device, p.dtype) for p, a in zip(params, self.anchors)]
         if self.fisher is not None:
             self.fisher = [f.to(p.device, p.dtype) for p, f in zip(params, self.fisher)]
+
+    def _retain_digest(self) -> str | None:
+        """A digest of the pool and held-out rows' tokens and labels, in order."""
+        if self.retain is None:
+            return None
+        import hashlib
+
+        digest = hashlib.sha256()
+        for part in (self.retain.pool, self.retain.held_out):
+            for example in part:
+                digest.update(repr((example.input_ids, example.labels)).encode())
+            digest.update(b"|")
+        return digest.hexdigest()[:16]
 
     def _retain_loss(self, accelerator) -> float:
         from posttrain.train.loop import evaluate

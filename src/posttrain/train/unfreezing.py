@@ -2,7 +2,8 @@
 
 The trained parameters are grouped by depth as `optim.param_groups` groups them: 0 for the
 input embeddings, i + 1 for transformer layer i, num_layers + 1 for everything above the layers
-(final norm, LM head, value heads, the virtual tokens of prompt tuning) — "the head" below.
+(final norm, LM head, the virtual tokens of prompt tuning) — "the head" below. Only the policy's
+parameters are grouped: PPO's value head or critic is new and trains from step 0.
 Ordered from the top down, the first 1 + step // N groups train at optimizer step `step`
 (0-based): the top group from step 0, one more below every N steps, the embeddings last. The
 top is the highest depth that holds a trained parameter, so LoRA on the layers alone starts
