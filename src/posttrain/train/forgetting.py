@@ -24,6 +24,7 @@ original anchor. Only the policy's parameters are anchored (not PPO's value head
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -266,11 +267,11 @@ class ForgettingControl:
         tensors |= {f"fisher.{i}": t.cpu() for i, t in enumerate(self.fisher or [])}
         tensors |= self.terms.teacher_tensors() if self.terms is not None else {}
         return {"start_loss": self.start_loss, "anchors": len(self.anchors),
-                "fisher": len(self.fisher or []), "retain_rows": self._retain_digest()}, tensors
+                "fisher": len(self.fisher or []), "retain_rows": self._retain_digest}, tensors
 
     def load_state_dict(self, plain: dict, tensors: dict[str, torch.Tensor]) -> None:
         saved = plain.get("retain_rows")
-        if saved is not None and saved != self._retain_digest():
+        if saved is not None and saved != self._retain_digest:
             # the start loss, the Fisher and the distillation targets belong to the checkpoint's rows
             raise ConfigError("the retain rows, or their split into pool and held-out share (train.seed), differ from "
                               "the checkpoint's; resume with the same forgetting.retain_files and train.seed, or start "
@@ -295,8 +296,10 @@ class ForgettingControl:
         if self.fisher is not None:
             self.fisher = [f.to(p.device, p.dtype) for p, f in zip(params, self.fisher)]
 
+    @functools.cached_property
     def _retain_digest(self) -> str | None:
-        """A digest of the pool and held-out rows' tokens and labels, in order."""
+        """A digest of the pool and held-out rows' tokens and labels, in order (they never change
+        during a run: hashed once, at the first checkpoint)."""
         if self.retain is None:
             return None
         import hashlib
@@ -364,6 +367,16 @@ def retain_exact_match(cfg, model, tokenizer, control: ForgettingControl | None,
     return exact_match_report(model, tokenizer, control.retain.held_out_records, cfg.forgetting.retain_exact_match,
                               retain_data_config(cfg).template, max(max_new_tokens, longest + 1), when,
                               name="retain_exact_match", prompts="held-out retain prompts")
+
+
+def report(cfg, control: ForgettingControl | None, model, tokenizer, when: str, max_new_tokens: int,
+           main: bool) -> dict:
+    """The forgetting figures for summary.json, before or after training: the retain loss's
+    (after) and retain exact match (main process only); {} when forgetting is off."""
+    if control is None:
+        return {}
+    figures = control.summary() if when == "after" else {}
+    return figures | (retain_exact_match(cfg, model, tokenizer, control, when, max_new_tokens) if main else {})
 
 
 def attach(stage, control: ForgettingControl | None) -> None:

@@ -509,7 +509,7 @@ def run_dpo(cfg: DPOConfig) -> Path:
     from posttrain.data.preferences import prepare_preference_data
     from posttrain.train.loop import evaluate, finish_run, run_fingerprint, start_run, train
     from posttrain.models.loading import disable_dropout, note_full_logits
-    from posttrain.train.forgetting import attach, build_control, retain_exact_match
+    from posttrain.train.forgetting import attach, build_control, report
     from posttrain.train.sft import build_model
 
     validate_dpo(cfg)
@@ -541,17 +541,14 @@ def run_dpo(cfg: DPOConfig) -> Path:
     summary: dict = {"loss": cfg.dpo.loss, "reference": "none" if cfg.dpo.loss in REFERENCE_FREE else cfg.dpo.reference,
                      "train_items": len(train_items), "eval_items": len(eval_items)}
     summary.update(_exact_match(cfg, model, tokenizer, data, "before") if main else {})
-    summary.update(retain_exact_match(cfg, model, tokenizer, control, "before", cfg.eval.max_new_tokens) if main else {})
+    summary.update(report(cfg, control, model, tokenizer, "before", cfg.eval.max_new_tokens, main))
     before = evaluate(on_device(module, accelerator.device), stage, accelerator)
     result = train(stage, cfg.train, run_dir, accelerator, run_fingerprint(cfg))
     summary.update(steps=result.step, eval_before=before[1] if before else {}, eval_after=result.eval_metrics)
     _log_accuracy(summary, log)
     trained = result.module.model
     summary.update(_exact_match(cfg, trained, tokenizer, data, "after") if main else {})
-    if control is not None:
-        summary.update(control.summary())
-        summary.update(retain_exact_match(cfg, trained, tokenizer, control, "after", cfg.eval.max_new_tokens)
-                       if main else {})
+    summary.update(report(cfg, control, trained, tokenizer, "after", cfg.eval.max_new_tokens, main))
     return finish_run(run_dir, accelerator, main, trained, tokenizer, summary)
 
 

@@ -474,15 +474,10 @@ class RLRun:
         return control
 
     def forgetting_report(self, control, model, when: str) -> dict:
-        """The retain figures for summary.json: exact match before / after, and the retain loss after."""
-        from posttrain.train.forgetting import retain_exact_match
+        """forgetting.report with this run's tokenizer and generation budget."""
+        from posttrain.train.forgetting import report
 
-        if control is None:
-            return {}
-        figures = control.summary() if when == "after" else {}
-        if self.main:
-            figures |= retain_exact_match(self.cfg, model, self.tokenizer, control, when, self.cfg.rollout.max_new_tokens)
-        return figures
+        return report(self.cfg, control, model, self.tokenizer, when, self.cfg.rollout.max_new_tokens, self.main)
 
     def check_enough_prompts(self, stage) -> None:
         if stage.rollouts_per_epoch() == 0:

@@ -230,7 +230,7 @@ def run_sft(cfg: SFTConfig) -> Path:
     else:
         data = prepare_sft_data(cfg.data, tokenizer, run_dir if main else None, cfg.train.seed, log)
         train_examples, eval_examples, stream = data.train, data.eval, None
-    from posttrain.train.forgetting import build_control, mix_replay, retain_exact_match
+    from posttrain.train.forgetting import build_control, mix_replay, report
 
     control = build_control(cfg, tokenizer, model, accelerator, run_dir if main else None, log, cfg.train.loss)
     retain = control.retain if control is not None else None
@@ -244,16 +244,13 @@ def run_sft(cfg: SFTConfig) -> Path:
     stage = SFTStage(module, train_examples, eval_examples, cfg, pad_id, stream, adapter_training, control)
     summary = {"loss_impl": module.loss_kind}
     summary.update(_exact_match(cfg, model, tokenizer, data, "before") if main else {})
-    summary.update(retain_exact_match(cfg, model, tokenizer, control, "before", cfg.eval.max_new_tokens) if main else {})
+    summary.update(report(cfg, control, model, tokenizer, "before", cfg.eval.max_new_tokens, main))
     result = train(stage, cfg.train, run_dir, accelerator, run_fingerprint(cfg))
     summary.update(steps=result.step, stopped_early=result.stopped_early, eval_loss=result.eval_loss,
                    skipped_steps=result.skipped_steps)
     trained = result.module.model
     summary.update(_exact_match(cfg, trained, tokenizer, data, "after") if main else {})
-    if retain is not None:
-        summary.update(stage.forgetting.summary())
-        summary.update(retain_exact_match(cfg, trained, tokenizer, control, "after", cfg.eval.max_new_tokens)
-                       if main else {})
+    summary.update(report(cfg, control, trained, tokenizer, "after", cfg.eval.max_new_tokens, main))
     return finish_run(run_dir, accelerator, main, trained, tokenizer, summary)
 
 
