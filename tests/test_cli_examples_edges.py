@@ -168,6 +168,12 @@ def test_every_documented_command_line_parses_and_its_config_loads(monkeypatch):
 def test_every_subcommand_help_exits_0_and_lists_its_options(capsys):
     names = cli.build_parser()._subparsers._group_actions[0].choices
     assert {"sft", "pipeline", "serve", "score", "generate"} <= set(names)
+    # the top-level help %-formats every subcommand's one-liner ("95% intervals" crashed it)
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert info.value.code == 0 and "95% intervals" in out
+    assert all(f"\n    {name} " in out for name in names)
     for name in names:
         with pytest.raises(SystemExit) as info:
             cli.main([name, "--help"])

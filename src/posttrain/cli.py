@@ -34,7 +34,8 @@ from posttrain.errors import UserError
 
 def _stage_parser(sub, name: str, config_cls, help_text: str):
     epilog = "config fields (YAML sections or dotted overrides):\n" + "\n".join(config_cls.help_lines())
-    parser = sub.add_parser(name, help=help_text, description=help_text, epilog=epilog,
+    # argparse %-formats an action's help (never its description): "95% intervals" must be "95%% ..."
+    parser = sub.add_parser(name, help=help_text.replace("%", "%%"), description=help_text, epilog=epilog,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", nargs="?", help="YAML config file (optional)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=2e-5")
