@@ -1,26 +1,41 @@
 """`posttrain pipeline PIPELINE.yaml`: several stages in order, each starting from an earlier
-stage's output (SFT → reward model → PPO, SFT → DPO, SFT → GRPO, ...), resumable stage by stage.
+stage's output (SFT → reward model → PPO, SFT → DPO, quality → SFT → DPO → evaluate, ...),
+resumable stage by stage.
 
     output_dir: runs/rlhf                  # stage NAME runs in runs/rlhf/NAME (relative to the cwd)
-    overrides: [train.progress_bar=false]  # optional: every stage
+    overrides: [train.progress_bar=false]  # optional: every stage that has the setting
     stages:
-      - {name: sft, kind: sft, config: sft_full.yaml}     # config: relative to this file
+      - {name: clean, kind: quality, config: quality.yaml}
+      - {name: sft, kind: sft, config: sft_full.yaml, inputs: {data.train_files: clean}}  # <- clean/kept.jsonl
       - {name: rm, kind: rm, overrides: {train.max_steps: 100}}
       - {name: ppo, kind: ppo, inputs: {reward.models: [rm]}}   # <- runs/rlhf/rm/final
+      - {name: report, kind: evaluate, inputs: {reference: sft}}  # policy <- ppo
+
+Kinds. The training stages (sft, rm, dpo, kto, orpo, grpo, rloo, ppo) write a model; the data
+stages write rows (quality: kept.jsonl; rlaif: preferences.jsonl; constitutional / cai: sft.jsonl
+and preferences.jsonl; self-instruct: sft.jsonl) or a report (evaluate, redteam). Data stages
+run on one process.
 
 Wiring. `inputs` maps config keys to earlier stages (a list key takes a list; "LABEL=stage"
-keeps a reward component's name). Unless a stage's inputs or own overrides set model.path, it
-starts from the latest earlier stage that produces a policy (every kind but rm) - an rm stage
-too, as InstructGPT starts its reward model from the SFT model - so a config file's model.path
-only matters to the first stage. A LoRA/IA3 policy is merged into NAME/merged for the stages
-that start from it. Command-line overrides: NAME.key=value (one stage), key=value (every stage).
+keeps a reward component's name). A model setting gets a training stage's final/; a rows setting
+a data stage's file: the one a stage of this kind trains on (sft.jsonl for sft, preferences.jsonl
+for rm and dpo), or the one named as NAME/FILE (cai/preferences.jsonl). Unless a stage's inputs
+or own overrides set its model (model.path; a data stage's policy.model, generator.model,
+target.model or policy), it starts from the latest earlier stage that produces a policy (a
+training stage other than rm) - an rm stage too, as InstructGPT starts its reward model from the
+SFT model - so a config file's model only matters to the first stage. A model given to a data
+stage's client (policy.model, judge.model, ...) is loaded in-process (its kind becomes local). A
+LoRA/IA3 policy is merged into NAME/merged for the stages that train from it. Command-line
+overrides: NAME.key=value (one stage), key=value (every stage that has the setting; one that no
+stage has is an error).
 
 Resume. Each stage's resolved config is recorded in output_dir/pipeline_state.json. A stage is
-skipped when it finished (final/ and summary.json), its config is unchanged and the runs it read
-are those it was trained on. An interrupted stage reruns with train.resume=auto. A stage whose
-config changed, or that reads the output of a stage that runs again, reruns from scratch
-(train.resume=never); stages that do not read it are left alone. Edits inside data files are
-not detected: use --from NAME.
+skipped when it finished (final/ and summary.json; a data stage's last file), its config is
+unchanged and the runs it read are those it was trained on. An interrupted stage reruns with
+train.resume=auto (a data stage from its log). A stage whose config changed, or that reads the
+output of a stage that runs again, reruns from scratch (train.resume=never; a data stage's
+directory is emptied first); stages that do not read it are left alone. Edits inside data files
+are not detected: use --from NAME.
 """
 
 from __future__ import annotations
@@ -42,11 +57,39 @@ from posttrain.errors import ConfigError, UserError
 from posttrain.files import write_atomically
 
 STATE_FILE = "pipeline_state.json"
-REWARD_MODEL_KINDS = {"rm"}  # every other kind produces a policy
+REWARD_MODEL_KINDS = {"rm"}  # every other training kind produces a policy
 UNFINGERPRINTED = {"train.resume", "train.progress_bar"}  # set by the pipeline, or change no result
 MERGEABLE_METHODS = {"lora", "dora", "qlora", "ia3"}
 _RESERVED_NAMES = {"model", "adapter", "data", "train", "eval"}  # config sections every stage has
 _TOP_KEYS, _STAGE_KEYS = ("output_dir", "overrides", "stages"), ("name", "kind", "config", "overrides", "inputs")
+
+
+@dataclasses.dataclass(frozen=True)
+class Producer:
+    """A kind that writes rows or a report instead of training a model."""
+
+    outputs: dict[str, str]  # output name -> its file in the run directory, for later stages' inputs
+    done: str  # written last: the stage is complete when it is there
+    model_key: str | None  # the setting a model goes in (by default the latest policy stage's)
+
+
+_CAI = Producer({"sft": "sft.jsonl", "pairs": "preferences.jsonl"}, "summary.json", "policy.model")
+DATA_KINDS = {
+    "quality": Producer({"rows": "kept.jsonl"}, "report.md", None),
+    "rlaif": Producer({"pairs": "preferences.jsonl"}, "summary.json", "policy.model"),
+    "constitutional": _CAI, "cai": _CAI,
+    "self-instruct": Producer({"sft": "sft.jsonl"}, "summary.json", "generator.model"),
+    "redteam": Producer({}, "report.md", "target.model"),
+    "evaluate": Producer({}, "report.md", "policy"),
+}
+# Which output of a data stage a stage reads when its input names the data stage alone.
+_WANTED_OUTPUT = {"sft": "sft", "rm": "pairs", "dpo": "pairs", "kto": "pairs", "orpo": "pairs"}
+# Settings that take a model directory (besides a client's NAME.model and reward.models).
+_MODEL_KEYS = {"model.path", "policy", "reference", "ppo.value_model_path", "tokens.tokenizer"}
+
+
+def _is_model_key(key: str) -> bool:
+    return key in _MODEL_KEYS or key == "reward.models" or key.endswith(".model")
 
 
 @dataclasses.dataclass
@@ -67,14 +110,27 @@ class Stage:
     def run_dir(self) -> Path:
         return Path(self.cfg.output_dir)
 
+    @property
+    def producer(self) -> Producer | None:
+        return DATA_KINDS.get(self.kind)
+
+    @property
+    def makes_policy(self) -> bool:
+        return self.producer is None and self.kind not in REWARD_MODEL_KINDS
+
+    def complete(self) -> bool:
+        if self.producer is not None:
+            return (self.run_dir / self.producer.done).is_file()
+        return is_complete(self.run_dir)
+
 
 # --------------------------------------------------------------------------- loading and validation
 
 
 def _registry() -> dict:
-    from posttrain.cli import _STAGES  # data-driven: a kind added there works here
+    from posttrain.cli import _DATA_COMMANDS, _STAGES  # data-driven: a kind added there works here
 
-    return _STAGES
+    return {**_STAGES, **{kind: _DATA_COMMANDS[kind] for kind in DATA_KINDS}}
 
 
 def _alias_overrides(kind: str, items: list[str]) -> list[str]:
@@ -160,7 +216,49 @@ def load_pipeline(path: str | Path, overrides: list[str] = ()) -> tuple[Path, li
             stages.append(_load_stage(spec, names[index], stages, path, output_dir, common, cli_stage, where))
         except UserError as exc:  # name the stage: one pipeline file holds many configs
             raise type(exc)(f"{where}: {exc}" if not str(exc).startswith(where) else str(exc)) from None
+    for item, where in [*((i, f"{path}: overrides") for i in common), *((i, "overrides") for i in cli_common)]:
+        if not any(_fits(type(stage.cfg), item) for stage in stages):  # a typo: the closest key of any stage
+            from posttrain.config.schema import check_override_key
+
+            errors = []
+            for config_cls in dict.fromkeys(type(stage.cfg) for stage in stages):
+                try:
+                    check_override_key(config_cls, item, where=where)
+                except ConfigError as exc:
+                    errors.append(exc)
+            raise next((e for e in errors if "did you mean" in str(e)), errors[0])
     return output_dir, stages
+
+
+def _fits(config_cls: type, item: str) -> bool:
+    """Whether a pipeline-wide override names a setting of this stage's config (a quality stage has
+    no train section: train.lr=... is for the stages that train)."""
+    from posttrain.config.schema import check_override_key
+
+    try:
+        check_override_key(config_cls, item)
+    except ConfigError:
+        return False
+    return True
+
+
+def _given(items: list[str]) -> dict:
+    """The settings the pipeline sets for a stage (its overrides, not its config file's), as a nested dict."""
+    from posttrain.config.schema import apply_override
+
+    given: dict = {}
+    for item in items:
+        apply_override(given, item)
+    return given
+
+
+def _is_set(given: dict, key: str) -> bool:
+    node: Any = given
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def _load_stage(spec: dict, name: str, earlier: list[Stage], path: Path, output_dir: Path, common: list[str],
@@ -182,9 +280,11 @@ def _load_stage(spec: dict, name: str, earlier: list[Stage], path: Path, output_
     if "output_dir" in _keys(own):
         raise ConfigError("output_dir is the pipeline's (each stage runs in OUTPUT_DIR/NAME); set it at the top")
     config_cls, run = registry[kind]()
-    wiring, deps = _wire(spec.get("inputs") or {}, earlier, own, kind, config_cls)
     config_file = path.parent / spec["config"] if spec.get("config") else None
-    items = [*common, *own_file, *cli_stage[None], *own_cli] + [f"{k}={json.dumps(v)}" for k, v in wiring.items()]
+    items = [*(i for i in common if _fits(config_cls, i)), *own_file,
+             *(i for i in cli_stage[None] if _fits(config_cls, i)), *own_cli]
+    wiring, deps = _wire(spec.get("inputs") or {}, earlier, own, kind, config_cls, _given(items))
+    items += [f"{k}={json.dumps(v)}" for k, v in wiring.items()]
     items += _alias_overrides(kind, items) + [f"output_dir={json.dumps(str(output_dir / name))}"]
     cfg = config_cls.load(config_file, items)
     validate = _validator(config_cls, run)
@@ -197,10 +297,14 @@ def _load_stage(spec: dict, name: str, earlier: list[Stage], path: Path, output_
     return stage
 
 
-def _wire(inputs: Any, earlier: list[Stage], own: list[str], kind: str,
-          config_cls: type) -> tuple[dict[str, Any], list[str]]:
-    """Config key -> path(s) of earlier stages' outputs, with the default model.path; and the stages used."""
-    from posttrain.config.schema import check_override_key
+def _wire(inputs: Any, earlier: list[Stage], own: list[str], kind: str, config_cls: type,
+          given: dict) -> tuple[dict[str, Any], list[str]]:
+    """Config key -> path(s) of earlier stages' outputs, with the default model; and the stages used.
+
+    An input names a stage (NAME, or LABEL=NAME for a reward component) or one file of a data
+    stage (NAME/FILE). A model setting gets a training stage's final/ (merged/ for a policy with
+    adapters that a stage trains from); a rows setting gets a data stage's output file."""
+    from posttrain.config.schema import _leaf_keys, check_override_key
 
     if not isinstance(inputs, dict):
         raise ConfigError("inputs must map config keys to earlier stage names, e.g. {reward.models: [rm]}")
@@ -213,30 +317,100 @@ def _wire(inputs: Any, earlier: list[Stage], own: list[str], kind: str,
     wiring, deps = {}, []
 
     def output_of(ref: Any, key: str) -> str:
-        label, _, stage_name = str(ref).rpartition("=")
+        label, _, target = str(ref).rpartition("=")
+        stage_name, _, file = target.partition("/")
         if stage_name not in by_name:
             later = "is not an earlier stage (a stage reads only what ran before it)"
             raise ConfigError(f"inputs.{key}: {stage_name!r} {later}; earlier stages: {', '.join(by_name) or 'none'}")
-        source = by_name[stage_name].kind
-        if key == "reward.models" and source not in REWARD_MODEL_KINDS:
-            raise ConfigError(f"inputs.{key}: {stage_name!r} is a {source} stage, not a reward model "
-                              "(its directory would score with a freshly drawn head); name an rm stage")
-        if key == "model.path" and source in REWARD_MODEL_KINDS and kind not in REWARD_MODEL_KINDS:
-            raise ConfigError(f"inputs.{key}: {stage_name!r} is a reward model (a score head, no language-model "
-                              f"head); a {kind} stage starts from a policy stage")
+        source = by_name[stage_name]
+        path = _data_output(source, key, kind, file) if source.producer is not None else _model_output(source, key,
+                                                                                                       kind, file)
         deps.append(stage_name)
-        return (f"{label}=" if label else "") + str(_output_path(by_name[stage_name], key))
+        return (f"{label}=" if label else "") + str(path)
 
+    leaves = set(_leaf_keys(config_cls))
     for key, ref in inputs.items():
         wiring[key] = [output_of(r, key) for r in ref] if isinstance(ref, list) else output_of(ref, key)
-    policies = [s for s in earlier if s.kind not in REWARD_MODEL_KINDS]
-    if "model.path" not in wiring and "model.path" not in _keys(own) and policies:
-        wiring["model.path"] = output_of(policies[-1].name, "model.path")
+        if isinstance(wiring[key], str) and _is_list(config_cls, key):
+            wiring[key] = [wiring[key]]
+        client = key.removesuffix(".model") + ".kind"
+        if key.endswith(".model") and client in leaves:  # a directory: the client must load it, not ask a server
+            if _is_set(given, client) and _value(given, client) != "local":
+                raise ConfigError(f"inputs.{key}: a stage's output is a directory, which {client}="
+                                  f"{_value(given, client)} would send to a server as a model name; set {client}: local")
+            wiring[client] = "local"
+    model_key = "model.path" if kind in _registry_training() else DATA_KINDS[kind].model_key
+    policies = [s for s in earlier if s.makes_policy]
+    client = (model_key or "").removesuffix(".model") + ".kind"
+    untouched = model_key is not None and model_key not in wiring and model_key not in _keys(own) \
+        and not _is_set(given, model_key) and not (client in leaves and _is_set(given, client))
+    if untouched and policies:
+        wiring[model_key] = output_of(policies[-1].name, model_key)
+        if client in leaves:
+            wiring[client] = "local"
     return wiring, list(dict.fromkeys(deps))
 
 
+def _registry_training() -> set[str]:
+    from posttrain.cli import _STAGES
+
+    return set(_STAGES)
+
+
+def _value(given: dict, key: str) -> Any:
+    node: Any = given
+    for part in key.split("."):
+        node = node[part]
+    return str(node)
+
+
+def _is_list(config_cls: type, key: str) -> bool:
+    import typing
+
+    from posttrain.config.schema import _walk
+
+    hint = next((h for k, h, _, _ in _walk(config_cls) if k == key), None)
+    return typing.get_origin(hint) is list
+
+
+def _data_output(source: Stage, key: str, kind: str, file: str) -> Path:
+    """The file of data stage `source` that `key` of a `kind` stage reads."""
+    outputs = source.producer.outputs
+    if _is_model_key(key):
+        wrote = ", ".join(outputs.values()) or "a report"
+        raise ConfigError(f"inputs.{key}: {source.name!r} is a {source.kind} stage; it writes {wrote}, not a model")
+    if file:
+        return source.run_dir / file
+    if not outputs:
+        raise ConfigError(f"inputs.{key}: {source.name!r} is a {source.kind} stage; it writes a report, which no "
+                          "stage reads")
+    wanted = _WANTED_OUTPUT.get(kind)
+    if len(outputs) > 1 and wanted not in outputs:
+        choices = " or ".join(f"{source.name}/{f}" for f in outputs.values())
+        raise ConfigError(f"inputs.{key}: {source.name!r} writes {len(outputs)} files; name one: {choices}")
+    return source.run_dir / outputs[wanted if len(outputs) > 1 else next(iter(outputs))]
+
+
+def _model_output(source: Stage, key: str, kind: str, file: str) -> Path:
+    """The directory of training stage `source` that `key` of a `kind` stage reads."""
+    if file:
+        raise ConfigError(f"inputs.{key}: {source.name}/{file}: only a data stage's files are named this way; "
+                          f"{source.name!r} is a {source.kind} stage (write {source.name})")
+    if not _is_model_key(key):
+        raise ConfigError(f"inputs.{key}: {source.name!r} is a {source.kind} stage; it writes a model, not rows")
+    if key == "reward.models" and source.kind not in REWARD_MODEL_KINDS:
+        raise ConfigError(f"inputs.{key}: {source.name!r} is a {source.kind} stage, not a reward model "
+                          "(its directory would score with a freshly drawn head); name an rm stage")
+    needs_lm_head = key in ("model.path", "policy", "reference") or key.endswith(".model")
+    if needs_lm_head and source.kind in REWARD_MODEL_KINDS and not (key == "model.path" and kind in REWARD_MODEL_KINDS):
+        raise ConfigError(f"inputs.{key}: {source.name!r} is a reward model (a score head, no language-model "
+                          f"head); a {kind} stage {'starts from' if key == 'model.path' else 'needs'} a policy stage")
+    return _output_path(source, key)
+
+
 def _output_path(source: Stage, key: str) -> Path:
-    """Where `key` reads `source`'s result: its final/, or merged/ when a policy's adapters must be folded in."""
+    """Where `key` reads `source`'s result: its final/, or merged/ when a policy's adapters must be folded in
+    (a stage trains from model.path; the inference settings load an adapter directory as it is)."""
     methods = set(getattr(getattr(source.cfg, "adapter", None), "method", None) or ["full"]) - {"full", "freeze"}
     if key != "model.path" or source.kind in REWARD_MODEL_KINDS or not methods:
         return source.run_dir / "final"
@@ -248,13 +422,16 @@ def _output_path(source: Stage, key: str) -> Path:
 
 
 def _validator(config_cls: type, run: Any):
-    """The stage's cross-field checks, validate_<sft|rm|dpo|grpo|ppo>, from config.py or the stage's module."""
+    """The stage's cross-field checks, validate_<sft|rm|dpo|...|self_instruct>, from posttrain.config, the
+    config class's module or the stage's."""
     import sys
 
     from posttrain import config
 
-    name = "validate_" + config_cls.__name__.removesuffix("Config").lower()
-    return getattr(config, name, None) or getattr(sys.modules.get(run.__module__), name, None)
+    stem = config_cls.__name__.removesuffix("Config")
+    names = ["validate_" + stem.lower(), "validate_" + re.sub(r"(?<=[a-z])(?=[A-Z])", "_", stem).lower()]
+    modules = [config, sys.modules.get(config_cls.__module__), sys.modules.get(run.__module__)]
+    return next((getattr(m, n) for n in names for m in modules if hasattr(m, n)), None)
 
 
 def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
@@ -341,10 +518,12 @@ def _decide(stage: Stage, record: dict | None, state: dict, rerun: set[str], res
     if record.get("inputs") != inputs:
         changed = [d for d in inputs if record.get("inputs", {}).get(d) != inputs[d]]
         return "fresh", f"{', '.join(changed)} was retrained since"
+    where = "its last checkpoint" if stage.producer is None else "what its log holds"
     if record["status"] != "done":
-        return "resume", "it was interrupted; resuming from its last checkpoint"
-    if not is_complete(stage.run_dir):
-        return "resume", "its final/ or summary.json is missing; resuming from its last checkpoint"
+        return "resume", f"it was interrupted; resuming from {where}"
+    if not stage.complete():
+        missing = "final/ or summary.json" if stage.producer is None else stage.producer.done
+        return "resume", f"its {missing} is missing; resuming from {where}"
     return "skip", "complete, config and inputs unchanged"
 
 
@@ -363,6 +542,12 @@ def run_pipeline(path: str | Path, overrides: list[str] = (), restart: bool = Fa
     actions = plan(stages, state, restart and only is None, from_stage)
     if only is not None:
         actions = _only(stages, actions, only, restart)
+    busy = [s.name for s, (action, _) in zip(stages, actions) if s.producer is not None and action not in
+            ("skip", "not selected")]
+    if busy and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dry_run:
+        raise ConfigError(f"stage {busy[0]} ({stages[names.index(busy[0])].kind}) runs on one process, and this "
+                          "pipeline runs on several (torchrun): run it without torchrun first (--only "
+                          f"{busy[0]}), then the training stages with it")
     _barrier()
     for number, (stage, (action, reason)) in enumerate(zip(stages, actions), start=1):
         _say(f"{number}/{len(stages)} {stage.name} ({stage.kind}): {_VERB[action]}: {reason}")
@@ -378,7 +563,8 @@ def run_pipeline(path: str | Path, overrides: list[str] = (), restart: bool = Fa
                 raise
         if stage.merge and state.get(stage.name, {}).get("status") == "done":
             _ensure_merged(stage, state, output_dir)
-    _say(f"{'planned' if dry_run else 'done'}: {output_dir} (last stage: {stages[-1].run_dir / 'final'})")
+    last = stages[-1].run_dir / ("final" if stages[-1].producer is None else stages[-1].producer.done)
+    _say(f"{'planned' if dry_run else 'done'}: {output_dir} (last stage: {last})")
     return output_dir
 
 
@@ -439,22 +625,26 @@ def _barrier() -> None:
 
 
 def _run_stage(stage: Stage, action: str, state: dict[str, dict], output_dir: Path) -> None:
-    if action == "fresh":  # a previous run's outputs must not survive into (or be mistaken for) this one's
+    if stage.producer is not None and action == "fresh" and stage.run_dir.exists():
+        shutil.rmtree(stage.run_dir)  # the pipeline's own directory: an old log must not be resumed
+    elif action == "fresh":  # a previous run's outputs must not survive into (or be mistaken for) this one's
         # checkpoints too, before the state says "running" with the new settings: a fresh rerun
         # interrupted before its loop cleared them would otherwise be resumed from them next time
         for stale in ("final", "merged", "summary.json", "checkpoints", "metrics.jsonl", "samples.jsonl"):
             target = stage.run_dir / stale
             if _first_process() and target.exists():
                 shutil.rmtree(target) if target.is_dir() else target.unlink()
-    stage.cfg.train.resume = "auto" if action == "resume" else "never"
+    if stage.producer is None:  # a data stage resumes from its log, and the directory is gone when fresh
+        stage.cfg.train.resume = "auto" if action == "resume" else "never"
     state[stage.name] = {"kind": stage.kind, "status": "running", "fingerprint": stage.fingerprint,
                          "inputs": {d: state[d]["run_id"] for d in stage.deps}, "config": stage.flat,
                          "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     _write_state(output_dir, state)
     _distributed()
     stage.run(stage.cfg)
-    if not is_complete(stage.run_dir):
-        raise UserError(f"stage {stage.name} returned without {stage.run_dir}/final and summary.json")
+    if not stage.complete():
+        wanted = "final and summary.json" if stage.producer is None else stage.producer.done
+        raise UserError(f"stage {stage.name} returned without {stage.run_dir}/{wanted}")
     state[stage.name].update(status="done", run_id=uuid.uuid4().hex[:12], finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
     _write_state(output_dir, state)
 

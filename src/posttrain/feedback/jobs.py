@@ -37,6 +37,14 @@ from typing import Any, TextIO
 from posttrain.errors import ConfigError, DataError, UserError
 
 MAX_ERRORS_KEPT = 5
+# A `stream` default meaning "sys.stderr when the call runs". A default of sys.stderr itself is the
+# stream current at import: under a capture (pytest, a notebook's redirect) a file closed later.
+STDERR: Any = "<stderr>"
+
+
+def resolve_stream(stream: TextIO | None) -> TextIO | None:
+    return sys.stderr if stream is STDERR else stream
+
 JOIN_TIMEOUT_S = 30.0  # after an error, how long the items in flight may take to end
 
 
@@ -218,7 +226,7 @@ class RunAborted(UserError):
 
 
 def run_items(items: list[tuple[str, Any]], work: Callable[[str, Any], dict | list[dict] | None], log: JsonlLog,
-              *, concurrency: int = 4, desc: str = "", stream: TextIO | None = sys.stderr,
+              *, concurrency: int = 4, desc: str = "", stream: TextIO | None = STDERR,
               abort_after: int | None = None) -> RunSummary:
     """Run `work(id, item)` for every item not yet in `log`, `concurrency` at a time.
 
@@ -360,7 +368,7 @@ class _Progress:
     otherwise (a log file) a plain line at most every 10 seconds, and one at the end."""
 
     def __init__(self, total: int, desc: str, stream: TextIO | None):
-        self.total, self.desc, self.stream = total, desc, stream
+        self.total, self.desc, self.stream = total, desc, resolve_stream(stream)
         self.tty = bool(stream is not None and getattr(stream, "isatty", lambda: False)())
         self.start = self.last = time.monotonic()
         self.text = ""

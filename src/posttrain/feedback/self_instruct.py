@@ -37,7 +37,7 @@ from typing import Any, TextIO
 
 from posttrain.errors import DataError, UserError
 from posttrain.feedback.constitutional import ASSETS, request_seed
-from posttrain.feedback.jobs import check_resume_settings, file_digest, write_jsonl
+from posttrain.feedback.jobs import STDERR, check_resume_settings, file_digest, resolve_stream, write_jsonl
 from posttrain.feedback.rouge import RougePool, tokenize
 
 _ANSWER_TOKENS = 16  # the yes/no question needs only its first word
@@ -356,7 +356,7 @@ def make_candidate(backend, candidate_id: str, plan: dict[str, Any], pool: TaskP
 # --------------------------------------------------------------------------- the command
 
 
-def run_self_instruct(cfg, *, generator=None, stream: TextIO | None = sys.stderr) -> Path:
+def run_self_instruct(cfg, *, generator=None, stream: TextIO | None = STDERR) -> Path:
     """`posttrain self-instruct`: rounds of candidates until num_tasks are accepted (or
     max_rounds), resumable from candidates.jsonl; then the output files. `generator`
     replaces the backend the config describes (tests, notebooks)."""
@@ -385,7 +385,7 @@ def run_self_instruct(cfg, *, generator=None, stream: TextIO | None = sys.stderr
         "banned_words": sorted(filters.banned_words), "rouge_threshold": filters.rouge_threshold,
         "drop_truncated": filters.drop_truncated}, candidates.is_file() and candidates.stat().st_size > 0)
     pool = TaskPool(seeds, filters, loop.num_tasks)
-    show = stream or sys.stderr
+    show = resolve_stream(stream) or sys.stderr
     failure = None
     with JsonlLog(candidates) as log:
         logged = {record["id"]: record for record in log.records}

@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from posttrain.feedback.jobs import STDERR
 from posttrain.safety.classify import LABELS, classify_refusal, judge_messages, parse_judge_label
 from posttrain.safety.metrics import rates
 
@@ -120,7 +120,7 @@ def summarize(records: list[dict], classifier: str) -> dict:
 
 
 def run_redteam(cfg, *, target=None, judge=None, log: Callable[[str], Any] = print,
-                stream=sys.stderr) -> Path:
+                stream=STDERR) -> Path:
     """Run every item not yet in the log, then write report.json and report.md. `target` and
     `judge` replace the backends the config describes (tests, notebooks)."""
     import yaml
