@@ -169,7 +169,7 @@ def biased_judge():
 
 
 def overrides(policy_server, judge, output_dir) -> list[str]:
-    return [f"policy.base_url={policy_server.url}/v1", f"judge.base_url={judge.url}", "judge.model=scripted",
+    return [f"policy.base_url={policy_server.url}/v1", "policy.model=tiny", f"judge.base_url={judge.url}", "judge.model=scripted",
             f"output_dir={output_dir}", "policy.max_tokens=8", "rlaif.concurrency=2",
             "judge.api_key_env=RLAIF_TEST_KEY"]
 

@@ -239,17 +239,19 @@ def _pairs_option(values: list[str], what: str, repeat: bool = True) -> dict[str
 
 
 def build_combined(models: list[str], functions: list[str], weights: list[str], floors: list[str],
-                   template: str = "auto", batch_size: int = 32, device=None, log=None) -> CombinedReward:
+                   template: str = "auto", batch_size: int = 32, device=None, log=None,
+                   functions_option: str = "--function") -> CombinedReward:
     """The reward of `posttrain score`: models 'DIR' or 'NAME=DIR', functions 'NAME=module:fn'.
     template: how reward models render a conversation ("auto": each one's own saved template);
-    log: hears a reward model's notes (one that cannot score padding-free says why)."""
+    log: hears a reward model's notes (one that cannot score padding-free says why);
+    functions_option: what errors call `functions` (a config's reward.functions, score's --function)."""
     components = []
     for i, item in enumerate(models):
         name, sep, path = item.partition("=")
         if not sep or os.sep in name or os.path.exists(item):  # a directory whose path holds '=' is a path
             name, path = f"rm{i}" if len(models) > 1 else "reward_model", item
         components.append(RewardComponent(name, RewardModelScorer(path, template, batch_size, device=device, log=log)))
-    for name, spec in _pairs_option(functions, "--function", repeat=False).items():
+    for name, spec in _pairs_option(functions, functions_option, repeat=False).items():
         components.append(RewardComponent(name, function_reward(spec)))
     set_by_name(components, weights, "--weight", "weight")
     set_by_name(components, floors, "--floor", "floor")

@@ -50,6 +50,10 @@ class RLAIFDataConfig:
                                      "turns), 'messages' or alpaca rows")
     format: Literal["auto", "prompt", "messages", "alpaca"] = option("auto", "row format; auto-detected per file")
     limit: int = option(0, "use only the first N prompts (0 = all)")
+    bad_rows: Literal["error", "skip"] = option(
+        "error", "malformed prompt rows: stop before any request, or skip them into the run's rejects.jsonl "
+        "(file:line and reason)")
+    max_bad_fraction: float = option(0.01, "with bad_rows=skip, fail if more than this fraction is malformed")
 
 
 @dataclass
@@ -98,6 +102,7 @@ def validate_rlaif(cfg: RLAIFConfig) -> None:
     _raise_first(backend_checks(cfg.policy, "policy") + judge_checks(cfg.judge) + [
         (bool(cfg.data.prompt_files), "data.prompt_files is empty; give at least one prompt file"),
         (cfg.data.limit >= 0, "data.limit must be >= 0 (0 = all prompts)"),
+        (0.0 <= cfg.data.max_bad_fraction <= 1.0, "data.max_bad_fraction must be between 0 and 1"),
         (n >= 2, f"rlaif.num_responses={n}: at least 2 responses per prompt are needed to make a pair"),
         (cfg.rlaif.concurrency >= 1, "rlaif.concurrency must be >= 1"),
         (cfg.policy.temperature > 0,

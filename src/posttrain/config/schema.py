@@ -101,9 +101,8 @@ def apply_override(data: dict[str, Any], item: str) -> None:
     except yaml.YAMLError:
         value = raw
     text = raw.strip()
-    if (value is not None and not isinstance(value, (list, dict)) and not text.startswith(("'", '"'))
-            and (not isinstance(value, str) or value != text)):
-        value = _Typed(value, text)  # quoted text is YAML's to read
+    if value is not None and not isinstance(value, (list, dict)) and not text.startswith(("'", '"')):
+        value = _Typed(value, text)  # quoted text is YAML's to read; a bad value is named as an override's
     parts = key.strip().split(".")
     node = data
     for part in parts[:-1]:

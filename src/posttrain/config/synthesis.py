@@ -106,6 +106,7 @@ def validate_constitutional(cfg: ConstitutionalConfig) -> None:
     c = cfg.constitutional
     _raise_first(backend_checks(cfg.policy, "policy") + (judge_checks(cfg.judge) if c.rl_cai else []) + [
         (bool(cfg.data.prompt_files), "data.prompt_files is empty; give at least one prompt file"),
+        (0.0 <= cfg.data.max_bad_fraction <= 1.0, "data.max_bad_fraction must be between 0 and 1"),
         (cfg.data.limit >= 0, "data.limit must be >= 0 (0 = all prompts)"),
         (bool(c.constitution.strip()), "constitutional.constitution is empty; give a file or 'default'"),
         (c.rounds >= 1, "constitutional.rounds must be >= 1 (each round is one critique and one revision)"),

@@ -359,8 +359,8 @@ def _finish(report: DataReport, bad_rows: str, max_bad_fraction: float, log: Cal
             f"them (up to max_bad_fraction):\n{_quoted(report)}"
         )
     if report.bad:
-        where = f"all written to {report.rejects_path}" if report.rejects_path else "pass rejects_path to keep them"
-        log(f"skipped {report.bad} of {report.total} rows ({report.bad_fraction:.2%}) as malformed ({where}):\n{_quoted(report)}")
+        where = f" (all written to {report.rejects_path})" if report.rejects_path else ""
+        log(f"skipped {report.bad} of {report.total} rows ({report.bad_fraction:.2%}) as malformed{where}:\n{_quoted(report)}")
     for counts in report.files:
         _check_has_good_rows(counts)
     if report.bad_fraction > max_bad_fraction:

@@ -140,7 +140,7 @@ def _reward_scorer(cfg, log):
     r = cfg.reward
     if not (r.functions or r.models):
         return None
-    combined = build_combined(r.models, r.functions, [], [], log=log)
+    combined = build_combined(r.models, r.functions, [], [], log=log, functions_option="reward.functions")
     set_by_name(combined.components, r.weights, "reward.weights", "weight")
     return CombinedReward(combined.components)
 

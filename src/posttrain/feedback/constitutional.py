@@ -28,11 +28,13 @@ import re
 import sys
 import zlib
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 from posttrain.errors import DataError, UserError
+from posttrain.feedback.jobs import STDERR, resolve_stream
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 _PRINCIPLE_KEYS = ("name", "critique", "revision")
@@ -267,11 +269,14 @@ def count_outcomes(records: list[dict[str, Any]]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the command
 
 
-def load_prompts(cfg) -> list[tuple[str, list[dict[str, str]]]]:
-    """(id, prompt turns) per prompt row; the id is the row's "id" or its position."""
+def load_prompts(cfg, rejects_path: str | None = None,
+                 log: Callable[[str], Any] = lambda _: None) -> list[tuple[str, list[dict[str, str]]]]:
+    """(id, prompt turns) per prompt row; the id is the row's "id" or its position among the rows
+    read (a skipped malformed row, with cfg.bad_rows="skip", goes to rejects_path)."""
     from posttrain.data.prompts import load_prompt_records
 
-    records, _ = load_prompt_records(cfg.prompt_files, fmt=cfg.format, log=lambda _: None)
+    records, _ = load_prompt_records(cfg.prompt_files, fmt=cfg.format, bad_rows=cfg.bad_rows,
+                                     max_bad_fraction=cfg.max_bad_fraction, rejects_path=rejects_path, log=log)
     if cfg.limit:
         records = records[:cfg.limit]
     prompts, seen = [], {}
@@ -287,7 +292,7 @@ def load_prompts(cfg) -> list[tuple[str, list[dict[str, str]]]]:
     return prompts
 
 
-def run_constitutional(cfg, *, policy=None, judge_backend=None, stream: TextIO | None = sys.stderr) -> Path:
+def run_constitutional(cfg, *, policy=None, judge_backend=None, stream: TextIO | None = STDERR) -> Path:
     """`posttrain constitutional`: chains for every prompt (resumable), then sft.jsonl,
     preferences.jsonl and summary.json from all chains logged so far. `policy` / `judge_backend`
     replace the backends the config describes (tests, notebooks)."""
@@ -300,8 +305,10 @@ def run_constitutional(cfg, *, policy=None, judge_backend=None, stream: TextIO |
     validate_constitutional(cfg)
     c = cfg.constitutional
     principles = load_constitution(c.constitution)
-    prompts = load_prompts(cfg.data)
     out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = load_prompts(cfg.data, str(out / "rejects.jsonl"),
+                           log=lambda line: print(line, file=resolve_stream(stream) or sys.stderr))
     policy = policy or make_backend(cfg.policy)
     settings = ChainSettings(rounds=c.rounds, seed=c.seed, system=c.system, drop_truncated=c.drop_truncated)
     rubric = _judge_rubric(cfg, principles) if c.rl_cai else ""
@@ -340,7 +347,7 @@ def run_constitutional(cfg, *, policy=None, judge_backend=None, stream: TextIO |
                "failed": summary.failed, "errors": summary.errors, "usage": usage, "config": cfg.to_dict()}
     (out / "summary.json").write_text(json.dumps(outcome, indent=2) + "\n")
     for line in summary.lines() + summary_lines(outcome):
-        print(line, file=stream or sys.stderr)
+        print(line, file=resolve_stream(stream) or sys.stderr)
     if failure is not None:
         raise failure
     if summary.failed:

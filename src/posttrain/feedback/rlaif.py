@@ -46,14 +46,17 @@ def prompt_id(turns: list[dict[str, str]]) -> str:
     return hashlib.sha256(json.dumps(turns, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
-def load_prompts(files: list[str], fmt: str = "auto", limit: int = 0,
-                 log: Callable[[str], Any] = print) -> list[tuple[str, Any]]:
+def load_prompts(files: list[str], fmt: str = "auto", limit: int = 0, log: Callable[[str], Any] = print, *,
+                 bad_rows: str = "error", max_bad_fraction: float = 0.01,
+                 rejects_path: str | None = None) -> list[tuple[str, Any]]:
     """(id, PromptRecord) per prompt, read as data.prompts reads RL prompts (format detected per
-    file: prompt, messages or alpaca); a malformed row stops the run with its file:line.
+    file: prompt, messages or alpaca); a malformed row stops the run with its file:line, or with
+    bad_rows="skip" goes to rejects_path (up to max_bad_fraction).
     A prompt repeated in the data gets "<id>-2", "<id>-3", ... so every occurrence is kept."""
     from posttrain.data.prompts import load_prompt_records
 
-    records, _ = load_prompt_records(files, fmt=fmt, log=log)
+    records, _ = load_prompt_records(files, fmt=fmt, bad_rows=bad_rows, max_bad_fraction=max_bad_fraction,
+                                     rejects_path=rejects_path, log=log)
     if limit:
         records = records[:limit]
     seen: Counter[str] = Counter()
@@ -267,8 +270,9 @@ def run_rlaif(cfg, log: Callable[[str], Any] = print) -> Path:
     validate_rlaif(cfg)
     out = Path(cfg.output_dir)
     rubric = read_rubric(cfg.judge)
-    items = load_prompts(cfg.data.prompt_files, cfg.data.format, cfg.data.limit, log)
     out.mkdir(parents=True, exist_ok=True)
+    items = load_prompts(cfg.data.prompt_files, cfg.data.format, cfg.data.limit, log, bad_rows=cfg.data.bad_rows,
+                         max_bad_fraction=cfg.data.max_bad_fraction, rejects_path=str(out / "rejects.jsonl"))
     raw_path = out / "raw.jsonl"
     resuming = raw_path.exists() and raw_path.stat().st_size > 0
     check_resume_settings(out, result_settings(cfg, rubric), resuming, name="run.json")

@@ -111,6 +111,18 @@ def main(args) -> int:
     return 0
 
 
+def _port(text: str) -> int:
+    import argparse
+
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port (0-65535; 0 = any free one)")
+    return port
+
+
 def add_arguments(parser) -> None:
     """The `posttrain serve` flags (kept here so cli.py stays a list of subcommands)."""
     defaults = Limits()
@@ -119,10 +131,13 @@ def add_arguments(parser) -> None:
                         help="also serve a LoRA/IA3 adapter as model NAME (repeatable); MODEL then names the bare base")
     parser.add_argument("--served-model-name", default=None, help="name of MODEL in requests (default: MODEL as given)")
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=_port, default=8000, help="0 = any free port (printed at start)")
     parser.add_argument("--api-key-env", default=None, metavar="VAR",
                         help="require 'Authorization: Bearer KEY' with KEY read from environment variable VAR")
-    parser.add_argument("--template", default="auto", help="chat template: auto|tokenizer|chatml|alpaca")
+    from posttrain.data.templates import TEMPLATE_NAMES
+
+    parser.add_argument("--template", default="auto", choices=TEMPLATE_NAMES,
+                        help="chat template (auto: the tokenizer's own, else chatml)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--trust-remote-code", action="store_true")
     parser.add_argument("--max-batch-size", type=int, default=16, help="rows (prompts x n) generated together")

@@ -360,7 +360,8 @@ def build_reward(cfg, device=None, log=None):
     one they trained with), whatever the policy's `data.template`; `log` hears their notes."""
     from posttrain.rewards import CombinedReward, RewardComponent, build_combined, format_reward, set_by_name
 
-    combined = build_combined(cfg.reward.models, cfg.reward.functions, [], [], device=device, log=log)
+    combined = build_combined(cfg.reward.models, cfg.reward.functions, [], [], device=device, log=log,
+                              functions_option="reward.functions")
     if cfg.reward.format_regex:
         combined.components.append(RewardComponent("format", format_reward(cfg.reward.format_regex)))
     set_by_name(combined.components, cfg.reward.weights, "reward.weights", "weight")
