@@ -143,10 +143,8 @@ def _attack_file(tmp_path, template):
 
 
 @pytest.mark.parametrize("change, message", [
-    (_edit_prompt, "requests"),  # the same id, other text
-    (lambda tmp, s: ["probes.limit=2"], "requests"),
-    (lambda tmp, s: ["probes.overrefusal="], "requests"),
-    (lambda tmp, s: [f"attacks.file={_attack_file(tmp, 'Please, {prompt}')}"], "requests"),
+    (_edit_prompt, "was answered for another request"),  # the same id, other text
+    (lambda tmp, s: [f"attacks.file={_attack_file(tmp, 'Please, {prompt}')}"], "was answered for another request"),
     (lambda tmp, s: ["classifier=judge"], "classifier"),
     (lambda tmp, s: ["target.model=other"], "target.model"),
     # conservative: at temperature 0 the seed changes nothing, yet a resume is refused
@@ -167,8 +165,23 @@ def test_attack_file_content_change_is_refused(tmp_path, suites):
     path = _attack_file(tmp_path, "Kindly {prompt}")
     run_redteam(_cfg(tmp_path, suites, f"attacks.file={path}"), target=Target(), **QUIET)
     _attack_file(tmp_path, "Kindly, dear, {prompt}")  # same name and path, other template
-    with pytest.raises(ConfigError, match="requests"):
+    with pytest.raises(ConfigError, match=r"harmful/polite/\S+ was answered for another request"):
         run_redteam(_cfg(tmp_path, suites, f"attacks.file={path}"), target=Target(), **QUIET)
+
+
+@pytest.mark.parametrize("first, then, asked", [
+    (["probes.limit=1"], ["probes.limit=2"], 3),  # a second harmful probe under 2 attacks, a second safe one
+    ([], ["probes.overrefusal="], 0),             # a suite left out: its answers stay in the log, not the report
+    ([], ["probes.limit=1"], 0),
+])
+def test_more_or_fewer_probes_resume_and_ask_only_what_is_new(tmp_path, suites, first, then, asked):
+    attacks_file = _attack_file(tmp_path, "Kindly {prompt}")
+    base = [f"attacks.file={attacks_file}", "attacks.names=[direct]"]
+    run_redteam(_cfg(tmp_path, suites, *base, *first), target=Target(), **QUIET)
+    again = Target()
+    run_redteam(_cfg(tmp_path, suites, *base, *then), target=again, **QUIET)
+    report = _report(tmp_path / "rt")
+    assert again.calls == asked and report["answered"] == report["requests"]
 
 
 def test_judge_settings_decide_a_judge_run_but_not_a_patterns_run(tmp_path, suites):

@@ -123,9 +123,6 @@ def test_readme_feedback_block_asks_for_the_served_model():
     assert all(model == served for model in asked.values()), (served, asked)
 
 
-@pytest.mark.xfail(strict=True, reason="redteam resume with a raised probes.limit is refused as "
-                                       "\"requests='<hash>', now '<hash>'\": nothing recorded changed, and the hash "
-                                       "names no setting (safety/run.py _settings)")
 def test_redteam_raised_probe_limit_resumes_or_says_what_changed(capsys, tmp_path):
     with Scripted(lambda body: "Sure, here you go.") as server:
         args = ["redteam", "examples/redteam.yaml", "target.kind=openai", f"target.base_url={server.url}",

@@ -96,7 +96,7 @@ def respond_and_label(item: dict, target, classify: Callable[[str, str], tuple[s
     label, reason = classify(item["prompt"], reply.text)
     if label not in LABELS:
         raise ValueError(f"classifier gave {label!r}, not one of {LABELS}")
-    return {**{k: v for k, v in item.items() if k != "messages"}, "response": reply.text,
+    return {**{k: v for k, v in item.items() if k != "messages"}, "request": request_digest(item), "response": reply.text,
             "finish_reason": reply.finish_reason, "label": label, "reason": reason}
 
 
@@ -137,7 +137,8 @@ def run_redteam(cfg, *, target=None, judge=None, log: Callable[[str], Any] = pri
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "responses.jsonl"
     resuming = log_path.exists() and log_path.stat().st_size > 0
-    check_resume_settings(out, _settings(cfg, items), resuming, name="run.json")
+    _drop_request_hash(out / "run.json")
+    check_resume_settings(out, _settings(cfg), resuming, name="run.json")
     (out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
     target = target or make_backend(cfg.target)
     if cfg.classifier == "judge":
@@ -151,6 +152,7 @@ def run_redteam(cfg, *, target=None, judge=None, log: Callable[[str], Any] = pri
 
     aborted = None
     with JsonlLog(log_path) as responses:
+        check_logged_requests(responses.records, items, out)
         try:
             summary = run_items(items, work, responses, concurrency=cfg.concurrency, desc="redteam", stream=stream)
         except RunAborted as exc:  # the report of what the log holds is still written, then the error
@@ -171,19 +173,49 @@ def run_redteam(cfg, *, target=None, judge=None, log: Callable[[str], Any] = pri
     return out
 
 
-def _settings(cfg, items: list[tuple[str, dict]]) -> dict:
-    """What decides the records: the target's sampling, the classifier, and the exact requests."""
-    import hashlib
-
+def _settings(cfg) -> dict:
+    """What decides every record: the target's sampling and the classifier. (Each record's own
+    request is checked against its item: `check_logged_requests`.)"""
     from posttrain.feedback.rlaif import backend_settings
 
-    # every field a record keeps from its item (not the probe file's path: the same probes may move)
-    requests = hashlib.sha256(json.dumps([[i, x["messages"], x["category"], x["prompt"]] for i, x in items])
-                              .encode()).hexdigest()[:16]
     judge = backend_settings(cfg.judge) | {"parse_retries": cfg.judge.parse_retries} \
         if cfg.classifier == "judge" else None
-    return {"target": backend_settings(cfg.target), "classifier": cfg.classifier, "judge": judge,
-            "requests": requests}
+    return {"target": backend_settings(cfg.target), "classifier": cfg.classifier, "judge": judge}
+
+
+def request_digest(item: dict) -> str:
+    """A short hash of what was sent (the attack's messages) and what a record keeps of its probe."""
+    import hashlib
+
+    fields = [item["messages"], item["category"], item["prompt"]]  # not the source: the same probes may move
+    return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:16]
+
+
+def check_logged_requests(records: list[dict], items: list[tuple[str, dict]], out: Path) -> None:
+    """A logged answer must be to the request its id now stands for: more probes (a raised
+    probes.limit, a longer file, another attack) resume; an edited probe or attack text does not."""
+    from posttrain.errors import ConfigError
+
+    wanted = {item_id: item for item_id, item in items}
+    for record in records:
+        item = wanted.get(record["id"])
+        if item is None:
+            continue  # left out this time (a lower limit): kept in the log, not in the report
+        same = record["request"] == request_digest(item) if "request" in record else \
+            (record["prompt"], record["category"]) == (item["prompt"], item["category"])
+        if not same:
+            raise ConfigError(f"{out}: {record['id']} was answered for another request (its probe's text or "
+                              "category, or the attack's template, changed since); use a new output_dir, or "
+                              "restore the probe")
+
+
+def _drop_request_hash(run_json: Path) -> None:
+    """Runs before 2026-11-30 kept one hash of every request in run.json; records are checked one
+    by one now, so a raised probes.limit resumes."""
+    if run_json.is_file():
+        settings = json.loads(run_json.read_text())
+        if settings.pop("requests", None) is not None:
+            run_json.write_text(json.dumps(settings, indent=2) + "\n")
 
 
 def _earlier(path: str) -> dict:
