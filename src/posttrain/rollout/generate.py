@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from posttrain.data.batching import real_positions
+from posttrain.models.adapters.model import cache_argument, output_cache
 from posttrain.rollout.sampling import (
     SamplingSettings,
     apply_frequency_presence_penalty,
@@ -79,6 +80,7 @@ def generate_token_ids(
         generator = torch.Generator(device=device).manual_seed(settings.seed)
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
     results: list[list[int]] = [[] for _ in prompt_ids]
+    cache_name = cache_argument(model)  # `cache` (transformers >= 5.24) or `past_key_values`
     was_training = model.training
     model.eval()
     try:
@@ -88,7 +90,7 @@ def generate_token_ids(
                 on_row = None if on_token is None else (lambda row, ids, rows=rows: on_token(rows[row], ids))
                 batch = _generate_batch(
                     model, [prompt_ids[i] for i in rows], settings, device,
-                    pad_token_id, eos_token_ids, stop_check, generator, on_row,
+                    pad_token_id, eos_token_ids, stop_check, generator, on_row, cache_name,
                 )
                 for i, ids in zip(rows, batch):
                     results[i] = ids
@@ -97,8 +99,11 @@ def generate_token_ids(
     return results
 
 
-def _generate_batch(model, prompt_ids, settings, device, pad_id, eos_ids, stop_check, generator, on_row=None):
-    """Prefill the left-padded batch, then decode one token per step with the KV cache."""
+def _generate_batch(model, prompt_ids, settings, device, pad_id, eos_ids, stop_check, generator, on_row=None,
+                    cache_name: str | None = None):
+    """Prefill the left-padded batch, then decode one token per step with the KV cache, passed back
+    to the model under `cache_name` (its forward's name for it; detected here when not given)."""
+    cache_name = cache_name or cache_argument(model)
     input_ids, attention_mask = left_pad(prompt_ids, pad_id, device)
     position_ids = real_positions(attention_mask)
     num_rows = len(prompt_ids)
@@ -134,7 +139,7 @@ def _generate_batch(model, prompt_ids, settings, device, pad_id, eos_ids, stop_c
         attention_mask = torch.cat([attention_mask, (~finished).long()[:, None]], dim=1)
         positions = positions + 1
         out = model(input_ids=next_tokens[:, None], attention_mask=attention_mask, position_ids=positions,
-                    past_key_values=out.past_key_values, use_cache=True)
+                    use_cache=True, **{cache_name: output_cache(out)})
         logits = out.logits[:, -1, :]
     return generated
 

@@ -5,7 +5,8 @@
     bottlenecks      Houlsby adapters after attention / FFN — `bottleneck.py`, forward hooks
 
 It behaves like a transformers causal LM towards the rest of posttrain: `forward` takes
-input_ids / attention_mask / position_ids / past_key_values and returns logits for the real
+input_ids / attention_mask / position_ids / the KV cache (as `cache` or `past_key_values`; it is
+passed down under the name the wrapped model takes, see `cache_argument`) and returns logits for the real
 tokens only, so the trainer, the chunked loss and the generation engine need no special
 cases. Virtual tokens occupy positions 0..n-1 and real tokens are shifted to n.., as in
 peft's own `PeftModelForCausalLM` (a test checks the outputs agree).
@@ -17,12 +18,75 @@ reference model of DPO/PPO).
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Any
 
 import torch
 from torch import nn
 
 from posttrain.models.adapters.bottleneck import BottleneckSet
+
+# The KV-cache argument of a causal LM's forward: `cache` from transformers 5.24 on (the old name still
+# works there, with a deprecation warning, until 5.40), `past_key_values` before (and in remote code).
+NEW_CACHE_NAME, OLD_CACHE_NAME = "cache", "past_key_values"
+
+
+def cache_argument(model) -> str:
+    """The name under which `model.forward` takes the KV cache: 'cache' or 'past_key_values'.
+
+    Read from the forward's signature (transformers' decorators keep the wrapped signature). A forward
+    taking neither (only **kwargs: peft, DDP, torch.compile wrappers) is answered for the model it wraps;
+    failing that, 'past_key_values', which every transformers version before 5.40 accepts.
+    """
+    seen = set()
+    while model is not None and id(model) not in seen:
+        seen.add(id(model))
+        try:
+            parameters = inspect.signature(model.forward).parameters
+        except (AttributeError, TypeError, ValueError):
+            parameters = {}
+        if NEW_CACHE_NAME in parameters:
+            return NEW_CACHE_NAME
+        if OLD_CACHE_NAME in parameters:
+            return OLD_CACHE_NAME
+        model = _wrapped_model(model)
+    return OLD_CACHE_NAME
+
+
+def _wrapped_model(model):
+    get_base_model = getattr(model, "get_base_model", None)  # peft
+    if callable(get_base_model):
+        try:
+            return get_base_model()
+        except Exception:  # a wrapper that cannot say: try the other attributes
+            pass
+    for name in ("module", "_orig_mod"):  # DDP / FSDP, torch.compile
+        inner = getattr(model, name, None)
+        if isinstance(inner, nn.Module):
+            return inner
+    return None
+
+
+def output_cache(out):
+    """The KV cache a forward returned: `out.cache` on transformers >= 5.24 outputs, `out.past_key_values`
+    on older ones (reading the old name on new outputs would log a deprecation warning)."""
+    fields = getattr(type(out), "__dataclass_fields__", None) or {}
+    for name in (NEW_CACHE_NAME, OLD_CACHE_NAME):
+        if name in fields:
+            return getattr(out, name)
+    for name in (NEW_CACHE_NAME, OLD_CACHE_NAME):  # a plain object (a stub or remote code)
+        if hasattr(out, name):
+            return getattr(out, name)
+    return None
+
+
+def _one_cache(cache, past_key_values):
+    """The cache a caller gave under either name (both at once is an error, as in transformers)."""
+    if past_key_values is None:
+        return cache
+    if cache is not None:
+        raise ValueError("give the KV cache as `cache` or as `past_key_values`, not both")
+    return past_key_values
 
 
 class AdaptedModel(nn.Module):
@@ -40,6 +104,9 @@ class AdaptedModel(nn.Module):
         self.config = lm.config
         self.generation_config = getattr(lm, "generation_config", None)
         self._virtual_on = True
+        # Detected once: the names the causal LM and its decoder (final_hidden) take the KV cache under.
+        self._cache_name = cache_argument(lm)
+        self._decoder_cache_name = cache_argument(getattr(lm, "base_model", lm))
 
     # ------------------------------------------------------------------ virtual tokens
 
@@ -54,11 +121,13 @@ class AdaptedModel(nn.Module):
     def num_virtual_tokens(self) -> int:
         return self.virtual_peft.active_peft_config.num_virtual_tokens if self.virtual_kind else 0
 
-    def decoder_inputs(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                       inputs_embeds=None, labels=None) -> dict[str, Any]:
-        """Model inputs with the virtual tokens put in front (prefill) or accounted for (decoding)."""
+    def decoder_inputs(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
+                       inputs_embeds=None, labels=None, *, past_key_values=None) -> dict[str, Any]:
+        """Model inputs with the virtual tokens put in front (prefill) or accounted for (decoding).
+        The KV cache comes as `cache` or `past_key_values` and goes out under the wrapped model's name."""
+        cache = _one_cache(cache, past_key_values)
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
-                  "past_key_values": past_key_values, "inputs_embeds": inputs_embeds}
+                  self._cache_name: cache, "inputs_embeds": inputs_embeds}
         kind, n = self.virtual_kind, self.num_virtual_tokens
         if kind is None:
             return {**inputs, "labels": labels} if labels is not None else inputs
@@ -69,9 +138,9 @@ class AdaptedModel(nn.Module):
             inputs["attention_mask"] = torch.cat([ones, attention_mask], dim=1)
         if position_ids is not None:
             position_ids = position_ids + n
-        prefill = past_key_values is None or past_key_values.get_seq_length() == 0
+        prefill = cache is None or cache.get_seq_length() == 0
         if prefill and kind == "prefix":
-            inputs["past_key_values"] = self.virtual_peft.get_prompt(batch_size=batch)
+            inputs[self._cache_name] = self.virtual_peft.get_prompt(batch_size=batch)
         elif prefill:  # prompt tuning: prepend the soft prompt to the input embeddings
             embeds = inputs_embeds if inputs_embeds is not None else self.lm.get_input_embeddings()(input_ids)
             prompt = self.virtual_peft.get_prompt(batch_size=batch).to(embeds.dtype)
@@ -90,10 +159,12 @@ class AdaptedModel(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep: int = 0, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep: int = 0, *, past_key_values=None,
+                **kwargs):
         length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-        inputs = self.decoder_inputs(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, labels)
+        cache = _one_cache(cache, past_key_values)
+        inputs = self.decoder_inputs(input_ids, attention_mask, position_ids, cache, inputs_embeds, labels)
         out = self.lm(**inputs, use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
         if logits_to_keep == 0:
             out.logits = self._strip(out.logits, length)
@@ -105,6 +176,8 @@ class AdaptedModel(nn.Module):
         `packed_slots`, `packed_blocks`: a padding-free batch (`models.attention.padding_free`; no virtual tokens),
         `read_at`: of its tokens, those to compute the last layer at (`models.readout`)."""
         inputs = self.decoder_inputs(input_ids, attention_mask, position_ids)
+        if self._decoder_cache_name != self._cache_name:
+            inputs[self._decoder_cache_name] = inputs.pop(self._cache_name)
         if packed_slots is not None:
             inputs["packed_slots"] = packed_slots
             inputs["packed_blocks"] = packed_blocks
