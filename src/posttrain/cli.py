@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     _stage_parser(sub, "ppo", PPOConfig, "online RL with PPO: a value model, GAE and a KL penalty to the reference")
     _stage_parser(sub, "constitutional", ConstitutionalConfig,
                   "Constitutional AI: answers critiqued and revised under principles -> SFT rows and pairs (RL-CAI)")
-    _stage_parser(sub, "cai", ConstitutionalConfig, "posttrain constitutional")
+    _stage_parser(sub, "cai", ConstitutionalConfig, "= posttrain constitutional: answers critiqued and revised under "
+                  "principles -> SFT rows and pairs (RL-CAI)")
     _stage_parser(sub, "self-instruct", SelfInstructConfig,
                   "Self-Instruct: new instructions, inputs and outputs grown from seed tasks, filtered -> SFT rows")
     _stage_parser(sub, "rlaif", RLAIFConfig,
@@ -260,10 +261,11 @@ def _is_override(argument: str) -> bool:
 
 
 def _run(args) -> int:
-    if args.command in _STAGES or args.command in _DATA_COMMANDS:
+    if args.command not in ("env", "demo"):  # transformers' "Loading weights" bar at every load; ours show the work
         from transformers.utils import logging
 
-        logging.disable_progress_bar()  # "Loading weights" bars per load; our own bar shows training
+        logging.disable_progress_bar()
+    if args.command in _STAGES or args.command in _DATA_COMMANDS:
         config_cls, run = {**_STAGES, **_DATA_COMMANDS}[args.command]()
         config, overrides = args.config, list(args.overrides)
         if config is not None and _is_override(config):

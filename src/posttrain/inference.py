@@ -15,6 +15,40 @@ def resolve_model_dir(path: str) -> str:
     return str(candidate) if candidate.is_dir() else path
 
 
+def check_model_dir(path: str, what: str = "model") -> None:
+    """The path checks load_for_inference makes first, without loading anything: a missing
+    reference is said before the policy's minutes of loading, not after."""
+    from posttrain.models.adapters import is_adapter_dir
+    from posttrain.models.loading import resolve_model_path
+
+    resolved = resolve_model_dir(path)
+    if not is_adapter_dir(resolved):
+        try:
+            resolve_model_path(resolved)
+        except UserError as exc:
+            raise UserError(f"{what}: {exc}") from None
+
+
+def _warn_other_base(adapters: dict[str, str], base: str) -> None:
+    """An adapter loaded onto a base other than the one it was trained on still runs, and answers
+    badly: say so (the shapes match across fine-tunes of one model, so nothing else will)."""
+    import sys
+
+    from posttrain.models.adapters.io import read_layout
+    from posttrain.models.loading import resolve_model_path
+
+    def where(path: str) -> str:
+        try:
+            return str(resolve_model_path(path))
+        except UserError:
+            return str(path)
+
+    for name, path in adapters.items():
+        trained_on = read_layout(path)[0]
+        if where(trained_on) != where(base):
+            print(f"warning: adapter {name} was trained on {trained_on}; it is loaded onto {base}", file=sys.stderr)
+
+
 def load_for_inference(path: str, dtype: str = "float32", trust_remote_code: bool = False,
                        adapters: dict[str, str] | None = None):
     """(model, tokenizer) from a preset, a full model dir, a run dir or an adapter dir (base read from it).
@@ -30,6 +64,8 @@ def load_for_inference(path: str, dtype: str = "float32", trust_remote_code: boo
     if adapters:
         base = None if is_adapter_dir(path) else path
         named = {name: resolve_model_dir(p) for name, p in adapters.items()}
+        if base is not None:
+            _warn_other_base(named, base)
         if base is None:
             named = {"default": path, **named}
         model = load_adapted(named, dtype=dtype, trust_remote_code=trust_remote_code, base=base)

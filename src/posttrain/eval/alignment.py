@@ -215,6 +215,11 @@ def run_evaluate(cfg, *, judge=None, log: Callable[[str], Any] = print) -> Path:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     records = _prompts(cfg, log)
+    from posttrain.inference import check_model_dir
+
+    for what, path in (("policy", cfg.policy), ("reference", cfg.reference.strip())):
+        if path:
+            check_model_dir(path, what)
     policy, records = _load_side("policy", cfg.policy, cfg, records, log)
     sides = [policy]
     if cfg.reference.strip():

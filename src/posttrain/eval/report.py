@@ -51,7 +51,10 @@ def markdown(report: dict) -> str:
     if "kl_to_reference" in report:
         kl = report["kl_to_reference"]
         lines.append("- KL(policy ‖ reference) per response, sampled: "
-                     + ("not measured (no samples, or the two tokenizers differ)" if kl is None else f"{kl:.3f} nats"))
+                     + ("not measured (no samples, or the two tokenizers differ)" if kl is None else f"{kl:.3f} nats")
+                     + (" (the mean of log π − log π_ref over samples: an unbiased estimate, which a few samples of "
+                        "near-equal models can put below 0; raise generation.samples)" if kl is not None and kl < 0
+                        else ""))
     for key, label in (("reward_win_rate", "reward win rate"), ("judge_win_rate", "judge win rate")):
         if key in report:
             lines.append(f"- {label} of the policy over the reference: {_win(report[key])}")

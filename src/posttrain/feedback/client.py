@@ -20,6 +20,7 @@ import json
 import os
 import random
 import socket
+import sys
 import threading
 import time
 import urllib.error
@@ -159,6 +160,7 @@ class OpenAICompatible:
         self._sleep = sleep
         self._rng = rng or random.Random()
         self._limiter = RateLimiter(requests_per_second, sleep=sleep) if requests_per_second > 0 else None
+        self._told = threading.Event()  # the first retry is said once: a dead server is otherwise silent for a minute
 
     def __repr__(self) -> str:
         return f"OpenAICompatible(url={self.url!r}, model={self.model_name!r})"
@@ -207,6 +209,10 @@ class OpenAICompatible:
                     raise BackendError(f"POST {self.url}: gave up after {self.max_retries} retries; last error: "
                                        f"{exc.reason}") from None
                 self.usage.add(retries=1)
+                if not self._told.is_set():
+                    self._told.set()
+                    print(f"warning: POST {self.url}: {exc.reason}; retrying (up to {self.max_retries} times, "
+                          "backing off; max_retries and backoff_s set how long)", file=sys.stderr, flush=True)
                 delay = backoff_delay(attempt, self.backoff_s, self._rng)
                 if exc.retry_after is not None:
                     delay = min(exc.retry_after, MAX_RETRY_AFTER_S)

@@ -50,7 +50,8 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
     if not directory.is_dir():
         raise UserError(f"model path {directory} is a file; give the directory that holds config.json and the weights")
     if not (directory / "config.json").is_file():
-        raise UserError(f"{directory} has no config.json; point model.path at a Hugging Face model directory (the one save_pretrained wrote)")
+        raise UserError(f"{directory} has no config.json: it is not a Hugging Face model directory (the one "
+                        "save_pretrained writes), a run directory (its final/) or an adapter directory")
     return directory.resolve()  # absolute: it is recorded in saved adapters and configs
 
 

@@ -89,6 +89,8 @@ def read_layout(path: str | Path) -> tuple[str, dict[str, Path]]:
             check_adapter_weights(part)
         return manifest["base_model_name_or_path"], parts
     config_file = path / "adapter_config.json"
+    if not path.exists():
+        raise UserError(f"adapter {path} does not exist")
     if not config_file.is_file():
         raise UserError(f"{path} is not an adapter directory (no {MANIFEST} or adapter_config.json)")
     config = json.loads(config_file.read_text())

@@ -1,0 +1,81 @@
+"""Small user-facing fixes found by walking the README as a newcomer (stop 28): a silent retry
+loop, a missing reference found after minutes of loading, an adapter on another base, an adapter
+path that does not exist, a negative sampled KL without a word."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from posttrain import cli
+from posttrain.errors import UserError
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again on exit: nothing listens there
+
+
+def test_the_first_retry_is_said_once(capsys):
+    from posttrain.feedback.client import BackendError, OpenAICompatible
+
+    client = OpenAICompatible(f"http://127.0.0.1:{_closed_port()}/v1", "m", max_retries=3, sleep=lambda s: None)
+    for _ in range(2):
+        with pytest.raises(BackendError, match="gave up after 3 retries"):
+            client.chat([{"role": "user", "content": "hi"}])
+    err = capsys.readouterr().err
+    assert err.count("warning: POST") == 1 and "cannot connect" in err and "retrying (up to 3 times" in err
+
+
+def test_a_missing_reference_is_said_before_the_policy_loads(tmp_path, monkeypatch):
+    from posttrain.config.evaluate import EvaluateConfig
+    from posttrain.eval import alignment
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(alignment, "_load_side", no_load)
+    cfg = EvaluateConfig.load(None, [f"output_dir={tmp_path}", "policy=tiny", f"reference={tmp_path / 'nope'}",
+                                     "prompts.limit=2"])
+    with pytest.raises(UserError, match=r"^reference: model path .*nope does not exist"):
+        alignment.run_evaluate(cfg, log=lambda _: None)
+    cfg = EvaluateConfig.load(None, [f"output_dir={tmp_path}", f"policy={tmp_path}", "prompts.limit=2"])
+    with pytest.raises(UserError, match="^policy: .* has no config.json: it is not a Hugging Face model directory"):
+        alignment.run_evaluate(cfg, log=lambda _: None)
+
+
+def test_an_adapter_path_that_does_not_exist_says_so(tmp_path):
+    from posttrain.models.adapters.io import read_layout
+
+    with pytest.raises(UserError, match=f"adapter {tmp_path / 'nope'} does not exist"):
+        read_layout(tmp_path / "nope")
+    with pytest.raises(UserError, match="is not an adapter directory"):
+        read_layout(tmp_path)
+
+
+def test_an_adapter_loaded_onto_another_base_is_warned_about(tmp_path, monkeypatch, capsys):
+    from posttrain import inference
+    from posttrain.models.adapters import io
+    from posttrain.models.presets import preset_path
+
+    monkeypatch.setattr(io, "read_layout", lambda path: ("tiny", {}))
+    inference._warn_other_base({"sql": "a"}, str(preset_path("tiny")))  # the preset by its name or its directory
+    assert capsys.readouterr().err == ""
+    inference._warn_other_base({"sql": "a"}, str(tmp_path))
+    assert capsys.readouterr().err == f"warning: adapter sql was trained on tiny; it is loaded onto {tmp_path}\n"
+
+
+def test_a_negative_sampled_kl_is_explained():
+    from posttrain.eval.report import markdown
+
+    report = {"policy": "p", "reference": "r", "prompts": 1, "models": {"policy": {}, "reference": {}}}
+    assert "unbiased estimate" in markdown({**report, "kl_to_reference": -0.04})
+    assert "unbiased estimate" not in markdown({**report, "kl_to_reference": 0.04})
+
+
+def test_the_cai_alias_says_what_it_does(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["cai", "--help"])
+    assert "critiqued and revised" in capsys.readouterr().out
