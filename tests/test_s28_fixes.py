@@ -79,3 +79,56 @@ def test_the_cai_alias_says_what_it_does(capsys):
     with pytest.raises(SystemExit):
         cli.main(["cai", "--help"])
     assert "critiqued and revised" in capsys.readouterr().out
+
+
+def test_chat_help_and_unknown_commands_are_not_sent_to_the_model(monkeypatch):
+    from posttrain.rollout import generate
+    from posttrain.rollout.sampling import SamplingSettings
+
+    sent = []
+    monkeypatch.setattr(generate, "generate", lambda model, tok, prompts, settings, batch_size: sent.append(
+        prompts[0]) or ["ok"])
+
+    class Tok:
+        def apply_chat_template(self, messages, **kwargs):
+            return messages[-1]["content"]
+
+    lines, written = iter(["/help", "/hlep", " /etc/hosts is a file", "/adapter x", "/exit"]), []
+    generate.chat_session(None, Tok(), "t", SamplingSettings(), read=lambda _: next(lines), write=written.append)
+    assert written[0].startswith("/reset: clear the history") and "no adapters loaded" in written[0]
+    assert written[1].startswith("[unknown command /hlep; /help lists them")
+    assert sent == ["/etc/hosts is a file"] and written[2] == "ok"
+    assert written[3].startswith("usage: /adapter NAME")
+
+
+def test_an_interrupted_stage_says_how_to_resume(monkeypatch, capsys):
+    def interrupt(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_run", interrupt)
+    assert cli.main(["sft"]) == 130
+    assert "the same command resumes from the run's newest checkpoint" in capsys.readouterr().err
+    assert cli.main(["generate", "--model", "tiny", "--prompts", "p", "--output", "-"]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_a_config_file_after_an_override_is_named(capsys):
+    assert cli.main(["sft", "train.max_steps=3", "examples/sft_full.yaml"]) == 2
+    assert "the config file goes first: posttrain sft examples/sft_full.yaml key=value" in capsys.readouterr().err
+
+
+def test_every_command_has_its_config_and_run_in_the_package():
+    import subprocess
+    import sys
+
+    import posttrain
+
+    assert {"RMConfig", "run_rm", "DPOConfig", "run_dpo", "GRPOConfig", "run_grpo", "PPOConfig", "run_ppo",
+            "QualityConfig", "run_quality", "EvaluateConfig", "run_evaluate", "run_pipeline"} <= set(posttrain.__all__)
+    for name in posttrain.__all__:
+        assert getattr(posttrain, name) is not None
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        posttrain.nope  # noqa: B018
+    cold = subprocess.run([sys.executable, "-c", "import posttrain, sys; print('torch' in sys.modules)"],
+                          capture_output=True, text=True, check=True)
+    assert cold.stdout.strip() == "False"  # the names are imported on first use

@@ -26,10 +26,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import functools
 import sys
 
-from posttrain.errors import UserError
+from posttrain.errors import ConfigError, UserError
 
 
 def _stage_parser(sub, name: str, config_cls, help_text: str):
@@ -270,6 +271,10 @@ def _run(args) -> int:
         config, overrides = args.config, list(args.overrides)
         if config is not None and _is_override(config):
             config, overrides = None, [config, *overrides]  # only overrides were given
+        misplaced = next((item for item in overrides if "=" not in item and os.path.isfile(item)), None)
+        if misplaced is not None:
+            raise ConfigError(f"{misplaced} is a file among the overrides; the config file goes first: "
+                              f"posttrain {args.command} {misplaced} key=value ...")
         check_alias(args.command, overrides)
         overrides += ALIAS_OVERRIDES.get(args.command, [])  # last: over the file's setting
         run_dir = run(config_cls.load(config, overrides))
@@ -322,7 +327,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        hint = {**dict.fromkeys(_STAGES, "; the same command resumes from the run's newest checkpoint (one is "
+                                          "written every train.save_every steps; with 0, the default, none before "
+                                          "the end)"),
+                **dict.fromkeys(_DATA_COMMANDS, "; the same command resumes from what its log holds"),
+                "pipeline": "; the same command resumes the stage it stopped in"}.get(args.command, "")
+        print(f"interrupted{hint}", file=sys.stderr)
         return 130
 
 

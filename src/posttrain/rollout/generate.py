@@ -242,6 +242,9 @@ def _accepts(model, argument: str) -> bool:
         return False
 
 
+CHAT_HELP = "/reset: clear the history (the system message stays); /adapter NAME: switch adapters; /exit: end"
+
+
 def chat_session(
     model,
     tokenizer,
@@ -269,6 +272,7 @@ def chat_session(
             line = read("> ")
         except EOFError:
             break
+        typed_command = line.startswith("/")  # " /etc/hosts ..." (a leading space) is text for the model
         line = line.strip()
         if line == "/exit":
             break
@@ -277,7 +281,15 @@ def chat_session(
             continue
         if not line:
             continue
-        if line.startswith("/adapter"):
+        if line == "/help":
+            write(CHAT_HELP + ("" if switch_adapter is not None else " (no adapters loaded: start chat with "
+                                                                       "--adapter NAME=DIR)"))
+            continue
+        command = line.split(maxsplit=1)[0]
+        if typed_command and command != "/adapter":
+            write(f"[unknown command {command}; /help lists them; start the line with a space to send it as text]")
+            continue
+        if typed_command:
             name = line[len("/adapter"):].strip()
             if switch_adapter is None or not name:
                 write("usage: /adapter NAME (start chat with --adapter NAME=DIR)")
