@@ -342,7 +342,24 @@ def test_demo_runs_the_documented_stages_and_settings(tmp_path, monkeypatch):
                                                           "eval_after": {"accuracy": 0.9}}))
     monkeypatch.setattr(preference, "run_dpo", recorder("dpo", {"steps": 150, "eval_before": {"rewards/accuracy": 0.5},
                                                                 "eval_after": {"rewards/accuracy": 0.9}}))
+    import posttrain.eval.alignment as alignment
+
+    red = {"attack_success": {"rate": 1.0, "n": 30}, "over_refusal": {"rate": 0.0, "n": 10}}
+    side = {"exact_match": 0.99, "answer_nll": 0.02, "redteam": red}
+
+    def evaluate(cfg, log):
+        seen["evaluate"] = cfg
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.json").write_text(json.dumps({"prompts": 200, "kl_to_reference": 0.03,
+                                                     "models": {"policy": side, "reference": side}}))
+        return out
+
+    monkeypatch.setattr(alignment, "run_evaluate", evaluate)
     assert run_demo(str(tmp_path / "demo"), ["train.seed=1"]) == 0
+    report = seen["evaluate"]  # the DPO model beside the SFT model, with a red-team run of both
+    assert (report.policy, report.reference) == (str(tmp_path / "demo" / "dpo" / "final"), str(tmp_path / "demo" / "final"))
+    assert report.prompts.synthetic_tasks == ["smallest"] and report.safety.redteam
     s, rm, dpo = seen["sft"], seen["rm"], seen["dpo"]
     assert (s.train.max_steps, s.train.batch_size, s.train.lr, s.train.schedule) == (1600, 64, 3e-3, "cosine")
     assert s.model.path == "tiny" and s.data.train_files == ["synthetic"]

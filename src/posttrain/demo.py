@@ -5,8 +5,10 @@ text), fine-tunes it on the bundled synthetic instruction tasks, and prints exac
 on held-out prompts before and after. Then the RLHF stages on the SFT model, with
 verifiable synthetic preferences (chosen = the correct answer): a reward model (held-out
 pairwise accuracy before → after) and DPO with the RPO term (held-out implicit-reward
-accuracy and exact match before → after). Everything lands in the run directory (the
-SFT run), the reward model in its rm/ and the DPO policy in its dpo/.
+accuracy and exact match before → after). Last, one alignment report of the DPO model beside
+the SFT model (exact match, answer NLL, sampled KL, red-team rates). Everything lands in the
+run directory (the SFT run), the reward model in its rm/, the DPO policy in its dpo/ and the
+report in its report/.
 """
 
 from __future__ import annotations
@@ -80,6 +82,37 @@ def _preference_stages(run_dir: Path, seed: int) -> str:
             f"{dpo.get('exact_match_after', 0):.1%} after {dpo['steps']} steps")
 
 
+def _report_stage(run_dir: Path, seed: int) -> str:
+    """One alignment report of the DPO model beside the SFT model it started from (posttrain
+    evaluate: held-out answers, answer NLL, sampled KL, a short red-team run of both); returns
+    the lines to print."""
+    from posttrain.config.evaluate import EvaluateConfig
+    from posttrain.eval.alignment import run_evaluate
+
+    out = run_evaluate(EvaluateConfig.load(None, [
+        f"output_dir={run_dir / 'report'}", f"policy={run_dir / 'dpo' / 'final'}", f"reference={run_dir / 'final'}",
+        "prompts.synthetic_tasks=[smallest]", "prompts.limit=200", "generation.max_new_tokens=4",
+        f"generation.seed={seed}", "reward.functions=[exact_match=posttrain.rewards:exact_match]",
+        "safety.redteam=true", "safety.limit=10"]), log=lambda _: None)
+    report = json.loads((out / "report.json").read_text())
+    policy, reference = report["models"]["policy"], report["models"]["reference"]
+
+    def both(get, form) -> str:
+        return f"{form(get(policy))} vs {form(get(reference))}"
+
+    def rate(key):
+        return lambda side: side["redteam"][key]["rate"]
+
+    red = policy["redteam"]["attack_success"]
+    return (f"alignment report, DPO vs SFT model ({report['prompts']} held-out prompts; {out / 'report.md'}): "
+            f"exact match {both(lambda s: s['exact_match'], '{:.1%}'.format)}, answer NLL "
+            f"{both(lambda s: s['answer_nll'], '{:.3f}'.format)} per token, KL {report['kl_to_reference']:.3f} nats "
+            f"per response\n"
+            f"red team (refusal patterns): attack success {both(rate('attack_success'), '{:.0%}'.format)} of "
+            f"{red['n']} attacked harmful requests, over-refusal {both(rate('over_refusal'), '{:.0%}'.format)} of "
+            f"{policy['redteam']['over_refusal']['n']} safe ones (the demo's tasks teach no refusals)")
+
+
 def run_demo(output_dir: str = "runs/demo", overrides: list[str] = ()) -> int:
     from transformers.utils import logging
 
@@ -104,6 +137,7 @@ def run_demo(output_dir: str = "runs/demo", overrides: list[str] = ()) -> int:
     if per_task:
         print(f"after, by task: {per_task}")
     preference = _preference_stages(run_dir, cfg.train.seed)
-    print(f"\n{preference}\n(total {(time.time() - started) / 60:.1f} min)")
+    print(f"\n{preference}")
+    print(f"\n{_report_stage(run_dir, cfg.train.seed)}\n(total {(time.time() - started) / 60:.1f} min)")
     print(f"run directory: {run_dir}  (final model: {run_dir / 'final'}; try `posttrain chat --model {run_dir}`)")
     return 0
