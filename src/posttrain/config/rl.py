@@ -148,7 +148,7 @@ def validate_grpo(cfg: GRPOConfig) -> None:
     _raise_first(_train_checks(t) + _weight_checks(cfg.model, cfg.adapter) + _rollout_checks(cfg)
                  + other_stage_forgetting_checks(cfg.forgetting, cfg.data, t) + [
         (r.num_generations >= 2, "rollout.num_generations must be at least 2 (advantages compare a prompt's samples)"),
-        (per_rollout % r.num_generations == 0,
+        (r.num_generations < 2 or per_rollout % r.num_generations == 0,  # (no % 0: the check above says it)
          f"train.batch_size x train.grad_accum = {per_rollout} completions per step must be a multiple of "
          f"rollout.num_generations = {r.num_generations} (whole groups per rollout)"),
         (g.beta >= 0 and g.clip_eps > 0, "grpo.beta must be >= 0 and grpo.clip_eps > 0"),
@@ -171,6 +171,9 @@ def _rollout_checks(cfg: GRPOConfig | PPOConfig) -> list[tuple[bool, str]]:
         (bool(cfg.reward.functions or cfg.reward.models or cfg.reward.format_regex),
          "no reward: set reward.functions, reward.models or reward.format_regex"),
         (cfg.reward.clip >= 0, "reward.clip must be >= 0 (0 = off; rewards are clipped to [-clip, clip])"),
+        (cfg.eval.prompts <= 0 or cfg.eval.samples >= 1,
+         f"eval.samples={cfg.eval.samples}: the held-out reward and KL are means over sampled completions, so it "
+         "must be >= 1 (eval.prompts=0 turns the held-out figures off)"),
     ]
 
 
@@ -205,7 +208,7 @@ def validate_ppo(cfg: PPOConfig) -> None:
     _raise_first(_train_checks(t) + _weight_checks(cfg.model, cfg.adapter) + _rollout_checks(cfg)
                  + other_stage_forgetting_checks(cfg.forgetting, cfg.data, t) + [
         (r.num_generations >= 1, "rollout.num_generations must be at least 1"),
-        (per_rollout % r.num_generations == 0,
+        (r.num_generations < 1 or per_rollout % r.num_generations == 0,  # (no % 0: the check above says it)
          f"train.batch_size x train.grad_accum x ppo.minibatches = {per_rollout} completions per rollout must be a "
          f"multiple of rollout.num_generations = {r.num_generations}"),
         (p.epochs >= 1 and p.minibatches >= 1, "ppo.epochs and ppo.minibatches must be >= 1"),
@@ -215,6 +218,10 @@ def validate_ppo(cfg: PPOConfig) -> None:
         (p.clip_eps > 0 and p.value_clip > 0, "ppo.clip_eps and ppo.value_clip must be > 0"),
         (p.vf_coef > 0 and p.value_lr_ratio > 0, "ppo.vf_coef and ppo.value_lr_ratio must be > 0"),
         (p.entropy_coef >= 0 and p.early_stop_kl >= 0, "ppo.entropy_coef and ppo.early_stop_kl must be >= 0"),
+        (not p.value_model_path or p.value_model == "separate",
+         f"ppo.value_model_path={p.value_model_path} is the separate critic's starting weights, but "
+         f"ppo.value_model={p.value_model} (a value head on the policy) has no critic to load them into; set "
+         "ppo.value_model=separate, or drop ppo.value_model_path"),
     ])
     from posttrain.models.adapters import validate_adapter
 

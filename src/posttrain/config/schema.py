@@ -53,6 +53,36 @@ class _StageConfig:
 # --------------------------------------------------------------------------- YAML and overrides
 
 
+def _unique_keys_loader():
+    """A yaml SafeLoader that refuses a mapping key given twice (plain YAML keeps the last one
+    silently: a second `train:` section would drop every setting of the first)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                seen: dict[Any, Any] = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue  # `<<: *base` keys may be set again: only the mapping's own keys count
+                    key = self.construct_object(key_node, deep=deep)
+                    try:
+                        first = seen.setdefault(key, key_node)
+                    except TypeError:
+                        continue  # an unhashable key: the base constructor says so
+                    if first is not key_node:
+                        raise _DuplicateKey(key, first.start_mark, key_node.start_mark)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, first: Any, again: Any):
+        super().__init__(key)
+        self.key, self.first, self.again = key, first, again
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     import yaml
 
@@ -60,7 +90,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_keys_loader())  # noqa: S506 (a SafeLoader)
+    except _DuplicateKey as exc:
+        raise ConfigError(f"{path}:{exc.again.line + 1}: {exc.key} is given twice (first on line {exc.first.line + 1}); "
+                          "YAML would keep only the last one: merge them into one") from None
     except UnicodeDecodeError as exc:
         line = path.read_bytes()[: exc.start].count(b"\n") + 1
         raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {exc.object[exc.start]:#04x}); save the file as UTF-8") from None
@@ -80,13 +113,27 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 @dataclasses.dataclass(frozen=True)
 class _Typed:
     """An override's scalar as YAML reads it, and as typed: a text setting takes the text
-    (output_dir=010 is "010", not 8; "#" does not start a comment), any other the value."""
+    (output_dir=010 is "010", not 8; "#" does not start a comment), any other the value. A quoted
+    or null value has no text of its own (`text` is the value itself). Its lists and mappings are
+    `_OverrideList` / `_OverrideDict`: every value an override gives is named as the command line's."""
 
     value: Any
-    text: str
+    text: Any
 
     def __str__(self) -> str:
-        return self.text
+        return str(self.text)
+
+
+class _OverrideList(list):
+    """An override's list value (train.freeze=[a, b]): a plain list, marked as the command line's."""
+
+
+class _OverrideDict(dict):
+    """An override's mapping value (adapter.lora={r: 4}): a plain dict, marked as the command line's."""
+
+
+def _from_override(value: Any) -> bool:
+    return isinstance(value, (_Typed, _OverrideList, _OverrideDict))
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:
@@ -101,8 +148,14 @@ def apply_override(data: dict[str, Any], item: str) -> None:
     except yaml.YAMLError:
         value = raw
     text = raw.strip()
-    if value is not None and not isinstance(value, (list, dict)) and not text.startswith(("'", '"')):
-        value = _Typed(value, text)  # quoted text is YAML's to read; a bad value is named as an override's
+    if isinstance(value, list):
+        value = _OverrideList(value)  # a bad value (train.lr=[1, 2]) is named as an override's
+    elif isinstance(value, dict):
+        value = _OverrideDict(value)
+    elif value is None or text.startswith(("'", '"')):
+        value = _Typed(value, value)  # quoted text is YAML's to read, null is null: no text to take
+    else:
+        value = _Typed(value, text)  # a bad value is named as an override's
     parts = key.strip().split(".")
     node = data
     for part in parts[:-1]:
@@ -197,6 +250,10 @@ def _build(cls: type, data: dict[str, Any], prefix: str, source: str, root: type
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _coerce(hints[name], value, prefix + name, source, root)
+        if prefix == "" and name == "output_dir" and not kwargs[name].strip():  # every stage's run directory
+            where = "overrides" if _from_override(value) else source
+            raise ConfigError(f"{where}: output_dir is empty (it would write the run into the current directory); "
+                              f"name a directory, e.g. output_dir={fields[name].default}")
     return cls(**kwargs)
 
 
@@ -212,7 +269,10 @@ def _takes_text(hint: Any, text: str) -> bool:
 
 def _coerce(hint: Any, value: Any, key: str, source: str, root: type) -> Any:
     if isinstance(value, _Typed):
-        value, source = (value.text if _takes_text(hint, value.text) else value.value), "overrides"
+        text = value.text
+        value, source = (text if isinstance(text, str) and _takes_text(hint, text) else value.value), "overrides"
+    elif isinstance(value, (_OverrideList, _OverrideDict)):
+        value, source = (list(value) if isinstance(value, list) else dict(value)), "overrides"
     origin = get_origin(hint)
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, key + ".", source, root)

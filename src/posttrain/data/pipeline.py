@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from posttrain.data.records import Example, Record
-from posttrain.errors import ConfigError
+from posttrain.errors import ConfigError, DataError
 
 SYNTHETIC = "synthetic"
 
@@ -124,6 +124,13 @@ def check_unrendered(unrendered: list[str], total: int, cfg, log, name: str) -> 
                         f"than max_bad_fraction={cfg.max_bad_fraction}; first: {unrendered[0]}")
 
 
+def _length_summary(length_report: dict) -> str:
+    from posttrain.data.templates import LengthReport
+
+    fields = {f.name for f in dataclasses.fields(LengthReport)}
+    return LengthReport(**{k: v for k, v in length_report.items() if k in fields}).summary()
+
+
 def _labelled_only(examples: list[Example], log: Callable[[str], None], name: str) -> tuple[list[Example], int]:
     """Drop, count and name the examples with no token to train on (a template that renders an
     assistant turn as nothing), as streaming does: they would add nothing but padding."""
@@ -151,6 +158,10 @@ def prepare_sft_data(cfg, tokenizer, run_dir: Path | None, seed: int, log: Calla
         train_records, eval_records = split_eval(records, cfg.eval_fraction, seed)
         eval_read = {"rows": len(eval_records), "split_from_train": True}
     train, train_len = encode_all(train_records, tokenizer, template, cfg, log, "train")
+    if not train and train_len["num_too_long"] + train_len["num_lost_labels"]:
+        raise DataError(f"none of the {train_len['num_examples']} training examples is left after the length policy "
+                        f"(data.overlength={cfg.overlength}: "
+                        f"{_length_summary(train_len)}); raise data.max_length or shorten the examples")
     check_label_mask(train)
     train, train_len["dropped_no_labels"] = _labelled_only(train, log, "train")
     evaluation, eval_len = encode_all(eval_records, tokenizer, template, cfg, log, "eval") if eval_records else ([], {})

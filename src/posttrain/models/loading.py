@@ -41,7 +41,9 @@ class HiddenPathUnsupported(RuntimeError):
 
 
 def resolve_model_path(path: str | os.PathLike) -> Path:
-    """A preset name → its built directory; a directory → itself (absolute), after checking it is usable."""
+    """A preset name → its built directory; a directory → itself (absolute), after checking it is
+    usable; a run directory (no config.json of its own, a model in final/) → its final/, as
+    generate and merge take it. An adapter directory is refused with how to make a model of it."""
     if is_preset(path):
         return preset_path(str(path))
     directory = Path(path).expanduser()
@@ -49,10 +51,43 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
         raise UserError(f"model path {directory} does not exist; give a local Hugging Face model directory or a preset name (tiny, tiny-2l)")
     if not directory.is_dir():
         raise UserError(f"model path {directory} is a file; give the directory that holds config.json and the weights")
-    if not (directory / "config.json").is_file():
-        raise UserError(f"{directory} has no config.json: it is not a Hugging Face model directory (the one "
-                        "save_pretrained writes), a run directory (its final/) or an adapter directory")
-    return directory.resolve()  # absolute: it is recorded in saved adapters and configs
+    if (directory / "config.json").is_file():
+        return directory.resolve()  # absolute: it is recorded in saved adapters and configs
+    final = directory / "final"
+    if _is_adapter_dir(directory):
+        raise UserError(_adapter_message(directory))
+    if final.is_dir():
+        if (final / "config.json").is_file():
+            return final.resolve()  # a run directory: its final model
+        if _is_adapter_dir(final):
+            raise UserError(_adapter_message(final, run=directory))
+    raise UserError(f"{directory} has no config.json: it is not a Hugging Face model directory (the one "
+                    "save_pretrained writes), nor a run directory with a model in final/")
+
+
+def run_final_model(path: str | os.PathLike) -> Path | None:
+    """RUN/final when `path` is a run directory whose final/ holds a model (the model
+    resolve_model_path takes for it); None for anything else."""
+    if is_preset(path):
+        return None
+    directory = Path(path).expanduser()
+    final = directory / "final"
+    if directory.is_dir() and not (directory / "config.json").is_file() and not _is_adapter_dir(directory) \
+            and (final / "config.json").is_file():
+        return final
+    return None
+
+
+def _is_adapter_dir(directory: Path) -> bool:
+    from posttrain.models.adapters.io import MANIFEST
+
+    return (directory / MANIFEST).is_file() or (directory / "adapter_config.json").is_file()
+
+
+def _adapter_message(adapter: Path, run: Path | None = None) -> str:
+    where = f"{run} is a run directory whose final/ is an adapter" if run is not None else f"{adapter} is an adapter directory"
+    return (f"{where} (adapter weights, not a model): training starts from a full model. Fold the adapter into its "
+            f"base with `posttrain merge {run or adapter} OUT_DIR` (LoRA, DoRA, IA3) and set model.path=OUT_DIR")
 
 
 def _check_weights(directory: Path) -> None:

@@ -458,14 +458,43 @@ def start_run(cfg) -> tuple[Path, Any, bool, Any]:
     import yaml
     from accelerate.utils import set_seed
 
-    run_dir = Path(cfg.output_dir)
+    from posttrain.files import write_atomically
+    from posttrain.models.loading import run_final_model
+
+    run_dir = _checked_run_dir(cfg.output_dir)
+    # a resume from a checkpoint of other settings is refused before anything of the new run is
+    # written over the existing run's (its config.yaml) or loaded (train() checks it again)
+    resume_from = _resume_path(cfg.train.resume, run_dir / "checkpoints")
+    if resume_from is not None:
+        _check_same_run(resume_from, run_fingerprint(cfg))
     accelerator = make_accelerator(cfg.train, run_dir)
     main = accelerator.is_main_process
+    log = print if main else (lambda *_: None)
+    recorded = cfg.to_dict()
+    model_path = getattr(getattr(cfg, "model", None), "path", None)
+    final = run_final_model(model_path) if isinstance(model_path, str) else None
+    if final is not None:  # a run directory: its final model, as generate and merge take it
+        recorded["model"]["path"] = str(final)
+        log(f"model.path {model_path} is a run directory: starting from its final model {final}")
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file on the way (output_dir=a/file/run), no permission, ...
+            raise ConfigError(f"output_dir {run_dir}: cannot create the run directory "
+                              f"({exc.strerror or type(exc).__name__})") from None
+        write_atomically(run_dir / "config.yaml", yaml.safe_dump(recorded, sort_keys=False))
     set_seed(cfg.train.seed)
-    return run_dir, accelerator, main, print if main else (lambda *_: None)
+    return run_dir, accelerator, main, log
+
+
+def _checked_run_dir(output_dir: str) -> Path:
+    """output_dir as a Path; an empty one (the current directory) or one that is a file is refused."""
+    if not str(output_dir).strip():
+        raise ConfigError("output_dir is empty (it would write the run into the current directory); name a directory")
+    run_dir = Path(output_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"output_dir {run_dir} is a file, not a directory; name a directory for the run")
+    return run_dir
 
 
 def finish_run(run_dir: Path, accelerator, main: bool, model, tokenizer, summary: dict) -> Path:

@@ -100,8 +100,10 @@ def reward_extras(items: list[Item]) -> dict[str, torch.Tensor]:
     return {"ranks": ranks, "valid": valid, "margins": margins}
 
 
-def build_reward_model(cfg: RMConfig, tokenizer, log):
-    from posttrain.models.adapters import count_parameters
+def build_reward_model(cfg: RMConfig, tokenizer, log, run_dir: Path | None = None):
+    """The reward model to train (full, or LoRA with its head trained in full); prints the
+    parameter report and saves it as run_dir/params.json, as every stage does."""
+    from posttrain.models.adapters import format_report, parameter_report
     from posttrain.models.lean import lean_activations
     from posttrain.models.reward_model import add_lora, load_reward_model
 
@@ -115,9 +117,33 @@ def build_reward_model(cfg: RMConfig, tokenizer, log):
     if cfg.adapter.method == ["lora"]:
         model = add_lora(model, cfg.adapter.lora)
         lean_activations(model, cfg.model.lean_activations)  # again: the LoRA linears
-    trainable, total = count_parameters(model)
-    log(f"reward model {type(model).__name__}: {trainable:,} of {total:,} parameters trained")
+    report = parameter_report(_ByMethod(model), cfg.train.optimizer)
+    log(f"reward model {type(_scorer(model)).__name__}: " + format_report(report))
+    if run_dir is not None:
+        (run_dir / "params.json").write_text(json.dumps(report, indent=1))
     return model
+
+
+class _ByMethod:
+    """A peft-wrapped reward model's parameters, named by method for the parameter report: its
+    LoRA weights `lora`, the rest (the head it trains in full, the frozen base) `base`."""
+
+    _LORA = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+
+    def __init__(self, model):
+        self.model = model
+
+    def named_parameters(self):  # peft's trained copy of the head, score.modules_to_save.default, as score
+        return ((name.replace(".modules_to_save.default.", "."), param) for name, param in self.model.named_parameters())
+
+    def method_of(self, name: str) -> str:
+        return "lora" if any(part in self._LORA for part in name.split(".")) else "base"
+
+
+def _scorer(model):
+    from peft import PeftModel
+
+    return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
 def run_rm(cfg: RMConfig) -> Path:
@@ -133,7 +159,7 @@ def run_rm(cfg: RMConfig) -> Path:
     validate_rm(cfg)
     run_dir, accelerator, main, log = start_run(cfg)
     tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    model = build_reward_model(cfg, tokenizer, log)
+    model = build_reward_model(cfg, tokenizer, log, run_dir if main else None)
     data_cfg, limit = cfg.data, encoder_positions(model)
     if limit is not None and data_cfg.max_length > limit:
         log(f"note: data.max_length {data_cfg.max_length} → {limit}, the encoder's position table")
