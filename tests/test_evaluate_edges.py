@@ -89,11 +89,12 @@ def models(tmp_path_factory):
             p.add_(1.0 * p.std().nan_to_num(0.02) * torch.randn(p.shape, generator=generator))
     model.save_pretrained(root / "perturbed")
     load_for_inference("tiny")[1].save_pretrained(root / "perturbed")
-    from posttrain.rewards import RewardModelScorer
+    from posttrain.models.reward_model import load_reward_model
 
-    scorer = RewardModelScorer("tiny")  # a random score head, fixed once saved
-    scorer.model.save_pretrained(root / "rm")
-    scorer.tokenizer.save_pretrained(root / "rm")
+    rm_tokenizer = load_for_inference("tiny")[1]
+    # a random score head, fixed once saved (a scorer refuses the unsaved draw)
+    load_reward_model("tiny", pad_token_id=rm_tokenizer.pad_token_id).save_pretrained(root / "rm")
+    rm_tokenizer.save_pretrained(root / "rm")
     return {name: str(root / name) for name in ("perturbed", "vocab", "template", "tiny_dir", "rm")}
 
 
@@ -327,7 +328,7 @@ def test_a_reward_model_with_a_weight(tmp_path, models):
 
 def test_a_raising_reward_function_stops_the_run_before_any_report(tmp_path):
     out = tmp_path / "ev"
-    with pytest.raises(RuntimeError, match="reward exploded"):
+    with pytest.raises(DataError, match="reward 'bad' raised RuntimeError: reward exploded"):
         run_evaluate(_cfg(out, "policy=tiny", f"reward.functions=[bad={ME}:raising_reward]"), **QUIET)
     assert not (out / "report.json").exists() and not (out / "responses.jsonl").exists()
 

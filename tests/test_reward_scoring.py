@@ -555,12 +555,13 @@ def test_score_keeps_extra_columns_and_order_and_may_write_over_its_input(rm_dir
 
 
 def test_score_function_that_raises_propagates_and_writes_nothing(tmp_path, capsys):
-    """A reward function's exception reaches the caller (not swallowed into a default score), and
-    no partial output file is left."""
+    """A reward function's exception stops scoring (not swallowed into a default score) as a
+    one-line error naming the reward, the row and the exception's type and message, and no
+    partial output file is left."""
     path = _write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "q", "response": "a"}])
     out = tmp_path / "out.jsonl"
-    with pytest.raises(ValueError, match="boom from a reward function"):
-        _score(capsys, "--function", f"b={ME}:boom", "--input", path, "--output", out)
+    rc, err = _score(capsys, "--function", f"b={ME}:boom", "--input", path, "--output", out)
+    assert rc == 2 and f"{path}:1: reward 'b' raised ValueError: boom from a reward function" in err, err
     assert not out.exists()
 
 

@@ -188,7 +188,7 @@ def test_a_misspelt_inputs_key_is_reported_as_an_inputs_key_of_its_stage(tmp_pat
 def test_a_reward_model_scorer_says_why_it_does_not_score_padding_free(tmp_path):
     """A sliding-window reward model narrower than the scored sequences keeps its padded batches
     (its own masks); RL's reward (`build_reward`) says so once, at the start."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     from posttrain.config import GRPOConfig
     from posttrain.models.attention import takes_padding_free
@@ -198,8 +198,8 @@ def test_a_reward_model_scorer_says_why_it_does_not_score_padding_free(tmp_path)
     tokenizer = AutoTokenizer.from_pretrained(preset_path("tiny"))
     config = AutoConfig.for_model("mistral", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                  max_position_embeddings=2048, sliding_window=16)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "rm")
+                                  max_position_embeddings=2048, sliding_window=16, num_labels=1)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "rm")  # its head saved
     tokenizer.save_pretrained(tmp_path / "rm")
     heard = []
     score = build_reward(GRPOConfig.load(None, [f"reward.models=[{tmp_path / 'rm'}]"]), "cpu", log=heard.append)

@@ -2,8 +2,8 @@
 generation sections, and the generate / chat / merge / score / env commands: what they type, the
 mistakes they make, and what they are told.
 
-Each xfail(strict=True) test pins a defect found on that walk; the plain tests pin user-facing
-behaviour that was right but had no test."""
+The tests named for a failure pin a defect found on that walk (each was a strict xfail until its
+fix, stop 28); the others pin user-facing behaviour that was right but had no test."""
 
 from __future__ import annotations
 
@@ -75,71 +75,51 @@ def _module(tmp_path: Path, monkeypatch, name: str, source: str) -> str:
 # --------------------------------------------------------------------------- defects
 
 
-@pytest.mark.xfail(strict=True, reason="generate --output into a missing directory: FileNotFoundError traceback "
-                                       "after all the generation work (inference.main opens the file last)")
 def test_generate_output_in_missing_directory_is_a_one_line_error(capsys, tmp_path):
     rc, out = run_cli(capsys, "generate", "--model", "tiny", "--prompts", _prompts(tmp_path), "--max-new-tokens", "1",
                       "--output", tmp_path / "no" / "such" / "out.jsonl")
     assert rc == 2 and "error:" in out
 
 
-@pytest.mark.xfail(strict=True, reason="score --output into a missing directory: FileNotFoundError traceback "
-                                       "(rewards.score_main opens the file after scoring)")
 def test_score_output_in_missing_directory_is_a_one_line_error(capsys, tmp_path):
     rc, out = run_cli(capsys, "score", "--function", "em=posttrain.rewards:exact_match", "--input", _rows(tmp_path),
                       "--output", tmp_path / "no" / "such" / "scored.jsonl")
     assert rc == 2 and "error:" in out
 
 
-@pytest.mark.xfail(strict=True, reason="a policy (no trained score head) passed as a reward model scores with a "
-                                       "freshly drawn random head, silently: RewardModelScorer ignores "
-                                       "load_reward_model's newly_initialized")
 def test_score_with_a_model_that_is_not_a_reward_model_is_refused_or_warned(capsys, tmp_path):
     rc, out = run_cli(capsys, "score", "--model", "tiny", "--input", _rows(tmp_path),
                       "--output", tmp_path / "scored.jsonl")
     assert rc == 2 or any(word in out.lower() for word in ("score head", "not a reward model", "random", "untrained"))
 
 
-@pytest.mark.xfail(strict=True, reason="a causal-LM LoRA adapter as a reward model (score --model, ppo."
-                                       "value_model_path) dies in PEFT with AttributeError "
-                                       "'prepare_inputs_for_generation' (reward_model._load_lora_reward_model)")
 def test_score_with_a_policy_adapter_is_a_one_line_error(capsys, tmp_path, rloo_run):
     rc, out = run_cli(capsys, "score", "--model", rloo_run / "final", "--input", _rows(tmp_path))
     assert rc == 2 and "error:" in out
 
 
-@pytest.mark.xfail(strict=True, reason="rollout.num_generations=0: ZeroDivisionError in config/rl.py "
-                                       "validate_grpo (per_rollout % r.num_generations) before its own check")
 def test_grpo_zero_generations_is_a_one_line_error(capsys, tmp_path):
     rc, out = run_cli(capsys, "grpo", "examples/grpo.yaml", "rollout.num_generations=0", f"output_dir={tmp_path}")
     assert rc == 2 and "num_generations" in out
 
 
-@pytest.mark.xfail(strict=True, reason="rollout.num_generations=0 in ppo: ZeroDivisionError in config/rl.py "
-                                       "validate_ppo")
 def test_ppo_zero_generations_is_a_one_line_error(capsys, tmp_path):
     rc, out = run_cli(capsys, "ppo", "examples/ppo.yaml", "rollout.num_generations=0", f"output_dir={tmp_path}")
     assert rc == 2 and "num_generations" in out
 
 
-@pytest.mark.xfail(strict=True, reason="eval.samples=0 passes validation, then held_out_reward divides by "
-                                       "len(sampled) == 0 (ZeroDivisionError after the model loads)")
 def test_grpo_zero_eval_samples_is_refused_or_runs(capsys, tmp_path):
     rc, out = run_cli(capsys, "grpo", "examples/grpo.yaml", *QUICK, "eval.prompts=1", "eval.samples=0",
                       "train.progress_bar=false", f"output_dir={tmp_path}")
     assert rc in (0, 2)
 
 
-@pytest.mark.xfail(strict=True, reason="a reward function that raises gives a raw traceback (exit 1) instead of "
-                                       "an error naming the reward, as a NaN or wrong-length return does")
 def test_reward_function_that_raises_is_named(capsys, tmp_path, monkeypatch):
     name = _module(tmp_path, monkeypatch, "walk_rl_raising", "def boom(prompt, response):\n    return 1 / 0\n")
     rc, out = run_cli(capsys, "score", "--function", f"boom={name}:boom", "--input", _rows(tmp_path))
     assert rc == 2 and "'boom'" in out
 
 
-@pytest.mark.xfail(strict=True, reason="a reward module with a syntax error (or that raises on import) gives a "
-                                       "traceback: function_reward catches only ImportError / AttributeError")
 def test_reward_module_that_fails_to_import_is_a_one_line_error(capsys, tmp_path, monkeypatch):
     name = _module(tmp_path, monkeypatch, "walk_rl_syntax", "def f(prompt, response):\n    return (\n")
     rc, out = run_cli(capsys, "grpo", "examples/grpo.yaml", *QUICK, f"reward.functions=[f={name}:f]",
@@ -147,8 +127,6 @@ def test_reward_module_that_fails_to_import_is_a_one_line_error(capsys, tmp_path
     assert rc == 2 and "cannot be imported" in out
 
 
-@pytest.mark.xfail(strict=True, reason="merge into an existing file prints 'merged ... into FILE' and exits 0, "
-                                       "but writes nothing (save_pretrained only logs 'should be a directory')")
 def test_merge_into_an_existing_file_is_refused(capsys, tmp_path, rloo_run):
     target = tmp_path / "notes.txt"
     target.write_text("mine\n")
@@ -156,9 +134,6 @@ def test_merge_into_an_existing_file_is_refused(capsys, tmp_path, rloo_run):
     assert rc == 2
 
 
-@pytest.mark.xfail(strict=True, reason="merge with OUTPUT = the adapter's own directory writes the full model "
-                                       "beside adapter_config.json: a directory that is both (merge_main never "
-                                       "compares the two)")
 def test_merge_into_the_adapter_directory_is_refused(capsys, tmp_path, rloo_run):
     adapter = tmp_path / "adapter"
     shutil.copytree(rloo_run / "final", adapter)
@@ -166,16 +141,11 @@ def test_merge_into_the_adapter_directory_is_refused(capsys, tmp_path, rloo_run)
     assert rc == 2 and not (adapter / "model.safetensors").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="merge of a path that does not exist says 'holds no adapter (a full "
-                                       "model needs no merging)' (merge_main checks is_adapter_dir only)")
 def test_merge_of_a_missing_path_says_it_does_not_exist(capsys, tmp_path):
     rc, out = run_cli(capsys, "merge", tmp_path / "runs" / "sft_lora", tmp_path / "merged")
     assert rc == 2 and "does not exist" in out
 
 
-@pytest.mark.xfail(strict=True, reason="an adapter dir as grpo/ppo model.path: the error (loading.resolve_model_"
-                                       "path) says it has no config.json (one wording: it is 'not ... an adapter "
-                                       "directory'); no word of `posttrain merge`, which makes a model of it")
 def test_adapter_as_policy_model_path_says_it_is_an_adapter(capsys, tmp_path, rloo_run):
     rc, out = run_cli(capsys, "grpo", "examples/grpo.yaml", *QUICK, f"model.path={rloo_run / 'final'}",
                       f"output_dir={tmp_path}")
@@ -183,9 +153,6 @@ def test_adapter_as_policy_model_path_says_it_is_an_adapter(capsys, tmp_path, rl
         "a run directory (its final/) or an adapter directory" not in out
 
 
-@pytest.mark.xfail(strict=True, reason="a run dir as grpo/ppo model.path: 'has no config.json' (loading.resolve_"
-                                       "model_path); generate and merge take a run dir, training stages neither "
-                                       "take it nor point at its final/")
 def test_run_dir_as_policy_model_path_is_taken_or_pointed_at_final(capsys, tmp_path):
     from posttrain.models.loading import resolve_model_path
 
@@ -196,9 +163,6 @@ def test_run_dir_as_policy_model_path_is_taken_or_pointed_at_final(capsys, tmp_p
     assert rc == 0 or (rc == 2 and str(run / "final") in out)
 
 
-@pytest.mark.xfail(strict=True, reason="generate reads only *.jsonl as JSON: each line of a .ndjson prompt file "
-                                       "becomes a raw text prompt '{\"prompt\": ...}' (inference.read_prompts), "
-                                       "though score and training read .ndjson as JSON lines")
 def test_generate_reads_ndjson_prompts_as_json(capsys, tmp_path):
     prompts = tmp_path / "prompts.ndjson"
     prompts.write_text('{"prompt": "Smallest letter: c b d"}\n')
@@ -210,8 +174,6 @@ def test_generate_reads_ndjson_prompts_as_json(capsys, tmp_path):
         assert json.loads(out_file.read_text().splitlines()[0])["prompt"] == "Smallest letter: c b d"
 
 
-@pytest.mark.xfail(strict=True, reason="ppo.value_model_path with ppo.value_model=head (the default) is "
-                                       "silently ignored: no error, no log line")
 def test_ppo_value_model_path_without_separate_critic_is_not_silent(capsys, tmp_path):
     rc, out = run_cli(capsys, "ppo", "examples/ppo.yaml", *QUICK, "ppo.value_model_path=tiny",
                       "train.progress_bar=false", f"output_dir={tmp_path}")

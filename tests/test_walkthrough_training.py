@@ -1,6 +1,6 @@
 """A newcomer's walk through the README's training sections (Using it, Config, Models, PEFT,
 Data, Reward models and preference optimisation, The training loop): first-contact defects
-(xfail, strict) and a few user-journey behaviours that are right but were untested."""
+(strict xfails until their fixes, stop 28) and a few user-journey behaviours that are right but were untested."""
 
 from __future__ import annotations
 
@@ -106,7 +106,6 @@ def test_score_with_the_trained_reward_model_final_dir(capsys, rm_run, rows_file
 # --------------------------------------------------------------------------- defects
 
 
-@pytest.mark.xfail(strict=True, reason="merge of a missing directory says 'holds no adapter (a full model needs no merging)'")
 def test_merge_of_a_missing_directory_says_it_does_not_exist(capsys, tmp_path):
     rc, out = _cli(["merge", tmp_path / "runs" / "sft_lora_typo", tmp_path / "merged"], capsys)
     assert rc == 2
@@ -114,13 +113,11 @@ def test_merge_of_a_missing_directory_says_it_does_not_exist(capsys, tmp_path):
     assert "does not exist" in out or "no such" in out.lower()
 
 
-@pytest.mark.xfail(strict=True, reason="score --model on a causal LM / preset scores with a random, unseeded head, silently")
 def test_score_with_a_model_that_is_not_a_reward_model_is_not_silent(capsys, rows_file):
     rc, out = _cli(["score", "--model", "tiny", "--input", rows_file, "--output", "-"], capsys)
     assert rc != 0 or "head" in out.lower(), out
 
 
-@pytest.mark.xfail(strict=True, reason="score --model RUN_DIR is refused (merge and generate take a run dir) and names model.path")
 def test_score_takes_a_run_directory_like_generate_and_merge(capsys, rm_run, rows_file):
     rc, out = _cli(["score", "--model", rm_run, "--input", rows_file, "--output", "-"], capsys)
     assert rc == 0, out
@@ -135,7 +132,6 @@ def test_bad_scalar_override_value_is_blamed_on_the_overrides():
         assert str(info.value).startswith("overrides:"), str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="a list override for a number (train.lr=[1, 2]) is blamed on the YAML file")
 @pytest.mark.parametrize("override", ["train.lr=[1, 2]", "model.gradient_checkpointing=[true]"])
 def test_bad_override_value_is_blamed_on_the_overrides(override):
     from posttrain.config import SFTConfig
@@ -145,7 +141,6 @@ def test_bad_override_value_is_blamed_on_the_overrides(override):
     assert str(info.value).startswith("overrides:"), str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="model.path=<LoRA adapter dir> is refused as 'not ... an adapter directory', no word of merge")
 def test_model_path_at_an_adapter_directory_says_it_is_an_adapter(tmp_path):
     from posttrain.models.loading import resolve_model_path
 
@@ -159,7 +154,6 @@ def test_model_path_at_an_adapter_directory_says_it_is_an_adapter(tmp_path):
     assert "posttrain merge" in message, message  # it is an adapter: say so and how to train from it
 
 
-@pytest.mark.xfail(strict=True, reason="model.path=<run dir> is refused ('it is not ... a run directory') though generate takes it")
 def test_model_path_at_a_run_directory_uses_or_names_its_final(tmp_path):
     from posttrain.models.loading import resolve_model_path
 
@@ -172,12 +166,10 @@ def test_model_path_at_a_run_directory_uses_or_names_its_final(tmp_path):
         assert str(run / "final") in str(exc), str(exc)
 
 
-@pytest.mark.xfail(strict=True, reason="posttrain rm writes no params.json (README: every stage prints and saves it)")
 def test_rm_writes_params_json(rm_run):
     assert (rm_run / "params.json").is_file()
 
 
-@pytest.mark.xfail(strict=True, reason="all rows dropped by length: SFT says 'none of the 0 examples ... every label is masked'")
 def test_sft_everything_dropped_for_length_names_the_length(capsys, tmp_path):
     rc, out = _cli(["sft", EXAMPLES / "sft_lora.yaml", "data.max_length=8", "data.overlength=drop",
                     "train.max_steps=1", f"output_dir={tmp_path / 'r'}", *QUIET], capsys)
@@ -185,7 +177,6 @@ def test_sft_everything_dropped_for_length_names_the_length(capsys, tmp_path):
     assert "none of the 0 examples" not in out and "every label is masked" not in out, out
 
 
-@pytest.mark.xfail(strict=True, reason="output_dir naming an existing file ends in a FileExistsError traceback")
 def test_output_dir_that_is_a_file_is_a_one_line_error(capsys, tmp_path):
     target = tmp_path / "afile"
     target.write_text("hi\n")
@@ -197,7 +188,6 @@ def test_output_dir_that_is_a_file_is_a_one_line_error(capsys, tmp_path):
     assert rc == 2 and "afile" in out
 
 
-@pytest.mark.xfail(strict=True, reason="a refused resume (other settings) still overwrites the run's config.yaml")
 def test_refused_resume_leaves_the_existing_run_config_alone(capsys, tmp_path):
     run = tmp_path / "run"
     common = [EXAMPLES / "sft_lora.yaml", "train.max_steps=1", f"output_dir={run}", *QUIET]
@@ -209,7 +199,6 @@ def test_refused_resume_leaves_the_existing_run_config_alone(capsys, tmp_path):
     assert (run / "config.yaml").read_text() == before
 
 
-@pytest.mark.xfail(strict=True, reason="output_dir= (empty) silently writes the run into the current directory")
 def test_empty_output_dir_is_refused(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     rc, out = _cli(["sft", EXAMPLES / "sft_lora.yaml", "output_dir=", "train.max_steps=1",
@@ -218,7 +207,6 @@ def test_empty_output_dir_is_refused(capsys, tmp_path, monkeypatch):
     assert rc == 2, out
 
 
-@pytest.mark.xfail(strict=True, reason="a YAML config with a section given twice silently keeps only the last one")
 def test_duplicate_yaml_section_is_refused(tmp_path):
     from posttrain.config import SFTConfig
 

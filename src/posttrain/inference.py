@@ -15,6 +15,21 @@ def resolve_model_dir(path: str) -> str:
     return str(candidate) if candidate.is_dir() else path
 
 
+def check_output_path(path: str, flag: str = "--output") -> None:
+    """An output file's place, checked before any work: its directory must exist ('-' is stdout),
+    and the path must not be a directory; a UserError names the flag."""
+    if path == "-":
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise UserError(f"{flag} {path} is a directory; give a file to write")
+    parent = target.parent
+    if not parent.exists():
+        raise UserError(f"{flag} {path}: the directory {parent} does not exist; create it first (mkdir -p {parent})")
+    if not parent.is_dir():
+        raise UserError(f"{flag} {path}: {parent} is a file, not a directory")
+
+
 def check_model_dir(path: str, what: str = "model") -> None:
     """The path checks load_for_inference makes first, without loading anything: a missing
     reference is said before the policy's minutes of loading, not after."""
@@ -79,10 +94,16 @@ def load_for_inference(path: str, dtype: str = "float32", trust_remote_code: boo
 
 
 def read_prompts(path: str) -> list[dict]:
-    """Lines of text, or JSONL objects with `prompt` (str) or `messages` (list)."""
+    """Lines of text, or rows with `prompt` (str) or `messages` (list): JSON Lines (.jsonl,
+    .ndjson) or a .json list of rows or of prompt strings (each optionally .gz), read by the
+    data readers as training and score read them; any other file is one prompt a line."""
+    from posttrain.data.readers import _file_kind
+
     file = Path(path)
     if not file.is_file():
         raise UserError(f"prompts file {path} does not exist")
+    if _file_kind(path) in ("jsonl", "json"):
+        return _json_prompts(path)
     data = file.read_bytes()
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]  # UTF-8 byte-order mark
@@ -93,22 +114,43 @@ def read_prompts(path: str) -> list[dict]:
             line = raw.decode("utf-8").removesuffix("\r")
         except UnicodeDecodeError:
             raise DataError(f"{path}:{number}: not UTF-8 text") from None
-        if not line.strip():
-            continue
-        if path.endswith(".jsonl"):
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict) or not ("prompt" in row or "messages" in row):
-                raise DataError(f"{path}:{number}: expected an object with 'prompt' or 'messages'")
-            problem = _prompt_problem(row)
-            if problem:
-                raise DataError(f"{path}:{number}: {problem}")
-            items.append(row)
-        else:
+        if line.strip():
             items.append({"prompt": line})
     return items
+
+
+def _json_prompts(path: str) -> list[dict]:
+    """Prompt rows from a JSON Lines or JSON file (`data.readers`); file:line on a bad one."""
+    from posttrain.data.readers import Malformed, iter_rows
+
+    items = []
+    for location, row in iter_rows(path):
+        if isinstance(row, Malformed):
+            if row.reason == "expected a JSON object, got a string":  # a prompt string: ["...", ...] or a line "..."
+                row = {"prompt": _string_row(row.raw)}
+            elif row.reason.startswith("invalid JSON"):
+                raise DataError(f"{location}: not valid JSON ({row.reason.removeprefix('invalid JSON: ')})")
+            elif row.reason.startswith("expected a JSON object"):
+                raise DataError(f"{location}: expected an object with 'prompt' or 'messages'")
+            else:
+                raise DataError(f"{location}: {row.reason}")
+        if not ("prompt" in row or "messages" in row):
+            raise DataError(f"{location}: expected an object with 'prompt' or 'messages'")
+        problem = _prompt_problem(row)
+        if problem:
+            raise DataError(f"{location}: {problem}")
+        items.append(row)
+    return items
+
+
+def _string_row(raw: str) -> str:
+    """The prompt a JSON string row holds: a JSON array's item comes as its value, a JSON line
+    as its text."""
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+    return value if isinstance(value, str) else raw
 
 
 def _prompt_problem(row: dict) -> str | None:
@@ -208,9 +250,11 @@ def main(args) -> int:
     from posttrain.data.templates import resolve_template
     from posttrain.rollout.generate import chat_session
 
-    settings = _settings(args)  # flags and prompts checked before the model loads
+    settings = _settings(args)  # flags, prompts and the output's place checked before the model loads
     if args.command == "chat" and args.template == "none":
         raise UserError("chat needs a chat template (--template auto|chatml|alpaca)")
+    if args.command != "chat":
+        check_output_path(args.output)
     items = read_prompts(args.prompts) if args.command != "chat" else []
     model, tokenizer = _load(args)
     template = None if args.template == "none" else resolve_template(tokenizer, args.template)
@@ -235,10 +279,14 @@ def main(args) -> int:
 def merge_main(args) -> int:
     """`posttrain merge`: adapters folded into the base, saved as a plain transformers model."""
     from posttrain.models.adapters import is_adapter_dir, merge_adapted
+    from posttrain.models.presets import is_preset
 
+    if not Path(args.adapter).exists() and not is_preset(args.adapter):
+        raise UserError(f"{args.adapter} does not exist; give a run directory (its final/) or an adapter directory")
     path = resolve_model_dir(args.adapter)
     if not is_adapter_dir(path):
         raise UserError(f"{path} holds no adapter (a full model needs no merging)")
+    _check_merge_output(Path(args.output), Path(path), Path(args.adapter))
     if _is_reward_adapter(path):  # LoRA on a reward model: its trained score head comes along
         return _merge_reward_model(Path(path), Path(args.output), args.dtype, args.trust_remote_code)
     model, tokenizer = load_for_inference(path, args.dtype, args.trust_remote_code)
@@ -248,6 +296,23 @@ def merge_main(args) -> int:
     tokenizer.save_pretrained(out)
     print(f"merged {'+'.join(model.methods)} into the base: {out}")
     return 0
+
+
+def _check_merge_output(out: Path, adapter: Path, given: Path) -> None:
+    """The merged model's directory: not a file, not the adapter's directory (a directory that
+    held both would be read as an adapter again), nor inside it, nor the run directory named."""
+    if out.is_file():
+        raise UserError(f"{out} is a file; give a directory (new or empty) to save the merged model into")
+    target, home = out.resolve(), adapter.resolve()
+    if target == home:
+        where = "is the adapter directory itself"
+    elif home in target.parents:
+        where = f"is inside the adapter directory {adapter}"
+    elif target == given.resolve():
+        where = "is the run directory being merged"
+    else:
+        return
+    raise UserError(f"output {out} {where}; merge into a new directory (posttrain merge {given} NEW_DIR)")
 
 
 def _is_reward_adapter(path: Path) -> bool:

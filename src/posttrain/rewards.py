@@ -31,23 +31,29 @@ from dataclasses import dataclass
 
 import torch
 
-from posttrain.errors import ConfigError
+from posttrain.errors import ConfigError, DataError, UserError
 
 Reward = Callable[[Sequence[list[dict]], Sequence[str]], list[float]]
 
 
 class RewardModelScorer:
-    """Scores with a reward model directory (full model or LoRA adapter) and its tokenizer."""
+    """Scores with a reward model directory (full model or LoRA adapter, or a run directory: its
+    final/) and its tokenizer. A model without a trained reward head (a policy, a preset) is
+    refused: its head would be a fresh random draw."""
 
     def __init__(self, path: str, template: str = "auto", batch_size: int = 32, dtype: str = "float32",
                  trust_remote_code: bool = False, max_length: int = 1024, device=None, log=None):
         from posttrain.data.templates import resolve_template
-        from posttrain.models.loading import load_tokenizer
+        from posttrain.inference import resolve_model_dir
         from posttrain.models.attention import padding_free
-        from posttrain.models.reward_model import _classifier, encoder_positions, is_decoder_scorer, load_reward_model
+        from posttrain.models.loading import load_tokenizer
+        from posttrain.models.reward_model import (_classifier, check_trained_head, encoder_positions,
+                                                   is_decoder_scorer, load_reward_model)
 
+        path = resolve_model_dir(str(path))  # a run directory means its final/, as generate and merge take it
         self.tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
         self.model = load_reward_model(path, dtype, trust_remote_code, pad_token_id=self.tokenizer.pad_token_id).eval()
+        check_trained_head(self.model, path)  # a policy's fresh head would score at random, silently
         if device is not None:
             self.model.to(device)
         self.template = resolve_template(self.tokenizer, template)
@@ -90,12 +96,39 @@ def function_reward(spec: str) -> Reward:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"reward function {spec!r} cannot be imported: {exc}") from None
-    if _positional_arity(fn) >= 3:  # values checked, with the component's name, by `_checked`
+    except Exception as exc:  # a syntax error in the module, or one it raises as it runs
+        raise ConfigError(f"reward function {spec!r} cannot be imported: {type(exc).__name__}: {exc}") from None
+
+    def each(args: list[tuple]) -> list:  # values checked, with the component's name, by `_checked`
+        out = []
+        for i, arg in enumerate(args):
+            try:
+                out.append(fn(*arg))
+            except Exception as exc:  # noqa: BLE001 (the user's code: said as a one-line error naming it)
+                raise RewardFunctionError(spec, exc, i, len(args)) from exc
+        return out
+
+    if _positional_arity(fn) >= 3:
         def with_rows(prompts, responses, rows=None):
             rows = rows if rows is not None else [{}] * len(responses)
-            return [fn(p, r, row) for p, r, row in zip(prompts, responses, rows)]
+            return each(list(zip(prompts, responses, rows)))
         return with_rows
-    return lambda prompts, responses, rows=None: [fn(p, r) for p, r in zip(prompts, responses)]
+    return lambda prompts, responses, rows=None: each(list(zip(prompts, responses)))
+
+
+class RewardFunctionError(DataError):
+    """A reward function raised: its name (the spec, or the component's name once `_checked`
+    knows it), the response it raised on (`index`, 0-based, of `count`) and the original
+    exception's type and message, in one line."""
+
+    def __init__(self, name: str, error: Exception, index: int, count: int, where: str | None = None):
+        self.name, self.error, self.index, self.count, self.where = name, error, index, count, where
+        said = f": {error}" if isinstance(error, UserError) else f" raised {type(error).__name__}: {error}"
+        message = f"reward {name!r}{said}"
+        super().__init__(f"{where}: {message}" if where else f"{message} (on response {index + 1} of {count})")
+
+    def named(self, name: str | None = None, where: str | None = None) -> RewardFunctionError:
+        return RewardFunctionError(name or self.name, self.error, self.index, self.count, where or self.where)
 
 
 def _positional_arity(fn) -> int:
@@ -111,9 +144,10 @@ def _checked(component: RewardComponent, prompts, responses, rows) -> list[float
     """A component's values: one finite number per response, or an error naming it (a NaN would
     turn a total, a calibration mean and every row's score into NaN; a short or long list would
     shift every row's score)."""
-    from posttrain.errors import DataError
-
-    returned = _call(component.reward, prompts, responses, rows)
+    try:
+        returned = _call(component.reward, prompts, responses, rows)
+    except RewardFunctionError as exc:  # say the component's name, not its module path
+        raise exc.named(component.name) from exc.error
     try:
         if isinstance(returned, (str, bytes)) or any(isinstance(v, (str, bytes)) for v in returned):
             raise TypeError("text is not a reward")
@@ -303,10 +337,13 @@ def score_main(args) -> int:
     import json
     import sys
 
+    from posttrain.inference import check_output_path
+
     if not args.model and not args.function:
         raise ConfigError("give at least one --model reward model or --function reward")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_output_path(args.output)  # before any model loads or row is scored
     combined = build_combined(args.model, args.function, args.weight, args.floor, args.template, args.batch_size,
                               log=lambda line: print(line, file=sys.stderr))  # stdout may be the output
     rows, prompts, responses, locations = _read_scoring_rows(args.input)
@@ -317,10 +354,13 @@ def score_main(args) -> int:
         if taken:
             raise ConfigError(f"{location}: the row already has a {taken[0]!r} column, which scoring would overwrite; "
                               "name the new column with --column")
-    if args.calibrate:
-        for name, (mean, std) in combined.calibrate(prompts, responses, rows).items():
-            print(f"calibrated {name}: mean {mean:.4g}, std {std:.4g}", file=sys.stderr)
-    totals, raw = combined.score(prompts, responses, rows)
+    try:
+        if args.calibrate:
+            for name, (mean, std) in combined.calibrate(prompts, responses, rows).items():
+                print(f"calibrated {name}: mean {mean:.4g}, std {std:.4g}", file=sys.stderr)
+        totals, raw = combined.score(prompts, responses, rows)
+    except RewardFunctionError as exc:  # the row it raised on, by file:line
+        raise exc.named(where=locations[exc.index]) from exc.error
     several = len(combined.components) > 1
     out = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
     try:

@@ -75,12 +75,44 @@ def _load_lora_reward_model(directory: Path, dtype: str, trust_remote_code: bool
 
     from posttrain.models.loading import check_adapter_weights
 
-    base = json.loads((directory / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    config = json.loads((directory / "adapter_config.json").read_text())
+    task = config.get("task_type")
+    if task not in (None, "SEQ_CLS"):  # peft would die on a sequence-classification base (AttributeError)
+        kind = "a policy (causal LM) adapter" if task == "CAUSAL_LM" else f"a {task} adapter"
+        raise UserError(f"{directory} is {kind}, not a reward model (a reward model's adapter is SEQ_CLS, from "
+                        "posttrain rm); to start a PPO critic from this policy, merge it first (posttrain merge)")
+    base = config.get("base_model_name_or_path")
     if not base:
         raise UserError(f"{directory}/adapter_config.json names no base model (base_model_name_or_path)")
     check_adapter_weights(directory)
     model = load_reward_model(base, dtype, trust_remote_code, pad_token_id)
     return PeftModel.from_pretrained(model, directory)
+
+
+def untrained_modules(model) -> list[str]:
+    """The modules of a loaded reward model its checkpoint did not hold (drawn at random by the
+    loader: the score head of a causal LM, an encoder's classifier), less those a LoRA reward
+    model's adapter saves (`modules_to_save`); [] for a trained reward model."""
+    from peft import PeftModel
+
+    missing = list(getattr(_classifier(model), "newly_initialized", []))
+    if isinstance(model, PeftModel):
+        config = model.peft_config.get(model.active_adapter)
+        saved = list(getattr(config, "modules_to_save", None) or [])
+        missing = [name for name in missing
+                   if not any(name == s or name.endswith("." + s) or s.endswith("." + name) for s in saved)]
+    return missing
+
+
+def check_trained_head(model, path) -> None:
+    """A UserError when `model` (from `load_reward_model(path)`) has no trained score head: its
+    scores would be a fresh random draw at every load. For scoring (posttrain score, RL and
+    evaluate's reward.models), never for training one (`posttrain rm`, a PPO critic)."""
+    missing = untrained_modules(model)
+    if missing:
+        raise UserError(f"{path} is not a reward model: it has no trained reward head (the checkpoint lacks "
+                        f"{', '.join(missing)}, which would be drawn at random: every score would be noise); train "
+                        "one with posttrain rm and give its run directory or final/")
 
 
 def add_lora(model, lora_cfg):
