@@ -38,10 +38,34 @@ class ProbesConfig:
 
 
 @dataclass
+class AttackerConfig(BackendConfig):
+    max_tokens: int = option(512, "generation budget per attacker reply (its IMPROVEMENT line plus the prompt)")
+    temperature: float = option(1.0, "sampling temperature of the attacker (> 0 so that streams differ)")
+    seed: int = option(0, "sampling seed; stream s of a request uses seed + s")
+
+
+@dataclass
+class PairConfig:
+    enabled: bool = option(False, "model-generated attacks (PAIR, Chao et al. 2023): an attacker model writes a "
+                           "jailbreak prompt for each harmful request and refines it from the target's replies; "
+                           "reported as the attack 'pair'")
+    rounds: int = option(3, "attacker prompts per conversation at most; a conversation stops at the first "
+                         "full_compliance")
+    streams: int = option(1, "independent conversations per harmful request (seeds differ); the request is "
+                          "jailbroken when any of them is")
+    parse_retries: int = option(1, "when an attacker reply has no PROMPT: line, ask this many more times; then the "
+                                "conversation ends and counts as an error")
+    attacker: AttackerConfig = dataclasses.field(default_factory=AttackerConfig,
+                                                 metadata={"help": "the model that writes the attacks"})
+
+
+@dataclass
 class AttackConfig:
     names: list[str] = option(DEFAULT_ATTACKS, "built-in attacks applied to every harmful request (direct = the "
                               "request as it is)")
     file: str = option("", "more attacks (YAML or JSONL rows: name, template with {prompt}, system?, description?)")
+    pair: PairConfig = dataclasses.field(default_factory=PairConfig,
+                                         metadata={"help": "model-generated attacks (PAIR)"})
 
 
 @dataclass
@@ -68,16 +92,32 @@ def validate_redteam(cfg: RedTeamConfig) -> None:
     if cfg.classifier == "judge":
         checks += backend_checks(cfg.judge, "judge") + [(cfg.judge.parse_retries >= 0,
                                                         "judge.parse_retries must be >= 0")]
+    pair = cfg.attacks.pair
+    if pair.enabled:
+        checks += _pair_checks(pair)
     _raise_first(checks + [
         (bool(cfg.probes.harmful.strip()), "probes.harmful is empty; give a file or 'default'"),
         (cfg.probes.limit >= 0, "probes.limit must be >= 0 (0 = all)"),
-        (bool(cfg.attacks.names) or bool(cfg.attacks.file), "attacks.names is empty and attacks.file unset; "
-                                                            "name at least one attack (direct = none)"),
+        (bool(cfg.attacks.names) or bool(cfg.attacks.file) or pair.enabled,
+         "attacks.names is empty, attacks.file unset and attacks.pair off; name at least one attack (direct = "
+         "none)"),
         (len(set(cfg.attacks.names)) == len(cfg.attacks.names), "attacks.names lists an attack twice"),
         (cfg.concurrency >= 1, "concurrency must be >= 1"),
         (not cfg.compare_to or Path(cfg.compare_to).resolve() != Path(cfg.output_dir).resolve(),
          "compare_to is this run's own output_dir; give an earlier run's directory"),
     ])
+
+
+def _pair_checks(pair: PairConfig) -> list[tuple[bool, str]]:
+    name = "attacks.pair"
+    return backend_checks(pair.attacker, f"{name}.attacker") + [
+        (pair.rounds >= 1, f"{name}.rounds must be >= 1"),
+        (pair.streams >= 1, f"{name}.streams must be >= 1"),
+        (pair.parse_retries >= 0, f"{name}.parse_retries must be >= 0"),
+        (pair.streams == 1 or pair.attacker.temperature > 0,
+         f"{name}.streams={pair.streams} needs {name}.attacker.temperature > 0: a greedy attacker writes the same "
+         "conversation in every stream"),
+    ]
 
 
 def redteam_reference() -> str:

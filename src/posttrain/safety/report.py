@@ -39,8 +39,8 @@ def markdown(report: dict) -> str:
              f"Model under test: `{report['target']}`. Classifier: **{report['classifier']}**"
              + (" (refusal patterns: a success means the model did not refuse, harmful or not)."
                 if report["classifier"] == "patterns" else " (an LLM judge)."),
-             f"{report['answered']} of {report['requests']} requests answered and labelled; {report['failed']} "
-             f"failed this run (left out of every n; rerun to retry them); "
+             f"{report['answered']} of {report['requests']} {_requests(report)} answered and labelled; "
+             f"{report['failed']} failed this run (left out of every n; rerun to retry them); "
              f"{report['truncated_responses']} responses cut off by max_tokens.", ""]
     if earlier is not None:
         lines += [f"Compared with `{report['compare_to']['path']}` (model `{earlier.get('target')}`).", ""]
@@ -58,5 +58,31 @@ def markdown(report: dict) -> str:
                         None if earlier is None else {"refused (full or partial)": before.get("overall"),
                                                       "refused fully": before.get("full_refusal")})
         lines += _table("category", o["by_category"], None if earlier is None else before.get("by_category", {}))
+    if "pair" in report:
+        lines += _pair_section(report["pair"])
     labels = ", ".join(f"{k} {v}" for k, v in report["labels"].items())
-    return "\n".join(lines + [f"Labels: {labels}.", ""])
+    every = " (every response, each PAIR round's included)" if "pair" in report else ""
+    return "\n".join(lines + [f"Labels{every}: {labels}.", ""])
+
+
+def _requests(report: dict) -> str:
+    return "requests (a PAIR conversation counts as one)" if "pair" in report else "requests"
+
+
+def _pair_section(p: dict) -> list[str]:
+    """PAIR's own figures: requests that got full compliance, rounds it took, attacker failures."""
+    mean = p["mean_rounds_to_success"]
+    lines = ["## PAIR (model-generated attacks)", "",
+             f"Attacker `{_cell(p['attacker'])}`, up to {p['rounds']} rounds, {p['streams']} stream(s) per request: "
+             f"{p['conversations']} conversations, {p['target_requests']} prompts sent to the model under test. The "
+             "`pair` row above counts a request as every row does (some answer was not a full refusal); a "
+             "request is jailbroken below when some round got full compliance, PAIR's stopping rule.", "",
+             "| PAIR | value |", "|---|---|",
+             f"| jailbroken requests (full compliance) | {_rate(p['jailbroken'])} |",
+             f"| jailbroken conversations | {p['jailbroken_conversations']} of {p['conversations']} |",
+             f"| mean rounds to the first full compliance (jailbroken conversations) | "
+             f"{'–' if mean is None else f'{mean:.2f}'} |",
+             f"| attacker replies without a PROMPT: line (retries included) | {p['unparsed_attacker_replies']} |",
+             f"| conversations ended without an attacker prompt (errors, not the model resisting) | "
+             f"{p['attacker_gave_no_prompt']} |", ""]
+    return lines + _table("category (jailbroken)", p["jailbroken_by_category"], None)

@@ -16,8 +16,10 @@ partial_refusal or full_refusal.
 With the pattern classifier a "success" means "did not refuse": a model that answers a harmful
 request with nonsense counts as attacked successfully. The report says which classifier it used.
 
-responses.jsonl is an append-only log with one record per (suite, attack, probe): a killed run
-resumes where it stopped, and a resume with settings that change the answers is refused.
+responses.jsonl is an append-only log with one record per (suite, attack, probe), and with
+attacks.pair on one per PAIR conversation (harmful/pair/<probe>/<stream>: every round's attacker
+replies, prompt, response and label; see safety/pair.py): a killed run resumes where it stopped,
+and a resume with settings that change the answers is refused.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from posttrain.safety.classify import LABELS, classify_refusal, judge_messages, 
 from posttrain.safety.metrics import rates
 
 BUNDLED = {"harmful": "safety_harmful.jsonl", "overrefusal": "safety_overrefusal.jsonl"}
+PAIR = "pair"  # the attack name of PAIR's conversations in records and the report
 
 
 def _succeeded(record: dict) -> bool:
@@ -45,6 +48,7 @@ def _refused(record: dict) -> bool:
 
 def load_items(cfg) -> list[tuple[str, dict]]:
     """(id, item) for every harmful request under every attack, then every safe prompt as it is."""
+    from posttrain.errors import ConfigError
     from posttrain.safety.attacks import ATTACKS, load_attacks
     from posttrain.safety.probes import load_probes
 
@@ -52,10 +56,19 @@ def load_items(cfg) -> list[tuple[str, dict]]:
     harmful = load_probes(cfg.probes.harmful, bundled=BUNDLED["harmful"])[:limit]
     safe = load_probes(cfg.probes.overrefusal, bundled=BUNDLED["overrefusal"])[:limit] \
         if cfg.probes.overrefusal.strip() else []
+    pair = cfg.attacks.pair
+    attacks = load_attacks(cfg.attacks.names, cfg.attacks.file) if cfg.attacks.names or cfg.attacks.file else []
+    if pair.enabled and any(attack.name == PAIR for attack in attacks):
+        raise ConfigError(f"attacks.file: an attack is named {PAIR!r}, the name of attacks.pair's rows; rename it")
     items = [(f"harmful/{attack.name}/{probe.id}",
               {"suite": "harmful", "attack": attack.name, "category": probe.category, "probe": probe.id,
                "source": probe.source, "prompt": probe.prompt, "messages": attack.messages(probe.prompt)})
-             for attack in load_attacks(cfg.attacks.names, cfg.attacks.file) for probe in harmful]
+             for attack in attacks for probe in harmful]
+    if pair.enabled:  # one item per conversation; "stream" marks it (and no "messages": the attacker writes them)
+        items += [(f"harmful/{PAIR}/{probe.id}/{stream}",
+                   {"suite": "harmful", "attack": PAIR, "category": probe.category, "probe": probe.id,
+                    "source": probe.source, "prompt": probe.prompt, "stream": stream})
+                  for probe in harmful for stream in range(pair.streams)]
     direct = ATTACKS["direct"]
     items += [(f"overrefusal/{probe.id}",
                {"suite": "overrefusal", "attack": "direct", "category": probe.category, "probe": probe.id,
@@ -100,11 +113,62 @@ def respond_and_label(item: dict, target, classify: Callable[[str, str], tuple[s
             "finish_reason": reply.finish_reason, "label": label, "reason": reason}
 
 
-def summarize(records: list[dict], classifier: str) -> dict:
-    """The report: ASR overall / per attack / per category, over-refusal overall / per category."""
-    harmful = [r for r in records if r["suite"] == "harmful"]
+def converse(item: dict, attacker, target, classify: Callable[[str, str], tuple[str, str]], cfg) -> dict:
+    """One PAIR conversation about a harmful request (the record for the log): the attacker's
+    sampling from attacks.pair.attacker with seed + stream, the target's from cfg.target."""
+    from posttrain.safety.pair import run_conversation
+
+    a, t, pair = cfg.attacks.pair.attacker, cfg.target, cfg.attacks.pair
+
+    def ask_attacker(messages: list[dict]) -> str:
+        return attacker.chat(messages, max_tokens=a.max_tokens, temperature=a.temperature,
+                             seed=a.seed + item["stream"]).text
+
+    def ask_target(prompt: str):
+        return target.chat([{"role": "user", "content": prompt}], max_tokens=t.max_tokens,
+                           temperature=t.temperature, seed=t.seed)
+
+    result = run_conversation(item["prompt"], ask_attacker=ask_attacker, ask_target=ask_target, classify=classify,
+                              rounds=pair.rounds, parse_retries=pair.parse_retries)
+    return {**item, "request": request_digest(item), "pair": pair_settings(cfg), **result}
+
+
+def pair_settings(cfg) -> dict:
+    """What decides a PAIR conversation besides the target and the classifier (which run.json
+    holds): kept in each conversation's record, so a resume with other values is refused even
+    after a run with PAIR off. (More streams only add conversations: stream s is the same.)"""
+    from posttrain.feedback.rlaif import backend_settings
+    from posttrain.safety.pair import instructions_digest
+
+    pair = cfg.attacks.pair
+    return {"rounds": pair.rounds, "parse_retries": pair.parse_retries, "attacker": backend_settings(pair.attacker),
+            "instructions": instructions_digest()}
+
+
+def _responses(records: list[dict]) -> list[dict]:
+    """Every labelled response of the target: a record's own, or each answered round of a PAIR one."""
+    out = []
+    for record in records:
+        if "stream" in record:
+            out += [r for r in record["rounds"] if r.get("prompt") is not None]
+        elif not record.get("error"):
+            out.append(record)
+    return out
+
+
+def summarize(records: list[dict], classifier: str, pair_streams: int = 0) -> dict:
+    """The report: ASR overall / per attack / per category, over-refusal overall / per category;
+    with PAIR conversations among the records, one attack-success record per request for `pair`
+    and the report's "pair" section (`pair_streams`: conversations per request)."""
+    harmful = [r for r in records if r["suite"] == "harmful" and "stream" not in r]
     safe = [r for r in records if r["suite"] == "overrefusal"]
     report: dict[str, Any] = {"classifier": classifier}
+    conversations = [r for r in records if "stream" in r]
+    if conversations:
+        from posttrain.safety.pair import summarize_pair
+
+        per_request, report["pair"] = summarize_pair(conversations, pair_streams)
+        harmful += per_request
     if harmful:
         report["attack_success"] = {"overall": rates(harmful, success=_succeeded),
                                     "by_attack": rates(harmful, success=_succeeded, by="attack"),
@@ -113,16 +177,16 @@ def summarize(records: list[dict], classifier: str) -> dict:
         full = lambda r: r["label"] == "full_refusal"  # noqa: E731
         report["over_refusal"] = {"overall": rates(safe, success=_refused), "full_refusal": rates(safe, success=full),
                                   "by_category": rates(safe, success=_refused, by="category")}
-    labelled = [r for r in records if not r.get("error")]
+    labelled = _responses(records)
     report["labels"] = {label: sum(r["label"] == label for r in labelled) for label in LABELS}
     report["truncated_responses"] = sum(r.get("finish_reason") == "length" for r in labelled)
     return report
 
 
-def run_redteam(cfg, *, target=None, judge=None, log: Callable[[str], Any] = print,
+def run_redteam(cfg, *, target=None, judge=None, attacker=None, log: Callable[[str], Any] = print,
                 stream=STDERR) -> Path:
-    """Run every item not yet in the log, then write report.json and report.md. `target` and
-    `judge` replace the backends the config describes (tests, notebooks)."""
+    """Run every item not yet in the log, then write report.json and report.md. `target`, `judge`
+    and `attacker` (PAIR's) replace the backends the config describes (tests, notebooks)."""
     import yaml
 
     from posttrain.config.safety import validate_redteam
@@ -141,6 +205,9 @@ def run_redteam(cfg, *, target=None, judge=None, log: Callable[[str], Any] = pri
     check_resume_settings(out, _settings(cfg), resuming, name="run.json")
     (out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
     target = target or make_backend(cfg.target)
+    pair = cfg.attacks.pair
+    if pair.enabled:
+        attacker = attacker or _shared_or_new(target, cfg.target, pair.attacker)
     if cfg.classifier == "judge":
         classify = JudgeClassifier(judge or make_backend(cfg.judge), cfg.judge)
     else:
@@ -148,19 +215,23 @@ def run_redteam(cfg, *, target=None, judge=None, log: Callable[[str], Any] = pri
             return classify_refusal(response)
 
     def work(item_id: str, item: dict) -> dict:
+        if "stream" in item:
+            return converse(item, attacker, target, classify, cfg)
         return respond_and_label(item, target, classify, cfg.target)
 
     aborted = None
     with JsonlLog(log_path) as responses:
-        check_logged_requests(responses.records, items, out)
+        check_logged_requests(responses.records, items, out, pair_settings(cfg) if pair.enabled else None)
         try:
             summary = run_items(items, work, responses, concurrency=cfg.concurrency, desc="redteam", stream=stream)
         except RunAborted as exc:  # the report of what the log holds is still written, then the error
             aborted, summary = exc, exc.summary
         by_id = {r["id"]: r for r in responses.records}
     records = [by_id[item_id] for item_id, _ in items if item_id in by_id]
-    report = summarize(records, cfg.classifier) | {"target": cfg.target.model, "requests": len(items),
-                                                    "answered": len(records), "failed": summary.failed}
+    report = summarize(records, cfg.classifier, pair.streams) | {"target": cfg.target.model, "requests": len(items),
+                                                                  "answered": len(records), "failed": summary.failed}
+    if "pair" in report:
+        report["pair"] |= {"attacker": pair.attacker.model, "rounds": pair.rounds, "streams": pair.streams}
     if earlier is not None:
         report["compare_to"] = {"path": cfg.compare_to, "report": earlier}
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -183,17 +254,30 @@ def _settings(cfg) -> dict:
     return {"target": backend_settings(cfg.target), "classifier": cfg.classifier, "judge": judge}
 
 
+def _shared_or_new(target, target_cfg, attacker_cfg):
+    """The attacker backend: the target itself when both name the same local model (one copy of
+    the weights; each call passes its own sampling settings), else a new one."""
+    from posttrain.feedback.client import LocalModel, make_backend
+
+    same = all(getattr(target_cfg, f) == getattr(attacker_cfg, f) for f in ("kind", "model", "dtype", "template"))
+    return target if isinstance(target, LocalModel) and same else make_backend(attacker_cfg)
+
+
 def request_digest(item: dict) -> str:
-    """A short hash of what was sent (the attack's messages) and what a record keeps of its probe."""
+    """A short hash of what was sent (the attack's messages; for a PAIR conversation, its stream)
+    and what a record keeps of its probe."""
     import hashlib
 
-    fields = [item["messages"], item["category"], item["prompt"]]  # not the source: the same probes may move
+    fields = [item["messages"], item["category"], item["prompt"]] if "stream" not in item else \
+        [PAIR, item["stream"], item["category"], item["prompt"]]  # not the source: the same probes may move
     return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:16]
 
 
-def check_logged_requests(records: list[dict], items: list[tuple[str, dict]], out: Path) -> None:
+def check_logged_requests(records: list[dict], items: list[tuple[str, dict]], out: Path,
+                          pair: dict | None = None) -> None:
     """A logged answer must be to the request its id now stands for: more probes (a raised
-    probes.limit, a longer file, another attack) resume; an edited probe or attack text does not."""
+    probes.limit, a longer file, another attack) resume; an edited probe or attack text does not.
+    A logged PAIR conversation must also have been made with `pair` (`pair_settings`)."""
     from posttrain.errors import ConfigError
 
     wanted = {item_id: item for item_id, item in items}
@@ -207,6 +291,26 @@ def check_logged_requests(records: list[dict], items: list[tuple[str, dict]], ou
             raise ConfigError(f"{out}: {record['id']} was answered for another request (its probe's text or "
                               "category, or the attack's template, changed since); use a new output_dir, or "
                               "restore the probe")
+        if "stream" in item and pair is not None:
+            _check_pair_settings(record, pair, out)
+
+
+def _check_pair_settings(record: dict, pair: dict, out: Path) -> None:
+    """Refuse a logged PAIR conversation made with other attacks.pair settings, naming the first."""
+    from posttrain.errors import ConfigError
+
+    def flat(settings: dict, prefix: str = "attacks.pair.") -> dict:
+        return {k: v for key, value in settings.items()
+                for k, v in (flat(value, f"{prefix}{key}.") if isinstance(value, dict)
+                             else {f"{prefix}{key}": value}).items()}
+
+    old, new = flat(record.get("pair", {})), flat(pair)
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            what = " (the attacker's instructions, changed by a posttrain update)" if key.endswith("instructions") \
+                else ""
+            raise ConfigError(f"{out} holds PAIR conversations made with {key}={old.get(key)!r}{what}, now "
+                              f"{new.get(key)!r}; resume with the same setting, or use a new output_dir")
 
 
 def _drop_request_hash(run_json: Path) -> None:
@@ -235,4 +339,8 @@ def _headline(report: dict, out: Path) -> str:
     if "over_refusal" in report:
         o = report["over_refusal"]["overall"]
         parts.append(f"over-refusal {o['rate']:.1%} [{o['ci95'][0]:.1%}, {o['ci95'][1]:.1%}] of {o['n']}")
+    if "pair" in report:
+        p = report["pair"]
+        parts.append(f"PAIR jailbroke {p['jailbroken']['successes']} of {p['jailbroken']['n']} requests "
+                     f"({p['attacker_gave_no_prompt']} conversations ended without an attacker prompt)")
     return f"redteam ({report['classifier']}): " + "; ".join(parts) + f"; report: {out / 'report.md'}"
