@@ -2,7 +2,22 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
+
+_DURATIONS = Path(__file__).with_name("durations.json")  # seconds per file: scripts/test_durations.py
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The longest test files first. pytest-xdist's `--dist loadfile` (scripts/test.sh) hands whole
+    files to the workers in collection order; a long file collected last would leave the other
+    workers idle while it runs. Files not measured yet go last; the order within a file is kept."""
+    if not _DURATIONS.is_file():
+        return
+    seconds = json.loads(_DURATIONS.read_text())
+    items.sort(key=lambda item: -seconds.get(item.nodeid.split("::")[0], 0.0))  # stable
 
 
 @pytest.fixture(scope="session")
