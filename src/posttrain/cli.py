@@ -327,9 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        hint = {**dict.fromkeys(_STAGES, "; the same command resumes from the run's newest checkpoint (one is "
-                                          "written every train.save_every steps; with 0, the default, none before "
-                                          "the end)"),
+        hint = {**dict.fromkeys(_STAGES, "; the same command resumes from the run's newest checkpoint"),
                 **dict.fromkeys(_DATA_COMMANDS, "; the same command resumes from what its log holds"),
                 "pipeline": "; the same command resumes the stage it stopped in"}.get(args.command, "")
         print(f"interrupted{hint}", file=sys.stderr)

@@ -17,6 +17,9 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import signal
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -320,7 +323,7 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: str | None
             log.log({"step": 0} | figures)
             log.message("step 0: " + ", ".join(f"{name} {value:.4g}" for name, value in figures.items()))
     with sparse_embedding_gradients(accelerator.unwrap_model(module), enabled=sparse_ok), \
-            training_attention_kernels(accelerator.device):
+            training_attention_kernels(accelerator.device), _interrupt_at_step_end(world == 1) as interrupted:
         try:
             while state["step"] < total_steps and not stopped_early:
                 started = time.perf_counter()
@@ -373,6 +376,12 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: str | None
                             state["stop_reason"] = stop_reason
                 if (cfg.save_every and state["step"] % cfg.save_every == 0) or at_end or stopped_early:
                     save()
+                elif interrupted():
+                    save()
+                if interrupted() and not (at_end or stopped_early):
+                    log.message(f"interrupted: checkpoint saved at step {state['step']} of {total_steps}; "
+                                "the same command resumes from it")
+                    raise KeyboardInterrupt
         finally:
             log.close()
     if resume_from is not None and eval_loss is None and (state["step"] >= total_steps or stopped_early):
@@ -388,6 +397,36 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: str | None
         log.message(f"early stop at step {state['step']}: {reason}")
     return LoopResult(state["step"], stopped_early, eval_loss, state["skipped_steps"], accelerator.unwrap_model(module),
                       eval_metrics)
+
+
+@contextlib.contextmanager
+def _interrupt_at_step_end(enabled: bool):
+    """Ctrl-C during training: the step under way finishes, the loop saves a checkpoint there (the
+    one a periodic save at that step would write, so a resume continues bit for bit) and stops with
+    KeyboardInterrupt. A second Ctrl-C stops at once, unsaved. Yields a function telling whether
+    an interrupt is pending. One process only (the main thread's SIGINT handler): several
+    processes would stop at different steps, so they keep Python's own handling."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    pending = threading.Event()
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is None:  # installed outside Python: put Python's default back afterwards
+        previous = signal.default_int_handler
+
+    def on_interrupt(signum, frame):
+        if pending.is_set():
+            signal.signal(signal.SIGINT, previous)
+            raise KeyboardInterrupt
+        pending.set()
+        print("\ninterrupt: finishing this step to save a checkpoint (Ctrl-C again stops at once, unsaved)",
+              file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield pending.is_set
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _step_record(state: dict, loss: float, lr: float, grad_norm: float, stage: Stage, micro: list[Batch],
