@@ -366,7 +366,8 @@ def test_unparsed_verdicts_are_other_and_the_rubric_file_reaches_the_judge(tmp_p
     assert (w["win_rate"], w["wins"], w["losses"], w["ties"], w["other"]) == (None, 0, 0, 0, 3)
     assert len(judge.requests) == 3 * 2 * 2  # 3 prompts, both orders, one retry each
     assert all(any("PREFER RESPONSES ABOUT PURPLE" in m["content"] for m in r) for r in judge.requests)
-    assert "judge win rate of the policy over the reference: – (wins 0, losses 0, ties 0, other 3;" in \
+    assert w["other_by_kind"] == {"unparsed": 3}
+    assert "judge win rate of the policy over the reference: – (wins 0, losses 0, ties 0, other 3 (unparsed 3);" in \
         (out / "report.md").read_text()
 
 

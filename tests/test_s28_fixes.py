@@ -176,3 +176,31 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return bool(torch.equal(a, b))
+
+
+@pytest.mark.parametrize("command, override, message", [
+    ("sft", "data.train_files=[nope.jsonl]", "data.train_files: nope.jsonl: no such file or directory"),
+    ("dpo", "data.eval_files=[nope.jsonl]", "data.eval_files: nope.jsonl: no such file or directory"),
+    ("sft", "forgetting.retain_files=[nope.jsonl]", "forgetting.retain_files: nope.jsonl: no such file"),
+    ("grpo", "reward.functions=[em=posttrain.rewardz:exact_match]", "cannot be imported"),
+])
+def test_a_missing_data_file_or_reward_function_is_said_before_the_model_loads(tmp_path, monkeypatch, capsys,
+                                                                                command, override, message):
+    from posttrain.train import sft
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(sft, "build_model", no_model)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main([command, override, f"output_dir={tmp_path / 'run'}"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_stopped_red_team_report_says_how_many_requests_were_never_sent():
+    from posttrain.safety.report import markdown
+
+    report = {"target": "m", "classifier": "patterns", "requests": 10, "answered": 6, "failed": 1,
+              "truncated_responses": 0, "labels": {}}
+    assert "3 not sent (the run stopped first; rerun to send them)" in markdown(report)
+    assert "not sent" not in markdown({**report, "answered": 9})

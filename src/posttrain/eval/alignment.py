@@ -67,8 +67,9 @@ def win_rate(outcomes: list[str]) -> dict:
     wins, losses, ties = counts["win"], counts["loss"], counts["tie"]
     decided = wins + losses + ties
     low, high = wilson_interval(wins, wins + losses)
+    other = {name: n for name, n in sorted(counts.items()) if name not in ("win", "loss", "tie")}
     return {"win_rate": (wins + 0.5 * ties) / decided if decided else None, "wins": wins, "losses": losses,
-            "ties": ties, "other": sum(counts.values()) - decided, "ci95_decisive": [low, high]}
+            "ties": ties, "other": sum(other.values()), "other_by_kind": other, "ci95_decisive": [low, high]}
 
 
 def _load_side(name: str, path: str, cfg, records, log) -> tuple[Side, list]:
@@ -178,8 +179,8 @@ def _judge(policy: Side, reference: Side, records, cfg, judge_backend, rubric: s
     j = cfg.judge
     judge = PairwiseJudge(judge_backend or make_backend(j), rubric, parse_retries=j.parse_retries,
                           max_tokens=j.max_tokens, temperature=j.temperature, seed=j.seed)
-    names = {"first": "win", "second": "loss", "tie": "tie"}
-    return [names.get(judge.judge(r.prompt, a, b).outcome, "other")
+    names = {"first": "win", "second": "loss", "tie": "tie"}  # inconsistent, unparsed: kept by name
+    return [names.get(outcome := judge.judge(r.prompt, a, b).outcome, outcome)
             for r, a, b in zip(records, policy.responses, reference.responses)]
 
 

@@ -32,7 +32,9 @@ ROWS = [
 
 def _win(w: dict) -> str:
     low, high = w["ci95_decisive"]
-    return (f"{_pct(w['win_rate'])} (wins {w['wins']}, losses {w['losses']}, ties {w['ties']}, other {w['other']}; "
+    kinds = w.get("other_by_kind") or {}
+    other = f"other {w['other']}" + (f" ({', '.join(f'{k} {n}' for k, n in kinds.items())})" if kinds else "")
+    return (f"{_pct(w['win_rate'])} (wins {w['wins']}, losses {w['losses']}, ties {w['ties']}, {other}; "
             f"wins of decisive {low:.1%}–{high:.1%})")
 
 

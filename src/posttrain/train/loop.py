@@ -501,6 +501,7 @@ def start_run(cfg) -> tuple[Path, Any, bool, Any]:
     from posttrain.models.loading import run_final_model
 
     run_dir = _checked_run_dir(cfg.output_dir)
+    _check_input_files(cfg)  # before minutes of model loading, not after
     # a resume from a checkpoint of other settings is refused before anything of the new run is
     # written over the existing run's (its config.yaml) or loaded (train() checks it again)
     resume_from = _resume_path(cfg.train.resume, run_dir / "checkpoints")
@@ -524,6 +525,25 @@ def start_run(cfg) -> tuple[Path, Any, bool, Any]:
         write_atomically(run_dir / "config.yaml", yaml.safe_dump(recorded, sort_keys=False))
     set_seed(cfg.train.seed)
     return run_dir, accelerator, main, log
+
+
+def _check_input_files(cfg) -> None:
+    """Every data file a config lists (a key ending in `files`: data.train_files, data.eval_files,
+    forgetting.retain_files, ...) must exist; 'synthetic' is the bundled generator."""
+    import os
+
+    from posttrain.errors import DataError
+
+    def walk(node: dict, prefix: str = ""):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                yield from walk(value, f"{prefix}{key}.")
+            elif key.endswith("files") and isinstance(value, list):
+                yield from ((prefix + key, path) for path in value)
+
+    for key, path in walk(cfg.to_dict()):
+        if isinstance(path, str) and path != "synthetic" and not os.path.exists(os.path.expanduser(path)):
+            raise DataError(f"{key}: {path}: no such file or directory")
 
 
 def _checked_run_dir(output_dir: str) -> Path:

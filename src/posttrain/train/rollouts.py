@@ -368,6 +368,15 @@ def build_reward(cfg, device=None, log=None):
     return CombinedReward(combined.components)
 
 
+def check_reward_functions(cfg) -> None:
+    """Import every reward.functions entry (NAME=module:function) and find its function; the
+    reward models are checked when they load. Raises ConfigError naming the entry."""
+    from posttrain.rewards import _pairs_option, function_reward
+
+    for spec in _pairs_option(cfg.reward.functions, "reward.functions", repeat=False).values():
+        function_reward(spec)
+
+
 def held_out_reward(model, tokenizer, prompts: list[list[int]], records: list[PromptRecord], score, cfg,
                     autocast=contextlib.nullcontext, frozen_reference=None) -> dict:
     """The policy on held-out prompts:
@@ -509,6 +518,7 @@ def start_rl_run(cfg, needs_reference: bool, extra_parts=()) -> RLRun:
     from posttrain.train.sft import build_model
 
     run_dir, accelerator, main, log = start_run(cfg)
+    check_reward_functions(cfg)  # a typo in a module or function name: said before the policy loads
     tokenizer, model, adapter_training = build_model(cfg, log, run_dir if main else None)
     disable_dropout(model, log, "a rollout's first update must see the policy that sampled it")
     note_full_logits(model, log)
