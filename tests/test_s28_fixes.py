@@ -204,3 +204,25 @@ def test_a_stopped_red_team_report_says_how_many_requests_were_never_sent():
               "truncated_responses": 0, "labels": {}}
     assert "3 not sent (the run stopped first; rerun to send them)" in markdown(report)
     assert "not sent" not in markdown({**report, "answered": 9})
+
+
+def test_a_red_team_judge_naming_the_target_s_local_model_shares_its_weights(tmp_path, monkeypatch):
+    from posttrain.config.safety import RedTeamConfig
+    from posttrain.feedback import client
+    from posttrain.safety.run import run_redteam
+
+    loads = []
+    init = client.LocalModel.__init__
+
+    def counted(self, *args, **kwargs):
+        loads.append(kwargs.get("name"))
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(client.LocalModel, "__init__", counted)
+    cfg = RedTeamConfig.load(None, [f"output_dir={tmp_path}", "target.kind=local", "target.model=tiny",
+                                    "target.max_tokens=2", "classifier=judge", "judge.kind=local", "judge.model=tiny",
+                                    "judge.max_tokens=2", "judge.parse_retries=0", "probes.limit=1",
+                                    "probes.overrefusal=", "attacks.names=[direct]"])
+    with pytest.raises(UserError):  # the tiny judge gives no LABEL line: the one item fails
+        run_redteam(cfg, log=lambda _: None, stream=None)
+    assert len(loads) == 1

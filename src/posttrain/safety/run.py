@@ -209,7 +209,7 @@ def run_redteam(cfg, *, target=None, judge=None, attacker=None, log: Callable[[s
     if pair.enabled:
         attacker = attacker or _shared_or_new(target, cfg.target, pair.attacker)
     if cfg.classifier == "judge":
-        classify = JudgeClassifier(judge or make_backend(cfg.judge), cfg.judge)
+        classify = JudgeClassifier(judge or _shared_or_new(target, cfg.target, cfg.judge), cfg.judge)
     else:
         def classify(prompt: str, response: str) -> tuple[str, str]:
             return classify_refusal(response)
@@ -254,13 +254,13 @@ def _settings(cfg) -> dict:
     return {"target": backend_settings(cfg.target), "classifier": cfg.classifier, "judge": judge}
 
 
-def _shared_or_new(target, target_cfg, attacker_cfg):
-    """The attacker backend: the target itself when both name the same local model (one copy of
-    the weights; each call passes its own sampling settings), else a new one."""
+def _shared_or_new(target, target_cfg, other_cfg):
+    """The attacker's or the judge's backend: the target itself when both name the same local
+    model (one copy of the weights; each call passes its own sampling settings), else a new one."""
     from posttrain.feedback.client import LocalModel, make_backend
 
-    same = all(getattr(target_cfg, f) == getattr(attacker_cfg, f) for f in ("kind", "model", "dtype", "template"))
-    return target if isinstance(target, LocalModel) and same else make_backend(attacker_cfg)
+    same = all(getattr(target_cfg, f) == getattr(other_cfg, f) for f in ("kind", "model", "dtype", "template"))
+    return target if isinstance(target, LocalModel) and same else make_backend(other_cfg)
 
 
 def request_digest(item: dict) -> str:
