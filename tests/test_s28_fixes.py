@@ -226,3 +226,14 @@ def test_a_red_team_judge_naming_the_target_s_local_model_shares_its_weights(tmp
     with pytest.raises(UserError):  # the tiny judge gives no LABEL line: the one item fails
         run_redteam(cfg, log=lambda _: None, stream=None)
     assert len(loads) == 1
+
+
+def test_an_alias_command_says_which_setting_of_the_file_it_replaces(capsys):
+    from posttrain.cli import _note_replaced_by_alias
+
+    _note_replaced_by_alias("kto", "examples/dpo_lora_chat.yaml")  # its dpo.loss is ipo
+    assert capsys.readouterr().out == ("note: posttrain kto runs dpo.loss=kto; examples/dpo_lora_chat.yaml sets "
+                                       "dpo.loss: ipo, which is not used\n")
+    _note_replaced_by_alias("orpo", "examples/sft_full.yaml")  # no dpo section: nothing replaced
+    _note_replaced_by_alias("dpo", "examples/dpo_lora_chat.yaml")  # not an alias
+    assert capsys.readouterr().out == ""

@@ -199,6 +199,22 @@ def check_alias(command: str, overrides: list[str]) -> None:
                               f"drop it, or run `posttrain {key.split('.')[0]}`")
 
 
+def _note_replaced_by_alias(command: str, config: str | None) -> None:
+    """`posttrain kto dpo_ipo.yaml` runs KTO: say that the file's own loss is not the one used."""
+    if config is None or command not in ALIAS_OVERRIDES:
+        return
+    from posttrain.config.schema import read_yaml
+
+    data = read_yaml(config)
+    for override in ALIAS_OVERRIDES[command]:
+        key, wanted = override.split("=", 1)
+        value: object = data
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is not None and str(value) != wanted:
+            print(f"note: posttrain {command} runs {key}={wanted}; {config} sets {key}: {value}, which is not used")
+
+
 _STAGES = {"sft": _sft, "rm": _rm, "dpo": _dpo, "kto": _dpo, "orpo": _dpo, "grpo": _grpo, "rloo": _grpo, "ppo": _ppo}
 
 
@@ -276,6 +292,7 @@ def _run(args) -> int:
             raise ConfigError(f"{misplaced} is a file among the overrides; the config file goes first: "
                               f"posttrain {args.command} {misplaced} key=value ...")
         check_alias(args.command, overrides)
+        _note_replaced_by_alias(args.command, config)
         overrides += ALIAS_OVERRIDES.get(args.command, [])  # last: over the file's setting
         run_dir = run(config_cls.load(config, overrides))
         print(f"run directory: {run_dir}")
