@@ -247,7 +247,7 @@ def test_override_of_a_section_the_file_lacks_and_repeated_keys(tmp_path):
     (SFTConfig, "data.max_seq_length=64", "did you mean data.max_length?"),
     (DPOConfig, "beta=0.2", "did you mean dpo.beta?"),
     (GRPOConfig, "grpo.num_generations=4", "did you mean rollout.num_generations?"),
-    (SFTConfig, "dpo.beta=0.1", "valid keys here: output_dir, model, adapter, data, train, eval"),
+    (SFTConfig, "dpo.beta=0.1", "unknown key dpo.beta; dpo.beta is a setting of posttrain dpo"),  # not a typo
     (SFTConfig, "train.lr=null", "train.lr must be a number, got None"),
     (SFTConfig, "train.lr=nan", "must be a finite number"),
     (SFTConfig, "train.lr.x=1", "train.lr is a setting, not a section"),

@@ -237,3 +237,10 @@ def test_an_alias_command_says_which_setting_of_the_file_it_replaces(capsys):
     _note_replaced_by_alias("orpo", "examples/sft_full.yaml")  # no dpo section: nothing replaced
     _note_replaced_by_alias("dpo", "examples/dpo_lora_chat.yaml")  # not an alias
     assert capsys.readouterr().out == ""
+
+
+def test_a_key_of_another_command_names_that_command_instead_of_a_near_spelling(capsys):
+    assert cli.main(["grpo", "examples/grpo.yaml", "ppo.kl_coef=0.1"]) == 2
+    assert capsys.readouterr().err == "error: overrides: unknown key ppo.kl_coef; ppo.kl_coef is a setting of posttrain ppo\n"
+    assert cli.main(["sft", "examples/sft_full.yaml", "train.learning_rate=1e-4"]) == 2  # a typo: still its guess
+    assert "did you mean train.lr?" in capsys.readouterr().err

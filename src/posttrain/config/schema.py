@@ -181,7 +181,7 @@ def check_override_key(root: type, item: str, where: str = "overrides") -> None:
             unknown = prefix + ".".join(parts[i:])
             close = _suggest(unknown, root)
             hint = f"; did you mean {close}?" if close else f"; valid keys here: {', '.join(prefix + n for n in fields)}"
-            raise ConfigError(f"{where}: unknown key {unknown}{hint}")
+            raise ConfigError(f"{where}: unknown key {unknown}{_elsewhere(unknown, root) or hint}")
         hint = typing.get_type_hints(cls)[part]
         cls, prefix = (hint if dataclasses.is_dataclass(hint) else None), prefix + part + "."
 
@@ -233,6 +233,21 @@ def _suggest(key: str, root: type) -> str | None:
     return close[0] if close else None
 
 
+def _elsewhere(key: str, root: type) -> str | None:
+    """'; ppo.kl_coef is a setting of posttrain ppo' when another command's config has the key
+    (a PPO setting in a GRPO config is no typo: a nearest-spelling guess would mislead)."""
+    try:
+        from posttrain.cli import _DATA_COMMANDS, _STAGES
+    except ImportError:  # pragma: no cover - a partial install
+        return None
+    owners: dict[str, type] = {}
+    for command, loader in {**_STAGES, **_DATA_COMMANDS}.items():
+        config_cls = loader()[0]
+        if config_cls is not root and key in _leaf_keys(config_cls) and config_cls not in owners.values():
+            owners[command] = config_cls
+    return f"; {key} is a setting of posttrain {' / '.join(owners)}" if owners else None
+
+
 def _build(cls: type, data: dict[str, Any], prefix: str, source: str, root: type) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
@@ -246,7 +261,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str, source: str, root: type
             close = _suggest(prefix + str(key), root)
             valid = ", ".join(prefix + name for name in fields)
             hint = f"; did you mean {close}?" if close else f"; valid keys here: {valid}"
-            raise ConfigError(f"{source}: unknown key {prefix}{key}{hint}")
+            raise ConfigError(f"{source}: unknown key {prefix}{key}{_elsewhere(prefix + str(key), root) or hint}")
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _coerce(hints[name], value, prefix + name, source, root)
