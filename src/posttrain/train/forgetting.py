@@ -94,8 +94,12 @@ def prepare_retain_data(cfg, tokenizer, run_dir: Path | None, seed: int, log) ->
         raise ConfigError("forgetting.retain_exact_match scores answers, and the held-out retain rows have none "
                           "(text rows); set it to 0 and read retain_loss")
     held_records = answered
-    log(f"retain: {len(records)} rows, {len(pool)} in the pool (replay, Fisher), {len(held)} held out to measure "
-        f"(longer than {d.max_length} tokens: {_length_settings(cfg, d)})")
+    uses = [name for name, on in (("replay", getattr(f, "replay_ratio", 0) > 0), ("Fisher", f.ewc > 0),
+                                  ("lm_coef", f.lm_coef > 0), ("distill", f.distill > 0), ("project", f.project))
+            if on]
+    log(f"retain: {len(records)} rows: {len(pool)} in the pool" + (f" ({', '.join(uses)})" if uses else "")
+        + f", {len(held)} held out to measure forgetting on; each at most {d.max_length} tokens "
+        f"({_length_settings(cfg, d)})")
     return RetainData(pool, held, held_records)
 
 
