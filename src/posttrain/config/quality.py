@@ -1,6 +1,6 @@
 """Config of `posttrain quality`: a training-data quality pass (filters, PII, dedup,
-decontamination, balance, token checks) that writes the kept rows, every dropped row with its
-reason, and a report."""
+decontamination, perplexity under a reference model, balance, token checks) that writes the
+kept rows, every dropped row with its reason, and a report."""
 
 from __future__ import annotations
 
@@ -86,6 +86,23 @@ class TokenCheckConfig:
 
 
 @dataclass
+class PerplexityConfig:
+    model: str = option("", "reference language model (preset, model dir or run dir) under which each row's trained "
+                        "response is scored by its perplexity per token (empty = off)")
+    template: Literal["auto", "tokenizer", "chatml", "alpaca"] = option("auto", "chat template the rows are "
+                                                                        "rendered with, as data.template of the "
+                                                                        "training stages")
+    max_length: int = option(512, "rows are cut to this many tokens before scoring, as training truncates them")
+    batch_size: int = option(8, "sequences per forward pass (sorted by length, so little of a batch is padding)")
+    max_perplexity: float = option(0.0, "drop rows whose response perplexity is above this (0 = off)")
+    drop_top_fraction: float = option(0.0, "drop this fraction (rounded down) of the scored rows still in, those "
+                                      "with the highest perplexity, e.g. 0.05 (0 = off)")
+    drop_bottom_fraction: float = option(0.0, "drop this fraction (rounded down) with the lowest perplexity: "
+                                         "boilerplate or memorised text (0 = off)")
+    trust_remote_code: bool = option(False, "let the model's directory run its own Python code")
+
+
+@dataclass
 class QualityConfig(_StageConfig):
     output_dir: str = option("runs/quality", "where kept.jsonl, dropped.jsonl, rejects.jsonl, report.json and "
                              "report.md are written")
@@ -100,6 +117,8 @@ class QualityConfig(_StageConfig):
     balance: BalanceConfig = dataclasses.field(default_factory=BalanceConfig, metadata={"help": "category balance"})
     tokens: TokenCheckConfig = dataclasses.field(default_factory=TokenCheckConfig,
                                                  metadata={"help": "template and label-mask checks"})
+    perplexity: PerplexityConfig = dataclasses.field(
+        default_factory=PerplexityConfig, metadata={"help": "perplexity of each trained response under a reference model"})
 
 
 def validate_quality(cfg: QualityConfig) -> None:
@@ -127,7 +146,24 @@ def validate_quality(cfg: QualityConfig) -> None:
         (cfg.balance.max_per_value == 0 or bool(cfg.balance.field),
          "balance.max_per_value needs balance.field (the column whose values are capped)"),
         (cfg.tokens.max_length >= 1, "tokens.max_length must be >= 1"),
+        *_perplexity_checks(cfg.perplexity),
     ])
+
+
+def _perplexity_checks(p: PerplexityConfig) -> list[tuple[bool, str]]:
+    thresholds = [name for name in ("max_perplexity", "drop_top_fraction", "drop_bottom_fraction") if getattr(p, name)]
+    return [
+        (p.max_perplexity >= 0, "perplexity.max_perplexity must be >= 0 (0 = off)"),
+        (0.0 <= p.drop_top_fraction < 1.0, "perplexity.drop_top_fraction must be in [0, 1)"),
+        (0.0 <= p.drop_bottom_fraction < 1.0, "perplexity.drop_bottom_fraction must be in [0, 1)"),
+        (p.drop_top_fraction + p.drop_bottom_fraction < 1.0,
+         "perplexity.drop_top_fraction + drop_bottom_fraction must be below 1 (together they would drop every row)"),
+        (p.batch_size >= 1, "perplexity.batch_size must be >= 1"),
+        (p.max_length >= 2, "perplexity.max_length must be >= 2 (a response token needs one before it)"),
+        (bool(p.model) or not thresholds,
+         f"perplexity.{thresholds[0] if thresholds else ''} needs perplexity.model, the reference model that scores "
+         "the rows (a preset, model dir or run dir)"),
+    ]
 
 
 def quality_reference() -> str:

@@ -5,6 +5,7 @@
     pii.py            personal information: detection with checksums, redaction
     dedup.py          exact and MinHash-LSH near-duplicates, re-checked by exact Jaccard
     contamination.py  evaluation prompts inside training rows (n-gram overlap)
+    perplexity.py     perplexity of each trained response under a reference model, and the cuts on it
     stats.py          lengths, diversity, category entropy, the per-category cap
     tokens.py         template and label-mask checks with the training tokenizer
     rows.py           reading rows of any training format, and their prompt/response/full texts

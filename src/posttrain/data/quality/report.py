@@ -12,6 +12,8 @@ def markdown(report: dict) -> str:
     if s["dropped_by_reason"]:
         lines += ["| reason | rows |", "|---|---|", *(f"| {k} | {v} |" for k, v in s["dropped_by_reason"].items()), ""]
     lines += _pii(report.get("pii", {})) + _dedup(report.get("dedup", {})) + _contamination(report["decontaminate"])
+    if "perplexity" in report:  # absent when perplexity.model is empty: the report is as it was without the step
+        lines += _perplexity(report["perplexity"])
     lines += _tokens(report.get("tokens")) + _stats(report["input"], report["kept_stats"])
     return "\n".join(lines) + "\n"
 
@@ -46,6 +48,31 @@ def _contamination(c: dict) -> list[str]:
     return ["## Evaluation leakage", "",
             f"Dropped {_n(c['contaminated_rows'], 'training row')} sharing a {c['ngram']}-word sequence (or a whole shorter prompt) "
             f"with {c['eval_rows_leaked']} of {_n(c['eval_rows'], 'evaluation row')} ({c['on']} text).", ""]
+
+
+def _perplexity(p: dict) -> list[str]:
+    lines = ["## Perplexity", "",
+             f"Trained responses scored under {p['model']} (template {p['template']}, cut to {p['max_length']} tokens): "
+             f"{_n(p['scored'], 'row')} of {p['rows']}."]
+    if p["not_scored"]:
+        lines[-1] += " Not scored: " + ", ".join(f"{k} {v}" for k, v in sorted(p["not_scored"].items())) + "."
+    d, t = p["perplexity"], p["thresholds"]
+    if d["count"]:
+        lines += ["", "| count | mean | p10 | p50 | p90 | p99 |", "|---|---|---|---|---|---|",
+                  f"| {d['count']} | {d['mean']:.2f} | {d['p10']:.2f} | {d['p50']:.2f} | {d['p90']:.2f} | {d['p99']:.2f} |"]
+    cuts = []
+    if t["max_perplexity"]:
+        cuts.append(f"above max_perplexity={t['max_perplexity']:g}")
+    for side, word in (("top", "highest"), ("bottom", "lowest")):
+        if t[f"drop_{side}_fraction"]:
+            cut = "too few rows to drop one" if t[f"{side}_cutoff"] is None else f"cut-off {t[f'{side}_cutoff']:.2f}"
+            cuts.append(f"the {word} {t[f'drop_{side}_fraction']:g} ({cut})")
+    dropped = p["dropped"]
+    lines += ["", f"Dropped: {', '.join(cuts)}: perplexity_high {dropped['perplexity_high']}, perplexity_low "
+              f"{dropped['perplexity_low']}." if cuts else "No threshold set: nothing dropped (scores only)."]
+    if p["highest"]:
+        lines.append("Highest: " + "; ".join(f"{s['location']} {s['perplexity']:.2f}" for s in p["highest"][:3]) + ".")
+    return lines + [""]
 
 
 def _tokens(t: dict | None) -> list[str]:

@@ -48,16 +48,22 @@ def texts(record: Record | PreferenceRecord) -> tuple[str, str, str, int]:
     """(prompt, response, full, turns) of a record; see the module docstring."""
     if isinstance(record, PreferenceRecord):
         prompt = "\n".join(turn["content"] for turn in record.prompt)
-        if record.ranks is None:
-            trained = record.responses if record.desirable else []
-        else:
-            trained = [r for r, rank in zip(record.responses, record.ranks) if rank == min(record.ranks)]
+        trained = [record.responses[i] for i in trained_responses(record)]
         return prompt, "\n".join(trained), "\n".join([prompt, *record.responses]), len(record.prompt) + 1
     if record.text is not None:
         return "", record.text, record.text, 1
     prompt = "\n".join(m["content"] for m in record.messages if m["role"] != "assistant")
     response = "\n".join(m["content"] for m in record.messages if m["role"] == "assistant")
     return prompt, response, "\n".join(m["content"] for m in record.messages), len(record.messages)
+
+
+def trained_responses(record: PreferenceRecord) -> list[int]:
+    """Which of a preference record's responses are its trained response (see the module
+    docstring): a pair's chosen, a ranking's best (every one tied best), a desirable KTO
+    completion; none for an undesirable one."""
+    if record.ranks is None:
+        return list(range(len(record.responses))) if record.desirable else []
+    return [i for i, rank in enumerate(record.ranks) if rank == min(record.ranks)]
 
 
 def detect_any_format(rows: list[dict], *, where: str = "the data") -> str:

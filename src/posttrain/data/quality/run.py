@@ -1,8 +1,8 @@
 """`posttrain quality`: one pass over training rows, every decision written down.
 
-    read ─▶ PII ─▶ filters ─▶ decontaminate ─▶ exact dedup ─▶ near dedup ─▶ balance ─▶ kept.jsonl
-      │      └────────┴────────────┴──────────────┴─────────────┴───────────┴──▶ dropped.jsonl
-      └──▶ rejects.jsonl (malformed, file:line)                  token checks ─▶ report.json / .md
+    read ─▶ PII ─▶ filters ─▶ decontaminate ─▶ perplexity ─▶ exact dedup ─▶ near dedup ─▶ balance ─▶ kept.jsonl
+      │      └────────┴────────────┴──────────────┴─────────────┴──────────────┴────────────┴──▶ dropped.jsonl
+      └──▶ rejects.jsonl (malformed, file:line)                               token checks ─▶ report.json / .md
 
 A row leaves at the first step that drops it, and dropped.jsonl holds it with its file:line,
 the step's reason and a detail (the duplicate's file:line and Jaccard, the evaluation row it
@@ -11,6 +11,10 @@ exclusions). PII comes first so that, under redaction, no later output holds a v
 kept and dropped rows are the redacted ones (a row dropped for PII is kept as read, as the
 evidence). Kept rows are otherwise written as read. Nothing is dropped unannounced: rows in =
 kept + dropped + malformed, checked before the outputs are written.
+
+Perplexity (off unless perplexity.model is set) is the one step that runs a model, so it comes
+after the cheap rules and scores only the rows they left; it precedes dedup so that its
+fractions are of every row that passed the rules (perplexity.py).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ class _Pass:
     def __init__(self, rows: list[Row]):
         self.rows = rows
         self.dropped: dict[int, tuple[str, str]] = {}  # index -> (reason, detail)
+        self.scores: list[dict] | None = None  # perplexity.jsonl, when the step ran
 
     def alive(self) -> list[int]:
         return [i for i in range(len(self.rows)) if i not in self.dropped]
@@ -46,6 +51,10 @@ def run_quality(cfg, *, log: Callable[[str], Any] = print) -> Path:
     from posttrain.config.quality import validate_quality
 
     validate_quality(cfg)
+    if cfg.perplexity.model:  # a wrong path is said before any row is read, not after the cheap steps
+        from posttrain.inference import check_model_dir
+
+        check_model_dir(cfg.perplexity.model, "perplexity.model")
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     for stale in [*out.glob("kept*.jsonl"), *(out / name for name in _OUTPUTS)]:
@@ -58,6 +67,8 @@ def run_quality(cfg, *, log: Callable[[str], Any] = print) -> Path:
     report["pii"] = _pii(work, cfg.pii)
     _filter(work, cfg.filters)
     report["decontaminate"] = _decontaminate(work, cfg.decontaminate, log)
+    if cfg.perplexity.model:
+        report["perplexity"] = _perplexity(work, cfg.perplexity, log)
     report["dedup"] = _dedup(work, cfg.dedup)
     report["balance"] = _balance(work, cfg.balance)
     kept = [work.rows[i] for i in work.alive()]
@@ -73,7 +84,7 @@ def run_quality(cfg, *, log: Callable[[str], Any] = print) -> Path:
     return out
 
 
-_OUTPUTS = ("dropped.jsonl", "rejects.jsonl", "report.json", "report.md")
+_OUTPUTS = ("dropped.jsonl", "rejects.jsonl", "report.json", "report.md", "perplexity.jsonl")
 
 
 def _clean(text: str) -> str:
@@ -209,6 +220,33 @@ def _map_strings(value: Any, fn: Callable[[str], str], key: str = "") -> Any:
     return value
 
 
+def _perplexity(work: _Pass, cfg, log) -> dict:
+    from posttrain.data.quality import perplexity
+
+    alive = work.alive()
+    scores, template = perplexity.score_rows([work.rows[i] for i in alive], cfg, log)
+    scored = [(i, s) for i, s in zip(alive, scores) if s.perplexity is not None]
+    values = [s.perplexity for _, s in scored]
+    drops, cutoffs = perplexity.threshold_drops(values, cfg.max_perplexity, cfg.drop_top_fraction,
+                                                cfg.drop_bottom_fraction)
+    for position, (reason, detail) in sorted(drops.items()):
+        work.drop(scored[position][0], reason, detail)
+    work.scores = [{"location": work.rows[i].source, "perplexity": round(s.perplexity, 4), "tokens": s.tokens}
+                   for i, s in scored]
+    not_scored = Counter(s.not_scored for s in scores if s.perplexity is None)
+    first = {why: [work.rows[i].source for i, s in zip(alive, scores) if s.not_scored == why][:5] for why in not_scored}
+    ranked = sorted(range(len(scored)), key=lambda k: (values[k], k))
+    return {"model": cfg.model, "template": template, "max_length": cfg.max_length, "rows": len(alive),
+            "scored": len(scored), "truncated": sum(s.truncated for s in scores),
+            "not_scored": dict(not_scored), "first_not_scored": first,
+            "perplexity": perplexity.distribution(values),
+            "thresholds": {"max_perplexity": cfg.max_perplexity, "drop_top_fraction": cfg.drop_top_fraction,
+                           "drop_bottom_fraction": cfg.drop_bottom_fraction, **cutoffs},
+            "dropped": {reason: sum(r == reason for r, _ in drops.values())
+                        for reason in ("perplexity_high", "perplexity_low")},
+            "highest": [work.scores[k] for k in reversed(ranked[-5:])], "lowest": [work.scores[k] for k in ranked[:5]]}
+
+
 def _dedup(work: _Pass, cfg) -> dict:
     from posttrain.data.quality.dedup import exact_duplicates, near_duplicates
 
@@ -290,6 +328,8 @@ def _write(out: Path, work: _Pass, kept: list[Row], report: dict) -> list[str]:
     write_atomically(out / "dropped.jsonl", jsonl(
         {"location": work.rows[i].source, "reason": reason, "detail": detail, "row": work.rows[i].raw}
         for i, (reason, detail) in sorted(work.dropped.items())))
+    if work.scores is not None:
+        write_atomically(out / "perplexity.jsonl", jsonl(work.scores))
     files = sorted(names.values()) or ["kept.jsonl"]
     report["kept_files"] = files
     write_atomically(out / "report.json", json.dumps(report, indent=1, ensure_ascii=False, default=str))

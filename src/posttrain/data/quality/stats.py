@@ -24,12 +24,13 @@ def percentiles(values: Sequence[float]) -> dict[str, float]:
     if not values:
         return {"min": 0, "p50": 0, "p90": 0, "p99": 0, "max": 0, "mean": 0.0}
     ordered = sorted(values)
+    return {"min": ordered[0], "p50": nearest_rank(ordered, 0.5), "p90": nearest_rank(ordered, 0.9),
+            "p99": nearest_rank(ordered, 0.99), "max": ordered[-1], "mean": round(sum(ordered) / len(ordered), 2)}
 
-    def rank(q: float) -> float:
-        return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
-    return {"min": ordered[0], "p50": rank(0.5), "p90": rank(0.9), "p99": rank(0.99), "max": ordered[-1],
-            "mean": round(sum(ordered) / len(ordered), 2)}
+def nearest_rank(ordered: Sequence[float], q: float) -> float:
+    """The q-quantile of sorted, non-empty values by the nearest-rank rule: the ⌈q·n⌉-th smallest."""
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
 def entropy(counts: Counter) -> dict[str, float]:

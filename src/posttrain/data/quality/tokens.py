@@ -29,6 +29,21 @@ def encode_row(row, tokenizer, template: str) -> list[Example]:
     return [encode_record(row.record, tokenizer, template)]
 
 
+def encode_trained(row, tokenizer, template: str) -> list[Example]:
+    """The sequences that carry the row's trained response (`rows.texts`), as training renders and
+    labels them: an SFT row's one sequence (every assistant turn labelled; a text row every
+    token); a preference row's chosen response (a ranking's best, each one tied best; a
+    desirable KTO completion), none for an undesirable KTO row. Raises DataError like encode_row."""
+    from posttrain.data.preferences import PreferenceRecord, encode_response
+    from posttrain.data.quality.rows import trained_responses
+
+    record = row.record
+    if isinstance(record, PreferenceRecord):
+        return [encode_response(record.prompt, record.responses[i], tokenizer, template, record.source)
+                for i in trained_responses(record)]
+    return encode_row(row, tokenizer, template)
+
+
 def check_tokens(rows: Sequence, tokenizer, template: str, max_length: int) -> dict:
     """Counts and first locations of each problem, and the token length distribution."""
     problems: dict[str, list[str]] = {"unrenderable": [], "no_label_tokens": [], "over_max_length": [],
