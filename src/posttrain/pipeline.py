@@ -19,7 +19,9 @@ run on one process.
 Wiring. `inputs` maps config keys to earlier stages (a list key takes a list; "LABEL=stage"
 keeps a reward component's name). A model setting gets a training stage's final/; a rows setting
 a data stage's file: the one a stage of this kind trains on (sft.jsonl for sft, preferences.jsonl
-for rm and dpo), or the one named as NAME/FILE (cai/preferences.jsonl). Unless a stage's inputs
+for rm and dpo), or the one named as NAME/FILE (cai/preferences.jsonl); redteam's compare_to an
+earlier redteam stage's directory. Before a stage runs, each data-stage file it reads must exist
+and hold a row. Unless a stage's inputs
 or own overrides set its model (model.path; a data stage's policy.model, generator.model,
 target.model or policy), it starts from the latest earlier stage that produces a policy (a
 training stage other than rm) - an rm stage too, as InstructGPT starts its reward model from the
@@ -32,9 +34,10 @@ stage has is an error).
 Resume. Each stage's resolved config is recorded in output_dir/pipeline_state.json. A stage is
 skipped when it finished (final/ and summary.json; a data stage's last file), its config is
 unchanged and the runs it read are those it was trained on. An interrupted stage reruns with
-train.resume=auto (a data stage from its log). A stage whose config changed, or that reads the
-output of a stage that runs again, reruns from scratch (train.resume=never; a data stage's
-directory is emptied first); stages that do not read it are left alone. Edits inside data files
+train.resume=auto (a data stage from its log; also one whose items partly failed). A stage whose
+config changed, or that reads the output of a stage that runs again, reruns from scratch
+(train.resume=never; a data stage's directory is emptied first, unless only settings its command
+resumes across changed: Producer.resumable); stages that do not read it are left alone. Edits inside data files
 are not detected: use --from NAME.
 """
 
@@ -71,19 +74,30 @@ class Producer:
     outputs: dict[str, str]  # output name -> its file in the run directory, for later stages' inputs
     done: str  # written last: the stage is complete when it is there
     model_key: str | None  # the setting a model goes in (by default the latest policy stage's)
+    failed: tuple[str, ...] = ()  # where the count of items that failed this run is: (file, key, key...)
+    resumable: frozenset[str] = frozenset()  # settings whose change the command resumes across, from its log
 
 
-_CAI = Producer({"sft": "sft.jsonl", "pairs": "preferences.jsonl"}, "summary.json", "policy.model")
+# Settings of any client section that change no answer (rlaif.py's result_settings leaves them out too).
+_TRANSPORT = ("timeout_s", "max_retries", "backoff_s", "requests_per_second", "base_url", "api_key_env")
+_CAI = Producer({"sft": "sft.jsonl", "pairs": "preferences.jsonl"}, "summary.json", "policy.model", ("summary.json", "failed"),
+                frozenset({"data.limit", "constitutional.concurrency"}))
 DATA_KINDS = {
     "quality": Producer({"rows": "kept.jsonl"}, "report.md", None),
-    "rlaif": Producer({"pairs": "preferences.jsonl"}, "summary.json", "policy.model"),
+    "rlaif": Producer({"pairs": "preferences.jsonl"}, "summary.json", "policy.model", ("summary.json", "run", "failed"),
+                      frozenset({"data.limit", "rlaif.concurrency"})),
     "constitutional": _CAI, "cai": _CAI,
-    "self-instruct": Producer({"sft": "sft.jsonl"}, "summary.json", "generator.model"),
-    "redteam": Producer({}, "report.md", "target.model"),
+    "self-instruct": Producer({"sft": "sft.jsonl"}, "summary.json", "generator.model", (),
+                              frozenset({"self_instruct.max_rounds", "self_instruct.num_tasks",
+                                         "self_instruct.concurrency"})),
+    "redteam": Producer({}, "report.md", "target.model", ("report.json", "failed"),
+                        frozenset({"probes.limit", "concurrency"})),
     "evaluate": Producer({}, "report.md", "policy"),
 }
 # Which output of a data stage a stage reads when its input names the data stage alone.
 _WANTED_OUTPUT = {"sft": "sft", "rm": "pairs", "dpo": "pairs", "kto": "pairs", "orpo": "pairs"}
+# Settings that take an earlier run's output directory of the same kind (redteam's rates beside these).
+_RUN_DIR_KEYS = {"compare_to"}
 # Settings that take a model directory (besides a client's NAME.model and reward.models).
 _MODEL_KEYS = {"model.path", "policy", "reference", "ppo.value_model_path", "tokens.tokenizer"}
 
@@ -182,10 +196,9 @@ def _split_cli(overrides: list[str], names: set[str]) -> tuple[str | None, list[
             output_dir = item.split("=", 1)[1]
         elif key.split(".")[0] in names:
             name, rest = key.split(".", 1) if "." in key else (key, "")
-            if "." not in rest:  # every stage key is section.key: `dpo.beta` with a stage called dpo
-                raise ConfigError(f"override {item!r} reads as stage {name!r}, key {rest!r}, which is not a key; "
-                                  f"for that stage's {key}, write {name}.{item}")
-            per_stage.setdefault(name, []).append(item.split(".", 1)[1])
+            if not rest:
+                raise ConfigError(f"override {item!r} names stage {name!r} and no key; write {name}.KEY=value")
+            per_stage.setdefault(name, []).append(item.split(".", 1)[1])  # a top-level key: checked at load
         else:
             common.append(item)
     return output_dir, common, per_stage
@@ -233,13 +246,21 @@ def load_pipeline(path: str | Path, overrides: list[str] = ()) -> tuple[Path, li
 def _fits(config_cls: type, item: str) -> bool:
     """Whether a pipeline-wide override names a setting of this stage's config (a quality stage has
     no train section: train.lr=... is for the stages that train)."""
-    from posttrain.config.schema import check_override_key
+    from posttrain.config.schema import _leaf_keys, check_override_key
 
     try:
         check_override_key(config_cls, item)
     except ConfigError:
         return False
-    return True
+    key, _, value = item.partition("=")
+    if key.strip() in _leaf_keys(config_cls):
+        return True
+    import yaml  # a section (rlaif's `policy`, evaluate's `policy` is a setting): only a mapping fits it
+
+    try:
+        return isinstance(yaml.safe_load(value), dict)
+    except yaml.YAMLError:
+        return False
 
 
 def _given(items: list[str]) -> dict:
@@ -277,9 +298,14 @@ def _load_stage(spec: dict, name: str, earlier: list[Stage], path: Path, output_
         raise ConfigError(f"two stages are called {name!r}; give each a unique name")
     own_file, own_cli = _override_list(spec.get("overrides"), f"{where}: overrides"), cli_stage.get(name, [])
     own = own_file + own_cli
+    config_cls, run = registry[kind]()
+    for item in own_cli:  # `dpo.beta=0.2` with a stage called dpo: stage dpo's `beta`, which DPO has not
+        key = item.split("=", 1)[0].strip()
+        if "." not in key and key not in {f.name for f in dataclasses.fields(config_cls)}:
+            raise ConfigError(f"override {name}.{item!r} reads as stage {name!r}, key {key!r}, which is not a "
+                              f"{kind} key; for that stage's {name}.{key}, write {name}.{name}.{item}")
     if "output_dir" in _keys(own):
         raise ConfigError("output_dir is the pipeline's (each stage runs in OUTPUT_DIR/NAME); set it at the top")
-    config_cls, run = registry[kind]()
     config_file = path.parent / spec["config"] if spec.get("config") else None
     items = [*(i for i in common if _fits(config_cls, i)), *own_file,
              *(i for i in cli_stage[None] if _fits(config_cls, i)), *own_cli]
@@ -318,6 +344,9 @@ def _wire(inputs: Any, earlier: list[Stage], own: list[str], kind: str, config_c
 
     def output_of(ref: Any, key: str) -> str:
         label, _, target = str(ref).rpartition("=")
+        if label and key != "reward.models":
+            raise ConfigError(f"inputs.{key}: {ref!r}: only reward.models takes a LABEL=stage reference (a reward "
+                              f"component's name); write {target}")
         stage_name, _, file = target.partition("/")
         if stage_name not in by_name:
             later = "is not an earlier stage (a stage reads only what ran before it)"
@@ -342,8 +371,9 @@ def _wire(inputs: Any, earlier: list[Stage], own: list[str], kind: str, config_c
     model_key = "model.path" if kind in _registry_training() else DATA_KINDS[kind].model_key
     policies = [s for s in earlier if s.makes_policy]
     client = (model_key or "").removesuffix(".model") + ".kind"
+    served = client in leaves and _is_set(given, client) and _value(given, client) != "local"  # a server's name
     untouched = model_key is not None and model_key not in wiring and model_key not in _keys(own) \
-        and not _is_set(given, model_key) and not (client in leaves and _is_set(given, client))
+        and not _is_set(given, model_key) and not served
     if untouched and policies:
         wiring[model_key] = output_of(policies[-1].name, model_key)
         if client in leaves:
@@ -376,6 +406,11 @@ def _is_list(config_cls: type, key: str) -> bool:
 def _data_output(source: Stage, key: str, kind: str, file: str) -> Path:
     """The file of data stage `source` that `key` of a `kind` stage reads."""
     outputs = source.producer.outputs
+    if key in _RUN_DIR_KEYS:  # an earlier run of the same command, compared with this one
+        if source.kind != kind:
+            raise ConfigError(f"inputs.{key}: {source.name!r} is a {source.kind} stage; {key} takes an earlier "
+                              f"{kind} stage")
+        return source.run_dir
     if _is_model_key(key):
         wrote = ", ".join(outputs.values()) or "a report"
         raise ConfigError(f"inputs.{key}: {source.name!r} is a {source.kind} stage; it writes {wrote}, not a model")
@@ -508,11 +543,15 @@ def _decide(stage: Stage, record: dict | None, state: dict, rerun: set[str], res
     rerun_inputs = [d for d in stage.deps if d in rerun]
     if restart or forced:
         return "fresh", "--restart" if restart else f"--from {from_stage}"
-    if rerun_inputs:
-        return "fresh", f"it uses the output of {', '.join(rerun_inputs)}, which runs again"
     if record is None:
         return "fresh", "first run"
+    if rerun_inputs:
+        return "fresh", f"it uses the output of {', '.join(rerun_inputs)}, which runs again"
     if record["fingerprint"] != stage.fingerprint:
+        changed = {k for k in set(record["config"]) | set(stage.flat) if record["config"].get(k) != stage.flat.get(k)}
+        if stage.producer is not None and changed and all(_resumes_across(stage.producer, k) for k in changed):
+            return "resume", (f"its config changed ({_changes(record['config'], stage.flat)}), which "
+                              f"{stage.kind} resumes across: from what its log holds")
         return "fresh", f"its config changed ({_changes(record['config'], stage.flat)})"
     inputs = {d: state.get(d, {}).get("run_id") for d in stage.deps}
     if record.get("inputs") != inputs:
@@ -525,6 +564,10 @@ def _decide(stage: Stage, record: dict | None, state: dict, rerun: set[str], res
         missing = "final/ or summary.json" if stage.producer is None else stage.producer.done
         return "resume", f"its {missing} is missing; resuming from {where}"
     return "skip", "complete, config and inputs unchanged"
+
+
+def _resumes_across(producer: Producer, key: str) -> bool:
+    return key in producer.resumable or key.rsplit(".", 1)[-1] in _TRANSPORT
 
 
 # --------------------------------------------------------------------------- running
@@ -557,9 +600,14 @@ def run_pipeline(path: str | Path, overrides: list[str] = (), restart: bool = Fa
             continue
         if action not in ("skip", "not selected"):
             try:
+                _check_read_files(stage, {s.name: s for s in stages})
                 _run_stage(stage, action, state, output_dir)
+            except UserError:  # a cause a rerun alone does not remove (unless it says so: failed items)
+                _say(f"stage {stage.name} stopped; the stages before it are kept, and the same command resumes")
+                raise
             except BaseException:
-                _say(f"stage {stage.name} stopped; the same command resumes it from its last checkpoint")
+                where = "its last checkpoint" if stage.producer is None else "what its log holds"
+                _say(f"stage {stage.name} stopped; the same command resumes it from {where}")
                 raise
         if stage.merge and state.get(stage.name, {}).get("status") == "done":
             _ensure_merged(stage, state, output_dir)
@@ -645,8 +693,42 @@ def _run_stage(stage: Stage, action: str, state: dict[str, dict], output_dir: Pa
     if not stage.complete():
         wanted = "final and summary.json" if stage.producer is None else stage.producer.done
         raise UserError(f"stage {stage.name} returned without {stage.run_dir}/{wanted}")
+    failed = _failed_items(stage)
+    if failed:  # the outputs hold the others; the stage stays unfinished, so the same command retries them
+        raise UserError(f"stage {stage.name}: {failed} item(s) failed this run (see {stage.run_dir}); the same "
+                        "command retries them")
     state[stage.name].update(status="done", run_id=uuid.uuid4().hex[:12], finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
     _write_state(output_dir, state)
+
+
+def _failed_items(stage: Stage) -> int:
+    """How many items of a data stage failed this run (rlaif, constitutional, redteam count them)."""
+    if stage.producer is None or not stage.producer.failed:
+        return 0
+    file, *keys = stage.producer.failed
+    value: Any = json.loads((stage.run_dir / file).read_text())
+    for key in keys:
+        value = value.get(key, 0) if isinstance(value, dict) else 0
+    return int(value or 0)
+
+
+def _check_read_files(stage: Stage, by_name: dict[str, Stage]) -> None:
+    """Before a stage runs: every file of a data stage it reads is there and holds rows. (Wiring is
+    fixed at load; what a data stage wrote is known only now: quality writes kept-FORMAT.jsonl for
+    rows of several formats, and any data stage may keep no row.)"""
+    for dep in (by_name[d] for d in stage.deps if by_name[d].producer is not None):
+        values = [v for value in stage.wiring.values() for v in (value if isinstance(value, list) else [value])]
+        for value in values:
+            path = Path(str(value).rpartition("=")[2])
+            if path.parent != dep.run_dir or path == dep.run_dir:
+                continue
+            if not path.is_file():
+                wrote = sorted(p.name for p in dep.run_dir.glob("*.jsonl"))
+                raise UserError(f"stage {stage.name} reads {path}, which stage {dep.name} did not write (it wrote "
+                                f"{', '.join(wrote) or 'no .jsonl file'}); wire one of them as {dep.name}/FILE")
+            if path.stat().st_size == 0:
+                raise UserError(f"stage {stage.name} reads {path}, where stage {dep.name} kept no row (see "
+                                f"{dep.run_dir / dep.producer.done}); nothing to train or evaluate on")
 
 
 def _ensure_merged(stage: Stage, state: dict[str, dict], output_dir: Path) -> None:
