@@ -12,22 +12,13 @@ import yaml
 
 from posttrain.errors import ConfigError, UserError
 from posttrain.pipeline import load_pipeline, plan, read_state, run_pipeline
+from tests.test_pipeline_data_stages import load, write  # the same pipeline-file helpers
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples" / "data"
 SFT = {"name": "sft", "kind": "sft", "overrides": {"train.max_steps": 1, "data.synthetic_size": 16,
                                                    "train.progress_bar": False}}
 LOCAL_TINY = {"kind": "local", "model": "tiny"}
-
-
-def write(tmp_path: Path, stages: list[dict], **top) -> Path:
-    path = tmp_path / "pipe.yaml"
-    path.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "out"), **top, "stages": stages}))
-    return path
-
-
-def load(tmp_path: Path, stages: list[dict], cli_overrides=(), **top):
-    return load_pipeline(write(tmp_path, stages, **top), list(cli_overrides))[1]
 
 
 def red(name: str, **overrides) -> dict:
