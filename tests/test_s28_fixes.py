@@ -244,3 +244,27 @@ def test_a_key_of_another_command_names_that_command_instead_of_a_near_spelling(
     assert capsys.readouterr().err == "error: overrides: unknown key ppo.kl_coef; ppo.kl_coef is a setting of posttrain ppo\n"
     assert cli.main(["sft", "examples/sft_full.yaml", "train.learning_rate=1e-4"]) == 2  # a typo: still its guess
     assert "did you mean train.lr?" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, message", [
+    ("reward.weights=[nope=1]", "reward.weights nope=...: no reward named nope (have exact_match)"),
+    ("reward.weights=[exact_match=x]", "reward.weights exact_match=x: not a number"),
+    ("reward.format_regex=([", "format regex '([' is not valid"),
+])
+def test_reward_weights_and_format_regex_are_checked_before_the_model_loads(tmp_path, monkeypatch, capsys,
+                                                                            override, message):
+    from posttrain.train import sft
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(sft, "build_model", no_model)
+    assert cli.main(["grpo", "examples/grpo.yaml", override, f"output_dir={tmp_path}"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_generate_on_an_empty_prompts_file_says_so(tmp_path, capsys):
+    empty = tmp_path / "p.txt"
+    empty.write_text("\n\n")
+    assert cli.main(["generate", "--model", "tiny", "--prompts", str(empty), "--output", "-"]) == 2
+    assert "no prompts (an empty file, or only blank lines)" in capsys.readouterr().err

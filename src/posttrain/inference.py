@@ -256,6 +256,8 @@ def main(args) -> int:
     if args.command != "chat":
         check_output_path(args.output)
     items = read_prompts(args.prompts) if args.command != "chat" else []
+    if args.command != "chat" and not items:
+        raise DataError(f"{args.prompts}: no prompts (an empty file, or only blank lines)")
     model, tokenizer = _load(args)
     template = None if args.template == "none" else resolve_template(tokenizer, args.template)
     if args.command == "chat":

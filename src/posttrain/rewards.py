@@ -272,6 +272,15 @@ def _pairs_option(values: list[str], what: str, repeat: bool = True) -> dict[str
     return out
 
 
+def model_component(i: int, item: str, count: int) -> tuple[str, str]:
+    """(name, directory) of reward model `item`, the i-th of `count`: 'NAME=DIR', or a plain DIR
+    named reward_model (rm0, rm1, ... when there are several)."""
+    name, sep, path = item.partition("=")
+    if not sep or os.sep in name or os.path.exists(item):  # a directory whose path holds '=' is a path
+        name, path = f"rm{i}" if count > 1 else "reward_model", item
+    return name, path
+
+
 def build_combined(models: list[str], functions: list[str], weights: list[str], floors: list[str],
                    template: str = "auto", batch_size: int = 32, device=None, log=None,
                    functions_option: str = "--function") -> CombinedReward:
@@ -281,9 +290,7 @@ def build_combined(models: list[str], functions: list[str], weights: list[str], 
     functions_option: what errors call `functions` (a config's reward.functions, score's --function)."""
     components = []
     for i, item in enumerate(models):
-        name, sep, path = item.partition("=")
-        if not sep or os.sep in name or os.path.exists(item):  # a directory whose path holds '=' is a path
-            name, path = f"rm{i}" if len(models) > 1 else "reward_model", item
+        name, path = model_component(i, item, len(models))
         components.append(RewardComponent(name, RewardModelScorer(path, template, batch_size, device=device, log=log)))
     for name, spec in _pairs_option(functions, functions_option, repeat=False).items():
         components.append(RewardComponent(name, function_reward(spec)))

@@ -369,12 +369,21 @@ def build_reward(cfg, device=None, log=None):
 
 
 def check_reward_functions(cfg) -> None:
-    """Import every reward.functions entry (NAME=module:function) and find its function; the
-    reward models are checked when they load. Raises ConfigError naming the entry."""
-    from posttrain.rewards import _pairs_option, function_reward
+    """What can be checked of the reward before any model loads: every reward.functions entry
+    (NAME=module:function) imports and names a function, format_regex compiles, and each
+    reward.weights entry names a component with a finite number. (The reward models are checked
+    when they load.) Raises ConfigError naming the setting."""
+    from posttrain.rewards import (RewardComponent, _pairs_option, format_reward, function_reward, model_component,
+                                   set_by_name)
 
-    for spec in _pairs_option(cfg.reward.functions, "reward.functions", repeat=False).values():
+    functions = _pairs_option(cfg.reward.functions, "reward.functions", repeat=False)
+    for spec in functions.values():
         function_reward(spec)
+    if cfg.reward.format_regex:
+        format_reward(cfg.reward.format_regex)
+    names = [model_component(i, item, len(cfg.reward.models))[0] for i, item in enumerate(cfg.reward.models)]
+    names += [*functions, *(["format"] if cfg.reward.format_regex else [])]
+    set_by_name([RewardComponent(name, None) for name in names], cfg.reward.weights, "reward.weights", "weight")
 
 
 def held_out_reward(model, tokenizer, prompts: list[list[int]], records: list[PromptRecord], score, cfg,
