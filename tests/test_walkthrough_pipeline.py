@@ -108,40 +108,31 @@ def _rlaif_stage() -> dict:
         "rlaif.concurrency": 1}}
 
 
-def test_an_rlaif_stage_with_failed_items_is_retried_by_the_same_command(tmp_path, monkeypatch):
-    import posttrain.feedback.rlaif as rlaif
+def _first_call_fails(monkeypatch, module, name: str) -> None:
+    """module.name raises ConnectionError on its first call (a server that went away), then works."""
+    real, calls = getattr(module, name), []
 
-    real, calls = rlaif.rlaif_record, []
-
-    def flaky(item_id, *args, **kwargs):
-        calls.append(item_id)
+    def flaky(*args, **kwargs):
+        calls.append(args)
         if len(calls) == 1:
             raise ConnectionError("server went away")
-        return real(item_id, *args, **kwargs)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(rlaif, "rlaif_record", flaky)
-    path = write(tmp_path, [_rlaif_stage()])
-    try:
-        run_pipeline(path)
-    except UserError:
-        pass
-    _, stages = load_pipeline(path)
-    assert plan(stages, read_state(tmp_path / "out"))[0][0] != "skip"
+    monkeypatch.setattr(module, name, flaky)
 
 
-def test_a_redteam_stage_with_failed_items_is_retried_by_the_same_command(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["rlaif", "redteam"])
+def test_a_data_stage_with_failed_items_is_retried_by_the_same_command(tmp_path, monkeypatch, kind):
+    import posttrain.feedback.rlaif as rlaif
     import posttrain.safety.run as run
 
-    real, calls = run.respond_and_label, []
-
-    def flaky(item, *args):
-        calls.append(item)
-        if len(calls) == 1:
-            raise ConnectionError("server went away")
-        return real(item, *args)
-
-    monkeypatch.setattr(run, "respond_and_label", flaky)
-    path = write(tmp_path, [red("red", **{"target.kind": "local", "target.model": "tiny", "concurrency": 1})])
+    if kind == "rlaif":
+        _first_call_fails(monkeypatch, rlaif, "rlaif_record")
+        stage = _rlaif_stage()
+    else:
+        _first_call_fails(monkeypatch, run, "respond_and_label")
+        stage = red("red", **{"target.kind": "local", "target.model": "tiny", "concurrency": 1})
+    path = write(tmp_path, [stage])
     try:
         run_pipeline(path)
     except UserError:

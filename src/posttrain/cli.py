@@ -183,17 +183,14 @@ def check_alias(command: str, overrides: list[str]) -> None:
     """An alias command (kto, orpo, rloo) sets its option itself, over the config file's (so
     `posttrain orpo examples/dpo.yaml` runs ORPO); an override on the same command line that sets
     that option to something else contradicts the command, and is refused."""
-    from posttrain.config.schema import apply_override
-    from posttrain.errors import ConfigError
+    from posttrain.config.schema import apply_override, dotted_value
 
     given: dict = {}
     for item in overrides:
         apply_override(given, item)
     for override in ALIAS_OVERRIDES.get(command, []):
         key, wanted = override.split("=", 1)
-        value = given
-        for part in key.split("."):
-            value = value.get(part) if isinstance(value, dict) else None
+        value = dotted_value(given, key, None)
         if value is not None and str(value) != wanted:
             raise ConfigError(f"`posttrain {command}` runs with {key}={wanted}, but an override sets {key}={value}; "
                               f"drop it, or run `posttrain {key.split('.')[0]}`")
@@ -203,14 +200,12 @@ def _note_replaced_by_alias(command: str, config: str | None) -> None:
     """`posttrain kto dpo_ipo.yaml` runs KTO: say that the file's own loss is not the one used."""
     if config is None or command not in ALIAS_OVERRIDES:
         return
-    from posttrain.config.schema import read_yaml
+    from posttrain.config.schema import dotted_value, read_yaml
 
     data = read_yaml(config)
     for override in ALIAS_OVERRIDES[command]:
         key, wanted = override.split("=", 1)
-        value: object = data
-        for part in key.split("."):
-            value = value.get(part) if isinstance(value, dict) else None
+        value = dotted_value(data, key, None)
         if value is not None and str(value) != wanted:
             print(f"note: posttrain {command} runs {key}={wanted}; {config} sets {key}: {value}, which is not used")
 

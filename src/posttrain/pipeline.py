@@ -273,15 +273,6 @@ def _given(items: list[str]) -> dict:
     return given
 
 
-def _is_set(given: dict, key: str) -> bool:
-    node: Any = given
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
-    return True
-
-
 def _load_stage(spec: dict, name: str, earlier: list[Stage], path: Path, output_dir: Path, common: list[str],
                 cli_stage: dict[str | None, list[str]], where: str) -> Stage:
     _check_keys(spec, _STAGE_KEYS, where)
@@ -330,7 +321,7 @@ def _wire(inputs: Any, earlier: list[Stage], own: list[str], kind: str, config_c
     An input names a stage (NAME, or LABEL=NAME for a reward component) or one file of a data
     stage (NAME/FILE). A model setting gets a training stage's final/ (merged/ for a policy with
     adapters that a stage trains from); a rows setting gets a data stage's output file."""
-    from posttrain.config.schema import _leaf_keys, check_override_key
+    from posttrain.config.schema import _leaf_keys, check_override_key, dotted_value
 
     if not isinstance(inputs, dict):
         raise ConfigError("inputs must map config keys to earlier stage names, e.g. {reward.models: [rm]}")
@@ -364,34 +355,22 @@ def _wire(inputs: Any, earlier: list[Stage], own: list[str], kind: str, config_c
             wiring[key] = [wiring[key]]
         client = key.removesuffix(".model") + ".kind"
         if key.endswith(".model") and client in leaves:  # a directory: the client must load it, not ask a server
-            if _is_set(given, client) and _value(given, client) != "local":
+            if str(dotted_value(given, client, "local")) != "local":
                 raise ConfigError(f"inputs.{key}: a stage's output is a directory, which {client}="
-                                  f"{_value(given, client)} would send to a server as a model name; set {client}: local")
+                                  f"{dotted_value(given, client)} would send to a server as a model name; set "
+                                  f"{client}: local")
             wiring[client] = "local"
-    model_key = "model.path" if kind in _registry_training() else DATA_KINDS[kind].model_key
+    model_key = DATA_KINDS[kind].model_key if kind in DATA_KINDS else "model.path"
     policies = [s for s in earlier if s.makes_policy]
     client = (model_key or "").removesuffix(".model") + ".kind"
-    served = client in leaves and _is_set(given, client) and _value(given, client) != "local"  # a server's name
-    untouched = model_key is not None and model_key not in wiring and model_key not in _keys(own) \
-        and not _is_set(given, model_key) and not served
+    served = client in leaves and str(dotted_value(given, client, "local")) != "local"  # a server's model name
+    untouched = model_key is not None and model_key not in wiring and dotted_value(given, model_key, None) is None \
+        and not served
     if untouched and policies:
         wiring[model_key] = output_of(policies[-1].name, model_key)
         if client in leaves:
             wiring[client] = "local"
     return wiring, list(dict.fromkeys(deps))
-
-
-def _registry_training() -> set[str]:
-    from posttrain.cli import _STAGES
-
-    return set(_STAGES)
-
-
-def _value(given: dict, key: str) -> Any:
-    node: Any = given
-    for part in key.split("."):
-        node = node[part]
-    return str(node)
 
 
 def _is_list(config_cls: type, key: str) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import types
 import typing
@@ -166,6 +167,22 @@ def apply_override(data: dict[str, Any], item: str) -> None:
     node[parts[-1]] = value
 
 
+_ABSENT = object()
+
+
+def dotted_value(data: dict, key: str, default: Any = _ABSENT) -> Any:
+    """data["a"]["b"]["c"] for key "a.b.c" (as apply_override nests it); `default` when a part is
+    missing (a KeyError without one)."""
+    node: Any = data
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            if default is _ABSENT:
+                raise KeyError(key)
+            return default
+        node = node[part]
+    return node
+
+
 def check_override_key(root: type, item: str, where: str = "overrides") -> None:
     """An override's key must name a setting or a section of `root` (errors name `where` the key
     was typed — the command line's overrides, a pipeline stage's inputs — not the config file)."""
@@ -240,12 +257,19 @@ def _elsewhere(key: str, root: type) -> str | None:
         from posttrain.cli import _DATA_COMMANDS, _STAGES
     except ImportError:  # pragma: no cover - a partial install
         return None
-    owners: dict[str, type] = {}
-    for command, loader in {**_STAGES, **_DATA_COMMANDS}.items():
-        config_cls = loader()[0]
-        if config_cls is not root and key in _leaf_keys(config_cls) and config_cls not in owners.values():
-            owners[command] = config_cls
+    owners = [command for command, config_cls, keys in _command_configs(tuple({**_STAGES, **_DATA_COMMANDS}.items()))
+              if config_cls is not root and key in keys]
     return f"; {key} is a setting of posttrain {' / '.join(owners)}" if owners else None
+
+
+@functools.lru_cache(maxsize=1)
+def _command_configs(registry: tuple) -> list[tuple[str, type, frozenset[str]]]:
+    """(command, config class, its setting keys) once per class (kto and orpo are dpo's): built
+    once, since a pipeline's load asks about every pipeline-wide override in every stage."""
+    seen: dict[type, str] = {}
+    for command, loader in registry:
+        seen.setdefault(loader()[0], command)
+    return [(command, config_cls, frozenset(_leaf_keys(config_cls))) for config_cls, command in seen.items()]
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str, source: str, root: type) -> Any:
