@@ -351,9 +351,11 @@ def score_main(args) -> int:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
     check_output_path(args.output)  # before any model loads or row is scored
+    rows, prompts, responses, locations = _read_scoring_rows(args.input)  # a bad row too
+    if not rows:
+        raise DataError(f"{args.input}: no rows to score (an empty file, or only blank lines)")
     combined = build_combined(args.model, args.function, args.weight, args.floor, args.template, args.batch_size,
                               log=lambda line: print(line, file=sys.stderr))  # stdout may be the output
-    rows, prompts, responses, locations = _read_scoring_rows(args.input)
     written = [args.column] + ([f"{args.column}_{c.name}" for c in combined.components]
                                if len(combined.components) > 1 else [])
     for row, location in zip(rows, locations):

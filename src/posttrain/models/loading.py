@@ -180,6 +180,7 @@ def load_model(config_or_path: Any = None, *, quantization: Any = None, **overri
     args = _model_args(config_or_path, overrides)
     directory = resolve_model_path(args["path"])
     _check_weights(directory)
+    _refuse_reward_model(directory)
     # trust_remote_code always given: left out, transformers would ask on stdin and run the code on a "y"
     kwargs: dict[str, Any] = {"dtype": _torch_dtype(args["dtype"]), "use_safetensors": True,
                               "trust_remote_code": args["trust_remote_code"] is True}
@@ -199,6 +200,21 @@ def load_model(config_or_path: Any = None, *, quantization: Any = None, **overri
     if args["gradient_checkpointing"]:
         enable_gradient_checkpointing(model)
     return model
+
+
+def _refuse_reward_model(directory: Path) -> None:
+    """A reward model's directory (posttrain rm's final/: a *ForSequenceClassification with a score
+    head) loaded as a causal LM would get an untrained or embedding-tied LM head on a backbone
+    trained to score, and train or generate from it without a word."""
+    try:
+        architectures = json.loads((directory / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return  # from_pretrained says what is wrong with the file
+    if architectures and all(str(a).endswith("ForSequenceClassification") for a in architectures):
+        raise UserError(f"{directory} is a reward model ({architectures[0]}: a score head, no trained language-model "
+                        "head); a policy starts from a causal LM, usually the SFT model the reward model was "
+                        "trained from. A reward model goes where a reward is asked for (reward.models, "
+                        "posttrain score)")
 
 
 def _four_bit(quantization: Any) -> dict[str, Any]:

@@ -543,7 +543,10 @@ def _check_input_files(cfg) -> None:
 
     for key, path in walk(cfg.to_dict()):
         if isinstance(path, str) and path != "synthetic" and not os.path.exists(os.path.expanduser(path)):
-            raise DataError(f"{key}: {path}: no such file or directory")
+            parts = [p.strip() for p in path.split(",")]
+            hint = (f"; for several files write {key}=[{','.join(parts)}]"
+                    if len(parts) > 1 and all(os.path.exists(os.path.expanduser(p)) for p in parts if p) else "")
+            raise DataError(f"{key}: {path}: no such file or directory{hint}")
 
 
 def _checked_run_dir(output_dir: str) -> Path:

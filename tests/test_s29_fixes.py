@@ -1,0 +1,75 @@
+"""Small user-facing fixes of stop 29: a reward model taken for a policy, several files given as one
+comma-joined override, scoring an empty file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from posttrain import cli
+
+
+def _cli(args: list[str], capsys) -> tuple[int, str]:
+    try:
+        rc = cli.main([str(a) for a in args])
+    except SystemExit as exc:  # argparse
+        rc = exc.code if isinstance(exc.code, int) else 1
+    out = capsys.readouterr()
+    return rc, out.out + out.err
+
+
+@pytest.fixture(scope="module")
+def reward_model_dir(tmp_path_factory):
+    """What `posttrain rm` leaves in final/: a *ForSequenceClassification with one output."""
+    from transformers import AutoModelForSequenceClassification
+
+    from posttrain.models.loading import load_tokenizer, resolve_model_path
+
+    out = tmp_path_factory.mktemp("rm") / "final"
+    model = AutoModelForSequenceClassification.from_pretrained(resolve_model_path("tiny"), num_labels=1)
+    model.save_pretrained(out)
+    load_tokenizer("tiny").save_pretrained(out)
+    return out
+
+
+def test_a_reward_model_is_refused_as_a_policy(reward_model_dir, tmp_path, capsys):
+    from posttrain.errors import UserError
+    from posttrain.models.loading import load_model
+
+    with pytest.raises(UserError, match=r"is a reward model \(LlamaForSequenceClassification.*usually the SFT model"):
+        load_model(str(reward_model_dir))
+    rc, out = _cli(["sft", f"output_dir={tmp_path / 'run'}", f"model.path={reward_model_dir}", "train.max_steps=1",
+                    "data.synthetic_size=8"], capsys)
+    assert rc != 0 and "is a reward model" in out and "Traceback" not in out
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_a_causal_lm_still_loads(tmp_path):
+    from posttrain.models.loading import load_model
+
+    assert type(load_model("tiny")).__name__.endswith("ForCausalLM")
+
+
+def test_several_files_joined_by_a_comma_get_the_list_syntax(tmp_path, capsys):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    for path in (a, b):
+        path.write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n")
+    rc, out = _cli(["sft", f"output_dir={tmp_path / 'run'}", f"data.train_files={a},{b}"], capsys)
+    assert rc != 0
+    assert f"for several files write data.train_files=[{a},{b}]" in out
+    rc, out = _cli(["sft", f"output_dir={tmp_path / 'run'}", f"data.train_files={a},{tmp_path / 'nope'}"], capsys)
+    assert rc != 0 and "no such file or directory" in out and "several files" not in out  # a part is missing too
+
+
+def test_scoring_an_empty_file_is_an_error_before_any_model_loads(tmp_path, capsys, monkeypatch):
+    from posttrain import rewards
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a reward model was loaded")
+
+    monkeypatch.setattr(rewards, "build_combined", no_load)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    rc, out = _cli(["score", "--model", "tiny", "--input", empty, "--output", tmp_path / "out.jsonl"], capsys)
+    assert rc != 0 and "no rows to score" in out and not (tmp_path / "out.jsonl").exists()
