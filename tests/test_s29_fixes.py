@@ -73,3 +73,28 @@ def test_scoring_an_empty_file_is_an_error_before_any_model_loads(tmp_path, caps
     empty.write_text("\n\n")
     rc, out = _cli(["score", "--model", "tiny", "--input", empty, "--output", tmp_path / "out.jsonl"], capsys)
     assert rc != 0 and "no rows to score" in out and not (tmp_path / "out.jsonl").exists()
+
+
+def test_solved_groups_is_not_logged_with_one_sample_a_prompt():
+    """rollout/solved_groups (prompts whose samples all scored the same) read 1.0 at every PPO step
+    with its default of one sample a prompt: a group of one always agrees with itself."""
+    from posttrain.config import PPOConfig
+    from posttrain.data.prompts import PromptRecord
+    from posttrain.models.loading import load_tokenizer
+    from posttrain.train.rollouts import build_reward, sample_and_score
+
+    tokenizer = load_tokenizer("tiny-2l")
+
+    class Engine:  # answers each prompt with "m" and an end
+        is_policy = True
+
+        def generate(self, prompts, settings, **kwargs):
+            return [tokenizer("m", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for _ in prompts]
+
+    cfg = PPOConfig.load(None, ["rollout.max_new_tokens=4", "reward.functions=[em=posttrain.rewards:exact_match]"])
+    assert cfg.rollout.num_generations == 1
+    records = [PromptRecord([{"role": "user", "content": "Smallest letter: q m t"}], "m", source="r:0"),
+               PromptRecord([{"role": "user", "content": "Smallest letter: b t"}], "b", source="r:1")]
+    rollout = sample_and_score(Engine(), tokenizer, [[1, 5], [1, 6]], records, [0, 1], cfg, build_reward(cfg), seed=0)
+    assert rollout.stats.solved_groups is None
+    assert rollout.stats.reward_mean == pytest.approx(0.5)

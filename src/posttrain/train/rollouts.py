@@ -155,7 +155,7 @@ class RolloutStats:
     rollout_s: float
     reward_s: float
     rollout_tokens_per_s: float
-    solved_groups: float  # fraction of prompts whose G samples all got the same reward (no signal)
+    solved_groups: float | None  # fraction of prompts whose G samples all got the same reward (no signal); None for G=1
 
 
 @dataclass
@@ -217,7 +217,8 @@ def sample_and_score(engine, tokenizer, prompts: list[list[int]], records: list[
         reward_mean=float(rewards.mean()), reward_std=float(rewards.std()) if len(rewards) > 1 else 0.0,
         response_tokens_mean=generated / len(completions), ended_fraction=float(ended.float().mean()),
         rollout_s=rollout_s, reward_s=reward_s, rollout_tokens_per_s=generated / max(rollout_s, 1e-9),
-        solved_groups=float((grouped.max(1).values == grouped.min(1).values).float().mean()))
+        # with one sample a prompt (PPO's default) every "group" agrees with itself: not a figure
+        solved_groups=float((grouped.max(1).values == grouped.min(1).values).float().mean()) if group > 1 else None)
     return Rollout(prompt_ids, completions, texts, chosen_records, rewards, stats, components)
 
 
@@ -310,7 +311,7 @@ class RolloutStage:
         seed = (self.cfg.train.seed * 1_000_003 + epoch * 10_007 + index) % (2**31)
         rollout = sample_and_score(self.engine, self.tokenizer, self.prompts, self.records, chosen, self.cfg,
                                    self.score, seed)
-        self.rollout_metrics = dict(rollout.stats.__dict__) | {f"reward/{n}": v for n, v in rollout.components.items()}
+        self.rollout_metrics = {k: v for k, v in rollout.stats.__dict__.items() if v is not None} | {f"reward/{n}": v for n, v in rollout.components.items()}
         if not self.engine.is_policy:
             self.rollout_metrics["weight_sync_s"] = sync_s
         self._write_samples(epoch, index, rollout)
