@@ -76,7 +76,7 @@ def test_scoring_an_empty_file_is_an_error_before_any_model_loads(tmp_path, caps
 
 
 def test_solved_groups_is_not_logged_with_one_sample_a_prompt():
-    """rollout/solved_groups (prompts whose samples all scored the same) read 1.0 at every PPO step
+    """rollout/flat_groups (named solved_groups then: prompts whose samples all scored the same) read 1.0 at every PPO step
     with its default of one sample a prompt: a group of one always agrees with itself."""
     from posttrain.config import PPOConfig
     from posttrain.data.prompts import PromptRecord
@@ -96,5 +96,31 @@ def test_solved_groups_is_not_logged_with_one_sample_a_prompt():
     records = [PromptRecord([{"role": "user", "content": "Smallest letter: q m t"}], "m", source="r:0"),
                PromptRecord([{"role": "user", "content": "Smallest letter: b t"}], "b", source="r:1")]
     rollout = sample_and_score(Engine(), tokenizer, [[1, 5], [1, 6]], records, [0, 1], cfg, build_reward(cfg), seed=0)
-    assert rollout.stats.solved_groups is None
+    assert rollout.stats.flat_groups is None
     assert rollout.stats.reward_mean == pytest.approx(0.5)
+
+
+def test_the_command_exits_130_past_a_worker_thread_still_inside_torch(tmp_path):
+    """Ctrl-C in a data command with a local model ended in SIGABRT ("terminate called without an
+    active exception": the interpreter's exit around a daemon worker inside torch), not exit 130.
+    The console entry point leaves without that teardown while a posttrain-job worker lives."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys, threading, torch\n"
+        "from posttrain import cli, console\n"
+        "def busy():\n"
+        "    x = torch.randn(256, 256)\n"
+        "    while True:\n"
+        "        x = torch.tanh(x @ x)\n"
+        "def main():\n"
+        "    threading.Thread(target=busy, name='posttrain-job-0', daemon=True).start()\n"
+        "    print('interrupted', file=sys.stderr)\n"
+        "    return 130\n"
+        "cli.main = main\n"
+        "sys.exit(console.run())\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 130, done.stderr[-500:]
+    assert "interrupted" in done.stderr and "terminate called" not in done.stderr

@@ -1,3 +1,3 @@
-from posttrain.cli import main
+from posttrain.console import run
 
-raise SystemExit(main())
+raise SystemExit(run())
