@@ -390,13 +390,14 @@ def test_the_first_update_sees_ratio_one_with_dropout_in_the_policy(tmp_path):
     assert [(r["approx_kl"], r["clip_fraction"]) for r in firsts] == [(0.0, 0.0)] * 3
 
 
-def test_disable_dropout_makes_train_mode_deterministic_and_keeps_the_config():
-    """Attention dropout (a module attribute) and LoRA dropout are switched off; the config a full
-    model is saved with keeps the checkpoint's rate."""
+def test_disable_dropout_makes_train_mode_deterministic_and_keeps_the_config(tmp_path):
+    """Attention dropout (a module attribute and the config's rate, which Falcon reads in forward)
+    and LoRA dropout are switched off; the config a full model is saved with keeps the checkpoint's
+    rate."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from posttrain.models.loading import disable_dropout
+    from posttrain.models.loading import disable_dropout, save_model
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -411,4 +412,7 @@ def test_disable_dropout_makes_train_mode_deterministic_and_keeps_the_config():
     notes = []
     disable_dropout(model, notes.append, "test")
     assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits) and len(notes) == 1
-    assert model.config.attention_dropout == 0.3
+    assert model.config.attention_dropout == 0.0
+    save_model(model.base_model.model, None, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["attention_dropout"] == 0.3
+    assert model.config.attention_dropout == 0.0

@@ -246,15 +246,31 @@ def block_masks_allowed(model, option: str, log=None) -> bool:
     passes a 4-D mask through unchanged. sdpa (and the padding-free attention built on it)
     does; eager attention adds the mask to the scores, so True / False would become +1 / +0
     and every block would see every other; flash attention drops it. Other implementations
-    turn `option` off, and `log` hears why."""
+    turn `option` off, and so do ALiBi models (`uses_alibi`): their position biases are built
+    from a 2-D mask (Falcon's `build_alibi_tensor` refuses a 4-D one) and would place a second
+    response after the first, not after the prompt. `log` hears why."""
     config = getattr(model, "config", None)
     attention = getattr(config, "_attn_implementation", None)
-    if attention in ("sdpa", _NAME):
+    if attention not in ("sdpa", _NAME):
+        why = f"the model runs {attention} attention, which does not read a block mask"
+    elif uses_alibi(config):
+        why = "the model's ALiBi position biases are built from a 2-D padding mask, not a block mask"
+    else:
         return True
     if log is not None:
-        log(f"note: {option} is off: the model runs {attention} attention, which does not read a block mask; "
-            "each response gets its own row")
+        log(f"note: {option} is off: {why}; each response gets its own row")
     return False
+
+
+def uses_alibi(config) -> bool:
+    """Whether the model places tokens by ALiBi biases computed from the 2-D attention mask:
+    Bloom always, Falcon-RW (`alibi`), MPT (`attn_config.alibi`)."""
+    if config is None:
+        return False
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    return (getattr(config, "model_type", None) == "bloom" or getattr(config, "alibi", False) is True
+            or getattr(getattr(config, "attn_config", None), "alibi", False) is True)
 
 
 def padding_free(model, enabled: bool = True, log=None, longest: int | None = None,

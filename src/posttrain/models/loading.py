@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -366,15 +369,39 @@ def supports_hidden_path(model) -> bool:
     return _unsupported_reason(model) is None
 
 
+# a dropout probability by its name: GPT-2's attn_pdrop, OPT's dropout / layerdrop, Falcon's
+# hidden_dropout, BioGPT's hidden_dropout_prob, MPT's attn_dropout_p, ...
+_DROPOUT_NAME = re.compile(r"dropout|pdrop|layerdrop")
+
+
+def _is_rate(name: str, value: Any) -> bool:
+    return (_DROPOUT_NAME.search(name) is not None and isinstance(value, (int, float))
+            and not isinstance(value, bool) and value > 0)
+
+
+def _configs(config) -> Iterator[Any]:
+    """A model config and the configs nested in it (MPT's attn_config, a multimodal text_config)."""
+    from transformers import PretrainedConfig
+
+    yield config
+    for value in vars(config).values():
+        if isinstance(value, PretrainedConfig):
+            yield from _configs(value)
+
+
 def disable_dropout(model, log, why: str) -> None:
-    """Switch every dropout in `model` off — nn.Dropout modules, LoRA's dropout (made an identity,
-    as peft builds it for p = 0), attention's functional dropout — and say so if any was on.
+    """Switch every dropout in `model` off and say so if any was on: nn.Dropout modules, LoRA's
+    dropout (made an identity, as peft builds it for p = 0), the float rates modules copy from
+    their config for functional dropout (OPT's `dropout`, GPT-J's `attention_dropout`, layer
+    drop), and the config's own rates, which some families read in forward (Falcon, GPT-Neo).
 
     The DPO family and online RL compare the policy with itself: π with π_ref at step 0, π with
     π_old at a rollout's first update. Reference and old log-probs are taken in eval mode, the
     updates in train mode, so with dropout on the two differ by the dropout noise alone (TRL
-    turns dropout off in these trainers too)."""
+    turns dropout off in these trainers too). The checkpoint's config rates are kept aside on
+    the model, so `save_model` writes them back (`_checkpoint_dropout_rates`)."""
     import torch.nn as nn
+    from transformers import PreTrainedModel
 
     changed = 0
     for module in model.modules():
@@ -387,13 +414,34 @@ def disable_dropout(model, log, why: str) -> None:
         elif isinstance(module, nn.Dropout) and module.p > 0:
             module.p = 0.0
             changed += 1
-        rate = getattr(module, "attention_dropout", None)
-        if isinstance(rate, float) and rate > 0:
-            module.attention_dropout = 0.0
-            changed += 1
-    # the modules only: the config (saved with a fully trained model) keeps the checkpoint's rates
+        for name, value in list(vars(module).items()):
+            if _is_rate(name, value):
+                setattr(module, name, type(value)(0))
+                changed += 1
+        if isinstance(module, PreTrainedModel):
+            kept = module.__dict__.setdefault("_checkpoint_dropout_rates", [])
+            for config in _configs(module.config):
+                for name, value in list(vars(config).items()):
+                    if _is_rate(name, value):
+                        kept.append((config, name, value))
+                        setattr(config, name, type(value)(0))  # of its type: configs check field types
+                        changed += 1
     if changed:
         log(f"note: dropout switched off in {changed} places ({why})")
+
+
+@contextmanager
+def _checkpoint_dropout_rates(model) -> Iterator[None]:
+    """The config's dropout rates as the checkpoint had them, while `model` is saved: training
+    without dropout does not change what a later fine-tune of the saved model starts with."""
+    kept = getattr(model, "_checkpoint_dropout_rates", [])
+    for config, name, value in kept:
+        setattr(config, name, value)
+    try:
+        yield
+    finally:
+        for config, name, value in kept:
+            setattr(config, name, type(value)(0))
 
 
 def note_full_logits(model, log) -> None:
@@ -450,7 +498,8 @@ def save_model(model, tokenizer, out_dir: str | os.PathLike, *, base_model_path:
         base = str(preset_path(base)) if is_preset(base) else str(Path(base).resolve()) if Path(base).is_dir() else base
         save_adapted(model, out, base)
     else:
-        model.save_pretrained(out)
+        with _checkpoint_dropout_rates(model):
+            model.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out

@@ -23,10 +23,13 @@ from torch import nn
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
 # Submodules (full dotted path) whose output an adapter follows. Attention: the output
-# projection (Llama/Qwen2/Mistral o_proj, GPT-2 attn.c_proj, OPT/BART out_proj, GPT-NeoX dense).
+# projection, a child of the attention module named o_proj (Llama, Qwen2, Mistral, Gemma),
+# out_proj (OPT, BART, XGLM, GPT-J, CodeGen, MPT, GPT-Neo's attn.attention), c_proj (GPT-2,
+# StarCoder) or dense (GPT-NeoX attention, Falcon / Bloom self_attention, Phi / Persimmon
+# self_attn); q/k/v projections and MLP layers have other names or parents.
 # FFN: the whole MLP block, or where the layer holds fc1 / fc2 itself (OPT, XGLM), its output
 # projection fc2.
-_ATTENTION_OUTPUT = re.compile(r".*\.(self_attn\.o_proj|attn\.c_proj|self_attn\.out_proj|attention\.dense)$")
+_ATTENTION_OUTPUT = re.compile(r".*\.(self_attn|attn|attention|self_attention)\.(o_proj|out_proj|c_proj|dense)$")
 _FFN = re.compile(r".*\.(layers|h|blocks)\.\d+\.(mlp|feed_forward|ffn|fc2)$")
 
 

@@ -46,7 +46,7 @@ def apply_adapters(lm: nn.Module, adapter_cfg: Any = None, *, plan: AdapterPlan 
     if "lora" in plan.methods:
         weight_peft = _inject(lm, _lora_config(adapter_cfg.lora, plan.dora), "adapter.lora.target_modules")
     elif "ia3" in plan.methods:
-        weight_peft = _inject(lm, _ia3_config(adapter_cfg.ia3), "adapter.ia3.target_modules")
+        weight_peft = _inject(lm, _ia3_config(adapter_cfg.ia3, lm), "adapter.ia3.target_modules")
     virtual = [m for m in plan.methods if m in ("prompt", "prefix")]
     if virtual:
         virtual_peft = _virtual_tokens(lm, virtual[0], adapter_cfg.virtual_tokens)
@@ -85,25 +85,79 @@ def _lora_config(lora: Any, dora: bool):
                       use_dora=dora, task_type="CAUSAL_LM")
 
 
-def _ia3_config(ia3: Any):
+def _ia3_config(ia3: Any, lm: nn.Module):
     from peft import IA3Config
 
     kwargs: dict[str, Any] = {}
     if ia3.target_modules:
         kwargs["target_modules"] = peft_targets(ia3.target_modules)
-        kwargs["feedforward_modules"] = list(ia3.feedforward_modules) or None  # empty: peft's default for the model
+        kwargs["feedforward_modules"] = list(ia3.feedforward_modules) or _ia3_feedforward(lm, kwargs["target_modules"])
         outside = [m for m in ia3.feedforward_modules if m not in ia3.target_modules]
         if outside and not isinstance(kwargs["target_modules"], str):  # (a regex or all-linear: peft checks)
             raise ConfigError(f"adapter.ia3.feedforward_modules: {outside[0]!r} is not in adapter.ia3.target_modules; "
                               "feedforward modules are a subset of the targets")
     elif ia3.feedforward_modules:
         raise ConfigError("adapter.ia3.feedforward_modules needs adapter.ia3.target_modules too")
+    elif _model_type(lm) not in _peft_ia3_defaults()[0]:
+        kwargs["target_modules"], kwargs["feedforward_modules"] = _ia3_targets_by_name(lm)
     return IA3Config(task_type="CAUSAL_LM", **kwargs)
 
 
+# IA3 (Liu et al. 2022) rescales keys, values and the FFN's inner activations (the input of its down
+# projection). Where peft has no default for a model type, the layers are found by name: k_proj and
+# v_proj (or key / value), else a fused q/k/v projection (which then scales the queries too), and
+# the first FFN down projection of the list that the model has.
+_KEYS_VALUES = (("k_proj", "v_proj"), ("key", "value"))
+_FUSED_QKV = ("qkv_proj", "query_key_value", "c_attn", "Wqkv", "W_pack")
+_FFN_DOWN = ("down_proj", "fc2", "fc_out", "dense_4h_to_h", "w2", "mlp.c_proj")
+
+
+def _model_type(lm: nn.Module) -> str | None:
+    return getattr(getattr(lm, "config", None), "model_type", None)
+
+
+def _peft_ia3_defaults() -> tuple[dict, dict]:
+    from peft.utils import (TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
+                            TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING)
+
+    return TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING, TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING
+
+
+def _linear_names(lm: nn.Module) -> list[str]:
+    return [name for name, module in lm.named_modules()
+            if isinstance(module, nn.Linear) or type(module).__name__ in ("Conv1D", "Linear4bit", "Linear8bitLt")]
+
+
+def _has_layer(names: list[str], target: str) -> bool:
+    return any(name == target or name.endswith("." + target) for name in names)
+
+
+def _ia3_targets_by_name(lm: nn.Module) -> tuple[list[str], list[str]]:
+    """(target_modules, feedforward_modules) for a model type peft knows no IA3 default for."""
+    names = _linear_names(lm)
+    attention = next((list(pair) for pair in _KEYS_VALUES if all(_has_layer(names, n) for n in pair)), None) \
+        or next(([fused] for fused in _FUSED_QKV if _has_layer(names, fused)), None)
+    down = next((name for name in _FFN_DOWN if _has_layer(names, name)), None)
+    if attention is None or down is None:
+        raise ConfigError(f"adapter.ia3.target_modules is empty and peft has no IA3 default for model type "
+                          f"{_model_type(lm)!r}: name the key, value and FFN down-projection layers in "
+                          "adapter.ia3.target_modules (and the FFN one in adapter.ia3.feedforward_modules); "
+                          f"its linear layers are: {', '.join(linear_module_names(lm))}")
+    return attention + [down], [down]
+
+
+def _ia3_feedforward(lm: nn.Module, targets: Any) -> list[str] | None:
+    """feedforward_modules when the user named targets but not these: peft's default for the model
+    type (None), else those of the targets that are an FFN down projection by name."""
+    if _model_type(lm) in _peft_ia3_defaults()[1]:
+        return None
+    if isinstance(targets, str):  # a regex or all-linear: no name to pick from
+        return []
+    return [t for t in targets if t.rsplit(".", 1)[-1] in {d.rsplit(".", 1)[-1] for d in _FFN_DOWN}]
+
+
 def linear_module_names(model: nn.Module) -> list[str]:
-    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                   if isinstance(module, nn.Linear) or type(module).__name__ in ("Conv1D", "Linear4bit", "Linear8bitLt")})
+    return sorted({name.rsplit(".", 1)[-1] for name in _linear_names(model)})
 
 
 @contextlib.contextmanager
@@ -144,7 +198,8 @@ def _virtual_tokens(lm: nn.Module, kind: str, vt: Any):
 
     if kind == "prefix":
         config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=vt.num_virtual_tokens,
-                                    prefix_projection=vt.projection, encoder_hidden_size=vt.projection_hidden)
+                                    prefix_projection=vt.projection, encoder_hidden_size=vt.projection_hidden,
+                                    **_prefix_heads(lm.config))
     elif vt.init == "text":
         config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=vt.num_virtual_tokens,
                                     prompt_tuning_init="TEXT", prompt_tuning_init_text=vt.init_text,
@@ -153,6 +208,20 @@ def _virtual_tokens(lm: nn.Module, kind: str, vt: Any):
         config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=vt.num_virtual_tokens)
     with quiet_peft():
         return get_peft_model(lm, config)
+
+
+def _prefix_heads(config) -> dict[str, int]:
+    """The key/value heads (and their total width) a prefix needs where peft would guess them wrong
+    from the config: Falcon-7B's multi-query attention caches one key/value head, not
+    num_attention_heads (peft reads only `num_key_value_heads`); MPT names its heads `n_heads`,
+    which peft does not look for. Empty otherwise: peft's own reading (grouped-query included)."""
+    if getattr(config, "model_type", None) == "falcon" and config.multi_query and not config.new_decoder_architecture:
+        return {"num_attention_heads": 1, "token_dim": config.hidden_size // config.num_attention_heads}
+    names = config.to_dict()
+    if not any(k in names for k in ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads")) \
+            and isinstance(getattr(config, "num_attention_heads", None), int):
+        return {"num_attention_heads": config.num_attention_heads}
+    return {}
 
 
 def _bottlenecks(lm: nn.Module, bn: Any) -> BottleneckSet:
