@@ -314,7 +314,8 @@ def test_eos_from_generation_config_ends_row(model, tokenizer):
 def test_chat_session_keeps_history(monkeypatch, tokenizer):
     seen_prompts = []
 
-    def fake_generate(model, tok, prompts, settings, *, batch_size=8):
+    def fake_generate(model, tok, prompts, settings, *, batch_size=8, template=None):
+        assert template == CHATML  # the chat's template: its end-of-turn marker ends the reply
         seen_prompts.append(prompts[0])
         return [f"reply-{len(seen_prompts)}"]
 

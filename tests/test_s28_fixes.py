@@ -86,7 +86,7 @@ def test_chat_help_and_unknown_commands_are_not_sent_to_the_model(monkeypatch):
     from posttrain.rollout.sampling import SamplingSettings
 
     sent = []
-    monkeypatch.setattr(generate, "generate", lambda model, tok, prompts, settings, batch_size: sent.append(
+    monkeypatch.setattr(generate, "generate", lambda model, tok, prompts, settings, batch_size, template=None: sent.append(
         prompts[0]) or ["ok"])
 
     class Tok:

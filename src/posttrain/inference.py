@@ -226,13 +226,14 @@ def _load(args):
     return model, tokenizer
 
 
-def _generate_per_adapter(model, tokenizer, items, texts, settings, batch_size) -> list[str]:
-    """Requests that name an adapter ("adapter": NAME) run with it; the rest with the active one."""
+def _generate_per_adapter(model, tokenizer, items, texts, settings, batch_size, template=None) -> list[str]:
+    """Requests that name an adapter ("adapter": NAME) run with it; the rest with the active one.
+    `template`: the chat template the texts were rendered with (its end-of-turn marker ends them)."""
     from posttrain.rollout.generate import generate
 
     wanted = [item.get("adapter") for item in items]
     if not any(wanted):
-        return generate(model, tokenizer, texts, settings, batch_size=batch_size)
+        return generate(model, tokenizer, texts, settings, batch_size=batch_size, template=template)
     if not getattr(model, "adapter_names", list)():
         raise UserError("a prompt names an adapter but no LoRA / IA3 adapter is loaded; pass --adapter NAME=DIR")
     active = model.active_adapter
@@ -240,7 +241,8 @@ def _generate_per_adapter(model, tokenizer, items, texts, settings, batch_size) 
     for name in dict.fromkeys(w or active for w in wanted):
         rows = [i for i, w in enumerate(wanted) if (w or active) == name]
         model.use_adapter(name)
-        for i, text in zip(rows, generate(model, tokenizer, [texts[i] for i in rows], settings, batch_size=batch_size)):
+        for i, text in zip(rows, generate(model, tokenizer, [texts[i] for i in rows], settings, batch_size=batch_size,
+                                          template=template)):
             completions[i] = text
     model.use_adapter(active)
     return completions
@@ -265,7 +267,7 @@ def main(args) -> int:
         chat_session(model, tokenizer, template, settings, system=args.system, switch_adapter=switch)
         return 0
     completions = _generate_per_adapter(model, tokenizer, items, [render(i, tokenizer, template) for i in items],
-                                        settings, args.batch_size)
+                                        settings, args.batch_size, template)
     out = sys.stdout if args.output == "-" else open(args.output, "w")
     try:
         for item, completion in zip(items, completions):

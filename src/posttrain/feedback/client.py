@@ -287,7 +287,7 @@ class LocalModel:
         self.model, self.tokenizer, self.model_name = model, tokenizer, name
         self.template = resolve_template(tokenizer, template)
         self.defaults = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed}
-        self.eos_ids = eos_token_ids(model, tokenizer)
+        self.eos_ids = eos_token_ids(model, tokenizer, self.template)
         self.pad_id = pad_token_id(tokenizer, self.eos_ids)
         self.context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         self.usage = Usage()

@@ -11,6 +11,8 @@ gives the same completion alone or inside a padded batch.
 from __future__ import annotations
 
 import inspect
+import itertools
+import sys
 from typing import Callable
 
 import torch
@@ -27,18 +29,22 @@ from posttrain.rollout.sampling import (
 
 
 def generate(
-    model, tokenizer, prompts: list[str], settings: SamplingSettings, *, batch_size: int = 8
+    model, tokenizer, prompts: list[str], settings: SamplingSettings, *, batch_size: int = 8,
+    template: str | None = None,
 ) -> list[str]:
     """Complete each prompt; return the completion texts only, in prompt order.
 
     Prompts are tokenized with add_special_tokens=False: callers pass text that is
     already rendered (chat template, BOS and all), and a second BOS would change the
-    model's input. Each completion ends at an EOS token (tokenizer's and the model's
-    generation_config's), at the first stop string (the text is cut before it), or
-    after settings.max_new_tokens tokens. Texts are decoded with skip_special_tokens.
+    model's input. Each completion ends at an EOS token (tokenizer's, the model's
+    generation_config's, and the chat template's end-of-turn token: `eos_token_ids`), at
+    the first stop string (the text is cut before it; a several-token end-of-turn marker
+    is one: `stop_strings`), or after settings.max_new_tokens tokens. `template` is the
+    chat template the prompts were rendered with (default: the tokenizer's own). Texts
+    are decoded with skip_special_tokens.
     """
-    eos_ids = eos_token_ids(model, tokenizer)
-    stop = [s for s in settings.stop if s]
+    eos_ids = eos_token_ids(model, tokenizer, template)
+    stop = stop_strings(tokenizer, settings.stop, template)
     stop_check = _make_stop_check(tokenizer, stop) if stop else None
     prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     completions = generate_token_ids(
@@ -67,7 +73,9 @@ def generate_token_ids(
     per-prompt limits, streaming and cancellation (`posttrain serve`).
 
     Prompts are batched by length (longest first) to minimise padding; results come
-    back in the original order. The model is put in eval mode and restored after.
+    back in the original order. A prefix-tuned model under a sliding window that a row
+    can outgrow is batched with prompts of its own length only (`_equal_lengths`). The
+    model is put in eval mode and restored after.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -78,15 +86,13 @@ def generate_token_ids(
     generator = None
     if settings.seed is not None:
         generator = torch.Generator(device=device).manual_seed(settings.seed)
-    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
     results: list[list[int]] = [[] for _ in prompt_ids]
     cache_name = cache_argument(model)  # `cache` (transformers >= 5.24) or `past_key_values`
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                rows = order[start : start + batch_size]
+            for rows in _batches(prompt_ids, batch_size, _equal_lengths(model, prompt_ids, settings)):
                 on_row = None if on_token is None else (lambda row, ids, rows=rows: on_token(rows[row], ids))
                 batch = _generate_batch(
                     model, [prompt_ids[i] for i in rows], settings, device,
@@ -97,6 +103,40 @@ def generate_token_ids(
     finally:
         model.train(was_training)
     return results
+
+
+def _batches(prompt_ids: list[list[int]], batch_size: int, equal_lengths: bool) -> list[list[int]]:
+    """Prompt indices in batches of up to `batch_size`, longest prompts first (a stable sort: equal
+    lengths keep their order); with `equal_lengths`, a batch holds prompts of one length only."""
+    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
+    runs = [list(run) for _, run in itertools.groupby(order, key=lambda i: len(prompt_ids[i]))] if equal_lengths \
+        else [order]
+    return [run[start:start + batch_size] for run in runs for start in range(0, len(run), batch_size)]
+
+
+def _equal_lengths(model, prompt_ids: list[list[int]], settings: SamplingSettings) -> bool:
+    """Whether rows must be batched with prompts of their own length: prefix tuning under a sliding
+    window narrower than the longest row can get (prefix + prompt + completion).
+
+    A prefix is KV-cache entries before every input column, so a shorter row's left padding sits
+    between its prefix and its tokens; the window counts those pad slots, and the row's tokens see
+    less of the prefix than alone, so the row's completion would depend on its batch. Prompt tuning
+    puts the pads in front of its soft prompt instead (`AdaptedModel.decoder_inputs`); a prefix in
+    the cache cannot move. Said once per model, on stderr."""
+    from posttrain.models.attention import attention_window
+
+    if getattr(model, "virtual_kind", None) != "prefix" or len({len(ids) for ids in prompt_ids}) < 2:
+        return False
+    window = attention_window(model)
+    longest = model.num_virtual_tokens + max(len(ids) for ids in prompt_ids) + settings.max_new_tokens
+    if window is None or longest <= window:
+        return False
+    if not getattr(model, "_equal_length_batches_said", False):
+        model._equal_length_batches_said = True
+        print(f"note: prefix tuning under a {window}-token sliding window: prompts are generated in batches of "
+              "equal length (left padding would sit between the prefix and a row's tokens and take window "
+              "places, so a completion would depend on its batch)", file=sys.stderr)
+    return True
 
 
 def _generate_batch(model, prompt_ids, settings, device, pad_id, eos_ids, stop_check, generator, on_row=None,
@@ -189,8 +229,14 @@ def left_pad(prompt_ids: list[list[int]], pad_id: int, device) -> tuple[Tensor, 
     return input_ids.to(device), attention_mask.to(device)
 
 
-def eos_token_ids(model, tokenizer) -> set[int]:
-    """EOS ids from the tokenizer and the model's generation_config (int or list)."""
+def eos_token_ids(model, tokenizer, template: str | None = None) -> set[int]:
+    """The ids that end a completion: the tokenizer's EOS, the model's generation_config's
+    (int or list), and the chat template's end-of-turn token (`end_of_turn`), which is
+    what a chat model was trained to end its answer with and need not be EOS: ChatML's
+    <|im_end|> on a GPT-2-style tokenizer whose EOS is <|endoftext|> (posttrain's fallback
+    template), Gemma's <end_of_turn>. `template` is the one prompts are rendered with
+    (default: the tokenizer's own). A marker of several tokens is a stop string instead
+    (`stop_strings`)."""
     ids: set[int] = set()
     sources = [getattr(tokenizer, "eos_token_id", None)]
     generation_config = getattr(model, "generation_config", None)
@@ -201,7 +247,62 @@ def eos_token_ids(model, tokenizer) -> set[int]:
             ids.add(source)
         elif source is not None:
             ids.update(int(i) for i in source)
+    marker = _end_of_turn_id(tokenizer, end_of_turn(tokenizer, template))
+    if marker is not None:
+        ids.add(marker)
     return ids
+
+
+def stop_strings(tokenizer, stop: list[str], template: str | None = None) -> list[str]:
+    """`stop` (empty strings dropped) plus the chat template's end-of-turn marker when the
+    tokenizer spells it in several ordinary tokens (ChatML's '<|im_end|>' on a tokenizer
+    without that token), where no single id can end the row (`eos_token_ids`)."""
+    stops = [s for s in stop if s]
+    marker = end_of_turn(tokenizer, template)
+    if marker and _end_of_turn_id(tokenizer, marker) is None and marker not in stops:
+        stops.append(marker)
+    return stops
+
+
+_PROBE = "ANSWER-4d1f9c"  # the assistant content end_of_turn renders: text no template rewrites
+
+
+def end_of_turn(tokenizer, template: str | None = None) -> str | None:
+    """The text `template` (default: the tokenizer's own chat template) writes after an
+    assistant's answer to end the turn: '<|im_end|>', '<end_of_turn>', '<|eot_id|>', the
+    EOS token; None without a template, or when it writes only whitespace there.
+
+    Found as SFT finds what it trains on (`data.templates.assistant_spans`): the answer's
+    span in a rendered user / assistant exchange, less the answer's own text."""
+    from posttrain.data.templates import assistant_spans, resolve_template
+    from posttrain.errors import DataError
+
+    if template is None:
+        if not getattr(tokenizer, "chat_template", None):
+            return None
+        template = resolve_template(tokenizer, "tokenizer")
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE}]
+    try:
+        text, spans = assistant_spans(messages, tokenizer, template)
+    except DataError:  # a template that cannot render one exchange: no chat to end a turn of
+        return None
+    answer = text[spans[0][0]:spans[0][1]] if spans else ""
+    at = answer.find(_PROBE)
+    marker = answer[at + len(_PROBE):].strip() if at != -1 else ""
+    return marker or None
+
+
+def _end_of_turn_id(tokenizer, marker: str | None) -> int | None:
+    """The one id that ends a turn marked by `marker`: the marker's token when it is one token,
+    or its first token when that is a special token (it would be dropped from the decoded
+    text a stop string is looked for in; what follows it in the marker is the template's,
+    not the answer's). None for a marker spelled in ordinary tokens."""
+    if not marker:
+        return None
+    ids = tokenizer(marker, add_special_tokens=False)["input_ids"]
+    if len(ids) == 1 or (ids and ids[0] in set(getattr(tokenizer, "all_special_ids", []))):
+        return int(ids[0])
+    return None
 
 
 def pad_token_id(tokenizer, eos_ids: set[int]) -> int:
@@ -306,7 +407,7 @@ def chat_session(
         prompt = tokenizer.apply_chat_template(
             messages, chat_template=template, tokenize=False, add_generation_prompt=True
         )
-        reply = generate(model, tokenizer, [prompt], settings, batch_size=1)[0]
+        reply = generate(model, tokenizer, [prompt], settings, batch_size=1, template=template)[0]
         write(reply)
         messages.append({"role": "assistant", "content": reply})
     return messages

@@ -28,6 +28,7 @@ from posttrain.rollout.generate import (
     eos_token_ids,
     generate_token_ids,
     pad_token_id,
+    stop_strings,
     truncate_at_stop,
 )
 from posttrain.rollout.sampling import SamplingSettings
@@ -80,7 +81,8 @@ class Engine:
         self.model, self.tokenizer, self.targets = model, tokenizer, dict(targets)
         self.template, self.limits = template, limits
         self.max_batch_size, self.batch_wait_s = max_batch_size, batch_wait_s
-        self.eos_ids = eos_token_ids(model, tokenizer)
+        self.eos_ids = eos_token_ids(model, tokenizer, template)  # the template's end-of-turn token too
+        self.turn_stops = stop_strings(tokenizer, [], template)  # its end-of-turn marker when several tokens
         self.pad_id = pad_token_id(tokenizer, self.eos_ids)
         context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         self.context = None if context is None else context - getattr(model, "num_virtual_tokens", 0)
@@ -104,6 +106,8 @@ class Engine:
                            param="model", code="model_not_found")
         self._reserve(dry_run=True)  # refuse early, before any tokenizing, when the queue is full
         texts = [self._render(request)] if request.kind == "chat" else request.prompts
+        if request.kind == "chat" and self.turn_stops:  # the answer ends with the turn, as rendered
+            request.stop = list(dict.fromkeys([*request.stop, *self.turn_stops]))
         job = Job(request=request, target=self.targets[request.model], prompt_tokens=0)
         for text in texts:
             ids = self._encode(text, special=request.kind == "completion")

@@ -9,7 +9,8 @@ input_ids / attention_mask / position_ids / the KV cache (as `cache` or `past_ke
 passed down under the name the wrapped model takes, see `cache_argument`) and returns logits for the real
 tokens only, so the trainer, the chunked loss and the generation engine need no special
 cases. Virtual tokens occupy positions 0..n-1 and real tokens are shifted to n.., as in
-peft's own `PeftModelForCausalLM` (a test checks the outputs agree).
+peft's own `PeftModelForCausalLM` (a test checks the outputs agree). A left-padded row's soft
+prompt (prompt tuning) sits after its padding, right before its first token, as in the row alone.
 
 `adapters_disabled()` runs the bare base model without a second copy of it (the
 reference model of DPO/PPO).
@@ -89,6 +90,28 @@ def _one_cache(cache, past_key_values):
     return past_key_values
 
 
+def _pads_first(attention_mask: torch.Tensor, n: int) -> torch.Tensor | None:
+    """For (B, n + T) columns laid out [n virtual][T inputs]: the source column of each output column
+    when every row's leading padding (its left padding: the 0s before its first 1) moves in front of
+    the virtual tokens; None when no row is left-padded (the layout stays as it is).
+
+    The last T columns then still hold each row's tokens from its first real one on, where the
+    outputs are read (`_strip`); the columns before them hold the pads and virtual tokens."""
+    lead = (attention_mask.cumsum(dim=1) == 0).sum(dim=1, keepdim=True)  # (B, 1) left pads per row
+    if not bool(lead.any()):
+        return None
+    column = torch.arange(n + attention_mask.shape[1], device=attention_mask.device).expand(attention_mask.shape[0], -1)
+    return torch.where(column < lead, column + n, torch.where(column < lead + n, column - lead, column))
+
+
+def _reordered(tensor: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
+    """`tensor` (B, n + T, ...) with its columns taken in `order` (B, n + T); as is when None."""
+    if order is None:
+        return tensor
+    index = order.view(*order.shape, *([1] * (tensor.dim() - 2))).expand(*order.shape, *tensor.shape[2:])
+    return tensor.gather(1, index)
+
+
 class AdaptedModel(nn.Module):
     def __init__(self, lm: nn.Module, methods: tuple[str, ...], *, weight_peft=None, virtual_peft=None,
                  bottlenecks: BottleneckSet | None = None):
@@ -133,9 +156,14 @@ class AdaptedModel(nn.Module):
             return {**inputs, "labels": labels} if labels is not None else inputs
         reference = input_ids if input_ids is not None else inputs_embeds
         batch, device = reference.shape[0], reference.device
+        # Prompt tuning: each row's left padding goes before its soft prompt ([pads][virtual][tokens]), so its
+        # tokens follow the virtual ones at once, as they do in the row alone: under a sliding window the pad
+        # slots would otherwise take window places the row gives to the virtual tokens. A prefix lives in the
+        # KV cache, before every input column, so it stays in front (generate batches such rows by length).
+        order = _pads_first(attention_mask, n) if kind == "prompt" and attention_mask is not None else None
         if attention_mask is not None:
             ones = attention_mask.new_ones(batch, n)
-            inputs["attention_mask"] = torch.cat([ones, attention_mask], dim=1)
+            inputs["attention_mask"] = _reordered(torch.cat([ones, attention_mask], dim=1), order)
         if position_ids is not None:
             position_ids = position_ids + n
         prefill = cache is None or cache.get_seq_length() == 0
@@ -144,12 +172,12 @@ class AdaptedModel(nn.Module):
         elif prefill:  # prompt tuning: prepend the soft prompt to the input embeddings
             embeds = inputs_embeds if inputs_embeds is not None else self.lm.get_input_embeddings()(input_ids)
             prompt = self.virtual_peft.get_prompt(batch_size=batch).to(embeds.dtype)
-            inputs.update(input_ids=None, inputs_embeds=torch.cat([prompt, embeds], dim=1))
+            inputs.update(input_ids=None, inputs_embeds=_reordered(torch.cat([prompt, embeds], dim=1), order))
             if position_ids is not None:
                 virtual = torch.arange(n, device=device).expand(batch, n)
-                position_ids = torch.cat([virtual, position_ids], dim=1)
+                position_ids = _reordered(torch.cat([virtual, position_ids], dim=1), order)
             if labels is not None:
-                labels = torch.cat([labels.new_full((batch, n), -100), labels], dim=1)
+                labels = _reordered(torch.cat([labels.new_full((batch, n), -100), labels], dim=1), order)
         inputs["position_ids"] = position_ids
         return {**inputs, "labels": labels} if labels is not None else inputs
 
@@ -196,10 +224,12 @@ class AdaptedModel(nn.Module):
     # ------------------------------------------------------------------ switches
 
     @contextlib.contextmanager
-    def adapters_disabled(self):
-        """Run the plain base model inside this block (no adapter, no virtual token)."""
+    def adapters_disabled(self, keep_virtual_tokens: bool = False):
+        """Run the plain base model inside this block (no adapter, no virtual token); with
+        `keep_virtual_tokens`, the base and the virtual tokens (RL's reference with prompt or
+        prefix tuning: `train.preference.StartingVirtualTokens`)."""
         weight = self.weight_peft.disable_adapter() if self.weight_peft is not None else contextlib.nullcontext()
-        self._virtual_on = False
+        self._virtual_on = keep_virtual_tokens
         if self.bottlenecks is not None:
             self.bottlenecks.enabled = False
         try:
