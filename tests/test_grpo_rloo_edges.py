@@ -198,7 +198,7 @@ def test_groups_split_across_micro_batches_keep_their_whole_group_advantage(tiny
 
 def test_a_group_of_equal_rewards_gives_zero_advantage_at_reward_model_scale():
     """A group whose G rewards are the same number carries no signal: (r − mean) / (std + ε) is
-    exactly 0 in float64 (and `rollout/solved_groups` counts such a prompt as giving none). At the
+    exactly 0 in float64 (and `rollout/flat_groups` counts such a prompt as giving none). At the
     scale of a reward model's or a length reward's score (≈ 95) the float32 mean and std are off by
     round-off of the same size, and their ratio is not small: every sample of the prompt gets the
     same spurious advantage of about ±0.13 instead of 0."""

@@ -33,7 +33,7 @@ def chars(prompt, response):
 
 
 def mod3(prompt, response):
-    """A reward with ties, so some groups are 'solved' (every sample scored the same)."""
+    """A reward with ties, so some groups are flat (every sample scored the same)."""
     return float(len(response) % 3)
 
 
@@ -234,11 +234,11 @@ def grpo_run(tmp_path_factory):
 
 def test_grpo_logs_every_metric_the_readme_names(grpo_run):
     """README (GRPO, 'Metrics per step'): 'the loss, clip_fraction, kl and the policy's entropy ...
-    rollout/reward_mean and rollout/reward_std; rollout/solved_groups; response length and the
+    rollout/reward_mean and rollout/reward_std; rollout/flat_groups; response length and the
     fraction that ended; rollout/rollout_s and rollout/reward_s ... and rollout tokens/s'."""
     for record in grpo_run["metrics"]:
         for key in ("loss", "clip_fraction", "kl", "entropy", "rollout/reward_mean", "rollout/reward_std",
-                    "rollout/solved_groups", "rollout/rollout_s", "rollout/reward_s"):
+                    "rollout/flat_groups", "rollout/rollout_s", "rollout/reward_s"):
             assert key in record, key
         assert any("length" in k or "tokens_mean" in k for k in record)
         assert any("ended" in k for k in record)
@@ -246,9 +246,9 @@ def test_grpo_logs_every_metric_the_readme_names(grpo_run):
 
 
 def test_grpo_rollout_figures_equal_the_samples_they_describe(grpo_run):
-    """README: '`rollout/solved_groups`: prompts whose samples all scored the same'; 'a few
+    """README: '`rollout/flat_groups`: the fraction of prompts whose samples all got the same reward'; 'a few
     completions go to samples.jsonl every eval.sample_every rollouts' (here every rollout, and a
-    rollout of 2 prompts x 4 is all written). The logged mean / std / solved fraction are
+    rollout of 2 prompts x 4 is all written). The logged mean / std / flat fraction are
     recomputed from the written rewards."""
     samples, G = grpo_run["samples"], 4
     rollouts = sorted({s["rollout"] for s in samples})
@@ -259,7 +259,7 @@ def test_grpo_rollout_figures_equal_the_samples_they_describe(grpo_run):
         assert record["rollout/reward_mean"] == pytest.approx(statistics.fmean(rewards), abs=1e-6)
         assert record["rollout/reward_std"] == pytest.approx(statistics.stdev(rewards), abs=1e-6)
         groups = [rewards[i : i + G] for i in range(0, 8, G)]
-        assert record["rollout/solved_groups"] == pytest.approx(
+        assert record["rollout/flat_groups"] == pytest.approx(
             sum(len(set(g)) == 1 for g in groups) / len(groups))
         for s in samples:  # the reward is the configured function of the written completion
             assert s["reward"] == mod3(None, s["completion"])
@@ -351,15 +351,17 @@ def ppo_run(tmp_path_factory):
 
 def test_ppo_logs_every_metric_the_readme_names(ppo_run):
     """README (PPO, 'Metrics per step'): 'policy_loss, value_loss, entropy, clip_fraction, approx_kl,
-    value_clip_fraction, ppo_update ... and per rollout rollout/kl (per response), rollout/kl_coef,
+    value_clip_fraction, ppo_update ... and per rollout rollout/kl (per response, to the reference;
+    not logged when there is none, β = 0 with fixed control), rollout/kl_coef,
     rollout/explained_variance, rollout/value_mean, rollout/return_mean, with the reward, length and
-    timing figures GRPO logs'."""
+    timing figures GRPO logs'. This run has no reference (ppo.kl_coef=0): no rollout/kl."""
     for record in ppo_run["metrics"]:
         for key in ("policy_loss", "value_loss", "entropy", "clip_fraction", "approx_kl", "value_clip_fraction",
-                    "ppo_update", "rollout/kl", "rollout/kl_coef", "rollout/explained_variance", "rollout/value_mean",
+                    "ppo_update", "rollout/kl_coef", "rollout/explained_variance", "rollout/value_mean",
                     "rollout/return_mean", "rollout/reward_mean", "rollout/reward_std", "rollout/rollout_s",
                     "rollout/reward_s"):
             assert key in record, key
+        assert "rollout/kl" not in record
 
 
 def test_ppo_rollout_size_and_updates_per_rollout(ppo_run):

@@ -149,7 +149,7 @@ def test_rollout_rewards_are_the_combined_total_then_penalty_normalise_clip(toke
     """RL's rewards from the build_reward mix (a verifier, a format regex, weights): total, minus
     reward.no_eos_penalty on completions that never end, z-normalised over the rollout (sample
     std, +1e-6), then clipped — in that order (README) — and rollout/reward_mean, reward_std and
-    solved_groups are those of the final rewards."""
+    flat_groups are those of the final rewards."""
     from posttrain.config import GRPOConfig
     from posttrain.data.prompts import PromptRecord
     from posttrain.train.rollouts import build_reward, sample_and_score
@@ -180,7 +180,7 @@ def test_rollout_rewards_are_the_combined_total_then_penalty_normalise_clip(toke
     stats = rollout.stats
     assert stats.reward_mean == pytest.approx(statistics.fmean(expected), abs=1e-6)
     assert stats.reward_std == pytest.approx(statistics.stdev(expected), abs=1e-6)
-    assert stats.solved_groups == 0.0
+    assert stats.flat_groups == 0.0
 
 
 @pytest.mark.parametrize("override", ["reward.weights=[exact_match=nan]", "reward.weights=[exact_match=inf]",

@@ -91,8 +91,8 @@ def test_a_raising_function_is_named_with_its_response_and_its_exception():
     with pytest.raises(DataError, match=r"^reward 'em': the exact_match reward needs an 'answer'.*"
                                         r"\(on response 2 of 2\)$"):
         combined.score([[], []], ["a", "b"], rows=[{"answer": "a"}, {}])
-    with pytest.raises(RewardFunctionError, match=r"reward 'json:loads' raised TypeError: .*on response 1 of 1"):
-        function_reward("json:loads")([[]], ["x"])  # json.loads(prompt, response): a TypeError, named by its spec
+    with pytest.raises(RewardFunctionError, match=r"reward 'operator:truediv' raised TypeError: .*on response 1 of 1"):
+        function_reward("operator:truediv")([[]], ["x"])  # [] / "x": a TypeError, named by its spec
 
 
 def test_a_module_that_raises_at_import_is_a_config_error(tmp_path, monkeypatch):

@@ -98,6 +98,7 @@ def function_reward(spec: str) -> Reward:
         raise ConfigError(f"reward function {spec!r} cannot be imported: {exc}") from None
     except Exception as exc:  # a syntax error in the module, or one it raises as it runs
         raise ConfigError(f"reward function {spec!r} cannot be imported: {type(exc).__name__}: {exc}") from None
+    _check_signature(fn, spec)
 
     def each(args: list[tuple]) -> list:  # values checked, with the component's name, by `_checked`
         out = []
@@ -109,11 +110,14 @@ def function_reward(spec: str) -> Reward:
         return out
 
     if _positional_arity(fn) >= 3:
-        def with_rows(prompts, responses, rows=None):
+        def reward(prompts, responses, rows=None):
             rows = rows if rows is not None else [{}] * len(responses)
             return each(list(zip(prompts, responses, rows)))
-        return with_rows
-    return lambda prompts, responses, rows=None: each(list(zip(prompts, responses)))
+    else:
+        def reward(prompts, responses, rows=None):
+            return each(list(zip(prompts, responses)))
+    reward.row_keys = tuple(getattr(fn, "row_keys", ()))  # what it reads of every row: checked once they are read
+    return reward
 
 
 class RewardFunctionError(DataError):
@@ -129,6 +133,29 @@ class RewardFunctionError(DataError):
 
     def named(self, name: str | None = None, where: str | None = None) -> RewardFunctionError:
         return RewardFunctionError(name or self.name, self.error, self.index, self.count, where or self.where)
+
+
+def _check_signature(fn, spec: str) -> None:
+    """Refuse, before any model loads, a function posttrain cannot call per sample: one that
+    cannot take (prompt_turns, response), or a batch function in TRL's style, fn(completions,
+    **kwargs) or fn(prompts, completions, **kwargs), whose lists a per-sample call would feed
+    one string at a time."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin or C function: nothing to read, called as it is
+        return
+    trl = "completions" in signature.parameters  # TRL's name for the batch of responses
+    try:  # the call `function_reward` makes: with the row when the function takes a third argument
+        signature.bind(*[None] * (3 if _positional_arity(fn) >= 3 else 2))
+        fits = True
+    except TypeError:
+        fits = False
+    if trl or not fits:
+        raise ConfigError(f"reward function {spec!r} takes {signature}: posttrain calls it once per sample as "
+                          "fn(prompt_turns, response) -> float, or fn(prompt_turns, response, row) -> float to "
+                          "read the prompt row's 'answer' and other fields"
+                          + (" (a TRL-style batch function fn(completions, **kwargs) needs a per-sample wrapper)"
+                             if trl else ""))
 
 
 def _positional_arity(fn) -> int:
@@ -187,6 +214,25 @@ def exact_match(prompt: list[dict], response: str, row: dict) -> float:
 
         raise DataError("the exact_match reward needs an 'answer' in every prompt row")
     return float(response.strip() == str(answer).strip())
+
+
+exact_match.row_keys = ("answer",)  # a row without one is named by file:line before training (`missing_row_key`)
+
+
+def missing_row_key(rewards: dict[str, Reward], records) -> str | None:
+    """The first record (a `data.prompts.PromptRecord`) lacking a key that one of `rewards`
+    reads (their `row_keys`), said in one line with its file:line; None when every row has them."""
+    for name, reward in rewards.items():
+        for key in getattr(reward, "row_keys", ()):
+            for record in records:
+                if record.reward_row().get(key) is None:
+                    other = ", ".join(map(str, record.fields)) or "none"
+                    article = "an" if key[:1].lower() in "aeiou" else "a"
+                    return (f"{record.source}: the reward {name!r} needs {article} {key!r} in every prompt row, and "
+                            f"this row has none (its fields besides the prompt: {other}); add {key!r} to every row "
+                            f"(a reference answer under another name, e.g. 'solution', renamed), or use a reward "
+                            "that does not read it")
+    return None
 
 
 def format_reward(pattern: str) -> Reward:
@@ -283,17 +329,19 @@ def model_component(i: int, item: str, count: int) -> tuple[str, str]:
 
 def build_combined(models: list[str], functions: list[str], weights: list[str], floors: list[str],
                    template: str = "auto", batch_size: int = 32, device=None, log=None,
-                   functions_option: str = "--function") -> CombinedReward:
+                   functions_option: str = "--function", extra: Sequence[RewardComponent] = ()) -> CombinedReward:
     """The reward of `posttrain score`: models 'DIR' or 'NAME=DIR', functions 'NAME=module:fn'.
     template: how reward models render a conversation ("auto": each one's own saved template);
     log: hears a reward model's notes (one that cannot score padding-free says why);
-    functions_option: what errors call `functions` (a config's reward.functions, score's --function)."""
+    functions_option: what errors call `functions` (a config's reward.functions, score's --function);
+    extra: components after those (RL's format check)."""
     components = []
     for i, item in enumerate(models):
         name, path = model_component(i, item, len(models))
         components.append(RewardComponent(name, RewardModelScorer(path, template, batch_size, device=device, log=log)))
     for name, spec in _pairs_option(functions, functions_option, repeat=False).items():
         components.append(RewardComponent(name, function_reward(spec)))
+    components += extra
     set_by_name(components, weights, "--weight", "weight")
     set_by_name(components, floors, "--floor", "floor")
     return CombinedReward(components)

@@ -15,8 +15,10 @@ grad_accum × processes completions = that / G prompts). Resume skips whole roll
 generating them, and sampling is seeded per (seed, epoch, rollout), so a resumed run samples
 what the uninterrupted one did.
 
-The reference policy (β > 0 only) is the starting model: adapters switched off, or a frozen
-copy for full fine-tuning (`preference.reference_weights`).
+The reference policy (β > 0 only) is the starting model exactly: adapters switched off (they
+start as the identity), with prompt or prefix tuning the virtual tokens at their starting draw
+swapped back in (`preference.StartingVirtualTokens`), or a frozen copy for full fine-tuning
+(`preference.reference_weights`).
 """
 
 from __future__ import annotations

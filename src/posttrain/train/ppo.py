@@ -18,9 +18,9 @@ per response.
 The value model is either a linear head on the policy's final hidden state (one trunk, one
 forward: `ppo.value_model=head`) or a separate critic — a decoder with a linear head,
 started from `ppo.value_model_path` (a reward model's directory, as InstructGPT does, or
-by default the policy's own weights). The reference is the policy with its adapters
-switched off, or a frozen copy for full fine-tuning; with β = 0 and fixed control there is
-none.
+by default the policy's own weights). The reference is the starting policy, as GRPO's (its
+adapters switched off, its virtual tokens at their starting draw, or a frozen copy for full
+fine-tuning); with β = 0 and fixed control there is none, and no rollout/kl is logged.
 
 Resume is exact: a checkpoint carries β, the position inside the current rollout and the
 rollout itself (`state_dict`), besides the weights, optimizer and RNG the loop saves.
@@ -236,10 +236,13 @@ class PPOStage(RolloutStage):
             mean, std = advantages.mean(), advantages.std(unbiased=False)
             for b in batches:
                 b["advantages"] = (b["advantages"] - mean) / (std + 1e-8) * b["response_mask"]
-        observed = float(kl_per_response.mean())
-        self.rollout_metrics.update(kl=observed, kl_coef=self.kl_coef, value_mean=float(values.mean()),
+        self.rollout_metrics.update(kl_coef=self.kl_coef, value_mean=float(values.mean()),
                                     return_mean=float(returns.mean()), advantage_std=float(advantages.std()),
                                     explained_variance=pg.explained_variance(values, returns, torch.ones_like(values)))
+        if not self.uses_reference:  # no reference, nothing measured: no KL figure (0 would read as "not moved")
+            return
+        observed = float(kl_per_response.mean())
+        self.rollout_metrics["kl"] = observed
         if p.kl_control == "adaptive":
             self.kl_coef = pg.adaptive_kl_coef(self.kl_coef, observed, p.kl_target, p.kl_horizon, len(kl_per_response))
 
@@ -273,6 +276,31 @@ def build_value_model(cfg: PPOConfig, model, tokenizer, log) -> tuple[ValueHead 
         raise ConfigError(str(exc)) from None
 
 
+def report_value_model(run, values: torch.nn.Module, optimizer: str) -> dict:
+    """The start-of-run parameter report (params.json) with the value model PPO trains and saves
+    beside the policy: its parameters under method and module "critic", added to the counts and
+    the memory estimate; logged as one line after the policy's. Returns the report."""
+    import json
+
+    from posttrain.models.adapters.report import parameter_report
+
+    report, critic = parameter_report(run.model, optimizer), parameter_report(values, optimizer)
+    for key in ("trainable", "total"):
+        report[key] += critic[key]
+    report["percent"] = 100.0 * report["trainable"] / report["total"] if report["total"] else 0.0
+    for section in ("by_method", "by_module"):
+        report[section]["critic"] = {"trainable": critic["trainable"], "total": critic["total"]}
+    for key, mib in critic["memory_mib"].items():
+        report["memory_mib"][key] += mib
+    kind = "a value head" if isinstance(values, ValueHead) else "a separate value model"
+    run.log(f"critic ({kind}): trainable {critic['trainable']:,} params, memory estimate "
+            f"+{critic['memory_mib']['total']:.1f} MiB; with the policy: trainable {report['trainable']:,} / "
+            f"{report['total']:,} params ({report['percent']:.3f}%), memory estimate {report['memory_mib']['total']:.1f} MiB")
+    if run.main:
+        (run.run_dir / "params.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
 def _value_lr(adapter_training, ratio: float):
     """lr scale per parameter name: the value model's at `ratio`, the policy's as its adapters say."""
     policy = adapter_training.lr_scale if adapter_training is not None else (lambda name: 1.0)
@@ -288,6 +316,7 @@ def run_ppo(cfg: PPOConfig) -> Path:
     run = start_rl_run(cfg, needs_reference=cfg.ppo.kl_coef > 0)
     value_head, critic = build_value_model(cfg, run.model, run.tokenizer, run.log)
     on_device(value_head if value_head is not None else critic, run.accelerator.device)
+    report_value_model(run, value_head if value_head is not None else critic, cfg.train.optimizer)
     stage = PPOStage(PPOLoss(run.model, cfg.ppo, value_head, critic, cfg.train.loss_chunk_size, cfg.rollout.temperature), *run.stage_args())
     stage.lr_scale = _value_lr(run.adapter_training, cfg.ppo.value_lr_ratio)
     run.check_enough_prompts(stage)

@@ -155,7 +155,9 @@ class RolloutStats:
     rollout_s: float
     reward_s: float
     rollout_tokens_per_s: float
-    solved_groups: float | None  # fraction of prompts whose G samples all got the same reward (no signal); None for G=1
+    # fraction of prompts whose G samples all got the same reward, right or wrong alike: no
+    # group-relative signal; None for G = 1, where every group agrees with itself
+    flat_groups: float | None
 
 
 @dataclass
@@ -174,21 +176,22 @@ def sample_and_score(engine, tokenizer, prompts: list[list[int]], records: list[
                      cfg, score: Callable, seed: int) -> Rollout:
     """Sample `cfg.rollout.num_generations` completions for each chosen prompt with `engine` (a
     `rollout.engines.RolloutEngine`) and score them."""
-    from posttrain.rollout.generate import _make_stop_check, eos_token_ids, pad_token_id, truncate_at_stop
+    from posttrain.rollout.generate import _make_stop_check, eos_token_ids, pad_token_id, stop_strings, truncate_at_stop
     from posttrain.rollout.sampling import SamplingSettings
 
     r, group = cfg.rollout, cfg.rollout.num_generations
+    stop = stop_strings(tokenizer, r.stop)  # and the chat template's end-of-turn marker when it is several tokens
     settings = SamplingSettings(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                                top_k=r.top_k, stop=list(r.stop), seed=seed)
+                                top_k=r.top_k, stop=stop, seed=seed)
     prompt_ids = [prompts[i] for i in chosen for _ in range(group)]
     eos = eos_token_ids(engine, tokenizer)  # the tokenizer's and the policy's generation_config's
     started = time.perf_counter()
     completions = engine.generate(prompt_ids, settings, eos_token_ids=eos, pad_token_id=pad_token_id(tokenizer, eos),
-                                  stop_check=_make_stop_check(tokenizer, r.stop) if r.stop else None)
+                                  stop_check=_make_stop_check(tokenizer, stop) if stop else None)
     rollout_s = time.perf_counter() - started
     raw, completions = completions, [c if c else [next(iter(eos))] for c in completions]  # at least one token
     full = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
-    texts = [truncate_at_stop(text, r.stop) for text in full]
+    texts = [truncate_at_stop(text, stop) for text in full]
     # ended: by an EOS token or at a stop string (cut off by max_new_tokens otherwise)
     ended = torch.tensor([bool(c) and (c[-1] in eos or len(cut) < len(text)) for c, cut, text in zip(raw, texts, full)])
     chosen_records = [records[i] for i in chosen for _ in range(group)]
@@ -218,7 +221,7 @@ def sample_and_score(engine, tokenizer, prompts: list[list[int]], records: list[
         response_tokens_mean=generated / len(completions), ended_fraction=float(ended.float().mean()),
         rollout_s=rollout_s, reward_s=reward_s, rollout_tokens_per_s=generated / max(rollout_s, 1e-9),
         # with one sample a prompt (PPO's default) every "group" agrees with itself: not a figure
-        solved_groups=float((grouped.max(1).values == grouped.min(1).values).float().mean()) if group > 1 else None)
+        flat_groups=float((grouped.max(1).values == grouped.min(1).values).float().mean()) if group > 1 else None)
     return Rollout(prompt_ids, completions, texts, chosen_records, rewards, stats, components)
 
 
@@ -359,32 +362,46 @@ def build_reward(cfg, device=None, log=None):
     """The configured reward: functions, reward models and a format check, combined with weights.
     Reward models run on `device` and read each conversation with their own saved template (the
     one they trained with), whatever the policy's `data.template`; `log` hears their notes."""
-    from posttrain.rewards import CombinedReward, RewardComponent, build_combined, format_reward, set_by_name
+    from posttrain.rewards import RewardComponent, build_combined, format_reward, set_by_name
 
+    extra = [RewardComponent("format", format_reward(cfg.reward.format_regex))] if cfg.reward.format_regex else []
     combined = build_combined(cfg.reward.models, cfg.reward.functions, [], [], device=device, log=log,
-                              functions_option="reward.functions")
-    if cfg.reward.format_regex:
-        combined.components.append(RewardComponent("format", format_reward(cfg.reward.format_regex)))
+                              functions_option="reward.functions", extra=extra)
     set_by_name(combined.components, cfg.reward.weights, "reward.weights", "weight")
-    return CombinedReward(combined.components)
+    return combined
 
 
-def check_reward_functions(cfg) -> None:
+def check_reward_functions(cfg) -> dict:
     """What can be checked of the reward before any model loads: every reward.functions entry
-    (NAME=module:function) imports and names a function, format_regex compiles, and each
-    reward.weights entry names a component with a finite number. (The reward models are checked
-    when they load.) Raises ConfigError naming the setting."""
+    (NAME=module:function) imports and names a function posttrain can call, format_regex
+    compiles, and each reward.weights entry names a component with a finite number. (The reward
+    models are checked when they load.) Raises ConfigError naming the setting; returns the
+    functions by name, for `check_prompt_rows`."""
     from posttrain.rewards import (RewardComponent, _pairs_option, format_reward, function_reward, model_component,
                                    set_by_name)
 
     functions = _pairs_option(cfg.reward.functions, "reward.functions", repeat=False)
-    for spec in functions.values():
-        function_reward(spec)
+    rewards = {name: function_reward(spec) for name, spec in functions.items()}
     if cfg.reward.format_regex:
         format_reward(cfg.reward.format_regex)
     names = [model_component(i, item, len(cfg.reward.models))[0] for i, item in enumerate(cfg.reward.models)]
     names += [*functions, *(["format"] if cfg.reward.format_regex else [])]
+    if not names:
+        raise ConfigError("no reward: set reward.functions, reward.models or reward.format_regex")
     set_by_name([RewardComponent(name, None) for name in names], cfg.reward.weights, "reward.weights", "weight")
+    return rewards
+
+
+def check_prompt_rows(rewards: dict, records: list[PromptRecord]) -> None:
+    """Every prompt row has what the reward functions read of it (exact_match: its 'answer'),
+    checked once the rows are read, before the policy loads; else a DataError naming the first
+    row lacking it by file:line (it would fail at the first rollout otherwise, without one)."""
+    from posttrain.errors import DataError
+    from posttrain.rewards import missing_row_key
+
+    problem = missing_row_key(rewards, records)
+    if problem is not None:
+        raise DataError(problem)
 
 
 def held_out_reward(model, tokenizer, prompts: list[list[int]], records: list[PromptRecord], score, cfg,
@@ -399,7 +416,7 @@ def held_out_reward(model, tokenizer, prompts: list[list[int]], records: list[Pr
                       estimate of KL(π‖π_ref) per response; None when no reference is kept
                       (full fine-tuning without a KL term)"""
     from posttrain.rollout.generate import (_make_stop_check, eos_token_ids, generate_token_ids, pad_token_id,
-                                            truncate_at_stop)
+                                            stop_strings, truncate_at_stop)
     from posttrain.rollout.sampling import SamplingSettings
 
     n = min(cfg.eval.prompts, len(prompts))
@@ -407,16 +424,17 @@ def held_out_reward(model, tokenizer, prompts: list[list[int]], records: list[Pr
         return {}
     r, k = cfg.rollout, cfg.eval.samples
     eos = eos_token_ids(model, tokenizer)
+    stop = stop_strings(tokenizer, r.stop)  # as the rollouts'
 
     def answer(ids: list[list[int]], settings) -> list[list[int]]:
         with autocast():
             out = generate_token_ids(model, ids, settings, pad_token_id=pad_token_id(tokenizer, eos),
                                      eos_token_ids=eos, batch_size=r.batch_size,
-                                     stop_check=_make_stop_check(tokenizer, r.stop) if r.stop else None)
+                                     stop_check=_make_stop_check(tokenizer, stop) if stop else None)
         return [c if c else [next(iter(eos))] for c in out]
 
     def rewards(completions, recs) -> list[float]:  # cut at the stop strings, as the rollouts' are
-        texts = [truncate_at_stop(tokenizer.decode(c, skip_special_tokens=True), r.stop) for c in completions]
+        texts = [truncate_at_stop(tokenizer.decode(c, skip_special_tokens=True), stop) for c in completions]
         return score([x.prompt for x in recs], texts, [x.reward_row() for x in recs])
 
     greedy = answer(prompts[:n], SamplingSettings(max_new_tokens=r.max_new_tokens, temperature=0.0))
@@ -475,7 +493,7 @@ class RLRun:
     eval_records: list[PromptRecord]
     data_report: dict
     score: Callable
-    frozen_reference: torch.nn.Module | None
+    frozen_reference: object  # a frozen copy, a StartingVirtualTokens or None (`preference.reference_weights`)
     engine: object  # the rollout engine (`rollout.engines`)
 
     def stage_args(self) -> tuple:
@@ -518,8 +536,10 @@ class RLRun:
 
 def start_rl_run(cfg, needs_reference: bool, extra_parts=()) -> RLRun:
     """start_run, the policy (with its adapters), prompts and reward; a frozen reference copy
-    when `needs_reference` and the policy has no adapters to switch off. The policy, the
-    reference and `extra_parts` (e.g. a value model) go to the accelerator's device."""
+    when `needs_reference` and the policy has no adapters to switch off, or with prompt or prefix
+    tuning the virtual tokens' starting weights (`preference.StartingVirtualTokens`). The policy,
+    the reference and `extra_parts` (e.g. a value model) go to the accelerator's device."""
+    from posttrain.data.prompts import prepare_prompts
     from posttrain.models.attention import padding_free
     from posttrain.models.loading import disable_dropout, note_full_logits
     from posttrain.rollout.engines import build_engine
@@ -528,32 +548,40 @@ def start_rl_run(cfg, needs_reference: bool, extra_parts=()) -> RLRun:
     from posttrain.train.sft import build_model
 
     run_dir, accelerator, main, log = start_run(cfg)
-    check_reward_functions(cfg)  # a typo in a module or function name: said before the policy loads
+    rewards = check_reward_functions(cfg)  # a typo in a module or function name: said before the policy loads
+    records = prepare_prompts(cfg.data, run_dir if main else None, cfg.train.seed, log)  # bad rows too
+    check_prompt_rows(rewards, records[0] + (records[1] if cfg.eval.prompts > 0 else []))  # the rows it will score
     tokenizer, model, adapter_training = build_model(cfg, log, run_dir if main else None)
     disable_dropout(model, log, "a rollout's first update must see the policy that sampled it")
     note_full_logits(model, log)
     # before the reference copy: it takes them too
     padding_free(model, cfg.model.padding_free, log, cfg.data.max_prompt_length + cfg.rollout.max_new_tokens)
-    data = prepare_prompt_data(cfg, tokenizer, run_dir, main, log)
+    data = encode_prompt_data(cfg, tokenizer, *records, log)
     score = build_reward(cfg, accelerator.device, log)
     needs_copy = needs_reference and not hasattr(model, "adapters_disabled")
     frozen = copy.deepcopy(model).requires_grad_(False).eval() if needs_copy else None
     for part in (model, frozen):  # one by one: a 4-bit base placed by device_map refuses .to
         if part is not None:
             on_device(part, accelerator.device)
+    if getattr(model, "virtual_kind", None) is not None:  # kept with β = 0 too: the held-out KL reads it
+        from posttrain.train.preference import StartingVirtualTokens
+
+        frozen = StartingVirtualTokens(model)  # their starting draw: the reference is the starting policy
     engine = build_engine(cfg, model, accelerator, log)
     return RLRun(cfg, run_dir, accelerator, main, log, tokenizer, model, adapter_training, *data, score, frozen,
                  engine)
 
 
-def prepare_prompt_data(cfg, tokenizer, run_dir: Path, main: bool, log):
-    """Read, split and encode the configured prompts: (train ids, train records, eval ids,
-    eval records, the data report)."""
-    from posttrain.data.prompts import encode_prompts, prepare_prompts
+def encode_prompt_data(cfg, tokenizer, train_records: list[PromptRecord], eval_records: list[PromptRecord],
+                       data_report: dict, log):
+    """Encode the read and split prompts (`data.prompts.prepare_prompts`): (train ids, train
+    records, eval ids, eval records, the data report)."""
+    from posttrain.data.prompts import encode_prompts
     from posttrain.data.templates import adopt_template
 
-    train_records, eval_records, data_report = prepare_prompts(cfg.data, run_dir if main else None, cfg.train.seed, log)
     template = adopt_template(tokenizer, cfg.data.template)
-    train_ids, train_records = encode_prompts(train_records, tokenizer, template, cfg.data.max_prompt_length, log)
-    eval_ids, eval_records = encode_prompts(eval_records, tokenizer, template, cfg.data.max_prompt_length, log, "eval")
+    train_ids, train_records = encode_prompts(train_records, tokenizer, template, cfg.data.max_prompt_length, log,
+                                              cfg=cfg.data)
+    eval_ids, eval_records = encode_prompts(eval_records, tokenizer, template, cfg.data.max_prompt_length, log, "eval",
+                                            cfg=cfg.data)
     return train_ids, train_records, eval_ids, eval_records, data_report
