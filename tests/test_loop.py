@@ -137,7 +137,10 @@ def test_nonfinite_steps_are_skipped_and_counted(tmp_path):
     result = _run(stage, _cfg(max_steps=3, lr=0.05, warmup_steps=0), tmp_path)
     assert result.skipped_steps == 1
     records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines() if "loss" in l]
-    assert records[0]["skipped_steps"] == 1 and not math.isfinite(records[0]["loss"])
+    # strict JSON: the NaN is written as null, and "nonfinite" says which figures were not finite
+    assert records[0]["skipped_steps"] == 1 and records[0]["loss"] is None and records[0]["grad_norm"] is None
+    assert records[0]["nonfinite"] == {"loss": "nan", "grad_norm": "nan"}
+    assert all("nonfinite" not in r and math.isfinite(r["loss"]) for r in records[1:])
     assert all(math.isfinite(v.sum().item()) for v in _params(result.module).values())
     assert any(not torch.equal(before[k], v) for k, v in _params(result.module).items())  # later steps trained
 

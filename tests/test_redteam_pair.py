@@ -353,10 +353,11 @@ def test_cli_with_tiny_as_target_and_attacker(tmp_path, harmful, monkeypatch):
     assert code == 0 and loads == ["tiny"]  # one copy of the model serves both roles
     report = _report(out)
     pair = report["pair"]
-    assert report["answered"] == report["requests"] == 2 and report["failed"] == 0
+    assert report["answered"] + report["ended_as_errors"] == report["requests"] == 2 and report["failed"] == 0
     assert pair["conversations"] == 1 and pair["target_requests"] <= 2
     # every attacker reply either parsed (and its prompt was answered) or is counted unparsed
     record = _records(out)["harmful/pair/h1/0"]
+    assert report["ended_as_errors"] == ("error" in record)  # a conversation with no verdict is not "answered"
     replies = sum(len(r["attacker_replies"]) for r in record["rounds"])
     assert replies == pair["target_requests"] + pair["unparsed_attacker_replies"]
     assert sum(report["labels"].values()) == 1 + pair["target_requests"]

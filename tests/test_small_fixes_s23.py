@@ -49,7 +49,8 @@ def test_a_logged_line_holds_the_mean_of_the_steps_since_the_previous_one(tmp_pa
 
 def test_a_non_finite_step_is_logged_alone_and_kept_out_of_the_means(tmp_path):
     """A NaN in step 2 (log_every=4): the line for step 1 comes first, then step 2's own line with
-    its NaN loss, then lines at 4 (steps 3-4) and 8; no mean is NaN."""
+    its NaN loss (written as null and named under "nonfinite": metrics.jsonl stays strict JSON),
+    then lines at 4 (steps 3-4) and 8; no mean is NaN."""
     stages = []
     for name, every in (("each", 1), ("mean", 4)):
         stage = ToyStage(4)
@@ -59,8 +60,8 @@ def test_a_non_finite_step_is_logged_alone_and_kept_out_of_the_means(tmp_path):
     each, mean = _lines(tmp_path / "each"), _lines(tmp_path / "mean")
     assert [r["step"] for r in mean] == [1, 2, 4, 8]
     assert [r["steps_averaged"] for r in mean] == [1, 1, 2, 4]
-    assert not math.isfinite(mean[1]["loss"]) and mean[1]["skipped_steps"] == 1
-    assert all(math.isfinite(r["loss"]) for i, r in enumerate(mean) if i != 1)
+    assert mean[1]["loss"] is None and mean[1]["nonfinite"]["loss"] == "nan" and mean[1]["skipped_steps"] == 1
+    assert all(math.isfinite(r["loss"]) and "nonfinite" not in r for i, r in enumerate(mean) if i != 1)
     assert mean[2]["loss"] == pytest.approx((each[2]["loss"] + each[3]["loss"]) / 2, rel=1e-12)
     assert mean[3]["loss"] == pytest.approx(sum(r["loss"] for r in each[4:8]) / 4, rel=1e-12)
 

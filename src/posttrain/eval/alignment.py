@@ -94,7 +94,7 @@ def _load_side(name: str, path: str, cfg, records, log) -> tuple[Side, list]:
 def _generate(side: Side, prompt_ids: list[list[int]], settings, batch_size: int) -> list[list[int]]:
     from posttrain.rollout.generate import eos_token_ids, generate_token_ids, pad_token_id
 
-    eos = eos_token_ids(side.model, side.tokenizer)
+    eos = eos_token_ids(side.model, side.tokenizer, side.template)
     return generate_token_ids(side.model, prompt_ids, settings, pad_token_id=pad_token_id(side.tokenizer, eos),
                               eos_token_ids=eos, batch_size=batch_size)
 
@@ -293,6 +293,8 @@ def _prompts(cfg, log) -> list:
 
 
 def _write(out: Path, report: dict, sides: list[Side], records, rewards) -> None:
+    from posttrain.train.metrics import strict_json
+
     rows = []
     for i, record in enumerate(records):
         row = {"source": record.source, "prompt": record.prompt, "answer": record.answer}
@@ -302,4 +304,4 @@ def _write(out: Path, report: dict, sides: list[Side], records, rewards) -> None
                 row[f"{side.name}_reward"] = rewards[k][i]
         rows.append(row)
     (out / "responses.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / "report.json").write_text(json.dumps(strict_json(report), indent=1, allow_nan=False) + "\n")

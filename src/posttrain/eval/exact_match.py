@@ -5,6 +5,11 @@ from __future__ import annotations
 from posttrain.data.records import Record
 
 
+def answered(records: list[Record]) -> list[Record]:
+    """The records with an assistant turn: only these have an answer to score (a text row has none)."""
+    return [r for r in records if any(m["role"] == "assistant" for m in r.messages or [])]
+
+
 def prompts_and_answers(records: list[Record], template: str, tokenizer) -> tuple[list[str], list[str]]:
     """Render each record's conversation up to its last assistant turn; that turn is the answer."""
     prompts, answers = [], []
@@ -23,16 +28,17 @@ def exact_match(model, tokenizer, template: str, records: list[Record], *, max_n
                 batch_size: int = 64) -> dict[str, float]:
     """Fraction of records whose greedy completion equals the reference (whitespace-trimmed).
 
-    Returns {"all": score} plus one score per synthetic task ("synthetic:<task>:<i>" sources).
+    Returns {"all": score} plus one score per synthetic task ("synthetic:<task>:<i>" sources);
+    {} when no record has an answer (a score over no prompt is no figure, not 0%).
     """
     from posttrain.data.synthetic import answer_matches
     from posttrain.rollout.generate import generate
     from posttrain.rollout.sampling import SamplingSettings
 
-    records = [r for r in records if any(m["role"] == "assistant" for m in r.messages or [])]
+    records = answered(records)
     prompts, answers = prompts_and_answers(records, template, tokenizer)
     if not prompts:
-        return {"all": 0.0}
+        return {}
     was_training = model.training
     completions = generate(model, tokenizer, prompts, SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0),
                            batch_size=batch_size)

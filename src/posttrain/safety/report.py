@@ -35,13 +35,16 @@ def _table(title: str, rows: dict, earlier: dict | None) -> list[str]:
 
 def markdown(report: dict) -> str:
     earlier = (report.get("compare_to") or {}).get("report")
-    unsent = report["requests"] - report["answered"] - report["failed"]
+    ended = report.get("ended_as_errors", 0)  # PAIR conversations with no verdict; 0 when a report has no such key
+    unsent = report["requests"] - report["answered"] - ended - report["failed"]
     lines = ["# Red-team report", "",
              f"Model under test: `{report['target']}`. Classifier: **{report['classifier']}**"
              + (" (refusal patterns: a success means the model did not refuse, harmful or not)."
                 if report["classifier"] == "patterns" else " (an LLM judge)."),
              f"{report['answered']} of {report['requests']} {_requests(report)} answered and labelled; "
-             f"{report['failed']} failed this run (left out of every n; rerun to retry them); "
+             + (f"{ended} PAIR conversation{'s' if ended > 1 else ''} ended without a verdict (the attacker "
+                "gave no prompt: an error, left out of every n); " if ended else "")
+             + f"{report['failed']} failed this run (left out of every n; rerun to retry them); "
              + (f"{unsent} not sent (the run stopped first; rerun to send them); " if unsent > 0 else "")
              + f"{report['truncated_responses']} responses cut off by max_tokens.", ""]
     if earlier is not None:

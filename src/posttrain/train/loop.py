@@ -31,7 +31,7 @@ import torch
 from posttrain.errors import ConfigError, TrainingAborted
 from posttrain.models.attention import training_attention_kernels
 from posttrain.train import checkpoint
-from posttrain.train.metrics import AT_STEP, RunLogger, add_to_interval, close_interval, peak_memory_mb
+from posttrain.train.metrics import AT_STEP, RunLogger, add_to_interval, close_interval, peak_memory_mb, strict_json
 from posttrain.train.optim import clip_grad_norm, lr_factor, make_optimizer, set_lr, sparse_embedding_gradients
 
 Batch = dict[str, torch.Tensor]
@@ -529,24 +529,56 @@ def start_run(cfg) -> tuple[Path, Any, bool, Any]:
 
 def _check_input_files(cfg) -> None:
     """Every data file a config lists (a key ending in `files`: data.train_files, data.eval_files,
-    forgetting.retain_files, ...) must exist; 'synthetic' is the bundled generator."""
+    forgetting.retain_files, ...) must exist, be of a type a reader takes, and (data.format auto)
+    open with rows in a format the stage reads: said before minutes of model loading, not after.
+    'synthetic' is the bundled generator."""
+    import dataclasses
     import os
 
+    from posttrain.data.formats import check_readable
+    from posttrain.data.readers import missing_hint
     from posttrain.errors import DataError
 
-    def walk(node: dict, prefix: str = ""):
-        for key, value in node.items():
-            if isinstance(value, dict):
-                yield from walk(value, f"{prefix}{key}.")
-            elif key.endswith("files") and isinstance(value, list):
-                yield from ((prefix + key, path) for path in value)
+    def walk(node, prefix: str = ""):
+        for name in (f.name for f in dataclasses.fields(node)):
+            value = getattr(node, name)
+            if dataclasses.is_dataclass(value):
+                yield from walk(value, f"{prefix}{name}.")
+            elif name.endswith("files") and isinstance(value, list):
+                yield from ((prefix + name, node, path) for path in value)
 
-    for key, path in walk(cfg.to_dict()):
-        if isinstance(path, str) and path != "synthetic" and not os.path.exists(os.path.expanduser(path)):
+    for key, section, path in walk(cfg):
+        if not isinstance(path, str) or path == "synthetic":
+            continue
+        if not os.path.exists(os.path.expanduser(path)):
             parts = [p.strip() for p in path.split(",")]
             hint = (f"; for several files write {key}=[{','.join(parts)}]"
-                    if len(parts) > 1 and all(os.path.exists(os.path.expanduser(p)) for p in parts if p) else "")
+                    if len(parts) > 1 and all(os.path.exists(os.path.expanduser(p)) for p in parts if p)
+                    else missing_hint(path))
             raise DataError(f"{key}: {path}: no such file or directory{hint}")
+        detect, fmt = _row_formats(key, section)
+        try:
+            check_readable(os.path.expanduser(path), detect, fmt)
+        except DataError as exc:
+            raise DataError(f"{key}: {exc}") from None
+
+
+def _row_formats(key: str, section) -> tuple[Any, str]:
+    """(the format detector, the format set) of the reader that takes the files under `key`."""
+    from posttrain.config.preference import PreferenceDataConfig
+    from posttrain.config.rl import PromptDataConfig
+    from posttrain.data.formats import detect_format
+    from posttrain.data.preferences import detect_preference_format
+    from posttrain.data.prompts import detect_prompt_format
+
+    fmt = getattr(section, "format", "auto")
+    if key.endswith("retain_files"):  # rows in sft's formats, in every stage
+        return detect_format, "auto"
+    if isinstance(section, PreferenceDataConfig):
+        return detect_preference_format, fmt
+    if isinstance(section, PromptDataConfig) or key.endswith("prompt_files"):
+        return detect_prompt_format, fmt
+    return detect_format, fmt
 
 
 def _checked_run_dir(output_dir: str) -> Path:
@@ -568,7 +600,7 @@ def finish_run(run_dir: Path, accelerator, main: bool, model, tokenizer, summary
 
     if main:
         save_model(model, tokenizer, run_dir / "final")
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        (run_dir / "summary.json").write_text(json.dumps(strict_json(summary), indent=1, allow_nan=False))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return run_dir

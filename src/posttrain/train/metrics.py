@@ -7,11 +7,16 @@ is the interval's tokens over its time. What describes a moment rather than a st
 epoch, lr, the running totals and peaks (`AT_STEP`, and a stage's `metrics_at_step`) — is the
 line's own step's. A non-finite (skipped) step is never averaged: it is logged at once with its
 own values, after a line for the steps before it.
+
+Every line is strict JSON (jq, JSON.parse): a non-finite figure (NaN, ±inf; Python's json would
+write a bare NaN / Infinity) is written as null, and the line's "nonfinite" names each such figure
+with its value ({"loss": "nan"}), so a skipped step still says why.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import resource
 import sys
 from pathlib import Path
@@ -27,6 +32,25 @@ def peak_memory_mb() -> float:
         return torch.cuda.max_memory_allocated() / 2**20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
+
+
+def strict_json(record: dict) -> dict:
+    """`record` as strict JSON holds it: each non-finite float (nested ones too, keys dotted)
+    becomes None and is named with its value under "nonfinite"; `record` itself is unchanged."""
+    found: dict[str, str] = {}
+
+    def clean(value, path: str):
+        if isinstance(value, float) and not math.isfinite(value):
+            found[path] = repr(value)  # 'nan', 'inf', '-inf'
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v, f"{path}.{i}") for i, v in enumerate(value)]
+        return value
+
+    cleaned = clean(record, "")
+    return cleaned | {"nonfinite": found} if found else cleaned
 
 
 AT_STEP = frozenset({"step", "epoch", "lr", "skipped_steps", "peak_mem_mb", "world_size"})
@@ -77,7 +101,7 @@ class RunLogger:
         if not self.enabled:
             return
         with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
         if self.accelerator is not None:
             numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
             self.accelerator.log(numbers, step=record.get("step"))

@@ -23,6 +23,7 @@ import torch
 
 from posttrain.config import RMConfig, validate_rm
 from posttrain.train.grouped import GroupedStage, Item, items_from_examples, on_device
+from posttrain.train.metrics import strict_json
 
 
 def reward_table(rewards: torch.Tensor, group: torch.Tensor, slot: torch.Tensor, shape) -> torch.Tensor:
@@ -192,7 +193,7 @@ def run_rm(cfg: RMConfig) -> Path:
         final = run_dir / "final"
         result.module.model.save_pretrained(final)
         tokenizer.save_pretrained(final)
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        (run_dir / "summary.json").write_text(json.dumps(strict_json(summary), indent=1, allow_nan=False))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return run_dir

@@ -263,16 +263,23 @@ def _exact_match(cfg: SFTConfig, model, tokenizer, data, when: str) -> dict:
 
 def exact_match_report(model, tokenizer, records, n: int, template: str, max_new_tokens: int, when: str,
                        name: str = "exact_match", prompts: str = "held-out prompts") -> dict:
-    """Greedy answers to the first `n` records' prompts scored against their last assistant turn; prints one line.
-    Summary keys NAME_WHEN, NAME_WHEN_by_task, NAME_prompts."""
-    if n <= 0 or not records:
+    """Greedy answers to the first `n` records with an answer (an assistant turn) scored against it;
+    prints one line. Summary keys NAME_WHEN, NAME_WHEN_by_task, NAME_prompts (the prompts scored).
+    With none to score the line says n/a and why, and only NAME_prompts = 0 is returned: a score
+    over no prompt is no figure, and 0.0% would read as a model that got every answer wrong."""
+    if n <= 0:
         return {}
     from posttrain.data.templates import resolve_template
-    from posttrain.eval.exact_match import exact_match
+    from posttrain.eval.exact_match import answered, exact_match
 
-    records = records[:n]
-    scores = exact_match(model, tokenizer, resolve_template(tokenizer, template), records, max_new_tokens=max_new_tokens)
+    label = f"{name.replace('_', ' ')} {when} training"
+    scored = answered(records)[:n]
+    if not scored:
+        why = f"no {prompts}" if not records else \
+            f"none of the {len(records)} {prompts} has an answer (an assistant turn) to score against"
+        print(f"{label}: n/a ({why})")
+        return {f"{name}_prompts": 0}
+    scores = exact_match(model, tokenizer, resolve_template(tokenizer, template), scored, max_new_tokens=max_new_tokens)
     per_task = ", ".join(f"{task} {value:.0%}" for task, value in scores.items() if task != "all")
-    print(f"{name.replace('_', ' ')} {when} training: {scores['all']:.1%} on {len(records)} {prompts}"
-          + (f" ({per_task})" if per_task else ""))
-    return {f"{name}_{when}": scores["all"], f"{name}_{when}_by_task": scores, f"{name}_prompts": len(records)}
+    print(f"{label}: {scores['all']:.1%} on {len(scored)} {prompts}" + (f" ({per_task})" if per_task else ""))
+    return {f"{name}_{when}": scores["all"], f"{name}_{when}_by_task": scores, f"{name}_prompts": len(scored)}

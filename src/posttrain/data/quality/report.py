@@ -18,6 +18,11 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _v(value, spec: str = "") -> str:
+    """A statistic as the report shows it: "n/a" for one over nothing (None in report.json)."""
+    return "n/a" if value is None else format(value, spec)
+
+
 def _n(count: int, noun: str) -> str:
     return f"{count} {noun}" + ("" if count == 1 else "s")
 
@@ -79,8 +84,9 @@ def _tokens(t: dict | None) -> list[str]:
     if not t:
         return ["## Tokens", "", "Not checked (tokens.tokenizer is empty).", ""]
     lengths = t["sequence_tokens"]
-    lines = ["## Tokens", "", f"Template {t['template']}; tokens per sequence p50 {lengths['p50']}, p99 "
-             f"{lengths['p99']}, max {lengths['max']}; {t['label_token_share']:.1%} of tokens carry loss.", "",
+    lines = ["## Tokens", "", f"Template {t['template']}; tokens per sequence p50 {_v(lengths['p50'])}, p99 "
+             f"{_v(lengths['p99'])}, max {_v(lengths['max'])}; {_v(t['label_token_share'], '.1%')} of tokens carry "
+             "loss.", "",
              "| problem | rows | first |", "|---|---|---|"]
     for name in ("unrenderable", "no_label_tokens", "over_max_length", "labels_past_max_length"):
         first = "; ".join(t["first"].get(name, [])[:3])
@@ -94,14 +100,15 @@ def _stats(before: dict, after: dict) -> list[str]:
 
     lines = ["## Statistics", "", "| | input | kept |", "|---|---|---|",
              row("rows", lambda x: x["rows"]),
-             row("prompt words p50 / p99", lambda x: f"{x['prompt_words']['p50']} / {x['prompt_words']['p99']}"),
-             row("response words p50 / p99", lambda x: f"{x['response_words']['p50']} / {x['response_words']['p99']}"),
-             row("distinct-1 / distinct-2 (responses)", lambda x: f"{x['distinct_1']} / {x['distinct_2']}"),
+             row("prompt words p50 / p99", lambda x: f"{_v(x['prompt_words']['p50'])} / {_v(x['prompt_words']['p99'])}"),
+             row("response words p50 / p99",
+                 lambda x: f"{_v(x['response_words']['p50'])} / {_v(x['response_words']['p99'])}"),
+             row("distinct-1 / distinct-2 (responses)", lambda x: f"{_v(x['distinct_1'])} / {_v(x['distinct_2'])}"),
              row("prompt first words: distinct, evenness",
-                 lambda x: f"{x['prompt_first_word']['distinct']}, {x['prompt_first_word']['evenness']}")]
+                 lambda x: f"{x['prompt_first_word']['distinct']}, {_v(x['prompt_first_word']['evenness'])}")]
     if "category" in before:
         lines.append(row("category: distinct, evenness",
-                         lambda x: f"{x['category']['distinct']}, {x['category']['evenness']}"))
+                         lambda x: f"{x['category']['distinct']}, {_v(x['category']['evenness'])}"))
         top = ", ".join(f"{k} {v}" for k, v in after["category"]["top"])
         lines += ["", f"Kept rows per category: {top}"]
     top_words = ", ".join(f"{k} {v}" for k, v in after["prompt_first_word"]["top"])

@@ -5,6 +5,9 @@ distinct-n (Li et al. 2016: unique n-grams / all n-grams over the responses), th
 distribution of the prompts' first words (Self-Instruct, Wang et al. 2023, reads its
 instruction diversity off the leading verbs), and the Shannon entropy H = -Σ p log2 p of
 a category column, with H / log2(k) as its evenness (1 = every value equally common).
+
+A statistic over nothing (no rows kept, no response of two words for distinct-2) is None
+("n/a" in report.md), never 0: 0 would read as "no diversity" or "empty responses".
 """
 
 from __future__ import annotations
@@ -19,10 +22,10 @@ from posttrain.data.quality.text import words
 _TOP = 10  # values listed per distribution
 
 
-def percentiles(values: Sequence[float]) -> dict[str, float]:
-    """min / p50 / p90 / p99 / max / mean (nearest-rank percentiles); zeros when empty."""
+def percentiles(values: Sequence[float]) -> dict[str, float | None]:
+    """min / p50 / p90 / p99 / max / mean (nearest-rank percentiles); each None when empty."""
     if not values:
-        return {"min": 0, "p50": 0, "p90": 0, "p99": 0, "max": 0, "mean": 0.0}
+        return dict.fromkeys(("min", "p50", "p90", "p99", "max", "mean"))
     ordered = sorted(values)
     return {"min": ordered[0], "p50": nearest_rank(ordered, 0.5), "p90": nearest_rank(ordered, 0.9),
             "p99": nearest_rank(ordered, 0.99), "max": ordered[-1], "mean": round(sum(ordered) / len(ordered), 2)}
@@ -33,25 +36,26 @@ def nearest_rank(ordered: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
-def entropy(counts: Counter) -> dict[str, float]:
-    """Entropy in bits of a distribution given by counts, and its evenness H / log2(k)."""
+def entropy(counts: Counter) -> dict[str, float | None]:
+    """Entropy in bits of a distribution given by counts, and its evenness H / log2(k); both None
+    for no counts."""
     total = sum(counts.values())
     if not total:
-        return {"entropy_bits": 0.0, "evenness": 0.0}
+        return {"entropy_bits": None, "evenness": None}
     h = -sum(c / total * math.log2(c / total) for c in counts.values() if c)
     k = sum(1 for c in counts.values() if c)
     return {"entropy_bits": round(h, 4), "evenness": round(h / math.log2(k), 4) if k > 1 else 1.0}
 
 
-def distinct_n(texts: Sequence[str], n: int) -> float:
-    """Unique n-grams / all n-grams over every text (0 when there are none)."""
+def distinct_n(texts: Sequence[str], n: int) -> float | None:
+    """Unique n-grams / all n-grams over every text (None when there are none)."""
     total, unique = 0, set()
     for text in texts:
         tokens = words(text)
         grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
         total += len(grams)
         unique.update(grams)
-    return round(len(unique) / total, 4) if total else 0.0
+    return round(len(unique) / total, 4) if total else None
 
 
 def distribution(values: Sequence[str]) -> dict:

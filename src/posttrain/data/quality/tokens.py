@@ -45,7 +45,8 @@ def encode_trained(row, tokenizer, template: str) -> list[Example]:
 
 
 def check_tokens(rows: Sequence, tokenizer, template: str, max_length: int) -> dict:
-    """Counts and first locations of each problem, and the token length distribution."""
+    """Counts and first locations of each problem, the token length distribution and the share of
+    tokens that carry loss (None, like the lengths, when no row rendered: no tokens to count)."""
     problems: dict[str, list[str]] = {"unrenderable": [], "no_label_tokens": [], "over_max_length": [],
                                       "labels_past_max_length": []}
     lengths: list[int] = []
@@ -70,5 +71,5 @@ def check_tokens(rows: Sequence, tokenizer, template: str, max_length: int) -> d
     report = {name: len(where) for name, where in problems.items()}
     report["first"] = {name: where[:_FIRST] for name, where in problems.items() if where}
     report.update(max_length=max_length, sequence_tokens=percentiles(lengths),
-                  label_token_share=round(label_tokens / total_tokens, 4) if total_tokens else 0.0)
+                  label_token_share=round(label_tokens / total_tokens, 4) if total_tokens else None)
     return report
