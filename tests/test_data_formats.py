@@ -186,10 +186,11 @@ def test_detect_format(rows, fmt):
 
 def test_detect_format_failure_names_keys_seen_and_needed():
     with pytest.raises(DataError) as info:
-        detect_format([{"prompt": "q", "completion": "a"}], where="d.jsonl")
+        detect_format([{"prompt": "q", "response": "a"}], where="d.jsonl")
     message = str(info.value)
-    assert message.startswith("d.jsonl: ") and "'completion', 'prompt'" in message and "\n" not in message
-    for needed in ("'instruction' and 'output'", "'messages' or 'conversations'", "text needs 'text'"):
+    assert message.startswith("d.jsonl: ") and "'prompt', 'response'" in message and "\n" not in message
+    for needed in ("'instruction' and 'output'", "'messages' or 'conversations'", "text needs 'text'",
+                   "prompt_completion needs 'prompt' and 'completion'"):
         assert needed in message
     with pytest.raises(DataError, match="no readable rows"):
         detect_format([])

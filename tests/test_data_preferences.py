@@ -255,7 +255,7 @@ def test_explicit_format_overrides_detection(tmp_path):
         ("unpaired", {"prompt": "q", "completion": "a"},
          "missing key 'label' (unpaired rows need 'prompt', 'completion' and 'label'"),
         ("unpaired", {"prompt": "q", "completion": "a", "label": "yes"}, "'label' is 'yes', expected true or false"),
-        ("unpaired", {"prompt": "q", "completion": "a", "label": 1}, "'label' is 1, expected true or false"),
+        ("unpaired", {"prompt": "q", "completion": "a", "label": 2}, "'label' is 2, expected true or false"),
         ("unpaired", {"prompt": "q", "completion": "a", "desirable": None}, "'desirable' is null, expected true"),
         ("unpaired", {"prompt": "q", "completion": " ", "label": True}, "'completion' is empty"),
     ],

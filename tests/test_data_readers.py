@@ -111,7 +111,7 @@ def test_json_file_holding_json_lines_is_read_as_json_lines(tmp_path):
         ('{"data" [{}]}', r"d\.json:1: invalid JSON at column 9: Expecting ':' delimiter"),
         ('{"data": [{}] "x": 1}', r"d\.json:1: invalid JSON at column 15: Expecting ',' delimiter"),
         ("{}", r"exactly one list-valued key .*found keys: none"),
-        ('{"data": [1], "data": 2}', r"exactly one list-valued key"),  # the last value of a repeated key wins
+        ('{"data": [{}], "data": [1]}', r"exactly one list-valued key"),  # the last value of a repeated key wins
     ],
 )
 def test_json_file_level_errors(tmp_path, text, match):

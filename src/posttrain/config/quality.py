@@ -10,14 +10,14 @@ from typing import Literal
 
 from posttrain.config.schema import _raise_first, _StageConfig, markdown_reference, option
 
-ANY_FORMAT = Literal["auto", "alpaca", "messages", "text", "pairs", "ranking", "unpaired"]
+ANY_FORMAT = Literal["auto", "alpaca", "messages", "prompt_completion", "text", "pairs", "ranking", "unpaired"]
 
 
 @dataclass
 class QualityDataConfig:
     files: list[str] = option(["examples/data/quality_dirty.jsonl"],
                               "files to check (jsonl, json, parquet, csv, datasets dir): SFT rows (alpaca, messages, "
-                              "text) or preference rows (pairs, ranking, unpaired)")
+                              "prompt_completion, text) or preference rows (pairs, ranking, unpaired)")
     format: ANY_FORMAT = option("auto", "row format; auto-detected per file from its first rows")
     bad_rows: Literal["error", "skip"] = option("skip", "malformed rows: stop, or skip them into rejects.jsonl "
                                                 "(file:line and reason) and count them in the report")

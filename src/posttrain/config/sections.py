@@ -48,7 +48,8 @@ class QuantizationConfig:
 
 @dataclass
 class IA3Config:
-    target_modules: list[str] = option([], "modules whose output IA3 rescales; empty = peft's default for the model type")
+    target_modules: list[str] = option([], "modules whose output IA3 rescales; empty = peft's default for the model type, else "
+                                        "the key / value (or fused qkv) and FFN down projections found by name")
     feedforward_modules: list[str] = option([], "the subset of targets that rescale their input (FFN); empty = default")
 
 
@@ -100,7 +101,8 @@ class DataConfig:
     train_files: list[str] = option(["synthetic"], "training files (jsonl, json, parquet, csv, datasets dir) or 'synthetic'")
     eval_files: list[str] = option([], "held-out files; empty = split eval_fraction off the training data")
     eval_fraction: float = option(0.05, "fraction of training rows held out when eval_files is empty")
-    format: Literal["auto", "alpaca", "messages", "text"] = option("auto", "row format; auto-detected from the first rows")
+    format: Literal["auto", "alpaca", "messages", "prompt_completion", "text"] = option(
+        "auto", "row format; auto-detected from the first rows")
     template: Literal["auto", "tokenizer", "chatml", "alpaca"] = option(
         "auto", "chat template: the tokenizer's own (auto falls back to chatml when it has none) or a built-in one"
     )

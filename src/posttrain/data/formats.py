@@ -1,6 +1,6 @@
 """Formats: rows → `Record`s, with a bad-row policy that never drops a row unannounced.
 
-Three row formats are understood:
+Four row formats are understood:
 
     alpaca    {"instruction", "input"?, "output", "system"?}
               → [system?] + user(instruction, + "\\n\\n" + input when input is non-empty)
@@ -8,10 +8,17 @@ Three row formats are understood:
     messages  {"messages": [{"role", "content"}, ...]}, roles system/user/assistant;
               "conversations" is accepted in place of "messages", and ShareGPT turns
               {"from", "value"} with from = human/user/gpt/assistant/system are mapped.
+    prompt_completion
+              {"prompt", "completion", "system"?} (TRL's prompt-completion): the prompt as
+              preferences.py reads it (text = one user turn, or turns), the completion text
+              (one assistant turn) or turns; loss on the completion's assistant turns only.
     text      {"text"}: plain text for continued pre-training.
 
 Content strings are kept exactly as given (no stripping): label tokens decoded later
-must equal the assistant text.
+must equal the assistant text. A content given as a list of text parts
+([{"type": "text", "text": ...}]) is those texts joined, as `serve` reads a request; any
+other part (an image) makes a bad row. A CSV cell holding a list is read as JSON or as
+Python's repr (what `datasets`' and pandas' `to_csv` write), see `decode_cell`.
 
 `load_records` reads everything into memory; `iter_records` streams. Both count every
 row (`DataReport`), report each malformed one with its "file:line" and reason, and
@@ -21,6 +28,7 @@ apply `bad_rows`: "error" stops with the locations, "skip" writes every bad row 
 
 from __future__ import annotations
 
+import ast
 import itertools
 import json
 import os
@@ -32,10 +40,11 @@ from posttrain.data.readers import Malformed, check_path, iter_rows
 from posttrain.data.records import Record
 from posttrain.errors import DataError
 
-FORMATS = ("alpaca", "messages", "text")
+FORMATS = ("alpaca", "messages", "prompt_completion", "text")
 _NEEDS = {
     "alpaca": "'instruction' and 'output' (optional 'input', 'system')",
     "messages": "'messages' or 'conversations' (a list of turns)",
+    "prompt_completion": "'prompt' and 'completion' (each text or a list of turns)",
     "text": "'text'",
 }
 _ROLES = ("system", "user", "assistant")
@@ -61,16 +70,19 @@ def _fits(row: dict, fmt: str) -> bool:
         return "messages" in row or "conversations" in row
     if fmt == "alpaca":
         return "instruction" in row and "output" in row
+    if fmt == "prompt_completion":
+        return "prompt" in row and "completion" in row
     return "text" in row
 
 
 def detect_format(rows: list[dict], *, where: str = "the data") -> str:
-    """The format most of the first few rows fit; ties go to messages, then alpaca, then text
-    (structured keys win over a "text" column, which is often a rendering of them)."""
+    """The format most of the first few rows fit; ties go to messages, alpaca, prompt_completion,
+    then text (structured keys win over a "text" column, which is often a rendering of them)."""
     sample = [row for row in rows if isinstance(row, dict)][:_DETECT_ROWS]
     if not sample:
         raise DataError(f"{where}: no readable rows to detect the format from")
-    counts = {fmt: sum(_fits(row, fmt) for row in sample) for fmt in ("messages", "alpaca", "text")}
+    order = ("messages", "alpaca", "prompt_completion", "text")
+    counts = {fmt: sum(_fits(row, fmt) for row in sample) for fmt in order}
     best = max(counts, key=lambda fmt: counts[fmt])  # max keeps the first of equals
     if counts[best] == 0:
         seen = sorted({str(key) for row in sample for key in row})
@@ -97,6 +109,9 @@ def to_record(row: dict, fmt: str, location: str = "<memory>") -> Record:
         return Record(messages=_alpaca_messages(row), source=location)
     if fmt == "messages":
         return Record(messages=_chat_messages(row), source=location)
+    if fmt == "prompt_completion":
+        prompt, completion = _prompt_completion(row)
+        return Record(messages=prompt + completion, source=location, prompt_turns=len(prompt))
     raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
 
 
@@ -144,11 +159,12 @@ def _chat_messages(row: dict) -> list[dict[str, str]]:
     if key not in row:
         raise BadRowError(f"missing key 'messages' (messages rows need {_NEEDS['messages']}; this row has {_list(list(row))})")
     turns = row[key]
-    if isinstance(turns, str):  # CSV cells hold the list JSON-encoded
+    if isinstance(turns, str):  # a CSV cell
         try:
-            turns = json.loads(turns)
-        except json.JSONDecodeError:
-            raise BadRowError(f"{key!r} is a string that is not a JSON list of turns") from None
+            turns = decode_cell(turns)
+        except ValueError:
+            raise BadRowError(f"{key!r} is a string that is not a JSON list of turns (nor Python's repr of "
+                              "one)") from None
     if not isinstance(turns, list):
         raise BadRowError(f"{key!r} is {_type_name(turns)}, expected a list of turns")
     if not turns:
@@ -181,7 +197,70 @@ def _turn(turn: Any, number: int) -> dict[str, str]:
         raise BadRowError(f"turn {number} has no 'role' (or ShareGPT 'from'); it has {_list(list(turn))}")
     if content_key not in turn:
         raise BadRowError(f"turn {number} ({role}) has no {content_key!r}")
-    return {"role": role, "content": _string(turn[content_key], f"turn {number} ({role}) {content_key}")}
+    what = f"turn {number} ({role}) {content_key}"
+    return {"role": role, "content": _string(_joined_parts(turn[content_key], what), what)}
+
+
+def join_text_parts(content: Any) -> str | None:
+    """Content given as parts, [{"type": "text", "text": ...}, ...] (OpenAI's and TRL's layout for
+    multimodal messages): the texts joined, as `serve` joins a request's; None when it is not a
+    list of text parts. Extra keys in a part are ignored (a Parquet table gives every part the
+    keys of all, None where absent)."""
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and
+                                         isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    return None
+
+
+def _joined_parts(content: Any, what: str) -> Any:
+    if not isinstance(content, list):
+        return content
+    joined = join_text_parts(content)
+    if joined is None:
+        kinds = sorted({str(p.get("type")) if isinstance(p, dict) else _type_name(p) for p in content} - {"text"})
+        if not kinds:
+            raise BadRowError(f"{what} has a text part whose 'text' is not a string")
+        raise BadRowError(f"{what} is a list with {_list(kinds)} parts; only text parts "
+                          "([{\"type\": \"text\", \"text\": ...}]) can be trained on")
+    return joined
+
+
+def decode_cell(text: str) -> Any:
+    """A list or object written into one CSV cell: JSON, or Python's repr of it (what `datasets`'
+    and pandas' `to_csv` write: single quotes, True, None), read with `ast.literal_eval`, which
+    takes literals only and runs no code. ValueError when it is neither."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    try:
+        return ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        raise ValueError("neither JSON nor a Python literal") from None
+
+
+def _prompt_completion(row: dict) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """TRL's prompt-completion row as (prompt turns, completion turns)."""
+    from posttrain.data.preferences import _decoded, _prompt, _turns  # preferences imports this module
+
+    for key in ("prompt", "completion"):
+        if key not in row:
+            raise BadRowError(f"missing key {key!r} (prompt_completion rows need {_NEEDS['prompt_completion']}; "
+                              f"this row has {_list(list(row))})")
+    for key in ("label", "desirable"):
+        if row.get(key) not in (None, ""):
+            raise BadRowError(f"a {key!r} marks an unpaired preference row (kto's format); sft would train on "
+                              f"every completion, undesirable ones too: use posttrain kto, or drop the column")
+    prompt = _prompt(row, "pairs")
+    value = _decoded(row["completion"], what="'completion'")
+    if isinstance(value, str):
+        return prompt, [{"role": "assistant", "content": _string(value, "'completion'")}]
+    if not isinstance(value, list):
+        raise BadRowError(f"'completion' is {_type_name(value)}, expected a string or a list of turns")
+    completion = _turns(value, "'completion'")
+    if completion[0]["role"] != "assistant":
+        raise BadRowError(f"'completion' starts with a {completion[0]['role']} turn, expected the assistant's reply")
+    return prompt, completion
 
 
 # --------------------------------------------------------------------------- reports
@@ -318,6 +397,20 @@ def _read_ahead(rows: Iterator, head: list) -> list:
         head.append(item)
         good += not isinstance(item[1], Malformed)
     return head
+
+
+def check_readable(path: str, detect: Callable = detect_format, fmt: str = "auto") -> None:
+    """What can be known of a data file cheaply, before a model loads: it exists, a reader takes
+    it, its first rows parse as a file, and (fmt auto) they are in a format `detect` knows.
+    Raises DataError; bad rows are left to the read, with its policy. (A .json file is read
+    whole: JSON cannot stream.)"""
+    rows = iter_rows(path)
+    try:
+        head = [row for _, row in itertools.islice(rows, _DETECT_SCAN) if not isinstance(row, Malformed)]
+    finally:
+        getattr(rows, "close", lambda: None)()
+    if fmt == "auto" and head:
+        detect(head, where=os.fspath(path))
 
 
 def _check_has_good_rows(counts: FileReport) -> None:

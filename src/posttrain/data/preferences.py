@@ -15,7 +15,7 @@ or a list of turns: the assistant's message alone, or the whole conversation rep
 the prompt's turns (checked, then stripped). A pair without "prompt" gives whole
 conversations on both sides; the turns before their last assistant turns are the
 prompt, and must be the same on both sides. CSV and Parquet cells may hold any of the
-lists JSON-encoded.
+lists JSON-encoded, or as Python's repr (what `datasets`' and pandas' `to_csv` write).
 
 Reading, per-file detection, the bad-row policy, rejects file and `DataReport` are
 formats.py's, run with this module's row converter: a row that cannot be trained on
@@ -32,9 +32,9 @@ as generation tokenises it (`templates.tokenize_with_labels`).
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,14 +127,22 @@ def _required(row: dict, key: str, fmt: str) -> Any:
     return row[key]
 
 
-def _decoded(value: Any, any_list: bool = False) -> Any:
-    """A JSON-encoded list from a CSV/Parquet cell, decoded. Text responses stay text unless
-    they decode to a list of turns (or to any list, with any_list, where text is never valid)."""
+_TURNS_TEXT = re.compile(r"""\s*\[\s*\{\s*['"](role|from)['"]\s*:""")  # the start of a list of turns, as text
+
+
+def _decoded(value: Any, any_list: bool = False, what: str = "a cell") -> Any:
+    """A list from a CSV/Parquet cell (JSON, or Python's repr: `formats.decode_cell`), decoded.
+    Text responses stay text unless they decode to a list of turns (or to any list, with
+    any_list, where text is never valid); text that starts like a list of turns but is neither
+    is a bad row, never trained on as text."""
     if not isinstance(value, str) or not value.lstrip().startswith("["):
         return value
     try:
-        decoded = json.loads(value)
-    except json.JSONDecodeError:
+        decoded = formats.decode_cell(value)
+    except ValueError:
+        if _TURNS_TEXT.match(value):
+            raise BadRowError(f"{what} starts like a list of turns but is neither JSON nor a Python literal; "
+                              "write the cell as JSON (json.dumps of the list)") from None
         return value
     if not isinstance(decoded, list):
         return value
@@ -172,7 +180,7 @@ def _check_prompt(turns: list[dict[str, str]], what: str) -> list[dict[str, str]
 
 
 def _prompt(row: dict, fmt: str) -> list[dict[str, str]]:
-    value = _decoded(_required(row, "prompt", fmt))
+    value = _decoded(_required(row, "prompt", fmt), what="'prompt'")
     system = formats._optional_string(row, "system")
     if isinstance(value, str):
         turns = [{"role": "user", "content": _string(value, "'prompt'")}]
@@ -189,7 +197,7 @@ def _prompt(row: dict, fmt: str) -> list[dict[str, str]]:
 
 def _response(value: Any, what: str, prompt: list[dict[str, str]]) -> str:
     """A response's text: a string, [assistant message], or prompt turns + assistant message."""
-    value = _decoded(value)
+    value = _decoded(value, what=what)
     if isinstance(value, str):
         return _string(value, what)
     if not isinstance(value, list):
@@ -223,7 +231,7 @@ def _implicit_prompt(row: dict) -> tuple[list[dict[str, str]], str, str]:
     """No 'prompt': both sides are whole conversations sharing every turn but the last."""
     sides = []
     for key in ("chosen", "rejected"):
-        value = _decoded(row[key])
+        value = _decoded(row[key], what=repr(key))
         if not isinstance(value, list):
             raise BadRowError(f"no 'prompt', and {key!r} is {_type_name(value)}; without a prompt, 'chosen' "
                               "and 'rejected' must be whole conversations (lists of turns)")
@@ -260,7 +268,7 @@ def _margin(row: dict) -> float | None:
 
 def _ranking(row: dict, location: str) -> PreferenceRecord:
     prompt = _prompt(row, "ranking")
-    items = _decoded(_required(row, "responses", "ranking"), any_list=True)
+    items = _decoded(_required(row, "responses", "ranking"), any_list=True, what="'responses'")
     if not isinstance(items, list):
         raise BadRowError(f"'responses' is {_type_name(items)}, expected a list of responses")
     if len(items) < 2:
@@ -276,7 +284,7 @@ def _ranks(row: dict, responses: list[str]) -> list[int]:
         raise BadRowError("both 'ranks' and 'scores' are given; give one (ranks: 0 = best; scores: higher = better)")
     values: list[float] = [float(i) for i in range(len(responses))]  # neither: best first
     for key in given:
-        cell = _decoded(row[key], any_list=True)
+        cell = _decoded(row[key], any_list=True, what=repr(key))
         if not isinstance(cell, list):
             raise BadRowError(f"{key!r} is {_type_name(cell)}, expected a list of numbers")
         if len(cell) != len(responses):
@@ -307,6 +315,8 @@ def _unpaired(row: dict, location: str) -> PreferenceRecord:
     value = _required(row, key, "unpaired")
     if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):  # a CSV cell
         value = value.strip().lower() in ("true", "1")
+    elif isinstance(value, numbers.Integral) and not isinstance(value, bool) and value in (0, 1):  # JSON, Parquet
+        value = bool(value)
     if not isinstance(value, bool):
         raise BadRowError(f"{key!r} is {'null' if value is None else repr(value)}, expected true or false")
     return PreferenceRecord(prompt, [completion], desirable=value, source=location)
@@ -344,11 +354,12 @@ def encode_response(prompt: list[dict[str, str]], response: str, tokenizer: Any,
 
     special_tokens: wrap the sequence in the tokenizer's own special tokens ([CLS] ... [SEP]),
     as an encoder reward model reads it; a decoder's template writes its own BOS."""
-    from posttrain.data.templates import assistant_spans, tokenize_with_labels
+    from posttrain.data.templates import assistant_spans, check_not_rendered, tokenize_with_labels
 
     if not getattr(tokenizer, "is_fast", False):
         raise DataError(f"{type(tokenizer).__name__} is a slow (Python) tokenizer; exact label masks need "
                         "character offsets, which only fast tokenizers give (load it with use_fast=True)")
+    check_not_rendered(prompt, tokenizer, template, source)
     messages = [*prompt, {"role": "assistant", "content": response}]
     text, spans = assistant_spans(messages, tokenizer, template, source)
     ids, labels = tokenize_with_labels(tokenizer, text, spans[-1:])

@@ -65,6 +65,11 @@ def to_prompt_record(row: dict, fmt: str, location: str = "<memory>") -> PromptR
         raise BadRowError(f"format {fmt!r} cannot give prompts; use one of {', '.join(PROMPT_FORMATS)}")
     key = "messages" if "messages" in row else "conversations"
     turns = row.get(key) if fmt == "messages" else None
+    if isinstance(turns, str):  # a CSV cell: JSON or Python's repr
+        try:
+            turns = formats.decode_cell(turns)
+        except ValueError:
+            pass  # reported, with the row's file:line, when the conversation is read
     if isinstance(turns, list) and turns and _role(turns[-1], len(turns)) == "user":
         # A conversation that ends with the user's turn is all prompt, with no reference answer.
         turns = [formats._turn(turn, i) for i, turn in enumerate(turns, 1)]  # ShareGPT's from / value too
@@ -149,18 +154,30 @@ def prepare_prompts(cfg, run_dir: Path | None, seed: int, log: Callable[[str], N
 
 
 def encode_prompts(records: list[PromptRecord], tokenizer, template: str, max_length: int,
-                   log: Callable[[str], None] = print, name: str = "train") -> tuple[list[list[int]], list[PromptRecord]]:
+                   log: Callable[[str], None] = print, name: str = "train",
+                   cfg=None) -> tuple[list[list[int]], list[PromptRecord]]:
     """Token ids of each prompt with the generation prompt appended. Prompts longer than
-    `max_length` are dropped — never cut, which would change the question — and counted."""
-    ids, kept = [], []
-    for record in records:
+    `max_length` are dropped — never cut, which would change the question — and counted. A
+    prompt already rendered with the chat template is a bad row: an error, or skipped and
+    counted under `cfg.bad_rows=skip` (cfg: the data config; None stops at it)."""
+    from posttrain.data.pipeline import check_unrendered, encoded_or_skipped
+    from posttrain.data.templates import check_not_rendered
+
+    def encode(record: PromptRecord) -> list[int]:
+        check_not_rendered(record.prompt, tokenizer, template, record.source)
         text = tokenizer.apply_chat_template(record.prompt, chat_template=template, tokenize=False,
                                              add_generation_prompt=True)
-        tokens = tokenizer(text, add_special_tokens=False)["input_ids"]  # the template has BOS
-        if len(tokens) <= max_length:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template has BOS
+
+    ids, kept, unrendered = [], [], []
+    for record in records:
+        tokens = encode(record) if cfg is None else encoded_or_skipped(encode, record, cfg, unrendered)
+        if tokens is not None and len(tokens) <= max_length:
             ids.append(tokens)
             kept.append(record)
-    dropped = len(records) - len(kept)
+    if cfg is not None:
+        check_unrendered(unrendered, len(records), cfg, log, name)
+    dropped = len(records) - len(kept) - len(unrendered)
     log(f"{name}: {len(kept)} prompts" + (f"; {dropped} longer than {max_length} tokens dropped" if dropped else ""))
     if records and not kept:
         raise DataError(f"every {name} prompt is longer than data.max_prompt_length={max_length} tokens")

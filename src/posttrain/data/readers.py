@@ -82,11 +82,33 @@ def check_path(path: str) -> str:
         _check_dataset_dir(path)
         return "datasets"
     if not os.path.exists(path):
-        raise DataError(f"{path}: no such file (expected {ACCEPTED})")
+        raise DataError(f"{path}: no such file (expected {ACCEPTED}){missing_hint(path)}")
     kind = _file_kind(path)
     if kind == "unknown":
-        raise DataError(f"{path}: unknown file type (expected {ACCEPTED})")
+        plain = os.path.splitext(path)[1].lower() in (".txt", ".md")
+        hint = '; for plain text, write JSON Lines rows {"text": ...}' if plain else ""
+        raise DataError(f"{path}: unknown file type (expected {ACCEPTED}){hint}")
     return kind
+
+
+_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def missing_hint(path: str) -> str:
+    """What a path that does not exist was probably meant as: a wildcard (never expanded), or a
+    Hugging Face Hub dataset name (read from the Hub by TRL, never by posttrain); else ""."""
+    import glob
+
+    if any(c in path for c in "*?["):
+        matches = sorted(glob.glob(os.path.expanduser(path)))
+        found = f" (it matches {len(matches)}: {', '.join(matches[:3])}{', ...' if len(matches) > 3 else ''})"
+        return f"; wildcards are not expanded: list the files{found if matches else ''}"
+    head = path.split("/", 1)[0]
+    if _HUB_NAME.fullmatch(path) and _file_kind(path) == "unknown" and not os.path.exists(head):
+        return (f"; posttrain reads local files only — if {path} is a Hugging Face Hub dataset, bring it local "
+                f"first: python -c \"import datasets; datasets.load_dataset('{path}', split='train')"
+                f".save_to_disk('DIR')\" (or .to_json('FILE.jsonl')), then give DIR (or FILE.jsonl)")
+    return ""
 
 
 def _file_kind(path: str) -> str:
@@ -154,8 +176,9 @@ def _json_type(value: Any) -> str:
 
 
 def _json_rows(path: str) -> Iterator[tuple[str, Row]]:
-    """A top-level array of objects, or an object with exactly one list-valued key
-    (`{"data": [...]}`). A .json file that holds one object per line is read as JSON Lines."""
+    """A top-level array of objects; an object with exactly one list-valued key holding the
+    rows (`{"data": [...]}`); or a single object that is itself one row (a one-row file as
+    `Dataset.to_json` writes it). A .json file that holds one object per line is read as JSON Lines."""
     text = _read_text(path)
     pos = _skip_ws(text, 0)
     if pos == len(text):
@@ -167,7 +190,7 @@ def _json_rows(path: str) -> Iterator[tuple[str, Row]]:
             if _is_json_lines(text, pos):
                 yield from _jsonl_rows(path)
                 return
-            items, end = _scan_wrapper(path, text, pos)
+            items, end = _object_rows(path, text, pos)
         else:
             raise DataError(f"{path}: expected a JSON array of objects or an object like {{\"data\": [...]}}")
         if _skip_ws(text, end) != len(text):
@@ -232,8 +255,33 @@ def _is_json_lines(text: str, pos: int) -> bool:
         return False
 
 
-def _scan_wrapper(path: str, text: str, pos: int) -> tuple[list[tuple[int, Any]], int]:
-    """`{"data": [...], "other": ...}`: the elements of the single list-valued key."""
+def _object_rows(path: str, text: str, pos: int) -> tuple[list[tuple[int, Any]], int]:
+    """The rows of a top-level object: the elements of its one list-valued key when they are
+    rows (`{"data": [...], "version": 1}`), else the object itself as one row — unless it is
+    empty or an object of columns (every value a list, none a list of chat turns)."""
+    keys, lists, end = _scan_object(text, pos)
+    if len(lists) == 1:
+        (items,) = lists.values()
+        values = [value for _, value in items]
+        if (not values or any(isinstance(v, dict) for v in values)) and not any(map(_is_turn, values)):
+            return items, end
+    holds_turns = any(any(_is_turn(value) for _, value in items) for items in lists.values())
+    if not keys or (len(lists) == len(set(keys)) and not holds_turns):
+        raise DataError(
+            f"{path}: a top-level JSON object must be one row, or hold the rows under exactly one list-valued key "
+            f"(like {{\"data\": [...]}}); found keys: {', '.join(repr(k) for k in keys[:10]) or 'none'}"
+        )
+    return [(pos, _DECODER.raw_decode(text, pos)[0])], end
+
+
+def _is_turn(value: Any) -> bool:
+    """A chat turn ({"role", "content"} or ShareGPT's {"from", "value"}): never a row of any format."""
+    return isinstance(value, dict) and ("role" in value or "from" in value)
+
+
+def _scan_object(text: str, pos: int) -> tuple[list[str], dict[str, list[tuple[int, Any]]], int]:
+    """The object at text[pos] == "{": its keys in order, the elements (with offsets) of each
+    list-valued key, and where it ends."""
     keys: list[str] = []
     lists: dict[str, list[tuple[int, Any]]] = {}
     pos = _skip_ws(text, pos + 1)
@@ -257,12 +305,7 @@ def _scan_wrapper(path: str, text: str, pos: int) -> tuple[list[tuple[int, Any]]
         if not text.startswith(",", pos):
             raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
         pos = _skip_ws(text, pos + 1)
-    if len(lists) != 1:
-        raise DataError(
-            f"{path}: a top-level JSON object must have exactly one list-valued key holding the rows "
-            f"(like {{\"data\": [...]}}); found keys: {', '.join(repr(k) for k in keys[:10]) or 'none'}"
-        )
-    return next(iter(lists.values())), pos + 1
+    return keys, lists, pos + 1
 
 
 # --------------------------------------------------------------------------- CSV
@@ -357,8 +400,22 @@ def _check_dataset_dir(path: str) -> None:
     if not any(os.path.exists(os.path.join(path, m)) for m in markers):
         raise DataError(
             f"{path}: a directory, but not one written by datasets' save_to_disk (no state.json or "
-            f"dataset_dict.json); expected {ACCEPTED}"
+            f"dataset_dict.json); expected {ACCEPTED}{_files_inside(path)}"
         )
+
+
+def _files_inside(path: str) -> str:
+    """A hint for a directory of data files (a Hub snapshot's data/train-00000-of-00002.parquet):
+    the files to list instead."""
+    found = []
+    for root, dirs, files in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += sorted(os.path.join(root, f) for f in files if _file_kind(f) != "unknown")
+        if len(found) > 3:
+            break
+    if not found:
+        return ""
+    return f"; it holds data files: list those instead ({', '.join(found[:3])}{', ...' if len(found) > 3 else ''})"
 
 
 def _load_dataset_dir(path: str):

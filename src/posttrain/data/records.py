@@ -15,15 +15,18 @@ IGNORE_INDEX = -100  # label value that carries no loss (prompt, padding, system
 class Record:
     """One example. Exactly one of `messages` / `text` is set.
 
-    messages: OpenAI-style turns, [{"role": "system"|"user"|"assistant", "content": str}, ...];
-              loss goes on every assistant turn.
-    text:     plain text for continued pre-training; loss on every token.
-    source:   where it came from, "file:line", for error messages.
+    messages:     OpenAI-style turns, [{"role": "system"|"user"|"assistant", "content": str}, ...];
+                  loss goes on every assistant turn after the first `prompt_turns`.
+    text:         plain text for continued pre-training; loss on every token.
+    source:       where it came from, "file:line", for error messages.
+    prompt_turns: how many leading messages are the prompt (a prompt-completion row): context,
+                  their assistant turns never trained on.
     """
 
     messages: list[dict[str, str]] | None = None
     text: str | None = None
     source: str = "<memory>"
+    prompt_turns: int = 0
 
 
 @dataclass

@@ -114,7 +114,7 @@ def _encode_messages(record: Record, tokenizer: Any, template: str) -> Example:
             "a tokenizer.json (AutoTokenizer.from_pretrained(..., use_fast=True))"
         )
     _check_messages(record)
-    text, spans = assistant_spans(record.messages, tokenizer, template, record.source)
+    text, spans = assistant_spans(record.messages, tokenizer, template, record.source, record.prompt_turns)
     input_ids, labels = tokenize_with_labels(tokenizer, text, spans)
     return Example(input_ids=input_ids, labels=labels, source=record.source)
 
@@ -128,14 +128,15 @@ def _check_messages(record: Record) -> None:
 
 
 def assistant_spans(
-    messages: list[dict[str, str]], tokenizer: Any, template: str, source: str = "<memory>"
+    messages: list[dict[str, str]], tokenizer: Any, template: str, source: str = "<memory>", first: int = 0
 ) -> tuple[str, list[tuple[int, int]]]:
     """Render `messages`; return the text and the [start, end) character span of every
-    assistant turn (content plus end-of-turn marker, trailing whitespace dropped)."""
+    assistant turn from message `first` on (content plus end-of-turn marker, trailing
+    whitespace dropped); the assistant turns before `first` are context."""
     full = _render(tokenizer, template, messages, False, source)
     spans = []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or i < first:
             continue
         prompt = _render(tokenizer, template, messages[:i], True, source)
         # The last turn's "through" render is the full render: skip a third of the work
@@ -152,6 +153,47 @@ def assistant_spans(
         answer = through[len(prompt) :].rstrip()
         spans.append((len(prompt), len(prompt) + len(answer)))
     return full, spans
+
+
+_PROBE = "\x00"  # a message content no template writes itself
+_MARKERS: dict[tuple[int, str], tuple[Any, tuple[str, ...]]] = {}  # (id(tokenizer), template) -> (tokenizer, markers)
+
+
+def role_markers(tokenizer: Any, template: str) -> tuple[str, ...]:
+    """The markers `template` writes around a turn, which no plain prompt text holds: the
+    tokenizer's special tokens it writes (`<|im_start|>`, `<|start_header_id|>`, BOS), found by
+    rendering a probe turn, plus the opening words of the built-in templates (their markers are
+    plain text under a tokenizer without ChatML's special tokens)."""
+    key = (id(tokenizer), template)
+    if key in _MARKERS and _MARKERS[key][0] is tokenizer:
+        return _MARKERS[key][1]
+    try:
+        around = _render(tokenizer, template, [{"role": "user", "content": _PROBE}], True, "<probe>")
+    except DataError:  # a template that wants more than one user turn: its rows will say so
+        around = ""
+    specials = {str(t) for t in getattr(tokenizer, "all_special_tokens", [])}
+    specials |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
+    builtin = {CHATML: ("<|im_start|>",), ALPACA: ("### Instruction:\n", "### Response:\n")}.get(template, ())
+    markers = tuple(dict.fromkeys([*builtin, *sorted(t for t in specials if t and t in around)]))
+    if len(_MARKERS) > 16:  # a few tokenizers per process; never a leak
+        _MARKERS.clear()
+    _MARKERS[key] = (tokenizer, markers)
+    return markers
+
+
+def check_not_rendered(prompt: list[dict[str, str]], tokenizer: Any, template: str, source: str) -> None:
+    """A prompt whose text holds the template's own markers was rendered with a chat template
+    already (TRL's apply_chat_template preprocessing): templating it again would nest two
+    conversations, silently, and its markers would tokenise as the real special tokens."""
+    markers = role_markers(tokenizer, template)
+    for turn in prompt:
+        found = next((m for m in markers if m in turn["content"]), None)
+        if found is not None:
+            raise DataError(
+                f"{source}: this prompt is already rendered with a chat template (its {turn['role']} text holds "
+                f"{found.strip()!r}, which the chat template writes itself); give the turns as a list of messages, "
+                "or the plain text"
+            )
 
 
 def _render(tokenizer: Any, template: str, messages: list, add_generation_prompt: bool, source: str) -> str:

@@ -231,12 +231,14 @@ def _messages(value: object) -> list[dict]:
 
 
 def _text_content(content: object, where: str) -> str:
-    """A string, or a list of {"type": "text", "text": ...} parts joined."""
+    """A string, or a list of {"type": "text", "text": ...} parts joined (as training data's are)."""
+    from posttrain.data.formats import join_text_parts
+
     if isinstance(content, str):
         return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and
-                                         isinstance(p.get("text"), str) for p in content):
-        return "".join(p["text"] for p in content)
+    joined = join_text_parts(content)
+    if joined is not None:
+        return joined
     raise APIError(400, f"{where} must be a string or a list of text parts (no images or audio)", param=where)
 
 

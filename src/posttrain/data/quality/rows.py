@@ -23,7 +23,8 @@ from posttrain.data.preferences import (PREFERENCE_FORMATS, PreferenceRecord, de
 from posttrain.data.records import Record
 
 ALL_FORMATS = FORMATS + PREFERENCE_FORMATS
-_PREFERENCE_KEYS = ("chosen", "rejected", "responses", "completion")
+_PREFERENCE_KEYS = ("chosen", "rejected", "responses")
+_UNPAIRED_KEYS = ("label", "desirable")  # a 'completion' with one of these is KTO's; without, sft's prompt_completion
 
 
 @dataclass
@@ -53,7 +54,8 @@ def texts(record: Record | PreferenceRecord) -> tuple[str, str, str, int]:
     if record.text is not None:
         return "", record.text, record.text, 1
     prompt = "\n".join(m["content"] for m in record.messages if m["role"] != "assistant")
-    response = "\n".join(m["content"] for m in record.messages if m["role"] == "assistant")
+    trained = record.messages[record.prompt_turns:]  # a prompt-completion row's prompt turns are context only
+    response = "\n".join(m["content"] for m in trained if m["role"] == "assistant")
     return prompt, response, "\n".join(m["content"] for m in record.messages), len(record.messages)
 
 
@@ -69,7 +71,8 @@ def trained_responses(record: PreferenceRecord) -> list[int]:
 def detect_any_format(rows: list[dict], *, where: str = "the data") -> str:
     """A preference format when the first rows have preference keys, else an SFT format."""
     sample = [row for row in rows if isinstance(row, dict)][: formats._DETECT_ROWS]
-    if any(key in row for row in sample for key in _PREFERENCE_KEYS):
+    if any(key in row for row in sample for key in _PREFERENCE_KEYS) or \
+            any("completion" in row and any(key in row for key in _UNPAIRED_KEYS) for row in sample):
         return detect_preference_format(rows, where=where)
     return detect_format(rows, where=where)
 
