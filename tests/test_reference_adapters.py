@@ -500,7 +500,8 @@ def test_reference_free_losses_run_no_reference_pass(loss, method, base_dir, tmp
     carry the counting hook with it (deepcopy), so any reference pass would show."""
     counts = _count_forwards(monkeypatch)
     # dpo.reference left at its default: setting it with simpo/orpo is refused at config time (by design)
-    run_dir = _run(tmp_path, base_dir, *METHODS[method], f"dpo.loss={loss}", "train.max_steps=2", "dpo.beta=2")
+    strength = "dpo.beta=2" if loss == "simpo" else "dpo.orpo_lambda=2"  # ORPO's weight (its beta only scales logs)
+    run_dir = _run(tmp_path, base_dir, *METHODS[method], f"dpo.loss={loss}", "train.max_steps=2", strength)
     assert counts["reference_weights"] == 0 and counts["precompute"] == 0
     assert not counts["frozen"]  # no frozen copy of the weights either
     assert counts["per_forward"] and set(counts["per_forward"]) == {1}  # one policy forward, nothing else

@@ -324,6 +324,33 @@ def _run(args) -> int:
     raise AssertionError(args.command)
 
 
+def _flags_as_overrides(command: str, extra: list[str]) -> str | None:
+    """`posttrain sft cfg.yaml --learning_rate 1e-4` (TRL's command line) for a command that takes
+    KEY=VALUE overrides: the error that names the override each --flag means (train.lr=1e-4)."""
+    loader = {**_STAGES, **_DATA_COMMANDS}.get(command)
+    if loader is None or not any(item.startswith("--") for item in extra):
+        return None
+    from posttrain.config.schema import suggest_setting
+
+    config_cls, meant = loader()[0], []
+    for i, item in enumerate(extra):
+        if not item.startswith("--"):
+            continue
+        flag, given, value = item.partition("=")
+        following = extra[i + 1] if i + 1 < len(extra) else None
+        if not given and following is not None and not following.startswith("--") and not _is_override(following):
+            given, value = " ", following  # --learning_rate 1e-4
+        found = suggest_setting(flag[2:].replace("-", "_"), config_cls)
+        if found is None:
+            meant.append(f"{flag}{given}{value} has no counterpart (posttrain {command} --help lists the settings)")
+            continue
+        setting, note = found
+        override = f"{setting}={value}" if given else setting
+        meant.append(f"{flag}{given}{value} is {override}" + (f" {note}" if note else ""))
+    return (f"posttrain {command} takes settings as KEY=VALUE overrides after the config file, not as flags: "
+            + "; ".join(meant))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -332,7 +359,10 @@ def main(argv: list[str] | None = None) -> int:
     if extra and hasattr(args, "overrides") and all("=" in item and not item.startswith("-") for item in extra):
         args.overrides = [*args.overrides, *extra]
     elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        as_overrides = _flags_as_overrides(args.command, extra)
+        if as_overrides is None:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        parser.exit(2, f"error: {as_overrides}\n")  # as argparse exits on its own errors
     try:
         return _run(args)
     except UserError as exc:

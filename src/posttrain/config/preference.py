@@ -39,26 +39,35 @@ class RewardConfig:
     use_margins: bool = option(True, "subtract a row's 'margin' inside the Bradley-Terry loss (Llama 2)")
     share_prompt: bool = option(
         True, "compute a prompt once for all its responses (one block, 4-D attention mask; short blocks packed into "
-              "a row); decoder backbones only, not under a sliding window narrower than data.max_length, nor under "
-              "attention other than sdpa (eager attention would add the boolean block mask to the scores)")
+              "a row); decoder backbones only, not under a sliding window narrower than data.max_length, nor with "
+              "ALiBi position biases (Bloom, MPT, Falcon-RW), nor under attention other than sdpa (eager attention "
+              "would add the boolean block mask to the scores)")
+
+
+# cdpo's ε when dpo.label_smoothing is unset. The setting's default is None, not this, so that a
+# value given under another loss is seen (TRL's sigmoid loss with label_smoothing=0.1 is cdpo).
+CDPO_LABEL_SMOOTHING = 0.1
 
 
 @dataclass
 class DPOLossConfig:
     loss: Literal["dpo", "cdpo", "ipo", "hinge", "simpo", "orpo", "kto"] = option(
         "dpo", "dpo (sigmoid), cdpo, ipo, hinge, simpo, orpo, kto")
-    beta: float = option(0.1, "β: strength of the KL anchor (dpo/cdpo/ipo/hinge/kto) or reward scale (simpo)")
-    label_smoothing: float = option(0.1, "cdpo: probability ε that a pair's label is flipped")
+    beta: float = option(0.1, "β: strength of the KL anchor (dpo/cdpo/ipo/hinge/kto) or reward scale (simpo); "
+                              "orpo reads it only to scale its logged rewards")
+    label_smoothing: float | None = option(None, f"cdpo: probability ε that a pair's label is flipped (unset: "
+                                                 f"{CDPO_LABEL_SMOOTHING})")
     simpo_gamma: float = option(0.5, "simpo: target reward margin γ")
-    orpo_lambda: float = option(0.1, "orpo: weight λ of the odds-ratio term")
+    orpo_lambda: float = option(0.1, "orpo: weight λ of the odds-ratio term (TRL's ORPOConfig.beta)")
     kto_desirable_weight: float = option(1.0, "kto: λ_D, weight of desirable examples")
     kto_undesirable_weight: float = option(1.0, "kto: λ_U, weight of undesirable examples")
-    nll_weight: float = option(0.0, "add this × the chosen responses' mean token NLL (RPO); not with orpo (it has "
-                                    "its own) nor kto")
+    nll_weight: float = option(0.0, "add this × the chosen responses' mean token NLL (RPO; TRL's rpo_alpha); not "
+                                    "with orpo (it has its own) nor kto")
     share_prompt: bool = option(
         True, "compute a prompt once for all its responses (one block, 4-D attention mask; short blocks packed into "
-              "a row); off for KTO, virtual tokens, a sliding window narrower than data.max_length and attention "
-              "other than sdpa (eager attention would add the boolean block mask to the scores)")
+              "a row); off for KTO, virtual tokens, a sliding window narrower than data.max_length, ALiBi position "
+              "biases (Bloom, MPT, Falcon-RW) and attention other than sdpa (eager attention would add the boolean "
+              "block mask to the scores)")
     reference: Literal["precompute", "live"] = option(
         "precompute", "reference log-probs: computed once before training and cached in the run, "
         "or every step (adapters disabled, or a frozen copy for full fine-tuning)")
@@ -129,11 +138,21 @@ _READ_BY = {
 
 def _loss_option_checks(p: DPOLossConfig) -> list[tuple[bool, str]]:
     """An option set away from its default that the chosen loss never reads is refused: the run
-    would silently ignore it."""
+    would silently ignore it. dpo.beta is ORPO's only to scale its logged rewards, and TRL's
+    ORPOConfig.beta is the λ of posttrain's dpo.orpo_lambda: a β away from its default is refused
+    under orpo too (the default is λ's default as well, so a run's own config.yaml still loads)."""
     default = DPOLossConfig()
-    return [(p.loss in losses or getattr(p, name) == getattr(default, name),
-             f"dpo.{name}={getattr(p, name)} does nothing with dpo.loss={p.loss} (read by {', '.join(losses)}); "
-             f"remove it or change dpo.loss") for name, losses in _READ_BY.items()]
+    checks = []
+    for name, losses in _READ_BY.items():
+        fix = f"set dpo.loss={losses[0]}" if len(losses) == 1 else "change dpo.loss"
+        checks.append((p.loss in losses or getattr(p, name) == getattr(default, name),
+                       f"dpo.{name}={getattr(p, name)} does nothing with dpo.loss={p.loss} (read by "
+                       f"{', '.join(losses)}); remove it or {fix}"))
+    checks.append((p.loss != "orpo" or p.beta == default.beta,
+                   f"dpo.beta={p.beta} is not ORPO's weight: dpo.loss=orpo weighs its odds-ratio term by "
+                   f"dpo.orpo_lambda (TRL's ORPOConfig.beta) and reads dpo.beta only to scale its logged "
+                   f"rewards; set dpo.orpo_lambda={p.beta} and remove dpo.beta"))
+    return checks
 
 
 def validate_dpo(cfg: DPOConfig) -> None:
@@ -141,7 +160,7 @@ def validate_dpo(cfg: DPOConfig) -> None:
     p = cfg.dpo
     _raise_first(_train_checks(cfg.train) + _weight_checks(cfg.model, cfg.adapter) + _preference_data_checks(cfg.data) + [
         (p.beta > 0, "dpo.beta must be positive"),
-        (0.0 <= p.label_smoothing < 0.5, "dpo.label_smoothing must be in [0, 0.5)"),
+        (p.label_smoothing is None or 0.0 <= p.label_smoothing < 0.5, "dpo.label_smoothing must be in [0, 0.5)"),
         (p.orpo_lambda >= 0 and p.nll_weight >= 0, "dpo.orpo_lambda and dpo.nll_weight must be >= 0"),
         (p.kto_desirable_weight > 0 and p.kto_undesirable_weight > 0, "dpo.kto_*_weight must be positive"),
         (p.loss == "kto" or not _unpaired_data(cfg.data),

@@ -196,9 +196,8 @@ def check_override_key(root: type, item: str, where: str = "overrides") -> None:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         if part not in fields:  # judged by the whole rest, as a file's unknown section is by its first key
             unknown = prefix + ".".join(parts[i:])
-            close = _suggest(unknown, root)
-            hint = f"; did you mean {close}?" if close else f"; valid keys here: {', '.join(prefix + n for n in fields)}"
-            raise ConfigError(f"{where}: unknown key {unknown}{_elsewhere(unknown, root) or hint}")
+            hint = _unknown_key_hint(unknown, root, [prefix + n for n in fields])
+            raise ConfigError(f"{where}: unknown key {unknown}{hint}")
         hint = typing.get_type_hints(cls)[part]
         cls, prefix = (hint if dataclasses.is_dataclass(hint) else None), prefix + part + "."
 
@@ -221,33 +220,110 @@ def _leaf_keys(cls: type) -> list[str]:
     return [key for key, hint, _, _ in _walk(cls) if hint is not None]
 
 
-# Names users bring from transformers / TRL / LLaMA-Factory configs.
-_FAMILIAR_NAMES = {
-    "learning_rate": "lr", "per_device_train_batch_size": "batch_size", "train_batch_size": "batch_size",
-    "gradient_accumulation_steps": "grad_accum", "num_train_epochs": "epochs", "lr_scheduler_type": "schedule",
-    "max_seq_length": "max_length", "cutoff_len": "max_length", "model_name_or_path": "path",
-    "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "save_steps": "save_every",
-    "eval_steps": "eval_every", "logging_steps": "log_every", "save_total_limit": "keep_last",
-    "torch_dtype": "dtype", "bf16": "mixed_precision", "fp16": "mixed_precision",
-    "finetuning_type": "method", "peft_type": "method", "enabled": "method", "use_dora": "dora",
-    "use_rslora": "rslora", "lora_target": "target_modules",
-    "freeze_trainable_layers": "top_layers", "optim": "optimizer",
+# Argument names users bring from transformers / TRL / LLaMA-Factory configs → the posttrain
+# settings that mean the same, in order: a command's hint is the first one it has. Where the
+# meaning is not one to one, the note after the key says how they differ. Names posttrain
+# shares (beta, warmup_ratio, temperature, ...) are found by their last part.
+_FAMILIAR_NAMES: dict[str, tuple[str, ...]] = {
+    # transformers' TrainingArguments
+    "learning_rate": ("train.lr",),
+    "per_device_train_batch_size": ("train.batch_size",), "train_batch_size": ("train.batch_size",),
+    "gradient_accumulation_steps": ("train.grad_accum",), "num_train_epochs": ("train.epochs",),
+    "lr_scheduler_type": ("train.schedule",), "optim": ("train.optimizer",),
+    "adam_beta1": ("train.adam_betas",), "adam_beta2": ("train.adam_betas",), "adam_epsilon": ("train.adam_eps",),
+    "bf16": ("train.mixed_precision",), "fp16": ("train.mixed_precision",),
+    "eval_steps": ("train.eval_every",),
+    "eval_strategy": ("train.eval_every (posttrain evaluates every N steps, and always at the end)",),
+    "evaluation_strategy": ("train.eval_every (posttrain evaluates every N steps, and always at the end)",),
+    "save_steps": ("train.save_every",), "save_strategy": ("train.save_every (posttrain saves every N steps)",),
+    "logging_steps": ("train.log_every",), "logging_strategy": ("train.log_every (posttrain logs every N steps)",),
+    "save_total_limit": ("train.keep_last",), "resume_from_checkpoint": ("train.resume",),
+    "model_name_or_path": ("model.path",), "sft_model_path": ("model.path",), "torch_dtype": ("model.dtype",),
+    "dataset_name": ("data.train_files (posttrain reads local files: save a Hub dataset with save_to_disk "
+                     "and list its directory)",),
+    "max_seq_length": ("data.max_length",), "cutoff_len": ("data.max_length",),
+    "max_prompt_length": ("data.max_prompt_length", "data.max_length"),
+    "max_completion_length": ("rollout.max_new_tokens", "data.max_length", "generation.max_new_tokens"),
+    "response_length": ("rollout.max_new_tokens",),
+    # PEFT / LLaMA-Factory
+    "use_peft": ("adapter.method",), "peft_type": ("adapter.method",), "finetuning_type": ("adapter.method",),
+    "enabled": ("adapter.method",), "lora_r": ("adapter.lora.r",), "lora_alpha": ("adapter.lora.alpha",),
+    "lora_dropout": ("adapter.lora.dropout",), "lora_target": ("adapter.lora.target_modules",),
+    "lora_target_modules": ("adapter.lora.target_modules",), "use_dora": ("adapter.lora.dora",),
+    "use_rslora": ("adapter.lora.rslora",), "freeze_trainable_layers": ("adapter.freeze.top_layers",),
+    # TRL's DPOConfig, KTOConfig, RewardConfig
+    "loss_type": ("dpo.loss", "grpo.aggregation (TRL's loss_type grpo is sequence; bnpo and dapo are token; "
+                              "dr_grpo is closest to token with grpo.scale_rewards=false)"),
+    "rpo_alpha": ("dpo.nll_weight",),
+    "precompute_ref_log_probs": ("dpo.reference (precompute, the default, or live)",),
+    "desirable_weight": ("dpo.kto_desirable_weight",), "undesirable_weight": ("dpo.kto_undesirable_weight",),
+    "center_rewards_coefficient": ("reward.centering",),
+    # TRL's GRPOConfig, RLOOConfig, PPOConfig
+    "num_iterations": ("grpo.updates_per_rollout", "ppo.epochs"),
+    "num_ppo_epochs": ("ppo.epochs",), "num_mini_batches": ("ppo.minibatches",),
+    "epsilon": ("grpo.clip_eps", "ppo.clip_eps"), "cliprange": ("ppo.clip_eps", "grpo.clip_eps"),
+    "epsilon_high": ("grpo.clip_eps (posttrain clips the ratio with one ε on both sides)",),
+    "cliprange_value": ("ppo.value_clip",),
+    "beta": ("dpo.beta", "grpo.beta", "ppo.kl_coef"),
+    "use_vllm": ("rollout.engine (rollout.engine=vllm)",),
+    "reward_funcs": ("reward.functions",), "reward_weights": ("reward.weights",),
+    "reward_model_path": ("reward.models",), "missing_eos_penalty": ("reward.no_eos_penalty",),
+    "whiten_rewards": ("reward.normalize",),
 }
 
 
-def _suggest(key: str, root: type) -> str | None:
-    """The valid dotted key closest to `key`: familiar aliases, same last part, then spelling."""
+# Values of a choice setting that TRL / transformers spell differently → posttrain's, by setting
+# (a note after the value as in _FAMILIAR_NAMES).
+_FAMILIAR_VALUES: dict[str, dict[str, str]] = {
+    "dpo.loss": {"sigmoid": "dpo (TRL's sigmoid; with label_smoothing it is cdpo)"},
+    "train.optimizer": {"adamw_torch": "adamw", "adamw_hf": "adamw", "adamw_torch_fused": "adamw_fused",
+                        "adamw_bnb_8bit": "adamw_8bit"},
+    "train.schedule": {"constant_with_warmup": "constant (warmup is train.warmup_steps)",
+                       "cosine_with_min_lr": "cosine (with train.min_lr_ratio)"},
+    "train.mixed_precision": {"True": "bf16 (or fp16)", "bfloat16": "bf16", "float16": "fp16"},
+    "model.dtype": {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"},
+    "grpo.aggregation": {"grpo": "sequence", "bnpo": "token", "dapo": "token",
+                         "dr_grpo": "token (Dr. GRPO also sets grpo.scale_rewards=false)"},
+}
+
+
+def suggest_setting(key: str, root: type) -> tuple[str, str] | None:
+    """(the setting of `root` that `key` — a mistyped dotted key, a TRL / transformers argument
+    name — most likely means, a note on how they differ or ""), or None: a familiar name's
+    counterpart, a key with the same last part, then a close spelling. A familiar name never gets
+    a spelling guess: a name that reads alike is another setting (rpo_alpha is not lora.alpha)."""
     keys = _leaf_keys(root)
     last = key.rsplit(".", 1)[-1]
-    last = _FAMILIAR_NAMES.get(last, last)
+    for meant in _FAMILIAR_NAMES.get(last, ()):
+        setting, _, note = meant.partition(" ")
+        if setting in keys:
+            return setting, note
     same_name = [k for k in keys if k.rsplit(".", 1)[-1] == last]
     if same_name:
-        return same_name[0]
+        return same_name[0], ""
+    if last in _FAMILIAR_NAMES:
+        return None
     close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
-    if not close:
+    if not close:  # a misspelt last part in the wrong section: it must read nearly alike
         by_last = {k.rsplit(".", 1)[-1]: k for k in keys}
-        close = [by_last[c] for c in difflib.get_close_matches(last, list(by_last), n=1, cutoff=0.6)]
-    return close[0] if close else None
+        close = [by_last[c] for c in difflib.get_close_matches(last, list(by_last), n=1, cutoff=0.75)]
+    return (close[0], "") if close else None
+
+
+def _unknown_key_hint(unknown: str, root: type, valid: list[str]) -> str:
+    """What follows 'unknown key X': the command that has X, else the setting X likely means, else
+    the valid keys where X was given."""
+    elsewhere = _elsewhere(unknown, root)
+    if elsewhere:
+        return elsewhere
+    found = suggest_setting(unknown, root)
+    if found is None:
+        return f"; valid keys here: {', '.join(valid)}"
+    return _did_you_mean(*found)
+
+
+def _did_you_mean(meant: str, note: str = "") -> str:
+    return f"; did you mean {meant}?" + (f" {note}" if note else "")
 
 
 def _elsewhere(key: str, root: type) -> str | None:
@@ -282,10 +358,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str, source: str, root: type
             value = data[key]
             if isinstance(value, dict) and value:  # an unknown section: judge it by its first key
                 key = f"{key}.{next(iter(value))}"
-            close = _suggest(prefix + str(key), root)
-            valid = ", ".join(prefix + name for name in fields)
-            hint = f"; did you mean {close}?" if close else f"; valid keys here: {valid}"
-            raise ConfigError(f"{source}: unknown key {prefix}{key}{_elsewhere(prefix + str(key), root) or hint}")
+            hint = _unknown_key_hint(prefix + str(key), root, [prefix + name for name in fields])
+            raise ConfigError(f"{source}: unknown key {prefix}{key}{hint}")
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _coerce(hints[name], value, prefix + name, source, root)
@@ -323,8 +397,10 @@ def _coerce(hint: Any, value: Any, key: str, source: str, root: type) -> Any:
             value = next((w for w in words if w in choices), value)
         # by type too: 0 == False and 1 == True, but model.lean_activations=0 is not `false`
         if not any(type(value) is type(choice) and value == choice for choice in choices):
+            familiar = _FAMILIAR_VALUES.get(key, {}).get(str(value))
             close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-            hint_txt = f"; did you mean {close[0]}?" if close else ""
+            hint_txt = (_did_you_mean(*familiar.split(" ", 1)) if familiar else
+                        _did_you_mean(close[0]) if close else "")
             raise ConfigError(f"{source}: {key}={value!r} is not one of {', '.join(map(str, choices))}{hint_txt}")
         return value
     if origin in (Union, types.UnionType):

@@ -133,16 +133,43 @@ def batch_logps(model, batch: dict, chunk_size: int = 256):
     return policy_logps(model, batch["input_ids"], batch["labels"], batch["attention_mask"], chunk_size)
 
 
+class StartingVirtualTokens:
+    """What RL keeps of a policy with prompt or prefix tuning to run its reference, the starting
+    policy: the virtual-token encoder's starting weights (a random draw, not the base; n tokens
+    × the hidden size, or × the layers' keys and values for a prefix: small). The reference is
+    `model` with its other adapters off (they start as the identity) and these swapped in, so
+    no second copy of the model is kept."""
+
+    def __init__(self, model):
+        self.weights = {k: v.detach().clone() for k, v in model.virtual_encoder.state_dict().items()}
+
+    @contextlib.contextmanager
+    def as_reference(self, model):
+        """`model` (the policy these weights were taken from) as its starting policy, within."""
+        encoder = model.virtual_encoder
+        trained = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
+        with model.adapters_disabled(keep_virtual_tokens=True):
+            encoder.load_state_dict(self.weights)  # copies in place, without gradient
+            try:
+                yield model
+            finally:
+                encoder.load_state_dict(trained)
+
+
 @contextlib.contextmanager
 def reference_weights(model, frozen_copy=None, starting: bool = False):
-    """The reference policy, in eval mode without gradients: `frozen_copy` if given; `model` as it
-    is when it is still the `starting` model (the precomputed pass, before any step: adapters
-    included, which is the starting policy exactly — a soft prompt or prefix starts at a random
-    draw, not at the base); else `model` with its adapters off (LoRA, DoRA, IA3 and bottleneck
-    adapters start as the identity, so that is the starting model)."""
-    target = frozen_copy if frozen_copy is not None else model
-    disable = None if starting else getattr(model, "adapters_disabled", None)
-    context = disable() if frozen_copy is None and disable is not None else contextlib.nullcontext()
+    """The reference policy, in eval mode without gradients: `frozen_copy` if given (a frozen
+    copy of the model, or a `StartingVirtualTokens` of it); `model` as it is when it is still the
+    `starting` model (the precomputed pass, before any step: adapters included, which is the
+    starting policy exactly — a soft prompt or prefix starts at a random draw, not at the base);
+    else `model` with its adapters off (LoRA, DoRA, IA3 and bottleneck adapters start as the
+    identity, so that is the starting model)."""
+    if isinstance(frozen_copy, StartingVirtualTokens):
+        target, context = model, frozen_copy.as_reference(model)
+    else:
+        target = frozen_copy if frozen_copy is not None else model
+        disable = None if starting else getattr(model, "adapters_disabled", None)
+        context = disable() if frozen_copy is None and disable is not None else contextlib.nullcontext()
     was_training = target.training
     target.eval()
     try:
@@ -169,9 +196,11 @@ def _dpo(c: DPOLossConfig, pc, pr, rc, rr, ac, ar):
 
 
 def _cdpo(c, pc, pr, rc, rr, ac, ar):
+    from posttrain.config.preference import CDPO_LABEL_SMOOTHING
     from posttrain.losses.preference import dpo_loss
 
-    return *dpo_loss(pc, pr, rc, rr, c.beta, label_smoothing=c.label_smoothing), {}
+    epsilon = CDPO_LABEL_SMOOTHING if c.label_smoothing is None else c.label_smoothing
+    return *dpo_loss(pc, pr, rc, rr, c.beta, label_smoothing=epsilon), {}
 
 
 def _ipo(c, pc, pr, rc, rr, ac, ar):
@@ -389,10 +418,11 @@ def _fingerprint(cfg: DPOConfig, items: list[Item]) -> str:
     """What the reference log-probs depend on: the model — its path and what is at it (each file's
     name, size and modification time: an SFT stage that rewrites the directory changes it) —,
     its dtype, precision, adapter method and quantization (QLoRA's reference is the quantized
-    base), and every sequence's tokens and labels in order."""
-    digest = hashlib.sha256(json.dumps([cfg.model.path, _files_at(cfg.model.path), cfg.model.dtype, cfg.adapter.method,
-                                        dataclasses.asdict(cfg.adapter.quantization),
-                                        cfg.train.mixed_precision]).encode())
+    base), every sequence's tokens and labels in order, and for KTO the step's layout of them
+    (`_step_layout_logps`; a cache from before it, one batch at a time, is computed again)."""
+    parts = [cfg.model.path, _files_at(cfg.model.path), cfg.model.dtype, cfg.adapter.method,
+             dataclasses.asdict(cfg.adapter.quantization), cfg.train.mixed_precision]
+    digest = hashlib.sha256(json.dumps(parts + (["kto: step layout"] if cfg.dpo.loss == "kto" else [])).encode())
     for item in items:
         for seq in item.sequences:
             digest.update(torch.tensor(seq.input_ids + [-1] + seq.labels, dtype=torch.int64).numpy().tobytes())
@@ -466,7 +496,7 @@ def precompute_reference(model, items: list[Item], cfg: DPOConfig, pad_id: int, 
             shared = share_prompt and all(shares_prompt(item) for item in chunk)
             batch = collate_shared_prompt(chunk, pad_id, padding_free=unpadded) if shared else collate_items(chunk, pad_id)
             batch = to_device(batch, device)
-            computed[index] = batch_logps(reference, batch, cfg.train.loss_chunk_size)[0].float().cpu().tolist()
+            computed[index] = _step_layout_logps(reference, batch, chunk, cfg).float().cpu().tolist()
     if world > 1:
         for part in gather_object([computed]):
             computed.update(part)
@@ -480,6 +510,20 @@ def precompute_reference(model, items: list[Item], cfg: DPOConfig, pad_id: int, 
         save_file({"logps": torch.tensor(values, dtype=torch.float32)}, str(partial), metadata={"fingerprint": fingerprint})
         os.replace(partial, cache)
     log(f"reference log-probs: computed for {len(values)} sequences once (cached in {cache})")
+
+
+def _step_layout_logps(reference, batch: dict, chunk: list[Item], cfg: DPOConfig) -> torch.Tensor:
+    """A batch's per-sequence reference log-probs, computed as the step reads the policy's: the
+    whole batch at once, or for KTO its completions and its mismatched rows as two sub-batches
+    (`PreferenceLoss._kto`, `_kl_ratios`), so their kernels, widths and packing are the same."""
+    if cfg.dpo.loss != "kto":
+        return batch_logps(reference, batch, cfg.train.loss_chunk_size)[0]
+    extras = kto_extras(chunk)
+    out = torch.zeros(batch["input_ids"].shape[0], device=batch["input_ids"].device)
+    for rows in (extras["completion_row"], extras["kl_row"]):
+        rows = rows.to(out.device)
+        out[rows] = policy_logps(reference, *_rows(batch, rows), cfg.train.loss_chunk_size)[0].to(out.dtype)
+    return out
 
 
 def _assign(items: list[Item], values: list[float]) -> None:
@@ -560,12 +604,14 @@ def _log_accuracy(summary: dict, log) -> None:
 
 
 def _exact_match(cfg: DPOConfig, model, tokenizer, data, when: str) -> dict:
-    """Exact match of greedy answers against each held-out prompt's best response."""
+    """Exact match of greedy answers against each held-out prompt's best response (an undesirable
+    KTO row has none: its prompt stays without an answer, and is not scored)."""
     from posttrain.data.records import Record
     from posttrain.train.sft import exact_match_report
 
-    records = [Record(messages=r.prompt + [{"role": "assistant", "content": r.responses[_best(r)]}], source=r.source)
-               for r in data.eval_records if r.ranks is not None or r.desirable]
+    records = [Record(messages=r.prompt + ([{"role": "assistant", "content": r.responses[_best(r)]}]
+                                           if r.ranks is not None or r.desirable else []), source=r.source)
+               for r in data.eval_records]
     return exact_match_report(model, tokenizer, records, cfg.eval.exact_match_prompts, cfg.data.template,
                               cfg.eval.max_new_tokens, when)
 
