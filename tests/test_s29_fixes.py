@@ -7,16 +7,8 @@ import json
 
 import pytest
 
-from posttrain import cli
+from tests.cli_runner import run_cli
 
-
-def _cli(args: list[str], capsys) -> tuple[int, str]:
-    try:
-        rc = cli.main([str(a) for a in args])
-    except SystemExit as exc:  # argparse
-        rc = exc.code if isinstance(exc.code, int) else 1
-    out = capsys.readouterr()
-    return rc, out.out + out.err
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +31,8 @@ def test_a_reward_model_is_refused_as_a_policy(reward_model_dir, tmp_path, capsy
 
     with pytest.raises(UserError, match=r"is a reward model \(LlamaForSequenceClassification.*usually the SFT model"):
         load_model(str(reward_model_dir))
-    rc, out = _cli(["sft", f"output_dir={tmp_path / 'run'}", f"model.path={reward_model_dir}", "train.max_steps=1",
-                    "data.synthetic_size=8"], capsys)
+    rc, out = run_cli(capsys, "sft", f"output_dir={tmp_path / 'run'}", f"model.path={reward_model_dir}", "train.max_steps=1",
+                     "data.synthetic_size=8")
     assert rc != 0 and "is a reward model" in out and "Traceback" not in out
     assert not (tmp_path / "run" / "final").exists()
 
@@ -55,10 +47,10 @@ def test_several_files_joined_by_a_comma_get_the_list_syntax(tmp_path, capsys):
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     for path in (a, b):
         path.write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n")
-    rc, out = _cli(["sft", f"output_dir={tmp_path / 'run'}", f"data.train_files={a},{b}"], capsys)
+    rc, out = run_cli(capsys, "sft", f"output_dir={tmp_path / 'run'}", f"data.train_files={a},{b}")
     assert rc != 0
     assert f"for several files write data.train_files=[{a},{b}]" in out
-    rc, out = _cli(["sft", f"output_dir={tmp_path / 'run'}", f"data.train_files={a},{tmp_path / 'nope'}"], capsys)
+    rc, out = run_cli(capsys, "sft", f"output_dir={tmp_path / 'run'}", f"data.train_files={a},{tmp_path / 'nope'}")
     assert rc != 0 and "no such file or directory" in out and "several files" not in out  # a part is missing too
 
 
@@ -71,7 +63,7 @@ def test_scoring_an_empty_file_is_an_error_before_any_model_loads(tmp_path, caps
     monkeypatch.setattr(rewards, "build_combined", no_load)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n\n")
-    rc, out = _cli(["score", "--model", "tiny", "--input", empty, "--output", tmp_path / "out.jsonl"], capsys)
+    rc, out = run_cli(capsys, "score", "--model", "tiny", "--input", empty, "--output", tmp_path / "out.jsonl")
     assert rc != 0 and "no rows to score" in out and not (tmp_path / "out.jsonl").exists()
 
 
@@ -124,3 +116,19 @@ def test_the_command_exits_130_past_a_worker_thread_still_inside_torch(tmp_path)
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 130, done.stderr[-500:]
     assert "interrupted" in done.stderr and "terminate called" not in done.stderr
+
+
+def test_quality_reads_prompt_completion_rows_as_sft_rows_and_kto_rows_as_unpaired(tmp_path):
+    """sft takes TRL's prompt-completion rows now; quality routed every row with a 'completion' to
+    KTO's unpaired format, where each one was malformed for want of a label."""
+    from posttrain.data.quality.rows import convert, detect_any_format
+
+    rows = [{"prompt": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                        {"role": "user", "content": "name a colour"}],
+             "completion": [{"role": "assistant", "content": "red"}]},
+            {"prompt": "Say yes", "completion": "yes"}]
+    assert detect_any_format(rows) == "prompt_completion"
+    first = convert(rows[0], "prompt_completion", "f.jsonl:1")
+    assert first.response == "red"  # the prompt's assistant turn is context, not a trained response
+    assert first.prompt == "hi\nname a colour" and first.instruction == "hi"
+    assert detect_any_format([{"prompt": "Say yes", "completion": "yes", "label": True}]) == "unpaired"

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from posttrain import cli
 from posttrain.errors import ConfigError, DataError
+from tests.cli_runner import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,18 +36,6 @@ def S(text):
     return {"role": "system", "content": text}
 
 
-def run_cli(capsys, *argv) -> tuple[int, str]:
-    """posttrain ARGV in this process; (exit code, stderr + stdout). argparse's exit is a code; an
-    exception that escapes `cli.main` is a traceback the user would see, and fails the test."""
-    try:
-        rc = cli.main([str(a) for a in argv])
-    except SystemExit as exc:
-        rc = exc.code
-    except Exception as exc:  # noqa: BLE001
-        captured = capsys.readouterr()
-        pytest.fail(f"traceback instead of a one-line error: {type(exc).__name__}: {exc}\n{captured.err[-500:]}")
-    captured = capsys.readouterr()
-    return rc, captured.err + captured.out
 
 
 @pytest.fixture(autouse=True)
@@ -106,8 +94,6 @@ def _quiet(_):
 # --------------------------------------------------------------------------- defects: data
 
 
-@pytest.mark.xfail(strict=True, reason="a CSV from datasets' to_csv / pandas (list cells as Python repr) trains "
-                                       "on the repr text as the prompt and responses, silently")
 @pytest.mark.parametrize("kind", ["pairs", "unpaired", "prompts"])
 def test_csv_list_cells_written_as_python_repr_are_not_trained_on_as_text(tmp_path, kind):
     from posttrain.data.preferences import load_preference_records
@@ -131,9 +117,6 @@ def test_csv_list_cells_written_as_python_repr_are_not_trained_on_as_text(tmp_pa
         assert records[0].responses[0] == "blue"
 
 
-@pytest.mark.xfail(strict=True, reason="TRL-standard rows whose prompt was already rendered with the chat template "
-                                       "(TRL's apply_chat_template preprocessing) are templated a second time, "
-                                       "silently; there is no data.template that takes text as it is")
 @pytest.mark.parametrize("kind", ["pairs", "prompts"])
 def test_a_prompt_already_rendered_with_the_chat_template_is_not_templated_twice(tmp_path, tok, kind):
     from posttrain.data.preferences import encode_preference, load_preference_records
@@ -157,8 +140,6 @@ def test_a_prompt_already_rendered_with_the_chat_template_is_not_templated_twice
     assert tokenizer.decode(ids).count("<|im_start|>user") == 1, tokenizer.decode(ids)
 
 
-@pytest.mark.xfail(strict=True, reason="sft refuses TRL's prompt-completion rows (standard and conversational), "
-                                       "though the preference and RL readers parse prompt / completion already")
 @pytest.mark.parametrize("row", [
     {"prompt": "What color is the sky?", "completion": "It is blue."},
     {"prompt": [S("Be brief."), U("What color is the sky?")], "completion": [A("It is blue.")]},
@@ -175,8 +156,6 @@ def test_sft_takes_trl_prompt_completion_rows_with_loss_on_the_completion(tmp_pa
     assert "sky" in _context(example, tokenizer) and "sky" not in _labelled(example, tokenizer)
 
 
-@pytest.mark.xfail(strict=True, reason="content as a list of text parts ([{'type': 'text', 'text': ...}]) is a bad "
-                                       "row in training data, though `serve` reads the same messages")
 def test_content_as_a_list_of_text_parts_is_read_as_serve_reads_it(tmp_path):
     from posttrain.data.formats import load_records
     from posttrain.data.preferences import load_preference_records
@@ -193,8 +172,6 @@ def test_content_as_a_list_of_text_parts_is_read_as_serve_reads_it(tmp_path):
     assert prefs[0].prompt == [U("What color is the sky?")]
 
 
-@pytest.mark.xfail(strict=True, reason="a one-row .json as datasets' to_json writes it (one JSON object on one line) "
-                                       "is read as a {'data': [...]} wrapper: its turns become the rows")
 def test_a_one_row_json_file_from_to_json_is_one_row(tmp_path):
     from posttrain.data.formats import load_records
 
@@ -207,8 +184,6 @@ def test_a_one_row_json_file_from_to_json_is_one_row(tmp_path):
 # --------------------------------------------------------------------------- defects: config
 
 
-@pytest.mark.xfail(strict=True, reason="a TRL argument name gets a 'did you mean' that names a different setting "
-                                       "(following it changes something else)")
 @pytest.mark.parametrize("command, override, meant", [
     ("sft", "lr_scheduler_type=cosine", "train.schedule"),  # said: adapter.schedule
     ("sft", "dataset_name=trl-lib/Capybara", "data.train_files"),  # said: data.streaming
@@ -228,7 +203,6 @@ def test_trl_argument_names_are_pointed_at_the_setting_they_mean(command, overri
     assert meant in str(exc.value), str(exc.value)
 
 
-@pytest.mark.xfail(strict=True, reason="a TRL argument name with a posttrain counterpart gets no hint at all")
 @pytest.mark.parametrize("command, override, meant", [
     ("grpo", "epsilon=0.2", "grpo.clip_eps"),
     ("grpo", "use_vllm=true", "rollout.engine"),
@@ -244,8 +218,6 @@ def test_trl_argument_names_with_a_counterpart_get_a_hint(command, override, mea
     assert meant in str(exc.value), str(exc.value)
 
 
-@pytest.mark.xfail(strict=True, reason="TRL's value names get a wrong 'did you mean': dpo.loss=sigmoid -> simpo "
-                                       "(reference-free), train.optimizer=adamw_torch -> adamw_8bit (CUDA only)")
 @pytest.mark.parametrize("command, override, meant, not_meant", [
     ("dpo", "dpo.loss=sigmoid", "dpo", "simpo"),
     ("sft", "train.optimizer=adamw_torch", "adamw", "8bit"),
@@ -259,8 +231,6 @@ def test_trl_value_names_are_pointed_at_the_value_they_mean(command, override, m
     assert re.search(rf"\b{meant}\b", hint) and not_meant not in hint, str(exc.value)
 
 
-@pytest.mark.xfail(strict=True, reason="dpo.label_smoothing=0.1 (TRL's cDPO with loss_type=sigmoid) under "
-                                       "dpo.loss=dpo is silently plain DPO: the unread-option check skips defaults")
 def test_label_smoothing_with_plain_dpo_is_not_silently_ignored():
     from posttrain.config import DPOConfig
     from posttrain.config.preference import validate_dpo
@@ -271,8 +241,6 @@ def test_label_smoothing_with_plain_dpo_is_not_silently_ignored():
         validate_dpo(DPOConfig.load(None, ["dpo.label_smoothing=0.1"]))
 
 
-@pytest.mark.xfail(strict=True, reason="dpo.beta under dpo.loss=orpo (TRL's ORPOConfig.beta is λ) is silently "
-                                       "ignored: orpo reads dpo.orpo_lambda, beta only scales logged rewards")
 def test_orpo_beta_is_not_silently_ignored():
     from posttrain.config import DPOConfig
     from posttrain.config.preference import validate_dpo
@@ -281,8 +249,6 @@ def test_orpo_beta_is_not_silently_ignored():
         validate_dpo(DPOConfig.load(None, ["dpo.loss=orpo", "dpo.beta=0.25"]))
 
 
-@pytest.mark.xfail(strict=True, reason="TRL CLI habit `--learning_rate 1e-4` gets argparse's bare 'unrecognized "
-                                       "arguments', with no word of the KEY=VALUE override or train.lr")
 def test_trl_style_flags_are_answered_with_the_override_they_mean(capsys):
     rc, out = run_cli(capsys, "sft", "examples/sft_full.yaml", "--learning_rate", "1e-4")
     assert rc == 2
@@ -292,8 +258,6 @@ def test_trl_style_flags_are_answered_with_the_override_they_mean(capsys):
 # --------------------------------------------------------------------------- defects: when and how errors come
 
 
-@pytest.mark.xfail(strict=True, reason="a data file no reader takes (.txt, a directory of parquet shards, rows of "
-                                       "no known format) is refused only after the model has loaded")
 @pytest.mark.parametrize("what", ["txt", "shards_dir", "unknown_rows"])
 def test_unreadable_data_is_refused_before_the_model_loads(capsys, tmp_path, no_model_load, what):
     if what == "txt":
@@ -312,8 +276,6 @@ def test_unreadable_data_is_refused_before_the_model_loads(capsys, tmp_path, no_
     assert str(path) in out, out
 
 
-@pytest.mark.xfail(strict=True, reason="a Hub dataset name in data.train_files (TRL's dataset_name habit) is "
-                                       "'no such file or directory', with no word that only local files are read")
 def test_a_hub_dataset_name_is_told_how_to_bring_it_local(capsys, tmp_path, no_model_load):
     rc, out = run_cli(capsys, "dpo", "examples/dpo.yaml", "train.max_steps=1", f"output_dir={tmp_path / 'run'}",
                       "data.train_files=[trl-lib/ultrafeedback_binarized]")
@@ -321,8 +283,6 @@ def test_a_hub_dataset_name_is_told_how_to_bring_it_local(capsys, tmp_path, no_m
     assert "save_to_disk" in out, out
 
 
-@pytest.mark.xfail(strict=True, reason="GRPO on TRL prompt rows without 'answer' (TRL's 'solution') fails at the "
-                                       "first rollout with no file:line, after the model loaded and sampled")
 def test_prompt_rows_without_an_answer_are_named_by_file_and_line(capsys, tmp_path):
     rows = [{"prompt": f"Smallest letter: {s}", "solution": min(s.split())} for s in ("q m t", "z d k", "w p x", "c b")]
     path = _jsonl(tmp_path / "sol.jsonl", rows)
@@ -333,8 +293,6 @@ def test_prompt_rows_without_an_answer_are_named_by_file_and_line(capsys, tmp_pa
     assert f"{path}:1" in out, out
 
 
-@pytest.mark.xfail(strict=True, reason="a TRL-style batch reward function fn(completions, **kwargs) fails with a "
-                                       "bare TypeError; the error never says posttrain's fn(prompt_turns, response)")
 def test_a_trl_style_reward_function_is_told_the_signature_posttrain_calls(tmp_path, monkeypatch):
     import sys
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from posttrain import cli
+from tests.cli_runner import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,18 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["train.max_steps=1", "train.batch_size=8", "eval.prompts=0"]
 
 
-def run_cli(capsys, *argv) -> tuple[int, str]:
-    """posttrain ARGV in this process; (exit code, stderr + stdout). An exception that escapes
-    `cli.main` is what a user sees as a traceback: it fails the test with its type named."""
-    try:
-        rc = cli.main([str(a) for a in argv])
-    except SystemExit as exc:  # argparse
-        rc = exc.code
-    except Exception as exc:  # noqa: BLE001
-        captured = capsys.readouterr()
-        pytest.fail(f"traceback instead of a one-line error: {type(exc).__name__}: {exc}\n{captured.err[-500:]}")
-    captured = capsys.readouterr()
-    return rc, captured.err + captured.out
 
 
 @pytest.fixture(autouse=True)
@@ -205,7 +194,7 @@ def test_rloo_example_writes_what_the_readme_lists(rloo_run):
         assert key in summary["held_out_before"] and key in summary["held_out_after"]
     metrics = json.loads((rloo_run / "metrics.jsonl").read_text().splitlines()[0])
     # "with several rewards, each one's raw mean as rollout/reward/<name>"
-    for key in ("rollout/reward_mean", "rollout/solved_groups", "rollout/reward/exact_match", "rollout/reward/format"):
+    for key in ("rollout/reward_mean", "rollout/flat_groups", "rollout/reward/exact_match", "rollout/reward/format"):
         assert key in metrics, key
 
 
