@@ -4,10 +4,13 @@ comma-joined override, scoring an empty file."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from tests.cli_runner import run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 
@@ -132,3 +135,43 @@ def test_quality_reads_prompt_completion_rows_as_sft_rows_and_kto_rows_as_unpair
     assert first.response == "red"  # the prompt's assistant turn is context, not a trained response
     assert first.prompt == "hi\nname a colour" and first.instruction == "hi"
     assert detect_any_format([{"prompt": "Say yes", "completion": "yes", "label": True}]) == "unpaired"
+
+
+def test_sigterm_during_training_saves_a_checkpoint_there_and_exits_143(tmp_path, monkeypatch, capsys):
+    """SIGTERM — `kill`, `docker stop`, Kubernetes, SLURM's scancel and preemption — ended a run
+    at once (Python's default), losing every step since the last periodic checkpoint (with the
+    default save_every=0: all of them). Now it is Ctrl-C's: the step finishes, a checkpoint is
+    written there, exit 143 (128 + 15); the same command resumes to the uninterrupted run's weights."""
+    import os
+    import signal
+
+    import torch
+    from safetensors.torch import load_file
+
+    from posttrain import cli
+    from posttrain.train.metrics import RunLogger
+
+    args = ["sft", "examples/sft_full.yaml", "train.max_steps=8", "train.progress_bar=false",
+            "data.synthetic_size=64", "train.batch_size=8", "eval.exact_match_prompts=0", "train.eval_every=0"]
+    monkeypatch.chdir(ROOT)
+    assert cli.main([*args, f"output_dir={tmp_path / 'whole'}"]) == 0
+    advance = RunLogger.advance
+
+    def terminate_at_step_3(self, record):
+        advance(self, record)
+        if record["step"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(RunLogger, "advance", terminate_at_step_3)
+    handler = signal.getsignal(signal.SIGTERM)
+    capsys.readouterr()
+    assert cli.main([*args, f"output_dir={tmp_path / 'cut'}"]) == 143
+    err, out = capsys.readouterr()[::-1]
+    assert "SIGTERM: finishing this step to save a checkpoint" in err
+    assert "terminated; the same command resumes from the run's newest checkpoint" in err
+    assert "checkpoint saved at step 3 of 8" in out
+    assert signal.getsignal(signal.SIGTERM) is handler  # put back
+    monkeypatch.setattr(RunLogger, "advance", advance)
+    assert cli.main([*args, f"output_dir={tmp_path / 'cut'}"]) == 0
+    whole, cut = (load_file(str(tmp_path / run / "final" / "model.safetensors")) for run in ("whole", "cut"))
+    assert all(torch.equal(whole[k], cut[k]) for k in whole)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import functools
+import signal
 import sys
 
 from posttrain.errors import ConfigError, UserError
@@ -368,12 +369,13 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         hint = {**dict.fromkeys(_STAGES, "; the same command resumes from the run's newest checkpoint"),
                 **dict.fromkeys(_DATA_COMMANDS, "; the same command resumes from what its log holds"),
                 "pipeline": "; the same command resumes the stage it stopped in"}.get(args.command, "")
-        print(f"interrupted{hint}", file=sys.stderr)
-        return 130
+        signum = getattr(exc, "signum", signal.SIGINT)  # training's Stopped says which signal
+        print(f"{'interrupted' if signum == signal.SIGINT else 'terminated'}{hint}", file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":

@@ -25,3 +25,14 @@ class TrainingAborted(UserError):
     """The run stopped on purpose (too many non-finite steps, empty label mask, ...)."""
 
     exit_code = 3
+
+
+class Stopped(KeyboardInterrupt):
+    """Training stopped by a signal after saving a checkpoint where it stopped: Ctrl-C (SIGINT),
+    or SIGTERM (what `kill`, `docker stop`, Kubernetes and SLURM's scancel / preemption send).
+    The CLI exits 128 + the signal's number (130, 143), as a shell reports a process the signal
+    ended."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 import torch
 
-from posttrain.errors import ConfigError, TrainingAborted
+from posttrain.errors import ConfigError, Stopped, TrainingAborted
 from posttrain.models.attention import training_attention_kernels
 from posttrain.train import checkpoint
 from posttrain.train.metrics import AT_STEP, RunLogger, add_to_interval, close_interval, peak_memory_mb, strict_json
@@ -381,7 +381,7 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: str | None
                 if interrupted() and not (at_end or stopped_early):
                     log.message(f"interrupted: checkpoint saved at step {state['step']} of {total_steps}; "
                                 "the same command resumes from it")
-                    raise KeyboardInterrupt
+                    raise Stopped(interrupted())
         finally:
             log.close()
     if resume_from is not None and eval_loss is None and (state["step"] >= total_steps or stopped_early):
@@ -399,34 +399,47 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: str | None
                       eval_metrics)
 
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextlib.contextmanager
 def _interrupt_at_step_end(enabled: bool):
-    """Ctrl-C during training: the step under way finishes, the loop saves a checkpoint there (the
-    one a periodic save at that step would write, so a resume continues bit for bit) and stops with
-    KeyboardInterrupt. A second Ctrl-C stops at once, unsaved. Yields a function telling whether
-    an interrupt is pending. One process only (the main thread's SIGINT handler): several
-    processes would stop at different steps, so they keep Python's own handling."""
+    """Ctrl-C (SIGINT) or SIGTERM during training (`kill`, `docker stop`, Kubernetes, SLURM's
+    scancel and preemption): the step under way finishes, the loop saves a checkpoint there (the
+    one a periodic save at that step would write, so a resume continues bit for bit) and stops
+    with `Stopped`. A second signal stops at once, unsaved. Yields a function giving the pending
+    signal's number (0: none). One process only (the main thread's handlers): several processes
+    would stop at different steps, so they keep Python's own handling."""
     if not enabled or threading.current_thread() is not threading.main_thread():
-        yield lambda: False
+        yield lambda: 0
         return
-    pending = threading.Event()
-    previous = signal.getsignal(signal.SIGINT)
-    if previous is None:  # installed outside Python: put Python's default back afterwards
-        previous = signal.default_int_handler
+    pending: list[int] = []
+    previous = {}
+    for signum in _STOP_SIGNALS:
+        handler = signal.getsignal(signum)
+        # installed outside Python (None): put Python's default back afterwards
+        previous[signum] = handler if handler is not None else (
+            signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
 
-    def on_interrupt(signum, frame):
-        if pending.is_set():
-            signal.signal(signal.SIGINT, previous)
-            raise KeyboardInterrupt
-        pending.set()
-        print("\ninterrupt: finishing this step to save a checkpoint (Ctrl-C again stops at once, unsaved)",
+    def restore() -> None:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+    def on_signal(signum, frame):
+        if pending:
+            restore()
+            raise Stopped(signum)
+        pending.append(signum)
+        name = "interrupt" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\n{name}: finishing this step to save a checkpoint (a second signal stops at once, unsaved)",
               file=sys.stderr, flush=True)
 
-    signal.signal(signal.SIGINT, on_interrupt)
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, on_signal)
     try:
-        yield pending.is_set
+        yield lambda: pending[0] if pending else 0
     finally:
-        signal.signal(signal.SIGINT, previous)
+        restore()
 
 
 def _step_record(state: dict, loss: float, lr: float, grad_norm: float, stage: Stage, micro: list[Batch],
