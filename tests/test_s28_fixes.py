@@ -134,50 +134,6 @@ def test_every_command_has_its_config_and_run_in_the_package():
     assert cold.stdout.strip() == "False"  # the names are imported on first use
 
 
-def test_ctrl_c_during_training_saves_a_checkpoint_there_and_the_rerun_continues_bit_for_bit(tmp_path, monkeypatch,
-                                                                                             capsys):
-    """One SIGINT at step 5 of 12 (train.save_every=0: no checkpoint would exist before the end):
-    the step finishes, a checkpoint is written at it, the command exits 130; the same command
-    resumes there, and the final weights equal an uninterrupted run's."""
-    import os
-    import signal
-
-    from safetensors.torch import load_file
-
-    from posttrain.train.metrics import RunLogger
-
-    args = ["sft", "examples/sft_full.yaml", "train.max_steps=12", "train.save_every=0", "train.progress_bar=false",
-            "data.synthetic_size=128", "train.batch_size=8", "eval.exact_match_prompts=0", "train.eval_every=0"]
-    assert cli.main([*args, f"output_dir={tmp_path / 'whole'}"]) == 0
-    advance = RunLogger.advance
-
-    def interrupt_at_step_5(self, record):
-        advance(self, record)
-        if record["step"] == 5:
-            os.kill(os.getpid(), signal.SIGINT)  # the handler runs at once: mid-step from the loop's view
-
-    monkeypatch.setattr(RunLogger, "advance", interrupt_at_step_5)
-    handler = signal.getsignal(signal.SIGINT)
-    capsys.readouterr()
-    assert cli.main([*args, f"output_dir={tmp_path / 'cut'}"]) == 130
-    err, out = capsys.readouterr()[::-1]
-    assert "interrupt: finishing this step to save a checkpoint" in err
-    assert "interrupted: checkpoint saved at step 5 of 12; the same command resumes from it" in out
-    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["step-0000005"]
-    assert signal.getsignal(signal.SIGINT) is handler  # put back
-    monkeypatch.setattr(RunLogger, "advance", advance)
-    assert cli.main([*args, f"output_dir={tmp_path / 'cut'}"]) == 0
-    assert "at step 5" in capsys.readouterr().out
-    whole, cut = (load_file(str(tmp_path / run / "final" / "model.safetensors")) for run in ("whole", "cut"))
-    assert all(torch_equal(whole[k], cut[k]) for k in whole)
-
-
-def torch_equal(a, b) -> bool:
-    import torch
-
-    return bool(torch.equal(a, b))
-
-
 @pytest.mark.parametrize("command, override, message", [
     ("sft", "data.train_files=[nope.jsonl]", "data.train_files: nope.jsonl: no such file or directory"),
     ("dpo", "data.eval_files=[nope.jsonl]", "data.eval_files: nope.jsonl: no such file or directory"),

@@ -137,11 +137,27 @@ def test_quality_reads_prompt_completion_rows_as_sft_rows_and_kto_rows_as_unpair
     assert detect_any_format([{"prompt": "Say yes", "completion": "yes", "label": True}]) == "unpaired"
 
 
-def test_sigterm_during_training_saves_a_checkpoint_there_and_exits_143(tmp_path, monkeypatch, capsys):
-    """SIGTERM — `kill`, `docker stop`, Kubernetes, SLURM's scancel and preemption — ended a run
-    at once (Python's default), losing every step since the last periodic checkpoint (with the
-    default save_every=0: all of them). Now it is Ctrl-C's: the step finishes, a checkpoint is
-    written there, exit 143 (128 + 15); the same command resumes to the uninterrupted run's weights."""
+STOP_ARGS = ["sft", "examples/sft_full.yaml", "train.max_steps=8", "train.save_every=0", "train.progress_bar=false",
+             "data.synthetic_size=64", "train.batch_size=8", "eval.exact_match_prompts=0", "train.eval_every=0"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    from posttrain import cli
+
+    out = tmp_path_factory.mktemp("whole")
+    assert cli.main([*STOP_ARGS, f"output_dir={out}"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("signame, code, said", [("SIGINT", 130, "interrupt"), ("SIGTERM", 143, "SIGTERM")])
+def test_a_signal_during_training_saves_a_checkpoint_there_and_the_rerun_continues_bit_for_bit(
+        uninterrupted, tmp_path, monkeypatch, capsys, signame, code, said):
+    """One signal at step 3 of 8 (train.save_every=0: no checkpoint would exist before the end):
+    the step finishes, a checkpoint is written at it, the command exits 128 + the signal's number;
+    the same command resumes there, and the final weights equal an uninterrupted run's. Ctrl-C
+    (SIGINT) since stop 28; SIGTERM — `kill`, `docker stop`, Kubernetes, SLURM's scancel and
+    preemption — ended the run at once before (Python's default), losing every step."""
     import os
     import signal
 
@@ -151,27 +167,27 @@ def test_sigterm_during_training_saves_a_checkpoint_there_and_exits_143(tmp_path
     from posttrain import cli
     from posttrain.train.metrics import RunLogger
 
-    args = ["sft", "examples/sft_full.yaml", "train.max_steps=8", "train.progress_bar=false",
-            "data.synthetic_size=64", "train.batch_size=8", "eval.exact_match_prompts=0", "train.eval_every=0"]
+    signum = getattr(signal, signame)
     monkeypatch.chdir(ROOT)
-    assert cli.main([*args, f"output_dir={tmp_path / 'whole'}"]) == 0
     advance = RunLogger.advance
 
-    def terminate_at_step_3(self, record):
+    def signal_at_step_3(self, record):
         advance(self, record)
         if record["step"] == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signum)  # the handler runs at once: mid-step from the loop's view
 
-    monkeypatch.setattr(RunLogger, "advance", terminate_at_step_3)
-    handler = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(RunLogger, "advance", signal_at_step_3)
+    handler = signal.getsignal(signum)
     capsys.readouterr()
-    assert cli.main([*args, f"output_dir={tmp_path / 'cut'}"]) == 143
+    assert cli.main([*STOP_ARGS, f"output_dir={tmp_path / 'cut'}"]) == code
     err, out = capsys.readouterr()[::-1]
-    assert "SIGTERM: finishing this step to save a checkpoint" in err
-    assert "terminated; the same command resumes from the run's newest checkpoint" in err
-    assert "checkpoint saved at step 3 of 8" in out
-    assert signal.getsignal(signal.SIGTERM) is handler  # put back
+    assert f"{said}: finishing this step to save a checkpoint" in err
+    assert "the same command resumes from the run's newest checkpoint" in err
+    assert "interrupted: checkpoint saved at step 3 of 8; the same command resumes from it" in out
+    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["step-0000003"]
+    assert signal.getsignal(signum) is handler  # put back
     monkeypatch.setattr(RunLogger, "advance", advance)
-    assert cli.main([*args, f"output_dir={tmp_path / 'cut'}"]) == 0
-    whole, cut = (load_file(str(tmp_path / run / "final" / "model.safetensors")) for run in ("whole", "cut"))
+    assert cli.main([*STOP_ARGS, f"output_dir={tmp_path / 'cut'}"]) == 0
+    assert "at step 3" in capsys.readouterr().out
+    whole, cut = (load_file(str(run / "final" / "model.safetensors")) for run in (uninterrupted, tmp_path / "cut"))
     assert all(torch.equal(whole[k], cut[k]) for k in whole)
