@@ -148,6 +148,16 @@ def test_each_flag_is_answered_with_its_override_and_overrides_after_it_are_not_
     assert "--no_such_thing 3 has no counterpart" in out
 
 
+def test_a_flag_with_no_config_file_keeps_its_value(capsys, tmp_path, monkeypatch):
+    """`posttrain dpo --beta 0.2`: argparse takes 0.2 for the config file, and the answer lost it."""
+    monkeypatch.chdir(tmp_path)
+    rc, out = _cli(capsys, "dpo", "--beta", "0.2")
+    assert rc == 2 and "--beta 0.2 is dpo.beta=0.2" in out
+    (tmp_path / "0.2").write_text("train:\n  max_steps: 1\n")  # a config file of that name is the file
+    rc, out = _cli(capsys, "dpo", "--beta", "0.2")
+    assert rc == 2 and "--beta is dpo.beta" in out and "dpo.beta=0.2" not in out
+
+
 def test_a_command_without_overrides_keeps_argparse_s_answer(capsys):
     rc, out = _cli(capsys, "env", "--learning_rate", "1e-4")
     assert rc == 2 and "unrecognized arguments: --learning_rate 1e-4" in out

@@ -360,6 +360,13 @@ def main(argv: list[str] | None = None) -> int:
     if extra and hasattr(args, "overrides") and all("=" in item and not item.startswith("-") for item in extra):
         args.overrides = [*args.overrides, *extra]
     elif extra:
+        words = list(sys.argv[1:] if argv is None else argv)
+        config = getattr(args, "config", None)
+        if config is not None and not os.path.exists(config) and config in words and \
+                words.index(config) > 0 and words[words.index(config) - 1] in extra:
+            # `posttrain dpo --beta 0.2` with no config file: argparse took the flag's value for the file
+            at = extra.index(words[words.index(config) - 1])
+            extra = [*extra[:at + 1], config, *extra[at + 1:]]
         as_overrides = _flags_as_overrides(args.command, extra)
         if as_overrides is None:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
