@@ -191,3 +191,18 @@ def test_a_signal_during_training_saves_a_checkpoint_there_and_the_rerun_continu
     assert "at step 3" in capsys.readouterr().out
     whole, cut = (load_file(str(run / "final" / "model.safetensors")) for run in (uninterrupted, tmp_path / "cut"))
     assert all(torch.equal(whole[k], cut[k]) for k in whole)
+
+
+def test_generate_takes_the_rl_prompt_rows_with_turns(tmp_path, capsys):
+    """`posttrain generate --prompts examples/data/prompts.jsonl` (the repo's own RL prompts) failed at
+    line 4: a 'prompt' given as turns (system + user) was "must be non-empty text"."""
+    from posttrain import inference
+
+    rows = inference._json_prompts(str(ROOT / "examples" / "data" / "prompts.jsonl"))
+    assert isinstance(rows[3]["prompt"], list)
+    tok = type("Tok", (), {"apply_chat_template": lambda self, m, **kw: "|".join(t["content"] for t in m)})()
+    assert inference.render(rows[3], tok, "t") == "Answer with one letter.|Smallest letter: h c v"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": [{"role": "user"}]}) + "\n")
+    with pytest.raises(Exception, match=r"bad.jsonl:1: turn 1 of 'messages' needs a text 'role' and a text 'content'"):
+        inference._json_prompts(str(bad))

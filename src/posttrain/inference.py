@@ -136,7 +136,8 @@ def _json_prompts(path: str) -> list[dict]:
                 raise DataError(f"{location}: {row.reason}")
         if not ("prompt" in row or "messages" in row):
             raise DataError(f"{location}: expected an object with 'prompt' or 'messages'")
-        problem = _prompt_problem(row)
+        turns = row.get("prompt") if "messages" not in row else None
+        problem = _prompt_problem({"messages": turns} if isinstance(turns, list) else row)  # RL's prompt rows: turns
         if problem:
             raise DataError(f"{location}: {problem}")
         items.append(row)
@@ -171,10 +172,11 @@ def _prompt_problem(row: dict) -> str | None:
 
 def render(item: dict, tokenizer, template: str | None) -> str:
     if template is None:
-        if "messages" in item:
+        if "messages" in item or isinstance(item.get("prompt"), list):
             raise DataError("--template none needs plain prompts, not messages")
         return item["prompt"]
-    messages = item.get("messages") or [{"role": "user", "content": item["prompt"]}]
+    turns = item.get("prompt")
+    messages = item.get("messages") or (turns if isinstance(turns, list) else [{"role": "user", "content": turns}])
     return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
 
 
