@@ -14,3 +14,13 @@ def write_atomically(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(partial, path)
+
+
+def write_config(out: Path, cfg) -> None:
+    """out/config.yaml: the command's whole resolved config (its seeds among it), so a run says how
+    to make it again. A config dataclass holds the names of secrets' variables, never their values."""
+    import dataclasses
+
+    import yaml
+
+    write_atomically(Path(out) / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from posttrain.files import write_config
 from posttrain.safety.metrics import wilson_interval
 
 
@@ -215,6 +216,7 @@ def run_evaluate(cfg, *, judge=None, log: Callable[[str], Any] = print) -> Path:
     score, rubric = _checked_inputs(cfg, log)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    write_config(out, cfg)  # generation.seed among it: the sampled KL depends on it
     records = _prompts(cfg, log)
     from posttrain.inference import check_model_dir
 

@@ -263,7 +263,7 @@ def _backends(cfg) -> tuple[ChatBackend, ChatBackend]:
 
 def run_rlaif(cfg, log: Callable[[str], Any] = print) -> Path:
     """`posttrain rlaif`: sample, judge, write preferences; resumable. Returns the output dir."""
-    import yaml
+    from posttrain.files import write_config
 
     from posttrain.config.feedback import validate_rlaif
 
@@ -276,7 +276,7 @@ def run_rlaif(cfg, log: Callable[[str], Any] = print) -> Path:
     raw_path = out / "raw.jsonl"
     resuming = raw_path.exists() and raw_path.stat().st_size > 0
     check_resume_settings(out, result_settings(cfg, rubric), resuming, name="run.json")
-    (out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    write_config(out, cfg)
     policy, judge_backend = _backends(cfg)
     j = cfg.judge
     judge = PairwiseJudge(judge_backend, rubric, parse_retries=j.parse_retries, max_tokens=j.max_tokens,

@@ -27,7 +27,6 @@ and a resume with settings that change the answers is refused.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -190,11 +189,10 @@ def run_redteam(cfg, *, target=None, judge=None, attacker=None, log: Callable[[s
                 stream=STDERR) -> Path:
     """Run every item not yet in the log, then write report.json and report.md. `target`, `judge`
     and `attacker` (PAIR's) replace the backends the config describes (tests, notebooks)."""
-    import yaml
-
     from posttrain.config.safety import validate_redteam
     from posttrain.feedback.client import make_backend
     from posttrain.feedback.jobs import JsonlLog, RunAborted, check_resume_settings, run_items
+    from posttrain.files import write_config
     from posttrain.safety.report import markdown
 
     validate_redteam(cfg)
@@ -206,7 +204,7 @@ def run_redteam(cfg, *, target=None, judge=None, attacker=None, log: Callable[[s
     resuming = log_path.exists() and log_path.stat().st_size > 0
     _drop_request_hash(out / "run.json")
     check_resume_settings(out, _settings(cfg), resuming, name="run.json")
-    (out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    write_config(out, cfg)
     target = target or make_backend(cfg.target)
     pair = cfg.attacks.pair
     if pair.enabled:

@@ -192,6 +192,10 @@ def run_rm(cfg: RMConfig) -> Path:
     if main:
         final = run_dir / "final"
         result.module.model.save_pretrained(final)
+        if (final / "adapter_config.json").is_file():  # a LoRA reward model
+            from posttrain.models.adapters.io import sort_module_sets
+
+            sort_module_sets(final / "adapter_config.json")
         tokenizer.save_pretrained(final)
         (run_dir / "summary.json").write_text(json.dumps(strict_json(summary), indent=1, allow_nan=False))
     accelerator.wait_for_everyone()

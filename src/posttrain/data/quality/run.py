@@ -29,6 +29,7 @@ from posttrain.data.quality import filters, stats
 from posttrain.data.preferences import _decoded
 from posttrain.data.quality.rows import Row, load_rows, reconvert
 from posttrain.errors import DataError
+from posttrain.files import write_config
 
 
 class _Pass:
@@ -59,6 +60,7 @@ def run_quality(cfg, *, log: Callable[[str], Any] = print) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     for stale in [*out.glob("kept*.jsonl"), *(out / name for name in _OUTPUTS)]:
         stale.unlink(missing_ok=True)  # an earlier run's files never pass for this run's
+    write_config(out, cfg)  # dedup's and balance's seeds among it
     d = cfg.data
     rows, read = load_rows(d.files, fmt=d.format, bad_rows=d.bad_rows, max_bad_fraction=d.max_bad_fraction,
                            rejects_path=str(out / "rejects.jsonl"), log=log)

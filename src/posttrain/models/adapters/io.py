@@ -72,9 +72,20 @@ def save_adapted(model: AdaptedModel, out_dir: str | Path, base_model_path: str)
         for peft_config in part.peft_config.values():
             peft_config.base_model_name_or_path = base_model_path
         part.save_pretrained(sub)
+        sort_module_sets(sub / "adapter_config.json")
     (out / MANIFEST).write_text(json.dumps(
         {"methods": list(model.methods), "components": layout, "base_model_name_or_path": base_model_path}, indent=1))
     return out
+
+
+def sort_module_sets(config_file: Path) -> None:
+    """peft keeps target_modules (and IA3's feedforward_modules) as sets and writes them in set
+    order, which moves with PYTHONHASHSEED: sorted, the same run writes the same file."""
+    config = json.loads(config_file.read_text())
+    for key in ("target_modules", "feedforward_modules", "modules_to_save", "exclude_modules"):
+        if isinstance(config.get(key), list) and all(isinstance(m, str) for m in config[key]):
+            config[key] = sorted(config[key])
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def read_layout(path: str | Path) -> tuple[str, dict[str, Path]]:
