@@ -492,7 +492,7 @@ def test_an_adapter_dir_as_the_policy(tmp_path):
         "data.synthetic_size=200", "data.max_length=32", "train.max_steps=3", "train.batch_size=8", "train.lr=3e-2",
         "train.seed=0", "train.progress_bar=false", "eval.exact_match_prompts=0", "data.eval_fraction=0.05"])
     ) / "final"
-    report = _report(run_evaluate(_cfg(tmp_path / "ev", f"policy={adapter}", "reference=tiny", "generation.samples=2",
+    report = _report(run_evaluate(_cfg(tmp_path / "ev", f"policy={adapter}", "reference=tiny", "generation.samples=8",
                                        "prompts.synthetic_tasks=[smallest]"), **QUIET))
     assert report["kl_to_reference"] is not None and report["kl_to_reference"] > 0
     assert report["models"]["policy"]["answer_nll"] != report["models"]["reference"]["answer_nll"]

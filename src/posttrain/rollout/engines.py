@@ -10,7 +10,9 @@
 Both keep one contract (`RolloutEngine.generate`): the completion token ids of each prompt,
 without padding, ending with the EOS id when the model ended, at the token where a stop
 string was completed when one was, and at most `settings.max_new_tokens` long. The caller
-decodes them and cuts the text before the stop string (`generate.truncate_at_stop`).
+decodes them and cuts the text before the stop string (`generate.truncate_at_stop`). Both
+sample completion i of a call seeded with `settings.seed` with seed `request_seed(seed, i)`, so a
+completion does not depend on how the rows are batched (`rollout.batch_size`).
 
 vLLM API relied on (documented in vLLM's `LLM` class, `SamplingParams` and its
 reproducibility notes): `LLM(model, tokenizer, dtype, gpu_memory_utilization, enforce_eager,
@@ -34,7 +36,7 @@ import torch
 
 from posttrain.errors import UserError
 from posttrain.rollout.generate import generate_token_ids
-from posttrain.rollout.sampling import SamplingSettings
+from posttrain.rollout.sampling import SamplingSettings, request_seed
 
 StopCheck = Callable[[list[int]], bool]
 
@@ -103,12 +105,6 @@ def _import_vllm():
     return vllm, TokensPrompt
 
 
-def request_seed(seed: int, index: int) -> int:
-    """The seed of request `index` of a generate call seeded with `seed`: every request has its
-    own, so the G copies of a prompt are G different samples, each reproducible."""
-    return (seed * 1_000_003 + index) % (2**31)
-
-
 class VLLMEngine:
     """A vLLM engine beside the policy on one CUDA GPU.
 
@@ -119,9 +115,10 @@ class VLLMEngine:
     prefix cache, whose KV blocks the old weights computed. For that the engine core must live
     in this process, so `VLLM_ENABLE_V1_MULTIPROCESSING` is set to 0.
 
-    Requests: one per completion (n = 1), each with its own seed (`request_seed`), so a rollout
-    repeats whatever way vLLM batches it, up to vLLM's batch-dependent numerics; n = G would
-    save little, as vLLM's prefix caching lets the G copies of a prompt share its full KV blocks.
+    Requests: one per completion (n = 1), each with its own seed (`request_seed`, the rule the
+    transformers engine seeds its rows with), so a rollout repeats whatever way vLLM batches it,
+    up to vLLM's batch-dependent numerics; n = G would save little, as vLLM's prefix caching
+    lets the G copies of a prompt share its full KV blocks.
     """
 
     is_policy = False

@@ -24,6 +24,7 @@ from posttrain.rollout.sampling import (
     SamplingSettings,
     apply_frequency_presence_penalty,
     apply_repetition_penalty,
+    row_generators,
     sample_next,
 )
 
@@ -76,6 +77,10 @@ def generate_token_ids(
     back in the original order. A prefix-tuned model under a sliding window that a row
     can outgrow is batched with prompts of its own length only (`_equal_lengths`). The
     model is put in eval mode and restored after.
+
+    A seeded sampling call gives prompt i its own generator, seeded with
+    `request_seed(settings.seed, i)` as the vLLM engine seeds request i: a prompt's sample
+    depends on the seed and its index, not on the batch size or the prompts batched with it.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -83,9 +88,9 @@ def generate_token_ids(
         if len(ids) == 0:
             raise ValueError(f"prompt {i} is empty after tokenization; give it at least one token")
     device = next(model.parameters()).device
-    generator = None
-    if settings.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(settings.seed)
+    generators = None  # unseeded: the global generator, one draw for the batch
+    if settings.seed is not None and settings.temperature > 0:
+        generators = row_generators(settings.seed, len(prompt_ids))
     results: list[list[int]] = [[] for _ in prompt_ids]
     cache_name = cache_argument(model)  # `cache` (transformers >= 5.24) or `past_key_values`
     was_training = model.training
@@ -96,7 +101,8 @@ def generate_token_ids(
                 on_row = None if on_token is None else (lambda row, ids, rows=rows: on_token(rows[row], ids))
                 batch = _generate_batch(
                     model, [prompt_ids[i] for i in rows], settings, device,
-                    pad_token_id, eos_token_ids, stop_check, generator, on_row, cache_name,
+                    pad_token_id, eos_token_ids, stop_check,
+                    None if generators is None else [generators[i] for i in rows], on_row, cache_name,
                 )
                 for i, ids in zip(rows, batch):
                     results[i] = ids
@@ -139,10 +145,11 @@ def _equal_lengths(model, prompt_ids: list[list[int]], settings: SamplingSetting
     return True
 
 
-def _generate_batch(model, prompt_ids, settings, device, pad_id, eos_ids, stop_check, generator, on_row=None,
+def _generate_batch(model, prompt_ids, settings, device, pad_id, eos_ids, stop_check, generators, on_row=None,
                     cache_name: str | None = None):
     """Prefill the left-padded batch, then decode one token per step with the KV cache, passed back
-    to the model under `cache_name` (its forward's name for it; detected here when not given)."""
+    to the model under `cache_name` (its forward's name for it; detected here when not given).
+    `generators`: one per row (a seeded call), or None (the global generator)."""
     cache_name = cache_name or cache_argument(model)
     input_ids, attention_mask = left_pad(prompt_ids, pad_id, device)
     position_ids = real_positions(attention_mask)
@@ -158,7 +165,7 @@ def _generate_batch(model, prompt_ids, settings, device, pad_id, eos_ids, stop_c
     finished = torch.zeros(num_rows, dtype=torch.bool, device=device)
     positions = position_ids[:, -1:]
     for step in range(settings.max_new_tokens):
-        next_tokens = _pick_next(logits, history, settings, generator)
+        next_tokens = _pick_next(logits, history, settings, generators)
         next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_id), next_tokens)
         history.add(next_tokens, ~finished)
         done_now = []
@@ -205,7 +212,7 @@ class _TokenHistory:
             self.counts.scatter_add_(1, tokens[:, None], active.float()[:, None])
 
 
-def _pick_next(logits: Tensor, history: _TokenHistory, settings: SamplingSettings, generator) -> Tensor:
+def _pick_next(logits: Tensor, history: _TokenHistory, settings: SamplingSettings, generators) -> Tensor:
     logits = logits.float()
     if history.seen is not None:
         logits = apply_repetition_penalty(logits, history.seen, settings.repetition_penalty)
@@ -214,7 +221,7 @@ def _pick_next(logits: Tensor, history: _TokenHistory, settings: SamplingSetting
             logits, history.counts, settings.frequency_penalty, settings.presence_penalty
         )
     return sample_next(logits, settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
-                       generator=generator)
+                       generator=generators)
 
 
 def left_pad(prompt_ids: list[list[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
