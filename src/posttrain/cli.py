@@ -31,6 +31,7 @@ import functools
 import signal
 import sys
 
+from posttrain.env import first_process, launched_processes
 from posttrain.errors import ConfigError, UserError
 
 
@@ -207,7 +208,7 @@ def _note_replaced_by_alias(command: str, config: str | None) -> None:
     for override in ALIAS_OVERRIDES[command]:
         key, wanted = override.split("=", 1)
         value = dotted_value(data, key, None)
-        if value is not None and str(value) != wanted and _first_process():
+        if value is not None and str(value) != wanted and first_process():
             print(f"note: posttrain {command} runs {key}={wanted}; {config} sets {key}: {value}, which is not used")
 
 
@@ -273,16 +274,6 @@ def _is_override(argument: str) -> bool:
     return "=" in argument and not os.path.isfile(argument) and re.fullmatch(r"[A-Za-z_][\w.]*", key) is not None
 
 
-def _world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1") or 1)  # torchrun's and accelerate launch's
-
-
-def _first_process(of_machine: bool = False) -> bool:
-    """Under torchrun each process runs the same command line: a line they would all print alike
-    is printed by the first (of each machine, for an error every process meets alike)."""
-    return os.environ.get("LOCAL_RANK" if of_machine else "RANK", "0") == "0"
-
-
 def _alike_everywhere(exc: UserError) -> UserError:
     """Mark an error every process meets alike (the command line, the config file): printed once."""
     exc.alike_everywhere = True
@@ -293,9 +284,9 @@ _STAGE_LIKE = ("pipeline", "env")  # commands a torchrun may run (pipeline refus
 
 
 def _run(args) -> int:
-    if _world_size() > 1 and args.command not in _STAGES and args.command not in _STAGE_LIKE:
+    if launched_processes() > 1 and args.command not in _STAGES and args.command not in _STAGE_LIKE:
         raise _alike_everywhere(UserError(
-            f"posttrain {args.command} runs in one process, and {_world_size()} were started (torchrun / "
+            f"posttrain {args.command} runs in one process, and {launched_processes()} were started (torchrun / "
             f"accelerate launch): each would do the whole job into the same files. Run it without the launcher; "
             f"the training commands ({', '.join(_STAGES)}) and pipeline take several processes"))
     if args.command not in ("env", "demo"):  # transformers' "Loading weights" bar at every load; ours show the work
@@ -322,7 +313,7 @@ def _run(args) -> int:
         except UserError as exc:
             raise _alike_everywhere(exc) from None
         run_dir = run(cfg)
-        if _first_process():
+        if first_process():
             print(f"run directory: {run_dir}")
         return 0
     if args.command == "pipeline":
@@ -406,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except UserError as exc:  # one process's own error is said by it; an error all meet alike, once a machine
-        if not getattr(exc, "alike_everywhere", False) or _first_process(of_machine=True):
+        if not getattr(exc, "alike_everywhere", False) or first_process(of_machine=True):
             print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt as exc:

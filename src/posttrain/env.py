@@ -1,10 +1,22 @@
-"""`posttrain env`: what a bug report needs — versions, device, threads."""
+"""`posttrain env`: what a bug report needs — versions, device, threads; and where this process
+stands among a launcher's (torchrun / accelerate launch set WORLD_SIZE, RANK, LOCAL_RANK)."""
 
 from __future__ import annotations
 
 import os
 import platform
 import sys
+
+
+def launched_processes() -> int:
+    """How many processes torchrun / accelerate launch started for this command (1 without them)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def first_process(of_machine: bool = False) -> bool:
+    """Whether this is the launcher's first process (of this machine, `of_machine`): under torchrun
+    each process runs the same command line, and a line they would all print alike is printed once."""
+    return os.environ.get("LOCAL_RANK" if of_machine else "RANK", "0") == "0"
 
 
 def describe() -> str:

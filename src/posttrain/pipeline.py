@@ -56,6 +56,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from posttrain.env import first_process, launched_processes
 from posttrain.errors import ConfigError, UserError
 from posttrain.files import write_atomically
 
@@ -485,7 +486,7 @@ def read_state(output_dir: Path) -> dict[str, dict]:
 
 
 def _write_state(output_dir: Path, state: dict[str, dict]) -> None:
-    if not _first_process():  # several processes run the pipeline: the first keeps the record
+    if not first_process():  # several processes run the pipeline: the first keeps the record
         return
     output_dir.mkdir(parents=True, exist_ok=True)
     write_atomically(output_dir / STATE_FILE, json.dumps({"version": 1, "stages": state}, indent=1))
@@ -566,7 +567,7 @@ def run_pipeline(path: str | Path, overrides: list[str] = (), restart: bool = Fa
         actions = _only(stages, actions, only, restart)
     busy = [s.name for s, (action, _) in zip(stages, actions) if s.producer is not None and action not in
             ("skip", "not selected")]
-    if busy and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dry_run:
+    if busy and launched_processes() > 1 and not dry_run:
         raise ConfigError(f"stage {busy[0]} ({stages[names.index(busy[0])].kind}) runs on one process, and this "
                           "pipeline runs on several (torchrun): run it without torchrun first (--only "
                           f"{busy[0]}), then the training stages with it")
@@ -595,12 +596,8 @@ def run_pipeline(path: str | Path, overrides: list[str] = (), restart: bool = Fa
     return output_dir
 
 
-def _first_process() -> bool:
-    return os.environ.get("RANK", "0") == "0"
-
-
 def _say(message: str) -> None:
-    if _first_process():
+    if first_process():
         print(f"[pipeline] {message}", flush=True)
 
 
@@ -625,7 +622,7 @@ def _distributed() -> bool:
     A stage's end (accelerate's end_training) destroys the process group. A new one made from the
     same rendezvous store would meet the old one's keys and hang when the processes arrive at
     different times, so each is made under its own key prefix; accelerate then adopts it."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if launched_processes() <= 1:
         return False
     import torch
     import torch.distributed as dist
@@ -659,7 +656,7 @@ def _run_stage(stage: Stage, action: str, state: dict[str, dict], output_dir: Pa
         # interrupted before its loop cleared them would otherwise be resumed from them next time
         for stale in ("final", "merged", "summary.json", "checkpoints", "metrics.jsonl", "samples.jsonl"):
             target = stage.run_dir / stale
-            if _first_process() and target.exists():
+            if first_process() and target.exists():
                 shutil.rmtree(target) if target.is_dir() else target.unlink()
     if stage.producer is None:  # a data stage resumes from its log, and the directory is gone when fresh
         stage.cfg.train.resume = "auto" if action == "resume" else "never"
@@ -716,7 +713,7 @@ def _ensure_merged(stage: Stage, state: dict[str, dict], output_dir: Path) -> No
     merged = stage.run_dir / "merged"
     if record.get("merged") == record["run_id"] and (merged / "config.json").is_file():
         return
-    if _first_process():
+    if first_process():
         from posttrain.inference import load_for_inference
         from posttrain.models.adapters import merge_adapted
 

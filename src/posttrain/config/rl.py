@@ -179,8 +179,7 @@ def _rollout_checks(cfg: GRPOConfig | PPOConfig) -> list[tuple[bool, str]]:
 
 def _vllm_checks(cfg: GRPOConfig | PPOConfig) -> list[tuple[bool, str]]:
     """rollout.engine=vllm: the package, a GPU, one process, and a policy whose weights vLLM can hold."""
-    import os
-
+    from posttrain.env import launched_processes
     from posttrain.models.adapters import plan_adapters
     from posttrain.models.adapters.spec import MERGEABLE
     from posttrain.rollout.engines import NO_CUDA, VLLM_MISSING, cuda_available, vllm_installed
@@ -191,7 +190,7 @@ def _vllm_checks(cfg: GRPOConfig | PPOConfig) -> list[tuple[bool, str]]:
         (0 < cfg.rollout.vllm_gpu_memory_utilization <= 1, "rollout.vllm_gpu_memory_utilization must be in (0, 1]"),
         (vllm_installed(), VLLM_MISSING),
         (cuda_available(), NO_CUDA),
-        (int(os.environ.get("WORLD_SIZE", "1")) == 1,
+        (launched_processes() == 1,
          "rollout.engine=vllm runs one vLLM engine inside a single training process (one GPU); launch without "
          "torchrun / accelerate --num_processes, or use rollout.engine=transformers"),
         (not unmergeable, f"rollout.engine=vllm samples with merged weights, and {', '.join(unmergeable)} adapters do "
