@@ -192,8 +192,8 @@ def test_packed_real_tokens_counts_a_real_pad_id_and_a_full_row():
     row of one example: every real token counts, the tail's do not."""
     examples = _random_examples([5, 7, 4, 6, 10], seed=3)
     for example in examples:
-        example.input_ids[-1] = PAD_ID  # each ends in the EOS that is also the pad
-        example.labels[-1] = PAD_ID
+        example.input_ids = example.input_ids[:-1] + [PAD_ID]  # each ends in the EOS that is also the pad
+        example.labels = example.labels[:-1] + [PAD_ID]
     rows = pack(examples[:4], max_length=12)  # 5 + 7 fill one row exactly; 4 + 6 leave a tail
     rows.append(examples[4])
     batch = collate_packed(rows, PAD_ID)

@@ -179,14 +179,15 @@ def test_exact_match_and_answer_nll_only_over_prompts_with_answers(tmp_path):
                          **QUIET)
     assert set(_report(first)["models"]["policy"]) == {"response_tokens"}  # no answers: no answer figures
     greedy = [r["policy"] for r in _rows(first)]
-    answered = [{**prompts[0], "answer": greedy[0]}, {**prompts[1], "answer": 42}]
+    assert greedy[1].strip()  # a blank answer is no answer: the hit needs a completion with text
+    answered = [{**prompts[1], "answer": greedy[1]}, {**prompts[0], "answer": 42}]
     mixed = _jsonl(tmp_path / "mixed.jsonl", [answered[0], prompts[2], answered[1]])
     only = _jsonl(tmp_path / "only.jsonl", answered)
     m = _report(run_evaluate(_cfg(tmp_path / "m", "policy=tiny", f"prompts.files=[{mixed}]"), **QUIET))
     o = _report(run_evaluate(_cfg(tmp_path / "o", "policy=tiny", f"prompts.files=[{only}]"), **QUIET))
     assert m["prompts"] == 3 and m["models"]["policy"]["exact_match"] == 0.5
     assert m["models"]["policy"]["answer_nll"] == pytest.approx(o["models"]["policy"]["answer_nll"], rel=1e-6)
-    assert [r["answer"] for r in _rows(tmp_path / "m")] == [greedy[0], None, "42"]  # a number, as text
+    assert [r["answer"] for r in _rows(tmp_path / "m")] == [greedy[1], None, "42"]  # a number, as text
 
 
 def test_messages_and_alpaca_files_give_prompts_and_answers(tmp_path):

@@ -395,7 +395,12 @@ def test_pad_falls_back_to_unk_when_there_is_no_eos(base_dir, tmp_path):
 
 
 def test_no_pad_eos_or_unk_is_a_one_line_user_error(base_dir, tmp_path):
-    directory = _tokenizer_dir(base_dir, tmp_path / "t", drop=("pad_token", "eos_token", "unk_token"))
+    directory = _tokenizer_dir(base_dir, tmp_path / "t", drop=("pad_token", "eos_token", "unk_token",
+                                                               "extra_special_tokens"))
+    raw = json.loads((directory / "tokenizer.json").read_text())
+    for token in raw["added_tokens"]:  # no special token left to pad with either (`pad_fallback`)
+        token["special"] = False
+    (directory / "tokenizer.json").write_text(json.dumps(raw))
     with pytest.raises(UserError, match="no pad, eos or unk") as info:
         load_tokenizer(directory)
     assert _one_line(info.value)

@@ -182,14 +182,14 @@ def test_unknown_architecture_is_a_user_error(tmp_path):
         load_model(tmp_path)
 
 
-def test_tokenizer_without_pad_falls_back_to_eos(tokenizer, tmp_path):
+def test_tokenizer_without_pad_falls_back_to_a_special_token_the_data_never_carries(tokenizer, tmp_path):
     tokenizer.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     config.pop("pad_token", None)
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     loaded = load_tokenizer(tmp_path)
-    assert loaded.pad_token == loaded.eos_token == "<|im_end|>"
+    assert loaded.eos_token == "<|im_end|>" and loaded.pad_token == "<|pad|>"  # not eos: see `pad_fallback`
 
 
 def _family_config(family: str, vocab_size: int):

@@ -349,7 +349,8 @@ def test_precompute_and_live_give_the_same_trajectory(method, base_dir, tmp_path
 
 
 def test_precomputed_cache_holds_the_independent_base_values(base_dir, base64, tmp_path, monkeypatch):
-    """The values written to reference_logps.safetensors for an adapter run are the base's."""
+    """The values written to reference_logps.safetensors for an adapter run are the base's (those
+    it holds: the sequences of the micro-batches this 1-step run reads, and the held-out ones)."""
     from safetensors.torch import load_file
 
     captured = []
@@ -361,9 +362,11 @@ def test_precomputed_cache_holds_the_independent_base_values(base_dir, base64, t
 
     monkeypatch.setattr(pref, "precompute_reference", spy)
     run_dir = _run(tmp_path, base_dir, *WEIGHT_MIX, "dpo.reference=precompute", "train.max_steps=1")
-    stored = load_file(str(run_dir / "reference_logps.safetensors"))["logps"].double()
-    sequences = _sequences(captured[0])
-    assert stored.tolist() == pytest.approx(independent_logps(base64, sequences), abs=2e-4)
+    stored = load_file(str(run_dir / "reference_logps.safetensors"))
+    covered = stored["covered"].bool()
+    sequences = [seq for seq, held in zip(_sequences(captured[0]), covered.tolist()) if held]
+    assert 0 < len(sequences) < len(covered)
+    assert stored["logps"][covered].double().tolist() == pytest.approx(independent_logps(base64, sequences), abs=2e-4)
 
 
 # --------------------------------------------------------------------------- precision

@@ -127,8 +127,8 @@ def test_score_equals_a_plain_forward_of_each_row_any_padding_any_batch(tokenize
     assert set_padding_free(model, padding_free) is padding_free
     examples = [encode_response(TURNS, r, tokenizer, CHATML) for r in ("m", "a much longer response " * 10, "x")]
     examples.append(encode_response(TURNS, "q", tokenizer, CHATML))
-    examples[2].input_ids.append(pad)  # a real token equal to the pad (and eos) id
-    examples[2].labels.append(pad)
+    examples[2].input_ids += [pad]  # a real token equal to the pad (and eos) id
+    examples[2].labels += [pad]
     examples.insert(0, type(examples[0])(examples[0].input_ids[:8], examples[0].labels[:8], "short"))
     lengths = [len(e.input_ids) for e in examples]
     assert min(lengths) == 8 and max(lengths) > 100

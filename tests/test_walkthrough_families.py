@@ -288,10 +288,14 @@ def test_dpo_reference_log_probs_equal_each_row_alone_and_step_zero_is_log_two(c
     cfg = DPOConfig.load(None, [f"model.path={path}", *PAIRS])
     data = prepare_preference_data(cfg.data, load_tokenizer(str(path)), None, cfg.train.seed, lambda _: None)
     sequences = [s for item in items_from_examples(data.train) + items_from_examples(data.eval) for s in item.sequences]
-    cached = load_file(str(tmp_path / "reference_logps.safetensors"))["logps"].double()
+    stored = load_file(str(tmp_path / "reference_logps.safetensors"))  # the sequences the 1-step run reads
+    covered = stored["covered"].bool()
+    assert len(covered) == len(sequences) and bool(covered.any())
+    cached = stored["logps"][covered].double()
     model = load_model(str(path)).eval()
     with torch.no_grad():
-        plain = torch.tensor([_plain_logps(model, s.input_ids, s.labels) for s in sequences], dtype=torch.float64)
+        plain = torch.tensor([_plain_logps(model, s.input_ids, s.labels) for s, held in zip(sequences, covered) if held],
+                             dtype=torch.float64)
     assert cached.shape == plain.shape
     assert (cached - plain).abs().max() < 1e-4
 

@@ -13,8 +13,6 @@ QualityConfig / run_quality, RedTeamConfig / run_redteam, EvaluateConfig / run_e
 and run_pipeline(path, overrides).
 """
 
-from __future__ import annotations
-
 __version__ = "0.1.0"
 
 # name -> (module, attribute); imported on first use: `import posttrain` stays cheap (no torch)
@@ -47,3 +45,8 @@ def __getattr__(name: str):
 
     module, attribute = _LAZY[name]
     return getattr(importlib.import_module(module), attribute)
+
+
+def __dir__() -> list[str]:
+    """PEP 562: the lazily imported API too, for dir() and a notebook's tab completion."""
+    return sorted({*globals(), *_LAZY})

@@ -94,15 +94,15 @@ def load_for_inference(path: str, dtype: str = "float32", trust_remote_code: boo
 
 
 def read_prompts(path: str) -> list[dict]:
-    """Lines of text, or rows with `prompt` (str) or `messages` (list): JSON Lines (.jsonl,
-    .ndjson) or a .json list of rows or of prompt strings (each optionally .gz), read by the
-    data readers as training and score read them; any other file is one prompt a line."""
+    """Rows with `prompt` (text, or a list of turns) or `messages` (a list of turns) from any
+    file the data readers take (JSON Lines, JSON, CSV / TSV, Parquet; a table read by its
+    columns, as training and score read it); any other file is one prompt a line."""
     from posttrain.data.readers import _file_kind
 
     file = Path(path)
     if not file.is_file():
         raise UserError(f"prompts file {path} does not exist")
-    if _file_kind(path) in ("jsonl", "json"):
+    if _file_kind(path) != "unknown":
         return _json_prompts(path)
     data = file.read_bytes()
     if data.startswith(b"\xef\xbb\xbf"):
@@ -120,7 +120,7 @@ def read_prompts(path: str) -> list[dict]:
 
 
 def _json_prompts(path: str) -> list[dict]:
-    """Prompt rows from a JSON Lines or JSON file (`data.readers`); file:line on a bad one."""
+    """Prompt rows from a data file (`data.readers`); file:line on a bad one."""
     from posttrain.data.readers import Malformed, iter_rows
 
     items = []
@@ -136,12 +136,34 @@ def _json_prompts(path: str) -> list[dict]:
                 raise DataError(f"{location}: {row.reason}")
         if not ("prompt" in row or "messages" in row):
             raise DataError(f"{location}: expected an object with 'prompt' or 'messages'")
+        if row.get("messages") in (None, "") and "prompt" in row:  # a table with both columns, this one blank
+            row = {key: value for key, value in row.items() if key != "messages"}
+        row = _decoded_cells(row, location)
         turns = row.get("prompt") if "messages" not in row else None
         problem = _prompt_problem({"messages": turns} if isinstance(turns, list) else row)  # RL's prompt rows: turns
         if problem:
             raise DataError(f"{location}: {problem}")
         items.append(row)
     return items
+
+
+def _decoded_cells(row: dict, location: str) -> dict:
+    """A CSV cell holding the turns of 'messages' (or of 'prompt', when it starts like turns)
+    as the list it writes (JSON or Python's repr), as training reads the cell."""
+    from posttrain.data.formats import BadRowError, decode_cell
+    from posttrain.data.preferences import _TURNS_TEXT
+
+    decoded = {}
+    for key in ("messages", "prompt"):
+        value = row.get(key)
+        if isinstance(value, str) and (key == "messages" or _TURNS_TEXT.match(value)):
+            try:
+                decoded[key] = decode_cell(value, repr(key))
+            except ValueError:
+                pass  # said by _prompt_problem: not a list of turns
+            except BadRowError as exc:
+                raise DataError(f"{location}: {exc.reason}") from None
+    return {**row, **decoded}
 
 
 def _string_row(raw: str) -> str:
@@ -228,14 +250,16 @@ def _load(args):
     return model, tokenizer
 
 
-def _generate_per_adapter(model, tokenizer, items, texts, settings, batch_size, template=None) -> list[str]:
+def _generate_per_adapter(model, tokenizer, items, texts, settings, batch_size, template=None,
+                          raw=False) -> list[str]:
     """Requests that name an adapter ("adapter": NAME) run with it; the rest with the active one.
-    `template`: the chat template the texts were rendered with (its end-of-turn marker ends them)."""
+    `template`: the chat template the texts were rendered with (its end-of-turn marker ends them);
+    `raw`: no template was applied (the tokenizer adds its BOS, `generate.prompt_token_ids`)."""
     from posttrain.rollout.generate import generate
 
     wanted = [item.get("adapter") for item in items]
     if not any(wanted):
-        return generate(model, tokenizer, texts, settings, batch_size=batch_size, template=template)
+        return generate(model, tokenizer, texts, settings, batch_size=batch_size, template=template, raw=raw)
     if not getattr(model, "adapter_names", list)():
         raise UserError("a prompt names an adapter but no LoRA / IA3 adapter is loaded; pass --adapter NAME=DIR")
     active = model.active_adapter
@@ -244,7 +268,7 @@ def _generate_per_adapter(model, tokenizer, items, texts, settings, batch_size, 
         rows = [i for i, w in enumerate(wanted) if (w or active) == name]
         model.use_adapter(name)
         for i, text in zip(rows, generate(model, tokenizer, [texts[i] for i in rows], settings, batch_size=batch_size,
-                                          template=template)):
+                                          template=template, raw=raw)):
             completions[i] = text
     model.use_adapter(active)
     return completions
@@ -269,7 +293,7 @@ def main(args) -> int:
         chat_session(model, tokenizer, template, settings, system=args.system, switch_adapter=switch)
         return 0
     completions = _generate_per_adapter(model, tokenizer, items, [render(i, tokenizer, template) for i in items],
-                                        settings, args.batch_size, template)
+                                        settings, args.batch_size, template, raw=template is None)
     out = sys.stdout if args.output == "-" else open(args.output, "w")
     try:
         for item, completion in zip(items, completions):

@@ -556,6 +556,9 @@ def _resumes_across(producer: Producer, key: str) -> bool:
 def run_pipeline(path: str | Path, overrides: list[str] = (), restart: bool = False, from_stage: str | None = None,
                  only: str | None = None, dry_run: bool = False) -> Path:
     """Validate every stage, then run those that need it in order; returns the pipeline's output_dir."""
+    from posttrain.config.schema import check_override_list
+
+    check_override_list(overrides, "run_pipeline")
     output_dir, stages = load_pipeline(path, overrides)
     names = [s.name for s in stages]
     for flag, value in (("--from", from_stage), ("--only", only)):

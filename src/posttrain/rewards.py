@@ -74,10 +74,10 @@ class RewardModelScorer:
                     for p, r in zip(prompts, responses)]
         for e in examples:
             if self.decoder:  # keep the end: the scored position is the last token
-                del e.input_ids[: max(0, len(e.input_ids) - self.max_length)]
-                del e.labels[: max(0, len(e.labels) - self.max_length)]
+                cut = max(0, len(e) - self.max_length)
+                e.input_ids, e.labels = e.input_ids[cut:], e.labels[cut:]  # assigned: Example reads as copies
             else:  # keep the start: an encoder pools at its first token ([CLS])
-                del e.input_ids[self.max_length :], e.labels[self.max_length :]
+                e.input_ids, e.labels = e.input_ids[: self.max_length], e.labels[: self.max_length]
         device = next(self.model.parameters()).device
         out: list[float] = []
         for start in range(0, len(examples), self.batch_size):
@@ -263,12 +263,21 @@ class CombinedReward:
             raise ConfigError(f"reward components need distinct names, got {names}")
         self.components, self.penalty = components, penalty
 
+    def raw(self, prompts: Sequence[list[dict]], responses: Sequence[str], rows=None) -> dict[str, list[float]]:
+        """Every component's raw values, each component run once over the responses."""
+        return {c.name: _checked(c, prompts, responses, rows) for c in self.components}
+
     def calibrate(self, prompts: Sequence[list[dict]], responses: Sequence[str],
                   rows=None) -> dict[str, tuple[float, float]]:
         """Set each component's shift/scale to its mean/std on these samples (std 0 → 1)."""
+        return self.calibrate_on(self.raw(prompts, responses, rows))
+
+    def calibrate_on(self, raw: dict[str, list[float]]) -> dict[str, tuple[float, float]]:
+        """`calibrate` from raw values already computed (`raw`): scoring a file with --calibrate
+        needs each component's values once, for both the mean/std and the totals."""
         stats = {}
         for c in self.components:
-            values = torch.tensor(_checked(c, prompts, responses, rows), dtype=torch.float64)
+            values = torch.tensor(raw[c.name], dtype=torch.float64)
             std = float(values.std()) if len(values) > 1 else 0.0
             c.shift, c.scale = float(values.mean()), std if std > 0 else 1.0
             stats[c.name] = (c.shift, c.scale)
@@ -276,9 +285,14 @@ class CombinedReward:
 
     def score(self, prompts: Sequence[list[dict]], responses: Sequence[str],
               rows=None) -> tuple[list[float], dict[str, list[float]]]:
-        raw = {c.name: _checked(c, prompts, responses, rows) for c in self.components}
+        raw = self.raw(prompts, responses, rows)
+        return self.totals(raw), raw
+
+    def totals(self, raw: dict[str, list[float]]) -> list[float]:
+        """The weighted, floored total of each row's raw component values."""
+        count = len(raw[self.components[0].name])
         totals = []
-        for i in range(len(responses)):
+        for i in range(count):
             total = 0.0
             for c in self.components:
                 r = raw[c.name][i]
@@ -286,7 +300,7 @@ class CombinedReward:
                 if c.floor is not None:
                     total -= self.penalty * max(0.0, c.floor - r)
             totals.append(total)
-        return totals, raw
+        return totals
 
     def __call__(self, prompts, responses, rows=None) -> list[float]:
         return self.score(prompts, responses, rows)[0]
@@ -412,12 +426,13 @@ def score_main(args) -> int:
             raise ConfigError(f"{location}: the row already has a {taken[0]!r} column, which scoring would overwrite; "
                               "name the new column with --column")
     try:
-        if args.calibrate:
-            for name, (mean, std) in combined.calibrate(prompts, responses, rows).items():
-                print(f"calibrated {name}: mean {mean:.4g}, std {std:.4g}", file=sys.stderr)
-        totals, raw = combined.score(prompts, responses, rows)
+        raw = combined.raw(prompts, responses, rows)
     except RewardFunctionError as exc:  # the row it raised on, by file:line
         raise exc.named(where=locations[exc.index]) from exc.error
+    if args.calibrate:  # on the values just computed: each component runs once per row
+        for name, (mean, std) in combined.calibrate_on(raw).items():
+            print(f"calibrated {name}: mean {mean:.4g}, std {std:.4g}", file=sys.stderr)
+    totals = combined.totals(raw)
     several = len(combined.components) > 1
     out = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
     try:

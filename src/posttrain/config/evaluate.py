@@ -8,6 +8,7 @@ from typing import Literal
 
 from posttrain.config.feedback import JudgeConfig, judge_checks
 from posttrain.config.schema import _raise_first, _StageConfig, markdown_reference, option
+from posttrain.config.sections import synthetic_checks
 
 
 @dataclass
@@ -75,10 +76,7 @@ class EvaluateConfig(_StageConfig):
 def validate_evaluate(cfg: EvaluateConfig) -> None:
     """Range checks of an evaluate config, before anything is read. Raises ConfigError. (The run
     then loads rewards, the rubric and the attacks before any policy or reference model.)"""
-    from posttrain.data.synthetic import TASKS
-
     g, p = cfg.generation, cfg.prompts
-    unknown_tasks = [t for t in p.synthetic_tasks if t not in TASKS]
     checks = [
         (bool(cfg.policy.strip()), "policy is empty; give a model, run or adapter dir, or a preset"),
         (bool(p.files), "prompts.files is empty; give prompt files or 'synthetic'"),
@@ -86,8 +84,7 @@ def validate_evaluate(cfg: EvaluateConfig) -> None:
                                                                  "with files"),
         (p.limit >= 0 and p.max_prompt_length >= 1, "prompts.limit must be >= 0 and max_prompt_length >= 1"),
         (0.0 <= p.max_bad_fraction <= 1.0, "prompts.max_bad_fraction must be between 0 and 1"),
-        (p.files != ["synthetic"] or (bool(p.synthetic_tasks) and not unknown_tasks),
-         f"prompts.synthetic_tasks: unknown {unknown_tasks} or empty; choose from {', '.join(TASKS)}"),
+        *synthetic_checks(p.files, p.synthetic_tasks, None, "prompts"),
         (g.max_new_tokens >= 1 and g.batch_size >= 1, "generation.max_new_tokens and batch_size must be >= 1"),
         (g.samples >= 0, "generation.samples must be >= 0 (0 = no KL estimate)"),
         (g.temperature > 0, "generation.temperature must be > 0: the KL is estimated on samples"),

@@ -8,7 +8,7 @@ from typing import Literal
 
 from posttrain.config.schema import _raise_first, _StageConfig, markdown_reference, option
 from posttrain.config.sections import (FORGETTING_HELP, AdapterConfig, EvalConfig, ForgettingConfig, ModelConfig,
-                                       TrainConfig, _data_checks, _train_checks, _weight_checks,
+                                       TrainConfig, _data_checks, _eval_checks, _train_checks, _weight_checks,
                                        other_stage_forgetting_checks)
 
 
@@ -97,8 +97,7 @@ class DPOConfig(_StageConfig):
 
 
 def _preference_data_checks(d: PreferenceDataConfig) -> list[tuple[bool, str]]:
-    return _data_checks(d) + [
-        (d.synthetic_size >= 2, "data.synthetic_size must be at least 2"),
+    return _data_checks(d, min_synthetic=2) + [
         (d.synthetic_responses >= 2, "data.synthetic_responses must be at least 2"),
     ]
 
@@ -165,7 +164,7 @@ def validate_dpo(cfg: DPOConfig) -> None:
         (p.kto_desirable_weight > 0 and p.kto_undesirable_weight > 0, "dpo.kto_*_weight must be positive"),
         (p.loss == "kto" or not _unpaired_data(cfg.data),
          f"dpo.loss={p.loss} needs pairs or rankings, not unpaired data; use dpo.loss=kto for unpaired feedback"),
-    ] + _loss_option_checks(p) + other_stage_forgetting_checks(cfg.forgetting, cfg.data, cfg.train))
+    ] + _eval_checks(cfg.eval) + _loss_option_checks(p) + other_stage_forgetting_checks(cfg.forgetting, cfg.data, cfg.train))
     from posttrain.errors import ConfigError
     from posttrain.models.adapters import validate_adapter
 

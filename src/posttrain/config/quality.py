@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from posttrain.config.schema import _raise_first, _StageConfig, markdown_reference, option
+from posttrain.config.sections import SEED_RANGE
 
 ANY_FORMAT = Literal["auto", "alpaca", "messages", "prompt_completion", "text", "pairs", "ranking", "unpaired"]
 
@@ -141,6 +142,7 @@ def validate_quality(cfg: QualityConfig) -> None:
         (0.0 < d.threshold <= 1.0, "dedup.threshold must be in (0, 1]"),
         (d.ngram >= 1, "dedup.ngram must be >= 1"),
         (d.num_perm >= 2, "dedup.num_perm must be >= 2"),
+        (0 <= d.seed < SEED_RANGE, f"dedup.seed must be in [0, 2**32) (numpy's seeds), got {d.seed}"),
         (cfg.decontaminate.ngram >= 1, "decontaminate.ngram must be >= 1"),
         (cfg.balance.max_per_value >= 0, "balance.max_per_value must be >= 0"),
         (cfg.balance.max_per_value == 0 or bool(cfg.balance.field),

@@ -8,7 +8,7 @@ from typing import Literal
 
 from posttrain.config.schema import _raise_first, _StageConfig, markdown_reference, option
 from posttrain.config.sections import (FORGETTING_HELP, AdapterConfig, ForgettingConfig, ModelConfig, TrainConfig,
-                                       _train_checks, _weight_checks, other_stage_forgetting_checks)
+                                       _rows_checks, _train_checks, _weight_checks, other_stage_forgetting_checks)
 
 
 @dataclass
@@ -165,9 +165,10 @@ def _rollout_checks(cfg: GRPOConfig | PPOConfig) -> list[tuple[bool, str]]:
     return (_vllm_checks(cfg) if r.engine == "vllm" else []) + [
         (r.max_new_tokens >= 1 and r.batch_size >= 1, "rollout.max_new_tokens and rollout.batch_size must be >= 1"),
         (r.temperature > 0, "rollout.temperature must be > 0: online RL learns from sampled completions"),
+        (0 < r.top_p <= 1, "rollout.top_p must be in (0, 1] (1 = off)"),
         (all(r.stop), "rollout.stop holds an empty string, which would end every completion at its first token"),
         (cfg.data.max_prompt_length >= 1, "data.max_prompt_length must be >= 1"),
-        (0 <= cfg.data.eval_fraction < 1, "data.eval_fraction must be in [0, 1)"),
+        *_rows_checks(cfg.data),
         (bool(cfg.reward.functions or cfg.reward.models or cfg.reward.format_regex),
          "no reward: set reward.functions, reward.models or reward.format_regex"),
         (cfg.reward.clip >= 0, "reward.clip must be >= 0 (0 = off; rewards are clipped to [-clip, clip])"),

@@ -8,6 +8,8 @@ import dataclasses
 import difflib
 import functools
 import math
+import numbers
+import os
 import types
 import typing
 from pathlib import Path
@@ -24,15 +26,40 @@ def option(default: Any, help: str, **kwargs: Any) -> Any:
     return dataclasses.field(default=default, metadata={"help": help, **kwargs})
 
 
+class _HelpDoc:
+    """A stage config's docstring: its own text, then every setting with its help (the lines of
+    --help), so that help(SFTConfig) in a notebook says what --help says. A descriptor, because
+    the fields exist only once the dataclass decorator has run (the class's `__doc__` is read
+    through it: `type.__doc__` calls a descriptor stored there)."""
+
+    def __init__(self, own: str | None):
+        self.own = own
+
+    def __get__(self, obj: Any, owner: type) -> str:
+        name = owner.__name__
+        head = self.own or f"The settings of one run: {name}.load(path, overrides) or {name}.from_dict(dict)."
+        return f"{head}\n\nSettings (YAML sections or dotted overrides):\n" + "\n".join(owner.help_lines())
+
+
 class _StageConfig:
     """Shared loading, validation and help for all stage configs."""
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.__doc__ = _HelpDoc(cls.__dict__.get("__doc__"))
+
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, *, source: str = "config") -> "_StageConfig":
+        """The config from nested dicts as a YAML file holds them ({"train": {"lr": 1e-4}}): unknown
+        keys and wrong types raise ConfigError naming `source` and the key; missing keys keep their
+        defaults."""
         return _build(cls, data or {}, prefix="", source=source, root=cls)
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: list[str] = ()) -> "_StageConfig":
+        """The config of a YAML file (None: the defaults) with dotted overrides on top, as the
+        command line takes them: ["train.lr=1e-4", "data.train_files=[a.jsonl]"]."""
+        check_override_list(overrides, f"{cls.__name__}.load")
         data: dict[str, Any] = {}
         source = "overrides"
         if path is not None:
@@ -43,12 +70,50 @@ class _StageConfig:
             apply_override(data, item)
         return cls.from_dict(data, source=source)
 
+    @classmethod
+    def for_run(cls, cfg: Any, runner: str) -> "_StageConfig":
+        """What `runner` (run_sft, ...) works on: `cfg` checked again as from_dict checks a file,
+        since settings assigned in Python (cfg.train.lr = "3e-4", a typo cfg.train.max_step = 1)
+        skipped those checks; a checked copy, so the caller's object is left as it was."""
+        if not isinstance(cfg, cls):
+            name = cls.__name__
+            raise TypeError(f"{runner} takes {_article(name)} {name} ({name}.from_dict / {name}.load), "
+                            f"got {type(cfg).__name__}")
+        _check_attributes(cfg, type(cfg), type(cfg).__name__)
+        return type(cfg).from_dict(cfg.to_dict(), source=type(cfg).__name__)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def help_lines(cls) -> list[str]:
         return list(_help_lines(cls, ""))
+
+
+def _article(name: str) -> str:
+    """'an' before SFTConfig and EvaluateConfig, 'a' before DPOConfig and RedTeamConfig (an
+    initialism is read letter by letter)."""
+    initialism = name[:2].isupper()
+    return "an" if name[0] in ("AEFHILMNORSX" if initialism else "AEIOU") else "a"
+
+
+def _check_attributes(obj: Any, root: type, source: str, prefix: str = "") -> None:
+    """An attribute assigned in Python that is no setting (cfg.train.max_step = 1) is refused as a
+    file's unknown key is: dataclasses.asdict would silently leave it out."""
+    fields = [f.name for f in dataclasses.fields(obj)]
+    for name, value in vars(obj).items():
+        if name not in fields:
+            hint = _unknown_key_hint(prefix + name, root, [prefix + f for f in fields])
+            raise ConfigError(f"{source}: unknown key {prefix}{name}{hint}")
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            _check_attributes(value, root, source, prefix + name + ".")
+
+
+def check_override_list(overrides: Any, caller: str) -> None:
+    """Overrides are a list of strings: one string would be read character by character."""
+    if isinstance(overrides, str):
+        raise TypeError(f'{caller}: overrides are a list of "section.key=value" strings, got one string '
+                        f"{overrides!r}; pass [{overrides!r}]")
 
 
 # --------------------------------------------------------------------------- YAML and overrides
@@ -412,7 +477,7 @@ def _coerce(hint: Any, value: Any, key: str, source: str, root: type) -> Any:
         (item_type,) = get_args(hint)
         if value == "":
             return []  # train.freeze= : nothing
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if isinstance(value, (str, os.PathLike, numbers.Real)) and not isinstance(value, bool):
             value = [value]  # a single value where a list is expected
         if not isinstance(value, list):
             raise ConfigError(f"{source}: {key} must be a list, got {value!r}")
@@ -422,14 +487,14 @@ def _coerce(hint: Any, value: Any, key: str, source: str, root: type) -> Any:
             return value
         raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
     if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return int(value)  # numpy's integers too (a sweep over np.arange)
         if isinstance(value, float) and value.is_integer():
             return int(value)
         raise ConfigError(f"{source}: {key} must be an integer, got {value!r}")
     if hint is float:
         number = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
             number = float(value)
         elif isinstance(value, str):  # YAML reads 1e-5 (no dot) as a string
             try:
@@ -442,6 +507,8 @@ def _coerce(hint: Any, value: Any, key: str, source: str, root: type) -> Any:
             raise ConfigError(f"{source}: {key} must be a finite number, got {value!r}")
         return number
     if hint is str:
+        if isinstance(value, os.PathLike) and isinstance(os.fspath(value), str):
+            return os.fspath(value)  # a pathlib.Path: run_sft(...) / "final" as the next stage's model.path
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"{source}: {key} must be a string, got {value!r}")

@@ -251,8 +251,12 @@ def other_stage_forgetting_checks(f: ForgettingConfig, d, t: TrainConfig) -> lis
     ]
 
 
+SEED_RANGE = 2**32  # numpy's seeds (accelerate's set_seed, MinHash permutations): 0 <= seed < 2**32
+
+
 def _train_checks(t: TrainConfig) -> list[tuple[bool, str]]:
     return [
+        (0 <= t.seed < SEED_RANGE, f"train.seed must be in [0, 2**32) (numpy's seeds), got {t.seed}"),
         (t.batch_size >= 1, "train.batch_size must be at least 1"),
         (t.grad_accum >= 1, "train.grad_accum must be at least 1"),
         (t.lr > 0, "train.lr must be positive"),
@@ -289,19 +293,46 @@ def _weight_checks(model: ModelConfig, adapter: AdapterConfig) -> list[tuple[boo
              "float32 or bfloat16 weights (train.mixed_precision=fp16 computes in float16)")]
 
 
-def _data_checks(d) -> list[tuple[bool, str]]:  # DataConfig or PreferenceDataConfig
+def synthetic_checks(files: list[str], tasks: list[str], size: int | None, section: str,
+                     min_size: int = 1) -> list[tuple[bool, str]]:
+    """The bundled generator's settings, checked when `files` is ['synthetic'] (the training
+    stages' data, evaluate's prompts): before the model loads, not after."""
+    from posttrain.data.synthetic import TASKS
+
+    if files != ["synthetic"]:
+        return []
+    unknown = [t for t in tasks if t not in TASKS]
     return [
-        (d.max_length >= 8, "data.max_length must be at least 8"),
+        (bool(tasks), f"{section}.synthetic_tasks is empty; choose from {', '.join(TASKS)}"),
+        (not unknown, f"{section}.synthetic_tasks: unknown {', '.join(map(repr, unknown))}; choose from "
+                      f"{', '.join(TASKS)}"),
+        (size is None or size >= min_size, f"{section}.synthetic_size must be at least {min_size}"),
+    ]
+
+
+def _rows_checks(d, min_synthetic: int = 1) -> list[tuple[bool, str]]:
+    """Checks of every training stage's data section (DataConfig, PreferenceDataConfig, PromptDataConfig)."""
+    return [
         (0.0 <= d.eval_fraction < 1.0, "data.eval_fraction must be in [0, 1)"),
         (0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction must be in [0, 1]"),
         (bool(d.train_files), "data.train_files is empty"),
+        *synthetic_checks(d.train_files, d.synthetic_tasks, d.synthetic_size, "data", min_synthetic),
     ]
+
+
+def _data_checks(d, min_synthetic: int = 1) -> list[tuple[bool, str]]:  # DataConfig or PreferenceDataConfig
+    return [(d.max_length >= 8, "data.max_length must be at least 8"), *_rows_checks(d, min_synthetic)]
+
+
+def _eval_checks(e: EvalConfig) -> list[tuple[bool, str]]:
+    return [(e.exact_match_prompts <= 0 or e.max_new_tokens >= 1,
+             "eval.max_new_tokens must be at least 1 when eval.exact_match_prompts is on")]
 
 
 def validate_sft(cfg: SFTConfig) -> None:
     """Cross-field checks that types alone cannot express. Raises ConfigError."""
     _raise_first(_train_checks(cfg.train) + _weight_checks(cfg.model, cfg.adapter) + _data_checks(cfg.data)
-                 + _forgetting_checks(cfg.forgetting, cfg.data, cfg.train))
+                 + _eval_checks(cfg.eval) + _forgetting_checks(cfg.forgetting, cfg.data, cfg.train))
     from posttrain.models.adapters import validate_adapter
 
     validate_adapter(cfg.adapter, packing=cfg.data.packing, gradient_checkpointing=cfg.model.gradient_checkpointing,

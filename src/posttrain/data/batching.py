@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import random
+from array import array
 
 import torch
 
@@ -63,9 +64,10 @@ def collate(examples: list[Example], pad_id: int, pad_to_multiple_of: int | None
     width, input_ids, labels = _blank_rows(examples, pad_id, pad_to_multiple_of)
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
     for row, example in enumerate(examples):
-        n = len(example)
-        input_ids[row, :n] = torch.tensor(example.input_ids, dtype=torch.long)
-        labels[row, :n] = torch.tensor(example.labels, dtype=torch.long)
+        ids, example_labels, _ = example.compact()
+        n = len(ids)
+        input_ids[row, :n] = _tensor(ids)
+        labels[row, :n] = _tensor(example_labels)
         attention_mask[row, :n] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
@@ -98,12 +100,23 @@ def pack(examples: list[Example], max_length: int) -> list[Example]:
     return [_join([examples[i] for i in row]) for row in rows]
 
 
+def _tensor(values: array) -> torch.Tensor:
+    """An Example's int32 array as a tensor over the same memory, for copying into a batch
+    (torch.frombuffer refuses an empty buffer)."""
+    return torch.frombuffer(values, dtype=torch.int32) if values else torch.empty(0, dtype=torch.int32)
+
+
 def _join(parts: list[Example]) -> Example:
-    input_ids, labels, position_ids = [], [], []
+    input_ids, labels, position_ids = array("i"), array("i"), array("i")
     for part in parts:
-        input_ids += part.input_ids
-        labels += [IGNORE_INDEX] + part.labels[1:]
-        position_ids += range(len(part))
+        ids, part_labels, _ = part.compact()
+        if not ids:
+            continue
+        start = len(labels)
+        input_ids += ids
+        labels += part_labels
+        labels[start] = IGNORE_INDEX
+        position_ids += array("i", range(len(ids)))
     source = parts[0].source if len(parts) == 1 else f"{parts[0].source} (+{len(parts) - 1} packed)"
     return Example(input_ids=input_ids, labels=labels, source=source, position_ids=position_ids)
 
@@ -128,11 +141,11 @@ def collate_packed(examples: list[Example], pad_id: int, pad_to_multiple_of: int
     width, input_ids, labels = _blank_rows(examples, pad_id, pad_to_multiple_of)
     position_ids = torch.zeros((len(examples), width), dtype=torch.long)
     for row, example in enumerate(examples):
-        n = len(example)
-        positions = example.position_ids if example.position_ids is not None else list(range(n))
-        input_ids[row, :n] = torch.tensor(example.input_ids, dtype=torch.long)
-        labels[row, :n] = torch.tensor(example.labels, dtype=torch.long)
-        position_ids[row, :n] = torch.tensor(positions, dtype=torch.long)
+        ids, example_labels, positions = example.compact()
+        n = len(ids)
+        input_ids[row, :n] = _tensor(ids)
+        labels[row, :n] = _tensor(example_labels)
+        position_ids[row, :n] = _tensor(positions) if positions is not None else torch.arange(n)
         position_ids[row, n:] = torch.arange(width - n)
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
 

@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from posttrain.data.readers import Malformed, check_path, iter_rows
+from posttrain.data.readers import Malformed, check_path, iter_rows, lone_surrogate_at
 from posttrain.data.records import Record
 from posttrain.errors import DataError
 
@@ -161,7 +161,7 @@ def _chat_messages(row: dict) -> list[dict[str, str]]:
     turns = row[key]
     if isinstance(turns, str):  # a CSV cell
         try:
-            turns = decode_cell(turns)
+            turns = decode_cell(turns, repr(key))
         except ValueError:
             raise BadRowError(f"{key!r} is a string that is not a JSON list of turns (nor Python's repr of "
                               "one)") from None
@@ -185,12 +185,12 @@ def _turn(turn: Any, number: int) -> dict[str, str]:
     if not isinstance(turn, dict):
         raise BadRowError(f"turn {number} is {_type_name(turn)}, expected an object with 'role' and 'content'")
     if turn.get("role") is not None:
-        role = turn["role"]
+        role = _role_name(turn, "role", number)
         if role not in _ROLES:
             raise BadRowError(f"turn {number} has unknown role {role!r} (expected {', '.join(_ROLES)})")
         content_key = "content"
     elif turn.get("from") is not None:  # ShareGPT
-        if turn["from"] not in _SHAREGPT_ROLES:
+        if _role_name(turn, "from", number) not in _SHAREGPT_ROLES:
             raise BadRowError(f"turn {number} has unknown 'from' {turn['from']!r} (expected {', '.join(_SHAREGPT_ROLES)})")
         role, content_key = _SHAREGPT_ROLES[turn["from"]], "value"
     else:
@@ -199,6 +199,13 @@ def _turn(turn: Any, number: int) -> dict[str, str]:
         raise BadRowError(f"turn {number} ({role}) has no {content_key!r}")
     what = f"turn {number} ({role}) {content_key}"
     return {"role": role, "content": _string(_joined_parts(turn[content_key], what), what)}
+
+
+def _role_name(turn: dict, key: str, number: int) -> str:
+    """A turn's 'role' (or ShareGPT 'from'), which must be text: a list or object is a bad row."""
+    if not isinstance(turn[key], str):
+        raise BadRowError(f"turn {number} {key!r} is {_type_name(turn[key])}, expected a string")
+    return turn[key]
 
 
 def join_text_parts(content: Any) -> str | None:
@@ -225,18 +232,22 @@ def _joined_parts(content: Any, what: str) -> Any:
     return joined
 
 
-def decode_cell(text: str) -> Any:
+def decode_cell(text: str, what: str = "a cell") -> Any:
     """A list or object written into one CSV cell: JSON, or Python's repr of it (what `datasets`'
     and pandas' `to_csv` write: single quotes, True, None), read with `ast.literal_eval`, which
-    takes literals only and runs no code. ValueError when it is neither."""
+    takes literals only and runs no code. ValueError when it is neither; BadRowError when it holds
+    a lone surrogate (an escape like "\\ud800"), as the readers refuse one in a row."""
     try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        pass
-    try:
-        return ast.literal_eval(text.strip())
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        raise ValueError("neither JSON nor a Python literal") from None
+        value = json.loads(text)
+    except (ValueError, RecursionError):  # not JSON, or JSON that Python's json refuses
+        try:
+            value = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            raise ValueError("neither JSON nor a Python literal") from None
+    where = lone_surrogate_at(value)
+    if where is not None:
+        raise BadRowError(f"{what} is not valid Unicode: a lone surrogate at {where}")
+    return value
 
 
 def _prompt_completion(row: dict) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
@@ -328,7 +339,9 @@ class _BadRows:
         self._file = None
         if policy == "skip" and rejects_path:
             os.makedirs(os.path.dirname(os.path.abspath(rejects_path)), exist_ok=True)
-            self._file = open(rejects_path, "w", encoding="utf-8")  # truncated: no stale rejects
+            # truncated: no stale rejects. backslashreplace: a lone surrogate in a row (which UTF-8
+            # cannot encode) is written as its JSON escape "\\ud800", so every row survives, as read
+            self._file = open(rejects_path, "w", encoding="utf-8", errors="backslashreplace")
             report.rejects_path = rejects_path
 
     def add(self, reject: Reject) -> None:

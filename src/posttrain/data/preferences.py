@@ -132,13 +132,15 @@ _TURNS_TEXT = re.compile(r"""\s*\[\s*\{\s*['"](role|from)['"]\s*:""")  # the sta
 
 def _decoded(value: Any, any_list: bool = False, what: str = "a cell") -> Any:
     """A list from a CSV/Parquet cell (JSON, or Python's repr: `formats.decode_cell`), decoded.
-    Text responses stay text unless they decode to a list of turns (or to any list, with
-    any_list, where text is never valid); text that starts like a list of turns but is neither
-    is a bad row, never trained on as text."""
+    Text responses stay text unless they decode to a list that can only mean turns: an empty
+    one, or one holding anything but plain text and numbers ('[{"content": ...}]' is turns
+    missing their roles, a bad row as in JSON Lines); with any_list, where text is never
+    valid, any list. Text that starts like a list of turns but is neither is a bad row, never
+    trained on as text."""
     if not isinstance(value, str) or not value.lstrip().startswith("["):
         return value
     try:
-        decoded = formats.decode_cell(value)
+        decoded = formats.decode_cell(value, what)
     except ValueError:
         if _TURNS_TEXT.match(value):
             raise BadRowError(f"{what} starts like a list of turns but is neither JSON nor a Python literal; "
@@ -146,8 +148,8 @@ def _decoded(value: Any, any_list: bool = False, what: str = "a cell") -> Any:
         return value
     if not isinstance(decoded, list):
         return value
-    is_turns = decoded and all(isinstance(t, dict) and ("role" in t or "from" in t) for t in decoded)
-    return decoded if any_list or is_turns else value
+    is_text = decoded and all(isinstance(item, (str, int, float)) for item in decoded)  # '[1, 2]', "['a']"
+    return decoded if any_list or not is_text else value
 
 
 def _turns(value: list, what: str) -> list[dict[str, str]]:
@@ -257,9 +259,15 @@ def _number(value: Any, what: str) -> float:
             value = float(value)
         except ValueError:
             raise BadRowError(f"{what} is {value!r}, expected a number") from None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise BadRowError(f"{what} is {value!r}, expected a finite number")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # a whole number beyond float's range (JSON has no limit)
+        raise BadRowError(f"{what} is a whole number too large for a float, expected a finite number") from None
+    if not math.isfinite(number):
+        raise BadRowError(f"{what} is {value!r}, expected a finite number")
+    return number
 
 
 def _margin(row: dict) -> float | None:

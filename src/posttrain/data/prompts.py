@@ -67,7 +67,7 @@ def to_prompt_record(row: dict, fmt: str, location: str = "<memory>") -> PromptR
     turns = row.get(key) if fmt == "messages" else None
     if isinstance(turns, str):  # a CSV cell: JSON or Python's repr
         try:
-            turns = formats.decode_cell(turns)
+            turns = formats.decode_cell(turns, repr(key))
         except ValueError:
             pass  # reported, with the row's file:line, when the conversation is read
     if isinstance(turns, list) and turns and _role(turns[-1], len(turns)) == "user":
@@ -81,11 +81,7 @@ def to_prompt_record(row: dict, fmt: str, location: str = "<memory>") -> PromptR
         if "prompt" not in row:
             raise BadRowError(f"missing key 'prompt' (prompt rows need 'prompt' and may have 'answer'; this row has "
                               f"{', '.join(map(str, row)) or 'no keys'})")
-        turns = _prompt(row, "pairs")
-        answer = row.get("answer")
-        if answer is not None and not isinstance(answer, (str, int, float)):
-            raise BadRowError(f"'answer' is a {type(answer).__name__}, expected a string")
-        return PromptRecord(turns, None if answer is None else str(answer), extra, location)
+        return PromptRecord(_prompt(row, "pairs"), _answer(row), extra, location)
     if fmt == "alpaca" and formats._optional_string(row, "output") is None:  # a question without an answer
         messages = formats.to_record({**row, "output": "-"}, fmt, location).messages or []
         return PromptRecord(messages[:-1], None, extra, location)
@@ -95,6 +91,20 @@ def to_prompt_record(row: dict, fmt: str, location: str = "<memory>") -> PromptR
     if not turns or turns[-1]["role"] != "user":
         raise BadRowError("the conversation has no user turn before its last assistant turn to use as a prompt")
     return PromptRecord(turns, None if last is None else messages[last]["content"], extra, location)
+
+
+def _answer(row: dict) -> str | None:
+    """The reference answer as text: None when absent, null or blank (like other optional fields:
+    a blank answer would make exact match reward an empty completion); a number as the file
+    writes it, a boolean as JSON spells it ("true")."""
+    answer = row.get("answer")
+    if answer is None or (isinstance(answer, str) and not answer.strip()):
+        return None
+    if isinstance(answer, bool):
+        return "true" if answer else "false"
+    if not isinstance(answer, (str, int, float)):
+        raise BadRowError(f"'answer' is {formats._type_name(answer)}, expected a string")
+    return str(answer)
 
 
 def _role(turn: Any, number: int) -> str | None:

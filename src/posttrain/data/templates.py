@@ -7,8 +7,10 @@ assistant's span is the text between the two renders — its content plus whatev
 end-of-turn marker the template writes (`<|im_end|>`, the eos token, ...), with
 trailing whitespace dropped. The full string is tokenised once and a token is trained
 on when its first character lies inside a span. No template-specific parsing, no
-`{% generation %}` tags needed; a template whose earlier turns change when later ones
-are added ("not prefix-stable") is refused rather than guessed at.
+`{% generation %}` tags needed. A template that writes something after the last turn
+only (Phi-3's eos) ends an earlier turn's span where rendering through that turn and the
+whole conversation stop agreeing; a template whose earlier turns change when later ones are
+added ("not prefix-stable") is refused rather than guessed at.
 """
 
 from __future__ import annotations
@@ -46,6 +48,30 @@ ALPACA = (
 
 _BUILTIN_TEMPLATES = {"chatml": CHATML, "alpaca": ALPACA}
 TEMPLATE_NAMES = ("auto", "tokenizer", *_BUILTIN_TEMPLATES)
+_BOS = "{{- bos_token }}"  # put before a built-in template for a tokenizer that adds BOS to every text
+
+
+def builtin_template(name: str, tokenizer: Any) -> str:
+    """The built-in template `name`, starting with BOS when `tokenizer` puts BOS before every
+    text it tokenises (Llama-2, Mistral, Gemma base models): such a model never saw a sequence
+    without it, and its text rows get it, so its chat rows and prompts must too (once: rendered
+    text is tokenised without the tokenizer's own special tokens)."""
+    template = _BUILTIN_TEMPLATES[name]
+    return _BOS + template if adds_bos(tokenizer) else template
+
+
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether tokenising a text with the tokenizer's special tokens puts BOS first."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == bos
+
+
+def _plain_builtin(template: str) -> str:
+    """A built-in template without the BOS `builtin_template` may have put before it."""
+    return template[len(_BOS):] if template.startswith(_BOS) else template
 
 
 def resolve_template(tokenizer: Any, name: str = "auto") -> str:
@@ -53,13 +79,14 @@ def resolve_template(tokenizer: Any, name: str = "auto") -> str:
 
     auto:      the tokenizer's own `chat_template` when it has one, else CHATML.
     tokenizer: the tokenizer's own template; an error when it has none.
-    chatml / alpaca: the built-in templates above.
+    chatml / alpaca: the built-in templates above (with BOS first for a tokenizer that adds
+               BOS to every text: `builtin_template`).
     """
     own = getattr(tokenizer, "chat_template", None)
     if isinstance(own, dict):  # several named templates; "default" is the chat one
         own = own.get("default")
     if name == "auto":
-        return own or CHATML
+        return own or builtin_template("chatml", tokenizer)
     if name == "tokenizer":
         if not own:
             raise DataError(
@@ -68,7 +95,7 @@ def resolve_template(tokenizer: Any, name: str = "auto") -> str:
             )
         return own
     if name in _BUILTIN_TEMPLATES:
-        return _BUILTIN_TEMPLATES[name]
+        return builtin_template(name, tokenizer)
     raise ConfigError(f"unknown data.template {name!r}; choose one of {', '.join(TEMPLATE_NAMES)}")
 
 
@@ -132,7 +159,11 @@ def assistant_spans(
 ) -> tuple[str, list[tuple[int, int]]]:
     """Render `messages`; return the text and the [start, end) character span of every
     assistant turn from message `first` on (content plus end-of-turn marker, trailing
-    whitespace dropped); the assistant turns before `first` are context."""
+    whitespace dropped); the assistant turns before `first` are context.
+
+    An earlier turn's span ends where the render through it and the whole render stop
+    agreeing: a template may write something after the last turn only (Phi-3's eos), which
+    belongs to no earlier turn; the turn's own content must lie before that point."""
     full = _render(tokenizer, template, messages, False, source)
     spans = []
     for i, message in enumerate(messages):
@@ -143,16 +174,33 @@ def assistant_spans(
         # for the common single-answer conversation.
         last = i == len(messages) - 1
         through = full if last else _render(tokenizer, template, messages[: i + 1], False, source)
-        if not (through.startswith(prompt) and full.startswith(through)):
+        stable = full.startswith(through)
+        answer = through[len(prompt) : len(through) if stable else _agreeing_end(tokenizer, through, full)].rstrip()
+        if not (through.startswith(prompt) and full.startswith(prompt)
+                and (stable or message["content"].strip() in answer)):
             raise DataError(
                 f"{source}: the chat template is not prefix-stable at message {i} (rendering the "
                 "earlier turns plus the generation prompt is not a prefix of the whole "
                 "conversation), so the assistant tokens cannot be located; "
                 "set data.template: chatml (or alpaca)"
             )
-        answer = through[len(prompt) :].rstrip()
         spans.append((len(prompt), len(prompt) + len(answer)))
     return full, spans
+
+
+def _agreeing_end(tokenizer: Any, through: str, full: str) -> int:
+    """Where the tokens of `through` and of `full` stop agreeing, as a character offset: on
+    tokens, not characters, so a marker that only begins alike (Phi-3's <|endoftext|> and
+    <|user|>) is no part of the earlier turn. 0 for a slow tokenizer (no offsets)."""
+    if not getattr(tokenizer, "is_fast", False):
+        return 0
+    a, b = (tokenizer(text, add_special_tokens=False, return_offsets_mapping=True) for text in (through, full))
+    end = 0
+    for id_a, id_b, span_a, span_b in zip(a["input_ids"], b["input_ids"], a["offset_mapping"], b["offset_mapping"]):
+        if id_a != id_b or tuple(span_a) != tuple(span_b):
+            break
+        end = span_a[1]
+    return end
 
 
 _PROBE = "\x00"  # a message content no template writes itself
@@ -173,7 +221,8 @@ def role_markers(tokenizer: Any, template: str) -> tuple[str, ...]:
         around = ""
     specials = {str(t) for t in getattr(tokenizer, "all_special_tokens", [])}
     specials |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
-    builtin = {CHATML: ("<|im_start|>",), ALPACA: ("### Instruction:\n", "### Response:\n")}.get(template, ())
+    builtin = {CHATML: ("<|im_start|>",), ALPACA: ("### Instruction:\n", "### Response:\n")}.get(
+        _plain_builtin(template), ())
     markers = tuple(dict.fromkeys([*builtin, *sorted(t for t in specials if t and t in around)]))
     if len(_MARKERS) > 16:  # a few tokenizers per process; never a leak
         _MARKERS.clear()
@@ -194,6 +243,49 @@ def check_not_rendered(prompt: list[dict[str, str]], tokenizer: Any, template: s
                 f"{found.strip()!r}, which the chat template writes itself); give the turns as a list of messages, "
                 "or the plain text"
             )
+
+
+def written_tokens(tokenizer: Any, template: str) -> set[str]:
+    """The tokenizer's special tokens that `template` writes in a conversation (its markers,
+    BOS, the end-of-turn marker, anything it writes after the last turn), found by rendering a
+    probe exchange, with a system turn when the template takes one."""
+    specials = {str(t) for t in getattr(tokenizer, "all_special_tokens", [])}
+    specials |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
+    turns = [{"role": "user", "content": _PROBE}, {"role": "assistant", "content": _PROBE}]
+    texts = []
+    for messages, generation_prompt in (([{"role": "system", "content": _PROBE}, *turns], False),
+                                        (turns, False), (turns[:1], True)):
+        try:
+            texts.append(_render(tokenizer, template, messages, generation_prompt, "<probe>"))
+        except DataError:
+            continue
+    return {t for t in specials if t and any(t in text for text in texts)}
+
+
+def has_system_role(tokenizer: Any, template: str) -> bool:
+    """False when `template` refuses a system turn that it renders a conversation without
+    (Gemma's and Mistral's raise on one)."""
+    user = [{"role": "user", "content": _PROBE}]
+    try:
+        _render(tokenizer, template, [{"role": "system", "content": _PROBE}, *user], True, "<probe>")
+        return True
+    except DataError:
+        pass
+    try:
+        _render(tokenizer, template, user, True, "<probe>")
+    except DataError:
+        return True  # it fails without a system turn too: the system turn is not what it refuses
+    return False
+
+
+def fold_system(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """A leading system turn folded into the first user turn ("system text, blank line, user
+    text"), as Llama-2's template does itself: how to send instructions to a model whose
+    template has no system role. Other conversations come back as they are."""
+    if len(messages) < 2 or messages[0].get("role") != "system" or messages[1].get("role") != "user":
+        return messages
+    user = {**messages[1], "content": f"{messages[0]['content']}\n\n{messages[1]['content']}"}
+    return [user, *messages[2:]]
 
 
 def _render(tokenizer: Any, template: str, messages: list, add_generation_prompt: bool, source: str) -> str:
@@ -225,7 +317,7 @@ def tokenize_with_labels(tokenizer: Any, text: str, spans: list[tuple[int, int]]
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = list(encoded["input_ids"]), list(encoded["offset_mapping"])
     starts = _true_starts(offsets)
-    cuts = [lo for lo, _ in spans if any(start < lo < end for start, (_, end) in zip(starts, offsets))]
+    cuts = _straddled_starts(starts, offsets, spans)
     if not cuts:
         return ids, _labels_from_spans(ids, offsets, spans, starts)
     pieces_ids, pieces_offsets = [], []
@@ -253,13 +345,35 @@ def _true_starts(offsets: list) -> list[int]:
     return starts
 
 
+def _straddled_starts(starts: list[int], offsets: list, spans: list[tuple[int, int]]) -> list[int]:
+    """The span starts some token straddles (starts before, ends after), in the spans' order.
+    Tokens and spans are both in text order, so one merge pass finds them: O(tokens + spans),
+    where a scan of every token per span made a long conversation quadratic."""
+    cuts, k = [], 0
+    for lo, _ in spans:
+        while k < len(offsets) and offsets[k][1] <= lo:  # ends by lo: straddles no later start either
+            k += 1
+        if k < len(offsets) and starts[k] < lo:  # the first token ending past lo starts earliest
+            cuts.append(lo)
+    return cuts
+
+
 def _labels_from_spans(input_ids: list[int], offsets: list, spans: list[tuple[int, int]],
                        starts: list[int] | None = None) -> list[int]:
-    """A token is labelled when it starts inside a span (its true start, see `_true_starts`)."""
-    labels = [IGNORE_INDEX] * len(input_ids)
-    for k, (token_id, true_start) in enumerate(zip(input_ids, starts or _true_starts(offsets))):
-        if any(lo <= true_start < hi for lo, hi in spans):
-            labels[k] = token_id
+    """A token is labelled when it starts inside a span (its true start, see `_true_starts`).
+    One merge pass over the tokens and the spans, both in text order (overlapping spans joined)."""
+    merged: list[list[int]] = []
+    for lo, hi in sorted(span for span in spans if span[0] < span[1]):
+        if merged and lo <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    labels, k = [IGNORE_INDEX] * len(input_ids), 0
+    for i, (token_id, true_start) in enumerate(zip(input_ids, starts or _true_starts(offsets))):
+        while k < len(merged) and merged[k][1] <= true_start:
+            k += 1
+        if k < len(merged) and merged[k][0] <= true_start:
+            labels[i] = token_id
     return labels
 
 

@@ -124,15 +124,36 @@ def _answer_figures(side: Side, records) -> None:
     total, tokens = 0.0, 0
     for start in range(0, len(with_answer), 32):
         chunk = with_answer[start:start + 32]
-        answers = [side.tokenizer(str(records[i].answer), add_special_tokens=False)["input_ids"] or
-                   [side.tokenizer.eos_token_id] for i in chunk]
-        batch = collate_completions([side.prompt_ids[i] for i in chunk], answers, side.tokenizer.pad_token_id)
+        prompts, answers = zip(*(_answer_tokens(side, records[i]) for i in chunk))
+        batch = collate_completions(list(prompts), list(answers), side.tokenizer.pad_token_id)
         with torch.no_grad():
             logps = completion_logps(side.model, batch)
         total -= float((logps * batch["response_mask"]).sum())
         tokens += int(batch["response_mask"].sum())
     side.figures["answer_nll"] = total / tokens
     side.figures["answer_perplexity"] = math.exp(total / tokens)
+
+
+def _answer_tokens(side: Side, record) -> tuple[list[int], list[int]]:
+    """(context, answer) token ids of the record's prompt answered with its reference answer, as
+    the template renders and SFT tokenises them (`encode_response`): the answer's tokens are
+    those after the prompt, as its turn writes them (after "[/INST]", SentencePiece's "h" not
+    the "▁h" of the answer alone), its content only, not the end-of-turn marker. An empty
+    answer, or one the template rewrites (not found in its turn), is scored on its whole turn,
+    marker included."""
+    from posttrain.data.records import IGNORE_INDEX
+    from posttrain.data.templates import assistant_spans, tokenize_with_labels
+
+    answer = str(record.answer)
+    messages = [*record.prompt, {"role": "assistant", "content": answer}]
+    text, spans = assistant_spans(messages, side.tokenizer, side.template, record.source)
+    lo, hi = spans[-1]
+    at = text.find(answer.strip(), lo, hi) if answer.strip() else -1
+    content = (lo, at + len(answer.strip())) if at != -1 else (lo, hi)
+    ids, labels = tokenize_with_labels(side.tokenizer, text, [content])
+    labelled = [k for k, label in enumerate(labels) if label != IGNORE_INDEX] or [len(ids) - 1]
+    first, last = labelled[0], labelled[-1]
+    return ids[:first], ids[first:last + 1]
 
 
 def _reward_scorer(cfg, log):
@@ -209,9 +230,10 @@ def _redteam(side: Side, cfg, out: Path, log) -> dict:
 def run_evaluate(cfg, *, judge=None, log: Callable[[str], Any] = print) -> Path:
     """Answer, score and compare; write responses.jsonl, report.json and report.md. `judge`
     replaces the judge backend the config describes (tests)."""
-    from posttrain.config.evaluate import validate_evaluate
+    from posttrain.config.evaluate import EvaluateConfig, validate_evaluate
     from posttrain.eval.report import markdown
 
+    cfg = EvaluateConfig.for_run(cfg, "run_evaluate")
     validate_evaluate(cfg)
     score, rubric = _checked_inputs(cfg, log)
     out = Path(cfg.output_dir)

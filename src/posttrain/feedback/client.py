@@ -277,15 +277,21 @@ def _error_message(exc: urllib.error.HTTPError) -> str:
 
 
 class LocalModel:
-    """A model in this process. Generation holds a lock, so threads take turns."""
+    """A model in this process. Generation holds a lock, so threads take turns.
+
+    Under a template with no system role (Gemma's, Mistral's raise on one), a leading system
+    turn (a judge's instructions, a red-team attack's) is folded into the first user turn
+    (`data.templates.fold_system`): the one place every local judge, policy and target goes
+    through. An HTTP backend sends system turns as they are: its server applies its template."""
 
     def __init__(self, model, tokenizer, *, name: str, template: str = "auto", max_tokens: int = 128,
                  temperature: float = 1.0, seed: int | None = None):
-        from posttrain.data.templates import resolve_template
+        from posttrain.data.templates import has_system_role, resolve_template
         from posttrain.rollout.generate import eos_token_ids, pad_token_id
 
         self.model, self.tokenizer, self.model_name = model, tokenizer, name
         self.template = resolve_template(tokenizer, template)
+        self.system_role = has_system_role(tokenizer, self.template)
         self.defaults = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed}
         self.eos_ids = eos_token_ids(model, tokenizer, self.template)
         self.pad_id = pad_token_id(tokenizer, self.eos_ids)
@@ -311,6 +317,10 @@ class LocalModel:
         max_tokens = self.defaults["max_tokens"] if max_tokens is None else max_tokens
         temperature = self.defaults["temperature"] if temperature is None else temperature
         seed = self.defaults["seed"] if seed is None else seed
+        if not self.system_role:
+            from posttrain.data.templates import fold_system
+
+            messages = fold_system(messages)
         with self._lock:
             text = self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
                                                       add_generation_prompt=True)

@@ -296,12 +296,13 @@ def run_constitutional(cfg, *, policy=None, judge_backend=None, stream: TextIO |
     """`posttrain constitutional`: chains for every prompt (resumable), then sft.jsonl,
     preferences.jsonl and summary.json from all chains logged so far. `policy` / `judge_backend`
     replace the backends the config describes (tests, notebooks)."""
-    from posttrain.config.synthesis import validate_constitutional
+    from posttrain.config.synthesis import ConstitutionalConfig, validate_constitutional
     from posttrain.feedback.client import make_backend
     from posttrain.feedback.jobs import (JsonlLog, RunAborted, check_resume_settings, file_digest, run_items,
                                          write_jsonl)
     from posttrain.feedback.rlaif import backend_settings
 
+    cfg = ConstitutionalConfig.for_run(cfg, "run_constitutional")
     validate_constitutional(cfg)
     c = cfg.constitutional
     principles = load_constitution(c.constitution)

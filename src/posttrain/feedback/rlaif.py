@@ -265,8 +265,9 @@ def run_rlaif(cfg, log: Callable[[str], Any] = print) -> Path:
     """`posttrain rlaif`: sample, judge, write preferences; resumable. Returns the output dir."""
     from posttrain.files import write_config
 
-    from posttrain.config.feedback import validate_rlaif
+    from posttrain.config.feedback import RLAIFConfig, validate_rlaif
 
+    cfg = RLAIFConfig.for_run(cfg, "run_rlaif")
     validate_rlaif(cfg)
     out = Path(cfg.output_dir)
     rubric = read_rubric(cfg.judge)

@@ -360,11 +360,12 @@ def run_self_instruct(cfg, *, generator=None, stream: TextIO | None = STDERR) ->
     """`posttrain self-instruct`: rounds of candidates until num_tasks are accepted (or
     max_rounds), resumable from candidates.jsonl; then the output files. `generator`
     replaces the backend the config describes (tests, notebooks)."""
-    from posttrain.config.synthesis import validate_self_instruct
+    from posttrain.config.synthesis import SelfInstructConfig, validate_self_instruct
     from posttrain.feedback.client import make_backend
     from posttrain.feedback.jobs import JsonlLog, RunAborted, run_items
     from posttrain.feedback.rlaif import backend_settings
 
+    cfg = SelfInstructConfig.for_run(cfg, "run_self_instruct")
     validate_self_instruct(cfg)
     loop, filters = cfg.self_instruct, cfg.filters
     seeds = load_seed_tasks(cfg.data.seed_file)

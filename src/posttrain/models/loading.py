@@ -249,9 +249,8 @@ def enable_gradient_checkpointing(model) -> None:
 def load_tokenizer(path: str | os.PathLike = "tiny", trust_remote_code: bool = False):
     """Load the tokenizer of a preset or model directory.
 
-    A tokenizer without a pad token gets one: the eos token if it has one, else the unk
-    token (padding positions never carry loss, so reusing a token is harmless). A tokenizer
-    with neither raises UserError.
+    A tokenizer without a pad token gets one (`pad_fallback`): a special token the data never
+    carries when it has one, else its eos. A tokenizer with neither raises UserError.
     """
     from transformers import AutoTokenizer
 
@@ -271,11 +270,37 @@ def load_tokenizer(path: str | os.PathLike = "tiny", trust_remote_code: bool = F
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"could not load a tokenizer from {directory}: {first_line}") from None
     if tokenizer.pad_token is None:
-        fallback = tokenizer.eos_token or tokenizer.unk_token
+        fallback = pad_fallback(tokenizer)
         if fallback is None:
-            raise UserError(f"the tokenizer in {directory} has no pad, eos or unk token; add a pad token to tokenizer_config.json")
+            raise UserError(f"the tokenizer in {directory} has no pad, eos or unk token, nor another special token to "
+                            "pad with; add a pad token to tokenizer_config.json")
         tokenizer.pad_token = fallback
     return tokenizer
+
+
+def pad_fallback(tokenizer) -> str | None:
+    """The pad token for a tokenizer that has none: its unk, else a special token that no chat
+    template writes (Llama-3's reserved tokens; one named like a pad first), else its eos.
+
+    Padding is masked everywhere in posttrain, so any token would do for training; but a reward
+    model saved with pad == eos misleads plain transformers, whose sequence-classification
+    pooling scores the last token that is not pad_token_id: the token before a row's final eos
+    (Llama-3's <|eot_id|>). A token the data never carries keeps that pooling on the last real
+    token. None when the tokenizer has no special token at all."""
+    from posttrain.data.templates import CHATML, written_tokens
+
+    taken = {tokenizer.bos_token, tokenizer.eos_token} - {None}
+    if tokenizer.unk_token is not None and tokenizer.unk_token not in taken:
+        return tokenizer.unk_token
+    for template in (getattr(tokenizer, "chat_template", None), CHATML):  # its own, and the fallback
+        if isinstance(template, dict):
+            template = template.get("default")
+        if template:
+            taken |= written_tokens(tokenizer, template)
+    free = [token.content for _, token in sorted(tokenizer.added_tokens_decoder.items())
+            if token.special and token.content not in taken]
+    named_pad = [token for token in free if "pad" in token.lower()]
+    return (named_pad or free or [tokenizer.eos_token])[0]
 
 
 # --------------------------------------------------------------------------- hidden-state path

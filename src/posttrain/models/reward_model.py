@@ -8,7 +8,8 @@ on the final hidden state — an LM backbone with a value head.
 Which position is scored:
   decoder backbones (Llama, Qwen2, GPT-2, ...): the last non-padding token, found from the
       attention mask, so left and right padding score alike and a pad token that equals
-      eos cannot move it (transformers' own pooling searches for pad_token_id);
+      eos cannot move it (transformers' own pooling searches for pad_token_id, which is why a
+      tokenizer without a pad gets one the data never carries: `loading.pad_fallback`);
   encoder backbones (BERT-like): the model's own pooling (the [CLS] head), as trained.
 
 `load_reward_model(path)` also reads a LoRA reward model (a peft adapter directory whose
@@ -48,12 +49,26 @@ def load_reward_model(path: str | os.PathLike, dtype: str = "float32", trust_rem
         if error is None:
             raise
         raise error from None
-    if pad_token_id is not None and model.config.pad_token_id is None:
+    if pad_token_id is not None and model.config.pad_token_id != pad_token_id:
+        # the tokenizer's pad (the one batches are padded with, saved beside the model): plain
+        # transformers' pooling finds a row's last token by it (`pad_fallback`)
         model.config.pad_token_id = pad_token_id
     # modules the checkpoint did not hold, drawn at random here (the head; an encoder's pooler when
     # the checkpoint was a masked LM): LoRA must train and save them too (`add_lora`)
     model.newly_initialized = sorted({key.rsplit(".", 1)[0] for key in info.get("missing_keys", [])})
     return model
+
+
+def note_pad_is_eos(tokenizer, log) -> None:
+    """Say so when the reward model's pad token is its eos: posttrain scores the last real token
+    (from the attention mask), but plain transformers' AutoModelForSequenceClassification scores
+    the last token that is not pad_token_id, so it reads the token before a row's final eos."""
+    eos = getattr(tokenizer, "eos_token", None)
+    if eos is not None and tokenizer.pad_token_id == tokenizer.eos_token_id:
+        log(f"note: the pad token is the eos token {eos!r}, so plain transformers' "
+            f"AutoModelForSequenceClassification will score the token before a row's final {eos!r}, not the last "
+            "token posttrain trains and scores; give the tokenizer another pad token (tokenizer_config.json) for "
+            "the saved reward model to score alike in both")
 
 
 def _quiet_from_pretrained(cls, directory, **kwargs):

@@ -31,13 +31,12 @@ from posttrain.rollout.sampling import (
 
 def generate(
     model, tokenizer, prompts: list[str], settings: SamplingSettings, *, batch_size: int = 8,
-    template: str | None = None,
+    template: str | None = None, raw: bool = False,
 ) -> list[str]:
     """Complete each prompt; return the completion texts only, in prompt order.
 
-    Prompts are tokenized with add_special_tokens=False: callers pass text that is
-    already rendered (chat template, BOS and all), and a second BOS would change the
-    model's input. Each completion ends at an EOS token (tokenizer's, the model's
+    Prompts are text rendered by a chat template (BOS and all), or with `raw` text no
+    template was applied to; `prompt_token_ids` tokenizes either. Each completion ends at an EOS token (tokenizer's, the model's
     generation_config's, and the chat template's end-of-turn token: `eos_token_ids`), at
     the first stop string (the text is cut before it; a several-token end-of-turn marker
     is one: `stop_strings`), or after settings.max_new_tokens tokens. `template` is the
@@ -47,13 +46,23 @@ def generate(
     eos_ids = eos_token_ids(model, tokenizer, template)
     stop = stop_strings(tokenizer, settings.stop, template)
     stop_check = _make_stop_check(tokenizer, stop) if stop else None
-    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    prompt_ids = [prompt_token_ids(tokenizer, p, raw=raw) for p in prompts]
     completions = generate_token_ids(
         model, prompt_ids, settings, pad_token_id=pad_token_id(tokenizer, eos_ids),
         eos_token_ids=eos_ids, batch_size=batch_size, stop_check=stop_check,
     )
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in completions]
     return [truncate_at_stop(text, stop) for text in texts]
+
+
+def prompt_token_ids(tokenizer, text: str, *, raw: bool) -> list[int]:
+    """A prompt's token ids. Text rendered by a chat template holds the template's own special
+    tokens (BOS and all), and a second BOS would change the model's input; a raw prompt (no
+    template) is the model's whole input, so it gets the tokenizer's special tokens (BOS), as
+    text SFT trains on `tokenizer(text)` and as transformers' generate and the OpenAI / vLLM
+    completions endpoint read a prompt. `generate --template none` and `serve`'s completions
+    share this rule."""
+    return tokenizer(text, add_special_tokens=raw, verbose=False)["input_ids"]
 
 
 def generate_token_ids(

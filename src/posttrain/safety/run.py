@@ -189,12 +189,13 @@ def run_redteam(cfg, *, target=None, judge=None, attacker=None, log: Callable[[s
                 stream=STDERR) -> Path:
     """Run every item not yet in the log, then write report.json and report.md. `target`, `judge`
     and `attacker` (PAIR's) replace the backends the config describes (tests, notebooks)."""
-    from posttrain.config.safety import validate_redteam
+    from posttrain.config.safety import RedTeamConfig, validate_redteam
     from posttrain.feedback.client import make_backend
     from posttrain.feedback.jobs import JsonlLog, RunAborted, check_resume_settings, run_items
     from posttrain.files import write_config
     from posttrain.safety.report import markdown
 
+    cfg = RedTeamConfig.for_run(cfg, "run_redteam")
     validate_redteam(cfg)
     earlier = _earlier(cfg.compare_to) if cfg.compare_to else None  # a typo should cost no requests
     items = load_items(cfg)

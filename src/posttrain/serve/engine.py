@@ -28,6 +28,7 @@ from posttrain.rollout.generate import (
     eos_token_ids,
     generate_token_ids,
     pad_token_id,
+    prompt_token_ids,
     stop_strings,
     truncate_at_stop,
 )
@@ -143,7 +144,7 @@ class Engine:
         # Chat text is rendered by the template, BOS and all; a raw completion prompt gets the
         # tokenizer's special tokens, as the OpenAI API and vLLM treat it as the whole input.
         with self._tokenizer_lock:
-            return self.tokenizer(text, add_special_tokens=special, verbose=False)["input_ids"]
+            return prompt_token_ids(self.tokenizer, text, raw=special)
 
     def decode(self, ids: list[int]) -> str:
         with self._tokenizer_lock:

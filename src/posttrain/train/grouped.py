@@ -159,10 +159,11 @@ def _shared_prompt_block(item: Item) -> _Block:
         block.positions.extend(range(cut, len(seq)))
         block.segments.extend([k + 1] * (len(seq) - cut))
         block.last.append(len(block.ids) - 1 if len(seq) > cut else cut - 1)
+        labels = seq.labels  # a copy each read: once, not per token
         for t in range(cut, len(seq)):
-            if seq.labels[t] != -100:  # predicted from t-1: the prompt's last token or this response's previous
+            if labels[t] != -100:  # predicted from t-1: the prompt's last token or this response's previous
                 block.predictor.append(cut - 1 if t == cut else start + t - 1 - cut)
-                block.targets.append(seq.labels[t])
+                block.targets.append(labels[t])
                 block.response.append(k)
     return block
 

@@ -150,6 +150,7 @@ def run_grpo(cfg: GRPOConfig) -> Path:
     """Optimise the policy on sampled, scored completions per `cfg`; returns the run directory."""
     from posttrain.train.loop import finish_run, run_fingerprint, train
 
+    cfg = GRPOConfig.for_run(cfg, "run_grpo")
     validate_grpo(cfg)
     run = start_rl_run(cfg, needs_reference=cfg.grpo.beta > 0)
     stage = GRPOStage(GroupPolicyLoss(run.model, cfg.grpo, cfg.train.loss_chunk_size, cfg.rollout.temperature), *run.stage_args())

@@ -247,6 +247,7 @@ def _train_step(module, stage: Stage, micro: list[Batch], accelerator, cfg, inac
     return loss, float(grad_norm), metrics
 
 
+@torch.enable_grad()  # the loop owns its steps: a caller's torch.set_grad_enabled(False) is put back after
 def train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: str | None = None) -> LoopResult:
     """Run the optimisation described by `cfg` (a TrainConfig) on `stage`; checkpoints in run_dir.
 

@@ -312,6 +312,7 @@ def run_ppo(cfg: PPOConfig) -> Path:
     from posttrain.train.grouped import on_device
     from posttrain.train.loop import finish_run, run_fingerprint, train
 
+    cfg = PPOConfig.for_run(cfg, "run_ppo")
     validate_ppo(cfg)
     run = start_rl_run(cfg, needs_reference=cfg.ppo.kl_coef > 0)
     value_head, critic = build_value_model(cfg, run.model, run.tokenizer, run.log)

@@ -7,9 +7,10 @@ are never held. The loss itself is a pure function in `losses.preference`, picke
 `dpo.loss` from `PAIR_LOSSES` (or KTO).
 
 Reference model π_ref (dpo, cdpo, ipo, hinge, kto; simpo and orpo need none):
-  precompute  one pass of the starting model before training over train + eval, in the
-              batches training and evaluation use, cached in the run directory as
-              reference_logps.safetensors (reused on resume while data and model match);
+  precompute  one pass of the starting model before training over the micro-batches the run
+              reads (its train.max_steps of the first epoch, and the held-out set), in those
+              batches, cached in the run directory as reference_logps.safetensors (reused on
+              resume while data and model match; a longer run adds only what it lacks);
               during training no reference forward runs at all.
   live        every step, without gradients: the same weights with adapters disabled
               (no second copy) or, for full / freeze tuning, a frozen copy. Not with prompt
@@ -437,10 +438,11 @@ def _files_at(path: str) -> list:
             if f.is_file() and (stat := f.stat())]
 
 
-def _cached(cache: Path, fingerprint: str, count: int, log) -> list[float] | None:
-    """The cached log-probs if the file is readable, matches and holds `count` values; an
-    unreadable file (a crash mid-write before writes were atomic, a copy gone wrong) is said and
-    recomputed."""
+def _cached(cache: Path, fingerprint: str, count: int, log) -> tuple[list[float], list[bool]] | None:
+    """(values, covered) of the cache, one per sequence, if the file is readable, matches and
+    holds `count` values; `covered` says which were computed (a run reads only some micro-batches;
+    a cache without the mask, from before, covers all). An unreadable file (a crash mid-write
+    before writes were atomic, a copy gone wrong) is said and recomputed."""
     from safetensors import safe_open
 
     try:
@@ -448,30 +450,39 @@ def _cached(cache: Path, fingerprint: str, count: int, log) -> list[float] | Non
             if (handle.metadata() or {}).get("fingerprint") != fingerprint:
                 return None
             values = handle.get_tensor("logps").tolist()
+            covered = (handle.get_tensor("covered").bool().tolist() if "covered" in handle.keys()
+                       else [True] * len(values))
     except Exception as exc:  # safetensors raises its own error types for damaged files
         log(f"reference log-probs: {cache} is unreadable ({type(exc).__name__}: {exc}); computing them again")
         return None
-    if len(values) != count:
+    if len(values) != count or len(covered) != count:
         log(f"reference log-probs: {cache} holds {len(values)} values for {count} sequences; computing them again")
         return None
-    return values
+    return values, covered
 
 
 def precompute_reference(model, items: list[Item], cfg: DPOConfig, pad_id: int, cache: Path | None, log,
                          share_prompt: bool = False, unpadded: bool = False,
                          plan: list[list[Item]] | None = None, rank: int = 0, world: int = 1) -> None:
-    """Fill `item.reference_logps` for every item: from the cache when it matches, else one pass.
+    """Fill `item.reference_logps` for the items of `plan`: from the cache where it has them, the
+    rest in one pass. Items outside the plan that the cache lacks get none (a batch of them would be
+    refused).
+
+    `plan`: the micro-batches (lists of `items`) the run reads, to compute them in — the first
+    `train.max_steps` steps of the stage's first epoch (all of it when the run goes further) and
+    its held-out batches (`reference_plan`). A sequence's log-probs differ in the last bits with
+    the batch around it (padding-free rows change width, and the kernels with it); in the very
+    batches training starts from and evaluation uses, π = π_ref exactly at step 0 and before
+    training, so every implicit reward is 0 and accuracy is exactly one half, not the sign of
+    rounding noise. Without a plan, every item in order, 2 × batch_size at a time.
+
+    The cache (`cache`) is keyed by the model and every item's tokens, and records which
+    sequences it holds: a resumed or longer run computes only the micro-batches it lacks, with
+    `model` as it is here (the starting model: the loop loads a checkpoint later), and adds them.
 
     With several processes (`rank` of `world`, every one calling this) each computes every
-    world-th micro-batch of the plan and they exchange the results, so the pass takes 1/world of
-    the time; all of them read the cache, process 0 alone writes it.
-
-    `plan`: the micro-batches (lists of `items`) to compute them in — the stage's first epoch and
-    its held-out batches (`GroupedStage.item_batches`). A sequence's log-probs differ in the last
-    bits with the batch around it (padding-free rows change width, and the kernels with it); in
-    the very batches training starts from and evaluation uses, π = π_ref exactly at step 0 and
-    before training, so every implicit reward is 0 and accuracy is exactly one half, not the sign
-    of rounding noise. Without a plan, `items` in order, 2 × batch_size at a time."""
+    world-th missing micro-batch and they exchange the results, so the pass takes 1/world of the
+    time; all of them read the cache, process 0 alone writes it."""
     from safetensors.torch import save_file
 
     fingerprint = _fingerprint(cfg, items)
@@ -481,17 +492,19 @@ def precompute_reference(model, items: list[Item], cfg: DPOConfig, pad_id: int, 
         from accelerate.utils import gather_object
 
         cached = cached if all(gather_object([cached is not None])) else None
-    if cached is not None:
-        _assign(items, cached)
-        log(f"reference log-probs: reused {cache}")
-        return
+    values, covered = cached if cached is not None else ([float("nan")] * count, [False] * count)
+    _assign(items, values, covered)
     if plan is None:
         size = max(1, 2 * cfg.train.batch_size)
         plan = [items[start : start + size] for start in range(0, len(items), size)]
+    missing = [index for index, chunk in enumerate(plan) if any(not item.reference_logps for item in chunk)]
+    if not missing:
+        log(f"reference log-probs: reused {cache}")
+        return
     device = next(model.parameters()).device
     computed: dict[int, list[float]] = {}  # plan index -> its sequences' log-probs
     with reference_weights(model, starting=True) as reference:
-        for index in range(rank, len(plan), world):
+        for index in missing[rank::world]:
             chunk = plan[index]
             shared = share_prompt and all(shares_prompt(item) for item in chunk)
             batch = collate_shared_prompt(chunk, pad_id, padding_free=unpadded) if shared else collate_items(chunk, pad_id)
@@ -500,16 +513,36 @@ def precompute_reference(model, items: list[Item], cfg: DPOConfig, pad_id: int, 
     if world > 1:
         for part in gather_object([computed]):
             computed.update(part)
-    for index, chunk in enumerate(plan):
-        _assign(chunk, computed[index])
-    values = [v for item in items for v in item.reference_logps]
-    if len(values) != count:
-        raise RuntimeError(f"the reference plan covered {len(values)} of {count} sequences")
+    fresh = 0
+    for index in missing:  # a micro-batch partly in the cache (another plan) keeps the values it has
+        position = 0
+        for item in plan[index]:
+            if not item.reference_logps:
+                item.reference_logps = computed[index][position : position + len(item.sequences)]
+                fresh += len(item.sequences)
+            position += len(item.sequences)
     if cache is not None and rank == 0:  # written beside, then renamed: a crash never leaves a partial cache
+        held = [[float("nan")] * len(item.sequences) if not item.reference_logps else item.reference_logps
+                for item in items]
+        mask = [bool(item.reference_logps) for item in items for _ in item.sequences]
         partial = cache.with_name(cache.name + ".partial")
-        save_file({"logps": torch.tensor(values, dtype=torch.float32)}, str(partial), metadata={"fingerprint": fingerprint})
+        save_file({"logps": torch.tensor([v for row in held for v in row], dtype=torch.float32),
+                   "covered": torch.tensor(mask, dtype=torch.uint8)}, str(partial),
+                  metadata={"fingerprint": fingerprint})  # one key: safetensors writes several in any order
         os.replace(partial, cache)
-    log(f"reference log-probs: computed for {len(values)} sequences once (cached in {cache})")
+    kept = f", beside the {sum(covered)} it held" if any(covered) else ""
+    log(f"reference log-probs: computed for {fresh} sequences once (cached in {cache}{kept})")
+
+
+def reference_plan(stage: GroupedStage, train_cfg, world: int) -> list[list[Item]]:
+    """The micro-batches a run reads, in order: the first `total steps × world × grad_accum` of
+    the first epoch (all of it when the run is longer: later epochs reorder its items), then the
+    held-out ones. With `train.max_steps` under an epoch the rest of the epoch is never read."""
+    from posttrain.train.loop import _plan_total_steps  # the loop's own count of its steps
+
+    group = world * train_cfg.grad_accum
+    read = _plan_total_steps(stage, train_cfg, group) * group
+    return stage.item_batches(0)[:read] + stage.eval_item_batches()
 
 
 def _step_layout_logps(reference, batch: dict, chunk: list[Item], cfg: DPOConfig) -> torch.Tensor:
@@ -526,11 +559,13 @@ def _step_layout_logps(reference, batch: dict, chunk: list[Item], cfg: DPOConfig
     return out
 
 
-def _assign(items: list[Item], values: list[float]) -> None:
+def _assign(items: list[Item], values: list[float], covered: list[bool]) -> None:
+    """Give each item its values where the cache covers all its sequences, else none."""
     position = 0
     for item in items:
-        item.reference_logps = values[position : position + len(item.sequences)]
-        position += len(item.sequences)
+        end = position + len(item.sequences)
+        item.reference_logps = values[position:end] if all(covered[position:end]) else []
+        position = end
 
 
 # --------------------------------------------------------------------------- the run
@@ -556,6 +591,7 @@ def run_dpo(cfg: DPOConfig) -> Path:
     from posttrain.train.forgetting import attach, build_control, report
     from posttrain.train.sft import build_model
 
+    cfg = DPOConfig.for_run(cfg, "run_dpo")
     validate_dpo(cfg)
     run_dir, accelerator, main, log = start_run(cfg)
     tokenizer, model, adapter_training = build_model(cfg, log, run_dir if main else None)
@@ -580,7 +616,8 @@ def run_dpo(cfg: DPOConfig) -> Path:
         with accelerator.autocast():  # in training's precision and batches, so π = π_ref exactly at step 0
             precompute_reference(model, train_items + eval_items, cfg, tokenizer.pad_token_id,
                                  run_dir / "reference_logps.safetensors", log, share_prompt=share,
-                                 unpadded=share and unpadded, plan=stage.item_batches(0) + stage.eval_item_batches(),
+                                 unpadded=share and unpadded,
+                                 plan=reference_plan(stage, cfg.train, accelerator.num_processes),
                                  rank=accelerator.process_index, world=accelerator.num_processes)
     summary: dict = {"loss": cfg.dpo.loss, "reference": "none" if cfg.dpo.loss in REFERENCE_FREE else cfg.dpo.reference,
                      "train_items": len(train_items), "eval_items": len(eval_items)}

@@ -106,8 +106,9 @@ def build_reward_model(cfg: RMConfig, tokenizer, log, run_dir: Path | None = Non
     parameter report and saves it as run_dir/params.json, as every stage does."""
     from posttrain.models.adapters import format_report, parameter_report
     from posttrain.models.lean import lean_activations
-    from posttrain.models.reward_model import add_lora, load_reward_model
+    from posttrain.models.reward_model import add_lora, load_reward_model, note_pad_is_eos
 
+    note_pad_is_eos(tokenizer, log)
     model = load_reward_model(cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code,
                               pad_token_id=tokenizer.pad_token_id)
     lean_activations(model, cfg.model.lean_activations)
@@ -157,6 +158,7 @@ def run_rm(cfg: RMConfig) -> Path:
     from posttrain.models.reward_model import encoder_positions, is_decoder_scorer
     from posttrain.train.loop import evaluate, run_fingerprint, start_run, train
 
+    cfg = RMConfig.for_run(cfg, "run_rm")
     validate_rm(cfg)
     run_dir, accelerator, main, log = start_run(cfg)
     tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)

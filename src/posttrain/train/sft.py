@@ -213,6 +213,7 @@ def run_sft(cfg: SFTConfig) -> Path:
     from posttrain.models.loading import note_full_logits
     from posttrain.train.loop import finish_run, run_fingerprint, start_run, train
 
+    cfg = SFTConfig.for_run(cfg, "run_sft")
     validate_sft(cfg)
     run_dir, accelerator, main, log = start_run(cfg)
     tokenizer, model, adapter_training = build_model(cfg, log, run_dir if main else None)

@@ -16,8 +16,9 @@ O(n²), so candidates are found first with MinHash and LSH banding:
   equal in both, which happens with probability P(s) = 1 − (1 − s^r)^b for Jaccard s, an
   S-curve whose steep part `lsh_bands` places around the threshold.
 
-Every candidate pair is then re-checked with the exact Jaccard of the shingle sets, so no false
-positive survives; verified pairs are joined with union-find and each cluster keeps its
+Every candidate pair is then re-checked with the exact Jaccard of the shingle sets (rebuilt from
+the texts for the rows candidate pairs name: only the signatures are kept for every row), so no
+false positive survives; verified pairs are joined with union-find and each cluster keeps its
 smallest index. Recall is what the S-curve gives: a pair far above the threshold is almost
 surely found, one just at it with probability P(threshold) (0.72 at 0.8 / 128 permutations with
 `lsh_bands`' default weighting; 0.4 with equal weights), partly recovered when both rows are
@@ -37,6 +38,7 @@ from posttrain.data.quality.text import ngrams, normalize, words
 _PRIME = np.uint64((1 << 32) - 5)  # the hash family's modulus: largest prime below 2^32
 _EMPTY = np.iinfo(np.uint64).max  # signature value of an empty set (above every hash mod _PRIME)
 _CHUNK = 1 << 13  # shingles hashed per numpy op: a (num_perm, _CHUNK) uint64 block, 8 MiB at 128
+_ROW_BLOCK = 2048  # rows whose shingle hashes are held at once while signing (~2 MiB at 100 words)
 _ALL_PAIRS_MAX = 64  # a bucket larger than this links each member to its first one only
 _GRID = 1001  # points per side of the threshold for integrating the S-curve
 
@@ -171,20 +173,39 @@ def near_duplicates(texts: Sequence[str], *, threshold: float = 0.8, ngram: int 
     _check_ngram(ngram)
     hasher = MinHasher(num_perm, seed)  # validates num_perm
     bands, rows = lsh_bands(threshold, num_perm)
-    sets = [shingle_set(text, ngram) for text in texts]
-    live = [i for i, s in enumerate(sets) if s]
-    signatures = hasher._signatures([_shingle_hashes(sets[i]) for i in live])
+    signatures, live = _row_signatures(hasher, texts, ngram)
     candidates = _candidate_pairs(signatures, live, bands, rows)
+    del signatures
+    # Only rows a candidate pair names are ever compared: their shingle sets are rebuilt from the
+    # texts (holding every row's set at once took ~24 KiB a row, 37x its text).
+    sets = {i: shingle_set(texts[i], ngram) for i in sorted({i for pair in candidates for i in pair})}
     verified = [(i, j) for i, j in candidates if jaccard(sets[i], sets[j]) >= threshold]
-    root = _clusters(len(sets), verified)
+    root = _clusters(len(texts), verified)
     result = [None if root[i] == i else Duplicate(of=root[i], similarity=jaccard(sets[i], sets[root[i]]))
-              for i in range(len(sets))]
+              for i in range(len(texts))]
     sizes: dict[int, int] = {}
     for r in root:
         sizes[r] = sizes.get(r, 0) + 1
     stats = {"candidate_pairs": len(candidates), "verified_pairs": len(verified),
              "clusters": sum(size > 1 for size in sizes.values()), "bands": bands, "rows": rows}
     return result, stats
+
+
+def _row_signatures(hasher: MinHasher, texts: Sequence[str], ngram: int) -> tuple[np.ndarray, list[int]]:
+    """(signatures, ids): the MinHash signature of every row that has shingles, in row order, and
+    those rows' indices. Rows are hashed `_ROW_BLOCK` at a time, so only the signatures (8 bytes
+    x num_perm a row) outlive their block, never the shingle sets or their hashes."""
+    out = np.empty((len(texts), hasher.num_perm), dtype=np.uint64)
+    live: list[int] = []
+    for lo in range(0, len(texts), _ROW_BLOCK):
+        hashes = []
+        for i in range(lo, min(lo + _ROW_BLOCK, len(texts))):
+            shingles = shingle_set(texts[i], ngram)
+            if shingles:
+                live.append(i)
+                hashes.append(_shingle_hashes(shingles))
+        out[len(live) - len(hashes):len(live)] = hasher._signatures(hashes)
+    return out[:len(live)], live
 
 
 def _candidate_pairs(signatures: np.ndarray, ids: list[int], bands: int, rows: int) -> list[tuple[int, int]]:

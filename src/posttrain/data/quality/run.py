@@ -49,8 +49,9 @@ class _Pass:
 
 def run_quality(cfg, *, log: Callable[[str], Any] = print) -> Path:
     """Run every configured check over `cfg.data.files`; write the outputs into cfg.output_dir."""
-    from posttrain.config.quality import validate_quality
+    from posttrain.config.quality import QualityConfig, validate_quality
 
+    cfg = QualityConfig.for_run(cfg, "run_quality")
     validate_quality(cfg)
     if cfg.perplexity.model:  # a wrong path is said before any row is read, not after the cheap steps
         from posttrain.inference import check_model_dir
