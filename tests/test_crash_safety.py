@@ -327,9 +327,10 @@ def sft_straight(tmp_path_factory):
 
 def test_a_pipeline_stage_killed_while_writing_final_or_summary_is_resumed_not_skipped(
         tmp_path, monkeypatch, capsys, sft_straight):
-    """Killed inside save_pretrained (final/ holds a cut model file, no tokenizer, no summary.json), then
-    killed while summary.json is written (final/ complete, summary.json cut): each rerun resumes the stage,
-    and the end is the uninterrupted run's, bit for bit."""
+    """Killed inside save_pretrained (a cut model file in final/'s temporary sibling: final/ itself is
+    renamed into place whole, so there is none; no summary.json), then killed while summary.json is
+    written (final/ complete, summary.json cut): each rerun resumes the stage, and the end is the
+    uninterrupted run's, bit for bit."""
     import transformers
     import yaml
 
@@ -352,7 +353,8 @@ def test_a_pipeline_stage_killed_while_writing_final_or_summary_is_resumed_not_s
         patch.setattr(transformers.PreTrainedModel, "save_pretrained", cut_save)
         with pytest.raises(KeyboardInterrupt):
             run_pipeline(path)
-    assert (run_dir / "final" / "config.json").is_file() and not (run_dir / "summary.json").exists()
+    assert (run_dir / ".tmp-final" / "config.json").is_file() and not (run_dir / "final").exists()
+    assert not (run_dir / "summary.json").exists()
     capsys.readouterr()
 
     real_write_text = Path.write_text

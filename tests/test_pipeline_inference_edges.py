@@ -399,8 +399,8 @@ def test_pipeline_unknown_keys_stop_with_exit_code_2_naming_them(tmp_path, capsy
 
 
 def test_pipeline_failing_stage_stops_later_stages_and_reruns_skip_the_finished(tmp_path, capsys):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"nothing": 1}\n{"nothing": 2}\n')
+    bad = tmp_path / "bad.jsonl"  # every row malformed: the stage fails when it reads them, not in the up-front
+    bad.write_text('{"nothing": 1\n{"nothing": 2\n')  # file check (rows of an unknown format would be refused there)
     out = tmp_path / "out"
     doc = {"output_dir": str(out), "stages": [
         {"name": "sft", "kind": "sft", "overrides": SFT_FAST},

@@ -11,7 +11,7 @@ Bearer` on `/v1/*`".
 No real network: OpenAI-compatible endpoints are the suite's scripted loopback server
 (`tests/feedback_fixture.py`), and a second loopback address (127.0.0.2) stands for another host.
 
-The tests named for a failure pin a defect found on that walk (strict xfails until fixed: each asserts
+The tests named for a failure pin a defect found on that walk (each a strict xfail until its fix, stop 30: each asserts
 the right behaviour); the others pin behaviour that was right but had no test."""
 
 from __future__ import annotations
@@ -110,8 +110,6 @@ def _request(server, method: str, path: str, body: dict | None = None, headers: 
 # --------------------------------------------------------------------------- defects
 
 
-@pytest.mark.xfail(strict=True, reason="urllib follows a 302 from the endpoint to another host and sends it the "
-                                       "Authorization: Bearer key (a header added with headers=, not unredirected)")
 def test_a_redirect_to_another_host_does_not_receive_the_api_key():
     """README: a backend takes "the *name* of the environment variable with the key (... the key is never
     written anywhere)". An endpoint (or anything in front of it) that answers 302 with a Location on
@@ -133,8 +131,6 @@ def test_a_redirect_to_another_host_does_not_receive_the_api_key():
     assert leaked == []
 
 
-@pytest.mark.xfail(strict=True, reason="a key pasted into *.api_key_env (the variable's name) is accepted, written "
-                                       "to the run's config.yaml and sent nowhere; the 401 names no setting value")
 @pytest.mark.parametrize("command, example, setting", [
     ("rlaif", "examples/rlaif.yaml", "policy.api_key_env"),
     ("redteam", "examples/redteam.yaml", "target.api_key_env"),
@@ -159,8 +155,6 @@ def test_a_key_given_where_the_variable_name_goes_is_refused_and_never_written(c
     assert not out.exists() or _files_holding(out, KEY) == []
 
 
-@pytest.mark.xfail(strict=True, reason="with --api-key-env, GET /health (no key needed) lists the served model "
-                                       "names, by default the local path MODEL was given as")
 def test_health_without_the_key_does_not_name_the_served_models():
     """README: "`GET /health` (queue length and batching counters; no key needed)" and "`--api-key-env VAR`
     requires `Authorization: Bearer` on `/v1/*`", so `GET /v1/models` answers 401 without the key. Observed:
@@ -179,9 +173,6 @@ def test_health_without_the_key_does_not_name_the_served_models():
     assert name not in body, (status, body)
 
 
-@pytest.mark.xfail(strict=True, reason="serve answers any Host header: a web page that rebinds its own name to "
-                                       "127.0.0.1 (DNS rebinding) can use the key-less loopback server and read "
-                                       "its answers")
 def test_loopback_server_refuses_a_request_for_another_host_name(tiny_server):
     """The default `--host 127.0.0.1` and the warning for another host without a key say the key-less
     server is meant for this machine only. A browser page on attacker.example whose DNS name is rebound to
@@ -196,8 +187,6 @@ def test_loopback_server_refuses_a_request_for_another_host_name(tiny_server):
     assert 400 <= status < 500 and "choices" not in body, (status, body)
 
 
-@pytest.mark.xfail(strict=True, reason="posttrain demo --output-dir DIR rmtree's DIR whatever it holds (it only "
-                                       "checks that it exists and train.resume is never)")
 def test_demo_does_not_delete_a_directory_it_did_not_write(tmp_path, monkeypatch):
     """`posttrain demo --output-dir ~/work` (or `.`) deleted the whole directory, the user's files with it,
     before training began: `shutil.rmtree(cfg.output_dir)  # the demo always starts from scratch`. It

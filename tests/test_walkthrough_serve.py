@@ -13,7 +13,7 @@ installed. What is already pinned by tests/test_serve.py and tests/test_feedback
 (the 36 malformed requests, the API key, SSE parsing of n choices, cancellation, load) is not
 repeated.
 
-The tests named for a failure pin a defect found on this walk (strict xfails until fixed: they
+The tests named for a failure pin a defect found on this walk (each a strict xfail until its fix, stop 30: they
 assert the right behaviour); the others pin behaviour that was right but had no test.
 """
 
@@ -109,8 +109,6 @@ def _streamed_texts(chunks: list[dict]) -> list[str]:
 # --------------------------------------------------------------------------- defects
 
 
-@pytest.mark.xfail(strict=True, reason="with a byte-fallback tokenizer a streamed answer stops growing after a "
-                   "byte token whose text a later decode takes back; the rest of the answer never arrives")
 def test_byte_fallback_stream_stalls_and_drops_the_rest_of_the_answer(llama2):
     """README: "streamed pieces add up to the non-streamed answer". A Llama-2 / Mistral / Gemma tokenizer
     spells rare bytes as <0xNN> tokens, and its ByteFallback decoder decodes a run of them together: one
@@ -133,8 +131,6 @@ def test_byte_fallback_stream_stalls_and_drops_the_rest_of_the_answer(llama2):
     assert streamed == plain
 
 
-@pytest.mark.xfail(strict=True, reason="/v1/completions decodes the continuation alone, so a SentencePiece "
-                   "tokenizer's decoder strips its leading space: prompt + text loses the space between them")
 def test_completion_text_drops_the_leading_space_on_a_sentencepiece_tokenizer(llama2):
     """A completion is the prompt's continuation: a client (an lm-eval harness, a code completer) appends
     `text` to its prompt. Llama-2 / Mistral tokenizers mark a word's space with "▁" and their decoder
@@ -160,8 +156,6 @@ def test_completion_text_drops_the_leading_space_on_a_sentencepiece_tokenizer(ll
     assert prompt + answer["choices"][0]["text"] == whole
 
 
-@pytest.mark.xfail(strict=True, reason="logprobs: 0 on /v1/completions is accepted and ignored (logprobs: null) "
-                   "although OpenAI returns the sampled tokens' logprobs for it")
 def test_completions_logprobs_zero_is_silently_ignored(tiny):
     """OpenAI's completions reference: "The API will always return the logprob of the sampled token, so there
     may be up to logprobs+1 elements in the response": logprobs 0 asks for the sampled tokens' logprobs
@@ -174,8 +168,6 @@ def test_completions_logprobs_zero_is_silently_ignored(tiny):
     assert refused or honoured, answer
 
 
-@pytest.mark.xfail(strict=True, reason="every stream chunk stamps its own `created` (time.time() per chunk), so "
-                   "a stream that crosses a second boundary has chunks with different timestamps")
 def test_stream_chunks_share_one_created_timestamp(tiny, monkeypatch):
     """OpenAI's chunk object: "created: The Unix timestamp (in seconds) of when the chat completion was
     created. Each chunk has the same timestamp." `protocol.chunk_body` calls time.time() for each chunk.

@@ -6,7 +6,7 @@ The Python API mirrors the CLI: build a config, call the stage, get a run direct
     cfg = SFTConfig.from_dict({"model": {"path": "tiny"}, "train": {"max_steps": 50}})
     run_dir = run_sft(cfg)
 
-Every command has its pair: RMConfig / run_rm, DPOConfig / run_dpo (kto, orpo: dpo.loss),
+Every training and data command has its pair: RMConfig / run_rm, DPOConfig / run_dpo (kto, orpo: dpo.loss),
 GRPOConfig / run_grpo (rloo: grpo.advantage), PPOConfig / run_ppo, RLAIFConfig / run_rlaif,
 ConstitutionalConfig / run_constitutional, SelfInstructConfig / run_self_instruct,
 QualityConfig / run_quality, RedTeamConfig / run_redteam, EvaluateConfig / run_evaluate;

@@ -32,7 +32,7 @@ import signal
 import sys
 
 from posttrain.env import first_process, launched_processes
-from posttrain.errors import ConfigError, UserError
+from posttrain.errors import ConfigError, NoRoom, UserError
 
 
 def _stage_parser(sub, name: str, config_cls, help_text: str):
@@ -67,6 +67,19 @@ def _sampling_args(parser) -> None:
                         help="add adapter 'mix' = weighted sum of loaded adapters (repeatable) and use it")
 
 
+EXIT_CODES = """exit codes (every command):
+  0    done
+  2    a problem with the config, the data or the environment (a missing file, a full disk), said in
+       one line "error: ..."; also a data command or pipeline stage whose items partly failed (its
+       outputs hold the others; the same command retries them)
+  3    training stopped on purpose: train.max_consecutive_nonfinite non-finite steps in a row, or a
+       step with no label tokens
+  130  interrupted (Ctrl-C, SIGINT); 143 terminated (SIGTERM): training saves a checkpoint first, and
+       the same command resumes
+  141  stdout was a pipe whose reader stopped (`posttrain score ... | head`)
+  1    an unexpected error: a bug in posttrain, with its traceback"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     from posttrain.config import DPOConfig, GRPOConfig, PPOConfig, RLAIFConfig, RMConfig, SFTConfig
     from posttrain.config.evaluate import EvaluateConfig
@@ -76,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     from posttrain.pipeline import add_parser as add_pipeline_parser
 
     parser = argparse.ArgumentParser(prog="posttrain", description="Post-training for language models.",
+                                     epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
     # no abbreviated flags: `serve --api-key X` would be read as --api-key-env X
     sub = parser.add_subparsers(dest="command", required=True,
@@ -134,7 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge = sub.add_parser("merge", help="fold LoRA / DoRA / IA3 adapters into the base and save a plain HF model")
     merge.add_argument("adapter", help="adapter dir or run dir (uses its final/)")
     merge.add_argument("output", help="directory for the merged model")
-    merge.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    merge.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                       help="dtype of the merged model's weights (default: the base checkpoint's); the merge "
+                            "itself is done in float32 and rounded once")
     merge.add_argument("--trust-remote-code", action="store_true")
     demo = sub.add_parser("demo", help="build the tiny model and fine-tune it on synthetic tasks, before/after")
     demo.add_argument("--output-dir", default="runs/demo")
@@ -315,6 +331,12 @@ def _run(args) -> int:
         run_dir = run(cfg)
         if first_process():
             print(f"run directory: {run_dir}")
+        from posttrain.pipeline import failed_items
+
+        failed = failed_items(args.command, run_dir)
+        if failed:  # outputs written from the others; a scheduler must not record the job as done
+            raise UserError(f"{args.command}: {failed} item(s) failed this run (see {run_dir}); the outputs hold the "
+                            "others; rerun the same command to retry them")
         return 0
     if args.command == "pipeline":
         from posttrain.pipeline import main as pipeline_main
@@ -396,7 +418,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"error: {as_overrides}\n")  # as argparse exits on its own errors
     try:
         return _run(args)
-    except UserError as exc:  # one process's own error is said by it; an error all meet alike, once a machine
+    except Exception as caught:  # noqa: BLE001 - a UserError or a full disk is said in one line, the rest re-raised
+        exc = caught if isinstance(caught, UserError) else NoRoom.of(caught)
+        if exc is None:  # a bug in posttrain: its traceback
+            raise
+        # one process's own error is said by it; an error all meet alike, once a machine
         if not getattr(exc, "alike_everywhere", False) or first_process(of_machine=True):
             print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

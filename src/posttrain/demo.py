@@ -43,6 +43,44 @@ DEMO_CONFIG = {
 }
 
 
+# What a demo run directory holds: the SFT run's files, then rm/, dpo/ and report/ (and the
+# .partial of a file cut off mid-write, rejects-*.jsonl of bad rows). Nothing else is the demo's.
+DEMO_ENTRIES = {"config.yaml", "params.json", "data_report.json", "metrics.jsonl", "summary.json", "checkpoints",
+                "final", "rm", "dpo", "report"}
+
+
+def _is_demo_entry(name: str) -> bool:
+    name = name.removesuffix(".partial")
+    return name in DEMO_ENTRIES or (name.startswith("rejects-") and name.endswith(".jsonl"))
+
+
+def clear_earlier_run(output_dir: str) -> None:
+    """The demo starts from scratch, so it deletes its output dir first, but only one that is
+    missing, empty, or an earlier demo run (its config.yaml, and only names the demo writes):
+    `--output-dir ~/work` must never take the user's files with it."""
+    import shutil
+
+    from posttrain.errors import UserError
+
+    out = Path(output_dir)
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir() or out.is_symlink():
+        raise UserError(f"demo output dir {out} is not a directory the demo wrote; give another --output-dir")
+    names = sorted(p.name for p in out.iterdir())
+    if not names:
+        return
+    foreign = [name for name in names if not _is_demo_entry(name)]
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise UserError(f"demo output dir {out} holds files no demo wrote ({shown}); the demo clears only an "
+                        "earlier demo run: give another --output-dir")
+    if "config.yaml" not in names:
+        raise UserError(f"demo output dir {out} is not an earlier demo run (no config.yaml); the demo clears only "
+                        "those: give another --output-dir")
+    shutil.rmtree(out)
+
+
 def demo_config(output_dir: str, overrides: list[str] = ()):
     import copy
 
@@ -121,10 +159,8 @@ def run_demo(output_dir: str = "runs/demo", overrides: list[str] = ()) -> int:
     logging.disable_progress_bar()  # one "Loading weights" bar per stage otherwise
 
     cfg = demo_config(output_dir, overrides)
-    if Path(cfg.output_dir).exists() and cfg.train.resume == "never":  # the run directory itself,
-        import shutil                                                  # output_dir=... included
-
-        shutil.rmtree(cfg.output_dir)  # the demo always starts from scratch
+    if cfg.train.resume == "never":  # the run directory itself, output_dir=... included
+        clear_earlier_run(cfg.output_dir)  # the demo always starts from scratch
     started = time.time()
     run_dir = run_sft(cfg)
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -6,6 +6,10 @@ traceback. Anything else that escapes is a bug in posttrain and keeps its traceb
 
 from __future__ import annotations
 
+import errno
+import os
+import re
+
 
 class UserError(Exception):
     """A problem with the user's config, data or environment (exit code 2)."""
@@ -19,6 +23,33 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """Malformed or unusable training data."""
+
+
+class NoRoom(UserError):
+    """Outputs that did not fit: a full disk (ENOSPC), a disk quota (EDQUOT) or a file-size
+    limit (EFBIG, `ulimit -f`). The commonest environment failure of a long job, said in one
+    line naming the path, not as a traceback."""
+
+    ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)})  # no EDQUOT on Windows
+
+    @classmethod
+    def of(cls, exc: BaseException, path=None) -> "NoRoom | None":
+        """`exc` as a NoRoom naming `path` (else the file the error names), or None when it is
+        another failure. Takes an OSError, or safetensors' SafetensorError, which carries the
+        OS error in its text only ("I/O error: File too large (os error 27)")."""
+        if isinstance(exc, NoRoom):
+            return exc
+        if isinstance(exc, OSError):
+            code, reason, where = exc.errno, exc.strerror, path or exc.filename
+        elif type(exc).__name__ == "SafetensorError" and (found := re.search(r"\(os error (\d+)\)", str(exc))):
+            code = int(found.group(1))
+            reason, where = os.strerror(code), path
+        else:
+            return None
+        if code not in cls.ERRNOS:
+            return None
+        return cls(f"cannot write {where or 'an output file'}: {reason or os.strerror(code)}; free some space (or "
+                   "raise the quota / file-size limit) and run the same command again")
 
 
 class TrainingAborted(UserError):

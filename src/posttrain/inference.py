@@ -30,6 +30,23 @@ def check_output_path(path: str, flag: str = "--output") -> None:
         raise UserError(f"{flag} {path}: {parent} is a file, not a directory")
 
 
+def write_output(path: str, lines) -> None:
+    """`lines` (each ending in a newline) to the file `path`, or to stdout for '-', flushed before
+    returning: an OSError (a full disk: ENOSPC, met at a write or at the close) then names the
+    path, and the CLI says it in one line. A closed stdout pipe (`| head`) is the caller's to end
+    quietly (console.run)."""
+    try:
+        if path == "-":
+            sys.stdout.writelines(lines)
+            sys.stdout.flush()
+            return
+        with open(path, "w", encoding="utf-8") as out:
+            out.writelines(lines)
+    except OSError as exc:
+        exc.filename = exc.filename or ("stdout" if path == "-" else path)
+        raise
+
+
 def check_model_dir(path: str, what: str = "model") -> None:
     """The path checks load_for_inference makes first, without loading anything: a missing
     reference is said before the policy's minutes of loading, not after."""
@@ -294,21 +311,24 @@ def main(args) -> int:
         return 0
     completions = _generate_per_adapter(model, tokenizer, items, [render(i, tokenizer, template) for i in items],
                                         settings, args.batch_size, template, raw=template is None)
-    out = sys.stdout if args.output == "-" else open(args.output, "w")
-    try:
-        for item, completion in zip(items, completions):
-            out.write(json.dumps({**item, "completion": completion}) + "\n")
-    finally:
-        if out is not sys.stdout:
-            out.close()
+    write_output(args.output, (json.dumps({**item, "completion": completion}) + "\n"
+                               for item, completion in zip(items, completions)))
     if args.output != "-":
         print(f"wrote {len(completions)} completions to {args.output}", file=sys.stderr)
     return 0
 
 
 def merge_main(args) -> int:
-    """`posttrain merge`: adapters folded into the base, saved as a plain transformers model."""
-    from posttrain.models.adapters import is_adapter_dir, merge_adapted
+    """`posttrain merge`: adapters folded into the base, saved as a plain transformers model.
+
+    The base is loaded in float32 (a float64 checkpoint too: posttrain loads no wider), the
+    adapter merged there, and the result cast once to `--dtype`, or to the base checkpoint's
+    dtype when none is given: loading a bfloat16 base in bfloat16 would round W, and W + ΔW
+    would be rounded again (or ΔW dropped, when under half an ulp of W)."""
+    import torch
+
+    from posttrain.models.adapters import is_adapter_dir, merge_adapted, read_layout
+    from posttrain.models.loading import resolve_model_path
     from posttrain.models.presets import is_preset
 
     if not Path(args.adapter).exists() and not is_preset(args.adapter):
@@ -317,15 +337,30 @@ def merge_main(args) -> int:
     if not is_adapter_dir(path):
         raise UserError(f"{path} holds no adapter (a full model needs no merging)")
     _check_merge_output(Path(args.output), Path(path), Path(args.adapter))
+    dtype = args.dtype or _checkpoint_dtype(resolve_model_path(read_layout(path)[0]))
     if _is_reward_adapter(path):  # LoRA on a reward model: its trained score head comes along
-        return _merge_reward_model(Path(path), Path(args.output), args.dtype, args.trust_remote_code)
-    model, tokenizer = load_for_inference(path, args.dtype, args.trust_remote_code)
-    merged = merge_adapted(model)
+        return _merge_reward_model(Path(path), Path(args.output), dtype, args.trust_remote_code)
+    model, tokenizer = load_for_inference(path, "float32", args.trust_remote_code)
+    merged = merge_adapted(model).to(getattr(torch, dtype))
     out = Path(args.output)
     merged.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    print(f"merged {'+'.join(model.methods)} into the base: {out}")
+    print(f"merged {'+'.join(model.methods)} into the base: {out} ({dtype})")
     return 0
+
+
+def _checkpoint_dtype(directory: Path) -> str:
+    """The dtype a model directory's safetensors weights are stored in: bfloat16 or float16 when
+    every floating-point weight is, else float32 (float32, float64, or the two half types mixed)."""
+    from safetensors import safe_open
+
+    names = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float32"}
+    found = set()
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(str(file), "pt") as weights:
+            found |= {names.get(weights.get_slice(key).get_dtype()) for key in weights.keys()}
+    found.discard(None)  # integer and 8-bit tensors say nothing of the floating-point weights
+    return found.pop() if len(found) == 1 else "float32"
 
 
 def _check_merge_output(out: Path, adapter: Path, given: Path) -> None:
@@ -354,13 +389,17 @@ def _is_reward_adapter(path: Path) -> bool:
 
 def _merge_reward_model(path: Path, out: Path, dtype: str, trust_remote_code: bool) -> int:
     """A LoRA reward model (`posttrain rm adapter.method=lora`) merged into its base: a plain
-    sequence-classification model with the trained head, scoring as the adapter did."""
+    sequence-classification model with the trained head, scoring as the adapter did (merged in
+    float32, cast once to `dtype`, as `merge_main` says)."""
+    import torch
+
     from posttrain.models.loading import load_tokenizer
     from posttrain.models.reward_model import load_reward_model
 
     tokenizer = load_tokenizer(str(path), trust_remote_code=trust_remote_code)
-    merged = load_reward_model(path, dtype, trust_remote_code, pad_token_id=tokenizer.pad_token_id).merge_and_unload()
+    model = load_reward_model(path, "float32", trust_remote_code, pad_token_id=tokenizer.pad_token_id)
+    merged = model.merge_and_unload().to(getattr(torch, dtype))
     merged.save_pretrained(out)  # with a pad id: transformers refuses batches of more than one without it
     tokenizer.save_pretrained(out)
-    print(f"merged lora into the reward model's base: {out}")
+    print(f"merged lora into the reward model's base: {out} ({dtype})")
     return 0

@@ -20,8 +20,9 @@ Wiring. `inputs` maps config keys to earlier stages (a list key takes a list; "L
 keeps a reward component's name). A model setting gets a training stage's final/; a rows setting
 a data stage's file: the one a stage of this kind trains on (sft.jsonl for sft, preferences.jsonl
 for rm and dpo), or the one named as NAME/FILE (cai/preferences.jsonl); redteam's compare_to an
-earlier redteam stage's directory. Before a stage runs, each data-stage file it reads must exist
-and hold a row. Unless a stage's inputs
+earlier redteam stage's directory. Before the first stage runs (and under --dry-run), every data
+file a stage lists that no earlier stage writes must be there; before a stage runs, each
+data-stage file it reads must exist and hold a row. Unless a stage's inputs
 or own overrides set its model (model.path; a data stage's policy.model, generator.model,
 target.model or policy), it starts from the latest earlier stage that produces a policy (a
 training stage other than rm) - an rm stage too, as InstructGPT starts its reward model from the
@@ -43,6 +44,7 @@ are not detected: use --from NAME.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import hashlib
@@ -57,7 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.env import first_process, launched_processes
-from posttrain.errors import ConfigError, UserError
+from posttrain.errors import ConfigError, DataError, UserError
 from posttrain.files import write_atomically
 
 STATE_FILE = "pipeline_state.json"
@@ -568,6 +570,7 @@ def run_pipeline(path: str | Path, overrides: list[str] = (), restart: bool = Fa
     actions = plan(stages, state, restart and only is None, from_stage)
     if only is not None:
         actions = _only(stages, actions, only, restart)
+    _check_given_files(stages, actions)
     busy = [s.name for s, (action, _) in zip(stages, actions) if s.producer is not None and action not in
             ("skip", "not selected")]
     if busy and launched_processes() > 1 and not dry_run:
@@ -672,7 +675,7 @@ def _run_stage(stage: Stage, action: str, state: dict[str, dict], output_dir: Pa
     if not stage.complete():
         wanted = "final and summary.json" if stage.producer is None else stage.producer.done
         raise UserError(f"stage {stage.name} returned without {stage.run_dir}/{wanted}")
-    failed = _failed_items(stage)
+    failed = failed_items(stage.kind, stage.run_dir)
     if failed:  # the outputs hold the others; the stage stays unfinished, so the same command retries them
         raise UserError(f"stage {stage.name}: {failed} item(s) failed this run (see {stage.run_dir}); the same "
                         "command retries them")
@@ -680,12 +683,14 @@ def _run_stage(stage: Stage, action: str, state: dict[str, dict], output_dir: Pa
     _write_state(output_dir, state)
 
 
-def _failed_items(stage: Stage) -> int:
-    """How many items of a data stage failed this run (rlaif, constitutional, redteam count them)."""
-    if stage.producer is None or not stage.producer.failed:
+def failed_items(kind: str, run_dir: str | Path) -> int:
+    """How many items of a data command's run failed (rlaif, constitutional, redteam count them):
+    the command alone (cli) and as a stage exits 2 on any, after writing outputs from the others."""
+    producer = DATA_KINDS.get(kind)
+    if producer is None or not producer.failed:
         return 0
-    file, *keys = stage.producer.failed
-    value: Any = json.loads((stage.run_dir / file).read_text())
+    file, *keys = producer.failed
+    value: Any = json.loads((Path(run_dir) / file).read_text())
     for key in keys:
         value = value.get(key, 0) if isinstance(value, dict) else 0
     return int(value or 0)
@@ -708,6 +713,46 @@ def _check_read_files(stage: Stage, by_name: dict[str, Stage]) -> None:
             if path.stat().st_size == 0:
                 raise UserError(f"stage {stage.name} reads {path}, where stage {dep.name} kept no row (see "
                                 f"{dep.run_dir / dep.producer.done}); nothing to train or evaluate on")
+
+
+def _check_given_files(stages: list[Stage], actions: list[tuple[str, str]]) -> None:
+    """Before the first stage runs (and under --dry-run): the data files each stage to run lists
+    (keys ending in `files`) are there, the check a stage makes before loading its model
+    (loop._check_input_files; a data stage, that they exist), for every stage at once: a typo in
+    a later stage's path is found before the earlier stages train, not after. A file inside an
+    earlier stage's directory is that stage's to write (_check_read_files, when it has)."""
+    from posttrain.data.readers import missing_hint
+    from posttrain.train.loop import _check_input_files
+
+    for number, (stage, (action, _)) in enumerate(zip(stages, actions)):
+        if action in ("skip", "not selected"):
+            continue
+        earlier = [s.run_dir for s in stages[:number]]
+        cfg = copy.deepcopy(stage.cfg)
+        given = []
+        for section, name, key in _file_lists(cfg):
+            paths = [p for p in getattr(section, name) if not any(_reads({"": p}, run_dir) for run_dir in earlier)]
+            setattr(section, name, paths)
+            given += [(key, p) for p in paths if isinstance(p, str) and p != "synthetic"]
+        try:
+            if stage.producer is None:
+                _check_input_files(cfg)
+            else:  # a data command reads its files in formats of its own: their being there is checked
+                for key, path in given:
+                    if not os.path.exists(os.path.expanduser(path)):
+                        raise DataError(f"{key}: {path}: no such file or directory{missing_hint(path)}")
+        except UserError as exc:
+            raise DataError(f"stage {stage.name}: {exc}") from None
+
+
+def _file_lists(node: Any, prefix: str = ""):
+    """(section, field name, dotted key) of every list of files in a config (keys ending in `files`)."""
+    for field in dataclasses.fields(node):
+        value = getattr(node, field.name)
+        if dataclasses.is_dataclass(value):
+            yield from _file_lists(value, f"{prefix}{field.name}.")
+        elif field.name.endswith("files") and isinstance(value, list):
+            yield node, field.name, prefix + field.name
 
 
 def _ensure_merged(stage: Stage, state: dict[str, dict], output_dir: Path) -> None:

@@ -34,6 +34,7 @@ import torch
 from posttrain.errors import ConfigError, DataError, UserError
 
 Reward = Callable[[Sequence[list[dict]], Sequence[str]], list[float]]
+_FLOAT32_MAX = torch.finfo(torch.float32).max  # 3.4028235e38: a run's rewards are float32
 
 
 class RewardModelScorer:
@@ -170,7 +171,8 @@ def _positional_arity(fn) -> int:
 def _checked(component: RewardComponent, prompts, responses, rows) -> list[float]:
     """A component's values: one finite number per response, or an error naming it (a NaN would
     turn a total, a calibration mean and every row's score into NaN; a short or long list would
-    shift every row's score)."""
+    shift every row's score). Finite means within float32's range: a run's rewards are float32,
+    where 1e39 is inf and a group's advantages inf − inf = NaN."""
     try:
         returned = _call(component.reward, prompts, responses, rows)
     except RewardFunctionError as exc:  # say the component's name, not its module path
@@ -184,10 +186,11 @@ def _checked(component: RewardComponent, prompts, responses, rows) -> list[float
                         "response") from None
     if len(values) != len(responses):
         raise DataError(f"reward {component.name!r} returned {len(values)} values for {len(responses)} responses")
-    bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+    bad = next((i for i, v in enumerate(values) if not (math.isfinite(v) and abs(v) <= _FLOAT32_MAX)), None)
     if bad is not None:
         raise DataError(f"reward {component.name!r} returned {values[bad]} for response {bad + 1} "
-                        f"(of {len(responses)}); rewards must be finite")
+                        f"(of {len(responses)}); rewards must be finite numbers within float32's range "
+                        f"(|r| <= {_FLOAT32_MAX:.7g})")
     return values
 
 
@@ -406,7 +409,7 @@ def score_main(args) -> int:
     import json
     import sys
 
-    from posttrain.inference import check_output_path
+    from posttrain.inference import check_output_path, write_output
 
     if not args.model and not args.function:
         raise ConfigError("give at least one --model reward model or --function reward")
@@ -434,14 +437,12 @@ def score_main(args) -> int:
             print(f"calibrated {name}: mean {mean:.4g}, std {std:.4g}", file=sys.stderr)
     totals = combined.totals(raw)
     several = len(combined.components) > 1
-    out = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
-    try:
-        for i, row in enumerate(rows):
-            extra = {f"{args.column}_{name}": values[i] for name, values in raw.items()} if several else {}
-            out.write(json.dumps(row | extra | {args.column: totals[i]}, ensure_ascii=False) + "\n")
-    finally:
-        if out is not sys.stdout:
-            out.close()
+
+    def line(i: int, row: dict) -> str:
+        extra = {f"{args.column}_{name}": values[i] for name, values in raw.items()} if several else {}
+        return json.dumps(row | extra | {args.column: totals[i]}, ensure_ascii=False) + "\n"
+
+    write_output(args.output, (line(i, row) for i, row in enumerate(rows)))
     if args.output != "-":
         print(f"scored {len(rows)} rows into {args.output} (column {args.column!r})", file=sys.stderr)
     return 0

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-from posttrain.config.feedback import JudgeConfig, judge_checks
+from posttrain.config.feedback import JudgeConfig, api_key_env_checks, judge_checks
 from posttrain.config.schema import _raise_first, _StageConfig, markdown_reference, option
 from posttrain.config.sections import synthetic_checks
 
@@ -77,7 +77,7 @@ def validate_evaluate(cfg: EvaluateConfig) -> None:
     """Range checks of an evaluate config, before anything is read. Raises ConfigError. (The run
     then loads rewards, the rubric and the attacks before any policy or reference model.)"""
     g, p = cfg.generation, cfg.prompts
-    checks = [
+    checks = api_key_env_checks(cfg) + [
         (bool(cfg.policy.strip()), "policy is empty; give a model, run or adapter dir, or a preset"),
         (bool(p.files), "prompts.files is empty; give prompt files or 'synthetic'"),
         (p.files == ["synthetic"] or "synthetic" not in p.files, "prompts.files: 'synthetic' cannot be mixed "

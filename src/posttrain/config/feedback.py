@@ -4,8 +4,9 @@ OpenAI-compatible endpoint), the pairwise judge, and RLAIF (`posttrain rlaif`)."
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from posttrain.config.schema import _raise_first, _StageConfig, markdown_reference, option
 
@@ -75,6 +76,26 @@ class RLAIFConfig(_StageConfig):
                                                metadata={"help": "sampling and judging"})
 
 
+_VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def api_key_env_checks(cfg: Any, prefix: str = "") -> list[tuple[bool, str]]:
+    """Every `api_key_env` setting in a config, used or not, is "" or a variable's name. The natural
+    slip is the key itself (`policy.api_key_env=sk-...`), which would be written to the run's
+    config.yaml and no key sent; the message never repeats the value, since it may be the key."""
+    checks = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            checks += api_key_env_checks(value, f"{prefix}{f.name}.")
+        elif f.name == "api_key_env":
+            checks.append((value == "" or _VARIABLE_NAME.fullmatch(value) is not None,
+                           f"{prefix}api_key_env takes the NAME of the environment variable holding the API key "
+                           f"(letters, digits and _), not the key itself: export MY_KEY=... and set "
+                           f"{prefix}api_key_env=MY_KEY"))
+    return checks
+
+
 def backend_checks(cfg: BackendConfig, name: str) -> list[tuple[bool, str]]:
     """Range checks of one backend section (`name` is its key, e.g. "judge")."""
     return [
@@ -99,7 +120,7 @@ def judge_checks(cfg: JudgeConfig, name: str = "judge") -> list[tuple[bool, str]
 def validate_rlaif(cfg: RLAIFConfig) -> None:
     """Checks of an RLAIF config before any model is loaded or called. Raises ConfigError."""
     n = cfg.rlaif.num_responses
-    _raise_first(backend_checks(cfg.policy, "policy") + judge_checks(cfg.judge) + [
+    _raise_first(api_key_env_checks(cfg) + backend_checks(cfg.policy, "policy") + judge_checks(cfg.judge) + [
         (bool(cfg.data.prompt_files), "data.prompt_files is empty; give at least one prompt file"),
         (cfg.data.limit >= 0, "data.limit must be >= 0 (0 = all prompts)"),
         (0.0 <= cfg.data.max_bad_fraction <= 1.0, "data.max_bad_fraction must be between 0 and 1"),

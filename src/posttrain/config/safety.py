@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from posttrain.config.feedback import BackendConfig, backend_checks
+from posttrain.config.feedback import BackendConfig, api_key_env_checks, backend_checks
 from posttrain.config.schema import _raise_first, _StageConfig, markdown_reference, option
 
 DEFAULT_ATTACKS = ["direct", "prefix_injection", "refusal_suppression", "role_play", "hypothetical",
@@ -88,7 +88,7 @@ class RedTeamConfig(_StageConfig):
 
 def validate_redteam(cfg: RedTeamConfig) -> None:
     """Checks of a red-team config before any model is called. Raises ConfigError."""
-    checks = backend_checks(cfg.target, "target")
+    checks = api_key_env_checks(cfg) + backend_checks(cfg.target, "target")
     if cfg.classifier == "judge":
         checks += backend_checks(cfg.judge, "judge") + [(cfg.judge.parse_retries >= 0,
                                                         "judge.parse_retries must be >= 0")]

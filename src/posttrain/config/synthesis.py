@@ -8,7 +8,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-from posttrain.config.feedback import BackendConfig, JudgeConfig, RLAIFDataConfig, backend_checks, judge_checks
+from posttrain.config.feedback import (BackendConfig, JudgeConfig, RLAIFDataConfig, api_key_env_checks,
+                                       backend_checks, judge_checks)
 from posttrain.config.schema import _raise_first, _StageConfig, markdown_reference, option
 
 # Things a text-only model cannot see, make or visit (Self-Instruct filters a list like this).
@@ -104,7 +105,8 @@ class SelfInstructConfig(_StageConfig):
 def validate_constitutional(cfg: ConstitutionalConfig) -> None:
     """Checks of a Constitutional AI config before any model is called. Raises ConfigError."""
     c = cfg.constitutional
-    _raise_first(backend_checks(cfg.policy, "policy") + (judge_checks(cfg.judge) if c.rl_cai else []) + [
+    judge = judge_checks(cfg.judge) if c.rl_cai else []
+    _raise_first(api_key_env_checks(cfg) + backend_checks(cfg.policy, "policy") + judge + [
         (bool(cfg.data.prompt_files), "data.prompt_files is empty; give at least one prompt file"),
         (0.0 <= cfg.data.max_bad_fraction <= 1.0, "data.max_bad_fraction must be between 0 and 1"),
         (cfg.data.limit >= 0, "data.limit must be >= 0 (0 = all prompts)"),
@@ -117,7 +119,7 @@ def validate_constitutional(cfg: ConstitutionalConfig) -> None:
 def validate_self_instruct(cfg: SelfInstructConfig) -> None:
     """Checks of a Self-Instruct config before any model is called. Raises ConfigError."""
     s, f = cfg.self_instruct, cfg.filters
-    _raise_first(backend_checks(cfg.generator, "generator") + [
+    _raise_first(api_key_env_checks(cfg) + backend_checks(cfg.generator, "generator") + [
         (bool(cfg.data.seed_file.strip()), "data.seed_file is empty; give a JSONL file or 'default'"),
         (s.num_tasks >= 1 and s.per_round >= 1 and s.max_rounds >= 1,
          "self_instruct.num_tasks, per_round and max_rounds must be >= 1"),

@@ -253,7 +253,12 @@ def _implicit_prompt(row: dict) -> tuple[list[dict[str, str]], str, str]:
     return prompt, chosen[-1]["content"], rejected[-1]["content"]
 
 
+_FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
+
+
 def _number(value: Any, what: str) -> float:
+    """A finite number that float32 holds: batches carry margins in float32, where 1e39 is inf
+    and the loss of every step holding the row would be inf (skipped, the row never named)."""
     if isinstance(value, str):  # a CSV cell
         try:
             value = float(value)
@@ -267,6 +272,8 @@ def _number(value: Any, what: str) -> float:
         raise BadRowError(f"{what} is a whole number too large for a float, expected a finite number") from None
     if not math.isfinite(number):
         raise BadRowError(f"{what} is {value!r}, expected a finite number")
+    if abs(number) > _FLOAT32_MAX:
+        raise BadRowError(f"{what} is {number:g}, expected a finite number within float32 range (±3.4e38)")
     return number
 
 

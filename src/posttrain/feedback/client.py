@@ -2,7 +2,8 @@
 
     ChatBackend        the protocol judges and pipelines use: model_name, usage, chat(messages) -> Reply
     OpenAICompatible   any OpenAI-compatible HTTP endpoint (posttrain serve, vLLM, Ollama, a hosted
-                       API): stdlib urllib, retries with exponential backoff and jitter on 429 / 5xx /
+                       API): stdlib urllib, no redirect followed (the key goes to base_url only),
+                       retries with exponential backoff and jitter on 429 / 5xx /
                        timeouts / dropped connections (Retry-After honoured), a shared client-side
                        rate limit, token counts from the response's `usage` (estimated when absent)
     LocalModel         a model loaded in this process (preset, model dir, run dir or adapter dir),
@@ -138,6 +139,17 @@ def backoff_delay(attempt: int, base_s: float, rng: random.Random) -> float:
     return min(MAX_BACKOFF_S, base_s * (2 ** attempt) * rng.uniform(0.5, 1.5))
 
 
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow no redirect: urllib would resend the Authorization header to wherever a 3xx points
+    (another host included) and turn the POST into a GET. The 3xx surfaces as an HTTPError."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+_OPENER = urllib.request.build_opener(_RefuseRedirects)
+
+
 class _Retryable(Exception):
     def __init__(self, reason: str, retry_after: float | None = None):
         super().__init__(reason)
@@ -221,9 +233,12 @@ class OpenAICompatible:
 
     def _attempt(self, request: urllib.request.Request) -> dict:
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+            with _OPENER.open(request, timeout=self.timeout_s) as response:
                 raw = response.read()
         except urllib.error.HTTPError as exc:
+            if 300 <= exc.code < 400:
+                self.usage.add(failures=1)
+                raise BackendError(_redirect_message(self.url, exc), exc.code) from None
             message = _error_message(exc)
             if exc.code in RETRYABLE_STATUS or exc.code >= 500:
                 raise _Retryable(f"HTTP {exc.code}: {message}", parse_retry_after(exc.headers.get("Retry-After")))
@@ -240,6 +255,18 @@ class OpenAICompatible:
             return json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise _Retryable(f"the response is not JSON: {raw[:120]!r}") from None
+
+
+def _redirect_message(url: str, exc: urllib.error.HTTPError) -> str:
+    """A 3xx answer, said with where it points: the API key is sent to base_url only, so the user
+    decides whether the new address is the endpoint."""
+    location = " ".join((exc.headers.get("Location") or "").split())[:200]
+    if not location:
+        return f"POST {url}: HTTP {exc.code} redirect with no Location; check *.base_url"
+    base = location.split("?")[0]
+    base = base[:-len("/chat/completions")] if base.endswith("/chat/completions") else location
+    return (f"POST {url}: HTTP {exc.code} redirect to {location}; posttrain follows no redirect (the API key goes "
+            f"to base_url only): if that is the endpoint, set *.base_url={base}")
 
 
 def _reply_text(content: Any) -> str:

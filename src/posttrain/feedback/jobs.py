@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from posttrain.console import Progress, duration
 from posttrain.errors import ConfigError, DataError, UserError
 
 MAX_ERRORS_KEPT = 5
@@ -210,7 +211,7 @@ class RunSummary:
         if self.empty:
             parts.append(f"{self.empty} gave nothing")
         parts.append(f"{self.failed} failed")
-        out = [f"{name}{self.total} items: " + ", ".join(parts) + f" in {_duration(self.seconds)}"]
+        out = [f"{name}{self.total} items: " + ", ".join(parts) + f" in {duration(self.seconds)}"]
         if self.failed:
             out.append(f"{name}first errors: " + "; ".join(self.errors))
             out.append(f"{name}rerun the same command to retry the failed items (finished ones are kept)")
@@ -249,7 +250,7 @@ def run_items(items: list[tuple[str, Any]], work: Callable[[str, Any], dict | li
     summary = RunSummary(total=len(items), skipped=len(items) - len(todo), written=0, failed=0, seconds=0.0,
                          desc=desc)
     abort_after = abort_after or max(5, 2 * concurrency)
-    progress = _Progress(len(todo), desc, stream)
+    progress = Progress(len(todo), desc, resolve_stream(stream))
     start = time.monotonic()
     results: queue.Queue = queue.Queue()
     slots = threading.Semaphore(concurrency)  # items started but not yet recorded here
@@ -351,46 +352,6 @@ def _as_records(result: dict | list[dict], item_id: str, key: str) -> list[dict]
         raise TypeError(f"work must return a dict, a non-empty list of dicts or None; got {type(result).__name__}")
     return [{key: f"{item_id}/{j}", **r, "item": item_id, "parts": len(result)} for j, r in enumerate(result)]
 
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    minutes, seconds = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes}m{seconds:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m"
-
-
-class _Progress:
-    """One status line on `stream`: done/total, rate, ETA. Redrawn in place on a terminal;
-    otherwise (a log file) a plain line at most every 10 seconds, and one at the end."""
-
-    def __init__(self, total: int, desc: str, stream: TextIO | None):
-        self.total, self.desc, self.stream = total, desc, resolve_stream(stream)
-        self.tty = bool(stream is not None and getattr(stream, "isatty", lambda: False)())
-        self.start = self.last = time.monotonic()
-        self.text = ""
-
-    def update(self, done: int, failed: int) -> None:
-        now = time.monotonic()
-        if self.stream is None or (now - self.last < (0.2 if self.tty else 10.0) and done < self.total):
-            return
-        self.last = now
-        elapsed = max(now - self.start, 1e-9)
-        rate = done / elapsed
-        eta = _duration((self.total - done) / rate) if rate > 0 else "?"
-        name = f"{self.desc} " if self.desc else ""
-        self.text = (f"{name}{done}/{self.total} ({rate:.2f}/s, ETA {eta}"
-                     + (f", {failed} failed" if failed else "") + ")")
-        self.stream.write(("\r" + self.text + "\x1b[K") if self.tty else self.text + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.tty and self.text:
-            self.stream.write("\n")
-            self.stream.flush()
 
 # --------------------------------------------------------------------------- finished outputs and settings
 

@@ -161,16 +161,20 @@ def clipped_policy_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, ma
 
     advantages broadcast: (B, T) per token, or (B, 1) per sequence (GRPO / RLOO). Returns
     per-token losses (B, T) and detached metrics: clip fraction and the approximate KL
-    k3 estimate of KL(π_old‖π) over the masked tokens (PPO's early-stopping signal)."""
+    k3 estimate of KL(π_old‖π) over the masked tokens (PPO's early-stopping signal), and
+    both per token (`clipped_tokens`, 1 where clipped, and `approx_kl_tokens`, (B, T), 0 on
+    padding), for a caller that reduces them as its loss (sequence aggregation)."""
     log_ratio = logps - old_logps
     ratio = torch.exp(log_ratio)
     unclipped = ratio * advantages
     clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * advantages
     losses = -torch.minimum(unclipped, clipped)
     with torch.no_grad():
-        metrics = {"clip_fraction": masked_mean((clipped < unclipped).to(logps.dtype), mask),
-                   # k3 of KL(π_old‖π) from tokens π_old sampled: (ρ − 1) − log ρ, ρ = π/π_old
-                   "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask)}
+        clipped_tokens = (clipped < unclipped).to(logps.dtype)
+        # k3 of KL(π_old‖π) from tokens π_old sampled: (ρ − 1) − log ρ, ρ = π/π_old
+        kl_tokens = torch.expm1(log_ratio) - log_ratio
+        metrics = {"clip_fraction": masked_mean(clipped_tokens, mask), "approx_kl": masked_mean(kl_tokens, mask),
+                   "clipped_tokens": clipped_tokens * mask, "approx_kl_tokens": kl_tokens * mask}
     return losses * mask, metrics
 
 
@@ -181,12 +185,13 @@ def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask
         l_t = ½ · max((V_t − R_t)², (V_old,t + clip(V_t − V_old,t, −c, c) − R_t)²)
 
     Returns per-token losses (B, T) and the detached fraction of tokens where the clipped
-    term was the larger."""
+    term was the larger, also per token (`value_clipped_tokens`, (B, T), 1 where clipped)."""
     clipped_values = old_values + (values - old_values).clamp(-clip_range, clip_range)
     plain, clipped = (values - returns) ** 2, (clipped_values - returns) ** 2
     losses = 0.5 * torch.maximum(plain, clipped)
     with torch.no_grad():
-        metrics = {"value_clip_fraction": masked_mean((clipped > plain).to(values.dtype), mask)}
+        clipped_tokens = (clipped > plain).to(values.dtype)
+        metrics = {"value_clip_fraction": masked_mean(clipped_tokens, mask), "value_clipped_tokens": clipped_tokens * mask}
     return losses * mask, metrics
 
 

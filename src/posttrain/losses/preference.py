@@ -83,11 +83,15 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
     L = −(1 − ε) log σ(β h) − ε log σ(−β h)
     ε = label_smoothing: the probability that a pair's label is flipped (cDPO, Mitchell 2023);
     ε = 0 is DPO. Returns (losses, chosen_rewards, rejected_rewards), rewards = β·log-ratio, detached.
+    The ε term is added only when ε > 0: a rejected response of probability 0 (log-prob −inf,
+    from a model that masks tokens) gives βh = +inf, where DPO's loss is 0 but 0 · log σ(−βh) is NaN.
     """
     chosen, rejected = _implicit_rewards(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                                          ref_rejected_logps, beta)
     logits = chosen - rejected  # β h
-    losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+    losses = -(1 - label_smoothing) * F.logsigmoid(logits)
+    if label_smoothing:
+        losses = losses - label_smoothing * F.logsigmoid(-logits)
     return losses, chosen.detach(), rejected.detach()
 
 

@@ -43,10 +43,11 @@ class HiddenPathUnsupported(RuntimeError):
 # --------------------------------------------------------------------------- paths
 
 
-def resolve_model_path(path: str | os.PathLike) -> Path:
+def resolve_model_path(path: str | os.PathLike, setting: str = "model.path") -> Path:
     """A preset name → its built directory; a directory → itself (absolute), after checking it is
     usable; a run directory (no config.json of its own, a model in final/) → its final/, as
-    generate and merge take it. An adapter directory is refused with how to make a model of it."""
+    generate and merge take it. An adapter directory is refused with how to make a model of it
+    (and which setting to point at the result: `setting`), a training checkpoint with its run's final/."""
     if is_preset(path):
         return preset_path(str(path))
     directory = Path(path).expanduser()
@@ -58,12 +59,14 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
         return directory.resolve()  # absolute: it is recorded in saved adapters and configs
     final = directory / "final"
     if _is_adapter_dir(directory):
-        raise UserError(_adapter_message(directory))
+        raise UserError(_adapter_message(directory, setting=setting))
+    if _is_checkpoint_dir(directory):
+        raise UserError(_checkpoint_message(directory))
     if final.is_dir():
         if (final / "config.json").is_file():
             return final.resolve()  # a run directory: its final model
         if _is_adapter_dir(final):
-            raise UserError(_adapter_message(final, run=directory))
+            raise UserError(_adapter_message(final, run=directory, setting=setting))
     raise UserError(f"{directory} has no config.json: it is not a Hugging Face model directory (the one "
                     "save_pretrained writes), nor a run directory with a model in final/")
 
@@ -87,10 +90,26 @@ def _is_adapter_dir(directory: Path) -> bool:
     return (directory / MANIFEST).is_file() or (directory / "adapter_config.json").is_file()
 
 
-def _adapter_message(adapter: Path, run: Path | None = None) -> str:
+def _is_checkpoint_dir(directory: Path) -> bool:
+    """A training checkpoint (train/checkpoint.py `save`): the trainable weights alone, with the
+    optimizer and loop state that resume it; no config.json, so no model to start from."""
+    return (directory / "loop_state.json").is_file() and (directory / "trainable.safetensors").is_file()
+
+
+def _checkpoint_message(checkpoint: Path) -> str:
+    absolute = Path(os.path.abspath(checkpoint))  # RUN/checkpoints/step-N, also when given as "."
+    if absolute.parent.name != "checkpoints":
+        return (f"{checkpoint} is a training checkpoint (trainable weights, optimizer and loop state), not a model; "
+                "start from its run's final/, or rerun that run's command to resume it")
+    run = absolute.parent.parent
+    return (f"{checkpoint} is a training checkpoint of {run}; start from {run / 'final'}, or rerun {run}'s command "
+            "to resume it")
+
+
+def _adapter_message(adapter: Path, run: Path | None = None, setting: str = "model.path") -> str:
     where = f"{run} is a run directory whose final/ is an adapter" if run is not None else f"{adapter} is an adapter directory"
     return (f"{where} (adapter weights, not a model): training starts from a full model. Fold the adapter into its "
-            f"base with `posttrain merge {run or adapter} OUT_DIR` (LoRA, DoRA, IA3) and set model.path=OUT_DIR")
+            f"base with `posttrain merge {run or adapter} OUT_DIR` (LoRA, DoRA, IA3) and set {setting}=OUT_DIR")
 
 
 def _check_weights(directory: Path) -> None:

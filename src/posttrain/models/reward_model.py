@@ -28,8 +28,9 @@ from posttrain.errors import UserError
 
 
 def load_reward_model(path: str | os.PathLike, dtype: str = "float32", trust_remote_code: bool = False,
-                      pad_token_id: int | None = None):
-    """A sequence-classification model with one output from a model, preset or adapter directory."""
+                      pad_token_id: int | None = None, setting: str = "model.path"):
+    """A sequence-classification model with one output from a model, preset or adapter directory.
+    `setting` is the option `path` came from, named where a message says what to set instead."""
     from transformers import AutoModelForSequenceClassification
 
     from posttrain.models.loading import _check_weights, _torch_dtype, load_failure, resolve_model_path
@@ -37,7 +38,7 @@ def load_reward_model(path: str | os.PathLike, dtype: str = "float32", trust_rem
     adapter = Path(path) / "adapter_config.json"
     if adapter.is_file():
         return _load_lora_reward_model(Path(path), dtype, trust_remote_code, pad_token_id)
-    directory = resolve_model_path(path)
+    directory = resolve_model_path(path, setting)
     _check_weights(directory)
     kwargs: dict[str, Any] = {"dtype": _torch_dtype(dtype), "use_safetensors": True, "num_labels": 1,
                               "trust_remote_code": trust_remote_code is True}  # never asked on stdin
@@ -95,7 +96,8 @@ def _load_lora_reward_model(directory: Path, dtype: str, trust_remote_code: bool
     if task not in (None, "SEQ_CLS"):  # peft would die on a sequence-classification base (AttributeError)
         kind = "a policy (causal LM) adapter" if task == "CAUSAL_LM" else f"a {task} adapter"
         raise UserError(f"{directory} is {kind}, not a reward model (a reward model's adapter is SEQ_CLS, from "
-                        "posttrain rm); to start a PPO critic from this policy, merge it first (posttrain merge)")
+                        f"posttrain rm); to start a PPO critic from this policy, merge it (posttrain merge {directory} OUT_DIR) "
+                        "and set ppo.value_model_path=OUT_DIR")
     base = config.get("base_model_name_or_path")
     if not base:
         raise UserError(f"{directory}/adapter_config.json names no base model (base_model_name_or_path)")

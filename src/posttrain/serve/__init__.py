@@ -7,7 +7,7 @@
 
     protocol.py  the OpenAI wire format: validation, limits, response and chunk bodies (no torch)
     engine.py    the batching worker that owns the model (rollout.generate underneath)
-    http.py      routes, API key, body limits, JSON errors, server-sent events
+    http.py      routes, loopback Host check, API key, body limits, JSON errors, server-sent events
 
 Python API, e.g. for tests or a notebook:
 
@@ -19,6 +19,7 @@ Python API, e.g. for tests or a notebook:
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 from posttrain.errors import UserError
@@ -49,8 +50,11 @@ def build_server(model_path: str, *, adapters: dict[str, str] | None = None, ser
                  template: str = "auto", dtype: str = "float32", trust_remote_code: bool = False,
                  limits: Limits | None = None, host: str = "127.0.0.1", port: int = 8000,
                  api_key: str | None = None, max_batch_size: int = 16, batch_wait_s: float = 0.005,
-                 log_requests: bool = True):
+                 log_requests: bool = True, allowed_hosts: tuple[str, ...] = ()):
     """Load the model (and named adapters), start the batching worker, bind the socket.
+
+    Bound to a loopback address, the server answers only requests whose Host (and Origin, when
+    sent) is a loopback name or one of `allowed_hosts` (DNS rebinding); elsewhere the key guards it.
 
     Returns a `Server`: `.start()` serves from a background thread, `.serve_forever()` in
     this one, `.url` is where, `.close()` stops the server and the worker.
@@ -68,7 +72,7 @@ def build_server(model_path: str, *, adapters: dict[str, str] | None = None, ser
     engine = Engine(model, tokenizer, targets, resolve_template(tokenizer, template), limits or Limits(),
                     max_batch_size=max_batch_size, batch_wait_s=batch_wait_s)
     try:
-        return Server(engine, host, port, api_key=api_key, log_requests=log_requests)
+        return Server(engine, host, port, api_key=api_key, log_requests=log_requests, allowed_hosts=allowed_hosts)
     except OSError as exc:
         engine.close()
         raise UserError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port or --host") from None
@@ -79,7 +83,11 @@ def main(args) -> int:
     from posttrain.inference import _pairs
 
     api_key = None
-    if args.api_key_env:
+    if args.api_key_env is not None:
+        # never echo the value: a key pasted in place of the variable's name must not be printed
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", args.api_key_env):
+            raise UserError("--api-key-env takes the NAME of an environment variable holding the key (letters, "
+                            "digits, _), not the key itself: export SERVE_KEY=... and pass --api-key-env SERVE_KEY")
         api_key = os.environ.get(args.api_key_env)
         if not api_key:
             raise UserError(f"--api-key-env {args.api_key_env}: that environment variable is unset or empty")
@@ -97,10 +105,15 @@ def main(args) -> int:
     server = build_server(args.model, adapters=_pairs(args.adapter, "--adapter"), served_model_name=args.served_model_name,
                           template=args.template, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
                           limits=limits, host=args.host, port=args.port, api_key=api_key,
-                          max_batch_size=args.max_batch_size, batch_wait_s=args.batch_wait_ms / 1000)
-    if api_key is None and args.host not in ("127.0.0.1", "localhost"):
+                          max_batch_size=args.max_batch_size, batch_wait_s=args.batch_wait_ms / 1000,
+                          allowed_hosts=tuple(args.allowed_host))
+    loopback = _is_loopback(args.host)
+    if api_key is None and not loopback:
         print(f"warning: serving on {args.host} without an API key; anyone who can reach it can use it "
               "(set --api-key-env)", file=sys.stderr)
+    if args.allowed_host and not loopback:
+        print(f"warning: --allowed-host has no effect on {args.host}: only a loopback server checks the Host "
+              "header", file=sys.stderr)
     print(f"serving {', '.join(server.engine.targets)} at {server.url}/v1 (Ctrl-C stops)", file=sys.stderr)
     try:
         server.serve_forever()
@@ -109,6 +122,15 @@ def main(args) -> int:
     finally:
         server.close()
     return 0
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _port(text: str) -> int:
@@ -134,6 +156,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--port", type=_port, default=8000, help="0 = any free port (printed at start)")
     parser.add_argument("--api-key-env", default=None, metavar="VAR",
                         help="require 'Authorization: Bearer KEY' with KEY read from environment variable VAR")
+    parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                        help="on a loopback --host, also answer requests for Host NAME, e.g. a reverse proxy's "
+                             "(repeatable; loopback names always)")
     from posttrain.data.templates import TEMPLATE_NAMES
 
     parser.add_argument("--template", default="auto", choices=TEMPLATE_NAMES,

@@ -17,7 +17,9 @@ row never sees its neighbours.
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
+import re
 import sys
 import threading
 import time
@@ -38,6 +40,8 @@ from posttrain.serve.protocol import APIError, Limits, Request
 AS_LOADED = ""  # target: run the model as loaded (a plain model, or an adapter dir given as MODEL)
 BASE = None  # target: the base model with every adapter switched off
 # any other target string is the name of a loaded LoRA / IA3 adapter
+CONTEXT_TOKENS = 4  # a completion is decoded after this many of its prompt's last tokens
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # a byte-fallback token (Llama-2, Mistral, Gemma)
 
 
 @dataclass
@@ -48,6 +52,8 @@ class Choice:
     index: int
     prompt_ids: list[int]
     max_tokens: int
+    context_ids: list[int] = field(default_factory=list)  # completions: the prompt's last tokens
+    context_text: str = ""  # their text, dropped from the front of the decoded continuation
     sent: str = ""  # text already streamed
     ended: bool = False
 
@@ -85,6 +91,11 @@ class Engine:
         self.eos_ids = eos_token_ids(model, tokenizer, template)  # the template's end-of-turn token too
         self.turn_stops = stop_strings(tokenizer, [], template)  # its end-of-turn marker when several tokens
         self.pad_id = pad_token_id(tokenizer, self.eos_ids)
+        # A run of byte tokens decodes together (one U+FFFD per byte when not valid UTF-8), so its
+        # text may change until a non-byte token ends the run: streaming holds it back till then.
+        self.byte_ids = frozenset(i for t, i in tokenizer.get_vocab().items() if _BYTE_TOKEN.fullmatch(t))
+        # decode's clean-up (" ." -> ".", " n't" -> "n't", ...) may rewrite a space in the last 4 characters
+        self.cleans_spaces = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
         context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         self.context = None if context is None else context - getattr(model, "num_virtual_tokens", 0)
         # A fast tokenizer may not be used from two threads at once ("Already borrowed").
@@ -114,8 +125,10 @@ class Engine:
             ids = self._encode(text, special=request.kind == "completion")
             max_tokens = self._check_lengths(request, len(ids))
             job.prompt_tokens += len(ids)
+            context = ids[-CONTEXT_TOKENS:] if request.kind == "completion" else []
+            context_text = self.decode(context)
             for _ in range(request.n):
-                job.choices.append(Choice(job, len(job.choices), ids, max_tokens))
+                job.choices.append(Choice(job, len(job.choices), ids, max_tokens, context, context_text))
         self._reserve()
         self._queue.put(job)
         return job
@@ -149,6 +162,16 @@ class Engine:
     def decode(self, ids: list[int]) -> str:
         with self._tokenizer_lock:
             return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def text(self, choice: Choice, ids: list[int]) -> str:
+        """The text of `choice`'s tokens `ids`. A chat answer is decoded alone (a message's start);
+        a completion after its prompt's last tokens, whose text is then dropped, since a SentencePiece
+        decoder strips the leading space of a text it decodes from the start (as vLLM does)."""
+        if not choice.context_ids:
+            return self.decode(ids)
+        whole = self.decode(choice.context_ids + ids)
+        # the context's text is whole's prefix unless a byte run crosses the boundary
+        return whole[len(os.path.commonprefix([choice.context_text, whole])):]
 
     def _check_lengths(self, request: Request, prompt_tokens: int) -> int:
         """The max_tokens this prompt may use; APIError when the prompt or the total is too long."""
@@ -270,7 +293,7 @@ class Engine:
             choice.ended = True
             return True
         stop, stream = choice.job.request.stop, choice.job.request.stream
-        text = self.decode(ids) if stop or stream else ""
+        text = self.text(choice, ids) if stop or stream else ""
         reason = "stop" if ids[-1] in self.eos_ids else None
         if reason is None and stop and truncate_at_stop(text, stop) != text:
             reason = "stop"
@@ -279,16 +302,19 @@ class Engine:
         if reason is not None:
             self._end(choice, ids, reason)
             return True
-        if stream:
+        if stream and ids[-1] not in self.byte_ids:
             self._stream_delta(choice, text)
         return False
 
     def _stream_delta(self, choice: Choice, text: str) -> None:
-        """Send the part of `text` that can no longer change. Held back: a trailing incomplete
-        UTF-8 character (decoded as U+FFFD) and a tail that may be the start of a stop string,
-        so the streamed pieces add up to exactly the non-streamed text."""
+        """Send the part of `text` that can no longer change. Held back: all of it while the
+        tokens end in a byte-token run (see byte_ids), a trailing incomplete UTF-8 character
+        (decoded as U+FFFD), a space that decode's clean-up may still remove, and a tail that may
+        be the start of a stop string, so the streamed pieces add up to exactly the non-streamed text."""
         body = text.rstrip("\ufffd")
         hold = 0
+        if self.cleans_spaces and (space := body.rfind(" ", max(len(body) - 4, 0))) != -1:
+            hold = len(body) - space
         for s in choice.job.request.stop:
             for k in range(min(len(s) - 1, len(body)), 0, -1):
                 if body.endswith(s[:k]):
@@ -300,7 +326,7 @@ class Engine:
             choice.sent = new
 
     def _end(self, choice: Choice, ids: list[int], reason: str) -> None:
-        final = truncate_at_stop(self.decode(ids), choice.job.request.stop)
+        final = truncate_at_stop(self.text(choice, ids), choice.job.request.stop)
         rest = final[len(choice.sent):] if final.startswith(choice.sent) else ""
         choice.ended = True
         choice.job.events.put(("end", choice.index, rest, reason, len(ids)))

@@ -1,4 +1,4 @@
-"""The HTTP layer: routes, API key, body limits, JSON and server-sent events.
+"""The HTTP layer: routes, the loopback Host check, API key, body limits, JSON and server-sent events.
 
 Standard library only: `ThreadingHTTPServer` gives each connection a thread; those threads
 only parse, validate and wait, while the engine's single worker thread runs the model.
@@ -10,6 +10,7 @@ a request body was left unread, so a bad request can never poison the next one.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 import queue
 import sys
@@ -40,12 +41,16 @@ class Server:
     """The engine behind an HTTP server on (host, port); port 0 picks a free one."""
 
     def __init__(self, engine: Engine, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-                 request_timeout_s: float = 600.0, log_requests: bool = True):
+                 request_timeout_s: float = 600.0, log_requests: bool = True, allowed_hosts: tuple[str, ...] = ()):
         self.engine, self.api_key, self.request_timeout_s = engine, api_key, request_timeout_s
         self.log_requests = log_requests  # one access-log line per request on stderr
         self.started = time.time()
         self.httpd = _HTTPServer((host, port), _Handler)
         self.httpd.app = self
+        # Bound to loopback, only loopback names (and these) may be asked for: a web page whose
+        # DNS name is rebound to 127.0.0.1 must not reach a server meant for this machine.
+        self.loopback = ipaddress.ip_address(self.httpd.server_address[0]).is_loopback
+        self.allowed_hosts = frozenset(_host_name(name) for name in allowed_hosts)  # any port
         self._thread: threading.Thread | None = None
 
     @property
@@ -70,6 +75,31 @@ class Server:
         self.httpd.server_close()
         if close_engine:
             self.engine.close()
+
+
+def _host_name(host: str) -> str:
+    """The name in a Host header, without its port: "localhost:8000" -> "localhost", "[::1]:80" -> "::1"."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
+
+
+def _origin_name(origin: str) -> str:
+    try:
+        return urlsplit(origin.strip()).hostname or ""  # "null" (a sandboxed page) has none
+    except ValueError:
+        return ""
+
+
+def _local_name(name: str, allowed: frozenset[str]) -> bool:
+    """localhost, 127.x.x.x, ::1, or a name given with --allowed-host."""
+    if name == "localhost" or name in allowed:
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -105,6 +135,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._body_read, self._headers_sent, self._allow = False, False, None
         try:
             path = unquote(urlsplit(self.path).path)
+            if self.server.app.loopback:
+                self._check_host()
             allowed = self._allowed(path)
             if allowed is None:
                 raise APIError(404, f"no route {path[:200]}; routes: POST /v1/chat/completions, POST /v1/completions, "
@@ -136,13 +168,27 @@ class _Handler(BaseHTTPRequestHandler):
             return "GET"
         return None
 
-    def _authorize(self) -> None:
+    def _check_host(self) -> None:
+        """403 unless the Host header (and the Origin, when sent) names this machine or an --allowed-host."""
+        app = self.server.app
+        host = self.headers.get("Host")
+        if host is not None and not _local_name(_host_name(host), app.allowed_hosts):
+            raise APIError(403, f"Host {host[:100]!r} is not a loopback name; a reverse proxy's name is accepted "
+                           "with --allowed-host NAME", code="host_not_allowed")
+        origin = self.headers.get("Origin")
+        if origin is not None and not _local_name(_origin_name(origin), app.allowed_hosts):
+            raise APIError(403, f"Origin {origin[:100]!r} is not a loopback origin; a reverse proxy's name is "
+                           "accepted with --allowed-host NAME", code="origin_not_allowed")
+
+    def _has_key(self) -> bool:
         key = self.server.app.api_key
         if key is None:
-            return
-        given = self.headers.get("Authorization", "")
-        scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            return True
+        scheme, _, token = self.headers.get("Authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+
+    def _authorize(self) -> None:
+        if not self._has_key():
             raise APIError(401, "missing or wrong API key; send the header Authorization: Bearer <key>",
                            code="invalid_api_key")
 
@@ -150,9 +196,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _health(self) -> dict:
         engine = self.server.app.engine
-        return {"status": "ok" if engine.alive() else "worker stopped", "models": list(engine.targets),
-                "pending": engine.pending(), "uptime_s": round(time.time() - self.server.app.started, 1),
-                "stats": engine.snapshot()}
+        health = {"status": "ok" if engine.alive() else "worker stopped", "pending": engine.pending(),
+                  "uptime_s": round(time.time() - self.server.app.started, 1), "stats": engine.snapshot()}
+        if self._has_key():  # the names are what /v1/models guards (by default a local path)
+            health["models"] = list(engine.targets)
+        return health
 
     def _models(self, path: str) -> None:
         app = self.server.app
@@ -180,7 +228,7 @@ class _Handler(BaseHTTPRequestHandler):
                     _, index, text, reason, count = event
                     choices[index] = (text, reason)
                     tokens += count
-                self._send_json(200, completion_body(kind, new_id(kind), request.model, choices,
+                self._send_json(200, completion_body(kind, *new_id(kind), request.model, choices,
                                                      usage(job.prompt_tokens, tokens)))
         finally:
             job.cancelled.set()  # a no-op when finished; frees the rows when the client went away
@@ -208,7 +256,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _stream(self, job: Job) -> None:
         request = job.request
-        kind, request_id = request.kind, new_id(request.kind)
+        kind, (request_id, created) = request.kind, new_id(request.kind)
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -217,20 +265,20 @@ class _Handler(BaseHTTPRequestHandler):
         self._headers_sent = True
         if kind == "chat":
             for choice in job.choices:
-                self._sse(chunk_body(kind, request_id, request.model, choice.index, role=True))
+                self._sse(chunk_body(kind, request_id, created, request.model, choice.index, role=True))
         tokens = 0
         try:
             for event in self._events(job, deltas=True):
                 if event[0] == "delta":
-                    self._sse(chunk_body(kind, request_id, request.model, event[1], text=event[2]))
+                    self._sse(chunk_body(kind, request_id, created, request.model, event[1], text=event[2]))
                     continue
                 _, index, rest, reason, count = event
                 tokens += count
                 if rest:
-                    self._sse(chunk_body(kind, request_id, request.model, index, text=rest))
-                self._sse(chunk_body(kind, request_id, request.model, index, finish_reason=reason))
+                    self._sse(chunk_body(kind, request_id, created, request.model, index, text=rest))
+                self._sse(chunk_body(kind, request_id, created, request.model, index, finish_reason=reason))
             if request.include_usage:
-                self._sse(usage_chunk(kind, request_id, request.model, usage(job.prompt_tokens, tokens)))
+                self._sse(usage_chunk(kind, request_id, created, request.model, usage(job.prompt_tokens, tokens)))
         except APIError as error:  # headers are out: report in the stream, as OpenAI does
             self._sse(error.body())
         self._write_chunk(b"data: [DONE]\n\n")

@@ -71,7 +71,8 @@ _COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", 
 _CHAT_ONLY = {"messages", "max_completion_tokens", "metadata", "store", "service_tier"}
 _COMPLETION_ONLY = {"prompt"}
 # Known OpenAI fields we cannot honour: allowed only at their "off" value.
-_UNSUPPORTED_OFF = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "logit_bias": (None, {}),
+# logprobs 0 is not off: on /v1/completions it asks for the sampled tokens' logprobs.
+_UNSUPPORTED_OFF = {"logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias": (None, {}),
                     "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
                     "function_call": (None, "none"), "echo": (None, False), "best_of": (None, 1),
                     "suffix": (None, ""), "parallel_tool_calls": (None, True, False),
@@ -257,8 +258,9 @@ def _prompts(value: object, limits: Limits) -> list[str]:
 # ---------------------------------------------------------------- responses
 
 
-def new_id(kind: str) -> str:
-    return ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+def new_id(kind: str) -> tuple[str, int]:
+    """A response's id and its `created` time, taken once: every chunk of a stream carries both."""
+    return ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24], int(time.time())
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -266,7 +268,8 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion_body(kind: str, request_id: str, model: str, choices: list[tuple[str, str]], counts: dict) -> dict:
+def completion_body(kind: str, request_id: str, created: int, model: str, choices: list[tuple[str, str]],
+                    counts: dict) -> dict:
     """The non-streaming response; `choices` is [(text, finish_reason)] in choice order."""
     if kind == "chat":
         items = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
@@ -276,12 +279,12 @@ def completion_body(kind: str, request_id: str, model: str, choices: list[tuple[
         items = [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}
                  for i, (text, reason) in enumerate(choices)]
         obj = "text_completion"
-    return {"id": request_id, "object": obj, "created": int(time.time()), "model": model, "choices": items,
+    return {"id": request_id, "object": obj, "created": created, "model": model, "choices": items,
             "usage": counts}
 
 
-def chunk_body(kind: str, request_id: str, model: str, index: int, *, text: str | None = None, role: bool = False,
-               finish_reason: str | None = None) -> dict:
+def chunk_body(kind: str, request_id: str, created: int, model: str, index: int, *, text: str | None = None,
+               role: bool = False, finish_reason: str | None = None) -> dict:
     """One streamed chunk for choice `index`: a role opener (chat), a text delta, or the finish."""
     if kind == "chat":
         delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text is not None else {})
@@ -290,10 +293,10 @@ def chunk_body(kind: str, request_id: str, model: str, index: int, *, text: str 
     else:
         choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
         obj = "text_completion"
-    return {"id": request_id, "object": obj, "created": int(time.time()), "model": model, "choices": [choice]}
+    return {"id": request_id, "object": obj, "created": created, "model": model, "choices": [choice]}
 
 
-def usage_chunk(kind: str, request_id: str, model: str, counts: dict) -> dict:
+def usage_chunk(kind: str, request_id: str, created: int, model: str, counts: dict) -> dict:
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-    return {"id": request_id, "object": obj, "created": int(time.time()), "model": model, "choices": [],
+    return {"id": request_id, "object": obj, "created": created, "model": model, "choices": [],
             "usage": counts}

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from posttrain.errors import NoRoom
+
 MANIFEST = "manifest.json"
 PREFIX = "step-"
 
@@ -167,6 +169,29 @@ def drop_after(root: Path, step: int) -> int:
     return len(later)
 
 
+def write_whole(target: Path, write) -> Path:
+    """Fill a directory by `write(directory)` in a temporary sibling, then put it in `target`'s
+    place: a run's final/ holds one run's files, never the new model beside an earlier run's
+    adapter (a fresh start over another method), and a crash while writing leaves the old one.
+    Swapped by two renames: the old directory is moved aside first (rename cannot replace a
+    non-empty directory), then removed."""
+    tmp, old = target.with_name(f".tmp-{target.name}"), target.with_name(f".old-{target.name}")
+    for leftover in (tmp, old):  # a writer killed earlier
+        shutil.rmtree(leftover, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    for path in tmp.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    _fsync_dir(target.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
 def clear(root: Path) -> int:
     """Remove every checkpoint under `root` (a fresh start must not later resume from, or be
     pruned around, an earlier run's checkpoints); returns how many complete ones were removed."""
@@ -192,21 +217,29 @@ def save(root: Path, step: int, *, model, optimizer, loop_state: dict, rank: int
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    tensors, plain = rng_state()
-    save_file(tensors, str(tmp / f"rng-rank{rank}.safetensors"))
-    (tmp / f"rng-rank{rank}.json").write_text(json.dumps(plain))
+    try:
+        tensors, plain = rng_state()
+        save_file(tensors, str(tmp / f"rng-rank{rank}.safetensors"))
+        (tmp / f"rng-rank{rank}.json").write_text(json.dumps(plain))
+        if rank == 0:
+            save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+            opt_tensors, opt_plain = _split_optimizer_state(optimizer.state_dict())
+            save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+            (tmp / "optimizer.json").write_text(json.dumps(opt_plain))
+            (tmp / "loop_state.json").write_text(json.dumps(loop_state, indent=1))
+            if stage_state is not None:
+                (tmp / "stage_state.json").write_text(json.dumps(stage_state[0], indent=1))
+                save_file(stage_state[1], str(tmp / "stage_state.safetensors"))
+        barrier()
+        if rank == 0:
+            write_manifest(tmp, {"step": step, "world_size": world_size})
+    except Exception as exc:  # a full disk, most often: the partial checkpoint would only hold its space
+        shutil.rmtree(tmp, ignore_errors=True)
+        no_room = NoRoom.of(exc, final)  # one line naming the checkpoint, not safetensors' traceback
+        if no_room is None:
+            raise
+        raise no_room from exc
     if rank == 0:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        opt_tensors, opt_plain = _split_optimizer_state(optimizer.state_dict())
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        (tmp / "optimizer.json").write_text(json.dumps(opt_plain))
-        (tmp / "loop_state.json").write_text(json.dumps(loop_state, indent=1))
-        if stage_state is not None:
-            (tmp / "stage_state.json").write_text(json.dumps(stage_state[0], indent=1))
-            save_file(stage_state[1], str(tmp / "stage_state.safetensors"))
-    barrier()
-    if rank == 0:
-        write_manifest(tmp, {"step": step, "world_size": world_size})
         if final.exists():  # a damaged or abandoned checkpoint of this step: os.replace cannot replace a directory
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -32,7 +32,7 @@ import torch
 from posttrain.config import GRPOConfig, GRPOLossConfig, validate_grpo
 from posttrain.losses import policy_gradient as pg
 from posttrain.train.rollouts import (RolloutStage, batches_state, collate_completions, completion_forward,
-                                      restore_batches, start_rl_run, summed)
+                                      restore_batches, start_rl_run, summed, summed_figure)
 
 
 # --------------------------------------------------------------------------- the loss
@@ -57,7 +57,8 @@ class GroupPolicyLoss(torch.nn.Module):
         logps = forward["logps"]
         old = logps.detach() if old_logps is None else old_logps  # μ = 1: the rollout policy is this one
         per_token, clip_metrics = pg.clipped_policy_loss(logps, old, advantages[:, None], mask, self.cfg.clip_eps)
-        metrics = {"clip_fraction": clip_metrics["clip_fraction"] * self._sum(torch.ones_like(mask), mask),
+        metrics = {"clip_fraction": summed_figure(clip_metrics["clipped_tokens"], clip_metrics["clip_fraction"],
+                                                  mask, self.cfg.aggregation),
                    "entropy": self._sum(forward["entropy"].detach(), mask)}
         if self.cfg.beta > 0:
             kl = pg.KL_ESTIMATORS[self.cfg.kl_estimator](logps, ref_logps)

@@ -126,7 +126,7 @@ def _steps(stage: Stage, group: int, epoch: int, consumed: int) -> Iterator[tupl
         epoch, consumed = epoch + 1, 0
 
 
-def _plan_total_steps(stage: Stage, cfg, group: int) -> int:
+def plan_total_steps(stage: Stage, cfg, group: int) -> int:
     if cfg.max_steps > 0:
         return cfg.max_steps
     per_epoch = stage.micro_batches_per_epoch()
@@ -248,11 +248,11 @@ def _train_step(module, stage: Stage, micro: list[Batch], accelerator, cfg, inac
 
 
 @torch.enable_grad()  # the loop owns its steps: a caller's torch.set_grad_enabled(False) is put back after
-def train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: str | None = None) -> LoopResult:
+def train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: dict[str, Any] | None = None) -> LoopResult:
     """Run the optimisation described by `cfg` (a TrainConfig) on `stage`; checkpoints in run_dir.
 
-    fingerprint: what the run's results depend on beyond `train` (`run_fingerprint`): kept in
-    every checkpoint, and a resume from a checkpoint of other settings is refused."""
+    fingerprint: the settings the run's results depend on (`run_fingerprint`): kept in every
+    checkpoint, and a resume from a checkpoint of other settings is refused, naming them."""
     optimizer = make_optimizer(stage.module, cfg, getattr(stage, "lr_scale", None))
     inactive_at = getattr(stage, "inactive_parameters", lambda step: [])
     after_optimizer_step = getattr(stage, "after_optimizer_step", lambda step: None)
@@ -260,7 +260,7 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: str | None
     module, optimizer = accelerator.prepare(stage.module, optimizer)
     rank, world = accelerator.process_index, accelerator.num_processes
     group = world * cfg.grad_accum
-    total_steps = _plan_total_steps(stage, cfg, group)
+    total_steps = plan_total_steps(stage, cfg, group)
     # rounded up, as transformers does, but not for a float product's last bit (0.07 × 100 = 7.000000000000001)
     warmup = cfg.warmup_steps or math.ceil(round(cfg.warmup_ratio * total_steps, 9))
     ckpt_root = run_dir / "checkpoints"
@@ -268,7 +268,7 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: str | None
                              "consecutive_nonfinite": 0, "best_eval": None, "evals_without_improvement": 0,
                              "stopped_early": False, "fingerprint": fingerprint}
     resume_from = _resume_path(cfg.resume, ckpt_root)
-    cleared = 0
+    fresh_start = ""  # what of an earlier run a fresh start removed, said once the log is open
     if resume_from is not None:
         _check_same_run(resume_from, fingerprint)
         state = checkpoint.load(resume_from, model=accelerator.unwrap_model(module), optimizer=optimizer, rank=rank)
@@ -280,7 +280,20 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: str | None
         if accelerator.is_main_process:
             checkpoint.drop_after(ckpt_root, state["step"])  # the continuation this resume replaces
     elif accelerator.is_main_process:
+        import shutil
+
         cleared = checkpoint.clear(ckpt_root)
+        removed = [f"{cleared} checkpoint(s)"] if cleared else []
+        # and the earlier run's results: stopped, this run would leave them beside its own config.yaml
+        for path in (run_dir / "final", run_dir / "summary.json", run_dir / "metrics.jsonl"):
+            if path.is_dir():
+                shutil.rmtree(path)
+                removed.append(f"{path.name}/")
+            elif path.exists():
+                path.unlink()
+                removed.append(path.name)
+        if removed:
+            fresh_start = f"fresh start: removed {', '.join(removed)} of an earlier run from {run_dir}"
     accelerator.wait_for_everyone()
     log = RunLogger(run_dir, enabled=accelerator.is_main_process, accelerator=accelerator,
                     trackers=cfg.report_to, total_steps=total_steps, initial_step=state["step"],
@@ -289,13 +302,13 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: str | None
     log.truncate_after(state["step"] if resume_from is not None else -1)
     if resume_from is not None:
         log.message(f"resumed from {resume_from} at step {state['step']}")
-    if cleared:
-        log.message(f"fresh start: removed {cleared} checkpoint(s) of an earlier run from {ckpt_root}")
+    if fresh_start:
+        log.message(fresh_start)
     coarse = sum(p.numel() for p in stage.module.parameters() if p.requires_grad and p.dtype == torch.bfloat16)
-    if coarse:  # AdamW steps these weights in place, with no float32 master copy
-        log.message(f"note: {coarse:,} trained parameters are bfloat16: an update below ~1/256 of a weight rounds "
-                    "away (at lr 2e-5 most do). For bf16 speed with float32 updates, load model.dtype=float32 and "
-                    "set train.mixed_precision=bf16")
+    if coarse:  # AdamW's moments and update are float32, rounded onto these weights: no float32 master copy
+        log.message(f"note: {coarse:,} trained parameters are bfloat16 (AdamW's moments are float32): an update "
+                    "below ~1/256 of a weight rounds away (at lr 2e-5 most do). For bf16 speed with float32 "
+                    "weights, load model.dtype=float32 and set train.mixed_precision=bf16")
 
     def save() -> None:
         if accelerator.scaler is not None:  # fp16: the loss scale found so far, and its growth count
@@ -304,9 +317,8 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: str | None
                         loop_state=state, rank=rank, world_size=world, barrier=accelerator.wait_for_everyone,
                         keep_last=cfg.keep_last, stage_state=stage.state_dict() if hasattr(stage, "state_dict") else None)
 
-    # a run that stopped early is finished: its rerun trains no further (checkpoints before this
-    # field was saved read as not stopped)
-    stopped_early, eval_loss, eval_metrics = state.get("stopped_early", False), None, {}
+    stopped_early, eval_loss, eval_metrics = _stopped_before(state, cfg.early_stopping_patience), None, {}
+    state["stopped_early"] = stopped_early
     if cfg.early_stopping_patience and not stage.eval_micro_batches():
         log.message("note: train.early_stopping_patience has no held-out data to evaluate, so it cannot stop the run")
     module.train()
@@ -360,13 +372,14 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: str | None
                     evaluated = evaluate(module, stage, accelerator)
                     if evaluated is not None:
                         eval_loss, eval_metrics = evaluated
-                        # after the last step there is nothing left to stop
-                        stopped_early = _early_stop(state, eval_loss, cfg.early_stopping_patience) and not at_end
-                        state["stopped_early"] = stopped_early
                         log.log({"step": state["step"], "eval_loss": eval_loss}
                                 | {f"eval_{name}": value for name, value in eval_metrics.items()})
                         shown = "".join(f", {name} {value:.4g}" for name, value in list(eval_metrics.items())[:4])
                         log.message(f"step {state['step']}: eval loss {eval_loss:.4f}{shown}")
+                        # after the last step there is nothing left to stop
+                        stopped_early = (_early_stop(state, eval_loss, cfg.early_stopping_patience, log)
+                                         and not at_end)
+                        state["stopped_early"] = stopped_early
                     monitor = getattr(stage, "monitor", None)
                     if monitor is not None:  # a stage's own held-out figures, and whether they stop the run
                         figures, stop_reason = monitor(module, accelerator)
@@ -394,7 +407,7 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: str | None
         if hasattr(stage, "monitor"):
             stage.monitor(module, accelerator)  # its figures of the restored weights; nothing left to stop
     if stopped_early:
-        reason = state.get("stop_reason") or f"no eval improvement in {cfg.early_stopping_patience} evals"
+        reason = state.get("stop_reason") or f"no eval improvement in {state['evals_without_improvement']} evals"
         log.message(f"early stop at step {state['step']}: {reason}")
     return LoopResult(state["step"], stopped_early, eval_loss, state["skipped_steps"], accelerator.unwrap_model(module),
                       eval_metrics)
@@ -495,12 +508,31 @@ def _count_nonfinite(state: dict, finite: bool, cfg, log: RunLogger, overflow_sc
             "lower train.lr, keep train.max_grad_norm > 0, or check the data for extreme rows")
 
 
-def _early_stop(state: dict, eval_loss: float, patience: int) -> bool:
+def _early_stop(state: dict, eval_loss: float, patience: int, log: RunLogger) -> bool:
+    """Count evals without improvement; True once `patience` of them ran in a row.
+
+    A non-finite eval loss is no improvement and never the best: a NaN stored as the best would
+    compare False against every later loss and stop a run that is still improving."""
     best = state["best_eval"]
-    if best is None or eval_loss < best:
+    if not math.isfinite(eval_loss):
+        log.message(f"step {state['step']}: eval loss is {eval_loss}; counted as no improvement for early stopping")
+    elif best is None or eval_loss < best:
         state["best_eval"], state["evals_without_improvement"] = eval_loss, 0
         return False
     state["evals_without_improvement"] += 1
+    return patience > 0 and state["evals_without_improvement"] >= patience
+
+
+def _stopped_before(state: dict, patience: int) -> bool:
+    """Whether the run being resumed is finished by a stop it made: its rerun trains no further.
+    A stage monitor's stop (its reason kept) stands; an early stop is judged again with this run's
+    `patience` (a resumed run takes its own config's `train` settings), so a raised patience trains
+    on until that many evaluations in a row have not improved. Checkpoints before `stopped_early`
+    was saved read as not stopped."""
+    if not state.get("stopped_early", False):
+        return False
+    if state.get("stop_reason"):
+        return True
     return patience > 0 and state["evals_without_improvement"] >= patience
 
 
@@ -606,14 +638,14 @@ def _checked_run_dir(output_dir: str) -> Path:
 
 
 def finish_run(run_dir: Path, accelerator, main: bool, model, tokenizer, summary: dict) -> Path:
-    """What every stage does last: the final model in run_dir/final and summary.json (main
-    process), then wait for every process and close the trackers."""
+    """What every stage does last: the final model in run_dir/final (replaced whole) and
+    summary.json (main process), then wait for every process and close the trackers."""
     import json
 
     from posttrain.models.loading import save_model
 
     if main:
-        save_model(model, tokenizer, run_dir / "final")
+        checkpoint.write_whole(run_dir / "final", lambda final: save_model(model, tokenizer, final))
         (run_dir / "summary.json").write_text(json.dumps(strict_json(summary), indent=1, allow_nan=False))
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -648,19 +680,55 @@ def make_accelerator(cfg, run_dir: Path):
     return accelerator
 
 
-def run_fingerprint(cfg) -> str:
-    """A digest of a stage config's settings that decide what a checkpoint holds — model, data,
-    adapters, the stage's own loss sections — leaving out what a resume may change (`train`:
-    the README lets a resumed run take a new lr, steps, cadences; `eval`; `output_dir`)."""
-    import hashlib
+def run_fingerprint(cfg) -> dict[str, Any]:
+    """The settings that decide what a checkpoint holds, flat ({"data.max_length": 64, ...}): model,
+    data, adapters, the stage's own loss sections; of `train`, those that decide the data and the
+    weights trained (`_TRAIN_FINGERPRINTED`); and the identity of the starting model's files.
+    Kept in every checkpoint; a resume under other values is refused, naming them. Left out: what
+    a resume may change (the rest of `train` — the README lets a resumed run take a new lr, steps,
+    cadences —, `eval`, `output_dir`, and `_RESUME_MAY_CHANGE`)."""
     import json
 
-    settings = {k: v for k, v in cfg.to_dict().items() if k not in ("train", "eval", "output_dir")}
-    for section, key in _RESUME_MAY_CHANGE:  # how, not what: memory and speed knobs, the rollout engine
-        if isinstance(settings.get(section), dict):
-            settings[section] = {k: v for k, v in settings[section].items() if k != key and not k.startswith("vllm_")}
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    from posttrain.models.presets import is_preset, preset_path
 
+    knobs = {section for section, _ in _RESUME_MAY_CHANGE}
+    settings: dict[str, Any] = {}
+    for section, values in cfg.to_dict().items():
+        if section in ("eval", "output_dir"):
+            continue
+        if not isinstance(values, dict):
+            settings[section] = values
+            continue
+        for key, value in values.items():
+            if section == "train" and key not in _TRAIN_FINGERPRINTED:
+                continue
+            if section in knobs and ((section, key) in _RESUME_MAY_CHANGE or key.startswith("vllm_")):
+                continue  # how, not what: memory and speed knobs, the rollout engine
+            settings[f"{section}.{key}"] = value
+    path = getattr(getattr(cfg, "model", None), "path", None)
+    if isinstance(path, str) and path:
+        # a preset is built from code, the same at every build: its directory's name (version and
+        # definition) says what it is, where a rebuilt cache would have new times
+        settings[MODEL_FILES] = preset_path(path).name if is_preset(path) else _digest(model_files(path))
+    return json.loads(json.dumps(settings, default=str))  # as a checkpoint's JSON reads back (tuples as lists)
+
+
+def model_files(path: str) -> list:
+    """What is at model.path (a directory, or a run directory's final/): each file's name, size
+    and modification time. A stage that rewrites the directory (an SFT continued into the run
+    given as model.path) changes it: the resume fingerprint and the reference log-prob cache key
+    on it."""
+    from posttrain.models.loading import resolve_model_path
+
+    directory = resolve_model_path(path)
+    return [[f.name, stat.st_size, stat.st_mtime_ns] for f in sorted(directory.iterdir())
+            if f.is_file() and (stat := f.stat())]
+
+
+# seed: the synthetic rows, the held-out split and the data order; batch_size: what the data
+# position counts (micro-batches); freeze: which weights (and moments) the checkpoint holds
+_TRAIN_FINGERPRINTED = ("seed", "batch_size", "freeze")
+MODEL_FILES = "model.files"  # the fingerprint's key for `model_files`
 
 _RESUME_MAY_CHANGE = (("model", "gradient_checkpointing"), ("model", "lean_activations"), ("model", "padding_free"),
                       ("dpo", "share_prompt"), ("reward", "share_prompt"), ("rollout", "engine"),
@@ -668,14 +736,59 @@ _RESUME_MAY_CHANGE = (("model", "gradient_checkpointing"), ("model", "lean_activ
                       ("forgetting", "retain_exact_match"))
 
 
-def _check_same_run(resume_from: Path, fingerprint: str | None) -> None:
+def _digest(value) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _legacy_digest(settings: dict[str, Any]) -> str:
+    """The fingerprint a checkpoint held before it kept the settings themselves: a digest of the
+    sections, without `train` and the model's files."""
+    nested: dict[str, Any] = {}
+    for key, value in settings.items():
+        section, _, name = key.partition(".")
+        if section == "train" or key == MODEL_FILES:
+            continue
+        if name:
+            nested.setdefault(section, {})[name] = value
+        else:
+            nested[section] = value
+    return _digest(nested)
+
+
+def _check_same_run(resume_from: Path, fingerprint: dict[str, Any] | None) -> None:
     import json
 
     saved = json.loads((resume_from / "loop_state.json").read_text()).get("fingerprint")
-    if fingerprint is not None and saved is not None and saved != fingerprint:
-        raise ConfigError(f"{resume_from} was written by a run with other settings (model, data, adapter, loss or "
-                          "forgetting); "
-                          "resuming would mix the two. Set train.resume=never to start afresh, or another output_dir")
+    if fingerprint is None or saved is None:
+        return
+    if isinstance(saved, str):  # an older checkpoint: the digest alone, which cannot say what changed
+        changed = [] if saved == _legacy_digest(fingerprint) else ["model, data, adapter, loss or forgetting"]
+    else:
+        changed = [_change(key, saved, fingerprint) for key in sorted(saved.keys() | fingerprint.keys())
+                   if saved.get(key, _UNSET) != fingerprint.get(key, _UNSET)]
+    if changed:
+        shown = "; ".join(changed[:4]) + (f"; and {len(changed) - 4} more" if len(changed) > 4 else "")
+        raise ConfigError(f"{resume_from} was written by a run with other settings ({shown}); resuming would mix "
+                          "the two. Set train.resume=never to start afresh, or another output_dir")
+
+
+_UNSET = "(unset)"  # a setting one side lacks (a section added since the checkpoint was written)
+
+
+def _change(key: str, saved: dict, now: dict) -> str:
+    if key == MODEL_FILES:
+        return f"the model at model.path {now.get('model.path', '')} changed since the checkpoint (its files)"
+
+    def shown(value) -> str:
+        import json
+
+        text = value if value is _UNSET else json.dumps(value)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    return f"{key}: {shown(saved.get(key, _UNSET))} → {shown(now.get(key, _UNSET))}"
 
 
 def _resume_path(resume: str, ckpt_root: Path) -> Path | None:

@@ -1,4 +1,8 @@
-"""Run logging: metrics.jsonl (always), a progress bar with ETA, optional accelerate trackers.
+"""Run logging: metrics.jsonl (always), progress with ETA, optional accelerate trackers.
+
+Progress is a tqdm bar on a terminal (and in a notebook); where stderr is not one (a batch job's
+log file) it is a plain line at most every 10 s (console.Progress, as the data commands write
+theirs): a bar's redraws would fill the log with carriage returns.
 
 With train.log_every = N, a training line holds the mean of each per-step figure (loss, grad
 norm, the stage's metrics, tokens and step time) over the steps since the previous line, as
@@ -80,6 +84,11 @@ def close_interval(interval: dict) -> dict:
     return line | {"steps_averaged": steps}
 
 
+def _interactive(stream) -> bool:
+    """A terminal, or a notebook (whose tqdm is a widget, not carriage returns in a file)."""
+    return bool(getattr(stream, "isatty", lambda: False)()) or "ipykernel" in sys.modules
+
+
 class RunLogger:
     """Writes one JSON object per line; only the main process writes."""
 
@@ -88,14 +97,18 @@ class RunLogger:
         self.enabled = enabled
         self.accelerator = accelerator if trackers else None
         self.path = run_dir / "metrics.jsonl"
-        self.bar = None
+        self.bar = self.lines = None
         if enabled:
             run_dir.mkdir(parents=True, exist_ok=True)
-        if enabled and progress_bar:
+        if enabled and progress_bar and _interactive(sys.stderr):
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step", dynamic_ncols=True,
                             mininterval=1.0)
+        elif enabled and progress_bar:
+            from posttrain.console import Progress
+
+            self.lines = Progress(total_steps, "train: step", sys.stderr, unit="steps", initial=initial_step)
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -124,6 +137,8 @@ class RunLogger:
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
+        elif self.lines is not None:
+            self.lines.update(record["step"], extra=f"loss {record['loss']:.4f}, lr {record['lr']:.2e}")
 
     def message(self, text: str) -> None:
         if not self.enabled:

@@ -160,9 +160,22 @@ def clip_grad_norm(parameters: list[torch.nn.Parameter], max_norm: float) -> tor
     return total
 
 
+# Weights whose AdamW moments and update are kept in float32 (`AdamW._adam`)
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
 class AdamW(torch.optim.AdamW):
-    """torch's AdamW, except that an untied embedding matrix keeps moments only for the rows a
-    gradient has reached, and is updated on those rows only.
+    """torch's AdamW, except that a bfloat16 or float16 weight's moments are float32, and an
+    untied embedding matrix keeps moments only for the rows a gradient has reached, and is
+    updated on those rows only.
+
+    torch keeps a weight's moments in the weight's dtype. In bfloat16, v ← β2·v + (1 − β2)·g²
+    with β2 = 0.999 cannot go down (0.999·v rounds back to v), so one large gradient shrinks
+    that weight's steps for the rest of the run. Here a low-precision weight's moments are
+    float32 and its update is computed in float32 from a float32 copy of the weight, then
+    rounded once onto the weight (which stays in its dtype: there is no float32 master copy).
+    Checkpoints hold these moments in float32, and `load_state_dict` keeps them so (torch's
+    would cast them to the weight's dtype).
 
     A token absent from every batch so far has a zero gradient row and zero moments, and AdamW
     leaves such a row at p·(1 − lr·wd): the moment update is 0 and m̂/(√v̂ + ε) is 0. So the
@@ -207,6 +220,7 @@ class AdamW(torch.optim.AdamW):
 
     def load_state_dict(self, state_dict) -> None:
         super().load_state_dict(state_dict)  # torch's full moments, on the parameters' devices
+        self._float32_moments_from(state_dict)
         group_of = {id(p): group for group in self.param_groups for p in group["params"]}
         # every plain matrix outside an amsgrad group starts again from its reached rows (a sharded,
         # DTensor, one stays torch's)
@@ -221,40 +235,64 @@ class AdamW(torch.optim.AdamW):
         if closure is not None:  # evaluated first, as torch does; then its gradients are stepped on
             with torch.enable_grad():
                 loss = closure()
+        # (Groups looked up each step: load_state_dict replaces the group dicts.)
+        group_of = {id(p): group for group in self.param_groups for p in group["params"]}
         if getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
             # A GradScaler drives the fused kernel (unscaling, skipping on inf — found_inf alone once
             # the gradients were unscaled for clipping): torch's AdamW, every row.
-            self._densify(self._embeddings)
-            for p in self._embeddings:
-                self._to_torch_state(p)
-            _torch_step(self)
-            return loss
-        # A plain dense 2-D gradient or a sparse one (`sparse_embedding_gradients`); a sharded one
-        # (FSDP, DTensor) takes torch's path, and so does a group with amsgrad (its running max of
-        # v̂ has no reached-rows form here), set at construction or restored by load_state_dict.
-        # (Groups looked up each step: load_state_dict replaces the group dicts.)
-        group_of = {id(p): group for group in self.param_groups for p in group["params"]}
-        held = [(p, p.grad) for p in self._row_sparse if p.grad is not None and p.grad.shape == p.shape
-                and not group_of[id(p)]["amsgrad"]
-                and ((p.grad.is_sparse and p.grad.sparse_dim() == 1)
-                     or (type(p.grad) is torch.Tensor and p.grad.layout == torch.strided))]
+            held = []
+        else:
+            # A plain dense 2-D gradient or a sparse one (`sparse_embedding_gradients`); a sharded one
+            # (FSDP, DTensor) takes torch's path, and so does a group with amsgrad (its running max of
+            # v̂ has no reached-rows form here), set at construction or restored by load_state_dict.
+            held = [(p, p.grad) for p in self._row_sparse if p.grad is not None and p.grad.shape == p.shape
+                    and not group_of[id(p)]["amsgrad"]
+                    and ((p.grad.is_sparse and p.grad.sparse_dim() == 1)
+                         or (type(p.grad) is torch.Tensor and p.grad.layout == torch.strided))]
         held_ids = {id(p) for p, _ in held}
         self._densify([p for p in self._embeddings if id(p) not in held_ids])
         for p in self._embeddings:
             if p.grad is not None and id(p) not in held_ids:
-                self._to_torch_state(p)  # torch's step below updates it
-        for p, _ in held:
+                self._to_torch_state(p)  # stepped whole below
+        # bfloat16 / float16 weights: float32 moments and update, by `_adam` (torch's would keep
+        # the moments in the weight's dtype)
+        low = [(p, p.grad) for group in self.param_groups for p in group["params"]
+               if p.grad is not None and id(p) not in held_ids and p.dtype in _LOW_PRECISION]
+        apart = held + low
+        for p, _ in apart:
             p.grad = None  # torch's step skips a parameter without a gradient
         try:
             _torch_step(self)
         finally:
-            for p, grad in held:
+            for p, grad in apart:
                 p.grad = grad
-        if held:
+        if apart:
             with torch.no_grad():
                 for p, grad in held:
                     self._row_step(p, grad, group_of[id(p)])
+                for p, grad in low:
+                    self._whole_matrix_step(p, grad, group_of[id(p)])
         return loss
+
+    def _float32_moments_from(self, state_dict: dict) -> None:
+        """After torch's load_state_dict, which casts every moment to its weight's dtype: a
+        bfloat16 / float16 weight's moments again as the checkpoint holds them, in float32."""
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(index)
+            if p.dtype not in _LOW_PRECISION or saved is None:
+                continue
+            for key, value in saved.items():
+                if key != "step" and torch.is_tensor(value) and value.is_floating_point():
+                    self.state[p][key] = value.to(device=p.device, dtype=torch.float32)
+
+    @staticmethod
+    def _new_state(p: torch.Tensor, group: dict) -> dict:
+        """torch's step counter (its dtype and device as torch's AdamW makes it)."""
+        scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+        return {"step": (torch.zeros((), dtype=torch.float32, device=p.device) if group["fused"] or group["capturable"]
+                         else torch.tensor(0.0, dtype=scalar))}
 
     @staticmethod
     def _densify(params: list[torch.Tensor]) -> None:
@@ -307,12 +345,10 @@ class AdamW(torch.optim.AdamW):
     def _row_step(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
         state = self.state[p]
         if not state:  # torch's step counter; moments for no row yet
-            scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-            state["step"] = (torch.zeros((), dtype=torch.float32, device=p.device) if group["fused"] or group["capturable"]
-                             else torch.tensor(0.0, dtype=scalar))
+            state.update(self._new_state(p, group))
             state["reached"] = torch.zeros(0, dtype=torch.long, device=p.device)
-            state["exp_avg_reached"] = p.new_zeros((0, *p.shape[1:]))
-            state["exp_avg_sq_reached"] = p.new_zeros((0, *p.shape[1:]))
+            state["exp_avg_reached"] = p.new_zeros((0, *p.shape[1:]), dtype=_moment_dtype(p))
+            state["exp_avg_sq_reached"] = p.new_zeros((0, *p.shape[1:]), dtype=_moment_dtype(p))
         elif "exp_avg" in state and not self._keep_reached_rows(p):  # full moments from torch's step
             self._whole_matrix_step(p, grad, group)
             return
@@ -342,15 +378,21 @@ class AdamW(torch.optim.AdamW):
             idle[rows] = False
             idle = idle.nonzero().squeeze(1)
             decayed, factor = p.index_select(0, idle), 1 - group["lr"] * group["weight_decay"]
-            if _foreach(group, p):  # rounded as torch's foreach kernel rounds it
+            # rounded as torch's foreach kernel rounds it (which rounds the factor to a bfloat16 /
+            # float16 weight's dtype; mul_ rounds only the product, as the float32 update above does)
+            if _foreach(group, p) and p.dtype not in _LOW_PRECISION:
                 torch._foreach_mul_([decayed], factor)
             else:
                 decayed.mul_(factor)
             p.index_copy_(0, idle, decayed)
 
     def _whole_matrix_step(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
-        """AdamW on every row of a matrix handed back to torch's state."""
+        """AdamW on every element of `p`, in torch's state (a matrix handed back, a low-precision weight)."""
         state = self.state[p]
+        if not state:
+            state.update(self._new_state(p, group))
+            for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ()):
+                state[key] = torch.zeros_like(p, dtype=_moment_dtype(p), memory_format=torch.preserve_format)
         self._adam([p], [grad.to_dense() if grad.is_sparse else grad], [state["exp_avg"], state["exp_avg_sq"]],
                    state, group)
 
@@ -359,17 +401,31 @@ class AdamW(torch.optim.AdamW):
         self._to_torch_state(p)
         self._row_sparse = [q for q in self._row_sparse if q is not p]
 
-    @staticmethod
-    def _adam(params, grads, moments, state, group) -> None:
+    def _adam(self, params, grads, moments, state, group) -> None:
         """torch's Adam update with decoupled weight decay, in place, by the kernel torch's AdamW
         would pick for the parameter: fused if asked, else foreach if asked or by torch's default
-        (on CUDA), else the single-tensor loop."""
+        (on CUDA), else the single-tensor loop. A bfloat16 / float16 weight is updated through a
+        float32 copy (its moments are float32), rounded once back onto it; a GradScaler's scale and
+        inf flag, when set, go to the (fused) kernel as torch's step passes them."""
+        low = params[0].dtype in _LOW_PRECISION
+        targets = [p.float() for p in params] if low else params
+        amsgrad = "max_exp_avg_sq" in state  # a low-precision weight in an amsgrad group (never row-sparse)
         adam_update(
-            params, grads, moments[:1], moments[1:], [], [state["step"]],
-            amsgrad=False, has_complex=False, beta1=group["betas"][0], beta2=group["betas"][1], lr=group["lr"],
+            targets, [g.float() for g in grads] if low else grads, moments[:1], moments[1:],
+            [state["max_exp_avg_sq"]] if amsgrad else [], [state["step"]],
+            amsgrad=amsgrad, has_complex=False, beta1=group["betas"][0], beta2=group["betas"][1], lr=group["lr"],
             weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
             foreach=_foreach(group, params[0]), capturable=group["capturable"], differentiable=False,
-            fused=group["fused"], decoupled_weight_decay=True)
+            fused=group["fused"], grad_scale=getattr(self, "grad_scale", None),
+            found_inf=getattr(self, "found_inf", None), decoupled_weight_decay=True)
+        if low:
+            for p, updated in zip(params, targets):
+                p.copy_(updated)
+
+
+def _moment_dtype(p: torch.Tensor) -> torch.dtype:
+    """float32 for a bfloat16 / float16 weight (see `AdamW`), else the weight's own dtype, as torch's."""
+    return torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
 
 
 def _foreach(group: dict, p: torch.Tensor) -> bool:

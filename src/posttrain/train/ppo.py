@@ -37,7 +37,8 @@ import torch
 from posttrain.config import PPOConfig, PPOLossConfig, validate_ppo
 from posttrain.losses import policy_gradient as pg
 from posttrain.train.rollouts import (RolloutStage, batches_state, collate_completions, completion_forward,
-                                      completion_inputs, no_grad_eval, restore_batches, start_rl_run, summed, to_grid)
+                                      completion_inputs, no_grad_eval, restore_batches, start_rl_run, summed,
+                                      summed_figure, to_grid)
 
 # --------------------------------------------------------------------------- value models
 
@@ -110,13 +111,17 @@ class PPOLoss(torch.nn.Module):
         policy, policy_metrics = pg.clipped_policy_loss(out["logps"], old_logps, advantages, mask, c.clip_eps)
         value, value_metrics = pg.clipped_value_loss(out["values"], old_values, returns, mask, c.value_clip)
         per_token = policy + c.vf_coef * value - c.entropy_coef * out["entropy"] * mask
-        weight = summed(torch.ones_like(mask), mask, c.aggregation)  # this batch's share of the step weight
+        # every figure summed as the loss is, so the step's figure (÷ the step's weight) is the same
+        # whatever the micro-batch split; `approx_kl` decides ppo.early_stop_kl
         metrics = {"policy_loss": summed(policy.detach(), mask, c.aggregation),
                    "value_loss": summed(value.detach(), mask, c.aggregation),
                    "entropy": summed(out["entropy"].detach(), mask, c.aggregation),
-                   "clip_fraction": policy_metrics["clip_fraction"] * weight,
-                   "approx_kl": policy_metrics["approx_kl"] * weight,
-                   "value_clip_fraction": value_metrics["value_clip_fraction"] * weight}
+                   "clip_fraction": summed_figure(policy_metrics["clipped_tokens"], policy_metrics["clip_fraction"],
+                                                  mask, c.aggregation),
+                   "approx_kl": summed_figure(policy_metrics["approx_kl_tokens"], policy_metrics["approx_kl"],
+                                              mask, c.aggregation),
+                   "value_clip_fraction": summed_figure(value_metrics["value_clipped_tokens"],
+                                                        value_metrics["value_clip_fraction"], mask, c.aggregation)}
         return summed(per_token, mask, c.aggregation), metrics
 
 
@@ -257,16 +262,17 @@ def build_value_model(cfg: PPOConfig, model, tokenizer, log) -> tuple[ValueHead 
         return ValueHead(lm.config.hidden_size), None
     from posttrain.models.attention import padding_free
     from posttrain.models.loading import disable_dropout
-    from posttrain.models.reward_model import _classifier, is_decoder_scorer, load_reward_model
+    from posttrain.models.reward_model import is_decoder_scorer
 
     path = cfg.ppo.value_model_path or cfg.model.path
     log(f"critic: a separate value model from {path}")
     # trained in full: float16 weights would go NaN under AdamW (see config's float16 check)
     dtype = "float32" if cfg.model.dtype == "float16" else cfg.model.dtype
-    classifier = load_reward_model(path, dtype, cfg.model.trust_remote_code, tokenizer.pad_token_id)
+    setting = "ppo.value_model_path" if cfg.ppo.value_model_path else "model.path"
+    classifier = _load_critic(path, dtype, cfg.model.trust_remote_code, tokenizer.pad_token_id, setting, log)
     disable_dropout(classifier, log, "its values must match those the rollout took")
     if is_decoder_scorer(classifier):  # padding-free batches as for the policy (models/attention.py)
-        padding_free(_classifier(classifier), cfg.model.padding_free, log,
+        padding_free(classifier, cfg.model.padding_free, log,
                      cfg.data.max_prompt_length + cfg.rollout.max_new_tokens)
     try:
         return None, Critic(classifier)
@@ -274,6 +280,28 @@ def build_value_model(cfg: PPOConfig, model, tokenizer, log) -> tuple[ValueHead 
         from posttrain.errors import ConfigError
 
         raise ConfigError(str(exc)) from None
+
+
+def _load_critic(path: str, dtype: str, trust_remote_code: bool, pad_token_id: int | None, setting: str, log):
+    """The critic's starting model, as reward.models loads one (a run directory means its final/; a
+    LoRA reward model is its base with the adapter). The critic trains in full, so a LoRA reward
+    model's adapter is merged into its base (in float32, cast once to `dtype`, as posttrain merge does)."""
+    from peft import PeftModel
+
+    from posttrain.inference import resolve_model_dir
+    from posttrain.models.loading import _torch_dtype
+    from posttrain.models.presets import is_preset
+    from posttrain.models.reward_model import load_reward_model
+
+    if not is_preset(path):
+        path = resolve_model_dir(path)
+    adapter = (Path(path) / "adapter_config.json").is_file()
+    model = load_reward_model(path, "float32" if adapter else dtype, trust_remote_code, pad_token_id, setting)
+    if isinstance(model, PeftModel):
+        log(f"critic: the LoRA reward model {path} merged into its base, trained in full")
+        # peft leaves the base's weights frozen after the merge: the critic's must train too
+        model = model.merge_and_unload().to(_torch_dtype(dtype)).requires_grad_(True)
+    return model
 
 
 def report_value_model(run, values: torch.nn.Module, optimizer: str) -> dict:

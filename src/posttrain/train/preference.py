@@ -421,21 +421,15 @@ def _fingerprint(cfg: DPOConfig, items: list[Item]) -> str:
     its dtype, precision, adapter method and quantization (QLoRA's reference is the quantized
     base), every sequence's tokens and labels in order, and for KTO the step's layout of them
     (`_step_layout_logps`; a cache from before it, one batch at a time, is computed again)."""
-    parts = [cfg.model.path, _files_at(cfg.model.path), cfg.model.dtype, cfg.adapter.method,
+    from posttrain.train.loop import model_files
+
+    parts = [cfg.model.path, model_files(cfg.model.path), cfg.model.dtype, cfg.adapter.method,
              dataclasses.asdict(cfg.adapter.quantization), cfg.train.mixed_precision]
     digest = hashlib.sha256(json.dumps(parts + (["kto: step layout"] if cfg.dpo.loss == "kto" else [])).encode())
     for item in items:
         for seq in item.sequences:
             digest.update(torch.tensor(seq.input_ids + [-1] + seq.labels, dtype=torch.int64).numpy().tobytes())
     return digest.hexdigest()
-
-
-def _files_at(path: str) -> list:
-    from posttrain.models.loading import resolve_model_path
-
-    directory = resolve_model_path(path)
-    return [[f.name, stat.st_size, stat.st_mtime_ns] for f in sorted(directory.iterdir())
-            if f.is_file() and (stat := f.stat())]
 
 
 def _cached(cache: Path, fingerprint: str, count: int, log) -> tuple[list[float], list[bool]] | None:
@@ -538,10 +532,10 @@ def reference_plan(stage: GroupedStage, train_cfg, world: int) -> list[list[Item
     """The micro-batches a run reads, in order: the first `total steps × world × grad_accum` of
     the first epoch (all of it when the run is longer: later epochs reorder its items), then the
     held-out ones. With `train.max_steps` under an epoch the rest of the epoch is never read."""
-    from posttrain.train.loop import _plan_total_steps  # the loop's own count of its steps
+    from posttrain.train.loop import plan_total_steps  # the loop's own count of its steps
 
     group = world * train_cfg.grad_accum
-    read = _plan_total_steps(stage, train_cfg, group) * group
+    read = plan_total_steps(stage, train_cfg, group) * group
     return stage.item_batches(0)[:read] + stage.eval_item_batches()
 
 

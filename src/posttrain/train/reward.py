@@ -156,6 +156,7 @@ def run_rm(cfg: RMConfig) -> Path:
     from posttrain.models.attention import block_masks_allowed, padding_free, window_allows
     from posttrain.models.loading import load_tokenizer
     from posttrain.models.reward_model import encoder_positions, is_decoder_scorer
+    from posttrain.train import checkpoint
     from posttrain.train.loop import evaluate, run_fingerprint, start_run, train
 
     cfg = RMConfig.for_run(cfg, "run_rm")
@@ -192,17 +193,20 @@ def run_rm(cfg: RMConfig) -> Path:
         log(f"held-out pairwise accuracy: {before[1]['accuracy']:.1%} before → "
             f"{result.eval_metrics.get('accuracy', float('nan')):.1%} after ({len(eval_items)} prompts)")
     if main:
-        final = run_dir / "final"
-        result.module.model.save_pretrained(final)
-        if (final / "adapter_config.json").is_file():  # a LoRA reward model
-            from posttrain.models.adapters.io import sort_module_sets
-
-            sort_module_sets(final / "adapter_config.json")
-        tokenizer.save_pretrained(final)
+        checkpoint.write_whole(run_dir / "final", lambda final: _save_final(result.module.model, tokenizer, final))
         (run_dir / "summary.json").write_text(json.dumps(strict_json(summary), indent=1, allow_nan=False))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return run_dir
+
+
+def _save_final(model, tokenizer, final: Path) -> None:
+    model.save_pretrained(final)
+    if (final / "adapter_config.json").is_file():  # a LoRA reward model
+        from posttrain.models.adapters.io import sort_module_sets
+
+        sort_module_sets(final / "adapter_config.json")
+    tokenizer.save_pretrained(final)
 
 
 def _check_comparisons(items: list[Item], cfg: RMConfig, log) -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from posttrain.data.prompts import PromptRecord
-from posttrain.errors import ConfigError
+from posttrain.errors import ConfigError, DataError
 from posttrain.files import write_atomically
 
 # --------------------------------------------------------------------------- batches of completions
@@ -132,6 +132,17 @@ def summed(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str) -> tor
     return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum()
 
 
+def summed_figure(per_token: torch.Tensor, token_mean: torch.Tensor, mask: torch.Tensor,
+                  aggregation: str) -> torch.Tensor:
+    """A figure's numerator (a clip fraction, an approximate KL), weighted as the loss is, so the
+    step's figure does not depend on how micro-batches split the rollout: under sequence
+    aggregation Σ over responses of each one's token mean (`summed`); under token aggregation
+    the micro-batch's token mean × its tokens (that is Σ over tokens, rounded as it always was)."""
+    if aggregation == "token":
+        return token_mean * summed(torch.ones_like(mask), mask, aggregation)
+    return summed(per_token, mask, aggregation)
+
+
 def no_grad_eval(model, autocast, fn, *args):
     """fn(model, *args) in eval mode, without gradients, under `autocast`; the training mode is restored."""
     was_training = model.training
@@ -213,6 +224,10 @@ def sample_and_score(engine, tokenizer, prompts: list[list[int]], records: list[
     if cfg.reward.clip > 0:
         rewards = rewards.clamp(-cfg.reward.clip, cfg.reward.clip)
     rewards = rewards.float()
+    if not torch.isfinite(rewards).all():  # each component is in range (rewards.py); a weighted sum may not be
+        bad = int((~torch.isfinite(rewards)).nonzero()[0])
+        raise DataError(f"the total reward of response {bad + 1} (of {len(rewards)}) is {totals[bad]:g}, beyond "
+                        "float32's range: lower reward.weights, or set reward.clip")
     reward_s = time.perf_counter() - started
     grouped = rewards.view(-1, group)
     generated = sum(len(c) for c in completions)

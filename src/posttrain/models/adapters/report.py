@@ -6,7 +6,8 @@ and optimizer state:
 
     weights    Σ numel × bytes of its dtype (4-bit weights: ½ byte + 1 scale byte per 64)
     gradients  trainable numel × bytes of its dtype
-    optimizer  AdamW: 2 moments × trainable numel × 4 bytes (8-bit AdamW: × 1 byte each)
+    optimizer  AdamW: 2 moments × trainable numel × 4 bytes (float32 moments for bfloat16 / float16
+               weights too, see train/optim.py; float64 weights: 8 bytes; 8-bit AdamW: 1 byte each)
 
 Activations depend on batch and length and are not estimated; the loop measures peak memory.
 """
@@ -43,7 +44,7 @@ def parameter_report(model: nn.Module, optimizer: str = "adamw") -> dict:
     method_of = getattr(model, "method_of", lambda _name: "base")
     by_method: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     by_module: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    weights = grads = trainable_numel = total = trainable = 0
+    weights = grads = state = total = trainable = 0
     for name, param in model.named_parameters():
         numel = param.numel() * (2 if type(param).__name__ == "Params4bit" else 1)
         method = method_of(name)
@@ -57,16 +58,14 @@ def parameter_report(model: nn.Module, optimizer: str = "adamw") -> dict:
             by_method[method][0] += numel
             by_module[module][0] += numel
             grads += param.numel() * param.element_size()
-            trainable_numel += param.numel()
-    state_bytes = 1 if "8bit" in optimizer else 4
+            state += 2 * param.numel() * (1 if "8bit" in optimizer else max(4, param.element_size()))
     mib = 1 / 2**20
     return {
         "trainable": trainable, "total": total, "percent": 100.0 * trainable / total if total else 0.0,
         "by_method": {k: {"trainable": v[0], "total": v[1]} for k, v in sorted(by_method.items())},
         "by_module": {k: {"trainable": v[0], "total": v[1]} for k, v in sorted(by_module.items())},
         "memory_mib": {"weights": weights * mib, "gradients": grads * mib,
-                       "optimizer": 2 * trainable_numel * state_bytes * mib,
-                       "total": (weights + grads + 2 * trainable_numel * state_bytes) * mib},
+                       "optimizer": state * mib, "total": (weights + grads + state) * mib},
     }
 
 
