@@ -8,6 +8,8 @@ import json
 
 import pytest
 
+from tests.test_feedback_serve_edges import _post
+
 torch = pytest.importorskip("torch")
 
 from posttrain.serve import Limits, build_server  # noqa: E402
@@ -45,15 +47,8 @@ def llama2(one_thread, tmp_path_factory):
 
 
 def _request(server, method, path, body=None, headers=None):
-    host, port = server.httpd.server_address[:2]
-    connection = http.client.HTTPConnection(host, port, timeout=120)
-    try:
-        data = None if body is None else json.dumps(body)
-        connection.request(method, path, data, {"Content-Type": "application/json", **(headers or {})})
-        response = connection.getresponse()
-        return response.status, response.read().decode()
-    finally:
-        connection.close()
+    status, text, _ = _post(server, path, body, headers, method)
+    return status, text
 
 
 def _streamed(text: str) -> list[str]:

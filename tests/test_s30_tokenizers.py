@@ -6,28 +6,16 @@ from __future__ import annotations
 
 import copy
 import json
-import tempfile
 
 import pytest
 
-from tests.test_walkthrough_tokenizers import GEMMA, PHI3, TALK, build_tokenizer
+from tests.test_walkthrough_tokenizers import GEMMA, PHI3, TALK, build_tokenizer, family_tokenizers
 
 
 @pytest.fixture(scope="module")
 def loaded():
     """name -> the family's tokenizer as load_tokenizer gives it."""
-    from posttrain.models.loading import load_tokenizer
-
-    cache = {}
-
-    def get(name: str):
-        if name not in cache:
-            with tempfile.TemporaryDirectory() as d:
-                build_tokenizer(name).save_pretrained(d)
-                cache[name] = load_tokenizer(d)
-        return cache[name]
-
-    return get
+    return family_tokenizers()
 
 
 def _without_pad(tok, tmp_path, **config):

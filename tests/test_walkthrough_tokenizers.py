@@ -269,6 +269,11 @@ def family(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tokenizers_():
     """name -> the family's tokenizer as posttrain loads it (pad filled in), built once per module."""
+    return family_tokenizers()
+
+
+def family_tokenizers():
+    """A getter: name -> the family's tokenizer as posttrain loads it, each built once."""
     from posttrain.models.loading import load_tokenizer
 
     cache: dict[str, object] = {}
