@@ -76,7 +76,10 @@ class RLAIFConfig(_StageConfig):
                                                metadata={"help": "sampling and judging"})
 
 
-_VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+def is_variable_name(value: str) -> bool:
+    """An environment variable's name (letters, digits and _, not first a digit): what every
+    api_key_env setting (and serve's --api-key-env) takes, never the key itself."""
+    return re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value) is not None
 
 
 def api_key_env_checks(cfg: Any, prefix: str = "") -> list[tuple[bool, str]]:
@@ -89,7 +92,7 @@ def api_key_env_checks(cfg: Any, prefix: str = "") -> list[tuple[bool, str]]:
         if dataclasses.is_dataclass(value):
             checks += api_key_env_checks(value, f"{prefix}{f.name}.")
         elif f.name == "api_key_env":
-            checks.append((value == "" or _VARIABLE_NAME.fullmatch(value) is not None,
+            checks.append((value == "" or is_variable_name(value),
                            f"{prefix}api_key_env takes the NAME of the environment variable holding the API key "
                            f"(letters, digits and _), not the key itself: export MY_KEY=... and set "
                            f"{prefix}api_key_env=MY_KEY"))

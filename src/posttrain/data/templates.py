@@ -219,8 +219,7 @@ def role_markers(tokenizer: Any, template: str) -> tuple[str, ...]:
         around = _render(tokenizer, template, [{"role": "user", "content": _PROBE}], True, "<probe>")
     except DataError:  # a template that wants more than one user turn: its rows will say so
         around = ""
-    specials = {str(t) for t in getattr(tokenizer, "all_special_tokens", [])}
-    specials |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
+    specials = _special_tokens(tokenizer)
     builtin = {CHATML: ("<|im_start|>",), ALPACA: ("### Instruction:\n", "### Response:\n")}.get(
         _plain_builtin(template), ())
     markers = tuple(dict.fromkeys([*builtin, *sorted(t for t in specials if t and t in around)]))
@@ -245,12 +244,17 @@ def check_not_rendered(prompt: list[dict[str, str]], tokenizer: Any, template: s
             )
 
 
+def _special_tokens(tokenizer: Any) -> set[str]:
+    """The tokenizer's special tokens: the named ones and every added token marked special."""
+    specials = {str(t) for t in getattr(tokenizer, "all_special_tokens", [])}
+    return specials | {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
+
+
 def written_tokens(tokenizer: Any, template: str) -> set[str]:
     """The tokenizer's special tokens that `template` writes in a conversation (its markers,
     BOS, the end-of-turn marker, anything it writes after the last turn), found by rendering a
     probe exchange, with a system turn when the template takes one."""
-    specials = {str(t) for t in getattr(tokenizer, "all_special_tokens", [])}
-    specials |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
+    specials = _special_tokens(tokenizer)
     turns = [{"role": "user", "content": _PROBE}, {"role": "assistant", "content": _PROBE}]
     texts = []
     for messages, generation_prompt in (([{"role": "system", "content": _PROBE}, *turns], False),

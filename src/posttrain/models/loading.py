@@ -60,7 +60,9 @@ def resolve_model_path(path: str | os.PathLike, setting: str = "model.path") -> 
     final = directory / "final"
     if _is_adapter_dir(directory):
         raise UserError(_adapter_message(directory, setting=setting))
-    if _is_checkpoint_dir(directory):
+    from posttrain.train.checkpoint import is_checkpoint
+
+    if is_checkpoint(directory):
         raise UserError(_checkpoint_message(directory))
     if final.is_dir():
         if (final / "config.json").is_file():
@@ -84,16 +86,20 @@ def run_final_model(path: str | os.PathLike) -> Path | None:
     return None
 
 
+def model_files(path: str) -> list:
+    """What is at model.path (a directory, or a run directory's final/): each file's name, size
+    and modification time. A stage that rewrites the directory (an SFT continued into the run
+    given as model.path) changes it: the resume fingerprint and the reference log-prob cache key
+    on it."""
+    directory = resolve_model_path(path)
+    return [[f.name, stat.st_size, stat.st_mtime_ns] for f in sorted(directory.iterdir())
+            if f.is_file() and (stat := f.stat())]
+
+
 def _is_adapter_dir(directory: Path) -> bool:
     from posttrain.models.adapters.io import MANIFEST
 
     return (directory / MANIFEST).is_file() or (directory / "adapter_config.json").is_file()
-
-
-def _is_checkpoint_dir(directory: Path) -> bool:
-    """A training checkpoint (train/checkpoint.py `save`): the trainable weights alone, with the
-    optimizer and loop state that resume it; no config.json, so no model to start from."""
-    return (directory / "loop_state.json").is_file() and (directory / "trainable.safetensors").is_file()
 
 
 def _checkpoint_message(checkpoint: Path) -> str:

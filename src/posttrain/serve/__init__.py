@@ -19,7 +19,6 @@ Python API, e.g. for tests or a notebook:
 from __future__ import annotations
 
 import os
-import re
 import sys
 
 from posttrain.errors import UserError
@@ -80,12 +79,13 @@ def build_server(model_path: str, *, adapters: dict[str, str] | None = None, ser
 
 def main(args) -> int:
     """The CLI entry: flags -> build_server -> serve until Ctrl-C."""
+    from posttrain.config.feedback import is_variable_name
     from posttrain.inference import _pairs
 
     api_key = None
     if args.api_key_env is not None:
         # never echo the value: a key pasted in place of the variable's name must not be printed
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", args.api_key_env):
+        if not is_variable_name(args.api_key_env):
             raise UserError("--api-key-env takes the NAME of an environment variable holding the key (letters, "
                             "digits, _), not the key itself: export SERVE_KEY=... and pass --api-key-env SERVE_KEY")
         api_key = os.environ.get(args.api_key_env)

@@ -27,6 +27,13 @@ from posttrain.errors import NoRoom
 
 MANIFEST = "manifest.json"
 PREFIX = "step-"
+TRAINABLE = "trainable.safetensors"  # the trained weights alone (no config.json: not a model to start from)
+LOOP_STATE = "loop_state.json"
+
+
+def is_checkpoint(directory: Path) -> bool:
+    """A directory `save` wrote: trained weights with the optimizer and loop state that resume them."""
+    return (directory / LOOP_STATE).is_file() and (directory / TRAINABLE).is_file()
 
 
 # --------------------------------------------------------------------------- state <-> files
@@ -222,11 +229,11 @@ def save(root: Path, step: int, *, model, optimizer, loop_state: dict, rank: int
         save_file(tensors, str(tmp / f"rng-rank{rank}.safetensors"))
         (tmp / f"rng-rank{rank}.json").write_text(json.dumps(plain))
         if rank == 0:
-            save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+            save_file(trainable_state(model), str(tmp / TRAINABLE))
             opt_tensors, opt_plain = _split_optimizer_state(optimizer.state_dict())
             save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
             (tmp / "optimizer.json").write_text(json.dumps(opt_plain))
-            (tmp / "loop_state.json").write_text(json.dumps(loop_state, indent=1))
+            (tmp / LOOP_STATE).write_text(json.dumps(loop_state, indent=1))
             if stage_state is not None:
                 (tmp / "stage_state.json").write_text(json.dumps(stage_state[0], indent=1))
                 save_file(stage_state[1], str(tmp / "stage_state.safetensors"))
@@ -262,13 +269,13 @@ def load_optimizer_state(optimizer, state_dict: dict) -> None:
 
 def load(directory: Path, *, model, optimizer, rank: int) -> dict:
     """Restore weights, optimizer and this rank's RNG; return the loop state."""
-    load_trainable_state(model, load_file(str(directory / "trainable.safetensors")))
+    load_trainable_state(model, load_file(str(directory / TRAINABLE)))
     opt_plain = json.loads((directory / "optimizer.json").read_text())
     load_optimizer_state(optimizer, _join_optimizer_state(load_file(str(directory / "optimizer.safetensors")), opt_plain))
     rng_file = directory / f"rng-rank{rank}.safetensors"
     if rng_file.is_file():  # a different world size resumes without this rank's RNG
         restore_rng(load_file(str(rng_file)), json.loads((directory / f"rng-rank{rank}.json").read_text()))
-    return json.loads((directory / "loop_state.json").read_text())
+    return json.loads((directory / LOOP_STATE).read_text())
 
 
 def load_stage_state(directory: Path) -> tuple[dict, dict[str, torch.Tensor]] | None:

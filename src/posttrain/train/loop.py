@@ -689,6 +689,7 @@ def run_fingerprint(cfg) -> dict[str, Any]:
     cadences —, `eval`, `output_dir`, and `_RESUME_MAY_CHANGE`)."""
     import json
 
+    from posttrain.models.loading import model_files
     from posttrain.models.presets import is_preset, preset_path
 
     knobs = {section for section, _ in _RESUME_MAY_CHANGE}
@@ -711,18 +712,6 @@ def run_fingerprint(cfg) -> dict[str, Any]:
         # definition) says what it is, where a rebuilt cache would have new times
         settings[MODEL_FILES] = preset_path(path).name if is_preset(path) else _digest(model_files(path))
     return json.loads(json.dumps(settings, default=str))  # as a checkpoint's JSON reads back (tuples as lists)
-
-
-def model_files(path: str) -> list:
-    """What is at model.path (a directory, or a run directory's final/): each file's name, size
-    and modification time. A stage that rewrites the directory (an SFT continued into the run
-    given as model.path) changes it: the resume fingerprint and the reference log-prob cache key
-    on it."""
-    from posttrain.models.loading import resolve_model_path
-
-    directory = resolve_model_path(path)
-    return [[f.name, stat.st_size, stat.st_mtime_ns] for f in sorted(directory.iterdir())
-            if f.is_file() and (stat := f.stat())]
 
 
 # seed: the synthetic rows, the held-out split and the data order; batch_size: what the data
@@ -761,7 +750,7 @@ def _legacy_digest(settings: dict[str, Any]) -> str:
 def _check_same_run(resume_from: Path, fingerprint: dict[str, Any] | None) -> None:
     import json
 
-    saved = json.loads((resume_from / "loop_state.json").read_text()).get("fingerprint")
+    saved = json.loads((resume_from / checkpoint.LOOP_STATE).read_text()).get("fingerprint")
     if fingerprint is None or saved is None:
         return
     if isinstance(saved, str):  # an older checkpoint: the digest alone, which cannot say what changed

@@ -270,8 +270,11 @@ class AdamW(torch.optim.AdamW):
             with torch.no_grad():
                 for p, grad in held:
                     self._row_step(p, grad, group_of[id(p)])
-                for p, grad in low:
-                    self._whole_matrix_step(p, grad, group_of[id(p)])
+                by_group: dict[int, tuple[dict, list]] = {}
+                for p, grad in low:  # one kernel call a group, as torch's foreach step makes
+                    by_group.setdefault(id(group_of[id(p)]), (group_of[id(p)], []))[1].append((p, grad))
+                for group, pairs in by_group.values():
+                    self._whole_matrix_steps(pairs, group)
         return loss
 
     def _float32_moments_from(self, state_dict: dict) -> None:
@@ -370,8 +373,8 @@ class AdamW(torch.optim.AdamW):
             self._whole_matrix_step(p, grad, group)
             return
         part = p.index_select(0, rows)
-        self._adam([part], [self._gradient_rows(grad, rows)],
-                   [state["exp_avg_reached"], state["exp_avg_sq_reached"]], state, group)
+        self._adam([part], [self._gradient_rows(grad, rows)], [state["exp_avg_reached"]],
+                   [state["exp_avg_sq_reached"]], [state], group)
         p.index_copy_(0, rows, part)
         if group["weight_decay"] != 0:  # the rows never reached: p·(1 − lr·wd), as AdamW does
             idle = torch.ones(p.shape[0], dtype=torch.bool, device=p.device)
@@ -387,32 +390,39 @@ class AdamW(torch.optim.AdamW):
             p.index_copy_(0, idle, decayed)
 
     def _whole_matrix_step(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
-        """AdamW on every element of `p`, in torch's state (a matrix handed back, a low-precision weight)."""
-        state = self.state[p]
-        if not state:
-            state.update(self._new_state(p, group))
-            for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ()):
-                state[key] = torch.zeros_like(p, dtype=_moment_dtype(p), memory_format=torch.preserve_format)
-        self._adam([p], [grad.to_dense() if grad.is_sparse else grad], [state["exp_avg"], state["exp_avg_sq"]],
-                   state, group)
+        self._whole_matrix_steps([(p, grad)], group)
+
+    def _whole_matrix_steps(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], group: dict) -> None:
+        """AdamW on every element of each (weight, gradient) of one group, in torch's state, in one
+        kernel call (a matrix handed back; the group's low-precision weights)."""
+        states = []
+        for p, _ in pairs:
+            state = self.state[p]
+            if not state:
+                state.update(self._new_state(p, group))
+                for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ()):
+                    state[key] = torch.zeros_like(p, dtype=_moment_dtype(p), memory_format=torch.preserve_format)
+            states.append(state)
+        self._adam([p for p, _ in pairs], [g.to_dense() if g.is_sparse else g for _, g in pairs],
+                   [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], states, group)
 
     def _hand_back(self, p: torch.Tensor) -> None:
         """torch's full state and step for `p` from now on (until a load starts it again)."""
         self._to_torch_state(p)
         self._row_sparse = [q for q in self._row_sparse if q is not p]
 
-    def _adam(self, params, grads, moments, state, group) -> None:
+    def _adam(self, params, grads, exp_avgs, exp_avg_sqs, states, group) -> None:
         """torch's Adam update with decoupled weight decay, in place, by the kernel torch's AdamW
         would pick for the parameter: fused if asked, else foreach if asked or by torch's default
         (on CUDA), else the single-tensor loop. A bfloat16 / float16 weight is updated through a
         float32 copy (its moments are float32), rounded once back onto it; a GradScaler's scale and
         inf flag, when set, go to the (fused) kernel as torch's step passes them."""
-        low = params[0].dtype in _LOW_PRECISION
+        low = params[0].dtype in _LOW_PRECISION  # (a call's weights are all low-precision or none)
         targets = [p.float() for p in params] if low else params
-        amsgrad = "max_exp_avg_sq" in state  # a low-precision weight in an amsgrad group (never row-sparse)
+        amsgrad = all("max_exp_avg_sq" in state for state in states)  # low-precision weights of an amsgrad group
         adam_update(
-            targets, [g.float() for g in grads] if low else grads, moments[:1], moments[1:],
-            [state["max_exp_avg_sq"]] if amsgrad else [], [state["step"]],
+            targets, [g.float() for g in grads] if low else grads, exp_avgs, exp_avg_sqs,
+            [state["max_exp_avg_sq"] for state in states] if amsgrad else [], [state["step"] for state in states],
             amsgrad=amsgrad, has_complex=False, beta1=group["betas"][0], beta2=group["betas"][1], lr=group["lr"],
             weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
             foreach=_foreach(group, params[0]), capturable=group["capturable"], differentiable=False,

@@ -421,7 +421,7 @@ def _fingerprint(cfg: DPOConfig, items: list[Item]) -> str:
     its dtype, precision, adapter method and quantization (QLoRA's reference is the quantized
     base), every sequence's tokens and labels in order, and for KTO the step's layout of them
     (`_step_layout_logps`; a cache from before it, one batch at a time, is computed again)."""
-    from posttrain.train.loop import model_files
+    from posttrain.models.loading import model_files
 
     parts = [cfg.model.path, model_files(cfg.model.path), cfg.model.dtype, cfg.adapter.method,
              dataclasses.asdict(cfg.adapter.quantization), cfg.train.mixed_precision]
