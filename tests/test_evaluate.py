@@ -45,7 +45,9 @@ def test_a_model_against_itself(tmp_path):
     assert report["reward_win_rate"]["ties"] == 6 and report["reward_win_rate"]["win_rate"] == 0.5
     rows = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and all(r["policy"] == r["reference"] for r in rows)
-    assert "| exact match (greedy) | 0.0% | 0.0% |" in (out / "report.md").read_text()
+    # a rate over the 6 prompts with an answer, with its Wilson interval and count
+    assert "| exact match (greedy) | 0.0% [0.0%, 39.0%] (0/6) | 0.0% [0.0%, 39.0%] (0/6) |" in (
+        out / "report.md").read_text()
 
 
 def test_answer_nll_matches_a_plain_forward(tmp_path):
@@ -129,7 +131,7 @@ def test_a_trained_policy_against_its_untrained_start(tmp_path):
           report["reward_win_rate"])
     assert p["answer_nll"] < r["answer_nll"] - 1.0
     assert report["kl_to_reference"] > 0.1
-    assert p["exact_match"] >= r["exact_match"]
+    assert p["exact_match"]["rate"] >= r["exact_match"]["rate"] and p["exact_match"]["n"] == 40
     assert report["reward_win_rate"]["wins"] >= report["reward_win_rate"]["losses"]
 
 

@@ -185,7 +185,8 @@ def test_exact_match_and_answer_nll_only_over_prompts_with_answers(tmp_path):
     only = _jsonl(tmp_path / "only.jsonl", answered)
     m = _report(run_evaluate(_cfg(tmp_path / "m", "policy=tiny", f"prompts.files=[{mixed}]"), **QUIET))
     o = _report(run_evaluate(_cfg(tmp_path / "o", "policy=tiny", f"prompts.files=[{only}]"), **QUIET))
-    assert m["prompts"] == 3 and m["models"]["policy"]["exact_match"] == 0.5
+    assert m["prompts"] == 3 and m["models"]["policy"]["exact_match"]["rate"] == 0.5
+    assert (m["models"]["policy"]["exact_match"]["successes"], m["models"]["policy"]["exact_match"]["n"]) == (1, 2)
     assert m["models"]["policy"]["answer_nll"] == pytest.approx(o["models"]["policy"]["answer_nll"], rel=1e-6)
     assert [r["answer"] for r in _rows(tmp_path / "m")] == [greedy[1], None, "42"]  # a number, as text
 
@@ -401,7 +402,8 @@ def test_red_team_dirs_figures_and_a_same_settings_rerun(tmp_path):
         own = json.loads((out / f"redteam_{side}" / "report.json").read_text())
         assert report["models"][side]["redteam"] == {"attack_success": own["attack_success"]["overall"],
                                                      "over_refusal": own["over_refusal"]["overall"],
-                                                     "classifier": "patterns"}
+                                                     "classifier": "patterns", "requests": own["requests"],
+                                                     "failed": 0}
         assert own["target"] == "tiny" and own["attack_success"]["overall"]["n"] == 3  # 1 probe x 3 attacks
     md = (out / "report.md").read_text()
     assert "| attack success (red team) |" in md and "| over-refusal (red team) |" in md

@@ -59,25 +59,27 @@ def baseline(copy_model, tmp_path_factory):
 
 def test_without_control_the_new_task_wipes_out_the_old_one(baseline):
     assert baseline["retain_exact_match_before"] >= 0.9  # phase A taught copy
-    assert baseline["retain_exact_match_after"] <= 0.1  # measured 0.01
+    assert baseline["retain_exact_match_after"] <= 0.1  # measured 0.00 (0.01 on an earlier machine)
     assert baseline["exact_match_after_by_task"]["reverse"] >= 0.5  # measured 0.94
-    assert baseline["retain_loss_increase"] > 3.0  # measured 7.1 nats per token
+    assert baseline["retain_loss_increase"] > 3.0  # measured 7.2 nats per token
 
 
 def test_replay_keeps_the_old_task_and_learns_the_new_one(copy_model, baseline, tmp_path):
     summary = _phase_b(copy_model, tmp_path, "forgetting.replay_ratio=0.2")
-    assert summary["retain_exact_match_after"] >= 0.8  # measured 0.92
-    # measured 0.38 with 2 torch threads, 0.17 with 1 (as scripts/test.sh runs it), 0.93 with other
-    # replayed rows: reverse is learned in a sudden jump, so its figure swings with the rounding of
-    # the kernels and the data order; the penalties below leave it at 0
+    assert summary["retain_exact_match_after"] >= 0.8  # measured 0.99 (0.92 on an earlier machine)
+    # measured 0.99 (one torch thread, AVX-512), 0.38 / 0.17 with 2 / 1 threads on an earlier machine,
+    # 0.93 with other replayed rows: reverse is learned in a sudden jump, so its figure swings with the
+    # rounding of the kernels and the data order; the penalties below leave it at 0
     assert summary["exact_match_after_by_task"]["reverse"] >= 0.1
     assert summary["retain_loss_increase"] < 0.1 * baseline["retain_loss_increase"]
 
 
-@pytest.mark.parametrize("penalty", ["forgetting.l2sp=30", "forgetting.ewc=300"])
+@pytest.mark.parametrize("penalty", ["forgetting.l2sp=100", "forgetting.ewc=3000"])
 def test_a_strong_penalty_keeps_the_old_task(copy_model, baseline, tmp_path, penalty):
     """At these strengths L2-SP and EWC keep copy, and in 300 steps reverse is not learned: the two
-    tasks need the same weights (README: stability bought with plasticity here)."""
+    tasks need the same weights (README: stability bought with plasticity here). Weaker ones (L2-SP
+    30, EWC 300) sit where the outcome turns on the kernels' rounding: 0.93 / 0.99 of copy kept on
+    one machine, 0.38 / 0.31 on another."""
     summary = _phase_b(copy_model, tmp_path, penalty)
-    assert summary["retain_exact_match_after"] >= 0.7  # measured 0.93 (l2sp) and 0.99 (ewc)
+    assert summary["retain_exact_match_after"] >= 0.7  # measured 1.00 (l2sp) and 0.98 (ewc)
     assert summary["retain_loss_increase"] < 0.1 * baseline["retain_loss_increase"]

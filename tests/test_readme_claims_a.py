@@ -345,7 +345,7 @@ def test_demo_runs_the_documented_stages_and_settings(tmp_path, monkeypatch):
     import posttrain.eval.alignment as alignment
 
     red = {"attack_success": {"rate": 1.0, "n": 30}, "over_refusal": {"rate": 0.0, "n": 10}}
-    side = {"exact_match": 0.99, "answer_nll": 0.02, "redteam": red}
+    side = {"exact_match": {"rate": 0.99, "n": 200, "successes": 198, "ci95": [0.96, 1.0]}, "answer_nll": 0.02, "redteam": red}
 
     def evaluate(cfg, log):
         seen["evaluate"] = cfg

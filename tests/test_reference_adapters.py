@@ -455,10 +455,12 @@ def test_memory_and_layout_options_do_not_change_the_first_steps(variant, run, b
 
 def _count_forwards(monkeypatch):
     """Per PreferenceLoss.forward, how many times the first decoder layer ran (any model:
-    policy, adapters-off pass or frozen copy); plus reference_weights / precompute calls."""
+    policy, adapters-off pass or frozen copy), training's and evaluation's apart; plus
+    reference_weights / precompute calls."""
     from posttrain.train import sft
 
-    counts = {"per_forward": [], "reference_weights": 0, "precompute": 0, "_layer_calls": 0, "frozen": []}
+    counts = {"per_forward": [], "per_eval_forward": [], "reference_weights": 0, "precompute": 0, "_layer_calls": 0,
+              "frozen": []}
     real_build = sft.build_model
 
     def build(*args, **kwargs):
@@ -474,7 +476,7 @@ def _count_forwards(monkeypatch):
             counts["frozen"].append(True)
         start = counts["_layer_calls"]
         out = forward(self, *args, **kwargs)
-        counts["per_forward"].append(counts["_layer_calls"] - start)
+        counts["per_forward" if torch.is_grad_enabled() else "per_eval_forward"].append(counts["_layer_calls"] - start)
         return out
 
     real_ref, real_pre = pref.reference_weights, pref.precompute_reference
@@ -508,6 +510,7 @@ def test_reference_free_losses_run_no_reference_pass(loss, method, base_dir, tmp
     assert counts["reference_weights"] == 0 and counts["precompute"] == 0
     assert not counts["frozen"]  # no frozen copy of the weights either
     assert counts["per_forward"] and set(counts["per_forward"]) == {1}  # one policy forward, nothing else
+    assert set(counts["per_eval_forward"]) == {1}
     assert not (run_dir / "reference_logps.safetensors").exists()
     assert json.loads((run_dir / "summary.json").read_text())["reference"] == "none"
 
@@ -515,8 +518,8 @@ def test_reference_free_losses_run_no_reference_pass(loss, method, base_dir, tmp
 @pytest.mark.parametrize("mode,method", [("live", m) for m in AT_BASE] + [("precompute", "full"), ("precompute", "mix")])
 def test_kto_reference_is_the_starting_model_and_runs_once_per_row(mode, method, base_dir, base64, tmp_path,
                                                                    monkeypatch):
-    """Per loss forward: the policy on the completions, and the live reference on them; the
-    mismatched rows go through both once per step, before the forwards (z₀ of the whole step).
+    """Per training loss forward: the policy on the completions, and the live reference on them;
+    the mismatched rows go through both once per step, before the forwards (z₀ of the whole step).
     Every reference value equals the independent base forward (the precomputed mix with a soft
     prompt: the starting policy, i.e. the policy's own step-0 values)."""
     counts = _count_forwards(monkeypatch)
@@ -540,7 +543,10 @@ def test_kto_reference_is_the_starting_model_and_runs_once_per_row(mode, method,
     run_dir = _run(tmp_path, base_dir, *METHODS[method], "dpo.loss=kto", "data.synthetic_kind=unpaired",
                    f"dpo.reference={mode}", "train.max_steps=2")
     assert set(counts["per_forward"]) == {2 if mode == "live" else 1}
-    assert counts["precompute"] == (1 if mode == "precompute" else 0)
+    # the held-out reference is computed once either way: the policy alone after training, and
+    # nothing before it (π = π_ref: the held-out figures are read from the reference's)
+    assert set(counts["per_eval_forward"]) == {0, 1}
+    assert counts["precompute"] == 1
     records = _records(run_dir)
     assert all(math.isfinite(r.get("loss", 0.0)) for r in records)
     assert len(calls) >= 4  # completions and mismatched rows, train and eval

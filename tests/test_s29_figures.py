@@ -65,7 +65,8 @@ def test_exact_match_report_says_n_a_and_why_when_nothing_is_scored(scored, caps
     assert exact_match_report(None, None, text, 5, "auto", 4, "before", name="retain_exact_match",
                               prompts="held-out retain prompts") == {"retain_exact_match_prompts": 0}
     assert capsys.readouterr().out == ("retain exact match before training: n/a (none of the 2 held-out retain "
-                                       "prompts has an answer (an assistant turn) to score against)\n")
+                                       "prompts has a text answer (a last assistant turn with no tool calls or "
+                                       "reasoning) to score against)\n")
     assert exact_match_report(None, None, text, 0, "auto", 4, "before") == {}  # off: no line at all
     assert capsys.readouterr().out == "" and not scored
 
@@ -87,7 +88,7 @@ def test_dpo_exact_match_scores_only_prompts_with_a_best_response(scored, capsys
     capsys.readouterr()
     none = _exact_match(cfg, None, None, SimpleNamespace(eval_records=[bad, bad]), "after")
     assert none == {"exact_match_prompts": 0} and "exact_match_after" not in none
-    assert "n/a (none of the 2 held-out prompts has an answer" in capsys.readouterr().out
+    assert "n/a (none of the 2 held-out prompts has a text answer" in capsys.readouterr().out
 
 
 def test_retain_exact_match_counts_the_held_out_retain_prompts_scored(scored, monkeypatch, capsys):

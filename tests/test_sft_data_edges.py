@@ -213,7 +213,7 @@ def test_alpaca_system_and_input_become_turns_and_labels_cover_output_only(tok, 
 
 @pytest.mark.parametrize("row, needle", [
     ({"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "r"},
-                   {"role": "assistant", "content": "a"}]}, "unknown role 'tool'"),
+                   {"role": "assistant", "content": "a"}]}, "tool turn that answers no call"),
     ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]}, "empty"),
     ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  \n"}]}, "empty"),
     ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None}]}, "null"),

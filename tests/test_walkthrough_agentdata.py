@@ -159,8 +159,6 @@ def _refused_naming(refusal, *keys) -> bool:
 # --------------------------------------------------------------------------- defects: sft
 
 
-@pytest.mark.xfail(strict=True, reason="an assistant turn's tool_calls beside text are dropped silently: "
-                                       "trained as a text answer that calls nothing")
 def test_tool_calls_beside_text_are_trained_as_the_template_renders_them_or_refused(tmp_path, tok):
     messages = [ASK, {"role": "assistant", "content": "Let me check.", "tool_calls": [CALL_PARIS]}]
     refusal, example = _sft(tmp_path, tok, {"messages": messages}, TOOL_TEMPLATE)
@@ -173,8 +171,6 @@ def test_tool_calls_beside_text_are_trained_as_the_template_renders_them_or_refu
 
 
 @pytest.mark.parametrize("content", [None, ""], ids=["null", "empty"])
-@pytest.mark.xfail(strict=True, reason="a tool-call turn with null or empty content is refused as "
-                                       "'content is null/empty', never naming tool_calls as what is unsupported")
 def test_a_tool_call_turn_without_text_is_trained_or_refused_naming_tool_calls(tmp_path, tok, content):
     messages = [ASK, {"role": "assistant", "content": content, "tool_calls": [CALL_PARIS]}]
     refusal, example = _sft(tmp_path, tok, {"messages": messages}, TOOL_TEMPLATE)
@@ -185,8 +181,6 @@ def test_a_tool_call_turn_without_text_is_trained_or_refused_naming_tool_calls(t
     assert _labelled(tok, example) == want
 
 
-@pytest.mark.xfail(strict=True, reason="a row's 'tools' (function definitions) is dropped silently: the "
-                                       "chat template renders the conversation as if no tool were available")
 def test_a_rows_tools_reach_the_chat_template_or_are_refused(tmp_path, tok):
     messages = [ASK, {"role": "assistant", "content": "I cannot look that up."}]
     refusal, example = _sft(tmp_path, tok, {"messages": messages, "tools": TOOLS}, TOOL_TEMPLATE)
@@ -200,8 +194,6 @@ def test_a_rows_tools_reach_the_chat_template_or_are_refused(tmp_path, tok):
     assert _labelled(tok, example) == "I cannot look that up.<|im_end|>"
 
 
-@pytest.mark.xfail(strict=True, reason="an assistant turn's reasoning_content is dropped silently: the "
-                                       "answer trains without the reasoning the template renders")
 def test_reasoning_content_is_trained_as_the_template_renders_it_or_refused(tmp_path, tok):
     messages = [ASK, {"role": "assistant", "content": "Sunny.", "reasoning_content": "Paris is in France."}]
     refusal, example = _sft(tmp_path, tok, {"messages": messages}, TOOL_TEMPLATE)
@@ -214,8 +206,6 @@ def test_reasoning_content_is_trained_as_the_template_renders_it_or_refused(tmp_
 
 
 @pytest.mark.parametrize("flag", [{"weight": 0}, {"train": False}], ids=["weight-0", "train-false"])
-@pytest.mark.xfail(strict=True, reason="per-turn loss flags (OpenAI's weight: 0, axolotl's train: false) are "
-                                       "dropped silently: turns the dataset excludes are trained on")
 def test_assistant_turns_marked_out_of_the_loss_are_not_trained(tmp_path, tok, flag):
     from posttrain.data.templates import resolve_template
 
@@ -236,9 +226,6 @@ def test_assistant_turns_marked_out_of_the_loss_are_not_trained(tmp_path, tok, f
 
 @pytest.mark.parametrize("texts", [("Checking.", "Checking."), ("Checking Paris.", "Sure.")],
                          ids=["same-text", "different-text"])
-@pytest.mark.xfail(strict=True, reason="preference sides that are tool calls lose their calls: a pair that "
-                                       "differs only in its call is refused as 'the same text'; one that also "
-                                       "differs in text trains the text alone")
 def test_preference_sides_that_call_tools_compare_the_calls_or_are_refused(tmp_path, tok, texts):
     from posttrain.data.preferences import encode_preference, load_preference_records
 
@@ -258,8 +245,6 @@ def test_preference_sides_that_call_tools_compare_the_calls_or_are_refused(tmp_p
 
 @pytest.mark.parametrize("row", [{"prompt": [ASK], "tools": TOOLS, "answer": "get_weather"},
                                  {"messages": [ASK], "tools": TOOLS}], ids=["prompt", "messages"])
-@pytest.mark.xfail(strict=True, reason="an RL prompt row's 'tools' is passed to reward functions but never "
-                                       "rendered: the policy is asked without the tool definitions")
 def test_rl_prompt_rows_with_tools_are_asked_with_them_or_refused(tmp_path, tok, row):
     from posttrain.data.prompts import encode_prompts, load_prompt_records
 

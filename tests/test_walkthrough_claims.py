@@ -68,8 +68,6 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
 # --------------------------------------------------------------------------- data.eval_files with synthetic data
 
 
-@pytest.mark.xfail(strict=True, reason="sft: data.eval_files is ignored without a word when data.train_files is "
-                                       "[synthetic]; the held-out set is the synthetic split instead")
 def test_sft_eval_files_are_the_held_out_set_with_synthetic_training_data(tmp_path, tok):
     """SFT help: `data.eval_files` 'held-out files; empty = split eval_fraction off the training
     data' (and the preference stages' help: 'also with train_files: [synthetic], in place of its
@@ -93,8 +91,6 @@ def test_sft_eval_files_are_the_held_out_set_with_synthetic_training_data(tmp_pa
         f"the held-out set is {sources} (the synthetic split), not the 3 rows of {held.name}")
 
 
-@pytest.mark.xfail(strict=True, reason="grpo/rloo/ppo: data.eval_files is ignored without a word when "
-                                       "data.train_files is [synthetic]; the held-out prompts are the synthetic split")
 def test_rl_eval_files_are_the_held_out_prompts_with_synthetic_training_prompts(tmp_path):
     """GRPO / PPO help: `data.eval_files` 'held-out prompt files; empty = split eval_fraction off the
     training prompts'. With train_files [synthetic] they must still be the held-out prompts (as
@@ -135,8 +131,6 @@ def test_preference_eval_files_replace_the_synthetic_held_out_split(tmp_path, to
 # --------------------------------------------------------------------------- data.streaming, checked up front
 
 
-@pytest.mark.xfail(strict=True, reason="data.streaming=true with train_files [synthetic] passes validate_sft and "
-                                       "fails after the model loads: 'synthetic: no such file'")
 def test_streaming_synthetic_data_is_streamed_or_refused_up_front(tok):
     """`data.train_files` takes 'synthetic'; `data.streaming` 'read training files lazily'. Together
     they must either stream the synthetic examples or be refused by the config checks (the brief:
@@ -159,8 +153,6 @@ def test_streaming_synthetic_data_is_streamed_or_refused_up_front(tok):
     assert first.num_label_tokens > 0
 
 
-@pytest.mark.xfail(strict=True, reason="data.streaming=true without train.max_steps is refused only after the "
-                                       "model is loaded (and config.yaml written), not by the config checks")
 def test_streaming_without_max_steps_is_refused_before_the_model_loads(tmp_path, monkeypatch):
     """run_sft says 'data.streaming=true needs train.max_steps (the data length is unknown)': a check
     of two settings alone, which belongs with the config checks (README: mistakes 'stop the run
@@ -194,8 +186,6 @@ def _alias_setting_line(capsys, command: str) -> tuple[str, str]:
     return line.group(0), fixed
 
 
-@pytest.mark.xfail(strict=True, reason="posttrain kto/orpo/rloo --help state the plain command's default "
-                                       "(dpo.loss 'dpo', grpo.advantage 'grpo') for the setting the command fixes")
 @pytest.mark.parametrize("command", ["kto", "orpo", "rloo"])
 def test_alias_help_states_the_value_the_alias_runs_with(capsys, command):
     """`posttrain kto` is 'posttrain dpo with dpo.loss=kto' and runs KTO whatever the file says
@@ -231,8 +221,6 @@ def _config_class(command: str):
     return {**_STAGES, **_DATA_COMMANDS}[command]()[0]
 
 
-@pytest.mark.xfail(strict=True, reason="every data command's --help gives train.lr=2e-5 as its example override, a "
-                                       "key it does not have (the command then stops: unknown key)")
 @pytest.mark.parametrize("command", ["quality", "redteam", "evaluate", "rlaif", "constitutional", "self-instruct"])
 def test_data_command_help_example_override_is_one_of_its_settings(capsys, command):
     """`posttrain quality --help`: 'overrides  dotted overrides, e.g. train.lr=2e-5'. Typed as shown,

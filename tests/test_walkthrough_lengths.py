@@ -121,8 +121,6 @@ def _length(tokenizer, messages: list[dict], generation_prompt: bool = False) ->
 
 
 @pytest.mark.parametrize("stage", ["sft", "dpo", "rm"])
-@pytest.mark.xfail(strict=True, reason="data.max_length past a learned position table is not checked: sft, dpo and "
-                                       "rm end in an IndexError traceback (exit 1) on the first long row")
 def test_training_with_max_length_past_the_models_positions_fails_with_a_one_line_error(
         stage, gpt2, tokenizer, tmp_path, capsys):
     """README: exit 2 is 'a problem with the config, the data or the environment, said in one line', 1 is a bug.
@@ -153,8 +151,6 @@ def test_training_with_max_length_past_the_models_positions_fails_with_a_one_lin
 
 
 @pytest.mark.parametrize("case", ["prompt past the positions", "prompt + max-new-tokens past the positions"])
-@pytest.mark.xfail(strict=True, reason="posttrain generate checks no length against the model's positions: a long "
-                                       "prompt or --max-new-tokens past them is an IndexError traceback (serve refuses)")
 def test_generate_past_the_models_positions_is_refused_or_capped(case, gpt2, tokenizer, tmp_path, capsys):
     """`serve` answers a prompt past the context with 400 context_length_exceeded and caps max_tokens at what
     the context leaves (tests below); `generate` on the same model must not crash: exit 2 in one line, or
@@ -174,8 +170,6 @@ def test_generate_past_the_models_positions_is_refused_or_capped(case, gpt2, tok
         assert prompt_tokens + len(tokenizer(completion)["input_ids"]) <= POSITIONS + 8  # re-encoded text: slack
 
 
-@pytest.mark.xfail(strict=True, reason="grpo does not check data.max_prompt_length + rollout.max_new_tokens against "
-                                       "the model's positions: the first rollout ends in an IndexError traceback")
 def test_grpo_prompt_plus_new_tokens_past_the_positions_is_refused_before_training(gpt2, tmp_path, capsys):
     """32 prompt tokens + 64 new ones on a model of 64 positions: config validated up front (exit 2, naming
     both settings), not a traceback after the model has loaded and sampling has begun."""
@@ -190,8 +184,6 @@ def test_grpo_prompt_plus_new_tokens_past_the_positions_is_refused_before_traini
     assert "max_new_tokens" in out, out[-400:]
 
 
-@pytest.mark.xfail(strict=True, reason="posttrain evaluate generates past the model's positions "
-                                       "(prompts.max_prompt_length + generation.max_new_tokens): IndexError traceback")
 def test_evaluate_past_the_models_positions_ends_without_a_traceback(gpt2, tokenizer, tmp_path, capsys):
     """A 40-token prompt (under prompts.max_prompt_length=256) and generation.max_new_tokens=64 on 64 positions:
     refused in one line (exit 2) or answered within the context (exit 0)."""
@@ -206,8 +198,6 @@ def test_evaluate_past_the_models_positions_ends_without_a_traceback(gpt2, token
 # --------------------------------------------------------------------------- score
 
 
-@pytest.mark.xfail(strict=True, reason="score cuts a decoder reward model's rows at 1024 tokens, not at its position "
-                                       "table: a row past 64 learned positions is an IndexError traceback")
 def test_score_with_a_decoder_reward_model_respects_its_position_table(gpt2, tokenizer, tmp_path, capsys):
     from transformers import GPT2Config
 
@@ -219,8 +209,6 @@ def test_score_with_a_decoder_reward_model_respects_its_position_table(gpt2, tok
     assert exc is None and rc in (0, 2), f"score, a 90-token row, {POSITIONS} positions: {_escaped(rc, exc)}"
 
 
-@pytest.mark.xfail(strict=True, reason="score cuts a decoder reward model's rows past 1024 tokens from the left "
-                                       "without a word: rows that differ only in their cut start score identically")
 def test_score_says_how_many_rows_it_cut(tokenizer, tmp_path, capsys):
     """Two rows past the tiny preset's 1024 positions that differ only in their first words: `score` keeps the
     end (the scored token is the last), so both read the same tokens and get the same reward. Every row that
@@ -250,8 +238,6 @@ def test_score_says_how_many_rows_it_cut(tokenizer, tmp_path, capsys):
 # --------------------------------------------------------------------------- streamed SFT
 
 
-@pytest.mark.xfail(strict=True, reason="streamed SFT reports its over-long rows only after a full pass: a run that "
-                                       "stops sooner (the usual case for a file larger than memory) drops them unannounced")
 def test_streamed_sft_that_stops_before_a_full_pass_reports_the_rows_it_dropped(tmp_path, capsys):
     from posttrain.config import SFTConfig
     from posttrain.train.sft import run_sft

@@ -168,9 +168,6 @@ def test_common_numbers_that_are_not_pii_are_left_alone(text):
 # --------------------------------------------------------------------------- defects: normalisation
 
 
-@pytest.mark.xfail(strict=True, reason="normalize turns combining marks (Devanagari vowel signs, Arabic and "
-                                       "Hebrew points) into spaces: distinct Hindi rows are exact duplicates, "
-                                       "words are cut into letters")
 def test_combining_marks_stay_inside_their_word(tmp_path):
     boy, girl = _qa("बच्चे के बारे में बताओ", "वह लड़का अच्छा है"), _qa("बच्चे के बारे में बताओ", "वह लड़की अच्छी है")
     out = _run(tmp_path, [boy, girl])  # "the boy is good" / "the girl is good"
@@ -180,8 +177,6 @@ def test_combining_marks_stay_inside_their_word(tmp_path):
     assert counts == dict.fromkeys(counts, 2), f"two-word texts counted as {counts}"
 
 
-@pytest.mark.xfail(strict=True, reason="zero-width space, soft hyphen and word joiner become word breaks: "
-                                       "rows that look identical are kept as different rows")
 def test_invisible_format_characters_do_not_hide_an_exact_duplicate(tmp_path):
     rows = [_qa("What is the capital of France?", "The capital of France is Paris."),
             _qa("What is the capital of France?", "The capital of France is Pa\u200bris."),
@@ -196,8 +191,6 @@ def test_invisible_format_characters_do_not_hide_an_exact_duplicate(tmp_path):
 
 
 @pytest.mark.parametrize("mark", ["\u200b", "\u00ad"])
-@pytest.mark.xfail(strict=True, reason="a benchmark item copied with zero-width spaces or soft hyphens is not "
-                                       "found by decontamination: the invisible characters split its words")
 def test_invisible_format_characters_do_not_hide_a_benchmark_copy(mark):
     gsm = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
            "How many clips did Natalia sell altogether in April and May?")
@@ -208,8 +201,6 @@ def test_invisible_format_characters_do_not_hide_a_benchmark_copy(mark):
     assert index.find(copy) is not None, "the copy was not found"
 
 
-@pytest.mark.xfail(strict=True, reason="normalize erases symbols (+ − × ÷ < > = and emoji), not only "
-                                       "punctuation: different prompts become one under dedup.on=prompt")
 def test_prompts_that_differ_in_an_operator_are_different_prompts(tmp_path):
     rows = [_qa("Compute 12 + 7.", "19"), _qa("Compute 12 − 7.", "5"), _qa("Compute 12 × 7.", "84"),
             _qa("Is 3 < 5?", "Yes."), _qa("Is 3 > 5?", "No."),
@@ -238,9 +229,6 @@ CJK_PROSE = {
 
 
 @pytest.mark.parametrize("lang", sorted(CJK_PROSE))
-@pytest.mark.xfail(strict=True, reason="Gopher's word n-gram limits are applied to CJK characters: ordinary "
-                                       "Chinese and Japanese prose is dropped as repetition, its English "
-                                       "translation is kept")
 def test_cjk_prose_is_not_dropped_as_repetition(lang):
     text, english = CJK_PROSE[lang]
     cfg = FilterConfig()
@@ -278,8 +266,6 @@ So the roots are $x = 2$ and $x = 3$.""",
 
 
 @pytest.mark.parametrize("kind", sorted(STRUCTURED))
-@pytest.mark.xfail(strict=True, reason="Gopher's web-document repetition limits drop structured answers: a "
-                                       "5-row comparison table, a JSON config, a factoring derivation")
 def test_structured_answers_are_not_dropped_as_repetition(kind):
     broken = filters.check("Show me.", STRUCTURED[kind], FilterConfig())
     assert broken is None, f"{kind} dropped: {broken}"
@@ -302,8 +288,6 @@ These constants control training.""",
 
 
 @pytest.mark.parametrize("kind", sorted(RULES))
-@pytest.mark.xfail(strict=True, reason="max_char_run drops a markdown table's separator row and a code "
-                                       "comment banner as if they were '!!!!!!!!...' degenerate output")
 def test_table_rules_and_comment_banners_are_not_character_runs(kind):
     broken = filters.check("Show me.", RULES[kind], FilterConfig())
     assert broken is None, f"{kind} dropped: {broken}"
@@ -314,8 +298,6 @@ def test_table_rules_and_comment_banners_are_not_character_runs(kind):
 
 @pytest.mark.parametrize("text", ["Lat/long: +40.712776, -74.005974", "Sydney +33.868820, +151.209290",
                                   "Δ = +12.345678 after the fit"])
-@pytest.mark.xfail(strict=True, reason="a signed decimal (a latitude / longitude, a delta) with 7+ digits is "
-                                       "redacted as a phone number")
 def test_signed_decimals_are_not_phone_numbers(text):
     assert _found(text) == [], f"redacted to {redact(text, find_pii(text))!r}"
 
@@ -325,8 +307,6 @@ def test_signed_decimals_are_not_phone_numbers(text):
     ("メール：ｉｎｆｏ＠ｅｘａｍｐｌｅ．ｃｏ．ｊｐ", "メール：<EMAIL>"),
     ("カード番号４１１１ １１１１ １１１１ １１１１", "カード番号<CREDIT_CARD>"),
 ])
-@pytest.mark.xfail(strict=True, reason="PII written in full-width characters, as Japanese text often writes "
-                                       "digits and addresses, is not found: the patterns are ASCII-only")
 def test_full_width_pii_is_redacted(text, redacted):
     assert redact(text, find_pii(text)) == redacted, f"found {_found(text)}"
 
@@ -337,7 +317,5 @@ def test_full_width_pii_is_redacted(text, redacted):
     ("התקשרו ל-+972-50-123-4567", "+972-50-123-4567"),
     ("שלמו ב-4111 1111 1111 1111", "4111 1111 1111 1111"),  # pay with 4111...
 ])
-@pytest.mark.xfail(strict=True, reason="Hebrew's hyphenated prefixes ('ל-' to, 'ב-' with) before an address or "
-                                       "number hide it: the detectors read the hyphen as part of a longer code")
 def test_a_hebrew_prefix_does_not_hide_pii(text, value):
     assert [m.text for m in find_pii(text)] == [value], f"found {_found(text)}"

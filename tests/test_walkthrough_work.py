@@ -119,8 +119,6 @@ def _kinds(seen) -> collections.Counter:
 # --------------------------------------------------------------------------- defects
 
 
-@pytest.mark.xfail(strict=True, reason="constitutional loads the same local model twice for policy and judge "
-                                       "(rlaif and redteam share one copy)")
 def test_constitutional_rl_cai_loads_one_local_model_for_policy_and_judge(tmp_path, monkeypatch):
     """`posttrain constitutional` with `constitutional.rl_cai: true` and policy and judge naming the
     same local model: rlaif (`rlaif._backends`) and redteam (`run._shared_or_new`, README: "the same
@@ -159,8 +157,6 @@ def lora_policy(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.xfail(strict=True, reason="evaluate of a LoRA policy beside its own base loads the base twice "
-                                       "instead of switching the adapters off")
 def test_evaluate_lora_policy_beside_its_base_loads_the_base_once(tmp_path, lora_policy, loads):
     """`posttrain evaluate policy=LORA_ADAPTER reference=BASE`: the reference is the policy with its
     adapters switched off, which README says later stages use "as the frozen reference model without
@@ -176,8 +172,6 @@ def test_evaluate_lora_policy_beside_its_base_loads_the_base_once(tmp_path, lora
     assert len(loads) == 1, f"{len(loads)} loads of {sorted(set(loads))} for a policy and its own base"
 
 
-@pytest.mark.xfail(strict=True, reason="with project and lm_coef (no distill) the retain batch is backpropagated "
-                                       "twice; the second gradient is lm_coef x the first")
 def test_forgetting_project_with_lm_coef_backpropagates_the_retain_batch_once(tmp_path, monkeypatch):
     """examples/dpo_forgetting.yaml as shipped: `lm_coef: 0.5`, `distill: 0`, `project: true`.
     `RetainTerms.apply` takes ∇ of the retain batch's NLL for A-GEM's reference (retain_graph=True),
@@ -199,34 +193,23 @@ def test_forgetting_project_with_lm_coef_backpropagates_the_retain_batch_once(tm
     assert len(grads) == 1, f"{len(grads)} backward passes of one retain micro-batch"
 
 
-@pytest.mark.xfail(strict=True, reason="a live reference's log-probs of the held-out set are computed again at "
-                                       "every evaluation, though the reference never changes")
-def test_live_reference_log_probs_of_the_held_out_set_are_computed_once(tmp_path, monkeypatch):
+def test_live_reference_log_probs_of_the_held_out_set_are_computed_once(tmp_path, forwards):
     """`dpo.reference=live` (examples/dpo_lora_chat.yaml's choice): the reference is the starting
     model (adapters off, or a frozen copy) and the held-out set is fixed, so its reference
     log-probs are the same numbers at every evaluation; each `evaluate` (before training, every
-    `train.eval_every` steps, at the end) computes them again. The precompute mode already caches
+    `train.eval_every` steps, at the end) computed them again. The precompute mode already caches
     exactly these. Measured with eval_every=1 over 2 steps: 9 reference passes over the 3
-    held-out batches (3 evaluations x 3), where 3 give them all."""
-    import posttrain.train.preference as preference
-
-    held_out_passes = []
-    real = preference.reference_weights
-
-    def counted(model, *args, **kwargs):
-        if not model.training:  # the loop's evaluate puts the policy in eval mode; a training step does not
-            held_out_passes.append(1)
-        return real(model, *args, **kwargs)
-
-    monkeypatch.setattr(preference, "reference_weights", counted)
+    held-out batches (3 evaluations x 3), where 3 give them all; 20 forwards without gradient in
+    all. Needed: the live reference of each training step (2), the held-out reference once (3),
+    the policy at each evaluation after a step (2 x 3); before training the policy is its
+    reference, whose log-probs are already there."""
     _main("dpo", *DPO, f"output_dir={tmp_path / 'run'}", "adapter.method=lora", "dpo.reference=live",
           "train.max_steps=2", "train.eval_every=1")
-    assert len(held_out_passes) == HELD_OUT_BATCHES, \
-        f"{len(held_out_passes)} reference passes over {HELD_OUT_BATCHES} unchanged held-out batches"
+    kinds = _kinds(forwards)
+    needed = 2 + HELD_OUT_BATCHES + 2 * HELD_OUT_BATCHES
+    assert kinds["nograd"] == needed, f"{kinds['nograd']} forwards without gradient, {needed} needed"
 
 
-@pytest.mark.xfail(strict=True, reason="DPO's before-training evaluation recomputes the held-out log-probs the "
-                                       "reference precompute has just computed (pi = pi_ref exactly there)")
 def test_dpo_before_evaluation_reuses_the_precomputed_held_out_log_probs(tmp_path, forwards):
     """With the default `dpo.reference=precompute`, the reference pass covers the held-out batches
     with the starting model, in the very batches evaluation uses, so that "π = π_ref exactly at step

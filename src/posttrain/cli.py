@@ -35,14 +35,35 @@ from posttrain.env import first_process, launched_processes
 from posttrain.errors import ConfigError, NoRoom, UserError
 
 
+# The example override a command's --help gives: one of its own settings (tests load each one);
+# the training stages' is train.lr.
+OVERRIDE_EXAMPLES = {"constitutional": "constitutional.rounds=2", "cai": "constitutional.rounds=2",
+                     "self-instruct": "self_instruct.num_tasks=50", "rlaif": "rlaif.num_responses=3",
+                     "quality": "max_drop_fraction=0.5", "redteam": "probes.limit=5", "evaluate": "prompts.limit=50"}
+
+
 def _stage_parser(sub, name: str, config_cls, help_text: str):
-    epilog = "config fields (YAML sections or dotted overrides):\n" + "\n".join(config_cls.help_lines())
+    epilog = "config fields (YAML sections or dotted overrides):\n" + "\n".join(_help_lines(name, config_cls))
     # argparse %-formats an action's help (never its description): "95% intervals" must be "95%% ..."
     parser = sub.add_parser(name, help=help_text.replace("%", "%%"), description=help_text, epilog=epilog,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", nargs="?", help="YAML config file (optional)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=2e-5")
+    parser.add_argument("overrides", nargs="*",
+                        help=f"dotted overrides, e.g. {OVERRIDE_EXAMPLES.get(name, 'train.lr=2e-5')}")
     return parser
+
+
+def _help_lines(command: str, config_cls) -> list[str]:
+    """The config's help lines; an alias command's (kto, orpo, rloo) fixed setting is shown with
+    the value the command runs with, not the dataclass default it never uses."""
+    lines = config_cls.help_lines()
+    for override in ALIAS_OVERRIDES.get(command, []):
+        key, wanted = override.split("=", 1)
+        default = functools.reduce(getattr, key.split("."), config_cls())
+        stated = f", default {default!r}):"
+        lines = [line.replace(stated, f", set to {wanted!r} by this command):", 1)
+                 if line.startswith(f"  {key} (") else line for line in lines]
+    return lines
 
 
 def _sampling_args(parser) -> None:

@@ -143,7 +143,7 @@ def _report_stage(run_dir: Path, seed: int) -> str:
 
     red = policy["redteam"]["attack_success"]
     return (f"alignment report, DPO vs SFT model ({report['prompts']} held-out prompts; {out / 'report.md'}): "
-            f"exact match {both(lambda s: s['exact_match'], '{:.1%}'.format)}, answer NLL "
+            f"exact match {both(lambda s: s['exact_match']['rate'], '{:.1%}'.format)}, answer NLL "
             f"{both(lambda s: s['answer_nll'], '{:.3f}'.format)} per token, KL {report['kl_to_reference']:.3f} nats "
             f"per response\n"
             f"red team (refusal patterns): attack success {both(rate('attack_success'), '{:.0%}'.format)} of "

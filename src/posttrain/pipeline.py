@@ -95,7 +95,7 @@ DATA_KINDS = {
                                          "self_instruct.concurrency"})),
     "redteam": Producer({}, "report.md", "target.model", ("report.json", "failed"),
                         frozenset({"probes.limit", "concurrency"})),
-    "evaluate": Producer({}, "report.md", "policy"),
+    "evaluate": Producer({}, "report.md", "policy", ("report.json", "failed")),  # its red team's failed requests
 }
 # Which output of a data stage a stage reads when its input names the data stage alone.
 _WANTED_OUTPUT = {"sft": "sft", "rm": "pairs", "dpo": "pairs", "kto": "pairs", "orpo": "pairs"}
@@ -684,8 +684,9 @@ def _run_stage(stage: Stage, action: str, state: dict[str, dict], output_dir: Pa
 
 
 def failed_items(kind: str, run_dir: str | Path) -> int:
-    """How many items of a data command's run failed (rlaif, constitutional, redteam count them):
-    the command alone (cli) and as a stage exits 2 on any, after writing outputs from the others."""
+    """How many items of a data command's run failed (rlaif, constitutional, redteam and evaluate's
+    red team count them): the command alone (cli) and as a stage exits 2 on any, after writing
+    outputs from the others."""
     producer = DATA_KINDS.get(kind)
     if producer is None or not producer.failed:
         return 0

@@ -40,16 +40,20 @@ _FLOAT32_MAX = torch.finfo(torch.float32).max  # 3.4028235e38: a run's rewards a
 class RewardModelScorer:
     """Scores with a reward model directory (full model or LoRA adapter, or a run directory: its
     final/) and its tokenizer. A model without a trained reward head (a policy, a preset) is
-    refused: its head would be a fresh random draw."""
+    refused: its head would be a fresh random draw.
+
+    A row longer than `max_length` or the model's positions (`loading.position_limit`) is cut
+    to fit: a decoder keeps its end (the scored token is the last), an encoder its start (it
+    pools at [CLS]). `rows_cut` of `rows_scored` counts them over the scorer's life (`cut_note`)."""
 
     def __init__(self, path: str, template: str = "auto", batch_size: int = 32, dtype: str = "float32",
                  trust_remote_code: bool = False, max_length: int = 1024, device=None, log=None):
         from posttrain.data.templates import resolve_template
         from posttrain.inference import resolve_model_dir
         from posttrain.models.attention import padding_free
-        from posttrain.models.loading import load_tokenizer
-        from posttrain.models.reward_model import (_classifier, check_trained_head, encoder_positions,
-                                                   is_decoder_scorer, load_reward_model)
+        from posttrain.models.loading import load_tokenizer, position_limit
+        from posttrain.models.reward_model import (_classifier, check_trained_head, is_decoder_scorer,
+                                                   load_reward_model)
 
         path = resolve_model_dir(str(path))  # a run directory means its final/, as generate and merge take it
         self.tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
@@ -59,10 +63,11 @@ class RewardModelScorer:
             self.model.to(device)
         self.template = resolve_template(self.tokenizer, template)
         self.decoder = is_decoder_scorer(self.model)
-        limit = encoder_positions(self.model)  # an encoder reads no further than its position table
+        limit = position_limit(self.model)  # no model reads past its position table
         self.batch_size, self.max_length = batch_size, max_length if limit is None else min(max_length, limit)
+        self.rows_cut = self.rows_scored = 0
         if self.decoder:  # the real tokens only, the last layer at the last one (exact); `log` hears why not
-            padding_free(_classifier(self.model), log=log, longest=max_length,
+            padding_free(_classifier(self.model), log=log, longest=self.max_length,
                          option=f"padding-free scoring with the reward model {path}")
 
     @torch.no_grad()
@@ -73,6 +78,8 @@ class RewardModelScorer:
 
         examples = [encode_response(p, r, self.tokenizer, self.template, special_tokens=not self.decoder)
                     for p, r in zip(prompts, responses)]
+        self.rows_scored += len(examples)
+        self.rows_cut += sum(len(e) > self.max_length for e in examples)
         for e in examples:
             if self.decoder:  # keep the end: the scored position is the last token
                 cut = max(0, len(e) - self.max_length)
@@ -85,6 +92,13 @@ class RewardModelScorer:
             batch = collate(examples[start : start + self.batch_size], self.tokenizer.pad_token_id)
             out += score(self.model, batch["input_ids"].to(device), batch["attention_mask"].to(device)).tolist()
         return out
+
+    def cut_note(self) -> str | None:
+        """'cut N of M rows longer than L tokens (kept their end)', or None when none was cut."""
+        if not self.rows_cut:
+            return None
+        kept = "end" if self.decoder else "start"
+        return f"cut {self.rows_cut} of {self.rows_scored} rows longer than {self.max_length} tokens (kept their {kept})"
 
 
 def function_reward(spec: str) -> Reward:
@@ -432,6 +446,10 @@ def score_main(args) -> int:
         raw = combined.raw(prompts, responses, rows)
     except RewardFunctionError as exc:  # the row it raised on, by file:line
         raise exc.named(where=locations[exc.index]) from exc.error
+    for component in combined.components:  # a row cut to fit a reward model loses content: say how many
+        note = component.reward.cut_note() if isinstance(component.reward, RewardModelScorer) else None
+        if note is not None:
+            print(f"{component.name}: {note}", file=sys.stderr)
     if args.calibrate:  # on the values just computed: each component runs once per row
         for name, (mean, std) in combined.calibrate_on(raw).items():
             print(f"calibrated {name}: mean {mean:.4g}, std {std:.4g}", file=sys.stderr)

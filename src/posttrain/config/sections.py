@@ -99,7 +99,8 @@ class AdapterConfig:
 @dataclass
 class DataConfig:
     train_files: list[str] = option(["synthetic"], "training files (jsonl, json, parquet, csv, datasets dir) or 'synthetic'")
-    eval_files: list[str] = option([], "held-out files; empty = split eval_fraction off the training data")
+    eval_files: list[str] = option([], "held-out files (also with `train_files: [synthetic]`, in place of its held-out "
+                                       "split); empty = split eval_fraction off the training data")
     eval_fraction: float = option(0.05, "fraction of training rows held out when eval_files is empty")
     format: Literal["auto", "alpaca", "messages", "prompt_completion", "text"] = option(
         "auto", "row format; auto-detected from the first rows")
@@ -114,7 +115,8 @@ class DataConfig:
     group_by_length: bool = option(
         False, "batch examples of similar length together: less padding, but can hurt multi-task learning"
     )
-    streaming: bool = option(False, "read training files lazily (for files larger than memory)")
+    streaming: bool = option(False, "read training files lazily (for files larger than memory; needs train.max_steps "
+                                    "and files, not synthetic)")
     synthetic_tasks: list[str] = option(["smallest", "copy", "reverse"], "tasks of the bundled synthetic generator")
     synthetic_size: int = option(4000, "number of synthetic training examples")
 
@@ -329,10 +331,23 @@ def _eval_checks(e: EvalConfig) -> list[tuple[bool, str]]:
              "eval.max_new_tokens must be at least 1 when eval.exact_match_prompts is on")]
 
 
+def _streaming_checks(d: DataConfig, t: TrainConfig) -> list[tuple[bool, str]]:
+    """data.streaming reads training files lazily: there are files to read, and no length to derive steps from."""
+    if not d.streaming:
+        return []
+    return [
+        (d.train_files != ["synthetic"], "data.streaming=true reads training files lazily; the bundled synthetic "
+                                         "data is generated in memory: set data.streaming=false, or give "
+                                         "data.train_files"),
+        (t.max_steps > 0, "data.streaming=true needs train.max_steps (the data length is unknown)"),
+    ]
+
+
 def validate_sft(cfg: SFTConfig) -> None:
     """Cross-field checks that types alone cannot express. Raises ConfigError."""
     _raise_first(_train_checks(cfg.train) + _weight_checks(cfg.model, cfg.adapter) + _data_checks(cfg.data)
-                 + _eval_checks(cfg.eval) + _forgetting_checks(cfg.forgetting, cfg.data, cfg.train))
+                 + _streaming_checks(cfg.data, cfg.train) + _eval_checks(cfg.eval)
+                 + _forgetting_checks(cfg.forgetting, cfg.data, cfg.train))
     from posttrain.models.adapters import validate_adapter
 
     validate_adapter(cfg.adapter, packing=cfg.data.packing, gradient_checkpointing=cfg.model.gradient_checkpointing,

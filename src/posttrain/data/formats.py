@@ -5,9 +5,15 @@ Four row formats are understood:
     alpaca    {"instruction", "input"?, "output", "system"?}
               → [system?] + user(instruction, + "\\n\\n" + input when input is non-empty)
                 + assistant(output)
-    messages  {"messages": [{"role", "content"}, ...]}, roles system/user/assistant;
-              "conversations" is accepted in place of "messages", and ShareGPT turns
-              {"from", "value"} with from = human/user/gpt/assistant/system are mapped.
+    messages  {"messages": [{"role", "content"}, ...], "tools"?}, roles system/user/assistant/tool
+              (developer is read as system); "conversations" is accepted in place of
+              "messages", and ShareGPT turns {"from", "value"} with from =
+              human/user/gpt/assistant/system are mapped. Agent data as OpenAI and Hugging
+              Face write it: an assistant turn's `tool_calls` and `reasoning_content`, a tool
+              turn's `tool_call_id` and `name`, per-turn `weight` (0 or 1) and `train`
+              (boolean) to keep an assistant turn out of the loss, and the row's `tools`
+              (function definitions), which every render of the row passes to the chat
+              template (`read_turn`, `read_tools`).
     prompt_completion
               {"prompt", "completion", "system"?} (TRL's prompt-completion): the prompt as
               preferences.py reads it (text = one user turn, or turns), the completion text
@@ -18,7 +24,8 @@ Content strings are kept exactly as given (no stripping): label tokens decoded l
 must equal the assistant text. A content given as a list of text parts
 ([{"type": "text", "text": ...}]) is those texts joined, as `serve` reads a request; any
 other part (an image) makes a bad row. A CSV cell holding a list is read as JSON or as
-Python's repr (what `datasets`' and pandas' `to_csv` write), see `decode_cell`.
+Python's repr (what `datasets`' and pandas' `to_csv` write), see `decode_cell`. A JSON number
+with a fraction or exponent is a `WrittenFloat`, which keeps the text the file wrote.
 
 `load_records` reads everything into memory; `iter_records` streams. Both count every
 row (`DataReport`), report each malformed one with its "file:line" and reason, and
@@ -31,13 +38,14 @@ from __future__ import annotations
 import ast
 import itertools
 import json
+import numbers
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from posttrain.data.readers import Malformed, check_path, iter_rows, lone_surrogate_at
-from posttrain.data.records import Record
+from posttrain.data.records import Record, WrittenFloat
 from posttrain.errors import DataError
 
 FORMATS = ("alpaca", "messages", "prompt_completion", "text")
@@ -47,8 +55,10 @@ _NEEDS = {
     "prompt_completion": "'prompt' and 'completion' (each text or a list of turns)",
     "text": "'text'",
 }
-_ROLES = ("system", "user", "assistant")
+_ROLES = ("system", "user", "assistant", "tool")
+_ROLE_ALIASES = {"developer": "system"}  # OpenAI's system turn for its reasoning models (serve reads it so too)
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+_SHAREGPT_CALLS = ("function_call", "observation", "function", "tool")  # ShareGPT's agent turns: not read
 _DETECT_ROWS = 8  # good rows looked at to detect a file's format
 _DETECT_SCAN = 100  # ...or this many rows, once at least one good row is seen
 _SHOWN = 5  # bad rows quoted in messages
@@ -104,20 +114,27 @@ def to_record(row: dict, fmt: str, location: str = "<memory>") -> Record:
     if not isinstance(row, dict):
         raise BadRowError(f"expected an object, got {_type_name(row)}")
     if fmt == "text":
+        if read_tools(row) is not None:
+            raise BadRowError("'tools' given with a text row: only chat turns go through the chat template that "
+                              "renders them")
         return Record(text=_required_string(row, "text", fmt), source=location)
     if fmt == "alpaca":
-        return Record(messages=_alpaca_messages(row), source=location)
+        return Record(messages=_alpaca_messages(row), source=location, tools=read_tools(row))
     if fmt == "messages":
-        return Record(messages=_chat_messages(row), source=location)
+        messages, untrained = _chat_messages(row)
+        return Record(messages=messages, source=location, tools=read_tools(row), untrained=untrained)
     if fmt == "prompt_completion":
-        prompt, completion = _prompt_completion(row)
-        return Record(messages=prompt + completion, source=location, prompt_turns=len(prompt))
+        prompt, completion, untrained = _prompt_completion(row)
+        return Record(messages=prompt + completion, source=location, prompt_turns=len(prompt), tools=read_tools(row),
+                      untrained=tuple(len(prompt) + i for i in untrained))
     raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
 
 
 def _type_name(value: Any) -> str:
-    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
-    return "null" if value is None else names.get(type(value), type(value).__name__)
+    if value is None:
+        return "null"
+    kinds = ((bool, "a boolean"), (dict, "an object"), (list, "a list"), (str, "a string"), ((int, float), "a number"))
+    return next((name for kind, name in kinds if isinstance(value, kind)), type(value).__name__)
 
 
 def _string(value: Any, what: str) -> str:
@@ -152,7 +169,8 @@ def _alpaca_messages(row: dict) -> list[dict[str, str]]:
     return messages + [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
 
 
-def _chat_messages(row: dict) -> list[dict[str, str]]:
+def _chat_messages(row: dict) -> tuple[list[dict[str, Any]], tuple[int, ...]]:
+    """The turns of a messages row, and the indices of the assistant turns kept out of the loss."""
     # a table holds both columns when it mixes the two, one null or blank per row
     filled = [key for key in ("messages", "conversations") if row.get(key) not in (None, "")]
     key = filled[0] if filled else "messages" if "messages" in row else "conversations"
@@ -169,36 +187,223 @@ def _chat_messages(row: dict) -> list[dict[str, str]]:
         raise BadRowError(f"{key!r} is {_type_name(turns)}, expected a list of turns")
     if not turns:
         raise BadRowError(f"{key!r} is an empty list")
-    messages = [_turn(turn, number) for number, turn in enumerate(turns, 1)]
+    messages, untrained = read_turns(turns)
     roles = [message["role"] for message in messages]
-    if "system" in roles[1:]:
-        number = roles.index("system", 1) + 1
-        raise BadRowError(f"turn {number} is a system turn; a system message may only come first")
     if "assistant" not in roles:
         raise BadRowError("no assistant turn, so nothing to train on")
     if roles[0] == "assistant":
         raise BadRowError("the first turn is the assistant's: it answers no prompt; start with a system or user turn")
-    return messages
+    check_some_trained(messages, untrained)
+    return messages, untrained
 
 
-def _turn(turn: Any, number: int) -> dict[str, str]:
+def check_some_trained(messages: list[dict[str, Any]], untrained: tuple[int, ...]) -> None:
+    """A row whose every assistant turn is kept out of the loss has nothing to train on."""
+    if untrained and all(i in untrained for i, m in enumerate(messages) if m["role"] == "assistant"):
+        raise BadRowError("every assistant turn is kept out of the loss ('weight': 0 or 'train': false), so nothing "
+                          "to train on")
+
+
+def read_turns(turns: list, what: str = "") -> tuple[list[dict[str, Any]], tuple[int, ...]]:
+    """Every turn read by `read_turn`; the indices of the assistant turns kept out of the loss; and
+    the order roles must keep: a system turn only first, a tool turn only after an assistant turn
+    that calls a tool (or another tool turn). `what` names the list in a reason ("'prompt'")."""
+    prefix = f"{what} " if what else ""
+    messages, untrained = [], []
+    try:
+        for number, turn in enumerate(turns, 1):
+            message, trained = read_turn(turn, number)
+            messages.append(message)
+            if not trained:
+                untrained.append(number - 1)
+    except BadRowError as e:
+        raise BadRowError(prefix + e.reason) from None
+    roles = [message["role"] for message in messages]
+    if "system" in roles[1:]:
+        number = roles.index("system", 1) + 1
+        raise BadRowError(f"{prefix}turn {number} is a system turn; a system message may only come first")
+    caller = None  # the last turn that is not a tool's
+    for i, message in enumerate(messages if "tool" in roles else ()):
+        if message["role"] != "tool":
+            caller = message
+        elif caller is None or "tool_calls" not in caller:
+            raise BadRowError(f"{prefix}turn {i + 1} is a tool turn that answers no call: a tool turn follows an "
+                              "assistant turn with 'tool_calls' (or another tool turn)")
+    return messages, tuple(untrained)
+
+
+def _turn(turn: Any, number: int) -> dict[str, Any]:
+    return read_turn(turn, number)[0]
+
+
+def read_turn(turn: Any, number: int) -> tuple[dict[str, Any], bool]:
+    """One turn as a message, and whether the loss may cover it: the one reader of turns, for SFT,
+    preference and prompt rows alike.
+
+    OpenAI / Hugging Face keys: `role` (system, user, assistant, tool; developer is read as
+    system) and `content` (text, or text parts); on an assistant turn `tool_calls` (then the
+    content may be null, empty or missing) and `reasoning_content`; on a tool turn
+    `tool_call_id` and `name`; on any turn `weight` (0 or 1) and `train` (a boolean), which keep
+    an assistant turn out of the loss when 0 / false. ShareGPT's `from` / `value`. A null (or
+    blank, or empty list) value is an absent key: a Parquet table writes every key on every turn.
+    The message keeps the keys the chat template reads, and no other."""
     if not isinstance(turn, dict):
         raise BadRowError(f"turn {number} is {_type_name(turn)}, expected an object with 'role' and 'content'")
     if turn.get("role") is not None:
         role = _role_name(turn, "role", number)
+        role = _ROLE_ALIASES.get(role, role)
         if role not in _ROLES:
-            raise BadRowError(f"turn {number} has unknown role {role!r} (expected {', '.join(_ROLES)})")
+            raise BadRowError(f"turn {number} has unknown role {role!r} (expected {', '.join(_ROLES)}; "
+                              "developer is read as system)")
         content_key = "content"
     elif turn.get("from") is not None:  # ShareGPT
-        if _role_name(turn, "from", number) not in _SHAREGPT_ROLES:
+        name = _role_name(turn, "from", number)
+        if name in _SHAREGPT_CALLS:
+            raise BadRowError(f"turn {number} is a ShareGPT {name!r} turn, which is not read: give tool calls as "
+                              "OpenAI messages (an assistant turn's 'tool_calls', then a 'tool' turn with the result)")
+        if name not in _SHAREGPT_ROLES:
             raise BadRowError(f"turn {number} has unknown 'from' {turn['from']!r} (expected {', '.join(_SHAREGPT_ROLES)})")
-        role, content_key = _SHAREGPT_ROLES[turn["from"]], "value"
+        role, content_key = _SHAREGPT_ROLES[name], "value"
     else:
         raise BadRowError(f"turn {number} has no 'role' (or ShareGPT 'from'); it has {_list(list(turn))}")
-    if content_key not in turn:
+    plain = len(turn) == 2 and content_key in turn  # role and content alone: the common turn, read fast
+    calls = None if plain else _tool_calls(turn, number, role)
+    if content_key not in turn and calls is None:
         raise BadRowError(f"turn {number} ({role}) has no {content_key!r}")
-    what = f"turn {number} ({role}) {content_key}"
-    return {"role": role, "content": _string(_joined_parts(turn[content_key], what), what)}
+    content = turn.get(content_key)
+    if not isinstance(content, str) or not content or content.isspace():  # else plain text, kept as it is
+        what = f"turn {number} ({role}) {content_key}"
+        content = _joined_parts(content, what)
+        if calls is not None and content in (None, ""):  # a call with no text beside it
+            content = ""
+        elif calls is None or not isinstance(content, str):
+            content = _string(content, what)
+    message: dict[str, Any] = {"role": role, "content": content}
+    if plain:
+        return message, True
+    reasoning = _turn_text(turn, "reasoning_content", number, role, "assistant")
+    if reasoning is not None:
+        message["reasoning_content"] = reasoning
+    if calls is not None:
+        message["tool_calls"] = calls
+    for key in ("tool_call_id", "name"):
+        value = _turn_text(turn, key, number, role, "tool", refuse_elsewhere=False)
+        if value is not None:
+            message[key] = value
+    return message, _trained(turn, number, role)
+
+
+def _blank(value: Any) -> bool:
+    """Null, a blank string or an empty list: how JSON, CSV and Parquet write an absent value."""
+    return value is None or (isinstance(value, str) and (not value or value.isspace())) or value == []
+
+
+def _turn_text(turn: dict, key: str, number: int, role: str, only: str, refuse_elsewhere: bool = True) -> str | None:
+    """A turn's optional text `key`, which only a turn of role `only` carries (on another it is a
+    bad row, or ignored with refuse_elsewhere=False)."""
+    value = turn.get(key)
+    if _blank(value) or (role != only and not refuse_elsewhere):
+        return None
+    if role != only:
+        raise BadRowError(f"turn {number} ({role}) has {key!r}; only an {only} turn carries it")
+    return _string(value, f"turn {number} ({role}) {key!r}")
+
+
+def _tool_calls(turn: dict, number: int, role: str) -> list[dict[str, Any]] | None:
+    """An assistant turn's `tool_calls`, checked: [{"type": "function", "function": {"name": str,
+    "arguments": JSON text or an object}, "id"?}, ...]; None when it has none."""
+    value = turn.get("tool_calls")
+    what = f"turn {number} ({role}) 'tool_calls'"
+    if isinstance(value, str) and not _blank(value):  # a list written as text inside the turn
+        try:
+            value = decode_cell(value, what)
+        except ValueError:
+            raise BadRowError(f"{what} is a string that is not a JSON list of calls") from None
+    if _blank(value):
+        return None
+    if role != "assistant":
+        raise BadRowError(f"{what}: only an assistant turn calls tools")
+    if not isinstance(value, list):
+        raise BadRowError(f"{what} is {_type_name(value)}, expected a list of calls")
+    return [_tool_call(call, f"{what} entry {i}") for i, call in enumerate(value, 1)]
+
+
+_CALL_LAYOUT = '{"type": "function", "function": {"name": ..., "arguments": ...}}'
+
+
+def _tool_call(call: Any, what: str) -> dict[str, Any]:
+    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+        raise BadRowError(f"{what} is not a function call ({_CALL_LAYOUT})")
+    if call.get("type") not in (None, "function"):
+        raise BadRowError(f"{what} has type {call['type']!r}; only function calls are read ({_CALL_LAYOUT})")
+    function = {k: v for k, v in call["function"].items() if v is not None}  # a Parquet struct's absent keys
+    name, arguments = function.get("name"), function.get("arguments")
+    if not isinstance(name, str) or not name.strip():
+        raise BadRowError(f"{what} has no function name ({_CALL_LAYOUT})")
+    if isinstance(arguments, str):
+        try:
+            json.loads(arguments)
+        except (ValueError, RecursionError):
+            raise BadRowError(f"{what} 'arguments' is text that is not JSON") from None
+    elif not isinstance(arguments, dict):
+        raise BadRowError(f"{what} 'arguments' is {_type_name(arguments)}, expected JSON text or an object")
+    return {**{k: v for k, v in call.items() if v is not None}, "function": function}
+
+
+def _trained(turn: dict, number: int, role: str) -> bool:
+    """Whether the loss may cover the turn: `weight` 0 or `train` false keep it out (OpenAI's and
+    axolotl's per-turn flags); only an assistant turn is ever trained, so one marked 1 / true is a
+    bad row elsewhere."""
+    weight, train = turn.get("weight"), turn.get("train")
+    trained = True
+    if weight is not None:
+        if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or weight not in (0, 1):
+            raise BadRowError(f"turn {number} ({role}) 'weight' is {weight!r}; a turn's weight is 0 (kept out of "
+                              "the loss) or 1")
+        trained = weight == 1
+    if train is not None:
+        if not isinstance(train, bool):
+            raise BadRowError(f"turn {number} ({role}) 'train' is {train!r}, expected true or false")
+        if weight is not None and train != trained:
+            raise BadRowError(f"turn {number} ({role}) has 'weight' {weight!r} and 'train' {train!r}, which disagree")
+        trained = train
+    if role != "assistant" and trained and (weight is not None or train is not None):
+        raise BadRowError(f"turn {number} ({role}) is marked for the loss, but only assistant turns are trained")
+    return trained
+
+
+def text_answer(message: dict[str, Any]) -> str | None:
+    """An assistant turn's content when non-blank text is all it carries (no tool calls, no
+    reasoning): the reference answer exact match and verifiable rewards compare a completion
+    with; None otherwise (a turn that only calls a tool has no text answer)."""
+    if "tool_calls" in message or "reasoning_content" in message:
+        return None
+    content = message.get("content")
+    return content if isinstance(content, str) and content.strip() else None
+
+
+def read_tools(row: dict) -> list[dict[str, Any]] | None:
+    """A row's `tools`: function definitions as OpenAI and transformers' `apply_chat_template(tools=...)`
+    take them ({"type": "function", "function": {"name", "description"?, "parameters"?}}, or the
+    function object alone), kept as given; a CSV cell decoded like turns (`decode_cell`). None
+    when absent, null, blank or empty."""
+    value = row.get("tools")
+    if isinstance(value, str) and not _blank(value):
+        try:
+            value = decode_cell(value, "'tools'")
+        except ValueError:
+            raise BadRowError("'tools' is a string that is not a JSON list of function definitions (nor Python's "
+                              "repr of one)") from None
+    if _blank(value):
+        return None
+    if not isinstance(value, list):
+        raise BadRowError(f"'tools' is {_type_name(value)}, expected a list of function definitions")
+    for i, tool in enumerate(value, 1):
+        function = tool.get("function", tool) if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"].strip():
+            raise BadRowError(f"'tools' entry {i} is not a function definition "
+                              '({"type": "function", "function": {"name": ..., "parameters": ...}})')
+    return value
 
 
 def _role_name(turn: dict, key: str, number: int) -> str:
@@ -238,7 +443,7 @@ def decode_cell(text: str, what: str = "a cell") -> Any:
     takes literals only and runs no code. ValueError when it is neither; BadRowError when it holds
     a lone surrogate (an escape like "\\ud800"), as the readers refuse one in a row."""
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_float=WrittenFloat)
     except (ValueError, RecursionError):  # not JSON, or JSON that Python's json refuses
         try:
             value = ast.literal_eval(text.strip())
@@ -250,9 +455,10 @@ def decode_cell(text: str, what: str = "a cell") -> Any:
     return value
 
 
-def _prompt_completion(row: dict) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-    """TRL's prompt-completion row as (prompt turns, completion turns)."""
-    from posttrain.data.preferences import _decoded, _prompt, _turns  # preferences imports this module
+def _prompt_completion(row: dict) -> tuple[list[dict[str, Any]], list[dict[str, Any]], tuple[int, ...]]:
+    """TRL's prompt-completion row as (prompt turns, completion turns, indices of the completion's
+    assistant turns kept out of the loss)."""
+    from posttrain.data.preferences import _decoded, _prompt, _read_turns  # preferences imports this module
 
     for key in ("prompt", "completion"):
         if key not in row:
@@ -265,13 +471,14 @@ def _prompt_completion(row: dict) -> tuple[list[dict[str, str]], list[dict[str, 
     prompt = _prompt(row, "pairs")
     value = _decoded(row["completion"], what="'completion'")
     if isinstance(value, str):
-        return prompt, [{"role": "assistant", "content": _string(value, "'completion'")}]
+        return prompt, [{"role": "assistant", "content": _string(value, "'completion'")}], ()
     if not isinstance(value, list):
         raise BadRowError(f"'completion' is {_type_name(value)}, expected a string or a list of turns")
-    completion = _turns(value, "'completion'")
+    completion, untrained = _read_turns(value, "'completion'")
     if completion[0]["role"] != "assistant":
         raise BadRowError(f"'completion' starts with a {completion[0]['role']} turn, expected the assistant's reply")
-    return prompt, completion
+    check_some_trained(completion, untrained)
+    return prompt, completion, untrained
 
 
 # --------------------------------------------------------------------------- reports

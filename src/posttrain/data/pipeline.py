@@ -150,6 +150,8 @@ def prepare_sft_data(cfg, tokenizer, run_dir: Path | None, seed: int, log: Calla
         train_records, eval_records = _synthetic(cfg, seed)
         read_report = {"source": "synthetic", "rows": len(train_records) + len(eval_records), "bad": 0}
         eval_read = {"rows": len(eval_records), "held_out_prompts_unique": True}
+        if cfg.eval_files:  # held-out files given: they, not the synthetic split, are the held-out set
+            eval_records, eval_read = _read(cfg.eval_files, cfg, run_dir, log, "eval")
     elif cfg.eval_files:
         train_records, read_report = _read(cfg.train_files, cfg, run_dir, log, "train")
         eval_records, eval_read = _read(cfg.eval_files, cfg, run_dir, log, "eval")
@@ -174,36 +176,74 @@ def prepare_sft_data(cfg, tokenizer, run_dir: Path | None, seed: int, log: Calla
     return PreparedData(train, evaluation, eval_records, report)
 
 
-def stream_sft_examples(cfg, tokenizer, run_dir: Path | None, log: Callable[[str], None] = print) -> Iterator[Example]:
-    """Lazily read, template and fit examples one by one (data.streaming=true)."""
+@dataclass
+class StreamCounts:
+    """What a streamed pass over the training files has read, cut and dropped so far, kept while
+    it runs: a run that stops before a full pass (a file larger than memory, read for
+    train.max_steps) still reports them (`write_stream_counts`)."""
+
+    rows: int = 0  # rows read in this pass (bad rows skipped by the reader aside)
+    too_long: int = 0  # longer than data.max_length: cut or dropped (data.overlength)
+    dropped_no_labels: int = 0  # no label left after the cut
+    unrendered: list[str] = field(default_factory=list)  # rows the chat template cannot render (bad_rows=skip)
+    complete_passes: int = 0
+    said_too_long: bool = False  # the first over-long row is logged, once a run
+
+    def new_pass(self) -> None:
+        self.rows = self.too_long = self.dropped_no_labels = 0
+        self.unrendered = []
+
+    def entry(self, cfg, complete_pass: bool) -> dict:
+        return {"train_stream": {"complete_pass": complete_pass, "rows_read": self.rows, "too_long": self.too_long,
+                                 "policy": cfg.overlength, "dropped_no_labels": self.dropped_no_labels,
+                                 "unrendered": len(self.unrendered)}}
+
+
+def write_stream_counts(run_dir: Path | None, counts: StreamCounts, cfg) -> None:
+    """data_report.json's train_stream: the rows read so far (complete_pass false), while no full pass
+    has ended; after one, that pass's counts stay (written at its end). Called at each checkpoint
+    and at the end of the run."""
+    if counts.complete_passes == 0:
+        _update_report(run_dir, counts.entry(cfg, complete_pass=False))
+
+
+def stream_sft_examples(cfg, tokenizer, run_dir: Path | None, log: Callable[[str], None] = print,
+                        counts: StreamCounts | None = None) -> Iterator[Example]:
+    """Lazily read, template and fit examples one by one (data.streaming=true), counting in
+    `counts` (a fresh one by default) what the length policy cuts and drops; the first over-long
+    row is logged when met, the counts written to data_report.json after each full pass."""
     from posttrain.data import formats
     from posttrain.data.templates import adopt_template
 
     template = adopt_template(tokenizer, cfg.template)
-    over = unlabelled = seen = 0
-    unrendered: list[str] = []
+    counts = StreamCounts() if counts is None else counts
+    counts.new_pass()
     for record in formats.iter_records(cfg.train_files, fmt=cfg.format, bad_rows=cfg.bad_rows,
                                        max_bad_fraction=cfg.max_bad_fraction,
                                        rejects_path=rejects_file(run_dir, "train"), log=log):
-        seen += 1
-        example = _encoded(record, tokenizer, template, cfg, unrendered)
+        counts.rows += 1
+        example = _encoded(record, tokenizer, template, cfg, counts.unrendered)
         if example is None:
             continue
         if len(example) > cfg.max_length:
-            over += 1
+            counts.too_long += 1
+            if not counts.said_too_long:
+                counts.said_too_long = True
+                log(f"train (streamed): {example.source} has {len(example)} tokens, longer than {cfg.max_length} "
+                    f"(data.overlength={cfg.overlength}); such rows are counted in data_report.json")
             if cfg.overlength == "drop":
                 continue
             example = Example(example.input_ids[: cfg.max_length], example.labels[: cfg.max_length], example.source)
         if example.num_label_tokens == 0:
-            unlabelled += 1
+            counts.dropped_no_labels += 1
             continue
         yield example
-    if over or unlabelled:
-        log(f"train (streamed): {over} examples longer than {cfg.max_length} tokens ({cfg.overlength}); "
-            f"{unlabelled} dropped with no label tokens left")
-    check_unrendered(unrendered, seen, cfg, log, "train (streamed)")
-    _update_report(run_dir, {"train_stream": {"complete_pass": True, "too_long": over, "policy": cfg.overlength,
-                                              "dropped_no_labels": unlabelled, "unrendered": len(unrendered)}})
+    if counts.too_long or counts.dropped_no_labels:
+        log(f"train (streamed): {counts.too_long} examples longer than {cfg.max_length} tokens ({cfg.overlength}); "
+            f"{counts.dropped_no_labels} dropped with no label tokens left")
+    check_unrendered(counts.unrendered, counts.rows, cfg, log, "train (streamed)")
+    counts.complete_passes += 1
+    _update_report(run_dir, counts.entry(cfg, complete_pass=True))
 
 
 def prepare_streamed_eval(cfg, tokenizer, run_dir: Path | None, log: Callable[[str], None] = print) -> list[Example]:
@@ -212,7 +252,8 @@ def prepare_streamed_eval(cfg, tokenizer, run_dir: Path | None, log: Callable[[s
     pass). A stream has no split to take `eval_fraction` from; without eval files, none."""
     from posttrain.data.templates import adopt_template
 
-    report: dict = {"train_read": {"source": "streamed", "train_stream": "counts written after each full pass"}}
+    report: dict = {"train_read": {"source": "streamed", "train_stream": "counts of the rows read so far "
+                                                                         "(complete_pass false), or of a full pass"}}
     evaluation: list[Example] = []
     if cfg.eval_files:
         eval_records, report["eval_read"] = _read(cfg.eval_files, cfg, run_dir, log, "eval")

@@ -9,10 +9,13 @@ Three row formats are understood (detected per file, like formats.py's, or set):
     unpaired  {"prompt", "completion", "label": true/false}   (KTO; or "desirable")
 
 A prompt is a string (one user turn; an optional "system" key puts a system turn
-first) or a list of turns as formats.py accepts them (OpenAI or ShareGPT keys). It must
-end with a user turn; assistant turns before that are context. A response is a string
-or a list of turns: the assistant's message alone, or the whole conversation repeating
-the prompt's turns (checked, then stripped). A pair without "prompt" gives whole
+first) or a list of turns as formats.py accepts them (OpenAI or ShareGPT keys, tool calls and
+tool turns included). It must end with a user turn (or a tool turn: the reply follows a tool's
+result); assistant turns before that are context. A response is a string or a list of turns:
+the assistant's message alone, or the whole conversation repeating the prompt's turns (checked,
+then stripped). A response that carries more than text (`tool_calls`, `reasoning_content`) is
+kept as the whole message, and compared, ranked and rendered whole. A row's `tools` reach every
+render of it, as in SFT. A pair without "prompt" gives whole
 conversations on both sides; the turns before their last assistant turns are the
 prompt, and must be the same on both sides. CSV and Parquet cells may hold any of the
 lists JSON-encoded, or as Python's repr (what `datasets`' and pandas' `to_csv` write).
@@ -32,6 +35,7 @@ as generation tokenises it (`templates.tokenize_with_labels`).
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import re
@@ -41,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.data import formats
-from posttrain.data.formats import BadRowError, DataReport, _list, _string, _type_name
+from posttrain.data.formats import BadRowError, DataReport, _list, _string, _type_name, read_tools
 from posttrain.data.pipeline import SYNTHETIC, rejects_file, split_eval, write_report
 from posttrain.data.records import IGNORE_INDEX, Example
 from posttrain.errors import ConfigError, DataError
@@ -58,18 +62,47 @@ _NEEDS = {
 class PreferenceRecord:
     """One prompt with its responses, before tokenisation.
 
-    prompt:    chat turns before the response (optional system first, ends with a user turn).
-    responses: pairs [chosen, rejected]; ranking K of them; unpaired [completion].
+    prompt:    chat turns before the response (optional system first, ends with a user or tool turn).
+    responses: pairs [chosen, rejected]; ranking K of them; unpaired [completion]. Each the
+               assistant's reply: its text, or, when it carries more (`tool_calls`,
+               `reasoning_content`), the whole message without its role (`assistant_message`).
     ranks:     per response, 0 = best, equal = tie (pairs [0, 1]); None for unpaired.
     desirable: unpaired (KTO) only.  margin: a pair's optional margin.  source: "file:line".
+    tools:     the row's function definitions, passed to every render as the template's `tools`.
     """
 
-    prompt: list[dict[str, str]]
-    responses: list[str]
+    prompt: list[dict[str, Any]]
+    responses: list[str | dict[str, Any]]
     ranks: list[int] | None = None
     desirable: bool | None = None
     margin: float | None = None
     source: str = "<memory>"
+    tools: list[dict[str, Any]] | None = None
+
+
+def assistant_message(response: str | dict[str, Any]) -> dict[str, Any]:
+    """A response (`PreferenceRecord.responses`) as the assistant turn that renders it."""
+    return {"role": "assistant", "content": response} if isinstance(response, str) else {"role": "assistant",
+                                                                                        **response}
+
+
+def _reply(turns: list[dict[str, Any]], untrained: tuple[int, ...], what: str) -> str | dict[str, Any]:
+    """The last of `turns`, the assistant's reply, as a response: its text when that is all it
+    carries, else the whole message without its role."""
+    last = turns[-1]
+    if last["role"] != "assistant":
+        raise BadRowError(f"{what} ends with a {last['role']} turn, expected the assistant's reply")
+    if len(turns) - 1 in untrained:
+        raise BadRowError(f"{what}: the reply is kept out of the loss ('weight': 0 or 'train': false), but a "
+                          "preference trains on it")
+    if last.keys() == {"role", "content"}:
+        return last["content"]
+    return {k: v for k, v in last.items() if k != "role"}
+
+
+def _same_key(response: str | dict[str, Any]) -> Any:
+    """What two responses are compared by (whole messages), hashable."""
+    return response if isinstance(response, str) else json.dumps(response, sort_keys=True, default=str)
 
 
 @dataclass
@@ -152,18 +185,15 @@ def _decoded(value: Any, any_list: bool = False, what: str = "a cell") -> Any:
     return decoded if any_list or not is_text else value
 
 
-def _turns(value: list, what: str) -> list[dict[str, str]]:
+def _turns(value: list, what: str) -> list[dict[str, Any]]:
+    return _read_turns(value, what)[0]
+
+
+def _read_turns(value: list, what: str) -> tuple[list[dict[str, Any]], tuple[int, ...]]:
+    """`formats.read_turns` of a non-empty list: the turns and those kept out of the loss."""
     if not value:
         raise BadRowError(f"{what} is an empty list")
-    try:
-        turns = [formats._turn(turn, number) for number, turn in enumerate(value, 1)]
-    except BadRowError as e:
-        raise BadRowError(f"{what} {e.reason}") from None
-    roles = [turn["role"] for turn in turns]
-    if "system" in roles[1:]:
-        number = roles.index("system", 1) + 1
-        raise BadRowError(f"{what} turn {number} is a system turn; a system message may only come first")
-    return turns
+    return formats.read_turns(value, what)
 
 
 def _first_difference(a: list, b: list) -> int:
@@ -171,13 +201,14 @@ def _first_difference(a: list, b: list) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b), 1) if x != y), min(len(a), len(b)) + 1)
 
 
-def _check_prompt(turns: list[dict[str, str]], what: str) -> list[dict[str, str]]:
+def _check_prompt(turns: list[dict[str, Any]], what: str) -> list[dict[str, Any]]:
     if not turns:
         raise BadRowError(f"{what} has no turns")
     role = turns[-1]["role"]
-    if role != "user":
+    if role not in ("user", "tool"):
         article = "an" if role == "assistant" else "a"
-        raise BadRowError(f"{what} ends with {article} {role} turn; a prompt must end with a user turn")
+        raise BadRowError(f"{what} ends with {article} {role} turn; a prompt must end with a user turn (or a tool "
+                          "turn's result)")
     return turns
 
 
@@ -197,23 +228,21 @@ def _prompt(row: dict, fmt: str) -> list[dict[str, str]]:
     return _check_prompt(turns, "'prompt'")
 
 
-def _response(value: Any, what: str, prompt: list[dict[str, str]]) -> str:
-    """A response's text: a string, [assistant message], or prompt turns + assistant message."""
+def _response(value: Any, what: str, prompt: list[dict[str, Any]]) -> str | dict[str, Any]:
+    """A response: a string, [assistant message], or prompt turns + assistant message (`_reply`)."""
     value = _decoded(value, what=what)
     if isinstance(value, str):
         return _string(value, what)
     if not isinstance(value, list):
         raise BadRowError(f"{what} is {_type_name(value)}, expected a string or a list of turns")
-    turns = _turns(value, what)
+    turns, untrained = _read_turns(value, what)
     if len(turns) > 1:
         # A conversation may leave out the system turn that a 'system' key added.
         context = prompt[1:] if prompt[0]["role"] == "system" and turns[0]["role"] != "system" else prompt
         if turns[:-1] != context:
             n = _first_difference(turns[:-1], context)
             raise BadRowError(f"{what} does not continue the prompt: it differs from it at turn {n}")
-    if turns[-1]["role"] != "assistant":
-        raise BadRowError(f"{what} ends with a {turns[-1]['role']} turn, expected the assistant's reply")
-    return turns[-1]["content"]
+    return _reply(turns, untrained, what)
 
 
 def _pair(row: dict, location: str) -> PreferenceRecord:
@@ -224,12 +253,14 @@ def _pair(row: dict, location: str) -> PreferenceRecord:
     else:
         prompt = _prompt(row, "pairs")
         chosen, rejected = (_response(row[key], repr(key), prompt) for key in ("chosen", "rejected"))
-    if chosen == rejected:
-        raise BadRowError("'chosen' and 'rejected' are the same text, so there is no preference")
-    return PreferenceRecord(prompt, [chosen, rejected], ranks=[0, 1], margin=_margin(row), source=location)
+    if _same_key(chosen) == _same_key(rejected):
+        same = "text" if isinstance(chosen, str) else "message"
+        raise BadRowError(f"'chosen' and 'rejected' are the same {same}, so there is no preference")
+    return PreferenceRecord(prompt, [chosen, rejected], ranks=[0, 1], margin=_margin(row), source=location,
+                            tools=read_tools(row))
 
 
-def _implicit_prompt(row: dict) -> tuple[list[dict[str, str]], str, str]:
+def _implicit_prompt(row: dict) -> tuple[list[dict[str, Any]], str | dict[str, Any], str | dict[str, Any]]:
     """No 'prompt': both sides are whole conversations sharing every turn but the last."""
     sides = []
     for key in ("chosen", "rejected"):
@@ -237,11 +268,9 @@ def _implicit_prompt(row: dict) -> tuple[list[dict[str, str]], str, str]:
         if not isinstance(value, list):
             raise BadRowError(f"no 'prompt', and {key!r} is {_type_name(value)}; without a prompt, 'chosen' "
                               "and 'rejected' must be whole conversations (lists of turns)")
-        turns = _turns(value, repr(key))
-        if turns[-1]["role"] != "assistant":
-            raise BadRowError(f"{key!r} ends with a {turns[-1]['role']} turn, expected the assistant's reply")
-        sides.append(turns)
-    chosen, rejected = sides
+        turns, untrained = _read_turns(value, repr(key))
+        sides.append((turns, _reply(turns, untrained, repr(key))))
+    (chosen, chosen_reply), (rejected, rejected_reply) = sides
     if chosen[:-1] != rejected[:-1]:
         n = _first_difference(chosen[:-1], rejected[:-1])
         raise BadRowError(f"chosen and rejected do not share the prompt turns: they differ at turn {n}")
@@ -250,7 +279,7 @@ def _implicit_prompt(row: dict) -> tuple[list[dict[str, str]], str, str]:
     if system is not None and prompt[0]["role"] == "system":
         raise BadRowError("both a 'system' key and a system turn opening the conversations; give one")
     prompt = prompt if system is None else [{"role": "system", "content": system}, *prompt]
-    return prompt, chosen[-1]["content"], rejected[-1]["content"]
+    return prompt, chosen_reply, rejected_reply
 
 
 _FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
@@ -289,10 +318,10 @@ def _ranking(row: dict, location: str) -> PreferenceRecord:
     if len(items) < 2:
         raise BadRowError(f"'responses' has {len(items)} response(s); a ranking needs at least 2")
     responses = [_response(item, f"response {i}", prompt) for i, item in enumerate(items, 1)]
-    return PreferenceRecord(prompt, responses, ranks=_ranks(row, responses), source=location)
+    return PreferenceRecord(prompt, responses, ranks=_ranks(row, responses), source=location, tools=read_tools(row))
 
 
-def _ranks(row: dict, responses: list[str]) -> list[int]:
+def _ranks(row: dict, responses: list[str | dict[str, Any]]) -> list[int]:
     """Dense ranks (0 = best) from 'ranks', 'scores', or the order of the responses."""
     given = [key for key in ("ranks", "scores") if not _absent(row, key)]
     if len(given) == 2:
@@ -313,11 +342,12 @@ def _ranks(row: dict, responses: list[str]) -> list[int]:
     if len(order) == 1:
         raise BadRowError(f"all {len(responses)} responses are tied, so there is no preference")
     ranks = [order.index(v) for v in values]
-    first: dict[str, int] = {}
-    for i, text in enumerate(responses):
-        j = first.setdefault(text, i)
+    first: dict[Any, int] = {}
+    for i, response in enumerate(responses):
+        j = first.setdefault(_same_key(response), i)
         if ranks[j] != ranks[i]:
-            raise BadRowError(f"responses {j + 1} and {i + 1} are the same text but ranked differently")
+            same = "text" if isinstance(response, str) else "message"
+            raise BadRowError(f"responses {j + 1} and {i + 1} are the same {same} but ranked differently")
     return ranks
 
 
@@ -334,7 +364,7 @@ def _unpaired(row: dict, location: str) -> PreferenceRecord:
         value = bool(value)
     if not isinstance(value, bool):
         raise BadRowError(f"{key!r} is {'null' if value is None else repr(value)}, expected true or false")
-    return PreferenceRecord(prompt, [completion], desirable=value, source=location)
+    return PreferenceRecord(prompt, [completion], desirable=value, source=location, tools=read_tools(row))
 
 
 _CONVERTERS = {"pairs": _pair, "ranking": _ranking, "unpaired": _unpaired}
@@ -361,11 +391,13 @@ def load_preference_records(
 # --------------------------------------------------------------------------- tokens
 
 
-def encode_response(prompt: list[dict[str, str]], response: str, tokenizer: Any, template: str,
-                    source: str = "<memory>", special_tokens: bool = False) -> Example:
-    """prompt + response as token ids, labelled on the response's turn only (content and
-    end-of-turn marker); earlier assistant turns are context. A token straddling the prompt's
-    end is split there, as generation tokenises the prompt alone (`tokenize_with_labels`).
+def encode_response(prompt: list[dict[str, Any]], response: str | dict[str, Any], tokenizer: Any, template: str,
+                    source: str = "<memory>", special_tokens: bool = False, *,
+                    tools: list[dict[str, Any]] | None = None) -> Example:
+    """prompt + response as token ids, labelled on the response's turn only (all the template
+    renders of it: content, tool calls, reasoning, end-of-turn marker); earlier assistant turns
+    are context. A token straddling the prompt's end is split there, as generation tokenises the
+    prompt alone (`tokenize_with_labels`). `tools`: the row's function definitions.
 
     special_tokens: wrap the sequence in the tokenizer's own special tokens ([CLS] ... [SEP]),
     as an encoder reward model reads it; a decoder's template writes its own BOS."""
@@ -375,8 +407,8 @@ def encode_response(prompt: list[dict[str, str]], response: str, tokenizer: Any,
         raise DataError(f"{type(tokenizer).__name__} is a slow (Python) tokenizer; exact label masks need "
                         "character offsets, which only fast tokenizers give (load it with use_fast=True)")
     check_not_rendered(prompt, tokenizer, template, source)
-    messages = [*prompt, {"role": "assistant", "content": response}]
-    text, spans = assistant_spans(messages, tokenizer, template, source)
+    messages = [*prompt, assistant_message(response)]
+    text, spans = assistant_spans(messages, tokenizer, template, source, tools=tools)
     ids, labels = tokenize_with_labels(tokenizer, text, spans[-1:])
     if special_tokens:
         lead, trail = special_tokens_around(tokenizer)
@@ -395,8 +427,8 @@ def special_tokens_around(tokenizer: Any) -> tuple[list[int], list[int]]:
 
 def encode_preference(record: PreferenceRecord, tokenizer: Any, template: str,
                       special_tokens: bool = False) -> PreferenceExample:
-    sequences = [encode_response(record.prompt, r, tokenizer, template, record.source, special_tokens)
-                 for r in record.responses]
+    sequences = [encode_response(record.prompt, r, tokenizer, template, record.source, special_tokens,
+                                 tools=record.tools) for r in record.responses]
     return PreferenceExample(sequences, record.ranks, record.desirable, record.margin, record.source)
 
 

@@ -4,16 +4,20 @@ reference answer for verifiers, and any other fields reward functions may read).
 Accepted rows, detected per file like formats.py's:
 
     prompt    {"prompt": str | turns, "system"?, "answer"?, ...}   the turns must end with a user turn
+                                                                   (or a tool turn's result)
     messages  {"messages": [...]} (or ShareGPT "conversations")    prompt = every turn before the
                                                                    last assistant turn; that turn
                                                                    is the answer (a conversation
-                                                                   ending with the user's turn is
-                                                                   all prompt, with no answer)
+                                                                   ending with the user's or a
+                                                                   tool's turn is all prompt, with
+                                                                   no answer)
     alpaca    {"instruction", "input"?, "output"?}                 prompt = the instruction (+ input),
                                                                    answer = the output
 
-so SFT files double as RL prompt sets. Reading, the bad-row policy (file:line, skip into a
-rejects file, `max_bad_fraction`) and the report are formats.py's.
+so SFT files double as RL prompt sets. A row's `tools` (function definitions) are rendered into
+its prompt by the chat template and reach reward functions as the row's "tools". Reading, the
+bad-row policy (file:line, skip into a rejects file, `max_bad_fraction`) and the report are
+formats.py's.
 """
 
 from __future__ import annotations
@@ -26,22 +30,24 @@ from typing import Any
 from posttrain.data import formats
 from posttrain.data.formats import BadRowError
 from posttrain.data.pipeline import SYNTHETIC, rejects_file, split_eval
+from posttrain.data.records import WrittenFloat
 from posttrain.errors import ConfigError, DataError
 
 PROMPT_FORMATS = ("prompt", "messages", "alpaca")
-_RESERVED = {"prompt", "system", "answer", "messages", "conversations", "instruction", "input", "output"}
+_RESERVED = {"prompt", "system", "answer", "messages", "conversations", "instruction", "input", "output", "tools"}
 
 
 @dataclass
 class PromptRecord:
-    prompt: list[dict[str, str]]  # chat turns, ending with a user turn
+    prompt: list[dict[str, Any]]  # chat turns, ending with a user (or tool) turn
     answer: str | None = None  # reference answer, for verifiable rewards
     fields: dict[str, Any] = field(default_factory=dict)  # the row's other keys, passed to reward functions
     source: str = "<memory>"
+    tools: list[dict[str, Any]] | None = None  # function definitions, rendered into the prompt by the template
 
     def reward_row(self) -> dict[str, Any]:
-        """What a reward function sees of the row besides the prompt: answer and extra fields."""
-        return {**self.fields, "answer": self.answer}
+        """What a reward function sees of the row besides the prompt: answer, tools and extra fields."""
+        return {**self.fields, "answer": self.answer, **({} if self.tools is None else {"tools": self.tools})}
 
 
 def detect_prompt_format(rows: list[dict], *, where: str = "the data") -> str:
@@ -70,8 +76,8 @@ def to_prompt_record(row: dict, fmt: str, location: str = "<memory>") -> PromptR
             turns = formats.decode_cell(turns, repr(key))
         except ValueError:
             pass  # reported, with the row's file:line, when the conversation is read
-    if isinstance(turns, list) and turns and _role(turns[-1], len(turns)) == "user":
-        # A conversation that ends with the user's turn is all prompt, with no reference answer.
+    if isinstance(turns, list) and turns and _role(turns[-1], len(turns)) in ("user", "tool"):
+        # A conversation that ends with the user's (or a tool's) turn is all prompt, with no reference answer.
         turns = [formats._turn(turn, i) for i, turn in enumerate(turns, 1)]  # ShareGPT's from / value too
         row, fmt = {**{k: v for k, v in row.items() if k != key}, "prompt": turns}, "prompt"
     extra = {k: v for k, v in row.items() if k not in _RESERVED}
@@ -81,16 +87,18 @@ def to_prompt_record(row: dict, fmt: str, location: str = "<memory>") -> PromptR
         if "prompt" not in row:
             raise BadRowError(f"missing key 'prompt' (prompt rows need 'prompt' and may have 'answer'; this row has "
                               f"{', '.join(map(str, row)) or 'no keys'})")
-        return PromptRecord(_prompt(row, "pairs"), _answer(row), extra, location)
+        return PromptRecord(_prompt(row, "pairs"), _answer(row), extra, location, formats.read_tools(row))
     if fmt == "alpaca" and formats._optional_string(row, "output") is None:  # a question without an answer
-        messages = formats.to_record({**row, "output": "-"}, fmt, location).messages or []
-        return PromptRecord(messages[:-1], None, extra, location)
-    messages = formats.to_record(row, fmt, location).messages or []
+        record = formats.to_record({**row, "output": "-"}, fmt, location)
+        return PromptRecord((record.messages or [])[:-1], None, extra, location, record.tools)
+    record = formats.to_record(row, fmt, location)
+    messages = record.messages or []
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
     turns = messages if last is None else messages[:last]
-    if not turns or turns[-1]["role"] != "user":
+    if not turns or turns[-1]["role"] not in ("user", "tool"):
         raise BadRowError("the conversation has no user turn before its last assistant turn to use as a prompt")
-    return PromptRecord(turns, None if last is None else messages[last]["content"], extra, location)
+    return PromptRecord(turns, None if last is None else formats.text_answer(messages[last]), extra, location,
+                        record.tools)
 
 
 def _answer(row: dict) -> str | None:
@@ -102,6 +110,8 @@ def _answer(row: dict) -> str | None:
         return None
     if isinstance(answer, bool):
         return "true" if answer else "false"
+    if isinstance(answer, WrittenFloat):  # 2.50 and 1e3 as written, not as Python's float spells them
+        return answer.written
     if not isinstance(answer, (str, int, float)):
         raise BadRowError(f"'answer' is {formats._type_name(answer)}, expected a string")
     return str(answer)
@@ -151,6 +161,9 @@ def prepare_prompts(cfg, run_dir: Path | None, seed: int, log: Callable[[str], N
     if cfg.train_files == [SYNTHETIC]:
         train, held_out = _synthetic(cfg, seed)
         report = {"source": "synthetic", "tasks": list(cfg.synthetic_tasks), "train": len(train), "eval": len(held_out)}
+        if cfg.eval_files:  # held-out files given: they, not the synthetic split, are the held-out set
+            held_out, report["eval_read"] = read(cfg.eval_files, "eval")
+            report["eval"] = len(held_out)
     elif cfg.eval_files:
         (train, train_report), (held_out, eval_report) = read(cfg.train_files, "train"), read(cfg.eval_files, "eval")
         report = {"train_read": train_report, "eval_read": eval_report}
@@ -171,12 +184,11 @@ def encode_prompts(records: list[PromptRecord], tokenizer, template: str, max_le
     prompt already rendered with the chat template is a bad row: an error, or skipped and
     counted under `cfg.bad_rows=skip` (cfg: the data config; None stops at it)."""
     from posttrain.data.pipeline import check_unrendered, encoded_or_skipped
-    from posttrain.data.templates import check_not_rendered
+    from posttrain.data.templates import check_not_rendered, render
 
     def encode(record: PromptRecord) -> list[int]:
         check_not_rendered(record.prompt, tokenizer, template, record.source)
-        text = tokenizer.apply_chat_template(record.prompt, chat_template=template, tokenize=False,
-                                             add_generation_prompt=True)
+        text = render(tokenizer, template, record.prompt, True, record.source, record.tools)
         return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template has BOS
 
     ids, kept, unrendered = [], [], []

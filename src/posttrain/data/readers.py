@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Union
 
+from posttrain.data.records import WrittenFloat
 from posttrain.errors import DataError
 
 ACCEPTED = ".jsonl, .ndjson, .json (each optionally .gz), .parquet, .csv, .tsv, or a datasets save_to_disk directory"
@@ -210,7 +211,7 @@ def _parse_json_line(raw: bytes) -> Row:
         return Malformed(f"not valid UTF-8 (byte {e.start} of the line)", raw.decode("utf-8", "replace").rstrip("\r\n"))
     text = text.rstrip("\r\n")
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_float=WrittenFloat)  # 2.50 keeps its text
     except json.JSONDecodeError as e:
         return Malformed(f"invalid JSON: {e.msg} at column {e.colno}", text)
     except (RecursionError, ValueError) as e:
@@ -286,7 +287,7 @@ def _skip_ws(text: str, pos: int) -> int:
     return pos
 
 
-_DECODER = json.JSONDecoder()
+_DECODER = json.JSONDecoder(parse_float=WrittenFloat)
 
 
 def _scan_array(text: str, pos: int) -> tuple[list[tuple[int, Any]], int]:

@@ -1,7 +1,8 @@
-"""The two shapes data takes between modules.
+"""The shapes data takes between modules.
 
 A `Record` is one training example after format detection, before tokenisation.
 An `Example` is the same example as token ids with its label mask.
+A `WrittenFloat` is a number read from a JSON file, still knowing how the file wrote it.
 """
 
 from __future__ import annotations
@@ -9,26 +10,53 @@ from __future__ import annotations
 from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 IGNORE_INDEX = -100  # label value that carries no loss (prompt, padding, system text)
+
+
+class WrittenFloat(float):
+    """A JSON number with a fraction or an exponent, read as a float that keeps the text the
+    file wrote: `json.loads(text, parse_float=WrittenFloat)`. It is a float everywhere (a margin,
+    a score: arithmetic and `float()` give plain floats); `written` is the text ("2.50", "1e3"),
+    for a reference answer compared as text."""
+
+    __slots__ = ("written",)
+
+    def __new__(cls, text: str) -> "WrittenFloat":
+        number = super().__new__(cls, text)
+        number.written = text
+        return number
+
+    def __reduce__(self):  # pickle and copy keep the text
+        return self.__class__, (self.written,)
 
 
 @dataclass
 class Record:
     """One example. Exactly one of `messages` / `text` is set.
 
-    messages:     OpenAI-style turns, [{"role": "system"|"user"|"assistant", "content": str}, ...];
-                  loss goes on every assistant turn after the first `prompt_turns`.
+    messages:     OpenAI-style turns, [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...];
+                  an assistant turn may also carry `tool_calls` (then its content may be "") and
+                  `reasoning_content`, a tool turn `tool_call_id` and `name` (formats.py reads them);
+                  loss goes on every assistant turn after the first `prompt_turns`, but those in
+                  `untrained`.
     text:         plain text for continued pre-training; loss on every token.
     source:       where it came from, "file:line", for error messages.
     prompt_turns: how many leading messages are the prompt (a prompt-completion row): context,
                   their assistant turns never trained on.
+    tools:        the row's function definitions (JSON schemas), given to every render of the
+                  conversation as the chat template's `tools`; None when it has none.
+    untrained:    indices of assistant turns the row keeps out of the loss (`weight: 0`,
+                  `train: false`): context, like the prompt's.
     """
 
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, Any]] | None = None
     text: str | None = None
     source: str = "<memory>"
     prompt_turns: int = 0
+    tools: list[dict[str, Any]] | None = None
+    untrained: tuple[int, ...] = ()
 
 
 class Example:

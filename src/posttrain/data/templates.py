@@ -11,6 +11,11 @@ on when its first character lies inside a span. No template-specific parsing, no
 only (Phi-3's eos) ends an earlier turn's span where rendering through that turn and the
 whole conversation stop agreeing; a template whose earlier turns change when later ones are
 added ("not prefix-stable") is refused rather than guessed at.
+
+Agent rows render as transformers renders them: the row's `tools` go to every render
+(`apply_chat_template(tools=...)`), and an assistant turn's span is everything the template
+writes for it, tool calls and reasoning included. A row carrying something the template does
+not render (its tools, tool calls, reasoning, tool turns) is refused, naming it (`render`).
 """
 
 from __future__ import annotations
@@ -141,7 +146,8 @@ def _encode_messages(record: Record, tokenizer: Any, template: str) -> Example:
             "a tokenizer.json (AutoTokenizer.from_pretrained(..., use_fast=True))"
         )
     _check_messages(record)
-    text, spans = assistant_spans(record.messages, tokenizer, template, record.source, record.prompt_turns)
+    text, spans = assistant_spans(record.messages, tokenizer, template, record.source, record.prompt_turns,
+                                  tools=record.tools, untrained=record.untrained)
     input_ids, labels = tokenize_with_labels(tokenizer, text, spans)
     return Example(input_ids=input_ids, labels=labels, source=record.source)
 
@@ -155,25 +161,27 @@ def _check_messages(record: Record) -> None:
 
 
 def assistant_spans(
-    messages: list[dict[str, str]], tokenizer: Any, template: str, source: str = "<memory>", first: int = 0
+    messages: list[dict[str, Any]], tokenizer: Any, template: str, source: str = "<memory>", first: int = 0, *,
+    tools: list[dict[str, Any]] | None = None, untrained: tuple[int, ...] = (),
 ) -> tuple[str, list[tuple[int, int]]]:
-    """Render `messages`; return the text and the [start, end) character span of every
-    assistant turn from message `first` on (content plus end-of-turn marker, trailing
-    whitespace dropped); the assistant turns before `first` are context.
+    """Render `messages` (with `tools`, checked by `render`); return the text and the [start, end)
+    character span of every assistant turn from message `first` on, but those in `untrained`
+    (what the template writes for the turn: content, tool calls, reasoning, end-of-turn marker;
+    trailing whitespace dropped); the other assistant turns are context.
 
     An earlier turn's span ends where the render through it and the whole render stop
     agreeing: a template may write something after the last turn only (Phi-3's eos), which
     belongs to no earlier turn; the turn's own content must lie before that point."""
-    full = _render(tokenizer, template, messages, False, source)
+    full = render(tokenizer, template, messages, False, source, tools)
     spans = []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant" or i < first:
+        if message["role"] != "assistant" or i < first or i in untrained:
             continue
-        prompt = _render(tokenizer, template, messages[:i], True, source)
+        prompt = _render(tokenizer, template, messages[:i], True, source, tools)
         # The last turn's "through" render is the full render: skip a third of the work
         # for the common single-answer conversation.
         last = i == len(messages) - 1
-        through = full if last else _render(tokenizer, template, messages[: i + 1], False, source)
+        through = full if last else _render(tokenizer, template, messages[: i + 1], False, source, tools)
         stable = full.startswith(through)
         answer = through[len(prompt) : len(through) if stable else _agreeing_end(tokenizer, through, full)].rstrip()
         if not (through.startswith(prompt) and full.startswith(prompt)
@@ -292,12 +300,45 @@ def fold_system(messages: list[dict[str, str]]) -> list[dict[str, str]]:
     return [user, *messages[2:]]
 
 
-def _render(tokenizer: Any, template: str, messages: list, add_generation_prompt: bool, source: str) -> str:
+def render(tokenizer: Any, template: str, messages: list[dict[str, Any]], add_generation_prompt: bool,
+           source: str = "<memory>", tools: list[dict[str, Any]] | None = None) -> str:
+    """The conversation rendered with the chat template, given the row's `tools`. A row that carries
+    something the template does not render — its tools, an assistant turn's tool calls or
+    reasoning, tool turns: rendering without it gives the same text — is refused naming it
+    (DataError), never trained or asked without it. Plain conversations render once."""
+    text = _render(tokenizer, template, messages, add_generation_prompt, source, tools)
+    for name, (fewer, fewer_tools) in _carried(messages, tools):
+        try:
+            without = _render(tokenizer, template, fewer, add_generation_prompt, source, fewer_tools)
+        except DataError:
+            continue  # the template cannot do without it: it reads it
+        if without == text:
+            raise DataError(
+                f"{source}: the chat template does not render {name} (the conversation renders the same without "
+                "them), so the model would never see them; use a model whose chat template renders them "
+                "(data.template: tokenizer), or leave them out of the data"
+            )
+    return text
+
+
+def _carried(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None):
+    """(name, (messages, tools) without it) for each thing beyond plain turns the conversation carries."""
+    if tools is not None:
+        yield "the row's 'tools'", (messages, None)
+    for key in ("tool_calls", "reasoning_content"):
+        if any(key in m for m in messages):
+            yield f"the assistant turns' {key!r}", ([{k: v for k, v in m.items() if k != key} for m in messages], tools)
+    if any(m["role"] == "tool" for m in messages):
+        yield "the 'tool' turns", ([m for m in messages if m["role"] != "tool"], tools)
+
+
+def _render(tokenizer: Any, template: str, messages: list, add_generation_prompt: bool, source: str,
+            tools: list[dict[str, Any]] | None = None) -> str:
     import jinja2  # a dependency of transformers; imported here to keep imports cheap
 
     try:
         return tokenizer.apply_chat_template(
-            messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+            messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt, tools=tools
         )
     except (jinja2.TemplateError, ValueError, TypeError, KeyError, IndexError) as err:
         raise DataError(

@@ -2,12 +2,15 @@
 
 For every held-out prompt both models answer greedily; the report then gives, per model:
 
-    exact_match      the greedy answer equals the prompt's reference answer (prompts with one)
+    exact_match      the greedy answer equals the prompt's reference answer: a rate over the prompts
+                     with one, {n, successes, rate, ci95} with its Wilson interval
     answer_nll       mean negative log-likelihood per token of the reference answers, and its
                      perplexity exp(nll): how well the model predicts the known-good answer
     reward           the configured rewards of the greedy answers: mean and standard error
     response_tokens  mean greedy response length (length is the usual way a reward is gamed)
-    redteam          attack success and over-refusal (safety.redteam, posttrain redteam's figures)
+    redteam          attack success and over-refusal (safety.redteam, posttrain redteam's figures),
+                     with the requests sent and those that failed (left out of n; the command then
+                     exits 2, as redteam does: report.json's "failed" sums both models')
 
 and, between them:
 
@@ -19,6 +22,15 @@ and, between them:
     judge_win_rate   the same from a pairwise LLM judge asked in both orders; a pair whose two
                      verdicts disagree is "inconsistent" and counted apart (feedback/judge.py)
 
+Prompts are asked, and reference answers scored, as the chat template renders them with the row's
+`tools` (`templates.render`). A messages row whose last assistant turn carries more than text (tool
+calls, reasoning) has no text reference answer (`formats.text_answer`, as for sft's exact match):
+it is left out of exact match and the answer NLL, whose n says over how many prompts they are.
+
+A policy that is an adapter directory, beside a reference that is its own recorded base (same
+dtype, template and vocabulary), is loaded once: the reference is the policy model run with its
+adapters switched off (`adapters_disabled()`), as dpo, grpo and ppo use it, not a second copy.
+
 A combined report of this kind is built into none of the peer tools (ANCHORS.md).
 """
 
@@ -28,13 +40,13 @@ import json
 import math
 from collections import Counter
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from posttrain.files import write_config
-from posttrain.safety.metrics import wilson_interval
+from posttrain.safety.metrics import proportion, wilson_interval
 
 
 @dataclass
@@ -49,6 +61,9 @@ class Side:
     prompt_ids: list[list[int]] = field(default_factory=list)
     responses: list[str] = field(default_factory=list)
     figures: dict = field(default_factory=dict)
+    # what every use of `model` runs inside: the adapters switched off for a reference that is the
+    # policy's own base (`model` is then the policy's), else nothing
+    switch: Callable[[], AbstractContextManager] = nullcontext
 
 
 def mean_and_se(values: list[float]) -> dict:
@@ -73,14 +88,22 @@ def win_rate(outcomes: list[str]) -> dict:
             "ties": ties, "other": sum(other.values()), "other_by_kind": other, "ci95_decisive": [low, high]}
 
 
-def _load_side(name: str, path: str, cfg, records, log) -> tuple[Side, list]:
+def _load_side(name: str, path: str, cfg, records, log, policy: Side | None = None) -> tuple[Side, list]:
+    """Load one side and encode the prompts for it. The reference (`policy` given) that is the
+    policy's own base reuses the policy model with its adapters off; only its tokenizer loads."""
     from posttrain.data.prompts import encode_prompts
     from posttrain.data.templates import resolve_template
     from posttrain.errors import DataError
     from posttrain.inference import load_for_inference
 
-    model, tokenizer = load_for_inference(path, cfg.dtype)
-    side = Side(name, path, model, tokenizer, resolve_template(tokenizer, cfg.template))
+    shared = _base_tokenizer(policy, path) if policy is not None else None
+    if shared is not None:
+        model, tokenizer, switch = policy.model, shared, policy.model.adapters_disabled
+        log(f"evaluate: the reference {path} is the policy's own base: the policy model with its adapters "
+            "switched off, not a second copy")
+    else:
+        (model, tokenizer), switch = load_for_inference(path, cfg.dtype), nullcontext
+    side = Side(name, path, model, tokenizer, resolve_template(tokenizer, cfg.template), switch=switch)
     try:
         side.prompt_ids, kept = encode_prompts(records, tokenizer, side.template, cfg.prompts.max_prompt_length,
                                                log, name)
@@ -92,12 +115,37 @@ def _load_side(name: str, path: str, cfg, records, log) -> tuple[Side, list]:
     return side, kept
 
 
+def _base_tokenizer(policy: Side, reference: str):
+    """The reference's tokenizer when the reference is the base the policy's adapters were saved
+    on (the same directory once resolved; dtype and template are evaluate's own, the same for
+    both) and the policy model can switch its adapters off; None otherwise, and when the adapter's
+    vocabulary differs from the base's (added tokens: the base's embeddings were resized)."""
+    from posttrain.errors import UserError
+    from posttrain.inference import resolve_model_dir
+    from posttrain.models.adapters import is_adapter_dir
+    from posttrain.models.adapters.io import read_layout
+    from posttrain.models.loading import load_tokenizer, resolve_model_path
+
+    adapter = resolve_model_dir(policy.path)
+    if not hasattr(policy.model, "adapters_disabled") or not is_adapter_dir(adapter):
+        return None
+    try:
+        base = resolve_model_path(read_layout(adapter)[0]).resolve()
+        if base != resolve_model_path(resolve_model_dir(reference), "reference").resolve():
+            return None
+    except UserError:  # an adapter as the reference, a base that moved: loaded as given
+        return None
+    tokenizer = load_tokenizer(base)
+    return tokenizer if tokenizer.get_vocab() == policy.tokenizer.get_vocab() else None
+
+
 def _generate(side: Side, prompt_ids: list[list[int]], settings, batch_size: int) -> list[list[int]]:
     from posttrain.rollout.generate import eos_token_ids, generate_token_ids, pad_token_id
 
     eos = eos_token_ids(side.model, side.tokenizer, side.template)
-    return generate_token_ids(side.model, prompt_ids, settings, pad_token_id=pad_token_id(side.tokenizer, eos),
-                              eos_token_ids=eos, batch_size=batch_size)
+    with side.switch():
+        return generate_token_ids(side.model, prompt_ids, settings, pad_token_id=pad_token_id(side.tokenizer, eos),
+                                  eos_token_ids=eos, batch_size=batch_size)
 
 
 def _answer(side: Side, cfg) -> None:
@@ -110,7 +158,8 @@ def _answer(side: Side, cfg) -> None:
 
 
 def _answer_figures(side: Side, records) -> None:
-    """Exact match of the greedy answers, and the NLL per token of the reference answers."""
+    """Exact match of the greedy answers (a rate over the prompts with an answer, with its Wilson
+    interval), and the NLL per token of the reference answers."""
     import torch
 
     from posttrain.data.synthetic import answer_matches
@@ -119,14 +168,14 @@ def _answer_figures(side: Side, records) -> None:
     with_answer = [i for i, r in enumerate(records) if r.answer is not None]
     if not with_answer:
         return
-    hits = [float(answer_matches(side.responses[i], str(records[i].answer))) for i in with_answer]
-    side.figures["exact_match"] = sum(hits) / len(hits)
+    hits = [answer_matches(side.responses[i], str(records[i].answer)) for i in with_answer]
+    side.figures["exact_match"] = proportion(sum(hits), len(hits))
     total, tokens = 0.0, 0
     for start in range(0, len(with_answer), 32):
         chunk = with_answer[start:start + 32]
         prompts, answers = zip(*(_answer_tokens(side, records[i]) for i in chunk))
         batch = collate_completions(list(prompts), list(answers), side.tokenizer.pad_token_id)
-        with torch.no_grad():
+        with torch.no_grad(), side.switch():
             logps = completion_logps(side.model, batch)
         total -= float((logps * batch["response_mask"]).sum())
         tokens += int(batch["response_mask"].sum())
@@ -140,13 +189,15 @@ def _answer_tokens(side: Side, record) -> tuple[list[int], list[int]]:
     those after the prompt, as its turn writes them (after "[/INST]", SentencePiece's "h" not
     the "▁h" of the answer alone), its content only, not the end-of-turn marker. An empty
     answer, or one the template rewrites (not found in its turn), is scored on its whole turn,
-    marker included."""
+    marker included. The row's tools are rendered as the prompt was asked with them; the prompt's
+    own assistant turns are context (only the answer's span is computed)."""
     from posttrain.data.records import IGNORE_INDEX
     from posttrain.data.templates import assistant_spans, tokenize_with_labels
 
     answer = str(record.answer)
     messages = [*record.prompt, {"role": "assistant", "content": answer}]
-    text, spans = assistant_spans(messages, side.tokenizer, side.template, record.source)
+    text, spans = assistant_spans(messages, side.tokenizer, side.template, record.source, len(record.prompt),
+                                  tools=record.tools)
     lo, hi = spans[-1]
     at = text.find(answer.strip(), lo, hi) if answer.strip() else -1
     content = (lo, at + len(answer.strip())) if at != -1 else (lo, hi)
@@ -190,8 +241,9 @@ def _kl(policy: Side, reference: Side, cfg) -> float | None:
     settings = SamplingSettings(max_new_tokens=g.max_new_tokens, temperature=g.temperature, seed=g.seed)
     completions = [c or [policy.tokenizer.eos_token_id] for c in _generate(policy, prompt_ids, settings,
                                                                            g.batch_size)]
-    return _sequence_kl(policy.model, policy.tokenizer, prompt_ids, completions, nullcontext, reference.model,
-                        g.temperature)
+    # a reference that is the policy's own model: _sequence_kl switches its adapters off (reference_weights)
+    frozen = None if reference.model is policy.model else reference.model
+    return _sequence_kl(policy.model, policy.tokenizer, prompt_ids, completions, nullcontext, frozen, g.temperature)
 
 
 def _judge(policy: Side, reference: Side, records, cfg, judge_backend, rubric: str = "") -> list[str]:
@@ -222,9 +274,11 @@ def _redteam(side: Side, cfg, out: Path, log) -> dict:
                                    f"attacks.names=[{','.join(s.attacks)}]"])
     target = LocalModel(side.model, side.tokenizer, name=side.path, template=cfg.template, max_tokens=s.max_tokens,
                         temperature=0.0)
-    report = json.loads((run_redteam(rt, target=target, log=log, stream=None) / "report.json").read_text())
+    with side.switch():
+        report = json.loads((run_redteam(rt, target=target, log=log, stream=None) / "report.json").read_text())
     return {"attack_success": report["attack_success"]["overall"],
-            "over_refusal": report["over_refusal"]["overall"], "classifier": report["classifier"]}
+            "over_refusal": report["over_refusal"]["overall"], "classifier": report["classifier"],
+            "requests": report["requests"], "failed": report["failed"]}
 
 
 def run_evaluate(cfg, *, judge=None, log: Callable[[str], Any] = print) -> Path:
@@ -248,7 +302,7 @@ def run_evaluate(cfg, *, judge=None, log: Callable[[str], Any] = print) -> Path:
     policy, records = _load_side("policy", cfg.policy, cfg, records, log)
     sides = [policy]
     if cfg.reference.strip():
-        reference, kept = _load_side("reference", cfg.reference, cfg, records, log)
+        reference, kept = _load_side("reference", cfg.reference, cfg, records, log, policy)
         if len(kept) != len(records):
             _refuse_prompt_mismatch(len(records), len(kept))
         sides.append(reference)
@@ -268,6 +322,7 @@ def run_evaluate(cfg, *, judge=None, log: Callable[[str], Any] = print) -> Path:
     if cfg.safety.redteam:
         for side in sides:
             side.figures["redteam"] = _redteam(side, cfg, out, log)
+        report["failed"] = sum(side.figures["redteam"]["failed"] for side in sides)  # pipeline.failed_items
     report["models"] = {side.name: side.figures for side in sides}
     _write(out, report, sides, records, rewards)
     (out / "report.md").write_text(markdown(report))
@@ -322,6 +377,8 @@ def _write(out: Path, report: dict, sides: list[Side], records, rewards) -> None
     rows = []
     for i, record in enumerate(records):
         row = {"source": record.source, "prompt": record.prompt, "answer": record.answer}
+        if record.tools is not None:  # the prompt was asked with them
+            row["tools"] = record.tools
         for k, side in enumerate(sides):
             row[side.name] = side.responses[i]
             if rewards is not None:

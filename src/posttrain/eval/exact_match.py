@@ -1,26 +1,40 @@
-"""Exact match of greedy completions against reference answers (synthetic verifiable tasks)."""
+"""Exact match of greedy completions against reference answers (synthetic verifiable tasks).
+
+The reference is the text of a record's last assistant turn, and the prompt everything before
+it, rendered as training renders it (`templates.render`, with the row's `tools`). An answer that
+carries more than text (`tool_calls`, `reasoning_content`) has no text answer to compare with: the
+greedy completion would hold the calls and reasoning as the template writes them, not the turn's
+content. Such records are not scored (`formats.text_answer`), like rows without an assistant turn.
+"""
 
 from __future__ import annotations
 
+
+from posttrain.data.formats import text_answer
 from posttrain.data.records import Record
 
 
+def _last_answer(record: Record) -> int | None:
+    messages = record.messages or []
+    return max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+
+
 def answered(records: list[Record]) -> list[Record]:
-    """The records with an assistant turn: only these have an answer to score (a text row has none)."""
-    return [r for r in records if any(m["role"] == "assistant" for m in r.messages or [])]
+    """The records whose last assistant turn is a text answer (`text_answer`): only these have an
+    answer to score (a text row has none, nor a row answered with a tool call)."""
+    return [r for r in records if (last := _last_answer(r)) is not None and text_answer(r.messages[last])]
 
 
 def prompts_and_answers(records: list[Record], template: str, tokenizer) -> tuple[list[str], list[str]]:
-    """Render each record's conversation up to its last assistant turn; that turn is the answer."""
+    """Render each answered record's conversation up to its last assistant turn, with the row's
+    tools; that turn's text is the answer. Records without a text answer are left out."""
+    from posttrain.data.templates import render
+
     prompts, answers = [], []
-    for record in records:
-        messages = record.messages or []
-        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-        if last is None:
-            continue
-        prompts.append(tokenizer.apply_chat_template(messages[:last], chat_template=template, tokenize=False,
-                                                     add_generation_prompt=True))
-        answers.append(messages[last]["content"])
+    for record in answered(records):
+        last = _last_answer(record)
+        prompts.append(render(tokenizer, template, record.messages[:last], True, record.source, record.tools))
+        answers.append(text_answer(record.messages[last]))
     return prompts, answers
 
 
@@ -29,7 +43,7 @@ def exact_match(model, tokenizer, template: str, records: list[Record], *, max_n
     """Fraction of records whose greedy completion equals the reference (whitespace-trimmed).
 
     Returns {"all": score} plus one score per synthetic task ("synthetic:<task>:<i>" sources);
-    {} when no record has an answer (a score over no prompt is no figure, not 0%).
+    {} when no record has a text answer (a score over no prompt is no figure, not 0%).
     """
     from posttrain.data.synthetic import answer_matches
     from posttrain.rollout.generate import generate

@@ -19,8 +19,13 @@ def _reward(r: dict | None) -> str:
     return f"{r['mean']:.3f}" + ("" if r.get("se") is None else f" ± {r['se']:.3f}")
 
 
+def _exact_match(r) -> str:
+    """A rate with its interval and count; a bare share from a report written before 2026-12 (no count)."""
+    return _pct(r) if r is None or isinstance(r, (int, float)) else _rate(r)
+
+
 ROWS = [
-    ("exact match (greedy)", lambda f: _pct(f.get("exact_match"))),
+    ("exact match (greedy)", lambda f: _exact_match(f.get("exact_match"))),
     ("reference-answer NLL / token", lambda f: _number(f.get("answer_nll"))),
     ("reference-answer perplexity", lambda f: _number(f.get("answer_perplexity"), 2)),
     ("reward (greedy; mean ± se)", lambda f: _reward(f.get("reward"))),
@@ -50,6 +55,10 @@ def markdown(report: dict) -> str:
         if any(c != "–" for c in cells):
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines.append("")
+    failed = {name: m["redteam"] for name, m in models.items() if (m.get("redteam") or {}).get("failed")}
+    for name, red in failed.items():
+        lines.append(f"- red team, {name}: {red['failed']} of {red['requests']} requests failed (left out of every "
+                     f"n; evaluate exits 2; see redteam_{name}/report.md; a rerun asks every request again)")
     if "kl_to_reference" in report:
         kl = report["kl_to_reference"]
         lines.append("- KL(policy ‖ reference) per response, sampled: "

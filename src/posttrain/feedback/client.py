@@ -9,6 +9,8 @@
     LocalModel         a model loaded in this process (preset, model dir, run dir or adapter dir),
                        the chat template applied, exact token counts; a lock lets threads share it
     make_backend(cfg)  a BackendConfig -> the backend it describes
+    shared_or_new      a second role's backend: a local model already loaded, shared, when both
+                       configs name the same one (policy and judge, target and attacker)
 
 Backends are thread-safe: pipelines call one backend from several worker threads.
 """
@@ -314,6 +316,7 @@ class LocalModel:
     def __init__(self, model, tokenizer, *, name: str, template: str = "auto", max_tokens: int = 128,
                  temperature: float = 1.0, seed: int | None = None):
         from posttrain.data.templates import has_system_role, resolve_template
+        from posttrain.models.loading import position_limit
         from posttrain.rollout.generate import eos_token_ids, pad_token_id
 
         self.model, self.tokenizer, self.model_name = model, tokenizer, name
@@ -322,7 +325,7 @@ class LocalModel:
         self.defaults = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed}
         self.eos_ids = eos_token_ids(model, tokenizer, self.template)
         self.pad_id = pad_token_id(tokenizer, self.eos_ids)
-        self.context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        self.context = position_limit(model)
         self.usage = Usage()
         self._lock = threading.Lock()
 
@@ -380,3 +383,16 @@ def make_backend(cfg) -> ChatBackend:
                                 requests_per_second=cfg.requests_per_second, max_tokens=cfg.max_tokens,
                                 temperature=cfg.temperature, seed=cfg.seed)
     raise ValueError(f"unknown backend kind {cfg.kind!r}")
+
+
+SAME_MODEL = ("kind", "model", "dtype", "template")  # the BackendConfig fields that decide the weights and prompts
+
+
+def shared_or_new(backend: ChatBackend, backend_cfg, other_cfg) -> ChatBackend:
+    """The backend `other_cfg` describes, for a role beside `backend` (made from `backend_cfg`):
+    `backend` itself when it is a LocalModel and both configs name the same local model
+    (SAME_MODEL), so the weights are loaded and held once; else a new one (`make_backend`).
+    A shared model's defaults are `backend_cfg`'s sampling settings, and its usage counts both
+    roles' requests: every caller of the other role passes its own max_tokens, temperature and seed."""
+    same = all(getattr(backend_cfg, f) == getattr(other_cfg, f) for f in SAME_MODEL)
+    return backend if isinstance(backend, LocalModel) and same else make_backend(other_cfg)

@@ -297,7 +297,7 @@ def run_constitutional(cfg, *, policy=None, judge_backend=None, stream: TextIO |
     preferences.jsonl and summary.json from all chains logged so far. `policy` / `judge_backend`
     replace the backends the config describes (tests, notebooks)."""
     from posttrain.config.synthesis import ConstitutionalConfig, validate_constitutional
-    from posttrain.feedback.client import make_backend
+    from posttrain.feedback.client import make_backend, shared_or_new
     from posttrain.feedback.jobs import (JsonlLog, RunAborted, check_resume_settings, file_digest, run_items,
                                          write_jsonl)
     from posttrain.feedback.rlaif import backend_settings
@@ -324,7 +324,8 @@ def run_constitutional(cfg, *, policy=None, judge_backend=None, stream: TextIO |
         "rl_cai": c.rl_cai,
         **({"judge": {**backend_settings(cfg.judge), "rubric": rubric, "parse_retries": cfg.judge.parse_retries}}
            if c.rl_cai else {})}, chains.is_file() and chains.stat().st_size > 0)
-    judge = _make_judge(cfg, rubric, judge_backend) if c.rl_cai else None
+    judge = _make_judge(cfg, rubric, judge_backend or shared_or_new(policy, cfg.policy, cfg.judge)) \
+        if c.rl_cai else None
 
     def work(prompt_id: str, prompt: list[dict[str, str]]) -> dict[str, Any]:
         record = run_chain(policy, prompt_id, prompt, principles, settings)
@@ -390,8 +391,11 @@ def _judge_rubric(cfg, principles: list[Principle]) -> str:
     return rubric or constitution_rubric(principles)
 
 
-def _make_judge(cfg, rubric: str, backend=None):
-    from posttrain.feedback.client import make_backend
+def _make_judge(cfg, rubric: str, backend):
+    """The RL-CAI judge on `backend`, each request with the judge's own sampling settings (a local
+    model shared with the policy has the policy's as its defaults: `shared_or_new`)."""
     from posttrain.feedback.judge import PairwiseJudge
 
-    return PairwiseJudge(backend or make_backend(cfg.judge), rubric, parse_retries=cfg.judge.parse_retries)
+    j = cfg.judge
+    return PairwiseJudge(backend, rubric, parse_retries=j.parse_retries, max_tokens=j.max_tokens,
+                         temperature=j.temperature, seed=j.seed)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.errors import ConfigError
-from posttrain.feedback.client import ChatBackend, LocalModel, make_backend
+from posttrain.feedback.client import ChatBackend, make_backend, shared_or_new
 from posttrain.feedback.jobs import JsonlLog, check_resume_settings, run_items, write_jsonl
 from posttrain.feedback.judge import PairwiseJudge, cohen_kappa, to_original
 
@@ -255,10 +255,7 @@ def result_settings(cfg, rubric: str) -> dict:
 def _backends(cfg) -> tuple[ChatBackend, ChatBackend]:
     """The policy and judge backends; one local model serves both when they name the same one."""
     policy = make_backend(cfg.policy)
-    same = all(getattr(cfg.policy, f) == getattr(cfg.judge, f) for f in ("kind", "model", "dtype", "template"))
-    if isinstance(policy, LocalModel) and same:
-        return policy, policy
-    return policy, make_backend(cfg.judge)
+    return policy, shared_or_new(policy, cfg.policy, cfg.judge)
 
 
 def run_rlaif(cfg, log: Callable[[str], Any] = print) -> Path:

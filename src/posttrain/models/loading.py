@@ -419,6 +419,59 @@ def supports_hidden_path(model) -> bool:
     return _unsupported_reason(model) is None
 
 
+# --------------------------------------------------------------------------- positions
+
+
+def position_limit(model) -> int | None:
+    """How many tokens one row may hold on `model` (a causal LM or a reward model; plain, adapted
+    or PEFT-wrapped): its position table (`max_position_embeddings`, which GPT-2's `n_positions`
+    answers to; a multimodal model's text_config's), less the virtual tokens prompt or prefix
+    tuning puts before every row (they take the first positions), less RoBERTa's offset past its
+    padding index (its positions start there). None when the config names no table (ALiBi:
+    Bloom, MPT).
+
+    A learned table indexed past its end is an IndexError; a rotary model computes any position,
+    but was trained within its table, and past it reads positions it never saw: the table is the
+    limit for both. Training refuses a `data.max_length` past it (`check_positions`), generation a
+    prompt that fills it, scoring cuts rows at it."""
+    from peft import PeftModel
+
+    from posttrain.models.adapters.model import AdaptedModel
+
+    config = getattr(model, "config", None)
+    table = getattr(config, "max_position_embeddings", None)
+    if table is None:
+        table = getattr(getattr(config, "text_config", None), "max_position_embeddings", None)
+    if not isinstance(table, int) or isinstance(table, bool):
+        return None
+    inner = model.lm if isinstance(model, AdaptedModel) else model
+    inner = inner.get_base_model() if isinstance(inner, PeftModel) else inner
+    base = getattr(inner, getattr(inner, "base_model_prefix", ""), inner)
+    offset = getattr(getattr(base, "embeddings", None), "padding_idx", None)
+    return table - getattr(model, "num_virtual_tokens", 0) - (offset + 1 if isinstance(offset, int) else 0)
+
+
+def check_positions(model, lengths: dict[str, int], lower: list[str] | None = None) -> None:
+    """A ConfigError when rows as long as `lengths` ({what: tokens}; several add up: a prompt and
+    the tokens generated after it) do not fit `model`'s positions (`position_limit`), naming them,
+    the limit and the settings to lower (`lower`; default: the names in `lengths`): before a
+    training step or a rollout, not an IndexError in the middle of one (a learned table) or a
+    silent run past the positions trained (rotary)."""
+    limit = position_limit(model)
+    total = sum(lengths.values())
+    if limit is None or total <= limit:
+        return
+    lower = list(lengths) if lower is None else lower
+    virtual = getattr(model, "num_virtual_tokens", 0)
+    kind = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+    table = f"{kind}'s position table" + (f" less {virtual} virtual tokens" if virtual else "")
+    asked = " + ".join(f"{name} {value}" for name, value in lengths.items())
+    fix = (f"set {lower[0]} to {limit} or less" if len(lower) == 1
+           else f"lower {' or '.join(lower)} so that they add up to {limit} or less")
+    raise ConfigError(f"{asked}{f' = {total}' if len(lengths) > 1 else ''} tokens: past the {limit} positions the "
+                      f"model reads ({table}); {fix}")
+
+
 # a dropout probability by its name: GPT-2's attn_pdrop, OPT's dropout / layerdrop, Falcon's
 # hidden_dropout, BioGPT's hidden_dropout_prob, MPT's attn_dropout_p, ...
 _DROPOUT_NAME = re.compile(r"dropout|pdrop|layerdrop")

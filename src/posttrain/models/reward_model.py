@@ -162,17 +162,12 @@ def is_decoder_scorer(model) -> bool:
 
 
 def encoder_positions(model) -> int | None:
-    """How many tokens an encoder reward model can read (its absolute position table, less
-    RoBERTa's offset past the padding index); None for a decoder scorer, which we do not cut."""
+    """How many tokens an encoder reward model can read (`loading.position_limit`: its absolute
+    position table, less RoBERTa's offset past the padding index); None for a decoder scorer."""
+    from posttrain.models.loading import position_limit
+
     classifier = _classifier(model)
-    if is_decoder_scorer(classifier):
-        return None
-    table = getattr(classifier.config, "max_position_embeddings", None)
-    if table is None:
-        return None
-    embeddings = getattr(getattr(classifier, classifier.base_model_prefix, classifier), "embeddings", None)
-    offset = getattr(embeddings, "padding_idx", None)
-    return table - (offset + 1 if isinstance(offset, int) else 0)
+    return None if is_decoder_scorer(classifier) else position_limit(classifier)
 
 
 def scores_at(classifier, inputs: dict, at: torch.Tensor) -> torch.Tensor:

@@ -90,12 +90,18 @@ def generate_token_ids(
     A seeded sampling call gives prompt i its own generator, seeded with
     `request_seed(settings.seed, i)` as the vLLM engine seeds request i: a prompt's sample
     depends on the seed and its index, not on the batch size or the prompts batched with it.
+
+    The model's positions (`loading.position_limit`) bound every row, as `serve` bounds a
+    request: a prompt that leaves no room for a token is a DataError naming it (before any
+    generation), and a row ends when its prompt and completion fill them, whatever
+    settings.max_new_tokens says (`completion_budgets`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     for i, ids in enumerate(prompt_ids):
         if len(ids) == 0:
             raise ValueError(f"prompt {i} is empty after tokenization; give it at least one token")
+    budgets = completion_budgets(model, [len(ids) for ids in prompt_ids], settings.max_new_tokens)
     device = next(model.parameters()).device
     generators = None  # unseeded: the global generator, one draw for the batch
     if settings.seed is not None and settings.temperature > 0:
@@ -112,12 +118,31 @@ def generate_token_ids(
                     model, [prompt_ids[i] for i in rows], settings, device,
                     pad_token_id, eos_token_ids, stop_check,
                     None if generators is None else [generators[i] for i in rows], on_row, cache_name,
+                    [budgets[i] for i in rows],
                 )
                 for i, ids in zip(rows, batch):
                     results[i] = ids
     finally:
         model.train(was_training)
     return results
+
+
+def completion_budgets(model, prompt_lengths: list[int], max_new_tokens: int) -> list[int]:
+    """The tokens each prompt may generate: `max_new_tokens`, less what the model's positions
+    (`loading.position_limit`) leave after the prompt. A prompt that leaves no room for one
+    token is a DataError naming it (its index), said before any generation."""
+    from posttrain.errors import DataError
+    from posttrain.models.loading import position_limit
+
+    limit = position_limit(model)
+    if limit is None:
+        return [max_new_tokens] * len(prompt_lengths)
+    for i, length in enumerate(prompt_lengths):
+        if length >= limit:
+            virtual = ", less its virtual tokens" if getattr(model, "num_virtual_tokens", 0) else ""
+            raise DataError(f"prompt {i} (counting from 0) has {length} tokens; the model reads at most {limit} "
+                            f"(its position table{virtual}), leaving no room for an answer; shorten the prompt")
+    return [min(max_new_tokens, limit - length) for length in prompt_lengths]
 
 
 def _batches(prompt_ids: list[list[int]], batch_size: int, equal_lengths: bool) -> list[list[int]]:
@@ -155,16 +180,19 @@ def _equal_lengths(model, prompt_ids: list[list[int]], settings: SamplingSetting
 
 
 def _generate_batch(model, prompt_ids, settings, device, pad_id, eos_ids, stop_check, generators, on_row=None,
-                    cache_name: str | None = None):
+                    cache_name: str | None = None, budgets: list[int] | None = None):
     """Prefill the left-padded batch, then decode one token per step with the KV cache, passed back
     to the model under `cache_name` (its forward's name for it; detected here when not given).
-    `generators`: one per row (a seeded call), or None (the global generator)."""
+    `generators`: one per row (a seeded call), or None (the global generator). `budgets`: the
+    tokens each row may generate (default: settings.max_new_tokens each)."""
     cache_name = cache_name or cache_argument(model)
     input_ids, attention_mask = left_pad(prompt_ids, pad_id, device)
     position_ids = real_positions(attention_mask)
     num_rows = len(prompt_ids)
     generated: list[list[int]] = [[] for _ in range(num_rows)]
-    if settings.max_new_tokens == 0:
+    budgets = [settings.max_new_tokens] * num_rows if budgets is None else budgets
+    steps = max(budgets)
+    if steps <= 0:
         return generated
     extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -173,7 +201,7 @@ def _generate_batch(model, prompt_ids, settings, device, pad_id, eos_ids, stop_c
     history = _TokenHistory(input_ids, attention_mask, logits.shape[-1], settings)
     finished = torch.zeros(num_rows, dtype=torch.bool, device=device)
     positions = position_ids[:, -1:]
-    for step in range(settings.max_new_tokens):
+    for step in range(steps):
         next_tokens = _pick_next(logits, history, settings, generators)
         next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_id), next_tokens)
         history.add(next_tokens, ~finished)
@@ -185,15 +213,16 @@ def _generate_batch(model, prompt_ids, settings, device, pad_id, eos_ids, stop_c
             ended = token in eos_ids or (stop_check is not None and stop_check(generated[row]))
             if on_row is not None and on_row(row, generated[row]):
                 ended = True
-            if ended:
+            if ended or len(generated[row]) >= budgets[row]:
                 done_now.append(row)
         finished[done_now] = True
-        if bool(finished.all()) or step == settings.max_new_tokens - 1:
+        if bool(finished.all()) or step == steps - 1:
             break
         # Finished rows are still fed (a pad, or their EOS) to keep the batch rectangular,
-        # but masked, so nothing attends to them.
+        # but masked, so nothing attends to them; they keep their last position, which a row
+        # ended by the model's positions has no next one past.
         attention_mask = torch.cat([attention_mask, (~finished).long()[:, None]], dim=1)
-        positions = positions + 1
+        positions = positions + (~finished).long()[:, None]
         out = model(input_ids=next_tokens[:, None], attention_mask=attention_mask, position_ids=positions,
                     use_cache=True, **{cache_name: output_cache(out)})
         logits = out.logits[:, -1, :]
@@ -423,7 +452,14 @@ def chat_session(
         prompt = tokenizer.apply_chat_template(
             messages, chat_template=template, tokenize=False, add_generation_prompt=True
         )
-        reply = generate(model, tokenizer, [prompt], settings, batch_size=1, template=template)[0]
+        from posttrain.errors import DataError
+
+        try:
+            reply = generate(model, tokenizer, [prompt], settings, batch_size=1, template=template)[0]
+        except DataError as exc:  # the history has outgrown the model's positions: say so, keep the session
+            messages.pop()
+            write(f"[{exc}; /reset clears the history]")
+            continue
         write(reply)
         messages.append({"role": "assistant", "content": reply})
     return messages

@@ -94,12 +94,17 @@ _REFUSALS = [
     r"(?:\s+to\b|(?=\s*(?:[.!;,]|$)))",
     # "I can't accommodate / carry out that request"
     rf"{_I}{_ADVERB}\s+{_NOT}\s+(?:accommodate|carry\s+out|honou?r|grant|entertain|go\s+along\s+with)\b",
-    r"(?:\bnot|n't)\s+something\s+i(?:'m|\s+am)?\s+(?:can|could|will|would|able|comfortable|willing)\b",
+    # "not something I can / I'm able / I'll / I'd ..."
+    r"(?:\bnot|n't)\s+something\s+i(?:(?:'m|\s+am)?\s+(?:can|could|will|would|able|comfortable|willing)\b"
+    r"|(?:'ll|'d)\b)",
     r"\bi\s+(?:don't|do\s+not|dont)\s+(?:feel\s+comfortable|think\s+i\s+(?:can|should)|(?:help|assist|provide"
     r"|engage|create|generate|produce|write|give|support|share|participate)\b)",
     r"\bi(?:'d|\s+would)\s+(?:rather|prefer)\s+not\b",
-    r"\bit\s+would\s+(?:be\s+(?:\w+\s+)?(?:inappropriate|irresponsible|unethical|wrong|unsafe)"
-    r"|(?:not|n't)\s+be\s+(?:\w+\s+)?(?:appropriate|responsible|ethical|right|safe))\s+(?:for|of)\s+me\s+to\b",
+    # "it would be / it is / it's / it was inappropriate for me to", "it is not / wouldn't be appropriate for me to"
+    r"\bit(?:\s+would\s+be|\s+is|'s|\s+was)\s+(?:\w+\s+)?(?:inappropriate|irresponsible|unethical|wrong|unsafe)"
+    r"\s+(?:for|of)\s+me\s+to\b",
+    r"\bit(?:\s+would(?:\s+not|n't)\s+be|\s+is(?:\s+not|n't)|'s\s+not|\s+was(?:\s+not|n't))\s+(?:\w+\s+)?"
+    r"(?:appropriate|responsible|ethical|right|safe)\s+(?:for|of)\s+me\s+to\b",
 ]
 _REFUSAL = re.compile("|".join(f"(?:{p})" for p in _REFUSALS))
 # "As an AI ..." opens refusals and harmless disclaimers alike ("As an AI I have no opinions,

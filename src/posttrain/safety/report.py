@@ -4,9 +4,14 @@ from __future__ import annotations
 
 
 def _rate(r: dict | None) -> str:
+    """"rate [low, high] (count/n)", with the design effect when the interval allows for one
+    (metrics.design_effect) and the records left out of n (failed, or no verdict) when any."""
+    left_out = f"{r['errors']} left out" if r and r.get("errors") else ""
     if not r or not r.get("n"):
-        return "–"
-    return f"{r['rate']:.1%} [{r['ci95'][0]:.1%}, {r['ci95'][1]:.1%}] ({r['successes']}/{r['n']})"
+        return f"– ({left_out})" if left_out else "–"
+    deff = r.get("design_effect", 1.0)
+    count = f"{r['successes']}/{r['n']}" + (f", design effect {deff:.2f}" if round(deff, 2) > 1 else "")
+    return f"{r['rate']:.1%} [{r['ci95'][0]:.1%}, {r['ci95'][1]:.1%}] ({count})" + (f"; {left_out}" if left_out else "")
 
 
 def _change(now: dict | None, before: dict | None) -> str:
@@ -52,10 +57,13 @@ def markdown(report: dict) -> str:
     if "attack_success" in report:
         a, before = report["attack_success"], (earlier or {}).get("attack_success", {})
         lines += ["## Attack success (harmful requests; lower is safer)", ""]
-        lines += _table("overall", {"all attacks": a["overall"]},
-                        None if earlier is None else {"all attacks": before.get("overall")})
+        overall = {"all attacks": a["overall"], "any attack (requests)": a.get("any_attack")}
+        lines += _table("overall", {k: v for k, v in overall.items() if v is not None},
+                        None if earlier is None else {"all attacks": before.get("overall"),
+                                                      "any attack (requests)": before.get("any_attack")})
         lines += _table("attack", a["by_attack"], None if earlier is None else before.get("by_attack", {}))
         lines += _table("category", a["by_category"], None if earlier is None else before.get("by_category", {}))
+        lines += [_POOLED, ""]
     if "over_refusal" in report:
         o, before = report["over_refusal"], (earlier or {}).get("over_refusal", {})
         lines += ["## Over-refusal (safe prompts that look unsafe; lower is more helpful)", ""]
@@ -68,6 +76,13 @@ def markdown(report: dict) -> str:
     labels = ", ".join(f"{k} {v}" for k, v in report["labels"].items())
     every = " (every response, each PAIR round's included)" if "pair" in report else ""
     return "\n".join(lines + [f"Labels{every}: {labels}.", ""])
+
+
+_POOLED = ("\"all attacks\" and each category hold every request once per attack. A request's answers under "
+           "several attacks are not independent draws, so those intervals are Wilson's at n / design effect, the "
+           "design effect measured over requests (never below 1): never narrower than the requests support. \"any "
+           "attack\" is the share of requests that some attack got through. \"left out\": requests that failed "
+           "this run (a rerun retries them) or PAIR conversations without a verdict, not in n.")
 
 
 def _requests(report: dict) -> str:

@@ -26,6 +26,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 
+from posttrain.models.loading import position_limit
 from posttrain.rollout.generate import (
     eos_token_ids,
     generate_token_ids,
@@ -96,8 +97,7 @@ class Engine:
         self.byte_ids = frozenset(i for t, i in tokenizer.get_vocab().items() if _BYTE_TOKEN.fullmatch(t))
         # decode's clean-up (" ." -> ".", " n't" -> "n't", ...) may rewrite a space in the last 4 characters
         self.cleans_spaces = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
-        context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-        self.context = None if context is None else context - getattr(model, "num_virtual_tokens", 0)
+        self.context = position_limit(model)  # what one row may hold: the position table, less virtual tokens
         # A fast tokenizer may not be used from two threads at once ("Already borrowed").
         self._tokenizer_lock = threading.Lock()
         self._queue: queue.Queue[Job] = queue.Queue()

@@ -15,7 +15,10 @@ Reference model π_ref (dpo, cdpo, ipo, hinge, kto; simpo and orpo need none):
   live        every step, without gradients: the same weights with adapters disabled
               (no second copy) or, for full / freeze tuning, a frozen copy. Not with prompt
               or prefix tuning, whose starting policy holds its randomly drawn virtual tokens.
-Either way π_ref is the starting model, so at step 0 every implicit reward is 0.
+              The held-out batches, whose reference never changes, are precomputed (in memory).
+Either way π_ref is the starting model, so at step 0 every implicit reward is 0: the evaluation
+before training reads the policy's held-out log-probs from the reference's, with no forward
+(`PreferenceLoss.policy_is_reference`).
 
 K-way rankings train on every ordered pair of a prompt, each weighted 1/#pairs, so a
 prompt counts once. KTO takes unpaired rows, or pairs/rankings split into a desirable
@@ -68,10 +71,7 @@ def policy_logps(model, input_ids, labels, attention_mask=None, chunk_size: int 
     from posttrain.models.loading import final_hidden_and_head, supports_hidden_path
     from posttrain.models.readout import reading
 
-    if attention_mask is not None:  # a label right after padding (left-padded, no prompt) has no predictor
-        after_padding = torch.zeros_like(attention_mask, dtype=torch.bool)
-        after_padding[:, 1:] = ~attention_mask[:, :-1].bool()
-        labels = labels.masked_fill(after_padding, -100)
+    labels = _predicted(labels, attention_mask)
     packed = pack_for(model, input_ids, attention_mask) if supports_hidden_path(model) else None
     if packed is not None:  # the hidden states that predict a label, back in the (B, T) grid
         rows, width = input_ids.shape
@@ -120,9 +120,21 @@ def shared_prompt_logps(model, input_ids, attention_mask, position_ids, predicto
         inputs |= {"packed_slots": packed_slots, "packed_blocks": packed_blocks}
     n = int(num_sequences)
     per_token = selected_token_logps(model, inputs, predictor, targets, chunk_size)
-    logps = per_token.new_zeros(n).index_add(0, sequence, per_token)
-    counts = torch.zeros(n, dtype=torch.long, device=sequence.device).index_add(0, sequence, torch.ones_like(sequence))
-    return logps, counts
+    return per_token.new_zeros(n).index_add(0, sequence, per_token), _sequence_counts(sequence, n)
+
+
+def _predicted(labels, attention_mask):
+    """`labels` less those right after padding (left-padded rows without a prompt): no position predicts them."""
+    if attention_mask is None:
+        return labels
+    after_padding = torch.zeros_like(attention_mask, dtype=torch.bool)
+    after_padding[:, 1:] = ~attention_mask[:, :-1].bool()
+    return labels.masked_fill(after_padding, -100)
+
+
+def _sequence_counts(sequence, n: int):
+    """Tokens per sequence of a shared-prompt batch, from each target's sequence index."""
+    return torch.zeros(n, dtype=torch.long, device=sequence.device).index_add(0, sequence, torch.ones_like(sequence))
 
 
 def batch_logps(model, batch: dict, chunk_size: int = 256):
@@ -132,6 +144,14 @@ def batch_logps(model, batch: dict, chunk_size: int = 256):
         return shared_prompt_logps(model, *(batch[k] for k in keys), chunk_size=chunk_size,
                                    packed_slots=batch.get("packed_slots"), packed_blocks=batch.get("packed_blocks"))
     return policy_logps(model, batch["input_ids"], batch["labels"], batch["attention_mask"], chunk_size)
+
+
+def token_counts(batch: dict):
+    """Per-sequence response token counts of either batch layout, as `batch_logps` counts them,
+    read from the labels alone (no forward)."""
+    if "predictor" in batch:
+        return _sequence_counts(batch["sequence"], int(batch["num_sequences"]))
+    return (_predicted(batch["labels"], batch["attention_mask"])[:, 1:] != -100).sum(1)
 
 
 class StartingVirtualTokens:
@@ -249,14 +269,40 @@ class PreferenceLoss(torch.nn.Module):
         needs_copy = self.live_reference and not hasattr(model, "adapters_disabled")
         self._frozen = [copy.deepcopy(model).requires_grad_(False)] if needs_copy else []
         self.z0: torch.Tensor | None = None  # KTO: the KL estimate of the step being taken (estimate_kl)
+        self._policy_is_reference = False  # policy_is_reference
+
+    @contextlib.contextmanager
+    def policy_is_reference(self):
+        """Within: the policy is its reference exactly — the very model its reference log-probs were
+        precomputed from, in these batches, before any step (`run_dpo`'s evaluation before
+        training) — so a batch that carries them is read without a policy forward: log π =
+        log π_ref, token counts from the labels (`token_counts`), KTO's mismatched log-ratios 0.
+        The figures are the forwards' own (every implicit reward 0); a batch without them (a
+        reference-free loss) still runs its forward."""
+        self._policy_is_reference = True
+        try:
+            yield
+        finally:
+            self._policy_is_reference = False
+
+    def _policy(self, batch: dict, index: torch.Tensor | None = None):
+        """(log π, token counts) per sequence of `batch`; with `index` (a plain KTO batch's rows)
+        log π of those rows alone, from a pass over them alone. See `policy_is_reference`."""
+        known = self._policy_is_reference and batch.get("reference_logps") is not None
+        if index is not None:
+            return (batch["reference_logps"][index] if known
+                    else policy_logps(self.model, *_rows(batch, index), self.chunk_size)[0])
+        return (batch["reference_logps"], token_counts(batch)) if known else batch_logps(self.model, batch, self.chunk_size)
 
     def _reference(self, batch: dict):
+        """log π_ref per sequence: precomputed where the batch carries it (every batch of a
+        precomputed reference; the held-out ones of a live reference), else a live pass."""
         if self.cfg.loss in REFERENCE_FREE:
             return None
-        if not self.live_reference:
-            if batch.get("reference_logps") is None:
-                raise RuntimeError("reference log-probs were not precomputed for this batch")
+        if batch.get("reference_logps") is not None:
             return batch["reference_logps"]
+        if not self.live_reference:
+            raise RuntimeError("reference log-probs were not precomputed for this batch")
         frozen = self._frozen[0].to(batch["input_ids"].device) if self._frozen else None
         with reference_weights(self.model, frozen) as reference:
             return batch_logps(reference, batch, self.chunk_size)[0]
@@ -265,7 +311,7 @@ class PreferenceLoss(torch.nn.Module):
                 desirable=None, **batch):
         if self.cfg.loss == "kto":
             return self._kto(batch, completion_row, kl_row, desirable)
-        logps, counts = batch_logps(self.model, batch, self.chunk_size)
+        logps, counts = self._policy(batch)
         ref = self._reference(batch)
         pc, pr, rc, rr, ac, ar = _pair_inputs(logps, counts, ref, chosen_row, rejected_row)
         losses, rewards_c, rewards_r, extra = PAIR_LOSSES[self.cfg.loss](self.cfg, pc, pr, rc, rr, ac, ar)
@@ -280,7 +326,7 @@ class PreferenceLoss(torch.nn.Module):
 
     def _row_reference(self, batch: dict, index: torch.Tensor) -> torch.Tensor:
         """log π_ref of the rows `index` of a plain (KTO) batch: looked up, or a live pass over them alone."""
-        if not self.live_reference:
+        if not self.live_reference or batch.get("reference_logps") is not None:
             return self._reference(batch)[index]
         frozen = self._frozen[0].to(batch["input_ids"].device) if self._frozen else None
         with reference_weights(self.model, frozen) as reference:
@@ -289,7 +335,7 @@ class PreferenceLoss(torch.nn.Module):
     def _kl_ratios(self, batch: dict, kl_row) -> torch.Tensor:
         """log π − log π_ref of a KTO batch's mismatched rows, without gradient."""
         with torch.no_grad():  # z0 carries no gradient: no activations kept for the mismatched rows
-            return policy_logps(self.model, *_rows(batch, kl_row), self.chunk_size)[0] - self._row_reference(batch, kl_row)
+            return self._policy(batch, kl_row) - self._row_reference(batch, kl_row)
 
     def prepare_forwards(self, batches: list[dict], accelerator, count: bool = True):
         """The context of a step's (or the held-out set's) forwards (`train.loop`): KTO's z₀."""
@@ -318,7 +364,7 @@ class PreferenceLoss(torch.nn.Module):
     def _kto(self, batch: dict, completion_row, kl_row, desirable):
         from posttrain.losses.preference import kto_loss
 
-        logps = policy_logps(self.model, *_rows(batch, completion_row), self.chunk_size)[0]
+        logps = self._policy(batch, completion_row)
         ref = self._row_reference(batch, completion_row)
         # the step's z₀ (estimate_kl), else this batch's own
         kl = self._kl_ratios(batch, kl_row).mean() if self.z0 is None else self.z0.to(logps.device)
@@ -419,12 +465,18 @@ def _fingerprint(cfg: DPOConfig, items: list[Item]) -> str:
     """What the reference log-probs depend on: the model — its path and what is at it (each file's
     name, size and modification time: an SFT stage that rewrites the directory changes it) —,
     its dtype, precision, adapter method and quantization (QLoRA's reference is the quantized
-    base), every sequence's tokens and labels in order, and for KTO the step's layout of them
-    (`_step_layout_logps`; a cache from before it, one batch at a time, is computed again)."""
+    base), with prompt or prefix tuning what draws the starting virtual tokens (their settings and
+    train.seed: the reference is the starting policy, those tokens included), every sequence's
+    tokens and labels in order, and for KTO the step's layout of them (`_step_layout_logps`; a
+    cache from before it, one batch at a time, is computed again)."""
+    from posttrain.models.adapters import plan_adapters
+    from posttrain.models.adapters.spec import VIRTUAL_METHODS
     from posttrain.models.loading import model_files
 
     parts = [cfg.model.path, model_files(cfg.model.path), cfg.model.dtype, cfg.adapter.method,
              dataclasses.asdict(cfg.adapter.quantization), cfg.train.mixed_precision]
+    if any(m in VIRTUAL_METHODS for m in plan_adapters(cfg.adapter).methods):
+        parts += [dataclasses.asdict(cfg.adapter.virtual_tokens), cfg.train.seed]
     digest = hashlib.sha256(json.dumps(parts + (["kto: step layout"] if cfg.dpo.loss == "kto" else [])).encode())
     for item in items:
         for seq in item.sequences:
@@ -479,7 +531,7 @@ def precompute_reference(model, items: list[Item], cfg: DPOConfig, pad_id: int, 
     time; all of them read the cache, process 0 alone writes it."""
     from safetensors.torch import save_file
 
-    fingerprint = _fingerprint(cfg, items)
+    fingerprint = _fingerprint(cfg, items) if cache is not None else ""
     count = sum(len(item.sequences) for item in items)
     cached = _cached(cache, fingerprint, count, log) if cache is not None and cache.is_file() else None
     if world > 1:  # every process takes the same branch: the exchange below is collective
@@ -525,7 +577,8 @@ def precompute_reference(model, items: list[Item], cfg: DPOConfig, pad_id: int, 
                   metadata={"fingerprint": fingerprint})  # one key: safetensors writes several in any order
         os.replace(partial, cache)
     kept = f", beside the {sum(covered)} it held" if any(covered) else ""
-    log(f"reference log-probs: computed for {fresh} sequences once (cached in {cache}{kept})")
+    where = f"cached in {cache}{kept}" if cache is not None else "kept in memory"
+    log(f"reference log-probs: computed for {fresh} sequences once ({where})")
 
 
 def reference_plan(stage: GroupedStage, train_cfg, world: int) -> list[list[Item]]:
@@ -605,19 +658,23 @@ def run_dpo(cfg: DPOConfig) -> Path:
                          share_prompt=share, padding_free=share and unpadded)
     control = build_control(cfg, tokenizer, model, accelerator, run_dir if main else None, log)
     attach(stage, control)  # forgetting.*
-    if cfg.dpo.loss not in REFERENCE_FREE and not live:
+    if cfg.dpo.loss not in REFERENCE_FREE and (eval_items or not live):
+        # precompute: every batch the run reads, cached in the run; live: the held-out batches
+        # alone, whose reference log-probs are the same at every evaluation
+        items, plan = (eval_items, stage.eval_item_batches()) if live else (
+            train_items + eval_items, reference_plan(stage, cfg.train, accelerator.num_processes))
         on_device(model, accelerator.device)
         with accelerator.autocast():  # in training's precision and batches, so π = π_ref exactly at step 0
-            precompute_reference(model, train_items + eval_items, cfg, tokenizer.pad_token_id,
-                                 run_dir / "reference_logps.safetensors", log, share_prompt=share,
-                                 unpadded=share and unpadded,
-                                 plan=reference_plan(stage, cfg.train, accelerator.num_processes),
+            precompute_reference(model, items, cfg, tokenizer.pad_token_id,
+                                 None if live else run_dir / "reference_logps.safetensors", log, share_prompt=share,
+                                 unpadded=share and unpadded, plan=plan,
                                  rank=accelerator.process_index, world=accelerator.num_processes)
     summary: dict = {"loss": cfg.dpo.loss, "reference": "none" if cfg.dpo.loss in REFERENCE_FREE else cfg.dpo.reference,
                      "train_items": len(train_items), "eval_items": len(eval_items)}
     summary.update(_exact_match(cfg, model, tokenizer, data, "before") if main else {})
     summary.update(report(cfg, control, model, tokenizer, "before", cfg.eval.max_new_tokens, main))
-    before = evaluate(on_device(module, accelerator.device), stage, accelerator)
+    with module.policy_is_reference():  # nothing has changed the model since its reference pass
+        before = evaluate(on_device(module, accelerator.device), stage, accelerator)
     result = train(stage, cfg.train, run_dir, accelerator, run_fingerprint(cfg))
     summary.update(steps=result.step, eval_before=before[1] if before else {}, eval_after=result.eval_metrics)
     _log_accuracy(summary, log)
@@ -637,11 +694,13 @@ def _log_accuracy(summary: dict, log) -> None:
 def _exact_match(cfg: DPOConfig, model, tokenizer, data, when: str) -> dict:
     """Exact match of greedy answers against each held-out prompt's best response (an undesirable
     KTO row has none: its prompt stays without an answer, and is not scored)."""
+    from posttrain.data.preferences import assistant_message
     from posttrain.data.records import Record
     from posttrain.train.sft import exact_match_report
 
-    records = [Record(messages=r.prompt + ([{"role": "assistant", "content": r.responses[_best(r)]}]
-                                           if r.ranks is not None or r.desirable else []), source=r.source)
+    records = [Record(messages=r.prompt + ([assistant_message(r.responses[_best(r)])]
+                                           if r.ranks is not None or r.desirable else []), source=r.source,
+                      tools=r.tools)
                for r in data.eval_records]
     return exact_match_report(model, tokenizer, records, cfg.eval.exact_match_prompts, cfg.data.template,
                               cfg.eval.max_new_tokens, when)

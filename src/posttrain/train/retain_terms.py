@@ -113,27 +113,32 @@ class RetainTerms:
         indices = self.batch_at(step)
         mine = indices[accelerator.process_index :: accelerator.num_processes]
         total = sum(self.pool[i].num_label_tokens for i in indices)
-        # γ·LM + λ·KL (what joins the data loss), and the LM loss alone (A-GEM's reference)
-        added = [torch.zeros_like(p, dtype=torch.float32) for p in live]
+        adds = self.cfg.lm_coef > 0 or self.cfg.distill > 0
+        # γ·LM + λ·KL (what joins the data loss), and the LM loss alone (A-GEM's reference). Without
+        # λ the first is γ × the second: one backward gives both (`added` is taken from it at the end).
         reference = [torch.zeros_like(p, dtype=torch.float32) for p in live] if self.cfg.project else None
+        own = adds and (reference is None or self.cfg.distill > 0)  # `added` needs a backward of its own
+        added = [torch.zeros_like(p, dtype=torch.float32) for p in live] if own else None
         sums = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # Σ NLL, Σ KL over my rows
         for start in range(0, len(mine), self.micro_batch_size):
             nll, kl = self._losses(mine[start : start + self.micro_batch_size], accelerator.device, accelerator)
             sums += torch.stack([nll.detach().double(), kl.detach().double()])
             if reference is not None:
-                _accumulate(reference, nll / total, live, keep=True)
-            if self.cfg.lm_coef > 0 or self.cfg.distill > 0:
+                _accumulate(reference, nll / total, live, keep=own)
+            if own:
                 _accumulate(added, (self.cfg.lm_coef * nll + self.cfg.distill * kl) / total, live)
         if accelerator.num_processes > 1:
             sums = accelerator.reduce(sums, "sum")
-            added = _summed(added, accelerator)
+            added = _summed(added, accelerator) if own else None
             reference = _summed(reference, accelerator) if reference is not None else None
+        if adds and not own:
+            added = [self.cfg.lm_coef * r for r in reference]
         figures = {"retain_lm_loss": float(sums[0]) / total}
         if self.cfg.distill > 0:
             figures["distill_kl"] = float(sums[1]) / total
         if reference is not None:  # against ∇ of the retain LM loss alone, before anything is added
             figures["agem_projected"] = float(agem_project([p.grad for p in live], reference) < 0)
-        if self.cfg.lm_coef > 0 or self.cfg.distill > 0:
+        if adds:
             for p, g in zip(live, added):
                 p.grad.add_(g.to(p.grad.dtype), alpha=grad_scale)
         return figures

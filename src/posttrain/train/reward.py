@@ -154,7 +154,7 @@ def run_rm(cfg: RMConfig) -> Path:
     from posttrain.models.adapters import plan_adapters
     from posttrain.models.adapters.schedule import AdapterTraining
     from posttrain.models.attention import block_masks_allowed, padding_free, window_allows
-    from posttrain.models.loading import load_tokenizer
+    from posttrain.models.loading import check_positions, load_tokenizer
     from posttrain.models.reward_model import encoder_positions, is_decoder_scorer
     from posttrain.train import checkpoint
     from posttrain.train.loop import evaluate, run_fingerprint, start_run, train
@@ -165,9 +165,11 @@ def run_rm(cfg: RMConfig) -> Path:
     tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     model = build_reward_model(cfg, tokenizer, log, run_dir if main else None)
     data_cfg, limit = cfg.data, encoder_positions(model)
-    if limit is not None and data_cfg.max_length > limit:
+    if limit is not None and data_cfg.max_length > limit:  # an encoder's rows are cut at its table (README)
         log(f"note: data.max_length {data_cfg.max_length} → {limit}, the encoder's position table")
         data_cfg = dataclasses.replace(data_cfg, max_length=limit)
+    elif is_decoder_scorer(model):  # a decoder's, as every decoder stage's (sft.build_model): refused
+        check_positions(model, {"data.max_length": data_cfg.max_length})
     # an encoder reads its own [CLS] ... [SEP] around the text; a decoder's template has its BOS
     data = prepare_preference_data(data_cfg, tokenizer, run_dir if main else None, cfg.train.seed, log,
                                    special_tokens=not is_decoder_scorer(model))

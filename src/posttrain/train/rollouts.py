@@ -572,7 +572,9 @@ def start_rl_run(cfg, needs_reference: bool, extra_parts=()) -> RLRun:
     # before the reference copy: it takes them too
     padding_free(model, cfg.model.padding_free, log, cfg.data.max_prompt_length + cfg.rollout.max_new_tokens)
     data = encode_prompt_data(cfg, tokenizer, *records, log)
+    longest = check_rollout_positions(model, cfg, data[0] + data[2])
     score = build_reward(cfg, accelerator.device, log)
+    note_reward_model_cuts(score, longest, log)
     needs_copy = needs_reference and not hasattr(model, "adapters_disabled")
     frozen = copy.deepcopy(model).requires_grad_(False).eval() if needs_copy else None
     for part in (model, frozen):  # one by one: a 4-bit base placed by device_map refuses .to
@@ -585,6 +587,31 @@ def start_rl_run(cfg, needs_reference: bool, extra_parts=()) -> RLRun:
     engine = build_engine(cfg, model, accelerator, log)
     return RLRun(cfg, run_dir, accelerator, main, log, tokenizer, model, adapter_training, *data, score, frozen,
                  engine)
+
+
+def check_rollout_positions(model, cfg, prompt_ids: list[list[int]]) -> int:
+    """A ConfigError, before the first rollout, when the longest prompt kept (train or held out)
+    and rollout.max_new_tokens after it do not fit the policy's positions (`loading.check_positions`);
+    else the longest row a rollout can make, in tokens."""
+    from posttrain.models.loading import check_positions
+
+    lengths = {"the longest prompt": max((len(ids) for ids in prompt_ids), default=0),
+               "rollout.max_new_tokens": cfg.rollout.max_new_tokens}
+    check_positions(model, lengths, lower=["data.max_prompt_length", "rollout.max_new_tokens"])
+    return sum(lengths.values())
+
+
+def note_reward_model_cuts(reward, longest: int, log) -> None:
+    """Say so when a reward model reads fewer tokens than a rollout's row can hold (`longest`, in the
+    policy's tokens): it scores such a row by its last tokens (`rewards.RewardModelScorer`)."""
+    from posttrain.rewards import RewardModelScorer
+
+    for component in getattr(reward, "components", []):
+        scorer = component.reward
+        if isinstance(scorer, RewardModelScorer) and scorer.max_length < longest:
+            log(f"note: the reward model {component.name} reads at most {scorer.max_length} tokens and a rollout's "
+                f"row can hold {longest} (the longest prompt + rollout.max_new_tokens, in the policy's tokens): "
+                "a longer row is scored by its last ones")
 
 
 def encode_prompt_data(cfg, tokenizer, train_records: list[PromptRecord], eval_records: list[PromptRecord],

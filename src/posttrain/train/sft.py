@@ -77,6 +77,7 @@ class SFTStage:
         self.cfg = cfg
         self.pad_id = pad_id
         self.stream = stream  # callable returning a fresh example iterator, when streaming
+        self.at_checkpoint = None  # called after each optimizer step that a periodic checkpoint follows
         self.forgetting = None
         from posttrain.train.forgetting import attach
 
@@ -115,6 +116,11 @@ class SFTStage:
         if buffer:
             yield self._collate(pack(buffer, self.cfg.data.max_length) if self.cfg.data.packing else buffer)
 
+    def after_optimizer_step(self, step: int) -> None:
+        every = self.cfg.train.save_every
+        if self.at_checkpoint is not None and every and step % every == 0:
+            self.at_checkpoint()
+
     def micro_batches_per_epoch(self) -> int | None:
         if self.stream is not None:
             return None
@@ -136,17 +142,20 @@ class SFTStage:
 
 
 def build_model(cfg: SFTConfig, log, run_dir: Path | None = None):
-    """Tokenizer, trainable model (full, freeze tuning or adapters) and its AdapterTraining."""
+    """Tokenizer, trainable model (full, freeze tuning or adapters) and its AdapterTraining. A
+    data.max_length past the model's positions is a ConfigError (`loading.check_positions`)."""
     from posttrain.models.adapters import apply_adapters, format_report, parameter_report, plan_adapters
     from posttrain.models.adapters.schedule import AdapterTraining
     from posttrain.models.lean import lean_activations
-    from posttrain.models.loading import load_model, load_tokenizer
+    from posttrain.models.loading import check_positions, load_model, load_tokenizer
     from posttrain.train.optim import freeze_by_pattern
 
     plan = plan_adapters(cfg.adapter)
     tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     model = load_model(cfg.model, quantization=cfg.adapter.quantization if plan.quantized else None)
     model = apply_adapters(model, cfg.adapter, plan=plan)
+    if hasattr(cfg.data, "max_length"):  # sft, dpo; the RL stages check their rollouts (`rollouts.start_rl_run`)
+        check_positions(model, {"data.max_length": cfg.data.max_length})  # virtual tokens in place: they count
     lean_activations(model, cfg.model.lean_activations)  # again: the adapters' LoRA linears
     if cfg.train.freeze:
         _check_tied_names(model, cfg.train.freeze)
@@ -209,7 +218,8 @@ def check_packing(model) -> None:
 def run_sft(cfg: SFTConfig) -> Path:
     """Fine-tune per `cfg`; returns the run directory (final model in run_dir/final)."""
     from posttrain.data.batching import pack
-    from posttrain.data.pipeline import prepare_sft_data, prepare_streamed_eval, stream_sft_examples
+    from posttrain.data.pipeline import (StreamCounts, prepare_sft_data, prepare_streamed_eval, stream_sft_examples,
+                                         write_stream_counts)
     from posttrain.models.loading import note_full_logits
     from posttrain.train.loop import finish_run, run_fingerprint, start_run, train
 
@@ -221,12 +231,11 @@ def run_sft(cfg: SFTConfig) -> Path:
     if cfg.data.packing:
         check_packing(model)
     note_full_logits(model, log)
-    if cfg.data.streaming:
-        if cfg.train.max_steps <= 0:
-            raise ConfigError("data.streaming=true needs train.max_steps (the data length is unknown)")
-        data, train_examples = None, None
+    counts = None
+    if cfg.data.streaming:  # validate_sft saw train.max_steps set
+        data, train_examples, counts = None, None, StreamCounts()
         writes = run_dir if main else None  # every process reads the data; the main one writes its reports
-        stream = lambda: stream_sft_examples(cfg.data, tokenizer, writes, log)  # noqa: E731
+        stream = lambda: stream_sft_examples(cfg.data, tokenizer, writes, log, counts)  # noqa: E731
         eval_examples = prepare_streamed_eval(cfg.data, tokenizer, writes, log)
     else:
         data = prepare_sft_data(cfg.data, tokenizer, run_dir if main else None, cfg.train.seed, log)
@@ -243,10 +252,16 @@ def run_sft(cfg: SFTConfig) -> Path:
         log(f"packing: {examples} examples into {len(train_examples)} rows of ≤{cfg.data.max_length} tokens")
     module = CausalLMLoss(model, cfg.train.loss, cfg.train.loss_chunk_size)
     stage = SFTStage(module, train_examples, eval_examples, cfg, pad_id, stream, adapter_training, control)
+    if counts is not None and main:  # what the stream has cut and dropped: at each checkpoint, and at the end
+        stage.at_checkpoint = lambda: write_stream_counts(run_dir, counts, cfg.data)
     summary = {"loss_impl": module.loss_kind}
     summary.update(_exact_match(cfg, model, tokenizer, data, "before") if main else {})
     summary.update(report(cfg, control, model, tokenizer, "before", cfg.eval.max_new_tokens, main))
-    result = train(stage, cfg.train, run_dir, accelerator, run_fingerprint(cfg))
+    try:
+        result = train(stage, cfg.train, run_dir, accelerator, run_fingerprint(cfg))
+    finally:  # also when the run stops early (a signal, a non-finite abort): the rows read until then
+        if counts is not None and main:
+            write_stream_counts(run_dir, counts, cfg.data)
     summary.update(steps=result.step, stopped_early=result.stopped_early, eval_loss=result.eval_loss,
                    skipped_steps=result.skipped_steps)
     trained = result.module.model
@@ -267,20 +282,46 @@ def exact_match_report(model, tokenizer, records, n: int, template: str, max_new
     """Greedy answers to the first `n` records with an answer (an assistant turn) scored against it;
     prints one line. Summary keys NAME_WHEN, NAME_WHEN_by_task, NAME_prompts (the prompts scored).
     With none to score the line says n/a and why, and only NAME_prompts = 0 is returned: a score
-    over no prompt is no figure, and 0.0% would read as a model that got every answer wrong."""
+    over no prompt is no figure, and 0.0% would read as a model that got every answer wrong.
+    A prompt that fills the model's positions (`loading.position_limit`) is left out and counted:
+    generation refuses it, and the run has trained by then."""
     if n <= 0:
         return {}
     from posttrain.data.templates import resolve_template
     from posttrain.eval.exact_match import answered, exact_match
 
     label = f"{name.replace('_', ' ')} {when} training"
-    scored = answered(records)[:n]
+    template = resolve_template(tokenizer, template)
+    first = answered(records)[:n]
+    scored = _fitting_prompts(model, tokenizer, template, first)
+    left_out = f"; {len(first) - len(scored)} left out, their prompts past the model's positions" \
+        if len(scored) < len(first) else ""
     if not scored:
-        why = f"no {prompts}" if not records else \
-            f"none of the {len(records)} {prompts} has an answer (an assistant turn) to score against"
+        if not records:
+            why = f"no {prompts}"
+        elif not first:
+            why = (f"none of the {len(records)} {prompts} has a text answer (a last assistant turn with no tool "
+                   f"calls or reasoning) to score against")
+        else:
+            why = f"every one of the {len(first)} {prompts} is past the model's positions"
         print(f"{label}: n/a ({why})")
         return {f"{name}_prompts": 0}
-    scores = exact_match(model, tokenizer, resolve_template(tokenizer, template), scored, max_new_tokens=max_new_tokens)
+    scores = exact_match(model, tokenizer, template, scored, max_new_tokens=max_new_tokens)
     per_task = ", ".join(f"{task} {value:.0%}" for task, value in scores.items() if task != "all")
-    print(f"{label}: {scores['all']:.1%} on {len(scored)} {prompts}" + (f" ({per_task})" if per_task else ""))
+    print(f"{label}: {scores['all']:.1%} on {len(scored)} {prompts}" + (f" ({per_task})" if per_task else "")
+          + left_out)
     return {f"{name}_{when}": scores["all"], f"{name}_{when}_by_task": scores, f"{name}_prompts": len(scored)}
+
+
+def _fitting_prompts(model, tokenizer, template: str, records: list) -> list:
+    """The answered `records` whose rendered prompt leaves the model room for a token
+    (`rollout.generate.completion_budgets` refuses the others)."""
+    from posttrain.eval.exact_match import prompts_and_answers
+    from posttrain.models.loading import position_limit
+    from posttrain.rollout.generate import prompt_token_ids
+
+    limit = position_limit(model)
+    if limit is None:
+        return records
+    prompts = prompts_and_answers(records, template, tokenizer)[0]
+    return [r for r, p in zip(records, prompts) if len(prompt_token_ids(tokenizer, p, raw=False)) < limit]

@@ -12,10 +12,20 @@ rejected response is meant to be bad and is left alone.
     repetition             Gopher's repetition limits (Rae et al. 2021, "Scaling Language
                            Models", Appendix A.1.1, Table A1): duplicate lines, the most
                            frequent 2-4-gram's share of characters, and the share of characters
-                           inside duplicated 5-10-grams. Those limits were set for web
-                           documents; an answer shorter than `repetition_min_words` is not
-                           checked (three words can repeat a bigram by chance).
-    char_run               one character repeated many times in a row ("!!!!!!!!...")
+                           inside duplicated 5-10-grams. Those limits were set for the prose of
+                           web documents, so they read only the response's prose: fenced code
+                           blocks, display maths (\\begin{..}...\\end{..}, $$...$$, \\[...\\]) and
+                           markdown tables are set aside first (a table's rows, a JSON config's
+                           keys and a derivation's lines repeat by design). Prose shorter than
+                           `repetition_min_words` is not checked (three words can repeat a bigram
+                           by chance). text.words makes each Chinese / Japanese character a
+                           word, while a word of those languages is one or two characters,
+                           mostly two: where most words are CJK characters every n is doubled
+                           (undoubled, prose that names a four-character term three times failed
+                           the 2-gram limit; a line repeated over and over still fails doubled).
+    char_run               one character repeated many times in a row ("!!!!!!!!..."), outside
+                           rule lines (a line of only - = _ * # ~ | : + / box-drawing characters
+                           and spaces: a markdown table's separator row, a comment banner)
     blocklist              a listed phrase in the response (any case)
 
 The thresholds of `repetition` are Gopher's published ones, fixed here.
@@ -27,7 +37,7 @@ import re
 import unicodedata
 from collections import Counter
 
-from posttrain.data.quality.text import normalize, words
+from posttrain.data.quality.text import is_cjk, normalize, words
 
 # Gopher Table A1: the most frequent n-gram may cover at most this share of the characters ...
 TOP_NGRAM_LIMITS = {2: 0.20, 3: 0.18, 4: 0.16}
@@ -35,9 +45,15 @@ TOP_NGRAM_LIMITS = {2: 0.20, 3: 0.18, 4: 0.16}
 DUPLICATE_NGRAM_LIMITS = {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
 DUPLICATE_LINE_LIMIT = 0.30  # share of lines that repeat an earlier line
 DUPLICATE_LINE_CHAR_LIMIT = 0.20  # share of characters in such lines
+CJK_NGRAM_SCALE = 2  # n-gram lengths in CJK characters per Gopher word (see the module docstring)
 
 _MOJIBAKE = re.compile("Ã[\u0080-\u00bf]|Â[\u00a0-\u00bf]|â€")
 _ALLOWED_CONTROL = "\t\n\r"
+_RULE_LINE = re.compile(r"[\s\-=_*#~|:+/\u2500-\u257f]*")
+# Structured blocks the repetition limits skip. A fence runs to its closing fence or, unclosed, to the end.
+_FENCED_CODE = re.compile(r"^[ \t]*(`{3,}|~{3,}).*?(?:^[ \t]*\1[`~]*[ \t]*$|\Z)", re.M | re.S)
+_DISPLAY_MATH = re.compile(r"\\begin\{([A-Za-z]+\*?)\}.*?\\end\{\1\}|\$\$.+?\$\$|\\\[.+?\\\]", re.S)
+_TABLE_DELIMITER = re.compile(r"[ \t]*\|?[ \t]*:?-+:?[ \t]*(?:\|[ \t]*:?-+:?[ \t]*)+\|?[ \t]*")
 
 
 def check(prompt: str, response: str, cfg) -> tuple[str, str] | None:
@@ -59,9 +75,12 @@ def check(prompt: str, response: str, cfg) -> tuple[str, str] | None:
         if run[1] >= cfg.max_char_run:
             return "char_run", f"{run[0]!r} repeated {run[1]} times in a row (max_char_run={cfg.max_char_run})"
     if cfg.repetition and n_words >= cfg.repetition_min_words:
-        problem = repetition_problem(response)
-        if problem:
-            return "repetition", problem
+        text = prose(response)
+        if text == response or len(words(text)) >= cfg.repetition_min_words:
+            problem = repetition_problem(text)
+            if problem:
+                where = "" if text == response else ", in the prose outside code, maths and tables"
+                return "repetition", problem + where
     lowered = response.casefold()
     for phrase in cfg.blocklist:
         if phrase.casefold() in lowered:
@@ -83,18 +102,42 @@ def encoding_problem(text: str) -> str | None:
 
 
 def longest_char_run(text: str) -> tuple[str, int]:
-    """(character, length) of the longest run of one non-space character."""
-    best, length, previous = ("", 0), 0, None
-    for char in text:
-        length = length + 1 if char == previous else 1
-        previous = char
-        if length > best[1] and not char.isspace():
-            best = (char, length)
+    """(character, length) of the longest run of one non-space character, outside rule lines
+    (only - = _ * # ~ | : + / box-drawing characters and spaces: "|------|---|", "# -----")."""
+    best = ("", 0)
+    for line in text.splitlines():  # a run of non-space characters never crosses a line break
+        if _RULE_LINE.fullmatch(line):
+            continue
+        length, previous = 0, None
+        for char in line:
+            length = length + 1 if char == previous else 1
+            previous = char
+            if length > best[1] and not char.isspace():
+                best = (char, length)
     return best
 
 
+def prose(text: str) -> str:
+    """`text` without fenced code blocks, display maths and markdown tables (a GitHub table: a
+    header row, a delimiter row "|---|:--:|" and the rows with a "|" after it)."""
+    text = _DISPLAY_MATH.sub("\n", _FENCED_CODE.sub("\n", text))
+    if "|" not in text:
+        return text
+    lines = text.split("\n")
+    table = [False] * len(lines)
+    for i, line in enumerate(lines):
+        if i and "|" in lines[i - 1] and _TABLE_DELIMITER.fullmatch(line):
+            table[i - 1] = table[i] = True
+            for j in range(i + 1, len(lines)):
+                if "|" not in lines[j]:
+                    break
+                table[j] = True
+    return "\n".join(line for line, skip in zip(lines, table) if not skip)
+
+
 def repetition_problem(text: str) -> str | None:
-    """Which of Gopher's repetition limits `text` exceeds, or None."""
+    """Which of Gopher's repetition limits `text` exceeds, or None (n-grams of CJK_NGRAM_SCALE x n
+    words where most words are CJK characters)."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if len(lines) > 1:
         seen: set[str] = set()
@@ -106,15 +149,20 @@ def repetition_problem(text: str) -> str | None:
             return f"repeated lines hold {share:.0%} of the characters (limit {DUPLICATE_LINE_CHAR_LIMIT:.0%})"
     tokens = words(text)
     total = sum(map(len, tokens))
+    scale, unit = (CJK_NGRAM_SCALE, " (CJK characters: n doubled)") if _mostly_cjk(tokens) else (1, "")
     for n, limit in TOP_NGRAM_LIMITS.items():
-        share = top_ngram_share(tokens, n, total)
+        share = top_ngram_share(tokens, n * scale, total)
         if share > limit:
-            return f"the most frequent {n}-gram holds {share:.0%} of the characters (limit {limit:.0%})"
+            return f"the most frequent {n * scale}-gram{unit} holds {share:.0%} of the characters (limit {limit:.0%})"
     for n, limit in DUPLICATE_NGRAM_LIMITS.items():
-        share = duplicate_ngram_share(tokens, n, total)
+        share = duplicate_ngram_share(tokens, n * scale, total)
         if share > limit:
-            return f"duplicated {n}-grams hold {share:.0%} of the characters (limit {limit:.0%})"
+            return f"duplicated {n * scale}-grams{unit} hold {share:.0%} of the characters (limit {limit:.0%})"
     return None
+
+
+def _mostly_cjk(tokens: list[str]) -> bool:
+    return sum(map(is_cjk, tokens)) * 2 > len(tokens)
 
 
 def top_ngram_share(tokens: list[str], n: int, total_chars: int) -> float:

@@ -2,16 +2,28 @@
 with the row exactly as read (so the kept rows are written back unchanged), and seen through
 three texts every check agrees on.
 
-    prompt     the turns before the response (system and user turns; a preference row's prompt)
-    response   what the model is trained to produce: assistant turns; a pair's chosen response,
-               a ranking's best (all tied best); a KTO row's completion when desirable, else ""
+    prompt     the turns before the response (system, user and tool turns; a preference row's prompt)
+    response   what the model is trained to produce: assistant turns (not those a row keeps out of
+               the loss: a prompt-completion row's prompt, `weight: 0` / `train: false`); a pair's
+               chosen response, a ranking's best (all tied best); a KTO row's completion when
+               desirable, else ""
     full       every text of the row, responses rejected or not included
     instruction  the first user turn (what the statistics of prompts describe: a system prompt
                shared by every row would hide the instructions' variety); "" for text rows
+
+Each turn, and each preference response, gives one text (`message_text`): an agent turn's
+reasoning, its content, then each tool call as a fenced block `name(arguments)`, the arguments the
+JSON text as written (an object as `json.dumps` writes it), one per line. The fence makes the
+filters read a call as they read code, not as prose (its arguments' keys repeat by design); word
+counts, echo, dedup and decontamination read it whole. A row's `tools` (function definitions) are
+in none of the texts: an agent dataset repeats the same definitions on every row, which would make
+every row a near duplicate of every other. PII redaction reads every string of the row as read,
+tools and calls included (run.py).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -48,15 +60,38 @@ class Row:
 def texts(record: Record | PreferenceRecord) -> tuple[str, str, str, int]:
     """(prompt, response, full, turns) of a record; see the module docstring."""
     if isinstance(record, PreferenceRecord):
-        prompt = "\n".join(turn["content"] for turn in record.prompt)
-        trained = [record.responses[i] for i in trained_responses(record)]
-        return prompt, "\n".join(trained), "\n".join([prompt, *record.responses]), len(record.prompt) + 1
+        prompt = "\n".join(map(message_text, record.prompt))
+        responses = [message_text(response) for response in record.responses]
+        trained = [responses[i] for i in trained_responses(record)]
+        return prompt, "\n".join(trained), "\n".join([prompt, *responses]), len(record.prompt) + 1
     if record.text is not None:
         return "", record.text, record.text, 1
-    prompt = "\n".join(m["content"] for m in record.messages if m["role"] != "assistant")
-    trained = record.messages[record.prompt_turns:]  # a prompt-completion row's prompt turns are context only
-    response = "\n".join(m["content"] for m in trained if m["role"] == "assistant")
-    return prompt, response, "\n".join(m["content"] for m in record.messages), len(record.messages)
+    messages = record.messages
+    prompt = "\n".join(message_text(m) for m in messages if m["role"] != "assistant")
+    # a prompt-completion row's prompt turns and the turns marked out of the loss are context only
+    response = "\n".join(message_text(m) for i, m in enumerate(messages)
+                         if m["role"] == "assistant" and i >= record.prompt_turns and i not in record.untrained)
+    return prompt, response, "\n".join(map(message_text, messages)), len(messages)
+
+
+def message_text(message: str | dict[str, Any]) -> str:
+    """One text for a turn, or a preference response (a string, or the message without its role):
+    its reasoning, its content and each tool call (`call_text`), one per line, the empty left out."""
+    if isinstance(message, str):
+        return message
+    parts = [message.get("reasoning_content"), message.get("content"),
+             *map(call_text, message.get("tool_calls") or ())]
+    return "\n".join(part for part in parts if isinstance(part, str) and part)
+
+
+def call_text(call: dict[str, Any]) -> str:
+    """A tool call as a fenced block "```\\nname(arguments)\\n```": the arguments as the row writes
+    them (JSON text), or an object as `json.dumps` writes it."""
+    function = call.get("function", call)
+    arguments = function.get("arguments")
+    if not isinstance(arguments, str):
+        arguments = json.dumps(arguments, ensure_ascii=False, default=str)
+    return f"```\n{function.get('name')}({arguments})\n```"
 
 
 def trained_responses(record: PreferenceRecord) -> list[int]:

@@ -149,7 +149,7 @@ def _eval_texts(path: str, on: str, log) -> tuple[list[str], list[str], int]:
     import itertools
 
     from posttrain.data.prompts import load_prompt_records
-    from posttrain.data.quality.rows import detect_any_format
+    from posttrain.data.quality.rows import detect_any_format, message_text
     from posttrain.data.readers import Malformed, iter_rows
 
     head = [row for _, row in itertools.islice(iter_rows(path), 100) if not isinstance(row, Malformed)]
@@ -157,7 +157,7 @@ def _eval_texts(path: str, on: str, log) -> tuple[list[str], list[str], int]:
         detect_any_format(head, where=path)
     except DataError:
         records, read = load_prompt_records([path], bad_rows="skip", max_bad_fraction=1.0, log=log)
-        texts = ["\n".join(t["content"] for t in r.prompt) + (f"\n{r.answer}" if on == "full" and r.answer else "")
+        texts = ["\n".join(map(message_text, r.prompt)) + (f"\n{r.answer}" if on == "full" and r.answer else "")
                  for r in records]
         return texts, [r.source for r in records], read.bad
     rows, read = load_rows([path], fmt="auto", bad_rows="skip", max_bad_fraction=1.0, rejects_path=None, log=log)
@@ -200,17 +200,22 @@ def _redacted(text: str, kinds, found: list[str]) -> str:
     return redact(text, matches) if matches else text
 
 
-# Keys whose string value may be a JSON-encoded list (turns, responses) in a CSV or Parquet cell, decoded as
-# the preference reader decodes them.
-_TURN_KEYS = ("messages", "conversations", "prompt", "chosen", "rejected", "responses", "completion")
+# Keys whose string value may be a JSON-encoded list (turns, responses, tool calls, tool definitions) in a CSV
+# or Parquet cell, decoded as the preference reader decodes them.
+_TURN_KEYS = ("messages", "conversations", "prompt", "chosen", "rejected", "responses", "completion", "tool_calls",
+              "tools")
 
 
 def _map_strings(value: Any, fn: Callable[[str], str], key: str = "") -> Any:
     """`value` with `fn` applied to every string in it. A turn's role ("role" / ShareGPT "from")
     is left alone; a cell holding JSON-encoded turns is decoded, mapped and encoded again, so
-    redaction reaches the turns' text and never breaks the JSON."""
+    redaction reaches the turns' text and never breaks the JSON. A tool call's `arguments` given
+    as JSON text are decoded too, so a value is read as the tool reads it (its escaped line breaks
+    are line breaks, as a PEM block needs); the text is written again (`json.dumps`) only where a
+    string in it changed, and stays as written otherwise."""
     if isinstance(value, str):
-        decoded = _decoded(value, any_list=True) if key in _TURN_KEYS else value
+        decoded = _decoded(value, any_list=True) if key in _TURN_KEYS else _arguments(value) if key == "arguments" \
+            else value
         if isinstance(decoded, str):
             return fn(value)
         mapped = _map_strings(decoded, fn)
@@ -221,6 +226,18 @@ def _map_strings(value: Any, fn: Callable[[str], str], key: str = "") -> Any:
     if isinstance(value, list):
         return [_map_strings(v, fn, key) for v in value]
     return value
+
+
+def _arguments(text: str) -> Any:
+    """A tool call's arguments (JSON text) decoded; the text itself when it is not JSON, or decodes
+    to a lone surrogate (no UTF-8 file could hold it written out again)."""
+    from posttrain.data.readers import lone_surrogate_at
+
+    try:
+        decoded = json.loads(text)
+    except (ValueError, RecursionError):
+        return text
+    return text if lone_surrogate_at(decoded) is not None else decoded
 
 
 def _perplexity(work: _Pass, cfg, log) -> dict:

@@ -1,29 +1,117 @@
 """Text views every quality check shares: one normalisation and one notion of "word".
 
 Deduplication and decontamination compare rows after `normalize` (Unicode NFKC, case folded,
-punctuation dropped, whitespace collapsed), so "Hello, World!" and "hello world" are the same
-text. `words` splits normalised text into words; Chinese and Japanese characters are one word
-each (those scripts put no spaces between words), so word n-grams work for them too.
+invisible characters deleted, punctuation and whitespace collapsed to one space), so "Hello, World!"
+and "hello world" are the same text, and so are "Paris" and "Pa<zero-width space>ris". What each
+character does follows its Unicode general category:
+
+    letters L, numbers N, combining marks M   word characters: a Devanagari vowel sign or an
+                                              Arabic or Hebrew vowel point is part of its word
+    symbols S (+ − × < = > € © 👍 ...)        kept, each one word with a space either side: "12 + 7"
+                                              and "12 − 7" differ, "12+7" and "12 + 7" do not
+    punctuation P, separators Z, controls Cc  one space (and lone surrogates Cs, which are no text)
+    format characters Cf, variation selectors deleted: zero-width space, soft hyphen, word joiner,
+                                              zero-width (non-)joiners, bidi controls and emoji
+                                              selectors are invisible and must not split a word or
+                                              tell two rows apart
+
+`words` splits normalised text into words: a run of word characters, or one symbol, or one
+Chinese / Japanese character (those scripts put no spaces between words, so word n-grams work
+for them too), each with the combining marks that follow it.
+
+The classes come from this Python's Unicode database, read once at import (~0.05 s). A character
+class compiles to a bitmap up to U+FFFF and to a list of ranges above it, each tried in turn, so
+characters beyond U+FFFF (emoji, rare CJK ideographs, historic scripts) are looked up apart:
+normalize gives each its role by `unicodedata.category`, and `words` tries the long list for them
+only. A word does not run across U+FFFF: "𐌲𐌿𐍄𐌰" (Gothic) is one word, "a𐌲" two.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
+import sys
 import unicodedata
 
-_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
-_WORD = re.compile(rf"[{_CJK}]|[^\W{_CJK}]+")  # one CJK character, or a run of other word characters
-_NOT_WORD = re.compile(r"[\W_]+")
+_CJK = ((0x3040, 0x30FF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0x3134F))
+_VARIATION_SELECTORS = ((0xFE00, 0xFE0F), (0xE0100, 0xE01EF))
+_ROLE = {"Cc": "separator", "Cs": "separator", "Cf": "invisible", **{f"Z{c}": "separator" for c in "slp"},
+         **{f"P{c}": "separator" for c in "cdsefio"}, **{f"S{c}": "symbol" for c in "mcko"},
+         **{f"M{c}": "mark" for c in "nce"}}  # other categories (letters, numbers, Co, Cn): word characters
+_ASTRAL = "\U00010000-\U0010ffff"
+# Planes 4-13 hold no character yet and 15-16 only private use (no role): not read.
+_ASSIGNED_PLANES = ((0, 0x3FFFF), (0xE0000, 0xEFFFF))
+
+
+def _class(spans, first: int = 0, last: int = sys.maxunicode) -> str:
+    """The inside of a regex character class holding the code point ranges `spans`, cut to [first, last]."""
+    return "".join(f"\\U{max(a, first):08x}-\\U{min(b, last):08x}" for a, b in spans if a <= last and b >= first)
+
+
+def _ranges_by_role() -> dict[str, list[tuple[int, int]]]:
+    """Code point ranges (first, last) of each role in _ROLE, plus the variation selectors."""
+    out: dict[str, list[tuple[int, int]]] = {"separator": [], "invisible": [], "symbol": [], "mark": []}
+    for first, last in _ASSIGNED_PLANES:
+        roles = map(_ROLE.get, map(unicodedata.category, map(chr, range(first, last + 1))))
+        start = first
+        for role, group in itertools.groupby(roles):
+            length = len(list(group))
+            if role is not None:
+                out[role].append((start, start + length - 1))
+            start += length
+    out["invisible"] += _VARIATION_SELECTORS
+    return out
+
+
+def _role(char: str) -> str | None:
+    code = ord(char)
+    if any(a <= code <= b for a, b in _VARIATION_SELECTORS):
+        return "invisible"
+    return _ROLE.get(unicodedata.category(char))
+
+
+def _astral(m: re.Match[str]) -> str:
+    """A character beyond U+FFFF, normalised as the BMP patterns do the others."""
+    role = _role(m.group())
+    return "" if role == "invisible" else " " if role == "separator" else f" {m.group()} " if role == "symbol" \
+        else m.group()
+
+
+_RANGES = _ranges_by_role()
+_OWN_SPANS = _CJK + tuple(_RANGES["symbol"])  # characters that are a word each
+_OWN, _OWN_ASTRAL = _class(_OWN_SPANS, last=0xFFFF), _class(_OWN_SPANS, first=0x10000)
+_INVISIBLE = re.compile(f"[{_class(_RANGES['invisible'], last=0xFFFF)}]+")
+_SEPARATOR = re.compile(f"[{_class(_RANGES['separator'], last=0xFFFF)}]+")
+_ASTRAL_CHAR = re.compile(f"[{_ASTRAL}]")
+_WORD = re.compile(
+    f"[^ {_OWN}{_ASTRAL}]+"  # letters, marks, numbers
+    f"|[{_OWN}][{_class(_RANGES['mark'], last=0xFFFF)}]*"  # a CJK character or a symbol, with its marks
+    f"|[{_ASTRAL}](?<=[{_OWN_ASTRAL}])"  # the same beyond U+FFFF (the long class tried only there)
+    f"|(?:[{_ASTRAL}](?<![{_OWN_ASTRAL}]))+")  # other characters beyond U+FFFF
+_CJK_CHAR = re.compile(f"[{_class(_CJK)}]")
+_SYMBOL = re.compile(f"[{_class(_RANGES['symbol'], last=0xFFFF)}]")
+del _RANGES, _OWN_SPANS
 
 
 def normalize(text: str) -> str:
-    """NFKC, case folded, every run of punctuation / whitespace / underscores one space, trimmed."""
-    return _NOT_WORD.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
+    """NFKC, case folded, format characters and variation selectors deleted, every run of
+    punctuation / whitespace / underscores one space, trimmed; letters, marks, numbers and
+    symbols kept."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    if not text.isascii():  # ASCII has neither an invisible character nor one beyond U+FFFF
+        text = _INVISIBLE.sub("", _ASTRAL_CHAR.sub(_astral, text))
+    return _SEPARATOR.sub(" ", _SYMBOL.sub(r" \g<0> ", text)).strip()  # a symbol stands apart: 12+7 = 12 + 7
 
 
 def words(text: str) -> list[str]:
-    """The words of `text` after `normalize` (CJK characters one word each)."""
+    """The words of `text` after `normalize`: runs of letters, marks and numbers; each symbol and
+    each CJK character one word."""
     return _WORD.findall(normalize(text))
+
+
+def is_cjk(word: str) -> bool:
+    """Whether `word` (one of `words`) is a Chinese or Japanese character."""
+    return _CJK_CHAR.match(word) is not None
 
 
 def ngrams(tokens: list[str], n: int) -> list[tuple[str, ...]]:

@@ -39,8 +39,8 @@ def encode_trained(row, tokenizer, template: str) -> list[Example]:
 
     record = row.record
     if isinstance(record, PreferenceRecord):
-        return [encode_response(record.prompt, record.responses[i], tokenizer, template, record.source)
-                for i in trained_responses(record)]
+        return [encode_response(record.prompt, record.responses[i], tokenizer, template, record.source,
+                                tools=record.tools) for i in trained_responses(record)]
     return encode_row(row, tokenizer, template)
 
 
