@@ -89,7 +89,7 @@ _WORD = re.compile(
     f"|[{_ASTRAL}](?<=[{_OWN_ASTRAL}])"  # the same beyond U+FFFF (the long class tried only there)
     f"|(?:[{_ASTRAL}](?<![{_OWN_ASTRAL}]))+")  # other characters beyond U+FFFF
 _CJK_CHAR = re.compile(f"[{_class(_CJK)}]")
-_SYMBOL = re.compile(f"[{_class(_RANGES['symbol'], last=0xFFFF)}]")
+_SYMBOL = re.compile(f"([{_class(_RANGES['symbol'], last=0xFFFF)}])")  # split keeps each, joined with spaces
 del _RANGES, _OWN_SPANS
 
 
@@ -100,7 +100,7 @@ def normalize(text: str) -> str:
     text = unicodedata.normalize("NFKC", text).casefold()
     if not text.isascii():  # ASCII has neither an invisible character nor one beyond U+FFFF
         text = _INVISIBLE.sub("", _ASTRAL_CHAR.sub(_astral, text))
-    return _SEPARATOR.sub(" ", _SYMBOL.sub(r" \g<0> ", text)).strip()  # a symbol stands apart: 12+7 = 12 + 7
+    return _SEPARATOR.sub(" ", " ".join(_SYMBOL.split(text))).strip()  # a symbol stands apart: 12+7 = 12 + 7
 
 
 def words(text: str) -> list[str]:
