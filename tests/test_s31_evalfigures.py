@@ -14,11 +14,10 @@ import torch
 from posttrain.config.evaluate import EvaluateConfig
 from posttrain.config.safety import RedTeamConfig
 from posttrain.errors import ConfigError
-from posttrain.feedback.client import Reply
 from posttrain.safety.metrics import design_effect, proportion, rates, wilson_interval
 from posttrain.safety.report import markdown
 from posttrain.safety.run import run_redteam, summarize
-from tests.test_walkthrough_evalstats import Complies, _harmful, _jsonl, _report
+from tests.test_walkthrough_evalstats import Complies, RefusingJudge, _harmful, _jsonl, _report, direct_only
 
 QUIET = {"log": lambda _: None}
 
@@ -98,26 +97,19 @@ def test_a_markdown_row_says_what_was_left_out_beside_the_rate():
 def test_compare_to_a_run_of_another_judge_model_is_refused_and_the_same_classifier_is_not(tmp_path):
     harmful = _harmful(tmp_path, 2)
 
-    class Judge:
-        model_name = "judge"
-
-        def chat(self, messages, **kwargs):
-            return Reply("LABEL: full_refusal", "stop", 1, 1)
-
     def cfg(name, *more):
-        return RedTeamConfig.load(None, [f"output_dir={tmp_path / name}", f"probes.harmful={harmful}",
-                                         "probes.overrefusal=", "attacks.names=[direct]", *more])
+        return direct_only(tmp_path, harmful, name, *more)
 
-    before = run_redteam(cfg("a", "classifier=judge", "judge.model=judge-a"), target=Complies(), judge=Judge(),
-                         stream=None, **QUIET)
+    before = run_redteam(cfg("a", "classifier=judge", "judge.model=judge-a"), target=Complies(),
+                         judge=RefusingJudge(), stream=None, **QUIET)
     target = Complies()
     with pytest.raises(ConfigError, match="judge-a.*judge-b"):
         run_redteam(cfg("b", "classifier=judge", "judge.model=judge-b", f"compare_to={before}"), target=target,
-                    judge=Judge(), stream=None, **QUIET)
+                    judge=RefusingJudge(), stream=None, **QUIET)
     with pytest.raises(ConfigError, match="'judge'.*'patterns'"):
         run_redteam(cfg("c", f"compare_to={before}"), target=target, stream=None, **QUIET)
     out = run_redteam(cfg("d", "classifier=judge", "judge.model=judge-a", f"compare_to={before}"), target=target,
-                      judge=Judge(), stream=None, **QUIET)
+                      judge=RefusingJudge(), stream=None, **QUIET)
     assert "+0.0 pts" in (out / "report.md").read_text()
 
 

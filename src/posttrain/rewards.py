@@ -98,7 +98,8 @@ class RewardModelScorer:
         if not self.rows_cut:
             return None
         kept = "end" if self.decoder else "start"
-        return f"cut {self.rows_cut} of {self.rows_scored} rows longer than {self.max_length} tokens (kept their {kept})"
+        return (f"cut {self.rows_cut} of {self.rows_scored} rows longer than {self.max_length} tokens "
+                f"(kept their {kept})")
 
 
 def function_reward(spec: str) -> Reward:

@@ -80,7 +80,8 @@ class Stage(Protocol):
     # A-GEM's projection; `grad_scale`: the fp16 GradScaler's scale, which the gradients carry until
     # clipping unscales them; `step`: the 0-based optimizer step);
     # dense_gradients: True when `regularize` needs dense gradients (no sparse embedding gradients);
-    # monitor(module, accelerator) -> ({name: figure}, reason to stop or None), at each evaluation.
+    # monitor(module, accelerator) -> ({name: figure}, reason to stop or None), at each evaluation;
+    # on_checkpoint() -> called as each checkpoint is saved (streamed SFT's counts of the rows read).
 
 
 @dataclass
@@ -311,6 +312,8 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: dict[str, 
                     "weights, load model.dtype=float32 and set train.mixed_precision=bf16")
 
     def save() -> None:
+        if getattr(stage, "on_checkpoint", None) is not None:
+            stage.on_checkpoint()
         if accelerator.scaler is not None:  # fp16: the loss scale found so far, and its growth count
             state["grad_scaler"] = accelerator.scaler.state_dict()
         checkpoint.save(ckpt_root, state["step"], model=accelerator.unwrap_model(module), optimizer=optimizer,

@@ -292,7 +292,9 @@ class PreferenceLoss(torch.nn.Module):
         if index is not None:
             return (batch["reference_logps"][index] if known
                     else policy_logps(self.model, *_rows(batch, index), self.chunk_size)[0])
-        return (batch["reference_logps"], token_counts(batch)) if known else batch_logps(self.model, batch, self.chunk_size)
+        if known:
+            return batch["reference_logps"], token_counts(batch)
+        return batch_logps(self.model, batch, self.chunk_size)
 
     def _reference(self, batch: dict):
         """log π_ref per sequence: precomputed where the batch carries it (every batch of a

@@ -77,7 +77,7 @@ class SFTStage:
         self.cfg = cfg
         self.pad_id = pad_id
         self.stream = stream  # callable returning a fresh example iterator, when streaming
-        self.at_checkpoint = None  # called after each optimizer step that a periodic checkpoint follows
+        self.on_checkpoint = None  # called as each checkpoint is saved (train.loop)
         self.forgetting = None
         from posttrain.train.forgetting import attach
 
@@ -115,11 +115,6 @@ class SFTStage:
                 buffer = []
         if buffer:
             yield self._collate(pack(buffer, self.cfg.data.max_length) if self.cfg.data.packing else buffer)
-
-    def after_optimizer_step(self, step: int) -> None:
-        every = self.cfg.train.save_every
-        if self.at_checkpoint is not None and every and step % every == 0:
-            self.at_checkpoint()
 
     def micro_batches_per_epoch(self) -> int | None:
         if self.stream is not None:
@@ -253,7 +248,7 @@ def run_sft(cfg: SFTConfig) -> Path:
     module = CausalLMLoss(model, cfg.train.loss, cfg.train.loss_chunk_size)
     stage = SFTStage(module, train_examples, eval_examples, cfg, pad_id, stream, adapter_training, control)
     if counts is not None and main:  # what the stream has cut and dropped: at each checkpoint, and at the end
-        stage.at_checkpoint = lambda: write_stream_counts(run_dir, counts, cfg.data)
+        stage.on_checkpoint = lambda: write_stream_counts(run_dir, counts, cfg.data)
     summary = {"loss_impl": module.loss_kind}
     summary.update(_exact_match(cfg, model, tokenizer, data, "before") if main else {})
     summary.update(report(cfg, control, model, tokenizer, "before", cfg.eval.max_new_tokens, main))
