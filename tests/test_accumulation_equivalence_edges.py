@@ -355,7 +355,8 @@ def _with_reference(items, model, offsets=True):
 
 
 def _pair_reference(model, items, c):
-    """Per-prompt average of the paper's per-pair loss, each ordered pair 1/#pairs, plus the metrics."""
+    """Per-prompt average of the paper's per-pair loss, each ordered pair 1/#pairs, plus the metrics;
+    ORPO's NLL term once per prompt, on its best response(s) (stop 32)."""
     loss, sums = 0.0, {}
 
     def add(name, value):
@@ -373,12 +374,11 @@ def _pair_reference(model, items, c):
             if c.loss == "dpo":
                 term = -F.logsigmoid(c.beta * h)
                 rc, rr = c.beta * float((logp[i] - ref[i]).detach()), c.beta * float((logp[j] - ref[j]).detach())
-            else:  # orpo: reference-free, on average log-probs, with the chosen side's NLL
+            else:  # orpo: reference-free, on average log-probs; its NLL term below
                 odds = [a - torch.log(-torch.expm1(a)) for a in (avg[i], avg[j])]
-                term = -avg[i] - c.orpo_lambda * F.logsigmoid(odds[0] - odds[1])
+                term = -c.orpo_lambda * F.logsigmoid(odds[0] - odds[1])
                 rc, rr = c.beta * float(avg[i].detach()), c.beta * float(avg[j].detach())
                 add("log_odds_ratio", w * float((odds[0] - odds[1]).detach()))
-                add("nll", w * float(-avg[i].detach()))
             loss = loss + w * term
             add("rewards/chosen", w * rc)
             add("rewards/rejected", w * rr)
@@ -386,6 +386,11 @@ def _pair_reference(model, items, c):
             add("rewards/accuracy", w * (1.0 if rc > rr else 0.5 if rc == rr else 0.0))
             add("logps/chosen", w * float(logp[i].detach()))
             add("logps/rejected", w * float(logp[j].detach()))
+        if c.loss == "orpo":  # the SFT term: the mean token NLL of the best response(s), once per prompt
+            best = [k for k, rank in enumerate(item.ranks) if rank == min(item.ranks)]
+            nll = sum(-avg[k] for k in best) / len(best)
+            loss = loss + nll
+            add("nll", float(nll.detach()))
     n = len(items)
     return loss / n, {k: v / n for k, v in sums.items()}
 

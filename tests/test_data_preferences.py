@@ -429,14 +429,16 @@ def test_prepare_from_a_jsonl_file_with_skipped_rows(tmp_path, tokenizer):
     cfg = _cfg(train_files=[path], eval_fraction=0.2, bad_rows="skip", max_bad_fraction=0.5)
     logged = []
     data = prepare_preference_data(cfg, tokenizer, run, seed=0, log=logged.append)
-    assert (len(data.train), len(data.eval)) == (4, 1)
+    # the 5 good rows share one prompt: held out by prompt (stop 32), none can be, and the log says so
+    assert (len(data.train), len(data.eval)) == (5, 0)
+    assert "all 5 training rows share one prompt, so none is held out" in logged[1]
     assert len((run / "rejects-train.jsonl").read_text().splitlines()) == 3
     assert [_label_text(tokenizer, s) for s in data.train[0].sequences] == ["c b a<|im_end|>", "a b c<|im_end|>"]
     assert data.train[0].margin == 0.5
     report = json.loads((run / "data_report.json").read_text())
     assert (report["train_read"]["rows"], report["train_read"]["bad_rows"]) == (8, 3)
-    assert report["eval_read"] == {"rows": 1, "split_from_train": True}
-    assert "train: 4 preference records (2 responses); 0 of 4 records" in logged[1]
+    assert report["eval_read"] == {"rows": 0, "split_from_train": True, "held_out_prompts_unique": True, "prompts": 0}
+    assert "train: 5 preference records (2 responses); 0 of 5 records" in logged[2]
 
 
 def test_prepare_with_eval_files_and_a_length_policy_that_leaves_nothing(tmp_path, tokenizer):

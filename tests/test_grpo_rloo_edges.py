@@ -19,6 +19,7 @@ import torch
 from posttrain.config import GRPOConfig, GRPOLossConfig
 from posttrain.data.prompts import PromptRecord
 from posttrain.losses import policy_gradient as pg
+from tests.test_rl_edges import _FakeEngine
 
 D = torch.float64
 PROMPTS = [[1, 5, 9, 2], [1, 5, 9, 2], [1, 5, 9, 2], [1, 7], [1, 7], [1, 7]]
@@ -217,20 +218,6 @@ def test_rewards_that_do_not_fill_whole_groups_are_refused_not_regrouped():
 
 
 # --------------------------------------------------------------------------- rewards of a rollout
-
-
-class _FakeEngine:
-    """Fixed completions, as a rollout engine hands them back (ids, EOS kept, no padding)."""
-
-    is_policy = True
-    generation_config = None
-
-    def __init__(self, outs):
-        self.outs = outs
-
-    def generate(self, prompt_ids, settings, *, eos_token_ids, pad_token_id, stop_check=None):
-        assert len(prompt_ids) == len(self.outs)
-        return [list(o) for o in self.outs]
 
 
 def test_penalty_then_normalise_then_clip_in_that_order(tiny):

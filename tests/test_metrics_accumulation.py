@@ -215,7 +215,8 @@ def _log_odds(avg):
 
 
 def _pair_terms(loss, c, pc, pr, rc, rr, ac, ar):
-    """(loss term with graph, chosen reward, rejected reward, extra metrics) for one ordered pair, by the papers."""
+    """(loss term with graph, chosen reward, rejected reward, extra metrics) for one ordered pair, by the papers;
+    the NLL term (ORPO's L_SFT, RPO's) is the prompt's, on its best response (`_expected_pair_metrics`)."""
     fls = torch.nn.functional.logsigmoid
     h = (pc - rc) - (pr - rr)
     extra = {}
@@ -229,14 +230,11 @@ def _pair_terms(loss, c, pc, pr, rc, rr, ac, ar):
         term = torch.relu(1 - c.beta * h)
     elif loss == "orpo":
         ratio = _log_odds(ac) - _log_odds(ar)
-        term = -ac - c.orpo_lambda * fls(ratio)
-        extra = {"log_odds_ratio": float(ratio.detach()), "nll": float(-ac.detach())}
+        term = -c.orpo_lambda * fls(ratio)
+        extra = {"log_odds_ratio": float(ratio.detach())}
         return term, c.beta * float(ac.detach()), c.beta * float(ar.detach()), extra
     else:
         raise AssertionError(loss)
-    if c.nll_weight:
-        term = term + c.nll_weight * (-ac)
-        extra = {"nll": float(-ac.detach())}
     return term, c.beta * float((pc - rc).detach()), c.beta * float((pr - rr).detach()), extra
 
 
@@ -267,6 +265,13 @@ def _expected_pair_metrics(model64, items, loss, c):
             add("logps/rejected", w * float(logps[j].detach()))
             for name, value in extra.items():
                 add(name, w * value)
+        if loss == "orpo" or c.nll_weight:  # once per prompt: the mean token NLL of its best response(s)
+            best = [k for k, rank in enumerate(item.ranks) if rank == min(item.ranks)]
+            nll = sum(-avgs[k] for k in best) / len(best)
+            coef = 1.0 if loss == "orpo" else c.nll_weight
+            graph = graph + coef * nll
+            add("loss", coef * float(nll.detach()))
+            add("nll", float(nll.detach()))
     return {k: v / len(items) for k, v in sums.items()}, graph / len(items)
 
 

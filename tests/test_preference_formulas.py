@@ -254,8 +254,8 @@ def _pair_formula(cfg, h: float, aw: float, al: float) -> float:
         return max(0.0, 1 - b * h)
     if cfg.loss == "simpo":
         return -_logsig(b * aw - b * al - cfg.simpo_gamma)
-    assert cfg.loss == "orpo"
-    return -aw - cfg.orpo_lambda * _logsig(_log_odds(aw) - _log_odds(al))
+    assert cfg.loss == "orpo"  # its L_SFT term is the stage's NLL term, on the best response (below)
+    return -cfg.orpo_lambda * _logsig(_log_odds(aw) - _log_odds(al))
 
 
 @pytest.mark.parametrize("loss, knobs", [
@@ -265,7 +265,10 @@ def _pair_formula(cfg, h: float, aw: float, al: float) -> float:
 ], ids=["dpo", "cdpo", "ipo-sums", "hinge", "simpo-averages", "orpo", "rpo"])
 def test_every_pair_loss_in_the_stage_equals_its_formula_on_naive_logps(tokenizer, model, loss, knobs):
     """The stage feeds summed log-probs to dpo/cdpo/ipo/hinge and per-token averages to simpo
-    and orpo; K-way rankings become every strictly ordered pair, each weighted 1/#pairs."""
+    and orpo; K-way rankings become every strictly ordered pair, each weighted 1/#pairs. The NLL
+    term (ORPO's L_SFT, RPO's dpo.nll_weight) is the mean token NLL of the prompt's best response
+    (those of the best rank, averaged), once per prompt: never of a lower-ranked answer that beats
+    a worse one (stop 32)."""
     from posttrain.config import DPOLossConfig
     from posttrain.train.grouped import collate_items
     from posttrain.train.preference import PreferenceLoss, pair_extras
@@ -286,10 +289,10 @@ def test_every_pair_loss_in_the_stage_equals_its_formula_on_naive_logps(tokenize
             (sw, nw), (sl, nl) = naive[w], naive[l]
             aw, al = sw / nw, sl / nl
             h = (sw - item.reference_logps[w]) - (sl - item.reference_logps[l])
-            value = _pair_formula(cfg, h, aw, al)
-            if cfg.nll_weight and loss != "orpo":
-                value += cfg.nll_weight * (-aw)
-            expected += value / len(pairs)
+            expected += _pair_formula(cfg, h, aw, al) / len(pairs)
+        best = [k for k, rank in enumerate(item.ranks) if rank == min(item.ranks)]
+        nll_weight = 1.0 if loss == "orpo" else cfg.nll_weight
+        expected += nll_weight * sum(-naive[k][0] / naive[k][1] for k in best) / len(best)
     assert sum(len(item.ordered_pairs()) for item in items) == 1 + 1 + 5  # the tie makes no pair
     assert float(got) == pytest.approx(expected, rel=1e-5, abs=1e-5)
 

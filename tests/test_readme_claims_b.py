@@ -24,6 +24,11 @@ SECOND_HALF = README[README.index("### Reward models and preference optimisation
 MODULE = "tests.test_readme_claims_b"
 
 
+def _train_lines(run_dir) -> list[dict]:
+    """metrics.jsonl's training lines (the eval_* lines of an evaluation left out)."""
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
 # --------------------------------------------------------------------------- reward functions for the RL runs
 
 
@@ -227,7 +232,7 @@ def grpo_run(tmp_path_factory):
         "grpo.beta=0.05", f"reward.functions=[p={MODULE}:mod3]"])
     out = run_grpo(cfg)
     return {"dir": out, "limit": limit, "tokenizer": tokenizer,
-            "metrics": [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()],
+            "metrics": _train_lines(out),
             "summary": json.loads((out / "summary.json").read_text()),
             "samples": [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]}
 
@@ -344,7 +349,7 @@ def ppo_run(tmp_path_factory):
         "train.batch_size=2", "train.grad_accum=2", "ppo.minibatches=2", "ppo.epochs=2", "train.max_steps=8",
         "ppo.kl_coef=0", "train.progress_bar=false", "eval.prompts=2", "eval.samples=1", "eval.sample_every=1",
         f"reward.functions=[c={MODULE}:chars]"]))
-    return {"dir": out, "metrics": [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()],
+    return {"dir": out, "metrics": _train_lines(out),
             "summary": json.loads((out / "summary.json").read_text()),
             "samples": [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]}
 

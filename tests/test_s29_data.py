@@ -77,8 +77,9 @@ def test_sft_messages_cell_as_python_repr(tmp_path):
 
 
 def test_a_cell_that_starts_like_turns_but_does_not_parse_is_a_bad_row(tmp_path):
-    # pandas writes a numpy array of dicts without commas between them: neither JSON nor a literal
-    broken = "[{'role': 'user', 'content': 'q'}\n {'role': 'user', 'content': 'r'}]"
+    # a comma missing inside a dict: neither JSON nor a literal, nor numpy's repr of a list (which
+    # leaves the commas out between elements only, and is read: tests/test_walkthrough_interop.py)
+    broken = "[{'role': 'user', 'content': 'q'}\n {'role': 'user' 'content': 'r'}]"
     path = _csv(tmp_path / "p.csv", ["prompt", "chosen", "rejected"], [[broken, "a", "b"]])
     with pytest.raises(DataError, match=r"p\.csv:2: 'prompt' starts like a list of turns but is neither JSON"):
         load_preference_records([path], log=_quiet)

@@ -204,5 +204,5 @@ def test_generate_takes_the_rl_prompt_rows_with_turns(tmp_path, capsys):
     assert inference.render(rows[3], tok, "t") == "Answer with one letter.|Smallest letter: h c v"
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": [{"role": "user"}]}) + "\n")
-    with pytest.raises(Exception, match=r"bad.jsonl:1: turn 1 of 'messages' needs a text 'role' and a text 'content'"):
+    with pytest.raises(Exception, match=r"bad.jsonl:1: 'prompt' turn 1 \(user\) has no 'content'"):  # training's reader
         inference._json_prompts(str(bad))

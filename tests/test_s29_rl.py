@@ -78,7 +78,7 @@ def test_grpo_with_prompt_tuning_moves_away_from_the_kept_start(tmp_path, monkey
                    "grpo.beta=0.04", "reward.functions=[length=s29_length:length]"])
     tmp_path = tmp_path / "run"
     assert rc == 0
-    first, second = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    first, second = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert first["grad_norm"] > 0  # the samples' rewards differ: the virtual tokens move
     assert first["kl"] == 0.0 and second["kl"] != 0.0
     summary = json.loads((tmp_path / "summary.json").read_text())

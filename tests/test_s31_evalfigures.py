@@ -69,7 +69,7 @@ def test_failed_requests_stay_in_their_rows_and_a_rerun_clears_them(tmp_path):
     out = run_redteam(cfg, target=Complies(fail_on="weeds"), stream=None, **QUIET)
     report = _report(out)
     assert report["failed"] == 1 and report["over_refusal"]["by_category"]["garden"]["errors"] == 1
-    assert "| garden | – (1 left out) |" in (out / "report.md").read_text()
+    assert "| garden | n/a (0/0); 1 left out |" in (out / "report.md").read_text()  # no figure over no answer
     run_redteam(cfg, target=Complies(), stream=None, **QUIET)
     report = _report(out)
     assert report["failed"] == 0 and report["over_refusal"]["by_category"]["garden"] == {

@@ -129,7 +129,7 @@ def test_chat_says_when_the_history_outgrows_the_positions_and_goes_on(gpt2, tok
     written: list[str] = []
     history = chat_session(gpt2, tokenizer, resolve_template(tokenizer, "auto"),
                            SamplingSettings(max_new_tokens=4, temperature=0.0), read=read, write=written.append)
-    assert "the model reads at most 64" in written[0] and "/reset" in written[0]
+    assert "the model reads at most 64" in written[0] and "send a shorter one" in written[0]
     assert [m["content"] for m in history if m["role"] == "user"] == ["hi"] and len(written) == 2
 
 

@@ -174,9 +174,9 @@ def test_evaluation_before_training_is_the_forwards_figures_without_them(tmp_pat
     outputs = []
     real = loop.evaluate
 
-    def both(module, stage, accelerator):
+    def both(module, stage, accelerator, batches=None):
         if outputs:  # after training: as it is
-            return real(module, stage, accelerator)
+            return real(module, stage, accelerator, batches)
         before = nograd_forwards["nograd"]
         read = real(module, stage, accelerator)
         outputs.append(nograd_forwards["nograd"] - before)

@@ -282,9 +282,11 @@ def test_compare_to_a_run_with_other_attacks_and_no_over_refusal(tmp_path, suite
     assert "| direct | 33.3% [6.1%, 79.2%] (1/3) | 33.3% [6.1%, 79.2%] (1/3) | +0.0 pts |" in md
     assert "| role_play | 33.3% [6.1%, 79.2%] (1/3) | – | – |" in md  # not in the earlier run
     assert "| garden | 100.0% [20.7%, 100.0%] (1/1) | – | – |" in md  # the earlier run had no safe prompts
-    # each request is refused under both attacks or neither: the pooled 2 of 6 is as uncertain as 1 of 3
-    assert ("| all attacks | 33.3% [6.1%, 79.2%] (2/6, design effect 2.00) | 33.3% [6.1%, 79.2%] (1/3) | +0.0 pts |"
+    # each request is refused under both attacks or neither: the pooled 2 of 6 is as uncertain as 1 of 3; it pools
+    # role_play too, which the earlier run did not make: not compared (safety/report.not_compared)
+    assert ("| all attacks | 33.3% [6.1%, 79.2%] (2/6, design effect 2.00) | not comparable: other attacks | – |"
             in md)
+    assert "Attacks left out of the comparison (only in this run: role_play)" in md
 
 
 def test_a_missing_compare_to_is_refused_before_any_request(tmp_path, suites):

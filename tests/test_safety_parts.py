@@ -436,5 +436,5 @@ def test_rates_count_errors_apart_and_group():
     by_category = rates(records, success=success, by="category")
     assert list(by_category) == ["fraud", "hate"] and by_category["hate"]["successes"] == 1
     only_errors = rates([{"error": "x"}], success=success)
-    assert only_errors == {"n": 0, "successes": 0, "rate": 0.0, "ci95": [0.0, 1.0], "errors": 1}
+    assert only_errors == {"n": 0, "successes": 0, "rate": None, "ci95": [0.0, 1.0], "errors": 1}  # no figure
     assert rates([], success=success, by="attack") == {}

@@ -266,7 +266,8 @@ def test_dpo_family_step_is_one_forward_and_one_backward_plus_what_its_loss_need
 def test_rl_rollout_and_updates_do_only_the_forwards_they_need(tmp_path, forwards, backwards, command, extra,
                                                                per_run):
     """One rollout of 8 completions (max_new_tokens 4), then its updates: the decoding is one batch
-    of every row, a prefill and three one-token KV-cache steps; no held-out figures (eval.prompts=0)."""
+    of every row, a prefill and three one-token KV-cache steps; no held-out figures (eval.prompts=0).
+    GRPO's prefill runs once for a prompt's G = 8 copies (`rollout.generate._prefill`)."""
     example = "examples/grpo.yaml" if command == "grpo" else "examples/ppo.yaml"
     _main(command, example, f"output_dir={tmp_path / 'run'}", "train.batch_size=8", "train.max_steps=1",
           "eval.prompts=0", "data.synthetic_size=200", *QUIET, *extra)
@@ -274,7 +275,8 @@ def test_rl_rollout_and_updates_do_only_the_forwards_they_need(tmp_path, forward
     assert {k: v for k, v in kinds.items() if k != "decode"} == per_run
     assert len(backwards) == per_run["grad"]
     decode = [shape for kind, shape in forwards if kind == "decode"]
-    assert len(decode) == 4 and decode[0][0] == 8 and all(shape == (8, 1) for shape in decode[1:])
+    prefilled = 1 if command == "grpo" else 8  # PPO's 8 rows are 8 prompts
+    assert len(decode) == 4 and decode[0][0] == prefilled and all(shape == (8, 1) for shape in decode[1:])
 
 
 def test_sft_last_step_evaluates_once_and_writes_final_and_one_checkpoint(tmp_path, forwards, monkeypatch):

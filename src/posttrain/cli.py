@@ -157,8 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--batch-size", type=int, default=32)
     gen = sub.add_parser("generate", help="batched generation from a prompts file to JSONL")
     _sampling_args(gen)
-    gen.add_argument("--prompts", required=True, help="text file (one prompt a line) or JSONL with prompt/messages")
-    gen.add_argument("--output", default="-", help="JSONL output path (- = stdout)")
+    gen.add_argument("--prompts", required=True, help="text file (one prompt a line), or rows with prompt / messages / conversations "
+                     "in any file the training readers take (JSONL, JSON, CSV, Parquet, a save_to_disk directory)")
+    gen.add_argument("--output", default="-", help="JSONL output path (- = stdout); rows go to OUTPUT.partial as they "
+                     "finish, renamed to OUTPUT when all are in")
     gen.add_argument("--batch-size", type=int, default=16)
     chat = sub.add_parser("chat", help="interactive multi-turn chat with the chat template")
     _sampling_args(chat)
@@ -419,6 +421,9 @@ def _flags_as_overrides(command: str, extra: list[str]) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from posttrain.console import line_buffered
+
+    line_buffered(sys.stdout)  # a message said is in the log file as it is said (console.line_buffered)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # argparse ends a command's key=value list at its first flag: `pipeline P.yaml --dry-run k=v` leaves

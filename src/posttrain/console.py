@@ -33,6 +33,21 @@ def output_closed() -> int:
     return OUTPUT_CLOSED
 
 
+def line_buffered(stream: TextIO) -> None:
+    """Flush `stream` at each newline when it is not a terminal (a batch job's log file, a pipe):
+    Python buffers such a stream in blocks of 8 KiB, so `tail -f job.out` would show a message
+    only once a block filled, and a job killed (SIGKILL: the OOM killer, scancel) would lose what
+    it had said. A terminal is line-buffered already; a stream without `reconfigure` (a StringIO,
+    a notebook's) is left as it is."""
+    reconfigure = getattr(stream, "reconfigure", None)
+    if reconfigure is None or getattr(stream, "isatty", lambda: False)():
+        return
+    try:
+        reconfigure(line_buffering=True)
+    except (ValueError, OSError):  # a closed or detached stream
+        pass
+
+
 def run() -> int:
     from posttrain.cli import main
 

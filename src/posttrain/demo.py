@@ -141,13 +141,16 @@ def _report_stage(run_dir: Path, seed: int) -> str:
     def rate(key):
         return lambda side: side["redteam"][key]["rate"]
 
+    def percent(value) -> str:  # a rate over no answered requests is no figure
+        return "n/a" if value is None else f"{value:.0%}"
+
     red = policy["redteam"]["attack_success"]
     return (f"alignment report, DPO vs SFT model ({report['prompts']} held-out prompts; {out / 'report.md'}): "
             f"exact match {both(lambda s: s['exact_match']['rate'], '{:.1%}'.format)}, answer NLL "
             f"{both(lambda s: s['answer_nll'], '{:.3f}'.format)} per token, KL {report['kl_to_reference']:.3f} nats "
             f"per response\n"
-            f"red team (refusal patterns): attack success {both(rate('attack_success'), '{:.0%}'.format)} of "
-            f"{red['n']} attacked harmful requests, over-refusal {both(rate('over_refusal'), '{:.0%}'.format)} of "
+            f"red team (refusal patterns): attack success {both(rate('attack_success'), percent)} of "
+            f"{red['n']} attacked harmful requests, over-refusal {both(rate('over_refusal'), percent)} of "
             f"{policy['redteam']['over_refusal']['n']} safe ones (the demo's tasks teach no refusals)")
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 from posttrain.errors import DataError, UserError
@@ -30,21 +32,82 @@ def check_output_path(path: str, flag: str = "--output") -> None:
         raise UserError(f"{flag} {path}: {parent} is a file, not a directory")
 
 
-def write_output(path: str, lines) -> None:
-    """`lines` (each ending in a newline) to the file `path`, or to stdout for '-', flushed before
-    returning: an OSError (a full disk: ENOSPC, met at a write or at the close) then names the
-    path, and the CLI says it in one line. A closed stdout pipe (`| head`) is the caller's to end
-    quietly (console.run)."""
-    try:
-        if path == "-":
-            sys.stdout.writelines(lines)
-            sys.stdout.flush()
+PROGRESS_EVERY = 5.0  # seconds between progress lines on stderr
+
+
+class Progress:
+    """'what: N/M rows' on stderr as rows are done (`advance`): every PROGRESS_EVERY seconds, and
+    at the last row when an earlier line was said (a job done within the interval says nothing)."""
+
+    def __init__(self, total: int, what: str):
+        self.total, self.what, self.done = total, what, 0
+        self._said, self._spoken = time.monotonic(), False
+
+    def advance(self, count: int = 1) -> None:
+        self.done += count
+        now = time.monotonic()
+        if now - self._said >= PROGRESS_EVERY or (self.done >= self.total and self._spoken):
+            self._said, self._spoken = now, True
+            print(f"{self.what}: {self.done}/{self.total} rows", file=sys.stderr, flush=True)
+
+
+class RowWriter:
+    """An output file's rows, written in input order as they are done: `put(i, line)` (each line
+    ending in a newline) writes row i once rows 0 .. i-1 are out, flushed, so a job stopped
+    part-way keeps every row before its first undone one.
+
+    A file is written as PATH.partial and renamed over PATH when the last row is in (used as a
+    context manager, at its end): PATH is never half of a file, and an earlier PATH stays until
+    then. When the job fails, the rows written stay in PATH.partial and one stderr line says so
+    (nothing written: it is removed). '-' (stdout) and a path that is not a plain file (a device,
+    a pipe) are written in place. An OSError (a full disk: ENOSPC) names the path, and the CLI
+    says it in one line; a closed stdout pipe (`| head`) is the caller's to end quietly
+    (console.run). `what` ("generate", "score"): the rows done are said as `Progress` says them."""
+
+    def __init__(self, path: str, total: int, what: str | None = None):
+        self.path, self.total, self.written = path, total, 0
+        self.progress = None if what is None else Progress(total, what)
+        self._waiting: dict[int, str] = {}
+        in_place = path == "-" or (Path(path).exists() and not Path(path).is_file())
+        self.partial = None if in_place else f"{path}.partial"
+        self._file = None
+        if path != "-":
+            self._file = self._io(lambda: open(self.partial or path, "w", encoding="utf-8"))
+
+    def _io(self, action):
+        try:
+            return action()
+        except OSError as exc:
+            exc.filename = exc.filename or ("stdout" if self.path == "-" else self.path)
+            raise
+
+    def put(self, index: int, line: str) -> None:
+        self._waiting[index] = line
+        ready = []
+        while self.written + len(ready) in self._waiting:
+            ready.append(self._waiting.pop(self.written + len(ready)))
+        if ready:
+            out = sys.stdout if self._file is None else self._file
+            self._io(lambda: (out.writelines(ready), out.flush()))
+            self.written += len(ready)
+        if self.progress is not None:
+            self.progress.advance()
+
+    def __enter__(self) -> RowWriter:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if self._file is not None:
+            self._io(self._file.close)
+        if self.partial is None:
             return
-        with open(path, "w", encoding="utf-8") as out:
-            out.writelines(lines)
-    except OSError as exc:
-        exc.filename = exc.filename or ("stdout" if path == "-" else path)
-        raise
+        if kind is None and self.written == self.total:
+            self._io(lambda: os.replace(self.partial, self.path))
+        elif self.written == 0:
+            Path(self.partial).unlink(missing_ok=True)
+        else:
+            print(f"{self.written} of {self.total} rows written to {self.partial} before the error",
+                  file=sys.stderr)
 
 
 def check_model_dir(path: str, what: str = "model") -> None:
@@ -111,12 +174,16 @@ def load_for_inference(path: str, dtype: str = "float32", trust_remote_code: boo
 
 
 def read_prompts(path: str) -> list[dict]:
-    """Rows with `prompt` (text, or a list of turns) or `messages` (a list of turns) from any
-    file the data readers take (JSON Lines, JSON, CSV / TSV, Parquet; a table read by its
-    columns, as training and score read it); any other file is one prompt a line."""
+    """Rows with `prompt` (text, or a list of turns), `messages` or ShareGPT's `conversations` (a
+    list of turns, read as training reads turns: `prompt_turns`) from any file the data readers
+    take (JSON Lines, JSON, CSV / TSV, Parquet, a `datasets` `save_to_disk` directory; a table read
+    by its columns, as training and score read it), each as the file gives it; any other file is
+    one prompt a line."""
     from posttrain.data.readers import _file_kind
 
     file = Path(path)
+    if file.is_dir():  # the readers take a save_to_disk directory, and say what is wrong with another
+        return _json_prompts(path)
     if not file.is_file():
         raise UserError(f"prompts file {path} does not exist")
     if _file_kind(path) != "unknown":
@@ -136,10 +203,15 @@ def read_prompts(path: str) -> list[dict]:
     return items
 
 
+_TURN_KEYS = ("messages", "conversations")  # a conversation's column: OpenAI's, or ShareGPT's
+
+
 def _json_prompts(path: str) -> list[dict]:
     """Prompt rows from a data file (`data.readers`); file:line on a bad one."""
+    from posttrain.data.formats import BadRowError
     from posttrain.data.readers import Malformed, iter_rows
 
+    wanted = "expected an object with 'prompt' or 'messages' (or ShareGPT's 'conversations')"
     items = []
     for location, row in iter_rows(path):
         if isinstance(row, Malformed):
@@ -148,36 +220,54 @@ def _json_prompts(path: str) -> list[dict]:
             elif row.reason.startswith("invalid JSON"):
                 raise DataError(f"{location}: not valid JSON ({row.reason.removeprefix('invalid JSON: ')})")
             elif row.reason.startswith("expected a JSON object"):
-                raise DataError(f"{location}: expected an object with 'prompt' or 'messages'")
+                raise DataError(f"{location}: {wanted}")
             else:
                 raise DataError(f"{location}: {row.reason}")
-        if not ("prompt" in row or "messages" in row):
-            raise DataError(f"{location}: expected an object with 'prompt' or 'messages'")
-        if row.get("messages") in (None, "") and "prompt" in row:  # a table with both columns, this one blank
-            row = {key: value for key, value in row.items() if key != "messages"}
+        if not any(key in row for key in ("prompt", *_TURN_KEYS)):
+            raise DataError(f"{location}: {wanted}")
+        blank = [key for key in _TURN_KEYS if key in row and row[key] in (None, "")]
+        if blank and any(key in row and key not in blank for key in ("prompt", *_TURN_KEYS)):
+            row = {key: value for key, value in row.items() if key not in blank}  # a table's other column
         row = _decoded_cells(row, location)
-        turns = row.get("prompt") if "messages" not in row else None
-        problem = _prompt_problem({"messages": turns} if isinstance(turns, list) else row)  # RL's prompt rows: turns
-        if problem:
-            raise DataError(f"{location}: {problem}")
+        try:
+            if prompt_turns(row) is None and (not isinstance(row.get("prompt"), str) or not row["prompt"].strip()):
+                raise BadRowError("'prompt' must be non-empty text")
+        except BadRowError as exc:
+            raise DataError(f"{location}: {exc.reason}") from None
         items.append(row)
     return items
 
 
+def prompt_turns(item: dict) -> list[dict] | None:
+    """The turns a prompt row holds, read by training's reader of turns (`formats.read_turns`:
+    text parts joined, ShareGPT's from / value, roles and their order checked), from its
+    `messages`, `conversations` or a `prompt` given as a list; None for a text prompt. A
+    BadRowError says what is wrong."""
+    from posttrain.data.formats import BadRowError, read_turns
+
+    key = next((key for key in _TURN_KEYS if key in item), "prompt")
+    turns = item.get(key)
+    if key == "prompt" and not isinstance(turns, list):
+        return None
+    if not isinstance(turns, list) or not turns:
+        raise BadRowError(f"{key!r} must be a non-empty list of turns")
+    return read_turns(turns, repr(key))[0]
+
+
 def _decoded_cells(row: dict, location: str) -> dict:
-    """A CSV cell holding the turns of 'messages' (or of 'prompt', when it starts like turns)
-    as the list it writes (JSON or Python's repr), as training reads the cell."""
+    """A CSV cell holding the turns of 'messages' / 'conversations' (or of 'prompt', when it
+    starts like turns) as the list it writes (JSON or Python's repr), as training reads the cell."""
     from posttrain.data.formats import BadRowError, decode_cell
     from posttrain.data.preferences import _TURNS_TEXT
 
     decoded = {}
-    for key in ("messages", "prompt"):
+    for key in (*_TURN_KEYS, "prompt"):
         value = row.get(key)
-        if isinstance(value, str) and (key == "messages" or _TURNS_TEXT.match(value)):
+        if isinstance(value, str) and (key != "prompt" or _TURNS_TEXT.match(value)):
             try:
                 decoded[key] = decode_cell(value, repr(key))
             except ValueError:
-                pass  # said by _prompt_problem: not a list of turns
+                pass  # said by prompt_turns: not a list of turns
             except BadRowError as exc:
                 raise DataError(f"{location}: {exc.reason}") from None
     return {**row, **decoded}
@@ -193,29 +283,15 @@ def _string_row(raw: str) -> str:
     return value if isinstance(value, str) else raw
 
 
-def _prompt_problem(row: dict) -> str | None:
-    """What is wrong with a prompt row's `messages` (non-empty list of turns with a text role and
-    content) or `prompt` (non-empty text), or None."""
-    if "messages" in row:
-        turns = row["messages"]
-        if not isinstance(turns, list) or not turns:
-            return "'messages' must be a non-empty list of turns"
-        for i, turn in enumerate(turns, 1):
-            if not (isinstance(turn, dict) and isinstance(turn.get("role"), str) and isinstance(turn.get("content"), str)):
-                return f"turn {i} of 'messages' needs a text 'role' and a text 'content'"
-        return None
-    if not isinstance(row["prompt"], str) or not row["prompt"].strip():
-        return "'prompt' must be non-empty text"
-    return None
-
-
 def render(item: dict, tokenizer, template: str | None) -> str:
+    """A prompt row as the model's input text: its turns (`prompt_turns`) through the chat
+    template, with the assistant's generation prompt; with no template (None), its text prompt."""
+    turns = prompt_turns(item)
     if template is None:
-        if "messages" in item or isinstance(item.get("prompt"), list):
+        if turns is not None:
             raise DataError("--template none needs plain prompts, not messages")
         return item["prompt"]
-    turns = item.get("prompt")
-    messages = item.get("messages") or (turns if isinstance(turns, list) else [{"role": "user", "content": turns}])
+    messages = turns if turns is not None else [{"role": "user", "content": item["prompt"]}]
     return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
 
 
@@ -267,16 +343,23 @@ def _load(args):
     return model, tokenizer
 
 
+WINDOW_BATCHES = 8  # generate sorts prompts by length within runs of this many batches (`generate_token_ids`)
+
+
 def _generate_per_adapter(model, tokenizer, items, texts, settings, batch_size, template=None,
-                          raw=False) -> list[str]:
+                          raw=False, on_done=None) -> list[str]:
     """Requests that name an adapter ("adapter": NAME) run with it; the rest with the active one.
     `template`: the chat template the texts were rendered with (its end-of-turn marker ends them);
-    `raw`: no template was applied (the tokenizer adds its BOS, `generate.prompt_token_ids`)."""
+    `raw`: no template was applied (the tokenizer adds its BOS, `generate.prompt_token_ids`);
+    `on_done(i, completion)`: hears each item's completion when it is done, the first items
+    first (prompts are sorted by length within runs of WINDOW_BATCHES batches only)."""
     from posttrain.rollout.generate import generate
 
+    window = WINDOW_BATCHES * batch_size
     wanted = [item.get("adapter") for item in items]
     if not any(wanted):
-        return generate(model, tokenizer, texts, settings, batch_size=batch_size, template=template, raw=raw)
+        return generate(model, tokenizer, texts, settings, batch_size=batch_size, template=template, raw=raw,
+                        window=window, on_done=on_done)
     if not getattr(model, "adapter_names", list)():
         raise UserError("a prompt names an adapter but no LoRA / IA3 adapter is loaded; pass --adapter NAME=DIR")
     active = model.active_adapter
@@ -284,8 +367,9 @@ def _generate_per_adapter(model, tokenizer, items, texts, settings, batch_size, 
     for name in dict.fromkeys(w or active for w in wanted):
         rows = [i for i, w in enumerate(wanted) if (w or active) == name]
         model.use_adapter(name)
+        done = None if on_done is None else (lambda j, text, rows=rows: on_done(rows[j], text))
         for i, text in zip(rows, generate(model, tokenizer, [texts[i] for i in rows], settings, batch_size=batch_size,
-                                          template=template, raw=raw)):
+                                          template=template, raw=raw, window=window, on_done=done)):
             completions[i] = text
     model.use_adapter(active)
     return completions
@@ -309,12 +393,13 @@ def main(args) -> int:
         switch = getattr(model, "use_adapter", None)
         chat_session(model, tokenizer, template, settings, system=args.system, switch_adapter=switch)
         return 0
-    completions = _generate_per_adapter(model, tokenizer, items, [render(i, tokenizer, template) for i in items],
-                                        settings, args.batch_size, template, raw=template is None)
-    write_output(args.output, (json.dumps({**item, "completion": completion}) + "\n"
-                               for item, completion in zip(items, completions)))
+    texts = [render(i, tokenizer, template) for i in items]
+    with RowWriter(args.output, len(items), "generate") as out:  # each row as soon as the rows before it are done
+        _generate_per_adapter(model, tokenizer, items, texts, settings, args.batch_size, template,
+                              raw=template is None,
+                              on_done=lambda i, text: out.put(i, json.dumps({**items[i], "completion": text}) + "\n"))
     if args.output != "-":
-        print(f"wrote {len(completions)} completions to {args.output}", file=sys.stderr)
+        print(f"wrote {len(items)} completions to {args.output}", file=sys.stderr)
     return 0
 
 
@@ -327,8 +412,8 @@ def merge_main(args) -> int:
     would be rounded again (or ΔW dropped, when under half an ulp of W)."""
     import torch
 
-    from posttrain.models.adapters import is_adapter_dir, merge_adapted, read_layout
-    from posttrain.models.loading import resolve_model_path
+    from posttrain.models.adapters.io import check_mergeable, is_adapter_dir, merge_adapted, peft_task, read_layout
+    from posttrain.models.loading import resolve_model_path, save_model
     from posttrain.models.presets import is_preset
 
     if not Path(args.adapter).exists() and not is_preset(args.adapter):
@@ -337,14 +422,15 @@ def merge_main(args) -> int:
     if not is_adapter_dir(path):
         raise UserError(f"{path} holds no adapter (a full model needs no merging)")
     _check_merge_output(Path(args.output), Path(path), Path(args.adapter))
-    dtype = args.dtype or _checkpoint_dtype(resolve_model_path(read_layout(path)[0]))
-    if _is_reward_adapter(path):  # LoRA on a reward model: its trained score head comes along
+    base, parts = read_layout(path)
+    check_mergeable(parts)  # from the files, before the base loads
+    dtype = args.dtype or _checkpoint_dtype(resolve_model_path(base))
+    if peft_task(path) == "SEQ_CLS":  # LoRA on a reward model: its trained score head comes along
         return _merge_reward_model(Path(path), Path(args.output), dtype, args.trust_remote_code)
     model, tokenizer = load_for_inference(path, "float32", args.trust_remote_code)
     merged = merge_adapted(model).to(getattr(torch, dtype))
     out = Path(args.output)
-    merged.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    save_model(merged, tokenizer, out)  # as a run's final/: generation_config stops where posttrain does
     print(f"merged {'+'.join(model.methods)} into the base: {out} ({dtype})")
     return 0
 
@@ -378,13 +464,6 @@ def _check_merge_output(out: Path, adapter: Path, given: Path) -> None:
     else:
         return
     raise UserError(f"output {out} {where}; merge into a new directory (posttrain merge {given} NEW_DIR)")
-
-
-def _is_reward_adapter(path: Path) -> bool:
-    import json
-
-    config = Path(path) / "adapter_config.json"
-    return config.is_file() and json.loads(config.read_text()).get("task_type") == "SEQ_CLS"
 
 
 def _merge_reward_model(path: Path, out: Path, dtype: str, trust_remote_code: bool) -> int:

@@ -432,8 +432,9 @@ def _output_path(source: Stage, key: str) -> Path:
     if key != "model.path" or source.kind in REWARD_MODEL_KINDS or not methods:
         return source.run_dir / "final"
     if methods - MERGEABLE_METHODS:
-        raise ConfigError(f"model.path: stage {source.name!r} trains {', '.join(sorted(methods))} adapters, which "
-                          "cannot be merged into a model to start from; train it with lora, ia3 or full")
+        from posttrain.models.adapters.io import cannot_start_from
+
+        raise ConfigError(f"model.path: stage {source.name!r} trains {cannot_start_from(methods)}")
     source.merge = True
     return source.run_dir / "merged"
 
@@ -765,13 +766,13 @@ def _ensure_merged(stage: Stage, state: dict[str, dict], output_dir: Path) -> No
     if first_process():
         from posttrain.inference import load_for_inference
         from posttrain.models.adapters import merge_adapted
+        from posttrain.models.loading import save_model
 
         tmp = stage.run_dir / ".merged.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         model, tokenizer = load_for_inference(str(stage.run_dir / "final"), stage.cfg.model.dtype,
                                               stage.cfg.model.trust_remote_code)
-        merge_adapted(model).save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        save_model(merge_adapted(model), tokenizer, tmp)  # with every stop id in generation_config.json
         shutil.rmtree(merged, ignore_errors=True)
         os.replace(tmp, merged)
         _say(f"    merged {stage.name}'s adapters into {merged}")

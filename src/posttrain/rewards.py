@@ -21,12 +21,14 @@ candidate beats on every objective, to see the trade-off before choosing weights
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import math
 import os
 import re
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -104,16 +106,22 @@ class RewardModelScorer:
 
 def function_reward(spec: str) -> Reward:
     """'package.module:function' → a batch reward from `function(prompt_turns, response) -> float`
-    or, when the function takes a third argument, `function(prompt_turns, response, row)`."""
+    or, when the function takes a third argument, `function(prompt_turns, response, row)`. The
+    module is looked for in the working directory too (last), as `python -m posttrain` looks
+    first: the `posttrain` command's own path holds its bin directory instead."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ConfigError(f"reward function {spec!r} must look like package.module:function")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"reward function {spec!r} cannot be imported: {exc}") from None
     except Exception as exc:  # a syntax error in the module, or one it raises as it runs
         raise ConfigError(f"reward function {spec!r} cannot be imported: {type(exc).__name__}: {exc}") from None
+    if not callable(fn):  # a constant or a module: inspect cannot read it, and the first rollout would fail
+        raise ConfigError(f"reward function {spec!r} names {_shown(fn)} ({type(fn).__name__}), not a function")
     _check_signature(fn, spec)
 
     def each(args: list[tuple]) -> list:  # values checked, with the component's name, by `_checked`
@@ -137,18 +145,40 @@ def function_reward(spec: str) -> Reward:
 
 
 class RewardFunctionError(DataError):
-    """A reward function raised: its name (the spec, or the component's name once `_checked`
-    knows it), the response it raised on (`index`, 0-based, of `count`) and the original
-    exception's type and message, in one line."""
+    """A reward failed on one response: it raised `error`, or (`error` None) returned `value`, not
+    a finite number within float32's range. Said in one line with the reward's name (the spec, or
+    the component's name once `_checked` knows it) and the response: its row's file:line
+    (`where`) once the caller knows it (`rows_named`), else its place in the batch (`index`,
+    0-based, of `count`)."""
 
-    def __init__(self, name: str, error: Exception, index: int, count: int, where: str | None = None):
+    def __init__(self, name: str, error: Exception | None, index: int, count: int, where: str | None = None,
+                 value: float | None = None):
         self.name, self.error, self.index, self.count, self.where = name, error, index, count, where
-        said = f": {error}" if isinstance(error, UserError) else f" raised {type(error).__name__}: {error}"
+        self.value = value
+        if error is None:
+            said, at = f" returned {value}", f" for response {index + 1} (of {count})"
+            rule = f"; rewards must be finite numbers within float32's range (|r| <= {_FLOAT32_MAX:.7g})"
+        else:
+            said = f": {error}" if isinstance(error, UserError) else f" raised {type(error).__name__}: {error}"
+            at, rule = f" (on response {index + 1} of {count})", ""
         message = f"reward {name!r}{said}"
-        super().__init__(f"{where}: {message}" if where else f"{message} (on response {index + 1} of {count})")
+        super().__init__(f"{where}: {message}{rule}" if where else f"{message}{at}{rule}")
 
     def named(self, name: str | None = None, where: str | None = None) -> RewardFunctionError:
-        return RewardFunctionError(name or self.name, self.error, self.index, self.count, where or self.where)
+        return RewardFunctionError(name or self.name, self.error, self.index, self.count, where or self.where,
+                                   self.value)
+
+
+@contextlib.contextmanager
+def rows_named(locations: Sequence[str]) -> Iterator[None]:
+    """Around a reward's call on a batch of responses: one it fails on (a `RewardFunctionError`)
+    is said with its row's file:line, `locations[i]` for response i, not its place in the batch."""
+    try:
+        yield
+    except RewardFunctionError as exc:
+        if exc.count != len(locations):  # raised over some other batch (a reward calling another): as it is
+            raise
+        raise exc.named(where=locations[exc.index]) from exc.error
 
 
 def _check_signature(fn, spec: str) -> None:
@@ -203,9 +233,7 @@ def _checked(component: RewardComponent, prompts, responses, rows) -> list[float
         raise DataError(f"reward {component.name!r} returned {len(values)} values for {len(responses)} responses")
     bad = next((i for i, v in enumerate(values) if not (math.isfinite(v) and abs(v) <= _FLOAT32_MAX)), None)
     if bad is not None:
-        raise DataError(f"reward {component.name!r} returned {values[bad]} for response {bad + 1} "
-                        f"(of {len(responses)}); rewards must be finite numbers within float32's range "
-                        f"(|r| <= {_FLOAT32_MAX:.7g})")
+        raise RewardFunctionError(component.name, None, bad, len(responses), value=values[bad])
     return values
 
 
@@ -225,13 +253,21 @@ def _call(reward: Reward, prompts, responses, rows) -> list[float]:
 
 
 def exact_match(prompt: list[dict], response: str, row: dict) -> float:
-    """1.0 when the response equals the row's reference 'answer' (whitespace-trimmed), else 0.0."""
-    answer = row.get("answer")
-    if answer is None:
-        from posttrain.errors import DataError
+    """1.0 when the response equals the row's reference 'answer' (whitespace-trimmed, the
+    rule of `data.synthetic.answer_matches`), else 0.0. The answer is read as a prompt row's
+    is (`data.prompts._answer`): a number as the file writes it (2.50, 1e3), a boolean as
+    JSON spells it (true), so `posttrain score`'s rows compare as RL's prompt rows do."""
+    from posttrain.data.formats import BadRowError
+    from posttrain.data.prompts import _answer
+    from posttrain.data.synthetic import answer_matches
 
+    try:
+        answer = _answer(row)
+    except BadRowError as exc:
+        raise DataError(exc.reason) from None
+    if answer is None:
         raise DataError("the exact_match reward needs an 'answer' in every prompt row")
-    return float(response.strip() == str(answer).strip())
+    return float(answer_matches(response, answer))
 
 
 exact_match.row_keys = ("answer",)  # a row without one is named by file:line before training (`missing_row_key`)
@@ -277,8 +313,12 @@ class CombinedReward:
 
     def __init__(self, components: list[RewardComponent], penalty: float = 10.0):
         names = [c.name for c in components]
-        if not components or len(set(names)) != len(names):
-            raise ConfigError(f"reward components need distinct names, got {names}")
+        if not components:
+            raise ConfigError("no reward components: give at least one reward")
+        twice = next((n for n in names if names.count(n) > 1), None)
+        if twice is not None:
+            also = " (reward.format_regex's component is named 'format')" if twice == "format" else ""
+            raise ConfigError(f"reward components need distinct names: {twice!r} names two of {names}{also}")
         self.components, self.penalty = components, penalty
 
     def raw(self, prompts: Sequence[list[dict]], responses: Sequence[str], rows=None) -> dict[str, list[float]]:
@@ -422,9 +462,8 @@ def _read_scoring_rows(path: str) -> tuple[list[dict], list[list[dict]], list[st
 def score_main(args) -> int:
     """`posttrain score`: add a reward column (and one per component when several) to a file of rows."""
     import json
-    import sys
 
-    from posttrain.inference import check_output_path, write_output
+    from posttrain.inference import Progress, RowWriter, check_output_path
 
     if not args.model and not args.function:
         raise ConfigError("give at least one --model reward model or --function reward")
@@ -434,8 +473,10 @@ def score_main(args) -> int:
     rows, prompts, responses, locations = _read_scoring_rows(args.input)  # a bad row too
     if not rows:
         raise DataError(f"{args.input}: no rows to score (an empty file, or only blank lines)")
-    combined = build_combined(args.model, args.function, args.weight, args.floor, args.template, args.batch_size,
-                              log=lambda line: print(line, file=sys.stderr))  # stdout may be the output
+    quiet = contextlib.redirect_stdout(sys.stderr)  # stdout may be the output: a reward's print() goes to stderr
+    with quiet:
+        combined = build_combined(args.model, args.function, args.weight, args.floor, args.template,
+                                  args.batch_size, log=lambda line: print(line, file=sys.stderr))
     written = [args.column] + ([f"{args.column}_{c.name}" for c in combined.components]
                                if len(combined.components) > 1 else [])
     for row, location in zip(rows, locations):
@@ -443,25 +484,40 @@ def score_main(args) -> int:
         if taken:
             raise ConfigError(f"{location}: the row already has a {taken[0]!r} column, which scoring would overwrite; "
                               "name the new column with --column")
-    try:
-        raw = combined.raw(prompts, responses, rows)
-    except RewardFunctionError as exc:  # the row it raised on, by file:line
-        raise exc.named(where=locations[exc.index]) from exc.error
-    for component in combined.components:  # a row cut to fit a reward model loses content: say how many
-        note = component.reward.cut_note() if isinstance(component.reward, RewardModelScorer) else None
-        if note is not None:
-            print(f"{component.name}: {note}", file=sys.stderr)
-    if args.calibrate:  # on the values just computed: each component runs once per row
-        for name, (mean, std) in combined.calibrate_on(raw).items():
-            print(f"calibrated {name}: mean {mean:.4g}, std {std:.4g}", file=sys.stderr)
-    totals = combined.totals(raw)
     several = len(combined.components) > 1
 
-    def line(i: int, row: dict) -> str:
-        extra = {f"{args.column}_{name}": values[i] for name, values in raw.items()} if several else {}
-        return json.dumps(row | extra | {args.column: totals[i]}, ensure_ascii=False) + "\n"
+    def line(i: int, raw: dict[str, list[float]], totals: list[float], at: int) -> str:
+        """Row `i`'s output line from the values of the rows from `at` (raw, totals)."""
+        extra = {f"{args.column}_{name}": values[i - at] for name, values in raw.items()} if several else {}
+        return json.dumps(rows[i] | extra | {args.column: totals[i - at]}, ensure_ascii=False) + "\n"
 
-    write_output(args.output, (line(i, row) for i, row in enumerate(rows)))
+    # Scored a batch at a time, each batch's rows written as it is done (RowWriter); --calibrate
+    # needs every row's values before any total, so its rows are written at the end.
+    progress = Progress(len(rows), "score") if args.calibrate else None
+    with RowWriter(args.output, len(rows), None if args.calibrate else "score") as out:
+        raw: dict[str, list[float]] = {c.name: [] for c in combined.components}
+        for start in range(0, len(rows), args.batch_size):
+            end = min(start + args.batch_size, len(rows))
+            with rows_named(locations[start:end]), quiet:  # the row a reward failed on, by file:line
+                done = combined.raw(prompts[start:end], responses[start:end], rows[start:end])
+            if progress is not None:
+                for name, values in done.items():
+                    raw[name] += values
+                progress.advance(end - start)
+                continue
+            totals = combined.totals(done)
+            for i in range(start, end):
+                out.put(i, line(i, done, totals, start))
+        for component in combined.components:  # a row cut to fit a reward model loses content: say how many
+            note = component.reward.cut_note() if isinstance(component.reward, RewardModelScorer) else None
+            if note is not None:
+                print(f"{component.name}: {note}", file=sys.stderr)
+        if progress is not None:  # on the values just computed: each component runs once per row
+            for name, (mean, std) in combined.calibrate_on(raw).items():
+                print(f"calibrated {name}: mean {mean:.4g}, std {std:.4g}", file=sys.stderr)
+            totals = combined.totals(raw)
+            for i in range(len(rows)):
+                out.put(i, line(i, raw, totals, 0))
     if args.output != "-":
         print(f"scored {len(rows)} rows into {args.output} (column {args.column!r})", file=sys.stderr)
     return 0

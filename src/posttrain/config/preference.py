@@ -9,7 +9,7 @@ from typing import Literal
 from posttrain.config.schema import _raise_first, _StageConfig, markdown_reference, option
 from posttrain.config.sections import (FORGETTING_HELP, AdapterConfig, EvalConfig, ForgettingConfig, ModelConfig,
                                        TrainConfig, _data_checks, _eval_checks, _train_checks, _weight_checks,
-                                       other_stage_forgetting_checks)
+                                       other_stage_forgetting_checks, validate_adapter_settings)
 
 
 @dataclass
@@ -17,7 +17,8 @@ class PreferenceDataConfig:
     train_files: list[str] = option(["synthetic"], "preference files (jsonl, json, parquet, csv, datasets dir) or 'synthetic'")
     eval_files: list[str] = option([], "held-out files (also with `train_files: [synthetic]`, in place of its held-out "
                                        "split); empty = split eval_fraction off the training data")
-    eval_fraction: float = option(0.05, "fraction of training rows held out when eval_files is empty")
+    eval_fraction: float = option(0.05, "fraction of training rows held out when eval_files is empty, by prompt "
+                                         "(all of a prompt's rows on one side)")
     format: Literal["auto", "pairs", "ranking", "unpaired"] = option(
         "auto", "pairs (prompt/chosen/rejected), ranking (prompt/responses/ranks), unpaired (prompt/completion/label)")
     template: Literal["auto", "tokenizer", "chatml", "alpaca"] = option(
@@ -61,8 +62,8 @@ class DPOLossConfig:
     orpo_lambda: float = option(0.1, "orpo: weight λ of the odds-ratio term (TRL's ORPOConfig.beta)")
     kto_desirable_weight: float = option(1.0, "kto: λ_D, weight of desirable examples")
     kto_undesirable_weight: float = option(1.0, "kto: λ_U, weight of undesirable examples")
-    nll_weight: float = option(0.0, "add this × the chosen responses' mean token NLL (RPO; TRL's rpo_alpha); not "
-                                    "with orpo (it has its own) nor kto")
+    nll_weight: float = option(0.0, "add this × the chosen responses' mean token NLL (RPO; TRL's rpo_alpha; in a "
+                                    "ranking, the best-ranked response's); not with orpo (it has its own) nor kto")
     share_prompt: bool = option(
         True, "compute a prompt once for all its responses (one block, 4-D attention mask; short blocks packed into "
               "a row); off for KTO, virtual tokens, a sliding window narrower than data.max_length, ALiBi position "
@@ -74,10 +75,21 @@ class DPOLossConfig:
 
 
 @dataclass
+class RMAdapterConfig(AdapterConfig):
+    """The adapter section as a reward model reads it: its method (full or lora) and adapter.lora."""
+
+    method: list[str] = option(["full"], "full or lora (the new score head trains in full with either)")
+
+
+@dataclass
 class RMConfig(_StageConfig):
+    # the adapter settings of the other methods: validate_rm refuses those methods and a schedule
+    unread_in_help = ("adapter.schedule", "adapter.quantization", "adapter.ia3", "adapter.virtual_tokens",
+                      "adapter.bottleneck", "adapter.freeze")
+
     output_dir: str = option("runs/rm", "run directory: checkpoints, metrics.jsonl, final reward model")
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig, metadata={"help": "backbone to score with"})
-    adapter: AdapterConfig = dataclasses.field(default_factory=AdapterConfig, metadata={"help": "full or lora"})
+    adapter: RMAdapterConfig = dataclasses.field(default_factory=RMAdapterConfig, metadata={"help": "full or lora"})
     data: PreferenceDataConfig = dataclasses.field(default_factory=PreferenceDataConfig, metadata={"help": "preference data"})
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig, metadata={"help": "optimisation"})
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig, metadata={"help": "reward-model loss"})
@@ -102,6 +114,22 @@ def _preference_data_checks(d: PreferenceDataConfig) -> list[tuple[bool, str]]:
     ]
 
 
+def _check_synthetic_rankings(d: PreferenceDataConfig, seed: int) -> None:
+    """A synthetic ranking needs synthetic_responses - 1 distinct plausible wrong answers to each
+    prompt, and some tasks have only a few (count: 5); the generator refuses a prompt that has
+    fewer. Its first prompts of every task, held-out then training as the run draws them (with
+    `seed`, train.seed), are drawn here so that the refusal, in the generator's words, comes
+    before the model loads."""
+    if d.train_files != ["synthetic"] or d.synthetic_kind != "ranking":
+        return
+    from posttrain.data.synthetic import make_preference_split
+
+    per_task = len(d.synthetic_tasks)
+    n_eval = round(d.eval_fraction * d.synthetic_size)  # as data.preferences draws the held-out prompts
+    make_preference_split(d.synthetic_tasks, min(per_task, d.synthetic_size - n_eval), min(per_task, n_eval),
+                          seed=seed, kind="ranking", num_responses=d.synthetic_responses)
+
+
 def _unpaired_data(d: PreferenceDataConfig) -> bool:
     return d.format == "unpaired" or (d.train_files == ["synthetic"] and d.synthetic_kind == "unpaired")
 
@@ -117,10 +145,8 @@ def validate_rm(cfg: RMConfig) -> None:
         (cfg.model.dtype != "float16", "model.dtype=float16: a reward model's score head trains in full even with "
                                        "LoRA, and AdamW goes NaN on float16 weights; use bfloat16 or float32"),
     ])
-    from posttrain.models.adapters import validate_adapter
-
-    validate_adapter(cfg.adapter, packing=False, gradient_checkpointing=cfg.model.gradient_checkpointing,
-                     optimizer=cfg.train.optimizer)
+    _check_synthetic_rankings(cfg.data, cfg.train.seed)
+    validate_adapter_settings(cfg.adapter, cfg.model, cfg.train.optimizer)
 
 
 # the losses that read each loss-specific option of the dpo section
@@ -165,11 +191,10 @@ def validate_dpo(cfg: DPOConfig) -> None:
         (p.loss == "kto" or not _unpaired_data(cfg.data),
          f"dpo.loss={p.loss} needs pairs or rankings, not unpaired data; use dpo.loss=kto for unpaired feedback"),
     ] + _eval_checks(cfg.eval) + _loss_option_checks(p) + other_stage_forgetting_checks(cfg.forgetting, cfg.data, cfg.train))
+    _check_synthetic_rankings(cfg.data, cfg.train.seed)
     from posttrain.errors import ConfigError
-    from posttrain.models.adapters import validate_adapter
 
-    plan = validate_adapter(cfg.adapter, packing=False, gradient_checkpointing=cfg.model.gradient_checkpointing,
-                            optimizer=cfg.train.optimizer)
+    plan = validate_adapter_settings(cfg.adapter, cfg.model, cfg.train.optimizer)
     virtual = [m for m in plan.methods if m in ("prompt", "prefix")]
     if virtual and p.reference == "live" and p.loss not in ("simpo", "orpo"):
         raise ConfigError(f"dpo.reference=live with adapter.method {virtual[0]}: the live reference switches the "

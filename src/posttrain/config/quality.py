@@ -63,8 +63,9 @@ class DedupConfig:
 class DecontaminateConfig:
     files: list[str] = option([], "evaluation files whose prompts must not appear in the training rows "
                               "(any format above)")
-    ngram: int = option(13, "a training row sharing one n-word sequence with an eval prompt is dropped; an eval "
-                        "prompt shorter than n words must appear whole")
+    ngram: int = option(13, "a training row sharing one n-word sequence with an eval prompt is dropped (2n "
+                        "characters for a mostly Chinese / Japanese / Thai ... prompt); an eval prompt shorter than "
+                        "that must appear whole")
     on: Literal["prompt", "full"] = option("prompt", "which text of the eval rows is searched for")
 
 

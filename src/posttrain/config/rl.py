@@ -8,14 +8,16 @@ from typing import Literal
 
 from posttrain.config.schema import _raise_first, _StageConfig, markdown_reference, option
 from posttrain.config.sections import (FORGETTING_HELP, AdapterConfig, ForgettingConfig, ModelConfig, TrainConfig,
-                                       _rows_checks, _train_checks, _weight_checks, other_stage_forgetting_checks)
+                                       _rows_checks, _train_checks, _weight_checks, other_stage_forgetting_checks,
+                                       validate_adapter_settings)
 
 
 @dataclass
 class PromptDataConfig:
     train_files: list[str] = option(["synthetic"], "prompt files (jsonl, json, parquet, csv, datasets dir) or 'synthetic'")
     eval_files: list[str] = option([], "held-out prompt files; empty = split eval_fraction off the training prompts")
-    eval_fraction: float = option(0.05, "fraction of training prompts held out when eval_files is empty")
+    eval_fraction: float = option(0.05, "fraction of training prompts held out when eval_files is empty (a "
+                                         "prompt given twice stays on one side)")
     format: Literal["auto", "prompt", "messages", "alpaca"] = option(
         "auto", "prompt ('prompt' + optional 'answer'), messages or alpaca (their last answer is the reference)")
     template: Literal["auto", "tokenizer", "chatml", "alpaca"] = option("auto", "chat template for the prompts")
@@ -154,10 +156,7 @@ def validate_grpo(cfg: GRPOConfig) -> None:
         (g.beta >= 0 and g.clip_eps > 0, "grpo.beta must be >= 0 and grpo.clip_eps > 0"),
         (g.updates_per_rollout >= 1, "grpo.updates_per_rollout must be >= 1"),
     ])
-    from posttrain.models.adapters import validate_adapter
-
-    validate_adapter(cfg.adapter, packing=False, gradient_checkpointing=cfg.model.gradient_checkpointing,
-                     optimizer=cfg.train.optimizer)
+    validate_adapter_settings(cfg.adapter, cfg.model, cfg.train.optimizer)
 
 
 def _rollout_checks(cfg: GRPOConfig | PPOConfig) -> list[tuple[bool, str]]:
@@ -172,6 +171,9 @@ def _rollout_checks(cfg: GRPOConfig | PPOConfig) -> list[tuple[bool, str]]:
         (bool(cfg.reward.functions or cfg.reward.models or cfg.reward.format_regex),
          "no reward: set reward.functions, reward.models or reward.format_regex"),
         (cfg.reward.clip >= 0, "reward.clip must be >= 0 (0 = off; rewards are clipped to [-clip, clip])"),
+        (cfg.reward.no_eos_penalty >= 0, f"reward.no_eos_penalty must be >= 0 (it is subtracted from a response that "
+                                         f"never ends; a negative one would reward not ending), got "
+                                         f"{cfg.reward.no_eos_penalty}"),
         (cfg.eval.prompts <= 0 or cfg.eval.samples >= 1,
          f"eval.samples={cfg.eval.samples}: the held-out reward and KL are means over sampled completions, so it "
          "must be >= 1 (eval.prompts=0 turns the held-out figures off)"),
@@ -223,10 +225,7 @@ def validate_ppo(cfg: PPOConfig) -> None:
          f"ppo.value_model={p.value_model} (a value head on the policy) has no critic to load them into; set "
          "ppo.value_model=separate, or drop ppo.value_model_path"),
     ])
-    from posttrain.models.adapters import validate_adapter
-
-    validate_adapter(cfg.adapter, packing=False, gradient_checkpointing=cfg.model.gradient_checkpointing,
-                     optimizer=cfg.train.optimizer)
+    validate_adapter_settings(cfg.adapter, cfg.model, cfg.train.optimizer)
 
 
 def rl_reference() -> str:

@@ -42,7 +42,13 @@ class _HelpDoc:
 
 
 class _StageConfig:
-    """Shared loading, validation and help for all stage configs."""
+    """Shared loading, validation and help for all stage configs.
+
+    `unread_in_help`: sections or keys a stage accepts (its config shares the section with other
+    stages: a pipeline-wide override, an earlier run's config.yaml) but never reads; --help and
+    the docstring leave them out, so that they list what the command takes."""
+
+    unread_in_help: typing.ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -87,7 +93,7 @@ class _StageConfig:
 
     @classmethod
     def help_lines(cls) -> list[str]:
-        return list(_help_lines(cls, ""))
+        return list(_help_lines(cls, "", cls.unread_in_help))
 
 
 def _article(name: str) -> str:
@@ -185,6 +191,7 @@ class _Typed:
 
     value: Any
     text: Any
+    not_yaml: str = ""  # why YAML could not read the text (the value is then the text)
 
     def __str__(self) -> str:
         return str(self.text)
@@ -209,10 +216,11 @@ def apply_override(data: dict[str, Any], item: str) -> None:
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like section.key=value")
     key, raw = item.split("=", 1)
+    not_yaml = ""
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
+    except yaml.YAMLError as exc:
+        value, not_yaml = raw, str(getattr(exc, "problem", None) or exc)
     text = raw.strip()
     if isinstance(value, list):
         value = _OverrideList(value)  # a bad value (train.lr=[1, 2]) is named as an override's
@@ -221,7 +229,7 @@ def apply_override(data: dict[str, Any], item: str) -> None:
     elif value is None or text.startswith(("'", '"')):
         value = _Typed(value, value)  # quoted text is YAML's to read, null is null: no text to take
     else:
-        value = _Typed(value, text)  # a bad value is named as an override's
+        value = _Typed(value, text, not_yaml)  # a bad value is named as an override's
     parts = key.strip().split(".")
     node = data
     for part in parts[:-1]:
@@ -435,6 +443,13 @@ def _build(cls: type, data: dict[str, Any], prefix: str, source: str, root: type
     return cls(**kwargs)
 
 
+def _takes_list(hint: Any) -> bool:
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return any(_takes_list(a) for a in get_args(hint))
+    return origin is list
+
+
 def _takes_text(hint: Any, text: str) -> bool:
     """Whether a setting of type `hint` reads an override's text as typed."""
     origin = get_origin(hint)
@@ -445,8 +460,23 @@ def _takes_text(hint: Any, text: str) -> bool:
     return hint is str
 
 
+def _unreadable_list(key: str, value: _Typed) -> ConfigError:
+    """train.freeze=[*x*]: YAML reads a list item's leading * as an alias (& an anchor, ! a tag),
+    fails, and the whole text would be one item: say so, with the items quoted."""
+    import json
+
+    items = [item.strip() for item in value.text[1:].rstrip("]").split(",") if item.strip()]
+    quoted = "[" + ", ".join(item if item[:1] in "'\"" else json.dumps(item) for item in items) + "]"
+    why = ("; YAML reads an item starting with * as an alias, & as an anchor, ! as a tag"
+           if any(item[:1] in "*&!" for item in items) else "")
+    return ConfigError(f"overrides: {key}={value.text} is not a list YAML can read ({value.not_yaml}){why}; quote "
+                       f"the items, and the whole override for the shell: {key}='{quoted}'")
+
+
 def _coerce(hint: Any, value: Any, key: str, source: str, root: type) -> Any:
     if isinstance(value, _Typed):
+        if value.not_yaml and str(value.text).startswith("[") and _takes_list(hint):
+            raise _unreadable_list(key, value)
         text = value.text
         value, source = (text if isinstance(text, str) and _takes_text(hint, text) else value.value), "overrides"
     elif isinstance(value, (_OverrideList, _OverrideDict)):
@@ -524,8 +554,10 @@ def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", str(hint))
 
 
-def _help_lines(cls: type, prefix: str = ""):
+def _help_lines(cls: type, prefix: str = "", hidden: tuple[str, ...] = ()):
     for key, hint, default, help_text in _walk(cls, prefix):
+        if any(key == h or key.startswith(h + ".") for h in hidden):
+            continue
         if hint is None:
             yield f"{key}:  ({help_text})"
         else:

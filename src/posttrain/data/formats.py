@@ -10,7 +10,7 @@ Four row formats are understood:
               "messages", and ShareGPT turns {"from", "value"} with from =
               human/user/gpt/assistant/system are mapped. Agent data as OpenAI and Hugging
               Face write it: an assistant turn's `tool_calls` and `reasoning_content`, a tool
-              turn's `tool_call_id` and `name`, per-turn `weight` (0 or 1) and `train`
+              turn's `tool_call_id`, any turn's `name`, per-turn `weight` (0 or 1) and `train`
               (boolean) to keep an assistant turn out of the loss, and the row's `tools`
               (function definitions), which every render of the row passes to the chat
               template (`read_turn`, `read_tools`).
@@ -36,10 +36,12 @@ apply `bad_rows`: "error" stops with the locations, "skip" writes every bad row 
 from __future__ import annotations
 
 import ast
+import io
 import itertools
 import json
 import numbers
 import os
+import tokenize
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -243,8 +245,9 @@ def read_turn(turn: Any, number: int) -> tuple[dict[str, Any], bool]:
     OpenAI / Hugging Face keys: `role` (system, user, assistant, tool; developer is read as
     system) and `content` (text, or text parts); on an assistant turn `tool_calls` (then the
     content may be null, empty or missing) and `reasoning_content`; on a tool turn
-    `tool_call_id` and `name`; on any turn `weight` (0 or 1) and `train` (a boolean), which keep
-    an assistant turn out of the loss when 0 / false. ShareGPT's `from` / `value`. A null (or
+    `tool_call_id`; on any turn `name` (who speaks: a participant, or the tool that answered),
+    `weight` (0 or 1) and `train` (a boolean), which keep an assistant turn out of the loss
+    when 0 / false. ShareGPT's `from` / `value`. A null (or
     blank, or empty list) value is an absent key: a Parquet table writes every key on every turn.
     The message keeps the keys the chat template reads, and no other."""
     if not isinstance(turn, dict):
@@ -286,10 +289,12 @@ def read_turn(turn: Any, number: int) -> tuple[dict[str, Any], bool]:
         message["reasoning_content"] = reasoning
     if calls is not None:
         message["tool_calls"] = calls
-    for key in ("tool_call_id", "name"):
-        value = _turn_text(turn, key, number, role, "tool", refuse_elsewhere=False)
-        if value is not None:
-            message[key] = value
+    call_id = _turn_text(turn, "tool_call_id", number, role, "tool", refuse_elsewhere=False)
+    if call_id is not None:
+        message["tool_call_id"] = call_id
+    name = _turn_text(turn, "name", number, role, role)  # any turn's: the speaker's, or the tool's
+    if name is not None:
+        message["name"] = name
     return message, _trained(turn, number, role)
 
 
@@ -438,21 +443,71 @@ def _joined_parts(content: Any, what: str) -> Any:
 
 
 def decode_cell(text: str, what: str = "a cell") -> Any:
-    """A list or object written into one CSV cell: JSON, or Python's repr of it (what `datasets`'
-    and pandas' `to_csv` write: single quotes, True, None), read with `ast.literal_eval`, which
-    takes literals only and runs no code. ValueError when it is neither; BadRowError when it holds
-    a lone surrogate (an escape like "\\ud800"), as the readers refuse one in a row."""
+    """A list or object written into one CSV cell: JSON, or Python's repr of it (what pandas'
+    `to_csv` writes: single quotes, True, None), or numpy's repr of an array (what `datasets`'
+    `to_csv` writes for a list column: elements apart without commas, `['m' 'q' 't']`, and
+    `array([...], dtype=object)` for a list inside a dict: `_as_python_literal`), read with
+    `ast.literal_eval`, which takes literals only and runs no code. ValueError when it is neither,
+    and for two strings side by side, which Python would join into one ('m' 'q' → 'mq');
+    BadRowError when it holds a lone surrogate (an escape like "\\ud800"), as the readers refuse
+    one in a row."""
     try:
         value = json.loads(text, parse_float=WrittenFloat)
     except (ValueError, RecursionError):  # not JSON, or JSON that Python's json refuses
         try:
-            value = ast.literal_eval(text.strip())
-        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            value = ast.literal_eval(_as_python_literal(text.strip()))
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError, tokenize.TokenError):
             raise ValueError("neither JSON nor a Python literal") from None
     where = lone_surrogate_at(value)
     if where is not None:
         raise BadRowError(f"{what} is not valid Unicode: a lone surrogate at {where}")
     return value
+
+
+_SKIPPED = (tokenize.NL, tokenize.NEWLINE, tokenize.COMMENT, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER)
+_VALUES = (tokenize.STRING, tokenize.NUMBER, tokenize.NAME)
+
+
+def _as_python_literal(text: str) -> str:
+    """`text` as a Python literal, with numpy's array repr turned into a list's: a comma between
+    two elements of a list that numpy writes side by side (`['m' 'q' 't']`, `[-1  2]`, dicts one
+    a line), `array(X, dtype=...)` as X. Tokens, not characters, so nothing inside a string is
+    touched. ValueError for two values side by side anywhere else (Python would join two strings
+    into one); tokenize.TokenError for text that does not tokenize (an unclosed string)."""
+    tokens = [t for t in tokenize.generate_tokens(io.StringIO(text).readline) if t.type not in _SKIPPED]
+    out: list[str] = []
+    open_brackets: list[str] = []  # "[", "{", "(", or "array" for numpy's array( ... )
+    ends_value = False  # the token before ends a value: the next value needs a comma before it
+    at = 0
+    while at < len(tokens):
+        token, following = tokens[at], tokens[at + 1].string if at + 1 < len(tokens) else ""
+        at += 1
+        if open_brackets[-1:] == ["array"]:
+            if token.string == ",":  # the dtype=... after the list: up to the array's ")"
+                while at < len(tokens) and tokens[at].string != ")":
+                    at += 1
+                continue
+            if token.string == ")":
+                open_brackets.pop()
+                ends_value = True
+                continue
+        starts_value = token.type in _VALUES or token.string in ("[", "{", "(", "-")
+        if ends_value and starts_value:
+            if open_brackets[-1:] != ["["]:
+                raise ValueError(f"two values side by side outside a list, before {token.string[:20]!r}")
+            out.append(",")
+        ends_value = False
+        if token.string == "array" and following == "(":  # numpy's array([...], dtype=object): its list
+            open_brackets.append("array")
+            at += 1
+            continue
+        if token.string in ("[", "{", "("):
+            open_brackets.append(token.string)
+        elif token.string in ("]", "}", ")") and open_brackets:
+            open_brackets.pop()
+        out.append(token.string)
+        ends_value = token.type in _VALUES or token.string in ("]", "}", ")")
+    return " ".join(out)
 
 
 def _prompt_completion(row: dict) -> tuple[list[dict[str, Any]], list[dict[str, Any]], tuple[int, ...]]:

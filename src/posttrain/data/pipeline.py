@@ -9,14 +9,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from posttrain.data.records import Example, Record
 from posttrain.errors import ConfigError, DataError
 
 SYNTHETIC = "synthetic"
+T = TypeVar("T")
 
 
 @dataclass
@@ -65,14 +67,28 @@ def _synthetic(cfg, seed: int) -> tuple[list[Record], list[Record]]:
     return [e.to_record(i) for i, e in enumerate(train)], [e.to_record(i) for i, e in enumerate(held_out)]
 
 
-def split_eval(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
-    """Hold out round(fraction * n) records chosen by seed (at least 1 when fraction > 0)."""
+def split_eval(records: list[T], fraction: float, seed: int,
+               key: Callable[[T], Hashable] | None = None) -> tuple[list[T], list[T]]:
+    """Hold out round(fraction * n) records chosen by seed (at least 1 when fraction > 0).
+
+    key: records with the same key(record) — the same prompt, say — go to one side together, so
+    no held-out record shares its key with a training one. The groups are drawn in a seeded order
+    and held out until they hold at least round(fraction * n) records (a large last group can
+    take more); at least one group is left for training, so with a single group nothing is held
+    out. Without a key each record is its own group."""
     if fraction <= 0 or len(records) < 2:
         return records, []
-    order = list(range(len(records)))
+    groups: dict[Hashable, list[int]] = {}
+    for i, record in enumerate(records):
+        groups.setdefault(i if key is None else key(record), []).append(i)
+    order = list(groups.values())
     random.Random(seed).shuffle(order)
-    n_eval = min(len(records) - 1, max(1, round(fraction * len(records))))
-    held = set(order[:n_eval])
+    n_eval = max(1, round(fraction * len(records)))
+    held: set[int] = set()
+    for group in order[:-1]:  # the last group drawn always trains
+        if len(held) >= n_eval:
+            break
+        held.update(group)
     return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
 
 
@@ -141,6 +157,22 @@ def _labelled_only(examples: list[Example], log: Callable[[str], None], name: st
     return kept, len(dropped)
 
 
+def check_held_out(cfg, left: int, read: dict, length: dict, length_summary: str | None) -> None:
+    """Held-out files (data.eval_files) of which no row is left (malformed, unrendered, too long,
+    nothing to score) are refused, as an empty training set is: the run would report held-out
+    figures of nothing. `read` / `length`: the held-out rows' reading and length reports."""
+    if not cfg.eval_files or left:
+        return
+    reasons = [f"{read['bad_rows']} malformed"] if read.get("bad_rows") else []
+    if length.get("unrendered"):
+        reasons.append(f"{length['unrendered']} the chat template cannot render")
+    if length_summary:
+        reasons.append(length_summary)
+    raise DataError(f"data.eval_files {', '.join(map(str, cfg.eval_files))}: none of the {read.get('rows', 0)} "
+                    f"held-out rows is left ({'; '.join(reasons) or 'no rows'}); raise data.max_length, fix the rows, "
+                    f"or leave data.eval_files empty to hold out data.eval_fraction of the training rows")
+
+
 def prepare_sft_data(cfg, tokenizer, run_dir: Path | None, seed: int, log: Callable[[str], None] = print) -> PreparedData:
     """Load train (and eval) data per `cfg` (a DataConfig) into examples; write data_report.json."""
     from posttrain.data.templates import adopt_template, check_label_mask
@@ -173,6 +205,7 @@ def prepare_sft_data(cfg, tokenizer, run_dir: Path | None, seed: int, log: Calla
               "train_examples": len(train), "eval_examples": len(evaluation),
               "train_label_tokens": sum(e.num_label_tokens for e in train)}
     write_report(run_dir, report)
+    check_held_out(cfg, len(evaluation), eval_read, eval_len, _length_summary(eval_len) if eval_len else None)
     return PreparedData(train, evaluation, eval_records, report)
 
 

@@ -46,7 +46,7 @@ from typing import Any
 
 from posttrain.data import formats
 from posttrain.data.formats import BadRowError, DataReport, _list, _string, _type_name, read_tools
-from posttrain.data.pipeline import SYNTHETIC, rejects_file, split_eval, write_report
+from posttrain.data.pipeline import SYNTHETIC, check_held_out, rejects_file, split_eval, write_report
 from posttrain.data.records import IGNORE_INDEX, Example
 from posttrain.errors import ConfigError, DataError
 
@@ -98,6 +98,12 @@ def _reply(turns: list[dict[str, Any]], untrained: tuple[int, ...], what: str) -
     if last.keys() == {"role", "content"}:
         return last["content"]
     return {k: v for k, v in last.items() if k != "role"}
+
+
+def prompt_key(record: PreferenceRecord) -> str:
+    """What makes two records' prompts the same: their turns and tools (what renders before the reply).
+    Any record with `prompt` and `tools` (a `prompts.PromptRecord` too)."""
+    return json.dumps([record.prompt, record.tools], sort_keys=True, default=str)
 
 
 def _same_key(response: str | dict[str, Any]) -> Any:
@@ -253,11 +259,27 @@ def _pair(row: dict, location: str) -> PreferenceRecord:
     else:
         prompt = _prompt(row, "pairs")
         chosen, rejected = (_response(row[key], repr(key), prompt) for key in ("chosen", "rejected"))
+        _check_not_repeated(row["prompt"], chosen, rejected)
     if _same_key(chosen) == _same_key(rejected):
         same = "text" if isinstance(chosen, str) else "message"
         raise BadRowError(f"'chosen' and 'rejected' are the same {same}, so there is no preference")
     return PreferenceRecord(prompt, [chosen, rejected], ranks=[0, 1], margin=_margin(row), source=location,
                             tools=read_tools(row))
+
+
+_REPEATED_PROMPT_MIN = 8  # characters: a shorter prompt ("Hi", "Q:") may begin a reply by chance
+
+
+def _check_not_repeated(prompt: Any, chosen: str | dict[str, Any], rejected: str | dict[str, Any]) -> None:
+    """A text prompt that both text sides begin with (Anthropic HH-RLHF's transcripts with a prompt
+    column added) would be trained as part of the reply: a bad row."""
+    prompt = _decoded(prompt, what="'prompt'")  # a table's cell may hold a list of turns, as text
+    text = prompt.strip() if isinstance(prompt, str) else ""
+    if len(text) >= _REPEATED_PROMPT_MIN and all(isinstance(side, str) and side.lstrip().startswith(text)
+                                                 for side in (chosen, rejected)):
+        raise BadRowError("'chosen' and 'rejected' both begin with the whole 'prompt' text, so the prompt would be "
+                          "trained as part of the reply; give the sides as the replies alone (or as lists of turns "
+                          "without 'prompt': their shared turns are the prompt)")
 
 
 def _implicit_prompt(row: dict) -> tuple[list[dict[str, Any]], str | dict[str, Any], str | dict[str, Any]]:
@@ -564,8 +586,14 @@ def prepare_preference_data(cfg, tokenizer, run_dir: Path | None, seed: int, log
         eval_records, eval_read = _read(cfg.eval_files, cfg, run_dir, log, "eval")
     else:
         records, read_report = _read(cfg.train_files, cfg, run_dir, log, "train")
-        train_records, eval_records = split_eval(records, cfg.eval_fraction, seed)
-        eval_read = {"rows": len(eval_records), "split_from_train": True}
+        # by prompt: the rows of one prompt (SHP's comment pairs, a KTO set's good and bad completion)
+        # are held out together, so held-out figures are never taken on a prompt the run trained on
+        train_records, eval_records = split_eval(records, cfg.eval_fraction, seed, key=prompt_key)
+        eval_read = {"rows": len(eval_records), "split_from_train": True, "held_out_prompts_unique": True,
+                     "prompts": len({prompt_key(r) for r in eval_records})}
+        if cfg.eval_fraction > 0 and not eval_records and len(records) > 1:
+            log(f"data.eval_fraction={cfg.eval_fraction}: all {len(records)} training rows share one prompt, so "
+                "none is held out (give data.eval_files)")
     train, train_len = _encode_split(train_records, tokenizer, template, cfg, log, "train", special_tokens)
     if not train:
         raise DataError(f"none of the {len(train_records)} training records is left after the length policy "
@@ -577,4 +605,5 @@ def prepare_preference_data(cfg, tokenizer, run_dir: Path | None, seed: int, log
               "train_sequences": sum(len(e.sequences) for e in train),
               "train_label_tokens": sum(s.num_label_tokens for e in train for s in e.sequences)}
     write_report(run_dir, report)
+    check_held_out(cfg, len(evaluation), eval_read, eval_len, eval_len.get("summary"))
     return PreparedPreferences(train, evaluation, eval_records, report)

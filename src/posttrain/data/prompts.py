@@ -169,7 +169,9 @@ def prepare_prompts(cfg, run_dir: Path | None, seed: int, log: Callable[[str], N
         report = {"train_read": train_report, "eval_read": eval_report}
     else:
         records, report = read(cfg.train_files, "train")
-        train, held_out = split_eval(records, cfg.eval_fraction, seed)
+        from posttrain.data.preferences import prompt_key
+
+        train, held_out = split_eval(records, cfg.eval_fraction, seed, key=prompt_key)  # a prompt on one side only
         report = {"train_read": report, "eval_split_from_train": len(held_out)}
     if not train:
         raise DataError("no training prompts: check data.train_files")
@@ -179,10 +181,21 @@ def prepare_prompts(cfg, run_dir: Path | None, seed: int, log: Callable[[str], N
 def encode_prompts(records: list[PromptRecord], tokenizer, template: str, max_length: int,
                    log: Callable[[str], None] = print, name: str = "train",
                    cfg=None) -> tuple[list[list[int]], list[PromptRecord]]:
-    """Token ids of each prompt with the generation prompt appended. Prompts longer than
-    `max_length` are dropped — never cut, which would change the question — and counted. A
-    prompt already rendered with the chat template is a bad row: an error, or skipped and
-    counted under `cfg.bad_rows=skip` (cfg: the data config; None stops at it)."""
+    """Token ids of each prompt with the generation prompt appended, and the records kept
+    (`encode_prompts_report` without its report)."""
+    return encode_prompts_report(records, tokenizer, template, max_length, log, name, cfg)[:2]
+
+
+def encode_prompts_report(records: list[PromptRecord], tokenizer, template: str, max_length: int,
+                          log: Callable[[str], None] = print, name: str = "train",
+                          cfg=None) -> tuple[list[list[int]], list[PromptRecord], dict]:
+    """Token ids of each prompt with the generation prompt appended, the records kept, and what
+    happened to the others for data_report.json. Prompts longer than `max_length` are dropped —
+    never cut, which would change the question — counted, and the first few named by file:line
+    (`too_long_sources`). A prompt already rendered with the chat template, or one the template
+    cannot render, is a bad row: an error, or skipped and counted (`unrendered`) under
+    `cfg.bad_rows=skip` (cfg: the data config; None stops at it)."""
+    from posttrain.data.formats import _SHOWN
     from posttrain.data.pipeline import check_unrendered, encoded_or_skipped
     from posttrain.data.templates import check_not_rendered, render
 
@@ -191,16 +204,24 @@ def encode_prompts(records: list[PromptRecord], tokenizer, template: str, max_le
         text = render(tokenizer, template, record.prompt, True, record.source, record.tools)
         return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template has BOS
 
-    ids, kept, unrendered = [], [], []
+    ids, kept, unrendered, too_long = [], [], [], []
     for record in records:
         tokens = encode(record) if cfg is None else encoded_or_skipped(encode, record, cfg, unrendered)
-        if tokens is not None and len(tokens) <= max_length:
-            ids.append(tokens)
-            kept.append(record)
+        if tokens is None:
+            continue
+        if len(tokens) > max_length:
+            too_long.append(record.source)
+            continue
+        ids.append(tokens)
+        kept.append(record)
     if cfg is not None:
         check_unrendered(unrendered, len(records), cfg, log, name)
-    dropped = len(records) - len(kept) - len(unrendered)
-    log(f"{name}: {len(kept)} prompts" + (f"; {dropped} longer than {max_length} tokens dropped" if dropped else ""))
+    shown = f" (first: {', '.join(too_long[:_SHOWN])})" if too_long else ""
+    log(f"{name}: {len(kept)} prompts" + (f"; {len(too_long)} longer than {max_length} tokens dropped{shown}"
+                                          if too_long else ""))
     if records and not kept:
         raise DataError(f"every {name} prompt is longer than data.max_prompt_length={max_length} tokens")
-    return ids, kept
+    report = {"prompts": len(records), "kept": len(kept), "max_length": max_length,
+              "dropped_too_long": len(too_long), "too_long_sources": too_long[:_SHOWN],
+              "unrendered": len(unrendered), "unrendered_first": unrendered[:3]}
+    return ids, kept, report

@@ -38,7 +38,8 @@ class Record:
 
     messages:     OpenAI-style turns, [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...];
                   an assistant turn may also carry `tool_calls` (then its content may be "") and
-                  `reasoning_content`, a tool turn `tool_call_id` and `name` (formats.py reads them);
+                  `reasoning_content`, a tool turn `tool_call_id`, and any turn a `name` (formats.py
+                  reads them; a key the chat template does not render makes the row a bad row);
                   loss goes on every assistant turn after the first `prompt_turns`, but those in
                   `untrained`.
     text:         plain text for continued pre-training; loss on every token.

@@ -15,7 +15,8 @@ added ("not prefix-stable") is refused rather than guessed at.
 Agent rows render as transformers renders them: the row's `tools` go to every render
 (`apply_chat_template(tools=...)`), and an assistant turn's span is everything the template
 writes for it, tool calls and reasoning included. A row carrying something the template does
-not render (its tools, tool calls, reasoning, tool turns) is refused, naming it (`render`).
+not render (its tools, tool calls, reasoning, tool turns, a speaker's `name`) is refused, naming
+it (`render`).
 """
 
 from __future__ import annotations
@@ -304,7 +305,8 @@ def render(tokenizer: Any, template: str, messages: list[dict[str, Any]], add_ge
            source: str = "<memory>", tools: list[dict[str, Any]] | None = None) -> str:
     """The conversation rendered with the chat template, given the row's `tools`. A row that carries
     something the template does not render — its tools, an assistant turn's tool calls or
-    reasoning, tool turns: rendering without it gives the same text — is refused naming it
+    reasoning, tool turns, the `name` of a turn other than a tool's: rendering without it gives
+    the same text — is refused naming it
     (DataError), never trained or asked without it. Plain conversations render once."""
     text = _render(tokenizer, template, messages, add_generation_prompt, source, tools)
     for name, (fewer, fewer_tools) in _carried(messages, tools):
@@ -330,6 +332,10 @@ def _carried(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None)
             yield f"the assistant turns' {key!r}", ([{k: v for k, v in m.items() if k != key} for m in messages], tools)
     if any(m["role"] == "tool" for m in messages):
         yield "the 'tool' turns", ([m for m in messages if m["role"] != "tool"], tools)
+    # a tool turn's name repeats the function its call names, which the template writes with the call
+    if any("name" in m for m in messages if m["role"] != "tool"):
+        yield "the turns' 'name'", ([{k: v for k, v in m.items() if k != "name" or m["role"] == "tool"}
+                                     for m in messages], tools)
 
 
 def _render(tokenizer: Any, template: str, messages: list, add_generation_prompt: bool, source: str,

@@ -20,7 +20,8 @@ and, between them:
     reward_win_rate  share of prompts where the policy's reward beats the reference's (ties half),
                      with the Wilson interval of wins / (wins + losses)
     judge_win_rate   the same from a pairwise LLM judge asked in both orders; a pair whose two
-                     verdicts disagree is "inconsistent" and counted apart (feedback/judge.py)
+                     verdicts disagree is "inconsistent" (feedback/judge.py): left out of win_rate
+                     and counted, and a tie in win_rate_inconsistent_as_ties (MT-bench's rule)
 
 Prompts are asked, and reference answers scored, as the chat template renders them with the row's
 `tools` (`templates.render`). A messages row whose last assistant turn carries more than text (tool
@@ -78,14 +79,25 @@ def mean_and_se(values: list[float]) -> dict:
 
 def win_rate(outcomes: list[str]) -> dict:
     """From per-prompt outcomes "win" / "loss" / "tie" (others counted apart): the win rate with
-    ties as half, and the Wilson interval of wins / (wins + losses)."""
+    ties as half, (wins + ties / 2) / (wins + losses + ties), and the Wilson interval of
+    wins / (wins + losses).
+
+    A judge's "inconsistent" pairs (the two orders disagree: feedback/judge.py) are left out of
+    that rate and counted ("inconsistent"); "win_rate_inconsistent_as_ties" counts them as ties
+    instead, as MT-bench does (Zheng et al. 2023, Sec. 3.3): (wins + (ties + inconsistent) / 2) /
+    (wins + losses + ties + inconsistent). A judge that only ever names one slot gets no win rate
+    and 50% there. Other outcomes (no verdict: "unparsed") are in neither rate."""
     counts = Counter(outcomes)
-    wins, losses, ties = counts["win"], counts["loss"], counts["tie"]
+    wins, losses, ties, inconsistent = counts["win"], counts["loss"], counts["tie"], counts["inconsistent"]
     decided = wins + losses + ties
     low, high = wilson_interval(wins, wins + losses)
     other = {name: n for name, n in sorted(counts.items()) if name not in ("win", "loss", "tie")}
+    with_inconsistent = decided + inconsistent
     return {"win_rate": (wins + 0.5 * ties) / decided if decided else None, "wins": wins, "losses": losses,
-            "ties": ties, "other": sum(other.values()), "other_by_kind": other, "ci95_decisive": [low, high]}
+            "ties": ties, "other": sum(other.values()), "other_by_kind": other, "ci95_decisive": [low, high],
+            "inconsistent": inconsistent,
+            "win_rate_inconsistent_as_ties": (wins + 0.5 * (ties + inconsistent)) / with_inconsistent
+            if with_inconsistent else None}
 
 
 def _load_side(name: str, path: str, cfg, records, log, policy: Side | None = None) -> tuple[Side, list]:
@@ -220,11 +232,15 @@ def _reward_scorer(cfg, log):
 
 
 def _rewards(sides: list[Side], records, score) -> list[list[float]] | None:
+    """Each side's rewards; a reward failing on an answer is said with its prompt row's file:line."""
+    from posttrain.rewards import rows_named
+
     if score is None:
         return None
     totals = []
     for side in sides:
-        values = score([x.prompt for x in records], side.responses, [x.reward_row() for x in records])
+        with rows_named([x.source for x in records]):
+            values = score([x.prompt for x in records], side.responses, [x.reward_row() for x in records])
         side.figures["reward"] = mean_and_se(values)
         totals.append(values)
     return totals
@@ -294,6 +310,10 @@ def run_evaluate(cfg, *, judge=None, log: Callable[[str], Any] = print) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     write_config(out, cfg)  # generation.seed among it: the sampled KL depends on it
     records = _prompts(cfg, log)
+    if score is not None:  # a row lacking what a reward reads (exact_match: 'answer'), by file:line
+        from posttrain.train.rollouts import check_prompt_rows
+
+        check_prompt_rows({c.name: c.reward for c in score.components}, records)
     from posttrain.inference import check_model_dir
 
     for what, path in (("policy", cfg.policy), ("reference", cfg.reference.strip())):

@@ -35,12 +35,20 @@ ROWS = [
 ]
 
 
-def _win(w: dict) -> str:
+def _win(w: dict, judge: bool = False) -> str:
+    """The win rate (ties half) and its counts; for the judge, also the rate with its inconsistent
+    pairs as ties (MT-bench's rule; alignment.win_rate), in a report that has it."""
     low, high = w["ci95_decisive"]
     kinds = w.get("other_by_kind") or {}
     other = f"other {w['other']}" + (f" ({', '.join(f'{k} {n}' for k, n in kinds.items())})" if kinds else "")
-    return (f"{_pct(w['win_rate'])} (wins {w['wins']}, losses {w['losses']}, ties {w['ties']}, {other}; "
+    text = (f"{_pct(w['win_rate'])} (wins {w['wins']}, losses {w['losses']}, ties {w['ties']}, {other}; "
             f"wins of decisive {low:.1%}–{high:.1%})")
+    if judge and "win_rate_inconsistent_as_ties" in w:
+        k = w["inconsistent"]
+        text += (f"; with the {k} inconsistent pair{'' if k == 1 else 's'} (the two orders disagree) as ties, as "
+                 f"MT-bench counts them: {_pct(w['win_rate_inconsistent_as_ties'])} (wins {w['wins']}, ties "
+                 f"{w['ties'] + k}, losses {w['losses']})")
+    return text
 
 
 def markdown(report: dict) -> str:
@@ -68,5 +76,5 @@ def markdown(report: dict) -> str:
                         else ""))
     for key, label in (("reward_win_rate", "reward win rate"), ("judge_win_rate", "judge win rate")):
         if key in report:
-            lines.append(f"- {label} of the policy over the reference: {_win(report[key])}")
+            lines.append(f"- {label} of the policy over the reference: {_win(report[key], key == 'judge_win_rate')}")
     return "\n".join(lines) + "\n"

@@ -306,7 +306,9 @@ def _error_message(exc: urllib.error.HTTPError) -> str:
 
 
 class LocalModel:
-    """A model in this process. Generation holds a lock, so threads take turns.
+    """A model in this process. Generation holds a lock, so threads take turns. A reply ends at
+    the template's end-of-turn marker, one token (an EOS id) or several (a stop string, cut off the
+    text), as `rollout.generate` ends a completion.
 
     Under a template with no system role (Gemma's, Mistral's raise on one), a leading system
     turn (a judge's instructions, a red-team attack's) is folded into the first user turn
@@ -317,13 +319,15 @@ class LocalModel:
                  temperature: float = 1.0, seed: int | None = None):
         from posttrain.data.templates import has_system_role, resolve_template
         from posttrain.models.loading import position_limit
-        from posttrain.rollout.generate import eos_token_ids, pad_token_id
+        from posttrain.rollout.generate import _make_stop_check, eos_token_ids, pad_token_id, stop_strings
 
         self.model, self.tokenizer, self.model_name = model, tokenizer, name
         self.template = resolve_template(tokenizer, template)
         self.system_role = has_system_role(tokenizer, self.template)
         self.defaults = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed}
         self.eos_ids = eos_token_ids(model, tokenizer, self.template)
+        self.stops = stop_strings(tokenizer, [], self.template)  # an end-of-turn marker of several tokens
+        self._stop_check = _make_stop_check(tokenizer, self.stops) if self.stops else None
         self.pad_id = pad_token_id(tokenizer, self.eos_ids)
         self.context = position_limit(model)
         self.usage = Usage()
@@ -341,7 +345,7 @@ class LocalModel:
 
     def chat(self, messages: list[dict[str, str]], *, max_tokens: int | None = None,
              temperature: float | None = None, seed: int | None = None) -> Reply:
-        from posttrain.rollout.generate import generate_token_ids
+        from posttrain.rollout.generate import generate_token_ids, truncate_at_stop
         from posttrain.rollout.sampling import SamplingSettings
 
         max_tokens = self.defaults["max_tokens"] if max_tokens is None else max_tokens
@@ -364,9 +368,10 @@ class LocalModel:
             settings = SamplingSettings(max_new_tokens=max_tokens, temperature=temperature,
                                         seed=seed if temperature > 0 else None)
             ids = generate_token_ids(self.model, [prompt_ids], settings, pad_token_id=self.pad_id,
-                                     eos_token_ids=self.eos_ids, batch_size=1)[0]
-            reply_text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        finish = "stop" if ids and ids[-1] in self.eos_ids else "length"
+                                     eos_token_ids=self.eos_ids, batch_size=1, stop_check=self._stop_check)[0]
+            decoded = self.tokenizer.decode(ids, skip_special_tokens=True)
+        reply_text = truncate_at_stop(decoded, self.stops)
+        finish = "stop" if (ids and ids[-1] in self.eos_ids) or reply_text != decoded else "length"
         self.usage.add(requests=1, prompt_tokens=len(prompt_ids), completion_tokens=len(ids))
         return Reply(reply_text, finish, len(prompt_ids), len(ids))
 

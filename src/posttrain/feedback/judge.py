@@ -19,12 +19,14 @@ verdict line.
 
     parse_verdict(text)          -> "A" | "B" | "tie" | None
     combine_orders(ab, ba)       -> "first" | "second" | "tie" | "inconsistent" | "unparsed"
-    judge_messages(...)          the chat messages sent for one order
+    judge_messages(...)          the chat messages sent for one order (an agent's turns shown whole:
+                                 reasoning, tool calls and results, `render_conversation`)
     PairwiseJudge(backend, ...)  .judge(prompt_turns, first, second) -> PairJudgement
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import asdict, dataclass, field
 
@@ -47,6 +49,9 @@ INSTRUCTION = ("Think briefly about how well each response meets the principles.
 RETRY_PROMPT = ("Your reply did not end with a verdict line. Answer with a single line and nothing else: "
                 "Verdict: A, Verdict: B or Verdict: tie.")
 
+TOOLS_NOTE = ("(The conversation includes tool calls: an assistant turn may call a tool instead of answering, "
+              "and a Tool turn is that tool's result.)")
+
 RESPONSE_START, RESPONSE_END = "[Response {slot}]", "[End of response {slot}]"
 OUTCOMES = ("first", "second", "tie", "inconsistent", "unparsed")
 
@@ -54,20 +59,51 @@ OUTCOMES = ("first", "second", "tie", "inconsistent", "unparsed")
 # --------------------------------------------------------------------------- the prompt
 
 
-def render_conversation(turns: list[dict[str, str]]) -> str:
-    """A single user turn as its text; a longer conversation as "Role: text" paragraphs."""
-    if len(turns) == 1 and turns[0]["role"] == "user":
+def render_conversation(turns: list[dict]) -> str:
+    """A single plain user turn as its text; a longer conversation as "Role: text" paragraphs.
+
+    What a turn carries beside its text is shown too (`turn_text`), so a judge never reads an
+    agent's turn as empty: its reasoning, its tool calls (name and arguments), and a turn's
+    `name` beside its role ("Tool (get_weather, result of call_1): ...")."""
+    if len(turns) == 1 and turns[0]["role"] == "user" and "name" not in turns[0]:
         return turns[0]["content"]
-    return "\n\n".join(f"{t['role'].capitalize()}: {t['content']}" for t in turns)
+    return "\n\n".join(f"{_speaker(t)}: {turn_text(t)}" for t in turns)
 
 
-def judge_messages(prompt_turns: list[dict[str, str]], response_a: str, response_b: str,
+def _speaker(turn: dict) -> str:
+    notes = [turn[key] if key == "name" else f"result of {turn[key]}"
+             for key in ("name", "tool_call_id") if turn.get(key)]
+    return turn["role"].capitalize() + (f" ({', '.join(notes)})" if notes else "")
+
+
+def turn_text(turn: dict) -> str:
+    """A turn's content, after its reasoning in a [reasoning] block and before each tool call it
+    makes as "[calls tool NAME with arguments JSON]"; the content alone for a plain turn."""
+    parts = []
+    if turn.get("reasoning_content"):
+        parts.append(f"[reasoning]\n{turn['reasoning_content']}\n[end of reasoning]")
+    if turn.get("content") or not (parts or turn.get("tool_calls")):
+        parts.append(turn.get("content") or "")
+    for call in turn.get("tool_calls") or ():
+        function = call.get("function", call)
+        arguments = function.get("arguments")
+        if not isinstance(arguments, str):
+            arguments = json.dumps(arguments, ensure_ascii=False)
+        parts.append(f"[calls tool {function.get('name')} with arguments {arguments}]")
+    return "\n".join(parts)
+
+
+def judge_messages(prompt_turns: list[dict], response_a: str, response_b: str,
                    rubric: str = DEFAULT_RUBRIC) -> list[dict[str, str]]:
-    """The chat messages asking for one verdict, with `response_a` shown first (as A)."""
+    """The chat messages asking for one verdict, with `response_a` shown first (as A). A
+    conversation in which tools are called is said to be one (TOOLS_NOTE), before it is shown."""
     def block(slot: str, text: str) -> str:
         return f"{RESPONSE_START.format(slot=slot)}\n{text}\n{RESPONSE_END.format(slot=slot)}"
 
-    user = "\n\n".join([f"Principles:\n{rubric.strip()}", f"Conversation:\n{render_conversation(prompt_turns)}",
+    shown = render_conversation(prompt_turns)
+    if any(t.get("tool_calls") or t["role"] == "tool" for t in prompt_turns):
+        shown = f"{TOOLS_NOTE}\n{shown}"
+    user = "\n\n".join([f"Principles:\n{rubric.strip()}", f"Conversation:\n{shown}",
                         block("A", response_a), block("B", response_b), INSTRUCTION])
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 

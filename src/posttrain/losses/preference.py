@@ -152,6 +152,13 @@ def orpo_loss(chosen_avg_logps: Tensor, rejected_avg_logps: Tensor, chosen_nll: 
     L = L_SFT − λ · log σ(log odds(y_w|x) − log odds(y_l|x))
     chosen_nll: the SFT loss on the chosen response (mean token NLL). Returns (losses, the
     log-odds ratio, detached) — the ratio is ORPO's own metric.
+
+    A K-way ranking is taken as its ordered pairs, and L_SFT is the paper's SFT loss on the
+    *preferred* response: the stage passes each pair its share of the best response's NLL
+    (`train.preference.chosen_nll`: the pairs whose y_w is of the best rank split it, the others
+    get 0), not the NLL of every y_w that beats another — that would train the 2nd of 4 (the 6th
+    of 7) as an answer, in the verifiable synthetic rankings a wrong one. A pair's chosen_nll is
+    its own y_w's NLL, unchanged.
     """
     ratio = log_odds(chosen_avg_logps) - log_odds(rejected_avg_logps)
     return chosen_nll - lam * F.logsigmoid(ratio), ratio.detach()

@@ -114,8 +114,22 @@ def _checkpoint_message(checkpoint: Path) -> str:
 
 def _adapter_message(adapter: Path, run: Path | None = None, setting: str = "model.path") -> str:
     where = f"{run} is a run directory whose final/ is an adapter" if run is not None else f"{adapter} is an adapter directory"
-    return (f"{where} (adapter weights, not a model): training starts from a full model. Fold the adapter into its "
-            f"base with `posttrain merge {run or adapter} OUT_DIR` (LoRA, DoRA, IA3) and set {setting}=OUT_DIR")
+    return f"{where} (adapter weights, not a model): training starts from a full model; {adapter_advice(adapter, setting, run)}"
+
+
+def adapter_advice(adapter: Path, setting: str, given: Path | None = None) -> str:
+    """How to start from an adapter directory given where a model to start from is asked for
+    (`setting`): fold it into its base with `posttrain merge` (named by `given`, the run directory
+    the user wrote, or the adapter) and set `setting` to the result; or, when it holds adapters no
+    merge folds in (prompt, prefix, bottleneck), say so and name them, not send them to a merge
+    that refuses them."""
+    from posttrain.models.adapters.io import adapter_kinds, cannot_start_from, unmergeable
+
+    kinds = adapter_kinds(adapter)
+    if unmergeable(kinds):
+        return f"it holds {cannot_start_from(kinds)}"
+    return (f"fold the adapter into its base with `posttrain merge {given or adapter} OUT_DIR` (LoRA, DoRA, IA3) "
+            f"and set {setting}=OUT_DIR")
 
 
 def _check_weights(directory: Path) -> None:
@@ -239,10 +253,15 @@ def _refuse_reward_model(directory: Path) -> None:
     except (OSError, ValueError, AttributeError):
         return  # from_pretrained says what is wrong with the file
     if architectures and all(str(a).endswith("ForSequenceClassification") for a in architectures):
-        raise UserError(f"{directory} is a reward model ({architectures[0]}: a score head, no trained language-model "
-                        "head); a policy starts from a causal LM, usually the SFT model the reward model was "
-                        "trained from. A reward model goes where a reward is asked for (reward.models, "
-                        "posttrain score)")
+        raise UserError(reward_model_message(directory, architectures[0]))
+
+
+def reward_model_message(directory: str | os.PathLike, what: str) -> str:
+    """The one line for a reward model given where a policy (a causal LM) is loaded; `what` names
+    its kind (a *ForSequenceClassification architecture, or a LoRA reward model's adapter)."""
+    return (f"{directory} is a reward model ({what}: a score head, no trained language-model head); a policy "
+            "starts from a causal LM, usually the SFT model the reward model was trained from. A reward model goes "
+            "where a reward is asked for (reward.models, posttrain score)")
 
 
 def _four_bit(quantization: Any) -> dict[str, Any]:
@@ -433,22 +452,49 @@ def position_limit(model) -> int | None:
     A learned table indexed past its end is an IndexError; a rotary model computes any position,
     but was trained within its table, and past it reads positions it never saw: the table is the
     limit for both. Training refuses a `data.max_length` past it (`check_positions`), generation a
-    prompt that fills it, scoring cuts rows at it."""
+    prompt that fills it, scoring cuts rows at it. A rotary model whose config scales its
+    positions reads further (`_rope_scaled`)."""
     from peft import PeftModel
 
     from posttrain.models.adapters.model import AdaptedModel
 
     config = getattr(model, "config", None)
+    if getattr(config, "max_position_embeddings", None) is None:
+        config = getattr(config, "text_config", None)
     table = getattr(config, "max_position_embeddings", None)
-    if table is None:
-        table = getattr(getattr(config, "text_config", None), "max_position_embeddings", None)
     if not isinstance(table, int) or isinstance(table, bool):
         return None
+    table = _rope_scaled(config, table)
     inner = model.lm if isinstance(model, AdaptedModel) else model
     inner = inner.get_base_model() if isinstance(inner, PeftModel) else inner
     base = getattr(inner, getattr(inner, "base_model_prefix", ""), inner)
     offset = getattr(getattr(base, "embeddings", None), "padding_idx", None)
     return table - getattr(model, "num_virtual_tokens", 0) - (offset + 1 if isinstance(offset, int) else 0)
+
+
+_SCALED_ROPE = ("linear", "dynamic", "yarn")  # the RoPE types whose `factor` stretches the positions trained
+
+
+def _rope_scaled(config, table: int) -> int:
+    """The positions a rotary model reads when its config scales them: transformers'
+    `rope_parameters` (a config.json's `rope_scaling`, read into it), whose `rope_type` linear
+    (positions divided by `factor`), dynamic (NTK: the base stretched past the table) or yarn
+    reads `factor` x its base `original_max_position_embeddings` (default: the table), or the
+    table when that is larger (a config that writes the extended length there, as DeepSeek-V3's
+    does). Per-layer parameters (Gemma 3's sliding and full attention) give the least of their
+    layers. Any other type (default, llama3, longrope, ...) reads its table, which for those
+    already says the extended length."""
+    parameters = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    if not isinstance(parameters, dict) or not parameters:
+        return table
+    limits = []
+    for rope in [value for value in parameters.values() if isinstance(value, dict)] or [parameters]:
+        kind = rope.get("rope_type", rope.get("type"))
+        factor, base = rope.get("factor"), rope.get("original_max_position_embeddings") or table
+        scaled = (kind in _SCALED_ROPE and isinstance(factor, (int, float)) and not isinstance(factor, bool)
+                  and factor > 1 and isinstance(base, int))
+        limits.append(max(table, int(factor * base)) if scaled else table)
+    return min(limits)
 
 
 def check_positions(model, lengths: dict[str, int], lower: list[str] | None = None) -> None:
@@ -601,8 +647,34 @@ def save_model(model, tokenizer, out_dir: str | os.PathLike, *, base_model_path:
         base = str(preset_path(base)) if is_preset(base) else str(Path(base).resolve()) if Path(base).is_dir() else base
         save_adapted(model, out, base)
     else:
-        with _checkpoint_dropout_rates(model):
+        with _checkpoint_dropout_rates(model), _generation_stops(model, tokenizer):
             model.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out
+
+
+@contextmanager
+def _generation_stops(model, tokenizer) -> Iterator[None]:
+    """generation_config's eos_token_id as every id posttrain's own generation stops at
+    (`rollout.generate.eos_token_ids`: the tokenizer's EOS, the config's, and the chat template's
+    end-of-turn token), sorted, while `model` is saved; the model keeps its own after. A model
+    trained on ChatML answers ending in <|im_end|> under an EOS of <|endoftext|> (a Qwen base)
+    otherwise runs on past every answer in transformers' `generate`, vLLM or TGI, which stop at
+    generation_config's ids (Qwen's own instruct models list both). An end-of-turn marker the
+    tokenizer spells in several tokens is not written as generation_config's `stop_strings`:
+    transformers' `generate` then refuses to run unless it is handed the tokenizer."""
+    from posttrain.rollout.generate import eos_token_ids
+
+    config = getattr(model, "generation_config", None)
+    before = getattr(config, "eos_token_id", None)
+    stops = sorted(eos_token_ids(model, tokenizer)) if config is not None and tokenizer is not None else []
+    had = set(before if isinstance(before, (list, tuple)) else [before]) - {None}
+    if not stops or set(stops) == had:
+        yield
+        return
+    config.eos_token_id = stops if len(stops) > 1 else stops[0]
+    try:
+        yield
+    finally:
+        config.eos_token_id = before

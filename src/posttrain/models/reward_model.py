@@ -27,17 +27,27 @@ import torch
 from posttrain.errors import UserError
 
 
+# the settings that score with a trained reward model as it is; the others (posttrain rm's model.path,
+# ppo.value_model_path) name a model that training starts from
+_SCORING = ("reward.models", "score")
+_TRAIN_ONE = "train one with posttrain rm and give its run directory or final/"
+
+
 def load_reward_model(path: str | os.PathLike, dtype: str = "float32", trust_remote_code: bool = False,
-                      pad_token_id: int | None = None, setting: str = "model.path"):
+                      pad_token_id: int | None = None, setting: str = "reward.models"):
     """A sequence-classification model with one output from a model, preset or adapter directory.
-    `setting` is the option `path` came from, named where a message says what to set instead."""
+    `setting` is the option `path` came from, named where a message says what to set instead:
+    model.path (posttrain rm starts from it) or ppo.value_model_path (a PPO critic does), or
+    reward.models / score (the default: a trained reward model is asked for)."""
     from transformers import AutoModelForSequenceClassification
 
+    from posttrain.models.adapters.io import is_adapter_dir, peft_task
     from posttrain.models.loading import _check_weights, _torch_dtype, load_failure, resolve_model_path
 
-    adapter = Path(path) / "adapter_config.json"
-    if adapter.is_file():
-        return _load_lora_reward_model(Path(path), dtype, trust_remote_code, pad_token_id)
+    if is_adapter_dir(path):
+        if (Path(path) / "adapter_config.json").is_file() and peft_task(path) in (None, "SEQ_CLS"):
+            return _load_lora_reward_model(Path(path), dtype, trust_remote_code, pad_token_id)
+        raise UserError(_not_a_reward_adapter(Path(path), setting))
     directory = resolve_model_path(path, setting)
     _check_weights(directory)
     kwargs: dict[str, Any] = {"dtype": _torch_dtype(dtype), "use_safetensors": True, "num_labels": 1,
@@ -84,6 +94,23 @@ def _quiet_from_pretrained(cls, directory, **kwargs):
         logging.set_verbosity(level)
 
 
+def _not_a_reward_adapter(directory: Path, setting: str) -> str:
+    """The one line for an adapter directory that is not a LoRA reward model (a policy's) given as
+    `setting`: where a reward model is asked for, train one; where one is started from, how to
+    start from this policy (`loading.adapter_advice`: merge it, or say it cannot be)."""
+    from posttrain.models.adapters.io import peft_task
+    from posttrain.models.loading import adapter_advice
+
+    task = peft_task(directory)
+    kind = f"a {task} adapter" if task not in (None, "CAUSAL_LM") else "a policy (causal LM) adapter"
+    if setting in _SCORING:
+        advice = _TRAIN_ONE
+    else:
+        start = "a PPO critic" if setting == "ppo.value_model_path" else "a reward model"
+        advice = f"to start {start} from this policy: {adapter_advice(directory, setting)}"
+    return f"{directory} is {kind}, not a reward model (a reward model's adapter is SEQ_CLS, from posttrain rm); {advice}"
+
+
 def _load_lora_reward_model(directory: Path, dtype: str, trust_remote_code: bool, pad_token_id: int | None):
     import json
 
@@ -92,12 +119,6 @@ def _load_lora_reward_model(directory: Path, dtype: str, trust_remote_code: bool
     from posttrain.models.loading import check_adapter_weights
 
     config = json.loads((directory / "adapter_config.json").read_text())
-    task = config.get("task_type")
-    if task not in (None, "SEQ_CLS"):  # peft would die on a sequence-classification base (AttributeError)
-        kind = "a policy (causal LM) adapter" if task == "CAUSAL_LM" else f"a {task} adapter"
-        raise UserError(f"{directory} is {kind}, not a reward model (a reward model's adapter is SEQ_CLS, from "
-                        f"posttrain rm); to start a PPO critic from this policy, merge it (posttrain merge {directory} OUT_DIR) "
-                        "and set ppo.value_model_path=OUT_DIR")
     base = config.get("base_model_name_or_path")
     if not base:
         raise UserError(f"{directory}/adapter_config.json names no base model (base_model_name_or_path)")
@@ -128,8 +149,7 @@ def check_trained_head(model, path) -> None:
     missing = untrained_modules(model)
     if missing:
         raise UserError(f"{path} is not a reward model: it has no trained reward head (the checkpoint lacks "
-                        f"{', '.join(missing)}, which would be drawn at random: every score would be noise); train "
-                        "one with posttrain rm and give its run directory or final/")
+                        f"{', '.join(missing)}, which would be drawn at random: every score would be noise); {_TRAIN_ONE}")
 
 
 def add_lora(model, lora_cfg):

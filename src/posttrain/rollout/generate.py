@@ -31,7 +31,8 @@ from posttrain.rollout.sampling import (
 
 def generate(
     model, tokenizer, prompts: list[str], settings: SamplingSettings, *, batch_size: int = 8,
-    template: str | None = None, raw: bool = False,
+    template: str | None = None, raw: bool = False, window: int | None = None,
+    on_done: Callable[[int, str], object] | None = None,
 ) -> list[str]:
     """Complete each prompt; return the completion texts only, in prompt order.
 
@@ -41,18 +42,23 @@ def generate(
     the first stop string (the text is cut before it; a several-token end-of-turn marker
     is one: `stop_strings`), or after settings.max_new_tokens tokens. `template` is the
     chat template the prompts were rendered with (default: the tokenizer's own). Texts
-    are decoded with skip_special_tokens.
+    are decoded with skip_special_tokens. `window` and `on_done(i, text)`: as
+    `generate_token_ids` takes them, with prompt i's completion text.
     """
     eos_ids = eos_token_ids(model, tokenizer, template)
     stop = stop_strings(tokenizer, settings.stop, template)
     stop_check = _make_stop_check(tokenizer, stop) if stop else None
     prompt_ids = [prompt_token_ids(tokenizer, p, raw=raw) for p in prompts]
+
+    def text(ids: list[int]) -> str:
+        return truncate_at_stop(tokenizer.decode(ids, skip_special_tokens=True), stop)
+
     completions = generate_token_ids(
         model, prompt_ids, settings, pad_token_id=pad_token_id(tokenizer, eos_ids),
-        eos_token_ids=eos_ids, batch_size=batch_size, stop_check=stop_check,
+        eos_token_ids=eos_ids, batch_size=batch_size, stop_check=stop_check, window=window,
+        on_done=None if on_done is None else (lambda i, ids: on_done(i, text(ids))),
     )
-    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in completions]
-    return [truncate_at_stop(text, stop) for text in texts]
+    return [text(ids) for ids in completions]
 
 
 def prompt_token_ids(tokenizer, text: str, *, raw: bool) -> list[int]:
@@ -75,6 +81,8 @@ def generate_token_ids(
     batch_size: int = 8,
     stop_check: Callable[[list[int]], bool] | None = None,
     on_token: Callable[[int, list[int]], bool] | None = None,
+    window: int | None = None,
+    on_done: Callable[[int, list[int]], object] | None = None,
 ) -> list[list[int]]:
     """Token-level generation: completion ids per prompt (ending with the EOS id if one
     was produced, no padding). `stop_check(ids)` may end a row early (stop strings).
@@ -83,7 +91,10 @@ def generate_token_ids(
     per-prompt limits, streaming and cancellation (`posttrain serve`).
 
     Prompts are batched by length (longest first) to minimise padding; results come
-    back in the original order. A prefix-tuned model under a sliding window that a row
+    back in the original order. With `window`, prompts are sorted within each run of `window`
+    prompts in input order only, so the first prompts are done early (a file written in
+    order as rows finish: `posttrain generate`); `on_done(i, ids)` hears each prompt's
+    completion as its batch ends. A prefix-tuned model under a sliding window that a row
     can outgrow is batched with prompts of its own length only (`_equal_lengths`). The
     model is put in eval mode and restored after.
 
@@ -112,7 +123,7 @@ def generate_token_ids(
     model.eval()
     try:
         with torch.inference_mode():
-            for rows in _batches(prompt_ids, batch_size, _equal_lengths(model, prompt_ids, settings)):
+            for rows in _batches(prompt_ids, batch_size, _equal_lengths(model, prompt_ids, settings), window):
                 on_row = None if on_token is None else (lambda row, ids, rows=rows: on_token(rows[row], ids))
                 batch = _generate_batch(
                     model, [prompt_ids[i] for i in rows], settings, device,
@@ -122,6 +133,8 @@ def generate_token_ids(
                 )
                 for i, ids in zip(rows, batch):
                     results[i] = ids
+                    if on_done is not None:
+                        on_done(i, ids)
     finally:
         model.train(was_training)
     return results
@@ -145,13 +158,19 @@ def completion_budgets(model, prompt_lengths: list[int], max_new_tokens: int) ->
     return [min(max_new_tokens, limit - length) for length in prompt_lengths]
 
 
-def _batches(prompt_ids: list[list[int]], batch_size: int, equal_lengths: bool) -> list[list[int]]:
+def _batches(prompt_ids: list[list[int]], batch_size: int, equal_lengths: bool,
+             window: int | None = None) -> list[list[int]]:
     """Prompt indices in batches of up to `batch_size`, longest prompts first (a stable sort: equal
-    lengths keep their order); with `equal_lengths`, a batch holds prompts of one length only."""
-    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
-    runs = [list(run) for _, run in itertools.groupby(order, key=lambda i: len(prompt_ids[i]))] if equal_lengths \
-        else [order]
-    return [run[start:start + batch_size] for run in runs for start in range(0, len(run), batch_size)]
+    lengths keep their order) within each run of `window` prompts in input order (default: all
+    of them); with `equal_lengths`, a batch holds prompts of one length only."""
+    window = window or max(1, len(prompt_ids))
+    batches = []
+    for first in range(0, len(prompt_ids), window):
+        order = sorted(range(first, min(first + window, len(prompt_ids))), key=lambda i: -len(prompt_ids[i]))
+        runs = [list(run) for _, run in itertools.groupby(order, key=lambda i: len(prompt_ids[i]))] \
+            if equal_lengths else [order]
+        batches += [run[start:start + batch_size] for run in runs for start in range(0, len(run), batch_size)]
+    return batches
 
 
 def _equal_lengths(model, prompt_ids: list[list[int]], settings: SamplingSettings) -> bool:
@@ -194,10 +213,7 @@ def _generate_batch(model, prompt_ids, settings, device, pad_id, eos_ids, stop_c
     steps = max(budgets)
     if steps <= 0:
         return generated
-    extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                use_cache=True, **extra)
-    logits = out.logits[:, -1, :]
+    out, logits = _prefill(model, input_ids, attention_mask, position_ids, prompt_ids)
     history = _TokenHistory(input_ids, attention_mask, logits.shape[-1], settings)
     finished = torch.zeros(num_rows, dtype=torch.bool, device=device)
     positions = position_ids[:, -1:]
@@ -227,6 +243,36 @@ def _generate_batch(model, prompt_ids, settings, device, pad_id, eos_ids, stop_c
                     use_cache=True, **{cache_name: output_cache(out)})
         logits = out.logits[:, -1, :]
     return generated
+
+
+def _prefill(model, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, prompt_ids: list[list[int]]):
+    """(output, last-position logits (B, V)) of the batch's prompt forward. Rows that repeat a prompt
+    (RL's G samples of each) are computed once, and the KV cache and logits copied to every copy
+    (`Cache.reorder_cache`): a row's numbers do not depend on the rows beside it (their padding is
+    masked, and the padded width, the longest prompt's, stays), so it samples what it would have,
+    up to the rounding of a kernel that blocks a smaller batch otherwise (none on the CPU: tested).
+    A model whose cache is not a transformers `Cache` runs every row."""
+    from transformers.cache_utils import Cache
+
+    extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    first: dict[tuple[int, ...], int] = {}  # a prompt -> its place among the distinct ones
+    rows, copies = [], []  # the row computed for each distinct prompt; each row's distinct prompt
+    for row, ids in enumerate(prompt_ids):
+        if tuple(ids) not in first:
+            first[tuple(ids)] = len(rows)
+            rows.append(row)
+        copies.append(first[tuple(ids)])
+    if len(rows) < len(prompt_ids):
+        distinct = torch.tensor(rows, device=input_ids.device)
+        out = model(input_ids=input_ids[distinct], attention_mask=attention_mask[distinct],
+                    position_ids=position_ids[distinct], use_cache=True, **extra)
+        cache = output_cache(out)
+        if isinstance(cache, Cache):
+            expand = torch.tensor(copies, device=input_ids.device)
+            cache.reorder_cache(expand)
+            return out, out.logits[expand, -1, :]
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, **extra)
+    return out, out.logits[:, -1, :]
 
 
 class _TokenHistory:
@@ -391,6 +437,26 @@ def _accepts(model, argument: str) -> bool:
 CHAT_HELP = "/reset: clear the history (the system message stays); /adapter NAME: switch adapters; /exit: end"
 
 
+def _fit_history(model, tokenizer, template: str, messages: list[dict], fixed: int,
+                 room: int) -> tuple[list[dict], str, int]:
+    """(messages, rendered prompt, its tokens) with the oldest exchanges after the first `fixed`
+    messages (the system message) dropped, one user turn and its answer at a time, until the
+    prompt leaves `room` tokens of the model's positions (`loading.position_limit`), or only the
+    newest user message is left after them. A model that names no limit keeps all (tokens: 0)."""
+    from posttrain.models.loading import position_limit
+
+    limit = position_limit(model)
+    while True:
+        prompt = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                               add_generation_prompt=True)
+        if limit is None:
+            return messages, prompt, 0
+        length = len(prompt_token_ids(tokenizer, prompt, raw=False))
+        if length + room <= limit or len(messages) <= fixed + 1:
+            return messages, prompt, length
+        messages = messages[:fixed] + messages[fixed + 2:]
+
+
 def chat_session(
     model,
     tokenizer,
@@ -409,8 +475,13 @@ def chat_session(
     empty line is skipped, `/adapter NAME` switches adapters (when `switch_adapter` is
     given; the history stays). The history plus the new user message is rendered with
     `template` (adding the generation prompt), one completion is generated and
-    written, and both messages are appended to the history.
+    written, and both messages are appended to the history. A history that leaves the reply
+    less than settings.max_new_tokens of the model's positions loses its oldest exchanges
+    (the system message stays; one line says how many turns: `_fit_history`); a message that
+    leaves no room even alone is refused, and the session goes on.
     """
+    from posttrain.models.loading import position_limit
+
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
     while True:
@@ -449,17 +520,17 @@ def chat_session(
                 write(f"[{exc}]")
             continue
         messages.append({"role": "user", "content": line})
-        prompt = tokenizer.apply_chat_template(
-            messages, chat_template=template, tokenize=False, add_generation_prompt=True
-        )
-        from posttrain.errors import DataError
-
-        try:
-            reply = generate(model, tokenizer, [prompt], settings, batch_size=1, template=template)[0]
-        except DataError as exc:  # the history has outgrown the model's positions: say so, keep the session
+        kept, prompt, length = _fit_history(model, tokenizer, template, messages, len(start), settings.max_new_tokens)
+        limit = position_limit(model)
+        if limit is not None and length >= limit:
             messages.pop()
-            write(f"[{exc}; /reset clears the history]")
+            write(f"[this message takes {length} tokens with the chat template{' and the system message' * bool(start)}; "
+                  f"the model reads at most {limit}, leaving no room for an answer; send a shorter one]")
             continue
+        if len(kept) < len(messages):
+            write(f"[dropped {len(messages) - len(kept)} earlier turns to fit the model's {limit} positions]")
+            messages = kept
+        reply = generate(model, tokenizer, [prompt], settings, batch_size=1, template=template)[0]
         write(reply)
         messages.append({"role": "assistant", "content": reply})
     return messages

@@ -7,7 +7,8 @@ are (Brown, Cai & DasGupta 2001, "Interval Estimation for a Binomial Proportion"
 
 A record with an "error" (the target or the judge failed) is neither a success nor a failure:
 it is counted apart and left out of n, as PyRIT's scorers count errors apart from successes and
-failures. A rate over no records is 0.0 with the interval [0, 1], which says "unknown".
+failures. A rate over no records is no figure: its rate is None (null in report.json; "n/a (0/0)"
+in report.md), with the interval [0, 1], which says "unknown", and no change is computed against it.
 
 A pooled rate over clustered records (`rates(..., cluster="probe")`: one harmful request under
 several attacks) is not a rate over independent draws: a request that gets through under one
@@ -55,10 +56,10 @@ def wilson_interval(successes: float, n: float, z: float = 1.96) -> tuple[float,
 
 
 def proportion(successes: int, n: int) -> dict:
-    """{"n", "successes", "rate", "ci95": [low, high]}: a share with its Wilson interval (0.0 and
-    [0, 1] over nothing)."""
+    """{"n", "successes", "rate", "ci95": [low, high]}: a share with its Wilson interval (rate None
+    and [0, 1] over nothing: no figure)."""
     low, high = wilson_interval(successes, n)
-    return {"n": n, "successes": successes, "rate": successes / n if n else 0.0, "ci95": [low, high]}
+    return {"n": n, "successes": successes, "rate": successes / n if n else None, "ci95": [low, high]}
 
 
 def design_effect(clusters: list[tuple[int, int]]) -> float:
@@ -109,7 +110,8 @@ def _summary(records: list[dict], success: Callable[[dict], bool], cluster: str 
             counts[record[cluster]][0] += hit
             counts[record[cluster]][1] += 1
         deff = design_effect([(y, m) for y, m in counts.values()])
-        n_eff = out["n"] / deff
-        out["ci95"] = list(wilson_interval(out["rate"] * n_eff, n_eff))
+        if out["n"]:  # over nothing: [0, 1] as it is
+            n_eff = out["n"] / deff
+            out["ci95"] = list(wilson_interval(out["rate"] * n_eff, n_eff))
         out |= {"clusters": len(counts), "design_effect": deff}
     return out | {"errors": errors}

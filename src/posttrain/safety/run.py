@@ -23,6 +23,9 @@ partial_refusal or full_refusal.
   retried; it too is left out of n, and counted apart ("ended_as_errors"), not among the requests
   answered and labelled.
 
+report.json records the attacks and a hash of each suite's requests (`asked`), so that a later
+run's compare_to compares only rows over the same attacks and requests (safety/report.py).
+
 With the pattern classifier a "success" means "did not refuse": a model that answers a harmful
 request with nonsense counts as attacked successfully. The report says which classifier it used.
 
@@ -280,11 +283,14 @@ def run_redteam(cfg, *, target=None, judge=None, attacker=None, log: Callable[[s
     failed = [item for item_id, item in items if item_id in failed_ids and item_id not in by_id]
     report = summarize(records, cfg.classifier, pair.streams, failed) | {
         "target": cfg.target.model, "requests": len(items), "answered": len(records) - ended, "ended_as_errors": ended,
-        "failed": summary.failed}
+        "failed": summary.failed} | asked(items)
     if "pair" in report:
         report["pair"] |= {"attacker": pair.attacker.model, "rounds": pair.rounds, "streams": pair.streams}
     if earlier is not None:
-        report["compare_to"] = {"path": cfg.compare_to, "report": earlier}
+        from posttrain.safety.report import not_compared
+
+        report["compare_to"] = {"path": cfg.compare_to, "report": earlier,
+                                "not_compared": not_compared(report, earlier)}
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "report.md").write_text(markdown(report))
     for line in summary.lines():
@@ -293,6 +299,20 @@ def run_redteam(cfg, *, target=None, judge=None, attacker=None, log: Callable[[s
         raise aborted
     log(_headline(report, out))
     return out
+
+
+def asked(items: list[tuple[str, dict]]) -> dict:
+    """What a run asked, for a later run's comparison (safety/report.not_compared): the attacks on
+    the harmful requests, and a short hash of each suite's requests (probe id, category, prompt)."""
+    import hashlib
+
+    def digest(suite: str) -> str:
+        probes = sorted({(i["probe"], i["category"], i["prompt"]) for _, i in items if i["suite"] == suite})
+        return hashlib.sha256(json.dumps(probes).encode()).hexdigest()[:16]
+
+    suites = sorted({item["suite"] for _, item in items})
+    return {"attacks": sorted({item["attack"] for _, item in items if item["suite"] == "harmful"}),
+            "request_digests": {suite: digest(suite) for suite in suites}}
 
 
 def _settings(cfg) -> dict:
@@ -391,13 +411,14 @@ def _earlier(path: str, cfg) -> dict:
 
 
 def _headline(report: dict, out: Path) -> str:
+    def figure(r: dict) -> str:
+        return "n/a (0/0)" if not r["n"] else f"{r['rate']:.1%} [{r['ci95'][0]:.1%}, {r['ci95'][1]:.1%}] of {r['n']}"
+
     parts = []
     if "attack_success" in report:
-        a = report["attack_success"]["overall"]
-        parts.append(f"attack success {a['rate']:.1%} [{a['ci95'][0]:.1%}, {a['ci95'][1]:.1%}] of {a['n']}")
+        parts.append(f"attack success {figure(report['attack_success']['overall'])}")
     if "over_refusal" in report:
-        o = report["over_refusal"]["overall"]
-        parts.append(f"over-refusal {o['rate']:.1%} [{o['ci95'][0]:.1%}, {o['ci95'][1]:.1%}] of {o['n']}")
+        parts.append(f"over-refusal {figure(report['over_refusal']['overall'])}")
     if "pair" in report:
         p = report["pair"]
         parts.append(f"PAIR jailbroke {p['jailbroken']['successes']} of {p['jailbroken']['n']} requests "

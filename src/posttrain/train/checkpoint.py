@@ -181,16 +181,24 @@ def write_whole(target: Path, write) -> Path:
     place: a run's final/ holds one run's files, never the new model beside an earlier run's
     adapter (a fresh start over another method), and a crash while writing leaves the old one.
     Swapped by two renames: the old directory is moved aside first (rename cannot replace a
-    non-empty directory), then removed."""
+    non-empty directory), then removed. A full disk while writing is said naming `target`
+    (`errors.NoRoom`), and the partial copy is removed: it would only hold the space."""
     tmp, old = target.with_name(f".tmp-{target.name}"), target.with_name(f".old-{target.name}")
     for leftover in (tmp, old):  # a writer killed earlier
         shutil.rmtree(leftover, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    for path in tmp.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
+    try:
+        tmp.mkdir(parents=True)
+        write(tmp)
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                with open(path, "rb") as handle:
+                    os.fsync(handle.fileno())
+    except Exception as exc:
+        no_room = NoRoom.of(exc, target)
+        if no_room is None:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise no_room from exc
     if target.exists():
         os.replace(target, old)
     os.replace(tmp, target)

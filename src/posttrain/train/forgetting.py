@@ -397,7 +397,7 @@ def attach(stage, control: ForgettingControl | None) -> None:
         return
     stage.begin = control.begin
     if control.measures:
-        stage.monitor = control.monitor
+        stage.monitor, stage.monitor_stop = control.monitor, "forgetting"  # its stop's name in summary.json
     if control.regularizes:
         stage.regularize, stage.dense_gradients = control.regularize, True
     own_state, own_load = getattr(stage, "state_dict", None), getattr(stage, "load_state_dict", None)

@@ -109,9 +109,13 @@ class GRPOStage(RolloutStage):
                     yield batch
 
     def state_dict(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """The position, counts and figures; and the rollout's batches when a resume can read them:
+        with μ = 1 a checkpoint (at a step's end) falls between rollouts, and the resumed run samples
+        the next one, so the batches would never be read and are not written."""
+        batches = self.batches if self.cfg.grpo.updates_per_rollout > 1 else []
         return {"position": list(self.position), "rollouts_done": self.rollouts_done,
                 "prompts_per_rollout": self.prompts_per_rollout,
-                "micro_batches": len(self.batches), "rollout_metrics": self.rollout_metrics}, batches_state(self.batches)
+                "micro_batches": len(batches), "rollout_metrics": self.rollout_metrics}, batches_state(batches)
 
     def load_state_dict(self, plain: dict, tensors: dict[str, torch.Tensor]) -> None:
         self.check_rollout_size(plain)
@@ -157,12 +161,14 @@ def run_grpo(cfg: GRPOConfig) -> Path:
     stage = GRPOStage(GroupPolicyLoss(run.model, cfg.grpo, cfg.train.loss_chunk_size, cfg.rollout.temperature), *run.stage_args())
     run.check_enough_prompts(stage)
     control = run.attach_forgetting(stage)
+    run.attach_evaluation(stage)
     summary: dict = {"advantage": cfg.grpo.advantage, "train_prompts": len(run.train_ids),
                      "eval_prompts": len(run.eval_ids), "data": run.data_report,
                      "held_out_before": run.held_out(run.model, "before")}
     summary.update(run.forgetting_report(control, run.model, "before"))
     result = train(stage, cfg.train, run.run_dir, run.accelerator, run_fingerprint(cfg))
     trained = result.module.model
-    summary.update(steps=result.step, rollouts=stage.rollouts_done, held_out_after=run.held_out(trained, "after"))
+    summary.update(result.summary(), rollouts=stage.rollouts_done,
+                   held_out_after=run.held_out(trained, "after", result.step))
     summary.update(run.forgetting_report(control, trained, "after"))
     return finish_run(run.run_dir, run.accelerator, run.main, trained, run.tokenizer, summary)

@@ -81,17 +81,43 @@ class Stage(Protocol):
     # clipping unscales them; `step`: the 0-based optimizer step);
     # dense_gradients: True when `regularize` needs dense gradients (no sparse embedding gradients);
     # monitor(module, accelerator) -> ({name: figure}, reason to stop or None), at each evaluation;
+    # held_out_figures(module, accelerator, step) -> {name: figure}: held-out figures measured otherwise
+    # than by a loss (the RL stages' reward of held-out prompts, by generation), at each evaluation,
+    # logged as eval_<name>; they stop nothing;
+    # monitor_stop: the summary's stop_reason when the monitor stops the run (default "monitor";
+    # the forgetting monitor's is "forgetting");
     # on_checkpoint() -> called as each checkpoint is saved (streamed SFT's counts of the rows read).
+
+
+STOP_REASONS = ("max_steps", "epochs", "patience", "forgetting", "monitor")
 
 
 @dataclass
 class LoopResult:
+    """How a run ended. `stop_reason` is one of STOP_REASONS: max_steps / epochs (every planned
+    step ran: train.max_steps, or train.epochs when max_steps is 0), patience (early stopping:
+    train.early_stopping_patience evaluations without improvement), or a stage monitor's stop
+    (forgetting: forgetting.max_retain_increase; monitor: another stage's); `stop_detail` says
+    why an early stop was made. A run stopped by a signal or by too many non-finite steps raises
+    instead of returning. `wall_seconds`: the seconds `train` ran, summed over the segments of a
+    resumed run (each up to the checkpoint the next one resumed from: steps a crash lost after
+    its last checkpoint are not counted)."""
+
     step: int
     stopped_early: bool
     eval_loss: float | None
     skipped_steps: int
     module: torch.nn.Module  # unwrapped
     eval_metrics: dict[str, float] = field(default_factory=dict)  # the stage's, at the last evaluation
+    stop_reason: str = "max_steps"
+    stop_detail: str | None = None
+    wall_seconds: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        """The run's entries of summary.json."""
+        return {"steps": self.step, "stopped_early": self.stopped_early, "stop_reason": self.stop_reason,
+                "stop_detail": self.stop_detail, "wall_seconds": round(self.wall_seconds, 3),
+                "skipped_steps": self.skipped_steps}
 
 
 def _steps(stage: Stage, group: int, epoch: int, consumed: int) -> Iterator[tuple[int, int, list[Batch]]]:
@@ -136,10 +162,13 @@ def plan_total_steps(stage: Stage, cfg, group: int) -> int:
     return max(1, math.ceil(cfg.epochs * math.ceil(per_epoch / group)))
 
 
-def evaluate(module, stage: Stage, accelerator) -> tuple[float, dict[str, float]] | None:
+def evaluate(module, stage: Stage, accelerator, batches: list[Batch] | None = None
+             ) -> tuple[float, dict[str, float]] | None:
     """(held-out loss, the stage's held-out metrics), in eval mode without gradients; None
-    when there is no eval data. The module must already be on `accelerator.device`."""
-    batches = stage.eval_micro_batches()
+    when there is no eval data. The module must already be on `accelerator.device`.
+    batches: the held-out micro-batches, collated once by a caller that evaluates again and again
+    (`train`); by default `stage.eval_micro_batches()`."""
+    batches = stage.eval_micro_batches() if batches is None else batches
     if not batches:
         return None
     mine = batches[accelerator.process_index :: accelerator.num_processes]
@@ -253,7 +282,9 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: dict[str, 
     """Run the optimisation described by `cfg` (a TrainConfig) on `stage`; checkpoints in run_dir.
 
     fingerprint: the settings the run's results depend on (`run_fingerprint`): kept in every
-    checkpoint, and a resume from a checkpoint of other settings is refused, naming them."""
+    checkpoint, and a resume from a checkpoint of other settings is refused, naming them.
+    The held-out micro-batches are collated once, at the start, and kept for every evaluation."""
+    segment_started = time.perf_counter()
     optimizer = make_optimizer(stage.module, cfg, getattr(stage, "lr_scale", None))
     inactive_at = getattr(stage, "inactive_parameters", lambda step: [])
     after_optimizer_step = getattr(stage, "after_optimizer_step", lambda step: None)
@@ -262,8 +293,6 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: dict[str, 
     rank, world = accelerator.process_index, accelerator.num_processes
     group = world * cfg.grad_accum
     total_steps = plan_total_steps(stage, cfg, group)
-    # rounded up, as transformers does, but not for a float product's last bit (0.07 × 100 = 7.000000000000001)
-    warmup = cfg.warmup_steps or math.ceil(round(cfg.warmup_ratio * total_steps, 9))
     ckpt_root = run_dir / "checkpoints"
     state: dict[str, Any] = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "skipped_steps": 0,
                              "consecutive_nonfinite": 0, "best_eval": None, "evals_without_improvement": 0,
@@ -305,6 +334,11 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: dict[str, 
         log.message(f"resumed from {resume_from} at step {state['step']}")
     if fresh_start:
         log.message(fresh_start)
+    warmup = _warmup_steps(cfg, total_steps, state, log)
+    earlier_seconds = state.get("wall_seconds", 0.0)  # the segments before this resume
+
+    def wall_seconds() -> float:
+        return earlier_seconds + time.perf_counter() - segment_started
     coarse = sum(p.numel() for p in stage.module.parameters() if p.requires_grad and p.dtype == torch.bfloat16)
     if coarse:  # AdamW's moments and update are float32, rounded onto these weights: no float32 master copy
         log.message(f"note: {coarse:,} trained parameters are bfloat16 (AdamW's moments are float32): an update "
@@ -316,14 +350,20 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: dict[str, 
             stage.on_checkpoint()
         if accelerator.scaler is not None:  # fp16: the loss scale found so far, and its growth count
             state["grad_scaler"] = accelerator.scaler.state_dict()
+        state["wall_seconds"] = wall_seconds()
         checkpoint.save(ckpt_root, state["step"], model=accelerator.unwrap_model(module), optimizer=optimizer,
                         loop_state=state, rank=rank, world_size=world, barrier=accelerator.wait_for_everyone,
                         keep_last=cfg.keep_last, stage_state=stage.state_dict() if hasattr(stage, "state_dict") else None)
 
     stopped_early, eval_loss, eval_metrics = _stopped_before(state, cfg.early_stopping_patience), None, {}
     state["stopped_early"] = stopped_early
-    if cfg.early_stopping_patience and not stage.eval_micro_batches():
+    held_out = stage.eval_micro_batches()
+    if cfg.early_stopping_patience and not held_out:
         log.message("note: train.early_stopping_patience has no held-out data to evaluate, so it cannot stop the run")
+    held_out_figures = getattr(stage, "held_out_figures", None)
+    if cfg.eval_every and not held_out and held_out_figures is None and getattr(stage, "monitor", None) is None:
+        log.message(f"note: train.eval_every={cfg.eval_every} has no held-out data to evaluate (none was set "
+                    "aside): nothing is evaluated during the run")
     module.train()
     # a checkpoint before micro_in_epoch was saved counted steps of this run's size
     consumed = state.get("micro_in_epoch", state.get("step_in_epoch", 0) * group)
@@ -372,7 +412,7 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: dict[str, 
                     raise TrainingAborted(abort)
                 at_end = state["step"] == total_steps
                 if (cfg.eval_every and state["step"] % cfg.eval_every == 0) or at_end:
-                    evaluated = evaluate(module, stage, accelerator)
+                    evaluated = evaluate(module, stage, accelerator, held_out)
                     if evaluated is not None:
                         eval_loss, eval_metrics = evaluated
                         log.log({"step": state["step"], "eval_loss": eval_loss}
@@ -391,6 +431,15 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: dict[str, 
                         if stop_reason is not None and not at_end:
                             stopped_early = state["stopped_early"] = True
                             state["stop_reason"] = stop_reason
+                            state["stopped_by"] = getattr(stage, "monitor_stop", "monitor")
+                    if held_out_figures is not None:
+                        figures = held_out_figures(module, accelerator, state["step"])
+                        if figures:
+                            log.log({"step": state["step"]} | {f"eval_{k}": v for k, v in figures.items()})
+                            log.message(f"step {state['step']}: eval " + ", ".join(f"{k} {v:.4g}"
+                                                                                  for k, v in figures.items()))
+                if stopped_early and interval:  # the steps since the last line, logged as the last step's are
+                    log.log(close_interval(interval))
                 if (cfg.save_every and state["step"] % cfg.save_every == 0) or at_end or stopped_early:
                     save()
                 elif interrupted():
@@ -404,16 +453,36 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: dict[str, 
     if resume_from is not None and eval_loss is None and (state["step"] >= total_steps or stopped_early):
         # A resumed run that was already finished trains nothing, but its caller still reports the
         # final evaluation (a pipeline rerun, say): evaluate the restored weights once.
-        evaluated = evaluate(module, stage, accelerator)
+        evaluated = evaluate(module, stage, accelerator, held_out)
         if evaluated is not None:
             eval_loss, eval_metrics = evaluated
         if hasattr(stage, "monitor"):
             stage.monitor(module, accelerator)  # its figures of the restored weights; nothing left to stop
+    stop_reason, detail = "max_steps" if cfg.max_steps > 0 else "epochs", None
     if stopped_early:
-        reason = state.get("stop_reason") or f"no eval improvement in {state['evals_without_improvement']} evals"
-        log.message(f"early stop at step {state['step']}: {reason}")
+        detail = state.get("stop_reason") or f"no eval improvement in {state['evals_without_improvement']} evals"
+        stop_reason = state.get("stopped_by", "monitor") if state.get("stop_reason") else "patience"
+        log.message(f"early stop at step {state['step']}: {detail}")
     return LoopResult(state["step"], stopped_early, eval_loss, state["skipped_steps"], accelerator.unwrap_model(module),
-                      eval_metrics)
+                      eval_metrics, stop_reason, detail, wall_seconds())
+
+
+def _warmup_steps(cfg, total_steps: int, state: dict, log: RunLogger) -> int:
+    """The run's warmup: train.warmup_steps, else train.warmup_ratio × its planned steps, rounded
+    up (as transformers does, but not for a float product's last bit: 0.07 × 100 =
+    7.000000000000001). A ratio's warmup is fixed when the run starts and kept in the checkpoint:
+    a run resumed with more (or fewer) planned steps and the same ratio keeps the warmup it took,
+    where ratio × the new total would move the end of a warmup already under way or done (and
+    pull the learning rate back down mid-run). A changed ratio, or warmup steps given, apply."""
+    ratio = None if cfg.warmup_steps else cfg.warmup_ratio  # the ratio the warmup comes from, if any
+    planned = cfg.warmup_steps or math.ceil(round(cfg.warmup_ratio * total_steps, 9))
+    started = state.get("warmup_steps")
+    kept = ratio is not None and started is not None and state.get("warmup_ratio") == ratio and started != planned
+    if kept:
+        log.message(f"note: train.warmup_ratio={ratio} of {total_steps} steps would be {planned} warmup steps; "
+                    f"the run keeps the {started} it started with (set train.warmup_steps to change them)")
+    state["warmup_steps"], state["warmup_ratio"] = (started if kept else planned), ratio
+    return state["warmup_steps"]
 
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -541,8 +610,10 @@ def _stopped_before(state: dict, patience: int) -> bool:
 
 def start_run(cfg) -> tuple[Path, Any, bool, Any]:
     """What every stage does first: (run_dir, accelerator, is_main_process, log). Writes the
-    resolved config to run_dir/config.yaml and seeds everything; `log` prints on the main
-    process only."""
+    resolved config to run_dir/config.yaml, starts the trackers of train.report_to and seeds
+    everything; `log` prints (flushed) on the main process only."""
+    import functools
+
     import yaml
     from accelerate.utils import set_seed
 
@@ -558,7 +629,9 @@ def start_run(cfg) -> tuple[Path, Any, bool, Any]:
         _check_same_run(resume_from, run_fingerprint(cfg))
     accelerator = make_accelerator(cfg.train, run_dir)
     main = accelerator.is_main_process
-    log = print if main else (lambda *_: None)
+    # flushed at once: a script's stdout in a log file is block-buffered (the command line makes it
+    # line-buffered; run_sft called from a script does not touch the caller's stdout)
+    log = functools.partial(print, flush=True) if main else (lambda *_: None)
     recorded = cfg.to_dict()
     model_path = getattr(getattr(cfg, "model", None), "path", None)
     final = run_final_model(model_path) if isinstance(model_path, str) else None
@@ -572,8 +645,33 @@ def start_run(cfg) -> tuple[Path, Any, bool, Any]:
             raise ConfigError(f"output_dir {run_dir}: cannot create the run directory "
                               f"({exc.strerror or type(exc).__name__})") from None
         write_atomically(run_dir / "config.yaml", yaml.safe_dump(recorded, sort_keys=False))
+    if cfg.train.report_to:
+        _start_trackers(accelerator, run_dir, recorded, resume_from)
     set_seed(cfg.train.seed)
     return run_dir, accelerator, main, log
+
+
+def _start_trackers(accelerator, run_dir: Path, recorded: dict, resume_from: Path | None) -> None:
+    """Start train.report_to's trackers (main process; `finish_run` ends them): project `run_dir`'s
+    name, the resolved config as their hyperparameters (the scalar settings, keys dotted:
+    "train.lr"; lists and unset values left out, as trackers take scalars only). TensorBoard hides
+    its events from the step this run logs first on (purge_step): a resumed run's steps after its
+    checkpoint, or all of an earlier run a fresh start replaces, as metrics.jsonl drops them."""
+    import json
+
+    def scalars(values: dict, prefix: str = "") -> dict:
+        flat = {}
+        for key, value in values.items():
+            if isinstance(value, dict):
+                flat |= scalars(value, f"{prefix}{key}.")
+            elif isinstance(value, (bool, int, float, str)):
+                flat[prefix + key] = value
+        return flat
+
+    first_step = 0 if resume_from is None else \
+        json.loads((resume_from / checkpoint.LOOP_STATE).read_text())["step"] + 1
+    accelerator.init_trackers(run_dir.name, config=scalars(recorded),
+                              init_kwargs={"tensorboard": {"purge_step": first_step}})
 
 
 def _check_input_files(cfg) -> None:
@@ -640,16 +738,26 @@ def _checked_run_dir(output_dir: str) -> Path:
     return run_dir
 
 
-def finish_run(run_dir: Path, accelerator, main: bool, model, tokenizer, summary: dict) -> Path:
-    """What every stage does last: the final model in run_dir/final (replaced whole) and
-    summary.json (main process), then wait for every process and close the trackers."""
+def finish_run(run_dir: Path, accelerator, main: bool, model, tokenizer, summary: dict, save=None) -> Path:
+    """What every stage does last: the final model in run_dir/final (replaced whole; `save(model,
+    tokenizer, directory)`, by default `loading.save_model`) and summary.json, which begins with
+    the posttrain version (main process); then wait for every process and close the trackers. A
+    full disk is said naming the file or directory that did not fit (`errors.NoRoom`)."""
     import json
 
+    from posttrain import __version__
+    from posttrain.errors import NoRoom
     from posttrain.models.loading import save_model
 
     if main:
-        checkpoint.write_whole(run_dir / "final", lambda final: save_model(model, tokenizer, final))
-        (run_dir / "summary.json").write_text(json.dumps(strict_json(summary), indent=1, allow_nan=False))
+        save = save or save_model
+        checkpoint.write_whole(run_dir / "final", lambda final: save(model, tokenizer, final))
+        summary = {"posttrain_version": __version__} | summary
+        path = run_dir / "summary.json"
+        try:
+            path.write_text(json.dumps(strict_json(summary), indent=1, allow_nan=False))
+        except OSError as exc:
+            raise (NoRoom.of(exc, path) or exc) from exc
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return run_dir

@@ -96,11 +96,12 @@ class PPOLoss(torch.nn.Module):
         self.value_head, self.critic = value_head, critic
         self.temperature = temperature  # the rollouts': log-probs of the distribution they sampled from
 
-    def evaluate(self, batch: dict) -> dict:
-        """Log-probs, entropies and values of the batch's completion tokens, (B, T) each."""
+    def evaluate(self, batch: dict, entropy: bool = True) -> dict:
+        """Log-probs, entropies (unless `entropy` is False: the rollout-time pass, which reads the
+        log-probs and values only) and values of the batch's completion tokens, (B, T) each."""
         out = completion_forward(self.model, batch, self.chunk_size, self.value_head,
                                  entropy_grad=self.cfg.entropy_coef != 0,  # else the entropy is a metric only
-                                 temperature=self.temperature)
+                                 temperature=self.temperature, entropy=entropy)
         if self.critic is not None:
             out["values"] = self.critic(batch)
         return out
@@ -214,7 +215,8 @@ class PPOStage(RolloutStage):
             batch = collate_completions(rollout.prompt_ids[start : start + size], rollout.completions[start : start + size],
                                         self.tokenizer.pad_token_id)
             on_device = {k: v.to(device) for k, v in batch.items()}
-            old = no_grad_eval(self.module, self.autocast, PPOLoss.evaluate, on_device)  # policy and critic in eval mode
+            # policy and critic in eval mode; no entropy: the rollout keeps log-probs and values only
+            old = no_grad_eval(self.module, self.autocast, PPOLoss.evaluate, on_device, False)
             old_logps, old_values = old["logps"].float().cpu(), old["values"].float().cpu()
             mask = batch["response_mask"]
             kl = torch.zeros_like(mask)
@@ -255,8 +257,12 @@ class PPOStage(RolloutStage):
 # --------------------------------------------------------------------------- the run
 
 
-def build_value_model(cfg: PPOConfig, model, tokenizer, log) -> tuple[ValueHead | None, Critic | None]:
-    """A value head sized to the policy, or a separate critic loaded from ppo.value_model_path."""
+def build_value_model(cfg: PPOConfig, model, tokenizer, log,
+                      prompt_ids: list[list[int]] | None = None) -> tuple[ValueHead | None, Critic | None]:
+    """A value head sized to the policy, or a separate critic loaded from ppo.value_model_path.
+    The critic reads every rollout row as the policy does: with `prompt_ids` (the prompts kept,
+    train and held out), the longest and rollout.max_new_tokens after it must fit its positions
+    too (`rollouts.check_rollout_positions`), else a ConfigError naming its setting."""
     if cfg.ppo.value_model == "head":
         lm = getattr(model, "lm", model)  # AdaptedModel keeps the Hugging Face model in .lm
         return ValueHead(lm.config.hidden_size), None
@@ -274,12 +280,20 @@ def build_value_model(cfg: PPOConfig, model, tokenizer, log) -> tuple[ValueHead 
     if is_decoder_scorer(classifier):  # padding-free batches as for the policy (models/attention.py)
         padding_free(classifier, cfg.model.padding_free, log,
                      cfg.data.max_prompt_length + cfg.rollout.max_new_tokens)
-    try:
-        return None, Critic(classifier)
-    except ValueError as exc:
-        from posttrain.errors import ConfigError
+    from posttrain.errors import ConfigError
 
+    try:
+        critic = Critic(classifier)
+    except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    if prompt_ids is not None:
+        from posttrain.train.rollouts import check_rollout_positions
+
+        try:
+            check_rollout_positions(classifier, cfg, prompt_ids)
+        except ConfigError as exc:
+            raise ConfigError(f"the critic ({setting}={path}): {exc}") from None
+    return None, critic
 
 
 def _load_critic(path: str, dtype: str, trust_remote_code: bool, pad_token_id: int | None, setting: str, log):
@@ -343,21 +357,22 @@ def run_ppo(cfg: PPOConfig) -> Path:
     cfg = PPOConfig.for_run(cfg, "run_ppo")
     validate_ppo(cfg)
     run = start_rl_run(cfg, needs_reference=cfg.ppo.kl_coef > 0)
-    value_head, critic = build_value_model(cfg, run.model, run.tokenizer, run.log)
+    value_head, critic = build_value_model(cfg, run.model, run.tokenizer, run.log, run.train_ids + run.eval_ids)
     on_device(value_head if value_head is not None else critic, run.accelerator.device)
     report_value_model(run, value_head if value_head is not None else critic, cfg.train.optimizer)
     stage = PPOStage(PPOLoss(run.model, cfg.ppo, value_head, critic, cfg.train.loss_chunk_size, cfg.rollout.temperature), *run.stage_args())
     stage.lr_scale = _value_lr(run.adapter_training, cfg.ppo.value_lr_ratio)
     run.check_enough_prompts(stage)
     control = run.attach_forgetting(stage)
+    run.attach_evaluation(stage)
     summary: dict = {"value_model": cfg.ppo.value_model, "train_prompts": len(run.train_ids),
                      "eval_prompts": len(run.eval_ids), "data": run.data_report,
                      "held_out_before": run.held_out(run.model, "before")}
     summary.update(run.forgetting_report(control, run.model, "before"))
     result = train(stage, cfg.train, run.run_dir, run.accelerator, run_fingerprint(cfg))
     trained = result.module.model
-    summary.update(steps=result.step, rollouts=stage.rollouts_done, final_kl_coef=stage.kl_coef,
-                   held_out_after=run.held_out(trained, "after"))
+    summary.update(result.summary(), rollouts=stage.rollouts_done, final_kl_coef=stage.kl_coef,
+                   held_out_after=run.held_out(trained, "after", result.step))
     summary.update(run.forgetting_report(control, trained, "after"))
     if run.main:  # the value model too, to continue training later
         from safetensors.torch import save_file

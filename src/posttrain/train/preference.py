@@ -21,7 +21,9 @@ before training reads the policy's held-out log-probs from the reference's, with
 (`PreferenceLoss.policy_is_reference`).
 
 K-way rankings train on every ordered pair of a prompt, each weighted 1/#pairs, so a
-prompt counts once. KTO takes unpaired rows, or pairs/rankings split into a desirable
+prompt counts once; the NLL term (RPO's `dpo.nll_weight`, ORPO's L_SFT) is the best response's
+alone (`pair_extras`, `chosen_nll`): SFT on the preferred answer, as for a pair, never on one
+that merely beats a worse one. KTO takes unpaired rows, or pairs/rankings split into a desirable
 best response and undesirable others; its KL estimate z₀ is the mean of log π/π_ref
 over the mismatched (prompt, other prompt's completion) sequences — built once — of the whole
 optimizer step (every micro-batch and process; `PreferenceLoss.estimate_kl`), or of the
@@ -210,13 +212,26 @@ def _pair_inputs(logps, counts, ref, chosen, rejected):
     return logps[chosen], logps[rejected], ref[chosen], ref[rejected], avg[chosen], avg[rejected]
 
 
-def _dpo(c: DPOLossConfig, pc, pr, rc, rr, ac, ar):
+def chosen_nll(chosen_avg_logps, pair_weight=None, nll_pair_weight=None):
+    """Each pair's term of the NLL its prompt trains (RPO's `dpo.nll_weight`, ORPO's L_SFT), on
+    the pair's `pair_weight`: −avg log π(chosen) · nll_pair_weight / pair_weight, so that the
+    stage's Σ pair_weight · term = Σ nll_pair_weight · (−avg log π(chosen)), the mean token NLL of
+    the prompt's best response(s) (`pair_extras`). A pair (K = 2) has both weights 1: its chosen
+    NLL, bit for bit. Without `nll_pair_weight`, every pair's own chosen NLL."""
+    nll = -chosen_avg_logps
+    if nll_pair_weight is None:
+        return nll
+    share = (nll_pair_weight / pair_weight).to(nll.dtype)
+    return torch.where(share > 0, nll * share, torch.zeros_like(nll))  # 0, not 0 · inf, for a share of 0
+
+
+def _dpo(c: DPOLossConfig, pc, pr, rc, rr, ac, ar, nll=None):
     from posttrain.losses.preference import dpo_loss
 
     return *dpo_loss(pc, pr, rc, rr, c.beta), {}
 
 
-def _cdpo(c, pc, pr, rc, rr, ac, ar):
+def _cdpo(c, pc, pr, rc, rr, ac, ar, nll=None):
     from posttrain.config.preference import CDPO_LABEL_SMOOTHING
     from posttrain.losses.preference import dpo_loss
 
@@ -224,33 +239,35 @@ def _cdpo(c, pc, pr, rc, rr, ac, ar):
     return *dpo_loss(pc, pr, rc, rr, c.beta, label_smoothing=epsilon), {}
 
 
-def _ipo(c, pc, pr, rc, rr, ac, ar):
+def _ipo(c, pc, pr, rc, rr, ac, ar, nll=None):
     from posttrain.losses.preference import ipo_loss
 
     return *ipo_loss(pc, pr, rc, rr, c.beta), {}
 
 
-def _hinge(c, pc, pr, rc, rr, ac, ar):
+def _hinge(c, pc, pr, rc, rr, ac, ar, nll=None):
     from posttrain.losses.preference import hinge_loss
 
     return *hinge_loss(pc, pr, rc, rr, c.beta), {}
 
 
-def _simpo(c, pc, pr, rc, rr, ac, ar):
+def _simpo(c, pc, pr, rc, rr, ac, ar, nll=None):
     from posttrain.losses.preference import simpo_loss
 
     return *simpo_loss(ac, ar, c.beta, c.simpo_gamma), {}
 
 
-def _orpo(c, pc, pr, rc, rr, ac, ar):
+def _orpo(c, pc, pr, rc, rr, ac, ar, nll=None):
     from posttrain.losses.preference import orpo_loss
 
-    losses, ratio = orpo_loss(ac, ar, -ac, c.orpo_lambda)
+    nll = -ac if nll is None else nll
+    losses, ratio = orpo_loss(ac, ar, nll, c.orpo_lambda)
     rewards_c, rewards_r = (c.beta * ac).detach(), (c.beta * ar).detach()
-    return losses, rewards_c, rewards_r, {"log_odds_ratio": ratio, "nll": (-ac).detach()}
+    return losses, rewards_c, rewards_r, {"log_odds_ratio": ratio, "nll": nll.detach()}
 
 
-# name → f(config, policy chosen/rejected logps, reference chosen/rejected logps, average logps)
+# name → f(config, policy chosen/rejected logps, reference chosen/rejected logps, average logps,
+#          each pair's share of its prompt's chosen NLL (`chosen_nll`; None: the chosen side's own))
 #        → (per-pair losses, chosen rewards, rejected rewards, extra per-pair metrics)
 PAIR_LOSSES = {"dpo": _dpo, "cdpo": _cdpo, "ipo": _ipo, "hinge": _hinge, "simpo": _simpo, "orpo": _orpo}
 
@@ -309,17 +326,18 @@ class PreferenceLoss(torch.nn.Module):
         with reference_weights(self.model, frozen) as reference:
             return batch_logps(reference, batch, self.chunk_size)[0]
 
-    def forward(self, chosen_row=None, rejected_row=None, pair_weight=None, completion_row=None, kl_row=None,
-                desirable=None, **batch):
+    def forward(self, chosen_row=None, rejected_row=None, pair_weight=None, nll_pair_weight=None, completion_row=None,
+                kl_row=None, desirable=None, **batch):
         if self.cfg.loss == "kto":
             return self._kto(batch, completion_row, kl_row, desirable)
         logps, counts = self._policy(batch)
         ref = self._reference(batch)
         pc, pr, rc, rr, ac, ar = _pair_inputs(logps, counts, ref, chosen_row, rejected_row)
-        losses, rewards_c, rewards_r, extra = PAIR_LOSSES[self.cfg.loss](self.cfg, pc, pr, rc, rr, ac, ar)
-        if self.cfg.nll_weight and self.cfg.loss != "orpo":  # RPO: keep the chosen answers likely
-            losses = losses - self.cfg.nll_weight * ac
-            extra = extra | {"nll": (-ac).detach()}
+        nll = chosen_nll(ac, pair_weight, nll_pair_weight)
+        losses, rewards_c, rewards_r, extra = PAIR_LOSSES[self.cfg.loss](self.cfg, pc, pr, rc, rr, ac, ar, nll)
+        if self.cfg.nll_weight and self.cfg.loss != "orpo":  # RPO: keep the best answers likely
+            losses = losses + self.cfg.nll_weight * nll
+            extra = extra | {"nll": nll.detach()}
         margins = rewards_c - rewards_r
         per_pair = {"rewards/chosen": rewards_c, "rewards/rejected": rewards_r, "rewards/margins": margins,
                     "rewards/accuracy": (margins > 0).float() + 0.5 * (margins == 0).float(),
@@ -386,17 +404,24 @@ def _rows(batch: dict, index: torch.Tensor) -> list[torch.Tensor]:
 
 
 def pair_extras(items: list[Item]) -> dict[str, torch.Tensor]:
-    """Row indices of every ordered (chosen, rejected) pair in the batch, each weighted 1/#pairs of its prompt."""
-    chosen, rejected, weights, offset = [], [], [], 0
+    """Row indices of every ordered (chosen, rejected) pair in the batch, each weighted 1/#pairs of its
+    prompt (`pair_weight`), and the weight of its chosen side's NLL (`nll_pair_weight`, for RPO's
+    `dpo.nll_weight` and ORPO's L_SFT): 1/#pairs whose chosen is of the prompt's best rank for those,
+    0 for the others — the NLL term is SFT on the preferred response, never on the 2nd of a ranking
+    because it beats the 3rd (`chosen_nll`). A pair's (K = 2) weights are both 1."""
+    chosen, rejected, weights, nll_weights, offset = [], [], [], [], 0
     for item in items:
         pairs = item.ordered_pairs()
-        for better, worse in pairs:
+        top = [item.ranks[better] == min(item.ranks) for better, _ in pairs]  # the chosen is of the best rank
+        for (better, worse), best in zip(pairs, top):
             chosen.append(offset + better)
             rejected.append(offset + worse)
             weights.append(1.0 / len(pairs))
+            nll_weights.append(1.0 / sum(top) if best else 0.0)
         offset += len(item.sequences)
     return {"chosen_row": torch.tensor(chosen, dtype=torch.long), "rejected_row": torch.tensor(rejected, dtype=torch.long),
-            "pair_weight": torch.tensor(weights, dtype=torch.float32)}
+            "pair_weight": torch.tensor(weights, dtype=torch.float32),
+            "nll_pair_weight": torch.tensor(nll_weights, dtype=torch.float32)}
 
 
 def kto_extras(items: list[Item]) -> dict[str, torch.Tensor]:
@@ -622,6 +647,10 @@ def _assign(items: list[Item], values: list[float], covered: list[bool]) -> None
 
 def _items(data, cfg: DPOConfig, log: Callable[[str], None] = print) -> tuple[list[Item], list[Item]]:
     train, evaluation = items_from_examples(data.train), items_from_examples(data.eval)
+    margins = sum(item.margin is not None for item in train + evaluation)
+    if margins:
+        log(f"dpo: {margins} records carry a 'margin'; margin is read by the reward model's loss only "
+            f"(posttrain rm), dpo.loss={cfg.dpo.loss} ignores it")
     if cfg.dpo.loss == "kto":
         return (kto_items(train, cfg.data.max_length, log),
                 kto_items(evaluation, cfg.data.max_length, log) if evaluation else [])
@@ -678,7 +707,7 @@ def run_dpo(cfg: DPOConfig) -> Path:
     with module.policy_is_reference():  # nothing has changed the model since its reference pass
         before = evaluate(on_device(module, accelerator.device), stage, accelerator)
     result = train(stage, cfg.train, run_dir, accelerator, run_fingerprint(cfg))
-    summary.update(steps=result.step, eval_before=before[1] if before else {}, eval_after=result.eval_metrics)
+    summary.update(result.summary(), eval_before=before[1] if before else {}, eval_after=result.eval_metrics)
     _log_accuracy(summary, log)
     trained = result.module.model
     summary.update(_exact_match(cfg, trained, tokenizer, data, "after") if main else {})

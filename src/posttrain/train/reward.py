@@ -23,7 +23,6 @@ import torch
 
 from posttrain.config import RMConfig, validate_rm
 from posttrain.train.grouped import GroupedStage, Item, items_from_examples, on_device
-from posttrain.train.metrics import strict_json
 
 
 def reward_table(rewards: torch.Tensor, group: torch.Tensor, slot: torch.Tensor, shape) -> torch.Tensor:
@@ -110,7 +109,7 @@ def build_reward_model(cfg: RMConfig, tokenizer, log, run_dir: Path | None = Non
 
     note_pad_is_eos(tokenizer, log)
     model = load_reward_model(cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code,
-                              pad_token_id=tokenizer.pad_token_id)
+                              pad_token_id=tokenizer.pad_token_id, setting="model.path")
     lean_activations(model, cfg.model.lean_activations)
     if cfg.model.gradient_checkpointing:
         from posttrain.models.loading import enable_gradient_checkpointing
@@ -156,8 +155,7 @@ def run_rm(cfg: RMConfig) -> Path:
     from posttrain.models.attention import block_masks_allowed, padding_free, window_allows
     from posttrain.models.loading import check_positions, load_tokenizer
     from posttrain.models.reward_model import encoder_positions, is_decoder_scorer
-    from posttrain.train import checkpoint
-    from posttrain.train.loop import evaluate, run_fingerprint, start_run, train
+    from posttrain.train.loop import evaluate, finish_run, run_fingerprint, start_run, train
 
     cfg = RMConfig.for_run(cfg, "run_rm")
     validate_rm(cfg)
@@ -189,17 +187,13 @@ def run_rm(cfg: RMConfig) -> Path:
     stage.finish_metrics = finish_reward_metrics
     before = evaluate(on_device(module, accelerator.device), stage, accelerator)
     result = train(stage, cfg.train, run_dir, accelerator, run_fingerprint(cfg))
-    summary = {"steps": result.step, "train_items": len(train_items), "eval_items": len(eval_items),
-               "eval_before": before[1] if before else {}, "eval_after": result.eval_metrics}
+    summary = result.summary() | {"train_items": len(train_items), "eval_items": len(eval_items),
+                                  "eval_before": before[1] if before else {}, "eval_after": result.eval_metrics}
     if before:
         log(f"held-out pairwise accuracy: {before[1]['accuracy']:.1%} before → "
             f"{result.eval_metrics.get('accuracy', float('nan')):.1%} after ({len(eval_items)} prompts)")
-    if main:
-        checkpoint.write_whole(run_dir / "final", lambda final: _save_final(result.module.model, tokenizer, final))
-        (run_dir / "summary.json").write_text(json.dumps(strict_json(summary), indent=1, allow_nan=False))
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return run_dir
+    return finish_run(run_dir, accelerator, main, result.module.model, tokenizer,
+                      summary, save=_save_final)
 
 
 def _save_final(model, tokenizer, final: Path) -> None:

@@ -84,16 +84,18 @@ def completion_logps(model, batch: dict, chunk_size: int = 256, temperature: flo
 
 
 def completion_forward(model, batch: dict, chunk_size: int = 256, value_head: torch.nn.Module | None = None,
-                       entropy_grad: bool = True, temperature: float = 1.0) -> dict:
+                       entropy_grad: bool = True, temperature: float = 1.0, entropy: bool = True) -> dict:
     """One forward of the policy over the completions: {"logps", "entropy"} and, with a
     `value_head` on the final hidden states, "values" — each (B, T) like `response_mask`.
     The logits are formed a chunk of tokens at a time, never as [B, L, V]. With
     `entropy_grad=False` the entropy is a value only (a metric), which makes the backward
-    cheaper (`token_logps_with_entropy_value`). Log-probs and entropy are those of
-    softmax(logits / `temperature`), the distribution the rollouts sampled from (so the
-    importance ratio and the KL estimators are taken against the policy that drew the tokens;
-    the reference is read at the same temperature)."""
-    from posttrain.losses.language_modeling import tempered, token_logps_and_entropy, token_logps_with_entropy_value
+    cheaper (`token_logps_with_entropy_value`); with `entropy=False` it is not computed at all
+    (no "entropy": a pass whose caller would discard it, such as PPO's rollout-time one).
+    Log-probs and entropy are those of softmax(logits / `temperature`), the distribution the
+    rollouts sampled from (so the importance ratio and the KL estimators are taken against the
+    policy that drew the tokens; the reference is read at the same temperature)."""
+    from posttrain.losses.language_modeling import (tempered, token_logps, token_logps_and_entropy,
+                                                    token_logps_with_entropy_value)
     from posttrain.models.attention import masked_attention_kernels
     from posttrain.models.loading import final_hidden_and_head, supports_hidden_path
     from posttrain.models.readout import reading
@@ -107,17 +109,22 @@ def completion_forward(model, batch: dict, chunk_size: int = 256, value_head: to
         with kernels:
             hidden, weight, bias = final_hidden_and_head(model, **hidden_inputs)
         selected = pick(hidden)
-        both = token_logps_and_entropy if entropy_grad else token_logps_with_entropy_value
         scaled, scaled_bias = tempered(selected, bias, temperature)  # the value head reads `selected` itself
-        logps, entropy = both(scaled, weight, targets, scaled_bias, chunk_size)
+        if entropy:
+            both = token_logps_and_entropy if entropy_grad else token_logps_with_entropy_value
+            logps, entropies = both(scaled, weight, targets, scaled_bias, chunk_size)
+        else:
+            logps = token_logps(scaled, weight, targets, scaled_bias, chunk_size)
     else:  # heads with logit scaling: the model's own logits
         with kernels:
             out = model(**inputs, use_cache=False, output_hidden_states=value_head is not None)
         log_probs = (out.logits.float().flatten(0, 1)[predictor] / temperature).log_softmax(-1)
         logps = log_probs.gather(1, targets[:, None])[:, 0]
-        entropy = -(log_probs.exp() * log_probs).sum(-1)
+        entropies = -(log_probs.exp() * log_probs).sum(-1) if entropy else None
         selected = out.hidden_states[-1].flatten(0, 1)[predictor] if value_head is not None else None
-    out = {"logps": to_grid(logps, batch), "entropy": to_grid(entropy, batch)}
+    out = {"logps": to_grid(logps, batch)}
+    if entropy:
+        out["entropy"] = to_grid(entropies, batch)
     if value_head is not None:
         out["values"] = to_grid(value_head(selected).squeeze(-1).float(), batch)
     return out
@@ -186,7 +193,9 @@ class Rollout:
 def sample_and_score(engine, tokenizer, prompts: list[list[int]], records: list[PromptRecord], chosen: list[int],
                      cfg, score: Callable, seed: int) -> Rollout:
     """Sample `cfg.rollout.num_generations` completions for each chosen prompt with `engine` (a
-    `rollout.engines.RolloutEngine`) and score them."""
+    `rollout.engines.RolloutEngine`) and score them. A reward failing on a completion (raising,
+    or returning NaN) is said with its prompt row's file:line."""
+    from posttrain.rewards import rows_named
     from posttrain.rollout.generate import _make_stop_check, eos_token_ids, pad_token_id, stop_strings, truncate_at_stop
     from posttrain.rollout.sampling import SamplingSettings
 
@@ -209,12 +218,13 @@ def sample_and_score(engine, tokenizer, prompts: list[list[int]], records: list[
     started = time.perf_counter()
     prompts_, rows = [rec.prompt for rec in chosen_records], [rec.reward_row() for rec in chosen_records]
     components = {}
-    if hasattr(score, "score"):  # a CombinedReward: its components' raw values are logged too
-        totals, raw = score.score(prompts_, texts, rows)
-        if len(raw) > 1:
-            components = {name: sum(values) / len(values) for name, values in raw.items()}
-    else:
-        totals = score(prompts_, texts, rows)
+    with rows_named([rec.source for rec in chosen_records]):  # not its place in a rollout of random prompts
+        if hasattr(score, "score"):  # a CombinedReward: its components' raw values are logged too
+            totals, raw = score.score(prompts_, texts, rows)
+            if len(raw) > 1:
+                components = {name: sum(values) / len(values) for name, values in raw.items()}
+        else:
+            totals = score(prompts_, texts, rows)
     # float64 until the rewards are final: float32's round-off in a mean and a std of equal
     # rewards, divided by that std, gave them non-zero z-scores
     rewards = torch.tensor(totals, dtype=torch.float64)
@@ -226,8 +236,8 @@ def sample_and_score(engine, tokenizer, prompts: list[list[int]], records: list[
     rewards = rewards.float()
     if not torch.isfinite(rewards).all():  # each component is in range (rewards.py); a weighted sum may not be
         bad = int((~torch.isfinite(rewards)).nonzero()[0])
-        raise DataError(f"the total reward of response {bad + 1} (of {len(rewards)}) is {totals[bad]:g}, beyond "
-                        "float32's range: lower reward.weights, or set reward.clip")
+        raise DataError(f"{chosen_records[bad].source}: the total reward of response {bad + 1} (of {len(rewards)}) "
+                        f"is {totals[bad]:g}, beyond float32's range: lower reward.weights, or set reward.clip")
     reward_s = time.perf_counter() - started
     grouped = rewards.view(-1, group)
     generated = sum(len(c) for c in completions)
@@ -389,11 +399,13 @@ def build_reward(cfg, device=None, log=None):
 def check_reward_functions(cfg) -> dict:
     """What can be checked of the reward before any model loads: every reward.functions entry
     (NAME=module:function) imports and names a function posttrain can call, format_regex
-    compiles, and each reward.weights entry names a component with a finite number. (The reward
-    models are checked when they load.) Raises ConfigError naming the setting; returns the
-    functions by name, for `check_prompt_rows`."""
-    from posttrain.rewards import (RewardComponent, _pairs_option, format_reward, function_reward, model_component,
-                                   set_by_name)
+    compiles, the components' names differ (a function named `format` beside format_regex, a
+    function and a reward model both named `judge`: `CombinedReward`'s rule), and each
+    reward.weights entry names a component with a finite number. (The reward models are checked
+    when they load.) Raises ConfigError naming the setting; returns the functions by name, for
+    `check_prompt_rows`."""
+    from posttrain.rewards import (CombinedReward, RewardComponent, _pairs_option, format_reward, function_reward,
+                                   model_component, set_by_name)
 
     functions = _pairs_option(cfg.reward.functions, "reward.functions", repeat=False)
     rewards = {name: function_reward(spec) for name, spec in functions.items()}
@@ -403,7 +415,8 @@ def check_reward_functions(cfg) -> dict:
     names += [*functions, *(["format"] if cfg.reward.format_regex else [])]
     if not names:
         raise ConfigError("no reward: set reward.functions, reward.models or reward.format_regex")
-    set_by_name([RewardComponent(name, None) for name in names], cfg.reward.weights, "reward.weights", "weight")
+    components = CombinedReward([RewardComponent(name, None) for name in names]).components  # distinct names
+    set_by_name(components, cfg.reward.weights, "reward.weights", "weight")
     return rewards
 
 
@@ -420,7 +433,7 @@ def check_prompt_rows(rewards: dict, records: list[PromptRecord]) -> None:
 
 
 def held_out_reward(model, tokenizer, prompts: list[list[int]], records: list[PromptRecord], score, cfg,
-                    autocast=contextlib.nullcontext, frozen_reference=None) -> dict:
+                    autocast=contextlib.nullcontext, frozen_reference=None, policy_is_reference: bool = False) -> dict:
     """The policy on held-out prompts:
 
     reward            mean reward of `eval.samples` completions per prompt, sampled as in the
@@ -429,7 +442,10 @@ def held_out_reward(model, tokenizer, prompts: list[list[int]], records: list[Pr
     greedy_reward     mean reward of the greedy answer (sharpening alone does not move it)
     kl_to_reference   mean over the sampled completions of Σ_t (log π − log π_ref), a sampled
                       estimate of KL(π‖π_ref) per response; None when no reference is kept
-                      (full fine-tuning without a KL term)"""
+                      (full fine-tuning without a KL term); 0.0 without a forward when
+                      `policy_is_reference` (before any step: the reference is the starting
+                      policy, `RLRun.held_out`)"""
+    from posttrain.rewards import rows_named
     from posttrain.rollout.generate import (_make_stop_check, eos_token_ids, generate_token_ids, pad_token_id,
                                             stop_strings, truncate_at_stop)
     from posttrain.rollout.sampling import SamplingSettings
@@ -450,7 +466,8 @@ def held_out_reward(model, tokenizer, prompts: list[list[int]], records: list[Pr
 
     def rewards(completions, recs) -> list[float]:  # cut at the stop strings, as the rollouts' are
         texts = [truncate_at_stop(tokenizer.decode(c, skip_special_tokens=True), stop) for c in completions]
-        return score([x.prompt for x in recs], texts, [x.reward_row() for x in recs])
+        with rows_named([x.source for x in recs]):  # a reward failing on one: its prompt row, by file:line
+            return score([x.prompt for x in recs], texts, [x.reward_row() for x in recs])
 
     greedy = answer(prompts[:n], SamplingSettings(max_new_tokens=r.max_new_tokens, temperature=0.0))
     sampled_ids = [p for p in prompts[:n] for _ in range(k)]
@@ -461,8 +478,9 @@ def held_out_reward(model, tokenizer, prompts: list[list[int]], records: list[Pr
            "greedy_reward": sum(rewards(greedy, records[:n])) / n, "prompts": n, "samples": k,
            "response_tokens": sum(map(len, sampled)) / len(sampled), "kl_to_reference": None}
     if frozen_reference is not None or hasattr(model, "adapters_disabled"):
-        out["kl_to_reference"] = _sequence_kl(model, tokenizer, sampled_ids, sampled, autocast, frozen_reference,
-                                              r.temperature, cfg.train.loss_chunk_size)
+        out["kl_to_reference"] = 0.0 if policy_is_reference else _sequence_kl(
+            model, tokenizer, sampled_ids, sampled, autocast, frozen_reference, r.temperature,
+            cfg.train.loss_chunk_size)
     return out
 
 
@@ -510,6 +528,7 @@ class RLRun:
     score: Callable
     frozen_reference: object  # a frozen copy, a StartingVirtualTokens or None (`preference.reference_weights`)
     engine: object  # the rollout engine (`rollout.engines`)
+    evaluated: tuple[int, dict] | None = None  # (step, held-out figures) of the loop's latest evaluation
 
     def stage_args(self) -> tuple:
         """The arguments every RolloutStage takes after its module."""
@@ -518,11 +537,16 @@ class RLRun:
                 self.frozen_reference, self.accelerator.num_processes, self.engine)
 
     def attach_forgetting(self, stage):
-        """`forgetting.*` on the policy (train.forgetting): returns the control, or None when off."""
+        """`forgetting.*` on the policy (train.forgetting): returns the control, or None when off.
+        The retain rows are cut at data.max_prompt_length + rollout.max_new_tokens, which the
+        prompts kept need not reach: the longest must fit the policy's positions too
+        (`check_retain_positions`)."""
         from posttrain.train.forgetting import attach, build_control
 
         control = build_control(self.cfg, self.tokenizer, self.model, self.accelerator,
                                 self.run_dir if self.main else None, self.log)
+        if control is not None and control.retain is not None:
+            check_retain_positions(self.model, control.retain.pool + control.retain.held_out)
         attach(stage, control)
         return control
 
@@ -539,14 +563,41 @@ class RLRun:
             raise DataError(f"{len(self.train_ids)} training prompts are fewer than the {stage.prompts_per_rollout} "
                             "one rollout needs")
 
-    def held_out(self, model, when: str) -> dict:
-        """`held_out_reward` on the eval prompts (main process only), logged."""
+    def held_out(self, model, when: str, step: int | None = None) -> dict:
+        """`held_out_reward` on the eval prompts (main process only), logged. "before" is before
+        any step (a resume loads its weights later, in the loop): the policy is then its own
+        reference, and its KL to it 0 without a forward. "after" the loop's last `step`: the
+        figures its evaluation at that step measured (`attach_evaluation`), not measured twice."""
         if not self.main:
             return {}
-        figures = held_out_reward(model, self.tokenizer, self.eval_ids, self.eval_records, self.score, self.cfg,
-                                  self.accelerator.autocast, self.frozen_reference)
+        if when == "after" and self.evaluated is not None and self.evaluated[0] == step:
+            figures = self.evaluated[1]
+        else:
+            figures = held_out_reward(model, self.tokenizer, self.eval_ids, self.eval_records, self.score, self.cfg,
+                                      self.accelerator.autocast, self.frozen_reference,
+                                      policy_is_reference=when == "before")
         log_held_out(figures, when, self.log)
         return figures
+
+    def attach_evaluation(self, stage) -> None:
+        """The held-out reward at each of the loop's evaluations (train.eval_every, and the last
+        step), as its `held_out_figures` hook: eval_reward, eval_greedy_reward, eval_kl_to_reference
+        (when a reference is kept) and eval_response_tokens in metrics.jsonl. Measured on the main
+        process (the others wait for it at the next step's reduction); nothing without held-out
+        prompts (eval.prompts 0, or none set aside)."""
+        if min(self.cfg.eval.prompts, len(self.eval_ids)) <= 0:
+            return
+
+        def held_out_figures(module, accelerator, step: int) -> dict[str, float]:
+            if not self.main:
+                return {}
+            figures = held_out_reward(stage._policy(), self.tokenizer, self.eval_ids, self.eval_records, self.score,
+                                      self.cfg, self.accelerator.autocast, self.frozen_reference)
+            self.evaluated = (step, figures)
+            return {name: figures[name] for name in ("reward", "greedy_reward", "kl_to_reference", "response_tokens")
+                    if figures[name] is not None}
+
+        stage.held_out_figures = held_out_figures
 
 
 def start_rl_run(cfg, needs_reference: bool, extra_parts=()) -> RLRun:
@@ -571,7 +622,7 @@ def start_rl_run(cfg, needs_reference: bool, extra_parts=()) -> RLRun:
     note_full_logits(model, log)
     # before the reference copy: it takes them too
     padding_free(model, cfg.model.padding_free, log, cfg.data.max_prompt_length + cfg.rollout.max_new_tokens)
-    data = encode_prompt_data(cfg, tokenizer, *records, log)
+    data = encode_prompt_data(cfg, tokenizer, *records, log, run_dir if main else None)
     longest = check_rollout_positions(model, cfg, data[0] + data[2])
     score = build_reward(cfg, accelerator.device, log)
     note_reward_model_cuts(score, longest, log)
@@ -601,6 +652,21 @@ def check_rollout_positions(model, cfg, prompt_ids: list[list[int]]) -> int:
     return sum(lengths.values())
 
 
+def check_retain_positions(model, examples) -> None:
+    """A ConfigError, before the retain loss is first measured, when the longest forgetting.retain_files
+    example (`forgetting.prepare_retain_data`: cut at data.max_prompt_length + rollout.max_new_tokens)
+    does not fit the policy's positions (`loading.check_positions`)."""
+    from posttrain.models.loading import check_positions
+
+    longest = max((len(example) for example in examples), default=0)
+    try:
+        check_positions(model, {"the longest retain row": longest},
+                        lower=["data.max_prompt_length", "rollout.max_new_tokens"])
+    except ConfigError as exc:
+        raise ConfigError(f"forgetting.retain_files (rows cut at data.max_prompt_length + rollout.max_new_tokens): "
+                          f"{exc}") from None
+
+
 def note_reward_model_cuts(reward, longest: int, log) -> None:
     """Say so when a reward model reads fewer tokens than a rollout's row can hold (`longest`, in the
     policy's tokens): it scores such a row by its last tokens (`rewards.RewardModelScorer`)."""
@@ -615,15 +681,23 @@ def note_reward_model_cuts(reward, longest: int, log) -> None:
 
 
 def encode_prompt_data(cfg, tokenizer, train_records: list[PromptRecord], eval_records: list[PromptRecord],
-                       data_report: dict, log):
+                       data_report: dict, log, run_dir: Path | None = None):
     """Encode the read and split prompts (`data.prompts.prepare_prompts`): (train ids, train
-    records, eval ids, eval records, the data report)."""
-    from posttrain.data.prompts import encode_prompts
+    records, eval ids, eval records, the data report). The report — the rows read, and of the
+    prompts how many were kept and which were dropped and why (`encode_prompts_report`) — is
+    written to run_dir/data_report.json, as SFT's and DPO's are (`pipeline.write_report`; nothing
+    when `run_dir` is None)."""
+    from posttrain.data.pipeline import write_report
+    from posttrain.data.prompts import encode_prompts_report
     from posttrain.data.templates import adopt_template
 
     template = adopt_template(tokenizer, cfg.data.template)
-    train_ids, train_records = encode_prompts(train_records, tokenizer, template, cfg.data.max_prompt_length, log,
-                                              cfg=cfg.data)
-    eval_ids, eval_records = encode_prompts(eval_records, tokenizer, template, cfg.data.max_prompt_length, log, "eval",
-                                            cfg=cfg.data)
-    return train_ids, train_records, eval_ids, eval_records, data_report
+    length = cfg.data.max_prompt_length
+    train_ids, train_records, train_length = encode_prompts_report(train_records, tokenizer, template, length, log,
+                                                                   cfg=cfg.data)
+    eval_ids, eval_records, eval_length = encode_prompts_report(eval_records, tokenizer, template, length, log,
+                                                                "eval", cfg=cfg.data)
+    report = data_report | {"train_length": train_length, "eval_length": eval_length,
+                            "train_prompts": len(train_ids), "eval_prompts": len(eval_ids)}
+    write_report(run_dir, report)
+    return train_ids, train_records, eval_ids, eval_records, report

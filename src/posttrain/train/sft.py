@@ -257,8 +257,7 @@ def run_sft(cfg: SFTConfig) -> Path:
     finally:  # also when the run stops early (a signal, a non-finite abort): the rows read until then
         if counts is not None and main:
             write_stream_counts(run_dir, counts, cfg.data)
-    summary.update(steps=result.step, stopped_early=result.stopped_early, eval_loss=result.eval_loss,
-                   skipped_steps=result.skipped_steps)
+    summary.update(result.summary(), eval_loss=result.eval_loss)
     trained = result.module.model
     summary.update(_exact_match(cfg, trained, tokenizer, data, "after") if main else {})
     summary.update(report(cfg, control, trained, tokenizer, "after", cfg.eval.max_new_tokens, main))
@@ -299,12 +298,12 @@ def exact_match_report(model, tokenizer, records, n: int, template: str, max_new
                    f"calls or reasoning) to score against")
         else:
             why = f"every one of the {len(first)} {prompts} is past the model's positions"
-        print(f"{label}: n/a ({why})")
+        print(f"{label}: n/a ({why})", flush=True)
         return {f"{name}_prompts": 0}
     scores = exact_match(model, tokenizer, template, scored, max_new_tokens=max_new_tokens)
     per_task = ", ".join(f"{task} {value:.0%}" for task, value in scores.items() if task != "all")
     print(f"{label}: {scores['all']:.1%} on {len(scored)} {prompts}" + (f" ({per_task})" if per_task else "")
-          + left_out)
+          + left_out, flush=True)
     return {f"{name}_{when}": scores["all"], f"{name}_{when}_by_task": scores, f"{name}_prompts": len(scored)}
 
 

@@ -14,18 +14,27 @@ rejected response is meant to be bad and is left alone.
                            frequent 2-4-gram's share of characters, and the share of characters
                            inside duplicated 5-10-grams. Those limits were set for the prose of
                            web documents, so they read only the response's prose: fenced code
-                           blocks, display maths (\\begin{..}...\\end{..}, $$...$$, \\[...\\]) and
-                           markdown tables are set aside first (a table's rows, a JSON config's
-                           keys and a derivation's lines repeat by design). Prose shorter than
-                           `repetition_min_words` is not checked (three words can repeat a bigram
-                           by chance). text.words makes each Chinese / Japanese character a
-                           word, while a word of those languages is one or two characters,
-                           mostly two: where most words are CJK characters every n is doubled
-                           (undoubled, prose that names a four-character term three times failed
-                           the 2-gram limit; a line repeated over and over still fails doubled).
+                           blocks, display maths (\\begin{..}...\\end{..}, $$...$$, \\[...\\]),
+                           markdown tables and rule lines are set aside first (a table's rows, a
+                           JSON config's keys and a derivation's lines repeat by design). Prose
+                           shorter than `repetition_min_words` is not checked (three words can
+                           repeat a bigram by chance). text.words makes each character of
+                           Chinese, Japanese, Thai, Lao, Khmer and Burmese a word, while a word
+                           of those languages is a few characters: where most words are such
+                           characters every n is doubled (text.ngram_scale; undoubled, prose that
+                           names a four-character term three times failed the 2-gram limit; a
+                           line repeated over and over still fails doubled).
+                           A fenced code block fails when it loops, as a model that degenerates
+                           writes: one block of 1-8 lines (with a letter or digit) written
+                           LOOP_MIN_COPIES (10) or more times back to back, the copies after the
+                           first holding more than Gopher's duplicate-line share (30%) of the
+                           block's non-blank lines. Ordinary code, whose repeated lines ("}",
+                           "return x") do not follow each other in long runs, passes.
     char_run               one character repeated many times in a row ("!!!!!!!!..."), outside
-                           rule lines (a line of only - = _ * # ~ | : + / box-drawing characters
-                           and spaces: a markdown table's separator row, a comment banner)
+                           rule lines of ordinary length: a line of at most RULE_LINE_MAX_CHARS
+                           (120) characters, only - = _ * # ~ | : + / box-drawing characters and
+                           spaces (a markdown table's separator row, a comment banner). A longer
+                           one (a row of 5,000 dashes) is a run like any other.
     blocklist              a listed phrase in the response (any case)
 
 The thresholds of `repetition` are Gopher's published ones, fixed here.
@@ -37,7 +46,7 @@ import re
 import unicodedata
 from collections import Counter
 
-from posttrain.data.quality.text import is_cjk, normalize, words
+from posttrain.data.quality.text import ngram_scale, normalize, words
 
 # Gopher Table A1: the most frequent n-gram may cover at most this share of the characters ...
 TOP_NGRAM_LIMITS = {2: 0.20, 3: 0.18, 4: 0.16}
@@ -45,11 +54,16 @@ TOP_NGRAM_LIMITS = {2: 0.20, 3: 0.18, 4: 0.16}
 DUPLICATE_NGRAM_LIMITS = {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
 DUPLICATE_LINE_LIMIT = 0.30  # share of lines that repeat an earlier line
 DUPLICATE_LINE_CHAR_LIMIT = 0.20  # share of characters in such lines
-CJK_NGRAM_SCALE = 2  # n-gram lengths in CJK characters per Gopher word (see the module docstring)
+LOOP_MIN_COPIES = 10  # back-to-back copies of a block of at most LOOP_MAX_LINES lines that make a code loop
+LOOP_MAX_LINES = 8
+RULE_LINE_MAX_CHARS = 120  # a longer line of rule characters is no rule line
 
 _MOJIBAKE = re.compile("Ã[\u0080-\u00bf]|Â[\u00a0-\u00bf]|â€")
 _ALLOWED_CONTROL = "\t\n\r"
-_RULE_LINE = re.compile(r"[\s\-=_*#~|:+/\u2500-\u257f]*")
+_RULE_CHARS = r"\-=_*#~|:+/\u2500-\u257f"
+# from the first to the last rule character at most RULE_LINE_MAX_CHARS characters
+_RULE_LINE = re.compile(f"^[ \\t]*[{_RULE_CHARS}][ \\t{_RULE_CHARS}]{{0,{RULE_LINE_MAX_CHARS - 1}}}"
+                        f"(?<![ \\t])[ \\t\\r]*$", re.M)
 # Structured blocks the repetition limits skip. A fence runs to its closing fence or, unclosed, to the end.
 _FENCED_CODE = re.compile(r"^[ \t]*(`{3,}|~{3,}).*?(?:^[ \t]*\1[`~]*[ \t]*$|\Z)", re.M | re.S)
 _DISPLAY_MATH = re.compile(r"\\begin\{([A-Za-z]+\*?)\}.*?\\end\{\1\}|\$\$.+?\$\$|\\\[.+?\\\]", re.S)
@@ -81,6 +95,9 @@ def check(prompt: str, response: str, cfg) -> tuple[str, str] | None:
             if problem:
                 where = "" if text == response else ", in the prose outside code, maths and tables"
                 return "repetition", problem + where
+        problem = code_loop(response)
+        if problem:
+            return "repetition", problem
     lowered = response.casefold()
     for phrase in cfg.blocklist:
         if phrase.casefold() in lowered:
@@ -101,12 +118,18 @@ def encoding_problem(text: str) -> str | None:
     return None
 
 
+def is_rule_line(line: str) -> bool:
+    """A line of only - = _ * # ~ | : + / box-drawing characters and spaces ("|------|---|",
+    "# -----"), at most RULE_LINE_MAX_CHARS long once stripped."""
+    return _RULE_LINE.fullmatch(line) is not None
+
+
 def longest_char_run(text: str) -> tuple[str, int]:
     """(character, length) of the longest run of one non-space character, outside rule lines
-    (only - = _ * # ~ | : + / box-drawing characters and spaces: "|------|---|", "# -----")."""
+    (`is_rule_line`)."""
     best = ("", 0)
     for line in text.splitlines():  # a run of non-space characters never crosses a line break
-        if _RULE_LINE.fullmatch(line):
+        if is_rule_line(line):
             continue
         length, previous = 0, None
         for char in line:
@@ -118,26 +141,27 @@ def longest_char_run(text: str) -> tuple[str, int]:
 
 
 def prose(text: str) -> str:
-    """`text` without fenced code blocks, display maths and markdown tables (a GitHub table: a
-    header row, a delimiter row "|---|:--:|" and the rows with a "|" after it)."""
+    """`text` without fenced code blocks, display maths, markdown tables (a GitHub table: a
+    header row, a delimiter row "|---|:--:|" and the rows with a "|" after it) and rule lines
+    (`is_rule_line`; each left an empty line)."""
     text = _DISPLAY_MATH.sub("\n", _FENCED_CODE.sub("\n", text))
-    if "|" not in text:
-        return text
-    lines = text.split("\n")
-    table = [False] * len(lines)
-    for i, line in enumerate(lines):
-        if i and "|" in lines[i - 1] and _TABLE_DELIMITER.fullmatch(line):
-            table[i - 1] = table[i] = True
-            for j in range(i + 1, len(lines)):
-                if "|" not in lines[j]:
-                    break
-                table[j] = True
-    return "\n".join(line for line, skip in zip(lines, table) if not skip)
+    if "|" in text:
+        lines = text.split("\n")
+        table = [False] * len(lines)
+        for i, line in enumerate(lines):
+            if i and "|" in lines[i - 1] and _TABLE_DELIMITER.fullmatch(line):
+                table[i - 1] = table[i] = True
+                for j in range(i + 1, len(lines)):
+                    if "|" not in lines[j]:
+                        break
+                    table[j] = True
+        text = "\n".join(line for line, skip in zip(lines, table) if not skip)
+    return _RULE_LINE.sub("", text)
 
 
 def repetition_problem(text: str) -> str | None:
-    """Which of Gopher's repetition limits `text` exceeds, or None (n-grams of CJK_NGRAM_SCALE x n
-    words where most words are CJK characters)."""
+    """Which of Gopher's repetition limits `text` exceeds, or None (n-grams of text.ngram_scale x n
+    words: doubled where most words are character words)."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if len(lines) > 1:
         seen: set[str] = set()
@@ -149,7 +173,8 @@ def repetition_problem(text: str) -> str | None:
             return f"repeated lines hold {share:.0%} of the characters (limit {DUPLICATE_LINE_CHAR_LIMIT:.0%})"
     tokens = words(text)
     total = sum(map(len, tokens))
-    scale, unit = (CJK_NGRAM_SCALE, " (CJK characters: n doubled)") if _mostly_cjk(tokens) else (1, "")
+    scale = ngram_scale(tokens)
+    unit = " (character words: n doubled)" if scale > 1 else ""
     for n, limit in TOP_NGRAM_LIMITS.items():
         share = top_ngram_share(tokens, n * scale, total)
         if share > limit:
@@ -161,8 +186,27 @@ def repetition_problem(text: str) -> str | None:
     return None
 
 
-def _mostly_cjk(tokens: list[str]) -> bool:
-    return sum(map(is_cjk, tokens)) * 2 > len(tokens)
+def code_loop(text: str) -> str | None:
+    """The first fenced code block of `text` that loops (the module docstring: LOOP_MIN_COPIES or more
+    back-to-back copies of one block of at most LOOP_MAX_LINES lines, with a letter or digit, the
+    copies after the first more than DUPLICATE_LINE_LIMIT of the block's non-blank lines), said as
+    a detail; or None."""
+    for fence in _FENCED_CODE.finditer(text):
+        lines = [line.strip() for line in fence.group().splitlines()[1:] if line.strip()]
+        for size in range(1, LOOP_MAX_LINES + 1):
+            repeated = 0  # lines so far equal to the line `size` before: a run of back-to-back copies
+            for i in range(size, len(lines)):
+                repeated = repeated + 1 if lines[i] == lines[i - size] else 0
+                copies = 1 + repeated // size
+                if (copies >= LOOP_MIN_COPIES and (copies - 1) * size > DUPLICATE_LINE_LIMIT * len(lines)
+                        and any(c.isalnum() for line in lines[i - size + 1:i + 1] for c in line)):
+                    end = i + 1  # the run's end, to count every copy
+                    while end < len(lines) and lines[end] == lines[end - size]:
+                        end += 1
+                    copies = 1 + (repeated + end - i - 1) // size
+                    return (f"a code block loops: a {size}-line block written {copies} times in a row "
+                            f"(from {lines[i - size + 1][:40]!r})")
+    return None
 
 
 def top_ngram_share(tokens: list[str], n: int, total_chars: int) -> float:

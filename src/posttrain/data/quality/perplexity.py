@@ -5,7 +5,9 @@
 The trained tokens are those a training stage puts loss on: the row is rendered with the chat
 template and label mask of the SFT stage (`tokens.encode_trained`, which is
 `templates.encode_record` / `preferences.encode_response`), cut to max_length as training cuts
-it, and the prompt is context only. A preference row is scored on its chosen response (a
+it, and the prompt is context only. A max_length past the model's position table
+(`models.loading.position_limit`) is cut to the table, and the log says so: a learned table
+cannot be indexed past its end, and a rotary model scores positions it never saw. A preference row is scored on its chosen response (a
 ranking's best, the tokens of every tied-best one pooled; a desirable KTO completion); a row with
 no trained token (an undesirable KTO row, an empty answer, labels all past max_length, or one
 the template cannot render) is not scored, and counted.
@@ -51,8 +53,14 @@ def score_rows(rows: Sequence, cfg, log: Callable[[str], Any]) -> tuple[list[Row
     from posttrain.data.quality.tokens import encode_trained
     from posttrain.data.templates import resolve_template
     from posttrain.inference import load_for_inference
+    from posttrain.models.loading import position_limit
 
     model, tokenizer = load_for_inference(cfg.model, "float32", trust_remote_code=cfg.trust_remote_code)
+    max_length, table = cfg.max_length, position_limit(model)
+    if table is not None and max_length > table:
+        log(f"perplexity: max_length={max_length} is past {cfg.model}'s position table of {table} tokens; "
+            f"rows are cut at {table}")
+        max_length = table
     if torch.cuda.is_available():
         model.to("cuda")
     template = resolve_template(tokenizer, cfg.template)
@@ -71,11 +79,11 @@ def score_rows(rows: Sequence, cfg, log: Callable[[str], Any]) -> tuple[list[Row
         if not any(e.num_label_tokens for e in encoded):
             scores.append(RowScore(not_scored="no_trained_tokens"))
             continue
-        cut = [Example(e.input_ids[:cfg.max_length], e.labels[:cfg.max_length], e.source) for e in encoded]
+        cut = [Example(e.input_ids[:max_length], e.labels[:max_length], e.source) for e in encoded]
         if not any(e.num_label_tokens for e in cut):
             scores.append(RowScore(not_scored="labels_past_max_length"))
             continue
-        scores.append(RowScore(truncated=any(len(e) > cfg.max_length for e in encoded)))
+        scores.append(RowScore(truncated=any(len(e) > max_length for e in encoded)))
         sequences += cut
         owner += [position] * len(cut)
     log(f"perplexity: scoring {len(set(owner))} rows ({len(sequences)} sequences) under {cfg.model}")

@@ -14,22 +14,28 @@ separator away ("4111 1111 1111 1111 2" is not a card), so digit runs are never 
 A hyphen joins a number or an address to what precedes it only after an ASCII letter or digit
 ("AB-050-1234567" is a code): Hebrew writes its prefixes so ("ל-050-1234567", to 050-...).
 
-- email: local@domain.tld. The TLD is two letters (a country) or a common generic one (`_GTLDS`):
+- email: local@domain.tld. The local part may hold Latin, Greek and Cyrillic letters with their
+  accents ("jürgen.müller@"), not Chinese or Japanese ones (such text runs into an address with no
+  space); domain labels may be any letters (IDN: "münchen.de", "例え.jp"). The TLD is two letters (a country) or a common generic one (`_GTLDS`):
   code writes `x@self.weight` (matrix product) and `icon@2x.png`, which any-TLD would take. No
   single-label hosts ("user@localhost"), no "@property" or "/@handle" (nothing before the @), no
   scp remotes ("git@github.com:org/repo.git"). "https://user:pass@host.com" yields "pass@host.com".
 - phone: "+CC" numbers, 7-15 digits (E.164), "(0)" trunk allowed; the separator-free form needs 10+
   digits, a thousands shape ("+1 500 000") 11+: shorter ones are signed amounts. North American
-  (NXX) NXX-XXXX: "(415) 555-0132", "415-555-0132", "415.555.0132", "1-415-555-0132"; spaces only
-  after "+1" or "(415)", since "200 300 4000" is three numbers. National numbers led by 0 with one
-  kind of separator and 10-11 digits ("020 7946 0958", "06 12 34 56 78", "(030) 1234567"); Chinese
-  mobiles "138 0013 8000". Never a bare digit run nor a 7-digit "555-0132" (as often a code or a
-  range as a number). This keeps dates (8 digits, or 4-2-2), times, versions, decimals, ISBNs and
+  (NXX) NXX-XXXX: "(415) 555-0132", "415-555-0132", "415.555.0132", "1-415-555-0132",
+  "1 (800) 555-0199"; spaces only after "+1" or "(415)", since "200 300 4000" is three numbers.
+  National numbers led by 0 with one kind of separator and 10-11 digits ("020 7946 0958",
+  "06 12 34 56 78", "(030) 1234567", German "030/1234567"); Russian trunk-8 numbers with the area
+  code in brackets, 11 digits ("8 (495) 123-45-67"); Chinese mobiles "138 0013 8000". Never a bare
+  digit run nor a 7-digit "555-0132" (as often a code or a range as a number): so bare Chinese
+  mobiles "13812345678" (2^34 = 17179869184 has their shape) and Indian "98765 43210" (two
+  five-digit numbers, a pair of ZIP codes) are missed. This keeps dates (8 digits, or 4-2-2), times, versions, decimals, ISBNs and
   "23 + 48 = 71" out. Missed: "00" international prefixes, 12-digit national numbers, Spanish
   9-digit numbers without "+34", and "01 02 03 04 05" is taken (a list of zero-padded numbers).
 - ip_address: IPv4 dotted quads that `ipaddress` accepts (octets 0-255, no leading zeros), not
-  inside a longer dotted number ("1.2.3.4.5") and not right after "v" or "version" ("v1.2.3.4");
-  a bare "1.2.3.4" is taken. Loopback and addresses starting 0 or 255 (0.0.0.0, netmasks,
+  inside a longer dotted number ("1.2.3.4.5") and not right after a word that numbers versions or
+  parts of a text ("v1.2.3.4", "version", "Section 1.2.10.4", "§ 1.2.3.4", "chapter", "clause",
+  "article", "table", "figure", "step", ...: `_NUMBERING_BEFORE`); a bare "1.2.3.4" is taken. Loopback and addresses starting 0 or 255 (0.0.0.0, netmasks,
   wildcard masks) are skipped: they fill code answers and identify no one. IPv6 full or compressed
   forms `ipaddress` accepts, with 3+ non-empty groups (a dotted-quad tail counts 2): "A::B" (C++),
   "1::2" (a slice), "::1" and "fe80::1" are not worth the risk; "12:30:45" and MAC addresses are
@@ -88,9 +94,14 @@ def _joined(m: re.Match[str]) -> bool:
     return len(before) == 2 and before[1] == "-" and before[0].isascii() and before[0].isalnum()
 
 
+# Letters of a local part: ASCII, Latin-1 and Latin Extended-A/B (not × ÷), Greek, Cyrillic; after the
+# first, combining accents too ("mu\u0308ller", NFD). Not CJK: that text runs into an address unspaced.
+_LOCAL = "A-Za-z0-9\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u024f\u0386-\u03ce\u0400-\u04ff"
+_ACCENTS = "\u0300-\u036f"
+_LABEL = f"[^\\W_](?:(?:[^\\W_]|[\\-{_ACCENTS}]){{0,61}}[^\\W_])?"  # a domain label, IDN ones too ("münchen", "例え")
 _EMAIL = re.compile(
-    r"(?<![A-Za-z0-9._%+@])(?P<local>[A-Za-z0-9][A-Za-z0-9._%+\-]{0,63})@"
-    r"(?:[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?\.)+(?P<tld>[A-Za-z]{2,24})"
+    f"(?<![{_LOCAL}{_ACCENTS}._%+@])(?P<local>[{_LOCAL}][{_LOCAL}{_ACCENTS}._%+\\-]{{0,63}})@"
+    f"(?:{_LABEL}\\.)+(?P<tld>[A-Za-z]{{2,24}})"
     r"(?![A-Za-z0-9_\-@(]|\.[A-Za-z0-9])")  # the domain ends here, and is no call "x@w.to(...)"
 
 
@@ -106,10 +117,12 @@ def _email_ok(m: re.Match[str]) -> bool:
 _PHONE_INTL = re.compile(_NUM_L + r"\+[1-9](?:[ .\-]?(?:\([0-9]{1,4}\)|[0-9])){5,16}" + _NUM_R)
 _PHONE_NANP = re.compile(
     _NUM_L + r"(?:(?:1[.\-])?[2-9][0-9]{2}(?P<s>[.\-])[2-9][0-9]{2}(?P=s)[0-9]{4}"
-    r"|\([2-9][0-9]{2}\) ?[2-9][0-9]{2}[.\- ][0-9]{4})" + _NUM_R)
+    r"|(?:1[ \-]?)?\([2-9][0-9]{2}\) ?[2-9][0-9]{2}[.\- ][0-9]{4})" + _NUM_R)
 _PHONE_NATIONAL = re.compile(
     _NUM_L + r"(?:\(0[1-9][0-9]{0,4}\) ?[0-9]{2,8}(?:[ .\-][0-9]{2,4}){0,4}"
-    r"|0[1-9][0-9]{0,4}(?P<s>[ .\-])[0-9]{2,8}(?:(?P=s)[0-9]{2,4}){0,4})" + _NUM_R)
+    r"|0[1-9][0-9]{0,4}(?P<s>[ .\-])[0-9]{2,8}(?:(?P=s)[0-9]{2,4}){0,4}"
+    r"|0[1-9][0-9]{1,4}/[0-9]{3,8}"  # German: area code / number
+    r"|8 ?\([0-9]{3,5}\) ?[0-9]{1,3}-[0-9]{2}-[0-9]{2})" + _NUM_R)  # Russian: trunk 8, (area), 3-2-2
 _PHONE_CN = re.compile(_NUM_L + r"1[3-9][0-9](?P<s>[ \-])[0-9]{4}(?P=s)[0-9]{4}" + _NUM_R)
 _THOUSANDS = re.compile(r"\+[0-9]{1,3}(?:[ .][0-9]{3})+")
 
@@ -135,14 +148,16 @@ def _national_ok(m: re.Match[str]) -> bool:
 
 
 _IPV4 = re.compile(r"(?<![0-9A-Za-z_.])[0-9]{1,3}(?:\.[0-9]{1,3}){3}(?![0-9A-Za-z_]|\.[0-9])")
-_VERSION_BEFORE = re.compile(r"(?:\bv|version)[\s:]*$", re.IGNORECASE)
+_NUMBERING_BEFORE = re.compile(
+    r"(?:(?<![A-Za-z])(?:v|version|release|build|section|sec|chapter|ch|clause|article|art|paragraph|para|part"
+    r"|appendix|table|figure|fig|step|item|rule)\.?|§)[\s:]*$", re.IGNORECASE)  # ASCII-bounded, as _NUM_L
 _IPV6 = re.compile(
     r"(?<![0-9A-Za-z_:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9]{1,3}(?:\.[0-9]{1,3}){3}|[0-9A-Fa-f]{1,4})?"
     r"(?![0-9A-Za-z_:]|\.[0-9])")
 
 
 def _ipv4_ok(m: re.Match[str]) -> bool:
-    if _VERSION_BEFORE.search(m.string[max(0, m.start() - 12):m.start()]):
+    if _NUMBERING_BEFORE.search(m.string[max(0, m.start() - 16):m.start()]):
         return False
     try:
         address = ipaddress.IPv4Address(m.group())

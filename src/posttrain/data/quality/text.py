@@ -16,8 +16,13 @@ character does follows its Unicode general category:
                                               tell two rows apart
 
 `words` splits normalised text into words: a run of word characters, or one symbol, or one
-Chinese / Japanese character (those scripts put no spaces between words, so word n-grams work
-for them too), each with the combining marks that follow it.
+character of a script written without spaces between words (Chinese, Japanese, Thai, Lao, Khmer,
+Burmese: a "character word", so word counts and word n-grams work for them too), each with the
+combining marks that follow it ("ที่" and "မြ" are one word each). A word of those languages is
+a few such characters: Chinese / Japanese one or two, mostly two; Thai and its neighbours more.
+`ngram_scale` gives the factor (2) by which checks that count n-word sequences (Gopher's
+repetition limits, decontamination) lengthen n for a text made mostly of character words, so an
+n-gram spans about as much language there as n words of English.
 
 The classes come from this Python's Unicode database, read once at import (~0.05 s). A character
 class compiles to a bitmap up to U+FFFF and to a list of ranges above it, each tried in turn, so
@@ -34,6 +39,11 @@ import sys
 import unicodedata
 
 _CJK = ((0x3040, 0x30FF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0x3134F))
+# Thai, Lao, Myanmar (with Extended-A/B), Khmer (with Khmer Symbols): written without spaces between words.
+_UNSPACED = ((0x0E00, 0x0E7F), (0x0E80, 0x0EFF), (0x1000, 0x109F), (0xA9E0, 0xA9FF), (0xAA60, 0xAA7F),
+             (0x1780, 0x17FF), (0x19E0, 0x19FF))
+_CHARACTER_WORDS = _CJK + _UNSPACED
+NGRAM_SCALE = 2  # n-gram length in character words per word elsewhere (see the module docstring)
 _VARIATION_SELECTORS = ((0xFE00, 0xFE0F), (0xE0100, 0xE01EF))
 _ROLE = {"Cc": "separator", "Cs": "separator", "Cf": "invisible", **{f"Z{c}": "separator" for c in "slp"},
          **{f"P{c}": "separator" for c in "cdsefio"}, **{f"S{c}": "symbol" for c in "mcko"},
@@ -78,17 +88,18 @@ def _astral(m: re.Match[str]) -> str:
 
 
 _RANGES = _ranges_by_role()
-_OWN_SPANS = _CJK + tuple(_RANGES["symbol"])  # characters that are a word each
+_OWN_SPANS = _CHARACTER_WORDS + tuple(_RANGES["symbol"])  # characters that are a word each
 _OWN, _OWN_ASTRAL = _class(_OWN_SPANS, last=0xFFFF), _class(_OWN_SPANS, first=0x10000)
 _INVISIBLE = re.compile(f"[{_class(_RANGES['invisible'], last=0xFFFF)}]+")
 _SEPARATOR = re.compile(f"[{_class(_RANGES['separator'], last=0xFFFF)}]+")
 _ASTRAL_CHAR = re.compile(f"[{_ASTRAL}]")
 _WORD = re.compile(
     f"[^ {_OWN}{_ASTRAL}]+"  # letters, marks, numbers
-    f"|[{_OWN}][{_class(_RANGES['mark'], last=0xFFFF)}]*"  # a CJK character or a symbol, with its marks
+    f"|[{_OWN}][{_class(_RANGES['mark'], last=0xFFFF)}]*"  # a character word or a symbol, with its marks
     f"|[{_ASTRAL}](?<=[{_OWN_ASTRAL}])"  # the same beyond U+FFFF (the long class tried only there)
     f"|(?:[{_ASTRAL}](?<![{_OWN_ASTRAL}]))+")  # other characters beyond U+FFFF
-_CJK_CHAR = re.compile(f"[{_class(_CJK)}]")
+_CHARACTER_WORD = re.compile(f"[{_class(_CHARACTER_WORDS)}]")
+_CHARACTER_WORD_START = re.compile(f"(?<![^ ])[{_class(_CHARACTER_WORDS)}]")  # a word's first character
 _SYMBOL = re.compile(f"([{_class(_RANGES['symbol'], last=0xFFFF)}])")  # split keeps each, joined with spaces
 del _RANGES, _OWN_SPANS
 
@@ -105,13 +116,23 @@ def normalize(text: str) -> str:
 
 def words(text: str) -> list[str]:
     """The words of `text` after `normalize`: runs of letters, marks and numbers; each symbol and
-    each CJK character one word."""
+    each character of a script written without spaces (with its marks) one word."""
     return _WORD.findall(normalize(text))
 
 
-def is_cjk(word: str) -> bool:
-    """Whether `word` (one of `words`) is a Chinese or Japanese character."""
-    return _CJK_CHAR.match(word) is not None
+def is_character_word(word: str) -> bool:
+    """Whether `word` (one of `words`) is a character of a script written without spaces: Chinese,
+    Japanese, Thai, Lao, Khmer, Burmese."""
+    return _CHARACTER_WORD.match(word) is not None
+
+
+def ngram_scale(tokens: list[str]) -> int:
+    """NGRAM_SCALE where most of `tokens` (from `words`) are character words, else 1: the factor by
+    which an n-word check lengthens n for this text."""
+    joined = " ".join(tokens)
+    if joined.isascii():
+        return 1
+    return NGRAM_SCALE if len(_CHARACTER_WORD_START.findall(joined)) * 2 > len(tokens) else 1
 
 
 def ngrams(tokens: list[str], n: int) -> list[tuple[str, ...]]:

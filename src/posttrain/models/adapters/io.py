@@ -108,9 +108,77 @@ def read_layout(path: str | Path) -> tuple[str, dict[str, Path]]:
     base = config.get("base_model_name_or_path")
     if not base:
         raise UserError(f"{config_file}: no base_model_name_or_path; cannot find the base model")
-    kind = _PEFT_KINDS.get(str(config.get("peft_type", "")).upper(), "lora")  # other in-place peft tuners load as weights
     check_adapter_weights(path)
-    return base, {kind: path}
+    return base, {_peft_kind(config): path}
+
+
+def _peft_kind(config: dict) -> str:
+    """The method of a plain peft adapter_config.json (other in-place peft tuners load as weights)."""
+    return _PEFT_KINDS.get(str(config.get("peft_type", "")).upper(), "lora")
+
+
+def _json_object(file: Path) -> dict:
+    """A JSON file's object; {} when it is missing, unreadable or not an object."""
+    try:
+        value = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def adapter_kinds(path: str | Path) -> list[str]:
+    """The methods an adapter directory holds (lora, ia3, prompt, prefix, bottleneck), read from its
+    posttrain_adapters.json or a plain peft directory's peft_type, without loading or checking
+    anything; [] when its files do not say. For messages: `read_layout` is the loader's."""
+    path = Path(path)
+    components = _json_object(path / MANIFEST).get("components")
+    if isinstance(components, dict):
+        return list(components)
+    config = _json_object(path / "adapter_config.json")
+    return [_peft_kind(config)] if config else []
+
+
+def peft_task(path: str | Path) -> str | None:
+    """The task_type of a plain peft adapter directory (SEQ_CLS: a LoRA reward model from posttrain
+    rm, its score head in modules_to_save; CAUSAL_LM: a policy's); None when it names none."""
+    task = _json_object(Path(path) / "adapter_config.json").get("task_type")
+    return str(task) if task else None
+
+
+def cannot_start_from(methods) -> str:
+    """The one clause for adapters no merge folds into a model that a stage could start from
+    (prompt, prefix, bottleneck: they add tokens or layers), after "trains" or "holds": the
+    pipeline's check of a stage's model.path, an adapter directory given as a model to start from."""
+    return (f"{', '.join(sorted(methods))} adapters, which cannot be merged into a model to start from; train it "
+            "with lora, ia3 or full")
+
+
+def unmergeable(methods) -> list[str]:
+    """The methods of `methods` that no merge folds into the base weights."""
+    return [m for m in methods if m not in MERGEABLE]
+
+
+def _check_loadable_together(layouts: dict[str, tuple[str, dict[str, Path]]], named: dict) -> None:
+    """What load_adapted refuses before it loads the base: a LoRA reward model (its score head
+    would be dropped and the backbone generate as a causal LM), and several adapters on one base
+    that peft cannot hold together (virtual tokens or bottlenecks; LoRA beside IA3)."""
+    from posttrain.models.loading import reward_model_message
+
+    for name, (_, parts) in layouts.items():
+        if any(peft_task(part) == "SEQ_CLS" for part in parts.values()):
+            raise UserError(reward_model_message(named[name], "LoRA on a sequence-classification model, peft task "
+                                                              "SEQ_CLS"))
+    if len(layouts) < 2:
+        return
+    for name, (_, parts) in layouts.items():
+        if set(parts) - {"lora", "ia3"}:
+            raise UserError(f"adapter {name!r} has {', '.join(parts)}: only LoRA / IA3 adapters can share a base "
+                            "and be switched by name")
+    kinds = {name: next(iter(parts)) for name, (_, parts) in layouts.items()}
+    if len(set(kinds.values())) > 1:
+        each = ", ".join(f"{name} ({named[name]}) is {kind}" for name, kind in kinds.items())
+        raise UserError(f"the adapters are of different kinds: {each}; peft holds one kind per model, so load "
+                        "LoRA adapters together or IA3 adapters together")
 
 
 def load_adapted(adapters: str | Path | dict[str, str | Path], *, dtype: str = "float32", trust_remote_code: bool = False,
@@ -131,13 +199,10 @@ def load_adapted(adapters: str | Path | dict[str, str | Path], *, dtype: str = "
     bases = {b for b, _ in layouts.values()}
     if base is None and len(bases) > 1:
         raise UserError(f"the adapters were trained on different base models: {sorted(bases)}")
+    _check_loadable_together(layouts, named)
     lm = load_model(ModelConfig(path=base or bases.pop(), dtype=dtype, trust_remote_code=trust_remote_code))
+    _fit_vocabulary(lm, [part for _, other in layouts.values() for part in other.values()])
     first_name, (_, parts) = next(iter(layouts.items()))
-    if len(named) > 1:
-        for name, (_, other) in layouts.items():
-            if set(other) - {"lora", "ia3"}:
-                raise UserError(f"adapter {name!r} has {', '.join(other)}: only LoRA / IA3 adapters can share a base "
-                                "and be switched by name")
     weight_peft = virtual_peft = bottlenecks = None
     weight = [m for m in parts if m in ("lora", "ia3")]
     if weight:
@@ -162,6 +227,35 @@ def load_adapted(adapters: str | Path | dict[str, str | Path], *, dtype: str = "
     if is_trainable:
         model.mark_trainable()
     return model
+
+
+def _fit_vocabulary(lm, directories: list[Path]) -> None:
+    """Resize `lm`'s token embeddings (and its head) to the rows an adapter saved them with, when
+    that is more than the base has: peft's recipe for added tokens (add them to the tokenizer,
+    `resize_token_embeddings`, train the embedding and head whole through `modules_to_save`, save
+    the tokenizer beside the adapter) loads only into a base resized first, else every saved row
+    is a size mismatch. The rows are read from the shapes in adapter_model.safetensors of the
+    embedding's and head's whole weights (peft saves them whenever the vocabulary was resized);
+    their values come from the adapter as it loads."""
+    from safetensors import safe_open
+
+    modules = {id(lm.get_input_embeddings()), id(lm.get_output_embeddings())}
+    names = [name for name, module in lm.named_modules() if id(module) in modules and name]
+    rows = 0
+    for directory in directories:
+        weights = Path(directory) / "adapter_model.safetensors"
+        if not weights.is_file():
+            continue
+        with safe_open(str(weights), "pt") as saved:
+            for key in saved.keys():
+                for name in names:
+                    _, found, rest = f".{key}".partition(f".{name}.")
+                    if found and rest.endswith("weight") and "lora_" not in rest:  # a whole weight, not LoRA's A or B
+                        shape = saved.get_slice(key).get_shape()
+                        if len(shape) == 2:
+                            rows = max(rows, shape[0])
+    if rows > lm.get_input_embeddings().weight.shape[0]:
+        lm.resize_token_embeddings(rows, mean_resizing=False)  # the new rows are the adapter's to fill
 
 
 def _load_bottlenecks(lm, directory: Path) -> BottleneckSet:
@@ -189,7 +283,7 @@ def merge_adapted(model):
     """
     if not isinstance(model, AdaptedModel):
         return model
-    _check_mergeable(model, "use the adapter directory with posttrain generate/chat instead")
+    check_mergeable(model.methods)
     _untie_adapted_embeddings(model)
     return model.weight_peft.merge_and_unload()
 
@@ -215,8 +309,10 @@ def _untie_adapted_embeddings(model: AdaptedModel) -> None:
         text_config.tie_word_embeddings = False
 
 
-def _check_mergeable(model: AdaptedModel, fix: str) -> None:
-    rest = [m for m in model.methods if m not in MERGEABLE]
+def check_mergeable(methods, fix: str = "use the adapter directory with posttrain generate/chat instead") -> None:
+    """A UserError when `methods` (an adapter's, as `read_layout` or AdaptedModel.methods name them)
+    hold one no merge folds into the base weights."""
+    rest = unmergeable(methods)
     if rest:
         raise UserError(f"{', '.join(rest)} adapters cannot be merged into the base weights (they add layers or tokens "
                         f"the base has no weights for); {fix}")
@@ -237,7 +333,7 @@ def merged_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
 
     lm = model
     if isinstance(model, AdaptedModel):
-        _check_mergeable(model, "train with lora, dora or ia3 to use the merged weights")
+        check_mergeable(model.methods, "train with lora, dora or ia3 to use the merged weights")
         lm = model.lm
     inside_adapted, seen = set(), set()
     for name, module in lm.named_modules():

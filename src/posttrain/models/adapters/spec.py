@@ -120,6 +120,7 @@ def validate_adapter(adapter_cfg: Any, *, packing: bool = False, gradient_checkp
     lora, vt, bn, fz = adapter_cfg.lora, adapter_cfg.virtual_tokens, adapter_cfg.bottleneck, adapter_cfg.freeze
     checks = [
         (lora.r >= 1, "adapter.lora.r must be at least 1"),
+        (lora.alpha > 0, f"adapter.lora.alpha must be > 0 (scale = alpha / r), got {lora.alpha}"),
         (0.0 <= lora.dropout < 1.0, "adapter.lora.dropout must be in [0, 1)"),
         (bool(lora.target_modules), "adapter.lora.target_modules is empty; use [all-linear] or names such as [q_proj, v_proj]"),
         (lora.lr_ratio_b > 0, "adapter.lora.lr_ratio_b must be positive"),
@@ -132,7 +133,7 @@ def validate_adapter(adapter_cfg: Any, *, packing: bool = False, gradient_checkp
         (fz.top_layers >= 0, "adapter.freeze.top_layers must be >= 0"),
         ("freeze" not in plan.methods or fz.top_layers > 0 or bool(fz.modules),
          "adapter.method freeze needs adapter.freeze.top_layers > 0 or adapter.freeze.modules"),
-    ]
+    ] + _unread_virtual_token_checks(vt, plan.methods)
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
@@ -146,6 +147,32 @@ def validate_adapter(adapter_cfg: Any, *, packing: bool = False, gradient_checkp
     if plan.quantized or optimizer not in ("adamw", "adamw_fused"):
         require_cuda_bitsandbytes("adapter.method=qlora" if plan.quantized else f"train.optimizer={optimizer}")
     return plan
+
+
+# the adapter methods that read each setting of adapter.virtual_tokens
+_VIRTUAL_TOKENS_READ_BY = {"num_virtual_tokens": ("prefix", "prompt"), "init": ("prompt",), "init_text": ("prompt",),
+                           "projection": ("prefix",), "projection_hidden": ("prefix",)}
+
+
+def _unread_virtual_token_checks(vt: Any, methods: tuple[str, ...]) -> list[tuple[bool, str]]:
+    """Virtual-token settings a run would silently ignore, refused: one set away from its
+    default that none of `methods` (adapter.method, normalised) reads, init_text without
+    init=text, projection_hidden without projection."""
+    default = type(vt)()
+    checks = []
+    for name, readers in _VIRTUAL_TOKENS_READ_BY.items():
+        value = getattr(vt, name)
+        checks.append((value == getattr(default, name) or any(m in methods for m in readers),
+                       f"adapter.virtual_tokens.{name}={value} does nothing with adapter.method {', '.join(methods)} "
+                       f"(only adapter.method {' or '.join(readers)} reads it); remove it or change adapter.method"))
+    return checks + [
+        (vt.init == "text" or vt.init_text == default.init_text,
+         "adapter.virtual_tokens.init_text is read only with adapter.virtual_tokens.init=text (init=random draws "
+         "the soft prompt at random); set init=text or remove init_text"),
+        (vt.projection or vt.projection_hidden == default.projection_hidden,
+         "adapter.virtual_tokens.projection_hidden is the width of the prefix MLP, read only with "
+         "adapter.virtual_tokens.projection=true; set projection=true or remove projection_hidden"),
+    ]
 
 
 def require_cuda_bitsandbytes(what: str) -> None:
