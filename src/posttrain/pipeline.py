@@ -58,6 +58,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from posttrain.config.schema import flatten
 from posttrain.env import first_process, launched_processes
 from posttrain.errors import ConfigError, DataError, UserError
 from posttrain.files import write_atomically
@@ -311,7 +312,7 @@ def _load_stage(spec: dict, name: str, earlier: list[Stage], path: Path, output_
     if validate is not None:
         validate(cfg)
     stage = Stage(name, kind, cfg, run, deps, wiring)
-    stage.flat = {k: v for k, v in _flatten(cfg.to_dict()).items() if k not in UNFINGERPRINTED}
+    stage.flat = {k: v for k, v in flatten(cfg.to_dict()).items() if k not in UNFINGERPRINTED}
     stage.fingerprint = hashlib.sha256(json.dumps([kind, stage.flat], sort_keys=True).encode()).hexdigest()[:16]
     stage.deps += [s.name for s in earlier if s.name not in stage.deps and _reads(stage.flat, s.run_dir)]
     return stage
@@ -450,16 +451,6 @@ def _validator(config_cls: type, run: Any):
     names = ["validate_" + stem.lower(), "validate_" + re.sub(r"(?<=[a-z])(?=[A-Z])", "_", stem).lower()]
     modules = [config, sys.modules.get(config_cls.__module__), sys.modules.get(run.__module__)]
     return next((getattr(m, n) for n in names for m in modules if hasattr(m, n)), None)
-
-
-def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
 
 
 def _reads(flat: dict[str, Any], run_dir: Path) -> bool:

@@ -570,6 +570,18 @@ def _raise_first(checks: list[tuple[bool, str]]) -> None:
             raise ConfigError(message)
 
 
+def flatten(values: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested dict's leaves under dotted keys ({"train": {"lr": 1e-5}} -> {"train.lr": 1e-5}),
+    each key after `prefix`."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat |= flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def section_values(section_cls: type, config: Any = None, overrides: dict[str, Any] | None = None,
                    caller: str = "") -> dict[str, Any]:
     """A section's fields as a dict: `config`'s values (defaults when None), then keyword overrides.

@@ -361,12 +361,9 @@ def _check_pair_settings(record: dict, pair: dict, out: Path) -> None:
     """Refuse a logged PAIR conversation made with other attacks.pair settings, naming the first."""
     from posttrain.errors import ConfigError
 
-    def flat(settings: dict, prefix: str = "attacks.pair.") -> dict:
-        return {k: v for key, value in settings.items()
-                for k, v in (flat(value, f"{prefix}{key}.") if isinstance(value, dict)
-                             else {f"{prefix}{key}": value}).items()}
+    from posttrain.config.schema import flatten
 
-    old, new = flat(record.get("pair", {})), flat(pair)
+    old, new = flatten(record.get("pair", {}), "attacks.pair."), flatten(pair, "attacks.pair.")
     for key in sorted(set(old) | set(new)):
         if old.get(key) != new.get(key):
             what = " (the attacker's instructions, changed by a posttrain update)" if key.endswith("instructions") \

@@ -659,18 +659,12 @@ def _start_trackers(accelerator, run_dir: Path, recorded: dict, resume_from: Pat
     checkpoint, or all of an earlier run a fresh start replaces, as metrics.jsonl drops them."""
     import json
 
-    def scalars(values: dict, prefix: str = "") -> dict:
-        flat = {}
-        for key, value in values.items():
-            if isinstance(value, dict):
-                flat |= scalars(value, f"{prefix}{key}.")
-            elif isinstance(value, (bool, int, float, str)):
-                flat[prefix + key] = value
-        return flat
+    from posttrain.config.schema import flatten
 
+    scalars = {key: value for key, value in flatten(recorded).items() if isinstance(value, (bool, int, float, str))}
     first_step = 0 if resume_from is None else \
         json.loads((resume_from / checkpoint.LOOP_STATE).read_text())["step"] + 1
-    accelerator.init_trackers(run_dir.name, config=scalars(recorded),
+    accelerator.init_trackers(run_dir.name, config=scalars,
                               init_kwargs={"tensorboard": {"purge_step": first_step}})
 
 
