@@ -76,6 +76,8 @@ def test_summary_json_of_sft_dpo_and_rm_carries_version_wall_time_and_stop_reaso
         assert summary["posttrain_version"] == __version__, command
         assert summary["stop_reason"] == "max_steps" and summary["stopped_early"] is False, command
         assert summary["wall_seconds"] > 0 and summary["steps"] == 1, command
+        if command != "sft":  # the held-out loss beside the held-out metrics, before and after
+            assert all(isinstance(summary[k], float) for k in ("eval_loss_before", "eval_loss")), command
 
 
 # --------------------------------------------------------------------------- held-out files with nothing left

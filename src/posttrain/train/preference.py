@@ -707,7 +707,8 @@ def run_dpo(cfg: DPOConfig) -> Path:
     with module.policy_is_reference():  # nothing has changed the model since its reference pass
         before = evaluate(on_device(module, accelerator.device), stage, accelerator)
     result = train(stage, cfg.train, run_dir, accelerator, run_fingerprint(cfg))
-    summary.update(result.summary(), eval_before=before[1] if before else {}, eval_after=result.eval_metrics)
+    summary.update(result.summary(), eval_before=before[1] if before else {}, eval_after=result.eval_metrics,
+                   eval_loss_before=before[0] if before else None, eval_loss=result.eval_loss)
     _log_accuracy(summary, log)
     trained = result.module.model
     summary.update(_exact_match(cfg, trained, tokenizer, data, "after") if main else {})

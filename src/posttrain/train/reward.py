@@ -188,7 +188,8 @@ def run_rm(cfg: RMConfig) -> Path:
     before = evaluate(on_device(module, accelerator.device), stage, accelerator)
     result = train(stage, cfg.train, run_dir, accelerator, run_fingerprint(cfg))
     summary = result.summary() | {"train_items": len(train_items), "eval_items": len(eval_items),
-                                  "eval_before": before[1] if before else {}, "eval_after": result.eval_metrics}
+                                  "eval_before": before[1] if before else {}, "eval_after": result.eval_metrics,
+                                  "eval_loss_before": before[0] if before else None, "eval_loss": result.eval_loss}
     if before:
         log(f"held-out pairwise accuracy: {before[1]['accuracy']:.1%} before → "
             f"{result.eval_metrics.get('accuracy', float('nan')):.1%} after ({len(eval_items)} prompts)")
