@@ -187,6 +187,8 @@ def validate_dpo(cfg: DPOConfig) -> None:
         (p.beta > 0, "dpo.beta must be positive"),
         (p.label_smoothing is None or 0.0 <= p.label_smoothing < 0.5, "dpo.label_smoothing must be in [0, 0.5)"),
         (p.orpo_lambda >= 0 and p.nll_weight >= 0, "dpo.orpo_lambda and dpo.nll_weight must be >= 0"),
+        (p.simpo_gamma >= 0, "dpo.simpo_gamma must be >= 0: SimPO's target reward margin (0: no margin); a negative "
+                             "one counts a chosen answer worse than the rejected one as partly right"),
         (p.kto_desirable_weight > 0 and p.kto_undesirable_weight > 0, "dpo.kto_*_weight must be positive"),
         (p.loss == "kto" or not _unpaired_data(cfg.data),
          f"dpo.loss={p.loss} needs pairs or rankings, not unpaired data; use dpo.loss=kto for unpaired feedback"),

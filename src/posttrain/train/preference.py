@@ -645,6 +645,27 @@ def _assign(items: list[Item], values: list[float], covered: list[bool]) -> None
 # --------------------------------------------------------------------------- the run
 
 
+KTO_BALANCE = (1.0, 4 / 3)  # λ_D·n_D / (λ_U·n_U), as KTO's paper recommends (Ethayarajh et al. 2024, §4)
+
+
+def _say_kto_balance(items: list[Item], loss_cfg, log: Callable[[str], None]) -> None:
+    """One line when the training items' class-weighted balance λ_D·n_D / (λ_U·n_U) leaves the
+    paper's range KTO_BALANCE (1:10 feedback at the default weights is 0.1; a 4-way ranking split
+    for KTO, 1/3), naming the dpo.kto_desirable_weight that brings it in."""
+    n_d = sum(bool(item.desirable) for item in items)
+    n_u = len(items) - n_d
+    w_d, w_u = loss_cfg.kto_desirable_weight, loss_cfg.kto_undesirable_weight
+    if not n_d or not n_u:
+        return
+    ratio = w_d * n_d / (w_u * n_u)
+    low, high = KTO_BALANCE
+    if not low <= ratio <= high:
+        log(f"kto: {n_d} desirable and {n_u} undesirable training items give λ_D·n_D / (λ_U·n_U) = {ratio:.3g}, "
+            f"outside the [1, 4/3] KTO's paper recommends; dpo.kto_desirable_weight="
+            f"{low * w_u * n_u / n_d:.3g}–{high * w_u * n_u / n_d:.3g} (at dpo.kto_undesirable_weight={w_u:g}) "
+            f"brings it in")
+
+
 def _items(data, cfg: DPOConfig, log: Callable[[str], None] = print) -> tuple[list[Item], list[Item]]:
     train, evaluation = items_from_examples(data.train), items_from_examples(data.eval)
     margins = sum(item.margin is not None for item in train + evaluation)
@@ -652,8 +673,9 @@ def _items(data, cfg: DPOConfig, log: Callable[[str], None] = print) -> tuple[li
         log(f"dpo: {margins} records carry a 'margin'; margin is read by the reward model's loss only "
             f"(posttrain rm), dpo.loss={cfg.dpo.loss} ignores it")
     if cfg.dpo.loss == "kto":
-        return (kto_items(train, cfg.data.max_length, log),
-                kto_items(evaluation, cfg.data.max_length, log) if evaluation else [])
+        train_items = kto_items(train, cfg.data.max_length, log)
+        _say_kto_balance(train_items, cfg.dpo, log)
+        return train_items, kto_items(evaluation, cfg.data.max_length, log) if evaluation else []
     unpaired = [item.source for item in train + evaluation if item.ranks is None]
     if unpaired:
         raise DataError(f"dpo.loss={cfg.dpo.loss} needs pairs or rankings; {len(unpaired)} rows are unpaired "
