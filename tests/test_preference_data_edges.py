@@ -543,7 +543,8 @@ def test_dpo_items_refuse_unpaired_rows_and_name_the_first(tokenizer):
     items = _items(tokenizer, [("p", ("a", "b"), (0, 1), None, None), ("u", ("a",), None, True, None)])
     data = types.SimpleNamespace(
         train=[PreferenceExample(i.sequences, i.ranks, i.desirable, i.margin, i.source) for i in items], eval=[])
-    cfg = types.SimpleNamespace(dpo=types.SimpleNamespace(loss="dpo"), data=types.SimpleNamespace(max_length=64))
+    cfg = types.SimpleNamespace(dpo=types.SimpleNamespace(loss="dpo", kto_desirable_weight=1.0, kto_undesirable_weight=1.0),
+                                data=types.SimpleNamespace(max_length=64))
     with pytest.raises(DataError, match=r"needs pairs or rankings; 1 rows are unpaired \(first: s:1\)"):
         stage_items(data, cfg, _quiet)
     cfg.dpo.loss = "kto"

@@ -104,8 +104,6 @@ def test_a_merge_key_copies_a_section_so_an_override_changes_only_its_own(tmp_pa
 @pytest.mark.parametrize("text, section, value", [("dedup:\n  on: prompt\n", "dedup", "prompt"),
                                                   ("decontaminate:\n  on: full\n", "decontaminate", "full")],
                          ids=["dedup.on", "decontaminate.on"])
-@pytest.mark.xfail(strict=True, reason="YAML 1.1 reads the key `on` as true: quality's dedup.on cannot be set "
-                                       "in a file; the error names dedup.True and suggests dedup.seed")
 def test_failure_a_setting_named_on_can_be_written_in_a_file(tmp_path, text, section, value):
     from posttrain.config import QualityConfig
 
@@ -117,8 +115,6 @@ def test_failure_a_setting_named_on_can_be_written_in_a_file(tmp_path, text, sec
     assert got == value, got
 
 
-@pytest.mark.xfail(strict=True, reason="an override on a section a file gives by alias (judge: *server) also "
-                                       "changes the aliased section: apply_override edits the shared dict")
 def test_failure_an_override_on_an_aliased_section_changes_only_that_section(tmp_path):
     from posttrain.config import RLAIFConfig
 
@@ -130,8 +126,6 @@ def test_failure_an_override_on_an_aliased_section_changes_only_that_section(tmp
     assert cfg.policy.model == "small", f"policy.model is {cfg.policy.model!r}"  # observed: 'big'
 
 
-@pytest.mark.xfail(strict=True, reason="output_dir: ~/runs/x is not expanded: the run is written into a "
-                                       "directory named ~ under the current directory")
 def test_failure_output_dir_with_a_tilde_is_under_home(tmp_path, monkeypatch):
     from posttrain.config import SFTConfig
     from posttrain.train.loop import start_run
@@ -148,8 +142,6 @@ def test_failure_output_dir_with_a_tilde_is_under_home(tmp_path, monkeypatch):
     assert not (work / "~").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="a constitution YAML is read with plain safe_load: a key given twice (a "
-                                       "principle without its leading -) silently drops a principle")
 def test_failure_a_constitution_with_a_key_given_twice_is_refused(tmp_path):
     from posttrain.feedback.constitutional import load_constitution
 
@@ -169,8 +161,6 @@ def test_failure_a_constitution_with_a_key_given_twice_is_refused(tmp_path):
     pytest.fail(f"loaded principles {names} from two written in the file")  # observed: ['honest']
 
 
-@pytest.mark.xfail(strict=True, reason="an attacks YAML file is read with plain SafeLoader: a key given twice "
-                                       "(an attack without its leading -) silently drops an attack")
 def test_failure_an_attacks_file_with_a_key_given_twice_is_refused(tmp_path):
     from posttrain.safety.attacks import load_attacks
 

@@ -60,9 +60,10 @@ def clear_earlier_run(output_dir: str) -> None:
     `--output-dir ~/work` must never take the user's files with it."""
     import shutil
 
+    from posttrain.config.schema import user_path
     from posttrain.errors import UserError
 
-    out = Path(output_dir)
+    out = user_path(output_dir)
     if not out.exists() and not out.is_symlink():
         return
     if not out.is_dir() or out.is_symlink():

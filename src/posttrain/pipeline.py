@@ -58,7 +58,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from posttrain.config.schema import flatten
+from posttrain.config.schema import flatten, user_path
 from posttrain.env import first_process, launched_processes
 from posttrain.errors import ConfigError, DataError, UserError
 from posttrain.files import write_atomically
@@ -126,7 +126,7 @@ class Stage:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.cfg.output_dir)
+        return user_path(self.cfg.output_dir)
 
     @property
     def producer(self) -> Producer | None:
@@ -220,7 +220,7 @@ def load_pipeline(path: str | Path, overrides: list[str] = ()) -> tuple[Path, li
         raise ConfigError(f"{path}: stages must be a non-empty list of mappings with name, kind, config, ...")
     names = [str(s.get("name", s.get("kind", ""))) for s in specs]
     cli_dir, cli_common, cli_stage = _split_cli(list(overrides), set(names))
-    output_dir = Path(cli_dir or data.get("output_dir") or f"runs/{path.stem}")
+    output_dir = user_path(cli_dir or data.get("output_dir") or f"runs/{path.stem}")
     common = _override_list(data.get("overrides"), f"{path}: overrides")
     if "output_dir" in _keys(common):
         raise ConfigError(f"{path}: overrides: output_dir is the pipeline's own key (each stage runs in "
@@ -301,7 +301,7 @@ def _load_stage(spec: dict, name: str, earlier: list[Stage], path: Path, output_
                               f"{kind} key; for that stage's {name}.{key}, write {name}.{name}.{item}")
     if "output_dir" in _keys(own):
         raise ConfigError("output_dir is the pipeline's (each stage runs in OUTPUT_DIR/NAME); set it at the top")
-    config_file = path.parent / spec["config"] if spec.get("config") else None
+    config_file = path.parent / user_path(spec["config"]) if spec.get("config") else None  # ~ is home
     items = [*(i for i in common if _fits(config_cls, i)), *own_file,
              *(i for i in cli_stage[None] if _fits(config_cls, i)), *own_cli]
     wiring, deps = _wire(spec.get("inputs") or {}, earlier, own, kind, config_cls, _given(items))

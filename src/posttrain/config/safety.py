@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 from posttrain.config.feedback import BackendConfig, api_key_env_checks, backend_checks
-from posttrain.config.schema import _raise_first, _StageConfig, markdown_reference, option
+from posttrain.config.schema import _raise_first, _StageConfig, markdown_reference, option, user_path
 
 DEFAULT_ATTACKS = ["direct", "prefix_injection", "refusal_suppression", "role_play", "hypothetical",
                    "instruction_override", "style_injection", "base64", "combination"]
@@ -104,7 +103,7 @@ def validate_redteam(cfg: RedTeamConfig) -> None:
          "none)"),
         (len(set(cfg.attacks.names)) == len(cfg.attacks.names), "attacks.names lists an attack twice"),
         (cfg.concurrency >= 1, "concurrency must be >= 1"),
-        (not cfg.compare_to or Path(cfg.compare_to).resolve() != Path(cfg.output_dir).resolve(),
+        (not cfg.compare_to or user_path(cfg.compare_to).resolve() != user_path(cfg.output_dir).resolve(),
          "compare_to is this run's own output_dir; give an earlier run's directory"),
     ])
 

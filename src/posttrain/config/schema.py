@@ -127,7 +127,9 @@ def check_override_list(overrides: Any, caller: str) -> None:
 
 def _unique_keys_loader():
     """A yaml SafeLoader that refuses a mapping key given twice (plain YAML keeps the last one
-    silently: a second `train:` section would drop every setting of the first)."""
+    silently: a second `train:` section would drop every setting of the first), and reads a key
+    YAML 1.1 takes for a boolean as the word written (quality's `dedup: {on: prompt}` names the
+    setting `on`, not True: keys are names, never booleans)."""
     import yaml
 
     class UniqueKeyLoader(yaml.SafeLoader):
@@ -137,6 +139,8 @@ def _unique_keys_loader():
                 for key_node, _ in node.value:
                     if key_node.tag == "tag:yaml.org,2002:merge":
                         continue  # `<<: *base` keys may be set again: only the mapping's own keys count
+                    if key_node.tag == "tag:yaml.org,2002:bool" and isinstance(key_node, yaml.ScalarNode):
+                        key_node.tag = "tag:yaml.org,2002:str"  # on / off / yes / no as written
                     key = self.construct_object(key_node, deep=deep)
                     try:
                         first = seen.setdefault(key, key_node)
@@ -155,31 +159,64 @@ class _DuplicateKey(Exception):
         self.key, self.first, self.again = key, first, again
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+def _unshared(data: Any) -> Any:
+    """`data` with every mapping and list its own: YAML gives an alias (`judge: *server`) and the
+    values a merge key (`<<: *base`) copies as the same object as their anchor, so an edit of one
+    (an override) would change the other."""
+    if isinstance(data, dict):
+        return {key: _unshared(value) for key, value in data.items()}
+    if isinstance(data, list):
+        return [_unshared(value) for value in data]
+    return data
+
+
+def load_yaml(text: str, source: str | Path, error: type[Exception] = ConfigError, *, with_node: bool = False) -> Any:
+    """The document of a YAML file's `text` (None when empty) as every YAML file a user writes is
+    read: a key given twice refused, a key like `on` read as written, no object shared between two
+    places. Errors are `error` naming `source` and the line. `with_node`: (data, the document's
+    YAML node, for the lines of its entries; None when empty)."""
     import yaml
 
+    loader = _unique_keys_loader()(text)
+    try:
+        node = loader.get_single_node()
+        data = _unshared(loader.construct_document(node)) if node is not None else None
+    except _DuplicateKey as exc:
+        raise error(f"{source}:{exc.again.line + 1}: {exc.key} is given twice (first on line {exc.first.line + 1}); "
+                    "YAML would keep only the last one: merge them into one") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else str(source)
+        raise error(f"{where}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
+    finally:
+        loader.dispose()
+    return (data, node) if with_node else data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A config file's sections (an empty file: {}), read by load_yaml. Raises ConfigError."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_keys_loader())  # noqa: S506 (a SafeLoader)
-    except _DuplicateKey as exc:
-        raise ConfigError(f"{path}:{exc.again.line + 1}: {exc.key} is given twice (first on line {exc.first.line + 1}); "
-                          "YAML would keep only the last one: merge them into one") from None
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         line = path.read_bytes()[: exc.start].count(b"\n") + 1
         raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {exc.object[exc.start]:#04x}); save the file as UTF-8") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    data = load_yaml(text, path)
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
     return data
+
+
+def user_path(path: str | Path) -> Path:
+    """A path setting as the user means it: a leading ~ is their home directory (output_dir:
+    ~/runs/sft), as it is for model.path and the data files."""
+    return Path(os.path.expanduser(path))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -482,8 +519,8 @@ def _coerce(hint: Any, value: Any, key: str, source: str, root: type) -> Any:
     elif isinstance(value, (_OverrideList, _OverrideDict)):
         value, source = (list(value) if isinstance(value, list) else dict(value)), "overrides"
     origin = get_origin(hint)
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, key + ".", source, root)
+    if dataclasses.is_dataclass(hint):  # `train:` with every key commented out (null): the section's defaults
+        return _build(hint, {} if value is None else value, key + ".", source, root)
     if origin is Literal:
         choices = get_args(hint)
         if isinstance(value, bool) and not any(isinstance(c, bool) for c in choices):
@@ -505,8 +542,8 @@ def _coerce(hint: Any, value: Any, key: str, source: str, root: type) -> Any:
         return _coerce(args[0], value, key, source, root)
     if origin is list:
         (item_type,) = get_args(hint)
-        if value == "":
-            return []  # train.freeze= : nothing
+        if value == "" or value is None:
+            return []  # train.freeze= , or a file's `eval_files:` left empty (null): nothing
         if isinstance(value, (str, os.PathLike, numbers.Real)) and not isinstance(value, bool):
             value = [value]  # a single value where a list is expected
         if not isinstance(value, list):

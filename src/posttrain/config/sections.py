@@ -329,7 +329,19 @@ def _rows_checks(d, min_synthetic: int = 1) -> list[tuple[bool, str]]:
         (0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction must be in [0, 1]"),
         (bool(d.train_files), "data.train_files is empty"),
         *synthetic_checks(d.train_files, d.synthetic_tasks, d.synthetic_size, "data", min_synthetic),
+        *_held_out_checks(d.train_files, d.eval_files),
     ]
+
+
+def _held_out_checks(train_files: list[str], eval_files: list[str]) -> list[tuple[bool, str]]:
+    """A held-out file is not also a training file: every held-out figure would be a training figure."""
+    from posttrain.data.readers import files_in_both
+
+    both = files_in_both(eval_files, train_files)
+    return [(not both, f"data.eval_files and data.train_files both list {', '.join(map(str, both))}; held-out files "
+                       f"must not be trained on (every held-out figure would be measured on training rows): give "
+                       f"other files, or leave data.eval_files empty to hold out data.eval_fraction of the training "
+                       f"rows")]
 
 
 def _data_checks(d, min_synthetic: int = 1) -> list[tuple[bool, str]]:  # DataConfig or PreferenceDataConfig

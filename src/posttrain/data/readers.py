@@ -13,7 +13,8 @@ the header is line 1). A row that cannot be parsed does not stop iteration: it c
 out as a `Malformed(reason, raw)` in place of the dict, so the caller can apply its
 bad-row policy. So does a row holding a lone surrogate (JSON's "\\ud800" escape): no
 tokenizer or UTF-8 writer takes it. A problem with the file as a whole (missing, unknown
-type, not valid JSON at all, unreadable) raises `DataError`.
+type, not valid JSON at all, unreadable, UTF-16 or UTF-32 by its byte-order mark) raises
+`DataError`. A path may start with `~` (expanded here as in the up-front check).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import itertools
 import json
 import os
 import re
@@ -54,7 +56,7 @@ def iter_rows(path: str) -> Iterator[tuple[str, Row]]:
     Raises DataError up front for a missing path or an unknown file type, and during
     iteration for a file that is unreadable as a whole.
     """
-    path = os.fspath(path)
+    path = os.path.expanduser(os.fspath(path))
     kind = check_path(path)
     if kind == "datasets":
         rows = _dataset_dir_rows(path)
@@ -128,8 +130,8 @@ def strict_rows(path: str) -> Iterator[tuple[str, Any]]:
 
 def check_path(path: str) -> str:
     """The kind of data at `path` (jsonl, json, csv, tsv, parquet, datasets), without reading
-    it; DataError if it is missing or of a type no reader takes."""
-    path = os.fspath(path)
+    it; DataError if it is missing or of a type no reader takes. `~` is expanded."""
+    path = os.path.expanduser(os.fspath(path))
     if os.path.isdir(path):
         _check_dataset_dir(path)
         return "datasets"
@@ -141,6 +143,17 @@ def check_path(path: str) -> str:
         hint = '; for plain text, write JSON Lines rows {"text": ...}' if plain else ""
         raise DataError(f"{path}: unknown file type (expected {ACCEPTED}){hint}")
     return kind
+
+
+def files_in_both(paths: list[str], others: list[str]) -> list[str]:
+    """The entries of `paths` (as given) that name a file also in `others`, by any spelling (`~`, a
+    relative path, a link); 'synthetic', the bundled generator, is no file."""
+
+    def same(path: str) -> str:
+        return os.path.realpath(os.path.expanduser(os.fspath(path)))
+
+    files = {same(p) for p in others if isinstance(p, (str, os.PathLike)) and p != "synthetic"}
+    return [p for p in paths if isinstance(p, (str, os.PathLike)) and p != "synthetic" and same(p) in files]
 
 
 _HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -178,12 +191,27 @@ def _file_kind(path: str) -> str:
 
 
 def _open_binary(path: str):
+    """The file's bytes (decompressed for .gz); DataError for one that cannot be opened or
+    that its byte-order mark says is UTF-16 or UTF-32 text (every reader here reads UTF-8)."""
     try:
-        if path.lower().endswith(".gz"):
-            return gzip.open(path, "rb")
-        return open(path, "rb")
+        f = gzip.open(path, "rb") if path.lower().endswith(".gz") else open(path, "rb")
     except OSError as e:
         raise DataError(f"{path}: cannot read the file ({e.strerror or e})") from None
+    try:
+        head = f.peek(4)[:4]
+    except (OSError, EOFError):  # a corrupt .gz: reported by the read, at its line
+        head = b""
+    for bom, encoding in _WIDE_BOMS:
+        if head.startswith(bom):
+            f.close()
+            raise DataError(f"{path}: {encoding} text (byte-order mark {bom.hex(' ').upper()}); save it as UTF-8")
+    return f
+
+
+# UTF-32 LE before UTF-16 LE: its mark begins with UTF-16 LE's. (pandas' to_csv(encoding="utf-16"),
+# Excel's "Unicode Text" and PowerShell's `>` write UTF-16 with a mark.)
+_WIDE_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
+              (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16"))
 
 
 # --------------------------------------------------------------------------- JSON Lines
@@ -308,13 +336,45 @@ def _scan_array(text: str, pos: int) -> tuple[list[tuple[int, Any]], int]:
             raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
 
 
+_JSON_LINES_LOOK = 5  # lines after a first line that does not parse, looked at for a whole object
+
+
 def _is_json_lines(text: str, pos: int) -> bool:
-    """True when the first line is a whole JSON object and more follows (JSON Lines)."""
+    """True when more follows the first line and either the first line is a whole JSON object, or
+    it is a bad row (a line that closes its braces, as a row does and a pretty-printed document's
+    `{` does not), one of the next few non-blank lines is a whole object, and the whole text is not
+    one JSON document (a pretty-printed object has such lines too)."""
     newline = text.find("\n", pos)
     if newline < 0 or _skip_ws(text, newline) == len(text):
         return False
+    first = text[pos:newline]
+    if _is_object(first):
+        return True
+    if not first.rstrip().endswith("}"):
+        return False
+    if not any(_is_object(line) for line in itertools.islice(_lines_after(text, newline), _JSON_LINES_LOOK)):
+        return False
     try:
-        return isinstance(json.loads(text[pos:newline]), dict)
+        json.loads(text)
+    except ValueError:  # (JSONDecodeError is one)
+        return True
+    except RecursionError:  # one document too deep to read: refused as such
+        return False
+    return False
+
+
+def _lines_after(text: str, newline: int) -> Iterator[str]:
+    """The non-blank lines after the one ending at `newline`, without copying the rest of the text."""
+    while newline >= 0:
+        start, newline = newline + 1, text.find("\n", newline + 1)
+        line = text[start:newline] if newline >= 0 else text[start:]
+        if line.strip():
+            yield line
+
+
+def _is_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
     except (ValueError, RecursionError):  # (JSONDecodeError is a ValueError)
         return False
 

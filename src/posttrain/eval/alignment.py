@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from posttrain.config.schema import user_path
 from posttrain.files import write_config
 from posttrain.safety.metrics import proportion, wilson_interval
 
@@ -306,7 +307,7 @@ def run_evaluate(cfg, *, judge=None, log: Callable[[str], Any] = print) -> Path:
     cfg = EvaluateConfig.for_run(cfg, "run_evaluate")
     validate_evaluate(cfg)
     score, rubric = _checked_inputs(cfg, log)
-    out = Path(cfg.output_dir)
+    out = user_path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_config(out, cfg)  # generation.seed among it: the sampled KL depends on it
     records = _prompts(cfg, log)

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from posttrain.config.schema import load_yaml, user_path
 from posttrain.errors import DataError, UserError
 from posttrain.feedback.jobs import STDERR, resolve_stream
 
@@ -57,7 +58,7 @@ class Principle:
 
 def constitution_path(name: str) -> Path:
     """'default' -> the bundled constitution; anything else is a path."""
-    return ASSETS / "constitution.yaml" if name == "default" else Path(name)
+    return ASSETS / "constitution.yaml" if name == "default" else user_path(name)
 
 
 def load_constitution(name: str) -> list[Principle]:
@@ -85,14 +86,7 @@ def load_constitution(name: str) -> list[Principle]:
 
 
 def _yaml_entries(path: Path) -> list[tuple[str, Any]]:
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise DataError(f"{path}:{mark.line + 1 if mark else 1}: not valid YAML "
-                        f"({getattr(exc, 'problem', None) or exc})") from None
+    data = load_yaml(path.read_text(encoding="utf-8"), path, DataError)  # a key given twice: a `-` forgotten
     if isinstance(data, dict):
         if set(data) != {"principles"}:
             raise DataError(f"{path}: expected a list of principles or one key 'principles:', got keys "
@@ -306,7 +300,7 @@ def run_constitutional(cfg, *, policy=None, judge_backend=None, stream: TextIO |
     validate_constitutional(cfg)
     c = cfg.constitutional
     principles = load_constitution(c.constitution)
-    out = Path(cfg.output_dir)
+    out = user_path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     prompts = load_prompts(cfg.data, str(out / "rejects.jsonl"),
                            log=lambda line: print(line, file=resolve_stream(stream) or sys.stderr))
@@ -385,9 +379,9 @@ def _judge_rubric(cfg, principles: list[Principle]) -> str:
     """The RL-CAI judge's rubric: judge.rubric, the text of judge.rubric_file, or the constitution's."""
     rubric = cfg.judge.rubric
     if cfg.judge.rubric_file:
-        if not Path(cfg.judge.rubric_file).is_file():
+        if not user_path(cfg.judge.rubric_file).is_file():
             raise DataError(f"judge.rubric_file {cfg.judge.rubric_file} does not exist")
-        rubric = Path(cfg.judge.rubric_file).read_text(encoding="utf-8")
+        rubric = user_path(cfg.judge.rubric_file).read_text(encoding="utf-8")
     return rubric or constitution_rubric(principles)
 
 

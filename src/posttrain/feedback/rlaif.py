@@ -30,6 +30,7 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
+from posttrain.config.schema import user_path
 from posttrain.errors import ConfigError
 from posttrain.feedback.client import ChatBackend, make_backend, shared_or_new
 from posttrain.feedback.jobs import JsonlLog, check_resume_settings, run_items, write_jsonl
@@ -226,7 +227,7 @@ def read_rubric(cfg) -> str:
     """The judge's rubric: judge.rubric, the text of judge.rubric_file, or "" for the default."""
     if not cfg.rubric_file:
         return cfg.rubric
-    path = Path(cfg.rubric_file)
+    path = user_path(cfg.rubric_file)
     if not path.is_file():
         raise ConfigError(f"judge.rubric_file {path} does not exist")
     text = path.read_text(encoding="utf-8")
@@ -266,7 +267,7 @@ def run_rlaif(cfg, log: Callable[[str], Any] = print) -> Path:
 
     cfg = RLAIFConfig.for_run(cfg, "run_rlaif")
     validate_rlaif(cfg)
-    out = Path(cfg.output_dir)
+    out = user_path(cfg.output_dir)
     rubric = read_rubric(cfg.judge)
     out.mkdir(parents=True, exist_ok=True)
     items = load_prompts(cfg.data.prompt_files, cfg.data.format, cfg.data.limit, log, bad_rows=cfg.data.bad_rows,

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from posttrain.config.schema import user_path
 from posttrain.errors import DataError, UserError
 from posttrain.feedback.constitutional import ASSETS, request_seed
 from posttrain.feedback.jobs import STDERR, check_resume_settings, file_digest, resolve_stream, write_jsonl
@@ -67,7 +68,7 @@ class Task:
 
 
 def seed_path(name: str) -> Path:
-    return ASSETS / "self_instruct_seeds.jsonl" if name == "default" else Path(name)
+    return ASSETS / "self_instruct_seeds.jsonl" if name == "default" else user_path(name)
 
 
 def load_seed_tasks(name: str) -> list[Task]:
@@ -370,7 +371,7 @@ def run_self_instruct(cfg, *, generator=None, stream: TextIO | None = STDERR) ->
     loop, filters = cfg.self_instruct, cfg.filters
     seeds = load_seed_tasks(cfg.data.seed_file)
     _check_seed_types(seeds, loop, cfg.data.seed_file)
-    out = Path(cfg.output_dir)
+    out = user_path(cfg.output_dir)
     backend = generator or make_backend(cfg.generator)
     # Everything that decides the candidates (generator.seed is not: each request's seed comes from
     # self_instruct.seed); a resume with other values is refused, a run with no candidates yet is not.

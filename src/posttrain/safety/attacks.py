@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from posttrain.config.schema import load_yaml, user_path
 from posttrain.errors import ConfigError
 
 PLACEHOLDER = "{prompt}"
@@ -151,7 +152,7 @@ def load_attacks(names: list[str], file: str = "") -> list[Attack]:
     if not file:
         return chosen
     custom: dict[str, tuple[str, Attack]] = {}
-    for where, row in _attack_rows(Path(file)):
+    for where, row in _attack_rows(user_path(file)):
         attack = _custom_attack(row, where, file)
         if attack.name in ATTACKS:
             raise ConfigError(f"{where}: attack name {attack.name!r} is a built-in; rename the custom attack")
@@ -220,19 +221,9 @@ def _jsonl_rows(path: Path, text: str) -> list[tuple[str, Any]]:
 
 def _yaml_rows(path: Path, text: str) -> list[tuple[str, Any]]:
     """A list of attacks, or a mapping with one key `attacks:` holding the list; each row is
-    named by the line its entry starts on (from the YAML node, which plain safe_load drops)."""
-    import yaml
-
-    loader = yaml.SafeLoader(text)
-    try:
-        node = loader.get_single_node()
-        data = loader.construct_document(node) if node is not None else None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise ConfigError(f"{path}:{mark.line + 1 if mark else 1}: not valid YAML "
-                          f"({getattr(exc, 'problem', None) or exc})") from None
-    finally:
-        loader.dispose()
+    named by the line its entry starts on (from the YAML node, which plain safe_load drops). A key
+    given twice (an attack written without its leading `-`) is refused."""
+    data, node = load_yaml(text, path, ConfigError, with_node=True)
     if data is None:
         return []
     if isinstance(data, dict):

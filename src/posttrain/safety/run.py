@@ -42,6 +42,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from posttrain.config.schema import user_path
 from posttrain.feedback.jobs import STDERR
 from posttrain.safety.classify import LABELS, classify_refusal, judge_messages, parse_judge_label
 from posttrain.safety.metrics import rates
@@ -242,7 +243,7 @@ def run_redteam(cfg, *, target=None, judge=None, attacker=None, log: Callable[[s
     validate_redteam(cfg)
     earlier = _earlier(cfg.compare_to, cfg) if cfg.compare_to else None  # a typo costs no requests
     items = load_items(cfg)
-    out = Path(cfg.output_dir)
+    out = user_path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "responses.jsonl"
     resuming = log_path.exists() and log_path.stat().st_size > 0
@@ -387,7 +388,7 @@ def _earlier(path: str, cfg) -> dict:
     classifiers' rates is no change of the model."""
     from posttrain.errors import ConfigError
 
-    directory = Path(path)
+    directory = user_path(path)
     report = directory / "report.json"
     if not report.is_file():
         raise ConfigError(f"compare_to: {report} does not exist; give the output_dir of an earlier redteam run")

@@ -723,10 +723,13 @@ def _row_formats(key: str, section) -> tuple[Any, str]:
 
 
 def _checked_run_dir(output_dir: str) -> Path:
-    """output_dir as a Path; an empty one (the current directory) or one that is a file is refused."""
+    """output_dir as a Path (~ is the home directory); an empty one (the current directory) or one
+    that is a file is refused."""
+    from posttrain.config.schema import user_path
+
     if not str(output_dir).strip():
         raise ConfigError("output_dir is empty (it would write the run into the current directory); name a directory")
-    run_dir = Path(output_dir)
+    run_dir = user_path(output_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"output_dir {run_dir} is a file, not a directory; name a directory for the run")
     return run_dir

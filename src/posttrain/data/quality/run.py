@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from posttrain.config.schema import user_path
 from posttrain.data.quality import filters, stats
 from posttrain.data.preferences import _decoded
 from posttrain.data.quality.rows import Row, load_rows, reconvert
@@ -57,7 +58,7 @@ def run_quality(cfg, *, log: Callable[[str], Any] = print) -> Path:
         from posttrain.inference import check_model_dir
 
         check_model_dir(cfg.perplexity.model, "perplexity.model")
-    out = Path(cfg.output_dir)
+    out = user_path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     for stale in [*out.glob("kept*.jsonl"), *(out / name for name in _OUTPUTS)]:
         stale.unlink(missing_ok=True)  # an earlier run's files never pass for this run's
