@@ -41,6 +41,17 @@ def fast_progress(monkeypatch):
     monkeypatch.setattr(inference, "PROGRESS_EVERY", 0.0)
 
 
+def _reader(lines):
+    """A chat session's `read`: the next line, then EOFError (the user's ^D)."""
+    def read(_):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    return read
+
+
 # --------------------------------------------------------------------------- item 1: rows as they are done
 
 
@@ -151,11 +162,7 @@ def test_chat_drops_the_oldest_exchanges_to_fit_and_says_so():
     model.config.max_position_embeddings = 60
     lines = iter(["a b c d e f g h i j"] * 4)
 
-    def read(_):
-        try:
-            return next(lines)
-        except StopIteration:
-            raise EOFError from None
+    read = _reader(lines)
 
     said = []
     messages = chat_session(model, tokenizer, resolve_template(tokenizer, "auto"),
@@ -214,11 +221,7 @@ def test_chat_refuses_a_message_too_long_alone_and_goes_on():
     model.config.max_position_embeddings = 40
     lines = iter([" ".join("abcdefghijklmnopqrstuvwxyz" * 3), "a b"])
 
-    def read(_):
-        try:
-            return next(lines)
-        except StopIteration:
-            raise EOFError from None
+    read = _reader(lines)
 
     said = []
     messages = chat_session(model, tokenizer, resolve_template(tokenizer, "auto"),
