@@ -157,8 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--batch-size", type=int, default=32)
     gen = sub.add_parser("generate", help="batched generation from a prompts file to JSONL")
     _sampling_args(gen)
-    gen.add_argument("--prompts", required=True, help="text file (one prompt a line), or rows with prompt / messages / conversations "
-                     "in any file the training readers take (JSONL, JSON, CSV, Parquet, a save_to_disk directory)")
+    gen.add_argument("--prompts", required=True, help="text file (one prompt a line), or rows with prompt / messages / "
+                     "conversations in any file the training readers take (JSONL, JSON, CSV, Parquet, a "
+                     "save_to_disk directory)")
     gen.add_argument("--output", default="-", help="JSONL output path (- = stdout); rows go to OUTPUT.partial as they "
                      "finish, renamed to OUTPUT when all are in")
     gen.add_argument("--batch-size", type=int, default=16)

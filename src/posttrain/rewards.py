@@ -255,14 +255,14 @@ def _call(reward: Reward, prompts, responses, rows) -> list[float]:
 def exact_match(prompt: list[dict], response: str, row: dict) -> float:
     """1.0 when the response equals the row's reference 'answer' (whitespace-trimmed, the
     rule of `data.synthetic.answer_matches`), else 0.0. The answer is read as a prompt row's
-    is (`data.prompts._answer`): a number as the file writes it (2.50, 1e3), a boolean as
+    is (`data.prompts.reference_answer`): a number as the file writes it (2.50, 1e3), a boolean as
     JSON spells it (true), so `posttrain score`'s rows compare as RL's prompt rows do."""
     from posttrain.data.formats import BadRowError
-    from posttrain.data.prompts import _answer
+    from posttrain.data.prompts import reference_answer
     from posttrain.data.synthetic import answer_matches
 
     try:
-        answer = _answer(row)
+        answer = reference_answer(row)
     except BadRowError as exc:
         raise DataError(exc.reason) from None
     if answer is None:

@@ -82,8 +82,8 @@ class RedTeamConfig(_StageConfig):
     judge: SafetyJudgeConfig = dataclasses.field(default_factory=SafetyJudgeConfig,
                                                  metadata={"help": "classifier=judge: the labelling model"})
     concurrency: int = option(4, "requests in flight at once")
-    compare_to: str = option("", "an earlier redteam output_dir: its rates are shown beside these, with the change where "
-                             "both runs measured the same attacks and requests")
+    compare_to: str = option("", "an earlier redteam output_dir: its rates are shown beside these, with the change "
+                                 "where both runs measured the same attacks and requests")
 
 
 def validate_redteam(cfg: RedTeamConfig) -> None:

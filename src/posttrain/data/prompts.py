@@ -87,7 +87,7 @@ def to_prompt_record(row: dict, fmt: str, location: str = "<memory>") -> PromptR
         if "prompt" not in row:
             raise BadRowError(f"missing key 'prompt' (prompt rows need 'prompt' and may have 'answer'; this row has "
                               f"{', '.join(map(str, row)) or 'no keys'})")
-        return PromptRecord(_prompt(row, "pairs"), _answer(row), extra, location, formats.read_tools(row))
+        return PromptRecord(_prompt(row, "pairs"), reference_answer(row), extra, location, formats.read_tools(row))
     if fmt == "alpaca" and formats._optional_string(row, "output") is None:  # a question without an answer
         record = formats.to_record({**row, "output": "-"}, fmt, location)
         return PromptRecord((record.messages or [])[:-1], None, extra, location, record.tools)
@@ -101,7 +101,7 @@ def to_prompt_record(row: dict, fmt: str, location: str = "<memory>") -> PromptR
                         record.tools)
 
 
-def _answer(row: dict) -> str | None:
+def reference_answer(row: dict) -> str | None:
     """The reference answer as text: None when absent, null or blank (like other optional fields:
     a blank answer would make exact match reward an empty completion); a number as the file
     writes it, a boolean as JSON spells it ("true")."""

@@ -114,7 +114,8 @@ def _checkpoint_message(checkpoint: Path) -> str:
 
 def _adapter_message(adapter: Path, run: Path | None = None, setting: str = "model.path") -> str:
     where = f"{run} is a run directory whose final/ is an adapter" if run is not None else f"{adapter} is an adapter directory"
-    return f"{where} (adapter weights, not a model): training starts from a full model; {adapter_advice(adapter, setting, run)}"
+    advice = adapter_advice(adapter, setting, run)
+    return f"{where} (adapter weights, not a model): training starts from a full model; {advice}"
 
 
 def adapter_advice(adapter: Path, setting: str, given: Path | None = None) -> str:

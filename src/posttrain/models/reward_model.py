@@ -108,7 +108,8 @@ def _not_a_reward_adapter(directory: Path, setting: str) -> str:
     else:
         start = "a PPO critic" if setting == "ppo.value_model_path" else "a reward model"
         advice = f"to start {start} from this policy: {adapter_advice(directory, setting)}"
-    return f"{directory} is {kind}, not a reward model (a reward model's adapter is SEQ_CLS, from posttrain rm); {advice}"
+    return (f"{directory} is {kind}, not a reward model (a reward model's adapter is SEQ_CLS, from posttrain rm); "
+            f"{advice}")
 
 
 def _load_lora_reward_model(directory: Path, dtype: str, trust_remote_code: bool, pad_token_id: int | None):
@@ -149,7 +150,8 @@ def check_trained_head(model, path) -> None:
     missing = untrained_modules(model)
     if missing:
         raise UserError(f"{path} is not a reward model: it has no trained reward head (the checkpoint lacks "
-                        f"{', '.join(missing)}, which would be drawn at random: every score would be noise); {_TRAIN_ONE}")
+                        f"{', '.join(missing)}, which would be drawn at random: every score would be noise); "
+                        f"{_TRAIN_ONE}")
 
 
 def add_lora(model, lora_cfg):

@@ -524,7 +524,8 @@ def chat_session(
         limit = position_limit(model)
         if limit is not None and length >= limit:
             messages.pop()
-            write(f"[this message takes {length} tokens with the chat template{' and the system message' * bool(start)}; "
+            system = " and the system message" if start else ""
+            write(f"[this message takes {length} tokens with the chat template{system}; "
                   f"the model reads at most {limit}, leaving no room for an answer; send a shorter one]")
             continue
         if len(kept) < len(messages):

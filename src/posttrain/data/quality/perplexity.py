@@ -7,10 +7,11 @@ template and label mask of the SFT stage (`tokens.encode_trained`, which is
 `templates.encode_record` / `preferences.encode_response`), cut to max_length as training cuts
 it, and the prompt is context only. A max_length past the model's position table
 (`models.loading.position_limit`) is cut to the table, and the log says so: a learned table
-cannot be indexed past its end, and a rotary model scores positions it never saw. A preference row is scored on its chosen response (a
-ranking's best, the tokens of every tied-best one pooled; a desirable KTO completion); a row with
-no trained token (an undesirable KTO row, an empty answer, labels all past max_length, or one
-the template cannot render) is not scored, and counted.
+cannot be indexed past its end, and a rotary model scores positions it never saw. A preference
+row is scored on its chosen response (a ranking's best, the tokens of every tied-best one
+pooled; a desirable KTO completion); a row with no trained token (an undesirable KTO row, an
+empty answer, labels all past max_length, or one the template cannot render) is not scored, and
+counted.
 
 Why: text that a language model trained on good text of the target domain finds very unlikely is
 often garbled, machine-translated or off-domain; CCNet (Wenzek et al. 2020, §3.3) keeps web

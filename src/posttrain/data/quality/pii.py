@@ -16,30 +16,31 @@ A hyphen joins a number or an address to what precedes it only after an ASCII le
 
 - email: local@domain.tld. The local part may hold Latin, Greek and Cyrillic letters with their
   accents ("jürgen.müller@"), not Chinese or Japanese ones (such text runs into an address with no
-  space); domain labels may be any letters (IDN: "münchen.de", "例え.jp"). The TLD is two letters (a country) or a common generic one (`_GTLDS`):
-  code writes `x@self.weight` (matrix product) and `icon@2x.png`, which any-TLD would take. No
-  single-label hosts ("user@localhost"), no "@property" or "/@handle" (nothing before the @), no
-  scp remotes ("git@github.com:org/repo.git"). "https://user:pass@host.com" yields "pass@host.com".
+  space); domain labels may be any letters (IDN: "münchen.de", "例え.jp"). The TLD is two letters (a
+  country) or a common generic one (`_GTLDS`): code writes `x@self.weight` (matrix product) and
+  `icon@2x.png`, which any-TLD would take. No single-label hosts ("user@localhost"), no "@property"
+  or "/@handle" (nothing before the @), no scp remotes ("git@github.com:org/repo.git").
+  "https://user:pass@host.com" yields "pass@host.com".
 - phone: "+CC" numbers, 7-15 digits (E.164), "(0)" trunk allowed; the separator-free form needs 10+
   digits, a thousands shape ("+1 500 000") 11+: shorter ones are signed amounts. North American
-  (NXX) NXX-XXXX: "(415) 555-0132", "415-555-0132", "415.555.0132", "1-415-555-0132",
-  "1 (800) 555-0199"; spaces only after "+1" or "(415)", since "200 300 4000" is three numbers.
-  National numbers led by 0 with one kind of separator and 10-11 digits ("020 7946 0958",
-  "06 12 34 56 78", "(030) 1234567", German "030/1234567"); Russian trunk-8 numbers with the area
-  code in brackets, 11 digits ("8 (495) 123-45-67"); Chinese mobiles "138 0013 8000". Never a bare
-  digit run nor a 7-digit "555-0132" (as often a code or a range as a number): so bare Chinese
-  mobiles "13812345678" (2^34 = 17179869184 has their shape) and Indian "98765 43210" (two
-  five-digit numbers, a pair of ZIP codes) are missed. This keeps dates (8 digits, or 4-2-2), times, versions, decimals, ISBNs and
+  (NXX) NXX-XXXX: "(415) 555-0132", "415-555-0132", "415.555.0132", "1-415-555-0132", "1 (800)
+  555-0199"; spaces only after "+1" or "(415)", since "200 300 4000" is three numbers. National
+  numbers led by 0 with one kind of separator and 10-11 digits ("020 7946 0958", "06 12 34 56 78",
+  "(030) 1234567", German "030/1234567"); Russian trunk-8 numbers with the area code in brackets, 11
+  digits ("8 (495) 123-45-67"); Chinese mobiles "138 0013 8000". Never a bare digit run nor a
+  7-digit "555-0132" (as often a code or a range as a number): so bare Chinese mobiles "13812345678"
+  (2^34 = 17179869184 has their shape) and Indian "98765 43210" (two five-digit numbers, a pair of
+  ZIP codes) are missed. This keeps dates (8 digits, or 4-2-2), times, versions, decimals, ISBNs and
   "23 + 48 = 71" out. Missed: "00" international prefixes, 12-digit national numbers, Spanish
   9-digit numbers without "+34", and "01 02 03 04 05" is taken (a list of zero-padded numbers).
 - ip_address: IPv4 dotted quads that `ipaddress` accepts (octets 0-255, no leading zeros), not
   inside a longer dotted number ("1.2.3.4.5") and not right after a word that numbers versions or
   parts of a text ("v1.2.3.4", "version", "Section 1.2.10.4", "§ 1.2.3.4", "chapter", "clause",
-  "article", "table", "figure", "step", ...: `_NUMBERING_BEFORE`); a bare "1.2.3.4" is taken. Loopback and addresses starting 0 or 255 (0.0.0.0, netmasks,
-  wildcard masks) are skipped: they fill code answers and identify no one. IPv6 full or compressed
-  forms `ipaddress` accepts, with 3+ non-empty groups (a dotted-quad tail counts 2): "A::B" (C++),
-  "1::2" (a slice), "::1" and "fe80::1" are not worth the risk; "12:30:45" and MAC addresses are
-  not valid IPv6 anyway.
+  "article", "table", "figure", "step", ...: `_NUMBERING_BEFORE`); a bare "1.2.3.4" is taken.
+  Loopback and addresses starting 0 or 255 (0.0.0.0, netmasks, wildcard masks) are skipped: they
+  fill code answers and identify no one. IPv6 full or compressed forms `ipaddress` accepts, with 3+
+  non-empty groups (a dotted-quad tail counts 2): "A::B" (C++), "1::2" (a slice), "::1" and
+  "fe80::1" are not worth the risk; "12:30:45" and MAC addresses are not valid IPv6 anyway.
 - credit_card: 13-19 digits, contiguous or grouped 4-4-4-4(-3), 4-4-4-1 or 4-6-4/5 with one kind of
   separator (space or dash), a known issuer prefix with its lengths, and the Luhn checksum (which
   alone passes one random number in ten, hence the prefix table too).
@@ -98,7 +99,8 @@ def _joined(m: re.Match[str]) -> bool:
 # first, combining accents too ("mu\u0308ller", NFD). Not CJK: that text runs into an address unspaced.
 _LOCAL = "A-Za-z0-9\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u024f\u0386-\u03ce\u0400-\u04ff"
 _ACCENTS = "\u0300-\u036f"
-_LABEL = f"[^\\W_](?:(?:[^\\W_]|[\\-{_ACCENTS}]){{0,61}}[^\\W_])?"  # a domain label, IDN ones too ("münchen", "例え")
+# a domain label, IDN ones too ("münchen", "例え")
+_LABEL = f"[^\\W_](?:(?:[^\\W_]|[\\-{_ACCENTS}]){{0,61}}[^\\W_])?"
 _EMAIL = re.compile(
     f"(?<![{_LOCAL}{_ACCENTS}._%+@])(?P<local>[{_LOCAL}][{_LOCAL}{_ACCENTS}._%+\\-]{{0,63}})@"
     f"(?:{_LABEL}\\.)+(?P<tld>[A-Za-z]{{2,24}})"
