@@ -262,7 +262,7 @@ def test_an_rl_prompt_may_end_with_a_tool_result_and_its_tools_reach_rewards_and
 
 def test_a_written_float_is_a_float_that_remembers_its_text():
     from posttrain.data.formats import decode_cell
-    from posttrain.data.prompts import _answer
+    from posttrain.data.prompts import reference_answer as _answer
     from posttrain.data.records import WrittenFloat
 
     number = WrittenFloat("2.50")

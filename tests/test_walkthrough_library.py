@@ -265,13 +265,13 @@ def test_every_stage_in_one_session_leaves_the_process_as_it_found_it(tmp_path, 
             f"output_dir={tmp_path / 'evaluate'}", "prompts.limit=2", "generation.samples=1",
             "generation.max_new_tokens=4", "safety.limit=1", "safety.max_tokens=4"])),
     ]
-    before = _snapshot()
+    before, models_before = _snapshot(), _live_models()  # a model an earlier test in this worker keeps is not ours
     for stage in stages:
         assert isinstance(stage(), Path)
         after = _snapshot()
         assert {k: v for k, v in after.items() if before[k] != v} == {}
     capsys.readouterr()
-    assert _live_models() == 0
+    assert _live_models() <= models_before
 
 
 def test_a_second_run_in_the_session_prints_and_trains_as_the_first(tmp_path, sft_run, capsys):

@@ -242,7 +242,7 @@ def test_evaluate_names_a_prompt_row_without_an_answer_by_file_line_before_any_m
 
 def test_score_exact_match_compares_a_boolean_or_decimal_answer_as_the_file_writes_it(capsys, tmp_path):
     """README: exact_match 'A number or boolean answer is compared as the file writes it (42,
-    true)'; GRPO's prompt rows do so (`data.prompts._answer`). `posttrain score` hands exact_match the
+    true)'; GRPO's prompt rows do so (`data.prompts.reference_answer`). `posttrain score` hands exact_match the
     row as json parsed it: `true` is compared as 'True', `2.50` as '2.5', `1e3` as '1000.0'; only
     the integer matches."""
     rows = _write(tmp_path / "rows.jsonl",
