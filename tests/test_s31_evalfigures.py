@@ -17,7 +17,7 @@ from posttrain.errors import ConfigError
 from posttrain.safety.metrics import design_effect, proportion, rates, wilson_interval
 from posttrain.safety.report import markdown
 from posttrain.safety.run import run_redteam, summarize
-from tests.test_walkthrough_evalstats import Complies, RefusingJudge, _harmful, _jsonl, _report, direct_only
+from tests.test_walkthrough_evalstats import Complies, fail_instruction_override, RefusingJudge, _harmful, _jsonl, _report, direct_only
 
 QUIET = {"log": lambda _: None}
 
@@ -118,17 +118,9 @@ def test_compare_to_a_run_of_another_judge_model_is_refused_and_the_same_classif
 
 def test_evaluate_with_failed_red_team_requests_says_so_and_the_command_exits_2(tmp_path, monkeypatch, capsys):
     from posttrain import cli
-    from posttrain.feedback import client
     from posttrain.pipeline import failed_items
 
-    chat = client.LocalModel.chat
-
-    def failing(self, messages, **kwargs):
-        if "SYSTEM NOTICE" in json.dumps(messages):  # instruction_override's text
-            raise client.BackendError("out of memory")
-        return chat(self, messages, **kwargs)
-
-    monkeypatch.setattr(client.LocalModel, "chat", failing)
+    fail_instruction_override(monkeypatch)
     out = tmp_path / "ev"
     rc = cli.main(["evaluate", f"output_dir={out}", "policy=tiny", "reference=tiny", "prompts.limit=1",
                    "generation.max_new_tokens=2", "generation.samples=0", "safety.redteam=true", "safety.limit=2",

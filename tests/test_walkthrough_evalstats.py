@@ -96,6 +96,21 @@ def _harmful(tmp_path: Path, n: int = 4) -> str:
 # --------------------------------------------------------------------------- intervals
 
 
+
+def fail_instruction_override(monkeypatch) -> None:
+    """The local backend fails every request made under the instruction_override attack (its
+    "SYSTEM NOTICE" text), as a backend out of memory would, and answers the others."""
+    from posttrain.feedback import client
+
+    chat = client.LocalModel.chat
+
+    def failing(self, messages, **kwargs):
+        if "SYSTEM NOTICE" in json.dumps(messages):
+            raise client.BackendError("out of memory")
+        return chat(self, messages, **kwargs)
+
+    monkeypatch.setattr(client.LocalModel, "chat", failing)
+
 def test_wilson_matches_the_root_form_at_small_n_and_the_readmes_cells():
     for n in (1, 2, 3, 30):
         for x in range(n + 1):
@@ -153,16 +168,8 @@ def test_evaluate_red_team_reports_the_requests_that_failed(tmp_path, monkeypatc
     evaluate's report.json gives attack success over n=2 (of 4) with errors 0, report.md shows
     "(0/2)" with no word of the failures, and run_evaluate returns normally (the CLI exits 0).
     Policy and reference failing on different requests would be compared on different subsets."""
-    from posttrain.feedback import client
 
-    chat = client.LocalModel.chat
-
-    def failing(self, messages, **kwargs):
-        if "SYSTEM NOTICE" in json.dumps(messages):  # instruction_override's text
-            raise client.BackendError("out of memory")
-        return chat(self, messages, **kwargs)
-
-    monkeypatch.setattr(client.LocalModel, "chat", failing)
+    fail_instruction_override(monkeypatch)
     out = run_evaluate(EvaluateConfig.load(None, [
         f"output_dir={tmp_path / 'ev'}", "policy=tiny", "prompts.limit=1", "generation.max_new_tokens=2",
         "generation.samples=0", "safety.redteam=true", "safety.limit=2", "safety.max_tokens=2",
