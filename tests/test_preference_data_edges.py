@@ -259,7 +259,7 @@ def test_rank_encodings(extra, ranks):
 
 def test_duplicate_responses_tied_are_accepted_and_k1_all_ties_are_not():
     record = to_preference_record({"prompt": "q", "responses": ["a", "b", "a"], "ranks": [0, 1, 0]}, "ranking")
-    assert record.responses == ["a", "b", "a"] and record.ranks == [0, 1, 0]
+    assert record.responses == ["a", "b"] and record.ranks == [0, 1] and record.merged_responses == 1  # kept once
     for row, reason in [({"prompt": "q", "responses": ["a"], "ranks": [0]}, "'responses' has 1 response(s)"),
                         ({"prompt": "q", "responses": ["a", "b", "c"], "scores": [2, 2, 2]}, "all 3 responses are tied"),
                         ({"prompt": "q", "responses": ["a", [_u("q"), _a("a")]], "ranks": [0, 1]},

@@ -34,11 +34,11 @@ def test_a_lone_surrogate_escaped_inside_a_csv_cell_is_a_bad_row_naming_the_colu
     good = json.dumps([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])
     assert "\\ud800" in turns  # the cell is ASCII text; the surrogate appears once it is decoded
     sft = _csv(tmp_path / "sft.csv", ["messages"], [[good], [turns], [good]])
-    with pytest.raises(DataError, match=r"sft.csv:3: 'messages' is not valid Unicode: a lone surrogate at \[1\]"):
+    with pytest.raises(DataError, match=r"sft.csv:3: 'messages': not valid Unicode: a lone surrogate at \[1\]"):
         load_records([str(sft)], log=_quiet)
     pref = _csv(tmp_path / "pref.csv", ["prompt", "chosen", "rejected"],
                 [["Q", "a", "b"], ["Q", json.dumps([{"role": "assistant", "content": "\udc00"}]), "b"], ["Q", "c", "d"]])
-    with pytest.raises(DataError, match=r"pref.csv:3: 'chosen' is not valid Unicode"):
+    with pytest.raises(DataError, match=r"pref.csv:3: 'chosen': not valid Unicode"):
         load_preference_records([str(pref)], log=_quiet)
 
 

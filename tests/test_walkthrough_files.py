@@ -206,7 +206,8 @@ def test_a_50_mb_row_is_read_whole_and_its_neighbours_keep_their_lines(tmp_path,
 
 def test_rows_lost_to_a_wrong_encoding_or_line_end_are_each_a_bad_row_at_its_line(tmp_path):
     """Latin-1 text, a `#` comment line, a NUL-padded tail (a file preallocated or cut by a crash)
-    and old-Mac CR line ends: none is read as rows silently lost; each is a bad row at its line."""
+    none is read as rows silently lost; each is a bad row at its line. Old-Mac CR line ends are
+    line ends: each line a row, at its line (stop 33)."""
     from posttrain.data.formats import load_records
 
     good = json.dumps({"text": "hello there"})
@@ -215,7 +216,6 @@ def test_rows_lost_to_a_wrong_encoding_or_line_end_are_each_a_bad_row_at_its_lin
                          + good.encode() + b"\n", [1]),
         "comment.jsonl": (b"# exported 2024-01-01\n" + good.encode() + b"\n", [1]),
         "nul.jsonl": (good.encode() + b"\n" + b"\x00" * 64, [2]),
-        "cr.jsonl": (good.encode() + b"\r" + good.encode() + b"\r" + good.encode() + b"\n", [1]),
     }
     for name, (data, bad_lines) in cases.items():
         path = tmp_path / name
@@ -224,6 +224,10 @@ def test_rows_lost_to_a_wrong_encoding_or_line_end_are_each_a_bad_row_at_its_lin
             load_records([str(path)], log=_quiet)
         for line in bad_lines:
             assert f"{path}:{line}:" in str(caught.value), (name, str(caught.value))
+    path = tmp_path / "cr.jsonl"
+    path.write_bytes(good.encode() + b"\r" + good.encode() + b"\r" + good.encode() + b"\n")
+    records, _ = load_records([str(path)], log=_quiet)
+    assert [r.source for r in records] == [f"{path}:{n}" for n in (1, 2, 3)]
 
 
 def test_paths_with_spaces_and_unicode_pass_from_the_override_to_the_reported_location(tmp_path):

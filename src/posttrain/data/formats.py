@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from posttrain.data.readers import Malformed, check_path, iter_rows, lone_surrogate_at
+from posttrain.data.readers import Malformed, check_path, iter_rows, unusable_text_at
 from posttrain.data.records import Record, WrittenFloat
 from posttrain.errors import DataError
 
@@ -449,8 +449,8 @@ def decode_cell(text: str, what: str = "a cell") -> Any:
     `array([...], dtype=object)` for a list inside a dict: `_as_python_literal`), read with
     `ast.literal_eval`, which takes literals only and runs no code. ValueError when it is neither,
     and for two strings side by side, which Python would join into one ('m' 'q' → 'mq');
-    BadRowError when it holds a lone surrogate (an escape like "\\ud800"), as the readers refuse
-    one in a row."""
+    BadRowError when it holds what the readers refuse in a row (`readers.unusable_text_at`): a
+    lone surrogate (an escape like "\\ud800") or a NUL."""
     try:
         value = json.loads(text, parse_float=WrittenFloat)
     except (ValueError, RecursionError):  # not JSON, or JSON that Python's json refuses
@@ -458,9 +458,9 @@ def decode_cell(text: str, what: str = "a cell") -> Any:
             value = ast.literal_eval(_as_python_literal(text.strip()))
         except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError, tokenize.TokenError):
             raise ValueError("neither JSON nor a Python literal") from None
-    where = lone_surrogate_at(value)
-    if where is not None:
-        raise BadRowError(f"{what} is not valid Unicode: a lone surrogate at {where}")
+    problem = unusable_text_at(value)
+    if problem is not None:
+        raise BadRowError(f"{what}: {problem}")
     return value
 
 

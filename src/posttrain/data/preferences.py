@@ -3,10 +3,18 @@ DPO-family methods and KTO.
 
 Three row formats are understood (detected per file, like formats.py's, or set):
 
-    pairs     {"prompt", "chosen", "rejected", "margin"?}
+    pairs     {"prompt", "chosen", "rejected", "margin"?,
+               "score_chosen"? + "score_rejected"? | "score_ratio"?}   (UltraFeedback's, SHP's)
     ranking   {"prompt", "responses": [K], "ranks"?: [K ints, 0 = best, ties equal]
                | "scores"?: [K numbers, higher = better]}; neither: best first
     unpaired  {"prompt", "completion", "label": true/false}   (KTO; or "desirable")
+
+A pair's own scores must put 'chosen' first: equal scores (score_ratio 1) are a tie and scores
+favouring 'rejected' (score_ratio below 1) contradict the row; either is a bad row. A ranking
+holds each answer once: repeats under the same rank are one answer, kept once; an answer given
+under two ranks contradicts itself, so it is removed (every copy) and the rest of the ranking
+trains — the row is bad only when no two answers ranked apart are left. Both are counted, and
+the rows named, in the log and data_report.json (`repeated_responses`).
 
 A prompt is a string (one user turn; an optional "system" key puts a system turn
 first) or a list of turns as formats.py accepts them (OpenAI or ShareGPT keys, tool calls and
@@ -22,7 +30,7 @@ lists JSON-encoded, or as Python's repr (what `datasets`' and pandas' `to_csv` w
 
 Reading, per-file detection, the bad-row policy, rejects file and `DataReport` are
 formats.py's, run with this module's row converter: a row that cannot be trained on
-(identical sides, every response tied, ...) is a bad row with its file:line, never
+(identical sides, tied scores, every response tied, ...) is a bad row with its file:line, never
 dropped silently. Rankings are stored as dense ranks (0, 1, 2, ...; ties equal).
 
 Encoding renders prompt + response with the chat template and labels only that final
@@ -69,6 +77,8 @@ class PreferenceRecord:
     ranks:     per response, 0 = best, equal = tie (pairs [0, 1]); None for unpaired.
     desirable: unpaired (KTO) only.  margin: a pair's optional margin.  source: "file:line".
     tools:     the row's function definitions, passed to every render as the template's `tools`.
+    merged_responses, contradicted_responses: how many of a ranking's responses were repeats
+               kept once, and copies of one answer under two ranks removed (`_distinct`).
     """
 
     prompt: list[dict[str, Any]]
@@ -78,6 +88,8 @@ class PreferenceRecord:
     margin: float | None = None
     source: str = "<memory>"
     tools: list[dict[str, Any]] | None = None
+    merged_responses: int = 0  # a ranking's repeats of an answer under the same rank, kept once
+    contradicted_responses: int = 0  # a ranking's copies of an answer given under two ranks, removed
 
 
 def assistant_message(response: str | dict[str, Any]) -> dict[str, Any]:
@@ -263,8 +275,37 @@ def _pair(row: dict, location: str) -> PreferenceRecord:
     if _same_key(chosen) == _same_key(rejected):
         same = "text" if isinstance(chosen, str) else "message"
         raise BadRowError(f"'chosen' and 'rejected' are the same {same}, so there is no preference")
+    _check_pair_scores(row)
     return PreferenceRecord(prompt, [chosen, rejected], ranks=[0, 1], margin=_margin(row), source=location,
                             tools=read_tools(row))
+
+
+def _check_pair_scores(row: dict) -> None:
+    """A pair's own scores, when it carries them — UltraFeedback's `score_chosen` / `score_rejected`,
+    SHP's `score_ratio` (the chosen comment's score over the rejected one's) — must put 'chosen'
+    first: equal scores are a tie, no preference, and scores favouring 'rejected' contradict the
+    row; either is a bad row, never trained as a preference."""
+    given = [key for key in ("score_chosen", "score_rejected") if not _absent(row, key)]
+    if len(given) == 1:
+        other = "score_rejected" if given == ["score_chosen"] else "score_chosen"
+        raise BadRowError(f"{given[0]!r} without {other!r}; give both scores or neither")
+    if given:
+        good, bad = (_number(row[key], repr(key)) for key in given)
+        if good == bad:
+            raise BadRowError(f"'score_chosen' and 'score_rejected' are both {good:g}: tied scores, so no preference")
+        if bad > good:
+            raise BadRowError(f"'score_rejected' ({bad:g}) is above 'score_chosen' ({good:g}): the scores favour "
+                              "'rejected', contradicting the row")
+    if not _absent(row, "score_ratio"):
+        ratio = _number(row["score_ratio"], "'score_ratio'")
+        if ratio <= 0:
+            raise BadRowError(f"'score_ratio' is {ratio:g}; it is the chosen side's score over the rejected side's, "
+                              "above 0")
+        if ratio == 1:
+            raise BadRowError("'score_ratio' is 1: tied scores, so no preference")
+        if ratio < 1:
+            raise BadRowError(f"'score_ratio' is {ratio:g}, below 1: the scores favour 'rejected', contradicting "
+                              "the row")
 
 
 _REPEATED_PROMPT_MIN = 8  # characters: a shorter prompt ("Hi", "Q:") may begin a reply by chance
@@ -340,7 +381,9 @@ def _ranking(row: dict, location: str) -> PreferenceRecord:
     if len(items) < 2:
         raise BadRowError(f"'responses' has {len(items)} response(s); a ranking needs at least 2")
     responses = [_response(item, f"response {i}", prompt) for i, item in enumerate(items, 1)]
-    return PreferenceRecord(prompt, responses, ranks=_ranks(row, responses), source=location, tools=read_tools(row))
+    keep, ranks, merged, contradicted = _distinct(responses, _ranks(row, responses))
+    return PreferenceRecord(prompt, [responses[i] for i in keep], ranks=ranks, source=location, tools=read_tools(row),
+                            merged_responses=merged, contradicted_responses=contradicted)
 
 
 def _ranks(row: dict, responses: list[str | dict[str, Any]]) -> list[int]:
@@ -363,14 +406,33 @@ def _ranks(row: dict, responses: list[str | dict[str, Any]]) -> list[int]:
     order = sorted(set(values), reverse=given == ["scores"])
     if len(order) == 1:
         raise BadRowError(f"all {len(responses)} responses are tied, so there is no preference")
-    ranks = [order.index(v) for v in values]
-    first: dict[Any, int] = {}
+    return [order.index(v) for v in values]
+
+
+def _distinct(responses: list[str | dict[str, Any]], ranks: list[int]) -> tuple[list[int], list[int], int, int]:
+    """A ranking with each answer once: (the indices kept, their dense ranks, repeats merged,
+    copies removed). Copies of one answer under the same rank are one answer, kept once (the
+    first); copies under different ranks contradict each other, so that answer is removed, every
+    copy, and the rest of the ranking stands. A bad row when no two answers ranked apart are left."""
+    copies: dict[Any, list[int]] = {}
     for i, response in enumerate(responses):
-        j = first.setdefault(_same_key(response), i)
-        if ranks[j] != ranks[i]:
-            same = "text" if isinstance(response, str) else "message"
-            raise BadRowError(f"responses {j + 1} and {i + 1} are the same {same} but ranked differently")
-    return ranks
+        copies.setdefault(_same_key(response), []).append(i)
+    keep, merged, contradicted, clash = [], 0, 0, None
+    for group in copies.values():
+        if len({ranks[i] for i in group}) > 1:
+            contradicted += len(group)
+            clash = clash or next((group[0], i) for i in group if ranks[i] != ranks[group[0]])
+        else:
+            keep.append(group[0])
+            merged += len(group) - 1
+    keep.sort()
+    left = sorted({ranks[i] for i in keep})
+    if len(left) < 2:
+        first, second = clash  # all tied is caught before: only a contradiction leaves fewer than two ranks
+        same = "text" if isinstance(responses[first], str) else "message"
+        raise BadRowError(f"responses {first + 1} and {second + 1} are the same {same} but ranked differently; "
+                          "without the answers given under two ranks nothing ranked apart is left")
+    return keep, [left.index(ranks[i]) for i in keep], merged, contradicted
 
 
 def _unpaired(row: dict, location: str) -> PreferenceRecord:
@@ -561,9 +623,27 @@ def _encode_split(records, tokenizer, template: str, cfg, log, name: str,
     check_unrendered(unrendered, len(records), cfg, log, name)
     examples, length = fit_preference_length(examples, cfg.max_length, cfg.overlength)
     length["unrendered"] = len(unrendered)
+    length["repeated_responses"] = repeated = _repeated(records)
     kinds = sorted({"unpaired" if r.ranks is None else f"{len(r.responses)} responses" for r in records})
     log(f"{name}: {len(examples)} preference records ({', '.join(kinds)}); {length['summary']}")
+    if repeated["records"]:
+        shown = ", ".join(repeated["sources"][:5]) + (", …" if repeated["records"] > 5 else "")
+        log(f"{name}: repeated responses in {repeated['records']} rankings: {repeated['merged']} merged (the same "
+            f"answer under the same rank, kept once), {repeated['removed_contradicted']} removed (one answer under "
+            f"two ranks; the rest of each ranking kept) ({shown})")
     return examples, length
+
+
+_SOURCES_SHOWN = 20  # rows named in data_report.json; the counts cover them all
+
+
+def _repeated(records: list[PreferenceRecord]) -> dict:
+    """How many ranking responses `_distinct` merged or removed, and in which rows (the first
+    _SOURCES_SHOWN)."""
+    touched = [r for r in records if r.merged_responses or r.contradicted_responses]
+    return {"merged": sum(r.merged_responses for r in touched),
+            "removed_contradicted": sum(r.contradicted_responses for r in touched),
+            "records": len(touched), "sources": [r.source for r in touched[:_SOURCES_SHOWN]]}
 
 
 def prepare_preference_data(cfg, tokenizer, run_dir: Path | None, seed: int, log: Callable[[str], None] = print,

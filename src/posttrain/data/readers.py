@@ -9,12 +9,15 @@
     datasets    a save_to_disk directory "file:row N"  memory-mapped, iterated in batches
 
 Line numbers are 1-based physical lines (for CSV, the line where the record starts;
-the header is line 1). A row that cannot be parsed does not stop iteration: it comes
-out as a `Malformed(reason, raw)` in place of the dict, so the caller can apply its
-bad-row policy. So does a row holding a lone surrogate (JSON's "\\ud800" escape): no
-tokenizer or UTF-8 writer takes it. A problem with the file as a whole (missing, unknown
-type, not valid JSON at all, unreadable, UTF-16 or UTF-32 by its byte-order mark) raises
-`DataError`. A path may start with `~` (expanded here as in the up-front check).
+the header is line 1; a JSON Lines file whose first line ends in a lone CR, as old Mac OS
+wrote them, has its lines ended by CR). A row that cannot be parsed does not stop iteration:
+it comes out as a `Malformed(reason, raw)` in place of the dict, so the caller can apply its
+bad-row policy; a CSV record whose quoting does not parse is one (a TSV line is read as
+written). So does a row holding a lone surrogate (JSON's "\\ud800" escape), which no
+tokenizer or UTF-8 writer takes, or a NUL, in any file type. A problem with the file as a
+whole (missing, unknown type, not valid JSON at all, unreadable, UTF-16 or UTF-32 by its
+byte-order mark) raises `DataError`. A path may start with `~` (expanded here as in the
+up-front check).
 """
 
 from __future__ import annotations
@@ -68,43 +71,71 @@ def iter_rows(path: str) -> Iterator[tuple[str, Row]]:
         rows = _parquet_rows(path)
     else:
         rows = _csv_rows(path, delimiter="\t" if kind == "tsv" else ",")
-    return _valid_unicode(rows)
+    return _usable_text(rows)
 
 
-def _valid_unicode(rows: Iterator[tuple[str, Row]]) -> Iterator[tuple[str, Row]]:
-    """Every row, with one that holds a lone surrogate anywhere (a key or a value, at any depth)
-    made Malformed here, once for every file type and format."""
+def _usable_text(rows: Iterator[tuple[str, Row]]) -> Iterator[tuple[str, Row]]:
+    """Every row, with one whose text (a key or a value, at any depth) holds a lone surrogate or a
+    NUL made Malformed here, once for every file type and format."""
     for location, row in rows:
         if isinstance(row, dict):
-            where = lone_surrogate_at(row)
-            if where is not None:
-                row = Malformed(f"not valid Unicode: a lone surrogate at {where}", row)
+            problem = unusable_text_at(row)
+            if problem is not None:
+                row = Malformed(problem, row)
         yield location, row
+
+
+def unusable_text_at(value: Any) -> str | None:
+    """Why a value read from a file (a row, or a cell's parsed list) cannot be training text, and
+    where, as "<what> at 'messages'[1]['content']"; None when every string in it can be."""
+    found = _text_path(value, _text_problem)
+    return None if found is None else f"{found[1]} at {_where(found[0])}"
+
+
+def _text_problem(text: str) -> str | None:
+    """What makes `text` unusable as training text: a lone surrogate (no tokenizer or UTF-8 writer
+    takes one), or a NUL (never text: the mark of a file cut by a crash or of UTF-16 read as UTF-8,
+    and an end of string to C code)."""
+    if "\x00" in text:
+        return NUL_REASON
+    if _unencodable(text):
+        return "not valid Unicode: a lone surrogate"
+    return None
+
+
+NUL_REASON = "a NUL character (U+0000), which is no text"
 
 
 def lone_surrogate_at(value: Any) -> str | None:
     """Where in `value` a string (a key or a value) holds a lone surrogate, as a path like
     "'messages'[1]['role']" ("its text" for a string itself); None when none does."""
-    path = _surrogate_path(value)
-    if path is None:
-        return None
+    found = _text_path(value, _unencodable)
+    return None if found is None else _where(found[0])
+
+
+def _where(path: tuple) -> str:
     if not path:
         return "its text"
     head = repr(path[0]) if isinstance(path[0], str) else f"[{path[0]!r}]"
     return head + "".join(f"[{key!r}]" for key in path[1:])
 
 
-def _surrogate_path(value: Any) -> tuple | None:
-    # Checked on every row: the path is built only for a row that has one.
+def _text_path(value: Any, problem) -> tuple[tuple, Any] | None:
+    """(the path to the first string in `value`, a key or a value, for which `problem` is truthy,
+    what it returned); None when there is none. Checked on every row: the path is built only for
+    a row that has one."""
     if isinstance(value, str):
-        return () if _unencodable(value) else None
+        found = problem(value)
+        return ((), found) if found else None
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     for key, item in items:
-        if isinstance(key, str) and _unencodable(key):
-            return (key,)
-        found = _surrogate_path(item)
-        if found is not None:
-            return (key, *found)
+        if isinstance(key, str):
+            found = problem(key)
+            if found:
+                return (key,), found
+        inner = _text_path(item, problem)
+        if inner is not None:
+            return (key, *inner[0]), inner[1]
     return None
 
 
@@ -148,12 +179,32 @@ def check_path(path: str) -> str:
 def files_in_both(paths: list[str], others: list[str]) -> list[str]:
     """The entries of `paths` (as given) that name a file also in `others`, by any spelling (`~`, a
     relative path, a link); 'synthetic', the bundled generator, is no file."""
+    files = {_same_file(p) for p in _file_entries(others)}
+    return [p for p in _file_entries(paths) if _same_file(p) in files]
 
-    def same(path: str) -> str:
-        return os.path.realpath(os.path.expanduser(os.fspath(path)))
 
-    files = {same(p) for p in others if isinstance(p, (str, os.PathLike)) and p != "synthetic"}
-    return [p for p in paths if isinstance(p, (str, os.PathLike)) and p != "synthetic" and same(p) in files]
+def files_listed_twice(paths: list[str]) -> list[str]:
+    """The entries of `paths` (as given) that name a file an earlier entry names, by any spelling;
+    read twice, its rows would count twice (and a held-out split would put copies on both sides)."""
+    seen: set[str] = set()
+    twice = []
+    for path in _file_entries(paths):
+        file = _same_file(path)
+        if file in seen:
+            twice.append(path)
+        seen.add(file)
+    return twice
+
+
+def _file_entries(paths: list[str]) -> list[str]:
+    """The entries that name files: not 'synthetic' (the bundled generator), nor a value of another type
+    (refused by the config's own checks)."""
+    return [p for p in paths if isinstance(p, (str, os.PathLike)) and p != "synthetic"]
+
+
+def _same_file(path: str) -> str:
+    """One spelling for every path to a file: `~` expanded, made absolute, links resolved."""
+    return os.path.realpath(os.path.expanduser(os.fspath(path)))
 
 
 _HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -221,7 +272,7 @@ def _jsonl_rows(path: str) -> Iterator[tuple[str, Row]]:
     with _open_binary(path) as f:
         line_no = 0
         try:
-            for raw in f:
+            for raw in _physical_lines(f):
                 line_no += 1
                 if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
                     raw = raw[3:]  # UTF-8 byte-order mark
@@ -232,12 +283,43 @@ def _jsonl_rows(path: str) -> Iterator[tuple[str, Row]]:
             raise DataError(f"{path}:{line_no + 1}: cannot read past this line ({e})") from None
 
 
+_CHUNK = 1 << 20
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+def _physical_lines(f) -> Iterator[bytes]:
+    """The lines of a binary file, ended by "\n" (a "\r" before it stays on the line); in a file
+    whose first line ends with a lone "\r" (old Mac OS), ended by "\r", "\r\n" or "\n", as text
+    editors and Python's universal newlines read it. A lone "\r" elsewhere is no line end: it
+    cannot be JSON whitespace between rows, and editors number such files by "\n"."""
+    try:
+        head = f.read(_CHUNK)
+    except (OSError, EOFError):  # a corrupt .gz: the read below meets it at its line
+        head = b""
+    first_cr, first_lf = head.find(b"\r"), head.find(b"\n")
+    f.seek(0)
+    if first_cr < 0 or (0 <= first_lf <= first_cr + 1):
+        yield from f
+        return
+    rest = b""
+    while chunk := f.read(_CHUNK):
+        data = rest + chunk
+        held = data[-1:] == b"\r"  # "\r" and a "\n" in the next chunk are one line end
+        lines = _LINE_END.split(data[:-1] if held else data)
+        rest = lines.pop() + (b"\r" if held else b"")
+        yield from lines
+    if rest:
+        yield rest.rstrip(b"\r")
+
+
 def _parse_json_line(raw: bytes) -> Row:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         return Malformed(f"not valid UTF-8 (byte {e.start} of the line)", raw.decode("utf-8", "replace").rstrip("\r\n"))
     text = text.rstrip("\r\n")
+    if "\x00" in text:  # raw, it is also not JSON; said as in every other file type
+        return Malformed(f"{NUL_REASON} at column {text.index(chr(0)) + 1}", text)
     try:
         value = json.loads(text, parse_float=WrittenFloat)  # 2.50 keeps its text
     except json.JSONDecodeError as e:
@@ -436,36 +518,79 @@ def _scan_object(text: str, pos: int) -> tuple[list[str], dict[str, list[tuple[i
 
 
 def _csv_rows(path: str, delimiter: str) -> Iterator[tuple[str, Row]]:
+    """CSV, or TSV as pandas and Excel write it (a cell holding a tab, a quote or a line end is
+    quoted). A record whose quoting does not parse costs its first line at most, never the file: a
+    TSV line is then read as written (IANA's TSV has no quoting: `"Hello," she said`), a CSV line is
+    a bad row; the lines after it are read again as records."""
     # Long text fields are normal in training data; the csv default caps a field at 128 KiB.
     csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
     # surrogateescape: a byte that is not UTF-8 becomes a lone surrogate in its own row's text
     # (a strict decoder fails a whole chunk ahead of the row being parsed, at no useful line)
     with io.TextIOWrapper(_open_binary(path), encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
-        # strict: a quote left open is an error at its row, not a cell swallowing the rest of the file
-        reader = csv.reader(f, delimiter=delimiter, strict=True)
-        start = 1
+        lines = _Replay(f)
+        # strict: a quote left open is an error at its record, not a cell swallowing the rest of the file
+        reader = csv.reader(lines, delimiter=delimiter, strict=True)
+        header, line = None, 1
         try:
-            header = next((fields for fields in reader if fields), None)
-            if header is None:
-                return
-            _check_header(f"{path}:{reader.line_num}", header)
-            start = reader.line_num + 1
-            for fields in reader:
-                location, start = f"{path}:{start}", reader.line_num + 1
+            while True:
+                lines.taken.clear()
+                try:
+                    fields, used = next(reader), len(lines.taken)
+                except StopIteration:
+                    return
+                except csv.Error as e:
+                    if header is None:
+                        raise
+                    first, used = lines.taken[0].rstrip("\r\n"), 1
+                    lines.push_back(lines.taken[1:])
+                    if delimiter != "\t":
+                        yield f"{path}:{line}", Malformed(f"cannot parse it as CSV ({e})", first)
+                        line += 1
+                        continue
+                    fields = first.split("\t")
+                location, line = f"{path}:{line}", line + used
                 if not fields:
                     continue  # blank line
-                undecoded = any(_UNDECODED.search(field) for field in fields)
-                if undecoded:  # shown (and written to rejects) with U+FFFD for each byte
-                    fields = [_UNDECODED.sub("\ufffd", f) for f in fields]
-                if len(fields) != len(header):
-                    reason = f"has {len(fields)} field(s) but the header has {len(header)}"
-                    yield location, Malformed(reason + ("; not valid UTF-8" if undecoded else ""), fields)
-                elif undecoded:
-                    yield location, Malformed("not valid UTF-8", fields)
+                if header is None:
+                    _check_header(location, fields)
+                    header = fields
                 else:
-                    yield location, dict(zip(header, fields))
+                    yield location, _csv_row(fields, header)
         except (csv.Error, UnicodeDecodeError, OSError, EOFError) as e:
-            raise DataError(f"{path}:{start}: cannot parse CSV here ({e})") from None
+            raise DataError(f"{path}:{line}: cannot parse CSV here ({e})") from None
+
+
+class _Replay:
+    """An iterator over lines that keeps the lines handed out (`taken`) and hands back again the
+    lines pushed back, first to last."""
+
+    def __init__(self, lines: Iterator[str]):
+        self._lines = iter(lines)
+        self._again: list[str] = []
+        self.taken: list[str] = []
+
+    def __iter__(self) -> _Replay:
+        return self
+
+    def __next__(self) -> str:
+        line = self._again.pop() if self._again else next(self._lines)
+        self.taken.append(line)
+        return line
+
+    def push_back(self, lines: list[str]) -> None:
+        self._again.extend(reversed(lines))
+
+
+def _csv_row(fields: list[str], header: list[str]) -> Row:
+    undecoded = any(_UNDECODED.search(field) for field in fields)
+    if undecoded:  # shown (and written to rejects) with U+FFFD for each byte
+        fields = [_UNDECODED.sub("\ufffd", f) for f in fields]
+    if len(fields) != len(header):
+        reason = f"has {len(fields)} field(s) but the header has {len(header)}"
+        return Malformed(reason + ("; not valid UTF-8" if undecoded else ""), fields)
+    if undecoded:
+        return Malformed("not valid UTF-8", fields)
+    return dict(zip(header, fields))
 
 
 _UNDECODED = re.compile("[\udc80-\udcff]")  # the bytes surrogateescape could not decode
