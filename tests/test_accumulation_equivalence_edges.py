@@ -215,7 +215,7 @@ def test_sft_run_with_a_partial_last_micro_batch_and_a_topped_up_step_equals_tor
     result = train(stage, cfg.train, run_dir, make_accelerator(cfg.train, run_dir))
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
-    assert [r["step"] for r in steps] == [1, 2] and [r["epoch"] for r in steps] == [0, 1]
+    assert [r["step"] for r in steps] == [1, 2] and [r["epoch"] for r in steps] == [0.75, 1.0]  # epochs read
 
     optimizer = torch.optim.AdamW(reference.parameters(), lr=lr, eps=eps, weight_decay=0.0)
     for record, rows in zip(steps, [[0, 1, 2, 3, 4, 5], [6, 0, 1, 2, 3]]):
@@ -451,14 +451,14 @@ def test_dpo_family_step_over_any_split_is_the_whole_batch_per_prompt_average(tm
 
 
 def _kto_items(model):
-    """KTO items from pairs and rankings (`kto_items`: the best desirable, the rest not, each with a
+    """KTO items from pairs and rankings (`kto_items`: the best desirable, the worst not, each with a
     mismatched partner), reference = policy + offsets chosen so the mismatched rows' log-ratio is
     +2.2 on average over the first 4 items and −1 over the other 7: z₀ over all 11 is 1.8 / 11, while
     a micro-batch of the last items alone would clamp its own estimate at 0 and one of the first
     would take ~2.2."""
     from posttrain.train.preference import kto_items
 
-    items = kto_items(_ranked_items()[:4], 64, lambda *_: None)
+    items = kto_items(_ranked_items()[:5], 64, lambda *_: None)  # 2 + 2 + 3 + 2 (the 4-way's ends) + 2
     with torch.no_grad():
         for k, item in enumerate(items):
             own, other = (float(_seq_logp(model, s)[0]) for s in item.sequences)

@@ -88,7 +88,7 @@ def test_dpo_bad_numbers_are_refused_naming_the_option(overrides, option_name):
     (["reward.centering=.nan"], "reward.centering"),
     (["data.format=unpaired"], "unpaired"),
     (["data.synthetic_kind=unpaired"], "unpaired"),
-    (["adapter.method=[dora]"], "adapter.method"),
+    (["adapter.method=[qlora]"], "adapter.method"),  # dora is lora with adapter.lora.dora (stop 33)
     (["train.batch_size=0"], "train.batch_size"),
     (["data.eval_fraction=1.0"], "data.eval_fraction"),
 ])
@@ -110,9 +110,9 @@ def test_rm_bad_settings_are_refused_naming_the_option(overrides, option_name):
     (DPOConfig, "dpo.beta=true", "dpo.beta must be a number, got True"),
     (DPOConfig, "dpo.beta=abc", "dpo.beta must be a number, got 'abc'"),
     (DPOConfig, "dpo.beta=[0.1]", "dpo.beta must be a number"),
-    (DPOConfig, "dpo.beta=null", "dpo.beta must be a number, got None"),
+    (DPOConfig, "dpo.orpo_lambda=null", "dpo.orpo_lambda must be a number, got None"),  # dpo.beta=null: unset (stop 33)
     (DPOConfig, "train.batch_size=2.5", "train.batch_size must be an integer, got 2.5"),
-    (DPOConfig, "train.max_steps='3'", "train.max_steps must be an integer"),
+    (DPOConfig, "train.max_steps='3.5'", "train.max_steps must be an integer"),  # '3' is 3 (stop 33)
     (DPOConfig, "dpo=simpo", "dpo must be a mapping"),
 ])
 def test_unknown_keys_and_wrong_types_are_refused_at_load(cls, override, expected):

@@ -214,9 +214,10 @@ def _log_odds(avg):
     return avg - torch.log(-torch.expm1(avg))
 
 
-def _pair_terms(loss, c, pc, pr, rc, rr, ac, ar):
-    """(loss term with graph, chosen reward, rejected reward, extra metrics) for one ordered pair, by the papers;
-    the NLL term (ORPO's L_SFT, RPO's) is the prompt's, on its best response (`_expected_pair_metrics`)."""
+def _pair_terms(loss, c, pc, pr, rc, rr, ac, ar, rac, rar):
+    """(loss term with graph, chosen reward, rejected reward, extra metrics) for one ordered pair, by the papers
+    (IPO on per-token averages, policy's and reference's: `rac`, `rar`); the NLL term (ORPO's L_SFT, RPO's) is
+    the prompt's, on its best response (`_expected_pair_metrics`)."""
     fls = torch.nn.functional.logsigmoid
     h = (pc - rc) - (pr - rr)
     extra = {}
@@ -225,7 +226,8 @@ def _pair_terms(loss, c, pc, pr, rc, rr, ac, ar):
     elif loss == "cdpo":
         term = -(1 - c.label_smoothing) * fls(c.beta * h) - c.label_smoothing * fls(-c.beta * h)
     elif loss == "ipo":
-        term = (h - 1 / (2 * c.beta)) ** 2
+        term = ((ac - rac) - (ar - rar) - 1 / (2 * c.beta)) ** 2
+        return term, c.beta * float((ac - rac).detach()), c.beta * float((ar - rar).detach()), extra
     elif loss == "hinge":
         term = torch.relu(1 - c.beta * h)
     elif loss == "orpo":
@@ -254,7 +256,8 @@ def _expected_pair_metrics(model64, items, loss, c):
         pairs = _ordered_pairs(item.ranks)
         for i, j in pairs:
             w = 1.0 / len(pairs)
-            term, r_c, r_r, extra = _pair_terms(loss, c, logps[i], logps[j], ref[i], ref[j], avgs[i], avgs[j])
+            term, r_c, r_r, extra = _pair_terms(loss, c, logps[i], logps[j], ref[i], ref[j], avgs[i], avgs[j],
+                                                ref[i] / stats[i][1], ref[j] / stats[j][1])
             graph = graph + w * term
             add("loss", w * float(term.detach()))
             add("rewards/chosen", w * r_c)
@@ -348,8 +351,12 @@ def test_pair_losses_train_step_over_unequal_micro_batches_and_eval_equal_indepe
 KTO_CFG = DPOLossConfig(loss="kto", beta=0.5, kto_desirable_weight=1.5, kto_undesirable_weight=0.7)
 
 
+# KTO takes a ranking's ends (best desirable, worst not): one more ranking, tied worst, makes 16 items
+KTO_ROWS = TRAIN_ROWS + [("Count letters: p", ["1", "2", "3"], [0, 1, 1])]
+
+
 def _kto_setup(tokenizer, rows, model64):
-    """KTO items (each ranking split into a desirable best and undesirable rest, each with a
+    """KTO items (each ranking split into its desirable best and undesirable worst, each with a
     mismatched partner) with reference = policy + offset; the mismatched rows' offsets make the
     log-ratio 1.55 on average over the first 8 items and -1 over the last 8, so z0 = 0.275 > 0 over
     all 16, but a batch of the last items alone would clamp its estimate at 0."""
@@ -399,7 +406,7 @@ def _kto_step(tokenizer, tmp_path, sizes):
     from posttrain.train.preference import PreferenceLoss, kto_extras
 
     model, model64 = load_model("tiny"), load_model("tiny").double()
-    items = _kto_setup(tokenizer, TRAIN_ROWS, model64)
+    items = _kto_setup(tokenizer, KTO_ROWS, model64)
     cfg = TrainConfig(batch_size=max(sizes), max_grad_norm=0.0)
     module = PreferenceLoss(model, KTO_CFG)
     stage = GroupedStage(module, items, [], cfg, tokenizer.pad_token_id, kto_extras)
@@ -414,10 +421,10 @@ def _kto_step(tokenizer, tmp_path, sizes):
 
 
 def test_kto_one_micro_batch_equals_the_independent_whole_batch_values(tokenizer, tmp_path):
-    """16 KTO items (7 desirable, 9 undesirable, λ_D 1.5, λ_U 0.7) in one micro-batch: loss, grad
+    """16 KTO items (8 desirable, 8 undesirable, λ_D 1.5, λ_U 0.7) in one micro-batch: loss, grad
     norm, kl (z0), rewards/signed and logps equal the formulas of Ethayarajh et al. by hand."""
     (loss, grad_norm, metrics), (expected, norm), items = _kto_step(tokenizer, tmp_path, [16])
-    assert sum(bool(i.desirable) for i in items) == 7 and len(items) == 16  # the tie: two best
+    assert sum(bool(i.desirable) for i in items) == 8 and len(items) == 16  # ties: two best, two worst
     assert expected["kl"] == pytest.approx(0.275, abs=1e-9)
     assert loss == pytest.approx(expected["loss"], abs=1e-5)
     assert grad_norm == pytest.approx(norm, rel=1e-3)
@@ -609,7 +616,7 @@ def test_the_last_partial_step_of_an_epoch_is_topped_up_and_weighted_by_its_item
                                "train.grad_accum=2"))
     steps = [r for r in _records(run_dir) if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2]
-    assert [r["epoch"] for r in steps] == [0, 1]  # the topped-up step closes epoch 0
+    assert [r["epoch"] for r in steps] == [0.6667, 1.0]  # epochs read: the topped-up step closes epoch 0
     model64 = load_model("tiny").double()
     with torch.no_grad():
         per = [_simpo_expected(model64, [e], 2.0, 0.5)[0] for e in _encode(tokenizer, rows)]
@@ -669,7 +676,7 @@ def test_kto_eval_loss_and_kl_are_those_of_the_whole_held_out_set(tokenizer, tmp
     from posttrain.train.preference import PreferenceLoss, kto_extras
 
     model, model64 = load_model("tiny"), load_model("tiny").double()
-    items = _kto_setup(tokenizer, TRAIN_ROWS, model64)
+    items = _kto_setup(tokenizer, KTO_ROWS, model64)
     cfg = TrainConfig(batch_size=8)
     module = PreferenceLoss(model, KTO_CFG)
     stage = GroupedStage(module, items[:1], items, cfg, tokenizer.pad_token_id, kto_extras)

@@ -230,13 +230,14 @@ def test_reference_free_losses_bf16_step0_close_to_independent_fp32(tmp_path, fi
     for prompt, chosen, rejected in PAIRS:
         lc, lr = _token_logps(lm, tokenizer, prompt, chosen), _token_logps(lm, tokenizer, prompt, rejected)
         ac, ar = sum(lc) / len(lc), sum(lr) / len(lr)
-        if loss == "simpo":  # β = 0.1, γ = 0.5 (the defaults)
+        if loss == "simpo":  # β = 0.1, γ = 0.5, given (unset, simpo's are SimPO's 2.0 and 1.0)
             losses.append(-math.log(_sigmoid(0.1 * ac - 0.1 * ar - 0.5)))
         else:  # λ = 0.1
             losses.append(-ac - 0.1 * math.log(_sigmoid(log_odds(ac) - log_odds(ar))))
     expected = sum(losses) / len(losses)
-    fp32 = _first(run_dpo(_pair_cfg(DPOConfig, files, tmp_path / "fp32", f"dpo.loss={loss}")))["loss"]
-    bf16 = _first(run_dpo(_pair_cfg(DPOConfig, files, tmp_path / "bf16", f"dpo.loss={loss}",
+    knobs = ("dpo.beta=0.1", "dpo.simpo_gamma=0.5") if loss == "simpo" else ()
+    fp32 = _first(run_dpo(_pair_cfg(DPOConfig, files, tmp_path / "fp32", f"dpo.loss={loss}", *knobs)))["loss"]
+    bf16 = _first(run_dpo(_pair_cfg(DPOConfig, files, tmp_path / "bf16", f"dpo.loss={loss}", *knobs,
                                     "train.mixed_precision=bf16")))["loss"]
     assert fp32 == pytest.approx(expected, abs=1e-5)
     assert math.isfinite(bf16) and bf16 != fp32

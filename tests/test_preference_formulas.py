@@ -242,14 +242,14 @@ def _log_odds(a: float) -> float:
     return a - math.log(-math.expm1(a))
 
 
-def _pair_formula(cfg, h: float, aw: float, al: float) -> float:
+def _pair_formula(cfg, h: float, aw: float, al: float, h_avg: float) -> float:
     b = cfg.beta
     if cfg.loss == "dpo":
         return -_logsig(b * h)
     if cfg.loss == "cdpo":
         return -(1 - cfg.label_smoothing) * _logsig(b * h) - cfg.label_smoothing * _logsig(-b * h)
-    if cfg.loss == "ipo":  # h from summed log-probs, as the paper's Eq. 17 writes it
-        return (h - 1 / (2 * b)) ** 2
+    if cfg.loss == "ipo":  # h from per-token averages, as its authors advised and TRL computes it
+        return (h_avg - 1 / (2 * b)) ** 2
     if cfg.loss == "hinge":
         return max(0.0, 1 - b * h)
     if cfg.loss == "simpo":
@@ -262,10 +262,10 @@ def _pair_formula(cfg, h: float, aw: float, al: float) -> float:
     ("dpo", {"beta": 0.3}), ("cdpo", {"beta": 0.3, "label_smoothing": 0.2}), ("ipo", {"beta": 0.4}),
     ("hinge", {"beta": 0.05}), ("simpo", {"beta": 2.0, "simpo_gamma": 0.5}), ("orpo", {"orpo_lambda": 0.3}),
     ("dpo", {"beta": 0.3, "nll_weight": 0.7}),
-], ids=["dpo", "cdpo", "ipo-sums", "hinge", "simpo-averages", "orpo", "rpo"])
+], ids=["dpo", "cdpo", "ipo-averages", "hinge", "simpo-averages", "orpo", "rpo"])
 def test_every_pair_loss_in_the_stage_equals_its_formula_on_naive_logps(tokenizer, model, loss, knobs):
-    """The stage feeds summed log-probs to dpo/cdpo/ipo/hinge and per-token averages to simpo
-    and orpo; K-way rankings become every strictly ordered pair, each weighted 1/#pairs. The NLL
+    """The stage feeds summed log-probs to dpo/cdpo/hinge and per-token averages to ipo (policy
+    and reference), simpo and orpo; K-way rankings become every strictly ordered pair, each weighted 1/#pairs. The NLL
     term (ORPO's L_SFT, RPO's dpo.nll_weight) is the mean token NLL of the prompt's best response
     (those of the best rank, averaged), once per prompt: never of a lower-ranked answer that beats
     a worse one (stop 32)."""
@@ -289,7 +289,8 @@ def test_every_pair_loss_in_the_stage_equals_its_formula_on_naive_logps(tokenize
             (sw, nw), (sl, nl) = naive[w], naive[l]
             aw, al = sw / nw, sl / nl
             h = (sw - item.reference_logps[w]) - (sl - item.reference_logps[l])
-            expected += _pair_formula(cfg, h, aw, al) / len(pairs)
+            h_avg = (aw - item.reference_logps[w] / nw) - (al - item.reference_logps[l] / nl)
+            expected += _pair_formula(cfg, h, aw, al, h_avg) / len(pairs)
         best = [k for k, rank in enumerate(item.ranks) if rank == min(item.ranks)]
         nll_weight = 1.0 if loss == "orpo" else cfg.nll_weight
         expected += nll_weight * sum(-naive[k][0] / naive[k][1] for k in best) / len(best)

@@ -25,14 +25,15 @@ def _load_error(cls, *overrides: str) -> str:
 def test_cdpo_without_label_smoothing_trains_with_the_documented_epsilon():
     from posttrain.config.preference import CDPO_LABEL_SMOOTHING
     from posttrain.losses.preference import dpo_loss
-    from posttrain.train.preference import PAIR_LOSSES
+    from posttrain.train.preference import PAIR_LOSSES, PairLogps
 
     logps = [torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -1.5]), torch.tensor([-1.2, -2.2]), torch.tensor([-2.5, -1.0])]
-    unset = PAIR_LOSSES["cdpo"](DPOLossConfig(loss="cdpo", beta=0.3), *logps, None, None)[0]
+    pairs = PairLogps(*logps, *[None] * 4)  # cDPO reads the sums alone
+    unset = PAIR_LOSSES["cdpo"](DPOLossConfig(loss="cdpo", beta=0.3), pairs)[0]
     expected = dpo_loss(*logps, 0.3, label_smoothing=CDPO_LABEL_SMOOTHING)[0]
     assert CDPO_LABEL_SMOOTHING == 0.1 and torch.equal(unset, expected)
     assert not torch.equal(unset, dpo_loss(*logps, 0.3)[0])  # not plain DPO
-    set_ = PAIR_LOSSES["cdpo"](DPOLossConfig(loss="cdpo", beta=0.3, label_smoothing=0.2), *logps, None, None)[0]
+    set_ = PAIR_LOSSES["cdpo"](DPOLossConfig(loss="cdpo", beta=0.3, label_smoothing=0.2), pairs)[0]
     assert torch.equal(set_, dpo_loss(*logps, 0.3, label_smoothing=0.2)[0])
 
 

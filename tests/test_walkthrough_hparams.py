@@ -2,14 +2,14 @@
 
 Walked: README's preference section, `losses/preference.py`, `train/preference.py` and
 `config/preference.py`, each setting against its paper — DPO's β (Rafailov et al. 2023), cDPO's ε,
-IPO's τ and its 1/(2τ) target on summed log-ratios (Azar et al. 2023, Eq. 17), hinge / SLiC's margin,
+IPO's τ and its 1/(2τ) target (Azar et al. 2023, Eq. 17; per-token averages since stop 33), hinge / SLiC's margin,
 SimPO's β and γ on length-normalised log-probs (Meng et al. 2024), ORPO's λ and its odds from
 average log-probs (Hong et al. 2024), RPO's α (`dpo.nll_weight`), KTO's λ_D / λ_U and its z₀
 (Ethayarajh et al. 2024) — their defaults, meanings, validation ranges, what is logged, and what a
 user who types a paper's published values gets (SimPO β=2.5, γ=1.4 on Llama-3-Instruct; KTO on
 desirable:undesirable 1:10 data).
 
-Right: every formula and its inputs (sums for DPO / cDPO / IPO / hinge, per-token averages for
+Right: every formula and its inputs (sums for DPO / cDPO / hinge, per-token averages for IPO /
 SimPO / ORPO, RPO's and ORPO's NLL the best response's mean token NLL), cDPO's ε range [0, 0.5) and
 its 0.1 when unset, β > 0, λ_D, λ_U > 0, KTO's z₀ the detached mean over mismatched rows clamped at
 0 (and logged clamped), options a loss never reads refused — all already tested elsewhere; SimPO's
@@ -71,11 +71,11 @@ def _unpaired(n_desirable: int, n_undesirable: int):
             for i, d in enumerate(labels)]
 
 
-def _rankings(k: int, n: int):
+def _rankings(k: int, n: int, ranks=None):
     from posttrain.data.preferences import PreferenceRecord
 
     return [PreferenceRecord([{"role": "user", "content": PROMPTS[i]}], [f"reply {j} to {i}" for j in range(k)],
-                             ranks=list(range(k)), source=f"r:{i + 1}") for i in range(n)]
+                             ranks=list(ranks or range(k)), source=f"r:{i + 1}") for i in range(n)]
 
 
 def _names_a_weight(lines: list[str]) -> list[str]:
@@ -105,13 +105,13 @@ def test_simpo_refuses_a_negative_target_margin_gamma(gamma):
 
 @pytest.mark.parametrize("records, overrides, ratio", [
     (lambda: _unpaired(1, 10), [], 0.1),
-    (lambda: _rankings(4, 3), [], 1 / 3),
+    (lambda: _rankings(4, 3, [0, 1, 1, 1]), [], 1 / 3),  # KTO takes a ranking's ends: three tied worst
 ], ids=["unpaired-1-to-10", "rankings-4-way-split-1-to-3"])
 def test_kto_says_when_the_class_weighted_ratio_leaves_the_papers_range(tokenizer, records, overrides, ratio):
     """KTO's paper (Ethayarajh et al. 2024, §4) recommends λ_D, λ_U with λ_D·n_D / (λ_U·n_U) in
     [1, 4/3]; with 1:10 feedback that means dpo.kto_desirable_weight 10–13.3 (or λ_U 0.075–0.1). A
     run on 1:10 data with the default weights trains at 0.1, and README's "pairs and rankings also
-    work for KTO (best = desirable)" turns a 4-way ranking into 1 desirable : 3 undesirable (1/3):
+    work for KTO (best = desirable)" turns a 4-way ranking with three tied worst into 1 : 3 (1/3):
     nothing in the log (nor in data_report.json) counts the classes or names the weights."""
     lines = _kto_log(tokenizer, records(), overrides)
     assert _names_a_weight(lines), (f"λ_D·n_D/(λ_U·n_U) = {ratio:.3g}, outside [1, 4/3], and no logged line names "

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from posttrain.config.feedback import JudgeConfig, api_key_env_checks, judge_checks
-from posttrain.config.schema import _raise_first, _StageConfig, markdown_reference, option
+from posttrain.config.schema import _raise_first, _StageConfig, checked, markdown_reference, option
 from posttrain.config.sections import synthetic_checks
 
 
@@ -76,6 +76,7 @@ class EvaluateConfig(_StageConfig):
 def validate_evaluate(cfg: EvaluateConfig) -> None:
     """Range checks of an evaluate config, before anything is read. Raises ConfigError. (The run
     then loads rewards, the rubric and the attacks before any policy or reference model.)"""
+    cfg = checked(cfg)
     g, p = cfg.generation, cfg.prompts
     checks = api_key_env_checks(cfg) + [
         (bool(cfg.policy.strip()), "policy is empty; give a model, run or adapter dir, or a preset"),

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from posttrain.config.schema import _raise_first, _StageConfig, markdown_reference, option
+from posttrain.config.schema import _raise_first, _StageConfig, checked, markdown_reference, option
 
 
 @dataclass
@@ -28,7 +28,8 @@ class BackendConfig:
     requests_per_second: float = option(0.0, "openai: client-side rate limit shared by all threads (0 = unlimited)")
     max_tokens: int = option(128, "generation budget per reply")
     temperature: float = option(1.0, "sampling temperature (0 = greedy)")
-    seed: int = option(0, "sampling seed (RLAIF: response i of a prompt uses seed + i)")
+    seed: int = option(0, "sampling seed (RLAIF: response i of a prompt uses seed + i; of a prompt's k-th "
+                          "occurrence, seed + (k-1)·num_responses + i)")
     template: Literal["auto", "tokenizer", "chatml", "alpaca"] = option(
         "auto", "local: chat template (the tokenizer's own, or chatml when it has none)")
     dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "local: dtype the weights are loaded in")
@@ -122,6 +123,7 @@ def judge_checks(cfg: JudgeConfig, name: str = "judge") -> list[tuple[bool, str]
 
 def validate_rlaif(cfg: RLAIFConfig) -> None:
     """Checks of an RLAIF config before any model is loaded or called. Raises ConfigError."""
+    cfg = checked(cfg)
     n = cfg.rlaif.num_responses
     _raise_first(api_key_env_checks(cfg) + backend_checks(cfg.policy, "policy") + judge_checks(cfg.judge) + [
         (bool(cfg.data.prompt_files), "data.prompt_files is empty; give at least one prompt file"),

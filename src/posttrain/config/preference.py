@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-from posttrain.config.schema import _raise_first, _StageConfig, markdown_reference, option
+from posttrain.config.schema import _raise_first, _StageConfig, checked, markdown_reference, option
 from posttrain.config.sections import (FORGETTING_HELP, AdapterConfig, EvalConfig, ForgettingConfig, ModelConfig,
                                        TrainConfig, _data_checks, _eval_checks, _train_checks, _weight_checks,
                                        other_stage_forgetting_checks, validate_adapter_settings)
@@ -49,16 +49,27 @@ class RewardConfig:
 # value given under another loss is seen (TRL's sigmoid loss with label_smoothing=0.1 is cdpo).
 CDPO_LABEL_SMOOTHING = 0.1
 
+# dpo.beta when unset: the DPO paper's 0.1 for the losses with a reference (a KL strength), and
+# under simpo, where β scales per-token average log-probs, SimPO's own (Meng et al. 2024 tune
+# β in 2–10 with γ/β about 0.5): unset, γ is SIMPO_GAMMA_BETA_RATIO · β.
+DPO_BETA = 0.1
+SIMPO_BETA = 2.0
+SIMPO_GAMMA_BETA_RATIO = 0.5
+
 
 @dataclass
 class DPOLossConfig:
     loss: Literal["dpo", "cdpo", "ipo", "hinge", "simpo", "orpo", "kto"] = option(
         "dpo", "dpo (sigmoid), cdpo, ipo, hinge, simpo, orpo, kto")
-    beta: float = option(0.1, "β: strength of the KL anchor (dpo/cdpo/ipo/hinge/kto) or reward scale (simpo); "
-                              "orpo reads it only to scale its logged rewards")
+    beta: float | None = option(
+        None, f"β: strength of the KL anchor (dpo/cdpo/ipo/hinge/kto) or reward scale (simpo); orpo reads it only "
+              f"to scale its logged rewards (unset: {DPO_BETA}, under simpo {SIMPO_BETA}, SimPO's own; the "
+              f"run's config.yaml records the value used)")
     label_smoothing: float | None = option(None, f"cdpo: probability ε that a pair's label is flipped (unset: "
                                                  f"{CDPO_LABEL_SMOOTHING})")
-    simpo_gamma: float = option(0.5, "simpo: target reward margin γ")
+    simpo_gamma: float | None = option(None, f"simpo: target reward margin γ (unset: {SIMPO_GAMMA_BETA_RATIO} × "
+                                             f"dpo.beta, SimPO's γ/β; {SIMPO_GAMMA_BETA_RATIO * SIMPO_BETA:g} at "
+                                             f"its default β)")
     orpo_lambda: float = option(0.1, "orpo: weight λ of the odds-ratio term (TRL's ORPOConfig.beta)")
     kto_desirable_weight: float = option(1.0, "kto: λ_D, weight of desirable examples")
     kto_undesirable_weight: float = option(1.0, "kto: λ_U, weight of undesirable examples")
@@ -73,23 +84,40 @@ class DPOLossConfig:
         "precompute", "reference log-probs: computed once before training and cached in the run, "
         "or every step (adapters disabled, or a frozen copy for full fine-tuning)")
 
+    def __post_init__(self) -> None:
+        """An unset β (and SimPO's γ) takes the chosen loss's default, so that the config a run
+        records, and prints, holds the values it trains with."""
+        if self.beta is None:
+            self.beta = SIMPO_BETA if self.loss == "simpo" else DPO_BETA
+        if self.simpo_gamma is None and self.loss == "simpo" and isinstance(self.beta, (int, float)):
+            self.simpo_gamma = SIMPO_GAMMA_BETA_RATIO * self.beta
+
 
 @dataclass
 class RMAdapterConfig(AdapterConfig):
-    """The adapter section as a reward model reads it: its method (full or lora) and adapter.lora."""
+    """The adapter section as a reward model reads it: its method (full, lora or dora) and adapter.lora."""
 
-    method: list[str] = option(["full"], "full or lora (the new score head trains in full with either)")
+    method: list[str] = option(["full"], "full or lora (dora: lora with adapter.lora.dora=true); the new score "
+                                         "head trains in full with each")
+
+    def __post_init__(self) -> None:
+        """method dora is lora with adapter.lora.dora, as plan_adapters reads it in every stage: the
+        config a run records says so, and the reward model is built from those two settings."""
+        if self.method == ["dora"]:
+            self.method = ["lora"]
+            self.lora = dataclasses.replace(self.lora, dora=True)
 
 
 @dataclass
 class RMConfig(_StageConfig):
-    # the adapter settings of the other methods: validate_rm refuses those methods and a schedule
+    # the adapter settings of the other methods: validate_rm refuses those methods and a schedule;
+    # train.loss is sft's token loss
     unread_in_help = ("adapter.schedule", "adapter.quantization", "adapter.ia3", "adapter.virtual_tokens",
-                      "adapter.bottleneck", "adapter.freeze")
+                      "adapter.bottleneck", "adapter.freeze", "train.loss")
 
     output_dir: str = option("runs/rm", "run directory: checkpoints, metrics.jsonl, final reward model")
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig, metadata={"help": "backbone to score with"})
-    adapter: RMAdapterConfig = dataclasses.field(default_factory=RMAdapterConfig, metadata={"help": "full or lora"})
+    adapter: RMAdapterConfig = dataclasses.field(default_factory=RMAdapterConfig, metadata={"help": "full or lora (dora)"})
     data: PreferenceDataConfig = dataclasses.field(default_factory=PreferenceDataConfig, metadata={"help": "preference data"})
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig, metadata={"help": "optimisation"})
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig, metadata={"help": "reward-model loss"})
@@ -97,6 +125,8 @@ class RMConfig(_StageConfig):
 
 @dataclass
 class DPOConfig(_StageConfig):
+    unread_in_help = ("train.loss",)  # sft's token loss
+
     output_dir: str = option("runs/dpo", "run directory: checkpoints, metrics.jsonl, final policy")
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig, metadata={"help": "policy to start from (the SFT model)"})
     adapter: AdapterConfig = dataclasses.field(default_factory=AdapterConfig, metadata={"help": "what is trained: full, freeze or PEFT methods"})
@@ -136,11 +166,13 @@ def _unpaired_data(d: PreferenceDataConfig) -> bool:
 
 def validate_rm(cfg: RMConfig) -> None:
     """Cross-field checks of a reward-model config. Raises ConfigError."""
+    cfg = checked(cfg)
     _raise_first(_train_checks(cfg.train) + _weight_checks(cfg.model, cfg.adapter) + _preference_data_checks(cfg.data) + [
         (cfg.reward.centering >= 0, "reward.centering must be >= 0"),
         (not _unpaired_data(cfg.data),
          "a reward model learns from comparisons: data must be pairs or rankings, not unpaired"),
-        (cfg.adapter.method in (["full"], ["lora"]), "reward models train with adapter.method full or lora"),
+        (cfg.adapter.method in (["full"], ["lora"]),
+         "reward models train with adapter.method full or lora (or dora: lora with adapter.lora.dora)"),
         (not cfg.adapter.schedule, "adapter.schedule stages several adapter methods; a reward model has one"),
         (cfg.model.dtype != "float16", "model.dtype=float16: a reward model's score head trains in full even with "
                                        "LoRA, and AdamW goes NaN on float16 weights; use bfloat16 or float32"),
@@ -182,13 +214,15 @@ def _loss_option_checks(p: DPOLossConfig) -> list[tuple[bool, str]]:
 
 def validate_dpo(cfg: DPOConfig) -> None:
     """Cross-field checks of a preference-optimisation config. Raises ConfigError."""
+    cfg = checked(cfg)
     p = cfg.dpo
     _raise_first(_train_checks(cfg.train) + _weight_checks(cfg.model, cfg.adapter) + _preference_data_checks(cfg.data) + [
         (p.beta > 0, "dpo.beta must be positive"),
         (p.label_smoothing is None or 0.0 <= p.label_smoothing < 0.5, "dpo.label_smoothing must be in [0, 0.5)"),
         (p.orpo_lambda >= 0 and p.nll_weight >= 0, "dpo.orpo_lambda and dpo.nll_weight must be >= 0"),
-        (p.simpo_gamma >= 0, "dpo.simpo_gamma must be >= 0: SimPO's target reward margin (0: no margin); a negative "
-                             "one counts a chosen answer worse than the rejected one as partly right"),
+        (p.simpo_gamma is None or p.simpo_gamma >= 0,
+         "dpo.simpo_gamma must be >= 0: SimPO's target reward margin (0: no margin); a negative one counts a chosen "
+         "answer worse than the rejected one as partly right"),
         (p.kto_desirable_weight > 0 and p.kto_undesirable_weight > 0, "dpo.kto_*_weight must be positive"),
         (p.loss == "kto" or not _unpaired_data(cfg.data),
          f"dpo.loss={p.loss} needs pairs or rankings, not unpaired data; use dpo.loss=kto for unpaired feedback"),

@@ -8,7 +8,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-from posttrain.config.schema import _raise_first, _StageConfig, markdown_reference, option
+from posttrain.config.schema import _raise_first, _StageConfig, checked, markdown_reference, option
 from posttrain.config.sections import SEED_RANGE
 
 ANY_FORMAT = Literal["auto", "alpaca", "messages", "prompt_completion", "text", "pairs", "ranking", "unpaired"]
@@ -53,7 +53,7 @@ class DedupConfig:
     exact: bool = option(True, "drop rows whose normalised text repeats an earlier row's")
     near: bool = option(True, "drop near-duplicates: MinHash-LSH candidates re-checked by exact Jaccard")
     threshold: float = option(0.8, "word-shingle Jaccard at or above which two rows are near-duplicates")
-    ngram: int = option(5, "words per shingle")
+    ngram: int = option(5, "words per shingle (2n characters for a mostly Chinese / Japanese / Thai ... row)")
     num_perm: int = option(128, "MinHash permutations (more: better recall of pairs near the threshold, slower)")
     on: Literal["full", "prompt"] = option("full", "compare whole rows, or prompts only (one row per prompt)")
     seed: int = option(0, "seeds the MinHash permutations")
@@ -125,6 +125,7 @@ class QualityConfig(_StageConfig):
 
 def validate_quality(cfg: QualityConfig) -> None:
     """Checks of a quality config before any row is read. Raises ConfigError."""
+    cfg = checked(cfg)
     from posttrain.data.quality.pii import PII_KINDS
 
     f, d = cfg.filters, cfg.dedup

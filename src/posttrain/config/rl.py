@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-from posttrain.config.schema import _raise_first, _StageConfig, markdown_reference, option
+from posttrain.config.schema import _raise_first, _StageConfig, checked, markdown_reference, option
 from posttrain.config.sections import (FORGETTING_HELP, AdapterConfig, ForgettingConfig, ModelConfig, TrainConfig,
                                        _rows_checks, _train_checks, _weight_checks, other_stage_forgetting_checks,
                                        validate_adapter_settings)
@@ -82,6 +82,7 @@ class RLEvalConfig:
 
 @dataclass
 class GRPOConfig(_StageConfig):
+    unread_in_help = ("train.loss",)  # sft's token loss
     output_dir: str = option("runs/grpo", "run directory: checkpoints, metrics.jsonl, samples.jsonl, final policy")
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig, metadata={"help": "policy to start from (the SFT model)"})
     adapter: AdapterConfig = dataclasses.field(default_factory=AdapterConfig, metadata={"help": "what is trained: full, freeze or PEFT methods"})
@@ -128,6 +129,7 @@ class PPOLossConfig:
 
 @dataclass
 class PPOConfig(_StageConfig):
+    unread_in_help = ("train.loss",)  # sft's token loss
     output_dir: str = option("runs/ppo", "run directory: checkpoints, metrics.jsonl, samples.jsonl, final policy")
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig, metadata={"help": "policy to start from (the SFT model)"})
     adapter: AdapterConfig = dataclasses.field(default_factory=AdapterConfig, metadata={"help": "what is trained: full, freeze or PEFT methods"})
@@ -145,6 +147,7 @@ class PPOConfig(_StageConfig):
 
 def validate_grpo(cfg: GRPOConfig) -> None:
     """Cross-field checks of a GRPO / RLOO config. Raises ConfigError."""
+    cfg = checked(cfg)
     g, r, t = cfg.grpo, cfg.rollout, cfg.train
     per_rollout = t.batch_size * t.grad_accum
     _raise_first(_train_checks(t) + _weight_checks(cfg.model, cfg.adapter) + _rollout_checks(cfg)
@@ -155,6 +158,9 @@ def validate_grpo(cfg: GRPOConfig) -> None:
          f"rollout.num_generations = {r.num_generations} (whole groups per rollout)"),
         (g.beta >= 0 and g.clip_eps > 0, "grpo.beta must be >= 0 and grpo.clip_eps > 0"),
         (g.updates_per_rollout >= 1, "grpo.updates_per_rollout must be >= 1"),
+        (g.advantage != "rloo" or g.scale_rewards == GRPOLossConfig.scale_rewards,
+         f"grpo.scale_rewards={g.scale_rewards} does nothing with grpo.advantage=rloo (the leave-one-out "
+         "advantage r - mean of the other G-1 is never divided by a std); remove it or set grpo.advantage=grpo"),
     ])
     validate_adapter_settings(cfg.adapter, cfg.model, cfg.train.optimizer)
 
@@ -205,6 +211,7 @@ def _vllm_checks(cfg: GRPOConfig | PPOConfig) -> list[tuple[bool, str]]:
 
 def validate_ppo(cfg: PPOConfig) -> None:
     """Cross-field checks of a PPO config. Raises ConfigError."""
+    cfg = checked(cfg)
     p, t, r = cfg.ppo, cfg.train, cfg.rollout
     per_rollout = t.batch_size * t.grad_accum * p.minibatches
     _raise_first(_train_checks(t) + _weight_checks(cfg.model, cfg.adapter) + _rollout_checks(cfg)

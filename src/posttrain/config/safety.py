@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from posttrain.config.feedback import BackendConfig, api_key_env_checks, backend_checks
-from posttrain.config.schema import _raise_first, _StageConfig, markdown_reference, option, user_path
+from posttrain.config.schema import _raise_first, _StageConfig, checked, markdown_reference, option, user_path
 
 DEFAULT_ATTACKS = ["direct", "prefix_injection", "refusal_suppression", "role_play", "hypothetical",
                    "instruction_override", "style_injection", "base64", "combination"]
@@ -88,6 +88,7 @@ class RedTeamConfig(_StageConfig):
 
 def validate_redteam(cfg: RedTeamConfig) -> None:
     """Checks of a red-team config before any model is called. Raises ConfigError."""
+    cfg = checked(cfg)
     checks = api_key_env_checks(cfg) + backend_checks(cfg.target, "target")
     if cfg.classifier == "judge":
         checks += backend_checks(cfg.judge, "judge") + [(cfg.judge.parse_retries >= 0,

@@ -85,8 +85,7 @@ class _StageConfig:
             name = cls.__name__
             raise TypeError(f"{runner} takes {_article(name)} {name} ({name}.from_dict / {name}.load), "
                             f"got {type(cfg).__name__}")
-        _check_attributes(cfg, type(cfg), type(cfg).__name__)
-        return type(cfg).from_dict(cfg.to_dict(), source=type(cfg).__name__)
+        return checked(cfg)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -94,6 +93,14 @@ class _StageConfig:
     @classmethod
     def help_lines(cls) -> list[str]:
         return list(_help_lines(cls, "", cls.unread_in_help))
+
+
+def checked(cfg: _StageConfig) -> _StageConfig:
+    """`cfg` checked again as from_dict checks a file (every setting's type, a float's finiteness, no
+    unknown attribute), for settings assigned in Python (cfg.dpo.beta = float("nan")): a checked
+    copy, the caller's object left as it was. Every validate_* starts here. Raises ConfigError."""
+    _check_attributes(cfg, type(cfg), type(cfg).__name__)
+    return type(cfg).from_dict(cfg.to_dict(), source=type(cfg).__name__)
 
 
 def _article(name: str) -> str:
@@ -461,6 +468,8 @@ def _command_configs(registry: tuple) -> list[tuple[str, type, frozenset[str]]]:
 def _build(cls: type, data: dict[str, Any], prefix: str, source: str, root: type) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
+    if prefix == "":  # `x-common: &common {...}` (docker-compose's extension fields): anchors to merge, no setting
+        data = {key: value for key, value in data.items() if not (isinstance(key, str) and key.startswith("x-"))}
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     for key in data:
@@ -554,11 +563,11 @@ def _coerce(hint: Any, value: Any, key: str, source: str, root: type) -> Any:
             return value
         raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
     if hint is int:
-        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-            return int(value)  # numpy's integers too (a sweep over np.arange)
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{source}: {key} must be an integer, got {value!r}")
+        whole = _whole_number(value)
+        if whole is None:
+            raise ConfigError(f"{source}: {key} must be an integer, got {value!r} (a whole number: 1000, 1e3 "
+                              f"or '1000')")
+        return whole
     if hint is float:
         number = None
         if isinstance(value, numbers.Real) and not isinstance(value, bool):
@@ -580,6 +589,27 @@ def _coerce(hint: Any, value: Any, key: str, source: str, root: type) -> Any:
             return str(value)
         raise ConfigError(f"{source}: {key} must be a string, got {value!r}")
     return value
+
+
+def _whole_number(value: Any) -> int | None:
+    """An int setting's value, or None: an integer (numpy's too: a sweep over np.arange), or a float
+    or text that is one exactly — YAML 1.1 reads `max_steps: 1e3` as the text '1e3', and `'100'` is
+    text too, as `lr: '1e-4'` is for a float setting. 1.5, '1e-3', nan and true are none."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value)  # exact, however long
+        except ValueError:
+            try:
+                value = float(value)
+            except ValueError:
+                return None
+    if isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer():
+        return int(value)
+    return None
 
 
 def _type_name(hint: Any) -> str:

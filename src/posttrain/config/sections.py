@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-from posttrain.config.schema import _raise_first, _StageConfig, option
+from posttrain.config.schema import _raise_first, _StageConfig, checked, option
 
 
 @dataclass
@@ -33,7 +33,9 @@ class LoraConfig:
     alpha: float = option(16.0, "LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rslora)")
     dropout: float = option(0.0, "dropout on the LoRA input")
     target_modules: list[str] = option(
-        ["all-linear"], "module names to adapt, all-linear, or one 're:<regex>' matched against full module paths"
+        ["all-linear"], "layers to adapt: names (a module path or its dotted tail: q_proj, self_attn.q_proj), "
+                        "all-linear alone, or one 're:<regex>' alone, which must match a whole module path (peft's "
+                        "re.fullmatch: re:.*q_proj, not re:q_proj)"
     )
     rslora: bool = option(False, "rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023)")
     dora: bool = option(False, "weight-decomposed LoRA (DoRA, Liu et al. 2024); method dora sets it")
@@ -49,8 +51,9 @@ class QuantizationConfig:
 
 @dataclass
 class IA3Config:
-    target_modules: list[str] = option([], "modules whose output IA3 rescales; empty = peft's default for the model type, else "
-                                        "the key / value (or fused qkv) and FFN down projections found by name")
+    target_modules: list[str] = option([], "modules whose output IA3 rescales (named as adapter.lora.target_modules); "
+                                        "empty = peft's default for the model type, else the key / value (or fused "
+                                        "qkv) and FFN down projections found by name")
     feedforward_modules: list[str] = option([], "the subset of targets that rescale their input (FFN); empty = default")
 
 
@@ -68,7 +71,9 @@ class BottleneckConfig:
     size: int = option(32, "bottleneck width (hidden -> size -> hidden)")
     activation: Literal["relu", "gelu", "silu", "tanh"] = option("relu", "nonlinearity inside the bottleneck")
     where: list[Literal["attention", "ffn"]] = option(["attention", "ffn"], "after attention and/or after the FFN")
-    init_std: float = option(1e-3, "std of the near-identity init (down-projection random, up-projection zero)")
+    init_std: float = option(1e-3, "std of the down projection's random init (the up projection starts at zero, so "
+                                   "the adapter starts as the identity); must be > 0: at 0 neither projection ever "
+                                   "gets a gradient")
 
 
 @dataclass
@@ -152,8 +157,9 @@ class TrainConfig:
     layer_lr_decay: float = option(1.0, "layer i of L trains at lr * decay^(L - i); embeddings at decay^(L+1)")
     freeze: list[str] = option([], "glob patterns of parameter names to freeze (e.g. '*embed_tokens*')")
     loss: Literal["auto", "chunked", "plain"] = option(
-        "auto", "sft's token loss: chunked (linear + cross-entropy a chunk of tokens at a time, never building "
-                "[B,T,V] logits), plain (the model's logits, then cross-entropy), or auto: chunked when the logits "
+        "auto", "sft's token loss, read by sft alone (the other stages take the setting, which a pipeline-wide "
+                "override sets in every stage, and ignore it): chunked (linear + cross-entropy a chunk of tokens at "
+                "a time, never building [B,T,V] logits), plain (the model's logits, then cross-entropy), or auto: chunked when the logits "
                 "are a plain linear map of the last hidden state (an nn.Linear output layer, or LoRA on one without "
                 "dropout, and no logit scaling or soft-capping in the config), else plain")
     loss_chunk_size: int = option(256, "tokens per chunk of the chunked loss (peak extra memory ~ chunk × vocab × 8 bytes)")
@@ -184,19 +190,21 @@ FORGETTING_HELP = ("catastrophic-forgetting control: measure, replay, L2-SP, EWC
 @dataclass
 class ForgettingConfig:
     retain_files: list[str] = option(
-        [], "data the model must not forget (rows in sft's formats, in every stage): measured at every evaluation, "
-            "and the pool of replay, EWC's Fisher, lm_coef, distill and project; empty = off")
+        [], "data the model must not forget (rows in any of sft's formats, detected per file, in every stage): "
+            "measured at every evaluation, and the pool of replay, EWC's Fisher, lm_coef, distill and project; "
+            "empty = off")
     retain_eval_fraction: float = option(
         0.2, "share of the retain rows held out to measure forgetting: never replayed, never in the Fisher")
     replay_ratio: float = option(0.0, "share of the training examples drawn from the retain rows (replay); 0 = none")
     l2sp: float = option(0.0, "L2-SP strength α: a penalty α/2·Σ(θ−θ₀)² toward the weights the run starts from "
                               "(needs no retain rows); 0 = off")
-    ewc: float = option(0.0, "EWC strength λ: a penalty λ/2·Σ F·(θ−θ₀)², F the diagonal Fisher on retain rows scaled "
-                             "to mean 1 (so λ reads like α); 0 = off")
-    fisher_examples: int = option(64, "retain examples whose gradients estimate EWC's Fisher (one backward each)")
+    ewc: float = option(0.0, "EWC strength λ: a penalty λ/2·Σ F·(θ−θ₀)², F the diagonal empirical Fisher (the rows' "
+                             "own labels) on retain rows scaled to mean 1 (so λ reads like α); 0 = off")
+    fisher_examples: int = option(64, "retain pool rows, drawn by train.seed, whose gradients estimate EWC's Fisher "
+                                      "(one backward each)")
     max_retain_increase: float = option(
-        0.0, "stop the run at an evaluation where the retain loss is this much above its value at the start "
-             "(nats per token; 0 = never)")
+        0.0, "stop the run at an evaluation where the retain loss is this much above its value at the start, "
+             "or not finite (nats per token; 0 = never)")
     retain_exact_match: int = option(0, "held-out retain prompts scored by greedy exact match before and after (0 = off)")
     lm_coef: float = option(
         0.0, "γ of a language-modelling loss on a batch of retain rows added every step (InstructGPT's PPO-ptx; "
@@ -334,11 +342,17 @@ def _rows_checks(d, min_synthetic: int = 1) -> list[tuple[bool, str]]:
 
 
 def _held_out_checks(train_files: list[str], eval_files: list[str]) -> list[tuple[bool, str]]:
-    """A held-out file is not also a training file: every held-out figure would be a training figure."""
-    from posttrain.data.readers import files_in_both
+    """A held-out file is not also a training file: every held-out figure would be a training figure.
+    No file is listed twice in one list, by any spelling: its rows would count twice, and SFT's
+    held-out split would put copies of a row on both sides."""
+    from posttrain.data.readers import files_in_both, files_listed_twice
 
     both = files_in_both(eval_files, train_files)
-    return [(not both, f"data.eval_files and data.train_files both list {', '.join(map(str, both))}; held-out files "
+    return [*((not twice, f"data.{key} lists {', '.join(map(str, twice))} twice (another entry names the same "
+                          f"file): its rows would count twice; list each file once")
+              for key, files in (("train_files", train_files), ("eval_files", eval_files))
+              for twice in [files_listed_twice(files)]),
+            (not both, f"data.eval_files and data.train_files both list {', '.join(map(str, both))}; held-out files "
                        f"must not be trained on (every held-out figure would be measured on training rows): give "
                        f"other files, or leave data.eval_files empty to hold out data.eval_fraction of the training "
                        f"rows")]
@@ -376,6 +390,7 @@ def validate_adapter_settings(adapter: AdapterConfig, model: ModelConfig, optimi
 
 def validate_sft(cfg: SFTConfig) -> None:
     """Cross-field checks that types alone cannot express. Raises ConfigError."""
+    cfg = checked(cfg)
     _raise_first(_train_checks(cfg.train) + _weight_checks(cfg.model, cfg.adapter) + _data_checks(cfg.data)
                  + _streaming_checks(cfg.data, cfg.train) + _eval_checks(cfg.eval)
                  + _forgetting_checks(cfg.forgetting, cfg.data, cfg.train))

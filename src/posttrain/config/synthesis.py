@@ -10,7 +10,7 @@ from typing import Literal
 
 from posttrain.config.feedback import (BackendConfig, JudgeConfig, RLAIFDataConfig, api_key_env_checks,
                                        backend_checks, judge_checks)
-from posttrain.config.schema import _raise_first, _StageConfig, markdown_reference, option
+from posttrain.config.schema import _raise_first, _StageConfig, checked, markdown_reference, option
 
 # Things a text-only model cannot see, make or visit (Self-Instruct filters a list like this).
 DEFAULT_BANNED_WORDS = ["image", "images", "picture", "pictures", "photo", "photos", "graph", "graphs", "chart",
@@ -80,8 +80,8 @@ class SelfInstructLoopConfig:
 
 @dataclass
 class SelfInstructFilterConfig:
-    min_words: int = option(3, "reject instructions with fewer words")
-    max_words: int = option(150, "reject instructions with more words")
+    min_words: int = option(3, "reject instructions with fewer words (Chinese / Japanese / Thai: 2 characters a word)")
+    max_words: int = option(150, "reject instructions with more words (as min_words counts them)")
     banned_words: list[str] = option(DEFAULT_BANNED_WORDS, "reject instructions containing any of these words or "
                                      "phrases (whole words, any case): things a text-only model cannot do")
     rouge_threshold: float = option(0.7, "reject instructions whose ROUGE-L F with any pool task is >= this")
@@ -104,6 +104,7 @@ class SelfInstructConfig(_StageConfig):
 
 def validate_constitutional(cfg: ConstitutionalConfig) -> None:
     """Checks of a Constitutional AI config before any model is called. Raises ConfigError."""
+    cfg = checked(cfg)
     c = cfg.constitutional
     judge = judge_checks(cfg.judge) if c.rl_cai else []
     _raise_first(api_key_env_checks(cfg) + backend_checks(cfg.policy, "policy") + judge + [
@@ -118,6 +119,7 @@ def validate_constitutional(cfg: ConstitutionalConfig) -> None:
 
 def validate_self_instruct(cfg: SelfInstructConfig) -> None:
     """Checks of a Self-Instruct config before any model is called. Raises ConfigError."""
+    cfg = checked(cfg)
     s, f = cfg.self_instruct, cfg.filters
     _raise_first(api_key_env_checks(cfg) + backend_checks(cfg.generator, "generator") + [
         (bool(cfg.data.seed_file.strip()), "data.seed_file is empty; give a JSONL file or 'default'"),

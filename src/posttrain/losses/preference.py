@@ -95,18 +95,23 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
     return losses, chosen.detach(), rejected.detach()
 
 
-def ipo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
-             ref_rejected_logps: Tensor, beta: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Identity Preference Optimisation (Azar et al. 2023, Eq. 17).
+def ipo_loss(policy_chosen_avg_logps: Tensor, policy_rejected_avg_logps: Tensor, ref_chosen_avg_logps: Tensor,
+             ref_rejected_avg_logps: Tensor, beta: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Identity Preference Optimisation (Azar et al. 2023, Eq. 17), on per-token average log-probs.
 
-    L = (h − 1/(2β))²   with h the log-ratio difference (not multiplied by β)
-    Regresses h to a fixed target instead of pushing it to infinity; β is the paper's τ. The
-    log-probs are sums over each response's tokens, as in the paper (TRL's IPO averages them
-    per token, which moves the target 1/(2β) relative to long responses).
+    L = (h − 1/(2β))²,  h = (ā(y_w) − ā_ref(y_w)) − (ā(y_l) − ā_ref(y_l))   (h not multiplied by β)
+    ā(y) = log π(y|x) / |y|: a response's log-prob averaged over its tokens, for the policy and
+    the reference alike. Regresses h to a fixed target instead of pushing it to infinity; β is
+    the paper's τ. Eq. 17 is written on whole-sequence log-probs; its authors later advised
+    averaging them per token, as TRL's DPOTrainer does for loss_type="ipo", and so does this: on
+    sums the target 1/(2β) is a total over the response (β = 0.1 asks a 100-token answer for
+    5 nats in all, 0.05 a token), so one β means less the longer the answers, and a β tuned in
+    TRL would not carry over. Returns (losses, chosen_rewards, rejected_rewards), rewards =
+    β · average log-ratio, detached.
     """
-    chosen, rejected = _implicit_rewards(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-                                         ref_rejected_logps, beta)
-    h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+    chosen, rejected = _implicit_rewards(policy_chosen_avg_logps, policy_rejected_avg_logps, ref_chosen_avg_logps,
+                                         ref_rejected_avg_logps, beta)
+    h = (policy_chosen_avg_logps - ref_chosen_avg_logps) - (policy_rejected_avg_logps - ref_rejected_avg_logps)
     return (h - 1 / (2 * beta)) ** 2, chosen.detach(), rejected.detach()
 
 

@@ -24,8 +24,8 @@ K-way rankings train on every ordered pair of a prompt, each weighted 1/#pairs, 
 prompt counts once; the NLL term (RPO's `dpo.nll_weight`, ORPO's L_SFT) is the best response's
 alone (`pair_extras`, `chosen_nll`): SFT on the preferred answer, as for a pair, never on one
 that merely beats a worse one. KTO takes unpaired rows, or pairs/rankings split into a desirable
-best response and undesirable others; its KL estimate z₀ is the mean of log π/π_ref
-over the mismatched (prompt, other prompt's completion) sequences — built once — of the whole
+best response and an undesirable worst one (a ranking's middle is left out, counted; `kto_items`);
+its KL estimate z₀ is the mean of log π/π_ref over the mismatched (prompt, other prompt's completion) sequences — built once — of the whole
 optimizer step (every micro-batch and process; `PreferenceLoss.estimate_kl`), or of the
 held-out set when evaluating.
 """
@@ -205,11 +205,30 @@ def reference_weights(model, frozen_copy=None, starting: bool = False):
 # --------------------------------------------------------------------------- the losses
 
 
-def _pair_inputs(logps, counts, ref, chosen, rejected):
-    avg = logps / counts.clamp(min=1)
-    zero = torch.zeros_like(logps)
-    ref = zero if ref is None else ref
-    return logps[chosen], logps[rejected], ref[chosen], ref[rejected], avg[chosen], avg[rejected]
+@dataclasses.dataclass
+class PairLogps:
+    """A batch's pairs, each side's log-probs as the losses read them: summed over the response's
+    tokens (policy, reference) and averaged per token (`avg_*`: SimPO, ORPO, IPO)."""
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    ref_chosen: torch.Tensor
+    ref_rejected: torch.Tensor
+    avg_chosen: torch.Tensor
+    avg_rejected: torch.Tensor
+    ref_avg_chosen: torch.Tensor
+    ref_avg_rejected: torch.Tensor
+
+    @classmethod
+    def of(cls, logps, counts, ref, chosen, rejected) -> "PairLogps":
+        """From per-sequence log-probs and token counts (`ref` None: a reference-free loss, zeros)."""
+        tokens = counts.clamp(min=1)
+        ref = torch.zeros_like(logps) if ref is None else ref
+        avg, ref_avg = logps / tokens, ref / tokens
+        return cls(logps[chosen], logps[rejected], ref[chosen], ref[rejected], avg[chosen], avg[rejected],
+                   ref_avg[chosen], ref_avg[rejected])
+
+    def sums(self) -> tuple[torch.Tensor, ...]:
+        return self.chosen, self.rejected, self.ref_chosen, self.ref_rejected
 
 
 def chosen_nll(chosen_avg_logps, pair_weight=None, nll_pair_weight=None):
@@ -225,49 +244,50 @@ def chosen_nll(chosen_avg_logps, pair_weight=None, nll_pair_weight=None):
     return torch.where(share > 0, nll * share, torch.zeros_like(nll))  # 0, not 0 · inf, for a share of 0
 
 
-def _dpo(c: DPOLossConfig, pc, pr, rc, rr, ac, ar, nll=None):
+def _dpo(c: DPOLossConfig, p: PairLogps, nll=None):
     from posttrain.losses.preference import dpo_loss
 
-    return *dpo_loss(pc, pr, rc, rr, c.beta), {}
+    return *dpo_loss(*p.sums(), c.beta), {}
 
 
-def _cdpo(c, pc, pr, rc, rr, ac, ar, nll=None):
+def _cdpo(c, p, nll=None):
     from posttrain.config.preference import CDPO_LABEL_SMOOTHING
     from posttrain.losses.preference import dpo_loss
 
     epsilon = CDPO_LABEL_SMOOTHING if c.label_smoothing is None else c.label_smoothing
-    return *dpo_loss(pc, pr, rc, rr, c.beta, label_smoothing=epsilon), {}
+    return *dpo_loss(*p.sums(), c.beta, label_smoothing=epsilon), {}
 
 
-def _ipo(c, pc, pr, rc, rr, ac, ar, nll=None):
+def _ipo(c, p, nll=None):
     from posttrain.losses.preference import ipo_loss
 
-    return *ipo_loss(pc, pr, rc, rr, c.beta), {}
+    return *ipo_loss(p.avg_chosen, p.avg_rejected, p.ref_avg_chosen, p.ref_avg_rejected, c.beta), {}
 
 
-def _hinge(c, pc, pr, rc, rr, ac, ar, nll=None):
+def _hinge(c, p, nll=None):
     from posttrain.losses.preference import hinge_loss
 
-    return *hinge_loss(pc, pr, rc, rr, c.beta), {}
+    return *hinge_loss(*p.sums(), c.beta), {}
 
 
-def _simpo(c, pc, pr, rc, rr, ac, ar, nll=None):
+def _simpo(c, p, nll=None):
     from posttrain.losses.preference import simpo_loss
 
-    return *simpo_loss(ac, ar, c.beta, c.simpo_gamma), {}
+    return *simpo_loss(p.avg_chosen, p.avg_rejected, c.beta, c.simpo_gamma), {}
 
 
-def _orpo(c, pc, pr, rc, rr, ac, ar, nll=None):
+def _orpo(c, p, nll=None):
     from posttrain.losses.preference import orpo_loss
 
+    ac, ar = p.avg_chosen, p.avg_rejected
     nll = -ac if nll is None else nll
     losses, ratio = orpo_loss(ac, ar, nll, c.orpo_lambda)
     rewards_c, rewards_r = (c.beta * ac).detach(), (c.beta * ar).detach()
     return losses, rewards_c, rewards_r, {"log_odds_ratio": ratio, "nll": nll.detach()}
 
 
-# name → f(config, policy chosen/rejected logps, reference chosen/rejected logps, average logps,
-#          each pair's share of its prompt's chosen NLL (`chosen_nll`; None: the chosen side's own))
+# name → f(config, the pairs' log-probs (`PairLogps`), each pair's share of its prompt's chosen
+#          NLL (`chosen_nll`; None: the chosen side's own))
 #        → (per-pair losses, chosen rewards, rejected rewards, extra per-pair metrics)
 PAIR_LOSSES = {"dpo": _dpo, "cdpo": _cdpo, "ipo": _ipo, "hinge": _hinge, "simpo": _simpo, "orpo": _orpo}
 
@@ -332,16 +352,16 @@ class PreferenceLoss(torch.nn.Module):
             return self._kto(batch, completion_row, kl_row, desirable)
         logps, counts = self._policy(batch)
         ref = self._reference(batch)
-        pc, pr, rc, rr, ac, ar = _pair_inputs(logps, counts, ref, chosen_row, rejected_row)
-        nll = chosen_nll(ac, pair_weight, nll_pair_weight)
-        losses, rewards_c, rewards_r, extra = PAIR_LOSSES[self.cfg.loss](self.cfg, pc, pr, rc, rr, ac, ar, nll)
+        pairs = PairLogps.of(logps, counts, ref, chosen_row, rejected_row)
+        nll = chosen_nll(pairs.avg_chosen, pair_weight, nll_pair_weight)
+        losses, rewards_c, rewards_r, extra = PAIR_LOSSES[self.cfg.loss](self.cfg, pairs, nll)
         if self.cfg.nll_weight and self.cfg.loss != "orpo":  # RPO: keep the best answers likely
             losses = losses + self.cfg.nll_weight * nll
             extra = extra | {"nll": nll.detach()}
         margins = rewards_c - rewards_r
         per_pair = {"rewards/chosen": rewards_c, "rewards/rejected": rewards_r, "rewards/margins": margins,
                     "rewards/accuracy": (margins > 0).float() + 0.5 * (margins == 0).float(),
-                    "logps/chosen": pc.detach(), "logps/rejected": pr.detach()} | extra
+                    "logps/chosen": pairs.chosen.detach(), "logps/rejected": pairs.rejected.detach()} | extra
         return (losses * pair_weight).sum(), {k: (v * pair_weight).sum() for k, v in per_pair.items()}
 
     def _row_reference(self, batch: dict, index: torch.Tensor) -> torch.Tensor:
@@ -433,8 +453,11 @@ def kto_extras(items: list[Item]) -> dict[str, torch.Tensor]:
 def kto_items(items: list[Item], max_length: int, log: Callable[[str], None] = print) -> list[Item]:
     """Unpaired items, each with its mismatched partner: its prompt + a response to another prompt.
 
-    Pairs and rankings are split first: the best response desirable, every other one not. The
-    items then come in runs that share a prompt (a pair's two sides, a ranking's K responses,
+    Pairs and rankings are split first into their ends: the best response desirable, the worst
+    undesirable (ties at either end included), as KTO's paper splits a pair into its two sides
+    (Ethayarajh et al. 2024) — so a K-way prompt weighs as a pair's, not K/2 times more, and an answer
+    ranked second of four is never called undesirable. The middle responses left out are counted in
+    the log. The items then come in runs that share a prompt (a pair's two sides, a ranking's K responses,
     repeated prompts), so the partner is taken from the next run whose prompt differs — the
     k-th item of a run gets that run's k-th response (cyclically) — never from its own prompt,
     whose log-ratio would pull KTO's KL estimate z₀ toward the matched one. With one prompt in
@@ -442,13 +465,20 @@ def kto_items(items: list[Item], max_length: int, log: Callable[[str], None] = p
     """
     from posttrain.data.records import Example
 
-    single = []
+    single, middle, rankings = [], 0, 0
     for item in items:
         if item.ranks is None:
             single.append(Item([item.sequences[0]], desirable=item.desirable, source=item.source))
             continue
-        best = min(item.ranks)
-        single += [Item([seq], desirable=rank == best, source=item.source) for seq, rank in zip(item.sequences, item.ranks)]
+        best, worst = min(item.ranks), max(item.ranks)
+        ends = [Item([seq], desirable=rank == best, source=item.source)
+                for seq, rank in zip(item.sequences, item.ranks) if rank in (best, worst)]
+        middle += len(item.sequences) - len(ends)
+        rankings += len(ends) < len(item.sequences)
+        single += ends
+    if middle:
+        log(f"kto: {middle} middle-ranked responses of {rankings} rankings left out: KTO takes a ranking's best "
+            "as desirable and its worst as undesirable, as a pair's two sides, so each prompt weighs as a pair")
     partners = _mismatched_partners([item.sequences[0] for item in single], log)
     out = []
     for item, partner in zip(single, partners):
@@ -650,8 +680,8 @@ KTO_BALANCE = (1.0, 4 / 3)  # λ_D·n_D / (λ_U·n_U), as KTO's paper recommends
 
 def _say_kto_balance(items: list[Item], loss_cfg, log: Callable[[str], None]) -> None:
     """One line when the training items' class-weighted balance λ_D·n_D / (λ_U·n_U) leaves the
-    paper's range KTO_BALANCE (1:10 feedback at the default weights is 0.1; a 4-way ranking split
-    for KTO, 1/3), naming the dpo.kto_desirable_weight that brings it in."""
+    paper's range KTO_BALANCE (1:10 feedback at the default weights is 0.1; rankings with three
+    responses tied worst, 1/3), naming the dpo.kto_desirable_weight that brings it in."""
     n_d = sum(bool(item.desirable) for item in items)
     n_u = len(items) - n_d
     w_d, w_u = loss_cfg.kto_desirable_weight, loss_cfg.kto_undesirable_weight
