@@ -190,7 +190,7 @@ def build_preset(name: str, out_dir: str | os.PathLike) -> Path:
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
     )
-    with _quiet_progress_bars():
+    with quiet_progress_bars():
         model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     info = {"preset": name, "format_version": PRESET_FORMAT_VERSION, "spec": asdict(spec)}
@@ -199,8 +199,8 @@ def build_preset(name: str, out_dir: str | os.PathLike) -> Path:
 
 
 @contextlib.contextmanager
-def _quiet_progress_bars():
-    """Hide transformers' shard-writing bar for a model this small; restore the setting after."""
+def quiet_progress_bars():
+    """Hide transformers' progress bars (a preset this small, a saved final/); restore the setting after."""
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()

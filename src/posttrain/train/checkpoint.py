@@ -138,22 +138,53 @@ def write_manifest(directory: Path, meta: dict) -> None:
         os.fsync(handle.fileno())
 
 
-def is_complete(directory: Path) -> bool:
-    manifest = directory / MANIFEST
-    if not manifest.is_file():
-        return False
+def problems(directory: Path) -> list[str]:
+    """What keeps `directory` from being a complete checkpoint, one entry per fault ("no
+    manifest.json", "rng-rank0.json missing", "optimizer.safetensors: 100 bytes, manifest says
+    7393328"); [] when it is complete. A copy interrupted, or a disk that lost a file's tail,
+    leaves a valid manifest over files cut short: the fault is then the file, not the manifest."""
+    if not directory.is_dir():
+        return ["no such directory" if not directory.exists() else "not a directory"]
     try:
-        files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError):
-        return False
-    return all((directory / n).is_file() and (directory / n).stat().st_size == size for n, size in files.items())
+        files = json.loads((directory / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        return [f"no {MANIFEST}"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return [f"{MANIFEST} unreadable or without its list of files"]
+    if not isinstance(files, dict):
+        return [f"{MANIFEST} unreadable or without its list of files"]
+    found = []
+    for name, size in files.items():
+        try:
+            actual = (directory / name).stat().st_size if (directory / name).is_file() else None
+        except OSError:  # removed meanwhile
+            actual = None
+        if actual is None:
+            found.append(f"{name} missing")
+        elif actual != size:
+            found.append(f"{name}: {actual} bytes, manifest says {size}")
+    return found
+
+
+def is_complete(directory: Path) -> bool:
+    return not problems(directory)
+
+
+def _step_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.glob(f"{PREFIX}*") if p.is_dir()) if root.is_dir() else []
+
+
+def incomplete(root: Path) -> dict[Path, list[str]]:
+    """The committed checkpoints under `root` that are not complete, oldest first, each with its
+    `problems`: those `latest_complete` passes over, and `drop_after` or `clear` removes. A save
+    that dies leaves only a `.tmp-` directory (not listed): a step directory is damaged afterwards."""
+    return {p: found for p in _step_dirs(root) if (found := problems(p))}
 
 
 def latest_complete(root: Path) -> Path | None:
-    if not root.is_dir():
-        return None
-    candidates = sorted((p for p in root.glob(f"{PREFIX}*") if p.is_dir()), reverse=True)
-    return next((p for p in candidates if is_complete(p)), None)
+    """The newest complete checkpoint under `root`, passing over incomplete ones (`incomplete`
+    names them and what is wrong with each); None when there is none."""
+    return next((p for p in reversed(_step_dirs(root)) if is_complete(p)), None)
 
 
 def prune(root: Path, keep_last: int) -> None:
@@ -166,14 +197,16 @@ def prune(root: Path, keep_last: int) -> None:
 
 
 def drop_after(root: Path, step: int) -> int:
-    """On resume from `step`: remove the checkpoints of later steps (an abandoned continuation,
-    or a damaged newest one). Left there, a later save would meet its own step's directory, and
-    pruning would keep the abandoned run's newer steps over the resumed run's. Returns how many."""
-    later = [p for p in root.glob(f"{PREFIX}*")
-             if p.is_dir() and p.name[len(PREFIX):].isdigit() and int(p.name[len(PREFIX):]) > step]
-    for directory in later:
+    """On resume from `step`: remove the checkpoints of later steps (an abandoned continuation)
+    and every incomplete one (a damaged checkpoint, newer or older, which the resume passed
+    over: `incomplete` names them first). Left there, a later save would meet its own step's
+    directory, and pruning would keep the abandoned run's newer steps over the resumed run's.
+    Returns how many."""
+    dropped = [p for p in _step_dirs(root)
+               if (p.name[len(PREFIX):].isdigit() and int(p.name[len(PREFIX):]) > step) or not is_complete(p)]
+    for directory in dropped:
         shutil.rmtree(directory, ignore_errors=True)
-    return len(later)
+    return len(dropped)
 
 
 def write_whole(target: Path, write) -> Path:
@@ -209,10 +242,11 @@ def write_whole(target: Path, write) -> Path:
 
 def clear(root: Path) -> int:
     """Remove every checkpoint under `root` (a fresh start must not later resume from, or be
-    pruned around, an earlier run's checkpoints); returns how many complete ones were removed."""
+    pruned around, an earlier run's checkpoints); returns how many were removed, complete or not
+    (`incomplete` names the damaged ones first)."""
     if not root.is_dir():
         return 0
-    removed = sum(1 for p in root.glob(f"{PREFIX}*") if is_complete(p))
+    removed = len(_step_dirs(root))
     shutil.rmtree(root)
     return removed
 

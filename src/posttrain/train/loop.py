@@ -31,7 +31,8 @@ import torch
 from posttrain.errors import ConfigError, Stopped, TrainingAborted
 from posttrain.models.attention import training_attention_kernels
 from posttrain.train import checkpoint
-from posttrain.train.metrics import AT_STEP, RunLogger, add_to_interval, close_interval, peak_memory_mb, strict_json
+from posttrain.train.metrics import (AT_STEP, RATES, RunLogger, add_to_interval, close_interval, peak_memory_mb,
+                                     strict_json)
 from posttrain.train.optim import clip_grad_norm, lr_factor, make_optimizer, set_lr, sparse_embedding_gradients
 
 Batch = dict[str, torch.Tensor]
@@ -66,6 +67,8 @@ class Stage(Protocol):
     # finish_metrics(averaged metrics) -> metrics to log (e.g. a std from a mean square);
     # metrics_at_step: names of those metrics a log line takes from its own step rather than
     # averaging over train.log_every steps (a position or a setting: PPO's ppo_update);
+    # rates: {rate: (count, seconds)}: metrics a log line over several steps takes as the steps'
+    # summed count over their summed seconds, not as a mean of the steps' rates (rollout tokens/s);
     # state_dict() -> (plain values, tensors) saved in every checkpoint, and load_state_dict(plain,
     # tensors) called on resume before the first micro-batch is asked for (PPO's KL coefficient and
     # the rollout it is part-way through);
@@ -289,49 +292,40 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: dict[str, 
     inactive_at = getattr(stage, "inactive_parameters", lambda step: [])
     after_optimizer_step = getattr(stage, "after_optimizer_step", lambda step: None)
     at_step = AT_STEP | frozenset(getattr(stage, "metrics_at_step", ()))
+    rates = RATES | getattr(stage, "rates", {})
     module, optimizer = accelerator.prepare(stage.module, optimizer)
     rank, world = accelerator.process_index, accelerator.num_processes
     group = world * cfg.grad_accum
     total_steps = plan_total_steps(stage, cfg, group)
+    per_epoch = stage.micro_batches_per_epoch()
     ckpt_root = run_dir / "checkpoints"
     state: dict[str, Any] = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "skipped_steps": 0,
                              "consecutive_nonfinite": 0, "best_eval": None, "evals_without_improvement": 0,
                              "stopped_early": False, "fingerprint": fingerprint}
+    # damaged checkpoints (a file cut short or missing), which a resume passes over and removes, as
+    # does a fresh start: each is named with what is wrong with it, once the log is open
+    damaged = checkpoint.incomplete(ckpt_root) if accelerator.is_main_process else {}
     resume_from = _resume_path(cfg.resume, ckpt_root)
-    fresh_start = ""  # what of an earlier run a fresh start removed, said once the log is open
     if resume_from is not None:
-        _check_same_run(resume_from, fingerprint)
-        state = checkpoint.load(resume_from, model=accelerator.unwrap_model(module), optimizer=optimizer, rank=rank)
-        if accelerator.scaler is not None and state.get("grad_scaler"):
-            accelerator.scaler.load_state_dict(state["grad_scaler"])  # else it starts again at 2^16
-        stage_state = checkpoint.load_stage_state(resume_from)
-        if stage_state is not None and hasattr(stage, "load_state_dict"):
-            stage.load_state_dict(*stage_state)
-        if accelerator.is_main_process:
-            checkpoint.drop_after(ckpt_root, state["step"])  # the continuation this resume replaces
-    elif accelerator.is_main_process:
-        import shutil
-
-        cleared = checkpoint.clear(ckpt_root)
-        removed = [f"{cleared} checkpoint(s)"] if cleared else []
-        # and the earlier run's results: stopped, this run would leave them beside its own config.yaml
-        for path in (run_dir / "final", run_dir / "summary.json", run_dir / "metrics.jsonl"):
-            if path.is_dir():
-                shutil.rmtree(path)
-                removed.append(f"{path.name}/")
-            elif path.exists():
-                path.unlink()
-                removed.append(path.name)
-        if removed:
-            fresh_start = f"fresh start: removed {', '.join(removed)} of an earlier run from {run_dir}"
+        state = _restore(resume_from, ckpt_root, fingerprint, stage, accelerator, module, optimizer)
+        fresh_start = ""
+    else:  # what of an earlier run a fresh start removed, said once the log is open
+        fresh_start = _clear_earlier_run(run_dir, len(damaged)) if accelerator.is_main_process else ""
     accelerator.wait_for_everyone()
     log = RunLogger(run_dir, enabled=accelerator.is_main_process, accelerator=accelerator,
                     trackers=cfg.report_to, total_steps=total_steps, initial_step=state["step"],
                     progress_bar=cfg.progress_bar)
     # a resume forgets the steps after its checkpoint; a fresh start, every line of an earlier run
     log.truncate_after(state["step"] if resume_from is not None else -1)
+    for path, found in damaged.items():
+        log.message(f"{path} is an incomplete checkpoint ({'; '.join(found)}): "
+                    f"{'passed over and ' if resume_from is not None else ''}removed")
     if resume_from is not None:
         log.message(f"resumed from {resume_from} at step {state['step']}")
+        if state["step"] > total_steps:
+            plan = f"train.max_steps={cfg.max_steps}" if cfg.max_steps > 0 else f"train.epochs={cfg.epochs}"
+            log.message(f"note: the checkpoint is at step {state['step']}, past the {total_steps} step(s) this run "
+                        f"plans ({plan}): nothing is trained")
     if fresh_start:
         log.message(fresh_start)
     warmup = _warmup_steps(cfg, total_steps, state, log)
@@ -360,8 +354,8 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: dict[str, 
     held_out = stage.eval_micro_batches()
     if cfg.early_stopping_patience and not held_out:
         log.message("note: train.early_stopping_patience has no held-out data to evaluate, so it cannot stop the run")
-    held_out_figures = getattr(stage, "held_out_figures", None)
-    if cfg.eval_every and not held_out and held_out_figures is None and getattr(stage, "monitor", None) is None:
+    if (cfg.eval_every and not held_out and getattr(stage, "held_out_figures", None) is None
+            and getattr(stage, "monitor", None) is None):
         log.message(f"note: train.eval_every={cfg.eval_every} has no held-out data to evaluate (none was set "
                     "aside): nothing is evaluated during the run")
     module.train()
@@ -377,7 +371,7 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: dict[str, 
         figures = begin(module, accelerator)
         if figures:
             log.log({"step": 0} | figures)
-            log.message("step 0: " + ", ".join(f"{name} {value:.4g}" for name, value in figures.items()))
+            log.message("step 0: " + _shown(figures))
     with sparse_embedding_gradients(accelerator.unwrap_model(module), enabled=sparse_ok), \
             training_attention_kernels(accelerator.device), _interrupt_at_step_end(world == 1) as interrupted:
         try:
@@ -399,12 +393,12 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: dict[str, 
                 state.update(step=state["step"] + 1, epoch=epoch, micro_in_epoch=micro_in_epoch)
                 state.pop("step_in_epoch", None)
                 abort = _count_nonfinite(state, finite, cfg, log, overflow_scale)
-                record = _step_record(state, loss, lr, grad_norm, stage, micro, started, world) | metrics
+                record = _step_record(state, loss, lr, grad_norm, stage, micro, started, world, per_epoch) | metrics
                 interval = state.setdefault("log_interval", {})  # see metrics.py: lines hold interval means
                 if finite:
                     add_to_interval(interval, record, at_step)
                 if (state["step"] % cfg.log_every == 0 or state["step"] == total_steps or not finite) and interval:
-                    log.log(close_interval(interval))
+                    log.log(close_interval(interval, rates))
                 if not finite:
                     log.log(record | {"steps_averaged": 1})
                 log.advance(record)
@@ -412,41 +406,23 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: dict[str, 
                     raise TrainingAborted(abort)
                 at_end = state["step"] == total_steps
                 if (cfg.eval_every and state["step"] % cfg.eval_every == 0) or at_end:
-                    evaluated = evaluate(module, stage, accelerator, held_out)
+                    evaluated = _evaluate_step(module, stage, accelerator, held_out, state, cfg, log, at_end)
                     if evaluated is not None:
                         eval_loss, eval_metrics = evaluated
-                        log.log({"step": state["step"], "eval_loss": eval_loss}
-                                | {f"eval_{name}": value for name, value in eval_metrics.items()})
-                        shown = "".join(f", {name} {value:.4g}" for name, value in list(eval_metrics.items())[:4])
-                        log.message(f"step {state['step']}: eval loss {eval_loss:.4f}{shown}")
-                        # after the last step there is nothing left to stop
-                        stopped_early = (_early_stop(state, eval_loss, cfg.early_stopping_patience, log)
-                                         and not at_end)
-                        state["stopped_early"] = stopped_early
-                    monitor = getattr(stage, "monitor", None)
-                    if monitor is not None:  # a stage's own held-out figures, and whether they stop the run
-                        figures, stop_reason = monitor(module, accelerator)
-                        log.log({"step": state["step"]} | figures)
-                        log.message(f"step {state['step']}: " + ", ".join(f"{k} {v:.4g}" for k, v in figures.items()))
-                        if stop_reason is not None and not at_end:
-                            stopped_early = state["stopped_early"] = True
-                            state["stop_reason"] = stop_reason
-                            state["stopped_by"] = getattr(stage, "monitor_stop", "monitor")
-                    if held_out_figures is not None:
-                        figures = held_out_figures(module, accelerator, state["step"])
-                        if figures:
-                            log.log({"step": state["step"]} | {f"eval_{k}": v for k, v in figures.items()})
-                            log.message(f"step {state['step']}: eval " + ", ".join(f"{k} {v:.4g}"
-                                                                                  for k, v in figures.items()))
-                if stopped_early and interval:  # the steps since the last line, logged as the last step's are
-                    log.log(close_interval(interval))
-                if (cfg.save_every and state["step"] % cfg.save_every == 0) or at_end or stopped_early:
+                    stopped_early = state["stopped_early"]
+                signalled = interrupted() and not (at_end or stopped_early)
+                # a run that stops logs the steps since its last line, before the checkpoint that
+                # holds the interval: the resumed run starts its next line afresh
+                last_line = close_interval(interval, rates) if (stopped_early or signalled) and interval else None
+                if last_line is not None:
+                    log.log(last_line)
+                if (cfg.save_every and state["step"] % cfg.save_every == 0) or at_end or stopped_early or signalled:
                     save()
-                elif interrupted():
-                    save()
-                if interrupted() and not (at_end or stopped_early):
+                if signalled:
+                    said = "" if last_line is None else (f" (loss {last_line['loss']:.4f} over the last "
+                                                         f"{last_line['steps_averaged']} step(s))")
                     log.message(f"interrupted: checkpoint saved at step {state['step']} of {total_steps}; "
-                                "the same command resumes from it")
+                                f"the same command resumes from it{said}")
                     raise Stopped(interrupted())
         finally:
             log.close()
@@ -465,6 +441,75 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: dict[str, 
         log.message(f"early stop at step {state['step']}: {detail}")
     return LoopResult(state["step"], stopped_early, eval_loss, state["skipped_steps"], accelerator.unwrap_model(module),
                       eval_metrics, stop_reason, detail, wall_seconds())
+
+
+def _restore(resume_from: Path, ckpt_root: Path, fingerprint: dict[str, Any] | None, stage: Stage, accelerator,
+             module, optimizer) -> dict[str, Any]:
+    """A resume: the checkpoint's weights, optimizer, fp16 loss scale and stage state loaded, the
+    run's checkpoints after it (in `ckpt_root`) dropped: the continuation this resume replaces.
+    Returns its loop state.
+    A checkpoint of other settings is refused, naming them."""
+    _check_same_run(resume_from, fingerprint)
+    state = checkpoint.load(resume_from, model=accelerator.unwrap_model(module), optimizer=optimizer,
+                            rank=accelerator.process_index)
+    if accelerator.scaler is not None and state.get("grad_scaler"):
+        accelerator.scaler.load_state_dict(state["grad_scaler"])  # else it starts again at 2^16
+    stage_state = checkpoint.load_stage_state(resume_from)
+    if stage_state is not None and hasattr(stage, "load_state_dict"):
+        stage.load_state_dict(*stage_state)
+    if accelerator.is_main_process:
+        checkpoint.drop_after(ckpt_root, state["step"])
+    if fingerprint is not None:  # the checkpoints this run writes hold its own (an older one's may lack keys)
+        state["fingerprint"] = fingerprint
+    return state
+
+
+def _clear_earlier_run(run_dir: Path, damaged: int = 0) -> str:
+    """A fresh start (main process): an earlier run's checkpoints and results removed (stopped, this
+    run would leave them beside its own config.yaml); returns the line that says what went, or "".
+    damaged: how many of the checkpoints are incomplete."""
+    import shutil
+
+    cleared = checkpoint.clear(run_dir / "checkpoints")
+    removed = [f"{cleared} checkpoint(s)" + (f" ({damaged} incomplete)" if damaged else "")] if cleared else []
+    for path in (run_dir / "final", run_dir / "summary.json", run_dir / "metrics.jsonl"):
+        if path.is_dir():
+            shutil.rmtree(path)
+            removed.append(f"{path.name}/")
+        elif path.exists():
+            path.unlink()
+            removed.append(path.name)
+    return f"fresh start: removed {', '.join(removed)} of an earlier run from {run_dir}" if removed else ""
+
+
+def _evaluate_step(module, stage: Stage, accelerator, held_out: list[Batch], state: dict, cfg, log: RunLogger,
+                   at_end: bool) -> tuple[float, dict[str, float]] | None:
+    """An evaluation after a step, logged and said: the held-out loss and metrics (early stopping
+    counts them), the stage's monitor (which may stop the run) and its held-out figures. Sets
+    state["stopped_early"] (never after the last step: nothing is left to stop); returns (eval
+    loss, metrics), or None without held-out batches."""
+    step = state["step"]
+    evaluated = evaluate(module, stage, accelerator, held_out)
+    if evaluated is not None:
+        eval_loss, eval_metrics = evaluated
+        log.log({"step": step, "eval_loss": eval_loss} | {f"eval_{k}": v for k, v in eval_metrics.items()})
+        log.message(f"step {step}: eval " + _shown({"loss": eval_loss} | eval_metrics))
+        state["stopped_early"] = _early_stop(state, eval_loss, cfg.early_stopping_patience, log) and not at_end
+    monitor = getattr(stage, "monitor", None)
+    if monitor is not None:  # a stage's own held-out figures, and whether they stop the run
+        figures, stop_reason = monitor(module, accelerator)
+        log.log({"step": step} | figures)
+        log.message(f"step {step}: " + _shown(figures))
+        if stop_reason is not None and not at_end:
+            state["stopped_early"] = True
+            state["stop_reason"] = stop_reason
+            state["stopped_by"] = getattr(stage, "monitor_stop", "monitor")
+    held_out_figures = getattr(stage, "held_out_figures", None)
+    figures = held_out_figures(module, accelerator, step) if held_out_figures is not None else None
+    if figures:
+        log.log({"step": step} | {f"eval_{k}": v for k, v in figures.items()})
+        log.message(f"step {step}: eval " + _shown(figures))
+    return evaluated
 
 
 def _warmup_steps(cfg, total_steps: int, state: dict, log: RunLogger) -> int:
@@ -528,12 +573,30 @@ def _interrupt_at_step_end(enabled: bool):
         restore()
 
 
+def _shown(figures: dict[str, float]) -> str:
+    """A console line's figures: every one, in the order metrics.jsonl holds them (the loss to 4
+    decimals, the rest to 4 significant digits)."""
+    return ", ".join(f"{name} {value:.4f}" if name == "loss" else f"{name} {value:.4g}"
+                     for name, value in figures.items())
+
+
+def epochs_read(state: dict, per_epoch: int | None) -> float:
+    """The `epoch` a step logs: the epochs read so far, in micro-batches (state's epoch + its
+    micro-batches read / an epoch's), to 4 decimals: 1.0 once the first epoch is read, whether
+    it ended exactly at a step's end or its last step was topped up (`_steps`). Streamed data
+    (no known length): the passes over it completed, an integer (a pass's end is known once a
+    step read past it)."""
+    if not per_epoch:
+        return state["epoch"]
+    return round(state["epoch"] + state["micro_in_epoch"] / per_epoch, 4)
+
+
 def _step_record(state: dict, loss: float, lr: float, grad_norm: float, stage: Stage, micro: list[Batch],
-                 started: float, world: int) -> dict:
+                 started: float, world: int, per_epoch: int | None = None) -> dict:
     elapsed = time.perf_counter() - started
     tokens = sum(stage.tokens(b) for b in micro)
-    return {"step": state["step"], "epoch": state["epoch"], "loss": loss, "lr": lr, "grad_norm": grad_norm,
-            "tokens": tokens, "tokens_per_s": tokens / elapsed, "step_time_s": elapsed,
+    return {"step": state["step"], "epoch": epochs_read(state, per_epoch), "loss": loss, "lr": lr,
+            "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tokens / elapsed, "step_time_s": elapsed,
             "peak_mem_mb": peak_memory_mb(), "skipped_steps": state["skipped_steps"],
             "world_size": world}
 
@@ -737,18 +800,21 @@ def _checked_run_dir(output_dir: str) -> Path:
 
 def finish_run(run_dir: Path, accelerator, main: bool, model, tokenizer, summary: dict, save=None) -> Path:
     """What every stage does last: the final model in run_dir/final (replaced whole; `save(model,
-    tokenizer, directory)`, by default `loading.save_model`) and summary.json, which begins with
-    the posttrain version (main process); then wait for every process and close the trackers. A
-    full disk is said naming the file or directory that did not fit (`errors.NoRoom`)."""
+    tokenizer, directory)`, by default `loading.save_model`; transformers' progress bar hidden
+    meanwhile) and summary.json, which begins with the posttrain version (main process); then wait
+    for every process and close the trackers. A full disk is said naming the file or directory that
+    did not fit (`errors.NoRoom`)."""
     import json
 
     from posttrain import __version__
     from posttrain.errors import NoRoom
     from posttrain.models.loading import save_model
+    from posttrain.models.presets import quiet_progress_bars
 
     if main:
         save = save or save_model
-        checkpoint.write_whole(run_dir / "final", lambda final: save(model, tokenizer, final))
+        with quiet_progress_bars():  # transformers' shard-writing bar, in a script's or notebook's output
+            checkpoint.write_whole(run_dir / "final", lambda final: save(model, tokenizer, final))
         summary = {"posttrain_version": __version__} | summary
         path = run_dir / "summary.json"
         try:
@@ -791,7 +857,8 @@ def make_accelerator(cfg, run_dir: Path):
 def run_fingerprint(cfg) -> dict[str, Any]:
     """The settings that decide what a checkpoint holds, flat ({"data.max_length": 64, ...}): model,
     data, adapters, the stage's own loss sections; of `train`, those that decide the data and the
-    weights trained (`_TRAIN_FINGERPRINTED`); and the identity of the starting model's files.
+    weights trained (`_TRAIN_FINGERPRINTED`); and the identity of the starting model's files and of
+    the data files (`_file_identity`: rows edited under the same name are other data).
     Kept in every checkpoint; a resume under other values is refused, naming them. Left out: what
     a resume may change (the rest of `train` — the README lets a resumed run take a new lr, steps,
     cadences —, `eval`, `output_dir`, and `_RESUME_MAY_CHANGE`)."""
@@ -819,13 +886,59 @@ def run_fingerprint(cfg) -> dict[str, Any]:
         # a preset is built from code, the same at every build: its directory's name (version and
         # definition) says what it is, where a rebuilt cache would have new times
         settings[MODEL_FILES] = preset_path(path).name if is_preset(path) else _digest(model_files(path))
+    data_files = {name: _file_identity(name) for key, value in settings.items()
+                  if key.endswith("files") and isinstance(value, list) for name in value
+                  if isinstance(name, str) and name != "synthetic"}
+    if data_files:  # rows edited under the same name are other data: the position counts the old file's batches
+        settings[DATA_FILES] = data_files
     return json.loads(json.dumps(settings, default=str))  # as a checkpoint's JSON reads back (tuples as lists)
+
+
+def _file_identity(name: str) -> list | str | None:
+    """A data file as the fingerprint knows it: [size, digest of its contents (`_content_digest`)];
+    a directory (a datasets save_to_disk) a digest of its files' names, sizes and contents; None
+    when it is not there. Contents, not modification times: a copy of the same rows (to a node's
+    scratch disk after a preemption, or written again by a script) is the same data."""
+    import os
+
+    path = Path(os.path.expanduser(name))
+    try:
+        if path.is_dir():
+            return _digest([[str(f.relative_to(path)), (size := f.stat().st_size), _content_digest(f, size)]
+                            for f in sorted(path.rglob("*")) if f.is_file()])
+        size = path.stat().st_size
+        return [size, _content_digest(path, size)]
+    except OSError:
+        return None
+
+
+_WHOLE_FILE_BYTES = 64 << 20  # files up to this size are digested whole; larger ones by BLOCKS spread evenly
+_BLOCKS, _BLOCK_BYTES = 64, 256 << 10
+
+
+def _content_digest(path: Path, size: int) -> str:
+    """A digest of a file's bytes: all of them up to _WHOLE_FILE_BYTES (about 0.1 s at 64 MiB),
+    else _BLOCKS blocks of _BLOCK_BYTES from its start to its end (a resume of a 100 GB file
+    reads 16 MiB; an edit that keeps the size and misses every block goes unseen)."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=8)
+    with open(path, "rb") as f:
+        if size <= _WHOLE_FILE_BYTES:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        else:
+            for k in range(_BLOCKS):
+                f.seek((size - _BLOCK_BYTES) * k // (_BLOCKS - 1))
+                digest.update(f.read(_BLOCK_BYTES))
+    return digest.hexdigest()
 
 
 # seed: the synthetic rows, the held-out split and the data order; batch_size: what the data
 # position counts (micro-batches); freeze: which weights (and moments) the checkpoint holds
 _TRAIN_FINGERPRINTED = ("seed", "batch_size", "freeze")
 MODEL_FILES = "model.files"  # the fingerprint's key for `model_files`
+DATA_FILES = "data.file_identities"  # the fingerprint's key for the data files' `_file_identity`, by name
 
 _RESUME_MAY_CHANGE = (("model", "gradient_checkpointing"), ("model", "lean_activations"), ("model", "padding_free"),
                       ("dpo", "share_prompt"), ("reward", "share_prompt"), ("rollout", "engine"),
@@ -846,7 +959,7 @@ def _legacy_digest(settings: dict[str, Any]) -> str:
     nested: dict[str, Any] = {}
     for key, value in settings.items():
         section, _, name = key.partition(".")
-        if section == "train" or key == MODEL_FILES:
+        if section == "train" or key in (MODEL_FILES, DATA_FILES):
             continue
         if name:
             nested.setdefault(section, {})[name] = value
@@ -864,8 +977,8 @@ def _check_same_run(resume_from: Path, fingerprint: dict[str, Any] | None) -> No
     if isinstance(saved, str):  # an older checkpoint: the digest alone, which cannot say what changed
         changed = [] if saved == _legacy_digest(fingerprint) else ["model, data, adapter, loss or forgetting"]
     else:
-        changed = [_change(key, saved, fingerprint) for key in sorted(saved.keys() | fingerprint.keys())
-                   if saved.get(key, _UNSET) != fingerprint.get(key, _UNSET)]
+        changed = [said for key in sorted(saved.keys() | fingerprint.keys())
+                   if saved.get(key, _UNSET) != fingerprint.get(key, _UNSET) and (said := _change(key, saved, fingerprint))]
     if changed:
         shown = "; ".join(changed[:4]) + (f"; and {len(changed) - 4} more" if len(changed) > 4 else "")
         raise ConfigError(f"{resume_from} was written by a run with other settings ({shown}); resuming would mix "
@@ -876,24 +989,62 @@ _UNSET = "(unset)"  # a setting one side lacks (a section added since the checkp
 
 
 def _change(key: str, saved: dict, now: dict) -> str:
+    """A setting that differs between the checkpoint's fingerprint and this run's, as the refusal
+    names it; "" when there is nothing to say (data files a checkpoint written before they were
+    kept lacks, or files only added or removed: the list of files names them). Lists show the items
+    removed and added (`-"a.jsonl" +"b.jsonl"`); other values cut to 60 characters after their
+    common beginning, so two long values show where they differ."""
+    import json
+    import os
+
     if key == MODEL_FILES:
         return f"the model at model.path {now.get('model.path', '')} changed since the checkpoint (its files)"
+    before, after = saved.get(key, _UNSET), now.get(key, _UNSET)
+    if key == DATA_FILES:
+        if not isinstance(before, dict) or not isinstance(after, dict):
+            return ""
+        return "; ".join(f"the file {name} changed since the checkpoint ({_file_change(before[name], after[name])})"
+                         for name in sorted(before.keys() & after.keys()) if before[name] != after[name])
+    if isinstance(before, list) and isinstance(after, list):
+        removed, added = [x for x in before if x not in after], [x for x in after if x not in before]
+        if removed or added:
+            items = [f"-{json.dumps(x)}" for x in removed] + [f"+{json.dumps(x)}" for x in added]
+            return f"{key}: " + " ".join(items[:6]) + (f" and {len(items) - 6} more" if len(items) > 6 else "")
+    texts = [value if value is _UNSET else json.dumps(value) for value in (before, after)]
+    common = len(os.path.commonprefix(texts))
+    if max(map(len, texts)) > 60 and common > 20:  # keep a little of the common part for context
+        texts = ["…" + text[common - 10:] for text in texts]
+    shown = [text if len(text) <= 60 else text[:57] + "..." for text in texts]
+    return f"{key}: {shown[0]} → {shown[1]}"
 
-    def shown(value) -> str:
-        import json
 
-        text = value if value is _UNSET else json.dumps(value)
-        return text if len(text) <= 60 else text[:57] + "..."
-
-    return f"{key}: {shown(saved.get(key, _UNSET))} → {shown(now.get(key, _UNSET))}"
+def _file_change(before, after) -> str:
+    """How a data file's `_file_identity` changed, in words."""
+    if isinstance(before, list) and isinstance(after, list) and before[0] != after[0]:
+        return f"{before[0]} → {after[0]} bytes"
+    if isinstance(before, list) and isinstance(after, list):
+        return "the same size, other contents"
+    return "gone" if after is None else "its files"
 
 
 def _resume_path(resume: str, ckpt_root: Path) -> Path | None:
+    """The checkpoint train.resume names: none (never), the newest complete one in `ckpt_root` (auto;
+    none there is a fresh start, but damaged ones alone are refused, naming each and what is wrong:
+    a fresh start would remove what may be a long run's only checkpoint), or the path given, which
+    must be a complete checkpoint (refused naming the file cut short or missing)."""
     if resume == "never":
         return None
     if resume == "auto":
-        return checkpoint.latest_complete(ckpt_root)
+        found = checkpoint.latest_complete(ckpt_root)
+        damaged = checkpoint.incomplete(ckpt_root) if found is None else {}
+        if damaged:  # a fresh start would remove them: a preempted job's whole progress, maybe one copy away
+            named = "; ".join(f"{path.name}: {', '.join(said)}" for path, said in damaged.items())
+            raise ConfigError(f"train.resume=auto: {ckpt_root} holds no complete checkpoint, only damaged ones "
+                              f"({named}); a fresh start would remove them. Restore the files named to resume, "
+                              "or set train.resume=never to start afresh")
+        return found
     path = Path(resume)
-    if not checkpoint.is_complete(path):
-        raise ConfigError(f"train.resume={resume}: not a complete checkpoint directory (no valid manifest.json)")
+    found = checkpoint.problems(path)
+    if found:
+        raise ConfigError(f"train.resume={resume}: not a complete checkpoint directory ({'; '.join(found)})")
     return path

@@ -72,15 +72,21 @@ def add_to_interval(interval: dict, record: dict, at_step: frozenset = AT_STEP) 
     interval["last"] = record
 
 
-def close_interval(interval: dict) -> dict:
+RATES = {"tokens_per_s": ("tokens", "step_time_s")}  # every stage's; a stage may add its own (Stage.rates)
+
+
+def close_interval(interval: dict, rates: dict[str, tuple[str, str]] = RATES) -> dict:
     """The line for the steps in `interval` (its last step's record with the per-step figures
-    replaced by their means), which is emptied. One step's line is its record as it was."""
+    replaced by their means), which is emptied. One step's line is its record as it was. Each
+    of `rates` (name -> (count, seconds)) is the steps' summed count over their summed seconds:
+    a mean of per-step rates overweights the fast steps."""
     sums, last, steps = interval.pop("sums"), interval.pop("last"), interval.pop("steps")
     if steps == 1:
         return last | {"steps_averaged": 1}
     line = {key: sums[key][0] / sums[key][1] if key in sums else value for key, value in last.items()}
-    if sums.get("step_time_s", (0.0,))[0] > 0 and "tokens" in sums:
-        line["tokens_per_s"] = sums["tokens"][0] / sums["step_time_s"][0]
+    for rate, (count, seconds) in rates.items():
+        if rate in line and count in sums and sums.get(seconds, (0.0,))[0] > 0:
+            line[rate] = sums[count][0] / sums[seconds][0]
     return line | {"steps_averaged": steps}
 
 

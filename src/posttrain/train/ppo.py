@@ -188,11 +188,15 @@ class PPOStage(RolloutStage):
     # -- checkpoint
 
     def state_dict(self) -> tuple[dict, dict[str, torch.Tensor]]:
-        tensors = batches_state(self.batches)
+        """The position, β, counts and figures; and the rollout's batches while a resume reads them: a
+        checkpoint (at a step's end) after the rollout's last update (always, with ppo.epochs ×
+        ppo.minibatches = 1), or after approx KL stopped it, is followed by a new rollout."""
+        remaining = self.position[2] < self.updates_per_rollout and not self.stop_rollout
+        batches = self.batches if remaining else []
         return {"kl_coef": self.kl_coef, "position": list(self.position), "stop_rollout": self.stop_rollout,
-                "rollouts_done": self.rollouts_done, "micro_batches": len(self.batches),
+                "rollouts_done": self.rollouts_done, "micro_batches": len(batches),
                 "prompts_per_rollout": self.prompts_per_rollout,
-                "rollout_metrics": self.rollout_metrics}, tensors
+                "rollout_metrics": self.rollout_metrics}, batches_state(batches)
 
     def load_state_dict(self, plain: dict, tensors: dict[str, torch.Tensor]) -> None:
         self.check_rollout_size(plain)

@@ -176,6 +176,7 @@ class RolloutStats:
     # fraction of prompts whose G samples all got the same reward, right or wrong alike: no
     # group-relative signal; None for G = 1, where every group agrees with itself
     flat_groups: float | None
+    rollout_tokens: int = 0  # the completions' tokens: over several steps, the rate is their sum over rollout_s's
 
 
 @dataclass
@@ -195,7 +196,7 @@ def sample_and_score(engine, tokenizer, prompts: list[list[int]], records: list[
     """Sample `cfg.rollout.num_generations` completions for each chosen prompt with `engine` (a
     `rollout.engines.RolloutEngine`) and score them. A reward failing on a completion (raising,
     or returning NaN) is said with its prompt row's file:line."""
-    from posttrain.rewards import rows_named
+    from posttrain.rewards import reward_seed, rows_named
     from posttrain.rollout.generate import _make_stop_check, eos_token_ids, pad_token_id, stop_strings, truncate_at_stop
     from posttrain.rollout.sampling import SamplingSettings
 
@@ -218,7 +219,9 @@ def sample_and_score(engine, tokenizer, prompts: list[list[int]], records: list[
     started = time.perf_counter()
     prompts_, rows = [rec.prompt for rec in chosen_records], [rec.reward_row() for rec in chosen_records]
     components = {}
-    with rows_named([rec.source for rec in chosen_records]):  # not its place in a rollout of random prompts
+    # a reward's failure is named by its prompt row's file:line (not its place in a rollout of random
+    # prompts); a reward drawing random numbers draws by the rollout's seed (rewards.reward_seed)
+    with rows_named([rec.source for rec in chosen_records]), reward_seed(seed):
         if hasattr(score, "score"):  # a CombinedReward: its components' raw values are logged too
             totals, raw = score.score(prompts_, texts, rows)
             if len(raw) > 1:
@@ -246,7 +249,8 @@ def sample_and_score(engine, tokenizer, prompts: list[list[int]], records: list[
         response_tokens_mean=generated / len(completions), ended_fraction=float(ended.float().mean()),
         rollout_s=rollout_s, reward_s=reward_s, rollout_tokens_per_s=generated / max(rollout_s, 1e-9),
         # with one sample a prompt (PPO's default) every "group" agrees with itself: not a figure
-        flat_groups=float((grouped.max(1).values == grouped.min(1).values).float().mean()) if group > 1 else None)
+        flat_groups=float((grouped.max(1).values == grouped.min(1).values).float().mean()) if group > 1 else None,
+        rollout_tokens=generated)
     return Rollout(prompt_ids, completions, texts, chosen_records, rewards, stats, components)
 
 
@@ -280,6 +284,9 @@ class RolloutStage:
     marks the copy stale, and the next rollout pushes the policy's weights first. That is once
     per rollout however many steps it feeds (PPO's epochs x minibatches, GRPO's μ), and once
     before the first rollout, which also covers a resumed run's restored weights."""
+
+    # a log line over several steps: the rollouts' tokens over their generation time, not a mean of rates
+    rates = {"rollout/rollout_tokens_per_s": ("rollout/rollout_tokens", "rollout/rollout_s")}
 
     def __init__(self, module: torch.nn.Module, prompts: list[list[int]], records: list[PromptRecord], cfg,
                  tokenizer, score: Callable, run_dir: Path | None, autocast=contextlib.nullcontext,
