@@ -288,6 +288,8 @@ def enable_gradient_checkpointing(model) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
+    if getattr(model.config, "use_cache", False):  # the checkpoint's, written back by `save_model`
+        _keep_for_saving(model, model.config, "use_cache", model.config.use_cache, False)
     model.config.use_cache = False
 
 
@@ -503,7 +505,9 @@ def check_positions(model, lengths: dict[str, int], lower: list[str] | None = No
     the tokens generated after it) do not fit `model`'s positions (`position_limit`), naming them,
     the limit and the settings to lower (`lower`; default: the names in `lengths`): before a
     training step or a rollout, not an IndexError in the middle of one (a learned table) or a
-    silent run past the positions trained (rotary)."""
+    silent run past the positions trained (rotary). With one setting per length, a setting can fix
+    it alone only when the other lengths leave it a position: when just one can, it is named with
+    the value that fits; when none can, all are to be lowered together."""
     limit = position_limit(model)
     total = sum(lengths.values())
     if limit is None or total <= limit:
@@ -513,8 +517,16 @@ def check_positions(model, lengths: dict[str, int], lower: list[str] | None = No
     kind = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
     table = f"{kind}'s position table" + (f" less {virtual} virtual tokens" if virtual else "")
     asked = " + ".join(f"{name} {value}" for name, value in lengths.items())
-    fix = (f"set {lower[0]} to {limit} or less" if len(lower) == 1
-           else f"lower {' or '.join(lower)} so that they add up to {limit} or less")
+    rest = {name: total - value for name, value in zip(lower, lengths.values())} if len(lower) == len(lengths) \
+        else {}
+    alone = [name for name in lower if rest.get(name, 0) < limit]
+    if len(lower) == 1:
+        fix = f"set {lower[0]} to {limit} or less"
+    elif len(alone) == 1 and rest:
+        fix = f"set {alone[0]} to {limit - rest[alone[0]]} or less"
+    else:
+        fix = (f"lower {' or '.join(lower)}" if alone else f"lower {' and '.join(lower)}") + \
+            f" so that they add up to {limit} or less"
     raise ConfigError(f"{asked}{f' = {total}' if len(lengths) > 1 else ''} tokens: past the {limit} positions the "
                       f"model reads ({table}); {fix}")
 
@@ -549,7 +561,7 @@ def disable_dropout(model, log, why: str) -> None:
     π_old at a rollout's first update. Reference and old log-probs are taken in eval mode, the
     updates in train mode, so with dropout on the two differ by the dropout noise alone (TRL
     turns dropout off in these trainers too). The checkpoint's config rates are kept aside on
-    the model, so `save_model` writes them back (`_checkpoint_dropout_rates`)."""
+    the model, so `save_model` writes them back (`as_checkpoint`)."""
     import torch.nn as nn
     from transformers import PreTrainedModel
 
@@ -569,29 +581,37 @@ def disable_dropout(model, log, why: str) -> None:
                 setattr(module, name, type(value)(0))
                 changed += 1
         if isinstance(module, PreTrainedModel):
-            kept = module.__dict__.setdefault("_checkpoint_dropout_rates", [])
             for config in _configs(module.config):
                 for name, value in list(vars(config).items()):
                     if _is_rate(name, value):
-                        kept.append((config, name, value))
-                        setattr(config, name, type(value)(0))  # of its type: configs check field types
+                        zero = type(value)(0)  # of its type: configs check field types
+                        _keep_for_saving(module, config, name, value, zero)
+                        setattr(config, name, zero)
                         changed += 1
     if changed:
         log(f"note: dropout switched off in {changed} places ({why})")
 
 
+def _keep_for_saving(model, config, name: str, checkpoint_value: Any, training_value: Any) -> None:
+    """Note a config setting training changes (dropout rates to 0, use_cache off under gradient
+    checkpointing) so that `save_model` writes the checkpoint's value (`as_checkpoint`)."""
+    model.__dict__.setdefault("_checkpoint_config", []).append((config, name, checkpoint_value, training_value))
+
+
 @contextmanager
-def _checkpoint_dropout_rates(model) -> Iterator[None]:
-    """The config's dropout rates as the checkpoint had them, while `model` is saved: training
-    without dropout does not change what a later fine-tune of the saved model starts with."""
-    kept = getattr(model, "_checkpoint_dropout_rates", [])
-    for config, name, value in kept:
-        setattr(config, name, value)
+def as_checkpoint(model) -> Iterator[None]:
+    """The config's settings that training changed, as the checkpoint had them, while `model` is
+    saved (`_keep_for_saving`): training without dropout does not change what a later fine-tune of
+    the saved model starts with, and training with gradient checkpointing leaves a saved causal LM
+    that returns its KV cache (`use_cache`) as the checkpoint did."""
+    kept = getattr(model, "_checkpoint_config", [])
+    for config, name, checkpoint_value, _ in kept:
+        setattr(config, name, checkpoint_value)
     try:
         yield
     finally:
-        for config, name, value in kept:
-            setattr(config, name, type(value)(0))
+        for config, name, _, training_value in kept:
+            setattr(config, name, training_value)
 
 
 def note_full_logits(model, log) -> None:
@@ -648,7 +668,7 @@ def save_model(model, tokenizer, out_dir: str | os.PathLike, *, base_model_path:
         base = str(preset_path(base)) if is_preset(base) else str(Path(base).resolve()) if Path(base).is_dir() else base
         save_adapted(model, out, base)
     else:
-        with _checkpoint_dropout_rates(model), _generation_stops(model, tokenizer):
+        with as_checkpoint(model), _generation_stops(model, tokenizer):
             model.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)

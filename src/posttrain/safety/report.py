@@ -3,8 +3,9 @@
 Beside an earlier run (compare_to) a row is compared only where both runs measured the same thing
 (`not_compared`): a per-attack row where both ran that attack; the pooled rows (all attacks, any
 attack, each category) only when both ran the same attacks; no attack-success row when the runs
-asked different harmful requests, no over-refusal row when they asked different safe prompts (as
-far as both reports record them: "request_digests"). The others say "not comparable" and why.
+answered different harmful requests, no over-refusal row when they answered different safe prompts
+(as far as both reports record them: "request_digests", of the requests answered, so a run stopped
+part-way is compared only over what it answered). The others say "not comparable" and why.
 """
 
 from __future__ import annotations
@@ -82,10 +83,10 @@ def _comparison_note(left: dict) -> list[str]:
                      "row; the pooled rows (all attacks, any attack, each category) pool different attacks in the "
                      "two runs and are not compared.")
     if left["by_attack"]:
-        lines.append("The two runs asked different harmful requests (other probes, or another probes.limit): no "
-                     "attack-success row is compared.")
+        lines.append("The two runs answered different harmful requests (other probes, another probes.limit, or a "
+                     "run stopped part-way): no attack-success row is compared.")
     if left["over_refusal"]:
-        lines.append("The two runs asked different safe prompts: no over-refusal row is compared.")
+        lines.append("The two runs answered different safe prompts: no over-refusal row is compared.")
     return [" ".join(lines), ""] if lines else []
 
 
@@ -97,7 +98,8 @@ def markdown(report: dict) -> str:
              f"Model under test: `{report['target']}`. Classifier: **{report['classifier']}**"
              + (" (refusal patterns: a success means the model did not refuse, harmful or not)."
                 if report["classifier"] == "patterns" else " (an LLM judge)."),
-             f"{report['answered']} of {report['requests']} {_requests(report)} answered and labelled; "
+             ("**Partial run**: the rates below cover only the requests answered. " if report.get("partial") else "")
+             + f"{report['answered']} of {report['requests']} {_requests(report)} answered and labelled; "
              + (f"{ended} PAIR conversation{'s' if ended > 1 else ''} ended without a verdict (the attacker "
                 "gave no prompt: an error, left out of every n); " if ended else "")
              + f"{report['failed']} failed this run (left out of every n; rerun to retry them); "

@@ -23,8 +23,10 @@ partial_refusal or full_refusal.
   retried; it too is left out of n, and counted apart ("ended_as_errors"), not among the requests
   answered and labelled.
 
-report.json records the attacks and a hash of each suite's requests (`asked`), so that a later
-run's compare_to compares only rows over the same attacks and requests (safety/report.py).
+report.json records the attacks and a hash of each suite's requests answered (`asked`), so that a
+later run's compare_to compares only rows over the same attacks and requests (safety/report.py). A
+run stopped part-way (every request failing, Ctrl-C) still writes the report of what its log holds,
+marked `partial` (answered, or ended as errors, fewer than the `requests` planned), then stops.
 
 With the pattern classifier a "success" means "did not refuse": a model that answers a harmful
 request with nonsense counts as attacked successfully. The report says which classifier it used.
@@ -231,10 +233,11 @@ def _per_request(harmful: list[dict]) -> list[dict]:
 
 def run_redteam(cfg, *, target=None, judge=None, attacker=None, log: Callable[[str], Any] = print,
                 stream=STDERR) -> Path:
-    """Run every item not yet in the log, then write report.json and report.md. `target`, `judge`
-    and `attacker` (PAIR's) replace the backends the config describes (tests, notebooks)."""
+    """Run every item not yet in the log, then write report.json and report.md (also when the run
+    stops part-way: RunAborted, Ctrl-C, re-raised after). `target`, `judge` and `attacker` (PAIR's)
+    replace the backends the config describes (tests, notebooks)."""
     from posttrain.config.safety import RedTeamConfig, validate_redteam
-    from posttrain.feedback.client import make_backend, shared_or_new
+    from posttrain.feedback.client import close_local, make_backend, shared_or_new
     from posttrain.feedback.jobs import JsonlLog, RunAborted, check_resume_settings, run_items
     from posttrain.files import write_config
     from posttrain.safety.report import markdown
@@ -271,20 +274,26 @@ def run_redteam(cfg, *, target=None, judge=None, attacker=None, log: Callable[[s
             failed_ids.add(item_id)
             raise
 
-    aborted = None
-    with JsonlLog(log_path) as responses:
-        check_logged_requests(responses.records, items, out, pair_settings(cfg) if pair.enabled else None)
-        try:
-            summary = run_items(items, work, responses, concurrency=cfg.concurrency, desc="redteam", stream=stream)
-        except RunAborted as exc:  # the report of what the log holds is still written, then the error
-            aborted, summary = exc, exc.summary
-        by_id = {r["id"]: r for r in responses.records}
+    aborted, summary = None, None
+    try:
+        with JsonlLog(log_path) as responses:
+            check_logged_requests(responses.records, items, out, pair_settings(cfg) if pair.enabled else None)
+            try:
+                summary = run_items(items, work, responses, concurrency=cfg.concurrency, desc="redteam",
+                                    stream=stream)
+            except (RunAborted, KeyboardInterrupt) as exc:  # the report of what the log holds is written, then
+                aborted, summary = exc, getattr(exc, "summary", None)  # the error raised
+            by_id = {r["id"]: r for r in responses.records}
+    finally:
+        close_local(target, *([attacker] if pair.enabled else []),
+                    *([classify.backend] if isinstance(classify, JudgeClassifier) else []))
     records = [by_id[item_id] for item_id, _ in items if item_id in by_id]
     ended = sum(1 for r in records if r.get("error"))  # PAIR conversations: no verdict, no answer to count
     failed = [item for item_id, item in items if item_id in failed_ids and item_id not in by_id]
     report = summarize(records, cfg.classifier, pair.streams, failed) | {
         "target": cfg.target.model, "requests": len(items), "answered": len(records) - ended, "ended_as_errors": ended,
-        "failed": summary.failed} | asked(items)
+        "failed": len(failed), "partial": len(records) < len(items)} \
+        | asked([(item_id, item) for item_id, item in items if item_id in by_id])
     if "pair" in report:
         report["pair"] |= {"attacker": pair.attacker.model, "rounds": pair.rounds, "streams": pair.streams}
     if earlier is not None:
@@ -294,7 +303,7 @@ def run_redteam(cfg, *, target=None, judge=None, attacker=None, log: Callable[[s
                                 "not_compared": not_compared(report, earlier)}
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "report.md").write_text(markdown(report))
-    for line in summary.lines():
+    for line in summary.lines() if summary is not None else []:
         log(line)
     if aborted is not None:
         raise aborted
@@ -303,12 +312,21 @@ def run_redteam(cfg, *, target=None, judge=None, attacker=None, log: Callable[[s
 
 
 def asked(items: list[tuple[str, dict]]) -> dict:
-    """What a run asked, for a later run's comparison (safety/report.not_compared): the attacks on
-    the harmful requests, and a short hash of each suite's requests (probe id, category, prompt)."""
+    """What a run's rows cover, for a later run's comparison (safety/report.not_compared): given the
+    requests answered (a run stopped part-way answered fewer than it planned), the attacks they were
+    made with and a short hash of each suite's requests (probe id, category, prompt). When the
+    attacks did not all answer the same harmful requests, the hash is of each (attack, request)
+    pair, so it matches only a run with the same answers missing."""
     import hashlib
 
     def digest(suite: str) -> str:
-        probes = sorted({(i["probe"], i["category"], i["prompt"]) for _, i in items if i["suite"] == suite})
+        by_attack: dict[str, set] = {}
+        for _, i in items:
+            if i["suite"] == suite:
+                by_attack.setdefault(i["attack"], set()).add((i["probe"], i["category"], i["prompt"]))
+        probes = sorted(set().union(*by_attack.values()))
+        if any(requests != set(probes) for requests in by_attack.values()):
+            probes = sorted((attack, *request) for attack, requests in by_attack.items() for request in requests)
         return hashlib.sha256(json.dumps(probes).encode()).hexdigest()[:16]
 
     suites = sorted({item["suite"] for _, item in items})

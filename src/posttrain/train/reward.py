@@ -198,7 +198,10 @@ def run_rm(cfg: RMConfig) -> Path:
 
 
 def _save_final(model, tokenizer, final: Path) -> None:
-    model.save_pretrained(final)
+    from posttrain.models.loading import as_checkpoint
+
+    with as_checkpoint(model):  # the checkpoint's use_cache and dropout rates, not training's
+        model.save_pretrained(final)
     if (final / "adapter_config.json").is_file():  # a LoRA reward model
         from posttrain.models.adapters.io import sort_module_sets
 
