@@ -551,7 +551,7 @@ def test_protocol_validates_max_tokens_even_when_max_completion_tokens_is_given(
     assert info.value.status == 400 and info.value.param == "max_tokens"
 
 
-@pytest.mark.parametrize("extra", [{"name": "alice"}, {"tool_calls": [{"id": "c1", "type": "function"}]}])
+@pytest.mark.parametrize("extra", [{"refusal": "no"}, {"tool_calls": [{"id": "c1", "type": "function"}]}])
 def test_protocol_refuses_message_fields_it_drops(extra):
     body = {**CHAT, "messages": [{"role": "assistant", "content": "x", **extra}, {"role": "user", "content": "y"}]}
     with pytest.raises(APIError) as info:

@@ -188,7 +188,7 @@ def test_perplexity_scores_an_agent_preference_row_rendered_with_its_tools(tmp_p
     row = {"prompt": [ASK], "chosen": [{"role": "assistant", "tool_calls": [CALL_PARIS]}], "rejected": "No.",
            "tools": TOOLS}
     cfg = QualityConfig.load(None, [f"perplexity.model={tool_model}"]).perplexity
-    (score,), _ = score_rows([convert(row, "pairs", "p.jsonl:1")], cfg, lambda _: None)
+    (score,), _, _ = score_rows([convert(row, "pairs", "p.jsonl:1")], cfg, lambda _: None)
     assert not score.not_scored and score.perplexity > 0 and score.tokens > 0
 
 

@@ -264,15 +264,18 @@ def _kl(policy: Side, reference: Side, cfg) -> float | None:
 
 
 def _judge(policy: Side, reference: Side, records, cfg, judge_backend, rubric: str = "") -> list[str]:
-    from posttrain.feedback.client import make_backend
+    from posttrain.feedback.client import close_local, make_backend
     from posttrain.feedback.judge import PairwiseJudge
 
     j = cfg.judge
     judge = PairwiseJudge(judge_backend or make_backend(j), rubric, parse_retries=j.parse_retries,
                           max_tokens=j.max_tokens, temperature=j.temperature, seed=j.seed)
     names = {"first": "win", "second": "loss", "tie": "tie"}  # inconsistent, unparsed: kept by name
-    return [names.get(outcome := judge.judge(r.prompt, a, b).outcome, outcome)
-            for r, a, b in zip(records, policy.responses, reference.responses)]
+    try:
+        return [names.get(outcome := judge.judge(r.prompt, a, b).outcome, outcome)
+                for r, a, b in zip(records, policy.responses, reference.responses)]
+    finally:
+        close_local(judge.backend)
 
 
 def _redteam(side: Side, cfg, out: Path, log) -> dict:

@@ -7,10 +7,12 @@
                        timeouts / dropped connections (Retry-After honoured), a shared client-side
                        rate limit, token counts from the response's `usage` (estimated when absent)
     LocalModel         a model loaded in this process (preset, model dir, run dir or adapter dir),
-                       the chat template applied, exact token counts; a lock lets threads share it
+                       the chat template applied, exact token counts; concurrent requests from
+                       several threads are generated as one batch (the serving engine's worker)
     make_backend(cfg)  a BackendConfig -> the backend it describes
     shared_or_new      a second role's backend: a local model already loaded, shared, when both
                        configs name the same one (policy and judge, target and attacker)
+    close_local        end the worker threads of a run's local models before it returns
 
 Backends are thread-safe: pipelines call one backend from several worker threads.
 """
@@ -306,32 +308,37 @@ def _error_message(exc: urllib.error.HTTPError) -> str:
 
 
 class LocalModel:
-    """A model in this process. Generation holds a lock, so threads take turns. A reply ends at
-    the template's end-of-turn marker, one token (an EOS id) or several (a stop string, cut off the
-    text), as `rollout.generate` ends a completion.
+    """A model in this process, on the serving engine's batching worker (`serve.engine.Engine`):
+    requests from several threads that queue while the model is busy are generated as the next
+    left-padded batch (no window is waited, so a lone caller is not slowed), greedy or unseeded
+    sampling alike; a greedy reply is the same alone or batched, and a seeded sampled request
+    runs alone, so its seed decides its tokens. A reply ends at the template's end-of-turn marker, one token (an EOS
+    id) or several (a stop string, cut off the text), as `rollout.generate` ends a completion.
+    The worker ends when idle for IDLE_EXIT_S (or on `close`) and starts again with the next request.
 
     Under a template with no system role (Gemma's, Mistral's raise on one), a leading system
     turn (a judge's instructions, a red-team attack's) is folded into the first user turn
     (`data.templates.fold_system`): the one place every local judge, policy and target goes
     through. An HTTP backend sends system turns as they are: its server applies its template."""
 
+    IDLE_EXIT_S = 0.25  # seconds without a request before the worker ends
+
     def __init__(self, model, tokenizer, *, name: str, template: str = "auto", max_tokens: int = 128,
-                 temperature: float = 1.0, seed: int | None = None):
+                 temperature: float = 1.0, seed: int | None = None, max_batch_size: int = 16,
+                 batch_wait_s: float = 0.0):
         from posttrain.data.templates import has_system_role, resolve_template
-        from posttrain.models.loading import position_limit
-        from posttrain.rollout.generate import _make_stop_check, eos_token_ids, pad_token_id, stop_strings
+        from posttrain.serve.engine import AS_LOADED, Engine
+        from posttrain.serve.protocol import Limits
 
         self.model, self.tokenizer, self.model_name = model, tokenizer, name
         self.template = resolve_template(tokenizer, template)
         self.system_role = has_system_role(tokenizer, self.template)
         self.defaults = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed}
-        self.eos_ids = eos_token_ids(model, tokenizer, self.template)
-        self.stops = stop_strings(tokenizer, [], self.template)  # an end-of-turn marker of several tokens
-        self._stop_check = _make_stop_check(tokenizer, self.stops) if self.stops else None
-        self.pad_id = pad_token_id(tokenizer, self.eos_ids)
-        self.context = position_limit(model)
+        # no queue limit: the callers are this process's own threads, never more than it started
+        self.engine = Engine(model, tokenizer, {name: AS_LOADED}, self.template, Limits(max_pending=sys.maxsize),
+                             max_batch_size=max_batch_size, batch_wait_s=batch_wait_s,
+                             idle_exit_s=self.IDLE_EXIT_S, name="posttrain-local-model")
         self.usage = Usage()
-        self._lock = threading.Lock()
 
     @classmethod
     def load(cls, path: str, *, dtype: str = "float32", template: str = "auto", **defaults: Any) -> "LocalModel":
@@ -343,10 +350,15 @@ class LocalModel:
     def __repr__(self) -> str:
         return f"LocalModel({self.model_name!r})"
 
+    def close(self) -> None:
+        """End the worker now (it also ends by itself when idle); a later request starts a new one,
+        so closing a backend the caller made and uses again is harmless."""
+        self.engine.end_worker()
+
     def chat(self, messages: list[dict[str, str]], *, max_tokens: int | None = None,
              temperature: float | None = None, seed: int | None = None) -> Reply:
-        from posttrain.rollout.generate import generate_token_ids, truncate_at_stop
-        from posttrain.rollout.sampling import SamplingSettings
+        from posttrain.serve.engine import AS_LOADED, Choice, Job
+        from posttrain.serve.protocol import APIError, Request
 
         max_tokens = self.defaults["max_tokens"] if max_tokens is None else max_tokens
         temperature = self.defaults["temperature"] if temperature is None else temperature
@@ -355,25 +367,30 @@ class LocalModel:
             from posttrain.data.templates import fold_system
 
             messages = fold_system(messages)
-        with self._lock:
-            text = self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
-                                                      add_generation_prompt=True)
-            prompt_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]  # the template has BOS
-            if self.context is not None:
-                if len(prompt_ids) >= self.context:
-                    self.usage.add(failures=1)
-                    raise BackendError(f"{self.model_name}: the prompt has {len(prompt_ids)} tokens; the model's "
-                                       f"context is {self.context}")
-                max_tokens = min(max_tokens, self.context - len(prompt_ids))
-            settings = SamplingSettings(max_new_tokens=max_tokens, temperature=temperature,
-                                        seed=seed if temperature > 0 else None)
-            ids = generate_token_ids(self.model, [prompt_ids], settings, pad_token_id=self.pad_id,
-                                     eos_token_ids=self.eos_ids, batch_size=1, stop_check=self._stop_check)[0]
-            decoded = self.tokenizer.decode(ids, skip_special_tokens=True)
-        reply_text = truncate_at_stop(decoded, self.stops)
-        finish = "stop" if (ids and ids[-1] in self.eos_ids) or reply_text != decoded else "length"
-        self.usage.add(requests=1, prompt_tokens=len(prompt_ids), completion_tokens=len(ids))
-        return Reply(reply_text, finish, len(prompt_ids), len(ids))
+        text = self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
+                                                  add_generation_prompt=True)
+        prompt_ids = self.engine.encode(text, special=False)  # the template has BOS
+        context = self.engine.context
+        if context is not None:
+            if len(prompt_ids) >= context:
+                self.usage.add(failures=1)
+                raise BackendError(f"{self.model_name}: the prompt has {len(prompt_ids)} tokens; the model's "
+                                   f"context is {context}")
+            max_tokens = min(max_tokens, context - len(prompt_ids))
+        request = Request(kind="chat", model=self.model_name, max_tokens=max_tokens, temperature=temperature,
+                          seed=seed if temperature > 0 else None, stop=list(self.engine.turn_stops))
+        job = Job(request=request, target=AS_LOADED, prompt_tokens=len(prompt_ids))
+        job.choices.append(Choice(job, 0, prompt_ids, max_tokens))
+        try:
+            event = self.engine.enqueue(job).events.get()
+        except APIError as exc:  # closed
+            event = ("error", exc)
+        if event[0] == "error":
+            self.usage.add(failures=1)
+            raise BackendError(f"{self.model_name}: {event[1].message}", event[1].status)
+        _, _, reply_text, finish, completion_tokens = event
+        self.usage.add(requests=1, prompt_tokens=len(prompt_ids), completion_tokens=completion_tokens)
+        return Reply(reply_text, finish, len(prompt_ids), completion_tokens)
 
 
 def make_backend(cfg) -> ChatBackend:
@@ -388,6 +405,15 @@ def make_backend(cfg) -> ChatBackend:
                                 requests_per_second=cfg.requests_per_second, max_tokens=cfg.max_tokens,
                                 temperature=cfg.temperature, seed=cfg.seed)
     raise ValueError(f"unknown backend kind {cfg.kind!r}")
+
+
+def close_local(*backends: ChatBackend) -> None:
+    """End the worker threads of the LocalModels among `backends` (others hold none): a run that
+    made its backends closes them before it returns, even when it fails, so no thread is left
+    holding a model."""
+    for backend in backends:
+        if isinstance(backend, LocalModel):
+            backend.close()
 
 
 SAME_MODEL = ("kind", "model", "dtype", "template")  # the BackendConfig fields that decide the weights and prompts

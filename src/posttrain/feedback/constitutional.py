@@ -44,6 +44,15 @@ _REVISION_SUFFIX = "\n\nReply with the rewritten response only."
 _REVISION_LABEL = re.compile(
     r"^\s*(?:(?:here is|here's)\s+)?(?:(?:the|a|my)\s+)?(?:revision|(?:revised|rewritten|improved)"
     r"(?:\s+(?:response|reply|answer|version))?)\s*:\s*", re.IGNORECASE)
+# A first line that announces the revision: it ends in ":" (closing bold marks allowed), says
+# "revised", "revision" or "rewritten", and names the response (or opens "Here", "Sure", ...):
+# "Here is a revised version of the response:", "Here's the revised response that addresses the
+# critique:". Content such as "The revision process has three steps:" or "Here's how to revise
+# your answer:" is kept.
+ENDS_WITH_COLON = re.compile(r":\s*(?:\*\*|__)?\s*$")  # a line that announces what follows ("**Task:**" too)
+_REVISION_WORD = re.compile(r"\b(?:revised|revision|rewritten)\b", re.IGNORECASE)
+_RESPONSE_WORD = re.compile(r"\b(?:response|reply|answer|version)\b|^\W*(?:here|sure|certainly|okay|ok|below)\b",
+                            re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -148,9 +157,14 @@ def revision_messages(turns: list[dict[str, str]], response: str, principle: Pri
 
 
 def clean_revision(text: str) -> str:
-    """The revision without surrounding space, a leading "Revised response:"-style label, or
-    quotes wrapped around the whole of it."""
-    text = _REVISION_LABEL.sub("", text.strip(), count=1).strip()
+    """The revision without surrounding space, a first line announcing it ("Here is a revised
+    version of the response:"), a leading "Revised response:"-style label, or quotes wrapped
+    around the whole of it."""
+    text = text.strip()
+    first, _, rest = text.partition("\n")
+    if ENDS_WITH_COLON.search(first) and _REVISION_WORD.search(first) and _RESPONSE_WORD.search(first.strip()):
+        text = rest.strip()
+    text = _REVISION_LABEL.sub("", text, count=1).strip()
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'" and text.count(text[0]) == 2:
         text = text[1:-1].strip()
     return text
@@ -291,7 +305,7 @@ def run_constitutional(cfg, *, policy=None, judge_backend=None, stream: TextIO |
     preferences.jsonl and summary.json from all chains logged so far. `policy` / `judge_backend`
     replace the backends the config describes (tests, notebooks)."""
     from posttrain.config.synthesis import ConstitutionalConfig, validate_constitutional
-    from posttrain.feedback.client import make_backend, shared_or_new
+    from posttrain.feedback.client import close_local, make_backend, shared_or_new
     from posttrain.feedback.jobs import (JsonlLog, RunAborted, check_resume_settings, file_digest, run_items,
                                          write_jsonl)
     from posttrain.feedback.rlaif import backend_settings
@@ -326,13 +340,17 @@ def run_constitutional(cfg, *, policy=None, judge_backend=None, stream: TextIO |
         return judge_chain(judge, record) if judge is not None and record["status"] == "revised" else record
 
     failure = None
-    with JsonlLog(chains) as log:
-        _check_logged_prompts(log, prompts)
-        try:
-            summary = run_items(prompts, work, log, concurrency=c.concurrency, desc="constitutional", stream=stream)
-        except RunAborted as exc:  # every prompt tried failed: the chains logged earlier still give the outputs
-            summary, failure = exc.summary, exc
-        by_id = {record["id"]: record for record in log.records}
+    try:
+        with JsonlLog(chains) as log:
+            _check_logged_prompts(log, prompts)
+            try:
+                summary = run_items(prompts, work, log, concurrency=c.concurrency, desc="constitutional",
+                                    stream=stream)
+            except RunAborted as exc:  # every prompt tried failed: the chains logged earlier still give the outputs
+                summary, failure = exc.summary, exc
+            by_id = {record["id"]: record for record in log.records}
+    finally:
+        close_local(policy, *([judge.backend] if judge is not None else []))
     records = [by_id[prompt_id] for prompt_id, _ in prompts if prompt_id in by_id]  # input order, however resumed
     sft = [row for row in map(sft_row, records) if row is not None]
     pairs = [row for row in map(preference_row, records) if row is not None]

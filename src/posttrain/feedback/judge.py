@@ -20,8 +20,9 @@ verdict line.
     parse_verdict(text)          -> "A" | "B" | "tie" | None
     combine_orders(ab, ba)       -> "first" | "second" | "tie" | "inconsistent" | "unparsed"
     judge_messages(...)          the chat messages sent for one order (an agent's turns shown whole:
-                                 reasoning, tool calls and results, `render_conversation`)
-    PairwiseJudge(backend, ...)  .judge(prompt_turns, first, second) -> PairJudgement
+                                 reasoning, tool calls and results, `render_conversation`; the
+                                 row's tool definitions when it has them, `render_tools`)
+    PairwiseJudge(backend, ...)  .judge(prompt_turns, first, second, tools=None) -> PairJudgement
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ RETRY_PROMPT = ("Your reply did not end with a verdict line. Answer with a singl
 
 TOOLS_NOTE = ("(The conversation includes tool calls: an assistant turn may call a tool instead of answering, "
               "and a Tool turn is that tool's result.)")
+
+TOOLS_HEADING = "Tools the assistant may call (their definitions, one per line):"
 
 RESPONSE_START, RESPONSE_END = "[Response {slot}]", "[End of response {slot}]"
 OUTCOMES = ("first", "second", "tie", "inconsistent", "unparsed")
@@ -93,18 +96,27 @@ def turn_text(turn: dict) -> str:
     return "\n".join(parts)
 
 
+def render_tools(tools: list[dict]) -> str:
+    """A row's tool definitions for a judge: TOOLS_HEADING, then each definition as one line of JSON."""
+    return "\n".join([TOOLS_HEADING, *(json.dumps(tool, ensure_ascii=False) for tool in tools)])
+
+
 def judge_messages(prompt_turns: list[dict], response_a: str, response_b: str,
-                   rubric: str = DEFAULT_RUBRIC) -> list[dict[str, str]]:
+                   rubric: str = DEFAULT_RUBRIC, tools: list[dict] | None = None) -> list[dict[str, str]]:
     """The chat messages asking for one verdict, with `response_a` shown first (as A). A
-    conversation in which tools are called is said to be one (TOOLS_NOTE), before it is shown."""
+    conversation in which tools are called is said to be one (TOOLS_NOTE), before it is shown.
+    The row's `tools` (its function definitions) are shown before the conversation
+    (`render_tools`), so a judge can tell a right call from a wrong one; without them (None or
+    empty) the messages are exactly those of a plain row."""
     def block(slot: str, text: str) -> str:
         return f"{RESPONSE_START.format(slot=slot)}\n{text}\n{RESPONSE_END.format(slot=slot)}"
 
     shown = render_conversation(prompt_turns)
     if any(t.get("tool_calls") or t["role"] == "tool" for t in prompt_turns):
         shown = f"{TOOLS_NOTE}\n{shown}"
-    user = "\n\n".join([f"Principles:\n{rubric.strip()}", f"Conversation:\n{shown}",
-                        block("A", response_a), block("B", response_b), INSTRUCTION])
+    sections = [f"Principles:\n{rubric.strip()}", *([render_tools(tools)] if tools else []),
+                f"Conversation:\n{shown}", block("A", response_a), block("B", response_b), INSTRUCTION]
+    user = "\n\n".join(sections)
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
 
@@ -225,9 +237,10 @@ class PairwiseJudge:
         self.rubric = self.rubric.strip() or DEFAULT_RUBRIC
         self._settings = {"max_tokens": self.max_tokens, "temperature": self.temperature, "seed": self.seed}
 
-    def verdict(self, prompt_turns: list[dict[str, str]], response_a: str, response_b: str) -> OrderVerdict:
-        """One order: `response_a` shown first."""
-        messages = judge_messages(prompt_turns, response_a, response_b, self.rubric)
+    def verdict(self, prompt_turns: list[dict[str, str]], response_a: str, response_b: str,
+                tools: list[dict] | None = None) -> OrderVerdict:
+        """One order: `response_a` shown first; `tools`: the row's tool definitions, if any."""
+        messages = judge_messages(prompt_turns, response_a, response_b, self.rubric, tools)
         result = OrderVerdict(None, [])
         for attempt in range(self.parse_retries + 1):
             reply = self.backend.chat(messages, **self._settings)
@@ -241,10 +254,12 @@ class PairwiseJudge:
                         {"role": "user", "content": RETRY_PROMPT}]
         return result
 
-    def judge(self, prompt_turns: list[dict[str, str]], first: str, second: str) -> PairJudgement:
-        """Both orders, combined into an outcome about `first` versus `second`."""
-        ab = self.verdict(prompt_turns, first, second)
-        ba = self.verdict(prompt_turns, second, first)
+    def judge(self, prompt_turns: list[dict[str, str]], first: str, second: str,
+              tools: list[dict] | None = None) -> PairJudgement:
+        """Both orders, combined into an outcome about `first` versus `second`; `tools`: the
+        row's tool definitions, shown to the judge (`judge_messages`)."""
+        ab = self.verdict(prompt_turns, first, second, tools)
+        ba = self.verdict(prompt_turns, second, first, tools)
         return PairJudgement(combine_orders(ab.verdict, ba.verdict), ab, ba, self.backend.model_name)
 
 

@@ -32,7 +32,7 @@ from typing import Any
 
 from posttrain.config.schema import user_path
 from posttrain.errors import ConfigError
-from posttrain.feedback.client import ChatBackend, make_backend, shared_or_new
+from posttrain.feedback.client import ChatBackend, close_local, make_backend, shared_or_new
 from posttrain.feedback.jobs import JsonlLog, check_resume_settings, run_items, write_jsonl
 from posttrain.feedback.judge import PairwiseJudge, cohen_kappa, to_original
 
@@ -53,7 +53,8 @@ def load_prompts(files: list[str], fmt: str = "auto", limit: int = 0, log: Calla
     """(id, PromptRecord) per prompt, read as data.prompts reads RL prompts (format detected per
     file: prompt, messages or alpaca); a malformed row stops the run with its file:line, or with
     bad_rows="skip" goes to rejects_path (up to max_bad_fraction).
-    A prompt repeated in the data gets "<id>-2", "<id>-3", ... so every occurrence is kept."""
+    A prompt repeated in the data gets "<id>-2", "<id>-3", ... so every occurrence is kept (and
+    sampled with its own seeds, see `rlaif_record`)."""
     from posttrain.data.prompts import load_prompt_records
 
     records, _ = load_prompt_records(files, fmt=fmt, bad_rows=bad_rows, max_bad_fraction=max_bad_fraction,
@@ -67,6 +68,12 @@ def load_prompts(files: list[str], fmt: str = "auto", limit: int = 0, log: Calla
         seen[base] += 1
         items.append((base if seen[base] == 1 else f"{base}-{seen[base]}", record))
     return items
+
+
+def occurrence_of(item_id: str) -> int:
+    """Which occurrence of its prompt an id from `load_prompts` names: 1, or k for "<id>-k"."""
+    _, dash, count = item_id.rpartition("-")
+    return int(count) if dash and count.isdecimal() else 1
 
 
 # --------------------------------------------------------------------------- one prompt
@@ -83,8 +90,10 @@ def sample_responses(policy: ChatBackend, turns: list[dict[str, str]], n: int, *
     return responses
 
 
-def judge_pairs(judge: PairwiseJudge, turns: list[dict[str, str]], texts: list[str]) -> list[dict]:
+def judge_pairs(judge: PairwiseJudge, turns: list[dict[str, str]], texts: list[str],
+                tools: list[dict] | None = None) -> list[dict]:
     """Every pair (i < j) judged in both orders; "ab" shows response i as A, "ba" shows j as A.
+    `tools`: the row's tool definitions, shown to the judge.
 
     A response sampled twice is judged once: a pair holding a later copy ("repeated") would
     ask the judge the same question again and write the same row twice."""
@@ -100,18 +109,21 @@ def judge_pairs(judge: PairwiseJudge, turns: list[dict[str, str]], texts: list[s
         elif first[texts[i]] != i or first[texts[j]] != j:
             pairs.append({"pair": [i, j], "outcome": "repeated"})
         else:
-            judgement = judge.judge(turns, texts[i], texts[j]).to_dict()
+            judgement = judge.judge(turns, texts[i], texts[j], tools).to_dict()
             pairs.append({"pair": [i, j], "outcome": judgement["outcome"], "ab": judgement["ab"],
                           "ba": judgement["ba"]})
     return pairs
 
 
 def rlaif_record(item_id: str, record, *, policy: ChatBackend, judge: PairwiseJudge, num_responses: int,
-                 seed: int, max_tokens: int | None = None, temperature: float | None = None) -> dict:
-    """The raw-log record of one prompt: its responses and every pair's judgement."""
-    responses = sample_responses(policy, record.prompt, num_responses, seed=seed, max_tokens=max_tokens,
-                                 temperature=temperature)
-    pairs = judge_pairs(judge, record.prompt, [r["text"] for r in responses])
+                 seed: int, max_tokens: int | None = None, temperature: float | None = None,
+                 occurrence: int = 1) -> dict:
+    """The raw-log record of one prompt: its responses and every pair's judgement. The k-th
+    occurrence of a prompt in the data samples with seeds seed + (k-1)·num_responses + i, so a
+    repeated prompt gets new answers instead of the same ones judged and written again."""
+    responses = sample_responses(policy, record.prompt, num_responses, seed=seed + (occurrence - 1) * num_responses,
+                                 max_tokens=max_tokens, temperature=temperature)
+    pairs = judge_pairs(judge, record.prompt, [r["text"] for r in responses], record.tools)
     judged = [p for p in pairs if p["outcome"] not in SKIPPED]
     tokens = {
         "policy_prompt": sum(r["prompt_tokens"] for r in responses),
@@ -284,11 +296,15 @@ def run_rlaif(cfg, log: Callable[[str], Any] = print) -> Path:
 
     def work(item_id: str, record) -> dict:
         return rlaif_record(item_id, record, policy=policy, judge=judge, num_responses=cfg.rlaif.num_responses,
-                            seed=p.seed, max_tokens=p.max_tokens, temperature=p.temperature)
+                            seed=p.seed, max_tokens=p.max_tokens, temperature=p.temperature,
+                            occurrence=occurrence_of(item_id))
 
-    with JsonlLog(raw_path) as raw:
-        run = run_items(items, work, raw, concurrency=cfg.rlaif.concurrency, desc="rlaif")
-        by_id = {r["id"]: r for r in raw.records}
+    try:
+        with JsonlLog(raw_path) as raw:
+            run = run_items(items, work, raw, concurrency=cfg.rlaif.concurrency, desc="rlaif")
+            by_id = {r["id"]: r for r in raw.records}
+    finally:
+        close_local(policy, judge_backend)
     records = [by_id[item_id] for item_id, _ in items if item_id in by_id]
     rows = [row for record in records for row in preference_rows(record)]
     write_jsonl(out / "preferences.jsonl", rows)

@@ -1,6 +1,10 @@
 """ROUGE-L (Lin 2004): similarity of two texts by their longest common subsequence of words.
 
-    tokens      runs of letters and digits, each lowercased ("Don't panic!" -> don, t, panic)
+    tokens      the words of posttrain.data.quality.text (`words`): after NFKC and case folding, runs of
+                letters, marks and digits ("Don't panic!" -> don, t, panic), each symbol ("+", "€"), and
+                each character of a script written without spaces (Chinese, Japanese, Thai, Lao, Khmer,
+                Burmese: "请写一首诗" -> 请, 写, 一, 首, 诗), so a one-character edit of a Chinese
+                instruction keeps 9 of its 10 tokens instead of changing its only one
     P = LCS / len(candidate),  R = LCS / len(reference),  F = 2PR / (P + R) = 2 LCS / (len(c) + len(r))
 
 F is the balanced F-measure (β = 1), the score Self-Instruct thresholds at 0.7. It is symmetric,
@@ -14,16 +18,16 @@ the exact LCS is computed only while a bound could still beat the best score fou
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 
-_WORD = re.compile(r"[^\W_]+")
+from posttrain.data.quality.text import words
 
 
 def tokenize(text: str) -> list[str]:
-    """Words: maximal runs of letters or digits (punctuation and underscores split), each lowercased.
-    Split first: lowercasing can add a combining mark ("İ" -> "i" + U+0307) that would split a word."""
-    return [word.lower() for word in _WORD.findall(text)]
+    """The words quality's checks use (`posttrain.data.quality.text.words`): runs of letters, marks and
+    digits (punctuation and underscores split), each symbol, and each character of a script written
+    without spaces, after NFKC and case folding."""
+    return words(text)
 
 
 def lcs_length(a: list[str], b: list[str]) -> int:

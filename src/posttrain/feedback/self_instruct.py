@@ -12,7 +12,8 @@ round began:
 
 then the round's candidates are judged in k order and the accepted ones join the pool:
 
-    empty_instruction / truncated_instruction / too_short / too_long (words) / banned_word (whole words)
+    empty_instruction / truncated_instruction / too_short / too_long (words; in Chinese, Japanese or
+    Thai, 2 characters a word) / banned_word (whole words; in those scripts a run of characters)
     duplicate (same words after normalising)  ──  similar (ROUGE-L F >= threshold against any pool task)
     truncated_instance / unparseable_instance / empty_input / empty_output
 
@@ -36,19 +37,27 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from posttrain.config.schema import user_path
+from posttrain.data.quality.text import ngram_scale
 from posttrain.errors import DataError, UserError
-from posttrain.feedback.constitutional import ASSETS, request_seed
+from posttrain.feedback.constitutional import ASSETS, ENDS_WITH_COLON, request_seed
 from posttrain.feedback.jobs import STDERR, check_resume_settings, file_digest, resolve_stream, write_jsonl
 from posttrain.feedback.rouge import RougePool, tokenize
 
 _ANSWER_TOKENS = 16  # the yes/no question needs only its first word
 _GENERATED_ID = re.compile(r"r\d+-\d+")  # "r{round}-{k}", a candidate's id
-_NO_INPUT = {"", "none", "n/a", "na", "<noinput>", "no input", "-", "(none)", "null"}
+# An input that says there is none, lowercased, single-spaced, without surrounding brackets and dots
+# ("None.", "(No input required)"): written as ""
+_NO_INPUT = {"", "none", "n/a", "na", "<noinput>", "<no input>", "no input", "-", "null", "not applicable",
+             "no input required", "no input needed", "no input is required", "no input is needed",
+             "none required", "none needed", "not needed", "not required"}
 # "Input:", or in markdown bold "**Input:**", "**Input**:", "__Input:__" (closing marks only after opening ones)
 _FIELD = re.compile(r"^[ \t]*(?P<bold>\*\*|__)?[ \t]*(?P<name>input|output|label|class label|task)[ \t]*"
                     r"(?(bold)(?:(?P=bold)[ \t]*:|:[ \t]*(?P=bold))|:)[ \t]*", re.IGNORECASE | re.MULTILINE)
 # "9." / "9)" / "9:" (not the "1." of "1.5") or a bullet ("-", "*", "•"; not the "-" of "-5" nor "**" of bold)
 _ENUMERATION = re.compile(r"^\s*(?:\d+\s*[.):](?!\d)|-(?!\d)|\u2022|\*(?!\*))\s*")
+# A line announcing the task: it ends in ":" (constitutional.ENDS_WITH_COLON) and names a task, an
+# instruction or says "here" ("Sure! Here is a new task:", "Here you go:", "New instruction:").
+_PREAMBLE_WORD = re.compile(r"\b(?:tasks?|instructions?|here)\b", re.IGNORECASE)
 # "Task:", "New instruction 3.", "**Task:**", "**Task**:" after any numbering
 _LABEL = re.compile(r"^(?:\*\*|__)?\s*(?:new\s+)?(?:task|instruction)\s*\d*\s*(?:\*\*|__)?\s*[:.)]\s*(?:\*\*|__)?\s*",
                     re.IGNORECASE)
@@ -125,11 +134,22 @@ def instruction_messages(examples: list[Task]) -> list[dict[str, str]]:
         "text-only assistant can carry out. Reply with the instruction only, on a single line.")}]
 
 
+def _instruction_lines(reply: str) -> list[str]:
+    """The non-empty lines of a reply from its instruction line on: leading preamble lines ("Sure!
+    Here is a new task:", "**New instruction:**") are skipped while another line follows. A line
+    ending in ":" that names no task ("Complete the sentence:") is an instruction and is kept."""
+    lines = [line for line in reply.splitlines() if line.strip()]
+    while len(lines) > 1 and ENDS_WITH_COLON.search(lines[0]) and _PREAMBLE_WORD.search(lines[0]):
+        lines = lines[1:]
+    return lines
+
+
 def clean_instruction(reply: str) -> str:
-    """The first non-empty line of a reply, without numbering or a bullet, then without a "Task:"
-    label (markdown bold "**Task:**" too), and without quotes wrapped around the whole of it
-    (a line with quotes inside as well is kept as it is)."""
-    line = next((line for line in reply.splitlines() if line.strip()), "")
+    """The first non-empty line of a reply after any preamble (see `_instruction_lines`), without
+    numbering or a bullet, then without a "Task:" label (markdown bold "**Task:**" too), and
+    without quotes wrapped around the whole of it (a line with quotes inside as well is kept as
+    it is)."""
+    line = next(iter(_instruction_lines(reply)), "")
     line = _ENUMERATION.sub("", line, count=1)
     line = _LABEL.sub("", line, count=1).strip()
     if len(line) >= 2 and line[0] == line[-1] and line[0] in "\"'" and line.count(line[0]) == 2:
@@ -175,7 +195,7 @@ def parse_instance(reply: str, is_classification: bool) -> tuple[str, str, str |
         end = following.start() if following is not None else len(reply)
         fields.setdefault(name, reply[match.end():end].strip())
     given_input = fields.get("input", "")
-    given_input = "" if given_input.lower().rstrip(".") in _NO_INPUT else given_input  # "None." too
+    given_input = "" if " ".join(given_input.lower().strip("()[]. ").split()) in _NO_INPUT else given_input
     if is_classification:
         label = fields.get("label", fields.get("output"))
         if label is None or "input" not in fields:
@@ -198,8 +218,8 @@ def normalise(text: str) -> str:
 
 
 def instruction_cut_off(reply: str, finish_reason: str) -> bool:
-    """Whether max_tokens cut the reply inside its first non-empty line (the instruction)."""
-    return finish_reason == "length" and "\n" not in reply.strip()
+    """Whether max_tokens cut the reply inside its instruction line (no line follows it)."""
+    return finish_reason == "length" and len(_instruction_lines(reply)) <= 1
 
 
 def instruction_rejection(candidate: dict[str, Any], filters) -> str | None:
@@ -211,9 +231,12 @@ def instruction_rejection(candidate: dict[str, Any], filters) -> str | None:
     if filters.drop_truncated and instruction_cut_off(candidate["raw_instruction"],
                                                       candidate["instruction_finish_reason"]):
         return "truncated_instruction"
-    if len(words) < filters.min_words:
+    # A text mostly of character words (Chinese, Japanese, Thai: a token per character) counts
+    # NGRAM_SCALE characters a word, as quality's n-gram checks do: min_words=3 asks six characters there.
+    scale = ngram_scale(words)
+    if len(words) < filters.min_words * scale:
         return "too_short"
-    if len(words) > filters.max_words:
+    if len(words) > filters.max_words * scale:
         return "too_long"
     padded = f" {' '.join(words)} "
     if any(f" {normalise(banned)} " in padded for banned in filters.banned_words if normalise(banned)):
@@ -362,7 +385,7 @@ def run_self_instruct(cfg, *, generator=None, stream: TextIO | None = STDERR) ->
     max_rounds), resumable from candidates.jsonl; then the output files. `generator`
     replaces the backend the config describes (tests, notebooks)."""
     from posttrain.config.synthesis import SelfInstructConfig, validate_self_instruct
-    from posttrain.feedback.client import make_backend
+    from posttrain.feedback.client import close_local, make_backend
     from posttrain.feedback.jobs import JsonlLog, RunAborted, run_items
     from posttrain.feedback.rlaif import backend_settings
 
@@ -389,33 +412,36 @@ def run_self_instruct(cfg, *, generator=None, stream: TextIO | None = STDERR) ->
     pool = TaskPool(seeds, filters, loop.num_tasks)
     show = resolve_stream(stream) or sys.stderr
     failure = None
-    with JsonlLog(candidates) as log:
-        logged = {record["id"]: record for record in log.records}
-        round_number = 0
-        while not pool.full and round_number < loop.max_rounds:
-            items = [(f"r{round_number}-{k}", plan_candidate(pool, round_number, k, loop))
-                     for k in range(loop.per_round)]
-            if any(item_id not in logged for item_id, _ in items):
-                try:
-                    summary = run_items(items,
-                                        lambda item_id, plan: make_candidate(backend, item_id, plan, pool, loop),
-                                        log, concurrency=loop.concurrency, desc=f"self-instruct round {round_number}",
-                                        stream=stream)
-                except RunAborted as exc:  # the whole round failed: the finished rounds are still written
-                    failure = exc
-                    break
-                logged = {record["id"]: record for record in log.records}
-                if summary.failed:  # the next round's examples depend on this whole round: stop here
-                    failure = UserError(f"self-instruct: {summary.failed} candidates of round {round_number} failed "
-                                        f"(first: {summary.errors[0]}); rerun the same command to retry them "
-                                        "(finished candidates are kept)")
-                    break
-            before = Counter(r["reason"] for r in pool.rejected)
-            for item_id, _ in items:
-                pool.apply(logged[item_id])
-            print(_round_line(round_number, pool, Counter(r["reason"] for r in pool.rejected) - before), file=show)
-            round_number += 1
-    _write_outputs(out, pool, round_number, loop, backend, cfg, show)
+    try:
+        with JsonlLog(candidates) as log:
+            logged = {record["id"]: record for record in log.records}
+            round_number = 0
+            while not pool.full and round_number < loop.max_rounds:
+                items = [(f"r{round_number}-{k}", plan_candidate(pool, round_number, k, loop))
+                         for k in range(loop.per_round)]
+                if any(item_id not in logged for item_id, _ in items):
+                    try:
+                        summary = run_items(items,
+                                            lambda item_id, plan: make_candidate(backend, item_id, plan, pool, loop),
+                                            log, concurrency=loop.concurrency,
+                                            desc=f"self-instruct round {round_number}", stream=stream)
+                    except RunAborted as exc:  # the whole round failed: the finished rounds are still written
+                        failure = exc
+                        break
+                    logged = {record["id"]: record for record in log.records}
+                    if summary.failed:  # the next round's examples depend on this whole round: stop here
+                        failure = UserError(f"self-instruct: {summary.failed} candidates of round {round_number} "
+                                            f"failed (first: {summary.errors[0]}); rerun the same command to retry them "
+                                            "(finished candidates are kept)")
+                        break
+                before = Counter(r["reason"] for r in pool.rejected)
+                for item_id, _ in items:
+                    pool.apply(logged[item_id])
+                print(_round_line(round_number, pool, Counter(r["reason"] for r in pool.rejected) - before), file=show)
+                round_number += 1
+        _write_outputs(out, pool, round_number, loop, backend, cfg, show)
+    finally:
+        close_local(backend)
     if failure is not None:
         raise failure
     return out

@@ -12,6 +12,11 @@ shared by a whole batch (temperature, top_p, top_k, penalties) are part of the g
 sampled request with a seed runs in a group of its own, so its seed alone decides its tokens.
 Greedy rows give the same text alone or batched: the generator left-pads and masks, so a
 row never sees its neighbours.
+
+`feedback.client.LocalModel` runs on this engine too: it renders and tokenizes a chat request
+itself and hands the job to `enqueue`, so requests from a pipeline's worker threads are batched
+as the server's are. Its engine has `idle_exit_s`: the worker ends when no job has come for that
+long (nothing keeps the model alive between runs) and `enqueue` starts a new one.
 """
 
 from __future__ import annotations
@@ -83,12 +88,13 @@ class Engine:
     """Owns the model, the tokenizer and the worker thread."""
 
     def __init__(self, model, tokenizer, targets: dict[str, str | None], template: str, limits: Limits, *,
-                 max_batch_size: int = 16, batch_wait_s: float = 0.005):
+                 max_batch_size: int = 16, batch_wait_s: float = 0.005, idle_exit_s: float | None = None,
+                 name: str = "posttrain-serve-worker"):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.model, self.tokenizer, self.targets = model, tokenizer, dict(targets)
         self.template, self.limits = template, limits
-        self.max_batch_size, self.batch_wait_s = max_batch_size, batch_wait_s
+        self.max_batch_size, self.batch_wait_s, self.idle_exit_s = max_batch_size, batch_wait_s, idle_exit_s
         self.eos_ids = eos_token_ids(model, tokenizer, template)  # the template's end-of-turn token too
         self.turn_stops = stop_strings(tokenizer, [], template)  # its end-of-turn marker when several tokens
         self.pad_id = pad_token_id(tokenizer, self.eos_ids)
@@ -106,7 +112,13 @@ class Engine:
         self.stats = {"requests": 0, "refused_busy": 0, "batches": 0, "rows": 0, "largest_batch": 0,
                       "completion_tokens": 0, "generation_errors": 0}
         self._closing = threading.Event()
-        self._worker = threading.Thread(target=self._work, name="posttrain-serve-worker", daemon=True)
+        self._name = name
+        self._worker: threading.Thread | None = None  # with idle_exit_s: started by the first enqueue
+        if idle_exit_s is None:
+            self._start_worker()
+
+    def _start_worker(self) -> None:
+        self._worker = threading.Thread(target=self._work, name=self._name, daemon=True)
         self._worker.start()
 
     # ---------------------------------------------------------------- HTTP side
@@ -116,44 +128,57 @@ class Engine:
         if request.model not in self.targets:
             raise APIError(404, f"the model {request.model!r} does not exist; served: {', '.join(self.targets)}",
                            param="model", code="model_not_found")
-        self._reserve(dry_run=True)  # refuse early, before any tokenizing, when the queue is full
+        with self._lock:
+            self._check_room()  # refuse early, before any tokenizing, when the queue is full
         texts = [self._render(request)] if request.kind == "chat" else request.prompts
         if request.kind == "chat" and self.turn_stops:  # the answer ends with the turn, as rendered
             request.stop = list(dict.fromkeys([*request.stop, *self.turn_stops]))
         job = Job(request=request, target=self.targets[request.model], prompt_tokens=0)
         for text in texts:
-            ids = self._encode(text, special=request.kind == "completion")
+            ids = self.encode(text, special=request.kind == "completion")
             max_tokens = self._check_lengths(request, len(ids))
             job.prompt_tokens += len(ids)
             context = ids[-CONTEXT_TOKENS:] if request.kind == "completion" else []
             context_text = self.decode(context)
             for _ in range(request.n):
                 job.choices.append(Choice(job, len(job.choices), ids, max_tokens, context, context_text))
-        self._reserve()
-        self._queue.put(job)
+        return self.enqueue(job)
+
+    def enqueue(self, job: Job) -> Job:
+        """Queue a job whose choices hold their prompt ids and max_tokens (checked by the caller);
+        APIError 503 when the server is full or closing. Starts the worker if it is idle."""
+        with self._lock:
+            self._check_room()
+            self._pending += 1
+            self.stats["requests"] += 1
+            self._queue.put(job)
+            if self._worker is None:
+                self._start_worker()
         return job
 
-    def _reserve(self, dry_run: bool = False) -> None:
-        """Count one more pending request, or raise 503 when the server is full or closing."""
-        with self._lock:
-            if self._closing.is_set():
-                raise APIError(503, "the server is shutting down", kind="server_error")
-            if self._pending >= self.limits.max_pending:
-                self.stats["refused_busy"] += 1
-                raise APIError(503, f"the server is busy ({self._pending} requests pending); retry shortly",
-                               kind="server_error", code="server_busy")
-            if not dry_run:
-                self._pending += 1
-                self.stats["requests"] += 1
+    def _check_room(self) -> None:
+        """Raise 503 when the server is full or closing (called holding self._lock)."""
+        if self._closing.is_set():
+            raise APIError(503, "the server is shutting down", kind="server_error")
+        if self._pending >= self.limits.max_pending:
+            self.stats["refused_busy"] += 1
+            raise APIError(503, f"the server is busy ({self._pending} requests pending); retry shortly",
+                           kind="server_error", code="server_busy")
 
     def _render(self, request: Request) -> str:
+        """The messages rendered as training renders a row (`data.templates.render`): a turn's
+        `name` goes to the template, and is refused (400) where the template does not render it."""
+        from posttrain.data.templates import render
+        from posttrain.errors import DataError
+
         try:
-            return self.tokenizer.apply_chat_template(request.messages, chat_template=self.template, tokenize=False,
-                                                      add_generation_prompt=True)
+            return render(self.tokenizer, self.template, request.messages, True, source="messages")
+        except DataError as exc:
+            raise APIError(400, str(exc), param="messages") from None
         except Exception as exc:  # noqa: BLE001 - a template may raise on an order of roles it does not support
             raise APIError(400, f"the chat template cannot render these messages: {exc}", param="messages") from None
 
-    def _encode(self, text: str, special: bool) -> list[int]:
+    def encode(self, text: str, special: bool) -> list[int]:
         # Chat text is rendered by the template, BOS and all; a raw completion prompt gets the
         # tokenizer's special tokens, as the OpenAI API and vLLM treat it as the whole input.
         with self._tokenizer_lock:
@@ -202,12 +227,30 @@ class Engine:
             return self._pending
 
     def alive(self) -> bool:
-        return self._worker.is_alive()
+        """Whether jobs are served: the worker runs, or is idle (ended; the next job starts one)."""
+        worker = self._worker
+        return worker.is_alive() if worker is not None else not self._closing.is_set()
+
+    def end_worker(self) -> None:
+        """End the worker now, as an idle `idle_exit_s` engine's ends by itself: nothing is
+        refused, and a job queued meanwhile, or later, starts a new one."""
+        worker = self._worker
+        if worker is None:
+            return
+        self._closing.set()
+        worker.join(timeout=30)
+        with self._lock:
+            self._closing.clear()
+            self._worker = None
+            if not self._queue.empty():
+                self._start_worker()
 
     def close(self) -> None:
         """Stop the worker; queued jobs are refused with 503."""
         self._closing.set()
-        self._worker.join(timeout=30)
+        worker = self._worker
+        if worker is not None:
+            worker.join(timeout=30)
         while True:
             try:
                 job = self._queue.get_nowait()
@@ -218,10 +261,17 @@ class Engine:
     # ---------------------------------------------------------------- worker side
 
     def _work(self) -> None:
+        idle_since = time.monotonic()
+        poll = 0.1 if self.idle_exit_s is None else min(0.1, self.idle_exit_s)
         while not self._closing.is_set():
             try:
-                jobs = [self._queue.get(timeout=0.1)]
+                jobs = [self._queue.get(timeout=poll)]
             except queue.Empty:
+                if self.idle_exit_s is not None and time.monotonic() - idle_since >= self.idle_exit_s:
+                    with self._lock:  # enqueue puts and starts under this lock: no job is left unserved
+                        if self._queue.empty():
+                            self._worker = None
+                            return
                 continue
             rows = len(jobs[0].choices)
             deadline = time.monotonic() + self.batch_wait_s
@@ -240,6 +290,7 @@ class Engine:
                     groups.setdefault(job.group_key(), []).append(job)
             for group in groups.values():
                 self._generate(group)
+            idle_since = time.monotonic()
 
     def _generate(self, group: list[Job]) -> None:
         choices = [c for job in group for c in job.choices]

@@ -7,7 +7,7 @@ Pure Python, no torch: a request body (already JSON-decoded) becomes a `Request`
 
 Validation follows the OpenAI API reference: the same field names, ranges and defaults
 (temperature 1, top_p 1, n 1, max_tokens 16 for completions). Fields this server cannot
-honour (logprobs, tools, echo, ...; in a message: name, tool_calls, ...) are refused rather
+honour (logprobs, tools, echo, ...; in a message: tool_calls, ...) are refused rather
 than silently ignored, and unknown fields are refused as OpenAI does, so a caller never gets
 something other than it asked for. Fields accepted and ignored (store, metadata,
 service_tier) are still type-checked.
@@ -50,7 +50,7 @@ class Request:
 
     kind: str  # "chat" | "completion"
     model: str
-    messages: list[dict] | None = None  # chat: [{"role", "content"}] with text content
+    messages: list[dict] | None = None  # chat: [{"role", "content"}] with text content, and "name" if given
     prompts: list[str] | None = None  # completion: one or more raw prompts
     max_tokens: int | None = None  # None: as many as the limit and the context allow
     temperature: float = 1.0
@@ -80,7 +80,9 @@ _UNSUPPORTED_OFF = {"logprobs": (None, False), "top_logprobs": (None, 0), "logit
 _ROLES = {"system", "user", "assistant", "developer"}
 # Message fields other than role and content: allowed only at their "off" value (clients often send
 # back an earlier reply's message whole, with tool_calls: null, refusal: null, ...).
-_MESSAGE_OFF = {"name": (None,), "tool_calls": (None, []), "tool_call_id": (None,), "function_call": (None,),
+# A message's `name` is passed to the chat template (the engine refuses it where the template does
+# not render it, as training data's is).
+_MESSAGE_OFF = {"tool_calls": (None, []), "tool_call_id": (None,), "function_call": (None,),
                 "refusal": (None,), "audio": (None,), "annotations": (None, [])}
 
 
@@ -218,8 +220,11 @@ def _messages(value: object) -> list[dict]:
         if role not in _ROLES:
             raise APIError(400, f"{where}.role must be one of {', '.join(sorted(_ROLES))}, got {role!r}",
                            param=f"{where}.role")
+        name = message.get("name")
+        if name is not None and not (isinstance(name, str) and name):
+            raise APIError(400, f"{where}.name must be a non-empty string", param=f"{where}.name")
         for key, given in message.items():  # nothing is silently dropped: a field we cannot honour is a 400
-            if key in ("role", "content"):
+            if key in ("role", "content", "name"):
                 continue
             if key not in _MESSAGE_OFF:
                 raise APIError(400, f"unrecognized field in {where}: {key}", param=f"{where}.{key}")
@@ -227,7 +232,8 @@ def _messages(value: object) -> list[dict]:
                 raise APIError(400, f"{where}.{key} is not supported by this server; leave it out",
                                param=f"{where}.{key}")
         messages.append({"role": "system" if role == "developer" else role,
-                         "content": _text_content(message.get("content"), f"{where}.content")})
+                         "content": _text_content(message.get("content"), f"{where}.content"),
+                         **({} if name is None else {"name": name})})
     return messages
 
 
