@@ -95,7 +95,7 @@ def test_perplexity_matches_a_full_logits_computation_at_any_batch_size(tiny, mo
     expected = [_reference_perplexity(model, tokenizer, row) for row in rows]
     by_batch = {}
     for batch_size in (1, 3):
-        scores, template = perplexity.score_rows(rows, PerplexityConfig(model="tiny", batch_size=batch_size),
+        scores, template, _ = perplexity.score_rows(rows, PerplexityConfig(model="tiny", batch_size=batch_size),
                                                  log=lambda _: None)
         assert template == "auto (the model's own)"
         assert all(s.not_scored == "" and s.tokens > 0 for s in scores)
@@ -112,7 +112,7 @@ def test_rows_without_a_trained_token_are_not_scored(tiny, monkeypatch):
             convert({"prompt": "Be kind", "completion": "Of course, gladly.", "label": True}, "unpaired", "u:2"),
             convert({"instruction": "word " * 80, "output": "Short answer."}, "alpaca", "a:1"),
             convert({"instruction": "Name a colour.", "output": "Blue " * 60}, "alpaca", "a:2")]
-    scores, _ = perplexity.score_rows(rows, PerplexityConfig(model="tiny", max_length=40), log=lambda _: None)
+    scores, _, _ = perplexity.score_rows(rows, PerplexityConfig(model="tiny", max_length=40), log=lambda _: None)
     assert [s.not_scored for s in scores] == ["no_trained_tokens", "", "labels_past_max_length", ""]
     assert scores[1].perplexity > 0 and not scores[1].truncated
     assert scores[3].truncated and scores[3].tokens < 60  # cut to max_length, scored on what is left
@@ -148,7 +148,7 @@ def test_thresholds_drop_exactly_the_expected_rows(tmp_path, monkeypatch):
 
     def fake(rows, cfg, log):
         seen.extend(r.source for r in rows)
-        return [RowScore(float(r.raw["ppl"]), 4) for r in rows], "chatml"
+        return [RowScore(float(r.raw["ppl"]), 4) for r in rows], "chatml", cfg.max_length
 
     monkeypatch.setattr(perplexity, "score_rows", fake)
     cfg = _cfg(tmp_path, [path], **{"perplexity.model": "tiny", "perplexity.max_perplexity": 60,

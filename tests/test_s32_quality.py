@@ -151,8 +151,8 @@ def test_perplexity_max_length_is_held_to_the_model_position_table(monkeypatch):
     rows = [convert({"instruction": "Name a colour.", "output": "Blue and green " * 20}, "alpaca", "a:1"),
             convert({"instruction": "Hi", "output": "Hello."}, "alpaca", "a:2")]
     said: list[str] = []
-    scores, _ = perplexity.score_rows(rows, PerplexityConfig(model="tiny-2l", max_length=4096), log=said.append)
-    at_table, _ = perplexity.score_rows(rows, PerplexityConfig(model="tiny-2l", max_length=24), log=lambda _: None)
+    scores, _, _ = perplexity.score_rows(rows, PerplexityConfig(model="tiny-2l", max_length=4096), log=said.append)
+    at_table, _, _ = perplexity.score_rows(rows, PerplexityConfig(model="tiny-2l", max_length=24), log=lambda _: None)
     assert [s.perplexity for s in scores] == [s.perplexity for s in at_table]
     assert scores[0].truncated and scores[0].tokens < 24 and not scores[1].truncated
     assert any("24" in line and "max_length" in line for line in said), said

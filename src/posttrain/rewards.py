@@ -5,7 +5,15 @@ turn lists; one that also takes `rows=` gets each prompt's row (its reference `a
 other fields) for verification. `RewardModelScorer` wraps a trained reward model
 (`posttrain rm`); `function_reward("pkg.module:fn")` imports a plain function
 `fn(prompt, response) -> float` or `fn(prompt, response, row) -> float` (a format check, an
-exact-match verifier). Built in: `exact_match` (against the row's answer) and `format_reward`.
+exact-match verifier), or a static or class method, "pkg.module:Class.method". Built in:
+`exact_match` (against the row's answer, surrounding whitespace trimmed, case-sensitive) and
+`format_reward`.
+
+A reward function is called with Python's `random`, numpy's global RNG (when numpy is imported)
+and torch's CPU generator seeded from its spec, the (prompt, response) it scores and the seed a
+caller may set with `reward_seed` (0 unless set), and the caller's RNG states are put back after
+the batch. A function that draws random numbers so gives the same value for the same response
+whatever batch, process or resumed run scores it, and its draws move no other random stream.
 
 Several objectives (helpfulness, harmlessness, length, ...) combine into one score the RL
 stage can maximise, the weighted-sum scalarisation of the multi-objective problem
@@ -22,10 +30,13 @@ candidate beats on every objective, to see the trade-off before choosing weights
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import hashlib
 import importlib
 import inspect
 import math
 import os
+import random
 import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -106,31 +117,42 @@ class RewardModelScorer:
 
 def function_reward(spec: str) -> Reward:
     """'package.module:function' → a batch reward from `function(prompt_turns, response) -> float`
-    or, when the function takes a third argument, `function(prompt_turns, response, row)`. The
-    module is looked for in the working directory too (last), as `python -m posttrain` looks
-    first: the `posttrain` command's own path holds its bin directory instead."""
+    or, when the function takes a third argument, `function(prompt_turns, response, row)`. After
+    the colon a dotted path names an attribute of an attribute ('module:Class.method': a
+    staticmethod or classmethod; a plain method would need an instance). The module is looked
+    for in the working directory too (last), as `python -m posttrain` looks first: the
+    `posttrain` command's own path holds its bin directory instead. Each call draws from seeded
+    RNGs (`_seeded_rngs`)."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ConfigError(f"reward function {spec!r} must look like package.module:function")
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.append(os.getcwd())
     try:
-        fn = getattr(importlib.import_module(module_name), attr)
+        owner, fn = None, importlib.import_module(module_name)
+        for part in attr.split("."):
+            owner, fn = fn, getattr(fn, part)
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"reward function {spec!r} cannot be imported: {exc}") from None
     except Exception as exc:  # a syntax error in the module, or one it raises as it runs
         raise ConfigError(f"reward function {spec!r} cannot be imported: {type(exc).__name__}: {exc}") from None
     if not callable(fn):  # a constant or a module: inspect cannot read it, and the first rollout would fail
         raise ConfigError(f"reward function {spec!r} names {_shown(fn)} ({type(fn).__name__}), not a function")
+    if inspect.isclass(owner) and inspect.isfunction(inspect.getattr_static(owner, part, None)):
+        raise ConfigError(f"reward function {spec!r} is a method of {owner.__name__} that needs an instance "
+                          "(its first argument, self, would be the prompt): make it a staticmethod or a "
+                          "classmethod, or name a module-level function")
     _check_signature(fn, spec)
 
     def each(args: list[tuple]) -> list:  # values checked, with the component's name, by `_checked`
         out = []
-        for i, arg in enumerate(args):
-            try:
-                out.append(fn(*arg))
-            except Exception as exc:  # noqa: BLE001 (the user's code: said as a one-line error naming it)
-                raise RewardFunctionError(spec, exc, i, len(args)) from exc
+        with _seeded_rngs() as seed:
+            for i, arg in enumerate(args):
+                seed(spec, arg[0], arg[1])
+                try:
+                    out.append(fn(*arg))
+                except Exception as exc:  # noqa: BLE001 (the user's code: said as a one-line error naming it)
+                    raise RewardFunctionError(spec, exc, i, len(args)) from exc
         return out
 
     if _positional_arity(fn) >= 3:
@@ -142,6 +164,47 @@ def function_reward(spec: str) -> Reward:
             return each(list(zip(prompts, responses)))
     reward.row_keys = tuple(getattr(fn, "row_keys", ()))  # what it reads of every row: checked once they are read
     return reward
+
+
+_REWARD_SEED: contextvars.ContextVar[int] = contextvars.ContextVar("posttrain_reward_seed", default=0)
+
+
+@contextlib.contextmanager
+def reward_seed(seed: int) -> Iterator[None]:
+    """Around a batch's scoring: `seed` (an RL rollout's, from the run seed, epoch and rollout)
+    enters the seeds reward functions draw with, so one response draws apart in another rollout
+    or run, and alike when a resumed run scores it again."""
+    token = _REWARD_SEED.set(int(seed))
+    try:
+        yield
+    finally:
+        _REWARD_SEED.reset(token)
+
+
+@contextlib.contextmanager
+def _seeded_rngs() -> Iterator[Callable[..., None]]:
+    """Yields `seed(*key)`, which seeds Python's `random`, numpy's global RNG (when numpy is
+    imported) and torch's CPU generator from a 64-bit hash of `key` (its repr) and the seed
+    `reward_seed` set; the caller's states are put back on leaving. Determined by `key`, not by
+    what was drawn before, so a value does not depend on the batch, the process or a resume."""
+    numpy = sys.modules.get("numpy")
+    saved = random.getstate(), numpy.random.get_state() if numpy else None, torch.get_rng_state()
+
+    def seed(*key) -> None:
+        value = int.from_bytes(hashlib.blake2b(repr((_REWARD_SEED.get(), key)).encode(), digest_size=8).digest(),
+                               "little")
+        random.seed(value)
+        if numpy:
+            numpy.random.seed(value % 2**32)
+        torch.default_generator.manual_seed(value)
+
+    try:
+        yield seed
+    finally:
+        random.setstate(saved[0])
+        if numpy:
+            numpy.random.set_state(saved[1])
+        torch.set_rng_state(saved[2])
 
 
 class RewardFunctionError(DataError):
@@ -253,8 +316,8 @@ def _call(reward: Reward, prompts, responses, rows) -> list[float]:
 
 
 def exact_match(prompt: list[dict], response: str, row: dict) -> float:
-    """1.0 when the response equals the row's reference 'answer' (whitespace-trimmed, the
-    rule of `data.synthetic.answer_matches`), else 0.0. The answer is read as a prompt row's
+    """1.0 when the response equals the row's reference 'answer' (surrounding whitespace trimmed,
+    otherwise as written: case-sensitive; the rule of `data.synthetic.answer_matches`), else 0.0. The answer is read as a prompt row's
     is (`data.prompts.reference_answer`): a number as the file writes it (2.50, 1e3), a boolean as
     JSON spells it (true), so `posttrain score`'s rows compare as RL's prompt rows do."""
     from posttrain.data.formats import BadRowError

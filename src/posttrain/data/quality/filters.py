@@ -24,12 +24,13 @@ rejected response is meant to be bad and is left alone.
                            characters every n is doubled (text.ngram_scale; undoubled, prose that
                            names a four-character term three times failed the 2-gram limit; a
                            line repeated over and over still fails doubled).
-                           A fenced code block fails when it loops, as a model that degenerates
-                           writes: one block of 1-8 lines (with a letter or digit) written
-                           LOOP_MIN_COPIES (10) or more times back to back, the copies after the
-                           first holding more than Gopher's duplicate-line share (30%) of the
-                           block's non-blank lines. Ordinary code, whose repeated lines ("}",
-                           "return x") do not follow each other in long runs, passes.
+                           A fenced code block or a display-maths block fails when it loops, as
+                           a model that degenerates writes: one block of 1-8 lines (with a
+                           letter or digit) written LOOP_MIN_COPIES (10) or more times back to
+                           back, the copies after the first holding more than Gopher's
+                           duplicate-line share (30%) of the block's non-blank lines. Ordinary code, whose repeated lines ("}",
+                           "return x") do not follow each other in long runs, passes, and so do
+                           ordinary derivations (each line of an align a new step).
     char_run               one character repeated many times in a row ("!!!!!!!!..."), outside
                            rule lines of ordinary length: a line of at most RULE_LINE_MAX_CHARS
                            (120) characters, only - = _ * # ~ | : + / box-drawing characters and
@@ -187,12 +188,15 @@ def repetition_problem(text: str) -> str | None:
 
 
 def code_loop(text: str) -> str | None:
-    """The first fenced code block of `text` that loops (the module docstring: LOOP_MIN_COPIES or more
-    back-to-back copies of one block of at most LOOP_MAX_LINES lines, with a letter or digit, the
-    copies after the first more than DUPLICATE_LINE_LIMIT of the block's non-blank lines), said as
-    a detail; or None."""
-    for fence in _FENCED_CODE.finditer(text):
-        lines = [line.strip() for line in fence.group().splitlines()[1:] if line.strip()]
+    """The first fenced code block or display-maths block (the blocks `prose` sets aside) of `text`
+    that loops (the module docstring: LOOP_MIN_COPIES or more back-to-back copies of one block of
+    at most LOOP_MAX_LINES lines, with a letter or digit, the copies after the first more than
+    DUPLICATE_LINE_LIMIT of the block's non-blank lines), said as a detail; or None."""
+    blocks = [("code", fence.group().splitlines()[1:]) for fence in _FENCED_CODE.finditer(text)]
+    outside_code = _FENCED_CODE.sub("\n", text)
+    blocks += [("maths", maths.group().splitlines()) for maths in _DISPLAY_MATH.finditer(outside_code)]
+    for kind, block in blocks:
+        lines = [line.strip() for line in block if line.strip()]
         for size in range(1, LOOP_MAX_LINES + 1):
             repeated = 0  # lines so far equal to the line `size` before: a run of back-to-back copies
             for i in range(size, len(lines)):
@@ -204,7 +208,7 @@ def code_loop(text: str) -> str | None:
                     while end < len(lines) and lines[end] == lines[end - size]:
                         end += 1
                     copies = 1 + (repeated + end - i - 1) // size
-                    return (f"a code block loops: a {size}-line block written {copies} times in a row "
+                    return (f"a {kind} block loops: a {size}-line block written {copies} times in a row "
                             f"(from {lines[i - size + 1][:40]!r})")
     return None
 

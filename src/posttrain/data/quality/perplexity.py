@@ -46,9 +46,10 @@ class RowScore:
     truncated: bool = False
 
 
-def score_rows(rows: Sequence, cfg, log: Callable[[str], Any]) -> tuple[list[RowScore], str]:
-    """Score every row under cfg.model (a `PerplexityConfig`); returns the scores in row order
-    and the name of the template used."""
+def score_rows(rows: Sequence, cfg, log: Callable[[str], Any]) -> tuple[list[RowScore], str, int]:
+    """Score every row under cfg.model (a `PerplexityConfig`); returns the scores in row order,
+    the name of the template used and the max_length used (cfg.max_length, or the model's
+    position table where that is shorter)."""
     import torch
 
     from posttrain.data.quality.tokens import encode_trained
@@ -96,7 +97,7 @@ def score_rows(rows: Sequence, cfg, log: Callable[[str], Any]) -> tuple[list[Row
     for position in set(owner):
         mean = nll[position] / scores[position].tokens
         scores[position].perplexity = math.exp(mean) if mean < _EXP_LIMIT else math.inf
-    return scores, name
+    return scores, name, max_length
 
 
 def response_nll(model, sequences: Sequence[Example], batch_size: int, pad_id: int) -> list[tuple[float, int]]:

@@ -56,8 +56,11 @@ def _contamination(c: dict) -> list[str]:
 
 
 def _perplexity(p: dict) -> list[str]:
+    cut = f"cut to {p['max_length']} tokens"
+    if "max_length_configured" in p:  # the model's position table is shorter than the setting
+        cut += f", its position table; max_length={p['max_length_configured']}"
     lines = ["## Perplexity", "",
-             f"Trained responses scored under {p['model']} (template {p['template']}, cut to {p['max_length']} tokens): "
+             f"Trained responses scored under {p['model']} (template {p['template']}, {cut}): "
              f"{_n(p['scored'], 'row')} of {p['rows']}."]
     if p["not_scored"]:
         lines[-1] += " Not scored: " + ", ".join(f"{k} {v}" for k, v in sorted(p["not_scored"].items())) + "."

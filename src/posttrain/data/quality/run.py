@@ -245,7 +245,7 @@ def _perplexity(work: _Pass, cfg, log) -> dict:
     from posttrain.data.quality import perplexity
 
     alive = work.alive()
-    scores, template = perplexity.score_rows([work.rows[i] for i in alive], cfg, log)
+    scores, template, max_length = perplexity.score_rows([work.rows[i] for i in alive], cfg, log)
     scored = [(i, s) for i, s in zip(alive, scores) if s.perplexity is not None]
     values = [s.perplexity for _, s in scored]
     drops, cutoffs = perplexity.threshold_drops(values, cfg.max_perplexity, cfg.drop_top_fraction,
@@ -257,7 +257,8 @@ def _perplexity(work: _Pass, cfg, log) -> dict:
     not_scored = Counter(s.not_scored for s in scores if s.perplexity is None)
     first = {why: [work.rows[i].source for i, s in zip(alive, scores) if s.not_scored == why][:5] for why in not_scored}
     ranked = sorted(range(len(scored)), key=lambda k: (values[k], k))
-    return {"model": cfg.model, "template": template, "max_length": cfg.max_length, "rows": len(alive),
+    configured = {} if max_length == cfg.max_length else {"max_length_configured": cfg.max_length}
+    return {"model": cfg.model, "template": template, "max_length": max_length, **configured, "rows": len(alive),
             "scored": len(scored), "truncated": sum(s.truncated for s in scores),
             "not_scored": dict(not_scored), "first_not_scored": first,
             "perplexity": perplexity.distribution(values),
