@@ -105,7 +105,8 @@ def test_loss_with_ratios_and_kl_against_float64_formula(tiny, estimator, aggreg
         a = float(adv[b])
         surrogate = -torch.minimum(ratio * a, ratio.clamp(1 - eps, 1 + eps) * a)
         d = ref_rows[b] - logp  # log π_ref − log π
-        kl = {"k1": -d, "k2": 0.5 * d ** 2, "k3": torch.exp(d) - 1 - d}[estimator]
+        kl = {"k1": -d.detach() * (1 + logp - logp.detach()),  # k1's value with KL's gradient (policy_gradient.kl_penalty)
+              "k2": 0.5 * d ** 2, "k3": torch.exp(d) - 1 - d}[estimator]
         per_row.append(surrogate + beta * kl)
         kl_rows.append(kl.detach())
         r = ratio.detach()

@@ -79,10 +79,10 @@ def test_k1_and_k3_are_unbiased_for_the_true_kl_and_k2_k3_are_never_negative():
 
 
 def test_adaptive_kl_controller_by_hand():
-    # observed twice the target: the error is clipped to +0.2; 256 steps of a 10,000 horizon
-    assert adaptive_kl_coef(0.1, 12.0, 6.0, 10_000, 256) == pytest.approx(0.1 * (1 + 0.2 * 256 / 10_000))
-    # 10% under target: β shrinks by 0.1 · n / horizon
-    assert adaptive_kl_coef(0.1, 5.4, 6.0, 1_000, 100) == pytest.approx(0.1 * (1 - 0.1 * 100 / 1_000))
+    # observed twice the target: the error is clipped to +0.2; 256 steps of a 10,000 horizon, compounded
+    assert adaptive_kl_coef(0.1, 12.0, 6.0, 10_000, 256) == pytest.approx(0.1 * (1 + 0.2) ** (256 / 10_000))
+    # 10% under target: β shrinks by a factor (1 − 0.1) compounded over n / horizon
+    assert adaptive_kl_coef(0.1, 5.4, 6.0, 1_000, 100) == pytest.approx(0.1 * (1 - 0.1) ** (100 / 1_000))
     assert adaptive_kl_coef(0.1, 6.0, 6.0, 1_000, 100) == pytest.approx(0.1)  # on target: unchanged
 
 

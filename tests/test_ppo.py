@@ -182,7 +182,7 @@ def test_the_adaptive_kl_coefficient_moves_with_the_observed_kl(tiny, tmp_path):
     observed = stage.rollout_metrics["kl"]
     assert stage.rollout_metrics["kl_coef"] == 0.2  # the β this rollout was shaped with
     assert stage.kl_coef == pytest.approx(pg.adaptive_kl_coef(0.2, observed, 1e-6, 30, 3))
-    assert stage.kl_coef == pytest.approx(0.2 * (1 + 0.2 * 3 / 30))  # far above target: the +20% clip
+    assert stage.kl_coef == pytest.approx(0.2 * (1 + 0.2) ** (3 / 30))  # far above target: the +20% clip
     fixed, *_ = _stage(tiny, tmp_path, kl_coef=0.2)
     fixed._batches(rollout)
     assert fixed.kl_coef == 0.2

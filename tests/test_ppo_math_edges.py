@@ -140,7 +140,7 @@ def test_rollout_figures_and_whitened_advantages_against_float64_from_plain_forw
     assert got["value_mean"] == pytest.approx(sum(flat_v) / len(flat_v), abs=1e-5)
     assert got["return_mean"] == pytest.approx(sum(flat_r) / len(flat_r), abs=1e-5)
     assert got["explained_variance"] == pytest.approx(explained, abs=1e-4)
-    assert stage.kl_coef == pytest.approx(beta * (1 + 0.1 * 4 / horizon), rel=1e-5)
+    assert stage.kl_coef == pytest.approx(beta * (1 + 0.1) ** (4 / horizon), rel=1e-5)
     rows = [(batches[0], 0), (batches[0], 1), (batches[0], 2), (batches[1], 0)]
     for (batch, r), adv, values in zip(rows, adv_rows, values_rows):
         n = len(adv)
@@ -153,7 +153,7 @@ def test_rollout_figures_and_whitened_advantages_against_float64_from_plain_forw
 
 
 def test_adaptive_controller_lower_clip_and_fixed_mode(tiny):
-    """KL far under the target (policy = reference: KL 0 exactly): the −20% clip, β·(1 − 0.2·n/H);
+    """KL far under the target (policy = reference: KL 0 exactly): the −20% clip, β·(1 − 0.2)^(n/H);
     fixed control never moves β whatever the KL."""
     from posttrain.train.ppo import ValueHead
 
@@ -165,7 +165,7 @@ def test_adaptive_controller_lower_clip_and_fixed_mode(tiny):
                                 reference=reference, value_head=ValueHead(model.config.hidden_size))
     adaptive._batches(_rollout([0.0] * 4))
     assert adaptive.rollout_metrics["kl"] == 0.0
-    assert adaptive.kl_coef == pytest.approx(0.3 * (1 - 0.2 * 4 / 10), rel=1e-12)
+    assert adaptive.kl_coef == pytest.approx(0.3 * (1 - 0.2) ** (4 / 10), rel=1e-12)
     fixed, _, _ = _ppo_stage(model, tokenizer, ["train.batch_size=4", "ppo.kl_coef=0.3", "ppo.kl_target=1e-9"],
                              reference=_perturbed(model, 2, 0.05), value_head=ValueHead(model.config.hidden_size))
     fixed._batches(_rollout([0.0] * 4))
@@ -361,7 +361,7 @@ def test_a_run_uses_each_completion_epochs_times_with_fixed_old_logps_and_logs_f
     expected = [0.3]
     for kl in kls:
         error = min(max(kl / target - 1, -0.2), 0.2)
-        expected.append(expected[-1] * (1 + error * 8 / horizon))
+        expected.append(expected[-1] * (1 + error) ** (8 / horizon))
     assert betas == pytest.approx(expected[:2], rel=1e-12)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["final_kl_coef"] == pytest.approx(expected[2], rel=1e-12)

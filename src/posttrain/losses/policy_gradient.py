@@ -74,14 +74,41 @@ def kl_k3(logps: Tensor, ref_logps: Tensor) -> Tensor:
 KL_ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
 
 
+def kl_penalty(logps: Tensor, ref_logps: Tensor, estimator: str) -> Tensor:
+    """The per-token KL term of a loss (GRPO's β·KL), from tokens the policy sampled. Its value
+    is the estimator's; what regularises is its gradient, whose mean under a ~ π is
+
+        k1  ∇KL(π‖π_ref), by the score-function form  sg(k1) + sg(k1) · (log π − sg(log π)):
+            k1 itself as a loss has gradient ∇log π(a), whose mean Σ_a ∇π(a) is 0 — it would
+            estimate the KL's value and pull nowhere. The form's gradient, sg(k1)·∇log π, is
+            k2's exactly; its value stays k1's (unbiased, as a user picks k1 for).
+        k2  ∇KL(π‖π_ref): ∇k2 = (log π − log π_ref)·∇log π.
+        k3  ∇KL(π_ref‖π): ∇k3 = (1 − π_ref/π)·∇log π — the reverse KL's gradient, as in GRPO
+            (Shao et al. 2024, Eq. 4) and TRL; it too vanishes at π = π_ref and points towards it.
+
+    With several updates per rollout (μ > 1) the tokens come from π_old, not π, so these hold
+    only to the extent that π stays near π_old (as in the paper and TRL, no importance weight)."""
+    kl = KL_ESTIMATORS[estimator](logps, ref_logps)
+    if estimator != "k1":
+        return kl
+    value = kl.detach()
+    return value + value * (logps - logps.detach())
+
+
 def adaptive_kl_coef(coef: float, observed_kl: float, target: float, horizon: float, steps: int) -> float:
-    """One update of the adaptive KL controller (Ziegler et al. 2019, §2.2):
+    """One update of the adaptive KL controller (Ziegler et al. 2019, §2.2), over `steps`
+    responses (n) with horizon H:
 
-        e = clip(KL_observed / KL_target − 1, −0.2, 0.2);   β ← β · (1 + e · n_steps / horizon)
+        e = clip(KL_observed / KL_target − 1, −0.2, 0.2);   β ← β · (1 + e)^(n / H)
 
-    A pure function of the coefficient, so resuming needs only β itself."""
+    The paper's step, β · (1 + e · n/H), compounded: every H responses move β by the factor
+    1 + e ∈ [0.8, 1.2] whatever the rollout size, so β stays positive. The two agree to first
+    order in e (for n ≪ H they differ by about (n/H)·e²/2, a tenth of the step at most); the
+    linear step turns β negative once a rollout holds more than 5·H responses (e · n/H < −1),
+    and leaves it at 0 for good at exactly 5·H. A pure function of the coefficient, so
+    resuming needs only β itself."""
     error = min(max(observed_kl / target - 1.0, -0.2), 0.2)
-    return coef * (1.0 + error * steps / horizon)
+    return coef * (1.0 + error) ** (steps / horizon)
 
 
 # --------------------------------------------------------------------------- advantages
@@ -126,7 +153,9 @@ def group_advantages(rewards: Tensor, group_size: int, scale_by_std: bool = True
                                                 scaling favours prompts that are almost
                                                 always right or wrong).
 
-    rewards (N·G,) laid out prompt by prompt → (N·G,). std is the population std (ddof 0).
+    rewards (N·G,) laid out prompt by prompt → (N·G,). std is the population std (ddof 0), as
+    the paper's; TRL's GRPOTrainer takes torch.std's (ddof 1), so its advantages are √((G−1)/G)
+    times these.
     Computed in float64: a group of equal float32 rewards then has a mean equal to each of
     them and advantage 0, where float32's round-off in the mean and the std, divided by
     that std + ε, gave every sample the same sizeable advantage."""

@@ -4,9 +4,10 @@ Every optimizer step starts from a rollout: P prompts, G completions sampled for
 the policy being trained, a reward per completion, and an advantage per completion relative
 to the other G−1 samples of its prompt (`losses.policy_gradient.group_advantages` or
 `rloo_advantages`). The step then minimises PPO's clipped surrogate on those completions'
-tokens, plus β·KL(π‖π_ref) per token when β > 0. With `grpo.updates_per_rollout` = μ > 1 the
-same rollout feeds μ steps and the ratio to the rollout-time policy is clipped; with μ = 1
-(the default) the ratio is exactly 1 and the loss is the plain policy gradient.
+tokens, plus β times a per-token KL penalty to the reference when β > 0 (`kl_penalty`: k1 and
+k2 pull along ∇KL(π‖π_ref), k3, GRPO's, along ∇KL(π_ref‖π)). With `grpo.updates_per_rollout`
+= μ > 1 the same rollout feeds μ steps and the ratio to the rollout-time policy is clipped;
+with μ = 1 (the default) the ratio is exactly 1 and the loss is the plain policy gradient.
 
 How it fits THE loop: `micro_batches(epoch)` is a generator that samples a rollout from the
 current weights whenever it needs one, so the loop's accumulation, clipping, checkpoints
@@ -61,7 +62,7 @@ class GroupPolicyLoss(torch.nn.Module):
                                                   mask, self.cfg.aggregation),
                    "entropy": self._sum(forward["entropy"].detach(), mask)}
         if self.cfg.beta > 0:
-            kl = pg.KL_ESTIMATORS[self.cfg.kl_estimator](logps, ref_logps)
+            kl = pg.kl_penalty(logps, ref_logps, self.cfg.kl_estimator)
             per_token = per_token + self.cfg.beta * kl * mask
             metrics["kl"] = self._sum(kl.detach(), mask)
         return self._sum(per_token, mask), metrics
