@@ -156,8 +156,8 @@ def _first_step_update_size(tmp_path, method, marker_of_layer):
     """One AdamW step from an all-zero B / up projection: each entry with a real gradient moves
     by lr_group · g/(|g| + eps) ≈ lr_group (first step: m̂ = g, v̂ = g²), so the largest move of
     a zero-initialised matrix is its group's learning rate."""
-    run_dir = _sft(tmp_path, adapter={"method": method, "lora": {"target_modules": ["q_proj"]},
-                                      "bottleneck": {"where": ["attention"], "size": 8}},
+    sections = {"lora": {"target_modules": ["q_proj"]}, "bottleneck": {"where": ["attention"], "size": 8}}
+    run_dir = _sft(tmp_path, adapter={"method": method, **{m: sections[m] for m in method if m in sections}},
                    train={"max_steps": 1, "layer_lr_decay": 0.5, "lr": 1e-2})
     final = run_dir / "final"
     tensors = {}

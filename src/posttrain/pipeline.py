@@ -123,6 +123,7 @@ class Stage:
     merge: bool = False  # a later stage starts from this one's adapters: write merged/
     fingerprint: str = ""
     flat: dict[str, Any] = dataclasses.field(default_factory=dict)
+    unread: dict[str, str] = dataclasses.field(default_factory=dict)  # pipeline-wide items left out -> why
 
     @property
     def run_dir(self) -> Path:
@@ -244,6 +245,10 @@ def load_pipeline(path: str | Path, overrides: list[str] = ()) -> tuple[Path, li
                 except ConfigError as exc:
                     errors.append(exc)
             raise next((e for e in errors if "did you mean" in str(e)), errors[0])
+        takers = [stage for stage in stages if _fits(type(stage.cfg), item)]
+        if all(item in stage.unread for stage in takers):  # (an adapter setting): no stage's method reads it
+            raise ConfigError(f"{where}: {item} is read by no stage: " + "; ".join(
+                f"stage {stage.name!r}: {stage.unread[item]}" for stage in takers))
     return output_dir, stages
 
 
@@ -302,20 +307,46 @@ def _load_stage(spec: dict, name: str, earlier: list[Stage], path: Path, output_
     if "output_dir" in _keys(own):
         raise ConfigError("output_dir is the pipeline's (each stage runs in OUTPUT_DIR/NAME); set it at the top")
     config_file = path.parent / user_path(spec["config"]) if spec.get("config") else None  # ~ is home
-    items = [*(i for i in common if _fits(config_cls, i)), *own_file,
-             *(i for i in cli_stage[None] if _fits(config_cls, i)), *own_cli]
+    wide = ([i for i in common if _fits(config_cls, i)], [i for i in cli_stage[None] if _fits(config_cls, i)])
+    items = [*wide[0], *own_file, *wide[1], *own_cli]
     wiring, deps = _wire(spec.get("inputs") or {}, earlier, own, kind, config_cls, _given(items))
-    items += [f"{k}={json.dumps(v)}" for k, v in wiring.items()]
-    items += _alias_overrides(kind, items) + [f"output_dir={json.dumps(str(output_dir / name))}"]
-    cfg = config_cls.load(config_file, items)
+    tail = [f"{k}={json.dumps(v)}" for k, v in wiring.items()]
+    tail += _alias_overrides(kind, items + tail) + [f"output_dir={json.dumps(str(output_dir / name))}"]
+    cfg = config_cls.load(config_file, items + tail)
+    unread = _unread_adapter_items(cfg, [*wide[0], *wide[1]])
+    if unread:  # a pipeline-wide adapter setting for the stages whose methods read it, left out here
+        kept = [[i for i in part if i not in unread] for part in wide]
+        cfg = config_cls.load(config_file, [*kept[0], *own_file, *kept[1], *own_cli, *tail])
     validate = _validator(config_cls, run)
     if validate is not None:
         validate(cfg)
-    stage = Stage(name, kind, cfg, run, deps, wiring)
+    stage = Stage(name, kind, cfg, run, deps, wiring, unread=unread)
     stage.flat = {k: v for k, v in flatten(cfg.to_dict()).items() if k not in UNFINGERPRINTED}
     stage.fingerprint = hashlib.sha256(json.dumps([kind, stage.flat], sort_keys=True).encode()).hexdigest()[:16]
     stage.deps += [s.name for s in earlier if s.name not in stage.deps and _reads(stage.flat, s.run_dir)]
     return stage
+
+
+def _unread_adapter_items(cfg: Any, wide: list[str]) -> dict[str, str]:
+    """Of the overrides every stage gets (`wide`), those that set only adapter settings this stage's
+    adapter.method does not read (adapter.lora.r=16 at the top, a stage with method full), each
+    with why: a stage refuses such a setting of its own (`unread_adapter_settings`), but one set
+    for the whole pipeline is for the stages whose methods read it."""
+    adapter = getattr(cfg, "adapter", None)
+    if adapter is None or not wide:
+        return {}
+    from posttrain.models.adapters.spec import plan_adapters, unread_adapter_settings
+
+    try:
+        unread = unread_adapter_settings(adapter, plan_adapters(adapter))
+    except ConfigError:  # the stage's validation says what is wrong with its adapter.method
+        return {}
+    out = {}
+    for item in wide:
+        leaves = flatten(_given([item]))
+        if leaves and all(key in unread for key in leaves):
+            out[item] = unread[next(iter(leaves))]
+    return out
 
 
 def _wire(inputs: Any, earlier: list[Stage], own: list[str], kind: str, config_cls: type,

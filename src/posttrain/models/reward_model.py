@@ -156,9 +156,9 @@ def check_trained_head(model, path) -> None:
 
 def add_lora(model, lora_cfg):
     """Wrap a reward model with LoRA (peft, task SEQ_CLS: the new head trains in full and is saved)."""
-    from peft import LoraConfig, TaskType, get_peft_model
+    from peft import LoraConfig, TaskType
 
-    from posttrain.models.adapters.build import peft_targets, quiet_peft
+    from posttrain.models.adapters.build import inject, peft_targets
 
     # the head (peft's SEQ_CLS default) and any other module the checkpoint lacked, which would
     # otherwise stay at its random draw, untrained and unsaved: a new draw at every reload
@@ -167,8 +167,7 @@ def add_lora(model, lora_cfg):
                         lora_dropout=lora_cfg.dropout, use_rslora=lora_cfg.rslora, use_dora=lora_cfg.dora,
                         target_modules=peft_targets(lora_cfg.target_modules),
                         modules_to_save=["classifier", "score", *fresh] if fresh else None)
-    with quiet_peft():
-        return get_peft_model(model, config)
+    return inject(model, config, "adapter.lora.target_modules", lora_cfg.target_modules)
 
 
 def _classifier(model):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import re
 import warnings
 from typing import Any
 
@@ -44,9 +45,11 @@ def apply_adapters(lm: nn.Module, adapter_cfg: Any = None, *, plan: AdapterPlan 
 
         lm = prepare_model_for_kbit_training(lm, use_gradient_checkpointing=_checkpointing(lm))
     if "lora" in plan.methods:
-        weight_peft = _inject(lm, _lora_config(adapter_cfg.lora, plan.dora), "adapter.lora.target_modules")
+        weight_peft = inject(lm, _lora_config(adapter_cfg.lora, plan.dora), "adapter.lora.target_modules",
+                             adapter_cfg.lora.target_modules)
     elif "ia3" in plan.methods:
-        weight_peft = _inject(lm, _ia3_config(adapter_cfg.ia3, lm), "adapter.ia3.target_modules")
+        weight_peft = inject(lm, _ia3_config(adapter_cfg.ia3, lm), "adapter.ia3.target_modules",
+                             adapter_cfg.ia3.target_modules)
     virtual = [m for m in plan.methods if m in ("prompt", "prefix")]
     if virtual:
         virtual_peft = _virtual_tokens(lm, virtual[0], adapter_cfg.virtual_tokens)
@@ -65,15 +68,24 @@ def _checkpointing(lm) -> bool:
     return bool(flag if flag is not None else getattr(lm, "is_gradient_checkpointing", False))
 
 
-def peft_targets(names: list[str]) -> Any:
-    """peft's target_modules: 'all-linear', a regex string ('re:...'), or a list of names."""
+def peft_targets(names: list[str], key: str = "target_modules") -> Any:
+    """peft's target_modules: 'all-linear', a regex string ('re:...'), or a list of names. Each of
+    all-linear and a regex stands alone: in a list peft would read it as a layer name and adapt
+    only the other entries."""
     names = list(names)
     if names == ["all-linear"]:
         return "all-linear"
     if len(names) == 1 and names[0].startswith("re:"):
+        try:
+            re.compile(names[0][3:])
+        except re.error as exc:
+            raise ConfigError(f"{key}: {names[0]} is not a valid regular expression ({exc})") from None
         return names[0][3:]
+    if "all-linear" in names:
+        raise ConfigError(f"{key}: all-linear must be the only entry (it is every linear layer but the output head); "
+                          f"to add {', '.join(n for n in names if n != 'all-linear')}, list the layers by name")
     if any(n.startswith("re:") for n in names):
-        raise ConfigError("a 're:<regex>' target must be the only entry of target_modules")
+        raise ConfigError(f"{key}: a 're:<regex>' target must be the only entry (fold the names into the regex)")
     return names
 
 
@@ -81,7 +93,7 @@ def _lora_config(lora: Any, dora: bool):
     from peft import LoraConfig
 
     return LoraConfig(r=lora.r, lora_alpha=float(lora.alpha), lora_dropout=float(lora.dropout),
-                      target_modules=peft_targets(lora.target_modules), use_rslora=bool(lora.rslora),
+                      target_modules=peft_targets(lora.target_modules, "adapter.lora.target_modules"), use_rslora=bool(lora.rslora),
                       use_dora=dora, task_type="CAUSAL_LM")
 
 
@@ -90,7 +102,7 @@ def _ia3_config(ia3: Any, lm: nn.Module):
 
     kwargs: dict[str, Any] = {}
     if ia3.target_modules:
-        kwargs["target_modules"] = peft_targets(ia3.target_modules)
+        kwargs["target_modules"] = peft_targets(ia3.target_modules, "adapter.ia3.target_modules")
         kwargs["feedforward_modules"] = list(ia3.feedforward_modules) or _ia3_feedforward(lm, kwargs["target_modules"])
         outside = [m for m in ia3.feedforward_modules if m not in ia3.target_modules]
         if outside and not isinstance(kwargs["target_modules"], str):  # (a regex or all-linear: peft checks)
@@ -129,6 +141,7 @@ def _linear_names(lm: nn.Module) -> list[str]:
 
 
 def _has_layer(names: list[str], target: str) -> bool:
+    """peft's rule for a listed target: some module path is it, or ends in "." + it."""
     return any(name == target or name.endswith("." + target) for name in names)
 
 
@@ -171,13 +184,21 @@ def quiet_peft():
         yield
 
 
-def _inject(lm: nn.Module, peft_config, key: str):
+def inject(lm: nn.Module, peft_config, key: str, written: list[str]):
+    """get_peft_model, its targets checked first in the user's words: `written` is `key` as the
+    config has it (empty: peft's default or ours, `peft_config.target_modules`). peft matches a name
+    as the whole module path or its dotted tail, and a regex as re.fullmatch on the whole path."""
     from peft import get_peft_model
 
     targets = peft_config.target_modules
-    if isinstance(targets, (list, set, tuple)):  # peft stops only when no name matches: check each
-        modules = [name for name, _ in lm.named_modules()]
-        unmatched = [t for t in targets if not any(m == t or m.endswith("." + t) for m in modules)]
+    names = [name for name, _ in lm.named_modules() if name]
+    shown = ", ".join(written or (sorted(targets) if isinstance(targets, (set, list)) else [str(targets)]))
+    if isinstance(targets, str):
+        if targets != "all-linear":
+            _check_regex(lm, names, targets, key)
+    elif targets is not None:  # a list (None: peft's default for the model type); peft stops only when no name
+        # matches: check each
+        unmatched = [t for t in (written or sorted(targets)) if not _has_layer(names, t)]
         if unmatched:
             raise ConfigError(f"{key}: {unmatched[0]!r} matches no layer of {type(lm).__name__}; "
                               f"its linear layers are: {', '.join(linear_module_names(lm))}")
@@ -188,9 +209,43 @@ def _inject(lm: nn.Module, peft_config, key: str):
         text = str(exc)
         if "not found" not in text and "Target module" not in text and "target_modules" not in text:
             raise
-        names = ", ".join(linear_module_names(lm))
-        raise ConfigError(f"{key} {peft_config.target_modules!r} matches no layer of {type(lm).__name__}; "
-                          f"its linear layers are: {names}") from None
+        kind = re.match(r"Target module (\w+)", text)  # peft: "Target module LlamaMLP(...) is not supported"
+        if kind and "not supported" in text:
+            raise ConfigError(_unsupported_target(lm, targets, kind.group(1), key, shown)) from None
+        raise ConfigError(f"{key} [{shown}] matches no layer of {type(lm).__name__}; "
+                          f"its linear layers are: {', '.join(linear_module_names(lm))}") from None
+
+
+def _check_regex(lm: nn.Module, names: list[str], pattern: str, key: str) -> None:
+    """A 're:' target is peft's re.fullmatch against whole module paths: refuse one that matches
+    none, quoted as written, with a path it would have to match."""
+    regex = re.compile(pattern)  # (peft_targets refused one that is no regex)
+    if any(regex.fullmatch(name) for name in names):
+        return
+    linear = _linear_names(lm)
+    partial = next((name for name in linear if regex.search(name)), None)
+    example = partial or (linear[0] if linear else names[0])
+    suffix = f".*({pattern})" if "|" in pattern else f".*{pattern}"
+    hint = f"; for every path ending in it, write re:{suffix}" if any(re.fullmatch(suffix, n) for n in linear) else ""
+    raise ConfigError(f"{key}: re:{pattern} matches no module of {type(lm).__name__}: a regex must match a whole "
+                      f"module path (peft's re.fullmatch), such as {example}{hint}; "
+                      f"its linear layers are: {', '.join(linear_module_names(lm))}")
+
+
+def _unsupported_target(lm: nn.Module, targets: Any, kind: str, key: str, shown: str) -> str:
+    """The message for a target that names a module peft cannot adapt (`kind`, e.g. LlamaMLP: a
+    block, a norm, or for IA3 an embedding): where it is, and the linear layers inside it."""
+    def matched(name: str) -> bool:
+        if isinstance(targets, str):  # a regex (all-linear picks linear layers only)
+            return re.fullmatch(targets, name) is not None
+        return any(_has_layer([name], t) for t in targets or ())
+
+    path = next((name for name, module in lm.named_modules()
+                 if name and type(module).__name__ == kind and matched(name)), None)
+    inside = sorted({n.rsplit(".", 1)[-1] for n in _linear_names(lm) if path and n.startswith(path + ".")})
+    names = ", ".join(inside) if inside else ", ".join(linear_module_names(lm))
+    return (f"{key} [{shown}] names a non-linear module, {path or 'one'} of type {kind}, which peft cannot adapt "
+            f"here; name the linear layers{' inside it' if inside else ''} instead: {names}")
 
 
 def _virtual_tokens(lm: nn.Module, kind: str, vt: Any):

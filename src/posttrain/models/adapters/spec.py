@@ -8,6 +8,7 @@ layers / named modules) change the base itself and each stand alone.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -129,14 +130,17 @@ def validate_adapter(adapter_cfg: Any, *, packing: bool = False, gradient_checkp
         (vt.projection_hidden >= 1, "adapter.virtual_tokens.projection_hidden must be at least 1"),
         (bn.size >= 1, "adapter.bottleneck.size must be at least 1"),
         (bool(bn.where), "adapter.bottleneck.where is empty; use [attention], [ffn] or both"),
-        (bn.init_std >= 0, "adapter.bottleneck.init_std must be >= 0"),
+        (bn.init_std > 0, f"adapter.bottleneck.init_std must be > 0, got {bn.init_std}: Houlsby's near-identity init "
+                          "draws the down projection at this std and starts the up projection at zero; with both at "
+                          "zero neither ever gets a gradient and only the up bias trains"),
         (fz.top_layers >= 0, "adapter.freeze.top_layers must be >= 0"),
         ("freeze" not in plan.methods or fz.top_layers > 0 or bool(fz.modules),
          "adapter.method freeze needs adapter.freeze.top_layers > 0 or adapter.freeze.modules"),
-    ] + _unread_virtual_token_checks(vt, plan.methods)
+    ] + [(False, why) for why in unread_adapter_settings(adapter_cfg, plan).values()]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    _check_target_syntax(adapter_cfg, plan)
     virtual = [m for m in plan.methods if m in VIRTUAL_METHODS]
     if virtual and packing:
         raise ConfigError(f"adapter.method {virtual[0]} cannot be used with data.packing: the virtual tokens would "
@@ -149,30 +153,60 @@ def validate_adapter(adapter_cfg: Any, *, packing: bool = False, gradient_checkp
     return plan
 
 
-# the adapter methods that read each setting of adapter.virtual_tokens
-_VIRTUAL_TOKENS_READ_BY = {"num_virtual_tokens": ("prefix", "prompt"), "init": ("prompt",), "init_text": ("prompt",),
-                           "projection": ("prefix",), "projection_hidden": ("prefix",)}
+# The adapter.method names that read each setting: a section's name alone stands for all its
+# settings. dora and qlora are spellings of lora (plan_adapters), and only qlora reads quantization.
+_READ_BY = {
+    "lora": ("lora", "dora", "qlora"),
+    "quantization": ("qlora",),
+    "ia3": ("ia3",),
+    "bottleneck": ("bottleneck",),
+    "freeze": ("freeze",),
+    "virtual_tokens.num_virtual_tokens": ("prefix", "prompt"),
+    "virtual_tokens.init": ("prompt",),
+    "virtual_tokens.init_text": ("prompt",),
+    "virtual_tokens.projection": ("prefix",),
+    "virtual_tokens.projection_hidden": ("prefix",),
+}
 
 
-def _unread_virtual_token_checks(vt: Any, methods: tuple[str, ...]) -> list[tuple[bool, str]]:
-    """Virtual-token settings a run would silently ignore, refused: one set away from its
-    default that none of `methods` (adapter.method, normalised) reads, init_text without
-    init=text, projection_hidden without projection."""
-    default = type(vt)()
-    checks = []
-    for name, readers in _VIRTUAL_TOKENS_READ_BY.items():
-        value = getattr(vt, name)
-        checks.append((value == getattr(default, name) or any(m in methods for m in readers),
-                       f"adapter.virtual_tokens.{name}={value} does nothing with adapter.method {', '.join(methods)} "
-                       f"(only adapter.method {' or '.join(readers)} reads it); remove it or change adapter.method"))
-    return checks + [
-        (vt.init == "text" or vt.init_text == default.init_text,
-         "adapter.virtual_tokens.init_text is read only with adapter.virtual_tokens.init=text (init=random draws "
-         "the soft prompt at random); set init=text or remove init_text"),
-        (vt.projection or vt.projection_hidden == default.projection_hidden,
-         "adapter.virtual_tokens.projection_hidden is the width of the prefix MLP, read only with "
-         "adapter.virtual_tokens.projection=true; set projection=true or remove projection_hidden"),
-    ]
+def unread_adapter_settings(adapter_cfg: Any, plan: AdapterPlan) -> dict[str, str]:
+    """The adapter settings a run with `plan` would silently ignore, each ("adapter.lora.r") with
+    the reason: a setting away from its default that no method of adapter.method reads,
+    virtual_tokens.init_text without init=text, projection_hidden without projection."""
+    chosen = set(plan.methods) | ({"qlora"} if plan.quantized else set())
+    written = ", ".join([adapter_cfg.method] if isinstance(adapter_cfg.method, str) else adapter_cfg.method)
+    unread: dict[str, str] = {}
+    for setting, readers in _READ_BY.items():
+        section, _, name = setting.partition(".")
+        values, default = getattr(adapter_cfg, section), type(getattr(adapter_cfg, section))()
+        if any(m in chosen for m in readers):
+            continue
+        for field_name in [name] if name else [f.name for f in dataclasses.fields(default)]:
+            value = getattr(values, field_name)
+            if value != getattr(default, field_name):
+                key = f"adapter.{section}.{field_name}"
+                either = " or ".join([", ".join(readers[:-1]), readers[-1]] if len(readers) > 1 else readers)
+                unread[key] = (f"{key}={value} does nothing with adapter.method {written} (only adapter.method "
+                               f"{either} reads it); remove it or change adapter.method")
+    vt, default_vt = adapter_cfg.virtual_tokens, type(adapter_cfg.virtual_tokens)()
+    if vt.init != "text" and vt.init_text != default_vt.init_text:
+        unread.setdefault("adapter.virtual_tokens.init_text", (
+            "adapter.virtual_tokens.init_text is read only with adapter.virtual_tokens.init=text (init=random draws "
+            "the soft prompt at random); set init=text or remove init_text"))
+    if not vt.projection and vt.projection_hidden != default_vt.projection_hidden:
+        unread.setdefault("adapter.virtual_tokens.projection_hidden", (
+            "adapter.virtual_tokens.projection_hidden is the width of the prefix MLP, read only with "
+            "adapter.virtual_tokens.projection=true; set projection=true or remove projection_hidden"))
+    return unread
+
+
+def _check_target_syntax(adapter_cfg: Any, plan: AdapterPlan) -> None:
+    """all-linear and a 're:' regex each alone, the regex valid: what needs no model to check."""
+    from posttrain.models.adapters.build import peft_targets
+
+    for method in ("lora", "ia3"):
+        if method in plan.methods:
+            peft_targets(getattr(adapter_cfg, method).target_modules, f"adapter.{method}.target_modules")
 
 
 def require_cuda_bitsandbytes(what: str) -> None:
