@@ -77,9 +77,10 @@ def test_replay_keeps_the_old_task_and_learns_the_new_one(copy_model, baseline, 
 @pytest.mark.parametrize("penalty", ["forgetting.l2sp=100", "forgetting.ewc=3000"])
 def test_a_strong_penalty_keeps_the_old_task(copy_model, baseline, tmp_path, penalty):
     """At these strengths L2-SP and EWC keep copy, and in 300 steps reverse is not learned: the two
-    tasks need the same weights (README: stability bought with plasticity here). Weaker ones (L2-SP
-    30, EWC 300) sit where the outcome turns on the kernels' rounding: 0.93 / 0.99 of copy kept on
-    one machine, 0.38 / 0.31 on another."""
+    tasks need the same weights (README: stability bought with plasticity here). A weaker L2-SP (30)
+    sits where the outcome turns on the kernels' rounding: 0.93 of copy kept on one machine, 0.38 on
+    another; EWC 300, its Fisher drawn from the whole pool (stop 33), kept 0.91 (0.31 when the
+    Fisher came from the head of the retain file)."""
     summary = _phase_b(copy_model, tmp_path, penalty)
-    assert summary["retain_exact_match_after"] >= 0.7  # measured 1.00 (l2sp) and 0.98 (ewc)
+    assert summary["retain_exact_match_after"] >= 0.7  # measured 1.00 (l2sp) and 0.92 (ewc; 0.98 before stop 33)
     assert summary["retain_loss_increase"] < 0.1 * baseline["retain_loss_increase"]

@@ -8,11 +8,14 @@ The penalties are one quadratic, anchored at the weights θ₀ the run starts fr
     Convolutional Networks", Eq. 3 without its term on new layers):
         Ω(θ) = α/2 · Σ_i (θ_i − θ₀_i)²
     EWC (Kirkpatrick et al. 2017, "Overcoming catastrophic forgetting in neural networks", Eq. 3):
-        Ω(θ) = λ/2 · Σ_i F_i (θ_i − θ₀_i)²,   F = the diagonal of the Fisher information on old data
+        Ω(θ) = λ/2 · Σ_i F_i (θ_i − θ₀_i)²,   F = the diagonal of the empirical Fisher on old data
+                                             (squared gradients under the rows' own labels)
 
 so L2-SP is EWC with F = 1. The gradient is closed-form, ∂Ω/∂θ_i = strength · F_i · (θ_i − θ₀_i):
 the loop adds it to the data gradient once per optimizer step instead of building a graph
-through every weight (`train.forgetting` calls this on each step's trained parameters).
+through every weight (`train.forgetting` calls this on each step's trained parameters). Under
+AdamW that sum is then divided per weight by Adam's √v (a coupled L2 term, not the papers' SGD
+setting), so a strength taken from the papers does not carry over.
 """
 
 from __future__ import annotations

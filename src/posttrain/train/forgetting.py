@@ -5,18 +5,19 @@ it, anchor the weights, distil, project, unfreeze gradually.
 sft's formats, whatever the stage trains on). Its rows are split once (by `train.seed`) into
   - a held-out share (`forgetting.retain_eval_fraction`), only ever measured: the token-mean loss
     on it (`retain_loss`, nats per token) is logged at step 0 and at every evaluation, and the run
-    can stop when it rises too far (`forgetting.max_retain_increase`);
+    can stop when it rises too far, or is no longer finite (`forgetting.max_retain_increase`);
   - the pool, which is replayed (sft's `replay_ratio` mixes pool rows into the training rows;
-    `lm_coef` adds an LM loss on a pool batch every step, in any stage), on which EWC's Fisher is
-    estimated, and from which distillation and A-GEM take their batches (`train.retain_terms`).
+    `lm_coef` adds an LM loss on a pool batch every step, in any stage), on a seeded sample of
+    which (`fisher_examples` rows) EWC's Fisher is estimated, and from which distillation and
+    A-GEM take their batches (`train.retain_terms`).
 Measuring on rows that are also replayed would flatter replay, hence the split.
 
 Two penalties anchor the trained parameters at θ₀, their values when the run starts
 (`losses.regularization.anchored_penalty`): L2-SP (`forgetting.l2sp`, every weight alike) and EWC
-(`forgetting.ewc`, each weight by its diagonal Fisher on the pool). Their gradient is added once
-per optimizer step, before clipping; θ₀ (and F) cost one more copy (two) of the trained
-parameters, on their device, and travel in every checkpoint so that a resumed run keeps the
-original anchor. Only the policy's parameters are anchored (not PPO's value head).
+(`forgetting.ewc`, each weight by its diagonal empirical Fisher on the pool). Their gradient is
+added once per optimizer step, before clipping; θ₀ (and F) cost one more copy (two) of the
+trained parameters, on their device, and travel in every checkpoint so that a resumed run keeps
+the original anchor. Only the policy's parameters are anchored (not PPO's value head).
 
 `forgetting.unfreeze_every` (gradual unfreezing, `train.unfreezing`) needs no retain data.
 `attach` gives a stage these hooks of the loop, keeping the stage's own.
@@ -25,6 +26,7 @@ original anchor. Only the policy's parameters are anchored (not PPO's value head
 from __future__ import annotations
 
 import functools
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,14 +45,17 @@ class RetainData:
 
 
 def retain_data_config(cfg):
-    """The sft data settings retain rows are read with: sft's own `data`; for the other stages,
-    their template, bad-row rules and length (dpo's max_length; the RL stages' longest prompt
-    plus the longest completion), in any sft format."""
+    """The sft data settings retain rows are read with: the stage's template, bad-row rules and
+    length (sft's and dpo's max_length, sft's overlength; the RL stages' longest prompt plus the
+    longest completion), in any sft format, detected per file (format auto: the rows of what the
+    model must keep need not be in the new task's `data.format`)."""
+    import dataclasses
+
     from posttrain.config.sections import DataConfig
 
     d = cfg.data
     if isinstance(d, DataConfig):
-        return d
+        return dataclasses.replace(d, train_files=list(cfg.forgetting.retain_files), format="auto")
     max_length = getattr(d, "max_length", 0) or d.max_prompt_length + cfg.rollout.max_new_tokens
     return DataConfig(train_files=list(cfg.forgetting.retain_files), format="auto", template=d.template,
                       max_length=max_length, overlength=getattr(d, "overlength", "truncate"), bad_rows=d.bad_rows,
@@ -66,9 +71,9 @@ def _length_settings(cfg, d) -> str:
 
 
 def prepare_retain_data(cfg, tokenizer, run_dir: Path | None, seed: int, log) -> RetainData:
-    """Read `cfg.forgetting.retain_files` with the training data's format, template, length and
-    bad-row rules (`retain_data_config`; bad rows go to run_dir/rejects-retain.jsonl), and split
-    off the held-out share."""
+    """Read `cfg.forgetting.retain_files` in any sft format (detected per file) with the training
+    data's template, length and bad-row rules (`retain_data_config`; bad rows go to
+    run_dir/rejects-retain.jsonl), and split off the held-out share."""
     from posttrain.data import formats
     from posttrain.data.pipeline import _labelled_only, encode_all, rejects_file, split_eval
     from posttrain.data.templates import adopt_template
@@ -122,6 +127,14 @@ def mix_replay(train: list[Example], pool: list[Example], ratio: float, seed: in
 def trained_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The parameters the loop clips and the optimizer steps, in the same order."""
     return [p for p in module.parameters() if p.requires_grad]
+
+
+def fisher_rows(pool: list[Example], n: int, seed: int) -> list[Example]:
+    """The pool rows EWC's Fisher is estimated on: min(n, pool) of them drawn by `seed` (a seeded
+    sample of the whole pool, as replay and the held-out split draw theirs: a retain file is often
+    old tasks one after another, and its head would hold only the first), in pool order."""
+    chosen = random.Random(seed + 7_927).sample(range(len(pool)), min(n, len(pool)))
+    return [pool[i] for i in sorted(chosen)]
 
 
 def fisher_diagonal(model: torch.nn.Module, examples: list[Example], params: list[torch.Tensor], pad_id: int,
@@ -179,6 +192,7 @@ class ForgettingControl:
 
         self.cfg = cfg  # ForgettingConfig
         self.retain, self.policy, self.pad_id = retain, policy, pad_id
+        self.seed, self.log = seed, log
         self.measures = retain is not None
         self._lm_args = (loss, chunk_size)
         self._lm: torch.nn.Module | None = None
@@ -220,8 +234,9 @@ class ForgettingControl:
         if self.anchored:
             self.anchors = [p.detach().clone() for p in self.params]
         if self.cfg.ewc > 0:
-            pool = self.retain.pool[: self.cfg.fisher_examples]
-            self.fisher = fisher_diagonal(self.lm, pool, self.params, self.pad_id, accelerator)
+            rows = fisher_rows(self.retain.pool, self.cfg.fisher_examples, self.seed)
+            self.log(f"EWC: the Fisher on {len(rows)} of the {len(self.retain.pool)} pool rows (drawn by train.seed)")
+            self.fisher = fisher_diagonal(self.lm, rows, self.params, self.pad_id, accelerator)
         if self.cfg.distill > 0:
             self.terms.compute_teacher(accelerator)
         if not self.measures:  # L2-SP alone needs no retain rows
@@ -257,11 +272,16 @@ class ForgettingControl:
         return figures
 
     def monitor(self, module, accelerator) -> tuple[dict[str, float], str | None]:
+        """The retain loss now and its rise since step 0; a reason to stop when the rise is above
+        `max_retain_increase` (> 0), a loss that is not finite counting as above it."""
         self.last_loss = self._retain_loss(accelerator)
         increase = self.last_loss - self.start_loss if self.start_loss is not None else 0.0
         limit = self.cfg.max_retain_increase
         reason = None
-        if limit > 0 and increase > limit:
+        if limit > 0 and not math.isfinite(increase):  # NaN > limit is False: it would never stop
+            reason = (f"the retain loss is {self.last_loss} (at the start {self.start_loss}): not finite, which "
+                      f"forgetting.max_retain_increase={limit} counts as a rise above it")
+        elif limit > 0 and increase > limit:
             reason = (f"the retain loss rose {increase:.4f} above its start ({self.start_loss:.4f} -> "
                       f"{self.last_loss:.4f}), more than forgetting.max_retain_increase={limit}")
         return {"retain_loss": self.last_loss, "retain_loss_increase": increase}, reason
