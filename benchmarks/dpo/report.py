@@ -72,6 +72,7 @@ NOTES = {
 DEFAULT_ROW = {"trl": "default", "posttrain": {"dpo_full": "precompute", "dpo_lora": "precompute", "rm": "default"}}
 SPREAD_WARNING = 1.15  # repeats of one row whose mean step times differ more than this are reported as disturbed
 TARGET = 0.5  # the issue's target: posttrain ≤ 0.5× TRL's step time and ≤ 0.5× its peak memory
+LOSS_TOLERANCE = 1e-5  # float32 on CPU: the tools' step-0 losses must agree to this (absolute)
 
 
 def child(case: str, tool: str, variant: str, args, out: Path, log: Path, extra: tuple[str, ...] = ()) -> dict:
@@ -125,9 +126,42 @@ def summarize(runs: list[dict], warmup: int, steps: int, tensors: dict | None = 
         "peak_tensor_mib": tensors and tensors["peak_tensor_mib"],
         "peak_process_tensor_mib": tensors and tensors["peak_process_tensor_mib"],
         "tensor_mib_train_begin": tensors and tensors["tensor_mib_at"].get("train_begin"),
-        # the tracked run computes what the timed runs did: its losses must be theirs
-        "tensor_run_losses_match": tensors and all(abs(a - b) < 1e-6 for a, b in zip(tensors["losses"], runs[0]["losses"])),
+        # the tracked run computes what the timed runs did: its losses must be theirs, every one of them
+        "tensor_run_losses_match": tensors and same_losses(tensors["losses"], runs[0]["losses"]),
     }
+
+
+def same_losses(a: list[float], b: list[float], tolerance: float = 1e-6) -> bool:
+    """Two runs' loss lists agree: as many losses (at least one), each within `tolerance`.
+    A run that stopped early, or logged nothing, does not match."""
+    return len(a) == len(b) > 0 and all(abs(x - y) < tolerance for x, y in zip(a, b))
+
+
+def step0_agreement(posttrain: list[float], trl: list[float], tolerance: float) -> tuple[float | None, bool]:
+    """The largest |difference| between posttrain's and TRL's step-0 losses, and whether it is
+    below `tolerance`. Without TRL runs (posttrain against itself, e.g. results/dpo_padding_free.md)
+    posttrain's runs must agree with each other. A non-finite loss anywhere is a mismatch, with no
+    difference (max() would pass over a NaN that is not first); so are no posttrain runs."""
+    finite = all(math.isfinite(x) for x in posttrain + trl)
+    diff = max(abs(a - b) for a in posttrain for b in (trl or posttrain)) if posttrain and finite else None
+    return diff, diff is not None and diff < tolerance
+
+
+PARITY_CHECKS = {"agree": "step-0 losses agree", "logps_agree": "step-0 log-probs match the float64 reference",
+                 "same_first_batch_ids": "same first batch", "same_tokens_every_step": "same tokens every step"}
+
+
+def parity_ok(p: dict) -> bool:
+    """A case's parity holds: no check of PARITY_CHECKS failed (a check the run could not make,
+    None or absent, is not a failure: the GPU runs have no float64 reference)."""
+    return all(p.get(key) is not False for key in PARITY_CHECKS)
+
+
+def parity_warnings(parities: list[dict]) -> list[str]:
+    """One warning per case whose parity failed, naming every check made."""
+    return [f"{p['case']}: parity check failed ("
+            + ", ".join(f"{label}: {p[key]}" for key, label in PARITY_CHECKS.items() if p.get(key) is not None) + ")"
+            for p in parities if not parity_ok(p)]
 
 
 def logps_check(runs: list[dict], reference: dict) -> list[dict]:
@@ -157,10 +191,7 @@ def parity(case: str, rows: list[dict], reference: dict) -> dict:
         return [run["losses"][0] for run in runs if run["tool"] == tool]
 
     pt, trl = first("posttrain"), first("trl")
-    # without TRL rows (posttrain against itself, e.g. results/dpo_padding_free.md) its rows must agree;
-    # a non-finite loss anywhere is a mismatch (max() would pass over a NaN that is not first)
-    finite = all(math.isfinite(x) for x in pt + trl)
-    diff = max(abs(a - b) for a in pt for b in (trl or pt)) if pt and finite else None
+    diff, agree = step0_agreement(pt, trl, LOSS_TOLERANCE)
     labels = {tool: sorted({run["first_batch_label_tokens"] for run in runs if run["tool"] == tool}) for tool in
               ("posttrain", "trl")}
     step2 = {tool: sorted({round(run["losses"][1], 6) for run in runs if run["tool"] == tool and len(run["losses"]) > 1})
@@ -169,7 +200,7 @@ def parity(case: str, rows: list[dict], reference: dict) -> dict:
     logps_ok = all(c["rel_diff"] is not None and c["rel_diff"] < 1e-5 for c in checks)
     return {"case": case, "posttrain_step0": pt, "trl_step0": trl, "max_abs_diff": diff,
             "logps_checks": checks, "logps_agree": logps_ok,
-            "agree": diff is not None and diff < 1e-5, "same_first_batch_ids": len(digests) == 1,
+            "agree": agree, "same_first_batch_ids": len(digests) == 1,
             "same_tokens_every_step": len(token_lists) == 1, "same_order": len(orders) == 1,
             "tokens_per_step": json.loads(next(iter(token_lists))) if len(token_lists) == 1 else None,
             "first_batch_label_tokens": labels, "step2_losses": step2}
@@ -180,8 +211,10 @@ RATIOS = {"step_time": "step_ms_mean", "step_cpu": "step_cpu_ms_mean",
 TENSOR_RATIO = {"peak_tensors": "peak_tensor_mib"}  # with BENCH_TENSOR_MEMORY (the default)
 
 
-def verdict(case: str, rows: list[dict], rs: list[dict]) -> dict:
-    """posttrain's default row against TRL's default row and against TRL's best row per metric."""
+def verdict(case: str, rows: list[dict], rs: list[dict], parity: dict | None = None) -> dict:
+    """posttrain's default row against TRL's default row and against TRL's best row per metric.
+    With the case's `parity`, `parity_ok` says whether the comparison holds at all: a verdict
+    whose parity failed claims no target met."""
     ours = DEFAULT_ROW["posttrain"][case]
     trl_rows = [row for row in rows if row["tool"] == "trl"]
     mine = [r for r in rs if r["ours"] == ours]
@@ -198,6 +231,8 @@ def verdict(case: str, rows: list[dict], rs: list[dict]) -> dict:
            "trl_fastest": fastest, "time_ratio_vs_fastest": time_best,
            "trl_smallest": smallest, "rss_ratio_vs_smallest": rss_best,
            "time_target_met": time_best <= TARGET, "rss_target_met": rss_best <= TARGET}
+    if parity is not None:
+        out["parity_ok"] = parity_ok(parity)
     if all(row["summary"]["peak_tensor_mib"] for row in trl_rows) and "peak_tensors" in mine[0]:
         least = min(trl_rows, key=lambda row: row["summary"]["peak_tensor_mib"])["variant"]
         tensors = next(r for r in mine if r["vs"] == least)["peak_tensors"]
@@ -296,7 +331,8 @@ def write_markdown(report: dict, path: Path) -> None:
         if "tensor_target_met" in vd:
             checks.append(("tensors", vd["tensor_target_met"]))
         missed = [name for name, ok in checks if not ok]
-        met = "yes" if not missed else f"no ({', '.join(missed)})"
+        met = ("parity failed" if vd.get("parity_ok") is False else
+               "yes" if not missed else f"no ({', '.join(missed)})")
         lines.append(f"| {SHORT[vd['case']]} | "
                      f"{vd['posttrain_row']} | {fmt(vd['time_ratio_vs_fastest'], 2)}× ({vd['trl_fastest']}; vs TRL "
                      f"default {fmt(d.get('step_time_with_precompute'), 2)}×) | {fmt(vd['rss_ratio_vs_smallest'], 2)}× "
@@ -366,16 +402,13 @@ def main() -> None:
     parities = [parity(c, [row for row in rows if row["case"] == c], reference) for c in cases]
     ratios = {**RATIOS, **(TENSOR_RATIO if args.tensor_memory else {})}
     all_ratios = [r for c in cases for r in ratio_rows(c, [row for row in rows if row["case"] == c], ratios)]
-    verdicts = [v for c in cases
-                if (v := verdict(c, [row for row in rows if row["case"] == c], [r for r in all_ratios if r["case"] == c]))]
+    verdicts = [v for c, p in zip(cases, parities)
+                if (v := verdict(c, [row for row in rows if row["case"] == c], [r for r in all_ratios if r["case"] == c],
+                                 p))]
     warnings = timing_warnings(rows, SPREAD_WARNING, "mean")
     warnings += [f"{row['case']} {row['tool']}:{row['variant']}: the tensor-tracking run's losses differ from the timed "
                  "runs'" for row in rows if row["summary"]["tensor_run_losses_match"] is False]
-    for p in parities:
-        if not (p["agree"] and p["logps_agree"] and p["same_first_batch_ids"] and p["same_tokens_every_step"]):
-            warnings.append(f"{p['case']}: parity check failed (step-0 losses agree: {p['agree']}, step-0 log-probs "
-                            f"match the float64 reference: {p['logps_agree']}, same first batch: "
-                            f"{p['same_first_batch_ids']}, same tokens every step: {p['same_tokens_every_step']})")
+    warnings += parity_warnings(parities)
     report = {
         "command": os.environ.get("DPO_BENCH_CMD", "bash benchmarks/run_dpo_bench.sh"),
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
@@ -393,6 +426,15 @@ def main() -> None:
         "warnings": warnings,
     }
     save_report(report, args.results, args.name, write_markdown)
+    exit_on_parity_failure(parities)
+
+
+def exit_on_parity_failure(parities: list[dict]) -> None:
+    """After the page is written (it keeps the evidence): a failed parity check fails the run."""
+    failed = [p["case"] for p in parities if not parity_ok(p)]
+    if failed:
+        raise SystemExit(f"parity check failed for {', '.join(failed)}: the tools did not train the same thing, so "
+                         "the page's ratios compare nothing (see its Warnings)")
 
 
 if __name__ == "__main__":
