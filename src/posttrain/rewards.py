@@ -21,10 +21,11 @@ min_θ [L₁(θ), ..., L_k(θ)]:
 
     total = Σ_i w_i · (r_i − shift_i) / scale_i − Σ_i penalty · max(0, floor_i − r_i)
 
-`calibrate` sets shift/scale to each component's mean/std on sample data so weights
-compare objectives on one scale; a `floor` turns an objective into a soft constraint
-(maximise the rest subject to r_i ≥ floor_i). `pareto_front` finds the candidates no other
-candidate beats on every objective, to see the trade-off before choosing weights.
+`calibrate` sets shift/scale to each component's mean/std (the sample std, n − 1) on sample
+data so weights compare objectives on one scale; a `floor` turns an objective into a soft
+constraint (maximise the rest subject to r_i ≥ floor_i). `pareto_front` finds the candidates no
+other candidate dominates (≥ on every objective, > on one), to see the trade-off before choosing
+weights.
 """
 
 from __future__ import annotations
@@ -55,19 +56,25 @@ class RewardModelScorer:
     final/) and its tokenizer. A model without a trained reward head (a policy, a preset) is
     refused: its head would be a fresh random draw.
 
-    A row longer than `max_length` or the model's positions (`loading.position_limit`) is cut
-    to fit: a decoder keeps its end (the scored token is the last), an encoder its start (it
-    pools at [CLS]). `rows_cut` of `rows_scored` counts them over the scorer's life (`cut_note`)."""
+    A row longer than the model's positions (`loading.position_limit`; for a model whose config
+    names no table, ALiBi's, its tokenizer's `model_max_length`, else 1024), or than `max_length`
+    when one is given, is cut to fit: a decoder keeps its end (the scored token is the last), an
+    encoder its start (it pools at [CLS]). `rows_cut` of `rows_scored` counts them over the
+    scorer's life (`cut_note`)."""
 
     def __init__(self, path: str, template: str = "auto", batch_size: int = 32, dtype: str = "float32",
-                 trust_remote_code: bool = False, max_length: int = 1024, device=None, log=None):
+                 trust_remote_code: bool = False, max_length: int | None = None, device=None, log=None):
         from posttrain.data.templates import resolve_template
         from posttrain.inference import resolve_model_dir
         from posttrain.models.attention import padding_free
-        from posttrain.models.loading import load_tokenizer, position_limit
+        from posttrain.models.loading import load_tokenizer
         from posttrain.models.reward_model import (_classifier, check_trained_head, is_decoder_scorer,
                                                    load_reward_model)
 
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
+                                       or max_length < 1):
+            raise ConfigError(f"a reward model's max_length must be a whole number of tokens, at least 1, "
+                              f"got {max_length!r}")
         path = resolve_model_dir(str(path))  # a run directory means its final/, as generate and merge take it
         self.tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
         self.model = load_reward_model(path, dtype, trust_remote_code, pad_token_id=self.tokenizer.pad_token_id).eval()
@@ -76,8 +83,8 @@ class RewardModelScorer:
             self.model.to(device)
         self.template = resolve_template(self.tokenizer, template)
         self.decoder = is_decoder_scorer(self.model)
-        limit = position_limit(self.model)  # no model reads past its position table
-        self.batch_size, self.max_length = batch_size, max_length if limit is None else min(max_length, limit)
+        limit = _tokens_read(self.model, self.tokenizer)  # no model reads past its position table
+        self.batch_size, self.max_length = batch_size, limit if max_length is None else min(max_length, limit)
         self.rows_cut = self.rows_scored = 0
         if self.decoder:  # the real tokens only, the last layer at the last one (exact); `log` hears why not
             padding_free(_classifier(self.model), log=log, longest=self.max_length,
@@ -113,6 +120,26 @@ class RewardModelScorer:
         kept = "end" if self.decoder else "start"
         return (f"cut {self.rows_cut} of {self.rows_scored} rows longer than {self.max_length} tokens "
                 f"(kept their {kept})")
+
+
+_NO_TABLE_LIMIT = 1024  # the tokens a reward model reads when neither its config nor its tokenizer says
+
+
+def _tokens_read(model, tokenizer) -> int:
+    """How many tokens a reward model reads by default: its positions (`loading.position_limit`),
+    or for a model whose config names no table (ALiBi: Bloom, MPT) its tokenizer's
+    `model_max_length` when the tokenizer sets one (transformers' unset value is 1e30), else 1024."""
+    from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
+
+    from posttrain.models.loading import position_limit
+
+    limit = position_limit(model)
+    if limit is not None:
+        return limit
+    told = getattr(tokenizer, "model_max_length", None)
+    if isinstance(told, int) and not isinstance(told, bool) and 0 < told < VERY_LARGE_INTEGER:
+        return told
+    return _NO_TABLE_LIMIT
 
 
 def function_reward(spec: str) -> Reward:
@@ -390,7 +417,8 @@ class CombinedReward:
 
     def calibrate(self, prompts: Sequence[list[dict]], responses: Sequence[str],
                   rows=None) -> dict[str, tuple[float, float]]:
-        """Set each component's shift/scale to its mean/std on these samples (std 0 → 1)."""
+        """Set each component's shift/scale to its mean/std (the sample std, n − 1) on these
+        samples (std 0, or a single sample → 1)."""
         return self.calibrate_on(self.raw(prompts, responses, rows))
 
     def calibrate_on(self, raw: dict[str, list[float]]) -> dict[str, tuple[float, float]]:

@@ -18,7 +18,10 @@ Which position is scored:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -204,19 +207,60 @@ def scores_at(classifier, inputs: dict, at: torch.Tensor) -> torch.Tensor:
     return head_in_own_precision(classifier.score, pick(hidden))[:, 0].float()
 
 
-def head_in_own_precision(head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """A one-output head (a reward model's score, PPO's value head) in its weights' precision,
-    not autocast's: under bf16 autocast it ran in bf16, and rewards and values kept ~3
-    significant digits (ties between close responses, coarse margins and advantages)."""
+def head_in_own_precision(head: torch.nn.Module, hidden: torch.Tensor, *args, forward=None, **kwargs) -> torch.Tensor:
+    """A one-output head (a reward model's score, PPO's value head, an encoder's pooler and
+    classifier) in its weights' precision, not autocast's: under bf16 autocast it ran in bf16,
+    and rewards and values kept ~3 significant digits (ties between close responses, coarse
+    margins and advantages). `forward`: what to call instead of `head` itself (its own forward,
+    where `head.forward` is this call: `_encoder_head_in_own_precision`), with any further
+    arguments the model passes it."""
     with torch.autocast(device_type=hidden.device.type, enabled=False):
-        return head(hidden.to(next(head.parameters()).dtype))
+        return (forward or head)(hidden.to(next(head.parameters()).dtype), *args, **kwargs)
+
+
+def _encoder_heads(classifier) -> list[torch.nn.Module]:
+    """The modules of an encoder reward model that read its final hidden states: the body's
+    pooler when it has one (BERT's, ALBERT's: a dense layer at [CLS]) and the classification
+    model's own modules with weights beside the body (the classifier; DistilBERT's
+    pre_classifier, DeBERTa's pooler, ModernBERT's head); none for a model with no transformers
+    body (`base_model`) to tell them from."""
+    body = getattr(classifier, "base_model", None)
+    if not isinstance(body, torch.nn.Module) or body is classifier:
+        return []
+    pooler = getattr(body, "pooler", None)
+    own = [module for module in classifier.children()
+           if module is not body and next(module.parameters(), None) is not None]
+    return ([pooler] if isinstance(pooler, torch.nn.Module) else []) + own
+
+
+@contextlib.contextmanager
+def _encoder_head_in_own_precision(classifier) -> Iterator[None]:
+    """While inside, an encoder reward model's pooler and classifier (`_encoder_heads`) run in
+    their weights' precision (`head_in_own_precision`) and its body as the caller runs it (bf16
+    autocast, say), as a decoder's score head does in `scores_at`. Each module's own forward
+    (an instance one too, such as accelerate's hook) is put back on leaving."""
+    heads = _encoder_heads(classifier)
+    saved = [head.__dict__.get("forward") for head in heads]
+    for head in heads:
+        head.forward = functools.partial(head_in_own_precision, head, forward=head.forward)
+    try:
+        yield
+    finally:
+        for head, forward in zip(heads, saved):
+            if forward is None:
+                del head.forward
+            else:
+                head.forward = forward
 
 
 def score(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Rewards (B,) for a batch of full (prompt + response) sequences."""
+    """Rewards (B,) for a batch of full (prompt + response) sequences, the head in its weights'
+    precision under autocast (`head_in_own_precision`): float32 (an encoder in float64 keeps it)."""
     classifier = _classifier(model)
     if not hasattr(classifier, "score"):  # encoder: its own pooling and classifier
-        return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
+        with _encoder_head_in_own_precision(classifier):
+            rewards = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
+        return rewards.to(torch.promote_types(rewards.dtype, torch.float32))
     from posttrain.data.batching import padded_inputs
     from posttrain.models.attention import pack_for
 
