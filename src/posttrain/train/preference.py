@@ -518,14 +518,16 @@ def _mismatched_partners(sequences: list, log: Callable[[str], None]) -> list[in
 # --------------------------------------------------------------------------- reference log-probs
 
 
-def _fingerprint(cfg: DPOConfig, items: list[Item]) -> str:
+def _fingerprint(cfg: DPOConfig, items: list[Item], share_prompt: bool = False, unpadded: bool = False) -> str:
     """What the reference log-probs depend on: the model — its path and what is at it (each file's
     name, size and modification time: an SFT stage that rewrites the directory changes it) —,
     its dtype, precision, adapter method and quantization (QLoRA's reference is the quantized
     base), with prompt or prefix tuning what draws the starting virtual tokens (their settings and
     train.seed: the reference is the starting policy, those tokens included), every sequence's
-    tokens and labels in order, and for KTO the step's layout of them (`_step_layout_logps`; a
-    cache from before it, one batch at a time, is computed again)."""
+    tokens and labels in order, the layout the batches are read in (shared prompts, padding-free
+    rows: a sequence's log-probs differ in the last bits with it, so a cache from another layout
+    would break π = π_ref at step 0), and for KTO the step's layout of them (`_step_layout_logps`;
+    a cache from before it, one batch at a time, is computed again)."""
     from posttrain.models.adapters import plan_adapters
     from posttrain.models.adapters.spec import VIRTUAL_METHODS
     from posttrain.models.loading import model_files
@@ -534,6 +536,7 @@ def _fingerprint(cfg: DPOConfig, items: list[Item]) -> str:
              dataclasses.asdict(cfg.adapter.quantization), cfg.train.mixed_precision]
     if any(m in VIRTUAL_METHODS for m in plan_adapters(cfg.adapter).methods):
         parts += [dataclasses.asdict(cfg.adapter.virtual_tokens), cfg.train.seed]
+    parts += [{"share_prompt": share_prompt, "padding_free": unpadded}]
     digest = hashlib.sha256(json.dumps(parts + (["kto: step layout"] if cfg.dpo.loss == "kto" else [])).encode())
     for item in items:
         for seq in item.sequences:
@@ -551,6 +554,8 @@ def _cached(cache: Path, fingerprint: str, count: int, log) -> tuple[list[float]
     try:
         with safe_open(str(cache), framework="pt") as handle:
             if (handle.metadata() or {}).get("fingerprint") != fingerprint:
+                log(f"reference log-probs: {cache} was computed for another model, data or batch layout; "
+                    "computing them again")
                 return None
             values = handle.get_tensor("logps").tolist()
             covered = (handle.get_tensor("covered").bool().tolist() if "covered" in handle.keys()
@@ -588,7 +593,7 @@ def precompute_reference(model, items: list[Item], cfg: DPOConfig, pad_id: int, 
     time; all of them read the cache, process 0 alone writes it."""
     from safetensors.torch import save_file
 
-    fingerprint = _fingerprint(cfg, items) if cache is not None else ""
+    fingerprint = _fingerprint(cfg, items, share_prompt, unpadded) if cache is not None else ""
     count = sum(len(item.sequences) for item in items)
     cached = _cached(cache, fingerprint, count, log) if cache is not None and cache.is_file() else None
     if world > 1:  # every process takes the same branch: the exchange below is collective
