@@ -219,11 +219,15 @@ def test_rl_says_when_a_reward_model_reads_fewer_tokens_than_a_rollout_row_holds
     from posttrain.rewards import CombinedReward, RewardComponent, RewardModelScorer
     from posttrain.train.rollouts import note_reward_model_cuts
 
-    scorer = RewardModelScorer.__new__(RewardModelScorer)  # its length only: no model needed
-    scorer.max_length = 64
+    scorer = RewardModelScorer.__new__(RewardModelScorer)  # its length and kind only: no model needed
+    scorer.max_length, scorer.decoder = 64, True
     reward = CombinedReward([RewardComponent("rm", scorer), RewardComponent("f", lambda p, r: [0.0] * len(r))])
     lines: list[str] = []
     note_reward_model_cuts(reward, 64, lines.append)
     assert lines == []
     note_reward_model_cuts(reward, 96, lines.append)
     assert len(lines) == 1 and "rm reads at most 64 tokens" in lines[0] and "96" in lines[0]
+    assert lines[0].endswith("scored by its last ones")
+    scorer.decoder = False  # an encoder pools at its first token and keeps a row's start
+    note_reward_model_cuts(reward, 96, lines.append)
+    assert lines[1].endswith("scored by its first ones")

@@ -76,7 +76,9 @@ def _sampling_args(parser) -> None:
     parser.add_argument("--frequency-penalty", type=float, default=0.0)
     parser.add_argument("--presence-penalty", type=float, default=0.0)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="sampling seed: prompt i (a chat's reply i) samples from (seed, i); the default 0 "
+                             "makes a sampled run repeat, another seed draws other samples")
     parser.add_argument("--template", default="auto", help="auto|tokenizer|chatml|alpaca|none (raw prompts)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--trust-remote-code", action="store_true")

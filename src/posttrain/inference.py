@@ -174,11 +174,17 @@ def load_for_inference(path: str, dtype: str = "float32", trust_remote_code: boo
 
 
 def read_prompts(path: str) -> list[dict]:
-    """Rows with `prompt` (text, or a list of turns), `messages` or ShareGPT's `conversations` (a
-    list of turns, read as training reads turns: `prompt_turns`) from any file the data readers
-    take (JSON Lines, JSON, CSV / TSV, Parquet, a `datasets` `save_to_disk` directory; a table read
-    by its columns, as training and score read it), each as the file gives it; any other file is
-    one prompt a line."""
+    """The rows of `read_prompt_rows`, without their places."""
+    return [row for _, row in read_prompt_rows(path)]
+
+
+def read_prompt_rows(path: str) -> list[tuple[str, dict]]:
+    """(file:line, row) pairs: rows with `prompt` (text, or a list of turns), `messages` or ShareGPT's
+    `conversations` (a list of turns, read as training reads turns: `prompt_turns`) from any file
+    the data readers take (JSON Lines, JSON, CSV / TSV, Parquet, a `datasets` `save_to_disk`
+    directory; a table read by its columns, as training and score read it), each as the file gives
+    it and placed as the readers place it; any other file is one prompt a line (blank lines skipped,
+    so a prompt's place is its line, not its index)."""
     from posttrain.data.readers import _file_kind
 
     file = Path(path)
@@ -199,15 +205,15 @@ def read_prompts(path: str) -> list[dict]:
         except UnicodeDecodeError:
             raise DataError(f"{path}:{number}: not UTF-8 text") from None
         if line.strip():
-            items.append({"prompt": line})
+            items.append((f"{path}:{number}", {"prompt": line}))
     return items
 
 
 _TURN_KEYS = ("messages", "conversations")  # a conversation's column: OpenAI's, or ShareGPT's
 
 
-def _json_prompts(path: str) -> list[dict]:
-    """Prompt rows from a data file (`data.readers`); file:line on a bad one."""
+def _json_prompts(path: str) -> list[tuple[str, dict]]:
+    """(location, prompt row) pairs from a data file (`data.readers`); file:line on a bad one."""
     from posttrain.data.formats import BadRowError
     from posttrain.data.readers import Malformed, iter_rows
 
@@ -234,7 +240,7 @@ def _json_prompts(path: str) -> list[dict]:
                 raise BadRowError("'prompt' must be non-empty text")
         except BadRowError as exc:
             raise DataError(f"{location}: {exc.reason}") from None
-        items.append(row)
+        items.append((location, row))
     return items
 
 
@@ -304,10 +310,12 @@ def _settings(args):
     if any(not stop for stop in args.stop):
         raise UserError("--stop '' would end every completion at its first token")
     try:
-        return SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                                top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                                frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
-                                stop=list(args.stop), seed=args.seed)
+        settings = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                    top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                                    frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
+                                    stop=list(args.stop), seed=args.seed)
+        settings.check_penalty_range()
+        return settings
     except ValueError as exc:
         raise UserError(f"{exc} (a sampling flag)") from None
 
@@ -347,19 +355,21 @@ WINDOW_BATCHES = 8  # generate sorts prompts by length within runs of this many 
 
 
 def _generate_per_adapter(model, tokenizer, items, texts, settings, batch_size, template=None,
-                          raw=False, on_done=None) -> list[str]:
+                          raw=False, on_done=None, names=None) -> list[str]:
     """Requests that name an adapter ("adapter": NAME) run with it; the rest with the active one.
     `template`: the chat template the texts were rendered with (its end-of-turn marker ends them);
     `raw`: no template was applied (the tokenizer adds its BOS, `generate.prompt_token_ids`);
     `on_done(i, completion)`: hears each item's completion when it is done, the first items
-    first (prompts are sorted by length within runs of WINDOW_BATCHES batches only)."""
+    first (prompts are sorted by length within runs of WINDOW_BATCHES batches only); `names`:
+    each item's file:line, for an error about it. Every item keeps its index i among the items,
+    so a seeded one samples from (seed, i) whichever adapter runs it."""
     from posttrain.rollout.generate import generate
 
     window = WINDOW_BATCHES * batch_size
     wanted = [item.get("adapter") for item in items]
     if not any(wanted):
         return generate(model, tokenizer, texts, settings, batch_size=batch_size, template=template, raw=raw,
-                        window=window, on_done=on_done)
+                        window=window, on_done=on_done, names=names)
     if not getattr(model, "adapter_names", list)():
         raise UserError("a prompt names an adapter but no LoRA / IA3 adapter is loaded; pass --adapter NAME=DIR")
     active = model.active_adapter
@@ -369,7 +379,8 @@ def _generate_per_adapter(model, tokenizer, items, texts, settings, batch_size, 
         model.use_adapter(name)
         done = None if on_done is None else (lambda j, text, rows=rows: on_done(rows[j], text))
         for i, text in zip(rows, generate(model, tokenizer, [texts[i] for i in rows], settings, batch_size=batch_size,
-                                          template=template, raw=raw, window=window, on_done=done)):
+                                          template=template, raw=raw, window=window, on_done=done, indices=rows,
+                                          names=None if names is None else [names[i] for i in rows])):
             completions[i] = text
     model.use_adapter(active)
     return completions
@@ -384,9 +395,14 @@ def main(args) -> int:
         raise UserError("chat needs a chat template (--template auto|chatml|alpaca)")
     if args.command != "chat":
         check_output_path(args.output)
-    items = read_prompts(args.prompts) if args.command != "chat" else []
+    placed = read_prompt_rows(args.prompts) if args.command != "chat" else []
+    names, items = [name for name, _ in placed], [item for _, item in placed]
     if args.command != "chat" and not items:
         raise DataError(f"{args.prompts}: no prompts (an empty file, or only blank lines)")
+    answered = sum("completion" in item for item in items)
+    if answered:
+        print(f"note: {answered} of {len(items)} prompt rows have a 'completion' field; the output row's "
+              "'completion' is the generated one, in its place", file=sys.stderr)
     model, tokenizer = _load(args)
     template = None if args.template == "none" else resolve_template(tokenizer, args.template)
     if args.command == "chat":
@@ -396,7 +412,7 @@ def main(args) -> int:
     texts = [render(i, tokenizer, template) for i in items]
     with RowWriter(args.output, len(items), "generate") as out:  # each row as soon as the rows before it are done
         _generate_per_adapter(model, tokenizer, items, texts, settings, args.batch_size, template,
-                              raw=template is None,
+                              raw=template is None, names=names,
                               on_done=lambda i, text: out.put(i, json.dumps({**items[i], "completion": text}) + "\n"))
     if args.output != "-":
         print(f"wrote {len(items)} completions to {args.output}", file=sys.stderr)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import sys
+from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -24,6 +25,7 @@ from posttrain.rollout.sampling import (
     SamplingSettings,
     apply_frequency_presence_penalty,
     apply_repetition_penalty,
+    request_seed,
     row_generators,
     sample_next,
 )
@@ -32,7 +34,8 @@ from posttrain.rollout.sampling import (
 def generate(
     model, tokenizer, prompts: list[str], settings: SamplingSettings, *, batch_size: int = 8,
     template: str | None = None, raw: bool = False, window: int | None = None,
-    on_done: Callable[[int, str], object] | None = None,
+    on_done: Callable[[int, str], object] | None = None, indices: list[int] | None = None,
+    names: list[str] | None = None,
 ) -> list[str]:
     """Complete each prompt; return the completion texts only, in prompt order.
 
@@ -40,10 +43,11 @@ def generate(
     template was applied to; `prompt_token_ids` tokenizes either. Each completion ends at an EOS token (tokenizer's, the model's
     generation_config's, and the chat template's end-of-turn token: `eos_token_ids`), at
     the first stop string (the text is cut before it; a several-token end-of-turn marker
-    is one: `stop_strings`), or after settings.max_new_tokens tokens. `template` is the
+    is one: `stop_strings`; a stop string that is one special token is its id:
+    `stop_token_ids`), or after settings.max_new_tokens tokens. `template` is the
     chat template the prompts were rendered with (default: the tokenizer's own). Texts
-    are decoded with skip_special_tokens. `window` and `on_done(i, text)`: as
-    `generate_token_ids` takes them, with prompt i's completion text.
+    are decoded with skip_special_tokens. `window`, `indices` and `names`: as
+    `generate_token_ids` takes them; `on_done(i, text)` hears prompt i's completion text.
     """
     eos_ids = eos_token_ids(model, tokenizer, template)
     stop = stop_strings(tokenizer, settings.stop, template)
@@ -56,7 +60,7 @@ def generate(
     completions = generate_token_ids(
         model, prompt_ids, settings, pad_token_id=pad_token_id(tokenizer, eos_ids),
         eos_token_ids=eos_ids, batch_size=batch_size, stop_check=stop_check, window=window,
-        on_done=None if on_done is None else (lambda i, ids: on_done(i, text(ids))),
+        on_done=None if on_done is None else (lambda i, ids: on_done(i, text(ids))), indices=indices, names=names,
     )
     return [text(ids) for ids in completions]
 
@@ -83,6 +87,8 @@ def generate_token_ids(
     on_token: Callable[[int, list[int]], bool] | None = None,
     window: int | None = None,
     on_done: Callable[[int, list[int]], object] | None = None,
+    indices: list[int] | None = None,
+    names: list[str] | None = None,
 ) -> list[list[int]]:
     """Token-level generation: completion ids per prompt (ending with the EOS id if one
     was produced, no padding). `stop_check(ids)` may end a row early (stop strings).
@@ -99,24 +105,29 @@ def generate_token_ids(
     model is put in eval mode and restored after.
 
     A seeded sampling call gives prompt i its own generator, seeded with
-    `request_seed(settings.seed, i)` as the vLLM engine seeds request i: a prompt's sample
-    depends on the seed and its index, not on the batch size or the prompts batched with it.
+    `request_seed(settings.seed, indices[i])` (default: i) as the vLLM engine seeds request i: a
+    prompt's sample depends on the seed and its index, not on the batch size or the prompts
+    batched with it. `indices` keep a file's numbering when its rows are generated in parts
+    (one adapter's rows at a time: `inference._generate_per_adapter`).
 
     The model's positions (`loading.position_limit`) bound every row, as `serve` bounds a
     request: a prompt that leaves no room for a token is a DataError naming it (before any
-    generation), and a row ends when its prompt and completion fill them, whatever
-    settings.max_new_tokens says (`completion_budgets`).
+    generation; `names[i]`, its file:line, when given), and a row ends when its prompt and
+    completion fill them, whatever settings.max_new_tokens says (`completion_budgets`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for given, what in ((indices, "indices"), (names, "names")):
+        if given is not None and len(given) != len(prompt_ids):
+            raise ValueError(f"{len(given)} {what} for {len(prompt_ids)} prompts; give one per prompt")
     for i, ids in enumerate(prompt_ids):
         if len(ids) == 0:
-            raise ValueError(f"prompt {i} is empty after tokenization; give it at least one token")
-    budgets = completion_budgets(model, [len(ids) for ids in prompt_ids], settings.max_new_tokens)
+            raise ValueError(f"{_prompt_name(i, names)} is empty after tokenization; give it at least one token")
+    budgets = completion_budgets(model, [len(ids) for ids in prompt_ids], settings.max_new_tokens, names)
     device = next(model.parameters()).device
     generators = None  # unseeded: the global generator, one draw for the batch
     if settings.seed is not None and settings.temperature > 0:
-        generators = row_generators(settings.seed, len(prompt_ids))
+        generators = row_generators(settings.seed, len(prompt_ids), indices)
     results: list[list[int]] = [[] for _ in prompt_ids]
     cache_name = cache_argument(model)  # `cache` (transformers >= 5.24) or `past_key_values`
     was_training = model.training
@@ -140,10 +151,12 @@ def generate_token_ids(
     return results
 
 
-def completion_budgets(model, prompt_lengths: list[int], max_new_tokens: int) -> list[int]:
+def completion_budgets(model, prompt_lengths: list[int], max_new_tokens: int,
+                       names: list[str] | None = None) -> list[int]:
     """The tokens each prompt may generate: `max_new_tokens`, less what the model's positions
     (`loading.position_limit`) leave after the prompt. A prompt that leaves no room for one
-    token is a DataError naming it (its index), said before any generation."""
+    token is a DataError naming it (`names[i]`, its file:line, else its index), said before
+    any generation."""
     from posttrain.errors import DataError
     from posttrain.models.loading import position_limit
 
@@ -153,9 +166,14 @@ def completion_budgets(model, prompt_lengths: list[int], max_new_tokens: int) ->
     for i, length in enumerate(prompt_lengths):
         if length >= limit:
             virtual = ", less its virtual tokens" if getattr(model, "num_virtual_tokens", 0) else ""
-            raise DataError(f"prompt {i} (counting from 0) has {length} tokens; the model reads at most {limit} "
+            raise DataError(f"{_prompt_name(i, names)} has {length} tokens; the model reads at most {limit} "
                             f"(its position table{virtual}), leaving no room for an answer; shorten the prompt")
     return [min(max_new_tokens, limit - length) for length in prompt_lengths]
+
+
+def _prompt_name(i: int, names: list[str] | None) -> str:
+    """Prompt i as an error names it: 'FILE:LINE: the prompt' from `names`, else its index."""
+    return f"{names[i]}: the prompt" if names is not None else f"prompt {i} (counting from 0)"
 
 
 def _batches(prompt_ids: list[list[int]], batch_size: int, equal_lengths: bool,
@@ -396,6 +414,22 @@ def _end_of_turn_id(tokenizer, marker: str | None) -> int | None:
     return None
 
 
+def stop_token_ids(tokenizer, stop: list[str]) -> set[int]:
+    """The ids of the stop strings the tokenizer spells as one special token (ChatML's
+    '<|im_start|>', for a model that starts the next turn instead of ending its own). Text is
+    decoded with skip_special_tokens, so such a string never shows in it: the token ends the row
+    instead, as transformers' generate(stop_strings=...) matches it (it reads the tokens' strings).
+    The string stays a text stop as well, for the same text spelled in ordinary tokens.
+    `_make_stop_check` (generate, chat, the rollouts) and `serve` end a row on these ids."""
+    special = set(getattr(tokenizer, "all_special_ids", []))
+    ids = set()
+    for s in stop:
+        one = tokenizer(s, add_special_tokens=False)["input_ids"] if s else []
+        if len(one) == 1 and one[0] in special:
+            ids.add(int(one[0]))
+    return ids
+
+
 def pad_token_id(tokenizer, eos_ids: set[int]) -> int:
     """The tokenizer's pad id, else an EOS id (any id works: pads are masked)."""
     if getattr(tokenizer, "pad_token_id", None) is not None:
@@ -417,10 +451,14 @@ def _make_stop_check(tokenizer, stop: list[str]) -> Callable[[list[int]], bool]:
     # Checked every step, so a stop string is found the step its last character
     # arrives, inside a short tail. Each token decodes to >= 1 byte and a character
     # is <= 4 bytes, so the tail of 4 * len + 4 tokens covers it; decoding the tail
-    # only keeps the check O(1) per step instead of O(length).
+    # only keeps the check O(1) per step instead of O(length). A stop string that is
+    # one special token is matched by its id (`stop_token_ids`).
     window = 4 * max(len(s) for s in stop) + 4
+    stop_ids = stop_token_ids(tokenizer, stop)
 
     def stop_check(ids: list[int]) -> bool:
+        if ids and ids[-1] in stop_ids:
+            return True
         tail = tokenizer.decode(ids[-window:], skip_special_tokens=True)
         return any(s in tail for s in stop)
 
@@ -478,12 +516,15 @@ def chat_session(
     written, and both messages are appended to the history. A history that leaves the reply
     less than settings.max_new_tokens of the model's positions loses its oldest exchanges
     (the system message stays; one line says how many turns: `_fit_history`); a message that
-    leaves no room even alone is refused, and the session goes on.
+    leaves no room even alone is refused, and the session goes on. Reply n of the session (`/reset`
+    keeps counting) is generated with the seed `request_seed(seed, n)`, so a seeded chat's turns do
+    not repeat one another's draws.
     """
     from posttrain.models.loading import position_limit
 
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
+    turn = 0  # replies generated: each seeded from (seed, turn), not every one from (seed, 0)
     while True:
         try:
             line = read("> ")
@@ -531,7 +572,9 @@ def chat_session(
         if len(kept) < len(messages):
             write(f"[dropped {len(messages) - len(kept)} earlier turns to fit the model's {limit} positions]")
             messages = kept
-        reply = generate(model, tokenizer, [prompt], settings, batch_size=1, template=template)[0]
+        seeded = settings if settings.seed is None else replace(settings, seed=request_seed(settings.seed, turn))
+        reply = generate(model, tokenizer, [prompt], seeded, batch_size=1, template=template)[0]
+        turn += 1
         write(reply)
         messages.append({"role": "assistant", "content": reply})
     return messages

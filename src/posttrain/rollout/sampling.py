@@ -8,6 +8,7 @@ top-p, sample (the order Hugging Face and vLLM use, so settings mean the same th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -30,6 +31,13 @@ class SamplingSettings:
     seed: int | None = None  # seed for sampling (prompt i draws with request_seed(seed, i)); None = nondeterministic
 
     def __post_init__(self) -> None:
+        """Every number checked, NaN and infinity refused (NaN passes every `<` test: a NaN temperature
+        is an error in the sampler after the model loads, a NaN penalty empty completions). The
+        frequency and presence penalties take any finite value here (a large one forbids repeats
+        outright); the CLI holds them to OpenAI's range (`check_penalty_range`), as `serve` does."""
+        for name in ("temperature", "top_p", "repetition_penalty", "frequency_penalty", "presence_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if self.temperature < 0:
@@ -39,6 +47,17 @@ class SamplingSettings:
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
 
+    def check_penalty_range(self) -> None:
+        """The frequency and presence penalties within PENALTY_RANGE (OpenAI's), as a user may set them."""
+        low, high = PENALTY_RANGE
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not low <= getattr(self, name) <= high:
+                raise ValueError(f"{name} must be in [{low:g}, {high:g}] (OpenAI's range; 0 = off), "
+                                 f"got {getattr(self, name)}")
+
+
+PENALTY_RANGE = (-2.0, 2.0)  # OpenAI's documented range of frequency_penalty and presence_penalty
+
 
 def request_seed(seed: int, index: int) -> int:
     """The seed of request (prompt row) `index` of a generate call seeded with `seed`, for both
@@ -47,10 +66,15 @@ def request_seed(seed: int, index: int) -> int:
     return (seed * 1_000_003 + index) % (2**31)
 
 
-def row_generators(seed: int, rows: int) -> list[torch.Generator]:
-    """One CPU generator per row, row i seeded with `request_seed(seed, i)`. CPU, so a seeded
-    row draws the same uniforms on any device (`sample_categorical` moves them)."""
-    return [torch.Generator().manual_seed(request_seed(seed, i)) for i in range(rows)]
+def row_generators(seed: int, rows: int, indices: Sequence[int] | None = None) -> list[torch.Generator]:
+    """One CPU generator per row, row r seeded with `request_seed(seed, indices[r])` (default: r),
+    so a row generated apart from the rows before it (one adapter's rows of a file, one turn of a
+    chat) keeps its own index. CPU, so a seeded row draws the same uniforms on any device
+    (`sample_categorical` moves them)."""
+    if indices is not None and len(indices) != rows:
+        raise ValueError(f"{len(indices)} indices for {rows} rows; give one per row")
+    indices = range(rows) if indices is None else indices
+    return [torch.Generator().manual_seed(request_seed(seed, i)) for i in indices]
 
 
 def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:

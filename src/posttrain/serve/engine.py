@@ -38,6 +38,7 @@ from posttrain.rollout.generate import (
     pad_token_id,
     prompt_token_ids,
     stop_strings,
+    stop_token_ids,
     truncate_at_stop,
 )
 from posttrain.rollout.sampling import SamplingSettings
@@ -74,6 +75,7 @@ class Job:
     choices: list[Choice] = field(default_factory=list)
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    stop_ids: frozenset = frozenset()  # stop strings that are one special token, as ids (set by `enqueue`)
 
     def group_key(self) -> tuple:
         r = self.request
@@ -146,7 +148,11 @@ class Engine:
 
     def enqueue(self, job: Job) -> Job:
         """Queue a job whose choices hold their prompt ids and max_tokens (checked by the caller);
-        APIError 503 when the server is full or closing. Starts the worker if it is idle."""
+        APIError 503 when the server is full or closing. Starts the worker if it is idle. A stop
+        string that is one special token ends a row by its id (`generate.stop_token_ids`)."""
+        if job.request.stop:
+            with self._tokenizer_lock:
+                job.stop_ids = frozenset(stop_token_ids(self.tokenizer, job.request.stop))
         with self._lock:
             self._check_room()
             self._pending += 1
@@ -345,7 +351,7 @@ class Engine:
             return True
         stop, stream = choice.job.request.stop, choice.job.request.stream
         text = self.text(choice, ids) if stop or stream else ""
-        reason = "stop" if ids[-1] in self.eos_ids else None
+        reason = "stop" if ids[-1] in self.eos_ids or ids[-1] in choice.job.stop_ids else None
         if reason is None and stop and truncate_at_stop(text, stop) != text:
             reason = "stop"
         if reason is None and len(ids) >= choice.max_tokens:

@@ -197,7 +197,8 @@ def sample_and_score(engine, tokenizer, prompts: list[list[int]], records: list[
     `rollout.engines.RolloutEngine`) and score them. A reward failing on a completion (raising,
     or returning NaN) is said with its prompt row's file:line."""
     from posttrain.rewards import reward_seed, rows_named
-    from posttrain.rollout.generate import _make_stop_check, eos_token_ids, pad_token_id, stop_strings, truncate_at_stop
+    from posttrain.rollout.generate import (_make_stop_check, eos_token_ids, pad_token_id, stop_strings, stop_token_ids,
+                                            truncate_at_stop)
     from posttrain.rollout.sampling import SamplingSettings
 
     r, group = cfg.rollout, cfg.rollout.num_generations
@@ -206,15 +207,17 @@ def sample_and_score(engine, tokenizer, prompts: list[list[int]], records: list[
                                 top_k=r.top_k, stop=stop, seed=seed)
     prompt_ids = [prompts[i] for i in chosen for _ in range(group)]
     eos = eos_token_ids(engine, tokenizer)  # the tokenizer's and the policy's generation_config's
+    # a stop string spelled as one special token ('<|im_start|>') ends a row as an EOS does
+    ends = eos | stop_token_ids(tokenizer, stop)
     started = time.perf_counter()
-    completions = engine.generate(prompt_ids, settings, eos_token_ids=eos, pad_token_id=pad_token_id(tokenizer, eos),
+    completions = engine.generate(prompt_ids, settings, eos_token_ids=ends, pad_token_id=pad_token_id(tokenizer, eos),
                                   stop_check=_make_stop_check(tokenizer, stop) if stop else None)
     rollout_s = time.perf_counter() - started
     raw, completions = completions, [c if c else [next(iter(eos))] for c in completions]  # at least one token
     full = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
     texts = [truncate_at_stop(text, stop) for text in full]
     # ended: by an EOS token or at a stop string (cut off by max_new_tokens otherwise)
-    ended = torch.tensor([bool(c) and (c[-1] in eos or len(cut) < len(text)) for c, cut, text in zip(raw, texts, full)])
+    ended = torch.tensor([bool(c) and (c[-1] in ends or len(cut) < len(text)) for c, cut, text in zip(raw, texts, full)])
     chosen_records = [records[i] for i in chosen for _ in range(group)]
     started = time.perf_counter()
     prompts_, rows = [rec.prompt for rec in chosen_records], [rec.reward_row() for rec in chosen_records]
@@ -676,7 +679,8 @@ def check_retain_positions(model, examples) -> None:
 
 def note_reward_model_cuts(reward, longest: int, log) -> None:
     """Say so when a reward model reads fewer tokens than a rollout's row can hold (`longest`, in the
-    policy's tokens): it scores such a row by its last tokens (`rewards.RewardModelScorer`)."""
+    policy's tokens): a decoder scores such a row by its last tokens, an encoder (pooled at its
+    first) by its first (`rewards.RewardModelScorer`)."""
     from posttrain.rewards import RewardModelScorer
 
     for component in getattr(reward, "components", []):
@@ -684,7 +688,7 @@ def note_reward_model_cuts(reward, longest: int, log) -> None:
         if isinstance(scorer, RewardModelScorer) and scorer.max_length < longest:
             log(f"note: the reward model {component.name} reads at most {scorer.max_length} tokens and a rollout's "
                 f"row can hold {longest} (the longest prompt + rollout.max_new_tokens, in the policy's tokens): "
-                "a longer row is scored by its last ones")
+                f"a longer row is scored by its {'last' if scorer.decoder else 'first'} ones")
 
 
 def encode_prompt_data(cfg, tokenizer, train_records: list[PromptRecord], eval_records: list[PromptRecord],
