@@ -272,8 +272,9 @@ def test_ppo_raises_held_out_reward_with_kl_under_the_target(tmp_path, weak_sft_
     """From the weak SFT model of the GRPO outcome test (33 steps on "smallest letter"), PPO
     with the exact-match reward, a value head and the adaptive KL controller raises the
     held-out reward, sampled and greedy, while the KL to the starting model stays under the
-    controller's target. Measured (train.seed 0 / 1, 2026-11-29): sampled 0.284 → 0.614 /
-    0.259 → 0.573, greedy 0.66 → 0.715 / 0.55 → 0.68, KL 0.52 / 0.70 nats per response (target 1.0)."""
+    controller's target. Measured (train.seed 0 / 1, 2026-12-01, the controller's step compounded):
+    sampled 0.280 → 0.611 / 0.268 → 0.611, greedy 0.66 → 0.715 / 0.55 → 0.755, KL 0.71 / 0.61 nats
+    per response (target 1.0)."""
     from posttrain.train.ppo import run_ppo
 
     target = 1.0
@@ -288,8 +289,8 @@ def test_ppo_raises_held_out_reward_with_kl_under_the_target(tmp_path, weak_sft_
     print(f"ppo: sampled reward {before['reward']:.3f} -> {after['reward']:.3f}, greedy {before['greedy_reward']:.3f} "
           f"-> {after['greedy_reward']:.3f}, KL {after['kl_to_reference']:.3f}, final beta {summary['final_kl_coef']:.4f}")
     assert before["kl_to_reference"] == pytest.approx(0.0, abs=1e-6)
-    assert after["reward"] >= before["reward"] + 0.10  # measured +0.330, +0.314
-    assert after["greedy_reward"] >= before["greedy_reward"] + 0.04  # measured +0.055, +0.13
+    assert after["reward"] >= before["reward"] + 0.10  # measured +0.331, +0.343
+    assert after["greedy_reward"] >= before["greedy_reward"] + 0.04  # measured +0.055, +0.205
     assert 0 < after["kl_to_reference"] < target
 
 
