@@ -198,7 +198,7 @@ def test_generate_takes_the_rl_prompt_rows_with_turns(tmp_path, capsys):
     line 4: a 'prompt' given as turns (system + user) was "must be non-empty text"."""
     from posttrain import inference
 
-    rows = inference._json_prompts(str(ROOT / "examples" / "data" / "prompts.jsonl"))
+    rows = [row for _, row in inference._json_prompts(str(ROOT / "examples" / "data" / "prompts.jsonl"))]
     assert isinstance(rows[3]["prompt"], list)
     tok = type("Tok", (), {"apply_chat_template": lambda self, m, **kw: "|".join(t["content"] for t in m)})()
     assert inference.render(rows[3], tok, "t") == "Answer with one letter.|Smallest letter: h c v"

@@ -425,10 +425,12 @@ def merge_main(args) -> int:
     The base is loaded in float32 (a float64 checkpoint too: posttrain loads no wider), the
     adapter merged there, and the result cast once to `--dtype`, or to the base checkpoint's
     dtype when none is given: loading a bfloat16 base in bfloat16 would round W, and W + ΔW
-    would be rounded again (or ΔW dropped, when under half an ulp of W)."""
+    would be rounded again. Cast to bfloat16, an update under half a bfloat16 step of its weight
+    is still lost; `--dtype float32` keeps it."""
     import torch
 
-    from posttrain.models.adapters.io import check_mergeable, is_adapter_dir, merge_adapted, peft_task, read_layout
+    from posttrain.models.adapters.io import (check_mergeable, is_adapter_dir, merge_adapted, method_names, peft_task,
+                                              read_layout)
     from posttrain.models.loading import resolve_model_path, save_model
     from posttrain.models.presets import is_preset
 
@@ -436,19 +438,40 @@ def merge_main(args) -> int:
         raise UserError(f"{args.adapter} does not exist; give a run directory (its final/) or an adapter directory")
     path = resolve_model_dir(args.adapter)
     if not is_adapter_dir(path):
-        raise UserError(f"{path} holds no adapter (a full model needs no merging)")
-    _check_merge_output(Path(args.output), Path(path), Path(args.adapter))
+        raise UserError(_no_adapter_message(path))
     base, parts = read_layout(path)
     check_mergeable(parts)  # from the files, before the base loads
-    dtype = args.dtype or _checkpoint_dtype(resolve_model_path(base))
+    base_dir = resolve_model_path(base)  # as the loader reads it: a preset's built directory, a run's final/
+    out = Path(args.output)
+    _check_merge_output(out, Path(path), Path(args.adapter), base_dir)
+    dtype = args.dtype or _checkpoint_dtype(base_dir)
+    methods = "+".join(method_names(parts))
     if peft_task(path) == "SEQ_CLS":  # LoRA on a reward model: its trained score head comes along
-        return _merge_reward_model(Path(path), Path(args.output), dtype, args.trust_remote_code)
+        return _merge_reward_model(Path(path), out, dtype, args.trust_remote_code, methods)
     model, tokenizer = load_for_inference(path, "float32", args.trust_remote_code)
     merged = merge_adapted(model).to(getattr(torch, dtype))
-    out = Path(args.output)
     save_model(merged, tokenizer, out)  # as a run's final/: generation_config stops where posttrain does
-    print(f"merged {'+'.join(model.methods)} into the base: {out} ({dtype})")
+    print(f"merged {methods} into the base: {out} ({dtype})")
     return 0
+
+
+def _no_adapter_message(path: str) -> str:
+    """Why `path` (no adapter files) is not merged: a training checkpoint or a run stopped before
+    final/ is named as one, with what to merge instead; a model needs no merging."""
+    from posttrain.models.loading import checkpoint_message, unfinished_run_message
+    from posttrain.models.presets import is_preset
+    from posttrain.train.checkpoint import is_checkpoint
+
+    directory = Path(path)
+    if is_checkpoint(directory):
+        return checkpoint_message(directory)
+    unfinished = unfinished_run_message(directory)
+    if unfinished:
+        return f"{unfinished}; merge {directory} then"
+    if is_preset(path) or (directory / "config.json").is_file():
+        return f"{path} holds no adapter (a full model needs no merging)"
+    return (f"{path} holds no adapter (no adapter_config.json or posttrain_adapters.json); give a run directory "
+            "(its final/) or an adapter directory")
 
 
 def _checkpoint_dtype(directory: Path) -> str:
@@ -465,9 +488,15 @@ def _checkpoint_dtype(directory: Path) -> str:
     return found.pop() if len(found) == 1 else "float32"
 
 
-def _check_merge_output(out: Path, adapter: Path, given: Path) -> None:
-    """The merged model's directory: not a file, not the adapter's directory (a directory that
-    held both would be read as an adapter again), nor inside it, nor the run directory named."""
+def _check_merge_output(out: Path, adapter: Path, given: Path, base: Path) -> None:
+    """The merged model's directory: new or empty. Refused: a file; the adapter's directory (a
+    directory that held both would be read as an adapter again), inside it, or the run directory
+    named; the base the adapter was trained on (`base`, resolved as the loader reads it: W + ΔW
+    would replace W, and the adapter, still naming it, would add ΔW twice, as would every other
+    adapter on that base); another adapter's directory; any other directory holding files (a
+    model's stale shards, index or tokenizer files would be read beside the merged ones)."""
+    from posttrain.models.adapters.io import is_adapter_dir
+
     if out.is_file():
         raise UserError(f"{out} is a file; give a directory (new or empty) to save the merged model into")
     target, home = out.resolve(), adapter.resolve()
@@ -477,12 +506,19 @@ def _check_merge_output(out: Path, adapter: Path, given: Path) -> None:
         where = f"is inside the adapter directory {adapter}"
     elif target == given.resolve():
         where = "is the run directory being merged"
+    elif target == base.resolve():
+        where = ("is the base model the adapter was trained on: the merge would overwrite it, and the adapter, "
+                 "which still names it, would then add its update twice")
+    elif is_adapter_dir(out):
+        where = "is another adapter directory (a directory holding a model and an adapter loads as the adapter)"
+    elif out.is_dir() and any(out.iterdir()):
+        where = "is not empty (remove it first to replace what it holds)"
     else:
         return
-    raise UserError(f"output {out} {where}; merge into a new directory (posttrain merge {given} NEW_DIR)")
+    raise UserError(f"output {out} {where}; merge into a new or empty directory (posttrain merge {given} NEW_DIR)")
 
 
-def _merge_reward_model(path: Path, out: Path, dtype: str, trust_remote_code: bool) -> int:
+def _merge_reward_model(path: Path, out: Path, dtype: str, trust_remote_code: bool, methods: str) -> int:
     """A LoRA reward model (`posttrain rm adapter.method=lora`) merged into its base: a plain
     sequence-classification model with the trained head, scoring as the adapter did (merged in
     float32, cast once to `dtype`, as `merge_main` says)."""
@@ -496,5 +532,5 @@ def _merge_reward_model(path: Path, out: Path, dtype: str, trust_remote_code: bo
     merged = model.merge_and_unload().to(getattr(torch, dtype))
     merged.save_pretrained(out)  # with a pad id: transformers refuses batches of more than one without it
     tokenizer.save_pretrained(out)
-    print(f"merged lora into the reward model's base: {out} ({dtype})")
+    print(f"merged {methods} into the reward model's base: {out} ({dtype})")
     return 0

@@ -63,7 +63,7 @@ def resolve_model_path(path: str | os.PathLike, setting: str = "model.path") -> 
     from posttrain.train.checkpoint import is_checkpoint
 
     if is_checkpoint(directory):
-        raise UserError(_checkpoint_message(directory))
+        raise UserError(checkpoint_message(directory))
     if final.is_dir():
         if (final / "config.json").is_file():
             return final.resolve()  # a run directory: its final model
@@ -102,7 +102,9 @@ def _is_adapter_dir(directory: Path) -> bool:
     return (directory / MANIFEST).is_file() or (directory / "adapter_config.json").is_file()
 
 
-def _checkpoint_message(checkpoint: Path) -> str:
+def checkpoint_message(checkpoint: Path) -> str:
+    """What a training checkpoint (`train.checkpoint.is_checkpoint`) given as a model is, naming its
+    run's final/ to use instead."""
     absolute = Path(os.path.abspath(checkpoint))  # RUN/checkpoints/step-N, also when given as "."
     if absolute.parent.name != "checkpoints":
         return (f"{checkpoint} is a training checkpoint (trainable weights, optimizer and loop state), not a model; "
@@ -110,6 +112,22 @@ def _checkpoint_message(checkpoint: Path) -> str:
     run = absolute.parent.parent
     return (f"{checkpoint} is a training checkpoint of {run}; start from {run / 'final'}, or rerun {run}'s command "
             "to resume it")
+
+
+def unfinished_run_message(directory: str | os.PathLike) -> str | None:
+    """What a run directory without final/ is (a run stopped before it saved its model: it has the
+    config.yaml or checkpoints/ a run writes first, and no config.json of a model), and what
+    rerunning its command does; None for any other path."""
+    directory = Path(directory)
+    if (directory / "final").exists() or (directory / "config.json").is_file() or not (
+            (directory / "config.yaml").is_file() or (directory / "checkpoints").is_dir()):
+        return None
+    from posttrain.train.checkpoint import latest_complete
+
+    newest = latest_complete(directory / "checkpoints")
+    rerun = f"resumes it from {newest.name}" if newest is not None else "trains it again (it saved no checkpoint)"
+    return (f"{directory} is a run directory without final/: the run stopped before it saved its model; "
+            f"rerunning its command {rerun} and writes {directory / 'final'}")
 
 
 def _adapter_message(adapter: Path, run: Path | None = None, setting: str = "model.path") -> str:

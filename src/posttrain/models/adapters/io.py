@@ -138,6 +138,13 @@ def adapter_kinds(path: str | Path) -> list[str]:
     return [_peft_kind(config)] if config else []
 
 
+def method_names(parts: dict[str, Path]) -> list[str]:
+    """The methods of `read_layout`'s parts as adapter.method spells them: a LoRA saved with
+    use_dora is dora (AdaptedModel.methods says lora for both)."""
+    return ["dora" if name == "lora" and _json_object(Path(part) / "adapter_config.json").get("use_dora") else name
+            for name, part in parts.items()]
+
+
 def peft_task(path: str | Path) -> str | None:
     """The task_type of a plain peft adapter directory (SEQ_CLS: a LoRA reward model from posttrain
     rm, its score head in modules_to_save; CAUSAL_LM: a policy's); None when it names none."""
