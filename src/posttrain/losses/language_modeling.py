@@ -6,6 +6,11 @@ their gradient). `chunked_linear_cross_entropy` never builds them: it walks the 
 in chunks and, while each chunk's logits are alive, computes both the loss and the
 gradients, so peak extra memory is one (chunk, V) block.
 
+A head in another dtype than the float32 chunk (bfloat16 weights) is never upcast whole: each
+chunk's logits are formed a block of the head's rows at a time, each block no larger than the
+chunk's logits (`_head_logits`), so the extra memory stays O(chunk × V), not O(V × H) (a float32
+copy of a Llama-3-8B head alone is 2 GiB).
+
 All losses here return SUMS over labelled tokens. The caller divides by the token
 count it chooses (e.g. labelled tokens in the whole accumulated batch), which is what
 makes gradient accumulation exact rather than a mean of means.
@@ -136,15 +141,13 @@ def _loss_and_grads(hidden, weight, bias, targets, chunk_size, ignore_index, nee
 def _loss_and_grads_fp32(hidden, weight, bias, targets, chunk_size, ignore_index, needs):
     need_hidden, need_weight, need_bias = needs
     num_tokens = hidden.shape[0]
-    # At least float32 (bf16/fp16 are upcast; float64 stays float64, which gradcheck needs).
-    compute = torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), torch.float32)
-    # One upcast copy of the head (a no-op when it already has the compute dtype); the
-    # chunks of hidden are upcast one at a time so bf16 activations are never upcast in full.
-    weight32 = weight.to(compute)
+    # The chunks of hidden, and blocks of the head, are upcast one at a time: neither bf16
+    # activations nor a bf16 head are ever upcast in full.
+    compute = _compute_dtype(hidden, weight)
     bias32 = None if bias is None else bias.to(compute)
     loss = torch.zeros((), dtype=compute, device=hidden.device)
     grad_hidden = torch.zeros_like(hidden) if need_hidden else None
-    grad_weight = torch.zeros_like(weight32) if need_weight else None
+    grad_weight = torch.zeros(weight.shape, dtype=compute, device=weight.device) if need_weight else None
     grad_bias = torch.zeros_like(bias32) if need_bias else None
     any_grad = need_hidden or need_weight or need_bias
 
@@ -160,7 +163,7 @@ def _loss_and_grads_fp32(hidden, weight, bias, targets, chunk_size, ignore_index
         # kernels); zero them so 0 * NaN cannot reach grad_weight.
         hidden_chunk = hidden_chunk.masked_fill(~labelled[:, None], 0.0)
 
-        logits = hidden_chunk @ weight32.T  # (C, V) in the compute dtype
+        logits = _head_logits(hidden_chunk, weight)  # (C, V) in the compute dtype
         if bias32 is not None:
             logits += bias32
         log_norm = torch.logsumexp(logits, dim=-1)  # (C,)
@@ -174,7 +177,7 @@ def _loss_and_grads_fp32(hidden, weight, bias, targets, chunk_size, ignore_index
         grad_logits[torch.arange(end - start, device=logits.device), safe_targets] -= 1.0
         grad_logits.masked_fill_(~labelled[:, None], 0.0)
         if need_hidden:
-            grad_hidden[start:end] = grad_logits @ weight32  # (C, H), cast to hidden dtype
+            grad_hidden[start:end] = _head_grad_input(grad_logits, weight)  # (C, H), cast to hidden dtype
         if need_weight:
             grad_weight.addmm_(grad_logits.T, hidden_chunk)  # (V, H) += (V, C) @ (C, H)
         if need_bias:
@@ -198,9 +201,9 @@ def sequence_logps(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor 
     Returns (logps (B,), token counts (B,)); average log-probs are logps / counts.
 
     Unlike the SFT loss, preference losses weight every token's log-prob by a gradient known
-    only in backward, so gradients cannot be formed in forward. Instead each chunk of
-    positions is activation-checkpointed: forward keeps one chunk's logits at a time and
-    backward recomputes them, which costs one extra head matmul per chunk.
+    only in backward, so gradients cannot be formed in forward. Instead forward keeps one
+    chunk's logits at a time and backward recomputes them (`_HeadLogProbs`), which costs one
+    extra head matmul per chunk.
     """
     batch = hidden.shape[0]
     selected, targets = shift_for_causal_lm(hidden, labels, ignore_index)  # (N, H), (N,)
@@ -223,7 +226,7 @@ def token_logps(selected: Tensor, weight: Tensor, targets: Tensor, bias: Tensor 
                 chunk_size: int = 256) -> Tensor:
     """log softmax(W h + b)[y] for N (hidden state, target) pairs: selected (N, H), targets (N,).
 
-    Chunks of `chunk_size` rows are activation-checkpointed (see `sequence_logps`)."""
+    Chunks of `chunk_size` rows, recomputed in backward (see `sequence_logps`)."""
     return token_logps_at(selected, weight, targets[:, None], bias, chunk_size)[:, 0]
 
 
@@ -232,21 +235,10 @@ def token_logps_at(selected: Tensor, weight: Tensor, indices: Tensor, bias: Tens
     """log softmax(W h + b)[v] at M tokens v per position: selected (N, H), indices (N, M) → (N, M).
 
     `token_logps` with several targets per position (a label and a teacher's top-k tokens, for
-    distillation); chunked and activation-checkpointed the same way. With `rest_from = j` one more
+    distillation); chunked the same way (`_HeadLogProbs`). With `rest_from = j` one more
     column holds log Σ_{v ∉ indices[:, j:]} p_v, the mass outside those tokens, from the logits:
     logsumexp over the other tokens − logsumexp over all (precise where 1 − Σ p_v would round)."""
-    from torch.utils.checkpoint import checkpoint
-
-    out = []
-    for start in range(0, selected.shape[0], chunk_size):
-        end = start + chunk_size
-        args = (selected[start:end], weight, bias, indices[start:end], rest_from)
-        if torch.is_grad_enabled() and (selected.requires_grad or weight.requires_grad):
-            out.append(checkpoint(_logps_at, *args, use_reentrant=False))
-        else:
-            out.append(_logps_at(*args))
-    width = indices.shape[1] + (rest_from is not None)
-    return torch.cat(out) if out else selected.new_zeros(0, width, dtype=torch.float32)
+    return _head_log_probs(selected, weight, bias, indices, chunk_size, rest_from)[0]
 
 
 @torch.no_grad()
@@ -272,116 +264,168 @@ def token_logps_and_entropy(selected: Tensor, weight: Tensor, targets: Tensor, b
 
         H = −Σ_v p_v log p_v = logsumexp(z) − Σ_v p_v z_v
 
-    Chunked and activation-checkpointed like `token_logps`; the entropy costs one more pass
-    over each chunk's logits. Both outputs carry gradients (an entropy bonus needs them)."""
-    from torch.utils.checkpoint import checkpoint
-
-    out = []
-    for start in range(0, selected.shape[0], chunk_size):
-        end = start + chunk_size
-        args = (selected[start:end], weight, bias, targets[start:end])
-        if torch.is_grad_enabled() and (selected.requires_grad or weight.requires_grad):
-            out.append(checkpoint(_token_logps_entropy, *args, use_reentrant=False))
-        else:
-            out.append(_token_logps_entropy(*args))
-    both = torch.cat(out, dim=1) if out else selected.new_zeros(2, 0, dtype=torch.float32)
-    return both[0], both[1]
+    Chunked like `token_logps`; the entropy costs one more pass over each chunk's logits. Both
+    outputs carry gradients (an entropy bonus needs them): dH/dz = −p ⊙ (z − Σ_v p_v z_v)."""
+    logps, entropies = _head_log_probs(selected, weight, bias, targets[:, None], chunk_size, entropy="grad")
+    return logps[:, 0], entropies
 
 
 def token_logps_with_entropy_value(selected: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None,
                                    chunk_size: int = 256) -> tuple[Tensor, Tensor]:
     """`token_logps_and_entropy` for when the entropy is only reported (GRPO, PPO without an
-    entropy bonus): the log-probs carry gradients, the entropies (N,) carry none.
-
-    Forward keeps no logits. Backward recomputes each chunk's logits z = W h + b once and uses
-
-        d log softmax(z)[y] / dz = onehot(y) − softmax(z)
-
-    so neither the entropy nor a second pass through autograd's log-softmax is recomputed,
-    which the checkpointed `token_logps_and_entropy` has to do."""
-    if not torch.is_grad_enabled() or not (selected.requires_grad or weight.requires_grad
-                                           or (bias is not None and bias.requires_grad)):
-        with torch.no_grad():
-            return _LogpsEntropyValue.compute(selected, weight, bias, targets, chunk_size)
-    return _LogpsEntropyValue.apply(selected, weight, bias, targets, chunk_size)
+    entropy bonus): the log-probs carry gradients, the entropies (N,) carry none, so the
+    backward does no work for them (same log-prob values and gradients)."""
+    logps, entropies = _head_log_probs(selected, weight, bias, targets[:, None], chunk_size, entropy="value")
+    return logps[:, 0], entropies
 
 
-class _LogpsEntropyValue(torch.autograd.Function):
-    """(log-probs with gradients, entropies without), chunk by chunk (see the public function)."""
+def _head_log_probs(hidden: Tensor, weight: Tensor, bias: Tensor | None, indices: Tensor, chunk_size: int,
+                    rest_from: int | None = None, entropy: str | None = None) -> tuple[Tensor, Tensor]:
+    """`_HeadLogProbs` where a gradient is wanted, its plain chunked loop (no graph) elsewhere."""
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return _HeadLogProbs.apply(hidden, weight, bias, indices, chunk_size, rest_from, entropy)
+    with torch.no_grad():
+        return _HeadLogProbs.compute(hidden, weight, bias, indices, chunk_size, rest_from, entropy)
+
+
+class _HeadLogProbs(torch.autograd.Function):
+    """Log-probs of z = W h + b at token ids (N, M), the optional rest column, and the optional
+    entropies (N,), a chunk of positions at a time, in at least float32 — the one rule behind
+    `token_logps`, `token_logps_at`, `token_logps_and_entropy` and `token_logps_with_entropy_value`.
+
+    Unlike the SFT loss, these log-probs are weighted by a gradient known only in backward, so
+    the gradients cannot be formed in forward. Forward keeps no logits; backward recomputes each
+    chunk's logits once and applies, for a column of log p_v = z_v − logsumexp(z) and the rest
+    column r = logsumexp(z over v ∉ S) − logsumexp(z), with p = softmax(z), q = softmax over v ∉ S:
+
+        d log p_v / dz = onehot(v) − p,   dr / dz = q − p,   dH / dz = −p ⊙ (z − Σ_u p_u z_u)
+
+    and adds each chunk's head gradient into one (V, H) buffer (autograd through a checkpointed
+    chunk would build a fresh (V, H) gradient per chunk). `entropy`: None (none computed, an
+    empty tensor), "value" (no gradient) or "grad"."""
 
     @staticmethod
-    def compute(hidden, weight, bias, targets, chunk_size):
-        logps, entropies = [], []
+    def compute(hidden, weight, bias, indices, chunk_size, rest_from, entropy):
+        columns, entropies = [], []
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], chunk_size):
-                z = _chunk_logits(hidden[start:start + chunk_size], weight, bias)
-                log_norm = torch.logsumexp(z, dim=-1)
-                logps.append(z.gather(1, targets[start:start + chunk_size, None]).squeeze(1) - log_norm)
-                entropies.append(log_norm - (torch.softmax(z, dim=-1) * z).sum(-1))
-        if not logps:
-            empty = hidden.new_zeros(0, dtype=torch.promote_types(hidden.dtype, torch.float32))
-            return empty, empty.clone()
-        return torch.cat(logps), torch.cat(entropies)
+                z = _chunk_logits(hidden[start:start + chunk_size], weight, bias)  # (C, V)
+                log_norm = torch.logsumexp(z, dim=-1, keepdim=True)
+                idx = indices[start:start + chunk_size]
+                out = z.gather(1, idx) - log_norm
+                if rest_from is not None:
+                    others = z.scatter(1, idx[:, rest_from:], float("-inf"))
+                    out = torch.cat([out, torch.logsumexp(others, dim=-1, keepdim=True) - log_norm], dim=1)
+                columns.append(out)
+                if entropy is not None:
+                    entropies.append(log_norm[:, 0] - (torch.softmax(z, dim=-1) * z).sum(-1))
+        dtype = torch.promote_types(hidden.dtype, torch.float32)
+        width = indices.shape[1] + (rest_from is not None)
+        columns = torch.cat(columns) if columns else hidden.new_zeros(0, width, dtype=dtype)
+        entropies = torch.cat(entropies) if entropies else hidden.new_zeros(0, dtype=dtype)
+        return columns, entropies
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size):
-        logps, entropies = _LogpsEntropyValue.compute(hidden, weight, bias, targets, chunk_size)
-        ctx.save_for_backward(hidden, weight, bias, targets)
-        ctx.chunk_size = chunk_size
-        ctx.mark_non_differentiable(entropies)
-        return logps, entropies
+    def forward(ctx, hidden, weight, bias, indices, chunk_size, rest_from, entropy):
+        columns, entropies = _HeadLogProbs.compute(hidden, weight, bias, indices, chunk_size, rest_from, entropy)
+        ctx.save_for_backward(hidden, weight, bias, indices)
+        ctx.chunk_size, ctx.rest_from = chunk_size, rest_from
+        ctx.set_materialize_grads(False)  # an output the loss does not use gets None: no work for it
+        if entropy != "grad":
+            ctx.mark_non_differentiable(entropies)
+        return columns, entropies
 
     @staticmethod
-    def backward(ctx, grad_logps, _grad_entropies):
-        hidden, weight, bias, targets = ctx.saved_tensors
+    def backward(ctx, grad_columns, grad_entropies):
+        hidden, weight, bias, indices = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        if grad_columns is None and grad_entropies is None:
+            return None, None, None, None, None, None, None
+        compute = _compute_dtype(hidden, weight)
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        compute = torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), torch.float32)
         grad_weight = torch.zeros(weight.shape, dtype=compute, device=weight.device) if need_weight else None
         grad_bias = torch.zeros(bias.shape, dtype=compute, device=bias.device) if need_bias else None
         with torch.autocast(device_type=hidden.device.type, enabled=False):
-            w = weight.to(compute)
             for start in range(0, hidden.shape[0], ctx.chunk_size):
                 end = start + ctx.chunk_size
                 h = hidden[start:end].to(compute)
-                g = grad_logps[start:end].to(compute)
-                grad_z = torch.softmax(_chunk_logits(h, w, bias), dim=-1).mul_(-g[:, None])  # (C, V)
-                grad_z[torch.arange(len(g), device=g.device), targets[start:end]] += g
+                grad_z = _logits_grad(
+                    _chunk_logits(h, weight, bias), indices[start:end], ctx.rest_from,
+                    None if grad_columns is None else grad_columns[start:end].to(compute),
+                    None if grad_entropies is None else grad_entropies[start:end].to(compute))  # (C, V)
                 if need_hidden:
-                    grad_hidden[start:end] = (grad_z @ w).to(hidden.dtype)
+                    grad_hidden[start:end] = _head_grad_input(grad_z, weight).to(hidden.dtype)
                 if need_weight:
                     grad_weight.addmm_(grad_z.T, h)
                 if need_bias:
                     grad_bias += grad_z.sum(0)
         return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
-                None if grad_bias is None else grad_bias.to(bias.dtype), None, None)
+                None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None, None)
+
+
+def _logits_grad(z: Tensor, indices: Tensor, rest_from: int | None, grad_columns: Tensor | None,
+                 grad_entropies: Tensor | None) -> Tensor:
+    """dL/dz (C, V) for one chunk's logits z from the gradients of its log-prob columns (C, M [+ 1])
+    and of its entropies (C,), either None when unused (the rules in `_HeadLogProbs`); z is consumed."""
+    p = torch.softmax(z, dim=-1)
+    rest = entropy = None
+    if grad_columns is not None and rest_from is not None:  # q ⊙ g_rest, before z is overwritten
+        others = z.scatter(1, indices[:, rest_from:], float("-inf"))
+        # no other token (S holds the whole vocabulary): r = −inf, whose gradient is 0, not NaN
+        rest = torch.softmax(others, dim=-1).nan_to_num_(0.0).mul_(grad_columns[:, -1:])
+    if grad_entropies is not None:  # −g_H · p ⊙ (z − Σ p z), in z's buffer
+        mean_z = (p * z).sum(-1, keepdim=True)
+        entropy = z.sub_(mean_z).mul_(p).mul_(-grad_entropies[:, None])
+    if grad_columns is None:
+        return entropy
+    picked = grad_columns[:, :indices.shape[1]]
+    # Σ_j g_j (onehot(v_j) − p) + g_rest (q − p): every column's −p term at once
+    grad_z = p.mul_(-(grad_columns.sum(1, keepdim=True) if rest_from is not None else picked.sum(1, keepdim=True)))
+    grad_z.scatter_add_(1, indices, picked)
+    if rest is not None:
+        grad_z += rest
+    if entropy is not None:
+        grad_z += entropy
+    return grad_z
+
+
+def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
+    """At least float32 (bf16/fp16 are upcast; float64 stays float64, which gradcheck needs)."""
+    return torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), torch.float32)
+
+
+def _head_rows(hidden: Tensor, weight: Tensor) -> int:
+    """Rows of a head in another dtype upcast at once: a block no larger than the chunk's logits."""
+    return max(1, hidden.shape[0] * weight.shape[0] // max(1, weight.shape[1]))
+
+
+def _head_logits(hidden: Tensor, weight: Tensor) -> Tensor:
+    """hidden (C, H) @ weight (V, H)ᵀ in hidden's dtype: (C, V). A head in another dtype (bfloat16
+    weights, float32 chunks) is upcast `_head_rows` rows at a time, never whole."""
+    if weight.dtype == hidden.dtype:
+        return hidden @ weight.T
+    rows = _head_rows(hidden, weight)
+    logits = hidden.new_empty(hidden.shape[0], weight.shape[0])
+    for v in range(0, weight.shape[0], rows):
+        logits[:, v:v + rows] = hidden @ weight[v:v + rows].to(hidden.dtype).T
+    return logits
+
+
+def _head_grad_input(grad_logits: Tensor, weight: Tensor) -> Tensor:
+    """grad_logits (C, V) @ weight (V, H) in grad_logits' dtype: (C, H), the head upcast as in
+    `_head_logits`."""
+    if weight.dtype == grad_logits.dtype:
+        return grad_logits @ weight
+    rows = _head_rows(grad_logits, weight)
+    out = grad_logits.new_zeros(grad_logits.shape[0], weight.shape[1])
+    for v in range(0, weight.shape[0], rows):
+        out.addmm_(grad_logits[:, v:v + rows], weight[v:v + rows].to(grad_logits.dtype))
+    return out
 
 
 def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """W h + b for one chunk, in at least float32."""
+    """W h + b for one chunk, in at least float32 (the head never upcast whole: `_head_logits`)."""
     dtype = torch.promote_types(hidden.dtype, torch.float32)
-    logits = hidden.to(dtype) @ weight.to(dtype).T
+    logits = _head_logits(hidden.to(dtype), weight)
     return logits if bias is None else logits + bias.to(dtype)
-
-
-def _token_logps_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor) -> Tensor:
-    """(2, C): the chunk's target log-probs and entropies, in at least float32."""
-    with torch.autocast(device_type=hidden.device.type, enabled=False):
-        logits = _chunk_logits(hidden, weight, bias)  # (C, V)
-        log_norm = torch.logsumexp(logits, dim=-1)
-        entropy = log_norm - (logits.softmax(-1) * logits).sum(-1)
-        return torch.stack([logits.gather(1, targets[:, None]).squeeze(1) - log_norm, entropy])
-
-
-def _logps_at(hidden: Tensor, weight: Tensor, bias: Tensor | None, indices: Tensor,
-              rest_from: int | None = None) -> Tensor:
-    """log softmax(W h + b) at (C, M) token ids for one chunk (and the log-mass outside
-    indices[:, rest_from:] as one more column), in at least float32."""
-    with torch.autocast(device_type=hidden.device.type, enabled=False):
-        logits = _chunk_logits(hidden, weight, bias)  # (C, V)
-        log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
-        out = logits.gather(1, indices) - log_norm
-        if rest_from is None:
-            return out
-        others = logits.scatter(1, indices[:, rest_from:], float("-inf"))
-        return torch.cat([out, torch.logsumexp(others, dim=-1, keepdim=True) - log_norm], dim=1)

@@ -31,11 +31,20 @@ from posttrain.files import write_atomically
 
 
 def peak_memory_mb() -> float:
-    """Peak accelerator memory if on GPU, else the process's peak resident set size."""
+    """Peak accelerator memory if on GPU (since `reset_peak_memory`, which a run's RunLogger
+    calls), else the process's peak resident set size so far (ru_maxrss: an earlier run in the
+    same process counts in; it cannot be reset)."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return torch.cuda.max_memory_allocated() / 2**20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
+
+
+def reset_peak_memory() -> None:
+    """Start the accelerator's peak afresh: a run logs its own peak, not that of an earlier stage
+    in the same process (a pipeline, tests)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
 
 
 def strict_json(record: dict) -> dict:
@@ -104,6 +113,7 @@ class RunLogger:
         self.accelerator = accelerator if trackers else None
         self.path = run_dir / "metrics.jsonl"
         self.bar = self.lines = None
+        reset_peak_memory()  # on every process: each logs (or reports) its own device's peak
         if enabled:
             run_dir.mkdir(parents=True, exist_ok=True)
         if enabled and progress_bar and _interactive(sys.stderr):
