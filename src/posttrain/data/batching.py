@@ -18,6 +18,7 @@ from __future__ import annotations
 import bisect
 import random
 from array import array
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -73,13 +74,55 @@ def collate(examples: list[Example], pad_id: int, pad_to_multiple_of: int | None
 
 
 def pack(examples: list[Example], max_length: int) -> list[Example]:
-    """Pack examples into rows of at most `max_length` tokens (best-fit decreasing).
+    """Pack examples into rows of at most `max_length` tokens (best-fit decreasing: `_pack_plan`).
 
     Deterministic: the same examples in the same order give the same rows. In each row,
     position ids restart at 0 for every sequence, and the first token of every sequence
     carries no label, so no token is trained to follow the previous sequence's last one.
     Examples must already fit (`templates.fit_length`).
     """
+    return [_join([examples[i] for i in row]) for row in _pack_plan(examples, max_length)]
+
+
+_WINDOW = 4  # micro-batches of tokens the rolling buffer of `pack_stream` packs from
+
+
+def pack_stream(examples: Iterable[Example], rows: int, max_length: int) -> Iterator[list[Example]]:
+    """Micro-batches of `rows` packed rows from a stream of examples (data.streaming with
+    data.packing), as many rows a micro-batch as in-memory packing gives (`pack`'s rule).
+
+    A rolling buffer takes examples until they hold more tokens than `_WINDOW` micro-batches of
+    rows can, packs them (`_pack_plan`) and yields the first `rows` rows (the first opened:
+    best-fit decreasing opens them for the longest examples and fills them first); the examples
+    of the other rows stay in the buffer, in stream order, ahead of the next ones read. When the
+    stream ends, what is left comes out `rows` rows at a time. Each example comes out once, and
+    the same stream gives the same micro-batches, so a resume that skips micro-batches lands where
+    the run left off. The window trades a bounded buffer for fill: with 4 the rows hold within a
+    few percent of the tokens packing the whole set gives (1 micro-batch: up to 10% fewer)."""
+    buffer: list[Example] = []
+    tokens, window = 0, _WINDOW * rows * max_length
+    for example in examples:
+        buffer.append(example)
+        tokens += len(example)
+        while tokens > window:  # more than the window's rows can hold: the first `rows` rows are full
+            batch, buffer = _take_rows(buffer, rows, max_length)
+            tokens = sum(len(e) for e in buffer)
+            yield batch
+    while buffer:
+        batch, buffer = _take_rows(buffer, rows, max_length)
+        yield batch
+
+
+def _take_rows(buffer: list[Example], rows: int, max_length: int) -> tuple[list[Example], list[Example]]:
+    """(the first `rows` packed rows of `buffer`, the examples of the others in buffer order)."""
+    plan = _pack_plan(buffer, max_length)
+    left = sorted(i for row in plan[rows:] for i in row)
+    return [_join([buffer[i] for i in row]) for row in plan[:rows]], [buffer[i] for i in left]
+
+
+def _pack_plan(examples: list[Example], max_length: int) -> list[list[int]]:
+    """The packing rule: rows of example indices, best-fit decreasing, each row at most
+    `max_length` tokens. Longest first (ties in input order), each into the fullest row it fits."""
     too_long = [example.source for example in examples if len(example) > max_length]
     if too_long:
         raise ValueError(f"{len(too_long)} examples exceed max_length={max_length} (first: {too_long[0]}); run fit_length first")
@@ -97,7 +140,7 @@ def pack(examples: list[Example], max_length: int) -> list[Example]:
             rows.append([])
         rows[row].append(i)
         bisect.insort(free, (space - need, row))
-    return [_join([examples[i] for i in row]) for row in rows]
+    return rows
 
 
 def _tensor(values: array) -> torch.Tensor:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from posttrain.data.records import Example, Record
+from posttrain.data.templates import DoubledMarkers
 from posttrain.errors import ConfigError, DataError
 
 SYNTHETIC = "synthetic"
@@ -95,22 +96,30 @@ def split_eval(records: list[T], fraction: float, seed: int,
 def encode_all(records: list[Record], tokenizer, template: str, cfg, log, name: str) -> tuple[list[Example], dict]:
     from posttrain.data.templates import fit_length
 
-    examples, unrendered = [], []
+    examples, unrendered, doubled = [], [], DoubledMarkers()
     for record in records:
-        example = _encoded(record, tokenizer, template, cfg, unrendered)
+        example = _encoded(record, tokenizer, template, cfg, unrendered, doubled)
         if example is not None:
             examples.append(example)
     check_unrendered(unrendered, len(records), cfg, log, name)
+    if doubled.rows:
+        log(doubled.summary(name))
     examples, length_report = fit_length(examples, cfg.max_length, cfg.overlength)
     log(f"{name}: {length_report.summary()}")
     return examples, dataclasses.asdict(length_report) | {"unrendered": len(unrendered),
-                                                          "unrendered_first": unrendered[:3]}
+                                                          "unrendered_first": unrendered[:3]} | doubled.entry()
 
 
-def _encoded(record: Record, tokenizer, template: str, cfg, unrendered: list[str]) -> Example | None:
+def _encoded(record: Record, tokenizer, template: str, cfg, unrendered: list[str],
+             doubled: DoubledMarkers | None = None) -> Example | None:
+    """`encode_record` under the bad-row policy (`encoded_or_skipped`); a row encoded whose answer
+    already ended with the end-of-turn marker (stripped) is counted in `doubled`."""
     from posttrain.data.templates import encode_record
 
-    return encoded_or_skipped(lambda r: encode_record(r, tokenizer, template), record, cfg, unrendered)
+    example = encoded_or_skipped(lambda r: encode_record(r, tokenizer, template), record, cfg, unrendered)
+    if example is not None and doubled is not None:
+        doubled.count(record, tokenizer, template)
+    return example
 
 
 def encoded_or_skipped(encode: Callable, record, cfg, unrendered: list[str]):
@@ -219,17 +228,18 @@ class StreamCounts:
     too_long: int = 0  # longer than data.max_length: cut or dropped (data.overlength)
     dropped_no_labels: int = 0  # no label left after the cut
     unrendered: list[str] = field(default_factory=list)  # rows the chat template cannot render (bad_rows=skip)
+    doubled: DoubledMarkers = field(default_factory=DoubledMarkers)  # answers ending in the end-of-turn marker
     complete_passes: int = 0
     said_too_long: bool = False  # the first over-long row is logged, once a run
 
     def new_pass(self) -> None:
         self.rows = self.too_long = self.dropped_no_labels = 0
-        self.unrendered = []
+        self.unrendered, self.doubled = [], DoubledMarkers()
 
     def entry(self, cfg, complete_pass: bool) -> dict:
         return {"train_stream": {"complete_pass": complete_pass, "rows_read": self.rows, "too_long": self.too_long,
                                  "policy": cfg.overlength, "dropped_no_labels": self.dropped_no_labels,
-                                 "unrendered": len(self.unrendered)}}
+                                 "unrendered": len(self.unrendered)} | self.doubled.entry()}
 
 
 def write_stream_counts(run_dir: Path | None, counts: StreamCounts, cfg) -> None:
@@ -255,7 +265,7 @@ def stream_sft_examples(cfg, tokenizer, run_dir: Path | None, log: Callable[[str
                                        max_bad_fraction=cfg.max_bad_fraction,
                                        rejects_path=rejects_file(run_dir, "train"), log=log):
         counts.rows += 1
-        example = _encoded(record, tokenizer, template, cfg, counts.unrendered)
+        example = _encoded(record, tokenizer, template, cfg, counts.unrendered, counts.doubled)
         if example is None:
             continue
         if len(example) > cfg.max_length:
@@ -275,6 +285,8 @@ def stream_sft_examples(cfg, tokenizer, run_dir: Path | None, log: Callable[[str
         log(f"train (streamed): {counts.too_long} examples longer than {cfg.max_length} tokens ({cfg.overlength}); "
             f"{counts.dropped_no_labels} dropped with no label tokens left")
     check_unrendered(counts.unrendered, counts.rows, cfg, log, "train (streamed)")
+    if counts.doubled.rows and not counts.complete_passes:  # said once a run, as each pass reads the same rows
+        log(counts.doubled.summary("train (streamed)"))
     counts.complete_passes += 1
     _update_report(run_dir, counts.entry(cfg, complete_pass=True))
 

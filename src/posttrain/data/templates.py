@@ -21,6 +21,7 @@ it (`render`).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,6 +121,12 @@ def encode_record(record: Record, tokenizer: Any, template: str) -> Example:
     """Tokenise one record. Chat records are trained on every assistant turn (content and
     end-of-turn marker) and nothing else; text records on every token, with eos appended.
 
+    A chat record whose prompt or user / system text is already rendered with the chat template
+    is refused (`check_not_rendered`, a DataError: the caller's bad-row policy); a trained answer
+    that already ends with the template's end-of-turn marker has it stripped (`strip_end_of_turn`;
+    callers count such rows with `DoubledMarkers.count`): the template writes it once, as eos once
+    ends a text row.
+
     A conversation with no assistant text comes back with every label IGNORE_INDEX
     (`example.num_label_tokens == 0`); callers count those, see `check_label_mask`.
     """
@@ -147,6 +154,10 @@ def _encode_messages(record: Record, tokenizer: Any, template: str) -> Example:
             "a tokenizer.json (AutoTokenizer.from_pretrained(..., use_fast=True))"
         )
     _check_messages(record)
+    # the prompt's turns (a prompt-completion row's) and every user / system turn: context text
+    check_not_rendered([m for i, m in enumerate(record.messages) if i < record.prompt_turns
+                        or m["role"] in ("system", "user")], tokenizer, template, record.source)
+    record = strip_end_of_turn(record, tokenizer, template)
     text, spans = assistant_spans(record.messages, tokenizer, template, record.source, record.prompt_turns,
                                   tools=record.tools, untrained=record.untrained)
     input_ids, labels = tokenize_with_labels(tokenizer, text, spans)
@@ -159,6 +170,80 @@ def _check_messages(record: Record) -> None:
             raise DataError(f"{record.source}: message {i} needs a string 'role'")
         if not isinstance(message.get("content"), str):
             raise DataError(f"{record.source}: message {i} ({message['role']}) needs a string 'content'")
+
+
+def trained_turns(messages: list[dict[str, Any]], first: int = 0, untrained: tuple[int, ...] = ()) -> list[int]:
+    """The indices of the assistant turns a row trains: from message `first` on (a prompt-completion
+    row's prompt turns are context), but those in `untrained`."""
+    return [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= first and i not in untrained]
+
+
+@dataclass
+class DoubledMarkers:
+    """The rows whose trained answer already ended with the template's end-of-turn marker
+    (`strip_end_of_turn` strips it): how many, the first, and the marker; said once (`summary`)."""
+
+    rows: int = 0
+    first: str = ""
+    marker: str = ""
+
+    def count(self, record: Record, tokenizer: Any, template: str) -> None:
+        """Count `record` when it has such an answer."""
+        if doubled_turns(record, tokenizer, template):
+            self.rows += 1
+            self.first, self.marker = self.first or record.source, end_of_turn(tokenizer, template)
+
+    def entry(self) -> dict:
+        """data_report.json's `end_of_turn_stripped` (the rows), present when there were some."""
+        return {"end_of_turn_stripped": self.rows} if self.rows else {}
+
+    def summary(self, name: str) -> str:
+        return (f"{name}: {self.rows} rows' trained answer already ended with the end-of-turn marker {self.marker!r} "
+                f"that the chat template writes itself (first: {self.first}); it is stripped, trained once")
+
+
+def doubled_turns(record: Record, tokenizer: Any, template: str) -> list[int]:
+    """The trained assistant turns of a chat record whose text already ends with the template's
+    end-of-turn marker (`end_of_turn`; "a b<|im_end|>": TRL users append the eos themselves)."""
+    if record.messages is None:
+        return []
+    marker = end_of_turn(tokenizer, template)
+    return [i for i in trained_turns(record.messages, record.prompt_turns, record.untrained)
+            if marker and record.messages[i]["content"].rstrip().endswith(marker)]
+
+
+def strip_end_of_turn(record: Record, tokenizer: Any, template: str) -> Record:
+    """`record` with one end-of-turn marker cut from the end of each of its `doubled_turns`: the
+    template writes one after every answer, so the model would learn to say it twice. Context
+    turns are left as they are."""
+    doubled = doubled_turns(record, tokenizer, template)
+    if not doubled:
+        return record
+    cut = len(end_of_turn(tokenizer, template))
+    messages = [{**m, "content": m["content"].rstrip()[:-cut]} if i in doubled else m
+                for i, m in enumerate(record.messages)]
+    return dataclasses.replace(record, messages=messages)
+
+
+def end_of_turn(tokenizer: Any, template: str) -> str:
+    """What `template` writes right after an assistant turn's content, surrounding whitespace
+    dropped: ChatML's `<|im_end|>`, Llama 3's `<|eot_id|>`, Alpaca's eos. Found on the span
+    `assistant_spans` gives a probe answer followed by another user turn (so what a template
+    writes after the last turn only, Phi-3's eos, is not part of it); "" when the template
+    writes nothing there or cannot render the probe."""
+    key = (id(tokenizer), template, "end")
+    if key in _MARKERS and _MARKERS[key][0] is tokenizer:
+        return _MARKERS[key][1]
+    probe = [{"role": "user", "content": _PROBE}, {"role": "assistant", "content": _PROBE},
+             {"role": "user", "content": _PROBE}]
+    try:
+        text, spans = assistant_spans(probe, tokenizer, template, "<probe>")
+        answer = text[spans[0][0] : spans[0][1]]
+        marker = answer[answer.index(_PROBE) + 1 :].strip() if _PROBE in answer else ""
+    except DataError:
+        marker = ""
+    _remember(key, tokenizer, marker)
+    return marker
 
 
 def assistant_spans(
@@ -175,9 +260,8 @@ def assistant_spans(
     belongs to no earlier turn; the turn's own content must lie before that point."""
     full = render(tokenizer, template, messages, False, source, tools)
     spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant" or i < first or i in untrained:
-            continue
+    for i in trained_turns(messages, first, untrained):
+        message = messages[i]
         prompt = _render(tokenizer, template, messages[:i], True, source, tools)
         # The last turn's "through" render is the full render: skip a third of the work
         # for the common single-answer conversation.
@@ -213,7 +297,7 @@ def _agreeing_end(tokenizer: Any, through: str, full: str) -> int:
 
 
 _PROBE = "\x00"  # a message content no template writes itself
-_MARKERS: dict[tuple[int, str], tuple[Any, tuple[str, ...]]] = {}  # (id(tokenizer), template) -> (tokenizer, markers)
+_MARKERS: dict[tuple[int, str, str], tuple[Any, Any]] = {}  # (id(tokenizer), template, what) -> (tokenizer, markers)
 
 
 def role_markers(tokenizer: Any, template: str) -> tuple[str, ...]:
@@ -221,7 +305,7 @@ def role_markers(tokenizer: Any, template: str) -> tuple[str, ...]:
     tokenizer's special tokens it writes (`<|im_start|>`, `<|start_header_id|>`, BOS), found by
     rendering a probe turn, plus the opening words of the built-in templates (their markers are
     plain text under a tokenizer without ChatML's special tokens)."""
-    key = (id(tokenizer), template)
+    key = (id(tokenizer), template, "roles")
     if key in _MARKERS and _MARKERS[key][0] is tokenizer:
         return _MARKERS[key][1]
     try:
@@ -232,10 +316,14 @@ def role_markers(tokenizer: Any, template: str) -> tuple[str, ...]:
     builtin = {CHATML: ("<|im_start|>",), ALPACA: ("### Instruction:\n", "### Response:\n")}.get(
         _plain_builtin(template), ())
     markers = tuple(dict.fromkeys([*builtin, *sorted(t for t in specials if t and t in around)]))
+    _remember(key, tokenizer, markers)
+    return markers
+
+
+def _remember(key: tuple[int, str, str], tokenizer: Any, value: Any) -> None:
     if len(_MARKERS) > 16:  # a few tokenizers per process; never a leak
         _MARKERS.clear()
-    _MARKERS[key] = (tokenizer, markers)
-    return markers
+    _MARKERS[key] = (tokenizer, value)
 
 
 def check_not_rendered(prompt: list[dict[str, str]], tokenizer: Any, template: str, source: str) -> None:

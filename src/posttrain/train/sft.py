@@ -104,17 +104,22 @@ class SFTStage:
             yield self._collate([self.train_examples[i] for i in indices])
 
     def _streamed(self, size: int) -> Iterator[dict]:
-        from posttrain.data.batching import pack
+        """The stream in file order, `size` examples a micro-batch, or under data.packing `size`
+        packed rows (`pack_stream`: as many rows as in-memory packing gives a micro-batch)."""
+        from posttrain.data.batching import pack_stream
 
+        if self.cfg.data.packing:
+            for rows in pack_stream(self.stream(), size, self.cfg.data.max_length):
+                yield self._collate(rows)
+            return
         buffer: list[Example] = []
         for example in self.stream():
             buffer.append(example)
             if len(buffer) == size:
-                rows = pack(buffer, self.cfg.data.max_length) if self.cfg.data.packing else buffer
-                yield self._collate(rows)
+                yield self._collate(buffer)
                 buffer = []
         if buffer:
-            yield self._collate(pack(buffer, self.cfg.data.max_length) if self.cfg.data.packing else buffer)
+            yield self._collate(buffer)
 
     def micro_batches_per_epoch(self) -> int | None:
         if self.stream is not None:

@@ -33,6 +33,7 @@ from posttrain.data.formats import FORMATS, DataReport, detect_format, to_record
 from posttrain.data.preferences import (PREFERENCE_FORMATS, PreferenceRecord, detect_preference_format,
                                         to_preference_record)
 from posttrain.data.records import Record
+from posttrain.data.templates import trained_turns
 
 ALL_FORMATS = FORMATS + PREFERENCE_FORMATS
 _PREFERENCE_KEYS = ("chosen", "rejected", "responses")
@@ -69,8 +70,8 @@ def texts(record: Record | PreferenceRecord) -> tuple[str, str, str, int]:
     messages = record.messages
     prompt = "\n".join(message_text(m) for m in messages if m["role"] != "assistant")
     # a prompt-completion row's prompt turns and the turns marked out of the loss are context only
-    response = "\n".join(message_text(m) for i, m in enumerate(messages)
-                         if m["role"] == "assistant" and i >= record.prompt_turns and i not in record.untrained)
+    response = "\n".join(message_text(messages[i])
+                         for i in trained_turns(messages, record.prompt_turns, record.untrained))
     return prompt, response, "\n".join(map(message_text, messages)), len(messages)
 
 
