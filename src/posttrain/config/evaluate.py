@@ -48,7 +48,7 @@ class EvalJudgeConfig(JudgeConfig):
 class EvalSafetyConfig:
     redteam: bool = option(False, "also red-team both models with the bundled suites (posttrain redteam's "
                            "attack success and over-refusal)")
-    limit: int = option(10, "probes of each bundled suite used (0 = all)")
+    limit: int = option(10, "probes of each bundled suite, a fixed sample spread over its categories (0 = all)")
     attacks: list[str] = option(["direct", "instruction_override", "role_play"], "attacks applied")
     max_tokens: int = option(64, "tokens per red-team response")
 

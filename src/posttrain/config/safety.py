@@ -54,6 +54,10 @@ class PairConfig:
                           "jailbroken when any of them is")
     parse_retries: int = option(1, "when an attacker reply has no PROMPT: line, ask this many more times; then the "
                                 "conversation ends and counts as an error")
+    keep_last: int = option(4, "earlier rounds the attacker is shown (its reply, the response and label), the "
+                            "latest ones; its instructions and the goal always (the paper's code keeps 4). A "
+                            "conversation that still outgrows the attacker's context ends, keeping its answered "
+                            "rounds, as an error unless one got past a full refusal")
     attacker: AttackerConfig = dataclasses.field(default_factory=AttackerConfig,
                                                  metadata={"help": "the model that writes the attacks"})
 
@@ -62,7 +66,8 @@ class PairConfig:
 class AttackConfig:
     names: list[str] = option(DEFAULT_ATTACKS, "built-in attacks applied to every harmful request (direct = the "
                               "request as it is)")
-    file: str = option("", "more attacks (YAML or JSONL rows: name, template with {prompt}, system?, description?)")
+    file: str = option("", "more attacks (YAML or JSONL rows: name, template with {prompt}, system?, description?, "
+                       "encode? (base64: the request goes in encoded))")
     pair: PairConfig = dataclasses.field(default_factory=PairConfig,
                                          metadata={"help": "model-generated attacks (PAIR)"})
 
@@ -115,6 +120,7 @@ def _pair_checks(pair: PairConfig) -> list[tuple[bool, str]]:
         (pair.rounds >= 1, f"{name}.rounds must be >= 1"),
         (pair.streams >= 1, f"{name}.streams must be >= 1"),
         (pair.parse_retries >= 0, f"{name}.parse_retries must be >= 0"),
+        (pair.keep_last >= 1, f"{name}.keep_last must be >= 1"),
         (pair.streams == 1 or pair.attacker.temperature > 0,
          f"{name}.streams={pair.streams} needs {name}.attacker.temperature > 0: a greedy attacker writes the same "
          "conversation in every stream"),

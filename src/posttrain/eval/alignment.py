@@ -8,9 +8,10 @@ For every held-out prompt both models answer greedily; the report then gives, pe
                      perplexity exp(nll): how well the model predicts the known-good answer
     reward           the configured rewards of the greedy answers: mean and standard error
     response_tokens  mean greedy response length (length is the usual way a reward is gamed)
-    redteam          attack success and over-refusal (safety.redteam, posttrain redteam's figures),
-                     with the requests sent and those that failed (left out of n; the command then
-                     exits 2, as redteam does: report.json's "failed" sums both models')
+    redteam          attack success and over-refusal (safety.redteam, posttrain redteam's figures) on
+                     safety.limit probes of each bundled suite, a fixed sample spread over its
+                     categories, with the requests sent and those that failed (left out of n; the
+                     command then exits 2, as redteam does: report.json's "failed" sums both models')
 
 and, between them:
 
@@ -288,9 +289,11 @@ def _redteam(side: Side, cfg, out: Path, log) -> dict:
     s = cfg.safety
     directory = out / ("redteam_" + side.name)
     shutil.rmtree(directory, ignore_errors=True)  # evaluate answers afresh each run, red team included
+    suites = _safety_suites(directory, s.limit)
     rt = RedTeamConfig.load(None, [f"output_dir={directory}", f"target.model={side.path}", "target.kind=local",
                                    f"target.max_tokens={s.max_tokens}", f"target.template={cfg.template}",
-                                   f"target.dtype={cfg.dtype}", f"probes.limit={s.limit}",
+                                   f"target.dtype={cfg.dtype}", f"probes.harmful={suites['harmful']}",
+                                   f"probes.overrefusal={suites['overrefusal']}", "probes.limit=0",
                                    f"attacks.names=[{','.join(s.attacks)}]"])
     target = LocalModel(side.model, side.tokenizer, name=side.path, template=cfg.template, max_tokens=s.max_tokens,
                         temperature=0.0)
@@ -299,6 +302,27 @@ def _redteam(side: Side, cfg, out: Path, log) -> dict:
     return {"attack_success": report["attack_success"]["overall"],
             "over_refusal": report["over_refusal"]["overall"], "classifier": report["classifier"],
             "requests": report["requests"], "failed": report["failed"]}
+
+
+def _safety_suites(directory: Path, limit: int) -> dict[str, str]:
+    """probes.harmful and probes.overrefusal of a side's red-team run: the bundled suites, or with
+    safety.limit a fixed sample of each spread over its categories (`probes.sample_probes`: the
+    suites are sorted by category, so their first ten would cover one or two), written into
+    `directory`; both models get the same sample."""
+    from posttrain.safety.probes import load_probes, sample_probes
+    from posttrain.safety.run import BUNDLED
+
+    if not limit:
+        return {suite: "default" for suite in BUNDLED}
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for suite, asset in BUNDLED.items():
+        path = directory / f"probes_{suite}.jsonl"
+        probes = sample_probes(load_probes("default", bundled=asset), limit)
+        path.write_text("".join(json.dumps({"id": p.id, "category": p.category, "prompt": p.prompt}) + "\n"
+                                for p in probes))
+        paths[suite] = str(path)
+    return paths
 
 
 def run_evaluate(cfg, *, judge=None, log: Callable[[str], Any] = print) -> Path:

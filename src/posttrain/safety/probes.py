@@ -19,11 +19,15 @@ benchmark: 60 prompts give a 95% interval of about ±12 points around a 50% rate
 
 Every probe keeps its place ("file:line") so a surprising response can be traced to its row.
 A row without an "id" is named "<file stem>-<line>"; ids must be unique within a suite.
+
+`sample_probes` takes a few probes spread over the categories (the bundled suites are sorted by
+category, so their first ten probes cover one or two), the same ones every time.
 """
 
 from __future__ import annotations
 
 import os
+import random
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -67,6 +71,23 @@ def load_probes(path: str, *, bundled: str) -> list[Probe]:
         with resources.as_file(asset) as real_path:
             return _read_suite(str(real_path))
     return _read_suite(path)
+
+
+def sample_probes(probes: list[Probe], n: int, seed: int = 0) -> list[Probe]:
+    """`n` of `probes` (all when n is 0 or not below their number), spread over the categories, in
+    file order: the categories are taken in turn, in a seeded order, each giving its next probe in
+    a seeded shuffle, until n are taken. So ten probes of the 10-category bundled suite are one of
+    each, and a larger n keeps the probes of a smaller one (a raised limit only adds requests)."""
+    if not n or n >= len(probes):
+        return list(probes)
+    rng = random.Random(seed)
+    by_category: dict[str, list[int]] = {}
+    for index, probe in enumerate(probes):
+        by_category.setdefault(probe.category, []).append(index)
+    queues = [rng.sample(indices, len(indices)) for indices in by_category.values()]
+    rng.shuffle(queues)
+    turns = [queue[k] for k in range(max(map(len, queues))) for queue in queues if k < len(queue)]
+    return [probes[index] for index in sorted(turns[:n])]
 
 
 def _read_suite(path: str) -> list[Probe]:

@@ -144,7 +144,7 @@ def converse(item: dict, attacker, target, classify: Callable[[str, str], tuple[
                            temperature=t.temperature, seed=t.seed)
 
     result = run_conversation(item["prompt"], ask_attacker=ask_attacker, ask_target=ask_target, classify=classify,
-                              rounds=pair.rounds, parse_retries=pair.parse_retries)
+                              rounds=pair.rounds, parse_retries=pair.parse_retries, keep_last=pair.keep_last)
     return {**item, "request": request_digest(item), "pair": pair_settings(cfg), **result}
 
 
@@ -156,8 +156,11 @@ def pair_settings(cfg) -> dict:
     from posttrain.safety.pair import instructions_digest
 
     pair = cfg.attacks.pair
-    return {"rounds": pair.rounds, "parse_retries": pair.parse_retries, "attacker": backend_settings(pair.attacker),
-            "instructions": instructions_digest()}
+    settings = {"rounds": pair.rounds, "parse_retries": pair.parse_retries,
+                "attacker": backend_settings(pair.attacker), "instructions": instructions_digest()}
+    # keep_last changes a conversation only when its rounds outgrow it: recorded then alone, so a log
+    # from before the setting existed resumes under the default
+    return settings | ({"keep_last": pair.keep_last} if pair.rounds > pair.keep_last + 1 else {})
 
 
 def _responses(records: list[dict]) -> list[dict]:
