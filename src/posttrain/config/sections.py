@@ -121,8 +121,8 @@ class DataConfig:
     group_by_length: bool = option(
         False, "batch examples of similar length together: less padding, but can hurt multi-task learning"
     )
-    streaming: bool = option(False, "read training files lazily (for files larger than memory; needs train.max_steps "
-                                    "and files, not synthetic)")
+    streaming: bool = option(False, "read training files lazily, in file order each pass, not shuffled (for files larger "
+                                    "than memory; needs train.max_steps and files, not synthetic)")
     synthetic_tasks: list[str] = option(["smallest", "copy", "reverse"], "tasks of the bundled synthetic generator")
     synthetic_size: int = option(4000, "number of synthetic training examples")
 
@@ -132,7 +132,7 @@ class TrainConfig:
     seed: int = option(0, "seed for weights init, data order and dropout")
     epochs: float = option(1.0, "passes over the training data (ignored when max_steps > 0)")
     max_steps: int = option(0, "optimizer steps; 0 = derive from epochs")
-    batch_size: int = option(8, "examples per micro-batch per process")
+    batch_size: int = option(8, "rows per micro-batch per process (packed rows under data.packing, streamed or not)")
     grad_accum: int = option(1, "micro-batches accumulated per optimizer step")
     lr: float = option(2e-5, "peak learning rate")
     weight_decay: float = option(0.0, "AdamW decoupled weight decay")
@@ -162,7 +162,9 @@ class TrainConfig:
                 "a time, never building [B,T,V] logits), plain (the model's logits, then cross-entropy), or auto: chunked when the logits "
                 "are a plain linear map of the last hidden state (an nn.Linear output layer, or LoRA on one without "
                 "dropout, and no logit scaling or soft-capping in the config), else plain")
-    loss_chunk_size: int = option(256, "tokens per chunk of the chunked loss (peak extra memory ~ chunk × vocab × 8 bytes)")
+    loss_chunk_size: int = option(256, "tokens per chunk of the chunked loss and log-probs (peak extra memory ~ "
+                                       "chunk × vocab × 12-20 bytes; a trained head with bfloat16 weights adds its "
+                                       "float32 vocab × hidden gradient)")
     eval_every: int = option(0, "evaluate every N steps (0 = only at the end); the RL stages measure their "
                                             "held-out reward there")
     early_stopping_patience: int = option(0, "stop after N evaluations without improvement (0 = never)")
