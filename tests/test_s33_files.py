@@ -12,28 +12,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from posttrain.config import (
-    DPOConfig,
-    GRPOConfig,
-    PPOConfig,
-    RMConfig,
-    SFTConfig,
-    validate_dpo,
-    validate_grpo,
-    validate_ppo,
-    validate_rm,
-    validate_sft,
-)
 from posttrain.data.readers import Malformed, files_listed_twice, iter_rows
 from posttrain.errors import ConfigError
+from tests.test_s32r2_files import STAGES, _rows
 
-STAGES = [(SFTConfig, validate_sft), (DPOConfig, validate_dpo), (RMConfig, validate_rm),
-          (GRPOConfig, validate_grpo), (PPOConfig, validate_ppo)]
-
-
-def _rows(path, n=3):
-    path.write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(n)))
-    return path
 
 
 def _read(path):

@@ -114,8 +114,10 @@ def parse_request(kind: str, body: object, limits: Limits) -> Request:
 
 
 def _sampling(request: Request, body: dict, limits: Limits) -> None:
-    for name, low, high in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0), ("presence_penalty", -2.0, 2.0),
-                            ("frequency_penalty", -2.0, 2.0), ("repetition_penalty", 0.0, 10.0)):
+    from posttrain.rollout.sampling import PENALTY_RANGE  # the one range, the CLI's too
+
+    for name, low, high in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0), ("presence_penalty", *PENALTY_RANGE),
+                            ("frequency_penalty", *PENALTY_RANGE), ("repetition_penalty", 0.0, 10.0)):
         value = _number(body, name, low, high)
         if value is not None:
             setattr(request, name, value)
