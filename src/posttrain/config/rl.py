@@ -65,11 +65,15 @@ class GRPOLossConfig:
     advantage: Literal["grpo", "rloo"] = option(
         "grpo", "grpo: (r - group mean) / group std; rloo: r - mean of the other G-1 samples")
     scale_rewards: bool = option(True, "grpo: divide by the group's std (false: Dr. GRPO, Liu et al. 2025)")
-    beta: float = option(0.0, "coefficient of the per-token KL to the reference (0 = no reference model at all)")
-    kl_estimator: Literal["k1", "k2", "k3"] = option("k3", "per-token KL estimator (Schulman 2020; GRPO uses k3)")
+    beta: float = option(0.0, "KL coefficient (0 = no reference model at all); grpo: β·KL per token in the loss; "
+                              "rloo: r - β·Σ_t (log π - log π_ref) as the reward, before the baseline (RLOO paper)")
+    kl_estimator: Literal["k1", "k2", "k3"] = option(
+        "k3", "grpo with beta > 0: per-token KL estimator (Schulman 2020; GRPO uses k3); rloo's reward KL is always k1")
     clip_eps: float = option(0.2, "PPO ratio clip ε (acts when updates_per_rollout > 1)")
-    aggregation: Literal["token", "sequence"] = option(
-        "token", "token: every response token weighs the same (DAPO); sequence: every response does (GRPO paper)")
+    aggregation: Literal["token", "sequence", "constant"] = option(
+        "token", "token: every response token weighs the same (DAPO); sequence: every response does (GRPO paper); "
+                 "constant: Σ over tokens / (responses × rollout.max_new_tokens) (Dr. GRPO; its kl, entropy and "
+                 "clip_fraction figures are per-response means)")
     updates_per_rollout: int = option(1, "μ: optimizer steps taken on each batch of rollouts")
 
 
@@ -161,6 +165,13 @@ def validate_grpo(cfg: GRPOConfig) -> None:
         (g.advantage != "rloo" or g.scale_rewards == GRPOLossConfig.scale_rewards,
          f"grpo.scale_rewards={g.scale_rewards} does nothing with grpo.advantage=rloo (the leave-one-out "
          "advantage r - mean of the other G-1 is never divided by a std); remove it or set grpo.advantage=grpo"),
+        (g.beta > 0 or g.kl_estimator == GRPOLossConfig.kl_estimator,
+         f"grpo.kl_estimator={g.kl_estimator} is read only when grpo.beta > 0 (with beta = 0 there is no KL term "
+         "and no reference); set grpo.beta, or remove grpo.kl_estimator"),
+        (g.beta <= 0 or g.advantage != "rloo" or g.kl_estimator == GRPOLossConfig.kl_estimator,
+         f"grpo.kl_estimator={g.kl_estimator} does nothing with grpo.advantage=rloo (its KL is always k1, "
+         "β·Σ_t (log π - log π_ref) subtracted from the reward, as in the RLOO paper); remove it or set "
+         "grpo.advantage=grpo"),
     ])
     validate_adapter_settings(cfg.adapter, cfg.model, cfg.train.optimizer)
 

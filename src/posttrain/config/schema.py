@@ -370,7 +370,7 @@ _FAMILIAR_NAMES: dict[str, tuple[str, ...]] = {
     "use_rslora": ("adapter.lora.rslora",), "freeze_trainable_layers": ("adapter.freeze.top_layers",),
     # TRL's DPOConfig, KTOConfig, RewardConfig
     "loss_type": ("dpo.loss", "grpo.aggregation (TRL's loss_type grpo is sequence; bnpo and dapo are token; "
-                              "dr_grpo is closest to token with grpo.scale_rewards=false)"),
+                              "dr_grpo is constant with grpo.scale_rewards=false)"),
     "rpo_alpha": ("dpo.nll_weight",),
     "precompute_ref_log_probs": ("dpo.reference (precompute, the default, or live)",),
     "desirable_weight": ("dpo.kto_desirable_weight",), "undesirable_weight": ("dpo.kto_undesirable_weight",),
@@ -400,7 +400,7 @@ _FAMILIAR_VALUES: dict[str, dict[str, str]] = {
     "train.mixed_precision": {"True": "bf16 (or fp16)", "bfloat16": "bf16", "float16": "fp16"},
     "model.dtype": {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"},
     "grpo.aggregation": {"grpo": "sequence", "bnpo": "token", "dapo": "token",
-                         "dr_grpo": "token (Dr. GRPO also sets grpo.scale_rewards=false)"},
+                         "dr_grpo": "constant (Dr. GRPO also sets grpo.scale_rewards=false)"},
 }
 
 

@@ -25,19 +25,26 @@ def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def aggregate(per_token: Tensor, mask: Tensor, mode: str) -> Tensor:
+def aggregate(per_token: Tensor, mask: Tensor, mode: str, max_tokens: int | None = None) -> Tensor:
     """Reduce a per-token loss to a scalar.
 
     token     Σ_b Σ_t l_bt / Σ_b T_b: every token weighs the same, so long responses count
-              more (DAPO, Yu et al. 2025, §3.3; Dr. GRPO, Liu et al. 2025).
+              more (DAPO, Yu et al. 2025, §3.3).
     sequence  1/B Σ_b (1/T_b Σ_t l_bt): every response weighs the same, so each token of a
               long response counts less (GRPO as written, Shao et al. 2024, Eq. 3).
+    constant  Σ_b Σ_t l_bt / (B · L), L = `max_tokens` (the generation budget): every token
+              weighs the same, by a constant that depends on neither the responses' lengths
+              nor the batch's token count (Dr. GRPO, Liu et al. 2025, §3.2).
     """
     if mode == "token":
         return masked_mean(per_token, mask)
     if mode == "sequence":
         return masked_mean(per_token, mask, dim=1).mean()
-    raise ValueError(f"unknown loss aggregation {mode!r}; use 'token' or 'sequence'")
+    if mode == "constant":
+        if max_tokens is None:
+            raise ValueError("constant aggregation divides by max_tokens (the generation budget); pass it")
+        return (per_token * mask.to(per_token.dtype)).sum() / (per_token.shape[0] * max_tokens)
+    raise ValueError(f"unknown loss aggregation {mode!r}; use 'token', 'sequence' or 'constant'")
 
 
 def whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
@@ -177,6 +184,20 @@ def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
     grouped = rewards.double().view(-1, group_size)  # float64, as group_advantages
     others = (grouped.sum(1, keepdim=True) - grouped) / (group_size - 1)
     return (grouped - others).reshape(-1).to(rewards.dtype)
+
+
+def kl_penalised_rewards(scores: Tensor, logps: Tensor, ref_logps: Tensor, mask: Tensor, beta: float) -> Tensor:
+    """RLOO's reward with its KL penalty (Ahmadian et al. 2024, §3, and TRL's RLOOTrainer),
+
+        r'_i = r_i − β · Σ_t (log π_old(y_it) − log π_ref(y_it)),
+
+    the sequence's k1 = log π_old(y_i|x) / π_ref(y_i|x), summed over its response tokens and
+    taken from the rollout-time policy's log-probs: part of the reward, so no gradient flows
+    through it. The leave-one-out baseline is then taken of r', so the policy-gradient step on
+    β·k1 is REINFORCE's estimate of β·∇KL(π‖π_ref). scores (B,), logps / ref_logps / mask (B, T)
+    → (B,), in float64."""
+    kl = (kl_k1(logps.double(), ref_logps.double()) * mask.double()).sum(1)
+    return scores.double() - beta * kl
 
 
 # --------------------------------------------------------------------------- the clipped objectives

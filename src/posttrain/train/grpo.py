@@ -4,8 +4,10 @@ Every optimizer step starts from a rollout: P prompts, G completions sampled for
 the policy being trained, a reward per completion, and an advantage per completion relative
 to the other G−1 samples of its prompt (`losses.policy_gradient.group_advantages` or
 `rloo_advantages`). The step then minimises PPO's clipped surrogate on those completions'
-tokens, plus β times a per-token KL penalty to the reference when β > 0 (`kl_penalty`: k1 and
-k2 pull along ∇KL(π‖π_ref), k3, GRPO's, along ∇KL(π_ref‖π)). With `grpo.updates_per_rollout`
+tokens. With β > 0, GRPO adds β times a per-token KL penalty to the reference to the loss
+(`kl_penalty`: k1 and k2 pull along ∇KL(π‖π_ref), k3, GRPO's, along ∇KL(π_ref‖π)); RLOO, as
+its paper, subtracts β·KL of each whole completion (k1, summed over its tokens) from its reward
+before the leave-one-out baseline (`kl_penalised_rewards`). With `grpo.updates_per_rollout`
 = μ > 1 the same rollout feeds μ steps and the ratio to the rollout-time policy is clipped;
 with μ = 1 (the default) the ratio is exactly 1 and the loss is the plain policy gradient.
 
@@ -40,15 +42,28 @@ from posttrain.train.rollouts import (RolloutStage, batches_state, collate_compl
 
 
 class GroupPolicyLoss(torch.nn.Module):
-    """forward(batch) → (summed clipped-surrogate (+ β·KL) loss, summed metrics), normalised
-    by the loop with the batch's weight: response tokens (token aggregation) or responses."""
+    """forward(batch) → (summed clipped-surrogate (+ β·KL under grpo) loss, summed metrics),
+    normalised by the loop with the batch's weight (`GRPOStage.weight`): response tokens (token
+    aggregation), responses (sequence) or responses × max_new_tokens (constant, whose loss
+    numerator is token's sum and whose figures are sequence's, × max_new_tokens: per-response
+    means). Under rloo β acts in the rewards; the loss logs k1's value per token as `kl`."""
 
-    def __init__(self, model: torch.nn.Module, cfg: GRPOLossConfig, chunk_size: int = 256, temperature: float = 1.0):
+    def __init__(self, model: torch.nn.Module, cfg: GRPOLossConfig, chunk_size: int = 256, temperature: float = 1.0,
+                 max_new_tokens: int | None = None):
         super().__init__()
         self.model, self.cfg, self.chunk_size = model, cfg, chunk_size
         self.temperature = temperature  # the rollouts': log-probs of the distribution they sampled from
+        self.max_new_tokens = max_new_tokens  # constant aggregation's L
+        if cfg.aggregation == "constant" and not max_new_tokens:
+            raise ValueError("grpo.aggregation=constant needs max_new_tokens (rollout.max_new_tokens)")
+
+    def _loss_sum(self, per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return summed(per_token, mask, "token" if self.cfg.aggregation == "constant" else self.cfg.aggregation)
 
     def _sum(self, per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """A figure's numerator (entropy, kl)."""
+        if self.cfg.aggregation == "constant":
+            return self.max_new_tokens * summed(per_token, mask, "sequence")
         return summed(per_token, mask, self.cfg.aggregation)
 
     def forward(self, advantages, old_logps=None, ref_logps=None, **batch):
@@ -58,14 +73,19 @@ class GroupPolicyLoss(torch.nn.Module):
         logps = forward["logps"]
         old = logps.detach() if old_logps is None else old_logps  # μ = 1: the rollout policy is this one
         per_token, clip_metrics = pg.clipped_policy_loss(logps, old, advantages[:, None], mask, self.cfg.clip_eps)
-        metrics = {"clip_fraction": summed_figure(clip_metrics["clipped_tokens"], clip_metrics["clip_fraction"],
-                                                  mask, self.cfg.aggregation),
-                   "entropy": self._sum(forward["entropy"].detach(), mask)}
-        if self.cfg.beta > 0:
+        if self.cfg.aggregation == "constant":
+            clip_fraction = self.max_new_tokens * summed(clip_metrics["clipped_tokens"], mask, "sequence")
+        else:
+            clip_fraction = summed_figure(clip_metrics["clipped_tokens"], clip_metrics["clip_fraction"], mask,
+                                          self.cfg.aggregation)
+        metrics = {"clip_fraction": clip_fraction, "entropy": self._sum(forward["entropy"].detach(), mask)}
+        if self.cfg.beta > 0 and self.cfg.advantage == "rloo":  # β is in the rewards (kl_penalised_rewards)
+            metrics["kl"] = self._sum(pg.kl_k1(logps.detach(), ref_logps), mask)
+        elif self.cfg.beta > 0:
             kl = pg.kl_penalty(logps, ref_logps, self.cfg.kl_estimator)
             per_token = per_token + self.cfg.beta * kl * mask
             metrics["kl"] = self._sum(kl.detach(), mask)
-        return self._sum(per_token, mask), metrics
+        return self._loss_sum(per_token, mask), metrics
 
 
 # --------------------------------------------------------------------------- rollouts
@@ -84,6 +104,12 @@ class GRPOStage(RolloutStage):
         self.batches: list[dict] = []
         self.position = (-1, -1)
         self._restored = False
+
+    def weight(self, batch) -> float:
+        """Constant aggregation divides by responses × rollout.max_new_tokens (Dr. GRPO's constant)."""
+        if self.aggregation == "constant":
+            return float(batch["response_mask"].shape[0] * self.cfg.rollout.max_new_tokens)
+        return super().weight(batch)
 
     def rollouts_per_epoch(self) -> int:
         return len(self.prompts) // self.prompts_per_rollout
@@ -126,26 +152,34 @@ class GRPOStage(RolloutStage):
         self._restored = True
 
     def _batches(self, rollout) -> list[dict]:
-        """Group advantages, then the rollout in micro-batches with the rollout-time and
-        reference log-probs where the loss needs them."""
+        """The rollout in micro-batches with the rollout-time and reference log-probs where the
+        loss (or RLOO's KL-penalised reward) needs them, then the group advantages."""
         from posttrain.train.preference import reference_weights
 
-        advantages = (pg.rloo_advantages(rollout.rewards, self.group) if self.cfg.grpo.advantage == "rloo" else
-                      pg.group_advantages(rollout.rewards, self.group, scale_by_std=self.cfg.grpo.scale_rewards))
-        size, out = self.cfg.train.batch_size, []
+        g = self.cfg.grpo
+        kl_in_reward = g.advantage == "rloo" and g.beta > 0
+        size, out, rewards = self.cfg.train.batch_size, [], []
         model = self._policy()
         device = next(model.parameters()).device
         for start in range(0, len(rollout.completions), size):
             batch = collate_completions(rollout.prompt_ids[start : start + size], rollout.completions[start : start + size],
                                         self.tokenizer.pad_token_id)
-            batch["advantages"] = advantages[start : start + size]
             on_device = {k: v.to(device) for k, v in batch.items()}
-            if self.cfg.grpo.updates_per_rollout > 1:
-                batch["old_logps"] = self._logps(model, on_device).cpu()
-            if self.cfg.grpo.beta > 0:
+            old_logps = self._logps(model, on_device).cpu() if g.updates_per_rollout > 1 or kl_in_reward else None
+            if g.updates_per_rollout > 1:
+                batch["old_logps"] = old_logps
+            if g.beta > 0:
                 with reference_weights(model, self.frozen_reference) as reference:
                     batch["ref_logps"] = self._logps(reference, on_device).cpu()
+            scores = rollout.rewards[start : start + size]
+            rewards.append(pg.kl_penalised_rewards(scores, old_logps, batch["ref_logps"], batch["response_mask"], g.beta)
+                           if kl_in_reward else scores)
             out.append(batch)
+        scores = torch.cat(rewards)
+        advantages = (pg.rloo_advantages(scores, self.group) if g.advantage == "rloo" else
+                      pg.group_advantages(scores, self.group, scale_by_std=g.scale_rewards)).to(rollout.rewards.dtype)
+        for start, batch in zip(range(0, len(rollout.completions), size), out):
+            batch["advantages"] = advantages[start : start + size]
         return out
 
 
@@ -159,7 +193,8 @@ def run_grpo(cfg: GRPOConfig) -> Path:
     cfg = GRPOConfig.for_run(cfg, "run_grpo")
     validate_grpo(cfg)
     run = start_rl_run(cfg, needs_reference=cfg.grpo.beta > 0)
-    stage = GRPOStage(GroupPolicyLoss(run.model, cfg.grpo, cfg.train.loss_chunk_size, cfg.rollout.temperature), *run.stage_args())
+    stage = GRPOStage(GroupPolicyLoss(run.model, cfg.grpo, cfg.train.loss_chunk_size, cfg.rollout.temperature,
+                                       cfg.rollout.max_new_tokens), *run.stage_args())
     run.check_enough_prompts(stage)
     control = run.attach_forgetting(stage)
     run.attach_evaluation(stage)
