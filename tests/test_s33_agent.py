@@ -152,7 +152,7 @@ class _Scripted:
     def __init__(self, name: str):
         self.model_name, self.usage, self.asked = name, Usage(), []
 
-    def chat(self, messages, *, max_tokens=None, temperature=None, seed=None) -> Reply:
+    def chat(self, messages, *, max_tokens=None, temperature=None, seed=None, tools=None) -> Reply:
         self.asked.append(messages)
         return Reply(f"answer {seed}" if self.model_name == "policy" else "Verdict: A", "stop", 1, 1)
 

@@ -31,7 +31,8 @@ class CAILoopConfig:
                                "'default' = the bundled constitution")
     rounds: int = option(1, "critique -> revision rounds per prompt, each under a freshly sampled principle")
     system: str = option("", "system message for the initial response (empty = none)")
-    drop_truncated: bool = option(True, "discard a critique or revision cut off by max_tokens (counted as 'truncated')")
+    drop_truncated: bool = option(True, "discard a critique or revision cut off by max_tokens (counted as "
+                                  "'truncated'); an original cut off gives no pair (counted as 'truncated_original')")
     rl_cai: bool = option(False, "RL-CAI: the judge compares original and revision in both orders under the "
                           "constitution; only consistent verdicts become pairs (the preferred side chosen)")
     seed: int = option(0, "seeds the principle sampled at each round of each prompt, and each request's sampling "

@@ -85,7 +85,9 @@ class ChatBackend(Protocol):
     usage: Usage
 
     def chat(self, messages: list[dict[str, str]], *, max_tokens: int | None = None,
-             temperature: float | None = None, seed: int | None = None) -> Reply: ...
+             temperature: float | None = None, seed: int | None = None, tools: list[dict] | None = None) -> Reply:
+        """`tools`: function definitions the model may call (a row's `tools`); callers pass it only
+        when a row has them, so a backend without the argument serves plain rows."""
 
 
 def estimate_tokens(text: str) -> int:
@@ -182,8 +184,9 @@ class OpenAICompatible:
         return f"OpenAICompatible(url={self.url!r}, model={self.model_name!r})"
 
     def chat(self, messages: list[dict[str, str]], *, max_tokens: int | None = None,
-             temperature: float | None = None, seed: int | None = None) -> Reply:
-        body = {"model": self.model_name, "messages": messages, **self._settings(max_tokens, temperature, seed)}
+             temperature: float | None = None, seed: int | None = None, tools: list[dict] | None = None) -> Reply:
+        body = {"model": self.model_name, "messages": messages, **self._settings(max_tokens, temperature, seed),
+                **({"tools": tools} if tools else {})}
         data = self._post(json.dumps(body).encode())
         try:
             choice = data["choices"][0]
@@ -356,7 +359,9 @@ class LocalModel:
         self.engine.end_worker()
 
     def chat(self, messages: list[dict[str, str]], *, max_tokens: int | None = None,
-             temperature: float | None = None, seed: int | None = None) -> Reply:
+             temperature: float | None = None, seed: int | None = None, tools: list[dict] | None = None) -> Reply:
+        """One reply; `tools` are rendered by the chat template (`data.templates.render`), and a
+        template that does not show them is refused (DataError) rather than asked without them."""
         from posttrain.serve.engine import AS_LOADED, Choice, Job
         from posttrain.serve.protocol import APIError, Request
 
@@ -367,8 +372,13 @@ class LocalModel:
             from posttrain.data.templates import fold_system
 
             messages = fold_system(messages)
-        text = self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
-                                                  add_generation_prompt=True)
+        if tools:
+            from posttrain.data.templates import render
+
+            text = render(self.tokenizer, self.template, messages, True, self.model_name, tools)
+        else:
+            text = self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
+                                                      add_generation_prompt=True)
         prompt_ids = self.engine.encode(text, special=False)  # the template has BOS
         context = self.engine.context
         if context is not None:

@@ -17,7 +17,11 @@ only a consistent verdict becomes a pair, its preferred side chosen, and the ver
 
 A critique or revision that comes back empty (or cut off by max_tokens, with drop_truncated)
 is dropped and counted by reason; the round leaves the response as it was. A prompt whose
-every round was dropped gives no SFT row and no pair, and is counted too.
+every round was dropped gives no SFT row and no pair, and is counted too. An original cut off
+by max_tokens (with drop_truncated) gives no pair, counted as "truncated_original": as the
+rejected side it would teach "finish the answer", not the principle; its complete revision
+is still an SFT row. The RL-CAI judge reads the conversation as the policy did, the system
+message included.
 """
 
 from __future__ import annotations
@@ -221,13 +225,23 @@ def run_chain(backend, prompt_id: str, prompt: list[dict[str, str]], principles:
             current, kept = step["revision"], kept + 1
         record["rounds"].append(step)
     status = "no_revision" if kept == 0 else "unchanged" if current == initial else "revised"
-    return {**record, "final": current, "status": status, "revisions": kept}
+    # why a revised prompt gives no pair, if it gives none: its original was cut off
+    pair_dropped = ("truncated_original" if status == "revised" and settings.drop_truncated
+                    and first.finish_reason == "length" else None)
+    return {**record, "final": current, "status": status, "revisions": kept, "pair_dropped": pair_dropped}
+
+
+def pairable(record: dict[str, Any]) -> bool:
+    """Whether a chain can give a pair: revised, and not dropped from the pairs (`pair_dropped`)."""
+    return record["status"] == "revised" and not record.get("pair_dropped")
 
 
 def judge_chain(judge, record: dict[str, Any]) -> dict[str, Any]:
     """RL-CAI: the judge's verdicts on original vs final revision, in both orders, added to the
-    record. `preferred` is "revision" or "original" when both orders name it, else None."""
-    judgement = judge.judge(record["prompt"], record["initial"], record["final"])
+    record. `preferred` is "revision" or "original" when both orders name it, else None. The judge
+    is shown the system message the policy answered under (`record["system"]`), if any."""
+    system = [{"role": "system", "content": record["system"]}] if record.get("system") else []
+    judgement = judge.judge([*system, *record["prompt"]], record["initial"], record["final"])
     preferred = {"first": "original", "second": "revision"}.get(judgement.outcome)
     return {**record, "judge": {"preferred": preferred, **judgement.to_dict()}}
 
@@ -244,8 +258,9 @@ def sft_row(record: dict[str, Any]) -> dict[str, Any] | None:
 
 def preference_row(record: dict[str, Any]) -> dict[str, Any] | None:
     """A `pairs` row: chosen = final revision, rejected = original; with RL-CAI, the side the judge
-    preferred in both orders is chosen, and inconsistent verdicts give no row."""
-    if record["status"] != "revised":
+    preferred in both orders is chosen, and inconsistent verdicts give no row. A chain that is
+    not `pairable` gives none."""
+    if not pairable(record):
         return None
     chosen, rejected = record["final"], record["initial"]
     if "judge" in record:
@@ -258,7 +273,8 @@ def preference_row(record: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def count_outcomes(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Statuses, rounds dropped by reason, principles used and RL-CAI verdicts, over all records."""
+    """Statuses, rounds dropped by reason, pairs dropped by reason, principles used and RL-CAI
+    verdicts, over all records."""
     rounds = [step for record in records for step in record["rounds"]]
     judged = Counter(record["judge"]["preferred"] or record["judge"]["outcome"] for record in records
                      if "judge" in record)
@@ -268,6 +284,7 @@ def count_outcomes(records: list[dict[str, Any]]) -> dict[str, Any]:
         "rounds": len(rounds),
         "rounds_kept": sum(step["dropped"] is None for step in rounds),
         "rounds_dropped": dict(sorted(Counter(step["dropped"] for step in rounds if step["dropped"]).items())),
+        "pairs_dropped": dict(sorted(Counter(r["pair_dropped"] for r in records if r.get("pair_dropped")).items())),
         "principles": dict(sorted(Counter(step["principle"] for step in rounds).items())),
         **({"judge": {name: judged[name] for name in ("revision", "original", "tie", "inconsistent", "unparsed")}}
            if judged else {}),
@@ -337,7 +354,7 @@ def run_constitutional(cfg, *, policy=None, judge_backend=None, stream: TextIO |
 
     def work(prompt_id: str, prompt: list[dict[str, str]]) -> dict[str, Any]:
         record = run_chain(policy, prompt_id, prompt, principles, settings)
-        return judge_chain(judge, record) if judge is not None and record["status"] == "revised" else record
+        return judge_chain(judge, record) if judge is not None and pairable(record) else record
 
     failure = None
     try:
@@ -381,6 +398,10 @@ def summary_lines(outcome: dict[str, Any]) -> list[str]:
                      f"{j['original']}; {j['tie']} ties, {j['inconsistent']} inconsistent across orders, "
                      f"{j['unparsed']} unparsed (no pair from these)")
     lines.append(f"constitutional: wrote {outcome['sft_rows']} SFT rows and {outcome['preference_rows']} pairs")
+    no_pair = ", ".join(f"{n} {name}" for name, n in outcome.get("pairs_dropped", {}).items())
+    if no_pair:
+        lines.append(f"constitutional: revised prompts given no pair: {no_pair} (the original was cut off by "
+                     "max_tokens)")
     return lines
 
 

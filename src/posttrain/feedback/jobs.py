@@ -169,16 +169,10 @@ def _without_lone_surrogates(value: Any) -> Any:
 
 
 def _lock_exclusively(file: TextIO, path: Path) -> None:
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no protection against a second writer
-        return
-    try:
-        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        file.close()
-        raise UserError(f"{path} is being written by another run (or another log object in this process); "
-                        "wait for it to finish, or use another output_dir") from None
+    from posttrain.files import lock_exclusively
+
+    lock_exclusively(file, f"{path} is being written by another run (or another log object in this process); "
+                     "wait for it to finish, or use another output_dir")
 
 
 def _drop_unfinished_group(records: list[tuple[int, dict]]) -> list[tuple[int, dict]]:

@@ -80,11 +80,14 @@ def occurrence_of(item_id: str) -> int:
 
 
 def sample_responses(policy: ChatBackend, turns: list[dict[str, str]], n: int, *, seed: int,
-                     max_tokens: int | None = None, temperature: float | None = None) -> list[dict]:
-    """N replies of the policy; response i is sampled with seed + i."""
+                     max_tokens: int | None = None, temperature: float | None = None,
+                     tools: list[dict] | None = None) -> list[dict]:
+    """N replies of the policy; response i is sampled with seed + i. `tools`: the row's tool
+    definitions, given to the policy (and not passed at all for a row without them)."""
     responses = []
+    given = {"tools": tools} if tools else {}
     for i in range(n):
-        reply = policy.chat(turns, max_tokens=max_tokens, temperature=temperature, seed=seed + i)
+        reply = policy.chat(turns, max_tokens=max_tokens, temperature=temperature, seed=seed + i, **given)
         responses.append({"text": reply.text, "finish_reason": reply.finish_reason, "seed": seed + i,
                           "prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens})
     return responses
@@ -118,11 +121,12 @@ def judge_pairs(judge: PairwiseJudge, turns: list[dict[str, str]], texts: list[s
 def rlaif_record(item_id: str, record, *, policy: ChatBackend, judge: PairwiseJudge, num_responses: int,
                  seed: int, max_tokens: int | None = None, temperature: float | None = None,
                  occurrence: int = 1) -> dict:
-    """The raw-log record of one prompt: its responses and every pair's judgement. The k-th
+    """The raw-log record of one prompt: its responses and every pair's judgement (the row's tools,
+    if any, given to the policy and shown to the judge). The k-th
     occurrence of a prompt in the data samples with seeds seed + (k-1)·num_responses + i, so a
     repeated prompt gets new answers instead of the same ones judged and written again."""
     responses = sample_responses(policy, record.prompt, num_responses, seed=seed + (occurrence - 1) * num_responses,
-                                 max_tokens=max_tokens, temperature=temperature)
+                                 max_tokens=max_tokens, temperature=temperature, tools=record.tools)
     pairs = judge_pairs(judge, record.prompt, [r["text"] for r in responses], record.tools)
     judged = [p for p in pairs if p["outcome"] not in SKIPPED]
     tokens = {
