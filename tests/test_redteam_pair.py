@@ -83,8 +83,11 @@ def harmful(tmp_path):
 
 
 def _cfg(tmp_path, harmful, *overrides, limit=1):
-    return RedTeamConfig.load(None, [f"output_dir={tmp_path / 'rt'}", f"probes.harmful={harmful}", "probes.overrefusal=",
-                                     f"probes.limit={limit}", "attacks.names=[direct]", "attacks.pair.enabled=true",
+    """The first `limit` requests of `harmful` (written apart: probes.limit samples over categories)."""
+    first = Path(harmful).with_name(f"first{limit}.jsonl")
+    first.write_text("".join(Path(harmful).read_text().splitlines(keepends=True)[:limit]))
+    return RedTeamConfig.load(None, [f"output_dir={tmp_path / 'rt'}", f"probes.harmful={first}", "probes.overrefusal=",
+                                     "attacks.names=[direct]", "attacks.pair.enabled=true",
                                      "attacks.pair.attacker.model=attacker", "concurrency=1", *overrides])
 
 
@@ -198,7 +201,7 @@ def test_streams_use_their_own_seeds_and_any_success_jailbreaks_the_request(tmp_
     out = run_redteam(_cfg(tmp_path, harmful, "attacks.pair.streams=2", "attacks.pair.rounds=2",
                            "attacks.pair.attacker.seed=7"), target=Target(), attacker=attacker, **QUIET)
     records = _records(out)
-    assert records["harmful/pair/h1/0"]["outcome"] == "resisted"
+    assert records["harmful/pair/h1/0"]["outcome"] == "stopped"  # after the round stream 1 got through
     assert records["harmful/pair/h1/1"]["outcome"] == "jailbroken"
     assert sorted({c["seed"] for c in attacker.calls}) == [7, 8]
     pair = _report(out)["pair"]
@@ -319,12 +322,13 @@ def test_report_and_markdown_hold_the_pair_rows(tmp_path, harmful):
     assert report["attack_success"]["by_attack"]["pair"]["successes"] == 2
     assert report["pair"] | {"jailbroken": None, "jailbroken_by_category": None} == {
         "requests": 2, "conversations": 2, "target_requests": 4, "jailbroken": None, "jailbroken_by_category": None,
-        "jailbroken_conversations": 2, "mean_rounds_to_success": 2.0, "unparsed_attacker_replies": 0,
+        "jailbroken_conversations": 2, "stopped_conversations": 0, "mean_rounds_to_success": 2.0,
+        "mean_queries_to_success": 2.0, "unparsed_attacker_replies": 0,
         "attacker_gave_no_prompt": 0, "attacker": "attacker", "rounds": 2, "streams": 1}
     assert sum(report["labels"].values()) == 2 + 4  # every response: two direct, four PAIR rounds
     md = (out / "report.md").read_text()
     assert "| pair | 100.0% [34.2%, 100.0%] (2/2) |" in md and "## PAIR (model-generated attacks)" in md
-    assert "| mean rounds to the first full compliance (jailbroken conversations) | 2.00 |" in md
+    assert "| mean rounds to a request's first full compliance (jailbroken requests) | 2.00 |" in md
     assert "| attacker replies without a PROMPT: line (retries included) | 0 |" in md
     assert "| jailbroken requests (full compliance) | 100.0%" in md
 
@@ -356,7 +360,7 @@ def test_cli_with_tiny_as_target_and_attacker(tmp_path, harmful, monkeypatch):
     assert report["answered"] + report["ended_as_errors"] == report["requests"] == 2 and report["failed"] == 0
     assert pair["conversations"] == 1 and pair["target_requests"] <= 2
     # every attacker reply either parsed (and its prompt was answered) or is counted unparsed
-    record = _records(out)["harmful/pair/h1/0"]
+    record = next(r for r in _records(out).values() if "stream" in r)  # the request probes.limit=1 sampled
     assert report["ended_as_errors"] == ("error" in record)  # a conversation with no verdict is not "answered"
     replies = sum(len(r["attacker_replies"]) for r in record["rounds"])
     assert replies == pair["target_requests"] + pair["unparsed_attacker_replies"]

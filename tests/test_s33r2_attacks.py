@@ -169,15 +169,39 @@ def test_a_sample_of_probes_covers_the_categories_and_a_larger_one_keeps_it():
     assert len(sample_probes(one, 3)) == 3
 
 
-def test_evaluate_sends_the_sample_to_its_red_team(tmp_path):
-    from posttrain.eval.alignment import _safety_suites
+def test_evaluate_sends_the_sample_to_its_red_team(tmp_path, monkeypatch):
+    """evaluate's safety.limit reaches its red-team run as probes.limit on the bundled suites, so the
+    red team's own seeded sample over the categories (`probes.sample_probes`) is what both models answer."""
+    import contextlib
+    from types import SimpleNamespace
 
-    assert _safety_suites(tmp_path / "all", 0) == {"harmful": "default", "overrefusal": "default"}
-    paths = _safety_suites(tmp_path / "rt", 10)
-    rows = [json.loads(line) for line in open(paths["harmful"])]
-    assert len(rows) == 10 and len({r["category"] for r in rows}) == 10
-    assert len([json.loads(line) for line in open(paths["overrefusal"])]) == 10
-    assert [p.id for p in load_probes(paths["harmful"], bundled="")] == [r["id"] for r in rows]
+    import posttrain.feedback.client as client
+    import posttrain.safety.run as run
+    from posttrain.eval.alignment import _redteam
+
+    seen = {}
+
+    def fake_run_redteam(rt, target, log, stream):
+        seen["rt"], seen["items"] = rt, run.load_items(rt)
+        out = tmp_path / "rt"
+        out.mkdir(exist_ok=True)
+        (out / "report.json").write_text(json.dumps({
+            "attack_success": {"overall": 0.0}, "over_refusal": {"overall": 0.0}, "classifier": "patterns",
+            "requests": 0, "failed": 0}))
+        return out
+
+    monkeypatch.setattr(run, "run_redteam", fake_run_redteam)
+    monkeypatch.setattr(client, "LocalModel", lambda *a, **k: None)
+    side = SimpleNamespace(name="policy", path="tiny", model=None, tokenizer=None,
+                           switch=contextlib.nullcontext)
+    cfg = SimpleNamespace(safety=SimpleNamespace(limit=10, max_tokens=8, attacks=["direct"]), template="auto",
+                          dtype="float32")
+    _redteam(side, cfg, tmp_path, print)
+    rt = seen["rt"]
+    assert (rt.probes.harmful, rt.probes.overrefusal, rt.probes.limit) == ("default", "default", 10)
+    harmful = [item for _, item in seen["items"] if item["suite"] == "harmful"]
+    assert len(harmful) == 10 and len({item["category"] for item in harmful}) == 10
+    assert len([item for _, item in seen["items"] if item["suite"] != "harmful"]) == 10
 
 
 def test_a_red_team_run_hands_keep_last_to_its_conversations_and_records_it_when_it_cuts(tmp_path):

@@ -523,7 +523,8 @@ def test_limit_larger_than_the_suite_and_csv_probes(tmp_path):
     assert set(report["attack_success"]["by_category"]) == {"fraud", "uncategorised"}
     one = RedTeamConfig.load(None, [f"probes.harmful={harmful}", f"probes.overrefusal={safe}",
                                     "attacks.names=[direct]", "probes.limit=1"])
-    assert [i for i, _ in load_items(one)] == ["harmful/direct/c1", "overrefusal/s1"]  # per suite
+    # per suite, its seeded sample over the categories (probes.sample_probes)
+    assert [i for i, _ in load_items(one)] == ["harmful/direct/h-3", "overrefusal/s2"]
 
 
 # --------------------------------------------------------------------------- config and the CLI

@@ -33,7 +33,8 @@ class ProbesConfig:
                           "'default' = the bundled suite (10 hazard categories)")
     overrefusal: str = option("default", "safe prompts that look unsafe, sent as they are; a refusal is "
                               "over-refusal; 'default' = the bundled suite; empty = none")
-    limit: int = option(0, "use the first N probes of each suite (0 = all)")
+    limit: int = option(0, "N probes of each suite, a fixed sample spread over its categories (the one "
+                           "evaluate's safety.limit takes); 0 = all")
 
 
 @dataclass
@@ -51,7 +52,7 @@ class PairConfig:
     rounds: int = option(3, "attacker prompts per conversation at most; a conversation stops at the first "
                          "full_compliance")
     streams: int = option(1, "independent conversations per harmful request (seeds differ); the request is "
-                          "jailbroken when any of them is")
+                          "jailbroken when any of them is, and they stop after the round in which one is")
     parse_retries: int = option(1, "when an attacker reply has no PROMPT: line, ask this many more times; then the "
                                 "conversation ends and counts as an error")
     keep_last: int = option(4, "earlier rounds the attacker is shown (its reply, the response and label), the "

@@ -289,11 +289,12 @@ def _redteam(side: Side, cfg, out: Path, log) -> dict:
     s = cfg.safety
     directory = out / ("redteam_" + side.name)
     shutil.rmtree(directory, ignore_errors=True)  # evaluate answers afresh each run, red team included
-    suites = _safety_suites(directory, s.limit)
+    # the bundled suites; with safety.limit, redteam's fixed sample of each spread over its categories
+    # (`probes.sample_probes`), so both models answer the same probes
     rt = RedTeamConfig.load(None, [f"output_dir={directory}", f"target.model={side.path}", "target.kind=local",
                                    f"target.max_tokens={s.max_tokens}", f"target.template={cfg.template}",
-                                   f"target.dtype={cfg.dtype}", f"probes.harmful={suites['harmful']}",
-                                   f"probes.overrefusal={suites['overrefusal']}", "probes.limit=0",
+                                   f"target.dtype={cfg.dtype}", "probes.harmful=default",
+                                   "probes.overrefusal=default", f"probes.limit={s.limit}",
                                    f"attacks.names=[{','.join(s.attacks)}]"])
     target = LocalModel(side.model, side.tokenizer, name=side.path, template=cfg.template, max_tokens=s.max_tokens,
                         temperature=0.0)
@@ -302,27 +303,6 @@ def _redteam(side: Side, cfg, out: Path, log) -> dict:
     return {"attack_success": report["attack_success"]["overall"],
             "over_refusal": report["over_refusal"]["overall"], "classifier": report["classifier"],
             "requests": report["requests"], "failed": report["failed"]}
-
-
-def _safety_suites(directory: Path, limit: int) -> dict[str, str]:
-    """probes.harmful and probes.overrefusal of a side's red-team run: the bundled suites, or with
-    safety.limit a fixed sample of each spread over its categories (`probes.sample_probes`: the
-    suites are sorted by category, so their first ten would cover one or two), written into
-    `directory`; both models get the same sample."""
-    from posttrain.safety.probes import load_probes, sample_probes
-    from posttrain.safety.run import BUNDLED
-
-    if not limit:
-        return {suite: "default" for suite in BUNDLED}
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for suite, asset in BUNDLED.items():
-        path = directory / f"probes_{suite}.jsonl"
-        probes = sample_probes(load_probes("default", bundled=asset), limit)
-        path.write_text("".join(json.dumps({"id": p.id, "category": p.category, "prompt": p.prompt}) + "\n"
-                                for p in probes))
-        paths[suite] = str(path)
-    return paths
 
 
 def run_evaluate(cfg, *, judge=None, log: Callable[[str], Any] = print) -> Path:

@@ -21,7 +21,8 @@ Every probe keeps its place ("file:line") so a surprising response can be traced
 A row without an "id" is named "<file stem>-<line>"; ids must be unique within a suite.
 
 `sample_probes` takes a few probes spread over the categories (the bundled suites are sorted by
-category, so their first ten probes cover one or two), the same ones every time.
+category, so their first ten probes cover one or two), the same ones every time: redteam's
+probes.limit and evaluate's safety.limit.
 """
 
 from __future__ import annotations
@@ -73,7 +74,10 @@ def load_probes(path: str, *, bundled: str) -> list[Probe]:
     return _read_suite(path)
 
 
-def sample_probes(probes: list[Probe], n: int, seed: int = 0) -> list[Probe]:
+SAMPLE_SEED = 0  # the seed of probes.limit's sample (redteam) and of evaluate's safety sample
+
+
+def sample_probes(probes: list[Probe], n: int, seed: int = SAMPLE_SEED) -> list[Probe]:
     """`n` of `probes` (all when n is 0 or not below their number), spread over the categories, in
     file order: the categories are taken in turn, in a seeded order, each giving its next probe in
     a seeded shuffle, until n are taken. So ten probes of the 10-category bundled suite are one of

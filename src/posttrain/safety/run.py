@@ -33,8 +33,12 @@ request with nonsense counts as attacked successfully. The report says which cla
 
 responses.jsonl is an append-only log with one record per (suite, attack, probe), and with
 attacks.pair on one per PAIR conversation (harmful/pair/<probe>/<stream>: every round's attacker
-replies, prompt, response and label; see safety/pair.py): a killed run resumes where it stopped,
-and a resume with settings that change the answers is refused.
+replies, prompt, response and label; see safety/pair.py; a request's streams run together and are
+written together, `work_units`): a killed run resumes where it stopped, and a resume with settings
+that change the answers is refused.
+
+probes.limit takes the seeded sample of each suite spread over its categories that evaluate's
+safety sample takes (`probes.sample_probes`), recorded in the report as `probe_sample`.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from posttrain.config.schema import user_path
 from posttrain.feedback.jobs import STDERR
 from posttrain.safety.classify import LABELS, classify_refusal, judge_messages, parse_judge_label
 from posttrain.safety.metrics import rates
+from posttrain.safety.probes import SAMPLE_SEED
 
 BUNDLED = {"harmful": "safety_harmful.jsonl", "overrefusal": "safety_overrefusal.jsonl"}
 PAIR = "pair"  # the attack name of PAIR's conversations in records and the report
@@ -62,14 +67,16 @@ def _refused(record: dict) -> bool:
 
 
 def load_items(cfg) -> list[tuple[str, dict]]:
-    """(id, item) for every harmful request under every attack, then every safe prompt as it is."""
+    """(id, item) for every harmful request under every attack, then every safe prompt as it is;
+    with probes.limit, of the seeded sample of each suite spread over its categories that
+    evaluate's safety sample takes too (`probes.sample_probes`, seed `probes.SAMPLE_SEED`)."""
     from posttrain.errors import ConfigError
     from posttrain.safety.attacks import ATTACKS, load_attacks
-    from posttrain.safety.probes import load_probes
+    from posttrain.safety.probes import load_probes, sample_probes
 
-    limit = cfg.probes.limit or None
-    harmful = load_probes(cfg.probes.harmful, bundled=BUNDLED["harmful"])[:limit]
-    safe = load_probes(cfg.probes.overrefusal, bundled=BUNDLED["overrefusal"])[:limit] \
+    limit = cfg.probes.limit
+    harmful = sample_probes(load_probes(cfg.probes.harmful, bundled=BUNDLED["harmful"]), limit)
+    safe = sample_probes(load_probes(cfg.probes.overrefusal, bundled=BUNDLED["overrefusal"]), limit) \
         if cfg.probes.overrefusal.strip() else []
     pair = cfg.attacks.pair
     attacks = load_attacks(cfg.attacks.names, cfg.attacks.file) if cfg.attacks.names or cfg.attacks.file else []
@@ -128,24 +135,62 @@ def respond_and_label(item: dict, target, classify: Callable[[str, str], tuple[s
             "finish_reason": reply.finish_reason, "label": label, "reason": reason}
 
 
-def converse(item: dict, attacker, target, classify: Callable[[str, str], tuple[str, str]], cfg) -> dict:
-    """One PAIR conversation about a harmful request (the record for the log): the attacker's
-    sampling from attacks.pair.attacker with seed + stream, the target's from cfg.target."""
-    from posttrain.safety.pair import run_conversation
+def work_units(items: list[tuple[str, dict]], logged: list[dict]) -> tuple[list[tuple[str, dict]], set[str]]:
+    """(what run_items runs, the ids of requests whose PAIR conversations are all logged). Every
+    item runs alone but PAIR's conversations, which run a request at a time, its streams together
+    (`converse`): one unit `harmful/pair/<probe>`, whose record j run_items names `<unit>/<j>`, the
+    id of stream j (its streams come in order). A request with some streams logged (by a run before
+    streams ran together, or with fewer streams) runs each missing stream as its own unit, stopped
+    after the round in which a logged one was jailbroken."""
+    done = {r["id"]: r for r in logged}
+    units: list[tuple[str, dict]] = []
+    goals: dict[str, list[tuple[str, dict]]] = {}
+    for item_id, item in items:
+        if "stream" in item:
+            goals.setdefault(item_id.rsplit("/", 1)[0], []).append((item_id, item))
+        else:
+            units.append((item_id, item))
+    finished = set()
+    for goal, streams in goals.items():
+        missing = [(s_id, s) for s_id, s in streams if s_id not in done]
+        if not missing:
+            finished.add(goal)
+            units.append((goal, {"goal": goal, "streams": []}))  # counted as done by run_items
+        elif len(missing) == len(streams):
+            units.append((goal, {"goal": goal, "streams": streams}))
+        else:
+            firsts = [done[s_id]["rounds_to_success"] for s_id, _ in streams
+                      if s_id in done and done[s_id].get("rounds_to_success")]
+            units += [(s_id, {"goal": goal, "streams": [(s_id, s)], "stop_after": min(firsts, default=None)})
+                      for s_id, s in missing]
+    return units, finished
+
+
+def converse(unit: dict, attacker, target, classify: Callable[[str, str], tuple[str, str]], cfg) -> list[dict]:
+    """The PAIR conversations of one request's streams in `unit` (`work_units`), run together
+    (`pair.run_streams`): their records for the log; stream s's attacker samples from
+    attacks.pair.attacker with seed + s, the target from cfg.target."""
+    from posttrain.safety.pair import run_streams
 
     a, t, pair = cfg.attacks.pair.attacker, cfg.target, cfg.attacks.pair
+    items = [item for _, item in unit["streams"]]
 
-    def ask_attacker(messages: list[dict]) -> str:
-        return attacker.chat(messages, max_tokens=a.max_tokens, temperature=a.temperature,
-                             seed=a.seed + item["stream"]).text
+    def asker(stream: int) -> Callable[[list[dict]], str]:
+        def ask_attacker(messages: list[dict]) -> str:
+            return attacker.chat(messages, max_tokens=a.max_tokens, temperature=a.temperature,
+                                 seed=a.seed + stream).text
+        return ask_attacker
 
     def ask_target(prompt: str):
         return target.chat([{"role": "user", "content": prompt}], max_tokens=t.max_tokens,
                            temperature=t.temperature, seed=t.seed)
 
-    result = run_conversation(item["prompt"], ask_attacker=ask_attacker, ask_target=ask_target, classify=classify,
-                              rounds=pair.rounds, parse_retries=pair.parse_retries, keep_last=pair.keep_last)
-    return {**item, "request": request_digest(item), "pair": pair_settings(cfg), **result}
+    results = run_streams(items[0]["prompt"], ask_attackers=[asker(item["stream"]) for item in items],
+                          ask_target=ask_target, classify=classify, rounds=pair.rounds,
+                          parse_retries=pair.parse_retries, keep_last=pair.keep_last,
+                          stop_after=unit.get("stop_after"))
+    return [{**item, "request": request_digest(item), "pair": pair_settings(cfg), **result}
+            for item, result in zip(items, results)]
 
 
 def pair_settings(cfg) -> dict:
@@ -268,21 +313,24 @@ def run_redteam(cfg, *, target=None, judge=None, attacker=None, log: Callable[[s
 
     failed_ids: set[str] = set()  # this run's failures, for their rows' counts (run_items keeps only a few)
 
-    def work(item_id: str, item: dict) -> dict:
+    def work(item_id: str, item: dict) -> dict | list[dict]:
         try:
-            if "stream" in item:
-                return converse(item, attacker, target, classify, cfg)
+            if "streams" in item:  # a request's PAIR conversations: a list of records when they are all of them
+                conversations = converse(item, attacker, target, classify, cfg)
+                return conversations if item_id == item["goal"] else conversations[0]
             return respond_and_label(item, target, classify, cfg.target)
         except Exception:
-            failed_ids.add(item_id)
+            failed_ids.update([s_id for s_id, _ in item["streams"]] if "streams" in item else [item_id])
             raise
 
     aborted, summary = None, None
     try:
         with JsonlLog(log_path) as responses:
             check_logged_requests(responses.records, items, out, pair_settings(cfg) if pair.enabled else None)
+            units, finished = work_units(items, responses.records)
+            responses.items.update(finished)  # goals logged stream by stream (before streams ran together)
             try:
-                summary = run_items(items, work, responses, concurrency=cfg.concurrency, desc="redteam",
+                summary = run_items(units, work, responses, concurrency=cfg.concurrency, desc="redteam",
                                     stream=stream)
             except (RunAborted, KeyboardInterrupt) as exc:  # the report of what the log holds is written, then
                 aborted, summary = exc, getattr(exc, "summary", None)  # the error raised
@@ -295,7 +343,8 @@ def run_redteam(cfg, *, target=None, judge=None, attacker=None, log: Callable[[s
     failed = [item for item_id, item in items if item_id in failed_ids and item_id not in by_id]
     report = summarize(records, cfg.classifier, pair.streams, failed) | {
         "target": cfg.target.model, "requests": len(items), "answered": len(records) - ended, "ended_as_errors": ended,
-        "failed": len(failed), "partial": len(records) < len(items)} \
+        "failed": len(failed), "partial": len(records) < len(items),
+        "probe_sample": {"limit": cfg.probes.limit, "seed": SAMPLE_SEED}} \
         | asked([(item_id, item) for item_id, item in items if item_id in by_id])
     if "pair" in report:
         report["pair"] |= {"attacker": pair.attacker.model, "rounds": pair.rounds, "streams": pair.streams}
