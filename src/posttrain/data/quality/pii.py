@@ -19,28 +19,33 @@ A hyphen joins a number or an address to what precedes it only after an ASCII le
   space); domain labels may be any letters (IDN: "münchen.de", "例え.jp"). The TLD is two letters (a
   country) or a common generic one (`_GTLDS`): code writes `x@self.weight` (matrix product) and
   `icon@2x.png`, which any-TLD would take. No single-label hosts ("user@localhost"), no "@property"
-  or "/@handle" (nothing before the @), no scp remotes ("git@github.com:org/repo.git").
-  "https://user:pass@host.com" yields "pass@host.com".
+  or "/@handle" (nothing before the @), no scp remotes ("git@github.com:org/repo.git"; a port or an
+  emoticon after the address, ":5432" or ":)", is no remote), no URL user names right after "://"
+  ("ssh://git@github.com/org/repo.git"). "https://user:pass@host.com:8443" yields "pass@host.com".
 - phone: "+CC" numbers, 7-15 digits (E.164), "(0)" trunk allowed; the separator-free form needs 10+
-  digits, a thousands shape ("+1 500 000") 11+: shorter ones are signed amounts. North American
-  (NXX) NXX-XXXX: "(415) 555-0132", "415-555-0132", "415.555.0132", "1-415-555-0132", "1 (800)
-  555-0199"; spaces only after "+1" or "(415)", since "200 300 4000" is three numbers. National
-  numbers led by 0 with one kind of separator and 10-11 digits ("020 7946 0958", "06 12 34 56 78",
-  "(030) 1234567", German "030/1234567"); Russian trunk-8 numbers with the area code in brackets, 11
-  digits ("8 (495) 123-45-67"); Chinese mobiles "138 0013 8000". Never a bare digit run nor a
-  7-digit "555-0132" (as often a code or a range as a number): so bare Chinese mobiles "13812345678"
+  digits, a thousands shape ("+1 500 000") 11+: shorter ones are signed amounts, as are signed
+  decimals ("+40.712776", "+3.2 4.5 6.7 8.9"). North American (NXX) NXX-XXXX: "(415) 555-0132",
+  "415-555-0132", "415.555.0132", "1-415-555-0132", "1 (800) 555-0199"; spaces only after "+1" or
+  "(415)", since "200 300 4000" is three numbers. National numbers led by 0 with one kind of
+  separator and 10-11 digits ("020 7946 0958", "06 12 34 56 78", "(030) 1234567", German
+  "030/1234567"); Russian trunk-8 numbers with the area code in brackets, 11 digits ("8 (495)
+  123-45-67"); Chinese mobiles "138 0013 8000". Never a bare digit run nor a 7-digit "555-0132" (as
+  often a code or a range as a number): so bare Chinese mobiles "13812345678"
   (2^34 = 17179869184 has their shape) and Indian "98765 43210" (two five-digit numbers, a pair of
   ZIP codes) are missed. This keeps dates (8 digits, or 4-2-2), times, versions, decimals, ISBNs and
   "23 + 48 = 71" out. Missed: "00" international prefixes, 12-digit national numbers, Spanish
   9-digit numbers without "+34", and "01 02 03 04 05" is taken (a list of zero-padded numbers).
 - ip_address: IPv4 dotted quads that `ipaddress` accepts (octets 0-255, no leading zeros), not
   inside a longer dotted number ("1.2.3.4.5") and not right after a word that numbers versions or
-  parts of a text ("v1.2.3.4", "version", "Section 1.2.10.4", "§ 1.2.3.4", "chapter", "clause",
-  "article", "table", "figure", "step", ...: `_NUMBERING_BEFORE`); a bare "1.2.3.4" is taken.
+  parts of a text ("v1.2.3.4", "Section 1.2.10.4", "§ 1.2.3.4", "chapter", "clause", "article",
+  "table", "figure", "step", ...), a version word or identifier with a manifest's quotes, "=" or
+  brackets ('"version": "2.0.0.1"', "<Version>", 'AssemblyVersion("1.0.0.0")', "__version__ = ") or
+  a package pin ("tensorrt==8.6.1.6", ">=", "~=", ...): `_NUMBERING_BEFORE`; a bare "1.2.3.4" is taken.
   Loopback and addresses starting 0 or 255 (0.0.0.0, netmasks, wildcard masks) are skipped: they
   fill code answers and identify no one. IPv6 full or compressed forms `ipaddress` accepts, with 3+
   non-empty groups (a dotted-quad tail counts 2): "A::B" (C++), "1::2" (a slice), "::1" and
-  "fe80::1" are not worth the risk; "12:30:45" and MAC addresses are not valid IPv6 anyway.
+  "fe80::1" are not worth the risk; nor groups of one or two decimal digits only ("1:2:3:4:5:6:7:8",
+  a ratio, all in the reserved ::/8); "12:30:45" and MAC addresses are not valid IPv6 anyway.
 - credit_card: 13-19 digits, contiguous or grouped 4-4-4-4(-3), 4-4-4-1 or 4-6-4/5 with one kind of
   separator (space or dash), a known issuer prefix with its lengths, and the Luhn checksum (which
   alone passes one random number in ten, hence the prefix table too).
@@ -50,9 +55,10 @@ A hyphen joins a number or an address to what precedes it only after an ASCII le
 - secret: fixed credential formats only: AWS key ids (AKIA/ASIA + 16), GitHub (ghp_/gho_/ghu_/ghs_/
   ghr_ + 36, github_pat_), Slack (xoxb-/xoxa-/xoxp-/xoxr-/xoxs-), OpenAI-style "sk-" keys (20+ url-safe
   characters with a digit, so "sk-learn-..." slugs stay), Stripe [sr]k_live_/_test_, Google AIza + 35,
-  whole PEM private-key blocks (base64 body, matching BEGIN/END labels, so a parser that mentions both
-  lines is not swallowed), and signed JWTs whose first segment decodes to a JSON object. Nothing
-  entropy-based, no "password=..." guesses: SHAs, UUIDs, hashes and base64 in code would all go.
+  whole PEM private-key blocks (base64 body, its line breaks real or escaped as in JSON and string
+  literals, "\\n"; matching BEGIN/END labels, so a parser that mentions both lines is not swallowed),
+  and signed JWTs whose first segment decodes to a JSON object. Nothing entropy-based, no
+  "password=..." guesses: SHAs, UUIDs, hashes and base64 in code would all go.
 """
 
 from __future__ import annotations
@@ -111,7 +117,9 @@ def _email_ok(m: re.Match[str]) -> bool:
     local, tld, after = m["local"], m["tld"].lower(), m.string[m.end():m.end() + 2]
     if ".." in local or local.endswith(".") or _joined(m):
         return False
-    if after[:1] == ":" and after[1:2] not in ("", " ", "\n"):  # "git@host.com:org/repo": a remote
+    if re.match(r":[A-Za-z_~./]", after):  # "git@host.com:org/repo": a remote; not ":5432" nor ":)"
+        return False
+    if m.string.endswith("://", 0, m.start()):  # "ssh://git@host.com/org/repo": a URL's user name
         return False
     return len(tld) == 2 or tld in _GTLDS
 
@@ -139,8 +147,8 @@ def _intl_ok(m: re.Match[str]) -> bool:
     digits = re.sub(r"[^0-9]", "", number.replace("(0)", ""))
     if number[1:].isdigit():  # no separator at all: only a full-length number is clearly a phone
         return 10 <= len(digits) <= 15
-    if re.sub(r"[0-9]", "", number[1:]) == ".":  # "+40.712776": a signed decimal (a latitude, a delta)
-        return False
+    if all(re.fullmatch(r"[0-9]+\.[0-9]+", piece) for piece in number[1:].split(" ")):
+        return False  # "+40.712776", "+3.2 4.5 6.7": signed decimals (a latitude, a delta, a row of values)
     # "+1 500 000" is a signed amount; "+34 612 345 678" has the same shape but 11+ digits
     return 7 <= len(digits) <= 15 and (len(digits) >= 11 or not _THOUSANDS.fullmatch(number))
 
@@ -150,16 +158,25 @@ def _national_ok(m: re.Match[str]) -> bool:
 
 
 _IPV4 = re.compile(r"(?<![0-9A-Za-z_.])[0-9]{1,3}(?:\.[0-9]{1,3}){3}(?![0-9A-Za-z_]|\.[0-9])")
+# What numbers versions or parts of a text, right before a dotted quad (searched up to `_NUMBERING_SPAN`
+# characters back, ASCII-bounded as _NUM_L): a numbering word and a colon ("Section 1.2.10.4", "§ 1.2.3.4");
+# a version word or an identifier ending in one ("AssemblyVersion", "__version__") and the quotes, "=" or
+# brackets of a manifest ('"version": "2.0.0.1"', "<Version>1.0.0.0"); a version operator right after a
+# package name ("tensorrt==8.6.1.6", "pkg[extra]>=1.2.3.4"), but not a Wireshark filter ("ip.src==...").
 _NUMBERING_BEFORE = re.compile(
-    r"(?:(?<![A-Za-z])(?:v|version|release|build|section|sec|chapter|ch|clause|article|art|paragraph|para|part"
-    r"|appendix|table|figure|fig|step|item|rule)\.?|§)[\s:]*$", re.IGNORECASE)  # ASCII-bounded, as _NUM_L
+    r"(?:(?:(?<![A-Za-z])(?:v|section|sec|chapter|ch|clause|article|art|paragraph|para|part|appendix|table"
+    r"|figure|fig|step|item|rule)\.?|§)[\s:]*"
+    r"|(?:(?<![A-Za-z])(?:version|release|build)|(?<=[a-z0-9_])(?-i:Version))_*[\s:=\"'<>(\[]*"
+    r"|(?<=[0-9A-Za-z_\]])(?<!ip\.src)(?<!ip\.dst)(?<!ip\.addr)(?<!ip\.host)(?:===?|~=|[<>!]=))$",
+    re.IGNORECASE)
+_NUMBERING_SPAN = 32
 _IPV6 = re.compile(
     r"(?<![0-9A-Za-z_:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9]{1,3}(?:\.[0-9]{1,3}){3}|[0-9A-Fa-f]{1,4})?"
     r"(?![0-9A-Za-z_:]|\.[0-9])")
 
 
 def _ipv4_ok(m: re.Match[str]) -> bool:
-    if _NUMBERING_BEFORE.search(m.string[max(0, m.start() - 16):m.start()]):
+    if _NUMBERING_BEFORE.search(m.string, max(0, m.start() - _NUMBERING_SPAN), m.start()):
         return False
     try:
         address = ipaddress.IPv4Address(m.group())
@@ -171,6 +188,8 @@ def _ipv4_ok(m: re.Match[str]) -> bool:
 def _ipv6_ok(m: re.Match[str]) -> bool:
     groups = [group for group in m.group().split(":") if group]
     if len(groups) + ("." in m.group()) < 3:  # an embedded dotted quad is two groups' worth
+        return False
+    if all(re.fullmatch(r"[0-9]{1,2}", group) for group in groups):  # "1:2:3:4:5:6:7:8", a ratio: in ::/8
         return False
     try:
         ipaddress.IPv6Address(m.group())
@@ -254,8 +273,9 @@ _SECRETS = re.compile(_KEY_L + "(?:" + "|".join((
     r"AIza[0-9A-Za-z_\-]{35}",
     r"(?P<jwt>eyJ[0-9A-Za-z_\-]{5,})\.[0-9A-Za-z_\-]{4,}\.[0-9A-Za-z_\-]{16,}",
 )) + ")" + _KEY_R)
+# The body's line breaks may be written as escapes: a key pasted from JSON or held in a string literal.
 _PEM = re.compile(r"-----BEGIN (?P<label>(?:[A-Z0-9]+ )*)PRIVATE KEY-----"
-                  r"[A-Za-z0-9+/=:,\s\-]{32,}?-----END (?P=label)PRIVATE KEY-----")
+                  r"(?:[A-Za-z0-9+/=:,\s\-]|\\+[nr]){32,}?-----END (?P=label)PRIVATE KEY-----")
 
 
 def _secret_ok(m: re.Match[str]) -> bool:
