@@ -520,7 +520,7 @@ CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     ("chat", {**CHAT, "stream_options": {"include_usage": True}}, "stream_options"),
     ("chat", {**CHAT, "stream": True, "stream_options": {"include_usage": "yes"}}, "include_usage"),
     ("chat", {**CHAT, "messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
-    ("chat", {**CHAT, "messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+    ("chat", {**CHAT, "messages": [{"role": "function", "content": "x"}]}, "messages[0].role"),
     ("completion", {"model": "m", "prompt": {"text": "x"}}, "prompt"),
     ("completion", {"model": "m", "prompt": ["a", 1]}, "prompt"),
     ("completion", {"model": "m", "prompt": "x", "echo": True}, "echo"),

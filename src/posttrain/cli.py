@@ -69,10 +69,14 @@ def _help_lines(command: str, config_cls) -> list[str]:
 def _sampling_args(parser) -> None:
     parser.add_argument("--model", required=True, help="model dir, adapter dir, run dir (uses its final/) or preset")
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    # None = not given: the model's generation_config.json decides, else posttrain's default (inference.py)
+    model_first = "default: the model's generation_config.json, else "
+    parser.add_argument("--temperature", type=float, default=None, help=model_first + "0 (greedy)")
+    parser.add_argument("--top-k", type=int, default=None, help=model_first + "0 (off)")
+    parser.add_argument("--top-p", type=float, default=None, help=model_first + "1 (off)")
+    parser.add_argument("--min-p", type=float, default=None,
+                        help=model_first + "0 (off); keep tokens at least this fraction of the top one's probability")
+    parser.add_argument("--repetition-penalty", type=float, default=None, help=model_first + "1 (off)")
     parser.add_argument("--frequency-penalty", type=float, default=0.0)
     parser.add_argument("--presence-penalty", type=float, default=0.0)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
@@ -150,13 +154,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Python reward fn(prompt_turns, response) -> float (repeatable)")
     score.add_argument("--weight", action="append", default=[], metavar="NAME=W", help="weight of a component (default 1)")
     score.add_argument("--floor", action="append", default=[], metavar="NAME=X",
-                       help="soft constraint: penalise a component's raw score below X")
+                       help="soft constraint: penalise a component's raw score below X (X in its raw units)")
+    score.add_argument("--floor-penalty", type=float, default=None, metavar="P",
+                       help="a floor's cost: P·max(0, X − r)/scale subtracted from the total, scale the "
+                            "component's std under --calibrate, else 1 (default 10)")
     score.add_argument("--calibrate", action="store_true", help="z-normalise each component on the file before weighting")
     score.add_argument("--input", required=True, help="rows with prompt (text or turns) and response")
     score.add_argument("--output", default="-", help="JSONL output (- = stdout)")
     score.add_argument("--column", default="reward", help="name of the new column")
     score.add_argument("--template", default="auto", help="chat template: auto|tokenizer|chatml|alpaca")
     score.add_argument("--batch-size", type=int, default=32)
+    score.add_argument("--max-length", type=int, default=None, metavar="N",
+                       help="the most tokens a reward model reads of a row (default: its position table); a longer "
+                            "row is cut (a decoder keeps its end, an encoder its start and closing [SEP]) and "
+                            "counted on stderr")
     gen = sub.add_parser("generate", help="batched generation from a prompts file to JSONL")
     _sampling_args(gen)
     gen.add_argument("--prompts", required=True, help="text file (one prompt a line), or rows with prompt / messages / "

@@ -214,7 +214,7 @@ _TURN_KEYS = ("messages", "conversations")  # a conversation's column: OpenAI's,
 
 def _json_prompts(path: str) -> list[tuple[str, dict]]:
     """(location, prompt row) pairs from a data file (`data.readers`); file:line on a bad one."""
-    from posttrain.data.formats import BadRowError
+    from posttrain.data.formats import BadRowError, read_tools
     from posttrain.data.readers import Malformed, iter_rows
 
     wanted = "expected an object with 'prompt' or 'messages' (or ShareGPT's 'conversations')"
@@ -238,6 +238,7 @@ def _json_prompts(path: str) -> list[tuple[str, dict]]:
         try:
             if prompt_turns(row) is None and (not isinstance(row.get("prompt"), str) or not row["prompt"].strip()):
                 raise BadRowError("'prompt' must be non-empty text")
+            read_tools(row)  # a bad 'tools' is said before the model loads
         except BadRowError as exc:
             raise DataError(f"{location}: {exc.reason}") from None
         items.append((location, row))
@@ -289,35 +290,73 @@ def _string_row(raw: str) -> str:
     return value if isinstance(value, str) else raw
 
 
-def render(item: dict, tokenizer, template: str | None) -> str:
-    """A prompt row as the model's input text: its turns (`prompt_turns`) through the chat
-    template, with the assistant's generation prompt; with no template (None), its text prompt."""
-    turns = prompt_turns(item)
+def render(item: dict, tokenizer, template: str | None, source: str = "<prompt>") -> str:
+    """A prompt row as the model's input text: its turns (`prompt_turns`) and its `tools`
+    (`formats.read_tools`) through the chat template with the assistant's generation prompt, as
+    training and RL prompts render them (`data.templates.render`: a row the template refuses, or
+    whose tools it does not show, is a DataError naming `source`, the row's file:line); with no
+    template (None), its text prompt."""
+    from posttrain.data.formats import BadRowError, read_tools
+    from posttrain.data.templates import render as render_chat
+
+    try:
+        turns, tools = prompt_turns(item), read_tools(item)
+    except BadRowError as exc:
+        raise DataError(f"{source}: {exc.reason}") from None
     if template is None:
-        if turns is not None:
-            raise DataError("--template none needs plain prompts, not messages")
+        if turns is not None or tools is not None:
+            raise DataError(f"{source}: --template none needs plain prompts, not messages or tools")
         return item["prompt"]
     messages = turns if turns is not None else [{"role": "user", "content": item["prompt"]}]
-    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
+    return render_chat(tokenizer, template, messages, True, source, tools)
+
+
+SAMPLING_DEFAULTS = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0}
+"""generate's and chat's settings where neither a flag nor the model's generation_config sets one
+(temperature 0: greedy). The CLI leaves a flag not given as None (`_settings`)."""
 
 
 def _settings(args):
-    """The sampling flags, checked (a UserError, before any model loads)."""
+    """(the sampling flags as settings, the names of those given), checked (a UserError, before any
+    model loads). A flag left None is not given: SAMPLING_DEFAULTS holds it until the model's
+    generation_config is read (`with_model_defaults`)."""
     from posttrain.rollout.sampling import SamplingSettings
 
     if getattr(args, "batch_size", 1) < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     if any(not stop for stop in args.stop):
         raise UserError("--stop '' would end every completion at its first token")
+    given = {name: getattr(args, name) for name in SAMPLING_DEFAULTS if getattr(args, name, None) is not None}
     try:
-        settings = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                    top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+        settings = SamplingSettings(max_new_tokens=args.max_new_tokens, **{**SAMPLING_DEFAULTS, **given},
                                     frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
                                     stop=list(args.stop), seed=args.seed)
         settings.check_penalty_range()
-        return settings
+        return settings, set(given)
     except ValueError as exc:
         raise UserError(f"{exc} (a sampling flag)") from None
+
+
+def with_model_defaults(settings, given: set[str], model):
+    """`settings` with what the user did not give (`given`: the flags set) taken from the model's
+    generation_config (`sampling.generation_config_settings`: as transformers' generate reads it),
+    so the precedence is flag > the model's generation_config > SAMPLING_DEFAULTS. What is taken is
+    said in one stderr line; a value there that posttrain refuses is a UserError naming the file."""
+    from dataclasses import replace
+
+    from posttrain.rollout.sampling import generation_config_settings
+
+    taken = {name: value for name, value in
+             generation_config_settings(getattr(model, "generation_config", None)).items() if name not in given}
+    if not taken:
+        return settings
+    try:
+        settings = replace(settings, **taken)
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"the model's generation_config.json: {exc}; set the flag to override it") from None
+    said = ", ".join(f"{name} {value:g}" for name, value in taken.items())
+    print(f"sampling from the model's generation_config.json: {said} (a flag overrides each)", file=sys.stderr)
+    return settings
 
 
 def _pairs(items: list[str], flag: str) -> dict[str, str]:
@@ -390,7 +429,7 @@ def main(args) -> int:
     from posttrain.data.templates import resolve_template
     from posttrain.rollout.generate import chat_session
 
-    settings = _settings(args)  # flags, prompts and the output's place checked before the model loads
+    settings, given = _settings(args)  # flags, prompts and the output's place checked before the model loads
     if args.command == "chat" and args.template == "none":
         raise UserError("chat needs a chat template (--template auto|chatml|alpaca)")
     if args.command != "chat":
@@ -404,12 +443,13 @@ def main(args) -> int:
         print(f"note: {answered} of {len(items)} prompt rows have a 'completion' field; the output row's "
               "'completion' is the generated one, in its place", file=sys.stderr)
     model, tokenizer = _load(args)
+    settings = with_model_defaults(settings, given, model)
     template = None if args.template == "none" else resolve_template(tokenizer, args.template)
     if args.command == "chat":
         switch = getattr(model, "use_adapter", None)
         chat_session(model, tokenizer, template, settings, system=args.system, switch_adapter=switch)
         return 0
-    texts = [render(i, tokenizer, template) for i in items]
+    texts = [render(item, tokenizer, template, name) for name, item in placed]
     with RowWriter(args.output, len(items), "generate") as out:  # each row as soon as the rows before it are done
         _generate_per_adapter(model, tokenizer, items, texts, settings, args.batch_size, template,
                               raw=template is None, names=names,

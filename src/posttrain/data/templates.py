@@ -187,11 +187,13 @@ class DoubledMarkers:
     first: str = ""
     marker: str = ""
 
-    def count(self, record: Record, tokenizer: Any, template: str) -> None:
-        """Count `record` when it has such an answer."""
-        if doubled_turns(record, tokenizer, template):
+    def count(self, records: Record | list[Record], tokenizer: Any, template: str) -> None:
+        """Count a row when it has such an answer: a record, or the records of one preference row
+        (one a response: `preferences.response_record`)."""
+        records = [records] if isinstance(records, Record) else records
+        if any(doubled_turns(record, tokenizer, template) for record in records):
             self.rows += 1
-            self.first, self.marker = self.first or record.source, end_of_turn(tokenizer, template)
+            self.first, self.marker = self.first or records[0].source, end_of_turn(tokenizer, template)
 
     def entry(self) -> dict:
         """data_report.json's `end_of_turn_stripped` (the rows), present when there were some."""
@@ -437,7 +439,7 @@ def _render(tokenizer: Any, template: str, messages: list, add_generation_prompt
     except (jinja2.TemplateError, ValueError, TypeError, KeyError, IndexError) as err:
         raise DataError(
             f"{source}: the chat template failed on this conversation ({type(err).__name__}: {err}); "
-            "check the roles and their order, or set data.template: chatml"
+            "check the roles and their order, or use the chatml template (data.template: chatml; --template chatml)"
         ) from None
 
 

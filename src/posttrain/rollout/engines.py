@@ -38,7 +38,7 @@ from posttrain.errors import UserError
 from posttrain.rollout.generate import generate_token_ids
 from posttrain.rollout.sampling import SamplingSettings, request_seed
 
-StopCheck = Callable[[list[int]], bool]
+StopCheck = Callable[[list[int]], bool]  # `generate.StopCheck`: its `token_ids` and `special_text` reach vLLM
 
 
 class RolloutEngine(Protocol):
@@ -137,16 +137,6 @@ class VLLMEngine:
                                 gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
                                 max_model_len=max_model_len, seed=seed, trust_remote_code=trust_remote_code)
 
-    def sampling_params(self, settings: SamplingSettings, eos_token_ids: set[int], index: int):
-        """posttrain's sampling settings as vLLM's SamplingParams for request `index`."""
-        return self._sampling_params(
-            n=1, max_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p,
-            top_k=settings.top_k if settings.top_k > 0 else -1,  # -1 means off in every vLLM version (0 only in newer)
-            repetition_penalty=settings.repetition_penalty, frequency_penalty=settings.frequency_penalty,
-            presence_penalty=settings.presence_penalty, stop=[s for s in settings.stop if s] or None,
-            stop_token_ids=sorted(eos_token_ids), skip_special_tokens=True,
-            seed=None if settings.seed is None else request_seed(settings.seed, index))
-
     def generate(self, prompt_ids, settings, *, eos_token_ids, pad_token_id, stop_check=None):
         del pad_token_id  # vLLM does not pad
         for i, ids in enumerate(prompt_ids):
@@ -155,7 +145,8 @@ class VLLMEngine:
         if settings.max_new_tokens == 0 or not prompt_ids:
             return [[] for _ in prompt_ids]  # vLLM needs max_tokens >= 1
         prompts = [self._tokens_prompt(prompt_token_ids=list(ids)) for ids in prompt_ids]
-        params = [self.sampling_params(settings, eos_token_ids, i) for i in range(len(prompt_ids))]
+        params = [self._sampling_params(**vllm_sampling_kwargs(settings, eos_token_ids, stop_check, i))
+                  for i in range(len(prompt_ids))]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         return [_completion_ids(out.outputs[0], stop_check) for out in outputs]
 
@@ -165,6 +156,24 @@ class VLLMEngine:
         weights = merged_weights(unwrap(model))  # a generator: vLLM copies one tensor at a time
         self.llm.apply_model(lambda vllm_model: vllm_model.load_weights(weights))
         self.llm.reset_prefix_cache()
+
+
+def vllm_sampling_kwargs(settings: SamplingSettings, eos_token_ids: set[int], stop_check: StopCheck | None,
+                         index: int) -> dict:
+    """posttrain's sampling settings as the keyword arguments of vLLM's SamplingParams for request
+    `index`, ending where the transformers engine ends a row: at the EOS ids and at the stop check's
+    ids (`generate.StopCheck.token_ids`: a stop string that is one special token), and at the stop
+    strings, looked for in text that keeps special tokens when one starts with a special token
+    (`StopCheck.special_text`; the caller decodes the ids itself)."""
+    stop_ids = set(eos_token_ids) | set(getattr(stop_check, "token_ids", ()))
+    return dict(
+        n=1, max_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p,
+        top_k=settings.top_k if settings.top_k > 0 else -1,  # -1 means off in every vLLM version (0 only in newer)
+        min_p=settings.min_p, repetition_penalty=settings.repetition_penalty,
+        frequency_penalty=settings.frequency_penalty, presence_penalty=settings.presence_penalty,
+        stop=[s for s in settings.stop if s] or None, stop_token_ids=sorted(stop_ids),
+        skip_special_tokens=not getattr(stop_check, "special_text", False),
+        seed=None if settings.seed is None else request_seed(settings.seed, index))
 
 
 def build_engine(cfg, model: torch.nn.Module, accelerator, log):

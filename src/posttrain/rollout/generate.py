@@ -41,21 +41,22 @@ def generate(
 
     Prompts are text rendered by a chat template (BOS and all), or with `raw` text no
     template was applied to; `prompt_token_ids` tokenizes either. Each completion ends at an EOS token (tokenizer's, the model's
-    generation_config's, and the chat template's end-of-turn token: `eos_token_ids`), at
-    the first stop string (the text is cut before it; a several-token end-of-turn marker
-    is one: `stop_strings`; a stop string that is one special token is its id:
-    `stop_token_ids`), or after settings.max_new_tokens tokens. `template` is the
+    generation_config's, and the chat template's end-of-turn token: `eos_token_ids`; raw prompts
+    imply no template's), at the first stop string (the text is cut before it; a several-token
+    end-of-turn marker is one: `stop_strings`; a stop string that is one special token is its id:
+    `stop_token_ids`; one that starts with a special token is looked for where that token's text
+    is kept: `StopCheck`), or after settings.max_new_tokens tokens. `template` is the
     chat template the prompts were rendered with (default: the tokenizer's own). Texts
-    are decoded with skip_special_tokens. `window`, `indices` and `names`: as
+    are decoded with skip_special_tokens (`completion_text`). `window`, `indices` and `names`: as
     `generate_token_ids` takes them; `on_done(i, text)` hears prompt i's completion text.
     """
-    eos_ids = eos_token_ids(model, tokenizer, template)
-    stop = stop_strings(tokenizer, settings.stop, template)
+    eos_ids = eos_token_ids(model, tokenizer, template, raw=raw)
+    stop = stop_strings(tokenizer, settings.stop, template, raw=raw)
     stop_check = _make_stop_check(tokenizer, stop) if stop else None
     prompt_ids = [prompt_token_ids(tokenizer, p, raw=raw) for p in prompts]
 
     def text(ids: list[int]) -> str:
-        return truncate_at_stop(tokenizer.decode(ids, skip_special_tokens=True), stop)
+        return completion_text(tokenizer, ids, stop)
 
     completions = generate_token_ids(
         model, prompt_ids, settings, pad_token_id=pad_token_id(tokenizer, eos_ids),
@@ -323,7 +324,7 @@ def _pick_next(logits: Tensor, history: _TokenHistory, settings: SamplingSetting
             logits, history.counts, settings.frequency_penalty, settings.presence_penalty
         )
     return sample_next(logits, settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
-                       generator=generators)
+                       min_p=settings.min_p, generator=generators)
 
 
 def left_pad(prompt_ids: list[list[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
@@ -338,13 +339,14 @@ def left_pad(prompt_ids: list[list[int]], pad_id: int, device) -> tuple[Tensor, 
     return input_ids.to(device), attention_mask.to(device)
 
 
-def eos_token_ids(model, tokenizer, template: str | None = None) -> set[int]:
+def eos_token_ids(model, tokenizer, template: str | None = None, *, raw: bool = False) -> set[int]:
     """The ids that end a completion: the tokenizer's EOS, the model's generation_config's
     (int or list), and the chat template's end-of-turn token (`end_of_turn`), which is
     what a chat model was trained to end its answer with and need not be EOS: ChatML's
     <|im_end|> on a GPT-2-style tokenizer whose EOS is <|endoftext|> (posttrain's fallback
     template), Gemma's <end_of_turn>. `template` is the one prompts are rendered with
-    (default: the tokenizer's own). A marker of several tokens is a stop string instead
+    (default: the tokenizer's own); `raw`: no template was applied (`generate --template none`),
+    so no template's marker is implied. A marker of several tokens is a stop string instead
     (`stop_strings`)."""
     ids: set[int] = set()
     sources = [getattr(tokenizer, "eos_token_id", None)]
@@ -356,24 +358,22 @@ def eos_token_ids(model, tokenizer, template: str | None = None) -> set[int]:
             ids.add(source)
         elif source is not None:
             ids.update(int(i) for i in source)
-    marker = _end_of_turn_id(tokenizer, end_of_turn(tokenizer, template))
+    marker = None if raw else _end_of_turn_id(tokenizer, end_of_turn(tokenizer, template))
     if marker is not None:
         ids.add(marker)
     return ids
 
 
-def stop_strings(tokenizer, stop: list[str], template: str | None = None) -> list[str]:
+def stop_strings(tokenizer, stop: list[str], template: str | None = None, *, raw: bool = False) -> list[str]:
     """`stop` (empty strings dropped) plus the chat template's end-of-turn marker when the
     tokenizer spells it in several ordinary tokens (ChatML's '<|im_end|>' on a tokenizer
-    without that token), where no single id can end the row (`eos_token_ids`)."""
+    without that token), where no single id can end the row (`eos_token_ids`); with `raw`
+    (no template applied) no marker."""
     stops = [s for s in stop if s]
-    marker = end_of_turn(tokenizer, template)
+    marker = None if raw else end_of_turn(tokenizer, template)
     if marker and _end_of_turn_id(tokenizer, marker) is None and marker not in stops:
         stops.append(marker)
     return stops
-
-
-_PROBE = "ANSWER-4d1f9c"  # the assistant content end_of_turn renders: text no template rewrites
 
 
 def end_of_turn(tokenizer, template: str | None = None) -> str | None:
@@ -381,24 +381,16 @@ def end_of_turn(tokenizer, template: str | None = None) -> str | None:
     assistant's answer to end the turn: '<|im_end|>', '<end_of_turn>', '<|eot_id|>', the
     EOS token; None without a template, or when it writes only whitespace there.
 
-    Found as SFT finds what it trains on (`data.templates.assistant_spans`): the answer's
-    span in a rendered user / assistant exchange, less the answer's own text."""
-    from posttrain.data.templates import assistant_spans, resolve_template
-    from posttrain.errors import DataError
+    Found as SFT finds the marker it trains on and strips from answers that already end with it
+    (`data.templates.end_of_turn`: one rule)."""
+    from posttrain.data.templates import end_of_turn as template_end_of_turn
+    from posttrain.data.templates import resolve_template
 
     if template is None:
         if not getattr(tokenizer, "chat_template", None):
             return None
         template = resolve_template(tokenizer, "tokenizer")
-    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE}]
-    try:
-        text, spans = assistant_spans(messages, tokenizer, template)
-    except DataError:  # a template that cannot render one exchange: no chat to end a turn of
-        return None
-    answer = text[spans[0][0]:spans[0][1]] if spans else ""
-    at = answer.find(_PROBE)
-    marker = answer[at + len(_PROBE):].strip() if at != -1 else ""
-    return marker or None
+    return template_end_of_turn(tokenizer, template) or None
 
 
 def _end_of_turn_id(tokenizer, marker: str | None) -> int | None:
@@ -414,20 +406,40 @@ def _end_of_turn_id(tokenizer, marker: str | None) -> int | None:
     return None
 
 
+def _special_lead(tokenizer, stop: str) -> tuple[int | None, int]:
+    """(the special token a stop string's tokens start with, or None; how many tokens it takes)."""
+    ids = tokenizer(stop, add_special_tokens=False)["input_ids"] if stop else []
+    special = set(getattr(tokenizer, "all_special_ids", []))
+    return (int(ids[0]) if ids and ids[0] in special else None), len(ids)
+
+
 def stop_token_ids(tokenizer, stop: list[str]) -> set[int]:
     """The ids of the stop strings the tokenizer spells as one special token (ChatML's
     '<|im_start|>', for a model that starts the next turn instead of ending its own). Text is
     decoded with skip_special_tokens, so such a string never shows in it: the token ends the row
     instead, as transformers' generate(stop_strings=...) matches it (it reads the tokens' strings).
     The string stays a text stop as well, for the same text spelled in ordinary tokens.
-    `_make_stop_check` (generate, chat, the rollouts) and `serve` end a row on these ids."""
-    special = set(getattr(tokenizer, "all_special_ids", []))
+    `StopCheck` (generate, chat, the rollouts, the vLLM engine's stop ids) and `serve` end a row
+    on these ids."""
     ids = set()
     for s in stop:
-        one = tokenizer(s, add_special_tokens=False)["input_ids"] if s else []
-        if len(one) == 1 and one[0] in special:
-            ids.add(int(one[0]))
+        lead, length = _special_lead(tokenizer, s)
+        if lead is not None and length == 1:
+            ids.add(lead)
     return ids
+
+
+def special_led_stops(tokenizer, stop: list[str]) -> dict[str, int]:
+    """{stop string: its first token} for the stop strings that start with a special token and go
+    on after it ('<|im_start|>user', where a model starts the user's turn itself). Text decoded
+    with skip_special_tokens drops the token, so these are looked for in text that keeps it, and
+    the completion is cut at that token (`StopCheck`, `completion_text`)."""
+    led = {}
+    for s in stop:
+        lead, length = _special_lead(tokenizer, s)
+        if lead is not None and length > 1:
+            led[s] = lead
+    return led
 
 
 def pad_token_id(tokenizer, eos_ids: set[int]) -> int:
@@ -447,22 +459,53 @@ def truncate_at_stop(text: str, stop: list[str]) -> str:
     return text[:cut]
 
 
-def _make_stop_check(tokenizer, stop: list[str]) -> Callable[[list[int]], bool]:
-    # Checked every step, so a stop string is found the step its last character
-    # arrives, inside a short tail. Each token decodes to >= 1 byte and a character
-    # is <= 4 bytes, so the tail of 4 * len + 4 tokens covers it; decoding the tail
-    # only keeps the check O(1) per step instead of O(length). A stop string that is
-    # one special token is matched by its id (`stop_token_ids`).
-    window = 4 * max(len(s) for s in stop) + 4
-    stop_ids = stop_token_ids(tokenizer, stop)
+def completion_text(tokenizer, ids: list[int], stop: list[str]) -> str:
+    """A completion's text: its ids decoded with skip_special_tokens and cut before the earliest
+    stop string; a stop string that starts with a special token (`special_led_stops`) is looked
+    for in text that keeps special tokens, and the ids are cut at that token first."""
+    return truncate_at_stop(tokenizer.decode(ids[:special_stop_start(tokenizer, ids, stop)],
+                                             skip_special_tokens=True), stop)
 
-    def stop_check(ids: list[int]) -> bool:
-        if ids and ids[-1] in stop_ids:
+
+def special_stop_start(tokenizer, ids: list[int], stop: list[str]) -> int:
+    """Where the first special-led stop string starts in `ids` (its special token's place), or len(ids)."""
+    led = special_led_stops(tokenizer, stop)
+    for at, token in enumerate(ids):
+        for s, lead in led.items():
+            if token == lead and tokenizer.decode(ids[at:at + 4 * len(s) + 4], skip_special_tokens=False).startswith(s):
+                return at
+    return len(ids)
+
+
+class StopCheck:
+    """Whether a completion's ids have reached a stop string: `check(ids)` after every token.
+
+    A stop string that is one special token is matched by its id (`token_ids`: `stop_token_ids`);
+    the others in the decoded tail of the ids, with skip_special_tokens, as the text is decoded,
+    except those that start with a special token (`special_led_stops`), which are looked for in
+    the tail decoded with special tokens kept (`special_text`: a vLLM engine decodes so too).
+    Checked every step, so a stop string is found the step its last character arrives, inside a
+    short tail: each token decodes to >= 1 byte and a character is <= 4 bytes, so the tail of
+    4 * len + 4 tokens covers it, and the check is O(1) per step instead of O(length)."""
+
+    def __init__(self, tokenizer, stop: list[str]):
+        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self.window = 4 * max((len(s) for s in self.stop), default=0) + 4
+        self.token_ids = stop_token_ids(tokenizer, self.stop)
+        self.led = list(special_led_stops(tokenizer, self.stop))
+        self.special_text = bool(self.led)
+
+    def __call__(self, ids: list[int]) -> bool:
+        if ids and ids[-1] in self.token_ids:
             return True
-        tail = tokenizer.decode(ids[-window:], skip_special_tokens=True)
-        return any(s in tail for s in stop)
+        tail = ids[-self.window:]
+        if any(s in self.tokenizer.decode(tail, skip_special_tokens=True) for s in self.stop):
+            return True
+        return bool(self.led) and any(s in self.tokenizer.decode(tail, skip_special_tokens=False) for s in self.led)
 
-    return stop_check
+
+def _make_stop_check(tokenizer, stop: list[str]) -> StopCheck:
+    return StopCheck(tokenizer, stop)
 
 
 def _accepts(model, argument: str) -> bool:
@@ -476,17 +519,19 @@ CHAT_HELP = "/reset: clear the history (the system message stays); /adapter NAME
 
 
 def _fit_history(model, tokenizer, template: str, messages: list[dict], fixed: int,
-                 room: int) -> tuple[list[dict], str, int]:
+                 room: int, fold: bool = False) -> tuple[list[dict], str, int]:
     """(messages, rendered prompt, its tokens) with the oldest exchanges after the first `fixed`
     messages (the system message) dropped, one user turn and its answer at a time, until the
     prompt leaves `room` tokens of the model's positions (`loading.position_limit`), or only the
-    newest user message is left after them. A model that names no limit keeps all (tokens: 0)."""
+    newest user message is left after them. A model that names no limit keeps all (tokens: 0).
+    Rendered by `data.templates.render` (a template that refuses the conversation: a DataError);
+    with `fold`, the system message is folded into the first user turn kept (`fold_system`)."""
+    from posttrain.data.templates import fold_system, render
     from posttrain.models.loading import position_limit
 
     limit = position_limit(model)
     while True:
-        prompt = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                               add_generation_prompt=True)
+        prompt = render(tokenizer, template, fold_system(messages) if fold else messages, True, "chat")
         if limit is None:
             return messages, prompt, 0
         length = len(prompt_token_ids(tokenizer, prompt, raw=False))
@@ -519,10 +564,21 @@ def chat_session(
     leaves no room even alone is refused, and the session goes on. Reply n of the session (`/reset`
     keeps counting) is generated with the seed `request_seed(seed, n)`, so a seeded chat's turns do
     not repeat one another's draws.
+
+    Under a template with no system role (Gemma's, Mistral's raise on one: `has_system_role`), the
+    system message is folded into the first user turn (`fold_system`, as a `kind: local` judge's
+    is), said once on stderr. A message the template refuses (a DataError) is refused in one line,
+    and the session goes on.
     """
+    from posttrain.data.templates import has_system_role
+    from posttrain.errors import DataError
     from posttrain.models.loading import position_limit
 
     start = [{"role": "system", "content": system}] if system else []
+    fold = bool(start) and not has_system_role(tokenizer, template)
+    if fold:
+        print("note: the chat template has no system role; the system message is folded into the first user "
+              "message", file=sys.stderr)
     messages = list(start)
     turn = 0  # replies generated: each seeded from (seed, turn), not every one from (seed, 0)
     while True:
@@ -561,7 +617,13 @@ def chat_session(
                 write(f"[{exc}]")
             continue
         messages.append({"role": "user", "content": line})
-        kept, prompt, length = _fit_history(model, tokenizer, template, messages, len(start), settings.max_new_tokens)
+        try:
+            kept, prompt, length = _fit_history(model, tokenizer, template, messages, len(start),
+                                                settings.max_new_tokens, fold)
+        except DataError as exc:
+            messages.pop()
+            write(f"[{exc}]")
+            continue
         limit = position_limit(model)
         if limit is not None and length >= limit:
             messages.pop()

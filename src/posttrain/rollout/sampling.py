@@ -3,7 +3,7 @@
 Every processor takes logits (B, V) and returns new logits (B, V); none mutates its
 input. Filtered-out tokens get -inf, so a softmax afterwards gives them probability 0.
 Order used by `generate`: penalties on the raw logits, then temperature, top-k,
-top-p, sample (the order Hugging Face and vLLM use, so settings mean the same thing).
+top-p, min-p, sample (the order Hugging Face and vLLM use, so settings mean the same thing).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ class SamplingSettings:
     temperature: float = 1.0  # softmax temperature; 0 means greedy (argmax)
     top_k: int = 0  # keep the k most likely tokens; 0 = off
     top_p: float = 1.0  # nucleus: smallest set with cumulative probability >= top_p; 1 = off
+    min_p: float = 0.0  # keep tokens with probability >= min_p x the top token's (after temperature); 0 = off
     repetition_penalty: float = 1.0  # CTRL-style, over prompt + generated tokens; 1 = off
     frequency_penalty: float = 0.0  # OpenAI-style, subtract penalty * count (generated tokens only)
     presence_penalty: float = 0.0  # OpenAI-style, subtract penalty once per generated token seen
@@ -35,7 +36,7 @@ class SamplingSettings:
         is an error in the sampler after the model loads, a NaN penalty empty completions). The
         frequency and presence penalties take any finite value here (a large one forbids repeats
         outright); the CLI holds them to OpenAI's range (`check_penalty_range`), as `serve` does."""
-        for name in ("temperature", "top_p", "repetition_penalty", "frequency_penalty", "presence_penalty"):
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.max_new_tokens < 0:
@@ -44,6 +45,8 @@ class SamplingSettings:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1] (0 = off), got {self.min_p}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
 
@@ -57,6 +60,25 @@ class SamplingSettings:
 
 
 PENALTY_RANGE = (-2.0, 2.0)  # OpenAI's documented range of frequency_penalty and presence_penalty
+
+FROM_GENERATION_CONFIG = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")  # a model's file may set
+
+
+def generation_config_settings(generation_config) -> dict[str, float]:
+    """The sampling settings a model's generation_config sets, as transformers' `generate` reads
+    them: only fields its generation_config.json sets (`to_diff_dict`; unset ones are not the
+    model's choice); its temperature only when it samples (`do_sample`: true), 1.0 when it samples
+    without naming one, and none when it decodes greedily (posttrain's default then: greedy).
+    top_k 0, top_p 1, min_p 0 and repetition_penalty 1 mean off in both. None gives {}."""
+    if generation_config is None:
+        return {}
+    given = generation_config.to_diff_dict() if hasattr(generation_config, "to_diff_dict") else \
+        dict(vars(generation_config))
+    found = {name: given[name] for name in FROM_GENERATION_CONFIG if given.get(name) is not None}
+    found.pop("temperature", None)
+    if given.get("do_sample") is True:
+        found["temperature"] = given.get("temperature") if given.get("temperature") is not None else 1.0
+    return {name: found[name] for name in FROM_GENERATION_CONFIG if name in found}
 
 
 def request_seed(seed: int, index: int) -> int:
@@ -142,18 +164,34 @@ def apply_top_p(logits: Tensor, p: float) -> Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def apply_min_p(logits: Tensor, p: float) -> Tensor:
+    """Min-p filtering (Nguyen et al. 2024, "Turning Up the Heat: Min-p Sampling"): keep the
+    tokens whose probability is at least p times the most likely token's.
+
+        z'[b, v] = z[b, v] if π[b, v] >= p * max_w π[b, w] else -inf,   π = softmax(z[b, :])
+
+    which is z[b, v] >= max_w z[b, w] + log p, so no softmax is needed; the top token is always
+    kept. p <= 0 is a no-op. logits: (B, V) -> (B, V)
+    """
+    if p <= 0.0:
+        return logits
+    threshold = logits.max(dim=-1, keepdim=True).values + math.log(p)
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
 def sample_next(
     logits: Tensor,
     temperature: float,
     *,
     top_k: int = 0,
     top_p: float = 1.0,
+    min_p: float = 0.0,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> Tensor:
     """Pick the next token per row.
 
-    temperature == 0: argmax_v z[b, v] (greedy; top_k/top_p are irrelevant).
-    otherwise:        v ~ Categorical(softmax(top_p(top_k(z / T))))  using `generator`: one for
+    temperature == 0: argmax_v z[b, v] (greedy; top_k/top_p/min_p are irrelevant).
+    otherwise:        v ~ Categorical(softmax(min_p(top_p(top_k(z / T)))))  using `generator`: one for
                       the batch, or one per row (`sample_categorical`).
 
     logits: (B, V) -> token ids (B,) long
@@ -161,7 +199,7 @@ def sample_next(
     if temperature == 0:
         return torch.argmax(logits, dim=-1)
     scaled = logits.float() / temperature
-    scaled = apply_top_p(apply_top_k(scaled, top_k), top_p)
+    scaled = apply_min_p(apply_top_p(apply_top_k(scaled, top_k), top_p), min_p)
     probs = torch.softmax(scaled, dim=-1)
     return sample_categorical(probs, generator=generator)
 

@@ -33,12 +33,14 @@ from dataclasses import dataclass, field
 
 from posttrain.models.loading import position_limit
 from posttrain.rollout.generate import (
+    StopCheck,
     eos_token_ids,
     generate_token_ids,
     pad_token_id,
     prompt_token_ids,
+    special_led_stops,
+    special_stop_start,
     stop_strings,
-    stop_token_ids,
     truncate_at_stop,
 )
 from posttrain.rollout.sampling import SamplingSettings
@@ -75,7 +77,8 @@ class Job:
     choices: list[Choice] = field(default_factory=list)
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
-    stop_ids: frozenset = frozenset()  # stop strings that are one special token, as ids (set by `enqueue`)
+    stop_check: StopCheck | None = None  # what ends a row at a stop string, as generate's (set by `enqueue`)
+    led: dict = field(default_factory=dict)  # stop strings that start with a special token: {stop: its id}
 
     def group_key(self) -> tuple:
         r = self.request
@@ -148,11 +151,14 @@ class Engine:
 
     def enqueue(self, job: Job) -> Job:
         """Queue a job whose choices hold their prompt ids and max_tokens (checked by the caller);
-        APIError 503 when the server is full or closing. Starts the worker if it is idle. A stop
-        string that is one special token ends a row by its id (`generate.stop_token_ids`)."""
+        APIError 503 when the server is full or closing. Starts the worker if it is idle. Stop
+        strings end a row as they end `rollout.generate`'s (`generate.StopCheck`: one that is a
+        special token by its id, one that starts with one, '<|im_start|>user', in the text that
+        keeps special tokens, where the answer is cut: `special_led_stops`)."""
         if job.request.stop:
             with self._tokenizer_lock:
-                job.stop_ids = frozenset(stop_token_ids(self.tokenizer, job.request.stop))
+                job.stop_check = StopCheck(self.tokenizer, job.request.stop)
+                job.led = special_led_stops(self.tokenizer, job.request.stop)
         with self._lock:
             self._check_room()
             self._pending += 1
@@ -172,17 +178,32 @@ class Engine:
                            kind="server_error", code="server_busy")
 
     def _render(self, request: Request) -> str:
-        """The messages rendered as training renders a row (`data.templates.render`): a turn's
-        `name` goes to the template, and is refused (400) where the template does not render it."""
+        """The messages rendered as training renders a row (`data.templates.render`), with the
+        request's `tools`: a turn's `name`, tool calls and tool turns and the tools go to the
+        template, and are refused (400, naming them) where the template does not render them."""
         from posttrain.data.templates import render
         from posttrain.errors import DataError
 
         try:
-            return render(self.tokenizer, self.template, request.messages, True, source="messages")
+            return render(self.tokenizer, self.template, request.messages, True, source="request",
+                          tools=request.tools)
         except DataError as exc:
-            raise APIError(400, str(exc), param="messages") from None
+            raise APIError(400, str(exc), param="tools" if self._renders_without_tools(request) else "messages") \
+                from None
         except Exception as exc:  # noqa: BLE001 - a template may raise on an order of roles it does not support
             raise APIError(400, f"the chat template cannot render these messages: {exc}", param="messages") from None
+
+    def _renders_without_tools(self, request: Request) -> bool:
+        """Whether a request the template refused renders without its tools (the tools are what it refused)."""
+        from posttrain.data.templates import render
+
+        if request.tools is None:
+            return False
+        try:
+            render(self.tokenizer, self.template, request.messages, True, source="request")
+            return True
+        except Exception:  # noqa: BLE001 - DataError or a template's own error: the messages are refused too
+            return False
 
     def encode(self, text: str, special: bool) -> list[int]:
         # Chat text is rendered by the template, BOS and all; a raw completion prompt gets the
@@ -349,10 +370,16 @@ class Engine:
         if choice.job.cancelled.is_set():  # the client went away: free the row
             choice.ended = True
             return True
-        stop, stream = choice.job.request.stop, choice.job.request.stream
-        text = self.text(choice, ids) if stop or stream else ""
-        reason = "stop" if ids[-1] in self.eos_ids or ids[-1] in choice.job.stop_ids else None
-        if reason is None and stop and truncate_at_stop(text, stop) != text:
+        job = choice.job
+        stop, stream = job.request.stop, job.request.stream
+        # A completion's text is decoded after its prompt's last tokens (`text`), which may give it a
+        # leading space that its tokens decoded alone (the check's tail) lose: its stops are looked for there too.
+        text = self.text(choice, ids) if stream or (stop and choice.context_ids) else ""
+        reason = "stop" if ids[-1] in self.eos_ids else None
+        if reason is None and job.stop_check is not None:
+            with self._tokenizer_lock:
+                reason = "stop" if job.stop_check(ids) else None
+        if reason is None and stop and choice.context_ids and truncate_at_stop(text, stop) != text:
             reason = "stop"
         if reason is None and len(ids) >= choice.max_tokens:
             reason = "length"
@@ -360,14 +387,33 @@ class Engine:
             self._end(choice, ids, reason)
             return True
         if stream and ids[-1] not in self.byte_ids:
-            self._stream_delta(choice, text)
+            self._stream_delta(choice, text, ids)
         return False
 
-    def _stream_delta(self, choice: Choice, text: str) -> None:
-        """Send the part of `text` that can no longer change. Held back: all of it while the
-        tokens end in a byte-token run (see byte_ids), a trailing incomplete UTF-8 character
-        (decoded as U+FFFD), a space that decode's clean-up may still remove, and a tail that may
-        be the start of a stop string, so the streamed pieces add up to exactly the non-streamed text."""
+    def _led_stop_start(self, job: Job, ids: list[int]) -> int | None:
+        """Where a stop string that starts with a special token may be starting in `ids` (`job.led`):
+        the first place, within the stop's reach (`StopCheck.window`), holding its special token
+        from which the tokens, decoded with special tokens kept, are still a prefix of it; None if
+        there is none. Should the rest follow, the answer is cut there (`_end`)."""
+        window = job.stop_check.window if job.stop_check is not None else 0
+        for at in range(max(len(ids) - window, 0), len(ids)):
+            for s, lead in job.led.items():
+                if ids[at] == lead:
+                    with self._tokenizer_lock:
+                        tail = self.tokenizer.decode(ids[at:], skip_special_tokens=False)
+                    if s.startswith(tail):
+                        return at
+        return None
+
+    def _stream_delta(self, choice: Choice, text: str, ids: list[int]) -> None:
+        """Send the part of `text` (the text of `ids`) that can no longer change. Held back: all
+        of it while the tokens end in a byte-token run (see byte_ids), a trailing incomplete UTF-8
+        character (decoded as U+FFFD), a space that decode's clean-up may still remove, a tail that
+        may be the start of a stop string, and the text from a special token on whose tokens may be
+        the start of a stop string led by it (`_led_stop_start`), so the streamed pieces add up to
+        exactly the non-streamed text."""
+        if choice.job.led and (at := self._led_stop_start(choice.job, ids)) is not None:
+            text = self.text(choice, ids[:at])
         body = text.rstrip("\ufffd")
         hold = 0
         if self.cleans_spaces and (space := body.rfind(" ", max(len(body) - 4, 0))) != -1:
@@ -383,7 +429,13 @@ class Engine:
             choice.sent = new
 
     def _end(self, choice: Choice, ids: list[int], reason: str) -> None:
-        final = truncate_at_stop(self.text(choice, ids), choice.job.request.stop)
+        """The choice's final text, cut as `generate.completion_text` cuts it: at the special token of a
+        stop string led by one, then before the earliest stop string; what streaming has not sent."""
+        stop, cut = choice.job.request.stop, len(ids)
+        if choice.job.led:
+            with self._tokenizer_lock:
+                cut = special_stop_start(self.tokenizer, ids, stop)
+        final = truncate_at_stop(self.text(choice, ids[:cut]), stop)
         rest = final[len(choice.sent):] if final.startswith(choice.sent) else ""
         choice.ended = True
         choice.job.events.put(("end", choice.index, rest, reason, len(ids)))

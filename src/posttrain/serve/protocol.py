@@ -7,10 +7,16 @@ Pure Python, no torch: a request body (already JSON-decoded) becomes a `Request`
 
 Validation follows the OpenAI API reference: the same field names, ranges and defaults
 (temperature 1, top_p 1, n 1, max_tokens 16 for completions). Fields this server cannot
-honour (logprobs, tools, echo, ...; in a message: tool_calls, ...) are refused rather
-than silently ignored, and unknown fields are refused as OpenAI does, so a caller never gets
-something other than it asked for. Fields accepted and ignored (store, metadata,
+honour (logprobs, echo, response_format, a tool_choice that forces a call, ...) are refused
+rather than silently ignored, and unknown fields are refused as OpenAI does, so a caller never
+gets something other than it asked for. Fields accepted and ignored (store, metadata,
 service_tier) are still type-checked.
+
+Tools: a chat request's `tools` (function definitions) and its history's tool calls and tool
+turns go to the chat template, as training renders an agent row (`data.templates.render`,
+which refuses a template that would not show them); the reply is plain text: tool calls are
+not parsed out of it, so `tool_choice` may be "auto" or "none" only (the tools are shown
+either way), never a forced call.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ class Request:
     kind: str  # "chat" | "completion"
     model: str
     messages: list[dict] | None = None  # chat: [{"role", "content"}] with text content, and "name" if given
+    tools: list[dict] | None = None  # chat: function definitions for the chat template (None: none given)
     prompts: list[str] | None = None  # completion: one or more raw prompts
     max_tokens: int | None = None  # None: as many as the limit and the context allow
     temperature: float = 1.0
@@ -68,22 +75,24 @@ class Request:
 
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed", "presence_penalty",
            "frequency_penalty", "repetition_penalty", "stream", "stream_options", "user"}
-_CHAT_ONLY = {"messages", "max_completion_tokens", "metadata", "store", "service_tier"}
+_CHAT_ONLY = {"messages", "max_completion_tokens", "metadata", "store", "service_tier", "tools", "tool_choice"}
 _COMPLETION_ONLY = {"prompt"}
-# Known OpenAI fields we cannot honour: allowed only at their "off" value.
+# Known OpenAI fields we cannot honour: allowed only at their "off" value (tools and tool_choice:
+# on /v1/completions; chat reads them, `_tools`).
 # logprobs 0 is not off: on /v1/completions it asks for the sampled tokens' logprobs.
 _UNSUPPORTED_OFF = {"logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias": (None, {}),
                     "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
                     "function_call": (None, "none"), "echo": (None, False), "best_of": (None, 1),
                     "suffix": (None, ""), "parallel_tool_calls": (None, True, False),
                     "response_format": (None, {"type": "text"})}
-_ROLES = {"system", "user", "assistant", "developer"}
+_ROLES = {"system", "user", "assistant", "developer", "tool"}
 # Message fields other than role and content: allowed only at their "off" value (clients often send
 # back an earlier reply's message whole, with tool_calls: null, refusal: null, ...).
-# A message's `name` is passed to the chat template (the engine refuses it where the template does
-# not render it, as training data's is).
-_MESSAGE_OFF = {"tool_calls": (None, []), "tool_call_id": (None,), "function_call": (None,),
-                "refusal": (None,), "audio": (None,), "annotations": (None, [])}
+# A message's `name`, an assistant turn's `tool_calls` and a tool turn's `tool_call_id` are passed
+# to the chat template (the engine refuses them where the template does not render them, as
+# training data's are).
+_MESSAGE_OFF = {"function_call": (None,), "refusal": (None,), "audio": (None,), "annotations": (None, [])}
+_TOOL_KEYS = ("role", "content", "name", "tool_calls", "tool_call_id")  # what a tool-bearing turn is read from
 
 
 def parse_request(kind: str, body: object, limits: Limits) -> Request:
@@ -92,14 +101,17 @@ def parse_request(kind: str, body: object, limits: Limits) -> Request:
         raise APIError(400, "the request body must be a JSON object")
     known = _COMMON | (_CHAT_ONLY if kind == "chat" else _COMPLETION_ONLY)
     for name, value in body.items():
+        if name in known:
+            continue
         if name in _UNSUPPORTED_OFF:
             if not any(value == off and type(value) is type(off) for off in _UNSUPPORTED_OFF[name]):
                 raise APIError(400, f"{name} is not supported by this server; leave it out", param=name)
-        elif name not in known:
+        else:
             raise APIError(400, f"unrecognized request argument: {name}", param=name)
     request = Request(kind=kind, model=_string(body, "model", required=True))
     if kind == "chat":
         request.messages = _messages(body.get("messages"))
+        request.tools = _tools(body)
         # both are checked; max_completion_tokens (the newer name) wins when both are given
         newer = _integer(body, "max_completion_tokens", 1, limits.max_tokens)
         older = _integer(body, "max_tokens", 1, limits.max_tokens)
@@ -226,17 +238,70 @@ def _messages(value: object) -> list[dict]:
         if name is not None and not (isinstance(name, str) and name):
             raise APIError(400, f"{where}.name must be a non-empty string", param=f"{where}.name")
         for key, given in message.items():  # nothing is silently dropped: a field we cannot honour is a 400
-            if key in ("role", "content", "name"):
+            if key in _TOOL_KEYS:
                 continue
             if key not in _MESSAGE_OFF:
                 raise APIError(400, f"unrecognized field in {where}: {key}", param=f"{where}.{key}")
             if not any(given == off and type(given) is type(off) for off in _MESSAGE_OFF[key]):
                 raise APIError(400, f"{where}.{key} is not supported by this server; leave it out",
                                param=f"{where}.{key}")
+        calls = message.get("tool_calls")
+        if calls is not None and not isinstance(calls, list):
+            raise APIError(400, f"{where}.tool_calls must be a list of tool calls", param=f"{where}.tool_calls")
+        if role == "tool" or calls:
+            messages.append(_tool_turn(message, i))
+            continue
+        if message.get("tool_call_id") is not None:
+            raise APIError(400, f"{where}.tool_call_id belongs to a tool message (role: tool) only",
+                           param=f"{where}.tool_call_id")
         messages.append({"role": "system" if role == "developer" else role,
                          "content": _text_content(message.get("content"), f"{where}.content"),
                          **({} if name is None else {"name": name})})
     return messages
+
+
+def _tool_turn(message: dict, i: int) -> dict:
+    """messages[i], an assistant turn with tool calls or a tool's result, read as training reads an
+    agent row's turn (`data.formats.read_turn`: the calls' function names and JSON arguments are
+    checked; a call-only turn's null content is empty)."""
+    from posttrain.data.formats import BadRowError, read_turn
+
+    try:
+        turn, _ = read_turn({key: message[key] for key in _TOOL_KEYS if key in message}, i)
+    except BadRowError as exc:
+        raise APIError(400, f"messages[{i}]: {exc.reason}", param=f"messages[{i}]") from None
+    return turn
+
+
+def _tools(body: dict) -> list[dict] | None:
+    """A chat request's `tools` (None when absent or empty) and its `tool_choice`, checked.
+
+    Each tool is an OpenAI function definition, {"type": "function", "function": {"name": ...,
+    "description"?, "parameters"?}}, read as training reads a row's tools (`data.formats.read_tools`).
+    tool_choice "auto" (the default with tools) or "none" change nothing (the tools are shown either
+    way); a forced call ("required", or a named function) is refused, since the
+    reply is plain text that this server does not parse into tool calls."""
+    from posttrain.data.formats import BadRowError, read_tools
+
+    value, choice = body.get("tools"), body.get("tool_choice")
+    if value is not None and not isinstance(value, list):
+        raise APIError(400, f"tools must be a list of function definitions, got {type(value).__name__}",
+                       param="tools")
+    for i, tool in enumerate(value or []):
+        if not (isinstance(tool, dict) and tool.get("type") == "function" and isinstance(tool.get("function"), dict)):
+            raise APIError(400, f'tools[{i}] must be {{"type": "function", "function": {{"name": ..., '
+                           '"parameters": ...}} (only function tools are supported)', param=f"tools[{i}]")
+    try:
+        tools = read_tools({"tools": value})
+    except BadRowError as exc:
+        raise APIError(400, f"{exc.reason} (entries counted from 1)", param="tools") from None
+    if choice is not None and not (isinstance(choice, str) and choice in ("auto", "none")):
+        raise APIError(400, f"tool_choice {repr(choice)[:120]} is not supported: this server returns the reply as "
+                       "plain text and does not parse tool calls out of it, so it cannot force one; use \"auto\" or "
+                       "\"none\"", param="tool_choice")
+    if choice == "auto" and tools is None:
+        raise APIError(400, "tool_choice is only allowed when tools are given", param="tool_choice")
+    return tools
 
 
 def _text_content(content: object, where: str) -> str:

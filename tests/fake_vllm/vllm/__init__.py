@@ -29,8 +29,8 @@ class SamplingParams:
     """The fields VLLMEngine sets, checked as vLLM checks them (top_k: -1 = off, or >= 1; the
     older rule, which newer versions still accept)."""
 
-    def __init__(self, *, n=1, temperature=1.0, top_p=1.0, top_k=-1, repetition_penalty=1.0, frequency_penalty=0.0,
-                 presence_penalty=0.0, max_tokens=16, stop=None, stop_token_ids=None, seed=None,
+    def __init__(self, *, n=1, temperature=1.0, top_p=1.0, top_k=-1, min_p=0.0, repetition_penalty=1.0,
+                 frequency_penalty=0.0, presence_penalty=0.0, max_tokens=16, stop=None, stop_token_ids=None, seed=None,
                  skip_special_tokens=True, ignore_eos=False):
         if n < 1 or max_tokens is None or max_tokens < 1:
             raise ValueError(f"n and max_tokens must be >= 1, got {n}, {max_tokens}")
@@ -38,7 +38,9 @@ class SamplingParams:
             raise ValueError(f"bad temperature {temperature} or top_p {top_p}")
         if top_k != -1 and top_k < 1:
             raise ValueError(f"top_k must be -1 (disable), or at least 1, got {top_k}")
-        self.n, self.temperature, self.top_p, self.top_k = n, temperature, top_p, top_k
+        if not 0 <= min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {min_p}")
+        self.n, self.temperature, self.top_p, self.top_k, self.min_p = n, temperature, top_p, top_k, min_p
         self.repetition_penalty, self.frequency_penalty = repetition_penalty, frequency_penalty
         self.presence_penalty, self.max_tokens, self.seed = presence_penalty, max_tokens, seed
         self.stop = [stop] if isinstance(stop, str) else list(stop or [])
