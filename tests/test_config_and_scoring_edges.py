@@ -389,8 +389,8 @@ def _raw(response: str) -> tuple[float, float]:
 
 
 def test_score_weights_calibration_and_floor_match_a_hand_computation(scoring):
-    """total = Σ w·(r − mean)/std − 10·Σ max(0, floor − r), with mean/sample-std per component
-    over the file (std 0 → 1), the floor on the raw score; columns: every input field in order,
+    """total = Σ w·(r − mean)/std − 10·Σ max(0, floor − r)/std, with mean/sample-std per component
+    over the file (std 0 → 1), the floor read on the raw score; columns: every input field in order,
     then reward_<name> per component in the order given, then the total; rows in input order."""
     src = _write_rows(scoring / "rows.jsonl", ROWS)
     out = scoring / "out.jsonl"
@@ -407,7 +407,7 @@ def test_score_weights_calibration_and_floor_match_a_hand_computation(scoring):
         assert list(row_out) == list(row_in) + ["reward_len", "reward_vow", "reward"]
         assert {k: row_out[k] for k in row_in} == row_in
         assert (row_out["reward_len"], row_out["reward_vow"]) == (n, v)
-        expected = -0.5 * (n - lm) / ls + 2 * (v - vm) / vs - 10 * max(0.0, 2 - n)
+        expected = -0.5 * (n - lm) / ls + 2 * (v - vm) / vs - 10 * max(0.0, 2 - n) / ls
         assert row_out["reward"] == pytest.approx(expected, abs=1e-9)
     assert f"calibrated len: mean {lm:.4g}, std {ls:.4g}" in proc.stderr
 
@@ -522,5 +522,5 @@ def test_combined_reward_with_floor_and_calibration_in_process_matches_hand_valu
     mean, std = statistics.mean([1, 2, 4]), statistics.stdev([1, 2, 4])
     totals, raw = combined.score([[{"role": "user", "content": "q"}]] * 2, ["x", "yyyyyy"])
     assert raw == {"len": [1.0, 6.0]}
-    assert totals == pytest.approx([3 * (1 - mean) / std - 4 * 1, 3 * (6 - mean) / std])
+    assert totals == pytest.approx([3 * (1 - mean) / std - 4 * 1 / std, 3 * (6 - mean) / std])
     assert all(math.isfinite(t) for t in totals)

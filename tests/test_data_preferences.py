@@ -365,7 +365,7 @@ def test_fit_preference_length_truncate():
     assert [len(s) for s in kept[2].sequences] == [6, 3, 6] and kept[2].ranks == [0, 1, 2]
     assert report == {"records": 4, "max_length": 6, "policy": "truncate", "too_long_records": 3,
                       "truncated_sequences": 2, "dropped_too_long": 0, "dropped_no_labels": 1, "dropped_identical": 0,
-                      "identical_sources": [], "dropped_records": 1,
+                      "trimmed_identical": 0, "removed_identical": 0, "identical_sources": [], "dropped_records": 1,
                       "summary": "3 of 4 records have a sequence longer than 6 tokens: 2 sequences truncated; "
                                  "1 dropped with a response left without label tokens (prompt too long)"}
 

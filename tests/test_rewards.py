@@ -33,8 +33,8 @@ def test_calibrate_puts_components_on_one_scale_and_floors_penalise_below():
     assert stats["len"] == pytest.approx((2.0, 1.0))  # mean 2, sample std 1
     totals, _ = combined.score(PROMPTS, RESPONSES)
     b_mean, b_std = 1 / 3, float(torch.tensor([0.0, 1.0, 0.0]).std())
-    expected = [(1 - 2) + (0 - b_mean) / b_std - 10 * 0.5, (3 - 2) + (1 - b_mean) / b_std,
-                (2 - 2) + (0 - b_mean) / b_std - 10 * 0.5]
+    expected = [(1 - 2) + (0 - b_mean) / b_std - 10 * 0.5 / b_std, (3 - 2) + (1 - b_mean) / b_std,
+                (2 - 2) + (0 - b_mean) / b_std - 10 * 0.5 / b_std]  # the shortfall on the calibrated scale
     assert totals == pytest.approx(expected)
 
 

@@ -19,11 +19,14 @@ Several objectives (helpfulness, harmlessness, length, ...) combine into one sco
 stage can maximise, the weighted-sum scalarisation of the multi-objective problem
 min_θ [L₁(θ), ..., L_k(θ)]:
 
-    total = Σ_i w_i · (r_i − shift_i) / scale_i − Σ_i penalty · max(0, floor_i − r_i)
+    total = Σ_i w_i · (r_i − shift_i) / scale_i − penalty · Σ_i max(0, floor_i − r_i) / scale_i
 
 `calibrate` sets shift/scale to each component's mean/std (the sample std, n − 1) on sample
 data so weights compare objectives on one scale; a `floor` turns an objective into a soft
-constraint (maximise the rest subject to r_i ≥ floor_i). `pareto_front` finds the candidates no
+constraint (maximise the rest subject to r_i ≥ floor_i) by a penalty: the floor is read in the
+component's raw units and its shortfall divided by the component's scale, as the weighted terms
+are, so `penalty` (default 10, `posttrain score --floor-penalty`) is the cost of each std below
+the floor under calibration, of each raw unit without it. `pareto_front` finds the candidates no
 other candidate dominates (≥ on every objective, > on one), to see the trade-off before choosing
 weights.
 """
@@ -49,6 +52,20 @@ from posttrain.errors import ConfigError, DataError, UserError
 
 Reward = Callable[[Sequence[list[dict]], Sequence[str]], list[float]]
 _FLOAT32_MAX = torch.finfo(torch.float32).max  # 3.4028235e38: a run's rewards are float32
+DEFAULT_FLOOR_PENALTY = 10.0
+
+
+def check_max_length(value, option: str = "a reward model's max_length") -> None:
+    """A ConfigError naming `option` unless `value` (tokens a reward model reads) is a whole number ≥ 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{option} must be a whole number of tokens, at least 1, got {value!r}")
+
+
+def check_floor_penalty(value, option: str = "the floor penalty") -> None:
+    """A ConfigError naming `option` unless `value` is a finite number ≥ 0 (a negative one would
+    reward falling below a floor)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{option} must be a finite number, at least 0, got {value!r}")
 
 
 class RewardModelScorer:
@@ -59,11 +76,13 @@ class RewardModelScorer:
     A row longer than the model's positions (`loading.position_limit`; for a model whose config
     names no table, ALiBi's, its tokenizer's `model_max_length`, else 1024), or than `max_length`
     when one is given, is cut to fit: a decoder keeps its end (the scored token is the last), an
-    encoder its start (it pools at [CLS]). `rows_cut` of `rows_scored` counts them over the
+    encoder its start (it pools at [CLS]) and its closing special tokens ([SEP], as its tokenizer's
+    own truncation keeps them), losing content only. `rows_cut` of `rows_scored` counts them over the
     scorer's life (`cut_note`)."""
 
     def __init__(self, path: str, template: str = "auto", batch_size: int = 32, dtype: str = "float32",
                  trust_remote_code: bool = False, max_length: int | None = None, device=None, log=None):
+        from posttrain.data.preferences import special_tokens_around
         from posttrain.data.templates import resolve_template
         from posttrain.inference import resolve_model_dir
         from posttrain.models.attention import padding_free
@@ -71,10 +90,8 @@ class RewardModelScorer:
         from posttrain.models.reward_model import (_classifier, check_trained_head, is_decoder_scorer,
                                                    load_reward_model)
 
-        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
-                                       or max_length < 1):
-            raise ConfigError(f"a reward model's max_length must be a whole number of tokens, at least 1, "
-                              f"got {max_length!r}")
+        if max_length is not None:
+            check_max_length(max_length)
         path = resolve_model_dir(str(path))  # a run directory means its final/, as generate and merge take it
         self.tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
         self.model = load_reward_model(path, dtype, trust_remote_code, pad_token_id=self.tokenizer.pad_token_id).eval()
@@ -83,6 +100,7 @@ class RewardModelScorer:
             self.model.to(device)
         self.template = resolve_template(self.tokenizer, template)
         self.decoder = is_decoder_scorer(self.model)
+        self.closing = 0 if self.decoder else len(special_tokens_around(self.tokenizer)[1])  # [SEP]: kept on a cut
         limit = _tokens_read(self.model, self.tokenizer)  # no model reads past its position table
         self.batch_size, self.max_length = batch_size, limit if max_length is None else min(max_length, limit)
         self.rows_cut = self.rows_scored = 0
@@ -101,17 +119,25 @@ class RewardModelScorer:
         self.rows_scored += len(examples)
         self.rows_cut += sum(len(e) > self.max_length for e in examples)
         for e in examples:
-            if self.decoder:  # keep the end: the scored position is the last token
-                cut = max(0, len(e) - self.max_length)
-                e.input_ids, e.labels = e.input_ids[cut:], e.labels[cut:]  # assigned: Example reads as copies
-            else:  # keep the start: an encoder pools at its first token ([CLS])
-                e.input_ids, e.labels = e.input_ids[: self.max_length], e.labels[: self.max_length]
+            if len(e) > self.max_length:  # assigned: Example reads as copies
+                e.input_ids, e.labels = self._cut(e.input_ids), self._cut(e.labels)
         device = next(self.model.parameters()).device
         out: list[float] = []
         for start in range(0, len(examples), self.batch_size):
             batch = collate(examples[start : start + self.batch_size], self.tokenizer.pad_token_id)
             out += score(self.model, batch["input_ids"].to(device), batch["attention_mask"].to(device)).tolist()
         return out
+
+    def _cut(self, values: list[int]) -> list[int]:
+        """A row's ids (or labels) cut to `max_length`: a decoder's last ones (the scored position
+        is the last token); an encoder's first ones ([CLS], where it pools) and its `closing`
+        special tokens ([SEP]), while the cut leaves it some content — training's cut
+        (`preferences.cut`)."""
+        from posttrain.data.preferences import cut
+
+        if self.decoder:
+            return values[len(values) - self.max_length :]
+        return cut(values, self.max_length, self.closing)
 
     def cut_note(self) -> str | None:
         """'cut N of M rows longer than L tokens (kept their end)', or None when none was cut."""
@@ -399,9 +425,12 @@ class RewardComponent:
 
 
 class CombinedReward:
-    """One score from several rewards; returns the total and every component's raw score."""
+    """One score from several rewards; returns the total and every component's raw score.
+    `penalty`: what a floor's shortfall costs, per unit of its component's scale (the module's
+    formula)."""
 
-    def __init__(self, components: list[RewardComponent], penalty: float = 10.0):
+    def __init__(self, components: list[RewardComponent], penalty: float = DEFAULT_FLOOR_PENALTY):
+        check_floor_penalty(penalty)
         names = [c.name for c in components]
         if not components:
             raise ConfigError("no reward components: give at least one reward")
@@ -438,7 +467,8 @@ class CombinedReward:
         return self.totals(raw), raw
 
     def totals(self, raw: dict[str, list[float]]) -> list[float]:
-        """The weighted, floored total of each row's raw component values."""
+        """The weighted, floored total of each row's raw component values:
+        Σ_i w_i · (r_i − shift_i) / scale_i − penalty · Σ_i max(0, floor_i − r_i) / scale_i."""
         count = len(raw[self.components[0].name])
         totals = []
         for i in range(count):
@@ -447,7 +477,7 @@ class CombinedReward:
                 r = raw[c.name][i]
                 total += c.weight * (r - c.shift) / c.scale
                 if c.floor is not None:
-                    total -= self.penalty * max(0.0, c.floor - r)
+                    total -= self.penalty * max(0.0, c.floor - r) / c.scale
             totals.append(total)
         return totals
 
@@ -492,22 +522,26 @@ def model_component(i: int, item: str, count: int) -> tuple[str, str]:
 
 def build_combined(models: list[str], functions: list[str], weights: list[str], floors: list[str],
                    template: str = "auto", batch_size: int = 32, device=None, log=None,
-                   functions_option: str = "--function", extra: Sequence[RewardComponent] = ()) -> CombinedReward:
+                   functions_option: str = "--function", extra: Sequence[RewardComponent] = (),
+                   max_length: int | None = None, floor_penalty: float = DEFAULT_FLOOR_PENALTY) -> CombinedReward:
     """The reward of `posttrain score`: models 'DIR' or 'NAME=DIR', functions 'NAME=module:fn'.
     template: how reward models render a conversation ("auto": each one's own saved template);
+    max_length: the most tokens a reward model reads (None: its position table);
+    floor_penalty: `CombinedReward`'s penalty;
     log: hears a reward model's notes (one that cannot score padding-free says why);
     functions_option: what errors call `functions` (a config's reward.functions, score's --function);
     extra: components after those (RL's format check)."""
     components = []
     for i, item in enumerate(models):
         name, path = model_component(i, item, len(models))
-        components.append(RewardComponent(name, RewardModelScorer(path, template, batch_size, device=device, log=log)))
+        components.append(RewardComponent(name, RewardModelScorer(path, template, batch_size, max_length=max_length,
+                                                                  device=device, log=log)))
     for name, spec in _pairs_option(functions, functions_option, repeat=False).items():
         components.append(RewardComponent(name, function_reward(spec)))
     components += extra
     set_by_name(components, weights, "--weight", "weight")
     set_by_name(components, floors, "--floor", "floor")
-    return CombinedReward(components)
+    return CombinedReward(components, floor_penalty)
 
 
 def set_by_name(components: list[RewardComponent], items: list[str], option: str, field: str) -> None:
@@ -560,6 +594,12 @@ def score_main(args) -> int:
         raise ConfigError("give at least one --model reward model or --function reward")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.max_length is not None:
+        check_max_length(args.max_length, "--max-length")
+        if not args.model:
+            raise ConfigError("--max-length is the most tokens a reward model reads; give a --model, or drop it")
+    penalty = DEFAULT_FLOOR_PENALTY if args.floor_penalty is None else args.floor_penalty
+    check_floor_penalty(penalty, "--floor-penalty")
     check_output_path(args.output)  # before any model loads or row is scored
     rows, prompts, responses, locations = _read_scoring_rows(args.input)  # a bad row too
     if not rows:
@@ -567,7 +607,8 @@ def score_main(args) -> int:
     quiet = contextlib.redirect_stdout(sys.stderr)  # stdout may be the output: a reward's print() goes to stderr
     with quiet:
         combined = build_combined(args.model, args.function, args.weight, args.floor, args.template,
-                                  args.batch_size, log=lambda line: print(line, file=sys.stderr))
+                                  args.batch_size, log=lambda line: print(line, file=sys.stderr),
+                                  max_length=args.max_length, floor_penalty=penalty)
     written = [args.column] + ([f"{args.column}_{c.name}" for c in combined.components]
                                if len(combined.components) > 1 else [])
     for row, location in zip(rows, locations):

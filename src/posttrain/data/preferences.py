@@ -36,7 +36,9 @@ dropped silently. Rankings are stored as dense ranks (0, 1, 2, ...; ties equal).
 Encoding renders prompt + response with the chat template and labels only that final
 assistant turn (content and end-of-turn marker), so every response to a prompt gets
 the same prompt tokens and the same template treatment; assistant turns inside the
-prompt are context and never trained on. Where the tokenizer would merge the prompt's last
+prompt are context and never trained on; a response that already ends with the template's
+end-of-turn marker is rendered with it once, as SFT renders such an answer (counted in the log and
+data_report.json, `end_of_turn_stripped`). Where the tokenizer would merge the prompt's last
 characters with the response's first into one token, the prompt is tokenised on its own,
 as generation tokenises it (`templates.tokenize_with_labels`).
 """
@@ -55,7 +57,7 @@ from typing import Any
 from posttrain.data import formats
 from posttrain.data.formats import BadRowError, DataReport, _list, _string, _type_name, read_tools
 from posttrain.data.pipeline import SYNTHETIC, check_held_out, rejects_file, split_eval, write_report
-from posttrain.data.records import IGNORE_INDEX, Example
+from posttrain.data.records import IGNORE_INDEX, Example, Record
 from posttrain.errors import ConfigError, DataError
 
 PREFERENCE_FORMATS = ("pairs", "ranking", "unpaired")
@@ -125,13 +127,16 @@ def _same_key(response: str | dict[str, Any]) -> Any:
 
 @dataclass
 class PreferenceExample:
-    """A tokenised record: one sequence (prompt + response) per response, same order."""
+    """A tokenised record: one sequence (prompt + response) per response, same order.
+    closing: the special tokens closing each sequence (an encoder's [SEP]), kept when the length
+    cut shortens it (`cut`); 0 for a decoder's."""
 
     sequences: list[Example]
     ranks: list[int] | None
     desirable: bool | None
     margin: float | None
     source: str
+    closing: int = 0
 
 
 # --------------------------------------------------------------------------- detection
@@ -414,25 +419,32 @@ def _distinct(responses: list[str | dict[str, Any]], ranks: list[int]) -> tuple[
     copies removed). Copies of one answer under the same rank are one answer, kept once (the
     first); copies under different ranks contradict each other, so that answer is removed, every
     copy, and the rest of the ranking stands. A bad row when no two answers ranked apart are left."""
-    copies: dict[Any, list[int]] = {}
-    for i, response in enumerate(responses):
-        copies.setdefault(_same_key(response), []).append(i)
-    keep, merged, contradicted, clash = [], 0, 0, None
-    for group in copies.values():
-        if len({ranks[i] for i in group}) > 1:
-            contradicted += len(group)
-            clash = clash or next((group[0], i) for i in group if ranks[i] != ranks[group[0]])
-        else:
-            keep.append(group[0])
-            merged += len(group) - 1
-    keep.sort()
-    left = sorted({ranks[i] for i in keep})
-    if len(left) < 2:
-        first, second = clash  # all tied is caught before: only a contradiction leaves fewer than two ranks
+    agreeing, contradicting = _copies([_same_key(r) for r in responses], ranks)
+    keep = sorted(group[0] for group in agreeing)
+    ranks_left = _dense(ranks, keep)
+    if ranks_left is None:
+        first = contradicting[0][0]  # all tied is caught before: only a contradiction leaves < 2 ranks
+        second = next(i for i in contradicting[0] if ranks[i] != ranks[first])
         same = "text" if isinstance(responses[first], str) else "message"
         raise BadRowError(f"responses {first + 1} and {second + 1} are the same {same} but ranked differently; "
                           "without the answers given under two ranks nothing ranked apart is left")
-    return keep, [left.index(ranks[i]) for i in keep], merged, contradicted
+    return keep, ranks_left, sum(len(g) - 1 for g in agreeing), sum(len(g) for g in contradicting)
+
+
+def _copies(keys: list[Any], ranks: list[int]) -> tuple[list[list[int]], list[list[int]]]:
+    """The indices of equal `keys`, grouped: (the groups under one rank, those under two or more —
+    one answer given under two ranks, which contradicts itself); indices in order in each group."""
+    copies: dict[Any, list[int]] = {}
+    for i, key in enumerate(keys):
+        copies.setdefault(key, []).append(i)
+    agreeing = [g for g in copies.values() if len({ranks[i] for i in g}) == 1]
+    return agreeing, [g for g in copies.values() if len({ranks[i] for i in g}) > 1]
+
+
+def _dense(ranks: list[int], keep: list[int]) -> list[int] | None:
+    """The dense ranks (0, 1, ...) of the responses kept; None when fewer than two ranks are left."""
+    left = sorted({ranks[i] for i in keep})
+    return [left.index(ranks[i]) for i in keep] if len(left) >= 2 else None
 
 
 def _unpaired(row: dict, location: str) -> PreferenceRecord:
@@ -481,23 +493,33 @@ def encode_response(prompt: list[dict[str, Any]], response: str | dict[str, Any]
     """prompt + response as token ids, labelled on the response's turn only (all the template
     renders of it: content, tool calls, reasoning, end-of-turn marker); earlier assistant turns
     are context. A token straddling the prompt's end is split there, as generation tokenises the
-    prompt alone (`tokenize_with_labels`). `tools`: the row's function definitions.
+    prompt alone (`tokenize_with_labels`). `tools`: the row's function definitions. A response
+    that already ends with the template's end-of-turn marker has it stripped, as an SFT answer has
+    (`templates.strip_end_of_turn`): the template writes it once.
 
     special_tokens: wrap the sequence in the tokenizer's own special tokens ([CLS] ... [SEP]),
     as an encoder reward model reads it; a decoder's template writes its own BOS."""
-    from posttrain.data.templates import assistant_spans, check_not_rendered, tokenize_with_labels
+    from posttrain.data.templates import assistant_spans, check_not_rendered, strip_end_of_turn, tokenize_with_labels
 
     if not getattr(tokenizer, "is_fast", False):
         raise DataError(f"{type(tokenizer).__name__} is a slow (Python) tokenizer; exact label masks need "
                         "character offsets, which only fast tokenizers give (load it with use_fast=True)")
     check_not_rendered(prompt, tokenizer, template, source)
-    messages = [*prompt, assistant_message(response)]
-    text, spans = assistant_spans(messages, tokenizer, template, source, tools=tools)
-    ids, labels = tokenize_with_labels(tokenizer, text, spans[-1:])
+    record = strip_end_of_turn(response_record(prompt, response, source, tools), tokenizer, template)
+    # the response's turn only: the prompt's assistant turns are context, never rendered for spans
+    text, spans = assistant_spans(record.messages, tokenizer, template, source, record.prompt_turns, tools=tools)
+    ids, labels = tokenize_with_labels(tokenizer, text, spans)
     if special_tokens:
         lead, trail = special_tokens_around(tokenizer)
         ids, labels = lead + ids + trail, [IGNORE_INDEX] * len(lead) + labels + [IGNORE_INDEX] * len(trail)
     return Example(ids, labels, source)
+
+
+def response_record(prompt: list[dict[str, Any]], response: str | dict[str, Any], source: str = "<memory>",
+                    tools: list[dict[str, Any]] | None = None) -> Record:
+    """prompt + response as the chat record SFT would train: the response its one trained turn."""
+    return Record(messages=[*prompt, assistant_message(response)], source=source, prompt_turns=len(prompt),
+                  tools=tools)
 
 
 def special_tokens_around(tokenizer: Any) -> tuple[list[int], list[int]]:
@@ -513,26 +535,45 @@ def encode_preference(record: PreferenceRecord, tokenizer: Any, template: str,
                       special_tokens: bool = False) -> PreferenceExample:
     sequences = [encode_response(record.prompt, r, tokenizer, template, record.source, special_tokens,
                                  tools=record.tools) for r in record.responses]
-    return PreferenceExample(sequences, record.ranks, record.desirable, record.margin, record.source)
+    closing = len(special_tokens_around(tokenizer)[1]) if special_tokens else 0  # [SEP]: kept on a cut
+    return PreferenceExample(sequences, record.ranks, record.desirable, record.margin, record.source, closing)
+
+
+def cut(values: list[int], max_length: int, closing: int = 0) -> list[int]:
+    """A sequence's ids (or labels) cut to `max_length` from its end, keeping its last `closing`
+    (an encoder's [SEP], as its tokenizer's own truncation keeps it), so only content is lost:
+    values[:max_length - closing] + values[len - closing:]. The closing tokens are kept while the
+    cut leaves room for one more token (closing < max_length - 1), else the plain first max_length.
+    A sequence that fits is returned whole. The one cut of training (`fit_preference_length`) and
+    of an encoder reward model's scoring (`rewards.RewardModelScorer`)."""
+    if len(values) <= max_length:
+        return list(values)
+    keep = closing if 0 < closing < max_length - 1 else 0
+    return values[: max_length - keep] + values[len(values) - keep :]
 
 
 def fit_preference_length(examples: list[PreferenceExample], max_length: int,
                           policy: str = "truncate") -> tuple[list[PreferenceExample], dict]:
     """Apply the length policy to whole records. "truncate" cuts each over-long sequence's
-    end (the prompt is kept); "drop" drops a record with any over-long sequence. Either way
+    end (the prompt is kept; an encoder's closing [SEP], `PreferenceExample.closing`, stays:
+    `cut`); "drop" drops a record with any over-long sequence. Either way
     a record with a sequence left without label tokens (prompt too long) is dropped, since
-    its responses can no longer be compared, and so is a record in which two responses ranked
-    differently are the same tokens — the text differed, but only in what the cut removed or
-    in what the chat template normalises (many templates trim each message): a preference
-    between identical inputs teaches nothing (a pair) or the impossible (a ranking). Every drop
-    is counted in the report; the identical ones are named by file:line."""
+    its responses can no longer be compared.
+
+    Responses ranked differently may come out as the same tokens — the text differed, but only in
+    what the cut removed or in what the chat template normalises (many templates trim each
+    message): a preference between identical inputs teaches nothing (a pair) or the impossible (a
+    ranking). They are one answer under two ranks, and go as reading removes one (`_distinct`):
+    every copy is removed and the rest of the ranking trains; a record left without two ranks
+    (a pair, always) is dropped. Every drop and removal is counted in the report; the records
+    with identical responses are named by file:line."""
     if policy not in ("truncate", "drop"):
         raise ConfigError(f"unknown length policy {policy!r}; choose truncate or drop")
     if max_length < 1:
         raise ConfigError(f"max_length must be at least 1, got {max_length}")
     report = {"records": len(examples), "max_length": max_length, "policy": policy, "too_long_records": 0,
               "truncated_sequences": 0, "dropped_too_long": 0, "dropped_no_labels": 0, "dropped_identical": 0,
-              "identical_sources": []}
+              "trimmed_identical": 0, "removed_identical": 0, "identical_sources": []}
     kept = []
     for example in examples:
         over = [len(s) > max_length for s in example.sequences]
@@ -540,29 +581,30 @@ def fit_preference_length(examples: list[PreferenceExample], max_length: int,
         if any(over) and policy == "drop":
             report["dropped_too_long"] += 1
             continue
-        sequences = [Example(s.input_ids[:max_length], s.labels[:max_length], s.source) if o else s
-                     for s, o in zip(example.sequences, over)]
+        closing = example.closing
+        sequences = [Example(cut(s.input_ids, max_length, closing), cut(s.labels, max_length, closing), s.source)
+                     if o else s for s, o in zip(example.sequences, over)]
         if any(s.num_label_tokens == 0 for s in sequences):
             report["dropped_no_labels"] += 1
             continue
-        if example.ranks is not None and _identical_but_ranked_apart(sequences, example.ranks):
-            report["dropped_identical"] += 1
-            report["identical_sources"].append(example.source)
-            continue
-        report["truncated_sequences"] += sum(over)  # of the records kept
-        kept.append(PreferenceExample(sequences, example.ranks, example.desirable, example.margin, example.source))
+        ranks = example.ranks
+        if ranks is not None:
+            agreeing, contradicting = _copies([(tuple(s.input_ids), tuple(s.labels)) for s in sequences], ranks)
+            if contradicting:
+                report["identical_sources"].append(example.source)
+                keep = sorted(i for group in agreeing for i in group)
+                ranks = _dense(ranks, keep)
+                if ranks is None:
+                    report["dropped_identical"] += 1
+                    continue
+                report["trimmed_identical"] += 1
+                report["removed_identical"] += len(sequences) - len(keep)
+                sequences, over = [sequences[i] for i in keep], [over[i] for i in keep]
+        report["truncated_sequences"] += sum(over)  # of the sequences kept
+        kept.append(PreferenceExample(sequences, ranks, example.desirable, example.margin, example.source, closing))
     report["dropped_records"] = report["dropped_too_long"] + report["dropped_no_labels"] + report["dropped_identical"]
     report["summary"] = _length_summary(report)
     return kept, report
-
-
-def _identical_but_ranked_apart(sequences: list[Example], ranks: list[int]) -> bool:
-    seen: dict[tuple, int] = {}
-    for seq, rank in zip(sequences, ranks):
-        key = (tuple(seq.input_ids), tuple(seq.labels))
-        if seen.setdefault(key, rank) != rank:
-            return True
-    return False
 
 
 def _length_summary(r: dict) -> str:
@@ -574,9 +616,14 @@ def _length_summary(r: dict) -> str:
     if r["dropped_no_labels"]:
         line += f"; {r['dropped_no_labels']} dropped with a response left without label tokens (prompt too long)"
     if r["dropped_identical"]:
-        shown = ", ".join(r["identical_sources"][:5]) + (", …" if r["dropped_identical"] > 5 else "")
         line += (f"; {r['dropped_identical']} dropped whose differently ranked responses are the same tokens after "
-                 f"the chat template and the cut ({shown})")
+                 "the chat template and the cut")
+    if r["trimmed_identical"]:
+        line += (f"; {r['removed_identical']} responses removed from {r['trimmed_identical']} rankings, the same "
+                 "tokens under two ranks after the chat template and the cut (the rest of each ranking kept)")
+    if r["identical_sources"]:
+        shown = r["identical_sources"]
+        line += f" ({', '.join(shown[:5])}{', …' if len(shown) > 5 else ''})"
     return line
 
 
@@ -616,13 +663,25 @@ def _synthetic(cfg, seed: int) -> tuple[list[PreferenceRecord], list[PreferenceR
 def _encode_split(records, tokenizer, template: str, cfg, log, name: str,
                   special_tokens: bool = False) -> tuple[list[PreferenceExample], dict]:
     from posttrain.data.pipeline import check_unrendered, encoded_or_skipped
+    from posttrain.data.templates import DoubledMarkers
 
     unrendered: list[str] = []  # rows the chat template cannot render: bad rows under bad_rows=skip
-    examples = [e for e in (encoded_or_skipped(lambda r: encode_preference(r, tokenizer, template, special_tokens),
-                                               record, cfg, unrendered) for record in records) if e is not None]
+    doubled = DoubledMarkers()  # rows with a response ending in the end-of-turn marker (stripped)
+
+    def encode(record: PreferenceRecord) -> PreferenceExample:
+        example = encode_preference(record, tokenizer, template, special_tokens)
+        doubled.count([response_record(record.prompt, r, record.source, record.tools) for r in record.responses],
+                      tokenizer, template)
+        return example
+
+    examples = [e for e in (encoded_or_skipped(encode, record, cfg, unrendered) for record in records)
+                if e is not None]
     check_unrendered(unrendered, len(records), cfg, log, name)
+    if doubled.rows:
+        log(doubled.summary(name))
     examples, length = fit_preference_length(examples, cfg.max_length, cfg.overlength)
     length["unrendered"] = len(unrendered)
+    length |= doubled.entry()
     length["repeated_responses"] = repeated = _repeated(records)
     kinds = sorted({"unpaired" if r.ranks is None else f"{len(r.responses)} responses" for r in records})
     log(f"{name}: {len(examples)} preference records ({', '.join(kinds)}); {length['summary']}")
