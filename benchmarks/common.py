@@ -272,6 +272,22 @@ def ratio_rows(case: str, rows: list[dict], metrics: dict[str, str]) -> list[dic
     return out
 
 
+def checks_hold(parity: dict, checks) -> bool:
+    """A case's parity holds: none of its `checks` (keys of the parity record) failed. A check the
+    run could not make (None or absent: a GPU run has no float64 reference, an older results file
+    lacks a newer check) is not a failure."""
+    return all(parity.get(key) is not False for key in checks)
+
+
+def exit_on_parity_failure(failed_cases: list[str]) -> None:
+    """After the page is written (it keeps the evidence): a failed parity check fails the run, with
+    a non-zero exit, since the page's ratios then compare tools that did not do the same work. Every
+    driver's verdict for such a case claims no target met ("parity failed")."""
+    if failed_cases:
+        raise SystemExit(f"parity check failed for {', '.join(failed_cases)}: the tools did not train the same thing, "
+                         "so the page's ratios compare nothing (see its Warnings)")
+
+
 def busy_load(rows: list[dict]) -> float | None:
     """The highest 1-min load average over every repeat of every row, when it is above what the
     runs' own 2 threads explain on this machine; None otherwise."""

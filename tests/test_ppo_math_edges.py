@@ -264,9 +264,10 @@ def test_a_run_uses_each_completion_epochs_times_with_fixed_old_logps_and_logs_f
         tmp_path, monkeypatch):
     """batch_size 2 × grad_accum 2 × minibatches 2 = 8 completions per rollout, 2 PPO epochs:
     4 updates of 2 micro-batches each. Recorded from inside the run's forwards:
-    - each PPO epoch's 4 micro-batch forwards are the rollout's 4 micro-batches, each once;
+    - each PPO epoch's 4 micro-batch forwards hold the rollout's 8 completions, each once: the
+      first epoch's are the rollout's micro-batches, the second's regrouped;
     - a rollout is built (rollout-time log-probs and values computed) once, and the stored
-      old_logps / advantages are the same numbers at every use;
+      old_logps / advantages are the same numbers at every use, each row's with it;
     - at each rollout's first update the log-probs equal old_logps bitwise (ratio 1);
     - each step's logged clip_fraction / approx_kl are the token fractions / means of their
       definitions over that step's tokens (float64 from the recorded log-probs);
@@ -296,7 +297,8 @@ def test_a_run_uses_each_completion_epochs_times_with_fixed_old_logps_and_logs_f
             result = original_forward(self, advantages, returns, old_logps, old_values, **batch)
         finally:
             del self.evaluate
-        forwards.append({"input_ids": batch["input_ids"].clone(), "old_logps": old_logps.clone(),
+        forwards.append({"input_ids": batch["input_ids"].clone(), "attention_mask": batch["attention_mask"].clone(),
+                         "response_mask": batch["response_mask"].clone(), "old_logps": old_logps.clone(),
                          "advantages": advantages.clone(), "mask": batch["response_mask"].clone(),
                          "logps": seen["logps"]})
         return result
@@ -316,19 +318,29 @@ def test_a_run_uses_each_completion_epochs_times_with_fixed_old_logps_and_logs_f
     assert [r["ppo_update"] for r in records] == [1, 2, 3, 4] * 2
     assert len(built) == 2 and len(forwards) == 16  # one build per rollout; 8 steps × 2 micro-batches
 
-    def key(f, i):
-        return tuple(f["input_ids"][i].tolist())
+    def key(f, i):  # a completion's row, without its padding
+        return tuple(f["input_ids"][i][f["attention_mask"][i].bool()].tolist())
+
+    def row(b, i):  # a completion: its real tokens, and its per-token rollout-time numbers
+        width = int(b["response_mask"][i].sum())
+        return key(b, i), b["old_logps"][i, :width].tolist(), b["advantages"][i, :width].tolist()
 
     for k, rollout in enumerate(built):
-        rollout_rows = sorted(tuple(b["input_ids"][i].tolist()) for b in rollout for i in range(b["input_ids"].shape[0]))
+        rollout_rows = sorted(key(b, i) for b in rollout for i in range(b["input_ids"].shape[0]))
         assert len(rollout_rows) == 8
         mine = forwards[8 * k : 8 * (k + 1)]
         for epoch in range(2):
             rows = sorted(key(f, i) for f in mine[4 * epoch : 4 * epoch + 4] for i in range(f["input_ids"].shape[0]))
             assert rows == rollout_rows  # every completion once per PPO epoch
-        for f in mine:  # the stored rollout-time numbers, unchanged at every use
-            (match,) = [b for b in rollout if torch.equal(b["input_ids"], f["input_ids"])]
-            assert torch.equal(match["old_logps"], f["old_logps"]) and torch.equal(match["advantages"], f["advantages"])
+        for f in mine[:4]:  # the first PPO epoch trains the rollout's own micro-batches
+            assert any(torch.equal(b["input_ids"], f["input_ids"]) for b in rollout)
+        assert any(not any(torch.equal(b["input_ids"], f["input_ids"]) for b in rollout) for f in mine[4:])  # regrouped
+
+
+        stored = sorted(row(b, i) for b in rollout for i in range(b["input_ids"].shape[0]))
+        for epoch in range(2):  # the stored rollout-time numbers, unchanged at every use, with their row
+            used = sorted(row(f, i) for f in mine[4 * epoch : 4 * epoch + 4] for i in range(f["input_ids"].shape[0]))
+            assert used == stored
         for f in mine[:2]:  # the first update: π = π_old exactly
             assert torch.equal(f["logps"] * f["mask"], f["old_logps"] * f["mask"])
 

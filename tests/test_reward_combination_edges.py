@@ -61,9 +61,9 @@ def turns_batch(prompts, responses, rows=None):
 
 
 def test_combined_total_equals_the_formula_in_float64():
-    """total = Σ w_i (r_i − shift_i)/scale_i − penalty Σ max(0, floor_i − r_i), with shift/scale
+    """total = Σ w_i (r_i − shift_i)/scale_i − penalty Σ max(0, floor_i − r_i)/scale_i, with shift/scale
     the mean / sample std of each component on a *calibration* sample (not the scored rows),
-    floors on the raw reward, a negative and a zero weight, a row-taking function spec and a
+    floors read on the raw reward, a negative and a zero weight, a row-taking function spec and a
     row-taking batch reward. Raw components come back unchanged."""
     from posttrain.rewards import CombinedReward, RewardComponent, function_reward
 
@@ -105,7 +105,7 @@ def test_combined_total_equals_the_formula_in_float64():
     expected = []
     for i in range(len(responses)):
         t = sum(weights[k] * (expected_raw[k][i] - shift[k]) / scale[k] for k in weights)
-        t -= 3.25 * sum(max(0.0, f - expected_raw[k][i]) for k, f in floors.items())
+        t -= 3.25 * sum(max(0.0, f - expected_raw[k][i]) / scale[k] for k, f in floors.items())
         expected.append(t)
     assert raw == expected_raw
     assert totals == pytest.approx(expected, rel=1e-12, abs=1e-12)
@@ -148,8 +148,8 @@ def tokenizer():
 def test_rollout_rewards_are_the_combined_total_then_penalty_normalise_clip(tokenizer):
     """RL's rewards from the build_reward mix (a verifier, a format regex, weights): total, minus
     reward.no_eos_penalty on completions that never end, z-normalised over the rollout (sample
-    std, +1e-6), then clipped — in that order (README) — and rollout/reward_mean, reward_std and
-    flat_groups are those of the final rewards."""
+    std, +1e-6), then clipped — in that order (README) — and rollout/reward_mean and reward_std
+    are those of the penalised rewards (before normalising and clipping), flat_groups of the final."""
     from posttrain.config import GRPOConfig
     from posttrain.data.prompts import PromptRecord
     from posttrain.train.rollouts import build_reward, sample_and_score
@@ -178,8 +178,8 @@ def test_rollout_rewards_are_the_combined_total_then_penalty_normalise_clip(toke
     assert rollout.rewards.tolist() == pytest.approx(expected, abs=1e-6)
     assert any(abs(x) == 1.2 for x in expected)  # the clip acted
     stats = rollout.stats
-    assert stats.reward_mean == pytest.approx(statistics.fmean(expected), abs=1e-6)
-    assert stats.reward_std == pytest.approx(statistics.stdev(expected), abs=1e-6)
+    assert stats.reward_mean == pytest.approx(mean, abs=1e-6)
+    assert stats.reward_std == pytest.approx(std, abs=1e-6)
     assert stats.flat_groups == 0.0
 
 

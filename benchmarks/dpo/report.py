@@ -23,8 +23,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from common import (  # noqa: E402  (a sibling script, not a package)
-    CHILD_ENV, driver_arguments, fmt, fmt_e, mean_loadavg, ratio_rows, repeat_spread, report_header, run_child,
-    save_report, timing_warnings, versions, warning_lines)
+    CHILD_ENV, checks_hold, driver_arguments, fmt, fmt_e, mean_loadavg, ratio_rows, repeat_spread, report_header,
+    run_child, save_report, timing_warnings, versions, warning_lines)
+from common import exit_on_parity_failure as common_exit_on_parity_failure  # noqa: E402
 
 PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "posttrain")
 CASES = {
@@ -152,9 +153,9 @@ PARITY_CHECKS = {"agree": "step-0 losses agree", "logps_agree": "step-0 log-prob
 
 
 def parity_ok(p: dict) -> bool:
-    """A case's parity holds: no check of PARITY_CHECKS failed (a check the run could not make,
-    None or absent, is not a failure: the GPU runs have no float64 reference)."""
-    return all(p.get(key) is not False for key in PARITY_CHECKS)
+    """A case's parity holds: no check of PARITY_CHECKS failed (`common.checks_hold`: a check the run
+    could not make is not a failure; the GPU runs have no float64 reference)."""
+    return checks_hold(p, PARITY_CHECKS)
 
 
 def parity_warnings(parities: list[dict]) -> list[str]:
@@ -430,11 +431,8 @@ def main() -> None:
 
 
 def exit_on_parity_failure(parities: list[dict]) -> None:
-    """After the page is written (it keeps the evidence): a failed parity check fails the run."""
-    failed = [p["case"] for p in parities if not parity_ok(p)]
-    if failed:
-        raise SystemExit(f"parity check failed for {', '.join(failed)}: the tools did not train the same thing, so "
-                         "the page's ratios compare nothing (see its Warnings)")
+    """After the page is written: a case whose parity failed fails the run (`common.exit_on_parity_failure`)."""
+    common_exit_on_parity_failure([p["case"] for p in parities if not parity_ok(p)])
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from common import (  # noqa: E402  (a sibling script, not a package)
-    CHILD_ENV, driver_arguments, fmt, fmt_e, mean_loadavg, ratio_rows, repeat_spread, report_header, run_child,
-    save_report, timing_warnings, versions, warning_lines)
+    CHILD_ENV, checks_hold, driver_arguments, exit_on_parity_failure, fmt, fmt_e, mean_loadavg, ratio_rows,
+    repeat_spread, report_header, run_child, save_report, timing_warnings, versions, warning_lines)
 
 PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "posttrain")
 CASES = {"grpo": "GRPO without a reference model", "grpo_kl": "GRPO with a KL penalty to a reference model",
@@ -124,12 +124,30 @@ def parity(case: str, rows: list[dict], expected_completions: int) -> dict:
             "late_imports": {run["tool"]: run["late_imports"] for run in runs if run["late_imports"]}}
 
 
+# the checks of a case's parity record: `parity`'s, and `fixed_batch_agree` (`add_fixed_batch`)
+PARITY_CHECKS = ("same_prompts_every_rollout", "completions_ok", "step1_kl_zero", "fixed_batch_agree")
+
+
+def parity_ok(p: dict) -> bool:
+    """A case's parity holds: no check of PARITY_CHECKS failed (`common.checks_hold`)."""
+    return checks_hold(p, PARITY_CHECKS)
+
+
+def add_fixed_batch(parities: list[dict], loss_parity: dict, rloo_parity: dict | None) -> None:
+    """Each case's fixed-batch check into its parity record: RLOO's for rloo, GRPO's for the others."""
+    for p in parities:
+        p["fixed_batch_agree"] = (rloo_parity or {}).get("agree") if p["case"] == "rloo" else loss_parity.get("agree")
+
+
 RATIOS = {"step_time": "step_ms", "step_cpu": "step_cpu_ms", "generate": "generate_ms", "phase": "phase_ms",
           "update": "update_ms", "peak_rss": "peak_rss_mib", "generate_share": "generate_share",
           "phase_share": "phase_share"}  # name: summary key
 
 
-def verdict(case: str, rows: list[dict], rs: list[dict]) -> dict:
+def verdict(case: str, rows: list[dict], rs: list[dict], parity: dict | None = None) -> dict:
+    """posttrain's default row against TRL's fastest and default rows. With the case's `parity`,
+    `parity_ok` says whether the comparison holds at all: a verdict whose parity failed claims
+    no target met (the page's met? column reads "parity failed"), as the DPO driver's does."""
     trl_rows = [row for row in rows if row["tool"] == "trl"]
     mine = [r for r in rs if r["ours"] == "default"]
     if not mine or not trl_rows:
@@ -137,9 +155,12 @@ def verdict(case: str, rows: list[dict], rs: list[dict]) -> dict:
     fastest = min(trl_rows, key=lambda row: row["summary"]["step_ms"])["variant"]
     vs_fastest = next(r for r in mine if r["vs"] == fastest)
     vs_default = next((r for r in mine if r["vs"] == "default"), None)
-    return {"case": case, "trl_fastest": fastest, "time_ratio_vs_fastest": vs_fastest["step_time"],
-            "time_ratio_vs_default": vs_default and vs_default["step_time"],
-            "rss_ratio_vs_fastest": vs_fastest["peak_rss"], "time_target_met": vs_fastest["step_time"] <= TARGET}
+    out = {"case": case, "trl_fastest": fastest, "time_ratio_vs_fastest": vs_fastest["step_time"],
+           "time_ratio_vs_default": vs_default and vs_default["step_time"],
+           "rss_ratio_vs_fastest": vs_fastest["peak_rss"], "time_target_met": vs_fastest["step_time"] <= TARGET}
+    if parity is not None:
+        out["parity_ok"] = parity_ok(parity)
+    return out
 
 
 def times(x):
@@ -323,7 +344,7 @@ def write_markdown(report: dict, path: Path) -> None:
     for vd in report["verdicts"]:
         lines.append(f"| {vd['case']} | {times(vd['time_ratio_vs_fastest'])} ({vd['trl_fastest']}) | "
                      f"{times(vd['time_ratio_vs_default'])} | {times(vd['rss_ratio_vs_fastest'])} | "
-                     f"{'yes' if vd['time_target_met'] else 'no'} |")
+                     f"{'parity failed' if vd.get('parity_ok') is False else 'yes' if vd['time_target_met'] else 'no'} |")
     lines.append("")
     lines += warning_lines(report)
     lines += ["How it is measured and what differs between the tools: `benchmarks/README.md`. Raw numbers, every step: "
@@ -396,9 +417,11 @@ def main() -> None:
     cases = [c for c in CASES if any(row["case"] == c for row in rows)]
     per_step = args.prompts_per_step * args.num_generations
     parities = [parity(c, [row for row in rows if row["case"] == c], per_step) for c in cases]
+    add_fixed_batch(parities, loss_parity, rloo_parity)
     all_ratios = [r for c in cases for r in ratio_rows(c, [row for row in rows if row["case"] == c], RATIOS)]
-    verdicts = [v for c in cases
-                if (v := verdict(c, [row for row in rows if row["case"] == c], [r for r in all_ratios if r["case"] == c]))]
+    verdicts = [v for c, p in zip(cases, parities)
+                if (v := verdict(c, [row for row in rows if row["case"] == c], [r for r in all_ratios if r["case"] == c],
+                                 p))]
     warnings = timing_warnings(rows, SPREAD_WARNING, "median")
     if not loss_parity["agree"]:
         warnings.append("loss parity failed: posttrain's and TRL's GRPO loss or gradient differ on the same batch")
@@ -431,6 +454,7 @@ def main() -> None:
         "warnings": warnings,
     }
     save_report(report, args.results, args.name, write_markdown)
+    exit_on_parity_failure([p["case"] for p in parities if not parity_ok(p)])
 
 
 if __name__ == "__main__":

@@ -37,8 +37,8 @@ import torch
 from posttrain.config import PPOConfig, PPOLossConfig, validate_ppo
 from posttrain.losses import policy_gradient as pg
 from posttrain.train.rollouts import (RolloutStage, batches_state, collate_completions, completion_forward,
-                                      completion_inputs, no_grad_eval, restore_batches, start_rl_run, summed,
-                                      summed_figure, to_grid)
+                                      completion_inputs, no_grad_eval, regroup_completions, restore_batches,
+                                      start_rl_run, summed, summed_figure, to_grid)
 
 # --------------------------------------------------------------------------- value models
 
@@ -169,15 +169,32 @@ class PPOStage(RolloutStage):
             if not (continuing and index == first):
                 chosen = order[index * self.prompts_per_rollout : (index + 1) * self.prompts_per_rollout]
                 self.batches, self.stop_rollout = self._batches(self._sample(chosen, epoch, index)), False
+            drawn = None  # (PPO epoch, its micro-batches in order)
             while update < self.updates_per_rollout and not self.stop_rollout:
                 ppo_epoch, minibatch = divmod(update, self.cfg.ppo.minibatches)
-                shuffled = list(range(len(self.batches)))
-                random.Random(f"posttrain-ppo-{self.cfg.train.seed}-{epoch}-{index}-{ppo_epoch}").shuffle(shuffled)
+                if drawn is None or drawn[0] != ppo_epoch:
+                    drawn = (ppo_epoch, self._epoch_batches(epoch, index, ppo_epoch))
                 update += 1
                 self.position = (epoch, index, update)
-                for i in shuffled[minibatch * self.batches_per_update : (minibatch + 1) * self.batches_per_update]:
-                    yield self.batches[i]
+                yield from drawn[1][minibatch * self.batches_per_update : (minibatch + 1) * self.batches_per_update]
             update = 0
+
+    def _epoch_batches(self, epoch: int, index: int, ppo_epoch: int) -> list[dict]:
+        """The current rollout's micro-batches for one PPO epoch, in the order they are trained.
+        Each PPO epoch draws new minibatches, as PPO's reference code does: the first takes the
+        rollout's micro-batches (their prompts a random draw already, and the batches its old
+        log-probs were taken on, so its first update sees ratio 1 exactly) in a shuffled order;
+        each later one regroups the completions themselves in a shuffled order
+        (`rollouts.regroup_completions`). Drawn from train.seed and the position in the run,
+        so a resumed run draws the same."""
+        rng = random.Random(f"posttrain-ppo-{self.cfg.train.seed}-{epoch}-{index}-{ppo_epoch}")
+        if ppo_epoch == 0:
+            shuffled = list(range(len(self.batches)))
+            rng.shuffle(shuffled)
+            return [self.batches[i] for i in shuffled]
+        rows = list(range(sum(len(batch["input_ids"]) for batch in self.batches)))
+        rng.shuffle(rows)
+        return regroup_completions(self.batches, rows, self.cfg.train.batch_size, self.tokenizer.pad_token_id)
 
     def finish_metrics(self, metrics: dict) -> dict:
         limit = self.cfg.ppo.early_stop_kl

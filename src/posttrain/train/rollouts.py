@@ -56,6 +56,31 @@ def collate_completions(prompt_ids: list[list[int]], completion_ids: list[list[i
             "response_mask": response_mask}
 
 
+def regroup_completions(batches: list[dict], order: list[int], size: int, pad_id: int) -> list[dict]:
+    """The rows of `collate_completions` batches, numbered batch by batch, collated again in
+    `order`, `size` rows a batch. Every other (B, T) per-token tensor a batch carries (advantages,
+    old log-probs, ...) moves with its row, zero on the new padding."""
+    own = {"input_ids", "attention_mask", "predictor", "targets", "token_row", "token_col", "response_mask"}
+    rows = []  # (prompt ids, completion ids, {key: the row's per-token values})
+    for batch in batches:
+        extra = [key for key in batch if key not in own]
+        for b, (length, width) in enumerate(zip(batch["attention_mask"].sum(1).tolist(),
+                                                batch["response_mask"].sum(1).long().tolist())):
+            ids = batch["input_ids"][b, :length].tolist()
+            rows.append((ids[: length - width], ids[length - width :], {key: batch[key][b, :width] for key in extra}))
+    out = []
+    for start in range(0, len(order), size):
+        chosen = [rows[i] for i in order[start : start + size]]
+        batch = collate_completions([p for p, _, _ in chosen], [c for _, c, _ in chosen], pad_id)
+        for key, first in chosen[0][2].items():
+            grid = first.new_zeros(batch["response_mask"].shape)
+            for b, (_, _, values) in enumerate(chosen):
+                grid[b, : len(values[key])] = values[key]
+            batch[key] = grid
+        out.append(batch)
+    return out
+
+
 def to_grid(flat: torch.Tensor, batch: dict) -> torch.Tensor:
     """Per-token values (N,) → (B, T) like `response_mask`, 0 on padding."""
     grid = flat.new_zeros(batch["response_mask"].shape)
@@ -166,6 +191,8 @@ def no_grad_eval(model, autocast, fn, *args):
 
 @dataclass
 class RolloutStats:
+    # of the rewards after the no-EOS penalty, before reward.normalize and reward.clip (TRL's
+    # objective/scores); the rewards trained on are `Rollout.rewards`
     reward_mean: float
     reward_std: float
     response_tokens_mean: float
@@ -197,8 +224,8 @@ def sample_and_score(engine, tokenizer, prompts: list[list[int]], records: list[
     `rollout.engines.RolloutEngine`) and score them. A reward failing on a completion (raising,
     or returning NaN) is said with its prompt row's file:line."""
     from posttrain.rewards import reward_seed, rows_named
-    from posttrain.rollout.generate import (_make_stop_check, eos_token_ids, pad_token_id, stop_strings, stop_token_ids,
-                                            truncate_at_stop)
+    from posttrain.rollout.generate import (_make_stop_check, completion_text, eos_token_ids, pad_token_id,
+                                            stop_strings, stop_token_ids)
     from posttrain.rollout.sampling import SamplingSettings
 
     r, group = cfg.rollout, cfg.rollout.num_generations
@@ -215,7 +242,8 @@ def sample_and_score(engine, tokenizer, prompts: list[list[int]], records: list[
     rollout_s = time.perf_counter() - started
     raw, completions = completions, [c if c else [next(iter(eos))] for c in completions]  # at least one token
     full = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
-    texts = [truncate_at_stop(text, stop) for text in full]
+    # cut at the stop strings as the row was ended: one led by a special token ('<|im_start|>user') at that token
+    texts = [completion_text(tokenizer, c, stop) for c in completions]
     # ended: by an EOS token or at a stop string (cut off by max_new_tokens otherwise)
     ended = torch.tensor([bool(c) and (c[-1] in ends or len(cut) < len(text)) for c, cut, text in zip(raw, texts, full)])
     chosen_records = [records[i] for i in chosen for _ in range(group)]
@@ -235,6 +263,7 @@ def sample_and_score(engine, tokenizer, prompts: list[list[int]], records: list[
     # rewards, divided by that std, gave them non-zero z-scores
     rewards = torch.tensor(totals, dtype=torch.float64)
     rewards = rewards - cfg.reward.no_eos_penalty * (~ended).double()
+    scores = rewards  # the figures logged: normalised rewards' mean is ~0 whatever the policy does
     if cfg.reward.normalize and len(rewards) > 1:  # a reward model's scale means nothing to the step size
         rewards = (rewards - rewards.mean()) / (rewards.std() + 1e-6)
     if cfg.reward.clip > 0:
@@ -248,7 +277,7 @@ def sample_and_score(engine, tokenizer, prompts: list[list[int]], records: list[
     grouped = rewards.view(-1, group)
     generated = sum(len(c) for c in completions)
     stats = RolloutStats(
-        reward_mean=float(rewards.mean()), reward_std=float(rewards.std()) if len(rewards) > 1 else 0.0,
+        reward_mean=float(scores.mean()), reward_std=float(scores.std()) if len(scores) > 1 else 0.0,
         response_tokens_mean=generated / len(completions), ended_fraction=float(ended.float().mean()),
         rollout_s=rollout_s, reward_s=reward_s, rollout_tokens_per_s=generated / max(rollout_s, 1e-9),
         # with one sample a prompt (PPO's default) every "group" agrees with itself: not a figure
@@ -456,8 +485,8 @@ def held_out_reward(model, tokenizer, prompts: list[list[int]], records: list[Pr
                       `policy_is_reference` (before any step: the reference is the starting
                       policy, `RLRun.held_out`)"""
     from posttrain.rewards import rows_named
-    from posttrain.rollout.generate import (_make_stop_check, eos_token_ids, generate_token_ids, pad_token_id,
-                                            stop_strings, truncate_at_stop)
+    from posttrain.rollout.generate import (_make_stop_check, completion_text, eos_token_ids, generate_token_ids,
+                                            pad_token_id, stop_strings)
     from posttrain.rollout.sampling import SamplingSettings
 
     n = min(cfg.eval.prompts, len(prompts))
@@ -475,7 +504,7 @@ def held_out_reward(model, tokenizer, prompts: list[list[int]], records: list[Pr
         return [c if c else [next(iter(eos))] for c in out]
 
     def rewards(completions, recs) -> list[float]:  # cut at the stop strings, as the rollouts' are
-        texts = [truncate_at_stop(tokenizer.decode(c, skip_special_tokens=True), stop) for c in completions]
+        texts = [completion_text(tokenizer, c, stop) for c in completions]
         with rows_named([x.source for x in recs]):  # a reward failing on one: its prompt row, by file:line
             return score([x.prompt for x in recs], texts, [x.reward_row() for x in recs])
 
