@@ -484,16 +484,27 @@ def _validator(config_cls: type, run: Any):
     return next((getattr(m, n) for n in names for m in modules if hasattr(m, n)), None)
 
 
+def _paths(settings: dict[str, Any]) -> list[str]:
+    """The paths a stage's settings (key -> value or list) may name: each string value, and of
+    reward.models' items the DIR, as the reward reads it (rewards.model_component: NAME=DIR, or a
+    DIR that may hold '=', as sweep directories `lr=0.1` do)."""
+    from posttrain.rewards import model_component
+
+    paths = []
+    for key, value in settings.items():
+        items = [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, str) and v]
+        paths += [model_component(0, v, 1)[1] for v in items] if key == "reward.models" else items
+    return paths
+
+
 def _reads(flat: dict[str, Any], run_dir: Path) -> bool:
-    """Whether any path in a config (also NAME=PATH items) lies inside `run_dir` (compared as
-    absolute paths: a relative output_dir and an absolute path into it are the same place)."""
+    """Whether any path in a config (`_paths`) lies inside `run_dir` (compared as absolute paths:
+    a relative output_dir and an absolute path into it are the same place)."""
     root = os.path.abspath(run_dir)
-    values = [v for value in flat.values() for v in (value if isinstance(value, list) else [value])]
-    for value in values:
-        if isinstance(value, str) and value:
-            candidate = os.path.abspath(os.path.expanduser(value.rpartition("=")[2]))
-            if candidate == root or candidate.startswith(root + os.sep):
-                return True
+    for path in _paths(flat):
+        candidate = os.path.abspath(os.path.expanduser(path))
+        if candidate == root or candidate.startswith(root + os.sep):
+            return True
     return False
 
 
@@ -725,9 +736,8 @@ def _check_read_files(stage: Stage, by_name: dict[str, Stage]) -> None:
     fixed at load; what a data stage wrote is known only now: quality writes kept-FORMAT.jsonl for
     rows of several formats, and any data stage may keep no row.)"""
     for dep in (by_name[d] for d in stage.deps if by_name[d].producer is not None):
-        values = [v for value in stage.wiring.values() for v in (value if isinstance(value, list) else [value])]
-        for value in values:
-            path = Path(str(value).rpartition("=")[2])
+        for value in _paths(stage.wiring):
+            path = Path(value)
             if path.parent != dep.run_dir or path == dep.run_dir:
                 continue
             if not path.is_file():

@@ -132,14 +132,59 @@ def check_override_list(overrides: Any, caller: str) -> None:
 # --------------------------------------------------------------------------- YAML and overrides
 
 
+@functools.cache
+def _text_loader():
+    """A yaml SafeLoader whose strings are text: a JSON-style escape pair ("\\ud83d\\ude00", how JSON
+    writes U+1F600), which PyYAML reads as two lone surrogates, is joined into its character as json.loads
+    and YAML 1.2 join it; a lone surrogate left over (no tokenizer or UTF-8 writer takes one) raises
+    _LoneSurrogate with its node's line. Keys are strings too."""
+    import yaml
+
+    class TextLoader(yaml.SafeLoader):
+        def construct_yaml_str(self, node):
+            value = super().construct_yaml_str(node)
+            try:
+                return _whole_characters(value)
+            except _LoneSurrogate as exc:
+                exc.mark = node.start_mark
+                raise
+
+    TextLoader.add_constructor("tag:yaml.org,2002:str", TextLoader.construct_yaml_str)
+    return TextLoader
+
+
+def _whole_characters(text: str) -> str:
+    """`text` with every surrogate pair joined into its character; raises _LoneSurrogate for a
+    half without its other half (the readers' rule: `readers.lone_surrogate_at`)."""
+    from posttrain.data.readers import lone_surrogate_at
+
+    if lone_surrogate_at(text) is None:
+        return text
+    joined = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass")
+    if lone_surrogate_at(joined) is not None:
+        raise _LoneSurrogate(next(c for c in joined if "\ud800" <= c <= "\udfff"))
+    return joined
+
+
+class _LoneSurrogate(Exception):
+    def __init__(self, half: str):
+        super().__init__(half)
+        self.mark: Any = None  # where its string starts in the YAML text, when read from one
+
+    def __str__(self) -> str:
+        return (f"a lone surrogate (\\u{ord(self.args[0]):04x}), which is not text; write the character itself, "
+                "or both halves of a JSON-style escape pair (\\ud83d\\ude00 is U+1F600)")
+
+
+@functools.cache
 def _unique_keys_loader():
     """A yaml SafeLoader that refuses a mapping key given twice (plain YAML keeps the last one
     silently: a second `train:` section would drop every setting of the first), and reads a key
     YAML 1.1 takes for a boolean as the word written (quality's `dedup: {on: prompt}` names the
-    setting `on`, not True: keys are names, never booleans)."""
+    setting `on`, not True: keys are names, never booleans). Strings are read by _text_loader."""
     import yaml
 
-    class UniqueKeyLoader(yaml.SafeLoader):
+    class UniqueKeyLoader(_text_loader()):
         def construct_mapping(self, node, deep=False):
             if isinstance(node, yaml.MappingNode):
                 seen: dict[Any, Any] = {}
@@ -180,7 +225,8 @@ def _unshared(data: Any) -> Any:
 def load_yaml(text: str, source: str | Path, error: type[Exception] = ConfigError, *, with_node: bool = False) -> Any:
     """The document of a YAML file's `text` (None when empty) as every YAML file a user writes is
     read: a key given twice refused, a key like `on` read as written, no object shared between two
-    places. Errors are `error` naming `source` and the line. `with_node`: (data, the document's
+    places, a JSON-style escape pair ("\\ud83d\\ude00") read as its character and a lone surrogate
+    refused. Errors are `error` naming `source` and the line. `with_node`: (data, the document's
     YAML node, for the lines of its entries; None when empty)."""
     import yaml
 
@@ -191,6 +237,8 @@ def load_yaml(text: str, source: str | Path, error: type[Exception] = ConfigErro
     except _DuplicateKey as exc:
         raise error(f"{source}:{exc.again.line + 1}: {exc.key} is given twice (first on line {exc.first.line + 1}); "
                     "YAML would keep only the last one: merge them into one") from None
+    except _LoneSurrogate as exc:
+        raise error(f"{source}:{exc.mark.line + 1}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else str(source)
@@ -262,7 +310,9 @@ def apply_override(data: dict[str, Any], item: str) -> None:
     key, raw = item.split("=", 1)
     not_yaml = ""
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = yaml.load(raw, Loader=_text_loader()) if raw != "" else ""  # safe_load, escape pairs joined
+    except _LoneSurrogate as exc:
+        raise ConfigError(f"override {item!r}: {exc}") from None
     except yaml.YAMLError as exc:
         value, not_yaml = raw, str(getattr(exc, "problem", None) or exc)
     text = raw.strip()

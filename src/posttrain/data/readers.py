@@ -9,8 +9,8 @@
     datasets    a save_to_disk directory "file:row N"  memory-mapped, iterated in batches
 
 Line numbers are 1-based physical lines (for CSV, the line where the record starts;
-the header is line 1; a JSON Lines file whose first line ends in a lone CR, as old Mac OS
-wrote them, has its lines ended by CR). A row that cannot be parsed does not stop iteration:
+the header is line 1; a JSON Lines or JSON file whose first line ends in a lone CR, as old
+Mac OS wrote them, has its lines ended by CR). A row that cannot be parsed does not stop iteration:
 it comes out as a `Malformed(reason, raw)` in place of the dict, so the caller can apply its
 bad-row policy; a CSV record whose quoting does not parse is one (a TSV line is read as
 written). So does a row holding a lone surrogate (JSON's "\\ud800" escape), which no
@@ -29,6 +29,7 @@ import itertools
 import json
 import os
 import re
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Union
@@ -161,7 +162,8 @@ def strict_rows(path: str) -> Iterator[tuple[str, Any]]:
 
 def check_path(path: str) -> str:
     """The kind of data at `path` (jsonl, json, csv, tsv, parquet, datasets), without reading
-    it; DataError if it is missing or of a type no reader takes. `~` is expanded."""
+    it; DataError if it is missing, of a type no reader takes, or not a regular file (a named
+    pipe, a device). `~` is expanded."""
     path = os.path.expanduser(os.fspath(path))
     if os.path.isdir(path):
         _check_dataset_dir(path)
@@ -173,6 +175,10 @@ def check_path(path: str) -> str:
         plain = os.path.splitext(path)[1].lower() in (".txt", ".md")
         hint = '; for plain text, write JSON Lines rows {"text": ...}' if plain else ""
         raise DataError(f"{path}: unknown file type (expected {ACCEPTED}){hint}")
+    mode = os.stat(path).st_mode  # never opened here: a named pipe with no writer blocks the open
+    if not stat.S_ISREG(mode):  # a pipe or device streams once, and the readers seek and read again
+        what = "a named pipe" if stat.S_ISFIFO(mode) else "not a regular file"
+        raise DataError(f"{path}: {what}; posttrain reads a file more than once: write it to a file first")
     return kind
 
 
@@ -296,9 +302,8 @@ def _physical_lines(f) -> Iterator[bytes]:
         head = f.read(_CHUNK)
     except (OSError, EOFError):  # a corrupt .gz: the read below meets it at its line
         head = b""
-    first_cr, first_lf = head.find(b"\r"), head.find(b"\n")
     f.seek(0)
-    if first_cr < 0 or (0 <= first_lf <= first_cr + 1):
+    if not _cr_ended(head):
         yield from f
         return
     rest = b""
@@ -310,6 +315,21 @@ def _physical_lines(f) -> Iterator[bytes]:
         yield from lines
     if rest:
         yield rest.rstrip(b"\r")
+
+
+def _cr_ended(head: bytes | str) -> bool:
+    """Whether the file starting with `head` has its lines ended by "\r" (see `_physical_lines`):
+    its first line ends with a lone "\r"."""
+    cr, lf = ("\r", "\n") if isinstance(head, str) else (b"\r", b"\n")
+    first_cr, first_lf = head.find(cr), head.find(lf)
+    return first_cr >= 0 and not 0 <= first_lf <= first_cr + 1
+
+
+def text_lines(text: str) -> list[str]:
+    """The lines of JSON Lines `text` as `iter_rows` numbers them (`_physical_lines`), without their
+    ends: split at "\n" (in a CR-ended file, also at "\r"), never at U+2028, U+2029 or U+0085 as
+    str.splitlines splits (a JSON string may hold those as written)."""
+    return [line.decode("utf-8").rstrip("\r\n") for line in _physical_lines(io.BytesIO(text.encode("utf-8")))]
 
 
 def _parse_json_line(raw: bytes) -> Row:
@@ -350,8 +370,12 @@ def _json_type(value: Any) -> str:
 def _json_rows(path: str) -> Iterator[tuple[str, Row]]:
     """A top-level array of objects; an object with exactly one list-valued key holding the
     rows (`{"data": [...]}`); or a single object that is itself one row (a one-row file as
-    `Dataset.to_json` writes it). A .json file that holds one object per line is read as JSON Lines."""
+    `Dataset.to_json` writes it). A .json file that holds one object per line is read as JSON Lines.
+    Lines are numbered as the JSON Lines reader numbers them (a file whose first line ends with a
+    lone "\r" has its lines ended by "\r", "\r\n" or "\n"; JSON holds a raw "\r" nowhere else)."""
     text = _read_text(path)
+    if _cr_ended(text):
+        text = _ANY_LINE_END.sub("\n", text)
     pos = _skip_ws(text, 0)
     if pos == len(text):
         return
@@ -377,6 +401,9 @@ def _json_rows(path: str) -> Iterator[tuple[str, Row]]:
         last = offset
         row = value if isinstance(value, dict) else Malformed(f"expected a JSON object, got {_json_type(value)}", value)
         yield f"{path}:{line}", row
+
+
+_ANY_LINE_END = re.compile(r"\r\n?")
 
 
 def _read_text(path: str) -> str:

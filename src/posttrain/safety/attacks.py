@@ -25,7 +25,9 @@ resist; a rise in their success rate after fine-tuning is the signal, not their 
 
 The request is put in with `str.replace`, never `str.format`: requests may hold braces.
 Custom attacks come from a YAML or JSONL file of rows {name, template, system?, description?,
-encode?}, checked like the built-ins and reported by file:line.
+encode?}, checked like the built-ins and reported by file:line; a row holding a lone surrogate or a
+NUL is refused, as the data readers refuse one (`readers.unusable_text_at`), and JSON Lines are split
+at "\n" as the readers split them (`readers.text_lines`), never at a U+2028 inside a string.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.config.schema import load_yaml, user_path
+from posttrain.data.readers import text_lines, unusable_text_at
 from posttrain.errors import ConfigError
 
 PLACEHOLDER = "{prompt}"
@@ -168,6 +171,9 @@ def load_attacks(names: list[str], file: str = "") -> list[Attack]:
 def _custom_attack(row: Any, where: str, file: str) -> Attack:
     if not isinstance(row, dict):
         raise ConfigError(f"{where}: an attack must be a mapping with name and template, got {type(row).__name__}")
+    problem = unusable_text_at(row)  # a lone surrogate or a NUL: a bad row, as in every data file
+    if problem:
+        raise ConfigError(f"{where}: {problem}")
     unknown = [str(k) for k in row if k not in _FILE_KEYS]
     if unknown:
         raise ConfigError(f"{where}: unknown key {unknown[0]!r}; an attack has {', '.join(_FILE_KEYS)}")
@@ -209,7 +215,7 @@ def _attack_rows(path: Path) -> list[tuple[str, Any]]:
 
 def _jsonl_rows(path: Path, text: str) -> list[tuple[str, Any]]:
     rows = []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(text_lines(text), 1):  # never split at U+2028 inside a string
         if not line.strip():
             continue
         try:
