@@ -46,7 +46,8 @@ class RewardConfig:
 
 
 # cdpo's ε when dpo.label_smoothing is unset. The setting's default is None, not this, so that a
-# value given under another loss is seen (TRL's sigmoid loss with label_smoothing=0.1 is cdpo).
+# value given under another loss is seen (TRL's sigmoid loss with label_smoothing=0.1 is cdpo);
+# under cdpo an unset ε is resolved to it (DPOLossConfig.__post_init__), as β is.
 CDPO_LABEL_SMOOTHING = 0.1
 
 # dpo.beta when unset: the DPO paper's 0.1 for the losses with a reference (a KL strength), and
@@ -66,7 +67,8 @@ class DPOLossConfig:
               f"to scale its logged rewards (unset: {DPO_BETA}, under simpo {SIMPO_BETA}, SimPO's own; the "
               f"run's config.yaml records the value used)")
     label_smoothing: float | None = option(None, f"cdpo: probability ε that a pair's label is flipped (unset: "
-                                                 f"{CDPO_LABEL_SMOOTHING})")
+                                                 f"{CDPO_LABEL_SMOOTHING}, recorded in the run's config.yaml; 0 "
+                                                 f"under another loss: off, recorded as unset)")
     simpo_gamma: float | None = option(None, f"simpo: target reward margin γ (unset: {SIMPO_GAMMA_BETA_RATIO} × "
                                              f"dpo.beta, SimPO's γ/β; {SIMPO_GAMMA_BETA_RATIO * SIMPO_BETA:g} at "
                                              f"its default β)")
@@ -85,12 +87,36 @@ class DPOLossConfig:
         "or every step (adapters disabled, or a frozen copy for full fine-tuning)")
 
     def __post_init__(self) -> None:
-        """An unset β (and SimPO's γ) takes the chosen loss's default, so that the config a run
-        records, and prints, holds the values it trains with."""
+        """An unset β (SimPO's γ, cDPO's ε) takes the chosen loss's default, so that the config a
+        run records, and prints, holds the values it trains with. An ε of 0 under a loss that does
+        not read it (TRL configs carry label_smoothing: 0.0) is no smoothing: unset, as the loss
+        has none, so that it is the same config (and resume fingerprint) as leaving it out."""
         if self.beta is None:
             self.beta = SIMPO_BETA if self.loss == "simpo" else DPO_BETA
         if self.simpo_gamma is None and self.loss == "simpo" and isinstance(self.beta, (int, float)):
             self.simpo_gamma = SIMPO_GAMMA_BETA_RATIO * self.beta
+        if self.loss == "cdpo" and self.label_smoothing is None:
+            self.label_smoothing = CDPO_LABEL_SMOOTHING
+        elif self.loss != "cdpo" and self.label_smoothing == 0 and type(self.label_smoothing) in (int, float):
+            self.label_smoothing = None
+
+
+# The settings an older version recorded otherwise for the same training: {key: ((then, now), ...)}.
+# A cdpo run from before ε was resolved recorded label_smoothing null and trained with
+# CDPO_LABEL_SMOOTHING (a run of any other loss still records null); every run from before
+# SimPO's γ followed β (da668b6) recorded simpo_gamma 0.5, read by simpo alone, where a run of
+# any other loss now records null (under simpo γ is always a number, so 0.5 → null is never a
+# simpo run). A resume compares a checkpoint's fingerprint through `same_as_recorded_earlier`.
+RECORDED_EARLIER = {
+    "dpo.label_smoothing": ((None, CDPO_LABEL_SMOOTHING),),
+    "dpo.simpo_gamma": ((0.5, None),),
+}
+
+
+def same_as_recorded_earlier(key: str, then, now) -> bool:
+    """True when a checkpoint's `then` for the fingerprint setting `key` is this version's `now`
+    for the same training (RECORDED_EARLIER): a resume need not refuse the change."""
+    return (then, now) in RECORDED_EARLIER.get(key, ())
 
 
 @dataclass

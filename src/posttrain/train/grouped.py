@@ -236,6 +236,11 @@ class GroupedStage:
         prepare = getattr(self.module, "prepare_forwards", None)
         return contextlib.nullcontext() if prepare is None else prepare(batches, accelerator, count)
 
+    def finish_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """The module's finishing of the loop's averaged metrics, if it has one (KTO's per-class means)."""
+        finish = getattr(self.module, "finish_metrics", None)
+        return dict(metrics) if finish is None else finish(metrics)
+
     def item_batches(self, epoch: int) -> list[list[Item]]:
         """The items of each training micro-batch of `epoch`, in order."""
         from posttrain.data.batching import plan_batches

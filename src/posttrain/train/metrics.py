@@ -86,13 +86,16 @@ RATES = {"tokens_per_s": ("tokens", "step_time_s")}  # every stage's; a stage ma
 
 def close_interval(interval: dict, rates: dict[str, tuple[str, str]] = RATES) -> dict:
     """The line for the steps in `interval` (its last step's record with the per-step figures
-    replaced by their means), which is emptied. One step's line is its record as it was. Each
+    replaced by their means, then the figures only earlier steps had, each the mean over the
+    steps that had it), which is emptied. One step's line is its record as it was. Each
     of `rates` (name -> (count, seconds)) is the steps' summed count over their summed seconds:
     a mean of per-step rates overweights the fast steps."""
     sums, last, steps = interval.pop("sums"), interval.pop("last"), interval.pop("steps")
     if steps == 1:
         return last | {"steps_averaged": 1}
     line = {key: sums[key][0] / sums[key][1] if key in sums else value for key, value in last.items()}
+    # a figure some steps lack (KTO's per-class ones, in a step without that class): its steps' mean
+    line |= {key: total / count for key, (total, count) in sums.items() if key not in line}
     for rate, (count, seconds) in rates.items():
         if rate in line and count in sums and sums.get(seconds, (0.0,))[0] > 0:
             line[rate] = sums[count][0] / sums[seconds][0]

@@ -251,11 +251,9 @@ def _dpo(c: DPOLossConfig, p: PairLogps, nll=None):
 
 
 def _cdpo(c, p, nll=None):
-    from posttrain.config.preference import CDPO_LABEL_SMOOTHING
     from posttrain.losses.preference import dpo_loss
 
-    epsilon = CDPO_LABEL_SMOOTHING if c.label_smoothing is None else c.label_smoothing
-    return *dpo_loss(*p.sums(), c.beta, label_smoothing=epsilon), {}
+    return *dpo_loss(*p.sums(), c.beta, label_smoothing=c.label_smoothing), {}  # unset: resolved by the config
 
 
 def _ipo(c, p, nll=None):
@@ -413,7 +411,32 @@ class PreferenceLoss(torch.nn.Module):
         signed = torch.where(desirable, rewards, -rewards)
         metrics = {"kl": kl.detach().clamp(min=0) * len(logps), "rewards/signed": signed.sum(),
                    "logps": logps.detach().sum()}
+        for side, members in (("chosen", desirable), ("rejected", ~desirable)):  # sums and counts: finish_metrics
+            metrics |= {f"rewards/{side}": torch.where(members, rewards, 0).sum(),
+                        f"logps/{side}": torch.where(members, logps.detach(), 0).sum(),
+                        f"{_CLASS_COUNT}{side}": members.sum().float()}
         return losses.sum(), metrics
+
+    @staticmethod
+    def finish_metrics(metrics: dict[str, float]) -> dict[str, float]:
+        """KTO's per-class figures, as TRL logs them: rewards/chosen (rejected) the mean implied
+        reward β·(log π − log π_ref) of the desirable (undesirable) items, logps/chosen (rejected)
+        their mean log π — over the whole step (or held-out set): each a sum over the class ÷ the
+        loop's step weight, over the class's count ÷ the same weight, never a mean of micro-batch
+        means. A class the step lacks logs nothing (not NaN, not 0). Other figures pass through."""
+        out = dict(metrics)
+        for side in ("chosen", "rejected"):
+            count = out.pop(f"{_CLASS_COUNT}{side}", None)
+            if count is None:  # a pair loss: its own rewards/chosen, per pair already
+                continue
+            for name in (f"rewards/{side}", f"logps/{side}"):
+                total = out.pop(name)
+                if count > 0:
+                    out[name] = total / count
+        return out
+
+
+_CLASS_COUNT = "_items/"  # KTO's per-class item counts, read by finish_metrics, never logged
 
 
 def _rows(batch: dict, index: torch.Tensor) -> list[torch.Tensor]:
@@ -450,7 +473,8 @@ def kto_extras(items: list[Item]) -> dict[str, torch.Tensor]:
             "desirable": torch.tensor([bool(item.desirable) for item in items])}
 
 
-def kto_items(items: list[Item], max_length: int, log: Callable[[str], None] = print) -> list[Item]:
+def kto_items(items: list[Item], max_length: int, log: Callable[[str], None] = print,
+              split: str = "training") -> list[Item]:
     """Unpaired items, each with its mismatched partner: its prompt + a response to another prompt.
 
     Pairs and rankings are split first into their ends: the best response desirable, the worst
@@ -461,7 +485,11 @@ def kto_items(items: list[Item], max_length: int, log: Callable[[str], None] = p
     repeated prompts), so the partner is taken from the next run whose prompt differs — the
     k-th item of a run gets that run's k-th response (cyclically) — never from its own prompt,
     whose log-ratio would pull KTO's KL estimate z₀ toward the matched one. With one prompt in
-    the whole set there is no other: the next item's response is used and the log says so.
+    the whole set there is no other: the next item's response is used and the log says so. A set
+    of one item (a held-out set of one row) has no other item at all: its partner is its own
+    sequence, so its z₀ is its own log π/π_ref — its reward ÷ β, not a KL estimate — and the log says
+    that, naming the set (`split`). Taking a partner from the other set instead would tie the
+    held-out figures to the training data; one held-out row is too few for a figure anyway.
     """
     from posttrain.data.records import Example
 
@@ -479,7 +507,7 @@ def kto_items(items: list[Item], max_length: int, log: Callable[[str], None] = p
     if middle:
         log(f"kto: {middle} middle-ranked responses of {rankings} rankings left out: KTO takes a ranking's best "
             "as desirable and its worst as undesirable, as a pair's two sides, so each prompt weighs as a pair")
-    partners = _mismatched_partners([item.sequences[0] for item in single], log)
+    partners = _mismatched_partners([item.sequences[0] for item in single], log, split)
     out = []
     for item, partner in zip(single, partners):
         own, other = item.sequences[0], single[partner].sequences[0]
@@ -490,9 +518,10 @@ def kto_items(items: list[Item], max_length: int, log: Callable[[str], None] = p
     return out
 
 
-def _mismatched_partners(sequences: list, log: Callable[[str], None]) -> list[int]:
+def _mismatched_partners(sequences: list, log: Callable[[str], None], split: str = "training") -> list[int]:
     """For each sequence, the index of one whose prompt (the tokens before its first label)
-    differs: the next run of equal prompts, wrapping around, k-th item to k-th item."""
+    differs: the next run of equal prompts, wrapping around, k-th item to k-th item. One prompt
+    alone: the next item, of the same prompt; one item alone: itself (`kto_items`)."""
     prompts = [tuple(seq.input_ids[:first_label(seq)]) for seq in sequences]
     runs: list[list[int]] = []
     for i, prompt in enumerate(prompts):
@@ -500,9 +529,13 @@ def _mismatched_partners(sequences: list, log: Callable[[str], None]) -> list[in
             runs[-1].append(i)
         else:
             runs.append([i])
+    if len(sequences) == 1:
+        log(f"kto: the {split} set has one item, so there is no other item's response to mismatch with: its z0 "
+            "is log π/π_ref of the item's own sequence (the log-ratio its reward is β times), not a KL estimate")
+        return [0]
     if len({prompts[run[0]] for run in runs}) < 2:
-        log("kto: every item has the same prompt, so the KL estimate z0 pairs each prompt with another item's "
-            "response to that same prompt (there is no other prompt to mismatch with)")
+        log(f"kto: every {split} item has the same prompt, so the KL estimate z0 pairs each prompt with another "
+            "item's response to that same prompt (there is no other prompt to mismatch with)")
         return [(i + 1) % len(sequences) for i in range(len(sequences))]
     partners = [0] * len(sequences)
     for r, run in enumerate(runs):
@@ -710,7 +743,7 @@ def _items(data, cfg: DPOConfig, log: Callable[[str], None] = print) -> tuple[li
     if cfg.dpo.loss == "kto":
         train_items = kto_items(train, cfg.data.max_length, log)
         _say_kto_balance(train_items, cfg.dpo, log)
-        return train_items, kto_items(evaluation, cfg.data.max_length, log) if evaluation else []
+        return train_items, kto_items(evaluation, cfg.data.max_length, log, "held-out") if evaluation else []
     unpaired = [item.source for item in train + evaluation if item.ranks is None]
     if unpaired:
         raise DataError(f"dpo.loss={cfg.dpo.loss} needs pairs or rankings; {len(unpaired)} rows are unpaired "
