@@ -110,7 +110,7 @@ def test_fisher_is_the_mean_squared_per_example_gradient_scaled_to_mean_one():
                 Example([5, 10, 11], [IGNORE_INDEX, 10, 11]),
                 Example([12, 13, 14, 15], [IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 15])]
     fisher = fisher_diagonal(module, examples, params, pad_id=0, accelerator=_Acc())
-    # independently: each example's token-mean loss through .backward(), gradients squared, averaged
+    # independently: each example's summed token loss (−log p(y|x)) through .backward(), gradients squared, averaged
     squares = [torch.zeros_like(p, dtype=torch.float64) for p in params]
     module.eval()
     for example in examples:
@@ -119,7 +119,7 @@ def test_fisher_is_the_mean_squared_per_example_gradient_scaled_to_mean_one():
         logits = module.model(input_ids=batch["input_ids"]).logits[0, :-1].double()
         targets = batch["labels"][0, 1:]
         kept = targets != IGNORE_INDEX
-        torch.nn.functional.cross_entropy(logits[kept], targets[kept]).backward()
+        torch.nn.functional.cross_entropy(logits[kept], targets[kept], reduction="sum").backward()
         for s, p in zip(squares, params):
             if p.grad is not None:
                 s += p.grad.double() ** 2

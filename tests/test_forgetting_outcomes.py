@@ -80,7 +80,7 @@ def test_a_strong_penalty_keeps_the_old_task(copy_model, baseline, tmp_path, pen
     tasks need the same weights (README: stability bought with plasticity here). A weaker L2-SP (30)
     sits where the outcome turns on the kernels' rounding: 0.93 of copy kept on one machine, 0.38 on
     another; EWC 300, its Fisher drawn from the whole pool (stop 33), kept 0.91 (0.31 when the
-    Fisher came from the head of the retain file)."""
+    Fisher came from the head of the retain file), 0.88 with each row's summed loss (stop 34)."""
     summary = _phase_b(copy_model, tmp_path, penalty)
-    assert summary["retain_exact_match_after"] >= 0.7  # measured 1.00 (l2sp) and 0.92 (ewc; 0.98 before stop 33)
+    assert summary["retain_exact_match_after"] >= 0.7  # measured 1.00 (l2sp) and 0.87 (ewc; 0.92 before stop 34)
     assert summary["retain_loss_increase"] < 0.1 * baseline["retain_loss_increase"]

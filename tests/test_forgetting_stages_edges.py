@@ -397,8 +397,9 @@ def test_dpo_text_retain_rows_refuse_exact_match_at_the_cli_and_serve_lm_coef(tm
 
 
 def _long_and_short(tmp_path: Path) -> Path:
-    """6 rows of ~14 tokens and 6 whose 30-letter prompt pushes the answer past 40 tokens."""
-    short = [{"instruction": "Copy: a b", "output": "a b"} for _ in range(6)]
+    """6 rows of ~14 tokens and 6 whose 30-letter prompt pushes the answer past 40 tokens (every
+    prompt different: rows with the same prompt go to one side of the retain split together)."""
+    short = [{"instruction": f"Copy: {'abcdef'[i]} b", "output": f"{'abcdef'[i]} b"} for i in range(6)]
     long = [{"instruction": "Copy: " + " ".join("abcdefghijklmnopqrstuvwxyz"[(i + j) % 26] for j in range(30)),
              "output": "z y"} for i in range(6)]
     return _write(tmp_path / "mixed.jsonl", short + long)

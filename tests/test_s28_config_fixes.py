@@ -127,7 +127,8 @@ def test_config_yaml_is_written_atomically(tmp_path):
     cfg = SFTConfig.load(None, [f"output_dir={tmp_path / 'run'}"])
     run_dir = start_run(cfg)[0]
     assert (run_dir / "config.yaml").is_file()
-    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml"]  # no config.yaml.partial left
+    # no config.yaml.partial left (.lock: the run directory's writer lock, loop.start_run)
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "config.yaml"]
 
 
 # --------------------------------------------------------------------------- model.path

@@ -216,6 +216,9 @@ class ForgettingConfig:
              "token, p_θ₀ the model as the run starts, over its top distill_top_k tokens and the rest; 0 = off")
     distill_top_k: int = option(32, "tokens of the starting model's distribution kept per position for distill "
                                     "(computed once over the pool; the rest is one bucket)")
+    distill_temperature: float = option(
+        1.0, "temperature T of distill: T²·KL(softmax(z₀/T) ‖ softmax(z/T)) per label token (Hinton et al.'s T² "
+             "scaling); Li & Hoiem use 2; 1 = the plain KL")
     project: bool = option(
         False, "A-GEM: when a step's gradient would raise the loss on a batch of retain rows (negative dot "
                "product), remove its component along that batch's gradient")
@@ -254,6 +257,7 @@ def _forgetting_checks(f: ForgettingConfig, d: DataConfig, t: TrainConfig) -> li
          "unfreeze_every must be >= 0"),
         (f.fisher_examples >= 1, "forgetting.fisher_examples must be at least 1"),
         (f.distill_top_k >= 1, "forgetting.distill_top_k must be at least 1"),
+        (f.distill_temperature > 0, "forgetting.distill_temperature must be above 0"),
         (bool(f.retain_files) or not uses,
          f"forgetting.{uses[0] if uses else ''} needs forgetting.retain_files (the data not to forget)"),
         ("synthetic" not in f.retain_files, "forgetting.retain_files takes files; write synthetic rows to a file first"),

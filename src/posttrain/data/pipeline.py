@@ -93,6 +93,19 @@ def split_eval(records: list[T], fraction: float, seed: int,
     return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
 
 
+def retain_prompt_key(record: Record) -> str:
+    """What makes two rows' prompts the same, for rows in sft's formats: the turns before the last
+    assistant turn and the tools (what exact match renders as the prompt,
+    `eval.exact_match.prompts_and_answers`); a text row's text. `split_eval`'s key for sft's own
+    held-out split and for the retain rows' (`train.forgetting`): a prompt asked twice is held out
+    or trained on, never both."""
+    from posttrain.eval.exact_match import last_answer
+
+    if record.messages is None:
+        return json.dumps(record.text)
+    return json.dumps([record.messages[: last_answer(record)], record.tools], sort_keys=True, default=str)
+
+
 def encode_all(records: list[Record], tokenizer, template: str, cfg, log, name: str) -> tuple[list[Example], dict]:
     from posttrain.data.templates import fit_length
 
@@ -198,8 +211,14 @@ def prepare_sft_data(cfg, tokenizer, run_dir: Path | None, seed: int, log: Calla
         eval_records, eval_read = _read(cfg.eval_files, cfg, run_dir, log, "eval")
     else:
         records, read_report = _read(cfg.train_files, cfg, run_dir, log, "train")
-        train_records, eval_records = split_eval(records, cfg.eval_fraction, seed)
-        eval_read = {"rows": len(eval_records), "split_from_train": True}
+        # by prompt: rows asking the same thing are held out together, so held-out figures are
+        # never taken on a prompt the run trained on
+        train_records, eval_records = split_eval(records, cfg.eval_fraction, seed, key=retain_prompt_key)
+        eval_read = {"rows": len(eval_records), "split_from_train": True,
+                     "prompts": len({retain_prompt_key(r) for r in eval_records})}
+        if cfg.eval_fraction > 0 and not eval_records and len(records) > 1:
+            log(f"data.eval_fraction={cfg.eval_fraction}: all {len(records)} training rows share one prompt, so "
+                "none is held out (give data.eval_files)")
     train, train_len = encode_all(train_records, tokenizer, template, cfg, log, "train")
     if not train and train_len["num_too_long"] + train_len["num_lost_labels"]:
         raise DataError(f"none of the {train_len['num_examples']} training examples is left after the length policy "

@@ -14,7 +14,9 @@ from posttrain.data.formats import text_answer
 from posttrain.data.records import Record
 
 
-def _last_answer(record: Record) -> int | None:
+def last_answer(record: Record) -> int | None:
+    """The index of the record's last assistant turn (the answer exact match compares with); None
+    when it has none (a text row, a conversation without an assistant turn)."""
     messages = record.messages or []
     return max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
 
@@ -22,7 +24,7 @@ def _last_answer(record: Record) -> int | None:
 def answered(records: list[Record]) -> list[Record]:
     """The records whose last assistant turn is a text answer (`text_answer`): only these have an
     answer to score (a text row has none, nor a row answered with a tool call)."""
-    return [r for r in records if (last := _last_answer(r)) is not None and text_answer(r.messages[last])]
+    return [r for r in records if (last := last_answer(r)) is not None and text_answer(r.messages[last])]
 
 
 def prompts_and_answers(records: list[Record], template: str, tokenizer) -> tuple[list[str], list[str]]:
@@ -32,7 +34,7 @@ def prompts_and_answers(records: list[Record], template: str, tokenizer) -> tupl
 
     prompts, answers = [], []
     for record in answered(records):
-        last = _last_answer(record)
+        last = last_answer(record)
         prompts.append(render(tokenizer, template, record.messages[:last], True, record.source, record.tools))
         answers.append(text_answer(record.messages[last]))
     return prompts, answers

@@ -2,7 +2,8 @@
 it, anchor the weights, distil, project, unfreeze gradually.
 
 `forgetting.retain_files` names data the model already handles and must keep handling (rows in
-sft's formats, whatever the stage trains on). Its rows are split once (by `train.seed`) into
+sft's formats, whatever the stage trains on). Its rows are split once (by `train.seed`; rows with
+the same prompt, `retain_prompt_key`, on one side together) into
   - a held-out share (`forgetting.retain_eval_fraction`), only ever measured: the token-mean loss
     on it (`retain_loss`, nats per token) is logged at step 0 and at every evaluation, and the run
     can stop when it rises too far, or is no longer finite (`forgetting.max_retain_increase`);
@@ -41,7 +42,7 @@ from posttrain.errors import ConfigError
 class RetainData:
     pool: list[Example]  # replayed, and EWC's Fisher
     held_out: list[Example]  # measured only
-    held_out_records: list[Record] = field(default_factory=list)  # for exact match
+    held_out_records: list[Record] = field(default_factory=list)  # for exact match: held_out's rows with an answer
 
 
 def retain_data_config(cfg):
@@ -73,9 +74,12 @@ def _length_settings(cfg, d) -> str:
 def prepare_retain_data(cfg, tokenizer, run_dir: Path | None, seed: int, log) -> RetainData:
     """Read `cfg.forgetting.retain_files` in any sft format (detected per file) with the training
     data's template, length and bad-row rules (`retain_data_config`; bad rows go to
-    run_dir/rejects-retain.jsonl), and split off the held-out share."""
+    run_dir/rejects-retain.jsonl), and split off the held-out share by prompt (a prompt that
+    appears more than once is measured or replayed, never both). Exact match scores held-out rows
+    the retain loss reads: those the length rules drop, or that keep no token to train on, are in
+    neither."""
     from posttrain.data import formats
-    from posttrain.data.pipeline import _labelled_only, encode_all, rejects_file, split_eval
+    from posttrain.data.pipeline import _labelled_only, encode_all, rejects_file, retain_prompt_key, split_eval
     from posttrain.data.templates import adopt_template
 
     f, d = cfg.forgetting, retain_data_config(cfg)
@@ -85,7 +89,7 @@ def prepare_retain_data(cfg, tokenizer, run_dir: Path | None, seed: int, log) ->
     if len(records) < 2:
         raise ConfigError(f"forgetting.retain_files: {len(records)} row(s); at least 2 are needed, one to measure "
                           "forgetting on and one to replay or estimate the Fisher from")
-    pool_records, held_records = split_eval(records, f.retain_eval_fraction, seed)
+    pool_records, held_records = split_eval(records, f.retain_eval_fraction, seed, key=retain_prompt_key)
     template = adopt_template(tokenizer, d.template)
     pool, _ = encode_all(pool_records, tokenizer, template, d, log, "retain pool")
     held, _ = encode_all(held_records, tokenizer, template, d, log, "retain held-out")
@@ -94,7 +98,9 @@ def prepare_retain_data(cfg, tokenizer, run_dir: Path | None, seed: int, log) ->
         raise ConfigError("forgetting.retain_files: no retain example with a token to train on is left in the "
                           + ("pool" if not pool else "held-out share")
                           + f" (after {_length_settings(cfg, d)} and empty answers)")
-    answered = [r for r in held_records if any(m["role"] == "assistant" for m in r.messages or [])]
+    measured = {example.source for example in held}  # the rows the retain loss reads
+    answered = [r for r in held_records
+                if r.source in measured and any(m["role"] == "assistant" for m in r.messages or [])]
     if f.retain_exact_match > 0 and not answered:
         raise ConfigError("forgetting.retain_exact_match scores answers, and the held-out retain rows have none "
                           "(text rows); set it to 0 and read retain_loss")
@@ -139,11 +145,19 @@ def fisher_rows(pool: list[Example], n: int, seed: int) -> list[Example]:
 
 def fisher_diagonal(model: torch.nn.Module, examples: list[Example], params: list[torch.Tensor], pad_id: int,
                     accelerator) -> list[torch.Tensor]:
-    """The empirical Fisher's diagonal, F_i = mean over examples e of (∂ℓ_e/∂θ_i)², with ℓ_e the
-    token-mean loss of e under its own labels: one example per backward (squaring a batch's summed
-    gradient would count cross terms). Float32, without autocast; the processes split the examples
+    """The empirical Fisher's diagonal (EWC, Kirkpatrick et al. 2017: F = E[(∇ log p(y|x))²]),
+
+        F_i = mean over examples e of (∂ℓ_e/∂θ_i)²,   ℓ_e = −log p(y_e|x_e) = −Σ_t log p(y_t | y_<t, x_e),
+
+    the SUM of e's token losses under its own labels: a sequence is one sample of the model's
+    distribution, so a row is not down-weighted by its length (a token-mean ℓ_e would weigh a row
+    of n tokens by 1/n²). One example per backward (squaring a batch's summed gradient would count
+    cross terms between examples). Float32, without autocast; the processes split the examples
     and sum. Then scaled to mean 1 over all trained elements, so that `forgetting.ewc` reads
-    on L2-SP's scale."""
+    on L2-SP's scale (the scaling also removes the sum's growth with the rows' lengths).
+    Worked example: a bigram table W (2×2) at zero (p = ½, ½), a row predicting 1 after 0 and 0
+    after 1 (∇W = ±½ everywhere) and a row predicting 0 after 0 three times (∇W₀ = (−1.5, 1.5),
+    ∇W₁ = 0) give F = (1.25, 1.25 | 0.125, 0.125), scaled: (20/11, 20/11 | 2/11, 2/11)."""
     from posttrain.data.batching import collate
 
     sums = [torch.zeros_like(p, dtype=torch.float32) for p in params]
@@ -155,7 +169,7 @@ def fisher_diagonal(model: torch.nn.Module, examples: list[Example], params: lis
     try:
         for example in mine:
             batch = {k: v.to(accelerator.device) for k, v in collate([example], pad_id).items()}
-            loss = forward(model, **batch) / example.num_label_tokens
+            loss = forward(model, **batch)  # −log p(y|x): the summed token loss
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             for total, grad in zip(sums, grads):
                 if grad is not None:

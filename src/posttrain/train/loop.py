@@ -280,13 +280,23 @@ def _train_step(module, stage: Stage, micro: list[Batch], accelerator, cfg, inac
     return loss, float(grad_norm), metrics
 
 
-@torch.enable_grad()  # the loop owns its steps: a caller's torch.set_grad_enabled(False) is put back after
 def train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: dict[str, Any] | None = None) -> LoopResult:
     """Run the optimisation described by `cfg` (a TrainConfig) on `stage`; checkpoints in run_dir.
 
     fingerprint: the settings the run's results depend on (`run_fingerprint`): kept in every
     checkpoint, and a resume from a checkpoint of other settings is refused, naming them.
-    The held-out micro-batches are collated once, at the start, and kept for every evaluation."""
+    The held-out micro-batches are collated once, at the start, and kept for every evaluation.
+    A run that fails or is stopped here releases its lock on run_dir (`start_run`)."""
+    try:
+        return _train(stage, cfg, run_dir, accelerator, fingerprint)
+    except BaseException:
+        release_run_dir(run_dir)
+        raise
+
+
+@torch.enable_grad()  # the loop owns its steps: a caller's torch.set_grad_enabled(False) is put back after
+def _train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: dict[str, Any] | None) -> LoopResult:
+    """`train`'s work."""
     segment_started = time.perf_counter()
     optimizer = make_optimizer(stage.module, cfg, getattr(stage, "lr_scale", None))
     inactive_at = getattr(stage, "inactive_parameters", lambda step: [])
@@ -672,9 +682,11 @@ def _stopped_before(state: dict, patience: int) -> bool:
 
 
 def start_run(cfg) -> tuple[Path, Any, bool, Any]:
-    """What every stage does first: (run_dir, accelerator, is_main_process, log). Writes the
-    resolved config to run_dir/config.yaml, starts the trackers of train.report_to and seeds
-    everything; `log` prints (flushed) on the main process only."""
+    """What every stage does first: (run_dir, accelerator, is_main_process, log). Refuses an
+    output_dir over a model the run reads (`_check_not_over_its_models`) and one another training
+    run is writing (`_lock_run_dir`: the lock is held until `finish_run`, or until the run fails);
+    writes the resolved config to run_dir/config.yaml, starts the trackers of train.report_to and
+    seeds everything; `log` prints (flushed) on the main process only."""
     import functools
 
     import yaml
@@ -685,33 +697,120 @@ def start_run(cfg) -> tuple[Path, Any, bool, Any]:
 
     run_dir = _checked_run_dir(cfg.output_dir)
     _check_input_files(cfg)  # before minutes of model loading, not after
-    # a resume from a checkpoint of other settings is refused before anything of the new run is
-    # written over the existing run's (its config.yaml) or loaded (train() checks it again)
-    resume_from = _resume_path(cfg.train.resume, run_dir / "checkpoints")
-    if resume_from is not None:
-        _check_same_run(resume_from, run_fingerprint(cfg))
+    _check_not_over_its_models(cfg, run_dir)
     accelerator = make_accelerator(cfg.train, run_dir)
     main = accelerator.is_main_process
-    # flushed at once: a script's stdout in a log file is block-buffered (the command line makes it
-    # line-buffered; run_sft called from a script does not touch the caller's stdout)
-    log = functools.partial(print, flush=True) if main else (lambda *_: None)
-    recorded = cfg.to_dict()
-    model_path = getattr(getattr(cfg, "model", None), "path", None)
-    final = run_final_model(model_path) if isinstance(model_path, str) else None
-    if final is not None:  # a run directory: its final model, as generate and merge take it
-        recorded["model"]["path"] = str(final)
-        log(f"model.path {model_path} is a run directory: starting from its final model {final}")
     if main:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # a file on the way (output_dir=a/file/run), no permission, ...
             raise ConfigError(f"output_dir {run_dir}: cannot create the run directory "
                               f"({exc.strerror or type(exc).__name__})") from None
-        write_atomically(run_dir / "config.yaml", yaml.safe_dump(recorded, sort_keys=False))
-    if cfg.train.report_to:
-        _start_trackers(accelerator, run_dir, recorded, resume_from)
-    set_seed(cfg.train.seed)
+        _lock_run_dir(run_dir)  # held until finish_run, or until the run fails
+    try:
+        # a resume from a checkpoint of other settings is refused before anything of the new run is
+        # written over the existing run's (its config.yaml) or loaded (train() checks it again)
+        resume_from = _resume_path(cfg.train.resume, run_dir / "checkpoints")
+        if resume_from is not None:
+            _check_same_run(resume_from, run_fingerprint(cfg))
+        # flushed at once: a script's stdout in a log file is block-buffered (the command line makes it
+        # line-buffered; run_sft called from a script does not touch the caller's stdout)
+        log = functools.partial(print, flush=True) if main else (lambda *_: None)
+        recorded = cfg.to_dict()
+        model_path = getattr(getattr(cfg, "model", None), "path", None)
+        final = run_final_model(model_path) if isinstance(model_path, str) else None
+        if final is not None:  # a run directory: its final model, as generate and merge take it
+            recorded["model"]["path"] = str(final)
+            log(f"model.path {model_path} is a run directory: starting from its final model {final}")
+        if main:
+            write_atomically(run_dir / "config.yaml", yaml.safe_dump(recorded, sort_keys=False))
+        if cfg.train.report_to:
+            _start_trackers(accelerator, run_dir, recorded, resume_from)
+        set_seed(cfg.train.seed)
+    except BaseException:
+        release_run_dir(run_dir)
+        raise
     return run_dir, accelerator, main, log
+
+
+def _check_not_over_its_models(cfg, run_dir: Path) -> None:
+    """A run's output_dir must not be, or hold, a model the run reads (model.path, a run directory's
+    as its final model; reward.models; ppo.value_model_path): a fresh start removes the run
+    directory's final/ and checkpoints/, and the run writes its own final/ there, over the model it
+    starts from (a DPO run's reference, too); a model directory would take the run's files beside
+    its own. Refused before anything is written, as `posttrain merge` refuses the adapter's own base
+    as its OUT_DIR. An output_dir inside a model directory (/models/m/runs/lora) leaves the model's
+    own files alone and is taken. A path not there yet is the loader's to refuse; presets live in
+    posttrain's cache."""
+    from posttrain.models.loading import run_final_model
+    from posttrain.models.presets import is_preset
+
+    target = run_dir.resolve()
+    for setting, path in _models_read(cfg):
+        if is_preset(path) or not Path(path).expanduser().is_dir():
+            continue
+        model = (run_final_model(path) or Path(path).expanduser()).resolve()
+        if target == model:
+            where = f"is the directory of {setting} {path}"
+        elif target in model.parents:
+            where = f"holds {setting} {path}" + (f" (its final model {model})" if model.name == "final" else "")
+        else:
+            continue
+        raise ConfigError(f"output_dir {run_dir} {where}: the run would write over the model it reads; give "
+                          "another output_dir")
+
+
+def _models_read(cfg) -> list[tuple[str, str]]:
+    """(setting, path) of each model a run reads from disk: model.path, each of reward.models (a
+    'NAME=DIR' as its DIR), ppo.value_model_path; those set."""
+    from posttrain.rewards import model_component
+
+    models = getattr(getattr(cfg, "reward", None), "models", None) or []
+    found = [("model.path", getattr(getattr(cfg, "model", None), "path", None))]
+    found += [("reward.models", model_component(i, item, len(models))[1]) for i, item in enumerate(models)
+              if isinstance(item, str)]
+    found.append(("ppo.value_model_path", getattr(getattr(cfg, "ppo", None), "value_model_path", None)))
+    return [(setting, path) for setting, path in found if isinstance(path, str) and path]
+
+
+# The run directories this process holds locked (`_lock_run_dir`): resolved path -> (open lock file,
+# the thread whose run holds it). Guarded by _HELD_LOCK (runs in threads: a notebook's, a test's).
+_HELD: dict[Path, tuple[Any, threading.Thread]] = {}
+_HELD_LOCK = threading.Lock()
+LOCK_FILE = ".lock"
+
+
+def _lock_run_dir(run_dir: Path) -> None:
+    """Lock run_dir against a second training run (main process; `files.lock_exclusively` on
+    run_dir/.lock): a job relaunched while its first copy still runs would resume from the live
+    run's checkpoint, and both would write metrics.jsonl, checkpoints/ and final/. Refused, naming
+    the directory. Released by finish_run, or when the run fails (train, start_run); a lock this
+    thread's earlier run left (it failed between the two), or a finished thread's, is released
+    here first. Without flock (not POSIX), no lock."""
+    from posttrain.files import lock_exclusively
+
+    key = run_dir.resolve()
+    with _HELD_LOCK:
+        held = _HELD.get(key)
+        if held is not None and (held[1] is threading.current_thread() or not held[1].is_alive()):
+            _HELD.pop(key)[0].close()
+        try:
+            file = open(run_dir / LOCK_FILE, "a", encoding="utf-8")
+        except OSError:  # a directory this process cannot write: writing the run says so, naming the file
+            return
+        if lock_exclusively(file, f"{run_dir} is being written by another training run; wait for it to finish, "
+                                  "or use another output_dir"):
+            _HELD[key] = (file, threading.current_thread())
+        else:
+            file.close()
+
+
+def release_run_dir(run_dir: Path) -> None:
+    """Release `_lock_run_dir`'s lock on run_dir, if this process holds it (the lock file stays)."""
+    with _HELD_LOCK:
+        held = _HELD.pop(Path(run_dir).resolve(), None)
+    if held is not None:
+        held[0].close()
 
 
 def _start_trackers(accelerator, run_dir: Path, recorded: dict, resume_from: Path | None) -> None:
@@ -803,7 +902,8 @@ def finish_run(run_dir: Path, accelerator, main: bool, model, tokenizer, summary
     tokenizer, directory)`, by default `loading.save_model`; transformers' progress bar hidden
     meanwhile) and summary.json, which begins with the posttrain version (main process); then wait
     for every process and close the trackers. A full disk is said naming the file or directory that
-    did not fit (`errors.NoRoom`)."""
+    did not fit (`errors.NoRoom`). The run directory's lock (`start_run`) is released, whatever
+    happens."""
     import json
 
     from posttrain import __version__
@@ -811,18 +911,21 @@ def finish_run(run_dir: Path, accelerator, main: bool, model, tokenizer, summary
     from posttrain.models.loading import save_model
     from posttrain.models.presets import quiet_progress_bars
 
-    if main:
-        save = save or save_model
-        with quiet_progress_bars():  # transformers' shard-writing bar, in a script's or notebook's output
-            checkpoint.write_whole(run_dir / "final", lambda final: save(model, tokenizer, final))
-        summary = {"posttrain_version": __version__} | summary
-        path = run_dir / "summary.json"
-        try:
-            path.write_text(json.dumps(strict_json(summary), indent=1, allow_nan=False))
-        except OSError as exc:
-            raise (NoRoom.of(exc, path) or exc) from exc
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    try:
+        if main:
+            save = save or save_model
+            with quiet_progress_bars():  # transformers' shard-writing bar, in a script's or notebook's output
+                checkpoint.write_whole(run_dir / "final", lambda final: save(model, tokenizer, final))
+            summary = {"posttrain_version": __version__} | summary
+            path = run_dir / "summary.json"
+            try:
+                path.write_text(json.dumps(strict_json(summary), indent=1, allow_nan=False))
+            except OSError as exc:
+                raise (NoRoom.of(exc, path) or exc) from exc
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+    finally:
+        release_run_dir(run_dir)  # start_run's lock
     return run_dir
 
 

@@ -9,9 +9,16 @@ policy as it stands after the step's backward:
   - `lm_coef` γ: adds γ·∇ of the token-mean LM loss on it. InstructGPT's PPO-ptx (Ouyang et al.
     2022, Eq. 2) mixes pretraining gradients into PPO this way; here it works in every stage, and
     is how DPO and the RL stages replay (their rows are not text to train on).
-  - `distill` λ: adds λ·∇ of the token-mean KL(p_θ₀ ‖ p_θ) on it (Learning without Forgetting, Li &
-    Hoiem 2017): the model is held to the outputs it gave as the run started, not to the labels.
-    p_θ₀ is kept as its top-k tokens per label position of every pool row, computed once in one
+  - `distill` λ: adds λ·∇ of the token mean of the distillation loss on it (Learning without
+    Forgetting, Li & Hoiem 2017): the model is held to the outputs it gave as the run started, not
+    to the labels. At temperature T (`distill_temperature`; LwF uses T = 2), per label position,
+
+        L = T² · KL(q_T ‖ p_T),   q_T = softmax(z_θ₀ / T),   p_T = softmax(z_θ / T),
+
+    z the logits: T > 1 softens both distributions so that the teacher's less likely tokens weigh
+    more; T² (Hinton et al. 2015, "Distilling the Knowledge in a Neural Network", §2) keeps the
+    gradient's size as T changes (it scales as 1/T²). T = 1 is the plain KL(p_θ₀ ‖ p_θ).
+    q_T is kept as its top-k tokens per label position of every pool row, computed once in one
     pass before step 0 (8·k bytes per position, on every process and in checkpoints), so no second model stays
     in memory (`losses.regularization.topk_distillation_kl`).
   - `project`: A-GEM (`losses.regularization.agem_project`): where the step's gradient points
@@ -44,6 +51,7 @@ class RetainTerms:
         # rows per step: retain_batch_size, else `step_batch_size` (the step's global batch), else batch_size
         self.batch_size = min(cfg.retain_batch_size or step_batch_size or batch_size, len(pool))
         self.seed, self.chunk_size = seed, chunk_size
+        self.temperature = float(cfg.distill_temperature)  # validated > 0 with the config
         # per pool example: (teacher log-probs (n, k) float32, token ids (n, k) int64) at its label positions
         self.teacher: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
@@ -64,7 +72,8 @@ class RetainTerms:
 
     @torch.no_grad()
     def compute_teacher(self, accelerator) -> None:
-        """p_θ₀'s top-k at every label position of every pool row, from the policy as it is now."""
+        """q_T's top-k (p_θ₀ at temperature T) at every label position of every pool row, from the
+        policy as it is now."""
         from posttrain.data.batching import collate
 
         was_training = self.policy.training
@@ -75,7 +84,8 @@ class RetainTerms:
                 for start in range(0, len(self.pool), self.micro_batch_size):
                     examples = self.pool[start : start + self.micro_batch_size]
                     batch = {k: v.to(accelerator.device) for k, v in collate(examples, self.pad_id).items()}
-                    logps, ids = _top_k(self.policy, batch, self.cfg.distill_top_k, self.chunk_size)
+                    logps, ids = _top_k(self.policy, batch, self.cfg.distill_top_k, self.chunk_size,
+                                        self.temperature)
                     counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).tolist()
                     teacher += list(zip(logps.split(counts), ids.to(torch.int32).split(counts)))
         finally:
@@ -144,7 +154,7 @@ class RetainTerms:
         return figures
 
     def _losses(self, rows: list[int], device, accelerator) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Σ NLL, Σ KL(teacher ‖ policy)) over the label tokens of pool rows `rows`, with their graph."""
+        """(Σ NLL, Σ T²·KL(q_T ‖ p_T)) over the label tokens of pool rows `rows`, with their graph."""
         from posttrain.data.batching import collate
         from posttrain.losses.regularization import topk_distillation_kl
 
@@ -152,12 +162,12 @@ class RetainTerms:
         distill = self.cfg.distill > 0
         extra = torch.cat([self.teacher[i][1] for i in rows]).to(device).long() if distill else None
         with accelerator.autocast():
-            logps = _position_logps(self.policy, batch, extra, self.chunk_size)  # (N, 1 [+ k + 1])
+            logps = _position_logps(self.policy, batch, extra, self.chunk_size, self.temperature)  # (N, 1 [+ k + 1])
         nll = -logps[:, 0].sum()
         if not distill:
             return nll, torch.zeros((), device=device)
         teacher = torch.cat([self.teacher[i][0] for i in rows]).to(device)
-        return nll, topk_distillation_kl(logps[:, 1:-1], teacher, logps[:, -1]).sum()
+        return nll, self.temperature ** 2 * topk_distillation_kl(logps[:, 1:-1], teacher, logps[:, -1]).sum()
 
 
 def _accumulate(totals: list[torch.Tensor], loss: torch.Tensor, params: list[torch.Tensor], keep: bool = False) -> None:
@@ -192,27 +202,50 @@ def _selected(model, batch: dict, chunk_size: int):
     return selected.float().log_softmax(-1), None, None, targets
 
 
-def _position_logps(model, batch: dict, extra: torch.Tensor | None, chunk_size: int) -> torch.Tensor:
+def _position_logps(model, batch: dict, extra: torch.Tensor | None, chunk_size: int,
+                    temperature: float = 1.0) -> torch.Tensor:
     """log p_θ of each label token: (N, 1); with `extra` (N, k) tokens at its position, also their
-    log-probs and the log-mass of every other token: (N, 1 + k + 1)."""
+    log-probs at `temperature` (softmax(z / T)) and the log-mass of every other token there:
+    (N, 1 + k + 1). The label's column is at T = 1 whatever `temperature`."""
+    selected, weight, bias, targets = _selected(model, batch, chunk_size)
+    if extra is not None and temperature != 1.0:  # the label at T = 1, the rest at T: two passes over the head
+        label = _position_logps_of(selected, weight, bias, targets[:, None], None, chunk_size)
+        soft = _position_logps_of(*_at_temperature(selected, weight, bias, temperature), extra, 0, chunk_size)
+        return torch.cat([label, soft], dim=1)
+    indices = targets[:, None] if extra is None else torch.cat([targets[:, None], extra], dim=1)
+    return _position_logps_of(selected, weight, bias, indices, None if extra is None else 1, chunk_size)
+
+
+def _position_logps_of(selected, weight, bias, indices: torch.Tensor, rest_from: int | None,
+                       chunk_size: int) -> torch.Tensor:
+    """`token_logps_at` of what `_selected` returned: the log-probs at `indices` (N, M), and with
+    `rest_from` = j the log-mass outside indices[:, j:] as one more column."""
     from posttrain.losses.language_modeling import token_logps_at
 
-    selected, weight, bias, targets = _selected(model, batch, chunk_size)
-    indices = targets[:, None] if extra is None else torch.cat([targets[:, None], extra], dim=1)
-    rest_from = None if extra is None else 1
     if weight is not None:
         return token_logps_at(selected, weight, indices, bias, chunk_size, rest_from)
     out = selected.gather(1, indices)  # `selected` holds full log-probs here
     if rest_from is None:
         return out
-    rest = torch.logsumexp(selected.scatter(1, extra, float("-inf")), dim=-1, keepdim=True)
+    rest = torch.logsumexp(selected.scatter(1, indices[:, rest_from:], float("-inf")), dim=-1, keepdim=True)
     return torch.cat([out, rest], dim=1)
 
 
-def _top_k(model, batch: dict, k: int, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _at_temperature(selected, weight, bias, temperature: float):
+    """What `_selected` returned, for softmax(z / T): z / T = (h / T)·W + b / T on the hidden path;
+    log_softmax(log p / T) when `selected` holds log-probs (log p = z − const)."""
+    if temperature == 1.0:
+        return selected, weight, bias
+    if weight is None:
+        return (selected / temperature).log_softmax(-1), None, None
+    return selected / temperature, weight, None if bias is None else bias / temperature
+
+
+def _top_k(model, batch: dict, k: int, chunk_size: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k most likely tokens per label position and their log-probs under softmax(z / T)."""
     from posttrain.losses.language_modeling import top_k_logps
 
-    selected, weight, bias, _ = _selected(model, batch, chunk_size)
+    selected, weight, bias = _at_temperature(*_selected(model, batch, chunk_size)[:3], temperature)
     if weight is None:
         top = selected.topk(min(k, selected.shape[-1]), dim=-1)
         return top.values, top.indices

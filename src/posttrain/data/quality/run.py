@@ -28,8 +28,8 @@ from typing import Any
 from posttrain.config.schema import user_path
 from posttrain.data.quality import filters, stats
 from posttrain.data.preferences import _decoded
-from posttrain.data.quality.rows import Row, load_rows, reconvert
-from posttrain.errors import DataError
+from posttrain.data.quality.rows import ALL_FORMATS, Row, load_rows, reconvert
+from posttrain.errors import ConfigError, DataError
 from posttrain.files import write_config
 
 
@@ -59,8 +59,9 @@ def run_quality(cfg, *, log: Callable[[str], Any] = print) -> Path:
 
         check_model_dir(cfg.perplexity.model, "perplexity.model")
     out = user_path(cfg.output_dir)
+    _check_inputs_are_not_outputs(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in [*out.glob("kept*.jsonl"), *(out / name for name in _OUTPUTS)]:
+    for stale in _outputs(out):
         stale.unlink(missing_ok=True)  # an earlier run's files never pass for this run's
     write_config(out, cfg)  # dedup's and balance's seeds among it
     d = cfg.data
@@ -89,6 +90,33 @@ def run_quality(cfg, *, log: Callable[[str], Any] = print) -> Path:
 
 
 _OUTPUTS = ("dropped.jsonl", "rejects.jsonl", "report.json", "report.md", "perplexity.jsonl")
+
+
+def _kept_file(fmt: str | None = None) -> str:
+    """The kept rows' file: kept.jsonl, or kept-FORMAT.jsonl when the rows mix formats."""
+    return "kept.jsonl" if fmt is None else f"kept-{fmt}.jsonl"
+
+
+def _outputs(out: Path) -> list[Path]:
+    """Every file a run writes into `out` (the kept files of every format included), and nothing
+    else: a run removes an earlier run's before it starts, never a file of the user's beside them
+    (kept-v1.jsonl, a copy of a first pass's rows)."""
+    names = [_kept_file(), *(_kept_file(fmt) for fmt in ALL_FORMATS), *_OUTPUTS]
+    return [out / name for name in names]
+
+
+def _check_inputs_are_not_outputs(cfg, out: Path) -> None:
+    """Refuse a data file (data.files, decontaminate.files) that is one of this run's outputs
+    (`_outputs`): an earlier pass's kept.jsonl read again in the same output_dir would be removed
+    with the earlier run's outputs before it is read, and that pass's dropped rows and report with
+    it. Said up front, naming the file: the second pass writes elsewhere, or reads a copy."""
+    outputs = {path.resolve() for path in _outputs(out)}
+    for setting, files in (("data.files", cfg.data.files), ("decontaminate.files", cfg.decontaminate.files)):
+        for name in files:
+            if isinstance(name, str) and user_path(name).resolve() in outputs:
+                raise ConfigError(f"{setting}: {name} is one of the outputs in output_dir {out}, which a run "
+                                  "removes before it reads its data (an earlier pass's results would go with it); "
+                                  "write this pass to another output_dir, or read a copy kept elsewhere")
 
 
 def _clean(text: str) -> str:
@@ -342,17 +370,17 @@ def _write(out: Path, work: _Pass, kept: list[Row], report: dict) -> list[str]:
     by_format: dict[str, list[Row]] = {}
     for row in kept:
         by_format.setdefault(row.format, []).append(row)
-    names = {fmt: "kept.jsonl" if len(by_format) <= 1 else f"kept-{fmt}.jsonl" for fmt in by_format}
+    names = {fmt: _kept_file() if len(by_format) <= 1 else _kept_file(fmt) for fmt in by_format}
     for fmt, rows in by_format.items():
         write_atomically(out / names[fmt], jsonl(row.raw for row in rows))
     if not by_format:
-        write_atomically(out / "kept.jsonl", "")
+        write_atomically(out / _kept_file(), "")
     write_atomically(out / "dropped.jsonl", jsonl(
         {"location": work.rows[i].source, "reason": reason, "detail": detail, "row": work.rows[i].raw}
         for i, (reason, detail) in sorted(work.dropped.items())))
     if work.scores is not None:
         write_atomically(out / "perplexity.jsonl", jsonl(work.scores))
-    files = sorted(names.values()) or ["kept.jsonl"]
+    files = sorted(names.values()) or [_kept_file()]
     report["kept_files"] = files
     write_atomically(out / "report.json", json.dumps(report, indent=1, ensure_ascii=False, default=str))
     write_atomically(out / "report.md", markdown(report))
