@@ -47,7 +47,7 @@ def test_a_ctrl_c_logs_the_steps_since_the_last_line_and_the_resume_logs_none_of
     out = capsys.readouterr().out
     lines = _lines(run_dir)
     assert [(r["step"], r["steps_averaged"]) for r in lines] == [(3, 3)]
-    assert "interrupted: checkpoint saved at step 3 of 8; the same command resumes from it" in out
+    assert "interrupted: checkpoint saved at step 3 of 8; the same command" in out
     assert f"loss {lines[0]['loss']:.4f}" in out
     monkeypatch.setattr(RunLogger, "advance", advance)
     resumed = _cfg(log_every=4, save_every=0, eval_every=0, resume="auto")

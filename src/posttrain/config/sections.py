@@ -107,7 +107,8 @@ class DataConfig:
     train_files: list[str] = option(["synthetic"], "training files (jsonl, json, parquet, csv, datasets dir) or 'synthetic'")
     eval_files: list[str] = option([], "held-out files (also with `train_files: [synthetic]`, in place of its held-out "
                                        "split); empty = split eval_fraction off the training data")
-    eval_fraction: float = option(0.05, "fraction of training rows held out when eval_files is empty")
+    eval_fraction: float = option(0.05, "fraction of training rows held out when eval_files is empty, by prompt "
+                                         "(all of a prompt's rows on one side)")
     format: Literal["auto", "alpaca", "messages", "prompt_completion", "text"] = option(
         "auto", "row format; auto-detected from the first rows")
     template: Literal["auto", "tokenizer", "chatml", "alpaca"] = option(

@@ -89,7 +89,13 @@ class Stage(Protocol):
     # logged as eval_<name>; they stop nothing;
     # monitor_stop: the summary's stop_reason when the monitor stops the run (default "monitor";
     # the forgetting monitor's is "forgetting");
-    # on_checkpoint() -> called as each checkpoint is saved (streamed SFT's counts of the rows read).
+    # on_checkpoint() -> called as each checkpoint is saved (streamed SFT's counts of the rows read);
+    # epoch_ended() -> asked after each step of a stage whose epochs may end before
+    # micro_batches_per_epoch, then a most (PPO: ppo.early_stop_kl cuts rollouts' updates): True when
+    # the micro-batches handed out so far end the epoch (its generator has none left). The epoch
+    # then counts as read (`epochs_read` 1.0), and under train.epochs the run ends once that many
+    # are read (`_passes_done`), short of its planned steps; epochs_cut_by: the setting that cuts
+    # them, as the line saying so names it.
 
 
 STOP_REASONS = ("max_steps", "epochs", "patience", "forgetting", "monitor")
@@ -156,13 +162,61 @@ def _steps(stage: Stage, group: int, epoch: int, consumed: int) -> Iterator[tupl
         epoch, consumed = epoch + 1, 0
 
 
-def plan_total_steps(stage: Stage, cfg, group: int) -> int:
+def plan_total_steps(stage: Stage, cfg, group: int, state: dict | None = None) -> int:
+    """The optimizer steps a run plans (the learning-rate schedule's length): train.max_steps when
+    set, else train.epochs passes of `stage.micro_batches_per_epoch()` at `group` (processes ×
+    grad_accum) micro-batches a step, an epoch's last step topped up (`_steps`):
+    max(1, ⌈epochs × ⌈per_epoch / group⌉⌉).
+
+    A resume (`state`: the checkpoint's loop state) plans from its data position: its step + the
+    steps of the rest of its epoch at this run's group, ⌈(per_epoch − read) / group⌉, + the epochs
+    after it by the same rule (a fraction of an epoch as ⌈fraction × steps an epoch⌉). A run resumed
+    with another train.grad_accum or number of processes (README allows it: the position counts
+    micro-batches) thus reads the rest of its epochs once. Under the plan the checkpoint was saved
+    with (`state["planned"]`: the same group, epochs and epoch length) it keeps that plan's steps,
+    which an uninterrupted run takes: a resume continues its schedule bit for bit (an epoch cut
+    short by the stage, `_passes_done`, leaves its step behind its position)."""
     if cfg.max_steps > 0:
         return cfg.max_steps
     per_epoch = stage.micro_batches_per_epoch()
     if per_epoch is None:
         raise ConfigError("streaming data has no known length: set train.max_steps")
-    return max(1, math.ceil(cfg.epochs * math.ceil(per_epoch / group)))
+    per_step = math.ceil(per_epoch / group)
+    planned = max(1, math.ceil(cfg.epochs * per_step))
+    if not state or not state.get("step"):
+        return planned
+    earlier = state.get("planned")
+    if earlier is not None and earlier[:3] == [group, cfg.epochs, per_epoch]:
+        return earlier[3]
+    epoch, read = _position(state, group)
+    at = (epoch + 1) * per_step - math.ceil(max(per_epoch - read, 0) / group)  # in steps of this group
+    return state["step"] + planned - at
+
+
+def _replanned(state: dict, cfg, group: int, per_epoch: int | None, total_steps: int) -> str:
+    """The line a resume under train.epochs says when its plan is not the checkpoint's run's
+    (another group, processes × train.grad_accum, or other epochs: `plan_total_steps`); else ""."""
+    earlier = state.get("planned")
+    if cfg.max_steps > 0 or earlier is None or earlier[:3] == [group, cfg.epochs, per_epoch]:
+        return ""
+    return (f"train.epochs={cfg.epochs:g} at {group} micro-batch(es) a step (the checkpoint's run: train.epochs="
+            f"{earlier[1]:g} at {earlier[0]}, {earlier[3]} steps planned): {max(total_steps - state['step'], 0)} more "
+            f"step(s) from the checkpoint's data position, to step {total_steps}")
+
+
+def _position(state: dict, group: int) -> tuple[int, int]:
+    """The data position of a loop state: (epoch, its micro-batches read). A checkpoint written
+    before micro_in_epoch was kept counted steps of this run's size (step_in_epoch)."""
+    return state["epoch"], state.get("micro_in_epoch", state.get("step_in_epoch", 0) * group)
+
+
+def _passes_done(stage: Stage, cfg, state: dict, per_epoch: int | None) -> bool:
+    """Whether a run under train.epochs (max_steps 0) has read its passes over a stage whose epochs
+    may end short of `micro_batches_per_epoch`, then a most (`epoch_ended`: PPO, whose
+    ppo.early_stop_kl cuts a rollout's updates): its planned steps are a most too, and the run
+    ends here. A fraction of an epoch counts the epoch's most micro-batches (`epochs_read`)."""
+    return (cfg.max_steps <= 0 and getattr(stage, "epoch_ended", None) is not None and bool(per_epoch)
+            and epochs_read(state, per_epoch) >= cfg.epochs)
 
 
 def evaluate(module, stage: Stage, accelerator, batches: list[Batch] | None = None
@@ -306,7 +360,6 @@ def _train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: dict[str,
     module, optimizer = accelerator.prepare(stage.module, optimizer)
     rank, world = accelerator.process_index, accelerator.num_processes
     group = world * cfg.grad_accum
-    total_steps = plan_total_steps(stage, cfg, group)
     per_epoch = stage.micro_batches_per_epoch()
     ckpt_root = run_dir / "checkpoints"
     state: dict[str, Any] = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "skipped_steps": 0,
@@ -321,6 +374,11 @@ def _train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: dict[str,
         fresh_start = ""
     else:  # what of an earlier run a fresh start removed, said once the log is open
         fresh_start = _clear_earlier_run(run_dir, len(damaged)) if accelerator.is_main_process else ""
+    total_steps = plan_total_steps(stage, cfg, group, state if resume_from is not None else None)
+    replanned = _replanned(state, cfg, group, per_epoch, total_steps) if resume_from is not None else ""
+    state.pop("planned", None)
+    if cfg.max_steps <= 0:  # what this plan was made of, for a resume to keep (`plan_total_steps`)
+        state["planned"] = [group, cfg.epochs, per_epoch, total_steps]
     accelerator.wait_for_everyone()
     log = RunLogger(run_dir, enabled=accelerator.is_main_process, accelerator=accelerator,
                     trackers=cfg.report_to, total_steps=total_steps, initial_step=state["step"],
@@ -332,6 +390,8 @@ def _train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: dict[str,
                     f"{'passed over and ' if resume_from is not None else ''}removed")
     if resume_from is not None:
         log.message(f"resumed from {resume_from} at step {state['step']}")
+        if replanned:
+            log.message(replanned)
         if state["step"] > total_steps:
             plan = f"train.max_steps={cfg.max_steps}" if cfg.max_steps > 0 else f"train.epochs={cfg.epochs}"
             log.message(f"note: the checkpoint is at step {state['step']}, past the {total_steps} step(s) this run "
@@ -369,9 +429,9 @@ def _train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: dict[str,
         log.message(f"note: train.eval_every={cfg.eval_every} has no held-out data to evaluate (none was set "
                     "aside): nothing is evaluated during the run")
     module.train()
-    # a checkpoint before micro_in_epoch was saved counted steps of this run's size
-    consumed = state.get("micro_in_epoch", state.get("step_in_epoch", 0) * group)
-    steps = _steps(stage, group, state["epoch"], consumed)
+    steps = _steps(stage, group, *_position(state, group))
+    epoch_ended = getattr(stage, "epoch_ended", None)
+    passes_done = _passes_done(stage, cfg, state, per_epoch)
     # One process without a GradScaler: untied embeddings take sparse gradients (see optim.py).
     sparse_ok = (world == 1 and accelerator.distributed_type == "NO" and accelerator.scaler is None
                  and getattr(cfg, "optimizer", "adamw") in ("adamw", "adamw_fused")
@@ -385,7 +445,7 @@ def _train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: dict[str,
     with sparse_embedding_gradients(accelerator.unwrap_model(module), enabled=sparse_ok), \
             training_attention_kernels(accelerator.device), _interrupt_at_step_end(world == 1) as interrupted:
         try:
-            while state["step"] < total_steps and not stopped_early:
+            while state["step"] < total_steps and not stopped_early and not passes_done:
                 started = time.perf_counter()
                 epoch, micro_in_epoch, micro = next(steps)
                 lr = cfg.lr * lr_factor(state["step"], total_steps, cfg.schedule, warmup, cfg.min_lr_ratio)
@@ -400,7 +460,10 @@ def _train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: dict[str,
                 else:
                     overflow_scale = _skipped_step(accelerator, loss)
                 optimizer.zero_grad(set_to_none=True)
+                if epoch_ended is not None and per_epoch and micro_in_epoch < per_epoch and epoch_ended():
+                    epoch, micro_in_epoch = epoch + 1, 0  # cut short: read, as `_steps` will find next
                 state.update(step=state["step"] + 1, epoch=epoch, micro_in_epoch=micro_in_epoch)
+                passes_done = _passes_done(stage, cfg, state, per_epoch)
                 state.pop("step_in_epoch", None)
                 abort = _count_nonfinite(state, finite, cfg, log, overflow_scale)
                 record = _step_record(state, loss, lr, grad_norm, stage, micro, started, world, per_epoch) | metrics
@@ -414,7 +477,7 @@ def _train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: dict[str,
                 log.advance(record)
                 if abort:
                     raise TrainingAborted(abort)
-                at_end = state["step"] == total_steps
+                at_end = state["step"] == total_steps or passes_done
                 if (cfg.eval_every and state["step"] % cfg.eval_every == 0) or at_end:
                     evaluated = _evaluate_step(module, stage, accelerator, held_out, state, cfg, log, at_end)
                     if evaluated is not None:
@@ -431,12 +494,15 @@ def _train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: dict[str,
                 if signalled:
                     said = "" if last_line is None else (f" (loss {last_line['loss']:.4f} over the last "
                                                          f"{last_line['steps_averaged']} step(s))")
+                    how = ("the same command with train.resume=auto resumes from it (with train.resume=never "
+                           "it starts afresh)") if cfg.resume == "never" else "the same command resumes from it"
                     log.message(f"interrupted: checkpoint saved at step {state['step']} of {total_steps}; "
-                                f"the same command resumes from it{said}")
+                                f"{how}{said}")
                     raise Stopped(interrupted())
         finally:
             log.close()
-    if resume_from is not None and eval_loss is None and (state["step"] >= total_steps or stopped_early):
+    if resume_from is not None and eval_loss is None and (state["step"] >= total_steps or stopped_early
+                                                          or passes_done):
         # A resumed run that was already finished trains nothing, but its caller still reports the
         # final evaluation (a pipeline rerun, say): evaluate the restored weights once.
         evaluated = evaluate(module, stage, accelerator, held_out)
@@ -444,6 +510,11 @@ def _train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: dict[str,
             eval_loss, eval_metrics = evaluated
         if hasattr(stage, "monitor"):
             stage.monitor(module, accelerator)  # its figures of the restored weights; nothing left to stop
+    if passes_done and state["step"] < total_steps:
+        log.message(f"train.epochs={cfg.epochs:g}: the passes over the data ended at step {state['step']} of the "
+                    f"{total_steps} planned, as epochs cut short ({getattr(stage, 'epochs_cut_by', 'the stage')}) "
+                    f"allow; the learning-rate schedule was planned on the uncut most of {total_steps} steps and "
+                    f"stopped at step {state['step']} of them")
     stop_reason, detail = "max_steps" if cfg.max_steps > 0 else "epochs", None
     if stopped_early:
         detail = state.get("stop_reason") or f"no eval improvement in {state['evals_without_improvement']} evals"
@@ -593,7 +664,8 @@ def _shown(figures: dict[str, float]) -> str:
 def epochs_read(state: dict, per_epoch: int | None) -> float:
     """The `epoch` a step logs: the epochs read so far, in micro-batches (state's epoch + its
     micro-batches read / an epoch's), to 4 decimals: 1.0 once the first epoch is read, whether
-    it ended exactly at a step's end or its last step was topped up (`_steps`). Streamed data
+    it ended exactly at a step's end, its last step was topped up (`_steps`) or the stage cut it
+    short (`epoch_ended`: the loop then moves the state to the next epoch's start). Streamed data
     (no known length): the passes over it completed, an integer (a pass's end is known once a
     step read past it)."""
     if not per_epoch:
@@ -684,7 +756,8 @@ def _stopped_before(state: dict, patience: int) -> bool:
 def start_run(cfg) -> tuple[Path, Any, bool, Any]:
     """What every stage does first: (run_dir, accelerator, is_main_process, log). Refuses an
     output_dir over a model the run reads (`_check_not_over_its_models`) and one another training
-    run is writing (`_lock_run_dir`: the lock is held until `finish_run`, or until the run fails);
+    run is writing (`_lock_run_dir`: the lock is held until `finish_run`, or until the run fails:
+    each stage releases it, `release_run_dir`, when it fails between start_run and train);
     writes the resolved config to run_dir/config.yaml, starts the trackers of train.report_to and
     seeds everything; `log` prints (flushed) on the main process only."""
     import functools
@@ -784,8 +857,8 @@ def _lock_run_dir(run_dir: Path) -> None:
     """Lock run_dir against a second training run (main process; `files.lock_exclusively` on
     run_dir/.lock): a job relaunched while its first copy still runs would resume from the live
     run's checkpoint, and both would write metrics.jsonl, checkpoints/ and final/. Refused, naming
-    the directory. Released by finish_run, or when the run fails (train, start_run); a lock this
-    thread's earlier run left (it failed between the two), or a finished thread's, is released
+    the directory. Released by finish_run, or when the run fails (train, start_run, and each stage
+    between the two); a lock this thread's earlier run left, or a finished thread's, is released
     here first. Without flock (not POSIX), no lock."""
     from posttrain.files import lock_exclusively
 
@@ -806,11 +879,17 @@ def _lock_run_dir(run_dir: Path) -> None:
 
 
 def release_run_dir(run_dir: Path) -> None:
-    """Release `_lock_run_dir`'s lock on run_dir, if this process holds it (the lock file stays)."""
+    """Release `_lock_run_dir`'s lock on run_dir, if this thread's run holds it (the lock file stays).
+    Every stage calls it when it fails after start_run (the model fails to load, say), besides
+    train and finish_run: a second call does nothing, and never frees another thread's run that
+    took the directory meanwhile."""
+    key = Path(run_dir).resolve()
     with _HELD_LOCK:
-        held = _HELD.pop(Path(run_dir).resolve(), None)
-    if held is not None:
-        held[0].close()
+        held = _HELD.get(key)
+        if held is None or held[1] is not threading.current_thread():
+            return
+        del _HELD[key]
+    held[0].close()
 
 
 def _start_trackers(accelerator, run_dir: Path, recorded: dict, resume_from: Path | None) -> None:
@@ -1072,7 +1151,13 @@ def _legacy_digest(settings: dict[str, Any]) -> str:
 
 
 def _check_same_run(resume_from: Path, fingerprint: dict[str, Any] | None) -> None:
+    """Refuse a resume from a checkpoint whose fingerprint (`run_fingerprint`) differs from this
+    run's, naming the settings changed (`_change`). A value an older version recorded otherwise for
+    the same training (`config.preference.same_as_recorded_earlier`: cdpo's ε recorded null) is
+    no change."""
     import json
+
+    from posttrain.config.preference import same_as_recorded_earlier
 
     saved = json.loads((resume_from / checkpoint.LOOP_STATE).read_text()).get("fingerprint")
     if fingerprint is None or saved is None:
@@ -1081,7 +1166,8 @@ def _check_same_run(resume_from: Path, fingerprint: dict[str, Any] | None) -> No
         changed = [] if saved == _legacy_digest(fingerprint) else ["model, data, adapter, loss or forgetting"]
     else:
         changed = [said for key in sorted(saved.keys() | fingerprint.keys())
-                   if saved.get(key, _UNSET) != fingerprint.get(key, _UNSET) and (said := _change(key, saved, fingerprint))]
+                   if (then := saved.get(key, _UNSET)) != (now := fingerprint.get(key, _UNSET))
+                   and not same_as_recorded_earlier(key, then, now) and (said := _change(key, saved, fingerprint))]
     if changed:
         shown = "; ".join(changed[:4]) + (f"; and {len(changed) - 4} more" if len(changed) > 4 else "")
         raise ConfigError(f"{resume_from} was written by a run with other settings ({shown}); resuming would mix "
@@ -1096,7 +1182,8 @@ def _change(key: str, saved: dict, now: dict) -> str:
     names it; "" when there is nothing to say (data files a checkpoint written before they were
     kept lacks, or files only added or removed: the list of files names them). Lists show the items
     removed and added (`-"a.jsonl" +"b.jsonl"`); other values cut to 60 characters after their
-    common beginning, so two long values show where they differ."""
+    common beginning, so two long values show where they differ. Values are JSON with their
+    characters as written (数据.jsonl, not \\u escapes a cut could land inside)."""
     import json
     import os
 
@@ -1111,9 +1198,10 @@ def _change(key: str, saved: dict, now: dict) -> str:
     if isinstance(before, list) and isinstance(after, list):
         removed, added = [x for x in before if x not in after], [x for x in after if x not in before]
         if removed or added:
-            items = [f"-{json.dumps(x)}" for x in removed] + [f"+{json.dumps(x)}" for x in added]
+            items = [f"-{json.dumps(x, ensure_ascii=False)}" for x in removed] + \
+                [f"+{json.dumps(x, ensure_ascii=False)}" for x in added]
             return f"{key}: " + " ".join(items[:6]) + (f" and {len(items) - 6} more" if len(items) > 6 else "")
-    texts = [value if value is _UNSET else json.dumps(value) for value in (before, after)]
+    texts = [value if value is _UNSET else json.dumps(value, ensure_ascii=False) for value in (before, after)]
     common = len(os.path.commonprefix(texts))
     if max(map(len, texts)) > 60 and common > 20:  # keep a little of the common part for context
         texts = ["…" + text[common - 10:] for text in texts]

@@ -150,9 +150,18 @@ class PPOStage(RolloutStage):
     def rollouts_per_epoch(self) -> int:
         return len(self.prompts) // self.prompts_per_rollout
 
+    epochs_cut_by = "ppo.early_stop_kl"  # what makes an epoch end before micro_batches_per_epoch
+
     def micro_batches_per_epoch(self) -> int:
-        """At most this many; early stopping on approximate KL makes epochs shorter."""
+        """At most this many; early stopping on approximate KL makes epochs shorter (`epoch_ended`)."""
         return self.rollouts_per_epoch() * self.updates_per_rollout * self.batches_per_update
+
+    def epoch_ended(self) -> bool:
+        """Whether the update just trained ends its epoch: the epoch's last rollout has no update
+        left, run or cut by ppo.early_stop_kl (`finish_metrics`, during the step). The loop then
+        counts the epoch as read, and ends a train.epochs run once it has read that many."""
+        _, index, update = self.position
+        return index == self.rollouts_per_epoch() - 1 and (update >= self.updates_per_rollout or self.stop_rollout)
 
     def micro_batches_after(self, epoch: int, skip: int) -> Iterator[dict]:
         order = list(range(len(self.prompts)))
@@ -373,32 +382,36 @@ def _value_lr(adapter_training, ratio: float):
 def run_ppo(cfg: PPOConfig) -> Path:
     """Optimise the policy with PPO on sampled, scored completions per `cfg`; returns the run directory."""
     from posttrain.train.grouped import on_device
-    from posttrain.train.loop import finish_run, run_fingerprint, train
+    from posttrain.train.loop import finish_run, release_run_dir, run_fingerprint, train
 
     cfg = PPOConfig.for_run(cfg, "run_ppo")
     validate_ppo(cfg)
     run = start_rl_run(cfg, needs_reference=cfg.ppo.kl_coef > 0)
-    value_head, critic = build_value_model(cfg, run.model, run.tokenizer, run.log, run.train_ids + run.eval_ids)
-    on_device(value_head if value_head is not None else critic, run.accelerator.device)
-    report_value_model(run, value_head if value_head is not None else critic, cfg.train.optimizer)
-    stage = PPOStage(PPOLoss(run.model, cfg.ppo, value_head, critic, cfg.train.loss_chunk_size, cfg.rollout.temperature), *run.stage_args())
-    stage.lr_scale = _value_lr(run.adapter_training, cfg.ppo.value_lr_ratio)
-    run.check_enough_prompts(stage)
-    control = run.attach_forgetting(stage)
-    run.attach_evaluation(stage)
-    summary: dict = {"value_model": cfg.ppo.value_model, "train_prompts": len(run.train_ids),
-                     "eval_prompts": len(run.eval_ids), "data": run.data_report,
-                     "held_out_before": run.held_out(run.model, "before")}
-    summary.update(run.forgetting_report(control, run.model, "before"))
-    result = train(stage, cfg.train, run.run_dir, run.accelerator, run_fingerprint(cfg))
-    trained = result.module.model
-    summary.update(result.summary(), rollouts=stage.rollouts_done, final_kl_coef=stage.kl_coef,
-                   held_out_after=run.held_out(trained, "after", result.step))
-    summary.update(run.forgetting_report(control, trained, "after"))
-    if run.main:  # the value model too, to continue training later
-        from safetensors.torch import save_file
+    try:
+        value_head, critic = build_value_model(cfg, run.model, run.tokenizer, run.log, run.train_ids + run.eval_ids)
+        on_device(value_head if value_head is not None else critic, run.accelerator.device)
+        report_value_model(run, value_head if value_head is not None else critic, cfg.train.optimizer)
+        stage = PPOStage(PPOLoss(run.model, cfg.ppo, value_head, critic, cfg.train.loss_chunk_size, cfg.rollout.temperature), *run.stage_args())
+        stage.lr_scale = _value_lr(run.adapter_training, cfg.ppo.value_lr_ratio)
+        run.check_enough_prompts(stage)
+        control = run.attach_forgetting(stage)
+        run.attach_evaluation(stage)
+        summary: dict = {"value_model": cfg.ppo.value_model, "train_prompts": len(run.train_ids),
+                         "eval_prompts": len(run.eval_ids), "data": run.data_report,
+                         "held_out_before": run.held_out(run.model, "before")}
+        summary.update(run.forgetting_report(control, run.model, "before"))
+        result = train(stage, cfg.train, run.run_dir, run.accelerator, run_fingerprint(cfg))
+        trained = result.module.model
+        summary.update(result.summary(), rollouts=stage.rollouts_done, final_kl_coef=stage.kl_coef,
+                       held_out_after=run.held_out(trained, "after", result.step))
+        summary.update(run.forgetting_report(control, trained, "after"))
+        if run.main:  # the value model too, to continue training later
+            from safetensors.torch import save_file
 
-        values = result.module.value_head if result.module.value_head is not None else result.module.critic
-        save_file({k: v.detach().contiguous() for k, v in values.state_dict().items()},
-                  str(run.run_dir / "value_model.safetensors"))
-    return finish_run(run.run_dir, run.accelerator, run.main, trained, run.tokenizer, summary)
+            values = result.module.value_head if result.module.value_head is not None else result.module.critic
+            save_file({k: v.detach().contiguous() for k, v in values.state_dict().items()},
+                      str(run.run_dir / "value_model.safetensors"))
+        return finish_run(run.run_dir, run.accelerator, run.main, trained, run.tokenizer, summary)
+    except BaseException:  # failed before train() (the model did not load, say) or after: the lock freed
+        release_run_dir(run.run_dir)
+        raise

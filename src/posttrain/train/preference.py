@@ -754,7 +754,7 @@ def _items(data, cfg: DPOConfig, log: Callable[[str], None] = print) -> tuple[li
 def run_dpo(cfg: DPOConfig) -> Path:
     """Optimise the policy on preferences per `cfg`; returns the run directory (policy in run_dir/final)."""
     from posttrain.data.preferences import prepare_preference_data
-    from posttrain.train.loop import evaluate, finish_run, run_fingerprint, start_run, train
+    from posttrain.train.loop import evaluate, finish_run, release_run_dir, run_fingerprint, start_run, train
     from posttrain.models.loading import disable_dropout, note_full_logits
     from posttrain.train.forgetting import attach, build_control, report
     from posttrain.train.sft import build_model
@@ -762,48 +762,52 @@ def run_dpo(cfg: DPOConfig) -> Path:
     cfg = DPOConfig.for_run(cfg, "run_dpo")
     validate_dpo(cfg)
     run_dir, accelerator, main, log = start_run(cfg)
-    tokenizer, model, adapter_training = build_model(cfg, log, run_dir if main else None)
-    disable_dropout(model, log, "the policy is compared with its reference, which runs without it")
-    note_full_logits(model, log)
-    data = prepare_preference_data(cfg.data, tokenizer, run_dir if main else None, cfg.train.seed, log)
-    train_items, eval_items = _items(data, cfg, log)
-    live = cfg.dpo.reference == "live"
-    share = (cfg.dpo.share_prompt and cfg.dpo.loss != "kto" and getattr(model, "virtual_peft", None) is None
-             and window_allows(model, cfg.data.max_length, "dpo.share_prompt", log)
-             and block_masks_allowed(model, "dpo.share_prompt", log))
-    # shared-prompt and plain padded rows alike
-    unpadded = padding_free(model, cfg.model.padding_free, log, cfg.data.max_length)
-    module = PreferenceLoss(model, cfg.dpo, cfg.train.loss_chunk_size, live_reference=live)
-    extras = kto_extras if cfg.dpo.loss == "kto" else pair_extras
-    stage = GroupedStage(module, train_items, eval_items, cfg.train, tokenizer.pad_token_id, extras, adapter_training,
-                         share_prompt=share, padding_free=share and unpadded)
-    control = build_control(cfg, tokenizer, model, accelerator, run_dir if main else None, log)
-    attach(stage, control)  # forgetting.*
-    if cfg.dpo.loss not in REFERENCE_FREE and (eval_items or not live):
-        # precompute: every batch the run reads, cached in the run; live: the held-out batches
-        # alone, whose reference log-probs are the same at every evaluation
-        items, plan = (eval_items, stage.eval_item_batches()) if live else (
-            train_items + eval_items, reference_plan(stage, cfg.train, accelerator.num_processes))
-        on_device(model, accelerator.device)
-        with accelerator.autocast():  # in training's precision and batches, so π = π_ref exactly at step 0
-            precompute_reference(model, items, cfg, tokenizer.pad_token_id,
-                                 None if live else run_dir / "reference_logps.safetensors", log, share_prompt=share,
-                                 unpadded=share and unpadded, plan=plan,
-                                 rank=accelerator.process_index, world=accelerator.num_processes)
-    summary: dict = {"loss": cfg.dpo.loss, "reference": "none" if cfg.dpo.loss in REFERENCE_FREE else cfg.dpo.reference,
-                     "train_items": len(train_items), "eval_items": len(eval_items)}
-    summary.update(_exact_match(cfg, model, tokenizer, data, "before") if main else {})
-    summary.update(report(cfg, control, model, tokenizer, "before", cfg.eval.max_new_tokens, main))
-    with module.policy_is_reference():  # nothing has changed the model since its reference pass
-        before = evaluate(on_device(module, accelerator.device), stage, accelerator)
-    result = train(stage, cfg.train, run_dir, accelerator, run_fingerprint(cfg))
-    summary.update(result.summary(), eval_before=before[1] if before else {}, eval_after=result.eval_metrics,
-                   eval_loss_before=before[0] if before else None, eval_loss=result.eval_loss)
-    _log_accuracy(summary, log)
-    trained = result.module.model
-    summary.update(_exact_match(cfg, trained, tokenizer, data, "after") if main else {})
-    summary.update(report(cfg, control, trained, tokenizer, "after", cfg.eval.max_new_tokens, main))
-    return finish_run(run_dir, accelerator, main, trained, tokenizer, summary)
+    try:
+        tokenizer, model, adapter_training = build_model(cfg, log, run_dir if main else None)
+        disable_dropout(model, log, "the policy is compared with its reference, which runs without it")
+        note_full_logits(model, log)
+        data = prepare_preference_data(cfg.data, tokenizer, run_dir if main else None, cfg.train.seed, log)
+        train_items, eval_items = _items(data, cfg, log)
+        live = cfg.dpo.reference == "live"
+        share = (cfg.dpo.share_prompt and cfg.dpo.loss != "kto" and getattr(model, "virtual_peft", None) is None
+                 and window_allows(model, cfg.data.max_length, "dpo.share_prompt", log)
+                 and block_masks_allowed(model, "dpo.share_prompt", log))
+        # shared-prompt and plain padded rows alike
+        unpadded = padding_free(model, cfg.model.padding_free, log, cfg.data.max_length)
+        module = PreferenceLoss(model, cfg.dpo, cfg.train.loss_chunk_size, live_reference=live)
+        extras = kto_extras if cfg.dpo.loss == "kto" else pair_extras
+        stage = GroupedStage(module, train_items, eval_items, cfg.train, tokenizer.pad_token_id, extras, adapter_training,
+                             share_prompt=share, padding_free=share and unpadded)
+        control = build_control(cfg, tokenizer, model, accelerator, run_dir if main else None, log)
+        attach(stage, control)  # forgetting.*
+        if cfg.dpo.loss not in REFERENCE_FREE and (eval_items or not live):
+            # precompute: every batch the run reads, cached in the run; live: the held-out batches
+            # alone, whose reference log-probs are the same at every evaluation
+            items, plan = (eval_items, stage.eval_item_batches()) if live else (
+                train_items + eval_items, reference_plan(stage, cfg.train, accelerator.num_processes))
+            on_device(model, accelerator.device)
+            with accelerator.autocast():  # in training's precision and batches, so π = π_ref exactly at step 0
+                precompute_reference(model, items, cfg, tokenizer.pad_token_id,
+                                     None if live else run_dir / "reference_logps.safetensors", log, share_prompt=share,
+                                     unpadded=share and unpadded, plan=plan,
+                                     rank=accelerator.process_index, world=accelerator.num_processes)
+        summary: dict = {"loss": cfg.dpo.loss, "reference": "none" if cfg.dpo.loss in REFERENCE_FREE else cfg.dpo.reference,
+                         "train_items": len(train_items), "eval_items": len(eval_items)}
+        summary.update(_exact_match(cfg, model, tokenizer, data, "before") if main else {})
+        summary.update(report(cfg, control, model, tokenizer, "before", cfg.eval.max_new_tokens, main))
+        with module.policy_is_reference():  # nothing has changed the model since its reference pass
+            before = evaluate(on_device(module, accelerator.device), stage, accelerator)
+        result = train(stage, cfg.train, run_dir, accelerator, run_fingerprint(cfg))
+        summary.update(result.summary(), eval_before=before[1] if before else {}, eval_after=result.eval_metrics,
+                       eval_loss_before=before[0] if before else None, eval_loss=result.eval_loss)
+        _log_accuracy(summary, log)
+        trained = result.module.model
+        summary.update(_exact_match(cfg, trained, tokenizer, data, "after") if main else {})
+        summary.update(report(cfg, control, trained, tokenizer, "after", cfg.eval.max_new_tokens, main))
+        return finish_run(run_dir, accelerator, main, trained, tokenizer, summary)
+    except BaseException:  # failed before train() (the model did not load, say) or after: the lock freed
+        release_run_dir(run_dir)
+        raise
 
 
 def _log_accuracy(summary: dict, log) -> None:

@@ -155,46 +155,50 @@ def run_rm(cfg: RMConfig) -> Path:
     from posttrain.models.attention import block_masks_allowed, padding_free, window_allows
     from posttrain.models.loading import check_positions, load_tokenizer
     from posttrain.models.reward_model import encoder_positions, is_decoder_scorer
-    from posttrain.train.loop import evaluate, finish_run, run_fingerprint, start_run, train
+    from posttrain.train.loop import evaluate, finish_run, release_run_dir, run_fingerprint, start_run, train
 
     cfg = RMConfig.for_run(cfg, "run_rm")
     validate_rm(cfg)
     run_dir, accelerator, main, log = start_run(cfg)
-    tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    model = build_reward_model(cfg, tokenizer, log, run_dir if main else None)
-    data_cfg, limit = cfg.data, encoder_positions(model)
-    if limit is not None and data_cfg.max_length > limit:  # an encoder's rows are cut at its table (README)
-        log(f"note: data.max_length {data_cfg.max_length} → {limit}, the encoder's position table")
-        data_cfg = dataclasses.replace(data_cfg, max_length=limit)
-    elif is_decoder_scorer(model):  # a decoder's, as every decoder stage's (sft.build_model): refused
-        check_positions(model, {"data.max_length": data_cfg.max_length})
-    # an encoder reads its own [CLS] ... [SEP] around the text; a decoder's template has its BOS
-    data = prepare_preference_data(data_cfg, tokenizer, run_dir if main else None, cfg.train.seed, log,
-                                   special_tokens=not is_decoder_scorer(model))
-    train_items, eval_items = items_from_examples(data.train), items_from_examples(data.eval)
-    _check_comparisons(train_items + eval_items, cfg, log)
-    module = RewardModelLoss(model, cfg.reward.centering, cfg.reward.use_margins)
-    share = cfg.reward.share_prompt and is_decoder_scorer(model)
-    if cfg.reward.share_prompt and not share:
-        log("note: reward.share_prompt is off for an encoder backbone (its attention is bidirectional)")
-    share = (share and window_allows(model, cfg.data.max_length, "reward.share_prompt", log)
-             and block_masks_allowed(model, "reward.share_prompt", log))
-    unpadded = is_decoder_scorer(model) and padding_free(model, cfg.model.padding_free, log,
-                                                         cfg.data.max_length)  # any padded rows
-    stage = GroupedStage(module, train_items, eval_items, cfg.train, tokenizer.pad_token_id, reward_extras,
-                         AdapterTraining(model, plan_adapters(cfg.adapter), cfg.adapter.lora.lr_ratio_b, log),
-                         share_prompt=share, padding_free=share and unpadded)  # LoRA+'s rate for lora_B
-    stage.finish_metrics = finish_reward_metrics
-    before = evaluate(on_device(module, accelerator.device), stage, accelerator)
-    result = train(stage, cfg.train, run_dir, accelerator, run_fingerprint(cfg))
-    summary = result.summary() | {"train_items": len(train_items), "eval_items": len(eval_items),
-                                  "eval_before": before[1] if before else {}, "eval_after": result.eval_metrics,
-                                  "eval_loss_before": before[0] if before else None, "eval_loss": result.eval_loss}
-    if before:
-        log(f"held-out pairwise accuracy: {before[1]['accuracy']:.1%} before → "
-            f"{result.eval_metrics.get('accuracy', float('nan')):.1%} after ({len(eval_items)} prompts)")
-    return finish_run(run_dir, accelerator, main, result.module.model, tokenizer,
-                      summary, save=_save_final)
+    try:
+        tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+        model = build_reward_model(cfg, tokenizer, log, run_dir if main else None)
+        data_cfg, limit = cfg.data, encoder_positions(model)
+        if limit is not None and data_cfg.max_length > limit:  # an encoder's rows are cut at its table (README)
+            log(f"note: data.max_length {data_cfg.max_length} → {limit}, the encoder's position table")
+            data_cfg = dataclasses.replace(data_cfg, max_length=limit)
+        elif is_decoder_scorer(model):  # a decoder's, as every decoder stage's (sft.build_model): refused
+            check_positions(model, {"data.max_length": data_cfg.max_length})
+        # an encoder reads its own [CLS] ... [SEP] around the text; a decoder's template has its BOS
+        data = prepare_preference_data(data_cfg, tokenizer, run_dir if main else None, cfg.train.seed, log,
+                                       special_tokens=not is_decoder_scorer(model))
+        train_items, eval_items = items_from_examples(data.train), items_from_examples(data.eval)
+        _check_comparisons(train_items + eval_items, cfg, log)
+        module = RewardModelLoss(model, cfg.reward.centering, cfg.reward.use_margins)
+        share = cfg.reward.share_prompt and is_decoder_scorer(model)
+        if cfg.reward.share_prompt and not share:
+            log("note: reward.share_prompt is off for an encoder backbone (its attention is bidirectional)")
+        share = (share and window_allows(model, cfg.data.max_length, "reward.share_prompt", log)
+                 and block_masks_allowed(model, "reward.share_prompt", log))
+        unpadded = is_decoder_scorer(model) and padding_free(model, cfg.model.padding_free, log,
+                                                             cfg.data.max_length)  # any padded rows
+        stage = GroupedStage(module, train_items, eval_items, cfg.train, tokenizer.pad_token_id, reward_extras,
+                             AdapterTraining(model, plan_adapters(cfg.adapter), cfg.adapter.lora.lr_ratio_b, log),
+                             share_prompt=share, padding_free=share and unpadded)  # LoRA+'s rate for lora_B
+        stage.finish_metrics = finish_reward_metrics
+        before = evaluate(on_device(module, accelerator.device), stage, accelerator)
+        result = train(stage, cfg.train, run_dir, accelerator, run_fingerprint(cfg))
+        summary = result.summary() | {"train_items": len(train_items), "eval_items": len(eval_items),
+                                      "eval_before": before[1] if before else {}, "eval_after": result.eval_metrics,
+                                      "eval_loss_before": before[0] if before else None, "eval_loss": result.eval_loss}
+        if before:
+            log(f"held-out pairwise accuracy: {before[1]['accuracy']:.1%} before → "
+                f"{result.eval_metrics.get('accuracy', float('nan')):.1%} after ({len(eval_items)} prompts)")
+        return finish_run(run_dir, accelerator, main, result.module.model, tokenizer,
+                          summary, save=_save_final)
+    except BaseException:  # failed before train() (the model did not load, say) or after: the lock freed
+        release_run_dir(run_dir)
+        raise
 
 
 def _save_final(model, tokenizer, final: Path) -> None:

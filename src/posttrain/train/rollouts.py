@@ -649,34 +649,38 @@ def start_rl_run(cfg, needs_reference: bool, extra_parts=()) -> RLRun:
     from posttrain.models.loading import disable_dropout, note_full_logits
     from posttrain.rollout.engines import build_engine
     from posttrain.train.grouped import on_device
-    from posttrain.train.loop import start_run
+    from posttrain.train.loop import release_run_dir, start_run
     from posttrain.train.sft import build_model
 
     run_dir, accelerator, main, log = start_run(cfg)
-    rewards = check_reward_functions(cfg)  # a typo in a module or function name: said before the policy loads
-    records = prepare_prompts(cfg.data, run_dir if main else None, cfg.train.seed, log)  # bad rows too
-    check_prompt_rows(rewards, records[0] + (records[1] if cfg.eval.prompts > 0 else []))  # the rows it will score
-    tokenizer, model, adapter_training = build_model(cfg, log, run_dir if main else None)
-    disable_dropout(model, log, "a rollout's first update must see the policy that sampled it")
-    note_full_logits(model, log)
-    # before the reference copy: it takes them too
-    padding_free(model, cfg.model.padding_free, log, cfg.data.max_prompt_length + cfg.rollout.max_new_tokens)
-    data = encode_prompt_data(cfg, tokenizer, *records, log, run_dir if main else None)
-    longest = check_rollout_positions(model, cfg, data[0] + data[2])
-    score = build_reward(cfg, accelerator.device, log)
-    note_reward_model_cuts(score, longest, log)
-    needs_copy = needs_reference and not hasattr(model, "adapters_disabled")
-    frozen = copy.deepcopy(model).requires_grad_(False).eval() if needs_copy else None
-    for part in (model, frozen):  # one by one: a 4-bit base placed by device_map refuses .to
-        if part is not None:
-            on_device(part, accelerator.device)
-    if getattr(model, "virtual_kind", None) is not None:  # kept with β = 0 too: the held-out KL reads it
-        from posttrain.train.preference import StartingVirtualTokens
+    try:
+        rewards = check_reward_functions(cfg)  # a typo in a module or function name: said before the policy loads
+        records = prepare_prompts(cfg.data, run_dir if main else None, cfg.train.seed, log)  # bad rows too
+        check_prompt_rows(rewards, records[0] + (records[1] if cfg.eval.prompts > 0 else []))  # the rows it will score
+        tokenizer, model, adapter_training = build_model(cfg, log, run_dir if main else None)
+        disable_dropout(model, log, "a rollout's first update must see the policy that sampled it")
+        note_full_logits(model, log)
+        # before the reference copy: it takes them too
+        padding_free(model, cfg.model.padding_free, log, cfg.data.max_prompt_length + cfg.rollout.max_new_tokens)
+        data = encode_prompt_data(cfg, tokenizer, *records, log, run_dir if main else None)
+        longest = check_rollout_positions(model, cfg, data[0] + data[2])
+        score = build_reward(cfg, accelerator.device, log)
+        note_reward_model_cuts(score, longest, log)
+        needs_copy = needs_reference and not hasattr(model, "adapters_disabled")
+        frozen = copy.deepcopy(model).requires_grad_(False).eval() if needs_copy else None
+        for part in (model, frozen):  # one by one: a 4-bit base placed by device_map refuses .to
+            if part is not None:
+                on_device(part, accelerator.device)
+        if getattr(model, "virtual_kind", None) is not None:  # kept with β = 0 too: the held-out KL reads it
+            from posttrain.train.preference import StartingVirtualTokens
 
-        frozen = StartingVirtualTokens(model)  # their starting draw: the reference is the starting policy
-    engine = build_engine(cfg, model, accelerator, log)
-    return RLRun(cfg, run_dir, accelerator, main, log, tokenizer, model, adapter_training, *data, score, frozen,
-                 engine)
+            frozen = StartingVirtualTokens(model)  # their starting draw: the reference is the starting policy
+        engine = build_engine(cfg, model, accelerator, log)
+        return RLRun(cfg, run_dir, accelerator, main, log, tokenizer, model, adapter_training, *data, score, frozen,
+                     engine)
+    except BaseException:  # failed before the run is returned (a reward function, the model): the lock freed
+        release_run_dir(run_dir)
+        raise
 
 
 def check_rollout_positions(model, cfg, prompt_ids: list[list[int]]) -> int:

@@ -221,52 +221,56 @@ def run_sft(cfg: SFTConfig) -> Path:
     from posttrain.data.pipeline import (StreamCounts, prepare_sft_data, prepare_streamed_eval, stream_sft_examples,
                                          write_stream_counts)
     from posttrain.models.loading import note_full_logits
-    from posttrain.train.loop import finish_run, run_fingerprint, start_run, train
+    from posttrain.train.loop import finish_run, release_run_dir, run_fingerprint, start_run, train
 
     cfg = SFTConfig.for_run(cfg, "run_sft")
     validate_sft(cfg)
     run_dir, accelerator, main, log = start_run(cfg)
-    tokenizer, model, adapter_training = build_model(cfg, log, run_dir if main else None)
-    pad_id = tokenizer.pad_token_id
-    if cfg.data.packing:
-        check_packing(model)
-    note_full_logits(model, log)
-    counts = None
-    if cfg.data.streaming:  # validate_sft saw train.max_steps set
-        data, train_examples, counts = None, None, StreamCounts()
-        writes = run_dir if main else None  # every process reads the data; the main one writes its reports
-        stream = lambda: stream_sft_examples(cfg.data, tokenizer, writes, log, counts)  # noqa: E731
-        eval_examples = prepare_streamed_eval(cfg.data, tokenizer, writes, log)
-    else:
-        data = prepare_sft_data(cfg.data, tokenizer, run_dir if main else None, cfg.train.seed, log)
-        train_examples, eval_examples, stream = data.train, data.eval, None
-    from posttrain.train.forgetting import build_control, mix_replay, report
-
-    control = build_control(cfg, tokenizer, model, accelerator, run_dir if main else None, log, cfg.train.loss)
-    retain = control.retain if control is not None else None
-    if retain is not None and cfg.forgetting.replay_ratio > 0:
-        train_examples = mix_replay(train_examples, retain.pool, cfg.forgetting.replay_ratio, cfg.train.seed, log)
-    if data is not None and cfg.data.packing:
-        examples = len(train_examples)
-        train_examples = pack(train_examples, cfg.data.max_length)
-        log(f"packing: {examples} examples into {len(train_examples)} rows of ≤{cfg.data.max_length} tokens")
-    module = CausalLMLoss(model, cfg.train.loss, cfg.train.loss_chunk_size)
-    stage = SFTStage(module, train_examples, eval_examples, cfg, pad_id, stream, adapter_training, control)
-    if counts is not None and main:  # what the stream has cut and dropped: at each checkpoint, and at the end
-        stage.on_checkpoint = lambda: write_stream_counts(run_dir, counts, cfg.data)
-    summary = {"loss_impl": module.loss_kind}
-    summary.update(_exact_match(cfg, model, tokenizer, data, "before") if main else {})
-    summary.update(report(cfg, control, model, tokenizer, "before", cfg.eval.max_new_tokens, main))
     try:
-        result = train(stage, cfg.train, run_dir, accelerator, run_fingerprint(cfg))
-    finally:  # also when the run stops early (a signal, a non-finite abort): the rows read until then
-        if counts is not None and main:
-            write_stream_counts(run_dir, counts, cfg.data)
-    summary.update(result.summary(), eval_loss=result.eval_loss)
-    trained = result.module.model
-    summary.update(_exact_match(cfg, trained, tokenizer, data, "after") if main else {})
-    summary.update(report(cfg, control, trained, tokenizer, "after", cfg.eval.max_new_tokens, main))
-    return finish_run(run_dir, accelerator, main, trained, tokenizer, summary)
+        tokenizer, model, adapter_training = build_model(cfg, log, run_dir if main else None)
+        pad_id = tokenizer.pad_token_id
+        if cfg.data.packing:
+            check_packing(model)
+        note_full_logits(model, log)
+        counts = None
+        if cfg.data.streaming:  # validate_sft saw train.max_steps set
+            data, train_examples, counts = None, None, StreamCounts()
+            writes = run_dir if main else None  # every process reads the data; the main one writes its reports
+            stream = lambda: stream_sft_examples(cfg.data, tokenizer, writes, log, counts)  # noqa: E731
+            eval_examples = prepare_streamed_eval(cfg.data, tokenizer, writes, log)
+        else:
+            data = prepare_sft_data(cfg.data, tokenizer, run_dir if main else None, cfg.train.seed, log)
+            train_examples, eval_examples, stream = data.train, data.eval, None
+        from posttrain.train.forgetting import build_control, mix_replay, report
+
+        control = build_control(cfg, tokenizer, model, accelerator, run_dir if main else None, log, cfg.train.loss)
+        retain = control.retain if control is not None else None
+        if retain is not None and cfg.forgetting.replay_ratio > 0:
+            train_examples = mix_replay(train_examples, retain.pool, cfg.forgetting.replay_ratio, cfg.train.seed, log)
+        if data is not None and cfg.data.packing:
+            examples = len(train_examples)
+            train_examples = pack(train_examples, cfg.data.max_length)
+            log(f"packing: {examples} examples into {len(train_examples)} rows of ≤{cfg.data.max_length} tokens")
+        module = CausalLMLoss(model, cfg.train.loss, cfg.train.loss_chunk_size)
+        stage = SFTStage(module, train_examples, eval_examples, cfg, pad_id, stream, adapter_training, control)
+        if counts is not None and main:  # what the stream has cut and dropped: at each checkpoint, and at the end
+            stage.on_checkpoint = lambda: write_stream_counts(run_dir, counts, cfg.data)
+        summary = {"loss_impl": module.loss_kind}
+        summary.update(_exact_match(cfg, model, tokenizer, data, "before") if main else {})
+        summary.update(report(cfg, control, model, tokenizer, "before", cfg.eval.max_new_tokens, main))
+        try:
+            result = train(stage, cfg.train, run_dir, accelerator, run_fingerprint(cfg))
+        finally:  # also when the run stops early (a signal, a non-finite abort): the rows read until then
+            if counts is not None and main:
+                write_stream_counts(run_dir, counts, cfg.data)
+        summary.update(result.summary(), eval_loss=result.eval_loss)
+        trained = result.module.model
+        summary.update(_exact_match(cfg, trained, tokenizer, data, "after") if main else {})
+        summary.update(report(cfg, control, trained, tokenizer, "after", cfg.eval.max_new_tokens, main))
+        return finish_run(run_dir, accelerator, main, trained, tokenizer, summary)
+    except BaseException:  # failed before train() (the model did not load, say) or after: the lock freed
+        release_run_dir(run_dir)
+        raise
 
 
 def _exact_match(cfg: SFTConfig, model, tokenizer, data, when: str) -> dict:
