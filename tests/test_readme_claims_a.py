@@ -340,7 +340,8 @@ def test_demo_runs_the_documented_stages_and_settings(tmp_path, monkeypatch):
     monkeypatch.setattr(reward, "run_rm", recorder("rm", {"steps": 150, "eval_items": 200,
                                                           "eval_before": {"accuracy": 0.5},
                                                           "eval_after": {"accuracy": 0.9}}))
-    monkeypatch.setattr(preference, "run_dpo", recorder("dpo", {"steps": 150, "eval_before": {"rewards/accuracy": 0.5},
+    monkeypatch.setattr(preference, "run_dpo", recorder("dpo", {"steps": 150, "eval_items": 200,
+                                                                "eval_before": {"rewards/accuracy": 0.5},
                                                                 "eval_after": {"rewards/accuracy": 0.9}}))
     import posttrain.eval.alignment as alignment
 

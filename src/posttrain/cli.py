@@ -469,7 +469,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         hint = {**dict.fromkeys(_STAGES, "; the same command resumes from the run's newest checkpoint"),
                 **dict.fromkeys(_DATA_COMMANDS, "; the same command resumes from what its log holds"),
-                "pipeline": "; the same command resumes the stage it stopped in"}.get(args.command, "")
+                "pipeline": "; the same command resumes the stage it stopped in",
+                "demo": "; the same command with train.resume=auto resumes its SFT stage (without it, the demo "
+                        "starts afresh)"}.get(args.command, "")
         signum = getattr(exc, "signum", signal.SIGINT)  # training's Stopped says which signal
         print(f"{'interrupted' if signum == signal.SIGINT else 'terminated'}{hint}", file=sys.stderr)
         return 128 + signum

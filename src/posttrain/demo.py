@@ -17,6 +17,8 @@ import json
 import time
 from pathlib import Path
 
+from posttrain.train.loop import LOCK_FILE
+
 DEMO_CONFIG = {
     "model": {"path": "tiny"},
     "data": {
@@ -43,10 +45,11 @@ DEMO_CONFIG = {
 }
 
 
-# What a demo run directory holds: the SFT run's files, then rm/, dpo/ and report/ (and the
-# .partial of a file cut off mid-write, rejects-*.jsonl of bad rows). Nothing else is the demo's.
+# What a demo run directory holds: the SFT run's files (its writer lock among them), then rm/, dpo/
+# and report/ (and the .partial of a file cut off mid-write, rejects-*.jsonl of bad rows). Nothing
+# else is the demo's.
 DEMO_ENTRIES = {"config.yaml", "params.json", "data_report.json", "metrics.jsonl", "summary.json", "checkpoints",
-                "final", "rm", "dpo", "report"}
+                "final", "rm", "dpo", "report", LOCK_FILE}
 
 
 def _is_demo_entry(name: str) -> bool:
@@ -79,6 +82,8 @@ def clear_earlier_run(output_dir: str) -> None:
     if "config.yaml" not in names:
         raise UserError(f"demo output dir {out} is not an earlier demo run (no config.yaml); the demo clears only "
                         "those: give another --output-dir")
+    kept = [name for name in ("final", "rm", "dpo", "report") if name in names]
+    print(f"demo: removing the earlier demo run in {out}" + (f" (its {', '.join(kept)})" if kept else ""), flush=True)
     shutil.rmtree(out)
 
 
@@ -117,8 +122,16 @@ def _preference_stages(run_dir: Path, seed: int) -> str:
     return (f"smallest letter — reward model: held-out pairwise accuracy {rm['eval_before']['accuracy']:.1%} → "
             f"{rm['eval_after']['accuracy']:.1%} after {rm['steps']} steps ({rm['eval_items']} prompts)\n"
             f"smallest letter — DPO (+NLL): held-out implicit-reward accuracy {dpo['eval_before']['rewards/accuracy']:.1%} → "
-            f"{dpo['eval_after']['rewards/accuracy']:.1%}; exact match {dpo.get('exact_match_before', 0):.1%} → "
-            f"{dpo.get('exact_match_after', 0):.1%} after {dpo['steps']} steps")
+            f"{dpo['eval_after']['rewards/accuracy']:.1%} ({dpo['eval_items']} pairs); "
+            f"{_exact_match(dpo)} after {dpo['steps']} steps")
+
+
+def _exact_match(summary: dict) -> str:
+    """A run's exact-match figure as the demo prints it: only one that was measured."""
+    if "exact_match_before" not in summary:
+        return "exact match not measured (no held-out prompt scored; see eval.exact_match_prompts)"
+    return (f"exact match on {summary['exact_match_prompts']} held-out prompts {summary['exact_match_before']:.1%} → "
+            f"{summary['exact_match_after']:.1%}")
 
 
 def _report_stage(run_dir: Path, seed: int) -> str:
@@ -169,11 +182,9 @@ def run_demo(output_dir: str = "runs/demo", overrides: list[str] = ()) -> int:
     run_dir = run_sft(cfg)
     summary = json.loads((run_dir / "summary.json").read_text())
     minutes = (time.time() - started) / 60
-    before, after = summary.get("exact_match_before", 0.0), summary.get("exact_match_after", 0.0)
     by_task = summary.get("exact_match_after_by_task", {})
     per_task = ", ".join(f"{name} {value:.0%}" for name, value in by_task.items() if name != "all")
-    print(f"\nposttrain demo: exact match on {summary.get('exact_match_prompts', 0)} held-out prompts "
-          f"{before:.1%} → {after:.1%} after {summary['steps']} SFT steps ({minutes:.1f} min)")
+    print(f"\nposttrain demo: {_exact_match(summary)} after {summary['steps']} SFT steps ({minutes:.1f} min)")
     if per_task:
         print(f"after, by task: {per_task}")
     preference = _preference_stages(run_dir, cfg.train.seed)
