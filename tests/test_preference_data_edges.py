@@ -171,7 +171,7 @@ def test_a_file_mixing_formats_reports_the_minority_rows_and_files_may_differ(tm
 @pytest.mark.parametrize("kind", ["csv", "parquet"])
 def test_unpaired_label_or_desirable_column_in_csv_and_parquet(tmp_path, kind):
     """Docstring: unpaired {"prompt", "completion", "label": true/false} (or "desirable"); blank/null
-    cells spell "absent" in CSV/Parquet (formats._optional_string, preferences._absent). A JSONL file
+    cells spell "absent" in CSV/Parquet (formats._optional_string, preferences.absent). A JSONL file
     whose rows use either key reads fine; the same rows as a table must too."""
     rows = [{"prompt": "q", "completion": "a", "label": True},
             {"prompt": "q", "completion": "b", "desirable": False}]

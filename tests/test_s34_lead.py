@@ -17,3 +17,22 @@ def test_a_line_keeps_a_figure_only_earlier_steps_had():
     line = close_interval(interval)
     assert line == {"step": 3, "loss": 2.0, "rewards/chosen": 1.0, "rewards/rejected": -0.5, "steps_averaged": 3}
     assert list(line)[:3] == ["step", "loss", "rewards/chosen"]  # the last step's order first
+
+
+def test_a_constitutional_revision_in_typographic_quotes_is_unwrapped():
+    """clean_revision and Self-Instruct's clean_instruction share one unwrapping rule
+    (`constitutional.unquoted`): straight or typographic quotes around the whole text go, quotes
+    inside as well keep it."""
+    from posttrain.feedback.constitutional import clean_revision
+
+    assert clean_revision("“A kinder answer.”") == "A kinder answer."
+    assert clean_revision('"A kinder answer."') == "A kinder answer."
+    assert clean_revision("«Réponse»") == "Réponse"
+    assert clean_revision('"One" and "two"') == '"One" and "two"'
+
+
+def test_a_table_flag_cell_is_read_one_way_for_kto_labels_and_seed_tasks():
+    from posttrain.data.formats import flag_cell
+
+    assert [flag_cell(v) for v in (True, " TRUE ", "0", 1, 0, False)] == [True, True, False, True, False, False]
+    assert [flag_cell(v) for v in ("yes", 2, None, 1.0)] == [None, None, None, None]

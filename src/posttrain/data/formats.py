@@ -298,6 +298,16 @@ def read_turn(turn: Any, number: int) -> tuple[dict[str, Any], bool]:
     return message, _trained(turn, number, role)
 
 
+def flag_cell(value: Any) -> bool | None:
+    """A true/false cell as a table spells it: a boolean; "true", "false", "1" or "0" in any case
+    and spacing (CSV); the integer 1 or 0 (JSON, Parquet); anything else None."""
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+        return value.strip().lower() in ("true", "1")
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value in (0, 1):
+        return bool(value)
+    return value if isinstance(value, bool) else None
+
+
 def _blank(value: Any) -> bool:
     """Null, a blank string or an empty list: how JSON, CSV and Parquet write an absent value."""
     return value is None or (isinstance(value, str) and (not value or value.isspace())) or value == []

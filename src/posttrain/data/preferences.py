@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.data import formats
-from posttrain.data.formats import BadRowError, DataReport, _list, _string, _type_name, read_tools
+from posttrain.data.formats import BadRowError, DataReport, _list, _string, _type_name, flag_cell, read_tools
 from posttrain.data.pipeline import SYNTHETIC, check_held_out, rejects_file, split_eval, write_report
 from posttrain.data.records import IGNORE_INDEX, Example, Record
 from posttrain.errors import ConfigError, DataError
@@ -171,7 +171,7 @@ def to_preference_record(row: dict, fmt: str, location: str = "<memory>") -> Pre
     raise ValueError(f"unknown preference format {fmt!r}; expected one of {', '.join(PREFERENCE_FORMATS)}")
 
 
-def _absent(row: dict, key: str) -> bool:
+def absent(row: dict, key: str) -> bool:
     """Missing, null or blank (CSV and Parquet spell "absent" that way)."""
     value = row.get(key)
     return value is None or (isinstance(value, str) and not value.strip())
@@ -271,7 +271,7 @@ def _response(value: Any, what: str, prompt: list[dict[str, Any]]) -> str | dict
 def _pair(row: dict, location: str) -> PreferenceRecord:
     for key in ("chosen", "rejected"):
         _required(row, key, "pairs")
-    if _absent(row, "prompt"):
+    if absent(row, "prompt"):
         prompt, chosen, rejected = _implicit_prompt(row)
     else:
         prompt = _prompt(row, "pairs")
@@ -290,7 +290,7 @@ def _check_pair_scores(row: dict) -> None:
     SHP's `score_ratio` (the chosen comment's score over the rejected one's) — must put 'chosen'
     first: equal scores are a tie, no preference, and scores favouring 'rejected' contradict the
     row; either is a bad row, never trained as a preference."""
-    given = [key for key in ("score_chosen", "score_rejected") if not _absent(row, key)]
+    given = [key for key in ("score_chosen", "score_rejected") if not absent(row, key)]
     if len(given) == 1:
         other = "score_rejected" if given == ["score_chosen"] else "score_chosen"
         raise BadRowError(f"{given[0]!r} without {other!r}; give both scores or neither")
@@ -301,7 +301,7 @@ def _check_pair_scores(row: dict) -> None:
         if bad > good:
             raise BadRowError(f"'score_rejected' ({bad:g}) is above 'score_chosen' ({good:g}): the scores favour "
                               "'rejected', contradicting the row")
-    if not _absent(row, "score_ratio"):
+    if not absent(row, "score_ratio"):
         ratio = _number(row["score_ratio"], "'score_ratio'")
         if ratio <= 0:
             raise BadRowError(f"'score_ratio' is {ratio:g}; it is the chosen side's score over the rejected side's, "
@@ -375,7 +375,7 @@ def _number(value: Any, what: str) -> float:
 
 
 def _margin(row: dict) -> float | None:
-    return None if _absent(row, "margin") else _number(row["margin"], "'margin'")
+    return None if absent(row, "margin") else _number(row["margin"], "'margin'")
 
 
 def _ranking(row: dict, location: str) -> PreferenceRecord:
@@ -393,7 +393,7 @@ def _ranking(row: dict, location: str) -> PreferenceRecord:
 
 def _ranks(row: dict, responses: list[str | dict[str, Any]]) -> list[int]:
     """Dense ranks (0 = best) from 'ranks', 'scores', or the order of the responses."""
-    given = [key for key in ("ranks", "scores") if not _absent(row, key)]
+    given = [key for key in ("ranks", "scores") if not absent(row, key)]
     if len(given) == 2:
         raise BadRowError("both 'ranks' and 'scores' are given; give one (ranks: 0 = best; scores: higher = better)")
     values: list[float] = [float(i) for i in range(len(responses))]  # neither: best first
@@ -451,16 +451,13 @@ def _unpaired(row: dict, location: str) -> PreferenceRecord:
     prompt = _prompt(row, "unpaired")
     completion = _response(_required(row, "completion", "unpaired"), "'completion'", prompt)
     # the key that holds a value (a table has both columns, one blank per row), else the one given
-    filled = [key for key in ("label", "desirable") if not _absent(row, key)]
+    filled = [key for key in ("label", "desirable") if not absent(row, key)]
     key = filled[0] if filled else "desirable" if "label" not in row and "desirable" in row else "label"
     value = _required(row, key, "unpaired")
-    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):  # a CSV cell
-        value = value.strip().lower() in ("true", "1")
-    elif isinstance(value, numbers.Integral) and not isinstance(value, bool) and value in (0, 1):  # JSON, Parquet
-        value = bool(value)
-    if not isinstance(value, bool):
+    desirable = flag_cell(value)
+    if desirable is None:
         raise BadRowError(f"{key!r} is {'null' if value is None else repr(value)}, expected true or false")
-    return PreferenceRecord(prompt, [completion], desirable=value, source=location, tools=read_tools(row))
+    return PreferenceRecord(prompt, [completion], desirable=desirable, source=location, tools=read_tools(row))
 
 
 _CONVERTERS = {"pairs": _pair, "ranking": _ranking, "unpaired": _unpaired}

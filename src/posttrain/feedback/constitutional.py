@@ -160,18 +160,30 @@ def revision_messages(turns: list[dict[str, str]], response: str, principle: Pri
             {"role": "user", "content": principle.revision + _REVISION_SUFFIX}]
 
 
+_QUOTES = {'"': '"', "'": "'", "\u201c": "\u201d", "\u2018": "\u2019", "\u00ab": "\u00bb", "\u300c": "\u300d",
+           "\u300e": "\u300f"}
+
+
+def unquoted(text: str) -> str:
+    """`text` without a pair of quotes wrapped around the whole of it (straight or typographic, see
+    _QUOTES); text with the same quote marks inside as well is kept as it is."""
+    close = _QUOTES.get(text[:1])
+    if close is None or len(text) < 2 or text[-1] != close:
+        return text
+    inner = text[1:-1]
+    return text if text[0] in inner or close in inner else inner.strip()
+
+
 def clean_revision(text: str) -> str:
     """The revision without surrounding space, a first line announcing it ("Here is a revised
     version of the response:"), a leading "Revised response:"-style label, or quotes wrapped
-    around the whole of it."""
+    around the whole of it (`unquoted`)."""
     text = text.strip()
     first, _, rest = text.partition("\n")
     if ENDS_WITH_COLON.search(first) and _REVISION_WORD.search(first) and _RESPONSE_WORD.search(first.strip()):
         text = rest.strip()
     text = _REVISION_LABEL.sub("", text, count=1).strip()
-    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'" and text.count(text[0]) == 2:
-        text = text[1:-1].strip()
-    return text
+    return unquoted(text)
 
 
 def _drop_reason(text: str, finish_reason: str, what: str, drop_truncated: bool) -> str | None:

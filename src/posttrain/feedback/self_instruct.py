@@ -15,7 +15,7 @@ then the round's candidates are judged in k order and the accepted ones join the
     empty_instruction / truncated_instruction / too_short / too_long (words; in Chinese, Japanese or
     Thai, 2 characters a word) / banned_word (whole words; in those scripts a run of characters)
     duplicate (same words after normalising)  ──  similar (ROUGE-L F >= threshold against any pool task)
-    truncated_instance / unparseable_instance / empty_input / empty_output
+    truncated_instance / unparseable_instance / empty_input / empty_output / output_repeats_input
 
 candidates.jsonl, the append-only log, holds every candidate, accepted or not. The judging is a
 pure function of the logged candidates in id order, so a resumed run rebuilds the pool and the
@@ -39,7 +39,7 @@ from typing import Any, TextIO
 from posttrain.config.schema import user_path
 from posttrain.data.quality.text import ngram_scale
 from posttrain.errors import DataError, UserError
-from posttrain.feedback.constitutional import ASSETS, ENDS_WITH_COLON, request_seed
+from posttrain.feedback.constitutional import ASSETS, ENDS_WITH_COLON, request_seed, unquoted
 from posttrain.feedback.jobs import STDERR, check_resume_settings, file_digest, resolve_stream, write_jsonl
 from posttrain.feedback.rouge import RougePool, tokenize
 
@@ -61,8 +61,11 @@ _PREAMBLE_WORD = re.compile(r"\b(?:tasks?|instructions?|here)\b", re.IGNORECASE)
 # "Task:", "New instruction 3.", "**Task:**", "**Task**:" after any numbering
 _LABEL = re.compile(r"^(?:\*\*|__)?\s*(?:new\s+)?(?:task|instruction)\s*\d*\s*(?:\*\*|__)?\s*[:.)]\s*(?:\*\*|__)?\s*",
                     re.IGNORECASE)
-
-
+# Markdown around a reply, no part of its text: a code fence line ("```", "```text", "~~~") or a rule ("---",
+# "***", "___", "- - -")
+_FENCE = re.compile(r"^[ \t]*(?:`{3,}|~{3,})[ \t]*[\w+#.-]*[ \t]*$")
+_RULE = re.compile(r"^[ \t]*([-*_])(?:[ \t]*\1){2,}[ \t]*$")
+# Quotes wrapped around a whole instruction: straight, typographic, guillemets, CJK corner brackets
 @dataclass(frozen=True)
 class Task:
     id: str
@@ -103,6 +106,11 @@ def load_seed_tasks(name: str) -> list[Task]:
 
 
 def _seed_task(row: Any, location: str, index: int) -> Task:
+    """One seed task from a row. A blank cell (CSV, Parquet null) is an absent value; a flag cell is
+    true or false as the preference reader takes a KTO label (`_flag`)."""
+    from posttrain.data.formats import flag_cell
+    from posttrain.data.preferences import absent
+
     if not isinstance(row, dict):
         raise DataError(f"{location}: expected an object with 'instruction' and 'output'")
     if isinstance(row.get("instances"), list) and row["instances"] and "output" not in row:
@@ -111,13 +119,13 @@ def _seed_task(row: Any, location: str, index: int) -> Task:
         if not isinstance(row.get(key), str) or not row[key].strip():
             raise DataError(f"{location}: {key!r} must be a non-empty string (seed tasks need 'instruction' and "
                             "'output'; 'input', 'is_classification' and 'id' are optional)")
-    extra = row.get("input") or ""
+    extra = "" if absent(row, "input") else row["input"]
     if not isinstance(extra, str):
         raise DataError(f"{location}: 'input' must be a string")
-    flag = row.get("is_classification", False)
-    if not isinstance(flag, bool):
-        raise DataError(f"{location}: 'is_classification' must be true or false, got {flag!r}")
-    task_id = str(row["id"]) if row.get("id") is not None else f"seed-{index}"
+    flag = False if absent(row, "is_classification") else flag_cell(row["is_classification"])
+    if flag is None:
+        raise DataError(f"{location}: 'is_classification' must be true or false, got {row['is_classification']!r}")
+    task_id = f"seed-{index}" if absent(row, "id") else str(row["id"])
     if _GENERATED_ID.fullmatch(task_id):  # kept apart from the generated task this run gives the same id
         task_id = f"seed:{task_id}"
     return Task(task_id, row["instruction"].strip(), extra.strip(), row["output"].strip(), flag)
@@ -134,26 +142,36 @@ def instruction_messages(examples: list[Task]) -> list[dict[str, str]]:
         "text-only assistant can carry out. Reply with the instruction only, on a single line.")}]
 
 
-def _instruction_lines(reply: str) -> list[str]:
-    """The non-empty lines of a reply from its instruction line on: leading preamble lines ("Sure!
-    Here is a new task:", "**New instruction:**") are skipped while another line follows. A line
-    ending in ":" that names no task ("Complete the sentence:") is an instruction and is kept."""
+def _is_markup(line: str) -> bool:
+    """A code fence line or a markdown rule: wrapping, no text."""
+    return bool(_FENCE.match(line) or _RULE.match(line))
+
+
+def _reply_lines(reply: str) -> list[str]:
+    """The non-empty lines of a reply from its instruction line on, fences and rules included:
+    leading preamble lines ("Sure! Here is a new task:", "**New instruction:**") and fence or rule
+    lines are skipped while another line follows. A line ending in ":" that names no task
+    ("Complete the sentence:") is an instruction and is kept."""
     lines = [line for line in reply.splitlines() if line.strip()]
-    while len(lines) > 1 and ENDS_WITH_COLON.search(lines[0]) and _PREAMBLE_WORD.search(lines[0]):
+    while len(lines) > 1 and (_is_markup(lines[0]) or ENDS_WITH_COLON.search(lines[0])
+                              and _PREAMBLE_WORD.search(lines[0])):
         lines = lines[1:]
     return lines
 
 
+def _instruction_lines(reply: str) -> list[str]:
+    """`_reply_lines` without its fence and rule lines: the first is the instruction."""
+    return [line for line in _reply_lines(reply) if not _is_markup(line)]
+
+
 def clean_instruction(reply: str) -> str:
-    """The first non-empty line of a reply after any preamble (see `_instruction_lines`), without
-    numbering or a bullet, then without a "Task:" label (markdown bold "**Task:**" too), and
-    without quotes wrapped around the whole of it (a line with quotes inside as well is kept as
-    it is)."""
+    """The first non-empty line of a reply after any preamble, code fence or markdown rule (see
+    `_reply_lines`), without numbering or a bullet, then without a "Task:" label (markdown bold
+    "**Task:**" too), and without quotes wrapped around the whole of it, straight or typographic
+    (`constitutional.unquoted`; a line with the same quotes inside as well is kept as it is)."""
     line = next(iter(_instruction_lines(reply)), "")
     line = _ENUMERATION.sub("", line, count=1)
-    line = _LABEL.sub("", line, count=1).strip()
-    if len(line) >= 2 and line[0] == line[-1] and line[0] in "\"'" and line.count(line[0]) == 2:
-        line = line[1:-1].strip()
+    line = unquoted(_LABEL.sub("", line, count=1).strip())
     return " ".join(line.split())
 
 
@@ -185,15 +203,32 @@ def instance_messages(instruction: str, is_classification: bool, examples: list[
     return [{"role": "user", "content": ask + "\n\n" + "\n\n".join(blocks)}]
 
 
+def _field_text(text: str) -> str:
+    """A field's text without the markdown that closed the reply or parted it from the next field:
+    trailing rule lines ("---") and a trailing fence line that opens no block of the field's own
+    (an odd count of fence lines: it closed a fence around the whole reply)."""
+    lines = text.strip().splitlines()
+    while lines and (_RULE.match(lines[-1]) or _FENCE.match(lines[-1])
+                     and sum(bool(_FENCE.match(line)) for line in lines) % 2):
+        lines.pop()
+    return "\n".join(lines).strip()
+
+
+def _same_text(a: str, b: str) -> bool:
+    """The same words (`normalise`); texts with no words at all, the same characters."""
+    return normalise(a) == normalise(b) if normalise(a) else a.strip() == b.strip()
+
+
 def parse_instance(reply: str, is_classification: bool) -> tuple[str, str, str | None]:
-    """(input, output, error) from an 'Input:' / 'Output:' (or 'Label:') reply; error is None
-    or a rejection reason: unparseable_instance, empty_input, empty_output."""
+    """(input, output, error) from an 'Input:' / 'Output:' (or 'Label:') reply, in a code fence or
+    not; error is None or a rejection reason: unparseable_instance, empty_input, empty_output, or
+    output_repeats_input (the output is the input again, a filter of the paper's)."""
     found = list(_FIELD.finditer(reply))
     fields: dict[str, str] = {}
     for match, following in zip(found, found[1:] + [None]):
         name = "label" if "label" in match["name"].lower() else match["name"].lower()
         end = following.start() if following is not None else len(reply)
-        fields.setdefault(name, reply[match.end():end].strip())
+        fields.setdefault(name, _field_text(reply[match.end():end]))
     given_input = fields.get("input", "")
     given_input = "" if " ".join(given_input.lower().strip("()[]. ").split()) in _NO_INPUT else given_input
     if is_classification:
@@ -202,11 +237,15 @@ def parse_instance(reply: str, is_classification: bool) -> tuple[str, str, str |
             return "", "", "unparseable_instance"
         if not label:
             return given_input, "", "empty_output"
-        return (given_input, label, None) if given_input else ("", label, "empty_input")
+        if not given_input:
+            return "", label, "empty_input"
+        return given_input, label, "output_repeats_input" if _same_text(label, given_input) else None
     if "output" not in fields:
         return "", "", "unparseable_instance"
     output = fields["output"]
-    return given_input, output, None if output else "empty_output"
+    if not output:
+        return given_input, "", "empty_output"
+    return given_input, output, "output_repeats_input" if given_input and _same_text(output, given_input) else None
 
 
 # --------------------------------------------------------------------------- filters and the pool
@@ -218,14 +257,18 @@ def normalise(text: str) -> str:
 
 
 def instruction_cut_off(reply: str, finish_reason: str) -> bool:
-    """Whether max_tokens cut the reply inside its instruction line (no line follows it)."""
-    return finish_reason == "length" and len(_instruction_lines(reply)) <= 1
+    """Whether max_tokens cut the reply inside its instruction line (no line follows it, not even
+    a closing fence)."""
+    lines = _reply_lines(reply)
+    first = next((i for i, line in enumerate(lines) if not _is_markup(line)), len(lines))
+    return finish_reason == "length" and first >= len(lines) - 1
 
 
 def instruction_rejection(candidate: dict[str, Any], filters) -> str | None:
     """The first filter a candidate's instruction fails on its own (no pool needed), or None."""
     instruction = candidate["instruction"]
-    words = tokenize(instruction)
+    tokens = tokenize(instruction)
+    words = [token for token in tokens if any(char.isalnum() for char in token)]  # not "`", "+", "€"
     if not words:
         return "empty_instruction"
     if filters.drop_truncated and instruction_cut_off(candidate["raw_instruction"],
@@ -238,7 +281,7 @@ def instruction_rejection(candidate: dict[str, Any], filters) -> str | None:
         return "too_short"
     if len(words) > filters.max_words * scale:
         return "too_long"
-    padded = f" {' '.join(words)} "
+    padded = f" {' '.join(tokens)} "
     if any(f" {normalise(banned)} " in padded for banned in filters.banned_words if normalise(banned)):
         return "banned_word"
     return None
@@ -314,10 +357,13 @@ class TaskPool:
         return None
 
     def counters(self) -> dict[str, Any]:
+        """The counts summary.json holds. type_unclear: accepted tasks whose yes/no type answer was
+        neither (taken as generation, and counted there too)."""
         types = Counter("classification" if t["is_classification"] else "generation" for t in self.accepted)
         return {"accepted": len(self.accepted), "target": self.target, "surplus": self.surplus,
                 "rejected": dict(sorted(Counter(r["reason"] for r in self.rejected).items())),
-                "accepted_types": dict(sorted(types.items()))}
+                "accepted_types": dict(sorted(types.items())),
+                "type_unclear": sum(t["type_source"] == "model_unclear" for t in self.accepted)}
 
 
 # --------------------------------------------------------------------------- one candidate
@@ -477,8 +523,11 @@ def _write_outputs(out: Path, pool: TaskPool, rounds: int, loop, backend, cfg, s
                "usage": backend.usage.snapshot(), "config": cfg.to_dict()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     reasons = ", ".join(f"{n} {reason}" for reason, n in counters["rejected"].items()) or "none"
+    unclear = (f", {counters['type_unclear']} of them generation for an unclear type answer"
+               if counters["type_unclear"] else "")
     print(f"self-instruct: {counters['accepted']}/{pool.target} tasks from {candidates} candidates in {rounds} rounds "
-          f"({', '.join(f'{n} {k}' for k, n in counters['accepted_types'].items()) or 'none'}); rejected: {reasons}"
+          f"({', '.join(f'{n} {k}' for k, n in counters['accepted_types'].items()) or 'none'}{unclear}); "
+          f"rejected: {reasons}"
           + (f"; {pool.surplus} good ones beyond the target left out" if pool.surplus else ""), file=show)
     if not pool.full and rounds >= loop.max_rounds:
         print(f"self-instruct: stopped at max_rounds={loop.max_rounds} before reaching num_tasks={pool.target}; "
