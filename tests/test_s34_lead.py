@@ -36,3 +36,14 @@ def test_a_table_flag_cell_is_read_one_way_for_kto_labels_and_seed_tasks():
 
     assert [flag_cell(v) for v in (True, " TRUE ", "0", 1, 0, False)] == [True, True, False, True, False, False]
     assert [flag_cell(v) for v in ("yes", 2, None, 1.0)] == [None, None, None, None]
+
+
+def test_report_md_says_what_decontamination_did_not_search():
+    from posttrain.data.quality.report import _contamination
+
+    c = {"eval_rows": 40, "contaminated_rows": 1, "ngram": 13, "eval_rows_leaked": 1, "on": "prompt",
+         "eval_rows_malformed": 2, "shared_ngrams_left_out": 7, "max_shared": 10}
+    text = " ".join(_contamination(c))
+    assert "2 evaluation rows could not be read (malformed): not searched for." in text
+    assert "7 sequences found in more than 10 evaluation rows: taken for a shared template" in text
+    assert "could not be read" not in " ".join(_contamination(c | {"eval_rows_malformed": 0}))

@@ -66,7 +66,11 @@ class DecontaminateConfig:
     ngram: int = option(13, "a training row sharing one n-word sequence with an eval prompt is dropped (2n "
                         "characters for a mostly Chinese / Japanese / Thai ... prompt); an eval prompt shorter than "
                         "that must appear whole")
-    on: Literal["prompt", "full"] = option("prompt", "which text of the eval rows is searched for")
+    on: Literal["prompt", "full"] = option("prompt", "which text of the eval rows is searched for: prompt (the "
+                                           "prompt's turns, the system prompt left out) or full (the answer too)")
+    max_shared: int = option(10, "an n-gram found in more of the eval rows is a shared template (instruction "
+                             "preamble, few-shot examples, a passage several questions share), not searched for "
+                             "(0 = no limit)")
 
 
 @dataclass
@@ -146,6 +150,7 @@ def validate_quality(cfg: QualityConfig) -> None:
         (d.num_perm >= 2, "dedup.num_perm must be >= 2"),
         (0 <= d.seed < SEED_RANGE, f"dedup.seed must be in [0, 2**32) (numpy's seeds), got {d.seed}"),
         (cfg.decontaminate.ngram >= 1, "decontaminate.ngram must be >= 1"),
+        (cfg.decontaminate.max_shared >= 0, "decontaminate.max_shared must be >= 0 (0 = no limit)"),
         (cfg.balance.max_per_value >= 0, "balance.max_per_value must be >= 0"),
         (cfg.balance.max_per_value == 0 or bool(cfg.balance.field),
          "balance.max_per_value needs balance.field (the column whose values are capped)"),

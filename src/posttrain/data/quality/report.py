@@ -50,9 +50,15 @@ def _dedup(d: dict) -> list[str]:
 def _contamination(c: dict) -> list[str]:
     if not c.get("eval_rows"):
         return ["## Evaluation leakage", "", "No evaluation files given (decontaminate.files).", ""]
-    return ["## Evaluation leakage", "",
-            f"Dropped {_n(c['contaminated_rows'], 'training row')} sharing a {c['ngram']}-word sequence (or a whole shorter prompt) "
-            f"with {c['eval_rows_leaked']} of {_n(c['eval_rows'], 'evaluation row')} ({c['on']} text).", ""]
+    said = (f"Dropped {_n(c['contaminated_rows'], 'training row')} sharing a {c['ngram']}-word sequence (or a whole "
+            f"shorter prompt) with {c['eval_rows_leaked']} of {_n(c['eval_rows'], 'evaluation row')} ({c['on']} text).")
+    if c.get("eval_rows_malformed"):
+        bad = c["eval_rows_malformed"]
+        said += f" {_n(bad, 'evaluation row')} could not be read (malformed): not searched for."
+    if c.get("shared_ngrams_left_out"):
+        said += (f" {_n(c['shared_ngrams_left_out'], 'sequence')} found in more than {c['max_shared']} evaluation "
+                 "rows: taken for a shared template, not searched for.")
+    return ["## Evaluation leakage", "", said, ""]
 
 
 def _perplexity(p: dict) -> list[str]:

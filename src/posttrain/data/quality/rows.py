@@ -18,7 +18,8 @@ filters read a call as they read code, not as prose (its arguments' keys repeat 
 counts, echo, dedup and decontamination read it whole. A row's `tools` (function definitions) are
 in none of the texts: an agent dataset repeats the same definitions on every row, which would make
 every row a near duplicate of every other. PII redaction reads every string of the row as read,
-tools and calls included (run.py).
+tools and calls included (run.py). Benchmark files for decontamination are read by
+`load_eval_items` (a question without its answer is an item too) and searched as `eval_text` says.
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ from posttrain.data import formats
 from posttrain.data.formats import FORMATS, DataReport, detect_format, to_record
 from posttrain.data.preferences import (PREFERENCE_FORMATS, PreferenceRecord, detect_preference_format,
                                         to_preference_record)
+from posttrain.data.prompts import PROMPT_FORMATS, PromptRecord, detect_prompt_format, to_prompt_record
 from posttrain.data.records import Record
 from posttrain.data.templates import trained_turns
+from posttrain.errors import DataError
 
 ALL_FORMATS = FORMATS + PREFERENCE_FORMATS
 _PREFERENCE_KEYS = ("chosen", "rejected", "responses")
@@ -125,6 +128,48 @@ def load_rows(paths: list[str], *, fmt: str, bad_rows: str, max_bad_fraction: fl
     stages' policy (formats.load_records): stop, or skip into `rejects_path` with file:line."""
     return formats._load(paths, fmt, bad_rows, max_bad_fraction, rejects_path, log, convert, detect_any_format,
                          ALL_FORMATS)
+
+
+def load_eval_items(path: str, log: Callable[[str], Any]) -> tuple[list[Row | PromptRecord], DataReport]:
+    """Every benchmark item of an evaluation file, malformed rows skipped and counted. A whole
+    training row (SFT or preference) is read as one, every text of it at hand; any other row as
+    `posttrain evaluate` reads a prompt set (data/prompts.py): a conversation ending with the
+    user's turn, an alpaca row without an output, `{"prompt", "answer"?}`. A file fitting no
+    training format is read as a prompt set, or refused naming the keys those read."""
+
+    def detect(rows: list[dict], *, where: str) -> str:
+        try:
+            return detect_any_format(rows, where=where)
+        except DataError:
+            return detect_prompt_format(rows, where=where)
+
+    def item(row: Any, fmt: str, location: str) -> Row | PromptRecord:
+        if fmt in ALL_FORMATS:
+            try:
+                return convert(row, fmt, location)
+            except formats.BadRowError:
+                if fmt not in PROMPT_FORMATS and fmt != "prompt_completion":
+                    raise  # a preference or text row has no form without its answer
+        return to_prompt_record(row, "prompt" if fmt == "prompt_completion" else fmt, location)
+
+    return formats._load([path], "auto", "skip", 1.0, None, log, item, detect, ALL_FORMATS + PROMPT_FORMATS)
+
+
+def eval_text(item: Row | PromptRecord, on: str) -> str:
+    """What of a benchmark item is searched for in the training rows: with on=full every text of
+    it (a prompt record's prompt and answer); with on=prompt the prompt's turns but the system's
+    (a system prompt the items share is no leak, and searched with it, a short question would be
+    found only beside it). A row without a prompt (text) is searched whole."""
+    if isinstance(item, PromptRecord):
+        turns = item.prompt
+        full = "\n".join([*map(message_text, turns), *([item.answer] if item.answer else [])])
+    else:
+        record = item.record
+        turns = record.prompt if isinstance(record, PreferenceRecord) else \
+            [m for m in record.messages or [] if m["role"] != "assistant"]
+        full = item.full
+    prompt = "\n".join(message_text(turn) for turn in turns if turn["role"] != "system")
+    return full if on == "full" or not prompt else prompt
 
 
 def reconvert(row: Row, raw: Any) -> Row:

@@ -153,14 +153,20 @@ def _filter(work: _Pass, cfg) -> None:
 
 def _decontaminate(work: _Pass, cfg, log) -> dict:
     from posttrain.data.quality.contamination import ContaminationIndex
+    from posttrain.data.quality.rows import eval_text, load_eval_items
 
     if not cfg.files:
         return {"eval_rows": 0}
     texts, sources, malformed = [], [], 0
     for path in cfg.files:
-        file_texts, file_sources, bad = _eval_texts(path, cfg.on, log)
-        texts, sources, malformed = texts + file_texts, sources + file_sources, malformed + bad
-    index = ContaminationIndex(texts, sources, cfg.ngram)
+        items, read = load_eval_items(path, log)
+        texts += [eval_text(item, cfg.on) for item in items]
+        sources += [item.source for item in items]
+        malformed += read.bad
+    index = ContaminationIndex(texts, sources, cfg.ngram, cfg.max_shared)
+    if index.shared:
+        log(f"decontaminate: {index.shared} n-grams found in more than {cfg.max_shared} evaluation rows are a "
+            "template the rows share, not searched for (decontaminate.max_shared)")
     hits: Counter = Counter()
     for i in work.alive():
         found = index.find(work.rows[i].full)
@@ -168,29 +174,8 @@ def _decontaminate(work: _Pass, cfg, log) -> dict:
             hits[found[0]] += 1
             work.drop(i, "contaminated", f"shares {found[1]!r} with {found[0]}")
     return {"eval_rows": len(texts), "eval_rows_malformed": malformed, "ngram": cfg.ngram, "on": cfg.on,
+            "max_shared": cfg.max_shared, "shared_ngrams_left_out": index.shared,
             "contaminated_rows": sum(hits.values()), "eval_rows_leaked": len(hits), "most_leaked": hits.most_common(5)}
-
-
-def _eval_texts(path: str, on: str, log) -> tuple[list[str], list[str], int]:
-    """(texts, sources, malformed rows) of one evaluation file. A file in a training format (SFT or
-    preference rows) is read as such: its prompts, or with on=full every text of the row; any
-    other is read as prompt rows ({"prompt", "answer"?}, as RL prompt sets are)."""
-    import itertools
-
-    from posttrain.data.prompts import load_prompt_records
-    from posttrain.data.quality.rows import detect_any_format, message_text
-    from posttrain.data.readers import Malformed, iter_rows
-
-    head = [row for _, row in itertools.islice(iter_rows(path), 100) if not isinstance(row, Malformed)]
-    try:
-        detect_any_format(head, where=path)
-    except DataError:
-        records, read = load_prompt_records([path], bad_rows="skip", max_bad_fraction=1.0, log=log)
-        texts = ["\n".join(map(message_text, r.prompt)) + (f"\n{r.answer}" if on == "full" and r.answer else "")
-                 for r in records]
-        return texts, [r.source for r in records], read.bad
-    rows, read = load_rows([path], fmt="auto", bad_rows="skip", max_bad_fraction=1.0, rejects_path=None, log=log)
-    return [r.full if on == "full" else r.prompt or r.full for r in rows], [r.source for r in rows], read.bad
 
 
 def _pii(work: _Pass, cfg) -> dict:
@@ -365,7 +350,7 @@ def _write(out: Path, work: _Pass, kept: list[Row], report: dict) -> list[str]:
     from posttrain.files import write_atomically
 
     def jsonl(items) -> str:
-        return "".join(json.dumps(item, ensure_ascii=False, default=str) + "\n" for item in items)
+        return _writable("".join(json.dumps(item, ensure_ascii=False, default=str) + "\n" for item in items))
 
     by_format: dict[str, list[Row]] = {}
     for row in kept:
@@ -382,9 +367,16 @@ def _write(out: Path, work: _Pass, kept: list[Row], report: dict) -> list[str]:
         write_atomically(out / "perplexity.jsonl", jsonl(work.scores))
     files = sorted(names.values()) or [_kept_file()]
     report["kept_files"] = files
-    write_atomically(out / "report.json", json.dumps(report, indent=1, ensure_ascii=False, default=str))
-    write_atomically(out / "report.md", markdown(report))
+    write_atomically(out / "report.json", _writable(json.dumps(report, indent=1, ensure_ascii=False, default=str)))
+    write_atomically(out / "report.md", _writable(markdown(report)))
     return files
+
+
+def _writable(text: str) -> str:
+    """`text` as UTF-8 can hold it: a lone surrogate (a bad row as read, in report.json's first_bad;
+    a file name the file system gave in bytes that are not UTF-8) as its escape, \\udXXX, which a
+    JSON string reads back as the same character; the rest as it is."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _summary_line(summary: dict, out: Path, kept_files: list[str]) -> str:
