@@ -126,7 +126,9 @@ def test_retain_rows_longer_than_the_policys_positions_are_refused_up_front(tmp_
     from posttrain.train.grpo import run_grpo
 
     policy = _small_table(tmp_path, 64)
-    rows = [{"messages": [{"role": "user", "content": "word " * 60}, {"role": "assistant", "content": "ok"}]}] * 4
+    # distinct prompts: rows with one prompt go to one side of the retain split (pool or held out)
+    rows = [{"messages": [{"role": "user", "content": "word " * 60 + f"n{i}"}, {"role": "assistant", "content": "ok"}]}
+            for i in range(4)]
     (tmp_path / "retain.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ConfigError, match=r"forgetting\.retain_files.*64 positions"):
         run_grpo(GRPOConfig.load(None, [f"output_dir={tmp_path / 'run'}", *QUICK, f"model.path={policy}",

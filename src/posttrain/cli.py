@@ -26,6 +26,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import functools
 import signal
@@ -40,6 +41,18 @@ from posttrain.errors import ConfigError, NoRoom, UserError
 OVERRIDE_EXAMPLES = {"constitutional": "constitutional.rounds=2", "cai": "constitutional.rounds=2",
                      "self-instruct": "self_instruct.num_tasks=50", "rlaif": "rlaif.num_responses=3",
                      "quality": "max_drop_fraction=0.5", "redteam": "probes.limit=5", "evaluate": "prompts.limit=50"}
+
+
+class _DefaultsShown(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """A subcommand's help: its description as written, and each flag's default after its help,
+    "(default: 128)"; a flag whose help says its default itself (%(default)s), or whose default is
+    no value (None, an empty list, an on/off flag's False), gets none."""
+
+    def _get_help_string(self, action):
+        default = action.default
+        if default is None or default == [] or default is argparse.SUPPRESS or isinstance(default, bool):
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def _stage_parser(sub, name: str, config_cls, help_text: str):
@@ -66,9 +79,16 @@ def _help_lines(command: str, config_cls) -> list[str]:
     return lines
 
 
+def _dtypes() -> tuple[str, ...]:
+    from posttrain.models.loading import _DTYPES  # no torch: --help stays fast
+
+    return _DTYPES
+
+
 def _sampling_args(parser) -> None:
     parser.add_argument("--model", required=True, help="model dir, adapter dir, run dir (uses its final/) or preset")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--max-new-tokens", type=int, default=128,
+                        help="the most tokens generated for a prompt (a chat's reply)")
     # None = not given: the model's generation_config.json decides, else posttrain's default (inference.py)
     model_first = "default: the model's generation_config.json, else "
     parser.add_argument("--temperature", type=float, default=None, help=model_first + "0 (greedy)")
@@ -77,15 +97,18 @@ def _sampling_args(parser) -> None:
     parser.add_argument("--min-p", type=float, default=None,
                         help=model_first + "0 (off); keep tokens at least this fraction of the top one's probability")
     parser.add_argument("--repetition-penalty", type=float, default=None, help=model_first + "1 (off)")
-    parser.add_argument("--frequency-penalty", type=float, default=0.0)
-    parser.add_argument("--presence-penalty", type=float, default=0.0)
+    parser.add_argument("--frequency-penalty", type=float, default=0.0,
+                        help="subtracted from a token's logit once per time it has been generated; 0: off")
+    parser.add_argument("--presence-penalty", type=float, default=0.0,
+                        help="subtracted from the logit of every token generated at least once; 0: off")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--seed", type=int, default=0,
-                        help="sampling seed: prompt i (a chat's reply i) samples from (seed, i); the default 0 "
+                        help="sampling seed: prompt i (a chat's reply i) samples from (seed, i); the default %(default)s "
                              "makes a sampled run repeat, another seed draws other samples")
     parser.add_argument("--template", default="auto", help="auto|tokenizer|chatml|alpaca|none (raw prompts)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--dtype", default="float32", choices=_dtypes(), help="dtype the weights are loaded in")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run the Python code a model's repository ships (its own architecture)")
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                         help="load a LoRA/IA3 adapter by name onto --model (repeatable); JSONL rows pick one with "
                              "\"adapter\": NAME, chat switches with /adapter NAME")
@@ -113,14 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
     from posttrain.config.quality import QualityConfig
     from posttrain.config.safety import RedTeamConfig
     from posttrain.config.synthesis import ConstitutionalConfig, SelfInstructConfig
+    from posttrain import __version__
     from posttrain.pipeline import add_parser as add_pipeline_parser
 
     parser = argparse.ArgumentParser(prog="posttrain", description="Post-training for language models.",
                                      epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"posttrain {__version__}")
     # no abbreviated flags: `serve --api-key X` would be read as --api-key-env X
     sub = parser.add_subparsers(dest="command", required=True,
-                                parser_class=functools.partial(argparse.ArgumentParser, allow_abbrev=False))
+                                parser_class=functools.partial(argparse.ArgumentParser, allow_abbrev=False,
+                                                               formatter_class=_DefaultsShown))
     _stage_parser(sub, "sft", SFTConfig, "supervised / instruction fine-tuning (full, freeze or any PEFT method)")
     _stage_parser(sub, "rm", RMConfig, "reward model from pairs or K-way rankings (Bradley-Terry / ranking loss)")
     _stage_parser(sub, "dpo", DPOConfig, "direct preference optimisation: dpo, cdpo, ipo, hinge, simpo, orpo, kto")
@@ -163,11 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--output", default="-", help="JSONL output (- = stdout)")
     score.add_argument("--column", default="reward", help="name of the new column")
     score.add_argument("--template", default="auto", help="chat template: auto|tokenizer|chatml|alpaca")
-    score.add_argument("--batch-size", type=int, default=32)
+    score.add_argument("--batch-size", type=int, default=32, help="rows a reward model scores together")
     score.add_argument("--max-length", type=int, default=None, metavar="N",
                        help="the most tokens a reward model reads of a row (default: its position table); a longer "
                             "row is cut (a decoder keeps its end, an encoder its start and closing [SEP]) and "
                             "counted on stderr")
+    score.add_argument("--dtype", default="float32", choices=_dtypes(), help="dtype the reward models are loaded in")
+    score.add_argument("--trust-remote-code", action="store_true",
+                       help="run the Python code a reward model's repository ships (its own architecture)")
     gen = sub.add_parser("generate", help="batched generation from a prompts file to JSONL")
     _sampling_args(gen)
     gen.add_argument("--prompts", required=True, help="text file (one prompt a line), or rows with prompt / messages / "
@@ -175,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "save_to_disk directory)")
     gen.add_argument("--output", default="-", help="JSONL output path (- = stdout); rows go to OUTPUT.partial as they "
                      "finish, renamed to OUTPUT when all are in")
-    gen.add_argument("--batch-size", type=int, default=16)
+    gen.add_argument("--batch-size", type=int, default=16, help="prompts generated together")
     chat = sub.add_parser("chat", help="interactive multi-turn chat with the chat template")
     _sampling_args(chat)
     chat.add_argument("--system", default=None, help="system message")
@@ -185,12 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
     merge = sub.add_parser("merge", help="fold LoRA / DoRA / IA3 adapters into the base and save a plain HF model")
     merge.add_argument("adapter", help="adapter dir or run dir (uses its final/)")
     merge.add_argument("output", help="directory for the merged model")
-    merge.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+    merge.add_argument("--dtype", default=None, choices=_dtypes(),
                        help="dtype of the merged model's weights (default: the base checkpoint's); the merge "
                             "itself is done in float32 and rounded once")
-    merge.add_argument("--trust-remote-code", action="store_true")
+    merge.add_argument("--trust-remote-code", action="store_true",
+                       help="run the Python code the base model's repository ships (its own architecture)")
     demo = sub.add_parser("demo", help="build the tiny model and fine-tune it on synthetic tasks, before/after")
-    demo.add_argument("--output-dir", default="runs/demo")
+    demo.add_argument("--output-dir", default="runs/demo", help="the demo's run directory")
     demo.add_argument("overrides", nargs="*", help="dotted overrides on the demo config")
     sub.add_parser("env", help="versions, device and threads")
     return parser
@@ -434,11 +464,23 @@ def _flags_as_overrides(command: str, extra: list[str]) -> str | None:
             + "; ".join(meant))
 
 
+def _check_command(parser: argparse.ArgumentParser, words: list[str]) -> None:
+    """`posttrain self_instruct`: an unknown command close to one is answered with the one meant
+    (exit 2, as argparse's own list of the commands is)."""
+    if not words or words[0].startswith("-"):
+        return
+    (commands,) = [action.choices for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    close = difflib.get_close_matches(words[0], list(commands), n=1)
+    if words[0] not in commands and close:
+        parser.error(f"unknown command {words[0]!r}; did you mean {close[0]}?")
+
+
 def main(argv: list[str] | None = None) -> int:
     from posttrain.console import line_buffered
 
     line_buffered(sys.stdout)  # a message said is in the log file as it is said (console.line_buffered)
     parser = build_parser()
+    _check_command(parser, list(sys.argv[1:] if argv is None else argv))
     args, extra = parser.parse_known_args(argv)
     # argparse ends a command's key=value list at its first flag: `pipeline P.yaml --dry-run k=v` leaves
     # k=v over; overrides after a flag are still overrides

@@ -523,9 +523,11 @@ def model_component(i: int, item: str, count: int) -> tuple[str, str]:
 def build_combined(models: list[str], functions: list[str], weights: list[str], floors: list[str],
                    template: str = "auto", batch_size: int = 32, device=None, log=None,
                    functions_option: str = "--function", extra: Sequence[RewardComponent] = (),
-                   max_length: int | None = None, floor_penalty: float = DEFAULT_FLOOR_PENALTY) -> CombinedReward:
+                   max_length: int | None = None, floor_penalty: float = DEFAULT_FLOOR_PENALTY,
+                   dtype: str = "float32", trust_remote_code: bool = False) -> CombinedReward:
     """The reward of `posttrain score`: models 'DIR' or 'NAME=DIR', functions 'NAME=module:fn'.
     template: how reward models render a conversation ("auto": each one's own saved template);
+    dtype, trust_remote_code: how reward models are loaded (`RewardModelScorer`);
     max_length: the most tokens a reward model reads (None: its position table);
     floor_penalty: `CombinedReward`'s penalty;
     log: hears a reward model's notes (one that cannot score padding-free says why);
@@ -534,8 +536,8 @@ def build_combined(models: list[str], functions: list[str], weights: list[str], 
     components = []
     for i, item in enumerate(models):
         name, path = model_component(i, item, len(models))
-        components.append(RewardComponent(name, RewardModelScorer(path, template, batch_size, max_length=max_length,
-                                                                  device=device, log=log)))
+        components.append(RewardComponent(name, RewardModelScorer(path, template, batch_size, dtype, trust_remote_code,
+                                                                  max_length=max_length, device=device, log=log)))
     for name, spec in _pairs_option(functions, functions_option, repeat=False).items():
         components.append(RewardComponent(name, function_reward(spec)))
     components += extra
@@ -608,7 +610,8 @@ def score_main(args) -> int:
     with quiet:
         combined = build_combined(args.model, args.function, args.weight, args.floor, args.template,
                                   args.batch_size, log=lambda line: print(line, file=sys.stderr),
-                                  max_length=args.max_length, floor_penalty=penalty)
+                                  max_length=args.max_length, floor_penalty=penalty, dtype=args.dtype,
+                                  trust_remote_code=args.trust_remote_code)
     written = [args.column] + ([f"{args.column}_{c.name}" for c in combined.components]
                                if len(combined.components) > 1 else [])
     for row, location in zip(rows, locations):

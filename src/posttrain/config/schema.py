@@ -251,6 +251,10 @@ def load_yaml(text: str, source: str | Path, error: type[Exception] = ConfigErro
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """A config file's sections (an empty file: {}), read by load_yaml. Raises ConfigError."""
     path = Path(path)
+    if path.is_dir():  # a run directory given for its config: name the file it holds
+        inside = path / "config.yaml"
+        held = f" (a run directory? its config is {inside})" if inside.is_file() else ""
+        raise ConfigError(f"config file {path} is a directory, not a YAML file{held}")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
@@ -279,7 +283,10 @@ class _Typed:
     """An override's scalar as YAML reads it, and as typed: a text setting takes the text
     (output_dir=010 is "010", not 8; "#" does not start a comment), any other the value. A quoted
     or null value has no text of its own (`text` is the value itself). Its lists and mappings are
-    `_OverrideList` / `_OverrideDict`: every value an override gives is named as the command line's."""
+    `_OverrideList` / `_OverrideDict`: every value an override gives is named as the command line's.
+    A list or mapping not typed in [...] or {...} (`system=Note: be kind`, which YAML reads as
+    {"Note": "be kind"}) is text to any setting but a section (`_coerce`): a text setting takes
+    what was typed, any other names it in its refusal."""
 
     value: Any
     text: Any
@@ -290,11 +297,17 @@ class _Typed:
 
 
 class _OverrideList(list):
-    """An override's list value (train.freeze=[a, b]): a plain list, marked as the command line's."""
+    """An override's list value (train.freeze=[a, b]): a plain list, marked as the command line's;
+    `text` as typed."""
+
+    text = ""
 
 
 class _OverrideDict(dict):
-    """An override's mapping value (adapter.lora={r: 4}): a plain dict, marked as the command line's."""
+    """An override's mapping value (adapter.lora={r: 4}): a plain dict, marked as the command line's;
+    `text` as typed."""
+
+    text = ""
 
 
 def _from_override(value: Any) -> bool:
@@ -316,10 +329,9 @@ def apply_override(data: dict[str, Any], item: str) -> None:
     except yaml.YAMLError as exc:
         value, not_yaml = raw, str(getattr(exc, "problem", None) or exc)
     text = raw.strip()
-    if isinstance(value, list):
-        value = _OverrideList(value)  # a bad value (train.lr=[1, 2]) is named as an override's
-    elif isinstance(value, dict):
-        value = _OverrideDict(value)
+    if isinstance(value, (list, dict)):
+        value = (_OverrideList if isinstance(value, list) else _OverrideDict)(value)  # named as an override's
+        value.text = text
     elif value is None or text.startswith(("'", '"')):
         value = _Typed(value, value)  # quoted text is YAML's to read, null is null: no text to take
     else:
@@ -570,6 +582,9 @@ def _unreadable_list(key: str, value: _Typed) -> ConfigError:
 
 
 def _coerce(hint: Any, value: Any, key: str, source: str, root: type) -> Any:
+    if isinstance(value, (_OverrideList, _OverrideDict)) and not value.text.startswith(("[", "{")):
+        # `system=Note: be kind`: YAML's mapping, not typed as one: text to any setting but a section
+        value = _Typed(value if dataclasses.is_dataclass(hint) else value.text, value.text)
     if isinstance(value, _Typed):
         if value.not_yaml and str(value.text).startswith("[") and _takes_list(hint):
             raise _unreadable_list(key, value)

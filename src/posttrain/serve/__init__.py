@@ -163,12 +163,15 @@ def add_arguments(parser) -> None:
 
     parser.add_argument("--template", default="auto", choices=TEMPLATE_NAMES,
                         help="chat template (auto: the tokenizer's own, else chatml)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="dtype the weights are loaded in")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run the Python code a model's repository ships (its own architecture)")
     parser.add_argument("--max-batch-size", type=int, default=16, help="rows (prompts x n) generated together")
     parser.add_argument("--batch-wait-ms", type=float, default=5.0,
                         help="after a request arrives, wait this long for others to batch with it")
-    parser.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes)
+    parser.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes,
+                        help="largest request body accepted; a larger one gets 413")
     parser.add_argument("--max-prompt-tokens", type=int, default=defaults.max_prompt_tokens,
                         help="longest prompt accepted (also capped by the model's context)")
     parser.add_argument("--max-tokens-limit", type=int, default=defaults.max_tokens,
@@ -176,4 +179,4 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-n", type=int, default=defaults.max_n, help="most choices per prompt (n)")
     parser.add_argument("--max-pending", type=int, default=defaults.max_pending,
                         help="requests queued or running; more get 503 until some finish")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (%(default)s: torch's default)")
