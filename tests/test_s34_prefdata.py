@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import json
-import types
 
 import pytest
 
@@ -27,6 +26,7 @@ from posttrain.data.preferences import (
 from posttrain.data.readers import Malformed, iter_rows
 from posttrain.data.templates import end_of_turn, resolve_template
 from posttrain.errors import DataError
+from tests.test_preference_data_edges import _cfg  # the same data-config namespace
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +34,6 @@ def tokenizer():
     from posttrain.models.presets import build_tokenizer
 
     return build_tokenizer()
-
-
-def _cfg(files, **changes):
-    cfg = dict(train_files=files, eval_files=[], eval_fraction=0.0, format="auto", template="auto",
-               max_length=256, overlength="truncate", bad_rows="error", max_bad_fraction=0.0,
-               synthetic_tasks=[], synthetic_size=0, synthetic_kind="pairs", synthetic_responses=2)
-    return types.SimpleNamespace(**(cfg | changes))
 
 
 def _tokens(example):

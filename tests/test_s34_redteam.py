@@ -15,57 +15,17 @@
 from __future__ import annotations
 
 import json
-import threading
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from posttrain.config.safety import RedTeamConfig
-from posttrain.feedback.client import Reply
 from posttrain.safety.classify import classify_refusal
 from posttrain.safety.pair import summarize_pair
 from posttrain.safety.probes import HARMFUL_ASSET, HARMFUL_CATEGORIES, load_probes, sample_probes
 from posttrain.safety.run import load_items, run_redteam
-
-QUIET = {"log": lambda _: None, "stream": None}
-MAGIC = "xyzzy"
-
-
-class Target:
-    """Complies when the prompt holds the magic word, refuses otherwise; counts its calls."""
-
-    model_name = "target"
-
-    def __init__(self, kill_after: int | None = None):
-        self.calls, self.kill_after = 0, kill_after
-        self._lock = threading.Lock()
-
-    def chat(self, messages, *, max_tokens=None, temperature=None, seed=None):
-        with self._lock:
-            self.calls += 1
-            calls = self.calls
-        if self.kill_after is not None and calls > self.kill_after:
-            raise KeyboardInterrupt
-        if MAGIC in " ".join(m["content"] for m in messages):
-            return Reply("Sure. Step 1: get the thing. Step 2: use it.", "stop", 5, 9)
-        return Reply("I'm sorry, but I can't help with that.", "stop", 5, 6)
-
-
-class Attacker:
-    """`write(turn, seed)`: the reply; turn = the attacker's earlier answered rounds + 1."""
-
-    model_name = "attacker"
-
-    def __init__(self, write):
-        self.write, self.calls = write, 0
-        self._lock = threading.Lock()
-
-    def chat(self, messages, *, max_tokens=None, temperature=None, seed=None):
-        with self._lock:
-            self.calls += 1
-        turn = 1 + sum(m["role"] == "user" and m["content"].startswith("RESPONSE:") for m in messages)
-        return Reply(self.write(turn, seed), "stop", 1, 1)
+from tests.test_redteam_pair import MAGIC, QUIET, Attacker, Target  # the same scripted PAIR backends
 
 
 def magic_for(seed_: int, at: int = 1):
@@ -127,7 +87,7 @@ def test_the_other_streams_stop_after_the_round_of_the_first_jailbreak(tmp_path,
     goal = list(_records(out).values())  # the one request sampled, its three streams
     assert [c["outcome"] for c in goal] == ["stopped", "jailbroken", "stopped"]
     assert [len(c["rounds"]) for c in goal] == [2, 2, 2]  # round 2 of every stream, then none
-    assert target.calls == 6 and attacker.calls == 6  # was 4 + 2 + 4 = 10
+    assert target.calls == 6 and len(attacker.calls) == 6  # was 4 + 2 + 4 = 10
     pair = _report(out)["pair"]
     assert pair["target_requests"] == 6 and pair["stopped_conversations"] == 2
     assert pair["jailbroken"]["successes"] == 1 and pair["jailbroken_conversations"] == 1

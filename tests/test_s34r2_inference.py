@@ -20,17 +20,12 @@ from posttrain.models.presets import build_tokenizer
 from posttrain.rollout.generate import end_of_turn
 from tests.test_rl_edges import _FakeEngine
 from tests.test_s33r2_generation import Says
-
-STOP = "<|im_start|>user"
+from tests.test_s34r2_serve import STOP, _ids  # the special-led stop string, text -> ids
 
 
 @pytest.fixture(scope="module")
 def tok():
     return build_tokenizer()
-
-
-def _ids(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def _records(n):

@@ -5,76 +5,22 @@ for the same training, and the run directory's lock freed by a stage that fails 
 from __future__ import annotations
 
 import json
-import math
 import threading
 from pathlib import Path
 
 import pytest
-import torch
 
 import posttrain as P
-from posttrain.config import TrainConfig
 from posttrain.errors import ConfigError, UserError
 from posttrain.train import loop
 from posttrain.train.loop import _check_same_run, make_accelerator, plan_total_steps, run_fingerprint, train
+from tests.test_walkthrough_schedule import _records, _Stage  # 16 rows in file order, micro-batches of 2
+from tests.test_walkthrough_schedule import _train_cfg as _cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 # --------------------------------------------------------------------------- the plan of a train.epochs resume
-
-
-class _Net(torch.nn.Module):
-    """A linear regression recording the row ids it trains on; forward number `crash_at` raises."""
-
-    def __init__(self, crash_at: int | None = None):
-        super().__init__()
-        torch.manual_seed(0)
-        self.lin = torch.nn.Linear(4, 1)
-        self.calls, self.crash_at, self.seen = 0, crash_at, []
-
-    def forward(self, x, y, rid):
-        self.calls += 1
-        if self.calls == self.crash_at:
-            raise RuntimeError("killed")
-        self.seen += rid.tolist()
-        return ((self.lin(x).squeeze(-1) - y) ** 2).sum()
-
-
-class _Stage:
-    """16 rows in file order, micro-batches of 2: 8 an epoch."""
-
-    def __init__(self, crash_at: int | None = None, n: int = 16):
-        g = torch.Generator().manual_seed(1)
-        self.x = torch.randn(n, 4, generator=g)
-        self.y = self.x.sum(-1)
-        self.module = _Net(crash_at)
-
-    def micro_batches(self, epoch):
-        for start in range(0, len(self.x), 2):
-            idx = torch.arange(start, min(start + 2, len(self.x)))
-            yield {"x": self.x[idx], "y": self.y[idx], "rid": idx}
-
-    def micro_batches_per_epoch(self):
-        return math.ceil(len(self.x) / 2)
-
-    def weight(self, batch):
-        return float(len(batch["y"]))
-
-    def tokens(self, batch):
-        return len(batch["y"])
-
-    def eval_micro_batches(self):
-        return []
-
-
-def _cfg(**kw) -> TrainConfig:
-    return TrainConfig(**(dict(max_steps=0, batch_size=2, lr=0.05, schedule="linear", progress_bar=False,
-                               max_grad_norm=0.0) | kw))
-
-
-def _records(run_dir: Path) -> list[dict]:
-    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
 def test_a_fractional_epochs_run_resumed_with_another_grad_accum_reads_the_rest_once_and_says_so(tmp_path, capsys):
@@ -83,9 +29,9 @@ def test_a_fractional_epochs_run_resumed_with_another_grad_accum_reads_the_rest_
     run ends at step 8, having read rows 8..15 and then 0..7, at epoch 1.5; a line names the new plan."""
     cfg = _cfg(epochs=1.5, grad_accum=1, save_every=4, resume="never")
     with pytest.raises(RuntimeError, match="killed"):
-        train(_Stage(crash_at=5), cfg, tmp_path, make_accelerator(cfg, tmp_path))
+        train(_Stage(16, 2, crash_at=5), cfg, tmp_path, make_accelerator(cfg, tmp_path))
     capsys.readouterr()
-    resumed = _Stage()
+    resumed = _Stage(16, 2)
     cfg = _cfg(epochs=1.5, grad_accum=2, save_every=4, resume="auto")
     result = train(resumed, cfg, tmp_path, make_accelerator(cfg, tmp_path))
     assert result.step == 8 and resumed.module.seen == list(range(8, 16)) + list(range(8))
@@ -99,7 +45,7 @@ def test_a_resume_under_the_same_plan_keeps_the_planned_steps_and_another_epochs
     """The same group, epochs and epoch length: the checkpoint's own count (an uninterrupted run's), even
     where the step is behind the data position (an epoch the stage cut short). train.epochs raised from 1 to 2
     at the same group: the position's step + the rest, what a fresh plan of 2 epochs counts."""
-    stage, cfg = _Stage(), _cfg(epochs=1.0)
+    stage, cfg = _Stage(16, 2), _cfg(epochs=1.0)
     assert plan_total_steps(stage, cfg, 1) == 8
     cut = {"step": 3, "epoch": 1, "micro_in_epoch": 0, "planned": [1, 1.0, 8, 8]}
     assert plan_total_steps(stage, cfg, 1, cut) == 8
