@@ -9,15 +9,7 @@ import json
 import pytest
 
 from posttrain import cli
-
-
-def _main(argv, capsys):
-    try:
-        code = cli.main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
+from tests.test_walkthrough_cli import _main
 
 
 @pytest.mark.parametrize("word, meant", [("self_instruct", "self-instruct"), ("sftt", "sft"), ("genrate", "generate")])
