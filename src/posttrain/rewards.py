@@ -536,7 +536,8 @@ def build_combined(models: list[str], functions: list[str], weights: list[str], 
     components = []
     for i, item in enumerate(models):
         name, path = model_component(i, item, len(models))
-        components.append(RewardComponent(name, RewardModelScorer(path, template, batch_size, dtype, trust_remote_code,
+        components.append(RewardComponent(name, RewardModelScorer(path, template, batch_size, dtype=dtype,
+                                                                  trust_remote_code=trust_remote_code,
                                                                   max_length=max_length, device=device, log=log)))
     for name, spec in _pairs_option(functions, functions_option, repeat=False).items():
         components.append(RewardComponent(name, function_reward(spec)))
