@@ -188,12 +188,12 @@ class GRPOStage(RolloutStage):
 
 def run_grpo(cfg: GRPOConfig) -> Path:
     """Optimise the policy on sampled, scored completions per `cfg`; returns the run directory."""
-    from posttrain.train.loop import finish_run, release_run_dir, run_fingerprint, train
+    from posttrain.train.loop import finish_run, released_on_failure, run_fingerprint, train
 
     cfg = GRPOConfig.for_run(cfg, "run_grpo")
     validate_grpo(cfg)
     run = start_rl_run(cfg, needs_reference=cfg.grpo.beta > 0)
-    try:
+    with released_on_failure(run.run_dir):
         stage = GRPOStage(GroupPolicyLoss(run.model, cfg.grpo, cfg.train.loss_chunk_size, cfg.rollout.temperature,
                                            cfg.rollout.max_new_tokens), *run.stage_args())
         run.check_enough_prompts(stage)
@@ -209,6 +209,3 @@ def run_grpo(cfg: GRPOConfig) -> Path:
                        held_out_after=run.held_out(trained, "after", result.step))
         summary.update(run.forgetting_report(control, trained, "after"))
         return finish_run(run.run_dir, run.accelerator, run.main, trained, run.tokenizer, summary)
-    except BaseException:  # failed before train() (the model did not load, say) or after: the lock freed
-        release_run_dir(run.run_dir)
-        raise

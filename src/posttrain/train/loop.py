@@ -341,11 +341,8 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: dict[str, 
     checkpoint, and a resume from a checkpoint of other settings is refused, naming them.
     The held-out micro-batches are collated once, at the start, and kept for every evaluation.
     A run that fails or is stopped here releases its lock on run_dir (`start_run`)."""
-    try:
+    with released_on_failure(run_dir):
         return _train(stage, cfg, run_dir, accelerator, fingerprint)
-    except BaseException:
-        release_run_dir(run_dir)
-        raise
 
 
 @torch.enable_grad()  # the loop owns its steps: a caller's torch.set_grad_enabled(False) is put back after
@@ -757,7 +754,7 @@ def start_run(cfg) -> tuple[Path, Any, bool, Any]:
     """What every stage does first: (run_dir, accelerator, is_main_process, log). Refuses an
     output_dir over a model the run reads (`_check_not_over_its_models`) and one another training
     run is writing (`_lock_run_dir`: the lock is held until `finish_run`, or until the run fails:
-    each stage releases it, `release_run_dir`, when it fails between start_run and train);
+    each stage releases it, `released_on_failure`, when it fails between start_run and train);
     writes the resolved config to run_dir/config.yaml, starts the trackers of train.report_to and
     seeds everything; `log` prints (flushed) on the main process only."""
     import functools
@@ -876,6 +873,18 @@ def _lock_run_dir(run_dir: Path) -> None:
             _HELD[key] = (file, threading.current_thread())
         else:
             file.close()
+
+
+@contextlib.contextmanager
+def released_on_failure(run_dir: Path):
+    """Run the body holding run_dir's lock (`_lock_run_dir`); if it raises (the model fails to load,
+    a reward function is missing, Ctrl-C), release the lock and re-raise. Each stage wraps what it
+    does between start_run and finish_run (which releases it on success) in this."""
+    try:
+        yield
+    except BaseException:
+        release_run_dir(run_dir)
+        raise
 
 
 def release_run_dir(run_dir: Path) -> None:

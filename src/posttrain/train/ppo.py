@@ -382,12 +382,12 @@ def _value_lr(adapter_training, ratio: float):
 def run_ppo(cfg: PPOConfig) -> Path:
     """Optimise the policy with PPO on sampled, scored completions per `cfg`; returns the run directory."""
     from posttrain.train.grouped import on_device
-    from posttrain.train.loop import finish_run, release_run_dir, run_fingerprint, train
+    from posttrain.train.loop import finish_run, released_on_failure, run_fingerprint, train
 
     cfg = PPOConfig.for_run(cfg, "run_ppo")
     validate_ppo(cfg)
     run = start_rl_run(cfg, needs_reference=cfg.ppo.kl_coef > 0)
-    try:
+    with released_on_failure(run.run_dir):
         value_head, critic = build_value_model(cfg, run.model, run.tokenizer, run.log, run.train_ids + run.eval_ids)
         on_device(value_head if value_head is not None else critic, run.accelerator.device)
         report_value_model(run, value_head if value_head is not None else critic, cfg.train.optimizer)
@@ -412,6 +412,3 @@ def run_ppo(cfg: PPOConfig) -> Path:
             save_file({k: v.detach().contiguous() for k, v in values.state_dict().items()},
                       str(run.run_dir / "value_model.safetensors"))
         return finish_run(run.run_dir, run.accelerator, run.main, trained, run.tokenizer, summary)
-    except BaseException:  # failed before train() (the model did not load, say) or after: the lock freed
-        release_run_dir(run.run_dir)
-        raise

@@ -754,7 +754,7 @@ def _items(data, cfg: DPOConfig, log: Callable[[str], None] = print) -> tuple[li
 def run_dpo(cfg: DPOConfig) -> Path:
     """Optimise the policy on preferences per `cfg`; returns the run directory (policy in run_dir/final)."""
     from posttrain.data.preferences import prepare_preference_data
-    from posttrain.train.loop import evaluate, finish_run, release_run_dir, run_fingerprint, start_run, train
+    from posttrain.train.loop import evaluate, finish_run, released_on_failure, run_fingerprint, start_run, train
     from posttrain.models.loading import disable_dropout, note_full_logits
     from posttrain.train.forgetting import attach, build_control, report
     from posttrain.train.sft import build_model
@@ -762,7 +762,7 @@ def run_dpo(cfg: DPOConfig) -> Path:
     cfg = DPOConfig.for_run(cfg, "run_dpo")
     validate_dpo(cfg)
     run_dir, accelerator, main, log = start_run(cfg)
-    try:
+    with released_on_failure(run_dir):
         tokenizer, model, adapter_training = build_model(cfg, log, run_dir if main else None)
         disable_dropout(model, log, "the policy is compared with its reference, which runs without it")
         note_full_logits(model, log)
@@ -805,9 +805,6 @@ def run_dpo(cfg: DPOConfig) -> Path:
         summary.update(_exact_match(cfg, trained, tokenizer, data, "after") if main else {})
         summary.update(report(cfg, control, trained, tokenizer, "after", cfg.eval.max_new_tokens, main))
         return finish_run(run_dir, accelerator, main, trained, tokenizer, summary)
-    except BaseException:  # failed before train() (the model did not load, say) or after: the lock freed
-        release_run_dir(run_dir)
-        raise
 
 
 def _log_accuracy(summary: dict, log) -> None:

@@ -155,12 +155,12 @@ def run_rm(cfg: RMConfig) -> Path:
     from posttrain.models.attention import block_masks_allowed, padding_free, window_allows
     from posttrain.models.loading import check_positions, load_tokenizer
     from posttrain.models.reward_model import encoder_positions, is_decoder_scorer
-    from posttrain.train.loop import evaluate, finish_run, release_run_dir, run_fingerprint, start_run, train
+    from posttrain.train.loop import evaluate, finish_run, released_on_failure, run_fingerprint, start_run, train
 
     cfg = RMConfig.for_run(cfg, "run_rm")
     validate_rm(cfg)
     run_dir, accelerator, main, log = start_run(cfg)
-    try:
+    with released_on_failure(run_dir):
         tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
         model = build_reward_model(cfg, tokenizer, log, run_dir if main else None)
         data_cfg, limit = cfg.data, encoder_positions(model)
@@ -196,9 +196,6 @@ def run_rm(cfg: RMConfig) -> Path:
                 f"{result.eval_metrics.get('accuracy', float('nan')):.1%} after ({len(eval_items)} prompts)")
         return finish_run(run_dir, accelerator, main, result.module.model, tokenizer,
                           summary, save=_save_final)
-    except BaseException:  # failed before train() (the model did not load, say) or after: the lock freed
-        release_run_dir(run_dir)
-        raise
 
 
 def _save_final(model, tokenizer, final: Path) -> None:

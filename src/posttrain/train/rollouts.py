@@ -649,11 +649,11 @@ def start_rl_run(cfg, needs_reference: bool, extra_parts=()) -> RLRun:
     from posttrain.models.loading import disable_dropout, note_full_logits
     from posttrain.rollout.engines import build_engine
     from posttrain.train.grouped import on_device
-    from posttrain.train.loop import release_run_dir, start_run
+    from posttrain.train.loop import released_on_failure, start_run
     from posttrain.train.sft import build_model
 
     run_dir, accelerator, main, log = start_run(cfg)
-    try:
+    with released_on_failure(run_dir):
         rewards = check_reward_functions(cfg)  # a typo in a module or function name: said before the policy loads
         records = prepare_prompts(cfg.data, run_dir if main else None, cfg.train.seed, log)  # bad rows too
         check_prompt_rows(rewards, records[0] + (records[1] if cfg.eval.prompts > 0 else []))  # the rows it will score
@@ -678,9 +678,6 @@ def start_rl_run(cfg, needs_reference: bool, extra_parts=()) -> RLRun:
         engine = build_engine(cfg, model, accelerator, log)
         return RLRun(cfg, run_dir, accelerator, main, log, tokenizer, model, adapter_training, *data, score, frozen,
                      engine)
-    except BaseException:  # failed before the run is returned (a reward function, the model): the lock freed
-        release_run_dir(run_dir)
-        raise
 
 
 def check_rollout_positions(model, cfg, prompt_ids: list[list[int]]) -> int:

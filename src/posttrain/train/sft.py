@@ -221,12 +221,12 @@ def run_sft(cfg: SFTConfig) -> Path:
     from posttrain.data.pipeline import (StreamCounts, prepare_sft_data, prepare_streamed_eval, stream_sft_examples,
                                          write_stream_counts)
     from posttrain.models.loading import note_full_logits
-    from posttrain.train.loop import finish_run, release_run_dir, run_fingerprint, start_run, train
+    from posttrain.train.loop import finish_run, released_on_failure, run_fingerprint, start_run, train
 
     cfg = SFTConfig.for_run(cfg, "run_sft")
     validate_sft(cfg)
     run_dir, accelerator, main, log = start_run(cfg)
-    try:
+    with released_on_failure(run_dir):
         tokenizer, model, adapter_training = build_model(cfg, log, run_dir if main else None)
         pad_id = tokenizer.pad_token_id
         if cfg.data.packing:
@@ -268,9 +268,6 @@ def run_sft(cfg: SFTConfig) -> Path:
         summary.update(_exact_match(cfg, trained, tokenizer, data, "after") if main else {})
         summary.update(report(cfg, control, trained, tokenizer, "after", cfg.eval.max_new_tokens, main))
         return finish_run(run_dir, accelerator, main, trained, tokenizer, summary)
-    except BaseException:  # failed before train() (the model did not load, say) or after: the lock freed
-        release_run_dir(run_dir)
-        raise
 
 
 def _exact_match(cfg: SFTConfig, model, tokenizer, data, when: str) -> dict:
