@@ -61,7 +61,7 @@ def _rm(seed: int = 0):
 
 def _accelerator(tmp_path):
     from posttrain.config.sections import TrainConfig
-    from posttrain.train.loop import make_accelerator
+    from posttrain.train.runs import make_accelerator
 
     return make_accelerator(TrainConfig(), tmp_path)
 
@@ -202,7 +202,8 @@ def test_sft_run_with_a_partial_last_micro_batch_and_a_topped_up_step_equals_tor
     (examples 0-3 again), as `loop._steps` documents. Each step is AdamW on the whole step's token
     mean, clipped at 0.05 on the whole step's norm: the logged loss and grad norm, the epoch, and the
     weights after both steps equal torch's AdamW and clip_grad_norm_ on the plain float64 loss."""
-    from posttrain.train.loop import make_accelerator, train
+    from posttrain.train.loop import train
+    from posttrain.train.runs import make_accelerator
 
     examples = _sft_examples()
     groups = [[0, 1, 2], [3], [4, 5], [6]]

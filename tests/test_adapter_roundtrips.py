@@ -65,20 +65,20 @@ def _quiet_sft(cfg) -> Path:
 
 def _train(out: Path, adapter: dict, model_path: str = "tiny"):
     """(run dir, in-memory trained model in eval mode, in-memory tokenizer)."""
-    import posttrain.train.loop as loop
+    import posttrain.train.runs as runs
 
-    real = loop.finish_run
+    real = runs.finish_run
     box = {}
 
     def keep(run_dir, accelerator, main, model, tokenizer, summary):
         box.update(model=model, tokenizer=tokenizer)
         return real(run_dir, accelerator, main, model, tokenizer, summary)
 
-    loop.finish_run = keep
+    runs.finish_run = keep
     try:
         run_dir = _quiet_sft(_cfg(out, adapter, model_path))
     finally:
-        loop.finish_run = real
+        runs.finish_run = real
     return run_dir, box["model"].eval(), box["tokenizer"]
 
 

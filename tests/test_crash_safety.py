@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 
 from posttrain.config import TrainConfig
 from posttrain.train import checkpoint
-from posttrain.train.loop import make_accelerator, train
+from posttrain.train.loop import train
+from posttrain.train.runs import make_accelerator
 
 TIMINGS = {"tokens_per_s", "step_time_s", "peak_mem_mb"}
 

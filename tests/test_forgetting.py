@@ -372,14 +372,14 @@ def test_a_checkpoint_of_other_forgetting_settings_is_refused_on_resume(tmp_path
 
 
 def test_forgetting_settings_are_part_of_the_run_fingerprint(tmp_path):
-    from posttrain.train.loop import run_fingerprint
+    from posttrain.train.runs import run_fingerprint
 
     assert run_fingerprint(_cfg(tmp_path)) != run_fingerprint(_cfg(tmp_path, l2sp=0.1))
 
 
 def test_the_stop_and_the_exact_match_count_may_change_on_resume(tmp_path):
     """How a run is watched, not what it trains: like train.* cadences, they may change on resume."""
-    from posttrain.train.loop import run_fingerprint
+    from posttrain.train.runs import run_fingerprint
 
     plain = run_fingerprint(_cfg(tmp_path, l2sp=0.1))
     assert run_fingerprint(_cfg(tmp_path, l2sp=0.1, max_retain_increase=0.5, retain_exact_match=7)) == plain

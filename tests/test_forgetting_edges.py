@@ -264,12 +264,12 @@ def test_the_penalty_carries_the_loss_scale_so_a_grad_scaler_changes_no_update(t
     as tests/test_fp16_scaler.py does): the data gradient arrives ×scale, so the penalty's must
     too, and the unscaled update is the one without a scaler. Scaling by 2^12 is exact, so the
     weights are bitwise those of the run without a scaler."""
-    from posttrain.train import loop
+    from posttrain.train import runs
 
     settings = {"l2sp": 20.0, "ewc": 20.0, "fisher_examples": 4,
                 "train": {"max_steps": 3, "lr": 1e-2, "max_grad_norm": 0.0}}
     reference = _final(run_sft(_cfg(tmp_path, "plain", **settings)))
-    make = loop.make_accelerator
+    make = runs.make_accelerator
     scales = []
 
     def with_scaler(cfg, run_dir):
@@ -279,7 +279,7 @@ def test_the_penalty_carries_the_loss_scale_so_a_grad_scaler_changes_no_update(t
         return accelerator
 
     regularize = fg.ForgettingControl.regularize
-    monkeypatch.setattr(loop, "make_accelerator", with_scaler)
+    monkeypatch.setattr(runs, "make_accelerator", with_scaler)
     monkeypatch.setattr(fg.ForgettingControl, "regularize",
                         lambda self, module, grad_scale, *rest: scales.append(grad_scale)
                         or regularize(self, module, grad_scale, *rest))

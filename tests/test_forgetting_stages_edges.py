@@ -372,7 +372,7 @@ def test_the_fingerprint_holds_every_setting_at_its_value_defaults_included():
     """Deliberate: a run's fingerprint hashes every setting, defaults included, so a checkpoint
     written before a section existed (forgetting in dpo, this session) is refused rather than
     resumed under settings it never had; a default that changes later cannot pass unnoticed."""
-    from posttrain.train.loop import run_fingerprint
+    from posttrain.train.runs import run_fingerprint
 
     plain = DPOConfig.from_dict({"output_dir": "x", "model": {"path": "tiny"}})
     stated = DPOConfig.from_dict({"output_dir": "x", "model": {"path": "tiny"}, "forgetting": {"lm_coef": 0.0}})

@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_loop import Crash, ToyStage, _cfg, _crash_on_call, _params  # noqa: E402
 
 from posttrain.errors import TrainingAborted  # noqa: E402
-from posttrain.train.loop import make_accelerator, train  # noqa: E402
+from posttrain.train.loop import train  # noqa: E402
+from posttrain.train.runs import make_accelerator  # noqa: E402
 
 LIMIT = 300.0  # the toy's scaled gradients fit under this from a scale of ~2^11: five overflows from 2^16
 

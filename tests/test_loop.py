@@ -15,7 +15,8 @@ import torch
 from posttrain.config import TrainConfig
 from posttrain.errors import ConfigError, TrainingAborted
 from posttrain.train import checkpoint
-from posttrain.train.loop import make_accelerator, train
+from posttrain.train.loop import train
+from posttrain.train.runs import make_accelerator
 from posttrain.train.optim import freeze_by_pattern, lr_factor, param_groups
 
 

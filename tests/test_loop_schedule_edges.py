@@ -16,7 +16,8 @@ import torch
 from posttrain.config import SFTConfig, TrainConfig
 from posttrain.errors import ConfigError
 from posttrain.train import loop as loop_mod
-from posttrain.train.loop import make_accelerator, train
+from posttrain.train.loop import train
+from posttrain.train.runs import make_accelerator
 
 IGNORE = -100
 

@@ -290,7 +290,7 @@ PAIR_LOSS_CASES = {
 
 def _accelerator(tmp_path):
     from posttrain.config.sections import TrainConfig
-    from posttrain.train.loop import make_accelerator
+    from posttrain.train.runs import make_accelerator
 
     return make_accelerator(TrainConfig(), tmp_path)
 

@@ -126,7 +126,7 @@ def test_sft_bf16_step0_loss_close_to_independent_fp32(tmp_path, files, sft_fp32
 
 def test_fp16_on_cpu_is_refused_or_actually_used(tmp_path, files, sft_fp32_step0):
     """accelerate 1.x no longer raises for fp16 on a CPU: it turns native AMP off, so the run is
-    float32 while config.yaml and the reference cache's fingerprint say fp16. loop.make_accelerator
+    float32 while config.yaml and the reference cache's fingerprint say fp16. runs.make_accelerator
     expects a ValueError for exactly this case ("e.g. fp16 on a CPU") to turn into a ConfigError."""
     from posttrain.errors import ConfigError
 

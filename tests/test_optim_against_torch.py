@@ -138,7 +138,8 @@ def test_loop_fp16_skipped_step_keeps_the_grad_scaler_usable(tmp_path):
     sys.path.insert(0, str(Path(__file__).parent))
     from test_loop import ToyStage, _cfg
 
-    from posttrain.train.loop import make_accelerator, train
+    from posttrain.train.loop import train
+    from posttrain.train.runs import make_accelerator
 
     # fp16 is refused on a CPU (accelerate would run float32): build without it, then attach the scaler
     accelerator = make_accelerator(_cfg(max_steps=3, warmup_steps=0, optimizer="adamw_fused"), tmp_path)

@@ -18,7 +18,8 @@ from posttrain.config import TrainConfig
 from posttrain.errors import ConfigError
 from posttrain.train import checkpoint
 from posttrain.train import loop as loop_mod
-from posttrain.train.loop import make_accelerator, train
+from posttrain.train.loop import train
+from posttrain.train.runs import make_accelerator
 from posttrain.train.optim import (
     AdamW,
     clip_grad_norm,

@@ -492,7 +492,7 @@ def test_every_file_function_extra_and_pin_the_first_half_names_exists():
     extras = project["optional-dependencies"]
     for extra in re.findall(r"posttrain\[(\w+)\]", FIRST_HALF):
         assert extra in extras, extra
-    loop_source = (ROOT / "src" / "posttrain" / "train" / "loop.py").read_text()
-    assert "posttrain[{tracker}]" in loop_source and {"tensorboard", "wandb"} <= set(extras)
+    runs_source = (ROOT / "src" / "posttrain" / "train" / "runs.py").read_text()
+    assert "posttrain[{tracker}]" in runs_source and {"tensorboard", "wandb"} <= set(extras)
     assert project["requires-python"] == ">=3.10"
     assert "2.13.0" in (ROOT / "scripts" / "setup.sh").read_text()

@@ -622,18 +622,18 @@ def test_a_grad_scalers_loss_scale_changes_no_update_with_the_retain_terms(tmp_p
     """The data gradient arrives ×scale (fp16's GradScaler, here torch's CPU one on float32); the
     LM and KL gradients must too, and A-GEM's projection does not depend on it: a power-of-two
     scale leaves the weights bitwise those of the run without a scaler."""
-    from posttrain.train import loop
+    from posttrain.train import runs
 
     train = {"max_steps": 3, "lr": 1e-2, "max_grad_norm": 0.0}
     reference = _final(run_sft(_sft(tmp_path, "plain", train=train, **ALL_TERMS)))
-    make = loop.make_accelerator
+    make = runs.make_accelerator
 
     def with_scaler(cfg, run_dir):
         accelerator = make(cfg, run_dir)
         accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
         return accelerator
 
-    monkeypatch.setattr(loop, "make_accelerator", with_scaler)
+    monkeypatch.setattr(runs, "make_accelerator", with_scaler)
     scaled = run_sft(_sft(tmp_path, "scaled", train=train, **ALL_TERMS))
     _same_weights(_final(scaled), reference)
 

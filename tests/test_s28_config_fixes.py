@@ -100,7 +100,7 @@ def test_empty_output_dir_is_refused_at_load(tmp_path, where):
 
 def test_start_run_refuses_an_empty_output_dir_given_in_code(tmp_path, monkeypatch):
     from posttrain.config import SFTConfig
-    from posttrain.train.loop import start_run
+    from posttrain.train.runs import start_run
 
     monkeypatch.chdir(tmp_path)
     cfg = SFTConfig()
@@ -112,7 +112,7 @@ def test_start_run_refuses_an_empty_output_dir_given_in_code(tmp_path, monkeypat
 
 def test_output_dir_under_a_file_is_a_one_line_error(tmp_path):
     from posttrain.config import SFTConfig
-    from posttrain.train.loop import start_run
+    from posttrain.train.runs import start_run
 
     (tmp_path / "afile").write_text("hi\n")
     cfg = SFTConfig.load(None, [f"output_dir={tmp_path / 'afile' / 'run'}"])
@@ -122,12 +122,12 @@ def test_output_dir_under_a_file_is_a_one_line_error(tmp_path):
 
 def test_config_yaml_is_written_atomically(tmp_path):
     from posttrain.config import SFTConfig
-    from posttrain.train.loop import start_run
+    from posttrain.train.runs import start_run
 
     cfg = SFTConfig.load(None, [f"output_dir={tmp_path / 'run'}"])
     run_dir = start_run(cfg)[0]
     assert (run_dir / "config.yaml").is_file()
-    # no config.yaml.partial left (.lock: the run directory's writer lock, loop.start_run)
+    # no config.yaml.partial left (.lock: the run directory's writer lock, runs.start_run)
     assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "config.yaml"]
 
 
@@ -166,7 +166,7 @@ def test_run_directory_is_recorded_as_its_final_model(tmp_path, capsys):
 
     from posttrain.config import SFTConfig
     from posttrain.models.loading import resolve_model_path
-    from posttrain.train.loop import run_fingerprint, start_run
+    from posttrain.train.runs import run_fingerprint, start_run
 
     run = tmp_path / "sft_full"
     shutil.copytree(resolve_model_path("tiny"), run / "final")

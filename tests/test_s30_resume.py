@@ -10,7 +10,8 @@ import pytest
 import posttrain as P
 from posttrain.errors import ConfigError
 from posttrain.train import checkpoint
-from posttrain.train.loop import _check_same_run, _legacy_digest, _stopped_before, run_fingerprint
+from posttrain.train.loop import _stopped_before
+from posttrain.train.runs import _check_same_run, _legacy_digest, run_fingerprint
 
 
 def _checkpoint(tmp_path, fingerprint, name="step-0000001"):

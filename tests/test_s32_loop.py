@@ -14,7 +14,7 @@ import pytest
 
 from posttrain import __version__
 from posttrain.errors import NoRoom
-from posttrain.train.loop import finish_run
+from posttrain.train.runs import finish_run
 from posttrain.train.optim import lr_factor
 from tests.cli_runner import run_cli
 from tests.test_loop import ToyStage, _cfg, _run

@@ -60,7 +60,7 @@ class _Accelerator:
 
 def test_trackers_get_the_flat_scalar_config_and_tensorboard_purges_from_the_first_step_logged(tmp_path):
     from posttrain.train import checkpoint
-    from posttrain.train.loop import _start_trackers
+    from posttrain.train.runs import _start_trackers
 
     recorded = {"output_dir": "runs/x", "train": {"lr": 1e-4, "report_to": ["tensorboard"], "bf16": True},
                 "data": {"train_files": ["a.jsonl"], "max_length": 64, "template": None, "sub": {"k": "v"}}}

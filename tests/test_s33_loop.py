@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from posttrain.errors import Stopped
-from posttrain.train.loop import make_accelerator, train
+from posttrain.train.loop import train
+from posttrain.train.runs import make_accelerator
 from posttrain.train.metrics import RunLogger
 from tests.test_crash_safety import ToyStage, _cfg
 

@@ -18,7 +18,7 @@ import pytest
 import posttrain as P
 from posttrain.errors import ConfigError
 from posttrain.train import checkpoint
-from posttrain.train.loop import DATA_FILES, _change, _check_same_run, _content_digest, run_fingerprint
+from posttrain.train.runs import DATA_FILES, _change, _check_same_run, _content_digest, run_fingerprint
 from tests.test_walkthrough_resume import _cfg, _chat_file, _ckpts, _copy, _cut
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -41,10 +41,10 @@ def test_an_older_cdpo_config_yaml_with_label_smoothing_null_loads_as_the_epsilo
 
 def test_the_fingerprint_change_null_to_the_default_epsilon_is_the_same_training():
     """A checkpoint of an older cdpo run holds dpo.label_smoothing: null, this version 0.1 for the
-    same training: `config.preference.same_as_recorded_earlier` says so for the resume check (loop.py
+    same training: `config.preference.same_as_recorded_earlier` says so for the resume check (runs.py
     has to consult it). So does an older non-simpo run's simpo_gamma 0.5 (its default then, unread)."""
     from posttrain.config.preference import same_as_recorded_earlier
-    from posttrain.train.loop import run_fingerprint
+    from posttrain.train.runs import run_fingerprint
 
     now = run_fingerprint(DPOConfig.load(None, ["dpo.loss=cdpo"]))
     assert now["dpo.label_smoothing"] == 0.1

@@ -44,7 +44,7 @@ def _cfg(path="tiny", models=(), value_model_path=""):
 @pytest.mark.parametrize("out, said", [(".", "holds model.path"), ("final", "is the directory of model.path"),
                                        ("..", "holds model.path")])
 def test_an_output_dir_that_is_or_holds_the_starting_model_is_refused(tmp_path, out, said):
-    from posttrain.train.loop import _check_not_over_its_models
+    from posttrain.train.runs import _check_not_over_its_models
 
     run = _run_dir(tmp_path / "runs" / "sft")
     with pytest.raises(ConfigError, match=f"{said} .*write over the model it reads; give another output_dir"):
@@ -56,7 +56,7 @@ def test_an_output_dir_beside_or_inside_the_starting_model_is_taken(tmp_path, ou
     """A sibling run (a pipeline's layout), a run nested in the starting run's directory, and one
     inside the model directory itself (test_walkthrough_paths: it resumes) write nothing over the
     model's own files."""
-    from posttrain.train.loop import _check_not_over_its_models
+    from posttrain.train.runs import _check_not_over_its_models
 
     run = _run_dir(tmp_path / "runs" / "sft")
     _check_not_over_its_models(_cfg(run), run / out)
@@ -65,7 +65,7 @@ def test_an_output_dir_beside_or_inside_the_starting_model_is_taken(tmp_path, ou
 
 
 def test_an_output_dir_over_a_reward_model_or_the_critics_start_is_refused(tmp_path):
-    from posttrain.train.loop import _check_not_over_its_models
+    from posttrain.train.runs import _check_not_over_its_models
 
     rm, critic = _run_dir(tmp_path / "rm"), _run_dir(tmp_path / "critic")
     with pytest.raises(ConfigError, match=r"holds reward.models .*rm"):
@@ -90,13 +90,13 @@ def test_an_sft_run_into_its_own_starting_run_is_refused_before_anything_is_writ
 
 
 def _held(run: Path) -> bool:
-    from posttrain.train import loop
+    from posttrain.train import runs
 
-    return run.resolve() in loop._HELD
+    return run.resolve() in runs._HELD
 
 
 def test_the_run_directory_lock_refuses_another_thread_and_is_taken_again_by_its_own(tmp_path):
-    from posttrain.train.loop import _lock_run_dir, release_run_dir
+    from posttrain.train.runs import _lock_run_dir, release_run_dir
 
     run = tmp_path / "run"
     run.mkdir()
@@ -126,7 +126,7 @@ def test_the_run_directory_lock_refuses_another_thread_and_is_taken_again_by_its
 
 
 def test_a_lock_left_by_a_finished_thread_is_taken(tmp_path):
-    from posttrain.train.loop import _lock_run_dir, release_run_dir
+    from posttrain.train.runs import _lock_run_dir, release_run_dir
 
     run = tmp_path / "run"
     run.mkdir()
@@ -149,7 +149,7 @@ def test_a_run_releases_its_lock_when_it_finishes_fails_or_is_refused(tmp_path, 
     (train), refused after the lock was taken (start_run: a bad train.resume); another thread can
     then take it."""
     import posttrain.train.loop as loop
-    from posttrain.train.loop import _lock_run_dir, release_run_dir
+    from posttrain.train.runs import _lock_run_dir, release_run_dir
 
     monkeypatch.chdir(ROOT)
     run = tmp_path / "run"

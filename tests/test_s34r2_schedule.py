@@ -12,8 +12,9 @@ import pytest
 
 import posttrain as P
 from posttrain.errors import ConfigError, UserError
-from posttrain.train import loop
-from posttrain.train.loop import _check_same_run, make_accelerator, plan_total_steps, run_fingerprint, train
+from posttrain.train import runs
+from posttrain.train.loop import plan_total_steps, train
+from posttrain.train.runs import _check_same_run, make_accelerator, run_fingerprint
 from tests.test_walkthrough_schedule import _records, _Stage  # 16 rows in file order, micro-batches of 2
 from tests.test_walkthrough_schedule import _train_cfg as _cfg
 
@@ -112,15 +113,15 @@ def _free(run_dir: Path) -> bool:
 
     def other() -> None:
         try:
-            loop._lock_run_dir(run_dir)
-            loop.release_run_dir(run_dir)
+            runs._lock_run_dir(run_dir)
+            runs.release_run_dir(run_dir)
         except UserError as exc:
             errors.append(exc)
 
     thread = threading.Thread(target=other)
     thread.start()
     thread.join(30)
-    return run_dir.resolve() not in loop._HELD and not errors
+    return run_dir.resolve() not in runs._HELD and not errors
 
 
 @pytest.mark.parametrize("stage", ["sft", "dpo", "rm", "grpo", "ppo"])
@@ -164,10 +165,10 @@ def test_a_release_from_another_thread_leaves_that_threads_run_alone(tmp_path):
     a run another thread took meanwhile."""
     run = tmp_path / "run"
     run.mkdir()
-    loop._lock_run_dir(run)
-    thread = threading.Thread(target=loop.release_run_dir, args=(run,))
+    runs._lock_run_dir(run)
+    thread = threading.Thread(target=runs.release_run_dir, args=(run,))
     thread.start()
     thread.join(30)
-    assert run.resolve() in loop._HELD
-    loop.release_run_dir(run)
-    assert run.resolve() not in loop._HELD
+    assert run.resolve() in runs._HELD
+    runs.release_run_dir(run)
+    assert run.resolve() not in runs._HELD

@@ -50,7 +50,7 @@ def _alpaca_jsonl(path: Path, words=WORDS) -> Path:
 @pytest.mark.parametrize("streamed", [False, True])
 def test_a_home_relative_data_path_that_the_up_front_check_accepts_is_read(tmp_path, monkeypatch, streamed):
     """`data.train_files: [~/data/train.jsonl]` (a YAML config, or an override the shell does not
-    expand): loop._check_input_files expands `~` and passes it, the model loads, then the reader
+    expand): runs._check_input_files expands `~` and passes it, the model loads, then the reader
     says "~/data/train.jsonl: no such file" (measured with `posttrain sft`: the error comes after
     "trainable 922,752 params"). Model paths expand `~` too (models/loading.py)."""
     from posttrain.data import formats

@@ -370,7 +370,8 @@ def test_a_nan_eval_loss_is_not_the_best_that_early_stopping_compares_to(tmp_pat
     the held-out loss went 5.93, 5.49, 5.06. (The NaN is also written into the checkpoint's
     loop_state.json as the bare token NaN.) A non-finite eval loss should not count as the best."""
     from posttrain.config import TrainConfig
-    from posttrain.train.loop import make_accelerator, train
+    from posttrain.train.loop import train
+    from posttrain.train.runs import make_accelerator
 
     cfg = TrainConfig(max_steps=12, batch_size=8, lr=0.05, schedule="constant", warmup_steps=0, progress_bar=False,
                       resume="never", eval_every=1, early_stopping_patience=3)

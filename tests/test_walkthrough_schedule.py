@@ -32,7 +32,8 @@ import torch
 
 from posttrain.config import TrainConfig
 from posttrain.train.checkpoint import load_optimizer_state
-from posttrain.train.loop import make_accelerator, train
+from posttrain.train.loop import train
+from posttrain.train.runs import make_accelerator
 from posttrain.train.optim import lr_factor, make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]

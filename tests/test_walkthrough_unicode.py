@@ -155,13 +155,13 @@ def test_an_attack_jsonl_line_holding_a_line_separator_is_one_attack(tmp_path):
 
 def test_the_resume_refusal_shows_a_changed_setting_as_written():
     """A resumed run whose settings differ from its checkpoint's is refused naming what changed
-    (`train.loop._change`: "so two long values show where they differ"). It writes the values with
+    (`train.runs._change`: "so two long values show where they differ"). It writes the values with
     json.dumps, which escapes every non-ASCII character, then cuts the text by characters. Measured:
     a data file renamed from 数据/训练集.jsonl reads 'data.train_files: -"\\u6570\\u636e/\\u8bad\\u7ec3\\u96c6.jsonl"
     +"\\u6570\\u636e/...'; a Chinese system-like text cut at its common part reads
     '…ee\\u9898\\u3002" → …ee\\u9898\\uff0c...', starting inside an escape. Everywhere else posttrain
     quotes values with repr, which keeps them readable."""
-    from posttrain.train.loop import _change
+    from posttrain.train.runs import _change
 
     files = _change("data.train_files", {"data.train_files": ["数据/训练集.jsonl"]},
                     {"data.train_files": ["数据/训练集_清洗后.jsonl"]})

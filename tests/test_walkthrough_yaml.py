@@ -128,7 +128,7 @@ def test_failure_an_override_on_an_aliased_section_changes_only_that_section(tmp
 
 def test_failure_output_dir_with_a_tilde_is_under_home(tmp_path, monkeypatch):
     from posttrain.config import SFTConfig
-    from posttrain.train.loop import start_run
+    from posttrain.train.runs import start_run
 
     home, work = tmp_path / "home", tmp_path / "work"
     home.mkdir()

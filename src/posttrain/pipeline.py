@@ -752,11 +752,11 @@ def _check_read_files(stage: Stage, by_name: dict[str, Stage]) -> None:
 def _check_given_files(stages: list[Stage], actions: list[tuple[str, str]]) -> None:
     """Before the first stage runs (and under --dry-run): the data files each stage to run lists
     (keys ending in `files`) are there, the check a stage makes before loading its model
-    (loop._check_input_files; a data stage, that they exist), for every stage at once: a typo in
+    (runs._check_input_files; a data stage, that they exist), for every stage at once: a typo in
     a later stage's path is found before the earlier stages train, not after. A file inside an
     earlier stage's directory is that stage's to write (_check_read_files, when it has)."""
     from posttrain.data.readers import missing_hint
-    from posttrain.train.loop import _check_input_files
+    from posttrain.train.runs import _check_input_files
 
     for number, (stage, (action, _)) in enumerate(zip(stages, actions)):
         if action in ("skip", "not selected"):

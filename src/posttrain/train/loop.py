@@ -4,7 +4,8 @@ A stage supplies a `Stage`: its micro-batches and a module mapping a batch to a 
 loss. Everything else lives here, once: gradient accumulation with exact normalisation,
 data-parallel sharding, clipping, AdamW with per-layer learning rates, schedules, mixed
 precision, the non-finite guard, evaluation with early stopping, crash-safe checkpoints
-with bitwise resume, and logging.
+with bitwise resume, and logging. The run directory around it (start_run, finish_run, its lock,
+which checkpoint a run resumes from and whether it may) is `runs.py`'s.
 
 Normalisation: a global step covers `world_size * grad_accum` micro-batches. Each
 micro-batch's summed loss is divided by the summed weight (label tokens for SFT, prompts
@@ -31,9 +32,9 @@ import torch
 from posttrain.errors import ConfigError, Stopped, TrainingAborted
 from posttrain.models.attention import training_attention_kernels
 from posttrain.train import checkpoint
-from posttrain.train.metrics import (AT_STEP, RATES, RunLogger, add_to_interval, close_interval, peak_memory_mb,
-                                     strict_json)
+from posttrain.train.metrics import AT_STEP, RATES, RunLogger, add_to_interval, close_interval, peak_memory_mb
 from posttrain.train.optim import clip_grad_norm, lr_factor, make_optimizer, set_lr, sparse_embedding_gradients
+from posttrain.train.runs import _check_same_run, _clear_earlier_run, _resume_path, released_on_failure
 
 Batch = dict[str, torch.Tensor]
 
@@ -347,17 +348,53 @@ def train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: dict[str, 
 
 @torch.enable_grad()  # the loop owns its steps: a caller's torch.set_grad_enabled(False) is put back after
 def _train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: dict[str, Any] | None) -> LoopResult:
-    """`train`'s work."""
+    """`train`'s work, in outline: the optimizer and the prepared module; a resume or a fresh start,
+    the plan and the log (`_open`); the notes the run's settings call for; the stage's `begin` on a
+    fresh start; then one step after another (`_Run.step`) until the planned steps, an early stop or
+    the passes over the data end the run; how it ended (`_Run.result`)."""
     segment_started = time.perf_counter()
     optimizer = make_optimizer(stage.module, cfg, getattr(stage, "lr_scale", None))
-    inactive_at = getattr(stage, "inactive_parameters", lambda step: [])
-    after_optimizer_step = getattr(stage, "after_optimizer_step", lambda step: None)
-    at_step = AT_STEP | frozenset(getattr(stage, "metrics_at_step", ()))
-    rates = RATES | getattr(stage, "rates", {})
     module, optimizer = accelerator.prepare(stage.module, optimizer)
-    rank, world = accelerator.process_index, accelerator.num_processes
+    world = accelerator.num_processes
     group = world * cfg.grad_accum
     per_epoch = stage.micro_batches_per_epoch()
+    state, resume_from, total_steps, log = _open(stage, cfg, run_dir, accelerator, module, optimizer, fingerprint,
+                                                 group, per_epoch)
+    warmup = _warmup_steps(cfg, total_steps, state, log)
+    _note_bfloat16_weights(stage, log)
+    state["stopped_early"] = _stopped_before(state, cfg.early_stopping_patience)
+    held_out = stage.eval_micro_batches()
+    _note_nothing_held_out(stage, cfg, held_out, log)
+    run = _Run(stage, cfg, accelerator, module, optimizer, run_dir / "checkpoints", state, log, total_steps, warmup,
+               per_epoch, held_out, segment_started, earlier_seconds=state.get("wall_seconds", 0.0))
+    module.train()
+    steps = _steps(stage, group, *_position(state, group))
+    run.passes_done = _passes_done(stage, cfg, state, per_epoch)
+    sparse_ok = _sparse_gradients_ok(stage, cfg, accelerator)
+    if resume_from is None:
+        _begin(stage, module, accelerator, log)
+    with sparse_embedding_gradients(accelerator.unwrap_model(module), enabled=sparse_ok), \
+            training_attention_kernels(accelerator.device), _interrupt_at_step_end(world == 1) as interrupted:
+        try:
+            while state["step"] < total_steps and not state["stopped_early"] and not run.passes_done:
+                run.step(steps, interrupted)
+        finally:
+            log.close()
+    if resume_from is not None and run.eval_loss is None and (state["step"] >= total_steps or state["stopped_early"]
+                                                              or run.passes_done):
+        run.evaluate_restored()
+    return run.result()
+
+
+def _open(stage: Stage, cfg, run_dir: Path, accelerator, module, optimizer, fingerprint: dict[str, Any] | None,
+          group: int, per_epoch: int | None) -> tuple[dict[str, Any], Path | None, int, RunLogger]:
+    """Where a run starts, said in its log: resumed from train.resume's checkpoint (`_restore`), or
+    afresh (an earlier run's checkpoints and results removed: `_clear_earlier_run`); the steps it
+    plans (`plan_total_steps`; under train.epochs what the plan was made of is kept in the state, for
+    a resume to keep); its log opened (a resume forgets the lines after its checkpoint, a fresh start
+    every line of an earlier run), naming the damaged checkpoints removed, the resume, a changed
+    plan, a checkpoint past the plan, what a fresh start removed. Returns (loop state, the checkpoint
+    resumed from or None, planned steps, log)."""
     ckpt_root = run_dir / "checkpoints"
     state: dict[str, Any] = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "skipped_steps": 0,
                              "consecutive_nonfinite": 0, "best_eval": None, "evals_without_improvement": 0,
@@ -395,130 +432,217 @@ def _train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: dict[str,
                         f"plans ({plan}): nothing is trained")
     if fresh_start:
         log.message(fresh_start)
-    warmup = _warmup_steps(cfg, total_steps, state, log)
-    earlier_seconds = state.get("wall_seconds", 0.0)  # the segments before this resume
+    return state, resume_from, total_steps, log
 
-    def wall_seconds() -> float:
-        return earlier_seconds + time.perf_counter() - segment_started
+
+def _note_bfloat16_weights(stage: Stage, log: RunLogger) -> None:
+    """Say when trained weights are bfloat16: AdamW's float32 update is rounded onto them, and
+    small updates vanish."""
     coarse = sum(p.numel() for p in stage.module.parameters() if p.requires_grad and p.dtype == torch.bfloat16)
     if coarse:  # AdamW's moments and update are float32, rounded onto these weights: no float32 master copy
         log.message(f"note: {coarse:,} trained parameters are bfloat16 (AdamW's moments are float32): an update "
                     "below ~1/256 of a weight rounds away (at lr 2e-5 most do). For bf16 speed with float32 "
                     "weights, load model.dtype=float32 and set train.mixed_precision=bf16")
 
-    def save() -> None:
-        if getattr(stage, "on_checkpoint", None) is not None:
-            stage.on_checkpoint()
-        if accelerator.scaler is not None:  # fp16: the loss scale found so far, and its growth count
-            state["grad_scaler"] = accelerator.scaler.state_dict()
-        state["wall_seconds"] = wall_seconds()
-        checkpoint.save(ckpt_root, state["step"], model=accelerator.unwrap_model(module), optimizer=optimizer,
-                        loop_state=state, rank=rank, world_size=world, barrier=accelerator.wait_for_everyone,
-                        keep_last=cfg.keep_last, stage_state=stage.state_dict() if hasattr(stage, "state_dict") else None)
 
-    stopped_early, eval_loss, eval_metrics = _stopped_before(state, cfg.early_stopping_patience), None, {}
-    state["stopped_early"] = stopped_early
-    held_out = stage.eval_micro_batches()
+def _note_nothing_held_out(stage: Stage, cfg, held_out: list[Batch], log: RunLogger) -> None:
+    """Say when train.early_stopping_patience or train.eval_every has nothing to evaluate."""
     if cfg.early_stopping_patience and not held_out:
         log.message("note: train.early_stopping_patience has no held-out data to evaluate, so it cannot stop the run")
     if (cfg.eval_every and not held_out and getattr(stage, "held_out_figures", None) is None
             and getattr(stage, "monitor", None) is None):
         log.message(f"note: train.eval_every={cfg.eval_every} has no held-out data to evaluate (none was set "
                     "aside): nothing is evaluated during the run")
-    module.train()
-    steps = _steps(stage, group, *_position(state, group))
-    epoch_ended = getattr(stage, "epoch_ended", None)
-    passes_done = _passes_done(stage, cfg, state, per_epoch)
-    # One process without a GradScaler: untied embeddings take sparse gradients (see optim.py).
-    sparse_ok = (world == 1 and accelerator.distributed_type == "NO" and accelerator.scaler is None
-                 and getattr(cfg, "optimizer", "adamw") in ("adamw", "adamw_fused")
-                 and not getattr(stage, "dense_gradients", False))
+
+
+def _sparse_gradients_ok(stage: Stage, cfg, accelerator) -> bool:
+    """One process without a GradScaler: untied embeddings take sparse gradients (see optim.py)."""
+    return (accelerator.num_processes == 1 and accelerator.distributed_type == "NO" and accelerator.scaler is None
+            and getattr(cfg, "optimizer", "adamw") in ("adamw", "adamw_fused")
+            and not getattr(stage, "dense_gradients", False))
+
+
+def _begin(stage: Stage, module, accelerator, log: RunLogger) -> None:
+    """A fresh run's start: the stage's `begin`, if it has one, and its figures logged at step 0."""
     begin = getattr(stage, "begin", None)
-    if begin is not None and resume_from is None:
+    if begin is not None:
         figures = begin(module, accelerator)
         if figures:
             log.log({"step": 0} | figures)
             log.message("step 0: " + _shown(figures))
-    with sparse_embedding_gradients(accelerator.unwrap_model(module), enabled=sparse_ok), \
-            training_attention_kernels(accelerator.device), _interrupt_at_step_end(world == 1) as interrupted:
-        try:
-            while state["step"] < total_steps and not stopped_early and not passes_done:
-                started = time.perf_counter()
-                epoch, micro_in_epoch, micro = next(steps)
-                lr = cfg.lr * lr_factor(state["step"], total_steps, cfg.schedule, warmup, cfg.min_lr_ratio)
-                set_lr(optimizer, lr / cfg.lr)
-                inactive = inactive_at(state["step"])
-                loss, grad_norm, metrics = _train_step(module, stage, micro, accelerator, cfg, inactive, state["step"])
-                finite = math.isfinite(loss) and math.isfinite(grad_norm)
-                overflow_scale = None
-                if finite:
-                    optimizer.step()
-                    after_optimizer_step(state["step"] + 1)
-                else:
-                    overflow_scale = _skipped_step(accelerator, loss)
-                optimizer.zero_grad(set_to_none=True)
-                if epoch_ended is not None and per_epoch and micro_in_epoch < per_epoch and epoch_ended():
-                    epoch, micro_in_epoch = epoch + 1, 0  # cut short: read, as `_steps` will find next
-                state.update(step=state["step"] + 1, epoch=epoch, micro_in_epoch=micro_in_epoch)
-                passes_done = _passes_done(stage, cfg, state, per_epoch)
-                state.pop("step_in_epoch", None)
-                abort = _count_nonfinite(state, finite, cfg, log, overflow_scale)
-                record = _step_record(state, loss, lr, grad_norm, stage, micro, started, world, per_epoch) | metrics
-                interval = state.setdefault("log_interval", {})  # see metrics.py: lines hold interval means
-                if finite:
-                    add_to_interval(interval, record, at_step)
-                if (state["step"] % cfg.log_every == 0 or state["step"] == total_steps or not finite) and interval:
-                    log.log(close_interval(interval, rates))
-                if not finite:
-                    log.log(record | {"steps_averaged": 1})
-                log.advance(record)
-                if abort:
-                    raise TrainingAborted(abort)
-                at_end = state["step"] == total_steps or passes_done
-                if (cfg.eval_every and state["step"] % cfg.eval_every == 0) or at_end:
-                    evaluated = _evaluate_step(module, stage, accelerator, held_out, state, cfg, log, at_end)
-                    if evaluated is not None:
-                        eval_loss, eval_metrics = evaluated
-                    stopped_early = state["stopped_early"]
-                signalled = interrupted() and not (at_end or stopped_early)
-                # a run that stops logs the steps since its last line, before the checkpoint that
-                # holds the interval: the resumed run starts its next line afresh
-                last_line = close_interval(interval, rates) if (stopped_early or signalled) and interval else None
-                if last_line is not None:
-                    log.log(last_line)
-                if (cfg.save_every and state["step"] % cfg.save_every == 0) or at_end or stopped_early or signalled:
-                    save()
-                if signalled:
-                    said = "" if last_line is None else (f" (loss {last_line['loss']:.4f} over the last "
-                                                         f"{last_line['steps_averaged']} step(s))")
-                    how = ("the same command with train.resume=auto resumes from it (with train.resume=never "
-                           "it starts afresh)") if cfg.resume == "never" else "the same command resumes from it"
-                    log.message(f"interrupted: checkpoint saved at step {state['step']} of {total_steps}; "
-                                f"{how}{said}")
-                    raise Stopped(interrupted())
-        finally:
-            log.close()
-    if resume_from is not None and eval_loss is None and (state["step"] >= total_steps or stopped_early
-                                                          or passes_done):
-        # A resumed run that was already finished trains nothing, but its caller still reports the
-        # final evaluation (a pipeline rerun, say): evaluate the restored weights once.
-        evaluated = evaluate(module, stage, accelerator, held_out)
+
+
+@dataclass
+class _Run:
+    """One call of `train` as its steps see it: what is fixed when it starts, `state` (the loop state
+    each step advances and each checkpoint holds: step, data position, counters, early stopping),
+    whether the passes over the data are done (`_passes_done`), and the last evaluation's figures."""
+
+    stage: Stage
+    cfg: Any  # a TrainConfig
+    accelerator: Any
+    module: torch.nn.Module  # as accelerate prepared it
+    optimizer: Any
+    ckpt_root: Path
+    state: dict[str, Any]
+    log: RunLogger
+    total_steps: int
+    warmup: int
+    per_epoch: int | None
+    held_out: list[Batch]  # collated once, for every evaluation
+    segment_started: float  # when this call of `train` began
+    earlier_seconds: float = 0.0  # the segments before this resume
+    passes_done: bool = False
+    eval_loss: float | None = None
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:  # the stage's optional hooks (see Stage), looked up once
+        stage = self.stage
+        self.inactive_at = getattr(stage, "inactive_parameters", lambda step: [])
+        self.after_optimizer_step = getattr(stage, "after_optimizer_step", lambda step: None)
+        self.epoch_ended = getattr(stage, "epoch_ended", None)
+        self.at_step = AT_STEP | frozenset(getattr(stage, "metrics_at_step", ()))
+        self.rates = RATES | getattr(stage, "rates", {})
+
+    def wall_seconds(self) -> float:
+        """The seconds `train` ran: this segment's, after those before its resume."""
+        return self.earlier_seconds + time.perf_counter() - self.segment_started
+
+    def step(self, steps: Iterator[tuple[int, int, list[Batch]]], interrupted) -> None:
+        """One global step: the update (`_update`), the data position advanced (`_advance`), the step
+        counted if non-finite and logged (`_log_step`), then an evaluation, a checkpoint and a
+        signal's stop when due (`_checkpoint_when_due`). Raises TrainingAborted after too many
+        non-finite steps in a row (`_count_nonfinite`)."""
+        state, cfg = self.state, self.cfg
+        started = time.perf_counter()
+        epoch, micro_in_epoch, micro = next(steps)
+        lr, loss, grad_norm, metrics, finite, overflow_scale = self._update(micro)
+        self._advance(epoch, micro_in_epoch)
+        abort = _count_nonfinite(state, finite, cfg, self.log, overflow_scale)
+        record = _step_record(state, loss, lr, grad_norm, self.stage, micro, started, self.accelerator.num_processes,
+                              self.per_epoch) | metrics
+        interval = self._log_step(record, finite)
+        if abort:
+            raise TrainingAborted(abort)
+        at_end = state["step"] == self.total_steps or self.passes_done
+        if (cfg.eval_every and state["step"] % cfg.eval_every == 0) or at_end:
+            evaluated = _evaluate_step(self.module, self.stage, self.accelerator, self.held_out, state, cfg, self.log,
+                                       at_end)
+            if evaluated is not None:
+                self.eval_loss, self.eval_metrics = evaluated
+        self._checkpoint_when_due(interval, at_end, interrupted)
+
+    def _update(self, micro: list[Batch]) -> tuple[float, float, float, dict, bool, float | None]:
+        """The step's update: the learning rate set (schedule and warmup), forward and backward
+        (`_train_step`), then the optimizer's step, or none when the loss or the gradient norm is not
+        finite (`_skipped_step`). Returns (lr, loss, grad norm, metrics, finite, the fp16 loss scale
+        the gradients overflowed at or None)."""
+        state, cfg = self.state, self.cfg
+        lr = cfg.lr * lr_factor(state["step"], self.total_steps, cfg.schedule, self.warmup, cfg.min_lr_ratio)
+        set_lr(self.optimizer, lr / cfg.lr)
+        inactive = self.inactive_at(state["step"])
+        loss, grad_norm, metrics = _train_step(self.module, self.stage, micro, self.accelerator, cfg, inactive,
+                                               state["step"])
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        overflow_scale = None
+        if finite:
+            self.optimizer.step()
+            self.after_optimizer_step(state["step"] + 1)
+        else:
+            overflow_scale = _skipped_step(self.accelerator, loss)
+        self.optimizer.zero_grad(set_to_none=True)
+        return lr, loss, grad_norm, metrics, finite, overflow_scale
+
+    def _advance(self, epoch: int, micro_in_epoch: int) -> None:
+        """The step counted and the data position moved past its micro-batches; an epoch the stage
+        cut short (`epoch_ended`) counts as read, its position the next epoch's start."""
+        state, per_epoch = self.state, self.per_epoch
+        if self.epoch_ended is not None and per_epoch and micro_in_epoch < per_epoch and self.epoch_ended():
+            epoch, micro_in_epoch = epoch + 1, 0  # cut short: read, as `_steps` will find next
+        state.update(step=state["step"] + 1, epoch=epoch, micro_in_epoch=micro_in_epoch)
+        self.passes_done = _passes_done(self.stage, self.cfg, state, per_epoch)
+        state.pop("step_in_epoch", None)
+
+    def _log_step(self, record: dict, finite: bool) -> dict:
+        """A step's figures join the interval a line averages (see metrics.py), whose line is logged
+        every train.log_every steps, at the last step and before a non-finite step's own line.
+        Returns the interval."""
+        state = self.state
+        interval = state.setdefault("log_interval", {})  # see metrics.py: lines hold interval means
+        if finite:
+            add_to_interval(interval, record, self.at_step)
+        if (state["step"] % self.cfg.log_every == 0 or state["step"] == self.total_steps or not finite) and interval:
+            self.log.log(close_interval(interval, self.rates))
+        if not finite:
+            self.log.log(record | {"steps_averaged": 1})
+        self.log.advance(record)
+        return interval
+
+    def _checkpoint_when_due(self, interval: dict, at_end: bool, interrupted) -> None:
+        """A checkpoint every train.save_every steps, at the end, at an early stop and on a signal
+        (`_interrupt_at_step_end`), after which the run stops with `Stopped`, saying how to resume."""
+        state, cfg = self.state, self.cfg
+        stopped_early = state["stopped_early"]
+        signalled = interrupted() and not (at_end or stopped_early)
+        # a run that stops logs the steps since its last line, before the checkpoint that
+        # holds the interval: the resumed run starts its next line afresh
+        last_line = close_interval(interval, self.rates) if (stopped_early or signalled) and interval else None
+        if last_line is not None:
+            self.log.log(last_line)
+        if (cfg.save_every and state["step"] % cfg.save_every == 0) or at_end or stopped_early or signalled:
+            self.save()
+        if signalled:
+            said = "" if last_line is None else (f" (loss {last_line['loss']:.4f} over the last "
+                                                 f"{last_line['steps_averaged']} step(s))")
+            how = ("the same command with train.resume=auto resumes from it (with train.resume=never "
+                   "it starts afresh)") if cfg.resume == "never" else "the same command resumes from it"
+            self.log.message(f"interrupted: checkpoint saved at step {state['step']} of {self.total_steps}; "
+                             f"{how}{said}")
+            raise Stopped(interrupted())
+
+    def save(self) -> None:
+        """A checkpoint at this step (`checkpoint.save`): weights, optimizer, the loop state with
+        fp16's loss scale and the seconds run so far, and the stage's own state."""
+        stage, accelerator, state = self.stage, self.accelerator, self.state
+        if getattr(stage, "on_checkpoint", None) is not None:
+            stage.on_checkpoint()
+        if accelerator.scaler is not None:  # fp16: the loss scale found so far, and its growth count
+            state["grad_scaler"] = accelerator.scaler.state_dict()
+        state["wall_seconds"] = self.wall_seconds()
+        checkpoint.save(self.ckpt_root, state["step"], model=accelerator.unwrap_model(self.module),
+                        optimizer=self.optimizer, loop_state=state, rank=accelerator.process_index,
+                        world_size=accelerator.num_processes, barrier=accelerator.wait_for_everyone,
+                        keep_last=self.cfg.keep_last,
+                        stage_state=stage.state_dict() if hasattr(stage, "state_dict") else None)
+
+    def evaluate_restored(self) -> None:
+        """A resumed run that was already finished trains nothing, but its caller still reports the
+        final evaluation (a pipeline rerun, say): the restored weights evaluated once, and shown to
+        the stage's monitor (its figures; nothing is left to stop)."""
+        evaluated = evaluate(self.module, self.stage, self.accelerator, self.held_out)
         if evaluated is not None:
-            eval_loss, eval_metrics = evaluated
-        if hasattr(stage, "monitor"):
-            stage.monitor(module, accelerator)  # its figures of the restored weights; nothing left to stop
-    if passes_done and state["step"] < total_steps:
-        log.message(f"train.epochs={cfg.epochs:g}: the passes over the data ended at step {state['step']} of the "
-                    f"{total_steps} planned, as epochs cut short ({getattr(stage, 'epochs_cut_by', 'the stage')}) "
-                    f"allow; the learning-rate schedule was planned on the uncut most of {total_steps} steps and "
-                    f"stopped at step {state['step']} of them")
-    stop_reason, detail = "max_steps" if cfg.max_steps > 0 else "epochs", None
-    if stopped_early:
-        detail = state.get("stop_reason") or f"no eval improvement in {state['evals_without_improvement']} evals"
-        stop_reason = state.get("stopped_by", "monitor") if state.get("stop_reason") else "patience"
-        log.message(f"early stop at step {state['step']}: {detail}")
-    return LoopResult(state["step"], stopped_early, eval_loss, state["skipped_steps"], accelerator.unwrap_model(module),
-                      eval_metrics, stop_reason, detail, wall_seconds())
+            self.eval_loss, self.eval_metrics = evaluated
+        if hasattr(self.stage, "monitor"):
+            self.stage.monitor(self.module, self.accelerator)
+
+    def result(self) -> LoopResult:
+        """How the run ended (`LoopResult`), said in the log when the passes over the data ended it
+        short of its plan or it stopped early."""
+        state, cfg, log = self.state, self.cfg, self.log
+        if self.passes_done and state["step"] < self.total_steps:
+            log.message(f"train.epochs={cfg.epochs:g}: the passes over the data ended at step {state['step']} of "
+                        f"the {self.total_steps} planned, as epochs cut short "
+                        f"({getattr(self.stage, 'epochs_cut_by', 'the stage')}) allow; the learning-rate schedule "
+                        f"was planned on the uncut most of {self.total_steps} steps and stopped at step "
+                        f"{state['step']} of them")
+        stop_reason, detail = "max_steps" if cfg.max_steps > 0 else "epochs", None
+        if state["stopped_early"]:
+            detail = state.get("stop_reason") or f"no eval improvement in {state['evals_without_improvement']} evals"
+            stop_reason = state.get("stopped_by", "monitor") if state.get("stop_reason") else "patience"
+            log.message(f"early stop at step {state['step']}: {detail}")
+        return LoopResult(state["step"], state["stopped_early"], self.eval_loss, state["skipped_steps"],
+                          self.accelerator.unwrap_model(self.module), self.eval_metrics, stop_reason, detail,
+                          self.wall_seconds())
 
 
 def _restore(resume_from: Path, ckpt_root: Path, fingerprint: dict[str, Any] | None, stage: Stage, accelerator,
@@ -540,24 +664,6 @@ def _restore(resume_from: Path, ckpt_root: Path, fingerprint: dict[str, Any] | N
     if fingerprint is not None:  # the checkpoints this run writes hold its own (an older one's may lack keys)
         state["fingerprint"] = fingerprint
     return state
-
-
-def _clear_earlier_run(run_dir: Path, damaged: int = 0) -> str:
-    """A fresh start (main process): an earlier run's checkpoints and results removed (stopped, this
-    run would leave them beside its own config.yaml); returns the line that says what went, or "".
-    damaged: how many of the checkpoints are incomplete."""
-    import shutil
-
-    cleared = checkpoint.clear(run_dir / "checkpoints")
-    removed = [f"{cleared} checkpoint(s)" + (f" ({damaged} incomplete)" if damaged else "")] if cleared else []
-    for path in (run_dir / "final", run_dir / "summary.json", run_dir / "metrics.jsonl"):
-        if path.is_dir():
-            shutil.rmtree(path)
-            removed.append(f"{path.name}/")
-        elif path.exists():
-            path.unlink()
-            removed.append(path.name)
-    return f"fresh start: removed {', '.join(removed)} of an earlier run from {run_dir}" if removed else ""
 
 
 def _evaluate_step(module, stage: Stage, accelerator, held_out: list[Batch], state: dict, cfg, log: RunLogger,
@@ -748,503 +854,3 @@ def _stopped_before(state: dict, patience: int) -> bool:
     if state.get("stop_reason"):
         return True
     return patience > 0 and state["evals_without_improvement"] >= patience
-
-
-def start_run(cfg) -> tuple[Path, Any, bool, Any]:
-    """What every stage does first: (run_dir, accelerator, is_main_process, log). Refuses an
-    output_dir over a model the run reads (`_check_not_over_its_models`) and one another training
-    run is writing (`_lock_run_dir`: the lock is held until `finish_run`, or until the run fails:
-    each stage releases it, `released_on_failure`, when it fails between start_run and train);
-    writes the resolved config to run_dir/config.yaml, starts the trackers of train.report_to and
-    seeds everything; `log` prints (flushed) on the main process only."""
-    import functools
-
-    import yaml
-    from accelerate.utils import set_seed
-
-    from posttrain.files import write_atomically
-    from posttrain.models.loading import run_final_model
-
-    run_dir = _checked_run_dir(cfg.output_dir)
-    _check_input_files(cfg)  # before minutes of model loading, not after
-    _check_not_over_its_models(cfg, run_dir)
-    accelerator = make_accelerator(cfg.train, run_dir)
-    main = accelerator.is_main_process
-    if main:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:  # a file on the way (output_dir=a/file/run), no permission, ...
-            raise ConfigError(f"output_dir {run_dir}: cannot create the run directory "
-                              f"({exc.strerror or type(exc).__name__})") from None
-        _lock_run_dir(run_dir)  # held until finish_run, or until the run fails
-    try:
-        # a resume from a checkpoint of other settings is refused before anything of the new run is
-        # written over the existing run's (its config.yaml) or loaded (train() checks it again)
-        resume_from = _resume_path(cfg.train.resume, run_dir / "checkpoints")
-        if resume_from is not None:
-            _check_same_run(resume_from, run_fingerprint(cfg))
-        # flushed at once: a script's stdout in a log file is block-buffered (the command line makes it
-        # line-buffered; run_sft called from a script does not touch the caller's stdout)
-        log = functools.partial(print, flush=True) if main else (lambda *_: None)
-        recorded = cfg.to_dict()
-        model_path = getattr(getattr(cfg, "model", None), "path", None)
-        final = run_final_model(model_path) if isinstance(model_path, str) else None
-        if final is not None:  # a run directory: its final model, as generate and merge take it
-            recorded["model"]["path"] = str(final)
-            log(f"model.path {model_path} is a run directory: starting from its final model {final}")
-        if main:
-            write_atomically(run_dir / "config.yaml", yaml.safe_dump(recorded, sort_keys=False))
-        if cfg.train.report_to:
-            _start_trackers(accelerator, run_dir, recorded, resume_from)
-        set_seed(cfg.train.seed)
-    except BaseException:
-        release_run_dir(run_dir)
-        raise
-    return run_dir, accelerator, main, log
-
-
-def _check_not_over_its_models(cfg, run_dir: Path) -> None:
-    """A run's output_dir must not be, or hold, a model the run reads (model.path, a run directory's
-    as its final model; reward.models; ppo.value_model_path): a fresh start removes the run
-    directory's final/ and checkpoints/, and the run writes its own final/ there, over the model it
-    starts from (a DPO run's reference, too); a model directory would take the run's files beside
-    its own. Refused before anything is written, as `posttrain merge` refuses the adapter's own base
-    as its OUT_DIR. An output_dir inside a model directory (/models/m/runs/lora) leaves the model's
-    own files alone and is taken. A path not there yet is the loader's to refuse; presets live in
-    posttrain's cache."""
-    from posttrain.models.loading import run_final_model
-    from posttrain.models.presets import is_preset
-
-    target = run_dir.resolve()
-    for setting, path in _models_read(cfg):
-        if is_preset(path) or not Path(path).expanduser().is_dir():
-            continue
-        model = (run_final_model(path) or Path(path).expanduser()).resolve()
-        if target == model:
-            where = f"is the directory of {setting} {path}"
-        elif target in model.parents:
-            where = f"holds {setting} {path}" + (f" (its final model {model})" if model.name == "final" else "")
-        else:
-            continue
-        raise ConfigError(f"output_dir {run_dir} {where}: the run would write over the model it reads; give "
-                          "another output_dir")
-
-
-def _models_read(cfg) -> list[tuple[str, str]]:
-    """(setting, path) of each model a run reads from disk: model.path, each of reward.models (a
-    'NAME=DIR' as its DIR), ppo.value_model_path; those set."""
-    from posttrain.rewards import model_component
-
-    models = getattr(getattr(cfg, "reward", None), "models", None) or []
-    found = [("model.path", getattr(getattr(cfg, "model", None), "path", None))]
-    found += [("reward.models", model_component(i, item, len(models))[1]) for i, item in enumerate(models)
-              if isinstance(item, str)]
-    found.append(("ppo.value_model_path", getattr(getattr(cfg, "ppo", None), "value_model_path", None)))
-    return [(setting, path) for setting, path in found if isinstance(path, str) and path]
-
-
-# The run directories this process holds locked (`_lock_run_dir`): resolved path -> (open lock file,
-# the thread whose run holds it). Guarded by _HELD_LOCK (runs in threads: a notebook's, a test's).
-_HELD: dict[Path, tuple[Any, threading.Thread]] = {}
-_HELD_LOCK = threading.Lock()
-LOCK_FILE = ".lock"
-
-
-def _lock_run_dir(run_dir: Path) -> None:
-    """Lock run_dir against a second training run (main process; `files.lock_exclusively` on
-    run_dir/.lock): a job relaunched while its first copy still runs would resume from the live
-    run's checkpoint, and both would write metrics.jsonl, checkpoints/ and final/. Refused, naming
-    the directory. Released by finish_run, or when the run fails (train, start_run, and each stage
-    between the two); a lock this thread's earlier run left, or a finished thread's, is released
-    here first. Without flock (not POSIX), no lock."""
-    from posttrain.files import lock_exclusively
-
-    key = run_dir.resolve()
-    with _HELD_LOCK:
-        held = _HELD.get(key)
-        if held is not None and (held[1] is threading.current_thread() or not held[1].is_alive()):
-            _HELD.pop(key)[0].close()
-        try:
-            file = open(run_dir / LOCK_FILE, "a", encoding="utf-8")
-        except OSError:  # a directory this process cannot write: writing the run says so, naming the file
-            return
-        if lock_exclusively(file, f"{run_dir} is being written by another training run; wait for it to finish, "
-                                  "or use another output_dir"):
-            _HELD[key] = (file, threading.current_thread())
-        else:
-            file.close()
-
-
-@contextlib.contextmanager
-def released_on_failure(run_dir: Path):
-    """Run the body holding run_dir's lock (`_lock_run_dir`); if it raises (the model fails to load,
-    a reward function is missing, Ctrl-C), release the lock and re-raise. Each stage wraps what it
-    does between start_run and finish_run (which releases it on success) in this."""
-    try:
-        yield
-    except BaseException:
-        release_run_dir(run_dir)
-        raise
-
-
-def release_run_dir(run_dir: Path) -> None:
-    """Release `_lock_run_dir`'s lock on run_dir, if this thread's run holds it (the lock file stays).
-    Every stage calls it when it fails after start_run (the model fails to load, say), besides
-    train and finish_run: a second call does nothing, and never frees another thread's run that
-    took the directory meanwhile."""
-    key = Path(run_dir).resolve()
-    with _HELD_LOCK:
-        held = _HELD.get(key)
-        if held is None or held[1] is not threading.current_thread():
-            return
-        del _HELD[key]
-    held[0].close()
-
-
-def _start_trackers(accelerator, run_dir: Path, recorded: dict, resume_from: Path | None) -> None:
-    """Start train.report_to's trackers (main process; `finish_run` ends them): project `run_dir`'s
-    name, the resolved config as their hyperparameters (the scalar settings, keys dotted:
-    "train.lr"; lists and unset values left out, as trackers take scalars only). TensorBoard hides
-    its events from the step this run logs first on (purge_step): a resumed run's steps after its
-    checkpoint, or all of an earlier run a fresh start replaces, as metrics.jsonl drops them."""
-    import json
-
-    from posttrain.config.schema import flatten
-
-    scalars = {key: value for key, value in flatten(recorded).items() if isinstance(value, (bool, int, float, str))}
-    first_step = 0 if resume_from is None else \
-        json.loads((resume_from / checkpoint.LOOP_STATE).read_text())["step"] + 1
-    accelerator.init_trackers(run_dir.name, config=scalars,
-                              init_kwargs={"tensorboard": {"purge_step": first_step}})
-
-
-def _check_input_files(cfg) -> None:
-    """Every data file a config lists (a key ending in `files`: data.train_files, data.eval_files,
-    forgetting.retain_files, ...) must exist, be of a type a reader takes, and (data.format auto)
-    open with rows in a format the stage reads: said before minutes of model loading, not after.
-    'synthetic' is the bundled generator."""
-    import dataclasses
-    import os
-
-    from posttrain.data.formats import check_readable
-    from posttrain.data.readers import missing_hint
-    from posttrain.errors import DataError
-
-    def walk(node, prefix: str = ""):
-        for name in (f.name for f in dataclasses.fields(node)):
-            value = getattr(node, name)
-            if dataclasses.is_dataclass(value):
-                yield from walk(value, f"{prefix}{name}.")
-            elif name.endswith("files") and isinstance(value, list):
-                yield from ((prefix + name, node, path) for path in value)
-
-    for key, section, path in walk(cfg):
-        if not isinstance(path, str) or path == "synthetic":
-            continue
-        if not os.path.exists(os.path.expanduser(path)):
-            parts = [p.strip() for p in path.split(",")]
-            hint = (f"; for several files write {key}=[{','.join(parts)}]"
-                    if len(parts) > 1 and all(os.path.exists(os.path.expanduser(p)) for p in parts if p)
-                    else missing_hint(path))
-            raise DataError(f"{key}: {path}: no such file or directory{hint}")
-        detect, fmt = _row_formats(key, section)
-        try:
-            check_readable(os.path.expanduser(path), detect, fmt)
-        except DataError as exc:
-            raise DataError(f"{key}: {exc}") from None
-
-
-def _row_formats(key: str, section) -> tuple[Any, str]:
-    """(the format detector, the format set) of the reader that takes the files under `key`."""
-    from posttrain.config.preference import PreferenceDataConfig
-    from posttrain.config.rl import PromptDataConfig
-    from posttrain.data.formats import detect_format
-    from posttrain.data.preferences import detect_preference_format
-    from posttrain.data.prompts import detect_prompt_format
-
-    fmt = getattr(section, "format", "auto")
-    if key.endswith("retain_files"):  # rows in sft's formats, in every stage
-        return detect_format, "auto"
-    if isinstance(section, PreferenceDataConfig):
-        return detect_preference_format, fmt
-    if isinstance(section, PromptDataConfig) or key.endswith("prompt_files"):
-        return detect_prompt_format, fmt
-    return detect_format, fmt
-
-
-def _checked_run_dir(output_dir: str) -> Path:
-    """output_dir as a Path (~ is the home directory); an empty one (the current directory) or one
-    that is a file is refused."""
-    from posttrain.config.schema import user_path
-
-    if not str(output_dir).strip():
-        raise ConfigError("output_dir is empty (it would write the run into the current directory); name a directory")
-    run_dir = user_path(output_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"output_dir {run_dir} is a file, not a directory; name a directory for the run")
-    return run_dir
-
-
-def finish_run(run_dir: Path, accelerator, main: bool, model, tokenizer, summary: dict, save=None) -> Path:
-    """What every stage does last: the final model in run_dir/final (replaced whole; `save(model,
-    tokenizer, directory)`, by default `loading.save_model`; transformers' progress bar hidden
-    meanwhile) and summary.json, which begins with the posttrain version (main process); then wait
-    for every process and close the trackers. A full disk is said naming the file or directory that
-    did not fit (`errors.NoRoom`). The run directory's lock (`start_run`) is released, whatever
-    happens."""
-    import json
-
-    from posttrain import __version__
-    from posttrain.errors import NoRoom
-    from posttrain.models.loading import save_model
-    from posttrain.models.presets import quiet_progress_bars
-
-    try:
-        if main:
-            save = save or save_model
-            with quiet_progress_bars():  # transformers' shard-writing bar, in a script's or notebook's output
-                checkpoint.write_whole(run_dir / "final", lambda final: save(model, tokenizer, final))
-            summary = {"posttrain_version": __version__} | summary
-            path = run_dir / "summary.json"
-            try:
-                path.write_text(json.dumps(strict_json(summary), indent=1, allow_nan=False))
-            except OSError as exc:
-                raise (NoRoom.of(exc, path) or exc) from exc
-        accelerator.wait_for_everyone()
-        accelerator.end_training()
-    finally:
-        release_run_dir(run_dir)  # start_run's lock
-    return run_dir
-
-
-def make_accelerator(cfg, run_dir: Path):
-    """An Accelerator for this run: mixed precision and trackers from `cfg` (a TrainConfig)."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import is_cuda_available
-
-    for tracker in cfg.report_to:
-        try:
-            __import__(tracker)
-        except ImportError:
-            raise ConfigError(f"train.report_to: {tracker} is not installed (pip install 'posttrain[{tracker}]')") from None
-    # accelerate keeps its settings in a process-wide singleton; a second run in the same
-    # process (notebooks, tests) may ask for different mixed precision.
-    AcceleratorState._reset_state(reset_partial_state=False)
-    try:
-        # cpu=True on CPU-only hosts: without it accelerate ignores torchrun's WORLD_SIZE
-        # and every process trains alone.
-        accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=cfg.report_to or None,
-                                  project_dir=str(run_dir), cpu=not is_cuda_available())
-    except ValueError as exc:  # e.g. fp16 on a CPU, in older accelerate
-        raise ConfigError(f"train.mixed_precision={cfg.mixed_precision}: {exc}") from None
-    if cfg.mixed_precision != "no" and not accelerator.native_amp:
-        # accelerate ≥ 1.x accepts fp16 on a CPU and then runs in float32, without a word
-        raise ConfigError(f"train.mixed_precision={cfg.mixed_precision} is not available on "
-                          f"{accelerator.device.type} (accelerate would run in float32); use bf16 or no")
-    return accelerator
-
-
-def run_fingerprint(cfg) -> dict[str, Any]:
-    """The settings that decide what a checkpoint holds, flat ({"data.max_length": 64, ...}): model,
-    data, adapters, the stage's own loss sections; of `train`, those that decide the data and the
-    weights trained (`_TRAIN_FINGERPRINTED`); and the identity of the starting model's files and of
-    the data files (`_file_identity`: rows edited under the same name are other data).
-    Kept in every checkpoint; a resume under other values is refused, naming them. Left out: what
-    a resume may change (the rest of `train` — the README lets a resumed run take a new lr, steps,
-    cadences —, `eval`, `output_dir`, and `_RESUME_MAY_CHANGE`)."""
-    import json
-
-    from posttrain.models.loading import model_files
-    from posttrain.models.presets import is_preset, preset_path
-
-    knobs = {section for section, _ in _RESUME_MAY_CHANGE}
-    settings: dict[str, Any] = {}
-    for section, values in cfg.to_dict().items():
-        if section in ("eval", "output_dir"):
-            continue
-        if not isinstance(values, dict):
-            settings[section] = values
-            continue
-        for key, value in values.items():
-            if section == "train" and key not in _TRAIN_FINGERPRINTED:
-                continue
-            if section in knobs and ((section, key) in _RESUME_MAY_CHANGE or key.startswith("vllm_")):
-                continue  # how, not what: memory and speed knobs, the rollout engine
-            settings[f"{section}.{key}"] = value
-    path = getattr(getattr(cfg, "model", None), "path", None)
-    if isinstance(path, str) and path:
-        # a preset is built from code, the same at every build: its directory's name (version and
-        # definition) says what it is, where a rebuilt cache would have new times
-        settings[MODEL_FILES] = preset_path(path).name if is_preset(path) else _digest(model_files(path))
-    data_files = {name: _file_identity(name) for key, value in settings.items()
-                  if key.endswith("files") and isinstance(value, list) for name in value
-                  if isinstance(name, str) and name != "synthetic"}
-    if data_files:  # rows edited under the same name are other data: the position counts the old file's batches
-        settings[DATA_FILES] = data_files
-    return json.loads(json.dumps(settings, default=str))  # as a checkpoint's JSON reads back (tuples as lists)
-
-
-def _file_identity(name: str) -> list | str | None:
-    """A data file as the fingerprint knows it: [size, digest of its contents (`_content_digest`)];
-    a directory (a datasets save_to_disk) a digest of its files' names, sizes and contents; None
-    when it is not there. Contents, not modification times: a copy of the same rows (to a node's
-    scratch disk after a preemption, or written again by a script) is the same data."""
-    import os
-
-    path = Path(os.path.expanduser(name))
-    try:
-        if path.is_dir():
-            return _digest([[str(f.relative_to(path)), (size := f.stat().st_size), _content_digest(f, size)]
-                            for f in sorted(path.rglob("*")) if f.is_file()])
-        size = path.stat().st_size
-        return [size, _content_digest(path, size)]
-    except OSError:
-        return None
-
-
-_WHOLE_FILE_BYTES = 64 << 20  # files up to this size are digested whole; larger ones by BLOCKS spread evenly
-_BLOCKS, _BLOCK_BYTES = 64, 256 << 10
-
-
-def _content_digest(path: Path, size: int) -> str:
-    """A digest of a file's bytes: all of them up to _WHOLE_FILE_BYTES (about 0.1 s at 64 MiB),
-    else _BLOCKS blocks of _BLOCK_BYTES from its start to its end (a resume of a 100 GB file
-    reads 16 MiB; an edit that keeps the size and misses every block goes unseen)."""
-    import hashlib
-
-    digest = hashlib.blake2b(digest_size=8)
-    with open(path, "rb") as f:
-        if size <= _WHOLE_FILE_BYTES:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        else:
-            for k in range(_BLOCKS):
-                f.seek((size - _BLOCK_BYTES) * k // (_BLOCKS - 1))
-                digest.update(f.read(_BLOCK_BYTES))
-    return digest.hexdigest()
-
-
-# seed: the synthetic rows, the held-out split and the data order; batch_size: what the data
-# position counts (micro-batches); freeze: which weights (and moments) the checkpoint holds
-_TRAIN_FINGERPRINTED = ("seed", "batch_size", "freeze")
-MODEL_FILES = "model.files"  # the fingerprint's key for `model_files`
-DATA_FILES = "data.file_identities"  # the fingerprint's key for the data files' `_file_identity`, by name
-
-_RESUME_MAY_CHANGE = (("model", "gradient_checkpointing"), ("model", "lean_activations"), ("model", "padding_free"),
-                      ("dpo", "share_prompt"), ("reward", "share_prompt"), ("rollout", "engine"),
-                      ("rollout", "batch_size"), ("forgetting", "max_retain_increase"),
-                      ("forgetting", "retain_exact_match"))
-
-
-def _digest(value) -> str:
-    import hashlib
-    import json
-
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _legacy_digest(settings: dict[str, Any]) -> str:
-    """The fingerprint a checkpoint held before it kept the settings themselves: a digest of the
-    sections, without `train` and the model's files."""
-    nested: dict[str, Any] = {}
-    for key, value in settings.items():
-        section, _, name = key.partition(".")
-        if section == "train" or key in (MODEL_FILES, DATA_FILES):
-            continue
-        if name:
-            nested.setdefault(section, {})[name] = value
-        else:
-            nested[section] = value
-    return _digest(nested)
-
-
-def _check_same_run(resume_from: Path, fingerprint: dict[str, Any] | None) -> None:
-    """Refuse a resume from a checkpoint whose fingerprint (`run_fingerprint`) differs from this
-    run's, naming the settings changed (`_change`). A value an older version recorded otherwise for
-    the same training (`config.preference.same_as_recorded_earlier`: cdpo's ε recorded null) is
-    no change."""
-    import json
-
-    from posttrain.config.preference import same_as_recorded_earlier
-
-    saved = json.loads((resume_from / checkpoint.LOOP_STATE).read_text()).get("fingerprint")
-    if fingerprint is None or saved is None:
-        return
-    if isinstance(saved, str):  # an older checkpoint: the digest alone, which cannot say what changed
-        changed = [] if saved == _legacy_digest(fingerprint) else ["model, data, adapter, loss or forgetting"]
-    else:
-        changed = [said for key in sorted(saved.keys() | fingerprint.keys())
-                   if (then := saved.get(key, _UNSET)) != (now := fingerprint.get(key, _UNSET))
-                   and not same_as_recorded_earlier(key, then, now) and (said := _change(key, saved, fingerprint))]
-    if changed:
-        shown = "; ".join(changed[:4]) + (f"; and {len(changed) - 4} more" if len(changed) > 4 else "")
-        raise ConfigError(f"{resume_from} was written by a run with other settings ({shown}); resuming would mix "
-                          "the two. Set train.resume=never to start afresh, or another output_dir")
-
-
-_UNSET = "(unset)"  # a setting one side lacks (a section added since the checkpoint was written)
-
-
-def _change(key: str, saved: dict, now: dict) -> str:
-    """A setting that differs between the checkpoint's fingerprint and this run's, as the refusal
-    names it; "" when there is nothing to say (data files a checkpoint written before they were
-    kept lacks, or files only added or removed: the list of files names them). Lists show the items
-    removed and added (`-"a.jsonl" +"b.jsonl"`); other values cut to 60 characters after their
-    common beginning, so two long values show where they differ. Values are JSON with their
-    characters as written (数据.jsonl, not \\u escapes a cut could land inside)."""
-    import json
-    import os
-
-    if key == MODEL_FILES:
-        return f"the model at model.path {now.get('model.path', '')} changed since the checkpoint (its files)"
-    before, after = saved.get(key, _UNSET), now.get(key, _UNSET)
-    if key == DATA_FILES:
-        if not isinstance(before, dict) or not isinstance(after, dict):
-            return ""
-        return "; ".join(f"the file {name} changed since the checkpoint ({_file_change(before[name], after[name])})"
-                         for name in sorted(before.keys() & after.keys()) if before[name] != after[name])
-    if isinstance(before, list) and isinstance(after, list):
-        removed, added = [x for x in before if x not in after], [x for x in after if x not in before]
-        if removed or added:
-            items = [f"-{json.dumps(x, ensure_ascii=False)}" for x in removed] + \
-                [f"+{json.dumps(x, ensure_ascii=False)}" for x in added]
-            return f"{key}: " + " ".join(items[:6]) + (f" and {len(items) - 6} more" if len(items) > 6 else "")
-    texts = [value if value is _UNSET else json.dumps(value, ensure_ascii=False) for value in (before, after)]
-    common = len(os.path.commonprefix(texts))
-    if max(map(len, texts)) > 60 and common > 20:  # keep a little of the common part for context
-        texts = ["…" + text[common - 10:] for text in texts]
-    shown = [text if len(text) <= 60 else text[:57] + "..." for text in texts]
-    return f"{key}: {shown[0]} → {shown[1]}"
-
-
-def _file_change(before, after) -> str:
-    """How a data file's `_file_identity` changed, in words."""
-    if isinstance(before, list) and isinstance(after, list) and before[0] != after[0]:
-        return f"{before[0]} → {after[0]} bytes"
-    if isinstance(before, list) and isinstance(after, list):
-        return "the same size, other contents"
-    return "gone" if after is None else "its files"
-
-
-def _resume_path(resume: str, ckpt_root: Path) -> Path | None:
-    """The checkpoint train.resume names: none (never), the newest complete one in `ckpt_root` (auto;
-    none there is a fresh start, but damaged ones alone are refused, naming each and what is wrong:
-    a fresh start would remove what may be a long run's only checkpoint), or the path given, which
-    must be a complete checkpoint (refused naming the file cut short or missing)."""
-    if resume == "never":
-        return None
-    if resume == "auto":
-        found = checkpoint.latest_complete(ckpt_root)
-        damaged = checkpoint.incomplete(ckpt_root) if found is None else {}
-        if damaged:  # a fresh start would remove them: a preempted job's whole progress, maybe one copy away
-            named = "; ".join(f"{path.name}: {', '.join(said)}" for path, said in damaged.items())
-            raise ConfigError(f"train.resume=auto: {ckpt_root} holds no complete checkpoint, only damaged ones "
-                              f"({named}); a fresh start would remove them. Restore the files named to resume, "
-                              "or set train.resume=never to start afresh")
-        return found
-    path = Path(resume)
-    found = checkpoint.problems(path)
-    if found:
-        raise ConfigError(f"train.resume={resume}: not a complete checkpoint directory ({'; '.join(found)})")
-    return path

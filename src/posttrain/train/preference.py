@@ -754,7 +754,8 @@ def _items(data, cfg: DPOConfig, log: Callable[[str], None] = print) -> tuple[li
 def run_dpo(cfg: DPOConfig) -> Path:
     """Optimise the policy on preferences per `cfg`; returns the run directory (policy in run_dir/final)."""
     from posttrain.data.preferences import prepare_preference_data
-    from posttrain.train.loop import evaluate, finish_run, released_on_failure, run_fingerprint, start_run, train
+    from posttrain.train.loop import evaluate, train
+    from posttrain.train.runs import finish_run, released_on_failure, run_fingerprint, start_run
     from posttrain.models.loading import disable_dropout, note_full_logits
     from posttrain.train.forgetting import attach, build_control, report
     from posttrain.train.sft import build_model

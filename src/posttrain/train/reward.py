@@ -155,7 +155,8 @@ def run_rm(cfg: RMConfig) -> Path:
     from posttrain.models.attention import block_masks_allowed, padding_free, window_allows
     from posttrain.models.loading import check_positions, load_tokenizer
     from posttrain.models.reward_model import encoder_positions, is_decoder_scorer
-    from posttrain.train.loop import evaluate, finish_run, released_on_failure, run_fingerprint, start_run, train
+    from posttrain.train.loop import evaluate, train
+    from posttrain.train.runs import finish_run, released_on_failure, run_fingerprint, start_run
 
     cfg = RMConfig.for_run(cfg, "run_rm")
     validate_rm(cfg)

@@ -221,7 +221,8 @@ def run_sft(cfg: SFTConfig) -> Path:
     from posttrain.data.pipeline import (StreamCounts, prepare_sft_data, prepare_streamed_eval, stream_sft_examples,
                                          write_stream_counts)
     from posttrain.models.loading import note_full_logits
-    from posttrain.train.loop import finish_run, released_on_failure, run_fingerprint, start_run, train
+    from posttrain.train.loop import train
+    from posttrain.train.runs import finish_run, released_on_failure, run_fingerprint, start_run
 
     cfg = SFTConfig.for_run(cfg, "run_sft")
     validate_sft(cfg)
