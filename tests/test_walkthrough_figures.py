@@ -86,8 +86,10 @@ def test_grpo_solved_groups_does_not_count_groups_that_all_failed(tmp_path):
         "train.progress_bar=false"]))
     record = _lines(run / "metrics.jsonl")[0]
     samples = _lines(run / "samples.jsonl")
-    # the random-init preset answers nothing right and never ends: every sample gets -no_eos_penalty
-    assert record["rollout/reward_mean"] == -0.5 and all(s["reward"] == -0.5 for s in samples)
+    # the random-init preset answers nothing right (reward 0 as scored) and never ends: every sample
+    # is trained on -no_eos_penalty
+    assert record["rollout/reward_mean"] == -0.5
+    assert all(s["reward"] == 0.0 and s["trained_reward"] == -0.5 for s in samples)
     assert record.get("rollout/solved_groups", 0.0) == 0.0  # no prompt was solved
 
 
@@ -191,7 +193,8 @@ class _ToyStage:
 
 def test_metrics_jsonl_stays_json_when_a_step_is_not_finite(tmp_path):
     from posttrain.config import TrainConfig
-    from posttrain.train.loop import make_accelerator, train
+    from posttrain.train.loop import train
+    from posttrain.train.runs import make_accelerator
 
     cfg = TrainConfig(max_steps=3, batch_size=8, lr=0.01, warmup_steps=0, progress_bar=False, resume="never")
     result = train(_ToyStage(), cfg, tmp_path, make_accelerator(cfg, tmp_path))

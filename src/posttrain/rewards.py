@@ -48,26 +48,11 @@ from dataclasses import dataclass
 
 import torch
 
+from posttrain.config.rl import DEFAULT_FLOOR_PENALTY, check_floor_penalty, check_max_length
 from posttrain.errors import ConfigError, DataError, UserError
 
 Reward = Callable[[Sequence[list[dict]], Sequence[str]], list[float]]
 _FLOAT32_MAX = torch.finfo(torch.float32).max  # 3.4028235e38: a run's rewards are float32
-DEFAULT_FLOOR_PENALTY = 10.0
-
-
-def check_max_length(value, option: str = "a reward model's max_length") -> None:
-    """A ConfigError naming `option` unless `value` (tokens a reward model reads) is a whole number ≥ 1."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{option} must be a whole number of tokens, at least 1, got {value!r}")
-
-
-def check_floor_penalty(value, option: str = "the floor penalty") -> None:
-    """A ConfigError naming `option` unless `value` is a finite number ≥ 0 (a negative one would
-    reward falling below a floor)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ConfigError(f"{option} must be a finite number, at least 0, got {value!r}")
-
-
 class RewardModelScorer:
     """Scores with a reward model directory (full model or LoRA adapter, or a run directory: its
     final/) and its tokenizer. A model without a trained reward head (a policy, a preset) is

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -10,6 +11,24 @@ from posttrain.config.schema import _raise_first, _StageConfig, checked, markdow
 from posttrain.config.sections import (FORGETTING_HELP, AdapterConfig, ForgettingConfig, ModelConfig, TrainConfig,
                                        _rows_checks, _train_checks, _weight_checks, other_stage_forgetting_checks,
                                        validate_adapter_settings)
+from posttrain.errors import ConfigError
+
+# The reward section's checks, shared with `posttrain score`'s flags (rewards.py); here, torch-free,
+# so that reading a config loads no torch.
+DEFAULT_FLOOR_PENALTY = 10.0
+
+
+def check_max_length(value, option: str = "a reward model's max_length") -> None:
+    """A ConfigError naming `option` unless `value` (tokens a reward model reads) is a whole number ≥ 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{option} must be a whole number of tokens, at least 1, got {value!r}")
+
+
+def check_floor_penalty(value, option: str = "the floor penalty") -> None:
+    """A ConfigError naming `option` unless `value` is a finite number ≥ 0 (a negative one would
+    reward falling below a floor)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{option} must be a finite number, at least 0, got {value!r}")
 
 
 @dataclass
@@ -39,6 +58,8 @@ class RolloutConfig:
                                      "tempered distribution")
     top_p: float = option(1.0, "nucleus sampling threshold (1 = off)")
     top_k: int = option(0, "keep the k most likely tokens (0 = off)")
+    min_p: float = option(0.0, "keep tokens at least this fraction of the top one's probability, after temperature "
+                               "(0 = off)")
     stop: list[str] = option([], "stop strings: a completion ends at the first one")
     batch_size: int = option(64, "sequences generated at once (transformers; vLLM schedules its own batches)")
     vllm_gpu_memory_utilization: float = option(
@@ -54,6 +75,12 @@ class RLRewardConfig:
                                   "NAME=module:function rewards, fn(prompt_turns, response[, row]) -> float")
     models: list[str] = option([], "reward models trained by posttrain rm: DIR or NAME=DIR")
     weights: list[str] = option([], "NAME=W weight per component (default 1)")
+    floors: list[str] = option([], "NAME=X soft constraint per component: a raw reward r below X (its raw units) "
+                                   "costs floor_penalty x (X - r)")
+    floor_penalty: float = option(DEFAULT_FLOOR_PENALTY, "with floors: P of P·max(0, X − r) subtracted from the "
+                                                         "total, as posttrain score --floor-penalty")
+    max_length: int = option(0, "the most tokens a reward model reads (0: its position table); a longer row is cut: "
+                                "a decoder keeps its end, an encoder its start")
     format_regex: str = option("", "adds a 'format' component: 1 when the whole response (whitespace-trimmed) matches this regex")
     no_eos_penalty: float = option(0.0, "subtracted from the reward of a response that never ends (hits max_new_tokens)")
     clip: float = option(0.0, "clip total rewards to [-clip, clip] (0 = off)")
@@ -182,11 +209,14 @@ def _rollout_checks(cfg: GRPOConfig | PPOConfig) -> list[tuple[bool, str]]:
         (r.max_new_tokens >= 1 and r.batch_size >= 1, "rollout.max_new_tokens and rollout.batch_size must be >= 1"),
         (r.temperature > 0, "rollout.temperature must be > 0: online RL learns from sampled completions"),
         (0 < r.top_p <= 1, "rollout.top_p must be in (0, 1] (1 = off)"),
+        (0 <= r.min_p < 1, f"rollout.min_p must be in [0, 1) (0 = off; 1 would keep only the most likely token, "
+                           f"no sampling), got {r.min_p}"),
         (all(r.stop), "rollout.stop holds an empty string, which would end every completion at its first token"),
         (cfg.data.max_prompt_length >= 1, "data.max_prompt_length must be >= 1"),
         *_rows_checks(cfg.data),
         (bool(cfg.reward.functions or cfg.reward.models or cfg.reward.format_regex),
          "no reward: set reward.functions, reward.models or reward.format_regex"),
+        *_reward_checks(cfg.reward),
         (cfg.reward.clip >= 0, "reward.clip must be >= 0 (0 = off; rewards are clipped to [-clip, clip])"),
         (cfg.reward.no_eos_penalty >= 0, f"reward.no_eos_penalty must be >= 0 (it is subtracted from a response that "
                                          f"never ends; a negative one would reward not ending), got "
@@ -195,6 +225,30 @@ def _rollout_checks(cfg: GRPOConfig | PPOConfig) -> list[tuple[bool, str]]:
          f"eval.samples={cfg.eval.samples}: the held-out reward and KL are means over sampled completions, so it "
          "must be >= 1 (eval.prompts=0 turns the held-out figures off)"),
     ]
+
+
+def _reward_checks(reward: RLRewardConfig) -> list[tuple[bool, str]]:
+    """reward.floor_penalty and reward.max_length by `posttrain score`'s rules for --floor-penalty and
+    --max-length; each read only beside what it acts on (reward.floors' names and values are checked
+    with the reward functions, `rollouts.check_reward_functions`)."""
+    return [
+        _passes(check_floor_penalty, reward.floor_penalty, "reward.floor_penalty"),
+        (bool(reward.floors) or reward.floor_penalty == DEFAULT_FLOOR_PENALTY,
+         f"reward.floor_penalty={reward.floor_penalty} is read only with reward.floors (the cost of a component's "
+         "shortfall below its floor); set reward.floors, or remove reward.floor_penalty"),
+        _passes(check_max_length, reward.max_length, "reward.max_length") if reward.max_length != 0 else (True, ""),
+        (not reward.max_length or bool(reward.models),
+         "reward.max_length is the most tokens a reward model reads; set reward.models, or remove reward.max_length"),
+    ]
+
+
+def _passes(check, value, option: str) -> tuple[bool, str]:
+    """A rule that raises ConfigError (`check(value, option)`) as a (passed, its message) check."""
+    try:
+        check(value, option)
+    except ConfigError as exc:
+        return False, str(exc)
+    return True, ""
 
 
 def _vllm_checks(cfg: GRPOConfig | PPOConfig) -> list[tuple[bool, str]]:

@@ -188,7 +188,7 @@ class GRPOStage(RolloutStage):
 
 def run_grpo(cfg: GRPOConfig) -> Path:
     """Optimise the policy on sampled, scored completions per `cfg`; returns the run directory."""
-    from posttrain.train.loop import finish_run, released_on_failure, run_fingerprint, train
+    from posttrain.train.runs import finish_run, released_on_failure
 
     cfg = GRPOConfig.for_run(cfg, "run_grpo")
     validate_grpo(cfg)
@@ -196,16 +196,5 @@ def run_grpo(cfg: GRPOConfig) -> Path:
     with released_on_failure(run.run_dir):
         stage = GRPOStage(GroupPolicyLoss(run.model, cfg.grpo, cfg.train.loss_chunk_size, cfg.rollout.temperature,
                                            cfg.rollout.max_new_tokens), *run.stage_args())
-        run.check_enough_prompts(stage)
-        control = run.attach_forgetting(stage)
-        run.attach_evaluation(stage)
-        summary: dict = {"advantage": cfg.grpo.advantage, "train_prompts": len(run.train_ids),
-                         "eval_prompts": len(run.eval_ids), "data": run.data_report,
-                         "held_out_before": run.held_out(run.model, "before")}
-        summary.update(run.forgetting_report(control, run.model, "before"))
-        result = train(stage, cfg.train, run.run_dir, run.accelerator, run_fingerprint(cfg))
-        trained = result.module.model
-        summary.update(result.summary(), rollouts=stage.rollouts_done,
-                       held_out_after=run.held_out(trained, "after", result.step))
-        summary.update(run.forgetting_report(control, trained, "after"))
-        return finish_run(run.run_dir, run.accelerator, run.main, trained, run.tokenizer, summary)
+        result, summary = run.train(stage, {"advantage": cfg.grpo.advantage})
+        return finish_run(run.run_dir, run.accelerator, run.main, result.module.model, run.tokenizer, summary)

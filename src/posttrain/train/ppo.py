@@ -382,7 +382,7 @@ def _value_lr(adapter_training, ratio: float):
 def run_ppo(cfg: PPOConfig) -> Path:
     """Optimise the policy with PPO on sampled, scored completions per `cfg`; returns the run directory."""
     from posttrain.train.grouped import on_device
-    from posttrain.train.loop import finish_run, released_on_failure, run_fingerprint, train
+    from posttrain.train.runs import finish_run, released_on_failure
 
     cfg = PPOConfig.for_run(cfg, "run_ppo")
     validate_ppo(cfg)
@@ -393,22 +393,12 @@ def run_ppo(cfg: PPOConfig) -> Path:
         report_value_model(run, value_head if value_head is not None else critic, cfg.train.optimizer)
         stage = PPOStage(PPOLoss(run.model, cfg.ppo, value_head, critic, cfg.train.loss_chunk_size, cfg.rollout.temperature), *run.stage_args())
         stage.lr_scale = _value_lr(run.adapter_training, cfg.ppo.value_lr_ratio)
-        run.check_enough_prompts(stage)
-        control = run.attach_forgetting(stage)
-        run.attach_evaluation(stage)
-        summary: dict = {"value_model": cfg.ppo.value_model, "train_prompts": len(run.train_ids),
-                         "eval_prompts": len(run.eval_ids), "data": run.data_report,
-                         "held_out_before": run.held_out(run.model, "before")}
-        summary.update(run.forgetting_report(control, run.model, "before"))
-        result = train(stage, cfg.train, run.run_dir, run.accelerator, run_fingerprint(cfg))
-        trained = result.module.model
-        summary.update(result.summary(), rollouts=stage.rollouts_done, final_kl_coef=stage.kl_coef,
-                       held_out_after=run.held_out(trained, "after", result.step))
-        summary.update(run.forgetting_report(control, trained, "after"))
+        result, summary = run.train(stage, {"value_model": cfg.ppo.value_model})
+        summary["final_kl_coef"] = stage.kl_coef
         if run.main:  # the value model too, to continue training later
             from safetensors.torch import save_file
 
             values = result.module.value_head if result.module.value_head is not None else result.module.critic
             save_file({k: v.detach().contiguous() for k, v in values.state_dict().items()},
                       str(run.run_dir / "value_model.safetensors"))
-        return finish_run(run.run_dir, run.accelerator, run.main, trained, run.tokenizer, summary)
+        return finish_run(run.run_dir, run.accelerator, run.main, result.module.model, run.tokenizer, summary)

@@ -213,9 +213,10 @@ class Rollout:
     completions: list[list[int]]  # token ids, ending with EOS when the model ended
     texts: list[str]
     records: list[PromptRecord]
-    rewards: torch.Tensor  # (P·G,) after the no-EOS penalty and clipping
+    rewards: torch.Tensor  # (P·G,) trained on: after the no-EOS penalty, normalising and clipping
     stats: RolloutStats
     components: dict[str, float] = field(default_factory=dict)  # each reward's raw mean, when several
+    scored: torch.Tensor | None = None  # (P·G,) float64: the reward as scored, before the penalty (None: `rewards`)
 
 
 def sample_and_score(engine, tokenizer, prompts: list[list[int]], records: list[PromptRecord], chosen: list[int],
@@ -231,7 +232,7 @@ def sample_and_score(engine, tokenizer, prompts: list[list[int]], records: list[
     r, group = cfg.rollout, cfg.rollout.num_generations
     stop = stop_strings(tokenizer, r.stop)  # and the chat template's end-of-turn marker when it is several tokens
     settings = SamplingSettings(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                                top_k=r.top_k, stop=stop, seed=seed)
+                                top_k=r.top_k, min_p=r.min_p, stop=stop, seed=seed)
     prompt_ids = [prompts[i] for i in chosen for _ in range(group)]
     eos = eos_token_ids(engine, tokenizer)  # the tokenizer's and the policy's generation_config's
     # a stop string spelled as one special token ('<|im_start|>') ends a row as an EOS does
@@ -261,9 +262,9 @@ def sample_and_score(engine, tokenizer, prompts: list[list[int]], records: list[
             totals = score(prompts_, texts, rows)
     # float64 until the rewards are final: float32's round-off in a mean and a std of equal
     # rewards, divided by that std, gave them non-zero z-scores
-    rewards = torch.tensor(totals, dtype=torch.float64)
-    rewards = rewards - cfg.reward.no_eos_penalty * (~ended).double()
-    scores = rewards  # the figures logged: normalised rewards' mean is ~0 whatever the policy does
+    scored = torch.tensor(totals, dtype=torch.float64)
+    rewards = scored - cfg.reward.no_eos_penalty * (~ended).double()
+    penalised = rewards  # the figures logged: normalised rewards' mean is ~0 whatever the policy does
     if cfg.reward.normalize and len(rewards) > 1:  # a reward model's scale means nothing to the step size
         rewards = (rewards - rewards.mean()) / (rewards.std() + 1e-6)
     if cfg.reward.clip > 0:
@@ -277,13 +278,13 @@ def sample_and_score(engine, tokenizer, prompts: list[list[int]], records: list[
     grouped = rewards.view(-1, group)
     generated = sum(len(c) for c in completions)
     stats = RolloutStats(
-        reward_mean=float(scores.mean()), reward_std=float(scores.std()) if len(scores) > 1 else 0.0,
+        reward_mean=float(penalised.mean()), reward_std=float(penalised.std()) if len(penalised) > 1 else 0.0,
         response_tokens_mean=generated / len(completions), ended_fraction=float(ended.float().mean()),
         rollout_s=rollout_s, reward_s=reward_s, rollout_tokens_per_s=generated / max(rollout_s, 1e-9),
         # with one sample a prompt (PPO's default) every "group" agrees with itself: not a figure
         flat_groups=float((grouped.max(1).values == grouped.min(1).values).float().mean()) if group > 1 else None,
         rollout_tokens=generated)
-    return Rollout(prompt_ids, completions, texts, chosen_records, rewards, stats, components)
+    return Rollout(prompt_ids, completions, texts, chosen_records, rewards, stats, components, scored)
 
 
 def _sample_position(line: str) -> tuple[int, int]:
@@ -396,6 +397,9 @@ class RolloutStage:
         return time.perf_counter() - started
 
     def _write_samples(self, epoch: int, index: int, rollout: Rollout) -> None:
+        """Every eval.sample_every-th rollout's first two prompts, all their samples, to samples.jsonl:
+        each completion's `reward` as the reward scored it and, when the no-EOS penalty,
+        reward.normalize or reward.clip changed it, the value trained on as `trained_reward`."""
         every = self.cfg.eval.sample_every
         if self.run_dir is None:
             return
@@ -409,10 +413,14 @@ class RolloutStage:
                                                if _sample_position(line) < (epoch, index)))
         if not every or self.rollouts_done % every:
             return
+        scored = rollout.rewards if rollout.scored is None else rollout.scored
         with path.open("a") as fh:
             for i in range(min(2 * self.group, len(rollout.texts))):  # two prompts, all their samples
-                fh.write(json.dumps({"epoch": epoch, "rollout": index, "prompt": rollout.records[i].prompt[-1]["content"],
-                                     "completion": rollout.texts[i], "reward": float(rollout.rewards[i])}) + "\n")
+                row = {"epoch": epoch, "rollout": index, "prompt": rollout.records[i].prompt[-1]["content"],
+                       "completion": rollout.texts[i], "reward": float(scored[i])}
+                if float(rollout.rewards[i]) != float(scored[i].float()):  # (the rewards trained on are float32)
+                    row["trained_reward"] = float(rollout.rewards[i])
+                fh.write(json.dumps(row) + "\n")
 
     def _logps(self, model, batch) -> torch.Tensor:
         return no_grad_eval(model, self.autocast, completion_logps, batch, self.cfg.train.loss_chunk_size,
@@ -423,15 +431,19 @@ class RolloutStage:
 
 
 def build_reward(cfg, device=None, log=None):
-    """The configured reward: functions, reward models and a format check, combined with weights.
-    Reward models run on `device` and read each conversation with their own saved template (the
-    one they trained with), whatever the policy's `data.template`; `log` hears their notes."""
+    """The configured reward: functions, reward models and a format check, combined with weights
+    and floors (`rewards.CombinedReward`'s rule, reward.floor_penalty its penalty). Reward models
+    run on `device`, read at most reward.max_length tokens (0: their position table) and read each
+    conversation with their own saved template (the one they trained with), whatever the policy's
+    `data.template`; `log` hears their notes."""
     from posttrain.rewards import RewardComponent, build_combined, format_reward, set_by_name
 
     extra = [RewardComponent("format", format_reward(cfg.reward.format_regex))] if cfg.reward.format_regex else []
     combined = build_combined(cfg.reward.models, cfg.reward.functions, [], [], device=device, log=log,
-                              functions_option="reward.functions", extra=extra)
+                              functions_option="reward.functions", extra=extra,
+                              max_length=cfg.reward.max_length or None, floor_penalty=cfg.reward.floor_penalty)
     set_by_name(combined.components, cfg.reward.weights, "reward.weights", "weight")
+    set_by_name(combined.components, cfg.reward.floors, "reward.floors", "floor")
     return combined
 
 
@@ -440,9 +452,9 @@ def check_reward_functions(cfg) -> dict:
     (NAME=module:function) imports and names a function posttrain can call, format_regex
     compiles, the components' names differ (a function named `format` beside format_regex, a
     function and a reward model both named `judge`: `CombinedReward`'s rule), and each
-    reward.weights entry names a component with a finite number. (The reward models are checked
-    when they load.) Raises ConfigError naming the setting; returns the functions by name, for
-    `check_prompt_rows`."""
+    reward.weights and reward.floors entry names a component with a finite number. (The reward
+    models are checked when they load.) Raises ConfigError naming the setting; returns the
+    functions by name, for `check_prompt_rows`."""
     from posttrain.rewards import (CombinedReward, RewardComponent, _pairs_option, format_reward, function_reward,
                                    model_component, set_by_name)
 
@@ -456,6 +468,7 @@ def check_reward_functions(cfg) -> dict:
         raise ConfigError("no reward: set reward.functions, reward.models or reward.format_regex")
     components = CombinedReward([RewardComponent(name, None) for name in names]).components  # distinct names
     set_by_name(components, cfg.reward.weights, "reward.weights", "weight")
+    set_by_name(components, cfg.reward.floors, "reward.floors", "floor")
     return rewards
 
 
@@ -512,7 +525,8 @@ def held_out_reward(model, tokenizer, prompts: list[list[int]], records: list[Pr
     sampled_ids = [p for p in prompts[:n] for _ in range(k)]
     sampled_recs = [x for x in records[:n] for _ in range(k)]
     sampled = answer(sampled_ids, SamplingSettings(max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                                                   top_p=r.top_p, top_k=r.top_k, seed=cfg.train.seed + 7919))
+                                                   top_p=r.top_p, top_k=r.top_k, min_p=r.min_p,
+                                                   seed=cfg.train.seed + 7919))
     out = {"reward": sum(rewards(sampled, sampled_recs)) / len(sampled),
            "greedy_reward": sum(rewards(greedy, records[:n])) / n, "prompts": n, "samples": k,
            "response_tokens": sum(map(len, sampled)) / len(sampled), "kl_to_reference": None}
@@ -574,6 +588,28 @@ class RLRun:
         return (self.train_ids, self.train_records, self.cfg, self.tokenizer, self.score,
                 self.run_dir if self.main else None, self.accelerator.autocast, self.adapter_training,
                 self.frozen_reference, self.accelerator.num_processes, self.engine)
+
+    def train(self, stage, summary: dict) -> tuple[object, dict]:
+        """`stage` through THE loop as every online-RL run trains it: its prompts checked to fill a
+        rollout, forgetting.* and the held-out figures at each evaluation attached. Returns the
+        loop's result and the run's summary: `summary` (the algorithm's own keys), the prompts and
+        data report, the held-out figures and forgetting report before and after training, the
+        loop's summary and the rollouts done."""
+        from posttrain.train.loop import train
+        from posttrain.train.runs import run_fingerprint
+
+        self.check_enough_prompts(stage)
+        control = self.attach_forgetting(stage)
+        self.attach_evaluation(stage)
+        summary = summary | {"train_prompts": len(self.train_ids), "eval_prompts": len(self.eval_ids),
+                             "data": self.data_report, "held_out_before": self.held_out(self.model, "before")}
+        summary.update(self.forgetting_report(control, self.model, "before"))
+        result = train(stage, self.cfg.train, self.run_dir, self.accelerator, run_fingerprint(self.cfg))
+        trained = result.module.model
+        summary.update(result.summary(), rollouts=stage.rollouts_done,
+                       held_out_after=self.held_out(trained, "after", result.step))
+        summary.update(self.forgetting_report(control, trained, "after"))
+        return result, summary
 
     def attach_forgetting(self, stage):
         """`forgetting.*` on the policy (train.forgetting): returns the control, or None when off.
@@ -649,7 +685,7 @@ def start_rl_run(cfg, needs_reference: bool, extra_parts=()) -> RLRun:
     from posttrain.models.loading import disable_dropout, note_full_logits
     from posttrain.rollout.engines import build_engine
     from posttrain.train.grouped import on_device
-    from posttrain.train.loop import released_on_failure, start_run
+    from posttrain.train.runs import released_on_failure, start_run
     from posttrain.train.sft import build_model
 
     run_dir, accelerator, main, log = start_run(cfg)
