@@ -403,7 +403,7 @@ def test_truncation_cuts_the_end_of_the_response_and_keeps_the_prompt(tokenizer)
     assert report["summary"] == f"1 of 1 records have a sequence longer than {max_length} tokens: 1 sequences truncated"
 
 
-def test_tied_responses_identical_after_the_cut_are_kept_differently_ranked_ones_are_not(tokenizer):
+def test_tied_responses_identical_after_the_cut_are_kept_once_differently_ranked_ones_are_not(tokenizer):
     long = "Copy: a b c d e f g h"
     tied = to_preference_record({"prompt": long, "responses": ["a b c d e f g h", "a b c d e f g x", "z"],
                                  "ranks": [0, 0, 1]}, "ranking", "tied:1")
@@ -412,9 +412,10 @@ def test_tied_responses_identical_after_the_cut_are_kept_differently_ranked_ones
     examples = [encode_preference(r, tokenizer, CHATML) for r in (tied, apart)]
     max_length = _first_label(examples[0].sequences[0]) + 3
     kept, report = fit_preference_length(examples, max_length)
-    assert [e.source for e in kept] == ["tied:1"]  # equal ranks: identical tokens ask for nothing
-    assert kept[0].sequences[0].input_ids == kept[0].sequences[1].input_ids
-    assert report["dropped_identical"] == 1 and report["identical_sources"] == ["apart:1"]
+    assert [e.source for e in kept] == ["tied:1"]  # equal ranks: one answer, kept once (stop 35)
+    assert kept[0].ranks == [0, 1] and kept[0].sequences[1].input_ids == examples[0].sequences[2].input_ids
+    assert report["dropped_identical"] == 1 and report["removed_identical"] == 1
+    assert report["identical_sources"] == ["tied:1", "apart:1"]
     assert "apart:1" in report["summary"]
 
 

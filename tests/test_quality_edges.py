@@ -348,7 +348,7 @@ def test_decontaminate_full_searches_eval_preference_responses(tmp_path, train_f
 
 
 def test_eval_row_without_a_prompt_is_skipped_not_fatal(tmp_path, train_file):
-    ev = _write(tmp_path / "ev.jsonl", [{"prompt": QUESTION}, {"prompt": "Tell me a joke"}, {"question": "stray row"}])
+    ev = _write(tmp_path / "ev.jsonl", [{"prompt": QUESTION}, {"prompt": "Tell me a joke"}, {"query": "stray row"}])
     out = _run(tmp_path, [train_file], **{"decontaminate.files": [ev]})
     assert _report(out)["decontaminate"]["eval_rows"] == 2
 

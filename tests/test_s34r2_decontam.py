@@ -95,7 +95,7 @@ def test_a_preference_benchmark_prompt_leaves_out_its_system_prompt(tmp_path):
     assert SYSTEM in eval_text(items[0], "full")
 
 
-def test_a_benchmark_keyed_question_is_still_refused_naming_the_keys_read(tmp_path):
-    ev = _write(tmp_path / "ev.jsonl", [{"question": GSM, "answer": "72"}])
-    with pytest.raises(DataError, match="'prompt'"):
+def test_a_benchmark_keyed_otherwise_is_still_refused_naming_the_keys_read(tmp_path):
+    ev = _write(tmp_path / "ev.jsonl", [{"query": GSM, "target": "72"}])  # 'question' is read (stop 35)
+    with pytest.raises(DataError, match="'prompt', 'question' or 'problem'"):
         _run(tmp_path, [{"instruction": GSM, "output": "72"}], ev)

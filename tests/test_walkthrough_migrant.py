@@ -284,7 +284,7 @@ def test_a_hub_dataset_name_is_told_how_to_bring_it_local(capsys, tmp_path, no_m
 
 
 def test_prompt_rows_without_an_answer_are_named_by_file_and_line(capsys, tmp_path):
-    rows = [{"prompt": f"Smallest letter: {s}", "solution": min(s.split())} for s in ("q m t", "z d k", "w p x", "c b")]
+    rows = [{"prompt": f"Smallest letter: {s}", "target": min(s.split())} for s in ("q m t", "z d k", "w p x", "c b")]
     path = _jsonl(tmp_path / "sol.jsonl", rows)
     rc, out = run_cli(capsys, "grpo", "examples/grpo.yaml", "train.max_steps=1", "train.batch_size=8",
                       "eval.prompts=0", "train.progress_bar=false", "data.eval_fraction=0",

@@ -235,20 +235,23 @@ def _check_prompt(turns: list[dict[str, Any]], what: str) -> list[dict[str, Any]
     return turns
 
 
-def _prompt(row: dict, fmt: str) -> list[dict[str, str]]:
-    value = _decoded(_required(row, "prompt", fmt), what="'prompt'")
+def _prompt(row: dict, fmt: str, key: str = "prompt") -> list[dict[str, str]]:
+    """The prompt turns of a row, read from its `key` (a prompt set's question may be under another
+    key: `prompts.question_key`)."""
+    what = repr(key)
+    value = _decoded(_required(row, key, fmt), what=what)
     system = formats._optional_string(row, "system")
     if isinstance(value, str):
-        turns = [{"role": "user", "content": _string(value, "'prompt'")}]
+        turns = [{"role": "user", "content": _string(value, what)}]
     elif isinstance(value, list):
-        turns = _turns(value, "'prompt'")
+        turns = _turns(value, what)
         if system is not None and turns[0]["role"] == "system":
-            raise BadRowError("both a 'system' key and a system turn opening 'prompt'; give one")
+            raise BadRowError(f"both a 'system' key and a system turn opening {what}; give one")
     else:
-        raise BadRowError(f"'prompt' is {_type_name(value)}, expected a string or a list of turns")
+        raise BadRowError(f"{what} is {_type_name(value)}, expected a string or a list of turns")
     if system is not None:
         turns = [{"role": "system", "content": system}, *turns]
-    return _check_prompt(turns, "'prompt'")
+    return _check_prompt(turns, what)
 
 
 def _response(value: Any, what: str, prompt: list[dict[str, Any]]) -> str | dict[str, Any]:
@@ -419,9 +422,7 @@ def _distinct(responses: list[str | dict[str, Any]], ranks: list[int]) -> tuple[
     copies removed). Copies of one answer under the same rank are one answer, kept once (the
     first); copies under different ranks contradict each other, so that answer is removed, every
     copy, and the rest of the ranking stands. A bad row when no two answers ranked apart are left."""
-    agreeing, contradicting = _copies([_same_key(r) for r in responses], ranks)
-    keep = sorted(group[0] for group in agreeing)
-    ranks_left = _dense(ranks, keep)
+    keep, ranks_left, agreeing, contradicting = _each_once([_same_key(r) for r in responses], ranks)
     if ranks_left is None:
         first = contradicting[0][0]  # all tied is caught before: only a contradiction leaves < 2 ranks
         second = next(i for i in contradicting[0] if ranks[i] != ranks[first])
@@ -429,6 +430,17 @@ def _distinct(responses: list[str | dict[str, Any]], ranks: list[int]) -> tuple[
         raise BadRowError(f"responses {first + 1} and {second + 1} are the same {same} but ranked differently; "
                           "without the answers given under two ranks nothing ranked apart is left")
     return keep, ranks_left, sum(len(g) - 1 for g in agreeing), sum(len(g) for g in contradicting)
+
+
+def _each_once(keys: list[Any], ranks: list[int]) -> tuple[list[int], list[int] | None, list[list[int]],
+                                                           list[list[int]]]:
+    """A ranking with each answer (equal `keys`) once: (the indices kept, their dense ranks — None when
+    fewer than two ranks are left —, the groups of copies under one rank, those under two or more).
+    Copies under one rank are one answer, kept once (the first); copies under two ranks contradict
+    each other, so that answer is removed, every copy."""
+    agreeing, contradicting = _copies(keys, ranks)
+    keep = sorted(group[0] for group in agreeing)
+    return keep, _dense(ranks, keep), agreeing, contradicting
 
 
 def _copies(keys: list[Any], ranks: list[int]) -> tuple[list[list[int]], list[list[int]]]:
@@ -560,10 +572,11 @@ def fit_preference_length(examples: list[PreferenceExample], max_length: int,
     Responses ranked differently may come out as the same tokens — the text differed, but only in
     what the cut removed or in what the chat template normalises (many templates trim each
     message): a preference between identical inputs teaches nothing (a pair) or the impossible (a
-    ranking). They are one answer under two ranks, and go as reading removes one (`_distinct`):
-    every copy is removed and the rest of the ranking trains; a record left without two ranks
-    (a pair, always) is dropped. Every drop and removal is counted in the report; the records
-    with identical responses are named by file:line."""
+    ranking). They go as reading settles an answer given twice (`_each_once`): under two ranks every
+    copy is removed, under one rank (a tie) it is kept once, and the rest of the ranking trains; a
+    record left without two ranks (a pair, always) is dropped. Every drop and removal is counted in
+    the report (`removed_identical`: the responses removed, both kinds); the records with identical
+    responses are named by file:line."""
     if policy not in ("truncate", "drop"):
         raise ConfigError(f"unknown length policy {policy!r}; choose truncate or drop")
     if max_length < 1:
@@ -586,11 +599,10 @@ def fit_preference_length(examples: list[PreferenceExample], max_length: int,
             continue
         ranks = example.ranks
         if ranks is not None:
-            agreeing, contradicting = _copies([(tuple(s.input_ids), tuple(s.labels)) for s in sequences], ranks)
-            if contradicting:
+            keep, ranks_left, _, _ = _each_once([(tuple(s.input_ids), tuple(s.labels)) for s in sequences], ranks)
+            if len(keep) < len(sequences):
                 report["identical_sources"].append(example.source)
-                keep = sorted(i for group in agreeing for i in group)
-                ranks = _dense(ranks, keep)
+                ranks = ranks_left
                 if ranks is None:
                     report["dropped_identical"] += 1
                     continue
@@ -617,7 +629,8 @@ def _length_summary(r: dict) -> str:
                  "the chat template and the cut")
     if r["trimmed_identical"]:
         line += (f"; {r['removed_identical']} responses removed from {r['trimmed_identical']} rankings, the same "
-                 "tokens under two ranks after the chat template and the cut (the rest of each ranking kept)")
+                 "tokens as another after the chat template and the cut (under two ranks: every copy; under one: "
+                 "all but the first; the rest of each ranking kept)")
     if r["identical_sources"]:
         shown = r["identical_sources"]
         line += f" ({', '.join(shown[:5])}{', …' if len(shown) > 5 else ''})"

@@ -14,7 +14,10 @@ Accepted rows, detected per file like formats.py's:
     alpaca    {"instruction", "input"?, "output"?}                 prompt = the instruction (+ input),
                                                                    answer = the output
 
-so SFT files double as RL prompt sets. A row's `tools` (function definitions) are rendered into
+so SFT files double as RL prompt sets. A prompt row's question is the first of `QUESTION_KEYS`
+it has ("prompt", "question", "problem": GSM8K's and MATH's keys too), and its reference answer
+the first of `ANSWER_KEYS` it gives, not blank ("answer", else "solution"); a key not read is
+one of the row's other fields. A row's `tools` (function definitions) are rendered into
 its prompt by the chat template and reach reward functions as the row's "tools". Reading, the
 bad-row policy (file:line, skip into a rejects file, `max_bad_fraction`) and the report are
 formats.py's.
@@ -34,7 +37,10 @@ from posttrain.data.records import WrittenFloat
 from posttrain.errors import ConfigError, DataError
 
 PROMPT_FORMATS = ("prompt", "messages", "alpaca")
-_RESERVED = {"prompt", "system", "answer", "messages", "conversations", "instruction", "input", "output", "tools"}
+QUESTION_KEYS = ("prompt", "question", "problem")  # a prompt row's question: the first of these it has
+ANSWER_KEYS = ("answer", "solution")  # its reference answer: the first of these given, not blank
+_RESERVED = {"system", "answer", "messages", "conversations", "instruction", "input", "output", "tools"}
+_NEEDS = "'prompt', 'question' or 'problem' (with an optional 'answer' or 'solution')"
 
 
 @dataclass
@@ -52,7 +58,7 @@ class PromptRecord:
 
 def detect_prompt_format(rows: list[dict], *, where: str = "the data") -> str:
     objects = [r for r in rows if isinstance(r, dict)]
-    if objects and 2 * sum("prompt" in r for r in objects) > len(objects):  # most: a stray row is a bad row
+    if objects and 2 * sum(question_key(r) is not None for r in objects) > len(objects):  # a stray row is a bad row
         return "prompt"
     if objects and 2 * sum("instruction" in r and "messages" not in r for r in objects) > len(objects):
         return "alpaca"  # "output" is optional in a prompt set: formats.detect_format would want it
@@ -61,9 +67,23 @@ def detect_prompt_format(rows: list[dict], *, where: str = "the data") -> str:
     except DataError:
         fmt = "text"
     if fmt == "text":  # plain text has no question to answer
-        raise DataError(f"{where}: cannot tell the prompt format; rows need 'prompt' (with an optional 'answer'), "
-                        "'messages', or alpaca's 'instruction'")
+        raise DataError(f"{where}: cannot tell the prompt format; rows need {_NEEDS}, 'messages', or alpaca's "
+                        "'instruction'")
     return fmt
+
+
+def question_key(row: dict) -> str | None:
+    """The key of a prompt row's question: the first of `QUESTION_KEYS` the row has."""
+    return next((key for key in QUESTION_KEYS if key in row), None)
+
+
+def answer_key(row: dict) -> str | None:
+    """The key of a row's reference answer: the first of `ANSWER_KEYS` given, not null or blank."""
+    return next((key for key in ANSWER_KEYS if not _blank(row.get(key))), None)
+
+
+def _blank(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
 
 
 def to_prompt_record(row: dict, fmt: str, location: str = "<memory>") -> PromptRecord:
@@ -80,17 +100,20 @@ def to_prompt_record(row: dict, fmt: str, location: str = "<memory>") -> PromptR
         # A conversation that ends with the user's (or a tool's) turn is all prompt, with no reference answer.
         turns = [formats._turn(turn, i) for i, turn in enumerate(turns, 1)]  # ShareGPT's from / value too
         row, fmt = {**{k: v for k, v in row.items() if k != key}, "prompt": turns}, "prompt"
-    extra = {k: v for k, v in row.items() if k not in _RESERVED}
+    read = {question_key(row), answer_key(row)} if fmt == "prompt" else {"prompt"}
+    extra = {k: v for k, v in row.items() if k not in _RESERVED and k not in read}
     if fmt == "prompt":
         from posttrain.data.preferences import _prompt
 
-        if "prompt" not in row:
-            raise BadRowError(f"missing key 'prompt' (prompt rows need 'prompt' and may have 'answer'; this row has "
+        key = question_key(row)
+        if key is None:
+            raise BadRowError(f"missing key 'prompt' (prompt rows need {_NEEDS}; this row has "
                               f"{', '.join(map(str, row)) or 'no keys'})")
-        return PromptRecord(_prompt(row, "pairs"), reference_answer(row), extra, location, formats.read_tools(row))
-    if fmt == "alpaca" and formats._optional_string(row, "output") is None:  # a question without an answer
-        record = formats.to_record({**row, "output": "-"}, fmt, location)
-        return PromptRecord((record.messages or [])[:-1], None, extra, location, record.tools)
+        return PromptRecord(_prompt(row, "pairs", key), reference_answer(row), extra, location,
+                            formats.read_tools(row))
+    if fmt == "alpaca" and formats._optional_string(row, "output") is None:  # a question; its answer, if any, a
+        record = formats.to_record({**row, "output": "-"}, fmt, location)  # prompt row's
+        return PromptRecord((record.messages or [])[:-1], reference_answer(row), extra, location, record.tools)
     record = formats.to_record(row, fmt, location)
     messages = record.messages or []
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
@@ -102,18 +125,19 @@ def to_prompt_record(row: dict, fmt: str, location: str = "<memory>") -> PromptR
 
 
 def reference_answer(row: dict) -> str | None:
-    """The reference answer as text: None when absent, null or blank (like other optional fields:
-    a blank answer would make exact match reward an empty completion); a number as the file
-    writes it, a boolean as JSON spells it ("true")."""
-    answer = row.get("answer")
-    if answer is None or (isinstance(answer, str) and not answer.strip()):
+    """The reference answer as text, from `answer_key`: None when none is given (null or blank is
+    none, like other optional fields: a blank answer would make exact match reward an empty
+    completion); a number as the file writes it, a boolean as JSON spells it ("true")."""
+    key = answer_key(row)
+    if key is None:
         return None
+    answer = row[key]
     if isinstance(answer, bool):
         return "true" if answer else "false"
     if isinstance(answer, WrittenFloat):  # 2.50 and 1e3 as written, not as Python's float spells them
         return answer.written
     if not isinstance(answer, (str, int, float)):
-        raise BadRowError(f"'answer' is {formats._type_name(answer)}, expected a string")
+        raise BadRowError(f"{key!r} is {formats._type_name(answer)}, expected a string")
     return str(answer)
 
 
