@@ -118,9 +118,10 @@ def test_clean_instruction_skips_a_preamble_line():
     assert clean_instruction("Here you go:\n\n1. Name three rivers.") == "Name three rivers."
     assert clean_instruction("**New task:**\nSort the list.") == "Sort the list."
     assert clean_instruction("Task 9:\nSort the list.") == "Sort the list."
-    # an instruction that ends in ":" is kept, and so is a preamble with nothing after it
+    # an instruction that ends in ":" is kept; a preamble with nothing after it leaves no instruction
+    # (empty_instruction), not the preamble as a task
     assert clean_instruction("Complete the sentence:\nThe cat sat") == "Complete the sentence:"
-    assert clean_instruction("Sure! Here is a new task:") == "Sure! Here is a new task:"
+    assert clean_instruction("Sure! Here is a new task:") == ""
     # cut off: judged on the instruction line, after the preamble
     assert instruction_cut_off("Sure! Here is a new task:\nWrite a poem ab", "length")
     assert not instruction_cut_off("Write a poem.\nAnother", "length")

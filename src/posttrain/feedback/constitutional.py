@@ -335,8 +335,8 @@ def run_constitutional(cfg, *, policy=None, judge_backend=None, stream: TextIO |
     replace the backends the config describes (tests, notebooks)."""
     from posttrain.config.synthesis import ConstitutionalConfig, validate_constitutional
     from posttrain.feedback.client import close_local, make_backend, shared_or_new
-    from posttrain.feedback.jobs import (JsonlLog, RunAborted, check_resume_settings, file_digest, run_items,
-                                         write_jsonl)
+    from posttrain.feedback.jobs import (JsonlLog, RunAborted, check_resume_settings, file_digest, model_identity,
+                                         run_items, write_jsonl)
     from posttrain.feedback.rlaif import backend_settings
 
     cfg = ConstitutionalConfig.for_run(cfg, "run_constitutional")
@@ -351,16 +351,18 @@ def run_constitutional(cfg, *, policy=None, judge_backend=None, stream: TextIO |
     settings = ChainSettings(rounds=c.rounds, seed=c.seed, system=c.system, drop_truncated=c.drop_truncated)
     rubric = _judge_rubric(cfg, principles) if c.rl_cai else ""
     # Everything that decides the chains (policy.seed is not: each request's seed comes from
-    # constitutional.seed); a resume with other values is refused, a run with no chains yet is not.
+    # constitutional.seed), a local model's files included; a resume with other values is refused,
+    # a run with no chains yet is not.
     chains = out / "chains.jsonl"
+    judge_settings = {"judge": {**backend_settings(cfg.judge), **model_identity(cfg.judge), "rubric": rubric,
+                                "parse_retries": cfg.judge.parse_retries}} if c.rl_cai else {}
     check_resume_settings(out, {
         "policy": {**{k: v for k, v in backend_settings(cfg.policy).items() if k != "seed"},
-                   "model": policy.model_name},
+                   "model": policy.model_name, **model_identity(cfg.policy)},
         "constitution": file_digest(constitution_path(c.constitution)),
         "rounds": c.rounds, "seed": c.seed, "system": c.system, "drop_truncated": c.drop_truncated,
-        "rl_cai": c.rl_cai,
-        **({"judge": {**backend_settings(cfg.judge), "rubric": rubric, "parse_retries": cfg.judge.parse_retries}}
-           if c.rl_cai else {})}, chains.is_file() and chains.stat().st_size > 0)
+        "rl_cai": c.rl_cai, **judge_settings},
+        chains.is_file() and chains.stat().st_size > 0)
     judge = _make_judge(cfg, rubric, judge_backend or shared_or_new(policy, cfg.policy, cfg.judge)) \
         if c.rl_cai else None
 

@@ -8,7 +8,8 @@
                 returns a RunSummary. Rerunning the same command after a kill therefore gives
                 every id exactly once: no duplicates, no gaps.
     write_jsonl  a finished output file, written whole (a kill leaves the old one or the new one)
-    check_resume_settings, file_digest   refuse to resume a run with settings or inputs that changed
+    check_resume_settings, file_digest, model_identity   refuse to resume a run with settings, inputs
+                or a local model's files that changed
 
 Item ids must be deterministic functions of the input (an index or a hash of the item),
 never of time or chance, or a resumed run could not recognise what it already did.
@@ -358,17 +359,49 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def check_resume_settings(out_dir: Path, settings: dict[str, Any], resuming: bool = True,
-                          name: str = "settings.json") -> None:
+                          name: str = "settings.json", *, unrecorded: dict[str, str | None] | None = None) -> None:
     """Refuse to resume into a run directory whose records were made with other settings (kept in
-    out_dir/`name` by the first run; nested dicts compared key by key). A run that is not
-    `resuming` (no records yet) saves its settings there, replacing any earlier ones."""
+    out_dir/`name` by the first run; nested dicts compared key by key, "policy.model"). A run that
+    is not `resuming` (no records yet) saves its settings there, replacing any earlier ones.
+
+    A key the recorded settings lack (kept only since a later version) is a change unless
+    `unrecorded` says otherwise: its value is the refusal's words, or None for no refusal. A local
+    model's files (MODEL_FILES, see `model_identity`) that an earlier run did not keep are no
+    change; files that changed are refused, naming the model."""
     path = out_dir / name
+    unrecorded = unrecorded or {}
     if resuming and path.is_file():
-        for key, old, new in _differences(json.loads(path.read_text()), settings):
+        recorded = json.loads(path.read_text())
+        for key, old, new in _differences(recorded, settings):
+            section, _, field_name = key.rpartition(".")
+            if old is None and not _has_key(recorded, key):
+                if field_name == MODEL_FILES or (key in unrecorded and unrecorded[key] is None):
+                    continue
+                if unrecorded.get(key):
+                    raise ConfigError(f"{out_dir}: {unrecorded[key]}")
+            if field_name == MODEL_FILES:
+                model = _lookup(settings, f"{section}.model")
+                now = "it is not there now" if new is None else "retrained or replaced in place"
+                raise ConfigError(f"{out_dir} holds records made by the local model {section}.model={model!r}, whose "
+                                  f"files have changed since ({now}); resuming would mix two models' outputs. "
+                                  "Restore that model, or use a new output_dir")
             raise ConfigError(f"{out_dir} holds records made with {key}={old!r}, now {new!r}; resume with the "
                               "same setting, or use a new output_dir")
     out_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def _lookup(settings: dict, key: str) -> Any:
+    value: Any = settings
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def _has_key(settings: dict, key: str) -> bool:
+    head, _, last = key.rpartition(".")
+    holder = _lookup(settings, head) if head else settings
+    return isinstance(holder, dict) and last in holder
 
 
 def _differences(old: dict, new: dict, prefix: str = ""):
@@ -383,3 +416,28 @@ def _differences(old: dict, new: dict, prefix: str = ""):
 def file_digest(path: Path) -> str:
     """A short content hash, to notice an input file that changed between a run and its resume."""
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+MODEL_FILES = "model_files"  # a local backend's key for `model_identity` in a run's recorded settings
+
+
+def model_identity(backend_cfg) -> dict[str, Any]:
+    """{MODEL_FILES: identity} of a local backend's model (kind "local"), {} of a served one (its
+    name is all a client knows): a preset's built directory name (its version and definition,
+    as a training resume keys on it), else the contents of the directory loaded (a run
+    directory's final/; `train.runs._file_identity`: file names, sizes and content digests, so
+    a copy of the same model is the same and one retrained in place is not); None when nothing
+    is there to load (loading it fails, naming why). Recorded with a run's settings, so that
+    `check_resume_settings` refuses a resume whose model's files changed."""
+    if getattr(backend_cfg, "kind", None) != "local":
+        return {}
+    import os
+
+    from posttrain.inference import resolve_model_dir
+    from posttrain.models.presets import is_preset, preset_path
+    from posttrain.train.runs import _file_identity
+
+    model = backend_cfg.model
+    if is_preset(model):
+        return {MODEL_FILES: preset_path(model).name}
+    return {MODEL_FILES: _file_identity(resolve_model_dir(os.path.expanduser(model)))}

@@ -33,7 +33,7 @@ from typing import Any
 from posttrain.config.schema import user_path
 from posttrain.errors import ConfigError
 from posttrain.feedback.client import ChatBackend, close_local, make_backend, shared_or_new
-from posttrain.feedback.jobs import JsonlLog, check_resume_settings, run_items, write_jsonl
+from posttrain.feedback.jobs import JsonlLog, check_resume_settings, model_identity, run_items, write_jsonl
 from posttrain.feedback.judge import PairwiseJudge, cohen_kappa, to_original
 
 SKIPPED = ("identical", "empty", "repeated")  # pair outcomes that were never sent to the judge
@@ -263,10 +263,27 @@ def backend_settings(cfg) -> dict:
 
 def result_settings(cfg, rubric: str) -> dict:
     """What decides the records' content: resuming with other values would mix two datasets.
-    (Timeouts, retries, rate limits, concurrency, URLs and keys may change between runs.)"""
-    backend = {name: backend_settings(getattr(cfg, name)) for name in ("policy", "judge")}
+    (Timeouts, retries, rate limits, concurrency, URLs and keys may change between runs.) A local
+    model's files count (`jobs.model_identity`): a model retrained in place is another model.
+    TOOLS_TO_POLICY says the policy is given a row's tools (runs of earlier versions lacked it)."""
+    backend = {name: backend_settings(getattr(cfg, name)) | model_identity(getattr(cfg, name))
+               for name in ("policy", "judge")}
     backend["judge"].update(rubric=rubric, parse_retries=cfg.judge.parse_retries)
-    return {**backend, "num_responses": cfg.rlaif.num_responses}
+    return {**backend, "num_responses": cfg.rlaif.num_responses, TOOLS_TO_POLICY: True}
+
+
+TOOLS_TO_POLICY = "tools_given_to_policy"
+
+
+def tools_unrecorded(items: list[tuple[str, Any]]) -> dict[str, str | None]:
+    """`check_resume_settings`'s words for a run begun before the policy was given the rows'
+    tools (its settings lack TOOLS_TO_POLICY): with rows that have tools, resuming would mix
+    responses written without them and with them; with none, nothing differs."""
+    with_tools = sum(bool(record.tools) for _, record in items)
+    return {TOOLS_TO_POLICY: with_tools and (
+        f"its records were sampled by a version that did not give the policy the rows' tools, and {with_tools} "
+        "prompts here have tools; resuming would mix responses written without and with them. Use a new "
+        "output_dir") or None}
 
 
 def _backends(cfg) -> tuple[ChatBackend, ChatBackend]:
@@ -290,7 +307,8 @@ def run_rlaif(cfg, log: Callable[[str], Any] = print) -> Path:
                          max_bad_fraction=cfg.data.max_bad_fraction, rejects_path=str(out / "rejects.jsonl"))
     raw_path = out / "raw.jsonl"
     resuming = raw_path.exists() and raw_path.stat().st_size > 0
-    check_resume_settings(out, result_settings(cfg, rubric), resuming, name="run.json")
+    check_resume_settings(out, result_settings(cfg, rubric), resuming, name="run.json",
+                          unrecorded=tools_unrecorded(items))
     write_config(out, cfg)
     policy, judge_backend = _backends(cfg)
     j = cfg.judge

@@ -12,8 +12,9 @@ round began:
 
 then the round's candidates are judged in k order and the accepted ones join the pool:
 
-    empty_instruction / truncated_instruction / too_short / too_long (words; in Chinese, Japanese or
-    Thai, 2 characters a word) / banned_word (whole words; in those scripts a run of characters)
+    empty_instruction / truncated_instruction / starts_with_punctuation (not a letter or digit) /
+    too_short / too_long (words; in Chinese, Japanese or Thai, 2 characters a word) / banned_word
+    (whole words; in those scripts a run of characters)
     duplicate (same words after normalising)  ──  similar (ROUGE-L F >= threshold against any pool task)
     truncated_instance / unparseable_instance / empty_input / empty_output / output_repeats_input
 
@@ -40,7 +41,8 @@ from posttrain.config.schema import user_path
 from posttrain.data.quality.text import ngram_scale
 from posttrain.errors import DataError, UserError
 from posttrain.feedback.constitutional import ASSETS, ENDS_WITH_COLON, request_seed, unquoted
-from posttrain.feedback.jobs import STDERR, check_resume_settings, file_digest, resolve_stream, write_jsonl
+from posttrain.feedback.jobs import (STDERR, check_resume_settings, file_digest, model_identity, resolve_stream,
+                                     write_jsonl)
 from posttrain.feedback.rouge import RougePool, tokenize
 
 _ANSWER_TOKENS = 16  # the yes/no question needs only its first word
@@ -58,9 +60,18 @@ _ENUMERATION = re.compile(r"^\s*(?:\d+\s*[.):](?!\d)|-(?!\d)|\u2022|\*(?!\*))\s*
 # A line announcing the task: it ends in ":" (constitutional.ENDS_WITH_COLON) and names a task, an
 # instruction or says "here" ("Sure! Here is a new task:", "Here you go:", "New instruction:").
 _PREAMBLE_WORD = re.compile(r"\b(?:tasks?|instructions?|here)\b", re.IGNORECASE)
-# "Task:", "New instruction 3.", "**Task:**", "**Task**:" after any numbering
-_LABEL = re.compile(r"^(?:\*\*|__)?\s*(?:new\s+)?(?:task|instruction)\s*\d*\s*(?:\*\*|__)?\s*[:.)]\s*(?:\*\*|__)?\s*",
-                    re.IGNORECASE)
+# "Task:", "New instruction 3.", "Tasks:", "Task #9:", "**Task:**", "**Task**:" after any numbering, or
+# the label alone on its line ("### Instruction")
+_LABEL = re.compile(r"^(?:\*\*|__)?\s*(?:new\s+)?(?:task|instruction)s?\s*#?\s*\d*\s*(?:\*\*|__)?\s*(?:[:.)]|$)"
+                    r"\s*(?:\*\*|__)?\s*", re.IGNORECASE)
+# Markdown that opens a line and is no part of its text: a heading's "#"s, a quote's ">"
+_LINE_MARK = re.compile(r"^\s*(?:#{1,6}(?=\s)|>)\s*")
+_EMPHASIZED = re.compile(r"^(\*\*|__)((?:(?!\1).)+)\1$")  # bold around the whole line, none inside
+# A lead-in before the task on its line: "Sure! ", "OK, " and "Here is a new task: ", "Here's task 9: "
+# (a "Here is ...:" that names no task or instruction, "Here is a list: ...", is the instruction's text)
+_INTERJECTION = re.compile(r"^(?:sure|okay|ok|certainly|of course)[!.,]+\s*", re.IGNORECASE)
+_HERE = re.compile(r"^here(?:'s|\u2019s|\s+is|\s+you\s+go)\b([^:]{0,60}):\s*", re.IGNORECASE)
+_TASK_WORD = re.compile(r"\b(?:tasks?|instructions?)\b", re.IGNORECASE)
 # Markdown around a reply, no part of its text: a code fence line ("```", "```text", "~~~") or a rule ("---",
 # "***", "___", "- - -")
 _FENCE = re.compile(r"^[ \t]*(?:`{3,}|~{3,})[ \t]*[\w+#.-]*[ \t]*$")
@@ -154,9 +165,22 @@ def _reply_lines(reply: str) -> list[str]:
     ("Complete the sentence:") is an instruction and is kept."""
     lines = [line for line in reply.splitlines() if line.strip()]
     while len(lines) > 1 and (_is_markup(lines[0]) or ENDS_WITH_COLON.search(lines[0])
-                              and _PREAMBLE_WORD.search(lines[0])):
+                              and _PREAMBLE_WORD.search(lines[0]) or not _line_text(lines[0])):
         lines = lines[1:]
     return lines
+
+
+def _line_text(line: str) -> str:
+    """A line without a heading's or quote's mark, numbering or a bullet, bold around the whole of
+    it, a lead-in ("Sure! ", "Here is a new task: ") and a "Task 9:" label: "" for a line that is
+    only a label ("### Instruction")."""
+    line = _ENUMERATION.sub("", _LINE_MARK.sub("", line, count=1), count=1).strip()
+    line = _EMPHASIZED.sub(r"\2", line).strip()
+    line = _INTERJECTION.sub("", line, count=1)
+    here = _HERE.match(line)
+    if here and _TASK_WORD.search(here[1]):
+        line = line[here.end():]
+    return _LABEL.sub("", line, count=1).strip()
 
 
 def _instruction_lines(reply: str) -> list[str]:
@@ -166,12 +190,11 @@ def _instruction_lines(reply: str) -> list[str]:
 
 def clean_instruction(reply: str) -> str:
     """The first non-empty line of a reply after any preamble, code fence or markdown rule (see
-    `_reply_lines`), without numbering or a bullet, then without a "Task:" label (markdown bold
-    "**Task:**" too), and without quotes wrapped around the whole of it, straight or typographic
-    (`constitutional.unquoted`; a line with the same quotes inside as well is kept as it is)."""
-    line = next(iter(_instruction_lines(reply)), "")
-    line = _ENUMERATION.sub("", line, count=1)
-    line = unquoted(_LABEL.sub("", line, count=1).strip())
+    `_reply_lines`), without the markdown, numbering, lead-in and "Task 9:" label before its text
+    (`_line_text`; markdown bold "**Task:**" too), and without quotes wrapped around the whole of
+    it, straight or typographic (`constitutional.unquoted`; a line with the same quotes inside as
+    well is kept as it is)."""
+    line = unquoted(_line_text(next(iter(_instruction_lines(reply)), "")))
     return " ".join(line.split())
 
 
@@ -274,6 +297,8 @@ def instruction_rejection(candidate: dict[str, Any], filters) -> str | None:
     if filters.drop_truncated and instruction_cut_off(candidate["raw_instruction"],
                                                       candidate["instruction_finish_reason"]):
         return "truncated_instruction"
+    if not instruction[0].isalnum():  # "- ", "(", "...", "→": Self-Instruct filters these (any script's letters pass)
+        return "starts_with_punctuation"
     # A text mostly of character words (Chinese, Japanese, Thai: a token per character) counts
     # NGRAM_SCALE characters a word, as quality's n-gram checks do: min_words=3 asks six characters there.
     scale = ngram_scale(words)
@@ -443,11 +468,12 @@ def run_self_instruct(cfg, *, generator=None, stream: TextIO | None = STDERR) ->
     out = user_path(cfg.output_dir)
     backend = generator or make_backend(cfg.generator)
     # Everything that decides the candidates (generator.seed is not: each request's seed comes from
-    # self_instruct.seed); a resume with other values is refused, a run with no candidates yet is not.
+    # self_instruct.seed), a local model's files included; a resume with other values is refused, a
+    # run with no candidates yet is not.
     candidates = out / "candidates.jsonl"
     generator_settings = {k: v for k, v in backend_settings(cfg.generator).items() if k != "seed"}
     check_resume_settings(out, {
-        "generator": {**generator_settings, "model": backend.model_name},
+        "generator": {**generator_settings, "model": backend.model_name, **model_identity(cfg.generator)},
         "seed_file": file_digest(seed_path(cfg.data.seed_file)),
         "per_round": loop.per_round, "seed_examples": loop.seed_examples,
         "generated_examples": loop.generated_examples, "task_type": loop.task_type,
