@@ -17,7 +17,7 @@
     posttrain score --model RM_DIR --input rows.jsonl --output scored.jsonl
     posttrain generate --model DIR --prompts FILE [--output out.jsonl] [sampling flags]
     posttrain chat --model DIR
-    posttrain serve MODEL [--adapter NAME=DIR ...] [--port 8000] [--api-key-env VAR]   OpenAI-compatible HTTP server
+    posttrain serve MODEL|--model MODEL [--adapter NAME=DIR ...] [--port 8000] [--api-key-env VAR]   OpenAI-compatible server
     posttrain merge ADAPTER_DIR OUT_DIR
     posttrain demo
     posttrain env
@@ -86,6 +86,8 @@ def _dtypes() -> tuple[str, ...]:
 
 
 def _sampling_args(parser) -> None:
+    from posttrain.inference import add_template_argument
+
     parser.add_argument("--model", required=True, help="model dir, adapter dir, run dir (uses its final/) or preset")
     parser.add_argument("--max-new-tokens", type=int, default=128,
                         help="the most tokens generated for a prompt (a chat's reply)")
@@ -105,7 +107,7 @@ def _sampling_args(parser) -> None:
     parser.add_argument("--seed", type=int, default=0,
                         help="sampling seed: prompt i (a chat's reply i) samples from (seed, i); the default %(default)s "
                              "makes a sampled run repeat, another seed draws other samples")
-    parser.add_argument("--template", default="auto", help="auto|tokenizer|chatml|alpaca|none (raw prompts)")
+    add_template_argument(parser)
     parser.add_argument("--dtype", default="float32", choices=_dtypes(), help="dtype the weights are loaded in")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="run the Python code a model's repository ships (its own architecture)")
@@ -131,6 +133,7 @@ EXIT_CODES = """exit codes (every command):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from posttrain.demo import OVERRIDES_HELP
     from posttrain.config import DPOConfig, GRPOConfig, PPOConfig, RLAIFConfig, RMConfig, SFTConfig
     from posttrain.config.evaluate import EvaluateConfig
     from posttrain.config.quality import QualityConfig
@@ -219,9 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "itself is done in float32 and rounded once")
     merge.add_argument("--trust-remote-code", action="store_true",
                        help="run the Python code the base model's repository ships (its own architecture)")
-    demo = sub.add_parser("demo", help="build the tiny model and fine-tune it on synthetic tasks, before/after")
-    demo.add_argument("--output-dir", default="runs/demo", help="the demo's run directory")
-    demo.add_argument("overrides", nargs="*", help="dotted overrides on the demo config")
+    demo = sub.add_parser("demo", help="build the tiny model and run SFT, a reward model, DPO and an alignment "
+                                       "report on synthetic tasks, before/after")
+    demo.add_argument("--output-dir", default=None,
+                      help="the demo's run directory (default: output_dir=... if given, else runs/demo)")
+    demo.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     sub.add_parser("env", help="versions, device and threads")
     return parser
 
@@ -382,6 +387,10 @@ def _run(args) -> int:
         if config is not None and _is_override(config):
             config, overrides = None, [config, *overrides]  # only overrides were given
         misplaced = next((item for item in overrides if "=" not in item and os.path.isfile(item)), None)
+        if misplaced is not None and config is not None:
+            raise _alike_everywhere(ConfigError(
+                f"posttrain {args.command} reads one config file a run, and two were given: {config} and "
+                f"{misplaced}; merge them into one, or give {misplaced}'s settings as key=value overrides"))
         if misplaced is not None:
             raise _alike_everywhere(ConfigError(f"{misplaced} is a file among the overrides; the config file goes "
                                                 f"first: posttrain {args.command} {misplaced} key=value ..."))
@@ -512,8 +521,9 @@ def main(argv: list[str] | None = None) -> int:
         hint = {**dict.fromkeys(_STAGES, "; the same command resumes from the run's newest checkpoint"),
                 **dict.fromkeys(_DATA_COMMANDS, "; the same command resumes from what its log holds"),
                 "pipeline": "; the same command resumes the stage it stopped in",
-                "demo": "; the same command with train.resume=auto resumes its SFT stage (without it, the demo "
-                        "starts afresh)"}.get(args.command, "")
+                "quality": "; the same command runs it again (quality keeps no log to resume from)",
+                "demo": "; the same command with train.resume=auto resumes the stage it stopped in (without it, "
+                        "the demo starts afresh)"}.get(args.command, "")
         signum = getattr(exc, "signum", signal.SIGINT)  # training's Stopped says which signal
         print(f"{'interrupted' if signum == signal.SIGINT else 'terminated'}{hint}", file=sys.stderr)
         return 128 + signum

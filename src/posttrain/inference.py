@@ -311,6 +311,30 @@ def render(item: dict, tokenizer, template: str | None, source: str = "<prompt>"
     return render_chat(tokenizer, template, messages, True, source, tools)
 
 
+def add_template_argument(parser) -> None:
+    """`--template` of generate, chat and serve: a chat template's name (`data.templates`), or
+    `none` (`chat_template`)."""
+    from posttrain.data.templates import TEMPLATE_NAMES  # no torch: --help stays fast
+
+    parser.add_argument("--template", default="auto", choices=(*TEMPLATE_NAMES, "none"),
+                        help="chat template (auto: the tokenizer's own, else chatml); none: raw prompts with the "
+                             "tokenizer's special tokens, and no end-of-turn marker ends a completion")
+
+
+def chat_template(tokenizer, name: str, flag: str = "--template") -> str | None:
+    """The chat template `flag NAME` means (`data.templates.resolve_template`); None for `none`:
+    prompts go in raw, with the tokenizer's special tokens, and no template's end-of-turn marker
+    ends a completion (`raw=True` in `rollout.generate`). An error about NAME names `flag`."""
+    from posttrain.data.templates import resolve_template
+
+    if name == "none":
+        return None
+    try:
+        return resolve_template(tokenizer, name)
+    except UserError as exc:  # its words are about the config key; the user gave a flag
+        raise type(exc)(str(exc).replace("data.template: ", f"{flag} ").replace("data.template", flag)) from None
+
+
 SAMPLING_DEFAULTS = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0}
 """generate's and chat's settings where neither a flag nor the model's generation_config sets one
 (temperature 0: greedy). The CLI leaves a flag not given as None (`_settings`)."""
@@ -426,7 +450,6 @@ def _generate_per_adapter(model, tokenizer, items, texts, settings, batch_size, 
 
 
 def main(args) -> int:
-    from posttrain.data.templates import resolve_template
     from posttrain.rollout.generate import chat_session
 
     settings, given = _settings(args)  # flags, prompts and the output's place checked before the model loads
@@ -444,7 +467,7 @@ def main(args) -> int:
               "'completion' is the generated one, in its place", file=sys.stderr)
     model, tokenizer = _load(args)
     settings = with_model_defaults(settings, given, model)
-    template = None if args.template == "none" else resolve_template(tokenizer, args.template)
+    template = chat_template(tokenizer, args.template)
     if args.command == "chat":
         switch = getattr(model, "use_adapter", None)
         chat_session(model, tokenizer, template, settings, system=args.system, switch_adapter=switch)
@@ -453,7 +476,8 @@ def main(args) -> int:
     with RowWriter(args.output, len(items), "generate") as out:  # each row as soon as the rows before it are done
         _generate_per_adapter(model, tokenizer, items, texts, settings, args.batch_size, template,
                               raw=template is None, names=names,
-                              on_done=lambda i, text: out.put(i, json.dumps({**items[i], "completion": text}) + "\n"))
+                              on_done=lambda i, text: out.put(i, json.dumps({**items[i], "completion": text},
+                                                                       ensure_ascii=False) + "\n"))
     if args.output != "-":
         print(f"wrote {len(items)} completions to {args.output}", file=sys.stderr)
     return 0

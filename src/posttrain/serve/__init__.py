@@ -55,11 +55,13 @@ def build_server(model_path: str, *, adapters: dict[str, str] | None = None, ser
     Bound to a loopback address, the server answers only requests whose Host (and Origin, when
     sent) is a loopback name or one of `allowed_hosts` (DNS rebinding); elsewhere the key guards it.
 
+    `template`: as generate's `--template` (`inference.chat_template`); "none" serves raw
+    completions only, ended by EOS alone, and refuses chat requests.
+
     Returns a `Server`: `.start()` serves from a background thread, `.serve_forever()` in
     this one, `.url` is where, `.close()` stops the server and the worker.
     """
-    from posttrain.data.templates import resolve_template
-    from posttrain.inference import load_for_inference, resolve_model_dir
+    from posttrain.inference import chat_template, load_for_inference, resolve_model_dir
     from posttrain.models.adapters import is_adapter_dir
     from posttrain.serve.engine import Engine
     from posttrain.serve.http import Server
@@ -68,7 +70,7 @@ def build_server(model_path: str, *, adapters: dict[str, str] | None = None, ser
     model, tokenizer = load_for_inference(model_path, dtype, trust_remote_code, adapters=adapters)
     targets = model_targets(served_model_name or model_path, is_adapter_dir(resolve_model_dir(model_path)),
                             list(adapters))
-    engine = Engine(model, tokenizer, targets, resolve_template(tokenizer, template), limits or Limits(),
+    engine = Engine(model, tokenizer, targets, chat_template(tokenizer, template), limits or Limits(),
                     max_batch_size=max_batch_size, batch_wait_s=batch_wait_s)
     try:
         return Server(engine, host, port, api_key=api_key, log_requests=log_requests, allowed_hosts=allowed_hosts)
@@ -82,6 +84,7 @@ def main(args) -> int:
     from posttrain.config.feedback import is_variable_name
     from posttrain.inference import _pairs
 
+    model_path = _model_path(args.model, args.model_flag)
     api_key = None
     if args.api_key_env is not None:
         # never echo the value: a key pasted in place of the variable's name must not be printed
@@ -102,7 +105,7 @@ def main(args) -> int:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if args.max_batch_size < 1:
         raise UserError(f"--max-batch-size must be at least 1, got {args.max_batch_size}")
-    server = build_server(args.model, adapters=_pairs(args.adapter, "--adapter"), served_model_name=args.served_model_name,
+    server = build_server(model_path, adapters=_pairs(args.adapter, "--adapter"), served_model_name=args.served_model_name,
                           template=args.template, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
                           limits=limits, host=args.host, port=args.port, api_key=api_key,
                           max_batch_size=args.max_batch_size, batch_wait_s=args.batch_wait_ms / 1000,
@@ -122,6 +125,15 @@ def main(args) -> int:
     finally:
         server.close()
     return 0
+
+
+def _model_path(positional: str | None, flag: str | None) -> str:
+    """The model, given as MODEL or as --model (generate's and chat's spelling), not two different ones."""
+    if positional is not None and flag is not None and positional != flag:
+        raise UserError(f"two models given: MODEL {positional} and --model {flag}; serve one (MODEL or --model)")
+    if positional is None and flag is None:
+        raise UserError("posttrain serve needs a model: posttrain serve MODEL (or --model MODEL)")
+    return positional if positional is not None else flag
 
 
 def _is_loopback(host: str) -> bool:
@@ -148,7 +160,11 @@ def _port(text: str) -> int:
 def add_arguments(parser) -> None:
     """The `posttrain serve` flags (kept here so cli.py stays a list of subcommands)."""
     defaults = Limits()
-    parser.add_argument("model", help="model dir, adapter dir, run dir (uses its final/) or preset")
+    parser.add_argument("model", nargs="?", metavar="MODEL",
+                        help="model dir, adapter dir, run dir (uses its final/) or preset; or give it as --model, "
+                             "as generate and chat take it")
+    parser.add_argument("--model", dest="model_flag", default=None, metavar="MODEL",
+                        help="= MODEL (the spelling generate and chat use); one of the two")
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                         help="also serve a LoRA/IA3 adapter as model NAME (repeatable); MODEL then names the bare base")
     parser.add_argument("--served-model-name", default=None, help="name of MODEL in requests (default: MODEL as given)")
@@ -159,12 +175,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                         help="on a loopback --host, also answer requests for Host NAME, e.g. a reverse proxy's "
                              "(repeatable; loopback names always)")
-    from posttrain.data.templates import TEMPLATE_NAMES
+    from posttrain.inference import add_template_argument
+    from posttrain.models.loading import _DTYPES  # no torch: --help stays fast
 
-    parser.add_argument("--template", default="auto", choices=TEMPLATE_NAMES,
-                        help="chat template (auto: the tokenizer's own, else chatml)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="dtype the weights are loaded in")
+    add_template_argument(parser)  # none: /v1/completions only (chat needs a template)
+    parser.add_argument("--dtype", default="float32", choices=_DTYPES, help="dtype the weights are loaded in")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="run the Python code a model's repository ships (its own architecture)")
     parser.add_argument("--max-batch-size", type=int, default=16, help="rows (prompts x n) generated together")

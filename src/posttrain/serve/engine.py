@@ -92,7 +92,7 @@ class Job:
 class Engine:
     """Owns the model, the tokenizer and the worker thread."""
 
-    def __init__(self, model, tokenizer, targets: dict[str, str | None], template: str, limits: Limits, *,
+    def __init__(self, model, tokenizer, targets: dict[str, str | None], template: str | None, limits: Limits, *,
                  max_batch_size: int = 16, batch_wait_s: float = 0.005, idle_exit_s: float | None = None,
                  name: str = "posttrain-serve-worker"):
         if max_batch_size < 1:
@@ -100,8 +100,10 @@ class Engine:
         self.model, self.tokenizer, self.targets = model, tokenizer, dict(targets)
         self.template, self.limits = template, limits
         self.max_batch_size, self.batch_wait_s, self.idle_exit_s = max_batch_size, batch_wait_s, idle_exit_s
-        self.eos_ids = eos_token_ids(model, tokenizer, template)  # the template's end-of-turn token too
-        self.turn_stops = stop_strings(tokenizer, [], template)  # its end-of-turn marker when several tokens
+        # template None (`--template none`): no template, so no end-of-turn marker, and no chat
+        raw = template is None
+        self.eos_ids = eos_token_ids(model, tokenizer, template, raw=raw)  # the template's end-of-turn token too
+        self.turn_stops = stop_strings(tokenizer, [], template, raw=raw)  # its marker when several tokens
         self.pad_id = pad_token_id(tokenizer, self.eos_ids)
         # A run of byte tokens decodes together (one U+FFFD per byte when not valid UTF-8), so its
         # text may change until a non-byte token ends the run: streaming holds it back till then.
@@ -184,6 +186,9 @@ class Engine:
         from posttrain.data.templates import render
         from posttrain.errors import DataError
 
+        if self.template is None:
+            raise APIError(400, "this server runs with --template none (no chat template): send the prompt "
+                                "to /v1/completions", param="messages")
         try:
             return render(self.tokenizer, self.template, request.messages, True, source="request",
                           tools=request.tools)
