@@ -61,8 +61,8 @@ def _shrink_stages(monkeypatch) -> None:
 def _skip_later_stages(monkeypatch) -> None:
     import posttrain.demo as demo
 
-    monkeypatch.setattr(demo, "_preference_stages", lambda run_dir, seed: "(preference stages skipped)")
-    monkeypatch.setattr(demo, "_report_stage", lambda run_dir, seed: "(report skipped)")
+    monkeypatch.setattr(demo, "_preference_stages", lambda rm_cfg, dpo_cfg: "(preference stages skipped)")
+    monkeypatch.setattr(demo, "_report_stage", lambda cfg: "(report skipped)")
 
 
 def _ctrl_c_at_sft_step(monkeypatch, step: int) -> None:
