@@ -74,6 +74,9 @@ class SelfInstructLoopConfig:
     classification_fraction: float = option(0.3, "task_type=examples: share of candidates that are classification")
     instance_examples: int = option(3, "seed tasks of the same type shown (with input and output) when "
                                     "writing the new task's instance")
+    instances_per_task: int = option(1, "instances (input/output pairs) asked for each new task, each an SFT row; "
+                                     "exact duplicates and instances sharing an input with another output are "
+                                     "dropped (counted)")
     seed: int = option(0, "seeds the in-context examples, task types and each request's sampling seed "
                        "(generator.seed is not used)")
     concurrency: int = option(4, "candidates worked on at once (each candidate's requests run one after another)")
@@ -129,6 +132,7 @@ def validate_self_instruct(cfg: SelfInstructConfig) -> None:
         (s.seed_examples >= 1, "self_instruct.seed_examples must be >= 1 (the model needs examples to imitate)"),
         (s.generated_examples >= 0 and s.instance_examples >= 0,
          "self_instruct.generated_examples and instance_examples must be >= 0"),
+        (s.instances_per_task >= 1, "self_instruct.instances_per_task must be >= 1"),
         (0 <= s.classification_fraction <= 1, "self_instruct.classification_fraction must be in [0, 1]"),
         (s.concurrency >= 1, "self_instruct.concurrency must be >= 1"),
         (1 <= f.min_words <= f.max_words, "filters.min_words must be >= 1 and <= filters.max_words"),

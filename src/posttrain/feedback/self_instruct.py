@@ -7,8 +7,9 @@ round began:
       ──▶ ask for one new instruction
       ──▶ classification or generation? (the model is asked, or the type was fixed first and the
           examples were all of it)
-      ──▶ an instance: classification writes the label first, then an input with that label
-          (output-first, so labels do not all come out the same); generation writes the input first
+      ──▶ instances (self_instruct.instances_per_task of them): classification writes the label
+          first, then an input with that label (output-first, so labels do not all come out the
+          same); generation writes the input first
 
 then the round's candidates are judged in k order and the accepted ones join the pool:
 
@@ -16,14 +17,17 @@ then the round's candidates are judged in k order and the accepted ones join the
     too_short / too_long (words; in Chinese, Japanese or Thai, 2 characters a word) / banned_word
     (whole words; in those scripts a run of characters)
     duplicate (same words after normalising)  ──  similar (ROUGE-L F >= threshold against any pool task)
-    truncated_instance / unparseable_instance / empty_input / empty_output / output_repeats_input
+    each instance: truncated_instance (the last one of a reply cut off) / unparseable_instance /
+    empty_input / empty_output / output_repeats_input, then duplicate_instance (the same as an
+    earlier one) / conflicting_instance (its input given with another output too: all such are
+    dropped); a task with no instance left is rejected under its first instance's reason
 
 candidates.jsonl, the append-only log, holds every candidate, accepted or not. The judging is a
 pure function of the logged candidates in id order, so a resumed run rebuilds the pool and the
 counters from it and continues exactly where the interrupted one stopped: no duplicates, no
 gaps, and the same tasks as a run that was never stopped. At the end: tasks.jsonl (accepted,
-with provenance), rejected.jsonl (with reasons), sft.jsonl (alpaca rows for posttrain sft) and
-summary.json.
+with provenance and instances), rejected.jsonl (with reasons), sft.jsonl (alpaca rows for
+posttrain sft, one per instance) and summary.json.
 """
 
 from __future__ import annotations
@@ -52,6 +56,10 @@ _GENERATED_ID = re.compile(r"r\d+-\d+")  # "r{round}-{k}", a candidate's id
 _NO_INPUT = {"", "none", "n/a", "na", "<noinput>", "<no input>", "no input", "-", "null", "not applicable",
              "no input required", "no input needed", "no input is required", "no input is needed",
              "none required", "none needed", "not needed", "not required"}
+# A line that only heads an instance ("Example 2:", "**Instance 3**", "### Example"): no part of the field
+# before it (a line of a number alone may be an output: "Output:\n42")
+_INSTANCE_HEADING = re.compile(r"\n[ \t]*(?:#{1,6}[ \t]*)?(?:\*\*|__)?[ \t]*(?:example|instance)[ \t]*#?[ \t]*\d*"
+                               r"[ \t]*[:.)]?[ \t]*(?:\*\*|__)?[ \t]*:?\s*$", re.IGNORECASE)
 # "Input:", or in markdown bold "**Input:**", "**Input**:", "__Input:__" (closing marks only after opening ones)
 _FIELD = re.compile(r"^[ \t]*(?P<bold>\*\*|__)?[ \t]*(?P<name>input|output|label|class label|task)[ \t]*"
                     r"(?(bold)(?:(?P=bold)[ \t]*:|:[ \t]*(?P=bold))|:)[ \t]*", re.IGNORECASE | re.MULTILINE)
@@ -215,8 +223,19 @@ def _example_block(task: Task) -> str:
     return f"Task: {task.instruction}\nInput: {task.input or 'None'}\nOutput: {task.output}"
 
 
-def instance_messages(instruction: str, is_classification: bool, examples: list[Task]) -> list[dict[str, str]]:
-    if is_classification:  # output-first: choosing the label first keeps the labels varied
+def instance_messages(instruction: str, is_classification: bool, examples: list[Task],
+                      count: int = 1) -> list[dict[str, str]]:
+    """The request for `count` instances of the new task, after `examples` (one instance each)."""
+    if count > 1 and is_classification:
+        ask = (f"For the last task below, write {count} different instances: for each, first pick one of its "
+               "possible labels (a different one each time while there are any left), then write an input that "
+               "has that label. Use the format of the examples: a 'Label:' line, then an 'Input:' line; put a "
+               "blank line between instances.")
+    elif count > 1:
+        ask = (f"For the last task below, write {count} different instances: for each, an input for it (None if "
+               "the task needs no input), then the correct output. Use the format of the examples: an 'Input:' "
+               "line, then an 'Output:' line; put a blank line between instances.")
+    elif is_classification:  # output-first: choosing the label first keeps the labels varied
         ask = ("For the last task below, first pick one of its possible labels, then write an input that has "
                "that label. Use the format of the examples: a 'Label:' line, then an 'Input:' line.")
     else:
@@ -242,6 +261,11 @@ def _same_text(a: str, b: str) -> bool:
     return normalise(a) == normalise(b) if normalise(a) else a.strip() == b.strip()
 
 
+def _field_name(match: re.Match) -> str:
+    """input, output, label ("Label:", "Class label:") or task."""
+    return "label" if "label" in match["name"].lower() else match["name"].lower()
+
+
 def parse_instance(reply: str, is_classification: bool) -> tuple[str, str, str | None]:
     """(input, output, error) from an 'Input:' / 'Output:' (or 'Label:') reply, in a code fence or
     not; error is None or a rejection reason: unparseable_instance, empty_input, empty_output, or
@@ -249,7 +273,7 @@ def parse_instance(reply: str, is_classification: bool) -> tuple[str, str, str |
     found = list(_FIELD.finditer(reply))
     fields: dict[str, str] = {}
     for match, following in zip(found, found[1:] + [None]):
-        name = "label" if "label" in match["name"].lower() else match["name"].lower()
+        name = _field_name(match)
         end = following.start() if following is not None else len(reply)
         fields.setdefault(name, _field_text(reply[match.end():end]))
     given_input = fields.get("input", "")
@@ -269,6 +293,68 @@ def parse_instance(reply: str, is_classification: bool) -> tuple[str, str, str |
     if not output:
         return given_input, "", "empty_output"
     return given_input, output, "output_repeats_input" if given_input and _same_text(output, given_input) else None
+
+
+def parse_instances(reply: str, is_classification: bool) -> list[tuple[str, str, str | None]]:
+    """Several instances, each as `parse_instance` reads one, from a reply that writes them one after
+    another. An instance ends where a field it already has comes again, or (generation, input first)
+    where an 'Input:' follows its 'Output:'; a 'Task:' after an instance ends the reply's instances (the
+    model went on to a task of its own), one before them is ignored. A line that only heads the next
+    instance ("Example 2:") is no part of the one before. A reply without fields is one unparseable
+    instance."""
+    starts, names, end = [0], set(), len(reply)
+    for match in _FIELD.finditer(reply):
+        name = _field_name(match)
+        if is_classification and name == "output":
+            name = "label"  # parse_instance takes an 'Output:' as the label when there is none
+        if name == "task":
+            if names:
+                end = match.start()
+                break
+            continue
+        if names and (name in names or name == "input" and "output" in names and not is_classification):
+            starts.append(match.start())
+            names = set()
+        names.add(name)
+    bounds = zip(starts, starts[1:] + [end])
+    return [parse_instance(_INSTANCE_HEADING.sub("", reply[a:b]), is_classification) for a, b in bounds]
+
+
+def candidate_instances(candidate: dict[str, Any]) -> list[dict[str, Any]]:
+    """A logged candidate's instances as {input, output, error}: its 'instances' list, or (one
+    instance asked for, the log's layout before instances_per_task) its input, output and instance_error."""
+    if "instances" in candidate:
+        return candidate["instances"]
+    return [{"input": candidate["input"], "output": candidate["output"], "error": candidate.get("instance_error")}]
+
+
+def judge_instances(candidate: dict[str, Any], filters) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """(kept, dropped) instances of a candidate, in order; each dropped one with its reason: its
+    parse error, or truncated_instance (the last instance of a reply cut off by max_tokens, with
+    drop_truncated), then the paper's two (section 2.3): duplicate_instance (the same input and
+    output as an earlier instance) and conflicting_instance (a non-empty input also given with
+    another output: every instance with it is dropped, there is no telling which output is right;
+    tasks that need no input may have several outputs). Same text: the same words (`_same_text`)."""
+    instances = candidate_instances(candidate)
+    cut = filters.drop_truncated and candidate.get("instance_finish_reason") == "length"
+    reasons = ["truncated_instance" if cut and i == len(instances) - 1 else instance["error"]
+               for i, instance in enumerate(instances)]
+    clean = [i for i, reason in enumerate(reasons) if reason is None]
+    for n, i in enumerate(clean):
+        a = instances[i]
+        if any(_same_text(a["input"], b["input"]) and _same_text(a["output"], b["output"])
+               for b in (instances[j] for j in clean[:n])):
+            reasons[i] = "duplicate_instance"
+    distinct = [i for i in clean if reasons[i] is None]
+    for i in distinct:
+        a = instances[i]
+        if a["input"] and any(_same_text(a["input"], instances[j]["input"])
+                              and not _same_text(a["output"], instances[j]["output"]) for j in distinct):
+            reasons[i] = "conflicting_instance"
+    kept = [{"input": x["input"], "output": x["output"]} for x, reason in zip(instances, reasons) if reason is None]
+    dropped = [{"input": x["input"], "output": x["output"], "reason": reason}
+               for x, reason in zip(instances, reasons) if reason is not None]
+    return kept, dropped
 
 
 # --------------------------------------------------------------------------- filters and the pool
@@ -322,6 +408,7 @@ class TaskPool:
         self.normalised: set[str] = set()
         self.accepted: list[dict[str, Any]] = []
         self.rejected: list[dict[str, Any]] = []
+        self.instances_dropped: Counter = Counter()
         self.surplus = 0
         for task in seeds:
             self._add(task)
@@ -348,47 +435,62 @@ class TaskPool:
 
     def rejection(self, candidate: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
         """Why `candidate` may not join the pool (None: it may), and the similarity found."""
+        return self._judge(candidate)[:2]
+
+    def _judge(self, candidate: dict[str, Any]) -> tuple[str | None, dict[str, Any], list[dict], list[dict]]:
+        """`rejection`, and the candidate's kept and dropped instances (`judge_instances`; none while its
+        instruction is rejected). A candidate none of whose instances is left is rejected under its
+        first instance's reason."""
         instruction = candidate["instruction"]
         reason = instruction_rejection(candidate, self.filters)
         if reason:
-            return reason, {}
+            return reason, {}, [], []
         if normalise(instruction) in self.normalised:
-            return "duplicate", {}
+            return "duplicate", {}, [], []
         score, nearest = self.similar(instruction)
         detail = {"rouge_l": round(score, 4), "most_similar": nearest}
         if score >= self.filters.rouge_threshold:
-            return "similar", detail
-        if self.filters.drop_truncated and candidate.get("instance_finish_reason") == "length":
-            return "truncated_instance", detail
-        return candidate.get("instance_error"), detail
+            return "similar", detail, [], []
+        kept, dropped = judge_instances(candidate, self.filters)
+        return None if kept else dropped[0]["reason"], detail, kept, dropped
 
     def apply(self, candidate: dict[str, Any]) -> str | None:
-        """Judge one candidate (in id order) and add it to the pool if accepted; returns the reason if not."""
-        reason, detail = self.rejection(candidate)
+        """Judge one candidate (in id order) and add it to the pool if accepted; returns the reason if not.
+        The pool's task shows its first instance as an in-context example."""
+        reason, detail, kept, dropped = self._judge(candidate)
+        several = "instances" in candidate  # instances_per_task > 1: the records list them
         if reason is not None:
+            self.instances_dropped.update(d["reason"] for d in dropped)
             self.rejected.append({"id": candidate["id"], "instruction": candidate["instruction"], "reason": reason,
-                                  **detail})
+                                  **detail, **({"instances_dropped": dropped} if several and dropped else {})})
             return reason
         if self.full:  # the last round made more good tasks than were still wanted
             self.surplus += 1
             return None
-        task = Task(candidate["id"], instruction=candidate["instruction"], input=candidate["input"],
-                    output=candidate["output"], is_classification=candidate["is_classification"], is_seed=False)
+        self.instances_dropped.update(d["reason"] for d in dropped)
+        task = Task(candidate["id"], instruction=candidate["instruction"], input=kept[0]["input"],
+                    output=kept[0]["output"], is_classification=candidate["is_classification"], is_seed=False)
         self._add(task)
         self.accepted.append({"id": task.id, "instruction": task.instruction, "input": task.input,
-                              "output": task.output, "is_classification": task.is_classification,
+                              "output": task.output, "instances": kept,
+                              **({"instances_dropped": dropped} if dropped else {}),
+                              "is_classification": task.is_classification,
                               "round": candidate["round"], "examples": candidate["examples"],
                               "type_source": candidate["type_source"], "model": candidate["model"], **detail})
         return None
 
     def counters(self) -> dict[str, Any]:
         """The counts summary.json holds. type_unclear: accepted tasks whose yes/no type answer was
-        neither (taken as generation, and counted there too)."""
+        neither (taken as generation, and counted there too). instances: those of the accepted tasks
+        (kept) and those dropped from tasks that reached the instance filters, accepted or rejected
+        for having none left (a task beyond the target is in neither)."""
         types = Counter("classification" if t["is_classification"] else "generation" for t in self.accepted)
         return {"accepted": len(self.accepted), "target": self.target, "surplus": self.surplus,
                 "rejected": dict(sorted(Counter(r["reason"] for r in self.rejected).items())),
                 "accepted_types": dict(sorted(types.items())),
-                "type_unclear": sum(t["type_source"] == "model_unclear" for t in self.accepted)}
+                "type_unclear": sum(t["type_source"] == "model_unclear" for t in self.accepted),
+                "instances": {"kept": sum(len(t["instances"]) for t in self.accepted),
+                              "dropped": dict(sorted(self.instances_dropped.items()))}}
 
 
 # --------------------------------------------------------------------------- one candidate
@@ -413,7 +515,7 @@ def plan_candidate(pool: TaskPool, round_number: int, k: int, loop) -> dict[str,
 
 
 def make_candidate(backend, candidate_id: str, plan: dict[str, Any], pool: TaskPool, loop) -> dict[str, Any]:
-    """Ask for the instruction, its type and an instance. Calls that cannot change the verdict
+    """Ask for the instruction, its type and its instances. Calls that cannot change the verdict
     are skipped: no instance for an instruction the round's starting pool already rejects."""
     by_id = {task.id: task for task in pool.tasks}
     examples = [by_id[task_id] for task_id in plan["examples"]]
@@ -440,12 +542,18 @@ def make_candidate(backend, candidate_id: str, plan: dict[str, Any], pool: TaskP
     rng = random.Random(f"{loop.seed}/{candidate_id}/instance")
     same_type = [t for t in pool.seeds() if t.is_classification == is_classification] or pool.seeds()
     shown = rng.sample(same_type, min(loop.instance_examples, len(same_type)))
-    reply = backend.chat(instance_messages(instruction, is_classification, shown),
+    count = loop.instances_per_task
+    reply = backend.chat(instance_messages(instruction, is_classification, shown, count),
                          seed=request_seed(loop.seed, candidate_id, "instance"))
-    given_input, output, error = parse_instance(reply.text, is_classification)
+    if count == 1:
+        given_input, output, error = parse_instance(reply.text, is_classification)
+        instances: dict[str, Any] = {"input": given_input, "output": output, "instance_error": error}
+    else:  # the first `count` written; any further ones were not asked for
+        instances = {"instances": [{"input": x, "output": y, "error": error}
+                                   for x, y, error in parse_instances(reply.text, is_classification)[:count]]}
     return {**record, "is_classification": is_classification, "type_source": source, "instance_examples":
             [t.id for t in shown], "raw_instance": reply.text, "instance_finish_reason": reply.finish_reason,
-            "input": given_input, "output": output, "instance_error": error}
+            **instances}
 
 
 # --------------------------------------------------------------------------- the command
@@ -478,9 +586,13 @@ def run_self_instruct(cfg, *, generator=None, stream: TextIO | None = STDERR) ->
         "per_round": loop.per_round, "seed_examples": loop.seed_examples,
         "generated_examples": loop.generated_examples, "task_type": loop.task_type,
         "classification_fraction": loop.classification_fraction, "instance_examples": loop.instance_examples,
-        "seed": loop.seed, "min_words": filters.min_words, "max_words": filters.max_words,
+        "instances_per_task": loop.instances_per_task, "seed": loop.seed, "min_words": filters.min_words,
+        "max_words": filters.max_words,
         "banned_words": sorted(filters.banned_words), "rouge_threshold": filters.rouge_threshold,
-        "drop_truncated": filters.drop_truncated}, candidates.is_file() and candidates.stat().st_size > 0)
+        "drop_truncated": filters.drop_truncated}, candidates.is_file() and candidates.stat().st_size > 0,
+        unrecorded={"instances_per_task": None if loop.instances_per_task == 1 else (
+            "its candidates were made one instance per task (before self_instruct.instances_per_task was "
+            f"recorded), now {loop.instances_per_task}; resume with instances_per_task=1, or use a new output_dir")})
     pool = TaskPool(seeds, filters, loop.num_tasks)
     show = resolve_stream(stream) or sys.stderr
     failure = None
@@ -538,12 +650,14 @@ def _round_line(round_number: int, pool: TaskPool, rejected: Counter) -> str:
 
 
 def _write_outputs(out: Path, pool: TaskPool, rounds: int, loop, backend, cfg, show: TextIO) -> None:
-    sft = [{"id": t["id"], "instruction": t["instruction"], "input": t["input"], "output": t["output"]}
-           for t in pool.accepted]
+    sft = [{"id": t["id"] if len(t["instances"]) == 1 else f"{t['id']}/{i}", "instruction": t["instruction"],
+            "input": instance["input"], "output": instance["output"]}
+           for t in pool.accepted for i, instance in enumerate(t["instances"])]
     write_jsonl(out / "tasks.jsonl", pool.accepted)
     write_jsonl(out / "rejected.jsonl", pool.rejected)
     write_jsonl(out / "sft.jsonl", sft)
     counters = pool.counters()
+    counters["instances"] = {"per_task": loop.instances_per_task, **counters["instances"]}
     candidates = rounds * loop.per_round
     summary = {**counters, "rounds": rounds, "candidates": candidates, "reached_target": pool.full,
                "usage": backend.usage.snapshot(), "config": cfg.to_dict()}
@@ -558,4 +672,8 @@ def _write_outputs(out: Path, pool: TaskPool, rounds: int, loop, backend, cfg, s
     if not pool.full and rounds >= loop.max_rounds:
         print(f"self-instruct: stopped at max_rounds={loop.max_rounds} before reaching num_tasks={pool.target}; "
               "see the rejection counts (raise max_rounds to go on: the run resumes)", file=show)
+    if loop.instances_per_task > 1:
+        dropped = ", ".join(f"{n} {k}" for k, n in counters["instances"]["dropped"].items()) or "none"
+        print(f"self-instruct: {len(sft)} instances of {counters['accepted']} tasks (up to "
+              f"{loop.instances_per_task} each); instances dropped: {dropped}", file=show)
     print(f"self-instruct: wrote {len(sft)} SFT rows to {out / 'sft.jsonl'}", file=show)
