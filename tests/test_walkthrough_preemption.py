@@ -77,8 +77,6 @@ def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.xfail(strict=True, reason="a SIGTERM/Ctrl-C in the last step of a training run is dropped: the run "
-                                       "exits 0, and a pipeline goes on to train its next stage")
 def test_a_sigterm_in_the_last_step_of_a_pipeline_stage_stops_the_pipeline_with_143(tmp_path, monkeypatch, capsys):
     """Preemption (SIGTERM) as the first of two SFT stages runs its last step: the handler says
     "finishing this step to save a checkpoint", and the step's checkpoint is written; the loop then

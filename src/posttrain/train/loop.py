@@ -580,10 +580,13 @@ class _Run:
 
     def _checkpoint_when_due(self, interval: dict, at_end: bool, interrupted) -> None:
         """A checkpoint every train.save_every steps, at the end, at an early stop and on a signal
-        (`_interrupt_at_step_end`), after which the run stops with `Stopped`, saying how to resume."""
+        (`_interrupt_at_step_end`), after which the run stops with `Stopped`, saying how to resume.
+        A signal in the run's last step (or its evaluation, or one that stopped it early) stops it
+        too: the caller's after-training work (its evaluation, final/) is left to the same command,
+        whose resume has nothing left to train (`_train` evaluates the restored weights)."""
         state, cfg = self.state, self.cfg
         stopped_early = state["stopped_early"]
-        signalled = interrupted() and not (at_end or stopped_early)
+        signalled = bool(interrupted())
         # a run that stops logs the steps since its last line, before the checkpoint that
         # holds the interval: the resumed run starts its next line afresh
         last_line = close_interval(interval, self.rates) if (stopped_early or signalled) and interval else None
@@ -594,10 +597,13 @@ class _Run:
         if signalled:
             said = "" if last_line is None else (f" (loss {last_line['loss']:.4f} over the last "
                                                  f"{last_line['steps_averaged']} step(s))")
-            how = ("the same command with train.resume=auto resumes from it (with train.resume=never "
-                   "it starts afresh)") if cfg.resume == "never" else "the same command resumes from it"
-            self.log.message(f"interrupted: checkpoint saved at step {state['step']} of {self.total_steps}; "
-                             f"{how}{said}")
+            last = at_end or stopped_early
+            does = "finishes the run from it (the after-training evaluation and final/)" if last else "resumes from it"
+            how = "the same command " + (does if cfg.resume == "auto" else f"with train.resume=auto {does}")
+            if cfg.resume == "never":
+                how += " (with train.resume=never it starts afresh)"
+            where = f"step {state['step']} of {self.total_steps}" + (", the run's last step" if last else "")
+            self.log.message(f"interrupted: checkpoint saved at {where}; {how}{said}")
             raise Stopped(interrupted())
 
     def save(self) -> None:

@@ -61,8 +61,9 @@ def run_quality(cfg, *, log: Callable[[str], Any] = print) -> Path:
     out = user_path(cfg.output_dir)
     _check_inputs_are_not_outputs(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in _outputs(out):
-        stale.unlink(missing_ok=True)  # an earlier run's files never pass for this run's
+    for stale in _outputs(out):  # an earlier run's files never pass for this run's, nor linger half-written
+        stale.unlink(missing_ok=True)
+        _partial(stale).unlink(missing_ok=True)
     write_config(out, cfg)  # dedup's and balance's seeds among it
     d = cfg.data
     rows, read = load_rows(d.files, fmt=d.format, bad_rows=d.bad_rows, max_bad_fraction=d.max_bad_fraction,
@@ -105,12 +106,20 @@ def _outputs(out: Path) -> list[Path]:
     return [out / name for name in names]
 
 
+def _partial(path: Path) -> Path:
+    """Where `write_atomically` writes `path` before it renames it into place (PATH.partial): left
+    behind by a run stopped while writing its outputs, and by no later run that does not write
+    `path` (perplexity.jsonl once perplexity is off, kept-FORMAT.jsonl once the rows share a format)."""
+    return path.with_name(path.name + ".partial")
+
+
 def _check_inputs_are_not_outputs(cfg, out: Path) -> None:
     """Refuse a data file (data.files, decontaminate.files) that is one of this run's outputs
-    (`_outputs`): an earlier pass's kept.jsonl read again in the same output_dir would be removed
-    with the earlier run's outputs before it is read, and that pass's dropped rows and report with
-    it. Said up front, naming the file: the second pass writes elsewhere, or reads a copy."""
-    outputs = {path.resolve() for path in _outputs(out)}
+    (`_outputs`, or its `_partial`): an earlier pass's kept.jsonl read again in the same output_dir
+    would be removed with the earlier run's outputs before it is read, and that pass's dropped rows
+    and report with it. Said up front, naming the file: the second pass writes elsewhere, or reads
+    a copy."""
+    outputs = {file.resolve() for path in _outputs(out) for file in (path, _partial(path))}
     for setting, files in (("data.files", cfg.data.files), ("decontaminate.files", cfg.decontaminate.files)):
         for name in files:
             if isinstance(name, str) and user_path(name).resolve() in outputs:
