@@ -565,13 +565,14 @@ class _Run:
 
     def _log_step(self, record: dict, finite: bool) -> dict:
         """A step's figures join the interval a line averages (see metrics.py), whose line is logged
-        every train.log_every steps, at the last step and before a non-finite step's own line.
-        Returns the interval."""
+        every train.log_every steps, at the last step (the plan's, or the one ending the passes over
+        the data short of it) and before a non-finite step's own line. Returns the interval."""
         state = self.state
         interval = state.setdefault("log_interval", {})  # see metrics.py: lines hold interval means
         if finite:
             add_to_interval(interval, record, self.at_step)
-        if (state["step"] % self.cfg.log_every == 0 or state["step"] == self.total_steps or not finite) and interval:
+        last = state["step"] == self.total_steps or self.passes_done
+        if (state["step"] % self.cfg.log_every == 0 or last or not finite) and interval:
             self.log.log(close_interval(interval, self.rates))
         if not finite:
             self.log.log(record | {"steps_averaged": 1})
