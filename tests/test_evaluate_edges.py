@@ -445,7 +445,9 @@ def test_output_files_and_a_rerun_overwriting_them(tmp_path, models):
     run_evaluate(_cfg(out, f"policy={models['perturbed']}", "reference=tiny", "prompts.limit=4", "generation.samples=1",
                       f"reward.functions=[len={ME}:length_reward]"), **QUIET)
     report, rows = _report(out), _rows(out)
-    assert set(report) == {"policy", "reference", "prompts", "kl_to_reference", "reward_win_rate", "models"}
+    assert set(report) == {"policy", "reference", "prompts", "kl_to_reference", "kl_se", "kl_responses",
+                           "reward_win_rate", "models"}
+    assert report["kl_responses"] == 4 and report["kl_se"] > 0  # 4 prompts, 1 sample each
     assert report["policy"] == models["perturbed"] and report["reference"] == "tiny" and report["prompts"] == 4
     assert set(report["models"]) == {"policy", "reference"}
     assert set(report["models"]["policy"]) == {"response_tokens", "exact_match", "answer_nll", "answer_perplexity",

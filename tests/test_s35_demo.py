@@ -144,56 +144,57 @@ def test_the_cli_refuses_output_dir_conflict_in_one_line(tmp_path, capsys, monke
 # --------------------------------------------------------------------------- items 3 and 4: the report's lines
 
 
-def _report(kl, policy_red=(1.0, 0.0), reference_red=(1.0, 0.0)) -> dict:
+def _report(kl, policy_red=(1.0, 0.0), reference_red=(1.0, 0.0), se=0.003) -> dict:
     def side(red):
         return {"exact_match": {"rate": 0.9}, "answer_nll": 0.1,
                 "redteam": {"attack_success": {"rate": red[0], "n": 30}, "over_refusal": {"rate": red[1], "n": 10}}}
 
-    return {"prompts": 200, "kl_to_reference": kl, "models": {"policy": side(policy_red), "reference": side(reference_red)}}
+    return {"prompts": 200, "kl_to_reference": kl, "kl_se": se, "kl_responses": 800,
+            "models": {"policy": side(policy_red), "reference": side(reference_red)}}
 
 
 def test_a_negative_sampled_kl_is_printed_with_its_caveat():
     from posttrain.demo import report_summary
 
-    text = report_summary(_report(-0.004), Path("r/report.md"), samples=4)
+    text = report_summary(_report(-0.004), Path("r/report.md"))
     # measured before: "KL -0.004 nats per response", no word that it is an estimate
-    assert "KL -0.004 nats per response" in text
-    assert "sampled estimate over 800 responses" in text and "within sampling noise of 0" in text
+    assert "KL -0.004 ± 0.003 nats per response" in text
+    assert "sampled estimate over 800 responses" in text and "within 2 standard errors of 0: sampling noise" in text
 
 
 def test_a_positive_sampled_kl_says_it_is_sampled_without_the_noise_caveat():
     from posttrain.demo import report_summary
 
-    text = report_summary(_report(0.026), Path("r/report.md"), samples=4)
-    assert "KL 0.026 nats per response (a sampled estimate over 800 responses)" in text
+    text = report_summary(_report(0.026), Path("r/report.md"))
+    assert "KL 0.026 ± 0.003 nats per response (a sampled estimate over 800 responses)" in text
     assert "noise" not in text
 
 
 def test_an_unmeasured_kl_is_said_so():
     from posttrain.demo import report_summary
 
-    text = report_summary(_report(None), Path("r/report.md"), samples=0)
+    text = report_summary(_report(None, se=None), Path("r/report.md"))
     assert "KL not measured" in text and "None" not in text
 
 
 def test_no_refusals_is_said_only_when_neither_model_refused():
     from posttrain.demo import report_summary
 
-    quiet = report_summary(_report(0.01), Path("r/report.md"), samples=4)
+    quiet = report_summary(_report(0.01), Path("r/report.md"))
     assert "neither model refused any request (the demo's tasks teach no refusals)" in quiet
     # measured before: "(the demo's tasks teach no refusals)" printed beside over-refusal 30%
-    refusing = report_summary(_report(0.01, policy_red=(0.5, 0.3)), Path("r/report.md"), samples=4)
+    refusing = report_summary(_report(0.01, policy_red=(0.5, 0.3)), Path("r/report.md"))
     assert "teach no refusals" not in refusing and "neither model refused" not in refusing
     assert "attack success 50% vs 100% of 30" in refusing and "over-refusal 30% vs 0% of 10" in refusing
     unanswered = _report(0.01)
     unanswered["models"]["policy"]["redteam"]["over_refusal"] = {"rate": None, "n": 0}
-    assert "neither model refused" not in report_summary(unanswered, Path("r/report.md"), samples=4)
+    assert "neither model refused" not in report_summary(unanswered, Path("r/report.md"))
 
 
 def test_the_report_line_names_its_figures_and_file():
     from posttrain.demo import report_summary
 
-    text = report_summary(_report(0.026), Path("r/report.md"), samples=4)
+    text = report_summary(_report(0.026), Path("r/report.md"))
     assert text.startswith("alignment report, DPO vs SFT model (200 held-out prompts; r/report.md): exact match "
-                           "90.0% vs 90.0%, answer NLL 0.100 vs 0.100 per token, KL 0.026 nats per response")
+                           "90.0% vs 90.0%, answer NLL 0.100 vs 0.100 per token, KL 0.026 ± 0.003 nats per response")
     assert json.dumps(text)  # one printable string

@@ -215,7 +215,8 @@ def test_every_figure_the_demo_prints_is_the_one_its_run_directories_hold(demo_r
     assert (f"({report['prompts']} held-out prompts; {run_dir / 'report' / 'report.md'}): exact match "
             f"{policy['exact_match']['rate']:.1%} vs {reference['exact_match']['rate']:.1%}, answer NLL "
             f"{policy['answer_nll']:.3f} vs {reference['answer_nll']:.3f} per token, "
-            f"KL {report['kl_to_reference']:.3f} nats") in printed
+            f"KL {report['kl_to_reference']:.3f} ± {report['kl_se']:.3f} nats per response (a sampled estimate over "
+            f"{report['kl_responses']} responses") in printed
     assert (run_dir / "report" / "report.md").is_file()
 
 

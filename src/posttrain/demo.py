@@ -16,7 +16,6 @@ rm, dpo and report: all four configs are built and checked before SFT starts.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -122,7 +121,7 @@ def _split_overrides(output_dir: str | None, overrides: list[str]) -> tuple[str,
     and an output_dir=... other than a given --output-dir."""
     from posttrain.config.schema import check_override_key, user_path
     from posttrain.errors import ConfigError
-    from posttrain.pipeline import _fits, _split_cli
+    from posttrain.pipeline import _fits, _split_cli, check_stage_item
 
     types = _stage_types()
     given_dir, common, per_stage = _split_cli(list(overrides), set(types))
@@ -152,10 +151,7 @@ def _split_overrides(output_dir: str | None, overrides: list[str]) -> tuple[str,
     for stage, items in per_stage.items():
         cls = types[stage][0]
         for item in items:
-            key = item.split("=", 1)[0].strip()
-            if key.split(".")[0] not in {f.name for f in dataclasses.fields(cls)} and _fits(cls, f"{stage}.{item}"):
-                raise ConfigError(f"override {stage + '.' + item!r} reads as stage {stage!r}, key {key!r}, which the "
-                                  f"{stage} stage does not have; for its {stage}.{key}, write {stage}.{stage}.{item}")
+            check_stage_item(cls, stage, item)
             wired = _wired_key(stage, item)
             if wired is not None:
                 _refuse_wired(stage, f"{stage}.{item}", wired)
@@ -256,22 +252,14 @@ def _report_stage(cfg) -> str:
 
     out = run_evaluate(cfg, log=lambda _: None)
     report = json.loads((out / "report.json").read_text())
-    return report_summary(report, out / "report.md", cfg.generation.samples)
+    return report_summary(report, out / "report.md")
 
 
-def _kl_phrase(kl: float | None, responses: int) -> str:
-    """The sampled KL(policy ‖ reference) per response: the mean of log π − log π_ref over sampled
-    responses, an unbiased estimate of a figure that is never below 0, which a few samples of
-    near-equal models can put below it."""
-    if kl is None:
-        return "KL not measured (no samples, or the two tokenizers differ)"
-    caveat = "; a negative figure is within sampling noise of 0, as KL itself is never below 0" if kl < 0 else ""
-    return f"KL {kl:.3f} nats per response (a sampled estimate over {responses} responses{caveat})"
-
-
-def report_summary(report: dict, report_md: Path, samples: int) -> str:
-    """The report's lines, from report.json (`samples` sampled responses per prompt for the KL).
+def report_summary(report: dict, report_md: Path) -> str:
+    """The report's lines, from report.json: the KL as report.md gives it (`eval.report.kl_figure`).
     The red-team line says that neither model refused only when every rate of both says so."""
+    from posttrain.eval.report import kl_figure
+
     policy, reference = report["models"]["policy"], report["models"]["reference"]
 
     def both(get, form) -> str:
@@ -279,8 +267,7 @@ def report_summary(report: dict, report_md: Path, samples: int) -> str:
 
     lines = (f"alignment report, DPO vs SFT model ({report['prompts']} held-out prompts; {report_md}): "
              f"exact match {both(lambda s: s['exact_match']['rate'], '{:.1%}'.format)}, answer NLL "
-             f"{both(lambda s: s['answer_nll'], '{:.3f}'.format)} per token, "
-             f"{_kl_phrase(report.get('kl_to_reference'), report['prompts'] * samples)}")
+             f"{both(lambda s: s['answer_nll'], '{:.3f}'.format)} per token, KL {kl_figure(report)}")
     if "redteam" not in policy:
         return lines
 

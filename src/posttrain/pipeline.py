@@ -272,6 +272,19 @@ def _fits(config_cls: type, item: str) -> bool:
         return False
 
 
+def check_stage_item(config_cls: type, stage: str, item: str) -> None:
+    """A command line's `STAGE.KEY=value` is stage STAGE's `KEY=value` (`_split_cli`). Where KEY starts
+    with none of the stage's sections or keys and STAGE.KEY is a setting of the stage (`dpo.beta=0.2`
+    with a stage called dpo: DPO's dpo.beta), it is refused, naming what to write: STAGE.STAGE.KEY=value.
+    Any other unknown KEY is left to the config's own check, which names the closest key.
+    (`posttrain pipeline` and `posttrain demo` both read their overrides so.) Raises ConfigError."""
+    key = item.split("=", 1)[0].strip()
+    own = {f.name for f in dataclasses.fields(config_cls)}
+    if key.split(".")[0] not in own and _fits(config_cls, f"{stage}.{item}"):
+        raise ConfigError(f"override {stage + '.' + item!r} reads as stage {stage!r}, key {key!r}, which the "
+                          f"{stage} stage does not have; for its {stage}.{key}, write {stage}.{stage}.{item}")
+
+
 def _given(items: list[str]) -> dict:
     """The settings the pipeline sets for a stage (its overrides, not its config file's), as a nested dict."""
     from posttrain.config.schema import apply_override
@@ -299,11 +312,8 @@ def _load_stage(spec: dict, name: str, earlier: list[Stage], path: Path, output_
     own_file, own_cli = _override_list(spec.get("overrides"), f"{where}: overrides"), cli_stage.get(name, [])
     own = own_file + own_cli
     config_cls, run = registry[kind]()
-    for item in own_cli:  # `dpo.beta=0.2` with a stage called dpo: stage dpo's `beta`, which DPO has not
-        key = item.split("=", 1)[0].strip()
-        if "." not in key and key not in {f.name for f in dataclasses.fields(config_cls)}:
-            raise ConfigError(f"override {name}.{item!r} reads as stage {name!r}, key {key!r}, which is not a "
-                              f"{kind} key; for that stage's {name}.{key}, write {name}.{name}.{item}")
+    for item in own_cli:
+        check_stage_item(config_cls, name, item)
     if "output_dir" in _keys(own):
         raise ConfigError("output_dir is the pipeline's (each stage runs in OUTPUT_DIR/NAME); set it at the top")
     config_file = path.parent / user_path(spec["config"]) if spec.get("config") else None  # ~ is home

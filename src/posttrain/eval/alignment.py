@@ -17,7 +17,8 @@ and, between them:
 
     kl_to_reference  E_{y~π}[Σ_t log π(y_t) − log π_ref(y_t)] over `samples` sampled responses per
                      prompt: a sampled estimate of KL(π‖π_ref) per response, at the sampling
-                     temperature (the KL that RLHF's penalty bounds); needs one shared tokenizer
+                     temperature (the KL that RLHF's penalty bounds); needs one shared tokenizer.
+                     Beside it: kl_se, its standard error, and kl_responses, the responses
     reward_win_rate  share of prompts where the policy's reward beats the reference's (ties half),
                      with the Wilson interval of wins / (wins + losses)
     judge_win_rate   the same from a pairwise LLM judge asked in both orders; a pair whose two
@@ -248,20 +249,24 @@ def _rewards(sides: list[Side], records, score) -> list[list[float]] | None:
     return totals
 
 
-def _kl(policy: Side, reference: Side, cfg) -> float | None:
+def _kl(policy: Side, reference: Side, cfg) -> dict:
+    """report.json's KL figures: kl_to_reference, the mean of the sampled responses' Σ_t log π −
+    log π_ref (None: no samples, or two tokenizers), its standard error kl_se and kl_responses."""
     from posttrain.rollout.sampling import SamplingSettings
-    from posttrain.train.rollouts import _sequence_kl
+    from posttrain.train import rollouts
 
     g = cfg.generation
     if not g.samples or policy.tokenizer.get_vocab() != reference.tokenizer.get_vocab():
-        return None
+        return {"kl_to_reference": None}
     prompt_ids = [p for p in policy.prompt_ids for _ in range(g.samples)]
     settings = SamplingSettings(max_new_tokens=g.max_new_tokens, temperature=g.temperature, seed=g.seed)
     completions = [c or [policy.tokenizer.eos_token_id] for c in _generate(policy, prompt_ids, settings,
                                                                            g.batch_size)]
     # a reference that is the policy's own model: _sequence_kl switches its adapters off (reference_weights)
     frozen = None if reference.model is policy.model else reference.model
-    return _sequence_kl(policy.model, policy.tokenizer, prompt_ids, completions, nullcontext, frozen, g.temperature)
+    kl = mean_and_se(rollouts._sequence_kl(policy.model, policy.tokenizer, prompt_ids, completions, nullcontext,
+                                           frozen, g.temperature))
+    return {"kl_to_reference": kl["mean"], "kl_se": kl["se"], "kl_responses": kl["n"]}
 
 
 def _judge(policy: Side, reference: Side, records, cfg, judge_backend, rubric: str = "") -> list[str]:
@@ -341,7 +346,7 @@ def run_evaluate(cfg, *, judge=None, log: Callable[[str], Any] = print) -> Path:
     report: dict[str, Any] = {"policy": cfg.policy, "reference": cfg.reference or None, "prompts": len(records)}
     if len(sides) == 2:
         policy, reference = sides
-        report["kl_to_reference"] = _kl(policy, reference, cfg)
+        report.update(_kl(policy, reference, cfg))
         if rewards is not None:
             report["reward_win_rate"] = win_rate(["win" if a > b else "loss" if a < b else "tie"
                                                   for a, b in zip(*rewards)])

@@ -51,6 +51,27 @@ def _win(w: dict, judge: bool = False) -> str:
     return text
 
 
+def kl_figure(report: dict) -> str:
+    """The sampled KL(policy ‖ reference) of report.json as evaluate's report.md and the demo give it:
+    the mean of Σ_t log π − log π_ref over the sampled responses (kl_to_reference), ± its standard
+    error (kl_se), over kl_responses responses. The mean is an unbiased estimate of a figure that is
+    never below 0, so a negative one is said to be within 2 standard errors of 0 (sampling noise) or
+    more than 2 below it (unlikely to be noise alone). A report without kl_se gets the mean alone."""
+    kl, se, n = report.get("kl_to_reference"), report.get("kl_se"), report.get("kl_responses")
+    if kl is None:
+        return "not measured (no samples, or the two tokenizers differ)"
+    caveat = ""
+    if kl < 0 and se is None:
+        caveat = "; KL itself is never below 0: raise generation.samples to tell sampling noise from a fault"
+    elif kl < 0 and kl >= -2 * se:
+        caveat = "; within 2 standard errors of 0: sampling noise, as KL itself is never below 0"
+    elif kl < 0:
+        caveat = ("; more than 2 standard errors below 0, where KL itself never is: unlikely to be sampling noise "
+                  "alone, so the samples may not follow the policy's distribution as scored")
+    over = "a sampled estimate" + ("" if n is None else f" over {n} responses")
+    return f"{kl:.3f}" + ("" if se is None else f" ± {se:.3f}") + f" nats per response ({over}{caveat})"
+
+
 def markdown(report: dict) -> str:
     models = report["models"]
     names = list(models)
@@ -68,12 +89,7 @@ def markdown(report: dict) -> str:
         lines.append(f"- red team, {name}: {red['failed']} of {red['requests']} requests failed (left out of every "
                      f"n; evaluate exits 2; see redteam_{name}/report.md; a rerun asks every request again)")
     if "kl_to_reference" in report:
-        kl = report["kl_to_reference"]
-        lines.append("- KL(policy ‖ reference) per response, sampled: "
-                     + ("not measured (no samples, or the two tokenizers differ)" if kl is None else f"{kl:.3f} nats")
-                     + (" (the mean of log π − log π_ref over samples: an unbiased estimate, which a few samples of "
-                        "near-equal models can put below 0; raise generation.samples)" if kl is not None and kl < 0
-                        else ""))
+        lines.append(f"- KL(policy ‖ reference): {kl_figure(report)}")
     for key, label in (("reward_win_rate", "reward win rate"), ("judge_win_rate", "judge win rate")):
         if key in report:
             lines.append(f"- {label} of the policy over the reference: {_win(report[key], key == 'judge_win_rate')}")

@@ -531,17 +531,19 @@ def held_out_reward(model, tokenizer, prompts: list[list[int]], records: list[Pr
            "greedy_reward": sum(rewards(greedy, records[:n])) / n, "prompts": n, "samples": k,
            "response_tokens": sum(map(len, sampled)) / len(sampled), "kl_to_reference": None}
     if frozen_reference is not None or hasattr(model, "adapters_disabled"):
-        out["kl_to_reference"] = 0.0 if policy_is_reference else _sequence_kl(
+        out["kl_to_reference"] = 0.0 if policy_is_reference else sum(_sequence_kl(
             model, tokenizer, sampled_ids, sampled, autocast, frozen_reference, r.temperature,
-            cfg.train.loss_chunk_size)
+            cfg.train.loss_chunk_size)) / len(sampled)
     return out
 
 
 def _sequence_kl(model, tokenizer, prompt_ids, completions, autocast, frozen_reference,
-                 temperature: float = 1.0, chunk_size: int = 256) -> float:
+                 temperature: float = 1.0, chunk_size: int = 256) -> list[float]:
+    """Σ_t log π(y_t) − log π_ref(y_t) of each sampled response, at `temperature`: one value per
+    response, whose mean over responses sampled from π estimates KL(π‖π_ref) per response."""
     from posttrain.train.preference import reference_weights
 
-    total, device = 0.0, next(model.parameters()).device
+    values, device = [], next(model.parameters()).device
     for start in range(0, len(completions), 64):
         batch = collate_completions(prompt_ids[start : start + 64], completions[start : start + 64],
                                     tokenizer.pad_token_id)
@@ -549,8 +551,8 @@ def _sequence_kl(model, tokenizer, prompt_ids, completions, autocast, frozen_ref
         logps = no_grad_eval(model, autocast, completion_logps, batch, chunk_size, temperature)
         with reference_weights(model, frozen_reference) as reference:
             ref = no_grad_eval(reference, autocast, completion_logps, batch, chunk_size, temperature)
-        total += float(((logps.float() - ref.float()) * batch["response_mask"]).sum())
-    return total / len(completions)
+        values += ((logps.float() - ref.float()) * batch["response_mask"]).sum(-1).tolist()
+    return values
 
 
 def log_held_out(figures: dict, when: str, log) -> None:
