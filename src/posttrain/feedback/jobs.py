@@ -366,8 +366,9 @@ def check_resume_settings(out_dir: Path, settings: dict[str, Any], resuming: boo
 
     A key the recorded settings lack (kept only since a later version) is a change unless
     `unrecorded` says otherwise: its value is the refusal's words, or None for no refusal. A local
-    model's files (MODEL_FILES, see `model_identity`) that an earlier run did not keep are no
-    change; files that changed are refused, naming the model."""
+    model's identity (MODEL_FILES, see `model_identity`) that an earlier run did not keep, or kept
+    under an earlier rule for the same files, is no change; another model is refused, naming it
+    (`model_changed`)."""
     path = out_dir / name
     unrecorded = unrecorded or {}
     if resuming and path.is_file():
@@ -380,11 +381,10 @@ def check_resume_settings(out_dir: Path, settings: dict[str, Any], resuming: boo
                 if unrecorded.get(key):
                     raise ConfigError(f"{out_dir}: {unrecorded[key]}")
             if field_name == MODEL_FILES:
-                model = _lookup(settings, f"{section}.model")
-                now = "it is not there now" if new is None else "retrained or replaced in place"
-                raise ConfigError(f"{out_dir} holds records made by the local model {section}.model={model!r}, whose "
-                                  f"files have changed since ({now}); resuming would mix two models' outputs. "
-                                  "Restore that model, or use a new output_dir")
+                said = model_changed(out_dir, f"{section}.model", _lookup(settings, f"{section}.model"), old, new)
+                if said is None:
+                    continue
+                raise ConfigError(said)
             raise ConfigError(f"{out_dir} holds records made with {key}={old!r}, now {new!r}; resume with the "
                               "same setting, or use a new output_dir")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -422,22 +422,27 @@ MODEL_FILES = "model_files"  # a local backend's key for `model_identity` in a r
 
 
 def model_identity(backend_cfg) -> dict[str, Any]:
-    """{MODEL_FILES: identity} of a local backend's model (kind "local"), {} of a served one (its
-    name is all a client knows): a preset's built directory name (its version and definition,
-    as a training resume keys on it), else the contents of the directory loaded (a run
-    directory's final/; `train.runs._file_identity`: file names, sizes and content digests, so
-    a copy of the same model is the same and one retrained in place is not); None when nothing
-    is there to load (loading it fails, naming why). Recorded with a run's settings, so that
-    `check_resume_settings` refuses a resume whose model's files changed."""
+    """{MODEL_FILES: identity} of a local backend's model (kind "local"; `models.loading.model_identity`,
+    the rule training's resume fingerprint keeps too: a copy of the same model is the same, one
+    retrained in place is not, an adapter's includes its local base's), {} of a served one (its
+    name is all a client knows). Recorded with a run's settings, so that `check_resume_settings`
+    refuses a resume whose model changed."""
     if getattr(backend_cfg, "kind", None) != "local":
         return {}
-    import os
+    from posttrain.models.loading import model_identity as identity
 
-    from posttrain.inference import resolve_model_dir
-    from posttrain.models.presets import is_preset, preset_path
-    from posttrain.train.runs import _file_identity
+    return {MODEL_FILES: identity(backend_cfg.model)}
 
-    model = backend_cfg.model
-    if is_preset(model):
-        return {MODEL_FILES: preset_path(model).name}
-    return {MODEL_FILES: _file_identity(resolve_model_dir(os.path.expanduser(model)))}
+
+def model_changed(out_dir: Path, setting: str, model: Any, recorded: Any, now: Any, records: str = "records") -> \
+        str | None:
+    """The refusal's words when the local model `setting`=`model` whose identity (MODEL_FILES) the
+    `records` in out_dir were made with (`recorded`) is `now` another; None when it is the same, or
+    an earlier rule recorded it for the model as it is (`models.loading.identified_earlier`)."""
+    from posttrain.models.loading import identified_earlier
+
+    if recorded == now or (isinstance(model, str) and identified_earlier(recorded, model)):
+        return None
+    how = "it is not there now" if now is None else "retrained or replaced in place"
+    return (f"{out_dir} holds {records} made by the local model {setting}={model!r}, whose files have changed since "
+            f"({how}); resuming would mix two models' outputs. Restore that model, or use a new output_dir")

@@ -86,11 +86,93 @@ def run_final_model(path: str | os.PathLike) -> Path | None:
     return None
 
 
+def model_identity(path: str | os.PathLike) -> Any:
+    """Which model is at `path`: the one rule a resume checks a local model by (training's
+    fingerprint, the feedback jobs' and the red team's recorded settings). A preset: its built
+    directory's name (built from code, the same at every build: its version and definition say
+    what it is). A directory (a run directory: its final/, as the loaders take it): a digest of
+    the names, sizes and contents of the files a loader reads, those at its top (an adapter's also
+    in the subdirectories its posttrain_adapters.json names; a run or an eval writing inside the
+    directory changes nothing) — contents by `train.runs._file_identity` (a file over 64 MiB is
+    sampled, 16 MiB read) —, so a copy or a touch is the same model and one retrained in place is
+    not. An adapter whose config names a local base model (a preset, or a directory there):
+    [its own, the base's], so a base retrained in place is another model too. None when nothing
+    is there."""
+    from posttrain.train.runs import _digest, _file_identity
+
+    if is_preset(path):
+        return preset_path(str(path)).name
+    directory = _loaded_directory(path)
+    if not directory.is_dir():
+        return None
+    files = [f for part in _model_parts(directory) for f in sorted(part.iterdir()) if f.is_file()]
+    own = _digest([[str(f.relative_to(directory)), *(_file_identity(str(f)) or [None])] for f in files])
+    base = _adapter_base(directory)
+    base_identity = model_identity(base) if base is not None and Path(base).expanduser().resolve() != \
+        directory.resolve() else None
+    return own if base_identity is None else [own, base_identity]
+
+
+def identified_earlier(recorded: Any, path: str | os.PathLike) -> bool:
+    """True when `recorded` is what an earlier rule recorded for the model now at `path` and still
+    says of it: a training checkpoint's digest of its top-level files' names, sizes and modification
+    times (`model_files`), a feedback job's of every file under it, or an adapter's own files
+    before its base counted. A resume takes it as the same model (nothing newer was recorded to
+    compare)."""
+    from posttrain.train.runs import _digest, _file_identity
+
+    if is_preset(path) or recorded is None:
+        return False
+    now = model_identity(path)
+    if isinstance(now, list) and recorded == now[0]:
+        return True
+    if recorded == _file_identity(str(_loaded_directory(path))):
+        return True
+    try:
+        return recorded == _digest(model_files(str(path)))
+    except (UserError, OSError):
+        return False
+
+
+def _loaded_directory(path: str | os.PathLike) -> Path:
+    """The directory a loader reads for `path` (not a preset): a run directory's final/, else itself."""
+    directory = Path(path).expanduser()
+    final = directory / "final"
+    return final if final.is_dir() and not (directory / "config.json").is_file() else directory
+
+
+def _model_parts(directory: Path) -> list[Path]:
+    """The directories whose files a loader reads: `directory`, and an adapter's component
+    subdirectories its posttrain_adapters.json names."""
+    from posttrain.models.adapters.io import MANIFEST
+
+    try:
+        components = json.loads((directory / MANIFEST).read_text()).get("components", {})
+        subs = [directory / sub for sub in components.values() if isinstance(sub, str) and sub not in (".", "")]
+    except (OSError, ValueError, AttributeError):
+        subs = []
+    return [directory, *(sub for sub in subs if sub.is_dir())]
+
+
+def _adapter_base(directory: Path) -> str | None:
+    """The base model an adapter directory's config names (`posttrain_adapters.json`, else
+    adapter_config.json), None for anything else. A relative base is as the loader reads it (from
+    the working directory)."""
+    from posttrain.models.adapters.io import MANIFEST
+
+    for name in (MANIFEST, "adapter_config.json"):
+        try:
+            base = json.loads((directory / name).read_text()).get("base_model_name_or_path")
+        except (OSError, ValueError, AttributeError):
+            continue
+        return base if isinstance(base, str) and base else None
+    return None
+
+
 def model_files(path: str) -> list:
     """What is at model.path (a directory, or a run directory's final/): each file's name, size
-    and modification time. A stage that rewrites the directory (an SFT continued into the run
-    given as model.path) changes it: the resume fingerprint and the reference log-prob cache key
-    on it."""
+    and modification time. The reference log-prob cache keys on it; training checkpoints kept a
+    digest of it before `model_identity` (`identified_earlier`)."""
     directory = resolve_model_path(path)
     return [[f.name, stat.st_size, stat.st_mtime_ns] for f in sorted(directory.iterdir())
             if f.is_file() and (stat := f.stat())]

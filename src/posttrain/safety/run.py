@@ -166,9 +166,11 @@ def work_units(items: list[tuple[str, dict]], logged: list[dict]) -> tuple[list[
     return units, finished
 
 
-def converse(unit: dict, attacker, target, classify: Callable[[str, str], tuple[str, str]], cfg) -> list[dict]:
+def converse(unit: dict, attacker, target, classify: Callable[[str, str], tuple[str, str]], cfg,
+             settings: dict | None = None) -> list[dict]:
     """The PAIR conversations of one request's streams in `unit` (`work_units`), run together
-    (`pair.run_streams`): their records for the log; stream s's attacker samples from
+    (`pair.run_streams`): their records for the log, each with `settings` (`pair_settings`, computed
+    once a run: a local attacker's identity reads its files); stream s's attacker samples from
     attacks.pair.attacker with seed + s, the target from cfg.target."""
     from posttrain.safety.pair import run_streams
 
@@ -189,20 +191,24 @@ def converse(unit: dict, attacker, target, classify: Callable[[str, str], tuple[
                           ask_target=ask_target, classify=classify, rounds=pair.rounds,
                           parse_retries=pair.parse_retries, keep_last=pair.keep_last,
                           stop_after=unit.get("stop_after"))
-    return [{**item, "request": request_digest(item), "pair": pair_settings(cfg), **result}
+    settings = settings if settings is not None else pair_settings(cfg)
+    return [{**item, "request": request_digest(item), "pair": settings, **result}
             for item, result in zip(items, results)]
 
 
 def pair_settings(cfg) -> dict:
     """What decides a PAIR conversation besides the target and the classifier (which run.json
     holds): kept in each conversation's record, so a resume with other values is refused even
-    after a run with PAIR off. (More streams only add conversations: stream s is the same.)"""
+    after a run with PAIR off. (More streams only add conversations: stream s is the same.) A
+    local attacker's identity counts (`jobs.model_identity`): one retrained in place is another."""
+    from posttrain.feedback.jobs import model_identity
     from posttrain.feedback.rlaif import backend_settings
     from posttrain.safety.pair import instructions_digest
 
     pair = cfg.attacks.pair
     settings = {"rounds": pair.rounds, "parse_retries": pair.parse_retries,
-                "attacker": backend_settings(pair.attacker), "instructions": instructions_digest()}
+                "attacker": backend_settings(pair.attacker) | model_identity(pair.attacker),
+                "instructions": instructions_digest()}
     # keep_last changes a conversation only when its rounds outgrow it: recorded then alone, so a log
     # from before the setting existed resumes under the default
     return settings | ({"keep_last": pair.keep_last} if pair.rounds > pair.keep_last + 1 else {})
@@ -313,10 +319,12 @@ def run_redteam(cfg, *, target=None, judge=None, attacker=None, log: Callable[[s
 
     failed_ids: set[str] = set()  # this run's failures, for their rows' counts (run_items keeps only a few)
 
+    pair_recorded = pair_settings(cfg) if pair.enabled else None
+
     def work(item_id: str, item: dict) -> dict | list[dict]:
         try:
             if "streams" in item:  # a request's PAIR conversations: a list of records when they are all of them
-                conversations = converse(item, attacker, target, classify, cfg)
+                conversations = converse(item, attacker, target, classify, cfg, pair_recorded)
                 return conversations if item_id == item["goal"] else conversations[0]
             return respond_and_label(item, target, classify, cfg.target)
         except Exception:
@@ -326,7 +334,7 @@ def run_redteam(cfg, *, target=None, judge=None, attacker=None, log: Callable[[s
     aborted, summary = None, None
     try:
         with JsonlLog(log_path) as responses:
-            check_logged_requests(responses.records, items, out, pair_settings(cfg) if pair.enabled else None)
+            check_logged_requests(responses.records, items, out, pair_recorded)
             units, finished = work_units(items, responses.records)
             responses.items.update(finished)  # goals logged stream by stream (before streams ran together)
             try:
@@ -387,13 +395,16 @@ def asked(items: list[tuple[str, dict]]) -> dict:
 
 
 def _settings(cfg) -> dict:
-    """What decides every record: the target's sampling and the classifier. (Each record's own
-    request is checked against its item: `check_logged_requests`.)"""
+    """What decides every record: the target's sampling and the classifier; a local target's or
+    judge's identity (`jobs.model_identity`: one retrained in place is another model). (Each
+    record's own request is checked against its item: `check_logged_requests`.)"""
+    from posttrain.feedback.jobs import model_identity
     from posttrain.feedback.rlaif import backend_settings
 
-    judge = backend_settings(cfg.judge) | {"parse_retries": cfg.judge.parse_retries} \
+    judge = backend_settings(cfg.judge) | model_identity(cfg.judge) | {"parse_retries": cfg.judge.parse_retries} \
         if cfg.classifier == "judge" else None
-    return {"target": backend_settings(cfg.target), "classifier": cfg.classifier, "judge": judge}
+    return {"target": backend_settings(cfg.target) | model_identity(cfg.target), "classifier": cfg.classifier,
+            "judge": judge}
 
 
 def request_digest(item: dict) -> str:
@@ -414,6 +425,7 @@ def check_logged_requests(records: list[dict], items: list[tuple[str, dict]], ou
     from posttrain.errors import ConfigError
 
     wanted = {item_id: item for item_id, item in items}
+    checked: set[str] = set()  # the pair settings already checked (a local attacker's identity is compared once)
     for record in records:
         item = wanted.get(record["id"])
         if item is None:
@@ -424,23 +436,33 @@ def check_logged_requests(records: list[dict], items: list[tuple[str, dict]], ou
             raise ConfigError(f"{out}: {record['id']} was answered for another request (its probe's text or "
                               "category, or the attack's template, changed since); use a new output_dir, or "
                               "restore the probe")
-        if "stream" in item and pair is not None:
+        if "stream" in item and pair is not None and (said := json.dumps(record.get("pair"), sort_keys=True)) \
+                not in checked:
             _check_pair_settings(record, pair, out)
+            checked.add(said)
 
 
 def _check_pair_settings(record: dict, pair: dict, out: Path) -> None:
-    """Refuse a logged PAIR conversation made with other attacks.pair settings, naming the first."""
+    """Refuse a logged PAIR conversation made with other attacks.pair settings, naming the first;
+    a local attacker's identity as `jobs.check_resume_settings` compares it (one a conversation
+    logged before it was kept lacks is no change; another model is refused, naming it)."""
     from posttrain.errors import ConfigError
 
     from posttrain.config.schema import flatten
+    from posttrain.feedback.jobs import MODEL_FILES, model_changed
 
     old, new = flatten(record.get("pair", {}), "attacks.pair."), flatten(pair, "attacks.pair.")
-    for key in sorted(set(old) | set(new)):
+    identity = f"attacks.pair.attacker.{MODEL_FILES}"
+    for key in sorted((set(old) | set(new)) - {identity}):
         if old.get(key) != new.get(key):
             what = " (the attacker's instructions, changed by a posttrain update)" if key.endswith("instructions") \
                 else ""
             raise ConfigError(f"{out} holds PAIR conversations made with {key}={old.get(key)!r}{what}, now "
                               f"{new.get(key)!r}; resume with the same setting, or use a new output_dir")
+    said = model_changed(out, "attacks.pair.attacker.model", new.get("attacks.pair.attacker.model"), old[identity],
+                         new.get(identity), records="PAIR conversations") if identity in old else None
+    if said:
+        raise ConfigError(said)
 
 
 def _drop_request_hash(run_json: Path) -> None:

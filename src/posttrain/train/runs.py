@@ -327,15 +327,15 @@ def make_accelerator(cfg, run_dir: Path):
 def run_fingerprint(cfg) -> dict[str, Any]:
     """The settings that decide what a checkpoint holds, flat ({"data.max_length": 64, ...}): model,
     data, adapters, the stage's own loss sections; of `train`, those that decide the data and the
-    weights trained (`_TRAIN_FINGERPRINTED`); and the identity of the starting model's files and of
-    the data files (`_file_identity`: rows edited under the same name are other data).
+    weights trained (`_TRAIN_FINGERPRINTED`); and the identity of the starting model
+    (`models.loading.model_identity`: a model retrained in place is another model) and of the data
+    files (`_file_identity`: rows edited under the same name are other data).
     Kept in every checkpoint; a resume under other values is refused, naming them. Left out: what
     a resume may change (the rest of `train` — the README lets a resumed run take a new lr, steps,
     cadences —, `eval`, `output_dir`, and `_RESUME_MAY_CHANGE`)."""
     import json
 
-    from posttrain.models.loading import model_files
-    from posttrain.models.presets import is_preset, preset_path
+    from posttrain.models.loading import model_identity, resolve_model_path
 
     knobs = {section for section, _ in _RESUME_MAY_CHANGE}
     settings: dict[str, Any] = {}
@@ -353,9 +353,8 @@ def run_fingerprint(cfg) -> dict[str, Any]:
             settings[f"{section}.{key}"] = value
     path = getattr(getattr(cfg, "model", None), "path", None)
     if isinstance(path, str) and path:
-        # a preset is built from code, the same at every build: its directory's name (version and
-        # definition) says what it is, where a rebuilt cache would have new times
-        settings[MODEL_FILES] = preset_path(path).name if is_preset(path) else _digest(model_files(path))
+        resolve_model_path(path)  # a path training cannot start from is refused here, naming why
+        settings[MODEL_FILES] = model_identity(path)
     data_files = {name: _file_identity(name) for key, value in settings.items()
                   if key.endswith("files") and isinstance(value, list) for name in value
                   if isinstance(name, str) and name != "synthetic"}
@@ -407,7 +406,7 @@ def _content_digest(path: Path, size: int) -> str:
 # seed: the synthetic rows, the held-out split and the data order; batch_size: what the data
 # position counts (micro-batches); freeze: which weights (and moments) the checkpoint holds
 _TRAIN_FINGERPRINTED = ("seed", "batch_size", "freeze")
-MODEL_FILES = "model.files"  # the fingerprint's key for `model_files`
+MODEL_FILES = "model.files"  # the fingerprint's key for the starting model's `model_identity`
 DATA_FILES = "data.file_identities"  # the fingerprint's key for the data files' `_file_identity`, by name
 
 _RESUME_MAY_CHANGE = (("model", "gradient_checkpointing"), ("model", "lean_activations"), ("model", "padding_free"),
@@ -441,11 +440,17 @@ def _legacy_digest(settings: dict[str, Any]) -> str:
 def _check_same_run(resume_from: Path, fingerprint: dict[str, Any] | None) -> None:
     """Refuse a resume from a checkpoint whose fingerprint (`run_fingerprint`) differs from this
     run's, naming the settings changed (`_change`). A value an older version recorded otherwise for
-    the same training (`config.preference.same_as_recorded_earlier`: cdpo's ε recorded null) is
-    no change."""
+    the same training (`config.preference.same_as_recorded_earlier`: cdpo's ε recorded null; the
+    starting model's identity under an earlier rule, `models.loading.identified_earlier`) is no
+    change."""
     import json
 
     from posttrain.config.preference import same_as_recorded_earlier
+    from posttrain.models.loading import identified_earlier
+
+    def earlier_model(key: str, then) -> bool:
+        return key == MODEL_FILES and isinstance(model := fingerprint.get("model.path"), str) and \
+            identified_earlier(then, model)
 
     saved = json.loads((resume_from / checkpoint.LOOP_STATE).read_text()).get("fingerprint")
     if fingerprint is None or saved is None:
@@ -455,7 +460,8 @@ def _check_same_run(resume_from: Path, fingerprint: dict[str, Any] | None) -> No
     else:
         changed = [said for key in sorted(saved.keys() | fingerprint.keys())
                    if (then := saved.get(key, _UNSET)) != (now := fingerprint.get(key, _UNSET))
-                   and not same_as_recorded_earlier(key, then, now) and (said := _change(key, saved, fingerprint))]
+                   and not same_as_recorded_earlier(key, then, now) and not earlier_model(key, then)
+                   and (said := _change(key, saved, fingerprint))]
     if changed:
         shown = "; ".join(changed[:4]) + (f"; and {len(changed) - 4} more" if len(changed) > 4 else "")
         raise ConfigError(f"{resume_from} was written by a run with other settings ({shown}); resuming would mix "
