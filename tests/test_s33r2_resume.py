@@ -18,7 +18,8 @@ import pytest
 import posttrain as P
 from posttrain.errors import ConfigError
 from posttrain.train import checkpoint
-from posttrain.train.runs import DATA_FILES, _change, _check_same_run, _content_digest, run_fingerprint
+from posttrain.files import content_digest
+from posttrain.train.runs import DATA_FILES, _change, _check_same_run, run_fingerprint
 from tests.test_walkthrough_resume import _cfg, _chat_file, _ckpts, _copy, _cut
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,7 +101,7 @@ def test_a_checkpoint_from_before_data_files_were_fingerprinted_resumes(tmp_path
     target = run / "checkpoints" / "step-0000002"
     state = json.loads((target / checkpoint.LOOP_STATE).read_text())
     size = data.stat().st_size
-    assert state["fingerprint"][DATA_FILES] == {str(data): [size, _content_digest(data, size)]}
+    assert state["fingerprint"][DATA_FILES] == {str(data): [size, content_digest(data, size)]}
     del state["fingerprint"][DATA_FILES]
     (target / checkpoint.LOOP_STATE).write_text(json.dumps(state))
     manifest = json.loads((target / checkpoint.MANIFEST).read_text())
@@ -110,7 +111,7 @@ def test_a_checkpoint_from_before_data_files_were_fingerprinted_resumes(tmp_path
     data.write_text("".join(reversed(text.splitlines(True))))  # another order, the same size: not kept, not compared
     P.run_sft(_cfg(run, files=[data], max_steps=3))
     after = json.loads((run / "checkpoints" / "step-0000003" / checkpoint.LOOP_STATE).read_text())
-    assert after["fingerprint"][DATA_FILES] == {str(data): [size, _content_digest(data, size)]}
+    assert after["fingerprint"][DATA_FILES] == {str(data): [size, content_digest(data, size)]}
 
 
 def test_a_data_file_rewritten_at_the_same_size_is_named_and_a_fresh_copy_of_the_same_rows_is_not(tmp_path):

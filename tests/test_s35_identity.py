@@ -24,7 +24,8 @@ from posttrain.models.loading import model_files
 from posttrain.models.presets import preset_path
 from posttrain.safety.run import run_redteam
 from posttrain.train import checkpoint
-from posttrain.train.runs import MODEL_FILES as FINGERPRINT_MODEL, _check_same_run, _digest, run_fingerprint
+from posttrain.files import short_digest
+from posttrain.train.runs import MODEL_FILES as FINGERPRINT_MODEL, _check_same_run, run_fingerprint
 from tests.test_redteam_pair import Attacker, Target, never
 
 QUIET = {"log": lambda _: None, "stream": None}
@@ -90,7 +91,7 @@ def test_a_preset_is_identified_by_its_built_directory_name_in_both(tmp_path):
 def test_a_checkpoint_recorded_under_the_size_and_time_rule_resumes_an_unchanged_model(tmp_path):
     model = _model(tmp_path / "model")
     fingerprint = _fingerprint(model, tmp_path)
-    earlier = fingerprint | {FINGERPRINT_MODEL: _digest(model_files(str(model)))}  # as checkpoints kept it before
+    earlier = fingerprint | {FINGERPRINT_MODEL: short_digest(model_files(str(model)))}  # as checkpoints kept it before
     step = _checkpoint(tmp_path, earlier)
     _check_same_run(step, fingerprint)  # the same model: resumes
     (model / "model.safetensors").write_bytes(b"weights, trained more")
@@ -198,14 +199,14 @@ def test_an_adapters_identity_includes_its_local_base(tmp_path):
 def test_a_job_log_recorded_with_the_adapters_files_alone_resumes(tmp_path):
     from posttrain.feedback.jobs import check_resume_settings
     from posttrain.feedback.rlaif import result_settings
-    from posttrain.train.runs import _file_identity
+    from posttrain.files import file_identity
 
     base = _model(tmp_path / "base")
     adapter = _adapter(tmp_path / "adapter", base)
     cfg = RLAIFConfig.from_dict({"policy": {"kind": "local", "model": str(adapter)}})
     settings = result_settings(cfg, "")
     earlier = json.loads(json.dumps(settings))
-    earlier["policy"][MODEL_FILES] = _file_identity(str(adapter))  # as recorded before the base counted
+    earlier["policy"][MODEL_FILES] = file_identity(str(adapter))  # as recorded before the base counted
     (tmp_path / "run.json").write_text(json.dumps(earlier))
     check_resume_settings(tmp_path, settings, resuming=True, name="run.json")
     (adapter / "adapter_model.safetensors").write_bytes(b"lora, trained more")

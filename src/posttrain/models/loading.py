@@ -93,12 +93,12 @@ def model_identity(path: str | os.PathLike) -> Any:
     what it is). A directory (a run directory: its final/, as the loaders take it): a digest of
     the names, sizes and contents of the files a loader reads, those at its top (an adapter's also
     in the subdirectories its posttrain_adapters.json names; a run or an eval writing inside the
-    directory changes nothing) — contents by `train.runs._file_identity` (a file over 64 MiB is
+    directory changes nothing) — contents by `files.file_identity` (a file over 64 MiB is
     sampled, 16 MiB read) —, so a copy or a touch is the same model and one retrained in place is
     not. An adapter whose config names a local base model (a preset, or a directory there):
     [its own, the base's], so a base retrained in place is another model too. None when nothing
     is there."""
-    from posttrain.train.runs import _digest, _file_identity
+    from posttrain.files import file_identity, short_digest
 
     if is_preset(path):
         return preset_path(str(path)).name
@@ -106,7 +106,7 @@ def model_identity(path: str | os.PathLike) -> Any:
     if not directory.is_dir():
         return None
     files = [f for part in _model_parts(directory) for f in sorted(part.iterdir()) if f.is_file()]
-    own = _digest([[str(f.relative_to(directory)), *(_file_identity(str(f)) or [None])] for f in files])
+    own = short_digest([[str(f.relative_to(directory)), *(file_identity(str(f)) or [None])] for f in files])
     base = _adapter_base(directory)
     base_identity = model_identity(base) if base is not None and Path(base).expanduser().resolve() != \
         directory.resolve() else None
@@ -119,17 +119,17 @@ def identified_earlier(recorded: Any, path: str | os.PathLike) -> bool:
     times (`model_files`), a feedback job's of every file under it, or an adapter's own files
     before its base counted. A resume takes it as the same model (nothing newer was recorded to
     compare)."""
-    from posttrain.train.runs import _digest, _file_identity
+    from posttrain.files import file_identity, short_digest
 
     if is_preset(path) or recorded is None:
         return False
     now = model_identity(path)
     if isinstance(now, list) and recorded == now[0]:
         return True
-    if recorded == _file_identity(str(_loaded_directory(path))):
+    if recorded == file_identity(str(_loaded_directory(path))):
         return True
     try:
-        return recorded == _digest(model_files(str(path)))
+        return recorded == short_digest(model_files(str(path)))
     except (UserError, OSError):
         return False
 

@@ -552,8 +552,9 @@ def _mismatched_partners(sequences: list, log: Callable[[str], None], split: str
 
 
 def _fingerprint(cfg: DPOConfig, items: list[Item], share_prompt: bool = False, unpadded: bool = False) -> str:
-    """What the reference log-probs depend on: the model — its path and what is at it (each file's
-    name, size and modification time: an SFT stage that rewrites the directory changes it) —,
+    """What the reference log-probs depend on: the model — its path and what is at it
+    (`loading.model_identity`, the resume fingerprint's rule: its files' contents, so an SFT stage
+    that rewrites the directory changes it and a copy or a touch does not) —,
     its dtype, precision, adapter method and quantization (QLoRA's reference is the quantized
     base), with prompt or prefix tuning what draws the starting virtual tokens (their settings and
     train.seed: the reference is the starting policy, those tokens included), every sequence's
@@ -563,9 +564,9 @@ def _fingerprint(cfg: DPOConfig, items: list[Item], share_prompt: bool = False, 
     a cache from before it, one batch at a time, is computed again)."""
     from posttrain.models.adapters import plan_adapters
     from posttrain.models.adapters.spec import VIRTUAL_METHODS
-    from posttrain.models.loading import model_files
+    from posttrain.models.loading import model_identity
 
-    parts = [cfg.model.path, model_files(cfg.model.path), cfg.model.dtype, cfg.adapter.method,
+    parts = [cfg.model.path, model_identity(cfg.model.path), cfg.model.dtype, cfg.adapter.method,
              dataclasses.asdict(cfg.adapter.quantization), cfg.train.mixed_precision]
     if any(m in VIRTUAL_METHODS for m in plan_adapters(cfg.adapter).methods):
         parts += [dataclasses.asdict(cfg.adapter.virtual_tokens), cfg.train.seed]

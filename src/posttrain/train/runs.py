@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.errors import ConfigError
+from posttrain.files import file_identity, short_digest
 from posttrain.train import checkpoint
 from posttrain.train.metrics import strict_json
 
@@ -329,7 +330,7 @@ def run_fingerprint(cfg) -> dict[str, Any]:
     data, adapters, the stage's own loss sections; of `train`, those that decide the data and the
     weights trained (`_TRAIN_FINGERPRINTED`); and the identity of the starting model
     (`models.loading.model_identity`: a model retrained in place is another model) and of the data
-    files (`_file_identity`: rows edited under the same name are other data).
+    files (`file_identity`: rows edited under the same name are other data).
     Kept in every checkpoint; a resume under other values is refused, naming them. Left out: what
     a resume may change (the rest of `train` — the README lets a resumed run take a new lr, steps,
     cadences —, `eval`, `output_dir`, and `_RESUME_MAY_CHANGE`)."""
@@ -355,7 +356,7 @@ def run_fingerprint(cfg) -> dict[str, Any]:
     if isinstance(path, str) and path:
         resolve_model_path(path)  # a path training cannot start from is refused here, naming why
         settings[MODEL_FILES] = model_identity(path)
-    data_files = {name: _file_identity(name) for key, value in settings.items()
+    data_files = {name: file_identity(name) for key, value in settings.items()
                   if key.endswith("files") and isinstance(value, list) for name in value
                   if isinstance(name, str) and name != "synthetic"}
     if data_files:  # rows edited under the same name are other data: the position counts the old file's batches
@@ -363,63 +364,16 @@ def run_fingerprint(cfg) -> dict[str, Any]:
     return json.loads(json.dumps(settings, default=str))  # as a checkpoint's JSON reads back (tuples as lists)
 
 
-def _file_identity(name: str) -> list | str | None:
-    """A data file as the fingerprint knows it: [size, digest of its contents (`_content_digest`)];
-    a directory (a datasets save_to_disk) a digest of its files' names, sizes and contents; None
-    when it is not there. Contents, not modification times: a copy of the same rows (to a node's
-    scratch disk after a preemption, or written again by a script) is the same data."""
-    import os
-
-    path = Path(os.path.expanduser(name))
-    try:
-        if path.is_dir():
-            return _digest([[str(f.relative_to(path)), (size := f.stat().st_size), _content_digest(f, size)]
-                            for f in sorted(path.rglob("*")) if f.is_file()])
-        size = path.stat().st_size
-        return [size, _content_digest(path, size)]
-    except OSError:
-        return None
-
-
-_WHOLE_FILE_BYTES = 64 << 20  # files up to this size are digested whole; larger ones by BLOCKS spread evenly
-_BLOCKS, _BLOCK_BYTES = 64, 256 << 10
-
-
-def _content_digest(path: Path, size: int) -> str:
-    """A digest of a file's bytes: all of them up to _WHOLE_FILE_BYTES (about 0.1 s at 64 MiB),
-    else _BLOCKS blocks of _BLOCK_BYTES from its start to its end (a resume of a 100 GB file
-    reads 16 MiB; an edit that keeps the size and misses every block goes unseen)."""
-    import hashlib
-
-    digest = hashlib.blake2b(digest_size=8)
-    with open(path, "rb") as f:
-        if size <= _WHOLE_FILE_BYTES:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        else:
-            for k in range(_BLOCKS):
-                f.seek((size - _BLOCK_BYTES) * k // (_BLOCKS - 1))
-                digest.update(f.read(_BLOCK_BYTES))
-    return digest.hexdigest()
-
-
 # seed: the synthetic rows, the held-out split and the data order; batch_size: what the data
 # position counts (micro-batches); freeze: which weights (and moments) the checkpoint holds
 _TRAIN_FINGERPRINTED = ("seed", "batch_size", "freeze")
 MODEL_FILES = "model.files"  # the fingerprint's key for the starting model's `model_identity`
-DATA_FILES = "data.file_identities"  # the fingerprint's key for the data files' `_file_identity`, by name
+DATA_FILES = "data.file_identities"  # the fingerprint's key for the data files' `file_identity`, by name
 
 _RESUME_MAY_CHANGE = (("model", "gradient_checkpointing"), ("model", "lean_activations"), ("model", "padding_free"),
                       ("dpo", "share_prompt"), ("reward", "share_prompt"), ("rollout", "engine"),
                       ("rollout", "batch_size"), ("forgetting", "max_retain_increase"),
                       ("forgetting", "retain_exact_match"))
-
-
-def _digest(value) -> str:
-    import hashlib
-    import json
-
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _legacy_digest(settings: dict[str, Any]) -> str:
@@ -434,7 +388,7 @@ def _legacy_digest(settings: dict[str, Any]) -> str:
             nested.setdefault(section, {})[name] = value
         else:
             nested[section] = value
-    return _digest(nested)
+    return short_digest(nested)
 
 
 def _check_same_run(resume_from: Path, fingerprint: dict[str, Any] | None) -> None:
@@ -504,7 +458,7 @@ def _change(key: str, saved: dict, now: dict) -> str:
 
 
 def _file_change(before, after) -> str:
-    """How a data file's `_file_identity` changed, in words."""
+    """How a data file's `file_identity` changed, in words."""
     if isinstance(before, list) and isinstance(after, list) and before[0] != after[0]:
         return f"{before[0]} → {after[0]} bytes"
     if isinstance(before, list) and isinstance(after, list):
