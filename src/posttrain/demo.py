@@ -222,8 +222,8 @@ def _preference_stages(rm_cfg, dpo_cfg) -> str:
     from posttrain.train.preference import run_dpo
     from posttrain.train.reward import run_rm
 
-    rm = json.loads((run_rm(rm_cfg) / "summary.json").read_text())
-    dpo = json.loads((run_dpo(dpo_cfg) / "summary.json").read_text())
+    rm = json.loads((run_rm(rm_cfg) / "summary.json").read_text(encoding="utf-8"))
+    dpo = json.loads((run_dpo(dpo_cfg) / "summary.json").read_text(encoding="utf-8"))
     return preference_summary(rm, dpo)
 
 
@@ -251,7 +251,7 @@ def _report_stage(cfg) -> str:
     from posttrain.eval.alignment import run_evaluate
 
     out = run_evaluate(cfg, log=lambda _: None)
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     return report_summary(report, out / "report.md")
 
 
@@ -298,7 +298,7 @@ def run_demo(output_dir: str | None = None, overrides: list[str] = ()) -> int:
         clear_earlier_run(stages["sft"].output_dir)  # the demo always starts from scratch
     started = time.time()
     run_dir = run_sft(stages["sft"])
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     minutes = (time.time() - started) / 60
     by_task = summary.get("exact_match_after_by_task", {})
     per_task = ", ".join(f"{name} {value:.0%}" for name, value in by_task.items() if name != "all")

@@ -526,7 +526,7 @@ def read_state(output_dir: Path) -> dict[str, dict]:
     if not file.is_file():
         return {}
     try:
-        return json.loads(file.read_text())["stages"]
+        return json.loads(file.read_text(encoding="utf-8"))["stages"]
     except (ValueError, KeyError):
         raise ConfigError(f"{file} is not a pipeline state file; move it away to start the pipeline afresh") from None
 
@@ -735,7 +735,7 @@ def failed_items(kind: str, run_dir: str | Path) -> int:
     if producer is None or not producer.failed:
         return 0
     file, *keys = producer.failed
-    value: Any = json.loads((Path(run_dir) / file).read_text())
+    value: Any = json.loads((Path(run_dir) / file).read_text(encoding="utf-8"))
     for key in keys:
         value = value.get(key, 0) if isinstance(value, dict) else 0
     return int(value or 0)

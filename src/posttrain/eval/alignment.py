@@ -304,7 +304,8 @@ def _redteam(side: Side, cfg, out: Path, log) -> dict:
     target = LocalModel(side.model, side.tokenizer, name=side.path, template=cfg.template, max_tokens=s.max_tokens,
                         temperature=0.0)
     with side.switch():
-        report = json.loads((run_redteam(rt, target=target, log=log, stream=None) / "report.json").read_text())
+        report_file = run_redteam(rt, target=target, log=log, stream=None) / "report.json"
+        report = json.loads(report_file.read_text(encoding="utf-8"))
     return {"attack_success": report["attack_success"]["overall"],
             "over_refusal": report["over_refusal"]["overall"], "classifier": report["classifier"],
             "requests": report["requests"], "failed": report["failed"]}
@@ -358,7 +359,7 @@ def run_evaluate(cfg, *, judge=None, log: Callable[[str], Any] = print) -> Path:
         report["failed"] = sum(side.figures["redteam"]["failed"] for side in sides)  # pipeline.failed_items
     report["models"] = {side.name: side.figures for side in sides}
     _write(out, report, sides, records, rewards)
-    (out / "report.md").write_text(markdown(report))
+    (out / "report.md").write_text(markdown(report), encoding="utf-8")
     log(f"evaluate: report in {out / 'report.md'}")
     return out
 
@@ -417,5 +418,7 @@ def _write(out: Path, report: dict, sides: list[Side], records, rewards) -> None
             if rewards is not None:
                 row[f"{side.name}_reward"] = rewards[k][i]
         rows.append(row)
-    (out / "responses.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    (out / "report.json").write_text(json.dumps(strict_json(report), indent=1, allow_nan=False) + "\n")
+    (out / "responses.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                                         encoding="utf-8")
+    (out / "report.json").write_text(json.dumps(strict_json(report), indent=1, allow_nan=False) + "\n",
+                                     encoding="utf-8")

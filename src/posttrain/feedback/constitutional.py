@@ -390,7 +390,7 @@ def run_constitutional(cfg, *, policy=None, judge_backend=None, stream: TextIO |
     usage = {"policy": policy.usage.snapshot(), **({"judge": judge.backend.usage.snapshot()} if judge else {})}
     outcome = {**count_outcomes(records), "sft_rows": len(sft), "preference_rows": len(pairs),
                "failed": summary.failed, "errors": summary.errors, "usage": usage, "config": cfg.to_dict()}
-    (out / "summary.json").write_text(json.dumps(outcome, indent=2) + "\n")
+    (out / "summary.json").write_text(json.dumps(outcome, indent=2) + "\n", encoding="utf-8")
     for line in summary.lines() + summary_lines(outcome):
         print(line, file=resolve_stream(stream) or sys.stderr)
     if failure is not None:

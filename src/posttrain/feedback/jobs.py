@@ -372,7 +372,7 @@ def check_resume_settings(out_dir: Path, settings: dict[str, Any], resuming: boo
     path = out_dir / name
     unrecorded = unrecorded or {}
     if resuming and path.is_file():
-        recorded = json.loads(path.read_text())
+        recorded = json.loads(path.read_text(encoding="utf-8"))
         for key, old, new in _differences(recorded, settings):
             section, _, field_name = key.rpartition(".")
             if old is None and not _has_key(recorded, key):
@@ -388,7 +388,7 @@ def check_resume_settings(out_dir: Path, settings: dict[str, Any], resuming: boo
             raise ConfigError(f"{out_dir} holds records made with {key}={old!r}, now {new!r}; resume with the "
                               "same setting, or use a new output_dir")
     out_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings, indent=2) + "\n")
+    path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
 
 
 def _lookup(settings: dict, key: str) -> Any:

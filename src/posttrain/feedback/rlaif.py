@@ -333,7 +333,7 @@ def run_rlaif(cfg, log: Callable[[str], Any] = print) -> Path:
     stats = summarize(records)
     stats["run"] = {**dataclasses.asdict(run), "other_prompts_in_log": len(by_id) - len(records)}
     stats["usage_this_run"] = {"policy": policy.usage.snapshot(), "judge": judge_backend.usage.snapshot()}
-    (out / "summary.json").write_text(json.dumps(stats, indent=2) + "\n")
+    (out / "summary.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
     for line in run.lines() + summary_lines(stats):
         log(line)
     if stats["run"]["other_prompts_in_log"]:

@@ -661,7 +661,7 @@ def _write_outputs(out: Path, pool: TaskPool, rounds: int, loop, backend, cfg, s
     candidates = rounds * loop.per_round
     summary = {**counters, "rounds": rounds, "candidates": candidates, "reached_target": pool.full,
                "usage": backend.usage.snapshot(), "config": cfg.to_dict()}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     reasons = ", ".join(f"{n} {reason}" for reason, n in counters["rejected"].items()) or "none"
     unclear = (f", {counters['type_unclear']} of them generation for an unclear type answer"
                if counters["type_unclear"] else "")

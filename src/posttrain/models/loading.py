@@ -147,7 +147,7 @@ def _model_parts(directory: Path) -> list[Path]:
     from posttrain.models.adapters.io import MANIFEST
 
     try:
-        components = json.loads((directory / MANIFEST).read_text()).get("components", {})
+        components = json.loads((directory / MANIFEST).read_text(encoding="utf-8")).get("components", {})
         subs = [directory / sub for sub in components.values() if isinstance(sub, str) and sub not in (".", "")]
     except (OSError, ValueError, AttributeError):
         subs = []
@@ -162,7 +162,7 @@ def _adapter_base(directory: Path) -> str | None:
 
     for name in (MANIFEST, "adapter_config.json"):
         try:
-            base = json.loads((directory / name).read_text()).get("base_model_name_or_path")
+            base = json.loads((directory / name).read_text(encoding="utf-8")).get("base_model_name_or_path")
         except (OSError, ValueError, AttributeError):
             continue
         return base if isinstance(base, str) and base else None
@@ -237,7 +237,7 @@ def _check_weights(directory: Path) -> None:
     index = directory / "model.safetensors.index.json"
     if index.is_file():  # every shard it names must be a safetensors file (transformers would unpickle a .bin)
         try:
-            shards = set(json.loads(index.read_text())["weight_map"].values())
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
         except (ValueError, KeyError, TypeError, AttributeError):
             raise UserError(f"{index} is not a safetensors index (no weight_map)") from None
         pickled = sorted(str(s) for s in shards if not str(s).endswith(".safetensors"))
@@ -350,7 +350,7 @@ def _refuse_reward_model(directory: Path) -> None:
     head) loaded as a causal LM would get an untrained or embedding-tied LM head on a backbone
     trained to score, and train or generate from it without a word."""
     try:
-        architectures = json.loads((directory / "config.json").read_text()).get("architectures") or []
+        architectures = json.loads((directory / "config.json").read_text(encoding="utf-8")).get("architectures") or []
     except (OSError, ValueError, AttributeError):
         return  # from_pretrained says what is wrong with the file
     if architectures and all(str(a).endswith("ForSequenceClassification") for a in architectures):
@@ -406,7 +406,8 @@ def load_tokenizer(path: str | os.PathLike = "tiny", trust_remote_code: bool = F
     # plain peft saved carries none, and its recorded base has it.
     has_tokenizer = directory.is_dir() and any((directory / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json"))
     if not has_tokenizer and (directory / "adapter_config.json").is_file():
-        base = json.loads((directory / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        adapter_config = json.loads((directory / "adapter_config.json").read_text(encoding="utf-8"))
+        base = adapter_config.get("base_model_name_or_path")
         if base:
             return load_tokenizer(base, trust_remote_code)
     if is_preset(path) or not has_tokenizer:

@@ -194,7 +194,7 @@ def build_preset(name: str, out_dir: str | os.PathLike) -> Path:
         model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     info = {"preset": name, "format_version": PRESET_FORMAT_VERSION, "spec": asdict(spec)}
-    (out / "posttrain_preset.json").write_text(json.dumps(info, indent=2) + "\n")
+    (out / "posttrain_preset.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return out
 
 

@@ -122,7 +122,7 @@ def _load_lora_reward_model(directory: Path, dtype: str, trust_remote_code: bool
 
     from posttrain.models.loading import check_adapter_weights
 
-    config = json.loads((directory / "adapter_config.json").read_text())
+    config = json.loads((directory / "adapter_config.json").read_text(encoding="utf-8"))
     base = config.get("base_model_name_or_path")
     if not base:
         raise UserError(f"{directory}/adapter_config.json names no base model (base_model_name_or_path)")

@@ -361,8 +361,8 @@ def run_redteam(cfg, *, target=None, judge=None, attacker=None, log: Callable[[s
 
         report["compare_to"] = {"path": cfg.compare_to, "report": earlier,
                                 "not_compared": not_compared(report, earlier)}
-    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / "report.md").write_text(markdown(report))
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    (out / "report.md").write_text(markdown(report), encoding="utf-8")
     for line in summary.lines() if summary is not None else []:
         log(line)
     if aborted is not None:
@@ -469,9 +469,9 @@ def _drop_request_hash(run_json: Path) -> None:
     """Runs before 2026-11-30 kept one hash of every request in run.json; records are checked one
     by one now, so a raised probes.limit resumes."""
     if run_json.is_file():
-        settings = json.loads(run_json.read_text())
+        settings = json.loads(run_json.read_text(encoding="utf-8"))
         if settings.pop("requests", None) is not None:
-            run_json.write_text(json.dumps(settings, indent=2) + "\n")
+            run_json.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
 
 
 def _earlier(path: str, cfg) -> dict:
@@ -484,10 +484,10 @@ def _earlier(path: str, cfg) -> dict:
     report = directory / "report.json"
     if not report.is_file():
         raise ConfigError(f"compare_to: {report} does not exist; give the output_dir of an earlier redteam run")
-    earlier = json.loads(report.read_text())
+    earlier = json.loads(report.read_text(encoding="utf-8"))
     run_json = directory / "run.json"
-    then = (earlier.get("classifier"), ((json.loads(run_json.read_text()).get("judge") or {}).get("model")
-                                        if run_json.is_file() else None))
+    recorded = json.loads(run_json.read_text(encoding="utf-8")) if run_json.is_file() else {}
+    then = (earlier.get("classifier"), (recorded.get("judge") or {}).get("model"))
     now = (cfg.classifier, cfg.judge.model if cfg.classifier == "judge" else None)
     if then[0] != now[0] or (now[1] and then[1] and then[1] != now[1]):
         def name(labeller) -> str:

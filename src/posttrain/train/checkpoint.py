@@ -132,7 +132,7 @@ def write_manifest(directory: Path, meta: dict) -> None:
     for name in files:
         with open(directory / name, "rb") as handle:
             os.fsync(handle.fileno())
-    with open(directory / MANIFEST, "w") as handle:
+    with open(directory / MANIFEST, "w", encoding="utf-8") as handle:
         json.dump({"files": files, **meta}, handle, indent=1)
         handle.flush()
         os.fsync(handle.fileno())
@@ -146,7 +146,7 @@ def problems(directory: Path) -> list[str]:
     if not directory.is_dir():
         return ["no such directory" if not directory.exists() else "not a directory"]
     try:
-        files = json.loads((directory / MANIFEST).read_text())["files"]
+        files = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))["files"]
     except FileNotFoundError:
         return [f"no {MANIFEST}"]
     except (OSError, ValueError, KeyError, TypeError):
@@ -269,15 +269,15 @@ def save(root: Path, step: int, *, model, optimizer, loop_state: dict, rank: int
     try:
         tensors, plain = rng_state()
         save_file(tensors, str(tmp / f"rng-rank{rank}.safetensors"))
-        (tmp / f"rng-rank{rank}.json").write_text(json.dumps(plain))
+        (tmp / f"rng-rank{rank}.json").write_text(json.dumps(plain), encoding="utf-8")
         if rank == 0:
             save_file(trainable_state(model), str(tmp / TRAINABLE))
             opt_tensors, opt_plain = _split_optimizer_state(optimizer.state_dict())
             save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-            (tmp / "optimizer.json").write_text(json.dumps(opt_plain))
-            (tmp / LOOP_STATE).write_text(json.dumps(loop_state, indent=1))
+            (tmp / "optimizer.json").write_text(json.dumps(opt_plain), encoding="utf-8")
+            (tmp / LOOP_STATE).write_text(json.dumps(loop_state, indent=1), encoding="utf-8")
             if stage_state is not None:
-                (tmp / "stage_state.json").write_text(json.dumps(stage_state[0], indent=1))
+                (tmp / "stage_state.json").write_text(json.dumps(stage_state[0], indent=1), encoding="utf-8")
                 save_file(stage_state[1], str(tmp / "stage_state.safetensors"))
         barrier()
         if rank == 0:
@@ -312,16 +312,18 @@ def load_optimizer_state(optimizer, state_dict: dict) -> None:
 def load(directory: Path, *, model, optimizer, rank: int) -> dict:
     """Restore weights, optimizer and this rank's RNG; return the loop state."""
     load_trainable_state(model, load_file(str(directory / TRAINABLE)))
-    opt_plain = json.loads((directory / "optimizer.json").read_text())
+    opt_plain = json.loads((directory / "optimizer.json").read_text(encoding="utf-8"))
     load_optimizer_state(optimizer, _join_optimizer_state(load_file(str(directory / "optimizer.safetensors")), opt_plain))
     rng_file = directory / f"rng-rank{rank}.safetensors"
     if rng_file.is_file():  # a different world size resumes without this rank's RNG
-        restore_rng(load_file(str(rng_file)), json.loads((directory / f"rng-rank{rank}.json").read_text()))
-    return json.loads((directory / LOOP_STATE).read_text())
+        states = json.loads((directory / f"rng-rank{rank}.json").read_text(encoding="utf-8"))
+        restore_rng(load_file(str(rng_file)), states)
+    return json.loads((directory / LOOP_STATE).read_text(encoding="utf-8"))
 
 
 def load_stage_state(directory: Path) -> tuple[dict, dict[str, torch.Tensor]] | None:
     """The stage's own state saved beside the weights, or None when the stage saved none."""
     if not (directory / "stage_state.json").is_file():
         return None
-    return json.loads((directory / "stage_state.json").read_text()), load_file(str(directory / "stage_state.safetensors"))
+    plain = json.loads((directory / "stage_state.json").read_text(encoding="utf-8"))
+    return plain, load_file(str(directory / "stage_state.safetensors"))

@@ -132,7 +132,7 @@ class RunLogger:
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as handle:
+        with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
         if self.accelerator is not None:
             numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
@@ -143,7 +143,7 @@ class RunLogger:
         if not self.enabled or not self.path.is_file():
             return
         kept = []
-        for line in self.path.read_text().splitlines():
+        for line in self.path.read_text(encoding="utf-8").splitlines():
             try:
                 record = json.loads(line)
             except ValueError:

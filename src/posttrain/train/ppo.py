@@ -369,7 +369,7 @@ def report_value_model(run, values: torch.nn.Module, optimizer: str) -> dict:
             f"+{critic['memory_mib']['total']:.1f} MiB; with the policy: trainable {report['trainable']:,} / "
             f"{report['total']:,} params ({report['percent']:.3f}%), memory estimate {report['memory_mib']['total']:.1f} MiB")
     if run.main:
-        (run.run_dir / "params.json").write_text(json.dumps(report, indent=1))
+        (run.run_dir / "params.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     return report
 
 

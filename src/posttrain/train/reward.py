@@ -121,7 +121,7 @@ def build_reward_model(cfg: RMConfig, tokenizer, log, run_dir: Path | None = Non
     report = parameter_report(_ByMethod(model), cfg.train.optimizer)
     log(f"reward model {type(_scorer(model)).__name__}: " + format_report(report))
     if run_dir is not None:
-        (run_dir / "params.json").write_text(json.dumps(report, indent=1))
+        (run_dir / "params.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     return model
 
 

@@ -409,12 +409,12 @@ class RolloutStage:
             # start, or what a killed run sampled after its last checkpoint), and are dropped.
             self._samples_trimmed = True
             if path.is_file():
-                write_atomically(path, "".join(line for line in path.read_text().splitlines(keepends=True)
-                                               if _sample_position(line) < (epoch, index)))
+                lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+                write_atomically(path, "".join(line for line in lines if _sample_position(line) < (epoch, index)))
         if not every or self.rollouts_done % every:
             return
         scored = rollout.rewards if rollout.scored is None else rollout.scored
-        with path.open("a") as fh:
+        with path.open("a", encoding="utf-8") as fh:
             for i in range(min(2 * self.group, len(rollout.texts))):  # two prompts, all their samples
                 row = {"epoch": epoch, "rollout": index, "prompt": rollout.records[i].prompt[-1]["content"],
                        "completion": rollout.texts[i], "reward": float(scored[i])}

@@ -193,7 +193,7 @@ def _start_trackers(accelerator, run_dir: Path, recorded: dict, resume_from: Pat
 
     scalars = {key: value for key, value in flatten(recorded).items() if isinstance(value, (bool, int, float, str))}
     first_step = 0 if resume_from is None else \
-        json.loads((resume_from / checkpoint.LOOP_STATE).read_text())["step"] + 1
+        json.loads((resume_from / checkpoint.LOOP_STATE).read_text(encoding="utf-8"))["step"] + 1
     accelerator.init_trackers(run_dir.name, config=scalars,
                               init_kwargs={"tensorboard": {"purge_step": first_step}})
 
@@ -287,7 +287,7 @@ def finish_run(run_dir: Path, accelerator, main: bool, model, tokenizer, summary
             summary = {"posttrain_version": __version__} | summary
             path = run_dir / "summary.json"
             try:
-                path.write_text(json.dumps(strict_json(summary), indent=1, allow_nan=False))
+                path.write_text(json.dumps(strict_json(summary), indent=1, allow_nan=False), encoding="utf-8")
             except OSError as exc:
                 raise (NoRoom.of(exc, path) or exc) from exc
         accelerator.wait_for_everyone()
@@ -406,7 +406,7 @@ def _check_same_run(resume_from: Path, fingerprint: dict[str, Any] | None) -> No
         return key == MODEL_FILES and isinstance(model := fingerprint.get("model.path"), str) and \
             identified_earlier(then, model)
 
-    saved = json.loads((resume_from / checkpoint.LOOP_STATE).read_text()).get("fingerprint")
+    saved = json.loads((resume_from / checkpoint.LOOP_STATE).read_text(encoding="utf-8")).get("fingerprint")
     if fingerprint is None or saved is None:
         return
     if isinstance(saved, str):  # an older checkpoint: the digest alone, which cannot say what changed

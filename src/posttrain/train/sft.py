@@ -163,7 +163,7 @@ def build_model(cfg: SFTConfig, log, run_dir: Path | None = None):
     report = parameter_report(model, cfg.train.optimizer)
     log(format_report(report))
     if run_dir is not None:
-        (run_dir / "params.json").write_text(json.dumps(report, indent=1))
+        (run_dir / "params.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     return tokenizer, model, AdapterTraining(model, plan, cfg.adapter.lora.lr_ratio_b, log)
 
 

@@ -66,7 +66,7 @@ def save_adapted(model: AdaptedModel, out_dir: str | Path, base_model_path: str)
             sub.mkdir(parents=True, exist_ok=True)
             (sub / _BOTTLENECK_CONFIG).write_text(json.dumps(
                 {"method": "bottleneck", "targets": part.targets, **part.settings,
-                 "base_model_name_or_path": base_model_path}, indent=1))
+                 "base_model_name_or_path": base_model_path}, indent=1), encoding="utf-8")
             save_file(part.state(), str(sub / _BOTTLENECK_WEIGHTS))
             continue
         for peft_config in part.peft_config.values():
@@ -74,18 +74,19 @@ def save_adapted(model: AdaptedModel, out_dir: str | Path, base_model_path: str)
         part.save_pretrained(sub)
         sort_module_sets(sub / "adapter_config.json")
     (out / MANIFEST).write_text(json.dumps(
-        {"methods": list(model.methods), "components": layout, "base_model_name_or_path": base_model_path}, indent=1))
+        {"methods": list(model.methods), "components": layout, "base_model_name_or_path": base_model_path}, indent=1),
+        encoding="utf-8")
     return out
 
 
 def sort_module_sets(config_file: Path) -> None:
     """peft keeps target_modules (and IA3's feedforward_modules) as sets and writes them in set
     order, which moves with PYTHONHASHSEED: sorted, the same run writes the same file."""
-    config = json.loads(config_file.read_text())
+    config = json.loads(config_file.read_text(encoding="utf-8"))
     for key in ("target_modules", "feedforward_modules", "modules_to_save", "exclude_modules"):
         if isinstance(config.get(key), list) and all(isinstance(m, str) for m in config[key]):
             config[key] = sorted(config[key])
-    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def read_layout(path: str | Path) -> tuple[str, dict[str, Path]]:
@@ -94,7 +95,7 @@ def read_layout(path: str | Path) -> tuple[str, dict[str, Path]]:
     from posttrain.models.loading import check_adapter_weights
 
     if (path / MANIFEST).is_file():
-        manifest = json.loads((path / MANIFEST).read_text())
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
         parts = {name: (path / sub).resolve() for name, sub in manifest["components"].items()}
         for part in parts.values():
             check_adapter_weights(part)
@@ -104,7 +105,7 @@ def read_layout(path: str | Path) -> tuple[str, dict[str, Path]]:
         raise UserError(f"adapter {path} does not exist")
     if not config_file.is_file():
         raise UserError(f"{path} is not an adapter directory (no {MANIFEST} or adapter_config.json)")
-    config = json.loads(config_file.read_text())
+    config = json.loads(config_file.read_text(encoding="utf-8"))
     base = config.get("base_model_name_or_path")
     if not base:
         raise UserError(f"{config_file}: no base_model_name_or_path; cannot find the base model")
@@ -120,7 +121,7 @@ def _peft_kind(config: dict) -> str:
 def _json_object(file: Path) -> dict:
     """A JSON file's object; {} when it is missing, unreadable or not an object."""
     try:
-        value = json.loads(file.read_text())
+        value = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return value if isinstance(value, dict) else {}
@@ -268,7 +269,7 @@ def _fit_vocabulary(lm, directories: list[Path]) -> None:
 def _load_bottlenecks(lm, directory: Path) -> BottleneckSet:
     from safetensors.torch import load_file
 
-    settings = json.loads((directory / _BOTTLENECK_CONFIG).read_text())
+    settings = json.loads((directory / _BOTTLENECK_CONFIG).read_text(encoding="utf-8"))
     adapters = BottleneckSet(settings["hidden"], settings["targets"], settings["size"], settings["activation"],
                              settings["init_std"])
     known = {name for name, _ in lm.named_modules()}
