@@ -168,9 +168,6 @@ def test_serve_renders_a_chat_history_as_sft_trains_it():
 # --------------------------------------------------------------------------- the held-out split
 
 
-@pytest.mark.xfail(strict=True, reason="the SFT held-out split keys a conversation by the turns before its last "
-                                       "answer only, so a held-out conversation's earlier answers are trained "
-                                       "verbatim inside a longer training conversation that shares its opening")
 def test_no_held_out_answer_is_trained_inside_a_longer_conversation_with_the_same_opening(tmp_path):
     """OpenAssistant-style data: ten openings, each as a one-exchange row and as that exchange followed by a
     second one. SFT trains every assistant turn, so the two rows of an opening both train its first answer;
@@ -206,9 +203,6 @@ def test_no_held_out_answer_is_trained_inside_a_longer_conversation_with_the_sam
 # --------------------------------------------------------------------------- a row's system key
 
 
-@pytest.mark.xfail(strict=True, reason="a messages / conversations row's top-level 'system' key (LLaMA-Factory's "
-                                       "ShareGPT column), read by alpaca, prompt-completion, preference and RL "
-                                       "prompt rows, is dropped without a word in SFT and RL prompt data")
 def test_a_conversation_rows_system_key_is_its_system_turn_or_a_bad_row(tmp_path):
     """The same `system` key puts a system turn first in a pair of whole conversations; on a `messages` (or
     ShareGPT `conversations`) row, SFT and the RL prompt reader must do the same, or refuse the row naming it,

@@ -5,10 +5,12 @@ Four row formats are understood:
     alpaca    {"instruction", "input"?, "output", "system"?}
               → [system?] + user(instruction, + "\\n\\n" + input when input is non-empty)
                 + assistant(output)
-    messages  {"messages": [{"role", "content"}, ...], "tools"?}, roles system/user/assistant/tool
-              (developer is read as system); "conversations" is accepted in place of
-              "messages", and ShareGPT turns {"from", "value"} with from =
-              human/user/gpt/assistant/system are mapped. Agent data as OpenAI and Hugging
+    messages  {"messages": [{"role", "content"}, ...], "tools"?, "system"?}, roles
+              system/user/assistant/tool (developer is read as system); "conversations" is
+              accepted in place of "messages", and ShareGPT turns {"from", "value"} with from =
+              human/user/gpt/assistant/system are mapped. A "system" key (LLaMA-Factory's
+              ShareGPT column) is the conversation's first turn, a system turn; a row with
+              both it and a system turn of its own is a bad row. Agent data as OpenAI and Hugging
               Face write it: an assistant turn's `tool_calls` and `reasoning_content`, a tool
               turn's `tool_call_id`, any turn's `name`, per-turn `weight` (0 or 1) and `train`
               (boolean) to keep an assistant turn out of the loss, and the row's `tools`
@@ -53,7 +55,7 @@ from posttrain.errors import DataError
 FORMATS = ("alpaca", "messages", "prompt_completion", "text")
 _NEEDS = {
     "alpaca": "'instruction' and 'output' (optional 'input', 'system')",
-    "messages": "'messages' or 'conversations' (a list of turns)",
+    "messages": "'messages' or 'conversations' (a list of turns; optional 'system', 'tools')",
     "prompt_completion": "'prompt' and 'completion' (each text or a list of turns)",
     "text": "'text'",
 }
@@ -172,7 +174,8 @@ def _alpaca_messages(row: dict) -> list[dict[str, str]]:
 
 
 def _chat_messages(row: dict) -> tuple[list[dict[str, Any]], tuple[int, ...]]:
-    """The turns of a messages row, and the indices of the assistant turns kept out of the loss."""
+    """The turns of a messages row, and the indices of the assistant turns kept out of the loss. The
+    row's "system" key, when given, is the first turn (`with_system`)."""
     # a table holds both columns when it mixes the two, one null or blank per row
     filled = [key for key in ("messages", "conversations") if row.get(key) not in (None, "")]
     key = filled[0] if filled else "messages" if "messages" in row else "conversations"
@@ -196,7 +199,20 @@ def _chat_messages(row: dict) -> tuple[list[dict[str, Any]], tuple[int, ...]]:
     if roles[0] == "assistant":
         raise BadRowError("the first turn is the assistant's: it answers no prompt; start with a system or user turn")
     check_some_trained(messages, untrained)
-    return messages, untrained
+    return with_system(row, messages, untrained, repr(key))
+
+
+def with_system(row: dict, turns: list[dict[str, Any]], untrained: tuple[int, ...] = (),
+                what: str = "the conversation") -> tuple[list[dict[str, Any]], tuple[int, ...]]:
+    """`turns` opened by the row's "system" key as a system turn (the untrained indices moved
+    with them), or as they are when the row has none (absent, null or blank). A row with both a
+    "system" key and a system turn opening `what` is a bad row: which to train with is unclear."""
+    system = _optional_string(row, "system")
+    if system is None:
+        return turns, untrained
+    if turns and turns[0]["role"] == "system":
+        raise BadRowError(f"both a 'system' key and a system turn opening {what}; give one")
+    return [{"role": "system", "content": system}, *turns], tuple(i + 1 for i in untrained)
 
 
 def check_some_trained(messages: list[dict[str, Any]], untrained: tuple[int, ...]) -> None:

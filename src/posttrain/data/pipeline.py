@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -51,7 +51,7 @@ def _read(files: list[str], cfg, run_dir: Path | None, log: Callable[[str], None
     from posttrain.data import formats
 
     if SYNTHETIC in files:
-        raise ConfigError(f"data.{name}: 'synthetic' cannot be mixed with files")
+        raise ConfigError(f"data.{name}_files: 'synthetic' cannot be mixed with files")
     records, report = formats.load_records(
         files, fmt=cfg.format, bad_rows=cfg.bad_rows, max_bad_fraction=cfg.max_bad_fraction,
         rejects_path=rejects_file(run_dir, name), log=log,
@@ -59,30 +59,41 @@ def _read(files: list[str], cfg, run_dir: Path | None, log: Callable[[str], None
     return records, report.to_dict()
 
 
+def synthetic_split_sizes(cfg) -> tuple[int, int]:
+    """(training rows, held-out rows) the bundled generator makes for `train_files: [synthetic]`
+    (sft, preference and prompt data alike): data.eval_fraction of data.synthetic_size held out,
+    none when data.eval_files are given (they are the held-out set, so every row trains)."""
+    n_eval = 0 if cfg.eval_files else round(cfg.eval_fraction * cfg.synthetic_size)
+    return cfg.synthetic_size - n_eval, n_eval
+
+
 def _synthetic(cfg, seed: int) -> tuple[list[Record], list[Record]]:
     """Bundled verifiable tasks; held-out prompts never appear in training."""
     from posttrain.data import synthetic
 
-    n_eval = round(cfg.eval_fraction * cfg.synthetic_size)
-    train, held_out = synthetic.make_split(cfg.synthetic_tasks, cfg.synthetic_size - n_eval, n_eval, seed=seed)
+    train, held_out = synthetic.make_split(cfg.synthetic_tasks, *synthetic_split_sizes(cfg), seed=seed)
     return [e.to_record(i) for i, e in enumerate(train)], [e.to_record(i) for i, e in enumerate(held_out)]
 
 
-def split_eval(records: list[T], fraction: float, seed: int,
-               key: Callable[[T], Hashable] | None = None) -> tuple[list[T], list[T]]:
+def split_eval(records: list[T], fraction: float, seed: int, key: Callable[[T], Hashable] | None = None,
+               keys: Callable[[T], Iterable[Hashable]] | None = None) -> tuple[list[T], list[T]]:
     """Hold out round(fraction * n) records chosen by seed (at least 1 when fraction > 0).
 
     key: records with the same key(record) — the same prompt, say — go to one side together, so
-    no held-out record shares its key with a training one. The groups are drawn in a seeded order
-    and held out until they hold at least round(fraction * n) records (a large last group can
-    take more); at least one group is left for training, so with a single group nothing is held
-    out. Without a key each record is its own group."""
+    no held-out record shares its key with a training one. keys: each record has several (a
+    conversation, one per answer it trains, `trained_prompt_keys`), and records sharing any one
+    go to one side together (the groups are joined: two rows can meet through a third). The
+    groups are drawn in a seeded order (listed by their first record) and held out until they
+    hold at least round(fraction * n) records (a large last group can take more); at least one
+    group is left for training, so with a single group nothing is held out. Without a key each
+    record is its own group."""
     if fraction <= 0 or len(records) < 2:
         return records, []
-    groups: dict[Hashable, list[int]] = {}
-    for i, record in enumerate(records):
-        groups.setdefault(i if key is None else key(record), []).append(i)
-    order = list(groups.values())
+    if key is not None:
+        if keys is not None:
+            raise ValueError("split_eval takes key or keys, not both")
+        keys = lambda record: [key(record)]
+    order = _groups(records, keys)
     random.Random(seed).shuffle(order)
     n_eval = max(1, round(fraction * len(records)))
     held: set[int] = set()
@@ -93,17 +104,63 @@ def split_eval(records: list[T], fraction: float, seed: int,
     return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
 
 
+def _groups(records: list[T], keys: Callable[[T], Iterable[Hashable]] | None) -> list[list[int]]:
+    """The indices of `records` in groups: records sharing any of their keys are in one group (a
+    union-find over the keys), each record alone without `keys`; groups listed in the order of
+    their first record, each in record order."""
+    if keys is None:
+        return [[i] for i in range(len(records))]
+    parent = list(range(len(records)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[Hashable, int] = {}  # a key → the first record that has it
+    for i, record in enumerate(records):
+        for k in keys(record):
+            j = first.setdefault(k, i)
+            a, b = root(i), root(j)
+            parent[max(a, b)] = min(a, b)  # the root is the group's first record
+    groups: dict[int, list[int]] = {}
+    for i in range(len(records)):
+        groups.setdefault(root(i), []).append(i)
+    return list(groups.values())
+
+
 def retain_prompt_key(record: Record) -> str:
     """What makes two rows' prompts the same, for rows in sft's formats: the turns before the last
     assistant turn and the tools (what exact match renders as the prompt,
-    `eval.exact_match.prompts_and_answers`); a text row's text. `split_eval`'s key for sft's own
-    held-out split and for the retain rows' (`train.forgetting`): a prompt asked twice is held out
-    or trained on, never both."""
+    `eval.exact_match.prompts_and_answers`); a text row's text. The prompts a held-out report
+    counts; one of `trained_prompt_keys`."""
     from posttrain.eval.exact_match import last_answer
 
     if record.messages is None:
         return json.dumps(record.text)
-    return json.dumps([record.messages[: last_answer(record)], record.tools], sort_keys=True, default=str)
+    return _context_key(record, last_answer(record))
+
+
+def trained_prompt_keys(record: Record) -> list[str]:
+    """`split_eval`'s keys for sft's own held-out split and for the retain rows'
+    (`train.forgetting`): a row's `retain_prompt_key` (the prompt exact match asks) and the turns
+    before each assistant turn it trains (`templates.trained_turns`) with the tools. sft trains
+    every such turn, so a row [u1, a1] and a row [u1, a1, u2, a2] both train a1 after u1: they
+    share a key and go to one side, and no held-out answer is trained from the same context."""
+    from posttrain.data.templates import trained_turns
+
+    keys = [retain_prompt_key(record)]
+    if record.messages is not None:
+        for i in trained_turns(record.messages, record.prompt_turns, record.untrained):
+            if (k := _context_key(record, i)) not in keys:
+                keys.append(k)
+    return keys
+
+
+def _context_key(record: Record, turn: int | None) -> str:
+    """The turns before message `turn` (all of them for None) and the row's tools, as one string."""
+    return json.dumps([record.messages[:turn], record.tools], sort_keys=True, default=str)
 
 
 def encode_all(records: list[Record], tokenizer, template: str, cfg, log, name: str) -> tuple[list[Example], dict]:
@@ -211,14 +268,15 @@ def prepare_sft_data(cfg, tokenizer, run_dir: Path | None, seed: int, log: Calla
         eval_records, eval_read = _read(cfg.eval_files, cfg, run_dir, log, "eval")
     else:
         records, read_report = _read(cfg.train_files, cfg, run_dir, log, "train")
-        # by prompt: rows asking the same thing are held out together, so held-out figures are
-        # never taken on a prompt the run trained on
-        train_records, eval_records = split_eval(records, cfg.eval_fraction, seed, key=retain_prompt_key)
+        # by prompt: rows asking the same thing (or training an answer from the same turns) are held
+        # out together, so held-out figures are never taken on a prompt the run trained on
+        train_records, eval_records = split_eval(records, cfg.eval_fraction, seed, keys=trained_prompt_keys)
         eval_read = {"rows": len(eval_records), "split_from_train": True,
                      "prompts": len({retain_prompt_key(r) for r in eval_records})}
         if cfg.eval_fraction > 0 and not eval_records and len(records) > 1:
             log(f"data.eval_fraction={cfg.eval_fraction}: all {len(records)} training rows share one prompt, so "
-                "none is held out (give data.eval_files)")
+                "none is held out (rows that train an answer from the same turns, a shared opening exchange, "
+                "count as one; give data.eval_files)")
     train, train_len = encode_all(train_records, tokenizer, template, cfg, log, "train")
     if not train and train_len["num_too_long"] + train_len["num_lost_labels"]:
         raise DataError(f"none of the {train_len['num_examples']} training examples is left after the length policy "

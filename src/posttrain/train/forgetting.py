@@ -2,8 +2,8 @@
 it, anchor the weights, distil, project, unfreeze gradually.
 
 `forgetting.retain_files` names data the model already handles and must keep handling (rows in
-sft's formats, whatever the stage trains on). Its rows are split once (by `train.seed`; rows with
-the same prompt, `retain_prompt_key`, on one side together) into
+sft's formats, whatever the stage trains on). Its rows are split once (by `train.seed`; rows that
+train an answer from the same turns, `data.pipeline.trained_prompt_keys`, on one side together) into
   - a held-out share (`forgetting.retain_eval_fraction`), only ever measured: the token-mean loss
     on it (`retain_loss`, nats per token) is logged at step 0 and at every evaluation, and the run
     can stop when it rises too far, or is no longer finite (`forgetting.max_retain_increase`);
@@ -79,7 +79,7 @@ def prepare_retain_data(cfg, tokenizer, run_dir: Path | None, seed: int, log) ->
     the retain loss reads: those the length rules drop, or that keep no token to train on, are in
     neither."""
     from posttrain.data import formats
-    from posttrain.data.pipeline import _labelled_only, encode_all, rejects_file, retain_prompt_key, split_eval
+    from posttrain.data.pipeline import _labelled_only, encode_all, rejects_file, split_eval, trained_prompt_keys
     from posttrain.data.templates import adopt_template
 
     f, d = cfg.forgetting, retain_data_config(cfg)
@@ -89,7 +89,7 @@ def prepare_retain_data(cfg, tokenizer, run_dir: Path | None, seed: int, log) ->
     if len(records) < 2:
         raise ConfigError(f"forgetting.retain_files: {len(records)} row(s); at least 2 are needed, one to measure "
                           "forgetting on and one to replay or estimate the Fisher from")
-    pool_records, held_records = split_eval(records, f.retain_eval_fraction, seed, key=retain_prompt_key)
+    pool_records, held_records = split_eval(records, f.retain_eval_fraction, seed, keys=trained_prompt_keys)
     template = adopt_template(tokenizer, d.template)
     pool, _ = encode_all(pool_records, tokenizer, template, d, log, "retain pool")
     held, _ = encode_all(held_records, tokenizer, template, d, log, "retain held-out")
