@@ -219,8 +219,6 @@ def test_grpo_refuses_synthetic_beside_a_file_before_its_model_loads(tmp_path, m
 
 
 @pytest.mark.parametrize("stage", ["sft", "dpo", "rm"])
-@pytest.mark.xfail(strict=True, reason="train_files [synthetic, FILE] passes the config checks; refused only after "
-                                       "the model loads (SFT naming a key data.train)")
 def test_synthetic_beside_a_file_is_refused_before_the_model_loads(stage, tmp_path, monkeypatch):
     """The brief: configs validated up front; the README: each file checked before the model loads.
     `synthetic` beside a file is refused in all three (`'synthetic' cannot be mixed with files`), but
@@ -263,8 +261,6 @@ def _synthetic_train_count(stage: str, tmp_path: Path, tok) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("stage", ["sft", "dpo", "grpo"])
-@pytest.mark.xfail(strict=True, reason="with train_files [synthetic] and eval_files given, eval_fraction still "
-                                       "takes its share of the synthetic training rows, then throws it away")
 def test_eval_fraction_takes_no_synthetic_training_rows_when_eval_files_are_given(stage, tmp_path, tok):
     """Help: `data.eval_fraction` is the 'fraction of training rows held out when eval_files is empty';
     `data.eval_files` is used 'also with train_files: [synthetic], in place of its held-out split'.
@@ -279,8 +275,6 @@ def test_eval_fraction_takes_no_synthetic_training_rows_when_eval_files_are_give
 # --------------------------------------------------------------------------- a DatasetDict and its splits
 
 
-@pytest.mark.xfail(strict=True, reason="a DatasetDict directory and its own train split's directory are two files to "
-                                       "the train/held-out overlap check: the same rows train and are held out")
 def test_a_datasetdict_held_out_is_not_its_train_split_already_trained_on(tmp_path, tok):
     """README: a file in both `data.eval_files` and `data.train_files` is 'refused up front' 'by any
     spelling'. `train_files: [DD/train]` with `eval_files: [DD]` names one set of rows twice (a

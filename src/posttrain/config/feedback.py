@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from posttrain.config.schema import _raise_first, _StageConfig, checked, markdown_reference, option
+from posttrain.config.sections import listed_once_check
 
 
 @dataclass
@@ -127,6 +128,7 @@ def validate_rlaif(cfg: RLAIFConfig) -> None:
     n = cfg.rlaif.num_responses
     _raise_first(api_key_env_checks(cfg) + backend_checks(cfg.policy, "policy") + judge_checks(cfg.judge) + [
         (bool(cfg.data.prompt_files), "data.prompt_files is empty; give at least one prompt file"),
+        listed_once_check(cfg.data.prompt_files, "data.prompt_files"),
         (cfg.data.limit >= 0, "data.limit must be >= 0 (0 = all prompts)"),
         (0.0 <= cfg.data.max_bad_fraction <= 1.0, "data.max_bad_fraction must be between 0 and 1"),
         (n >= 2, f"rlaif.num_responses={n}: at least 2 responses per prompt are needed to make a pair"),

@@ -343,22 +343,42 @@ def _rows_checks(d, min_synthetic: int = 1) -> list[tuple[bool, str]]:
         (0.0 <= d.eval_fraction < 1.0, "data.eval_fraction must be in [0, 1)"),
         (0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction must be in [0, 1]"),
         (bool(d.train_files), "data.train_files is empty"),
+        synthetic_alone_check(d.train_files, "data.train_files"),
+        ("synthetic" not in d.eval_files,
+         "data.eval_files takes files, not 'synthetic' (data.train_files: [synthetic] with data.eval_files "
+         "empty holds out data.eval_fraction of the generator's own prompts)"),
         *synthetic_checks(d.train_files, d.synthetic_tasks, d.synthetic_size, "data", min_synthetic),
         *_held_out_checks(d.train_files, d.eval_files),
     ]
 
 
+def synthetic_alone_check(files: list[str], key: str) -> tuple[bool, str]:
+    """'synthetic', the bundled generator, is the whole of a list of data files or no part of it
+    (the data layer reads either the generator or files, never both): checked up front, before
+    the model loads."""
+    return (files == ["synthetic"] or "synthetic" not in files,
+            f"{key}: 'synthetic' (the bundled generator) cannot be mixed with files or listed twice; give "
+            f"[synthetic] alone, or files only")
+
+
+def listed_once_check(files: list[str], key: str) -> tuple[bool, str]:
+    """No file is listed twice in one list of data files, by any spelling (`readers.files_listed_twice`):
+    its rows would count twice, a dedup pass would drop every row of it as a duplicate, and a
+    held-out split would put copies of a row on both sides."""
+    from posttrain.data.readers import files_listed_twice
+
+    twice = files_listed_twice(files)
+    return (not twice, f"{key} lists {', '.join(map(str, twice))} twice (another entry names the same file): its "
+                       f"rows would count twice; list each file once")
+
+
 def _held_out_checks(train_files: list[str], eval_files: list[str]) -> list[tuple[bool, str]]:
     """A held-out file is not also a training file: every held-out figure would be a training figure.
-    No file is listed twice in one list, by any spelling: its rows would count twice, and SFT's
-    held-out split would put copies of a row on both sides."""
-    from posttrain.data.readers import files_in_both, files_listed_twice
+    No file is listed twice in one list (`listed_once_check`)."""
+    from posttrain.data.readers import files_in_both
 
     both = files_in_both(eval_files, train_files)
-    return [*((not twice, f"data.{key} lists {', '.join(map(str, twice))} twice (another entry names the same "
-                          f"file): its rows would count twice; list each file once")
-              for key, files in (("train_files", train_files), ("eval_files", eval_files))
-              for twice in [files_listed_twice(files)]),
+    return [listed_once_check(train_files, "data.train_files"), listed_once_check(eval_files, "data.eval_files"),
             (not both, f"data.eval_files and data.train_files both list {', '.join(map(str, both))}; held-out files "
                        f"must not be trained on (every held-out figure would be measured on training rows): give "
                        f"other files, or leave data.eval_files empty to hold out data.eval_fraction of the training "

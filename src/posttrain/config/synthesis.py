@@ -11,6 +11,7 @@ from typing import Literal
 from posttrain.config.feedback import (BackendConfig, JudgeConfig, RLAIFDataConfig, api_key_env_checks,
                                        backend_checks, judge_checks)
 from posttrain.config.schema import _raise_first, _StageConfig, checked, markdown_reference, option
+from posttrain.config.sections import listed_once_check
 
 # Things a text-only model cannot see, make or visit (Self-Instruct filters a list like this).
 DEFAULT_BANNED_WORDS = ["image", "images", "picture", "pictures", "photo", "photos", "graph", "graphs", "chart",
@@ -113,6 +114,7 @@ def validate_constitutional(cfg: ConstitutionalConfig) -> None:
     judge = judge_checks(cfg.judge) if c.rl_cai else []
     _raise_first(api_key_env_checks(cfg) + backend_checks(cfg.policy, "policy") + judge + [
         (bool(cfg.data.prompt_files), "data.prompt_files is empty; give at least one prompt file"),
+        listed_once_check(cfg.data.prompt_files, "data.prompt_files"),
         (0.0 <= cfg.data.max_bad_fraction <= 1.0, "data.max_bad_fraction must be between 0 and 1"),
         (cfg.data.limit >= 0, "data.limit must be >= 0 (0 = all prompts)"),
         (bool(c.constitution.strip()), "constitutional.constitution is empty; give a file or 'default'"),

@@ -56,7 +56,8 @@ from typing import Any
 
 from posttrain.data import formats
 from posttrain.data.formats import BadRowError, DataReport, _list, _string, _type_name, flag_cell, read_tools
-from posttrain.data.pipeline import SYNTHETIC, check_held_out, rejects_file, split_eval, write_report
+from posttrain.data.pipeline import (SYNTHETIC, check_held_out, rejects_file, split_eval, synthetic_split_sizes,
+                                     write_report)
 from posttrain.data.records import IGNORE_INDEX, Example, Record
 from posttrain.errors import ConfigError, DataError
 
@@ -662,10 +663,9 @@ def _synthetic(cfg, seed: int) -> tuple[list[PreferenceRecord], list[PreferenceR
     """Bundled verifiable preferences; held-out prompts never appear in training."""
     from posttrain.data import synthetic
 
-    n_eval = round(cfg.eval_fraction * cfg.synthetic_size)
     kind = cfg.synthetic_kind
-    train, held_out = synthetic.make_preference_split(cfg.synthetic_tasks, cfg.synthetic_size - n_eval, n_eval,
-                                                      seed=seed, kind=kind, num_responses=cfg.synthetic_responses)
+    train, held_out = synthetic.make_preference_split(cfg.synthetic_tasks, *synthetic_split_sizes(cfg), seed=seed,
+                                                      kind=kind, num_responses=cfg.synthetic_responses)
     return ([to_preference_record(row, kind, f"synthetic-train:{i}") for i, row in enumerate(train)],
             [to_preference_record(row, kind, f"synthetic-eval:{i}") for i, row in enumerate(held_out)])
 

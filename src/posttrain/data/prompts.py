@@ -32,7 +32,7 @@ from typing import Any
 
 from posttrain.data import formats
 from posttrain.data.formats import BadRowError
-from posttrain.data.pipeline import SYNTHETIC, rejects_file, split_eval
+from posttrain.data.pipeline import SYNTHETIC, rejects_file, split_eval, synthetic_split_sizes
 from posttrain.data.records import WrittenFloat
 from posttrain.errors import ConfigError, DataError
 
@@ -159,8 +159,7 @@ def _synthetic(cfg, seed: int) -> tuple[list[PromptRecord], list[PromptRecord]]:
     """The bundled verifiable tasks as prompts with their answers; held-out prompts never train."""
     from posttrain.data import synthetic
 
-    n_eval = round(cfg.eval_fraction * cfg.synthetic_size)
-    train, held_out = synthetic.make_split(cfg.synthetic_tasks, cfg.synthetic_size - n_eval, n_eval, seed=seed)
+    train, held_out = synthetic.make_split(cfg.synthetic_tasks, *synthetic_split_sizes(cfg), seed=seed)
     return ([synthetic_record(e, i, "") for i, e in enumerate(train)],
             [synthetic_record(e, i, "eval") for i, e in enumerate(held_out)])
 

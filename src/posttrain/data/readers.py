@@ -209,8 +209,12 @@ def _file_entries(paths: list[str]) -> list[str]:
 
 
 def _same_file(path: str) -> str:
-    """One spelling for every path to a file: `~` expanded, made absolute, links resolved."""
-    return os.path.realpath(os.path.expanduser(os.fspath(path)))
+    """One spelling for every path to a set of rows: `~` expanded, made absolute, links resolved;
+    a DatasetDict directory is its train split's directory (what `_dataset_dir_rows` reads)."""
+    path = os.path.realpath(os.path.expanduser(os.fspath(path)))
+    if os.path.isfile(os.path.join(path, "dataset_dict.json")):
+        return os.path.realpath(os.path.join(path, "train"))
+    return path
 
 
 _HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
