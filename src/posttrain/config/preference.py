@@ -178,11 +178,12 @@ def _check_synthetic_rankings(d: PreferenceDataConfig, seed: int) -> None:
     before the model loads."""
     if d.train_files != ["synthetic"] or d.synthetic_kind != "ranking":
         return
+    from posttrain.data.pipeline import synthetic_split_sizes
     from posttrain.data.synthetic import make_preference_split
 
     per_task = len(d.synthetic_tasks)
-    n_eval = round(d.eval_fraction * d.synthetic_size)  # as data.preferences draws the held-out prompts
-    make_preference_split(d.synthetic_tasks, min(per_task, d.synthetic_size - n_eval), min(per_task, n_eval),
+    n_train, n_eval = synthetic_split_sizes(d)  # as data.preferences draws them
+    make_preference_split(d.synthetic_tasks, min(per_task, n_train), min(per_task, n_eval),
                           seed=seed, kind="ranking", num_responses=d.synthetic_responses)
 
 

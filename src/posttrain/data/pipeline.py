@@ -392,4 +392,4 @@ def _update_report(run_dir: Path | None, entries: dict) -> None:
     if run_dir is None:
         return
     path = run_dir / "data_report.json"
-    write_report(run_dir, (json.loads(path.read_text()) if path.is_file() else {}) | entries)
+    write_report(run_dir, (json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}) | entries)

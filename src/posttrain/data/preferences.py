@@ -241,17 +241,13 @@ def _prompt(row: dict, fmt: str, key: str = "prompt") -> list[dict[str, str]]:
     key: `prompts.question_key`)."""
     what = repr(key)
     value = _decoded(_required(row, key, fmt), what=what)
-    system = formats._optional_string(row, "system")
     if isinstance(value, str):
         turns = [{"role": "user", "content": _string(value, what)}]
     elif isinstance(value, list):
         turns = _turns(value, what)
-        if system is not None and turns[0]["role"] == "system":
-            raise BadRowError(f"both a 'system' key and a system turn opening {what}; give one")
     else:
         raise BadRowError(f"{what} is {_type_name(value)}, expected a string or a list of turns")
-    if system is not None:
-        turns = [{"role": "system", "content": system}, *turns]
+    turns, _ = formats.with_system(row, turns, what=what)
     return _check_prompt(turns, what)
 
 
@@ -347,10 +343,7 @@ def _implicit_prompt(row: dict) -> tuple[list[dict[str, Any]], str | dict[str, A
         n = _first_difference(chosen[:-1], rejected[:-1])
         raise BadRowError(f"chosen and rejected do not share the prompt turns: they differ at turn {n}")
     prompt = _check_prompt(chosen[:-1], "the prompt (the turns before the last of 'chosen')")
-    system = formats._optional_string(row, "system")
-    if system is not None and prompt[0]["role"] == "system":
-        raise BadRowError("both a 'system' key and a system turn opening the conversations; give one")
-    prompt = prompt if system is None else [{"role": "system", "content": system}, *prompt]
+    prompt, _ = formats.with_system(row, prompt, what="the conversations")
     return prompt, chosen_reply, rejected_reply
 
 

@@ -255,7 +255,7 @@ def _open_binary(path: str):
     """The file's bytes (decompressed for .gz); DataError for one that cannot be opened or
     that its byte-order mark says is UTF-16 or UTF-32 text (every reader here reads UTF-8)."""
     try:
-        f = gzip.open(path, "rb") if path.lower().endswith(".gz") else open(path, "rb")
+        f = gzip.open(path, "rb", encoding="utf-8") if path.lower().endswith(".gz") else open(path, "rb")
     except OSError as e:
         raise DataError(f"{path}: cannot read the file ({e.strerror or e})") from None
     try:
