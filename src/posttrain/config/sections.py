@@ -117,7 +117,8 @@ class DataConfig:
     max_length: int = option(512, "maximum tokens per example (and per packed row)")
     overlength: Literal["truncate", "drop"] = option("truncate", "what to do with examples longer than max_length (always counted)")
     bad_rows: Literal["error", "skip"] = option("error", "malformed rows: stop before training, or skip them into the run's rejects-train.jsonl / rejects-eval.jsonl")
-    max_bad_fraction: float = option(0.01, "with bad_rows=skip, fail the run if more than this fraction is malformed")
+    max_bad_fraction: float = option(0.01, "with bad_rows=skip, fail the run if more than this fraction of any one "
+                                           "file's rows is malformed (each file of a mix on its own, named)")
     packing: bool = option(False, "pack several examples per row (no attention across them)")
     group_by_length: bool = option(
         False, "batch examples of similar length together: less padding, but can hurt multi-task learning"

@@ -30,14 +30,18 @@ Python's repr (what `datasets`' and pandas' `to_csv` write), see `decode_cell`. 
 with a fraction or exponent is a `WrittenFloat`, which keeps the text the file wrote.
 
 `load_records` reads everything into memory; `iter_records` streams. Both count every
-row (`DataReport`), report each malformed one with its "file:line" and reason, and
+row per file (`DataReport`), report each malformed one with its "file:line" and reason, and
 apply `bad_rows`: "error" stops with the locations, "skip" writes every bad row to
-`rejects_path` and fails only above `max_bad_fraction`.
+`rejects_path` and fails when a file has more than `max_bad_fraction` of its rows malformed (so
+the mix has no more either). Both name the split a DatasetDict directory is read through and the
+splits not read. `load_records` also counts the rows whose content is in more than one file
+(`in_several_files`): said, never dropped (`posttrain quality` removes duplicates).
 """
 
 from __future__ import annotations
 
 import ast
+import hashlib
 import io
 import itertools
 import json
@@ -48,7 +52,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from posttrain.data.readers import Malformed, check_path, iter_rows, unusable_text_at
+from posttrain.data.readers import (DICT_SPLIT, Malformed, check_path, dataset_dict_splits, iter_rows,
+                                    unusable_text_at)
 from posttrain.data.records import Record, WrittenFloat
 from posttrain.errors import DataError
 
@@ -581,15 +586,19 @@ class FileReport:
     total: int = 0
     good: int = 0
     bad: int = 0
+    split: str | None = None  # the split read of a DatasetDict directory; None for any other file
 
 
 @dataclass
 class DataReport:
-    """Row counts per file (good + bad == total, always) and the first few bad rows."""
+    """Row counts per file (good + bad == total, always), the first few bad rows, and the rows
+    whose content is in more than one file (each as the places it is found; None: not counted,
+    as when streaming)."""
 
     files: list[FileReport] = field(default_factory=list)
     first_bad: list[Reject] = field(default_factory=list)
     rejects_path: str | None = None
+    in_several_files: list[list[str]] | None = None
 
     @property
     def total(self) -> int:
@@ -612,10 +621,34 @@ class DataReport:
 
     def to_dict(self) -> dict[str, Any]:
         """For data_report.json (first_bad rows may hold values JSON needs `default=str` for)."""
-        return {
+        entry = {
             "rows": self.total, "good_rows": self.good, "bad_rows": self.bad, "rejects_path": self.rejects_path,
-            "files": [vars(f).copy() for f in self.files], "first_bad": [vars(r).copy() for r in self.first_bad],
+            "files": [{k: v for k, v in vars(f).items() if k != "split" or v is not None} for f in self.files],
+            "first_bad": [vars(r).copy() for r in self.first_bad],
         }
+        if self.in_several_files is not None:
+            entry["rows_in_several_files"] = len(self.in_several_files)
+            entry["first_in_several_files"] = self.in_several_files[:_SHOWN]
+        return entry
+
+
+class _CopiesAcrossFiles:
+    """Rows of one content read from more than one file. A row's content is every field of its
+    record but `source` (so the same conversation in two formats is one content), kept as an
+    8-byte digest; copies inside one file are no concern here."""
+
+    def __init__(self) -> None:
+        self._first: dict[bytes, tuple[int, str]] = {}  # digest → (file number, location) where first read
+        self.places: dict[bytes, list[str]] = {}  # digest → where read, for the contents in several files
+
+    def add(self, file_no: int, records: list) -> None:
+        for record in records:
+            content = {k: v for k, v in vars(record).items() if k != "source"}
+            digest = hashlib.blake2b(json.dumps(content, sort_keys=True, default=str).encode("utf-8", "surrogatepass"),
+                                     digest_size=8).digest()
+            first_no, first_at = self._first.setdefault(digest, (file_no, record.source))
+            if first_no != file_no:
+                self.places.setdefault(digest, [first_at]).append(record.source)
 
 
 class _BadRows:
@@ -714,6 +747,32 @@ def check_readable(path: str, detect: Callable = detect_format, fmt: str = "auto
         detect(head, where=os.fspath(path))
 
 
+def _note_split(counts: FileReport, log: Callable[[str], Any]) -> None:
+    """A DatasetDict directory: its split read is set in `counts` and said, with the splits not read."""
+    splits = dataset_dict_splits(counts.path)
+    if not splits or DICT_SPLIT not in splits:  # (no train split: refused by the reader)
+        return
+    counts.split = DICT_SPLIT
+    others = [s for s in splits if s != DICT_SPLIT]
+    skipped = f"; not read: split {', '.join(map(repr, others))} (give DIR/SPLIT to read one)" if others else ""
+    log(f"{counts.path}: a DatasetDict, read through its {DICT_SPLIT!r} split{skipped}")
+
+
+def _over_bad_fraction(counts: FileReport, max_bad_fraction: float) -> bool:
+    """`max_bad_fraction` holds for each file: a file mostly malformed is refused by name whatever it
+    is mixed with (and the mix, each file within it, never passes it either)."""
+    return bool(counts.total) and counts.bad / counts.total > max_bad_fraction
+
+
+def _check_bad_fraction(counts: FileReport, max_bad_fraction: float) -> None:
+    if _over_bad_fraction(counts, max_bad_fraction):
+        raise DataError(
+            f"{counts.path}: {counts.bad} of {counts.total} rows ({counts.bad / counts.total:.2%}) are malformed, "
+            f"more than max_bad_fraction={max_bad_fraction} ({max_bad_fraction:.2%}, applied to each file); "
+            "fix the data or raise the threshold"
+        )
+
+
 def _check_has_good_rows(counts: FileReport) -> None:
     if counts.good:
         return
@@ -757,11 +816,12 @@ def _finish(report: DataReport, bad_rows: str, max_bad_fraction: float, log: Cal
         log(f"skipped {report.bad} of {report.total} rows ({report.bad_fraction:.2%}) as malformed{where}:\n{_quoted(report)}")
     for counts in report.files:
         _check_has_good_rows(counts)
-    if report.bad_fraction > max_bad_fraction:
-        raise DataError(
-            f"{report.bad} of {report.total} rows ({report.bad_fraction:.2%}) are malformed, more than "
-            f"max_bad_fraction={max_bad_fraction} ({max_bad_fraction:.2%}); fix the data or raise the threshold"
-        )
+    for counts in report.files:
+        _check_bad_fraction(counts, max_bad_fraction)
+    if report.in_several_files:
+        n, first = len(report.in_several_files), " = ".join(report.in_several_files[0])
+        log(f"{n} {'row appears' if n == 1 else 'rows appear'} in more than one file, each read (and trained) as "
+            f"often as it appears (first: {first}); `posttrain quality` removes duplicates")
 
 
 def load_records(
@@ -784,12 +844,17 @@ def _load(paths, fmt, bad_rows, max_bad_fraction, rejects_path, log, convert_row
           known) -> tuple[list, DataReport]:
     """`load_records` with the row converter, detector and format names as parameters."""
     _check_arguments(paths, fmt, bad_rows, max_bad_fraction, known)
-    report = DataReport()
+    report, copies = DataReport(), _CopiesAcrossFiles()
     with _BadRows(bad_rows, rejects_path, report, raise_at_once=False) as sink:
         records = []
-        for path in paths:
+        for file_no, path in enumerate(paths):
             report.files.append(FileReport(os.fspath(path)))
-            records.extend(_file_records(os.fspath(path), fmt, report.files[-1], sink, convert_row, detect))
+            _note_split(report.files[-1], log)
+            file_records = list(_file_records(os.fspath(path), fmt, report.files[-1], sink, convert_row, detect))
+            if len(paths) > 1:  # (one file has no copies in another: no row hashed)
+                copies.add(file_no, file_records)
+            records.extend(file_records)
+    report.in_several_files = list(copies.places.values())
     _finish(report, bad_rows, max_bad_fraction, log)
     return records, report
 
@@ -806,9 +871,10 @@ def iter_records(
 ) -> Iterator[Record]:
     """Stream Records from files larger than memory, with `load_records`' policy as far as
     streaming allows: bad_rows="error" raises at the first bad row, with its location;
-    "skip" writes rejects as it goes, then logs the summary and checks `max_bad_fraction`
-    once the last file ends. A file with no good rows fails when it ends. Pass `report`
-    to read the counts afterwards."""
+    "skip" writes rejects as it goes and checks `max_bad_fraction` as each file ends (a file
+    with no good rows fails then too), then logs the summary once the last file ends. Pass
+    `report` to read the counts as they grow and afterwards. Rows in several files are not
+    counted (a digest kept per row would grow without bound)."""
     _check_arguments(paths, fmt, bad_rows, max_bad_fraction)
     for path in paths:
         check_path(path)  # a missing last file should fail now, not hours into training
@@ -820,6 +886,9 @@ def _stream(paths, fmt, bad_rows, max_bad_fraction, rejects_path, log, report) -
         for path in paths:
             counts = FileReport(os.fspath(path))
             report.files.append(counts)
+            _note_split(counts, log)
             yield from _file_records(counts.path, fmt, counts, sink)
             _check_has_good_rows(counts)
+            if _over_bad_fraction(counts, max_bad_fraction):  # refused as the file ends, the summary said
+                _finish(report, bad_rows, max_bad_fraction, log)
     _finish(report, bad_rows, max_bad_fraction, log)

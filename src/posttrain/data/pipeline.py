@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from posttrain.data.formats import DataReport
 from posttrain.data.records import Example, Record
 from posttrain.data.templates import DoubledMarkers
 from posttrain.errors import ConfigError, DataError
@@ -299,9 +300,11 @@ def prepare_sft_data(cfg, tokenizer, run_dir: Path | None, seed: int, log: Calla
 class StreamCounts:
     """What a streamed pass over the training files has read, cut and dropped so far, kept while
     it runs: a run that stops before a full pass (a file larger than memory, read for
-    train.max_steps) still reports them (`write_stream_counts`)."""
+    train.max_steps) still reports them (`write_stream_counts`). `read`: the reader's counts,
+    per file (rows, good, malformed) as far as the pass has read."""
 
     rows: int = 0  # rows read in this pass (bad rows skipped by the reader aside)
+    read: DataReport = field(default_factory=DataReport)
     too_long: int = 0  # longer than data.max_length: cut or dropped (data.overlength)
     dropped_no_labels: int = 0  # no label left after the cut
     unrendered: list[str] = field(default_factory=list)  # rows the chat template cannot render (bad_rows=skip)
@@ -311,11 +314,18 @@ class StreamCounts:
 
     def new_pass(self) -> None:
         self.rows = self.too_long = self.dropped_no_labels = 0
-        self.unrendered, self.doubled = [], DoubledMarkers()
+        self.read, self.unrendered, self.doubled = DataReport(), [], DoubledMarkers()
 
     def entry(self, cfg, complete_pass: bool) -> dict:
-        return {"train_stream": {"complete_pass": complete_pass, "rows_read": self.rows, "too_long": self.too_long,
-                                 "policy": cfg.overlength, "dropped_no_labels": self.dropped_no_labels,
+        read = self.read.to_dict()
+        counts = ("of a full pass" if complete_pass else
+                  "running: the rows read so far in this pass (written at each checkpoint and at the end of the run)")
+        return {"train_stream": {"complete_pass": complete_pass, "counts": counts, "rows_read": self.rows,
+                                 "bad_rows": read["bad_rows"], "rejects_path": read["rejects_path"],
+                                 "files": read["files"], "first_bad": read["first_bad"],
+                                 "rows_in_several_files": "not counted when streaming",
+                                 "too_long": self.too_long, "policy": cfg.overlength,
+                                 "dropped_no_labels": self.dropped_no_labels,
                                  "unrendered": len(self.unrendered)} | self.doubled.entry()}
 
 
@@ -340,7 +350,7 @@ def stream_sft_examples(cfg, tokenizer, run_dir: Path | None, log: Callable[[str
     counts.new_pass()
     for record in formats.iter_records(cfg.train_files, fmt=cfg.format, bad_rows=cfg.bad_rows,
                                        max_bad_fraction=cfg.max_bad_fraction,
-                                       rejects_path=rejects_file(run_dir, "train"), log=log):
+                                       rejects_path=rejects_file(run_dir, "train"), log=log, report=counts.read):
         counts.rows += 1
         example = _encoded(record, tokenizer, template, cfg, counts.unrendered, counts.doubled)
         if example is None:
@@ -374,7 +384,7 @@ def prepare_streamed_eval(cfg, tokenizer, run_dir: Path | None, log: Callable[[s
     pass). A stream has no split to take `eval_fraction` from; without eval files, none."""
     from posttrain.data.templates import adopt_template
 
-    report: dict = {"train_read": {"source": "streamed", "train_stream": "counts of the rows read so far "
+    report: dict = {"train_read": {"source": "streamed", "train_stream": "counts of the rows read so far, per file "
                                                                          "(complete_pass false), or of a full pass"}}
     evaluation: list[Example] = []
     if cfg.eval_files:

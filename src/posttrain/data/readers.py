@@ -213,8 +213,25 @@ def _same_file(path: str) -> str:
     a DatasetDict directory is its train split's directory (what `_dataset_dir_rows` reads)."""
     path = os.path.realpath(os.path.expanduser(os.fspath(path)))
     if os.path.isfile(os.path.join(path, "dataset_dict.json")):
-        return os.path.realpath(os.path.join(path, "train"))
+        return os.path.realpath(os.path.join(path, DICT_SPLIT))
     return path
+
+
+DICT_SPLIT = "train"  # the split of a DatasetDict directory that is read
+
+
+def dataset_dict_splits(path: str) -> list[str] | None:
+    """The splits a DatasetDict directory holds, as its dataset_dict.json lists them (read without
+    loading the data); None for any other path. Only `DICT_SPLIT` is read of them."""
+    listing = os.path.join(os.path.expanduser(os.fspath(path)), "dataset_dict.json")
+    if not os.path.isfile(listing):
+        return None
+    try:
+        with open(listing, encoding="utf-8") as f:
+            splits = json.load(f).get("splits")
+    except (OSError, ValueError, AttributeError):
+        return None  # the load itself says what is wrong with the directory
+    return [str(s) for s in splits] if isinstance(splits, list) else None
 
 
 _HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -255,7 +272,7 @@ def _open_binary(path: str):
     """The file's bytes (decompressed for .gz); DataError for one that cannot be opened or
     that its byte-order mark says is UTF-16 or UTF-32 text (every reader here reads UTF-8)."""
     try:
-        f = gzip.open(path, "rb", encoding="utf-8") if path.lower().endswith(".gz") else open(path, "rb")
+        f = gzip.open(path, "rb") if path.lower().endswith(".gz") else open(path, "rb")
     except OSError as e:
         raise DataError(f"{path}: cannot read the file ({e.strerror or e})") from None
     try:
@@ -664,8 +681,9 @@ def _parquet_rows(path: str) -> Iterator[tuple[str, Row]]:
 def _dataset_dir_rows(path: str) -> Iterator[tuple[str, Row]]:
     """A directory written by `datasets`' `save_to_disk`.
 
-    A `DatasetDict` directory is read through its "train" split; any other split is
-    ignored (pass the split's own subdirectory to read it instead).
+    A `DatasetDict` directory is read through its "train" split (`DICT_SPLIT`); any other split is
+    not read (pass the split's own subdirectory to read it instead); the data layer says which
+    (`formats`, from `dataset_dict_splits`).
     """
     dataset = _load_dataset_dir(path)
     row_no = 0
@@ -708,8 +726,9 @@ def _load_dataset_dir(path: str):
     except (OSError, ValueError, FileNotFoundError) as e:
         raise DataError(f"{path}: cannot load the datasets directory ({e})") from None
     if isinstance(loaded, datasets.DatasetDict):
-        if "train" not in loaded:
+        if DICT_SPLIT not in loaded:
             splits = ", ".join(loaded) or "none"
-            raise DataError(f"{path}: a DatasetDict without a 'train' split (has: {splits}); pass a split's directory")
-        loaded = loaded["train"]
+            raise DataError(f"{path}: a DatasetDict without a '{DICT_SPLIT}' split (has: {splits}); "
+                            "pass a split's directory")
+        loaded = loaded[DICT_SPLIT]
     return loaded.with_format(None)  # plain Python values, whatever format it was saved with
