@@ -22,3 +22,26 @@ def test_a_run_ending_its_passes_short_of_the_plan_logs_its_last_steps(tmp_path,
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     logged = [(r["step"], r["steps_averaged"]) for r in lines if "loss" in r]
     assert logged == [(3, 3), (4, 1)], logged
+
+
+def test_sigterm_stops_a_data_command_as_ctrl_c_does_with_143(tmp_path):
+    """A feedback job, quality or a training run's data preparation died silently on SIGTERM
+    (Python's default: no message); now it says what the same command does and exits 143, and the
+    handler before is put back."""
+    import signal
+    import sys
+    import subprocess
+
+    code = ("import os, signal, sys\n"
+            "from posttrain import cli\n"
+            "def fake_run(args):\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    raise AssertionError('not stopped')\n"
+            "cli._run = fake_run\n"
+            "before = signal.getsignal(signal.SIGTERM)\n"
+            "code = cli.main(['rlaif', 'x.yaml'])\n"
+            "assert signal.getsignal(signal.SIGTERM) is before\n"
+            "sys.exit(code)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr
+    assert "terminated; the same command resumes from what its log holds" in done.stderr

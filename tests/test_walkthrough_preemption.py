@@ -173,7 +173,7 @@ import os, signal, sys
 import posttrain.data.pipeline as pipeline
 real = pipeline.prepare_sft_data
 def preempted(*args, **kwargs):
-    os.kill(os.getpid(), signal.SIGTERM)  # Python's default: the process ends here, as SLURM's would
+    os.kill(os.getpid(), signal.SIGTERM)  # as SLURM's preemption would, before the loop's own handler
     return real(*args, **kwargs)
 pipeline.prepare_sft_data = preempted
 from posttrain.console import run
@@ -183,16 +183,17 @@ raise SystemExit(run())
 
 
 def test_sigterm_while_the_data_is_prepared_ends_with_the_signal_and_the_same_command_then_runs(tmp_path):
-    """SIGTERM before step 1 (the data pipeline; no handler is installed yet): the process ends by
-    the signal (143 to a shell), leaving config.yaml and the run directory's lock file but no
-    checkpoint; the same command then trains the run to its end, the lock not in its way."""
+    """SIGTERM before step 1 (the data pipeline; the loop's handler is not installed yet): the command
+    stops as Ctrl-C does (cli's handler), exits 143 and says what the same command does, leaving
+    config.yaml and the run directory's lock file but no checkpoint; the same command then trains
+    the run to its end, the lock not in its way."""
     run_dir = tmp_path / "run"
     argv = ["sft", f"output_dir={run_dir}", "model.path=tiny",
             *(f"{k}={json.dumps(v)}" for k, v in TINY_SFT.items())]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     cut = subprocess.run([sys.executable, "-c", _KILL_IN_DATA, *argv], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=120)
-    assert cut.returncode == -signal.SIGTERM, cut.stderr[-2000:]
+    assert cut.returncode == 128 + signal.SIGTERM and "terminated; the same command" in cut.stderr, cut.stderr[-2000:]
     assert not (run_dir / "checkpoints").exists() and (run_dir / ".lock").exists()
     rerun = subprocess.run([sys.executable, "-m", "posttrain", *argv], cwd=ROOT, env=env, capture_output=True,
                            text=True, timeout=120)

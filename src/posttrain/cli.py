@@ -26,6 +26,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import os
 import functools
@@ -484,6 +485,33 @@ def _check_command(parser: argparse.ArgumentParser, words: list[str]) -> None:
         parser.error(f"unknown command {words[0]!r}; did you mean {close[0]}?")
 
 
+@contextlib.contextmanager
+def _terminated_as_interrupted():
+    """SIGTERM (`kill`, `docker stop`, a scheduler's preemption) stops a command as Ctrl-C does:
+    `Stopped(SIGTERM)` is raised where the command is, so it says what the same command does next
+    and exits 143, its logs kept (a feedback job, quality, evaluate, the data preparation before a
+    training run's first step). A training step installs its own handler, which finishes the step
+    and saves a checkpoint first (`train.loop._interrupt_at_step_end`). Only the main thread of a
+    single process sets it (launched processes keep Python's own handling, as training's steps
+    do); the handler before is put back."""
+    import threading
+
+    from posttrain.errors import Stopped
+
+    if threading.current_thread() is not threading.main_thread() or launched_processes() > 1:
+        yield
+        return
+
+    def on_sigterm(signum, frame):
+        raise Stopped(signum)
+
+    before = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def main(argv: list[str] | None = None) -> int:
     from posttrain.console import line_buffered
 
@@ -508,7 +536,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         parser.exit(2, f"error: {as_overrides}\n")  # as argparse exits on its own errors
     try:
-        return _run(args)
+        with _terminated_as_interrupted():
+            return _run(args)
     except Exception as caught:  # noqa: BLE001 - a UserError or a full disk is said in one line, the rest re-raised
         exc = caught if isinstance(caught, UserError) else NoRoom.of(caught)
         if exc is None:  # a bug in posttrain: its traceback
