@@ -159,7 +159,7 @@ def test_rl_rollouts_count_a_several_token_end_of_turn_as_ended(plain):
             return [said[:next(k for k in range(1, len(said) + 1) if stop_check(said[:k]))] for _ in prompt_ids]
 
     cfg = types.SimpleNamespace(
-        rollout=types.SimpleNamespace(num_generations=2, max_new_tokens=12, temperature=1.0, top_p=1.0, top_k=0,
+        rollout=types.SimpleNamespace(num_generations=2, max_new_tokens=12, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0,
                                       stop=[]),
         reward=types.SimpleNamespace(no_eos_penalty=1.0, normalize=False, clip=0.0))
     record = PromptRecord(prompt=[{"role": "user", "content": "a"}])
