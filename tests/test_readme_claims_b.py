@@ -359,13 +359,15 @@ def test_ppo_logs_every_metric_the_readme_names(ppo_run):
     value_clip_fraction, ppo_update ... and per rollout rollout/kl (per response, to the reference;
     not logged when there is none, β = 0 with fixed control), rollout/kl_coef,
     rollout/explained_variance, rollout/value_mean, rollout/return_mean, with the reward, length and
-    timing figures GRPO logs'. This run has no reference (ppo.kl_coef=0): no rollout/kl."""
+    timing figures GRPO logs' (the timing on the step that generated the rollout only, its first
+    update). This run has no reference (ppo.kl_coef=0): no rollout/kl."""
     for record in ppo_run["metrics"]:
         for key in ("policy_loss", "value_loss", "entropy", "clip_fraction", "approx_kl", "value_clip_fraction",
                     "ppo_update", "rollout/kl_coef", "rollout/explained_variance", "rollout/value_mean",
-                    "rollout/return_mean", "rollout/reward_mean", "rollout/reward_std", "rollout/rollout_s",
-                    "rollout/reward_s"):
+                    "rollout/return_mean", "rollout/reward_mean", "rollout/reward_std"):
             assert key in record, key
+        timed = {"rollout/rollout_s", "rollout/reward_s"} & record.keys()
+        assert timed == ({"rollout/rollout_s", "rollout/reward_s"} if record["ppo_update"] == 1 else set()), record
         assert "rollout/kl" not in record
 
 

@@ -68,8 +68,6 @@ class _SlowStart(ToyStage):
         return {}
 
 
-@pytest.mark.xfail(
-    strict=True, reason="the progress rate and ETA count the stage's one-off start (begin: EWC Fisher) as step time")
 def test_the_progress_rate_leaves_out_the_one_off_work_before_the_first_step(tmp_path, capsys):
     """README: "a progress bar with ETA ... (`train: step 120/1000 (2.10 steps/s, ETA 6m59s, ...`)".
     The rate is started when the log opens, before the stage's step-0 work (`Stage.begin`:
@@ -101,8 +99,6 @@ def _rl_run(kind: str, tmp_path: Path) -> Path:
         "train.batch_size=8", "rollout.num_generations=4", "grpo.updates_per_rollout=2"]))
 
 
-@pytest.mark.xfail(
-    strict=True, reason="a step that reuses its rollout repeats that rollout's generation time and tokens as its own")
 @pytest.mark.parametrize("kind", ["ppo", "grpo"])
 def test_only_the_step_that_generated_a_rollout_reports_generation_time(kind, tmp_path):
     """README: "`rollout/rollout_s` and `rollout/reward_s` (the generation / scoring / update split),
@@ -125,8 +121,6 @@ def test_only_the_step_that_generated_a_rollout_reports_generation_time(kind, tm
                     for r in lines))
 
 
-@pytest.mark.xfail(
-    strict=True, reason="messages a stage says inside the loop are printed past tqdm's bar, onto the bar's own line")
 def test_messages_said_during_training_do_not_land_on_the_progress_bars_line(tmp_path, monkeypatch):
     """On a terminal the loop's own messages go through the bar (`tqdm.write`: the bar is cleared,
     the message written, the bar drawn again), but those a stage says from its hooks inside the loop

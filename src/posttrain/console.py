@@ -88,6 +88,11 @@ class Progress:
         self.start = self.last = time.monotonic()
         self.text = ""
 
+    def start_clock(self) -> None:
+        """Start the rate's clock now: what ran before the first item (a training stage's one-off
+        start: EWC's Fisher, distillation targets) is not counted as the items' time."""
+        self.start = self.last = time.monotonic()
+
     def update(self, done: int, failed: int = 0, extra: str = "") -> None:
         now = time.monotonic()
         if self.stream is None or (now - self.last < (0.2 if self.tty else 10.0) and done < self.total):

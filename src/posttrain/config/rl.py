@@ -38,8 +38,11 @@ class PromptDataConfig:
     eval_fraction: float = option(0.05, "fraction of training prompts held out when eval_files is empty (a "
                                          "prompt given twice stays on one side)")
     format: Literal["auto", "prompt", "messages", "alpaca"] = option(
-        "auto", "prompt ('prompt' + optional 'answer'), messages or alpaca (their last answer is the reference)")
+        "auto", "prompt (a question under 'prompt', 'question' or 'problem', with an optional 'answer', else "
+                "'solution'), messages or alpaca (their last answer is the reference)")
     template: Literal["auto", "tokenizer", "chatml", "alpaca"] = option("auto", "chat template for the prompts")
+    system_prompt: str = option("", "a system turn put first in every prompt that has none (train and held out); a "
+                                "row's own system turn or 'system' key is kept (empty = none)")
     max_prompt_length: int = option(256, "prompts longer than this many tokens are dropped (counted, never cut)")
     bad_rows: Literal["error", "skip"] = option("error", "malformed rows: stop before training, or skip them into the run's rejects-train.jsonl / rejects-eval.jsonl")
     max_bad_fraction: float = option(0.01, "with bad_rows=skip, fail the run if more than this fraction is malformed")
@@ -213,6 +216,8 @@ def _rollout_checks(cfg: GRPOConfig | PPOConfig) -> list[tuple[bool, str]]:
                            f"no sampling), got {r.min_p}"),
         (all(r.stop), "rollout.stop holds an empty string, which would end every completion at its first token"),
         (cfg.data.max_prompt_length >= 1, "data.max_prompt_length must be >= 1"),
+        (not cfg.data.system_prompt or bool(cfg.data.system_prompt.strip()),
+         "data.system_prompt is blank: give its text, or leave it empty for no system turn"),
         *_rows_checks(cfg.data),
         (bool(cfg.reward.functions or cfg.reward.models or cfg.reward.format_regex),
          "no reward: set reward.functions, reward.models or reward.format_regex"),

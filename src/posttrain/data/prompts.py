@@ -25,6 +25,7 @@ formats.py's.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,7 +199,28 @@ def prepare_prompts(cfg, run_dir: Path | None, seed: int, log: Callable[[str], N
         report = {"train_read": report, "eval_split_from_train": len(held_out)}
     if not train:
         raise DataError("no training prompts: check data.train_files")
+    if cfg.system_prompt:
+        train, held_out, report["system_prompt"] = with_system_prompt(train, held_out, cfg.system_prompt, log)
     return train, held_out, report
+
+
+def with_system_prompt(train: list[PromptRecord], held_out: list[PromptRecord], system: str,
+                       log: Callable[[str], None] = print) -> tuple[list[PromptRecord], list[PromptRecord], dict]:
+    """`data.system_prompt`: `system` as a system turn put first in every train and held-out prompt
+    that has none (so the rollouts and the held-out figures see the same prompts); a prompt with
+    its own (a system turn, or the row's 'system' key) keeps it. Returns the records and the
+    counts for data_report.json ({"added", "kept_own"}); the prompts that kept their own are said
+    once."""
+    def opened(record: PromptRecord) -> PromptRecord:
+        return dataclasses.replace(record, prompt=[{"role": "system", "content": system}, *record.prompt])
+
+    own = lambda record: record.prompt[0]["role"] == "system"  # noqa: E731 (a system turn comes only first)
+    kept = sum(map(own, train + held_out))
+    added = len(train) + len(held_out) - kept
+    train, held_out = ([r if own(r) else opened(r) for r in records] for records in (train, held_out))
+    if kept:
+        log(f"data.system_prompt: {kept} prompts kept their own system turn (of {len(train) + len(held_out)})")
+    return train, held_out, {"added": added, "kept_own": kept}
 
 
 def encode_prompts(records: list[PromptRecord], tokenizer, template: str, max_length: int,

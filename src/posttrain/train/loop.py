@@ -351,7 +351,8 @@ def _train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: dict[str,
     """`train`'s work, in outline: the optimizer and the prepared module; a resume or a fresh start,
     the plan and the log (`_open`); the notes the run's settings call for; the stage's `begin` on a
     fresh start; then one step after another (`_Run.step`) until the planned steps, an early stop or
-    the passes over the data end the run; how it ended (`_Run.result`)."""
+    the passes over the data end the run, the progress rate counted from the first of them
+    (`RunLogger.start_clock`); how it ended (`_Run.result`)."""
     segment_started = time.perf_counter()
     optimizer = make_optimizer(stage.module, cfg, getattr(stage, "lr_scale", None))
     module, optimizer = accelerator.prepare(stage.module, optimizer)
@@ -360,26 +361,27 @@ def _train(stage: Stage, cfg, run_dir: Path, accelerator, fingerprint: dict[str,
     per_epoch = stage.micro_batches_per_epoch()
     state, resume_from, total_steps, log = _open(stage, cfg, run_dir, accelerator, module, optimizer, fingerprint,
                                                  group, per_epoch)
-    warmup = _warmup_steps(cfg, total_steps, state, log)
-    _note_bfloat16_weights(stage, log)
-    state["stopped_early"] = _stopped_before(state, cfg.early_stopping_patience)
-    held_out = stage.eval_micro_batches()
-    _note_nothing_held_out(stage, cfg, held_out, log)
-    run = _Run(stage, cfg, accelerator, module, optimizer, run_dir / "checkpoints", state, log, total_steps, warmup,
-               per_epoch, held_out, segment_started, earlier_seconds=state.get("wall_seconds", 0.0))
-    module.train()
-    steps = _steps(stage, group, *_position(state, group))
-    run.passes_done = _passes_done(stage, cfg, state, per_epoch)
-    sparse_ok = _sparse_gradients_ok(stage, cfg, accelerator)
-    if resume_from is None:
-        _begin(stage, module, accelerator, log)
-    with sparse_embedding_gradients(accelerator.unwrap_model(module), enabled=sparse_ok), \
-            training_attention_kernels(accelerator.device), _interrupt_at_step_end(world == 1) as interrupted:
-        try:
+    try:  # the progress bar closed however the run ends, a failing `begin` too
+        warmup = _warmup_steps(cfg, total_steps, state, log)
+        _note_bfloat16_weights(stage, log)
+        state["stopped_early"] = _stopped_before(state, cfg.early_stopping_patience)
+        held_out = stage.eval_micro_batches()
+        _note_nothing_held_out(stage, cfg, held_out, log)
+        run = _Run(stage, cfg, accelerator, module, optimizer, run_dir / "checkpoints", state, log, total_steps, warmup,
+                   per_epoch, held_out, segment_started, earlier_seconds=state.get("wall_seconds", 0.0))
+        module.train()
+        steps = _steps(stage, group, *_position(state, group))
+        run.passes_done = _passes_done(stage, cfg, state, per_epoch)
+        sparse_ok = _sparse_gradients_ok(stage, cfg, accelerator)
+        if resume_from is None:
+            _begin(stage, module, accelerator, log)
+        with sparse_embedding_gradients(accelerator.unwrap_model(module), enabled=sparse_ok), \
+                training_attention_kernels(accelerator.device), _interrupt_at_step_end(world == 1) as interrupted:
+            log.start_clock()  # the rate and ETA count the steps' time, not the one-off start above
             while state["step"] < total_steps and not state["stopped_early"] and not run.passes_done:
                 run.step(steps, interrupted)
-        finally:
-            log.close()
+    finally:
+        log.close()
     if resume_from is not None and run.eval_loss is None and (state["step"] >= total_steps or state["stopped_early"]
                                                               or run.passes_done):
         run.evaluate_restored()

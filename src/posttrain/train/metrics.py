@@ -2,7 +2,9 @@
 
 Progress is a tqdm bar on a terminal (and in a notebook); where stderr is not one (a batch job's
 log file) it is a plain line at most every 10 s (console.Progress, as the data commands write
-theirs): a bar's redraws would fill the log with carriage returns.
+theirs): a bar's redraws would fill the log with carriage returns. Its rate and ETA count from the
+first step (`RunLogger.start_clock`), not from the stage's one-off start before it. What a stage
+says while the bar is open goes through it (`through_bar`), never onto the bar's own line.
 
 With train.log_every = N, a training line holds the mean of each per-step figure (loss, grad
 norm, the stage's metrics, tokens and step time) over the steps since the previous line, as
@@ -23,6 +25,7 @@ import json
 import math
 import resource
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -94,12 +97,31 @@ def close_interval(interval: dict, rates: dict[str, tuple[str, str]] = RATES) ->
     if steps == 1:
         return last | {"steps_averaged": 1}
     line = {key: sums[key][0] / sums[key][1] if key in sums else value for key, value in last.items()}
-    # a figure some steps lack (KTO's per-class ones, in a step without that class): its steps' mean
+    # a figure some steps lack (KTO's per-class ones, in a step without that class; an RL rollout's
+    # generation cost, on the step that generated it only): the mean over the steps that have it
     line |= {key: total / count for key, (total, count) in sums.items() if key not in line}
     for rate, (count, seconds) in rates.items():
         if rate in line and count in sums and sums.get(seconds, (0.0,))[0] > 0:
             line[rate] = sums[count][0] / sums[seconds][0]
     return line | {"steps_averaged": steps}
+
+
+_open_bars: list = []  # the open RunLoggers' tqdm bars (one, in practice), for `through_bar`
+
+
+def through_bar(say: Callable[[str], None]) -> Callable[[str], None]:
+    """`say` (a run's message function: a flushed print on the main process) made safe for what a
+    stage says from inside the loop (its hooks: gradual unfreezing's and the adapter schedule's
+    `step N: ...`, EWC's Fisher at step 0): while a progress bar is open the message goes through
+    it (tqdm.write: the bar cleared, the message written, the bar drawn again), as the loop's own
+    do (`RunLogger.message`); a plain print would land on the bar's line. Otherwise `say` itself."""
+    def said(text: str) -> None:
+        if _open_bars:
+            _open_bars[-1].write(text)
+        else:
+            say(text)
+
+    return said
 
 
 def _interactive(stream) -> bool:
@@ -124,10 +146,21 @@ class RunLogger:
 
             self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step", dynamic_ncols=True,
                             mininterval=1.0)
+            _open_bars.append(self.bar)
         elif enabled and progress_bar:
             from posttrain.console import Progress
 
             self.lines = Progress(total_steps, "train: step", sys.stderr, unit="steps", initial=initial_step)
+
+    def start_clock(self) -> None:
+        """Start the progress rate's (and ETA's) clock now, just before the first step: the work
+        between the log's opening and the first step (the stage's `begin`: EWC's Fisher over
+        forgetting.fisher_examples rows, distillation targets, the step-0 retain loss) is no step's
+        time, and counted in the rate it would read as one (seen: an ETA of 6 s for two 0.1 s steps)."""
+        if self.bar is not None:
+            self.bar.unpause()  # tqdm's clock restarted from now (nothing has advanced it yet)
+        elif self.lines is not None:
+            self.lines.start_clock()
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -170,4 +203,5 @@ class RunLogger:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            _open_bars[:] = [bar for bar in _open_bars if bar is not self.bar]
             self.bar = None

@@ -250,16 +250,10 @@ def sample_and_score(engine, tokenizer, prompts: list[list[int]], records: list[
     chosen_records = [records[i] for i in chosen for _ in range(group)]
     started = time.perf_counter()
     prompts_, rows = [rec.prompt for rec in chosen_records], [rec.reward_row() for rec in chosen_records]
-    components = {}
     # a reward's failure is named by its prompt row's file:line (not its place in a rollout of random
     # prompts); a reward drawing random numbers draws by the rollout's seed (rewards.reward_seed)
     with rows_named([rec.source for rec in chosen_records]), reward_seed(seed):
-        if hasattr(score, "score"):  # a CombinedReward: its components' raw values are logged too
-            totals, raw = score.score(prompts_, texts, rows)
-            if len(raw) > 1:
-                components = {name: sum(values) / len(values) for name, values in raw.items()}
-        else:
-            totals = score(prompts_, texts, rows)
+        totals, components = scored_with_components(score, prompts_, texts, rows)
     # float64 until the rewards are final: float32's round-off in a mean and a std of equal
     # rewards, divided by that std, gave them non-zero z-scores
     scored = torch.tensor(totals, dtype=torch.float64)
@@ -285,6 +279,15 @@ def sample_and_score(engine, tokenizer, prompts: list[list[int]], records: list[
         flat_groups=float((grouped.max(1).values == grouped.min(1).values).float().mean()) if group > 1 else None,
         rollout_tokens=generated)
     return Rollout(prompt_ids, completions, texts, chosen_records, rewards, stats, components, scored)
+
+
+def scored_with_components(score: Callable, prompts, texts: list[str], rows) -> tuple[list[float], dict[str, float]]:
+    """The total rewards of `texts` and, when `score` combines several rewards (a
+    `rewards.CombinedReward`), each component's raw mean (before weights and floors); else {}."""
+    if not hasattr(score, "score"):
+        return score(prompts, texts, rows), {}
+    totals, raw = score.score(prompts, texts, rows)
+    return totals, ({name: sum(values) / len(values) for name, values in raw.items()} if len(raw) > 1 else {})
 
 
 def _sample_position(line: str) -> tuple[int, int]:
@@ -320,6 +323,11 @@ class RolloutStage:
 
     # a log line over several steps: the rollouts' tokens over their generation time, not a mean of rates
     rates = {"rollout/rollout_tokens_per_s": ("rollout/rollout_tokens", "rollout/rollout_s")}
+    # what generating the rollout cost (seconds, tokens): on the line of the step that generated it
+    # alone, not repeated by the steps that reuse it (PPO's epochs, GRPO's μ), so summed over
+    # lines they count each rollout once; its descriptive figures (reward_mean, ...) are on every step
+    generation_figures = frozenset({"rollout_s", "reward_s", "rollout_tokens", "rollout_tokens_per_s",
+                                    "weight_sync_s"})
 
     def __init__(self, module: torch.nn.Module, prompts: list[list[int]], records: list[PromptRecord], cfg,
                  tokenizer, score: Callable, run_dir: Path | None, autocast=contextlib.nullcontext,
@@ -332,6 +340,7 @@ class RolloutStage:
         self.group = cfg.rollout.num_generations
         self.batches_per_update = cfg.train.grad_accum * world  # micro-batches of one optimizer step, all processes
         self.rollout_metrics: dict[str, float] = {}
+        self.rollout_fresh = False  # a rollout generated since the last step's figures: its cost not yet logged
         self.rollouts_done = 0
         self._samples_trimmed = False
         self.engine = engine if engine is not None else TransformersEngine(self._policy(), cfg.rollout.batch_size,
@@ -369,7 +378,11 @@ class RolloutStage:
         return []  # held-out figures come from generation (`held_out_reward`), not from a loss
 
     def finish_metrics(self, metrics: dict) -> dict:
-        return metrics | {f"rollout/{k}": v for k, v in self.rollout_metrics.items()}
+        """The step's metrics and its rollout's figures; its generation figures only for the step that
+        generated it (`generation_figures`: a resumed run's restored rollout is not fresh either)."""
+        fresh, self.rollout_fresh = self.rollout_fresh, False
+        return metrics | {f"rollout/{k}": v for k, v in self.rollout_metrics.items()
+                          if fresh or k not in self.generation_figures}
 
     def _policy(self):
         return self.module.model
@@ -384,6 +397,7 @@ class RolloutStage:
             self.rollout_metrics["weight_sync_s"] = sync_s
         self._write_samples(epoch, index, rollout)
         self.rollouts_done += 1
+        self.rollout_fresh = True
         return rollout
 
     def _sync_engine(self) -> float:
@@ -492,11 +506,15 @@ def held_out_reward(model, tokenizer, prompts: list[list[int]], records: list[Pr
                       rollouts (E_{y~π}[r(x, y)]), with a fixed seed: the combined reward, before
                       the rollouts' no-EOS penalty, normalising and clipping
     greedy_reward     mean reward of the greedy answer (sharpening alone does not move it)
+    reward/<name>     with several rewards (a `rewards.CombinedReward`), each component's raw
+    greedy_reward/<name>  mean (before weights and floors) over the sampled / greedy answers
     kl_to_reference   mean over the sampled completions of Σ_t (log π − log π_ref), a sampled
                       estimate of KL(π‖π_ref) per response; None when no reference is kept
                       (full fine-tuning without a KL term); 0.0 without a forward when
                       `policy_is_reference` (before any step: the reference is the starting
-                      policy, `RLRun.held_out`)"""
+                      policy, `RLRun.held_out`)
+    kl_se             its standard error s/√n over the sampled responses (None below two), when
+                      measured: a negative mean is then said as noise or not (`report.kl_figure`)"""
     from posttrain.rewards import rows_named
     from posttrain.rollout.generate import (_make_stop_check, completion_text, eos_token_ids, generate_token_ids,
                                             pad_token_id, stop_strings)
@@ -516,10 +534,13 @@ def held_out_reward(model, tokenizer, prompts: list[list[int]], records: list[Pr
                                      stop_check=_make_stop_check(tokenizer, stop) if stop else None)
         return [c if c else [next(iter(eos))] for c in out]
 
-    def rewards(completions, recs) -> list[float]:  # cut at the stop strings, as the rollouts' are
+    def rewards(completions, recs, name: str) -> float:  # cut at the stop strings, as the rollouts' are
         texts = [completion_text(tokenizer, c, stop) for c in completions]
         with rows_named([x.source for x in recs]):  # a reward failing on one: its prompt row, by file:line
-            return score([x.prompt for x in recs], texts, [x.reward_row() for x in recs])
+            totals, means = scored_with_components(score, [x.prompt for x in recs], texts,
+                                                   [x.reward_row() for x in recs])
+        components.update({f"{name}/{component}": mean for component, mean in means.items()})
+        return sum(totals) / len(totals)
 
     greedy = answer(prompts[:n], SamplingSettings(max_new_tokens=r.max_new_tokens, temperature=0.0))
     sampled_ids = [p for p in prompts[:n] for _ in range(k)]
@@ -527,13 +548,18 @@ def held_out_reward(model, tokenizer, prompts: list[list[int]], records: list[Pr
     sampled = answer(sampled_ids, SamplingSettings(max_new_tokens=r.max_new_tokens, temperature=r.temperature,
                                                    top_p=r.top_p, top_k=r.top_k, min_p=r.min_p,
                                                    seed=cfg.train.seed + 7919))
-    out = {"reward": sum(rewards(sampled, sampled_recs)) / len(sampled),
-           "greedy_reward": sum(rewards(greedy, records[:n])) / n, "prompts": n, "samples": k,
-           "response_tokens": sum(map(len, sampled)) / len(sampled), "kl_to_reference": None}
-    if frozen_reference is not None or hasattr(model, "adapters_disabled"):
-        out["kl_to_reference"] = 0.0 if policy_is_reference else sum(_sequence_kl(
-            model, tokenizer, sampled_ids, sampled, autocast, frozen_reference, r.temperature,
-            cfg.train.loss_chunk_size)) / len(sampled)
+    components: dict[str, float] = {}
+    out = {"reward": rewards(sampled, sampled_recs, "reward"),
+           "greedy_reward": rewards(greedy, records[:n], "greedy_reward"), "prompts": n, "samples": k,
+           "response_tokens": sum(map(len, sampled)) / len(sampled), "kl_to_reference": None} | components
+    if (frozen_reference is not None or hasattr(model, "adapters_disabled")) and policy_is_reference:
+        out["kl_to_reference"] = 0.0
+    elif frozen_reference is not None or hasattr(model, "adapters_disabled"):
+        from posttrain.eval.alignment import mean_and_se
+
+        kl = mean_and_se(_sequence_kl(model, tokenizer, sampled_ids, sampled, autocast, frozen_reference, r.temperature,
+                                      cfg.train.loss_chunk_size))
+        out["kl_to_reference"], out["kl_se"] = kl["mean"], kl["se"]  # the same mean: Σ values / n
     return out
 
 
@@ -555,12 +581,26 @@ def _sequence_kl(model, tokenizer, prompt_ids, completions, autocast, frozen_ref
     return values
 
 
+def _kl_said(figures: dict) -> str:
+    """The held-out KL as evaluate's report says it (`report.kl_figure`: ± its standard error over
+    the sampled responses, and a negative mean said as sampling noise or not, KL itself never
+    being below 0); measured without one (0 before training, or one response), the mean alone."""
+    from posttrain.eval.report import kl_figure
+
+    if figures.get("kl_se") is None:
+        return f"{figures['kl_to_reference']:.3f} per response"
+    return kl_figure(figures | {"kl_responses": figures["prompts"] * figures["samples"]})
+
+
 def log_held_out(figures: dict, when: str, log) -> None:
     if figures:
         kl = figures["kl_to_reference"]
+        parts = [f"{name.split('/', 1)[1]} {value:.3f}/{figures['greedy_' + name]:.3f}"
+                 for name, value in figures.items() if name.startswith("reward/")]
         log(f"held-out reward {when} training: {figures['reward']:.3f} sampled ({figures['samples']} per prompt), "
             f"{figures['greedy_reward']:.3f} greedy, on {figures['prompts']} prompts"
-            + ("" if kl is None else f"; KL to reference {kl:.3f} per response"))
+            + ("" if kl is None else f"; KL to reference {_kl_said(figures)}")
+            + (f"; per reward, sampled/greedy: {', '.join(parts)}" if parts else ""))
 
 
 @dataclass
@@ -661,7 +701,8 @@ class RLRun:
         step), as its `held_out_figures` hook: eval_reward, eval_greedy_reward, eval_kl_to_reference
         (when a reference is kept) and eval_response_tokens in metrics.jsonl. Measured on the main
         process (the others wait for it at the next step's reduction); nothing without held-out
-        prompts (eval.prompts 0, or none set aside)."""
+        prompts (eval.prompts 0, or none set aside). With several rewards, each component's
+        held-out means too: eval_reward/<name>, eval_greedy_reward/<name>."""
         if min(self.cfg.eval.prompts, len(self.eval_ids)) <= 0:
             return
 
@@ -671,8 +712,8 @@ class RLRun:
             figures = held_out_reward(stage._policy(), self.tokenizer, self.eval_ids, self.eval_records, self.score,
                                       self.cfg, self.accelerator.autocast, self.frozen_reference)
             self.evaluated = (step, figures)
-            return {name: figures[name] for name in ("reward", "greedy_reward", "kl_to_reference", "response_tokens")
-                    if figures[name] is not None}
+            return {name: value for name, value in figures.items() if value is not None and (
+                name in ("reward", "greedy_reward", "kl_to_reference", "response_tokens") or "/" in name)}
 
         stage.held_out_figures = held_out_figures
 
@@ -687,10 +728,12 @@ def start_rl_run(cfg, needs_reference: bool, extra_parts=()) -> RLRun:
     from posttrain.models.loading import disable_dropout, note_full_logits
     from posttrain.rollout.engines import build_engine
     from posttrain.train.grouped import on_device
+    from posttrain.train.metrics import through_bar
     from posttrain.train.runs import released_on_failure, start_run
     from posttrain.train.sft import build_model
 
     run_dir, accelerator, main, log = start_run(cfg)
+    log = through_bar(log)  # said inside the loop (unfreezing, EWC, the adapter schedule): through the bar
     with released_on_failure(run_dir):
         rewards = check_reward_functions(cfg)  # a typo in a module or function name: said before the policy loads
         records = prepare_prompts(cfg.data, run_dir if main else None, cfg.train.seed, log)  # bad rows too
