@@ -438,7 +438,7 @@ def test_score_single_component_writes_only_the_total(scoring):
     (['{"prompt": "q", "response": "a"}', '[1, 2]'], "rows.jsonl:2: expected a JSON object"),
     (['{"prompt": "q", "response": "a"}', '{"prompt": "", "response": "x"}'], "rows.jsonl:2: 'prompt' is empty"),
     (['{"prompt": "q", "response": "a"}', '{"prompt": "q", "response": "a"}', '{"response": "b"}'],
-     "rows.jsonl:3: 'prompt'"),
+     "rows.jsonl:3: expected an object with 'prompt'"),
     (['{"prompt": "q", "response": "a", "reward": 1}'], "rows.jsonl:1: the row already has a 'reward' column"),
 ])
 def test_score_bad_input_rows_are_named_by_file_and_line(scoring, lines, message):

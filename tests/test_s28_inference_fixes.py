@@ -134,7 +134,7 @@ def test_prompt_strings_from_a_json_list_and_gzipped_lines(tmp_path):
 @pytest.mark.parametrize("name, text, said", [
     ("p.json", '[{"prompt": "a"},\n {"x": 1}]', "p.json:2: expected an object with 'prompt' or 'messages'"),
     ("p.ndjson", '{"prompt": "a"}\n{"prompt": \n', "p.ndjson:2: not valid JSON"),
-    ("p.json", '[{"prompt": ""}]', "p.json:1: 'prompt' must be non-empty text"),
+    ("p.json", '[{"prompt": ""}]', "p.json:1: 'prompt' is empty"),
 ])
 def test_bad_json_prompt_rows_are_named_by_file_and_line(tmp_path, name, text, said):
     from posttrain.inference import read_prompts

@@ -117,7 +117,7 @@ def test_generate_reads_a_csv_messages_column_as_turns(tmp_path):
     rows = read_prompts(str(path))
     assert rows == [{"prompt": "", "messages": turns}, {"prompt": "Hello there"}]
     bad = _csv(tmp_path / "bad.csv", ["prompt"], [["  "]])
-    with pytest.raises(DataError, match="bad.csv:2: 'prompt' must be non-empty text"):
+    with pytest.raises(DataError, match="bad.csv:2: 'prompt' is empty"):
         read_prompts(str(bad))
 
 

@@ -236,9 +236,6 @@ def test_a_conversation_rows_system_key_is_its_system_turn_or_a_bad_row(tmp_path
 # --------------------------------------------------------------------------- generate on conversation files
 
 
-@pytest.mark.xfail(strict=True, reason="generate renders a conversation ending with its answer as it stands (asking "
-                                       "for a second answer after it) and drops a prompt row's 'system', where "
-                                       "the RL prompt reader asks the turns before the last answer and the system")
 @pytest.mark.parametrize("row", [
     {"messages": CONVERSATION},  # an SFT file handed to generate: the last answer is the reference
     {"prompt": "Copy: a b", "system": "Be brief."},

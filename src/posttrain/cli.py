@@ -135,6 +135,7 @@ EXIT_CODES = """exit codes (every command):
 
 def build_parser() -> argparse.ArgumentParser:
     from posttrain.demo import OVERRIDES_HELP
+    from posttrain.inference import add_template_argument
     from posttrain.config import DPOConfig, GRPOConfig, PPOConfig, RLAIFConfig, RMConfig, SFTConfig
     from posttrain.config.evaluate import EvaluateConfig
     from posttrain.config.quality import QualityConfig
@@ -189,10 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a floor's cost: P·max(0, X − r)/scale subtracted from the total, scale the "
                             "component's std under --calibrate, else 1 (default 10)")
     score.add_argument("--calibrate", action="store_true", help="z-normalise each component on the file before weighting")
-    score.add_argument("--input", required=True, help="rows with prompt (text or turns) and response")
+    score.add_argument("--input", required=True,
+                       help="rows with a prompt (as RL reads one: 'prompt' text or turns, 'question'/'problem', "
+                            "'messages', alpaca's 'instruction'; a 'system' key) and a 'response' or 'completion' "
+                            "(generate's output rows score as they are)")
     score.add_argument("--output", default="-", help="JSONL output (- = stdout)")
     score.add_argument("--column", default="reward", help="name of the new column")
-    score.add_argument("--template", default="auto", help="chat template: auto|tokenizer|chatml|alpaca")
+    add_template_argument(score, none=False)
     score.add_argument("--batch-size", type=int, default=32, help="rows a reward model scores together")
     score.add_argument("--max-length", type=int, default=None, metavar="N",
                        help="the most tokens a reward model reads of a row (default: its position table); a longer "
@@ -203,9 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run the Python code a reward model's repository ships (its own architecture)")
     gen = sub.add_parser("generate", help="batched generation from a prompts file to JSONL")
     _sampling_args(gen)
-    gen.add_argument("--prompts", required=True, help="text file (one prompt a line), or rows with prompt / messages / "
-                     "conversations in any file the training readers take (JSONL, JSON, CSV, Parquet, a "
-                     "save_to_disk directory)")
+    gen.add_argument("--prompts", required=True, help="text file (one prompt a line), or rows read as RL reads "
+                     "prompts ('prompt', 'question'/'problem', 'messages'/'conversations' up to their last "
+                     "answer, alpaca's 'instruction'; a 'system' key) in any file the training readers take "
+                     "(JSONL, JSON, CSV, Parquet, a save_to_disk directory)")
     gen.add_argument("--output", default="-", help="JSONL output path (- = stdout); rows go to OUTPUT.partial as they "
                      "finish, renamed to OUTPUT when all are in")
     gen.add_argument("--batch-size", type=int, default=16, help="prompts generated together")

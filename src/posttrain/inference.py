@@ -179,12 +179,11 @@ def read_prompts(path: str) -> list[dict]:
 
 
 def read_prompt_rows(path: str) -> list[tuple[str, dict]]:
-    """(file:line, row) pairs: rows with `prompt` (text, or a list of turns), `messages` or ShareGPT's
-    `conversations` (a list of turns, read as training reads turns: `prompt_turns`) from any file
-    the data readers take (JSON Lines, JSON, CSV / TSV, Parquet, a `datasets` `save_to_disk`
-    directory; a table read by its columns, as training and score read it), each as the file gives
-    it and placed as the readers place it; any other file is one prompt a line (blank lines skipped,
-    so a prompt's place is its line, not its index)."""
+    """(file:line, row) pairs: prompt rows (each checked by `prompt_record`: read as RL reads a
+    prompt row) from any file the data readers take (JSON Lines, JSON, CSV / TSV, Parquet, a
+    `datasets` `save_to_disk` directory; a table read by its columns, as training and score read
+    it), each as the file gives it and placed as the readers place it; any other file is one
+    prompt a line (blank lines skipped, so a prompt's place is its line, not its index)."""
     from posttrain.data.readers import _file_kind
 
     file = Path(path)
@@ -210,14 +209,14 @@ def read_prompt_rows(path: str) -> list[tuple[str, dict]]:
 
 
 _TURN_KEYS = ("messages", "conversations")  # a conversation's column: OpenAI's, or ShareGPT's
+_WANTED = ("expected an object with 'prompt' or 'messages' (or ShareGPT's 'conversations'), a question under "
+           "'question' or 'problem', or alpaca's 'instruction'")
 
 
 def _json_prompts(path: str) -> list[tuple[str, dict]]:
     """(location, prompt row) pairs from a data file (`data.readers`); file:line on a bad one."""
-    from posttrain.data.formats import BadRowError, read_tools
     from posttrain.data.readers import Malformed, iter_rows
 
-    wanted = "expected an object with 'prompt' or 'messages' (or ShareGPT's 'conversations')"
     items = []
     for location, row in iter_rows(path):
         if isinstance(row, Malformed):
@@ -226,39 +225,45 @@ def _json_prompts(path: str) -> list[tuple[str, dict]]:
             elif row.reason.startswith("invalid JSON"):
                 raise DataError(f"{location}: not valid JSON ({row.reason.removeprefix('invalid JSON: ')})")
             elif row.reason.startswith("expected a JSON object"):
-                raise DataError(f"{location}: {wanted}")
+                raise DataError(f"{location}: {_WANTED}")
             else:
                 raise DataError(f"{location}: {row.reason}")
-        if not any(key in row for key in ("prompt", *_TURN_KEYS)):
-            raise DataError(f"{location}: {wanted}")
         blank = [key for key in _TURN_KEYS if key in row and row[key] in (None, "")]
         if blank and any(key in row and key not in blank for key in ("prompt", *_TURN_KEYS)):
             row = {key: value for key, value in row.items() if key not in blank}  # a table's other column
         row = _decoded_cells(row, location)
-        try:
-            if prompt_turns(row) is None and (not isinstance(row.get("prompt"), str) or not row["prompt"].strip()):
-                raise BadRowError("'prompt' must be non-empty text")
-            read_tools(row)  # a bad 'tools' is said before the model loads
-        except BadRowError as exc:
-            raise DataError(f"{location}: {exc.reason}") from None
+        prompt_record(row, location)  # a bad row, or a bad 'tools', is said before the model loads
         items.append((location, row))
     return items
 
 
-def prompt_turns(item: dict) -> list[dict] | None:
-    """The turns a prompt row holds, read by training's reader of turns (`formats.read_turns`:
-    text parts joined, ShareGPT's from / value, roles and their order checked), from its
-    `messages`, `conversations` or a `prompt` given as a list; None for a text prompt. A
-    BadRowError says what is wrong."""
-    from posttrain.data.formats import BadRowError, read_turns
+def prompt_record(row: dict, source: str = "<prompt>"):
+    """A prompt row read as RL reads one (`data.prompts.to_prompt_record`, its format told from its
+    keys as `detect_prompt_format` tells a file's, a table's blank cell being no key where another
+    column is read): a `PromptRecord` of its prompt turns (a `system` key's turn first; a
+    conversation's turns before its last answer, that answer its reference), its tools, reference
+    answer and other fields. A row it cannot read is a DataError naming `source` (its file:line).
+    generate asks, and score scores, the prompt RL would ask of the same row."""
+    from posttrain.data.formats import BadRowError
+    from posttrain.data.preferences import absent
+    from posttrain.data.prompts import PROMPT_FORMATS, detect_prompt_format, to_prompt_record
 
-    key = next((key for key in _TURN_KEYS if key in item), "prompt")
-    turns = item.get(key)
-    if key == "prompt" and not isinstance(turns, list):
-        return None
-    if not isinstance(turns, list) or not turns:
-        raise BadRowError(f"{key!r} must be a non-empty list of turns")
-    return read_turns(turns, repr(key))[0]
+    def told(keys: dict) -> str | None:
+        try:
+            fmt = detect_prompt_format([keys], where=source)
+        except DataError:
+            return None
+        return fmt if fmt in PROMPT_FORMATS else None
+
+    if not isinstance(row, dict):
+        raise DataError(f"{source}: {_WANTED}")
+    fmt = told({key: value for key, value in row.items() if not absent(row, key)}) or told(row)
+    if fmt is None:
+        raise DataError(f"{source}: {_WANTED}")
+    try:
+        return to_prompt_record(row, fmt, source)
+    except BadRowError as exc:
+        raise DataError(f"{source}: {exc.reason}") from None
 
 
 def _decoded_cells(row: dict, location: str) -> dict:
@@ -274,7 +279,7 @@ def _decoded_cells(row: dict, location: str) -> dict:
             try:
                 decoded[key] = decode_cell(value, repr(key))
             except ValueError:
-                pass  # said by prompt_turns: not a list of turns
+                pass  # said by prompt_record: not a list of turns
             except BadRowError as exc:
                 raise DataError(f"{location}: {exc.reason}") from None
     return {**row, **decoded}
@@ -291,34 +296,36 @@ def _string_row(raw: str) -> str:
 
 
 def render(item: dict, tokenizer, template: str | None, source: str = "<prompt>") -> str:
-    """A prompt row as the model's input text: its turns (`prompt_turns`) and its `tools`
-    (`formats.read_tools`) through the chat template with the assistant's generation prompt, as
-    training and RL prompts render them (`data.templates.render`: a row the template refuses, or
-    whose tools it does not show, is a DataError naming `source`, the row's file:line); with no
-    template (None), its text prompt."""
-    from posttrain.data.formats import BadRowError, read_tools
+    """A prompt row as the model's input text: its prompt turns and tools, read as RL reads them
+    (`prompt_record`), through the chat template with the assistant's generation prompt, as RL
+    renders its prompts (`data.templates.render`: a row the template refuses, or whose tools it
+    does not show, is a DataError naming `source`, the row's file:line); with no template (None),
+    the text of a prompt that is one user turn and no tools."""
     from posttrain.data.templates import render as render_chat
 
-    try:
-        turns, tools = prompt_turns(item), read_tools(item)
-    except BadRowError as exc:
-        raise DataError(f"{source}: {exc.reason}") from None
+    record = prompt_record(item, source)
     if template is None:
-        if turns is not None or tools is not None:
-            raise DataError(f"{source}: --template none needs plain prompts, not messages or tools")
-        return item["prompt"]
-    messages = turns if turns is not None else [{"role": "user", "content": item["prompt"]}]
-    return render_chat(tokenizer, template, messages, True, source, tools)
+        turn = record.prompt[0]
+        if len(record.prompt) > 1 or turn["role"] != "user" or record.tools is not None \
+                or not isinstance(turn.get("content"), str):
+            raise DataError(f"{source}: --template none needs plain prompts (one text), not a conversation, a "
+                            "system turn or tools")
+        return turn["content"]
+    return render_chat(tokenizer, template, record.prompt, True, source, record.tools)
 
 
-def add_template_argument(parser) -> None:
-    """`--template` of generate, chat and serve: a chat template's name (`data.templates`), or
-    `none` (`chat_template`)."""
+def add_template_argument(parser, none: bool = True) -> None:
+    """`--template`: a chat template's name (`data.templates.TEMPLATE_NAMES`), and with `none`
+    (generate, chat, serve) `none`: raw prompts (`chat_template`). score's reward models render
+    every row with a template: none=False."""
     from posttrain.data.templates import TEMPLATE_NAMES  # no torch: --help stays fast
 
-    parser.add_argument("--template", default="auto", choices=(*TEMPLATE_NAMES, "none"),
-                        help="chat template (auto: the tokenizer's own, else chatml); none: raw prompts with the "
-                             "tokenizer's special tokens, and no end-of-turn marker ends a completion")
+    told = ("chat template (auto: the tokenizer's own, else chatml; tokenizer: its own, an error when it has none; "
+            "chatml, alpaca: the built-in ones)")
+    if none:
+        told += "; none: raw prompts with the tokenizer's special tokens, and no end-of-turn marker ends a completion"
+    parser.add_argument("--template", default="auto", choices=(*TEMPLATE_NAMES, "none") if none else TEMPLATE_NAMES,
+                        help=told)
 
 
 def chat_template(tokenizer, name: str, flag: str = "--template") -> str | None:
@@ -329,10 +336,7 @@ def chat_template(tokenizer, name: str, flag: str = "--template") -> str | None:
 
     if name == "none":
         return None
-    try:
-        return resolve_template(tokenizer, name)
-    except UserError as exc:  # its words are about the config key; the user gave a flag
-        raise type(exc)(str(exc).replace("data.template: ", f"{flag} ").replace("data.template", flag)) from None
+    return resolve_template(tokenizer, name, flag)
 
 
 SAMPLING_DEFAULTS = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0}
@@ -454,7 +458,10 @@ def main(args) -> int:
 
     settings, given = _settings(args)  # flags, prompts and the output's place checked before the model loads
     if args.command == "chat" and args.template == "none":
-        raise UserError("chat needs a chat template (--template auto|chatml|alpaca)")
+        from posttrain.data.templates import TEMPLATE_NAMES
+
+        raise UserError(f"chat needs a chat template: --template {'|'.join(TEMPLATE_NAMES)} (none, raw text, is "
+                        "for generate and serve's completions)")
     if args.command != "chat":
         check_output_path(args.output)
     placed = read_prompt_rows(args.prompts) if args.command != "chat" else []

@@ -77,13 +77,13 @@ class RewardModelScorer:
 
         if max_length is not None:
             check_max_length(max_length)
-        path = resolve_model_dir(str(path))  # a run directory means its final/, as generate and merge take it
+        path = self.path = resolve_model_dir(str(path))  # a run directory: its final/, as generate and merge take it
         self.tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
         self.model = load_reward_model(path, dtype, trust_remote_code, pad_token_id=self.tokenizer.pad_token_id).eval()
         check_trained_head(self.model, path)  # a policy's fresh head would score at random, silently
         if device is not None:
             self.model.to(device)
-        self.template = resolve_template(self.tokenizer, template)
+        self.template = resolve_template(self.tokenizer, template, "--template")  # set by score's flag only
         self.decoder = is_decoder_scorer(self.model)
         self.closing = 0 if self.decoder else len(special_tokens_around(self.tokenizer)[1])  # [SEP]: kept on a cut
         limit = _tokens_read(self.model, self.tokenizer)  # no model reads past its position table
@@ -99,8 +99,14 @@ class RewardModelScorer:
         from posttrain.data.preferences import encode_response
         from posttrain.models.reward_model import score
 
-        examples = [encode_response(p, r, self.tokenizer, self.template, special_tokens=not self.decoder)
-                    for p, r in zip(prompts, responses)]
+        tools = [None] * len(responses) if rows is None else [row.get("tools") or None for row in rows]
+        examples = []
+        for i, (prompt, response) in enumerate(zip(prompts, responses)):
+            try:  # a row's tools rendered as `posttrain rm` trained on them
+                examples.append(encode_response(prompt, response, self.tokenizer, self.template, self.path,
+                                                special_tokens=not self.decoder, tools=tools[i]))
+            except DataError as exc:  # a row the template cannot render: named by its caller (`rows_named`)
+                raise RewardFunctionError(self.path, exc, i, len(responses)) from exc
         self.rows_scored += len(examples)
         self.rows_cut += sum(len(e) > self.max_length for e in examples)
         for e in examples:
@@ -385,7 +391,7 @@ def missing_row_key(rewards: dict[str, Reward], records) -> str | None:
                     article = "an" if key[:1].lower() in "aeiou" else "a"
                     return (f"{record.source}: the reward {name!r} needs {article} {key!r} in every prompt row, and "
                             f"this row has none (its fields besides the prompt: {other}); add {key!r} to every row "
-                            f"(a reference answer under another name, e.g. 'solution', renamed), or use a reward "
+                            f"(a reference answer under another name, e.g. 'target', renamed), or use a reward "
                             "that does not read it")
     return None
 
@@ -548,28 +554,38 @@ def set_by_name(components: list[RewardComponent], items: list[str], option: str
         setattr(by_name[name], field, number)
 
 
-def _read_scoring_rows(path: str) -> tuple[list[dict], list[list[dict]], list[str], list[str]]:
-    """Rows with 'prompt' (text or turns) and 'response' (or 'completion'); file:line on a bad one."""
+def _read_scoring_rows(path: str) -> tuple[list[dict], list[list[dict]], list[str], list[str], list[dict]]:
+    """(rows as given, their prompts, responses, file:line places, the rows rewards get): a row is a
+    prompt row read as generate and RL read one (`inference.prompt_record`: 'prompt' text or turns
+    and a 'system', a 'messages' conversation asked after its last answer, a question under
+    'question' / 'problem', alpaca's 'instruction'; its 'tools') and its 'response' (or 'completion':
+    generate's output rows score as they are). A reward gets the row as RL hands it a prompt row's
+    (`PromptRecord.reward_row`, over the row as given): its reference answer as text and its tools
+    read. file:line on a bad row."""
     from posttrain.data.formats import BadRowError
     from posttrain.data.preferences import to_preference_record
     from posttrain.data.readers import strict_rows
     from posttrain.errors import DataError
+    from posttrain.inference import prompt_record
 
-    rows, prompts, responses, locations = [], [], [], []
+    rows, prompts, responses, locations, handed = [], [], [], [], []
     for location, row in strict_rows(path):
         if not isinstance(row, dict) or ("response" not in row and "completion" not in row):
-            raise DataError(f"{location}: needs 'prompt' and 'response' (or 'completion')")
+            raise DataError(f"{location}: needs 'prompt' and 'response' (or 'completion'; the prompt also as a "
+                            "prompt row generate reads: 'messages', 'question', 'problem', 'instruction')")
         field = "response" if "response" in row else "completion"
+        record = prompt_record(row, location)
         try:
-            record = to_preference_record({"prompt": row.get("prompt"), "completion": row[field], "label": True},
-                                          "unpaired", location)
+            response = to_preference_record({"prompt": record.prompt, "completion": row[field], "label": True},
+                                            "unpaired", location).responses[0]
         except BadRowError as exc:  # the reader calls the response 'completion': say the row's own name
             raise DataError(f"{location}: {exc.reason.replace(repr('completion'), repr(field))}") from None
         rows.append(row)
+        handed.append({**row, **{key: value for key, value in record.reward_row().items() if value is not None}})
         prompts.append(record.prompt)
-        responses.append(record.responses[0])
+        responses.append(response)
         locations.append(location)
-    return rows, prompts, responses, locations
+    return rows, prompts, responses, locations, handed
 
 
 def score_main(args) -> int:
@@ -589,7 +605,7 @@ def score_main(args) -> int:
     penalty = DEFAULT_FLOOR_PENALTY if args.floor_penalty is None else args.floor_penalty
     check_floor_penalty(penalty, "--floor-penalty")
     check_output_path(args.output)  # before any model loads or row is scored
-    rows, prompts, responses, locations = _read_scoring_rows(args.input)  # a bad row too
+    rows, prompts, responses, locations, handed = _read_scoring_rows(args.input)  # a bad row too
     if not rows:
         raise DataError(f"{args.input}: no rows to score (an empty file, or only blank lines)")
     quiet = contextlib.redirect_stdout(sys.stderr)  # stdout may be the output: a reward's print() goes to stderr
@@ -620,7 +636,7 @@ def score_main(args) -> int:
         for start in range(0, len(rows), args.batch_size):
             end = min(start + args.batch_size, len(rows))
             with rows_named(locations[start:end]), quiet:  # the row a reward failed on, by file:line
-                done = combined.raw(prompts[start:end], responses[start:end], rows[start:end])
+                done = combined.raw(prompts[start:end], responses[start:end], handed[start:end])
             if progress is not None:
                 for name, values in done.items():
                     raw[name] += values

@@ -13,8 +13,9 @@ from posttrain.config.sections import synthetic_checks
 
 @dataclass
 class EvalPromptsConfig:
-    files: list[str] = option(["synthetic"], "prompt files (prompt rows with an optional 'answer', messages or "
-                              "alpaca rows), or 'synthetic': the bundled tasks' held-out prompts with answers")
+    files: list[str] = option(["synthetic"], "prompt files (prompt rows: a question under 'prompt', 'question' or "
+                              "'problem' with an optional 'answer', else 'solution'; messages or alpaca rows), or "
+                              "'synthetic': the bundled tasks' held-out prompts with answers")
     synthetic_tasks: list[str] = option(["smallest", "copy", "reverse"], "tasks of the synthetic prompts")
     limit: int = option(200, "evaluate the first N prompts (0 = all)")
     max_prompt_length: int = option(256, "prompts longer than this many tokens are left out (counted)")

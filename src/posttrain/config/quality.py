@@ -61,8 +61,9 @@ class DedupConfig:
 
 @dataclass
 class DecontaminateConfig:
-    files: list[str] = option([], "evaluation files whose prompts must not appear in the training rows "
-                              "(any format above)")
+    files: list[str] = option([], "evaluation files whose prompts must not appear in the training rows: any "
+                              "format above, or benchmark rows with a question under 'prompt', 'question' or "
+                              "'problem' (an 'answer', else 'solution', searched too with on=full)")
     ngram: int = option(13, "a training row sharing one n-word sequence with an eval prompt is dropped (2n "
                         "characters for a mostly Chinese / Japanese / Thai ... prompt); an eval prompt shorter than "
                         "that must appear whole")
@@ -130,12 +131,14 @@ class QualityConfig(_StageConfig):
 def validate_quality(cfg: QualityConfig) -> None:
     """Checks of a quality config before any row is read. Raises ConfigError."""
     cfg = checked(cfg)
+    from posttrain.config.sections import listed_once_check
     from posttrain.data.quality.pii import PII_KINDS
 
     f, d = cfg.filters, cfg.dedup
     unknown = [k for k in cfg.pii.kinds if k not in PII_KINDS]
     _raise_first([
         (bool(cfg.data.files), "data.files is empty; give at least one file to check"),
+        listed_once_check(cfg.data.files, "data.files"),
         (0.0 <= cfg.data.max_bad_fraction <= 1.0, "data.max_bad_fraction must be between 0 and 1"),
         (0.0 <= cfg.max_drop_fraction <= 1.0, "max_drop_fraction must be between 0 and 1"),
         (f.min_response_words >= 0 and f.max_response_words >= 0, "filters.min/max_response_words must be >= 0"),

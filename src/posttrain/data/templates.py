@@ -81,13 +81,16 @@ def _plain_builtin(template: str) -> str:
     return template[len(_BOS):] if template.startswith(_BOS) else template
 
 
-def resolve_template(tokenizer: Any, name: str = "auto") -> str:
+def resolve_template(tokenizer: Any, name: str = "auto", setting: str = "data.template") -> str:
     """The Jinja chat template to use for `data.template: name`.
 
     auto:      the tokenizer's own `chat_template` when it has one, else CHATML.
     tokenizer: the tokenizer's own template; an error when it has none.
     chatml / alpaca: the built-in templates above (with BOS first for a tokenizer that adds
                BOS to every text: `builtin_template`).
+
+    `setting`: what an error calls the choice, a config key ("data.template: chatml") or a
+    command's flag ("--template chatml").
     """
     own = getattr(tokenizer, "chat_template", None)
     if isinstance(own, dict):  # several named templates; "default" is the chat one
@@ -97,13 +100,19 @@ def resolve_template(tokenizer: Any, name: str = "auto") -> str:
     if name == "tokenizer":
         if not own:
             raise DataError(
-                "data.template is 'tokenizer' but this tokenizer has no chat_template; "
-                "set data.template: chatml (or alpaca) to use a built-in template"
+                f"{setting} is 'tokenizer' but this tokenizer has no chat_template; "
+                f"set {_setting(setting, 'chatml')} (or alpaca) to use a built-in template"
             )
         return own
     if name in _BUILTIN_TEMPLATES:
         return builtin_template(name, tokenizer)
-    raise ConfigError(f"unknown data.template {name!r}; choose one of {', '.join(TEMPLATE_NAMES)}")
+    raise ConfigError(f"unknown {setting} {name!r}; choose one of {', '.join(TEMPLATE_NAMES)}")
+
+
+def _setting(setting: str, value: str) -> str:
+    """`setting` set to `value` as the user writes it: a flag "--template chatml", a config key
+    "data.template: chatml"."""
+    return f"{setting} {value}" if setting.startswith("-") else f"{setting}: {value}"
 
 
 def adopt_template(tokenizer: Any, name: str = "auto") -> str:
