@@ -433,7 +433,7 @@ def test_held_out_prompts_never_appear_in_training_and_are_distinct(tasks, n_tra
 
         from posttrain.data.pipeline import _synthetic
 
-        cfg = SimpleNamespace(eval_fraction=0.05, synthetic_size=24000, synthetic_tasks=tasks)
+        cfg = SimpleNamespace(eval_files=[], eval_fraction=0.05, synthetic_size=24000, synthetic_tasks=tasks)
         train_records, eval_records = _synthetic(cfg, seed)
         users = lambda rs: {r.messages[0]["content"] for r in rs}  # noqa: E731
         assert len(eval_records) == 1200 and not users(train_records) & users(eval_records)

@@ -79,9 +79,6 @@ def _help(capsys, *argv) -> str:
 # --------------------------------------------------------------------------- failures
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a fresh start writes config.yaml at start_run but clears the earlier run only at its first step")
 def test_a_fresh_run_stopped_before_its_first_step_leaves_no_earlier_result_beside_its_config(tmp_path):
     """README, The training loop: "A fresh start removes the earlier run's checkpoints, `final/`,
     `summary.json` and `metrics.jsonl` before its first step (one line says which), so a fresh run that
@@ -106,9 +103,6 @@ def test_a_fresh_run_stopped_before_its_first_step_leaves_no_earlier_result_besi
         f"run's {left} (trained at max_length 64)")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a fresh start leaves the earlier run's rejects-train.jsonl; bad_rows=error never rewrites it")
 def test_a_fresh_run_without_bad_rows_keeps_no_earlier_runs_rejects_file(tmp_path):
     """README, Data: "`skip` ... writes every rejected row to `run_dir/rejects-train.jsonl`", and The
     training loop: a fresh start leaves "no earlier result beside its own `config.yaml`". A run under

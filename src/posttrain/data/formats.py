@@ -41,6 +41,7 @@ splits not read. `load_records` also counts the rows whose content is in more th
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
 import io
 import itertools
@@ -653,12 +654,17 @@ class _CopiesAcrossFiles:
 
 class _BadRows:
     """Where malformed rows go: remembered for messages, written to the rejects file
-    (skip), or raised at once (error, when streaming)."""
+    (skip), or raised at once (error, when streaming). The rejects file is begun empty under skip
+    and removed under error: what an earlier reading (an earlier run in the same directory) put
+    there never stays beside this reading's report."""
 
     def __init__(self, policy: str, rejects_path: str | None, report: DataReport, raise_at_once: bool):
         self.policy, self.report, self.raise_at_once = policy, report, raise_at_once
         self._file = None
-        if policy == "skip" and rejects_path:
+        if policy != "skip" and rejects_path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(rejects_path)
+        elif policy == "skip" and rejects_path:
             os.makedirs(os.path.dirname(os.path.abspath(rejects_path)), exist_ok=True)
             # truncated: no stale rejects. backslashreplace: a lone surrogate in a row (which UTF-8
             # cannot encode) is written as its JSON escape "\\ud800", so every row survives, as read

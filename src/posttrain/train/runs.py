@@ -13,13 +13,18 @@ summary.json (`finish_run`). Its rules, each kept here once:
   (`_check_not_over_its_models`).
 - Resume identity: train.resume names the checkpoint to continue (`_resume_path`); a checkpoint
   written under other settings, another starting model or other data files
-  (`run_fingerprint`) is refused, naming what changed (`_check_same_run`). A fresh start removes
-  an earlier run's checkpoints and results first (`_clear_earlier_run`).
+  (`run_fingerprint`) is refused, naming what changed (`_check_same_run`).
+- Fresh start: an earlier run's checkpoints and results (`EARLIER_RESULTS`) are removed when the
+  new run's loop opens, before its first step but after its checks (`_clear_earlier_run`); until
+  then the earlier run keeps its own config.yaml (`_record_config`), so a fresh run refused
+  before its loop leaves the earlier run whole, and one stopped later leaves nothing of it beside
+  its own config.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 from pathlib import Path
 from typing import Any
@@ -35,14 +40,14 @@ def start_run(cfg) -> tuple[Path, Any, bool, Any]:
     output_dir over a model the run reads (`_check_not_over_its_models`) and one another training
     run is writing (`_lock_run_dir`: the lock is held until `finish_run`, or until the run fails:
     each stage releases it, `released_on_failure`, when it fails between start_run and train);
-    writes the resolved config to run_dir/config.yaml, starts the trackers of train.report_to and
-    seeds everything; `log` prints (flushed) on the main process only."""
+    writes the resolved config to run_dir/config.yaml (a fresh start over an earlier run's results
+    holds it until they are removed, `_record_config`), starts the trackers of train.report_to
+    and seeds everything; `log` prints (flushed) on the main process only."""
     import functools
 
     import yaml
     from accelerate.utils import set_seed
 
-    from posttrain.files import write_atomically
     from posttrain.models.loading import run_final_model
 
     run_dir = _checked_run_dir(cfg.output_dir)
@@ -73,7 +78,7 @@ def start_run(cfg) -> tuple[Path, Any, bool, Any]:
             recorded["model"]["path"] = str(final)
             log(f"model.path {model_path} is a run directory: starting from its final model {final}")
         if main:
-            write_atomically(run_dir / "config.yaml", yaml.safe_dump(recorded, sort_keys=False))
+            _record_config(run_dir, yaml.safe_dump(recorded, sort_keys=False), fresh=resume_from is None)
         if cfg.train.report_to:
             _start_trackers(accelerator, run_dir, recorded, resume_from)
         set_seed(cfg.train.seed)
@@ -174,6 +179,9 @@ def release_run_dir(run_dir: Path) -> None:
     took the directory meanwhile."""
     key = Path(run_dir).resolve()
     with _HELD_LOCK:
+        fresh = _FRESH.get(key)
+        if fresh is not None and fresh.thread is threading.current_thread():
+            del _FRESH[key]  # a fresh start that failed before its first step: the earlier run stays whole
         held = _HELD.get(key)
         if held is None or held[1] is not threading.current_thread():
             return
@@ -281,6 +289,8 @@ def finish_run(run_dir: Path, accelerator, main: bool, model, tokenizer, summary
 
     try:
         if main:
+            if _held(run_dir) is not None:  # a fresh start that never reached the loop (`_clear_earlier_run`)
+                _clear_earlier_run(run_dir)
             save = save or save_model
             with quiet_progress_bars():  # transformers' shard-writing bar, in a script's or notebook's output
                 checkpoint.write_whole(run_dir / "final", lambda final: save(model, tokenizer, final))
@@ -466,22 +476,97 @@ def _file_change(before, after) -> str:
     return "gone" if after is None else "its files"
 
 
+# What a run leaves in its directory besides its checkpoints, as results of the run: removed by a
+# fresh start (`_clear_earlier_run`), whatever stage wrote them. final/ and summary.json:
+# `finish_run`; metrics.jsonl: `metrics.RunLogger`; samples.jsonl: GRPO's and PPO's samples
+# (`rollouts`); value_model.safetensors: PPO's value model; merged/: the pipeline's merge of the
+# run's adapters. A stage that writes a new result file names it here.
+EARLIER_RESULTS = ("final", "summary.json", "metrics.jsonl", "samples.jsonl", "value_model.safetensors", "merged")
+# The reports a run writes before its loop (its parameters; its data, and the rows it rejected,
+# per split): an earlier run's that this run has not written again by the time its loop opens
+# (a split it does not read, rejects-eval.jsonl with no eval_files) are removed then too.
+_REPORTS = ("params.json", "data_report.json", "rejects-*.jsonl")
+
+
+@dataclasses.dataclass
+class _FreshStart:
+    """A fresh start over an earlier run, from `start_run` to its loop (`_clear_earlier_run`):
+    config.yaml's text, held while the earlier run's results are there (None: written at once), and
+    the earlier run's reports as they were at start_run (name → `_identity`)."""
+
+    thread: threading.Thread
+    config: str | None
+    reports: dict[str, tuple]
+
+
+_FRESH: dict[Path, _FreshStart] = {}  # resolved run directory → its fresh start (main process; under _HELD_LOCK)
+
+
+def _record_config(run_dir: Path, config: str, fresh: bool) -> None:
+    """run_dir/config.yaml (main process), written now: a resume, or a fresh start with no earlier
+    results there. A fresh start over an earlier run's results (`EARLIER_RESULTS`, checkpoints)
+    holds its text until `_clear_earlier_run` removes them: a run refused before its loop (a check
+    made once the model loads) leaves the earlier run whole, its own config.yaml beside its own
+    model. A fresh start also notes the earlier run's reports (`_REPORTS`) as they are now."""
+    from posttrain.files import write_atomically
+
+    reports = {path.name: _identity(path) for pattern in _REPORTS for path in run_dir.glob(pattern)
+               if path.is_file()} if fresh else {}
+    results = fresh and (any((run_dir / name).exists() for name in EARLIER_RESULTS) or
+                         ((run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())))
+    with _HELD_LOCK:
+        _FRESH.pop(run_dir.resolve(), None)  # what an earlier start here left held (its thread gone unreleased)
+        if results or reports:
+            _FRESH[run_dir.resolve()] = _FreshStart(threading.current_thread(), config if results else None, reports)
+    if not results:
+        write_atomically(run_dir / "config.yaml", config)
+
+
+def _held(run_dir: Path) -> _FreshStart | None:
+    with _HELD_LOCK:
+        return _FRESH.get(Path(run_dir).resolve())
+
+
+def _identity(path: Path) -> tuple:
+    """A file as `_clear_earlier_run` tells whether this run wrote it since start_run: a rewrite
+    replaces it (a new inode) or changes its modification time."""
+    stat = path.stat()
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
+
+
 def _clear_earlier_run(run_dir: Path, damaged: int = 0) -> str:
-    """A fresh start (main process): an earlier run's checkpoints and results removed (stopped, this
-    run would leave them beside its own config.yaml); returns the line that says what went, or "".
-    damaged: how many of the checkpoints are incomplete."""
+    """A fresh start as its loop opens (main process; `loop._open`, before the stage's `begin` and
+    its first step): an earlier run's checkpoints and results
+    (`EARLIER_RESULTS`) removed, and its reports this run has not written again (`_FreshStart`),
+    then this run's config.yaml put in place (`_record_config`): a run that stops from here on
+    leaves nothing of the earlier one beside its own config.yaml. Returns the line that says what
+    went, or "". damaged: how many of the checkpoints are incomplete."""
     import shutil
 
+    from posttrain.files import write_atomically
+
+    with _HELD_LOCK:
+        fresh = _FRESH.pop(run_dir.resolve(), None)
     cleared = checkpoint.clear(run_dir / "checkpoints")
     removed = [f"{cleared} checkpoint(s)" + (f" ({damaged} incomplete)" if damaged else "")] if cleared else []
-    for path in (run_dir / "final", run_dir / "summary.json", run_dir / "metrics.jsonl"):
+    stale = [name for name, then in fresh.reports.items() if _unchanged(run_dir / name, then)] if fresh else []
+    for path in [run_dir / name for name in EARLIER_RESULTS] + [run_dir / name for name in stale]:
         if path.is_dir():
             shutil.rmtree(path)
             removed.append(f"{path.name}/")
         elif path.exists():
             path.unlink()
             removed.append(path.name)
+    if fresh is not None and fresh.config is not None:  # after the removals: never beside the earlier results
+        write_atomically(run_dir / "config.yaml", fresh.config)
     return f"fresh start: removed {', '.join(removed)} of an earlier run from {run_dir}" if removed else ""
+
+
+def _unchanged(path: Path, then: tuple) -> bool:
+    try:
+        return _identity(path) == then
+    except OSError:  # gone (removed by this run: rejects a split no longer has)
+        return False
 
 
 def _resume_path(resume: str, ckpt_root: Path) -> Path | None:
