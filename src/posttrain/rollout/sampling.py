@@ -21,7 +21,7 @@ class SamplingSettings:
     """How to decode a completion."""
 
     max_new_tokens: int = 128  # upper bound on generated tokens per prompt
-    temperature: float = 1.0  # softmax temperature; 0 means greedy (argmax)
+    temperature: float = 1.0  # softmax temperature; 0 (or below GREEDY_BELOW) means greedy (argmax)
     top_k: int = 0  # keep the k most likely tokens; 0 = off
     top_p: float = 1.0  # nucleus: smallest set with cumulative probability >= top_p; 1 = off
     min_p: float = 0.0  # keep tokens with probability >= min_p x the top token's (after temperature); 0 = off
@@ -60,6 +60,14 @@ class SamplingSettings:
 
 
 PENALTY_RANGE = (-2.0, 2.0)  # OpenAI's documented range of frequency_penalty and presence_penalty
+# A temperature below this decodes greedily (vLLM's cut-off): z / T overflows float32 once T < |z| / 3.4e38
+# (1e-40 is inside OpenAI's [0, 2]), and at T = 1e-5 a logit 1e-4 below the top one is e^-10 as likely already.
+GREEDY_BELOW = 1e-5
+
+
+def is_greedy(temperature: float) -> bool:
+    """Whether `sample_next` picks the argmax at this temperature: 0, or below GREEDY_BELOW."""
+    return temperature < GREEDY_BELOW
 
 FROM_GENERATION_CONFIG = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")  # a model's file may set
 
@@ -190,13 +198,15 @@ def sample_next(
 ) -> Tensor:
     """Pick the next token per row.
 
-    temperature == 0: argmax_v z[b, v] (greedy; top_k/top_p/min_p are irrelevant).
+    T < GREEDY_BELOW (0 included, `is_greedy`): argmax_v z[b, v] (greedy; top_k/top_p/min_p are
+                      irrelevant; a tinier T would overflow z / T to inf in float32, and differs from
+                      the argmax only between logits closer than ~T apart).
     otherwise:        v ~ Categorical(softmax(min_p(top_p(top_k(z / T)))))  using `generator`: one for
                       the batch, or one per row (`sample_categorical`).
 
     logits: (B, V) -> token ids (B,) long
     """
-    if temperature == 0:
+    if is_greedy(temperature):
         return torch.argmax(logits, dim=-1)
     scaled = logits.float() / temperature
     scaled = apply_min_p(apply_top_p(apply_top_k(scaled, top_k), top_p), min_p)

@@ -43,7 +43,7 @@ from posttrain.rollout.generate import (
     stop_strings,
     truncate_at_stop,
 )
-from posttrain.rollout.sampling import SamplingSettings
+from posttrain.rollout.sampling import SamplingSettings, is_greedy
 from posttrain.serve.protocol import APIError, Limits, Request
 
 AS_LOADED = ""  # target: run the model as loaded (a plain model, or an adapter dir given as MODEL)
@@ -82,7 +82,7 @@ class Job:
 
     def group_key(self) -> tuple:
         r = self.request
-        if r.temperature == 0:  # greedy: top_p, top_k and the seed change nothing
+        if is_greedy(r.temperature):  # greedy (0, or below sampling's cut-off): top_p, top_k and the seed change nothing
             sampling: tuple = (0.0,)
         else:
             sampling = (r.temperature, r.top_p, r.top_k, id(self) if r.seed is not None else None)
@@ -141,9 +141,9 @@ class Engine:
         if request.kind == "chat" and self.turn_stops:  # the answer ends with the turn, as rendered
             request.stop = list(dict.fromkeys([*request.stop, *self.turn_stops]))
         job = Job(request=request, target=self.targets[request.model], prompt_tokens=0)
-        for text in texts:
+        for i, text in enumerate(texts):
             ids = self.encode(text, special=request.kind == "completion")
-            max_tokens = self._check_lengths(request, len(ids))
+            max_tokens = self._check_lengths(request, len(ids), f"prompt[{i}]" if len(texts) > 1 else None)
             job.prompt_tokens += len(ids)
             context = ids[-CONTEXT_TOKENS:] if request.kind == "completion" else []
             context_text = self.decode(context)
@@ -230,21 +230,30 @@ class Engine:
         # the context's text is whole's prefix unless a byte run crosses the boundary
         return whole[len(os.path.commonprefix([choice.context_text, whole])):]
 
-    def _check_lengths(self, request: Request, prompt_tokens: int) -> int:
-        """The max_tokens this prompt may use; APIError when the prompt or the total is too long."""
-        param = "messages" if request.kind == "chat" else "prompt"
+    def _check_lengths(self, request: Request, prompt_tokens: int, which: str | None = None) -> int:
+        """The max_tokens this prompt may use; APIError when the prompt or the total is too long.
+        `which` names the prompt among several ("prompt[1]"); the refusal says which limit binds:
+        the model's context (its positions, less one for the first new token) or --max-prompt-tokens."""
+        param = which or ("messages" if request.kind == "chat" else "prompt")
+        subject = f"{which} has" if which else "the prompt has"
         if prompt_tokens == 0:
-            raise APIError(400, "the prompt is empty after tokenization", param=param)
-        limit = self.limits.max_prompt_tokens if self.context is None else min(self.limits.max_prompt_tokens,
-                                                                               self.context - 1)
-        if prompt_tokens > limit:
-            raise APIError(400, f"the prompt has {prompt_tokens} tokens; the limit is {limit}", param=param,
+            raise APIError(400, f"{which or 'the prompt'} is empty after tokenization", param=param)
+        limit = self.limits.max_prompt_tokens
+        if self.context is not None and self.context - 1 < limit:
+            if prompt_tokens > self.context - 1:
+                raise APIError(400, f"{subject} {prompt_tokens} tokens; this model's context is {self.context} "
+                               f"tokens, so a prompt may have {self.context - 1} (one is left for the answer); "
+                               "shorten the prompt", param=param, code="context_length_exceeded")
+        elif prompt_tokens > limit:
+            raise APIError(400, f"{subject} {prompt_tokens} tokens; this server takes prompts of up to {limit} "
+                           "(its --max-prompt-tokens); shorten the prompt", param=param,
                            code="context_length_exceeded")
         if request.max_tokens is None:  # chat without max_tokens: what the limit and the context allow
             room = self.limits.max_tokens if self.context is None else self.context - prompt_tokens
             return min(self.limits.max_tokens, room)
         if self.context is not None and prompt_tokens + request.max_tokens > self.context:
-            raise APIError(400, f"this model's context is {self.context} tokens; the prompt has {prompt_tokens} and "
+            raise APIError(400, f"this model's context is {self.context} tokens; "
+                           f"{subject} {prompt_tokens} and "
                            f"max_tokens asks for {request.max_tokens}; lower max_tokens or shorten the prompt",
                            param="max_tokens", code="context_length_exceeded")
         return request.max_tokens
@@ -331,7 +340,7 @@ class Engine:
             max_new_tokens=max(c.max_tokens for c in choices), temperature=first.temperature, top_k=first.top_k,
             top_p=first.top_p, repetition_penalty=first.repetition_penalty,
             frequency_penalty=first.frequency_penalty, presence_penalty=first.presence_penalty,
-            seed=first.seed if first.temperature > 0 else None)
+            seed=None if is_greedy(first.temperature) else first.seed)
         try:
             with self._activate(group[0].target):
                 results = generate_token_ids(

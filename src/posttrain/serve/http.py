@@ -13,6 +13,7 @@ import hmac
 import ipaddress
 import json
 import queue
+import socket
 import sys
 import threading
 import time
@@ -35,6 +36,7 @@ from posttrain.serve.protocol import (
 _POST_ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 _GET_ROUTES = {"/v1/models", "/health"}
 _DRAIN_BYTES = 16 << 20  # a refused body up to this size is read and dropped; a larger one closes the connection
+_LINGER_S = 10.0  # after answering, how long a closing connection still reads what the client sends (`_linger`)
 
 
 class Server:
@@ -119,6 +121,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self._dispatch("GET")
 
+    def do_HEAD(self) -> None:  # a GET's status and headers, without its body (`_send_json`)
+        self._dispatch("HEAD")
+
     def do_POST(self) -> None:
         self._dispatch("POST")
 
@@ -142,7 +147,7 @@ class _Handler(BaseHTTPRequestHandler):
                 raise APIError(404, f"no route {path[:200]}; routes: POST /v1/chat/completions, POST /v1/completions, "
                                "GET /v1/models, GET /health", code="not_found")
             self._allow = allowed
-            if method != allowed:
+            if method != allowed and not (method == "HEAD" and allowed == "GET"):
                 raise APIError(405, f"{method} is not allowed on {path[:200]}; use {allowed}", code="method_not_allowed")
             if path != "/health":
                 self._authorize()
@@ -317,8 +322,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
-        if not self._body_read:
-            self._discard_body()
+        unread = not self._body_read and not self._discard_body()
         if status == 503:
             self.send_header("Retry-After", "1")
         if status == 405:
@@ -327,32 +331,54 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
         self.end_headers()
         self._headers_sent = True
-        self.wfile.write(data)
+        if getattr(self, "command", None) != "HEAD":
+            self.wfile.write(data)
+        if unread:
+            self._linger()
 
-    def _discard_body(self) -> None:
+    def _discard_body(self) -> bool:
         """Read and drop a body that was refused unread (up to _DRAIN_BYTES), so the connection
-        stays usable and the client is not reset while it still sends; a larger or chunked
-        body closes the connection instead."""
+        stays usable and the client is not reset while it still sends; False when a body is left
+        unread: a larger or chunked one, which closes the connection (after `_linger`)."""
         headers = getattr(self, "headers", None)
-        if headers is None or self.close_connection:
-            return
+        if headers is None:
+            return True
         if headers.get("Transfer-Encoding"):
             self.close_connection = True
-            return
+            return False
         try:
             length = int(headers.get("Content-Length", "0"))
         except ValueError:
             length = -1
-        if not 0 <= length <= _DRAIN_BYTES:
+        if length == 0:
+            return True
+        if self.close_connection or not 0 <= length <= _DRAIN_BYTES:
             self.close_connection = True
-            return
+            return False
         while length > 0:
             data = self.rfile.read(min(length, 1 << 16))
             if not data:
                 self.close_connection = True
-                return
+                return True
             length -= len(data)
         self._body_read = True
+        return True
+
+    def _linger(self) -> None:
+        """After the answer to a request whose body is left unread, end the sending side and read
+        and drop what the client still sends, until it closes or _LINGER_S pass (a "lingering
+        close", as nginx does): a socket closed with unread data resets the connection, and a
+        client still sending its body would get a broken pipe instead of the answer."""
+        deadline = time.monotonic() + _LINGER_S
+        try:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+            while (left := deadline - time.monotonic()) > 0:
+                self.connection.settimeout(left)
+                if not self.rfile.read1(1 << 16):
+                    return
+        except OSError:  # reset or timed out: nothing more can be done
+            return
 
     def _send_error(self, error: APIError) -> None:
         if self._headers_sent:  # too late for a status; drop the connection

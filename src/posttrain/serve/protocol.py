@@ -99,6 +99,7 @@ def parse_request(kind: str, body: object, limits: Limits) -> Request:
     """Validate a decoded JSON body for /v1/chat/completions ("chat") or /v1/completions."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
+    _check_text(body)
     known = _COMMON | (_CHAT_ONLY if kind == "chat" else _COMPLETION_ONLY)
     for name, value in body.items():
         if name in known:
@@ -123,6 +124,23 @@ def parse_request(kind: str, body: object, limits: Limits) -> Request:
         request.max_tokens = 16 if max_tokens is None else max_tokens  # OpenAI's default for completions
     _sampling(request, body, limits)
     return request
+
+
+def _check_text(body: dict) -> None:
+    """400 for a lone surrogate in any string of the body, a key or a value (half of a UTF-16 pair:
+    what `json.dumps` writes for text cut inside an emoji, "\\ud83d"); no tokenizer takes one, and
+    training's readers refuse such a row alike (`data.readers.lone_surrogate_at`, the one rule)."""
+    from posttrain.data.readers import lone_surrogate_at
+
+    for name, value in body.items():
+        try:
+            where = lone_surrogate_at({name: value})
+        except RecursionError:  # json.loads took a few levels fewer than the Python stack holds
+            raise APIError(400, f"{name} is nested too deeply", param=name) from None
+        if where is not None:
+            raise APIError(400, f"the text at {where[:200]} holds a lone surrogate (half of a UTF-16 surrogate pair, as "
+                           "left by cutting an emoji in two), which is not valid Unicode; send whole characters",
+                           param=name)
 
 
 def _sampling(request: Request, body: dict, limits: Limits) -> None:
