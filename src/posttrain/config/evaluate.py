@@ -20,7 +20,7 @@ class EvalPromptsConfig:
     limit: int = option(200, "evaluate the first N prompts (0 = all)")
     max_prompt_length: int = option(256, "prompts longer than this many tokens are left out (counted)")
     max_bad_fraction: float = option(0.01, "malformed prompt rows are skipped (file:line in the log); fail when "
-                                     "more than this fraction is malformed")
+                                     "more than this fraction of any one file's rows is malformed")
 
 
 @dataclass

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from posttrain.config.schema import _raise_first, _StageConfig, checked, markdown_reference, option
-from posttrain.config.sections import listed_once_check
+from posttrain.config.sections import MAX_BAD_FRACTION_HELP, listed_once_check
 
 
 @dataclass
@@ -56,7 +56,7 @@ class RLAIFDataConfig:
     bad_rows: Literal["error", "skip"] = option(
         "error", "malformed prompt rows: stop before any request, or skip them into the run's rejects.jsonl "
         "(file:line and reason)")
-    max_bad_fraction: float = option(0.01, "with bad_rows=skip, fail if more than this fraction is malformed")
+    max_bad_fraction: float = option(0.01, MAX_BAD_FRACTION_HELP)
 
 
 @dataclass

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 from posttrain.config.schema import _raise_first, _StageConfig, checked, markdown_reference, option
-from posttrain.config.sections import (FORGETTING_HELP, AdapterConfig, EvalConfig, ForgettingConfig, ModelConfig,
-                                       TrainConfig, _data_checks, _eval_checks, _train_checks, _weight_checks,
-                                       other_stage_forgetting_checks, validate_adapter_settings)
+from posttrain.config.sections import (FORGETTING_HELP, MAX_BAD_FRACTION_HELP, AdapterConfig, EvalConfig,
+                                       ForgettingConfig, ModelConfig, TrainConfig, _data_checks, _eval_checks,
+                                       _train_checks, _weight_checks, other_stage_forgetting_checks,
+                                       validate_adapter_settings)
 
 
 @dataclass
@@ -27,7 +28,7 @@ class PreferenceDataConfig:
     overlength: Literal["truncate", "drop"] = option(
         "truncate", "over-long responses: cut their end, or drop the whole row (always counted)")
     bad_rows: Literal["error", "skip"] = option("error", "malformed rows: stop before training, or skip them into the run's rejects-train.jsonl / rejects-eval.jsonl")
-    max_bad_fraction: float = option(0.01, "with bad_rows=skip, fail the run if more than this fraction is malformed")
+    max_bad_fraction: float = option(0.01, MAX_BAD_FRACTION_HELP)
     synthetic_tasks: list[str] = option(["smallest"], "tasks of the bundled generator (chosen = the correct answer)")
     synthetic_size: int = option(2000, "number of synthetic preference rows")
     synthetic_kind: Literal["pairs", "ranking", "unpaired"] = option("pairs", "shape of the synthetic rows")

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from posttrain.config.schema import _raise_first, _StageConfig, checked, markdown_reference, option
-from posttrain.config.sections import SEED_RANGE
+from posttrain.config.sections import MAX_BAD_FRACTION_HELP, SEED_RANGE
 
 ANY_FORMAT = Literal["auto", "alpaca", "messages", "prompt_completion", "text", "pairs", "ranking", "unpaired"]
 
@@ -22,7 +22,7 @@ class QualityDataConfig:
     format: ANY_FORMAT = option("auto", "row format; auto-detected per file from its first rows")
     bad_rows: Literal["error", "skip"] = option("skip", "malformed rows: stop, or skip them into rejects.jsonl "
                                                 "(file:line and reason) and count them in the report")
-    max_bad_fraction: float = option(1.0, "with bad_rows=skip, fail if more than this fraction is malformed")
+    max_bad_fraction: float = option(1.0, MAX_BAD_FRACTION_HELP)
 
 
 @dataclass

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from posttrain.config.schema import _raise_first, _StageConfig, checked, markdown_reference, option
-from posttrain.config.sections import (FORGETTING_HELP, AdapterConfig, ForgettingConfig, ModelConfig, TrainConfig,
-                                       _rows_checks, _train_checks, _weight_checks, other_stage_forgetting_checks,
-                                       validate_adapter_settings)
+from posttrain.config.sections import (FORGETTING_HELP, MAX_BAD_FRACTION_HELP, AdapterConfig, ForgettingConfig,
+                                       ModelConfig, TrainConfig, _rows_checks, _train_checks, _weight_checks,
+                                       other_stage_forgetting_checks, validate_adapter_settings)
 from posttrain.errors import ConfigError
 
 # The reward section's checks, shared with `posttrain score`'s flags (rewards.py); here, torch-free,
@@ -45,7 +45,7 @@ class PromptDataConfig:
                                 "row's own system turn or 'system' key is kept (empty = none)")
     max_prompt_length: int = option(256, "prompts longer than this many tokens are dropped (counted, never cut)")
     bad_rows: Literal["error", "skip"] = option("error", "malformed rows: stop before training, or skip them into the run's rejects-train.jsonl / rejects-eval.jsonl")
-    max_bad_fraction: float = option(0.01, "with bad_rows=skip, fail the run if more than this fraction is malformed")
+    max_bad_fraction: float = option(0.01, MAX_BAD_FRACTION_HELP)
     synthetic_tasks: list[str] = option(["smallest"], "tasks of the bundled generator (each prompt carries its answer)")
     synthetic_size: int = option(2000, "number of synthetic prompts")
 

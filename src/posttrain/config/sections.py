@@ -9,6 +9,11 @@ from typing import Literal
 from posttrain.config.schema import _raise_first, _StageConfig, checked, option
 
 
+# every data section's max_bad_fraction (formats.load_records applies it to each file of a mix)
+MAX_BAD_FRACTION_HELP = ("with bad_rows=skip, fail the run if more than this fraction of any one file's rows is "
+                         "malformed (each file of a mix on its own, named)")
+
+
 @dataclass
 class ModelConfig:
     path: str = option("tiny", "built-in preset name (tiny) or a local Hugging Face model directory")
@@ -117,8 +122,7 @@ class DataConfig:
     max_length: int = option(512, "maximum tokens per example (and per packed row)")
     overlength: Literal["truncate", "drop"] = option("truncate", "what to do with examples longer than max_length (always counted)")
     bad_rows: Literal["error", "skip"] = option("error", "malformed rows: stop before training, or skip them into the run's rejects-train.jsonl / rejects-eval.jsonl")
-    max_bad_fraction: float = option(0.01, "with bad_rows=skip, fail the run if more than this fraction of any one "
-                                           "file's rows is malformed (each file of a mix on its own, named)")
+    max_bad_fraction: float = option(0.01, MAX_BAD_FRACTION_HELP)
     packing: bool = option(False, "pack several examples per row (no attention across them)")
     group_by_length: bool = option(
         False, "batch examples of similar length together: less padding, but can hurt multi-task learning"
