@@ -287,7 +287,7 @@ def test_turning_pair_on_later_or_adding_streams_asks_only_what_is_new(tmp_path,
     ("attacks.pair.attacker.max_tokens=0", "attacks.pair.attacker.max_tokens must be >= 1"),
     ("attacks.pair.attacker.model=", "attacks.pair.attacker.model is empty"),
     ("attacks.pair.attacker.base_url=localhost:8000", "attacks.pair.attacker.base_url"),
-    ("attacks.pair.streams=2", "needs attacks.pair.attacker.temperature > 0"),
+    ("attacks.pair.streams=2", "needs attacks.pair.attacker.temperature of at least 1e-05"),
     ("attacks.pair.rouds=2", "did you mean attacks.pair.rounds"),
 ])
 def test_config_errors(tmp_path, harmful, override, message):

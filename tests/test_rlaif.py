@@ -121,7 +121,7 @@ def test_config_checks_and_resume_settings(tmp_path):
     with pytest.raises(ConfigError, match="did you mean rlaif.num_responses"):
         RLAIFConfig.from_dict({"rlaif": {"num_response": 3}})
     cases = [({"rlaif": {"num_responses": 1}}, "at least 2 responses"),
-             ({"policy": {"temperature": 0}}, "policy.temperature must be > 0"),
+             ({"policy": {"temperature": 0}}, "policy.temperature must be at least 1e-05"),
              ({"judge": {"base_url": "localhost:8000"}}, "judge.base_url='localhost:8000' must start with http"),
              ({"judge": {"rubric": "x", "rubric_file": "r.txt"}}, "not both"),
              ({"data": {"prompt_files": []}}, "data.prompt_files is empty")]

@@ -103,7 +103,7 @@ def test_identical_responses_are_counted_never_judged_nor_written():
     from posttrain.errors import ConfigError
     from posttrain.feedback.rlaif import preference_rows, rlaif_record, summarize, summary_lines
 
-    with pytest.raises(ConfigError, match="policy.temperature must be > 0"):
+    with pytest.raises(ConfigError, match="policy.temperature must be at least 1e-05"):
         validate_rlaif(RLAIFConfig.from_dict({"policy": {"temperature": 0.0}}))
     judge = Recording("judge")
     records = [rlaif_record(f"x{k}", PromptRecord([ASK]), policy=Recording("policy", "Sunny."),

@@ -45,3 +45,19 @@ def test_sigterm_stops_a_data_command_as_ctrl_c_does_with_143(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 128 + signal.SIGTERM, done.stderr
     assert "terminated; the same command resumes from what its log holds" in done.stderr
+
+
+def test_a_temperature_that_samples_greedily_is_refused_where_samples_are_needed():
+    """Sampling is greedy below 1e-5 (rollout.is_greedy, vLLM's cut-off): a GRPO run at 1e-6 would
+    draw one completion a group, every advantage 0; it passed the old `> 0` check."""
+    import pytest
+
+    from posttrain.config import GRPOConfig
+    from posttrain.config.rl import validate_grpo
+    from posttrain.errors import ConfigError
+    from posttrain.rollout import is_greedy
+
+    assert is_greedy(0) and is_greedy(1e-6) and not is_greedy(1e-5)
+    with pytest.raises(ConfigError, match="rollout.temperature must be at least 1e-05"):
+        validate_grpo(GRPOConfig.load(None, ["rollout.temperature=1e-6"]))
+    validate_grpo(GRPOConfig.load(None, ["rollout.temperature=0.7"]))

@@ -94,7 +94,7 @@ def _sampling_args(parser) -> None:
                         help="the most tokens generated for a prompt (a chat's reply)")
     # None = not given: the model's generation_config.json decides, else posttrain's default (inference.py)
     model_first = "default: the model's generation_config.json, else "
-    parser.add_argument("--temperature", type=float, default=None, help=model_first + "0 (greedy)")
+    parser.add_argument("--temperature", type=float, default=None, help=model_first + "0 (greedy; so is any below 1e-5)")
     parser.add_argument("--top-k", type=int, default=None, help=model_first + "0 (off)")
     parser.add_argument("--top-p", type=float, default=None, help=model_first + "1 (off)")
     parser.add_argument("--min-p", type=float, default=None,

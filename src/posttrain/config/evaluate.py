@@ -9,6 +9,7 @@ from typing import Literal
 from posttrain.config.feedback import JudgeConfig, api_key_env_checks, judge_checks
 from posttrain.config.schema import _raise_first, _StageConfig, checked, markdown_reference, option
 from posttrain.config.sections import synthetic_checks
+from posttrain.rollout import GREEDY_BELOW, is_greedy
 
 
 @dataclass
@@ -89,7 +90,8 @@ def validate_evaluate(cfg: EvaluateConfig) -> None:
         *synthetic_checks(p.files, p.synthetic_tasks, None, "prompts"),
         (g.max_new_tokens >= 1 and g.batch_size >= 1, "generation.max_new_tokens and batch_size must be >= 1"),
         (g.samples >= 0, "generation.samples must be >= 0 (0 = no KL estimate)"),
-        (g.temperature > 0, "generation.temperature must be > 0: the KL is estimated on samples"),
+        (not is_greedy(g.temperature), f"generation.temperature must be at least {GREEDY_BELOW:g} (below it "
+                                       "sampling is greedy): the KL is estimated on samples"),
         (not cfg.judge.enabled or bool(cfg.reference.strip()), "judge.enabled needs a reference to compare with"),
         (cfg.safety.limit >= 0 and cfg.safety.max_tokens >= 1, "safety.limit must be >= 0, max_tokens >= 1"),
     ]

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from posttrain.config.schema import _raise_first, _StageConfig, checked, markdown_reference, option
 from posttrain.config.sections import MAX_BAD_FRACTION_HELP, listed_once_check
+from posttrain.rollout import GREEDY_BELOW, is_greedy
 
 
 @dataclass
@@ -133,8 +134,9 @@ def validate_rlaif(cfg: RLAIFConfig) -> None:
         (0.0 <= cfg.data.max_bad_fraction <= 1.0, "data.max_bad_fraction must be between 0 and 1"),
         (n >= 2, f"rlaif.num_responses={n}: at least 2 responses per prompt are needed to make a pair"),
         (cfg.rlaif.concurrency >= 1, "rlaif.concurrency must be >= 1"),
-        (cfg.policy.temperature > 0,
-         "policy.temperature must be > 0: at temperature 0 every response to a prompt is the same text"),
+        (not is_greedy(cfg.policy.temperature),
+         f"policy.temperature must be at least {GREEDY_BELOW:g}: below it (greedy) every response to a prompt is the "
+         "same text"),
     ])
 
 

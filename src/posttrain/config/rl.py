@@ -12,6 +12,7 @@ from posttrain.config.sections import (FORGETTING_HELP, MAX_BAD_FRACTION_HELP, A
                                        ModelConfig, TrainConfig, _rows_checks, _train_checks, _weight_checks,
                                        other_stage_forgetting_checks, validate_adapter_settings)
 from posttrain.errors import ConfigError
+from posttrain.rollout import GREEDY_BELOW, is_greedy
 
 # The reward section's checks, shared with `posttrain score`'s flags (rewards.py); here, torch-free,
 # so that reading a config loads no torch.
@@ -210,7 +211,8 @@ def _rollout_checks(cfg: GRPOConfig | PPOConfig) -> list[tuple[bool, str]]:
     r = cfg.rollout
     return (_vllm_checks(cfg) if r.engine == "vllm" else []) + [
         (r.max_new_tokens >= 1 and r.batch_size >= 1, "rollout.max_new_tokens and rollout.batch_size must be >= 1"),
-        (r.temperature > 0, "rollout.temperature must be > 0: online RL learns from sampled completions"),
+        (not is_greedy(r.temperature), f"rollout.temperature must be at least {GREEDY_BELOW:g} (below it sampling is "
+                                       "greedy): online RL learns from sampled completions"),
         (0 < r.top_p <= 1, "rollout.top_p must be in (0, 1] (1 = off)"),
         (0 <= r.min_p < 1, f"rollout.min_p must be in [0, 1) (0 = off; 1 would keep only the most likely token, "
                            f"no sampling), got {r.min_p}"),

@@ -9,6 +9,7 @@ from typing import Literal
 
 from posttrain.config.feedback import BackendConfig, api_key_env_checks, backend_checks
 from posttrain.config.schema import _raise_first, _StageConfig, checked, markdown_reference, option, user_path
+from posttrain.rollout import GREEDY_BELOW, is_greedy
 
 DEFAULT_ATTACKS = ["direct", "prefix_injection", "refusal_suppression", "role_play", "hypothetical",
                    "instruction_override", "style_injection", "base64", "combination"]
@@ -122,9 +123,9 @@ def _pair_checks(pair: PairConfig) -> list[tuple[bool, str]]:
         (pair.streams >= 1, f"{name}.streams must be >= 1"),
         (pair.parse_retries >= 0, f"{name}.parse_retries must be >= 0"),
         (pair.keep_last >= 1, f"{name}.keep_last must be >= 1"),
-        (pair.streams == 1 or pair.attacker.temperature > 0,
-         f"{name}.streams={pair.streams} needs {name}.attacker.temperature > 0: a greedy attacker writes the same "
-         "conversation in every stream"),
+        (pair.streams == 1 or not is_greedy(pair.attacker.temperature),
+         f"{name}.streams={pair.streams} needs {name}.attacker.temperature of at least {GREEDY_BELOW:g}: a greedy "
+         "attacker writes the same conversation in every stream"),
     ]
 
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 from posttrain.errors import UserError
+from posttrain.rollout import is_greedy
 
 MAX_BACKOFF_S = 60.0  # longest wait between retries that we choose ourselves
 MAX_RETRY_AFTER_S = 600.0  # longest Retry-After we honour; a larger one is capped
@@ -388,7 +389,7 @@ class LocalModel:
                                    f"context is {context}")
             max_tokens = min(max_tokens, context - len(prompt_ids))
         request = Request(kind="chat", model=self.model_name, max_tokens=max_tokens, temperature=temperature,
-                          seed=seed if temperature > 0 else None, stop=list(self.engine.turn_stops))
+                          seed=None if is_greedy(temperature) else seed, stop=list(self.engine.turn_stops))
         job = Job(request=request, target=AS_LOADED, prompt_tokens=len(prompt_ids))
         job.choices.append(Choice(job, 0, prompt_ids, max_tokens))
         try:

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from posttrain.data.batching import real_positions
 from posttrain.models.adapters.model import cache_argument, output_cache
+from posttrain.rollout import is_greedy
 from posttrain.rollout.sampling import (
     SamplingSettings,
     apply_frequency_presence_penalty,
@@ -127,7 +128,7 @@ def generate_token_ids(
     budgets = completion_budgets(model, [len(ids) for ids in prompt_ids], settings.max_new_tokens, names)
     device = next(model.parameters()).device
     generators = None  # unseeded: the global generator, one draw for the batch
-    if settings.seed is not None and settings.temperature > 0:
+    if settings.seed is not None and not is_greedy(settings.temperature):
         generators = row_generators(settings.seed, len(prompt_ids), indices)
     results: list[list[int]] = [[] for _ in prompt_ids]
     cache_name = cache_argument(model)  # `cache` (transformers >= 5.24) or `past_key_values`

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from posttrain.rollout import is_greedy
+
 
 @dataclass
 class SamplingSettings:
@@ -60,14 +62,6 @@ class SamplingSettings:
 
 
 PENALTY_RANGE = (-2.0, 2.0)  # OpenAI's documented range of frequency_penalty and presence_penalty
-# A temperature below this decodes greedily (vLLM's cut-off): z / T overflows float32 once T < |z| / 3.4e38
-# (1e-40 is inside OpenAI's [0, 2]), and at T = 1e-5 a logit 1e-4 below the top one is e^-10 as likely already.
-GREEDY_BELOW = 1e-5
-
-
-def is_greedy(temperature: float) -> bool:
-    """Whether `sample_next` picks the argmax at this temperature: 0, or below GREEDY_BELOW."""
-    return temperature < GREEDY_BELOW
 
 FROM_GENERATION_CONFIG = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")  # a model's file may set
 

@@ -43,7 +43,8 @@ from posttrain.rollout.generate import (
     stop_strings,
     truncate_at_stop,
 )
-from posttrain.rollout.sampling import SamplingSettings, is_greedy
+from posttrain.rollout import is_greedy
+from posttrain.rollout.sampling import SamplingSettings
 from posttrain.serve.protocol import APIError, Limits, Request
 
 AS_LOADED = ""  # target: run the model as loaded (a plain model, or an adapter dir given as MODEL)
