@@ -756,7 +756,6 @@ def run_dpo(cfg: DPOConfig) -> Path:
     """Optimise the policy on preferences per `cfg`; returns the run directory (policy in run_dir/final)."""
     from posttrain.data.preferences import prepare_preference_data
     from posttrain.train.loop import evaluate, train
-    from posttrain.train.metrics import through_bar
     from posttrain.train.runs import finish_run, released_on_failure, run_fingerprint, start_run
     from posttrain.models.loading import disable_dropout, note_full_logits
     from posttrain.train.forgetting import attach, build_control, report
@@ -765,7 +764,6 @@ def run_dpo(cfg: DPOConfig) -> Path:
     cfg = DPOConfig.for_run(cfg, "run_dpo")
     validate_dpo(cfg)
     run_dir, accelerator, main, log = start_run(cfg)
-    log = through_bar(log)  # said inside the loop (unfreezing, EWC, the adapter schedule): through the bar
     with released_on_failure(run_dir):
         tokenizer, model, adapter_training = build_model(cfg, log, run_dir if main else None)
         disable_dropout(model, log, "the policy is compared with its reference, which runs without it")

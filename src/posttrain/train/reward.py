@@ -156,13 +156,11 @@ def run_rm(cfg: RMConfig) -> Path:
     from posttrain.models.loading import check_positions, load_tokenizer
     from posttrain.models.reward_model import encoder_positions, is_decoder_scorer
     from posttrain.train.loop import evaluate, train
-    from posttrain.train.metrics import through_bar
     from posttrain.train.runs import finish_run, released_on_failure, run_fingerprint, start_run
 
     cfg = RMConfig.for_run(cfg, "run_rm")
     validate_rm(cfg)
     run_dir, accelerator, main, log = start_run(cfg)
-    log = through_bar(log)  # said inside the loop (the adapter schedule): through the progress bar
     with released_on_failure(run_dir):
         tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
         model = build_reward_model(cfg, tokenizer, log, run_dir if main else None)

@@ -32,7 +32,7 @@ from typing import Any
 from posttrain.errors import ConfigError
 from posttrain.files import file_identity, short_digest
 from posttrain.train import checkpoint
-from posttrain.train.metrics import strict_json
+from posttrain.train.metrics import strict_json, through_bar
 
 
 def start_run(cfg) -> tuple[Path, Any, bool, Any]:
@@ -42,7 +42,9 @@ def start_run(cfg) -> tuple[Path, Any, bool, Any]:
     each stage releases it, `released_on_failure`, when it fails between start_run and train);
     writes the resolved config to run_dir/config.yaml (a fresh start over an earlier run's results
     holds it until they are removed, `_record_config`), starts the trackers of train.report_to
-    and seeds everything; `log` prints (flushed) on the main process only."""
+    and seeds everything; `log` prints (flushed) on the main process only, through the progress
+    bar while one is open (`metrics.through_bar`: unfreezing, EWC and the adapter schedule speak
+    inside the loop)."""
     import functools
 
     import yaml
@@ -70,7 +72,7 @@ def start_run(cfg) -> tuple[Path, Any, bool, Any]:
             _check_same_run(resume_from, run_fingerprint(cfg))
         # flushed at once: a script's stdout in a log file is block-buffered (the command line makes it
         # line-buffered; run_sft called from a script does not touch the caller's stdout)
-        log = functools.partial(print, flush=True) if main else (lambda *_: None)
+        log = through_bar(functools.partial(print, flush=True)) if main else (lambda *_: None)
         recorded = cfg.to_dict()
         model_path = getattr(getattr(cfg, "model", None), "path", None)
         final = run_final_model(model_path) if isinstance(model_path, str) else None

@@ -222,13 +222,11 @@ def run_sft(cfg: SFTConfig) -> Path:
                                          write_stream_counts)
     from posttrain.models.loading import note_full_logits
     from posttrain.train.loop import train
-    from posttrain.train.metrics import through_bar
     from posttrain.train.runs import finish_run, released_on_failure, run_fingerprint, start_run
 
     cfg = SFTConfig.for_run(cfg, "run_sft")
     validate_sft(cfg)
     run_dir, accelerator, main, log = start_run(cfg)
-    log = through_bar(log)  # said inside the loop (unfreezing, EWC, the adapter schedule): through the bar
     with released_on_failure(run_dir):
         tokenizer, model, adapter_training = build_model(cfg, log, run_dir if main else None)
         pad_id = tokenizer.pad_token_id
