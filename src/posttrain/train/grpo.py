@@ -26,7 +26,6 @@ swapped back in (`preference.StartingVirtualTokens`), or a frozen copy for full 
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -94,6 +93,8 @@ class GroupPolicyLoss(torch.nn.Module):
 class GRPOStage(RolloutStage):
     """The loop's Stage: rollouts sampled on demand, group advantages, clipped-surrogate batches."""
 
+    shuffle_name = "grpo"
+
     def __init__(self, module: GroupPolicyLoss, *args, **kwargs):
         super().__init__(module, *args, **kwargs)
         self.aggregation = self.cfg.grpo.aggregation
@@ -111,21 +112,16 @@ class GRPOStage(RolloutStage):
             return float(batch["response_mask"].shape[0] * self.cfg.rollout.max_new_tokens)
         return super().weight(batch)
 
-    def rollouts_per_epoch(self) -> int:
-        return len(self.prompts) // self.prompts_per_rollout
-
     def micro_batches_per_epoch(self) -> int:
         return self.rollouts_per_epoch() * self.cfg.grpo.updates_per_rollout * self.batches_per_update
 
     def micro_batches_after(self, epoch: int, skip: int) -> Iterator[dict]:
         """The epoch's micro-batches from the `skip`-th on; skipped rollouts are never sampled."""
-        order = list(range(len(self.prompts)))
-        random.Random(f"posttrain-grpo-{self.cfg.train.seed}-{epoch}").shuffle(order)
         first, offset = divmod(skip, self.cfg.grpo.updates_per_rollout * self.batches_per_update)
         restored, self._restored = self._restored and offset and self.position == (epoch, first), False
         for index in range(first, self.rollouts_per_epoch()):
             if not (restored and index == first):
-                chosen = order[index * self.prompts_per_rollout : (index + 1) * self.prompts_per_rollout]
+                chosen = self.rollout_prompts(epoch, index)
                 self.batches, self.position = self._batches(self._sample(chosen, epoch, index)), (epoch, index)
             batches = self.batches
             for _ in range(self.cfg.grpo.updates_per_rollout):
@@ -140,12 +136,11 @@ class GRPOStage(RolloutStage):
         with μ = 1 a checkpoint (at a step's end) falls between rollouts, and the resumed run samples
         the next one, so the batches would never be read and are not written."""
         batches = self.batches if self.cfg.grpo.updates_per_rollout > 1 else []
-        return {"position": list(self.position), "rollouts_done": self.rollouts_done,
-                "prompts_per_rollout": self.prompts_per_rollout,
+        return {"position": list(self.position), "rollouts_done": self.rollouts_done, **self.plan_state(),
                 "micro_batches": len(batches), "rollout_metrics": self.rollout_metrics}, batches_state(batches)
 
     def load_state_dict(self, plain: dict, tensors: dict[str, torch.Tensor]) -> None:
-        self.check_rollout_size(plain)
+        self.check_resumable(plain)
         self.position, self.rollouts_done = tuple(plain["position"]), plain["rollouts_done"]
         self.rollout_metrics = plain["rollout_metrics"]
         self.batches = restore_batches(plain["micro_batches"], tensors)

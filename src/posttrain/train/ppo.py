@@ -133,6 +133,7 @@ class PPOStage(RolloutStage):
     """The loop's Stage: a rollout, then ppo.epochs × ppo.minibatches optimizer steps on it."""
 
     metrics_at_step = ("ppo_update", "rollout/kl_coef")  # a position and a setting: no mean over log_every
+    shuffle_name = "ppo"
 
     def __init__(self, module: PPOLoss, *args, **kwargs):
         super().__init__(module, *args, **kwargs)
@@ -146,9 +147,6 @@ class PPOStage(RolloutStage):
         self.position = (0, 0, 0)  # (epoch, rollout, next update) of the batches handed out so far
         self.stop_rollout = False  # set by finish_metrics once approx KL passes ppo.early_stop_kl
         self._resumed = False
-
-    def rollouts_per_epoch(self) -> int:
-        return len(self.prompts) // self.prompts_per_rollout
 
     epochs_cut_by = "ppo.early_stop_kl"  # what makes an epoch end before micro_batches_per_epoch
 
@@ -164,8 +162,6 @@ class PPOStage(RolloutStage):
         return index == self.rollouts_per_epoch() - 1 and (update >= self.updates_per_rollout or self.stop_rollout)
 
     def micro_batches_after(self, epoch: int, skip: int) -> Iterator[dict]:
-        order = list(range(len(self.prompts)))
-        random.Random(f"posttrain-ppo-{self.cfg.train.seed}-{epoch}").shuffle(order)
         first, update = 0, 0
         continuing = self._resumed and self.position[0] == epoch  # the checkpoint's rollout, restored
         self._resumed = False
@@ -176,7 +172,7 @@ class PPOStage(RolloutStage):
             update = rest // self.batches_per_update
         for index in range(first, self.rollouts_per_epoch()):
             if not (continuing and index == first):
-                chosen = order[index * self.prompts_per_rollout : (index + 1) * self.prompts_per_rollout]
+                chosen = self.rollout_prompts(epoch, index)
                 self.batches, self.stop_rollout = self._batches(self._sample(chosen, epoch, index)), False
             drawn = None  # (PPO epoch, its micro-batches in order)
             while update < self.updates_per_rollout and not self.stop_rollout:
@@ -220,12 +216,11 @@ class PPOStage(RolloutStage):
         remaining = self.position[2] < self.updates_per_rollout and not self.stop_rollout
         batches = self.batches if remaining else []
         return {"kl_coef": self.kl_coef, "position": list(self.position), "stop_rollout": self.stop_rollout,
-                "rollouts_done": self.rollouts_done, "micro_batches": len(batches),
-                "prompts_per_rollout": self.prompts_per_rollout,
+                "rollouts_done": self.rollouts_done, "micro_batches": len(batches), **self.plan_state(),
                 "rollout_metrics": self.rollout_metrics}, batches_state(batches)
 
     def load_state_dict(self, plain: dict, tensors: dict[str, torch.Tensor]) -> None:
-        self.check_rollout_size(plain)
+        self.check_resumable(plain)
         self.kl_coef, self.position = plain["kl_coef"], tuple(plain["position"])
         self.stop_rollout, self.rollouts_done = plain["stop_rollout"], plain["rollouts_done"]
         self.rollout_metrics = plain["rollout_metrics"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -312,6 +313,17 @@ def restore_batches(count: int, tensors: dict[str, torch.Tensor]) -> list[dict]:
     return batches
 
 
+EPOCH_PLAN = 2
+"""How an online-RL run lays its epochs out in rollouts and seeds them, kept in each checkpoint's
+stage state (`epoch_plan`) so that a resume reads and samples as the run it continues did:
+  1  checkpoints written before it was kept: ⌊N / P⌋ rollouts an epoch, the N mod P prompts at the
+     end of the epoch's order unread; rollout seeds seed·1,000,003 + epoch·10,007 + index (which
+     repeat: epoch 0's rollout 10,007 is epoch 1's rollout 0);
+  2  ⌈N / P⌉ rollouts an epoch, the last topped up from the start of the same order, so every prompt
+     is read each epoch (`RolloutStage.rollout_prompts`); rollout seeds seed·1,000,003 + the
+     rollout's number in the run (epoch · rollouts an epoch + index), one per rollout."""
+
+
 class RolloutStage:
     """Loop hooks shared by the online-RL stages; subclasses sample rollouts in `micro_batches_after`.
 
@@ -328,6 +340,9 @@ class RolloutStage:
     # lines they count each rollout once; its descriptive figures (reward_mean, ...) are on every step
     generation_figures = frozenset({"rollout_s", "reward_s", "rollout_tokens", "rollout_tokens_per_s",
                                     "weight_sync_s"})
+    epoch_plan = EPOCH_PLAN  # a resumed run's: its checkpoint's (`RLRun.keep_checkpoint_plan`)
+    shuffle_name = ""  # the stage's name in its epochs' shuffle seeds ("grpo", "ppo")
+    _order: tuple[int, list[int]] | None = None  # (epoch, its shuffled order): the last one drawn
 
     def __init__(self, module: torch.nn.Module, prompts: list[list[int]], records: list[PromptRecord], cfg,
                  tokenizer, score: Callable, run_dir: Path | None, autocast=contextlib.nullcontext,
@@ -350,14 +365,61 @@ class RolloutStage:
             self.lr_scale = adapter_training.lr_scale
             self.inactive_parameters = adapter_training.inactive_parameters
 
-    def check_rollout_size(self, plain: dict) -> None:
+    def check_resumable(self, plain: dict) -> None:
         """A checkpoint's rollouts must hold as many prompts as this run's: its position (which
         rollout, which update) counts them, and a rollout is the algorithm's batch. Processes ×
-        train.grad_accum (and PPO's minibatches) set the size; resuming with another is refused."""
+        train.grad_accum (and PPO's minibatches) set the size; resuming with another is refused.
+        Its epochs must be laid out and seeded as this stage's (`EPOCH_PLAN`): a checkpoint of
+        another plan is refused (`RLRun.keep_checkpoint_plan` has a run take its checkpoint's)."""
         saved = plain.get("prompts_per_rollout", self.prompts_per_rollout)
         if saved != self.prompts_per_rollout:
             raise ConfigError(f"this checkpoint's rollouts hold {saved} prompts, this run's {self.prompts_per_rollout}: "
                               "resume with the processes x train.grad_accum x train.batch_size it was written with")
+        plan = plain.get("epoch_plan", 1)
+        if plan != self.epoch_plan:
+            raise ConfigError(f"this checkpoint lays its epochs out by plan {plan} (rollouts.EPOCH_PLAN), this stage by "
+                              f"plan {self.epoch_plan}: set the stage's epoch_plan to the checkpoint's before training "
+                              "(posttrain grpo and ppo do: RLRun.keep_checkpoint_plan), or start afresh")
+
+    def plan_state(self) -> dict:
+        """What `check_resumable` reads of a checkpoint's stage state."""
+        return {"prompts_per_rollout": self.prompts_per_rollout, "epoch_plan": self.epoch_plan}
+
+    # -- an epoch's rollouts (`EPOCH_PLAN`)
+
+    def rollouts_per_epoch(self) -> int:
+        """Rollouts reading an epoch of N prompts, P a rollout: ⌈N / P⌉, the last topped up
+        (`rollout_prompts`); ⌊N / P⌋ under plan 1. 0 without prompts."""
+        whole, left = divmod(len(self.prompts), self.prompts_per_rollout)
+        return whole + (1 if left and self.epoch_plan >= 2 else 0)
+
+    def rollout_prompts(self, epoch: int, index: int) -> list[int]:
+        """The prompts (their indices) rollout `index` of `epoch` samples: the next P of the epoch's
+        order, a fresh shuffle seeded by (train.seed, epoch). The last rollout's short end is topped
+        up from the start of the same order (round again should N < P), as the loop tops up an
+        epoch's last step (`loop._steps`): every prompt is read each epoch, those first P − N mod P
+        twice."""
+        if self._order is None or self._order[0] != epoch:
+            order = list(range(len(self.prompts)))
+            random.Random(f"posttrain-{self.shuffle_name}-{self.cfg.train.seed}-{epoch}").shuffle(order)
+            self._order = (epoch, order)
+        order, size = self._order[1], self.prompts_per_rollout
+        return [order[(index * size + i) % len(order)] for i in range(size)]
+
+    def rollout_seed(self, epoch: int, index: int) -> int:
+        """The sampling seed of rollout `index` of `epoch` (`EPOCH_PLAN`): from train.seed and the
+        rollout's place in the run, so a resumed run samples what the uninterrupted one did."""
+        seed = self.cfg.train.seed * 1_000_003 + index
+        if epoch:  # (epoch 0's are the same under both plans)
+            seed += epoch * (10_007 if self.epoch_plan == 1 else self.rollouts_per_epoch())
+        return seed % (2**31)
+
+    def epoch_figures(self) -> dict[str, int]:
+        """How an epoch reads the prompts: N, P, the rollouts, the prompts read twice (topped up)
+        and those left unread (plan 1's N mod P)."""
+        n, size, rollouts = len(self.prompts), self.prompts_per_rollout, self.rollouts_per_epoch()
+        return {"prompts": n, "prompts_per_rollout": size, "rollouts": rollouts,
+                "topped_up": max(rollouts * size - n, 0), "unread": max(n - rollouts * size, 0)}
 
     def after_optimizer_step(self, step: int) -> None:
         if not self.engine.is_policy:
@@ -389,7 +451,7 @@ class RolloutStage:
 
     def _sample(self, chosen: list[int], epoch: int, index: int) -> Rollout:
         sync_s = self._sync_engine()
-        seed = (self.cfg.train.seed * 1_000_003 + epoch * 10_007 + index) % (2**31)
+        seed = self.rollout_seed(epoch, index)
         rollout = sample_and_score(self.engine, self.tokenizer, self.prompts, self.records, chosen, self.cfg,
                                    self.score, seed)
         self.rollout_metrics = {k: v for k, v in rollout.stats.__dict__.items() if v is not None} | {f"reward/{n}": v for n, v in rollout.components.items()}
@@ -640,7 +702,9 @@ class RLRun:
         from posttrain.train.loop import train
         from posttrain.train.runs import run_fingerprint
 
+        self.keep_checkpoint_plan(stage)
         self.check_enough_prompts(stage)
+        self.report_epochs(stage)
         control = self.attach_forgetting(stage)
         self.attach_evaluation(stage)
         summary = summary | {"train_prompts": len(self.train_ids), "eval_prompts": len(self.eval_ids),
@@ -673,8 +737,42 @@ class RLRun:
 
         return report(self.cfg, control, model, self.tokenizer, when, self.cfg.rollout.max_new_tokens, self.main)
 
+    def keep_checkpoint_plan(self, stage) -> None:
+        """A run resuming a checkpoint (the one train.resume names, `runs._resume_path`) keeps the
+        epoch plan it was written under (`EPOCH_PLAN`; 1 when it kept none): the resumed run reads,
+        samples and plans its steps as the run it continues (the loop keeps the checkpoint's planned
+        steps, `loop.plan_total_steps`), where the current plan's longer epochs would add steps to
+        a run part-way through its learning-rate schedule, or to a finished one."""
+        from posttrain.train import checkpoint
+        from posttrain.train.runs import _resume_path
+
+        found = _resume_path(self.cfg.train.resume, self.run_dir / "checkpoints")
+        saved = checkpoint.load_stage_state(found) if found is not None else None
+        if saved is not None:
+            stage.epoch_plan = saved[0].get("epoch_plan", 1)
+
+    def report_epochs(self, stage) -> None:
+        """How an epoch reads the training prompts (`RolloutStage.epoch_figures`), in data_report.json
+        (`rl_epoch`) and, when P does not divide N, said in one line: the last rollout topped up
+        from the epoch's start or, under a checkpoint's plan 1 (`keep_checkpoint_plan`), the
+        prompts each epoch leaves unread."""
+        from posttrain.data.pipeline import write_report
+
+        figures = stage.epoch_figures()
+        self.data_report = self.data_report | {"rl_epoch": figures}
+        write_report(self.run_dir if self.main else None, self.data_report)
+        said = (f"train: {_counted(figures['prompts'], 'prompt')}, {figures['prompts_per_rollout']} a rollout: "
+                f"{_counted(figures['rollouts'], 'rollout')} an epoch")
+        if figures["topped_up"]:
+            self.log(f"{said}, the last topped up with {_counted(figures['topped_up'], 'prompt')} from the epoch's "
+                     "start (read twice that epoch)")
+        elif figures["unread"]:
+            self.log(f"{said}, {_counted(figures['unread'], 'prompt')} at the end of each epoch's order unread: "
+                     "the plan of the checkpoint resumed from, written before an epoch's last rollout was topped "
+                     "up (a fresh start reads every prompt each epoch)")
+
     def check_enough_prompts(self, stage) -> None:
-        if stage.rollouts_per_epoch() == 0:
+        if len(self.train_ids) < stage.prompts_per_rollout:
             from posttrain.errors import DataError
 
             raise DataError(f"{len(self.train_ids)} training prompts are fewer than the {stage.prompts_per_rollout} "
@@ -718,6 +816,10 @@ class RLRun:
         stage.held_out_figures = held_out_figures
 
 
+def _counted(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def start_rl_run(cfg, needs_reference: bool, extra_parts=()) -> RLRun:
     """start_run, the policy (with its adapters), prompts and reward; a frozen reference copy
     when `needs_reference` and the policy has no adapters to switch off, or with prompt or prefix
@@ -728,12 +830,10 @@ def start_rl_run(cfg, needs_reference: bool, extra_parts=()) -> RLRun:
     from posttrain.models.loading import disable_dropout, note_full_logits
     from posttrain.rollout.engines import build_engine
     from posttrain.train.grouped import on_device
-    from posttrain.train.metrics import through_bar
     from posttrain.train.runs import released_on_failure, start_run
     from posttrain.train.sft import build_model
 
     run_dir, accelerator, main, log = start_run(cfg)
-    log = through_bar(log)  # said inside the loop (unfreezing, EWC, the adapter schedule): through the bar
     with released_on_failure(run_dir):
         rewards = check_reward_functions(cfg)  # a typo in a module or function name: said before the policy loads
         records = prepare_prompts(cfg.data, run_dir if main else None, cfg.train.seed, log)  # bad rows too
