@@ -68,8 +68,6 @@ def _scores(record: PromptRecord, responses: list[str]) -> list[float]:
 # --------------------------------------------------------------------------- defects
 
 
-@pytest.mark.xfail(strict=True, reason="exact_match compares a completion with a GSM8K row's whole worked answer "
-                                       "('... #### 72'), not its final answer: a right answer scores 0")
 def test_exact_match_on_a_gsm8k_row_compares_the_final_answer_after_the_hashes(tmp_path):
     """README (Prompts): the answer may be under GSM8K's keys; (Rewards) exact_match checks the
     response against `answer`. GSM8K's `answer` is the worked solution ending '#### 72': its
@@ -83,8 +81,6 @@ def test_exact_match_on_a_gsm8k_row_compares_the_final_answer_after_the_hashes(t
     assert got == [1.0, 1.0, 0.0], f"exact_match on GSM8K's '#### 72' reference gave {got}"
 
 
-@pytest.mark.xfail(strict=True, reason="exact_match compares a completion with a MATH row's whole worked solution, "
-                                       "not the \\boxed{...} answer in it: a right answer scores 0")
 def test_exact_match_on_a_math_row_without_an_answer_column_compares_the_boxed_answer(tmp_path):
     """README (Prompts): MATH's `problem` / `solution` are read, the solution the reference when a
     row has no `answer`. MATH's solution is a derivation whose result is the last \\boxed{...}

@@ -121,8 +121,6 @@ def test_a_row_scores_alike_in_any_batch_and_two_runs_write_the_same_bytes(train
 # --------------------------------------------------------------------------- output files
 
 
-@pytest.mark.xfail(strict=True, reason="score --output FILE.csv writes JSON Lines under a .csv name: "
-                                       "over its CSV input, posttrain itself then finds no rows in it")
 def test_scoring_a_csv_file_into_itself_leaves_a_file_posttrain_reads_back(trained, tmp_path, capsys):
     """`posttrain score --input rows.csv --output rows.csv` (as it may write over a JSONL input): the output
     is JSON Lines whatever the name, so rows.csv becomes one JSON object a line, which posttrain (and any CSV
@@ -147,8 +145,6 @@ def test_scoring_a_csv_file_into_itself_leaves_a_file_posttrain_reads_back(train
 # --------------------------------------------------------------------------- what a long row prints
 
 
-@pytest.mark.xfail(strict=True, reason="score cuts a row past the position table, yet transformers' warning that "
-                                       "the row 'will result in indexing errors' is printed before its cut note")
 def test_a_row_cut_to_fit_is_not_announced_as_an_indexing_error(trained, tmp_path, capsys, caplog):
     """A row of 1,500+ tokens to a reward model of 1,024 positions: posttrain cuts it (keeping its end) and
     says so ('cut 1 of 2 rows ...'), and nothing is indexed out of range; but the tokenizer's own warning,

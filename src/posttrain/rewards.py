@@ -6,8 +6,9 @@ other fields) for verification. `RewardModelScorer` wraps a trained reward model
 (`posttrain rm`); `function_reward("pkg.module:fn")` imports a plain function
 `fn(prompt, response) -> float` or `fn(prompt, response, row) -> float` (a format check, an
 exact-match verifier), or a static or class method, "pkg.module:Class.method". Built in:
-`exact_match` (against the row's answer, surrounding whitespace trimmed, case-sensitive) and
-`format_reward`.
+`exact_match` (against the row's answer, surrounding whitespace trimmed, case-sensitive; a worked
+answer, GSM8K's "... #### 72" or MATH's \\boxed{...}, by its final answer), `math_answer` (the
+response's final answer, numbers compared as numbers) and `format_reward`.
 
 A reward function is called with Python's `random`, numpy's global RNG (when numpy is imported)
 and torch's CPU generator seeded from its spec, the (prompt, response) it scores and the seed a
@@ -63,7 +64,8 @@ class RewardModelScorer:
     when one is given, is cut to fit: a decoder keeps its end (the scored token is the last), an
     encoder its start (it pools at [CLS]) and its closing special tokens ([SEP], as its tokenizer's
     own truncation keeps them), losing content only. `rows_cut` of `rows_scored` counts them over the
-    scorer's life (`cut_note`)."""
+    scorer's life (`cut_note`). Loaded in bfloat16 or float16 (`dtype`), the body runs in that dtype
+    and the head in float32, as saved (`reward_model.heads_in_float32`)."""
 
     def __init__(self, path: str, template: str = "auto", batch_size: int = 32, dtype: str = "float32",
                  trust_remote_code: bool = False, max_length: int | None = None, device=None, log=None):
@@ -72,15 +74,21 @@ class RewardModelScorer:
         from posttrain.inference import resolve_model_dir
         from posttrain.models.attention import padding_free
         from posttrain.models.loading import load_tokenizer
-        from posttrain.models.reward_model import (_classifier, check_trained_head, is_decoder_scorer,
-                                                   load_reward_model)
+        from posttrain.models.reward_model import (_classifier, check_trained_head, heads_in_float32,
+                                                   is_decoder_scorer, load_reward_model)
 
         if max_length is not None:
             check_max_length(max_length)
         path = self.path = resolve_model_dir(str(path))  # a run directory: its final/, as generate and merge take it
         self.tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+        # every row is cut to fit here (`_cut`, said by `cut_note`): transformers' warning that a long row
+        # "will result in indexing errors" would say the opposite (the flag its tokenizers check to warn once)
+        warned = getattr(self.tokenizer, "deprecation_warnings", None)
+        if isinstance(warned, dict):
+            warned["sequence-length-is-longer-than-the-specified-maximum"] = True
         self.model = load_reward_model(path, dtype, trust_remote_code, pad_token_id=self.tokenizer.pad_token_id).eval()
         check_trained_head(self.model, path)  # a policy's fresh head would score at random, silently
+        heads_in_float32(self.model, path)  # a bf16 body, a float32 head: rewards not rounded to bf16
         if device is not None:
             self.model.to(device)
         self.template = resolve_template(self.tokenizer, template, "--template")  # set by score's flag only
@@ -359,25 +367,98 @@ def _call(reward: Reward, prompts, responses, rows) -> list[float]:
 # --------------------------------------------------------------------------- verifiable rewards
 
 
-def exact_match(prompt: list[dict], response: str, row: dict) -> float:
-    """1.0 when the response equals the row's reference 'answer' (surrounding whitespace trimmed,
-    otherwise as written: case-sensitive; the rule of `data.synthetic.answer_matches`), else 0.0. The answer is read as a prompt row's
-    is (`data.prompts.reference_answer`): a number as the file writes it (2.50, 1e3), a boolean as
-    JSON spells it (true), so `posttrain score`'s rows compare as RL's prompt rows do."""
+def _reference(row: dict, reward: str) -> str:
+    """The row's reference answer, read as a prompt row's is (`data.prompts.reference_answer`): a
+    number as the file writes it (2.50, 1e3), a boolean as JSON spells it (true), MATH's
+    `solution` where the row gives no `answer`; a DataError naming `reward` when it has none."""
     from posttrain.data.formats import BadRowError
     from posttrain.data.prompts import reference_answer
-    from posttrain.data.synthetic import answer_matches
 
     try:
         answer = reference_answer(row)
     except BadRowError as exc:
         raise DataError(exc.reason) from None
     if answer is None:
-        raise DataError("the exact_match reward needs an 'answer' in every prompt row")
-    return float(answer_matches(response, answer))
+        raise DataError(f"the {reward} reward needs an 'answer' in every prompt row")
+    return answer
+
+
+def exact_match(prompt: list[dict], response: str, row: dict) -> float:
+    """1.0 when the response equals the row's reference 'answer' (surrounding whitespace trimmed,
+    otherwise as written: case-sensitive), else 0.0. A reference that marks a final answer, GSM8K's
+    "... #### 72" or MATH's \\boxed{...} (`data.synthetic.final_answer`), is compared by it, with
+    the response's own marked answer when it marks one, else the whole response: the rule of
+    `data.synthetic.answer_matches`, as `posttrain evaluate`'s exact match. The answer is read as a
+    prompt row's is (`_reference`), so `posttrain score`'s rows compare as RL's prompt rows do."""
+    from posttrain.data.synthetic import answer_matches
+
+    return float(answer_matches(response, _reference(row, "exact_match")))
 
 
 exact_match.row_keys = ("answer",)  # a row without one is named by file:line before training (`missing_row_key`)
+
+_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_NUMBER = re.compile(r"(?:(?<![\w)])[-+])?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")  # a sign not after 5 or x: 5-3 is 5, 3
+_PLAIN_NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)")
+_THOUSANDS = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d*)?")
+
+
+def _response_answer(response: str, numeric: bool) -> str:
+    """The answer a response gives, trimmed: in the content of its last <answer>...</answer>
+    (R1-Zero's tags) when it has one, else in all of it, the marked final answer
+    (`data.synthetic.final_answer`: the last \\boxed{...}, or the text after "####"), else, when
+    the reference is a number (`numeric`), the last number ("The answer is 72." gives 72), else
+    all of it."""
+    from posttrain.data.synthetic import final_answer
+
+    tagged = _ANSWER_TAG.findall(response)
+    text = tagged[-1] if tagged else response
+    marked = final_answer(text)
+    if marked is not None:
+        return marked
+    if numeric and (numbers := _NUMBER.findall(text)):
+        return numbers[-1].rstrip(",")
+    return text.strip()
+
+
+def _as_number(text: str):
+    """`text` as an exact number (a Fraction) when it is a plain decimal, thousands separators
+    removed (1,000 → 1000; 72.0 = 72); else None (a run of digits past Python's int conversion
+    limit, 4,300, too: compared as text)."""
+    from fractions import Fraction
+
+    text = text.strip()
+    if _THOUSANDS.fullmatch(text):
+        text = text.replace(",", "")
+    if not _PLAIN_NUMBER.fullmatch(text):
+        return None
+    try:
+        return Fraction(text)
+    except ValueError:
+        return None
+
+
+def math_answer(prompt: list[dict], response: str, row: dict) -> float:
+    """1.0 when the response's final answer equals the row's reference answer, else 0.0. The
+    reference's: its marked final answer (GSM8K's "#### 72", MATH's \\boxed{...};
+    `data.synthetic.final_answer`), else all of it. The response's (`_response_answer`): in its
+    last <answer>...</answer>, else in all of it, the last \\boxed{...}, else the text after
+    "####", else (a number asked for) the last number, else all of it. Two numbers compare as
+    numbers, thousands separators and trailing zeros aside (72.0 = 72, 1,000 = 1000); anything
+    else as text, surrounding whitespace trimmed (\\frac{3}{4} is neither 0.75 nor \\dfrac{3}{4})."""
+    from posttrain.data.synthetic import final_answer
+
+    reference = _reference(row, "math_answer")
+    expected = final_answer(reference)
+    expected = reference.strip() if expected is None else expected
+    number = _as_number(expected)
+    given = _response_answer(response, numeric=number is not None)
+    if number is not None and (other := _as_number(given)) is not None:
+        return float(other == number)
+    return float(given == expected)
+
+
+math_answer.row_keys = ("answer",)
 
 
 def missing_row_key(rewards: dict[str, Reward], records) -> str | None:
@@ -446,9 +527,8 @@ class CombinedReward:
         needs each component's values once, for both the mean/std and the totals."""
         stats = {}
         for c in self.components:
-            values = torch.tensor(raw[c.name], dtype=torch.float64)
-            std = float(values.std()) if len(values) > 1 else 0.0
-            c.shift, c.scale = float(values.mean()), std if std > 0 else 1.0
+            std = sample_std(raw[c.name])
+            c.shift, c.scale = float(torch.tensor(raw[c.name], dtype=torch.float64).mean()), std if std else 1.0
             stats[c.name] = (c.shift, c.scale)
         return stats
 
@@ -474,6 +554,14 @@ class CombinedReward:
 
     def __call__(self, prompts, responses, rows=None) -> list[float]:
         return self.score(prompts, responses, rows)[0]
+
+
+def sample_std(values: Sequence[float]) -> float | None:
+    """The sample standard deviation (n − 1) of `values`, in float64; None for fewer than two,
+    where it is undefined. `calibrate`'s scale, which falls back to 1 where this is 0 or None."""
+    if len(values) < 2:
+        return None
+    return float(torch.tensor(values, dtype=torch.float64).std())
 
 
 def pareto_front(points: torch.Tensor) -> list[int]:
@@ -591,6 +679,7 @@ def _read_scoring_rows(path: str) -> tuple[list[dict], list[list[dict]], list[st
 def score_main(args) -> int:
     """`posttrain score`: add a reward column (and one per component when several) to a file of rows."""
     import json
+    from pathlib import Path
 
     from posttrain.inference import Progress, RowWriter, check_output_path
 
@@ -605,6 +694,8 @@ def score_main(args) -> int:
     penalty = DEFAULT_FLOOR_PENALTY if args.floor_penalty is None else args.floor_penalty
     check_floor_penalty(penalty, "--floor-penalty")
     check_output_path(args.output)  # before any model loads or row is scored
+    if Path(args.output).suffix.lower() in (".csv", ".tsv", ".parquet"):  # read back as that format: no rows
+        raise ConfigError(f"--output {args.output}: score writes JSON Lines: give a .jsonl name")
     rows, prompts, responses, locations, handed = _read_scoring_rows(args.input)  # a bad row too
     if not rows:
         raise DataError(f"{args.input}: no rows to score (an empty file, or only blank lines)")
@@ -650,8 +741,12 @@ def score_main(args) -> int:
             if note is not None:
                 print(f"{component.name}: {note}", file=sys.stderr)
         if progress is not None:  # on the values just computed: each component runs once per row
-            for name, (mean, std) in combined.calibrate_on(raw).items():
-                print(f"calibrated {name}: mean {mean:.4g}, std {std:.4g}", file=sys.stderr)
+            for name, (mean, _) in combined.calibrate_on(raw).items():
+                std = sample_std(raw[name])  # as measured; the scale falls back to 1 where it is 0 or undefined
+                said = f"std {std:.4g}" if std else ("std 0 (every value equal)" if std == 0 else
+                                                     "std undefined (one row)")
+                fell = "" if std else "; scale 1 (nothing to divide by: the values only shifted by their mean)"
+                print(f"calibrated {name}: mean {mean:.4g}, {said}{fell}", file=sys.stderr)
             totals = combined.totals(raw)
             for i in range(len(rows)):
                 out.put(i, line(i, raw, totals, 0))

@@ -22,6 +22,7 @@ Everything is deterministic given the seed.
 from __future__ import annotations
 
 import random
+import re
 import string
 import zlib
 from dataclasses import dataclass
@@ -162,9 +163,42 @@ def make_split(
     return train, held_out
 
 
+_BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")  # MATH's \boxed{...} (and \fbox{...}) around a final answer
+_HASHES = "####"  # GSM8K's mark before a final answer
+
+
+def final_answer(text: str) -> str | None:
+    """The final answer a worked solution marks, trimmed: the content of its last closed
+    \\boxed{...} or \\fbox{...} (braces nested: \\boxed{\\frac{3}{4}} gives \\frac{3}{4}; MATH's
+    form) or the text after its last "####" (GSM8K's "... #### 72" gives 72), whichever mark comes
+    later; None when the text marks none (a short answer, "72")."""
+    closing, opened = {}, []  # each "{"'s matching "}", in one pass (linear in any text)
+    for i, char in enumerate(text):
+        if char == "{":
+            opened.append(i)
+        elif char == "}" and opened:
+            closing[opened.pop()] = i
+    box_at, boxed = -1, None
+    for match in _BOX.finditer(text):
+        end = closing.get(match.end() - 1)
+        if end is not None:  # closed (a box cut off mid-answer marks nothing)
+            box_at, boxed = match.start(), text[match.end():end]
+    hashes_at = text.rfind(_HASHES)
+    if hashes_at > box_at:
+        return text[hashes_at + len(_HASHES):].strip()
+    return None if boxed is None else boxed.strip()
+
+
 def answer_matches(prediction: str, expected: str) -> bool:
-    """Exact match after stripping surrounding whitespace."""
-    return prediction.strip() == expected.strip()
+    """Exact match, surrounding whitespace trimmed and otherwise as written (case-sensitive).
+    A reference that marks a final answer (`final_answer`: GSM8K's "#### 72", MATH's
+    \\boxed{...}) is compared by that answer, with the prediction's own marked final answer
+    when it marks one, else the whole prediction: "72" and "... #### 72" match "... #### 72"."""
+    reference = final_answer(expected)
+    if reference is None:
+        return prediction.strip() == expected.strip()
+    given = final_answer(prediction)
+    return (prediction.strip() if given is None else given) == reference
 
 
 def exact_match(predictions: Sequence[str], expected: Sequence[str]) -> float:

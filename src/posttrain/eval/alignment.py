@@ -2,8 +2,10 @@
 
 For every held-out prompt both models answer greedily; the report then gives, per model:
 
-    exact_match      the greedy answer equals the prompt's reference answer: a rate over the prompts
-                     with one, {n, successes, rate, ci95} with its Wilson interval
+    exact_match      the greedy answer equals the prompt's reference answer (a worked reference, GSM8K's
+                     "... #### 72" or MATH's \\boxed{...}, by its final answer: `synthetic.answer_matches`,
+                     as the exact_match reward): a rate over the prompts with one, {n, successes, rate,
+                     ci95} with its Wilson interval
     answer_nll       mean negative log-likelihood per token of the reference answers, and its
                      perplexity exp(nll): how well the model predicts the known-good answer
     reward           the configured rewards of the greedy answers: mean and standard error
@@ -174,7 +176,8 @@ def _answer(side: Side, cfg) -> None:
 
 def _answer_figures(side: Side, records) -> None:
     """Exact match of the greedy answers (a rate over the prompts with an answer, with its Wilson
-    interval), and the NLL per token of the reference answers."""
+    interval; a worked reference compared by its final answer, `answer_matches`), and the NLL per
+    token of the reference answers (the whole reference, its working included)."""
     import torch
 
     from posttrain.data.synthetic import answer_matches

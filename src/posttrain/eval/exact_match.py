@@ -42,9 +42,10 @@ def prompts_and_answers(records: list[Record], template: str, tokenizer) -> tupl
 
 def exact_match(model, tokenizer, template: str, records: list[Record], *, max_new_tokens: int = 32,
                 batch_size: int = 64) -> dict[str, float]:
-    """Fraction of records whose greedy completion equals the reference, surrounding whitespace
-    trimmed and otherwise as written (`data.synthetic.answer_matches`: case-sensitive, "M" is not
-    "m"; the synthetic tasks' answers are exact strings).
+    """Fraction of records whose greedy completion equals the reference (`data.synthetic.answer_matches`):
+    surrounding whitespace trimmed and otherwise as written (case-sensitive, "M" is not "m"; the
+    synthetic tasks' answers are exact strings), except that a reference marking its final answer
+    (GSM8K's "#### 72", MATH's \\boxed{...}) is compared by that answer.
 
     Returns {"all": score} plus one score per synthetic task ("synthetic:<task>:<i>" sources);
     {} when no record has a text answer (a score over no prompt is no figure, not 0%).

@@ -253,6 +253,36 @@ def _encoder_head_in_own_precision(classifier) -> Iterator[None]:
                 head.forward = forward
 
 
+def heads_in_float32(model, directory: str | os.PathLike) -> None:
+    """For scoring with a reward model loaded in bfloat16 or float16: its head (a decoder's
+    `score`; an encoder's pooler and classifier, `_encoder_heads`) in float32, read again from
+    the checkpoint in `directory` in the precision it was saved in (a float32 head is not rounded
+    through bfloat16), so that under `head_in_own_precision` the body runs in the narrow dtype
+    and the head in float32, as bf16 autocast runs a float32 model, and close rewards do not tie.
+    A weight the checkpoint does not hold under the module's name (a LoRA reward model's head,
+    saved in its adapter) is widened as loaded. Heads already float32 or wider are left as they
+    are."""
+    from safetensors import safe_open
+
+    classifier = _classifier(model)
+    heads = [classifier.score] if is_decoder_scorer(classifier) else _encoder_heads(classifier)
+    narrow = (torch.bfloat16, torch.float16)
+    heads = [h for h in heads if any(p.dtype in narrow for p in h.parameters())]
+    if not heads:
+        return
+    names = {id(module): name for name, module in classifier.named_modules()}
+    wanted = {f"{names[id(head)]}.{key}": tensor for head in heads for key, tensor in head.named_parameters()}
+    directory = Path(directory)
+    for file in sorted(directory.glob("*.safetensors")) if (directory / "config.json").is_file() else []:
+        with safe_open(str(file), "pt") as saved:
+            for key in set(saved.keys()) & set(wanted):
+                stored = saved.get_tensor(key)
+                if stored.is_floating_point() and stored.shape == wanted[key].shape:
+                    wanted[key].data = stored.to(device=wanted[key].device, dtype=torch.float32)
+    for head in heads:
+        head.float()  # what the checkpoint did not give: widened as loaded
+
+
 def score(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Rewards (B,) for a batch of full (prompt + response) sequences, the head in its weights'
     precision under autocast (`head_in_own_precision`): float32 (an encoder in float64 keeps it)."""
