@@ -64,7 +64,8 @@ class RolloutConfig:
     top_k: int = option(0, "keep the k most likely tokens (0 = off)")
     min_p: float = option(0.0, "keep tokens at least this fraction of the top one's probability, after temperature "
                                "(0 = off)")
-    stop: list[str] = option([], "stop strings: a completion ends at the first one")
+    stop: list[str] = option([], "stop strings: a completion ends at the first one; rewards see its text without "
+                                 "the stop string (as vLLM and generate return it), the trained tokens include it")
     batch_size: int = option(64, "sequences generated at once (transformers; vLLM schedules its own batches)")
     vllm_gpu_memory_utilization: float = option(
         0.3, "vllm: fraction of the GPU's memory vLLM takes for its weights and KV cache; the rest is left to training")
