@@ -116,6 +116,9 @@ class DataConfig:
                                          "(all of a prompt's rows on one side)")
     format: Literal["auto", "alpaca", "messages", "prompt_completion", "text"] = option(
         "auto", "row format; auto-detected from the first rows")
+    train_on: Literal["all", "last"] = option(
+        "all", "which assistant turns of a chat row train: all, or the last only (the earlier ones context, as "
+               "'weight': 0 makes them); text rows have no turns: last refuses them")
     template: Literal["auto", "tokenizer", "chatml", "alpaca"] = option(
         "auto", "chat template: the tokenizer's own (auto falls back to chatml when it has none) or a built-in one"
     )
@@ -394,6 +397,13 @@ def _data_checks(d, min_synthetic: int = 1) -> list[tuple[bool, str]]:  # DataCo
     return [(d.max_length >= 8, "data.max_length must be at least 8"), *_rows_checks(d, min_synthetic)]
 
 
+def _train_on_checks(d: DataConfig) -> list[tuple[bool, str]]:
+    """data.train_on=last picks a chat row's final assistant turn: text rows have none."""
+    return [(not (d.train_on == "last" and d.format == "text"),
+             "data.train_on=last trains a chat row's final assistant turn; text rows have no turns: set "
+             "data.train_on=all, or give chat rows (messages, alpaca, prompt_completion)")]
+
+
 def _eval_checks(e: EvalConfig) -> list[tuple[bool, str]]:
     return [(e.exact_match_prompts <= 0 or e.max_new_tokens >= 1,
              "eval.max_new_tokens must be at least 1 when eval.exact_match_prompts is on")]
@@ -424,6 +434,6 @@ def validate_sft(cfg: SFTConfig) -> None:
     """Cross-field checks that types alone cannot express. Raises ConfigError."""
     cfg = checked(cfg)
     _raise_first(_train_checks(cfg.train) + _weight_checks(cfg.model, cfg.adapter) + _data_checks(cfg.data)
-                 + _streaming_checks(cfg.data, cfg.train) + _eval_checks(cfg.eval)
+                 + _streaming_checks(cfg.data, cfg.train) + _train_on_checks(cfg.data) + _eval_checks(cfg.eval)
                  + _forgetting_checks(cfg.forgetting, cfg.data, cfg.train))
     validate_adapter_settings(cfg.adapter, cfg.model, cfg.train.optimizer, packing=cfg.data.packing)

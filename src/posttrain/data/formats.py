@@ -42,6 +42,8 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import dataclasses
+import functools
 import hashlib
 import io
 import itertools
@@ -119,8 +121,30 @@ def _list(names: list[str], limit: int = 10) -> str:
 # --------------------------------------------------------------------------- one row
 
 
-def to_record(row: dict, fmt: str, location: str = "<memory>") -> Record:
-    """Convert one row of format `fmt`; raises `BadRowError` saying what is wrong with it."""
+def to_record(row: dict, fmt: str, location: str = "<memory>", train_on: str = "all") -> Record:
+    """Convert one row of format `fmt`; raises `BadRowError` saying what is wrong with it.
+    `train_on` (data.train_on): "all" trains every assistant turn the row does not keep out of the
+    loss, "last" its final assistant turn only (`last_turn_only`)."""
+    record = _record(row, fmt, location)
+    return last_turn_only(record) if train_on == "last" else record
+
+
+def last_turn_only(record: Record) -> Record:
+    """`record` with every assistant turn but the final one kept out of the loss, context as
+    `weight: 0` makes it (data.train_on=last). A row whose final assistant turn is itself kept out
+    is a bad row: nothing is left to train. A text row has no turns: refused (DataError)."""
+    if record.messages is None:
+        raise DataError(f"{record.source}: a text row has no turns, so data.train_on=last has no final assistant turn "
+                        f"to train; set data.train_on=all, or give chat rows (messages, alpaca, prompt_completion)")
+    final = max(i for i, m in enumerate(record.messages) if m["role"] == "assistant")
+    if final in record.untrained:
+        raise BadRowError("the final assistant turn is kept out of the loss ('weight': 0 or 'train': false) and "
+                          "data.train_on=last trains that turn only, so nothing to train on")
+    earlier = (i for i, m in enumerate(record.messages[:final]) if m["role"] == "assistant")
+    return dataclasses.replace(record, untrained=tuple(sorted(set(record.untrained).union(earlier))))
+
+
+def _record(row: dict, fmt: str, location: str) -> Record:
     if not isinstance(row, dict):
         raise BadRowError(f"expected an object, got {_type_name(row)}")
     if fmt == "text":
@@ -838,12 +862,14 @@ def load_records(
     max_bad_fraction: float = 0.01,
     rejects_path: str | None = None,
     log: Callable[[str], Any] = print,
+    train_on: str = "all",
 ) -> tuple[list[Record], DataReport]:
     """Read every file into Records. Each file's format is detected from its first good rows
     when `fmt="auto"`. With bad_rows="error" every file is read first and one DataError lists
     how many rows are bad and where; with "skip" bad rows go to `rejects_path` (JSONL) and
-    the run fails only if their fraction exceeds `max_bad_fraction`."""
-    return _load(paths, fmt, bad_rows, max_bad_fraction, rejects_path, log, to_record, detect_format, FORMATS)
+    the run fails only if their fraction exceeds `max_bad_fraction`. `train_on`: `to_record`'s."""
+    return _load(paths, fmt, bad_rows, max_bad_fraction, rejects_path, log,
+                 functools.partial(to_record, train_on=train_on), detect_format, FORMATS)
 
 
 def _load(paths, fmt, bad_rows, max_bad_fraction, rejects_path, log, convert_row, detect,
@@ -874,26 +900,28 @@ def iter_records(
     rejects_path: str | None = None,
     log: Callable[[str], Any] = print,
     report: DataReport | None = None,
+    train_on: str = "all",
 ) -> Iterator[Record]:
     """Stream Records from files larger than memory, with `load_records`' policy as far as
     streaming allows: bad_rows="error" raises at the first bad row, with its location;
     "skip" writes rejects as it goes and checks `max_bad_fraction` as each file ends (a file
     with no good rows fails then too), then logs the summary once the last file ends. Pass
     `report` to read the counts as they grow and afterwards. Rows in several files are not
-    counted (a digest kept per row would grow without bound)."""
+    counted (a digest kept per row would grow without bound). `train_on`: `to_record`'s."""
     _check_arguments(paths, fmt, bad_rows, max_bad_fraction)
     for path in paths:
         check_path(path)  # a missing last file should fail now, not hours into training
-    return _stream(list(paths), fmt, bad_rows, max_bad_fraction, rejects_path, log, report or DataReport())
+    return _stream(list(paths), fmt, bad_rows, max_bad_fraction, rejects_path, log, report or DataReport(),
+                   functools.partial(to_record, train_on=train_on))
 
 
-def _stream(paths, fmt, bad_rows, max_bad_fraction, rejects_path, log, report) -> Iterator[Record]:
+def _stream(paths, fmt, bad_rows, max_bad_fraction, rejects_path, log, report, convert_row) -> Iterator[Record]:
     with _BadRows(bad_rows, rejects_path, report, raise_at_once=True) as sink:
         for path in paths:
             counts = FileReport(os.fspath(path))
             report.files.append(counts)
             _note_split(counts, log)
-            yield from _file_records(counts.path, fmt, counts, sink)
+            yield from _file_records(counts.path, fmt, counts, sink, convert_row)
             _check_has_good_rows(counts)
             if _over_bad_fraction(counts, max_bad_fraction):  # refused as the file ends, the summary said
                 _finish(report, bad_rows, max_bad_fraction, log)

@@ -49,7 +49,8 @@ class Record:
     tools:        the row's function definitions (JSON schemas), given to every render of the
                   conversation as the chat template's `tools`; None when it has none.
     untrained:    indices of assistant turns the row keeps out of the loss (`weight: 0`,
-                  `train: false`): context, like the prompt's.
+                  `train: false`, or every answer but the last under data.train_on=last):
+                  context, like the prompt's.
     """
 
     messages: list[dict[str, Any]] | None = None
