@@ -35,9 +35,10 @@ def check_floor_penalty(value, option: str = "the floor penalty") -> None:
 @dataclass
 class PromptDataConfig:
     train_files: list[str] = option(["synthetic"], "prompt files (jsonl, json, parquet, csv, datasets dir) or 'synthetic'")
-    eval_files: list[str] = option([], "held-out prompt files; empty = split eval_fraction off the training prompts")
+    eval_files: list[str] = option([], "held-out prompt files (a prompt also among the training prompts is dropped "
+                                       "from them, counted); empty = split eval_fraction off the training prompts")
     eval_fraction: float = option(0.05, "fraction of training prompts held out when eval_files is empty (a "
-                                         "prompt given twice stays on one side)")
+                                         "prompt given twice stays on one side; held out with eval.prompts=0 too)")
     format: Literal["auto", "prompt", "messages", "alpaca"] = option(
         "auto", "prompt (a question under 'prompt', 'question' or 'problem', with an optional 'answer', else "
                 "'solution'), messages or alpaca (their last answer is the reference)")

@@ -55,9 +55,17 @@ def _read(files: list[str], cfg, run_dir: Path | None, log: Callable[[str], None
         raise ConfigError(f"data.{name}_files: 'synthetic' cannot be mixed with files")
     records, report = formats.load_records(
         files, fmt=cfg.format, bad_rows=cfg.bad_rows, max_bad_fraction=cfg.max_bad_fraction,
-        rejects_path=rejects_file(run_dir, name), log=log,
+        rejects_path=rejects_file(run_dir, name), log=log, train_on=cfg.train_on,
     )
     return records, report.to_dict()
+
+
+def note_none_held_out(cfg, records: list, held_out: list, log, why: str = "") -> None:
+    """One line when data.eval_fraction held nothing out because every training row shares one prompt
+    (sft, preference and prompt data alike); `why` says what counts as one prompt there."""
+    if cfg.eval_fraction > 0 and not held_out and len(records) > 1:
+        log(f"data.eval_fraction={cfg.eval_fraction}: all {len(records)} training rows share one prompt, so none is "
+            f"held out ({why}give data.eval_files)")
 
 
 def synthetic_split_sizes(cfg) -> tuple[int, int]:
@@ -274,10 +282,8 @@ def prepare_sft_data(cfg, tokenizer, run_dir: Path | None, seed: int, log: Calla
         train_records, eval_records = split_eval(records, cfg.eval_fraction, seed, keys=trained_prompt_keys)
         eval_read = {"rows": len(eval_records), "split_from_train": True,
                      "prompts": len({retain_prompt_key(r) for r in eval_records})}
-        if cfg.eval_fraction > 0 and not eval_records and len(records) > 1:
-            log(f"data.eval_fraction={cfg.eval_fraction}: all {len(records)} training rows share one prompt, so "
-                "none is held out (rows that train an answer from the same turns, a shared opening exchange, "
-                "count as one; give data.eval_files)")
+        note_none_held_out(cfg, records, eval_records, log, "rows that train an answer from the same turns, a "
+                           "shared opening exchange, count as one; ")
     train, train_len = encode_all(train_records, tokenizer, template, cfg, log, "train")
     if not train and train_len["num_too_long"] + train_len["num_lost_labels"]:
         raise DataError(f"none of the {train_len['num_examples']} training examples is left after the length policy "
@@ -350,7 +356,8 @@ def stream_sft_examples(cfg, tokenizer, run_dir: Path | None, log: Callable[[str
     counts.new_pass()
     for record in formats.iter_records(cfg.train_files, fmt=cfg.format, bad_rows=cfg.bad_rows,
                                        max_bad_fraction=cfg.max_bad_fraction,
-                                       rejects_path=rejects_file(run_dir, "train"), log=log, report=counts.read):
+                                       rejects_path=rejects_file(run_dir, "train"), log=log, report=counts.read,
+                                       train_on=cfg.train_on):
         counts.rows += 1
         example = _encoded(record, tokenizer, template, cfg, counts.unrendered, counts.doubled)
         if example is None:

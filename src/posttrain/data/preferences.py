@@ -56,8 +56,8 @@ from typing import Any
 
 from posttrain.data import formats
 from posttrain.data.formats import BadRowError, DataReport, _list, _string, _type_name, flag_cell, read_tools
-from posttrain.data.pipeline import (SYNTHETIC, check_held_out, rejects_file, split_eval, synthetic_split_sizes,
-                                     write_report)
+from posttrain.data.pipeline import (SYNTHETIC, check_held_out, note_none_held_out, rejects_file, split_eval,
+                                     synthetic_split_sizes, write_report)
 from posttrain.data.records import IGNORE_INDEX, Example, Record
 from posttrain.errors import ConfigError, DataError
 
@@ -733,9 +733,7 @@ def prepare_preference_data(cfg, tokenizer, run_dir: Path | None, seed: int, log
         train_records, eval_records = split_eval(records, cfg.eval_fraction, seed, key=prompt_key)
         eval_read = {"rows": len(eval_records), "split_from_train": True, "held_out_prompts_unique": True,
                      "prompts": len({prompt_key(r) for r in eval_records})}
-        if cfg.eval_fraction > 0 and not eval_records and len(records) > 1:
-            log(f"data.eval_fraction={cfg.eval_fraction}: all {len(records)} training rows share one prompt, so "
-                "none is held out (give data.eval_files)")
+        note_none_held_out(cfg, records, eval_records, log)
     train, train_len = _encode_split(train_records, tokenizer, template, cfg, log, "train", special_tokens)
     if not train:
         raise DataError(f"none of the {len(train_records)} training records is left after the length policy "

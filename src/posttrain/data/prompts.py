@@ -33,7 +33,8 @@ from typing import Any
 
 from posttrain.data import formats
 from posttrain.data.formats import BadRowError
-from posttrain.data.pipeline import SYNTHETIC, rejects_file, split_eval, synthetic_split_sizes
+from posttrain.data.pipeline import SYNTHETIC, note_none_held_out, rejects_file, split_eval, synthetic_split_sizes
+from posttrain.data.preferences import prompt_key
 from posttrain.data.records import WrittenFloat
 from posttrain.errors import ConfigError, DataError
 
@@ -171,9 +172,15 @@ def synthetic_record(example, index: int, split: str = "eval") -> PromptRecord:
                         {"task": example.task}, f"synthetic:{example.task}:{split}{index}")
 
 
-def prepare_prompts(cfg, run_dir: Path | None, seed: int, log: Callable[[str], None] = print
-                    ) -> tuple[list[PromptRecord], list[PromptRecord], dict]:
-    """Train and held-out prompts per `cfg` (a PromptDataConfig); the report as a dict."""
+def prepare_prompts(cfg, run_dir: Path | None, seed: int, log: Callable[[str], None] = print,
+                    eval_prompts: int | None = None) -> tuple[list[PromptRecord], list[PromptRecord], dict]:
+    """Train and held-out prompts per `cfg` (a PromptDataConfig); the report as a dict.
+
+    No held-out prompt is a training prompt: the split holds out whole prompts, and a held-out
+    file's prompt also among the training prompts is dropped from the held-out side
+    (`drop_trained_prompts`). eval_prompts: the run's eval.prompts; at 0, prompts the split holds
+    out are neither trained on nor scored, and that is said (the split stays as it is: a resume
+    may change eval.*, never the training prompts)."""
     def read(files: list[str], name: str):
         if SYNTHETIC in files:
             raise ConfigError(f"data.{name}_files: 'synthetic' cannot be mixed with files")
@@ -193,15 +200,43 @@ def prepare_prompts(cfg, run_dir: Path | None, seed: int, log: Callable[[str], N
         report = {"train_read": train_report, "eval_read": eval_report}
     else:
         records, report = read(cfg.train_files, "train")
-        from posttrain.data.preferences import prompt_key
-
         train, held_out = split_eval(records, cfg.eval_fraction, seed, key=prompt_key)  # a prompt on one side only
         report = {"train_read": report, "eval_split_from_train": len(held_out)}
+        note_none_held_out(cfg, records, held_out, log)
+        if held_out and eval_prompts is not None and eval_prompts <= 0:
+            log(f"data.eval_fraction={cfg.eval_fraction}: {len(held_out)} held-out prompts are neither trained on "
+                "nor scored (eval.prompts=0); set data.eval_fraction=0 to train on them")
     if not train:
         raise DataError("no training prompts: check data.train_files")
+    if cfg.eval_files:
+        held_out, report["eval_also_trained"] = drop_trained_prompts(train, held_out, cfg.eval_files, log)
     if cfg.system_prompt:
         train, held_out, report["system_prompt"] = with_system_prompt(train, held_out, cfg.system_prompt, log)
     return train, held_out, report
+
+
+def drop_trained_prompts(train: list[PromptRecord], held_out: list[PromptRecord], eval_files: list[str],
+                         log: Callable[[str], None] = print) -> tuple[list[PromptRecord], dict]:
+    """The held-out prompts (from `eval_files`) less those that are also training prompts (the
+    same turns and tools, `preferences.prompt_key`, whatever key a row gives its question under):
+    a held-out figure on a trained prompt is a training figure. Returns the prompts kept and
+    the count for data_report.json ({"dropped", "sources"}: the first few by file:line); a drop
+    is logged, and held-out files of training prompts only are refused."""
+    from posttrain.data.formats import _SHOWN
+
+    trained = {prompt_key(record) for record in train}
+    kept = [record for record in held_out if prompt_key(record) not in trained]
+    dropped = [record.source for record in held_out if prompt_key(record) in trained]
+    files = ", ".join(map(str, eval_files))
+    if held_out and not kept:
+        raise DataError(f"data.eval_files {files}: every one of the {len(held_out)} held-out prompts is also a "
+                        f"training prompt, so every held-out figure would be a training figure; give other "
+                        f"prompts, or leave data.eval_files empty to hold out data.eval_fraction of the training "
+                        f"prompts")
+    if dropped:
+        log(f"data.eval_files: {len(dropped)} of the {len(held_out)} held-out prompts are also training prompts; "
+            f"dropped from the held-out side (first: {', '.join(dropped[:_SHOWN])})")
+    return kept, {"dropped": len(dropped), "sources": dropped[:_SHOWN]}
 
 
 def with_system_prompt(train: list[PromptRecord], held_out: list[PromptRecord], system: str,

@@ -836,7 +836,8 @@ def start_rl_run(cfg, needs_reference: bool, extra_parts=()) -> RLRun:
     run_dir, accelerator, main, log = start_run(cfg)
     with released_on_failure(run_dir):
         rewards = check_reward_functions(cfg)  # a typo in a module or function name: said before the policy loads
-        records = prepare_prompts(cfg.data, run_dir if main else None, cfg.train.seed, log)  # bad rows too
+        records = prepare_prompts(cfg.data, run_dir if main else None, cfg.train.seed, log,  # bad rows too
+                                  eval_prompts=cfg.eval.prompts)
         check_prompt_rows(rewards, records[0] + (records[1] if cfg.eval.prompts > 0 else []))  # the rows it will score
         tokenizer, model, adapter_training = build_model(cfg, log, run_dir if main else None)
         disable_dropout(model, log, "a rollout's first update must see the policy that sampled it")
