@@ -11,7 +11,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from posttrain.rollout.sampling import GREEDY_BELOW, is_greedy, sample_next
+from posttrain.rollout import GREEDY_BELOW, is_greedy
+from posttrain.rollout.sampling import sample_next
 from posttrain.serve import Limits, build_server
 from posttrain.serve.engine import AS_LOADED, Engine
 from posttrain.serve.http import _DRAIN_BYTES, Server
