@@ -11,15 +11,7 @@ from pathlib import Path
 import pytest
 
 from posttrain.errors import ConfigError
-
-
-def _quiet(*_args, **_kwargs):
-    pass
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+from tests.test_walkthrough_datamix import _quiet, _write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +21,8 @@ def tok():
     from posttrain.models.presets import preset_path
 
     return AutoTokenizer.from_pretrained(preset_path("tiny"))
+
+
 
 
 def _prompts(path: Path) -> Path:

@@ -7,7 +7,6 @@ rejects file under bad_rows=error."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -15,16 +14,7 @@ import yaml
 
 import posttrain as P
 from posttrain.data.formats import load_records
-
-PAIRS = [(f"Copy: {a} {b}", f"{a} {b}") for a, b in zip("abcdefghij", "qrstuvwxyz")]
-
-
-def _alpaca(path: Path, extra: str = "") -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps({"instruction": u, "output": a}) + "\n" for u, a in PAIRS) + extra,
-                    encoding="utf-8")
-    return path
-
+from tests.test_walkthrough_docstruth import _alpaca
 
 def _cfg(out: Path, data_file: Path, **data) -> P.SFTConfig:
     return P.SFTConfig.from_dict({
