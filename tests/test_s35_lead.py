@@ -8,8 +8,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_a_run_ending_its_passes_short_of_the_plan_logs_its_last_steps(tmp_path, monkeypatch):
-    """4 of 8 planned steps (early_stop_kl cuts every rollout to 2 updates), log_every 3: the line
-    for step 4 was never written (measured: lines at step 3 only)."""
+    """6 of 12 planned steps (3 rollouts a pass, early_stop_kl cutting each to 2 of its 4 updates),
+    log_every 4: the line for step 6 was never written (measured: a line at step 4 only)."""
     from posttrain.config import PPOConfig
     from posttrain.train.ppo import run_ppo
 
@@ -17,11 +17,11 @@ def test_a_run_ending_its_passes_short_of_the_plan_logs_its_last_steps(tmp_path,
     run = run_ppo(PPOConfig.load(None, [
         f"output_dir={tmp_path / 'ppo'}", "data.synthetic_size=12", "rollout.max_new_tokens=3", "train.batch_size=4",
         "ppo.minibatches=1", "ppo.epochs=4", "ppo.early_stop_kl=1e-9", "train.max_steps=0", "train.epochs=1",
-        "train.log_every=3", "train.progress_bar=false", "eval.prompts=0",
+        "train.log_every=4", "train.progress_bar=false", "eval.prompts=0",
         "reward.functions=[short=tests.rewards_fixture:short]"]))
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     logged = [(r["step"], r["steps_averaged"]) for r in lines if "loss" in r]
-    assert logged == [(3, 3), (4, 1)], logged
+    assert logged == [(4, 4), (6, 2)], logged
 
 
 def test_sigterm_stops_a_data_command_as_ctrl_c_does_with_143(tmp_path):
